@@ -1,0 +1,744 @@
+// mpservice.hpp - Python-style multiprocessing for C++17, in one header.
+//
+// GENERATED FILE - DO NOT EDIT.  Made by tools/amalgamate.py from src/mpservice.hpp
+// and the parts under src/mpservice/; edit those and run the tool again.
+//
+// Use: #include "mpservice.hpp" anywhere; in exactly one .cpp file write
+//   #define MPSERVICE_IMPLEMENTATION
+// before the include to compile the implementation there.
+// SPDX-License-Identifier: MIT
+
+// mpservice - Python-style multiprocessing for C++17.
+//
+// This umbrella file is the table of contents of the library and the input of
+// tools/amalgamate.py, which inlines every part below into the single header
+// mpservice.hpp at the repository root.  It can also be included directly
+// (with -I src) while working on the parts.
+//
+// Order: configuration, then the public parts, then - once per program, in the
+// translation unit that defines MPSERVICE_IMPLEMENTATION - the implementation.
+
+#ifndef MPSERVICE_HPP_INCLUDED
+#define MPSERVICE_HPP_INCLUDED
+
+// ---- begin part: mpservice/public/config.hpp --------------------------------
+// config: version and the few switches a user may set before including.
+
+#define MPSERVICE_VERSION_MAJOR 0
+#define MPSERVICE_VERSION_MINOR 1
+#define MPSERVICE_VERSION_PATCH 0
+#define MPSERVICE_VERSION "0.1.0"
+
+#if __cplusplus < 201703L && !(defined(_MSVC_LANG) && _MSVC_LANG >= 201703L)
+#error "mpservice.hpp needs C++17 or later"
+#endif
+
+#if defined(_WIN32)
+#define MPSERVICE_WIN32 1
+#else
+#define MPSERVICE_POSIX 1
+#endif
+
+// Linkage of the non-template functions defined in the implementation part.
+#ifndef MPSERVICE_API
+#define MPSERVICE_API
+#endif
+// ---- end part: mpservice/public/config.hpp
+// ---- begin part: mpservice/public/errors.hpp --------------------------------
+// errors: the exception types every part throws.
+//
+// All library errors derive from mpservice::Error (a std::runtime_error), so one
+// catch clause takes them all.  Exceptions re-thrown from another process are a
+// separate family: see remote_exception.hpp.
+
+#include <stdexcept>
+#include <string>
+
+namespace mpservice {
+
+/// Base of every error the library throws itself.
+class Error : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+/// Bytes that do not decode to the expected type: truncated, oversized, corrupt.
+class DecodeError : public Error {
+public:
+    using Error::Error;
+};
+
+/// A wait with a timeout expired (result(), exception(), get(), acquire(), ...).
+class TimeoutError : public Error {
+public:
+    using Error::Error;
+};
+
+/// An operation that the object's state does not allow, e.g. waiting on a
+/// worker that was never started, or starting one twice.
+class InvalidStateError : public Error {
+public:
+    using Error::Error;
+};
+
+/// A child process ended without delivering a result: exit(n) or a signal.
+/// exitcode() follows Python: n after exit(n), -N after signal N.
+class ProcessError : public Error {
+public:
+    ProcessError(const std::string& what, int exitcode) : Error(what), exitcode_(exitcode) {}
+    int exitcode() const noexcept { return exitcode_; }
+    /// The signal that ended the process, or 0 if it exited.
+    int signal() const noexcept { return exitcode_ < 0 ? -exitcode_ : 0; }
+
+private:
+    int exitcode_;
+};
+
+/// A Barrier was aborted, reset, timed out or lost a party while threads waited.
+class BrokenBarrierError : public Error {
+public:
+    using Error::Error;
+};
+
+/// The process that held a lock died while holding it.  Thrown by the next
+/// acquirer *after* it has taken the lock: the caller owns the lock and must
+/// either repair the protected state and call make_consistent(), or release.
+class OwnerDiedError : public Error {
+public:
+    using Error::Error;
+};
+
+/// get_nowait() / get(timeout) found the queue empty.
+class Empty : public Error {
+public:
+    Empty() : Error("queue is empty") {}
+    using Error::Error;
+};
+
+/// put_nowait() / put(timeout) found the queue full.
+class Full : public Error {
+public:
+    Full() : Error("queue is full") {}
+    using Error::Error;
+};
+
+/// put() on a closed queue, or get() on a closed queue with nothing left.
+class QueueClosed : public Error {
+public:
+    QueueClosed() : Error("queue is closed") {}
+    using Error::Error;
+};
+
+}  // namespace mpservice
+// ---- end part: mpservice/public/errors.hpp
+// ---- begin part: mpservice/public/codec.hpp ---------------------------------
+// codec: how values cross process boundaries.
+//
+// A value is written into an Encoder (bytes plus, for library handles such as
+// Lock or Queue, OS handles that travel beside the bytes) and read back from a
+// Decoder, which checks every length against the bytes that are really there:
+// truncated, oversized or random input throws DecodeError and never reads out
+// of bounds or allocates more than the input could describe.
+//
+// Both ends run the same build of the same program, so scalars are written in
+// native byte order and layout.
+//
+// Customization (the one way to make your own type travel): give it a member
+//
+//     template <class Archive> void serialize(Archive& ar) { ar(field1, field2); }
+//
+// and a default constructor.  The same member both writes and reads.  Library
+// types whose encode and decode differ specialize mpservice::Codec<T>.
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace mpservice {
+
+namespace detail::os {
+#if defined(_WIN32)
+using handle_t = void*;  // HANDLE
+#else
+using handle_t = int;  // file descriptor
+#endif
+}  // namespace detail::os
+
+/// Specialize to make a type travel when a member serialize() is not enough.
+/// Needs: static void encode(Encoder&, const T&); static T decode(Decoder&);
+template <class T, class Enable = void>
+struct Codec;
+
+class Encoder {
+public:
+    /// Appends raw bytes.
+    void write_bytes(const void* data, std::size_t n) {
+        if (n) buf_.append(static_cast<const char*>(data), n);
+    }
+    /// Appends one value through its Codec.
+    template <class T>
+    void write(const T& value);
+    /// Writes each argument in order; this is what serialize() members call.
+    template <class... T>
+    void operator()(const T&... values) {
+        (write(values), ...);
+    }
+    /// Attaches an OS handle (kept open by the caller until the message is
+    /// sent) to travel with the bytes; returns its index for Decoder::take_handle.
+    std::uint32_t attach(detail::os::handle_t h) {
+        handles_.push_back(h);
+        return static_cast<std::uint32_t>(handles_.size() - 1);
+    }
+
+    const std::string& bytes() const noexcept { return buf_; }
+    std::string& bytes() noexcept { return buf_; }
+    const std::vector<detail::os::handle_t>& handles() const noexcept { return handles_; }
+
+private:
+    std::string buf_;
+    std::vector<detail::os::handle_t> handles_;
+};
+
+class Decoder {
+public:
+    /// `handles` are the OS handles that arrived with the bytes, if any.
+    Decoder(const void* data, std::size_t n, const std::vector<detail::os::handle_t>* handles = nullptr)
+        : p_(static_cast<const unsigned char*>(data)), end_(p_ + n), handles_(handles) {}
+    explicit Decoder(std::string_view s, const std::vector<detail::os::handle_t>* handles = nullptr)
+        : Decoder(s.data(), s.size(), handles) {}
+
+    /// Copies n bytes out; throws DecodeError if fewer remain.
+    void read_bytes(void* out, std::size_t n) {
+        require(n, "bytes");
+        if (n) std::memcpy(out, p_, n);
+        p_ += n;
+    }
+    /// Returns a pointer to the next n bytes and skips them (no copy).
+    const unsigned char* take(std::size_t n, const char* what = "bytes") {
+        require(n, what);
+        const unsigned char* at = p_;
+        p_ += n;
+        return at;
+    }
+    template <class T>
+    T read();
+    /// Reads each argument in order; this is what serialize() members call.
+    template <class... T>
+    void operator()(T&... values) {
+        ((values = read<T>()), ...);
+    }
+    /// Reads a container length and checks that at least `min_bytes_each`
+    /// bytes per element remain, so a corrupt length cannot make us allocate.
+    std::size_t read_length(std::size_t min_bytes_each, const char* what) {
+        std::uint64_t n = read<std::uint64_t>();
+        std::size_t each = min_bytes_each ? min_bytes_each : 1;
+        if (n > remaining() / each)
+            throw DecodeError(std::string("decode: ") + what + " length " + std::to_string(n) +
+                              " exceeds the " + std::to_string(remaining()) + " bytes left");
+        return static_cast<std::size_t>(n);
+    }
+    /// The OS handle attached at `index` by Encoder::attach.
+    detail::os::handle_t handle(std::uint32_t index) const {
+        if (!handles_)
+            throw DecodeError("decode: this value holds an OS handle (a Lock, Queue, Value, ...) but "
+                              "it arrived over a channel that carries no handles; pass such objects "
+                              "as Process arguments");
+        if (index >= handles_->size())
+            throw DecodeError("decode: handle index " + std::to_string(index) + " out of range (" +
+                              std::to_string(handles_->size()) + " handles arrived)");
+        return (*handles_)[index];
+    }
+
+    std::size_t remaining() const noexcept { return static_cast<std::size_t>(end_ - p_); }
+    bool at_end() const noexcept { return p_ == end_; }
+    /// Throws unless every byte was consumed (trailing garbage is an error).
+    void expect_end(const char* what = "value") const {
+        if (!at_end())
+            throw DecodeError(std::string("decode: ") + std::to_string(remaining()) +
+                              " unexpected trailing bytes after " + what);
+    }
+
+private:
+    void require(std::size_t n, const char* what) const {
+        if (n > remaining())
+            throw DecodeError(std::string("decode: truncated input: needed ") + std::to_string(n) + " " +
+                              what + ", " + std::to_string(remaining()) + " left");
+    }
+    const unsigned char* p_;
+    const unsigned char* end_;
+    const std::vector<detail::os::handle_t>* handles_;
+};
+
+template <class T>
+void Encoder::write(const T& value) {
+    Codec<std::decay_t<T>>::encode(*this, value);
+}
+
+template <class T>
+T Decoder::read() {
+    return Codec<std::decay_t<T>>::decode(*this);
+}
+
+/// Encodes one value into bytes (values holding OS handles need an Encoder
+/// and a channel that carries handles, such as Process arguments).
+template <class T>
+std::string encode(const T& value) {
+    Encoder e;
+    e.write(value);
+    return std::move(e.bytes());
+}
+
+/// Decodes bytes made by encode<T>; throws DecodeError on malformed input.
+template <class T>
+T decode(std::string_view bytes) {
+    Decoder d(bytes);
+    T v = d.read<T>();
+    d.expect_end();
+    return v;
+}
+
+// ---------------------------------------------------------------------------
+// Codecs of the standard types.  (Type coverage is filled in below.)
+
+template <class T>
+struct Codec<T, std::enable_if_t<std::is_arithmetic_v<T> || std::is_enum_v<T>>> {
+    static void encode(Encoder& e, const T& v) { e.write_bytes(&v, sizeof v); }
+    static T decode(Decoder& d) {
+        T v;
+        d.read_bytes(&v, sizeof v);
+        return v;
+    }
+};
+
+template <>
+struct Codec<std::string> {
+    static void encode(Encoder& e, const std::string& s) {
+        e.write(static_cast<std::uint64_t>(s.size()));
+        e.write_bytes(s.data(), s.size());
+    }
+    static std::string decode(Decoder& d) {
+        std::size_t n = d.read_length(1, "string");
+        const unsigned char* p = d.take(n, "string bytes");
+        return std::string(reinterpret_cast<const char*>(p), n);
+    }
+};
+
+}  // namespace mpservice
+// ---- end part: mpservice/public/codec.hpp
+// ---- begin part: mpservice/detail/os.hpp ------------------------------------
+// os: the platform layer.  Every system call the library makes goes through a
+// function declared here and defined in impl/os_posix.cpp (impl/os_win32.cpp is
+// where a Windows back-end goes).  Nothing here includes a platform header, so
+// the public parts stay free of <unistd.h> and <windows.h>.
+//
+// The declarations are grouped by the concern that needs them; each group has
+// a matching section in the implementation file.
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace mpservice::detail::os {
+
+using Clock = std::chrono::steady_clock;
+using Deadline = Clock::time_point;
+/// A deadline that never comes (wait without a timeout).
+inline constexpr Deadline no_deadline = Deadline::max();
+
+/// Deadline `timeout` from now; a negative timeout means "already expired",
+/// and a huge one saturates to no_deadline instead of overflowing.
+template <class Rep, class Period>
+Deadline deadline_after(std::chrono::duration<Rep, Period> timeout) {
+    auto now = Clock::now();
+    if (timeout <= timeout.zero()) return now;
+    if (std::chrono::duration<double>(timeout).count() >
+        std::chrono::duration<double>(no_deadline - now).count())
+        return no_deadline;
+    return now + std::chrono::duration_cast<Clock::duration>(timeout);
+}
+
+// ---------------------------------------------------------------- handles
+inline constexpr handle_t invalid_handle = handle_t(-1);
+/// Closes a handle; invalid_handle is ignored.  Never throws.
+MPSERVICE_API void close_handle(handle_t h) noexcept;
+/// Duplicates a handle (close-on-exec); throws std::system_error.
+MPSERVICE_API handle_t duplicate_handle(handle_t h);
+
+// ---------------------------------------------------------------- shared memory
+/// Creates anonymous shared memory of `size` bytes (zero-filled), private to
+/// this user, with no name in any namespace: it lives while a handle or a
+/// mapping of it exists.  Returns its handle (close-on-exec).
+MPSERVICE_API handle_t shm_create(std::size_t size);
+/// The size of the shared memory behind `h`.
+MPSERVICE_API std::size_t shm_size(handle_t h);
+/// Maps `size` bytes of `h` read-write and shared; throws std::system_error.
+MPSERVICE_API void* shm_map(handle_t h, std::size_t size);
+MPSERVICE_API void shm_unmap(void* addr, std::size_t size) noexcept;
+
+// ---------------------------------------------------------------- waiting on a word
+/// Blocks while `*word == expected` until futex_wake on the same word (from any
+/// process that maps it) or until `deadline`.  Returns false on timeout; may
+/// return true spuriously, so callers re-check their condition.
+MPSERVICE_API bool futex_wait(const std::atomic<std::uint32_t>* word, std::uint32_t expected,
+                              Deadline deadline = no_deadline);
+/// Wakes up to `count` waiters blocked on `word` (INT32_MAX for all).
+MPSERVICE_API void futex_wake(const std::atomic<std::uint32_t>* word, int count);
+/// A pause instruction for spin loops.
+inline void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+
+// ---------------------------------------------------------------- processes
+/// This process's id.
+MPSERVICE_API long current_pid() noexcept;
+/// Whether a process with this id exists (it may be a zombie).
+MPSERVICE_API bool pid_alive(long pid) noexcept;
+
+// ---------------------------------------------------------------- (process/channel section: process.hpp)
+
+// ---------------------------------------------------------------- (synchronization section)
+
+// ---------------------------------------------------------------- (queue section)
+
+}  // namespace mpservice::detail::os
+// ---- end part: mpservice/detail/os.hpp
+// ---- begin part: mpservice/detail/shm.hpp -----------------------------------
+// shm: a block of anonymous shared memory, the home of every shared object
+// (locks, events, values, queues).
+//
+// A SharedMemory is a cheap, copyable, reference-counted view of one mapping.
+// Encoding it attaches its handle to the message; decoding maps the handle that
+// arrived, so a child that receives it sees the very same bytes.  The kernel
+// frees the memory when the last handle and mapping in any process are gone,
+// which includes processes killed by SIGKILL: there is no name to leak.
+
+#include <cstddef>
+#include <memory>
+#include <new>
+#include <type_traits>
+
+namespace mpservice::detail {
+
+class SharedMemory {
+public:
+    SharedMemory() = default;
+
+    /// New zero-filled shared memory of `size` bytes (> 0).
+    static SharedMemory create(std::size_t size);
+    /// Maps the memory behind `h`, taking ownership of `h`.
+    static SharedMemory adopt(os::handle_t h);
+
+    void* data() const noexcept { return m_ ? m_->addr : nullptr; }
+    std::size_t size() const noexcept { return m_ ? m_->size : 0; }
+    os::handle_t handle() const noexcept { return m_ ? m_->handle : os::invalid_handle; }
+    explicit operator bool() const noexcept { return static_cast<bool>(m_); }
+    /// Number of SharedMemory objects in *this process* sharing the mapping.
+    long use_count() const noexcept { return m_.use_count(); }
+
+private:
+    struct Mapping {
+        os::handle_t handle = os::invalid_handle;
+        void* addr = nullptr;
+        std::size_t size = 0;
+        Mapping() = default;
+        Mapping(const Mapping&) = delete;
+        Mapping& operator=(const Mapping&) = delete;
+        ~Mapping();
+    };
+    std::shared_ptr<Mapping> m_;
+};
+
+/// A T constructed in its own block of shared memory, reached through a
+/// SharedMemory; copies (and decoded copies in other processes) refer to the
+/// same object.  The creator constructs it; nobody runs its destructor, since
+/// no process knows it is the last one (T must be trivially destructible).
+template <class T>
+class SharedObject {
+    static_assert(std::is_trivially_destructible_v<T>, "a shared object is never destroyed");
+
+public:
+    SharedObject() = default;
+    template <class... Args>
+    static SharedObject create(Args&&... args) {
+        SharedObject o;
+        o.mem_ = SharedMemory::create(sizeof(T));
+        ::new (o.mem_.data()) T(std::forward<Args>(args)...);
+        return o;
+    }
+    T* get() const noexcept { return static_cast<T*>(mem_.data()); }
+    T* operator->() const noexcept { return get(); }
+    T& operator*() const noexcept { return *get(); }
+    explicit operator bool() const noexcept { return static_cast<bool>(mem_); }
+    const SharedMemory& memory() const noexcept { return mem_; }
+
+    static void encode(Encoder& e, const SharedObject& o) { e.write(o.mem_); }
+    static SharedObject decode(Decoder& d) {
+        SharedObject o;
+        o.mem_ = d.read<SharedMemory>();
+        if (o.mem_.size() < sizeof(T)) throw DecodeError("decode: shared object is smaller than its type");
+        return o;
+    }
+
+private:
+    SharedMemory mem_;
+};
+
+}  // namespace mpservice::detail
+
+namespace mpservice {
+
+template <>
+struct Codec<detail::SharedMemory> {
+    static void encode(Encoder& e, const detail::SharedMemory& m);
+    static detail::SharedMemory decode(Decoder& d);
+};
+
+template <class T>
+struct Codec<detail::SharedObject<T>> {
+    static void encode(Encoder& e, const detail::SharedObject<T>& o) { detail::SharedObject<T>::encode(e, o); }
+    static detail::SharedObject<T> decode(Decoder& d) { return detail::SharedObject<T>::decode(d); }
+};
+
+}  // namespace mpservice
+// ---- end part: mpservice/detail/shm.hpp
+// ---- begin part: mpservice/public/remote_exception.hpp ----------------------
+// remote_exception: (to be written)
+// ---- end part: mpservice/public/remote_exception.hpp
+// ---- begin part: mpservice/public/logging.hpp -------------------------------
+// logging: (to be written)
+// ---- end part: mpservice/public/logging.hpp
+// ---- begin part: mpservice/public/process.hpp -------------------------------
+// process: (to be written)
+// ---- end part: mpservice/public/process.hpp
+// ---- begin part: mpservice/public/threading.hpp -----------------------------
+// threading: (to be written)
+// ---- end part: mpservice/public/threading.hpp
+// ---- begin part: mpservice/public/futures.hpp -------------------------------
+// futures: (to be written)
+// ---- end part: mpservice/public/futures.hpp
+// ---- begin part: mpservice/public/synchronize.hpp ---------------------------
+// synchronize: (to be written)
+// ---- end part: mpservice/public/synchronize.hpp
+// ---- begin part: mpservice/public/sharedctypes.hpp --------------------------
+// sharedctypes: (to be written)
+// ---- end part: mpservice/public/sharedctypes.hpp
+// ---- begin part: mpservice/public/queues.hpp --------------------------------
+// queues: (to be written)
+// ---- end part: mpservice/public/queues.hpp
+
+#endif  // MPSERVICE_HPP_INCLUDED
+
+// The implementation is outside the include guard so that a second inclusion
+// with MPSERVICE_IMPLEMENTATION defined still emits it, and its own guard makes
+// sure it is emitted only once per translation unit.
+#if defined(MPSERVICE_IMPLEMENTATION) && !defined(MPSERVICE_IMPLEMENTATION_INCLUDED)
+#define MPSERVICE_IMPLEMENTATION_INCLUDED
+
+// ---- begin part: mpservice/impl/os_posix.cpp --------------------------------
+// os_posix: the POSIX (Linux first) back-end of detail/os.hpp.  This file is
+// the only place that includes POSIX headers or makes system calls.
+#if !defined(_WIN32)
+
+#include <cerrno>
+#include <climits>
+#include <ctime>
+#include <system_error>
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <unistd.h>
+#if defined(__linux__)
+#include <linux/futex.h>
+#endif
+
+namespace mpservice::detail::os {
+
+namespace {
+[[noreturn]] void throw_errno(const char* what) {
+    throw std::system_error(errno, std::generic_category(), what);
+}
+
+timespec to_timespec(Deadline d) {
+    auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(d.time_since_epoch()).count();
+    timespec ts;
+    ts.tv_sec = static_cast<time_t>(ns / 1000000000);
+    ts.tv_nsec = static_cast<long>(ns % 1000000000);
+    return ts;
+}
+}  // namespace
+
+// ---------------------------------------------------------------- handles
+
+void close_handle(handle_t h) noexcept {
+    if (h >= 0) ::close(h);  // close() is never retried on Linux: the fd is gone even on EINTR
+}
+
+handle_t duplicate_handle(handle_t h) {
+    int fd = ::fcntl(h, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) throw_errno("mpservice: dup");
+    return fd;
+}
+
+// ---------------------------------------------------------------- shared memory
+
+handle_t shm_create(std::size_t size) {
+#if defined(__linux__)
+    // memfd: no name in /dev/shm, so nothing can leak, whatever kills us.
+    int fd = static_cast<int>(::syscall(SYS_memfd_create, "mpservice", MFD_CLOEXEC));
+    if (fd < 0) throw_errno("mpservice: memfd_create");
+#else
+#error "shared memory back-end not written for this platform yet"
+#endif
+    if (::ftruncate(fd, static_cast<off_t>(size)) != 0) {
+        int err = errno;
+        ::close(fd);
+        errno = err;
+        throw_errno("mpservice: ftruncate of shared memory");
+    }
+    return fd;
+}
+
+std::size_t shm_size(handle_t h) {
+    struct stat st;
+    if (::fstat(h, &st) != 0) throw_errno("mpservice: fstat of shared memory");
+    return static_cast<std::size_t>(st.st_size);
+}
+
+void* shm_map(handle_t h, std::size_t size) {
+    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, h, 0);
+    if (p == MAP_FAILED) throw_errno("mpservice: mmap of shared memory");
+    return p;
+}
+
+void shm_unmap(void* addr, std::size_t size) noexcept {
+    if (addr) ::munmap(addr, size);
+}
+
+// ---------------------------------------------------------------- waiting on a word
+
+bool futex_wait(const std::atomic<std::uint32_t>* word, std::uint32_t expected, Deadline deadline) {
+    static_assert(sizeof(std::atomic<std::uint32_t>) == sizeof(std::uint32_t),
+                  "futex needs a plain 32-bit atomic word");
+    timespec ts;
+    const timespec* tsp = nullptr;
+    if (deadline != no_deadline) {
+        if (Clock::now() >= deadline) return false;
+        ts = to_timespec(deadline);
+        tsp = &ts;
+    }
+    // FUTEX_WAIT_BITSET takes an absolute CLOCK_MONOTONIC deadline (steady_clock
+    // on Linux), so a retry after EINTR does not stretch the timeout.  Not
+    // FUTEX_PRIVATE: the word may live in memory shared with other processes.
+    long rc = ::syscall(SYS_futex, const_cast<std::atomic<std::uint32_t>*>(word), FUTEX_WAIT_BITSET, expected,
+                        tsp, nullptr, FUTEX_BITSET_MATCH_ANY);
+    if (rc == 0) return true;
+    if (errno == ETIMEDOUT) return false;
+    return true;  // EAGAIN (value changed) or EINTR: the caller re-checks
+}
+
+void futex_wake(const std::atomic<std::uint32_t>* word, int count) {
+    ::syscall(SYS_futex, const_cast<std::atomic<std::uint32_t>*>(word), FUTEX_WAKE, count, nullptr, nullptr, 0);
+}
+
+// ---------------------------------------------------------------- processes
+
+long current_pid() noexcept { return static_cast<long>(::getpid()); }
+
+bool pid_alive(long pid) noexcept {
+    return pid > 0 && (::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM);
+}
+
+// ---------------------------------------------------------------- (process/channel section)
+
+// ---------------------------------------------------------------- (synchronization section)
+
+// ---------------------------------------------------------------- (queue section)
+
+}  // namespace mpservice::detail::os
+
+#endif  // !_WIN32
+// ---- end part: mpservice/impl/os_posix.cpp
+// ---- begin part: mpservice/impl/shm.cpp -------------------------------------
+// shm: SharedMemory and its codec.
+
+namespace mpservice::detail {
+
+SharedMemory::Mapping::~Mapping() {
+    os::shm_unmap(addr, size);
+    os::close_handle(handle);
+}
+
+SharedMemory SharedMemory::create(std::size_t size) {
+    if (size == 0) throw std::invalid_argument("mpservice: shared memory of size 0");
+    auto m = std::make_shared<Mapping>();
+    m->handle = os::shm_create(size);
+    m->size = size;
+    m->addr = os::shm_map(m->handle, size);  // on throw, ~Mapping closes the handle
+    SharedMemory s;
+    s.m_ = std::move(m);
+    return s;
+}
+
+SharedMemory SharedMemory::adopt(os::handle_t h) {
+    auto m = std::make_shared<Mapping>();
+    m->handle = h;
+    m->size = os::shm_size(h);
+    if (m->size == 0) throw DecodeError("decode: shared memory handle refers to an empty block");
+    m->addr = os::shm_map(h, m->size);
+    SharedMemory s;
+    s.m_ = std::move(m);
+    return s;
+}
+
+}  // namespace mpservice::detail
+
+namespace mpservice {
+
+void Codec<detail::SharedMemory>::encode(Encoder& e, const detail::SharedMemory& m) {
+    if (!m) throw std::invalid_argument("mpservice: cannot send an empty shared-memory handle");
+    e.write(e.attach(m.handle()));
+}
+
+detail::SharedMemory Codec<detail::SharedMemory>::decode(Decoder& d) {
+    auto index = d.read<std::uint32_t>();
+    // The channel owns the handles that arrived; this object keeps its own copy.
+    return detail::SharedMemory::adopt(detail::os::duplicate_handle(d.handle(index)));
+}
+
+}  // namespace mpservice
+// ---- end part: mpservice/impl/shm.cpp
+// ---- begin part: mpservice/impl/remote_exception.cpp ------------------------
+// remote_exception: implementation (to be written)
+// ---- end part: mpservice/impl/remote_exception.cpp
+// ---- begin part: mpservice/impl/logging.cpp ---------------------------------
+// logging: implementation (to be written)
+// ---- end part: mpservice/impl/logging.cpp
+// ---- begin part: mpservice/impl/process.cpp ---------------------------------
+// process: implementation (to be written)
+// ---- end part: mpservice/impl/process.cpp
+// ---- begin part: mpservice/impl/threading.cpp -------------------------------
+// threading: implementation (to be written)
+// ---- end part: mpservice/impl/threading.cpp
+// ---- begin part: mpservice/impl/synchronize.cpp -----------------------------
+// synchronize: implementation (to be written)
+// ---- end part: mpservice/impl/synchronize.cpp
+// ---- begin part: mpservice/impl/queues.cpp ----------------------------------
+// queues: implementation (to be written)
+// ---- end part: mpservice/impl/queues.cpp
+
+#endif  // MPSERVICE_IMPLEMENTATION

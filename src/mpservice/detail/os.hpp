@@ -1,0 +1,85 @@
+// os: the platform layer.  Every system call the library makes goes through a
+// function declared here and defined in impl/os_posix.cpp (impl/os_win32.cpp is
+// where a Windows back-end goes).  Nothing here includes a platform header, so
+// the public parts stay free of <unistd.h> and <windows.h>.
+//
+// The declarations are grouped by the concern that needs them; each group has
+// a matching section in the implementation file.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "../public/config.hpp"
+#include "../public/codec.hpp"  // detail::os::handle_t
+
+namespace mpservice::detail::os {
+
+using Clock = std::chrono::steady_clock;
+using Deadline = Clock::time_point;
+/// A deadline that never comes (wait without a timeout).
+inline constexpr Deadline no_deadline = Deadline::max();
+
+/// Deadline `timeout` from now; a negative timeout means "already expired",
+/// and a huge one saturates to no_deadline instead of overflowing.
+template <class Rep, class Period>
+Deadline deadline_after(std::chrono::duration<Rep, Period> timeout) {
+    auto now = Clock::now();
+    if (timeout <= timeout.zero()) return now;
+    if (std::chrono::duration<double>(timeout).count() >
+        std::chrono::duration<double>(no_deadline - now).count())
+        return no_deadline;
+    return now + std::chrono::duration_cast<Clock::duration>(timeout);
+}
+
+// ---------------------------------------------------------------- handles
+inline constexpr handle_t invalid_handle = handle_t(-1);
+/// Closes a handle; invalid_handle is ignored.  Never throws.
+MPSERVICE_API void close_handle(handle_t h) noexcept;
+/// Duplicates a handle (close-on-exec); throws std::system_error.
+MPSERVICE_API handle_t duplicate_handle(handle_t h);
+
+// ---------------------------------------------------------------- shared memory
+/// Creates anonymous shared memory of `size` bytes (zero-filled), private to
+/// this user, with no name in any namespace: it lives while a handle or a
+/// mapping of it exists.  Returns its handle (close-on-exec).
+MPSERVICE_API handle_t shm_create(std::size_t size);
+/// The size of the shared memory behind `h`.
+MPSERVICE_API std::size_t shm_size(handle_t h);
+/// Maps `size` bytes of `h` read-write and shared; throws std::system_error.
+MPSERVICE_API void* shm_map(handle_t h, std::size_t size);
+MPSERVICE_API void shm_unmap(void* addr, std::size_t size) noexcept;
+
+// ---------------------------------------------------------------- waiting on a word
+/// Blocks while `*word == expected` until futex_wake on the same word (from any
+/// process that maps it) or until `deadline`.  Returns false on timeout; may
+/// return true spuriously, so callers re-check their condition.
+MPSERVICE_API bool futex_wait(const std::atomic<std::uint32_t>* word, std::uint32_t expected,
+                              Deadline deadline = no_deadline);
+/// Wakes up to `count` waiters blocked on `word` (INT32_MAX for all).
+MPSERVICE_API void futex_wake(const std::atomic<std::uint32_t>* word, int count);
+/// A pause instruction for spin loops.
+inline void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+
+// ---------------------------------------------------------------- processes
+/// This process's id.
+MPSERVICE_API long current_pid() noexcept;
+/// Whether a process with this id exists (it may be a zombie).
+MPSERVICE_API bool pid_alive(long pid) noexcept;
+
+// ---------------------------------------------------------------- (process/channel section: process.hpp)
+
+// ---------------------------------------------------------------- (synchronization section)
+
+// ---------------------------------------------------------------- (queue section)
+
+}  // namespace mpservice::detail::os

@@ -1,0 +1,1 @@
+// logging: implementation (to be written)

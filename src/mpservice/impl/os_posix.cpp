@@ -1,0 +1,126 @@
+// os_posix: the POSIX (Linux first) back-end of detail/os.hpp.  This file is
+// the only place that includes POSIX headers or makes system calls.
+#if !defined(_WIN32)
+
+#include <cerrno>
+#include <climits>
+#include <ctime>
+#include <system_error>
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <unistd.h>
+#if defined(__linux__)
+#include <linux/futex.h>
+#endif
+
+namespace mpservice::detail::os {
+
+namespace {
+[[noreturn]] void throw_errno(const char* what) {
+    throw std::system_error(errno, std::generic_category(), what);
+}
+
+timespec to_timespec(Deadline d) {
+    auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(d.time_since_epoch()).count();
+    timespec ts;
+    ts.tv_sec = static_cast<time_t>(ns / 1000000000);
+    ts.tv_nsec = static_cast<long>(ns % 1000000000);
+    return ts;
+}
+}  // namespace
+
+// ---------------------------------------------------------------- handles
+
+void close_handle(handle_t h) noexcept {
+    if (h >= 0) ::close(h);  // close() is never retried on Linux: the fd is gone even on EINTR
+}
+
+handle_t duplicate_handle(handle_t h) {
+    int fd = ::fcntl(h, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) throw_errno("mpservice: dup");
+    return fd;
+}
+
+// ---------------------------------------------------------------- shared memory
+
+handle_t shm_create(std::size_t size) {
+#if defined(__linux__)
+    // memfd: no name in /dev/shm, so nothing can leak, whatever kills us.
+    int fd = static_cast<int>(::syscall(SYS_memfd_create, "mpservice", MFD_CLOEXEC));
+    if (fd < 0) throw_errno("mpservice: memfd_create");
+#else
+#error "shared memory back-end not written for this platform yet"
+#endif
+    if (::ftruncate(fd, static_cast<off_t>(size)) != 0) {
+        int err = errno;
+        ::close(fd);
+        errno = err;
+        throw_errno("mpservice: ftruncate of shared memory");
+    }
+    return fd;
+}
+
+std::size_t shm_size(handle_t h) {
+    struct stat st;
+    if (::fstat(h, &st) != 0) throw_errno("mpservice: fstat of shared memory");
+    return static_cast<std::size_t>(st.st_size);
+}
+
+void* shm_map(handle_t h, std::size_t size) {
+    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, h, 0);
+    if (p == MAP_FAILED) throw_errno("mpservice: mmap of shared memory");
+    return p;
+}
+
+void shm_unmap(void* addr, std::size_t size) noexcept {
+    if (addr) ::munmap(addr, size);
+}
+
+// ---------------------------------------------------------------- waiting on a word
+
+bool futex_wait(const std::atomic<std::uint32_t>* word, std::uint32_t expected, Deadline deadline) {
+    static_assert(sizeof(std::atomic<std::uint32_t>) == sizeof(std::uint32_t),
+                  "futex needs a plain 32-bit atomic word");
+    timespec ts;
+    const timespec* tsp = nullptr;
+    if (deadline != no_deadline) {
+        if (Clock::now() >= deadline) return false;
+        ts = to_timespec(deadline);
+        tsp = &ts;
+    }
+    // FUTEX_WAIT_BITSET takes an absolute CLOCK_MONOTONIC deadline (steady_clock
+    // on Linux), so a retry after EINTR does not stretch the timeout.  Not
+    // FUTEX_PRIVATE: the word may live in memory shared with other processes.
+    long rc = ::syscall(SYS_futex, const_cast<std::atomic<std::uint32_t>*>(word), FUTEX_WAIT_BITSET, expected,
+                        tsp, nullptr, FUTEX_BITSET_MATCH_ANY);
+    if (rc == 0) return true;
+    if (errno == ETIMEDOUT) return false;
+    return true;  // EAGAIN (value changed) or EINTR: the caller re-checks
+}
+
+void futex_wake(const std::atomic<std::uint32_t>* word, int count) {
+    ::syscall(SYS_futex, const_cast<std::atomic<std::uint32_t>*>(word), FUTEX_WAKE, count, nullptr, nullptr, 0);
+}
+
+// ---------------------------------------------------------------- processes
+
+long current_pid() noexcept { return static_cast<long>(::getpid()); }
+
+bool pid_alive(long pid) noexcept {
+    return pid > 0 && (::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM);
+}
+
+// ---------------------------------------------------------------- (process/channel section)
+
+// ---------------------------------------------------------------- (synchronization section)
+
+// ---------------------------------------------------------------- (queue section)
+
+}  // namespace mpservice::detail::os
+
+#endif  // !_WIN32

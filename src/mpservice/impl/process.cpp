@@ -1,0 +1,1 @@
+// process: implementation (to be written)

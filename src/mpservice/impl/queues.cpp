@@ -1,0 +1,1 @@
+// queues: implementation (to be written)

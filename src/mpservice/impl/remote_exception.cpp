@@ -1,0 +1,1 @@
+// remote_exception: implementation (to be written)

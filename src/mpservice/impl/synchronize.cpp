@@ -1,0 +1,1 @@
+// synchronize: implementation (to be written)

@@ -1,0 +1,1 @@
+// threading: implementation (to be written)

@@ -1,0 +1,2 @@
+// futures: (to be written)
+#pragma once

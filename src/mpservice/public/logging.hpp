@@ -1,0 +1,2 @@
+// logging: (to be written)
+#pragma once

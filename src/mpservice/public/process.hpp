@@ -1,0 +1,2 @@
+// process: (to be written)
+#pragma once

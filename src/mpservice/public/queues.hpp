@@ -1,0 +1,2 @@
+// queues: (to be written)
+#pragma once

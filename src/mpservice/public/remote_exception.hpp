@@ -1,0 +1,2 @@
+// remote_exception: (to be written)
+#pragma once

@@ -1,0 +1,2 @@
+// sharedctypes: (to be written)
+#pragma once

@@ -1,0 +1,2 @@
+// synchronize: (to be written)
+#pragma once

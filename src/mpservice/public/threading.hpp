@@ -1,0 +1,2 @@
+// threading: (to be written)
+#pragma once
