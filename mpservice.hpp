@@ -513,10 +513,63 @@ struct Codec<detail::SharedObject<T>> {
 }  // namespace mpservice
 // ---- end part: mpservice/detail/shm.hpp
 // ---- begin part: mpservice/public/remote_exception.hpp ----------------------
-// remote_exception: (to be written)
+// remote_exception: exceptions that cross process boundaries with their type
+// and the story of where they were thrown.
+
+#include <exception>
+#include <string>
+
+namespace mpservice {
+
+// (Public API - RemoteError, remote_traceback, is_remote, register_exception -
+//  is written by the remote-exception work.)
+
+namespace detail {
+
+/// The name of this process as shown in tracebacks and log records
+/// ("MainProcess" in the parent; the Process's name in a child).  The process
+/// part sets it when a child starts.
+MPSERVICE_API const std::string& process_name();
+MPSERVICE_API void set_process_name(std::string name);
+
+/// Writes `e` - type, what(), the throw-site stack, process name and pid, and
+/// any remote story it already carries - so that decode_exception can rebuild it
+/// in another process.
+MPSERVICE_API void encode_exception(Encoder& out, const std::exception_ptr& e);
+/// Rebuilds an exception written by encode_exception.  The result, when
+/// re-thrown, is caught by the original type's catch clauses (for standard and
+/// registered types) and always by `catch (const mpservice::RemoteError&)`.
+MPSERVICE_API std::exception_ptr decode_exception(Decoder& in);
+
+}  // namespace detail
+}  // namespace mpservice
 // ---- end part: mpservice/public/remote_exception.hpp
 // ---- begin part: mpservice/public/logging.hpp -------------------------------
-// logging: (to be written)
+// logging: a small logging API usable in every process.  In a child, records
+// travel to the parent, where the parent's level, format and handler apply.
+
+#include <functional>
+#include <string>
+
+namespace mpservice {
+
+// (Public API - Level, LogRecord, Logger, get_logger, set_log_level,
+//  set_log_format, set_log_handler - is written by the logging work.  LogRecord
+//  has a serialize() member so it travels through the codec.)
+struct LogRecord;
+
+namespace detail {
+
+/// In a child: where records go instead of the local handler (the process
+/// part installs a function that sends them to the parent).  Empty = handle
+/// locally.
+MPSERVICE_API void set_log_forwarder(std::function<void(const LogRecord&)> forward);
+/// In the parent: hands a record that arrived from a child to the parent's
+/// level filter, format and handler.
+MPSERVICE_API void handle_log_record(const LogRecord& record);
+
+}  // namespace detail
+}  // namespace mpservice
 // ---- end part: mpservice/public/logging.hpp
 // ---- begin part: mpservice/public/process.hpp -------------------------------
 // process: (to be written)
