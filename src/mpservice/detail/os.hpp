@@ -70,6 +70,27 @@ inline void cpu_relax() noexcept {
 #endif
 }
 
+// ---------------------------------------------------------------- robust mutex
+/// Storage for a mutex that lives in shared memory and survives the death of
+/// its owner: the next locker takes it and is told (LockResult::owner_died).
+/// Placed inside shared structures; initialized once by robust_mutex_init.
+struct alignas(16) RobustMutex {
+    unsigned char storage[64];
+};
+enum class LockResult { acquired, owner_died, timed_out, busy };
+/// Initializes a process-shared, robust, error-checking mutex in place.
+MPSERVICE_API void robust_mutex_init(RobustMutex* m);
+/// Locks, spinning briefly before blocking; `deadline` bounds the wait.
+/// owner_died: the lock is now held by the caller but the previous owner
+/// died holding it; call robust_mutex_consistent to keep using the mutex.
+MPSERVICE_API LockResult robust_mutex_lock(RobustMutex* m, Deadline deadline = no_deadline);
+/// Takes the lock if it is free: acquired, owner_died or busy.
+MPSERVICE_API LockResult robust_mutex_trylock(RobustMutex* m);
+/// Releases; throws std::system_error if the caller does not hold it.
+MPSERVICE_API void robust_mutex_unlock(RobustMutex* m);
+/// Marks the state protected by a mutex taken with owner_died as repaired.
+MPSERVICE_API void robust_mutex_consistent(RobustMutex* m);
+
 // ---------------------------------------------------------------- processes
 /// This process's id.
 MPSERVICE_API long current_pid() noexcept;

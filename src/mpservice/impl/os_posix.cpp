@@ -8,6 +8,7 @@
 #include <system_error>
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -106,6 +107,61 @@ bool futex_wait(const std::atomic<std::uint32_t>* word, std::uint32_t expected, 
 void futex_wake(const std::atomic<std::uint32_t>* word, int count) {
     ::syscall(SYS_futex, const_cast<std::atomic<std::uint32_t>*>(word), FUTEX_WAKE, count, nullptr, nullptr, 0);
 }
+
+// ---------------------------------------------------------------- robust mutex
+
+namespace {
+pthread_mutex_t* native(RobustMutex* m) noexcept { return reinterpret_cast<pthread_mutex_t*>(m->storage); }
+
+LockResult lock_result(int rc, const char* what) {
+    switch (rc) {
+        case 0: return LockResult::acquired;
+        case EOWNERDEAD: return LockResult::owner_died;
+        case ETIMEDOUT: return LockResult::timed_out;
+        case EBUSY: return LockResult::busy;
+        default: throw std::system_error(rc, std::generic_category(), what);
+    }
+}
+}  // namespace
+
+void robust_mutex_init(RobustMutex* m) {
+    static_assert(sizeof(pthread_mutex_t) <= sizeof(RobustMutex::storage), "RobustMutex storage too small");
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+    // Error-checking: unlocking a mutex one does not hold is reported, not undefined.
+    pthread_mutexattr_settype(&a, PTHREAD_MUTEX_ERRORCHECK);
+    int rc = pthread_mutex_init(native(m), &a);
+    pthread_mutexattr_destroy(&a);
+    if (rc != 0) throw std::system_error(rc, std::generic_category(), "mpservice: pthread_mutex_init");
+}
+
+LockResult robust_mutex_trylock(RobustMutex* m) {
+    int rc = pthread_mutex_trylock(native(m));
+    if (rc == EDEADLK) return LockResult::busy;  // held by the caller itself
+    return lock_result(rc, "mpservice: mutex trylock");
+}
+
+LockResult robust_mutex_lock(RobustMutex* m, Deadline deadline) {
+    // A blocking hand-off to another CPU costs ~30 us here while a critical
+    // section is typically far shorter: spin a little before sleeping.
+    for (int i = 0; i < 100; ++i) {
+        LockResult r = robust_mutex_trylock(m);
+        if (r != LockResult::busy) return r;
+        cpu_relax();
+    }
+    if (deadline == no_deadline) return lock_result(pthread_mutex_lock(native(m)), "mpservice: mutex lock");
+    timespec ts = to_timespec(deadline);
+    return lock_result(pthread_mutex_clocklock(native(m), CLOCK_MONOTONIC, &ts), "mpservice: mutex lock");
+}
+
+void robust_mutex_unlock(RobustMutex* m) {
+    int rc = pthread_mutex_unlock(native(m));
+    if (rc != 0) throw std::system_error(rc, std::generic_category(), "mpservice: mutex unlock");
+}
+
+void robust_mutex_consistent(RobustMutex* m) { pthread_mutex_consistent(native(m)); }
 
 // ---------------------------------------------------------------- processes
 
