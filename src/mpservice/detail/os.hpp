@@ -102,5 +102,8 @@ MPSERVICE_API bool pid_alive(long pid) noexcept;
 // ---------------------------------------------------------------- (synchronization section)
 
 // ---------------------------------------------------------------- (queue section)
+/// Populates the page tables of a shared mapping now (writable), so the first
+/// pass of data through it does not pay a page fault per 4 KiB.  Best effort.
+MPSERVICE_API void shm_prefault(void* addr, std::size_t size) noexcept;
 
 }  // namespace mpservice::detail::os

@@ -177,6 +177,19 @@ bool pid_alive(long pid) noexcept {
 
 // ---------------------------------------------------------------- (queue section)
 
+void shm_prefault(void* addr, std::size_t size) noexcept {
+#if defined(__linux__)
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14; older kernels answer EINVAL and we skip it
+#endif
+    // Never touch the bytes ourselves: another process may be writing them.
+    ::madvise(addr, size, MADV_POPULATE_WRITE);
+#else
+    (void)addr;
+    (void)size;
+#endif
+}
+
 }  // namespace mpservice::detail::os
 
 #endif  // !_WIN32

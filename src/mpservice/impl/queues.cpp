@@ -1,1 +1,547 @@
-// queues: implementation (to be written)
+// queues: the shared byte ring under Queue<T> (layout and protocol in detail/queue_ring.hpp).
+#include <algorithm>
+#include <climits>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+#include <string>
+
+namespace mpservice::detail {
+
+namespace {
+
+constexpr std::uint32_t queue_magic = 0x5155455Au;  // "QUEZ"
+constexpr std::uint32_t rec_whole = 1, rec_first = 2, rec_cont = 3, rec_last = 4, rec_pad = 5;
+constexpr std::uint64_t small_header = 8;   // len u32 + kind u32
+constexpr std::uint64_t first_header = 16;  // + total u64
+constexpr std::uint64_t min_capacity = 256;
+constexpr std::uint64_t max_capacity = std::uint64_t(1) << 40;
+constexpr std::uint64_t ring_offset = 4096;  // the ring starts on its own page
+// A reassembly or encoding buffer larger than this is given back after use.
+constexpr std::size_t keep_buffer_bytes = std::size_t(64) << 20;
+
+// A cross-CPU futex wake-up costs ~30 us on the machines we measured, a spin
+// hand-off ~0.1 us: spin for a while before sleeping.
+constexpr auto spin_budget = std::chrono::microseconds(20);
+// How often a sleeper looks whether the other side's lock holder died.
+constexpr auto probe_interval = std::chrono::milliseconds(20);
+
+std::uint64_t align8(std::uint64_t n) noexcept { return (n + 7) & ~std::uint64_t(7); }
+
+struct RecordHeader {
+    std::uint32_t len;
+    std::uint32_t kind;
+};
+
+[[noreturn]] void corrupt(const char* what) {
+    throw Error(std::string("mpservice: queue memory is corrupt (") + what +
+                "); was it written by something other than this library?");
+}
+
+/// Wakes sleepers on `w` if there may be any.  The seq_cst fence pairs with the
+/// one a waiter issues between raising the flag and re-checking its condition
+/// (Dekker): either the waiter sees our change or we see its flag.
+void notify(QueueWaitWord& w) noexcept {
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (w.sleepers.load(std::memory_order_relaxed) == 0) return;
+    w.sleepers.store(0, std::memory_order_relaxed);  // sleepers that stay asleep raise it again
+    w.seq.fetch_add(1, std::memory_order_release);
+    os::futex_wake(&w.seq, INT_MAX);
+}
+
+void notify_always(QueueWaitWord& w) noexcept {
+    w.sleepers.store(0, std::memory_order_relaxed);
+    w.seq.fetch_add(1, std::memory_order_seq_cst);
+    os::futex_wake(&w.seq, INT_MAX);
+}
+
+/// Waits until pred() or the deadline: spins first, then sleeps on `w` in
+/// slices, calling probe() between slices (to notice a dead lock holder).
+/// Returns pred() as last seen.
+template <class Pred, class Probe>
+bool wait_until(QueueWaitWord& w, os::Deadline deadline, Pred&& pred, Probe&& probe) {
+    if (pred()) return true;
+    const auto spin_start = os::Clock::now();
+    for (unsigned i = 1;; ++i) {
+        os::cpu_relax();
+        if (pred()) return true;
+        if ((i & 31) == 0) {
+            auto now = os::Clock::now();
+            if (now >= deadline) return false;
+            if (now - spin_start >= spin_budget) break;
+        }
+    }
+    for (;;) {
+        auto now = os::Clock::now();
+        if (now >= deadline) return pred();
+        // Read the sequence before raising the flag and re-checking: a notify
+        // after this read changes it, so futex_wait then returns at once.
+        std::uint32_t seq = w.seq.load(std::memory_order_acquire);
+        w.sleepers.store(1, std::memory_order_relaxed);
+        std::atomic_thread_fence(std::memory_order_seq_cst);
+        if (pred()) return true;
+        os::Deadline slice = (deadline - now > probe_interval) ? now + probe_interval : deadline;
+        os::futex_wait(&w.seq, seq, slice);
+        if (pred()) return true;
+        probe();
+    }
+}
+
+/// Unlocks a robust mutex at scope exit.
+class Held {
+public:
+    explicit Held(os::RobustMutex* m) noexcept : m_(m) {}
+    Held(const Held&) = delete;
+    Held& operator=(const Held&) = delete;
+    ~Held() { release(); }
+    void release() noexcept {
+        if (!m_) return;
+        try {
+            os::robust_mutex_unlock(m_);
+        } catch (...) {
+        }
+        m_ = nullptr;
+    }
+
+private:
+    os::RobustMutex* m_;
+};
+
+std::string& reassembly_buffer() {
+    thread_local std::string buffer;
+    return buffer;
+}
+
+bool kind_accepts(QueueKind wanted, std::uint32_t actual) noexcept {
+    // A JoinableQueue is a Queue: a function taking Queue<T> may receive one.
+    return actual == static_cast<std::uint32_t>(wanted) ||
+           (wanted == QueueKind::queue && actual == static_cast<std::uint32_t>(QueueKind::joinable));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- creation
+
+QueueCore QueueCore::create(QueueKind kind, std::uint64_t type_tag, std::size_t maxsize,
+                            std::size_t capacity_bytes) {
+    if (capacity_bytes == 0) throw std::invalid_argument("mpservice: a queue needs a capacity of at least 1 byte");
+    if (capacity_bytes > max_capacity)
+        throw std::invalid_argument("mpservice: queue capacity " + std::to_string(capacity_bytes) +
+                                    " bytes is more than the 1 TiB supported");
+    std::uint64_t capacity = std::max<std::uint64_t>(capacity_bytes, min_capacity);
+    capacity = (capacity + 63) & ~std::uint64_t(63);
+    static_assert(sizeof(QueueHeader) <= ring_offset, "queue header outgrew its page");
+    static_assert(std::atomic<std::uint64_t>::is_always_lock_free, "queues need lock-free 64-bit atomics");
+
+    QueueCore q;
+    q.mem_ = SharedMemory::create(static_cast<std::size_t>(ring_offset + capacity));
+    auto* h = ::new (q.mem_.data()) QueueHeader();
+    h->kind = static_cast<std::uint32_t>(kind);
+    h->type_tag = type_tag;
+    h->capacity = capacity;
+    h->maxsize = maxsize;
+    h->ring_offset = ring_offset;
+    os::robust_mutex_init(&h->put_lock);
+    os::robust_mutex_init(&h->get_lock);
+    std::atomic_thread_fence(std::memory_order_release);
+    h->magic = queue_magic;
+    q.h_ = h;
+    q.ring_ = static_cast<unsigned char*>(q.mem_.data()) + ring_offset;
+    os::shm_prefault(q.ring_, static_cast<std::size_t>(capacity));
+    return q;
+}
+
+QueueCore QueueCore::attach(SharedMemory memory, QueueKind kind, std::uint64_t type_tag) {
+    if (!memory || memory.size() < ring_offset) throw DecodeError("decode: shared block is too small to be a queue");
+    auto* h = static_cast<QueueHeader*>(memory.data());
+    if (h->magic != queue_magic) throw DecodeError("decode: shared block is not a queue");
+    if (!kind_accepts(kind, h->kind))
+        throw DecodeError("decode: the queue is of another kind (Queue, SimpleQueue or JoinableQueue) than expected");
+    if (h->type_tag != type_tag) throw DecodeError("decode: the queue carries items of another type than expected");
+    if (h->ring_offset != ring_offset || h->capacity < min_capacity || h->capacity % 64 != 0 ||
+        h->capacity > memory.size() - ring_offset)
+        throw DecodeError("decode: queue header does not match its shared block");
+    QueueCore q;
+    q.mem_ = std::move(memory);
+    q.h_ = h;
+    q.ring_ = static_cast<unsigned char*>(q.mem_.data()) + ring_offset;
+    os::shm_prefault(q.ring_, static_cast<std::size_t>(h->capacity));
+    return q;
+}
+
+std::string& QueueCore::encode_buffer() {
+    thread_local std::string buffer;
+    if (buffer.capacity() > keep_buffer_bytes) std::string().swap(buffer);
+    return buffer;
+}
+
+// ---------------------------------------------------------------- commits and recovery
+//
+// Each side publishes a position and a counter.  A process can die between the
+// two stores, so the new values go to a journal first; whoever takes the lock
+// next and is told the owner died finishes the commit (both stores are
+// idempotent).  A record's bytes are always complete before its commit starts.
+
+void QueueCore::commit_put(std::uint64_t tail, std::uint64_t completed) noexcept {
+    h_->j_tail = tail;
+    h_->j_completed = completed;
+    h_->j_put_active.store(1, std::memory_order_release);
+    h_->completed.store(completed, std::memory_order_relaxed);
+    h_->tail.store(tail, std::memory_order_release);  // publishes the record (and `completed`)
+    h_->j_put_active.store(0, std::memory_order_release);
+}
+
+void QueueCore::commit_get(std::uint64_t head, std::uint64_t taken) noexcept {
+    h_->j_head = head;
+    h_->j_taken = taken;
+    h_->j_get_active.store(1, std::memory_order_release);
+    h_->taken.store(taken, std::memory_order_relaxed);
+    h_->head.store(head, std::memory_order_release);  // hands the bytes back to producers
+    h_->j_get_active.store(0, std::memory_order_release);
+}
+
+void QueueCore::recover_put() noexcept {
+    if (h_->j_put_active.load(std::memory_order_acquire)) {
+        h_->completed.store(h_->j_completed, std::memory_order_relaxed);
+        h_->tail.store(h_->j_tail, std::memory_order_release);
+        h_->j_put_active.store(0, std::memory_order_release);
+    }
+    // A chunked item its producer did not finish is abandoned: the consumer
+    // reading it sees `streaming` change and discards what it has.
+    h_->streaming.store(0, std::memory_order_release);
+    os::robust_mutex_consistent(&h_->put_lock);
+    notify(h_->data);
+}
+
+void QueueCore::recover_get() noexcept {
+    if (h_->j_get_active.load(std::memory_order_acquire)) {
+        h_->taken.store(h_->j_taken, std::memory_order_relaxed);
+        h_->head.store(h_->j_head, std::memory_order_release);
+        h_->j_get_active.store(0, std::memory_order_release);
+    }
+    // A chunked item the dead consumer was reading: its remaining chunks are
+    // discarded by the next consumer (they arrive as orphan `cont` records).
+    os::robust_mutex_consistent(&h_->get_lock);
+    notify(h_->space);
+}
+
+void QueueCore::probe_producers() noexcept {
+    try {
+        auto r = os::robust_mutex_trylock(&h_->put_lock);
+        if (r == os::LockResult::busy) return;
+        Held held(&h_->put_lock);
+        if (r == os::LockResult::owner_died) recover_put();
+    } catch (...) {
+    }
+}
+
+void QueueCore::probe_consumers() noexcept {
+    try {
+        auto r = os::robust_mutex_trylock(&h_->get_lock);
+        if (r == os::LockResult::busy) return;
+        Held held(&h_->get_lock);
+        if (r == os::LockResult::owner_died) recover_get();
+    } catch (...) {
+    }
+}
+
+// ---------------------------------------------------------------- put
+
+QueueCore::Status QueueCore::put(const void* data, std::size_t size, os::Deadline deadline) {
+    if (closed()) return Status::closed;
+    auto r = os::robust_mutex_lock(&h_->put_lock, deadline);
+    if (r == os::LockResult::timed_out) return Status::timeout;
+    Held held(&h_->put_lock);
+    if (r == os::LockResult::owner_died) recover_put();
+    if (closed()) return Status::closed;
+
+    if (h_->maxsize) {
+        auto below_maxsize = [&] {
+            return h_->completed.load(std::memory_order_relaxed) - h_->taken.load(std::memory_order_acquire) <
+                       h_->maxsize ||
+                   closed();
+        };
+        if (!wait_until(h_->space, deadline, below_maxsize, [&] { probe_consumers(); })) return Status::timeout;
+        if (closed()) return Status::closed;
+    }
+    if (small_header + align8(size) <= h_->capacity / 2) return put_whole(data, size, deadline);
+    return put_chunked(data, size, deadline);
+}
+
+bool QueueCore::wait_for_room(std::uint64_t tail, std::uint64_t bytes, os::Deadline deadline,
+                              bool give_up_on_close) {
+    const std::uint64_t cap = h_->capacity;
+    if (tail + bytes <= h_->head_cache + cap) return true;
+    h_->head_cache = h_->head.load(std::memory_order_acquire);
+    if (tail + bytes <= h_->head_cache + cap) return true;
+    auto room = [&] {
+        return tail + bytes <= h_->head.load(std::memory_order_acquire) + cap || (give_up_on_close && closed());
+    };
+    wait_until(h_->space, deadline, room, [&] { probe_consumers(); });
+    h_->head_cache = h_->head.load(std::memory_order_acquire);
+    return tail + bytes <= h_->head_cache + cap;
+}
+
+void QueueCore::write_pad(std::uint64_t tail, std::uint64_t bytes) {
+    RecordHeader hdr{static_cast<std::uint32_t>(bytes - small_header), rec_pad};
+    std::memcpy(at(tail), &hdr, sizeof hdr);
+    commit_put(tail + bytes, h_->completed.load(std::memory_order_relaxed));
+    notify(h_->data);
+}
+
+QueueCore::Status QueueCore::put_whole(const void* data, std::size_t size, os::Deadline deadline) {
+    const std::uint64_t cap = h_->capacity;
+    std::uint64_t tail = h_->tail.load(std::memory_order_relaxed);
+    const std::uint64_t bytes = small_header + align8(size);
+    const std::uint64_t to_end = cap - tail % cap;
+    if (to_end < bytes) {  // records never wrap: skip the ring's end
+        if (!wait_for_room(tail, to_end, deadline, true)) return closed() ? Status::closed : Status::timeout;
+        write_pad(tail, to_end);
+        tail += to_end;
+    }
+    if (!wait_for_room(tail, bytes, deadline, true)) return closed() ? Status::closed : Status::timeout;
+    unsigned char* rec = at(tail);
+    RecordHeader hdr{static_cast<std::uint32_t>(size), rec_whole};
+    std::memcpy(rec, &hdr, sizeof hdr);
+    if (size) std::memcpy(rec + small_header, data, size);
+    commit_put(tail + bytes, h_->completed.load(std::memory_order_relaxed) + 1);
+    notify(h_->data);
+    return Status::ok;
+}
+
+QueueCore::Status QueueCore::put_chunked(const void* data, std::size_t size, os::Deadline deadline) {
+    const std::uint64_t cap = h_->capacity;
+    // Chunks of a quarter ring: the consumer copies one out while we write the next.
+    const std::uint64_t chunk_bytes = cap / 4;
+    const auto* src = static_cast<const unsigned char*>(data);
+    std::uint64_t remaining = size;
+    std::uint64_t tail = h_->tail.load(std::memory_order_relaxed);
+    bool first = true;
+
+    auto give_up = [&] {
+        if (first) return closed() ? Status::closed : Status::timeout;
+        // Mid-item: tell the consumer reading it to discard what it has.
+        h_->streaming.store(0, std::memory_order_release);
+        notify(h_->data);
+        return Status::timeout;
+    };
+
+    while (remaining) {
+        const std::uint64_t header = first ? first_header : small_header;
+        std::uint64_t piece = std::min<std::uint64_t>(remaining, chunk_bytes - header);
+        const std::uint64_t to_end = cap - tail % cap;
+        if (to_end < header + std::min<std::uint64_t>(align8(piece), 64)) {
+            if (!wait_for_room(tail, to_end, deadline, first)) return give_up();
+            write_pad(tail, to_end);
+            tail += to_end;
+            continue;
+        }
+        piece = std::min(piece, to_end - header);
+        const std::uint64_t bytes = header + align8(piece);
+        if (!wait_for_room(tail, bytes, deadline, first)) return give_up();
+
+        unsigned char* rec = at(tail);
+        const bool done = piece == remaining;
+        RecordHeader hdr{static_cast<std::uint32_t>(piece), first ? rec_first : done ? rec_last : rec_cont};
+        std::memcpy(rec, &hdr, sizeof hdr);
+        if (first) {
+            std::uint64_t total = size;
+            std::memcpy(rec + small_header, &total, sizeof total);
+            // The item's id is its position; the consumer reading it watches this.
+            h_->streaming.store(tail + 1, std::memory_order_relaxed);
+        }
+        std::memcpy(rec + header, src, piece);
+        src += piece;
+        remaining -= piece;
+        commit_put(tail + bytes, h_->completed.load(std::memory_order_relaxed) + (done ? 1 : 0));
+        tail += bytes;
+        first = false;
+        notify(h_->data);
+    }
+    h_->streaming.store(0, std::memory_order_release);
+    return Status::ok;
+}
+
+// ---------------------------------------------------------------- get
+
+QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline deadline) {
+    auto something = [&] {
+        return h_->tail.load(std::memory_order_acquire) != h_->head.load(std::memory_order_acquire) || closed();
+    };
+    for (;;) {
+        if (!wait_until(h_->data, deadline, something, [&] { probe_producers(); })) return Status::timeout;
+        auto r = os::robust_mutex_lock(&h_->get_lock, deadline);
+        if (r == os::LockResult::timed_out) return Status::timeout;
+        Held held(&h_->get_lock);
+        if (r == os::LockResult::owner_died) recover_get();
+
+        for (;;) {
+            const std::uint64_t head = h_->head.load(std::memory_order_relaxed);
+            if (head == h_->tail_cache) h_->tail_cache = h_->tail.load(std::memory_order_acquire);
+            if (head == h_->tail_cache) {
+                // Empty.  Reading `closed` first makes every put that finished
+                // before close() visible to the second look at the tail.
+                bool was_closed = closed();
+                h_->tail_cache = h_->tail.load(std::memory_order_acquire);
+                if (head != h_->tail_cache) continue;
+                if (was_closed) return Status::closed;
+                break;  // unlock and wait again
+            }
+            const std::uint64_t cap = h_->capacity;
+            unsigned char* rec = at(head);
+            RecordHeader hdr;
+            std::memcpy(&hdr, rec, sizeof hdr);
+            if (hdr.kind < rec_whole || hdr.kind > rec_pad) corrupt("record kind");
+            const std::uint64_t bytes = (hdr.kind == rec_first ? first_header : small_header) + align8(hdr.len);
+            if (head % cap + bytes > cap || head + bytes > h_->tail_cache) corrupt("record length");
+            const std::uint64_t taken = h_->taken.load(std::memory_order_relaxed);
+
+            switch (hdr.kind) {
+                case rec_pad:
+                    commit_get(head + bytes, taken);
+                    notify(h_->space);
+                    continue;
+                case rec_cont:
+                case rec_last: {
+                    // The rest of an item whose consumer died after taking its
+                    // first chunk: that item is lost; drop the rest.  A complete
+                    // item counts as taken and (for join) as done.
+                    const bool last = hdr.kind == rec_last;
+                    commit_get(head + bytes, taken + (last ? 1 : 0));
+                    if (last) {
+                        h_->tasks_done.fetch_add(1, std::memory_order_acq_rel);
+                        notify(h_->joined);
+                    }
+                    notify(h_->space);
+                    continue;
+                }
+                case rec_whole: {
+                    // Decoded in place, under the lock: one copy, and a consumer
+                    // killed while decoding leaves the item for the next one.
+                    try {
+                        consume(context, rec + small_header, hdr.len);
+                    } catch (...) {
+                        commit_get(head + bytes, taken + 1);
+                        notify(h_->space);
+                        throw;
+                    }
+                    commit_get(head + bytes, taken + 1);
+                    notify(h_->space);
+                    return Status::ok;
+                }
+                default: {  // rec_first
+                    std::string& buffer = reassembly_buffer();
+                    std::uint64_t total = 0;
+                    std::memcpy(&total, rec + small_header, sizeof total);
+                    if (read_chunked(head, buffer) == Taken::discarded) continue;
+                    held.release();
+                    struct Shrink {
+                        std::string& b;
+                        ~Shrink() {
+                            if (b.size() > keep_buffer_bytes) std::string().swap(b);
+                        }
+                    } shrink{buffer};
+                    consume(context, reinterpret_cast<const unsigned char*>(buffer.data()),
+                            static_cast<std::size_t>(total));
+                    return Status::ok;
+                }
+            }
+        }
+    }
+}
+
+QueueCore::Taken QueueCore::read_chunked(std::uint64_t head, std::string& out) {
+    const std::uint64_t cap = h_->capacity;
+    RecordHeader hdr;
+    std::memcpy(&hdr, at(head), sizeof hdr);
+    std::uint64_t total = 0;
+    std::memcpy(&total, at(head) + small_header, sizeof total);
+    if (hdr.len > total) corrupt("first chunk longer than its item");
+    if (out.size() < total) out.resize(static_cast<std::size_t>(total));
+    std::memcpy(&out[0], at(head) + first_header, hdr.len);
+    std::uint64_t received = hdr.len;
+    const std::uint64_t id = head + 1;
+    head += first_header + align8(hdr.len);
+    std::uint64_t taken = h_->taken.load(std::memory_order_relaxed);
+    if (received == total) ++taken;
+    commit_get(head, taken);
+    notify(h_->space);
+
+    // The producer holds the put lock until the item is complete, so its chunks
+    // follow one another.  It gives up (timeout) or dies: `streaming` changes.
+    auto next_or_abandoned = [&] {
+        return h_->streaming.load(std::memory_order_acquire) != id ||
+               h_->tail.load(std::memory_order_acquire) != head;
+    };
+    while (received < total) {
+        wait_until(h_->data, os::no_deadline, next_or_abandoned, [&] { probe_producers(); });
+        const std::uint64_t streaming = h_->streaming.load(std::memory_order_acquire);
+        const std::uint64_t tail = h_->tail.load(std::memory_order_acquire);
+        if (tail == head) {
+            if (streaming != id) return Taken::discarded;
+            continue;
+        }
+        h_->tail_cache = tail;
+        unsigned char* rec = at(head);
+        std::memcpy(&hdr, rec, sizeof hdr);
+        if (hdr.kind < rec_whole || hdr.kind > rec_pad) corrupt("record kind");
+        const std::uint64_t bytes = (hdr.kind == rec_first ? first_header : small_header) + align8(hdr.len);
+        if (head % cap + bytes > cap || head + bytes > tail) corrupt("record length");
+        if (hdr.kind == rec_pad) {
+            head += bytes;
+            commit_get(head, taken);
+            notify(h_->space);
+            continue;
+        }
+        // A new item where our next chunk should be: ours was given up.
+        if (hdr.kind != rec_cont && hdr.kind != rec_last) return Taken::discarded;
+        if (received + hdr.len > total) corrupt("chunks longer than their item");
+        std::memcpy(&out[static_cast<std::size_t>(received)], rec + small_header, hdr.len);
+        received += hdr.len;
+        if (received == total) ++taken;
+        head += bytes;
+        commit_get(head, taken);
+        notify(h_->space);
+    }
+    return Taken::delivered;
+}
+
+// ---------------------------------------------------------------- state, close, join
+
+std::size_t QueueCore::qsize() const noexcept {
+    const std::uint64_t taken = h_->taken.load(std::memory_order_acquire);
+    const std::uint64_t completed = h_->completed.load(std::memory_order_acquire);
+    return completed > taken ? static_cast<std::size_t>(completed - taken) : 0;
+}
+
+bool QueueCore::full() const noexcept {
+    if (h_->maxsize && qsize() >= h_->maxsize) return true;
+    const std::uint64_t head = h_->head.load(std::memory_order_acquire);
+    const std::uint64_t tail = h_->tail.load(std::memory_order_acquire);
+    return tail - head + small_header > h_->capacity;
+}
+
+void QueueCore::close() noexcept {
+    h_->closed.store(1, std::memory_order_seq_cst);
+    notify_always(h_->data);
+    notify_always(h_->space);
+}
+
+void QueueCore::task_done() {
+    std::uint64_t done = h_->tasks_done.load(std::memory_order_acquire);
+    for (;;) {
+        if (done >= h_->completed.load(std::memory_order_acquire))
+            throw std::invalid_argument("mpservice: JoinableQueue::task_done() called more times than items were put");
+        if (h_->tasks_done.compare_exchange_weak(done, done + 1, std::memory_order_acq_rel)) break;
+    }
+    notify(h_->joined);
+}
+
+bool QueueCore::join(os::Deadline deadline) {
+    auto all_done = [&] {
+        return h_->tasks_done.load(std::memory_order_acquire) >= h_->completed.load(std::memory_order_acquire);
+    };
+    return wait_until(h_->joined, deadline, all_done, [&] { probe_producers(); });
+}
+
+}  // namespace mpservice::detail

@@ -1,0 +1,153 @@
+// queue_ring: the untyped engine under Queue<T>, SimpleQueue<T> and JoinableQueue<T>.
+//
+// One block of shared memory holds a header and a byte ring.  Items travel as
+// encoded bytes in *records* (8-byte aligned, never straddling the ring's end):
+//
+//     whole  [len u32 | kind u32 | payload ...]            an item that fits in half the ring
+//     first  [len u32 | kind u32 | total u64 | payload]    first chunk of a larger item
+//     cont   [len u32 | kind u32 | payload ...]            a middle chunk ("last" for the final one)
+//     pad    [len u32 | kind u32 | skipped ...]            fills the ring's end so records stay contiguous
+//
+// Producers are serialized by one robust mutex (the put lock), consumers by another
+// (the get lock): between them the ring behaves as a single-producer single-consumer
+// ring whose positions (tail, head) are published with release stores.  Each side
+// commits its positions and counters through a small journal (see commit_put /
+// commit_get), so a process killed between two stores leaves a commit the next
+// holder of the lock finishes ("rolls forward").
+//
+// Waiting: futex words with a "sleepers" flag.  A waiter spins briefly, then sets
+// the flag and sleeps; a notifier pays a system call only if the flag is set and
+// clears it when it wakes everyone, so a waiter killed while asleep does not leave
+// the notifiers paying for a wake-up forever.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "os.hpp"
+#include "shm.hpp"
+
+namespace mpservice::detail {
+
+/// A futex word plus the flag that says someone may sleep on it.
+struct alignas(64) QueueWaitWord {
+    std::atomic<std::uint32_t> seq{0};
+    std::atomic<std::uint32_t> sleepers{0};
+};
+
+/// Everything that lives at the start of a queue's shared block.  Trivially
+/// destructible: nobody knows which process is the last one to leave.
+struct QueueHeader {
+    // ---- set once by the creator, read-only afterwards
+    std::uint32_t magic = 0;
+    std::uint32_t kind = 0;       // QueueKind
+    std::uint64_t type_tag = 0;   // which T the queue carries (a hash of its type name)
+    std::uint64_t capacity = 0;   // ring bytes, a multiple of 64
+    std::uint64_t maxsize = 0;    // item bound, 0 = none
+    std::uint64_t ring_offset = 0;
+
+    alignas(64) std::atomic<std::uint32_t> closed{0};
+
+    // ---- producers' private state, guarded by put_lock
+    alignas(64) os::RobustMutex put_lock;
+    std::uint64_t head_cache = 0;  // a lower bound of `head`, saves reading the consumers' line
+    std::uint64_t j_tail = 0, j_completed = 0;
+    std::atomic<std::uint32_t> j_put_active{0};
+
+    // ---- published by producers, read by consumers
+    alignas(64) std::atomic<std::uint64_t> tail{0};       // bytes ever published
+    std::atomic<std::uint64_t> completed{0};              // items ever published completely
+    std::atomic<std::uint64_t> streaming{0};              // id of the chunked item in progress, 0 = none
+
+    // ---- consumers' private state, guarded by get_lock
+    alignas(64) os::RobustMutex get_lock;
+    std::uint64_t tail_cache = 0;  // a lower bound of `tail`
+    std::uint64_t j_head = 0, j_taken = 0;
+    std::atomic<std::uint32_t> j_get_active{0};
+
+    // ---- published by consumers, read by producers
+    alignas(64) std::atomic<std::uint64_t> head{0};       // bytes ever consumed
+    std::atomic<std::uint64_t> taken{0};                  // items ever taken completely
+
+    // ---- JoinableQueue
+    alignas(64) std::atomic<std::uint64_t> tasks_done{0};
+
+    QueueWaitWord data;    // "a record was published" and "the queue was closed"
+    QueueWaitWord space;   // "a record was consumed" and "the queue was closed"
+    QueueWaitWord joined;  // "task_done was called"
+};
+
+enum class QueueKind : std::uint32_t { queue = 1, simple = 2, joinable = 3 };
+
+/// A per-process handle to one shared queue of bytes.  Copies share the queue.
+class QueueCore {
+public:
+    enum class Status { ok, timeout, closed };
+    /// Called with the bytes of one item (valid only during the call).
+    using Consume = void (*)(void* context, const unsigned char* data, std::size_t size);
+
+    QueueCore() = default;
+    MPSERVICE_API static QueueCore create(QueueKind kind, std::uint64_t type_tag, std::size_t maxsize,
+                                          std::size_t capacity_bytes);
+    /// Attaches to a queue that arrived from another process; checks that it is a
+    /// queue of this kind and item type.
+    MPSERVICE_API static QueueCore attach(SharedMemory memory, QueueKind kind, std::uint64_t type_tag);
+
+    /// Puts one item's bytes: ok, timeout (no room before `deadline`) or closed.
+    MPSERVICE_API Status put(const void* data, std::size_t size, os::Deadline deadline);
+    /// Takes one item and hands its bytes to `consume`: ok, timeout (nothing
+    /// before `deadline`) or closed (closed and drained).  An exception from
+    /// `consume` propagates; the item is consumed all the same.
+    MPSERVICE_API Status get(Consume consume, void* context, os::Deadline deadline);
+
+    MPSERVICE_API std::size_t qsize() const noexcept;
+    MPSERVICE_API bool full() const noexcept;
+    std::size_t maxsize() const noexcept { return static_cast<std::size_t>(h_->maxsize); }
+    std::size_t capacity() const noexcept { return static_cast<std::size_t>(h_->capacity); }
+    MPSERVICE_API void close() noexcept;
+    bool closed() const noexcept { return h_->closed.load(std::memory_order_acquire) != 0; }
+
+    /// JoinableQueue: marks one taken item done; throws std::invalid_argument
+    /// when called more often than items were put.
+    MPSERVICE_API void task_done();
+    /// JoinableQueue: true once every item put has been marked done.
+    MPSERVICE_API bool join(os::Deadline deadline);
+
+    const SharedMemory& memory() const noexcept { return mem_; }
+    explicit operator bool() const noexcept { return h_ != nullptr; }
+
+    /// A per-thread buffer reused for encoding items (no allocation per put).
+    MPSERVICE_API static std::string& encode_buffer();
+    /// A stable tag for a type name (FNV-1a).
+    static std::uint64_t tag_of(const char* name) noexcept {
+        std::uint64_t h = 1469598103934665603ull;
+        for (; *name; ++name) h = (h ^ static_cast<unsigned char>(*name)) * 1099511628211ull;
+        return h;
+    }
+
+private:
+    enum class Taken { delivered, discarded };
+
+    Status put_whole(const void* data, std::size_t size, os::Deadline deadline);
+    Status put_chunked(const void* data, std::size_t size, os::Deadline deadline);
+    bool wait_for_room(std::uint64_t tail, std::uint64_t bytes, os::Deadline deadline, bool give_up_on_close);
+    void write_pad(std::uint64_t tail, std::uint64_t bytes);
+    void commit_put(std::uint64_t tail, std::uint64_t completed) noexcept;
+    void commit_get(std::uint64_t head, std::uint64_t taken) noexcept;
+    void recover_put() noexcept;
+    void recover_get() noexcept;
+    void probe_producers() noexcept;
+    void probe_consumers() noexcept;
+    Taken read_chunked(std::uint64_t head, std::string& out);
+    unsigned char* at(std::uint64_t position) const noexcept {
+        return ring_ + position % h_->capacity;
+    }
+
+    SharedMemory mem_;
+    QueueHeader* h_ = nullptr;
+    unsigned char* ring_ = nullptr;
+};
+
+}  // namespace mpservice::detail

@@ -1,0 +1,697 @@
+// Queue<T>, SimpleQueue<T>, JoinableQueue<T>: real processes (fork), threads,
+// real shared memory.  Children report by exit code; the parent asserts.
+#include <doctest/doctest.h>
+
+#include "mpservice.hpp"
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdint>
+#include <cstring>
+#include <dirent.h>
+#include <map>
+#include <random>
+#include <string>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <thread>
+#include <unistd.h>
+#include <vector>
+
+namespace mp = mpservice;
+using namespace std::chrono_literals;
+
+namespace {
+
+// ---------------------------------------------------------------- helpers
+
+/// Runs f() in a forked child; its int result is the exit code (exceptions: 100).
+template <class F>
+pid_t fork_child(F f) {
+    std::fflush(nullptr);
+    pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // no child outlives a crashed or timed-out test
+        int code = 100;
+        try {
+            code = f();
+        } catch (...) {
+        }
+        ::_exit(code);
+    }
+    return pid;
+}
+
+/// Waits for a child; exit code, or -signal.  The timeout is a hang guard only.
+int reap(pid_t pid, std::chrono::seconds guard = std::chrono::seconds(120)) {
+    auto end = std::chrono::steady_clock::now() + guard;
+    int status = 0;
+    for (;;) {
+        pid_t r = ::waitpid(pid, &status, WNOHANG);
+        if (r == pid) break;
+        if (std::chrono::steady_clock::now() > end) {
+            ::kill(pid, SIGKILL);
+            ::waitpid(pid, &status, 0);
+            FAIL("child " << pid << " hung");
+        }
+        std::this_thread::sleep_for(1ms);  // polling a child's exit, not synchronizing
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
+}
+
+int count_fds() {
+    int n = 0;
+    DIR* d = ::opendir("/proc/self/fd");
+    while (::readdir(d)) ++n;
+    ::closedir(d);
+    return n;
+}
+
+/// Shared counters, visible to forked children: one atomic per slot.
+struct SharedCounters {
+    explicit SharedCounters(std::size_t n)
+        : mem(mp::detail::SharedMemory::create(n * sizeof(std::atomic<std::uint32_t>))), size(n) {}
+    std::atomic<std::uint32_t>& operator[](std::size_t i) const {
+        return static_cast<std::atomic<std::uint32_t>*>(mem.data())[i];
+    }
+    mp::detail::SharedMemory mem;
+    std::size_t size;
+};
+
+/// A payload whose bytes say who made it and check themselves.
+std::string make_payload(std::uint32_t producer, std::uint32_t seq, std::size_t size) {
+    std::string s(size, '\0');
+    std::uint32_t x = producer * 2654435761u ^ seq;
+    for (std::size_t i = 0; i < size; ++i) {
+        x = x * 1664525u + 1013904223u;
+        s[i] = static_cast<char>(x >> 24);
+    }
+    if (size >= 8) {
+        std::memcpy(&s[0], &producer, 4);
+        std::memcpy(&s[4], &seq, 4);
+    }
+    return s;
+}
+bool check_payload(const std::string& s, std::uint32_t& producer, std::uint32_t& seq) {
+    if (s.size() < 8) return false;
+    std::memcpy(&producer, &s[0], 4);
+    std::memcpy(&seq, &s[4], 4);
+    return s == make_payload(producer, seq, s.size());
+}
+
+/// An item whose encoding is 0 bytes.
+struct Nothing {};
+/// A user struct with its own codec.
+struct Point {
+    int x = 0;
+    double y = 0;
+    std::string label;
+    bool operator==(const Point& o) const { return x == o.x && y == o.y && label == o.label; }
+};
+/// A type whose decoding always fails (to test the error path of get).
+struct Poison {};
+
+}  // namespace
+
+namespace mpservice {
+template <>
+struct Codec<Nothing> {
+    static void encode(Encoder&, const Nothing&) {}
+    static Nothing decode(Decoder&) { return {}; }
+};
+template <>
+struct Codec<Point> {
+    static void encode(Encoder& e, const Point& p) { e(p.x, p.y, p.label); }
+    static Point decode(Decoder& d) {
+        Point p;
+        d(p.x, p.y, p.label);
+        return p;
+    }
+};
+template <>
+struct Codec<Poison> {
+    static void encode(Encoder& e, const Poison&) { e.write(std::uint8_t(1)); }
+    static Poison decode(Decoder&) { throw DecodeError("poison"); }
+};
+}  // namespace mpservice
+
+// ---------------------------------------------------------------- basics
+
+TEST_CASE("put and get keep order in one thread, for several item types") {
+    mp::Queue<int> q;
+    CHECK(q.empty());
+    CHECK(q.maxsize() == 0);
+    CHECK(q.capacity() == mp::Queue<int>::default_capacity);
+    for (int i = 0; i < 1000; ++i) q.put(i);
+    CHECK(q.qsize() == 1000);
+    CHECK_FALSE(q.empty());
+    for (int i = 0; i < 1000; ++i) CHECK(q.get() == i);
+    CHECK(q.empty());
+
+    mp::Queue<double> d;
+    d.put(2.5);
+    CHECK(d.get() == 2.5);
+
+    mp::Queue<std::string> s;
+    s.put("");
+    s.put("hello");
+    s.put(std::string(3000, 'z'));
+    CHECK(s.get() == "");
+    CHECK(s.get() == "hello");
+    CHECK(s.get() == std::string(3000, 'z'));
+
+    mp::Queue<Point> p;
+    p.put(Point{1, 2.5, "one"});
+    CHECK(p.get() == Point{1, 2.5, "one"});
+}
+
+TEST_CASE("items of 0 B, 1 B, capacity-1, capacity and 10x capacity go through, across processes") {
+    constexpr std::size_t cap = 4096;
+    mp::Queue<Nothing> nothing(0, cap);
+    nothing.put(Nothing{});
+    CHECK(nothing.qsize() == 1);
+    nothing.get();
+    CHECK(nothing.empty());
+
+    mp::Queue<std::uint8_t> one(0, cap);
+    one.put(std::uint8_t(7));
+    CHECK(one.get() == 7);
+
+    // A string's encoding is 8 bytes of length + its bytes.
+    const std::vector<std::size_t> encoded = {8, 9, cap / 2 - 16, cap / 2 - 8, cap / 2, cap - 1, cap,
+                                              cap + 1, 10 * cap, 10 * cap + 3};
+    mp::Queue<std::string> q(0, cap);
+    CHECK(q.capacity() == cap);
+    pid_t child = fork_child([&] {
+        for (std::size_t round = 0; round < 3; ++round)
+            for (std::size_t i = 0; i < encoded.size(); ++i)
+                q.put(make_payload(7, static_cast<std::uint32_t>(round * 100 + i), encoded[i] - 8));
+        return 0;
+    });
+    for (std::size_t round = 0; round < 3; ++round)
+        for (std::size_t i = 0; i < encoded.size(); ++i) {
+            std::string got = q.get(30s);
+            REQUIRE(got.size() == encoded[i] - 8);
+            if (got.size() >= 8) {
+                std::uint32_t p, seq;
+                CHECK(check_payload(got, p, seq));
+                CHECK(seq == round * 100 + i);
+            } else {
+                CHECK(got == make_payload(7, static_cast<std::uint32_t>(round * 100 + i), got.size()));
+            }
+        }
+    CHECK(reap(child) == 0);
+    CHECK(q.empty());
+}
+
+TEST_CASE("order within one producer process, and the other way round") {
+    mp::Queue<long> to_parent(0, 8192);  // small ring: the producer blocks often
+    mp::Queue<long> to_child(16);
+    constexpr long n = 200000;
+    pid_t child = fork_child([&] {
+        for (long i = 0; i < n; ++i) to_parent.put(i);
+        for (long i = 0; i < 1000; ++i)
+            if (to_child.get() != i) return 1;
+        return 0;
+    });
+    long bad = 0;
+    for (long i = 0; i < n; ++i) bad += to_parent.get() != i;
+    CHECK(bad == 0);
+    for (long i = 0; i < 1000; ++i) to_child.put(i);
+    CHECK(reap(child) == 0);
+}
+
+// ---------------------------------------------------------------- exactly once
+
+TEST_CASE("exactly once: 4 producer processes x 4 consumer processes x 100k items") {
+    constexpr std::uint32_t producers = 4, consumers = 4, per_producer = 100000;
+    mp::Queue<std::uint64_t> q(0, 64 * 1024);
+    SharedCounters seen(producers * per_producer);
+    SharedCounters sums(consumers * 2);  // low and high 32 bits of each consumer's sum
+
+    std::vector<pid_t> cons;
+    for (std::uint32_t c = 0; c < consumers; ++c)
+        cons.push_back(fork_child([&, c] {
+            std::uint64_t sum = 0;
+            std::vector<std::uint32_t> last(producers, 0);
+            std::vector<bool> any(producers, false);
+            try {
+                for (;;) {
+                    std::uint64_t v = q.get();
+                    auto p = static_cast<std::uint32_t>(v >> 32), i = static_cast<std::uint32_t>(v);
+                    if (p >= producers || i >= per_producer) return 2;
+                    if (any[p] && i <= last[p]) return 3;  // one producer's items stay in order
+                    any[p] = true;
+                    last[p] = i;
+                    seen[p * per_producer + i].fetch_add(1);
+                    sum += v;
+                }
+            } catch (const mp::QueueClosed&) {
+            }
+            sums[2 * c].store(static_cast<std::uint32_t>(sum));
+            sums[2 * c + 1].store(static_cast<std::uint32_t>(sum >> 32));
+            return 0;
+        }));
+    std::vector<pid_t> prods;
+    for (std::uint32_t p = 0; p < producers; ++p)
+        prods.push_back(fork_child([&, p] {
+            for (std::uint32_t i = 0; i < per_producer; ++i) q.put((std::uint64_t(p) << 32) | i);
+            return 0;
+        }));
+    for (pid_t pid : prods) CHECK(reap(pid) == 0);
+    q.close();
+    for (pid_t pid : cons) CHECK(reap(pid) == 0);
+
+    std::size_t missing = 0, dup = 0;
+    std::uint64_t expected = 0, total = 0;
+    for (std::uint32_t p = 0; p < producers; ++p)
+        for (std::uint32_t i = 0; i < per_producer; ++i) {
+            auto k = seen[p * per_producer + i].load();
+            missing += k == 0;
+            dup += k > 1;
+            expected += (std::uint64_t(p) << 32) | i;
+        }
+    for (std::uint32_t c = 0; c < consumers; ++c)
+        total += sums[2 * c].load() | (std::uint64_t(sums[2 * c + 1].load()) << 32);
+    CHECK(missing == 0);
+    CHECK(dup == 0);
+    CHECK(total == expected);
+    CHECK(q.empty());
+}
+
+TEST_CASE("exactly once with threads and processes mixed, large and small items") {
+    mp::Queue<std::string> q(0, 16 * 1024);
+    constexpr std::uint32_t per_producer = 300;
+    SharedCounters seen(4 * per_producer);
+    auto produce = [&](std::uint32_t p) {
+        std::mt19937 rng(p);
+        for (std::uint32_t i = 0; i < per_producer; ++i) {
+            std::size_t size = (i % 7 == 0) ? 8 + rng() % (100 * 1024) : 8 + rng() % 200;
+            q.put(make_payload(p, i, size));
+        }
+    };
+    auto consume = [&] {
+        int bad = 0;
+        for (;;) {
+            std::optional<std::string> s;
+            try {
+                s = q.get();
+            } catch (const mp::QueueClosed&) {
+                return bad;
+            }
+            std::uint32_t p, i;
+            if (!check_payload(*s, p, i) || p >= 4 || i >= per_producer) ++bad;
+            else seen[p * per_producer + i].fetch_add(1);
+        }
+    };
+    pid_t pc = fork_child([&] { return consume(); });
+    pid_t pp = fork_child([&] {
+        produce(3);
+        return 0;
+    });
+    std::atomic<int> thread_bad{0};
+    std::vector<std::thread> threads;
+    for (std::uint32_t p = 0; p < 3; ++p) threads.emplace_back([&, p] { produce(p); });
+    std::thread tc([&] { thread_bad += consume(); });
+    for (auto& t : threads) t.join();
+    CHECK(reap(pp) == 0);
+    q.close();
+    tc.join();
+    CHECK(reap(pc) == 0);
+    CHECK(thread_bad.load() == 0);
+    std::size_t wrong = 0;
+    for (std::size_t i = 0; i < seen.size; ++i) wrong += seen[i].load() != 1;
+    CHECK(wrong == 0);
+}
+
+// ---------------------------------------------------------------- bounds, blocking, timeouts
+
+TEST_CASE("maxsize: Full, Empty, timeouts, try_ variants") {
+    mp::Queue<int> q(2);
+    CHECK(q.maxsize() == 2);
+    q.put(1);
+    CHECK(q.try_put(2));
+    CHECK(q.full());
+    CHECK_THROWS_AS(q.put_nowait(3), mp::Full);
+    CHECK_FALSE(q.try_put(3));
+    auto t0 = std::chrono::steady_clock::now();
+    CHECK_THROWS_AS(q.put(3, 30ms), mp::Full);
+    CHECK(std::chrono::steady_clock::now() - t0 >= 30ms);
+    CHECK_FALSE(q.try_put(3, 5ms));
+    CHECK(q.qsize() == 2);
+    CHECK(q.get_nowait() == 1);
+    CHECK_FALSE(q.full());
+    CHECK(q.get(1s) == 2);
+    CHECK_THROWS_AS(q.get_nowait(), mp::Empty);
+    CHECK_FALSE(q.try_get().has_value());
+    t0 = std::chrono::steady_clock::now();
+    CHECK_THROWS_AS(q.get(30ms), mp::Empty);
+    CHECK(std::chrono::steady_clock::now() - t0 >= 30ms);
+    CHECK_FALSE(q.try_get(5ms).has_value());
+    q.put(4);
+    CHECK(q.try_get(1s) == std::optional<int>(4));
+}
+
+TEST_CASE("byte capacity bounds the bytes waiting; an item bigger than the free room waits for it") {
+    mp::Queue<std::string> q(0, 1024);
+    const std::string item(100, 'a');  // record: 8 + 8 + 100 -> 120 bytes with alignment
+    int n = 0;
+    while (q.try_put(item)) ++n;
+    CHECK(n == 1024 / 120);
+    CHECK(q.full());
+    CHECK(q.qsize() == static_cast<std::size_t>(n));
+    CHECK_THROWS_AS(q.put(item, 10ms), mp::Full);
+    CHECK(q.get() == item);
+    CHECK(q.try_put(item));
+    // A streamed item (more than half the ring) that cannot start in time is not put.
+    CHECK_FALSE(q.try_put(std::string(5000, 'b'), 10ms));
+    for (int i = 0; i < n; ++i) CHECK(q.get() == item);
+    CHECK(q.empty());
+    // One that starts but cannot finish in time is withdrawn: its first chunks fill
+    // the ring, and the consumer that later reads them discards them.
+    CHECK_FALSE(q.try_put(std::string(5000, 'c'), 10ms));
+    CHECK(q.empty());
+    pid_t child = fork_child([&] { return q.get(30s) == "after" ? 0 : 1; });
+    q.put("after");
+    CHECK(reap(child) == 0);
+    CHECK(q.empty());
+}
+
+TEST_CASE("a blocked put in one process is released by a get in another") {
+    mp::Queue<int> q(1);
+    q.put(1);
+    pid_t child = fork_child([&] {
+        q.put(2);  // blocks until the parent takes 1
+        return 0;
+    });
+    CHECK(q.get(30s) == 1);
+    CHECK(q.get(30s) == 2);
+    CHECK(reap(child) == 0);
+}
+
+TEST_CASE("a put on a full queue whose consumer died times out") {
+    mp::Queue<std::string> q(0, 1024);
+    SharedCounters progress(1);
+    pid_t child = fork_child([&] {
+        q.get();
+        progress[0].store(1);
+        for (;;) q.get();  // then blocks, waiting for more
+        return 0;
+    });
+    q.put(std::string(100, 'x'));
+    while (progress[0].load() == 0) std::this_thread::yield();
+    ::kill(child, SIGKILL);
+    CHECK(reap(child) == -SIGKILL);
+    while (q.try_put(std::string(100, 'y'))) {
+    }
+    CHECK_THROWS_AS(q.put(std::string(100, 'z'), 30ms), mp::Full);
+    // The queue still works for a new consumer.
+    CHECK(q.get(1s) == std::string(100, 'y'));
+}
+
+// ---------------------------------------------------------------- close
+
+TEST_CASE("close: puts throw, gets drain then throw, blocked getters and putters wake up") {
+    mp::Queue<int> q(1);
+    q.put(1);
+    q.close();
+    CHECK(q.closed());
+    CHECK_THROWS_AS(q.put(2), mp::QueueClosed);
+    CHECK_THROWS_AS(q.try_put(2), mp::QueueClosed);
+    CHECK(q.get() == 1);
+    CHECK_THROWS_AS(q.get(), mp::QueueClosed);
+    CHECK_THROWS_AS(q.get(10ms), mp::QueueClosed);
+    CHECK_FALSE(q.try_get().has_value());
+
+    mp::Queue<int> r(1);
+    r.put(0);
+    SharedCounters started(2);
+    mp::Queue<int> e;
+    pid_t getter = fork_child([&] {
+        started[0].store(1);
+        try {
+            e.get();
+        } catch (const mp::QueueClosed&) {
+            return 0;
+        }
+        return 1;
+    });
+    pid_t putter = fork_child([&] {
+        started[1].store(1);
+        try {
+            r.put(5);  // full: blocks
+        } catch (const mp::QueueClosed&) {
+            return 0;
+        }
+        return 1;
+    });
+    while (!started[0].load() || !started[1].load()) std::this_thread::yield();
+    std::this_thread::sleep_for(20ms);  // let them block (the result does not depend on it)
+    e.close();
+    r.close();
+    CHECK(reap(getter) == 0);
+    CHECK(reap(putter) == 0);
+}
+
+TEST_CASE("SimpleQueue: put, get, empty, close, across processes") {
+    mp::SimpleQueue<std::string> q;
+    CHECK(q.empty());
+    pid_t child = fork_child([&] {
+        for (int i = 0; i < 1000; ++i) q.put(std::to_string(i));
+        q.close();
+        return 0;
+    });
+    for (int i = 0; i < 1000; ++i) CHECK(q.get() == std::to_string(i));
+    CHECK_THROWS_AS(q.get(), mp::QueueClosed);
+    CHECK(reap(child) == 0);
+}
+
+// ---------------------------------------------------------------- JoinableQueue
+
+TEST_CASE("JoinableQueue: join waits for task_done from other processes") {
+    mp::JoinableQueue<int> q;
+    CHECK(q.join(0ms));  // nothing put yet
+    CHECK_THROWS_AS(q.task_done(), std::invalid_argument);
+    SharedCounters done(1);
+    for (int i = 0; i < 100; ++i) q.put(i);
+    CHECK_FALSE(q.join(5ms));
+    std::vector<pid_t> workers;
+    for (int w = 0; w < 2; ++w)
+        workers.push_back(fork_child([&] {
+            while (auto v = q.try_get(200ms)) {
+                done[0].fetch_add(1);
+                q.task_done();
+            }
+            return 0;
+        }));
+    q.join();
+    CHECK(done[0].load() == 100);
+    for (pid_t pid : workers) CHECK(reap(pid) == 0);
+    CHECK_THROWS_AS(q.task_done(), std::invalid_argument);
+    CHECK(q.join(0ms));
+}
+
+// ---------------------------------------------------------------- handles
+
+TEST_CASE("a queue travels through the codec as its shared memory") {
+    mp::Queue<int> q;
+    mp::Encoder e;
+    e.write(q);
+    REQUIRE(e.handles().size() == 1);
+    mp::Decoder d(e.bytes(), &e.handles());
+    auto q2 = d.read<mp::Queue<int>>();
+    q.put(42);
+    CHECK(q2.get() == 42);
+
+    mp::Decoder wrong_type(e.bytes(), &e.handles());
+    CHECK_THROWS_AS(wrong_type.read<mp::Queue<long>>(), mp::DecodeError);
+    mp::Decoder wrong_kind(e.bytes(), &e.handles());
+    CHECK_THROWS_AS(wrong_kind.read<mp::JoinableQueue<int>>(), mp::DecodeError);
+
+    mp::JoinableQueue<int> j;
+    mp::Encoder ej;
+    ej.write(j);
+    mp::Decoder as_queue(ej.bytes(), &ej.handles());
+    auto plain = as_queue.read<mp::Queue<int>>();  // a JoinableQueue is a Queue
+    plain.put(1);
+    CHECK(j.get() == 1);
+    j.task_done();
+    CHECK(j.join(0ms));
+
+    mp::SimpleQueue<std::string> s;
+    mp::Encoder es;
+    es.write(s);
+    mp::Decoder ds(es.bytes(), &es.handles());
+    auto s2 = ds.read<mp::SimpleQueue<std::string>>();
+    s2.put("x");
+    CHECK(s.get() == "x");
+}
+
+TEST_CASE("items holding OS handles are refused; bad items do not wedge the queue") {
+    mp::Queue<mp::Queue<int>> qq;
+    mp::Queue<int> inner;
+    CHECK_THROWS_AS(qq.put(inner), std::invalid_argument);
+    CHECK(qq.empty());
+
+    mp::Queue<Poison> p;
+    p.put(Poison{});
+    p.put(Poison{});
+    CHECK_THROWS_AS(p.get(), mp::DecodeError);  // consumed all the same
+    CHECK(p.qsize() == 1);
+    CHECK_THROWS_AS(p.get(), mp::DecodeError);
+    CHECK(p.empty());
+
+    CHECK_THROWS_AS(mp::Queue<int>(0, 0), std::invalid_argument);
+}
+
+TEST_CASE("no fd or mapping leaks after 1000 create/use/destroy cycles") {
+    auto maps = [] {
+        int n = 0;
+        FILE* f = std::fopen("/proc/self/maps", "r");
+        for (int c; (c = std::fgetc(f)) != EOF;) n += c == '\n';
+        std::fclose(f);
+        return n;
+    };
+    { mp::Queue<int> warm; }
+    int fds = count_fds(), mappings = maps();
+    for (int i = 0; i < 1000; ++i) {
+        mp::Queue<std::string> q(0, 4096);
+        q.put("x");
+        mp::Encoder e;
+        e.write(q);
+        mp::Decoder d(e.bytes(), &e.handles());
+        auto q2 = d.read<mp::Queue<std::string>>();
+        CHECK(q2.get() == "x");
+        mp::JoinableQueue<int> j;
+        mp::SimpleQueue<int> s;
+    }
+    CHECK(count_fds() == fds);
+    CHECK(maps() == mappings);
+}
+
+// ---------------------------------------------------------------- SIGKILL in mid-stream
+
+namespace {
+
+/// Producer A is killed while putting; producer B keeps going; the parent
+/// consumes.  A's items must arrive as a gap-free prefix, each item whole.
+void kill_producer_round(std::size_t capacity, std::size_t max_item, unsigned seed) {
+    mp::Queue<std::string> q(0, capacity);
+    std::mt19937 rng(seed);
+    auto size_of = [max_item](std::uint32_t i) { return 8 + (i * 2654435761u) % max_item; };
+    pid_t a = fork_child([&] {
+        for (std::uint32_t i = 0;; ++i) q.put(make_payload(0, i, size_of(i)));
+        return 0;
+    });
+    constexpr std::uint32_t b_items = 300;
+    pid_t b = fork_child([&] {
+        for (std::uint32_t i = 0; i < b_items; ++i) q.put(make_payload(1, i, size_of(i)));
+        return 0;
+    });
+    std::uint32_t next[2] = {0, 0};
+    const std::uint32_t kill_after = 5 + rng() % 40;
+    bool killed = false;
+    int bad = 0;
+    while (next[1] < b_items || !killed) {
+        auto s = q.try_get(killed ? 10s : 30s);
+        REQUIRE(s.has_value());
+        std::uint32_t p, i;
+        if (!check_payload(*s, p, i) || p > 1 || i != next[p]) {
+            MESSAGE("bad item: size " << s->size() << " valid " << check_payload(*s, p, i) << " producer " << p
+                                      << " seq " << i << " expected " << (p <= 1 ? next[p] : 0) << " killed "
+                                      << killed);
+            ++bad;
+            ::kill(b, SIGKILL);
+            break;
+        }
+        ++next[p];
+        if (!killed && next[0] >= kill_after) {
+            for (unsigned spin = rng() % 20000; spin; --spin) mp::detail::os::cpu_relax();
+            ::kill(a, SIGKILL);
+            killed = true;
+        }
+    }
+    CHECK(bad == 0);
+    CHECK(killed);
+    CHECK(reap(a) == -SIGKILL);
+    if (bad) {
+        reap(b);
+        return;
+    }
+    CHECK(reap(b) == 0);
+    // What A left: a gap-free continuation, at most ending in the item it was moving.
+    while (auto s = q.try_get(20ms)) {
+        std::uint32_t p, i;
+        CHECK(check_payload(*s, p, i));
+        CHECK(p == 0);
+        CHECK(i == next[0]);
+        ++next[0];
+    }
+    // The queue still works.
+    pid_t c = fork_child([&] {
+        q.put(make_payload(2, 0, 5000));
+        q.put("end-of-test");
+        return 0;
+    });
+    std::uint32_t p, i;
+    CHECK(check_payload(q.get(10s), p, i));
+    CHECK(q.get(10s) == "end-of-test");
+    CHECK(reap(c) == 0);
+}
+
+}  // namespace
+
+TEST_CASE("SIGKILL of a producer in mid-stream: no corruption, no hang, only its current item lost") {
+    for (unsigned round = 0; round < 12; ++round) kill_producer_round(4096, 200, round);           // small items
+    for (unsigned round = 0; round < 12; ++round) kill_producer_round(4096, 30000, 100 + round);   // streamed
+}
+
+TEST_CASE("SIGKILL of a consumer in mid-stream: the others carry on, at most one item lost") {
+    for (unsigned round = 0; round < 16; ++round) {
+        const bool large = round % 2;
+        const std::uint32_t items = large ? 200 : 20000;
+        mp::Queue<std::string> q(0, 4096);
+        SharedCounters seen(items);
+        SharedCounters progress(1);
+        auto consume = [&] {
+            for (;;) {
+                std::string s;
+                try {
+                    s = q.get();
+                } catch (const mp::QueueClosed&) {
+                    return 0;
+                }
+                std::uint32_t p, i;
+                if (!check_payload(s, p, i) || i >= items) return 1;
+                seen[i].fetch_add(1);
+                progress[0].fetch_add(1);
+            }
+        };
+        pid_t victim = fork_child(consume);
+        pid_t survivor = fork_child(consume);
+        pid_t producer = fork_child([&] {
+            for (std::uint32_t i = 0; i < items; ++i) q.put(make_payload(0, i, large ? 8 + (i * 7919) % 20000 : 16));
+            return 0;
+        });
+        const std::uint32_t kill_at = items / 4 + (round * 13) % (items / 2);
+        const auto guard = std::chrono::steady_clock::now() + 60s;
+        while (progress[0].load() < kill_at) {
+            REQUIRE(std::chrono::steady_clock::now() < guard);
+            std::this_thread::yield();
+        }
+        ::kill(victim, SIGKILL);
+        CHECK(reap(victim) == -SIGKILL);
+        CHECK(reap(producer) == 0);
+        q.close();
+        CHECK(reap(survivor) == 0);
+        std::size_t missing = 0, dup = 0;
+        for (std::uint32_t i = 0; i < items; ++i) {
+            missing += seen[i].load() == 0;
+            dup += seen[i].load() > 1;
+        }
+        CHECK(dup == 0);
+        CHECK(missing <= 1);
+    }
+}
