@@ -22,6 +22,20 @@
 namespace mp = mpservice;
 using namespace std::chrono_literals;
 
+// ThreadSanitizer follows threads of one process only: when threads and forked
+// processes work on the same shared memory, it misses the hand-offs made in the
+// other processes and reports races that are not there.
+#if defined(__SANITIZE_THREAD__)
+#define QUEUES_UNDER_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define QUEUES_UNDER_TSAN 1
+#endif
+#endif
+#ifndef QUEUES_UNDER_TSAN
+#define QUEUES_UNDER_TSAN 0
+#endif
+
 namespace {
 
 // ---------------------------------------------------------------- helpers
@@ -165,6 +179,16 @@ TEST_CASE("put and get keep order in one thread, for several item types") {
     mp::Queue<Point> p;
     p.put(Point{1, 2.5, "one"});
     CHECK(p.get() == Point{1, 2.5, "one"});
+
+    mp::Queue<std::vector<int>> v(0, 4096);
+    const std::vector<int> big(5000, 7);  // streamed: more than the ring
+    v.put({});
+    v.put({1, 2, 3});
+    std::thread t([&] { v.put(big); });
+    CHECK(v.get().empty());
+    CHECK(v.get() == std::vector<int>{1, 2, 3});
+    CHECK(v.get() == big);
+    t.join();
 }
 
 TEST_CASE("items of 0 B, 1 B, capacity-1, capacity and 10x capacity go through, across processes") {
@@ -179,21 +203,22 @@ TEST_CASE("items of 0 B, 1 B, capacity-1, capacity and 10x capacity go through, 
     one.put(std::uint8_t(7));
     CHECK(one.get() == 7);
 
-    // A string's encoding is 8 bytes of length + its bytes.
-    const std::vector<std::size_t> encoded = {8, 9, cap / 2 - 16, cap / 2 - 8, cap / 2, cap - 1, cap,
-                                              cap + 1, 10 * cap, 10 * cap + 3};
+    // A string travels as its bytes (the record holds the length).  Around cap/2 - 8
+    // an item stops fitting one record and is streamed in chunks.
+    const std::vector<std::size_t> sizes = {8, 9, cap / 2 - 16, cap / 2 - 8, cap / 2 - 7, cap / 2, cap - 1, cap,
+                                            cap + 1, 10 * cap, 10 * cap + 3};
     mp::Queue<std::string> q(0, cap);
     CHECK(q.capacity() == cap);
     pid_t child = fork_child([&] {
         for (std::size_t round = 0; round < 3; ++round)
-            for (std::size_t i = 0; i < encoded.size(); ++i)
-                q.put(make_payload(7, static_cast<std::uint32_t>(round * 100 + i), encoded[i] - 8));
+            for (std::size_t i = 0; i < sizes.size(); ++i)
+                q.put(make_payload(7, static_cast<std::uint32_t>(round * 100 + i), sizes[i]));
         return 0;
     });
     for (std::size_t round = 0; round < 3; ++round)
-        for (std::size_t i = 0; i < encoded.size(); ++i) {
+        for (std::size_t i = 0; i < sizes.size(); ++i) {
             std::string got = q.get(30s);
-            REQUIRE(got.size() == encoded[i] - 8);
+            REQUIRE(got.size() == sizes[i]);
             if (got.size() >= 8) {
                 std::uint32_t p, seq;
                 CHECK(check_payload(got, p, seq));
@@ -281,7 +306,8 @@ TEST_CASE("exactly once: 4 producer processes x 4 consumer processes x 100k item
     CHECK(q.empty());
 }
 
-TEST_CASE("exactly once with threads and processes mixed, large and small items") {
+TEST_CASE("exactly once with threads and processes mixed, large and small items" *
+          doctest::skip(QUEUES_UNDER_TSAN)) {
     mp::Queue<std::string> q(0, 16 * 1024);
     constexpr std::uint32_t per_producer = 300;
     SharedCounters seen(4 * per_producer);
@@ -326,6 +352,40 @@ TEST_CASE("exactly once with threads and processes mixed, large and small items"
     CHECK(wrong == 0);
 }
 
+TEST_CASE("exactly once with threads only (what ThreadSanitizer can follow), large and small items") {
+    mp::Queue<std::string> q(0, 16 * 1024);
+    constexpr std::uint32_t producers = 3, per_producer = 300;
+    std::vector<std::atomic<int>> seen(producers * per_producer);
+    std::atomic<int> bad{0};
+    std::vector<std::thread> threads;
+    for (std::uint32_t p = 0; p < producers; ++p)
+        threads.emplace_back([&, p] {
+            std::mt19937 rng(p);
+            for (std::uint32_t i = 0; i < per_producer; ++i)
+                q.put(make_payload(p, i, (i % 7 == 0) ? 8 + rng() % (100 * 1024) : 8 + rng() % 200));
+        });
+    std::vector<std::thread> consumers;
+    for (int c = 0; c < 2; ++c)
+        consumers.emplace_back([&] {
+            try {
+                for (;;) {
+                    std::string s = q.get();
+                    std::uint32_t p, i;
+                    if (!check_payload(s, p, i) || p >= producers || i >= per_producer) ++bad;
+                    else seen[p * per_producer + i].fetch_add(1);
+                }
+            } catch (const mp::QueueClosed&) {
+            }
+        });
+    for (auto& t : threads) t.join();
+    q.close();
+    for (auto& t : consumers) t.join();
+    CHECK(bad.load() == 0);
+    int wrong = 0;
+    for (auto& k : seen) wrong += k.load() != 1;
+    CHECK(wrong == 0);
+}
+
 // ---------------------------------------------------------------- bounds, blocking, timeouts
 
 TEST_CASE("maxsize: Full, Empty, timeouts, try_ variants") {
@@ -356,10 +416,10 @@ TEST_CASE("maxsize: Full, Empty, timeouts, try_ variants") {
 
 TEST_CASE("byte capacity bounds the bytes waiting; an item bigger than the free room waits for it") {
     mp::Queue<std::string> q(0, 1024);
-    const std::string item(100, 'a');  // record: 8 + 8 + 100 -> 120 bytes with alignment
+    const std::string item(100, 'a');  // record: 8 header + 100 -> 112 bytes with alignment
     int n = 0;
     while (q.try_put(item)) ++n;
-    CHECK(n == 1024 / 120);
+    CHECK(n == 1024 / 112);
     CHECK(q.full());
     CHECK(q.qsize() == static_cast<std::size_t>(n));
     CHECK_THROWS_AS(q.put(item, 10ms), mp::Full);
@@ -547,10 +607,11 @@ TEST_CASE("items holding OS handles are refused; bad items do not wedge the queu
 }
 
 TEST_CASE("no fd or mapping leaks after 1000 create/use/destroy cycles") {
-    auto maps = [] {
+    auto maps = [] {  // mappings of shared memory (memfd) in this process
         int n = 0;
         FILE* f = std::fopen("/proc/self/maps", "r");
-        for (int c; (c = std::fgetc(f)) != EOF;) n += c == '\n';
+        char line[4096];
+        while (std::fgets(line, sizeof line, f)) n += std::strstr(line, "/memfd:") != nullptr;
         std::fclose(f);
         return n;
     };
@@ -566,6 +627,7 @@ TEST_CASE("no fd or mapping leaks after 1000 create/use/destroy cycles") {
         CHECK(q2.get() == "x");
         mp::JoinableQueue<int> j;
         mp::SimpleQueue<int> s;
+        if (i == 0) CHECK(maps() == mappings + 4);  // the check sees queues' mappings
     }
     CHECK(count_fds() == fds);
     CHECK(maps() == mappings);

@@ -38,15 +38,21 @@ struct RecordHeader {
                 "); was it written by something other than this library?");
 }
 
-/// Wakes sleepers on `w` if there may be any.  The seq_cst fence pairs with the
-/// one a waiter issues between raising the flag and re-checking its condition
-/// (Dekker): either the waiter sees our change or we see its flag.
-void notify(QueueWaitWord& w) noexcept {
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (w.sleepers.load(std::memory_order_relaxed) == 0) return;
+/// Wakes sleepers on `w` if there may be any, right after a commit: the commit's
+/// position store is seq_cst, and so is our load of the flag, which pairs with the
+/// fence a waiter issues between raising the flag and re-checking its condition
+/// (Dekker): either the waiter sees the new position or we see its flag.
+void notify_after_commit(QueueWaitWord& w) noexcept {
+    if (w.sleepers.load(std::memory_order_seq_cst) == 0) return;
     w.sleepers.store(0, std::memory_order_relaxed);  // sleepers that stay asleep raise it again
     w.seq.fetch_add(1, std::memory_order_release);
     os::futex_wake(&w.seq, INT_MAX);
+}
+
+/// The same after any other change of state.
+void notify(QueueWaitWord& w) noexcept {
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    notify_after_commit(w);
 }
 
 void notify_always(QueueWaitWord& w) noexcept {
@@ -187,7 +193,7 @@ void QueueCore::commit_put(std::uint64_t tail, std::uint64_t completed) noexcept
     h_->j_completed = completed;
     h_->j_put_active.store(1, std::memory_order_release);
     h_->completed.store(completed, std::memory_order_relaxed);
-    h_->tail.store(tail, std::memory_order_release);  // publishes the record (and `completed`)
+    h_->tail.store(tail, std::memory_order_seq_cst);  // publishes the record (and `completed`)
     h_->j_put_active.store(0, std::memory_order_release);
 }
 
@@ -196,7 +202,7 @@ void QueueCore::commit_get(std::uint64_t head, std::uint64_t taken) noexcept {
     h_->j_taken = taken;
     h_->j_get_active.store(1, std::memory_order_release);
     h_->taken.store(taken, std::memory_order_relaxed);
-    h_->head.store(head, std::memory_order_release);  // hands the bytes back to producers
+    h_->head.store(head, std::memory_order_seq_cst);  // hands the bytes back to producers
     h_->j_get_active.store(0, std::memory_order_release);
 }
 
@@ -286,7 +292,7 @@ void QueueCore::write_pad(std::uint64_t tail, std::uint64_t bytes) {
     RecordHeader hdr{static_cast<std::uint32_t>(bytes - small_header), rec_pad};
     std::memcpy(at(tail), &hdr, sizeof hdr);
     commit_put(tail + bytes, h_->completed.load(std::memory_order_relaxed));
-    notify(h_->data);
+    notify_after_commit(h_->data);
 }
 
 QueueCore::Status QueueCore::put_whole(const void* data, std::size_t size, os::Deadline deadline) {
@@ -305,7 +311,7 @@ QueueCore::Status QueueCore::put_whole(const void* data, std::size_t size, os::D
     std::memcpy(rec, &hdr, sizeof hdr);
     if (size) std::memcpy(rec + small_header, data, size);
     commit_put(tail + bytes, h_->completed.load(std::memory_order_relaxed) + 1);
-    notify(h_->data);
+    notify_after_commit(h_->data);
     return Status::ok;
 }
 
@@ -356,7 +362,7 @@ QueueCore::Status QueueCore::put_chunked(const void* data, std::size_t size, os:
         commit_put(tail + bytes, h_->completed.load(std::memory_order_relaxed) + (done ? 1 : 0));
         tail += bytes;
         first = false;
-        notify(h_->data);
+        notify_after_commit(h_->data);
     }
     h_->streaming.store(0, std::memory_order_release);
     return Status::ok;
@@ -368,8 +374,10 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
     auto something = [&] {
         return h_->tail.load(std::memory_order_acquire) != h_->head.load(std::memory_order_acquire) || closed();
     };
-    for (;;) {
-        if (!wait_until(h_->data, deadline, something, [&] { probe_producers(); })) return Status::timeout;
+    // Look under the lock first: while items stream, a get then reads no line the
+    // producers write, except the ring and (when its cached copy runs out) `tail`.
+    for (bool first = true;; first = false) {
+        if (!first && !wait_until(h_->data, deadline, something, [&] { probe_producers(); })) return Status::timeout;
         auto r = os::robust_mutex_lock(&h_->get_lock, deadline);
         if (r == os::LockResult::timed_out) return Status::timeout;
         Held held(&h_->get_lock);
@@ -426,7 +434,7 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
                         throw;
                     }
                     commit_get(head + bytes, taken + 1);
-                    notify(h_->space);
+                    notify_after_commit(h_->space);
                     return Status::ok;
                 }
                 default: {  // rec_first

@@ -65,6 +65,7 @@
 #include <type_traits>
 #include <typeinfo>
 #include <utility>
+#include <vector>
 
 #include "codec.hpp"
 #include "errors.hpp"
@@ -81,11 +82,19 @@ class JoinableQueue;
 
 namespace detail {
 
-/// Items as bytes: arithmetic and enum items are copied as they are (what their
-/// codec writes); everything else goes through the codec into a reused buffer.
+template <class T>
+struct IsByteVector : std::false_type {};
+template <class E, class A>
+struct IsByteVector<std::vector<E, A>> : std::bool_constant<std::is_arithmetic_v<E>> {};
+
+/// Items as bytes.  Arithmetic and enum items are copied as they are (what their
+/// codec writes); a std::string or a vector of numbers is copied straight into the
+/// ring without the codec's length prefix (the record knows its length), which
+/// saves a copy; everything else goes through the codec into a reused buffer.
 template <class T>
 struct QueueItems {
     static constexpr bool raw = std::is_arithmetic_v<T> || std::is_enum_v<T>;
+    static constexpr bool contiguous = std::is_same_v<T, std::string> || IsByteVector<T>::value;
 
     static std::uint64_t type_tag() { return QueueCore::tag_of(typeid(T).name()); }
 
@@ -93,6 +102,8 @@ struct QueueItems {
     static decltype(auto) with_bytes(const T& item, F&& f) {
         if constexpr (raw) {
             return f(static_cast<const void*>(&item), sizeof(T));
+        } else if constexpr (contiguous) {
+            return f(static_cast<const void*>(item.data()), item.size() * sizeof(item[0]));
         } else {
             std::string& buffer = QueueCore::encode_buffer();
             Encoder e;
@@ -119,6 +130,15 @@ struct QueueItems {
             T value;
             std::memcpy(&value, data, sizeof(T));
             out.emplace(value);
+        } else if constexpr (contiguous) {
+            using E = typename T::value_type;
+            if constexpr (std::is_same_v<T, std::string>) {
+                out.emplace(reinterpret_cast<const char*>(data), size);
+            } else {
+                if (size % sizeof(E)) throw DecodeError("decode: queue item has the wrong size for its type");
+                out.emplace(size / sizeof(E), E());
+                if (size) std::memcpy(static_cast<void*>(out->data()), data, size);
+            }
         } else {
             Decoder d(data, size);
             out.emplace(d.read<T>());
