@@ -1268,7 +1268,7 @@ namespace mpservice {
 namespace detail {
 
 template <class T>
-inline constexpr bool shareable_v = std::is_trivially_copyable_v<T> && !std::is_pointer_v<T>;
+inline constexpr bool shareable_v = std::is_trivially_copyable_v<T> && !std::is_pointer_v<T> && !std::is_array_v<T>;
 
 template <class L>
 inline constexpr bool is_lock_type_v = std::is_same_v<L, Lock> || std::is_same_v<L, RLock>;
@@ -1370,8 +1370,8 @@ T* array_data(const SharedRef<ArrayHeader>& h) noexcept {
 template <class T>
 class RawValue {
     static_assert(detail::shareable_v<T>,
-                  "mpservice::RawValue<T>: T must be trivially copyable and not a pointer - its bytes are "
-                  "shared between processes as they are");
+                  "mpservice::RawValue<T>: T must be trivially copyable, not a pointer, not a C array (use "
+                  "RawArray) - its bytes are shared between processes as they are");
 
 public:
     using value_type = T;
@@ -1407,7 +1407,7 @@ private:
 template <class T, class L = RLock>
 class Value {
     static_assert(detail::shareable_v<T>,
-                  "mpservice::Value<T>: T must be trivially copyable and not a pointer - its bytes are "
+                  "mpservice::Value<T>: T must be trivially copyable, not a pointer, not a C array - its bytes are "
                   "shared between processes as they are");
     static_assert(detail::is_lock_type_v<L>, "mpservice::Value<T, L>: L must be mpservice::Lock or RLock");
 
@@ -1470,7 +1470,7 @@ private:
 template <class T>
 class RawArray {
     static_assert(detail::shareable_v<T>,
-                  "mpservice::RawArray<T>: T must be trivially copyable and not a pointer - its bytes are "
+                  "mpservice::RawArray<T>: T must be trivially copyable, not a pointer, not a C array - its bytes are "
                   "shared between processes as they are");
 
 public:
@@ -1518,7 +1518,7 @@ private:
 template <class T, class L = RLock>
 class Array {
     static_assert(detail::shareable_v<T>,
-                  "mpservice::Array<T>: T must be trivially copyable and not a pointer - its bytes are "
+                  "mpservice::Array<T>: T must be trivially copyable, not a pointer, not a C array - its bytes are "
                   "shared between processes as they are");
     static_assert(detail::is_lock_type_v<L>, "mpservice::Array<T, L>: L must be mpservice::Lock or RLock");
 

@@ -14,6 +14,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <set>
@@ -107,13 +108,15 @@ inline std::set<std::string> dev_shm_entries() {
     return out;
 }
 
-/// Number of mappings of this process (/proc/self/maps lines).
+/// Number of this process's mappings of the library's shared memory (memfd
+/// blocks show up in /proc/self/maps as "/memfd:mpservice (deleted)").
 inline std::size_t mapping_count() {
     std::FILE* f = std::fopen("/proc/self/maps", "r");
     if (!f) return 0;
     std::size_t n = 0;
-    for (int c; (c = std::fgetc(f)) != EOF;)
-        if (c == '\n') ++n;
+    char line[4096];
+    while (std::fgets(line, sizeof line, f))
+        if (std::strstr(line, "memfd:mpservice")) ++n;
     std::fclose(f);
     return n;
 }

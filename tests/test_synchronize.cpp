@@ -830,7 +830,7 @@ TEST_CASE("Codec: a decoded handle is the same object, in this process and in an
         std::thread t([&] { other_thread_got_it = lock.try_lock(); });
         t.join();
         CHECK_FALSE(other_thread_got_it);
-        lock.release();
+        same.release();  // through the mapping that locked it (ThreadSanitizer tracks mutexes by address)
     }
     lock.acquire();
     CHECK(in_child_decoded(lock, [](mp::Lock l) { return l.try_lock() ? 1 : 0; }) == 0);
@@ -894,7 +894,8 @@ TEST_CASE("Codec: malformed handles are DecodeErrors") {
     std::vector<int> handles = e.handles();
     CHECK_THROWS_AS(mp::Decoder(bytes).read<mp::Lock>(), mp::DecodeError);  // no handles came with it
     {
-        mp::Decoder d(bytes.substr(0, bytes.size() - 1), &handles);
+        std::string truncated = bytes.substr(0, bytes.size() - 1);
+        mp::Decoder d(truncated, &handles);
         CHECK_THROWS_AS(d.read<mp::Lock>(), mp::DecodeError);
     }
     {
@@ -924,6 +925,11 @@ TEST_CASE("No descriptor, mapping or /dev/shm leak after 1,000 create/use/destro
     auto fds = forktest::open_fds();
     auto shm = forktest::dev_shm_entries();
     auto maps = forktest::mapping_count();
+    {
+        mp::Lock probe;  // the counters do see the objects
+        CHECK(forktest::open_fds().size() == fds.size() + 1);
+        CHECK(forktest::mapping_count() == maps + 1);
+    }
     for (int i = 0; i < 1000; ++i) {
         mp::Lock l;
         mp::RLock r;
