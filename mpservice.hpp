@@ -529,24 +529,37 @@ struct BitwiseCodec {
     static constexpr bool bitwise = true;
     static constexpr std::size_t min_encoded_size() { return sizeof(T); }
     static void encode(Encoder& e, const T& v) { e.write_bytes(&v, sizeof v); }
-    static T decode(Decoder& d) {
+    static T decode(Decoder& d) { return from_bytes(d.take(sizeof(T), "bytes")); }
+    static T from_bytes(const unsigned char* p) {
         if constexpr (std::is_default_constructible_v<T>) {
             T v;
-            d.read_bytes(&v, sizeof v);
+            std::memcpy(static_cast<void*>(&v), p, sizeof v);
             return v;
         } else {
             alignas(T) unsigned char storage[sizeof(T)];
-            d.read_bytes(storage, sizeof storage);
+            std::memcpy(storage, p, sizeof storage);
             return *std::launder(reinterpret_cast<T*>(storage));
         }
+    }
+};
+
+// Empty classes (std::monostate, tag types) carry no information: no bytes.
+template <class T>
+struct EmptyCodec {
+    static constexpr std::size_t min_encoded_size() { return 0; }
+    static void encode(Encoder&, const T&) {}
+    static T decode(Decoder&) {
+        const unsigned char zeros[sizeof(T)] = {};
+        return BitwiseCodec<T>::from_bytes(zeros);
     }
 };
 
 template <class T>
 using default_codec_t = std::conditional_t<
     has_serialize<T>::value, SerializeCodec<T>,
+    std::conditional_t<std::is_empty_v<T> && std::is_trivially_copyable_v<T>, EmptyCodec<T>,
     std::conditional_t<(std::is_class_v<T> || std::is_union_v<T>)&&std::is_trivially_copyable_v<T>,
-                       BitwiseCodec<T>, mpservice_cannot_encode_this_type<T>>>;
+                       BitwiseCodec<T>, mpservice_cannot_encode_this_type<T>>>>;
 
 }  // namespace detail
 

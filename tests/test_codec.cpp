@@ -244,6 +244,11 @@ TEST_CASE("user types with serialize() and trivially copyable structs round trip
     CHECK(mp::encode(Point{}).size() == sizeof(Point));
     CHECK(round_trip(NoDefault(17)).value == 17);
 
+    // Empty classes carry nothing: zero bytes, yet containers of them still round trip.
+    struct Tag {};
+    CHECK(mp::encode(Tag{}).empty());
+    CHECK(mp::encode(std::monostate{}).empty());
+    CHECK(round_trip(std::vector<Tag>(5)).size() == 5);
     // Empty serialize(): zero bytes per element, still bounded and still round trips.
     CHECK(mp::encode(Empty{}).empty());
     CHECK(round_trip(std::vector<Empty>(1000)).size() == 1000);
