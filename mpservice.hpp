@@ -2838,13 +2838,13 @@ bool process_running(long pid) noexcept {
 }
 
 namespace {
-std::uint64_t module_hash(const char* name) noexcept {
+std::uint64_t code_ref_module_hash(const char* name) noexcept {
     std::uint64_t h = 1469598103934665603ull;  // FNV-1a
     for (const char* p = name ? name : ""; *p; ++p) h = (h ^ static_cast<unsigned char>(*p)) * 1099511628211ull;
     return h ? h : 1;
 }
 
-struct CodeSearch {
+struct CodeRefSearch {
     std::uintptr_t address = 0;  // code_ref_of: the address to find
     CodeRef ref{};               // code_ref_resolve: the module to find
     bool found = false;
@@ -2852,15 +2852,15 @@ struct CodeSearch {
     const void* resolved = nullptr;
 };
 
-int find_address(dl_phdr_info* info, std::size_t, void* data) {
-    auto* s = static_cast<CodeSearch*>(data);
+int code_ref_find_address(dl_phdr_info* info, std::size_t, void* data) {
+    auto* s = static_cast<CodeRefSearch*>(data);
     for (int i = 0; i < info->dlpi_phnum; ++i) {
         const ElfW(Phdr)& ph = info->dlpi_phdr[i];
         if (ph.p_type != PT_LOAD) continue;
         std::uintptr_t start = info->dlpi_addr + ph.p_vaddr;
         if (s->address >= start && s->address < start + ph.p_memsz) {
             s->found = true;
-            s->result.module = module_hash(info->dlpi_name);
+            s->result.module = code_ref_module_hash(info->dlpi_name);
             s->result.offset = s->address - info->dlpi_addr;
             return 1;
         }
@@ -2868,9 +2868,9 @@ int find_address(dl_phdr_info* info, std::size_t, void* data) {
     return 0;
 }
 
-int find_module(dl_phdr_info* info, std::size_t, void* data) {
-    auto* s = static_cast<CodeSearch*>(data);
-    if (module_hash(info->dlpi_name) != s->ref.module) return 0;
+int code_ref_find_module(dl_phdr_info* info, std::size_t, void* data) {
+    auto* s = static_cast<CodeRefSearch*>(data);
+    if (code_ref_module_hash(info->dlpi_name) != s->ref.module) return 0;
     std::uintptr_t address = info->dlpi_addr + s->ref.offset;
     for (int i = 0; i < info->dlpi_phnum; ++i) {
         const ElfW(Phdr)& ph = info->dlpi_phdr[i];
@@ -2885,18 +2885,18 @@ int find_module(dl_phdr_info* info, std::size_t, void* data) {
 }  // namespace
 
 CodeRef code_ref_of(const void* address) {
-    CodeSearch s;
+    CodeRefSearch s;
     s.address = reinterpret_cast<std::uintptr_t>(address);
-    ::dl_iterate_phdr(&find_address, &s);
+    ::dl_iterate_phdr(&code_ref_find_address, &s);
     if (!s.found) throw std::invalid_argument("mpservice: the address is not inside any loaded module");
     return s.result;
 }
 
 const void* code_ref_resolve(const CodeRef& ref) noexcept {
     if (ref.empty()) return nullptr;
-    CodeSearch s;
+    CodeRefSearch s;
     s.ref = ref;
-    ::dl_iterate_phdr(&find_module, &s);
+    ::dl_iterate_phdr(&code_ref_find_module, &s);
     return s.resolved;
 }
 
