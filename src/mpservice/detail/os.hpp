@@ -145,6 +145,9 @@ MPSERVICE_API void local_time(long long seconds, int fields[6]) noexcept;
 // ---------------------------------------------------------------- (process/channel section: process.hpp)
 
 // ---------------------------------------------------------------- (synchronization section)
+/// robust_mutex_lock without its spinning: straight to the blocking wait (for
+/// callers that spin in their own, adaptive way first).
+MPSERVICE_API LockResult robust_mutex_lock_blocking(RobustMutex* m, Deadline deadline = no_deadline);
 /// The calling thread's kernel id: unique among the live threads of every process.
 MPSERVICE_API long current_tid() noexcept;
 /// Registers fn to run in the child after every fork() (not after exec).

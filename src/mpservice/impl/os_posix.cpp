@@ -206,6 +206,12 @@ void local_time(long long seconds, int fields[6]) noexcept {
 
 // ---------------------------------------------------------------- (synchronization section)
 
+LockResult robust_mutex_lock_blocking(RobustMutex* m, Deadline deadline) {
+    if (deadline == no_deadline) return lock_result(pthread_mutex_lock(native(m)), "mpservice: mutex lock");
+    timespec ts = to_timespec(deadline);
+    return lock_result(pthread_mutex_clocklock(native(m), CLOCK_MONOTONIC, &ts), "mpservice: mutex lock");
+}
+
 long current_tid() noexcept { return static_cast<long>(::syscall(SYS_gettid)); }
 
 void at_fork_child(void (*fn)()) {

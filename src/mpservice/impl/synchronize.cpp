@@ -12,8 +12,6 @@ namespace mpservice::detail {
 // ---------------------------------------------------------------- thread identity
 
 namespace sync_impl {
-thread_local std::uint64_t t_thread_token = 0;
-
 // fork() copies the forking thread's cache into the child's only thread, which
 // is a different thread: it must not look like the parent's owner of a lock.
 void forget_thread_token() { t_thread_token = 0; }
@@ -25,7 +23,13 @@ std::uint64_t mix64(std::uint64_t x) noexcept {  // splitmix64 finalizer
     return x ^ (x >> 31);
 }
 
+bool expired(os::Deadline deadline) noexcept {
+    return deadline != os::no_deadline && os::Clock::now() >= deadline;
+}
+}  // namespace sync_impl
+
 std::uint64_t new_thread_token() noexcept {
+    using namespace sync_impl;
     static const bool fork_hook = [] {
         try {
             os::at_fork_child(&forget_thread_token);
@@ -44,17 +48,6 @@ std::uint64_t new_thread_token() noexcept {
     t = mix64(t ^ static_cast<std::uint64_t>(os::Clock::now().time_since_epoch().count()));
     t = mix64(t ^ counter.fetch_add(1, std::memory_order_relaxed));
     return t ? t : 1;
-}
-
-bool expired(os::Deadline deadline) noexcept {
-    return deadline != os::no_deadline && os::Clock::now() >= deadline;
-}
-}  // namespace sync_impl
-
-std::uint64_t this_thread_token() noexcept {
-    using namespace sync_impl;
-    if (t_thread_token == 0) t_thread_token = new_thread_token();
-    return t_thread_token;
 }
 
 // ---------------------------------------------------------------- Lock and RLock
@@ -92,16 +85,31 @@ std::uint32_t release_all(const LockRef& l) {
     return depth;
 }
 
+/// Waits for a lock that someone else holds: spins (adaptively, watching the
+/// owner field rather than hammering the mutex), then sleeps in the kernel.
+LockStatus lock_contended(LockState* s, std::uint64_t me, os::Deadline deadline) {
+    os::LockResult r = os::LockResult::busy;
+    auto free_and_taken = [&] {
+        if (s->owner.load(std::memory_order_relaxed) != 0) return false;
+        r = os::robust_mutex_trylock(&s->mutex);
+        return r != os::LockResult::busy;
+    };
+    if (!spin_until(free_and_taken, s->spin_ns)) r = os::robust_mutex_lock_blocking(&s->mutex, deadline);
+    return took(s, r, me);
+}
+
 /// Takes the lock again after release_all, with no deadline (as Python does).
 LockStatus reacquire(const LockRef& l, std::uint32_t depth) {
     LockState* s = l.state.get();
-    LockStatus r = took(s, os::robust_mutex_lock(&s->mutex), this_thread_token());
+    const std::uint64_t me = this_thread_token();
+    os::LockResult first = os::robust_mutex_trylock(&s->mutex);
+    LockStatus r = first == os::LockResult::busy ? lock_contended(s, me, os::no_deadline) : took(s, first, me);
     s->depth.store(depth, std::memory_order_relaxed);
     return r;
 }
 }  // namespace sync_impl
 
-LockStatus lock_acquire(const LockRef& l, os::Deadline deadline) {
+LockStatus lock_acquire_slow(const LockRef& l, os::Deadline deadline) {
     using namespace sync_impl;
     LockState* s = l.state.get();
     const std::uint64_t me = this_thread_token();
@@ -113,14 +121,12 @@ LockStatus lock_acquire(const LockRef& l, os::Deadline deadline) {
         s->depth.store(s->depth.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
         return LockStatus::acquired;
     }
-    if (deadline != os::no_deadline && deadline <= os::Clock::now())
-        return took(s, os::robust_mutex_trylock(&s->mutex), me);
-    return took(s, os::robust_mutex_lock(&s->mutex, deadline), me);
+    os::LockResult first = os::robust_mutex_trylock(&s->mutex);
+    if (first != os::LockResult::busy || expired(deadline)) return took(s, first, me);
+    return lock_contended(s, me, deadline);
 }
 
-LockStatus lock_try_acquire(const LockRef& l) { return lock_acquire(l, os::Deadline{}); }
-
-void lock_release(const LockRef& l) {
+void lock_release_slow(const LockRef& l) {
     using namespace sync_impl;
     LockState* s = l.state.get();
     require_owner(l, "release");
@@ -153,18 +159,11 @@ void lock_make_consistent(const LockRef& l) {
     }
 }
 
-bool lock_is_mine(const LockRef& l) noexcept {
-    return l.state->owner.load(std::memory_order_relaxed) == this_thread_token();
-}
-
-bool lock_status_to_bool(const LockRef& l, LockStatus s) {
-    using namespace sync_impl;
-    if (s == LockStatus::owner_died)
-        throw OwnerDiedError(std::string(lock_name(l)) +
-                             ": the process that held this lock died while holding it. The calling "
-                             "thread now holds the lock: repair the state it protects and call "
-                             "make_consistent(), or release() it");
-    return s == LockStatus::acquired;
+void throw_owner_died(const LockRef& l) {
+    throw OwnerDiedError(std::string(sync_impl::lock_name(l)) +
+                         ": the process that held this lock died while holding it. The calling "
+                         "thread now holds the lock: repair the state it protects and call "
+                         "make_consistent(), or release() it");
 }
 
 // ---------------------------------------------------------------- Condition
@@ -180,7 +179,7 @@ bool condition_wait(const SharedRef<ConditionState>& c, const LockRef& l, os::De
     const std::uint32_t depth = release_all(l);
 
     auto notified = [&] { return cs->sequence.load(std::memory_order_acquire) != seen; };
-    bool woken = !expired(deadline) && spin_until(notified);
+    bool woken = !expired(deadline) && spin_until(notified, cs->spin_ns);
     if (!woken) {
         cs->sleepers.fetch_add(1, std::memory_order_seq_cst);
         for (;;) {
@@ -226,7 +225,7 @@ bool semaphore_acquire(SemaphoreState* s, os::Deadline deadline) {
     using namespace sync_impl;
     if (semaphore_take(s)) return true;
     if (expired(deadline)) return false;
-    if (spin_until([s] { return semaphore_take(s); })) return true;
+    if (spin_until([s] { return semaphore_take(s); }, s->spin_ns)) return true;
     s->sleepers.fetch_add(1, std::memory_order_seq_cst);
     bool taken = false;
     for (;;) {
@@ -281,7 +280,7 @@ bool event_wait(EventState* e, os::Deadline deadline) {
     // flag leaves it as it is), so any change means the event was set.
     auto changed = [&] { return e->word.load(std::memory_order_acquire) != seen; };
     if (expired(deadline)) return changed();
-    if (spin_until(changed)) return true;
+    if (spin_until(changed, e->spin_ns)) return true;
     e->sleepers.fetch_add(1, std::memory_order_seq_cst);
     bool set = false;
     for (;;) {
@@ -456,7 +455,7 @@ unsigned Barrier::wait_until(detail::os::Deadline deadline) {
     }
 
     auto ended = [&] { return b->generation.load(std::memory_order_acquire) != generation; };
-    if (!spin_until(ended)) {
+    if (!spin_until(ended, b->spin_ns)) {
         for (;;) {
             if (ended()) break;
             auto now = os::Clock::now();

@@ -59,27 +59,49 @@ namespace detail {
 
 // ---------------------------------------------------------------- identity and spinning
 
+/// The calling thread's token, once made (0 before); reset in a forked child.
+inline thread_local std::uint64_t t_thread_token = 0;
+/// Makes a new token (and registers the reset after fork).
+MPSERVICE_API std::uint64_t new_thread_token() noexcept;
 /// A 64-bit identity of the calling thread that no other thread, in any
 /// process, has now or had before (so a dead owner's identity is never
 /// mistaken for a live thread's).  Cached per thread; renewed in a forked child.
-MPSERVICE_API std::uint64_t this_thread_token() noexcept;
+inline std::uint64_t this_thread_token() noexcept {
+    std::uint64_t t = t_thread_token;
+    return t ? t : (t_thread_token = new_thread_token());
+}
 
-/// How long a waiter spins before it sleeps: about a third of the cost of a
-/// cross-CPU futex wake-up on the machines this was tuned on (RESULTS.md).
-inline constexpr std::chrono::nanoseconds spin_budget{10000};
+/// How long a waiter may spin before it sleeps: about a third of the cost of
+/// a cross-CPU futex wake-up on the machines this was tuned on (RESULTS.md)...
+inline constexpr std::uint32_t spin_max_ns = 10000;
+/// ...and at least, so that a partner that answers at once is still caught.
+inline constexpr std::uint32_t spin_min_ns = 500;
 
 /// Spins until ready() or the spin budget is spent; returns ready().
+///
+/// The budget adapts, per object, in `budget_ns` (shared by every process
+/// that waits on the object): it doubles after a spin that succeeded and
+/// halves after one that failed.  Spinning pays only while the other side
+/// runs on another CPU; when both share one CPU, a spin just delays the
+/// partner, and the budget quickly falls to spin_min_ns.
 template <class Ready>
-bool spin_until(Ready&& ready) {
+bool spin_until(Ready&& ready, std::atomic<std::uint32_t>& budget_ns) {
     if (ready()) return true;
-    auto until = os::Clock::now() + spin_budget;
+    std::uint32_t budget = budget_ns.load(std::memory_order_relaxed);
+    if (budget == 0) budget = spin_max_ns;  // a new object: optimistic
+    auto until = os::Clock::now() + std::chrono::nanoseconds(budget);
     for (;;) {
         for (int i = 0; i < 32; ++i) {  // reading the clock costs about as much as a pause
             os::cpu_relax();
-            if (ready()) return true;
+            if (ready()) {
+                budget_ns.store(budget >= spin_max_ns / 2 ? spin_max_ns : budget * 2, std::memory_order_relaxed);
+                return true;
+            }
         }
-        if (os::Clock::now() >= until) return ready();
+        if (os::Clock::now() >= until) break;
     }
+    budget_ns.store(budget <= 2 * spin_min_ns ? spin_min_ns : budget / 2, std::memory_order_relaxed);
+    return ready();
 }
 
 // ---------------------------------------------------------------- handles to shared state
@@ -129,12 +151,17 @@ private:
 /// Lock and RLock: a robust process-shared mutex plus the identity of the
 /// owning thread (so ownership can be checked without a system call).
 struct LockState {
-    os::RobustMutex mutex;
+    // The owner fields come first so that they share a cache line with the
+    // mutex proper (a pthread mutex uses the first 40 of its 64 bytes).
     std::atomic<std::uint64_t> owner{0};  // this_thread_token() of the holder, 0 if free
-    std::atomic<std::uint32_t> depth{0};  // RLock: recursion depth of the holder
+    std::atomic<std::uint32_t> depth{0};  // recursion depth of the holder (1 for a Lock)
     std::atomic<std::uint32_t> repair_pending{0};  // taken from a dead owner, not yet consistent
+    std::atomic<std::uint32_t> spin_ns{0};         // spin_until's budget for a busy lock
+    os::RobustMutex mutex;
     LockState() { os::robust_mutex_init(&mutex); }
 };
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free && std::atomic<std::uint32_t>::is_always_lock_free,
+              "shared-memory atomics must be lock-free");
 
 /// The lock under a Condition (or a Value): a Lock or an RLock.
 struct LockRef {
@@ -142,23 +169,65 @@ struct LockRef {
     bool recursive = false;
 };
 
-MPSERVICE_API LockStatus lock_acquire(const LockRef& l, os::Deadline deadline);
-MPSERVICE_API LockStatus lock_try_acquire(const LockRef& l);
-MPSERVICE_API void lock_release(const LockRef& l);
+// The uncontended paths of Lock and RLock are inline: a trylock and a few
+// relaxed stores on the mutex's own cache line.  Everything else is out of line.
+MPSERVICE_API LockStatus lock_acquire_slow(const LockRef& l, os::Deadline deadline);
+MPSERVICE_API void lock_release_slow(const LockRef& l);
 MPSERVICE_API void lock_make_consistent(const LockRef& l);
-MPSERVICE_API bool lock_is_mine(const LockRef& l) noexcept;
+[[noreturn]] MPSERVICE_API void throw_owner_died(const LockRef& l);
+
+inline bool lock_is_mine(const LockRef& l) noexcept {
+    return l.state->owner.load(std::memory_order_relaxed) == this_thread_token();
+}
+
+/// Takes the lock (or, for the owner of an RLock, one more level).
+inline LockStatus lock_acquire(const LockRef& l, os::Deadline deadline) {
+    LockState* s = l.state.get();
+    const std::uint64_t me = this_thread_token();
+    if (s->owner.load(std::memory_order_relaxed) != me) {
+        os::LockResult r = os::robust_mutex_trylock(&s->mutex);
+        if (r != os::LockResult::busy) {  // taken, possibly from a dead owner
+            s->owner.store(me, std::memory_order_relaxed);
+            s->depth.store(1, std::memory_order_relaxed);
+            if (r == os::LockResult::acquired) return LockStatus::acquired;
+            s->repair_pending.store(1, std::memory_order_relaxed);
+            return LockStatus::owner_died;
+        }
+    }
+    return lock_acquire_slow(l, deadline);
+}
+inline LockStatus lock_try_acquire(const LockRef& l) { return lock_acquire(l, os::Deadline{}); }
+
+/// Releases (one level of an RLock); InvalidStateError if not the owner's.
+inline void lock_release(const LockRef& l) {
+    LockState* s = l.state.get();
+    if (s->owner.load(std::memory_order_relaxed) == this_thread_token() &&
+        s->depth.load(std::memory_order_relaxed) == 1 && !s->repair_pending.load(std::memory_order_relaxed)) {
+        s->depth.store(0, std::memory_order_relaxed);
+        s->owner.store(0, std::memory_order_relaxed);
+        os::robust_mutex_unlock(&s->mutex);
+        return;
+    }
+    lock_release_slow(l);
+}
+
 /// Throws OwnerDiedError for owner_died (the lock stays held), returns
 /// whether it was acquired otherwise.
-MPSERVICE_API bool lock_status_to_bool(const LockRef& l, LockStatus s);
+inline bool lock_status_to_bool(const LockRef& l, LockStatus s) {
+    if (s == LockStatus::owner_died) throw_owner_died(l);
+    return s == LockStatus::acquired;
+}
 
 struct ConditionState {
     std::atomic<std::uint32_t> sequence{0};  // futex word: bumped by every notify
     std::atomic<std::uint32_t> sleepers{0};  // may over-count after a waiter died: only costs a syscall
+    std::atomic<std::uint32_t> spin_ns{0};   // spin_until's budget
 };
 
 struct SemaphoreState {
     std::atomic<std::uint32_t> value{0};     // futex word
     std::atomic<std::uint32_t> sleepers{0};  // as in ConditionState
+    std::atomic<std::uint32_t> spin_ns{0};
     std::uint32_t bounded = 0;               // BoundedSemaphore: value may not exceed limit
     std::uint32_t limit = 0;
 };
@@ -166,6 +235,7 @@ struct SemaphoreState {
 struct EventState {
     std::atomic<std::uint32_t> word{0};      // futex word: bit 0 = flag, bits 1.. = number of set()s
     std::atomic<std::uint32_t> sleepers{0};  // as in ConditionState
+    std::atomic<std::uint32_t> spin_ns{0};
 };
 
 struct BarrierState {
@@ -173,6 +243,7 @@ struct BarrierState {
     std::atomic<std::uint32_t> generation{0};   // futex word: bumped when a cycle ends
     std::atomic<std::uint32_t> count{0};        // arrivals in the current cycle
     std::atomic<std::uint32_t> broken{0};
+    std::atomic<std::uint32_t> spin_ns{0};
     std::uint32_t parties = 0;
     std::atomic<std::uint64_t> released_bits{0};  // bit g%64: cycle g ended by release, not break
     std::int64_t default_timeout_ns = -1;       // -1: none
