@@ -107,12 +107,14 @@ MPSERVICE_API bool throw_hook_active() noexcept;
 /// Copies into `pcs` the return addresses recorded when `object` (of type
 /// `type`) was last thrown by this thread; returns their number (0 if unknown).
 MPSERVICE_API int throw_site_stack(const void* object, const std::type_info* type, void** pcs, int max) noexcept;
-/// Records the calling stack as the place where this thread re-raises `object`
-/// (read back by raise_site_stack).
-MPSERVICE_API void note_raise_site(const void* object) noexcept;
+/// Records the calling stack, from the frame whose return address is `caller`
+/// on, as the place where this thread re-raises `object` (read back by
+/// raise_site_stack).
+MPSERVICE_API void note_raise_site(const void* object, const void* caller) noexcept;
 MPSERVICE_API int raise_site_stack(const void* object, void** pcs, int max) noexcept;
-/// The caller's stack: up to `max` return addresses, skipping `skip` innermost frames.
-MPSERVICE_API int capture_stack(void** pcs, int max, int skip) noexcept;
+/// The caller's stack: up to `max` return addresses, skipping `skip` innermost
+/// frames - or, if `from` is one of the return addresses, starting there.
+MPSERVICE_API int capture_stack(void** pcs, int max, int skip, const void* from = nullptr) noexcept;
 
 /// One symbolized stack frame.
 struct StackFrame {
@@ -122,11 +124,14 @@ struct StackFrame {
     std::uintptr_t offset = 0;  // pc relative to the module's load address
     std::string file;      // source file, if line information was found
     int line = 0;
+    bool inlined = false;  // a function inlined into the next frame (same pc)
 };
 /// Names the functions at `pcs` (return addresses): dynamic symbols, the ELF
 /// .symtab of each module (so static functions of an executable built without
 /// -rdynamic are named), and file:line when line information is available.
 MPSERVICE_API std::vector<StackFrame> symbolize(void* const* pcs, int n);
+/// Whether symbolize looks up file:line (by running addr2line); default true.
+MPSERVICE_API void set_line_lookup(bool enabled) noexcept;
 /// Demangles a C++ type or symbol name; returns it unchanged if it is not mangled.
 MPSERVICE_API std::string demangle(const char* mangled);
 /// Type of the exception currently being handled (inside a catch clause), or null.

@@ -117,6 +117,13 @@ inline std::string remote_traceback(const std::exception& e) {
 /// Whether `e` came from another process.
 inline bool is_remote(const std::exception& e) noexcept { return dynamic_cast<const RemoteError*>(&e) != nullptr; }
 
+/// Whether tracebacks made in this process show file:line.  They come from
+/// the `addr2line` program (binutils) when it is installed and the module has
+/// debug line information (-g); it runs once per module for each new throw
+/// site (answers are cached), which costs tens of milliseconds on the first
+/// exception from a place.  Default: on.  Function names never need it.
+MPSERVICE_API void set_traceback_source_lines(bool enabled) noexcept;
+
 namespace detail {
 
 /// The name of this process as shown in tracebacks and log records
