@@ -1025,6 +1025,8 @@ MPSERVICE_API bool pid_alive(long pid) noexcept;
 /// Whether throw sites are recorded (see impl/os_posix_stacktrace.cpp: the
 /// __cxa_throw interposition is off under sanitizers and MPSERVICE_NO_THROW_HOOK).
 MPSERVICE_API bool throw_hook_active() noexcept;
+/// Turns the recording of throw sites on or off at run time (default on).
+MPSERVICE_API void set_throw_site_capture(bool enabled) noexcept;
 /// Copies into `pcs` the return addresses recorded when `object` (of type
 /// `type`) was last thrown by this thread; returns their number (0 if unknown).
 MPSERVICE_API int throw_site_stack(const void* object, const std::type_info* type, void** pcs, int max) noexcept;
@@ -1298,6 +1300,15 @@ inline bool is_remote(const std::exception& e) noexcept { return dynamic_cast<co
 /// site (answers are cached), which costs tens of milliseconds on the first
 /// exception from a place.  Default: on.  Function names never need it.
 MPSERVICE_API void set_traceback_source_lines(bool enabled) noexcept;
+
+/// Whether each `throw` in this process records its stack (default: on, where
+/// the build has the throw hook; see the comment at the top of
+/// impl/os_posix_stacktrace.cpp).  Recording costs a few microseconds per
+/// throw (a backtrace() of up to 48 frames, no symbol lookup); a program that
+/// throws in hot loops can switch it off, and its remote tracebacks then show
+/// the stack where the exception was sent instead.  Compile with
+/// MPSERVICE_NO_THROW_HOOK to leave the hook out entirely.
+MPSERVICE_API void set_throw_site_capture(bool enabled) noexcept;
 
 namespace detail {
 
@@ -1954,12 +1965,20 @@ int read_site(const SiteTable& table, const void* object, const std::type_info* 
 
 }  // namespace
 
+namespace {
+std::atomic<bool> g_capture_throw_sites{true};
+}
+
 bool throw_hook_active() noexcept {
 #if defined(MPSERVICE_DETAIL_THROW_HOOK)
-    return true;
+    return g_capture_throw_sites.load(std::memory_order_relaxed);
 #else
     return false;
 #endif
+}
+
+void set_throw_site_capture(bool enabled) noexcept {
+    g_capture_throw_sites.store(enabled, std::memory_order_relaxed);
 }
 
 int capture_stack(void** pcs, int max, int skip, const void* from) noexcept {
@@ -2370,8 +2389,9 @@ extern "C" void __cxa_throw(void* object, std::type_info* type, void (*destroy)(
         mpservice::detail::os::write_stderr(msg, sizeof msg - 1);
         std::abort();
     }
-    mpservice::detail::os::record_site(mpservice::detail::os::t_throw_sites, object, type,
-                                       __builtin_return_address(0));
+    if (mpservice::detail::os::g_capture_throw_sites.load(std::memory_order_relaxed))
+        mpservice::detail::os::record_site(mpservice::detail::os::t_throw_sites, object, type,
+                                           __builtin_return_address(0));
 #if defined(MPSERVICE_DETAIL_ASAN)
     __asan_handle_no_return();
 #endif
@@ -2385,7 +2405,7 @@ extern "C" void __cxa_rethrow() {
     using Real = void (*)();
     static Real real = reinterpret_cast<Real>(::dlsym(RTLD_NEXT, "__cxa_rethrow"));
     if (!real) std::abort();
-    {
+    if (mpservice::detail::os::g_capture_throw_sites.load(std::memory_order_relaxed)) {
         std::exception_ptr current = std::current_exception();
         mpservice::detail::os::record_site(mpservice::detail::os::t_raise_sites,
                                            mpservice::detail::os::exception_object(current), nullptr,
@@ -2816,7 +2836,7 @@ Record make_record(const std::exception_ptr& p, bool being_handled, int depth) {
         // the stack of the code that sends the exception is the next best thing.
         n = os::capture_stack(pcs, kMaxFrames, 2);
         where = os::throw_hook_active() ? "sent from (throw site not recorded)"
-                                        : "sent from (throw sites are not recorded in this build)";
+                                        : "sent from (throw sites are not being recorded)";
     }
     std::string own = format_part(x.type_name, x.message, where, pcs, n);
     rec.info.traceback = rec.cause ? rec.cause->info.traceback + kCauseSeparator + own : own;
@@ -2881,6 +2901,7 @@ std::exception_ptr decode_exception(Decoder& in) { return read_record(in, 0); }
 
 namespace mpservice {
 void set_traceback_source_lines(bool enabled) noexcept { detail::os::set_line_lookup(enabled); }
+void set_throw_site_capture(bool enabled) noexcept { detail::os::set_throw_site_capture(enabled); }
 }  // namespace mpservice
 
 namespace mpservice::detail {

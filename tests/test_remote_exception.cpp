@@ -308,7 +308,7 @@ TEST_CASE("the traceback names the process, pid, type, what() and the throw site
             // ... as the innermost frame: the hook's own frames are not shown.
             CHECK(tb.find("#0 (anonymous namespace)::mpservice_test_static_thrower()") != std::string::npos);
         } else {
-            CHECK(tb.find("sent from (throw sites are not recorded in this build)") != std::string::npos);
+            CHECK(tb.find("sent from (throw sites are not being recorded)") != std::string::npos);
         }
     }
 }
@@ -520,4 +520,16 @@ TEST_CASE("an exception thrown in another thread still travels; its stack is the
     CAPTURE(tb);
     CHECK(tb.find("std::invalid_argument: thrown by a static function") != std::string::npos);
     CHECK(tb.find("sent from") != std::string::npos);
+}
+
+TEST_CASE("throw-site capture can be switched off at run time") {
+    mp::set_throw_site_capture(false);
+    CHECK_FALSE(mp::detail::os::throw_hook_active());
+    std::exception_ptr p = capture(mpservice_test_static_thrower);
+    mp::set_throw_site_capture(true);
+    std::string tb = traceback_of(roundtrip(p));
+    CAPTURE(tb);
+    CHECK(tb.find("std::invalid_argument: thrown by a static function") != std::string::npos);
+    CHECK(tb.find("sent from") != std::string::npos);
+    CHECK(tb.find("thrown at") == std::string::npos);
 }

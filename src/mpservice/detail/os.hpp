@@ -104,6 +104,8 @@ MPSERVICE_API bool pid_alive(long pid) noexcept;
 /// Whether throw sites are recorded (see impl/os_posix_stacktrace.cpp: the
 /// __cxa_throw interposition is off under sanitizers and MPSERVICE_NO_THROW_HOOK).
 MPSERVICE_API bool throw_hook_active() noexcept;
+/// Turns the recording of throw sites on or off at run time (default on).
+MPSERVICE_API void set_throw_site_capture(bool enabled) noexcept;
 /// Copies into `pcs` the return addresses recorded when `object` (of type
 /// `type`) was last thrown by this thread; returns their number (0 if unknown).
 MPSERVICE_API int throw_site_stack(const void* object, const std::type_info* type, void** pcs, int max) noexcept;

@@ -129,12 +129,20 @@ int read_site(const SiteTable& table, const void* object, const std::type_info* 
 
 }  // namespace
 
+namespace {
+std::atomic<bool> g_capture_throw_sites{true};
+}
+
 bool throw_hook_active() noexcept {
 #if defined(MPSERVICE_DETAIL_THROW_HOOK)
-    return true;
+    return g_capture_throw_sites.load(std::memory_order_relaxed);
 #else
     return false;
 #endif
+}
+
+void set_throw_site_capture(bool enabled) noexcept {
+    g_capture_throw_sites.store(enabled, std::memory_order_relaxed);
 }
 
 int capture_stack(void** pcs, int max, int skip, const void* from) noexcept {
@@ -545,8 +553,9 @@ extern "C" void __cxa_throw(void* object, std::type_info* type, void (*destroy)(
         mpservice::detail::os::write_stderr(msg, sizeof msg - 1);
         std::abort();
     }
-    mpservice::detail::os::record_site(mpservice::detail::os::t_throw_sites, object, type,
-                                       __builtin_return_address(0));
+    if (mpservice::detail::os::g_capture_throw_sites.load(std::memory_order_relaxed))
+        mpservice::detail::os::record_site(mpservice::detail::os::t_throw_sites, object, type,
+                                           __builtin_return_address(0));
 #if defined(MPSERVICE_DETAIL_ASAN)
     __asan_handle_no_return();
 #endif
@@ -560,7 +569,7 @@ extern "C" void __cxa_rethrow() {
     using Real = void (*)();
     static Real real = reinterpret_cast<Real>(::dlsym(RTLD_NEXT, "__cxa_rethrow"));
     if (!real) std::abort();
-    {
+    if (mpservice::detail::os::g_capture_throw_sites.load(std::memory_order_relaxed)) {
         std::exception_ptr current = std::current_exception();
         mpservice::detail::os::record_site(mpservice::detail::os::t_raise_sites,
                                            mpservice::detail::os::exception_object(current), nullptr,

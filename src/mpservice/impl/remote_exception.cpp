@@ -364,7 +364,7 @@ Record make_record(const std::exception_ptr& p, bool being_handled, int depth) {
         // the stack of the code that sends the exception is the next best thing.
         n = os::capture_stack(pcs, kMaxFrames, 2);
         where = os::throw_hook_active() ? "sent from (throw site not recorded)"
-                                        : "sent from (throw sites are not recorded in this build)";
+                                        : "sent from (throw sites are not being recorded)";
     }
     std::string own = format_part(x.type_name, x.message, where, pcs, n);
     rec.info.traceback = rec.cause ? rec.cause->info.traceback + kCauseSeparator + own : own;
@@ -429,6 +429,7 @@ std::exception_ptr decode_exception(Decoder& in) { return read_record(in, 0); }
 
 namespace mpservice {
 void set_traceback_source_lines(bool enabled) noexcept { detail::os::set_line_lookup(enabled); }
+void set_throw_site_capture(bool enabled) noexcept { detail::os::set_throw_site_capture(enabled); }
 }  // namespace mpservice
 
 namespace mpservice::detail {
