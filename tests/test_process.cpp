@@ -73,14 +73,9 @@ void write_shared(mp::detail::SharedMemory mem, int value) {
 }
 
 void log_many(int n) {
-    for (int i = 0; i < n; ++i) {
-        mp::LogRecord r;
-        r.level = 20;
-        r.logger = "child";
-        r.message = std::to_string(i);
-        r.pid = mp::current_process().pid;
-        mp::detail::stub_emit(r);
-    }
+    auto log = mp::get_logger("child");
+    for (int i = 0; i < n; ++i) log.info(std::to_string(i));
+    log.debug("below the parent's level: not sent");
 }
 
 /// B of the chain A -> B -> C: starts C, which throws; C's error goes through B to A.
@@ -347,7 +342,8 @@ TEST_CASE_TEMPLATE("misuse is a clear error", Ctx, CONTEXTS) {
 TEST_CASE_TEMPLATE("10,000 log records all arrive, in order, before join returns", Ctx, CONTEXTS) {
     std::vector<mp::LogRecord> got;
     std::mutex m;
-    mp::detail::stub_set_handler([&](const mp::LogRecord& r) {
+    mp::set_log_level(mp::Level::info);
+    mp::set_log_handler([&](const mp::LogRecord& r, const std::string&) {
         std::lock_guard<std::mutex> lk(m);
         got.push_back(r);
     });
@@ -361,14 +357,29 @@ TEST_CASE_TEMPLATE("10,000 log records all arrive, in order, before join returns
         for (int i = 0; i < 10000; ++i) in_order = in_order && got[i].message == std::to_string(i);
         CHECK(in_order);
         CHECK(got.back().pid == p.pid());
+        CHECK(got.back().process_name == p.name());
+        CHECK(got.back().logger == "child");
+        CHECK(got.back().function.find("log_many") != std::string::npos);
     }
-    mp::detail::stub_set_handler(nullptr);
+    mp::set_log_handler(nullptr);
 }
 
 TEST_CASE_TEMPLATE("exception chain A -> B -> C through a grandchild", Ctx, CONTEXTS) {
     mp::Process b(Ctx{}, chain_b, 7);
     b.start();
-    CHECK(what_of<std::invalid_argument>([&] { b.result(); }).find("C failed with 7") != std::string::npos);
+    try {
+        b.result();
+        FAIL("no exception");
+    } catch (const std::invalid_argument& e) {
+        CHECK(std::string(e.what()) == "C failed with 7");
+        REQUIRE(mp::is_remote(e));
+        std::string tb = mp::remote_traceback(e);
+        CAPTURE(tb);
+        CHECK(tb.find(b.name()) != std::string::npos);          // B's part of the story
+        CHECK(tb.find(b.name() + ":1") != std::string::npos);   // C, B's first child
+        CHECK(tb.find("chain_c") != std::string::npos);          // C's throw site
+        CHECK(tb.find("chain_b") != std::string::npos);          // where B re-raised it
+    }
     CHECK(b.exitcode() == 1);
 }
 

@@ -11,7 +11,9 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <string>
+#include <typeinfo>
 #include <vector>
 
 #include "../public/config.hpp"
@@ -97,6 +99,55 @@ MPSERVICE_API void robust_mutex_consistent(RobustMutex* m);
 MPSERVICE_API long current_pid() noexcept;
 /// Whether a process with this id exists (it may be a zombie).
 MPSERVICE_API bool pid_alive(long pid) noexcept;
+
+// ---------------------------------------------------------------- remote exception / symbolization
+/// Whether throw sites are recorded (see impl/os_posix_stacktrace.cpp: the
+/// __cxa_throw interposition is off under sanitizers and MPSERVICE_NO_THROW_HOOK).
+MPSERVICE_API bool throw_hook_active() noexcept;
+/// Turns the recording of throw sites on or off at run time (default on).
+MPSERVICE_API void set_throw_site_capture(bool enabled) noexcept;
+/// Copies into `pcs` the return addresses recorded when `object` (of type
+/// `type`) was last thrown by this thread; returns their number (0 if unknown).
+MPSERVICE_API int throw_site_stack(const void* object, const std::type_info* type, void** pcs, int max) noexcept;
+/// Records the calling stack, from the frame whose return address is `caller`
+/// on, as the place where this thread re-raises `object` (read back by
+/// raise_site_stack).
+MPSERVICE_API void note_raise_site(const void* object, const void* caller) noexcept;
+MPSERVICE_API int raise_site_stack(const void* object, void** pcs, int max) noexcept;
+/// The caller's stack: up to `max` return addresses, skipping `skip` innermost
+/// frames - or, if `from` is one of the return addresses, starting there.
+MPSERVICE_API int capture_stack(void** pcs, int max, int skip, const void* from = nullptr) noexcept;
+
+/// One symbolized stack frame.
+struct StackFrame {
+    const void* pc = nullptr;
+    std::string function;  // demangled; empty if unknown
+    std::string module;    // path of the executable or library
+    std::uintptr_t offset = 0;  // pc relative to the module's load address
+    std::string file;      // source file, if line information was found
+    int line = 0;
+    bool inlined = false;  // a function inlined into the next frame (same pc)
+};
+/// Names the functions at `pcs` (return addresses): dynamic symbols, the ELF
+/// .symtab of each module (so static functions of an executable built without
+/// -rdynamic are named), and file:line when line information is available.
+MPSERVICE_API std::vector<StackFrame> symbolize(void* const* pcs, int n);
+/// Whether symbolize looks up file:line (by running addr2line); default true.
+MPSERVICE_API void set_line_lookup(bool enabled) noexcept;
+/// Demangles a C++ type or symbol name; returns it unchanged if it is not mangled.
+MPSERVICE_API std::string demangle(const char* mangled);
+/// Type of the exception currently being handled (inside a catch clause), or null.
+MPSERVICE_API const std::type_info* current_exception_type() noexcept;
+/// Address of the thrown object an exception_ptr refers to (the key of the
+/// throw-site table), or null.
+MPSERVICE_API const void* exception_object(const std::exception_ptr& e) noexcept;
+
+// ---------------------------------------------------------------- logging
+/// Writes all of `data` to the standard error stream, in one write() when the
+/// system allows it (so lines of several processes do not interleave).
+MPSERVICE_API void write_stderr(const char* data, std::size_t n) noexcept;
+/// Local calendar time of `seconds` since the epoch (thread-safe localtime).
+MPSERVICE_API void local_time(long long seconds, int fields[6]) noexcept;
 
 // ---------------------------------------------------------------- process/channel section (process.hpp)
 // Channels are Unix stream sockets: ordered bytes plus handles riding beside

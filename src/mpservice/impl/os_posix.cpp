@@ -192,6 +192,32 @@ bool pid_alive(long pid) noexcept {
     return pid > 0 && (::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM);
 }
 
+// ---------------------------------------------------------------- logging
+
+void write_stderr(const char* data, std::size_t n) noexcept {
+    while (n > 0) {
+        ssize_t k = ::write(STDERR_FILENO, data, n);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            return;  // nowhere to report a failure to write to stderr
+        }
+        data += k;
+        n -= static_cast<std::size_t>(k);
+    }
+}
+
+void local_time(long long seconds, int fields[6]) noexcept {
+    time_t t = static_cast<time_t>(seconds);
+    struct tm tm {};
+    if (!::localtime_r(&t, &tm)) ::gmtime_r(&t, &tm);
+    fields[0] = tm.tm_year + 1900;
+    fields[1] = tm.tm_mon + 1;
+    fields[2] = tm.tm_mday;
+    fields[3] = tm.tm_hour;
+    fields[4] = tm.tm_min;
+    fields[5] = tm.tm_sec;
+}
+
 // ---------------------------------------------------------------- process/channel section
 
 namespace {

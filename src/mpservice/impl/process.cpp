@@ -279,9 +279,11 @@ enum class ChildKind { spawned, forkserver_worker };
         std::uint64_t target_off, tramp_off;
         std::int64_t parent_pid;
         bool daemon;
+        std::int32_t log_level;
         d(target.module, target_off, target_fp, tramp.module, tramp_off, tramp_fp, name, identity, parent_name,
-          parent_pid, daemon);
+          parent_pid, daemon, log_level);
         (void)daemon;
+        set_log_level_from_parent(static_cast<Level>(log_level));
         target.offset = static_cast<std::uintptr_t>(target_off);
         tramp.offset = static_cast<std::uintptr_t>(tramp_off);
         adopt_child_identity(name, identity, parent_name, static_cast<long>(parent_pid));
@@ -792,13 +794,15 @@ void reset_after_fork_in_child() {
 }
 
 [[noreturn]] void run_forked_child(os::handle_t channel, os::handle_t parent_end, ChildTask& task,
-                                   const std::string& name, const std::string& identity, long parent) {
+                                   const std::string& name, const std::string& identity, long parent,
+                                   Level parent_log_level) {
     os::close_handle(parent_end);
     std::string parent_name = process_name();
     reset_after_fork_in_child();
     if (!os::die_with_parent(parent)) os::exit_now(1);
     adopt_child_identity(name, identity, parent_name, parent);
     child_link().channel = channel;
+    set_log_level_from_parent(parent_log_level);
     install_log_forwarding();
     int code = run_and_report([&](Encoder& out) { task.run_here(out); });
     flush_stdio();
@@ -837,7 +841,7 @@ std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::ve
     Encoder e;
     e(protocol_version, target.module, static_cast<std::uint64_t>(target.offset), target_fp, tramp.module,
       static_cast<std::uint64_t>(tramp.offset), tramp_fp, core.name, core.identity_, process_name(),
-      static_cast<std::int64_t>(os::current_pid()), core.daemon());
+      static_cast<std::int64_t>(os::current_pid()), core.daemon(), static_cast<std::int32_t>(log_level()));
     task.encode_args(e);
     handles = e.handles();
     return std::move(e.bytes());
@@ -912,10 +916,11 @@ void ProcessCore::start(std::unique_ptr<ChildTask> task) {
             case StartMethod::fork: {
                 flush_stdio();  // or the child would write the parent's buffered output again
                 long parent = os::current_pid();
+                Level level = log_level();  // read here: the child must not take the logging lock
                 ChildTask& t = *task;
                 pid = reactor.on_long_lived_thread([&] {
                     long p = os::fork_process();
-                    if (p == 0) run_forked_child(child_end, parent_end, t, name, identity_, parent);
+                    if (p == 0) run_forked_child(child_end, parent_end, t, name, identity_, parent, level);
                     return p;
                 });
                 os::close_handle(child_end);

@@ -44,6 +44,7 @@
 #include "codec.hpp"
 #include "errors.hpp"
 #include "futures.hpp"
+#include "remote_exception.hpp"
 
 namespace mpservice {
 
@@ -330,17 +331,17 @@ private:
     }
     void join_at(detail::os::Deadline deadline) {
         if (!wait_at(deadline, "join")) return;
-        if (auto e = core_->error()) std::rethrow_exception(e);
+        if (auto e = core_->error()) detail::rethrow_exception(e);
     }
     detail::result_ref_t<R> result_at(detail::os::Deadline deadline) {
         if (!wait_at(deadline, "result")) detail::throw_timeout(name());
-        if (auto e = core_->error()) std::rethrow_exception(e);
+        if (auto e = core_->error()) detail::rethrow_exception(e);
         if constexpr (std::is_void_v<R>) {
             // exit(0) from a void target is a success; a SIGTERM is not.
             if (!state().has_value() && state().exitcode() != 0)
-                if (auto e = core_->result_error()) std::rethrow_exception(e);
+                if (auto e = core_->result_error()) detail::rethrow_exception(e);
         } else {
-            if (!state().has_value()) std::rethrow_exception(core_->result_error());
+            if (!state().has_value()) detail::rethrow_exception(core_->result_error());
             Core& c = state();
             std::lock_guard<std::mutex> lk(c.value_mutex);
             if (!c.decoded) {
