@@ -1025,15 +1025,19 @@ MPSERVICE_API bool pid_alive(long pid) noexcept;
 /// Whether throw sites are recorded (see impl/os_posix_stacktrace.cpp: the
 /// __cxa_throw interposition is off under sanitizers and MPSERVICE_NO_THROW_HOOK).
 MPSERVICE_API bool throw_hook_active() noexcept;
+/// Turns the recording of throw sites on or off at run time (default on).
+MPSERVICE_API void set_throw_site_capture(bool enabled) noexcept;
 /// Copies into `pcs` the return addresses recorded when `object` (of type
 /// `type`) was last thrown by this thread; returns their number (0 if unknown).
 MPSERVICE_API int throw_site_stack(const void* object, const std::type_info* type, void** pcs, int max) noexcept;
-/// Records the calling stack as the place where this thread re-raises `object`
-/// (read back by raise_site_stack).
-MPSERVICE_API void note_raise_site(const void* object) noexcept;
+/// Records the calling stack, from the frame whose return address is `caller`
+/// on, as the place where this thread re-raises `object` (read back by
+/// raise_site_stack).
+MPSERVICE_API void note_raise_site(const void* object, const void* caller) noexcept;
 MPSERVICE_API int raise_site_stack(const void* object, void** pcs, int max) noexcept;
-/// The caller's stack: up to `max` return addresses, skipping `skip` innermost frames.
-MPSERVICE_API int capture_stack(void** pcs, int max, int skip) noexcept;
+/// The caller's stack: up to `max` return addresses, skipping `skip` innermost
+/// frames - or, if `from` is one of the return addresses, starting there.
+MPSERVICE_API int capture_stack(void** pcs, int max, int skip, const void* from = nullptr) noexcept;
 
 /// One symbolized stack frame.
 struct StackFrame {
@@ -1043,11 +1047,14 @@ struct StackFrame {
     std::uintptr_t offset = 0;  // pc relative to the module's load address
     std::string file;      // source file, if line information was found
     int line = 0;
+    bool inlined = false;  // a function inlined into the next frame (same pc)
 };
 /// Names the functions at `pcs` (return addresses): dynamic symbols, the ELF
 /// .symtab of each module (so static functions of an executable built without
 /// -rdynamic are named), and file:line when line information is available.
 MPSERVICE_API std::vector<StackFrame> symbolize(void* const* pcs, int n);
+/// Whether symbolize looks up file:line (by running addr2line); default true.
+MPSERVICE_API void set_line_lookup(bool enabled) noexcept;
 /// Demangles a C++ type or symbol name; returns it unchanged if it is not mangled.
 MPSERVICE_API std::string demangle(const char* mangled);
 /// Type of the exception currently being handled (inside a catch clause), or null.
@@ -1063,7 +1070,103 @@ MPSERVICE_API void write_stderr(const char* data, std::size_t n) noexcept;
 /// Local calendar time of `seconds` since the epoch (thread-safe localtime).
 MPSERVICE_API void local_time(long long seconds, int fields[6]) noexcept;
 
-// ---------------------------------------------------------------- (process/channel section: process.hpp)
+// ---------------------------------------------------------------- process/channel section (process.hpp)
+// Channels are Unix stream sockets: ordered bytes plus handles riding beside
+// them (SCM_RIGHTS), so a Lock or Queue passed as a Process argument reaches
+// the child as the very same kernel object.
+
+/// A connected pair of channel ends (stream, close-on-exec): {a, b}.
+MPSERVICE_API void channel_pair(handle_t& a, handle_t& b);
+/// A connected pair of datagram-like ends (message boundaries kept).
+MPSERVICE_API void packet_pair(handle_t& a, handle_t& b);
+/// Writes all of `a` then `b` (either may be empty) with `handles` attached to
+/// the first byte; blocks until done.  Returns false if the peer is gone (no
+/// SIGPIPE is raised); throws std::system_error on other errors.
+MPSERVICE_API bool channel_write(handle_t ch, const void* a, std::size_t na, const void* b, std::size_t nb,
+                                 const handle_t* handles = nullptr, std::size_t nhandles = 0);
+/// Reads what is there, up to `cap` bytes; handles that arrive are appended to
+/// `*handles` (close-on-exec).  Returns the byte count, 0 at end of stream, or
+/// -1 when `nonblocking` and nothing is ready.
+MPSERVICE_API long channel_read(handle_t ch, void* buf, std::size_t cap, std::vector<handle_t>* handles,
+                                bool nonblocking);
+/// Blocks until one of `hs` is readable or `timeout_ms` passes (-1 = forever);
+/// returns a bit mask of the readable ones (bit i = hs[i]).
+MPSERVICE_API unsigned wait_readable(const handle_t* hs, int n, int timeout_ms);
+
+/// A poller watches many handles for readability (epoll on Linux); each
+/// registration carries a caller token.  Thread-safe registration.
+MPSERVICE_API handle_t poller_create();
+MPSERVICE_API void poller_add(handle_t poller, handle_t h, std::uint64_t token);
+MPSERVICE_API void poller_remove(handle_t poller, handle_t h) noexcept;
+/// Waits for events; stores up to `max` tokens; returns how many.
+MPSERVICE_API int poller_wait(handle_t poller, std::uint64_t* tokens, int max, int timeout_ms);
+/// A wake-up event (eventfd) that a poller can watch.
+MPSERVICE_API handle_t wake_event_create();
+MPSERVICE_API void wake_event_signal(handle_t ev) noexcept;
+MPSERVICE_API void wake_event_drain(handle_t ev) noexcept;
+
+/// Starts a fresh instance of this program (/proc/self/exe) with argv
+/// {argv0, marker}; `inherit` is the one handle it inherits (same number).
+/// Returns the child's pid.
+MPSERVICE_API long spawn_self(const std::string& argv0, const std::string& marker, handle_t inherit);
+/// fork(): 0 in the child, the child's pid in the parent; throws on failure.
+/// The child starts with default signal handlers and no blocked signals.
+MPSERVICE_API long fork_process();
+/// A handle that becomes readable when process `pid` exits (pidfd); invalid
+/// where the system has none.
+MPSERVICE_API handle_t process_handle(long pid) noexcept;
+/// Reaps child `pid` (waiting if `block`); true and the Python-style exit code
+/// (n after exit(n), -N after signal N) once it has ended.
+MPSERVICE_API bool reap_child(long pid, bool block, int* exitcode);
+/// Reaps any ended child without waiting: true with its pid and exit code.
+MPSERVICE_API bool reap_any_child(long* pid, int* exitcode);
+/// Sends `sig` (through the process handle when valid, so a reused pid is never hit).
+MPSERVICE_API bool send_signal(long pid, handle_t process_handle, int sig) noexcept;
+MPSERVICE_API int signal_terminate() noexcept;  // SIGTERM
+MPSERVICE_API int signal_kill() noexcept;       // SIGKILL
+/// "SIGSEGV", "SIGKILL", ... ("signal N" when unknown).
+MPSERVICE_API std::string signal_name(int sig);
+MPSERVICE_API long parent_pid() noexcept;
+/// Arranges for this process to be killed when its parent dies, then checks
+/// that the parent is still `expected_parent` (closing the race); false if not.
+MPSERVICE_API bool die_with_parent(long expected_parent) noexcept;
+/// Puts every caught signal back to its default action and unblocks all
+/// signals (a forked child starts like an exec'd one; ignored signals stay ignored).
+MPSERVICE_API void reset_signal_handlers() noexcept;
+/// Closes every handle above the standard ones except `keep`.
+MPSERVICE_API void close_handles_except(handle_t keep) noexcept;
+/// Ends the process at once with `code`: no atexit handlers, no destructors.
+[[noreturn]] MPSERVICE_API void exit_now(int code) noexcept;
+/// Whether the caller runs on the process's initial thread.
+MPSERVICE_API bool is_main_thread() noexcept;
+/// Blocks child-exit notifications for the calling (single-threaded) process
+/// and returns a handle that becomes readable when a child ends (signalfd).
+MPSERVICE_API handle_t child_exit_events();
+/// Consumes the pending notifications of a child_exit_events handle.
+MPSERVICE_API void child_exit_events_drain(handle_t h) noexcept;
+/// Undoes child_exit_events in a freshly forked child: closes `h`, unblocks.
+MPSERVICE_API void child_exit_events_release(handle_t h) noexcept;
+
+/// Where a code address lives: the module (path as the loader knows it, ""
+/// for the main executable) and the offset from the module's load base, which
+/// stays valid across an exec of the same build.
+struct ModuleAddress {
+    std::string module;
+    std::uintptr_t offset = 0;
+};
+MPSERVICE_API bool module_address(const void* addr, ModuleAddress& out);
+/// The address of `offset` in `module` in this process (loading the module if
+/// needed); nullptr if it cannot be found.
+MPSERVICE_API const void* module_resolve(const ModuleAddress& where);
+/// An identity of the module's build: its GNU build-id, or - when it has
+/// none - the file's device, inode, size and modification time.
+MPSERVICE_API std::string module_fingerprint(const std::string& module);
+
+/// CPUs this process may run on (affinity mask).
+MPSERVICE_API int affinity_cpu_count() noexcept;
+/// The CPU bandwidth quota of this process's cgroup in CPUs (v2 cpu.max or
+/// v1 cfs quota), or 0 if there is none.
+MPSERVICE_API double cgroup_cpu_quota() noexcept;
 
 // ---------------------------------------------------------------- (synchronization section)
 /// robust_mutex_lock without its spinning: straight to the blocking wait (for
@@ -1311,6 +1414,22 @@ inline std::string remote_traceback(const std::exception& e) {
 }
 /// Whether `e` came from another process.
 inline bool is_remote(const std::exception& e) noexcept { return dynamic_cast<const RemoteError*>(&e) != nullptr; }
+
+/// Whether tracebacks made in this process show file:line.  They come from
+/// the `addr2line` program (binutils) when it is installed and the module has
+/// debug line information (-g); it runs once per module for each new throw
+/// site (answers are cached), which costs tens of milliseconds on the first
+/// exception from a place.  Default: on.  Function names never need it.
+MPSERVICE_API void set_traceback_source_lines(bool enabled) noexcept;
+
+/// Whether each `throw` in this process records its stack (default: on, where
+/// the build has the throw hook; see the comment at the top of
+/// impl/os_posix_stacktrace.cpp).  Recording costs a few microseconds per
+/// throw (a backtrace() of up to 48 frames, no symbol lookup); a program that
+/// throws in hot loops can switch it off, and its remote tracebacks then show
+/// the stack where the exception was sent instead.  Compile with
+/// MPSERVICE_NO_THROW_HOOK to leave the hook out entirely.
+MPSERVICE_API void set_throw_site_capture(bool enabled) noexcept;
 
 namespace detail {
 
@@ -1598,14 +1717,793 @@ MPSERVICE_API void set_log_level_from_parent(Level level);
 }  // namespace mpservice
 // ---- end part: mpservice/public/logging.hpp
 // ---- begin part: mpservice/public/process.hpp -------------------------------
-// process: (to be written)
+// process: child processes used as futures, the start-up hook and the contexts.
+//
+//     int main(int argc, char** argv) {
+//         mp::init(argc, argv);               // first line: a spawned child runs its task here
+//         mp::Process p(work, 21);            // spawn context by default; CTAD: Process<double>
+//         p.start();
+//         double r = p.result();              // waits; re-throws the child's exception
+//     }
+//
+// Targets: any free function, static member function or capture-less lambda,
+// with arguments and a return value the codec handles (or void).  Nothing is
+// registered: the child is told the target's offset inside its module, and
+// checks that it runs the same build.  Under the fork context a callable with
+// captures works too (it simply runs in the forked copy).
+//
+// The context is the optional first constructor argument,
+//     mp::Process p(mp::ForkServerContext{}, work, 21);
+//     mp::Process q(mp::get_context("fork"), work, 21);
+// rather than a factory member such as ctx.Process(...): a constructor keeps
+// class template argument deduction, and one Process type serves every context.
+//
+// Lifetime: destroying a started Process that has not finished waits for the
+// child, as std::jthread waits for its thread; a daemon child is terminated
+// (SIGTERM) first.  Children never outlive their parent: each one is killed
+// when its parent dies, even by SIGKILL; at normal exit the parent terminates
+// its daemon children and waits for the others (as Python does).
+//
+// Linux is the implemented platform; the system calls live in detail/os.hpp.
+
+#include <chrono>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+// ---- begin part: mpservice/public/futures.hpp -------------------------------
+// futures: what Process and Thread have in common - a result that arrives
+// once - and wait() / as_completed() over any mix of them.
+//
+//     mp::Process p1(work, 2), p2(work, 3);
+//     mp::Thread t1(work, 4);
+//     p1.start(); p2.start(); t1.start();
+//     auto [done, not_done] = mp::wait({&p1, &p2, &t1}, 2.5s, mp::FIRST_COMPLETED);
+//     for (mp::Worker* w : mp::as_completed({&p1, &p2, &t1})) std::cout << w->name() << " finished\n";
+//
+// Workers are passed by address (as Worker*), so Process<R> and Thread<R> of
+// different R mix freely in one braced list; the results are the same pointers.
+
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <deque>
+#include <exception>
+#include <iterator>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace mpservice {
+
+/// When wait() returns (as concurrent.futures).
+enum class ReturnWhen {
+    all_completed,    ///< every worker has finished (or the timeout expired)
+    first_completed,  ///< any worker has finished, with a value or an exception
+    first_exception,  ///< any worker has failed; like all_completed if none does
+};
+inline constexpr ReturnWhen ALL_COMPLETED = ReturnWhen::all_completed;
+inline constexpr ReturnWhen FIRST_COMPLETED = ReturnWhen::first_completed;
+inline constexpr ReturnWhen FIRST_EXCEPTION = ReturnWhen::first_exception;
+
+namespace detail {
+
+class CompletionQueue;
+
+/// A move-only type-erased `void()` callable (std::function needs copyable ones).
+class Task {
+public:
+    virtual ~Task() = default;
+    virtual void run() = 0;
+};
+template <class L>
+class TaskOf final : public Task {
+public:
+    explicit TaskOf(L&& l) : l_(std::move(l)) {}
+    void run() override { l_(); }
+
+private:
+    L l_;
+};
+template <class L>
+std::unique_ptr<Task> make_task(L&& l) {
+    return std::make_unique<TaskOf<std::decay_t<L>>>(std::forward<L>(l));
+}
+
+/// The shared completion state of one worker: started, then resolved exactly
+/// once with an outcome.  Waiters block on it; wait()/as_completed() subscribe.
+class FutureCore {
+public:
+    FutureCore() = default;
+    FutureCore(const FutureCore&) = delete;
+    FutureCore& operator=(const FutureCore&) = delete;
+    virtual ~FutureCore() = default;
+
+    MPSERVICE_API void mark_started();
+    MPSERVICE_API bool started() const;
+    MPSERVICE_API bool done() const;
+    /// Resolves the future (only the first call counts).  `error` is what
+    /// join() and result() throw and exception() returns; `result_error` is
+    /// thrown by result() alone, when the worker ended cleanly but left no value
+    /// (terminated by SIGTERM, exit(0) before returning).
+    MPSERVICE_API void resolve(std::exception_ptr error, std::exception_ptr result_error = nullptr);
+    /// Blocks until resolved or `deadline`; true if resolved.
+    MPSERVICE_API bool wait_until(os::Deadline deadline) const;
+    /// Outcome, valid once done().
+    MPSERVICE_API std::exception_ptr error() const;
+    MPSERVICE_API std::exception_ptr result_error() const;
+    /// Pushes this core onto `q` when it resolves (at once if it already has).
+    MPSERVICE_API void subscribe(const std::shared_ptr<CompletionQueue>& q);
+
+    std::string name;
+
+protected:
+    mutable std::mutex mutex_;
+    mutable std::condition_variable cv_;
+
+private:
+    bool started_ = false;
+    bool done_ = false;
+    std::exception_ptr error_;
+    std::exception_ptr result_error_;
+    std::vector<std::weak_ptr<CompletionQueue>> subscribers_;
+};
+
+/// Cores that have resolved, in the order they did.
+class CompletionQueue {
+public:
+    MPSERVICE_API void push(const FutureCore* core);
+    /// The next resolved core, or nullptr if `deadline` passes first.
+    MPSERVICE_API const FutureCore* pop_until(os::Deadline deadline);
+
+private:
+    std::mutex mutex_;
+    std::condition_variable cv_;
+    std::deque<const FutureCore*> ready_;
+};
+
+}  // namespace detail
+
+/// The common base of Process<R> and Thread<R>: what wait() and as_completed()
+/// need.  Not copyable; the derived classes are movable.
+class Worker {
+public:
+    Worker(const Worker&) = delete;
+    Worker& operator=(const Worker&) = delete;
+    virtual ~Worker() = default;
+
+    /// True once the worker has finished - with a value, an exception or an exit.
+    bool done() const { return core_->done(); }
+    /// The worker's name ("Process-1", "Thread-2", or the one given).
+    const std::string& name() const { return core_->name; }
+    /// The completion state (for wait/as_completed).
+    const detail::FutureCore& core() const noexcept { return *core_; }
+
+protected:
+    explicit Worker(std::shared_ptr<detail::FutureCore> core) : core_(std::move(core)) {}
+    Worker(Worker&&) noexcept = default;
+    Worker& operator=(Worker&&) noexcept = default;
+    std::shared_ptr<detail::FutureCore> core_;
+};
+
+using WorkerList = std::vector<Worker*>;
+
+namespace detail {
+/// What result() returns: a reference to the kept value, or nothing.
+template <class R>
+struct result_ref {
+    using type = const R&;
+};
+template <>
+struct result_ref<void> {
+    using type = void;
+};
+template <class R>
+using result_ref_t = typename result_ref<R>::type;
+
+/// InvalidStateError: `what` (join, result, ...) on a worker that was never started.
+[[noreturn]] MPSERVICE_API void throw_not_started(const std::string& what, const std::string& name);
+/// TimeoutError for result()/exception() of a worker still running.
+[[noreturn]] MPSERVICE_API void throw_timeout(const std::string& name);
+MPSERVICE_API std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Deadline deadline,
+                                                           ReturnWhen return_when);
+}
+
+/// Waits for started workers (any mix of Process and Thread) and returns the
+/// pair (done, not_done), each in the order given.  A worker that was never
+/// started is an InvalidStateError.  Without a timeout, waits as `return_when`
+/// says; with one, returns the split at the deadline (no error).
+inline std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, ReturnWhen return_when = ALL_COMPLETED) {
+    return detail::wait_until(workers, detail::os::no_deadline, return_when);
+}
+template <class Rep, class Period>
+std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, std::chrono::duration<Rep, Period> timeout,
+                                       ReturnWhen return_when = ALL_COMPLETED) {
+    return detail::wait_until(workers, detail::os::deadline_after(timeout), return_when);
+}
+
+/// Yields started workers in the order they finish:
+///     for (mp::Worker* w : mp::as_completed({&p1, &t1}, 5s)) ...
+/// Advancing past the deadline throws TimeoutError.  Single pass.
+class AsCompleted {
+public:
+    class iterator {
+    public:
+        using value_type = Worker*;
+        using reference = Worker*;
+        using difference_type = std::ptrdiff_t;
+        using iterator_category = std::input_iterator_tag;
+        Worker* operator*() const noexcept { return current_; }
+        iterator& operator++() {
+            current_ = owner_->next();
+            return *this;
+        }
+        bool operator==(const iterator& o) const noexcept { return current_ == o.current_; }
+        bool operator!=(const iterator& o) const noexcept { return current_ != o.current_; }
+
+    private:
+        friend class AsCompleted;
+        iterator(AsCompleted* owner, Worker* current) : owner_(owner), current_(current) {}
+        AsCompleted* owner_;
+        Worker* current_;
+    };
+
+    /// Waits for the next worker to finish; nullptr once all have been yielded.
+    MPSERVICE_API Worker* next();
+    iterator begin() { return iterator(this, next()); }
+    iterator end() { return iterator(this, nullptr); }
+
+    /// Starts watching `workers` (every one must be started) until `deadline`.
+    MPSERVICE_API AsCompleted(const WorkerList& workers, detail::os::Deadline deadline);
+
+private:
+    std::shared_ptr<detail::CompletionQueue> queue_;
+    std::vector<Worker*> pending_;
+    detail::os::Deadline deadline_;
+};
+
+/// Workers in the order they finish (see AsCompleted); no time limit.
+inline AsCompleted as_completed(const WorkerList& workers) {
+    return AsCompleted(workers, detail::os::no_deadline);
+}
+/// Workers in the order they finish; TimeoutError if they have not all
+/// finished `timeout` after this call.
+template <class Rep, class Period>
+AsCompleted as_completed(const WorkerList& workers, std::chrono::duration<Rep, Period> timeout) {
+    return AsCompleted(workers, detail::os::deadline_after(timeout));
+}
+
+}  // namespace mpservice
+// ---- end part: mpservice/public/futures.hpp
+
+namespace mpservice {
+
+/// Call as the first line of main().  In a child process started by this
+/// library it runs the child's task and never returns (the process exits with
+/// the task's exit code).  In any other process it returns at once, after
+/// starting the fork server (a clean copy of the program, made before any
+/// thread exists, that the fork-server context forks workers from).
+MPSERVICE_API void init(int argc, char** argv);
+
+/// How a child process is made.
+enum class StartMethod {
+    spawn,       ///< a fresh exec of this program: no inherited threads, locks or heap state (default)
+    fork,        ///< fork(): fastest, runs any callable, but unsafe once the parent has threads
+    forkserver,  ///< fork() of a server forked at init(), before any thread existed
+};
+
+/// A start method; pass one as the first argument of Process.
+class Context {
+public:
+    constexpr explicit Context(StartMethod method) noexcept : method_(method) {}
+    constexpr StartMethod start_method() const noexcept { return method_; }
+    /// "spawn", "fork" or "forkserver".
+    MPSERVICE_API const char* name() const noexcept;
+
+private:
+    StartMethod method_;
+};
+class SpawnContext : public Context {
+public:
+    constexpr SpawnContext() noexcept : Context(StartMethod::spawn) {}
+};
+class ForkContext : public Context {
+public:
+    constexpr ForkContext() noexcept : Context(StartMethod::fork) {}
+};
+class ForkServerContext : public Context {
+public:
+    constexpr ForkServerContext() noexcept : Context(StartMethod::forkserver) {}
+};
+
+/// The default context (as the seed's MP_SPAWN_CTX).
+inline constexpr SpawnContext MP_SPAWN_CTX{};
+
+/// The context for "spawn", "fork" or "forkserver"; std::invalid_argument otherwise.
+MPSERVICE_API const Context& get_context(const std::string& method = "spawn");
+
+/// CPUs this process may use: the affinity mask, lowered by a cgroup CPU
+/// quota (rounded up); at least 1.
+MPSERVICE_API int cpu_count();
+
+/// A process as current_process() and friends describe it.
+struct ProcessInfo {
+    std::string name;  ///< "MainProcess", or the Process's name in a child
+    long pid = 0;
+};
+/// This process (name and pid).
+MPSERVICE_API ProcessInfo current_process();
+/// The process that started this one; empty in the main process.
+MPSERVICE_API std::optional<ProcessInfo> parent_process();
+/// Children started by this process that have not finished yet.
+MPSERVICE_API std::vector<ProcessInfo> active_children();
+
+namespace detail {
+
+/// Runs in the child: decodes the arguments, calls the target, encodes the result.
+using Trampoline = void (*)(const void* target, Decoder& args, Encoder& result);
+
+template <class Fn, class... A>
+void trampoline(const void* target, Decoder& in, Encoder& out) {
+    Fn fn = reinterpret_cast<Fn>(reinterpret_cast<std::uintptr_t>(target));
+    std::tuple<A...> args{in.read<A>()...};  // braced: decoded left to right
+    in.expect_end("process arguments");
+    if constexpr (std::is_void_v<std::invoke_result_t<Fn, A...>>) {
+        std::apply(fn, std::move(args));
+        (void)out;
+    } else {
+        out.write(std::apply(fn, std::move(args)));
+    }
+}
+
+/// The plain function pointer behind a callable, when it has one: a function,
+/// a function pointer, a static member function or a capture-less lambda.
+template <class F, class = void>
+struct function_pointer_of {
+    static constexpr bool value = false;
+};
+template <class F>
+struct function_pointer_of<F, std::enable_if_t<std::is_pointer_v<F> && std::is_function_v<std::remove_pointer_t<F>>>> {
+    static constexpr bool value = true;
+    static F get(F f) { return f; }
+};
+template <class F>
+struct function_pointer_of<
+    F, std::enable_if_t<std::is_class_v<F> && std::is_pointer_v<decltype(+std::declval<F&>())> &&
+                        std::is_function_v<std::remove_pointer_t<decltype(+std::declval<F&>())>>>> {
+    static constexpr bool value = true;
+    static auto get(F& f) { return +f; }
+};
+
+template <class F, class... A>
+using process_result_t = std::invoke_result_t<std::decay_t<F>, std::decay_t<A>...>;
+
+/// What a child runs: the target as an address plus trampoline (spawn,
+/// fork-server) and, for fork, the callable itself.
+class ChildTask {
+public:
+    virtual ~ChildTask() = default;
+    const void* target = nullptr;  ///< null: the callable has no plain-function form
+    Trampoline trampoline = nullptr;
+    /// Writes the arguments (only when target is set).
+    virtual void encode_args(Encoder& out) const = 0;
+    /// Calls the target here (in a forked child) and writes its result.
+    virtual void run_here(Encoder& result) = 0;
+};
+
+template <class R, class F, class... A>
+class ChildTaskOf final : public ChildTask {
+public:
+    template <class FF, class... AA>
+    explicit ChildTaskOf(FF&& f, AA&&... args) : f_(std::forward<FF>(f)), args_(std::forward<AA>(args)...) {
+        if constexpr (function_pointer_of<F>::value) {
+            auto fp = function_pointer_of<F>::get(f_);
+            target = reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(fp));
+            trampoline = &detail::trampoline<decltype(fp), A...>;
+        }
+    }
+    void encode_args(Encoder& out) const override {
+        if constexpr (function_pointer_of<F>::value) {
+            std::apply([&](const auto&... a) { (out.write(a), ...); }, args_);
+        } else {
+            (void)out;
+        }
+    }
+    void run_here(Encoder& result) override {
+        if constexpr (std::is_void_v<R>) {
+            std::apply(f_, std::move(args_));
+            (void)result;
+        } else {
+            result.write(std::apply(f_, std::move(args_)));
+        }
+    }
+
+private:
+    F f_;
+    std::tuple<A...> args_;
+};
+
+/// The non-template part of a Process: the child, its channel and its outcome.
+class ProcessCore : public FutureCore, public std::enable_shared_from_this<ProcessCore> {
+public:
+    MPSERVICE_API explicit ProcessCore(const Context& ctx);
+    MPSERVICE_API ~ProcessCore() override;
+
+    MPSERVICE_API void start(std::unique_ptr<ChildTask> task);
+    MPSERVICE_API long pid() const;
+    MPSERVICE_API std::optional<int> exitcode() const;
+    MPSERVICE_API bool is_alive() const;
+    MPSERVICE_API void send_signal(int sig);
+    /// What ~Process does: wait, after terminating a daemon.
+    MPSERVICE_API void release() noexcept;
+    MPSERVICE_API void set_daemon(bool daemon);
+    bool daemon() const { return daemon_; }
+
+    /// The encoded value and the handles that came with it (after done()).
+    MPSERVICE_API bool has_value() const;
+    const std::string& value_bytes() const { return value_bytes_; }
+    const std::vector<os::handle_t>& value_handles() const { return value_handles_; }
+    /// The decoded value, cached by Process<R>::result.
+    std::mutex value_mutex;
+    std::shared_ptr<void> decoded;
+
+    /// The lock of this core's state (the implementation's reactor uses it).
+    std::mutex& io_mutex() const { return mutex_; }
+
+    // ---- the rest is the implementation's (parent-side bookkeeping, reactor state)
+    struct Io;
+    StartMethod method_;
+    bool daemon_ = false;
+    long pid_ = 0;
+    std::optional<int> exitcode_;
+    bool has_value_ = false;
+    std::string value_bytes_;
+    std::vector<os::handle_t> value_handles_;
+    std::string identity_;  // "3", or "1:3" in a child: numbers the default name
+    std::unique_ptr<Io> io_;
+};
+
+/// Test hook: the next spawn/fork-server child is told a wrong build
+/// fingerprint, as if the parent ran a different build.
+MPSERVICE_API void test_corrupt_next_fingerprint() noexcept;
+
+}  // namespace detail
+
+/// A child process running target(args...) and delivering its result like a
+/// future.  See the top of this file for targets, contexts and lifetime.
+template <class R>
+class Process : public Worker {
+    using Core = detail::ProcessCore;
+
+public:
+    /// Prepares (does not start) a child in the default spawn context.
+    template <class F, class... A,
+              std::enable_if_t<!std::is_base_of_v<Context, std::decay_t<F>> &&
+                                   !std::is_same_v<std::decay_t<F>, Process>,
+                               int> = 0>
+    explicit Process(F&& f, A&&... args) : Process(MP_SPAWN_CTX, std::forward<F>(f), std::forward<A>(args)...) {}
+
+    /// Prepares a child made by `ctx` (SpawnContext, ForkContext, ForkServerContext).
+    template <class F, class... A>
+    Process(const Context& ctx, F&& f, A&&... args)
+        : Worker(std::make_shared<Core>(ctx)),
+          task_(std::make_unique<detail::ChildTaskOf<R, std::decay_t<F>, std::decay_t<A>...>>(
+              std::forward<F>(f), std::forward<A>(args)...)) {}
+
+    Process(Process&&) noexcept = default;
+    Process& operator=(Process&&) = delete;
+    /// Waits for a started child (terminating it first if it is a daemon).
+    ~Process() override {
+        if (core_) state().release();
+    }
+
+    /// Starts the child.  InvalidStateError if already started, or if init()
+    /// was not called (spawn, fork-server); std::invalid_argument for a
+    /// callable with captures outside the fork context.
+    void start() { state().start(std::move(task_)); }
+
+    /// Waits for the child to end and for every log record it sent to be
+    /// handled; re-throws the child's exception, or ProcessError if it exited
+    /// with a non-zero code or died of a signal - except SIGTERM, which join()
+    /// accepts quietly (after terminate(), join() does not throw).
+    void join() { join_at(detail::os::no_deadline); }
+    /// As join(), but returns quietly if the child is still running after `timeout`.
+    template <class Rep, class Period>
+    void join(std::chrono::duration<Rep, Period> timeout) {
+        join_at(detail::os::deadline_after(timeout));
+    }
+
+    /// The target's return value (waits).  Re-throws as join() does; a child
+    /// that ended without a value (terminated, exit(0)) is a ProcessError.
+    detail::result_ref_t<R> result() { return result_at(detail::os::no_deadline); }
+    /// As result(), but TimeoutError if the child is still running after `timeout`.
+    template <class Rep, class Period>
+    detail::result_ref_t<R> result(std::chrono::duration<Rep, Period> timeout) {
+        return result_at(detail::os::deadline_after(timeout));
+    }
+
+    /// The exception join() would throw, or nullptr (waits).
+    std::exception_ptr exception() { return exception_at(detail::os::no_deadline); }
+    /// As exception(), but TimeoutError if the child is still running after `timeout`.
+    template <class Rep, class Period>
+    std::exception_ptr exception(std::chrono::duration<Rep, Period> timeout) {
+        return exception_at(detail::os::deadline_after(timeout));
+    }
+
+    /// Started and not yet finished.
+    bool is_alive() const { return state().is_alive(); }
+    /// Sends SIGTERM (no-op once the child has ended).
+    void terminate() { state().send_signal(detail::os::signal_terminate()); }
+    /// Sends SIGKILL (no-op once the child has ended).
+    void kill() { state().send_signal(detail::os::signal_kill()); }
+    /// The child's pid; 0 before start().
+    long pid() const { return state().pid(); }
+    /// Empty while running; 0 after success, n after exit(n), 1 after an
+    /// exception, -N after signal N.
+    std::optional<int> exitcode() const { return state().exitcode(); }
+    /// Renames the process (before start); the child sees it as current_process().name.
+    void set_name(std::string name) {
+        if (state().started()) throw InvalidStateError("mpservice: cannot rename a started process");
+        core_->name = std::move(name);
+    }
+    bool daemon() const { return state().daemon(); }
+    /// Marks the child as a daemon (before start): it is terminated, not
+    /// waited for, when its Process is destroyed or the parent exits.
+    void set_daemon(bool daemon) { state().set_daemon(daemon); }
+
+private:
+    Core& state() const { return static_cast<Core&>(*core_); }
+
+    bool wait_at(detail::os::Deadline deadline, const char* what) {
+        if (!core_->started()) detail::throw_not_started(what, name());
+        return core_->wait_until(deadline);
+    }
+    void join_at(detail::os::Deadline deadline) {
+        if (!wait_at(deadline, "join")) return;
+        if (auto e = core_->error()) detail::rethrow_exception(e);
+    }
+    detail::result_ref_t<R> result_at(detail::os::Deadline deadline) {
+        if (!wait_at(deadline, "result")) detail::throw_timeout(name());
+        if (auto e = core_->error()) detail::rethrow_exception(e);
+        if constexpr (std::is_void_v<R>) {
+            // exit(0) from a void target is a success; a SIGTERM is not.
+            if (!state().has_value() && state().exitcode() != 0)
+                if (auto e = core_->result_error()) detail::rethrow_exception(e);
+        } else {
+            if (!state().has_value()) detail::rethrow_exception(core_->result_error());
+            Core& c = state();
+            std::lock_guard<std::mutex> lk(c.value_mutex);
+            if (!c.decoded) {
+                Decoder d(c.value_bytes().data(), c.value_bytes().size(), &c.value_handles());
+                auto v = std::make_shared<R>(d.template read<R>());
+                d.expect_end("process result");
+                c.decoded = std::move(v);
+            }
+            return *static_cast<const R*>(c.decoded.get());
+        }
+    }
+    std::exception_ptr exception_at(detail::os::Deadline deadline) {
+        if (!wait_at(deadline, "exception")) detail::throw_timeout(name());
+        return core_->error();
+    }
+
+    std::unique_ptr<detail::ChildTask> task_;
+};
+
+template <class F, class... A>
+Process(F, A...) -> Process<detail::process_result_t<F, A...>>;
+template <class F, class... A>
+Process(const Context&, F, A...) -> Process<detail::process_result_t<F, A...>>;
+
+}  // namespace mpservice
 // ---- end part: mpservice/public/process.hpp
 // ---- begin part: mpservice/public/threading.hpp -----------------------------
-// threading: (to be written)
+// threading: Thread<R>, a thread with the future API of Process<R>.
+//
+//     mp::Thread t(work, 21);              // CTAD: Thread<double>
+//     t.start();
+//     double r = t.result();               // waits; re-throws the target's exception
+//
+// Cancellation is cooperative, as with std::jthread (C++ cannot inject an
+// exception into a running thread the way Python's Thread.throw does): a
+// target whose first parameter is mp::StopToken receives one, and polls
+// stop_requested(); request_stop() sets it.  The destructor of a running
+// Thread requests a stop and then joins.
+
+#include <atomic>
+#include <chrono>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+namespace mpservice {
+
+/// Tells a Thread's target that a stop was requested (see Thread::request_stop).
+class StopToken {
+public:
+    StopToken() = default;
+    bool stop_requested() const noexcept { return flag_ && flag_->load(std::memory_order_acquire); }
+
+private:
+    template <class>
+    friend class Thread;
+    explicit StopToken(std::shared_ptr<std::atomic<bool>> flag) : flag_(std::move(flag)) {}
+    std::shared_ptr<std::atomic<bool>> flag_;
+};
+
+namespace detail {
+
+/// "Thread-N", numbered from 1 in each process.
+MPSERVICE_API std::string next_thread_name();
+
+template <class F, class... A>
+constexpr bool takes_stop_token_v = std::is_invocable_v<std::decay_t<F>, StopToken, std::decay_t<A>...>;
+
+template <class F, class... A>
+struct thread_result {
+    using type = std::invoke_result_t<std::decay_t<F>, std::decay_t<A>...>;
+};
+template <class F, class... A>
+struct thread_result_with_token {
+    using type = std::invoke_result_t<std::decay_t<F>, StopToken, std::decay_t<A>...>;
+};
+template <class F, class... A>
+using thread_result_t = typename std::conditional_t<takes_stop_token_v<F, A...>, thread_result_with_token<F, A...>,
+                                                    thread_result<F, A...>>::type;
+
+template <class R>
+class ThreadCore : public FutureCore {
+public:
+    std::optional<std::conditional_t<std::is_void_v<R>, bool, R>> value;
+    std::mutex join_mutex;
+};
+
+}  // namespace detail
+
+/// A thread whose target's return value or exception is kept, like a future.
+template <class R>
+class Thread : public Worker {
+    using Core = detail::ThreadCore<R>;
+
+public:
+    /// Prepares a thread running f(args...) - or f(stop_token, args...) if f
+    /// takes a StopToken first.  Arguments are copied (decayed) into the thread
+    /// and passed as rvalues, as std::thread does.  Nothing runs until start().
+    template <class F, class... A,
+              std::enable_if_t<!std::is_same_v<std::decay_t<F>, Thread>, int> = 0>
+    explicit Thread(F&& f, A&&... args)
+        : Worker(std::make_shared<Core>()), stop_(std::make_shared<std::atomic<bool>>(false)) {
+        core_->name = detail::next_thread_name();
+        auto token = StopToken(stop_);
+        auto core = state();
+        body_ = detail::make_task([core, token, fn = std::decay_t<F>(std::forward<F>(f)),
+                 tup = std::make_tuple(std::decay_t<A>(std::forward<A>(args))...)]() mutable {
+            std::exception_ptr error;
+            try {
+                if constexpr (detail::takes_stop_token_v<F, A...>) {
+                    call_and_store(*core, [&] {
+                        return std::apply([&](auto&&... a) { return std::invoke(fn, token, std::move(a)...); },
+                                          std::move(tup));
+                    });
+                } else {
+                    call_and_store(*core, [&] { return std::apply(fn, std::move(tup)); });
+                }
+            } catch (...) {
+                error = std::current_exception();
+            }
+            core->resolve(error);
+        });
+    }
+    Thread(Thread&&) noexcept = default;
+    Thread& operator=(Thread&&) = delete;
+    /// A running thread is asked to stop (request_stop) and joined; never throws.
+    ~Thread() override {
+        if (thread_.joinable()) {
+            request_stop();
+            thread_.join();
+        }
+    }
+
+    /// Starts the thread; a second start() is an InvalidStateError.
+    void start() {
+        if (core_->started()) throw InvalidStateError("mpservice: thread '" + name() + "' was already started");
+        core_->mark_started();
+        thread_ = std::thread([body = std::move(body_)] { body->run(); });
+    }
+
+    /// Waits for the end; re-throws the target's exception (every time).
+    void join() {
+        wait_for_end(detail::os::no_deadline, "join");
+        if (auto e = core_->error()) std::rethrow_exception(e);
+    }
+    /// Waits at most `timeout`; returns quietly if the thread is still running.
+    template <class Rep, class Period>
+    void join(std::chrono::duration<Rep, Period> timeout) {
+        if (!wait_for_end(detail::os::deadline_after(timeout), "join")) return;
+        if (auto e = core_->error()) std::rethrow_exception(e);
+    }
+
+    /// The target's value (waits); re-throws its exception.
+    detail::result_ref_t<R> result() {
+        return result_at(detail::os::no_deadline);
+    }
+    /// As result(), but TimeoutError if not finished within `timeout`.
+    template <class Rep, class Period>
+    detail::result_ref_t<R> result(std::chrono::duration<Rep, Period> timeout) {
+        return result_at(detail::os::deadline_after(timeout));
+    }
+    /// The target's exception, or nullptr after a value (waits).
+    std::exception_ptr exception() { return exception_at(detail::os::no_deadline); }
+    template <class Rep, class Period>
+    std::exception_ptr exception(std::chrono::duration<Rep, Period> timeout) {
+        return exception_at(detail::os::deadline_after(timeout));
+    }
+
+    bool is_alive() const { return core_->started() && !core_->done(); }
+    /// Asks the target to stop (it sees StopToken::stop_requested()).
+    void request_stop() noexcept { stop_->store(true, std::memory_order_release); }
+    bool stop_requested() const noexcept { return stop_->load(std::memory_order_acquire); }
+    StopToken get_stop_token() const { return StopToken(stop_); }
+    /// Renames the thread (before start).
+    void set_name(std::string name) { core_->name = std::move(name); }
+
+private:
+    template <class Call>
+    static void call_and_store(Core& core, Call&& call) {
+        if constexpr (std::is_void_v<R>) {
+            call();
+            core.value.emplace(true);
+        } else {
+            core.value.emplace(call());
+        }
+    }
+    std::shared_ptr<Core> state() const { return std::static_pointer_cast<Core>(core_); }
+
+    bool wait_for_end(detail::os::Deadline deadline, const char* what) {
+        if (!core_->started()) detail::throw_not_started(what, name());
+        if (!core_->wait_until(deadline)) return false;
+        if (thread_.joinable()) {
+            std::lock_guard<std::mutex> lk(state()->join_mutex);
+            if (thread_.joinable()) thread_.join();
+        }
+        return true;
+    }
+    detail::result_ref_t<R> result_at(detail::os::Deadline deadline) {
+        if (!wait_for_end(deadline, "result")) detail::throw_timeout(name());
+        if (auto e = core_->error()) std::rethrow_exception(e);
+        if constexpr (!std::is_void_v<R>) return *state()->value;
+    }
+    std::exception_ptr exception_at(detail::os::Deadline deadline) {
+        if (!wait_for_end(deadline, "exception")) detail::throw_timeout(name());
+        return core_->error();
+    }
+
+    std::shared_ptr<std::atomic<bool>> stop_;
+    std::unique_ptr<detail::Task> body_;
+    std::thread thread_;
+};
+
+template <class F, class... A>
+Thread(F, A...) -> Thread<detail::thread_result_t<F, A...>>;
+
+}  // namespace mpservice
 // ---- end part: mpservice/public/threading.hpp
-// ---- begin part: mpservice/public/futures.hpp -------------------------------
-// futures: (to be written)
-// ---- end part: mpservice/public/futures.hpp
 // ---- begin part: mpservice/public/synchronize.hpp ---------------------------
 // synchronize: Lock, RLock, Condition, Semaphore, BoundedSemaphore, Event and
 // Barrier in shared memory, usable alike by the threads of one process and by
@@ -2684,25 +3582,46 @@ struct Codec<Array<T, L>> {
 
 #include <cerrno>
 #include <climits>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <ctime>
+#include <fstream>
 #include <system_error>
 
+#include <dirent.h>
+#include <dlfcn.h>
+#include <elf.h>
 #include <fcntl.h>
+#include <link.h>
+#include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
+#include <spawn.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #if defined(__linux__)
 #include <linux/futex.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
 #endif
 // synchronization section
 #include <cstdio>
 #include <cstring>
 #include <link.h>
 #include <stdexcept>
+
+extern char** environ;
 
 namespace mpservice::detail::os {
 
@@ -2882,7 +3801,490 @@ void local_time(long long seconds, int fields[6]) noexcept {
     fields[5] = tm.tm_sec;
 }
 
-// ---------------------------------------------------------------- (process/channel section)
+// ---------------------------------------------------------------- process/channel section
+
+namespace {
+void socket_pair(int type, handle_t& a, handle_t& b) {
+    int sv[2];
+    if (::socketpair(AF_UNIX, type | SOCK_CLOEXEC, 0, sv) != 0) throw_errno("mpservice: socketpair");
+    a = sv[0];
+    b = sv[1];
+}
+// Linux passes at most this many descriptors in one message (SCM_MAX_FD).
+constexpr std::size_t max_handles_per_message = 253;
+}  // namespace
+
+void channel_pair(handle_t& a, handle_t& b) { socket_pair(SOCK_STREAM, a, b); }
+void packet_pair(handle_t& a, handle_t& b) { socket_pair(SOCK_SEQPACKET, a, b); }
+
+bool channel_write(handle_t ch, const void* a, std::size_t na, const void* b, std::size_t nb,
+                   const handle_t* handles, std::size_t nhandles) {
+    if (nhandles > max_handles_per_message)
+        throw std::invalid_argument("mpservice: more than 253 OS handles in one message");
+    iovec iov[2] = {{const_cast<void*>(a), na}, {const_cast<void*>(b), nb}};
+    int niov = 2;
+    iovec* cur = iov;
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * max_handles_per_message)];
+    bool handles_pending = nhandles > 0;
+    for (;;) {
+        while (niov > 0 && cur->iov_len == 0) ++cur, --niov;
+        if (niov == 0 && !handles_pending) return true;
+        msghdr msg{};
+        msg.msg_iov = cur;
+        msg.msg_iovlen = static_cast<std::size_t>(niov);
+        char dummy = 0;
+        iovec one{&dummy, 1};
+        if (niov == 0) {  // handles with no bytes: send one filler byte (never happens for framed data)
+            msg.msg_iov = &one;
+            msg.msg_iovlen = 1;
+        }
+        if (handles_pending) {
+            std::memset(control, 0, sizeof control);
+            msg.msg_control = control;
+            msg.msg_controllen = CMSG_SPACE(sizeof(int) * nhandles);
+            cmsghdr* c = CMSG_FIRSTHDR(&msg);
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_RIGHTS;
+            c->cmsg_len = CMSG_LEN(sizeof(int) * nhandles);
+            std::memcpy(CMSG_DATA(c), handles, sizeof(int) * nhandles);
+        }
+        ssize_t n = ::sendmsg(ch, &msg, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN) {  // a non-blocking end: wait until there is room
+                pollfd p{ch, POLLOUT, 0};
+                ::poll(&p, 1, -1);
+                continue;
+            }
+            if (errno == EPIPE || errno == ECONNRESET) return false;
+            throw_errno("mpservice: sendmsg");
+        }
+        handles_pending = false;
+        if (niov == 0) return true;
+        auto left = static_cast<std::size_t>(n);
+        while (niov > 0 && left >= cur->iov_len) left -= cur->iov_len, ++cur, --niov;
+        if (niov > 0) {
+            cur->iov_base = static_cast<char*>(cur->iov_base) + left;
+            cur->iov_len -= left;
+        }
+    }
+}
+
+long channel_read(handle_t ch, void* buf, std::size_t cap, std::vector<handle_t>* handles, bool nonblocking) {
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * max_handles_per_message)];
+    for (;;) {
+        iovec iov{buf, cap};
+        msghdr msg{};
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control;
+        msg.msg_controllen = sizeof control;
+        ssize_t n = ::recvmsg(ch, &msg, MSG_CMSG_CLOEXEC | (nonblocking ? MSG_DONTWAIT : 0));
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN) return -1;
+            if (errno == ECONNRESET) return 0;
+            throw_errno("mpservice: recvmsg");
+        }
+        for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+            std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            for (std::size_t i = 0; i < count; ++i) {
+                int fd;
+                std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+                if (handles) handles->push_back(fd);
+                else ::close(fd);
+            }
+        }
+        return static_cast<long>(n);
+    }
+}
+
+unsigned wait_readable(const handle_t* hs, int n, int timeout_ms) {
+    pollfd p[8];
+    if (n > 8) n = 8;
+    for (int i = 0; i < n; ++i) p[i] = pollfd{hs[i], POLLIN, 0};
+    int rc;
+    do rc = ::poll(p, static_cast<nfds_t>(n), timeout_ms);
+    while (rc < 0 && errno == EINTR);
+    unsigned mask = 0;
+    for (int i = 0; i < n; ++i)
+        if (p[i].revents) mask |= 1u << i;
+    return mask;
+}
+
+handle_t poller_create() {
+    int fd = ::epoll_create1(EPOLL_CLOEXEC);
+    if (fd < 0) throw_errno("mpservice: epoll_create1");
+    return fd;
+}
+
+void poller_add(handle_t poller, handle_t h, std::uint64_t token) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = token;
+    if (::epoll_ctl(poller, EPOLL_CTL_ADD, h, &ev) != 0) throw_errno("mpservice: epoll_ctl");
+}
+
+void poller_remove(handle_t poller, handle_t h) noexcept { ::epoll_ctl(poller, EPOLL_CTL_DEL, h, nullptr); }
+
+int poller_wait(handle_t poller, std::uint64_t* tokens, int max, int timeout_ms) {
+    epoll_event evs[64];
+    if (max > 64) max = 64;
+    int n;
+    do n = ::epoll_wait(poller, evs, max, timeout_ms);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) throw_errno("mpservice: epoll_wait");
+    for (int i = 0; i < n; ++i) tokens[i] = evs[i].data.u64;
+    return n;
+}
+
+handle_t wake_event_create() {
+    int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (fd < 0) throw_errno("mpservice: eventfd");
+    return fd;
+}
+
+void wake_event_signal(handle_t ev) noexcept {
+    std::uint64_t one = 1;
+    ssize_t rc = ::write(ev, &one, sizeof one);
+    (void)rc;
+}
+
+void wake_event_drain(handle_t ev) noexcept {
+    std::uint64_t v;
+    ssize_t rc = ::read(ev, &v, sizeof v);
+    (void)rc;
+}
+
+long spawn_self(const std::string& argv0, const std::string& marker, handle_t inherit) {
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    // dup2 onto itself clears close-on-exec for this one descriptor in the
+    // child only (glibc >= 2.29), so no other thread's spawn can inherit it.
+    posix_spawn_file_actions_adddup2(&fa, inherit, inherit);
+    posix_spawnattr_t at;
+    posix_spawnattr_init(&at);
+    sigset_t none;
+    sigemptyset(&none);
+    posix_spawnattr_setsigmask(&at, &none);
+    posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSIGMASK);
+    char* argv[] = {const_cast<char*>(argv0.c_str()), const_cast<char*>(marker.c_str()), nullptr};
+    pid_t pid = 0;
+    int rc = ::posix_spawn(&pid, "/proc/self/exe", &fa, &at, argv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    posix_spawnattr_destroy(&at);
+    if (rc != 0) throw std::system_error(rc, std::generic_category(), "mpservice: posix_spawn of /proc/self/exe");
+    return static_cast<long>(pid);
+}
+
+long fork_process() {
+    // Signals are blocked across the fork, so none can reach the child while it
+    // still has the parent's handlers (a parent's crash handler running in a
+    // half-made child deadlocks it); the child resets them, then unblocks.
+    sigset_t all, old;
+    sigfillset(&all);
+    ::pthread_sigmask(SIG_SETMASK, &all, &old);
+    pid_t pid = ::fork();
+    if (pid == 0) {
+        reset_signal_handlers();  // also unblocks everything
+        return 0;
+    }
+    int err = errno;
+    ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    errno = err;
+    if (pid < 0) throw_errno("mpservice: fork");
+    return static_cast<long>(pid);
+}
+
+handle_t process_handle(long pid) noexcept {
+#if defined(SYS_pidfd_open)
+    long fd = ::syscall(SYS_pidfd_open, static_cast<pid_t>(pid), 0);
+    if (fd >= 0) {
+        ::fcntl(static_cast<int>(fd), F_SETFD, FD_CLOEXEC);  // pidfds are close-on-exec already; be sure
+        return static_cast<handle_t>(fd);
+    }
+#endif
+    (void)pid;
+    return invalid_handle;
+}
+
+namespace {
+int python_exitcode(int status) {
+    if (WIFEXITED(status)) return WEXITSTATUS(status);
+    if (WIFSIGNALED(status)) return -WTERMSIG(status);
+    return 255;
+}
+}  // namespace
+
+bool reap_child(long pid, bool block, int* exitcode) {
+    int status = 0;
+    for (;;) {
+        pid_t r = ::waitpid(static_cast<pid_t>(pid), &status, block ? 0 : WNOHANG);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) throw_errno("mpservice: waitpid");
+        if (r == 0) return false;
+        *exitcode = python_exitcode(status);
+        return true;
+    }
+}
+
+bool reap_any_child(long* pid, int* exitcode) {
+    int status = 0;
+    pid_t r;
+    do r = ::waitpid(-1, &status, WNOHANG);
+    while (r < 0 && errno == EINTR);
+    if (r <= 0) return false;
+    *pid = r;
+    *exitcode = python_exitcode(status);
+    return true;
+}
+
+bool send_signal(long pid, handle_t process_handle, int sig) noexcept {
+#if defined(SYS_pidfd_send_signal)
+    if (process_handle >= 0) return ::syscall(SYS_pidfd_send_signal, process_handle, sig, nullptr, 0) == 0;
+#endif
+    (void)process_handle;
+    return ::kill(static_cast<pid_t>(pid), sig) == 0;
+}
+
+int signal_terminate() noexcept { return SIGTERM; }
+int signal_kill() noexcept { return SIGKILL; }
+
+std::string signal_name(int sig) {
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 32))
+    if (const char* abbrev = ::sigabbrev_np(sig)) return std::string("SIG") + abbrev;
+#endif
+    return "signal " + std::to_string(sig);
+}
+
+long parent_pid() noexcept { return static_cast<long>(::getppid()); }
+
+bool die_with_parent(long expected_parent) noexcept {
+#if defined(__linux__)
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+#endif
+    // The parent may have died before prctl took effect: then we were re-parented.
+    return static_cast<long>(::getppid()) == expected_parent;
+}
+
+void reset_signal_handlers() noexcept {
+    for (int sig = 1; sig < NSIG; ++sig) {
+        if (sig == SIGKILL || sig == SIGSTOP) continue;
+        struct sigaction old;
+        if (::sigaction(sig, nullptr, &old) != 0) continue;
+        bool caught = (old.sa_flags & SA_SIGINFO) ? true : (old.sa_handler != SIG_DFL && old.sa_handler != SIG_IGN);
+        if (!caught) continue;
+        struct sigaction dfl{};
+        dfl.sa_handler = SIG_DFL;
+        sigemptyset(&dfl.sa_mask);
+        ::sigaction(sig, &dfl, nullptr);
+    }
+    sigset_t none;
+    sigemptyset(&none);
+    ::pthread_sigmask(SIG_SETMASK, &none, nullptr);
+}
+
+void close_handles_except(handle_t keep) noexcept {
+#if defined(SYS_close_range)
+    bool ok = true;
+    if (keep > 3) ok = ::syscall(SYS_close_range, 3u, static_cast<unsigned>(keep - 1), 0u) == 0;
+    if (ok && ::syscall(SYS_close_range, static_cast<unsigned>(keep < 3 ? 3 : keep + 1), ~0u, 0u) == 0) return;
+#endif
+    // Fallback: walk the descriptor table.
+    long max = ::sysconf(_SC_OPEN_MAX);
+    for (long fd = 3; fd < max && fd < 65536; ++fd)
+        if (fd != keep) ::close(static_cast<int>(fd));
+}
+
+void exit_now(int code) noexcept { ::_exit(code); }
+
+bool is_main_thread() noexcept { return static_cast<long>(::syscall(SYS_gettid)) == static_cast<long>(::getpid()); }
+
+handle_t child_exit_events() {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGCHLD);
+    ::sigprocmask(SIG_BLOCK, &set, nullptr);
+    int fd = ::signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (fd < 0) throw_errno("mpservice: signalfd");
+    return fd;
+}
+
+void child_exit_events_drain(handle_t h) noexcept {
+    signalfd_siginfo info[8];
+    while (::read(h, info, sizeof info) > 0) {
+    }
+}
+
+void child_exit_events_release(handle_t h) noexcept {
+    ::close(h);
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGCHLD);
+    ::sigprocmask(SIG_UNBLOCK, &set, nullptr);
+}
+
+namespace {
+struct ModuleSearch {
+    // in
+    std::uintptr_t addr = 0;          // find the module containing addr, or
+    const std::string* name = nullptr;  // the module with this name
+    // out
+    bool found = false;
+    bool first = true;
+    std::string module;
+    std::uintptr_t base = 0;
+    std::string build_id;
+};
+
+std::string note_build_id(const dl_phdr_info* info) {
+    for (int i = 0; i < info->dlpi_phnum; ++i) {
+        const auto& ph = info->dlpi_phdr[i];
+        if (ph.p_type != PT_NOTE) continue;
+        auto p = reinterpret_cast<const unsigned char*>(info->dlpi_addr + ph.p_vaddr);
+        auto end = p + ph.p_memsz;
+        while (p + sizeof(ElfW(Nhdr)) <= end) {
+            ElfW(Nhdr) nh;
+            std::memcpy(&nh, p, sizeof nh);
+            const unsigned char* name = p + sizeof nh;
+            const unsigned char* desc = name + ((nh.n_namesz + 3u) & ~3u);
+            const unsigned char* next = desc + ((nh.n_descsz + 3u) & ~3u);
+            if (next > end) break;
+            if (nh.n_type == NT_GNU_BUILD_ID && nh.n_namesz == 4 && std::memcmp(name, "GNU", 4) == 0)
+                return std::string(reinterpret_cast<const char*>(desc), nh.n_descsz);
+            p = next;
+        }
+    }
+    return {};
+}
+
+int module_search_cb(dl_phdr_info* info, std::size_t, void* data) {
+    auto* s = static_cast<ModuleSearch*>(data);
+    // The first object is the main program; its name is "" (or argv[0] on some loaders).
+    std::string name = s->first ? std::string() : std::string(info->dlpi_name ? info->dlpi_name : "");
+    s->first = false;
+    bool match = false;
+    if (s->name) {
+        match = name == *s->name;
+    } else {
+        for (int i = 0; i < info->dlpi_phnum && !match; ++i) {
+            const auto& ph = info->dlpi_phdr[i];
+            if (ph.p_type != PT_LOAD) continue;
+            std::uintptr_t lo = info->dlpi_addr + ph.p_vaddr;
+            match = s->addr >= lo && s->addr < lo + ph.p_memsz;
+        }
+    }
+    if (!match) return 0;
+    s->found = true;
+    s->module = name;
+    s->base = info->dlpi_addr;
+    s->build_id = note_build_id(info);
+    return 1;
+}
+}  // namespace
+
+bool module_address(const void* addr, ModuleAddress& out) {
+    ModuleSearch s;
+    s.addr = reinterpret_cast<std::uintptr_t>(addr);
+    ::dl_iterate_phdr(module_search_cb, &s);
+    if (!s.found) return false;
+    out.module = s.module;
+    out.offset = s.addr - s.base;
+    return true;
+}
+
+const void* module_resolve(const ModuleAddress& where) {
+    ModuleSearch s;
+    s.name = &where.module;
+    ::dl_iterate_phdr(module_search_cb, &s);
+    if (!s.found && !where.module.empty()) {
+        // Not loaded yet in this process: load it (and keep it loaded).
+        if (!::dlopen(where.module.c_str(), RTLD_NOW | RTLD_GLOBAL)) return nullptr;
+        s = ModuleSearch{};
+        s.name = &where.module;
+        ::dl_iterate_phdr(module_search_cb, &s);
+    }
+    if (!s.found) return nullptr;
+    return reinterpret_cast<const void*>(s.base + where.offset);
+}
+
+std::string module_fingerprint(const std::string& module) {
+    ModuleSearch s;
+    s.name = &module;
+    ::dl_iterate_phdr(module_search_cb, &s);
+    if (s.found && !s.build_id.empty()) return "build-id:" + s.build_id;
+    // No build-id: the file's identity stands in for it (cheap, unlike hashing).
+    struct stat st;
+    const char* path = module.empty() ? "/proc/self/exe" : module.c_str();
+    if (::stat(path, &st) != 0) return "unknown";
+    return "file:" + std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino) + ":" +
+           std::to_string(st.st_size) + ":" + std::to_string(st.st_mtim.tv_sec) + "." +
+           std::to_string(st.st_mtim.tv_nsec);
+}
+
+int affinity_cpu_count() noexcept {
+    cpu_set_t set;
+    if (::sched_getaffinity(0, sizeof set, &set) == 0) {
+        int n = CPU_COUNT(&set);
+        if (n > 0) return n;
+    }
+    long n = ::sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? static_cast<int>(n) : 1;
+}
+
+namespace {
+std::string first_line(const std::string& path) {
+    std::ifstream f(path);
+    std::string line;
+    std::getline(f, line);
+    return line;
+}
+}  // namespace
+
+double cgroup_cpu_quota() noexcept {
+    try {
+        // cgroup v2: "0::/path" in /proc/self/cgroup, limit in <path>/cpu.max as "quota period" or "max period".
+        std::ifstream cg("/proc/self/cgroup");
+        std::string line, v2path, v1path;
+        while (std::getline(cg, line)) {
+            if (line.rfind("0::", 0) == 0) v2path = line.substr(3);
+            auto c1 = line.find(':'), c2 = line.find(':', c1 + 1);
+            if (c1 != std::string::npos && c2 != std::string::npos) {
+                std::string ctrls = line.substr(c1 + 1, c2 - c1 - 1);
+                if (ctrls.find("cpu") != std::string::npos && ctrls.find("cpuset") != 0) v1path = line.substr(c2 + 1);
+            }
+        }
+        double best = 0;
+        auto consider = [&](double q) {
+            if (q > 0 && (best == 0 || q < best)) best = q;
+        };
+        if (!v2path.empty()) {
+            // The limit of any ancestor applies too: walk up to the root.
+            std::string p = v2path;
+            for (;;) {
+                std::string l = first_line("/sys/fs/cgroup" + (p == "/" ? std::string() : p) + "/cpu.max");
+                long long quota = 0, period = 0;
+                if (std::sscanf(l.c_str(), "%lld %lld", &quota, &period) == 2 && period > 0)
+                    consider(static_cast<double>(quota) / static_cast<double>(period));
+                if (p.empty() || p == "/") break;
+                auto slash = p.rfind('/');
+                p = slash == 0 ? "/" : p.substr(0, slash);
+            }
+        }
+        if (!v1path.empty() || best == 0) {
+            for (const char* dir : {"/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpu"}) {
+                std::string q = first_line(std::string(dir) + "/cpu.cfs_quota_us");
+                std::string per = first_line(std::string(dir) + "/cpu.cfs_period_us");
+                long long quota = std::atoll(q.c_str()), period = std::atoll(per.c_str());
+                if (quota > 0 && period > 0) consider(static_cast<double>(quota) / static_cast<double>(period));
+            }
+        }
+        return best;
+    } catch (...) {
+        return 0;
+    }
+}
 
 // ---------------------------------------------------------------- (synchronization section)
 
@@ -3001,14 +4403,18 @@ const void* code_ref_resolve(const CodeRef& ref) noexcept {
 // real __cxa_throw found with dlsym(RTLD_NEXT).  Names are looked up only when
 // an exception is encoded to cross a process boundary.
 //
-// The interposition is left out
-//   * when MPSERVICE_NO_THROW_HOOK is defined (e.g. with -static-libstdc++,
-//     where the runtime's own __cxa_throw would be a duplicate definition);
-//   * under AddressSanitizer, ThreadSanitizer and MemorySanitizer, whose
-//     runtimes intercept __cxa_throw themselves (ASan must see each throw to
-//     un-poison the stack it unwinds).
-// Without it, the traceback shows the stack where the exception was encoded
-// (the catch site), and says so.
+// The interposition is left out when MPSERVICE_NO_THROW_HOOK is defined (e.g.
+// with -static-libstdc++, where the runtime's own __cxa_throw would be a
+// duplicate definition) and under MemorySanitizer (untested).  Under the
+// other sanitizers it stays, checked with clang 14 and g++ 12:
+//   * ThreadSanitizer does not intercept __cxa_throw;
+//   * AddressSanitizer does, to un-poison the stack that the throw unwinds.
+//     With clang's static runtime our definition replaces its interceptor
+//     (a weak alias), so the hook calls __asan_handle_no_return() itself, as
+//     the interceptor would; with g++'s shared libasan, RTLD_NEXT finds the
+//     interceptor and the call is made twice, which is harmless.
+// Without the hook, the traceback shows the stack where the exception was
+// encoded (the catch site), and says so.
 //
 // Symbols.  dladdr names only exported (dynamic) symbols, so an executable
 // linked without -rdynamic would show no names for its own functions.  The
@@ -3021,6 +4427,7 @@ const void* code_ref_resolve(const CodeRef& ref) noexcept {
 #if !defined(_WIN32)
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -3045,15 +4452,21 @@ const void* code_ref_resolve(const CodeRef& ref) noexcept {
 extern char** environ;
 
 #if defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer)
-#define MPSERVICE_DETAIL_SANITIZER 1
+#if __has_feature(address_sanitizer)
+#define MPSERVICE_DETAIL_ASAN 1
+#endif
+#if __has_feature(memory_sanitizer)
+#define MPSERVICE_DETAIL_MSAN 1
 #endif
 #endif
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define MPSERVICE_DETAIL_SANITIZER 1
+#if defined(__SANITIZE_ADDRESS__)
+#define MPSERVICE_DETAIL_ASAN 1
 #endif
-#if !defined(MPSERVICE_NO_THROW_HOOK) && !defined(MPSERVICE_DETAIL_SANITIZER) && defined(__GLIBC__)
+#if !defined(MPSERVICE_NO_THROW_HOOK) && !defined(MPSERVICE_DETAIL_MSAN) && defined(__GLIBC__)
 #define MPSERVICE_DETAIL_THROW_HOOK 1
+#endif
+#if defined(MPSERVICE_DETAIL_THROW_HOOK) && defined(MPSERVICE_DETAIL_ASAN)
+extern "C" void __asan_handle_no_return();
 #endif
 
 namespace mpservice::detail::os {
@@ -3078,7 +4491,11 @@ struct SiteTable {
 thread_local SiteTable t_throw_sites;
 thread_local SiteTable t_raise_sites;
 
-__attribute__((noinline)) void record_site(SiteTable& table, const void* object, const std::type_info* type, int skip) noexcept {
+/// Records the current stack in `table` for `object`, starting at the frame
+/// whose return address is `caller` (the throw site, as seen from the hook):
+/// frames of the hook itself - however many inlining and sanitizer
+/// interceptors make them - are left out.
+void record_site(SiteTable& table, const void* object, const std::type_info* type, const void* caller) noexcept {
     // A second throw of the same object (e.g. after a catch by reference and a
     // `throw` of a copy at the same address) replaces the old entry.
     Site* slot = nullptr;
@@ -3087,7 +4504,7 @@ __attribute__((noinline)) void record_site(SiteTable& table, const void* object,
     if (!slot) slot = &table.slots[table.next++ % kSiteSlots];
     slot->object = object;
     slot->type = type;
-    slot->depth = capture_stack(slot->pcs, kSiteFrames, skip + 1);
+    slot->depth = capture_stack(slot->pcs, kSiteFrames, 0, caller);
 }
 
 int read_site(const SiteTable& table, const void* object, const std::type_info* type, void** pcs,
@@ -3104,20 +4521,35 @@ int read_site(const SiteTable& table, const void* object, const std::type_info* 
 
 }  // namespace
 
+namespace {
+std::atomic<bool> g_capture_throw_sites{true};
+}
+
 bool throw_hook_active() noexcept {
 #if defined(MPSERVICE_DETAIL_THROW_HOOK)
-    return true;
+    return g_capture_throw_sites.load(std::memory_order_relaxed);
 #else
     return false;
 #endif
 }
 
-__attribute__((noinline)) int capture_stack(void** pcs, int max, int skip) noexcept {
+void set_throw_site_capture(bool enabled) noexcept {
+    g_capture_throw_sites.store(enabled, std::memory_order_relaxed);
+}
+
+int capture_stack(void** pcs, int max, int skip, const void* from) noexcept {
     // backtrace() walks with the unwinder's tables, so it works without frame pointers.
     void* buf[kSiteFrames + 16];
-    int want = std::min(max + skip + 1, static_cast<int>(sizeof buf / sizeof buf[0]));
+    int want = std::min(max + skip + 8, static_cast<int>(sizeof buf / sizeof buf[0]));
     int n = ::backtrace(buf, want);
     int first = std::min(n, skip + 1);  // +1: this function's own frame
+    if (from) {
+        for (int i = 0; i < n; ++i)
+            if (buf[i] == from) {
+                first = i;
+                break;
+            }
+    }
     int count = std::min(n - first, max);
     std::copy(buf + first, buf + first + count, pcs);
     return count;
@@ -3127,7 +4559,9 @@ int throw_site_stack(const void* object, const std::type_info* type, void** pcs,
     return read_site(t_throw_sites, object, type, pcs, max);
 }
 
-void note_raise_site(const void* object) noexcept { record_site(t_raise_sites, object, nullptr, 1); }
+void note_raise_site(const void* object, const void* caller) noexcept {
+    record_site(t_raise_sites, object, nullptr, caller);
+}
 
 int raise_site_stack(const void* object, void** pcs, int max) noexcept {
     return read_site(t_raise_sites, object, nullptr, pcs, max);
@@ -3297,19 +4731,31 @@ int find_module(struct dl_phdr_info* info, size_t, void* data) {
 
 // ---------------------------------------------------------------- file:line through addr2line
 
-/// Runs `addr2line -e module addr...` (bounded by a deadline) and fills
-/// file/line of `frames` at `which`.  Best effort: any failure leaves them empty.
-void add_line_info(const std::string& module, std::vector<StackFrame>& frames, const std::vector<int>& which) {
+/// Source position of one address, with the functions inlined at it:
+/// innermost first, the last one being the function the code belongs to.
+struct SourcePlace {
+    std::string function;
+    std::string file;
+    int line = 0;
+};
+using InlineChain = std::vector<SourcePlace>;
+
+/// Runs `addr2line -a -f -i -C -e module addr...` (bounded in time) and returns
+/// one chain per address (empty where nothing was found).  Best effort.
+std::vector<InlineChain> run_addr2line(const std::string& module, const std::vector<std::uintptr_t>& offsets) {
+    std::vector<InlineChain> result(offsets.size());
     static const char* const candidates[] = {"/usr/bin/addr2line", "/bin/addr2line", "/usr/local/bin/addr2line"};
     const char* tool = nullptr;
     for (const char* c : candidates)
-        if (::access(c, X_OK) == 0) tool = c;
-    if (!tool || which.empty()) return;
+        if (!tool && ::access(c, X_OK) == 0) tool = c;
+    if (!tool || offsets.empty()) return result;
 
-    std::vector<std::string> args = {tool, "-e", module};
-    for (int i : which) {
+    // "/proc/self/exe" would name addr2line itself in the child: name our pid.
+    std::string file = module == "/proc/self/exe" ? "/proc/" + std::to_string(::getpid()) + "/exe" : module;
+    std::vector<std::string> args = {tool, "-a", "-f", "-i", "-C", "-e", file};
+    for (std::uintptr_t off : offsets) {
         char buf[32];
-        std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(frames[i].offset - 1));
+        std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(off));
         args.push_back(buf);
     }
     std::vector<char*> argv;
@@ -3317,7 +4763,7 @@ void add_line_info(const std::string& module, std::vector<StackFrame>& frames, c
     argv.push_back(nullptr);
 
     int out[2];
-    if (::pipe2(out, O_CLOEXEC) != 0) return;
+    if (::pipe2(out, O_CLOEXEC) != 0) return result;
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_adddup2(&fa, out[1], STDOUT_FILENO);
@@ -3329,58 +4775,78 @@ void add_line_info(const std::string& module, std::vector<StackFrame>& frames, c
     ::close(out[1]);
     if (rc != 0) {
         ::close(out[0]);
-        return;
+        return result;
     }
-    // Read everything, giving up after 3 s in all (a huge binary, a hung tool).
+    // Read everything, giving up after 5 s in all (a huge binary, a hung tool).
     std::string text;
-    auto deadline = Clock::now() + std::chrono::seconds(3);
-    bool timed_out = false;
+    auto deadline = Clock::now() + std::chrono::seconds(5);
+    bool complete = false;
     for (;;) {
         auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
-        if (left <= 0) {
-            timed_out = true;
-            break;
-        }
+        if (left <= 0) break;
         pollfd p{out[0], POLLIN, 0};
         int k = ::poll(&p, 1, static_cast<int>(left));
         if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) {
-            timed_out = k == 0;
-            if (k == 0) break;
-            break;
-        }
+        if (k <= 0) break;
         char buf[4096];
         ssize_t r = ::read(out[0], buf, sizeof buf);
         if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) break;
+        if (r < 0) break;
+        if (r == 0) {
+            complete = true;
+            break;
+        }
         text.append(buf, static_cast<std::size_t>(r));
     }
     ::close(out[0]);
-    if (timed_out) ::kill(pid, SIGKILL);
+    if (!complete) ::kill(pid, SIGKILL);
     int status = 0;
     while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
     }
-    if (timed_out) return;
+    if (!complete) return result;
 
-    // One line per address: "file:line" or "file:line (discriminator n)" or "??:0".
-    std::size_t pos = 0;
-    for (int i : which) {
+    // Output: per address a line "0x<addr>", then pairs "function" / "file:line"
+    // (possibly followed by " (discriminator n)"; "??" where unknown).
+    std::vector<std::string> lines;
+    for (std::size_t pos = 0; pos < text.size();) {
         std::size_t end = text.find('\n', pos);
-        if (end == std::string::npos) break;
-        std::string line = text.substr(pos, end - pos);
+        if (end == std::string::npos) end = text.size();
+        lines.push_back(text.substr(pos, end - pos));
         pos = end + 1;
-        std::size_t paren = line.find(" (");
-        if (paren != std::string::npos) line.resize(paren);
-        std::size_t colon = line.rfind(':');
-        if (colon == std::string::npos || line.compare(0, 2, "??") == 0) continue;
-        int n = std::atoi(line.c_str() + colon + 1);
-        if (n <= 0) continue;
-        frames[i].file = line.substr(0, colon);
-        frames[i].line = n;
     }
+    int index = -1;
+    for (std::size_t i = 0; i < lines.size(); ++i) {
+        if (lines[i].compare(0, 2, "0x") == 0) {
+            ++index;
+            continue;
+        }
+        if (index < 0 || index >= static_cast<int>(result.size()) || i + 1 >= lines.size()) break;
+        SourcePlace place;
+        place.function = lines[i] == "??" ? std::string() : lines[i];
+        std::string where = lines[++i];
+        std::size_t paren = where.find(" (");
+        if (paren != std::string::npos) where.resize(paren);
+        std::size_t colon = where.rfind(':');
+        if (colon != std::string::npos && where.compare(0, 2, "??") != 0) {
+            int n = std::atoi(where.c_str() + colon + 1);
+            if (n > 0) {
+                place.file = where.substr(0, colon);
+                place.line = n;
+            }
+        }
+        result[index].push_back(std::move(place));
+    }
+    return result;
 }
 
 }  // namespace
+
+namespace {
+std::atomic<bool> g_line_lookup{true};
+bool line_lookup_enabled() { return g_line_lookup.load(std::memory_order_relaxed); }
+}  // namespace
+
+void set_line_lookup(bool enabled) noexcept { g_line_lookup.store(enabled, std::memory_order_relaxed); }
 
 std::vector<StackFrame> symbolize(void* const* pcs, int n) {
     std::vector<StackFrame> frames(static_cast<std::size_t>(std::max(n, 0)));
@@ -3407,8 +4873,61 @@ std::vector<StackFrame> symbolize(void* const* pcs, int n) {
                 f.function = demangle(info.dli_sname);
         }
     }
-    for (auto& [module, which] : want_lines) add_line_info(module, frames, which);
-    return frames;
+    if (want_lines.empty() || !line_lookup_enabled()) return frames;
+
+    // Add file:line, and the functions inlined at each address as frames of
+    // their own (marked inlined), innermost first.  Answers are cached, so an
+    // exception thrown again from the same place costs no second addr2line run.
+    static std::mutex cache_mu;
+    static auto* cache = new std::map<std::pair<std::string, std::uintptr_t>, InlineChain>;
+    std::vector<InlineChain> chains(frames.size());
+    for (auto& [module, which] : want_lines) {
+        std::vector<std::uintptr_t> offsets;
+        std::vector<int> asked;
+        {
+            std::lock_guard<std::mutex> lock(cache_mu);
+            for (int i : which) {
+                auto it = cache->find({module, frames[i].offset});
+                if (it != cache->end()) {
+                    chains[i] = it->second;
+                } else {
+                    offsets.push_back(frames[i].offset - 1);
+                    asked.push_back(i);
+                }
+            }
+        }
+        if (asked.empty()) continue;
+        std::vector<InlineChain> found = run_addr2line(module, offsets);
+        std::lock_guard<std::mutex> lock(cache_mu);
+        if (cache->size() > 8192) cache->clear();
+        for (std::size_t k = 0; k < asked.size(); ++k) {
+            chains[asked[k]] = found[k];
+            (*cache)[{module, frames[asked[k]].offset}] = std::move(found[k]);
+        }
+    }
+    std::vector<StackFrame> out;
+    for (std::size_t i = 0; i < frames.size(); ++i) {
+        const InlineChain& chain = chains[i];
+        for (std::size_t j = 0; j + 1 < chain.size(); ++j) {
+            StackFrame inl;
+            inl.pc = frames[i].pc;
+            // addr2line names the innermost inlined function of a split-off
+            // ".cold" part after the containing symbol: that name is wrong.
+            inl.function = chain[j].function == frames[i].function ? std::string() : chain[j].function;
+            inl.file = chain[j].file;
+            inl.line = chain[j].line;
+            inl.inlined = true;
+            out.push_back(std::move(inl));
+        }
+        StackFrame f = std::move(frames[i]);
+        if (!chain.empty()) {
+            f.file = chain.back().file;
+            f.line = chain.back().line;
+            if (f.function.empty()) f.function = chain.back().function;
+        }
+        out.push_back(std::move(f));
+    }
+    return out;
 }
 
 }  // namespace mpservice::detail::os
@@ -3426,7 +4945,12 @@ extern "C" void __cxa_throw(void* object, std::type_info* type, void (*destroy)(
         mpservice::detail::os::write_stderr(msg, sizeof msg - 1);
         std::abort();
     }
-    mpservice::detail::os::record_site(mpservice::detail::os::t_throw_sites, object, type, 1);
+    if (mpservice::detail::os::g_capture_throw_sites.load(std::memory_order_relaxed))
+        mpservice::detail::os::record_site(mpservice::detail::os::t_throw_sites, object, type,
+                                           __builtin_return_address(0));
+#if defined(MPSERVICE_DETAIL_ASAN)
+    __asan_handle_no_return();
+#endif
     real(object, type, destroy);
     __builtin_unreachable();
 }
@@ -3437,10 +4961,11 @@ extern "C" void __cxa_rethrow() {
     using Real = void (*)();
     static Real real = reinterpret_cast<Real>(::dlsym(RTLD_NEXT, "__cxa_rethrow"));
     if (!real) std::abort();
-    {
+    if (mpservice::detail::os::g_capture_throw_sites.load(std::memory_order_relaxed)) {
         std::exception_ptr current = std::current_exception();
         mpservice::detail::os::record_site(mpservice::detail::os::t_raise_sites,
-                                           mpservice::detail::os::exception_object(current), nullptr, 1);
+                                           mpservice::detail::os::exception_object(current), nullptr,
+                                           __builtin_return_address(0));
     }
     real();
     __builtin_unreachable();
@@ -3714,7 +5239,7 @@ namespace {
 constexpr std::uint8_t kRecordTag = 0xE1;
 constexpr int kMaxCauseDepth = 32;
 constexpr int kMaxFrames = 48;
-const char* const kCauseSeparator = "\n\nThe above exception was the direct cause of the following exception:\n\n";
+const char* const kCauseSeparator = "\nThe above exception was the direct cause of the following exception:\n\n";
 
 struct Record {
     RemoteInfo info;  // info.cause unused here: see `cause`
@@ -3736,7 +5261,9 @@ template <class T>
 bool describe_value(const std::exception_ptr& p, std::string& out) {
     try {
         std::rethrow_exception(p);
-    } catch (const T& v) {
+    } catch (std::conditional_t<std::is_class_v<T>, const T&, T> v) {
+        // (Scalars are caught by value: clang binds a reference to a caught
+        // pointer in a place libstdc++'s re-thrown exceptions do not have.)
         if constexpr (std::is_same_v<T, std::string>) {
             out = v;
         } else if constexpr (std::is_same_v<T, const char*>) {
@@ -3796,9 +5323,15 @@ std::string format_part(const std::string& type_name, const std::string& message
         const os::StackFrame& f = frames[i];
         s += "    #" + std::to_string(i) + " " + (f.function.empty() ? std::string("??") : f.function);
         if (!f.file.empty()) s += " at " + f.file + ":" + std::to_string(f.line);
-        s += " [" + (f.module.empty() ? hex(reinterpret_cast<std::uintptr_t>(f.pc)) : f.module + "+" + hex(f.offset)) +
-             "]\n";
-        if (f.function == "main") break;  // below main: only the C runtime's start-up
+        if (f.inlined)
+            s += " (inlined)";
+        else if (!f.module.empty())
+            s += " [" + f.module + "+" + hex(f.offset) + "]";
+        else
+            s += " [" + hex(reinterpret_cast<std::uintptr_t>(f.pc)) + "]";
+        s += "\n";
+        // Below main there is only the C runtime's start-up.
+        if (!f.inlined && (f.function == "main" || f.function.rfind("main.", 0) == 0)) break;
     }
     return s;
 }
@@ -3859,7 +5392,7 @@ Record make_record(const std::exception_ptr& p, bool being_handled, int depth) {
         // the stack of the code that sends the exception is the next best thing.
         n = os::capture_stack(pcs, kMaxFrames, 2);
         where = os::throw_hook_active() ? "sent from (throw site not recorded)"
-                                        : "sent from (throw sites are not recorded in this build)";
+                                        : "sent from (throw sites are not being recorded)";
     }
     std::string own = format_part(x.type_name, x.message, where, pcs, n);
     rec.info.traceback = rec.cause ? rec.cause->info.traceback + kCauseSeparator + own : own;
@@ -3920,9 +5453,22 @@ void encode_exception(Encoder& out, const std::exception_ptr& e) {
 
 std::exception_ptr decode_exception(Decoder& in) { return read_record(in, 0); }
 
+}  // namespace mpservice::detail
+
+namespace mpservice {
+void set_traceback_source_lines(bool enabled) noexcept { detail::os::set_line_lookup(enabled); }
+void set_throw_site_capture(bool enabled) noexcept { detail::os::set_throw_site_capture(enabled); }
+}  // namespace mpservice
+
+namespace mpservice::detail {
+
 void rethrow_exception(const std::exception_ptr& e) {
     if (!e) throw std::invalid_argument("mpservice: rethrow_exception of a null exception_ptr");
-    os::note_raise_site(os::exception_object(e));
+#if defined(__GNUC__) || defined(__clang__)
+    os::note_raise_site(os::exception_object(e), __builtin_return_address(0));
+#else
+    os::note_raise_site(os::exception_object(e), nullptr);
+#endif
     std::rethrow_exception(e);
 }
 
@@ -4229,10 +5775,1218 @@ void set_log_level_from_parent(Level level) {
 }  // namespace mpservice
 // ---- end part: mpservice/impl/logging.cpp
 // ---- begin part: mpservice/impl/process.cpp ---------------------------------
-// process: implementation (to be written)
+// process: implementation - start-up, the child side, the fork server, the
+// parent's reactor thread and ProcessCore.
+//
+// Wire format of a channel (a Unix stream socket per child): frames of
+//     u32 kind | u32 handle count | u64 payload size | payload
+// with the frame's OS handles attached to its first byte.  The parent sends
+// one BOOT frame; the child sends HELLO (fork-server workers only), any number
+// of LOG frames, then VALUE or EXCEPTION, then END.  The parent resolves a
+// Process when the child has exited, after reading everything it sent: a dead
+// child's writes are all queued in the socket already, so a non-blocking
+// drain at exit sees every record (join() therefore returns only after all of
+// the child's log records were handled, in order).
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace mpservice {
+
+namespace detail {
+// Named (not anonymous) because ProcessCore::Io holds a FrameReader.
+namespace wire {
+
+// ---------------------------------------------------------------- frames
+
+enum FrameKind : std::uint32_t { frame_boot = 1, frame_hello, frame_log, frame_value, frame_exception, frame_end };
+constexpr std::uint32_t protocol_version = 1;
+constexpr const char child_marker[] = "--mpservice-child=";
+constexpr std::size_t boot_early_limit = 32 * 1024;
+
+struct FrameHeader {
+    std::uint32_t kind;
+    std::uint32_t handles;
+    std::uint64_t size;
+};
+
+/// What the fork server tells its parent when a worker has ended.
+struct ServerStatus {
+    std::uint64_t serial;  // the worker's number (pids may be reused; serials are not)
+    std::int32_t code;     // Python-style exit code
+    std::int32_t pad;
+};
+
+struct Frame {
+    std::uint32_t kind = 0;
+    std::string payload;
+    std::vector<os::handle_t> handles;
+};
+
+void close_all(std::vector<os::handle_t>& hs) noexcept {
+    for (auto h : hs) os::close_handle(h);
+    hs.clear();
+}
+
+bool write_frame(os::handle_t ch, std::uint32_t kind, const std::string& payload,
+                 const std::vector<os::handle_t>& handles = {}) {
+    FrameHeader h{kind, static_cast<std::uint32_t>(handles.size()), payload.size()};
+    return os::channel_write(ch, &h, sizeof h, payload.data(), payload.size(), handles.data(), handles.size());
+}
+
+/// Splits the byte stream of a channel into frames.
+class FrameReader {
+public:
+    /// Reads once from `ch`: >0 bytes, 0 at end, -1 if nothing is ready (nonblocking).
+    long fill(os::handle_t ch, bool nonblocking) {
+        if (pos_ == len_) {
+            pos_ = len_ = 0;
+        } else if (pos_ > 0 && buf_.size() - len_ < chunk) {
+            std::memmove(buf_.data(), buf_.data() + pos_, len_ - pos_);
+            len_ -= pos_;
+            pos_ = 0;
+        }
+        if (buf_.size() - len_ < chunk) buf_.resize(len_ + chunk);  // grows only: no zeroing per read
+        std::vector<os::handle_t> fds;
+        long n = os::channel_read(ch, buf_.data() + len_, chunk, &fds, nonblocking);
+        if (n > 0) len_ += static_cast<std::size_t>(n);
+        for (auto fd : fds) fds_.push_back(fd);
+        return n;
+    }
+    /// The next complete frame, if there is one.
+    bool next(Frame& out) {
+        if (len_ - pos_ < sizeof(FrameHeader)) return false;
+        FrameHeader h;
+        std::memcpy(&h, buf_.data() + pos_, sizeof h);
+        if (len_ - pos_ - sizeof h < h.size) return false;
+        out.kind = h.kind;
+        out.payload.assign(buf_.data() + pos_ + sizeof h, h.size);
+        pos_ += sizeof h + h.size;
+        out.handles.clear();
+        for (std::uint32_t i = 0; i < h.handles && !fds_.empty(); ++i) {
+            out.handles.push_back(fds_.front());
+            fds_.pop_front();
+        }
+        return true;
+    }
+    /// Reads (blocking) until a whole frame is there; false at end of stream.
+    bool read_blocking(os::handle_t ch, Frame& out) {
+        while (!next(out))
+            if (fill(ch, false) <= 0) return false;
+        return true;
+    }
+    FrameReader() = default;
+    FrameReader(const FrameReader&) = delete;
+    FrameReader& operator=(const FrameReader&) = delete;
+    ~FrameReader() {
+        for (auto fd : fds_) os::close_handle(fd);
+    }
+
+private:
+    static constexpr std::size_t chunk = 1 << 16;
+    std::vector<char> buf_;
+    std::size_t pos_ = 0, len_ = 0;
+    std::deque<os::handle_t> fds_;
+};
+
+}  // namespace wire
+namespace {
+using namespace wire;
+
+// ---------------------------------------------------------------- process-wide state
+
+/// The fork server as seen from its parent.
+struct ForkServerLink {
+    os::handle_t control = os::invalid_handle;
+    long pid = 0;
+};
+
+struct Runtime {
+    bool initialized = false;
+    bool is_child = false;
+    std::string argv0 = "/proc/self/exe";
+    std::string identity;  // "" in the main process, "2" or "2:1" in children
+    std::atomic<int> next_child{1};
+    std::optional<ProcessInfo> parent;
+    // Heap-allocated so a forked child can replace them (they may have been
+    // held by another thread at the moment of the fork).
+    std::mutex* forkserver_mutex = new std::mutex;
+    ForkServerLink forkserver;
+    std::mutex* fingerprint_mutex = new std::mutex;
+    std::map<std::string, std::string> fingerprints;
+    std::atomic<bool> corrupt_next_fingerprint{false};
+};
+
+Runtime& rt() {
+    static Runtime* r = new Runtime;  // never destroyed: the reactor thread outlives static destruction
+    return *r;
+}
+
+std::string fingerprint_of(const std::string& module) {
+    Runtime& r = rt();
+    std::lock_guard<std::mutex> lk(*r.fingerprint_mutex);
+    auto it = r.fingerprints.find(module);
+    if (it != r.fingerprints.end()) return it->second;
+    return r.fingerprints[module] = os::module_fingerprint(module);
+}
+
+void flush_stdio() noexcept {
+    try {
+        std::cout.flush();
+        std::cerr.flush();
+        std::clog.flush();
+    } catch (...) {
+    }
+    std::fflush(nullptr);
+}
+
+std::string describe(const std::string& name, long pid) {
+    return "process '" + name + "' (pid " + std::to_string(pid) + ")";
+}
+
+// ---------------------------------------------------------------- the child side
+
+/// The child's end of its channel; frames from several threads are serialized.
+struct ChildLink {
+    os::handle_t channel = os::invalid_handle;
+    std::mutex mutex;
+    bool send(std::uint32_t kind, const std::string& payload, const std::vector<os::handle_t>& handles = {}) {
+        std::lock_guard<std::mutex> lk(mutex);
+        try {
+            return write_frame(channel, kind, payload, handles);
+        } catch (...) {
+            return false;
+        }
+    }
+};
+
+ChildLink& child_link() {
+    static ChildLink* l = new ChildLink;
+    return *l;
+}
+
+void install_log_forwarding() {
+    set_log_forwarder([](const LogRecord& record) {
+        Encoder e;
+        e.write(record);
+        child_link().send(frame_log, e.bytes());
+    });
+}
+
+/// Sends the outcome of `run` (VALUE or EXCEPTION), then END; returns the exit code.
+template <class Run>
+int run_and_report(Run&& run) {
+    int code = 0;
+    Encoder out;
+    bool ok = false;
+    try {
+        run(out);
+        ok = true;
+    } catch (...) {
+        Encoder ex;
+        try {
+            encode_exception(ex, std::current_exception());
+        } catch (...) {
+            ex = Encoder();
+            encode_exception(ex, std::make_exception_ptr(Error("mpservice: the child's exception could not be encoded")));
+        }
+        child_link().send(frame_exception, ex.bytes());
+        code = 1;
+    }
+    if (ok && !child_link().send(frame_value, out.bytes(), out.handles())) code = 1;
+    Encoder end;
+    end.write(static_cast<std::int32_t>(code));  // the exit code we are about to exit with
+    child_link().send(frame_end, end.bytes());
+    set_log_forwarder({});
+    return code;
+}
+
+void adopt_child_identity(const std::string& name, const std::string& identity, const std::string& parent_name,
+                          long parent_pid) {
+    Runtime& r = rt();
+    r.is_child = true;
+    r.initialized = true;
+    r.identity = identity;
+    r.next_child = 1;
+    r.parent = ProcessInfo{parent_name, parent_pid};
+    set_process_name(name);
+}
+
+enum class ChildKind { spawned, forkserver_worker };
+
+/// A spawned child or a fork-server worker: reads BOOT, runs the target, reports, exits.
+[[noreturn]] void run_bootstrapped_child(os::handle_t channel, long expected_parent, ChildKind kind,
+                                         std::uint64_t serial = 0) {
+    if (!os::die_with_parent(expected_parent)) os::exit_now(1);
+    if (kind == ChildKind::spawned) os::close_handles_except(channel);
+    child_link().channel = channel;
+    if (kind == ChildKind::forkserver_worker) {
+        Encoder hello;
+        hello(static_cast<std::int64_t>(os::current_pid()), serial);
+        if (!write_frame(channel, frame_hello, hello.bytes())) os::exit_now(1);
+    }
+    Frame boot;
+    FrameReader reader;
+    bool got = false;
+    try {
+        got = reader.read_blocking(channel, boot) && boot.kind == frame_boot;
+    } catch (...) {
+    }
+    if (!got) os::exit_now(1);  // the parent went away before telling us what to run
+
+    int code = run_and_report([&](Encoder& out) {
+        Decoder d(boot.payload.data(), boot.payload.size(), &boot.handles);
+        auto version = d.read<std::uint32_t>();
+        if (version != protocol_version)
+            throw Error("mpservice: the parent speaks protocol " + std::to_string(version) + ", this child " +
+                        std::to_string(protocol_version) + ": it is a different build of the program");
+        os::ModuleAddress target, tramp;
+        std::string target_fp, tramp_fp, name, identity, parent_name;
+        std::uint64_t target_off, tramp_off;
+        std::int64_t parent_pid;
+        bool daemon;
+        std::int32_t log_level;
+        d(target.module, target_off, target_fp, tramp.module, tramp_off, tramp_fp, name, identity, parent_name,
+          parent_pid, daemon, log_level);
+        (void)daemon;
+        set_log_level_from_parent(static_cast<Level>(log_level));
+        target.offset = static_cast<std::uintptr_t>(target_off);
+        tramp.offset = static_cast<std::uintptr_t>(tramp_off);
+        adopt_child_identity(name, identity, parent_name, static_cast<long>(parent_pid));
+        install_log_forwarding();
+        for (auto* m : {&target, &tramp}) {
+            const std::string& want = m == &target ? target_fp : tramp_fp;
+            std::string have = fingerprint_of(m->module);
+            if (have != want)
+                throw Error("mpservice: refusing to run the task: this child runs a different build of " +
+                            (m->module.empty() ? std::string("the program") : m->module) +
+                            " than its parent (build fingerprints differ); rebuild and restart the parent");
+        }
+        const void* fn = os::module_resolve(target);
+        const void* tr = os::module_resolve(tramp);
+        if (!fn || !tr)
+            throw Error("mpservice: the child cannot find the target's module '" + target.module + "'");
+        auto trampoline = reinterpret_cast<Trampoline>(reinterpret_cast<std::uintptr_t>(tr));
+        trampoline(fn, d, out);
+    });
+    close_all(boot.handles);
+    if (kind == ChildKind::spawned) {
+        // A fresh program: end it the normal way (static destructors, stream flushing).
+        std::exit(code);
+    }
+    flush_stdio();
+    os::exit_now(code);  // a copy of another process: run none of its exit handlers
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- the reactor
+
+struct ProcessCore::Io {
+    os::handle_t channel = os::invalid_handle;
+    os::handle_t pidfd = os::invalid_handle;  // guarded by the core's mutex once registered
+    wire::FrameReader reader;
+    std::uint64_t id = 0;
+    bool via_server = false;
+    std::uint64_t serial = 0;            // fork-server workers: the server's number for it
+    std::optional<int> end_code;         // the exit code the child announced in END
+    bool eof = false;
+    bool finished = false;
+    std::exception_ptr exception;
+    std::unique_ptr<ChildTask> task;  // kept until start() returns
+};
+
+namespace {
+
+class Reactor {
+public:
+    /// The reactor of this process (started on first use).
+    static Reactor& get();
+    /// Called in a forked child: the parent's reactor thread does not exist here.
+    static void forget_after_fork() noexcept;
+
+    void add(const std::shared_ptr<ProcessCore>& core);
+    void watch_fork_server(os::handle_t control);
+    /// Runs `fn` on a thread that lives as long as the process: the initial
+    /// thread, or else the reactor's.  A child's parent-death signal fires when
+    /// the *thread* that made it ends, so children are never made on a
+    /// short-lived thread.
+    template <class Fn>
+    auto on_long_lived_thread(Fn&& fn) -> decltype(fn());
+    std::vector<std::shared_ptr<ProcessCore>> live();
+    bool on_reactor_thread() const { return std::this_thread::get_id() == thread_id_; }
+    bool owned_by_this_process() const { return owner_pid_ == os::current_pid(); }
+
+private:
+    Reactor();
+    void loop();
+    void on_channel(const std::shared_ptr<ProcessCore>& core);
+    void on_pidfd(const std::shared_ptr<ProcessCore>& core);
+    void drain(ProcessCore& core);
+    void on_frame(ProcessCore& core, Frame& f);
+    void on_exit(const std::shared_ptr<ProcessCore>& core, int code);
+    void on_fork_server();
+    void finish(const std::shared_ptr<ProcessCore>& core, int code);
+    std::shared_ptr<ProcessCore> find(std::uint64_t id);
+
+    static constexpr std::uint64_t tag_channel = 0, tag_pidfd = 1, tag_wake = 2, tag_server = 3;
+
+    os::handle_t poller_ = os::invalid_handle;
+    os::handle_t wake_ = os::invalid_handle;
+    os::handle_t server_ = os::invalid_handle;
+    bool server_gone_ = false;
+    std::mutex mutex_;
+    std::uint64_t next_id_ = 1;
+    std::unordered_map<std::uint64_t, std::shared_ptr<ProcessCore>> children_;
+    std::unordered_map<std::uint64_t, std::uint64_t> server_serials_;  // fork-server serial -> id
+    std::unordered_map<std::uint64_t, int> early_exits_;               // statuses before registration
+    std::unordered_set<std::uint64_t> finished_serials_;               // ended before their status came
+    std::deque<std::function<void()>> tasks_;
+    std::thread::id thread_id_;
+    long owner_pid_ = 0;
+};
+
+std::atomic<Reactor*> g_reactor{nullptr};
+std::mutex* g_reactor_mutex = new std::mutex;
+
+void at_exit_handler();
+
+Reactor& Reactor::get() {
+    Reactor* r = g_reactor.load(std::memory_order_acquire);
+    if (r) return *r;
+    std::lock_guard<std::mutex> lk(*g_reactor_mutex);
+    r = g_reactor.load(std::memory_order_relaxed);
+    if (!r) {
+        r = new Reactor;  // never deleted: its thread runs until the process ends
+        g_reactor.store(r, std::memory_order_release);
+        std::atexit(at_exit_handler);
+    }
+    return *r;
+}
+
+void Reactor::forget_after_fork() noexcept {
+    g_reactor.store(nullptr);
+    g_reactor_mutex = new std::mutex;
+}
+
+Reactor::Reactor() : owner_pid_(os::current_pid()) {
+    poller_ = os::poller_create();
+    wake_ = os::wake_event_create();
+    os::poller_add(poller_, wake_, tag_wake);
+    std::thread t([this] { loop(); });
+    thread_id_ = t.get_id();
+    t.detach();
+}
+
+template <class Fn>
+auto Reactor::on_long_lived_thread(Fn&& fn) -> decltype(fn()) {
+    if (os::is_main_thread() || on_reactor_thread()) return fn();
+    using T = decltype(fn());
+    std::mutex m;
+    std::condition_variable cv;
+    bool ready = false;
+    std::optional<T> value;
+    std::exception_ptr error;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        tasks_.push_back([&] {
+            try {
+                value.emplace(fn());
+            } catch (...) {
+                error = std::current_exception();
+            }
+            std::lock_guard<std::mutex> l2(m);
+            ready = true;
+            cv.notify_one();
+        });
+    }
+    os::wake_event_signal(wake_);
+    std::unique_lock<std::mutex> lk(m);
+    cv.wait(lk, [&] { return ready; });
+    if (error) std::rethrow_exception(error);
+    return std::move(*value);
+}
+
+void Reactor::add(const std::shared_ptr<ProcessCore>& core) {
+    auto& io = *core->io_;
+    std::optional<int> early;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        io.id = next_id_++;
+        children_[io.id] = core;
+        if (io.via_server) {
+            auto it = early_exits_.find(io.serial);
+            if (it != early_exits_.end()) {
+                early = it->second;
+                early_exits_.erase(it);
+            } else {
+                server_serials_[io.serial] = io.id;
+            }
+        }
+        os::poller_add(poller_, io.channel, io.id << 2 | tag_channel);
+        if (io.pidfd != os::invalid_handle) os::poller_add(poller_, io.pidfd, io.id << 2 | tag_pidfd);
+        if (early) {
+            int code = *early;
+            tasks_.push_back([this, core, code] { on_exit(core, code); });
+        }
+    }
+    if (early) os::wake_event_signal(wake_);
+}
+
+void Reactor::watch_fork_server(os::handle_t control) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    if (server_ == control) return;
+    server_ = control;
+    server_gone_ = false;
+    os::poller_add(poller_, control, tag_server);
+}
+
+std::vector<std::shared_ptr<ProcessCore>> Reactor::live() {
+    std::lock_guard<std::mutex> lk(mutex_);
+    std::vector<std::shared_ptr<ProcessCore>> out;
+    for (auto& kv : children_) out.push_back(kv.second);
+    return out;
+}
+
+std::shared_ptr<ProcessCore> Reactor::find(std::uint64_t id) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    auto it = children_.find(id);
+    return it == children_.end() ? nullptr : it->second;
+}
+
+void Reactor::loop() {
+    std::uint64_t tokens[64];
+    for (;;) {
+        int n;
+        try {
+            n = os::poller_wait(poller_, tokens, 64, -1);
+        } catch (...) {
+            continue;
+        }
+        for (int i = 0; i < n; ++i) {
+            std::uint64_t tag = tokens[i] & 3, id = tokens[i] >> 2;
+            try {
+                if (tag == tag_wake) {
+                    os::wake_event_drain(wake_);
+                    std::deque<std::function<void()>> todo;
+                    {
+                        std::lock_guard<std::mutex> lk(mutex_);
+                        todo.swap(tasks_);
+                    }
+                    for (auto& t : todo) t();
+                } else if (tag == tag_server) {
+                    on_fork_server();
+                } else if (auto core = find(id)) {
+                    if (tag == tag_channel) on_channel(core);
+                    else on_pidfd(core);
+                }
+            } catch (...) {
+                // The reactor must survive anything; a broken child resolves at its exit.
+            }
+        }
+    }
+}
+
+void Reactor::on_pidfd(const std::shared_ptr<ProcessCore>& core) {
+    auto& io = *core->io_;
+    if (!io.via_server) {
+        int code;
+        if (os::reap_child(core->pid_, false, &code)) on_exit(core, code);
+        return;
+    }
+    // A fork-server worker has ended (the server reaps it).  If it said how it
+    // would exit (END), we know all there is: finish now, without waiting for
+    // the server's report.  Otherwise the server's status tells.
+    {
+        std::lock_guard<std::mutex> lk(core->io_mutex());
+        os::poller_remove(poller_, io.pidfd);
+    }
+    drain(*core);
+    if (io.end_code) {
+        {
+            std::lock_guard<std::mutex> lk(mutex_);
+            if (server_serials_.erase(io.serial)) finished_serials_.insert(io.serial);
+        }
+        finish(core, *io.end_code);
+    }
+}
+
+void Reactor::on_channel(const std::shared_ptr<ProcessCore>& core) {
+    auto& io = *core->io_;
+    drain(*core);
+    if (!io.eof || io.finished) return;
+    // No pidfd (old kernel): the end of the channel means the child is exiting.
+    if (!io.via_server && io.pidfd == os::invalid_handle) {
+        int code;
+        os::reap_child(core->pid_, true, &code);
+        on_exit(core, code);
+    } else if (io.via_server && server_gone_) {
+        on_exit(core, -os::signal_kill());
+    }
+}
+
+void Reactor::drain(ProcessCore& core) {
+    auto& io = *core.io_;
+    if (io.eof) return;
+    Frame f;
+    for (;;) {
+        long n = io.reader.fill(io.channel, true);
+        while (io.reader.next(f)) on_frame(core, f);
+        if (n == 0) {
+            io.eof = true;
+            os::poller_remove(poller_, io.channel);
+            return;
+        }
+        if (n < 0) return;
+    }
+}
+
+void Reactor::on_frame(ProcessCore& core, Frame& f) {
+    auto& io = *core.io_;
+    switch (f.kind) {
+        case frame_log: {
+            close_all(f.handles);
+            try {
+                Decoder d(f.payload);
+                LogRecord record = d.read<LogRecord>();
+                handle_log_record(record);
+            } catch (...) {
+                // A failing handler or a torn record must not lose the child's outcome.
+            }
+            break;
+        }
+        case frame_value:
+            core.value_bytes_ = std::move(f.payload);
+            core.value_handles_ = std::move(f.handles);
+            core.has_value_ = true;
+            break;
+        case frame_exception:
+            close_all(f.handles);
+            try {
+                Decoder d(f.payload);
+                io.exception = decode_exception(d);
+            } catch (...) {
+                io.exception = std::current_exception();
+            }
+            break;
+        case frame_end:
+            close_all(f.handles);
+            try {
+                Decoder d(f.payload);
+                io.end_code = d.read<std::int32_t>();
+            } catch (...) {
+            }
+            break;
+        default:  // HELLO: nothing to keep
+            close_all(f.handles);
+            break;
+    }
+}
+
+void Reactor::on_fork_server() {
+    ServerStatus st;
+    for (;;) {
+        long n = os::channel_read(server_, &st, sizeof st, nullptr, true);
+        if (n < 0) return;
+        if (n == 0) {  // the server died: its workers die with it (parent-death signal)
+            std::vector<std::shared_ptr<ProcessCore>> eof_workers;
+            {
+                std::lock_guard<std::mutex> lk(mutex_);
+                os::poller_remove(poller_, server_);
+                server_gone_ = true;
+                for (auto& kv : children_)
+                    if (kv.second->io_->via_server && kv.second->io_->eof) eof_workers.push_back(kv.second);
+            }
+            for (auto& c : eof_workers) on_exit(c, -os::signal_kill());
+            return;
+        }
+        if (n != static_cast<long>(sizeof st)) continue;
+        std::shared_ptr<ProcessCore> core;
+        {
+            std::lock_guard<std::mutex> lk(mutex_);
+            auto it = server_serials_.find(st.serial);
+            if (it == server_serials_.end()) {
+                // Finished already (through its pidfd), or not registered yet.
+                if (!finished_serials_.erase(st.serial)) early_exits_[st.serial] = st.code;
+                continue;
+            }
+            auto c = children_.find(it->second);
+            server_serials_.erase(it);
+            if (c != children_.end()) core = c->second;
+        }
+        if (core) on_exit(core, st.code);
+    }
+}
+
+void Reactor::on_exit(const std::shared_ptr<ProcessCore>& core, int code) {
+    if (core->io_->finished) return;
+    drain(*core);  // the child is gone: everything it wrote is already queued
+    finish(core, code);
+}
+
+void Reactor::finish(const std::shared_ptr<ProcessCore>& core, int code) {
+    auto& io = *core->io_;
+    io.finished = true;
+    if (!io.eof) os::poller_remove(poller_, io.channel);
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        children_.erase(io.id);
+        if (io.via_server) server_serials_.erase(io.serial);
+    }
+    std::exception_ptr error = io.exception, result_error;
+    std::string who = describe(core->name, core->pid_);
+    if (!error && !core->has_value_) {
+        if (code == 0) {
+            result_error = std::make_exception_ptr(ProcessError(who + " exited with code 0 before returning a value", 0));
+        } else if (code == -os::signal_terminate()) {
+            result_error = std::make_exception_ptr(ProcessError(who + " was terminated by SIGTERM", code));
+        } else if (code > 0) {
+            error = std::make_exception_ptr(ProcessError(who + " exited with code " + std::to_string(code), code));
+        } else {
+            std::string text = who + " was killed by signal " + os::signal_name(-code) + " (" +
+                               std::to_string(-code) + ")";
+            if (-code == os::signal_kill()) text += " - possibly out of memory";
+            error = std::make_exception_ptr(ProcessError(text, code));
+        }
+    }
+    {
+        std::lock_guard<std::mutex> lk(core->io_mutex());
+        core->exitcode_ = code;
+        os::poller_remove(poller_, io.pidfd);
+        os::close_handle(io.pidfd);
+        io.pidfd = os::invalid_handle;
+        os::close_handle(io.channel);
+        io.channel = os::invalid_handle;
+    }
+    core->resolve(error, result_error);
+}
+
+void at_exit_handler() {
+    Reactor* r = g_reactor.load();
+    if (!r || !r->owned_by_this_process()) return;
+    // Like Python: daemon children are terminated, the others are waited for.
+    auto children = r->live();
+    for (auto& c : children)
+        if (c->daemon()) c->send_signal(os::signal_terminate());
+    for (auto& c : children) c->wait_until(os::no_deadline);
+}
+
+// ---------------------------------------------------------------- the fork server
+
+[[noreturn]] void fork_server_main(os::handle_t control, long parent) {
+    if (!os::die_with_parent(parent)) os::exit_now(0);
+    os::close_handles_except(control);
+    const long self = os::current_pid();
+    os::handle_t exits = os::child_exit_events();
+    ServerStatus st{};
+    std::uint64_t next_serial = 1;
+    std::unordered_map<long, std::uint64_t> serial_of;  // worker pid -> serial
+    const os::handle_t watch[2] = {control, exits};
+    for (;;) {
+        unsigned ready = os::wait_readable(watch, 2, -1);
+        if (ready & 2u) {
+            os::child_exit_events_drain(exits);
+            long pid;
+            int code;
+            while (os::reap_any_child(&pid, &code)) {
+                auto it = serial_of.find(pid);
+                if (it == serial_of.end()) continue;
+                st.serial = it->second;
+                st.code = code;
+                serial_of.erase(it);
+                if (!os::channel_write(control, &st, sizeof st, nullptr, 0)) os::exit_now(0);
+            }
+        }
+        if (ready & 1u) {
+            std::vector<os::handle_t> fds;
+            char request = 0;
+            long n = 0;
+            try {
+                n = os::channel_read(control, &request, 1, &fds, false);
+            } catch (...) {
+                n = 0;
+            }
+            if (n <= 0) os::exit_now(0);  // the parent is gone: so are we (and our workers with us)
+            for (auto fd : fds) {
+                long pid = -1;
+                std::uint64_t serial = next_serial++;
+                try {
+                    pid = os::fork_process();
+                } catch (...) {
+                }
+                if (pid == 0) {
+                    os::close_handle(control);
+                    os::child_exit_events_release(exits);
+                    run_bootstrapped_child(fd, self, ChildKind::forkserver_worker, serial);
+                }
+                if (pid > 0) serial_of[pid] = serial;
+                os::close_handle(fd);  // the worker has it (or, if the fork failed, the parent sees EOF)
+            }
+        }
+    }
+}
+
+void start_fork_server() {
+    Runtime& r = rt();
+    os::handle_t mine, theirs;
+    os::packet_pair(mine, theirs);
+    flush_stdio();
+    long parent = os::current_pid();
+    long pid;
+    try {
+        pid = os::fork_process();
+    } catch (...) {
+        os::close_handle(mine);
+        os::close_handle(theirs);
+        throw;
+    }
+    if (pid == 0) {
+        os::close_handle(mine);
+        fork_server_main(theirs, parent);
+    }
+    os::close_handle(theirs);
+    r.forkserver.control = mine;
+    r.forkserver.pid = pid;
+}
+
+/// After fork in a child: the parent's helpers are not ours.
+void reset_after_fork_in_child() {
+    Runtime& r = rt();
+    Reactor::forget_after_fork();
+    r.forkserver_mutex = new std::mutex;
+    r.fingerprint_mutex = new std::mutex;
+    os::close_handle(r.forkserver.control);
+    r.forkserver = ForkServerLink{};
+}
+
+[[noreturn]] void run_forked_child(os::handle_t channel, os::handle_t parent_end, ChildTask& task,
+                                   const std::string& name, const std::string& identity, long parent,
+                                   Level parent_log_level) {
+    os::close_handle(parent_end);
+    std::string parent_name = process_name();
+    reset_after_fork_in_child();
+    if (!os::die_with_parent(parent)) os::exit_now(1);
+    adopt_child_identity(name, identity, parent_name, parent);
+    child_link().channel = channel;
+    set_log_level_from_parent(parent_log_level);
+    install_log_forwarding();
+    int code = run_and_report([&](Encoder& out) { task.run_here(out); });
+    flush_stdio();
+    os::exit_now(code);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- ProcessCore
+
+ProcessCore::ProcessCore(const Context& ctx) : method_(ctx.start_method()), io_(std::make_unique<Io>()) {
+    Runtime& r = rt();
+    int n = r.next_child.fetch_add(1);
+    identity_ = r.identity.empty() ? std::to_string(n) : r.identity + ":" + std::to_string(n);
+    name = "Process-" + identity_;
+}
+
+ProcessCore::~ProcessCore() {
+    for (auto h : value_handles_) os::close_handle(h);
+    if (io_) {
+        os::close_handle(io_->channel);
+        os::close_handle(io_->pidfd);
+    }
+}
+
+void test_corrupt_next_fingerprint() noexcept { rt().corrupt_next_fingerprint = true; }
+
+namespace {
+std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::vector<os::handle_t>& handles) {
+    os::ModuleAddress target, tramp;
+    if (!os::module_address(task.target, target) ||
+        !os::module_address(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(task.trampoline)), tramp))
+        throw std::invalid_argument("mpservice: the target is not in any loaded module");
+    std::string target_fp = fingerprint_of(target.module), tramp_fp = fingerprint_of(tramp.module);
+    if (rt().corrupt_next_fingerprint.exchange(false)) target_fp += "-corrupted";
+    Encoder e;
+    e(protocol_version, target.module, static_cast<std::uint64_t>(target.offset), target_fp, tramp.module,
+      static_cast<std::uint64_t>(tramp.offset), tramp_fp, core.name, core.identity_, process_name(),
+      static_cast<std::int64_t>(os::current_pid()), core.daemon(), static_cast<std::int32_t>(log_level()));
+    task.encode_args(e);
+    handles = e.handles();
+    return std::move(e.bytes());
+}
+}  // namespace
+
+void ProcessCore::start(std::unique_ptr<ChildTask> task) {
+    if (started() || !task) throw InvalidStateError("mpservice: " + describe(name, pid_) + " was already started");
+    Runtime& r = rt();
+    if (method_ != StartMethod::fork) {
+        if (!r.initialized)
+            throw InvalidStateError(
+                "mpservice: call mpservice::init(argc, argv) as the first line of main() before starting a "
+                "process with the spawn or forkserver context (the child runs its task inside init)");
+        if (!task->target)
+            throw std::invalid_argument(
+                "mpservice: this target has no plain-function form (a lambda with captures, a functor?); use "
+                "a free function, a static member function or a capture-less lambda - or the fork context");
+    }
+    Reactor& reactor = Reactor::get();
+    auto& io = *io_;
+
+    std::vector<os::handle_t> boot_handles;
+    std::string boot;
+    if (method_ != StartMethod::fork) boot = boot_payload(*this, *task, boot_handles);  // encode errors throw here
+
+    os::handle_t parent_end, child_end;
+    os::channel_pair(parent_end, child_end);
+    io.channel = parent_end;
+    long pid = 0;
+    bool boot_sent = false;
+    try {
+        switch (method_) {
+            case StartMethod::spawn: {
+                std::string marker = child_marker + std::to_string(child_end) + ":" + std::to_string(os::current_pid());
+                pid = reactor.on_long_lived_thread([&] { return os::spawn_self(r.argv0, marker, child_end); });
+                os::close_handle(child_end);
+                child_end = os::invalid_handle;
+                io.pidfd = os::process_handle(pid);
+                break;
+            }
+            case StartMethod::forkserver: {
+                std::lock_guard<std::mutex> lk(*r.forkserver_mutex);
+                if (r.forkserver.control == os::invalid_handle)
+                    reactor.on_long_lived_thread([] {
+                        start_fork_server();  // not made at init (we are a child): make one now
+                        return 0;
+                    });
+                reactor.watch_fork_server(r.forkserver.control);
+                // A small BOOT waits in the socket, so the worker starts at once;
+                // a big one would block us before the worker exists: it goes later.
+                if (boot.size() <= boot_early_limit) {
+                    write_frame(parent_end, frame_boot, boot, boot_handles);
+                    boot_sent = true;
+                }
+                char request = 'S';
+                if (!os::channel_write(r.forkserver.control, &request, 1, nullptr, 0, &child_end, 1))
+                    throw Error("mpservice: the fork server is gone");
+                os::close_handle(child_end);
+                child_end = os::invalid_handle;
+                Frame hello;
+                if (!io.reader.read_blocking(parent_end, hello) || hello.kind != frame_hello)
+                    throw Error("mpservice: the fork server failed to start a worker");
+                Decoder d(hello.payload);
+                std::int64_t worker_pid;
+                d(worker_pid, io.serial);
+                pid = static_cast<long>(worker_pid);
+                io.pidfd = os::process_handle(pid);  // for signals; the exit status comes from the server
+                io.via_server = true;
+                break;
+            }
+            case StartMethod::fork: {
+                flush_stdio();  // or the child would write the parent's buffered output again
+                long parent = os::current_pid();
+                Level level = log_level();  // read here: the child must not take the logging lock
+                ChildTask& t = *task;
+                pid = reactor.on_long_lived_thread([&] {
+                    long p = os::fork_process();
+                    if (p == 0) run_forked_child(child_end, parent_end, t, name, identity_, parent, level);
+                    return p;
+                });
+                os::close_handle(child_end);
+                child_end = os::invalid_handle;
+                io.pidfd = os::process_handle(pid);
+                break;
+            }
+        }
+    } catch (...) {
+        os::close_handle(child_end);
+        os::close_handle(parent_end);
+        io.channel = os::invalid_handle;
+        throw;
+    }
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        pid_ = pid;
+    }
+    mark_started();
+    if (method_ == StartMethod::forkserver) reactor.add(shared_from_this());
+    // A child that died before reading this shows up as its exit status.
+    if (method_ != StartMethod::fork && !boot_sent) write_frame(parent_end, frame_boot, boot, boot_handles);
+    if (method_ != StartMethod::forkserver) reactor.add(shared_from_this());
+    io.task = std::move(task);  // the encoded arguments may still refer to it until here
+}
+
+long ProcessCore::pid() const {
+    std::lock_guard<std::mutex> lk(mutex_);
+    return pid_;
+}
+
+std::optional<int> ProcessCore::exitcode() const {
+    std::lock_guard<std::mutex> lk(mutex_);
+    return exitcode_;
+}
+
+bool ProcessCore::is_alive() const { return started() && !exitcode().has_value(); }
+
+bool ProcessCore::has_value() const { return has_value_; }
+
+void ProcessCore::send_signal(int sig) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    if (pid_ == 0 || exitcode_) return;
+    os::send_signal(pid_, io_->pidfd, sig);
+}
+
+void ProcessCore::set_daemon(bool daemon) {
+    if (started()) throw InvalidStateError("mpservice: set_daemon() after start()");
+    daemon_ = daemon;
+}
+
+void ProcessCore::release() noexcept {
+    try {
+        if (!started() || done()) return;
+        if (daemon_) send_signal(os::signal_terminate());
+        wait_until(os::no_deadline);
+    } catch (...) {
+    }
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------- public functions
+
+void init(int argc, char** argv) {
+    auto& r = detail::rt();
+    for (int i = 1; i < argc && argv && argv[i]; ++i) {
+        if (std::strncmp(argv[i], detail::child_marker, sizeof detail::child_marker - 1) != 0) continue;
+        const char* spec = argv[i] + sizeof detail::child_marker - 1;
+        char* end = nullptr;
+        long fd = std::strtol(spec, &end, 10);
+        long parent = end && *end == ':' ? std::strtol(end + 1, nullptr, 10) : 0;
+        detail::run_bootstrapped_child(static_cast<detail::os::handle_t>(fd), parent,
+                                       detail::ChildKind::spawned);
+    }
+    if (r.initialized) return;
+    r.initialized = true;
+    if (argc > 0 && argv && argv[0]) r.argv0 = argv[0];
+    try {
+        detail::start_fork_server();
+    } catch (...) {
+        // No fork server now; the fork-server context makes one at first use.
+    }
+}
+
+const char* Context::name() const noexcept {
+    switch (method_) {
+        case StartMethod::spawn: return "spawn";
+        case StartMethod::fork: return "fork";
+        case StartMethod::forkserver: return "forkserver";
+    }
+    return "spawn";
+}
+
+const Context& get_context(const std::string& method) {
+    static const SpawnContext spawn;
+    static const ForkContext fork;
+    static const ForkServerContext forkserver;
+    if (method == "spawn") return spawn;
+    if (method == "fork") return fork;
+    if (method == "forkserver") return forkserver;
+    throw std::invalid_argument("mpservice: unknown start method '" + method +
+                                "' (expected \"spawn\", \"fork\" or \"forkserver\")");
+}
+
+int cpu_count() {
+    int n = detail::os::affinity_cpu_count();
+    double quota = detail::os::cgroup_cpu_quota();
+    if (quota > 0) n = std::min(n, static_cast<int>(std::ceil(quota)));
+    return std::max(n, 1);
+}
+
+ProcessInfo current_process() { return ProcessInfo{detail::process_name(), detail::os::current_pid()}; }
+
+std::optional<ProcessInfo> parent_process() { return detail::rt().parent; }
+
+std::vector<ProcessInfo> active_children() {
+    std::vector<ProcessInfo> out;
+    if (!detail::g_reactor.load()) return out;
+    for (auto& c : detail::Reactor::get().live()) out.push_back(ProcessInfo{c->name, c->pid()});
+    return out;
+}
+
+}  // namespace mpservice
 // ---- end part: mpservice/impl/process.cpp
 // ---- begin part: mpservice/impl/threading.cpp -------------------------------
-// threading: implementation (to be written)
+// threading: implementation - the future core shared by Process and Thread,
+// wait() and as_completed().
+#include <algorithm>
+
+namespace mpservice {
+namespace detail {
+
+void FutureCore::mark_started() {
+    std::lock_guard<std::mutex> lk(mutex_);
+    started_ = true;
+}
+
+bool FutureCore::started() const {
+    std::lock_guard<std::mutex> lk(mutex_);
+    return started_;
+}
+
+bool FutureCore::done() const {
+    std::lock_guard<std::mutex> lk(mutex_);
+    return done_;
+}
+
+void FutureCore::resolve(std::exception_ptr error, std::exception_ptr result_error) {
+    std::vector<std::weak_ptr<CompletionQueue>> subscribers;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        if (done_) return;
+        done_ = true;
+        error_ = std::move(error);
+        result_error_ = std::move(result_error);
+        subscribers.swap(subscribers_);
+        cv_.notify_all();
+    }
+    // Outside our lock: subscribe() takes ours, then the queue's.
+    for (auto& w : subscribers)
+        if (auto q = w.lock()) q->push(this);
+}
+
+bool FutureCore::wait_until(os::Deadline deadline) const {
+    std::unique_lock<std::mutex> lk(mutex_);
+    if (deadline == os::no_deadline) {
+        cv_.wait(lk, [&] { return done_; });
+        return true;
+    }
+    return cv_.wait_until(lk, deadline, [&] { return done_; });
+}
+
+std::exception_ptr FutureCore::error() const {
+    std::lock_guard<std::mutex> lk(mutex_);
+    return error_;
+}
+
+std::exception_ptr FutureCore::result_error() const {
+    std::lock_guard<std::mutex> lk(mutex_);
+    return result_error_;
+}
+
+void FutureCore::subscribe(const std::shared_ptr<CompletionQueue>& q) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    if (done_) {
+        q->push(this);
+        return;
+    }
+    // Drop queues of finished waits so a long-lived worker's list stays short.
+    subscribers_.erase(std::remove_if(subscribers_.begin(), subscribers_.end(),
+                                      [](const std::weak_ptr<CompletionQueue>& w) { return w.expired(); }),
+                       subscribers_.end());
+    subscribers_.push_back(q);
+}
+
+void CompletionQueue::push(const FutureCore* core) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    ready_.push_back(core);
+    cv_.notify_all();
+}
+
+const FutureCore* CompletionQueue::pop_until(os::Deadline deadline) {
+    std::unique_lock<std::mutex> lk(mutex_);
+    auto ready = [&] { return !ready_.empty(); };
+    if (deadline == os::no_deadline) cv_.wait(lk, ready);
+    else if (!cv_.wait_until(lk, deadline, ready)) return nullptr;
+    const FutureCore* c = ready_.front();
+    ready_.pop_front();
+    return c;
+}
+
+void throw_not_started(const std::string& what, const std::string& name) {
+    throw InvalidStateError("mpservice: " + what + "() on '" + name + "', which was never started; call start() first");
+}
+
+void throw_timeout(const std::string& name) {
+    throw TimeoutError("mpservice: '" + name + "' is still running after the timeout");
+}
+
+std::string next_thread_name() {
+    static std::atomic<int> counter{1};
+    return "Thread-" + std::to_string(counter.fetch_add(1));
+}
+
+namespace {
+void check_started(const WorkerList& workers) {
+    for (Worker* w : workers) {
+        if (!w) throw std::invalid_argument("mpservice: null worker given to wait/as_completed");
+        if (!w->core().started())
+            throw InvalidStateError("mpservice: '" + w->name() + "' was never started; wait() and as_completed() "
+                                    "take started workers only");
+    }
+}
+
+Worker* owner_of(const FutureCore* core, const WorkerList& workers) {
+    for (Worker* w : workers)
+        if (&w->core() == core) return w;
+    return nullptr;
+}
+}  // namespace
+
+std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Deadline deadline, ReturnWhen return_when) {
+    check_started(workers);
+    auto queue = std::make_shared<CompletionQueue>();
+    for (Worker* w : workers) const_cast<FutureCore&>(w->core()).subscribe(queue);
+    std::size_t finished = 0;
+    // The same worker may be listed twice: count distinct cores.
+    std::vector<const FutureCore*> distinct;
+    for (Worker* w : workers)
+        if (std::find(distinct.begin(), distinct.end(), &w->core()) == distinct.end()) distinct.push_back(&w->core());
+    while (finished < distinct.size()) {
+        const FutureCore* c = queue->pop_until(deadline);
+        if (!c) break;
+        ++finished;
+        if (return_when == ReturnWhen::first_completed) break;
+        if (return_when == ReturnWhen::first_exception && c->error()) break;
+    }
+    std::pair<WorkerList, WorkerList> out;
+    for (Worker* w : workers) (w->done() ? out.first : out.second).push_back(w);
+    return out;
+}
+
+}  // namespace detail
+
+AsCompleted::AsCompleted(const WorkerList& workers, detail::os::Deadline deadline)
+    : queue_(std::make_shared<detail::CompletionQueue>()), deadline_(deadline) {
+    detail::check_started(workers);
+    for (Worker* w : workers)
+        if (std::find(pending_.begin(), pending_.end(), w) == pending_.end()) pending_.push_back(w);
+    for (Worker* w : pending_) const_cast<detail::FutureCore&>(w->core()).subscribe(queue_);
+}
+
+Worker* AsCompleted::next() {
+    while (!pending_.empty()) {
+        const detail::FutureCore* c = queue_->pop_until(deadline_);
+        if (!c) {
+            throw TimeoutError("mpservice: as_completed: " + std::to_string(pending_.size()) +
+                               " worker(s) still running after the timeout");
+        }
+        Worker* w = detail::owner_of(c, pending_);
+        if (!w) continue;
+        pending_.erase(std::find(pending_.begin(), pending_.end(), w));
+        return w;
+    }
+    return nullptr;
+}
+
+}  // namespace mpservice
 // ---- end part: mpservice/impl/threading.cpp
 // ---- begin part: mpservice/impl/synchronize.cpp -----------------------------
 // synchronize: Lock, RLock, Condition, Semaphore, Event, Barrier.

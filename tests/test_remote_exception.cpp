@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <system_error>
+#include <thread>
 #include <typeinfo>
 #include <variant>
 #include <vector>
@@ -304,8 +305,10 @@ TEST_CASE("the traceback names the process, pid, type, what() and the throw site
             CHECK(tb.find("thrown at") != std::string::npos);
             // The static function of this executable (linked without -rdynamic) is named.
             CHECK(tb.find("mpservice_test_static_thrower()") != std::string::npos);
+            // ... as the innermost frame: the hook's own frames are not shown.
+            CHECK(tb.find("#0 (anonymous namespace)::mpservice_test_static_thrower()") != std::string::npos);
         } else {
-            CHECK(tb.find("sent from (throw sites are not recorded in this build)") != std::string::npos);
+            CHECK(tb.find("sent from (throw sites are not being recorded)") != std::string::npos);
         }
     }
 }
@@ -497,4 +500,36 @@ TEST_CASE("malformed exception bytes throw DecodeError") {
         deep.write(static_cast<std::uint8_t>(1));
     }
     CHECK_THROWS_AS(decode_ep(deep.bytes()), mp::DecodeError);
+}
+
+TEST_CASE("file:line lookup can be switched off; function names remain") {
+    mp::set_traceback_source_lines(false);
+    std::string tb = traceback_of(roundtrip(capture([] { mpservice_test_vector_at_caller(9); })));
+    mp::set_traceback_source_lines(true);
+    CAPTURE(tb);
+    CHECK(tb.find(" at /") == std::string::npos);  // no file names ...
+    if (mp::detail::os::throw_hook_active())       // ... but the functions are there
+        CHECK(tb.find("mpservice_test_vector_at_caller(unsigned long)") != std::string::npos);
+}
+
+TEST_CASE("an exception thrown in another thread still travels; its stack is the sender's") {
+    std::exception_ptr p;
+    std::thread t([&] { p = capture(mpservice_test_static_thrower); });
+    t.join();
+    std::string tb = traceback_of(roundtrip(p));
+    CAPTURE(tb);
+    CHECK(tb.find("std::invalid_argument: thrown by a static function") != std::string::npos);
+    CHECK(tb.find("sent from") != std::string::npos);
+}
+
+TEST_CASE("throw-site capture can be switched off at run time") {
+    mp::set_throw_site_capture(false);
+    CHECK_FALSE(mp::detail::os::throw_hook_active());
+    std::exception_ptr p = capture(mpservice_test_static_thrower);
+    mp::set_throw_site_capture(true);
+    std::string tb = traceback_of(roundtrip(p));
+    CAPTURE(tb);
+    CHECK(tb.find("std::invalid_argument: thrown by a static function") != std::string::npos);
+    CHECK(tb.find("sent from") != std::string::npos);
+    CHECK(tb.find("thrown at") == std::string::npos);
 }

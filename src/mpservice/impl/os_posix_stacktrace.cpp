@@ -11,14 +11,18 @@
 // real __cxa_throw found with dlsym(RTLD_NEXT).  Names are looked up only when
 // an exception is encoded to cross a process boundary.
 //
-// The interposition is left out
-//   * when MPSERVICE_NO_THROW_HOOK is defined (e.g. with -static-libstdc++,
-//     where the runtime's own __cxa_throw would be a duplicate definition);
-//   * under AddressSanitizer, ThreadSanitizer and MemorySanitizer, whose
-//     runtimes intercept __cxa_throw themselves (ASan must see each throw to
-//     un-poison the stack it unwinds).
-// Without it, the traceback shows the stack where the exception was encoded
-// (the catch site), and says so.
+// The interposition is left out when MPSERVICE_NO_THROW_HOOK is defined (e.g.
+// with -static-libstdc++, where the runtime's own __cxa_throw would be a
+// duplicate definition) and under MemorySanitizer (untested).  Under the
+// other sanitizers it stays, checked with clang 14 and g++ 12:
+//   * ThreadSanitizer does not intercept __cxa_throw;
+//   * AddressSanitizer does, to un-poison the stack that the throw unwinds.
+//     With clang's static runtime our definition replaces its interceptor
+//     (a weak alias), so the hook calls __asan_handle_no_return() itself, as
+//     the interceptor would; with g++'s shared libasan, RTLD_NEXT finds the
+//     interceptor and the call is made twice, which is harmless.
+// Without the hook, the traceback shows the stack where the exception was
+// encoded (the catch site), and says so.
 //
 // Symbols.  dladdr names only exported (dynamic) symbols, so an executable
 // linked without -rdynamic would show no names for its own functions.  The
@@ -31,6 +35,7 @@
 #if !defined(_WIN32)
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -55,15 +60,21 @@
 extern char** environ;
 
 #if defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer)
-#define MPSERVICE_DETAIL_SANITIZER 1
+#if __has_feature(address_sanitizer)
+#define MPSERVICE_DETAIL_ASAN 1
+#endif
+#if __has_feature(memory_sanitizer)
+#define MPSERVICE_DETAIL_MSAN 1
 #endif
 #endif
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define MPSERVICE_DETAIL_SANITIZER 1
+#if defined(__SANITIZE_ADDRESS__)
+#define MPSERVICE_DETAIL_ASAN 1
 #endif
-#if !defined(MPSERVICE_NO_THROW_HOOK) && !defined(MPSERVICE_DETAIL_SANITIZER) && defined(__GLIBC__)
+#if !defined(MPSERVICE_NO_THROW_HOOK) && !defined(MPSERVICE_DETAIL_MSAN) && defined(__GLIBC__)
 #define MPSERVICE_DETAIL_THROW_HOOK 1
+#endif
+#if defined(MPSERVICE_DETAIL_THROW_HOOK) && defined(MPSERVICE_DETAIL_ASAN)
+extern "C" void __asan_handle_no_return();
 #endif
 
 namespace mpservice::detail::os {
@@ -88,7 +99,11 @@ struct SiteTable {
 thread_local SiteTable t_throw_sites;
 thread_local SiteTable t_raise_sites;
 
-__attribute__((noinline)) void record_site(SiteTable& table, const void* object, const std::type_info* type, int skip) noexcept {
+/// Records the current stack in `table` for `object`, starting at the frame
+/// whose return address is `caller` (the throw site, as seen from the hook):
+/// frames of the hook itself - however many inlining and sanitizer
+/// interceptors make them - are left out.
+void record_site(SiteTable& table, const void* object, const std::type_info* type, const void* caller) noexcept {
     // A second throw of the same object (e.g. after a catch by reference and a
     // `throw` of a copy at the same address) replaces the old entry.
     Site* slot = nullptr;
@@ -97,7 +112,7 @@ __attribute__((noinline)) void record_site(SiteTable& table, const void* object,
     if (!slot) slot = &table.slots[table.next++ % kSiteSlots];
     slot->object = object;
     slot->type = type;
-    slot->depth = capture_stack(slot->pcs, kSiteFrames, skip + 1);
+    slot->depth = capture_stack(slot->pcs, kSiteFrames, 0, caller);
 }
 
 int read_site(const SiteTable& table, const void* object, const std::type_info* type, void** pcs,
@@ -114,20 +129,35 @@ int read_site(const SiteTable& table, const void* object, const std::type_info* 
 
 }  // namespace
 
+namespace {
+std::atomic<bool> g_capture_throw_sites{true};
+}
+
 bool throw_hook_active() noexcept {
 #if defined(MPSERVICE_DETAIL_THROW_HOOK)
-    return true;
+    return g_capture_throw_sites.load(std::memory_order_relaxed);
 #else
     return false;
 #endif
 }
 
-__attribute__((noinline)) int capture_stack(void** pcs, int max, int skip) noexcept {
+void set_throw_site_capture(bool enabled) noexcept {
+    g_capture_throw_sites.store(enabled, std::memory_order_relaxed);
+}
+
+int capture_stack(void** pcs, int max, int skip, const void* from) noexcept {
     // backtrace() walks with the unwinder's tables, so it works without frame pointers.
     void* buf[kSiteFrames + 16];
-    int want = std::min(max + skip + 1, static_cast<int>(sizeof buf / sizeof buf[0]));
+    int want = std::min(max + skip + 8, static_cast<int>(sizeof buf / sizeof buf[0]));
     int n = ::backtrace(buf, want);
     int first = std::min(n, skip + 1);  // +1: this function's own frame
+    if (from) {
+        for (int i = 0; i < n; ++i)
+            if (buf[i] == from) {
+                first = i;
+                break;
+            }
+    }
     int count = std::min(n - first, max);
     std::copy(buf + first, buf + first + count, pcs);
     return count;
@@ -137,7 +167,9 @@ int throw_site_stack(const void* object, const std::type_info* type, void** pcs,
     return read_site(t_throw_sites, object, type, pcs, max);
 }
 
-void note_raise_site(const void* object) noexcept { record_site(t_raise_sites, object, nullptr, 1); }
+void note_raise_site(const void* object, const void* caller) noexcept {
+    record_site(t_raise_sites, object, nullptr, caller);
+}
 
 int raise_site_stack(const void* object, void** pcs, int max) noexcept {
     return read_site(t_raise_sites, object, nullptr, pcs, max);
@@ -307,19 +339,31 @@ int find_module(struct dl_phdr_info* info, size_t, void* data) {
 
 // ---------------------------------------------------------------- file:line through addr2line
 
-/// Runs `addr2line -e module addr...` (bounded by a deadline) and fills
-/// file/line of `frames` at `which`.  Best effort: any failure leaves them empty.
-void add_line_info(const std::string& module, std::vector<StackFrame>& frames, const std::vector<int>& which) {
+/// Source position of one address, with the functions inlined at it:
+/// innermost first, the last one being the function the code belongs to.
+struct SourcePlace {
+    std::string function;
+    std::string file;
+    int line = 0;
+};
+using InlineChain = std::vector<SourcePlace>;
+
+/// Runs `addr2line -a -f -i -C -e module addr...` (bounded in time) and returns
+/// one chain per address (empty where nothing was found).  Best effort.
+std::vector<InlineChain> run_addr2line(const std::string& module, const std::vector<std::uintptr_t>& offsets) {
+    std::vector<InlineChain> result(offsets.size());
     static const char* const candidates[] = {"/usr/bin/addr2line", "/bin/addr2line", "/usr/local/bin/addr2line"};
     const char* tool = nullptr;
     for (const char* c : candidates)
-        if (::access(c, X_OK) == 0) tool = c;
-    if (!tool || which.empty()) return;
+        if (!tool && ::access(c, X_OK) == 0) tool = c;
+    if (!tool || offsets.empty()) return result;
 
-    std::vector<std::string> args = {tool, "-e", module};
-    for (int i : which) {
+    // "/proc/self/exe" would name addr2line itself in the child: name our pid.
+    std::string file = module == "/proc/self/exe" ? "/proc/" + std::to_string(::getpid()) + "/exe" : module;
+    std::vector<std::string> args = {tool, "-a", "-f", "-i", "-C", "-e", file};
+    for (std::uintptr_t off : offsets) {
         char buf[32];
-        std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(frames[i].offset - 1));
+        std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(off));
         args.push_back(buf);
     }
     std::vector<char*> argv;
@@ -327,7 +371,7 @@ void add_line_info(const std::string& module, std::vector<StackFrame>& frames, c
     argv.push_back(nullptr);
 
     int out[2];
-    if (::pipe2(out, O_CLOEXEC) != 0) return;
+    if (::pipe2(out, O_CLOEXEC) != 0) return result;
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_adddup2(&fa, out[1], STDOUT_FILENO);
@@ -339,58 +383,78 @@ void add_line_info(const std::string& module, std::vector<StackFrame>& frames, c
     ::close(out[1]);
     if (rc != 0) {
         ::close(out[0]);
-        return;
+        return result;
     }
-    // Read everything, giving up after 3 s in all (a huge binary, a hung tool).
+    // Read everything, giving up after 5 s in all (a huge binary, a hung tool).
     std::string text;
-    auto deadline = Clock::now() + std::chrono::seconds(3);
-    bool timed_out = false;
+    auto deadline = Clock::now() + std::chrono::seconds(5);
+    bool complete = false;
     for (;;) {
         auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
-        if (left <= 0) {
-            timed_out = true;
-            break;
-        }
+        if (left <= 0) break;
         pollfd p{out[0], POLLIN, 0};
         int k = ::poll(&p, 1, static_cast<int>(left));
         if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) {
-            timed_out = k == 0;
-            if (k == 0) break;
-            break;
-        }
+        if (k <= 0) break;
         char buf[4096];
         ssize_t r = ::read(out[0], buf, sizeof buf);
         if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) break;
+        if (r < 0) break;
+        if (r == 0) {
+            complete = true;
+            break;
+        }
         text.append(buf, static_cast<std::size_t>(r));
     }
     ::close(out[0]);
-    if (timed_out) ::kill(pid, SIGKILL);
+    if (!complete) ::kill(pid, SIGKILL);
     int status = 0;
     while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
     }
-    if (timed_out) return;
+    if (!complete) return result;
 
-    // One line per address: "file:line" or "file:line (discriminator n)" or "??:0".
-    std::size_t pos = 0;
-    for (int i : which) {
+    // Output: per address a line "0x<addr>", then pairs "function" / "file:line"
+    // (possibly followed by " (discriminator n)"; "??" where unknown).
+    std::vector<std::string> lines;
+    for (std::size_t pos = 0; pos < text.size();) {
         std::size_t end = text.find('\n', pos);
-        if (end == std::string::npos) break;
-        std::string line = text.substr(pos, end - pos);
+        if (end == std::string::npos) end = text.size();
+        lines.push_back(text.substr(pos, end - pos));
         pos = end + 1;
-        std::size_t paren = line.find(" (");
-        if (paren != std::string::npos) line.resize(paren);
-        std::size_t colon = line.rfind(':');
-        if (colon == std::string::npos || line.compare(0, 2, "??") == 0) continue;
-        int n = std::atoi(line.c_str() + colon + 1);
-        if (n <= 0) continue;
-        frames[i].file = line.substr(0, colon);
-        frames[i].line = n;
     }
+    int index = -1;
+    for (std::size_t i = 0; i < lines.size(); ++i) {
+        if (lines[i].compare(0, 2, "0x") == 0) {
+            ++index;
+            continue;
+        }
+        if (index < 0 || index >= static_cast<int>(result.size()) || i + 1 >= lines.size()) break;
+        SourcePlace place;
+        place.function = lines[i] == "??" ? std::string() : lines[i];
+        std::string where = lines[++i];
+        std::size_t paren = where.find(" (");
+        if (paren != std::string::npos) where.resize(paren);
+        std::size_t colon = where.rfind(':');
+        if (colon != std::string::npos && where.compare(0, 2, "??") != 0) {
+            int n = std::atoi(where.c_str() + colon + 1);
+            if (n > 0) {
+                place.file = where.substr(0, colon);
+                place.line = n;
+            }
+        }
+        result[index].push_back(std::move(place));
+    }
+    return result;
 }
 
 }  // namespace
+
+namespace {
+std::atomic<bool> g_line_lookup{true};
+bool line_lookup_enabled() { return g_line_lookup.load(std::memory_order_relaxed); }
+}  // namespace
+
+void set_line_lookup(bool enabled) noexcept { g_line_lookup.store(enabled, std::memory_order_relaxed); }
 
 std::vector<StackFrame> symbolize(void* const* pcs, int n) {
     std::vector<StackFrame> frames(static_cast<std::size_t>(std::max(n, 0)));
@@ -417,8 +481,61 @@ std::vector<StackFrame> symbolize(void* const* pcs, int n) {
                 f.function = demangle(info.dli_sname);
         }
     }
-    for (auto& [module, which] : want_lines) add_line_info(module, frames, which);
-    return frames;
+    if (want_lines.empty() || !line_lookup_enabled()) return frames;
+
+    // Add file:line, and the functions inlined at each address as frames of
+    // their own (marked inlined), innermost first.  Answers are cached, so an
+    // exception thrown again from the same place costs no second addr2line run.
+    static std::mutex cache_mu;
+    static auto* cache = new std::map<std::pair<std::string, std::uintptr_t>, InlineChain>;
+    std::vector<InlineChain> chains(frames.size());
+    for (auto& [module, which] : want_lines) {
+        std::vector<std::uintptr_t> offsets;
+        std::vector<int> asked;
+        {
+            std::lock_guard<std::mutex> lock(cache_mu);
+            for (int i : which) {
+                auto it = cache->find({module, frames[i].offset});
+                if (it != cache->end()) {
+                    chains[i] = it->second;
+                } else {
+                    offsets.push_back(frames[i].offset - 1);
+                    asked.push_back(i);
+                }
+            }
+        }
+        if (asked.empty()) continue;
+        std::vector<InlineChain> found = run_addr2line(module, offsets);
+        std::lock_guard<std::mutex> lock(cache_mu);
+        if (cache->size() > 8192) cache->clear();
+        for (std::size_t k = 0; k < asked.size(); ++k) {
+            chains[asked[k]] = found[k];
+            (*cache)[{module, frames[asked[k]].offset}] = std::move(found[k]);
+        }
+    }
+    std::vector<StackFrame> out;
+    for (std::size_t i = 0; i < frames.size(); ++i) {
+        const InlineChain& chain = chains[i];
+        for (std::size_t j = 0; j + 1 < chain.size(); ++j) {
+            StackFrame inl;
+            inl.pc = frames[i].pc;
+            // addr2line names the innermost inlined function of a split-off
+            // ".cold" part after the containing symbol: that name is wrong.
+            inl.function = chain[j].function == frames[i].function ? std::string() : chain[j].function;
+            inl.file = chain[j].file;
+            inl.line = chain[j].line;
+            inl.inlined = true;
+            out.push_back(std::move(inl));
+        }
+        StackFrame f = std::move(frames[i]);
+        if (!chain.empty()) {
+            f.file = chain.back().file;
+            f.line = chain.back().line;
+            if (f.function.empty()) f.function = chain.back().function;
+        }
+        out.push_back(std::move(f));
+    }
+    return out;
 }
 
 }  // namespace mpservice::detail::os
@@ -436,7 +553,12 @@ extern "C" void __cxa_throw(void* object, std::type_info* type, void (*destroy)(
         mpservice::detail::os::write_stderr(msg, sizeof msg - 1);
         std::abort();
     }
-    mpservice::detail::os::record_site(mpservice::detail::os::t_throw_sites, object, type, 1);
+    if (mpservice::detail::os::g_capture_throw_sites.load(std::memory_order_relaxed))
+        mpservice::detail::os::record_site(mpservice::detail::os::t_throw_sites, object, type,
+                                           __builtin_return_address(0));
+#if defined(MPSERVICE_DETAIL_ASAN)
+    __asan_handle_no_return();
+#endif
     real(object, type, destroy);
     __builtin_unreachable();
 }
@@ -447,10 +569,11 @@ extern "C" void __cxa_rethrow() {
     using Real = void (*)();
     static Real real = reinterpret_cast<Real>(::dlsym(RTLD_NEXT, "__cxa_rethrow"));
     if (!real) std::abort();
-    {
+    if (mpservice::detail::os::g_capture_throw_sites.load(std::memory_order_relaxed)) {
         std::exception_ptr current = std::current_exception();
         mpservice::detail::os::record_site(mpservice::detail::os::t_raise_sites,
-                                           mpservice::detail::os::exception_object(current), nullptr, 1);
+                                           mpservice::detail::os::exception_object(current), nullptr,
+                                           __builtin_return_address(0));
     }
     real();
     __builtin_unreachable();

@@ -211,7 +211,7 @@ namespace {
 constexpr std::uint8_t kRecordTag = 0xE1;
 constexpr int kMaxCauseDepth = 32;
 constexpr int kMaxFrames = 48;
-const char* const kCauseSeparator = "\n\nThe above exception was the direct cause of the following exception:\n\n";
+const char* const kCauseSeparator = "\nThe above exception was the direct cause of the following exception:\n\n";
 
 struct Record {
     RemoteInfo info;  // info.cause unused here: see `cause`
@@ -233,7 +233,9 @@ template <class T>
 bool describe_value(const std::exception_ptr& p, std::string& out) {
     try {
         std::rethrow_exception(p);
-    } catch (const T& v) {
+    } catch (std::conditional_t<std::is_class_v<T>, const T&, T> v) {
+        // (Scalars are caught by value: clang binds a reference to a caught
+        // pointer in a place libstdc++'s re-thrown exceptions do not have.)
         if constexpr (std::is_same_v<T, std::string>) {
             out = v;
         } else if constexpr (std::is_same_v<T, const char*>) {
@@ -293,9 +295,15 @@ std::string format_part(const std::string& type_name, const std::string& message
         const os::StackFrame& f = frames[i];
         s += "    #" + std::to_string(i) + " " + (f.function.empty() ? std::string("??") : f.function);
         if (!f.file.empty()) s += " at " + f.file + ":" + std::to_string(f.line);
-        s += " [" + (f.module.empty() ? hex(reinterpret_cast<std::uintptr_t>(f.pc)) : f.module + "+" + hex(f.offset)) +
-             "]\n";
-        if (f.function == "main") break;  // below main: only the C runtime's start-up
+        if (f.inlined)
+            s += " (inlined)";
+        else if (!f.module.empty())
+            s += " [" + f.module + "+" + hex(f.offset) + "]";
+        else
+            s += " [" + hex(reinterpret_cast<std::uintptr_t>(f.pc)) + "]";
+        s += "\n";
+        // Below main there is only the C runtime's start-up.
+        if (!f.inlined && (f.function == "main" || f.function.rfind("main.", 0) == 0)) break;
     }
     return s;
 }
@@ -356,7 +364,7 @@ Record make_record(const std::exception_ptr& p, bool being_handled, int depth) {
         // the stack of the code that sends the exception is the next best thing.
         n = os::capture_stack(pcs, kMaxFrames, 2);
         where = os::throw_hook_active() ? "sent from (throw site not recorded)"
-                                        : "sent from (throw sites are not recorded in this build)";
+                                        : "sent from (throw sites are not being recorded)";
     }
     std::string own = format_part(x.type_name, x.message, where, pcs, n);
     rec.info.traceback = rec.cause ? rec.cause->info.traceback + kCauseSeparator + own : own;
@@ -417,9 +425,22 @@ void encode_exception(Encoder& out, const std::exception_ptr& e) {
 
 std::exception_ptr decode_exception(Decoder& in) { return read_record(in, 0); }
 
+}  // namespace mpservice::detail
+
+namespace mpservice {
+void set_traceback_source_lines(bool enabled) noexcept { detail::os::set_line_lookup(enabled); }
+void set_throw_site_capture(bool enabled) noexcept { detail::os::set_throw_site_capture(enabled); }
+}  // namespace mpservice
+
+namespace mpservice::detail {
+
 void rethrow_exception(const std::exception_ptr& e) {
     if (!e) throw std::invalid_argument("mpservice: rethrow_exception of a null exception_ptr");
-    os::note_raise_site(os::exception_object(e));
+#if defined(__GNUC__) || defined(__clang__)
+    os::note_raise_site(os::exception_object(e), __builtin_return_address(0));
+#else
+    os::note_raise_site(os::exception_object(e), nullptr);
+#endif
     std::rethrow_exception(e);
 }
 

@@ -117,6 +117,22 @@ inline std::string remote_traceback(const std::exception& e) {
 /// Whether `e` came from another process.
 inline bool is_remote(const std::exception& e) noexcept { return dynamic_cast<const RemoteError*>(&e) != nullptr; }
 
+/// Whether tracebacks made in this process show file:line.  They come from
+/// the `addr2line` program (binutils) when it is installed and the module has
+/// debug line information (-g); it runs once per module for each new throw
+/// site (answers are cached), which costs tens of milliseconds on the first
+/// exception from a place.  Default: on.  Function names never need it.
+MPSERVICE_API void set_traceback_source_lines(bool enabled) noexcept;
+
+/// Whether each `throw` in this process records its stack (default: on, where
+/// the build has the throw hook; see the comment at the top of
+/// impl/os_posix_stacktrace.cpp).  Recording costs a few microseconds per
+/// throw (a backtrace() of up to 48 frames, no symbol lookup); a program that
+/// throws in hot loops can switch it off, and its remote tracebacks then show
+/// the stack where the exception was sent instead.  Compile with
+/// MPSERVICE_NO_THROW_HOOK to leave the hook out entirely.
+MPSERVICE_API void set_throw_site_capture(bool enabled) noexcept;
+
 namespace detail {
 
 /// The name of this process as shown in tracebacks and log records
