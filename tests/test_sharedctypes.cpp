@@ -338,3 +338,29 @@ TEST_CASE("No descriptor, mapping or /dev/shm leak after 1,000 Value/Array creat
     CHECK(forktest::dev_shm_entries() == shm);
     CHECK(forktest::mapping_count() == maps);
 }
+
+// ============================================================================ as Process arguments
+
+namespace {
+int add_under_lock(mp::Value<long> v, mp::Array<long> a, int n) {
+    for (int i = 0; i < n; ++i) {
+        v.with_lock([](long& x) { ++x; });
+        std::lock_guard<mp::RLock> g(a.get_lock());
+        a[0] += 1;
+    }
+    return 0;
+}
+}  // namespace
+
+TEST_CASE_TEMPLATE("Process arguments: N processes x 100k increments of a Value<long> and an Array<long>", Ctx,
+                   mp::SpawnContext, mp::ForkServerContext) {
+    constexpr int processes = 3, increments = 100000;
+    mp::Value<long> v(0);
+    mp::Array<long> a(2);
+    std::vector<mp::Process<int>> ps;
+    for (int i = 0; i < processes; ++i) ps.emplace_back(Ctx{}, add_under_lock, v, a, increments);
+    for (auto& p : ps) p.start();
+    for (auto& p : ps) CHECK(p.result(60s) == 0);
+    CHECK(v.get() == long(processes) * increments);
+    CHECK(a[0] == long(processes) * increments);
+}

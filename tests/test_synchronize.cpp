@@ -1006,3 +1006,124 @@ TEST_CASE("CodeRef: a function is found again by module and offset; non-code is 
     CHECK_THROWS_AS(os::code_ref_of(&on_stack), std::invalid_argument);
     CHECK(os::code_ref_resolve(os::CodeRef{}) == nullptr);
 }
+
+// ============================================================================ as Process arguments
+
+#define SYNC_CONTEXTS mp::SpawnContext, mp::ForkServerContext
+
+namespace {
+int take_and_die(mp::Lock lock, mp::Event held) {
+    lock.acquire();
+    held.set();
+    ::raise(SIGKILL);
+    return 0;
+}
+int wait_for_event(mp::Event e) { return e.wait(30s) ? 0 : 1; }
+int rlock_depth_in_child(mp::RLock r) {
+    r.acquire();
+    r.acquire();
+    int depth = int(r.depth());
+    r.release();
+    r.release();
+    return depth;
+}
+int over_release(mp::BoundedSemaphore b) {
+    try {
+        b.release();
+        return 1;
+    } catch (const mp::InvalidStateError&) {
+        return b.try_acquire() ? 0 : 2;
+    }
+}
+int consume_all(mp::Condition cond, mp::RawValue<int> available, mp::RawValue<int> consumed, mp::RawValue<int> done) {
+    for (;;) {
+        std::unique_lock<mp::Condition> g(cond);
+        if (!cond.wait_for([&] { return available.get() > 0 || done.get(); }, 30s)) return 1;
+        if (available.get() == 0) return 0;
+        available.set(available.get() - 1);
+        consumed.set(consumed.get() + 1);
+    }
+}
+int barrier_party(mp::Barrier b, mp::RawValue<int> runs, int cycles) {
+    g_action_runs = &runs;  // the action, if it runs here, counts in the parent's memory
+    int index_sum = 0;
+    for (int c = 0; c < cycles; ++c) index_sum += int(b.wait(30s));
+    g_action_runs = nullptr;
+    return index_sum;
+}
+}  // namespace
+
+TEST_CASE_TEMPLATE("Process arguments: children attach to the same Lock, RLock, Event, semaphores", Ctx,
+                   SYNC_CONTEXTS) {
+    mp::RLock r;
+    r.acquire();
+    mp::Process depth(Ctx{}, rlock_depth_in_child, r);
+    depth.start();
+    CHECK_THROWS_AS(depth.result(100ms), mp::TimeoutError);  // blocked: we hold it
+    r.release();
+    CHECK(depth.result(30s) == 2);
+
+    mp::Event e;
+    mp::Process waiter(Ctx{}, wait_for_event, e);
+    waiter.start();
+    CHECK(await([&] { return sleepers(e) == 1; }));
+    e.set();
+    CHECK(waiter.result(30s) == 0);
+
+    mp::BoundedSemaphore b(1);
+    mp::Process over(Ctx{}, over_release, b);
+    over.start();
+    CHECK(over.result(30s) == 0);
+    CHECK(b.get_value() == 0);
+}
+
+TEST_CASE_TEMPLATE("Process arguments: a child SIGKILLed holding a Lock; the parent is told", Ctx, SYNC_CONTEXTS) {
+    mp::Lock lock;
+    mp::Event held;
+    mp::Process p(Ctx{}, take_and_die, lock, held);
+    p.start();
+    CHECK(held.wait(30s));
+    CHECK_THROWS_AS(p.join(), mp::ProcessError);
+    CHECK_THROWS_AS(lock.acquire(), mp::OwnerDiedError);
+    lock.release();
+    CHECK(lock.acquire(1s));
+    lock.release();
+}
+
+TEST_CASE_TEMPLATE("Process arguments: Condition producer/consumer", Ctx, SYNC_CONTEXTS) {
+    constexpr int items = 500;
+    mp::Condition cond;
+    mp::RawValue<int> available(0), consumed(0), done(0);
+    mp::Process c1(Ctx{}, consume_all, cond, available, consumed, done);
+    mp::Process c2(Ctx{}, consume_all, cond, available, consumed, done);
+    c1.start();
+    c2.start();
+    for (int i = 0; i < items; ++i) {
+        std::lock_guard<mp::Condition> g(cond);
+        available.set(available.get() + 1);
+        cond.notify();
+    }
+    {
+        std::lock_guard<mp::Condition> g(cond);
+        done.set(1);
+        cond.notify_all();
+    }
+    CHECK(c1.result(30s) == 0);
+    CHECK(c2.result(30s) == 0);
+    CHECK(consumed.get() == items);
+}
+
+TEST_CASE_TEMPLATE("Process arguments: Barrier with an action that runs in whichever process arrives last", Ctx,
+                   SYNC_CONTEXTS) {
+    constexpr int cycles = 10;
+    mp::RawValue<int> runs(0);
+    mp::Barrier b(3, &count_action);
+    mp::Process p1(Ctx{}, barrier_party, b, runs, cycles);
+    mp::Process p2(Ctx{}, barrier_party, b, runs, cycles);
+    p1.start();
+    p2.start();
+    int mine = barrier_party(b, runs, cycles);
+    int total = mine + p1.result(30s) + p2.result(30s);
+    CHECK(total == cycles * (0 + 1 + 2));
+    CHECK(runs.get() == cycles);  // the action's address was found again in spawned children
+}
