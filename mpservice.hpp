@@ -141,22 +141,63 @@ public:
 // of bounds or allocates more than the input could describe.
 //
 // Both ends run the same build of the same program, so scalars are written in
-// native byte order and layout.
+// native byte order and layout.  The format is not meant for files or for
+// other programs.
 //
-// Customization (the one way to make your own type travel): give it a member
+// What travels, out of the box:
+//   - arithmetic types (bool is one byte that must decode as 0 or 1), char types, enums;
+//   - std::string (any std::basic_string), std::vector (vector<bool> packed), std::deque,
+//     std::list, std::array, C arrays as fields, std::pair, std::tuple, std::optional,
+//     std::variant, std::monostate, std::map, std::multimap, std::unordered_map,
+//     std::unordered_multimap, std::set, std::multiset, std::unordered_set,
+//     std::unordered_multiset, nested to any depth (up to codec_max_depth levels);
+//   - trivially copyable classes that have no serialize member: copied byte for byte, and
+//     containers of them in one block.  Such a struct is taken as it is: a struct that holds
+//     a pointer (or a pointer-like handle) means nothing in another process, and one whose
+//     fields are not valid for every byte pattern (bool, an enum without a fixed underlying
+//     type) is not checked against corrupt input.  Give such a struct serialize() instead:
+//     then every field is carried and checked by its own codec.
+//   - Enums travel as their bytes.  An enum with a fixed underlying type (every enum class,
+//     `enum E : int`) can hold any value, so nothing can go wrong; for an unscoped enum
+//     without one, a corrupt value outside its enumerators' range is not detected.
+//
+// Customization (the ONE way to make your own type travel): give it a member
 //
 //     template <class Archive> void serialize(Archive& ar) { ar(field1, field2); }
 //
-// and a default constructor.  The same member both writes and reads.  Library
-// types whose encode and decode differ specialize mpservice::Codec<T>.
+// The same member both writes (Archive = Encoder) and reads (Archive = Decoder),
+// so it must be public and non-const and must only call ar(...) on the fields.  A
+// type with serialize() is default constructed and then filled in when it is
+// decoded, so it needs a public default constructor.
+//
+// Library types whose encode and decode differ (handles to shared objects)
+// specialize mpservice::Codec<T> instead:
+//     static void encode(Encoder&, const T&);  static T decode(Decoder&);
+//     optional: static constexpr std::size_t min_encoded_size() - a lower bound on the
+//     bytes one value takes, used to reject impossible container lengths (default 1).
+//
+// Anything else - raw pointers, references, std::function, classes that are not
+// trivially copyable and have no serialize() - is a compile-time error naming the
+// type (see mpservice_cannot_encode_this_type below).
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <deque>
+#include <list>
+#include <map>
+#include <new>
+#include <optional>
+#include <set>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <type_traits>
+#include <unordered_map>
+#include <unordered_set>
 #include <utility>
+#include <variant>
 #include <vector>
 
 namespace mpservice {
@@ -171,8 +212,80 @@ using handle_t = int;  // file descriptor
 
 /// Specialize to make a type travel when a member serialize() is not enough.
 /// Needs: static void encode(Encoder&, const T&); static T decode(Decoder&);
+/// The primary template serves types with a serialize() member and trivially
+/// copyable classes, and refuses everything else at compile time.
 template <class T, class Enable = void>
 struct Codec;
+
+class Encoder;
+class Decoder;
+
+/// Values nest at most this deep (a vector of vectors is two levels).  Only a
+/// recursive user type can reach it; the limit keeps a crafted input from
+/// overflowing the stack of the decoding process.
+inline constexpr unsigned codec_max_depth = 256;
+
+/// Instantiated for a type the codec cannot carry.  The compiler's note
+/// "required from mpservice::mpservice_cannot_encode_this_type<T>" names the type.
+template <class T>
+struct mpservice_cannot_encode_this_type {
+    static_assert(
+        sizeof(T*) == 0 || !sizeof(T*),
+        "mpservice codec: this type cannot cross a process boundary (it is the T of the "
+        "mpservice_cannot_encode_this_type<T> the compiler names here). Raw pointers, references, "
+        "std::function, std::string_view and classes that are neither trivially copyable nor customized are "
+        "refused. To make your own class travel, give it a member "
+        "`template <class Archive> void serialize(Archive& ar) { ar(field1, field2); }` "
+        "or specialize `mpservice::Codec<T>` with static encode(Encoder&, const T&) and "
+        "T decode(Decoder&).");
+    static void encode(Encoder&, const T&);
+    static T decode(Decoder&);
+};
+
+// References get their own message: the fix is to pass the value, not to customize.
+template <class T>
+struct mpservice_cannot_encode_this_type<T&> {
+    static_assert(
+        sizeof(T*) == 0 || !sizeof(T*),
+        "mpservice codec: a reference cannot cross a process boundary (it is the T& of the "
+        "mpservice_cannot_encode_this_type<T&> the compiler names here); pass the value itself. For your own "
+        "types the customization points are a member `serialize(Archive&)` or "
+        "`mpservice::Codec<T>`.");
+    static void encode(Encoder&, const T&);
+    static T& decode(Decoder&);
+};
+
+namespace detail {
+
+template <class T>
+using codec_t = std::conditional_t<std::is_reference_v<T>, mpservice_cannot_encode_this_type<T>,
+                                   Codec<std::remove_cv_t<T>>>;
+
+// True when Codec<T> copies T byte for byte, so that containers of T can be
+// copied in one block.
+template <class T, class = void>
+struct is_bitwise : std::false_type {};
+template <class T>
+struct is_bitwise<T, std::enable_if_t<codec_t<T>::bitwise>> : std::true_type {};
+template <class T>
+inline constexpr bool is_bitwise_v = is_bitwise<T>::value;
+
+template <class T, class = void>
+struct has_min_encoded_size : std::false_type {};
+template <class T>
+struct has_min_encoded_size<T, std::void_t<decltype(codec_t<T>::min_encoded_size())>> : std::true_type {};
+
+/// A lower bound on the bytes one encoded T takes; containers use it to refuse
+/// lengths the remaining input cannot hold before they allocate anything.
+template <class T>
+std::size_t min_encoded_size() {
+    if constexpr (has_min_encoded_size<T>::value)
+        return codec_t<T>::min_encoded_size();
+    else
+        return 1;
+}
+
+}  // namespace detail
 
 class Encoder {
 public:
@@ -189,11 +302,13 @@ public:
         (write(values), ...);
     }
     /// Attaches an OS handle (kept open by the caller until the message is
-    /// sent) to travel with the bytes; returns its index for Decoder::take_handle.
+    /// sent) to travel with the bytes; returns its index for Decoder::handle.
     std::uint32_t attach(detail::os::handle_t h) {
         handles_.push_back(h);
         return static_cast<std::uint32_t>(handles_.size() - 1);
     }
+    /// Reserves room for n more bytes (an optimization only).
+    void reserve(std::size_t n) { buf_.reserve(buf_.size() + n); }
 
     const std::string& bytes() const noexcept { return buf_; }
     std::string& bytes() noexcept { return buf_; }
@@ -202,6 +317,7 @@ public:
 private:
     std::string buf_;
     std::vector<detail::os::handle_t> handles_;
+    unsigned depth_ = 0;
 };
 
 class Decoder {
@@ -225,29 +341,45 @@ public:
         p_ += n;
         return at;
     }
+    /// Reads one value through its Codec.
     template <class T>
     T read();
+    /// Reads into an existing object (also C arrays, which read<T> cannot return).
+    template <class T>
+    void read_into(T& out);
     /// Reads each argument in order; this is what serialize() members call.
     template <class... T>
     void operator()(T&... values) {
-        ((values = read<T>()), ...);
+        (read_into(values), ...);
     }
     /// Reads a container length and checks that at least `min_bytes_each`
     /// bytes per element remain, so a corrupt length cannot make us allocate.
+    /// Elements that take no bytes at all (an empty tuple, a serialize() that
+    /// writes nothing) are limited to max_empty_elements per container.
     std::size_t read_length(std::size_t min_bytes_each, const char* what) {
         std::uint64_t n = read<std::uint64_t>();
-        std::size_t each = min_bytes_each ? min_bytes_each : 1;
-        if (n > remaining() / each)
+        if (min_bytes_each == 0) {
+            if (n > max_empty_elements)
+                throw DecodeError(std::string("decode: ") + what + " length " + std::to_string(n) +
+                                  " of elements that take no bytes exceeds the limit of " +
+                                  std::to_string(max_empty_elements));
+        } else if (n > remaining() / min_bytes_each) {
             throw DecodeError(std::string("decode: ") + what + " length " + std::to_string(n) +
-                              " exceeds the " + std::to_string(remaining()) + " bytes left");
+                              " cannot fit in the " + std::to_string(remaining()) +
+                              " bytes left (each element takes at least " + std::to_string(min_bytes_each) +
+                              ")");
+        }
         return static_cast<std::size_t>(n);
     }
+    static constexpr std::size_t max_empty_elements = std::size_t(1) << 20;
+
     /// The OS handle attached at `index` by Encoder::attach.
     detail::os::handle_t handle(std::uint32_t index) const {
         if (!handles_)
-            throw DecodeError("decode: this value holds an OS handle (a Lock, Queue, Value, ...) but "
-                              "it arrived over a channel that carries no handles; pass such objects "
-                              "as Process arguments");
+            throw DecodeError(
+                "decode: this value holds an OS handle (a Lock, Queue, Value, ...) but "
+                "it arrived over a channel that carries no handles; pass such objects "
+                "as Process arguments");
         if (index >= handles_->size())
             throw DecodeError("decode: handle index " + std::to_string(index) + " out of range (" +
                               std::to_string(handles_->size()) + " handles arrived)");
@@ -265,23 +397,76 @@ public:
 
 private:
     void require(std::size_t n, const char* what) const {
-        if (n > remaining())
-            throw DecodeError(std::string("decode: truncated input: needed ") + std::to_string(n) + " " +
-                              what + ", " + std::to_string(remaining()) + " left");
+        if (n > remaining()) throw_truncated(n, what);
+    }
+    // Out of line and cold: keeps the fast path small (and g++ 12's -Warray-bounds
+    // from reasoning about the bytes past a failed check).
+    [[noreturn]] void throw_truncated(std::size_t n, const char* what) const {
+        throw DecodeError(std::string("decode: truncated input: needed ") + std::to_string(n) + " " + what +
+                          ", " + std::to_string(remaining()) + " left");
     }
     const unsigned char* p_;
     const unsigned char* end_;
     const std::vector<detail::os::handle_t>* handles_;
+    unsigned depth_ = 0;
 };
+
+namespace detail {
+
+// Counts one nesting level for the lifetime of a compound value being read or
+// written; past codec_max_depth it throws instead of recursing further.
+class NestingGuard {
+public:
+    NestingGuard(unsigned& depth, bool decoding) : depth_(depth) {
+        if (depth_ >= codec_max_depth) {
+            if (decoding)
+                throw DecodeError("decode: value nests deeper than " + std::to_string(codec_max_depth) +
+                                  " levels (corrupt input, or a recursive type that deep)");
+            throw Error("encode: value nests deeper than " + std::to_string(codec_max_depth) +
+                        " levels; the other side could not decode it");
+        }
+        ++depth_;
+    }
+    ~NestingGuard() { --depth_; }
+    NestingGuard(const NestingGuard&) = delete;
+    NestingGuard& operator=(const NestingGuard&) = delete;
+
+private:
+    unsigned& depth_;
+};
+
+}  // namespace detail
 
 template <class T>
 void Encoder::write(const T& value) {
-    Codec<std::decay_t<T>>::encode(*this, value);
+    using C = detail::codec_t<T>;
+    if constexpr (detail::is_bitwise_v<T>) {
+        C::encode(*this, value);
+    } else {
+        detail::NestingGuard guard(depth_, false);
+        C::encode(*this, value);
+    }
 }
 
 template <class T>
 T Decoder::read() {
-    return Codec<std::decay_t<T>>::decode(*this);
+    using C = detail::codec_t<T>;
+    if constexpr (detail::is_bitwise_v<T>) {
+        return C::decode(*this);
+    } else {
+        detail::NestingGuard guard(depth_, true);
+        return C::decode(*this);
+    }
+}
+
+template <class T>
+void Decoder::read_into(T& out) {
+    if constexpr (std::is_array_v<T>) {
+        detail::NestingGuard guard(depth_, true);
+        Codec<std::remove_cv_t<T>>::decode_into(*this, out);
+    } else {
+        out = read<T>();
+    }
 }
 
 /// Encodes one value into bytes (values holding OS handles need an Encoder
@@ -293,7 +478,8 @@ std::string encode(const T& value) {
     return std::move(e.bytes());
 }
 
-/// Decodes bytes made by encode<T>; throws DecodeError on malformed input.
+/// Decodes bytes made by encode<T>; throws DecodeError on malformed input,
+/// including bytes left over after the value.
 template <class T>
 T decode(std::string_view bytes) {
     Decoder d(bytes);
@@ -303,30 +489,462 @@ T decode(std::string_view bytes) {
 }
 
 // ---------------------------------------------------------------------------
-// Codecs of the standard types.  (Type coverage is filled in below.)
+// The default codec: serialize() members, trivially copyable classes, refusal.
+
+namespace detail {
+
+template <class T, class = void>
+struct has_serialize : std::false_type {};
+template <class T>
+struct has_serialize<T, std::void_t<decltype(std::declval<T&>().serialize(std::declval<Encoder&>()))>>
+    : std::true_type {};
+
+// An archive that visits a default-constructed value's fields only to add up
+// their minimum encoded sizes.
+struct MinSizeProbe {
+    std::size_t total = 0;
+    template <class... T>
+    void operator()(T&...) {
+        ((total += min_encoded_size<T>()), ...);
+    }
+};
 
 template <class T>
-struct Codec<T, std::enable_if_t<std::is_arithmetic_v<T> || std::is_enum_v<T>>> {
-    static void encode(Encoder& e, const T& v) { e.write_bytes(&v, sizeof v); }
+struct SerializeCodec {
+    static_assert(std::is_default_constructible_v<T>,
+                  "mpservice codec: a type with a serialize() member needs a default constructor to be "
+                  "decoded (it is default constructed, then serialize() fills in the fields); add one or "
+                  "specialize mpservice::Codec<T>");
+    static void encode(Encoder& e, const T& v) { const_cast<T&>(v).serialize(e); }
     static T decode(Decoder& d) {
-        T v;
-        d.read_bytes(&v, sizeof v);
+        T v{};
+        v.serialize(d);
+        return v;
+    }
+    // Found by running serialize() once on a default-constructed value with an
+    // archive that only adds up its fields' minimum sizes.  A serialize() that
+    // is not a template (it takes only Encoder& / Decoder&) cannot be probed:
+    // then each value is assumed to take at least one byte.
+    static std::size_t min_encoded_size() {
+        if constexpr (accepts_probe<T>::value) {
+            static const std::size_t size = [] {
+                T v{};
+                MinSizeProbe probe;
+                v.serialize(probe);
+                return probe.total;
+            }();
+            return size;
+        } else {
+            return 1;
+        }
+    }
+
+private:
+    template <class X, class = void>
+    struct accepts_probe : std::false_type {};
+    template <class X>
+    struct accepts_probe<X,
+                         std::void_t<decltype(std::declval<X&>().serialize(std::declval<MinSizeProbe&>()))>>
+        : std::true_type {};
+};
+
+// Arithmetic types, enums and trivially copyable classes: the object's bytes.
+template <class T>
+struct BitwiseCodec {
+    static constexpr bool bitwise = true;
+    static constexpr std::size_t min_encoded_size() { return sizeof(T); }
+    static void encode(Encoder& e, const T& v) { e.write_bytes(&v, sizeof v); }
+    static T decode(Decoder& d) { return from_bytes(d.take(sizeof(T), "bytes")); }
+    static T from_bytes(const unsigned char* p) {
+        if constexpr (std::is_default_constructible_v<T>) {
+            T v;
+            std::memcpy(static_cast<void*>(&v), p, sizeof v);
+            return v;
+        } else {
+            alignas(T) unsigned char storage[sizeof(T)];
+            std::memcpy(storage, p, sizeof storage);
+            return *std::launder(reinterpret_cast<T*>(storage));
+        }
+    }
+};
+
+// Empty classes (std::monostate, tag types) carry no information: no bytes.
+template <class T>
+struct EmptyCodec {
+    static constexpr std::size_t min_encoded_size() { return 0; }
+    static void encode(Encoder&, const T&) {}
+    static T decode(Decoder&) {
+        const unsigned char zeros[sizeof(T)] = {};
+        return BitwiseCodec<T>::from_bytes(zeros);
+    }
+};
+
+template <class T>
+using default_codec_t = std::conditional_t<
+    has_serialize<T>::value, SerializeCodec<T>,
+    std::conditional_t<
+        std::is_empty_v<T> && std::is_trivially_copyable_v<T>, EmptyCodec<T>,
+        std::conditional_t<(std::is_class_v<T> || std::is_union_v<T>)&&std::is_trivially_copyable_v<T>,
+                           BitwiseCodec<T>, mpservice_cannot_encode_this_type<T>>>>;
+
+}  // namespace detail
+
+template <class T, class Enable>
+struct Codec : detail::default_codec_t<T> {};
+
+// ---------------------------------------------------------------------------
+// Scalars.
+
+template <class T>
+struct Codec<T, std::enable_if_t<std::is_arithmetic_v<T> || std::is_enum_v<T>>> : detail::BitwiseCodec<T> {};
+
+/// bool travels as one byte that must be 0 or 1: any other byte is corrupt
+/// input, and loading it as a bool would be undefined behaviour.
+template <>
+struct Codec<bool> {
+    static constexpr std::size_t min_encoded_size() { return 1; }
+    static void encode(Encoder& e, const bool& v) {
+        const unsigned char byte = v ? 1 : 0;
+        e.write_bytes(&byte, 1);
+    }
+    static bool decode(Decoder& d) {
+        const unsigned char byte = *d.take(1, "bool");
+        if (byte > 1) throw DecodeError("decode: bool byte is " + std::to_string(byte) + ", not 0 or 1");
+        return byte == 1;
+    }
+};
+
+// Views and pointer-like standard types hold addresses that mean nothing in
+// another process.
+template <class C, class Tr>
+struct Codec<std::basic_string_view<C, Tr>>
+    : mpservice_cannot_encode_this_type<std::basic_string_view<C, Tr>> {};
+
+// ---------------------------------------------------------------------------
+// Strings and sequences.
+
+template <class C, class Tr, class A>
+struct Codec<std::basic_string<C, Tr, A>> {
+    using S = std::basic_string<C, Tr, A>;
+    static constexpr std::size_t min_encoded_size() { return sizeof(std::uint64_t); }
+    static void encode(Encoder& e, const S& s) {
+        e.write(static_cast<std::uint64_t>(s.size()));
+        e.write_bytes(s.data(), s.size() * sizeof(C));
+    }
+    static S decode(Decoder& d) {
+        const std::size_t n = d.read_length(sizeof(C), "string");
+        const unsigned char* p = d.take(n * sizeof(C), "string bytes");
+        S s;
+        if constexpr (sizeof(C) == 1) {
+            s.assign(reinterpret_cast<const C*>(p), n);
+        } else {
+            s.resize(n);
+            if (n) std::memcpy(&s[0], p, n * sizeof(C));
+        }
+        return s;
+    }
+};
+
+namespace detail {
+
+// How many elements to reserve up front for n elements still to be read: never
+// more than about 1 MiB ahead of the bytes actually decoded, so a length that
+// passed the minimum-size check still cannot make a large type allocate
+// out of proportion to the input.
+template <class T>
+std::size_t safe_reserve(std::size_t n) {
+    constexpr std::size_t ahead = (std::size_t(1) << 20) / sizeof(T) + 1;
+    return n < ahead ? n : ahead;
+}
+
+template <class Seq>
+struct SequenceCodec {
+    using T = typename Seq::value_type;
+    static constexpr std::size_t min_encoded_size() { return sizeof(std::uint64_t); }
+    static void encode(Encoder& e, const Seq& s) {
+        e.write(static_cast<std::uint64_t>(s.size()));
+        for (const auto& x : s) e.write(x);
+    }
+    static Seq decode(Decoder& d) {
+        const std::size_t n = d.read_length(detail::min_encoded_size<T>(), "sequence");
+        Seq s;
+        if constexpr (std::is_same_v<Seq, std::vector<T, typename Seq::allocator_type>>)
+            s.reserve(safe_reserve<T>(n));
+        for (std::size_t i = 0; i < n; ++i) s.push_back(d.read<T>());
+        return s;
+    }
+};
+
+}  // namespace detail
+
+/// Vectors of bitwise elements (numbers, enums, trivially copyable structs) are
+/// one length and one block of bytes.
+template <class T, class A>
+struct Codec<std::vector<T, A>> {
+    using V = std::vector<T, A>;
+    static constexpr std::size_t min_encoded_size() { return sizeof(std::uint64_t); }
+    static void encode(Encoder& e, const V& v) {
+        if constexpr (detail::is_bitwise_v<T>) {
+            e.write(static_cast<std::uint64_t>(v.size()));
+            e.write_bytes(v.data(), v.size() * sizeof(T));
+        } else {
+            detail::SequenceCodec<V>::encode(e, v);
+        }
+    }
+    static V decode(Decoder& d) {
+        if constexpr (detail::is_bitwise_v<T>) {
+            const std::size_t n = d.read_length(sizeof(T), "vector");
+            const unsigned char* p = d.take(n * sizeof(T), "vector elements");
+            V v(n);
+            if (n) std::memcpy(static_cast<void*>(v.data()), p, n * sizeof(T));
+            return v;
+        } else {
+            return detail::SequenceCodec<V>::decode(d);
+        }
+    }
+};
+
+/// vector<bool>: a bit count, then the bits packed eight to a byte; the unused
+/// bits of the last byte must be zero.
+template <class A>
+struct Codec<std::vector<bool, A>> {
+    using V = std::vector<bool, A>;
+    static constexpr std::size_t min_encoded_size() { return sizeof(std::uint64_t); }
+    static void encode(Encoder& e, const V& v) {
+        e.write(static_cast<std::uint64_t>(v.size()));
+        std::string packed((v.size() + 7) / 8, '\0');
+        for (std::size_t i = 0; i < v.size(); ++i)
+            if (v[i]) packed[i / 8] = static_cast<char>(packed[i / 8] | (1 << (i % 8)));
+        e.write_bytes(packed.data(), packed.size());
+    }
+    static V decode(Decoder& d) {
+        const std::uint64_t n = d.read<std::uint64_t>();
+        const std::uint64_t nbytes = n / 8 + (n % 8 != 0);
+        if (nbytes > d.remaining())
+            throw DecodeError("decode: vector<bool> of " + std::to_string(n) + " bits cannot fit in the " +
+                              std::to_string(d.remaining()) + " bytes left");
+        const unsigned char* p = d.take(static_cast<std::size_t>(nbytes), "vector<bool> bits");
+        if (n % 8 != 0 && (p[nbytes - 1] >> (n % 8)) != 0)
+            throw DecodeError("decode: vector<bool> has bits set past its length");
+        V v(static_cast<std::size_t>(n));
+        for (std::size_t i = 0; i < v.size(); ++i) v[i] = (p[i / 8] >> (i % 8)) & 1;
         return v;
     }
 };
 
-template <>
-struct Codec<std::string> {
-    static void encode(Encoder& e, const std::string& s) {
-        e.write(static_cast<std::uint64_t>(s.size()));
-        e.write_bytes(s.data(), s.size());
+template <class T, class A>
+struct Codec<std::deque<T, A>> : detail::SequenceCodec<std::deque<T, A>> {};
+template <class T, class A>
+struct Codec<std::list<T, A>> : detail::SequenceCodec<std::list<T, A>> {};
+
+/// std::array: its elements, no length (the type says it).
+template <class T, std::size_t N>
+struct Codec<std::array<T, N>> {
+    using Arr = std::array<T, N>;
+    static constexpr bool bitwise = detail::is_bitwise_v<T>;
+    static std::size_t min_encoded_size() { return N * detail::min_encoded_size<T>(); }
+    static void encode(Encoder& e, const Arr& a) {
+        if constexpr (bitwise)
+            e.write_bytes(a.data(), sizeof(T) * N);
+        else
+            for (const auto& x : a) e.write(x);
     }
-    static std::string decode(Decoder& d) {
-        std::size_t n = d.read_length(1, "string");
-        const unsigned char* p = d.take(n, "string bytes");
-        return std::string(reinterpret_cast<const char*>(p), n);
+    static Arr decode(Decoder& d) {
+        static_assert(std::is_default_constructible_v<T>,
+                      "mpservice codec: decoding std::array<T, N> needs a default constructible T");
+        Arr a;
+        if constexpr (bitwise) {
+            if (N) d.read_bytes(static_cast<void*>(a.data()), sizeof(T) * N);
+        } else {
+            for (auto& x : a) x = d.read<T>();
+        }
+        return a;
     }
 };
+
+/// C arrays, as fields of a serialize() type (read through Decoder::read_into).
+template <class T, std::size_t N>
+struct Codec<T[N]> {
+    static std::size_t min_encoded_size() { return N * detail::min_encoded_size<T>(); }
+    static void encode(Encoder& e, const T (&a)[N]) {
+        for (const auto& x : a) e.write(x);
+    }
+    static void decode_into(Decoder& d, T (&a)[N]) {
+        for (auto& x : a) d.read_into(x);
+    }
+};
+
+// ---------------------------------------------------------------------------
+// Product and sum types.
+
+template <class A, class B>
+struct Codec<std::pair<A, B>> {
+    static std::size_t min_encoded_size() {
+        return detail::min_encoded_size<A>() + detail::min_encoded_size<B>();
+    }
+    static void encode(Encoder& e, const std::pair<A, B>& p) {
+        // Explicit arguments so that a reference member is refused, not copied.
+        e.template write<A>(p.first);
+        e.template write<B>(p.second);
+    }
+    static std::pair<A, B> decode(Decoder& d) {
+        // A braced list is evaluated left to right, so first is read first.
+        return std::pair<A, B>{d.read<A>(), d.read<B>()};
+    }
+};
+
+template <class... T>
+struct Codec<std::tuple<T...>> {
+    static std::size_t min_encoded_size() { return (std::size_t(0) + ... + detail::min_encoded_size<T>()); }
+    static void encode(Encoder& e, const std::tuple<T...>& t) {
+        encode_each(e, t, std::index_sequence_for<T...>{});
+    }
+    static std::tuple<T...> decode([[maybe_unused]] Decoder& d) {
+        return std::tuple<T...>{d.read<T>()...};  // braced: left to right
+    }
+
+private:
+    template <std::size_t... I>
+    static void encode_each([[maybe_unused]] Encoder& e, [[maybe_unused]] const std::tuple<T...>& t,
+                            std::index_sequence<I...>) {
+        // Explicit arguments so that a reference element is refused, not copied.
+        (e.template write<T>(std::get<I>(t)), ...);
+    }
+};
+
+/// optional: a flag byte (0 empty, 1 present) and the value if present.
+template <class T>
+struct Codec<std::optional<T>> {
+    static constexpr std::size_t min_encoded_size() { return 1; }
+    static void encode(Encoder& e, const std::optional<T>& o) {
+        e.write(static_cast<std::uint8_t>(o.has_value()));
+        if (o) e.write(*o);
+    }
+    static std::optional<T> decode(Decoder& d) {
+        const auto flag = d.read<std::uint8_t>();
+        if (flag == 0) return std::nullopt;
+        if (flag != 1)
+            throw DecodeError("decode: optional flag byte is " + std::to_string(flag) + ", not 0 or 1");
+        return std::optional<T>(std::in_place, d.read<T>());
+    }
+};
+
+/// variant: the alternative's index (32 bits, checked) and its value.
+template <class... T>
+struct Codec<std::variant<T...>> {
+    using V = std::variant<T...>;
+    static constexpr std::size_t min_encoded_size() { return sizeof(std::uint32_t); }
+    static void encode(Encoder& e, const V& v) {
+        if (v.valueless_by_exception())
+            throw Error("encode: a std::variant that is valueless by exception cannot be sent");
+        e.write(static_cast<std::uint32_t>(v.index()));
+        std::visit([&e](const auto& x) { e.write(x); }, v);
+    }
+    static V decode(Decoder& d) {
+        const auto index = d.read<std::uint32_t>();
+        if (index >= sizeof...(T))
+            throw DecodeError("decode: variant index " + std::to_string(index) +
+                              " out of range (the variant has " + std::to_string(sizeof...(T)) +
+                              " alternatives)");
+        return decode_alternative(d, index, std::index_sequence_for<T...>{});
+    }
+
+private:
+    template <std::size_t... I>
+    static V decode_alternative(Decoder& d, std::uint32_t index, std::index_sequence<I...>) {
+        using Reader = V (*)(Decoder&);
+        static constexpr Reader readers[] = {[](Decoder& dd) -> V {
+            return V(std::in_place_index<I>, dd.read<std::variant_alternative_t<I, V>>());
+        }...};
+        return readers[index](d);
+    }
+};
+
+// ---------------------------------------------------------------------------
+// Maps and sets.  Unique containers reject a repeated key as corrupt input.
+
+namespace detail {
+
+template <class M, bool Unique>
+struct AssociativeCodec {
+    using K = typename M::key_type;
+    static constexpr bool is_map = !std::is_same_v<typename M::value_type, K>;
+    static constexpr std::size_t min_encoded_size() { return sizeof(std::uint64_t); }
+
+    static void encode(Encoder& e, const M& m) {
+        e.write(static_cast<std::uint64_t>(m.size()));
+        for (const auto& x : m) {
+            if constexpr (is_map) {
+                e.write(x.first);
+                e.write(x.second);
+            } else {
+                e.write(x);
+            }
+        }
+    }
+    static M decode(Decoder& d) {
+        std::size_t each = detail::min_encoded_size<K>();
+        if constexpr (is_map) each += detail::min_encoded_size<typename M::mapped_type>();
+        const std::size_t n = d.read_length(each, is_map ? "map" : "set");
+        M m;
+        if constexpr (has_reserve<M>::value) m.reserve(safe_reserve<typename M::value_type>(n));
+        for (std::size_t i = 0; i < n; ++i) {
+            const std::size_t before = m.size();
+            if constexpr (is_map) {
+                K key = d.read<K>();
+                insert(m, std::move(key), d.read<typename M::mapped_type>());
+            } else {
+                insert(m, d.read<K>());
+            }
+            if (Unique && m.size() == before)
+                throw DecodeError(std::string("decode: duplicate key in ") + (is_map ? "map" : "set"));
+        }
+        return m;
+    }
+
+private:
+    template <class X, class = void>
+    struct has_reserve : std::false_type {};
+    template <class X>
+    struct has_reserve<X, std::void_t<decltype(std::declval<X&>().reserve(std::size_t{}))>> : std::true_type {
+    };
+    template <class X, class = void>
+    struct is_ordered : std::false_type {};
+    template <class X>
+    struct is_ordered<X, std::void_t<typename X::key_compare>> : std::true_type {};
+
+    // Ordered containers were written in order, so the end is the right hint.
+    template <class... Args>
+    static void insert(M& m, Args&&... args) {
+        if constexpr (is_ordered<M>::value)
+            m.emplace_hint(m.end(), std::forward<Args>(args)...);
+        else
+            m.emplace(std::forward<Args>(args)...);
+    }
+};
+
+}  // namespace detail
+
+template <class K, class V, class C, class A>
+struct Codec<std::map<K, V, C, A>> : detail::AssociativeCodec<std::map<K, V, C, A>, true> {};
+template <class K, class V, class C, class A>
+struct Codec<std::multimap<K, V, C, A>> : detail::AssociativeCodec<std::multimap<K, V, C, A>, false> {};
+template <class K, class V, class H, class E, class A>
+struct Codec<std::unordered_map<K, V, H, E, A>>
+    : detail::AssociativeCodec<std::unordered_map<K, V, H, E, A>, true> {};
+template <class K, class V, class H, class E, class A>
+struct Codec<std::unordered_multimap<K, V, H, E, A>>
+    : detail::AssociativeCodec<std::unordered_multimap<K, V, H, E, A>, false> {};
+template <class K, class C, class A>
+struct Codec<std::set<K, C, A>> : detail::AssociativeCodec<std::set<K, C, A>, true> {};
+template <class K, class C, class A>
+struct Codec<std::multiset<K, C, A>> : detail::AssociativeCodec<std::multiset<K, C, A>, false> {};
+template <class K, class H, class E, class A>
+struct Codec<std::unordered_set<K, H, E, A>>
+    : detail::AssociativeCodec<std::unordered_set<K, H, E, A>, true> {};
+template <class K, class H, class E, class A>
+struct Codec<std::unordered_multiset<K, H, E, A>>
+    : detail::AssociativeCodec<std::unordered_multiset<K, H, E, A>, false> {};
 
 }  // namespace mpservice
 // ---- end part: mpservice/public/codec.hpp
@@ -343,7 +961,10 @@ struct Codec<std::string> {
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <string>
+#include <typeinfo>
+#include <vector>
 
 namespace mpservice::detail::os {
 
@@ -426,9 +1047,179 @@ MPSERVICE_API long current_pid() noexcept;
 /// Whether a process with this id exists (it may be a zombie).
 MPSERVICE_API bool pid_alive(long pid) noexcept;
 
-// ---------------------------------------------------------------- (process/channel section: process.hpp)
+// ---------------------------------------------------------------- remote exception / symbolization
+/// Whether throw sites are recorded (see impl/os_posix_stacktrace.cpp: the
+/// __cxa_throw interposition is off under sanitizers and MPSERVICE_NO_THROW_HOOK).
+MPSERVICE_API bool throw_hook_active() noexcept;
+/// Turns the recording of throw sites on or off at run time (default on).
+MPSERVICE_API void set_throw_site_capture(bool enabled) noexcept;
+/// Copies into `pcs` the return addresses recorded when `object` (of type
+/// `type`) was last thrown by this thread; returns their number (0 if unknown).
+MPSERVICE_API int throw_site_stack(const void* object, const std::type_info* type, void** pcs, int max) noexcept;
+/// Records the calling stack, from the frame whose return address is `caller`
+/// on, as the place where this thread re-raises `object` (read back by
+/// raise_site_stack).
+MPSERVICE_API void note_raise_site(const void* object, const void* caller) noexcept;
+MPSERVICE_API int raise_site_stack(const void* object, void** pcs, int max) noexcept;
+/// The caller's stack: up to `max` return addresses, skipping `skip` innermost
+/// frames - or, if `from` is one of the return addresses, starting there.
+MPSERVICE_API int capture_stack(void** pcs, int max, int skip, const void* from = nullptr) noexcept;
+
+/// One symbolized stack frame.
+struct StackFrame {
+    const void* pc = nullptr;
+    std::string function;  // demangled; empty if unknown
+    std::string module;    // path of the executable or library
+    std::uintptr_t offset = 0;  // pc relative to the module's load address
+    std::string file;      // source file, if line information was found
+    int line = 0;
+    bool inlined = false;  // a function inlined into the next frame (same pc)
+};
+/// Names the functions at `pcs` (return addresses): dynamic symbols, the ELF
+/// .symtab of each module (so static functions of an executable built without
+/// -rdynamic are named), and file:line when line information is available.
+MPSERVICE_API std::vector<StackFrame> symbolize(void* const* pcs, int n);
+/// Whether symbolize looks up file:line (by running addr2line); default true.
+MPSERVICE_API void set_line_lookup(bool enabled) noexcept;
+/// Demangles a C++ type or symbol name; returns it unchanged if it is not mangled.
+MPSERVICE_API std::string demangle(const char* mangled);
+/// Type of the exception currently being handled (inside a catch clause), or null.
+MPSERVICE_API const std::type_info* current_exception_type() noexcept;
+/// Address of the thrown object an exception_ptr refers to (the key of the
+/// throw-site table), or null.
+MPSERVICE_API const void* exception_object(const std::exception_ptr& e) noexcept;
+
+// ---------------------------------------------------------------- logging
+/// Writes all of `data` to the standard error stream, in one write() when the
+/// system allows it (so lines of several processes do not interleave).
+MPSERVICE_API void write_stderr(const char* data, std::size_t n) noexcept;
+/// Local calendar time of `seconds` since the epoch (thread-safe localtime).
+MPSERVICE_API void local_time(long long seconds, int fields[6]) noexcept;
+
+// ---------------------------------------------------------------- process/channel section (process.hpp)
+// Channels are Unix stream sockets: ordered bytes plus handles riding beside
+// them (SCM_RIGHTS), so a Lock or Queue passed as a Process argument reaches
+// the child as the very same kernel object.
+
+/// A connected pair of channel ends (stream, close-on-exec): {a, b}.
+MPSERVICE_API void channel_pair(handle_t& a, handle_t& b);
+/// A connected pair of datagram-like ends (message boundaries kept).
+MPSERVICE_API void packet_pair(handle_t& a, handle_t& b);
+/// Writes all of `a` then `b` (either may be empty) with `handles` attached to
+/// the first byte; blocks until done.  Returns false if the peer is gone (no
+/// SIGPIPE is raised); throws std::system_error on other errors.
+MPSERVICE_API bool channel_write(handle_t ch, const void* a, std::size_t na, const void* b, std::size_t nb,
+                                 const handle_t* handles = nullptr, std::size_t nhandles = 0);
+/// Reads what is there, up to `cap` bytes; handles that arrive are appended to
+/// `*handles` (close-on-exec).  Returns the byte count, 0 at end of stream, or
+/// -1 when `nonblocking` and nothing is ready.
+MPSERVICE_API long channel_read(handle_t ch, void* buf, std::size_t cap, std::vector<handle_t>* handles,
+                                bool nonblocking);
+/// Blocks until one of `hs` is readable or `timeout_ms` passes (-1 = forever);
+/// returns a bit mask of the readable ones (bit i = hs[i]).
+MPSERVICE_API unsigned wait_readable(const handle_t* hs, int n, int timeout_ms);
+
+/// A poller watches many handles for readability (epoll on Linux); each
+/// registration carries a caller token.  Thread-safe registration.
+MPSERVICE_API handle_t poller_create();
+MPSERVICE_API void poller_add(handle_t poller, handle_t h, std::uint64_t token);
+MPSERVICE_API void poller_remove(handle_t poller, handle_t h) noexcept;
+/// Waits for events; stores up to `max` tokens; returns how many.
+MPSERVICE_API int poller_wait(handle_t poller, std::uint64_t* tokens, int max, int timeout_ms);
+/// A wake-up event (eventfd) that a poller can watch.
+MPSERVICE_API handle_t wake_event_create();
+MPSERVICE_API void wake_event_signal(handle_t ev) noexcept;
+MPSERVICE_API void wake_event_drain(handle_t ev) noexcept;
+
+/// Starts a fresh instance of this program (/proc/self/exe) with argv
+/// {argv0, marker}; `inherit` is the one handle it inherits (same number).
+/// Returns the child's pid.
+MPSERVICE_API long spawn_self(const std::string& argv0, const std::string& marker, handle_t inherit);
+/// fork(): 0 in the child, the child's pid in the parent; throws on failure.
+/// The child starts with default signal handlers and no blocked signals.
+MPSERVICE_API long fork_process();
+/// A handle that becomes readable when process `pid` exits (pidfd); invalid
+/// where the system has none.
+MPSERVICE_API handle_t process_handle(long pid) noexcept;
+/// Reaps child `pid` (waiting if `block`); true and the Python-style exit code
+/// (n after exit(n), -N after signal N) once it has ended.
+MPSERVICE_API bool reap_child(long pid, bool block, int* exitcode);
+/// Reaps any ended child without waiting: true with its pid and exit code.
+MPSERVICE_API bool reap_any_child(long* pid, int* exitcode);
+/// Sends `sig` (through the process handle when valid, so a reused pid is never hit).
+MPSERVICE_API bool send_signal(long pid, handle_t process_handle, int sig) noexcept;
+MPSERVICE_API int signal_terminate() noexcept;  // SIGTERM
+MPSERVICE_API int signal_kill() noexcept;       // SIGKILL
+/// "SIGSEGV", "SIGKILL", ... ("signal N" when unknown).
+MPSERVICE_API std::string signal_name(int sig);
+MPSERVICE_API long parent_pid() noexcept;
+/// Arranges for this process to be killed when its parent dies, then checks
+/// that the parent is still `expected_parent` (closing the race); false if not.
+MPSERVICE_API bool die_with_parent(long expected_parent) noexcept;
+/// Puts every caught signal back to its default action and unblocks all
+/// signals (a forked child starts like an exec'd one; ignored signals stay ignored).
+MPSERVICE_API void reset_signal_handlers() noexcept;
+/// Closes every handle above the standard ones except `keep`.
+MPSERVICE_API void close_handles_except(handle_t keep) noexcept;
+/// Ends the process at once with `code`: no atexit handlers, no destructors.
+[[noreturn]] MPSERVICE_API void exit_now(int code) noexcept;
+/// Whether the caller runs on the process's initial thread.
+MPSERVICE_API bool is_main_thread() noexcept;
+/// Blocks child-exit notifications for the calling (single-threaded) process
+/// and returns a handle that becomes readable when a child ends (signalfd).
+MPSERVICE_API handle_t child_exit_events();
+/// Consumes the pending notifications of a child_exit_events handle.
+MPSERVICE_API void child_exit_events_drain(handle_t h) noexcept;
+/// Undoes child_exit_events in a freshly forked child: closes `h`, unblocks.
+MPSERVICE_API void child_exit_events_release(handle_t h) noexcept;
+
+/// Where a code address lives: the module (path as the loader knows it, ""
+/// for the main executable) and the offset from the module's load base, which
+/// stays valid across an exec of the same build.
+struct ModuleAddress {
+    std::string module;
+    std::uintptr_t offset = 0;
+};
+MPSERVICE_API bool module_address(const void* addr, ModuleAddress& out);
+/// The address of `offset` in `module` in this process (loading the module if
+/// needed); nullptr if it cannot be found.
+MPSERVICE_API const void* module_resolve(const ModuleAddress& where);
+/// An identity of the module's build: its GNU build-id, or - when it has
+/// none - the file's device, inode, size and modification time.
+MPSERVICE_API std::string module_fingerprint(const std::string& module);
+
+/// CPUs this process may run on (affinity mask).
+MPSERVICE_API int affinity_cpu_count() noexcept;
+/// The CPU bandwidth quota of this process's cgroup in CPUs (v2 cpu.max or
+/// v1 cfs quota), or 0 if there is none.
+MPSERVICE_API double cgroup_cpu_quota() noexcept;
 
 // ---------------------------------------------------------------- (synchronization section)
+/// robust_mutex_lock without its spinning: straight to the blocking wait (for
+/// callers that spin in their own, adaptive way first).
+MPSERVICE_API LockResult robust_mutex_lock_blocking(RobustMutex* m, Deadline deadline = no_deadline);
+/// The calling thread's kernel id: unique among the live threads of every process.
+MPSERVICE_API long current_tid() noexcept;
+/// Registers fn to run in the child after every fork() (not after exec).
+MPSERVICE_API void at_fork_child(void (*fn)());
+/// Whether a process with this id exists and has not ended: unlike pid_alive,
+/// a zombie (killed or exited, not yet reaped) counts as ended.
+MPSERVICE_API bool process_running(long pid) noexcept;
+
+/// A code address in a form that stays valid in another process running the
+/// same program, however its modules were placed (ASLR, exec): the module,
+/// named by a hash of its path as the dynamic loader lists it, and the offset
+/// from the module's load base.
+struct CodeRef {
+    std::uint64_t module = 0;  // 0: no code
+    std::uint64_t offset = 0;
+    bool empty() const noexcept { return module == 0; }
+};
+/// The CodeRef of an address inside a loaded module; throws std::invalid_argument if there is none.
+MPSERVICE_API CodeRef code_ref_of(const void* address);
+/// The address in this process, or nullptr if the module is not loaded here or
+/// the offset is not inside its executable code.
+MPSERVICE_API const void* code_ref_resolve(const CodeRef& ref) noexcept;
 
 // ---------------------------------------------------------------- (queue section)
 /// Populates the page tables of a shared mapping now (writable), so the first
@@ -539,14 +1330,135 @@ struct Codec<detail::SharedObject<T>> {
 // ---- begin part: mpservice/public/remote_exception.hpp ----------------------
 // remote_exception: exceptions that cross process boundaries with their type
 // and the story of where they were thrown.
+//
+// How an exception travels
+// ------------------------
+// encode_exception writes: the demangled type name, what(), the process name
+// and pid, the traceback text (the stack at the throw site, symbolized in the
+// sending process) and, for a known type, the fields that type needs to be
+// rebuilt.  The receiver rebuilds
+//   * a standard exception type E (logic_error and runtime_error families,
+//     system_error with its code and category, ios_base::failure, future_error,
+//     bad_alloc, bad_cast, ...) and the library's own errors (Error, DecodeError,
+//     TimeoutError, ProcessError with its exit code, ...) as Remote<E>, which
+//     derives from E *and* from RemoteError: existing catch clauses keep working;
+//   * a user type registered with register_exception<T>() the same way;
+//   * any other type derived from a known one as Remote<nearest known base>
+//     (a `class MyError : public std::invalid_argument` still lands in
+//     `catch (const std::invalid_argument&)`), keeping the original type name;
+//   * anything else - a std::exception of an unknown family, or a non-exception
+//     such as `throw 42` - as Remote<mpservice::Error>.
+// what() of the rebuilt object is the original what(), always.
+//
+// Registering your own exception type (in every process, i.e. at namespace
+// scope, since a spawned child runs the same static initializers):
+//
+//     struct MyError : std::runtime_error { using std::runtime_error::runtime_error; };
+//     MPSERVICE_REGISTER_EXCEPTION(MyError);
+//
+// T must not be final.  T is rebuilt, in this order of preference:
+//   1. T has a member `template <class Ar> void serialize(Ar&)` and a default
+//      constructor: T is default-constructed and its fields read back
+//      (what() is still the original text);
+//   2. T is constructible from std::string: T(original what());
+//   3. T is default-constructible: T().
+//
+// The story across several processes (SPEC §3): a remote exception that is
+// encoded again *while it is being handled* (inside the catch clause that
+// caught it - which is what happens when it propagates out of a child's task)
+// gets a new traceback: the old text as its cause, then "The above exception
+// was the direct cause of the following exception:", then this process's part.
+// A remote exception encoded while not being handled (an exception_ptr kept
+// and sent on, e.g. put on a queue) keeps its text unchanged.  An exception
+// thrown with std::throw_with_nested carries its nested exception as its cause.
 
 #include <exception>
 #include <string>
+#include <type_traits>
+#include <typeinfo>
+#include <utility>
 
 namespace mpservice {
 
-// (Public API - RemoteError, remote_traceback, is_remote, register_exception -
-//  is written by the remote-exception work.)
+namespace detail {
+/// What a remote exception knows about its origin (filled in by decode).
+struct RemoteInfo {
+    std::string type_name;     // demangled original type, e.g. "std::invalid_argument"
+    std::string message;       // original what()
+    std::string process_name;  // process that encoded it
+    long pid = 0;
+    std::string traceback;     // full text, cause chain included
+    std::exception_ptr cause;  // the decoded cause, if the story has one
+    std::string registry_key;  // which registered type rebuilt it (for re-encoding)
+};
+}  // namespace detail
+
+/// Mixin carried by every exception that came from another process.  It is
+/// deliberately *not* a std::exception, so that `catch (const std::exception&)`
+/// stays unambiguous for Remote<E>, which derives from both E and RemoteError.
+class RemoteError {
+public:
+    virtual ~RemoteError() = default;
+
+    /// Demangled type name of the exception as it was thrown, e.g. "std::out_of_range".
+    const std::string& remote_type() const noexcept { return info_.type_name; }
+    /// what() of the original exception.
+    const std::string& remote_what() const noexcept { return info_.message; }
+    /// Name of the process that sent it ("MainProcess", "Process-1", ...).
+    const std::string& remote_process_name() const noexcept { return info_.process_name; }
+    /// Id of the process that sent it.
+    long remote_pid() const noexcept { return info_.pid; }
+    /// The whole story: process, type, what() and the throw-site stack, with
+    /// the causes (earlier processes, nested exceptions) first.
+    const std::string& traceback() const noexcept { return info_.traceback; }
+    /// The exception this one was a consequence of (its remote story in an
+    /// earlier process, or its std::nested_exception), or null.
+    const std::exception_ptr& cause() const noexcept { return info_.cause; }
+
+    /// (internal) everything above.
+    const detail::RemoteInfo& remote_info() const noexcept { return info_; }
+
+protected:
+    explicit RemoteError(detail::RemoteInfo info) : info_(std::move(info)) {}
+    RemoteError(const RemoteError&) = default;
+    RemoteError& operator=(const RemoteError&) = default;
+
+private:
+    detail::RemoteInfo info_;
+};
+
+/// The type a remote exception of type E (or of a type derived from E) is
+/// re-thrown as: catch clauses for E and for RemoteError both take it.
+template <class E>
+class Remote final : public E, public RemoteError {
+public:
+    Remote(E original, detail::RemoteInfo info) : E(std::move(original)), RemoteError(std::move(info)) {}
+    const char* what() const noexcept override { return remote_what().c_str(); }
+};
+
+/// The remote traceback of `e`, or "" if `e` did not come from another process.
+inline std::string remote_traceback(const std::exception& e) {
+    auto* r = dynamic_cast<const RemoteError*>(&e);
+    return r ? r->traceback() : std::string();
+}
+/// Whether `e` came from another process.
+inline bool is_remote(const std::exception& e) noexcept { return dynamic_cast<const RemoteError*>(&e) != nullptr; }
+
+/// Whether tracebacks made in this process show file:line.  They come from
+/// the `addr2line` program (binutils) when it is installed and the module has
+/// debug line information (-g); it runs once per module for each new throw
+/// site (answers are cached), which costs tens of milliseconds on the first
+/// exception from a place.  Default: on.  Function names never need it.
+MPSERVICE_API void set_traceback_source_lines(bool enabled) noexcept;
+
+/// Whether each `throw` in this process records its stack (default: on, where
+/// the build has the throw hook; see the comment at the top of
+/// impl/os_posix_stacktrace.cpp).  Recording costs a few microseconds per
+/// throw (a backtrace() of up to 48 frames, no symbol lookup); a program that
+/// throws in hot loops can switch it off, and its remote tracebacks then show
+/// the stack where the exception was sent instead.  Compile with
+/// MPSERVICE_NO_THROW_HOOK to leave the hook out entirely.
+MPSERVICE_API void set_throw_site_capture(bool enabled) noexcept;
 
 namespace detail {
 
@@ -565,22 +1477,253 @@ MPSERVICE_API void encode_exception(Encoder& out, const std::exception_ptr& e);
 /// registered types) and always by `catch (const mpservice::RemoteError&)`.
 MPSERVICE_API std::exception_ptr decode_exception(Decoder& in);
 
+/// Re-throws `e` after noting the current stack as the place where this
+/// process raised it, so that a remote exception passed on from here (A -> B
+/// -> C) shows B's part of the story too.  Use instead of std::rethrow_exception
+/// when re-throwing a received exception.
+[[noreturn]] MPSERVICE_API void rethrow_exception(const std::exception_ptr& e);
+
+// ---- the registry of exception types that can be rebuilt
+struct ExceptionType {
+    const std::type_info* type;
+    /// Whether the object is a T (or derived from T).
+    bool (*matches)(const std::exception& e);
+    /// Writes the fields T needs beyond what() (may write nothing).
+    void (*encode_fields)(Encoder& out, const std::exception& e);
+    /// Rebuilds Remote<T> from the fields and the info.
+    std::exception_ptr (*rebuild)(Decoder& fields, RemoteInfo&& info);
+};
+/// Adds a type; later registrations are preferred when several match.
+MPSERVICE_API void register_exception_type(const ExceptionType& t);
+
+template <class T, class = void>
+struct has_serialize_member : std::false_type {};
+template <class T>
+struct has_serialize_member<T, std::void_t<decltype(std::declval<T&>().serialize(std::declval<Encoder&>()))>>
+    : std::true_type {};
+
+template <class T>
+ExceptionType exception_type_of() {
+    static_assert(std::is_base_of_v<std::exception, T>, "register_exception<T>: T must derive from std::exception");
+    static_assert(!std::is_final_v<T>, "register_exception<T>: T must not be final (it is rebuilt as Remote<T>)");
+    static_assert(std::is_copy_constructible_v<T>, "register_exception<T>: T must be copy-constructible");
+    ExceptionType t;
+    t.type = &typeid(T);
+    t.matches = [](const std::exception& e) { return dynamic_cast<const T*>(&e) != nullptr; };
+    t.encode_fields = [](Encoder& out, const std::exception& e) {
+        if constexpr (has_serialize_member<T>::value) {
+            T copy(dynamic_cast<const T&>(e));  // serialize() is not const
+            copy.serialize(out);
+        } else {
+            (void)out;
+            (void)e;
+        }
+    };
+    t.rebuild = [](Decoder& fields, RemoteInfo&& info) -> std::exception_ptr {
+        if constexpr (has_serialize_member<T>::value && std::is_default_constructible_v<T>) {
+            T original;
+            original.serialize(fields);
+            return std::make_exception_ptr(Remote<T>(std::move(original), std::move(info)));
+        } else if constexpr (std::is_constructible_v<T, std::string>) {
+            (void)fields;
+            T original(info.message);
+            return std::make_exception_ptr(Remote<T>(std::move(original), std::move(info)));
+        } else {
+            static_assert(std::is_default_constructible_v<T>,
+                          "register_exception<T>: T needs a serialize() member and a default constructor, "
+                          "a constructor from std::string, or a default constructor");
+            (void)fields;
+            return std::make_exception_ptr(Remote<T>(T(), std::move(info)));
+        }
+    };
+    return t;
+}
+
 }  // namespace detail
+
+/// Makes exceptions of type T (and of types derived from it) arrive from other
+/// processes as Remote<T>.  Call it in every process - at namespace scope
+/// through MPSERVICE_REGISTER_EXCEPTION - before exceptions travel.  Returns
+/// true so that it can initialize a static variable.
+template <class T>
+bool register_exception() {
+    detail::register_exception_type(detail::exception_type_of<T>());
+    return true;
+}
+
+#define MPSERVICE_PP_CAT2(a, b) a##b
+#define MPSERVICE_PP_CAT(a, b) MPSERVICE_PP_CAT2(a, b)
+/// Registers an exception type at namespace scope (see register_exception).
+#define MPSERVICE_REGISTER_EXCEPTION(...)                                                            \
+    [[maybe_unused]] static const bool MPSERVICE_PP_CAT(mpservice_registered_exception_, __LINE__) = \
+        ::mpservice::register_exception<__VA_ARGS__>()
+
+/// Exceptions travel through the codec as well (e.g. put on a queue): a null
+/// exception_ptr stays null; anything else arrives as described at the top.
+template <>
+struct Codec<std::exception_ptr> {
+    static void encode(Encoder& e, const std::exception_ptr& p) {
+        e.write(static_cast<std::uint8_t>(p ? 1 : 0));
+        if (p) detail::encode_exception(e, p);
+    }
+    static std::exception_ptr decode(Decoder& d) {
+        auto present = d.read<std::uint8_t>();
+        if (present > 1) throw DecodeError("decode: bad exception_ptr marker");
+        return present ? detail::decode_exception(d) : std::exception_ptr();
+    }
+};
+
 }  // namespace mpservice
 // ---- end part: mpservice/public/remote_exception.hpp
 // ---- begin part: mpservice/public/logging.hpp -------------------------------
 // logging: a small logging API usable in every process.  In a child, records
 // travel to the parent, where the parent's level, format and handler apply.
+//
+//     auto log = mpservice::get_logger("worker");
+//     log.info("working on " + std::to_string(n));   // file, line, function captured here
+//
+// Configuration lives in the parent only (a child's records are filtered,
+// formatted and written by the parent): set_log_level, set_log_format,
+// set_log_handler.  The parent's level travels to its children so that they do
+// not send records nobody will see.
+//
+// Levels are lower-case enumerators (Level::debug, not Level::DEBUG) because
+// DEBUG and ERROR are macros in many builds (-DDEBUG, <windows.h>).
 
+#include <chrono>
+#include <cstdint>
 #include <functional>
 #include <string>
+#include <type_traits>
+
+// The caller's source location as default arguments (g++, clang and MSVC
+// 19.26+ evaluate these at the call site).
+#if defined(__GNUC__) || defined(__clang__) || (defined(_MSC_VER) && _MSC_VER >= 1926)
+#define MPSERVICE_CALLER_FILE __builtin_FILE()
+#define MPSERVICE_CALLER_LINE __builtin_LINE()
+#define MPSERVICE_CALLER_FUNCTION __builtin_FUNCTION()
+#else
+#define MPSERVICE_CALLER_FILE ""
+#define MPSERVICE_CALLER_LINE 0
+#define MPSERVICE_CALLER_FUNCTION ""
+#endif
 
 namespace mpservice {
 
-// (Public API - Level, LogRecord, Logger, get_logger, set_log_level,
-//  set_log_format, set_log_handler - is written by the logging work.  LogRecord
-//  has a serialize() member so it travels through the codec.)
-struct LogRecord;
+/// Severity of a record; the numbers are Python's.
+enum class Level : int { notset = 0, debug = 10, info = 20, warning = 30, error = 40, critical = 50 };
+
+/// "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "NOTSET" (or "LEVEL <n>").
+MPSERVICE_API std::string level_name(Level level);
+
+/// One log record, as created in any process and handled in the parent.
+struct LogRecord {
+    Level level = Level::notset;
+    std::string logger;   // "root" for get_logger("")
+    std::string message;
+    std::string file;
+    int line = 0;
+    std::string function;
+    std::chrono::system_clock::time_point time;
+    long pid = 0;
+    std::string process_name;
+
+    template <class Archive>
+    void serialize(Archive& ar) {
+        std::int64_t ns = 0;
+        if constexpr (std::is_same_v<Archive, Encoder>) {
+            ns = std::chrono::duration_cast<std::chrono::nanoseconds>(time.time_since_epoch()).count();
+        }
+        std::int32_t lvl = static_cast<std::int32_t>(level);
+        std::int32_t ln = line;
+        std::int64_t id = pid;
+        ar(lvl, logger, message, file, ln, function, ns, id, process_name);
+        if constexpr (!std::is_same_v<Archive, Encoder>) {
+            level = static_cast<Level>(lvl);
+            line = ln;
+            pid = static_cast<long>(id);
+            time = std::chrono::system_clock::time_point(
+                std::chrono::duration_cast<std::chrono::system_clock::duration>(std::chrono::nanoseconds(ns)));
+        }
+    }
+};
+
+template <>
+struct Codec<LogRecord> {
+    static void encode(Encoder& e, const LogRecord& r) { const_cast<LogRecord&>(r).serialize(e); }
+    static LogRecord decode(Decoder& d) {
+        LogRecord r;
+        r.serialize(d);
+        return r;
+    }
+};
+
+/// A named source of records.  Cheap to copy; get_logger("a") twice gives
+/// equivalent loggers.  Every method is thread-safe.
+class Logger {
+public:
+    explicit Logger(std::string name = "") : name_(name.empty() ? "root" : std::move(name)) {}
+    const std::string& name() const noexcept { return name_; }
+
+    /// Whether a record of `level` would be passed on (by this process).
+    MPSERVICE_API bool is_enabled_for(Level level) const noexcept;
+
+    /// Creates a record at `level`; file, line and function are the caller's.
+    MPSERVICE_API void log(Level level, const std::string& message, const char* file = MPSERVICE_CALLER_FILE,
+                           int line = MPSERVICE_CALLER_LINE, const char* function = MPSERVICE_CALLER_FUNCTION) const;
+
+    void debug(const std::string& message, const char* file = MPSERVICE_CALLER_FILE, int line = MPSERVICE_CALLER_LINE,
+               const char* function = MPSERVICE_CALLER_FUNCTION) const {
+        log(Level::debug, message, file, line, function);
+    }
+    void info(const std::string& message, const char* file = MPSERVICE_CALLER_FILE, int line = MPSERVICE_CALLER_LINE,
+              const char* function = MPSERVICE_CALLER_FUNCTION) const {
+        log(Level::info, message, file, line, function);
+    }
+    void warning(const std::string& message, const char* file = MPSERVICE_CALLER_FILE,
+                 int line = MPSERVICE_CALLER_LINE, const char* function = MPSERVICE_CALLER_FUNCTION) const {
+        log(Level::warning, message, file, line, function);
+    }
+    void error(const std::string& message, const char* file = MPSERVICE_CALLER_FILE, int line = MPSERVICE_CALLER_LINE,
+               const char* function = MPSERVICE_CALLER_FUNCTION) const {
+        log(Level::error, message, file, line, function);
+    }
+    void critical(const std::string& message, const char* file = MPSERVICE_CALLER_FILE,
+                  int line = MPSERVICE_CALLER_LINE, const char* function = MPSERVICE_CALLER_FUNCTION) const {
+        log(Level::critical, message, file, line, function);
+    }
+
+private:
+    std::string name_;
+};
+
+/// The logger called `name` ("" or "root" = the root logger).  Names are
+/// dotted paths: per-logger levels set on "a" apply to "a.b" too.
+inline Logger get_logger(std::string name = "") { return Logger(std::move(name)); }
+
+/// Parent-side threshold: records below it are dropped (default Level::info).
+MPSERVICE_API void set_log_level(Level level);
+/// Threshold for the logger `name` and its descendants ("a" covers "a.b"),
+/// overriding the global one; Level::notset removes the override.
+MPSERVICE_API void set_log_level(const std::string& name, Level level);
+/// The threshold that applies to records of logger `name`.
+MPSERVICE_API Level get_log_level(const std::string& name = "");
+
+/// Format of a handled record.  Placeholders: {time} {level} {process} {pid}
+/// {logger} {message} {file} {line} {function}; "{{" and "}}" are literal
+/// braces.  Default: "[{time}] [{level}] [{process}:{pid}] {logger}: {message}",
+/// e.g. "[2026-11-25 18:00:00.123] [INFO] [MainProcess:1234] worker: message".
+/// Throws std::invalid_argument for an unknown placeholder or a stray brace.
+MPSERVICE_API void set_log_format(const std::string& format);
+/// A record formatted with the current format (no trailing newline).
+MPSERVICE_API std::string format_log_record(const LogRecord& record);
+
+/// Where handled records go.  The default writes the formatted line plus
+/// "\n" to stderr in one write(), so lines of several processes do not
+/// interleave.  Handlers are called one at a time, in the order records are
+/// handled; an empty function restores the default.
+using LogHandler = std::function<void(const LogRecord& record, const std::string& formatted)>;
+MPSERVICE_API void set_log_handler(LogHandler handler);
 
 namespace detail {
 
@@ -592,23 +1735,1862 @@ MPSERVICE_API void set_log_forwarder(std::function<void(const LogRecord&)> forwa
 /// level filter, format and handler.
 MPSERVICE_API void handle_log_record(const LogRecord& record);
 
+/// The lowest threshold of the parent's configuration (global and per
+/// logger): a child need not send records below it.  The process part sends
+/// it to each child, which calls set_log_level_from_parent.
+MPSERVICE_API Level log_level();
+/// In a child: records below `level` are dropped before they are sent.
+MPSERVICE_API void set_log_level_from_parent(Level level);
+
 }  // namespace detail
 }  // namespace mpservice
 // ---- end part: mpservice/public/logging.hpp
 // ---- begin part: mpservice/public/process.hpp -------------------------------
-// process: (to be written)
+// process: child processes used as futures, the start-up hook and the contexts.
+//
+//     int main(int argc, char** argv) {
+//         mp::init(argc, argv);               // first line: a spawned child runs its task here
+//         mp::Process p(work, 21);            // spawn context by default; CTAD: Process<double>
+//         p.start();
+//         double r = p.result();              // waits; re-throws the child's exception
+//     }
+//
+// Targets: any free function, static member function or capture-less lambda,
+// with arguments and a return value the codec handles (or void).  Nothing is
+// registered: the child is told the target's offset inside its module, and
+// checks that it runs the same build.  Under the fork context a callable with
+// captures works too (it simply runs in the forked copy).
+//
+// The context is the optional first constructor argument,
+//     mp::Process p(mp::ForkServerContext{}, work, 21);
+//     mp::Process q(mp::get_context("fork"), work, 21);
+// rather than a factory member such as ctx.Process(...): a constructor keeps
+// class template argument deduction, and one Process type serves every context.
+//
+// Lifetime: destroying a started Process that has not finished waits for the
+// child, as std::jthread waits for its thread; a daemon child is terminated
+// (SIGTERM) first.  Children never outlive their parent: each one is killed
+// when its parent dies, even by SIGKILL; at normal exit the parent terminates
+// its daemon children and waits for the others (as Python does).
+//
+// Linux is the implemented platform; the system calls live in detail/os.hpp.
+
+#include <chrono>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+// ---- begin part: mpservice/public/futures.hpp -------------------------------
+// futures: what Process and Thread have in common - a result that arrives
+// once - and wait() / as_completed() over any mix of them.
+//
+//     mp::Process p1(work, 2), p2(work, 3);
+//     mp::Thread t1(work, 4);
+//     p1.start(); p2.start(); t1.start();
+//     auto [done, not_done] = mp::wait({&p1, &p2, &t1}, 2.5s, mp::FIRST_COMPLETED);
+//     for (mp::Worker* w : mp::as_completed({&p1, &p2, &t1})) std::cout << w->name() << " finished\n";
+//
+// Workers are passed by address (as Worker*), so Process<R> and Thread<R> of
+// different R mix freely in one braced list; the results are the same pointers.
+
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <deque>
+#include <exception>
+#include <iterator>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace mpservice {
+
+/// When wait() returns (as concurrent.futures).
+enum class ReturnWhen {
+    all_completed,    ///< every worker has finished (or the timeout expired)
+    first_completed,  ///< any worker has finished, with a value or an exception
+    first_exception,  ///< any worker has failed; like all_completed if none does
+};
+inline constexpr ReturnWhen ALL_COMPLETED = ReturnWhen::all_completed;
+inline constexpr ReturnWhen FIRST_COMPLETED = ReturnWhen::first_completed;
+inline constexpr ReturnWhen FIRST_EXCEPTION = ReturnWhen::first_exception;
+
+namespace detail {
+
+class CompletionQueue;
+
+/// A move-only type-erased `void()` callable (std::function needs copyable ones).
+class Task {
+public:
+    virtual ~Task() = default;
+    virtual void run() = 0;
+};
+template <class L>
+class TaskOf final : public Task {
+public:
+    explicit TaskOf(L&& l) : l_(std::move(l)) {}
+    void run() override { l_(); }
+
+private:
+    L l_;
+};
+template <class L>
+std::unique_ptr<Task> make_task(L&& l) {
+    return std::make_unique<TaskOf<std::decay_t<L>>>(std::forward<L>(l));
+}
+
+/// The shared completion state of one worker: started, then resolved exactly
+/// once with an outcome.  Waiters block on it; wait()/as_completed() subscribe.
+class FutureCore {
+public:
+    FutureCore() = default;
+    FutureCore(const FutureCore&) = delete;
+    FutureCore& operator=(const FutureCore&) = delete;
+    virtual ~FutureCore() = default;
+
+    MPSERVICE_API void mark_started();
+    MPSERVICE_API bool started() const;
+    MPSERVICE_API bool done() const;
+    /// Resolves the future (only the first call counts).  `error` is what
+    /// join() and result() throw and exception() returns; `result_error` is
+    /// thrown by result() alone, when the worker ended cleanly but left no value
+    /// (terminated by SIGTERM, exit(0) before returning).
+    MPSERVICE_API void resolve(std::exception_ptr error, std::exception_ptr result_error = nullptr);
+    /// Blocks until resolved or `deadline`; true if resolved.
+    MPSERVICE_API bool wait_until(os::Deadline deadline) const;
+    /// Outcome, valid once done().
+    MPSERVICE_API std::exception_ptr error() const;
+    MPSERVICE_API std::exception_ptr result_error() const;
+    /// Pushes this core onto `q` when it resolves (at once if it already has).
+    MPSERVICE_API void subscribe(const std::shared_ptr<CompletionQueue>& q);
+
+    std::string name;
+
+protected:
+    mutable std::mutex mutex_;
+    mutable std::condition_variable cv_;
+
+private:
+    bool started_ = false;
+    bool done_ = false;
+    std::exception_ptr error_;
+    std::exception_ptr result_error_;
+    std::vector<std::weak_ptr<CompletionQueue>> subscribers_;
+};
+
+/// Cores that have resolved, in the order they did.
+class CompletionQueue {
+public:
+    MPSERVICE_API void push(const FutureCore* core);
+    /// The next resolved core, or nullptr if `deadline` passes first.
+    MPSERVICE_API const FutureCore* pop_until(os::Deadline deadline);
+
+private:
+    std::mutex mutex_;
+    std::condition_variable cv_;
+    std::deque<const FutureCore*> ready_;
+};
+
+}  // namespace detail
+
+/// The common base of Process<R> and Thread<R>: what wait() and as_completed()
+/// need.  Not copyable; the derived classes are movable.
+class Worker {
+public:
+    Worker(const Worker&) = delete;
+    Worker& operator=(const Worker&) = delete;
+    virtual ~Worker() = default;
+
+    /// True once the worker has finished - with a value, an exception or an exit.
+    bool done() const { return core_->done(); }
+    /// The worker's name ("Process-1", "Thread-2", or the one given).
+    const std::string& name() const { return core_->name; }
+    /// The completion state (for wait/as_completed).
+    const detail::FutureCore& core() const noexcept { return *core_; }
+
+protected:
+    explicit Worker(std::shared_ptr<detail::FutureCore> core) : core_(std::move(core)) {}
+    Worker(Worker&&) noexcept = default;
+    Worker& operator=(Worker&&) noexcept = default;
+    std::shared_ptr<detail::FutureCore> core_;
+};
+
+using WorkerList = std::vector<Worker*>;
+
+namespace detail {
+/// What result() returns: a reference to the kept value, or nothing.
+template <class R>
+struct result_ref {
+    using type = const R&;
+};
+template <>
+struct result_ref<void> {
+    using type = void;
+};
+template <class R>
+using result_ref_t = typename result_ref<R>::type;
+
+/// InvalidStateError: `what` (join, result, ...) on a worker that was never started.
+[[noreturn]] MPSERVICE_API void throw_not_started(const std::string& what, const std::string& name);
+/// TimeoutError for result()/exception() of a worker still running.
+[[noreturn]] MPSERVICE_API void throw_timeout(const std::string& name);
+MPSERVICE_API std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Deadline deadline,
+                                                           ReturnWhen return_when);
+}
+
+/// Waits for started workers (any mix of Process and Thread) and returns the
+/// pair (done, not_done), each in the order given.  A worker that was never
+/// started is an InvalidStateError.  Without a timeout, waits as `return_when`
+/// says; with one, returns the split at the deadline (no error).
+inline std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, ReturnWhen return_when = ALL_COMPLETED) {
+    return detail::wait_until(workers, detail::os::no_deadline, return_when);
+}
+template <class Rep, class Period>
+std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, std::chrono::duration<Rep, Period> timeout,
+                                       ReturnWhen return_when = ALL_COMPLETED) {
+    return detail::wait_until(workers, detail::os::deadline_after(timeout), return_when);
+}
+
+/// Yields started workers in the order they finish:
+///     for (mp::Worker* w : mp::as_completed({&p1, &t1}, 5s)) ...
+/// Advancing past the deadline throws TimeoutError.  Single pass.
+class AsCompleted {
+public:
+    class iterator {
+    public:
+        using value_type = Worker*;
+        using reference = Worker*;
+        using difference_type = std::ptrdiff_t;
+        using iterator_category = std::input_iterator_tag;
+        Worker* operator*() const noexcept { return current_; }
+        iterator& operator++() {
+            current_ = owner_->next();
+            return *this;
+        }
+        bool operator==(const iterator& o) const noexcept { return current_ == o.current_; }
+        bool operator!=(const iterator& o) const noexcept { return current_ != o.current_; }
+
+    private:
+        friend class AsCompleted;
+        iterator(AsCompleted* owner, Worker* current) : owner_(owner), current_(current) {}
+        AsCompleted* owner_;
+        Worker* current_;
+    };
+
+    /// Waits for the next worker to finish; nullptr once all have been yielded.
+    MPSERVICE_API Worker* next();
+    iterator begin() { return iterator(this, next()); }
+    iterator end() { return iterator(this, nullptr); }
+
+    /// Starts watching `workers` (every one must be started) until `deadline`.
+    MPSERVICE_API AsCompleted(const WorkerList& workers, detail::os::Deadline deadline);
+
+private:
+    std::shared_ptr<detail::CompletionQueue> queue_;
+    std::vector<Worker*> pending_;
+    detail::os::Deadline deadline_;
+};
+
+/// Workers in the order they finish (see AsCompleted); no time limit.
+inline AsCompleted as_completed(const WorkerList& workers) {
+    return AsCompleted(workers, detail::os::no_deadline);
+}
+/// Workers in the order they finish; TimeoutError if they have not all
+/// finished `timeout` after this call.
+template <class Rep, class Period>
+AsCompleted as_completed(const WorkerList& workers, std::chrono::duration<Rep, Period> timeout) {
+    return AsCompleted(workers, detail::os::deadline_after(timeout));
+}
+
+}  // namespace mpservice
+// ---- end part: mpservice/public/futures.hpp
+
+namespace mpservice {
+
+/// Call as the first line of main().  In a child process started by this
+/// library it runs the child's task and never returns (the process exits with
+/// the task's exit code).  In any other process it returns at once, after
+/// starting the fork server (a clean copy of the program, made before any
+/// thread exists, that the fork-server context forks workers from).
+MPSERVICE_API void init(int argc, char** argv);
+
+/// How a child process is made.
+enum class StartMethod {
+    spawn,       ///< a fresh exec of this program: no inherited threads, locks or heap state (default)
+    fork,        ///< fork(): fastest, runs any callable, but unsafe once the parent has threads
+    forkserver,  ///< fork() of a server forked at init(), before any thread existed
+};
+
+/// A start method; pass one as the first argument of Process.
+class Context {
+public:
+    constexpr explicit Context(StartMethod method) noexcept : method_(method) {}
+    constexpr StartMethod start_method() const noexcept { return method_; }
+    /// "spawn", "fork" or "forkserver".
+    MPSERVICE_API const char* name() const noexcept;
+
+private:
+    StartMethod method_;
+};
+class SpawnContext : public Context {
+public:
+    constexpr SpawnContext() noexcept : Context(StartMethod::spawn) {}
+};
+class ForkContext : public Context {
+public:
+    constexpr ForkContext() noexcept : Context(StartMethod::fork) {}
+};
+class ForkServerContext : public Context {
+public:
+    constexpr ForkServerContext() noexcept : Context(StartMethod::forkserver) {}
+};
+
+/// The default context (as the seed's MP_SPAWN_CTX).
+inline constexpr SpawnContext MP_SPAWN_CTX{};
+
+/// The context for "spawn", "fork" or "forkserver"; std::invalid_argument otherwise.
+MPSERVICE_API const Context& get_context(const std::string& method = "spawn");
+
+/// CPUs this process may use: the affinity mask, lowered by a cgroup CPU
+/// quota (rounded up); at least 1.
+MPSERVICE_API int cpu_count();
+
+/// A process as current_process() and friends describe it.
+struct ProcessInfo {
+    std::string name;  ///< "MainProcess", or the Process's name in a child
+    long pid = 0;
+};
+/// This process (name and pid).
+MPSERVICE_API ProcessInfo current_process();
+/// The process that started this one; empty in the main process.
+MPSERVICE_API std::optional<ProcessInfo> parent_process();
+/// Children started by this process that have not finished yet.
+MPSERVICE_API std::vector<ProcessInfo> active_children();
+
+namespace detail {
+
+/// Runs in the child: decodes the arguments, calls the target, encodes the result.
+using Trampoline = void (*)(const void* target, Decoder& args, Encoder& result);
+
+template <class Fn, class... A>
+void trampoline(const void* target, Decoder& in, Encoder& out) {
+    Fn fn = reinterpret_cast<Fn>(reinterpret_cast<std::uintptr_t>(target));
+    std::tuple<A...> args{in.read<A>()...};  // braced: decoded left to right
+    in.expect_end("process arguments");
+    if constexpr (std::is_void_v<std::invoke_result_t<Fn, A...>>) {
+        std::apply(fn, std::move(args));
+        (void)out;
+    } else {
+        out.write(std::apply(fn, std::move(args)));
+    }
+}
+
+/// The plain function pointer behind a callable, when it has one: a function,
+/// a function pointer, a static member function or a capture-less lambda.
+template <class F, class = void>
+struct function_pointer_of {
+    static constexpr bool value = false;
+};
+template <class F>
+struct function_pointer_of<F, std::enable_if_t<std::is_pointer_v<F> && std::is_function_v<std::remove_pointer_t<F>>>> {
+    static constexpr bool value = true;
+    static F get(F f) { return f; }
+};
+template <class F>
+struct function_pointer_of<
+    F, std::enable_if_t<std::is_class_v<F> && std::is_pointer_v<decltype(+std::declval<F&>())> &&
+                        std::is_function_v<std::remove_pointer_t<decltype(+std::declval<F&>())>>>> {
+    static constexpr bool value = true;
+    static auto get(F& f) { return +f; }
+};
+
+template <class F, class... A>
+using process_result_t = std::invoke_result_t<std::decay_t<F>, std::decay_t<A>...>;
+
+/// What a child runs: the target as an address plus trampoline (spawn,
+/// fork-server) and, for fork, the callable itself.
+class ChildTask {
+public:
+    virtual ~ChildTask() = default;
+    const void* target = nullptr;  ///< null: the callable has no plain-function form
+    Trampoline trampoline = nullptr;
+    /// Writes the arguments (only when target is set).
+    virtual void encode_args(Encoder& out) const = 0;
+    /// Calls the target here (in a forked child) and writes its result.
+    virtual void run_here(Encoder& result) = 0;
+};
+
+template <class R, class F, class... A>
+class ChildTaskOf final : public ChildTask {
+public:
+    template <class FF, class... AA>
+    explicit ChildTaskOf(FF&& f, AA&&... args) : f_(std::forward<FF>(f)), args_(std::forward<AA>(args)...) {
+        if constexpr (function_pointer_of<F>::value) {
+            auto fp = function_pointer_of<F>::get(f_);
+            target = reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(fp));
+            trampoline = &detail::trampoline<decltype(fp), A...>;
+        }
+    }
+    void encode_args(Encoder& out) const override {
+        if constexpr (function_pointer_of<F>::value) {
+            std::apply([&](const auto&... a) { (out.write(a), ...); }, args_);
+        } else {
+            (void)out;
+        }
+    }
+    void run_here(Encoder& result) override {
+        if constexpr (std::is_void_v<R>) {
+            std::apply(f_, std::move(args_));
+            (void)result;
+        } else {
+            result.write(std::apply(f_, std::move(args_)));
+        }
+    }
+
+private:
+    F f_;
+    std::tuple<A...> args_;
+};
+
+/// The non-template part of a Process: the child, its channel and its outcome.
+class ProcessCore : public FutureCore, public std::enable_shared_from_this<ProcessCore> {
+public:
+    MPSERVICE_API explicit ProcessCore(const Context& ctx);
+    MPSERVICE_API ~ProcessCore() override;
+
+    MPSERVICE_API void start(std::unique_ptr<ChildTask> task);
+    MPSERVICE_API long pid() const;
+    MPSERVICE_API std::optional<int> exitcode() const;
+    MPSERVICE_API bool is_alive() const;
+    MPSERVICE_API void send_signal(int sig);
+    /// What ~Process does: wait, after terminating a daemon.
+    MPSERVICE_API void release() noexcept;
+    MPSERVICE_API void set_daemon(bool daemon);
+    bool daemon() const { return daemon_; }
+
+    /// The encoded value and the handles that came with it (after done()).
+    MPSERVICE_API bool has_value() const;
+    const std::string& value_bytes() const { return value_bytes_; }
+    const std::vector<os::handle_t>& value_handles() const { return value_handles_; }
+    /// The decoded value, cached by Process<R>::result.
+    std::mutex value_mutex;
+    std::shared_ptr<void> decoded;
+
+    /// The lock of this core's state (the implementation's reactor uses it).
+    std::mutex& io_mutex() const { return mutex_; }
+
+    // ---- the rest is the implementation's (parent-side bookkeeping, reactor state)
+    struct Io;
+    StartMethod method_;
+    bool daemon_ = false;
+    long pid_ = 0;
+    std::optional<int> exitcode_;
+    bool has_value_ = false;
+    std::string value_bytes_;
+    std::vector<os::handle_t> value_handles_;
+    std::string identity_;  // "3", or "1:3" in a child: numbers the default name
+    std::unique_ptr<Io> io_;
+};
+
+/// Test hook: the next spawn/fork-server child is told a wrong build
+/// fingerprint, as if the parent ran a different build.
+MPSERVICE_API void test_corrupt_next_fingerprint() noexcept;
+
+}  // namespace detail
+
+/// A child process running target(args...) and delivering its result like a
+/// future.  See the top of this file for targets, contexts and lifetime.
+template <class R>
+class Process : public Worker {
+    using Core = detail::ProcessCore;
+
+public:
+    /// Prepares (does not start) a child in the default spawn context.
+    template <class F, class... A,
+              std::enable_if_t<!std::is_base_of_v<Context, std::decay_t<F>> &&
+                                   !std::is_same_v<std::decay_t<F>, Process>,
+                               int> = 0>
+    explicit Process(F&& f, A&&... args) : Process(MP_SPAWN_CTX, std::forward<F>(f), std::forward<A>(args)...) {}
+
+    /// Prepares a child made by `ctx` (SpawnContext, ForkContext, ForkServerContext).
+    template <class F, class... A>
+    Process(const Context& ctx, F&& f, A&&... args)
+        : Worker(std::make_shared<Core>(ctx)),
+          task_(std::make_unique<detail::ChildTaskOf<R, std::decay_t<F>, std::decay_t<A>...>>(
+              std::forward<F>(f), std::forward<A>(args)...)) {}
+
+    Process(Process&&) noexcept = default;
+    Process& operator=(Process&&) = delete;
+    /// Waits for a started child (terminating it first if it is a daemon).
+    ~Process() override {
+        if (core_) state().release();
+    }
+
+    /// Starts the child.  InvalidStateError if already started, or if init()
+    /// was not called (spawn, fork-server); std::invalid_argument for a
+    /// callable with captures outside the fork context.
+    void start() { state().start(std::move(task_)); }
+
+    /// Waits for the child to end and for every log record it sent to be
+    /// handled; re-throws the child's exception, or ProcessError if it exited
+    /// with a non-zero code or died of a signal - except SIGTERM, which join()
+    /// accepts quietly (after terminate(), join() does not throw).
+    void join() { join_at(detail::os::no_deadline); }
+    /// As join(), but returns quietly if the child is still running after `timeout`.
+    template <class Rep, class Period>
+    void join(std::chrono::duration<Rep, Period> timeout) {
+        join_at(detail::os::deadline_after(timeout));
+    }
+
+    /// The target's return value (waits).  Re-throws as join() does; a child
+    /// that ended without a value (terminated, exit(0)) is a ProcessError.
+    detail::result_ref_t<R> result() { return result_at(detail::os::no_deadline); }
+    /// As result(), but TimeoutError if the child is still running after `timeout`.
+    template <class Rep, class Period>
+    detail::result_ref_t<R> result(std::chrono::duration<Rep, Period> timeout) {
+        return result_at(detail::os::deadline_after(timeout));
+    }
+
+    /// The exception join() would throw, or nullptr (waits).
+    std::exception_ptr exception() { return exception_at(detail::os::no_deadline); }
+    /// As exception(), but TimeoutError if the child is still running after `timeout`.
+    template <class Rep, class Period>
+    std::exception_ptr exception(std::chrono::duration<Rep, Period> timeout) {
+        return exception_at(detail::os::deadline_after(timeout));
+    }
+
+    /// Started and not yet finished.
+    bool is_alive() const { return state().is_alive(); }
+    /// Sends SIGTERM (no-op once the child has ended).
+    void terminate() { state().send_signal(detail::os::signal_terminate()); }
+    /// Sends SIGKILL (no-op once the child has ended).
+    void kill() { state().send_signal(detail::os::signal_kill()); }
+    /// The child's pid; 0 before start().
+    long pid() const { return state().pid(); }
+    /// Empty while running; 0 after success, n after exit(n), 1 after an
+    /// exception, -N after signal N.
+    std::optional<int> exitcode() const { return state().exitcode(); }
+    /// Renames the process (before start); the child sees it as current_process().name.
+    void set_name(std::string name) {
+        if (state().started()) throw InvalidStateError("mpservice: cannot rename a started process");
+        core_->name = std::move(name);
+    }
+    bool daemon() const { return state().daemon(); }
+    /// Marks the child as a daemon (before start): it is terminated, not
+    /// waited for, when its Process is destroyed or the parent exits.
+    void set_daemon(bool daemon) { state().set_daemon(daemon); }
+
+private:
+    Core& state() const { return static_cast<Core&>(*core_); }
+
+    bool wait_at(detail::os::Deadline deadline, const char* what) {
+        if (!core_->started()) detail::throw_not_started(what, name());
+        return core_->wait_until(deadline);
+    }
+    void join_at(detail::os::Deadline deadline) {
+        if (!wait_at(deadline, "join")) return;
+        if (auto e = core_->error()) detail::rethrow_exception(e);
+    }
+    detail::result_ref_t<R> result_at(detail::os::Deadline deadline) {
+        if (!wait_at(deadline, "result")) detail::throw_timeout(name());
+        if (auto e = core_->error()) detail::rethrow_exception(e);
+        if constexpr (std::is_void_v<R>) {
+            // exit(0) from a void target is a success; a SIGTERM is not.
+            if (!state().has_value() && state().exitcode() != 0)
+                if (auto e = core_->result_error()) detail::rethrow_exception(e);
+        } else {
+            if (!state().has_value()) detail::rethrow_exception(core_->result_error());
+            Core& c = state();
+            std::lock_guard<std::mutex> lk(c.value_mutex);
+            if (!c.decoded) {
+                Decoder d(c.value_bytes().data(), c.value_bytes().size(), &c.value_handles());
+                auto v = std::make_shared<R>(d.template read<R>());
+                d.expect_end("process result");
+                c.decoded = std::move(v);
+            }
+            return *static_cast<const R*>(c.decoded.get());
+        }
+    }
+    std::exception_ptr exception_at(detail::os::Deadline deadline) {
+        if (!wait_at(deadline, "exception")) detail::throw_timeout(name());
+        return core_->error();
+    }
+
+    std::unique_ptr<detail::ChildTask> task_;
+};
+
+template <class F, class... A>
+Process(F, A...) -> Process<detail::process_result_t<F, A...>>;
+template <class F, class... A>
+Process(const Context&, F, A...) -> Process<detail::process_result_t<F, A...>>;
+
+}  // namespace mpservice
 // ---- end part: mpservice/public/process.hpp
 // ---- begin part: mpservice/public/threading.hpp -----------------------------
-// threading: (to be written)
+// threading: Thread<R>, a thread with the future API of Process<R>.
+//
+//     mp::Thread t(work, 21);              // CTAD: Thread<double>
+//     t.start();
+//     double r = t.result();               // waits; re-throws the target's exception
+//
+// Cancellation is cooperative, as with std::jthread (C++ cannot inject an
+// exception into a running thread the way Python's Thread.throw does): a
+// target whose first parameter is mp::StopToken receives one, and polls
+// stop_requested(); request_stop() sets it.  The destructor of a running
+// Thread requests a stop and then joins.
+
+#include <atomic>
+#include <chrono>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+namespace mpservice {
+
+/// Tells a Thread's target that a stop was requested (see Thread::request_stop).
+class StopToken {
+public:
+    StopToken() = default;
+    bool stop_requested() const noexcept { return flag_ && flag_->load(std::memory_order_acquire); }
+
+private:
+    template <class>
+    friend class Thread;
+    explicit StopToken(std::shared_ptr<std::atomic<bool>> flag) : flag_(std::move(flag)) {}
+    std::shared_ptr<std::atomic<bool>> flag_;
+};
+
+namespace detail {
+
+/// "Thread-N", numbered from 1 in each process.
+MPSERVICE_API std::string next_thread_name();
+
+template <class F, class... A>
+constexpr bool takes_stop_token_v = std::is_invocable_v<std::decay_t<F>, StopToken, std::decay_t<A>...>;
+
+template <class F, class... A>
+struct thread_result {
+    using type = std::invoke_result_t<std::decay_t<F>, std::decay_t<A>...>;
+};
+template <class F, class... A>
+struct thread_result_with_token {
+    using type = std::invoke_result_t<std::decay_t<F>, StopToken, std::decay_t<A>...>;
+};
+template <class F, class... A>
+using thread_result_t = typename std::conditional_t<takes_stop_token_v<F, A...>, thread_result_with_token<F, A...>,
+                                                    thread_result<F, A...>>::type;
+
+template <class R>
+class ThreadCore : public FutureCore {
+public:
+    std::optional<std::conditional_t<std::is_void_v<R>, bool, R>> value;
+    std::mutex join_mutex;
+};
+
+}  // namespace detail
+
+/// A thread whose target's return value or exception is kept, like a future.
+template <class R>
+class Thread : public Worker {
+    using Core = detail::ThreadCore<R>;
+
+public:
+    /// Prepares a thread running f(args...) - or f(stop_token, args...) if f
+    /// takes a StopToken first.  Arguments are copied (decayed) into the thread
+    /// and passed as rvalues, as std::thread does.  Nothing runs until start().
+    template <class F, class... A,
+              std::enable_if_t<!std::is_same_v<std::decay_t<F>, Thread>, int> = 0>
+    explicit Thread(F&& f, A&&... args)
+        : Worker(std::make_shared<Core>()), stop_(std::make_shared<std::atomic<bool>>(false)) {
+        core_->name = detail::next_thread_name();
+        auto token = StopToken(stop_);
+        auto core = state();
+        body_ = detail::make_task([core, token, fn = std::decay_t<F>(std::forward<F>(f)),
+                 tup = std::make_tuple(std::decay_t<A>(std::forward<A>(args))...)]() mutable {
+            std::exception_ptr error;
+            try {
+                if constexpr (detail::takes_stop_token_v<F, A...>) {
+                    call_and_store(*core, [&] {
+                        return std::apply([&](auto&&... a) { return std::invoke(fn, token, std::move(a)...); },
+                                          std::move(tup));
+                    });
+                } else {
+                    call_and_store(*core, [&] { return std::apply(fn, std::move(tup)); });
+                }
+            } catch (...) {
+                error = std::current_exception();
+            }
+            core->resolve(error);
+        });
+    }
+    Thread(Thread&&) noexcept = default;
+    Thread& operator=(Thread&&) = delete;
+    /// A running thread is asked to stop (request_stop) and joined; never throws.
+    ~Thread() override {
+        if (thread_.joinable()) {
+            request_stop();
+            thread_.join();
+        }
+    }
+
+    /// Starts the thread; a second start() is an InvalidStateError.
+    void start() {
+        if (core_->started()) throw InvalidStateError("mpservice: thread '" + name() + "' was already started");
+        core_->mark_started();
+        thread_ = std::thread([body = std::move(body_)] { body->run(); });
+    }
+
+    /// Waits for the end; re-throws the target's exception (every time).
+    void join() {
+        wait_for_end(detail::os::no_deadline, "join");
+        if (auto e = core_->error()) std::rethrow_exception(e);
+    }
+    /// Waits at most `timeout`; returns quietly if the thread is still running.
+    template <class Rep, class Period>
+    void join(std::chrono::duration<Rep, Period> timeout) {
+        if (!wait_for_end(detail::os::deadline_after(timeout), "join")) return;
+        if (auto e = core_->error()) std::rethrow_exception(e);
+    }
+
+    /// The target's value (waits); re-throws its exception.
+    detail::result_ref_t<R> result() {
+        return result_at(detail::os::no_deadline);
+    }
+    /// As result(), but TimeoutError if not finished within `timeout`.
+    template <class Rep, class Period>
+    detail::result_ref_t<R> result(std::chrono::duration<Rep, Period> timeout) {
+        return result_at(detail::os::deadline_after(timeout));
+    }
+    /// The target's exception, or nullptr after a value (waits).
+    std::exception_ptr exception() { return exception_at(detail::os::no_deadline); }
+    template <class Rep, class Period>
+    std::exception_ptr exception(std::chrono::duration<Rep, Period> timeout) {
+        return exception_at(detail::os::deadline_after(timeout));
+    }
+
+    bool is_alive() const { return core_->started() && !core_->done(); }
+    /// Asks the target to stop (it sees StopToken::stop_requested()).
+    void request_stop() noexcept { stop_->store(true, std::memory_order_release); }
+    bool stop_requested() const noexcept { return stop_->load(std::memory_order_acquire); }
+    StopToken get_stop_token() const { return StopToken(stop_); }
+    /// Renames the thread (before start).
+    void set_name(std::string name) { core_->name = std::move(name); }
+
+private:
+    template <class Call>
+    static void call_and_store(Core& core, Call&& call) {
+        if constexpr (std::is_void_v<R>) {
+            call();
+            core.value.emplace(true);
+        } else {
+            core.value.emplace(call());
+        }
+    }
+    std::shared_ptr<Core> state() const { return std::static_pointer_cast<Core>(core_); }
+
+    bool wait_for_end(detail::os::Deadline deadline, const char* what) {
+        if (!core_->started()) detail::throw_not_started(what, name());
+        if (!core_->wait_until(deadline)) return false;
+        if (thread_.joinable()) {
+            std::lock_guard<std::mutex> lk(state()->join_mutex);
+            if (thread_.joinable()) thread_.join();
+        }
+        return true;
+    }
+    detail::result_ref_t<R> result_at(detail::os::Deadline deadline) {
+        if (!wait_for_end(deadline, "result")) detail::throw_timeout(name());
+        if (auto e = core_->error()) std::rethrow_exception(e);
+        if constexpr (!std::is_void_v<R>) return *state()->value;
+    }
+    std::exception_ptr exception_at(detail::os::Deadline deadline) {
+        if (!wait_for_end(deadline, "exception")) detail::throw_timeout(name());
+        return core_->error();
+    }
+
+    std::shared_ptr<std::atomic<bool>> stop_;
+    std::unique_ptr<detail::Task> body_;
+    std::thread thread_;
+};
+
+template <class F, class... A>
+Thread(F, A...) -> Thread<detail::thread_result_t<F, A...>>;
+
+}  // namespace mpservice
 // ---- end part: mpservice/public/threading.hpp
-// ---- begin part: mpservice/public/futures.hpp -------------------------------
-// futures: (to be written)
-// ---- end part: mpservice/public/futures.hpp
 // ---- begin part: mpservice/public/synchronize.hpp ---------------------------
-// synchronize: (to be written)
+// synchronize: Lock, RLock, Condition, Semaphore, BoundedSemaphore, Event and
+// Barrier in shared memory, usable alike by the threads of one process and by
+// many processes.
+//
+// Every object is a *handle*: copying it, or passing it as an argument to a
+// Process, gives another handle to the same lock/event/...  The state lives in
+// anonymous shared memory (see detail/shm.hpp); each handle keeps a mapping of
+// it, and the kernel frees the memory when the last mapping and descriptor in
+// any process are gone.  Nothing has a name, so nothing can be left behind:
+// not by exceptions, not by exit(), not by SIGKILL (the kernel closes a killed
+// process's descriptors and mappings like everyone else's).
+//
+// Waits spin for a few microseconds and then sleep on a futex: a wake-up that
+// crosses CPUs costs ~30 us, while the other side often answers much sooner.
+//
+// Dead processes.  Lock and RLock are robust mutexes: if the holder dies, the
+// next acquirer gets the lock *and* an OwnerDiedError (or the status
+// LockStatus::owner_died from acquire_checked()).  It then owns the lock:
+// repair what the lock protects and call make_consistent(), or simply
+// release() - a release marks the lock consistent too, so the lock is never
+// poisoned.  Only the acquirer that took the lock from the dead process is
+// told.  A process that dies *waiting* (Condition::wait, Event::wait,
+// Semaphore::acquire) leaves nothing behind that others wait for; one that dies
+// inside Barrier::wait breaks the barrier (the other waiters check the
+// liveness of the parties that arrived while they sleep).
+//
+// Differences from Python worth knowing:
+// - A Lock is owned by the thread that acquired it; releasing it from another
+//   thread or process throws InvalidStateError (use a Semaphore for hand-offs).
+//   Acquiring a Lock the calling thread already holds throws InvalidStateError
+//   rather than deadlocking.
+// - Condition may wake more waiters than notify(n) asked for (spurious
+//   wake-ups, as with std::condition_variable); wait_for(predicate) is exact.
+// - Barrier's action is a plain function pointer; it runs in the process that
+//   arrives last (see Barrier).
+
+#include <chrono>
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+#include <utility>
+
+namespace mpservice {
+
+/// How acquire_checked() ended.
+enum class LockStatus {
+    acquired,    ///< the caller holds the lock
+    owner_died,  ///< the caller holds the lock; its previous holder died holding it
+    timed_out,   ///< the caller does not hold the lock
+};
+
+namespace detail {
+
+// ---------------------------------------------------------------- identity and spinning
+
+/// The calling thread's token, once made (0 before); reset in a forked child.
+inline thread_local std::uint64_t t_thread_token = 0;
+/// Makes a new token (and registers the reset after fork).
+MPSERVICE_API std::uint64_t new_thread_token() noexcept;
+/// A 64-bit identity of the calling thread that no other thread, in any
+/// process, has now or had before (so a dead owner's identity is never
+/// mistaken for a live thread's).  Cached per thread; renewed in a forked child.
+inline std::uint64_t this_thread_token() noexcept {
+    std::uint64_t t = t_thread_token;
+    return t ? t : (t_thread_token = new_thread_token());
+}
+
+/// How long a waiter may spin before it sleeps: about a third of the cost of
+/// a cross-CPU futex wake-up on the machines this was tuned on (RESULTS.md)...
+inline constexpr std::uint32_t spin_max_ns = 10000;
+/// ...and at least, so that a partner that answers at once is still caught.
+inline constexpr std::uint32_t spin_min_ns = 500;
+
+/// Spins until ready() or the spin budget is spent; returns ready().
+///
+/// The budget adapts, per object, in `budget_ns` (shared by every process
+/// that waits on the object): it doubles after a spin that succeeded and
+/// halves after one that failed.  Spinning pays only while the other side
+/// runs on another CPU; when both share one CPU, a spin just delays the
+/// partner, and the budget quickly falls to spin_min_ns.
+template <class Ready>
+bool spin_until(Ready&& ready, std::atomic<std::uint32_t>& budget_ns) {
+    if (ready()) return true;
+    std::uint32_t budget = budget_ns.load(std::memory_order_relaxed);
+    if (budget == 0) budget = spin_max_ns;  // a new object: optimistic
+    auto until = os::Clock::now() + std::chrono::nanoseconds(budget);
+    for (;;) {
+        for (int i = 0; i < 32; ++i) {  // reading the clock costs about as much as a pause
+            os::cpu_relax();
+            if (ready()) {
+                budget_ns.store(budget >= spin_max_ns / 2 ? spin_max_ns : budget * 2, std::memory_order_relaxed);
+                return true;
+            }
+        }
+        if (os::Clock::now() >= until) break;
+    }
+    budget_ns.store(budget <= 2 * spin_min_ns ? spin_min_ns : budget / 2, std::memory_order_relaxed);
+    return ready();
+}
+
+// ---------------------------------------------------------------- handles to shared state
+
+/// A T that lives at some offset inside a SharedMemory block.  Copies, and
+/// decoded copies in other processes, refer to the same T.  The block stays
+/// mapped as long as a SharedRef (or anything else) holds it.
+template <class T>
+class SharedRef {
+public:
+    SharedRef() = default;
+    SharedRef(SharedMemory mem, T* p) : mem_(std::move(mem)), p_(p) {}
+
+    /// A new zero-filled block of `size` bytes (at least sizeof(T)) with a T
+    /// constructed at its start.
+    template <class... Args>
+    static SharedRef create_sized(std::size_t size, Args&&... args) {
+        SharedMemory mem = SharedMemory::create(size < sizeof(T) ? sizeof(T) : size);
+        T* p = ::new (mem.data()) T(std::forward<Args>(args)...);
+        return SharedRef(std::move(mem), p);
+    }
+    /// A handle to a U that lives inside the same block.
+    template <class U>
+    SharedRef<U> alias(U* p) const {
+        return SharedRef<U>(mem_, p);
+    }
+
+    T* get() const noexcept { return p_; }
+    T* operator->() const noexcept { return p_; }
+    T& operator*() const noexcept { return *p_; }
+    explicit operator bool() const noexcept { return p_ != nullptr; }
+    const SharedMemory& memory() const noexcept { return mem_; }
+    std::size_t offset() const noexcept {
+        return static_cast<std::size_t>(reinterpret_cast<const char*>(p_) -
+                                        static_cast<const char*>(mem_.data()));
+    }
+    /// Bytes of the block from this T to the block's end.
+    std::size_t bytes_available() const noexcept { return mem_.size() - offset(); }
+
+private:
+    SharedMemory mem_;
+    T* p_ = nullptr;
+};
+
+// ---------------------------------------------------------------- shared states
+
+/// Lock and RLock: a robust process-shared mutex plus the identity of the
+/// owning thread (so ownership can be checked without a system call).
+struct LockState {
+    // The owner fields come first so that they share a cache line with the
+    // mutex proper (a pthread mutex uses the first 40 of its 64 bytes).
+    std::atomic<std::uint64_t> owner{0};  // this_thread_token() of the holder, 0 if free
+    std::atomic<std::uint32_t> depth{0};  // recursion depth of the holder (1 for a Lock)
+    std::atomic<std::uint32_t> repair_pending{0};  // taken from a dead owner, not yet consistent
+    std::atomic<std::uint32_t> spin_ns{0};         // spin_until's budget for a busy lock
+    os::RobustMutex mutex;
+    LockState() { os::robust_mutex_init(&mutex); }
+};
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free && std::atomic<std::uint32_t>::is_always_lock_free,
+              "shared-memory atomics must be lock-free");
+
+/// The lock under a Condition (or a Value): a Lock or an RLock.
+struct LockRef {
+    SharedRef<LockState> state;
+    bool recursive = false;
+};
+
+// The uncontended paths of Lock and RLock are inline: a trylock and a few
+// relaxed stores on the mutex's own cache line.  Everything else is out of line.
+MPSERVICE_API LockStatus lock_acquire_slow(const LockRef& l, os::Deadline deadline);
+MPSERVICE_API void lock_release_slow(const LockRef& l);
+MPSERVICE_API void lock_make_consistent(const LockRef& l);
+[[noreturn]] MPSERVICE_API void throw_owner_died(const LockRef& l);
+
+inline bool lock_is_mine(const LockRef& l) noexcept {
+    return l.state->owner.load(std::memory_order_relaxed) == this_thread_token();
+}
+
+/// Takes the lock (or, for the owner of an RLock, one more level).
+inline LockStatus lock_acquire(const LockRef& l, os::Deadline deadline) {
+    LockState* s = l.state.get();
+    const std::uint64_t me = this_thread_token();
+    if (s->owner.load(std::memory_order_relaxed) != me) {
+        os::LockResult r = os::robust_mutex_trylock(&s->mutex);
+        if (r != os::LockResult::busy) {  // taken, possibly from a dead owner
+            s->owner.store(me, std::memory_order_relaxed);
+            s->depth.store(1, std::memory_order_relaxed);
+            if (r == os::LockResult::acquired) return LockStatus::acquired;
+            s->repair_pending.store(1, std::memory_order_relaxed);
+            return LockStatus::owner_died;
+        }
+    }
+    return lock_acquire_slow(l, deadline);
+}
+inline LockStatus lock_try_acquire(const LockRef& l) { return lock_acquire(l, os::Deadline{}); }
+
+/// Releases (one level of an RLock); InvalidStateError if not the owner's.
+inline void lock_release(const LockRef& l) {
+    LockState* s = l.state.get();
+    if (s->owner.load(std::memory_order_relaxed) == this_thread_token() &&
+        s->depth.load(std::memory_order_relaxed) == 1 && !s->repair_pending.load(std::memory_order_relaxed)) {
+        s->depth.store(0, std::memory_order_relaxed);
+        s->owner.store(0, std::memory_order_relaxed);
+        os::robust_mutex_unlock(&s->mutex);
+        return;
+    }
+    lock_release_slow(l);
+}
+
+/// Throws OwnerDiedError for owner_died (the lock stays held), returns
+/// whether it was acquired otherwise.
+inline bool lock_status_to_bool(const LockRef& l, LockStatus s) {
+    if (s == LockStatus::owner_died) throw_owner_died(l);
+    return s == LockStatus::acquired;
+}
+
+struct ConditionState {
+    std::atomic<std::uint32_t> sequence{0};  // futex word: bumped by every notify
+    std::atomic<std::uint32_t> sleepers{0};  // may over-count after a waiter died: only costs a syscall
+    std::atomic<std::uint32_t> spin_ns{0};   // spin_until's budget
+};
+
+struct SemaphoreState {
+    std::atomic<std::uint32_t> value{0};     // futex word
+    std::atomic<std::uint32_t> sleepers{0};  // as in ConditionState
+    std::atomic<std::uint32_t> spin_ns{0};
+    std::uint32_t bounded = 0;               // BoundedSemaphore: value may not exceed limit
+    std::uint32_t limit = 0;
+};
+
+struct EventState {
+    std::atomic<std::uint32_t> word{0};      // futex word: bit 0 = flag, bits 1.. = number of set()s
+    std::atomic<std::uint32_t> sleepers{0};  // as in ConditionState
+    std::atomic<std::uint32_t> spin_ns{0};
+};
+
+struct BarrierState {
+    os::RobustMutex mutex;                      // guards everything but the atomics' lone reads
+    std::atomic<std::uint32_t> generation{0};   // futex word: bumped when a cycle ends
+    std::atomic<std::uint32_t> count{0};        // arrivals in the current cycle
+    std::atomic<std::uint32_t> broken{0};
+    std::atomic<std::uint32_t> spin_ns{0};
+    std::uint32_t parties = 0;
+    std::atomic<std::uint64_t> released_bits{0};  // bit g%64: cycle g ended by release, not break
+    std::int64_t default_timeout_ns = -1;       // -1: none
+    os::CodeRef action{};                        // empty: no action
+    // followed by `parties` process ids (std::int64_t) of the current cycle's arrivals
+    BarrierState() { os::robust_mutex_init(&mutex); }
+    std::int64_t* pids() noexcept { return reinterpret_cast<std::int64_t*>(this + 1); }
+    static std::size_t size_for(std::uint32_t parties) {
+        return sizeof(BarrierState) + parties * sizeof(std::int64_t);
+    }
+};
+
+MPSERVICE_API bool condition_wait(const SharedRef<ConditionState>& c, const LockRef& l, os::Deadline deadline);
+MPSERVICE_API void condition_notify(const SharedRef<ConditionState>& c, const LockRef& l, int n);
+MPSERVICE_API bool semaphore_acquire(SemaphoreState* s, os::Deadline deadline);
+MPSERVICE_API void semaphore_release(SemaphoreState* s, unsigned n);
+MPSERVICE_API bool event_wait(EventState* e, os::Deadline deadline);
+MPSERVICE_API void event_set(EventState* e);
+
+template <class Rep, class Period>
+os::Deadline deadline_of(std::chrono::duration<Rep, Period> timeout) {
+    return os::deadline_after(timeout);
+}
+
+/// A T at `offset` in `mem`; throws DecodeError unless it (plus `extra`
+/// bytes) fits inside the block at a properly aligned offset.
+template <class T>
+SharedRef<T> ref_at(const SharedMemory& mem, std::uint64_t offset, std::size_t extra = 0) {
+    if (offset % alignof(T) != 0 || offset > mem.size() || mem.size() - offset < sizeof(T) + extra)
+        throw DecodeError("decode: shared object does not fit its shared memory block");
+    return SharedRef<T>(mem, reinterpret_cast<T*>(static_cast<char*>(mem.data()) + offset));
+}
+/// Reads a SharedRef<T> written by encode_ref.
+template <class T>
+SharedRef<T> decode_ref(Decoder& d, std::size_t extra = 0) {
+    SharedMemory mem = d.read<SharedMemory>();
+    auto offset = d.read<std::uint64_t>();
+    return ref_at<T>(mem, offset, extra);
+}
+template <class T>
+void encode_ref(Encoder& e, const SharedRef<T>& r) {
+    e.write(r.memory());
+    e.write(static_cast<std::uint64_t>(r.offset()));
+}
+/// A lock that often lives in the same block as the object it guards
+/// (Condition, Value, Array): then only its offset travels, so the receiver
+/// maps the block once.
+inline void encode_lock_beside(Encoder& e, const SharedMemory& owner, const LockRef& l) {
+    bool same_block = l.state.memory().handle() == owner.handle();
+    e.write(static_cast<std::uint8_t>(same_block));
+    e.write(static_cast<std::uint8_t>(l.recursive));
+    if (same_block)
+        e.write(static_cast<std::uint64_t>(l.state.offset()));
+    else
+        encode_ref(e, l.state);
+}
+inline LockRef decode_lock_beside(Decoder& d, const SharedMemory& owner) {
+    auto same_block = d.read<std::uint8_t>();
+    auto recursive = d.read<std::uint8_t>();
+    if (same_block > 1 || recursive > 1) throw DecodeError("decode: bad lock description");
+    if (same_block) return LockRef{ref_at<LockState>(owner, d.read<std::uint64_t>()), recursive == 1};
+    return LockRef{decode_ref<LockState>(d), recursive == 1};
+}
+
+}  // namespace detail
+
+// ============================================================================ Lock, RLock
+
+/// A mutual-exclusion lock shared between threads and processes (Python's
+/// multiprocessing.Lock).  Meets the standard Lockable and TimedLockable
+/// requirements: std::lock_guard, std::unique_lock and std::scoped_lock work.
+///
+/// If the holder dies, the next acquirer takes the lock and acquire()/lock()/
+/// try_lock() throw OwnerDiedError *with the lock held*; acquire_checked()
+/// returns LockStatus::owner_died instead of throwing.  Repair the protected
+/// state, then make_consistent() or release().
+class Lock {
+public:
+    /// A new, unlocked lock.
+    MPSERVICE_API Lock();
+
+    /// Blocks until the lock is taken.
+    void acquire() { to_bool(detail::lock_acquire(ref_, detail::os::no_deadline)); }
+    /// Waits at most `timeout`; false if the lock could not be taken.
+    template <class Rep, class Period>
+    bool acquire(std::chrono::duration<Rep, Period> timeout) {
+        return to_bool(detail::lock_acquire(ref_, detail::deadline_of(timeout)));
+    }
+    /// Like acquire, but reports a dead previous owner as a status, not an exception.
+    LockStatus acquire_checked() { return detail::lock_acquire(ref_, detail::os::no_deadline); }
+    template <class Rep, class Period>
+    LockStatus acquire_checked(std::chrono::duration<Rep, Period> timeout) {
+        return detail::lock_acquire(ref_, detail::deadline_of(timeout));
+    }
+    /// Releases; throws InvalidStateError if the calling thread does not hold the lock.
+    void release() { detail::lock_release(ref_); }
+    /// After a dead owner: declares the protected state repaired.
+    void make_consistent() { detail::lock_make_consistent(ref_); }
+    /// Whether the calling thread holds the lock.
+    bool is_mine() const noexcept { return detail::lock_is_mine(ref_); }
+
+    // The standard Lockable / TimedLockable interface.
+    void lock() { acquire(); }
+    void unlock() { release(); }
+    bool try_lock() { return to_bool(detail::lock_try_acquire(ref_)); }
+    template <class Rep, class Period>
+    bool try_lock_for(std::chrono::duration<Rep, Period> timeout) {
+        return acquire(timeout);
+    }
+    template <class Clock, class Duration>
+    bool try_lock_until(std::chrono::time_point<Clock, Duration> t) {
+        return acquire(t - Clock::now());
+    }
+
+    /// Internal: the shared state and its kind.
+    const detail::LockRef& lock_ref() const noexcept { return ref_; }
+    /// Internal: a handle to an existing lock (decoding, Value's own lock).
+    explicit Lock(detail::SharedRef<detail::LockState> state) : ref_{std::move(state), false} {}
+
+private:
+    bool to_bool(LockStatus s) { return detail::lock_status_to_bool(ref_, s); }
+    detail::LockRef ref_;
+};
+
+/// A re-entrant lock (Python's multiprocessing.RLock): the owning thread -
+/// identified across processes - may acquire it again; it is free once released
+/// as many times as acquired.  Same dead-owner protocol as Lock.
+class RLock {
+public:
+    /// A new, unlocked recursive lock.
+    MPSERVICE_API RLock();
+
+    void acquire() { to_bool(detail::lock_acquire(ref_, detail::os::no_deadline)); }
+    template <class Rep, class Period>
+    bool acquire(std::chrono::duration<Rep, Period> timeout) {
+        return to_bool(detail::lock_acquire(ref_, detail::deadline_of(timeout)));
+    }
+    LockStatus acquire_checked() { return detail::lock_acquire(ref_, detail::os::no_deadline); }
+    template <class Rep, class Period>
+    LockStatus acquire_checked(std::chrono::duration<Rep, Period> timeout) {
+        return detail::lock_acquire(ref_, detail::deadline_of(timeout));
+    }
+    /// Releases one level; throws InvalidStateError if the calling thread is not the owner.
+    void release() { detail::lock_release(ref_); }
+    void make_consistent() { detail::lock_make_consistent(ref_); }
+    bool is_mine() const noexcept { return detail::lock_is_mine(ref_); }
+    /// How many times the owner holds it (0 if free); a snapshot.
+    unsigned depth() const noexcept { return ref_.state->depth.load(std::memory_order_relaxed); }
+
+    void lock() { acquire(); }
+    void unlock() { release(); }
+    bool try_lock() { return to_bool(detail::lock_try_acquire(ref_)); }
+    template <class Rep, class Period>
+    bool try_lock_for(std::chrono::duration<Rep, Period> timeout) {
+        return acquire(timeout);
+    }
+    template <class Clock, class Duration>
+    bool try_lock_until(std::chrono::time_point<Clock, Duration> t) {
+        return acquire(t - Clock::now());
+    }
+
+    const detail::LockRef& lock_ref() const noexcept { return ref_; }
+    explicit RLock(detail::SharedRef<detail::LockState> state) : ref_{std::move(state), true} {}
+
+private:
+    bool to_bool(LockStatus s) { return detail::lock_status_to_bool(ref_, s); }
+    detail::LockRef ref_;
+};
+
+// ============================================================================ Condition
+
+/// A condition variable over a Lock or an RLock (Python's
+/// multiprocessing.Condition); by default over a new RLock of its own.  The
+/// Condition is itself lockable: lock()/unlock()/acquire()/release() act on
+/// its lock, so `std::unique_lock g(cond)` works.
+///
+/// Waiting: a futex on a notification counter.  A waiter that dies leaves no
+/// trace others depend on, so the condition keeps working; the lock under it
+/// follows the dead-owner protocol of Lock.
+class Condition {
+public:
+    /// Over a new RLock.
+    MPSERVICE_API Condition();
+    MPSERVICE_API explicit Condition(Lock lock);
+    MPSERVICE_API explicit Condition(RLock lock);
+
+    /// Releases the lock (all levels of an RLock), waits for a notify, takes
+    /// the lock back.  The caller must hold the lock (else InvalidStateError).
+    /// If the lock's holder died meanwhile, throws OwnerDiedError holding it.
+    void wait() { detail::condition_wait(state_, lock_, detail::os::no_deadline); }
+    /// As wait(); false if `timeout` passed without a notify.
+    template <class Rep, class Period>
+    bool wait(std::chrono::duration<Rep, Period> timeout) {
+        return detail::condition_wait(state_, lock_, detail::deadline_of(timeout));
+    }
+    /// Waits until pred() is true; returns pred()'s last value.
+    template <class Predicate>
+    bool wait_for(Predicate pred) {
+        while (!pred()) wait();
+        return true;
+    }
+    /// Waits until pred() is true or `timeout` passed; returns pred()'s last value.
+    template <class Predicate, class Rep, class Period>
+    bool wait_for(Predicate pred, std::chrono::duration<Rep, Period> timeout) {
+        auto deadline = detail::deadline_of(timeout);
+        bool result = pred();
+        while (!result) {
+            if (detail::os::Clock::now() >= deadline) break;
+            detail::condition_wait(state_, lock_, deadline);
+            result = pred();
+        }
+        return result;
+    }
+    /// Wakes up to n waiters (at least n when that many wait; see the file
+    /// comment).  The caller must hold the lock.
+    void notify(int n = 1) { detail::condition_notify(state_, lock_, n); }
+    void notify_all() { detail::condition_notify(state_, lock_, INT_MAX); }
+
+    // The lock's interface.
+    void acquire() { lock_status(detail::lock_acquire(lock_, detail::os::no_deadline)); }
+    template <class Rep, class Period>
+    bool acquire(std::chrono::duration<Rep, Period> timeout) {
+        return lock_status(detail::lock_acquire(lock_, detail::deadline_of(timeout)));
+    }
+    void release() { detail::lock_release(lock_); }
+    void lock() { acquire(); }
+    void unlock() { release(); }
+    bool try_lock() { return lock_status(detail::lock_try_acquire(lock_)); }
+    void make_consistent() { detail::lock_make_consistent(lock_); }
+
+    /// Internal.
+    Condition(detail::SharedRef<detail::ConditionState> state, detail::LockRef lock)
+        : state_(std::move(state)), lock_(std::move(lock)) {}
+    const detail::SharedRef<detail::ConditionState>& state_ref() const noexcept { return state_; }
+    const detail::LockRef& lock_ref() const noexcept { return lock_; }
+
+private:
+    bool lock_status(LockStatus s) { return detail::lock_status_to_bool(lock_, s); }
+    detail::SharedRef<detail::ConditionState> state_;
+    detail::LockRef lock_;
+};
+
+// ============================================================================ Semaphore
+
+/// A counting semaphore (Python's multiprocessing.Semaphore).  It has no owner:
+/// any thread or process may release.  lock()/unlock() make it usable with
+/// std::lock_guard as well.
+class Semaphore {
+public:
+    /// A semaphore whose counter starts at `value`.
+    MPSERVICE_API explicit Semaphore(unsigned value = 1);
+
+    /// Decrements the counter, waiting while it is zero.
+    void acquire() { detail::semaphore_acquire(state_.get(), detail::os::no_deadline); }
+    /// As acquire(); false if `timeout` passed while the counter stayed zero.
+    template <class Rep, class Period>
+    bool acquire(std::chrono::duration<Rep, Period> timeout) {
+        return detail::semaphore_acquire(state_.get(), detail::deadline_of(timeout));
+    }
+    /// Decrements the counter if it is not zero.
+    bool try_acquire() { return detail::semaphore_acquire(state_.get(), detail::os::Deadline{}); }
+    /// Adds n to the counter, waking up to n waiters.  A BoundedSemaphore
+    /// throws InvalidStateError rather than exceed its initial value.
+    void release(unsigned n = 1) { detail::semaphore_release(state_.get(), n); }
+    /// The counter now (a snapshot).
+    unsigned get_value() const noexcept { return state_->value.load(std::memory_order_relaxed); }
+
+    void lock() { acquire(); }
+    void unlock() { release(); }
+    bool try_lock() { return try_acquire(); }
+
+    /// Internal.
+    explicit Semaphore(detail::SharedRef<detail::SemaphoreState> state) : state_(std::move(state)) {}
+    const detail::SharedRef<detail::SemaphoreState>& state_ref() const noexcept { return state_; }
+
+protected:
+    MPSERVICE_API Semaphore(unsigned value, unsigned limit);
+
+private:
+    detail::SharedRef<detail::SemaphoreState> state_;
+};
+
+/// A semaphore whose counter may never exceed its initial value: a release
+/// beyond it throws InvalidStateError and changes nothing.
+class BoundedSemaphore : public Semaphore {
+public:
+    explicit BoundedSemaphore(unsigned value = 1) : Semaphore(value, value) {}
+    explicit BoundedSemaphore(detail::SharedRef<detail::SemaphoreState> state) : Semaphore(std::move(state)) {}
+};
+
+// ============================================================================ Event
+
+/// A flag that processes can wait for (Python's multiprocessing.Event).
+class Event {
+public:
+    /// A new event, not set.
+    MPSERVICE_API Event();
+
+    /// Sets the flag and wakes every waiter.
+    void set() { detail::event_set(state_.get()); }
+    /// Resets the flag.
+    void clear() noexcept { state_->word.fetch_and(~1u, std::memory_order_acq_rel); }
+    bool is_set() const noexcept { return state_->word.load(std::memory_order_acquire) & 1u; }
+    /// Waits until the flag is set.  A set() while waiting wakes the waiter
+    /// even if a clear() follows at once.
+    void wait() { detail::event_wait(state_.get(), detail::os::no_deadline); }
+    /// As wait(); returns false if `timeout` passed without a set().
+    template <class Rep, class Period>
+    bool wait(std::chrono::duration<Rep, Period> timeout) {
+        return detail::event_wait(state_.get(), detail::deadline_of(timeout));
+    }
+
+    /// Internal.
+    explicit Event(detail::SharedRef<detail::EventState> state) : state_(std::move(state)) {}
+    const detail::SharedRef<detail::EventState>& state_ref() const noexcept { return state_; }
+
+private:
+    detail::SharedRef<detail::EventState> state_;
+};
+
+// ============================================================================ Barrier
+
+/// A barrier for a fixed number of parties (Python's multiprocessing.Barrier).
+///
+/// wait() returns the arrival index, 0 for the first to arrive and parties-1
+/// for the last.  The barrier breaks - every waiter and every later wait()
+/// throws BrokenBarrierError until reset() - when a wait times out, when
+/// abort() is called, when the action throws, or when a process dies while it
+/// waits at the barrier (the sleepers check the arrived parties every
+/// ~50 ms).
+///
+/// The action is a plain function (a capture-less lambda will do): it runs
+/// once per cycle, in the process - and thread - that arrives last, before the
+/// others are released.  It travels as an offset inside its module (executable
+/// or shared library), so it is found again in a spawned child as well as
+/// under fork and fork server.  It must not use the barrier itself.
+class Barrier {
+public:
+    using Action = void (*)();
+
+    /// `parties` >= 1 (else std::invalid_argument); no default timeout.
+    explicit Barrier(unsigned parties, Action action = nullptr) : Barrier(parties, action, -1) {}
+    /// `timeout` is the default for wait() without a timeout.
+    template <class Rep, class Period>
+    Barrier(unsigned parties, Action action, std::chrono::duration<Rep, Period> timeout)
+        : Barrier(parties, action, timeout_ns(timeout)) {}
+
+    /// Waits for all parties (or the default timeout, if one was given).
+    MPSERVICE_API unsigned wait();
+    template <class Rep, class Period>
+    unsigned wait(std::chrono::duration<Rep, Period> timeout) {
+        return wait_until(detail::deadline_of(timeout));
+    }
+    /// Returns the barrier to its initial state; current waiters get BrokenBarrierError.
+    MPSERVICE_API void reset();
+    /// Breaks the barrier: current and future waiters get BrokenBarrierError until reset().
+    MPSERVICE_API void abort();
+    bool broken() const noexcept { return state_->broken.load(std::memory_order_acquire) != 0; }
+    /// Parties waiting in the current cycle (a snapshot).
+    unsigned n_waiting() const noexcept { return state_->count.load(std::memory_order_relaxed); }
+    unsigned parties() const noexcept { return state_->parties; }
+
+    /// Internal.
+    explicit Barrier(detail::SharedRef<detail::BarrierState> state) : state_(std::move(state)) {}
+    const detail::SharedRef<detail::BarrierState>& state_ref() const noexcept { return state_; }
+
+private:
+    MPSERVICE_API Barrier(unsigned parties, Action action, std::int64_t timeout_ns);
+    MPSERVICE_API unsigned wait_until(detail::os::Deadline deadline);
+    template <class Rep, class Period>
+    static std::int64_t timeout_ns(std::chrono::duration<Rep, Period> t) {
+        if (t < t.zero()) return 0;
+        auto limit = std::chrono::duration<double>(std::chrono::hours(24 * 365 * 100));
+        if (std::chrono::duration<double>(t) > limit) return -1;  // practically forever
+        return std::chrono::duration_cast<std::chrono::nanoseconds>(t).count();
+    }
+    detail::SharedRef<detail::BarrierState> state_;
+};
+
+// ============================================================================ codecs
+
+template <>
+struct Codec<Lock> {
+    static void encode(Encoder& e, const Lock& l) { detail::encode_ref(e, l.lock_ref().state); }
+    static Lock decode(Decoder& d) { return Lock(detail::decode_ref<detail::LockState>(d)); }
+};
+template <>
+struct Codec<RLock> {
+    static void encode(Encoder& e, const RLock& l) { detail::encode_ref(e, l.lock_ref().state); }
+    static RLock decode(Decoder& d) { return RLock(detail::decode_ref<detail::LockState>(d)); }
+};
+template <>
+struct Codec<Condition> {
+    static void encode(Encoder& e, const Condition& c) {
+        detail::encode_ref(e, c.state_ref());
+        detail::encode_lock_beside(e, c.state_ref().memory(), c.lock_ref());
+    }
+    static Condition decode(Decoder& d) {
+        auto state = detail::decode_ref<detail::ConditionState>(d);
+        auto lock = detail::decode_lock_beside(d, state.memory());
+        return Condition(std::move(state), std::move(lock));
+    }
+};
+template <>
+struct Codec<Semaphore> {
+    static void encode(Encoder& e, const Semaphore& s) { detail::encode_ref(e, s.state_ref()); }
+    static Semaphore decode(Decoder& d) { return Semaphore(detail::decode_ref<detail::SemaphoreState>(d)); }
+};
+template <>
+struct Codec<BoundedSemaphore> {
+    static void encode(Encoder& e, const BoundedSemaphore& s) { detail::encode_ref(e, s.state_ref()); }
+    static BoundedSemaphore decode(Decoder& d) {
+        return BoundedSemaphore(detail::decode_ref<detail::SemaphoreState>(d));
+    }
+};
+template <>
+struct Codec<Event> {
+    static void encode(Encoder& e, const Event& ev) { detail::encode_ref(e, ev.state_ref()); }
+    static Event decode(Decoder& d) { return Event(detail::decode_ref<detail::EventState>(d)); }
+};
+template <>
+struct Codec<Barrier> {
+    static void encode(Encoder& e, const Barrier& b) { detail::encode_ref(e, b.state_ref()); }
+    static Barrier decode(Decoder& d) {
+        auto ref = detail::decode_ref<detail::BarrierState>(d);
+        std::uint32_t parties = ref->parties;
+        if (parties == 0 || ref.bytes_available() < detail::BarrierState::size_for(parties))
+            throw DecodeError("decode: barrier state does not fit its shared memory block");
+        return Barrier(std::move(ref));
+    }
+};
+
+}  // namespace mpservice
 // ---- end part: mpservice/public/synchronize.hpp
 // ---- begin part: mpservice/public/sharedctypes.hpp --------------------------
-// sharedctypes: (to be written)
+// sharedctypes: Value<T>, RawValue<T>, Array<T> and RawArray<T> - plain data in
+// shared memory (Python's multiprocessing.Value/RawValue/Array/RawArray).
+//
+// T must be trivially copyable: its bytes are shared as they are, so it may
+// not own memory of the process that wrote it (no std::string, no pointers
+// into the heap).  Reads and writes through any handle, in any process, act
+// on the same bytes at once.
+//
+// Value and Array carry a lock (an RLock unless you choose Lock) that lives in
+// the same shared block; get()/set()/with_lock()/to_vector() take it, the raw
+// access paths (get_obj(), operator[], data()) do not - use them under
+// get_lock(), e.g. `std::lock_guard g(v.get_lock()); v.get_obj() += 1;`.
+// The Raw variants have no lock.
+//
+// Handles: copies, and copies received by other processes as Process
+// arguments, refer to the same memory, which is freed when the last handle in
+// the last process goes (see synchronize.hpp: no names, nothing to leak).
+//
+// Dead lock holders: the locked operations here (get, set, with_lock,
+// to_vector) take the lock and, if its previous holder died, release it again
+// and throw OwnerDiedError without doing their work - the data may be
+// half-updated.  The lock is usable again at once; to inspect and repair the
+// data before anyone else sees it, take the lock yourself with
+// get_lock().acquire_checked() and check for LockStatus::owner_died.
+
+#include <cstddef>
+#include <cstdint>
+#include <initializer_list>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace mpservice {
+
+namespace detail {
+
+template <class T>
+inline constexpr bool shareable_v = std::is_trivially_copyable_v<T> && !std::is_pointer_v<T> && !std::is_array_v<T>;
+
+template <class L>
+inline constexpr bool is_lock_type_v = std::is_same_v<L, Lock> || std::is_same_v<L, RLock>;
+
+/// Takes a data lock for one of the locked operations; see the file comment.
+class DataLockGuard {
+public:
+    explicit DataLockGuard(const LockRef& l) : l_(l) {
+        if (lock_acquire(l_, os::no_deadline) == LockStatus::owner_died) {
+            lock_release(l_);
+            throw OwnerDiedError(
+                "mpservice: a process died while holding the lock of this shared value or array, so the "
+                "data may be half-updated; the operation was not done. The lock is usable again; take it "
+                "with get_lock().acquire_checked() to inspect and repair the data");
+        }
+    }
+    ~DataLockGuard() { lock_release(l_); }
+    DataLockGuard(const DataLockGuard&) = delete;
+    DataLockGuard& operator=(const DataLockGuard&) = delete;
+
+private:
+    const LockRef& l_;
+};
+
+/// A value together with the lock made for it, in one block.
+template <class T>
+struct LockedValueBlock {
+    LockState lock;
+    T value;
+    explicit LockedValueBlock(const T& v) : value(v) {}
+};
+
+/// Layout of an array block: this header at offset 0, the lock (locked
+/// arrays) right after it, the elements at data_offset.
+struct ArrayHeader {
+    std::uint64_t size = 0;
+    std::uint64_t data_offset = 0;
+};
+
+inline constexpr std::size_t array_lock_offset = 16;
+static_assert(sizeof(ArrayHeader) <= array_lock_offset && array_lock_offset % alignof(LockState) == 0);
+
+template <class T>
+constexpr std::size_t array_data_offset(bool locked) {
+    std::size_t start = locked ? array_lock_offset + sizeof(LockState) : sizeof(ArrayHeader);
+    std::size_t align = alignof(T) > 64 ? alignof(T) : 64;  // elements start on a cache line of their own
+    return (start + align - 1) / align * align;
+}
+
+/// The block of an array of n T, with the elements value-initialized (or,
+/// from `init`, copied); returns the header.
+template <class T>
+SharedRef<ArrayHeader> create_array(std::size_t n, bool locked, const T* init, const T* fill) {
+    const std::size_t offset = array_data_offset<T>(locked);
+    if (n > (SIZE_MAX - offset) / sizeof(T))
+        throw std::length_error("mpservice: shared array of " + std::to_string(n) + " elements is too large");
+    // Zero-filled memory: skip the elements' first touch when zero bytes are
+    // already their value-initialized state.
+    auto ref = SharedRef<ArrayHeader>::create_sized(offset + n * sizeof(T) + (n == 0 ? 1 : 0));
+    ref->size = n;
+    ref->data_offset = offset;
+    if (locked) ::new (static_cast<char*>(ref.memory().data()) + array_lock_offset) LockState();
+    T* data = reinterpret_cast<T*>(static_cast<char*>(ref.memory().data()) + offset);
+    for (std::size_t i = 0; i < n; ++i) {
+        if (init)
+            ::new (data + i) T(init[i]);
+        else if (fill)
+            ::new (data + i) T(*fill);
+        else if (!std::is_trivially_default_constructible_v<T>)
+            ::new (data + i) T();
+    }
+    return ref;
+}
+
+/// Decodes an array block and checks that its header fits the block.
+template <class T>
+SharedRef<ArrayHeader> decode_array(Decoder& d, bool locked) {
+    auto ref = decode_ref<ArrayHeader>(d);
+    if (ref.offset() != 0) throw DecodeError("decode: shared array header is not at the start of its block");
+    const std::uint64_t size = ref->size, offset = ref->data_offset;
+    const std::size_t total = ref.memory().size();
+    if (offset < array_data_offset<T>(locked) || offset % alignof(T) != 0 || offset > total ||
+        size > (total - offset) / sizeof(T))
+        throw DecodeError("decode: shared array does not fit its shared memory block");
+    return ref;
+}
+
+template <class T>
+T* array_data(const SharedRef<ArrayHeader>& h) noexcept {
+    return reinterpret_cast<T*>(static_cast<char*>(h.memory().data()) + h->data_offset);
+}
+
+}  // namespace detail
+
+// ============================================================================ RawValue
+
+/// A T in shared memory, without a lock (Python's RawValue).  Accesses are
+/// plain loads and stores: synchronize them yourself.
+template <class T>
+class RawValue {
+    static_assert(detail::shareable_v<T>,
+                  "mpservice::RawValue<T>: T must be trivially copyable, not a pointer, not a C array (use "
+                  "RawArray) - its bytes are shared between processes as they are");
+
+public:
+    using value_type = T;
+
+    /// A new shared T holding `initial`.
+    explicit RawValue(const T& initial = T{}) : value_(detail::SharedRef<T>::create_sized(sizeof(T), initial)) {}
+
+    T get() const noexcept { return *value_; }
+    void set(const T& v) const noexcept { *value_ = v; }
+    T load() const noexcept { return get(); }
+    void store(const T& v) const noexcept { set(v); }
+    RawValue& operator=(const T& v) noexcept {
+        set(v);
+        return *this;
+    }
+    /// The shared T itself.
+    T& get_obj() const noexcept { return *value_; }
+    T& operator*() const noexcept { return *value_; }
+    T* operator->() const noexcept { return value_.get(); }
+
+    /// Internal.
+    explicit RawValue(detail::SharedRef<T> ref) : value_(std::move(ref)) {}
+    const detail::SharedRef<T>& ref() const noexcept { return value_; }
+
+private:
+    detail::SharedRef<T> value_;
+};
+
+// ============================================================================ Value
+
+/// A T in shared memory guarded by a lock (Python's Value): an RLock of its own
+/// by default, or Lock with Value<T, mp::Lock>, or a lock you pass in.
+template <class T, class L = RLock>
+class Value {
+    static_assert(detail::shareable_v<T>,
+                  "mpservice::Value<T>: T must be trivially copyable, not a pointer, not a C array - its bytes are "
+                  "shared between processes as they are");
+    static_assert(detail::is_lock_type_v<L>, "mpservice::Value<T, L>: L must be mpservice::Lock or RLock");
+
+public:
+    using value_type = T;
+    using lock_type = L;
+
+    /// A new shared T holding `initial`, with a new lock in the same block.
+    explicit Value(const T& initial = T{}) {
+        auto block = detail::SharedRef<detail::LockedValueBlock<T>>::create_sized(
+            sizeof(detail::LockedValueBlock<T>), initial);
+        value_ = block.alias(&block->value);
+        lock_ = L(block.alias(&block->lock));
+    }
+    /// A new shared T guarded by `lock`, which may guard other objects too.
+    Value(const T& initial, L lock)
+        : value_(detail::SharedRef<T>::create_sized(sizeof(T), initial)), lock_(std::move(lock)) {}
+
+    /// Reads under the lock.
+    T get() const {
+        detail::DataLockGuard g(lock_.lock_ref());
+        return *value_;
+    }
+    /// Writes under the lock.
+    void set(const T& v) const {
+        detail::DataLockGuard g(lock_.lock_ref());
+        *value_ = v;
+    }
+    T load() const { return get(); }
+    void store(const T& v) const { set(v); }
+    Value& operator=(const T& v) {
+        set(v);
+        return *this;
+    }
+    /// Calls f(T&) on the shared T under the lock; returns what f returns.
+    template <class F>
+    decltype(auto) with_lock(F&& f) const {
+        detail::DataLockGuard g(lock_.lock_ref());
+        return std::forward<F>(f)(*value_);
+    }
+
+    /// The lock: `std::lock_guard g(v.get_lock());` then use get_obj().
+    L& get_lock() const noexcept { return lock_; }
+    /// The shared T itself, unsynchronized.
+    T& get_obj() const noexcept { return *value_; }
+
+    /// Internal.
+    Value(detail::SharedRef<T> value, L lock) : value_(std::move(value)), lock_(std::move(lock)) {}
+    const detail::SharedRef<T>& ref() const noexcept { return value_; }
+
+private:
+    detail::SharedRef<T> value_;
+    mutable L lock_{detail::SharedRef<detail::LockState>()};
+};
+
+// ============================================================================ RawArray
+
+/// A fixed-size array of T in shared memory, without a lock (Python's RawArray).
+/// Contiguous; span-like access.  Elements start value-initialized.
+template <class T>
+class RawArray {
+    static_assert(detail::shareable_v<T>,
+                  "mpservice::RawArray<T>: T must be trivially copyable, not a pointer, not a C array - its bytes are "
+                  "shared between processes as they are");
+
+public:
+    using value_type = T;
+    using size_type = std::size_t;
+    using iterator = T*;
+    using const_iterator = const T*;
+
+    /// n value-initialized elements.  (Note: RawArray<int>{5} is one element, 5.)
+    explicit RawArray(std::size_t n) : header_(detail::create_array<T>(n, false, nullptr, nullptr)) {}
+    RawArray(std::size_t n, const T& fill) : header_(detail::create_array<T>(n, false, nullptr, &fill)) {}
+    RawArray(std::initializer_list<T> init)
+        : header_(detail::create_array<T>(init.size(), false, init.begin(), nullptr)) {}
+    explicit RawArray(const std::vector<T>& init)
+        : header_(detail::create_array<T>(init.size(), false, init.data(), nullptr)) {}
+
+    std::size_t size() const noexcept { return static_cast<std::size_t>(header_->size); }
+    bool empty() const noexcept { return size() == 0; }
+    T* data() const noexcept { return detail::array_data<T>(header_); }
+    T& operator[](std::size_t i) const noexcept { return data()[i]; }
+    /// Bounds-checked element access; throws std::out_of_range.
+    T& at(std::size_t i) const {
+        if (i >= size())
+            throw std::out_of_range("mpservice: array index " + std::to_string(i) + " out of range (size " +
+                                    std::to_string(size()) + ")");
+        return data()[i];
+    }
+    T* begin() const noexcept { return data(); }
+    T* end() const noexcept { return data() + size(); }
+    std::vector<T> to_vector() const { return std::vector<T>(begin(), end()); }
+
+    /// Internal.
+    explicit RawArray(detail::SharedRef<detail::ArrayHeader> header) : header_(std::move(header)) {}
+    const detail::SharedRef<detail::ArrayHeader>& ref() const noexcept { return header_; }
+
+private:
+    detail::SharedRef<detail::ArrayHeader> header_;
+};
+
+// ============================================================================ Array
+
+/// A fixed-size array of T in shared memory with a lock in the same block
+/// (Python's Array).  Element access is unsynchronized; take get_lock() around
+/// it, or use with_lock()/to_vector().
+template <class T, class L = RLock>
+class Array {
+    static_assert(detail::shareable_v<T>,
+                  "mpservice::Array<T>: T must be trivially copyable, not a pointer, not a C array - its bytes are "
+                  "shared between processes as they are");
+    static_assert(detail::is_lock_type_v<L>, "mpservice::Array<T, L>: L must be mpservice::Lock or RLock");
+
+public:
+    using value_type = T;
+    using size_type = std::size_t;
+    using iterator = T*;
+    using const_iterator = const T*;
+    using lock_type = L;
+
+    /// n value-initialized elements.  (Note: Array<int>{5} is one element, 5.)
+    explicit Array(std::size_t n) : Array(detail::create_array<T>(n, true, nullptr, nullptr)) {}
+    Array(std::size_t n, const T& fill) : Array(detail::create_array<T>(n, true, nullptr, &fill)) {}
+    Array(std::initializer_list<T> init) : Array(detail::create_array<T>(init.size(), true, init.begin(), nullptr)) {}
+    explicit Array(const std::vector<T>& init)
+        : Array(detail::create_array<T>(init.size(), true, init.data(), nullptr)) {}
+
+    std::size_t size() const noexcept { return static_cast<std::size_t>(header_->size); }
+    bool empty() const noexcept { return size() == 0; }
+    T* data() const noexcept { return detail::array_data<T>(header_); }
+    T& operator[](std::size_t i) const noexcept { return data()[i]; }
+    /// Bounds-checked element access; throws std::out_of_range.
+    T& at(std::size_t i) const {
+        if (i >= size())
+            throw std::out_of_range("mpservice: array index " + std::to_string(i) + " out of range (size " +
+                                    std::to_string(size()) + ")");
+        return data()[i];
+    }
+    T* begin() const noexcept { return data(); }
+    T* end() const noexcept { return data() + size(); }
+
+    /// A copy of the elements, taken under the lock.
+    std::vector<T> to_vector() const {
+        detail::DataLockGuard g(lock_.lock_ref());
+        return std::vector<T>(begin(), end());
+    }
+    /// Calls f(*this) under the lock; returns what f returns.
+    template <class F>
+    decltype(auto) with_lock(F&& f) const {
+        detail::DataLockGuard g(lock_.lock_ref());
+        return std::forward<F>(f)(*this);
+    }
+    L& get_lock() const noexcept { return lock_; }
+
+    /// Internal.
+    explicit Array(detail::SharedRef<detail::ArrayHeader> header)
+        : header_(std::move(header)),
+          lock_(header_.alias(reinterpret_cast<detail::LockState*>(static_cast<char*>(header_.memory().data()) +
+                                                                   detail::array_lock_offset))) {}
+    const detail::SharedRef<detail::ArrayHeader>& ref() const noexcept { return header_; }
+
+private:
+    detail::SharedRef<detail::ArrayHeader> header_;
+    mutable L lock_;
+};
+
+// ============================================================================ codecs
+
+template <class T>
+struct Codec<RawValue<T>> {
+    static void encode(Encoder& e, const RawValue<T>& v) { detail::encode_ref(e, v.ref()); }
+    static RawValue<T> decode(Decoder& d) { return RawValue<T>(detail::decode_ref<T>(d)); }
+};
+
+template <class T, class L>
+struct Codec<Value<T, L>> {
+    static void encode(Encoder& e, const Value<T, L>& v) {
+        detail::encode_ref(e, v.ref());
+        detail::encode_lock_beside(e, v.ref().memory(), v.get_lock().lock_ref());
+    }
+    static Value<T, L> decode(Decoder& d) {
+        auto value = detail::decode_ref<T>(d);
+        auto lock = detail::decode_lock_beside(d, value.memory());
+        if (lock.recursive != std::is_same_v<L, RLock>) throw DecodeError("decode: Value lock kind differs");
+        return Value<T, L>(std::move(value), L(std::move(lock.state)));
+    }
+};
+
+template <class T>
+struct Codec<RawArray<T>> {
+    static void encode(Encoder& e, const RawArray<T>& a) { detail::encode_ref(e, a.ref()); }
+    static RawArray<T> decode(Decoder& d) { return RawArray<T>(detail::decode_array<T>(d, false)); }
+};
+
+template <class T, class L>
+struct Codec<Array<T, L>> {
+    static void encode(Encoder& e, const Array<T, L>& a) { detail::encode_ref(e, a.ref()); }
+    static Array<T, L> decode(Decoder& d) { return Array<T, L>(detail::decode_array<T>(d, true)); }
+};
+
+}  // namespace mpservice
 // ---- end part: mpservice/public/sharedctypes.hpp
 // ---- begin part: mpservice/public/queues.hpp --------------------------------
 // queues: Queue<T>, SimpleQueue<T> and JoinableQueue<T>, typed MPMC queues in
@@ -1110,20 +4092,46 @@ struct Codec<SimpleQueue<T>> {
 
 #include <cerrno>
 #include <climits>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <ctime>
+#include <fstream>
 #include <system_error>
 
+#include <dirent.h>
+#include <dlfcn.h>
+#include <elf.h>
 #include <fcntl.h>
+#include <link.h>
+#include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
+#include <spawn.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #if defined(__linux__)
 #include <linux/futex.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
 #endif
+// synchronization section
+#include <cstdio>
+#include <cstring>
+#include <link.h>
+#include <stdexcept>
+
+extern char** environ;
 
 namespace mpservice::detail::os {
 
@@ -1277,9 +4285,612 @@ bool pid_alive(long pid) noexcept {
     return pid > 0 && (::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM);
 }
 
-// ---------------------------------------------------------------- (process/channel section)
+// ---------------------------------------------------------------- logging
+
+void write_stderr(const char* data, std::size_t n) noexcept {
+    while (n > 0) {
+        ssize_t k = ::write(STDERR_FILENO, data, n);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            return;  // nowhere to report a failure to write to stderr
+        }
+        data += k;
+        n -= static_cast<std::size_t>(k);
+    }
+}
+
+void local_time(long long seconds, int fields[6]) noexcept {
+    time_t t = static_cast<time_t>(seconds);
+    struct tm tm {};
+    if (!::localtime_r(&t, &tm)) ::gmtime_r(&t, &tm);
+    fields[0] = tm.tm_year + 1900;
+    fields[1] = tm.tm_mon + 1;
+    fields[2] = tm.tm_mday;
+    fields[3] = tm.tm_hour;
+    fields[4] = tm.tm_min;
+    fields[5] = tm.tm_sec;
+}
+
+// ---------------------------------------------------------------- process/channel section
+
+namespace {
+void socket_pair(int type, handle_t& a, handle_t& b) {
+    int sv[2];
+    if (::socketpair(AF_UNIX, type | SOCK_CLOEXEC, 0, sv) != 0) throw_errno("mpservice: socketpair");
+    a = sv[0];
+    b = sv[1];
+}
+// Linux passes at most this many descriptors in one message (SCM_MAX_FD).
+constexpr std::size_t max_handles_per_message = 253;
+}  // namespace
+
+void channel_pair(handle_t& a, handle_t& b) { socket_pair(SOCK_STREAM, a, b); }
+void packet_pair(handle_t& a, handle_t& b) { socket_pair(SOCK_SEQPACKET, a, b); }
+
+bool channel_write(handle_t ch, const void* a, std::size_t na, const void* b, std::size_t nb,
+                   const handle_t* handles, std::size_t nhandles) {
+    if (nhandles > max_handles_per_message)
+        throw std::invalid_argument("mpservice: more than 253 OS handles in one message");
+    iovec iov[2] = {{const_cast<void*>(a), na}, {const_cast<void*>(b), nb}};
+    int niov = 2;
+    iovec* cur = iov;
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * max_handles_per_message)];
+    bool handles_pending = nhandles > 0;
+    for (;;) {
+        while (niov > 0 && cur->iov_len == 0) ++cur, --niov;
+        if (niov == 0 && !handles_pending) return true;
+        msghdr msg{};
+        msg.msg_iov = cur;
+        msg.msg_iovlen = static_cast<std::size_t>(niov);
+        char dummy = 0;
+        iovec one{&dummy, 1};
+        if (niov == 0) {  // handles with no bytes: send one filler byte (never happens for framed data)
+            msg.msg_iov = &one;
+            msg.msg_iovlen = 1;
+        }
+        if (handles_pending) {
+            std::memset(control, 0, sizeof control);
+            msg.msg_control = control;
+            msg.msg_controllen = CMSG_SPACE(sizeof(int) * nhandles);
+            cmsghdr* c = CMSG_FIRSTHDR(&msg);
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_RIGHTS;
+            c->cmsg_len = CMSG_LEN(sizeof(int) * nhandles);
+            std::memcpy(CMSG_DATA(c), handles, sizeof(int) * nhandles);
+        }
+        ssize_t n = ::sendmsg(ch, &msg, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN) {  // a non-blocking end: wait until there is room
+                pollfd p{ch, POLLOUT, 0};
+                ::poll(&p, 1, -1);
+                continue;
+            }
+            if (errno == EPIPE || errno == ECONNRESET) return false;
+            throw_errno("mpservice: sendmsg");
+        }
+        handles_pending = false;
+        if (niov == 0) return true;
+        auto left = static_cast<std::size_t>(n);
+        while (niov > 0 && left >= cur->iov_len) left -= cur->iov_len, ++cur, --niov;
+        if (niov > 0) {
+            cur->iov_base = static_cast<char*>(cur->iov_base) + left;
+            cur->iov_len -= left;
+        }
+    }
+}
+
+long channel_read(handle_t ch, void* buf, std::size_t cap, std::vector<handle_t>* handles, bool nonblocking) {
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * max_handles_per_message)];
+    for (;;) {
+        iovec iov{buf, cap};
+        msghdr msg{};
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control;
+        msg.msg_controllen = sizeof control;
+        ssize_t n = ::recvmsg(ch, &msg, MSG_CMSG_CLOEXEC | (nonblocking ? MSG_DONTWAIT : 0));
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN) return -1;
+            if (errno == ECONNRESET) return 0;
+            throw_errno("mpservice: recvmsg");
+        }
+        for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+            std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            for (std::size_t i = 0; i < count; ++i) {
+                int fd;
+                std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+                if (handles) handles->push_back(fd);
+                else ::close(fd);
+            }
+        }
+        return static_cast<long>(n);
+    }
+}
+
+unsigned wait_readable(const handle_t* hs, int n, int timeout_ms) {
+    pollfd p[8];
+    if (n > 8) n = 8;
+    for (int i = 0; i < n; ++i) p[i] = pollfd{hs[i], POLLIN, 0};
+    int rc;
+    do rc = ::poll(p, static_cast<nfds_t>(n), timeout_ms);
+    while (rc < 0 && errno == EINTR);
+    unsigned mask = 0;
+    for (int i = 0; i < n; ++i)
+        if (p[i].revents) mask |= 1u << i;
+    return mask;
+}
+
+handle_t poller_create() {
+    int fd = ::epoll_create1(EPOLL_CLOEXEC);
+    if (fd < 0) throw_errno("mpservice: epoll_create1");
+    return fd;
+}
+
+void poller_add(handle_t poller, handle_t h, std::uint64_t token) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = token;
+    if (::epoll_ctl(poller, EPOLL_CTL_ADD, h, &ev) != 0) throw_errno("mpservice: epoll_ctl");
+}
+
+void poller_remove(handle_t poller, handle_t h) noexcept { ::epoll_ctl(poller, EPOLL_CTL_DEL, h, nullptr); }
+
+int poller_wait(handle_t poller, std::uint64_t* tokens, int max, int timeout_ms) {
+    epoll_event evs[64];
+    if (max > 64) max = 64;
+    int n;
+    do n = ::epoll_wait(poller, evs, max, timeout_ms);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) throw_errno("mpservice: epoll_wait");
+    for (int i = 0; i < n; ++i) tokens[i] = evs[i].data.u64;
+    return n;
+}
+
+handle_t wake_event_create() {
+    int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (fd < 0) throw_errno("mpservice: eventfd");
+    return fd;
+}
+
+void wake_event_signal(handle_t ev) noexcept {
+    std::uint64_t one = 1;
+    ssize_t rc = ::write(ev, &one, sizeof one);
+    (void)rc;
+}
+
+void wake_event_drain(handle_t ev) noexcept {
+    std::uint64_t v;
+    ssize_t rc = ::read(ev, &v, sizeof v);
+    (void)rc;
+}
+
+long spawn_self(const std::string& argv0, const std::string& marker, handle_t inherit) {
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    // dup2 onto itself clears close-on-exec for this one descriptor in the
+    // child only (glibc >= 2.29), so no other thread's spawn can inherit it.
+    posix_spawn_file_actions_adddup2(&fa, inherit, inherit);
+    posix_spawnattr_t at;
+    posix_spawnattr_init(&at);
+    sigset_t none;
+    sigemptyset(&none);
+    posix_spawnattr_setsigmask(&at, &none);
+    posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSIGMASK);
+    char* argv[] = {const_cast<char*>(argv0.c_str()), const_cast<char*>(marker.c_str()), nullptr};
+    pid_t pid = 0;
+    int rc = ::posix_spawn(&pid, "/proc/self/exe", &fa, &at, argv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    posix_spawnattr_destroy(&at);
+    if (rc != 0) throw std::system_error(rc, std::generic_category(), "mpservice: posix_spawn of /proc/self/exe");
+    return static_cast<long>(pid);
+}
+
+long fork_process() {
+    // Signals are blocked across the fork, so none can reach the child while it
+    // still has the parent's handlers (a parent's crash handler running in a
+    // half-made child deadlocks it); the child resets them, then unblocks.
+    sigset_t all, old;
+    sigfillset(&all);
+    ::pthread_sigmask(SIG_SETMASK, &all, &old);
+    pid_t pid = ::fork();
+    if (pid == 0) {
+        reset_signal_handlers();  // also unblocks everything
+        return 0;
+    }
+    int err = errno;
+    ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    errno = err;
+    if (pid < 0) throw_errno("mpservice: fork");
+    return static_cast<long>(pid);
+}
+
+handle_t process_handle(long pid) noexcept {
+#if defined(SYS_pidfd_open)
+    long fd = ::syscall(SYS_pidfd_open, static_cast<pid_t>(pid), 0);
+    if (fd >= 0) {
+        ::fcntl(static_cast<int>(fd), F_SETFD, FD_CLOEXEC);  // pidfds are close-on-exec already; be sure
+        return static_cast<handle_t>(fd);
+    }
+#endif
+    (void)pid;
+    return invalid_handle;
+}
+
+namespace {
+int python_exitcode(int status) {
+    if (WIFEXITED(status)) return WEXITSTATUS(status);
+    if (WIFSIGNALED(status)) return -WTERMSIG(status);
+    return 255;
+}
+}  // namespace
+
+bool reap_child(long pid, bool block, int* exitcode) {
+    int status = 0;
+    for (;;) {
+        pid_t r = ::waitpid(static_cast<pid_t>(pid), &status, block ? 0 : WNOHANG);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) throw_errno("mpservice: waitpid");
+        if (r == 0) return false;
+        *exitcode = python_exitcode(status);
+        return true;
+    }
+}
+
+bool reap_any_child(long* pid, int* exitcode) {
+    int status = 0;
+    pid_t r;
+    do r = ::waitpid(-1, &status, WNOHANG);
+    while (r < 0 && errno == EINTR);
+    if (r <= 0) return false;
+    *pid = r;
+    *exitcode = python_exitcode(status);
+    return true;
+}
+
+bool send_signal(long pid, handle_t process_handle, int sig) noexcept {
+#if defined(SYS_pidfd_send_signal)
+    if (process_handle >= 0) return ::syscall(SYS_pidfd_send_signal, process_handle, sig, nullptr, 0) == 0;
+#endif
+    (void)process_handle;
+    return ::kill(static_cast<pid_t>(pid), sig) == 0;
+}
+
+int signal_terminate() noexcept { return SIGTERM; }
+int signal_kill() noexcept { return SIGKILL; }
+
+std::string signal_name(int sig) {
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 32))
+    if (const char* abbrev = ::sigabbrev_np(sig)) return std::string("SIG") + abbrev;
+#endif
+    return "signal " + std::to_string(sig);
+}
+
+long parent_pid() noexcept { return static_cast<long>(::getppid()); }
+
+bool die_with_parent(long expected_parent) noexcept {
+#if defined(__linux__)
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+#endif
+    // The parent may have died before prctl took effect: then we were re-parented.
+    return static_cast<long>(::getppid()) == expected_parent;
+}
+
+void reset_signal_handlers() noexcept {
+    for (int sig = 1; sig < NSIG; ++sig) {
+        if (sig == SIGKILL || sig == SIGSTOP) continue;
+        struct sigaction old;
+        if (::sigaction(sig, nullptr, &old) != 0) continue;
+        bool caught = (old.sa_flags & SA_SIGINFO) ? true : (old.sa_handler != SIG_DFL && old.sa_handler != SIG_IGN);
+        if (!caught) continue;
+        struct sigaction dfl{};
+        dfl.sa_handler = SIG_DFL;
+        sigemptyset(&dfl.sa_mask);
+        ::sigaction(sig, &dfl, nullptr);
+    }
+    sigset_t none;
+    sigemptyset(&none);
+    ::pthread_sigmask(SIG_SETMASK, &none, nullptr);
+}
+
+void close_handles_except(handle_t keep) noexcept {
+#if defined(SYS_close_range)
+    bool ok = true;
+    if (keep > 3) ok = ::syscall(SYS_close_range, 3u, static_cast<unsigned>(keep - 1), 0u) == 0;
+    if (ok && ::syscall(SYS_close_range, static_cast<unsigned>(keep < 3 ? 3 : keep + 1), ~0u, 0u) == 0) return;
+#endif
+    // Fallback: walk the descriptor table.
+    long max = ::sysconf(_SC_OPEN_MAX);
+    for (long fd = 3; fd < max && fd < 65536; ++fd)
+        if (fd != keep) ::close(static_cast<int>(fd));
+}
+
+void exit_now(int code) noexcept { ::_exit(code); }
+
+bool is_main_thread() noexcept { return static_cast<long>(::syscall(SYS_gettid)) == static_cast<long>(::getpid()); }
+
+handle_t child_exit_events() {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGCHLD);
+    ::sigprocmask(SIG_BLOCK, &set, nullptr);
+    int fd = ::signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (fd < 0) throw_errno("mpservice: signalfd");
+    return fd;
+}
+
+void child_exit_events_drain(handle_t h) noexcept {
+    signalfd_siginfo info[8];
+    while (::read(h, info, sizeof info) > 0) {
+    }
+}
+
+void child_exit_events_release(handle_t h) noexcept {
+    ::close(h);
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGCHLD);
+    ::sigprocmask(SIG_UNBLOCK, &set, nullptr);
+}
+
+namespace {
+struct ModuleSearch {
+    // in
+    std::uintptr_t addr = 0;          // find the module containing addr, or
+    const std::string* name = nullptr;  // the module with this name
+    // out
+    bool found = false;
+    bool first = true;
+    std::string module;
+    std::uintptr_t base = 0;
+    std::string build_id;
+};
+
+std::string note_build_id(const dl_phdr_info* info) {
+    for (int i = 0; i < info->dlpi_phnum; ++i) {
+        const auto& ph = info->dlpi_phdr[i];
+        if (ph.p_type != PT_NOTE) continue;
+        auto p = reinterpret_cast<const unsigned char*>(info->dlpi_addr + ph.p_vaddr);
+        auto end = p + ph.p_memsz;
+        while (p + sizeof(ElfW(Nhdr)) <= end) {
+            ElfW(Nhdr) nh;
+            std::memcpy(&nh, p, sizeof nh);
+            const unsigned char* name = p + sizeof nh;
+            const unsigned char* desc = name + ((nh.n_namesz + 3u) & ~3u);
+            const unsigned char* next = desc + ((nh.n_descsz + 3u) & ~3u);
+            if (next > end) break;
+            if (nh.n_type == NT_GNU_BUILD_ID && nh.n_namesz == 4 && std::memcmp(name, "GNU", 4) == 0)
+                return std::string(reinterpret_cast<const char*>(desc), nh.n_descsz);
+            p = next;
+        }
+    }
+    return {};
+}
+
+int module_search_cb(dl_phdr_info* info, std::size_t, void* data) {
+    auto* s = static_cast<ModuleSearch*>(data);
+    // The first object is the main program; its name is "" (or argv[0] on some loaders).
+    std::string name = s->first ? std::string() : std::string(info->dlpi_name ? info->dlpi_name : "");
+    s->first = false;
+    bool match = false;
+    if (s->name) {
+        match = name == *s->name;
+    } else {
+        for (int i = 0; i < info->dlpi_phnum && !match; ++i) {
+            const auto& ph = info->dlpi_phdr[i];
+            if (ph.p_type != PT_LOAD) continue;
+            std::uintptr_t lo = info->dlpi_addr + ph.p_vaddr;
+            match = s->addr >= lo && s->addr < lo + ph.p_memsz;
+        }
+    }
+    if (!match) return 0;
+    s->found = true;
+    s->module = name;
+    s->base = info->dlpi_addr;
+    s->build_id = note_build_id(info);
+    return 1;
+}
+}  // namespace
+
+bool module_address(const void* addr, ModuleAddress& out) {
+    ModuleSearch s;
+    s.addr = reinterpret_cast<std::uintptr_t>(addr);
+    ::dl_iterate_phdr(module_search_cb, &s);
+    if (!s.found) return false;
+    out.module = s.module;
+    out.offset = s.addr - s.base;
+    return true;
+}
+
+const void* module_resolve(const ModuleAddress& where) {
+    ModuleSearch s;
+    s.name = &where.module;
+    ::dl_iterate_phdr(module_search_cb, &s);
+    if (!s.found && !where.module.empty()) {
+        // Not loaded yet in this process: load it (and keep it loaded).
+        if (!::dlopen(where.module.c_str(), RTLD_NOW | RTLD_GLOBAL)) return nullptr;
+        s = ModuleSearch{};
+        s.name = &where.module;
+        ::dl_iterate_phdr(module_search_cb, &s);
+    }
+    if (!s.found) return nullptr;
+    return reinterpret_cast<const void*>(s.base + where.offset);
+}
+
+std::string module_fingerprint(const std::string& module) {
+    ModuleSearch s;
+    s.name = &module;
+    ::dl_iterate_phdr(module_search_cb, &s);
+    if (s.found && !s.build_id.empty()) return "build-id:" + s.build_id;
+    // No build-id: the file's identity stands in for it (cheap, unlike hashing).
+    struct stat st;
+    const char* path = module.empty() ? "/proc/self/exe" : module.c_str();
+    if (::stat(path, &st) != 0) return "unknown";
+    return "file:" + std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino) + ":" +
+           std::to_string(st.st_size) + ":" + std::to_string(st.st_mtim.tv_sec) + "." +
+           std::to_string(st.st_mtim.tv_nsec);
+}
+
+int affinity_cpu_count() noexcept {
+    cpu_set_t set;
+    if (::sched_getaffinity(0, sizeof set, &set) == 0) {
+        int n = CPU_COUNT(&set);
+        if (n > 0) return n;
+    }
+    long n = ::sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? static_cast<int>(n) : 1;
+}
+
+namespace {
+std::string first_line(const std::string& path) {
+    std::ifstream f(path);
+    std::string line;
+    std::getline(f, line);
+    return line;
+}
+}  // namespace
+
+double cgroup_cpu_quota() noexcept {
+    try {
+        // cgroup v2: "0::/path" in /proc/self/cgroup, limit in <path>/cpu.max as "quota period" or "max period".
+        std::ifstream cg("/proc/self/cgroup");
+        std::string line, v2path, v1path;
+        while (std::getline(cg, line)) {
+            if (line.rfind("0::", 0) == 0) v2path = line.substr(3);
+            auto c1 = line.find(':'), c2 = line.find(':', c1 + 1);
+            if (c1 != std::string::npos && c2 != std::string::npos) {
+                std::string ctrls = line.substr(c1 + 1, c2 - c1 - 1);
+                if (ctrls.find("cpu") != std::string::npos && ctrls.find("cpuset") != 0) v1path = line.substr(c2 + 1);
+            }
+        }
+        double best = 0;
+        auto consider = [&](double q) {
+            if (q > 0 && (best == 0 || q < best)) best = q;
+        };
+        if (!v2path.empty()) {
+            // The limit of any ancestor applies too: walk up to the root.
+            std::string p = v2path;
+            for (;;) {
+                std::string l = first_line("/sys/fs/cgroup" + (p == "/" ? std::string() : p) + "/cpu.max");
+                long long quota = 0, period = 0;
+                if (std::sscanf(l.c_str(), "%lld %lld", &quota, &period) == 2 && period > 0)
+                    consider(static_cast<double>(quota) / static_cast<double>(period));
+                if (p.empty() || p == "/") break;
+                auto slash = p.rfind('/');
+                p = slash == 0 ? "/" : p.substr(0, slash);
+            }
+        }
+        if (!v1path.empty() || best == 0) {
+            for (const char* dir : {"/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpu"}) {
+                std::string q = first_line(std::string(dir) + "/cpu.cfs_quota_us");
+                std::string per = first_line(std::string(dir) + "/cpu.cfs_period_us");
+                long long quota = std::atoll(q.c_str()), period = std::atoll(per.c_str());
+                if (quota > 0 && period > 0) consider(static_cast<double>(quota) / static_cast<double>(period));
+            }
+        }
+        return best;
+    } catch (...) {
+        return 0;
+    }
+}
 
 // ---------------------------------------------------------------- (synchronization section)
+
+LockResult robust_mutex_lock_blocking(RobustMutex* m, Deadline deadline) {
+    if (deadline == no_deadline) return lock_result(pthread_mutex_lock(native(m)), "mpservice: mutex lock");
+    timespec ts = to_timespec(deadline);
+    return lock_result(pthread_mutex_clocklock(native(m), CLOCK_MONOTONIC, &ts), "mpservice: mutex lock");
+}
+
+long current_tid() noexcept { return static_cast<long>(::syscall(SYS_gettid)); }
+
+void at_fork_child(void (*fn)()) {
+    int rc = ::pthread_atfork(nullptr, nullptr, fn);
+    if (rc != 0) throw std::system_error(rc, std::generic_category(), "mpservice: pthread_atfork");
+}
+
+bool process_running(long pid) noexcept {
+    if (!pid_alive(pid)) return false;
+    // /proc/<pid>/stat: "pid (comm) S ..." - comm may hold ')' so look for the last one.
+    char path[64];
+    std::snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return errno != ENOENT && errno != ESRCH;  // no /proc: trust pid_alive
+    char buf[512];
+    ssize_t n = ::read(fd, buf, sizeof buf - 1);
+    ::close(fd);
+    if (n <= 0) return false;  // the process went away between open and read
+    buf[n] = '\0';
+    const char* close_paren = std::strrchr(buf, ')');
+    if (!close_paren || close_paren[1] != ' ') return true;
+    char state = close_paren[2];
+    return state != 'Z' && state != 'X' && state != 'x';
+}
+
+namespace {
+std::uint64_t code_ref_module_hash(const char* name) noexcept {
+    std::uint64_t h = 1469598103934665603ull;  // FNV-1a
+    for (const char* p = name ? name : ""; *p; ++p) h = (h ^ static_cast<unsigned char>(*p)) * 1099511628211ull;
+    return h ? h : 1;
+}
+
+struct CodeRefSearch {
+    std::uintptr_t address = 0;  // code_ref_of: the address to find
+    CodeRef ref{};               // code_ref_resolve: the module to find
+    bool found = false;
+    CodeRef result{};
+    const void* resolved = nullptr;
+};
+
+int code_ref_find_address(dl_phdr_info* info, std::size_t, void* data) {
+    auto* s = static_cast<CodeRefSearch*>(data);
+    for (int i = 0; i < info->dlpi_phnum; ++i) {
+        const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+        if (ph.p_type != PT_LOAD) continue;
+        std::uintptr_t start = info->dlpi_addr + ph.p_vaddr;
+        if (s->address >= start && s->address < start + ph.p_memsz) {
+            s->found = true;
+            s->result.module = code_ref_module_hash(info->dlpi_name);
+            s->result.offset = s->address - info->dlpi_addr;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+int code_ref_find_module(dl_phdr_info* info, std::size_t, void* data) {
+    auto* s = static_cast<CodeRefSearch*>(data);
+    if (code_ref_module_hash(info->dlpi_name) != s->ref.module) return 0;
+    std::uintptr_t address = info->dlpi_addr + s->ref.offset;
+    for (int i = 0; i < info->dlpi_phnum; ++i) {
+        const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+        std::uintptr_t start = info->dlpi_addr + ph.p_vaddr;
+        if (ph.p_type == PT_LOAD && (ph.p_flags & PF_X) && address >= start && address < start + ph.p_memsz) {
+            s->resolved = reinterpret_cast<const void*>(address);
+            break;
+        }
+    }
+    return 1;  // the module was found; stop either way
+}
+}  // namespace
+
+CodeRef code_ref_of(const void* address) {
+    CodeRefSearch s;
+    s.address = reinterpret_cast<std::uintptr_t>(address);
+    ::dl_iterate_phdr(&code_ref_find_address, &s);
+    if (!s.found) throw std::invalid_argument("mpservice: the address is not inside any loaded module");
+    return s.result;
+}
+
+const void* code_ref_resolve(const CodeRef& ref) noexcept {
+    if (ref.empty()) return nullptr;
+    CodeRefSearch s;
+    s.ref = ref;
+    ::dl_iterate_phdr(&code_ref_find_module, &s);
+    return s.resolved;
+}
 
 // ---------------------------------------------------------------- (queue section)
 
@@ -1300,6 +4911,594 @@ void shm_prefault(void* addr, std::size_t size) noexcept {
 
 #endif  // !_WIN32
 // ---- end part: mpservice/impl/os_posix.cpp
+#if defined(MPSERVICE_POSIX)
+// ---- begin part: mpservice/impl/os_posix_stacktrace.cpp ---------------------
+// os_posix_stacktrace: throw-site stacks and their symbolization (POSIX, ELF,
+// Itanium C++ ABI: Linux with g++ or clang).  The "remote exception /
+// symbolization" section of detail/os.hpp.
+//
+// Throw sites.  This file defines __cxa_throw, the C++ runtime function every
+// `throw` expression calls - including those inside libstdc++, such as
+// vector::at, because the linker exports the executable's definition when the
+// C++ runtime references it.  The definition records the return addresses of
+// the throwing stack (backtrace(): cheap, no symbol lookup) in a small
+// per-thread table keyed by the thrown object's address, then forwards to the
+// real __cxa_throw found with dlsym(RTLD_NEXT).  Names are looked up only when
+// an exception is encoded to cross a process boundary.
+//
+// The interposition is left out when MPSERVICE_NO_THROW_HOOK is defined (e.g.
+// with -static-libstdc++, where the runtime's own __cxa_throw would be a
+// duplicate definition) and under MemorySanitizer (untested).  Under the
+// other sanitizers it stays, checked with clang 14 and g++ 12:
+//   * ThreadSanitizer does not intercept __cxa_throw;
+//   * AddressSanitizer does, to un-poison the stack that the throw unwinds.
+//     With clang's static runtime our definition replaces its interceptor
+//     (a weak alias), so the hook calls __asan_handle_no_return() itself, as
+//     the interceptor would; with g++'s shared libasan, RTLD_NEXT finds the
+//     interceptor and the call is made twice, which is harmless.
+// Without the hook, the traceback shows the stack where the exception was
+// encoded (the catch site), and says so.
+//
+// Symbols.  dladdr names only exported (dynamic) symbols, so an executable
+// linked without -rdynamic would show no names for its own functions.  The
+// reader below loads the ELF .symtab of each module (the executable through
+// /proc/self/exe), which names static and internal functions too; dladdr is
+// the fallback for stripped modules.  File and line come from the
+// `addr2line` program when it is installed and the module has DWARF line
+// information (.debug_line), run once per module per traceback, bounded in
+// time; without it frames show function+offset and module.
+#if !defined(_WIN32)
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+
+#include <cxxabi.h>
+#include <dlfcn.h>
+#include <elf.h>
+#include <execinfo.h>
+#include <fcntl.h>
+#include <link.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char** environ;
+
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define MPSERVICE_DETAIL_ASAN 1
+#endif
+#if __has_feature(memory_sanitizer)
+#define MPSERVICE_DETAIL_MSAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+#define MPSERVICE_DETAIL_ASAN 1
+#endif
+#if !defined(MPSERVICE_NO_THROW_HOOK) && !defined(MPSERVICE_DETAIL_MSAN) && defined(__GLIBC__)
+#define MPSERVICE_DETAIL_THROW_HOOK 1
+#endif
+#if defined(MPSERVICE_DETAIL_THROW_HOOK) && defined(MPSERVICE_DETAIL_ASAN)
+extern "C" void __asan_handle_no_return();
+#endif
+
+namespace mpservice::detail::os {
+
+namespace {
+
+// ---- per-thread table of recent throw (and re-raise) sites
+constexpr int kSiteFrames = 48;
+constexpr int kSiteSlots = 8;
+
+struct Site {
+    const void* object;
+    const std::type_info* type;
+    int depth;
+    void* pcs[kSiteFrames];
+};
+struct SiteTable {
+    Site slots[kSiteSlots];
+    unsigned next;
+};
+// Plain data, zero-initialized: no per-thread constructor or destructor.
+thread_local SiteTable t_throw_sites;
+thread_local SiteTable t_raise_sites;
+
+/// Records the current stack in `table` for `object`, starting at the frame
+/// whose return address is `caller` (the throw site, as seen from the hook):
+/// frames of the hook itself - however many inlining and sanitizer
+/// interceptors make them - are left out.
+void record_site(SiteTable& table, const void* object, const std::type_info* type, const void* caller) noexcept {
+    // A second throw of the same object (e.g. after a catch by reference and a
+    // `throw` of a copy at the same address) replaces the old entry.
+    Site* slot = nullptr;
+    for (Site& s : table.slots)
+        if (s.object == object) slot = &s;
+    if (!slot) slot = &table.slots[table.next++ % kSiteSlots];
+    slot->object = object;
+    slot->type = type;
+    slot->depth = capture_stack(slot->pcs, kSiteFrames, 0, caller);
+}
+
+int read_site(const SiteTable& table, const void* object, const std::type_info* type, void** pcs,
+              int max) noexcept {
+    for (const Site& s : table.slots) {
+        if (s.object != object || !object) continue;
+        if (type && s.type && *s.type != *type) continue;  // a stale entry for a reused address
+        int n = std::min(s.depth, max);
+        std::copy(s.pcs, s.pcs + n, pcs);
+        return n;
+    }
+    return 0;
+}
+
+}  // namespace
+
+namespace {
+std::atomic<bool> g_capture_throw_sites{true};
+}
+
+bool throw_hook_active() noexcept {
+#if defined(MPSERVICE_DETAIL_THROW_HOOK)
+    return g_capture_throw_sites.load(std::memory_order_relaxed);
+#else
+    return false;
+#endif
+}
+
+void set_throw_site_capture(bool enabled) noexcept {
+    g_capture_throw_sites.store(enabled, std::memory_order_relaxed);
+}
+
+int capture_stack(void** pcs, int max, int skip, const void* from) noexcept {
+    // backtrace() walks with the unwinder's tables, so it works without frame pointers.
+    void* buf[kSiteFrames + 16];
+    int want = std::min(max + skip + 8, static_cast<int>(sizeof buf / sizeof buf[0]));
+    int n = ::backtrace(buf, want);
+    int first = std::min(n, skip + 1);  // +1: this function's own frame
+    if (from) {
+        for (int i = 0; i < n; ++i)
+            if (buf[i] == from) {
+                first = i;
+                break;
+            }
+    }
+    int count = std::min(n - first, max);
+    std::copy(buf + first, buf + first + count, pcs);
+    return count;
+}
+
+int throw_site_stack(const void* object, const std::type_info* type, void** pcs, int max) noexcept {
+    return read_site(t_throw_sites, object, type, pcs, max);
+}
+
+void note_raise_site(const void* object, const void* caller) noexcept {
+    record_site(t_raise_sites, object, nullptr, caller);
+}
+
+int raise_site_stack(const void* object, void** pcs, int max) noexcept {
+    return read_site(t_raise_sites, object, nullptr, pcs, max);
+}
+
+std::string demangle(const char* mangled) {
+    if (!mangled) return std::string();
+    int status = 0;
+    char* out = abi::__cxa_demangle(mangled, nullptr, nullptr, &status);
+    if (status != 0 || !out) return mangled;
+    std::string s(out);
+    std::free(out);
+    return s;
+}
+
+const std::type_info* current_exception_type() noexcept { return abi::__cxa_current_exception_type(); }
+
+const void* exception_object(const std::exception_ptr& e) noexcept {
+    // Itanium C++ ABI fact, true of libstdc++ and libc++: an exception_ptr is
+    // one pointer, to the thrown object (the address __cxa_throw received).
+    static_assert(sizeof(std::exception_ptr) == sizeof(void*), "exception_ptr is not a single pointer here");
+    const void* p = nullptr;
+    std::memcpy(&p, static_cast<const void*>(&e), sizeof p);
+    return p;
+}
+
+// ---------------------------------------------------------------- ELF symbol tables
+
+namespace {
+
+/// The function symbols of one module, from its .symtab (or nothing).
+struct ModuleSymbols {
+    struct Sym {
+        std::uintptr_t value;
+        std::uintptr_t size;
+        std::uint32_t name;
+    };
+    std::vector<Sym> syms;  // sorted by value
+    std::string strtab;
+    bool has_line_info = false;
+
+    const char* find(std::uintptr_t addr, std::uintptr_t* start) const {
+        auto it = std::upper_bound(syms.begin(), syms.end(), addr,
+                                   [](std::uintptr_t a, const Sym& s) { return a < s.value; });
+        if (it == syms.begin()) return nullptr;
+        --it;
+        if (it->size != 0 && addr >= it->value + it->size) return nullptr;
+        if (it->name >= strtab.size()) return nullptr;
+        *start = it->value;
+        return strtab.c_str() + it->name;
+    }
+};
+
+/// Reads exactly n bytes at `offset`, refusing anything outside the file.
+bool read_at(int fd, std::uint64_t file_size, std::uint64_t offset, std::uint64_t n, void* out) {
+    if (offset > file_size || n > file_size - offset) return false;
+    auto* p = static_cast<char*>(out);
+    while (n > 0) {
+        ssize_t k = ::pread(fd, p, n, static_cast<off_t>(offset));
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) return false;
+        p += k;
+        offset += static_cast<std::uint64_t>(k);
+        n -= static_cast<std::uint64_t>(k);
+    }
+    return true;
+}
+
+/// A short, bounds-checked reader of an ELF file's section headers, .symtab and
+/// its string table (native class and byte order only: it reads modules of
+/// this very process).
+void load_symbols(const char* path, ModuleSymbols& out) {
+    constexpr std::uint64_t kMaxTable = 256u << 20;  // refuse absurd sizes (corrupt file)
+    int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    struct Closer {
+        int fd;
+        ~Closer() { ::close(fd); }
+    } closer{fd};
+    struct stat st;
+    if (::fstat(fd, &st) != 0) return;
+    auto size = static_cast<std::uint64_t>(st.st_size);
+
+    ElfW(Ehdr) eh;
+    if (!read_at(fd, size, 0, sizeof eh, &eh)) return;
+    if (std::memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0) return;
+#if __SIZEOF_POINTER__ == 8
+    if (eh.e_ident[EI_CLASS] != ELFCLASS64) return;
+#else
+    if (eh.e_ident[EI_CLASS] != ELFCLASS32) return;
+#endif
+    if (eh.e_shentsize != sizeof(ElfW(Shdr)) || eh.e_shnum == 0 || eh.e_shstrndx >= eh.e_shnum) return;
+    std::vector<ElfW(Shdr)> sh(eh.e_shnum);
+    if (!read_at(fd, size, eh.e_shoff, std::uint64_t(eh.e_shnum) * sizeof(ElfW(Shdr)), sh.data())) return;
+
+    // Section names, to see whether DWARF line information is there.
+    const ElfW(Shdr)& names = sh[eh.e_shstrndx];
+    if (names.sh_size < kMaxTable) {
+        std::string shstr(names.sh_size, '\0');
+        if (read_at(fd, size, names.sh_offset, names.sh_size, shstr.data())) {
+            for (const auto& s : sh)
+                if (s.sh_name < shstr.size() && std::strcmp(shstr.c_str() + s.sh_name, ".debug_line") == 0)
+                    out.has_line_info = true;
+        }
+    }
+
+    for (const auto& s : sh) {
+        if (s.sh_type != SHT_SYMTAB) continue;
+        if (s.sh_entsize != sizeof(ElfW(Sym)) || s.sh_link >= sh.size()) return;
+        const ElfW(Shdr)& str = sh[s.sh_link];
+        if (s.sh_size > kMaxTable || str.sh_size > kMaxTable) return;
+        std::vector<ElfW(Sym)> raw(s.sh_size / sizeof(ElfW(Sym)));
+        out.strtab.assign(str.sh_size, '\0');
+        if (!read_at(fd, size, s.sh_offset, raw.size() * sizeof(ElfW(Sym)), raw.data()) ||
+            !read_at(fd, size, str.sh_offset, str.sh_size, out.strtab.data())) {
+            out.strtab.clear();
+            return;
+        }
+        for (const auto& y : raw) {
+            if (ELF64_ST_TYPE(y.st_info) != STT_FUNC || y.st_value == 0 || y.st_shndx == SHN_UNDEF) continue;
+            out.syms.push_back({static_cast<std::uintptr_t>(y.st_value), static_cast<std::uintptr_t>(y.st_size),
+                                y.st_name});
+        }
+        std::sort(out.syms.begin(), out.syms.end(),
+                  [](const ModuleSymbols::Sym& a, const ModuleSymbols::Sym& b) { return a.value < b.value; });
+        return;
+    }
+}
+
+const ModuleSymbols& module_symbols(const std::string& path) {
+    static std::mutex mu;
+    static auto* cache = new std::map<std::string, std::unique_ptr<ModuleSymbols>>;  // lives to the end
+    std::lock_guard<std::mutex> lock(mu);
+    auto& slot = (*cache)[path];
+    if (!slot) {
+        slot = std::make_unique<ModuleSymbols>();
+        load_symbols(path.c_str(), *slot);
+    }
+    return *slot;
+}
+
+/// The module (loaded object) holding `pc`: its file path and load bias.
+struct ModuleOf {
+    std::uintptr_t pc;
+    std::string path;
+    std::uintptr_t bias = 0;
+    bool found = false;
+};
+
+int find_module(struct dl_phdr_info* info, size_t, void* data) {
+    auto* m = static_cast<ModuleOf*>(data);
+    for (int i = 0; i < info->dlpi_phnum; ++i) {
+        const auto& ph = info->dlpi_phdr[i];
+        if (ph.p_type != PT_LOAD) continue;
+        std::uintptr_t start = info->dlpi_addr + ph.p_vaddr;
+        if (m->pc >= start && m->pc < start + ph.p_memsz) {
+            m->found = true;
+            m->bias = info->dlpi_addr;
+            // The main program has an empty name; its file is /proc/self/exe
+            // (right even if argv[0] was relative and the directory changed).
+            m->path = (info->dlpi_name && info->dlpi_name[0]) ? info->dlpi_name : "/proc/self/exe";
+            return 1;
+        }
+    }
+    return 0;
+}
+
+// ---------------------------------------------------------------- file:line through addr2line
+
+/// Source position of one address, with the functions inlined at it:
+/// innermost first, the last one being the function the code belongs to.
+struct SourcePlace {
+    std::string function;
+    std::string file;
+    int line = 0;
+};
+using InlineChain = std::vector<SourcePlace>;
+
+/// Runs `addr2line -a -f -i -C -e module addr...` (bounded in time) and returns
+/// one chain per address (empty where nothing was found).  Best effort.
+std::vector<InlineChain> run_addr2line(const std::string& module, const std::vector<std::uintptr_t>& offsets) {
+    std::vector<InlineChain> result(offsets.size());
+    static const char* const candidates[] = {"/usr/bin/addr2line", "/bin/addr2line", "/usr/local/bin/addr2line"};
+    const char* tool = nullptr;
+    for (const char* c : candidates)
+        if (!tool && ::access(c, X_OK) == 0) tool = c;
+    if (!tool || offsets.empty()) return result;
+
+    // "/proc/self/exe" would name addr2line itself in the child: name our pid.
+    std::string file = module == "/proc/self/exe" ? "/proc/" + std::to_string(::getpid()) + "/exe" : module;
+    std::vector<std::string> args = {tool, "-a", "-f", "-i", "-C", "-e", file};
+    for (std::uintptr_t off : offsets) {
+        char buf[32];
+        std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(off));
+        args.push_back(buf);
+    }
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+
+    int out[2];
+    if (::pipe2(out, O_CLOEXEC) != 0) return result;
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, out[1], STDOUT_FILENO);
+    posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+    pid_t pid = -1;
+    int rc = ::posix_spawn(&pid, tool, &fa, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&fa);
+    ::close(out[1]);
+    if (rc != 0) {
+        ::close(out[0]);
+        return result;
+    }
+    // Read everything, giving up after 5 s in all (a huge binary, a hung tool).
+    std::string text;
+    auto deadline = Clock::now() + std::chrono::seconds(5);
+    bool complete = false;
+    for (;;) {
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+        if (left <= 0) break;
+        pollfd p{out[0], POLLIN, 0};
+        int k = ::poll(&p, 1, static_cast<int>(left));
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) break;
+        char buf[4096];
+        ssize_t r = ::read(out[0], buf, sizeof buf);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) break;
+        if (r == 0) {
+            complete = true;
+            break;
+        }
+        text.append(buf, static_cast<std::size_t>(r));
+    }
+    ::close(out[0]);
+    if (!complete) ::kill(pid, SIGKILL);
+    int status = 0;
+    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    if (!complete) return result;
+
+    // Output: per address a line "0x<addr>", then pairs "function" / "file:line"
+    // (possibly followed by " (discriminator n)"; "??" where unknown).
+    std::vector<std::string> lines;
+    for (std::size_t pos = 0; pos < text.size();) {
+        std::size_t end = text.find('\n', pos);
+        if (end == std::string::npos) end = text.size();
+        lines.push_back(text.substr(pos, end - pos));
+        pos = end + 1;
+    }
+    int index = -1;
+    for (std::size_t i = 0; i < lines.size(); ++i) {
+        if (lines[i].compare(0, 2, "0x") == 0) {
+            ++index;
+            continue;
+        }
+        if (index < 0 || index >= static_cast<int>(result.size()) || i + 1 >= lines.size()) break;
+        SourcePlace place;
+        place.function = lines[i] == "??" ? std::string() : lines[i];
+        std::string where = lines[++i];
+        std::size_t paren = where.find(" (");
+        if (paren != std::string::npos) where.resize(paren);
+        std::size_t colon = where.rfind(':');
+        if (colon != std::string::npos && where.compare(0, 2, "??") != 0) {
+            int n = std::atoi(where.c_str() + colon + 1);
+            if (n > 0) {
+                place.file = where.substr(0, colon);
+                place.line = n;
+            }
+        }
+        result[index].push_back(std::move(place));
+    }
+    return result;
+}
+
+}  // namespace
+
+namespace {
+std::atomic<bool> g_line_lookup{true};
+bool line_lookup_enabled() { return g_line_lookup.load(std::memory_order_relaxed); }
+}  // namespace
+
+void set_line_lookup(bool enabled) noexcept { g_line_lookup.store(enabled, std::memory_order_relaxed); }
+
+std::vector<StackFrame> symbolize(void* const* pcs, int n) {
+    std::vector<StackFrame> frames(static_cast<std::size_t>(std::max(n, 0)));
+    std::map<std::string, std::vector<int>> want_lines;  // module -> frames to ask addr2line about
+    for (int i = 0; i < n; ++i) {
+        StackFrame& f = frames[i];
+        f.pc = pcs[i];
+        // A return address points after the call; look up the call itself.
+        auto lookup = reinterpret_cast<std::uintptr_t>(pcs[i]) - 1;
+        ModuleOf m;
+        m.pc = lookup;
+        dl_iterate_phdr(find_module, &m);
+        if (m.found) {
+            f.module = m.path;
+            f.offset = lookup + 1 - m.bias;
+            const ModuleSymbols& syms = module_symbols(m.path);
+            std::uintptr_t start = 0;
+            if (const char* name = syms.find(lookup - m.bias, &start)) f.function = demangle(name);
+            if (syms.has_line_info) want_lines[m.path].push_back(i);
+        }
+        if (f.function.empty()) {
+            Dl_info info;
+            if (::dladdr(reinterpret_cast<void*>(lookup), &info) && info.dli_sname)
+                f.function = demangle(info.dli_sname);
+        }
+    }
+    if (want_lines.empty() || !line_lookup_enabled()) return frames;
+
+    // Add file:line, and the functions inlined at each address as frames of
+    // their own (marked inlined), innermost first.  Answers are cached, so an
+    // exception thrown again from the same place costs no second addr2line run.
+    static std::mutex cache_mu;
+    static auto* cache = new std::map<std::pair<std::string, std::uintptr_t>, InlineChain>;
+    std::vector<InlineChain> chains(frames.size());
+    for (auto& [module, which] : want_lines) {
+        std::vector<std::uintptr_t> offsets;
+        std::vector<int> asked;
+        {
+            std::lock_guard<std::mutex> lock(cache_mu);
+            for (int i : which) {
+                auto it = cache->find({module, frames[i].offset});
+                if (it != cache->end()) {
+                    chains[i] = it->second;
+                } else {
+                    offsets.push_back(frames[i].offset - 1);
+                    asked.push_back(i);
+                }
+            }
+        }
+        if (asked.empty()) continue;
+        std::vector<InlineChain> found = run_addr2line(module, offsets);
+        std::lock_guard<std::mutex> lock(cache_mu);
+        if (cache->size() > 8192) cache->clear();
+        for (std::size_t k = 0; k < asked.size(); ++k) {
+            chains[asked[k]] = found[k];
+            (*cache)[{module, frames[asked[k]].offset}] = std::move(found[k]);
+        }
+    }
+    std::vector<StackFrame> out;
+    for (std::size_t i = 0; i < frames.size(); ++i) {
+        const InlineChain& chain = chains[i];
+        for (std::size_t j = 0; j + 1 < chain.size(); ++j) {
+            StackFrame inl;
+            inl.pc = frames[i].pc;
+            // addr2line names the innermost inlined function of a split-off
+            // ".cold" part after the containing symbol: that name is wrong.
+            inl.function = chain[j].function == frames[i].function ? std::string() : chain[j].function;
+            inl.file = chain[j].file;
+            inl.line = chain[j].line;
+            inl.inlined = true;
+            out.push_back(std::move(inl));
+        }
+        StackFrame f = std::move(frames[i]);
+        if (!chain.empty()) {
+            f.file = chain.back().file;
+            f.line = chain.back().line;
+            if (f.function.empty()) f.function = chain.back().function;
+        }
+        out.push_back(std::move(f));
+    }
+    return out;
+}
+
+}  // namespace mpservice::detail::os
+
+#if defined(MPSERVICE_DETAIL_THROW_HOOK)
+// The interposed C++ runtime entry point (see the top of this file).  Its
+// signature is the one <cxxabi.h> declares.
+namespace __cxxabiv1 {
+extern "C" void __cxa_throw(void* object, std::type_info* type, void (*destroy)(void*)) {
+    using Real = void (*)(void*, std::type_info*, void (*)(void*));
+    static Real real = reinterpret_cast<Real>(::dlsym(RTLD_NEXT, "__cxa_throw"));
+    if (!real) {
+        static const char msg[] = "mpservice: cannot find the C++ runtime's __cxa_throw; "
+                                  "build with -DMPSERVICE_NO_THROW_HOOK\n";
+        mpservice::detail::os::write_stderr(msg, sizeof msg - 1);
+        std::abort();
+    }
+    if (mpservice::detail::os::g_capture_throw_sites.load(std::memory_order_relaxed))
+        mpservice::detail::os::record_site(mpservice::detail::os::t_throw_sites, object, type,
+                                           __builtin_return_address(0));
+#if defined(MPSERVICE_DETAIL_ASAN)
+    __asan_handle_no_return();
+#endif
+    real(object, type, destroy);
+    __builtin_unreachable();
+}
+
+// `throw;` inside a catch clause: noted as a re-raise site (used for remote
+// exceptions passed on from this process, A -> B -> C).
+extern "C" void __cxa_rethrow() {
+    using Real = void (*)();
+    static Real real = reinterpret_cast<Real>(::dlsym(RTLD_NEXT, "__cxa_rethrow"));
+    if (!real) std::abort();
+    if (mpservice::detail::os::g_capture_throw_sites.load(std::memory_order_relaxed)) {
+        std::exception_ptr current = std::current_exception();
+        mpservice::detail::os::record_site(mpservice::detail::os::t_raise_sites,
+                                           mpservice::detail::os::exception_object(current), nullptr,
+                                           __builtin_return_address(0));
+    }
+    real();
+    __builtin_unreachable();
+}
+}  // namespace __cxxabiv1
+#endif
+
+#endif  // !_WIN32
+// ---- end part: mpservice/impl/os_posix_stacktrace.cpp
+#endif
 // ---- begin part: mpservice/impl/shm.cpp -------------------------------------
 // shm: SharedMemory and its codec.
 
@@ -1350,19 +5549,2500 @@ detail::SharedMemory Codec<detail::SharedMemory>::decode(Decoder& d) {
 }  // namespace mpservice
 // ---- end part: mpservice/impl/shm.cpp
 // ---- begin part: mpservice/impl/remote_exception.cpp ------------------------
-// remote_exception: implementation (to be written)
+// remote_exception: implementation.
+//
+// Wire form of one exception (a "record"), all through the codec:
+//   u8   tag 0xE1 (format version 1)
+//   str  type name (demangled), what(), process name;  i64 pid
+//   str  traceback text (complete, causes first)
+//   str  registry key (mangled name of the registered type that rebuilds it; "" = none)
+//   str  that type's extra fields (bytes, so an unknown key can be skipped)
+//   u8   has cause; then the cause's record
+#include <cstdio>
+#include <functional>
+#include <future>
+#include <ios>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <optional>
+#include <system_error>
+#include <typeinfo>
+#include <variant>
+
+namespace mpservice::detail {
+
+// ---------------------------------------------------------------- process name
+
+namespace {
+std::string& process_name_storage() {
+    static std::string* name = new std::string("MainProcess");  // outlives static destructors
+    return *name;
+}
+}  // namespace
+
+const std::string& process_name() { return process_name_storage(); }
+void set_process_name(std::string name) { process_name_storage() = std::move(name); }
+
+// ---------------------------------------------------------------- the registry
+
+namespace {
+
+// Error codes travel as value + category; these are the categories a receiver
+// can name again.  Any other category arrives as generic (the value kept).
+enum class Category : std::uint8_t { generic, system, iostream, future };
+
+Category category_id(const std::error_category& c) {
+    if (c == std::system_category()) return Category::system;
+    if (c == std::iostream_category()) return Category::iostream;
+    if (c == std::future_category()) return Category::future;
+    return Category::generic;
+}
+const std::error_category& category_of(Category c) {
+    switch (c) {
+        case Category::system: return std::system_category();
+        case Category::iostream: return std::iostream_category();
+        case Category::future: return std::future_category();
+        default: return std::generic_category();
+    }
+}
+
+void write_code(Encoder& out, const std::error_code& ec) {
+    out.write(static_cast<std::int32_t>(ec.value()));
+    out.write(static_cast<std::uint8_t>(category_id(ec.category())));
+}
+std::error_code read_code(Decoder& in) {
+    auto value = in.read<std::int32_t>();
+    auto cat = in.read<std::uint8_t>();
+    if (cat > static_cast<std::uint8_t>(Category::future)) throw DecodeError("decode: bad error category");
+    return std::error_code(value, category_of(static_cast<Category>(cat)));
+}
+
+/// A registry entry for E whose extra fields are an error_code, rebuilt by `make`.
+template <class E, class Make>
+ExceptionType coded_type(Make) {
+    ExceptionType t = {};
+    t.type = &typeid(E);
+    t.matches = [](const std::exception& e) { return dynamic_cast<const E*>(&e) != nullptr; };
+    t.encode_fields = [](Encoder& out, const std::exception& e) { write_code(out, dynamic_cast<const E&>(e).code()); };
+    t.rebuild = [](Decoder& in, RemoteInfo&& info) -> std::exception_ptr {
+        std::error_code ec = read_code(in);
+        return std::make_exception_ptr(Remote<E>(Make()(ec, info.message), std::move(info)));
+    };
+    return t;
+}
+
+ExceptionType process_error_type() {
+    ExceptionType t = {};
+    t.type = &typeid(ProcessError);
+    t.matches = [](const std::exception& e) { return dynamic_cast<const ProcessError*>(&e) != nullptr; };
+    t.encode_fields = [](Encoder& out, const std::exception& e) {
+        out.write(static_cast<std::int32_t>(dynamic_cast<const ProcessError&>(e).exitcode()));
+    };
+    t.rebuild = [](Decoder& in, RemoteInfo&& info) -> std::exception_ptr {
+        auto code = in.read<std::int32_t>();
+        return std::make_exception_ptr(Remote<ProcessError>(ProcessError(info.message, code), std::move(info)));
+    };
+    return t;
+}
+
+/// The standard and library types, most derived first: the first entry whose
+/// type the object has is the nearest known base of an unregistered type.
+std::vector<ExceptionType> standard_types() {
+    struct MakeSystemError {
+        std::system_error operator()(std::error_code ec, const std::string&) const { return std::system_error(ec); }
+    };
+    struct MakeIosFailure {
+        std::ios_base::failure operator()(std::error_code ec, const std::string& what) const {
+            return std::ios_base::failure(what, ec);
+        }
+    };
+    struct MakeFutureError {
+        std::future_error operator()(std::error_code ec, const std::string&) const {
+            if (ec.category() != std::future_category()) ec = std::make_error_code(std::future_errc::broken_promise);
+            return std::future_error(static_cast<std::future_errc>(ec.value()));
+        }
+    };
+    return {
+        // the library's own errors (all runtime_errors)
+        exception_type_of<DecodeError>(),
+        exception_type_of<TimeoutError>(),
+        exception_type_of<InvalidStateError>(),
+        process_error_type(),
+        exception_type_of<BrokenBarrierError>(),
+        exception_type_of<OwnerDiedError>(),
+        exception_type_of<Empty>(),
+        exception_type_of<Full>(),
+        exception_type_of<QueueClosed>(),
+        exception_type_of<Error>(),
+        // runtime_error family (ios_base::failure is a system_error in the C++11 ABI)
+        coded_type<std::ios_base::failure>(MakeIosFailure()),
+        coded_type<std::system_error>(MakeSystemError()),
+        exception_type_of<std::range_error>(),
+        exception_type_of<std::overflow_error>(),
+        exception_type_of<std::underflow_error>(),
+        exception_type_of<std::runtime_error>(),
+        // logic_error family
+        coded_type<std::future_error>(MakeFutureError()),
+        exception_type_of<std::domain_error>(),
+        exception_type_of<std::invalid_argument>(),
+        exception_type_of<std::length_error>(),
+        exception_type_of<std::out_of_range>(),
+        exception_type_of<std::logic_error>(),
+        // the bad_* family
+        exception_type_of<std::bad_array_new_length>(),
+        exception_type_of<std::bad_alloc>(),
+        exception_type_of<std::bad_cast>(),
+        exception_type_of<std::bad_typeid>(),
+        exception_type_of<std::bad_optional_access>(),
+        exception_type_of<std::bad_variant_access>(),
+        exception_type_of<std::bad_function_call>(),
+        exception_type_of<std::bad_weak_ptr>(),
+        exception_type_of<std::bad_exception>(),
+    };
+}
+
+struct Registry {
+    std::mutex mu;
+    std::vector<ExceptionType> user;  // in registration order
+    const std::vector<ExceptionType> standard = standard_types();
+};
+
+Registry& registry() {
+    static Registry* r = new Registry;  // used by static initializers of other parts; never destroyed
+    return *r;
+}
+
+const ExceptionType* find_entry_by_key(const std::string& key) {
+    Registry& r = registry();
+    {
+        std::lock_guard<std::mutex> lock(r.mu);
+        for (auto it = r.user.rbegin(); it != r.user.rend(); ++it)
+            if (key == it->type->name()) return &*it;
+    }
+    for (const auto& t : r.standard)
+        if (key == t.type->name()) return &t;
+    return nullptr;
+}
+
+/// The registered type that rebuilds `e`: its exact type if registered, else
+/// its nearest registered base (the latest user registration among several),
+/// else its nearest standard base; null for a plain std::exception.
+const ExceptionType* find_entry_for(const std::exception& e) {
+    Registry& r = registry();
+    const std::type_info& dynamic = typeid(e);
+    const ExceptionType* found = nullptr;
+    {
+        std::lock_guard<std::mutex> lock(r.mu);
+        for (auto it = r.user.rbegin(); it != r.user.rend() && !found; ++it)
+            if (*it->type == dynamic) found = &*it;
+        for (auto it = r.user.rbegin(); it != r.user.rend() && !found; ++it)
+            if (it->matches(e)) found = &*it;
+    }
+    if (found) return found;
+    for (const auto& t : r.standard)
+        if (*t.type == dynamic) return &t;
+    for (const auto& t : r.standard)
+        if (t.matches(e)) return &t;
+    return nullptr;
+}
+
+}  // namespace
+
+void register_exception_type(const ExceptionType& t) {
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    r.user.push_back(t);
+}
+
+// ---------------------------------------------------------------- building records
+
+namespace {
+
+constexpr std::uint8_t kRecordTag = 0xE1;
+constexpr int kMaxCauseDepth = 32;
+constexpr int kMaxFrames = 48;
+const char* const kCauseSeparator = "\nThe above exception was the direct cause of the following exception:\n\n";
+
+struct Record {
+    RemoteInfo info;  // info.cause unused here: see `cause`
+    std::string fields;
+    std::unique_ptr<Record> cause;
+};
+
+/// What the thrown object is, found by re-throwing it inside a try block.
+struct Inspected {
+    const std::exception* ex = nullptr;  // null for non-std::exception throws
+    const RemoteError* remote = nullptr;
+    const std::type_info* type = nullptr;
+    std::string type_name;
+    std::string message;
+    std::exception_ptr nested;
+};
+
+template <class T>
+bool describe_value(const std::exception_ptr& p, std::string& out) {
+    try {
+        std::rethrow_exception(p);
+    } catch (std::conditional_t<std::is_class_v<T>, const T&, T> v) {
+        // (Scalars are caught by value: clang binds a reference to a caught
+        // pointer in a place libstdc++'s re-thrown exceptions do not have.)
+        if constexpr (std::is_same_v<T, std::string>) {
+            out = v;
+        } else if constexpr (std::is_same_v<T, const char*>) {
+            out = v ? v : "(null)";
+        } else if constexpr (std::is_same_v<T, bool>) {
+            out = v ? "true" : "false";
+        } else {
+            out = std::to_string(v);
+        }
+        return true;
+    } catch (...) {
+        return false;
+    }
+}
+
+Inspected inspect(const std::exception_ptr& p) {
+    Inspected r;
+    try {
+        std::rethrow_exception(p);
+    } catch (const std::exception& e) {
+        r.ex = &e;  // stays valid: `p` owns the object
+        r.type = &typeid(e);
+        r.remote = dynamic_cast<const RemoteError*>(&e);
+        r.type_name = r.remote ? r.remote->remote_type() : os::demangle(r.type->name());
+        r.message = e.what();
+        if (auto* n = dynamic_cast<const std::nested_exception*>(&e)) r.nested = n->nested_ptr();
+        return r;
+    } catch (...) {
+        r.type = os::current_exception_type();
+    }
+    r.type_name = r.type ? os::demangle(r.type->name()) : std::string("unknown type");
+    std::string value;
+    bool known = describe_value<const char*>(p, value) || describe_value<std::string>(p, value) ||
+                 describe_value<int>(p, value) || describe_value<long>(p, value) ||
+                 describe_value<long long>(p, value) || describe_value<unsigned>(p, value) ||
+                 describe_value<unsigned long>(p, value) || describe_value<unsigned long long>(p, value) ||
+                 describe_value<double>(p, value) || describe_value<bool>(p, value);
+    r.message = "non-exception thrown: " + r.type_name + (known ? " " + value : std::string());
+    return r;
+}
+
+std::string hex(std::uintptr_t v) {
+    char buf[2 + 2 * sizeof v + 1];
+    std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
+    return buf;
+}
+
+/// Whether a frame is the library calling a Process or Thread target.
+bool is_target_runner(const std::string& function) {
+    static const char* const runners[] = {"mpservice::detail::trampoline<", "mpservice::detail::call_and_store<",
+                                          "mpservice::detail::ChildTaskOf<"};
+    for (const char* r : runners)
+        if (function.find(r) != std::string::npos) return true;
+    return false;
+}
+
+/// Whether a frame is the standard library forwarding a call (std::apply,
+/// std::invoke and their helpers, inlined between a runner and the target).
+bool is_call_forwarding(const std::string& function) {
+    static const char* const forwarders[] = {"std::__invoke", "std::invoke", "std::__apply_impl", "std::apply",
+                                             "std::_Function_handler", "std::function<"};
+    for (const char* f : forwarders)
+        if (function.find(f) != std::string::npos && function.find("mpservice") == std::string::npos)
+            return true;
+    return false;
+}
+
+/// A traceback is about the user's code: below the frame that runs the
+/// target there is only the library's child start-up (and main), so cut the
+/// stack there, with the std::invoke plumbing just above it.  Returns whether
+/// anything was cut.
+bool trim_library_frames(std::vector<os::StackFrame>& frames) {
+    std::size_t runner = 0;
+    while (runner < frames.size() && !is_target_runner(frames[runner].function)) ++runner;
+    if (runner == 0 || runner == frames.size()) return false;  // not thrown under a target
+    std::size_t keep = runner;
+    while (keep > 1 && is_call_forwarding(frames[keep - 1].function)) --keep;
+    frames.resize(keep);
+    return true;
+}
+
+/// "[name:pid] type: what" then the frames, innermost first, stopping at main.
+std::string format_part(const std::string& type_name, const std::string& message, const char* where,
+                        void* const* pcs, int n) {
+    std::string s = "[" + process_name() + ":" + std::to_string(os::current_pid()) + "] " + type_name + ": " +
+                    message + "\n";
+    if (n == 0) return s + "  (no stack available)\n";
+    s += std::string("  ") + where + " (innermost call first):\n";
+    std::vector<os::StackFrame> frames = os::symbolize(pcs, n);
+    bool trimmed = trim_library_frames(frames);
+    for (std::size_t i = 0; i < frames.size(); ++i) {
+        const os::StackFrame& f = frames[i];
+        s += "    #" + std::to_string(i) + " " + (f.function.empty() ? std::string("??") : f.function);
+        if (!f.file.empty()) s += " at " + f.file + ":" + std::to_string(f.line);
+        if (f.inlined)
+            s += " (inlined)";
+        else if (!f.module.empty())
+            s += " [" + f.module + "+" + hex(f.offset) + "]";
+        else
+            s += " [" + hex(reinterpret_cast<std::uintptr_t>(f.pc)) + "]";
+        s += "\n";
+        // Below main there is only the C runtime's start-up.
+        if (!f.inlined && (f.function == "main" || f.function.rfind("main.", 0) == 0)) break;
+    }
+    if (trimmed) s += "    (the library's frames that called the target are left out)\n";
+    return s;
+}
+
+Record make_record(const std::exception_ptr& p, bool being_handled, int depth);
+
+/// Registry key and extra fields of an exception object.
+void fill_type(Record& rec, const Inspected& x) {
+    if (!x.ex) return;
+    const ExceptionType* t = nullptr;
+    if (x.remote && !x.remote->remote_info().registry_key.empty())
+        t = find_entry_by_key(x.remote->remote_info().registry_key);
+    if (!t && !x.remote) t = find_entry_for(*x.ex);
+    if (!t) return;
+    rec.info.registry_key = t->type->name();
+    Encoder fields;
+    t->encode_fields(fields, *x.ex);
+    rec.fields = std::move(fields.bytes());
+}
+
+Record make_record(const std::exception_ptr& p, bool being_handled, int depth) {
+    Inspected x = inspect(p);
+    Record rec;
+    rec.info.type_name = x.type_name;
+    rec.info.message = x.message;
+    fill_type(rec, x);
+
+    if (x.remote && !being_handled) {
+        // Passed on without being raised here: the story is unchanged (SPEC §3).
+        const RemoteInfo& old = x.remote->remote_info();
+        rec.info.process_name = old.process_name;
+        rec.info.pid = old.pid;
+        rec.info.traceback = old.traceback;
+        if (old.cause && depth < kMaxCauseDepth)
+            rec.cause = std::make_unique<Record>(make_record(old.cause, false, depth + 1));
+        return rec;
+    }
+
+    rec.info.process_name = process_name();
+    rec.info.pid = os::current_pid();
+    void* pcs[kMaxFrames];
+    int n = 0;
+    const char* where = nullptr;
+    const void* object = os::exception_object(p);
+    if (x.remote) {
+        // Raised again in this process: its old story becomes the cause.
+        n = os::raise_site_stack(object, pcs, kMaxFrames);
+        where = "re-raised at";
+        if (depth < kMaxCauseDepth) rec.cause = std::make_unique<Record>(make_record(p, false, depth + 1));
+    } else {
+        n = os::throw_site_stack(object, x.type, pcs, kMaxFrames);
+        where = "thrown at";
+        if (x.nested && depth < kMaxCauseDepth)
+            rec.cause = std::make_unique<Record>(make_record(x.nested, false, depth + 1));
+    }
+    if (n == 0) {
+        // No recorded site (no throw hook in this build, or a foreign thread):
+        // the stack of the code that sends the exception is the next best thing.
+        n = os::capture_stack(pcs, kMaxFrames, 2);
+        where = os::throw_hook_active() ? "sent from (throw site not recorded)"
+                                        : "sent from (throw sites are not being recorded)";
+    }
+    std::string own = format_part(x.type_name, x.message, where, pcs, n);
+    rec.info.traceback = rec.cause ? rec.cause->info.traceback + kCauseSeparator + own : own;
+    return rec;
+}
+
+void write_record(Encoder& out, const Record& rec) {
+    out.write(kRecordTag);
+    out.write(rec.info.type_name);
+    out.write(rec.info.message);
+    out.write(rec.info.process_name);
+    out.write(static_cast<std::int64_t>(rec.info.pid));
+    out.write(rec.info.traceback);
+    out.write(rec.info.registry_key);
+    out.write(rec.fields);
+    out.write(static_cast<std::uint8_t>(rec.cause ? 1 : 0));
+    if (rec.cause) write_record(out, *rec.cause);
+}
+
+std::exception_ptr read_record(Decoder& in, int depth) {
+    if (depth > kMaxCauseDepth) throw DecodeError("decode: exception cause chain is too deep");
+    if (in.read<std::uint8_t>() != kRecordTag) throw DecodeError("decode: not an encoded exception");
+    RemoteInfo info;
+    info.type_name = in.read<std::string>();
+    info.message = in.read<std::string>();
+    info.process_name = in.read<std::string>();
+    info.pid = static_cast<long>(in.read<std::int64_t>());
+    info.traceback = in.read<std::string>();
+    info.registry_key = in.read<std::string>();
+    std::string fields = in.read<std::string>();
+    auto has_cause = in.read<std::uint8_t>();
+    if (has_cause > 1) throw DecodeError("decode: bad exception cause marker");
+    if (has_cause) info.cause = read_record(in, depth + 1);
+
+    if (const ExceptionType* t = info.registry_key.empty() ? nullptr : find_entry_by_key(info.registry_key)) {
+        Decoder fd(fields);
+        std::exception_ptr p = t->rebuild(fd, std::move(info));
+        fd.expect_end("exception fields");
+        return p;
+    }
+    // No type to rebuild (unknown family, non-exception, or a key this
+    // process does not know): a library Error that says what it was.
+    info.registry_key.clear();
+    Error base(info.message);
+    return std::make_exception_ptr(Remote<Error>(std::move(base), std::move(info)));
+}
+
+}  // namespace
+
+void encode_exception(Encoder& out, const std::exception_ptr& e) {
+    if (!e) throw std::invalid_argument("mpservice: encode_exception of a null exception_ptr");
+    // "Being handled" = we are inside the catch clause that caught this very
+    // exception; that is how a remote exception raised again here is told from
+    // one merely passed on (SPEC §3).
+    bool being_handled = std::current_exception() == e;
+    write_record(out, make_record(e, being_handled, 0));
+}
+
+std::exception_ptr decode_exception(Decoder& in) { return read_record(in, 0); }
+
+}  // namespace mpservice::detail
+
+namespace mpservice {
+void set_traceback_source_lines(bool enabled) noexcept { detail::os::set_line_lookup(enabled); }
+void set_throw_site_capture(bool enabled) noexcept { detail::os::set_throw_site_capture(enabled); }
+}  // namespace mpservice
+
+namespace mpservice::detail {
+
+void rethrow_exception(const std::exception_ptr& e) {
+    if (!e) throw std::invalid_argument("mpservice: rethrow_exception of a null exception_ptr");
+#if defined(__GNUC__) || defined(__clang__)
+    os::note_raise_site(os::exception_object(e), __builtin_return_address(0));
+#else
+    os::note_raise_site(os::exception_object(e), nullptr);
+#endif
+    std::rethrow_exception(e);
+}
+
+}  // namespace mpservice::detail
 // ---- end part: mpservice/impl/remote_exception.cpp
 // ---- begin part: mpservice/impl/logging.cpp ---------------------------------
-// logging: implementation (to be written)
+// logging: implementation.
+//
+// One process-wide state.  The level thresholds are atomics so that a record
+// below the threshold costs a load and a compare; everything else (per-logger
+// levels, format, handler) is behind one recursive mutex, held while a record
+// is formatted and handed to the handler: handlers run one at a time and in
+// order, and a handler may itself log (re-entrant) without deadlocking.
+#include <atomic>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <vector>
+
+namespace mpservice {
+
+namespace {
+
+enum class Field { literal, time, level, process, pid, logger, message, file, line, function };
+struct Token {
+    Field field;
+    std::string text;  // for literals
+};
+
+const char* const kDefaultFormat = "[{time}] [{level}] [{process}:{pid}] {logger}: {message}";
+
+std::vector<Token> parse_format(const std::string& f) {
+    static const std::pair<const char*, Field> names[] = {
+        {"time", Field::time},     {"level", Field::level},     {"process", Field::process},
+        {"pid", Field::pid},       {"logger", Field::logger},   {"message", Field::message},
+        {"file", Field::file},     {"line", Field::line},       {"function", Field::function},
+    };
+    std::vector<Token> out;
+    std::string lit;
+    for (std::size_t i = 0; i < f.size(); ++i) {
+        char c = f[i];
+        if (c == '}') {
+            if (i + 1 < f.size() && f[i + 1] == '}') {
+                lit += '}';
+                ++i;
+                continue;
+            }
+            throw std::invalid_argument("mpservice: log format has a stray '}' at offset " + std::to_string(i) +
+                                        " (write '}}' for a literal brace): " + f);
+        }
+        if (c != '{') {
+            lit += c;
+            continue;
+        }
+        if (i + 1 < f.size() && f[i + 1] == '{') {
+            lit += '{';
+            ++i;
+            continue;
+        }
+        std::size_t close = f.find('}', i);
+        if (close == std::string::npos)
+            throw std::invalid_argument("mpservice: log format has an unclosed '{' at offset " + std::to_string(i) +
+                                        ": " + f);
+        std::string name = f.substr(i + 1, close - i - 1);
+        bool known = false;
+        for (const auto& [n, field] : names) {
+            if (name == n) {
+                if (!lit.empty()) out.push_back({Field::literal, std::move(lit)});
+                lit.clear();
+                out.push_back({field, std::string()});
+                known = true;
+            }
+        }
+        if (!known)
+            throw std::invalid_argument("mpservice: unknown log format placeholder {" + name +
+                                        "}; known: {time} {level} {process} {pid} {logger} {message} {file} "
+                                        "{line} {function}");
+        i = close;
+    }
+    if (!lit.empty()) out.push_back({Field::literal, std::move(lit)});
+    return out;
+}
+
+struct LogState {
+    // Parent side (and a process without a parent).
+    std::atomic<int> global_level{static_cast<int>(Level::info)};
+    std::atomic<bool> has_overrides{false};
+    std::recursive_mutex mu;              // guards everything below, and serializes handlers
+    std::map<std::string, Level> levels;  // per-logger overrides
+    std::vector<Token> format = parse_format(kDefaultFormat);
+    LogHandler handler;
+
+    // Child side.
+    std::mutex forward_mu;
+    std::shared_ptr<const std::function<void(const LogRecord&)>> forward;
+    std::atomic<bool> forwarding{false};
+    std::atomic<int> parent_level{static_cast<int>(Level::notset)};
+};
+
+LogState& state() {
+    static LogState* s = new LogState;  // usable from static destructors and exiting threads
+    return *s;
+}
+
+/// The threshold for logger `name`: the override of the longest dotted prefix,
+/// else the global one.  Caller holds the mutex when overrides exist.
+Level effective_level_locked(const LogState& s, const std::string& name) {
+    std::string n = name;
+    for (;;) {
+        auto it = s.levels.find(n);
+        if (it != s.levels.end()) return it->second;
+        auto dot = n.rfind('.');
+        if (dot == std::string::npos) break;
+        n.resize(dot);
+    }
+    return static_cast<Level>(s.global_level.load(std::memory_order_relaxed));
+}
+
+bool passes_parent_filter(LogState& s, const LogRecord& r) {
+    if (!s.has_overrides.load(std::memory_order_acquire))
+        return static_cast<int>(r.level) >= s.global_level.load(std::memory_order_relaxed);
+    std::lock_guard<std::recursive_mutex> lock(s.mu);
+    return r.level >= effective_level_locked(s, r.logger);
+}
+
+void append_time(std::string& out, std::chrono::system_clock::time_point t) {
+    auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(t.time_since_epoch()).count();
+    long long secs = ms / 1000;
+    int millis = static_cast<int>(ms % 1000);
+    if (millis < 0) {
+        millis += 1000;
+        secs -= 1;
+    }
+    int f[6];
+    detail::os::local_time(secs, f);
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%04d-%02d-%02d %02d:%02d:%02d.%03d", f[0], f[1], f[2], f[3], f[4], f[5], millis);
+    out += buf;
+}
+
+std::string format_locked(const LogState& s, const LogRecord& r) {
+    std::string out;
+    out.reserve(64 + r.message.size());
+    for (const Token& t : s.format) {
+        switch (t.field) {
+            case Field::literal: out += t.text; break;
+            case Field::time: append_time(out, r.time); break;
+            case Field::level: out += level_name(r.level); break;
+            case Field::process: out += r.process_name; break;
+            case Field::pid: out += std::to_string(r.pid); break;
+            case Field::logger: out += r.logger; break;
+            case Field::message: out += r.message; break;
+            case Field::file: out += r.file; break;
+            case Field::line: out += std::to_string(r.line); break;
+            case Field::function: out += r.function; break;
+        }
+    }
+    return out;
+}
+
+}  // namespace
+
+std::string level_name(Level level) {
+    switch (level) {
+        case Level::notset: return "NOTSET";
+        case Level::debug: return "DEBUG";
+        case Level::info: return "INFO";
+        case Level::warning: return "WARNING";
+        case Level::error: return "ERROR";
+        case Level::critical: return "CRITICAL";
+    }
+    return "LEVEL " + std::to_string(static_cast<int>(level));
+}
+
+bool Logger::is_enabled_for(Level level) const noexcept {
+    LogState& s = state();
+    if (s.forwarding.load(std::memory_order_acquire))
+        return static_cast<int>(level) >= s.parent_level.load(std::memory_order_relaxed);
+    if (!s.has_overrides.load(std::memory_order_acquire))
+        return static_cast<int>(level) >= s.global_level.load(std::memory_order_relaxed);
+    try {
+        std::lock_guard<std::recursive_mutex> lock(s.mu);
+        return level >= effective_level_locked(s, name_);
+    } catch (...) {
+        return true;  // let the handler side decide
+    }
+}
+
+void Logger::log(Level level, const std::string& message, const char* file, int line, const char* function) const {
+    if (!is_enabled_for(level)) return;
+    LogRecord r;
+    r.level = level;
+    r.logger = name_;
+    r.message = message;
+    r.file = file ? file : "";
+    r.line = line;
+    r.function = function ? function : "";
+    r.time = std::chrono::system_clock::now();
+    r.pid = detail::os::current_pid();
+    r.process_name = detail::process_name();
+
+    LogState& s = state();
+    if (s.forwarding.load(std::memory_order_acquire)) {
+        std::shared_ptr<const std::function<void(const LogRecord&)>> forward;
+        {
+            std::lock_guard<std::mutex> lock(s.forward_mu);
+            forward = s.forward;
+        }
+        if (forward) {
+            (*forward)(r);
+            return;
+        }
+    }
+    detail::handle_log_record(r);
+}
+
+void set_log_level(Level level) { state().global_level.store(static_cast<int>(level), std::memory_order_relaxed); }
+
+void set_log_level(const std::string& name, Level level) {
+    if (name.empty() || name == "root") return set_log_level(level);
+    LogState& s = state();
+    std::lock_guard<std::recursive_mutex> lock(s.mu);
+    if (level == Level::notset)
+        s.levels.erase(name);
+    else
+        s.levels[name] = level;
+    s.has_overrides.store(!s.levels.empty(), std::memory_order_release);
+}
+
+Level get_log_level(const std::string& name) {
+    LogState& s = state();
+    std::lock_guard<std::recursive_mutex> lock(s.mu);
+    return effective_level_locked(s, name.empty() ? std::string("root") : name);
+}
+
+void set_log_format(const std::string& format) {
+    std::vector<Token> tokens = parse_format(format);  // throws before anything changes
+    LogState& s = state();
+    std::lock_guard<std::recursive_mutex> lock(s.mu);
+    s.format = std::move(tokens);
+}
+
+std::string format_log_record(const LogRecord& record) {
+    LogState& s = state();
+    std::lock_guard<std::recursive_mutex> lock(s.mu);
+    return format_locked(s, record);
+}
+
+void set_log_handler(LogHandler handler) {
+    LogState& s = state();
+    std::lock_guard<std::recursive_mutex> lock(s.mu);
+    s.handler = std::move(handler);
+}
+
+namespace detail {
+
+void set_log_forwarder(std::function<void(const LogRecord&)> forward) {
+    LogState& s = state();
+    std::lock_guard<std::mutex> lock(s.forward_mu);
+    if (forward)
+        s.forward = std::make_shared<const std::function<void(const LogRecord&)>>(std::move(forward));
+    else
+        s.forward.reset();
+    s.forwarding.store(static_cast<bool>(s.forward), std::memory_order_release);
+}
+
+void handle_log_record(const LogRecord& record) {
+    LogState& s = state();
+    if (!passes_parent_filter(s, record)) return;
+    std::lock_guard<std::recursive_mutex> lock(s.mu);
+    std::string line = format_locked(s, record);
+    if (!s.handler) {
+        line += '\n';
+        os::write_stderr(line.data(), line.size());
+        return;
+    }
+    try {
+        s.handler(record, line);
+    } catch (const std::exception& e) {
+        // The handler may run on the reactor thread: report, do not propagate.
+        std::string msg = "mpservice: the log handler threw: " + std::string(e.what()) + "\n";
+        os::write_stderr(msg.data(), msg.size());
+    } catch (...) {
+        static const char msg[] = "mpservice: the log handler threw a non-exception\n";
+        os::write_stderr(msg, sizeof msg - 1);
+    }
+}
+
+Level log_level() {
+    LogState& s = state();
+    std::lock_guard<std::recursive_mutex> lock(s.mu);
+    int lowest = s.global_level.load(std::memory_order_relaxed);
+    for (const auto& [name, level] : s.levels) lowest = std::min(lowest, static_cast<int>(level));
+    return static_cast<Level>(lowest);
+}
+
+void set_log_level_from_parent(Level level) {
+    state().parent_level.store(static_cast<int>(level), std::memory_order_relaxed);
+}
+
+}  // namespace detail
+}  // namespace mpservice
 // ---- end part: mpservice/impl/logging.cpp
 // ---- begin part: mpservice/impl/process.cpp ---------------------------------
-// process: implementation (to be written)
+// process: implementation - start-up, the child side, the fork server, the
+// parent's reactor thread and ProcessCore.
+//
+// Wire format of a channel (a Unix stream socket per child): frames of
+//     u32 kind | u32 handle count | u64 payload size | payload
+// with the frame's OS handles attached to its first byte.  The parent sends
+// one BOOT frame; the child sends HELLO (fork-server workers only), any number
+// of LOG frames, then VALUE or EXCEPTION, then END.  The parent resolves a
+// Process when the child has exited, after reading everything it sent: a dead
+// child's writes are all queued in the socket already, so a non-blocking
+// drain at exit sees every record (join() therefore returns only after all of
+// the child's log records were handled, in order).
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace mpservice {
+
+namespace detail {
+// Named (not anonymous) because ProcessCore::Io holds a FrameReader.
+namespace wire {
+
+// ---------------------------------------------------------------- frames
+
+enum FrameKind : std::uint32_t { frame_boot = 1, frame_hello, frame_log, frame_value, frame_exception, frame_end };
+constexpr std::uint32_t protocol_version = 1;
+constexpr const char child_marker[] = "--mpservice-child=";
+constexpr std::size_t boot_early_limit = 32 * 1024;
+
+struct FrameHeader {
+    std::uint32_t kind;
+    std::uint32_t handles;
+    std::uint64_t size;
+};
+
+/// What the fork server tells its parent when a worker has ended.
+struct ServerStatus {
+    std::uint64_t serial;  // the worker's number (pids may be reused; serials are not)
+    std::int32_t code;     // Python-style exit code
+    std::int32_t pad;
+};
+
+struct Frame {
+    std::uint32_t kind = 0;
+    std::string payload;
+    std::vector<os::handle_t> handles;
+};
+
+void close_all(std::vector<os::handle_t>& hs) noexcept {
+    for (auto h : hs) os::close_handle(h);
+    hs.clear();
+}
+
+bool write_frame(os::handle_t ch, std::uint32_t kind, const std::string& payload,
+                 const std::vector<os::handle_t>& handles = {}) {
+    FrameHeader h{kind, static_cast<std::uint32_t>(handles.size()), payload.size()};
+    return os::channel_write(ch, &h, sizeof h, payload.data(), payload.size(), handles.data(), handles.size());
+}
+
+/// Splits the byte stream of a channel into frames.
+class FrameReader {
+public:
+    /// Reads once from `ch`: >0 bytes, 0 at end, -1 if nothing is ready (nonblocking).
+    long fill(os::handle_t ch, bool nonblocking) {
+        if (pos_ == len_) {
+            pos_ = len_ = 0;
+        } else if (pos_ > 0 && buf_.size() - len_ < chunk) {
+            std::memmove(buf_.data(), buf_.data() + pos_, len_ - pos_);
+            len_ -= pos_;
+            pos_ = 0;
+        }
+        if (buf_.size() - len_ < chunk) buf_.resize(len_ + chunk);  // grows only: no zeroing per read
+        std::vector<os::handle_t> fds;
+        long n = os::channel_read(ch, buf_.data() + len_, chunk, &fds, nonblocking);
+        if (n > 0) len_ += static_cast<std::size_t>(n);
+        for (auto fd : fds) fds_.push_back(fd);
+        return n;
+    }
+    /// The next complete frame, if there is one.
+    bool next(Frame& out) {
+        if (len_ - pos_ < sizeof(FrameHeader)) return false;
+        FrameHeader h;
+        std::memcpy(&h, buf_.data() + pos_, sizeof h);
+        if (len_ - pos_ - sizeof h < h.size) return false;
+        out.kind = h.kind;
+        out.payload.assign(buf_.data() + pos_ + sizeof h, h.size);
+        pos_ += sizeof h + h.size;
+        out.handles.clear();
+        for (std::uint32_t i = 0; i < h.handles && !fds_.empty(); ++i) {
+            out.handles.push_back(fds_.front());
+            fds_.pop_front();
+        }
+        return true;
+    }
+    /// Reads (blocking) until a whole frame is there; false at end of stream.
+    bool read_blocking(os::handle_t ch, Frame& out) {
+        while (!next(out))
+            if (fill(ch, false) <= 0) return false;
+        return true;
+    }
+    FrameReader() = default;
+    FrameReader(const FrameReader&) = delete;
+    FrameReader& operator=(const FrameReader&) = delete;
+    ~FrameReader() {
+        for (auto fd : fds_) os::close_handle(fd);
+    }
+
+private:
+    static constexpr std::size_t chunk = 1 << 16;
+    std::vector<char> buf_;
+    std::size_t pos_ = 0, len_ = 0;
+    std::deque<os::handle_t> fds_;
+};
+
+}  // namespace wire
+namespace {
+using namespace wire;
+
+// ---------------------------------------------------------------- process-wide state
+
+/// The fork server as seen from its parent.
+struct ForkServerLink {
+    os::handle_t control = os::invalid_handle;
+    long pid = 0;
+};
+
+struct Runtime {
+    bool initialized = false;
+    bool is_child = false;
+    std::string argv0 = "/proc/self/exe";
+    std::string identity;  // "" in the main process, "2" or "2:1" in children
+    std::atomic<int> next_child{1};
+    std::optional<ProcessInfo> parent;
+    // Heap-allocated so a forked child can replace them (they may have been
+    // held by another thread at the moment of the fork).
+    std::mutex* forkserver_mutex = new std::mutex;
+    ForkServerLink forkserver;
+    std::mutex* fingerprint_mutex = new std::mutex;
+    std::map<std::string, std::string> fingerprints;
+    std::atomic<bool> corrupt_next_fingerprint{false};
+};
+
+Runtime& rt() {
+    static Runtime* r = new Runtime;  // never destroyed: the reactor thread outlives static destruction
+    return *r;
+}
+
+std::string fingerprint_of(const std::string& module) {
+    Runtime& r = rt();
+    std::lock_guard<std::mutex> lk(*r.fingerprint_mutex);
+    auto it = r.fingerprints.find(module);
+    if (it != r.fingerprints.end()) return it->second;
+    return r.fingerprints[module] = os::module_fingerprint(module);
+}
+
+void flush_stdio() noexcept {
+    try {
+        std::cout.flush();
+        std::cerr.flush();
+        std::clog.flush();
+    } catch (...) {
+    }
+    std::fflush(nullptr);
+}
+
+std::string describe(const std::string& name, long pid) {
+    return "process '" + name + "' (pid " + std::to_string(pid) + ")";
+}
+
+// ---------------------------------------------------------------- the child side
+
+/// The child's end of its channel; frames from several threads are serialized.
+struct ChildLink {
+    os::handle_t channel = os::invalid_handle;
+    std::mutex mutex;
+    bool send(std::uint32_t kind, const std::string& payload, const std::vector<os::handle_t>& handles = {}) {
+        std::lock_guard<std::mutex> lk(mutex);
+        try {
+            return write_frame(channel, kind, payload, handles);
+        } catch (...) {
+            return false;
+        }
+    }
+};
+
+ChildLink& child_link() {
+    static ChildLink* l = new ChildLink;
+    return *l;
+}
+
+void install_log_forwarding() {
+    set_log_forwarder([](const LogRecord& record) {
+        Encoder e;
+        e.write(record);
+        child_link().send(frame_log, e.bytes());
+    });
+}
+
+/// Sends the outcome of `run` (VALUE or EXCEPTION), then END; returns the exit code.
+template <class Run>
+int run_and_report(Run&& run) {
+    int code = 0;
+    Encoder out;
+    bool ok = false;
+    try {
+        run(out);
+        ok = true;
+    } catch (...) {
+        Encoder ex;
+        try {
+            encode_exception(ex, std::current_exception());
+        } catch (...) {
+            ex = Encoder();
+            encode_exception(ex, std::make_exception_ptr(Error("mpservice: the child's exception could not be encoded")));
+        }
+        child_link().send(frame_exception, ex.bytes());
+        code = 1;
+    }
+    if (ok && !child_link().send(frame_value, out.bytes(), out.handles())) code = 1;
+    Encoder end;
+    end.write(static_cast<std::int32_t>(code));  // the exit code we are about to exit with
+    child_link().send(frame_end, end.bytes());
+    set_log_forwarder({});
+    return code;
+}
+
+void adopt_child_identity(const std::string& name, const std::string& identity, const std::string& parent_name,
+                          long parent_pid) {
+    Runtime& r = rt();
+    r.is_child = true;
+    r.initialized = true;
+    r.identity = identity;
+    r.next_child = 1;
+    r.parent = ProcessInfo{parent_name, parent_pid};
+    set_process_name(name);
+}
+
+enum class ChildKind { spawned, forkserver_worker };
+
+/// A spawned child or a fork-server worker: reads BOOT, runs the target, reports, exits.
+[[noreturn]] void run_bootstrapped_child(os::handle_t channel, long expected_parent, ChildKind kind,
+                                         std::uint64_t serial = 0) {
+    if (!os::die_with_parent(expected_parent)) os::exit_now(1);
+    if (kind == ChildKind::spawned) os::close_handles_except(channel);
+    child_link().channel = channel;
+    if (kind == ChildKind::forkserver_worker) {
+        Encoder hello;
+        hello(static_cast<std::int64_t>(os::current_pid()), serial);
+        if (!write_frame(channel, frame_hello, hello.bytes())) os::exit_now(1);
+    }
+    Frame boot;
+    FrameReader reader;
+    bool got = false;
+    try {
+        got = reader.read_blocking(channel, boot) && boot.kind == frame_boot;
+    } catch (...) {
+    }
+    if (!got) os::exit_now(1);  // the parent went away before telling us what to run
+
+    int code = run_and_report([&](Encoder& out) {
+        Decoder d(boot.payload.data(), boot.payload.size(), &boot.handles);
+        auto version = d.read<std::uint32_t>();
+        if (version != protocol_version)
+            throw Error("mpservice: the parent speaks protocol " + std::to_string(version) + ", this child " +
+                        std::to_string(protocol_version) + ": it is a different build of the program");
+        os::ModuleAddress target, tramp;
+        std::string target_fp, tramp_fp, name, identity, parent_name;
+        std::uint64_t target_off, tramp_off;
+        std::int64_t parent_pid;
+        bool daemon;
+        std::int32_t log_level;
+        d(target.module, target_off, target_fp, tramp.module, tramp_off, tramp_fp, name, identity, parent_name,
+          parent_pid, daemon, log_level);
+        (void)daemon;
+        set_log_level_from_parent(static_cast<Level>(log_level));
+        target.offset = static_cast<std::uintptr_t>(target_off);
+        tramp.offset = static_cast<std::uintptr_t>(tramp_off);
+        adopt_child_identity(name, identity, parent_name, static_cast<long>(parent_pid));
+        install_log_forwarding();
+        for (auto* m : {&target, &tramp}) {
+            const std::string& want = m == &target ? target_fp : tramp_fp;
+            std::string have = fingerprint_of(m->module);
+            if (have != want)
+                throw Error("mpservice: refusing to run the task: this child runs a different build of " +
+                            (m->module.empty() ? std::string("the program") : m->module) +
+                            " than its parent (build fingerprints differ); rebuild and restart the parent");
+        }
+        const void* fn = os::module_resolve(target);
+        const void* tr = os::module_resolve(tramp);
+        if (!fn || !tr)
+            throw Error("mpservice: the child cannot find the target's module '" + target.module + "'");
+        auto trampoline = reinterpret_cast<Trampoline>(reinterpret_cast<std::uintptr_t>(tr));
+        trampoline(fn, d, out);
+    });
+    close_all(boot.handles);
+    if (kind == ChildKind::spawned) {
+        // A fresh program: end it the normal way (static destructors, stream flushing).
+        std::exit(code);
+    }
+    flush_stdio();
+    os::exit_now(code);  // a copy of another process: run none of its exit handlers
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- the reactor
+
+struct ProcessCore::Io {
+    os::handle_t channel = os::invalid_handle;
+    os::handle_t pidfd = os::invalid_handle;  // guarded by the core's mutex once registered
+    wire::FrameReader reader;
+    std::uint64_t id = 0;
+    bool via_server = false;
+    std::uint64_t serial = 0;            // fork-server workers: the server's number for it
+    std::optional<int> end_code;         // the exit code the child announced in END
+    bool eof = false;
+    bool finished = false;
+    std::exception_ptr exception;
+    std::unique_ptr<ChildTask> task;  // kept until start() returns
+};
+
+namespace {
+
+class Reactor {
+public:
+    /// The reactor of this process (started on first use).
+    static Reactor& get();
+    /// Called in a forked child: the parent's reactor thread does not exist here.
+    static void forget_after_fork() noexcept;
+
+    void add(const std::shared_ptr<ProcessCore>& core);
+    void watch_fork_server(os::handle_t control);
+    /// Runs `fn` on a thread that lives as long as the process: the initial
+    /// thread, or else the reactor's.  A child's parent-death signal fires when
+    /// the *thread* that made it ends, so children are never made on a
+    /// short-lived thread.
+    template <class Fn>
+    auto on_long_lived_thread(Fn&& fn) -> decltype(fn());
+    std::vector<std::shared_ptr<ProcessCore>> live();
+    bool on_reactor_thread() const { return std::this_thread::get_id() == thread_id_; }
+    bool owned_by_this_process() const { return owner_pid_ == os::current_pid(); }
+
+private:
+    Reactor();
+    void loop();
+    void on_channel(const std::shared_ptr<ProcessCore>& core);
+    void on_pidfd(const std::shared_ptr<ProcessCore>& core);
+    void drain(ProcessCore& core);
+    void on_frame(ProcessCore& core, Frame& f);
+    void on_exit(const std::shared_ptr<ProcessCore>& core, int code);
+    void on_fork_server();
+    void finish(const std::shared_ptr<ProcessCore>& core, int code);
+    std::shared_ptr<ProcessCore> find(std::uint64_t id);
+
+    static constexpr std::uint64_t tag_channel = 0, tag_pidfd = 1, tag_wake = 2, tag_server = 3;
+
+    os::handle_t poller_ = os::invalid_handle;
+    os::handle_t wake_ = os::invalid_handle;
+    os::handle_t server_ = os::invalid_handle;
+    bool server_gone_ = false;
+    std::mutex mutex_;
+    std::uint64_t next_id_ = 1;
+    std::unordered_map<std::uint64_t, std::shared_ptr<ProcessCore>> children_;
+    std::unordered_map<std::uint64_t, std::uint64_t> server_serials_;  // fork-server serial -> id
+    std::unordered_map<std::uint64_t, int> early_exits_;               // statuses before registration
+    std::unordered_set<std::uint64_t> finished_serials_;               // ended before their status came
+    std::deque<std::function<void()>> tasks_;
+    std::thread::id thread_id_;
+    long owner_pid_ = 0;
+};
+
+std::atomic<Reactor*> g_reactor{nullptr};
+std::mutex* g_reactor_mutex = new std::mutex;
+
+void at_exit_handler();
+
+Reactor& Reactor::get() {
+    Reactor* r = g_reactor.load(std::memory_order_acquire);
+    if (r) return *r;
+    std::lock_guard<std::mutex> lk(*g_reactor_mutex);
+    r = g_reactor.load(std::memory_order_relaxed);
+    if (!r) {
+        r = new Reactor;  // never deleted: its thread runs until the process ends
+        g_reactor.store(r, std::memory_order_release);
+        std::atexit(at_exit_handler);
+    }
+    return *r;
+}
+
+void Reactor::forget_after_fork() noexcept {
+    g_reactor.store(nullptr);
+    g_reactor_mutex = new std::mutex;
+}
+
+Reactor::Reactor() : owner_pid_(os::current_pid()) {
+    poller_ = os::poller_create();
+    wake_ = os::wake_event_create();
+    os::poller_add(poller_, wake_, tag_wake);
+    std::thread t([this] { loop(); });
+    thread_id_ = t.get_id();
+    t.detach();
+}
+
+template <class Fn>
+auto Reactor::on_long_lived_thread(Fn&& fn) -> decltype(fn()) {
+    if (os::is_main_thread() || on_reactor_thread()) return fn();
+    using T = decltype(fn());
+    std::mutex m;
+    std::condition_variable cv;
+    bool ready = false;
+    std::optional<T> value;
+    std::exception_ptr error;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        tasks_.push_back([&] {
+            try {
+                value.emplace(fn());
+            } catch (...) {
+                error = std::current_exception();
+            }
+            std::lock_guard<std::mutex> l2(m);
+            ready = true;
+            cv.notify_one();
+        });
+    }
+    os::wake_event_signal(wake_);
+    std::unique_lock<std::mutex> lk(m);
+    cv.wait(lk, [&] { return ready; });
+    if (error) std::rethrow_exception(error);
+    return std::move(*value);
+}
+
+void Reactor::add(const std::shared_ptr<ProcessCore>& core) {
+    auto& io = *core->io_;
+    std::optional<int> early;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        io.id = next_id_++;
+        children_[io.id] = core;
+        if (io.via_server) {
+            auto it = early_exits_.find(io.serial);
+            if (it != early_exits_.end()) {
+                early = it->second;
+                early_exits_.erase(it);
+            } else {
+                server_serials_[io.serial] = io.id;
+            }
+        }
+        os::poller_add(poller_, io.channel, io.id << 2 | tag_channel);
+        if (io.pidfd != os::invalid_handle) os::poller_add(poller_, io.pidfd, io.id << 2 | tag_pidfd);
+        if (early) {
+            int code = *early;
+            tasks_.push_back([this, core, code] { on_exit(core, code); });
+        }
+    }
+    if (early) os::wake_event_signal(wake_);
+}
+
+void Reactor::watch_fork_server(os::handle_t control) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    if (server_ == control) return;
+    server_ = control;
+    server_gone_ = false;
+    os::poller_add(poller_, control, tag_server);
+}
+
+std::vector<std::shared_ptr<ProcessCore>> Reactor::live() {
+    std::lock_guard<std::mutex> lk(mutex_);
+    std::vector<std::shared_ptr<ProcessCore>> out;
+    for (auto& kv : children_) out.push_back(kv.second);
+    return out;
+}
+
+std::shared_ptr<ProcessCore> Reactor::find(std::uint64_t id) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    auto it = children_.find(id);
+    return it == children_.end() ? nullptr : it->second;
+}
+
+void Reactor::loop() {
+    std::uint64_t tokens[64];
+    for (;;) {
+        int n;
+        try {
+            n = os::poller_wait(poller_, tokens, 64, -1);
+        } catch (...) {
+            continue;
+        }
+        for (int i = 0; i < n; ++i) {
+            std::uint64_t tag = tokens[i] & 3, id = tokens[i] >> 2;
+            try {
+                if (tag == tag_wake) {
+                    os::wake_event_drain(wake_);
+                    std::deque<std::function<void()>> todo;
+                    {
+                        std::lock_guard<std::mutex> lk(mutex_);
+                        todo.swap(tasks_);
+                    }
+                    for (auto& t : todo) t();
+                } else if (tag == tag_server) {
+                    on_fork_server();
+                } else if (auto core = find(id)) {
+                    if (tag == tag_channel) on_channel(core);
+                    else on_pidfd(core);
+                }
+            } catch (...) {
+                // The reactor must survive anything; a broken child resolves at its exit.
+            }
+        }
+    }
+}
+
+void Reactor::on_pidfd(const std::shared_ptr<ProcessCore>& core) {
+    auto& io = *core->io_;
+    if (!io.via_server) {
+        int code;
+        if (os::reap_child(core->pid_, false, &code)) on_exit(core, code);
+        return;
+    }
+    // A fork-server worker has ended (the server reaps it).  If it said how it
+    // would exit (END), we know all there is: finish now, without waiting for
+    // the server's report.  Otherwise the server's status tells.
+    {
+        std::lock_guard<std::mutex> lk(core->io_mutex());
+        os::poller_remove(poller_, io.pidfd);
+    }
+    drain(*core);
+    if (io.end_code) {
+        {
+            std::lock_guard<std::mutex> lk(mutex_);
+            if (server_serials_.erase(io.serial)) finished_serials_.insert(io.serial);
+        }
+        finish(core, *io.end_code);
+    }
+}
+
+void Reactor::on_channel(const std::shared_ptr<ProcessCore>& core) {
+    auto& io = *core->io_;
+    drain(*core);
+    if (!io.eof || io.finished) return;
+    // No pidfd (old kernel): the end of the channel means the child is exiting.
+    if (!io.via_server && io.pidfd == os::invalid_handle) {
+        int code;
+        os::reap_child(core->pid_, true, &code);
+        on_exit(core, code);
+    } else if (io.via_server && server_gone_) {
+        on_exit(core, -os::signal_kill());
+    }
+}
+
+void Reactor::drain(ProcessCore& core) {
+    auto& io = *core.io_;
+    if (io.eof) return;
+    Frame f;
+    for (;;) {
+        long n = io.reader.fill(io.channel, true);
+        while (io.reader.next(f)) on_frame(core, f);
+        if (n == 0) {
+            io.eof = true;
+            os::poller_remove(poller_, io.channel);
+            return;
+        }
+        if (n < 0) return;
+    }
+}
+
+void Reactor::on_frame(ProcessCore& core, Frame& f) {
+    auto& io = *core.io_;
+    switch (f.kind) {
+        case frame_log: {
+            close_all(f.handles);
+            try {
+                Decoder d(f.payload);
+                LogRecord record = d.read<LogRecord>();
+                handle_log_record(record);
+            } catch (...) {
+                // A failing handler or a torn record must not lose the child's outcome.
+            }
+            break;
+        }
+        case frame_value:
+            core.value_bytes_ = std::move(f.payload);
+            core.value_handles_ = std::move(f.handles);
+            core.has_value_ = true;
+            break;
+        case frame_exception:
+            close_all(f.handles);
+            try {
+                Decoder d(f.payload);
+                io.exception = decode_exception(d);
+            } catch (...) {
+                io.exception = std::current_exception();
+            }
+            break;
+        case frame_end:
+            close_all(f.handles);
+            try {
+                Decoder d(f.payload);
+                io.end_code = d.read<std::int32_t>();
+            } catch (...) {
+            }
+            break;
+        default:  // HELLO: nothing to keep
+            close_all(f.handles);
+            break;
+    }
+}
+
+void Reactor::on_fork_server() {
+    ServerStatus st;
+    for (;;) {
+        long n = os::channel_read(server_, &st, sizeof st, nullptr, true);
+        if (n < 0) return;
+        if (n == 0) {  // the server died: its workers die with it (parent-death signal)
+            std::vector<std::shared_ptr<ProcessCore>> eof_workers;
+            {
+                std::lock_guard<std::mutex> lk(mutex_);
+                os::poller_remove(poller_, server_);
+                server_gone_ = true;
+                for (auto& kv : children_)
+                    if (kv.second->io_->via_server && kv.second->io_->eof) eof_workers.push_back(kv.second);
+            }
+            for (auto& c : eof_workers) on_exit(c, -os::signal_kill());
+            return;
+        }
+        if (n != static_cast<long>(sizeof st)) continue;
+        std::shared_ptr<ProcessCore> core;
+        {
+            std::lock_guard<std::mutex> lk(mutex_);
+            auto it = server_serials_.find(st.serial);
+            if (it == server_serials_.end()) {
+                // Finished already (through its pidfd), or not registered yet.
+                if (!finished_serials_.erase(st.serial)) early_exits_[st.serial] = st.code;
+                continue;
+            }
+            auto c = children_.find(it->second);
+            server_serials_.erase(it);
+            if (c != children_.end()) core = c->second;
+        }
+        if (core) on_exit(core, st.code);
+    }
+}
+
+void Reactor::on_exit(const std::shared_ptr<ProcessCore>& core, int code) {
+    if (core->io_->finished) return;
+    drain(*core);  // the child is gone: everything it wrote is already queued
+    finish(core, code);
+}
+
+void Reactor::finish(const std::shared_ptr<ProcessCore>& core, int code) {
+    auto& io = *core->io_;
+    io.finished = true;
+    if (!io.eof) os::poller_remove(poller_, io.channel);
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        children_.erase(io.id);
+        if (io.via_server) server_serials_.erase(io.serial);
+    }
+    std::exception_ptr error = io.exception, result_error;
+    std::string who = describe(core->name, core->pid_);
+    if (!error && !core->has_value_) {
+        if (code == 0) {
+            result_error = std::make_exception_ptr(ProcessError(who + " exited with code 0 before returning a value", 0));
+        } else if (code == -os::signal_terminate()) {
+            result_error = std::make_exception_ptr(ProcessError(who + " was terminated by SIGTERM", code));
+        } else if (code > 0) {
+            error = std::make_exception_ptr(ProcessError(who + " exited with code " + std::to_string(code), code));
+        } else {
+            std::string text = who + " was killed by signal " + os::signal_name(-code) + " (" +
+                               std::to_string(-code) + ")";
+            if (-code == os::signal_kill()) text += " - possibly out of memory";
+            error = std::make_exception_ptr(ProcessError(text, code));
+        }
+    }
+    {
+        std::lock_guard<std::mutex> lk(core->io_mutex());
+        core->exitcode_ = code;
+        os::poller_remove(poller_, io.pidfd);
+        os::close_handle(io.pidfd);
+        io.pidfd = os::invalid_handle;
+        os::close_handle(io.channel);
+        io.channel = os::invalid_handle;
+    }
+    core->resolve(error, result_error);
+}
+
+void at_exit_handler() {
+    Reactor* r = g_reactor.load();
+    if (!r || !r->owned_by_this_process()) return;
+    // Like Python: daemon children are terminated, the others are waited for.
+    auto children = r->live();
+    for (auto& c : children)
+        if (c->daemon()) c->send_signal(os::signal_terminate());
+    for (auto& c : children) c->wait_until(os::no_deadline);
+}
+
+// ---------------------------------------------------------------- the fork server
+
+[[noreturn]] void fork_server_main(os::handle_t control, long parent) {
+    if (!os::die_with_parent(parent)) os::exit_now(0);
+    os::close_handles_except(control);
+    const long self = os::current_pid();
+    os::handle_t exits = os::child_exit_events();
+    ServerStatus st{};
+    std::uint64_t next_serial = 1;
+    std::unordered_map<long, std::uint64_t> serial_of;  // worker pid -> serial
+    const os::handle_t watch[2] = {control, exits};
+    for (;;) {
+        unsigned ready = os::wait_readable(watch, 2, -1);
+        if (ready & 2u) {
+            os::child_exit_events_drain(exits);
+            long pid;
+            int code;
+            while (os::reap_any_child(&pid, &code)) {
+                auto it = serial_of.find(pid);
+                if (it == serial_of.end()) continue;
+                st.serial = it->second;
+                st.code = code;
+                serial_of.erase(it);
+                if (!os::channel_write(control, &st, sizeof st, nullptr, 0)) os::exit_now(0);
+            }
+        }
+        if (ready & 1u) {
+            std::vector<os::handle_t> fds;
+            char request = 0;
+            long n = 0;
+            try {
+                n = os::channel_read(control, &request, 1, &fds, false);
+            } catch (...) {
+                n = 0;
+            }
+            if (n <= 0) os::exit_now(0);  // the parent is gone: so are we (and our workers with us)
+            for (auto fd : fds) {
+                long pid = -1;
+                std::uint64_t serial = next_serial++;
+                try {
+                    pid = os::fork_process();
+                } catch (...) {
+                }
+                if (pid == 0) {
+                    os::close_handle(control);
+                    os::child_exit_events_release(exits);
+                    run_bootstrapped_child(fd, self, ChildKind::forkserver_worker, serial);
+                }
+                if (pid > 0) serial_of[pid] = serial;
+                os::close_handle(fd);  // the worker has it (or, if the fork failed, the parent sees EOF)
+            }
+        }
+    }
+}
+
+void start_fork_server() {
+    Runtime& r = rt();
+    os::handle_t mine, theirs;
+    os::packet_pair(mine, theirs);
+    flush_stdio();
+    long parent = os::current_pid();
+    long pid;
+    try {
+        pid = os::fork_process();
+    } catch (...) {
+        os::close_handle(mine);
+        os::close_handle(theirs);
+        throw;
+    }
+    if (pid == 0) {
+        os::close_handle(mine);
+        fork_server_main(theirs, parent);
+    }
+    os::close_handle(theirs);
+    r.forkserver.control = mine;
+    r.forkserver.pid = pid;
+}
+
+/// After fork in a child: the parent's helpers are not ours.
+void reset_after_fork_in_child() {
+    Runtime& r = rt();
+    Reactor::forget_after_fork();
+    r.forkserver_mutex = new std::mutex;
+    r.fingerprint_mutex = new std::mutex;
+    os::close_handle(r.forkserver.control);
+    r.forkserver = ForkServerLink{};
+}
+
+[[noreturn]] void run_forked_child(os::handle_t channel, os::handle_t parent_end, ChildTask& task,
+                                   const std::string& name, const std::string& identity, long parent,
+                                   Level parent_log_level) {
+    os::close_handle(parent_end);
+    std::string parent_name = process_name();
+    reset_after_fork_in_child();
+    if (!os::die_with_parent(parent)) os::exit_now(1);
+    adopt_child_identity(name, identity, parent_name, parent);
+    child_link().channel = channel;
+    set_log_level_from_parent(parent_log_level);
+    install_log_forwarding();
+    int code = run_and_report([&](Encoder& out) { task.run_here(out); });
+    flush_stdio();
+    os::exit_now(code);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- ProcessCore
+
+ProcessCore::ProcessCore(const Context& ctx) : method_(ctx.start_method()), io_(std::make_unique<Io>()) {
+    Runtime& r = rt();
+    int n = r.next_child.fetch_add(1);
+    identity_ = r.identity.empty() ? std::to_string(n) : r.identity + ":" + std::to_string(n);
+    name = "Process-" + identity_;
+}
+
+ProcessCore::~ProcessCore() {
+    for (auto h : value_handles_) os::close_handle(h);
+    if (io_) {
+        os::close_handle(io_->channel);
+        os::close_handle(io_->pidfd);
+    }
+}
+
+void test_corrupt_next_fingerprint() noexcept { rt().corrupt_next_fingerprint = true; }
+
+namespace {
+std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::vector<os::handle_t>& handles) {
+    os::ModuleAddress target, tramp;
+    if (!os::module_address(task.target, target) ||
+        !os::module_address(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(task.trampoline)), tramp))
+        throw std::invalid_argument("mpservice: the target is not in any loaded module");
+    std::string target_fp = fingerprint_of(target.module), tramp_fp = fingerprint_of(tramp.module);
+    if (rt().corrupt_next_fingerprint.exchange(false)) target_fp += "-corrupted";
+    Encoder e;
+    e(protocol_version, target.module, static_cast<std::uint64_t>(target.offset), target_fp, tramp.module,
+      static_cast<std::uint64_t>(tramp.offset), tramp_fp, core.name, core.identity_, process_name(),
+      static_cast<std::int64_t>(os::current_pid()), core.daemon(), static_cast<std::int32_t>(log_level()));
+    task.encode_args(e);
+    handles = e.handles();
+    return std::move(e.bytes());
+}
+}  // namespace
+
+void ProcessCore::start(std::unique_ptr<ChildTask> task) {
+    if (started() || !task) throw InvalidStateError("mpservice: " + describe(name, pid_) + " was already started");
+    Runtime& r = rt();
+    if (method_ != StartMethod::fork) {
+        if (!r.initialized)
+            throw InvalidStateError(
+                "mpservice: call mpservice::init(argc, argv) as the first line of main() before starting a "
+                "process with the spawn or forkserver context (the child runs its task inside init)");
+        if (!task->target)
+            throw std::invalid_argument(
+                "mpservice: this target has no plain-function form (a lambda with captures, a functor?); use "
+                "a free function, a static member function or a capture-less lambda - or the fork context");
+    }
+    Reactor& reactor = Reactor::get();
+    auto& io = *io_;
+
+    std::vector<os::handle_t> boot_handles;
+    std::string boot;
+    if (method_ != StartMethod::fork) boot = boot_payload(*this, *task, boot_handles);  // encode errors throw here
+
+    os::handle_t parent_end, child_end;
+    os::channel_pair(parent_end, child_end);
+    io.channel = parent_end;
+    long pid = 0;
+    bool boot_sent = false;
+    try {
+        switch (method_) {
+            case StartMethod::spawn: {
+                std::string marker = child_marker + std::to_string(child_end) + ":" + std::to_string(os::current_pid());
+                pid = reactor.on_long_lived_thread([&] { return os::spawn_self(r.argv0, marker, child_end); });
+                os::close_handle(child_end);
+                child_end = os::invalid_handle;
+                io.pidfd = os::process_handle(pid);
+                break;
+            }
+            case StartMethod::forkserver: {
+                std::lock_guard<std::mutex> lk(*r.forkserver_mutex);
+                if (r.forkserver.control == os::invalid_handle)
+                    reactor.on_long_lived_thread([] {
+                        start_fork_server();  // not made at init (we are a child): make one now
+                        return 0;
+                    });
+                reactor.watch_fork_server(r.forkserver.control);
+                // A small BOOT waits in the socket, so the worker starts at once;
+                // a big one would block us before the worker exists: it goes later.
+                if (boot.size() <= boot_early_limit) {
+                    write_frame(parent_end, frame_boot, boot, boot_handles);
+                    boot_sent = true;
+                }
+                char request = 'S';
+                if (!os::channel_write(r.forkserver.control, &request, 1, nullptr, 0, &child_end, 1))
+                    throw Error("mpservice: the fork server is gone");
+                os::close_handle(child_end);
+                child_end = os::invalid_handle;
+                Frame hello;
+                if (!io.reader.read_blocking(parent_end, hello) || hello.kind != frame_hello)
+                    throw Error("mpservice: the fork server failed to start a worker");
+                Decoder d(hello.payload);
+                std::int64_t worker_pid;
+                d(worker_pid, io.serial);
+                pid = static_cast<long>(worker_pid);
+                io.pidfd = os::process_handle(pid);  // for signals; the exit status comes from the server
+                io.via_server = true;
+                break;
+            }
+            case StartMethod::fork: {
+                flush_stdio();  // or the child would write the parent's buffered output again
+                long parent = os::current_pid();
+                Level level = log_level();  // read here: the child must not take the logging lock
+                ChildTask& t = *task;
+                pid = reactor.on_long_lived_thread([&] {
+                    long p = os::fork_process();
+                    if (p == 0) run_forked_child(child_end, parent_end, t, name, identity_, parent, level);
+                    return p;
+                });
+                os::close_handle(child_end);
+                child_end = os::invalid_handle;
+                io.pidfd = os::process_handle(pid);
+                break;
+            }
+        }
+    } catch (...) {
+        os::close_handle(child_end);
+        os::close_handle(parent_end);
+        io.channel = os::invalid_handle;
+        throw;
+    }
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        pid_ = pid;
+    }
+    mark_started();
+    if (method_ == StartMethod::forkserver) reactor.add(shared_from_this());
+    // A child that died before reading this shows up as its exit status.
+    if (method_ != StartMethod::fork && !boot_sent) write_frame(parent_end, frame_boot, boot, boot_handles);
+    if (method_ != StartMethod::forkserver) reactor.add(shared_from_this());
+    io.task = std::move(task);  // the encoded arguments may still refer to it until here
+}
+
+long ProcessCore::pid() const {
+    std::lock_guard<std::mutex> lk(mutex_);
+    return pid_;
+}
+
+std::optional<int> ProcessCore::exitcode() const {
+    std::lock_guard<std::mutex> lk(mutex_);
+    return exitcode_;
+}
+
+bool ProcessCore::is_alive() const { return started() && !exitcode().has_value(); }
+
+bool ProcessCore::has_value() const { return has_value_; }
+
+void ProcessCore::send_signal(int sig) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    if (pid_ == 0 || exitcode_) return;
+    os::send_signal(pid_, io_->pidfd, sig);
+}
+
+void ProcessCore::set_daemon(bool daemon) {
+    if (started()) throw InvalidStateError("mpservice: set_daemon() after start()");
+    daemon_ = daemon;
+}
+
+void ProcessCore::release() noexcept {
+    try {
+        if (!started() || done()) return;
+        if (daemon_) send_signal(os::signal_terminate());
+        wait_until(os::no_deadline);
+    } catch (...) {
+    }
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------- public functions
+
+void init(int argc, char** argv) {
+    auto& r = detail::rt();
+    for (int i = 1; i < argc && argv && argv[i]; ++i) {
+        if (std::strncmp(argv[i], detail::child_marker, sizeof detail::child_marker - 1) != 0) continue;
+        const char* spec = argv[i] + sizeof detail::child_marker - 1;
+        char* end = nullptr;
+        long fd = std::strtol(spec, &end, 10);
+        long parent = end && *end == ':' ? std::strtol(end + 1, nullptr, 10) : 0;
+        detail::run_bootstrapped_child(static_cast<detail::os::handle_t>(fd), parent,
+                                       detail::ChildKind::spawned);
+    }
+    if (r.initialized) return;
+    r.initialized = true;
+    if (argc > 0 && argv && argv[0]) r.argv0 = argv[0];
+    try {
+        detail::start_fork_server();
+    } catch (...) {
+        // No fork server now; the fork-server context makes one at first use.
+    }
+}
+
+const char* Context::name() const noexcept {
+    switch (method_) {
+        case StartMethod::spawn: return "spawn";
+        case StartMethod::fork: return "fork";
+        case StartMethod::forkserver: return "forkserver";
+    }
+    return "spawn";
+}
+
+const Context& get_context(const std::string& method) {
+    static const SpawnContext spawn;
+    static const ForkContext fork;
+    static const ForkServerContext forkserver;
+    if (method == "spawn") return spawn;
+    if (method == "fork") return fork;
+    if (method == "forkserver") return forkserver;
+    throw std::invalid_argument("mpservice: unknown start method '" + method +
+                                "' (expected \"spawn\", \"fork\" or \"forkserver\")");
+}
+
+int cpu_count() {
+    int n = detail::os::affinity_cpu_count();
+    double quota = detail::os::cgroup_cpu_quota();
+    if (quota > 0) n = std::min(n, static_cast<int>(std::ceil(quota)));
+    return std::max(n, 1);
+}
+
+ProcessInfo current_process() { return ProcessInfo{detail::process_name(), detail::os::current_pid()}; }
+
+std::optional<ProcessInfo> parent_process() { return detail::rt().parent; }
+
+std::vector<ProcessInfo> active_children() {
+    std::vector<ProcessInfo> out;
+    if (!detail::g_reactor.load()) return out;
+    for (auto& c : detail::Reactor::get().live()) out.push_back(ProcessInfo{c->name, c->pid()});
+    return out;
+}
+
+}  // namespace mpservice
 // ---- end part: mpservice/impl/process.cpp
 // ---- begin part: mpservice/impl/threading.cpp -------------------------------
-// threading: implementation (to be written)
+// threading: implementation - the future core shared by Process and Thread,
+// wait() and as_completed().
+#include <algorithm>
+
+namespace mpservice {
+namespace detail {
+
+void FutureCore::mark_started() {
+    std::lock_guard<std::mutex> lk(mutex_);
+    started_ = true;
+}
+
+bool FutureCore::started() const {
+    std::lock_guard<std::mutex> lk(mutex_);
+    return started_;
+}
+
+bool FutureCore::done() const {
+    std::lock_guard<std::mutex> lk(mutex_);
+    return done_;
+}
+
+void FutureCore::resolve(std::exception_ptr error, std::exception_ptr result_error) {
+    std::vector<std::weak_ptr<CompletionQueue>> subscribers;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        if (done_) return;
+        done_ = true;
+        error_ = std::move(error);
+        result_error_ = std::move(result_error);
+        subscribers.swap(subscribers_);
+        cv_.notify_all();
+    }
+    // Outside our lock: subscribe() takes ours, then the queue's.
+    for (auto& w : subscribers)
+        if (auto q = w.lock()) q->push(this);
+}
+
+bool FutureCore::wait_until(os::Deadline deadline) const {
+    std::unique_lock<std::mutex> lk(mutex_);
+    if (deadline == os::no_deadline) {
+        cv_.wait(lk, [&] { return done_; });
+        return true;
+    }
+    return cv_.wait_until(lk, deadline, [&] { return done_; });
+}
+
+std::exception_ptr FutureCore::error() const {
+    std::lock_guard<std::mutex> lk(mutex_);
+    return error_;
+}
+
+std::exception_ptr FutureCore::result_error() const {
+    std::lock_guard<std::mutex> lk(mutex_);
+    return result_error_;
+}
+
+void FutureCore::subscribe(const std::shared_ptr<CompletionQueue>& q) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    if (done_) {
+        q->push(this);
+        return;
+    }
+    // Drop queues of finished waits so a long-lived worker's list stays short.
+    subscribers_.erase(std::remove_if(subscribers_.begin(), subscribers_.end(),
+                                      [](const std::weak_ptr<CompletionQueue>& w) { return w.expired(); }),
+                       subscribers_.end());
+    subscribers_.push_back(q);
+}
+
+void CompletionQueue::push(const FutureCore* core) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    ready_.push_back(core);
+    cv_.notify_all();
+}
+
+const FutureCore* CompletionQueue::pop_until(os::Deadline deadline) {
+    std::unique_lock<std::mutex> lk(mutex_);
+    auto ready = [&] { return !ready_.empty(); };
+    if (deadline == os::no_deadline) cv_.wait(lk, ready);
+    else if (!cv_.wait_until(lk, deadline, ready)) return nullptr;
+    const FutureCore* c = ready_.front();
+    ready_.pop_front();
+    return c;
+}
+
+void throw_not_started(const std::string& what, const std::string& name) {
+    throw InvalidStateError("mpservice: " + what + "() on '" + name + "', which was never started; call start() first");
+}
+
+void throw_timeout(const std::string& name) {
+    throw TimeoutError("mpservice: '" + name + "' is still running after the timeout");
+}
+
+std::string next_thread_name() {
+    static std::atomic<int> counter{1};
+    return "Thread-" + std::to_string(counter.fetch_add(1));
+}
+
+namespace {
+void check_started(const WorkerList& workers) {
+    for (Worker* w : workers) {
+        if (!w) throw std::invalid_argument("mpservice: null worker given to wait/as_completed");
+        if (!w->core().started())
+            throw InvalidStateError("mpservice: '" + w->name() + "' was never started; wait() and as_completed() "
+                                    "take started workers only");
+    }
+}
+
+Worker* owner_of(const FutureCore* core, const WorkerList& workers) {
+    for (Worker* w : workers)
+        if (&w->core() == core) return w;
+    return nullptr;
+}
+}  // namespace
+
+std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Deadline deadline, ReturnWhen return_when) {
+    check_started(workers);
+    auto queue = std::make_shared<CompletionQueue>();
+    for (Worker* w : workers) const_cast<FutureCore&>(w->core()).subscribe(queue);
+    std::size_t finished = 0;
+    // The same worker may be listed twice: count distinct cores.
+    std::vector<const FutureCore*> distinct;
+    for (Worker* w : workers)
+        if (std::find(distinct.begin(), distinct.end(), &w->core()) == distinct.end()) distinct.push_back(&w->core());
+    while (finished < distinct.size()) {
+        const FutureCore* c = queue->pop_until(deadline);
+        if (!c) break;
+        ++finished;
+        if (return_when == ReturnWhen::first_completed) break;
+        if (return_when == ReturnWhen::first_exception && c->error()) break;
+    }
+    std::pair<WorkerList, WorkerList> out;
+    for (Worker* w : workers) (w->done() ? out.first : out.second).push_back(w);
+    return out;
+}
+
+}  // namespace detail
+
+AsCompleted::AsCompleted(const WorkerList& workers, detail::os::Deadline deadline)
+    : queue_(std::make_shared<detail::CompletionQueue>()), deadline_(deadline) {
+    detail::check_started(workers);
+    for (Worker* w : workers)
+        if (std::find(pending_.begin(), pending_.end(), w) == pending_.end()) pending_.push_back(w);
+    for (Worker* w : pending_) const_cast<detail::FutureCore&>(w->core()).subscribe(queue_);
+}
+
+Worker* AsCompleted::next() {
+    while (!pending_.empty()) {
+        const detail::FutureCore* c = queue_->pop_until(deadline_);
+        if (!c) {
+            throw TimeoutError("mpservice: as_completed: " + std::to_string(pending_.size()) +
+                               " worker(s) still running after the timeout");
+        }
+        Worker* w = detail::owner_of(c, pending_);
+        if (!w) continue;
+        pending_.erase(std::find(pending_.begin(), pending_.end(), w));
+        return w;
+    }
+    return nullptr;
+}
+
+}  // namespace mpservice
 // ---- end part: mpservice/impl/threading.cpp
 // ---- begin part: mpservice/impl/synchronize.cpp -----------------------------
-// synchronize: implementation (to be written)
+// synchronize: Lock, RLock, Condition, Semaphore, Event, Barrier.
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdint>
+#include <string>
+
+// Helpers live in detail::sync_impl: every implementation part shares one
+// translation unit, so file-local names must not collide with other parts'.
+namespace mpservice::detail {
+
+// ---------------------------------------------------------------- thread identity
+
+namespace sync_impl {
+// fork() copies the forking thread's cache into the child's only thread, which
+// is a different thread: it must not look like the parent's owner of a lock.
+void forget_thread_token() { t_thread_token = 0; }
+
+std::uint64_t mix64(std::uint64_t x) noexcept {  // splitmix64 finalizer
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+bool expired(os::Deadline deadline) noexcept {
+    return deadline != os::no_deadline && os::Clock::now() >= deadline;
+}
+}  // namespace sync_impl
+
+std::uint64_t new_thread_token() noexcept {
+    using namespace sync_impl;
+    static const bool fork_hook = [] {
+        try {
+            os::at_fork_child(&forget_thread_token);
+        } catch (...) {
+            // Without the hook a forked child could pass for its parent's thread; that
+            // needs pthread_atfork to fail (ENOMEM), which leaves bigger problems.
+        }
+        return true;
+    }();
+    (void)fork_hook;
+    static std::atomic<std::uint64_t> counter{0};
+    // The tid is unique among live threads, the time and counter make the token
+    // differ from the one of any earlier thread that had the same tid.
+    std::uint64_t t = mix64(static_cast<std::uint64_t>(os::current_tid()) ^
+                            (static_cast<std::uint64_t>(os::current_pid()) << 32));
+    t = mix64(t ^ static_cast<std::uint64_t>(os::Clock::now().time_since_epoch().count()));
+    t = mix64(t ^ counter.fetch_add(1, std::memory_order_relaxed));
+    return t ? t : 1;
+}
+
+// ---------------------------------------------------------------- Lock and RLock
+
+namespace sync_impl {
+const char* lock_name(const LockRef& l) { return l.recursive ? "mpservice::RLock" : "mpservice::Lock"; }
+
+LockStatus took(LockState* s, os::LockResult r, std::uint64_t me) {
+    switch (r) {
+        case os::LockResult::acquired:
+            s->owner.store(me, std::memory_order_relaxed);
+            s->depth.store(1, std::memory_order_relaxed);
+            return LockStatus::acquired;
+        case os::LockResult::owner_died:
+            s->owner.store(me, std::memory_order_relaxed);
+            s->depth.store(1, std::memory_order_relaxed);
+            s->repair_pending.store(1, std::memory_order_relaxed);
+            return LockStatus::owner_died;
+        default:
+            return LockStatus::timed_out;
+    }
+}
+
+void require_owner(const LockRef& l, const char* operation) {
+    if (!lock_is_mine(l))
+        throw InvalidStateError(std::string(lock_name(l)) + "::" + operation +
+                                ": the calling thread does not hold the lock");
+}
+
+/// Releases every level of the lock; returns the depth to restore.
+std::uint32_t release_all(const LockRef& l) {
+    std::uint32_t depth = l.state->depth.load(std::memory_order_relaxed);
+    l.state->depth.store(1, std::memory_order_relaxed);
+    lock_release(l);
+    return depth;
+}
+
+/// Waits for a lock that someone else holds: spins (adaptively, watching the
+/// owner field rather than hammering the mutex), then sleeps in the kernel.
+LockStatus lock_contended(LockState* s, std::uint64_t me, os::Deadline deadline) {
+    os::LockResult r = os::LockResult::busy;
+    auto free_and_taken = [&] {
+        if (s->owner.load(std::memory_order_relaxed) != 0) return false;
+        r = os::robust_mutex_trylock(&s->mutex);
+        return r != os::LockResult::busy;
+    };
+    if (!spin_until(free_and_taken, s->spin_ns)) r = os::robust_mutex_lock_blocking(&s->mutex, deadline);
+    return took(s, r, me);
+}
+
+/// Takes the lock again after release_all, with no deadline (as Python does).
+LockStatus reacquire(const LockRef& l, std::uint32_t depth) {
+    LockState* s = l.state.get();
+    const std::uint64_t me = this_thread_token();
+    os::LockResult first = os::robust_mutex_trylock(&s->mutex);
+    LockStatus r = first == os::LockResult::busy ? lock_contended(s, me, os::no_deadline) : took(s, first, me);
+    s->depth.store(depth, std::memory_order_relaxed);
+    return r;
+}
+}  // namespace sync_impl
+
+LockStatus lock_acquire_slow(const LockRef& l, os::Deadline deadline) {
+    using namespace sync_impl;
+    LockState* s = l.state.get();
+    const std::uint64_t me = this_thread_token();
+    if (s->owner.load(std::memory_order_relaxed) == me) {
+        if (!l.recursive)
+            throw InvalidStateError(
+                "mpservice::Lock::acquire: the calling thread already holds this lock; a Lock is not "
+                "re-entrant (use an RLock), and waiting for it would wait forever");
+        s->depth.store(s->depth.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+        return LockStatus::acquired;
+    }
+    os::LockResult first = os::robust_mutex_trylock(&s->mutex);
+    if (first != os::LockResult::busy || expired(deadline)) return took(s, first, me);
+    return lock_contended(s, me, deadline);
+}
+
+void lock_release_slow(const LockRef& l) {
+    using namespace sync_impl;
+    LockState* s = l.state.get();
+    require_owner(l, "release");
+    if (l.recursive) {
+        std::uint32_t depth = s->depth.load(std::memory_order_relaxed);
+        if (depth > 1) {
+            s->depth.store(depth - 1, std::memory_order_relaxed);
+            return;
+        }
+    }
+    s->depth.store(0, std::memory_order_relaxed);
+    s->owner.store(0, std::memory_order_relaxed);
+    // Released without make_consistent(): the holder has seen the owner-died
+    // report and chose to go on.  Marking the mutex consistent keeps it usable;
+    // unlocking an inconsistent robust mutex would make it unusable for good.
+    if (s->repair_pending.load(std::memory_order_relaxed)) {
+        s->repair_pending.store(0, std::memory_order_relaxed);
+        os::robust_mutex_consistent(&s->mutex);
+    }
+    os::robust_mutex_unlock(&s->mutex);
+}
+
+void lock_make_consistent(const LockRef& l) {
+    using namespace sync_impl;
+    LockState* s = l.state.get();
+    require_owner(l, "make_consistent");
+    if (s->repair_pending.load(std::memory_order_relaxed)) {
+        s->repair_pending.store(0, std::memory_order_relaxed);
+        os::robust_mutex_consistent(&s->mutex);
+    }
+}
+
+void throw_owner_died(const LockRef& l) {
+    throw OwnerDiedError(std::string(sync_impl::lock_name(l)) +
+                         ": the process that held this lock died while holding it. The calling "
+                         "thread now holds the lock: repair the state it protects and call "
+                         "make_consistent(), or release() it");
+}
+
+// ---------------------------------------------------------------- Condition
+
+bool condition_wait(const SharedRef<ConditionState>& c, const LockRef& l, os::Deadline deadline) {
+    using namespace sync_impl;
+    if (!lock_is_mine(l))
+        throw InvalidStateError("mpservice::Condition::wait: the calling thread must hold the condition's lock");
+    ConditionState* cs = c.get();
+    // Read while still holding the lock: a notify can only come after our
+    // release, and every notify bumps the counter, so none can be missed.
+    const std::uint32_t seen = cs->sequence.load(std::memory_order_acquire);
+    const std::uint32_t depth = release_all(l);
+
+    auto notified = [&] { return cs->sequence.load(std::memory_order_acquire) != seen; };
+    bool woken = !expired(deadline) && spin_until(notified, cs->spin_ns);
+    if (!woken) {
+        cs->sleepers.fetch_add(1, std::memory_order_seq_cst);
+        for (;;) {
+            if (cs->sequence.load(std::memory_order_seq_cst) != seen) {
+                woken = true;
+                break;
+            }
+            if (!os::futex_wait(&cs->sequence, seen, deadline)) {
+                woken = notified();
+                break;
+            }
+        }
+        cs->sleepers.fetch_sub(1, std::memory_order_relaxed);
+    }
+    lock_status_to_bool(l, reacquire(l, depth));
+    return woken;
+}
+
+void condition_notify(const SharedRef<ConditionState>& c, const LockRef& l, int n) {
+    if (!lock_is_mine(l))
+        throw InvalidStateError("mpservice::Condition::notify: the calling thread must hold the condition's lock");
+    if (n <= 0) return;
+    ConditionState* cs = c.get();
+    cs->sequence.fetch_add(1, std::memory_order_seq_cst);
+    // Pairs with the waiter's sleepers increment before its last look at the
+    // counter: either it sees the bump, or we see it sleeping.
+    if (cs->sleepers.load(std::memory_order_seq_cst) != 0) os::futex_wake(&cs->sequence, n);
+}
+
+// ---------------------------------------------------------------- Semaphore
+
+namespace sync_impl {
+bool semaphore_take(SemaphoreState* s) noexcept {
+    std::uint32_t v = s->value.load(std::memory_order_seq_cst);
+    while (v > 0)
+        if (s->value.compare_exchange_weak(v, v - 1, std::memory_order_acquire, std::memory_order_relaxed))
+            return true;
+    return false;
+}
+}  // namespace sync_impl
+
+bool semaphore_acquire(SemaphoreState* s, os::Deadline deadline) {
+    using namespace sync_impl;
+    if (semaphore_take(s)) return true;
+    if (expired(deadline)) return false;
+    if (spin_until([s] { return semaphore_take(s); }, s->spin_ns)) return true;
+    s->sleepers.fetch_add(1, std::memory_order_seq_cst);
+    bool taken = false;
+    for (;;) {
+        if (semaphore_take(s)) {
+            taken = true;
+            break;
+        }
+        if (!os::futex_wait(&s->value, 0, deadline)) {
+            taken = semaphore_take(s);
+            break;
+        }
+    }
+    s->sleepers.fetch_sub(1, std::memory_order_relaxed);
+    return taken;
+}
+
+void semaphore_release(SemaphoreState* s, unsigned n) {
+    if (n == 0) return;
+    std::uint32_t v = s->value.load(std::memory_order_relaxed);
+    for (;;) {
+        std::uint64_t next = std::uint64_t(v) + n;
+        if (s->bounded && next > s->limit)
+            throw InvalidStateError("mpservice::BoundedSemaphore::release: released too many times (the value " +
+                                    std::to_string(v) + " + " + std::to_string(n) +
+                                    " would exceed its initial value " + std::to_string(s->limit) + ")");
+        if (next > UINT32_MAX)
+            throw InvalidStateError("mpservice::Semaphore::release: the value would overflow");
+        if (s->value.compare_exchange_weak(v, static_cast<std::uint32_t>(next), std::memory_order_seq_cst,
+                                           std::memory_order_relaxed))
+            break;
+    }
+    if (s->sleepers.load(std::memory_order_seq_cst) != 0)
+        os::futex_wake(&s->value, n > unsigned(INT_MAX) ? INT_MAX : static_cast<int>(n));
+}
+
+// ---------------------------------------------------------------- Event
+
+void event_set(EventState* e) {
+    std::uint32_t w = e->word.load(std::memory_order_relaxed);
+    do {
+        if (w & 1u) return;  // already set: whoever set it woke the sleepers
+    } while (!e->word.compare_exchange_weak(w, (w + 2u) | 1u, std::memory_order_seq_cst,
+                                            std::memory_order_relaxed));
+    if (e->sleepers.load(std::memory_order_seq_cst) != 0) os::futex_wake(&e->word, INT_MAX);
+}
+
+bool event_wait(EventState* e, os::Deadline deadline) {
+    using namespace sync_impl;
+    const std::uint32_t seen = e->word.load(std::memory_order_acquire);
+    if (seen & 1u) return true;
+    // From a cleared state the word changes only by a set() (clearing a clear
+    // flag leaves it as it is), so any change means the event was set.
+    auto changed = [&] { return e->word.load(std::memory_order_acquire) != seen; };
+    if (expired(deadline)) return changed();
+    if (spin_until(changed, e->spin_ns)) return true;
+    e->sleepers.fetch_add(1, std::memory_order_seq_cst);
+    bool set = false;
+    for (;;) {
+        if (e->word.load(std::memory_order_seq_cst) != seen) {
+            set = true;
+            break;
+        }
+        if (!os::futex_wait(&e->word, seen, deadline)) {
+            set = changed();
+            break;
+        }
+    }
+    e->sleepers.fetch_sub(1, std::memory_order_relaxed);
+    return set;
+}
+
+// ---------------------------------------------------------------- Barrier
+
+namespace sync_impl {
+/// How often sleepers at a barrier look for parties that died.
+constexpr std::chrono::milliseconds barrier_liveness_period{50};
+constexpr std::uint32_t barrier_max_parties = 1u << 20;
+
+void end_cycle_locked(BarrierState* b, bool released) {
+    std::uint32_t g = b->generation.load(std::memory_order_relaxed);
+    std::uint64_t bit = std::uint64_t(1) << (g % 64);
+    std::uint64_t bits = b->released_bits.load(std::memory_order_relaxed);
+    b->released_bits.store(released ? (bits | bit) : (bits & ~bit), std::memory_order_relaxed);
+    b->count.store(0, std::memory_order_relaxed);
+    b->generation.store(g + 1, std::memory_order_release);
+    os::futex_wake(&b->generation, INT_MAX);
+}
+
+void break_locked(BarrierState* b) {
+    b->broken.store(1, std::memory_order_release);
+    end_cycle_locked(b, false);
+}
+
+/// Holds the barrier's own mutex.  Its critical sections are short and ours;
+/// if a process died inside one (or inside the action), the state may be half
+/// updated, so the barrier is broken - waiters learn of it, reset() repairs it.
+class BarrierGuard {
+public:
+    explicit BarrierGuard(BarrierState* b) : b_(b) {
+        if (os::robust_mutex_lock(&b->mutex) == os::LockResult::owner_died) {
+            os::robust_mutex_consistent(&b->mutex);
+            break_locked(b);
+        }
+    }
+    ~BarrierGuard() { os::robust_mutex_unlock(&b_->mutex); }
+    BarrierGuard(const BarrierGuard&) = delete;
+    BarrierGuard& operator=(const BarrierGuard&) = delete;
+
+private:
+    BarrierState* b_;
+};
+
+/// Breaks the barrier if a party that arrived in the current cycle has ended.
+void check_parties_locked(BarrierState* b, std::uint32_t generation) {
+    if (b->generation.load(std::memory_order_relaxed) != generation) return;
+    std::uint32_t n = std::min(b->count.load(std::memory_order_relaxed), b->parties);
+    for (std::uint32_t i = 0; i < n; ++i) {
+        if (!os::process_running(static_cast<long>(b->pids()[i]))) {
+            break_locked(b);
+            return;
+        }
+    }
+}
+
+[[noreturn]] void throw_broken() {
+    throw BrokenBarrierError(
+        "mpservice::Barrier::wait: the barrier is broken (aborted, reset, timed out, its action failed, "
+        "or a waiting process died)");
+}
+}  // namespace sync_impl
+
+}  // namespace mpservice::detail
+
+namespace mpservice {
+
+Lock::Lock() : ref_{detail::SharedRef<detail::LockState>::create_sized(sizeof(detail::LockState)), false} {}
+
+RLock::RLock() : ref_{detail::SharedRef<detail::LockState>::create_sized(sizeof(detail::LockState)), true} {}
+
+namespace detail::sync_impl {
+/// A Condition and the RLock it made for itself share one block (one descriptor).
+struct ConditionWithLock {
+    ConditionState condition;
+    LockState lock;
+};
+}  // namespace detail::sync_impl
+
+Condition::Condition() {
+    using Block = detail::sync_impl::ConditionWithLock;
+    auto block = detail::SharedRef<Block>::create_sized(sizeof(Block));
+    state_ = block.alias(&block->condition);
+    lock_ = detail::LockRef{block.alias(&block->lock), true};
+}
+
+Condition::Condition(Lock lock)
+    : state_(detail::SharedRef<detail::ConditionState>::create_sized(sizeof(detail::ConditionState))),
+      lock_(lock.lock_ref()) {}
+
+Condition::Condition(RLock lock)
+    : state_(detail::SharedRef<detail::ConditionState>::create_sized(sizeof(detail::ConditionState))),
+      lock_(lock.lock_ref()) {}
+
+Semaphore::Semaphore(unsigned value)
+    : state_(detail::SharedRef<detail::SemaphoreState>::create_sized(sizeof(detail::SemaphoreState))) {
+    state_->value.store(value, std::memory_order_relaxed);
+}
+
+Semaphore::Semaphore(unsigned value, unsigned limit) : Semaphore(value) {
+    state_->bounded = 1;
+    state_->limit = limit;
+}
+
+Event::Event() : state_(detail::SharedRef<detail::EventState>::create_sized(sizeof(detail::EventState))) {}
+
+Barrier::Barrier(unsigned parties, Action action, std::int64_t timeout_ns) {
+    using namespace detail::sync_impl;
+    if (parties == 0) throw std::invalid_argument("mpservice::Barrier: parties must be at least 1");
+    if (parties > barrier_max_parties)
+        throw std::invalid_argument("mpservice::Barrier: parties must be at most " +
+                                    std::to_string(barrier_max_parties));
+    detail::os::CodeRef code{};
+    // A function's address is the one thing about it that can travel: it is
+    // stored as module + offset, valid again after exec.
+    if (action) code = detail::os::code_ref_of(reinterpret_cast<const void*>(action));
+    state_ = detail::SharedRef<detail::BarrierState>::create_sized(detail::BarrierState::size_for(parties));
+    state_->parties = parties;
+    state_->default_timeout_ns = timeout_ns;
+    state_->action = code;
+}
+
+unsigned Barrier::wait() {
+    std::int64_t ns = state_->default_timeout_ns;
+    return wait_until(ns < 0 ? detail::os::no_deadline : detail::os::deadline_after(std::chrono::nanoseconds(ns)));
+}
+
+unsigned Barrier::wait_until(detail::os::Deadline deadline) {
+    using namespace detail;
+    using namespace detail::sync_impl;
+    BarrierState* b = state_.get();
+    std::uint32_t generation = 0;
+    std::uint32_t index = 0;
+    {
+        BarrierGuard guard(b);
+        if (b->broken.load(std::memory_order_relaxed)) throw_broken();
+        generation = b->generation.load(std::memory_order_relaxed);
+        index = b->count.load(std::memory_order_relaxed);
+        b->pids()[index] = os::current_pid();
+        b->count.store(index + 1, std::memory_order_relaxed);
+        if (index + 1 == b->parties) {
+            if (!b->action.empty()) {
+                auto fn = reinterpret_cast<Action>(const_cast<void*>(os::code_ref_resolve(b->action)));
+                if (!fn) {
+                    break_locked(b);
+                    throw Error("mpservice::Barrier::wait: the barrier's action is not loaded in this process "
+                                "(its module is missing); the barrier is broken");
+                }
+                try {
+                    fn();
+                } catch (...) {
+                    break_locked(b);
+                    throw;
+                }
+            }
+            end_cycle_locked(b, true);
+            return index;
+        }
+    }
+
+    auto ended = [&] { return b->generation.load(std::memory_order_acquire) != generation; };
+    if (!spin_until(ended, b->spin_ns)) {
+        for (;;) {
+            if (ended()) break;
+            auto now = os::Clock::now();
+            if (now >= deadline) {
+                BarrierGuard guard(b);  // a timeout breaks the barrier, as in Python
+                if (b->generation.load(std::memory_order_relaxed) == generation) break_locked(b);
+                break;
+            }
+            auto step = deadline - now > barrier_liveness_period ? now + barrier_liveness_period : deadline;
+            if (!os::futex_wait(&b->generation, generation, step) && step != deadline && !ended()) {
+                BarrierGuard guard(b);
+                check_parties_locked(b, generation);
+            }
+        }
+    }
+    // Cycle `generation` is over: released or broken?  Its bit is only reused
+    // 64 cycles later, which cannot complete without this party... unless
+    // others keep resetting or breaking it 64 times before we look.
+    std::uint64_t bits = b->released_bits.load(std::memory_order_acquire);
+    if (bits & (std::uint64_t(1) << (generation % 64))) return index;
+    throw_broken();
+}
+
+void Barrier::reset() {
+    using namespace detail::sync_impl;
+    BarrierGuard guard(state_.get());
+    end_cycle_locked(state_.get(), false);  // current waiters: BrokenBarrierError
+    state_->broken.store(0, std::memory_order_release);
+}
+
+void Barrier::abort() {
+    using namespace detail::sync_impl;
+    BarrierGuard guard(state_.get());
+    break_locked(state_.get());
+}
+
+}  // namespace mpservice
 // ---- end part: mpservice/impl/synchronize.cpp
 // ---- begin part: mpservice/impl/queues.cpp ----------------------------------
 // queues: the shared byte ring under Queue<T> (layout and protocol in detail/queue_ring.hpp).

@@ -34,6 +34,9 @@
 #define MPSERVICE_IMPLEMENTATION_INCLUDED
 
 #include "mpservice/impl/os_posix.cpp"
+#if defined(MPSERVICE_POSIX)
+#include "mpservice/impl/os_posix_stacktrace.cpp"
+#endif
 #include "mpservice/impl/shm.cpp"
 #include "mpservice/impl/remote_exception.cpp"
 #include "mpservice/impl/logging.cpp"

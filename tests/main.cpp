@@ -6,7 +6,7 @@
 #include "mpservice.hpp"
 
 int main(int argc, char** argv) {
-    // mpservice::init(argc, argv);  -- enabled by the process part
+    mpservice::init(argc, argv);
     doctest::Context context(argc, argv);
     return context.run();
 }

@@ -11,7 +11,10 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <string>
+#include <typeinfo>
+#include <vector>
 
 #include "../public/config.hpp"
 #include "../public/codec.hpp"  // detail::os::handle_t
@@ -97,9 +100,181 @@ MPSERVICE_API long current_pid() noexcept;
 /// Whether a process with this id exists (it may be a zombie).
 MPSERVICE_API bool pid_alive(long pid) noexcept;
 
-// ---------------------------------------------------------------- (process/channel section: process.hpp)
+// ---------------------------------------------------------------- remote exception / symbolization
+/// Whether throw sites are recorded (see impl/os_posix_stacktrace.cpp: the
+/// __cxa_throw interposition is off under sanitizers and MPSERVICE_NO_THROW_HOOK).
+MPSERVICE_API bool throw_hook_active() noexcept;
+/// Turns the recording of throw sites on or off at run time (default on).
+MPSERVICE_API void set_throw_site_capture(bool enabled) noexcept;
+/// Copies into `pcs` the return addresses recorded when `object` (of type
+/// `type`) was last thrown by this thread; returns their number (0 if unknown).
+MPSERVICE_API int throw_site_stack(const void* object, const std::type_info* type, void** pcs, int max) noexcept;
+/// Records the calling stack, from the frame whose return address is `caller`
+/// on, as the place where this thread re-raises `object` (read back by
+/// raise_site_stack).
+MPSERVICE_API void note_raise_site(const void* object, const void* caller) noexcept;
+MPSERVICE_API int raise_site_stack(const void* object, void** pcs, int max) noexcept;
+/// The caller's stack: up to `max` return addresses, skipping `skip` innermost
+/// frames - or, if `from` is one of the return addresses, starting there.
+MPSERVICE_API int capture_stack(void** pcs, int max, int skip, const void* from = nullptr) noexcept;
+
+/// One symbolized stack frame.
+struct StackFrame {
+    const void* pc = nullptr;
+    std::string function;  // demangled; empty if unknown
+    std::string module;    // path of the executable or library
+    std::uintptr_t offset = 0;  // pc relative to the module's load address
+    std::string file;      // source file, if line information was found
+    int line = 0;
+    bool inlined = false;  // a function inlined into the next frame (same pc)
+};
+/// Names the functions at `pcs` (return addresses): dynamic symbols, the ELF
+/// .symtab of each module (so static functions of an executable built without
+/// -rdynamic are named), and file:line when line information is available.
+MPSERVICE_API std::vector<StackFrame> symbolize(void* const* pcs, int n);
+/// Whether symbolize looks up file:line (by running addr2line); default true.
+MPSERVICE_API void set_line_lookup(bool enabled) noexcept;
+/// Demangles a C++ type or symbol name; returns it unchanged if it is not mangled.
+MPSERVICE_API std::string demangle(const char* mangled);
+/// Type of the exception currently being handled (inside a catch clause), or null.
+MPSERVICE_API const std::type_info* current_exception_type() noexcept;
+/// Address of the thrown object an exception_ptr refers to (the key of the
+/// throw-site table), or null.
+MPSERVICE_API const void* exception_object(const std::exception_ptr& e) noexcept;
+
+// ---------------------------------------------------------------- logging
+/// Writes all of `data` to the standard error stream, in one write() when the
+/// system allows it (so lines of several processes do not interleave).
+MPSERVICE_API void write_stderr(const char* data, std::size_t n) noexcept;
+/// Local calendar time of `seconds` since the epoch (thread-safe localtime).
+MPSERVICE_API void local_time(long long seconds, int fields[6]) noexcept;
+
+// ---------------------------------------------------------------- process/channel section (process.hpp)
+// Channels are Unix stream sockets: ordered bytes plus handles riding beside
+// them (SCM_RIGHTS), so a Lock or Queue passed as a Process argument reaches
+// the child as the very same kernel object.
+
+/// A connected pair of channel ends (stream, close-on-exec): {a, b}.
+MPSERVICE_API void channel_pair(handle_t& a, handle_t& b);
+/// A connected pair of datagram-like ends (message boundaries kept).
+MPSERVICE_API void packet_pair(handle_t& a, handle_t& b);
+/// Writes all of `a` then `b` (either may be empty) with `handles` attached to
+/// the first byte; blocks until done.  Returns false if the peer is gone (no
+/// SIGPIPE is raised); throws std::system_error on other errors.
+MPSERVICE_API bool channel_write(handle_t ch, const void* a, std::size_t na, const void* b, std::size_t nb,
+                                 const handle_t* handles = nullptr, std::size_t nhandles = 0);
+/// Reads what is there, up to `cap` bytes; handles that arrive are appended to
+/// `*handles` (close-on-exec).  Returns the byte count, 0 at end of stream, or
+/// -1 when `nonblocking` and nothing is ready.
+MPSERVICE_API long channel_read(handle_t ch, void* buf, std::size_t cap, std::vector<handle_t>* handles,
+                                bool nonblocking);
+/// Blocks until one of `hs` is readable or `timeout_ms` passes (-1 = forever);
+/// returns a bit mask of the readable ones (bit i = hs[i]).
+MPSERVICE_API unsigned wait_readable(const handle_t* hs, int n, int timeout_ms);
+
+/// A poller watches many handles for readability (epoll on Linux); each
+/// registration carries a caller token.  Thread-safe registration.
+MPSERVICE_API handle_t poller_create();
+MPSERVICE_API void poller_add(handle_t poller, handle_t h, std::uint64_t token);
+MPSERVICE_API void poller_remove(handle_t poller, handle_t h) noexcept;
+/// Waits for events; stores up to `max` tokens; returns how many.
+MPSERVICE_API int poller_wait(handle_t poller, std::uint64_t* tokens, int max, int timeout_ms);
+/// A wake-up event (eventfd) that a poller can watch.
+MPSERVICE_API handle_t wake_event_create();
+MPSERVICE_API void wake_event_signal(handle_t ev) noexcept;
+MPSERVICE_API void wake_event_drain(handle_t ev) noexcept;
+
+/// Starts a fresh instance of this program (/proc/self/exe) with argv
+/// {argv0, marker}; `inherit` is the one handle it inherits (same number).
+/// Returns the child's pid.
+MPSERVICE_API long spawn_self(const std::string& argv0, const std::string& marker, handle_t inherit);
+/// fork(): 0 in the child, the child's pid in the parent; throws on failure.
+/// The child starts with default signal handlers and no blocked signals.
+MPSERVICE_API long fork_process();
+/// A handle that becomes readable when process `pid` exits (pidfd); invalid
+/// where the system has none.
+MPSERVICE_API handle_t process_handle(long pid) noexcept;
+/// Reaps child `pid` (waiting if `block`); true and the Python-style exit code
+/// (n after exit(n), -N after signal N) once it has ended.
+MPSERVICE_API bool reap_child(long pid, bool block, int* exitcode);
+/// Reaps any ended child without waiting: true with its pid and exit code.
+MPSERVICE_API bool reap_any_child(long* pid, int* exitcode);
+/// Sends `sig` (through the process handle when valid, so a reused pid is never hit).
+MPSERVICE_API bool send_signal(long pid, handle_t process_handle, int sig) noexcept;
+MPSERVICE_API int signal_terminate() noexcept;  // SIGTERM
+MPSERVICE_API int signal_kill() noexcept;       // SIGKILL
+/// "SIGSEGV", "SIGKILL", ... ("signal N" when unknown).
+MPSERVICE_API std::string signal_name(int sig);
+MPSERVICE_API long parent_pid() noexcept;
+/// Arranges for this process to be killed when its parent dies, then checks
+/// that the parent is still `expected_parent` (closing the race); false if not.
+MPSERVICE_API bool die_with_parent(long expected_parent) noexcept;
+/// Puts every caught signal back to its default action and unblocks all
+/// signals (a forked child starts like an exec'd one; ignored signals stay ignored).
+MPSERVICE_API void reset_signal_handlers() noexcept;
+/// Closes every handle above the standard ones except `keep`.
+MPSERVICE_API void close_handles_except(handle_t keep) noexcept;
+/// Ends the process at once with `code`: no atexit handlers, no destructors.
+[[noreturn]] MPSERVICE_API void exit_now(int code) noexcept;
+/// Whether the caller runs on the process's initial thread.
+MPSERVICE_API bool is_main_thread() noexcept;
+/// Blocks child-exit notifications for the calling (single-threaded) process
+/// and returns a handle that becomes readable when a child ends (signalfd).
+MPSERVICE_API handle_t child_exit_events();
+/// Consumes the pending notifications of a child_exit_events handle.
+MPSERVICE_API void child_exit_events_drain(handle_t h) noexcept;
+/// Undoes child_exit_events in a freshly forked child: closes `h`, unblocks.
+MPSERVICE_API void child_exit_events_release(handle_t h) noexcept;
+
+/// Where a code address lives: the module (path as the loader knows it, ""
+/// for the main executable) and the offset from the module's load base, which
+/// stays valid across an exec of the same build.
+struct ModuleAddress {
+    std::string module;
+    std::uintptr_t offset = 0;
+};
+MPSERVICE_API bool module_address(const void* addr, ModuleAddress& out);
+/// The address of `offset` in `module` in this process (loading the module if
+/// needed); nullptr if it cannot be found.
+MPSERVICE_API const void* module_resolve(const ModuleAddress& where);
+/// An identity of the module's build: its GNU build-id, or - when it has
+/// none - the file's device, inode, size and modification time.
+MPSERVICE_API std::string module_fingerprint(const std::string& module);
+
+/// CPUs this process may run on (affinity mask).
+MPSERVICE_API int affinity_cpu_count() noexcept;
+/// The CPU bandwidth quota of this process's cgroup in CPUs (v2 cpu.max or
+/// v1 cfs quota), or 0 if there is none.
+MPSERVICE_API double cgroup_cpu_quota() noexcept;
+
 
 // ---------------------------------------------------------------- (synchronization section)
+/// robust_mutex_lock without its spinning: straight to the blocking wait (for
+/// callers that spin in their own, adaptive way first).
+MPSERVICE_API LockResult robust_mutex_lock_blocking(RobustMutex* m, Deadline deadline = no_deadline);
+/// The calling thread's kernel id: unique among the live threads of every process.
+MPSERVICE_API long current_tid() noexcept;
+/// Registers fn to run in the child after every fork() (not after exec).
+MPSERVICE_API void at_fork_child(void (*fn)());
+/// Whether a process with this id exists and has not ended: unlike pid_alive,
+/// a zombie (killed or exited, not yet reaped) counts as ended.
+MPSERVICE_API bool process_running(long pid) noexcept;
+
+/// A code address in a form that stays valid in another process running the
+/// same program, however its modules were placed (ASLR, exec): the module,
+/// named by a hash of its path as the dynamic loader lists it, and the offset
+/// from the module's load base.
+struct CodeRef {
+    std::uint64_t module = 0;  // 0: no code
+    std::uint64_t offset = 0;
+    bool empty() const noexcept { return module == 0; }
+};
+/// The CodeRef of an address inside a loaded module; throws std::invalid_argument if there is none.
+MPSERVICE_API CodeRef code_ref_of(const void* address);
+/// The address in this process, or nullptr if the module is not loaded here or
+/// the offset is not inside its executable code.
+MPSERVICE_API const void* code_ref_resolve(const CodeRef& ref) noexcept;
+
 
 // ---------------------------------------------------------------- (queue section)
 /// Populates the page tables of a shared mapping now (writable), so the first

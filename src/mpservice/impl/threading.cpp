@@ -1,1 +1,163 @@
-// threading: implementation (to be written)
+// threading: implementation - the future core shared by Process and Thread,
+// wait() and as_completed().
+#include <algorithm>
+
+namespace mpservice {
+namespace detail {
+
+void FutureCore::mark_started() {
+    std::lock_guard<std::mutex> lk(mutex_);
+    started_ = true;
+}
+
+bool FutureCore::started() const {
+    std::lock_guard<std::mutex> lk(mutex_);
+    return started_;
+}
+
+bool FutureCore::done() const {
+    std::lock_guard<std::mutex> lk(mutex_);
+    return done_;
+}
+
+void FutureCore::resolve(std::exception_ptr error, std::exception_ptr result_error) {
+    std::vector<std::weak_ptr<CompletionQueue>> subscribers;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        if (done_) return;
+        done_ = true;
+        error_ = std::move(error);
+        result_error_ = std::move(result_error);
+        subscribers.swap(subscribers_);
+        cv_.notify_all();
+    }
+    // Outside our lock: subscribe() takes ours, then the queue's.
+    for (auto& w : subscribers)
+        if (auto q = w.lock()) q->push(this);
+}
+
+bool FutureCore::wait_until(os::Deadline deadline) const {
+    std::unique_lock<std::mutex> lk(mutex_);
+    if (deadline == os::no_deadline) {
+        cv_.wait(lk, [&] { return done_; });
+        return true;
+    }
+    return cv_.wait_until(lk, deadline, [&] { return done_; });
+}
+
+std::exception_ptr FutureCore::error() const {
+    std::lock_guard<std::mutex> lk(mutex_);
+    return error_;
+}
+
+std::exception_ptr FutureCore::result_error() const {
+    std::lock_guard<std::mutex> lk(mutex_);
+    return result_error_;
+}
+
+void FutureCore::subscribe(const std::shared_ptr<CompletionQueue>& q) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    if (done_) {
+        q->push(this);
+        return;
+    }
+    // Drop queues of finished waits so a long-lived worker's list stays short.
+    subscribers_.erase(std::remove_if(subscribers_.begin(), subscribers_.end(),
+                                      [](const std::weak_ptr<CompletionQueue>& w) { return w.expired(); }),
+                       subscribers_.end());
+    subscribers_.push_back(q);
+}
+
+void CompletionQueue::push(const FutureCore* core) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    ready_.push_back(core);
+    cv_.notify_all();
+}
+
+const FutureCore* CompletionQueue::pop_until(os::Deadline deadline) {
+    std::unique_lock<std::mutex> lk(mutex_);
+    auto ready = [&] { return !ready_.empty(); };
+    if (deadline == os::no_deadline) cv_.wait(lk, ready);
+    else if (!cv_.wait_until(lk, deadline, ready)) return nullptr;
+    const FutureCore* c = ready_.front();
+    ready_.pop_front();
+    return c;
+}
+
+void throw_not_started(const std::string& what, const std::string& name) {
+    throw InvalidStateError("mpservice: " + what + "() on '" + name + "', which was never started; call start() first");
+}
+
+void throw_timeout(const std::string& name) {
+    throw TimeoutError("mpservice: '" + name + "' is still running after the timeout");
+}
+
+std::string next_thread_name() {
+    static std::atomic<int> counter{1};
+    return "Thread-" + std::to_string(counter.fetch_add(1));
+}
+
+namespace {
+void check_started(const WorkerList& workers) {
+    for (Worker* w : workers) {
+        if (!w) throw std::invalid_argument("mpservice: null worker given to wait/as_completed");
+        if (!w->core().started())
+            throw InvalidStateError("mpservice: '" + w->name() + "' was never started; wait() and as_completed() "
+                                    "take started workers only");
+    }
+}
+
+Worker* owner_of(const FutureCore* core, const WorkerList& workers) {
+    for (Worker* w : workers)
+        if (&w->core() == core) return w;
+    return nullptr;
+}
+}  // namespace
+
+std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Deadline deadline, ReturnWhen return_when) {
+    check_started(workers);
+    auto queue = std::make_shared<CompletionQueue>();
+    for (Worker* w : workers) const_cast<FutureCore&>(w->core()).subscribe(queue);
+    std::size_t finished = 0;
+    // The same worker may be listed twice: count distinct cores.
+    std::vector<const FutureCore*> distinct;
+    for (Worker* w : workers)
+        if (std::find(distinct.begin(), distinct.end(), &w->core()) == distinct.end()) distinct.push_back(&w->core());
+    while (finished < distinct.size()) {
+        const FutureCore* c = queue->pop_until(deadline);
+        if (!c) break;
+        ++finished;
+        if (return_when == ReturnWhen::first_completed) break;
+        if (return_when == ReturnWhen::first_exception && c->error()) break;
+    }
+    std::pair<WorkerList, WorkerList> out;
+    for (Worker* w : workers) (w->done() ? out.first : out.second).push_back(w);
+    return out;
+}
+
+}  // namespace detail
+
+AsCompleted::AsCompleted(const WorkerList& workers, detail::os::Deadline deadline)
+    : queue_(std::make_shared<detail::CompletionQueue>()), deadline_(deadline) {
+    detail::check_started(workers);
+    for (Worker* w : workers)
+        if (std::find(pending_.begin(), pending_.end(), w) == pending_.end()) pending_.push_back(w);
+    for (Worker* w : pending_) const_cast<detail::FutureCore&>(w->core()).subscribe(queue_);
+}
+
+Worker* AsCompleted::next() {
+    while (!pending_.empty()) {
+        const detail::FutureCore* c = queue_->pop_until(deadline_);
+        if (!c) {
+            throw TimeoutError("mpservice: as_completed: " + std::to_string(pending_.size()) +
+                               " worker(s) still running after the timeout");
+        }
+        Worker* w = detail::owner_of(c, pending_);
+        if (!w) continue;
+        pending_.erase(std::find(pending_.begin(), pending_.end(), w));
+        return w;
+    }
+    return nullptr;
+}
+
+}  // namespace mpservice

@@ -1,2 +1,199 @@
-// threading: (to be written)
+// threading: Thread<R>, a thread with the future API of Process<R>.
+//
+//     mp::Thread t(work, 21);              // CTAD: Thread<double>
+//     t.start();
+//     double r = t.result();               // waits; re-throws the target's exception
+//
+// Cancellation is cooperative, as with std::jthread (C++ cannot inject an
+// exception into a running thread the way Python's Thread.throw does): a
+// target whose first parameter is mp::StopToken receives one, and polls
+// stop_requested(); request_stop() sets it.  The destructor of a running
+// Thread requests a stop and then joins.
 #pragma once
+
+#include <atomic>
+#include <chrono>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "errors.hpp"
+#include "futures.hpp"
+
+namespace mpservice {
+
+/// Tells a Thread's target that a stop was requested (see Thread::request_stop).
+class StopToken {
+public:
+    StopToken() = default;
+    bool stop_requested() const noexcept { return flag_ && flag_->load(std::memory_order_acquire); }
+
+private:
+    template <class>
+    friend class Thread;
+    explicit StopToken(std::shared_ptr<std::atomic<bool>> flag) : flag_(std::move(flag)) {}
+    std::shared_ptr<std::atomic<bool>> flag_;
+};
+
+namespace detail {
+
+/// "Thread-N", numbered from 1 in each process.
+MPSERVICE_API std::string next_thread_name();
+
+template <class F, class... A>
+constexpr bool takes_stop_token_v = std::is_invocable_v<std::decay_t<F>, StopToken, std::decay_t<A>...>;
+
+template <class F, class... A>
+struct thread_result {
+    using type = std::invoke_result_t<std::decay_t<F>, std::decay_t<A>...>;
+};
+template <class F, class... A>
+struct thread_result_with_token {
+    using type = std::invoke_result_t<std::decay_t<F>, StopToken, std::decay_t<A>...>;
+};
+template <class F, class... A>
+using thread_result_t = typename std::conditional_t<takes_stop_token_v<F, A...>, thread_result_with_token<F, A...>,
+                                                    thread_result<F, A...>>::type;
+
+template <class R>
+class ThreadCore : public FutureCore {
+public:
+    std::optional<std::conditional_t<std::is_void_v<R>, bool, R>> value;
+    std::mutex join_mutex;
+};
+
+}  // namespace detail
+
+/// A thread whose target's return value or exception is kept, like a future.
+template <class R>
+class Thread : public Worker {
+    using Core = detail::ThreadCore<R>;
+
+public:
+    /// Prepares a thread running f(args...) - or f(stop_token, args...) if f
+    /// takes a StopToken first.  Arguments are copied (decayed) into the thread
+    /// and passed as rvalues, as std::thread does.  Nothing runs until start().
+    template <class F, class... A,
+              std::enable_if_t<!std::is_same_v<std::decay_t<F>, Thread>, int> = 0>
+    explicit Thread(F&& f, A&&... args)
+        : Worker(std::make_shared<Core>()), stop_(std::make_shared<std::atomic<bool>>(false)) {
+        core_->name = detail::next_thread_name();
+        auto token = StopToken(stop_);
+        auto core = state();
+        body_ = detail::make_task([core, token, fn = std::decay_t<F>(std::forward<F>(f)),
+                 tup = std::make_tuple(std::decay_t<A>(std::forward<A>(args))...)]() mutable {
+            std::exception_ptr error;
+            try {
+                if constexpr (detail::takes_stop_token_v<F, A...>) {
+                    call_and_store(*core, [&] {
+                        return std::apply([&](auto&&... a) { return std::invoke(fn, token, std::move(a)...); },
+                                          std::move(tup));
+                    });
+                } else {
+                    call_and_store(*core, [&] { return std::apply(fn, std::move(tup)); });
+                }
+            } catch (...) {
+                error = std::current_exception();
+            }
+            core->resolve(error);
+        });
+    }
+    Thread(Thread&&) noexcept = default;
+    Thread& operator=(Thread&&) = delete;
+    /// A running thread is asked to stop (request_stop) and joined; never throws.
+    ~Thread() override {
+        if (thread_.joinable()) {
+            request_stop();
+            thread_.join();
+        }
+    }
+
+    /// Starts the thread; a second start() is an InvalidStateError.
+    void start() {
+        if (core_->started()) throw InvalidStateError("mpservice: thread '" + name() + "' was already started");
+        core_->mark_started();
+        thread_ = std::thread([body = std::move(body_)] { body->run(); });
+    }
+
+    /// Waits for the end; re-throws the target's exception (every time).
+    void join() {
+        wait_for_end(detail::os::no_deadline, "join");
+        if (auto e = core_->error()) std::rethrow_exception(e);
+    }
+    /// Waits at most `timeout`; returns quietly if the thread is still running.
+    template <class Rep, class Period>
+    void join(std::chrono::duration<Rep, Period> timeout) {
+        if (!wait_for_end(detail::os::deadline_after(timeout), "join")) return;
+        if (auto e = core_->error()) std::rethrow_exception(e);
+    }
+
+    /// The target's value (waits); re-throws its exception.
+    detail::result_ref_t<R> result() {
+        return result_at(detail::os::no_deadline);
+    }
+    /// As result(), but TimeoutError if not finished within `timeout`.
+    template <class Rep, class Period>
+    detail::result_ref_t<R> result(std::chrono::duration<Rep, Period> timeout) {
+        return result_at(detail::os::deadline_after(timeout));
+    }
+    /// The target's exception, or nullptr after a value (waits).
+    std::exception_ptr exception() { return exception_at(detail::os::no_deadline); }
+    template <class Rep, class Period>
+    std::exception_ptr exception(std::chrono::duration<Rep, Period> timeout) {
+        return exception_at(detail::os::deadline_after(timeout));
+    }
+
+    bool is_alive() const { return core_->started() && !core_->done(); }
+    /// Asks the target to stop (it sees StopToken::stop_requested()).
+    void request_stop() noexcept { stop_->store(true, std::memory_order_release); }
+    bool stop_requested() const noexcept { return stop_->load(std::memory_order_acquire); }
+    StopToken get_stop_token() const { return StopToken(stop_); }
+    /// Renames the thread (before start).
+    void set_name(std::string name) { core_->name = std::move(name); }
+
+private:
+    template <class Call>
+    static void call_and_store(Core& core, Call&& call) {
+        if constexpr (std::is_void_v<R>) {
+            call();
+            core.value.emplace(true);
+        } else {
+            core.value.emplace(call());
+        }
+    }
+    std::shared_ptr<Core> state() const { return std::static_pointer_cast<Core>(core_); }
+
+    bool wait_for_end(detail::os::Deadline deadline, const char* what) {
+        if (!core_->started()) detail::throw_not_started(what, name());
+        if (!core_->wait_until(deadline)) return false;
+        if (thread_.joinable()) {
+            std::lock_guard<std::mutex> lk(state()->join_mutex);
+            if (thread_.joinable()) thread_.join();
+        }
+        return true;
+    }
+    detail::result_ref_t<R> result_at(detail::os::Deadline deadline) {
+        if (!wait_for_end(deadline, "result")) detail::throw_timeout(name());
+        if (auto e = core_->error()) std::rethrow_exception(e);
+        if constexpr (!std::is_void_v<R>) return *state()->value;
+    }
+    std::exception_ptr exception_at(detail::os::Deadline deadline) {
+        if (!wait_for_end(deadline, "exception")) detail::throw_timeout(name());
+        return core_->error();
+    }
+
+    std::shared_ptr<std::atomic<bool>> stop_;
+    std::unique_ptr<detail::Task> body_;
+    std::thread thread_;
+};
+
+template <class F, class... A>
+Thread(F, A...) -> Thread<detail::thread_result_t<F, A...>>;
+
+}  // namespace mpservice

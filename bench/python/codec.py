@@ -1,0 +1,52 @@
+#!/usr/bin/env python3
+"""Anchor for bench/bench_codec.cpp: Python's pickle on the same values.
+
+Prints FIG lines (see bench/run) under the same case names as the C++ side:
+a list of 1M ints and a dict of 100k str -> int with the same keys.
+"""
+import os
+import pickle
+import sys
+import time
+
+
+def reps(default):
+    n = int(os.environ.get("BENCH_REPS", "0") or 0)
+    return n if n > 0 else default
+
+
+def time_ms(n, fn, warmup=1):
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def report(case, side, label, unit, values):
+    if os.environ.get("BENCH_FILTER", "") not in case:
+        return
+    s = sorted(values)
+    n = len(s)
+    med = s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+    print("FIG\t%s\t%s\t%s\t%s\t%.6g\t%.6g\t%.6g\t%d" % (case, side, label, unit, med, s[0], s[-1], n), flush=True)
+
+
+def case(what, value, n):
+    label = "pickle py%d.%d protocol %d" % (sys.version_info[0], sys.version_info[1], pickle.HIGHEST_PROTOCOL)
+    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    report("codec: encode " + what, "anchor", label, "ms",
+           time_ms(n, lambda: pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)))
+    report("codec: decode " + what, "anchor", label, "ms", time_ms(n, lambda: pickle.loads(data)))
+
+
+def main():
+    case("vector<int> 1M", list(range(1_000_000)), reps(11))
+    case("map<string,int> 100k", {"key-%d-value" % (i * 7919): i for i in range(100_000)}, reps(7))
+
+
+if __name__ == "__main__":
+    main()
