@@ -757,3 +757,138 @@ TEST_CASE("SIGKILL of a consumer in mid-stream: the others carry on, at most one
         CHECK(missing <= 1);
     }
 }
+
+// ---------------------------------------------------------------- codec types, Process arguments
+
+namespace {
+
+struct Order {
+    std::string customer;
+    std::vector<int> items;
+    std::map<std::string, double> prices;
+    std::optional<long> note;
+    template <class Ar>
+    void serialize(Ar& ar) {
+        ar(customer, items, prices, note);
+    }
+    bool operator==(const Order& o) const {
+        return customer == o.customer && items == o.items && prices == o.prices && note == o.note;
+    }
+};
+
+Order make_order(int i) {
+    Order o;
+    o.customer = "customer-" + std::to_string(i);
+    for (int k = 0; k < i % 50; ++k) o.items.push_back(k * i);
+    o.prices["a"] = i * 0.5;
+    if (i % 3) o.prices["b" + std::to_string(i)] = -i;
+    if (i % 2) o.note = i;
+    return o;
+}
+
+constexpr int orders_per_producer = 2000;
+
+int produce_orders(mp::Queue<Order> q, int producer) {
+    for (int i = 0; i < orders_per_producer; ++i) q.put(make_order(producer * orders_per_producer + i));
+    return 0;
+}
+
+/// Takes orders until the queue is closed; returns how many were well-formed.
+long consume_orders(mp::Queue<Order> q) {
+    long good = 0;
+    try {
+        for (;;) {
+            Order o = q.get();
+            int i = std::stoi(o.customer.substr(9));
+            good += o == make_order(i);
+        }
+    } catch (const mp::QueueClosed&) {
+    }
+    return good;
+}
+
+int joinable_worker(mp::JoinableQueue<std::vector<std::string>> q, mp::Queue<std::size_t> results) {
+    for (;;) {
+        auto batch = q.get();
+        if (batch.empty()) {
+            q.task_done();
+            return 0;
+        }
+        std::size_t chars = 0;
+        for (auto& s : batch) chars += s.size();
+        results.put(chars);
+        q.task_done();
+    }
+}
+
+std::string big_from_child(mp::SimpleQueue<std::string> q, std::size_t size) {
+    q.put(make_payload(5, 1, size));
+    return "sent";
+}
+
+}  // namespace
+
+TEST_CASE("strings, vectors, maps, optional and user structs through a queue") {
+    mp::Queue<Order> q;  // 100 orders fit the default ring
+    for (int i = 0; i < 100; ++i) q.put(make_order(i));
+    for (int i = 0; i < 100; ++i) CHECK(q.get() == make_order(i));
+
+    mp::Queue<std::map<std::string, std::vector<std::string>>> m;
+    std::map<std::string, std::vector<std::string>> value{{"x", {"1", "22"}}, {"", {}}};
+    m.put(value);
+    CHECK(m.get() == value);
+
+    mp::Queue<std::vector<std::string>> big(0, 1024);  // streamed in chunks
+    std::vector<std::string> lots(300, std::string(40, 'q'));
+    std::thread t([&] { big.put(lots); });
+    CHECK(big.get() == lots);
+    t.join();
+}
+
+TEST_CASE_TEMPLATE("Process arguments: 2 producer and 2 consumer processes share a Queue of structs", Ctx,
+                   mp::SpawnContext, mp::ForkServerContext) {
+    mp::Queue<Order> q(100, 64 * 1024);
+    std::vector<mp::Process<int>> producers;
+    std::vector<mp::Process<long>> consumers;
+    for (int c = 0; c < 2; ++c) consumers.emplace_back(Ctx{}, consume_orders, q);
+    for (int p = 0; p < 2; ++p) producers.emplace_back(Ctx{}, produce_orders, q, p);
+    for (auto& c : consumers) c.start();
+    for (auto& p : producers) p.start();
+    for (auto& p : producers) CHECK(p.result(60s) == 0);
+    q.close();
+    long good = 0;
+    for (auto& c : consumers) good += c.result(60s);
+    CHECK(good == 2 * orders_per_producer);
+    CHECK(q.empty());
+}
+
+TEST_CASE_TEMPLATE("Process arguments: JoinableQueue workers and a result queue; SimpleQueue with a large item", Ctx,
+                   mp::SpawnContext, mp::ForkServerContext) {
+    mp::JoinableQueue<std::vector<std::string>> jobs;
+    mp::Queue<std::size_t> results;
+    std::vector<mp::Process<int>> workers;
+    for (int w = 0; w < 2; ++w) workers.emplace_back(Ctx{}, joinable_worker, jobs, results);
+    for (auto& w : workers) w.start();
+    std::size_t expected = 0;
+    for (int i = 0; i < 200; ++i) {
+        std::vector<std::string> batch(1 + i % 5, std::string(i, 'x'));
+        expected += batch.size() * i;
+        jobs.put(batch);
+    }
+    jobs.join();  // every batch was processed
+    std::size_t total = 0;
+    for (int i = 0; i < 200; ++i) total += results.get(30s);
+    CHECK(total == expected);
+    for (int w = 0; w < 2; ++w) jobs.put({});  // stop
+    for (auto& w : workers) CHECK(w.result(60s) == 0);
+    CHECK(jobs.join(1s));
+
+    mp::SimpleQueue<std::string> s(8192);
+    mp::Process sender(Ctx{}, big_from_child, s, std::size_t(100000));
+    sender.start();
+    std::string got = s.get();
+    std::uint32_t p, i;
+    CHECK(check_payload(got, p, i));
+    CHECK(got.size() == 100000);
+    CHECK(sender.result(60s) == "sent");
+}
