@@ -4238,6 +4238,36 @@ LockResult lock_result(int rc, const char* what) {
 }
 }  // namespace
 
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define MPSERVICE_TSAN 1
+#endif
+#endif
+#if defined(__SANITIZE_THREAD__)
+#define MPSERVICE_TSAN 1
+#endif
+
+namespace {
+/// Blocks for the mutex until `deadline` (steady clock).
+LockResult lock_until(RobustMutex* m, Deadline deadline) {
+    if (deadline == no_deadline) return lock_result(pthread_mutex_lock(native(m)), "mpservice: mutex lock");
+#if defined(MPSERVICE_TSAN)
+    // ThreadSanitizer (LLVM 14) does not intercept pthread_mutex_clocklock and
+    // then loses track of the mutex; under it, use timedlock, whose deadline is
+    // on the wall clock (a clock step shifts the timeout - acceptable in tests).
+    auto left = deadline - Clock::now();
+    auto wall = std::chrono::system_clock::now() + std::chrono::duration_cast<std::chrono::system_clock::duration>(left);
+    auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(wall.time_since_epoch()).count();
+    timespec ts{static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
+    return lock_result(pthread_mutex_timedlock(native(m), &ts), "mpservice: mutex lock");
+#else
+    // An absolute deadline on the monotonic clock: immune to wall-clock steps.
+    timespec ts = to_timespec(deadline);
+    return lock_result(pthread_mutex_clocklock(native(m), CLOCK_MONOTONIC, &ts), "mpservice: mutex lock");
+#endif
+}
+}  // namespace
+
 void robust_mutex_init(RobustMutex* m) {
     static_assert(sizeof(pthread_mutex_t) <= sizeof(RobustMutex::storage), "RobustMutex storage too small");
     pthread_mutexattr_t a;
@@ -4265,9 +4295,7 @@ LockResult robust_mutex_lock(RobustMutex* m, Deadline deadline) {
         if (r != LockResult::busy) return r;
         cpu_relax();
     }
-    if (deadline == no_deadline) return lock_result(pthread_mutex_lock(native(m)), "mpservice: mutex lock");
-    timespec ts = to_timespec(deadline);
-    return lock_result(pthread_mutex_clocklock(native(m), CLOCK_MONOTONIC, &ts), "mpservice: mutex lock");
+    return lock_until(m, deadline);
 }
 
 void robust_mutex_unlock(RobustMutex* m) {
@@ -4799,9 +4827,7 @@ double cgroup_cpu_quota() noexcept {
 // ---------------------------------------------------------------- (synchronization section)
 
 LockResult robust_mutex_lock_blocking(RobustMutex* m, Deadline deadline) {
-    if (deadline == no_deadline) return lock_result(pthread_mutex_lock(native(m)), "mpservice: mutex lock");
-    timespec ts = to_timespec(deadline);
-    return lock_result(pthread_mutex_clocklock(native(m), CLOCK_MONOTONIC, &ts), "mpservice: mutex lock");
+    return lock_until(m, deadline);
 }
 
 long current_tid() noexcept { return static_cast<long>(::syscall(SYS_gettid)); }
