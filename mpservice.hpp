@@ -2618,19 +2618,33 @@ inline constexpr std::uint32_t spin_max_ns = 10000;
 /// ...and at least, so that a partner that answers at once is still caught.
 inline constexpr std::uint32_t spin_min_ns = 500;
 
+/// A failed spin of spin_min_ns turns spinning off for the next
+/// spin_probe_every - 1 waits; the one after probes again with spin_min_ns.
+inline constexpr std::uint32_t spin_probe_every = 8;
+static_assert(spin_probe_every < spin_min_ns, "the budget's 'off' values must not look like budgets");
+
 /// Spins until ready() or the spin budget is spent; returns ready().
 ///
 /// The budget adapts, per object, in `budget_ns` (shared by every process
 /// that waits on the object): it doubles after a spin that succeeded and
 /// halves after one that failed.  Spinning pays only while the other side
-/// runs on another CPU; when both share one CPU, a spin just delays the
-/// partner, and the budget quickly falls to spin_min_ns.
+/// runs on another CPU; when both share one CPU (the scheduler likes to put
+/// two processes that keep waking each other there), a spin cannot succeed
+/// and only delays the partner.  So once even a spin of spin_min_ns fails,
+/// spinning stops: the budget then holds a count of skipped waits
+/// (1..spin_probe_every), and every spin_probe_every-th wait probes with
+/// spin_min_ns to notice when spinning pays again.
 template <class Ready, class Budget>
 bool spin_until(Ready&& ready, std::atomic<Budget>& budget_ns) {
     static_assert(spin_max_ns <= Budget(~Budget(0)), "the spin budget's type is too small");
     if (ready()) return true;
     std::uint32_t budget = budget_ns.load(std::memory_order_relaxed);
     if (budget == 0) budget = spin_max_ns;  // a new object: optimistic
+    if (budget < spin_probe_every) {        // spinning is off: skip it, count the skips
+        budget_ns.store(Budget(budget + 1), std::memory_order_relaxed);
+        return false;
+    }
+    if (budget < spin_min_ns) budget = spin_min_ns;  // a probe
     auto until = os::Clock::now() + std::chrono::nanoseconds(budget);
     for (;;) {
         for (int i = 0; i < 32; ++i) {  // reading the clock costs about as much as a pause
@@ -2643,7 +2657,9 @@ bool spin_until(Ready&& ready, std::atomic<Budget>& budget_ns) {
         }
         if (os::Clock::now() >= until) break;
     }
-    budget_ns.store(Budget(budget <= 2 * spin_min_ns ? spin_min_ns : budget / 2), std::memory_order_relaxed);
+    std::uint32_t shrunk = budget / 2;
+    if (budget <= 2 * spin_min_ns) shrunk = budget <= spin_min_ns ? 1 : spin_min_ns;  // 1: off, see above
+    budget_ns.store(Budget(shrunk), std::memory_order_relaxed);
     return ready();
 }
 
