@@ -1024,8 +1024,10 @@ inline void cpu_relax() noexcept {
 /// Storage for a mutex that lives in shared memory and survives the death of
 /// its owner: the next locker takes it and is told (LockResult::owner_died).
 /// Placed inside shared structures; initialized once by robust_mutex_init.
-struct alignas(16) RobustMutex {
-    unsigned char storage[64];
+struct alignas(8) RobustMutex {
+    // 48 bytes hold glibc's pthread_mutex_t (40 on x86-64, 48 on AArch64) and
+    // leave a user of a 64-byte cache line room for its own fields beside it.
+    unsigned char storage[48];
 };
 enum class LockResult { acquired, owner_died, timed_out, busy };
 /// Initializes a process-shared, robust, error-checking mutex in place.
@@ -1198,6 +1200,18 @@ MPSERVICE_API double cgroup_cpu_quota() noexcept;
 /// robust_mutex_lock without its spinning: straight to the blocking wait (for
 /// callers that spin in their own, adaptive way first).
 MPSERVICE_API LockResult robust_mutex_lock_blocking(RobustMutex* m, Deadline deadline = no_deadline);
+/// The uncontended paths of robust_mutex_trylock and robust_mutex_unlock, for
+/// callers that inline their own fast path: 0 means taken (released), anything
+/// else is a status for robust_mutex_trylock_result (robust_mutex_unlock_failed).
+/// They only forward to the system, so they compile to a tail jump: the
+/// result mapping of the full functions is an extra call frame per operation,
+/// ~20% of an uncontended acquire+release.
+MPSERVICE_API int robust_mutex_trylock_status(RobustMutex* m) noexcept;
+MPSERVICE_API int robust_mutex_unlock_status(RobustMutex* m) noexcept;
+/// busy (EBUSY, or held by the caller) or owner_died; throws std::system_error otherwise.
+MPSERVICE_API LockResult robust_mutex_trylock_result(int status);
+/// Throws the std::system_error of a failed unlock.
+[[noreturn]] MPSERVICE_API void robust_mutex_unlock_failed(int status);
 /// The calling thread's kernel id: unique among the live threads of every process.
 MPSERVICE_API long current_tid() noexcept;
 /// Registers fn to run in the child after every fork() (not after exec).
@@ -2607,30 +2621,48 @@ inline constexpr std::uint32_t spin_max_ns = 10000;
 /// ...and at least, so that a partner that answers at once is still caught.
 inline constexpr std::uint32_t spin_min_ns = 500;
 
+/// A failed spin of spin_min_ns turns spinning off for the next
+/// spin_probe_every - 1 waits; the one after probes again with spin_min_ns.
+inline constexpr std::uint32_t spin_probe_every = 8;
+static_assert(spin_probe_every < spin_min_ns, "the budget's 'off' values must not look like budgets");
+
 /// Spins until ready() or the spin budget is spent; returns ready().
 ///
 /// The budget adapts, per object, in `budget_ns` (shared by every process
 /// that waits on the object): it doubles after a spin that succeeded and
 /// halves after one that failed.  Spinning pays only while the other side
-/// runs on another CPU; when both share one CPU, a spin just delays the
-/// partner, and the budget quickly falls to spin_min_ns.
-template <class Ready>
-bool spin_until(Ready&& ready, std::atomic<std::uint32_t>& budget_ns) {
+/// runs on another CPU; when both share one CPU (the scheduler likes to put
+/// two processes that keep waking each other there), a spin cannot succeed
+/// and only delays the partner.  So once even a spin of spin_min_ns fails,
+/// spinning stops: the budget then holds a count of skipped waits
+/// (1..spin_probe_every), and every spin_probe_every-th wait probes with
+/// spin_min_ns to notice when spinning pays again.
+template <class Ready, class Budget>
+bool spin_until(Ready&& ready, std::atomic<Budget>& budget_ns) {
+    static_assert(spin_max_ns <= Budget(~Budget(0)), "the spin budget's type is too small");
     if (ready()) return true;
     std::uint32_t budget = budget_ns.load(std::memory_order_relaxed);
     if (budget == 0) budget = spin_max_ns;  // a new object: optimistic
+    if (budget < spin_probe_every) {        // spinning is off: skip it, count the skips
+        budget_ns.store(Budget(budget + 1), std::memory_order_relaxed);
+        return false;
+    }
+    if (budget < spin_min_ns) budget = spin_min_ns;  // a probe
     auto until = os::Clock::now() + std::chrono::nanoseconds(budget);
     for (;;) {
         for (int i = 0; i < 32; ++i) {  // reading the clock costs about as much as a pause
             os::cpu_relax();
             if (ready()) {
-                budget_ns.store(budget >= spin_max_ns / 2 ? spin_max_ns : budget * 2, std::memory_order_relaxed);
+                const std::uint32_t grown = budget >= spin_max_ns / 2 ? spin_max_ns : budget * 2;
+                budget_ns.store(Budget(grown), std::memory_order_relaxed);
                 return true;
             }
         }
         if (os::Clock::now() >= until) break;
     }
-    budget_ns.store(budget <= 2 * spin_min_ns ? spin_min_ns : budget / 2, std::memory_order_relaxed);
+    std::uint32_t shrunk = budget / 2;
+    if (budget <= 2 * spin_min_ns) shrunk = budget <= spin_min_ns ? 1 : spin_min_ns;  // 1: off, see above
+    budget_ns.store(Budget(shrunk), std::memory_order_relaxed);
     return ready();
 }
 
@@ -2680,17 +2712,22 @@ private:
 
 /// Lock and RLock: a robust process-shared mutex plus the identity of the
 /// owning thread (so ownership can be checked without a system call).
-struct LockState {
-    // The owner fields come first so that they share a cache line with the
-    // mutex proper (a pthread mutex uses the first 40 of its 64 bytes).
+///
+/// All of it fits one cache line, the mutex proper first: an acquire+release
+/// touches the mutex and the owner fields together, and when the lock is handed
+/// between CPUs, every extra line is one more transfer per hand-off.
+struct alignas(64) LockState {
+    os::RobustMutex mutex;
     std::atomic<std::uint64_t> owner{0};  // this_thread_token() of the holder, 0 if free
     std::atomic<std::uint32_t> depth{0};  // recursion depth of the holder (1 for a Lock)
-    std::atomic<std::uint32_t> repair_pending{0};  // taken from a dead owner, not yet consistent
-    std::atomic<std::uint32_t> spin_ns{0};         // spin_until's budget for a busy lock
-    os::RobustMutex mutex;
+    std::atomic<std::uint16_t> repair_pending{0};  // taken from a dead owner, not yet consistent
+    std::atomic<std::uint16_t> spin_ns{0};         // spin_until's budget for a busy lock
     LockState() { os::robust_mutex_init(&mutex); }
 };
-static_assert(std::atomic<std::uint64_t>::is_always_lock_free && std::atomic<std::uint32_t>::is_always_lock_free,
+static_assert(sizeof(LockState) == 64, "LockState should fill exactly one cache line");
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free &&
+                  std::atomic<std::uint32_t>::is_always_lock_free &&
+                  std::atomic<std::uint16_t>::is_always_lock_free,
               "shared-memory atomics must be lock-free");
 
 /// The lock under a Condition (or a Value): a Lock or an RLock.
@@ -2702,6 +2739,8 @@ struct LockRef {
 // The uncontended paths of Lock and RLock are inline: a trylock and a few
 // relaxed stores on the mutex's own cache line.  Everything else is out of line.
 MPSERVICE_API LockStatus lock_acquire_slow(const LockRef& l, os::Deadline deadline);
+/// The rest of an acquire whose first trylock returned the nonzero `status`.
+MPSERVICE_API LockStatus lock_acquire_after_try(const LockRef& l, os::Deadline deadline, int status);
 MPSERVICE_API void lock_release_slow(const LockRef& l);
 MPSERVICE_API void lock_make_consistent(const LockRef& l);
 [[noreturn]] MPSERVICE_API void throw_owner_died(const LockRef& l);
@@ -2715,14 +2754,13 @@ inline LockStatus lock_acquire(const LockRef& l, os::Deadline deadline) {
     LockState* s = l.state.get();
     const std::uint64_t me = this_thread_token();
     if (s->owner.load(std::memory_order_relaxed) != me) {
-        os::LockResult r = os::robust_mutex_trylock(&s->mutex);
-        if (r != os::LockResult::busy) {  // taken, possibly from a dead owner
+        int status = os::robust_mutex_trylock_status(&s->mutex);
+        if (status == 0) {
             s->owner.store(me, std::memory_order_relaxed);
             s->depth.store(1, std::memory_order_relaxed);
-            if (r == os::LockResult::acquired) return LockStatus::acquired;
-            s->repair_pending.store(1, std::memory_order_relaxed);
-            return LockStatus::owner_died;
+            return LockStatus::acquired;
         }
+        return lock_acquire_after_try(l, deadline, status);
     }
     return lock_acquire_slow(l, deadline);
 }
@@ -2735,7 +2773,7 @@ inline void lock_release(const LockRef& l) {
         s->depth.load(std::memory_order_relaxed) == 1 && !s->repair_pending.load(std::memory_order_relaxed)) {
         s->depth.store(0, std::memory_order_relaxed);
         s->owner.store(0, std::memory_order_relaxed);
-        os::robust_mutex_unlock(&s->mutex);
+        if (int status = os::robust_mutex_unlock_status(&s->mutex)) os::robust_mutex_unlock_failed(status);
         return;
     }
     lock_release_slow(l);
@@ -3289,7 +3327,7 @@ struct ArrayHeader {
     std::uint64_t data_offset = 0;
 };
 
-inline constexpr std::size_t array_lock_offset = 16;
+inline constexpr std::size_t array_lock_offset = 64;  // the lock has a cache line of its own
 static_assert(sizeof(ArrayHeader) <= array_lock_offset && array_lock_offset % alignof(LockState) == 0);
 
 template <class T>
@@ -4828,6 +4866,19 @@ double cgroup_cpu_quota() noexcept {
 
 LockResult robust_mutex_lock_blocking(RobustMutex* m, Deadline deadline) {
     return lock_until(m, deadline);
+}
+
+int robust_mutex_trylock_status(RobustMutex* m) noexcept { return pthread_mutex_trylock(native(m)); }
+
+int robust_mutex_unlock_status(RobustMutex* m) noexcept { return pthread_mutex_unlock(native(m)); }
+
+LockResult robust_mutex_trylock_result(int status) {
+    if (status == EDEADLK) return LockResult::busy;  // held by the caller itself
+    return lock_result(status, "mpservice: mutex trylock");
+}
+
+void robust_mutex_unlock_failed(int status) {
+    throw std::system_error(status, std::generic_category(), "mpservice: mutex unlock");
 }
 
 long current_tid() noexcept { return static_cast<long>(::syscall(SYS_gettid)); }
@@ -7698,6 +7749,15 @@ LockStatus lock_acquire_slow(const LockRef& l, os::Deadline deadline) {
         return LockStatus::acquired;
     }
     os::LockResult first = os::robust_mutex_trylock(&s->mutex);
+    if (first != os::LockResult::busy || expired(deadline)) return took(s, first, me);
+    return lock_contended(s, me, deadline);
+}
+
+LockStatus lock_acquire_after_try(const LockRef& l, os::Deadline deadline, int status) {
+    using namespace sync_impl;
+    LockState* s = l.state.get();
+    const std::uint64_t me = this_thread_token();
+    os::LockResult first = os::robust_mutex_trylock_result(status);
     if (first != os::LockResult::busy || expired(deadline)) return took(s, first, me);
     return lock_contended(s, me, deadline);
 }

@@ -77,8 +77,10 @@ inline void cpu_relax() noexcept {
 /// Storage for a mutex that lives in shared memory and survives the death of
 /// its owner: the next locker takes it and is told (LockResult::owner_died).
 /// Placed inside shared structures; initialized once by robust_mutex_init.
-struct alignas(16) RobustMutex {
-    unsigned char storage[64];
+struct alignas(8) RobustMutex {
+    // 48 bytes hold glibc's pthread_mutex_t (40 on x86-64, 48 on AArch64) and
+    // leave a user of a 64-byte cache line room for its own fields beside it.
+    unsigned char storage[48];
 };
 enum class LockResult { acquired, owner_died, timed_out, busy };
 /// Initializes a process-shared, robust, error-checking mutex in place.
@@ -252,6 +254,18 @@ MPSERVICE_API double cgroup_cpu_quota() noexcept;
 /// robust_mutex_lock without its spinning: straight to the blocking wait (for
 /// callers that spin in their own, adaptive way first).
 MPSERVICE_API LockResult robust_mutex_lock_blocking(RobustMutex* m, Deadline deadline = no_deadline);
+/// The uncontended paths of robust_mutex_trylock and robust_mutex_unlock, for
+/// callers that inline their own fast path: 0 means taken (released), anything
+/// else is a status for robust_mutex_trylock_result (robust_mutex_unlock_failed).
+/// They only forward to the system, so they compile to a tail jump: the
+/// result mapping of the full functions is an extra call frame per operation,
+/// ~20% of an uncontended acquire+release.
+MPSERVICE_API int robust_mutex_trylock_status(RobustMutex* m) noexcept;
+MPSERVICE_API int robust_mutex_unlock_status(RobustMutex* m) noexcept;
+/// busy (EBUSY, or held by the caller) or owner_died; throws std::system_error otherwise.
+MPSERVICE_API LockResult robust_mutex_trylock_result(int status);
+/// Throws the std::system_error of a failed unlock.
+[[noreturn]] MPSERVICE_API void robust_mutex_unlock_failed(int status);
 /// The calling thread's kernel id: unique among the live threads of every process.
 MPSERVICE_API long current_tid() noexcept;
 /// Registers fn to run in the child after every fork() (not after exec).

@@ -742,6 +742,19 @@ LockResult robust_mutex_lock_blocking(RobustMutex* m, Deadline deadline) {
     return lock_until(m, deadline);
 }
 
+int robust_mutex_trylock_status(RobustMutex* m) noexcept { return pthread_mutex_trylock(native(m)); }
+
+int robust_mutex_unlock_status(RobustMutex* m) noexcept { return pthread_mutex_unlock(native(m)); }
+
+LockResult robust_mutex_trylock_result(int status) {
+    if (status == EDEADLK) return LockResult::busy;  // held by the caller itself
+    return lock_result(status, "mpservice: mutex trylock");
+}
+
+void robust_mutex_unlock_failed(int status) {
+    throw std::system_error(status, std::generic_category(), "mpservice: mutex unlock");
+}
+
 long current_tid() noexcept { return static_cast<long>(::syscall(SYS_gettid)); }
 
 void at_fork_child(void (*fn)()) {

@@ -126,6 +126,15 @@ LockStatus lock_acquire_slow(const LockRef& l, os::Deadline deadline) {
     return lock_contended(s, me, deadline);
 }
 
+LockStatus lock_acquire_after_try(const LockRef& l, os::Deadline deadline, int status) {
+    using namespace sync_impl;
+    LockState* s = l.state.get();
+    const std::uint64_t me = this_thread_token();
+    os::LockResult first = os::robust_mutex_trylock_result(status);
+    if (first != os::LockResult::busy || expired(deadline)) return took(s, first, me);
+    return lock_contended(s, me, deadline);
+}
+
 void lock_release_slow(const LockRef& l) {
     using namespace sync_impl;
     LockState* s = l.state.get();

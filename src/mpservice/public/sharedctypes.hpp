@@ -81,7 +81,7 @@ struct ArrayHeader {
     std::uint64_t data_offset = 0;
 };
 
-inline constexpr std::size_t array_lock_offset = 16;
+inline constexpr std::size_t array_lock_offset = 64;  // the lock has a cache line of its own
 static_assert(sizeof(ArrayHeader) <= array_lock_offset && array_lock_offset % alignof(LockState) == 0);
 
 template <class T>
