@@ -376,6 +376,13 @@ private:
     std::unordered_map<std::uint64_t, int> early_exits_;               // statuses before registration
     std::unordered_set<std::uint64_t> finished_serials_;               // ended before their status came
     std::deque<std::function<void()>> tasks_;
+    // What the reactor works on lives here rather than on its stack: a child
+    // forked meanwhile has no reactor thread, and its leak checker scans
+    // reachable memory only (this object stays reachable there).
+    std::deque<std::function<void()>> running_tasks_;
+    std::shared_ptr<ProcessCore> current_;
+    void* stack_low_ = nullptr;  // the reactor thread's stack: a forked child's leak checker must scan it
+    std::size_t stack_size_ = 0;
     std::thread::id thread_id_;
     long owner_pid_ = 0;
 };
@@ -398,8 +405,14 @@ Reactor& Reactor::get() {
     return *r;
 }
 
+// The parent's objects a forked child stops using; kept reachable so that a
+// leak checker in a child that calls exit() does not report them.
+void* volatile g_abandoned_after_fork[8];
+
 void Reactor::forget_after_fork() noexcept {
-    g_reactor.store(nullptr);
+    if (Reactor* r = g_reactor.load()) os::leak_checker_root(r->stack_low_, r->stack_size_);
+    g_abandoned_after_fork[0] = g_reactor.exchange(nullptr);
+    g_abandoned_after_fork[1] = g_reactor_mutex;
     g_reactor_mutex = new std::mutex;
 }
 
@@ -407,7 +420,10 @@ Reactor::Reactor() : owner_pid_(os::current_pid()) {
     poller_ = os::poller_create();
     wake_ = os::wake_event_create();
     os::poller_add(poller_, wake_, tag_wake);
-    std::thread t([this] { loop(); });
+    std::thread t([this] {
+        os::current_thread_stack(&stack_low_, &stack_size_);
+        loop();
+    });
     thread_id_ = t.get_id();
     t.detach();
 }
@@ -502,21 +518,23 @@ void Reactor::loop() {
             try {
                 if (tag == tag_wake) {
                     os::wake_event_drain(wake_);
-                    std::deque<std::function<void()>> todo;
                     {
                         std::lock_guard<std::mutex> lk(mutex_);
-                        todo.swap(tasks_);
+                        running_tasks_.swap(tasks_);
                     }
-                    for (auto& t : todo) t();
+                    for (auto& t : running_tasks_) t();
+                    running_tasks_.clear();
                 } else if (tag == tag_server) {
                     on_fork_server();
-                } else if (auto core = find(id)) {
-                    if (tag == tag_channel) on_channel(core);
-                    else on_pidfd(core);
+                } else if ((current_ = find(id))) {
+                    if (tag == tag_channel) on_channel(current_);
+                    else on_pidfd(current_);
                 }
             } catch (...) {
                 // The reactor must survive anything; a broken child resolves at its exit.
             }
+            running_tasks_.clear();
+            current_.reset();
         }
     }
 }
@@ -635,7 +653,8 @@ void Reactor::on_fork_server() {
             return;
         }
         if (n != static_cast<long>(sizeof st)) continue;
-        std::shared_ptr<ProcessCore> core;
+        std::shared_ptr<ProcessCore>& core = current_;
+        core.reset();
         {
             std::lock_guard<std::mutex> lk(mutex_);
             auto it = server_serials_.find(st.serial);
@@ -649,6 +668,7 @@ void Reactor::on_fork_server() {
             if (c != children_.end()) core = c->second;
         }
         if (core) on_exit(core, st.code);
+        core.reset();
     }
 }
 
@@ -787,6 +807,8 @@ void start_fork_server() {
 void reset_after_fork_in_child() {
     Runtime& r = rt();
     Reactor::forget_after_fork();
+    g_abandoned_after_fork[2] = r.forkserver_mutex;
+    g_abandoned_after_fork[3] = r.fingerprint_mutex;
     r.forkserver_mutex = new std::mutex;
     r.fingerprint_mutex = new std::mutex;
     os::close_handle(r.forkserver.control);
