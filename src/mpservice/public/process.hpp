@@ -200,6 +200,9 @@ public:
     MPSERVICE_API ~ProcessCore() override;
 
     MPSERVICE_API void start(std::unique_ptr<ChildTask> task);
+    /// Also watches the child's exit itself, so the waiting thread wakes with
+    /// the reactor rather than after it (one cross-CPU wake-up less).
+    MPSERVICE_API bool wait_until(os::Deadline deadline) const override;
     MPSERVICE_API long pid() const;
     MPSERVICE_API std::optional<int> exitcode() const;
     MPSERVICE_API bool is_alive() const;
