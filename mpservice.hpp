@@ -151,11 +151,15 @@ public:
 //     std::variant, std::monostate, std::map, std::multimap, std::unordered_map,
 //     std::unordered_multimap, std::set, std::multiset, std::unordered_set,
 //     std::unordered_multiset, nested to any depth (up to codec_max_depth levels);
-//   - trivially copyable classes that have no serialize member: copied byte for byte.
-//     Such a struct must be valid for any bytes the other side wrote, so a struct that
-//     holds a pointer (or std::string_view, or a pointer-like handle) does not make sense
-//     in another process: give it serialize() instead.  Containers of them are copied in
-//     one block.
+//   - trivially copyable classes that have no serialize member: copied byte for byte, and
+//     containers of them in one block.  Such a struct is taken as it is: a struct that holds
+//     a pointer (or a pointer-like handle) means nothing in another process, and one whose
+//     fields are not valid for every byte pattern (bool, an enum without a fixed underlying
+//     type) is not checked against corrupt input.  Give such a struct serialize() instead:
+//     then every field is carried and checked by its own codec.
+//   - Enums travel as their bytes.  An enum with a fixed underlying type (every enum class,
+//     `enum E : int`) can hold any value, so nothing can go wrong; for an unscoped enum
+//     without one, a corrupt value outside its enumerators' range is not detected.
 //
 // Customization (the ONE way to make your own type travel): give it a member
 //
@@ -225,14 +229,15 @@ inline constexpr unsigned codec_max_depth = 256;
 /// "required from mpservice::mpservice_cannot_encode_this_type<T>" names the type.
 template <class T>
 struct mpservice_cannot_encode_this_type {
-    static_assert(sizeof(T*) == 0 || !sizeof(T*),
-                  "mpservice codec: this type cannot cross a process boundary (it is the T of the "
-                  "mpservice_cannot_encode_this_type<T> the compiler names here). Raw pointers, references, "
-                  "std::function, std::string_view and classes that are neither trivially copyable nor customized are "
-                  "refused. To make your own class travel, give it a member "
-                  "`template <class Archive> void serialize(Archive& ar) { ar(field1, field2); }` "
-                  "or specialize `mpservice::Codec<T>` with static encode(Encoder&, const T&) and "
-                  "T decode(Decoder&).");
+    static_assert(
+        sizeof(T*) == 0 || !sizeof(T*),
+        "mpservice codec: this type cannot cross a process boundary (it is the T of the "
+        "mpservice_cannot_encode_this_type<T> the compiler names here). Raw pointers, references, "
+        "std::function, std::string_view and classes that are neither trivially copyable nor customized are "
+        "refused. To make your own class travel, give it a member "
+        "`template <class Archive> void serialize(Archive& ar) { ar(field1, field2); }` "
+        "or specialize `mpservice::Codec<T>` with static encode(Encoder&, const T&) and "
+        "T decode(Decoder&).");
     static void encode(Encoder&, const T&);
     static T decode(Decoder&);
 };
@@ -392,9 +397,13 @@ public:
 
 private:
     void require(std::size_t n, const char* what) const {
-        if (n > remaining())
-            throw DecodeError(std::string("decode: truncated input: needed ") + std::to_string(n) + " " +
-                              what + ", " + std::to_string(remaining()) + " left");
+        if (n > remaining()) throw_truncated(n, what);
+    }
+    // Out of line and cold: keeps the fast path small (and g++ 12's -Warray-bounds
+    // from reasoning about the bytes past a failed check).
+    [[noreturn]] void throw_truncated(std::size_t n, const char* what) const {
+        throw DecodeError(std::string("decode: truncated input: needed ") + std::to_string(n) + " " + what +
+                          ", " + std::to_string(remaining()) + " left");
     }
     const unsigned char* p_;
     const unsigned char* end_;
@@ -512,15 +521,31 @@ struct SerializeCodec {
         v.serialize(d);
         return v;
     }
+    // Found by running serialize() once on a default-constructed value with an
+    // archive that only adds up its fields' minimum sizes.  A serialize() that
+    // is not a template (it takes only Encoder& / Decoder&) cannot be probed:
+    // then each value is assumed to take at least one byte.
     static std::size_t min_encoded_size() {
-        static const std::size_t size = [] {
-            T v{};
-            MinSizeProbe probe;
-            v.serialize(probe);
-            return probe.total;
-        }();
-        return size;
+        if constexpr (accepts_probe<T>::value) {
+            static const std::size_t size = [] {
+                T v{};
+                MinSizeProbe probe;
+                v.serialize(probe);
+                return probe.total;
+            }();
+            return size;
+        } else {
+            return 1;
+        }
     }
+
+private:
+    template <class X, class = void>
+    struct accepts_probe : std::false_type {};
+    template <class X>
+    struct accepts_probe<X,
+                         std::void_t<decltype(std::declval<X&>().serialize(std::declval<MinSizeProbe&>()))>>
+        : std::true_type {};
 };
 
 // Arithmetic types, enums and trivially copyable classes: the object's bytes.
@@ -557,9 +582,10 @@ struct EmptyCodec {
 template <class T>
 using default_codec_t = std::conditional_t<
     has_serialize<T>::value, SerializeCodec<T>,
-    std::conditional_t<std::is_empty_v<T> && std::is_trivially_copyable_v<T>, EmptyCodec<T>,
-    std::conditional_t<(std::is_class_v<T> || std::is_union_v<T>)&&std::is_trivially_copyable_v<T>,
-                       BitwiseCodec<T>, mpservice_cannot_encode_this_type<T>>>>;
+    std::conditional_t<
+        std::is_empty_v<T> && std::is_trivially_copyable_v<T>, EmptyCodec<T>,
+        std::conditional_t<(std::is_class_v<T> || std::is_union_v<T>)&&std::is_trivially_copyable_v<T>,
+                           BitwiseCodec<T>, mpservice_cannot_encode_this_type<T>>>>;
 
 }  // namespace detail
 
@@ -1174,6 +1200,31 @@ MPSERVICE_API int affinity_cpu_count() noexcept;
 MPSERVICE_API double cgroup_cpu_quota() noexcept;
 
 // ---------------------------------------------------------------- (synchronization section)
+/// robust_mutex_lock without its spinning: straight to the blocking wait (for
+/// callers that spin in their own, adaptive way first).
+MPSERVICE_API LockResult robust_mutex_lock_blocking(RobustMutex* m, Deadline deadline = no_deadline);
+/// The calling thread's kernel id: unique among the live threads of every process.
+MPSERVICE_API long current_tid() noexcept;
+/// Registers fn to run in the child after every fork() (not after exec).
+MPSERVICE_API void at_fork_child(void (*fn)());
+/// Whether a process with this id exists and has not ended: unlike pid_alive,
+/// a zombie (killed or exited, not yet reaped) counts as ended.
+MPSERVICE_API bool process_running(long pid) noexcept;
+
+/// A code address in a form that stays valid in another process running the
+/// same program, however its modules were placed (ASLR, exec): the module,
+/// named by a hash of its path as the dynamic loader lists it, and the offset
+/// from the module's load base.
+struct CodeRef {
+    std::uint64_t module = 0;  // 0: no code
+    std::uint64_t offset = 0;
+    bool empty() const noexcept { return module == 0; }
+};
+/// The CodeRef of an address inside a loaded module; throws std::invalid_argument if there is none.
+MPSERVICE_API CodeRef code_ref_of(const void* address);
+/// The address in this process, or nullptr if the module is not loaded here or
+/// the offset is not inside its executable code.
+MPSERVICE_API const void* code_ref_resolve(const CodeRef& ref) noexcept;
 
 // ---------------------------------------------------------------- (queue section)
 
@@ -2490,10 +2541,1063 @@ Thread(F, A...) -> Thread<detail::thread_result_t<F, A...>>;
 }  // namespace mpservice
 // ---- end part: mpservice/public/threading.hpp
 // ---- begin part: mpservice/public/synchronize.hpp ---------------------------
-// synchronize: (to be written)
+// synchronize: Lock, RLock, Condition, Semaphore, BoundedSemaphore, Event and
+// Barrier in shared memory, usable alike by the threads of one process and by
+// many processes.
+//
+// Every object is a *handle*: copying it, or passing it as an argument to a
+// Process, gives another handle to the same lock/event/...  The state lives in
+// anonymous shared memory (see detail/shm.hpp); each handle keeps a mapping of
+// it, and the kernel frees the memory when the last mapping and descriptor in
+// any process are gone.  Nothing has a name, so nothing can be left behind:
+// not by exceptions, not by exit(), not by SIGKILL (the kernel closes a killed
+// process's descriptors and mappings like everyone else's).
+//
+// Waits spin for a few microseconds and then sleep on a futex: a wake-up that
+// crosses CPUs costs ~30 us, while the other side often answers much sooner.
+//
+// Dead processes.  Lock and RLock are robust mutexes: if the holder dies, the
+// next acquirer gets the lock *and* an OwnerDiedError (or the status
+// LockStatus::owner_died from acquire_checked()).  It then owns the lock:
+// repair what the lock protects and call make_consistent(), or simply
+// release() - a release marks the lock consistent too, so the lock is never
+// poisoned.  Only the acquirer that took the lock from the dead process is
+// told.  A process that dies *waiting* (Condition::wait, Event::wait,
+// Semaphore::acquire) leaves nothing behind that others wait for; one that dies
+// inside Barrier::wait breaks the barrier (the other waiters check the
+// liveness of the parties that arrived while they sleep).
+//
+// Differences from Python worth knowing:
+// - A Lock is owned by the thread that acquired it; releasing it from another
+//   thread or process throws InvalidStateError (use a Semaphore for hand-offs).
+//   Acquiring a Lock the calling thread already holds throws InvalidStateError
+//   rather than deadlocking.
+// - Condition may wake more waiters than notify(n) asked for (spurious
+//   wake-ups, as with std::condition_variable); wait_for(predicate) is exact.
+// - Barrier's action is a plain function pointer; it runs in the process that
+//   arrives last (see Barrier).
+
+#include <chrono>
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+#include <utility>
+
+namespace mpservice {
+
+/// How acquire_checked() ended.
+enum class LockStatus {
+    acquired,    ///< the caller holds the lock
+    owner_died,  ///< the caller holds the lock; its previous holder died holding it
+    timed_out,   ///< the caller does not hold the lock
+};
+
+namespace detail {
+
+// ---------------------------------------------------------------- identity and spinning
+
+/// The calling thread's token, once made (0 before); reset in a forked child.
+inline thread_local std::uint64_t t_thread_token = 0;
+/// Makes a new token (and registers the reset after fork).
+MPSERVICE_API std::uint64_t new_thread_token() noexcept;
+/// A 64-bit identity of the calling thread that no other thread, in any
+/// process, has now or had before (so a dead owner's identity is never
+/// mistaken for a live thread's).  Cached per thread; renewed in a forked child.
+inline std::uint64_t this_thread_token() noexcept {
+    std::uint64_t t = t_thread_token;
+    return t ? t : (t_thread_token = new_thread_token());
+}
+
+/// How long a waiter may spin before it sleeps: about a third of the cost of
+/// a cross-CPU futex wake-up on the machines this was tuned on (RESULTS.md)...
+inline constexpr std::uint32_t spin_max_ns = 10000;
+/// ...and at least, so that a partner that answers at once is still caught.
+inline constexpr std::uint32_t spin_min_ns = 500;
+
+/// Spins until ready() or the spin budget is spent; returns ready().
+///
+/// The budget adapts, per object, in `budget_ns` (shared by every process
+/// that waits on the object): it doubles after a spin that succeeded and
+/// halves after one that failed.  Spinning pays only while the other side
+/// runs on another CPU; when both share one CPU, a spin just delays the
+/// partner, and the budget quickly falls to spin_min_ns.
+template <class Ready>
+bool spin_until(Ready&& ready, std::atomic<std::uint32_t>& budget_ns) {
+    if (ready()) return true;
+    std::uint32_t budget = budget_ns.load(std::memory_order_relaxed);
+    if (budget == 0) budget = spin_max_ns;  // a new object: optimistic
+    auto until = os::Clock::now() + std::chrono::nanoseconds(budget);
+    for (;;) {
+        for (int i = 0; i < 32; ++i) {  // reading the clock costs about as much as a pause
+            os::cpu_relax();
+            if (ready()) {
+                budget_ns.store(budget >= spin_max_ns / 2 ? spin_max_ns : budget * 2, std::memory_order_relaxed);
+                return true;
+            }
+        }
+        if (os::Clock::now() >= until) break;
+    }
+    budget_ns.store(budget <= 2 * spin_min_ns ? spin_min_ns : budget / 2, std::memory_order_relaxed);
+    return ready();
+}
+
+// ---------------------------------------------------------------- handles to shared state
+
+/// A T that lives at some offset inside a SharedMemory block.  Copies, and
+/// decoded copies in other processes, refer to the same T.  The block stays
+/// mapped as long as a SharedRef (or anything else) holds it.
+template <class T>
+class SharedRef {
+public:
+    SharedRef() = default;
+    SharedRef(SharedMemory mem, T* p) : mem_(std::move(mem)), p_(p) {}
+
+    /// A new zero-filled block of `size` bytes (at least sizeof(T)) with a T
+    /// constructed at its start.
+    template <class... Args>
+    static SharedRef create_sized(std::size_t size, Args&&... args) {
+        SharedMemory mem = SharedMemory::create(size < sizeof(T) ? sizeof(T) : size);
+        T* p = ::new (mem.data()) T(std::forward<Args>(args)...);
+        return SharedRef(std::move(mem), p);
+    }
+    /// A handle to a U that lives inside the same block.
+    template <class U>
+    SharedRef<U> alias(U* p) const {
+        return SharedRef<U>(mem_, p);
+    }
+
+    T* get() const noexcept { return p_; }
+    T* operator->() const noexcept { return p_; }
+    T& operator*() const noexcept { return *p_; }
+    explicit operator bool() const noexcept { return p_ != nullptr; }
+    const SharedMemory& memory() const noexcept { return mem_; }
+    std::size_t offset() const noexcept {
+        return static_cast<std::size_t>(reinterpret_cast<const char*>(p_) -
+                                        static_cast<const char*>(mem_.data()));
+    }
+    /// Bytes of the block from this T to the block's end.
+    std::size_t bytes_available() const noexcept { return mem_.size() - offset(); }
+
+private:
+    SharedMemory mem_;
+    T* p_ = nullptr;
+};
+
+// ---------------------------------------------------------------- shared states
+
+/// Lock and RLock: a robust process-shared mutex plus the identity of the
+/// owning thread (so ownership can be checked without a system call).
+struct LockState {
+    // The owner fields come first so that they share a cache line with the
+    // mutex proper (a pthread mutex uses the first 40 of its 64 bytes).
+    std::atomic<std::uint64_t> owner{0};  // this_thread_token() of the holder, 0 if free
+    std::atomic<std::uint32_t> depth{0};  // recursion depth of the holder (1 for a Lock)
+    std::atomic<std::uint32_t> repair_pending{0};  // taken from a dead owner, not yet consistent
+    std::atomic<std::uint32_t> spin_ns{0};         // spin_until's budget for a busy lock
+    os::RobustMutex mutex;
+    LockState() { os::robust_mutex_init(&mutex); }
+};
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free && std::atomic<std::uint32_t>::is_always_lock_free,
+              "shared-memory atomics must be lock-free");
+
+/// The lock under a Condition (or a Value): a Lock or an RLock.
+struct LockRef {
+    SharedRef<LockState> state;
+    bool recursive = false;
+};
+
+// The uncontended paths of Lock and RLock are inline: a trylock and a few
+// relaxed stores on the mutex's own cache line.  Everything else is out of line.
+MPSERVICE_API LockStatus lock_acquire_slow(const LockRef& l, os::Deadline deadline);
+MPSERVICE_API void lock_release_slow(const LockRef& l);
+MPSERVICE_API void lock_make_consistent(const LockRef& l);
+[[noreturn]] MPSERVICE_API void throw_owner_died(const LockRef& l);
+
+inline bool lock_is_mine(const LockRef& l) noexcept {
+    return l.state->owner.load(std::memory_order_relaxed) == this_thread_token();
+}
+
+/// Takes the lock (or, for the owner of an RLock, one more level).
+inline LockStatus lock_acquire(const LockRef& l, os::Deadline deadline) {
+    LockState* s = l.state.get();
+    const std::uint64_t me = this_thread_token();
+    if (s->owner.load(std::memory_order_relaxed) != me) {
+        os::LockResult r = os::robust_mutex_trylock(&s->mutex);
+        if (r != os::LockResult::busy) {  // taken, possibly from a dead owner
+            s->owner.store(me, std::memory_order_relaxed);
+            s->depth.store(1, std::memory_order_relaxed);
+            if (r == os::LockResult::acquired) return LockStatus::acquired;
+            s->repair_pending.store(1, std::memory_order_relaxed);
+            return LockStatus::owner_died;
+        }
+    }
+    return lock_acquire_slow(l, deadline);
+}
+inline LockStatus lock_try_acquire(const LockRef& l) { return lock_acquire(l, os::Deadline{}); }
+
+/// Releases (one level of an RLock); InvalidStateError if not the owner's.
+inline void lock_release(const LockRef& l) {
+    LockState* s = l.state.get();
+    if (s->owner.load(std::memory_order_relaxed) == this_thread_token() &&
+        s->depth.load(std::memory_order_relaxed) == 1 && !s->repair_pending.load(std::memory_order_relaxed)) {
+        s->depth.store(0, std::memory_order_relaxed);
+        s->owner.store(0, std::memory_order_relaxed);
+        os::robust_mutex_unlock(&s->mutex);
+        return;
+    }
+    lock_release_slow(l);
+}
+
+/// Throws OwnerDiedError for owner_died (the lock stays held), returns
+/// whether it was acquired otherwise.
+inline bool lock_status_to_bool(const LockRef& l, LockStatus s) {
+    if (s == LockStatus::owner_died) throw_owner_died(l);
+    return s == LockStatus::acquired;
+}
+
+struct ConditionState {
+    std::atomic<std::uint32_t> sequence{0};  // futex word: bumped by every notify
+    std::atomic<std::uint32_t> sleepers{0};  // may over-count after a waiter died: only costs a syscall
+    std::atomic<std::uint32_t> spin_ns{0};   // spin_until's budget
+};
+
+struct SemaphoreState {
+    std::atomic<std::uint32_t> value{0};     // futex word
+    std::atomic<std::uint32_t> sleepers{0};  // as in ConditionState
+    std::atomic<std::uint32_t> spin_ns{0};
+    std::uint32_t bounded = 0;               // BoundedSemaphore: value may not exceed limit
+    std::uint32_t limit = 0;
+};
+
+struct EventState {
+    std::atomic<std::uint32_t> word{0};      // futex word: bit 0 = flag, bits 1.. = number of set()s
+    std::atomic<std::uint32_t> sleepers{0};  // as in ConditionState
+    std::atomic<std::uint32_t> spin_ns{0};
+};
+
+struct BarrierState {
+    os::RobustMutex mutex;                      // guards everything but the atomics' lone reads
+    std::atomic<std::uint32_t> generation{0};   // futex word: bumped when a cycle ends
+    std::atomic<std::uint32_t> count{0};        // arrivals in the current cycle
+    std::atomic<std::uint32_t> broken{0};
+    std::atomic<std::uint32_t> spin_ns{0};
+    std::uint32_t parties = 0;
+    std::atomic<std::uint64_t> released_bits{0};  // bit g%64: cycle g ended by release, not break
+    std::int64_t default_timeout_ns = -1;       // -1: none
+    os::CodeRef action{};                        // empty: no action
+    // followed by `parties` process ids (std::int64_t) of the current cycle's arrivals
+    BarrierState() { os::robust_mutex_init(&mutex); }
+    std::int64_t* pids() noexcept { return reinterpret_cast<std::int64_t*>(this + 1); }
+    static std::size_t size_for(std::uint32_t parties) {
+        return sizeof(BarrierState) + parties * sizeof(std::int64_t);
+    }
+};
+
+MPSERVICE_API bool condition_wait(const SharedRef<ConditionState>& c, const LockRef& l, os::Deadline deadline);
+MPSERVICE_API void condition_notify(const SharedRef<ConditionState>& c, const LockRef& l, int n);
+MPSERVICE_API bool semaphore_acquire(SemaphoreState* s, os::Deadline deadline);
+MPSERVICE_API void semaphore_release(SemaphoreState* s, unsigned n);
+MPSERVICE_API bool event_wait(EventState* e, os::Deadline deadline);
+MPSERVICE_API void event_set(EventState* e);
+
+template <class Rep, class Period>
+os::Deadline deadline_of(std::chrono::duration<Rep, Period> timeout) {
+    return os::deadline_after(timeout);
+}
+
+/// A T at `offset` in `mem`; throws DecodeError unless it (plus `extra`
+/// bytes) fits inside the block at a properly aligned offset.
+template <class T>
+SharedRef<T> ref_at(const SharedMemory& mem, std::uint64_t offset, std::size_t extra = 0) {
+    if (offset % alignof(T) != 0 || offset > mem.size() || mem.size() - offset < sizeof(T) + extra)
+        throw DecodeError("decode: shared object does not fit its shared memory block");
+    return SharedRef<T>(mem, reinterpret_cast<T*>(static_cast<char*>(mem.data()) + offset));
+}
+/// Reads a SharedRef<T> written by encode_ref.
+template <class T>
+SharedRef<T> decode_ref(Decoder& d, std::size_t extra = 0) {
+    SharedMemory mem = d.read<SharedMemory>();
+    auto offset = d.read<std::uint64_t>();
+    return ref_at<T>(mem, offset, extra);
+}
+template <class T>
+void encode_ref(Encoder& e, const SharedRef<T>& r) {
+    e.write(r.memory());
+    e.write(static_cast<std::uint64_t>(r.offset()));
+}
+/// A lock that often lives in the same block as the object it guards
+/// (Condition, Value, Array): then only its offset travels, so the receiver
+/// maps the block once.
+inline void encode_lock_beside(Encoder& e, const SharedMemory& owner, const LockRef& l) {
+    bool same_block = l.state.memory().handle() == owner.handle();
+    e.write(static_cast<std::uint8_t>(same_block));
+    e.write(static_cast<std::uint8_t>(l.recursive));
+    if (same_block)
+        e.write(static_cast<std::uint64_t>(l.state.offset()));
+    else
+        encode_ref(e, l.state);
+}
+inline LockRef decode_lock_beside(Decoder& d, const SharedMemory& owner) {
+    auto same_block = d.read<std::uint8_t>();
+    auto recursive = d.read<std::uint8_t>();
+    if (same_block > 1 || recursive > 1) throw DecodeError("decode: bad lock description");
+    if (same_block) return LockRef{ref_at<LockState>(owner, d.read<std::uint64_t>()), recursive == 1};
+    return LockRef{decode_ref<LockState>(d), recursive == 1};
+}
+
+}  // namespace detail
+
+// ============================================================================ Lock, RLock
+
+/// A mutual-exclusion lock shared between threads and processes (Python's
+/// multiprocessing.Lock).  Meets the standard Lockable and TimedLockable
+/// requirements: std::lock_guard, std::unique_lock and std::scoped_lock work.
+///
+/// If the holder dies, the next acquirer takes the lock and acquire()/lock()/
+/// try_lock() throw OwnerDiedError *with the lock held*; acquire_checked()
+/// returns LockStatus::owner_died instead of throwing.  Repair the protected
+/// state, then make_consistent() or release().
+class Lock {
+public:
+    /// A new, unlocked lock.
+    MPSERVICE_API Lock();
+
+    /// Blocks until the lock is taken.
+    void acquire() { to_bool(detail::lock_acquire(ref_, detail::os::no_deadline)); }
+    /// Waits at most `timeout`; false if the lock could not be taken.
+    template <class Rep, class Period>
+    bool acquire(std::chrono::duration<Rep, Period> timeout) {
+        return to_bool(detail::lock_acquire(ref_, detail::deadline_of(timeout)));
+    }
+    /// Like acquire, but reports a dead previous owner as a status, not an exception.
+    LockStatus acquire_checked() { return detail::lock_acquire(ref_, detail::os::no_deadline); }
+    template <class Rep, class Period>
+    LockStatus acquire_checked(std::chrono::duration<Rep, Period> timeout) {
+        return detail::lock_acquire(ref_, detail::deadline_of(timeout));
+    }
+    /// Releases; throws InvalidStateError if the calling thread does not hold the lock.
+    void release() { detail::lock_release(ref_); }
+    /// After a dead owner: declares the protected state repaired.
+    void make_consistent() { detail::lock_make_consistent(ref_); }
+    /// Whether the calling thread holds the lock.
+    bool is_mine() const noexcept { return detail::lock_is_mine(ref_); }
+
+    // The standard Lockable / TimedLockable interface.
+    void lock() { acquire(); }
+    void unlock() { release(); }
+    bool try_lock() { return to_bool(detail::lock_try_acquire(ref_)); }
+    template <class Rep, class Period>
+    bool try_lock_for(std::chrono::duration<Rep, Period> timeout) {
+        return acquire(timeout);
+    }
+    template <class Clock, class Duration>
+    bool try_lock_until(std::chrono::time_point<Clock, Duration> t) {
+        return acquire(t - Clock::now());
+    }
+
+    /// Internal: the shared state and its kind.
+    const detail::LockRef& lock_ref() const noexcept { return ref_; }
+    /// Internal: a handle to an existing lock (decoding, Value's own lock).
+    explicit Lock(detail::SharedRef<detail::LockState> state) : ref_{std::move(state), false} {}
+
+private:
+    bool to_bool(LockStatus s) { return detail::lock_status_to_bool(ref_, s); }
+    detail::LockRef ref_;
+};
+
+/// A re-entrant lock (Python's multiprocessing.RLock): the owning thread -
+/// identified across processes - may acquire it again; it is free once released
+/// as many times as acquired.  Same dead-owner protocol as Lock.
+class RLock {
+public:
+    /// A new, unlocked recursive lock.
+    MPSERVICE_API RLock();
+
+    void acquire() { to_bool(detail::lock_acquire(ref_, detail::os::no_deadline)); }
+    template <class Rep, class Period>
+    bool acquire(std::chrono::duration<Rep, Period> timeout) {
+        return to_bool(detail::lock_acquire(ref_, detail::deadline_of(timeout)));
+    }
+    LockStatus acquire_checked() { return detail::lock_acquire(ref_, detail::os::no_deadline); }
+    template <class Rep, class Period>
+    LockStatus acquire_checked(std::chrono::duration<Rep, Period> timeout) {
+        return detail::lock_acquire(ref_, detail::deadline_of(timeout));
+    }
+    /// Releases one level; throws InvalidStateError if the calling thread is not the owner.
+    void release() { detail::lock_release(ref_); }
+    void make_consistent() { detail::lock_make_consistent(ref_); }
+    bool is_mine() const noexcept { return detail::lock_is_mine(ref_); }
+    /// How many times the owner holds it (0 if free); a snapshot.
+    unsigned depth() const noexcept { return ref_.state->depth.load(std::memory_order_relaxed); }
+
+    void lock() { acquire(); }
+    void unlock() { release(); }
+    bool try_lock() { return to_bool(detail::lock_try_acquire(ref_)); }
+    template <class Rep, class Period>
+    bool try_lock_for(std::chrono::duration<Rep, Period> timeout) {
+        return acquire(timeout);
+    }
+    template <class Clock, class Duration>
+    bool try_lock_until(std::chrono::time_point<Clock, Duration> t) {
+        return acquire(t - Clock::now());
+    }
+
+    const detail::LockRef& lock_ref() const noexcept { return ref_; }
+    explicit RLock(detail::SharedRef<detail::LockState> state) : ref_{std::move(state), true} {}
+
+private:
+    bool to_bool(LockStatus s) { return detail::lock_status_to_bool(ref_, s); }
+    detail::LockRef ref_;
+};
+
+// ============================================================================ Condition
+
+/// A condition variable over a Lock or an RLock (Python's
+/// multiprocessing.Condition); by default over a new RLock of its own.  The
+/// Condition is itself lockable: lock()/unlock()/acquire()/release() act on
+/// its lock, so `std::unique_lock g(cond)` works.
+///
+/// Waiting: a futex on a notification counter.  A waiter that dies leaves no
+/// trace others depend on, so the condition keeps working; the lock under it
+/// follows the dead-owner protocol of Lock.
+class Condition {
+public:
+    /// Over a new RLock.
+    MPSERVICE_API Condition();
+    MPSERVICE_API explicit Condition(Lock lock);
+    MPSERVICE_API explicit Condition(RLock lock);
+
+    /// Releases the lock (all levels of an RLock), waits for a notify, takes
+    /// the lock back.  The caller must hold the lock (else InvalidStateError).
+    /// If the lock's holder died meanwhile, throws OwnerDiedError holding it.
+    void wait() { detail::condition_wait(state_, lock_, detail::os::no_deadline); }
+    /// As wait(); false if `timeout` passed without a notify.
+    template <class Rep, class Period>
+    bool wait(std::chrono::duration<Rep, Period> timeout) {
+        return detail::condition_wait(state_, lock_, detail::deadline_of(timeout));
+    }
+    /// Waits until pred() is true; returns pred()'s last value.
+    template <class Predicate>
+    bool wait_for(Predicate pred) {
+        while (!pred()) wait();
+        return true;
+    }
+    /// Waits until pred() is true or `timeout` passed; returns pred()'s last value.
+    template <class Predicate, class Rep, class Period>
+    bool wait_for(Predicate pred, std::chrono::duration<Rep, Period> timeout) {
+        auto deadline = detail::deadline_of(timeout);
+        bool result = pred();
+        while (!result) {
+            if (detail::os::Clock::now() >= deadline) break;
+            detail::condition_wait(state_, lock_, deadline);
+            result = pred();
+        }
+        return result;
+    }
+    /// Wakes up to n waiters (at least n when that many wait; see the file
+    /// comment).  The caller must hold the lock.
+    void notify(int n = 1) { detail::condition_notify(state_, lock_, n); }
+    void notify_all() { detail::condition_notify(state_, lock_, INT_MAX); }
+
+    // The lock's interface.
+    void acquire() { lock_status(detail::lock_acquire(lock_, detail::os::no_deadline)); }
+    template <class Rep, class Period>
+    bool acquire(std::chrono::duration<Rep, Period> timeout) {
+        return lock_status(detail::lock_acquire(lock_, detail::deadline_of(timeout)));
+    }
+    void release() { detail::lock_release(lock_); }
+    void lock() { acquire(); }
+    void unlock() { release(); }
+    bool try_lock() { return lock_status(detail::lock_try_acquire(lock_)); }
+    void make_consistent() { detail::lock_make_consistent(lock_); }
+
+    /// Internal.
+    Condition(detail::SharedRef<detail::ConditionState> state, detail::LockRef lock)
+        : state_(std::move(state)), lock_(std::move(lock)) {}
+    const detail::SharedRef<detail::ConditionState>& state_ref() const noexcept { return state_; }
+    const detail::LockRef& lock_ref() const noexcept { return lock_; }
+
+private:
+    bool lock_status(LockStatus s) { return detail::lock_status_to_bool(lock_, s); }
+    detail::SharedRef<detail::ConditionState> state_;
+    detail::LockRef lock_;
+};
+
+// ============================================================================ Semaphore
+
+/// A counting semaphore (Python's multiprocessing.Semaphore).  It has no owner:
+/// any thread or process may release.  lock()/unlock() make it usable with
+/// std::lock_guard as well.
+class Semaphore {
+public:
+    /// A semaphore whose counter starts at `value`.
+    MPSERVICE_API explicit Semaphore(unsigned value = 1);
+
+    /// Decrements the counter, waiting while it is zero.
+    void acquire() { detail::semaphore_acquire(state_.get(), detail::os::no_deadline); }
+    /// As acquire(); false if `timeout` passed while the counter stayed zero.
+    template <class Rep, class Period>
+    bool acquire(std::chrono::duration<Rep, Period> timeout) {
+        return detail::semaphore_acquire(state_.get(), detail::deadline_of(timeout));
+    }
+    /// Decrements the counter if it is not zero.
+    bool try_acquire() { return detail::semaphore_acquire(state_.get(), detail::os::Deadline{}); }
+    /// Adds n to the counter, waking up to n waiters.  A BoundedSemaphore
+    /// throws InvalidStateError rather than exceed its initial value.
+    void release(unsigned n = 1) { detail::semaphore_release(state_.get(), n); }
+    /// The counter now (a snapshot).
+    unsigned get_value() const noexcept { return state_->value.load(std::memory_order_relaxed); }
+
+    void lock() { acquire(); }
+    void unlock() { release(); }
+    bool try_lock() { return try_acquire(); }
+
+    /// Internal.
+    explicit Semaphore(detail::SharedRef<detail::SemaphoreState> state) : state_(std::move(state)) {}
+    const detail::SharedRef<detail::SemaphoreState>& state_ref() const noexcept { return state_; }
+
+protected:
+    MPSERVICE_API Semaphore(unsigned value, unsigned limit);
+
+private:
+    detail::SharedRef<detail::SemaphoreState> state_;
+};
+
+/// A semaphore whose counter may never exceed its initial value: a release
+/// beyond it throws InvalidStateError and changes nothing.
+class BoundedSemaphore : public Semaphore {
+public:
+    explicit BoundedSemaphore(unsigned value = 1) : Semaphore(value, value) {}
+    explicit BoundedSemaphore(detail::SharedRef<detail::SemaphoreState> state) : Semaphore(std::move(state)) {}
+};
+
+// ============================================================================ Event
+
+/// A flag that processes can wait for (Python's multiprocessing.Event).
+class Event {
+public:
+    /// A new event, not set.
+    MPSERVICE_API Event();
+
+    /// Sets the flag and wakes every waiter.
+    void set() { detail::event_set(state_.get()); }
+    /// Resets the flag.
+    void clear() noexcept { state_->word.fetch_and(~1u, std::memory_order_acq_rel); }
+    bool is_set() const noexcept { return state_->word.load(std::memory_order_acquire) & 1u; }
+    /// Waits until the flag is set.  A set() while waiting wakes the waiter
+    /// even if a clear() follows at once.
+    void wait() { detail::event_wait(state_.get(), detail::os::no_deadline); }
+    /// As wait(); returns false if `timeout` passed without a set().
+    template <class Rep, class Period>
+    bool wait(std::chrono::duration<Rep, Period> timeout) {
+        return detail::event_wait(state_.get(), detail::deadline_of(timeout));
+    }
+
+    /// Internal.
+    explicit Event(detail::SharedRef<detail::EventState> state) : state_(std::move(state)) {}
+    const detail::SharedRef<detail::EventState>& state_ref() const noexcept { return state_; }
+
+private:
+    detail::SharedRef<detail::EventState> state_;
+};
+
+// ============================================================================ Barrier
+
+/// A barrier for a fixed number of parties (Python's multiprocessing.Barrier).
+///
+/// wait() returns the arrival index, 0 for the first to arrive and parties-1
+/// for the last.  The barrier breaks - every waiter and every later wait()
+/// throws BrokenBarrierError until reset() - when a wait times out, when
+/// abort() is called, when the action throws, or when a process dies while it
+/// waits at the barrier (the sleepers check the arrived parties every
+/// ~50 ms).
+///
+/// The action is a plain function (a capture-less lambda will do): it runs
+/// once per cycle, in the process - and thread - that arrives last, before the
+/// others are released.  It travels as an offset inside its module (executable
+/// or shared library), so it is found again in a spawned child as well as
+/// under fork and fork server.  It must not use the barrier itself.
+class Barrier {
+public:
+    using Action = void (*)();
+
+    /// `parties` >= 1 (else std::invalid_argument); no default timeout.
+    explicit Barrier(unsigned parties, Action action = nullptr) : Barrier(parties, action, -1) {}
+    /// `timeout` is the default for wait() without a timeout.
+    template <class Rep, class Period>
+    Barrier(unsigned parties, Action action, std::chrono::duration<Rep, Period> timeout)
+        : Barrier(parties, action, timeout_ns(timeout)) {}
+
+    /// Waits for all parties (or the default timeout, if one was given).
+    MPSERVICE_API unsigned wait();
+    template <class Rep, class Period>
+    unsigned wait(std::chrono::duration<Rep, Period> timeout) {
+        return wait_until(detail::deadline_of(timeout));
+    }
+    /// Returns the barrier to its initial state; current waiters get BrokenBarrierError.
+    MPSERVICE_API void reset();
+    /// Breaks the barrier: current and future waiters get BrokenBarrierError until reset().
+    MPSERVICE_API void abort();
+    bool broken() const noexcept { return state_->broken.load(std::memory_order_acquire) != 0; }
+    /// Parties waiting in the current cycle (a snapshot).
+    unsigned n_waiting() const noexcept { return state_->count.load(std::memory_order_relaxed); }
+    unsigned parties() const noexcept { return state_->parties; }
+
+    /// Internal.
+    explicit Barrier(detail::SharedRef<detail::BarrierState> state) : state_(std::move(state)) {}
+    const detail::SharedRef<detail::BarrierState>& state_ref() const noexcept { return state_; }
+
+private:
+    MPSERVICE_API Barrier(unsigned parties, Action action, std::int64_t timeout_ns);
+    MPSERVICE_API unsigned wait_until(detail::os::Deadline deadline);
+    template <class Rep, class Period>
+    static std::int64_t timeout_ns(std::chrono::duration<Rep, Period> t) {
+        if (t < t.zero()) return 0;
+        auto limit = std::chrono::duration<double>(std::chrono::hours(24 * 365 * 100));
+        if (std::chrono::duration<double>(t) > limit) return -1;  // practically forever
+        return std::chrono::duration_cast<std::chrono::nanoseconds>(t).count();
+    }
+    detail::SharedRef<detail::BarrierState> state_;
+};
+
+// ============================================================================ codecs
+
+template <>
+struct Codec<Lock> {
+    static void encode(Encoder& e, const Lock& l) { detail::encode_ref(e, l.lock_ref().state); }
+    static Lock decode(Decoder& d) { return Lock(detail::decode_ref<detail::LockState>(d)); }
+};
+template <>
+struct Codec<RLock> {
+    static void encode(Encoder& e, const RLock& l) { detail::encode_ref(e, l.lock_ref().state); }
+    static RLock decode(Decoder& d) { return RLock(detail::decode_ref<detail::LockState>(d)); }
+};
+template <>
+struct Codec<Condition> {
+    static void encode(Encoder& e, const Condition& c) {
+        detail::encode_ref(e, c.state_ref());
+        detail::encode_lock_beside(e, c.state_ref().memory(), c.lock_ref());
+    }
+    static Condition decode(Decoder& d) {
+        auto state = detail::decode_ref<detail::ConditionState>(d);
+        auto lock = detail::decode_lock_beside(d, state.memory());
+        return Condition(std::move(state), std::move(lock));
+    }
+};
+template <>
+struct Codec<Semaphore> {
+    static void encode(Encoder& e, const Semaphore& s) { detail::encode_ref(e, s.state_ref()); }
+    static Semaphore decode(Decoder& d) { return Semaphore(detail::decode_ref<detail::SemaphoreState>(d)); }
+};
+template <>
+struct Codec<BoundedSemaphore> {
+    static void encode(Encoder& e, const BoundedSemaphore& s) { detail::encode_ref(e, s.state_ref()); }
+    static BoundedSemaphore decode(Decoder& d) {
+        return BoundedSemaphore(detail::decode_ref<detail::SemaphoreState>(d));
+    }
+};
+template <>
+struct Codec<Event> {
+    static void encode(Encoder& e, const Event& ev) { detail::encode_ref(e, ev.state_ref()); }
+    static Event decode(Decoder& d) { return Event(detail::decode_ref<detail::EventState>(d)); }
+};
+template <>
+struct Codec<Barrier> {
+    static void encode(Encoder& e, const Barrier& b) { detail::encode_ref(e, b.state_ref()); }
+    static Barrier decode(Decoder& d) {
+        auto ref = detail::decode_ref<detail::BarrierState>(d);
+        std::uint32_t parties = ref->parties;
+        if (parties == 0 || ref.bytes_available() < detail::BarrierState::size_for(parties))
+            throw DecodeError("decode: barrier state does not fit its shared memory block");
+        return Barrier(std::move(ref));
+    }
+};
+
+}  // namespace mpservice
 // ---- end part: mpservice/public/synchronize.hpp
 // ---- begin part: mpservice/public/sharedctypes.hpp --------------------------
-// sharedctypes: (to be written)
+// sharedctypes: Value<T>, RawValue<T>, Array<T> and RawArray<T> - plain data in
+// shared memory (Python's multiprocessing.Value/RawValue/Array/RawArray).
+//
+// T must be trivially copyable: its bytes are shared as they are, so it may
+// not own memory of the process that wrote it (no std::string, no pointers
+// into the heap).  Reads and writes through any handle, in any process, act
+// on the same bytes at once.
+//
+// Value and Array carry a lock (an RLock unless you choose Lock) that lives in
+// the same shared block; get()/set()/with_lock()/to_vector() take it, the raw
+// access paths (get_obj(), operator[], data()) do not - use them under
+// get_lock(), e.g. `std::lock_guard g(v.get_lock()); v.get_obj() += 1;`.
+// The Raw variants have no lock.
+//
+// Handles: copies, and copies received by other processes as Process
+// arguments, refer to the same memory, which is freed when the last handle in
+// the last process goes (see synchronize.hpp: no names, nothing to leak).
+//
+// Dead lock holders: the locked operations here (get, set, with_lock,
+// to_vector) take the lock and, if its previous holder died, release it again
+// and throw OwnerDiedError without doing their work - the data may be
+// half-updated.  The lock is usable again at once; to inspect and repair the
+// data before anyone else sees it, take the lock yourself with
+// get_lock().acquire_checked() and check for LockStatus::owner_died.
+
+#include <cstddef>
+#include <cstdint>
+#include <initializer_list>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace mpservice {
+
+namespace detail {
+
+template <class T>
+inline constexpr bool shareable_v = std::is_trivially_copyable_v<T> && !std::is_pointer_v<T> && !std::is_array_v<T>;
+
+template <class L>
+inline constexpr bool is_lock_type_v = std::is_same_v<L, Lock> || std::is_same_v<L, RLock>;
+
+/// Takes a data lock for one of the locked operations; see the file comment.
+class DataLockGuard {
+public:
+    explicit DataLockGuard(const LockRef& l) : l_(l) {
+        if (lock_acquire(l_, os::no_deadline) == LockStatus::owner_died) {
+            lock_release(l_);
+            throw OwnerDiedError(
+                "mpservice: a process died while holding the lock of this shared value or array, so the "
+                "data may be half-updated; the operation was not done. The lock is usable again; take it "
+                "with get_lock().acquire_checked() to inspect and repair the data");
+        }
+    }
+    ~DataLockGuard() { lock_release(l_); }
+    DataLockGuard(const DataLockGuard&) = delete;
+    DataLockGuard& operator=(const DataLockGuard&) = delete;
+
+private:
+    const LockRef& l_;
+};
+
+/// A value together with the lock made for it, in one block.
+template <class T>
+struct LockedValueBlock {
+    LockState lock;
+    T value;
+    explicit LockedValueBlock(const T& v) : value(v) {}
+};
+
+/// Layout of an array block: this header at offset 0, the lock (locked
+/// arrays) right after it, the elements at data_offset.
+struct ArrayHeader {
+    std::uint64_t size = 0;
+    std::uint64_t data_offset = 0;
+};
+
+inline constexpr std::size_t array_lock_offset = 16;
+static_assert(sizeof(ArrayHeader) <= array_lock_offset && array_lock_offset % alignof(LockState) == 0);
+
+template <class T>
+constexpr std::size_t array_data_offset(bool locked) {
+    std::size_t start = locked ? array_lock_offset + sizeof(LockState) : sizeof(ArrayHeader);
+    std::size_t align = alignof(T) > 64 ? alignof(T) : 64;  // elements start on a cache line of their own
+    return (start + align - 1) / align * align;
+}
+
+/// The block of an array of n T, with the elements value-initialized (or,
+/// from `init`, copied); returns the header.
+template <class T>
+SharedRef<ArrayHeader> create_array(std::size_t n, bool locked, const T* init, const T* fill) {
+    const std::size_t offset = array_data_offset<T>(locked);
+    if (n > (SIZE_MAX - offset) / sizeof(T))
+        throw std::length_error("mpservice: shared array of " + std::to_string(n) + " elements is too large");
+    // Zero-filled memory: skip the elements' first touch when zero bytes are
+    // already their value-initialized state.
+    auto ref = SharedRef<ArrayHeader>::create_sized(offset + n * sizeof(T) + (n == 0 ? 1 : 0));
+    ref->size = n;
+    ref->data_offset = offset;
+    if (locked) ::new (static_cast<char*>(ref.memory().data()) + array_lock_offset) LockState();
+    T* data = reinterpret_cast<T*>(static_cast<char*>(ref.memory().data()) + offset);
+    for (std::size_t i = 0; i < n; ++i) {
+        if (init)
+            ::new (data + i) T(init[i]);
+        else if (fill)
+            ::new (data + i) T(*fill);
+        else if (!std::is_trivially_default_constructible_v<T>)
+            ::new (data + i) T();
+    }
+    return ref;
+}
+
+/// Decodes an array block and checks that its header fits the block.
+template <class T>
+SharedRef<ArrayHeader> decode_array(Decoder& d, bool locked) {
+    auto ref = decode_ref<ArrayHeader>(d);
+    if (ref.offset() != 0) throw DecodeError("decode: shared array header is not at the start of its block");
+    const std::uint64_t size = ref->size, offset = ref->data_offset;
+    const std::size_t total = ref.memory().size();
+    if (offset < array_data_offset<T>(locked) || offset % alignof(T) != 0 || offset > total ||
+        size > (total - offset) / sizeof(T))
+        throw DecodeError("decode: shared array does not fit its shared memory block");
+    return ref;
+}
+
+template <class T>
+T* array_data(const SharedRef<ArrayHeader>& h) noexcept {
+    return reinterpret_cast<T*>(static_cast<char*>(h.memory().data()) + h->data_offset);
+}
+
+}  // namespace detail
+
+// ============================================================================ RawValue
+
+/// A T in shared memory, without a lock (Python's RawValue).  Accesses are
+/// plain loads and stores: synchronize them yourself.
+template <class T>
+class RawValue {
+    static_assert(detail::shareable_v<T>,
+                  "mpservice::RawValue<T>: T must be trivially copyable, not a pointer, not a C array (use "
+                  "RawArray) - its bytes are shared between processes as they are");
+
+public:
+    using value_type = T;
+
+    /// A new shared T holding `initial`.
+    explicit RawValue(const T& initial = T{}) : value_(detail::SharedRef<T>::create_sized(sizeof(T), initial)) {}
+
+    T get() const noexcept { return *value_; }
+    void set(const T& v) const noexcept { *value_ = v; }
+    T load() const noexcept { return get(); }
+    void store(const T& v) const noexcept { set(v); }
+    RawValue& operator=(const T& v) noexcept {
+        set(v);
+        return *this;
+    }
+    /// The shared T itself.
+    T& get_obj() const noexcept { return *value_; }
+    T& operator*() const noexcept { return *value_; }
+    T* operator->() const noexcept { return value_.get(); }
+
+    /// Internal.
+    explicit RawValue(detail::SharedRef<T> ref) : value_(std::move(ref)) {}
+    const detail::SharedRef<T>& ref() const noexcept { return value_; }
+
+private:
+    detail::SharedRef<T> value_;
+};
+
+// ============================================================================ Value
+
+/// A T in shared memory guarded by a lock (Python's Value): an RLock of its own
+/// by default, or Lock with Value<T, mp::Lock>, or a lock you pass in.
+template <class T, class L = RLock>
+class Value {
+    static_assert(detail::shareable_v<T>,
+                  "mpservice::Value<T>: T must be trivially copyable, not a pointer, not a C array - its bytes are "
+                  "shared between processes as they are");
+    static_assert(detail::is_lock_type_v<L>, "mpservice::Value<T, L>: L must be mpservice::Lock or RLock");
+
+public:
+    using value_type = T;
+    using lock_type = L;
+
+    /// A new shared T holding `initial`, with a new lock in the same block.
+    explicit Value(const T& initial = T{}) {
+        auto block = detail::SharedRef<detail::LockedValueBlock<T>>::create_sized(
+            sizeof(detail::LockedValueBlock<T>), initial);
+        value_ = block.alias(&block->value);
+        lock_ = L(block.alias(&block->lock));
+    }
+    /// A new shared T guarded by `lock`, which may guard other objects too.
+    Value(const T& initial, L lock)
+        : value_(detail::SharedRef<T>::create_sized(sizeof(T), initial)), lock_(std::move(lock)) {}
+
+    /// Reads under the lock.
+    T get() const {
+        detail::DataLockGuard g(lock_.lock_ref());
+        return *value_;
+    }
+    /// Writes under the lock.
+    void set(const T& v) const {
+        detail::DataLockGuard g(lock_.lock_ref());
+        *value_ = v;
+    }
+    T load() const { return get(); }
+    void store(const T& v) const { set(v); }
+    Value& operator=(const T& v) {
+        set(v);
+        return *this;
+    }
+    /// Calls f(T&) on the shared T under the lock; returns what f returns.
+    template <class F>
+    decltype(auto) with_lock(F&& f) const {
+        detail::DataLockGuard g(lock_.lock_ref());
+        return std::forward<F>(f)(*value_);
+    }
+
+    /// The lock: `std::lock_guard g(v.get_lock());` then use get_obj().
+    L& get_lock() const noexcept { return lock_; }
+    /// The shared T itself, unsynchronized.
+    T& get_obj() const noexcept { return *value_; }
+
+    /// Internal.
+    Value(detail::SharedRef<T> value, L lock) : value_(std::move(value)), lock_(std::move(lock)) {}
+    const detail::SharedRef<T>& ref() const noexcept { return value_; }
+
+private:
+    detail::SharedRef<T> value_;
+    mutable L lock_{detail::SharedRef<detail::LockState>()};
+};
+
+// ============================================================================ RawArray
+
+/// A fixed-size array of T in shared memory, without a lock (Python's RawArray).
+/// Contiguous; span-like access.  Elements start value-initialized.
+template <class T>
+class RawArray {
+    static_assert(detail::shareable_v<T>,
+                  "mpservice::RawArray<T>: T must be trivially copyable, not a pointer, not a C array - its bytes are "
+                  "shared between processes as they are");
+
+public:
+    using value_type = T;
+    using size_type = std::size_t;
+    using iterator = T*;
+    using const_iterator = const T*;
+
+    /// n value-initialized elements.  (Note: RawArray<int>{5} is one element, 5.)
+    explicit RawArray(std::size_t n) : header_(detail::create_array<T>(n, false, nullptr, nullptr)) {}
+    RawArray(std::size_t n, const T& fill) : header_(detail::create_array<T>(n, false, nullptr, &fill)) {}
+    RawArray(std::initializer_list<T> init)
+        : header_(detail::create_array<T>(init.size(), false, init.begin(), nullptr)) {}
+    explicit RawArray(const std::vector<T>& init)
+        : header_(detail::create_array<T>(init.size(), false, init.data(), nullptr)) {}
+
+    std::size_t size() const noexcept { return static_cast<std::size_t>(header_->size); }
+    bool empty() const noexcept { return size() == 0; }
+    T* data() const noexcept { return detail::array_data<T>(header_); }
+    T& operator[](std::size_t i) const noexcept { return data()[i]; }
+    /// Bounds-checked element access; throws std::out_of_range.
+    T& at(std::size_t i) const {
+        if (i >= size())
+            throw std::out_of_range("mpservice: array index " + std::to_string(i) + " out of range (size " +
+                                    std::to_string(size()) + ")");
+        return data()[i];
+    }
+    T* begin() const noexcept { return data(); }
+    T* end() const noexcept { return data() + size(); }
+    std::vector<T> to_vector() const { return std::vector<T>(begin(), end()); }
+
+    /// Internal.
+    explicit RawArray(detail::SharedRef<detail::ArrayHeader> header) : header_(std::move(header)) {}
+    const detail::SharedRef<detail::ArrayHeader>& ref() const noexcept { return header_; }
+
+private:
+    detail::SharedRef<detail::ArrayHeader> header_;
+};
+
+// ============================================================================ Array
+
+/// A fixed-size array of T in shared memory with a lock in the same block
+/// (Python's Array).  Element access is unsynchronized; take get_lock() around
+/// it, or use with_lock()/to_vector().
+template <class T, class L = RLock>
+class Array {
+    static_assert(detail::shareable_v<T>,
+                  "mpservice::Array<T>: T must be trivially copyable, not a pointer, not a C array - its bytes are "
+                  "shared between processes as they are");
+    static_assert(detail::is_lock_type_v<L>, "mpservice::Array<T, L>: L must be mpservice::Lock or RLock");
+
+public:
+    using value_type = T;
+    using size_type = std::size_t;
+    using iterator = T*;
+    using const_iterator = const T*;
+    using lock_type = L;
+
+    /// n value-initialized elements.  (Note: Array<int>{5} is one element, 5.)
+    explicit Array(std::size_t n) : Array(detail::create_array<T>(n, true, nullptr, nullptr)) {}
+    Array(std::size_t n, const T& fill) : Array(detail::create_array<T>(n, true, nullptr, &fill)) {}
+    Array(std::initializer_list<T> init) : Array(detail::create_array<T>(init.size(), true, init.begin(), nullptr)) {}
+    explicit Array(const std::vector<T>& init)
+        : Array(detail::create_array<T>(init.size(), true, init.data(), nullptr)) {}
+
+    std::size_t size() const noexcept { return static_cast<std::size_t>(header_->size); }
+    bool empty() const noexcept { return size() == 0; }
+    T* data() const noexcept { return detail::array_data<T>(header_); }
+    T& operator[](std::size_t i) const noexcept { return data()[i]; }
+    /// Bounds-checked element access; throws std::out_of_range.
+    T& at(std::size_t i) const {
+        if (i >= size())
+            throw std::out_of_range("mpservice: array index " + std::to_string(i) + " out of range (size " +
+                                    std::to_string(size()) + ")");
+        return data()[i];
+    }
+    T* begin() const noexcept { return data(); }
+    T* end() const noexcept { return data() + size(); }
+
+    /// A copy of the elements, taken under the lock.
+    std::vector<T> to_vector() const {
+        detail::DataLockGuard g(lock_.lock_ref());
+        return std::vector<T>(begin(), end());
+    }
+    /// Calls f(*this) under the lock; returns what f returns.
+    template <class F>
+    decltype(auto) with_lock(F&& f) const {
+        detail::DataLockGuard g(lock_.lock_ref());
+        return std::forward<F>(f)(*this);
+    }
+    L& get_lock() const noexcept { return lock_; }
+
+    /// Internal.
+    explicit Array(detail::SharedRef<detail::ArrayHeader> header)
+        : header_(std::move(header)),
+          lock_(header_.alias(reinterpret_cast<detail::LockState*>(static_cast<char*>(header_.memory().data()) +
+                                                                   detail::array_lock_offset))) {}
+    const detail::SharedRef<detail::ArrayHeader>& ref() const noexcept { return header_; }
+
+private:
+    detail::SharedRef<detail::ArrayHeader> header_;
+    mutable L lock_;
+};
+
+// ============================================================================ codecs
+
+template <class T>
+struct Codec<RawValue<T>> {
+    static void encode(Encoder& e, const RawValue<T>& v) { detail::encode_ref(e, v.ref()); }
+    static RawValue<T> decode(Decoder& d) { return RawValue<T>(detail::decode_ref<T>(d)); }
+};
+
+template <class T, class L>
+struct Codec<Value<T, L>> {
+    static void encode(Encoder& e, const Value<T, L>& v) {
+        detail::encode_ref(e, v.ref());
+        detail::encode_lock_beside(e, v.ref().memory(), v.get_lock().lock_ref());
+    }
+    static Value<T, L> decode(Decoder& d) {
+        auto value = detail::decode_ref<T>(d);
+        auto lock = detail::decode_lock_beside(d, value.memory());
+        if (lock.recursive != std::is_same_v<L, RLock>) throw DecodeError("decode: Value lock kind differs");
+        return Value<T, L>(std::move(value), L(std::move(lock.state)));
+    }
+};
+
+template <class T>
+struct Codec<RawArray<T>> {
+    static void encode(Encoder& e, const RawArray<T>& a) { detail::encode_ref(e, a.ref()); }
+    static RawArray<T> decode(Decoder& d) { return RawArray<T>(detail::decode_array<T>(d, false)); }
+};
+
+template <class T, class L>
+struct Codec<Array<T, L>> {
+    static void encode(Encoder& e, const Array<T, L>& a) { detail::encode_ref(e, a.ref()); }
+    static Array<T, L> decode(Decoder& d) { return Array<T, L>(detail::decode_array<T>(d, true)); }
+};
+
+}  // namespace mpservice
 // ---- end part: mpservice/public/sharedctypes.hpp
 // ---- begin part: mpservice/public/queues.hpp --------------------------------
 // queues: (to be written)
@@ -2547,6 +3651,11 @@ Thread(F, A...) -> Thread<detail::thread_result_t<F, A...>>;
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #endif
+// synchronization section
+#include <cstdio>
+#include <cstring>
+#include <link.h>
+#include <stdexcept>
 
 extern char** environ;
 // LeakSanitizer's interface, when it is linked in (weak: absent otherwise).
@@ -3228,6 +4337,100 @@ double cgroup_cpu_quota() noexcept {
 }
 
 // ---------------------------------------------------------------- (synchronization section)
+
+LockResult robust_mutex_lock_blocking(RobustMutex* m, Deadline deadline) {
+    if (deadline == no_deadline) return lock_result(pthread_mutex_lock(native(m)), "mpservice: mutex lock");
+    timespec ts = to_timespec(deadline);
+    return lock_result(pthread_mutex_clocklock(native(m), CLOCK_MONOTONIC, &ts), "mpservice: mutex lock");
+}
+
+long current_tid() noexcept { return static_cast<long>(::syscall(SYS_gettid)); }
+
+void at_fork_child(void (*fn)()) {
+    int rc = ::pthread_atfork(nullptr, nullptr, fn);
+    if (rc != 0) throw std::system_error(rc, std::generic_category(), "mpservice: pthread_atfork");
+}
+
+bool process_running(long pid) noexcept {
+    if (!pid_alive(pid)) return false;
+    // /proc/<pid>/stat: "pid (comm) S ..." - comm may hold ')' so look for the last one.
+    char path[64];
+    std::snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return errno != ENOENT && errno != ESRCH;  // no /proc: trust pid_alive
+    char buf[512];
+    ssize_t n = ::read(fd, buf, sizeof buf - 1);
+    ::close(fd);
+    if (n <= 0) return false;  // the process went away between open and read
+    buf[n] = '\0';
+    const char* close_paren = std::strrchr(buf, ')');
+    if (!close_paren || close_paren[1] != ' ') return true;
+    char state = close_paren[2];
+    return state != 'Z' && state != 'X' && state != 'x';
+}
+
+namespace {
+std::uint64_t code_ref_module_hash(const char* name) noexcept {
+    std::uint64_t h = 1469598103934665603ull;  // FNV-1a
+    for (const char* p = name ? name : ""; *p; ++p) h = (h ^ static_cast<unsigned char>(*p)) * 1099511628211ull;
+    return h ? h : 1;
+}
+
+struct CodeRefSearch {
+    std::uintptr_t address = 0;  // code_ref_of: the address to find
+    CodeRef ref{};               // code_ref_resolve: the module to find
+    bool found = false;
+    CodeRef result{};
+    const void* resolved = nullptr;
+};
+
+int code_ref_find_address(dl_phdr_info* info, std::size_t, void* data) {
+    auto* s = static_cast<CodeRefSearch*>(data);
+    for (int i = 0; i < info->dlpi_phnum; ++i) {
+        const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+        if (ph.p_type != PT_LOAD) continue;
+        std::uintptr_t start = info->dlpi_addr + ph.p_vaddr;
+        if (s->address >= start && s->address < start + ph.p_memsz) {
+            s->found = true;
+            s->result.module = code_ref_module_hash(info->dlpi_name);
+            s->result.offset = s->address - info->dlpi_addr;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+int code_ref_find_module(dl_phdr_info* info, std::size_t, void* data) {
+    auto* s = static_cast<CodeRefSearch*>(data);
+    if (code_ref_module_hash(info->dlpi_name) != s->ref.module) return 0;
+    std::uintptr_t address = info->dlpi_addr + s->ref.offset;
+    for (int i = 0; i < info->dlpi_phnum; ++i) {
+        const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+        std::uintptr_t start = info->dlpi_addr + ph.p_vaddr;
+        if (ph.p_type == PT_LOAD && (ph.p_flags & PF_X) && address >= start && address < start + ph.p_memsz) {
+            s->resolved = reinterpret_cast<const void*>(address);
+            break;
+        }
+    }
+    return 1;  // the module was found; stop either way
+}
+}  // namespace
+
+CodeRef code_ref_of(const void* address) {
+    CodeRefSearch s;
+    s.address = reinterpret_cast<std::uintptr_t>(address);
+    ::dl_iterate_phdr(&code_ref_find_address, &s);
+    if (!s.found) throw std::invalid_argument("mpservice: the address is not inside any loaded module");
+    return s.result;
+}
+
+const void* code_ref_resolve(const CodeRef& ref) noexcept {
+    if (ref.empty()) return nullptr;
+    CodeRefSearch s;
+    s.ref = ref;
+    ::dl_iterate_phdr(&code_ref_find_module, &s);
+    return s.resolved;
+}
 
 // ---------------------------------------------------------------- (queue section)
 
@@ -4158,6 +5361,40 @@ std::string hex(std::uintptr_t v) {
     return buf;
 }
 
+/// Whether a frame is the library calling a Process or Thread target.
+bool is_target_runner(const std::string& function) {
+    static const char* const runners[] = {"mpservice::detail::trampoline<", "mpservice::detail::call_and_store<",
+                                          "mpservice::detail::ChildTaskOf<"};
+    for (const char* r : runners)
+        if (function.find(r) != std::string::npos) return true;
+    return false;
+}
+
+/// Whether a frame is the standard library forwarding a call (std::apply,
+/// std::invoke and their helpers, inlined between a runner and the target).
+bool is_call_forwarding(const std::string& function) {
+    static const char* const forwarders[] = {"std::__invoke", "std::invoke", "std::__apply_impl", "std::apply",
+                                             "std::_Function_handler", "std::function<"};
+    for (const char* f : forwarders)
+        if (function.find(f) != std::string::npos && function.find("mpservice") == std::string::npos)
+            return true;
+    return false;
+}
+
+/// A traceback is about the user's code: below the frame that runs the
+/// target there is only the library's child start-up (and main), so cut the
+/// stack there, with the std::invoke plumbing just above it.  Returns whether
+/// anything was cut.
+bool trim_library_frames(std::vector<os::StackFrame>& frames) {
+    std::size_t runner = 0;
+    while (runner < frames.size() && !is_target_runner(frames[runner].function)) ++runner;
+    if (runner == 0 || runner == frames.size()) return false;  // not thrown under a target
+    std::size_t keep = runner;
+    while (keep > 1 && is_call_forwarding(frames[keep - 1].function)) --keep;
+    frames.resize(keep);
+    return true;
+}
+
 /// "[name:pid] type: what" then the frames, innermost first, stopping at main.
 std::string format_part(const std::string& type_name, const std::string& message, const char* where,
                         void* const* pcs, int n) {
@@ -4166,6 +5403,7 @@ std::string format_part(const std::string& type_name, const std::string& message
     if (n == 0) return s + "  (no stack available)\n";
     s += std::string("  ") + where + " (innermost call first):\n";
     std::vector<os::StackFrame> frames = os::symbolize(pcs, n);
+    bool trimmed = trim_library_frames(frames);
     for (std::size_t i = 0; i < frames.size(); ++i) {
         const os::StackFrame& f = frames[i];
         s += "    #" + std::to_string(i) + " " + (f.function.empty() ? std::string("??") : f.function);
@@ -4180,6 +5418,7 @@ std::string format_part(const std::string& type_name, const std::string& message
         // Below main there is only the C runtime's start-up.
         if (!f.inlined && (f.function == "main" || f.function.rfind("main.", 0) == 0)) break;
     }
+    if (trimmed) s += "    (the library's frames that called the target are left out)\n";
     return s;
 }
 
@@ -5911,7 +7150,501 @@ Worker* AsCompleted::next() {
 }  // namespace mpservice
 // ---- end part: mpservice/impl/threading.cpp
 // ---- begin part: mpservice/impl/synchronize.cpp -----------------------------
-// synchronize: implementation (to be written)
+// synchronize: Lock, RLock, Condition, Semaphore, Event, Barrier.
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdint>
+#include <string>
+
+// Helpers live in detail::sync_impl: every implementation part shares one
+// translation unit, so file-local names must not collide with other parts'.
+namespace mpservice::detail {
+
+// ---------------------------------------------------------------- thread identity
+
+namespace sync_impl {
+// fork() copies the forking thread's cache into the child's only thread, which
+// is a different thread: it must not look like the parent's owner of a lock.
+void forget_thread_token() { t_thread_token = 0; }
+
+std::uint64_t mix64(std::uint64_t x) noexcept {  // splitmix64 finalizer
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+bool expired(os::Deadline deadline) noexcept {
+    return deadline != os::no_deadline && os::Clock::now() >= deadline;
+}
+}  // namespace sync_impl
+
+std::uint64_t new_thread_token() noexcept {
+    using namespace sync_impl;
+    static const bool fork_hook = [] {
+        try {
+            os::at_fork_child(&forget_thread_token);
+        } catch (...) {
+            // Without the hook a forked child could pass for its parent's thread; that
+            // needs pthread_atfork to fail (ENOMEM), which leaves bigger problems.
+        }
+        return true;
+    }();
+    (void)fork_hook;
+    static std::atomic<std::uint64_t> counter{0};
+    // The tid is unique among live threads, the time and counter make the token
+    // differ from the one of any earlier thread that had the same tid.
+    std::uint64_t t = mix64(static_cast<std::uint64_t>(os::current_tid()) ^
+                            (static_cast<std::uint64_t>(os::current_pid()) << 32));
+    t = mix64(t ^ static_cast<std::uint64_t>(os::Clock::now().time_since_epoch().count()));
+    t = mix64(t ^ counter.fetch_add(1, std::memory_order_relaxed));
+    return t ? t : 1;
+}
+
+// ---------------------------------------------------------------- Lock and RLock
+
+namespace sync_impl {
+const char* lock_name(const LockRef& l) { return l.recursive ? "mpservice::RLock" : "mpservice::Lock"; }
+
+LockStatus took(LockState* s, os::LockResult r, std::uint64_t me) {
+    switch (r) {
+        case os::LockResult::acquired:
+            s->owner.store(me, std::memory_order_relaxed);
+            s->depth.store(1, std::memory_order_relaxed);
+            return LockStatus::acquired;
+        case os::LockResult::owner_died:
+            s->owner.store(me, std::memory_order_relaxed);
+            s->depth.store(1, std::memory_order_relaxed);
+            s->repair_pending.store(1, std::memory_order_relaxed);
+            return LockStatus::owner_died;
+        default:
+            return LockStatus::timed_out;
+    }
+}
+
+void require_owner(const LockRef& l, const char* operation) {
+    if (!lock_is_mine(l))
+        throw InvalidStateError(std::string(lock_name(l)) + "::" + operation +
+                                ": the calling thread does not hold the lock");
+}
+
+/// Releases every level of the lock; returns the depth to restore.
+std::uint32_t release_all(const LockRef& l) {
+    std::uint32_t depth = l.state->depth.load(std::memory_order_relaxed);
+    l.state->depth.store(1, std::memory_order_relaxed);
+    lock_release(l);
+    return depth;
+}
+
+/// Waits for a lock that someone else holds: spins (adaptively, watching the
+/// owner field rather than hammering the mutex), then sleeps in the kernel.
+LockStatus lock_contended(LockState* s, std::uint64_t me, os::Deadline deadline) {
+    os::LockResult r = os::LockResult::busy;
+    auto free_and_taken = [&] {
+        if (s->owner.load(std::memory_order_relaxed) != 0) return false;
+        r = os::robust_mutex_trylock(&s->mutex);
+        return r != os::LockResult::busy;
+    };
+    if (!spin_until(free_and_taken, s->spin_ns)) r = os::robust_mutex_lock_blocking(&s->mutex, deadline);
+    return took(s, r, me);
+}
+
+/// Takes the lock again after release_all, with no deadline (as Python does).
+LockStatus reacquire(const LockRef& l, std::uint32_t depth) {
+    LockState* s = l.state.get();
+    const std::uint64_t me = this_thread_token();
+    os::LockResult first = os::robust_mutex_trylock(&s->mutex);
+    LockStatus r = first == os::LockResult::busy ? lock_contended(s, me, os::no_deadline) : took(s, first, me);
+    s->depth.store(depth, std::memory_order_relaxed);
+    return r;
+}
+}  // namespace sync_impl
+
+LockStatus lock_acquire_slow(const LockRef& l, os::Deadline deadline) {
+    using namespace sync_impl;
+    LockState* s = l.state.get();
+    const std::uint64_t me = this_thread_token();
+    if (s->owner.load(std::memory_order_relaxed) == me) {
+        if (!l.recursive)
+            throw InvalidStateError(
+                "mpservice::Lock::acquire: the calling thread already holds this lock; a Lock is not "
+                "re-entrant (use an RLock), and waiting for it would wait forever");
+        s->depth.store(s->depth.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+        return LockStatus::acquired;
+    }
+    os::LockResult first = os::robust_mutex_trylock(&s->mutex);
+    if (first != os::LockResult::busy || expired(deadline)) return took(s, first, me);
+    return lock_contended(s, me, deadline);
+}
+
+void lock_release_slow(const LockRef& l) {
+    using namespace sync_impl;
+    LockState* s = l.state.get();
+    require_owner(l, "release");
+    if (l.recursive) {
+        std::uint32_t depth = s->depth.load(std::memory_order_relaxed);
+        if (depth > 1) {
+            s->depth.store(depth - 1, std::memory_order_relaxed);
+            return;
+        }
+    }
+    s->depth.store(0, std::memory_order_relaxed);
+    s->owner.store(0, std::memory_order_relaxed);
+    // Released without make_consistent(): the holder has seen the owner-died
+    // report and chose to go on.  Marking the mutex consistent keeps it usable;
+    // unlocking an inconsistent robust mutex would make it unusable for good.
+    if (s->repair_pending.load(std::memory_order_relaxed)) {
+        s->repair_pending.store(0, std::memory_order_relaxed);
+        os::robust_mutex_consistent(&s->mutex);
+    }
+    os::robust_mutex_unlock(&s->mutex);
+}
+
+void lock_make_consistent(const LockRef& l) {
+    using namespace sync_impl;
+    LockState* s = l.state.get();
+    require_owner(l, "make_consistent");
+    if (s->repair_pending.load(std::memory_order_relaxed)) {
+        s->repair_pending.store(0, std::memory_order_relaxed);
+        os::robust_mutex_consistent(&s->mutex);
+    }
+}
+
+void throw_owner_died(const LockRef& l) {
+    throw OwnerDiedError(std::string(sync_impl::lock_name(l)) +
+                         ": the process that held this lock died while holding it. The calling "
+                         "thread now holds the lock: repair the state it protects and call "
+                         "make_consistent(), or release() it");
+}
+
+// ---------------------------------------------------------------- Condition
+
+bool condition_wait(const SharedRef<ConditionState>& c, const LockRef& l, os::Deadline deadline) {
+    using namespace sync_impl;
+    if (!lock_is_mine(l))
+        throw InvalidStateError("mpservice::Condition::wait: the calling thread must hold the condition's lock");
+    ConditionState* cs = c.get();
+    // Read while still holding the lock: a notify can only come after our
+    // release, and every notify bumps the counter, so none can be missed.
+    const std::uint32_t seen = cs->sequence.load(std::memory_order_acquire);
+    const std::uint32_t depth = release_all(l);
+
+    auto notified = [&] { return cs->sequence.load(std::memory_order_acquire) != seen; };
+    bool woken = !expired(deadline) && spin_until(notified, cs->spin_ns);
+    if (!woken) {
+        cs->sleepers.fetch_add(1, std::memory_order_seq_cst);
+        for (;;) {
+            if (cs->sequence.load(std::memory_order_seq_cst) != seen) {
+                woken = true;
+                break;
+            }
+            if (!os::futex_wait(&cs->sequence, seen, deadline)) {
+                woken = notified();
+                break;
+            }
+        }
+        cs->sleepers.fetch_sub(1, std::memory_order_relaxed);
+    }
+    lock_status_to_bool(l, reacquire(l, depth));
+    return woken;
+}
+
+void condition_notify(const SharedRef<ConditionState>& c, const LockRef& l, int n) {
+    if (!lock_is_mine(l))
+        throw InvalidStateError("mpservice::Condition::notify: the calling thread must hold the condition's lock");
+    if (n <= 0) return;
+    ConditionState* cs = c.get();
+    cs->sequence.fetch_add(1, std::memory_order_seq_cst);
+    // Pairs with the waiter's sleepers increment before its last look at the
+    // counter: either it sees the bump, or we see it sleeping.
+    if (cs->sleepers.load(std::memory_order_seq_cst) != 0) os::futex_wake(&cs->sequence, n);
+}
+
+// ---------------------------------------------------------------- Semaphore
+
+namespace sync_impl {
+bool semaphore_take(SemaphoreState* s) noexcept {
+    std::uint32_t v = s->value.load(std::memory_order_seq_cst);
+    while (v > 0)
+        if (s->value.compare_exchange_weak(v, v - 1, std::memory_order_acquire, std::memory_order_relaxed))
+            return true;
+    return false;
+}
+}  // namespace sync_impl
+
+bool semaphore_acquire(SemaphoreState* s, os::Deadline deadline) {
+    using namespace sync_impl;
+    if (semaphore_take(s)) return true;
+    if (expired(deadline)) return false;
+    if (spin_until([s] { return semaphore_take(s); }, s->spin_ns)) return true;
+    s->sleepers.fetch_add(1, std::memory_order_seq_cst);
+    bool taken = false;
+    for (;;) {
+        if (semaphore_take(s)) {
+            taken = true;
+            break;
+        }
+        if (!os::futex_wait(&s->value, 0, deadline)) {
+            taken = semaphore_take(s);
+            break;
+        }
+    }
+    s->sleepers.fetch_sub(1, std::memory_order_relaxed);
+    return taken;
+}
+
+void semaphore_release(SemaphoreState* s, unsigned n) {
+    if (n == 0) return;
+    std::uint32_t v = s->value.load(std::memory_order_relaxed);
+    for (;;) {
+        std::uint64_t next = std::uint64_t(v) + n;
+        if (s->bounded && next > s->limit)
+            throw InvalidStateError("mpservice::BoundedSemaphore::release: released too many times (the value " +
+                                    std::to_string(v) + " + " + std::to_string(n) +
+                                    " would exceed its initial value " + std::to_string(s->limit) + ")");
+        if (next > UINT32_MAX)
+            throw InvalidStateError("mpservice::Semaphore::release: the value would overflow");
+        if (s->value.compare_exchange_weak(v, static_cast<std::uint32_t>(next), std::memory_order_seq_cst,
+                                           std::memory_order_relaxed))
+            break;
+    }
+    if (s->sleepers.load(std::memory_order_seq_cst) != 0)
+        os::futex_wake(&s->value, n > unsigned(INT_MAX) ? INT_MAX : static_cast<int>(n));
+}
+
+// ---------------------------------------------------------------- Event
+
+void event_set(EventState* e) {
+    std::uint32_t w = e->word.load(std::memory_order_relaxed);
+    do {
+        if (w & 1u) return;  // already set: whoever set it woke the sleepers
+    } while (!e->word.compare_exchange_weak(w, (w + 2u) | 1u, std::memory_order_seq_cst,
+                                            std::memory_order_relaxed));
+    if (e->sleepers.load(std::memory_order_seq_cst) != 0) os::futex_wake(&e->word, INT_MAX);
+}
+
+bool event_wait(EventState* e, os::Deadline deadline) {
+    using namespace sync_impl;
+    const std::uint32_t seen = e->word.load(std::memory_order_acquire);
+    if (seen & 1u) return true;
+    // From a cleared state the word changes only by a set() (clearing a clear
+    // flag leaves it as it is), so any change means the event was set.
+    auto changed = [&] { return e->word.load(std::memory_order_acquire) != seen; };
+    if (expired(deadline)) return changed();
+    if (spin_until(changed, e->spin_ns)) return true;
+    e->sleepers.fetch_add(1, std::memory_order_seq_cst);
+    bool set = false;
+    for (;;) {
+        if (e->word.load(std::memory_order_seq_cst) != seen) {
+            set = true;
+            break;
+        }
+        if (!os::futex_wait(&e->word, seen, deadline)) {
+            set = changed();
+            break;
+        }
+    }
+    e->sleepers.fetch_sub(1, std::memory_order_relaxed);
+    return set;
+}
+
+// ---------------------------------------------------------------- Barrier
+
+namespace sync_impl {
+/// How often sleepers at a barrier look for parties that died.
+constexpr std::chrono::milliseconds barrier_liveness_period{50};
+constexpr std::uint32_t barrier_max_parties = 1u << 20;
+
+void end_cycle_locked(BarrierState* b, bool released) {
+    std::uint32_t g = b->generation.load(std::memory_order_relaxed);
+    std::uint64_t bit = std::uint64_t(1) << (g % 64);
+    std::uint64_t bits = b->released_bits.load(std::memory_order_relaxed);
+    b->released_bits.store(released ? (bits | bit) : (bits & ~bit), std::memory_order_relaxed);
+    b->count.store(0, std::memory_order_relaxed);
+    b->generation.store(g + 1, std::memory_order_release);
+    os::futex_wake(&b->generation, INT_MAX);
+}
+
+void break_locked(BarrierState* b) {
+    b->broken.store(1, std::memory_order_release);
+    end_cycle_locked(b, false);
+}
+
+/// Holds the barrier's own mutex.  Its critical sections are short and ours;
+/// if a process died inside one (or inside the action), the state may be half
+/// updated, so the barrier is broken - waiters learn of it, reset() repairs it.
+class BarrierGuard {
+public:
+    explicit BarrierGuard(BarrierState* b) : b_(b) {
+        if (os::robust_mutex_lock(&b->mutex) == os::LockResult::owner_died) {
+            os::robust_mutex_consistent(&b->mutex);
+            break_locked(b);
+        }
+    }
+    ~BarrierGuard() { os::robust_mutex_unlock(&b_->mutex); }
+    BarrierGuard(const BarrierGuard&) = delete;
+    BarrierGuard& operator=(const BarrierGuard&) = delete;
+
+private:
+    BarrierState* b_;
+};
+
+/// Breaks the barrier if a party that arrived in the current cycle has ended.
+void check_parties_locked(BarrierState* b, std::uint32_t generation) {
+    if (b->generation.load(std::memory_order_relaxed) != generation) return;
+    std::uint32_t n = std::min(b->count.load(std::memory_order_relaxed), b->parties);
+    for (std::uint32_t i = 0; i < n; ++i) {
+        if (!os::process_running(static_cast<long>(b->pids()[i]))) {
+            break_locked(b);
+            return;
+        }
+    }
+}
+
+[[noreturn]] void throw_broken() {
+    throw BrokenBarrierError(
+        "mpservice::Barrier::wait: the barrier is broken (aborted, reset, timed out, its action failed, "
+        "or a waiting process died)");
+}
+}  // namespace sync_impl
+
+}  // namespace mpservice::detail
+
+namespace mpservice {
+
+Lock::Lock() : ref_{detail::SharedRef<detail::LockState>::create_sized(sizeof(detail::LockState)), false} {}
+
+RLock::RLock() : ref_{detail::SharedRef<detail::LockState>::create_sized(sizeof(detail::LockState)), true} {}
+
+namespace detail::sync_impl {
+/// A Condition and the RLock it made for itself share one block (one descriptor).
+struct ConditionWithLock {
+    ConditionState condition;
+    LockState lock;
+};
+}  // namespace detail::sync_impl
+
+Condition::Condition() {
+    using Block = detail::sync_impl::ConditionWithLock;
+    auto block = detail::SharedRef<Block>::create_sized(sizeof(Block));
+    state_ = block.alias(&block->condition);
+    lock_ = detail::LockRef{block.alias(&block->lock), true};
+}
+
+Condition::Condition(Lock lock)
+    : state_(detail::SharedRef<detail::ConditionState>::create_sized(sizeof(detail::ConditionState))),
+      lock_(lock.lock_ref()) {}
+
+Condition::Condition(RLock lock)
+    : state_(detail::SharedRef<detail::ConditionState>::create_sized(sizeof(detail::ConditionState))),
+      lock_(lock.lock_ref()) {}
+
+Semaphore::Semaphore(unsigned value)
+    : state_(detail::SharedRef<detail::SemaphoreState>::create_sized(sizeof(detail::SemaphoreState))) {
+    state_->value.store(value, std::memory_order_relaxed);
+}
+
+Semaphore::Semaphore(unsigned value, unsigned limit) : Semaphore(value) {
+    state_->bounded = 1;
+    state_->limit = limit;
+}
+
+Event::Event() : state_(detail::SharedRef<detail::EventState>::create_sized(sizeof(detail::EventState))) {}
+
+Barrier::Barrier(unsigned parties, Action action, std::int64_t timeout_ns) {
+    using namespace detail::sync_impl;
+    if (parties == 0) throw std::invalid_argument("mpservice::Barrier: parties must be at least 1");
+    if (parties > barrier_max_parties)
+        throw std::invalid_argument("mpservice::Barrier: parties must be at most " +
+                                    std::to_string(barrier_max_parties));
+    detail::os::CodeRef code{};
+    // A function's address is the one thing about it that can travel: it is
+    // stored as module + offset, valid again after exec.
+    if (action) code = detail::os::code_ref_of(reinterpret_cast<const void*>(action));
+    state_ = detail::SharedRef<detail::BarrierState>::create_sized(detail::BarrierState::size_for(parties));
+    state_->parties = parties;
+    state_->default_timeout_ns = timeout_ns;
+    state_->action = code;
+}
+
+unsigned Barrier::wait() {
+    std::int64_t ns = state_->default_timeout_ns;
+    return wait_until(ns < 0 ? detail::os::no_deadline : detail::os::deadline_after(std::chrono::nanoseconds(ns)));
+}
+
+unsigned Barrier::wait_until(detail::os::Deadline deadline) {
+    using namespace detail;
+    using namespace detail::sync_impl;
+    BarrierState* b = state_.get();
+    std::uint32_t generation = 0;
+    std::uint32_t index = 0;
+    {
+        BarrierGuard guard(b);
+        if (b->broken.load(std::memory_order_relaxed)) throw_broken();
+        generation = b->generation.load(std::memory_order_relaxed);
+        index = b->count.load(std::memory_order_relaxed);
+        b->pids()[index] = os::current_pid();
+        b->count.store(index + 1, std::memory_order_relaxed);
+        if (index + 1 == b->parties) {
+            if (!b->action.empty()) {
+                auto fn = reinterpret_cast<Action>(const_cast<void*>(os::code_ref_resolve(b->action)));
+                if (!fn) {
+                    break_locked(b);
+                    throw Error("mpservice::Barrier::wait: the barrier's action is not loaded in this process "
+                                "(its module is missing); the barrier is broken");
+                }
+                try {
+                    fn();
+                } catch (...) {
+                    break_locked(b);
+                    throw;
+                }
+            }
+            end_cycle_locked(b, true);
+            return index;
+        }
+    }
+
+    auto ended = [&] { return b->generation.load(std::memory_order_acquire) != generation; };
+    if (!spin_until(ended, b->spin_ns)) {
+        for (;;) {
+            if (ended()) break;
+            auto now = os::Clock::now();
+            if (now >= deadline) {
+                BarrierGuard guard(b);  // a timeout breaks the barrier, as in Python
+                if (b->generation.load(std::memory_order_relaxed) == generation) break_locked(b);
+                break;
+            }
+            auto step = deadline - now > barrier_liveness_period ? now + barrier_liveness_period : deadline;
+            if (!os::futex_wait(&b->generation, generation, step) && step != deadline && !ended()) {
+                BarrierGuard guard(b);
+                check_parties_locked(b, generation);
+            }
+        }
+    }
+    // Cycle `generation` is over: released or broken?  Its bit is only reused
+    // 64 cycles later, which cannot complete without this party... unless
+    // others keep resetting or breaking it 64 times before we look.
+    std::uint64_t bits = b->released_bits.load(std::memory_order_acquire);
+    if (bits & (std::uint64_t(1) << (generation % 64))) return index;
+    throw_broken();
+}
+
+void Barrier::reset() {
+    using namespace detail::sync_impl;
+    BarrierGuard guard(state_.get());
+    end_cycle_locked(state_.get(), false);  // current waiters: BrokenBarrierError
+    state_->broken.store(0, std::memory_order_release);
+}
+
+void Barrier::abort() {
+    using namespace detail::sync_impl;
+    BarrierGuard guard(state_.get());
+    break_locked(state_.get());
+}
+
+}  // namespace mpservice
 // ---- end part: mpservice/impl/synchronize.cpp
 // ---- begin part: mpservice/impl/queues.cpp ----------------------------------
 // queues: implementation (to be written)

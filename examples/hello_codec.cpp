@@ -25,8 +25,8 @@ int main() {
     const Order order{"Ada", {{"apples", 3}, {"pears", 2}}, {0.5, 0.75}};
     const std::string bytes = mp::encode(order);  // what a child process would receive
     const Order copy = mp::decode<Order>(bytes);
-    std::printf("%s ordered %d apples (%zu bytes on the wire)\n", copy.customer.c_str(), copy.items.at("apples"),
-                bytes.size());
+    std::printf("%s ordered %d apples (%zu bytes on the wire)\n", copy.customer.c_str(),
+                copy.items.at("apples"), bytes.size());
     try {
         mp::decode<Order>(bytes.substr(0, bytes.size() - 1));  // torn message
         return 1;

@@ -420,3 +420,19 @@ TEST_CASE("library handles need a channel that carries them") {
     CHECK(d2.handle(0) == 3);
     CHECK_THROWS_AS(d2.handle(1), mp::DecodeError);
 }
+
+namespace {
+struct EncoderOnlyOverloads {  // serialize() that is not a template: no size probe, still works
+    int a = 0;
+    void serialize(mp::Encoder& e) { e(a); }
+    void serialize(mp::Decoder& d) { d(a); }
+};
+}  // namespace
+
+TEST_CASE("a serialize() written as two overloads instead of a template also works") {
+    const std::vector<EncoderOnlyOverloads> v{{1}, {2}};
+    const auto back = round_trip(v);
+    REQUIRE(back.size() == 2);
+    CHECK(back[1].a == 2);
+    CHECK(!decode_error<std::vector<EncoderOnlyOverloads>>(length_prefix(1000)).empty());
+}

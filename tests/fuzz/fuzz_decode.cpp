@@ -69,25 +69,40 @@ void fuzz_one(std::string_view bytes, bool canonical) {
 }
 
 using Variant = std::variant<std::monostate, int, std::string, std::vector<double>, bool>;
-using Nested = std::map<std::string, std::vector<std::optional<std::tuple<int, std::set<std::string>, Variant>>>>;
+using Nested =
+    std::map<std::string, std::vector<std::optional<std::tuple<int, std::set<std::string>, Variant>>>>;
 
 // Every type the fuzzer exercises, with whether its encoding is canonical.
 // The seed writer and the fuzz entry point both walk this one list.
 template <class Visit>
 void for_kind(unsigned kind, Visit&& visit) {
     switch (kind) {
-        case 0: return visit(std::int32_t{-7}, true);
-        case 1: return visit(true, true);
-        case 2: return visit(std::string("hello"), true);
-        case 3: return visit(std::vector<int>{1, 2, 3}, true);
-        case 4: return visit(std::vector<bool>{true, false, true, true, false, false, true, false, true}, true);
-        case 5: return visit(std::vector<std::string>{"a", "", "bcd"}, true);
-        case 6: return visit(std::map<std::string, int>{{"one", 1}, {"two", 2}}, false);
-        case 7: return visit(std::unordered_map<int, std::string>{{1, "x"}, {2, "y"}}, false);
-        case 8: return visit(std::set<int>{3, 1, 2}, false);
-        case 9: return visit(std::optional<std::string>("opt"), true);
-        case 10: return visit(Variant(std::vector<double>{1.5}), true);
-        case 11: return visit(std::tuple<char, std::u16string, std::array<std::string, 3>>{'c', u"w", {"p", "q", "r"}}, true);
+        case 0:
+            return visit(std::int32_t{-7}, true);
+        case 1:
+            return visit(true, true);
+        case 2:
+            return visit(std::string("hello"), true);
+        case 3:
+            return visit(std::vector<int>{1, 2, 3}, true);
+        case 4:
+            return visit(std::vector<bool>{true, false, true, true, false, false, true, false, true}, true);
+        case 5:
+            return visit(std::vector<std::string>{"a", "", "bcd"}, true);
+        case 6:
+            return visit(std::map<std::string, int>{{"one", 1}, {"two", 2}}, false);
+        case 7:
+            return visit(std::unordered_map<int, std::string>{{1, "x"}, {2, "y"}}, false);
+        case 8:
+            return visit(std::set<int>{3, 1, 2}, false);
+        case 9:
+            return visit(std::optional<std::string>("opt"), true);
+        case 10:
+            return visit(Variant(std::vector<double>{1.5}), true);
+        case 11:
+            return visit(
+                std::tuple<char, std::u16string, std::array<std::string, 3>>{'c', u"w", {"p", "q", "r"}},
+                true);
         case 12: {
             Person p;
             p.name = "Ann";
@@ -101,19 +116,27 @@ void for_kind(unsigned kind, Visit&& visit) {
             t.children[1].children.resize(1);
             return visit(t, true);
         }
-        case 14: return visit(std::deque<std::list<std::u32string>>{{U"a", U"bc"}, {}}, true);
-        case 15: return visit(std::multimap<int, std::vector<bool>>{{1, {true}}, {1, {}}}, false);
-        case 16: return visit(std::vector<Empty>(3), true);
-        case 17: return visit(std::pair<Point, bool>{{1, 2, 3}, true}, false);
-        case 18: return visit(std::vector<Point>{{1, 2, 3}}, false);
+        case 14:
+            return visit(std::deque<std::list<std::u32string>>{{U"a", U"bc"}, {}}, true);
+        case 15:
+            return visit(std::multimap<int, std::vector<bool>>{{1, {true}}, {1, {}}}, false);
+        case 16:
+            return visit(std::vector<Empty>(3), true);
+        case 17:
+            return visit(std::pair<Point, bool>{{1, 2, 3}, true}, false);
+        case 18:
+            return visit(std::vector<Point>{{1, 2, 3}}, false);
         case 19: {
             Nested n;
             n["k"] = {std::nullopt, std::make_tuple(1, std::set<std::string>{"s"}, Variant(true))};
             return visit(n, false);
         }
-        case 20: return visit(std::unordered_multiset<std::string>{"x", "x"}, false);
-        case 21: return visit(std::vector<std::vector<std::vector<std::int8_t>>>{{{1}, {}}, {}}, true);
-        default: return;
+        case 20:
+            return visit(std::unordered_multiset<std::string>{"x", "x"}, false);
+        case 21:
+            return visit(std::vector<std::vector<std::vector<std::int8_t>>>{{{1}, {}}, {}}, true);
+        default:
+            return;
     }
 }
 constexpr unsigned kind_count = 22;

@@ -254,6 +254,32 @@ MPSERVICE_API double cgroup_cpu_quota() noexcept;
 
 
 // ---------------------------------------------------------------- (synchronization section)
+/// robust_mutex_lock without its spinning: straight to the blocking wait (for
+/// callers that spin in their own, adaptive way first).
+MPSERVICE_API LockResult robust_mutex_lock_blocking(RobustMutex* m, Deadline deadline = no_deadline);
+/// The calling thread's kernel id: unique among the live threads of every process.
+MPSERVICE_API long current_tid() noexcept;
+/// Registers fn to run in the child after every fork() (not after exec).
+MPSERVICE_API void at_fork_child(void (*fn)());
+/// Whether a process with this id exists and has not ended: unlike pid_alive,
+/// a zombie (killed or exited, not yet reaped) counts as ended.
+MPSERVICE_API bool process_running(long pid) noexcept;
+
+/// A code address in a form that stays valid in another process running the
+/// same program, however its modules were placed (ASLR, exec): the module,
+/// named by a hash of its path as the dynamic loader lists it, and the offset
+/// from the module's load base.
+struct CodeRef {
+    std::uint64_t module = 0;  // 0: no code
+    std::uint64_t offset = 0;
+    bool empty() const noexcept { return module == 0; }
+};
+/// The CodeRef of an address inside a loaded module; throws std::invalid_argument if there is none.
+MPSERVICE_API CodeRef code_ref_of(const void* address);
+/// The address in this process, or nullptr if the module is not loaded here or
+/// the offset is not inside its executable code.
+MPSERVICE_API const void* code_ref_resolve(const CodeRef& ref) noexcept;
+
 
 // ---------------------------------------------------------------- (queue section)
 

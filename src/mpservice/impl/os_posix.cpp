@@ -37,6 +37,11 @@
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #endif
+// synchronization section
+#include <cstdio>
+#include <cstring>
+#include <link.h>
+#include <stdexcept>
 
 extern char** environ;
 // LeakSanitizer's interface, when it is linked in (weak: absent otherwise).
@@ -718,6 +723,100 @@ double cgroup_cpu_quota() noexcept {
 }
 
 // ---------------------------------------------------------------- (synchronization section)
+
+LockResult robust_mutex_lock_blocking(RobustMutex* m, Deadline deadline) {
+    if (deadline == no_deadline) return lock_result(pthread_mutex_lock(native(m)), "mpservice: mutex lock");
+    timespec ts = to_timespec(deadline);
+    return lock_result(pthread_mutex_clocklock(native(m), CLOCK_MONOTONIC, &ts), "mpservice: mutex lock");
+}
+
+long current_tid() noexcept { return static_cast<long>(::syscall(SYS_gettid)); }
+
+void at_fork_child(void (*fn)()) {
+    int rc = ::pthread_atfork(nullptr, nullptr, fn);
+    if (rc != 0) throw std::system_error(rc, std::generic_category(), "mpservice: pthread_atfork");
+}
+
+bool process_running(long pid) noexcept {
+    if (!pid_alive(pid)) return false;
+    // /proc/<pid>/stat: "pid (comm) S ..." - comm may hold ')' so look for the last one.
+    char path[64];
+    std::snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return errno != ENOENT && errno != ESRCH;  // no /proc: trust pid_alive
+    char buf[512];
+    ssize_t n = ::read(fd, buf, sizeof buf - 1);
+    ::close(fd);
+    if (n <= 0) return false;  // the process went away between open and read
+    buf[n] = '\0';
+    const char* close_paren = std::strrchr(buf, ')');
+    if (!close_paren || close_paren[1] != ' ') return true;
+    char state = close_paren[2];
+    return state != 'Z' && state != 'X' && state != 'x';
+}
+
+namespace {
+std::uint64_t code_ref_module_hash(const char* name) noexcept {
+    std::uint64_t h = 1469598103934665603ull;  // FNV-1a
+    for (const char* p = name ? name : ""; *p; ++p) h = (h ^ static_cast<unsigned char>(*p)) * 1099511628211ull;
+    return h ? h : 1;
+}
+
+struct CodeRefSearch {
+    std::uintptr_t address = 0;  // code_ref_of: the address to find
+    CodeRef ref{};               // code_ref_resolve: the module to find
+    bool found = false;
+    CodeRef result{};
+    const void* resolved = nullptr;
+};
+
+int code_ref_find_address(dl_phdr_info* info, std::size_t, void* data) {
+    auto* s = static_cast<CodeRefSearch*>(data);
+    for (int i = 0; i < info->dlpi_phnum; ++i) {
+        const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+        if (ph.p_type != PT_LOAD) continue;
+        std::uintptr_t start = info->dlpi_addr + ph.p_vaddr;
+        if (s->address >= start && s->address < start + ph.p_memsz) {
+            s->found = true;
+            s->result.module = code_ref_module_hash(info->dlpi_name);
+            s->result.offset = s->address - info->dlpi_addr;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+int code_ref_find_module(dl_phdr_info* info, std::size_t, void* data) {
+    auto* s = static_cast<CodeRefSearch*>(data);
+    if (code_ref_module_hash(info->dlpi_name) != s->ref.module) return 0;
+    std::uintptr_t address = info->dlpi_addr + s->ref.offset;
+    for (int i = 0; i < info->dlpi_phnum; ++i) {
+        const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+        std::uintptr_t start = info->dlpi_addr + ph.p_vaddr;
+        if (ph.p_type == PT_LOAD && (ph.p_flags & PF_X) && address >= start && address < start + ph.p_memsz) {
+            s->resolved = reinterpret_cast<const void*>(address);
+            break;
+        }
+    }
+    return 1;  // the module was found; stop either way
+}
+}  // namespace
+
+CodeRef code_ref_of(const void* address) {
+    CodeRefSearch s;
+    s.address = reinterpret_cast<std::uintptr_t>(address);
+    ::dl_iterate_phdr(&code_ref_find_address, &s);
+    if (!s.found) throw std::invalid_argument("mpservice: the address is not inside any loaded module");
+    return s.result;
+}
+
+const void* code_ref_resolve(const CodeRef& ref) noexcept {
+    if (ref.empty()) return nullptr;
+    CodeRefSearch s;
+    s.ref = ref;
+    ::dl_iterate_phdr(&code_ref_find_module, &s);
+    return s.resolved;
+}
 
 // ---------------------------------------------------------------- (queue section)
 

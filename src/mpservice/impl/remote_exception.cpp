@@ -283,6 +283,40 @@ std::string hex(std::uintptr_t v) {
     return buf;
 }
 
+/// Whether a frame is the library calling a Process or Thread target.
+bool is_target_runner(const std::string& function) {
+    static const char* const runners[] = {"mpservice::detail::trampoline<", "mpservice::detail::call_and_store<",
+                                          "mpservice::detail::ChildTaskOf<"};
+    for (const char* r : runners)
+        if (function.find(r) != std::string::npos) return true;
+    return false;
+}
+
+/// Whether a frame is the standard library forwarding a call (std::apply,
+/// std::invoke and their helpers, inlined between a runner and the target).
+bool is_call_forwarding(const std::string& function) {
+    static const char* const forwarders[] = {"std::__invoke", "std::invoke", "std::__apply_impl", "std::apply",
+                                             "std::_Function_handler", "std::function<"};
+    for (const char* f : forwarders)
+        if (function.find(f) != std::string::npos && function.find("mpservice") == std::string::npos)
+            return true;
+    return false;
+}
+
+/// A traceback is about the user's code: below the frame that runs the
+/// target there is only the library's child start-up (and main), so cut the
+/// stack there, with the std::invoke plumbing just above it.  Returns whether
+/// anything was cut.
+bool trim_library_frames(std::vector<os::StackFrame>& frames) {
+    std::size_t runner = 0;
+    while (runner < frames.size() && !is_target_runner(frames[runner].function)) ++runner;
+    if (runner == 0 || runner == frames.size()) return false;  // not thrown under a target
+    std::size_t keep = runner;
+    while (keep > 1 && is_call_forwarding(frames[keep - 1].function)) --keep;
+    frames.resize(keep);
+    return true;
+}
+
 /// "[name:pid] type: what" then the frames, innermost first, stopping at main.
 std::string format_part(const std::string& type_name, const std::string& message, const char* where,
                         void* const* pcs, int n) {
@@ -291,6 +325,7 @@ std::string format_part(const std::string& type_name, const std::string& message
     if (n == 0) return s + "  (no stack available)\n";
     s += std::string("  ") + where + " (innermost call first):\n";
     std::vector<os::StackFrame> frames = os::symbolize(pcs, n);
+    bool trimmed = trim_library_frames(frames);
     for (std::size_t i = 0; i < frames.size(); ++i) {
         const os::StackFrame& f = frames[i];
         s += "    #" + std::to_string(i) + " " + (f.function.empty() ? std::string("??") : f.function);
@@ -305,6 +340,7 @@ std::string format_part(const std::string& type_name, const std::string& message
         // Below main there is only the C runtime's start-up.
         if (!f.inlined && (f.function == "main" || f.function.rfind("main.", 0) == 0)) break;
     }
+    if (trimmed) s += "    (the library's frames that called the target are left out)\n";
     return s;
 }
 

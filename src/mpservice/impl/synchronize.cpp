@@ -1,1 +1,495 @@
-// synchronize: implementation (to be written)
+// synchronize: Lock, RLock, Condition, Semaphore, Event, Barrier.
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdint>
+#include <string>
+
+// Helpers live in detail::sync_impl: every implementation part shares one
+// translation unit, so file-local names must not collide with other parts'.
+namespace mpservice::detail {
+
+// ---------------------------------------------------------------- thread identity
+
+namespace sync_impl {
+// fork() copies the forking thread's cache into the child's only thread, which
+// is a different thread: it must not look like the parent's owner of a lock.
+void forget_thread_token() { t_thread_token = 0; }
+
+std::uint64_t mix64(std::uint64_t x) noexcept {  // splitmix64 finalizer
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+bool expired(os::Deadline deadline) noexcept {
+    return deadline != os::no_deadline && os::Clock::now() >= deadline;
+}
+}  // namespace sync_impl
+
+std::uint64_t new_thread_token() noexcept {
+    using namespace sync_impl;
+    static const bool fork_hook = [] {
+        try {
+            os::at_fork_child(&forget_thread_token);
+        } catch (...) {
+            // Without the hook a forked child could pass for its parent's thread; that
+            // needs pthread_atfork to fail (ENOMEM), which leaves bigger problems.
+        }
+        return true;
+    }();
+    (void)fork_hook;
+    static std::atomic<std::uint64_t> counter{0};
+    // The tid is unique among live threads, the time and counter make the token
+    // differ from the one of any earlier thread that had the same tid.
+    std::uint64_t t = mix64(static_cast<std::uint64_t>(os::current_tid()) ^
+                            (static_cast<std::uint64_t>(os::current_pid()) << 32));
+    t = mix64(t ^ static_cast<std::uint64_t>(os::Clock::now().time_since_epoch().count()));
+    t = mix64(t ^ counter.fetch_add(1, std::memory_order_relaxed));
+    return t ? t : 1;
+}
+
+// ---------------------------------------------------------------- Lock and RLock
+
+namespace sync_impl {
+const char* lock_name(const LockRef& l) { return l.recursive ? "mpservice::RLock" : "mpservice::Lock"; }
+
+LockStatus took(LockState* s, os::LockResult r, std::uint64_t me) {
+    switch (r) {
+        case os::LockResult::acquired:
+            s->owner.store(me, std::memory_order_relaxed);
+            s->depth.store(1, std::memory_order_relaxed);
+            return LockStatus::acquired;
+        case os::LockResult::owner_died:
+            s->owner.store(me, std::memory_order_relaxed);
+            s->depth.store(1, std::memory_order_relaxed);
+            s->repair_pending.store(1, std::memory_order_relaxed);
+            return LockStatus::owner_died;
+        default:
+            return LockStatus::timed_out;
+    }
+}
+
+void require_owner(const LockRef& l, const char* operation) {
+    if (!lock_is_mine(l))
+        throw InvalidStateError(std::string(lock_name(l)) + "::" + operation +
+                                ": the calling thread does not hold the lock");
+}
+
+/// Releases every level of the lock; returns the depth to restore.
+std::uint32_t release_all(const LockRef& l) {
+    std::uint32_t depth = l.state->depth.load(std::memory_order_relaxed);
+    l.state->depth.store(1, std::memory_order_relaxed);
+    lock_release(l);
+    return depth;
+}
+
+/// Waits for a lock that someone else holds: spins (adaptively, watching the
+/// owner field rather than hammering the mutex), then sleeps in the kernel.
+LockStatus lock_contended(LockState* s, std::uint64_t me, os::Deadline deadline) {
+    os::LockResult r = os::LockResult::busy;
+    auto free_and_taken = [&] {
+        if (s->owner.load(std::memory_order_relaxed) != 0) return false;
+        r = os::robust_mutex_trylock(&s->mutex);
+        return r != os::LockResult::busy;
+    };
+    if (!spin_until(free_and_taken, s->spin_ns)) r = os::robust_mutex_lock_blocking(&s->mutex, deadline);
+    return took(s, r, me);
+}
+
+/// Takes the lock again after release_all, with no deadline (as Python does).
+LockStatus reacquire(const LockRef& l, std::uint32_t depth) {
+    LockState* s = l.state.get();
+    const std::uint64_t me = this_thread_token();
+    os::LockResult first = os::robust_mutex_trylock(&s->mutex);
+    LockStatus r = first == os::LockResult::busy ? lock_contended(s, me, os::no_deadline) : took(s, first, me);
+    s->depth.store(depth, std::memory_order_relaxed);
+    return r;
+}
+}  // namespace sync_impl
+
+LockStatus lock_acquire_slow(const LockRef& l, os::Deadline deadline) {
+    using namespace sync_impl;
+    LockState* s = l.state.get();
+    const std::uint64_t me = this_thread_token();
+    if (s->owner.load(std::memory_order_relaxed) == me) {
+        if (!l.recursive)
+            throw InvalidStateError(
+                "mpservice::Lock::acquire: the calling thread already holds this lock; a Lock is not "
+                "re-entrant (use an RLock), and waiting for it would wait forever");
+        s->depth.store(s->depth.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+        return LockStatus::acquired;
+    }
+    os::LockResult first = os::robust_mutex_trylock(&s->mutex);
+    if (first != os::LockResult::busy || expired(deadline)) return took(s, first, me);
+    return lock_contended(s, me, deadline);
+}
+
+void lock_release_slow(const LockRef& l) {
+    using namespace sync_impl;
+    LockState* s = l.state.get();
+    require_owner(l, "release");
+    if (l.recursive) {
+        std::uint32_t depth = s->depth.load(std::memory_order_relaxed);
+        if (depth > 1) {
+            s->depth.store(depth - 1, std::memory_order_relaxed);
+            return;
+        }
+    }
+    s->depth.store(0, std::memory_order_relaxed);
+    s->owner.store(0, std::memory_order_relaxed);
+    // Released without make_consistent(): the holder has seen the owner-died
+    // report and chose to go on.  Marking the mutex consistent keeps it usable;
+    // unlocking an inconsistent robust mutex would make it unusable for good.
+    if (s->repair_pending.load(std::memory_order_relaxed)) {
+        s->repair_pending.store(0, std::memory_order_relaxed);
+        os::robust_mutex_consistent(&s->mutex);
+    }
+    os::robust_mutex_unlock(&s->mutex);
+}
+
+void lock_make_consistent(const LockRef& l) {
+    using namespace sync_impl;
+    LockState* s = l.state.get();
+    require_owner(l, "make_consistent");
+    if (s->repair_pending.load(std::memory_order_relaxed)) {
+        s->repair_pending.store(0, std::memory_order_relaxed);
+        os::robust_mutex_consistent(&s->mutex);
+    }
+}
+
+void throw_owner_died(const LockRef& l) {
+    throw OwnerDiedError(std::string(sync_impl::lock_name(l)) +
+                         ": the process that held this lock died while holding it. The calling "
+                         "thread now holds the lock: repair the state it protects and call "
+                         "make_consistent(), or release() it");
+}
+
+// ---------------------------------------------------------------- Condition
+
+bool condition_wait(const SharedRef<ConditionState>& c, const LockRef& l, os::Deadline deadline) {
+    using namespace sync_impl;
+    if (!lock_is_mine(l))
+        throw InvalidStateError("mpservice::Condition::wait: the calling thread must hold the condition's lock");
+    ConditionState* cs = c.get();
+    // Read while still holding the lock: a notify can only come after our
+    // release, and every notify bumps the counter, so none can be missed.
+    const std::uint32_t seen = cs->sequence.load(std::memory_order_acquire);
+    const std::uint32_t depth = release_all(l);
+
+    auto notified = [&] { return cs->sequence.load(std::memory_order_acquire) != seen; };
+    bool woken = !expired(deadline) && spin_until(notified, cs->spin_ns);
+    if (!woken) {
+        cs->sleepers.fetch_add(1, std::memory_order_seq_cst);
+        for (;;) {
+            if (cs->sequence.load(std::memory_order_seq_cst) != seen) {
+                woken = true;
+                break;
+            }
+            if (!os::futex_wait(&cs->sequence, seen, deadline)) {
+                woken = notified();
+                break;
+            }
+        }
+        cs->sleepers.fetch_sub(1, std::memory_order_relaxed);
+    }
+    lock_status_to_bool(l, reacquire(l, depth));
+    return woken;
+}
+
+void condition_notify(const SharedRef<ConditionState>& c, const LockRef& l, int n) {
+    if (!lock_is_mine(l))
+        throw InvalidStateError("mpservice::Condition::notify: the calling thread must hold the condition's lock");
+    if (n <= 0) return;
+    ConditionState* cs = c.get();
+    cs->sequence.fetch_add(1, std::memory_order_seq_cst);
+    // Pairs with the waiter's sleepers increment before its last look at the
+    // counter: either it sees the bump, or we see it sleeping.
+    if (cs->sleepers.load(std::memory_order_seq_cst) != 0) os::futex_wake(&cs->sequence, n);
+}
+
+// ---------------------------------------------------------------- Semaphore
+
+namespace sync_impl {
+bool semaphore_take(SemaphoreState* s) noexcept {
+    std::uint32_t v = s->value.load(std::memory_order_seq_cst);
+    while (v > 0)
+        if (s->value.compare_exchange_weak(v, v - 1, std::memory_order_acquire, std::memory_order_relaxed))
+            return true;
+    return false;
+}
+}  // namespace sync_impl
+
+bool semaphore_acquire(SemaphoreState* s, os::Deadline deadline) {
+    using namespace sync_impl;
+    if (semaphore_take(s)) return true;
+    if (expired(deadline)) return false;
+    if (spin_until([s] { return semaphore_take(s); }, s->spin_ns)) return true;
+    s->sleepers.fetch_add(1, std::memory_order_seq_cst);
+    bool taken = false;
+    for (;;) {
+        if (semaphore_take(s)) {
+            taken = true;
+            break;
+        }
+        if (!os::futex_wait(&s->value, 0, deadline)) {
+            taken = semaphore_take(s);
+            break;
+        }
+    }
+    s->sleepers.fetch_sub(1, std::memory_order_relaxed);
+    return taken;
+}
+
+void semaphore_release(SemaphoreState* s, unsigned n) {
+    if (n == 0) return;
+    std::uint32_t v = s->value.load(std::memory_order_relaxed);
+    for (;;) {
+        std::uint64_t next = std::uint64_t(v) + n;
+        if (s->bounded && next > s->limit)
+            throw InvalidStateError("mpservice::BoundedSemaphore::release: released too many times (the value " +
+                                    std::to_string(v) + " + " + std::to_string(n) +
+                                    " would exceed its initial value " + std::to_string(s->limit) + ")");
+        if (next > UINT32_MAX)
+            throw InvalidStateError("mpservice::Semaphore::release: the value would overflow");
+        if (s->value.compare_exchange_weak(v, static_cast<std::uint32_t>(next), std::memory_order_seq_cst,
+                                           std::memory_order_relaxed))
+            break;
+    }
+    if (s->sleepers.load(std::memory_order_seq_cst) != 0)
+        os::futex_wake(&s->value, n > unsigned(INT_MAX) ? INT_MAX : static_cast<int>(n));
+}
+
+// ---------------------------------------------------------------- Event
+
+void event_set(EventState* e) {
+    std::uint32_t w = e->word.load(std::memory_order_relaxed);
+    do {
+        if (w & 1u) return;  // already set: whoever set it woke the sleepers
+    } while (!e->word.compare_exchange_weak(w, (w + 2u) | 1u, std::memory_order_seq_cst,
+                                            std::memory_order_relaxed));
+    if (e->sleepers.load(std::memory_order_seq_cst) != 0) os::futex_wake(&e->word, INT_MAX);
+}
+
+bool event_wait(EventState* e, os::Deadline deadline) {
+    using namespace sync_impl;
+    const std::uint32_t seen = e->word.load(std::memory_order_acquire);
+    if (seen & 1u) return true;
+    // From a cleared state the word changes only by a set() (clearing a clear
+    // flag leaves it as it is), so any change means the event was set.
+    auto changed = [&] { return e->word.load(std::memory_order_acquire) != seen; };
+    if (expired(deadline)) return changed();
+    if (spin_until(changed, e->spin_ns)) return true;
+    e->sleepers.fetch_add(1, std::memory_order_seq_cst);
+    bool set = false;
+    for (;;) {
+        if (e->word.load(std::memory_order_seq_cst) != seen) {
+            set = true;
+            break;
+        }
+        if (!os::futex_wait(&e->word, seen, deadline)) {
+            set = changed();
+            break;
+        }
+    }
+    e->sleepers.fetch_sub(1, std::memory_order_relaxed);
+    return set;
+}
+
+// ---------------------------------------------------------------- Barrier
+
+namespace sync_impl {
+/// How often sleepers at a barrier look for parties that died.
+constexpr std::chrono::milliseconds barrier_liveness_period{50};
+constexpr std::uint32_t barrier_max_parties = 1u << 20;
+
+void end_cycle_locked(BarrierState* b, bool released) {
+    std::uint32_t g = b->generation.load(std::memory_order_relaxed);
+    std::uint64_t bit = std::uint64_t(1) << (g % 64);
+    std::uint64_t bits = b->released_bits.load(std::memory_order_relaxed);
+    b->released_bits.store(released ? (bits | bit) : (bits & ~bit), std::memory_order_relaxed);
+    b->count.store(0, std::memory_order_relaxed);
+    b->generation.store(g + 1, std::memory_order_release);
+    os::futex_wake(&b->generation, INT_MAX);
+}
+
+void break_locked(BarrierState* b) {
+    b->broken.store(1, std::memory_order_release);
+    end_cycle_locked(b, false);
+}
+
+/// Holds the barrier's own mutex.  Its critical sections are short and ours;
+/// if a process died inside one (or inside the action), the state may be half
+/// updated, so the barrier is broken - waiters learn of it, reset() repairs it.
+class BarrierGuard {
+public:
+    explicit BarrierGuard(BarrierState* b) : b_(b) {
+        if (os::robust_mutex_lock(&b->mutex) == os::LockResult::owner_died) {
+            os::robust_mutex_consistent(&b->mutex);
+            break_locked(b);
+        }
+    }
+    ~BarrierGuard() { os::robust_mutex_unlock(&b_->mutex); }
+    BarrierGuard(const BarrierGuard&) = delete;
+    BarrierGuard& operator=(const BarrierGuard&) = delete;
+
+private:
+    BarrierState* b_;
+};
+
+/// Breaks the barrier if a party that arrived in the current cycle has ended.
+void check_parties_locked(BarrierState* b, std::uint32_t generation) {
+    if (b->generation.load(std::memory_order_relaxed) != generation) return;
+    std::uint32_t n = std::min(b->count.load(std::memory_order_relaxed), b->parties);
+    for (std::uint32_t i = 0; i < n; ++i) {
+        if (!os::process_running(static_cast<long>(b->pids()[i]))) {
+            break_locked(b);
+            return;
+        }
+    }
+}
+
+[[noreturn]] void throw_broken() {
+    throw BrokenBarrierError(
+        "mpservice::Barrier::wait: the barrier is broken (aborted, reset, timed out, its action failed, "
+        "or a waiting process died)");
+}
+}  // namespace sync_impl
+
+}  // namespace mpservice::detail
+
+namespace mpservice {
+
+Lock::Lock() : ref_{detail::SharedRef<detail::LockState>::create_sized(sizeof(detail::LockState)), false} {}
+
+RLock::RLock() : ref_{detail::SharedRef<detail::LockState>::create_sized(sizeof(detail::LockState)), true} {}
+
+namespace detail::sync_impl {
+/// A Condition and the RLock it made for itself share one block (one descriptor).
+struct ConditionWithLock {
+    ConditionState condition;
+    LockState lock;
+};
+}  // namespace detail::sync_impl
+
+Condition::Condition() {
+    using Block = detail::sync_impl::ConditionWithLock;
+    auto block = detail::SharedRef<Block>::create_sized(sizeof(Block));
+    state_ = block.alias(&block->condition);
+    lock_ = detail::LockRef{block.alias(&block->lock), true};
+}
+
+Condition::Condition(Lock lock)
+    : state_(detail::SharedRef<detail::ConditionState>::create_sized(sizeof(detail::ConditionState))),
+      lock_(lock.lock_ref()) {}
+
+Condition::Condition(RLock lock)
+    : state_(detail::SharedRef<detail::ConditionState>::create_sized(sizeof(detail::ConditionState))),
+      lock_(lock.lock_ref()) {}
+
+Semaphore::Semaphore(unsigned value)
+    : state_(detail::SharedRef<detail::SemaphoreState>::create_sized(sizeof(detail::SemaphoreState))) {
+    state_->value.store(value, std::memory_order_relaxed);
+}
+
+Semaphore::Semaphore(unsigned value, unsigned limit) : Semaphore(value) {
+    state_->bounded = 1;
+    state_->limit = limit;
+}
+
+Event::Event() : state_(detail::SharedRef<detail::EventState>::create_sized(sizeof(detail::EventState))) {}
+
+Barrier::Barrier(unsigned parties, Action action, std::int64_t timeout_ns) {
+    using namespace detail::sync_impl;
+    if (parties == 0) throw std::invalid_argument("mpservice::Barrier: parties must be at least 1");
+    if (parties > barrier_max_parties)
+        throw std::invalid_argument("mpservice::Barrier: parties must be at most " +
+                                    std::to_string(barrier_max_parties));
+    detail::os::CodeRef code{};
+    // A function's address is the one thing about it that can travel: it is
+    // stored as module + offset, valid again after exec.
+    if (action) code = detail::os::code_ref_of(reinterpret_cast<const void*>(action));
+    state_ = detail::SharedRef<detail::BarrierState>::create_sized(detail::BarrierState::size_for(parties));
+    state_->parties = parties;
+    state_->default_timeout_ns = timeout_ns;
+    state_->action = code;
+}
+
+unsigned Barrier::wait() {
+    std::int64_t ns = state_->default_timeout_ns;
+    return wait_until(ns < 0 ? detail::os::no_deadline : detail::os::deadline_after(std::chrono::nanoseconds(ns)));
+}
+
+unsigned Barrier::wait_until(detail::os::Deadline deadline) {
+    using namespace detail;
+    using namespace detail::sync_impl;
+    BarrierState* b = state_.get();
+    std::uint32_t generation = 0;
+    std::uint32_t index = 0;
+    {
+        BarrierGuard guard(b);
+        if (b->broken.load(std::memory_order_relaxed)) throw_broken();
+        generation = b->generation.load(std::memory_order_relaxed);
+        index = b->count.load(std::memory_order_relaxed);
+        b->pids()[index] = os::current_pid();
+        b->count.store(index + 1, std::memory_order_relaxed);
+        if (index + 1 == b->parties) {
+            if (!b->action.empty()) {
+                auto fn = reinterpret_cast<Action>(const_cast<void*>(os::code_ref_resolve(b->action)));
+                if (!fn) {
+                    break_locked(b);
+                    throw Error("mpservice::Barrier::wait: the barrier's action is not loaded in this process "
+                                "(its module is missing); the barrier is broken");
+                }
+                try {
+                    fn();
+                } catch (...) {
+                    break_locked(b);
+                    throw;
+                }
+            }
+            end_cycle_locked(b, true);
+            return index;
+        }
+    }
+
+    auto ended = [&] { return b->generation.load(std::memory_order_acquire) != generation; };
+    if (!spin_until(ended, b->spin_ns)) {
+        for (;;) {
+            if (ended()) break;
+            auto now = os::Clock::now();
+            if (now >= deadline) {
+                BarrierGuard guard(b);  // a timeout breaks the barrier, as in Python
+                if (b->generation.load(std::memory_order_relaxed) == generation) break_locked(b);
+                break;
+            }
+            auto step = deadline - now > barrier_liveness_period ? now + barrier_liveness_period : deadline;
+            if (!os::futex_wait(&b->generation, generation, step) && step != deadline && !ended()) {
+                BarrierGuard guard(b);
+                check_parties_locked(b, generation);
+            }
+        }
+    }
+    // Cycle `generation` is over: released or broken?  Its bit is only reused
+    // 64 cycles later, which cannot complete without this party... unless
+    // others keep resetting or breaking it 64 times before we look.
+    std::uint64_t bits = b->released_bits.load(std::memory_order_acquire);
+    if (bits & (std::uint64_t(1) << (generation % 64))) return index;
+    throw_broken();
+}
+
+void Barrier::reset() {
+    using namespace detail::sync_impl;
+    BarrierGuard guard(state_.get());
+    end_cycle_locked(state_.get(), false);  // current waiters: BrokenBarrierError
+    state_->broken.store(0, std::memory_order_release);
+}
+
+void Barrier::abort() {
+    using namespace detail::sync_impl;
+    BarrierGuard guard(state_.get());
+    break_locked(state_.get());
+}
+
+}  // namespace mpservice

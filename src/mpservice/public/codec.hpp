@@ -17,11 +17,15 @@
 //     std::variant, std::monostate, std::map, std::multimap, std::unordered_map,
 //     std::unordered_multimap, std::set, std::multiset, std::unordered_set,
 //     std::unordered_multiset, nested to any depth (up to codec_max_depth levels);
-//   - trivially copyable classes that have no serialize member: copied byte for byte.
-//     Such a struct must be valid for any bytes the other side wrote, so a struct that
-//     holds a pointer (or std::string_view, or a pointer-like handle) does not make sense
-//     in another process: give it serialize() instead.  Containers of them are copied in
-//     one block.
+//   - trivially copyable classes that have no serialize member: copied byte for byte, and
+//     containers of them in one block.  Such a struct is taken as it is: a struct that holds
+//     a pointer (or a pointer-like handle) means nothing in another process, and one whose
+//     fields are not valid for every byte pattern (bool, an enum without a fixed underlying
+//     type) is not checked against corrupt input.  Give such a struct serialize() instead:
+//     then every field is carried and checked by its own codec.
+//   - Enums travel as their bytes.  An enum with a fixed underlying type (every enum class,
+//     `enum E : int`) can hold any value, so nothing can go wrong; for an unscoped enum
+//     without one, a corrupt value outside its enumerators' range is not detected.
 //
 // Customization (the ONE way to make your own type travel): give it a member
 //
@@ -94,14 +98,15 @@ inline constexpr unsigned codec_max_depth = 256;
 /// "required from mpservice::mpservice_cannot_encode_this_type<T>" names the type.
 template <class T>
 struct mpservice_cannot_encode_this_type {
-    static_assert(sizeof(T*) == 0 || !sizeof(T*),
-                  "mpservice codec: this type cannot cross a process boundary (it is the T of the "
-                  "mpservice_cannot_encode_this_type<T> the compiler names here). Raw pointers, references, "
-                  "std::function, std::string_view and classes that are neither trivially copyable nor customized are "
-                  "refused. To make your own class travel, give it a member "
-                  "`template <class Archive> void serialize(Archive& ar) { ar(field1, field2); }` "
-                  "or specialize `mpservice::Codec<T>` with static encode(Encoder&, const T&) and "
-                  "T decode(Decoder&).");
+    static_assert(
+        sizeof(T*) == 0 || !sizeof(T*),
+        "mpservice codec: this type cannot cross a process boundary (it is the T of the "
+        "mpservice_cannot_encode_this_type<T> the compiler names here). Raw pointers, references, "
+        "std::function, std::string_view and classes that are neither trivially copyable nor customized are "
+        "refused. To make your own class travel, give it a member "
+        "`template <class Archive> void serialize(Archive& ar) { ar(field1, field2); }` "
+        "or specialize `mpservice::Codec<T>` with static encode(Encoder&, const T&) and "
+        "T decode(Decoder&).");
     static void encode(Encoder&, const T&);
     static T decode(Decoder&);
 };
@@ -261,9 +266,13 @@ public:
 
 private:
     void require(std::size_t n, const char* what) const {
-        if (n > remaining())
-            throw DecodeError(std::string("decode: truncated input: needed ") + std::to_string(n) + " " +
-                              what + ", " + std::to_string(remaining()) + " left");
+        if (n > remaining()) throw_truncated(n, what);
+    }
+    // Out of line and cold: keeps the fast path small (and g++ 12's -Warray-bounds
+    // from reasoning about the bytes past a failed check).
+    [[noreturn]] void throw_truncated(std::size_t n, const char* what) const {
+        throw DecodeError(std::string("decode: truncated input: needed ") + std::to_string(n) + " " + what +
+                          ", " + std::to_string(remaining()) + " left");
     }
     const unsigned char* p_;
     const unsigned char* end_;
@@ -381,15 +390,31 @@ struct SerializeCodec {
         v.serialize(d);
         return v;
     }
+    // Found by running serialize() once on a default-constructed value with an
+    // archive that only adds up its fields' minimum sizes.  A serialize() that
+    // is not a template (it takes only Encoder& / Decoder&) cannot be probed:
+    // then each value is assumed to take at least one byte.
     static std::size_t min_encoded_size() {
-        static const std::size_t size = [] {
-            T v{};
-            MinSizeProbe probe;
-            v.serialize(probe);
-            return probe.total;
-        }();
-        return size;
+        if constexpr (accepts_probe<T>::value) {
+            static const std::size_t size = [] {
+                T v{};
+                MinSizeProbe probe;
+                v.serialize(probe);
+                return probe.total;
+            }();
+            return size;
+        } else {
+            return 1;
+        }
     }
+
+private:
+    template <class X, class = void>
+    struct accepts_probe : std::false_type {};
+    template <class X>
+    struct accepts_probe<X,
+                         std::void_t<decltype(std::declval<X&>().serialize(std::declval<MinSizeProbe&>()))>>
+        : std::true_type {};
 };
 
 // Arithmetic types, enums and trivially copyable classes: the object's bytes.
@@ -426,9 +451,10 @@ struct EmptyCodec {
 template <class T>
 using default_codec_t = std::conditional_t<
     has_serialize<T>::value, SerializeCodec<T>,
-    std::conditional_t<std::is_empty_v<T> && std::is_trivially_copyable_v<T>, EmptyCodec<T>,
-    std::conditional_t<(std::is_class_v<T> || std::is_union_v<T>)&&std::is_trivially_copyable_v<T>,
-                       BitwiseCodec<T>, mpservice_cannot_encode_this_type<T>>>>;
+    std::conditional_t<
+        std::is_empty_v<T> && std::is_trivially_copyable_v<T>, EmptyCodec<T>,
+        std::conditional_t<(std::is_class_v<T> || std::is_union_v<T>)&&std::is_trivially_copyable_v<T>,
+                           BitwiseCodec<T>, mpservice_cannot_encode_this_type<T>>>>;
 
 }  // namespace detail
 

@@ -1,2 +1,679 @@
-// synchronize: (to be written)
+// synchronize: Lock, RLock, Condition, Semaphore, BoundedSemaphore, Event and
+// Barrier in shared memory, usable alike by the threads of one process and by
+// many processes.
+//
+// Every object is a *handle*: copying it, or passing it as an argument to a
+// Process, gives another handle to the same lock/event/...  The state lives in
+// anonymous shared memory (see detail/shm.hpp); each handle keeps a mapping of
+// it, and the kernel frees the memory when the last mapping and descriptor in
+// any process are gone.  Nothing has a name, so nothing can be left behind:
+// not by exceptions, not by exit(), not by SIGKILL (the kernel closes a killed
+// process's descriptors and mappings like everyone else's).
+//
+// Waits spin for a few microseconds and then sleep on a futex: a wake-up that
+// crosses CPUs costs ~30 us, while the other side often answers much sooner.
+//
+// Dead processes.  Lock and RLock are robust mutexes: if the holder dies, the
+// next acquirer gets the lock *and* an OwnerDiedError (or the status
+// LockStatus::owner_died from acquire_checked()).  It then owns the lock:
+// repair what the lock protects and call make_consistent(), or simply
+// release() - a release marks the lock consistent too, so the lock is never
+// poisoned.  Only the acquirer that took the lock from the dead process is
+// told.  A process that dies *waiting* (Condition::wait, Event::wait,
+// Semaphore::acquire) leaves nothing behind that others wait for; one that dies
+// inside Barrier::wait breaks the barrier (the other waiters check the
+// liveness of the parties that arrived while they sleep).
+//
+// Differences from Python worth knowing:
+// - A Lock is owned by the thread that acquired it; releasing it from another
+//   thread or process throws InvalidStateError (use a Semaphore for hand-offs).
+//   Acquiring a Lock the calling thread already holds throws InvalidStateError
+//   rather than deadlocking.
+// - Condition may wake more waiters than notify(n) asked for (spurious
+//   wake-ups, as with std::condition_variable); wait_for(predicate) is exact.
+// - Barrier's action is a plain function pointer; it runs in the process that
+//   arrives last (see Barrier).
 #pragma once
+
+#include <chrono>
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+#include <utility>
+
+#include "../detail/os.hpp"
+#include "../detail/shm.hpp"
+#include "codec.hpp"
+#include "errors.hpp"
+
+namespace mpservice {
+
+/// How acquire_checked() ended.
+enum class LockStatus {
+    acquired,    ///< the caller holds the lock
+    owner_died,  ///< the caller holds the lock; its previous holder died holding it
+    timed_out,   ///< the caller does not hold the lock
+};
+
+namespace detail {
+
+// ---------------------------------------------------------------- identity and spinning
+
+/// The calling thread's token, once made (0 before); reset in a forked child.
+inline thread_local std::uint64_t t_thread_token = 0;
+/// Makes a new token (and registers the reset after fork).
+MPSERVICE_API std::uint64_t new_thread_token() noexcept;
+/// A 64-bit identity of the calling thread that no other thread, in any
+/// process, has now or had before (so a dead owner's identity is never
+/// mistaken for a live thread's).  Cached per thread; renewed in a forked child.
+inline std::uint64_t this_thread_token() noexcept {
+    std::uint64_t t = t_thread_token;
+    return t ? t : (t_thread_token = new_thread_token());
+}
+
+/// How long a waiter may spin before it sleeps: about a third of the cost of
+/// a cross-CPU futex wake-up on the machines this was tuned on (RESULTS.md)...
+inline constexpr std::uint32_t spin_max_ns = 10000;
+/// ...and at least, so that a partner that answers at once is still caught.
+inline constexpr std::uint32_t spin_min_ns = 500;
+
+/// Spins until ready() or the spin budget is spent; returns ready().
+///
+/// The budget adapts, per object, in `budget_ns` (shared by every process
+/// that waits on the object): it doubles after a spin that succeeded and
+/// halves after one that failed.  Spinning pays only while the other side
+/// runs on another CPU; when both share one CPU, a spin just delays the
+/// partner, and the budget quickly falls to spin_min_ns.
+template <class Ready>
+bool spin_until(Ready&& ready, std::atomic<std::uint32_t>& budget_ns) {
+    if (ready()) return true;
+    std::uint32_t budget = budget_ns.load(std::memory_order_relaxed);
+    if (budget == 0) budget = spin_max_ns;  // a new object: optimistic
+    auto until = os::Clock::now() + std::chrono::nanoseconds(budget);
+    for (;;) {
+        for (int i = 0; i < 32; ++i) {  // reading the clock costs about as much as a pause
+            os::cpu_relax();
+            if (ready()) {
+                budget_ns.store(budget >= spin_max_ns / 2 ? spin_max_ns : budget * 2, std::memory_order_relaxed);
+                return true;
+            }
+        }
+        if (os::Clock::now() >= until) break;
+    }
+    budget_ns.store(budget <= 2 * spin_min_ns ? spin_min_ns : budget / 2, std::memory_order_relaxed);
+    return ready();
+}
+
+// ---------------------------------------------------------------- handles to shared state
+
+/// A T that lives at some offset inside a SharedMemory block.  Copies, and
+/// decoded copies in other processes, refer to the same T.  The block stays
+/// mapped as long as a SharedRef (or anything else) holds it.
+template <class T>
+class SharedRef {
+public:
+    SharedRef() = default;
+    SharedRef(SharedMemory mem, T* p) : mem_(std::move(mem)), p_(p) {}
+
+    /// A new zero-filled block of `size` bytes (at least sizeof(T)) with a T
+    /// constructed at its start.
+    template <class... Args>
+    static SharedRef create_sized(std::size_t size, Args&&... args) {
+        SharedMemory mem = SharedMemory::create(size < sizeof(T) ? sizeof(T) : size);
+        T* p = ::new (mem.data()) T(std::forward<Args>(args)...);
+        return SharedRef(std::move(mem), p);
+    }
+    /// A handle to a U that lives inside the same block.
+    template <class U>
+    SharedRef<U> alias(U* p) const {
+        return SharedRef<U>(mem_, p);
+    }
+
+    T* get() const noexcept { return p_; }
+    T* operator->() const noexcept { return p_; }
+    T& operator*() const noexcept { return *p_; }
+    explicit operator bool() const noexcept { return p_ != nullptr; }
+    const SharedMemory& memory() const noexcept { return mem_; }
+    std::size_t offset() const noexcept {
+        return static_cast<std::size_t>(reinterpret_cast<const char*>(p_) -
+                                        static_cast<const char*>(mem_.data()));
+    }
+    /// Bytes of the block from this T to the block's end.
+    std::size_t bytes_available() const noexcept { return mem_.size() - offset(); }
+
+private:
+    SharedMemory mem_;
+    T* p_ = nullptr;
+};
+
+// ---------------------------------------------------------------- shared states
+
+/// Lock and RLock: a robust process-shared mutex plus the identity of the
+/// owning thread (so ownership can be checked without a system call).
+struct LockState {
+    // The owner fields come first so that they share a cache line with the
+    // mutex proper (a pthread mutex uses the first 40 of its 64 bytes).
+    std::atomic<std::uint64_t> owner{0};  // this_thread_token() of the holder, 0 if free
+    std::atomic<std::uint32_t> depth{0};  // recursion depth of the holder (1 for a Lock)
+    std::atomic<std::uint32_t> repair_pending{0};  // taken from a dead owner, not yet consistent
+    std::atomic<std::uint32_t> spin_ns{0};         // spin_until's budget for a busy lock
+    os::RobustMutex mutex;
+    LockState() { os::robust_mutex_init(&mutex); }
+};
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free && std::atomic<std::uint32_t>::is_always_lock_free,
+              "shared-memory atomics must be lock-free");
+
+/// The lock under a Condition (or a Value): a Lock or an RLock.
+struct LockRef {
+    SharedRef<LockState> state;
+    bool recursive = false;
+};
+
+// The uncontended paths of Lock and RLock are inline: a trylock and a few
+// relaxed stores on the mutex's own cache line.  Everything else is out of line.
+MPSERVICE_API LockStatus lock_acquire_slow(const LockRef& l, os::Deadline deadline);
+MPSERVICE_API void lock_release_slow(const LockRef& l);
+MPSERVICE_API void lock_make_consistent(const LockRef& l);
+[[noreturn]] MPSERVICE_API void throw_owner_died(const LockRef& l);
+
+inline bool lock_is_mine(const LockRef& l) noexcept {
+    return l.state->owner.load(std::memory_order_relaxed) == this_thread_token();
+}
+
+/// Takes the lock (or, for the owner of an RLock, one more level).
+inline LockStatus lock_acquire(const LockRef& l, os::Deadline deadline) {
+    LockState* s = l.state.get();
+    const std::uint64_t me = this_thread_token();
+    if (s->owner.load(std::memory_order_relaxed) != me) {
+        os::LockResult r = os::robust_mutex_trylock(&s->mutex);
+        if (r != os::LockResult::busy) {  // taken, possibly from a dead owner
+            s->owner.store(me, std::memory_order_relaxed);
+            s->depth.store(1, std::memory_order_relaxed);
+            if (r == os::LockResult::acquired) return LockStatus::acquired;
+            s->repair_pending.store(1, std::memory_order_relaxed);
+            return LockStatus::owner_died;
+        }
+    }
+    return lock_acquire_slow(l, deadline);
+}
+inline LockStatus lock_try_acquire(const LockRef& l) { return lock_acquire(l, os::Deadline{}); }
+
+/// Releases (one level of an RLock); InvalidStateError if not the owner's.
+inline void lock_release(const LockRef& l) {
+    LockState* s = l.state.get();
+    if (s->owner.load(std::memory_order_relaxed) == this_thread_token() &&
+        s->depth.load(std::memory_order_relaxed) == 1 && !s->repair_pending.load(std::memory_order_relaxed)) {
+        s->depth.store(0, std::memory_order_relaxed);
+        s->owner.store(0, std::memory_order_relaxed);
+        os::robust_mutex_unlock(&s->mutex);
+        return;
+    }
+    lock_release_slow(l);
+}
+
+/// Throws OwnerDiedError for owner_died (the lock stays held), returns
+/// whether it was acquired otherwise.
+inline bool lock_status_to_bool(const LockRef& l, LockStatus s) {
+    if (s == LockStatus::owner_died) throw_owner_died(l);
+    return s == LockStatus::acquired;
+}
+
+struct ConditionState {
+    std::atomic<std::uint32_t> sequence{0};  // futex word: bumped by every notify
+    std::atomic<std::uint32_t> sleepers{0};  // may over-count after a waiter died: only costs a syscall
+    std::atomic<std::uint32_t> spin_ns{0};   // spin_until's budget
+};
+
+struct SemaphoreState {
+    std::atomic<std::uint32_t> value{0};     // futex word
+    std::atomic<std::uint32_t> sleepers{0};  // as in ConditionState
+    std::atomic<std::uint32_t> spin_ns{0};
+    std::uint32_t bounded = 0;               // BoundedSemaphore: value may not exceed limit
+    std::uint32_t limit = 0;
+};
+
+struct EventState {
+    std::atomic<std::uint32_t> word{0};      // futex word: bit 0 = flag, bits 1.. = number of set()s
+    std::atomic<std::uint32_t> sleepers{0};  // as in ConditionState
+    std::atomic<std::uint32_t> spin_ns{0};
+};
+
+struct BarrierState {
+    os::RobustMutex mutex;                      // guards everything but the atomics' lone reads
+    std::atomic<std::uint32_t> generation{0};   // futex word: bumped when a cycle ends
+    std::atomic<std::uint32_t> count{0};        // arrivals in the current cycle
+    std::atomic<std::uint32_t> broken{0};
+    std::atomic<std::uint32_t> spin_ns{0};
+    std::uint32_t parties = 0;
+    std::atomic<std::uint64_t> released_bits{0};  // bit g%64: cycle g ended by release, not break
+    std::int64_t default_timeout_ns = -1;       // -1: none
+    os::CodeRef action{};                        // empty: no action
+    // followed by `parties` process ids (std::int64_t) of the current cycle's arrivals
+    BarrierState() { os::robust_mutex_init(&mutex); }
+    std::int64_t* pids() noexcept { return reinterpret_cast<std::int64_t*>(this + 1); }
+    static std::size_t size_for(std::uint32_t parties) {
+        return sizeof(BarrierState) + parties * sizeof(std::int64_t);
+    }
+};
+
+MPSERVICE_API bool condition_wait(const SharedRef<ConditionState>& c, const LockRef& l, os::Deadline deadline);
+MPSERVICE_API void condition_notify(const SharedRef<ConditionState>& c, const LockRef& l, int n);
+MPSERVICE_API bool semaphore_acquire(SemaphoreState* s, os::Deadline deadline);
+MPSERVICE_API void semaphore_release(SemaphoreState* s, unsigned n);
+MPSERVICE_API bool event_wait(EventState* e, os::Deadline deadline);
+MPSERVICE_API void event_set(EventState* e);
+
+template <class Rep, class Period>
+os::Deadline deadline_of(std::chrono::duration<Rep, Period> timeout) {
+    return os::deadline_after(timeout);
+}
+
+/// A T at `offset` in `mem`; throws DecodeError unless it (plus `extra`
+/// bytes) fits inside the block at a properly aligned offset.
+template <class T>
+SharedRef<T> ref_at(const SharedMemory& mem, std::uint64_t offset, std::size_t extra = 0) {
+    if (offset % alignof(T) != 0 || offset > mem.size() || mem.size() - offset < sizeof(T) + extra)
+        throw DecodeError("decode: shared object does not fit its shared memory block");
+    return SharedRef<T>(mem, reinterpret_cast<T*>(static_cast<char*>(mem.data()) + offset));
+}
+/// Reads a SharedRef<T> written by encode_ref.
+template <class T>
+SharedRef<T> decode_ref(Decoder& d, std::size_t extra = 0) {
+    SharedMemory mem = d.read<SharedMemory>();
+    auto offset = d.read<std::uint64_t>();
+    return ref_at<T>(mem, offset, extra);
+}
+template <class T>
+void encode_ref(Encoder& e, const SharedRef<T>& r) {
+    e.write(r.memory());
+    e.write(static_cast<std::uint64_t>(r.offset()));
+}
+/// A lock that often lives in the same block as the object it guards
+/// (Condition, Value, Array): then only its offset travels, so the receiver
+/// maps the block once.
+inline void encode_lock_beside(Encoder& e, const SharedMemory& owner, const LockRef& l) {
+    bool same_block = l.state.memory().handle() == owner.handle();
+    e.write(static_cast<std::uint8_t>(same_block));
+    e.write(static_cast<std::uint8_t>(l.recursive));
+    if (same_block)
+        e.write(static_cast<std::uint64_t>(l.state.offset()));
+    else
+        encode_ref(e, l.state);
+}
+inline LockRef decode_lock_beside(Decoder& d, const SharedMemory& owner) {
+    auto same_block = d.read<std::uint8_t>();
+    auto recursive = d.read<std::uint8_t>();
+    if (same_block > 1 || recursive > 1) throw DecodeError("decode: bad lock description");
+    if (same_block) return LockRef{ref_at<LockState>(owner, d.read<std::uint64_t>()), recursive == 1};
+    return LockRef{decode_ref<LockState>(d), recursive == 1};
+}
+
+}  // namespace detail
+
+// ============================================================================ Lock, RLock
+
+/// A mutual-exclusion lock shared between threads and processes (Python's
+/// multiprocessing.Lock).  Meets the standard Lockable and TimedLockable
+/// requirements: std::lock_guard, std::unique_lock and std::scoped_lock work.
+///
+/// If the holder dies, the next acquirer takes the lock and acquire()/lock()/
+/// try_lock() throw OwnerDiedError *with the lock held*; acquire_checked()
+/// returns LockStatus::owner_died instead of throwing.  Repair the protected
+/// state, then make_consistent() or release().
+class Lock {
+public:
+    /// A new, unlocked lock.
+    MPSERVICE_API Lock();
+
+    /// Blocks until the lock is taken.
+    void acquire() { to_bool(detail::lock_acquire(ref_, detail::os::no_deadline)); }
+    /// Waits at most `timeout`; false if the lock could not be taken.
+    template <class Rep, class Period>
+    bool acquire(std::chrono::duration<Rep, Period> timeout) {
+        return to_bool(detail::lock_acquire(ref_, detail::deadline_of(timeout)));
+    }
+    /// Like acquire, but reports a dead previous owner as a status, not an exception.
+    LockStatus acquire_checked() { return detail::lock_acquire(ref_, detail::os::no_deadline); }
+    template <class Rep, class Period>
+    LockStatus acquire_checked(std::chrono::duration<Rep, Period> timeout) {
+        return detail::lock_acquire(ref_, detail::deadline_of(timeout));
+    }
+    /// Releases; throws InvalidStateError if the calling thread does not hold the lock.
+    void release() { detail::lock_release(ref_); }
+    /// After a dead owner: declares the protected state repaired.
+    void make_consistent() { detail::lock_make_consistent(ref_); }
+    /// Whether the calling thread holds the lock.
+    bool is_mine() const noexcept { return detail::lock_is_mine(ref_); }
+
+    // The standard Lockable / TimedLockable interface.
+    void lock() { acquire(); }
+    void unlock() { release(); }
+    bool try_lock() { return to_bool(detail::lock_try_acquire(ref_)); }
+    template <class Rep, class Period>
+    bool try_lock_for(std::chrono::duration<Rep, Period> timeout) {
+        return acquire(timeout);
+    }
+    template <class Clock, class Duration>
+    bool try_lock_until(std::chrono::time_point<Clock, Duration> t) {
+        return acquire(t - Clock::now());
+    }
+
+    /// Internal: the shared state and its kind.
+    const detail::LockRef& lock_ref() const noexcept { return ref_; }
+    /// Internal: a handle to an existing lock (decoding, Value's own lock).
+    explicit Lock(detail::SharedRef<detail::LockState> state) : ref_{std::move(state), false} {}
+
+private:
+    bool to_bool(LockStatus s) { return detail::lock_status_to_bool(ref_, s); }
+    detail::LockRef ref_;
+};
+
+/// A re-entrant lock (Python's multiprocessing.RLock): the owning thread -
+/// identified across processes - may acquire it again; it is free once released
+/// as many times as acquired.  Same dead-owner protocol as Lock.
+class RLock {
+public:
+    /// A new, unlocked recursive lock.
+    MPSERVICE_API RLock();
+
+    void acquire() { to_bool(detail::lock_acquire(ref_, detail::os::no_deadline)); }
+    template <class Rep, class Period>
+    bool acquire(std::chrono::duration<Rep, Period> timeout) {
+        return to_bool(detail::lock_acquire(ref_, detail::deadline_of(timeout)));
+    }
+    LockStatus acquire_checked() { return detail::lock_acquire(ref_, detail::os::no_deadline); }
+    template <class Rep, class Period>
+    LockStatus acquire_checked(std::chrono::duration<Rep, Period> timeout) {
+        return detail::lock_acquire(ref_, detail::deadline_of(timeout));
+    }
+    /// Releases one level; throws InvalidStateError if the calling thread is not the owner.
+    void release() { detail::lock_release(ref_); }
+    void make_consistent() { detail::lock_make_consistent(ref_); }
+    bool is_mine() const noexcept { return detail::lock_is_mine(ref_); }
+    /// How many times the owner holds it (0 if free); a snapshot.
+    unsigned depth() const noexcept { return ref_.state->depth.load(std::memory_order_relaxed); }
+
+    void lock() { acquire(); }
+    void unlock() { release(); }
+    bool try_lock() { return to_bool(detail::lock_try_acquire(ref_)); }
+    template <class Rep, class Period>
+    bool try_lock_for(std::chrono::duration<Rep, Period> timeout) {
+        return acquire(timeout);
+    }
+    template <class Clock, class Duration>
+    bool try_lock_until(std::chrono::time_point<Clock, Duration> t) {
+        return acquire(t - Clock::now());
+    }
+
+    const detail::LockRef& lock_ref() const noexcept { return ref_; }
+    explicit RLock(detail::SharedRef<detail::LockState> state) : ref_{std::move(state), true} {}
+
+private:
+    bool to_bool(LockStatus s) { return detail::lock_status_to_bool(ref_, s); }
+    detail::LockRef ref_;
+};
+
+// ============================================================================ Condition
+
+/// A condition variable over a Lock or an RLock (Python's
+/// multiprocessing.Condition); by default over a new RLock of its own.  The
+/// Condition is itself lockable: lock()/unlock()/acquire()/release() act on
+/// its lock, so `std::unique_lock g(cond)` works.
+///
+/// Waiting: a futex on a notification counter.  A waiter that dies leaves no
+/// trace others depend on, so the condition keeps working; the lock under it
+/// follows the dead-owner protocol of Lock.
+class Condition {
+public:
+    /// Over a new RLock.
+    MPSERVICE_API Condition();
+    MPSERVICE_API explicit Condition(Lock lock);
+    MPSERVICE_API explicit Condition(RLock lock);
+
+    /// Releases the lock (all levels of an RLock), waits for a notify, takes
+    /// the lock back.  The caller must hold the lock (else InvalidStateError).
+    /// If the lock's holder died meanwhile, throws OwnerDiedError holding it.
+    void wait() { detail::condition_wait(state_, lock_, detail::os::no_deadline); }
+    /// As wait(); false if `timeout` passed without a notify.
+    template <class Rep, class Period>
+    bool wait(std::chrono::duration<Rep, Period> timeout) {
+        return detail::condition_wait(state_, lock_, detail::deadline_of(timeout));
+    }
+    /// Waits until pred() is true; returns pred()'s last value.
+    template <class Predicate>
+    bool wait_for(Predicate pred) {
+        while (!pred()) wait();
+        return true;
+    }
+    /// Waits until pred() is true or `timeout` passed; returns pred()'s last value.
+    template <class Predicate, class Rep, class Period>
+    bool wait_for(Predicate pred, std::chrono::duration<Rep, Period> timeout) {
+        auto deadline = detail::deadline_of(timeout);
+        bool result = pred();
+        while (!result) {
+            if (detail::os::Clock::now() >= deadline) break;
+            detail::condition_wait(state_, lock_, deadline);
+            result = pred();
+        }
+        return result;
+    }
+    /// Wakes up to n waiters (at least n when that many wait; see the file
+    /// comment).  The caller must hold the lock.
+    void notify(int n = 1) { detail::condition_notify(state_, lock_, n); }
+    void notify_all() { detail::condition_notify(state_, lock_, INT_MAX); }
+
+    // The lock's interface.
+    void acquire() { lock_status(detail::lock_acquire(lock_, detail::os::no_deadline)); }
+    template <class Rep, class Period>
+    bool acquire(std::chrono::duration<Rep, Period> timeout) {
+        return lock_status(detail::lock_acquire(lock_, detail::deadline_of(timeout)));
+    }
+    void release() { detail::lock_release(lock_); }
+    void lock() { acquire(); }
+    void unlock() { release(); }
+    bool try_lock() { return lock_status(detail::lock_try_acquire(lock_)); }
+    void make_consistent() { detail::lock_make_consistent(lock_); }
+
+    /// Internal.
+    Condition(detail::SharedRef<detail::ConditionState> state, detail::LockRef lock)
+        : state_(std::move(state)), lock_(std::move(lock)) {}
+    const detail::SharedRef<detail::ConditionState>& state_ref() const noexcept { return state_; }
+    const detail::LockRef& lock_ref() const noexcept { return lock_; }
+
+private:
+    bool lock_status(LockStatus s) { return detail::lock_status_to_bool(lock_, s); }
+    detail::SharedRef<detail::ConditionState> state_;
+    detail::LockRef lock_;
+};
+
+// ============================================================================ Semaphore
+
+/// A counting semaphore (Python's multiprocessing.Semaphore).  It has no owner:
+/// any thread or process may release.  lock()/unlock() make it usable with
+/// std::lock_guard as well.
+class Semaphore {
+public:
+    /// A semaphore whose counter starts at `value`.
+    MPSERVICE_API explicit Semaphore(unsigned value = 1);
+
+    /// Decrements the counter, waiting while it is zero.
+    void acquire() { detail::semaphore_acquire(state_.get(), detail::os::no_deadline); }
+    /// As acquire(); false if `timeout` passed while the counter stayed zero.
+    template <class Rep, class Period>
+    bool acquire(std::chrono::duration<Rep, Period> timeout) {
+        return detail::semaphore_acquire(state_.get(), detail::deadline_of(timeout));
+    }
+    /// Decrements the counter if it is not zero.
+    bool try_acquire() { return detail::semaphore_acquire(state_.get(), detail::os::Deadline{}); }
+    /// Adds n to the counter, waking up to n waiters.  A BoundedSemaphore
+    /// throws InvalidStateError rather than exceed its initial value.
+    void release(unsigned n = 1) { detail::semaphore_release(state_.get(), n); }
+    /// The counter now (a snapshot).
+    unsigned get_value() const noexcept { return state_->value.load(std::memory_order_relaxed); }
+
+    void lock() { acquire(); }
+    void unlock() { release(); }
+    bool try_lock() { return try_acquire(); }
+
+    /// Internal.
+    explicit Semaphore(detail::SharedRef<detail::SemaphoreState> state) : state_(std::move(state)) {}
+    const detail::SharedRef<detail::SemaphoreState>& state_ref() const noexcept { return state_; }
+
+protected:
+    MPSERVICE_API Semaphore(unsigned value, unsigned limit);
+
+private:
+    detail::SharedRef<detail::SemaphoreState> state_;
+};
+
+/// A semaphore whose counter may never exceed its initial value: a release
+/// beyond it throws InvalidStateError and changes nothing.
+class BoundedSemaphore : public Semaphore {
+public:
+    explicit BoundedSemaphore(unsigned value = 1) : Semaphore(value, value) {}
+    explicit BoundedSemaphore(detail::SharedRef<detail::SemaphoreState> state) : Semaphore(std::move(state)) {}
+};
+
+// ============================================================================ Event
+
+/// A flag that processes can wait for (Python's multiprocessing.Event).
+class Event {
+public:
+    /// A new event, not set.
+    MPSERVICE_API Event();
+
+    /// Sets the flag and wakes every waiter.
+    void set() { detail::event_set(state_.get()); }
+    /// Resets the flag.
+    void clear() noexcept { state_->word.fetch_and(~1u, std::memory_order_acq_rel); }
+    bool is_set() const noexcept { return state_->word.load(std::memory_order_acquire) & 1u; }
+    /// Waits until the flag is set.  A set() while waiting wakes the waiter
+    /// even if a clear() follows at once.
+    void wait() { detail::event_wait(state_.get(), detail::os::no_deadline); }
+    /// As wait(); returns false if `timeout` passed without a set().
+    template <class Rep, class Period>
+    bool wait(std::chrono::duration<Rep, Period> timeout) {
+        return detail::event_wait(state_.get(), detail::deadline_of(timeout));
+    }
+
+    /// Internal.
+    explicit Event(detail::SharedRef<detail::EventState> state) : state_(std::move(state)) {}
+    const detail::SharedRef<detail::EventState>& state_ref() const noexcept { return state_; }
+
+private:
+    detail::SharedRef<detail::EventState> state_;
+};
+
+// ============================================================================ Barrier
+
+/// A barrier for a fixed number of parties (Python's multiprocessing.Barrier).
+///
+/// wait() returns the arrival index, 0 for the first to arrive and parties-1
+/// for the last.  The barrier breaks - every waiter and every later wait()
+/// throws BrokenBarrierError until reset() - when a wait times out, when
+/// abort() is called, when the action throws, or when a process dies while it
+/// waits at the barrier (the sleepers check the arrived parties every
+/// ~50 ms).
+///
+/// The action is a plain function (a capture-less lambda will do): it runs
+/// once per cycle, in the process - and thread - that arrives last, before the
+/// others are released.  It travels as an offset inside its module (executable
+/// or shared library), so it is found again in a spawned child as well as
+/// under fork and fork server.  It must not use the barrier itself.
+class Barrier {
+public:
+    using Action = void (*)();
+
+    /// `parties` >= 1 (else std::invalid_argument); no default timeout.
+    explicit Barrier(unsigned parties, Action action = nullptr) : Barrier(parties, action, -1) {}
+    /// `timeout` is the default for wait() without a timeout.
+    template <class Rep, class Period>
+    Barrier(unsigned parties, Action action, std::chrono::duration<Rep, Period> timeout)
+        : Barrier(parties, action, timeout_ns(timeout)) {}
+
+    /// Waits for all parties (or the default timeout, if one was given).
+    MPSERVICE_API unsigned wait();
+    template <class Rep, class Period>
+    unsigned wait(std::chrono::duration<Rep, Period> timeout) {
+        return wait_until(detail::deadline_of(timeout));
+    }
+    /// Returns the barrier to its initial state; current waiters get BrokenBarrierError.
+    MPSERVICE_API void reset();
+    /// Breaks the barrier: current and future waiters get BrokenBarrierError until reset().
+    MPSERVICE_API void abort();
+    bool broken() const noexcept { return state_->broken.load(std::memory_order_acquire) != 0; }
+    /// Parties waiting in the current cycle (a snapshot).
+    unsigned n_waiting() const noexcept { return state_->count.load(std::memory_order_relaxed); }
+    unsigned parties() const noexcept { return state_->parties; }
+
+    /// Internal.
+    explicit Barrier(detail::SharedRef<detail::BarrierState> state) : state_(std::move(state)) {}
+    const detail::SharedRef<detail::BarrierState>& state_ref() const noexcept { return state_; }
+
+private:
+    MPSERVICE_API Barrier(unsigned parties, Action action, std::int64_t timeout_ns);
+    MPSERVICE_API unsigned wait_until(detail::os::Deadline deadline);
+    template <class Rep, class Period>
+    static std::int64_t timeout_ns(std::chrono::duration<Rep, Period> t) {
+        if (t < t.zero()) return 0;
+        auto limit = std::chrono::duration<double>(std::chrono::hours(24 * 365 * 100));
+        if (std::chrono::duration<double>(t) > limit) return -1;  // practically forever
+        return std::chrono::duration_cast<std::chrono::nanoseconds>(t).count();
+    }
+    detail::SharedRef<detail::BarrierState> state_;
+};
+
+// ============================================================================ codecs
+
+template <>
+struct Codec<Lock> {
+    static void encode(Encoder& e, const Lock& l) { detail::encode_ref(e, l.lock_ref().state); }
+    static Lock decode(Decoder& d) { return Lock(detail::decode_ref<detail::LockState>(d)); }
+};
+template <>
+struct Codec<RLock> {
+    static void encode(Encoder& e, const RLock& l) { detail::encode_ref(e, l.lock_ref().state); }
+    static RLock decode(Decoder& d) { return RLock(detail::decode_ref<detail::LockState>(d)); }
+};
+template <>
+struct Codec<Condition> {
+    static void encode(Encoder& e, const Condition& c) {
+        detail::encode_ref(e, c.state_ref());
+        detail::encode_lock_beside(e, c.state_ref().memory(), c.lock_ref());
+    }
+    static Condition decode(Decoder& d) {
+        auto state = detail::decode_ref<detail::ConditionState>(d);
+        auto lock = detail::decode_lock_beside(d, state.memory());
+        return Condition(std::move(state), std::move(lock));
+    }
+};
+template <>
+struct Codec<Semaphore> {
+    static void encode(Encoder& e, const Semaphore& s) { detail::encode_ref(e, s.state_ref()); }
+    static Semaphore decode(Decoder& d) { return Semaphore(detail::decode_ref<detail::SemaphoreState>(d)); }
+};
+template <>
+struct Codec<BoundedSemaphore> {
+    static void encode(Encoder& e, const BoundedSemaphore& s) { detail::encode_ref(e, s.state_ref()); }
+    static BoundedSemaphore decode(Decoder& d) {
+        return BoundedSemaphore(detail::decode_ref<detail::SemaphoreState>(d));
+    }
+};
+template <>
+struct Codec<Event> {
+    static void encode(Encoder& e, const Event& ev) { detail::encode_ref(e, ev.state_ref()); }
+    static Event decode(Decoder& d) { return Event(detail::decode_ref<detail::EventState>(d)); }
+};
+template <>
+struct Codec<Barrier> {
+    static void encode(Encoder& e, const Barrier& b) { detail::encode_ref(e, b.state_ref()); }
+    static Barrier decode(Decoder& d) {
+        auto ref = detail::decode_ref<detail::BarrierState>(d);
+        std::uint32_t parties = ref->parties;
+        if (parties == 0 || ref.bytes_available() < detail::BarrierState::size_for(parties))
+            throw DecodeError("decode: barrier state does not fit its shared memory block");
+        return Barrier(std::move(ref));
+    }
+};
+
+}  // namespace mpservice

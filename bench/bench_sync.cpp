@@ -1,0 +1,337 @@
+// Shared-memory synchronization: our Lock, Value and Event/Condition against a
+// process-shared robust pthread mutex, Boost.Interprocess and a raw futex, all
+// measured here in the same run (bench/python/sync.py measures Python's
+// multiprocessing under the same case names).
+//
+//   sync: Lock acquire+release, uncontended          ns per pair
+//   sync: 2 procs x 1M increments under the lock     ns per increment
+//   sync: Event ping-pong round trip, 2 procs        us per round trip
+//   sync: Condition ping-pong round trip, 2 procs    us per round trip
+//
+// Children are plain fork()s sharing anonymous shared memory (ours: the
+// objects' own memfd blocks; anchors: MAP_SHARED|MAP_ANONYMOUS).  Nothing is
+// pinned: the processes land wherever the scheduler puts them, as in real use.
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <boost/interprocess/sync/interprocess_condition.hpp>
+#include <boost/interprocess/sync/interprocess_mutex.hpp>
+#include <boost/interprocess/sync/scoped_lock.hpp>
+#include <boost/version.hpp>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <mutex>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "harness.hpp"
+#include "mpservice.hpp"
+
+namespace mp = mpservice;
+namespace bip = boost::interprocess;
+
+namespace {
+
+const std::string boost_label = "Boost.IPC " + std::to_string(BOOST_VERSION / 100000) + "." +
+                                std::to_string(BOOST_VERSION / 100 % 1000);
+
+void* shared_anonymous(std::size_t n) {
+    void* p = ::mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+        std::perror("mmap");
+        std::exit(1);
+    }
+    return p;
+}
+
+/// Runs body(i) in n forked children and waits for them.
+void run_children(int n, const std::function<void(int)>& body) {
+    std::fflush(stdout);
+    std::vector<pid_t> pids;
+    for (int i = 0; i < n; ++i) {
+        pid_t pid = ::fork();
+        if (pid == 0) {
+            body(i);
+            ::_exit(0);
+        }
+        pids.push_back(pid);
+    }
+    for (pid_t pid : pids) {
+        int status = 0;
+        ::waitpid(pid, &status, 0);
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) std::fprintf(stderr, "child %d failed\n", int(pid));
+    }
+}
+
+/// A pthread mutex as the anchors use it: process-shared, robust.
+struct RobustPthread {
+    pthread_mutex_t m;
+    alignas(64) long counter = 0;
+    RobustPthread() {
+        pthread_mutexattr_t a;
+        pthread_mutexattr_init(&a);
+        pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+        pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+        pthread_mutex_init(&m, &a);
+        pthread_mutexattr_destroy(&a);
+    }
+    void lock() {
+        if (pthread_mutex_lock(&m) == EOWNERDEAD) pthread_mutex_consistent(&m);
+    }
+    void unlock() { pthread_mutex_unlock(&m); }
+};
+
+struct BoostMutex {
+    bip::interprocess_mutex m;
+    alignas(64) long counter = 0;
+};
+
+template <class T>
+T* make_shared_anonymous() {
+    return ::new (shared_anonymous(sizeof(T))) T();
+}
+
+std::vector<double> per_op_ns(const std::vector<double>& ms, double ops) {
+    std::vector<double> out;
+    for (double t : ms) out.push_back(t * 1e6 / ops);
+    return out;
+}
+
+// ---------------------------------------------------------------- uncontended lock
+
+void uncontended_lock(int reps) {
+    const std::string name = "sync: Lock acquire+release, uncontended";
+    if (!bench::wanted(name)) return;
+    constexpr int n = 5'000'000;
+    mp::Lock lock;
+    bench::report(name, "ours", "mp::Lock acquire()+release()", "ns",
+                  per_op_ns(bench::time_ms(reps, [&] {
+                                for (int i = 0; i < n; ++i) {
+                                    lock.acquire();
+                                    lock.release();
+                                }
+                            }),
+                            n));
+    auto* robust = make_shared_anonymous<RobustPthread>();
+    bench::report(name, "anchor", "pthread mutex pshared+robust", "ns", per_op_ns(bench::time_ms(reps, [&] {
+                                                                                    for (int i = 0; i < n; ++i) {
+                                                                                        robust->lock();
+                                                                                        robust->unlock();
+                                                                                    }
+                                                                                }),
+                                                                                n));
+    auto* boost = make_shared_anonymous<BoostMutex>();
+    bench::report(name, "anchor", boost_label + " interprocess_mutex", "ns", per_op_ns(bench::time_ms(reps, [&] {
+                                                                                       for (int i = 0; i < n; ++i) {
+                                                                                           boost->m.lock();
+                                                                                           boost->m.unlock();
+                                                                                       }
+                                                                                   }),
+                                                                                   n));
+    const std::string rname = "sync: RLock acquire+release, uncontended";
+    mp::RLock rlock;
+    bench::report(rname, "ours", "mp::RLock acquire()+release()", "ns",
+                  per_op_ns(bench::time_ms(reps, [&] {
+                                for (int i = 0; i < n; ++i) {
+                                    rlock.acquire();
+                                    rlock.release();
+                                }
+                            }),
+                            n));
+    bench::report(rname, "anchor", "pthread mutex pshared+robust", "ns", per_op_ns(bench::time_ms(reps, [&] {
+                                                                                     for (int i = 0; i < n; ++i) {
+                                                                                         robust->lock();
+                                                                                         robust->unlock();
+                                                                                     }
+                                                                                 }),
+                                                                                 n));
+}
+
+// ---------------------------------------------------------------- contended increments
+
+void contended_increments(int reps) {
+    const std::string name = "sync: 2 procs x 1M increments under the lock";
+    const std::string name_lock = "sync: 2 procs x 1M increments, Value<long, Lock> + lock_guard";
+    if (!bench::wanted(name) && !bench::wanted(name_lock)) return;
+    constexpr int per_child = 1'000'000;
+    constexpr double total = 2.0 * per_child;
+
+    mp::Value<long> value(0);
+    auto ours = bench::time_ms(reps, [&] {
+        value.set(0);
+        run_children(2, [&](int) {
+            for (int i = 0; i < per_child; ++i) value.with_lock([](long& x) { ++x; });
+        });
+        if (value.get() != long(total)) std::fprintf(stderr, "Value total %ld\n", value.get());
+    });
+    mp::Value<long, mp::Lock> plain(0);
+    auto ours_lock = bench::time_ms(reps, [&] {
+        plain.set(0);
+        run_children(2, [&](int) {
+            for (int i = 0; i < per_child; ++i) {
+                std::lock_guard<mp::Lock> g(plain.get_lock());
+                ++plain.get_obj();
+            }
+        });
+        if (plain.get() != long(total)) std::fprintf(stderr, "Value<long, Lock> total %ld\n", plain.get());
+    });
+    auto* robust = make_shared_anonymous<RobustPthread>();
+    auto robust_ms = bench::time_ms(reps, [&] {
+        robust->counter = 0;
+        run_children(2, [&](int) {
+            for (int i = 0; i < per_child; ++i) {
+                robust->lock();
+                ++robust->counter;
+                robust->unlock();
+            }
+        });
+        if (robust->counter != long(total)) std::fprintf(stderr, "robust total %ld\n", robust->counter);
+    });
+    auto* boost = make_shared_anonymous<BoostMutex>();
+    auto boost_ms = bench::time_ms(reps, [&] {
+        boost->counter = 0;
+        run_children(2, [&](int) {
+            for (int i = 0; i < per_child; ++i) {
+                bip::scoped_lock<bip::interprocess_mutex> g(boost->m);
+                ++boost->counter;
+            }
+        });
+        if (boost->counter != long(total)) std::fprintf(stderr, "boost total %ld\n", boost->counter);
+    });
+    for (const auto& [case_name, label, ms] :
+         {std::tuple{name, std::string("mp::Value<long>::with_lock (RLock)"), ours},
+          std::tuple{name_lock, std::string("mp::Value<long, mp::Lock>, std::lock_guard"), ours_lock}}) {
+        bench::report(case_name, "ours", label, "ns", per_op_ns(ms, total));
+        bench::report(case_name, "anchor", "pthread mutex pshared+robust", "ns", per_op_ns(robust_ms, total));
+        bench::report(case_name, "anchor", boost_label + " interprocess_mutex", "ns", per_op_ns(boost_ms, total));
+    }
+}
+
+// ---------------------------------------------------------------- ping-pong
+
+constexpr int pingpong_warmup = 500;
+
+/// Times `rounds` round trips of parent_round() against child_round() in a child.
+std::vector<double> time_pingpong(int reps, int rounds, const std::function<void()>& parent_round,
+                                  const std::function<void()>& child_round) {
+    std::vector<double> out;
+    for (int r = 0; r < reps; ++r) {
+        std::fflush(stdout);
+        pid_t pid = ::fork();
+        if (pid == 0) {
+            for (int i = 0; i < pingpong_warmup + rounds; ++i) child_round();
+            ::_exit(0);
+        }
+        for (int i = 0; i < pingpong_warmup; ++i) parent_round();
+        auto t = bench::time_ms(1, [&] {
+            for (int i = 0; i < rounds; ++i) parent_round();
+        }, 0);
+        ::waitpid(pid, nullptr, 0);
+        out.push_back(t[0] * 1e3 / rounds);  // us per round trip
+    }
+    return out;
+}
+
+long futex(std::atomic<std::uint32_t>* w, int op, std::uint32_t v) {
+    return ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(w), op, v, nullptr, nullptr, 0);
+}
+
+struct BoostPingPong {
+    bip::interprocess_mutex m;
+    bip::interprocess_condition c;
+    int turn = 0;
+};
+
+void pingpong(int reps) {
+    const std::string event_case = "sync: Event ping-pong round trip, 2 procs";
+    const std::string cond_case = "sync: Condition ping-pong round trip, 2 procs";
+    if (!bench::wanted(event_case) && !bench::wanted(cond_case)) return;
+    constexpr int rounds = 10'000;
+
+    // The physical anchor: one shared word, FUTEX_WAIT / FUTEX_WAKE, no spinning.
+    auto* word = ::new (shared_anonymous(64)) std::atomic<std::uint32_t>(0);
+    auto futex_us = time_pingpong(
+        reps, rounds,
+        [&] {
+            word->store(1);
+            futex(word, FUTEX_WAKE, 1);
+            while (word->load() != 0) futex(word, FUTEX_WAIT, 1);
+        },
+        [&] {
+            while (word->load() != 1) futex(word, FUTEX_WAIT, 0);
+            word->store(0);
+            futex(word, FUTEX_WAKE, 1);
+        });
+
+    auto* bp = make_shared_anonymous<BoostPingPong>();
+    auto boost_us = time_pingpong(
+        reps, rounds,
+        [&] {
+            bip::scoped_lock<bip::interprocess_mutex> g(bp->m);
+            bp->turn = 1;
+            bp->c.notify_one();
+            while (bp->turn != 0) bp->c.wait(g);
+        },
+        [&] {
+            bip::scoped_lock<bip::interprocess_mutex> g(bp->m);
+            while (bp->turn != 1) bp->c.wait(g);
+            bp->turn = 0;
+            bp->c.notify_one();
+        });
+
+    if (bench::wanted(event_case)) {
+        mp::Event ping, pong;
+        auto ours = time_pingpong(
+            reps, rounds,
+            [&] {
+                ping.set();
+                pong.wait();
+                pong.clear();
+            },
+            [&] {
+                ping.wait();
+                ping.clear();
+                pong.set();
+            });
+        bench::report(event_case, "ours", "mp::Event x2 set/wait/clear", "us", ours);
+        bench::report(event_case, "anchor", "raw futex WAIT/WAKE on a shared word", "us", futex_us);
+        bench::report(event_case, "anchor", boost_label + " interprocess_condition", "us", boost_us);
+    }
+    if (bench::wanted(cond_case)) {
+        mp::Condition cond;
+        mp::RawValue<int> turn(0);
+        auto ours = time_pingpong(
+            reps, rounds,
+            [&] {
+                std::unique_lock<mp::Condition> g(cond);
+                turn = 1;
+                cond.notify();
+                cond.wait_for([&] { return turn.get() == 0; });
+            },
+            [&] {
+                std::unique_lock<mp::Condition> g(cond);
+                cond.wait_for([&] { return turn.get() == 1; });
+                turn = 0;
+                cond.notify();
+            });
+        bench::report(cond_case, "ours", "mp::Condition notify/wait_for + turn", "us", ours);
+        bench::report(cond_case, "anchor", "raw futex WAIT/WAKE on a shared word", "us", futex_us);
+        bench::report(cond_case, "anchor", boost_label + " interprocess_condition", "us", boost_us);
+    }
+}
+
+}  // namespace
+
+int main() {
+    uncontended_lock(bench::reps(7));
+    contended_increments(bench::reps(5));
+    pingpong(bench::reps(7));
+}

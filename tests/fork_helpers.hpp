@@ -1,0 +1,124 @@
+// fork_helpers: real child processes for the synchronization tests, made with
+// plain fork() (so they share the parent's mappings and inherit its
+// descriptors), plus the leak counters.  Children report through their exit
+// code: 0 = as expected, anything else names what went wrong.
+#pragma once
+
+#include <dirent.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <set>
+#include <string>
+#include <thread>
+
+namespace forktest {
+
+/// Runs body() in a forked child; the child exits with body's return value
+/// (99 if it threw).  The child dies with the test if the test dies.
+inline pid_t spawn(const std::function<int()>& body) {
+    std::fflush(nullptr);
+    pid_t pid = ::fork();
+    if (pid < 0) throw std::runtime_error("fork failed");
+    if (pid == 0) {
+        ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+        int rc = 98;
+        try {
+            rc = body();
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "child %d threw: %s\n", int(::getpid()), e.what());
+            rc = 99;
+        } catch (...) {
+            rc = 99;
+        }
+        std::fflush(nullptr);
+        ::_exit(rc);
+    }
+    return pid;
+}
+
+/// Waits for the child (hang guard: `limit`); returns its exit code, or -signal,
+/// or -1000 if it did not end in time (it is then killed).
+inline int join(pid_t pid, std::chrono::milliseconds limit = std::chrono::seconds(60)) {
+    int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+    if (pidfd >= 0) {
+        pollfd p{pidfd, POLLIN, 0};
+        int r = ::poll(&p, 1, static_cast<int>(limit.count()));
+        ::close(pidfd);
+        if (r == 0) {
+            ::kill(pid, SIGKILL);
+            ::waitpid(pid, nullptr, 0);
+            return -1000;
+        }
+    }
+    int status = 0;
+    if (::waitpid(pid, &status, 0) != pid) return -2000;
+    if (WIFEXITED(status)) return WEXITSTATUS(status);
+    if (WIFSIGNALED(status)) return -WTERMSIG(status);
+    return -3000;
+}
+
+/// SIGKILLs and reaps.
+inline int kill_and_join(pid_t pid) {
+    ::kill(pid, SIGKILL);
+    return join(pid);
+}
+
+/// Spins (yielding the CPU) until pred() or the hang guard expires.  For
+/// waiting on state another process changes - not a sleep.
+template <class Pred>
+bool await(Pred pred, std::chrono::milliseconds limit = std::chrono::seconds(30)) {
+    auto until = std::chrono::steady_clock::now() + limit;
+    while (!pred()) {
+        if (std::chrono::steady_clock::now() > until) return false;
+        std::this_thread::yield();
+    }
+    return true;
+}
+
+/// The open descriptors of this process.
+inline std::set<std::string> open_fds() {
+    std::set<std::string> out;
+    if (DIR* d = ::opendir("/proc/self/fd")) {
+        while (dirent* e = ::readdir(d))
+            if (e->d_name[0] != '.') out.insert(e->d_name);
+        ::closedir(d);
+    }
+    return out;
+}
+inline std::size_t fd_count() { return open_fds().size(); }
+
+/// The names in /dev/shm.
+inline std::set<std::string> dev_shm_entries() {
+    std::set<std::string> out;
+    if (DIR* d = ::opendir("/dev/shm")) {
+        while (dirent* e = ::readdir(d))
+            if (e->d_name[0] != '.') out.insert(e->d_name);
+        ::closedir(d);
+    }
+    return out;
+}
+
+/// Number of this process's mappings of the library's shared memory (memfd
+/// blocks show up in /proc/self/maps as "/memfd:mpservice (deleted)").
+inline std::size_t mapping_count() {
+    std::FILE* f = std::fopen("/proc/self/maps", "r");
+    if (!f) return 0;
+    std::size_t n = 0;
+    char line[4096];
+    while (std::fgets(line, sizeof line, f))
+        if (std::strstr(line, "memfd:mpservice")) ++n;
+    std::fclose(f);
+    return n;
+}
+
+}  // namespace forktest

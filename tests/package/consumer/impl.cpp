@@ -1,0 +1,3 @@
+// The one translation unit of the consumer that compiles the implementation.
+#define MPSERVICE_IMPLEMENTATION
+#include "mpservice.hpp"
