@@ -880,6 +880,7 @@ ProcessCore::~ProcessCore() {
 }
 
 void test_corrupt_next_fingerprint() noexcept { rt().corrupt_next_fingerprint = true; }
+void test_set_initialized(bool initialized) noexcept { rt().initialized = initialized; }
 
 namespace {
 std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::vector<os::handle_t>& handles) {
@@ -899,7 +900,7 @@ std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::ve
 }
 }  // namespace
 
-void ProcessCore::start(std::unique_ptr<ChildTask> task) {
+void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     if (started() || !task) throw InvalidStateError("mpservice: " + describe(name, pid_) + " was already started");
     Runtime& r = rt();
     if (method_ != StartMethod::fork) {
