@@ -2033,7 +2033,8 @@ MPSERVICE_API void init(int argc, char** argv);
 /// How a child process is made.
 enum class StartMethod {
     spawn,       ///< a fresh exec of this program: no inherited threads, locks or heap state (default)
-    fork,        ///< fork(): fastest, runs any callable, but unsafe once the parent has threads
+    fork,        ///< fork(): fastest, runs any callable, but unsafe once the parent has threads;
+                 ///< the child starts with default signal handlers, like the other contexts' children
     forkserver,  ///< fork() of a server forked at init(), before any thread existed
 };
 
