@@ -1161,6 +1161,11 @@ MPSERVICE_API bool die_with_parent(long expected_parent) noexcept;
 /// Puts every caught signal back to its default action and unblocks all
 /// signals (a forked child starts like an exec'd one; ignored signals stay ignored).
 MPSERVICE_API void reset_signal_handlers() noexcept;
+/// The calling thread's stack (lowest address and size); false if unknown.
+MPSERVICE_API bool current_thread_stack(void** low, std::size_t* size) noexcept;
+/// Tells a leak checker, if one is linked in, that `p..p+size` holds live
+/// pointers (a forked child still has the memory of threads it does not have).
+MPSERVICE_API void leak_checker_root(const void* p, std::size_t size) noexcept;
 /// Closes every handle above the standard ones except `keep`.
 MPSERVICE_API void close_handles_except(handle_t keep) noexcept;
 /// Ends the process at once with `code`: no atexit handlers, no destructors.
@@ -1817,6 +1822,7 @@ MPSERVICE_API void set_log_level_from_parent(Level level);
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
+#include <atomic>
 #include <deque>
 #include <exception>
 #include <iterator>
@@ -1881,7 +1887,9 @@ public:
     /// (terminated by SIGTERM, exit(0) before returning).
     MPSERVICE_API void resolve(std::exception_ptr error, std::exception_ptr result_error = nullptr);
     /// Blocks until resolved or `deadline`; true if resolved.
-    MPSERVICE_API bool wait_until(os::Deadline deadline) const;
+    MPSERVICE_API virtual bool wait_until(os::Deadline deadline) const;
+    /// done() without taking the lock (for brief spins).
+    bool done_relaxed() const noexcept { return done_flag_.load(std::memory_order_acquire); }
     /// Outcome, valid once done().
     MPSERVICE_API std::exception_ptr error() const;
     MPSERVICE_API std::exception_ptr result_error() const;
@@ -1897,6 +1905,7 @@ protected:
 private:
     bool started_ = false;
     bool done_ = false;
+    std::atomic<bool> done_flag_{false};
     std::exception_ptr error_;
     std::exception_ptr result_error_;
     std::vector<std::weak_ptr<CompletionQueue>> subscribers_;
@@ -2041,7 +2050,8 @@ MPSERVICE_API void init(int argc, char** argv);
 /// How a child process is made.
 enum class StartMethod {
     spawn,       ///< a fresh exec of this program: no inherited threads, locks or heap state (default)
-    fork,        ///< fork(): fastest, runs any callable, but unsafe once the parent has threads
+    fork,        ///< fork(): fastest, runs any callable, but unsafe once the parent has threads;
+                 ///< the child starts with default signal handlers, like the other contexts' children
     forkserver,  ///< fork() of a server forked at init(), before any thread existed
 };
 
@@ -2182,7 +2192,11 @@ public:
     MPSERVICE_API explicit ProcessCore(const Context& ctx);
     MPSERVICE_API ~ProcessCore() override;
 
-    MPSERVICE_API void start(std::unique_ptr<ChildTask> task);
+    /// Starts the child; takes `task` only if it succeeds (a failed start can be retried).
+    MPSERVICE_API void start(std::unique_ptr<ChildTask>& task);
+    /// Also watches the child's exit itself, so the waiting thread wakes with
+    /// the reactor rather than after it (one cross-CPU wake-up less).
+    MPSERVICE_API bool wait_until(os::Deadline deadline) const override;
     MPSERVICE_API long pid() const;
     MPSERVICE_API std::optional<int> exitcode() const;
     MPSERVICE_API bool is_alive() const;
@@ -2219,6 +2233,8 @@ public:
 /// Test hook: the next spawn/fork-server child is told a wrong build
 /// fingerprint, as if the parent ran a different build.
 MPSERVICE_API void test_corrupt_next_fingerprint() noexcept;
+/// Test hook: pretend init() was (not) called.
+MPSERVICE_API void test_set_initialized(bool initialized) noexcept;
 
 }  // namespace detail
 
@@ -2253,7 +2269,7 @@ public:
     /// Starts the child.  InvalidStateError if already started, or if init()
     /// was not called (spawn, fork-server); std::invalid_argument for a
     /// callable with captures outside the fork context.
-    void start() { state().start(std::move(task_)); }
+    void start() { state().start(task_); }
 
     /// Waits for the child to end and for every log record it sent to be
     /// handled; re-throws the child's exception, or ProcessError if it exited
@@ -2398,14 +2414,12 @@ MPSERVICE_API std::string next_thread_name();
 template <class F, class... A>
 constexpr bool takes_stop_token_v = std::is_invocable_v<std::decay_t<F>, StopToken, std::decay_t<A>...>;
 
+// std::invoke_result has no `type` when the call is invalid, which keeps the
+// deduction guide SFINAE-friendly (Thread b(std::move(a)) must not trip on it).
 template <class F, class... A>
-struct thread_result {
-    using type = std::invoke_result_t<std::decay_t<F>, std::decay_t<A>...>;
-};
+struct thread_result : std::invoke_result<std::decay_t<F>, std::decay_t<A>...> {};
 template <class F, class... A>
-struct thread_result_with_token {
-    using type = std::invoke_result_t<std::decay_t<F>, StopToken, std::decay_t<A>...>;
-};
+struct thread_result_with_token : std::invoke_result<std::decay_t<F>, StopToken, std::decay_t<A>...> {};
 template <class F, class... A>
 using thread_result_t = typename std::conditional_t<takes_stop_token_v<F, A...>, thread_result_with_token<F, A...>,
                                                     thread_result<F, A...>>::type;
@@ -4170,6 +4184,8 @@ struct Codec<SimpleQueue<T>> {
 #include <stdexcept>
 
 extern char** environ;
+// LeakSanitizer's interface, when it is linked in (weak: absent otherwise).
+extern "C" void __lsan_register_root_region(const void* p, std::size_t size) __attribute__((weak));
 
 namespace mpservice::detail::os {
 
@@ -4659,6 +4675,18 @@ void reset_signal_handlers() noexcept {
     sigset_t none;
     sigemptyset(&none);
     ::pthread_sigmask(SIG_SETMASK, &none, nullptr);
+}
+
+bool current_thread_stack(void** low, std::size_t* size) noexcept {
+    pthread_attr_t attr;
+    if (::pthread_getattr_np(::pthread_self(), &attr) != 0) return false;
+    bool ok = ::pthread_attr_getstack(&attr, low, size) == 0;
+    ::pthread_attr_destroy(&attr);
+    return ok;
+}
+
+void leak_checker_root(const void* p, std::size_t size) noexcept {
+    if (__lsan_register_root_region && p && size) __lsan_register_root_region(p, size);
 }
 
 void close_handles_except(handle_t keep) noexcept {
@@ -6481,22 +6509,32 @@ bool write_frame(os::handle_t ch, std::uint32_t kind, const std::string& payload
     return os::channel_write(ch, &h, sizeof h, payload.data(), payload.size(), handles.data(), handles.size());
 }
 
-/// Splits the byte stream of a channel into frames.
+/// Splits the byte stream of a channel into frames.  The buffer starts small
+/// and grows while reads fill it (a chatty child): every page written costs a
+/// copy-on-write fault in a process that forks, so no page is touched in vain.
 class FrameReader {
 public:
     /// Reads once from `ch`: >0 bytes, 0 at end, -1 if nothing is ready (nonblocking).
     long fill(os::handle_t ch, bool nonblocking) {
         if (pos_ == len_) {
             pos_ = len_ = 0;
-        } else if (pos_ > 0 && buf_.size() - len_ < chunk) {
-            std::memmove(buf_.data(), buf_.data() + pos_, len_ - pos_);
+        } else if (pos_ > 0 && cap_ - len_ < want_) {
+            std::memmove(buf_.get(), buf_.get() + pos_, len_ - pos_);
             len_ -= pos_;
             pos_ = 0;
         }
-        if (buf_.size() - len_ < chunk) buf_.resize(len_ + chunk);  // grows only: no zeroing per read
+        if (cap_ - len_ < want_) {
+            std::size_t cap = std::max(len_ + want_, 2 * cap_);
+            std::unique_ptr<char[]> bigger(new char[cap]);  // uninitialized: untouched pages stay free
+            if (len_) std::memcpy(bigger.get(), buf_.get(), len_);
+            buf_ = std::move(bigger);
+            cap_ = cap;
+        }
         std::vector<os::handle_t> fds;
-        long n = os::channel_read(ch, buf_.data() + len_, chunk, &fds, nonblocking);
+        std::size_t room = cap_ - len_;
+        long n = os::channel_read(ch, buf_.get() + len_, room, &fds, nonblocking);
         if (n > 0) len_ += static_cast<std::size_t>(n);
+        if (n > 0 && static_cast<std::size_t>(n) == room && want_ < max_read) want_ *= 2;
         for (auto fd : fds) fds_.push_back(fd);
         return n;
     }
@@ -6504,10 +6542,14 @@ public:
     bool next(Frame& out) {
         if (len_ - pos_ < sizeof(FrameHeader)) return false;
         FrameHeader h;
-        std::memcpy(&h, buf_.data() + pos_, sizeof h);
-        if (len_ - pos_ - sizeof h < h.size) return false;
+        std::memcpy(&h, buf_.get() + pos_, sizeof h);
+        if (len_ - pos_ - sizeof h < h.size) {
+            // Make room for the whole frame at once rather than doubling step by step.
+            if (sizeof h + h.size > want_) want_ = std::min<std::size_t>(sizeof h + h.size, std::size_t(1) << 30);
+            return false;
+        }
         out.kind = h.kind;
-        out.payload.assign(buf_.data() + pos_ + sizeof h, h.size);
+        out.payload.assign(buf_.get() + pos_ + sizeof h, h.size);
         pos_ += sizeof h + h.size;
         out.handles.clear();
         for (std::uint32_t i = 0; i < h.handles && !fds_.empty(); ++i) {
@@ -6530,9 +6572,10 @@ public:
     }
 
 private:
-    static constexpr std::size_t chunk = 1 << 16;
-    std::vector<char> buf_;
-    std::size_t pos_ = 0, len_ = 0;
+    static constexpr std::size_t max_read = 1 << 18;
+    std::unique_ptr<char[]> buf_;
+    std::size_t cap_ = 0, pos_ = 0, len_ = 0;
+    std::size_t want_ = 2048;  // room wanted for the next read
     std::deque<os::handle_t> fds_;
 };
 
@@ -6625,26 +6668,42 @@ template <class Run>
 int run_and_report(Run&& run) {
     int code = 0;
     Encoder out;
-    bool ok = false;
+    std::uint32_t kind = frame_value;
     try {
         run(out);
-        ok = true;
     } catch (...) {
-        Encoder ex;
-        try {
-            encode_exception(ex, std::current_exception());
-        } catch (...) {
-            ex = Encoder();
-            encode_exception(ex, std::make_exception_ptr(Error("mpservice: the child's exception could not be encoded")));
-        }
-        child_link().send(frame_exception, ex.bytes());
+        out = Encoder();
+        kind = frame_exception;
         code = 1;
+        try {
+            encode_exception(out, std::current_exception());
+        } catch (...) {
+            out = Encoder();
+            encode_exception(out, std::make_exception_ptr(Error("mpservice: the child's exception could not be encoded")));
+        }
     }
-    if (ok && !child_link().send(frame_value, out.bytes(), out.handles())) code = 1;
+    set_log_forwarder({});  // later records stay here: END is the last frame
+    // The outcome and END (which carries the exit code we are about to exit
+    // with) leave in one write: one system call, one wake-up of the parent.
+    std::string frames;
+    auto append = [&](std::uint32_t k, const std::string& payload, std::size_t nhandles) {
+        FrameHeader h{k, static_cast<std::uint32_t>(nhandles), payload.size()};
+        frames.append(reinterpret_cast<const char*>(&h), sizeof h);
+        frames.append(payload);
+    };
+    append(kind, out.bytes(), kind == frame_value ? out.handles().size() : 0);
     Encoder end;
-    end.write(static_cast<std::int32_t>(code));  // the exit code we are about to exit with
-    child_link().send(frame_end, end.bytes());
-    set_log_forwarder({});
+    end.write(static_cast<std::int32_t>(code));
+    append(frame_end, end.bytes(), 0);
+    ChildLink& link = child_link();
+    std::lock_guard<std::mutex> lk(link.mutex);
+    try {
+        const auto& hs = out.handles();
+        os::channel_write(link.channel, frames.data(), frames.size(), nullptr, 0, kind == frame_value ? hs.data() : nullptr,
+                          kind == frame_value ? hs.size() : 0);
+    } catch (...) {
+        // The parent is gone; nobody is left to tell.
+    }
     return code;
 }
 
@@ -6789,6 +6848,13 @@ private:
     std::unordered_map<std::uint64_t, int> early_exits_;               // statuses before registration
     std::unordered_set<std::uint64_t> finished_serials_;               // ended before their status came
     std::deque<std::function<void()>> tasks_;
+    // What the reactor works on lives here rather than on its stack: a child
+    // forked meanwhile has no reactor thread, and its leak checker scans
+    // reachable memory only (this object stays reachable there).
+    std::deque<std::function<void()>> running_tasks_;
+    std::shared_ptr<ProcessCore> current_;
+    void* stack_low_ = nullptr;  // the reactor thread's stack: a forked child's leak checker must scan it
+    std::size_t stack_size_ = 0;
     std::thread::id thread_id_;
     long owner_pid_ = 0;
 };
@@ -6811,8 +6877,14 @@ Reactor& Reactor::get() {
     return *r;
 }
 
+// The parent's objects a forked child stops using; kept reachable so that a
+// leak checker in a child that calls exit() does not report them.
+void* volatile g_abandoned_after_fork[8];
+
 void Reactor::forget_after_fork() noexcept {
-    g_reactor.store(nullptr);
+    if (Reactor* r = g_reactor.load()) os::leak_checker_root(r->stack_low_, r->stack_size_);
+    g_abandoned_after_fork[0] = g_reactor.exchange(nullptr);
+    g_abandoned_after_fork[1] = g_reactor_mutex;
     g_reactor_mutex = new std::mutex;
 }
 
@@ -6820,7 +6892,10 @@ Reactor::Reactor() : owner_pid_(os::current_pid()) {
     poller_ = os::poller_create();
     wake_ = os::wake_event_create();
     os::poller_add(poller_, wake_, tag_wake);
-    std::thread t([this] { loop(); });
+    std::thread t([this] {
+        os::current_thread_stack(&stack_low_, &stack_size_);
+        loop();
+    });
     thread_id_ = t.get_id();
     t.detach();
 }
@@ -6915,21 +6990,23 @@ void Reactor::loop() {
             try {
                 if (tag == tag_wake) {
                     os::wake_event_drain(wake_);
-                    std::deque<std::function<void()>> todo;
                     {
                         std::lock_guard<std::mutex> lk(mutex_);
-                        todo.swap(tasks_);
+                        running_tasks_.swap(tasks_);
                     }
-                    for (auto& t : todo) t();
+                    for (auto& t : running_tasks_) t();
+                    running_tasks_.clear();
                 } else if (tag == tag_server) {
                     on_fork_server();
-                } else if (auto core = find(id)) {
-                    if (tag == tag_channel) on_channel(core);
-                    else on_pidfd(core);
+                } else if ((current_ = find(id))) {
+                    if (tag == tag_channel) on_channel(current_);
+                    else on_pidfd(current_);
                 }
             } catch (...) {
                 // The reactor must survive anything; a broken child resolves at its exit.
             }
+            running_tasks_.clear();
+            current_.reset();
         }
     }
 }
@@ -7048,7 +7125,8 @@ void Reactor::on_fork_server() {
             return;
         }
         if (n != static_cast<long>(sizeof st)) continue;
-        std::shared_ptr<ProcessCore> core;
+        std::shared_ptr<ProcessCore>& core = current_;
+        core.reset();
         {
             std::lock_guard<std::mutex> lk(mutex_);
             auto it = server_serials_.find(st.serial);
@@ -7062,6 +7140,7 @@ void Reactor::on_fork_server() {
             if (c != children_.end()) core = c->second;
         }
         if (core) on_exit(core, st.code);
+        core.reset();
     }
 }
 
@@ -7099,9 +7178,7 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, int code) {
     {
         std::lock_guard<std::mutex> lk(core->io_mutex());
         core->exitcode_ = code;
-        os::poller_remove(poller_, io.pidfd);
-        os::close_handle(io.pidfd);
-        io.pidfd = os::invalid_handle;
+        os::poller_remove(poller_, io.pidfd);  // kept open for waiters; closed with the core
         os::close_handle(io.channel);
         io.channel = os::invalid_handle;
     }
@@ -7200,6 +7277,8 @@ void start_fork_server() {
 void reset_after_fork_in_child() {
     Runtime& r = rt();
     Reactor::forget_after_fork();
+    g_abandoned_after_fork[2] = r.forkserver_mutex;
+    g_abandoned_after_fork[3] = r.fingerprint_mutex;
     r.forkserver_mutex = new std::mutex;
     r.fingerprint_mutex = new std::mutex;
     os::close_handle(r.forkserver.control);
@@ -7242,6 +7321,7 @@ ProcessCore::~ProcessCore() {
 }
 
 void test_corrupt_next_fingerprint() noexcept { rt().corrupt_next_fingerprint = true; }
+void test_set_initialized(bool initialized) noexcept { rt().initialized = initialized; }
 
 namespace {
 std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::vector<os::handle_t>& handles) {
@@ -7261,7 +7341,7 @@ std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::ve
 }
 }  // namespace
 
-void ProcessCore::start(std::unique_ptr<ChildTask> task) {
+void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     if (started() || !task) throw InvalidStateError("mpservice: " + describe(name, pid_) + " was already started");
     Runtime& r = rt();
     if (method_ != StartMethod::fork) {
@@ -7358,6 +7438,29 @@ void ProcessCore::start(std::unique_ptr<ChildTask> task) {
     if (method_ != StartMethod::fork && !boot_sent) write_frame(parent_end, frame_boot, boot, boot_handles);
     if (method_ != StartMethod::forkserver) reactor.add(shared_from_this());
     io.task = std::move(task);  // the encoded arguments may still refer to it until here
+}
+
+bool ProcessCore::wait_until(os::Deadline deadline) const {
+    if (done_relaxed()) return true;
+    os::handle_t exit_handle;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        exit_handle = io_->pidfd;  // stays open until this core is destroyed
+    }
+    if (exit_handle != os::invalid_handle) {
+        int timeout_ms = -1;
+        if (deadline != os::no_deadline) {
+            auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - os::Clock::now()).count();
+            timeout_ms = left <= 0 ? 0 : static_cast<int>(std::min<long long>(left + 1, 1 << 30));
+        }
+        if (os::wait_readable(&exit_handle, 1, timeout_ms)) {
+            // The child has ended; the reactor, woken by the same event, is
+            // draining and resolving right now: wait for it briefly, awake.
+            auto until = os::Clock::now() + std::chrono::microseconds(500);
+            while (!done_relaxed() && os::Clock::now() < until) std::this_thread::yield();
+        }
+    }
+    return FutureCore::wait_until(deadline);
 }
 
 long ProcessCore::pid() const {
@@ -7488,6 +7591,7 @@ void FutureCore::resolve(std::exception_ptr error, std::exception_ptr result_err
         std::lock_guard<std::mutex> lk(mutex_);
         if (done_) return;
         done_ = true;
+        done_flag_.store(true, std::memory_order_release);
         error_ = std::move(error);
         result_error_ = std::move(result_error);
         subscribers.swap(subscribers_);

@@ -214,6 +214,11 @@ MPSERVICE_API bool die_with_parent(long expected_parent) noexcept;
 /// Puts every caught signal back to its default action and unblocks all
 /// signals (a forked child starts like an exec'd one; ignored signals stay ignored).
 MPSERVICE_API void reset_signal_handlers() noexcept;
+/// The calling thread's stack (lowest address and size); false if unknown.
+MPSERVICE_API bool current_thread_stack(void** low, std::size_t* size) noexcept;
+/// Tells a leak checker, if one is linked in, that `p..p+size` holds live
+/// pointers (a forked child still has the memory of threads it does not have).
+MPSERVICE_API void leak_checker_root(const void* p, std::size_t size) noexcept;
 /// Closes every handle above the standard ones except `keep`.
 MPSERVICE_API void close_handles_except(handle_t keep) noexcept;
 /// Ends the process at once with `code`: no atexit handlers, no destructors.

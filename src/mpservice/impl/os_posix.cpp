@@ -44,6 +44,8 @@
 #include <stdexcept>
 
 extern char** environ;
+// LeakSanitizer's interface, when it is linked in (weak: absent otherwise).
+extern "C" void __lsan_register_root_region(const void* p, std::size_t size) __attribute__((weak));
 
 namespace mpservice::detail::os {
 
@@ -533,6 +535,18 @@ void reset_signal_handlers() noexcept {
     sigset_t none;
     sigemptyset(&none);
     ::pthread_sigmask(SIG_SETMASK, &none, nullptr);
+}
+
+bool current_thread_stack(void** low, std::size_t* size) noexcept {
+    pthread_attr_t attr;
+    if (::pthread_getattr_np(::pthread_self(), &attr) != 0) return false;
+    bool ok = ::pthread_attr_getstack(&attr, low, size) == 0;
+    ::pthread_attr_destroy(&attr);
+    return ok;
+}
+
+void leak_checker_root(const void* p, std::size_t size) noexcept {
+    if (__lsan_register_root_region && p && size) __lsan_register_root_region(p, size);
 }
 
 void close_handles_except(handle_t keep) noexcept {

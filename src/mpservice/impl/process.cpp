@@ -68,22 +68,32 @@ bool write_frame(os::handle_t ch, std::uint32_t kind, const std::string& payload
     return os::channel_write(ch, &h, sizeof h, payload.data(), payload.size(), handles.data(), handles.size());
 }
 
-/// Splits the byte stream of a channel into frames.
+/// Splits the byte stream of a channel into frames.  The buffer starts small
+/// and grows while reads fill it (a chatty child): every page written costs a
+/// copy-on-write fault in a process that forks, so no page is touched in vain.
 class FrameReader {
 public:
     /// Reads once from `ch`: >0 bytes, 0 at end, -1 if nothing is ready (nonblocking).
     long fill(os::handle_t ch, bool nonblocking) {
         if (pos_ == len_) {
             pos_ = len_ = 0;
-        } else if (pos_ > 0 && buf_.size() - len_ < chunk) {
-            std::memmove(buf_.data(), buf_.data() + pos_, len_ - pos_);
+        } else if (pos_ > 0 && cap_ - len_ < want_) {
+            std::memmove(buf_.get(), buf_.get() + pos_, len_ - pos_);
             len_ -= pos_;
             pos_ = 0;
         }
-        if (buf_.size() - len_ < chunk) buf_.resize(len_ + chunk);  // grows only: no zeroing per read
+        if (cap_ - len_ < want_) {
+            std::size_t cap = std::max(len_ + want_, 2 * cap_);
+            std::unique_ptr<char[]> bigger(new char[cap]);  // uninitialized: untouched pages stay free
+            if (len_) std::memcpy(bigger.get(), buf_.get(), len_);
+            buf_ = std::move(bigger);
+            cap_ = cap;
+        }
         std::vector<os::handle_t> fds;
-        long n = os::channel_read(ch, buf_.data() + len_, chunk, &fds, nonblocking);
+        std::size_t room = cap_ - len_;
+        long n = os::channel_read(ch, buf_.get() + len_, room, &fds, nonblocking);
         if (n > 0) len_ += static_cast<std::size_t>(n);
+        if (n > 0 && static_cast<std::size_t>(n) == room && want_ < max_read) want_ *= 2;
         for (auto fd : fds) fds_.push_back(fd);
         return n;
     }
@@ -91,10 +101,14 @@ public:
     bool next(Frame& out) {
         if (len_ - pos_ < sizeof(FrameHeader)) return false;
         FrameHeader h;
-        std::memcpy(&h, buf_.data() + pos_, sizeof h);
-        if (len_ - pos_ - sizeof h < h.size) return false;
+        std::memcpy(&h, buf_.get() + pos_, sizeof h);
+        if (len_ - pos_ - sizeof h < h.size) {
+            // Make room for the whole frame at once rather than doubling step by step.
+            if (sizeof h + h.size > want_) want_ = std::min<std::size_t>(sizeof h + h.size, std::size_t(1) << 30);
+            return false;
+        }
         out.kind = h.kind;
-        out.payload.assign(buf_.data() + pos_ + sizeof h, h.size);
+        out.payload.assign(buf_.get() + pos_ + sizeof h, h.size);
         pos_ += sizeof h + h.size;
         out.handles.clear();
         for (std::uint32_t i = 0; i < h.handles && !fds_.empty(); ++i) {
@@ -117,9 +131,10 @@ public:
     }
 
 private:
-    static constexpr std::size_t chunk = 1 << 16;
-    std::vector<char> buf_;
-    std::size_t pos_ = 0, len_ = 0;
+    static constexpr std::size_t max_read = 1 << 18;
+    std::unique_ptr<char[]> buf_;
+    std::size_t cap_ = 0, pos_ = 0, len_ = 0;
+    std::size_t want_ = 2048;  // room wanted for the next read
     std::deque<os::handle_t> fds_;
 };
 
@@ -212,26 +227,42 @@ template <class Run>
 int run_and_report(Run&& run) {
     int code = 0;
     Encoder out;
-    bool ok = false;
+    std::uint32_t kind = frame_value;
     try {
         run(out);
-        ok = true;
     } catch (...) {
-        Encoder ex;
-        try {
-            encode_exception(ex, std::current_exception());
-        } catch (...) {
-            ex = Encoder();
-            encode_exception(ex, std::make_exception_ptr(Error("mpservice: the child's exception could not be encoded")));
-        }
-        child_link().send(frame_exception, ex.bytes());
+        out = Encoder();
+        kind = frame_exception;
         code = 1;
+        try {
+            encode_exception(out, std::current_exception());
+        } catch (...) {
+            out = Encoder();
+            encode_exception(out, std::make_exception_ptr(Error("mpservice: the child's exception could not be encoded")));
+        }
     }
-    if (ok && !child_link().send(frame_value, out.bytes(), out.handles())) code = 1;
+    set_log_forwarder({});  // later records stay here: END is the last frame
+    // The outcome and END (which carries the exit code we are about to exit
+    // with) leave in one write: one system call, one wake-up of the parent.
+    std::string frames;
+    auto append = [&](std::uint32_t k, const std::string& payload, std::size_t nhandles) {
+        FrameHeader h{k, static_cast<std::uint32_t>(nhandles), payload.size()};
+        frames.append(reinterpret_cast<const char*>(&h), sizeof h);
+        frames.append(payload);
+    };
+    append(kind, out.bytes(), kind == frame_value ? out.handles().size() : 0);
     Encoder end;
-    end.write(static_cast<std::int32_t>(code));  // the exit code we are about to exit with
-    child_link().send(frame_end, end.bytes());
-    set_log_forwarder({});
+    end.write(static_cast<std::int32_t>(code));
+    append(frame_end, end.bytes(), 0);
+    ChildLink& link = child_link();
+    std::lock_guard<std::mutex> lk(link.mutex);
+    try {
+        const auto& hs = out.handles();
+        os::channel_write(link.channel, frames.data(), frames.size(), nullptr, 0, kind == frame_value ? hs.data() : nullptr,
+                          kind == frame_value ? hs.size() : 0);
+    } catch (...) {
+        // The parent is gone; nobody is left to tell.
+    }
     return code;
 }
 
@@ -376,6 +407,13 @@ private:
     std::unordered_map<std::uint64_t, int> early_exits_;               // statuses before registration
     std::unordered_set<std::uint64_t> finished_serials_;               // ended before their status came
     std::deque<std::function<void()>> tasks_;
+    // What the reactor works on lives here rather than on its stack: a child
+    // forked meanwhile has no reactor thread, and its leak checker scans
+    // reachable memory only (this object stays reachable there).
+    std::deque<std::function<void()>> running_tasks_;
+    std::shared_ptr<ProcessCore> current_;
+    void* stack_low_ = nullptr;  // the reactor thread's stack: a forked child's leak checker must scan it
+    std::size_t stack_size_ = 0;
     std::thread::id thread_id_;
     long owner_pid_ = 0;
 };
@@ -398,8 +436,14 @@ Reactor& Reactor::get() {
     return *r;
 }
 
+// The parent's objects a forked child stops using; kept reachable so that a
+// leak checker in a child that calls exit() does not report them.
+void* volatile g_abandoned_after_fork[8];
+
 void Reactor::forget_after_fork() noexcept {
-    g_reactor.store(nullptr);
+    if (Reactor* r = g_reactor.load()) os::leak_checker_root(r->stack_low_, r->stack_size_);
+    g_abandoned_after_fork[0] = g_reactor.exchange(nullptr);
+    g_abandoned_after_fork[1] = g_reactor_mutex;
     g_reactor_mutex = new std::mutex;
 }
 
@@ -407,7 +451,10 @@ Reactor::Reactor() : owner_pid_(os::current_pid()) {
     poller_ = os::poller_create();
     wake_ = os::wake_event_create();
     os::poller_add(poller_, wake_, tag_wake);
-    std::thread t([this] { loop(); });
+    std::thread t([this] {
+        os::current_thread_stack(&stack_low_, &stack_size_);
+        loop();
+    });
     thread_id_ = t.get_id();
     t.detach();
 }
@@ -502,21 +549,23 @@ void Reactor::loop() {
             try {
                 if (tag == tag_wake) {
                     os::wake_event_drain(wake_);
-                    std::deque<std::function<void()>> todo;
                     {
                         std::lock_guard<std::mutex> lk(mutex_);
-                        todo.swap(tasks_);
+                        running_tasks_.swap(tasks_);
                     }
-                    for (auto& t : todo) t();
+                    for (auto& t : running_tasks_) t();
+                    running_tasks_.clear();
                 } else if (tag == tag_server) {
                     on_fork_server();
-                } else if (auto core = find(id)) {
-                    if (tag == tag_channel) on_channel(core);
-                    else on_pidfd(core);
+                } else if ((current_ = find(id))) {
+                    if (tag == tag_channel) on_channel(current_);
+                    else on_pidfd(current_);
                 }
             } catch (...) {
                 // The reactor must survive anything; a broken child resolves at its exit.
             }
+            running_tasks_.clear();
+            current_.reset();
         }
     }
 }
@@ -635,7 +684,8 @@ void Reactor::on_fork_server() {
             return;
         }
         if (n != static_cast<long>(sizeof st)) continue;
-        std::shared_ptr<ProcessCore> core;
+        std::shared_ptr<ProcessCore>& core = current_;
+        core.reset();
         {
             std::lock_guard<std::mutex> lk(mutex_);
             auto it = server_serials_.find(st.serial);
@@ -649,6 +699,7 @@ void Reactor::on_fork_server() {
             if (c != children_.end()) core = c->second;
         }
         if (core) on_exit(core, st.code);
+        core.reset();
     }
 }
 
@@ -686,9 +737,7 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, int code) {
     {
         std::lock_guard<std::mutex> lk(core->io_mutex());
         core->exitcode_ = code;
-        os::poller_remove(poller_, io.pidfd);
-        os::close_handle(io.pidfd);
-        io.pidfd = os::invalid_handle;
+        os::poller_remove(poller_, io.pidfd);  // kept open for waiters; closed with the core
         os::close_handle(io.channel);
         io.channel = os::invalid_handle;
     }
@@ -787,6 +836,8 @@ void start_fork_server() {
 void reset_after_fork_in_child() {
     Runtime& r = rt();
     Reactor::forget_after_fork();
+    g_abandoned_after_fork[2] = r.forkserver_mutex;
+    g_abandoned_after_fork[3] = r.fingerprint_mutex;
     r.forkserver_mutex = new std::mutex;
     r.fingerprint_mutex = new std::mutex;
     os::close_handle(r.forkserver.control);
@@ -829,6 +880,7 @@ ProcessCore::~ProcessCore() {
 }
 
 void test_corrupt_next_fingerprint() noexcept { rt().corrupt_next_fingerprint = true; }
+void test_set_initialized(bool initialized) noexcept { rt().initialized = initialized; }
 
 namespace {
 std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::vector<os::handle_t>& handles) {
@@ -848,7 +900,7 @@ std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::ve
 }
 }  // namespace
 
-void ProcessCore::start(std::unique_ptr<ChildTask> task) {
+void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     if (started() || !task) throw InvalidStateError("mpservice: " + describe(name, pid_) + " was already started");
     Runtime& r = rt();
     if (method_ != StartMethod::fork) {
@@ -945,6 +997,29 @@ void ProcessCore::start(std::unique_ptr<ChildTask> task) {
     if (method_ != StartMethod::fork && !boot_sent) write_frame(parent_end, frame_boot, boot, boot_handles);
     if (method_ != StartMethod::forkserver) reactor.add(shared_from_this());
     io.task = std::move(task);  // the encoded arguments may still refer to it until here
+}
+
+bool ProcessCore::wait_until(os::Deadline deadline) const {
+    if (done_relaxed()) return true;
+    os::handle_t exit_handle;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        exit_handle = io_->pidfd;  // stays open until this core is destroyed
+    }
+    if (exit_handle != os::invalid_handle) {
+        int timeout_ms = -1;
+        if (deadline != os::no_deadline) {
+            auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - os::Clock::now()).count();
+            timeout_ms = left <= 0 ? 0 : static_cast<int>(std::min<long long>(left + 1, 1 << 30));
+        }
+        if (os::wait_readable(&exit_handle, 1, timeout_ms)) {
+            // The child has ended; the reactor, woken by the same event, is
+            // draining and resolving right now: wait for it briefly, awake.
+            auto until = os::Clock::now() + std::chrono::microseconds(500);
+            while (!done_relaxed() && os::Clock::now() < until) std::this_thread::yield();
+        }
+    }
+    return FutureCore::wait_until(deadline);
 }
 
 long ProcessCore::pid() const {

@@ -26,6 +26,7 @@ void FutureCore::resolve(std::exception_ptr error, std::exception_ptr result_err
         std::lock_guard<std::mutex> lk(mutex_);
         if (done_) return;
         done_ = true;
+        done_flag_.store(true, std::memory_order_release);
         error_ = std::move(error);
         result_error_ = std::move(result_error);
         subscribers.swap(subscribers_);

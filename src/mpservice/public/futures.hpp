@@ -14,6 +14,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
+#include <atomic>
 #include <deque>
 #include <exception>
 #include <iterator>
@@ -81,7 +82,9 @@ public:
     /// (terminated by SIGTERM, exit(0) before returning).
     MPSERVICE_API void resolve(std::exception_ptr error, std::exception_ptr result_error = nullptr);
     /// Blocks until resolved or `deadline`; true if resolved.
-    MPSERVICE_API bool wait_until(os::Deadline deadline) const;
+    MPSERVICE_API virtual bool wait_until(os::Deadline deadline) const;
+    /// done() without taking the lock (for brief spins).
+    bool done_relaxed() const noexcept { return done_flag_.load(std::memory_order_acquire); }
     /// Outcome, valid once done().
     MPSERVICE_API std::exception_ptr error() const;
     MPSERVICE_API std::exception_ptr result_error() const;
@@ -97,6 +100,7 @@ protected:
 private:
     bool started_ = false;
     bool done_ = false;
+    std::atomic<bool> done_flag_{false};
     std::exception_ptr error_;
     std::exception_ptr result_error_;
     std::vector<std::weak_ptr<CompletionQueue>> subscribers_;

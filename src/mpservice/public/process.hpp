@@ -58,7 +58,8 @@ MPSERVICE_API void init(int argc, char** argv);
 /// How a child process is made.
 enum class StartMethod {
     spawn,       ///< a fresh exec of this program: no inherited threads, locks or heap state (default)
-    fork,        ///< fork(): fastest, runs any callable, but unsafe once the parent has threads
+    fork,        ///< fork(): fastest, runs any callable, but unsafe once the parent has threads;
+                 ///< the child starts with default signal handlers, like the other contexts' children
     forkserver,  ///< fork() of a server forked at init(), before any thread existed
 };
 
@@ -199,7 +200,11 @@ public:
     MPSERVICE_API explicit ProcessCore(const Context& ctx);
     MPSERVICE_API ~ProcessCore() override;
 
-    MPSERVICE_API void start(std::unique_ptr<ChildTask> task);
+    /// Starts the child; takes `task` only if it succeeds (a failed start can be retried).
+    MPSERVICE_API void start(std::unique_ptr<ChildTask>& task);
+    /// Also watches the child's exit itself, so the waiting thread wakes with
+    /// the reactor rather than after it (one cross-CPU wake-up less).
+    MPSERVICE_API bool wait_until(os::Deadline deadline) const override;
     MPSERVICE_API long pid() const;
     MPSERVICE_API std::optional<int> exitcode() const;
     MPSERVICE_API bool is_alive() const;
@@ -236,6 +241,8 @@ public:
 /// Test hook: the next spawn/fork-server child is told a wrong build
 /// fingerprint, as if the parent ran a different build.
 MPSERVICE_API void test_corrupt_next_fingerprint() noexcept;
+/// Test hook: pretend init() was (not) called.
+MPSERVICE_API void test_set_initialized(bool initialized) noexcept;
 
 
 }  // namespace detail
@@ -271,7 +278,7 @@ public:
     /// Starts the child.  InvalidStateError if already started, or if init()
     /// was not called (spawn, fork-server); std::invalid_argument for a
     /// callable with captures outside the fork context.
-    void start() { state().start(std::move(task_)); }
+    void start() { state().start(task_); }
 
     /// Waits for the child to end and for every log record it sent to be
     /// handled; re-throws the child's exception, or ProcessError if it exited

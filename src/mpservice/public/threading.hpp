@@ -49,14 +49,12 @@ MPSERVICE_API std::string next_thread_name();
 template <class F, class... A>
 constexpr bool takes_stop_token_v = std::is_invocable_v<std::decay_t<F>, StopToken, std::decay_t<A>...>;
 
+// std::invoke_result has no `type` when the call is invalid, which keeps the
+// deduction guide SFINAE-friendly (Thread b(std::move(a)) must not trip on it).
 template <class F, class... A>
-struct thread_result {
-    using type = std::invoke_result_t<std::decay_t<F>, std::decay_t<A>...>;
-};
+struct thread_result : std::invoke_result<std::decay_t<F>, std::decay_t<A>...> {};
 template <class F, class... A>
-struct thread_result_with_token {
-    using type = std::invoke_result_t<std::decay_t<F>, StopToken, std::decay_t<A>...>;
-};
+struct thread_result_with_token : std::invoke_result<std::decay_t<F>, StopToken, std::decay_t<A>...> {};
 template <class F, class... A>
 using thread_result_t = typename std::conditional_t<takes_stop_token_v<F, A...>, thread_result_with_token<F, A...>,
                                                     thread_result<F, A...>>::type;

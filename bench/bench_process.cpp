@@ -1,0 +1,126 @@
+// bench_process: starting a child and getting its result, per context, against
+// the physical limit measured in the same process (a raw re-exec of this very
+// binary, a raw fork) - the Python anchors come from bench/python/process.py
+// under the same case names.
+//
+//   process: spawn start->result        mp::Process (spawn) vs posix_spawn of /proc/self/exe
+//                                       returning at the top of main, + waitpid
+//   process: forkserver start->result   mp::Process (fork server) vs fork + _exit + waitpid
+//   process: fork start->result         mp::Process (fork) vs fork + _exit + waitpid
+//   process: exception round trip       child throws, parent catches it and reads the
+//                                       remote traceback vs the plain-result round trip
+//   process: 10k log records (fork)     records/s from start to join, every record
+//                                       handled (formatted) by the parent
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "harness.hpp"
+#include "mpservice.hpp"
+
+extern char** environ;
+namespace mp = mpservice;
+
+namespace {
+
+constexpr const char raw_child_flag[] = "--bench-raw-child";
+
+int plus_one(int x) { return x + 1; }
+int thrower(int x) { throw std::invalid_argument("bench " + std::to_string(x)); }
+void log_records(int n) {
+    auto log = mp::get_logger("child");
+    for (int i = 0; i < n; ++i) log.info(std::to_string(i));
+}
+
+std::vector<double> to_us(std::vector<double> ms) {
+    for (double& v : ms) v *= 1000;
+    return ms;
+}
+
+template <class Ctx>
+double round_trip_once() {
+    mp::Process p(Ctx{}, plus_one, 41);
+    p.start();
+    int r = p.result();
+    if (r != 42) std::abort();
+    return r;
+}
+
+void raw_reexec(const char* self) {
+    char* argv[] = {const_cast<char*>(self), const_cast<char*>(raw_child_flag), nullptr};
+    pid_t pid;
+    if (posix_spawn(&pid, "/proc/self/exe", nullptr, nullptr, argv, environ) != 0) std::abort();
+    int st;
+    waitpid(pid, &st, 0);
+}
+
+void raw_fork() {
+    pid_t pid = fork();
+    if (pid == 0) _exit(0);
+    int st;
+    waitpid(pid, &st, 0);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc > 1 && std::strcmp(argv[1], raw_child_flag) == 0) return 0;  // the raw re-exec: return at once
+    mp::init(argc, argv);
+    const int n = bench::reps(40);
+
+    if (bench::wanted("process: spawn start->result")) {
+        auto ours = bench::time_ms(n, [] { bench::keep(round_trip_once<mp::SpawnContext>()); }, 3);
+        auto raw = bench::time_ms(n, [&] { raw_reexec(argv[0]); }, 3);
+        bench::report("process: spawn start->result", "ours", "mp::Process spawn", "us", to_us(ours));
+        bench::report("process: spawn start->result", "anchor", "raw posix_spawn self + waitpid", "us", to_us(raw));
+    }
+    if (bench::wanted("process: forkserver start->result")) {
+        auto ours = bench::time_ms(n, [] { bench::keep(round_trip_once<mp::ForkServerContext>()); }, 3);
+        auto raw = bench::time_ms(n, raw_fork, 3);
+        bench::report("process: forkserver start->result", "ours", "mp::Process forkserver", "us", to_us(ours));
+        bench::report("process: forkserver start->result", "anchor", "raw fork+_exit+waitpid", "us", to_us(raw));
+    }
+    if (bench::wanted("process: fork start->result")) {
+        auto ours = bench::time_ms(n, [] { bench::keep(round_trip_once<mp::ForkContext>()); }, 3);
+        auto raw = bench::time_ms(n, raw_fork, 3);
+        bench::report("process: fork start->result", "ours", "mp::Process fork", "us", to_us(ours));
+        bench::report("process: fork start->result", "anchor", "raw fork+_exit+waitpid", "us", to_us(raw));
+    }
+    if (bench::wanted("process: exception round trip")) {
+        std::size_t tb_len = 0;
+        auto thrown = bench::time_ms(n, [&] {
+            mp::Process p(thrower, 7);
+            p.start();
+            try {
+                p.join();
+                std::abort();
+            } catch (const std::invalid_argument& e) {
+                tb_len += mp::remote_traceback(e).size();
+            }
+        }, 3);
+        auto plain = bench::time_ms(n, [] { bench::keep(round_trip_once<mp::SpawnContext>()); }, 3);
+        bench::keep(tb_len);
+        bench::report("process: exception round trip (spawn)", "ours", "child throws, parent catches", "us",
+                      to_us(thrown));
+        bench::report("process: exception round trip (spawn)", "anchor", "mp::Process plain result", "us",
+                      to_us(plain));
+    }
+    if (bench::wanted("process: 10k log records")) {
+        constexpr int records = 10000;
+        long handled = 0;
+        mp::set_log_handler([&](const mp::LogRecord&, const std::string& formatted) { handled += formatted.empty() ? 0 : 1; });
+        auto ms = bench::time_ms(std::max(5, n / 8), [&] {
+            mp::Process p(mp::ForkContext{}, log_records, records);
+            p.start();
+            p.join();
+        }, 1);
+        mp::set_log_handler(nullptr);
+        if (handled != records * static_cast<long>(ms.size() + 1)) std::abort();
+        bench::report("process: 10k log records from a child (fork)", "ours", "mp logging to parent", "records/s",
+                      bench::per_second(ms, records));
+    }
+}
