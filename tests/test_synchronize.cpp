@@ -701,8 +701,8 @@ TEST_CASE("Lock: SIGKILL at a random point of lock/unlock loops never wedges the
         for (int w = 1; w < workers; ++w) others.push_back(spawn([&] { return worker(false); }));
         CHECK(started.wait(30s));
         // A random delay of up to ~0.5 ms, then the kill lands wherever the victim is.
-        for (volatile unsigned spin = std::uniform_int_distribution<unsigned>(0, 20000)(rng); spin > 0; --spin) {
-        }
+        volatile unsigned spin = std::uniform_int_distribution<unsigned>(0, 20000)(rng);
+        while (spin > 0) spin = spin - 1;  // not --spin: C++20 deprecates ++/-- on volatile
         CHECK(kill_and_join(victim) == -SIGKILL);
         for (pid_t o : others) CHECK(join(o) == 0);
         mp::LockStatus last = lock.acquire_checked(10s);
