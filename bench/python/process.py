@@ -12,21 +12,11 @@ import os
 import sys
 import time
 
+from bench_common import report, reps
+
 PYV = "py%d.%d" % sys.version_info[:2]
 
 
-def reps(default):
-    n = int(os.environ.get("BENCH_REPS", "0") or 0)
-    return n if n > 0 else default
-
-
-def report(case, side, label, unit, values):
-    if os.environ.get("BENCH_FILTER", "") not in case:
-        return
-    s = sorted(values)
-    n = len(s)
-    med = s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
-    print("FIG\t%s\t%s\t%s\t%s\t%.6g\t%.6g\t%.6g\t%d" % (case, side, label, unit, med, s[0], s[-1], n), flush=True)
 
 
 def _send(conn, x):
