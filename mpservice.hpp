@@ -3853,13 +3853,18 @@ private:
     void probe_producers() noexcept;
     void probe_consumers() noexcept;
     Taken read_chunked(std::uint64_t head, std::string& out);
-    unsigned char* at(std::uint64_t position) const noexcept {
-        return ring_ + position % h_->capacity;
+    /// Where `position` falls in the ring.  A 64-bit division costs ~25-40 cycles,
+    /// as much as the rest of an uncontended put: a ring whose capacity is a power
+    /// of two (the default) takes a mask instead.
+    std::uint64_t offset(std::uint64_t position) const noexcept {
+        return mask_ ? position & mask_ : position % h_->capacity;
     }
+    unsigned char* at(std::uint64_t position) const noexcept { return ring_ + offset(position); }
 
     SharedMemory mem_;
     QueueHeader* h_ = nullptr;
     unsigned char* ring_ = nullptr;
+    std::uint64_t mask_ = 0;  // capacity - 1 when the capacity is a power of two, else 0
 };
 
 }  // namespace mpservice::detail
@@ -8265,6 +8270,10 @@ constexpr auto probe_interval = std::chrono::milliseconds(20);
 
 std::uint64_t align8(std::uint64_t n) noexcept { return (n + 7) & ~std::uint64_t(7); }
 
+std::uint64_t power_of_two_mask(std::uint64_t capacity) noexcept {
+    return (capacity & (capacity - 1)) == 0 ? capacity - 1 : 0;
+}
+
 struct RecordHeader {
     std::uint32_t len;
     std::uint32_t kind;
@@ -8330,6 +8339,16 @@ bool wait_until(QueueWaitWord& w, os::Deadline deadline, Pred&& pred, Probe&& pr
     }
 }
 
+/// Takes a side's lock.  The uncontended case is one call straight into the
+/// system: robust_mutex_lock's extra frame and result mapping cost ~10% of an
+/// uncontended put.
+os::LockResult take_lock(os::RobustMutex* m, os::Deadline deadline) {
+    int status = os::robust_mutex_trylock_status(m);
+    if (status == 0) return os::LockResult::acquired;
+    if (os::robust_mutex_trylock_result(status) == os::LockResult::owner_died) return os::LockResult::owner_died;
+    return os::robust_mutex_lock(m, deadline);
+}
+
 /// Unlocks a robust mutex at scope exit.
 class Held {
 public:
@@ -8339,10 +8358,8 @@ public:
     ~Held() { release(); }
     void release() noexcept {
         if (!m_) return;
-        try {
-            os::robust_mutex_unlock(m_);
-        } catch (...) {
-        }
+        // Fails only if we do not hold it, which this scope guarantees we do.
+        (void)os::robust_mutex_unlock_status(m_);
         m_ = nullptr;
     }
 
@@ -8390,6 +8407,7 @@ QueueCore QueueCore::create(QueueKind kind, std::uint64_t type_tag, std::size_t 
     h->magic = queue_magic;
     q.h_ = h;
     q.ring_ = static_cast<unsigned char*>(q.mem_.data()) + ring_offset;
+    q.mask_ = power_of_two_mask(capacity);
     os::shm_prefault(q.ring_, static_cast<std::size_t>(capacity));
     return q;
 }
@@ -8408,6 +8426,7 @@ QueueCore QueueCore::attach(SharedMemory memory, QueueKind kind, std::uint64_t t
     q.mem_ = std::move(memory);
     q.h_ = h;
     q.ring_ = static_cast<unsigned char*>(q.mem_.data()) + ring_offset;
+    q.mask_ = power_of_two_mask(h->capacity);
     os::shm_prefault(q.ring_, static_cast<std::size_t>(h->capacity));
     return q;
 }
@@ -8492,7 +8511,7 @@ void QueueCore::probe_consumers() noexcept {
 
 QueueCore::Status QueueCore::put(const void* data, std::size_t size, os::Deadline deadline) {
     if (closed()) return Status::closed;
-    auto r = os::robust_mutex_lock(&h_->put_lock, deadline);
+    auto r = take_lock(&h_->put_lock, deadline);
     if (r == os::LockResult::timed_out) return Status::timeout;
     Held held(&h_->put_lock);
     if (r == os::LockResult::owner_died) recover_put();
@@ -8536,7 +8555,7 @@ QueueCore::Status QueueCore::put_whole(const void* data, std::size_t size, os::D
     const std::uint64_t cap = h_->capacity;
     std::uint64_t tail = h_->tail.load(std::memory_order_relaxed);
     const std::uint64_t bytes = small_header + align8(size);
-    const std::uint64_t to_end = cap - tail % cap;
+    const std::uint64_t to_end = cap - offset(tail);
     if (to_end < bytes) {  // records never wrap: skip the ring's end
         if (!wait_for_room(tail, to_end, deadline, true)) return closed() ? Status::closed : Status::timeout;
         write_pad(tail, to_end);
@@ -8572,7 +8591,7 @@ QueueCore::Status QueueCore::put_chunked(const void* data, std::size_t size, os:
     while (remaining) {
         const std::uint64_t header = first ? first_header : small_header;
         std::uint64_t piece = std::min<std::uint64_t>(remaining, chunk_bytes - header);
-        const std::uint64_t to_end = cap - tail % cap;
+        const std::uint64_t to_end = cap - offset(tail);
         if (to_end < header + std::min<std::uint64_t>(align8(piece), 64)) {
             if (!wait_for_room(tail, to_end, deadline, first)) return give_up();
             write_pad(tail, to_end);
@@ -8615,7 +8634,7 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
     // producers write, except the ring and (when its cached copy runs out) `tail`.
     for (bool first = true;; first = false) {
         if (!first && !wait_until(h_->data, deadline, something, [&] { probe_producers(); })) return Status::timeout;
-        auto r = os::robust_mutex_lock(&h_->get_lock, deadline);
+        auto r = take_lock(&h_->get_lock, deadline);
         if (r == os::LockResult::timed_out) return Status::timeout;
         Held held(&h_->get_lock);
         if (r == os::LockResult::owner_died) recover_get();
@@ -8638,7 +8657,7 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
             std::memcpy(&hdr, rec, sizeof hdr);
             if (hdr.kind < rec_whole || hdr.kind > rec_pad) corrupt("record kind");
             const std::uint64_t bytes = (hdr.kind == rec_first ? first_header : small_header) + align8(hdr.len);
-            if (head % cap + bytes > cap || head + bytes > h_->tail_cache) corrupt("record length");
+            if (offset(head) + bytes > cap || head + bytes > h_->tail_cache) corrupt("record length");
             const std::uint64_t taken = h_->taken.load(std::memory_order_relaxed);
 
             switch (hdr.kind) {
@@ -8731,7 +8750,7 @@ QueueCore::Taken QueueCore::read_chunked(std::uint64_t head, std::string& out) {
         std::memcpy(&hdr, rec, sizeof hdr);
         if (hdr.kind < rec_whole || hdr.kind > rec_pad) corrupt("record kind");
         const std::uint64_t bytes = (hdr.kind == rec_first ? first_header : small_header) + align8(hdr.len);
-        if (head % cap + bytes > cap || head + bytes > tail) corrupt("record length");
+        if (offset(head) + bytes > cap || head + bytes > tail) corrupt("record length");
         if (hdr.kind == rec_pad) {
             head += bytes;
             commit_get(head, taken);

@@ -141,13 +141,18 @@ private:
     void probe_producers() noexcept;
     void probe_consumers() noexcept;
     Taken read_chunked(std::uint64_t head, std::string& out);
-    unsigned char* at(std::uint64_t position) const noexcept {
-        return ring_ + position % h_->capacity;
+    /// Where `position` falls in the ring.  A 64-bit division costs ~25-40 cycles,
+    /// as much as the rest of an uncontended put: a ring whose capacity is a power
+    /// of two (the default) takes a mask instead.
+    std::uint64_t offset(std::uint64_t position) const noexcept {
+        return mask_ ? position & mask_ : position % h_->capacity;
     }
+    unsigned char* at(std::uint64_t position) const noexcept { return ring_ + offset(position); }
 
     SharedMemory mem_;
     QueueHeader* h_ = nullptr;
     unsigned char* ring_ = nullptr;
+    std::uint64_t mask_ = 0;  // capacity - 1 when the capacity is a power of two, else 0
 };
 
 }  // namespace mpservice::detail
