@@ -8265,6 +8265,13 @@ constexpr std::size_t keep_buffer_bytes = std::size_t(64) << 20;
 // A cross-CPU futex wake-up costs ~30 us on the machines we measured, a spin
 // hand-off ~0.1 us: spin for a while before sleeping.
 constexpr auto spin_budget = std::chrono::microseconds(20);
+// A spinning waiter looks at the other side's line once per this many pauses
+// (~25 ns each on the machines we measured).  Each look pulls the line from the
+// writer's cache, and the writer's next locked instruction then waits for the
+// line to come back: polling that line every pause made a 1P1C stream of 8-byte
+// items ~25% slower than polling every 8 pauses, which lets the producer publish
+// several items per look.
+constexpr int spin_pauses = 8;
 // How often a sleeper looks whether the other side's lock holder died.
 constexpr auto probe_interval = std::chrono::milliseconds(20);
 
@@ -8315,9 +8322,9 @@ bool wait_until(QueueWaitWord& w, os::Deadline deadline, Pred&& pred, Probe&& pr
     if (pred()) return true;
     const auto spin_start = os::Clock::now();
     for (unsigned i = 1;; ++i) {
-        os::cpu_relax();
+        for (int k = 0; k < spin_pauses; ++k) os::cpu_relax();
         if (pred()) return true;
-        if ((i & 31) == 0) {
+        if ((i & 7) == 0) {
             auto now = os::Clock::now();
             if (now >= deadline) return false;
             if (now - spin_start >= spin_budget) break;
