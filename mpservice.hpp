@@ -3842,7 +3842,9 @@ public:
 private:
     enum class Taken { delivered, discarded };
 
-    Status put_whole(const void* data, std::size_t size, os::Deadline deadline);
+    /// Pads the ring's end if a record of `bytes` would cross it (advancing
+    /// `tail`), then waits until the record fits.
+    Status make_room(std::uint64_t& tail, std::uint64_t bytes, os::Deadline deadline);
     Status put_chunked(const void* data, std::size_t size, os::Deadline deadline);
     bool wait_for_room(std::uint64_t tail, std::uint64_t bytes, os::Deadline deadline, bool give_up_on_close);
     void write_pad(std::uint64_t tail, std::uint64_t bytes);
@@ -8533,8 +8535,23 @@ QueueCore::Status QueueCore::put(const void* data, std::size_t size, os::Deadlin
         if (!wait_until(h_->space, deadline, below_maxsize, [&] { probe_consumers(); })) return Status::timeout;
         if (closed()) return Status::closed;
     }
-    if (small_header + align8(size) <= h_->capacity / 2) return put_whole(data, size, deadline);
-    return put_chunked(data, size, deadline);
+    const std::uint64_t bytes = small_header + align8(size);
+    if (bytes > h_->capacity / 2) return put_chunked(data, size, deadline);
+
+    // A whole record.  Padding the ring's end and waiting for room are out of
+    // line: most puts need neither, and an extra call costs ~10% of a put.
+    std::uint64_t tail = h_->tail.load(std::memory_order_relaxed);
+    if (offset(tail) + bytes > h_->capacity || tail + bytes > h_->head_cache + h_->capacity) {
+        Status s = make_room(tail, bytes, deadline);
+        if (s != Status::ok) return s;
+    }
+    unsigned char* rec = at(tail);
+    RecordHeader hdr{static_cast<std::uint32_t>(size), rec_whole};
+    std::memcpy(rec, &hdr, sizeof hdr);
+    if (size) std::memcpy(rec + small_header, data, size);
+    commit_put(tail + bytes, h_->completed.load(std::memory_order_relaxed) + 1);
+    notify_after_commit(h_->data);
+    return Status::ok;
 }
 
 bool QueueCore::wait_for_room(std::uint64_t tail, std::uint64_t bytes, os::Deadline deadline,
@@ -8558,23 +8575,14 @@ void QueueCore::write_pad(std::uint64_t tail, std::uint64_t bytes) {
     notify_after_commit(h_->data);
 }
 
-QueueCore::Status QueueCore::put_whole(const void* data, std::size_t size, os::Deadline deadline) {
-    const std::uint64_t cap = h_->capacity;
-    std::uint64_t tail = h_->tail.load(std::memory_order_relaxed);
-    const std::uint64_t bytes = small_header + align8(size);
-    const std::uint64_t to_end = cap - offset(tail);
+QueueCore::Status QueueCore::make_room(std::uint64_t& tail, std::uint64_t bytes, os::Deadline deadline) {
+    const std::uint64_t to_end = h_->capacity - offset(tail);
     if (to_end < bytes) {  // records never wrap: skip the ring's end
         if (!wait_for_room(tail, to_end, deadline, true)) return closed() ? Status::closed : Status::timeout;
         write_pad(tail, to_end);
         tail += to_end;
     }
     if (!wait_for_room(tail, bytes, deadline, true)) return closed() ? Status::closed : Status::timeout;
-    unsigned char* rec = at(tail);
-    RecordHeader hdr{static_cast<std::uint32_t>(size), rec_whole};
-    std::memcpy(rec, &hdr, sizeof hdr);
-    if (size) std::memcpy(rec + small_header, data, size);
-    commit_put(tail + bytes, h_->completed.load(std::memory_order_relaxed) + 1);
-    notify_after_commit(h_->data);
     return Status::ok;
 }
 

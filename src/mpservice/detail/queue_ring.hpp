@@ -130,7 +130,9 @@ public:
 private:
     enum class Taken { delivered, discarded };
 
-    Status put_whole(const void* data, std::size_t size, os::Deadline deadline);
+    /// Pads the ring's end if a record of `bytes` would cross it (advancing
+    /// `tail`), then waits until the record fits.
+    Status make_room(std::uint64_t& tail, std::uint64_t bytes, os::Deadline deadline);
     Status put_chunked(const void* data, std::size_t size, os::Deadline deadline);
     bool wait_for_room(std::uint64_t tail, std::uint64_t bytes, os::Deadline deadline, bool give_up_on_close);
     void write_pad(std::uint64_t tail, std::uint64_t bytes);
