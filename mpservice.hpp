@@ -2598,6 +2598,7 @@ Thread(F, A...) -> Thread<detail::thread_result_t<F, A...>>;
 // - Barrier's action is a plain function pointer; it runs in the process that
 //   arrives last (see Barrier).
 
+#include <atomic>
 #include <chrono>
 #include <climits>
 #include <cstddef>
@@ -2734,8 +2735,8 @@ struct alignas(64) LockState {
     os::RobustMutex mutex;
     std::atomic<std::uint64_t> owner{0};  // this_thread_token() of the holder, 0 if free
     std::atomic<std::uint32_t> depth{0};  // recursion depth of the holder (1 for a Lock)
-    std::atomic<std::uint16_t> repair_pending{0};  // taken from a dead owner, not yet consistent
-    std::atomic<std::uint16_t> spin_ns{0};         // spin_until's budget for a busy lock
+    std::atomic<std::uint16_t> release_work{0};  // lock_release_work bits: what the release must do
+    std::atomic<std::uint16_t> spin_ns{0};       // spin_until's budget for a busy lock
     LockState() { os::robust_mutex_init(&mutex); }
 };
 static_assert(sizeof(LockState) == 64, "LockState should fill exactly one cache line");
@@ -2743,6 +2744,16 @@ static_assert(std::atomic<std::uint64_t>::is_always_lock_free &&
                   std::atomic<std::uint32_t>::is_always_lock_free &&
                   std::atomic<std::uint16_t>::is_always_lock_free,
               "shared-memory atomics must be lock-free");
+
+/// Bits of LockState::release_work, written by the holder only.  Any bit set
+/// sends the release down its slow path; none costs the fast path anything.
+enum lock_release_work : std::uint16_t {
+    /// Taken from a dead owner, not yet made consistent.
+    release_repair = 1,
+    /// A Condition over this lock was notified while it was held: the waiters
+    /// are woken when the lock is released (see condition_notify).
+    release_wake = 2,
+};
 
 /// The lock under a Condition (or a Value): a Lock or an RLock.
 struct LockRef {
@@ -2784,7 +2795,7 @@ inline LockStatus lock_try_acquire(const LockRef& l) { return lock_acquire(l, os
 inline void lock_release(const LockRef& l) {
     LockState* s = l.state.get();
     if (s->owner.load(std::memory_order_relaxed) == this_thread_token() &&
-        s->depth.load(std::memory_order_relaxed) == 1 && !s->repair_pending.load(std::memory_order_relaxed)) {
+        s->depth.load(std::memory_order_relaxed) == 1 && !s->release_work.load(std::memory_order_relaxed)) {
         s->depth.store(0, std::memory_order_relaxed);
         s->owner.store(0, std::memory_order_relaxed);
         if (int status = os::robust_mutex_unlock_status(&s->mutex)) os::robust_mutex_unlock_failed(status);
@@ -2799,6 +2810,11 @@ inline bool lock_status_to_bool(const LockRef& l, LockStatus s) {
     if (s == LockStatus::owner_died) throw_owner_died(l);
     return s == LockStatus::acquired;
 }
+
+/// How often (ms) a sleeping Condition waiter looks at the counter by itself,
+/// so that the notify of a holder who died before releasing the lock is not
+/// lost.  Per process; the tests raise it to tell real wake-ups from rechecks.
+inline std::atomic<std::int64_t> condition_recheck_ms{100};
 
 struct ConditionState {
     std::atomic<std::uint32_t> sequence{0};  // futex word: bumped by every notify
@@ -2840,6 +2856,9 @@ struct BarrierState {
 
 MPSERVICE_API bool condition_wait(const SharedRef<ConditionState>& c, const LockRef& l, os::Deadline deadline);
 MPSERVICE_API void condition_notify(const SharedRef<ConditionState>& c, const LockRef& l, int n);
+/// The condition's lock was taken from a dead holder, who may have notified
+/// without living to release: wakes the sleepers, then throws OwnerDiedError.
+[[noreturn]] MPSERVICE_API void condition_lock_owner_died(const SharedRef<ConditionState>& c, const LockRef& l);
 MPSERVICE_API bool semaphore_acquire(SemaphoreState* s, os::Deadline deadline);
 MPSERVICE_API void semaphore_release(SemaphoreState* s, unsigned n);
 MPSERVICE_API bool event_wait(EventState* e, os::Deadline deadline);
@@ -3005,6 +3024,13 @@ private:
 /// Waiting: a futex on a notification counter.  A waiter that dies leaves no
 /// trace others depend on, so the condition keeps working; the lock under it
 /// follows the dead-owner protocol of Lock.
+///
+/// notify() bumps the counter at once but wakes the sleepers only when the
+/// lock is released: woken earlier, they would find the lock still held and
+/// go back to sleep on it (two more system calls and context switches per
+/// wake-up).  A notifier that dies before releasing does not strand them:
+/// sleepers look at the counter every 100 ms by themselves, and whoever takes
+/// the lock from the dead holder through a Condition wakes them at once.
 class Condition {
 public:
     /// Over a new RLock.
@@ -3040,7 +3066,7 @@ public:
         return result;
     }
     /// Wakes up to n waiters (at least n when that many wait; see the file
-    /// comment).  The caller must hold the lock.
+    /// comment) as soon as the lock is released.  The caller must hold the lock.
     void notify(int n = 1) { detail::condition_notify(state_, lock_, n); }
     void notify_all() { detail::condition_notify(state_, lock_, INT_MAX); }
 
@@ -3063,7 +3089,10 @@ public:
     const detail::LockRef& lock_ref() const noexcept { return lock_; }
 
 private:
-    bool lock_status(LockStatus s) { return detail::lock_status_to_bool(lock_, s); }
+    bool lock_status(LockStatus s) {
+        if (s == LockStatus::owner_died) detail::condition_lock_owner_died(state_, lock_);
+        return s == LockStatus::acquired;
+    }
     detail::SharedRef<detail::ConditionState> state_;
     detail::LockRef lock_;
 };
@@ -7752,7 +7781,11 @@ namespace mpservice::detail {
 namespace sync_impl {
 // fork() copies the forking thread's cache into the child's only thread, which
 // is a different thread: it must not look like the parent's owner of a lock.
-void forget_thread_token() { t_thread_token = 0; }
+void drop_pending_wakes() noexcept;
+void forget_thread_token() {
+    t_thread_token = 0;
+    drop_pending_wakes();
+}
 
 std::uint64_t mix64(std::uint64_t x) noexcept {  // splitmix64 finalizer
     x += 0x9e3779b97f4a7c15ull;
@@ -7788,6 +7821,76 @@ std::uint64_t new_thread_token() noexcept {
     return t ? t : 1;
 }
 
+// ---------------------------------------------------------------- deferred Condition wakes
+
+namespace sync_impl {
+/// Wakes the sleepers of a Condition, if it has any.
+void wake_sleepers(ConditionState* cs, int n) noexcept {
+    // Pairs with the waiter's sleepers increment before its last look at the
+    // counter: either it saw the bump, or we see it sleeping.  A sleeper that
+    // left meanwhile (spurious or periodic wake-up) saw the bump on its way out.
+    if (cs->sleepers.load(std::memory_order_seq_cst) != 0) os::futex_wake(&cs->sequence, n);
+}
+
+/// The wakes the calling thread owes: Conditions it notified under a lock it
+/// still holds.  The lock's release makes them (see condition_notify).
+class PendingWakes {
+public:
+    /// Records n wakes of `c` for the release of `lock`; false if there is no
+    /// room (the caller then wakes at once).  Allocates nothing.
+    bool add(LockState* lock, const SharedRef<ConditionState>& c, int n) noexcept {
+        for (int i = 0; i < size_; ++i) {
+            Entry& e = entries_[i];
+            if (e.lock == lock && e.condition.get() == c.get()) {
+                e.count = e.count > INT_MAX - n ? INT_MAX : e.count + n;
+                return true;
+            }
+        }
+        if (size_ == capacity) return false;
+        entries_[size_++] = Entry{lock, c, n};
+        return true;
+    }
+    /// Makes the wakes recorded for `lock` (just released).
+    void flush(const LockState* lock) noexcept {
+        for (int i = 0; i < size_;) {
+            Entry& e = entries_[i];
+            if (e.lock != lock) {
+                ++i;
+                continue;
+            }
+            wake_sleepers(e.condition.get(), e.count);
+            if (i != --size_) e = std::move(entries_[size_]);
+            entries_[size_] = Entry{};
+        }
+    }
+    /// Forgets everything (a forked child: the wakes are its parent's to make).
+    void drop() noexcept {
+        for (int i = 0; i < size_; ++i) entries_[i] = Entry{};
+        size_ = 0;
+    }
+    /// A thread that ends holding the lock wakes the sleepers now: the lock
+    /// passes to the next acquirer as a dead owner's, which the sleepers can
+    /// then take and learn about.
+    ~PendingWakes() {
+        for (int i = 0; i < size_; ++i) wake_sleepers(entries_[i].condition.get(), entries_[i].count);
+    }
+
+private:
+    /// A thread rarely holds more than one notified Condition's lock at a time.
+    static constexpr int capacity = 4;
+    struct Entry {
+        LockState* lock = nullptr;
+        SharedRef<ConditionState> condition;  // keeps the futex word mapped until the wake
+        int count = 0;
+    };
+    Entry entries_[capacity];
+    int size_ = 0;
+};
+
+thread_local PendingWakes t_pending_wakes;
+void drop_pending_wakes() noexcept { t_pending_wakes.drop(); }
+}  // namespace sync_impl
+
 // ---------------------------------------------------------------- Lock and RLock
 
 namespace sync_impl {
@@ -7802,7 +7905,9 @@ LockStatus took(LockState* s, os::LockResult r, std::uint64_t me) {
         case os::LockResult::owner_died:
             s->owner.store(me, std::memory_order_relaxed);
             s->depth.store(1, std::memory_order_relaxed);
-            s->repair_pending.store(1, std::memory_order_relaxed);
+            // Only the repair: a wake the dead holder still owed was in its own
+            // memory; the sleepers recheck by themselves (condition_wait).
+            s->release_work.store(release_repair, std::memory_order_relaxed);
             return LockStatus::owner_died;
         default:
             return LockStatus::timed_out;
@@ -7884,24 +7989,26 @@ void lock_release_slow(const LockRef& l) {
             return;
         }
     }
+    const std::uint16_t work = s->release_work.load(std::memory_order_relaxed);
     s->depth.store(0, std::memory_order_relaxed);
     s->owner.store(0, std::memory_order_relaxed);
+    if (work) s->release_work.store(0, std::memory_order_relaxed);
     // Released without make_consistent(): the holder has seen the owner-died
     // report and chose to go on.  Marking the mutex consistent keeps it usable;
     // unlocking an inconsistent robust mutex would make it unusable for good.
-    if (s->repair_pending.load(std::memory_order_relaxed)) {
-        s->repair_pending.store(0, std::memory_order_relaxed);
-        os::robust_mutex_consistent(&s->mutex);
-    }
+    if (work & release_repair) os::robust_mutex_consistent(&s->mutex);
     os::robust_mutex_unlock(&s->mutex);
+    // After the unlock: the woken waiters' first move is to take the lock.
+    if (work & release_wake) t_pending_wakes.flush(s);
 }
 
 void lock_make_consistent(const LockRef& l) {
     using namespace sync_impl;
     LockState* s = l.state.get();
     require_owner(l, "make_consistent");
-    if (s->repair_pending.load(std::memory_order_relaxed)) {
-        s->repair_pending.store(0, std::memory_order_relaxed);
+    const std::uint16_t work = s->release_work.load(std::memory_order_relaxed);
+    if (work & release_repair) {
+        s->release_work.store(work & ~release_repair, std::memory_order_relaxed);
         os::robust_mutex_consistent(&s->mutex);
     }
 }
@@ -7934,26 +8041,45 @@ bool condition_wait(const SharedRef<ConditionState>& c, const LockRef& l, os::De
                 woken = true;
                 break;
             }
-            if (!os::futex_wait(&cs->sequence, seen, deadline)) {
+            // Never longer than the recheck period: a notifier that died before
+            // releasing the lock bumped the counter but will not wake us.
+            auto step = os::Clock::now() +
+                        std::chrono::milliseconds(condition_recheck_ms.load(std::memory_order_relaxed));
+            if (deadline < step) step = deadline;
+            if (!os::futex_wait(&cs->sequence, seen, step) && step == deadline) {
                 woken = notified();
                 break;
             }
         }
         cs->sleepers.fetch_sub(1, std::memory_order_relaxed);
     }
-    lock_status_to_bool(l, reacquire(l, depth));
+    if (reacquire(l, depth) == LockStatus::owner_died) condition_lock_owner_died(c, l);
     return woken;
 }
 
 void condition_notify(const SharedRef<ConditionState>& c, const LockRef& l, int n) {
+    using namespace sync_impl;
     if (!lock_is_mine(l))
         throw InvalidStateError("mpservice::Condition::notify: the calling thread must hold the condition's lock");
     if (n <= 0) return;
     ConditionState* cs = c.get();
     cs->sequence.fetch_add(1, std::memory_order_seq_cst);
-    // Pairs with the waiter's sleepers increment before its last look at the
-    // counter: either it sees the bump, or we see it sleeping.
-    if (cs->sleepers.load(std::memory_order_seq_cst) != 0) os::futex_wake(&cs->sequence, n);
+    if (cs->sleepers.load(std::memory_order_seq_cst) == 0) return;  // see wake_sleepers
+    // The wake waits for the lock's release: a sleeper woken now would find
+    // the lock held and only go to sleep again, on the lock.
+    LockState* ls = l.state.get();
+    if (t_pending_wakes.add(ls, c, n)) {
+        ls->release_work.fetch_or(release_wake, std::memory_order_relaxed);
+        return;
+    }
+    os::futex_wake(&cs->sequence, n);
+}
+
+void condition_lock_owner_died(const SharedRef<ConditionState>& c, const LockRef& l) {
+    // Sleepers whose notify came before the death find the counter bumped;
+    // the others go back to sleep.
+    sync_impl::wake_sleepers(c.get(), INT_MAX);
+    throw_owner_died(l);
 }
 
 // ---------------------------------------------------------------- Semaphore

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <stdexcept>
@@ -37,6 +38,30 @@ pid_t hold_until_killed(L& lock, mp::Event& held) {
 }
 
 std::uint32_t sleepers(const mp::Condition& c) { return c.state_ref()->sleepers.load(); }
+std::uint32_t notify_count(const mp::Condition& c) { return c.state_ref()->sequence.load(); }
+
+/// In a child that waits on a Condition: turns the sleepers' periodic recheck
+/// off (an hour), so that only a real wake-up ends the wait before its guard.
+void only_real_wakeups() { mp::detail::condition_recheck_ms.store(3'600'000); }
+
+/// Waits on `cond` (held) for flag == value; false if that took until the
+/// hang guard: a wait that times out reports the notify it finds then as a
+/// wake-up, but the wake-up itself must come.
+bool woken_for_flag(mp::Condition& cond, mp::RawValue<int>& flag, int value = 1) {
+    const auto guard = std::chrono::steady_clock::now() + 20s;
+    while (flag.get() != value)
+        if (!cond.wait(30s)) return false;
+    return std::chrono::steady_clock::now() < guard;
+}
+
+/// A child that waits on `cond` for flag == 1 and wakes up only when woken.
+pid_t real_waiter(mp::Condition& cond, mp::RawValue<int>& flag) {
+    return spawn([&] {
+        only_real_wakeups();
+        std::unique_lock<mp::Condition> g(cond);
+        return woken_for_flag(cond, flag) ? 0 : 1;
+    });
+}
 std::uint32_t sleepers(const mp::Event& e) { return e.state_ref()->sleepers.load(); }
 std::uint32_t sleepers(const mp::Semaphore& s) { return s.state_ref()->sleepers.load(); }
 
@@ -345,6 +370,112 @@ TEST_CASE("Condition: ping-pong between threads of one process") {
         CHECK(cond.wait_for([&] { return turn.get() == 0; }, 30s));
     }
     other.join();
+}
+
+TEST_CASE("Condition: notify wakes when the lock is released, by whichever handle and at any depth") {
+    mp::RawValue<int> flag(0);
+    SUBCASE("over a Lock, released through the Lock") {
+        mp::Lock lock;
+        mp::Condition cond(lock);
+        pid_t waiter = real_waiter(cond, flag);
+        CHECK(await([&] { return sleepers(cond) == 1; }));
+        lock.acquire();
+        flag.set(1);
+        cond.notify();
+        lock.release();
+        CHECK(join(waiter) == 0);
+    }
+    SUBCASE("over an RLock held three levels deep: the last release wakes") {
+        mp::RLock r;
+        mp::Condition cond(r);
+        pid_t waiter = real_waiter(cond, flag);
+        CHECK(await([&] { return sleepers(cond) == 1; }));
+        r.acquire();
+        r.acquire();
+        cond.acquire();
+        flag.set(1);
+        cond.notify();
+        cond.release();
+        r.release();
+        CHECK(r.depth() == 1);
+        r.release();
+        CHECK(join(waiter) == 0);
+    }
+    SUBCASE("the notifying handle is gone before the release") {
+        mp::Lock lock;
+        auto cond = std::make_unique<mp::Condition>(lock);
+        pid_t waiter = real_waiter(*cond, flag);
+        CHECK(await([&] { return sleepers(*cond) == 1; }));
+        lock.acquire();
+        flag.set(1);
+        cond->notify();
+        cond.reset();  // this process's last handle: the pending wake keeps the memory mapped
+        lock.release();
+        CHECK(join(waiter) == 0);
+    }
+    SUBCASE("ping-pong: each side's wait releases the lock and so wakes the other") {
+        mp::Condition cond;
+        pid_t other = spawn([&] {
+            only_real_wakeups();
+            std::unique_lock<mp::Condition> g(cond);
+            for (int i = 0; i < 200; ++i) {
+                if (!woken_for_flag(cond, flag, 1)) return 1;
+                flag.set(0);
+                cond.notify();
+            }
+            return 0;
+        });
+        const auto saved = mp::detail::condition_recheck_ms.exchange(3'600'000);
+        for (int i = 0; i < 200; ++i) {
+            std::unique_lock<mp::Condition> g(cond);
+            flag.set(1);
+            cond.notify();
+            bool answered = woken_for_flag(cond, flag, 0);
+            CHECK(answered);
+            if (!answered) break;
+        }
+        mp::detail::condition_recheck_ms.store(saved);
+        CHECK(join(other) == 0);
+    }
+}
+
+TEST_CASE("Condition: more conditions notified under one lock than wakes are deferred: all wake") {
+    constexpr int conditions = 7;  // more than a thread's pending wakes hold: the rest wake at once
+    mp::Lock lock;
+    std::vector<mp::Condition> conds;
+    for (int i = 0; i < conditions; ++i) conds.emplace_back(lock);
+    mp::RawValue<int> flag(0);
+    std::vector<pid_t> waiters;
+    for (auto& c : conds) waiters.push_back(real_waiter(c, flag));
+    for (auto& c : conds) CHECK(await([&] { return sleepers(c) == 1; }));
+    {
+        std::lock_guard<mp::Lock> g(lock);
+        flag.set(1);
+        for (auto& c : conds) c.notify();
+        for (auto& c : conds) c.notify_all();  // the same ones again: merged, not more entries
+    }
+    for (pid_t w : waiters) CHECK(join(w) == 0);
+}
+
+TEST_CASE("Condition: notify without holding the lock stays an error and wakes nobody") {
+    mp::Condition cond;
+    mp::RawValue<int> flag(0);
+    pid_t waiter = real_waiter(cond, flag);
+    CHECK(await([&] { return sleepers(cond) == 1; }));
+    const std::uint32_t before = notify_count(cond);
+    CHECK_THROWS_AS(cond.notify(), mp::InvalidStateError);
+    CHECK_THROWS_AS(cond.notify_all(), mp::InvalidStateError);
+    mp::Event held;
+    pid_t holder = hold_until_killed(cond, held);  // the lock held by another process
+    CHECK(held.wait(30s));
+    CHECK_THROWS_AS(cond.notify(), mp::InvalidStateError);
+    CHECK(notify_count(cond) == before);
+    CHECK(kill_and_join(holder) == -SIGKILL);
+    CHECK_THROWS_AS(cond.acquire(), mp::OwnerDiedError);  // wakes the sleeper: it sleeps again
+    flag.set(1);
+    cond.notify();
+    cond.release();
+    CHECK(join(waiter) == 0);
 }
 
 // ============================================================================ Semaphore
@@ -668,6 +799,87 @@ TEST_CASE("Condition: its lock's holder dies; the condition keeps working") {
         flag.set(1);
         cond.notify();
     }
+    CHECK(join(waiter) == 0);
+}
+
+TEST_CASE("Condition: a notifier SIGKILLed before releasing the lock does not strand the sleeper") {
+    mp::RawValue<int> flag(0);
+    mp::Event notified;
+    auto notifier = [&](mp::Condition& cond) {
+        return spawn([&] {
+            cond.acquire();
+            flag.set(1);
+            cond.notify();
+            notified.set();
+            for (;;) ::pause();
+            return 0;
+        });
+    };
+    auto check_both_ways = [&](mp::Condition& cond) {
+        SUBCASE("the sleeper's own recheck: it takes the lock and is told") {
+            pid_t waiter = spawn([&] {
+                std::unique_lock<mp::Condition> g(cond);
+                const auto guard = std::chrono::steady_clock::now() + 20s;
+                try {
+                    woken_for_flag(cond, flag);
+                } catch (const mp::OwnerDiedError&) {
+                    if (std::chrono::steady_clock::now() >= guard) return 3;
+                    return flag.get() == 1 && mp::detail::lock_is_mine(cond.lock_ref()) ? 0 : 2;
+                }
+                return 1;
+            });
+            CHECK(await([&] { return sleepers(cond) == 1; }));
+            pid_t n = notifier(cond);
+            CHECK(notified.wait(30s));
+            CHECK(kill_and_join(n) == -SIGKILL);
+            CHECK(join(waiter) == 0);
+        }
+        SUBCASE("the next acquirer through the Condition wakes it") {
+            pid_t waiter = real_waiter(cond, flag);
+            CHECK(await([&] { return sleepers(cond) == 1; }));
+            pid_t n = notifier(cond);
+            CHECK(notified.wait(30s));
+            CHECK(kill_and_join(n) == -SIGKILL);
+            CHECK_THROWS_AS(cond.acquire(), mp::OwnerDiedError);
+            cond.release();
+            CHECK(join(waiter) == 0);
+        }
+    };
+    SUBCASE("own RLock") {
+        mp::Condition cond;
+        check_both_ways(cond);
+    }
+    SUBCASE("Lock") {
+        mp::Condition cond{mp::Lock()};
+        check_both_ways(cond);
+    }
+    SUBCASE("RLock") {
+        mp::Condition cond{mp::RLock()};
+        check_both_ways(cond);
+    }
+}
+
+TEST_CASE("Condition: a thread that ends holding the lock after notify wakes the sleepers") {
+    mp::Condition cond{mp::Lock()};
+    mp::RawValue<int> flag(0);
+    pid_t waiter = spawn([&] {
+        only_real_wakeups();
+        std::unique_lock<mp::Condition> g(cond);
+        const auto guard = std::chrono::steady_clock::now() + 20s;
+        try {
+            woken_for_flag(cond, flag);
+        } catch (const mp::OwnerDiedError&) {
+            if (std::chrono::steady_clock::now() >= guard) return 3;
+            return flag.get() == 1 ? 0 : 2;
+        }
+        return 1;
+    });
+    CHECK(await([&] { return sleepers(cond) == 1; }));
+    std::thread([&] {
+        cond.acquire();
+        flag.set(1);
+        cond.notify();
+    }).join();  // ends holding the lock
     CHECK(join(waiter) == 0);
 }
 

@@ -14,7 +14,11 @@ namespace mpservice::detail {
 namespace sync_impl {
 // fork() copies the forking thread's cache into the child's only thread, which
 // is a different thread: it must not look like the parent's owner of a lock.
-void forget_thread_token() { t_thread_token = 0; }
+void drop_pending_wakes() noexcept;
+void forget_thread_token() {
+    t_thread_token = 0;
+    drop_pending_wakes();
+}
 
 std::uint64_t mix64(std::uint64_t x) noexcept {  // splitmix64 finalizer
     x += 0x9e3779b97f4a7c15ull;
@@ -50,6 +54,76 @@ std::uint64_t new_thread_token() noexcept {
     return t ? t : 1;
 }
 
+// ---------------------------------------------------------------- deferred Condition wakes
+
+namespace sync_impl {
+/// Wakes the sleepers of a Condition, if it has any.
+void wake_sleepers(ConditionState* cs, int n) noexcept {
+    // Pairs with the waiter's sleepers increment before its last look at the
+    // counter: either it saw the bump, or we see it sleeping.  A sleeper that
+    // left meanwhile (spurious or periodic wake-up) saw the bump on its way out.
+    if (cs->sleepers.load(std::memory_order_seq_cst) != 0) os::futex_wake(&cs->sequence, n);
+}
+
+/// The wakes the calling thread owes: Conditions it notified under a lock it
+/// still holds.  The lock's release makes them (see condition_notify).
+class PendingWakes {
+public:
+    /// Records n wakes of `c` for the release of `lock`; false if there is no
+    /// room (the caller then wakes at once).  Allocates nothing.
+    bool add(LockState* lock, const SharedRef<ConditionState>& c, int n) noexcept {
+        for (int i = 0; i < size_; ++i) {
+            Entry& e = entries_[i];
+            if (e.lock == lock && e.condition.get() == c.get()) {
+                e.count = e.count > INT_MAX - n ? INT_MAX : e.count + n;
+                return true;
+            }
+        }
+        if (size_ == capacity) return false;
+        entries_[size_++] = Entry{lock, c, n};
+        return true;
+    }
+    /// Makes the wakes recorded for `lock` (just released).
+    void flush(const LockState* lock) noexcept {
+        for (int i = 0; i < size_;) {
+            Entry& e = entries_[i];
+            if (e.lock != lock) {
+                ++i;
+                continue;
+            }
+            wake_sleepers(e.condition.get(), e.count);
+            if (i != --size_) e = std::move(entries_[size_]);
+            entries_[size_] = Entry{};
+        }
+    }
+    /// Forgets everything (a forked child: the wakes are its parent's to make).
+    void drop() noexcept {
+        for (int i = 0; i < size_; ++i) entries_[i] = Entry{};
+        size_ = 0;
+    }
+    /// A thread that ends holding the lock wakes the sleepers now: the lock
+    /// passes to the next acquirer as a dead owner's, which the sleepers can
+    /// then take and learn about.
+    ~PendingWakes() {
+        for (int i = 0; i < size_; ++i) wake_sleepers(entries_[i].condition.get(), entries_[i].count);
+    }
+
+private:
+    /// A thread rarely holds more than one notified Condition's lock at a time.
+    static constexpr int capacity = 4;
+    struct Entry {
+        LockState* lock = nullptr;
+        SharedRef<ConditionState> condition;  // keeps the futex word mapped until the wake
+        int count = 0;
+    };
+    Entry entries_[capacity];
+    int size_ = 0;
+};
+
+thread_local PendingWakes t_pending_wakes;
+void drop_pending_wakes() noexcept { t_pending_wakes.drop(); }
+}  // namespace sync_impl
+
 // ---------------------------------------------------------------- Lock and RLock
 
 namespace sync_impl {
@@ -64,7 +138,9 @@ LockStatus took(LockState* s, os::LockResult r, std::uint64_t me) {
         case os::LockResult::owner_died:
             s->owner.store(me, std::memory_order_relaxed);
             s->depth.store(1, std::memory_order_relaxed);
-            s->repair_pending.store(1, std::memory_order_relaxed);
+            // Only the repair: a wake the dead holder still owed was in its own
+            // memory; the sleepers recheck by themselves (condition_wait).
+            s->release_work.store(release_repair, std::memory_order_relaxed);
             return LockStatus::owner_died;
         default:
             return LockStatus::timed_out;
@@ -146,24 +222,26 @@ void lock_release_slow(const LockRef& l) {
             return;
         }
     }
+    const std::uint16_t work = s->release_work.load(std::memory_order_relaxed);
     s->depth.store(0, std::memory_order_relaxed);
     s->owner.store(0, std::memory_order_relaxed);
+    if (work) s->release_work.store(0, std::memory_order_relaxed);
     // Released without make_consistent(): the holder has seen the owner-died
     // report and chose to go on.  Marking the mutex consistent keeps it usable;
     // unlocking an inconsistent robust mutex would make it unusable for good.
-    if (s->repair_pending.load(std::memory_order_relaxed)) {
-        s->repair_pending.store(0, std::memory_order_relaxed);
-        os::robust_mutex_consistent(&s->mutex);
-    }
+    if (work & release_repair) os::robust_mutex_consistent(&s->mutex);
     os::robust_mutex_unlock(&s->mutex);
+    // After the unlock: the woken waiters' first move is to take the lock.
+    if (work & release_wake) t_pending_wakes.flush(s);
 }
 
 void lock_make_consistent(const LockRef& l) {
     using namespace sync_impl;
     LockState* s = l.state.get();
     require_owner(l, "make_consistent");
-    if (s->repair_pending.load(std::memory_order_relaxed)) {
-        s->repair_pending.store(0, std::memory_order_relaxed);
+    const std::uint16_t work = s->release_work.load(std::memory_order_relaxed);
+    if (work & release_repair) {
+        s->release_work.store(work & ~release_repair, std::memory_order_relaxed);
         os::robust_mutex_consistent(&s->mutex);
     }
 }
@@ -196,26 +274,45 @@ bool condition_wait(const SharedRef<ConditionState>& c, const LockRef& l, os::De
                 woken = true;
                 break;
             }
-            if (!os::futex_wait(&cs->sequence, seen, deadline)) {
+            // Never longer than the recheck period: a notifier that died before
+            // releasing the lock bumped the counter but will not wake us.
+            auto step = os::Clock::now() +
+                        std::chrono::milliseconds(condition_recheck_ms.load(std::memory_order_relaxed));
+            if (deadline < step) step = deadline;
+            if (!os::futex_wait(&cs->sequence, seen, step) && step == deadline) {
                 woken = notified();
                 break;
             }
         }
         cs->sleepers.fetch_sub(1, std::memory_order_relaxed);
     }
-    lock_status_to_bool(l, reacquire(l, depth));
+    if (reacquire(l, depth) == LockStatus::owner_died) condition_lock_owner_died(c, l);
     return woken;
 }
 
 void condition_notify(const SharedRef<ConditionState>& c, const LockRef& l, int n) {
+    using namespace sync_impl;
     if (!lock_is_mine(l))
         throw InvalidStateError("mpservice::Condition::notify: the calling thread must hold the condition's lock");
     if (n <= 0) return;
     ConditionState* cs = c.get();
     cs->sequence.fetch_add(1, std::memory_order_seq_cst);
-    // Pairs with the waiter's sleepers increment before its last look at the
-    // counter: either it sees the bump, or we see it sleeping.
-    if (cs->sleepers.load(std::memory_order_seq_cst) != 0) os::futex_wake(&cs->sequence, n);
+    if (cs->sleepers.load(std::memory_order_seq_cst) == 0) return;  // see wake_sleepers
+    // The wake waits for the lock's release: a sleeper woken now would find
+    // the lock held and only go to sleep again, on the lock.
+    LockState* ls = l.state.get();
+    if (t_pending_wakes.add(ls, c, n)) {
+        ls->release_work.fetch_or(release_wake, std::memory_order_relaxed);
+        return;
+    }
+    os::futex_wake(&cs->sequence, n);
+}
+
+void condition_lock_owner_died(const SharedRef<ConditionState>& c, const LockRef& l) {
+    // Sleepers whose notify came before the death find the counter bumped;
+    // the others go back to sleep.
+    sync_impl::wake_sleepers(c.get(), INT_MAX);
+    throw_owner_died(l);
 }
 
 // ---------------------------------------------------------------- Semaphore

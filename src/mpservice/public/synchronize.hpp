@@ -35,6 +35,7 @@
 //   arrives last (see Barrier).
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <climits>
 #include <cstddef>
@@ -176,8 +177,8 @@ struct alignas(64) LockState {
     os::RobustMutex mutex;
     std::atomic<std::uint64_t> owner{0};  // this_thread_token() of the holder, 0 if free
     std::atomic<std::uint32_t> depth{0};  // recursion depth of the holder (1 for a Lock)
-    std::atomic<std::uint16_t> repair_pending{0};  // taken from a dead owner, not yet consistent
-    std::atomic<std::uint16_t> spin_ns{0};         // spin_until's budget for a busy lock
+    std::atomic<std::uint16_t> release_work{0};  // lock_release_work bits: what the release must do
+    std::atomic<std::uint16_t> spin_ns{0};       // spin_until's budget for a busy lock
     LockState() { os::robust_mutex_init(&mutex); }
 };
 static_assert(sizeof(LockState) == 64, "LockState should fill exactly one cache line");
@@ -185,6 +186,16 @@ static_assert(std::atomic<std::uint64_t>::is_always_lock_free &&
                   std::atomic<std::uint32_t>::is_always_lock_free &&
                   std::atomic<std::uint16_t>::is_always_lock_free,
               "shared-memory atomics must be lock-free");
+
+/// Bits of LockState::release_work, written by the holder only.  Any bit set
+/// sends the release down its slow path; none costs the fast path anything.
+enum lock_release_work : std::uint16_t {
+    /// Taken from a dead owner, not yet made consistent.
+    release_repair = 1,
+    /// A Condition over this lock was notified while it was held: the waiters
+    /// are woken when the lock is released (see condition_notify).
+    release_wake = 2,
+};
 
 /// The lock under a Condition (or a Value): a Lock or an RLock.
 struct LockRef {
@@ -226,7 +237,7 @@ inline LockStatus lock_try_acquire(const LockRef& l) { return lock_acquire(l, os
 inline void lock_release(const LockRef& l) {
     LockState* s = l.state.get();
     if (s->owner.load(std::memory_order_relaxed) == this_thread_token() &&
-        s->depth.load(std::memory_order_relaxed) == 1 && !s->repair_pending.load(std::memory_order_relaxed)) {
+        s->depth.load(std::memory_order_relaxed) == 1 && !s->release_work.load(std::memory_order_relaxed)) {
         s->depth.store(0, std::memory_order_relaxed);
         s->owner.store(0, std::memory_order_relaxed);
         if (int status = os::robust_mutex_unlock_status(&s->mutex)) os::robust_mutex_unlock_failed(status);
@@ -241,6 +252,11 @@ inline bool lock_status_to_bool(const LockRef& l, LockStatus s) {
     if (s == LockStatus::owner_died) throw_owner_died(l);
     return s == LockStatus::acquired;
 }
+
+/// How often (ms) a sleeping Condition waiter looks at the counter by itself,
+/// so that the notify of a holder who died before releasing the lock is not
+/// lost.  Per process; the tests raise it to tell real wake-ups from rechecks.
+inline std::atomic<std::int64_t> condition_recheck_ms{100};
 
 struct ConditionState {
     std::atomic<std::uint32_t> sequence{0};  // futex word: bumped by every notify
@@ -282,6 +298,9 @@ struct BarrierState {
 
 MPSERVICE_API bool condition_wait(const SharedRef<ConditionState>& c, const LockRef& l, os::Deadline deadline);
 MPSERVICE_API void condition_notify(const SharedRef<ConditionState>& c, const LockRef& l, int n);
+/// The condition's lock was taken from a dead holder, who may have notified
+/// without living to release: wakes the sleepers, then throws OwnerDiedError.
+[[noreturn]] MPSERVICE_API void condition_lock_owner_died(const SharedRef<ConditionState>& c, const LockRef& l);
 MPSERVICE_API bool semaphore_acquire(SemaphoreState* s, os::Deadline deadline);
 MPSERVICE_API void semaphore_release(SemaphoreState* s, unsigned n);
 MPSERVICE_API bool event_wait(EventState* e, os::Deadline deadline);
@@ -447,6 +466,13 @@ private:
 /// Waiting: a futex on a notification counter.  A waiter that dies leaves no
 /// trace others depend on, so the condition keeps working; the lock under it
 /// follows the dead-owner protocol of Lock.
+///
+/// notify() bumps the counter at once but wakes the sleepers only when the
+/// lock is released: woken earlier, they would find the lock still held and
+/// go back to sleep on it (two more system calls and context switches per
+/// wake-up).  A notifier that dies before releasing does not strand them:
+/// sleepers look at the counter every 100 ms by themselves, and whoever takes
+/// the lock from the dead holder through a Condition wakes them at once.
 class Condition {
 public:
     /// Over a new RLock.
@@ -482,7 +508,7 @@ public:
         return result;
     }
     /// Wakes up to n waiters (at least n when that many wait; see the file
-    /// comment).  The caller must hold the lock.
+    /// comment) as soon as the lock is released.  The caller must hold the lock.
     void notify(int n = 1) { detail::condition_notify(state_, lock_, n); }
     void notify_all() { detail::condition_notify(state_, lock_, INT_MAX); }
 
@@ -505,7 +531,10 @@ public:
     const detail::LockRef& lock_ref() const noexcept { return lock_; }
 
 private:
-    bool lock_status(LockStatus s) { return detail::lock_status_to_bool(lock_, s); }
+    bool lock_status(LockStatus s) {
+        if (s == LockStatus::owner_died) detail::condition_lock_owner_died(state_, lock_);
+        return s == LockStatus::acquired;
+    }
     detail::SharedRef<detail::ConditionState> state_;
     detail::LockRef lock_;
 };
