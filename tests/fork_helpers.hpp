@@ -12,6 +12,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "mpservice.hpp"
+
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -20,6 +22,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <vector>
 
 namespace forktest {
 
@@ -119,6 +122,24 @@ inline std::size_t mapping_count() {
         if (std::strstr(line, "memfd:mpservice")) ++n;
     std::fclose(f);
     return n;
+}
+
+/// Encodes `v` in this process and decodes it in a forked child, which
+/// inherited the descriptors - as a child receiving it over a channel would -
+/// and returns what `body(decoded copy)` returned there.
+template <class T, class Body>
+int in_child_decoded(const T& v, Body body) {
+    mpservice::Encoder e;
+    e.write(v);
+    std::string bytes = e.bytes();
+    std::vector<int> handles = e.handles();
+    pid_t child = spawn([&] {
+        mpservice::Decoder d(bytes, &handles);
+        T copy = d.read<T>();
+        d.expect_end();
+        return body(copy);
+    });
+    return join(child);
 }
 
 }  // namespace forktest

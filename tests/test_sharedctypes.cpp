@@ -18,6 +18,7 @@ using namespace std::chrono_literals;
 using forktest::join;
 using forktest::kill_and_join;
 using forktest::spawn;
+using forktest::in_child_decoded;
 
 namespace {
 struct Big {
@@ -28,20 +29,6 @@ struct alignas(64) Wide {
     int tag;
 };
 
-template <class T, class Body>
-int in_child_decoded(const T& v, Body body) {
-    mp::Encoder e;
-    e.write(v);
-    std::string bytes = e.bytes();
-    std::vector<int> handles = e.handles();
-    pid_t child = spawn([&] {
-        mp::Decoder d(bytes, &handles);
-        T copy = d.read<T>();
-        d.expect_end();
-        return body(copy);
-    });
-    return join(child);
-}
 }  // namespace
 
 TEST_CASE("Value<long>: N processes x 100k increments under its lock give the exact total") {

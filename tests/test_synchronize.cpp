@@ -23,6 +23,7 @@ using forktest::await;
 using forktest::join;
 using forktest::kill_and_join;
 using forktest::spawn;
+using forktest::in_child_decoded;
 
 namespace {
 
@@ -1011,24 +1012,6 @@ TEST_CASE("Barrier: a party SIGKILLed while waiting breaks the barrier for the o
 
 // ============================================================================ handles travel
 
-namespace {
-/// Encodes `v` in this process and decodes it in a forked child, which
-/// inherited the descriptors - as a child receiving it over a channel would.
-template <class T, class Body>
-int in_child_decoded(const T& v, Body body) {
-    mp::Encoder e;
-    e.write(v);
-    std::string bytes = e.bytes();
-    std::vector<int> handles = e.handles();
-    pid_t child = spawn([&] {
-        mp::Decoder d(bytes, &handles);
-        T copy = d.read<T>();
-        d.expect_end();
-        return body(copy);
-    });
-    return join(child);
-}
-}  // namespace
 
 TEST_CASE("Codec: a decoded handle is the same object, in this process and in another") {
     mp::Lock lock;
