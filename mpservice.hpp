@@ -6474,9 +6474,8 @@ void set_log_level_from_parent(Level level) {
 }  // namespace detail
 }  // namespace mpservice
 // ---- end part: mpservice/impl/logging.cpp
-// ---- begin part: mpservice/impl/process.cpp ---------------------------------
-// process: implementation - start-up, the child side, the fork server, the
-// parent's reactor thread and ProcessCore.
+// ---- begin part: mpservice/impl/process_wire.cpp ----------------------------
+// process_wire: the frames of a parent-child channel.
 //
 // Wire format of a channel (a Unix stream socket per child): frames of
 //     u32 kind | u32 handle count | u64 payload size | payload
@@ -6487,6 +6486,7 @@ void set_log_level_from_parent(Level level) {
 // child's writes are all queued in the socket already, so a non-blocking
 // drain at exit sees every record (join() therefore returns only after all of
 // the child's log records were handled, in order).
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -6616,6 +6616,30 @@ private:
 };
 
 }  // namespace wire
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/process_wire.cpp
+// ---- begin part: mpservice/impl/process_runtime.cpp -------------------------
+// process_runtime: process-wide state of the process machinery (who we are,
+// the fork server link, build fingerprints) and small shared helpers.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace mpservice {
+namespace detail {
 namespace {
 using namespace wire;
 
@@ -6669,6 +6693,33 @@ void flush_stdio() noexcept {
 std::string describe(const std::string& name, long pid) {
     return "process '" + name + "' (pid " + std::to_string(pid) + ")";
 }
+
+}  // namespace
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/process_runtime.cpp
+// ---- begin part: mpservice/impl/process_child.cpp ---------------------------
+// process_child: the child side - reads its BOOT frame, runs the target,
+// reports the outcome (VALUE or EXCEPTION, then END) and exits.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace mpservice {
+namespace detail {
+namespace {
 
 // ---------------------------------------------------------------- the child side
 
@@ -6821,6 +6872,31 @@ enum class ChildKind { spawned, forkserver_worker };
 }
 
 }  // namespace
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/process_child.cpp
+// ---- begin part: mpservice/impl/process_reactor.cpp -------------------------
+// process_reactor: the parent's reactor thread - one thread watches every
+// child's channel and pidfd (and the fork server's control socket) and
+// resolves each ProcessCore when its child has ended.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace mpservice {
+namespace detail {
 
 // ---------------------------------------------------------------- the reactor
 
@@ -7231,6 +7307,33 @@ void at_exit_handler() {
     for (auto& c : children) c->wait_until(os::no_deadline);
 }
 
+}  // namespace
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/process_reactor.cpp
+// ---- begin part: mpservice/impl/process_fork.cpp ----------------------------
+// process_fork: the fork server (a clean process forked at init() that forks
+// the fork-server workers) and the start-up of fork-context children.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace mpservice {
+namespace detail {
+namespace {
+
 // ---------------------------------------------------------------- the fork server
 
 [[noreturn]] void fork_server_main(os::handle_t control, long parent) {
@@ -7338,6 +7441,30 @@ void reset_after_fork_in_child() {
 }
 
 }  // namespace
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/process_fork.cpp
+// ---- begin part: mpservice/impl/process_core.cpp ----------------------------
+// process_core: ProcessCore (start, wait, signals) and the public process
+// functions (init, contexts, cpu_count, current/parent/active processes).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace mpservice {
+namespace detail {
 
 // ---------------------------------------------------------------- ProcessCore
 
@@ -7597,7 +7724,7 @@ std::vector<ProcessInfo> active_children() {
 }
 
 }  // namespace mpservice
-// ---- end part: mpservice/impl/process.cpp
+// ---- end part: mpservice/impl/process_core.cpp
 // ---- begin part: mpservice/impl/threading.cpp -------------------------------
 // threading: implementation - the future core shared by Process and Thread,
 // wait() and as_completed().

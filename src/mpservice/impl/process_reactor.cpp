@@ -1,0 +1,434 @@
+// process_reactor: the parent's reactor thread - one thread watches every
+// child's channel and pidfd (and the fork server's control socket) and
+// resolves each ProcessCore when its child has ended.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace mpservice {
+namespace detail {
+
+// ---------------------------------------------------------------- the reactor
+
+struct ProcessCore::Io {
+    os::handle_t channel = os::invalid_handle;
+    os::handle_t pidfd = os::invalid_handle;  // guarded by the core's mutex once registered
+    wire::FrameReader reader;
+    std::uint64_t id = 0;
+    bool via_server = false;
+    std::uint64_t serial = 0;            // fork-server workers: the server's number for it
+    std::optional<int> end_code;         // the exit code the child announced in END
+    bool eof = false;
+    bool finished = false;
+    std::exception_ptr exception;
+    std::unique_ptr<ChildTask> task;  // kept until start() returns
+};
+
+namespace {
+
+class Reactor {
+public:
+    /// The reactor of this process (started on first use).
+    static Reactor& get();
+    /// Called in a forked child: the parent's reactor thread does not exist here.
+    static void forget_after_fork() noexcept;
+
+    void add(const std::shared_ptr<ProcessCore>& core);
+    void watch_fork_server(os::handle_t control);
+    /// Runs `fn` on a thread that lives as long as the process: the initial
+    /// thread, or else the reactor's.  A child's parent-death signal fires when
+    /// the *thread* that made it ends, so children are never made on a
+    /// short-lived thread.
+    template <class Fn>
+    auto on_long_lived_thread(Fn&& fn) -> decltype(fn());
+    std::vector<std::shared_ptr<ProcessCore>> live();
+    bool on_reactor_thread() const { return std::this_thread::get_id() == thread_id_; }
+    bool owned_by_this_process() const { return owner_pid_ == os::current_pid(); }
+
+private:
+    Reactor();
+    void loop();
+    void on_channel(const std::shared_ptr<ProcessCore>& core);
+    void on_pidfd(const std::shared_ptr<ProcessCore>& core);
+    void drain(ProcessCore& core);
+    void on_frame(ProcessCore& core, Frame& f);
+    void on_exit(const std::shared_ptr<ProcessCore>& core, int code);
+    void on_fork_server();
+    void finish(const std::shared_ptr<ProcessCore>& core, int code);
+    std::shared_ptr<ProcessCore> find(std::uint64_t id);
+
+    static constexpr std::uint64_t tag_channel = 0, tag_pidfd = 1, tag_wake = 2, tag_server = 3;
+
+    os::handle_t poller_ = os::invalid_handle;
+    os::handle_t wake_ = os::invalid_handle;
+    os::handle_t server_ = os::invalid_handle;
+    bool server_gone_ = false;
+    std::mutex mutex_;
+    std::uint64_t next_id_ = 1;
+    std::unordered_map<std::uint64_t, std::shared_ptr<ProcessCore>> children_;
+    std::unordered_map<std::uint64_t, std::uint64_t> server_serials_;  // fork-server serial -> id
+    std::unordered_map<std::uint64_t, int> early_exits_;               // statuses before registration
+    std::unordered_set<std::uint64_t> finished_serials_;               // ended before their status came
+    std::deque<std::function<void()>> tasks_;
+    // What the reactor works on lives here rather than on its stack: a child
+    // forked meanwhile has no reactor thread, and its leak checker scans
+    // reachable memory only (this object stays reachable there).
+    std::deque<std::function<void()>> running_tasks_;
+    std::shared_ptr<ProcessCore> current_;
+    void* stack_low_ = nullptr;  // the reactor thread's stack: a forked child's leak checker must scan it
+    std::size_t stack_size_ = 0;
+    std::thread::id thread_id_;
+    long owner_pid_ = 0;
+};
+
+std::atomic<Reactor*> g_reactor{nullptr};
+std::mutex* g_reactor_mutex = new std::mutex;
+
+void at_exit_handler();
+
+Reactor& Reactor::get() {
+    Reactor* r = g_reactor.load(std::memory_order_acquire);
+    if (r) return *r;
+    std::lock_guard<std::mutex> lk(*g_reactor_mutex);
+    r = g_reactor.load(std::memory_order_relaxed);
+    if (!r) {
+        r = new Reactor;  // never deleted: its thread runs until the process ends
+        g_reactor.store(r, std::memory_order_release);
+        std::atexit(at_exit_handler);
+    }
+    return *r;
+}
+
+// The parent's objects a forked child stops using; kept reachable so that a
+// leak checker in a child that calls exit() does not report them.
+void* volatile g_abandoned_after_fork[8];
+
+void Reactor::forget_after_fork() noexcept {
+    if (Reactor* r = g_reactor.load()) os::leak_checker_root(r->stack_low_, r->stack_size_);
+    g_abandoned_after_fork[0] = g_reactor.exchange(nullptr);
+    g_abandoned_after_fork[1] = g_reactor_mutex;
+    g_reactor_mutex = new std::mutex;
+}
+
+Reactor::Reactor() : owner_pid_(os::current_pid()) {
+    poller_ = os::poller_create();
+    wake_ = os::wake_event_create();
+    os::poller_add(poller_, wake_, tag_wake);
+    std::thread t([this] {
+        os::current_thread_stack(&stack_low_, &stack_size_);
+        loop();
+    });
+    thread_id_ = t.get_id();
+    t.detach();
+}
+
+template <class Fn>
+auto Reactor::on_long_lived_thread(Fn&& fn) -> decltype(fn()) {
+    if (os::is_main_thread() || on_reactor_thread()) return fn();
+    using T = decltype(fn());
+    std::mutex m;
+    std::condition_variable cv;
+    bool ready = false;
+    std::optional<T> value;
+    std::exception_ptr error;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        tasks_.push_back([&] {
+            try {
+                value.emplace(fn());
+            } catch (...) {
+                error = std::current_exception();
+            }
+            std::lock_guard<std::mutex> l2(m);
+            ready = true;
+            cv.notify_one();
+        });
+    }
+    os::wake_event_signal(wake_);
+    std::unique_lock<std::mutex> lk(m);
+    cv.wait(lk, [&] { return ready; });
+    if (error) std::rethrow_exception(error);
+    return std::move(*value);
+}
+
+void Reactor::add(const std::shared_ptr<ProcessCore>& core) {
+    auto& io = *core->io_;
+    std::optional<int> early;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        io.id = next_id_++;
+        children_[io.id] = core;
+        if (io.via_server) {
+            auto it = early_exits_.find(io.serial);
+            if (it != early_exits_.end()) {
+                early = it->second;
+                early_exits_.erase(it);
+            } else {
+                server_serials_[io.serial] = io.id;
+            }
+        }
+        os::poller_add(poller_, io.channel, io.id << 2 | tag_channel);
+        if (io.pidfd != os::invalid_handle) os::poller_add(poller_, io.pidfd, io.id << 2 | tag_pidfd);
+        if (early) {
+            int code = *early;
+            tasks_.push_back([this, core, code] { on_exit(core, code); });
+        }
+    }
+    if (early) os::wake_event_signal(wake_);
+}
+
+void Reactor::watch_fork_server(os::handle_t control) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    if (server_ == control) return;
+    server_ = control;
+    server_gone_ = false;
+    os::poller_add(poller_, control, tag_server);
+}
+
+std::vector<std::shared_ptr<ProcessCore>> Reactor::live() {
+    std::lock_guard<std::mutex> lk(mutex_);
+    std::vector<std::shared_ptr<ProcessCore>> out;
+    for (auto& kv : children_) out.push_back(kv.second);
+    return out;
+}
+
+std::shared_ptr<ProcessCore> Reactor::find(std::uint64_t id) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    auto it = children_.find(id);
+    return it == children_.end() ? nullptr : it->second;
+}
+
+void Reactor::loop() {
+    std::uint64_t tokens[64];
+    for (;;) {
+        int n;
+        try {
+            n = os::poller_wait(poller_, tokens, 64, -1);
+        } catch (...) {
+            continue;
+        }
+        for (int i = 0; i < n; ++i) {
+            std::uint64_t tag = tokens[i] & 3, id = tokens[i] >> 2;
+            try {
+                if (tag == tag_wake) {
+                    os::wake_event_drain(wake_);
+                    {
+                        std::lock_guard<std::mutex> lk(mutex_);
+                        running_tasks_.swap(tasks_);
+                    }
+                    for (auto& t : running_tasks_) t();
+                    running_tasks_.clear();
+                } else if (tag == tag_server) {
+                    on_fork_server();
+                } else if ((current_ = find(id))) {
+                    if (tag == tag_channel) on_channel(current_);
+                    else on_pidfd(current_);
+                }
+            } catch (...) {
+                // The reactor must survive anything; a broken child resolves at its exit.
+            }
+            running_tasks_.clear();
+            current_.reset();
+        }
+    }
+}
+
+void Reactor::on_pidfd(const std::shared_ptr<ProcessCore>& core) {
+    auto& io = *core->io_;
+    if (!io.via_server) {
+        int code;
+        if (os::reap_child(core->pid_, false, &code)) on_exit(core, code);
+        return;
+    }
+    // A fork-server worker has ended (the server reaps it).  If it said how it
+    // would exit (END), we know all there is: finish now, without waiting for
+    // the server's report.  Otherwise the server's status tells.
+    {
+        std::lock_guard<std::mutex> lk(core->io_mutex());
+        os::poller_remove(poller_, io.pidfd);
+    }
+    drain(*core);
+    if (io.end_code) {
+        {
+            std::lock_guard<std::mutex> lk(mutex_);
+            if (server_serials_.erase(io.serial)) finished_serials_.insert(io.serial);
+        }
+        finish(core, *io.end_code);
+    }
+}
+
+void Reactor::on_channel(const std::shared_ptr<ProcessCore>& core) {
+    auto& io = *core->io_;
+    drain(*core);
+    if (!io.eof || io.finished) return;
+    // No pidfd (old kernel): the end of the channel means the child is exiting.
+    if (!io.via_server && io.pidfd == os::invalid_handle) {
+        int code;
+        os::reap_child(core->pid_, true, &code);
+        on_exit(core, code);
+    } else if (io.via_server && server_gone_) {
+        on_exit(core, -os::signal_kill());
+    }
+}
+
+void Reactor::drain(ProcessCore& core) {
+    auto& io = *core.io_;
+    if (io.eof) return;
+    Frame f;
+    for (;;) {
+        long n = io.reader.fill(io.channel, true);
+        while (io.reader.next(f)) on_frame(core, f);
+        if (n == 0) {
+            io.eof = true;
+            os::poller_remove(poller_, io.channel);
+            return;
+        }
+        if (n < 0) return;
+    }
+}
+
+void Reactor::on_frame(ProcessCore& core, Frame& f) {
+    auto& io = *core.io_;
+    switch (f.kind) {
+        case frame_log: {
+            close_all(f.handles);
+            try {
+                Decoder d(f.payload);
+                LogRecord record = d.read<LogRecord>();
+                handle_log_record(record);
+            } catch (...) {
+                // A failing handler or a torn record must not lose the child's outcome.
+            }
+            break;
+        }
+        case frame_value:
+            core.value_bytes_ = std::move(f.payload);
+            core.value_handles_ = std::move(f.handles);
+            core.has_value_ = true;
+            break;
+        case frame_exception:
+            close_all(f.handles);
+            try {
+                Decoder d(f.payload);
+                io.exception = decode_exception(d);
+            } catch (...) {
+                io.exception = std::current_exception();
+            }
+            break;
+        case frame_end:
+            close_all(f.handles);
+            try {
+                Decoder d(f.payload);
+                io.end_code = d.read<std::int32_t>();
+            } catch (...) {
+            }
+            break;
+        default:  // HELLO: nothing to keep
+            close_all(f.handles);
+            break;
+    }
+}
+
+void Reactor::on_fork_server() {
+    ServerStatus st;
+    for (;;) {
+        long n = os::channel_read(server_, &st, sizeof st, nullptr, true);
+        if (n < 0) return;
+        if (n == 0) {  // the server died: its workers die with it (parent-death signal)
+            std::vector<std::shared_ptr<ProcessCore>> eof_workers;
+            {
+                std::lock_guard<std::mutex> lk(mutex_);
+                os::poller_remove(poller_, server_);
+                server_gone_ = true;
+                for (auto& kv : children_)
+                    if (kv.second->io_->via_server && kv.second->io_->eof) eof_workers.push_back(kv.second);
+            }
+            for (auto& c : eof_workers) on_exit(c, -os::signal_kill());
+            return;
+        }
+        if (n != static_cast<long>(sizeof st)) continue;
+        std::shared_ptr<ProcessCore>& core = current_;
+        core.reset();
+        {
+            std::lock_guard<std::mutex> lk(mutex_);
+            auto it = server_serials_.find(st.serial);
+            if (it == server_serials_.end()) {
+                // Finished already (through its pidfd), or not registered yet.
+                if (!finished_serials_.erase(st.serial)) early_exits_[st.serial] = st.code;
+                continue;
+            }
+            auto c = children_.find(it->second);
+            server_serials_.erase(it);
+            if (c != children_.end()) core = c->second;
+        }
+        if (core) on_exit(core, st.code);
+        core.reset();
+    }
+}
+
+void Reactor::on_exit(const std::shared_ptr<ProcessCore>& core, int code) {
+    if (core->io_->finished) return;
+    drain(*core);  // the child is gone: everything it wrote is already queued
+    finish(core, code);
+}
+
+void Reactor::finish(const std::shared_ptr<ProcessCore>& core, int code) {
+    auto& io = *core->io_;
+    io.finished = true;
+    if (!io.eof) os::poller_remove(poller_, io.channel);
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        children_.erase(io.id);
+        if (io.via_server) server_serials_.erase(io.serial);
+    }
+    std::exception_ptr error = io.exception, result_error;
+    std::string who = describe(core->name, core->pid_);
+    if (!error && !core->has_value_) {
+        if (code == 0) {
+            result_error = std::make_exception_ptr(ProcessError(who + " exited with code 0 before returning a value", 0));
+        } else if (code == -os::signal_terminate()) {
+            result_error = std::make_exception_ptr(ProcessError(who + " was terminated by SIGTERM", code));
+        } else if (code > 0) {
+            error = std::make_exception_ptr(ProcessError(who + " exited with code " + std::to_string(code), code));
+        } else {
+            std::string text = who + " was killed by signal " + os::signal_name(-code) + " (" +
+                               std::to_string(-code) + ")";
+            if (-code == os::signal_kill()) text += " - possibly out of memory";
+            error = std::make_exception_ptr(ProcessError(text, code));
+        }
+    }
+    {
+        std::lock_guard<std::mutex> lk(core->io_mutex());
+        core->exitcode_ = code;
+        os::poller_remove(poller_, io.pidfd);  // kept open for waiters; closed with the core
+        os::close_handle(io.channel);
+        io.channel = os::invalid_handle;
+    }
+    core->resolve(error, result_error);
+}
+
+void at_exit_handler() {
+    Reactor* r = g_reactor.load();
+    if (!r || !r->owned_by_this_process()) return;
+    // Like Python: daemon children are terminated, the others are waited for.
+    auto children = r->live();
+    for (auto& c : children)
+        if (c->daemon()) c->send_signal(os::signal_terminate());
+    for (auto& c : children) c->wait_until(os::no_deadline);
+}
+
+}  // namespace
+}  // namespace detail
+}  // namespace mpservice

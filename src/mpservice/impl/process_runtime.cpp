@@ -1,0 +1,77 @@
+// process_runtime: process-wide state of the process machinery (who we are,
+// the fork server link, build fingerprints) and small shared helpers.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace mpservice {
+namespace detail {
+namespace {
+using namespace wire;
+
+// ---------------------------------------------------------------- process-wide state
+
+/// The fork server as seen from its parent.
+struct ForkServerLink {
+    os::handle_t control = os::invalid_handle;
+    long pid = 0;
+};
+
+struct Runtime {
+    bool initialized = false;
+    bool is_child = false;
+    std::string argv0 = "/proc/self/exe";
+    std::string identity;  // "" in the main process, "2" or "2:1" in children
+    std::atomic<int> next_child{1};
+    std::optional<ProcessInfo> parent;
+    // Heap-allocated so a forked child can replace them (they may have been
+    // held by another thread at the moment of the fork).
+    std::mutex* forkserver_mutex = new std::mutex;
+    ForkServerLink forkserver;
+    std::mutex* fingerprint_mutex = new std::mutex;
+    std::map<std::string, std::string> fingerprints;
+    std::atomic<bool> corrupt_next_fingerprint{false};
+};
+
+Runtime& rt() {
+    static Runtime* r = new Runtime;  // never destroyed: the reactor thread outlives static destruction
+    return *r;
+}
+
+std::string fingerprint_of(const std::string& module) {
+    Runtime& r = rt();
+    std::lock_guard<std::mutex> lk(*r.fingerprint_mutex);
+    auto it = r.fingerprints.find(module);
+    if (it != r.fingerprints.end()) return it->second;
+    return r.fingerprints[module] = os::module_fingerprint(module);
+}
+
+void flush_stdio() noexcept {
+    try {
+        std::cout.flush();
+        std::cerr.flush();
+        std::clog.flush();
+    } catch (...) {
+    }
+    std::fflush(nullptr);
+}
+
+std::string describe(const std::string& name, long pid) {
+    return "process '" + name + "' (pid " + std::to_string(pid) + ")";
+}
+
+}  // namespace
+}  // namespace detail
+}  // namespace mpservice
