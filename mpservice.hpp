@@ -991,6 +991,8 @@ inline constexpr handle_t invalid_handle = handle_t(-1);
 MPSERVICE_API void close_handle(handle_t h) noexcept;
 /// Duplicates a handle (close-on-exec); throws std::system_error.
 MPSERVICE_API handle_t duplicate_handle(handle_t h);
+/// Whether `h` is an open handle of this process.
+MPSERVICE_API bool handle_valid(handle_t h) noexcept;
 
 // ---------------------------------------------------------------- shared memory
 /// Creates anonymous shared memory of `size` bytes (zero-filled), private to
@@ -1107,14 +1109,18 @@ MPSERVICE_API void local_time(long long seconds, int fields[6]) noexcept;
 MPSERVICE_API void channel_pair(handle_t& a, handle_t& b);
 /// A connected pair of datagram-like ends (message boundaries kept).
 MPSERVICE_API void packet_pair(handle_t& a, handle_t& b);
-/// Writes all of `a` then `b` (either may be empty) with `handles` attached to
-/// the first byte; blocks until done.  Returns false if the peer is gone (no
+/// Writes all of `a` then `b` (either may be empty) with `handles` attached;
+/// blocks until done.  Any number of handles: the system takes a limited
+/// number per message (253 on Linux), so they ride on successive bytes in
+/// batches, in order (the bytes must be at least as many as the batches;
+/// std::invalid_argument otherwise).  Returns false if the peer is gone (no
 /// SIGPIPE is raised); throws std::system_error on other errors.
 MPSERVICE_API bool channel_write(handle_t ch, const void* a, std::size_t na, const void* b, std::size_t nb,
                                  const handle_t* handles = nullptr, std::size_t nhandles = 0);
 /// Reads what is there, up to `cap` bytes; handles that arrive are appended to
 /// `*handles` (close-on-exec).  Returns the byte count, 0 at end of stream, or
-/// -1 when `nonblocking` and nothing is ready.
+/// -1 when `nonblocking` and nothing is ready.  Throws std::system_error
+/// (EMFILE) if handles were lost because this process has no room for them.
 MPSERVICE_API long channel_read(handle_t ch, void* buf, std::size_t cap, std::vector<handle_t>* handles,
                                 bool nonblocking);
 /// Blocks until one of `hs` is readable or `timeout_ms` passes (-1 = forever);
@@ -1143,9 +1149,19 @@ MPSERVICE_API long fork_process();
 /// A handle that becomes readable when process `pid` exits (pidfd); invalid
 /// where the system has none.
 MPSERVICE_API handle_t process_handle(long pid) noexcept;
-/// Reaps child `pid` (waiting if `block`); true and the Python-style exit code
-/// (n after exit(n), -N after signal N) once it has ended.
-MPSERVICE_API bool reap_child(long pid, bool block, int* exitcode);
+/// What reap_child found.
+enum class ReapResult {
+    running,           ///< not ended yet (only without `block`)
+    reaped,            ///< ended; *exitcode holds its status
+    reaped_elsewhere,  ///< ended, but its status went to someone else: SIGCHLD
+                       ///< ignored (the kernel discards it) or another waiter
+                       ///< (e.g. a SIGCHLD handler calling waitpid(-1))
+};
+/// Reaps child `pid` (waiting if `block`) through `process_handle` when it is
+/// valid (waitid(P_PIDFD): never another process that reused the pid), and
+/// stores the Python-style exit code (n after exit(n), -N after signal N).
+/// Throws std::system_error on unexpected errors.
+MPSERVICE_API ReapResult reap_child(long pid, handle_t process_handle, bool block, int* exitcode);
 /// Reaps any ended child without waiting: true with its pid and exit code.
 MPSERVICE_API bool reap_any_child(long* pid, int* exitcode);
 /// Sends `sig` (through the process handle when valid, so a reused pid is never hit).
@@ -2103,19 +2119,37 @@ MPSERVICE_API std::vector<ProcessInfo> active_children();
 
 namespace detail {
 
-/// Runs in the child: decodes the arguments, calls the target, encodes the result.
-using Trampoline = void (*)(const void* target, Decoder& args, Encoder& result);
+/// Runs in the child: decodes the arguments, calls the target, encodes the
+/// result; `keep` holds the result until it has been sent.
+using Trampoline = void (*)(const void* target, Decoder& args, Encoder& result, std::shared_ptr<void>& keep);
+
+/// Writes the value `call()` returns into `out` and keeps it alive in `keep`:
+/// a shared object (Lock, Queue, ...) attaches its OS handle, which stays open
+/// only as long as the object does, and the message leaves after the target
+/// has returned - a temporary would close the handle before it is sent.
+template <class Call>
+void write_kept(Encoder& out, std::shared_ptr<void>& keep, Call&& call) {
+    using V = decltype(call());
+    if constexpr (std::is_lvalue_reference_v<V>) {
+        out.write(call());  // the referent outlives the call
+    } else {
+        auto held = std::make_shared<std::decay_t<V>>(call());
+        out.write(*held);
+        keep = std::move(held);
+    }
+}
 
 template <class Fn, class... A>
-void trampoline(const void* target, Decoder& in, Encoder& out) {
+void trampoline(const void* target, Decoder& in, Encoder& out, std::shared_ptr<void>& keep) {
     Fn fn = reinterpret_cast<Fn>(reinterpret_cast<std::uintptr_t>(target));
     std::tuple<A...> args{in.read<A>()...};  // braced: decoded left to right
     in.expect_end("process arguments");
     if constexpr (std::is_void_v<std::invoke_result_t<Fn, A...>>) {
         std::apply(fn, std::move(args));
         (void)out;
+        (void)keep;
     } else {
-        out.write(std::apply(fn, std::move(args)));
+        write_kept(out, keep, [&]() -> decltype(auto) { return std::apply(fn, std::move(args)); });
     }
 }
 
@@ -2150,8 +2184,9 @@ public:
     Trampoline trampoline = nullptr;
     /// Writes the arguments (only when target is set).
     virtual void encode_args(Encoder& out) const = 0;
-    /// Calls the target here (in a forked child) and writes its result.
-    virtual void run_here(Encoder& result) = 0;
+    /// Calls the target here (in a forked child) and writes its result, which
+    /// `keep` holds until it has been sent.
+    virtual void run_here(Encoder& result, std::shared_ptr<void>& keep) = 0;
 };
 
 template <class R, class F, class... A>
@@ -2172,12 +2207,13 @@ public:
             (void)out;
         }
     }
-    void run_here(Encoder& result) override {
+    void run_here(Encoder& result, std::shared_ptr<void>& keep) override {
         if constexpr (std::is_void_v<R>) {
             std::apply(f_, std::move(args_));
             (void)result;
+            (void)keep;
         } else {
-            result.write(std::apply(f_, std::move(args_)));
+            write_kept(result, keep, [&]() -> decltype(auto) { return std::apply(f_, std::move(args_)); });
         }
     }
 
@@ -4178,6 +4214,7 @@ struct Codec<SimpleQueue<T>> {
 // the only place that includes POSIX headers or makes system calls.
 #if !defined(_WIN32)
 
+#include <algorithm>
 #include <cerrno>
 #include <climits>
 #include <cmath>
@@ -4250,6 +4287,8 @@ handle_t duplicate_handle(handle_t h) {
     if (fd < 0) throw_errno("mpservice: dup");
     return fd;
 }
+
+bool handle_valid(handle_t h) noexcept { return h >= 0 && ::fcntl(h, F_GETFD) != -1; }
 
 // ---------------------------------------------------------------- shared memory
 
@@ -4445,27 +4484,27 @@ constexpr std::size_t max_handles_per_message = 253;
 void channel_pair(handle_t& a, handle_t& b) { socket_pair(SOCK_STREAM, a, b); }
 void packet_pair(handle_t& a, handle_t& b) { socket_pair(SOCK_SEQPACKET, a, b); }
 
-bool channel_write(handle_t ch, const void* a, std::size_t na, const void* b, std::size_t nb,
-                   const handle_t* handles, std::size_t nhandles) {
-    if (nhandles > max_handles_per_message)
-        throw std::invalid_argument("mpservice: more than 253 OS handles in one message");
-    iovec iov[2] = {{const_cast<void*>(a), na}, {const_cast<void*>(b), nb}};
-    int niov = 2;
-    iovec* cur = iov;
+namespace {
+/// Writes all of the bytes in `iov` (advancing it), with `handles` (at most
+/// max_handles_per_message) attached to the first byte sent.
+bool send_all(handle_t ch, iovec*& cur, int& niov, const handle_t* handles, std::size_t nhandles, std::size_t limit) {
     alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * max_handles_per_message)];
     bool handles_pending = nhandles > 0;
     for (;;) {
         while (niov > 0 && cur->iov_len == 0) ++cur, --niov;
-        if (niov == 0 && !handles_pending) return true;
-        msghdr msg{};
-        msg.msg_iov = cur;
-        msg.msg_iovlen = static_cast<std::size_t>(niov);
-        char dummy = 0;
-        iovec one{&dummy, 1};
-        if (niov == 0) {  // handles with no bytes: send one filler byte (never happens for framed data)
-            msg.msg_iov = &one;
-            msg.msg_iovlen = 1;
+        if (niov == 0 || limit == 0) return true;
+        // Send at most `limit` bytes: the next batch of handles rides on the byte after them.
+        iovec part[2];
+        int nparts = 0;
+        std::size_t room = limit;
+        for (int i = 0; i < niov && i < 2 && room > 0; ++i) {
+            std::size_t take = std::min(room, cur[i].iov_len);
+            part[nparts++] = iovec{cur[i].iov_base, take};
+            room -= take;
         }
+        msghdr msg{};
+        msg.msg_iov = part;
+        msg.msg_iovlen = static_cast<std::size_t>(nparts);
         if (handles_pending) {
             std::memset(control, 0, sizeof control);
             msg.msg_control = control;
@@ -4488,14 +4527,32 @@ bool channel_write(handle_t ch, const void* a, std::size_t na, const void* b, st
             throw_errno("mpservice: sendmsg");
         }
         handles_pending = false;
-        if (niov == 0) return true;
         auto left = static_cast<std::size_t>(n);
+        limit -= left;
         while (niov > 0 && left >= cur->iov_len) left -= cur->iov_len, ++cur, --niov;
         if (niov > 0) {
             cur->iov_base = static_cast<char*>(cur->iov_base) + left;
             cur->iov_len -= left;
         }
     }
+}
+}  // namespace
+
+bool channel_write(handle_t ch, const void* a, std::size_t na, const void* b, std::size_t nb,
+                   const handle_t* handles, std::size_t nhandles) {
+    std::size_t batches = (nhandles + max_handles_per_message - 1) / max_handles_per_message;
+    if (batches > na + nb)
+        throw std::invalid_argument("mpservice: " + std::to_string(nhandles) + " OS handles need at least " +
+                                    std::to_string(batches) + " bytes to ride on");
+    iovec iov[2] = {{const_cast<void*>(a), na}, {const_cast<void*>(b), nb}};
+    int niov = 2;
+    iovec* cur = iov;
+    // Every batch but the last rides alone on one byte (the receiver gets the
+    // batches one per read, in order); the last one carries the rest.
+    for (std::size_t i = 0; i + 1 < batches; ++i)
+        if (!send_all(ch, cur, niov, handles + i * max_handles_per_message, max_handles_per_message, 1)) return false;
+    std::size_t done = batches ? (batches - 1) * max_handles_per_message : 0;
+    return send_all(ch, cur, niov, handles + done, nhandles - done, static_cast<std::size_t>(-1));
 }
 
 long channel_read(handle_t ch, void* buf, std::size_t cap, std::vector<handle_t>* handles, bool nonblocking) {
@@ -4514,6 +4571,7 @@ long channel_read(handle_t ch, void* buf, std::size_t cap, std::vector<handle_t>
             if (errno == ECONNRESET) return 0;
             throw_errno("mpservice: recvmsg");
         }
+        bool lost_handles = (msg.msg_flags & MSG_CTRUNC) != 0;
         for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
             if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
             std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
@@ -4523,6 +4581,12 @@ long channel_read(handle_t ch, void* buf, std::size_t cap, std::vector<handle_t>
                 if (handles) handles->push_back(fd);
                 else ::close(fd);
             }
+        }
+        if (lost_handles) {
+            // The kernel dropped handles it had no room for (descriptor limit):
+            // the message cannot be used; say so rather than decode it wrongly.
+            errno = EMFILE;
+            throw_errno("mpservice: handles sent with a message were lost (too many open files: raise ulimit -n)");
         }
         return static_cast<long>(n);
     }
@@ -4645,15 +4709,31 @@ int python_exitcode(int status) {
 }
 }  // namespace
 
-bool reap_child(long pid, bool block, int* exitcode) {
-    int status = 0;
+#ifndef P_PIDFD
+#define P_PIDFD 3  // Linux 5.4; older headers lack the constant
+#endif
+
+ReapResult reap_child(long pid, handle_t process_handle, bool block, int* exitcode) {
     for (;;) {
-        pid_t r = ::waitpid(static_cast<pid_t>(pid), &status, block ? 0 : WNOHANG);
-        if (r < 0 && errno == EINTR) continue;
-        if (r < 0) throw_errno("mpservice: waitpid");
-        if (r == 0) return false;
-        *exitcode = python_exitcode(status);
-        return true;
+        siginfo_t info{};
+        int flags = WEXITED | (block ? 0 : WNOHANG);
+        int rc = process_handle >= 0 ? ::waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(process_handle), &info, flags)
+                                     : ::waitid(P_PID, static_cast<id_t>(pid), &info, flags);
+        if (rc < 0 && errno == EINTR) continue;
+        if (rc < 0 && errno == EINVAL && process_handle >= 0) {
+            process_handle = -1;  // a kernel without P_PIDFD: by pid
+            continue;
+        }
+        if (rc < 0 && errno == ECHILD) return ReapResult::reaped_elsewhere;
+        if (rc < 0) throw_errno("mpservice: waitid");
+        if (info.si_pid == 0) return ReapResult::running;  // WNOHANG, still running
+        switch (info.si_code) {
+            case CLD_EXITED: *exitcode = info.si_status; break;
+            case CLD_KILLED:
+            case CLD_DUMPED: *exitcode = -info.si_status; break;
+            default: *exitcode = 255; break;
+        }
+        return ReapResult::reaped;
     }
 }
 
@@ -4742,6 +4822,12 @@ void exit_now(int code) noexcept { ::_exit(code); }
 bool is_main_thread() noexcept { return static_cast<long>(::syscall(SYS_gettid)) == static_cast<long>(::getpid()); }
 
 handle_t child_exit_events() {
+    // An ignored SIGCHLD (inherited from a program that ignores it) would make
+    // the kernel discard the exit statuses this process has to collect.
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    ::sigaction(SIGCHLD, &dfl, nullptr);
     sigset_t set;
     sigemptyset(&set);
     sigaddset(&set, SIGCHLD);
@@ -6600,6 +6686,12 @@ public:
             if (fill(ch, false) <= 0) return false;
         return true;
     }
+    /// Forgets everything read so far (closing the handles that came with it).
+    void reset() noexcept {
+        for (auto fd : fds_) os::close_handle(fd);
+        fds_.clear();
+        pos_ = len_ = 0;
+    }
     FrameReader() = default;
     FrameReader(const FrameReader&) = delete;
     FrameReader& operator=(const FrameReader&) = delete;
@@ -6731,7 +6823,10 @@ struct ChildLink {
         std::lock_guard<std::mutex> lk(mutex);
         try {
             return write_frame(channel, kind, payload, handles);
-        } catch (...) {
+        } catch (const std::exception& e) {
+            // Not swallowed: the parent cannot hear of it, so this process's stderr does.
+            std::string text = "mpservice: " + process_name() + " could not send a frame to its parent: " + e.what() + "\n";
+            os::write_stderr(text.data(), text.size());
             return false;
         }
     }
@@ -6750,47 +6845,93 @@ void install_log_forwarding() {
     });
 }
 
-/// Sends the outcome of `run` (VALUE or EXCEPTION), then END; returns the exit code.
-template <class Run>
-int run_and_report(Run&& run) {
-    int code = 0;
-    Encoder out;
-    std::uint32_t kind = frame_value;
-    try {
-        run(out);
-    } catch (...) {
-        out = Encoder();
-        kind = frame_exception;
-        code = 1;
-        try {
-            encode_exception(out, std::current_exception());
-        } catch (...) {
-            out = Encoder();
-            encode_exception(out, std::make_exception_ptr(Error("mpservice: the child's exception could not be encoded")));
+// Defined with the reactor: what a normal exit does for this process's own
+// children (daemons are terminated, the others waited for).
+void at_exit_handler();
+
+enum class SendOutcome { sent, parent_gone, failed };
+
+/// Sends `kind` (VALUE or EXCEPTION) with `payload` and `handles`, then END
+/// carrying `code`, in one write: one system call, one wake-up of the parent.
+/// On failure `why` says what went wrong.
+SendOutcome send_outcome(std::uint32_t kind, const Encoder& payload, int code, std::string& why) {
+    const auto& hs = payload.handles();
+    // A closed descriptor would fail the write half-way through the frames;
+    // find it first, while a clear report can still be sent instead.
+    for (auto h : hs) {
+        if (!os::handle_valid(h)) {
+            why = "the result holds OS handle " + std::to_string(h) +
+                  ", which is not open (a shared object destroyed before the result was sent?)";
+            return SendOutcome::failed;
         }
     }
-    set_log_forwarder({});  // later records stay here: END is the last frame
-    // The outcome and END (which carries the exit code we are about to exit
-    // with) leave in one write: one system call, one wake-up of the parent.
     std::string frames;
-    auto append = [&](std::uint32_t k, const std::string& payload, std::size_t nhandles) {
-        FrameHeader h{k, static_cast<std::uint32_t>(nhandles), payload.size()};
+    auto append = [&](std::uint32_t k, const std::string& bytes, std::size_t nhandles) {
+        FrameHeader h{k, static_cast<std::uint32_t>(nhandles), bytes.size()};
         frames.append(reinterpret_cast<const char*>(&h), sizeof h);
-        frames.append(payload);
+        frames.append(bytes);
     };
-    append(kind, out.bytes(), kind == frame_value ? out.handles().size() : 0);
+    append(kind, payload.bytes(), hs.size());
     Encoder end;
     end.write(static_cast<std::int32_t>(code));
     append(frame_end, end.bytes(), 0);
     ChildLink& link = child_link();
     std::lock_guard<std::mutex> lk(link.mutex);
     try {
-        const auto& hs = out.handles();
-        os::channel_write(link.channel, frames.data(), frames.size(), nullptr, 0, kind == frame_value ? hs.data() : nullptr,
-                          kind == frame_value ? hs.size() : 0);
-    } catch (...) {
-        // The parent is gone; nobody is left to tell.
+        if (os::channel_write(link.channel, frames.data(), frames.size(), nullptr, 0, hs.data(), hs.size()))
+            return SendOutcome::sent;
+        return SendOutcome::parent_gone;
+    } catch (const std::exception& e) {
+        why = e.what();
+        return SendOutcome::failed;
     }
+}
+
+/// Sends the outcome of `run` (VALUE or EXCEPTION), then END; returns the exit
+/// code.  Before reporting, the child's own children are finished as a normal
+/// exit would (the child then ends with exit_now: see run_bootstrapped_child).
+template <class Run>
+int run_and_report(Run&& run) {
+    int code = 0;
+    Encoder out;
+    std::shared_ptr<void> keep;  // the result: its handles must stay open until it is sent
+    std::uint32_t kind = frame_value;
+    auto encode_error = [&](std::exception_ptr e) {
+        out = Encoder();
+        kind = frame_exception;
+        code = 1;
+        try {
+            encode_exception(out, e);
+        } catch (...) {
+            out = Encoder();
+            encode_exception(out, std::make_exception_ptr(Error("mpservice: the child's exception could not be encoded")));
+        }
+    };
+    try {
+        run(out, keep);
+    } catch (...) {
+        encode_error(std::current_exception());
+    }
+    try {
+        at_exit_handler();  // grandchildren's log records still travel up through us
+    } catch (...) {
+    }
+    set_log_forwarder({});  // later records stay here: END is the last frame
+    std::string why;
+    SendOutcome sent = send_outcome(kind, out, code, why);
+    if (sent == SendOutcome::failed) {
+        // Never swallowed: the parent learns why it gets no result.
+        encode_error(std::make_exception_ptr(
+            Error("mpservice: " + process_name() + " could not deliver its " +
+                  (kind == frame_value ? std::string("result") : std::string("exception")) + ": " + why)));
+        std::string ignored;
+        sent = send_outcome(kind, out, code, ignored);
+        if (sent != SendOutcome::sent) {
+            std::string text = "mpservice: " + process_name() + " could not deliver its outcome: " + why + "\n";
+            os::write_stderr(text.data(), text.size());
+        }
+    }
+    keep.reset();
     return code;
 }
 
@@ -6827,7 +6968,7 @@ enum class ChildKind { spawned, forkserver_worker };
     }
     if (!got) os::exit_now(1);  // the parent went away before telling us what to run
 
-    int code = run_and_report([&](Encoder& out) {
+    int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) {
         Decoder d(boot.payload.data(), boot.payload.size(), &boot.handles);
         auto version = d.read<std::uint32_t>();
         if (version != protocol_version)
@@ -6860,15 +7001,17 @@ enum class ChildKind { spawned, forkserver_worker };
         if (!fn || !tr)
             throw Error("mpservice: the child cannot find the target's module '" + target.module + "'");
         auto trampoline = reinterpret_cast<Trampoline>(reinterpret_cast<std::uintptr_t>(tr));
-        trampoline(fn, d, out);
+        trampoline(fn, d, out, keep);
     });
     close_all(boot.handles);
-    if (kind == ChildKind::spawned) {
-        // A fresh program: end it the normal way (static destructors, stream flushing).
-        std::exit(code);
-    }
+    // Every context ends its child the same way once the outcome is reported:
+    // streams flushed, no static destructors or atexit handlers.  A forked
+    // child must not run them (they are its parent's), and a spawned child
+    // follows suit so that the contexts agree: a crash in teardown after the
+    // answer was sent cannot happen, and exitcode() is the code reported
+    // (README, "How a child ends").
     flush_stdio();
-    os::exit_now(code);  // a copy of another process: run none of its exit handlers
+    os::exit_now(code);
 }
 
 }  // namespace
@@ -6908,6 +7051,7 @@ struct ProcessCore::Io {
     bool via_server = false;
     std::uint64_t serial = 0;            // fork-server workers: the server's number for it
     std::optional<int> end_code;         // the exit code the child announced in END
+    int signal_sent = 0;                 // the last signal the parent sent (guarded by the core's mutex)
     bool eof = false;
     bool finished = false;
     std::exception_ptr exception;
@@ -6923,7 +7067,10 @@ public:
     /// Called in a forked child: the parent's reactor thread does not exist here.
     static void forget_after_fork() noexcept;
 
+    /// Starts watching a started child; on failure (std::system_error) nothing is registered.
     void add(const std::shared_ptr<ProcessCore>& core);
+    /// A fork-server worker that will not be registered: drop its status when it comes.
+    void discard_worker(std::uint64_t serial);
     void watch_fork_server(os::handle_t control);
     /// Runs `fn` on a thread that lives as long as the process: the initial
     /// thread, or else the reactor's.  A child's parent-death signal fires when
@@ -6942,9 +7089,13 @@ private:
     void on_pidfd(const std::shared_ptr<ProcessCore>& core);
     void drain(ProcessCore& core);
     void on_frame(ProcessCore& core, Frame& f);
-    void on_exit(const std::shared_ptr<ProcessCore>& core, int code);
+    /// The child has ended; `status` is its exit code, or empty when its
+    /// status was collected by someone else (SIGCHLD ignored, a foreign waitpid).
+    void on_exit(const std::shared_ptr<ProcessCore>& core, std::optional<int> status);
     void on_fork_server();
-    void finish(const std::shared_ptr<ProcessCore>& core, int code);
+    void finish(const std::shared_ptr<ProcessCore>& core, std::optional<int> status);
+    /// Collects the exit status of a direct child (not a fork-server worker).
+    void reap(const std::shared_ptr<ProcessCore>& core, bool block);
     std::shared_ptr<ProcessCore> find(std::uint64_t id);
 
     static constexpr std::uint64_t tag_channel = 0, tag_pidfd = 1, tag_wake = 2, tag_server = 3;
@@ -7057,14 +7208,29 @@ void Reactor::add(const std::shared_ptr<ProcessCore>& core) {
                 server_serials_[io.serial] = io.id;
             }
         }
-        os::poller_add(poller_, io.channel, io.id << 2 | tag_channel);
-        if (io.pidfd != os::invalid_handle) os::poller_add(poller_, io.pidfd, io.id << 2 | tag_pidfd);
+        try {
+            os::poller_add(poller_, io.channel, io.id << 2 | tag_channel);
+            if (io.pidfd != os::invalid_handle) os::poller_add(poller_, io.pidfd, io.id << 2 | tag_pidfd);
+        } catch (...) {
+            os::poller_remove(poller_, io.channel);
+            children_.erase(io.id);
+            if (io.via_server) {
+                server_serials_.erase(io.serial);
+                if (early) early_exits_[io.serial] = *early;
+            }
+            throw;
+        }
         if (early) {
             int code = *early;
             tasks_.push_back([this, core, code] { on_exit(core, code); });
         }
     }
     if (early) os::wake_event_signal(wake_);
+}
+
+void Reactor::discard_worker(std::uint64_t serial) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    if (!early_exits_.erase(serial)) finished_serials_.insert(serial);
 }
 
 void Reactor::watch_fork_server(os::handle_t control) {
@@ -7115,7 +7281,18 @@ void Reactor::loop() {
                     else on_pidfd(current_);
                 }
             } catch (...) {
-                // The reactor must survive anything; a broken child resolves at its exit.
+                // The reactor must survive anything; a broken child resolves at
+                // its exit.  An exit event that could not be handled would stay
+                // ready and spin this loop: resolve that child with the error.
+                if (current_ && tag == tag_pidfd && !current_->io_->finished) {
+                    if (!current_->io_->exception) current_->io_->exception = std::current_exception();
+                    try {
+                        finish(current_, std::nullopt);
+                    } catch (...) {
+                        std::lock_guard<std::mutex> lk(current_->io_mutex());
+                        os::poller_remove(poller_, current_->io_->pidfd);
+                    }
+                }
             }
             running_tasks_.clear();
             current_.reset();
@@ -7123,11 +7300,19 @@ void Reactor::loop() {
     }
 }
 
+void Reactor::reap(const std::shared_ptr<ProcessCore>& core, bool block) {
+    int code = 0;
+    switch (os::reap_child(core->pid_, core->io_->pidfd, block, &code)) {
+        case os::ReapResult::running: return;  // not ended (a spurious wake-up)
+        case os::ReapResult::reaped: on_exit(core, code); return;
+        case os::ReapResult::reaped_elsewhere: on_exit(core, std::nullopt); return;
+    }
+}
+
 void Reactor::on_pidfd(const std::shared_ptr<ProcessCore>& core) {
     auto& io = *core->io_;
     if (!io.via_server) {
-        int code;
-        if (os::reap_child(core->pid_, false, &code)) on_exit(core, code);
+        reap(core, false);
         return;
     }
     // A fork-server worker has ended (the server reaps it).  If it said how it
@@ -7153,11 +7338,9 @@ void Reactor::on_channel(const std::shared_ptr<ProcessCore>& core) {
     if (!io.eof || io.finished) return;
     // No pidfd (old kernel): the end of the channel means the child is exiting.
     if (!io.via_server && io.pidfd == os::invalid_handle) {
-        int code;
-        os::reap_child(core->pid_, true, &code);
-        on_exit(core, code);
+        reap(core, true);
     } else if (io.via_server && server_gone_) {
-        on_exit(core, -os::signal_kill());
+        on_exit(core, std::optional<int>(-os::signal_kill()));
     }
 }
 
@@ -7233,7 +7416,7 @@ void Reactor::on_fork_server() {
                 for (auto& kv : children_)
                     if (kv.second->io_->via_server && kv.second->io_->eof) eof_workers.push_back(kv.second);
             }
-            for (auto& c : eof_workers) on_exit(c, -os::signal_kill());
+            for (auto& c : eof_workers) on_exit(c, std::optional<int>(-os::signal_kill()));
             return;
         }
         if (n != static_cast<long>(sizeof st)) continue;
@@ -7256,14 +7439,29 @@ void Reactor::on_fork_server() {
     }
 }
 
-void Reactor::on_exit(const std::shared_ptr<ProcessCore>& core, int code) {
+void Reactor::on_exit(const std::shared_ptr<ProcessCore>& core, std::optional<int> status) {
     if (core->io_->finished) return;
     drain(*core);  // the child is gone: everything it wrote is already queued
-    finish(core, code);
+    finish(core, status);
 }
 
-void Reactor::finish(const std::shared_ptr<ProcessCore>& core, int code) {
+void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int> status) {
     auto& io = *core->io_;
+    int signal_sent;
+    {
+        std::lock_guard<std::mutex> lk(core->io_mutex());
+        signal_sent = io.signal_sent;
+    }
+    // Without the exit status, say what is known: the code the child announced
+    // in END (it exits with exactly that code once END is sent), else the
+    // signal we sent it, else nothing - an error that says so.
+    bool status_lost = false;
+    if (!status) {
+        if (io.end_code) status = io.end_code;
+        else if (signal_sent) status = -signal_sent;
+        else status_lost = true;
+    }
+    const int code = status.value_or(255);
     io.finished = true;
     if (!io.eof) os::poller_remove(poller_, io.channel);
     {
@@ -7273,7 +7471,12 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, int code) {
     }
     std::exception_ptr error = io.exception, result_error;
     std::string who = describe(core->name, core->pid_);
-    if (!error && !core->has_value_) {
+    if (status_lost && !error && !core->has_value_) {
+        error = std::make_exception_ptr(ProcessError(
+            who + " ended without reporting an outcome, and its exit status was collected by someone else "
+                  "(SIGCHLD is ignored, or another waitpid() took it): how it ended is unknown",
+            code));
+    } else if (!error && !core->has_value_) {
         if (code == 0) {
             result_error = std::make_exception_ptr(ProcessError(who + " exited with code 0 before returning a value", 0));
         } else if (code == -os::signal_terminate()) {
@@ -7435,7 +7638,7 @@ void reset_after_fork_in_child() {
     child_link().channel = channel;
     set_log_level_from_parent(parent_log_level);
     install_log_forwarding();
-    int code = run_and_report([&](Encoder& out) { task.run_here(out); });
+    int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) { task.run_here(out, keep); });
     flush_stdio();
     os::exit_now(code);
 }
@@ -7501,6 +7704,29 @@ std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::ve
     task.encode_args(e);
     handles = e.handles();
     return std::move(e.bytes());
+}
+/// Undoes a start that failed after the child was made: kills and reaps the
+/// child (a fork-server worker is reaped by the server) and forgets it, so that
+/// nothing is left behind and start() can be tried again.
+void abandon_child(ProcessCore& core, Reactor& reactor) noexcept {
+    auto& io = *core.io_;
+    os::send_signal(core.pid_, io.pidfd, os::signal_kill());
+    if (io.via_server) {
+        reactor.discard_worker(io.serial);  // its status, when the server reports it, is not wanted
+    } else {
+        int code;
+        try {
+            os::reap_child(core.pid_, io.pidfd, true, &code);  // SIGKILLed: the wait is short
+        } catch (...) {
+        }
+    }
+    os::close_handle(io.channel);
+    os::close_handle(io.pidfd);
+    io.channel = io.pidfd = os::invalid_handle;
+    io.via_server = false;
+    io.reader.reset();
+    std::lock_guard<std::mutex> lk(core.io_mutex());
+    core.pid_ = 0;
 }
 }  // namespace
 
@@ -7595,11 +7821,21 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
         std::lock_guard<std::mutex> lk(mutex_);
         pid_ = pid;
     }
+    try {
+        // A child that died before reading BOOT shows up as its exit status
+        // (the write returns false); any other failure means the child cannot
+        // run: it is killed and reaped here, so no child is left behind.
+        if (method_ != StartMethod::fork && !boot_sent) write_frame(parent_end, frame_boot, boot, boot_handles);
+        reactor.add(shared_from_this());
+    } catch (const std::system_error& e) {
+        abandon_child(*this, reactor);
+        throw std::system_error(e.code(), "mpservice: could not start " + describe(name, pid) +
+                                              " (sending its task failed; the child was killed): " + e.what());
+    } catch (...) {
+        abandon_child(*this, reactor);
+        throw;
+    }
     mark_started();
-    if (method_ == StartMethod::forkserver) reactor.add(shared_from_this());
-    // A child that died before reading this shows up as its exit status.
-    if (method_ != StartMethod::fork && !boot_sent) write_frame(parent_end, frame_boot, boot, boot_handles);
-    if (method_ != StartMethod::forkserver) reactor.add(shared_from_this());
     io.task = std::move(task);  // the encoded arguments may still refer to it until here
 }
 
@@ -7643,7 +7879,8 @@ bool ProcessCore::has_value() const { return has_value_; }
 void ProcessCore::send_signal(int sig) {
     std::lock_guard<std::mutex> lk(mutex_);
     if (pid_ == 0 || exitcode_) return;
-    os::send_signal(pid_, io_->pidfd, sig);
+    // Remembered: if someone else collects the exit status, this is what is known of the end.
+    if (os::send_signal(pid_, io_->pidfd, sig)) io_->signal_sent = sig;
 }
 
 void ProcessCore::set_daemon(bool daemon) {

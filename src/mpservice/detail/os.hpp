@@ -44,6 +44,8 @@ inline constexpr handle_t invalid_handle = handle_t(-1);
 MPSERVICE_API void close_handle(handle_t h) noexcept;
 /// Duplicates a handle (close-on-exec); throws std::system_error.
 MPSERVICE_API handle_t duplicate_handle(handle_t h);
+/// Whether `h` is an open handle of this process.
+MPSERVICE_API bool handle_valid(handle_t h) noexcept;
 
 // ---------------------------------------------------------------- shared memory
 /// Creates anonymous shared memory of `size` bytes (zero-filled), private to
@@ -160,14 +162,18 @@ MPSERVICE_API void local_time(long long seconds, int fields[6]) noexcept;
 MPSERVICE_API void channel_pair(handle_t& a, handle_t& b);
 /// A connected pair of datagram-like ends (message boundaries kept).
 MPSERVICE_API void packet_pair(handle_t& a, handle_t& b);
-/// Writes all of `a` then `b` (either may be empty) with `handles` attached to
-/// the first byte; blocks until done.  Returns false if the peer is gone (no
+/// Writes all of `a` then `b` (either may be empty) with `handles` attached;
+/// blocks until done.  Any number of handles: the system takes a limited
+/// number per message (253 on Linux), so they ride on successive bytes in
+/// batches, in order (the bytes must be at least as many as the batches;
+/// std::invalid_argument otherwise).  Returns false if the peer is gone (no
 /// SIGPIPE is raised); throws std::system_error on other errors.
 MPSERVICE_API bool channel_write(handle_t ch, const void* a, std::size_t na, const void* b, std::size_t nb,
                                  const handle_t* handles = nullptr, std::size_t nhandles = 0);
 /// Reads what is there, up to `cap` bytes; handles that arrive are appended to
 /// `*handles` (close-on-exec).  Returns the byte count, 0 at end of stream, or
-/// -1 when `nonblocking` and nothing is ready.
+/// -1 when `nonblocking` and nothing is ready.  Throws std::system_error
+/// (EMFILE) if handles were lost because this process has no room for them.
 MPSERVICE_API long channel_read(handle_t ch, void* buf, std::size_t cap, std::vector<handle_t>* handles,
                                 bool nonblocking);
 /// Blocks until one of `hs` is readable or `timeout_ms` passes (-1 = forever);
@@ -196,9 +202,19 @@ MPSERVICE_API long fork_process();
 /// A handle that becomes readable when process `pid` exits (pidfd); invalid
 /// where the system has none.
 MPSERVICE_API handle_t process_handle(long pid) noexcept;
-/// Reaps child `pid` (waiting if `block`); true and the Python-style exit code
-/// (n after exit(n), -N after signal N) once it has ended.
-MPSERVICE_API bool reap_child(long pid, bool block, int* exitcode);
+/// What reap_child found.
+enum class ReapResult {
+    running,           ///< not ended yet (only without `block`)
+    reaped,            ///< ended; *exitcode holds its status
+    reaped_elsewhere,  ///< ended, but its status went to someone else: SIGCHLD
+                       ///< ignored (the kernel discards it) or another waiter
+                       ///< (e.g. a SIGCHLD handler calling waitpid(-1))
+};
+/// Reaps child `pid` (waiting if `block`) through `process_handle` when it is
+/// valid (waitid(P_PIDFD): never another process that reused the pid), and
+/// stores the Python-style exit code (n after exit(n), -N after signal N).
+/// Throws std::system_error on unexpected errors.
+MPSERVICE_API ReapResult reap_child(long pid, handle_t process_handle, bool block, int* exitcode);
 /// Reaps any ended child without waiting: true with its pid and exit code.
 MPSERVICE_API bool reap_any_child(long* pid, int* exitcode);
 /// Sends `sig` (through the process handle when valid, so a reused pid is never hit).

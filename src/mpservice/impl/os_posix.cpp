@@ -2,6 +2,7 @@
 // the only place that includes POSIX headers or makes system calls.
 #if !defined(_WIN32)
 
+#include <algorithm>
 #include <cerrno>
 #include <climits>
 #include <cmath>
@@ -74,6 +75,8 @@ handle_t duplicate_handle(handle_t h) {
     if (fd < 0) throw_errno("mpservice: dup");
     return fd;
 }
+
+bool handle_valid(handle_t h) noexcept { return h >= 0 && ::fcntl(h, F_GETFD) != -1; }
 
 // ---------------------------------------------------------------- shared memory
 
@@ -269,27 +272,27 @@ constexpr std::size_t max_handles_per_message = 253;
 void channel_pair(handle_t& a, handle_t& b) { socket_pair(SOCK_STREAM, a, b); }
 void packet_pair(handle_t& a, handle_t& b) { socket_pair(SOCK_SEQPACKET, a, b); }
 
-bool channel_write(handle_t ch, const void* a, std::size_t na, const void* b, std::size_t nb,
-                   const handle_t* handles, std::size_t nhandles) {
-    if (nhandles > max_handles_per_message)
-        throw std::invalid_argument("mpservice: more than 253 OS handles in one message");
-    iovec iov[2] = {{const_cast<void*>(a), na}, {const_cast<void*>(b), nb}};
-    int niov = 2;
-    iovec* cur = iov;
+namespace {
+/// Writes all of the bytes in `iov` (advancing it), with `handles` (at most
+/// max_handles_per_message) attached to the first byte sent.
+bool send_all(handle_t ch, iovec*& cur, int& niov, const handle_t* handles, std::size_t nhandles, std::size_t limit) {
     alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * max_handles_per_message)];
     bool handles_pending = nhandles > 0;
     for (;;) {
         while (niov > 0 && cur->iov_len == 0) ++cur, --niov;
-        if (niov == 0 && !handles_pending) return true;
-        msghdr msg{};
-        msg.msg_iov = cur;
-        msg.msg_iovlen = static_cast<std::size_t>(niov);
-        char dummy = 0;
-        iovec one{&dummy, 1};
-        if (niov == 0) {  // handles with no bytes: send one filler byte (never happens for framed data)
-            msg.msg_iov = &one;
-            msg.msg_iovlen = 1;
+        if (niov == 0 || limit == 0) return true;
+        // Send at most `limit` bytes: the next batch of handles rides on the byte after them.
+        iovec part[2];
+        int nparts = 0;
+        std::size_t room = limit;
+        for (int i = 0; i < niov && i < 2 && room > 0; ++i) {
+            std::size_t take = std::min(room, cur[i].iov_len);
+            part[nparts++] = iovec{cur[i].iov_base, take};
+            room -= take;
         }
+        msghdr msg{};
+        msg.msg_iov = part;
+        msg.msg_iovlen = static_cast<std::size_t>(nparts);
         if (handles_pending) {
             std::memset(control, 0, sizeof control);
             msg.msg_control = control;
@@ -312,14 +315,32 @@ bool channel_write(handle_t ch, const void* a, std::size_t na, const void* b, st
             throw_errno("mpservice: sendmsg");
         }
         handles_pending = false;
-        if (niov == 0) return true;
         auto left = static_cast<std::size_t>(n);
+        limit -= left;
         while (niov > 0 && left >= cur->iov_len) left -= cur->iov_len, ++cur, --niov;
         if (niov > 0) {
             cur->iov_base = static_cast<char*>(cur->iov_base) + left;
             cur->iov_len -= left;
         }
     }
+}
+}  // namespace
+
+bool channel_write(handle_t ch, const void* a, std::size_t na, const void* b, std::size_t nb,
+                   const handle_t* handles, std::size_t nhandles) {
+    std::size_t batches = (nhandles + max_handles_per_message - 1) / max_handles_per_message;
+    if (batches > na + nb)
+        throw std::invalid_argument("mpservice: " + std::to_string(nhandles) + " OS handles need at least " +
+                                    std::to_string(batches) + " bytes to ride on");
+    iovec iov[2] = {{const_cast<void*>(a), na}, {const_cast<void*>(b), nb}};
+    int niov = 2;
+    iovec* cur = iov;
+    // Every batch but the last rides alone on one byte (the receiver gets the
+    // batches one per read, in order); the last one carries the rest.
+    for (std::size_t i = 0; i + 1 < batches; ++i)
+        if (!send_all(ch, cur, niov, handles + i * max_handles_per_message, max_handles_per_message, 1)) return false;
+    std::size_t done = batches ? (batches - 1) * max_handles_per_message : 0;
+    return send_all(ch, cur, niov, handles + done, nhandles - done, static_cast<std::size_t>(-1));
 }
 
 long channel_read(handle_t ch, void* buf, std::size_t cap, std::vector<handle_t>* handles, bool nonblocking) {
@@ -338,6 +359,7 @@ long channel_read(handle_t ch, void* buf, std::size_t cap, std::vector<handle_t>
             if (errno == ECONNRESET) return 0;
             throw_errno("mpservice: recvmsg");
         }
+        bool lost_handles = (msg.msg_flags & MSG_CTRUNC) != 0;
         for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
             if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
             std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
@@ -347,6 +369,12 @@ long channel_read(handle_t ch, void* buf, std::size_t cap, std::vector<handle_t>
                 if (handles) handles->push_back(fd);
                 else ::close(fd);
             }
+        }
+        if (lost_handles) {
+            // The kernel dropped handles it had no room for (descriptor limit):
+            // the message cannot be used; say so rather than decode it wrongly.
+            errno = EMFILE;
+            throw_errno("mpservice: handles sent with a message were lost (too many open files: raise ulimit -n)");
         }
         return static_cast<long>(n);
     }
@@ -469,15 +497,31 @@ int python_exitcode(int status) {
 }
 }  // namespace
 
-bool reap_child(long pid, bool block, int* exitcode) {
-    int status = 0;
+#ifndef P_PIDFD
+#define P_PIDFD 3  // Linux 5.4; older headers lack the constant
+#endif
+
+ReapResult reap_child(long pid, handle_t process_handle, bool block, int* exitcode) {
     for (;;) {
-        pid_t r = ::waitpid(static_cast<pid_t>(pid), &status, block ? 0 : WNOHANG);
-        if (r < 0 && errno == EINTR) continue;
-        if (r < 0) throw_errno("mpservice: waitpid");
-        if (r == 0) return false;
-        *exitcode = python_exitcode(status);
-        return true;
+        siginfo_t info{};
+        int flags = WEXITED | (block ? 0 : WNOHANG);
+        int rc = process_handle >= 0 ? ::waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(process_handle), &info, flags)
+                                     : ::waitid(P_PID, static_cast<id_t>(pid), &info, flags);
+        if (rc < 0 && errno == EINTR) continue;
+        if (rc < 0 && errno == EINVAL && process_handle >= 0) {
+            process_handle = -1;  // a kernel without P_PIDFD: by pid
+            continue;
+        }
+        if (rc < 0 && errno == ECHILD) return ReapResult::reaped_elsewhere;
+        if (rc < 0) throw_errno("mpservice: waitid");
+        if (info.si_pid == 0) return ReapResult::running;  // WNOHANG, still running
+        switch (info.si_code) {
+            case CLD_EXITED: *exitcode = info.si_status; break;
+            case CLD_KILLED:
+            case CLD_DUMPED: *exitcode = -info.si_status; break;
+            default: *exitcode = 255; break;
+        }
+        return ReapResult::reaped;
     }
 }
 
@@ -566,6 +610,12 @@ void exit_now(int code) noexcept { ::_exit(code); }
 bool is_main_thread() noexcept { return static_cast<long>(::syscall(SYS_gettid)) == static_cast<long>(::getpid()); }
 
 handle_t child_exit_events() {
+    // An ignored SIGCHLD (inherited from a program that ignores it) would make
+    // the kernel discard the exit statuses this process has to collect.
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    ::sigaction(SIGCHLD, &dfl, nullptr);
     sigset_t set;
     sigemptyset(&set);
     sigaddset(&set, SIGCHLD);

@@ -30,7 +30,10 @@ struct ChildLink {
         std::lock_guard<std::mutex> lk(mutex);
         try {
             return write_frame(channel, kind, payload, handles);
-        } catch (...) {
+        } catch (const std::exception& e) {
+            // Not swallowed: the parent cannot hear of it, so this process's stderr does.
+            std::string text = "mpservice: " + process_name() + " could not send a frame to its parent: " + e.what() + "\n";
+            os::write_stderr(text.data(), text.size());
             return false;
         }
     }
@@ -49,47 +52,93 @@ void install_log_forwarding() {
     });
 }
 
-/// Sends the outcome of `run` (VALUE or EXCEPTION), then END; returns the exit code.
-template <class Run>
-int run_and_report(Run&& run) {
-    int code = 0;
-    Encoder out;
-    std::uint32_t kind = frame_value;
-    try {
-        run(out);
-    } catch (...) {
-        out = Encoder();
-        kind = frame_exception;
-        code = 1;
-        try {
-            encode_exception(out, std::current_exception());
-        } catch (...) {
-            out = Encoder();
-            encode_exception(out, std::make_exception_ptr(Error("mpservice: the child's exception could not be encoded")));
+// Defined with the reactor: what a normal exit does for this process's own
+// children (daemons are terminated, the others waited for).
+void at_exit_handler();
+
+enum class SendOutcome { sent, parent_gone, failed };
+
+/// Sends `kind` (VALUE or EXCEPTION) with `payload` and `handles`, then END
+/// carrying `code`, in one write: one system call, one wake-up of the parent.
+/// On failure `why` says what went wrong.
+SendOutcome send_outcome(std::uint32_t kind, const Encoder& payload, int code, std::string& why) {
+    const auto& hs = payload.handles();
+    // A closed descriptor would fail the write half-way through the frames;
+    // find it first, while a clear report can still be sent instead.
+    for (auto h : hs) {
+        if (!os::handle_valid(h)) {
+            why = "the result holds OS handle " + std::to_string(h) +
+                  ", which is not open (a shared object destroyed before the result was sent?)";
+            return SendOutcome::failed;
         }
     }
-    set_log_forwarder({});  // later records stay here: END is the last frame
-    // The outcome and END (which carries the exit code we are about to exit
-    // with) leave in one write: one system call, one wake-up of the parent.
     std::string frames;
-    auto append = [&](std::uint32_t k, const std::string& payload, std::size_t nhandles) {
-        FrameHeader h{k, static_cast<std::uint32_t>(nhandles), payload.size()};
+    auto append = [&](std::uint32_t k, const std::string& bytes, std::size_t nhandles) {
+        FrameHeader h{k, static_cast<std::uint32_t>(nhandles), bytes.size()};
         frames.append(reinterpret_cast<const char*>(&h), sizeof h);
-        frames.append(payload);
+        frames.append(bytes);
     };
-    append(kind, out.bytes(), kind == frame_value ? out.handles().size() : 0);
+    append(kind, payload.bytes(), hs.size());
     Encoder end;
     end.write(static_cast<std::int32_t>(code));
     append(frame_end, end.bytes(), 0);
     ChildLink& link = child_link();
     std::lock_guard<std::mutex> lk(link.mutex);
     try {
-        const auto& hs = out.handles();
-        os::channel_write(link.channel, frames.data(), frames.size(), nullptr, 0, kind == frame_value ? hs.data() : nullptr,
-                          kind == frame_value ? hs.size() : 0);
-    } catch (...) {
-        // The parent is gone; nobody is left to tell.
+        if (os::channel_write(link.channel, frames.data(), frames.size(), nullptr, 0, hs.data(), hs.size()))
+            return SendOutcome::sent;
+        return SendOutcome::parent_gone;
+    } catch (const std::exception& e) {
+        why = e.what();
+        return SendOutcome::failed;
     }
+}
+
+/// Sends the outcome of `run` (VALUE or EXCEPTION), then END; returns the exit
+/// code.  Before reporting, the child's own children are finished as a normal
+/// exit would (the child then ends with exit_now: see run_bootstrapped_child).
+template <class Run>
+int run_and_report(Run&& run) {
+    int code = 0;
+    Encoder out;
+    std::shared_ptr<void> keep;  // the result: its handles must stay open until it is sent
+    std::uint32_t kind = frame_value;
+    auto encode_error = [&](std::exception_ptr e) {
+        out = Encoder();
+        kind = frame_exception;
+        code = 1;
+        try {
+            encode_exception(out, e);
+        } catch (...) {
+            out = Encoder();
+            encode_exception(out, std::make_exception_ptr(Error("mpservice: the child's exception could not be encoded")));
+        }
+    };
+    try {
+        run(out, keep);
+    } catch (...) {
+        encode_error(std::current_exception());
+    }
+    try {
+        at_exit_handler();  // grandchildren's log records still travel up through us
+    } catch (...) {
+    }
+    set_log_forwarder({});  // later records stay here: END is the last frame
+    std::string why;
+    SendOutcome sent = send_outcome(kind, out, code, why);
+    if (sent == SendOutcome::failed) {
+        // Never swallowed: the parent learns why it gets no result.
+        encode_error(std::make_exception_ptr(
+            Error("mpservice: " + process_name() + " could not deliver its " +
+                  (kind == frame_value ? std::string("result") : std::string("exception")) + ": " + why)));
+        std::string ignored;
+        sent = send_outcome(kind, out, code, ignored);
+        if (sent != SendOutcome::sent) {
+            std::string text = "mpservice: " + process_name() + " could not deliver its outcome: " + why + "\n";
+            os::write_stderr(text.data(), text.size());
+        }
+    }
+    keep.reset();
     return code;
 }
 
@@ -126,7 +175,7 @@ enum class ChildKind { spawned, forkserver_worker };
     }
     if (!got) os::exit_now(1);  // the parent went away before telling us what to run
 
-    int code = run_and_report([&](Encoder& out) {
+    int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) {
         Decoder d(boot.payload.data(), boot.payload.size(), &boot.handles);
         auto version = d.read<std::uint32_t>();
         if (version != protocol_version)
@@ -159,15 +208,17 @@ enum class ChildKind { spawned, forkserver_worker };
         if (!fn || !tr)
             throw Error("mpservice: the child cannot find the target's module '" + target.module + "'");
         auto trampoline = reinterpret_cast<Trampoline>(reinterpret_cast<std::uintptr_t>(tr));
-        trampoline(fn, d, out);
+        trampoline(fn, d, out, keep);
     });
     close_all(boot.handles);
-    if (kind == ChildKind::spawned) {
-        // A fresh program: end it the normal way (static destructors, stream flushing).
-        std::exit(code);
-    }
+    // Every context ends its child the same way once the outcome is reported:
+    // streams flushed, no static destructors or atexit handlers.  A forked
+    // child must not run them (they are its parent's), and a spawned child
+    // follows suit so that the contexts agree: a crash in teardown after the
+    // answer was sent cannot happen, and exitcode() is the code reported
+    // (README, "How a child ends").
     flush_stdio();
-    os::exit_now(code);  // a copy of another process: run none of its exit handlers
+    os::exit_now(code);
 }
 
 }  // namespace

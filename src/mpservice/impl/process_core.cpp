@@ -55,6 +55,29 @@ std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::ve
     handles = e.handles();
     return std::move(e.bytes());
 }
+/// Undoes a start that failed after the child was made: kills and reaps the
+/// child (a fork-server worker is reaped by the server) and forgets it, so that
+/// nothing is left behind and start() can be tried again.
+void abandon_child(ProcessCore& core, Reactor& reactor) noexcept {
+    auto& io = *core.io_;
+    os::send_signal(core.pid_, io.pidfd, os::signal_kill());
+    if (io.via_server) {
+        reactor.discard_worker(io.serial);  // its status, when the server reports it, is not wanted
+    } else {
+        int code;
+        try {
+            os::reap_child(core.pid_, io.pidfd, true, &code);  // SIGKILLed: the wait is short
+        } catch (...) {
+        }
+    }
+    os::close_handle(io.channel);
+    os::close_handle(io.pidfd);
+    io.channel = io.pidfd = os::invalid_handle;
+    io.via_server = false;
+    io.reader.reset();
+    std::lock_guard<std::mutex> lk(core.io_mutex());
+    core.pid_ = 0;
+}
 }  // namespace
 
 void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
@@ -148,11 +171,21 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
         std::lock_guard<std::mutex> lk(mutex_);
         pid_ = pid;
     }
+    try {
+        // A child that died before reading BOOT shows up as its exit status
+        // (the write returns false); any other failure means the child cannot
+        // run: it is killed and reaped here, so no child is left behind.
+        if (method_ != StartMethod::fork && !boot_sent) write_frame(parent_end, frame_boot, boot, boot_handles);
+        reactor.add(shared_from_this());
+    } catch (const std::system_error& e) {
+        abandon_child(*this, reactor);
+        throw std::system_error(e.code(), "mpservice: could not start " + describe(name, pid) +
+                                              " (sending its task failed; the child was killed): " + e.what());
+    } catch (...) {
+        abandon_child(*this, reactor);
+        throw;
+    }
     mark_started();
-    if (method_ == StartMethod::forkserver) reactor.add(shared_from_this());
-    // A child that died before reading this shows up as its exit status.
-    if (method_ != StartMethod::fork && !boot_sent) write_frame(parent_end, frame_boot, boot, boot_handles);
-    if (method_ != StartMethod::forkserver) reactor.add(shared_from_this());
     io.task = std::move(task);  // the encoded arguments may still refer to it until here
 }
 
@@ -196,7 +229,8 @@ bool ProcessCore::has_value() const { return has_value_; }
 void ProcessCore::send_signal(int sig) {
     std::lock_guard<std::mutex> lk(mutex_);
     if (pid_ == 0 || exitcode_) return;
-    os::send_signal(pid_, io_->pidfd, sig);
+    // Remembered: if someone else collects the exit status, this is what is known of the end.
+    if (os::send_signal(pid_, io_->pidfd, sig)) io_->signal_sent = sig;
 }
 
 void ProcessCore::set_daemon(bool daemon) {

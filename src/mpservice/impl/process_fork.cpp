@@ -121,7 +121,7 @@ void reset_after_fork_in_child() {
     child_link().channel = channel;
     set_log_level_from_parent(parent_log_level);
     install_log_forwarding();
-    int code = run_and_report([&](Encoder& out) { task.run_here(out); });
+    int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) { task.run_here(out, keep); });
     flush_stdio();
     os::exit_now(code);
 }

@@ -30,6 +30,7 @@ struct ProcessCore::Io {
     bool via_server = false;
     std::uint64_t serial = 0;            // fork-server workers: the server's number for it
     std::optional<int> end_code;         // the exit code the child announced in END
+    int signal_sent = 0;                 // the last signal the parent sent (guarded by the core's mutex)
     bool eof = false;
     bool finished = false;
     std::exception_ptr exception;
@@ -45,7 +46,10 @@ public:
     /// Called in a forked child: the parent's reactor thread does not exist here.
     static void forget_after_fork() noexcept;
 
+    /// Starts watching a started child; on failure (std::system_error) nothing is registered.
     void add(const std::shared_ptr<ProcessCore>& core);
+    /// A fork-server worker that will not be registered: drop its status when it comes.
+    void discard_worker(std::uint64_t serial);
     void watch_fork_server(os::handle_t control);
     /// Runs `fn` on a thread that lives as long as the process: the initial
     /// thread, or else the reactor's.  A child's parent-death signal fires when
@@ -64,9 +68,13 @@ private:
     void on_pidfd(const std::shared_ptr<ProcessCore>& core);
     void drain(ProcessCore& core);
     void on_frame(ProcessCore& core, Frame& f);
-    void on_exit(const std::shared_ptr<ProcessCore>& core, int code);
+    /// The child has ended; `status` is its exit code, or empty when its
+    /// status was collected by someone else (SIGCHLD ignored, a foreign waitpid).
+    void on_exit(const std::shared_ptr<ProcessCore>& core, std::optional<int> status);
     void on_fork_server();
-    void finish(const std::shared_ptr<ProcessCore>& core, int code);
+    void finish(const std::shared_ptr<ProcessCore>& core, std::optional<int> status);
+    /// Collects the exit status of a direct child (not a fork-server worker).
+    void reap(const std::shared_ptr<ProcessCore>& core, bool block);
     std::shared_ptr<ProcessCore> find(std::uint64_t id);
 
     static constexpr std::uint64_t tag_channel = 0, tag_pidfd = 1, tag_wake = 2, tag_server = 3;
@@ -179,14 +187,29 @@ void Reactor::add(const std::shared_ptr<ProcessCore>& core) {
                 server_serials_[io.serial] = io.id;
             }
         }
-        os::poller_add(poller_, io.channel, io.id << 2 | tag_channel);
-        if (io.pidfd != os::invalid_handle) os::poller_add(poller_, io.pidfd, io.id << 2 | tag_pidfd);
+        try {
+            os::poller_add(poller_, io.channel, io.id << 2 | tag_channel);
+            if (io.pidfd != os::invalid_handle) os::poller_add(poller_, io.pidfd, io.id << 2 | tag_pidfd);
+        } catch (...) {
+            os::poller_remove(poller_, io.channel);
+            children_.erase(io.id);
+            if (io.via_server) {
+                server_serials_.erase(io.serial);
+                if (early) early_exits_[io.serial] = *early;
+            }
+            throw;
+        }
         if (early) {
             int code = *early;
             tasks_.push_back([this, core, code] { on_exit(core, code); });
         }
     }
     if (early) os::wake_event_signal(wake_);
+}
+
+void Reactor::discard_worker(std::uint64_t serial) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    if (!early_exits_.erase(serial)) finished_serials_.insert(serial);
 }
 
 void Reactor::watch_fork_server(os::handle_t control) {
@@ -237,7 +260,18 @@ void Reactor::loop() {
                     else on_pidfd(current_);
                 }
             } catch (...) {
-                // The reactor must survive anything; a broken child resolves at its exit.
+                // The reactor must survive anything; a broken child resolves at
+                // its exit.  An exit event that could not be handled would stay
+                // ready and spin this loop: resolve that child with the error.
+                if (current_ && tag == tag_pidfd && !current_->io_->finished) {
+                    if (!current_->io_->exception) current_->io_->exception = std::current_exception();
+                    try {
+                        finish(current_, std::nullopt);
+                    } catch (...) {
+                        std::lock_guard<std::mutex> lk(current_->io_mutex());
+                        os::poller_remove(poller_, current_->io_->pidfd);
+                    }
+                }
             }
             running_tasks_.clear();
             current_.reset();
@@ -245,11 +279,19 @@ void Reactor::loop() {
     }
 }
 
+void Reactor::reap(const std::shared_ptr<ProcessCore>& core, bool block) {
+    int code = 0;
+    switch (os::reap_child(core->pid_, core->io_->pidfd, block, &code)) {
+        case os::ReapResult::running: return;  // not ended (a spurious wake-up)
+        case os::ReapResult::reaped: on_exit(core, code); return;
+        case os::ReapResult::reaped_elsewhere: on_exit(core, std::nullopt); return;
+    }
+}
+
 void Reactor::on_pidfd(const std::shared_ptr<ProcessCore>& core) {
     auto& io = *core->io_;
     if (!io.via_server) {
-        int code;
-        if (os::reap_child(core->pid_, false, &code)) on_exit(core, code);
+        reap(core, false);
         return;
     }
     // A fork-server worker has ended (the server reaps it).  If it said how it
@@ -275,11 +317,9 @@ void Reactor::on_channel(const std::shared_ptr<ProcessCore>& core) {
     if (!io.eof || io.finished) return;
     // No pidfd (old kernel): the end of the channel means the child is exiting.
     if (!io.via_server && io.pidfd == os::invalid_handle) {
-        int code;
-        os::reap_child(core->pid_, true, &code);
-        on_exit(core, code);
+        reap(core, true);
     } else if (io.via_server && server_gone_) {
-        on_exit(core, -os::signal_kill());
+        on_exit(core, std::optional<int>(-os::signal_kill()));
     }
 }
 
@@ -355,7 +395,7 @@ void Reactor::on_fork_server() {
                 for (auto& kv : children_)
                     if (kv.second->io_->via_server && kv.second->io_->eof) eof_workers.push_back(kv.second);
             }
-            for (auto& c : eof_workers) on_exit(c, -os::signal_kill());
+            for (auto& c : eof_workers) on_exit(c, std::optional<int>(-os::signal_kill()));
             return;
         }
         if (n != static_cast<long>(sizeof st)) continue;
@@ -378,14 +418,29 @@ void Reactor::on_fork_server() {
     }
 }
 
-void Reactor::on_exit(const std::shared_ptr<ProcessCore>& core, int code) {
+void Reactor::on_exit(const std::shared_ptr<ProcessCore>& core, std::optional<int> status) {
     if (core->io_->finished) return;
     drain(*core);  // the child is gone: everything it wrote is already queued
-    finish(core, code);
+    finish(core, status);
 }
 
-void Reactor::finish(const std::shared_ptr<ProcessCore>& core, int code) {
+void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int> status) {
     auto& io = *core->io_;
+    int signal_sent;
+    {
+        std::lock_guard<std::mutex> lk(core->io_mutex());
+        signal_sent = io.signal_sent;
+    }
+    // Without the exit status, say what is known: the code the child announced
+    // in END (it exits with exactly that code once END is sent), else the
+    // signal we sent it, else nothing - an error that says so.
+    bool status_lost = false;
+    if (!status) {
+        if (io.end_code) status = io.end_code;
+        else if (signal_sent) status = -signal_sent;
+        else status_lost = true;
+    }
+    const int code = status.value_or(255);
     io.finished = true;
     if (!io.eof) os::poller_remove(poller_, io.channel);
     {
@@ -395,7 +450,12 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, int code) {
     }
     std::exception_ptr error = io.exception, result_error;
     std::string who = describe(core->name, core->pid_);
-    if (!error && !core->has_value_) {
+    if (status_lost && !error && !core->has_value_) {
+        error = std::make_exception_ptr(ProcessError(
+            who + " ended without reporting an outcome, and its exit status was collected by someone else "
+                  "(SIGCHLD is ignored, or another waitpid() took it): how it ended is unknown",
+            code));
+    } else if (!error && !core->has_value_) {
         if (code == 0) {
             result_error = std::make_exception_ptr(ProcessError(who + " exited with code 0 before returning a value", 0));
         } else if (code == -os::signal_terminate()) {

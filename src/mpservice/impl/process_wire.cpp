@@ -123,6 +123,12 @@ public:
             if (fill(ch, false) <= 0) return false;
         return true;
     }
+    /// Forgets everything read so far (closing the handles that came with it).
+    void reset() noexcept {
+        for (auto fd : fds_) os::close_handle(fd);
+        fds_.clear();
+        pos_ = len_ = 0;
+    }
     FrameReader() = default;
     FrameReader(const FrameReader&) = delete;
     FrameReader& operator=(const FrameReader&) = delete;

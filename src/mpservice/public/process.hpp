@@ -111,19 +111,37 @@ MPSERVICE_API std::vector<ProcessInfo> active_children();
 
 namespace detail {
 
-/// Runs in the child: decodes the arguments, calls the target, encodes the result.
-using Trampoline = void (*)(const void* target, Decoder& args, Encoder& result);
+/// Runs in the child: decodes the arguments, calls the target, encodes the
+/// result; `keep` holds the result until it has been sent.
+using Trampoline = void (*)(const void* target, Decoder& args, Encoder& result, std::shared_ptr<void>& keep);
+
+/// Writes the value `call()` returns into `out` and keeps it alive in `keep`:
+/// a shared object (Lock, Queue, ...) attaches its OS handle, which stays open
+/// only as long as the object does, and the message leaves after the target
+/// has returned - a temporary would close the handle before it is sent.
+template <class Call>
+void write_kept(Encoder& out, std::shared_ptr<void>& keep, Call&& call) {
+    using V = decltype(call());
+    if constexpr (std::is_lvalue_reference_v<V>) {
+        out.write(call());  // the referent outlives the call
+    } else {
+        auto held = std::make_shared<std::decay_t<V>>(call());
+        out.write(*held);
+        keep = std::move(held);
+    }
+}
 
 template <class Fn, class... A>
-void trampoline(const void* target, Decoder& in, Encoder& out) {
+void trampoline(const void* target, Decoder& in, Encoder& out, std::shared_ptr<void>& keep) {
     Fn fn = reinterpret_cast<Fn>(reinterpret_cast<std::uintptr_t>(target));
     std::tuple<A...> args{in.read<A>()...};  // braced: decoded left to right
     in.expect_end("process arguments");
     if constexpr (std::is_void_v<std::invoke_result_t<Fn, A...>>) {
         std::apply(fn, std::move(args));
         (void)out;
+        (void)keep;
     } else {
-        out.write(std::apply(fn, std::move(args)));
+        write_kept(out, keep, [&]() -> decltype(auto) { return std::apply(fn, std::move(args)); });
     }
 }
 
@@ -158,8 +176,9 @@ public:
     Trampoline trampoline = nullptr;
     /// Writes the arguments (only when target is set).
     virtual void encode_args(Encoder& out) const = 0;
-    /// Calls the target here (in a forked child) and writes its result.
-    virtual void run_here(Encoder& result) = 0;
+    /// Calls the target here (in a forked child) and writes its result, which
+    /// `keep` holds until it has been sent.
+    virtual void run_here(Encoder& result, std::shared_ptr<void>& keep) = 0;
 };
 
 template <class R, class F, class... A>
@@ -180,12 +199,13 @@ public:
             (void)out;
         }
     }
-    void run_here(Encoder& result) override {
+    void run_here(Encoder& result, std::shared_ptr<void>& keep) override {
         if constexpr (std::is_void_v<R>) {
             std::apply(f_, std::move(args_));
             (void)result;
+            (void)keep;
         } else {
-            result.write(std::apply(f_, std::move(args_)));
+            write_kept(result, keep, [&]() -> decltype(auto) { return std::apply(f_, std::move(args_)); });
         }
     }
 
