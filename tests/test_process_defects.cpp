@@ -1,0 +1,398 @@
+// Process defects of issue 8, each as the issue describes it, under every
+// context where one applies: shared objects returned by a child, SIGCHLD
+// ignored or reaped by someone else, many handles in the arguments, forged
+// child markers, grandchildren's log records, library locks across fork, and
+// how a child ends after reporting.
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "mpservice.hpp"
+
+namespace mp = mpservice;
+using namespace std::chrono_literals;
+
+// Fork-context children of this threaded program start threads of their own.
+extern "C" const char* __tsan_default_options() { return "die_after_fork=0"; }
+
+extern char** environ;
+
+namespace {
+
+// A value whose codec attaches a descriptor that is not open: its message
+// cannot be sent (EBADF), whoever sends it.
+struct ClosedHandle {
+    int tag = 0;
+};
+constexpr int kNeverOpen = 999999;  // above any descriptor limit used here
+
+}  // namespace
+
+template <>
+struct mpservice::Codec<ClosedHandle> {
+    static void encode(Encoder& e, const ClosedHandle& c) {
+        e.write(e.attach(kNeverOpen));
+        e.write(c.tag);
+    }
+    static ClosedHandle decode(Decoder& d) {
+        (void)d.read<std::uint32_t>();
+        return ClosedHandle{d.read<int>()};
+    }
+};
+
+namespace {
+
+#define CONTEXTS mp::SpawnContext, mp::ForkServerContext, mp::ForkContext
+
+template <class E, class F>
+std::string what_of(F&& f) {
+    try {
+        f();
+    } catch (const E& e) {
+        return e.what();
+    }
+    return "<no exception>";
+}
+
+bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+
+// ---------------------------------------------------------------- 1: a child returns a shared object
+
+mp::Lock make_lock() { return mp::Lock(); }
+mp::Value<long> make_value() { return mp::Value<long>(41); }
+mp::Event make_set_event() {
+    mp::Event e;
+    e.set();
+    return e;
+}
+mp::Queue<int> make_queue_with_7() {
+    mp::Queue<int> q;
+    q.put(7);
+    return q;
+}
+struct Holder {
+    mp::Lock lock;
+    mp::Value<long> value{0};
+    int n = 0;
+    template <class Archive>
+    void serialize(Archive& ar) {
+        ar(lock, value, n);
+    }
+};
+Holder make_holder() {
+    Holder h;
+    h.value.set(5);
+    h.n = 3;
+    return h;
+}
+bool try_lock_in_child(mp::Lock l) {
+    bool got = l.try_lock();
+    if (got) l.release();
+    return got;
+}
+long increment(mp::Value<long> v) {
+    std::lock_guard<mp::RLock> g(v.get_lock());
+    return ++v.get_obj();
+}
+ClosedHandle return_unsendable() { return ClosedHandle{1}; }
+
+template <class Ctx, class F>
+auto child_result(F f) {
+    mp::Process p(Ctx{}, f);
+    p.start();
+    auto v = p.result(60s);
+    CHECK(p.exitcode() == 0);
+    return v;
+}
+
+TEST_CASE_TEMPLATE("issue 8.1: a child returns a Lock, Value, Event, Queue or a struct holding them; both sides use it",
+                   Ctx, CONTEXTS) {
+    SUBCASE("Lock: the parent holds it, another child finds it taken") {
+        mp::Lock lock = child_result<Ctx>(make_lock);
+        lock.acquire();
+        mp::Process q(Ctx{}, try_lock_in_child, lock);
+        q.start();
+        CHECK_FALSE(q.result(60s));
+        lock.release();
+        mp::Process r(Ctx{}, try_lock_in_child, lock);
+        r.start();
+        CHECK(r.result(60s));
+    }
+    SUBCASE("Value: the child's 41, then another child's increment") {
+        mp::Value<long> v = child_result<Ctx>(make_value);
+        CHECK(v.get() == 41);
+        mp::Process q(Ctx{}, increment, v);
+        q.start();
+        CHECK(q.result(60s) == 42);
+        CHECK(v.get() == 42);
+    }
+    SUBCASE("Event: set in the child") {
+        mp::Event e = child_result<Ctx>(make_set_event);
+        CHECK(e.is_set());
+        CHECK(e.wait(0ms));
+    }
+    SUBCASE("Queue: the item the child put") {
+        mp::Queue<int> q = child_result<Ctx>(make_queue_with_7);
+        CHECK(q.get(10s) == 7);
+    }
+    SUBCASE("a struct holding a Lock and a Value") {
+        Holder h = child_result<Ctx>(make_holder);
+        CHECK(h.n == 3);
+        CHECK(h.value.get() == 5);
+        mp::Process q(Ctx{}, increment, h.value);
+        q.start();
+        CHECK(q.result(60s) == 6);
+        h.lock.acquire();
+        mp::Process r(Ctx{}, try_lock_in_child, h.lock);
+        r.start();
+        CHECK_FALSE(r.result(60s));
+        h.lock.release();
+    }
+}
+
+TEST_CASE_TEMPLATE("issue 8.1: a result that cannot be sent is reported, not swallowed", Ctx, CONTEXTS) {
+    mp::Process p(Ctx{}, return_unsendable);
+    p.start();
+    std::string what = what_of<mp::Error>([&] { p.result(60s); });
+    INFO(what);
+    CHECK(contains(what, "could not deliver its result"));
+    CHECK(contains(what, std::to_string(kNeverOpen)));
+    CHECK(p.exitcode() == 1);
+}
+
+
+// ---------------------------------------------------------------- 2: SIGCHLD ignored, or reaped by someone else
+
+int add(int a, int b) { return a + b; }
+int exit_with(int n) { std::exit(n); }
+int sleep_then(int ms) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    return ms;
+}
+
+void reap_everything(int) {
+    int saved = errno;
+    while (::waitpid(-1, nullptr, WNOHANG) > 0) {
+    }
+    errno = saved;
+}
+
+/// Sets SIGCHLD's disposition for the scope.
+class SigchldAs {
+public:
+    explicit SigchldAs(void (*handler)(int)) {
+        struct sigaction sa {};
+        sa.sa_handler = handler;
+        sigemptyset(&sa.sa_mask);
+        sa.sa_flags = SA_RESTART;
+        ::sigaction(SIGCHLD, &sa, &old_);
+    }
+    ~SigchldAs() { ::sigaction(SIGCHLD, &old_, nullptr); }
+
+private:
+    struct sigaction old_ {};
+};
+
+/// CPU time (user + system) this process used so far.
+std::chrono::microseconds cpu_time() {
+    rusage u{};
+    ::getrusage(RUSAGE_SELF, &u);
+    return std::chrono::seconds(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+           std::chrono::microseconds(u.ru_utime.tv_usec + u.ru_stime.tv_usec);
+}
+
+/// Whether `p` resolves within the hang guard (its outcome stays to be looked at).
+template <class P>
+bool ends(P& p) {
+    try {
+        (void)p.exception(30s);
+    } catch (const mp::TimeoutError&) {
+        return false;
+    }
+    return true;
+}
+
+/// Every kind of ending resolves; `stolen` says whether the exit status of a
+/// direct child (spawn, fork) may have gone elsewhere.
+template <class Ctx>
+void every_ending_resolves(bool always_stolen) {
+    const bool direct = Ctx{}.start_method() != mp::StartMethod::forkserver;
+    {
+        mp::Process p(Ctx{}, add, 2, 3);
+        p.start();
+        REQUIRE(ends(p));
+        CHECK(p.result() == 5);
+        CHECK(p.exitcode() == 0);  // announced in END, the code it then exits with
+    }
+    {
+        mp::Process p(Ctx{}, exit_with, 3);
+        p.start();
+        REQUIRE(ends(p));
+        std::string what = what_of<mp::ProcessError>([&] { p.join(); });
+        INFO(what);
+        if (direct && always_stolen) {
+            CHECK(contains(what, "collected by someone else"));
+            CHECK(p.exitcode() == 255);
+        } else if (direct) {  // whoever reaped first
+            CHECK((contains(what, "exited with code 3") || contains(what, "collected by someone else")));
+        } else {
+            CHECK(contains(what, "exited with code 3"));  // the fork server reaps its own workers
+            CHECK(p.exitcode() == 3);
+        }
+    }
+    {
+        mp::Process p(Ctx{}, sleep_then, 60000);
+        p.start();
+        p.kill();
+        REQUIRE(ends(p));
+        CHECK(p.exitcode() == -SIGKILL);
+        CHECK(contains(what_of<mp::ProcessError>([&] { p.join(); }), "SIGKILL"));
+    }
+    {
+        mp::Process p(Ctx{}, sleep_then, 60000);
+        p.start();
+        p.terminate();
+        REQUIRE(ends(p));
+        p.join();  // quiet after terminate()
+        CHECK(p.exitcode() == -SIGTERM);
+    }
+    // Nothing is left spinning: the reactor sleeps once every child resolved.
+    auto cpu0 = cpu_time();
+    auto wall0 = std::chrono::steady_clock::now();
+    std::this_thread::sleep_for(500ms);
+    auto cpu = cpu_time() - cpu0;
+    auto wall = std::chrono::steady_clock::now() - wall0;
+    CHECK(cpu < wall / 4);
+}
+
+TEST_CASE_TEMPLATE("issue 8.2: with SIGCHLD ignored every ending resolves and the reactor does not spin", Ctx,
+                   CONTEXTS) {
+    SigchldAs ignored(SIG_IGN);
+    every_ending_resolves<Ctx>(true);
+}
+
+TEST_CASE_TEMPLATE("issue 8.2: with a SIGCHLD handler reaping waitpid(-1) every ending resolves", Ctx, CONTEXTS) {
+    SigchldAs reaper(reap_everything);
+    every_ending_resolves<Ctx>(false);
+}
+
+/// A child that itself ignores SIGCHLD and starts children of every context.
+int nested_with_sigchld_ignored() {
+    ::signal(SIGCHLD, SIG_IGN);
+    int sum = 0;
+    mp::Process a(mp::SpawnContext{}, add, 1, 2);
+    mp::Process b(mp::ForkContext{}, add, 3, 4);
+    mp::Process c(mp::ForkServerContext{}, add, 5, 6);
+    a.start();
+    b.start();
+    c.start();
+    sum += a.result(30s) + b.result(30s) + c.result(30s);
+    mp::Process d(mp::SpawnContext{}, exit_with, 4);
+    d.start();
+    if (!ends(d) || d.exitcode() != 255) return -1;  // its status went nowhere: unknown, but resolved
+    return sum;
+}
+
+TEST_CASE_TEMPLATE("issue 8.2: a child that ignores SIGCHLD still sees its own children end", Ctx, CONTEXTS) {
+    mp::Process p(Ctx{}, nested_with_sigchld_ignored);
+    p.start();
+    CHECK(p.result(120s) == 21);
+}
+
+// ---------------------------------------------------------------- 9: many handles in the arguments
+
+int count_free_locks(std::vector<mp::Lock> locks) {
+    int n = 0;
+    for (auto& l : locks) {
+        if (l.try_lock()) {
+            ++n;
+            l.release();
+        }
+    }
+    return n;
+}
+long number_values(std::vector<mp::Value<long>> values) {
+    long sum = 0;
+    for (std::size_t i = 0; i < values.size(); ++i) {
+        values[i].set(static_cast<long>(i));
+        sum += static_cast<long>(i);
+    }
+    return sum;
+}
+int take_unsendable(ClosedHandle c) { return c.tag; }
+
+/// This process's direct children (running or zombie).
+int count_children() {
+    int n = 0;
+    long self = ::getpid();
+    DIR* d = ::opendir("/proc");
+    while (dirent* e = ::readdir(d)) {
+        if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+        std::ifstream f(std::string("/proc/") + e->d_name + "/stat");
+        std::string line;
+        std::getline(f, line);
+        auto close = line.rfind(')');
+        if (close == std::string::npos) continue;
+        char state = 0;
+        long ppid = 0;
+        if (std::sscanf(line.c_str() + close + 2, "%c %ld", &state, &ppid) == 2 && ppid == self) ++n;
+    }
+    ::closedir(d);
+    return n;
+}
+
+TEST_CASE_TEMPLATE("issue 8.9: 1000 Locks and 1000 Values as arguments arrive, the same objects", Ctx, CONTEXTS) {
+    std::vector<mp::Lock> locks(1000);
+    locks[10].acquire();
+    locks[999].acquire();
+    mp::Process p(Ctx{}, count_free_locks, locks);
+    p.start();
+    CHECK(p.result(120s) == 998);
+    locks[10].release();
+    locks[999].release();
+
+    std::vector<mp::Value<long>> values;
+    for (int i = 0; i < 1000; ++i) values.emplace_back(-1);
+    mp::Process q(Ctx{}, number_values, values);
+    q.start();
+    CHECK(q.result(120s) == 999L * 1000 / 2);
+    for (std::size_t i = 0; i < values.size(); ++i) CHECK(values[i].get() == static_cast<long>(i));
+}
+
+TEST_CASE_TEMPLATE("issue 8.9: a start() that fails leaves no child behind and can be destroyed", Ctx,
+                   mp::SpawnContext, mp::ForkServerContext) {
+    int before = count_children();
+    {
+        mp::Process p(Ctx{}, take_unsendable, ClosedHandle{2});
+        std::string what = what_of<std::system_error>([&] { p.start(); });
+        INFO(what);
+        CHECK(contains(what, "Bad file descriptor"));
+        CHECK(p.pid() == 0);
+        CHECK_FALSE(p.is_alive());
+    }  // ~Process must not wait for anything
+    // A killed child is reaped by start() itself (spawn); a fork-server worker,
+    // if one was made, by the server.
+    CHECK(count_children() == before);
+}
+
+}  // namespace
