@@ -1171,6 +1171,15 @@ MPSERVICE_API int signal_kill() noexcept;       // SIGKILL
 /// "SIGSEGV", "SIGKILL", ... ("signal N" when unknown).
 MPSERVICE_API std::string signal_name(int sig);
 MPSERVICE_API long parent_pid() noexcept;
+/// Whether this process runs in secure-execution mode (set-user-ID,
+/// set-group-ID or file capabilities: AT_SECURE), where it must not trust
+/// what its caller set up.
+MPSERVICE_API bool secure_execution() noexcept;
+/// The process and user at the other end of a local channel, as the system
+/// recorded them when the channel was made; false if `h` is not such a channel.
+MPSERVICE_API bool channel_peer(handle_t h, long* pid, long* uid) noexcept;
+/// Whether `uid` is this process's real and effective user.
+MPSERVICE_API bool is_own_user(long uid) noexcept;
 /// Arranges for this process to be killed when its parent dies, then checks
 /// that the parent is still `expected_parent` (closing the race); false if not.
 MPSERVICE_API bool die_with_parent(long expected_parent) noexcept;
@@ -4247,6 +4256,7 @@ struct Codec<SimpleQueue<T>> {
 #include <linux/futex.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/auxv.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #endif
@@ -4767,6 +4777,37 @@ std::string signal_name(int sig) {
 }
 
 long parent_pid() noexcept { return static_cast<long>(::getppid()); }
+
+bool secure_execution() noexcept {
+#if defined(__linux__)
+    return ::getauxval(AT_SECURE) != 0;
+#else
+    return ::issetugid() != 0;
+#endif
+}
+
+bool channel_peer(handle_t h, long* pid, long* uid) noexcept {
+#if defined(SO_PEERCRED)
+    int domain = 0, type = 0;
+    socklen_t len = sizeof domain;
+    if (::getsockopt(h, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0 || domain != AF_UNIX) return false;
+    len = sizeof type;
+    if (::getsockopt(h, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_STREAM) return false;
+    ucred cred{};
+    len = sizeof cred;
+    if (::getsockopt(h, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return false;
+    *pid = static_cast<long>(cred.pid);
+    *uid = static_cast<long>(cred.uid);
+    return true;
+#else
+    (void)h, (void)pid, (void)uid;
+    return false;
+#endif
+}
+
+bool is_own_user(long uid) noexcept {
+    return uid == static_cast<long>(::getuid()) && uid == static_cast<long>(::geteuid());
+}
 
 bool die_with_parent(long expected_parent) noexcept {
 #if defined(__linux__)
@@ -7652,6 +7693,8 @@ void reset_after_fork_in_child() {
 // functions (init, contexts, cpu_count, current/parent/active processes).
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdint>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
@@ -7901,17 +7944,69 @@ void ProcessCore::release() noexcept {
 
 // ---------------------------------------------------------------- public functions
 
+namespace detail {
+namespace {
+/// The exit code of a program that refuses to act as a child (a forged or
+/// misplaced marker): EX_NOPERM of <sysexits.h>.
+constexpr int child_refused_exit_code = 77;
+
+[[noreturn]] void refuse_child_mode(const std::string& why) {
+    std::string text = "mpservice: refusing to run as a child process: " + why +
+                       " (the child marker is meant only for processes started by mpservice)\n";
+    os::write_stderr(text.data(), text.size());
+    os::exit_now(child_refused_exit_code);
+}
+
+/// Parses "<digits>" into `out`; false on anything else.
+bool parse_number(const char*& p, long& out) {
+    if (*p < '0' || *p > '9') return false;
+    char* end = nullptr;
+    errno = 0;
+    out = std::strtol(p, &end, 10);
+    if (errno != 0 || end == p) return false;
+    p = end;
+    return true;
+}
+
+/// Child mode, if this process was started by mpservice as a spawn child:
+/// the marker is argv[1], the process is not in secure-execution mode (a
+/// caller of a set-user-ID program must not make it run code of its choice),
+/// and the channel named by the marker was made by our parent, of our user.
+/// Anything else carrying the marker is refused with a message and exit code
+/// 77 - never a silent run of main() or of the frame.
+void enter_child_mode_if_marked(int argc, char** argv) {
+    if (argc <= 0 || !argv) return;
+    const std::size_t marker_len = sizeof child_marker - 1;
+    for (int i = 2; i < argc && argv[i]; ++i)
+        if (std::strncmp(argv[i], child_marker, marker_len) == 0)
+            refuse_child_mode("the marker argument is accepted only as the first argument (found at argv[" +
+                              std::to_string(i) + "])");
+    if (argc < 2 || !argv[1] || std::strncmp(argv[1], child_marker, marker_len) != 0) return;
+    const char* p = argv[1] + marker_len;
+    long fd = -1, parent = -1;
+    if (!parse_number(p, fd) || *p++ != ':' || !parse_number(p, parent) || *p != '\0')
+        refuse_child_mode("malformed marker '" + std::string(argv[1]) + "'");
+    if (os::secure_execution())
+        refuse_child_mode("the program runs in secure-execution mode (set-user-ID, set-group-ID or capabilities)");
+    if (parent != os::parent_pid())
+        refuse_child_mode("the marker names process " + std::to_string(parent) + " as the parent, but the parent is " +
+                          std::to_string(os::parent_pid()));
+    long peer_pid = 0, peer_uid = 0;
+    if (fd > INT32_MAX || !os::channel_peer(static_cast<os::handle_t>(fd), &peer_pid, &peer_uid))
+        refuse_child_mode("descriptor " + std::to_string(fd) + " is not a local stream channel");
+    if (peer_pid != parent)
+        refuse_child_mode("the channel was made by process " + std::to_string(peer_pid) + ", not by the parent (" +
+                          std::to_string(parent) + ")");
+    if (!os::is_own_user(peer_uid))
+        refuse_child_mode("the channel was made by user " + std::to_string(peer_uid) + ", not by this process's user");
+    run_bootstrapped_child(static_cast<os::handle_t>(fd), parent, ChildKind::spawned);
+}
+}  // namespace
+}  // namespace detail
+
 void init(int argc, char** argv) {
     auto& r = detail::rt();
-    for (int i = 1; i < argc && argv && argv[i]; ++i) {
-        if (std::strncmp(argv[i], detail::child_marker, sizeof detail::child_marker - 1) != 0) continue;
-        const char* spec = argv[i] + sizeof detail::child_marker - 1;
-        char* end = nullptr;
-        long fd = std::strtol(spec, &end, 10);
-        long parent = end && *end == ':' ? std::strtol(end + 1, nullptr, 10) : 0;
-        detail::run_bootstrapped_child(static_cast<detail::os::handle_t>(fd), parent,
-                                       detail::ChildKind::spawned);
-    }
+    detail::enter_child_mode_if_marked(argc, argv);  // a child never returns from here
     if (r.initialized) return;
     r.initialized = true;
     if (argc > 0 && argv && argv[0]) r.argv0 = argv[0];

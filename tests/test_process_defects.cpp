@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -393,6 +394,111 @@ TEST_CASE_TEMPLATE("issue 8.9: a start() that fails leaves no child behind and c
     // A killed child is reaped by start() itself (spawn); a fork-server worker,
     // if one was made, by the server.
     CHECK(count_children() == before);
+}
+
+
+// ---------------------------------------------------------------- 10: forged child markers
+
+struct Ran {
+    int code = -1000;  // exit code, -N after signal N
+    std::string err;   // what it wrote on stderr
+};
+
+/// Runs this test binary with `args` (argv[1]...) and `inherit` kept open in it,
+/// from a process whose pid is in `*parent_pid` (this one, or a forked
+/// intermediate when `via_intermediate`).  Collects its exit code and stderr.
+Ran run_self(std::vector<std::string> args, int inherit, bool via_intermediate,
+             const std::function<void(std::vector<std::string>&, long parent)>& fill = {}) {
+    int errpipe[2];
+    REQUIRE(::pipe2(errpipe, O_CLOEXEC) == 0);
+    auto launch = [&](long parent) -> pid_t {
+        if (fill) fill(args, parent);
+        std::vector<char*> argv;
+        std::string exe = "/proc/self/exe";
+        argv.push_back(exe.data());
+        for (auto& a : args) argv.push_back(a.data());
+        argv.push_back(nullptr);
+        posix_spawn_file_actions_t fa;
+        posix_spawn_file_actions_init(&fa);
+        posix_spawn_file_actions_adddup2(&fa, errpipe[1], 2);
+        if (inherit >= 0) posix_spawn_file_actions_adddup2(&fa, inherit, inherit);  // clears close-on-exec
+        pid_t pid = -1;
+        int rc = ::posix_spawn(&pid, "/proc/self/exe", &fa, nullptr, argv.data(), environ);
+        posix_spawn_file_actions_destroy(&fa);
+        return rc == 0 ? pid : -1;
+    };
+    auto wait_code = [](pid_t pid) {
+        int status = 0;
+        if (pid < 0 || ::waitpid(pid, &status, 0) != pid) return -2000;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
+    };
+    Ran ran;
+    if (!via_intermediate) {
+        ran.code = wait_code(launch(::getpid()));
+    } else {
+        std::fflush(nullptr);
+        pid_t mid = ::fork();
+        if (mid == 0) {
+            int code = wait_code(launch(::getpid()));
+            ::_exit(code < 0 ? 200 : code);
+        }
+        ran.code = wait_code(mid);
+    }
+    ::close(errpipe[1]);
+    char buf[4096];
+    ssize_t n;
+    while ((n = ::read(errpipe[0], buf, sizeof buf)) > 0) ran.err.append(buf, static_cast<std::size_t>(n));
+    ::close(errpipe[0]);
+    return ran;
+}
+
+std::string marker(long fd, long parent) {
+    return "--mpservice-child=" + std::to_string(fd) + ":" + std::to_string(parent);
+}
+
+TEST_CASE("issue 8.10: a forged or misplaced child marker is refused with a message and exit code 77") {
+    int sv[2];
+    REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
+    const std::string no_tests = "--test-case=no such test";  // if main() ran, doctest would exit 0
+
+    SUBCASE("the marker anywhere but argv[1]") {
+        Ran r = run_self({no_tests, ""}, sv[1], false,
+                         [&](std::vector<std::string>& a, long parent) { a[1] = marker(sv[1], parent); });
+        INFO(r.err);
+        CHECK(r.code == 77);
+        CHECK(contains(r.err, "only as the first argument"));
+    }
+    SUBCASE("a channel made by another process than the parent") {
+        // The socket pair is ours; the program's parent is a forked intermediate.
+        Ran r = run_self({""}, sv[1], true,
+                         [&](std::vector<std::string>& a, long parent) { a[0] = marker(sv[1], parent); });
+        INFO(r.err);
+        CHECK(r.code == 77);
+        CHECK(contains(r.err, "not by the parent"));
+    }
+    SUBCASE("a descriptor that is not a channel") {
+        int devnull = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+        Ran r = run_self({""}, devnull, false,
+                         [&](std::vector<std::string>& a, long parent) { a[0] = marker(devnull, parent); });
+        ::close(devnull);
+        INFO(r.err);
+        CHECK(r.code == 77);
+        CHECK(contains(r.err, "not a local stream channel"));
+    }
+    SUBCASE("a parent that is not the parent") {
+        Ran r = run_self({marker(sv[1], 1)}, sv[1], false);
+        INFO(r.err);
+        CHECK(r.code == 77);
+        CHECK(contains(r.err, "as the parent"));
+    }
+    SUBCASE("a malformed marker") {
+        Ran r = run_self({"--mpservice-child=3x:1"}, -1, false);
+        INFO(r.err);
+        CHECK(r.code == 77);
+        CHECK(contains(r.err, "malformed"));
+    }
+    ::close(sv[0]);
+    ::close(sv[1]);
 }
 
 }  // namespace

@@ -224,6 +224,15 @@ MPSERVICE_API int signal_kill() noexcept;       // SIGKILL
 /// "SIGSEGV", "SIGKILL", ... ("signal N" when unknown).
 MPSERVICE_API std::string signal_name(int sig);
 MPSERVICE_API long parent_pid() noexcept;
+/// Whether this process runs in secure-execution mode (set-user-ID,
+/// set-group-ID or file capabilities: AT_SECURE), where it must not trust
+/// what its caller set up.
+MPSERVICE_API bool secure_execution() noexcept;
+/// The process and user at the other end of a local channel, as the system
+/// recorded them when the channel was made; false if `h` is not such a channel.
+MPSERVICE_API bool channel_peer(handle_t h, long* pid, long* uid) noexcept;
+/// Whether `uid` is this process's real and effective user.
+MPSERVICE_API bool is_own_user(long uid) noexcept;
 /// Arranges for this process to be killed when its parent dies, then checks
 /// that the parent is still `expected_parent` (closing the race); false if not.
 MPSERVICE_API bool die_with_parent(long expected_parent) noexcept;

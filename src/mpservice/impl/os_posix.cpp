@@ -35,6 +35,7 @@
 #include <linux/futex.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/auxv.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #endif
@@ -555,6 +556,37 @@ std::string signal_name(int sig) {
 }
 
 long parent_pid() noexcept { return static_cast<long>(::getppid()); }
+
+bool secure_execution() noexcept {
+#if defined(__linux__)
+    return ::getauxval(AT_SECURE) != 0;
+#else
+    return ::issetugid() != 0;
+#endif
+}
+
+bool channel_peer(handle_t h, long* pid, long* uid) noexcept {
+#if defined(SO_PEERCRED)
+    int domain = 0, type = 0;
+    socklen_t len = sizeof domain;
+    if (::getsockopt(h, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0 || domain != AF_UNIX) return false;
+    len = sizeof type;
+    if (::getsockopt(h, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_STREAM) return false;
+    ucred cred{};
+    len = sizeof cred;
+    if (::getsockopt(h, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return false;
+    *pid = static_cast<long>(cred.pid);
+    *uid = static_cast<long>(cred.uid);
+    return true;
+#else
+    (void)h, (void)pid, (void)uid;
+    return false;
+#endif
+}
+
+bool is_own_user(long uid) noexcept {
+    return uid == static_cast<long>(::getuid()) && uid == static_cast<long>(::geteuid());
+}
 
 bool die_with_parent(long expected_parent) noexcept {
 #if defined(__linux__)

@@ -2,6 +2,8 @@
 // functions (init, contexts, cpu_count, current/parent/active processes).
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdint>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
@@ -251,17 +253,69 @@ void ProcessCore::release() noexcept {
 
 // ---------------------------------------------------------------- public functions
 
+namespace detail {
+namespace {
+/// The exit code of a program that refuses to act as a child (a forged or
+/// misplaced marker): EX_NOPERM of <sysexits.h>.
+constexpr int child_refused_exit_code = 77;
+
+[[noreturn]] void refuse_child_mode(const std::string& why) {
+    std::string text = "mpservice: refusing to run as a child process: " + why +
+                       " (the child marker is meant only for processes started by mpservice)\n";
+    os::write_stderr(text.data(), text.size());
+    os::exit_now(child_refused_exit_code);
+}
+
+/// Parses "<digits>" into `out`; false on anything else.
+bool parse_number(const char*& p, long& out) {
+    if (*p < '0' || *p > '9') return false;
+    char* end = nullptr;
+    errno = 0;
+    out = std::strtol(p, &end, 10);
+    if (errno != 0 || end == p) return false;
+    p = end;
+    return true;
+}
+
+/// Child mode, if this process was started by mpservice as a spawn child:
+/// the marker is argv[1], the process is not in secure-execution mode (a
+/// caller of a set-user-ID program must not make it run code of its choice),
+/// and the channel named by the marker was made by our parent, of our user.
+/// Anything else carrying the marker is refused with a message and exit code
+/// 77 - never a silent run of main() or of the frame.
+void enter_child_mode_if_marked(int argc, char** argv) {
+    if (argc <= 0 || !argv) return;
+    const std::size_t marker_len = sizeof child_marker - 1;
+    for (int i = 2; i < argc && argv[i]; ++i)
+        if (std::strncmp(argv[i], child_marker, marker_len) == 0)
+            refuse_child_mode("the marker argument is accepted only as the first argument (found at argv[" +
+                              std::to_string(i) + "])");
+    if (argc < 2 || !argv[1] || std::strncmp(argv[1], child_marker, marker_len) != 0) return;
+    const char* p = argv[1] + marker_len;
+    long fd = -1, parent = -1;
+    if (!parse_number(p, fd) || *p++ != ':' || !parse_number(p, parent) || *p != '\0')
+        refuse_child_mode("malformed marker '" + std::string(argv[1]) + "'");
+    if (os::secure_execution())
+        refuse_child_mode("the program runs in secure-execution mode (set-user-ID, set-group-ID or capabilities)");
+    if (parent != os::parent_pid())
+        refuse_child_mode("the marker names process " + std::to_string(parent) + " as the parent, but the parent is " +
+                          std::to_string(os::parent_pid()));
+    long peer_pid = 0, peer_uid = 0;
+    if (fd > INT32_MAX || !os::channel_peer(static_cast<os::handle_t>(fd), &peer_pid, &peer_uid))
+        refuse_child_mode("descriptor " + std::to_string(fd) + " is not a local stream channel");
+    if (peer_pid != parent)
+        refuse_child_mode("the channel was made by process " + std::to_string(peer_pid) + ", not by the parent (" +
+                          std::to_string(parent) + ")");
+    if (!os::is_own_user(peer_uid))
+        refuse_child_mode("the channel was made by user " + std::to_string(peer_uid) + ", not by this process's user");
+    run_bootstrapped_child(static_cast<os::handle_t>(fd), parent, ChildKind::spawned);
+}
+}  // namespace
+}  // namespace detail
+
 void init(int argc, char** argv) {
     auto& r = detail::rt();
-    for (int i = 1; i < argc && argv && argv[i]; ++i) {
-        if (std::strncmp(argv[i], detail::child_marker, sizeof detail::child_marker - 1) != 0) continue;
-        const char* spec = argv[i] + sizeof detail::child_marker - 1;
-        char* end = nullptr;
-        long fd = std::strtol(spec, &end, 10);
-        long parent = end && *end == ':' ? std::strtol(end + 1, nullptr, 10) : 0;
-        detail::run_bootstrapped_child(static_cast<detail::os::handle_t>(fd), parent,
-                                       detail::ChildKind::spawned);
-    }
+    detail::enter_child_mode_if_marked(argc, argv);  // a child never returns from here
     if (r.initialized) return;
     r.initialized = true;
     if (argc > 0 && argv && argv[0]) r.argv0 = argv[0];
