@@ -962,6 +962,7 @@ struct Codec<std::unordered_multiset<K, H, E, A>>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <new>
 #include <string>
 #include <typeinfo>
 #include <vector>
@@ -1246,6 +1247,32 @@ MPSERVICE_API LockResult robust_mutex_trylock_result(int status);
 MPSERVICE_API long current_tid() noexcept;
 /// Registers fn to run in the child after every fork() (not after exec).
 MPSERVICE_API void at_fork_child(void (*fn)());
+
+/// A library lock that fork() must not copy while another thread holds it (the
+/// child would have the lock held by a thread it does not have: a deadlock).
+/// Before every fork() of this process the registered locks are taken, lowest
+/// rank first (outer locks first), so that the state they guard is consistent
+/// in the copy; after it they are released in the parent and in the child.  A
+/// lock still busy after a bounded wait (its holder waits for the forking
+/// thread, say) is left alone and made afresh, unlocked, in the child.
+struct ForkLock {
+    bool (*try_lock)(void* lock);
+    void (*unlock)(void* lock);
+    void (*reinit)(void* lock);
+    void* lock;
+    int rank;
+};
+MPSERVICE_API void at_fork_protect(const ForkLock& lock) noexcept;
+/// at_fork_protect for a std::mutex or std::recursive_mutex that lives for
+/// the rest of the process.  Register a lock before any thread can take it
+/// (at static initialization): a registration racing a fork cannot protect.
+template <class Mutex>
+void at_fork_protect(Mutex* m, int rank) noexcept {
+    at_fork_protect(ForkLock{[](void* p) { return static_cast<Mutex*>(p)->try_lock(); },
+                             [](void* p) { static_cast<Mutex*>(p)->unlock(); },
+                             [](void* p) { ::new (p) Mutex(); },  // over the copy held by a thread that is gone
+                             m, rank});
+}
 /// Whether a process with this id exists and has not ended: unlike pid_alive,
 /// a zombie (killed or exited, not yet reaped) counts as ended.
 MPSERVICE_API bool process_running(long pid) noexcept;
@@ -5079,6 +5106,67 @@ void at_fork_child(void (*fn)()) {
     if (rc != 0) throw std::system_error(rc, std::generic_category(), "mpservice: pthread_atfork");
 }
 
+namespace {
+// The registered fork locks.  Plain data, constant-initialized: usable from
+// any static initializer.  `g_fork_locks_busy` guards the table (and is held
+// across a fork, so a registration cannot slip in between).
+constexpr int kMaxForkLocks = 32;
+ForkLock g_fork_locks[kMaxForkLocks];
+bool g_fork_lock_taken[kMaxForkLocks];
+int g_fork_lock_count = 0;
+std::atomic_flag g_fork_locks_busy = ATOMIC_FLAG_INIT;
+
+void fork_locks_acquire_table() noexcept {
+    while (g_fork_locks_busy.test_and_set(std::memory_order_acquire)) ::sched_yield();
+}
+void fork_locks_release_table() noexcept { g_fork_locks_busy.clear(std::memory_order_release); }
+
+void fork_prepare() noexcept {
+    fork_locks_acquire_table();
+    // A holder normally lets go within microseconds; one that does not within
+    // the bound waits for something the fork blocks (or runs a slow log
+    // handler): the child then gets that lock afresh.
+    const auto give_up = Clock::now() + std::chrono::milliseconds(200);
+    for (int i = 0; i < g_fork_lock_count; ++i) {
+        const ForkLock& l = g_fork_locks[i];
+        bool taken = l.try_lock(l.lock);
+        while (!taken && Clock::now() < give_up) {
+            ::sched_yield();
+            taken = l.try_lock(l.lock);
+        }
+        g_fork_lock_taken[i] = taken;
+    }
+}
+void fork_parent() noexcept {
+    for (int i = g_fork_lock_count - 1; i >= 0; --i)
+        if (g_fork_lock_taken[i]) g_fork_locks[i].unlock(g_fork_locks[i].lock);
+    fork_locks_release_table();
+}
+void fork_child() noexcept {
+    for (int i = g_fork_lock_count - 1; i >= 0; --i) {
+        const ForkLock& l = g_fork_locks[i];
+        if (g_fork_lock_taken[i]) l.unlock(l.lock);
+        else l.reinit(l.lock);
+    }
+    fork_locks_release_table();
+}
+}  // namespace
+
+void at_fork_protect(const ForkLock& lock) noexcept {
+    fork_locks_acquire_table();
+    if (g_fork_lock_count == 0) ::pthread_atfork(&fork_prepare, &fork_parent, &fork_child);
+    if (g_fork_lock_count < kMaxForkLocks) {
+        // Kept sorted by rank: the outer locks are taken first.
+        int i = g_fork_lock_count++;
+        while (i > 0 && g_fork_locks[i - 1].rank > lock.rank) {
+            g_fork_locks[i] = g_fork_locks[i - 1];
+            --i;
+        }
+        g_fork_locks[i] = lock;
+    }
+    fork_locks_release_table();
+}
+
 bool process_running(long pid) noexcept {
     if (!pid_alive(pid)) return false;
     // /proc/<pid>/stat: "pid (comm) S ..." - comm may hold ')' so look for the last one.
@@ -5482,10 +5570,24 @@ void load_symbols(const char* path, ModuleSymbols& out) {
     }
 }
 
+// The symbolizer's caches.  Their locks are never destroyed (exceptions are
+// symbolized during static destruction too) and are registered as fork locks
+// before main(): a thread symbolizing while another forks must not leave the
+// child with a held lock (issue 8, defect 12).
+std::mutex& symbols_mutex() {
+    static auto* m = new std::mutex;
+    return *m;
+}
+std::mutex& line_cache_mutex() {
+    static auto* m = new std::mutex;
+    return *m;
+}
+[[maybe_unused]] const bool g_symbolizer_fork_safe =
+    (at_fork_protect(&symbols_mutex(), 30), at_fork_protect(&line_cache_mutex(), 31), true);
+
 const ModuleSymbols& module_symbols(const std::string& path) {
-    static std::mutex mu;
     static auto* cache = new std::map<std::string, std::unique_ptr<ModuleSymbols>>;  // lives to the end
-    std::lock_guard<std::mutex> lock(mu);
+    std::lock_guard<std::mutex> lock(symbols_mutex());
     auto& slot = (*cache)[path];
     if (!slot) {
         slot = std::make_unique<ModuleSymbols>();
@@ -5669,7 +5771,7 @@ std::vector<StackFrame> symbolize(void* const* pcs, int n) {
     // Add file:line, and the functions inlined at each address as frames of
     // their own (marked inlined), innermost first.  Answers are cached, so an
     // exception thrown again from the same place costs no second addr2line run.
-    static std::mutex cache_mu;
+    std::mutex& cache_mu = line_cache_mutex();
     static auto* cache = new std::map<std::pair<std::string, std::uintptr_t>, InlineChain>;
     std::vector<InlineChain> chains(frames.size());
     for (auto& [module, which] : want_lines) {
@@ -5977,9 +6079,14 @@ struct Registry {
 };
 
 Registry& registry() {
-    static Registry* r = new Registry;  // used by static initializers of other parts; never destroyed
+    static Registry* r = [] {
+        auto* p = new Registry;  // used by static initializers of other parts; never destroyed
+        os::at_fork_protect(&p->mu, 20);
+        return p;
+    }();
     return *r;
 }
+[[maybe_unused]] const bool g_registry_fork_safe = (registry(), true);  // before any thread exists
 
 const ExceptionType* find_entry_by_key(const std::string& key) {
     Registry& r = registry();
@@ -6398,9 +6505,19 @@ struct LogState {
 };
 
 LogState& state() {
-    static LogState* s = new LogState;  // usable from static destructors and exiting threads
+    static LogState* s = [] {
+        auto* p = new LogState;  // usable from static destructors and exiting threads
+        // A fork while another thread formats a record must not leave the
+        // child with these held; the outermost locks of the library (a
+        // handler may call anything), so they are taken first.
+        detail::os::at_fork_protect(&p->mu, 10);
+        detail::os::at_fork_protect(&p->forward_mu, 11);
+        return p;
+    }();
     return *s;
 }
+// Registered before main(), before any thread can hold them.
+[[maybe_unused]] const bool g_logging_fork_safe = (state(), true);
 
 /// The threshold for logger `name`: the override of the longest dotted prefix,
 /// else the global one.  Caller holds the mutex when overrides exist.
@@ -6566,6 +6683,20 @@ void set_log_forwarder(std::function<void(const LogRecord&)> forward) {
 
 void handle_log_record(const LogRecord& record) {
     LogState& s = state();
+    if (s.forwarding.load(std::memory_order_acquire)) {
+        // A record of one of our own children, and we are a child too: it goes
+        // up, as it is (its process name and pid stay the originator's), to be
+        // filtered, formatted and handled by the top parent alone.
+        std::shared_ptr<const std::function<void(const LogRecord&)>> forward;
+        {
+            std::lock_guard<std::mutex> lock(s.forward_mu);
+            forward = s.forward;
+        }
+        if (forward) {
+            (*forward)(record);
+            return;
+        }
+    }
     if (!passes_parent_filter(s, record)) return;
     std::lock_guard<std::recursive_mutex> lock(s.mu);
     std::string line = format_locked(s, record);
@@ -6588,6 +6719,10 @@ void handle_log_record(const LogRecord& record) {
 
 Level log_level() {
     LogState& s = state();
+    // In a child, the threshold that counts is the top parent's (handed down
+    // to us), so that our children send what the top parent wants.
+    if (s.forwarding.load(std::memory_order_acquire))
+        return static_cast<Level>(s.parent_level.load(std::memory_order_relaxed));
     std::lock_guard<std::recursive_mutex> lock(s.mu);
     int lowest = s.global_level.load(std::memory_order_relaxed);
     for (const auto& [name, level] : s.levels) lowest = std::min(lowest, static_cast<int>(level));
@@ -6791,11 +6926,11 @@ struct Runtime {
     std::string identity;  // "" in the main process, "2" or "2:1" in children
     std::atomic<int> next_child{1};
     std::optional<ProcessInfo> parent;
-    // Heap-allocated so a forked child can replace them (they may have been
-    // held by another thread at the moment of the fork).
+    // Heap-allocated so a forked child can replace it: the thread that starts
+    // a fork server forks while holding it.
     std::mutex* forkserver_mutex = new std::mutex;
     ForkServerLink forkserver;
-    std::mutex* fingerprint_mutex = new std::mutex;
+    std::mutex* fingerprint_mutex = new std::mutex;  // a fork lock (os::at_fork_protect)
     std::map<std::string, std::string> fingerprints;
     std::atomic<bool> corrupt_next_fingerprint{false};
 };
@@ -6804,6 +6939,10 @@ Runtime& rt() {
     static Runtime* r = new Runtime;  // never destroyed: the reactor thread outlives static destruction
     return *r;
 }
+
+// Before main(), before any thread exists: a fork while another thread fills
+// the fingerprint cache must not copy its lock held.
+[[maybe_unused]] const bool g_fingerprints_fork_safe = (os::at_fork_protect(rt().fingerprint_mutex, 25), true);
 
 std::string fingerprint_of(const std::string& module) {
     Runtime& r = rt();
@@ -7656,24 +7795,25 @@ void start_fork_server() {
     r.forkserver.pid = pid;
 }
 
-/// After fork in a child: the parent's helpers are not ours.
+/// In the child of every fork() of this process (ours, the fork server's, the
+/// user's): the parent's helpers are not ours, and the locks of per-process
+/// state may have been copied held by threads that do not exist here.
 void reset_after_fork_in_child() {
     Runtime& r = rt();
     Reactor::forget_after_fork();
     g_abandoned_after_fork[2] = r.forkserver_mutex;
-    g_abandoned_after_fork[3] = r.fingerprint_mutex;
     r.forkserver_mutex = new std::mutex;
-    r.fingerprint_mutex = new std::mutex;
     os::close_handle(r.forkserver.control);
     r.forkserver = ForkServerLink{};
+    ::new (&child_link().mutex) std::mutex();  // the channel is replaced by whoever uses it next
 }
+[[maybe_unused]] const bool g_reset_after_fork_registered = (os::at_fork_child(&reset_after_fork_in_child), true);
 
 [[noreturn]] void run_forked_child(os::handle_t channel, os::handle_t parent_end, ChildTask& task,
                                    const std::string& name, const std::string& identity, long parent,
                                    Level parent_log_level) {
     os::close_handle(parent_end);
-    std::string parent_name = process_name();
-    reset_after_fork_in_child();
+    std::string parent_name = process_name();  // the reset after fork already ran (at_fork_child)
     if (!os::die_with_parent(parent)) os::exit_now(1);
     adopt_child_identity(name, identity, parent_name, parent);
     child_link().channel = channel;

@@ -5,6 +5,7 @@
 // how a child ends after reporting.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -12,6 +13,7 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -499,6 +501,159 @@ TEST_CASE("issue 8.10: a forged or misplaced child marker is refused with a mess
     }
     ::close(sv[0]);
     ::close(sv[1]);
+}
+
+
+// ---------------------------------------------------------------- 8: descendants' log records
+
+/// Logs at debug level in this process and, `depth` levels further down, in
+/// descendants started with the same context; returns the pids, this one first.
+template <class Ctx>
+std::vector<long> log_down(int depth) {
+    mp::get_logger("descendant").debug("debug from depth " + std::to_string(depth));
+    std::vector<long> pids{static_cast<long>(::getpid())};
+    if (depth > 0) {
+        mp::Process p(Ctx{}, log_down<Ctx>, depth - 1);
+        p.start();
+        for (long pid : p.result(60s)) pids.push_back(pid);
+    }
+    return pids;
+}
+
+struct SeenRecord {
+    mp::LogRecord record;
+    std::string line;
+};
+
+TEST_CASE_TEMPLATE("issue 8.8: records of every descendant go through the top parent's level, format and handler", Ctx,
+                   CONTEXTS) {
+    std::mutex m;
+    std::vector<SeenRecord> seen;
+    mp::set_log_level(mp::Level::debug);
+    mp::set_log_format("<{level}|{process}|{pid}> {message}");
+    mp::set_log_handler([&](const mp::LogRecord& r, const std::string& line) {
+        std::lock_guard<std::mutex> lk(m);
+        seen.push_back({r, line});
+    });
+    std::vector<long> pids;
+    {
+        mp::Process p(Ctx{}, log_down<Ctx>, 2);  // child, grandchild, great-grandchild
+        p.start();
+        pids = p.result(120s);
+    }
+    mp::set_log_handler({});
+    mp::set_log_format("[{time}] [{level}] [{process}:{pid}] {logger}: {message}");
+    mp::set_log_level(mp::Level::info);
+
+    REQUIRE(pids.size() == 3);
+    std::lock_guard<std::mutex> lk(m);
+    for (int depth = 2; depth >= 0; --depth) {
+        long pid = pids[static_cast<std::size_t>(2 - depth)];
+        const SeenRecord* found = nullptr;
+        for (const auto& s : seen)
+            if (s.record.message == "debug from depth " + std::to_string(depth)) found = &s;
+        CAPTURE(depth);
+        REQUIRE(found);
+        CHECK(found->record.pid == pid);
+        CHECK(found->record.level == mp::Level::debug);
+        // The originator's name: "Process-N", "Process-N:M", "Process-N:M:K".
+        CHECK(std::count(found->record.process_name.begin(), found->record.process_name.end(), ':') == 2 - depth);
+        CHECK(found->line == "<DEBUG|" + found->record.process_name + "|" + std::to_string(pid) + "> debug from depth " +
+                                 std::to_string(depth));
+    }
+}
+
+
+// ---------------------------------------------------------------- 12: library locks across fork
+
+int throw_here(int i) { throw std::runtime_error("thrown in forked child " + std::to_string(i)); }
+
+TEST_CASE("issue 8.12: fork children never deadlock on a lock another parent thread held (symbolizer, registry)") {
+    // Two threads encode exceptions in a loop - the exception registry's lock
+    // and the symbolizer's locks are taken and released all the time - while
+    // children are forked that throw, so that they symbolize too.
+    std::atomic<bool> stop{false};
+    auto churn = [&] {
+        while (!stop.load()) {
+            try {
+                throw std::logic_error("churn");
+            } catch (...) {
+                mp::Encoder e;
+                mp::detail::encode_exception(e, std::current_exception());
+            }
+        }
+    };
+    std::thread t1(churn), t2(churn);
+    constexpr int kChildren = 80;
+    std::vector<std::unique_ptr<mp::Process<int>>> children;
+    for (int i = 0; i < kChildren; ++i) {
+        children.push_back(std::make_unique<mp::Process<int>>(mp::ForkContext{}, throw_here, i));
+        children.back()->start();
+    }
+    auto until = std::chrono::steady_clock::now() + 60s;
+    int stuck = 0, threw = 0;
+    for (auto& c : children) {
+        auto left = until - std::chrono::steady_clock::now();
+        try {
+            c->result(left > 0s ? std::chrono::duration_cast<std::chrono::milliseconds>(left) : 0ms);
+        } catch (const mp::TimeoutError&) {
+            ++stuck;
+            c->kill();
+        } catch (const std::runtime_error& e) {
+            threw += contains(e.what(), "thrown in forked child") ? 1 : 0;
+        }
+    }
+    stop = true;
+    t1.join();
+    t2.join();
+    CHECK(stuck == 0);
+    CHECK(threw == kChildren);
+}
+
+
+// ---------------------------------------------------------------- 13b: how a child ends after reporting
+
+bool g_crash_in_static_destructor = false;
+struct CrashesAtExitIfAsked {
+    ~CrashesAtExitIfAsked() {
+        if (!g_crash_in_static_destructor) return;
+        std::signal(SIGSEGV, SIG_DFL);
+        std::raise(SIGSEGV);
+    }
+} g_crashes_at_exit_if_asked;
+
+int value_then_crash_in_teardown() {
+    g_crash_in_static_destructor = true;  // only in this child
+    return 42;
+}
+
+long set_later(mp::Value<long> v, long x) {
+    std::this_thread::sleep_for(300ms);  // still running when its parent's target returns
+    v.set(x);
+    return x;
+}
+/// Starts a grandchild and returns without waiting for it (the Process is never destroyed).
+int leave_a_child_running(mp::Value<long> v) {
+    auto* p = new mp::Process(mp::SpawnContext{}, set_later, v, 7L);
+    p->start();
+    return 1;
+}
+
+TEST_CASE_TEMPLATE("issue 8.13b: every context ends a child the same way once it has reported", Ctx, CONTEXTS) {
+    SUBCASE("a value, then a crash in a static destructor: the value and exit code 0") {
+        mp::Process p(Ctx{}, value_then_crash_in_teardown);
+        p.start();
+        CHECK(p.result(60s) == 42);
+        CHECK(p.exitcode() == 0);  // static destructors do not run after the report
+    }
+    SUBCASE("children it left running are waited for before it reports, as at a normal exit") {
+        mp::Value<long> v(0);
+        mp::Process p(Ctx{}, leave_a_child_running, v);
+        p.start();
+        CHECK(p.result(60s) == 1);
+        CHECK(v.get() == 7);
+        CHECK(p.exitcode() == 0);
+    }
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <new>
 #include <string>
 #include <typeinfo>
 #include <vector>
@@ -300,6 +301,32 @@ MPSERVICE_API LockResult robust_mutex_trylock_result(int status);
 MPSERVICE_API long current_tid() noexcept;
 /// Registers fn to run in the child after every fork() (not after exec).
 MPSERVICE_API void at_fork_child(void (*fn)());
+
+/// A library lock that fork() must not copy while another thread holds it (the
+/// child would have the lock held by a thread it does not have: a deadlock).
+/// Before every fork() of this process the registered locks are taken, lowest
+/// rank first (outer locks first), so that the state they guard is consistent
+/// in the copy; after it they are released in the parent and in the child.  A
+/// lock still busy after a bounded wait (its holder waits for the forking
+/// thread, say) is left alone and made afresh, unlocked, in the child.
+struct ForkLock {
+    bool (*try_lock)(void* lock);
+    void (*unlock)(void* lock);
+    void (*reinit)(void* lock);
+    void* lock;
+    int rank;
+};
+MPSERVICE_API void at_fork_protect(const ForkLock& lock) noexcept;
+/// at_fork_protect for a std::mutex or std::recursive_mutex that lives for
+/// the rest of the process.  Register a lock before any thread can take it
+/// (at static initialization): a registration racing a fork cannot protect.
+template <class Mutex>
+void at_fork_protect(Mutex* m, int rank) noexcept {
+    at_fork_protect(ForkLock{[](void* p) { return static_cast<Mutex*>(p)->try_lock(); },
+                             [](void* p) { static_cast<Mutex*>(p)->unlock(); },
+                             [](void* p) { ::new (p) Mutex(); },  // over the copy held by a thread that is gone
+                             m, rank});
+}
 /// Whether a process with this id exists and has not ended: unlike pid_alive,
 /// a zombie (killed or exited, not yet reaped) counts as ended.
 MPSERVICE_API bool process_running(long pid) noexcept;

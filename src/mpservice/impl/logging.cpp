@@ -94,9 +94,19 @@ struct LogState {
 };
 
 LogState& state() {
-    static LogState* s = new LogState;  // usable from static destructors and exiting threads
+    static LogState* s = [] {
+        auto* p = new LogState;  // usable from static destructors and exiting threads
+        // A fork while another thread formats a record must not leave the
+        // child with these held; the outermost locks of the library (a
+        // handler may call anything), so they are taken first.
+        detail::os::at_fork_protect(&p->mu, 10);
+        detail::os::at_fork_protect(&p->forward_mu, 11);
+        return p;
+    }();
     return *s;
 }
+// Registered before main(), before any thread can hold them.
+[[maybe_unused]] const bool g_logging_fork_safe = (state(), true);
 
 /// The threshold for logger `name`: the override of the longest dotted prefix,
 /// else the global one.  Caller holds the mutex when overrides exist.
@@ -262,6 +272,20 @@ void set_log_forwarder(std::function<void(const LogRecord&)> forward) {
 
 void handle_log_record(const LogRecord& record) {
     LogState& s = state();
+    if (s.forwarding.load(std::memory_order_acquire)) {
+        // A record of one of our own children, and we are a child too: it goes
+        // up, as it is (its process name and pid stay the originator's), to be
+        // filtered, formatted and handled by the top parent alone.
+        std::shared_ptr<const std::function<void(const LogRecord&)>> forward;
+        {
+            std::lock_guard<std::mutex> lock(s.forward_mu);
+            forward = s.forward;
+        }
+        if (forward) {
+            (*forward)(record);
+            return;
+        }
+    }
     if (!passes_parent_filter(s, record)) return;
     std::lock_guard<std::recursive_mutex> lock(s.mu);
     std::string line = format_locked(s, record);
@@ -284,6 +308,10 @@ void handle_log_record(const LogRecord& record) {
 
 Level log_level() {
     LogState& s = state();
+    // In a child, the threshold that counts is the top parent's (handed down
+    // to us), so that our children send what the top parent wants.
+    if (s.forwarding.load(std::memory_order_acquire))
+        return static_cast<Level>(s.parent_level.load(std::memory_order_relaxed));
     std::lock_guard<std::recursive_mutex> lock(s.mu);
     int lowest = s.global_level.load(std::memory_order_relaxed);
     for (const auto& [name, level] : s.levels) lowest = std::min(lowest, static_cast<int>(level));

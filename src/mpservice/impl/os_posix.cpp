@@ -858,6 +858,67 @@ void at_fork_child(void (*fn)()) {
     if (rc != 0) throw std::system_error(rc, std::generic_category(), "mpservice: pthread_atfork");
 }
 
+namespace {
+// The registered fork locks.  Plain data, constant-initialized: usable from
+// any static initializer.  `g_fork_locks_busy` guards the table (and is held
+// across a fork, so a registration cannot slip in between).
+constexpr int kMaxForkLocks = 32;
+ForkLock g_fork_locks[kMaxForkLocks];
+bool g_fork_lock_taken[kMaxForkLocks];
+int g_fork_lock_count = 0;
+std::atomic_flag g_fork_locks_busy = ATOMIC_FLAG_INIT;
+
+void fork_locks_acquire_table() noexcept {
+    while (g_fork_locks_busy.test_and_set(std::memory_order_acquire)) ::sched_yield();
+}
+void fork_locks_release_table() noexcept { g_fork_locks_busy.clear(std::memory_order_release); }
+
+void fork_prepare() noexcept {
+    fork_locks_acquire_table();
+    // A holder normally lets go within microseconds; one that does not within
+    // the bound waits for something the fork blocks (or runs a slow log
+    // handler): the child then gets that lock afresh.
+    const auto give_up = Clock::now() + std::chrono::milliseconds(200);
+    for (int i = 0; i < g_fork_lock_count; ++i) {
+        const ForkLock& l = g_fork_locks[i];
+        bool taken = l.try_lock(l.lock);
+        while (!taken && Clock::now() < give_up) {
+            ::sched_yield();
+            taken = l.try_lock(l.lock);
+        }
+        g_fork_lock_taken[i] = taken;
+    }
+}
+void fork_parent() noexcept {
+    for (int i = g_fork_lock_count - 1; i >= 0; --i)
+        if (g_fork_lock_taken[i]) g_fork_locks[i].unlock(g_fork_locks[i].lock);
+    fork_locks_release_table();
+}
+void fork_child() noexcept {
+    for (int i = g_fork_lock_count - 1; i >= 0; --i) {
+        const ForkLock& l = g_fork_locks[i];
+        if (g_fork_lock_taken[i]) l.unlock(l.lock);
+        else l.reinit(l.lock);
+    }
+    fork_locks_release_table();
+}
+}  // namespace
+
+void at_fork_protect(const ForkLock& lock) noexcept {
+    fork_locks_acquire_table();
+    if (g_fork_lock_count == 0) ::pthread_atfork(&fork_prepare, &fork_parent, &fork_child);
+    if (g_fork_lock_count < kMaxForkLocks) {
+        // Kept sorted by rank: the outer locks are taken first.
+        int i = g_fork_lock_count++;
+        while (i > 0 && g_fork_locks[i - 1].rank > lock.rank) {
+            g_fork_locks[i] = g_fork_locks[i - 1];
+            --i;
+        }
+        g_fork_locks[i] = lock;
+    }
+    fork_locks_release_table();
+}
+
 bool process_running(long pid) noexcept {
     if (!pid_alive(pid)) return false;
     // /proc/<pid>/stat: "pid (comm) S ..." - comm may hold ')' so look for the last one.

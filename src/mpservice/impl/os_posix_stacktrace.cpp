@@ -299,10 +299,24 @@ void load_symbols(const char* path, ModuleSymbols& out) {
     }
 }
 
+// The symbolizer's caches.  Their locks are never destroyed (exceptions are
+// symbolized during static destruction too) and are registered as fork locks
+// before main(): a thread symbolizing while another forks must not leave the
+// child with a held lock (issue 8, defect 12).
+std::mutex& symbols_mutex() {
+    static auto* m = new std::mutex;
+    return *m;
+}
+std::mutex& line_cache_mutex() {
+    static auto* m = new std::mutex;
+    return *m;
+}
+[[maybe_unused]] const bool g_symbolizer_fork_safe =
+    (at_fork_protect(&symbols_mutex(), 30), at_fork_protect(&line_cache_mutex(), 31), true);
+
 const ModuleSymbols& module_symbols(const std::string& path) {
-    static std::mutex mu;
     static auto* cache = new std::map<std::string, std::unique_ptr<ModuleSymbols>>;  // lives to the end
-    std::lock_guard<std::mutex> lock(mu);
+    std::lock_guard<std::mutex> lock(symbols_mutex());
     auto& slot = (*cache)[path];
     if (!slot) {
         slot = std::make_unique<ModuleSymbols>();
@@ -486,7 +500,7 @@ std::vector<StackFrame> symbolize(void* const* pcs, int n) {
     // Add file:line, and the functions inlined at each address as frames of
     // their own (marked inlined), innermost first.  Answers are cached, so an
     // exception thrown again from the same place costs no second addr2line run.
-    static std::mutex cache_mu;
+    std::mutex& cache_mu = line_cache_mutex();
     static auto* cache = new std::map<std::pair<std::string, std::uintptr_t>, InlineChain>;
     std::vector<InlineChain> chains(frames.size());
     for (auto& [module, which] : want_lines) {

@@ -98,24 +98,25 @@ void start_fork_server() {
     r.forkserver.pid = pid;
 }
 
-/// After fork in a child: the parent's helpers are not ours.
+/// In the child of every fork() of this process (ours, the fork server's, the
+/// user's): the parent's helpers are not ours, and the locks of per-process
+/// state may have been copied held by threads that do not exist here.
 void reset_after_fork_in_child() {
     Runtime& r = rt();
     Reactor::forget_after_fork();
     g_abandoned_after_fork[2] = r.forkserver_mutex;
-    g_abandoned_after_fork[3] = r.fingerprint_mutex;
     r.forkserver_mutex = new std::mutex;
-    r.fingerprint_mutex = new std::mutex;
     os::close_handle(r.forkserver.control);
     r.forkserver = ForkServerLink{};
+    ::new (&child_link().mutex) std::mutex();  // the channel is replaced by whoever uses it next
 }
+[[maybe_unused]] const bool g_reset_after_fork_registered = (os::at_fork_child(&reset_after_fork_in_child), true);
 
 [[noreturn]] void run_forked_child(os::handle_t channel, os::handle_t parent_end, ChildTask& task,
                                    const std::string& name, const std::string& identity, long parent,
                                    Level parent_log_level) {
     os::close_handle(parent_end);
-    std::string parent_name = process_name();
-    reset_after_fork_in_child();
+    std::string parent_name = process_name();  // the reset after fork already ran (at_fork_child)
     if (!os::die_with_parent(parent)) os::exit_now(1);
     adopt_child_identity(name, identity, parent_name, parent);
     child_link().channel = channel;

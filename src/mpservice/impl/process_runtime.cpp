@@ -36,11 +36,11 @@ struct Runtime {
     std::string identity;  // "" in the main process, "2" or "2:1" in children
     std::atomic<int> next_child{1};
     std::optional<ProcessInfo> parent;
-    // Heap-allocated so a forked child can replace them (they may have been
-    // held by another thread at the moment of the fork).
+    // Heap-allocated so a forked child can replace it: the thread that starts
+    // a fork server forks while holding it.
     std::mutex* forkserver_mutex = new std::mutex;
     ForkServerLink forkserver;
-    std::mutex* fingerprint_mutex = new std::mutex;
+    std::mutex* fingerprint_mutex = new std::mutex;  // a fork lock (os::at_fork_protect)
     std::map<std::string, std::string> fingerprints;
     std::atomic<bool> corrupt_next_fingerprint{false};
 };
@@ -49,6 +49,10 @@ Runtime& rt() {
     static Runtime* r = new Runtime;  // never destroyed: the reactor thread outlives static destruction
     return *r;
 }
+
+// Before main(), before any thread exists: a fork while another thread fills
+// the fingerprint cache must not copy its lock held.
+[[maybe_unused]] const bool g_fingerprints_fork_safe = (os::at_fork_protect(rt().fingerprint_mutex, 25), true);
 
 std::string fingerprint_of(const std::string& module) {
     Runtime& r = rt();

@@ -158,9 +158,14 @@ struct Registry {
 };
 
 Registry& registry() {
-    static Registry* r = new Registry;  // used by static initializers of other parts; never destroyed
+    static Registry* r = [] {
+        auto* p = new Registry;  // used by static initializers of other parts; never destroyed
+        os::at_fork_protect(&p->mu, 20);
+        return p;
+    }();
     return *r;
 }
+[[maybe_unused]] const bool g_registry_fork_safe = (registry(), true);  // before any thread exists
 
 const ExceptionType* find_entry_by_key(const std::string& key) {
     Registry& r = registry();
