@@ -2307,6 +2307,10 @@ public:
 MPSERVICE_API void test_corrupt_next_fingerprint() noexcept;
 /// Test hook: pretend init() was (not) called.
 MPSERVICE_API void test_set_initialized(bool initialized) noexcept;
+/// Test hooks: the fork server's pid (0 if there is none), and how long
+/// start() waits for it to make a worker before giving up on it (default 30 s).
+MPSERVICE_API long test_fork_server_pid() noexcept;
+MPSERVICE_API void test_set_fork_server_timeout(std::chrono::milliseconds timeout) noexcept;
 
 }  // namespace detail
 
@@ -6933,6 +6937,9 @@ struct Runtime {
     std::mutex* fingerprint_mutex = new std::mutex;  // a fork lock (os::at_fork_protect)
     std::map<std::string, std::string> fingerprints;
     std::atomic<bool> corrupt_next_fingerprint{false};
+    // How long start() waits for the fork server to make a worker: a stopped
+    // or wedged server must not block start() for ever.
+    std::atomic<long long> forkserver_timeout_ms{30000};
 };
 
 Runtime& rt() {
@@ -7871,6 +7878,13 @@ ProcessCore::~ProcessCore() {
 
 void test_corrupt_next_fingerprint() noexcept { rt().corrupt_next_fingerprint = true; }
 void test_set_initialized(bool initialized) noexcept { rt().initialized = initialized; }
+long test_fork_server_pid() noexcept {
+    std::lock_guard<std::mutex> lk(*rt().forkserver_mutex);
+    return rt().forkserver.pid;
+}
+void test_set_fork_server_timeout(std::chrono::milliseconds timeout) noexcept {
+    rt().forkserver_timeout_ms = timeout.count();
+}
 
 namespace {
 std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::vector<os::handle_t>& handles) {
@@ -7888,6 +7902,33 @@ std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::ve
     handles = e.handles();
     return std::move(e.bytes());
 }
+/// Kills and reaps a fork server that is gone or does not answer, so that the
+/// next fork-server start makes a new one.  Caller holds forkserver_mutex.
+void drop_fork_server(Runtime& r) noexcept {
+    if (r.forkserver.pid > 0) {
+        os::send_signal(r.forkserver.pid, os::invalid_handle, os::signal_kill());  // its workers die with it
+        int code;
+        try {
+            os::reap_child(r.forkserver.pid, os::invalid_handle, true, &code);
+        } catch (...) {
+        }
+    }
+    os::close_handle(r.forkserver.control);
+    r.forkserver = ForkServerLink{};
+}
+
+/// Reads the worker's HELLO, waiting at most the fork-server timeout.
+bool read_hello(wire::FrameReader& reader, os::handle_t channel, Frame& hello, long long timeout_ms) {
+    const auto until = os::Clock::now() + std::chrono::milliseconds(timeout_ms);
+    while (!reader.next(hello)) {
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - os::Clock::now()).count();
+        if (left <= 0 || !os::wait_readable(&channel, 1, static_cast<int>(std::min<long long>(left + 1, 1 << 30))))
+            return false;
+        if (reader.fill(channel, true) == 0) throw Error("mpservice: the fork server failed to start a worker");
+    }
+    return true;
+}
+
 /// Undoes a start that failed after the child was made: kills and reaps the
 /// child (a fork-server worker is reaped by the server) and forgets it, so that
 /// nothing is left behind and start() can be tried again.
@@ -7963,13 +8004,21 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
                     boot_sent = true;
                 }
                 char request = 'S';
-                if (!os::channel_write(r.forkserver.control, &request, 1, nullptr, 0, &child_end, 1))
-                    throw Error("mpservice: the fork server is gone");
+                if (!os::channel_write(r.forkserver.control, &request, 1, nullptr, 0, &child_end, 1)) {
+                    drop_fork_server(r);  // the next start makes a new one
+                    throw Error("mpservice: the fork server is gone (it is replaced at the next start)");
+                }
                 os::close_handle(child_end);
                 child_end = os::invalid_handle;
                 Frame hello;
-                if (!io.reader.read_blocking(parent_end, hello) || hello.kind != frame_hello)
-                    throw Error("mpservice: the fork server failed to start a worker");
+                if (!read_hello(io.reader, parent_end, hello, r.forkserver_timeout_ms.load())) {
+                    long server = r.forkserver.pid;
+                    drop_fork_server(r);
+                    throw Error("mpservice: the fork server (pid " + std::to_string(server) +
+                                ") did not start a worker in time (stopped?); it was killed and is replaced at "
+                                "the next start");
+                }
+                if (hello.kind != frame_hello) throw Error("mpservice: the fork server failed to start a worker");
                 Decoder d(hello.payload);
                 std::int64_t worker_pid;
                 d(worker_pid, io.serial);

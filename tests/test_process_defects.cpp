@@ -656,4 +656,32 @@ TEST_CASE_TEMPLATE("issue 8.13b: every context ends a child the same way once it
     }
 }
 
+
+// ---------------------------------------------------------------- 13a, process side: start() ends whatever the fork server does
+
+TEST_CASE("issue 8.13: a stopped fork server makes start() fail in bounded time; the next start gets a new server") {
+    long server = mp::detail::test_fork_server_pid();
+    REQUIRE(server > 0);
+    REQUIRE(::kill(static_cast<pid_t>(server), SIGSTOP) == 0);
+    mp::detail::test_set_fork_server_timeout(500ms);
+    {
+        mp::Process p(mp::ForkServerContext{}, add, 1, 2);
+        std::string what = what_of<mp::Error>([&] { p.start(); });
+        INFO(what);
+        CHECK(contains(what, "did not start a worker in time"));
+        CHECK_FALSE(p.is_alive());
+    }
+    mp::detail::test_set_fork_server_timeout(30000ms);
+    CHECK(::kill(static_cast<pid_t>(server), 0) != 0);  // killed and reaped
+    long replacement = 0;
+    {
+        mp::Process p(mp::ForkServerContext{}, add, 1, 2);
+        p.start();
+        CHECK(p.result(60s) == 3);
+        replacement = mp::detail::test_fork_server_pid();
+    }
+    CHECK(replacement > 0);
+    CHECK(replacement != server);
+}
+
 }  // namespace

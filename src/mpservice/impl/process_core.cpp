@@ -40,6 +40,13 @@ ProcessCore::~ProcessCore() {
 
 void test_corrupt_next_fingerprint() noexcept { rt().corrupt_next_fingerprint = true; }
 void test_set_initialized(bool initialized) noexcept { rt().initialized = initialized; }
+long test_fork_server_pid() noexcept {
+    std::lock_guard<std::mutex> lk(*rt().forkserver_mutex);
+    return rt().forkserver.pid;
+}
+void test_set_fork_server_timeout(std::chrono::milliseconds timeout) noexcept {
+    rt().forkserver_timeout_ms = timeout.count();
+}
 
 namespace {
 std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::vector<os::handle_t>& handles) {
@@ -57,6 +64,33 @@ std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::ve
     handles = e.handles();
     return std::move(e.bytes());
 }
+/// Kills and reaps a fork server that is gone or does not answer, so that the
+/// next fork-server start makes a new one.  Caller holds forkserver_mutex.
+void drop_fork_server(Runtime& r) noexcept {
+    if (r.forkserver.pid > 0) {
+        os::send_signal(r.forkserver.pid, os::invalid_handle, os::signal_kill());  // its workers die with it
+        int code;
+        try {
+            os::reap_child(r.forkserver.pid, os::invalid_handle, true, &code);
+        } catch (...) {
+        }
+    }
+    os::close_handle(r.forkserver.control);
+    r.forkserver = ForkServerLink{};
+}
+
+/// Reads the worker's HELLO, waiting at most the fork-server timeout.
+bool read_hello(wire::FrameReader& reader, os::handle_t channel, Frame& hello, long long timeout_ms) {
+    const auto until = os::Clock::now() + std::chrono::milliseconds(timeout_ms);
+    while (!reader.next(hello)) {
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - os::Clock::now()).count();
+        if (left <= 0 || !os::wait_readable(&channel, 1, static_cast<int>(std::min<long long>(left + 1, 1 << 30))))
+            return false;
+        if (reader.fill(channel, true) == 0) throw Error("mpservice: the fork server failed to start a worker");
+    }
+    return true;
+}
+
 /// Undoes a start that failed after the child was made: kills and reaps the
 /// child (a fork-server worker is reaped by the server) and forgets it, so that
 /// nothing is left behind and start() can be tried again.
@@ -132,13 +166,21 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
                     boot_sent = true;
                 }
                 char request = 'S';
-                if (!os::channel_write(r.forkserver.control, &request, 1, nullptr, 0, &child_end, 1))
-                    throw Error("mpservice: the fork server is gone");
+                if (!os::channel_write(r.forkserver.control, &request, 1, nullptr, 0, &child_end, 1)) {
+                    drop_fork_server(r);  // the next start makes a new one
+                    throw Error("mpservice: the fork server is gone (it is replaced at the next start)");
+                }
                 os::close_handle(child_end);
                 child_end = os::invalid_handle;
                 Frame hello;
-                if (!io.reader.read_blocking(parent_end, hello) || hello.kind != frame_hello)
-                    throw Error("mpservice: the fork server failed to start a worker");
+                if (!read_hello(io.reader, parent_end, hello, r.forkserver_timeout_ms.load())) {
+                    long server = r.forkserver.pid;
+                    drop_fork_server(r);
+                    throw Error("mpservice: the fork server (pid " + std::to_string(server) +
+                                ") did not start a worker in time (stopped?); it was killed and is replaced at "
+                                "the next start");
+                }
+                if (hello.kind != frame_hello) throw Error("mpservice: the fork server failed to start a worker");
                 Decoder d(hello.payload);
                 std::int64_t worker_pid;
                 d(worker_pid, io.serial);

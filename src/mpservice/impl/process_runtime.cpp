@@ -43,6 +43,9 @@ struct Runtime {
     std::mutex* fingerprint_mutex = new std::mutex;  // a fork lock (os::at_fork_protect)
     std::map<std::string, std::string> fingerprints;
     std::atomic<bool> corrupt_next_fingerprint{false};
+    // How long start() waits for the fork server to make a worker: a stopped
+    // or wedged server must not block start() for ever.
+    std::atomic<long long> forkserver_timeout_ms{30000};
 };
 
 Runtime& rt() {

@@ -263,6 +263,10 @@ public:
 MPSERVICE_API void test_corrupt_next_fingerprint() noexcept;
 /// Test hook: pretend init() was (not) called.
 MPSERVICE_API void test_set_initialized(bool initialized) noexcept;
+/// Test hooks: the fork server's pid (0 if there is none), and how long
+/// start() waits for it to make a worker before giving up on it (default 30 s).
+MPSERVICE_API long test_fork_server_pid() noexcept;
+MPSERVICE_API void test_set_fork_server_timeout(std::chrono::milliseconds timeout) noexcept;
 
 
 }  // namespace detail
