@@ -1240,6 +1240,15 @@ MPSERVICE_API CodeRef code_ref_of(const void* address);
 /// the offset is not inside its executable code.
 MPSERVICE_API const void* code_ref_resolve(const CodeRef& ref) noexcept;
 
+// ---------------------------------------------------------------- (synchronization fixes: fix-sync)
+/// Sleeps until `deadline` (steady clock); returns at once if it has passed.
+MPSERVICE_API void sleep_until(Deadline deadline) noexcept;
+/// Whether a thread of *this* process holds the robust mutex now: its owner,
+/// as the kernel's robust-futex protocol records it, is one of our threads.
+/// (A block of shared memory holding such a mutex must stay mapped until that
+/// thread ends, or the kernel cannot mark the mutex as its owner's death.)
+MPSERVICE_API bool robust_mutex_held_in_this_process(const RobustMutex* m) noexcept;
+
 // ---------------------------------------------------------------- (queue section)
 /// Populates the page tables of a shared mapping now (writable), so the first
 /// pass of data through it does not pay a page fault per 4 KiB.  Best effort.
@@ -1259,8 +1268,10 @@ MPSERVICE_API void shm_prefault(void* addr, std::size_t size) noexcept;
 
 #include <cstddef>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <type_traits>
+#include <vector>
 
 namespace mpservice::detail {
 
@@ -1280,11 +1291,21 @@ public:
     /// Number of SharedMemory objects in *this process* sharing the mapping.
     long use_count() const noexcept { return m_.use_count(); }
 
+    /// Declares that a robust mutex lives at `m` inside this block.  While a
+    /// thread of this process holds it, the block stays mapped even after its
+    /// last handle here is gone: the kernel marks a robust mutex whose owner
+    /// ended by walking that thread's robust list *in the mapped memory*, so an
+    /// unmapped block would leave the mutex locked forever (and its list entry
+    /// pointing at nothing).  Costs nothing on lock or unlock.
+    MPSERVICE_API void keep_mapped_while_held(os::RobustMutex* m) const;
+
 private:
     struct Mapping {
         os::handle_t handle = os::invalid_handle;
         void* addr = nullptr;
         std::size_t size = 0;
+        std::mutex guard;                         // for `mutexes`
+        std::vector<os::RobustMutex*> mutexes;    // see keep_mapped_while_held
         Mapping() = default;
         Mapping(const Mapping&) = delete;
         Mapping& operator=(const Mapping&) = delete;
@@ -2591,10 +2612,9 @@ Thread(F, A...) -> Thread<detail::thread_result_t<F, A...>>;
 // Differences from Python worth knowing:
 // - A Lock is owned by the thread that acquired it; releasing it from another
 //   thread or process throws InvalidStateError (use a Semaphore for hand-offs).
-//   Acquiring a Lock the calling thread already holds throws InvalidStateError
-//   rather than deadlocking.
-// - Condition may wake more waiters than notify(n) asked for (spurious
-//   wake-ups, as with std::condition_variable); wait_for(predicate) is exact.
+//   Acquiring a Lock the calling thread already holds, without a timeout,
+//   throws InvalidStateError rather than deadlocking; try_lock() and a timed
+//   acquire return false (after the timeout), as in Python.
 // - Barrier's action is a plain function pointer; it runs in the process that
 //   arrives last (see Barrier).
 
@@ -2603,6 +2623,7 @@ Thread(F, A...) -> Thread<detail::thread_result_t<F, A...>>;
 #include <climits>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 namespace mpservice {
@@ -2683,6 +2704,13 @@ bool spin_until(Ready&& ready, std::atomic<Budget>& budget_ns) {
 
 // ---------------------------------------------------------------- handles to shared state
 
+/// Whether T holds a robust mutex named `mutex` (LockState, BarrierState).
+template <class T, class = void>
+struct has_robust_mutex : std::false_type {};
+template <class T>
+struct has_robust_mutex<T, std::enable_if_t<std::is_same_v<decltype(T::mutex), os::RobustMutex>>>
+    : std::true_type {};
+
 /// A T that lives at some offset inside a SharedMemory block.  Copies, and
 /// decoded copies in other processes, refer to the same T.  The block stays
 /// mapped as long as a SharedRef (or anything else) holds it.
@@ -2690,7 +2718,11 @@ template <class T>
 class SharedRef {
 public:
     SharedRef() = default;
-    SharedRef(SharedMemory mem, T* p) : mem_(std::move(mem)), p_(p) {}
+    SharedRef(SharedMemory mem, T* p) : mem_(std::move(mem)), p_(p) {
+        // A lock held when the last handle goes must stay mapped (see there).
+        if constexpr (has_robust_mutex<T>::value)
+            if (p_) mem_.keep_mapped_while_held(&p_->mutex);
+    }
 
     /// A new zero-filled block of `size` bytes (at least sizeof(T)) with a T
     /// constructed at its start.
@@ -2816,10 +2848,16 @@ inline bool lock_status_to_bool(const LockRef& l, LockStatus s) {
 /// lost.  Per process; the tests raise it to tell real wake-ups from rechecks.
 inline std::atomic<std::int64_t> condition_recheck_ms{100};
 
+/// A Condition's waiters and notifications.  Every change but the spin
+/// budget's is made under the condition's lock, which wait(), notify() and a
+/// waiter's decision after waking all hold: so a notify(n) hands out exactly
+/// min(n, un-notified waiters) wake-up tokens, and a waiter returns true only
+/// with a token, taken from a notify that came after it began to wait.
 struct ConditionState {
-    std::atomic<std::uint32_t> sequence{0};  // futex word: bumped by every notify
-    std::atomic<std::uint32_t> sleepers{0};  // may over-count after a waiter died: only costs a syscall
+    std::atomic<std::uint32_t> sequence{0};  // futex word: bumped by every notify that hands out tokens
+    std::atomic<std::uint32_t> sleepers{0};  // waiters registered (a dead one stays counted, see condition_notify)
     std::atomic<std::uint32_t> spin_ns{0};   // spin_until's budget
+    std::atomic<std::uint32_t> tokens{0};    // notified waiters that have not yet taken their wake-up
 };
 
 struct SemaphoreState {
@@ -3065,8 +3103,9 @@ public:
         }
         return result;
     }
-    /// Wakes up to n waiters (at least n when that many wait; see the file
-    /// comment) as soon as the lock is released.  The caller must hold the lock.
+    /// Wakes up to n of the threads waiting now (as soon as the lock is
+    /// released): exactly min(n, waiters not yet notified) waits return true.
+    /// The caller must hold the lock.
     void notify(int n = 1) { detail::condition_notify(state_, lock_, n); }
     void notify_all() { detail::condition_notify(state_, lock_, INT_MAX); }
 
@@ -5033,6 +5072,32 @@ const void* code_ref_resolve(const CodeRef& ref) noexcept {
     return s.resolved;
 }
 
+// ---------------------------------------------------------------- (synchronization fixes: fix-sync)
+
+void sleep_until(Deadline deadline) noexcept {
+    if (deadline == no_deadline) deadline = Clock::now() + std::chrono::hours(24 * 365);
+    timespec ts = to_timespec(deadline);
+    // steady_clock is CLOCK_MONOTONIC on Linux; an absolute deadline survives EINTR.
+    while (::clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, nullptr) == EINTR) {
+    }
+}
+
+bool robust_mutex_held_in_this_process(const RobustMutex* m) noexcept {
+#if defined(__linux__) && defined(__GLIBC__)
+    // A robust mutex's futex word holds its owner's thread id (FUTEX_TID_MASK
+    // bits): the kernel's robust-list protocol depends on it.
+    auto* mutex = reinterpret_cast<const pthread_mutex_t*>(m->storage);
+    const int word = __atomic_load_n(&mutex->__data.__lock, __ATOMIC_ACQUIRE);
+    const long tid = static_cast<long>(static_cast<unsigned>(word) & FUTEX_TID_MASK);
+    if (tid == 0) return false;
+    // tgkill with signal 0 only checks that `tid` is a thread of this process.
+    return ::syscall(SYS_tgkill, static_cast<long>(::getpid()), tid, 0) == 0;
+#else
+    (void)m;
+    return false;
+#endif
+}
+
 // ---------------------------------------------------------------- (queue section)
 
 void shm_prefault(void* addr, std::size_t size) noexcept {
@@ -5645,9 +5710,78 @@ extern "C" void __cxa_rethrow() {
 
 namespace mpservice::detail {
 
+namespace shm_impl {
+/// Mappings whose last handle is gone while a thread of this process held a
+/// robust mutex inside (see SharedMemory::keep_mapped_while_held).
+struct ParkedMapping {
+    void* addr;
+    std::size_t size;
+    std::vector<os::RobustMutex*> mutexes;
+};
+
+bool any_held(const std::vector<os::RobustMutex*>& mutexes) noexcept {
+    for (os::RobustMutex* m : mutexes)
+        if (os::robust_mutex_held_in_this_process(m)) return true;
+    return false;
+}
+
+class ParkedMappings {
+public:
+    /// Keeps the mapping; unmaps the parked ones whose mutexes are all free
+    /// now (their holders ended, so the kernel has marked them, or released).
+    void park(void* addr, std::size_t size, std::vector<os::RobustMutex*> mutexes) {
+        std::lock_guard<std::mutex> g(guard_);
+        parked_.push_back(ParkedMapping{addr, size, std::move(mutexes)});
+    }
+    void sweep() noexcept {
+        std::lock_guard<std::mutex> g(guard_);
+        for (std::size_t i = 0; i < parked_.size();) {
+            if (any_held(parked_[i].mutexes)) {
+                ++i;
+                continue;
+            }
+            os::shm_unmap(parked_[i].addr, parked_[i].size);
+            parked_[i] = std::move(parked_.back());
+            parked_.pop_back();
+        }
+    }
+    bool empty() noexcept {
+        std::lock_guard<std::mutex> g(guard_);
+        return parked_.empty();
+    }
+
+private:
+    std::mutex guard_;
+    std::vector<ParkedMapping> parked_;
+};
+
+/// Never destroyed: a mapping may be released during static destruction.
+ParkedMappings& parked_mappings() {
+    static ParkedMappings* p = new ParkedMappings();
+    return *p;
+}
+}  // namespace shm_impl
+
 SharedMemory::Mapping::~Mapping() {
+    os::close_handle(handle);  // the mapping, not the descriptor, keeps the memory
+    if (!mutexes.empty() && shm_impl::any_held(mutexes)) {
+        try {
+            shm_impl::parked_mappings().park(addr, size, std::move(mutexes));
+            return;
+        } catch (...) {
+            // Out of memory: unmapping is all that is left (the old behaviour).
+        }
+    }
     os::shm_unmap(addr, size);
-    os::close_handle(handle);
+    if (!mutexes.empty()) shm_impl::parked_mappings().sweep();
+}
+
+void SharedMemory::keep_mapped_while_held(os::RobustMutex* m) const {
+    if (!m_) return;
+    std::lock_guard<std::mutex> g(m_->guard);
+    for (os::RobustMutex* known : m_->mutexes)
+        if (known == m) return;
+    m_->mutexes.push_back(m);
 }
 
 SharedMemory SharedMemory::create(std::size_t size) {
@@ -8084,10 +8218,17 @@ LockStatus lock_acquire_slow(const LockRef& l, os::Deadline deadline) {
     LockState* s = l.state.get();
     const std::uint64_t me = this_thread_token();
     if (s->owner.load(std::memory_order_relaxed) == me) {
-        if (!l.recursive)
-            throw InvalidStateError(
-                "mpservice::Lock::acquire: the calling thread already holds this lock; a Lock is not "
-                "re-entrant (use an RLock), and waiting for it would wait forever");
+        if (!l.recursive) {
+            // Only a wait without end is a certain deadlock.  A bounded one gives
+            // up at its deadline, as Python's acquire(timeout) does: nobody else
+            // can release the lock meanwhile, so sleeping out the timeout is exact.
+            if (deadline == os::no_deadline)
+                throw InvalidStateError(
+                    "mpservice::Lock::acquire: the calling thread already holds this lock; a Lock is not "
+                    "re-entrant (use an RLock), and waiting for it would wait forever");
+            os::sleep_until(deadline);
+            return LockStatus::timed_out;
+        }
         s->depth.store(s->depth.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
         return LockStatus::acquired;
     }
@@ -8149,39 +8290,57 @@ void throw_owner_died(const LockRef& l) {
 
 // ---------------------------------------------------------------- Condition
 
+namespace sync_impl {
+/// Sleeps (after a spin) until the notification counter differs from `seen`
+/// or the deadline passes; false on the deadline.  Never longer than the
+/// recheck period at a time: a notifier that died before releasing the lock
+/// bumped the counter but will not wake us.
+bool await_notify(ConditionState* cs, std::uint32_t seen, os::Deadline deadline) {
+    auto bumped = [&] { return cs->sequence.load(std::memory_order_acquire) != seen; };
+    if (expired(deadline)) return bumped();
+    if (spin_until(bumped, cs->spin_ns)) return true;
+    for (;;) {
+        if (bumped()) return true;
+        auto step = os::Clock::now() +
+                    std::chrono::milliseconds(condition_recheck_ms.load(std::memory_order_relaxed));
+        if (deadline < step) step = deadline;
+        if (!os::futex_wait(&cs->sequence, seen, step) && step == deadline) return bumped();
+    }
+}
+}  // namespace sync_impl
+
 bool condition_wait(const SharedRef<ConditionState>& c, const LockRef& l, os::Deadline deadline) {
     using namespace sync_impl;
     if (!lock_is_mine(l))
         throw InvalidStateError("mpservice::Condition::wait: the calling thread must hold the condition's lock");
     ConditionState* cs = c.get();
-    // Read while still holding the lock: a notify can only come after our
-    // release, and every notify bumps the counter, so none can be missed.
-    const std::uint32_t seen = cs->sequence.load(std::memory_order_acquire);
-    const std::uint32_t depth = release_all(l);
-
-    auto notified = [&] { return cs->sequence.load(std::memory_order_acquire) != seen; };
-    bool woken = !expired(deadline) && spin_until(notified, cs->spin_ns);
-    if (!woken) {
-        cs->sleepers.fetch_add(1, std::memory_order_seq_cst);
-        for (;;) {
-            if (cs->sequence.load(std::memory_order_seq_cst) != seen) {
-                woken = true;
-                break;
-            }
-            // Never longer than the recheck period: a notifier that died before
-            // releasing the lock bumped the counter but will not wake us.
-            auto step = os::Clock::now() +
-                        std::chrono::milliseconds(condition_recheck_ms.load(std::memory_order_relaxed));
-            if (deadline < step) step = deadline;
-            if (!os::futex_wait(&cs->sequence, seen, step) && step == deadline) {
-                woken = notified();
-                break;
-            }
+    // Registered under the lock: a notify, which needs the lock too, either
+    // comes before (and is not ours) or sees us among the waiters.
+    const std::uint32_t entry = cs->sequence.load(std::memory_order_relaxed);
+    cs->sleepers.fetch_add(1, std::memory_order_seq_cst);
+    std::uint32_t seen = entry;
+    for (;;) {
+        const std::uint32_t depth = release_all(l);
+        await_notify(cs, seen, deadline);
+        const LockStatus taken = reacquire(l, depth);
+        // Decided under the lock.  A token is ours if a notify came after we began
+        // to wait (the counter moved since `entry`); any such token will do, since
+        // every token stands for one waiter of its notify, and all of its waiters
+        // that remain are eligible.  A waiter that times out while a token is there
+        // takes it: it was notified before it gave up.
+        const bool eligible = cs->sequence.load(std::memory_order_relaxed) != entry;
+        const std::uint32_t tokens = cs->tokens.load(std::memory_order_relaxed);
+        const bool notified = eligible && tokens > 0;
+        if (notified || expired(deadline) || taken == LockStatus::owner_died) {
+            if (notified) cs->tokens.store(tokens - 1, std::memory_order_relaxed);
+            cs->sleepers.fetch_sub(1, std::memory_order_relaxed);
+            if (taken == LockStatus::owner_died) condition_lock_owner_died(c, l);
+            return notified;
         }
-        cs->sleepers.fetch_sub(1, std::memory_order_relaxed);
+        // Woken (or a periodic recheck) but the tokens went to other waiters: wait
+        // for the next notify, still registered.
+        seen = cs->sequence.load(std::memory_order_relaxed);
     }
-    if (reacquire(l, depth) == LockStatus::owner_died) condition_lock_owner_died(c, l);
-    return woken;
 }
 
 void condition_notify(const SharedRef<ConditionState>& c, const LockRef& l, int n) {
@@ -8190,16 +8349,24 @@ void condition_notify(const SharedRef<ConditionState>& c, const LockRef& l, int 
         throw InvalidStateError("mpservice::Condition::notify: the calling thread must hold the condition's lock");
     if (n <= 0) return;
     ConditionState* cs = c.get();
+    // Waiters not yet notified.  A waiter that died while waiting stays counted
+    // and may be handed a token; its token goes to whichever live waiter wakes
+    // first, and the count stays exact for the rest, so a dead waiter costs a
+    // live one nothing.
+    const std::uint32_t waiters = cs->sleepers.load(std::memory_order_relaxed);
+    const std::uint32_t tokens = cs->tokens.load(std::memory_order_relaxed);
+    if (waiters <= tokens) return;  // nobody left to notify
+    const std::uint32_t k = std::min<std::uint32_t>(static_cast<std::uint32_t>(n), waiters - tokens);
+    cs->tokens.store(tokens + k, std::memory_order_relaxed);
     cs->sequence.fetch_add(1, std::memory_order_seq_cst);
-    if (cs->sleepers.load(std::memory_order_seq_cst) == 0) return;  // see wake_sleepers
     // The wake waits for the lock's release: a sleeper woken now would find
     // the lock held and only go to sleep again, on the lock.
     LockState* ls = l.state.get();
-    if (t_pending_wakes.add(ls, c, n)) {
+    if (t_pending_wakes.add(ls, c, static_cast<int>(k))) {
         ls->release_work.fetch_or(release_wake, std::memory_order_relaxed);
         return;
     }
-    os::futex_wake(&cs->sequence, n);
+    os::futex_wake(&cs->sequence, static_cast<int>(k));
 }
 
 void condition_lock_owner_died(const SharedRef<ConditionState>& c, const LockRef& l) {
@@ -8350,6 +8517,20 @@ void check_parties_locked(BarrierState* b, std::uint32_t generation) {
     }
 }
 
+/// Whether one of the first `n` arrivals of the current cycle - another
+/// process than ours - has ended.
+bool arrived_party_died_locked(BarrierState* b, std::uint32_t n) {
+    const std::int64_t me = os::current_pid();
+    std::int64_t checked = me;  // parties of one process often arrive in a row
+    for (std::uint32_t i = 0; i < n && i < b->parties; ++i) {
+        const std::int64_t pid = b->pids()[i];
+        if (pid == me || pid == checked) continue;
+        if (!os::process_running(static_cast<long>(pid))) return true;
+        checked = pid;
+    }
+    return false;
+}
+
 [[noreturn]] void throw_broken() {
     throw BrokenBarrierError(
         "mpservice::Barrier::wait: the barrier is broken (aborted, reset, timed out, its action failed, "
@@ -8435,6 +8616,13 @@ unsigned Barrier::wait_until(detail::os::Deadline deadline) {
         b->pids()[index] = os::current_pid();
         b->count.store(index + 1, std::memory_order_relaxed);
         if (index + 1 == b->parties) {
+            // The last arrival completes the cycle only with every party alive: one
+            // that died waiting must break it even if nobody slept long enough to
+            // notice (Python's barrier breaks when a waiter leaves abnormally).
+            if (arrived_party_died_locked(b, index)) {
+                break_locked(b);
+                throw_broken();
+            }
             if (!b->action.empty()) {
                 auto fn = reinterpret_cast<Action>(const_cast<void*>(os::code_ref_resolve(b->action)));
                 if (!fn) {
