@@ -2,7 +2,9 @@
 // describes it, under every context a Process can start in.
 #include <doctest/doctest.h>
 
+#include <array>
 #include <chrono>
+#include <cstddef>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -223,7 +225,6 @@ struct WithBool {
     bool flag;
     double d;
 };
-enum Unfixed { red, green };
 struct WithNested {
     WithBool inner[2];
     char c;
@@ -232,33 +233,36 @@ struct WithNested {
 
 TEST_CASE("defect 11: a bytewise struct's bool fields are checked; a bad byte is a DecodeError") {
     std::string bytes = mp::encode(WithBool{1, true, 2.5});
+    REQUIRE(bytes.size() == sizeof(WithBool));  // a bytewise struct travels as its bytes
     auto back = mp::decode<WithBool>(bytes);
     CHECK(back.a == 1);
     CHECK(back.flag);
     CHECK(back.d == 2.5);
-    // Find the bool's byte: the one that differs between true and false.
-    std::string other = mp::encode(WithBool{1, false, 2.5});
-    REQUIRE(other.size() == bytes.size());
-    std::size_t at = bytes.size();
-    for (std::size_t i = 0; i < bytes.size(); ++i)
-        if (bytes[i] != other[i]) at = i;
-    REQUIRE(at < bytes.size());
-    bytes[at] = char(0xff);
-    CHECK_THROWS_AS(mp::decode<WithBool>(bytes), mp::DecodeError);
+    for (int bad : {2, 0x7f, 0xff}) {
+        bytes[offsetof(WithBool, flag)] = char(bad);
+        CHECK_THROWS_AS(mp::decode<WithBool>(bytes), mp::DecodeError);
+    }
+    bytes[offsetof(WithBool, flag)] = 0;
+    CHECK_FALSE(mp::decode<WithBool>(bytes).flag);
 
-    std::vector<WithBool> many{{1, true, 0}, {2, false, 0}};
-    std::string vb = mp::encode(many);
-    std::string vo = mp::encode(std::vector<WithBool>{{1, false, 0}, {2, false, 0}});
-    for (std::size_t i = 0; i < vb.size(); ++i)
-        if (vb[i] != vo[i]) vb[i] = char(2);
+    // In a container (no longer one unchecked block) and nested in arrays of structs.
+    std::string vb = mp::encode(std::vector<WithBool>{{1, true, 0}, {2, false, 0}});
+    const std::size_t second_flag = vb.size() - sizeof(WithBool) + offsetof(WithBool, flag);
+    vb[second_flag] = char(2);
     CHECK_THROWS_AS(mp::decode<std::vector<WithBool>>(vb), mp::DecodeError);
+    vb[second_flag] = 1;
+    CHECK(mp::decode<std::vector<WithBool>>(vb)[1].flag);
 
     WithNested n{};
     n.inner[1].flag = true;
     std::string nb = mp::encode(n);
-    std::string no = mp::encode(WithNested{});
-    for (std::size_t i = 0; i < nb.size(); ++i)
-        if (nb[i] != no[i]) nb[i] = char(7);
+    REQUIRE(nb.size() == sizeof(WithNested));
+    const std::size_t nested_flag = offsetof(WithNested, inner) + sizeof(WithBool) + offsetof(WithBool, flag);
+    CHECK(mp::decode<WithNested>(nb).inner[1].flag);
+    nb[nested_flag] = char(0x80);
     CHECK_THROWS_AS(mp::decode<WithNested>(nb), mp::DecodeError);
-    CHECK(mp::decode<WithNested>(mp::encode(n)).inner[1].flag);
+
+    std::string ab = mp::encode(std::array<WithBool, 2>{});
+    ab[offsetof(WithBool, flag)] = char(3);
+    CHECK_THROWS_AS((mp::decode<std::array<WithBool, 2>>(ab)), mp::DecodeError);
 }
