@@ -1507,6 +1507,13 @@ MPSERVICE_API void sleep_until(Deadline deadline) noexcept;
 /// thread ends, or the kernel cannot mark the mutex as its owner's death.)
 MPSERVICE_API bool robust_mutex_held_in_this_process(const RobustMutex* m) noexcept;
 
+/// Gives the pages of bytes [offset, offset + size) of shared memory `h` back
+/// to the system (they read as zeros afterwards, in every process that maps
+/// them); offset and size are multiples of page_size().  Best effort.
+MPSERVICE_API void shm_release(handle_t h, std::size_t offset, std::size_t size) noexcept;
+/// The size of a memory page.
+MPSERVICE_API std::size_t page_size() noexcept;
+
 // ---------------------------------------------------------------- (queue section)
 /// Populates the page tables of a shared mapping now (writable), so the first
 /// pass of data through it does not pay a page fault per 4 KiB.  Best effort.
@@ -3974,8 +3981,8 @@ struct Codec<Array<T, L>> {
 // queues: Queue<T>, SimpleQueue<T> and JoinableQueue<T>, typed MPMC queues in
 // shared memory, usable from any number of threads and processes.
 //
-//     mp::Queue<std::string> q;              // unbounded in items, 1 MiB ring
-//     mp::Queue<Job> jobs(100, 8 << 20);     // at most 100 items, 8 MiB ring
+//     mp::Queue<std::string> q;              // unbounded, as in Python
+//     mp::Queue<Job> jobs(100, 8 << 20);     // at most 100 items and 8 MiB waiting
 //     q.put("hello");  std::string s = q.get();
 //     if (auto v = q.try_get()) use(*v);     // nothing there: std::nullopt
 //     q.get(std::chrono::milliseconds(50));  // nothing within 50 ms: throws mp::Empty
@@ -3987,11 +3994,16 @@ struct Codec<Array<T, L>> {
 // any type the codec handles; items holding OS handles (a Queue, a Lock, ...)
 // cannot be put into a queue - pass those as Process arguments.
 //
-// Bounds.  `maxsize` bounds the number of items (0: no bound, as in Python).  The
-// ring's byte capacity (default 1 MiB) bounds the bytes waiting: a put waits for
-// room when the ring is full even if maxsize is 0.  An item larger than half the
-// ring is streamed through it in chunks while a consumer copies them out, so items
-// of any size pass; producers stream one at a time, never interleaved.
+// Bounds.  `maxsize` bounds the number of items (0: no bound, as in Python).  By
+// default nothing bounds the bytes waiting: a put never waits for room, in one
+// process or many (the ring is a sparse 4 GiB reservation that commits memory only
+// as it fills, and gives it back as items are consumed; a default queue commits
+// one page at creation).  Only past 4 GiB of encoded items waiting would a put
+// wait, as on a bounded queue.  Given `capacity_bytes`, the ring is that big and
+// bounds the bytes waiting: a put waits for room when it is full.  An item larger
+// than half the ring (half of 1 MiB when unbounded) is streamed in chunks while a
+// consumer copies them out, so items of any size pass; producers stream one at a
+// time, never interleaved.
 //
 // Order.  Items from one producer (thread) arrive in the order it put them; items
 // from several producers interleave.
@@ -4057,6 +4069,16 @@ struct Codec<Array<T, L>> {
 // commit_get), so a process killed between two stores leaves a commit the next
 // holder of the lock finishes ("rolls forward").
 //
+// Unbounded in bytes (the default: no byte capacity given).  The ring is a sparse
+// reservation of unbounded_reserve bytes (a memfd of that size: pages exist only
+// once written), so a put never waits for room.  To keep the pages it touches few
+// and warm, a producer that finds the queue empty once it is past the first
+// hot_bytes of the ring starts the next cycle at the ring's start (a pad record),
+// and gives back the pages it wrote past them.  A consumer that falls behind
+// lets the producers run on into fresh pages, and gives those back as it
+// consumes them (in batches, holding both locks: the pages given back lie below
+// the committed head, so neither a crash nor a producer can be hurt by it).
+//
 // Waiting: futex words with a "sleepers" flag.  A waiter spins briefly, then sets
 // the flag and sleeps; a notifier pays a system call only if the flag is set and
 // clears it when it wakes everyone, so a waiter killed while asleep does not leave
@@ -4085,6 +4107,10 @@ struct QueueHeader {
     std::uint64_t capacity = 0;   // ring bytes, a multiple of 64
     std::uint64_t maxsize = 0;    // item bound, 0 = none
     std::uint64_t ring_offset = 0;
+    // 0 for a ring bounded in bytes.  Otherwise the ring is a large sparse
+    // reservation (`capacity`) of which only the first `hot_bytes` are reused
+    // cycle after cycle; see "Unbounded in bytes" above.
+    std::uint64_t hot_bytes = 0;
 
     alignas(64) std::atomic<std::uint32_t> closed{0};
 
@@ -4093,6 +4119,9 @@ struct QueueHeader {
     std::uint64_t head_cache = 0;  // a lower bound of `head`, saves reading the consumers' line
     std::uint64_t j_tail = 0, j_completed = 0;
     std::atomic<std::uint32_t> j_put_active{0};
+    // Unbounded in bytes: pages of positions below this (in its ring cycle,
+    // beyond the hot part) were given back.  Changed only with the put lock held.
+    std::atomic<std::uint64_t> released{0};
 
     // ---- published by producers, read by consumers
     alignas(64) std::atomic<std::uint64_t> tail{0};       // bytes ever published
@@ -4144,6 +4173,8 @@ public:
     MPSERVICE_API bool full() const noexcept;
     std::size_t maxsize() const noexcept { return static_cast<std::size_t>(h_->maxsize); }
     std::size_t capacity() const noexcept { return static_cast<std::size_t>(h_->capacity); }
+    /// The byte bound the queue was made with, 0 for none.
+    std::size_t byte_bound() const noexcept { return h_->hot_bytes ? 0 : static_cast<std::size_t>(h_->capacity); }
     MPSERVICE_API void close() noexcept;
     bool closed() const noexcept { return h_->closed.load(std::memory_order_acquire) != 0; }
 
@@ -4180,6 +4211,14 @@ private:
     void recover_get() noexcept;
     void probe_producers() noexcept;
     void probe_consumers() noexcept;
+    /// Unbounded in bytes: true if a producer at `tail` should start the ring's
+    /// next cycle now (past the hot part, queue empty).
+    bool should_wrap_early(std::uint64_t tail) const noexcept;
+    /// Gives back the pages of this cycle, past the hot part, below `below`
+    /// (a position no process reads or writes any more); needs the put lock.
+    void release_pages_below(std::uint64_t below) noexcept;
+    /// A consumer's chance to give back what it consumed: with the put lock if free.
+    void release_consumed() noexcept;
     Taken read_chunked(std::uint64_t head, std::string& out);
     /// Where `position` falls in the ring.  A 64-bit division costs ~25-40 cycles,
     /// as much as the rest of an uncontended put: a ring whose capacity is a power
@@ -4188,11 +4227,17 @@ private:
         return mask_ ? position & mask_ : position % h_->capacity;
     }
     unsigned char* at(std::uint64_t position) const noexcept { return ring_ + offset(position); }
+    /// The per-handle copies of the header's limits (see set_limits).
+    void set_limits() noexcept;
 
     SharedMemory mem_;
     QueueHeader* h_ = nullptr;
     unsigned char* ring_ = nullptr;
     std::uint64_t mask_ = 0;  // capacity - 1 when the capacity is a power of two, else 0
+    std::uint64_t whole_limit_ = 0;   // larger records are streamed in chunks...
+    std::uint64_t chunk_bytes_ = 0;   // ...of this size
+    std::uint64_t wrap_from_ = ~std::uint64_t(0);     // unbounded: offset past which a producer may wrap early
+    std::uint64_t release_from_ = ~std::uint64_t(0);  // unbounded: offset past which consumers give pages back
 };
 
 }  // namespace mpservice::detail
@@ -4291,12 +4336,16 @@ class Queue {
     using Status = detail::QueueCore::Status;
 
 public:
-    /// The ring's byte capacity when none is given.
+    /// `capacity_bytes` for a queue with no byte bound (the default, as in Python).
+    static constexpr std::size_t unbounded = 0;
+    /// A byte bound often used for a ring of fixed size (1 MiB).
     static constexpr std::size_t default_capacity = std::size_t(1) << 20;
 
-    /// A new queue holding at most `maxsize` items (0: no item bound) and at most
-    /// `capacity_bytes` bytes of encoded items at a time (larger items stream).
-    explicit Queue(std::size_t maxsize = 0, std::size_t capacity_bytes = default_capacity)
+    /// A new queue holding at most `maxsize` items (0: no item bound) and, if
+    /// `capacity_bytes` is given, at most that many bytes of encoded items at a
+    /// time (then larger items stream through it).  Without a byte bound a put
+    /// never waits for room.
+    explicit Queue(std::size_t maxsize = 0, std::size_t capacity_bytes = unbounded)
         : core_(detail::QueueCore::create(detail::QueueKind::queue, Items::type_tag(), maxsize, capacity_bytes)) {}
 
     /// Puts `item`, waiting for room as long as it takes.  Throws QueueClosed.
@@ -4343,8 +4392,8 @@ public:
     bool full() const noexcept { return core_.full(); }
     /// The item bound given at creation (0: none).
     std::size_t maxsize() const noexcept { return core_.maxsize(); }
-    /// The ring's byte capacity (the requested one rounded up to a multiple of 64).
-    std::size_t capacity() const noexcept { return core_.capacity(); }
+    /// The byte bound (the requested one rounded up to a multiple of 64); 0 for none.
+    std::size_t capacity() const noexcept { return core_.byte_bound(); }
     /// Closes the queue for every process: puts throw QueueClosed, gets drain.
     void close() noexcept { core_.close(); }
     bool closed() const noexcept { return core_.closed(); }
@@ -4381,7 +4430,7 @@ protected:
 template <class T>
 class JoinableQueue : public Queue<T> {
 public:
-    explicit JoinableQueue(std::size_t maxsize = 0, std::size_t capacity_bytes = Queue<T>::default_capacity)
+    explicit JoinableQueue(std::size_t maxsize = 0, std::size_t capacity_bytes = Queue<T>::unbounded)
         : Queue<T>(detail::QueueKind::joinable, maxsize, capacity_bytes) {}
 
     /// Marks one item taken from the queue as processed.  Throws
@@ -4408,7 +4457,7 @@ class SimpleQueue {
     using Status = detail::QueueCore::Status;
 
 public:
-    explicit SimpleQueue(std::size_t capacity_bytes = Queue<T>::default_capacity)
+    explicit SimpleQueue(std::size_t capacity_bytes = Queue<T>::unbounded)
         : core_(detail::QueueCore::create(detail::QueueKind::simple, Items::type_tag(), 0, capacity_bytes)) {}
 
     /// Puts `item`, waiting for room.  Throws QueueClosed after close().
@@ -4504,6 +4553,7 @@ struct Codec<SimpleQueue<T>> {
 #include <sys/wait.h>
 #include <unistd.h>
 #if defined(__linux__)
+#include <linux/falloc.h>
 #include <linux/futex.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -5354,6 +5404,25 @@ bool robust_mutex_held_in_this_process(const RobustMutex* m) noexcept {
     (void)m;
     return false;
 #endif
+}
+
+void shm_release(handle_t h, std::size_t offset, std::size_t size) noexcept {
+    if (size == 0) return;
+#if defined(__linux__)
+    // A memfd is a tmpfs file: punching a hole frees its pages for every mapping.
+    ::fallocate(h, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset), static_cast<off_t>(size));
+#else
+    (void)h;
+    (void)offset;
+#endif
+}
+
+std::size_t page_size() noexcept {
+    static const std::size_t size = [] {
+        long n = ::sysconf(_SC_PAGESIZE);
+        return n > 0 ? static_cast<std::size_t>(n) : std::size_t(4096);
+    }();
+    return size;
 }
 
 // ---------------------------------------------------------------- (queue section)
@@ -8960,6 +9029,14 @@ constexpr std::uint64_t first_header = 16;  // + total u64
 constexpr std::uint64_t min_capacity = 256;
 constexpr std::uint64_t max_capacity = std::uint64_t(1) << 40;
 constexpr std::uint64_t ring_offset = 4096;  // the ring starts on its own page
+// Unbounded in bytes (see queue_ring.hpp): the sparse reservation, the part of it
+// reused cycle after cycle, how far past that part pages may stay, and how many
+// consumed bytes a consumer lets pile up before it gives their pages back.  The
+// reservation costs address space only (4 GiB per queue per process that maps it).
+constexpr std::uint64_t unbounded_reserve = std::uint64_t(4) << 30;
+constexpr std::uint64_t hot_default = std::uint64_t(1) << 20;
+constexpr std::uint64_t keep_past_hot = std::uint64_t(256) << 10;
+constexpr std::uint64_t release_batch = std::uint64_t(1) << 20;
 // A reassembly or encoding buffer larger than this is given back after use.
 constexpr std::size_t keep_buffer_bytes = std::size_t(64) << 20;
 
@@ -8986,6 +9063,13 @@ struct RecordHeader {
     std::uint32_t len;
     std::uint32_t kind;
 };
+
+/// A record's bytes in the ring, `to_end` bytes before the ring's end: a pad
+/// runs to the end.
+std::uint64_t record_size(const RecordHeader& hdr, std::uint64_t to_end) noexcept {
+    if (hdr.kind == rec_pad) return to_end;
+    return (hdr.kind == rec_first ? first_header : small_header) + align8(hdr.len);
+}
 
 [[noreturn]] void corrupt(const char* what) {
     throw Error(std::string("mpservice: queue memory is corrupt (") + what +
@@ -9092,11 +9176,11 @@ bool kind_accepts(QueueKind wanted, std::uint32_t actual) noexcept {
 
 QueueCore QueueCore::create(QueueKind kind, std::uint64_t type_tag, std::size_t maxsize,
                             std::size_t capacity_bytes) {
-    if (capacity_bytes == 0) throw std::invalid_argument("mpservice: a queue needs a capacity of at least 1 byte");
     if (capacity_bytes > max_capacity)
         throw std::invalid_argument("mpservice: queue capacity " + std::to_string(capacity_bytes) +
                                     " bytes is more than the 1 TiB supported");
-    std::uint64_t capacity = std::max<std::uint64_t>(capacity_bytes, min_capacity);
+    const bool unbounded = capacity_bytes == 0;  // no byte bound: a sparse reservation
+    std::uint64_t capacity = unbounded ? unbounded_reserve : std::max<std::uint64_t>(capacity_bytes, min_capacity);
     capacity = (capacity + 63) & ~std::uint64_t(63);
     static_assert(sizeof(QueueHeader) <= ring_offset, "queue header outgrew its page");
     static_assert(std::atomic<std::uint64_t>::is_always_lock_free, "queues need lock-free 64-bit atomics");
@@ -9109,14 +9193,18 @@ QueueCore QueueCore::create(QueueKind kind, std::uint64_t type_tag, std::size_t 
     h->capacity = capacity;
     h->maxsize = maxsize;
     h->ring_offset = ring_offset;
+    h->hot_bytes = unbounded ? hot_default : 0;
+    h->released.store(unbounded ? hot_default + keep_past_hot : 0, std::memory_order_relaxed);
     os::robust_mutex_init(&h->put_lock);
     os::robust_mutex_init(&h->get_lock);
     std::atomic_thread_fence(std::memory_order_release);
     h->magic = queue_magic;
     q.h_ = h;
     q.ring_ = static_cast<unsigned char*>(q.mem_.data()) + ring_offset;
-    q.mask_ = power_of_two_mask(capacity);
-    os::shm_prefault(q.ring_, static_cast<std::size_t>(capacity));
+    q.set_limits();
+    // A bounded ring is all used soon: map its pages now.  An unbounded one
+    // commits memory only as items fill it.
+    if (!unbounded) os::shm_prefault(q.ring_, static_cast<std::size_t>(capacity));
     return q;
 }
 
@@ -9128,14 +9216,14 @@ QueueCore QueueCore::attach(SharedMemory memory, QueueKind kind, std::uint64_t t
         throw DecodeError("decode: the queue is of another kind (Queue, SimpleQueue or JoinableQueue) than expected");
     if (h->type_tag != type_tag) throw DecodeError("decode: the queue carries items of another type than expected");
     if (h->ring_offset != ring_offset || h->capacity < min_capacity || h->capacity % 64 != 0 ||
-        h->capacity > memory.size() - ring_offset)
+        h->capacity > memory.size() - ring_offset || h->hot_bytes > h->capacity / 2 || h->hot_bytes % 64 != 0)
         throw DecodeError("decode: queue header does not match its shared block");
     QueueCore q;
     q.mem_ = std::move(memory);
     q.h_ = h;
     q.ring_ = static_cast<unsigned char*>(q.mem_.data()) + ring_offset;
-    q.mask_ = power_of_two_mask(h->capacity);
-    os::shm_prefault(q.ring_, static_cast<std::size_t>(h->capacity));
+    q.set_limits();
+    if (!h->hot_bytes) os::shm_prefault(q.ring_, static_cast<std::size_t>(h->capacity));
     return q;
 }
 
@@ -9235,12 +9323,14 @@ QueueCore::Status QueueCore::put(const void* data, std::size_t size, os::Deadlin
         if (closed()) return Status::closed;
     }
     const std::uint64_t bytes = small_header + align8(size);
-    if (bytes > h_->capacity / 2) return put_chunked(data, size, deadline);
+    if (bytes > whole_limit_) return put_chunked(data, size, deadline);
 
-    // A whole record.  Padding the ring's end and waiting for room are out of
-    // line: most puts need neither, and an extra call costs ~10% of a put.
+    // A whole record.  Padding the ring's end, starting the next cycle early
+    // and waiting for room are out of line: most puts need none of them, and an
+    // extra call costs ~10% of a put.
     std::uint64_t tail = h_->tail.load(std::memory_order_relaxed);
-    if (offset(tail) + bytes > h_->capacity || tail + bytes > h_->head_cache + h_->capacity) {
+    if (offset(tail) + bytes > h_->capacity || tail + bytes > h_->head_cache + h_->capacity ||
+        offset(tail) >= wrap_from_) {
         Status s = make_room(tail, bytes, deadline);
         if (s != Status::ok) return s;
     }
@@ -9268,13 +9358,70 @@ bool QueueCore::wait_for_room(std::uint64_t tail, std::uint64_t bytes, os::Deadl
 }
 
 void QueueCore::write_pad(std::uint64_t tail, std::uint64_t bytes) {
-    RecordHeader hdr{static_cast<std::uint32_t>(bytes - small_header), rec_pad};
+    // A pad always runs to the ring's end; readers take its length from there
+    // (an unbounded ring's pad can be longer than 32 bits can say).
+    RecordHeader hdr{static_cast<std::uint32_t>(std::min<std::uint64_t>(bytes - small_header, UINT32_MAX)), rec_pad};
     std::memcpy(at(tail), &hdr, sizeof hdr);
     commit_put(tail + bytes, h_->completed.load(std::memory_order_relaxed));
     notify_after_commit(h_->data);
 }
 
+bool QueueCore::should_wrap_early(std::uint64_t tail) const noexcept {
+    return offset(tail) >= wrap_from_ && h_->head.load(std::memory_order_acquire) == tail;
+}
+
+void QueueCore::release_pages_below(std::uint64_t below) noexcept {
+    if (!h_->hot_bytes) return;
+    const std::uint64_t page = os::page_size();
+    const std::uint64_t cycle = below - offset(below);
+    // Pages past the hot part (and a margin, so that a cycle that runs a little
+    // past it does not fault the same pages in again every time).
+    const std::uint64_t first = cycle + h_->hot_bytes + keep_past_hot;
+    std::uint64_t from = h_->released.load(std::memory_order_relaxed);
+    if (from < first) from = first;  // an earlier cycle's mark: this cycle starts afresh
+    const std::uint64_t to = below & ~(page - 1);
+    if (to > from) {
+        os::shm_release(mem_.handle(), static_cast<std::size_t>(ring_offset + offset(from)),
+                        static_cast<std::size_t>(to - from));
+        from = to;
+    }
+    h_->released.store(from, std::memory_order_relaxed);
+}
+
+void QueueCore::release_consumed() noexcept {
+    const std::uint64_t head = h_->head.load(std::memory_order_relaxed);
+    const std::uint64_t released = h_->released.load(std::memory_order_relaxed);
+    if (head < released + release_batch && (head <= released || head != h_->tail.load(std::memory_order_acquire)))
+        return;
+    // The pages below the committed head are read by nobody; holding the put
+    // lock too, nobody writes them either while they are given back.
+    try {
+        auto r = os::robust_mutex_trylock(&h_->put_lock);
+        if (r == os::LockResult::busy) return;  // a producer is at work: next time
+        Held held(&h_->put_lock);
+        if (r == os::LockResult::owner_died) recover_put();
+        release_pages_below(head);
+    } catch (...) {
+    }
+}
+
+void QueueCore::set_limits() noexcept {
+    mask_ = power_of_two_mask(h_->capacity);
+    const std::uint64_t span = h_->hot_bytes ? h_->hot_bytes : h_->capacity;
+    whole_limit_ = span / 2;
+    chunk_bytes_ = span / 4;
+    wrap_from_ = h_->hot_bytes ? h_->hot_bytes : ~std::uint64_t(0);
+    release_from_ = h_->hot_bytes ? h_->hot_bytes + keep_past_hot : ~std::uint64_t(0);
+}
+
 QueueCore::Status QueueCore::make_room(std::uint64_t& tail, std::uint64_t bytes, os::Deadline deadline) {
+    if (should_wrap_early(tail)) {
+        // Past the hot part and nothing queued: the next cycle starts at the
+        // ring's start, on warm pages; the ones written past them go back.
+        release_pages_below(tail);
+        write_pad(tail, h_->capacity - offset(tail));
+        tail += h_->capacity - offset(tail);
+    }
     const std::uint64_t to_end = h_->capacity - offset(tail);
     if (to_end < bytes) {  // records never wrap: skip the ring's end
         if (!wait_for_room(tail, to_end, deadline, true)) return closed() ? Status::closed : Status::timeout;
@@ -9287,8 +9434,9 @@ QueueCore::Status QueueCore::make_room(std::uint64_t& tail, std::uint64_t bytes,
 
 QueueCore::Status QueueCore::put_chunked(const void* data, std::size_t size, os::Deadline deadline) {
     const std::uint64_t cap = h_->capacity;
-    // Chunks of a quarter ring: the consumer copies one out while we write the next.
-    const std::uint64_t chunk_bytes = cap / 4;
+    // Chunks of a quarter ring (of its hot part when unbounded): the consumer
+    // copies one out while we write the next.
+    const std::uint64_t chunk_bytes = chunk_bytes_;
     const auto* src = static_cast<const unsigned char*>(data);
     std::uint64_t remaining = size;
     std::uint64_t tail = h_->tail.load(std::memory_order_relaxed);
@@ -9305,6 +9453,12 @@ QueueCore::Status QueueCore::put_chunked(const void* data, std::size_t size, os:
     while (remaining) {
         const std::uint64_t header = first ? first_header : small_header;
         std::uint64_t piece = std::min<std::uint64_t>(remaining, chunk_bytes - header);
+        if (should_wrap_early(tail)) {
+            release_pages_below(tail);
+            write_pad(tail, cap - offset(tail));
+            tail += cap - offset(tail);
+            continue;
+        }
         const std::uint64_t to_end = cap - offset(tail);
         if (to_end < header + std::min<std::uint64_t>(align8(piece), 64)) {
             if (!wait_for_room(tail, to_end, deadline, first)) return give_up();
@@ -9370,7 +9524,7 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
             RecordHeader hdr;
             std::memcpy(&hdr, rec, sizeof hdr);
             if (hdr.kind < rec_whole || hdr.kind > rec_pad) corrupt("record kind");
-            const std::uint64_t bytes = (hdr.kind == rec_first ? first_header : small_header) + align8(hdr.len);
+            const std::uint64_t bytes = record_size(hdr, cap - offset(head));
             if (offset(head) + bytes > cap || head + bytes > h_->tail_cache) corrupt("record length");
             const std::uint64_t taken = h_->taken.load(std::memory_order_relaxed);
 
@@ -9405,6 +9559,7 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
                     }
                     commit_get(head + bytes, taken + 1);
                     notify_after_commit(h_->space);
+                    if (offset(head + bytes) >= release_from_) release_consumed();
                     return Status::ok;
                 }
                 default: {  // rec_first
@@ -9412,6 +9567,7 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
                     std::uint64_t total = 0;
                     std::memcpy(&total, rec + small_header, sizeof total);
                     if (read_chunked(head, buffer) == Taken::discarded) continue;
+                    release_consumed();
                     held.release();
                     struct Shrink {
                         std::string& b;
@@ -9463,7 +9619,7 @@ QueueCore::Taken QueueCore::read_chunked(std::uint64_t head, std::string& out) {
         unsigned char* rec = at(head);
         std::memcpy(&hdr, rec, sizeof hdr);
         if (hdr.kind < rec_whole || hdr.kind > rec_pad) corrupt("record kind");
-        const std::uint64_t bytes = (hdr.kind == rec_first ? first_header : small_header) + align8(hdr.len);
+        const std::uint64_t bytes = record_size(hdr, cap - offset(head));
         if (offset(head) + bytes > cap || head + bytes > tail) corrupt("record length");
         if (hdr.kind == rec_pad) {
             head += bytes;

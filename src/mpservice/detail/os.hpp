@@ -304,6 +304,13 @@ MPSERVICE_API void sleep_until(Deadline deadline) noexcept;
 /// thread ends, or the kernel cannot mark the mutex as its owner's death.)
 MPSERVICE_API bool robust_mutex_held_in_this_process(const RobustMutex* m) noexcept;
 
+/// Gives the pages of bytes [offset, offset + size) of shared memory `h` back
+/// to the system (they read as zeros afterwards, in every process that maps
+/// them); offset and size are multiples of page_size().  Best effort.
+MPSERVICE_API void shm_release(handle_t h, std::size_t offset, std::size_t size) noexcept;
+/// The size of a memory page.
+MPSERVICE_API std::size_t page_size() noexcept;
+
 // ---------------------------------------------------------------- (queue section)
 /// Populates the page tables of a shared mapping now (writable), so the first
 /// pass of data through it does not pay a page fault per 4 KiB.  Best effort.

@@ -31,6 +31,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #if defined(__linux__)
+#include <linux/falloc.h>
 #include <linux/futex.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -881,6 +882,25 @@ bool robust_mutex_held_in_this_process(const RobustMutex* m) noexcept {
     (void)m;
     return false;
 #endif
+}
+
+void shm_release(handle_t h, std::size_t offset, std::size_t size) noexcept {
+    if (size == 0) return;
+#if defined(__linux__)
+    // A memfd is a tmpfs file: punching a hole frees its pages for every mapping.
+    ::fallocate(h, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset), static_cast<off_t>(size));
+#else
+    (void)h;
+    (void)offset;
+#endif
+}
+
+std::size_t page_size() noexcept {
+    static const std::size_t size = [] {
+        long n = ::sysconf(_SC_PAGESIZE);
+        return n > 0 ? static_cast<std::size_t>(n) : std::size_t(4096);
+    }();
+    return size;
 }
 
 // ---------------------------------------------------------------- (queue section)
