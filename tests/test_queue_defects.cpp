@@ -112,3 +112,106 @@ TEST_CASE("defect 5: bounded queues still bound - by items, and by bytes when a 
     CHECK(unbounded.capacity() == 0);
     CHECK(unbounded.maxsize() == 0);
 }
+
+// ============================================================================ defect 13a
+
+namespace {
+const std::string& big_item() {
+    static const std::string s = [] {
+        std::string b(1 << 20, '\0');
+        for (std::size_t i = 0; i < b.size(); ++i) b[i] = char(i * 131 % 251);
+        return b;
+    }();
+    return s;
+}
+int put_big_then_small(mp::Queue<std::string> q) {
+    q.put(big_item());  // streamed through the 64 KiB ring: waits for room mid-item
+    q.put("after");
+    return 0;
+}
+
+/// The consumer, in a process of its own (so that a hang is a failed join, not
+/// a hung test): a get(200ms) while the producer is stopped mid-item must throw
+/// Empty on time; after `resumed` the next gets bring what the parent expects.
+pid_t consumer(mp::Queue<std::string>& q, mp::Event& timed_out, mp::Event& resumed, bool producer_killed) {
+    return forktest::spawn([&]() -> int {
+        auto start = std::chrono::steady_clock::now();
+        try {
+            q.get(200ms);
+            return 1;  // the stopped producer cannot have finished the item
+        } catch (const mp::Empty&) {
+        }
+        if (std::chrono::steady_clock::now() - start > 10s) return 2;
+        timed_out.set();
+        if (!resumed.wait(30s)) return 3;
+        if (producer_killed) {
+            // The producer died mid-item: its item is withdrawn, nothing else comes.
+            try {
+                q.get(300ms);
+                return 4;
+            } catch (const mp::Empty&) {
+            }
+            q.put("fresh");
+            return q.get(30s) == "fresh" ? 0 : 5;
+        }
+        if (q.get(30s) != big_item()) return 6;  // intact: continued where the timeout left it
+        return q.get(30s) == "after" ? 0 : 7;
+    });
+}
+}  // namespace
+
+TEST_CASE_TEMPLATE("defect 13a: get(timeout) returns on time while a streamed item's producer is stopped", Ctx,
+                   ALL_CONTEXTS) {
+    for (bool kill_producer : {false, true}) {
+        CAPTURE(kill_producer);
+        mp::Queue<std::string> q(0, 64 * 1024);
+        mp::Event timed_out, resumed;
+        mp::Process producer(Ctx{}, put_big_then_small, q);
+        producer.start();
+        REQUIRE(forktest::await([&] { return q.full(); }));  // mid-item, waiting for room
+        REQUIRE(::kill(static_cast<pid_t>(producer.pid()), SIGSTOP) == 0);
+        pid_t c = consumer(q, timed_out, resumed, kill_producer);
+        CHECK(timed_out.wait(30s));
+        if (kill_producer) {
+            producer.kill();
+            ::kill(static_cast<pid_t>(producer.pid()), SIGCONT);
+            CHECK_THROWS_AS(producer.join(30s), mp::ProcessError);
+        } else {
+            REQUIRE(::kill(static_cast<pid_t>(producer.pid()), SIGCONT) == 0);
+        }
+        resumed.set();
+        CHECK(forktest::join(c, 30s) == 0);
+        if (!kill_producer) CHECK(producer.result(30s) == 0);
+    }
+}
+
+TEST_CASE("defect 13a: a get in another process waits for a parked item's process, or drops it when it ended") {
+    mp::Queue<std::string> q(0, 64 * 1024);
+    mp::Event timed_out, go;
+    pid_t producer = forktest::spawn([&] {
+        q.put(big_item());
+        q.put("after");
+        return 0;
+    });
+    REQUIRE(forktest::await([&] { return q.full(); }));
+    REQUIRE(::kill(producer, SIGSTOP) == 0);
+    // A first consumer parks the half-received item and ends.
+    pid_t parker = forktest::spawn([&] {
+        try {
+            q.get(200ms);
+            return 1;
+        } catch (const mp::Empty&) {
+        }
+        timed_out.set();
+        return go.wait(30s) ? 0 : 2;
+    });
+    REQUIRE(timed_out.wait(30s));
+    ::kill(producer, SIGCONT);
+    // While the parker lives, the rest of its item is not ours.
+    CHECK_THROWS_AS(q.get(300ms), mp::Empty);
+    go.set();
+    CHECK(forktest::join(parker, 30s) == 0);
+    // It ended with its part: that item is lost, the next one arrives.
+    CHECK(q.get(30s) == "after");
+    CHECK(forktest::join(producer, 30s) == 0);
+}

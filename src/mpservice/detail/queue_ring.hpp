@@ -25,6 +25,14 @@
 // consumes them (in batches, holding both locks: the pages given back lie below
 // the committed head, so neither a crash nor a producer can be hurt by it).
 //
+// Parked items.  A get that reaches its timeout in the middle of a streamed
+// item (its producer is stopped, or slow) keeps the part it received in its
+// process and records the item in the header, then reports the timeout.  The
+// next get in that process continues the item where it stopped.  A get in
+// another process finds the rest of a parked item at the head: it waits (within
+// its own timeout) until the parking process has taken it - or, if that
+// process has ended, drops the rest, as for a consumer killed mid-item.
+//
 // Waiting: futex words with a "sleepers" flag.  A waiter spins briefly, then sets
 // the flag and sleeps; a notifier pays a system call only if the flag is set and
 // clears it when it wakes everyone, so a waiter killed while asleep does not leave
@@ -57,6 +65,7 @@ struct QueueHeader {
     std::uint64_t capacity = 0;   // ring bytes, a multiple of 64
     std::uint64_t maxsize = 0;    // item bound, 0 = none
     std::uint64_t ring_offset = 0;
+    std::uint64_t uid = 0;        // tells queues apart within a process (parked items)
     // 0 for a ring bounded in bytes.  Otherwise the ring is a large sparse
     // reservation (`capacity`) of which only the first `hot_bytes` are reused
     // cycle after cycle; see "Unbounded in bytes" above.
@@ -83,6 +92,10 @@ struct QueueHeader {
     std::uint64_t tail_cache = 0;  // a lower bound of `tail`
     std::uint64_t j_head = 0, j_taken = 0;
     std::atomic<std::uint32_t> j_get_active{0};
+    // A streamed item a get left half-received at its timeout (see "Parked
+    // items"): its id and the process that holds the part received.
+    std::atomic<std::uint64_t> parked_item{0};
+    std::atomic<std::int64_t> parked_pid{0};
 
     // ---- published by consumers, read by producers
     alignas(64) std::atomic<std::uint64_t> head{0};       // bytes ever consumed
@@ -147,7 +160,7 @@ public:
     }
 
 private:
-    enum class Taken { delivered, discarded };
+    enum class Taken { delivered, discarded, parked };
 
     /// Pads the ring's end if a record of `bytes` would cross it (advancing
     /// `tail`), then waits until the record fits.
@@ -169,7 +182,14 @@ private:
     void release_pages_below(std::uint64_t below) noexcept;
     /// A consumer's chance to give back what it consumed: with the put lock if free.
     void release_consumed() noexcept;
-    Taken read_chunked(std::uint64_t head, std::string& out);
+    Taken read_chunked(std::uint64_t head, std::string& out, os::Deadline deadline);
+    /// Receives the rest of item `id` (`received` of `total` bytes in `out`).
+    Taken continue_chunked(std::uint64_t head, std::uint64_t id, std::uint64_t received, std::uint64_t total,
+                           std::string& out, os::Deadline deadline);
+    /// A parked item at the head: resumes it (ours), waits for its process
+    /// (someone else's), or drops it (its process ended).  Holding the get lock.
+    enum class ParkedAction { none, resumed, dropped, wait };
+    ParkedAction handle_parked(std::string& out, std::uint64_t& total, os::Deadline deadline, Taken& result);
     /// Where `position` falls in the ring.  A 64-bit division costs ~25-40 cycles,
     /// as much as the rest of an uncontended put: a ring whose capacity is a power
     /// of two (the default) takes a mask instead.

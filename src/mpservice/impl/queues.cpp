@@ -2,9 +2,11 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <mutex>
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace mpservice::detail {
 
@@ -152,6 +154,49 @@ std::string& reassembly_buffer() {
     return buffer;
 }
 
+/// The parts of streamed items that gets of this process left half-received at
+/// their timeout (see "Parked items" in queue_ring.hpp).
+struct ParkedPart {
+    std::uint64_t queue = 0;  // QueueHeader::uid
+    std::uint64_t item = 0;
+    std::uint64_t received = 0;
+    std::uint64_t total = 0;
+    std::string data;
+};
+class ParkedParts {
+public:
+    void put(ParkedPart part) {
+        std::lock_guard<std::mutex> g(guard_);
+        parts_.push_back(std::move(part));
+    }
+    bool take(std::uint64_t queue, std::uint64_t item, ParkedPart& out) {
+        std::lock_guard<std::mutex> g(guard_);
+        for (std::size_t i = 0; i < parts_.size(); ++i) {
+            if (parts_[i].queue != queue || parts_[i].item != item) continue;
+            out = std::move(parts_[i]);
+            parts_.erase(parts_.begin() + static_cast<std::ptrdiff_t>(i));
+            return true;
+        }
+        return false;
+    }
+
+private:
+    std::mutex guard_;
+    std::vector<ParkedPart> parts_;
+};
+ParkedParts& parked_parts() {
+    static ParkedParts* parts = new ParkedParts();  // never destroyed: gets may run at exit
+    return *parts;
+}
+
+std::uint64_t new_queue_uid() noexcept {
+    static std::atomic<std::uint64_t> counter{0};
+    std::uint64_t x = static_cast<std::uint64_t>(os::current_pid()) << 40;
+    x ^= static_cast<std::uint64_t>(os::Clock::now().time_since_epoch().count());
+    x ^= counter.fetch_add(1, std::memory_order_relaxed) * 0x9e3779b97f4a7c15ull;
+    return x ? x : 1;
+}
+
 bool kind_accepts(QueueKind wanted, std::uint32_t actual) noexcept {
     // A JoinableQueue is a Queue: a function taking Queue<T> may receive one.
     return actual == static_cast<std::uint32_t>(wanted) ||
@@ -182,6 +227,7 @@ QueueCore QueueCore::create(QueueKind kind, std::uint64_t type_tag, std::size_t 
     h->maxsize = maxsize;
     h->ring_offset = ring_offset;
     h->hot_bytes = unbounded ? hot_default : 0;
+    h->uid = new_queue_uid();
     h->released.store(unbounded ? hot_default + keep_past_hot : 0, std::memory_order_relaxed);
     os::robust_mutex_init(&h->put_lock);
     os::robust_mutex_init(&h->get_lock);
@@ -488,16 +534,46 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
     };
     // Look under the lock first: while items stream, a get then reads no line the
     // producers write, except the ring and (when its cached copy runs out) `tail`.
-    for (bool first = true;; first = false) {
-        if (!first && !wait_until(h_->data, deadline, something, [&] { probe_producers(); })) return Status::timeout;
+    for (bool look_now = true;; ) {
+        if (!look_now && !wait_until(h_->data, deadline, something, [&] { probe_producers(); })) return Status::timeout;
+        look_now = false;
         auto r = take_lock(&h_->get_lock, deadline);
         if (r == os::LockResult::timed_out) return Status::timeout;
         Held held(&h_->get_lock);
         if (r == os::LockResult::owner_died) recover_get();
 
+        // Hands a reassembled streamed item to `consume`, outside the lock.
+        auto deliver = [&](std::string& buffer, std::uint64_t total) {
+            release_consumed();
+            held.release();
+            struct Shrink {
+                std::string& b;
+                ~Shrink() {
+                    if (b.size() > keep_buffer_bytes) std::string().swap(b);
+                }
+            } shrink{buffer};
+            consume(context, reinterpret_cast<const unsigned char*>(buffer.data()), static_cast<std::size_t>(total));
+            return Status::ok;
+        };
+        bool wait_for_parker = false;
         for (;;) {
             const std::uint64_t head = h_->head.load(std::memory_order_relaxed);
             if (head == h_->tail_cache) h_->tail_cache = h_->tail.load(std::memory_order_acquire);
+            if (head != h_->tail_cache && h_->parked_item.load(std::memory_order_relaxed)) {
+                std::string& buffer = reassembly_buffer();
+                std::uint64_t total = 0;
+                Taken taken = Taken::discarded;
+                const ParkedAction action = handle_parked(buffer, total, deadline, taken);
+                if (action == ParkedAction::wait) {
+                    wait_for_parker = true;
+                    break;
+                }
+                if (action == ParkedAction::resumed) {
+                    if (taken == Taken::parked) return Status::timeout;
+                    if (taken == Taken::delivered) return deliver(buffer, total);
+                }
+                continue;  // dropped or discarded: what follows is read as usual
+            }
             if (head == h_->tail_cache) {
                 // Empty.  Reading `closed` first makes every put that finished
                 // before close() visible to the second look at the tail.
@@ -554,26 +630,54 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
                     std::string& buffer = reassembly_buffer();
                     std::uint64_t total = 0;
                     std::memcpy(&total, rec + small_header, sizeof total);
-                    if (read_chunked(head, buffer) == Taken::discarded) continue;
-                    release_consumed();
-                    held.release();
-                    struct Shrink {
-                        std::string& b;
-                        ~Shrink() {
-                            if (b.size() > keep_buffer_bytes) std::string().swap(b);
-                        }
-                    } shrink{buffer};
-                    consume(context, reinterpret_cast<const unsigned char*>(buffer.data()),
-                            static_cast<std::size_t>(total));
-                    return Status::ok;
+                    const Taken taken = read_chunked(head, buffer, deadline);
+                    if (taken == Taken::discarded) continue;
+                    if (taken == Taken::parked) return Status::timeout;
+                    return deliver(buffer, total);
                 }
             }
+        }
+        if (wait_for_parker) {
+            // The rest of another process's parked item is at the head: wait until
+            // that process has taken it (or ended), within our own deadline.
+            const std::uint64_t item = h_->parked_item.load(std::memory_order_relaxed);
+            const long parker = static_cast<long>(h_->parked_pid.load(std::memory_order_relaxed));
+            held.release();
+            bool parker_ended = false;
+            auto moved_on = [&] {
+                return parker_ended || h_->parked_item.load(std::memory_order_acquire) != item;
+            };
+            if (!wait_until(h_->data, deadline, moved_on, [&] { parker_ended = !os::process_running(parker); }))
+                return Status::timeout;
+            look_now = true;  // look again at once, under the lock
         }
     }
 }
 
-QueueCore::Taken QueueCore::read_chunked(std::uint64_t head, std::string& out) {
-    const std::uint64_t cap = h_->capacity;
+QueueCore::ParkedAction QueueCore::handle_parked(std::string& out, std::uint64_t& total, os::Deadline deadline,
+                                                 Taken& result) {
+    const std::uint64_t item = h_->parked_item.load(std::memory_order_relaxed);
+    const long parker = static_cast<long>(h_->parked_pid.load(std::memory_order_relaxed));
+    if (parker == os::current_pid()) {
+        ParkedPart part;
+        h_->parked_item.store(0, std::memory_order_release);
+        if (!parked_parts().take(h_->uid, item, part)) return ParkedAction::dropped;  // not ours after all
+        out = std::move(part.data);
+        total = part.total;
+        result = continue_chunked(h_->head.load(std::memory_order_relaxed), item, part.received, part.total, out,
+                                  deadline);
+        if (result != Taken::parked) notify(h_->data);  // gets of other processes wait for this
+        return ParkedAction::resumed;
+    }
+    if (os::process_running(parker)) return ParkedAction::wait;
+    // Its process ended with the part it had: the item is lost (as for a
+    // consumer killed mid-item); the rest is dropped as it comes.
+    h_->parked_item.store(0, std::memory_order_release);
+    notify(h_->data);
+    return ParkedAction::dropped;
+}
+
+QueueCore::Taken QueueCore::read_chunked(std::uint64_t head, std::string& out, os::Deadline deadline) {
     RecordHeader hdr;
     std::memcpy(&hdr, at(head), sizeof hdr);
     std::uint64_t total = 0;
@@ -581,14 +685,21 @@ QueueCore::Taken QueueCore::read_chunked(std::uint64_t head, std::string& out) {
     if (hdr.len > total) corrupt("first chunk longer than its item");
     if (out.size() < total) out.resize(static_cast<std::size_t>(total));
     std::memcpy(&out[0], at(head) + first_header, hdr.len);
-    std::uint64_t received = hdr.len;
+    const std::uint64_t received = hdr.len;
     const std::uint64_t id = head + 1;
     head += first_header + align8(hdr.len);
     std::uint64_t taken = h_->taken.load(std::memory_order_relaxed);
     if (received == total) ++taken;
     commit_get(head, taken);
     notify(h_->space);
+    return continue_chunked(head, id, received, total, out, deadline);
+}
 
+QueueCore::Taken QueueCore::continue_chunked(std::uint64_t head, std::uint64_t id, std::uint64_t received,
+                                             std::uint64_t total, std::string& out, os::Deadline deadline) {
+    const std::uint64_t cap = h_->capacity;
+    RecordHeader hdr;
+    std::uint64_t taken = h_->taken.load(std::memory_order_relaxed);
     // The producer holds the put lock until the item is complete, so its chunks
     // follow one another.  It gives up (timeout) or dies: `streaming` changes.
     auto next_or_abandoned = [&] {
@@ -596,7 +707,18 @@ QueueCore::Taken QueueCore::read_chunked(std::uint64_t head, std::string& out) {
                h_->tail.load(std::memory_order_acquire) != head;
     };
     while (received < total) {
-        wait_until(h_->data, os::no_deadline, next_or_abandoned, [&] { probe_producers(); });
+        if (!wait_until(h_->data, deadline, next_or_abandoned, [&] { probe_producers(); })) {
+            // Our timeout, with the producer stopped or slow mid-item: keep what
+            // we have for the next get of this process (see "Parked items").
+            try {
+                parked_parts().put(ParkedPart{h_->uid, id, received, total, std::move(out)});
+            } catch (...) {
+                return Taken::discarded;  // no memory to keep it: the item is lost
+            }
+            h_->parked_pid.store(os::current_pid(), std::memory_order_relaxed);
+            h_->parked_item.store(id, std::memory_order_release);
+            return Taken::parked;
+        }
         const std::uint64_t streaming = h_->streaming.load(std::memory_order_acquire);
         const std::uint64_t tail = h_->tail.load(std::memory_order_acquire);
         if (tail == head) {
