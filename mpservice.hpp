@@ -152,11 +152,14 @@ public:
 //     std::unordered_multimap, std::set, std::multiset, std::unordered_set,
 //     std::unordered_multiset, nested to any depth (up to codec_max_depth levels);
 //   - trivially copyable classes that have no serialize member: copied byte for byte, and
-//     containers of them in one block.  Such a struct is taken as it is: a struct that holds
-//     a pointer (or a pointer-like handle) means nothing in another process, and one whose
-//     fields are not valid for every byte pattern (bool, an enum without a fixed underlying
-//     type) is not checked against corrupt input.  Give such a struct serialize() instead:
-//     then every field is carried and checked by its own codec.
+//     containers of them in one block.  The rule: decoding never makes a value whose
+//     loading is undefined behaviour.  A bool may only hold 0 or 1, so an aggregate with a
+//     bool anywhere inside (in nested aggregates and arrays too) is checked field by field
+//     after the copy - a bad byte is a DecodeError - and containers of it decode element by
+//     element.  The codec finds an aggregate's fields itself (up to 24 direct members, no
+//     base classes); for other trivially copyable classes (private members, constructors,
+//     bases) it cannot, so they are copied unchecked: give such a class serialize() if it
+//     holds a bool.  A pointer field means nothing in another process.
 //   - Enums travel as their bytes.  An enum with a fixed underlying type (every enum class,
 //     `enum E : int`) can hold any value, so nothing can go wrong; for an unscoped enum
 //     without one, a corrupt value outside its enumerators' range is not detected.
@@ -579,13 +582,268 @@ struct EmptyCodec {
     }
 };
 
+// ---------------------------------------------------------------------------
+// Bytewise aggregates that hold bools: checked field by field.
+//
+// A bool may only hold 0 or 1; loading any other byte as a bool is undefined
+// behaviour.  So a trivially copyable aggregate is decoded from its bytes and
+// then each field is looked at through a structured binding - as raw bytes,
+// never loaded as the field's type - down through nested aggregates and arrays:
+// a bool byte other than 0 or 1 is a DecodeError.  Aggregates without a bool
+// anywhere stay a plain copy (and containers of them one block).  The members
+// are found with the standard C++17 means: the number of `{}` initializers the
+// aggregate accepts, then a structured binding of that many names (up to
+// codec_max_checked_fields).
+
+inline constexpr int codec_max_checked_fields = 24;
+
+template <class... T>
+struct FieldTypes {};
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
+#pragma GCC diagnostic ignored "-Wmissing-braces"
+#endif
+/// Whether T{{}, ..., {}} with N initializers is valid: N <= T's direct members
+/// (bases count as members in C++17 aggregate initialization).
+template <class T, int N, class = void>
+struct accepts_braces : std::false_type {};
+
+template <class T>
+struct accepts_braces<T, 1, std::void_t<decltype(T{{}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 2, std::void_t<decltype(T{{}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 3, std::void_t<decltype(T{{}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 4, std::void_t<decltype(T{{}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 5, std::void_t<decltype(T{{}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 6, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 7, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 8, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 9, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 10, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 11, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 12, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 13, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 14, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 15, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 16, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 17, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 18, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 19, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 20, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 21, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 22, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 23, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 24, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+
+template <class T, int N = 1>
+constexpr int brace_count() {
+    if constexpr (N > codec_max_checked_fields || !accepts_braces<T, N>::value)
+        return N - 1;
+    else
+        return brace_count<T, N + 1>();
+}
+
+/// Converts only to a proper base of T: T{BaseProbe<T>{}} is valid iff T's
+/// first initializer is a base class (its fields then cannot be bound by name).
+template <class T>
+struct BaseProbe {
+    template <class U, class = std::enable_if_t<std::is_base_of_v<U, T> && !std::is_same_v<U, T>>>
+    operator U() const;
+};
+template <class T, class = void>
+struct has_aggregate_base : std::false_type {};
+template <class T>
+struct has_aggregate_base<T, std::void_t<decltype(T{BaseProbe<T>{}})>> : std::true_type {};
+
+template <class T>
+constexpr bool bindable_aggregate() {
+    if constexpr (std::is_class_v<T> && std::is_aggregate_v<T> && !std::is_empty_v<T> && !std::is_union_v<T>) {
+        if constexpr (has_aggregate_base<T>::value) {
+            return false;
+        } else {
+            constexpr int n = brace_count<T>();
+            return n >= 1 && n <= codec_max_checked_fields;
+        }
+    } else {
+        return false;
+    }
+}
+
+/// Calls f(field...) with references to T's members (T bindable_aggregate).
+template <class T, class F>
+decltype(auto) with_fields(T& v, F&& f) {
+    constexpr int n = brace_count<T>();
+    if constexpr (n == 1) {
+        auto& [m0] = v;
+        return f(m0);
+    } else if constexpr (n == 2) {
+        auto& [m0, m1] = v;
+        return f(m0, m1);
+    } else if constexpr (n == 3) {
+        auto& [m0, m1, m2] = v;
+        return f(m0, m1, m2);
+    } else if constexpr (n == 4) {
+        auto& [m0, m1, m2, m3] = v;
+        return f(m0, m1, m2, m3);
+    } else if constexpr (n == 5) {
+        auto& [m0, m1, m2, m3, m4] = v;
+        return f(m0, m1, m2, m3, m4);
+    } else if constexpr (n == 6) {
+        auto& [m0, m1, m2, m3, m4, m5] = v;
+        return f(m0, m1, m2, m3, m4, m5);
+    } else if constexpr (n == 7) {
+        auto& [m0, m1, m2, m3, m4, m5, m6] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6);
+    } else if constexpr (n == 8) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7);
+    } else if constexpr (n == 9) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8);
+    } else if constexpr (n == 10) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9);
+    } else if constexpr (n == 11) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10);
+    } else if constexpr (n == 12) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11);
+    } else if constexpr (n == 13) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12);
+    } else if constexpr (n == 14) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13);
+    } else if constexpr (n == 15) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14);
+    } else if constexpr (n == 16) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15);
+    } else if constexpr (n == 17) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16);
+    } else if constexpr (n == 18) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17);
+    } else if constexpr (n == 19) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18);
+    } else if constexpr (n == 20) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18, m19] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18, m19);
+    } else if constexpr (n == 21) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18, m19, m20] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18, m19, m20);
+    } else if constexpr (n == 22) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18, m19, m20, m21] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18, m19, m20, m21);
+    } else if constexpr (n == 23) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18, m19, m20, m21, m22] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18, m19, m20, m21, m22);
+    } else if constexpr (n == 24) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18, m19, m20, m21, m22, m23] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18, m19, m20, m21, m22, m23);
+    }
+}
+
+struct FieldTypesOf {
+    template <class... M>
+    FieldTypes<M...> operator()(M&...) const {
+        return {};
+    }
+};
+template <class T>
+using field_types_t = decltype(with_fields(std::declval<T&>(), FieldTypesOf{}));
+
+template <class T>
+constexpr bool holds_bool();
+template <class... T>
+constexpr bool any_holds_bool(FieldTypes<T...>) {
+    return (holds_bool<T>() || ...);
+}
+/// Whether a bool lies anywhere inside T's bytes (as far as the codec can see).
+template <class T>
+constexpr bool holds_bool() {
+    using U = std::remove_cv_t<T>;
+    if constexpr (std::is_same_v<U, bool>)
+        return true;
+    else if constexpr (std::is_array_v<U>)
+        return holds_bool<std::remove_extent_t<U>>();
+    else if constexpr (bindable_aggregate<U>())
+        return any_holds_bool(field_types_t<U>{});
+    else
+        return false;
+}
+
+/// Throws DecodeError if a bool inside `v` holds a byte other than 0 or 1.
+template <class T>
+void check_bool_bytes(const T& v) {
+    using U = std::remove_cv_t<T>;
+    if constexpr (std::is_same_v<U, bool>) {
+        unsigned char byte;
+        std::memcpy(&byte, static_cast<const void*>(&v), 1);
+        if (byte > 1)
+            throw DecodeError("decode: a bool field's byte is " + std::to_string(byte) + ", not 0 or 1");
+    } else if constexpr (std::is_array_v<U>) {
+        for (const auto& x : v) check_bool_bytes(x);
+    } else if constexpr (bindable_aggregate<U>() && holds_bool<U>()) {
+        with_fields(const_cast<U&>(v), [](auto&... m) { (check_bool_bytes(m), ...); });
+    }
+}
+
+/// A trivially copyable aggregate with a bool inside: its bytes, checked.
+/// Not `bitwise`, so containers decode it element by element.
+template <class T>
+struct CheckedBytesCodec {
+    static constexpr std::size_t min_encoded_size() { return sizeof(T); }
+    static void encode(Encoder& e, const T& v) { e.write_bytes(&v, sizeof v); }
+    static T decode(Decoder& d) {
+        T v = BitwiseCodec<T>::from_bytes(d.take(sizeof(T), "bytes"));
+        check_bool_bytes(v);
+        return v;
+    }
+};
+
+}  // namespace detail
+
+namespace detail {
 template <class T>
 using default_codec_t = std::conditional_t<
     has_serialize<T>::value, SerializeCodec<T>,
     std::conditional_t<
         std::is_empty_v<T> && std::is_trivially_copyable_v<T>, EmptyCodec<T>,
         std::conditional_t<(std::is_class_v<T> || std::is_union_v<T>)&&std::is_trivially_copyable_v<T>,
-                           BitwiseCodec<T>, mpservice_cannot_encode_this_type<T>>>>;
+                           std::conditional_t<holds_bool<T>(), CheckedBytesCodec<T>, BitwiseCodec<T>>,
+                           mpservice_cannot_encode_this_type<T>>>>;
 
 }  // namespace detail
 
@@ -1292,6 +1550,22 @@ MPSERVICE_API CodeRef code_ref_of(const void* address);
 /// the offset is not inside its executable code.
 MPSERVICE_API const void* code_ref_resolve(const CodeRef& ref) noexcept;
 
+// ---------------------------------------------------------------- (synchronization fixes: fix-sync)
+/// Sleeps until `deadline` (steady clock); returns at once if it has passed.
+MPSERVICE_API void sleep_until(Deadline deadline) noexcept;
+/// Whether a thread of *this* process holds the robust mutex now: its owner,
+/// as the kernel's robust-futex protocol records it, is one of our threads.
+/// (A block of shared memory holding such a mutex must stay mapped until that
+/// thread ends, or the kernel cannot mark the mutex as its owner's death.)
+MPSERVICE_API bool robust_mutex_held_in_this_process(const RobustMutex* m) noexcept;
+
+/// Gives the pages of bytes [offset, offset + size) of shared memory `h` back
+/// to the system (they read as zeros afterwards, in every process that maps
+/// them); offset and size are multiples of page_size().  Best effort.
+MPSERVICE_API void shm_release(handle_t h, std::size_t offset, std::size_t size) noexcept;
+/// The size of a memory page.
+MPSERVICE_API std::size_t page_size() noexcept;
+
 // ---------------------------------------------------------------- (queue section)
 /// Populates the page tables of a shared mapping now (writable), so the first
 /// pass of data through it does not pay a page fault per 4 KiB.  Best effort.
@@ -1311,8 +1585,10 @@ MPSERVICE_API void shm_prefault(void* addr, std::size_t size) noexcept;
 
 #include <cstddef>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <type_traits>
+#include <vector>
 
 namespace mpservice::detail {
 
@@ -1332,11 +1608,21 @@ public:
     /// Number of SharedMemory objects in *this process* sharing the mapping.
     long use_count() const noexcept { return m_.use_count(); }
 
+    /// Declares that a robust mutex lives at `m` inside this block.  While a
+    /// thread of this process holds it, the block stays mapped even after its
+    /// last handle here is gone: the kernel marks a robust mutex whose owner
+    /// ended by walking that thread's robust list *in the mapped memory*, so an
+    /// unmapped block would leave the mutex locked forever (and its list entry
+    /// pointing at nothing).  Costs nothing on lock or unlock.
+    MPSERVICE_API void keep_mapped_while_held(os::RobustMutex* m) const;
+
 private:
     struct Mapping {
         os::handle_t handle = os::invalid_handle;
         void* addr = nullptr;
         std::size_t size = 0;
+        std::mutex guard;                         // for `mutexes`
+        std::vector<os::RobustMutex*> mutexes;    // see keep_mapped_while_held
         Mapping() = default;
         Mapping(const Mapping&) = delete;
         Mapping& operator=(const Mapping&) = delete;
@@ -2667,10 +2953,9 @@ Thread(F, A...) -> Thread<detail::thread_result_t<F, A...>>;
 // Differences from Python worth knowing:
 // - A Lock is owned by the thread that acquired it; releasing it from another
 //   thread or process throws InvalidStateError (use a Semaphore for hand-offs).
-//   Acquiring a Lock the calling thread already holds throws InvalidStateError
-//   rather than deadlocking.
-// - Condition may wake more waiters than notify(n) asked for (spurious
-//   wake-ups, as with std::condition_variable); wait_for(predicate) is exact.
+//   Acquiring a Lock the calling thread already holds, without a timeout,
+//   throws InvalidStateError rather than deadlocking; try_lock() and a timed
+//   acquire return false (after the timeout), as in Python.
 // - Barrier's action is a plain function pointer; it runs in the process that
 //   arrives last (see Barrier).
 
@@ -2679,6 +2964,7 @@ Thread(F, A...) -> Thread<detail::thread_result_t<F, A...>>;
 #include <climits>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 namespace mpservice {
@@ -2759,6 +3045,13 @@ bool spin_until(Ready&& ready, std::atomic<Budget>& budget_ns) {
 
 // ---------------------------------------------------------------- handles to shared state
 
+/// Whether T holds a robust mutex named `mutex` (LockState, BarrierState).
+template <class T, class = void>
+struct has_robust_mutex : std::false_type {};
+template <class T>
+struct has_robust_mutex<T, std::enable_if_t<std::is_same_v<decltype(T::mutex), os::RobustMutex>>>
+    : std::true_type {};
+
 /// A T that lives at some offset inside a SharedMemory block.  Copies, and
 /// decoded copies in other processes, refer to the same T.  The block stays
 /// mapped as long as a SharedRef (or anything else) holds it.
@@ -2766,7 +3059,11 @@ template <class T>
 class SharedRef {
 public:
     SharedRef() = default;
-    SharedRef(SharedMemory mem, T* p) : mem_(std::move(mem)), p_(p) {}
+    SharedRef(SharedMemory mem, T* p) : mem_(std::move(mem)), p_(p) {
+        // A lock held when the last handle goes must stay mapped (see there).
+        if constexpr (has_robust_mutex<T>::value)
+            if (p_) mem_.keep_mapped_while_held(&p_->mutex);
+    }
 
     /// A new zero-filled block of `size` bytes (at least sizeof(T)) with a T
     /// constructed at its start.
@@ -2892,10 +3189,16 @@ inline bool lock_status_to_bool(const LockRef& l, LockStatus s) {
 /// lost.  Per process; the tests raise it to tell real wake-ups from rechecks.
 inline std::atomic<std::int64_t> condition_recheck_ms{100};
 
+/// A Condition's waiters and notifications.  Every change but the spin
+/// budget's is made under the condition's lock, which wait(), notify() and a
+/// waiter's decision after waking all hold: so a notify(n) hands out exactly
+/// min(n, un-notified waiters) wake-up tokens, and a waiter returns true only
+/// with a token, taken from a notify that came after it began to wait.
 struct ConditionState {
-    std::atomic<std::uint32_t> sequence{0};  // futex word: bumped by every notify
-    std::atomic<std::uint32_t> sleepers{0};  // may over-count after a waiter died: only costs a syscall
+    std::atomic<std::uint32_t> sequence{0};  // futex word: bumped by every notify that hands out tokens
+    std::atomic<std::uint32_t> sleepers{0};  // waiters registered (a dead one stays counted, see condition_notify)
     std::atomic<std::uint32_t> spin_ns{0};   // spin_until's budget
+    std::atomic<std::uint32_t> tokens{0};    // notified waiters that have not yet taken their wake-up
 };
 
 struct SemaphoreState {
@@ -3141,8 +3444,9 @@ public:
         }
         return result;
     }
-    /// Wakes up to n waiters (at least n when that many wait; see the file
-    /// comment) as soon as the lock is released.  The caller must hold the lock.
+    /// Wakes up to n of the threads waiting now (as soon as the lock is
+    /// released): exactly min(n, waiters not yet notified) waits return true.
+    /// The caller must hold the lock.
     void notify(int n = 1) { detail::condition_notify(state_, lock_, n); }
     void notify_all() { detail::condition_notify(state_, lock_, INT_MAX); }
 
@@ -3753,8 +4057,8 @@ struct Codec<Array<T, L>> {
 // queues: Queue<T>, SimpleQueue<T> and JoinableQueue<T>, typed MPMC queues in
 // shared memory, usable from any number of threads and processes.
 //
-//     mp::Queue<std::string> q;              // unbounded in items, 1 MiB ring
-//     mp::Queue<Job> jobs(100, 8 << 20);     // at most 100 items, 8 MiB ring
+//     mp::Queue<std::string> q;              // unbounded, as in Python
+//     mp::Queue<Job> jobs(100, 8 << 20);     // at most 100 items and 8 MiB waiting
 //     q.put("hello");  std::string s = q.get();
 //     if (auto v = q.try_get()) use(*v);     // nothing there: std::nullopt
 //     q.get(std::chrono::milliseconds(50));  // nothing within 50 ms: throws mp::Empty
@@ -3766,11 +4070,16 @@ struct Codec<Array<T, L>> {
 // any type the codec handles; items holding OS handles (a Queue, a Lock, ...)
 // cannot be put into a queue - pass those as Process arguments.
 //
-// Bounds.  `maxsize` bounds the number of items (0: no bound, as in Python).  The
-// ring's byte capacity (default 1 MiB) bounds the bytes waiting: a put waits for
-// room when the ring is full even if maxsize is 0.  An item larger than half the
-// ring is streamed through it in chunks while a consumer copies them out, so items
-// of any size pass; producers stream one at a time, never interleaved.
+// Bounds.  `maxsize` bounds the number of items (0: no bound, as in Python).  By
+// default nothing bounds the bytes waiting: a put never waits for room, in one
+// process or many (the ring is a sparse 4 GiB reservation that commits memory only
+// as it fills, and gives it back as items are consumed; a default queue commits
+// one page at creation).  Only past 4 GiB of encoded items waiting would a put
+// wait, as on a bounded queue.  Given `capacity_bytes`, the ring is that big and
+// bounds the bytes waiting: a put waits for room when it is full.  An item larger
+// than half the ring (half of 1 MiB when unbounded) is streamed in chunks while a
+// consumer copies them out, so items of any size pass; producers stream one at a
+// time, never interleaved.
 //
 // Order.  Items from one producer (thread) arrive in the order it put them; items
 // from several producers interleave.
@@ -3836,6 +4145,24 @@ struct Codec<Array<T, L>> {
 // commit_get), so a process killed between two stores leaves a commit the next
 // holder of the lock finishes ("rolls forward").
 //
+// Unbounded in bytes (the default: no byte capacity given).  The ring is a sparse
+// reservation of unbounded_reserve bytes (a memfd of that size: pages exist only
+// once written), so a put never waits for room.  To keep the pages it touches few
+// and warm, a producer that finds the queue empty once it is past the first
+// hot_bytes of the ring starts the next cycle at the ring's start (a pad record),
+// and gives back the pages it wrote past them.  A consumer that falls behind
+// lets the producers run on into fresh pages, and gives those back as it
+// consumes them (in batches, holding both locks: the pages given back lie below
+// the committed head, so neither a crash nor a producer can be hurt by it).
+//
+// Parked items.  A get that reaches its timeout in the middle of a streamed
+// item (its producer is stopped, or slow) keeps the part it received in its
+// process and records the item in the header, then reports the timeout.  The
+// next get in that process continues the item where it stopped.  A get in
+// another process finds the rest of a parked item at the head: it waits (within
+// its own timeout) until the parking process has taken it - or, if that
+// process has ended, drops the rest, as for a consumer killed mid-item.
+//
 // Waiting: futex words with a "sleepers" flag.  A waiter spins briefly, then sets
 // the flag and sleeps; a notifier pays a system call only if the flag is set and
 // clears it when it wakes everyone, so a waiter killed while asleep does not leave
@@ -3864,6 +4191,11 @@ struct QueueHeader {
     std::uint64_t capacity = 0;   // ring bytes, a multiple of 64
     std::uint64_t maxsize = 0;    // item bound, 0 = none
     std::uint64_t ring_offset = 0;
+    std::uint64_t uid = 0;        // tells queues apart within a process (parked items)
+    // 0 for a ring bounded in bytes.  Otherwise the ring is a large sparse
+    // reservation (`capacity`) of which only the first `hot_bytes` are reused
+    // cycle after cycle; see "Unbounded in bytes" above.
+    std::uint64_t hot_bytes = 0;
 
     alignas(64) std::atomic<std::uint32_t> closed{0};
 
@@ -3872,6 +4204,9 @@ struct QueueHeader {
     std::uint64_t head_cache = 0;  // a lower bound of `head`, saves reading the consumers' line
     std::uint64_t j_tail = 0, j_completed = 0;
     std::atomic<std::uint32_t> j_put_active{0};
+    // Unbounded in bytes: pages of positions below this (in its ring cycle,
+    // beyond the hot part) were given back.  Changed only with the put lock held.
+    std::atomic<std::uint64_t> released{0};
 
     // ---- published by producers, read by consumers
     alignas(64) std::atomic<std::uint64_t> tail{0};       // bytes ever published
@@ -3883,6 +4218,10 @@ struct QueueHeader {
     std::uint64_t tail_cache = 0;  // a lower bound of `tail`
     std::uint64_t j_head = 0, j_taken = 0;
     std::atomic<std::uint32_t> j_get_active{0};
+    // A streamed item a get left half-received at its timeout (see "Parked
+    // items"): its id and the process that holds the part received.
+    std::atomic<std::uint64_t> parked_item{0};
+    std::atomic<std::int64_t> parked_pid{0};
 
     // ---- published by consumers, read by producers
     alignas(64) std::atomic<std::uint64_t> head{0};       // bytes ever consumed
@@ -3923,6 +4262,8 @@ public:
     MPSERVICE_API bool full() const noexcept;
     std::size_t maxsize() const noexcept { return static_cast<std::size_t>(h_->maxsize); }
     std::size_t capacity() const noexcept { return static_cast<std::size_t>(h_->capacity); }
+    /// The byte bound the queue was made with, 0 for none.
+    std::size_t byte_bound() const noexcept { return h_->hot_bytes ? 0 : static_cast<std::size_t>(h_->capacity); }
     MPSERVICE_API void close() noexcept;
     bool closed() const noexcept { return h_->closed.load(std::memory_order_acquire) != 0; }
 
@@ -3945,7 +4286,7 @@ public:
     }
 
 private:
-    enum class Taken { delivered, discarded };
+    enum class Taken { delivered, discarded, parked };
 
     /// Pads the ring's end if a record of `bytes` would cross it (advancing
     /// `tail`), then waits until the record fits.
@@ -3959,7 +4300,22 @@ private:
     void recover_get() noexcept;
     void probe_producers() noexcept;
     void probe_consumers() noexcept;
-    Taken read_chunked(std::uint64_t head, std::string& out);
+    /// Unbounded in bytes: true if a producer at `tail` should start the ring's
+    /// next cycle now (past the hot part, queue empty).
+    bool should_wrap_early(std::uint64_t tail) const noexcept;
+    /// Gives back the pages of this cycle, past the hot part, below `below`
+    /// (a position no process reads or writes any more); needs the put lock.
+    void release_pages_below(std::uint64_t below) noexcept;
+    /// A consumer's chance to give back what it consumed: with the put lock if free.
+    void release_consumed() noexcept;
+    Taken read_chunked(std::uint64_t head, std::string& out, os::Deadline deadline);
+    /// Receives the rest of item `id` (`received` of `total` bytes in `out`).
+    Taken continue_chunked(std::uint64_t head, std::uint64_t id, std::uint64_t received, std::uint64_t total,
+                           std::string& out, os::Deadline deadline);
+    /// A parked item at the head: resumes it (ours), waits for its process
+    /// (someone else's), or drops it (its process ended).  Holding the get lock.
+    enum class ParkedAction { none, resumed, dropped, wait };
+    ParkedAction handle_parked(std::string& out, std::uint64_t& total, os::Deadline deadline, Taken& result);
     /// Where `position` falls in the ring.  A 64-bit division costs ~25-40 cycles,
     /// as much as the rest of an uncontended put: a ring whose capacity is a power
     /// of two (the default) takes a mask instead.
@@ -3967,11 +4323,17 @@ private:
         return mask_ ? position & mask_ : position % h_->capacity;
     }
     unsigned char* at(std::uint64_t position) const noexcept { return ring_ + offset(position); }
+    /// The per-handle copies of the header's limits (see set_limits).
+    void set_limits() noexcept;
 
     SharedMemory mem_;
     QueueHeader* h_ = nullptr;
     unsigned char* ring_ = nullptr;
     std::uint64_t mask_ = 0;  // capacity - 1 when the capacity is a power of two, else 0
+    std::uint64_t whole_limit_ = 0;   // larger records are streamed in chunks...
+    std::uint64_t chunk_bytes_ = 0;   // ...of this size
+    std::uint64_t wrap_from_ = ~std::uint64_t(0);     // unbounded: offset past which a producer may wrap early
+    std::uint64_t release_from_ = ~std::uint64_t(0);  // unbounded: offset past which consumers give pages back
 };
 
 }  // namespace mpservice::detail
@@ -4070,12 +4432,16 @@ class Queue {
     using Status = detail::QueueCore::Status;
 
 public:
-    /// The ring's byte capacity when none is given.
+    /// `capacity_bytes` for a queue with no byte bound (the default, as in Python).
+    static constexpr std::size_t unbounded = 0;
+    /// A byte bound often used for a ring of fixed size (1 MiB).
     static constexpr std::size_t default_capacity = std::size_t(1) << 20;
 
-    /// A new queue holding at most `maxsize` items (0: no item bound) and at most
-    /// `capacity_bytes` bytes of encoded items at a time (larger items stream).
-    explicit Queue(std::size_t maxsize = 0, std::size_t capacity_bytes = default_capacity)
+    /// A new queue holding at most `maxsize` items (0: no item bound) and, if
+    /// `capacity_bytes` is given, at most that many bytes of encoded items at a
+    /// time (then larger items stream through it).  Without a byte bound a put
+    /// never waits for room.
+    explicit Queue(std::size_t maxsize = 0, std::size_t capacity_bytes = unbounded)
         : core_(detail::QueueCore::create(detail::QueueKind::queue, Items::type_tag(), maxsize, capacity_bytes)) {}
 
     /// Puts `item`, waiting for room as long as it takes.  Throws QueueClosed.
@@ -4122,8 +4488,8 @@ public:
     bool full() const noexcept { return core_.full(); }
     /// The item bound given at creation (0: none).
     std::size_t maxsize() const noexcept { return core_.maxsize(); }
-    /// The ring's byte capacity (the requested one rounded up to a multiple of 64).
-    std::size_t capacity() const noexcept { return core_.capacity(); }
+    /// The byte bound (the requested one rounded up to a multiple of 64); 0 for none.
+    std::size_t capacity() const noexcept { return core_.byte_bound(); }
     /// Closes the queue for every process: puts throw QueueClosed, gets drain.
     void close() noexcept { core_.close(); }
     bool closed() const noexcept { return core_.closed(); }
@@ -4160,7 +4526,7 @@ protected:
 template <class T>
 class JoinableQueue : public Queue<T> {
 public:
-    explicit JoinableQueue(std::size_t maxsize = 0, std::size_t capacity_bytes = Queue<T>::default_capacity)
+    explicit JoinableQueue(std::size_t maxsize = 0, std::size_t capacity_bytes = Queue<T>::unbounded)
         : Queue<T>(detail::QueueKind::joinable, maxsize, capacity_bytes) {}
 
     /// Marks one item taken from the queue as processed.  Throws
@@ -4187,7 +4553,7 @@ class SimpleQueue {
     using Status = detail::QueueCore::Status;
 
 public:
-    explicit SimpleQueue(std::size_t capacity_bytes = Queue<T>::default_capacity)
+    explicit SimpleQueue(std::size_t capacity_bytes = Queue<T>::unbounded)
         : core_(detail::QueueCore::create(detail::QueueKind::simple, Items::type_tag(), 0, capacity_bytes)) {}
 
     /// Puts `item`, waiting for room.  Throws QueueClosed after close().
@@ -4284,6 +4650,7 @@ struct Codec<SimpleQueue<T>> {
 #include <sys/wait.h>
 #include <unistd.h>
 #if defined(__linux__)
+#include <linux/falloc.h>
 #include <linux/futex.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -5252,6 +5619,51 @@ const void* code_ref_resolve(const CodeRef& ref) noexcept {
     return s.resolved;
 }
 
+// ---------------------------------------------------------------- (synchronization fixes: fix-sync)
+
+void sleep_until(Deadline deadline) noexcept {
+    if (deadline == no_deadline) deadline = Clock::now() + std::chrono::hours(24 * 365);
+    timespec ts = to_timespec(deadline);
+    // steady_clock is CLOCK_MONOTONIC on Linux; an absolute deadline survives EINTR.
+    while (::clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, nullptr) == EINTR) {
+    }
+}
+
+bool robust_mutex_held_in_this_process(const RobustMutex* m) noexcept {
+#if defined(__linux__) && defined(__GLIBC__)
+    // A robust mutex's futex word holds its owner's thread id (FUTEX_TID_MASK
+    // bits): the kernel's robust-list protocol depends on it.
+    auto* mutex = reinterpret_cast<const pthread_mutex_t*>(m->storage);
+    const int word = __atomic_load_n(&mutex->__data.__lock, __ATOMIC_ACQUIRE);
+    const long tid = static_cast<long>(static_cast<unsigned>(word) & FUTEX_TID_MASK);
+    if (tid == 0) return false;
+    // tgkill with signal 0 only checks that `tid` is a thread of this process.
+    return ::syscall(SYS_tgkill, static_cast<long>(::getpid()), tid, 0) == 0;
+#else
+    (void)m;
+    return false;
+#endif
+}
+
+void shm_release(handle_t h, std::size_t offset, std::size_t size) noexcept {
+    if (size == 0) return;
+#if defined(__linux__)
+    // A memfd is a tmpfs file: punching a hole frees its pages for every mapping.
+    ::fallocate(h, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset), static_cast<off_t>(size));
+#else
+    (void)h;
+    (void)offset;
+#endif
+}
+
+std::size_t page_size() noexcept {
+    static const std::size_t size = [] {
+        long n = ::sysconf(_SC_PAGESIZE);
+        return n > 0 ? static_cast<std::size_t>(n) : std::size_t(4096);
+    }();
+    return size;
+}
+
 // ---------------------------------------------------------------- (queue section)
 
 void shm_prefault(void* addr, std::size_t size) noexcept {
@@ -5878,9 +6290,78 @@ extern "C" void __cxa_rethrow() {
 
 namespace mpservice::detail {
 
+namespace shm_impl {
+/// Mappings whose last handle is gone while a thread of this process held a
+/// robust mutex inside (see SharedMemory::keep_mapped_while_held).
+struct ParkedMapping {
+    void* addr;
+    std::size_t size;
+    std::vector<os::RobustMutex*> mutexes;
+};
+
+bool any_held(const std::vector<os::RobustMutex*>& mutexes) noexcept {
+    for (os::RobustMutex* m : mutexes)
+        if (os::robust_mutex_held_in_this_process(m)) return true;
+    return false;
+}
+
+class ParkedMappings {
+public:
+    /// Keeps the mapping; unmaps the parked ones whose mutexes are all free
+    /// now (their holders ended, so the kernel has marked them, or released).
+    void park(void* addr, std::size_t size, std::vector<os::RobustMutex*> mutexes) {
+        std::lock_guard<std::mutex> g(guard_);
+        parked_.push_back(ParkedMapping{addr, size, std::move(mutexes)});
+    }
+    void sweep() noexcept {
+        std::lock_guard<std::mutex> g(guard_);
+        for (std::size_t i = 0; i < parked_.size();) {
+            if (any_held(parked_[i].mutexes)) {
+                ++i;
+                continue;
+            }
+            os::shm_unmap(parked_[i].addr, parked_[i].size);
+            parked_[i] = std::move(parked_.back());
+            parked_.pop_back();
+        }
+    }
+    bool empty() noexcept {
+        std::lock_guard<std::mutex> g(guard_);
+        return parked_.empty();
+    }
+
+private:
+    std::mutex guard_;
+    std::vector<ParkedMapping> parked_;
+};
+
+/// Never destroyed: a mapping may be released during static destruction.
+ParkedMappings& parked_mappings() {
+    static ParkedMappings* p = new ParkedMappings();
+    return *p;
+}
+}  // namespace shm_impl
+
 SharedMemory::Mapping::~Mapping() {
+    os::close_handle(handle);  // the mapping, not the descriptor, keeps the memory
+    if (!mutexes.empty() && shm_impl::any_held(mutexes)) {
+        try {
+            shm_impl::parked_mappings().park(addr, size, std::move(mutexes));
+            return;
+        } catch (...) {
+            // Out of memory: unmapping is all that is left (the old behaviour).
+        }
+    }
     os::shm_unmap(addr, size);
-    os::close_handle(handle);
+    if (!mutexes.empty()) shm_impl::parked_mappings().sweep();
+}
+
+void SharedMemory::keep_mapped_while_held(os::RobustMutex* m) const {
+    if (!m_) return;
+    std::lock_guard<std::mutex> g(m_->guard);
+    for (os::RobustMutex* known : m_->mutexes)
+        if (known == m) return;
+    m_->mutexes.push_back(m);
 }
 
 SharedMemory SharedMemory::create(std::size_t size) {
@@ -8605,10 +9086,17 @@ LockStatus lock_acquire_slow(const LockRef& l, os::Deadline deadline) {
     LockState* s = l.state.get();
     const std::uint64_t me = this_thread_token();
     if (s->owner.load(std::memory_order_relaxed) == me) {
-        if (!l.recursive)
-            throw InvalidStateError(
-                "mpservice::Lock::acquire: the calling thread already holds this lock; a Lock is not "
-                "re-entrant (use an RLock), and waiting for it would wait forever");
+        if (!l.recursive) {
+            // Only a wait without end is a certain deadlock.  A bounded one gives
+            // up at its deadline, as Python's acquire(timeout) does: nobody else
+            // can release the lock meanwhile, so sleeping out the timeout is exact.
+            if (deadline == os::no_deadline)
+                throw InvalidStateError(
+                    "mpservice::Lock::acquire: the calling thread already holds this lock; a Lock is not "
+                    "re-entrant (use an RLock), and waiting for it would wait forever");
+            os::sleep_until(deadline);
+            return LockStatus::timed_out;
+        }
         s->depth.store(s->depth.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
         return LockStatus::acquired;
     }
@@ -8670,39 +9158,57 @@ void throw_owner_died(const LockRef& l) {
 
 // ---------------------------------------------------------------- Condition
 
+namespace sync_impl {
+/// Sleeps (after a spin) until the notification counter differs from `seen`
+/// or the deadline passes; false on the deadline.  Never longer than the
+/// recheck period at a time: a notifier that died before releasing the lock
+/// bumped the counter but will not wake us.
+bool await_notify(ConditionState* cs, std::uint32_t seen, os::Deadline deadline) {
+    auto bumped = [&] { return cs->sequence.load(std::memory_order_acquire) != seen; };
+    if (expired(deadline)) return bumped();
+    if (spin_until(bumped, cs->spin_ns)) return true;
+    for (;;) {
+        if (bumped()) return true;
+        auto step = os::Clock::now() +
+                    std::chrono::milliseconds(condition_recheck_ms.load(std::memory_order_relaxed));
+        if (deadline < step) step = deadline;
+        if (!os::futex_wait(&cs->sequence, seen, step) && step == deadline) return bumped();
+    }
+}
+}  // namespace sync_impl
+
 bool condition_wait(const SharedRef<ConditionState>& c, const LockRef& l, os::Deadline deadline) {
     using namespace sync_impl;
     if (!lock_is_mine(l))
         throw InvalidStateError("mpservice::Condition::wait: the calling thread must hold the condition's lock");
     ConditionState* cs = c.get();
-    // Read while still holding the lock: a notify can only come after our
-    // release, and every notify bumps the counter, so none can be missed.
-    const std::uint32_t seen = cs->sequence.load(std::memory_order_acquire);
-    const std::uint32_t depth = release_all(l);
-
-    auto notified = [&] { return cs->sequence.load(std::memory_order_acquire) != seen; };
-    bool woken = !expired(deadline) && spin_until(notified, cs->spin_ns);
-    if (!woken) {
-        cs->sleepers.fetch_add(1, std::memory_order_seq_cst);
-        for (;;) {
-            if (cs->sequence.load(std::memory_order_seq_cst) != seen) {
-                woken = true;
-                break;
-            }
-            // Never longer than the recheck period: a notifier that died before
-            // releasing the lock bumped the counter but will not wake us.
-            auto step = os::Clock::now() +
-                        std::chrono::milliseconds(condition_recheck_ms.load(std::memory_order_relaxed));
-            if (deadline < step) step = deadline;
-            if (!os::futex_wait(&cs->sequence, seen, step) && step == deadline) {
-                woken = notified();
-                break;
-            }
+    // Registered under the lock: a notify, which needs the lock too, either
+    // comes before (and is not ours) or sees us among the waiters.
+    const std::uint32_t entry = cs->sequence.load(std::memory_order_relaxed);
+    cs->sleepers.fetch_add(1, std::memory_order_seq_cst);
+    std::uint32_t seen = entry;
+    for (;;) {
+        const std::uint32_t depth = release_all(l);
+        await_notify(cs, seen, deadline);
+        const LockStatus taken = reacquire(l, depth);
+        // Decided under the lock.  A token is ours if a notify came after we began
+        // to wait (the counter moved since `entry`); any such token will do, since
+        // every token stands for one waiter of its notify, and all of its waiters
+        // that remain are eligible.  A waiter that times out while a token is there
+        // takes it: it was notified before it gave up.
+        const bool eligible = cs->sequence.load(std::memory_order_relaxed) != entry;
+        const std::uint32_t tokens = cs->tokens.load(std::memory_order_relaxed);
+        const bool notified = eligible && tokens > 0;
+        if (notified || expired(deadline) || taken == LockStatus::owner_died) {
+            if (notified) cs->tokens.store(tokens - 1, std::memory_order_relaxed);
+            cs->sleepers.fetch_sub(1, std::memory_order_relaxed);
+            if (taken == LockStatus::owner_died) condition_lock_owner_died(c, l);
+            return notified;
         }
-        cs->sleepers.fetch_sub(1, std::memory_order_relaxed);
+        // Woken (or a periodic recheck) but the tokens went to other waiters: wait
+        // for the next notify, still registered.
+        seen = cs->sequence.load(std::memory_order_relaxed);
     }
-    if (reacquire(l, depth) == LockStatus::owner_died) condition_lock_owner_died(c, l);
-    return woken;
 }
 
 void condition_notify(const SharedRef<ConditionState>& c, const LockRef& l, int n) {
@@ -8711,16 +9217,24 @@ void condition_notify(const SharedRef<ConditionState>& c, const LockRef& l, int 
         throw InvalidStateError("mpservice::Condition::notify: the calling thread must hold the condition's lock");
     if (n <= 0) return;
     ConditionState* cs = c.get();
+    // Waiters not yet notified.  A waiter that died while waiting stays counted
+    // and may be handed a token; its token goes to whichever live waiter wakes
+    // first, and the count stays exact for the rest, so a dead waiter costs a
+    // live one nothing.
+    const std::uint32_t waiters = cs->sleepers.load(std::memory_order_relaxed);
+    const std::uint32_t tokens = cs->tokens.load(std::memory_order_relaxed);
+    if (waiters <= tokens) return;  // nobody left to notify
+    const std::uint32_t k = std::min<std::uint32_t>(static_cast<std::uint32_t>(n), waiters - tokens);
+    cs->tokens.store(tokens + k, std::memory_order_relaxed);
     cs->sequence.fetch_add(1, std::memory_order_seq_cst);
-    if (cs->sleepers.load(std::memory_order_seq_cst) == 0) return;  // see wake_sleepers
     // The wake waits for the lock's release: a sleeper woken now would find
     // the lock held and only go to sleep again, on the lock.
     LockState* ls = l.state.get();
-    if (t_pending_wakes.add(ls, c, n)) {
+    if (t_pending_wakes.add(ls, c, static_cast<int>(k))) {
         ls->release_work.fetch_or(release_wake, std::memory_order_relaxed);
         return;
     }
-    os::futex_wake(&cs->sequence, n);
+    os::futex_wake(&cs->sequence, static_cast<int>(k));
 }
 
 void condition_lock_owner_died(const SharedRef<ConditionState>& c, const LockRef& l) {
@@ -8871,6 +9385,20 @@ void check_parties_locked(BarrierState* b, std::uint32_t generation) {
     }
 }
 
+/// Whether one of the first `n` arrivals of the current cycle - another
+/// process than ours - has ended.
+bool arrived_party_died_locked(BarrierState* b, std::uint32_t n) {
+    const std::int64_t me = os::current_pid();
+    std::int64_t checked = me;  // parties of one process often arrive in a row
+    for (std::uint32_t i = 0; i < n && i < b->parties; ++i) {
+        const std::int64_t pid = b->pids()[i];
+        if (pid == me || pid == checked) continue;
+        if (!os::process_running(static_cast<long>(pid))) return true;
+        checked = pid;
+    }
+    return false;
+}
+
 [[noreturn]] void throw_broken() {
     throw BrokenBarrierError(
         "mpservice::Barrier::wait: the barrier is broken (aborted, reset, timed out, its action failed, "
@@ -8956,6 +9484,13 @@ unsigned Barrier::wait_until(detail::os::Deadline deadline) {
         b->pids()[index] = os::current_pid();
         b->count.store(index + 1, std::memory_order_relaxed);
         if (index + 1 == b->parties) {
+            // The last arrival completes the cycle only with every party alive: one
+            // that died waiting must break it even if nobody slept long enough to
+            // notice (Python's barrier breaks when a waiter leaves abnormally).
+            if (arrived_party_died_locked(b, index)) {
+                break_locked(b);
+                throw_broken();
+            }
             if (!b->action.empty()) {
                 auto fn = reinterpret_cast<Action>(const_cast<void*>(os::code_ref_resolve(b->action)));
                 if (!fn) {
@@ -9020,9 +9555,11 @@ void Barrier::abort() {
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <mutex>
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace mpservice::detail {
 
@@ -9035,6 +9572,14 @@ constexpr std::uint64_t first_header = 16;  // + total u64
 constexpr std::uint64_t min_capacity = 256;
 constexpr std::uint64_t max_capacity = std::uint64_t(1) << 40;
 constexpr std::uint64_t ring_offset = 4096;  // the ring starts on its own page
+// Unbounded in bytes (see queue_ring.hpp): the sparse reservation, the part of it
+// reused cycle after cycle, how far past that part pages may stay, and how many
+// consumed bytes a consumer lets pile up before it gives their pages back.  The
+// reservation costs address space only (4 GiB per queue per process that maps it).
+constexpr std::uint64_t unbounded_reserve = std::uint64_t(4) << 30;
+constexpr std::uint64_t hot_default = std::uint64_t(1) << 20;
+constexpr std::uint64_t keep_past_hot = std::uint64_t(256) << 10;
+constexpr std::uint64_t release_batch = std::uint64_t(1) << 20;
 // A reassembly or encoding buffer larger than this is given back after use.
 constexpr std::size_t keep_buffer_bytes = std::size_t(64) << 20;
 
@@ -9061,6 +9606,13 @@ struct RecordHeader {
     std::uint32_t len;
     std::uint32_t kind;
 };
+
+/// A record's bytes in the ring, `to_end` bytes before the ring's end: a pad
+/// runs to the end.
+std::uint64_t record_size(const RecordHeader& hdr, std::uint64_t to_end) noexcept {
+    if (hdr.kind == rec_pad) return to_end;
+    return (hdr.kind == rec_first ? first_header : small_header) + align8(hdr.len);
+}
 
 [[noreturn]] void corrupt(const char* what) {
     throw Error(std::string("mpservice: queue memory is corrupt (") + what +
@@ -9155,6 +9707,49 @@ std::string& reassembly_buffer() {
     return buffer;
 }
 
+/// The parts of streamed items that gets of this process left half-received at
+/// their timeout (see "Parked items" in queue_ring.hpp).
+struct ParkedPart {
+    std::uint64_t queue = 0;  // QueueHeader::uid
+    std::uint64_t item = 0;
+    std::uint64_t received = 0;
+    std::uint64_t total = 0;
+    std::string data;
+};
+class ParkedParts {
+public:
+    void put(ParkedPart part) {
+        std::lock_guard<std::mutex> g(guard_);
+        parts_.push_back(std::move(part));
+    }
+    bool take(std::uint64_t queue, std::uint64_t item, ParkedPart& out) {
+        std::lock_guard<std::mutex> g(guard_);
+        for (std::size_t i = 0; i < parts_.size(); ++i) {
+            if (parts_[i].queue != queue || parts_[i].item != item) continue;
+            out = std::move(parts_[i]);
+            parts_.erase(parts_.begin() + static_cast<std::ptrdiff_t>(i));
+            return true;
+        }
+        return false;
+    }
+
+private:
+    std::mutex guard_;
+    std::vector<ParkedPart> parts_;
+};
+ParkedParts& parked_parts() {
+    static ParkedParts* parts = new ParkedParts();  // never destroyed: gets may run at exit
+    return *parts;
+}
+
+std::uint64_t new_queue_uid() noexcept {
+    static std::atomic<std::uint64_t> counter{0};
+    std::uint64_t x = static_cast<std::uint64_t>(os::current_pid()) << 40;
+    x ^= static_cast<std::uint64_t>(os::Clock::now().time_since_epoch().count());
+    x ^= counter.fetch_add(1, std::memory_order_relaxed) * 0x9e3779b97f4a7c15ull;
+    return x ? x : 1;
+}
+
 bool kind_accepts(QueueKind wanted, std::uint32_t actual) noexcept {
     // A JoinableQueue is a Queue: a function taking Queue<T> may receive one.
     return actual == static_cast<std::uint32_t>(wanted) ||
@@ -9167,11 +9762,11 @@ bool kind_accepts(QueueKind wanted, std::uint32_t actual) noexcept {
 
 QueueCore QueueCore::create(QueueKind kind, std::uint64_t type_tag, std::size_t maxsize,
                             std::size_t capacity_bytes) {
-    if (capacity_bytes == 0) throw std::invalid_argument("mpservice: a queue needs a capacity of at least 1 byte");
     if (capacity_bytes > max_capacity)
         throw std::invalid_argument("mpservice: queue capacity " + std::to_string(capacity_bytes) +
                                     " bytes is more than the 1 TiB supported");
-    std::uint64_t capacity = std::max<std::uint64_t>(capacity_bytes, min_capacity);
+    const bool unbounded = capacity_bytes == 0;  // no byte bound: a sparse reservation
+    std::uint64_t capacity = unbounded ? unbounded_reserve : std::max<std::uint64_t>(capacity_bytes, min_capacity);
     capacity = (capacity + 63) & ~std::uint64_t(63);
     static_assert(sizeof(QueueHeader) <= ring_offset, "queue header outgrew its page");
     static_assert(std::atomic<std::uint64_t>::is_always_lock_free, "queues need lock-free 64-bit atomics");
@@ -9184,14 +9779,19 @@ QueueCore QueueCore::create(QueueKind kind, std::uint64_t type_tag, std::size_t 
     h->capacity = capacity;
     h->maxsize = maxsize;
     h->ring_offset = ring_offset;
+    h->hot_bytes = unbounded ? hot_default : 0;
+    h->uid = new_queue_uid();
+    h->released.store(unbounded ? hot_default + keep_past_hot : 0, std::memory_order_relaxed);
     os::robust_mutex_init(&h->put_lock);
     os::robust_mutex_init(&h->get_lock);
     std::atomic_thread_fence(std::memory_order_release);
     h->magic = queue_magic;
     q.h_ = h;
     q.ring_ = static_cast<unsigned char*>(q.mem_.data()) + ring_offset;
-    q.mask_ = power_of_two_mask(capacity);
-    os::shm_prefault(q.ring_, static_cast<std::size_t>(capacity));
+    q.set_limits();
+    // A bounded ring is all used soon: map its pages now.  An unbounded one
+    // commits memory only as items fill it.
+    if (!unbounded) os::shm_prefault(q.ring_, static_cast<std::size_t>(capacity));
     return q;
 }
 
@@ -9203,14 +9803,14 @@ QueueCore QueueCore::attach(SharedMemory memory, QueueKind kind, std::uint64_t t
         throw DecodeError("decode: the queue is of another kind (Queue, SimpleQueue or JoinableQueue) than expected");
     if (h->type_tag != type_tag) throw DecodeError("decode: the queue carries items of another type than expected");
     if (h->ring_offset != ring_offset || h->capacity < min_capacity || h->capacity % 64 != 0 ||
-        h->capacity > memory.size() - ring_offset)
+        h->capacity > memory.size() - ring_offset || h->hot_bytes > h->capacity / 2 || h->hot_bytes % 64 != 0)
         throw DecodeError("decode: queue header does not match its shared block");
     QueueCore q;
     q.mem_ = std::move(memory);
     q.h_ = h;
     q.ring_ = static_cast<unsigned char*>(q.mem_.data()) + ring_offset;
-    q.mask_ = power_of_two_mask(h->capacity);
-    os::shm_prefault(q.ring_, static_cast<std::size_t>(h->capacity));
+    q.set_limits();
+    if (!h->hot_bytes) os::shm_prefault(q.ring_, static_cast<std::size_t>(h->capacity));
     return q;
 }
 
@@ -9310,12 +9910,14 @@ QueueCore::Status QueueCore::put(const void* data, std::size_t size, os::Deadlin
         if (closed()) return Status::closed;
     }
     const std::uint64_t bytes = small_header + align8(size);
-    if (bytes > h_->capacity / 2) return put_chunked(data, size, deadline);
+    if (bytes > whole_limit_) return put_chunked(data, size, deadline);
 
-    // A whole record.  Padding the ring's end and waiting for room are out of
-    // line: most puts need neither, and an extra call costs ~10% of a put.
+    // A whole record.  Padding the ring's end, starting the next cycle early
+    // and waiting for room are out of line: most puts need none of them, and an
+    // extra call costs ~10% of a put.
     std::uint64_t tail = h_->tail.load(std::memory_order_relaxed);
-    if (offset(tail) + bytes > h_->capacity || tail + bytes > h_->head_cache + h_->capacity) {
+    if (offset(tail) + bytes > h_->capacity || tail + bytes > h_->head_cache + h_->capacity ||
+        offset(tail) >= wrap_from_) {
         Status s = make_room(tail, bytes, deadline);
         if (s != Status::ok) return s;
     }
@@ -9343,13 +9945,70 @@ bool QueueCore::wait_for_room(std::uint64_t tail, std::uint64_t bytes, os::Deadl
 }
 
 void QueueCore::write_pad(std::uint64_t tail, std::uint64_t bytes) {
-    RecordHeader hdr{static_cast<std::uint32_t>(bytes - small_header), rec_pad};
+    // A pad always runs to the ring's end; readers take its length from there
+    // (an unbounded ring's pad can be longer than 32 bits can say).
+    RecordHeader hdr{static_cast<std::uint32_t>(std::min<std::uint64_t>(bytes - small_header, UINT32_MAX)), rec_pad};
     std::memcpy(at(tail), &hdr, sizeof hdr);
     commit_put(tail + bytes, h_->completed.load(std::memory_order_relaxed));
     notify_after_commit(h_->data);
 }
 
+bool QueueCore::should_wrap_early(std::uint64_t tail) const noexcept {
+    return offset(tail) >= wrap_from_ && h_->head.load(std::memory_order_acquire) == tail;
+}
+
+void QueueCore::release_pages_below(std::uint64_t below) noexcept {
+    if (!h_->hot_bytes) return;
+    const std::uint64_t page = os::page_size();
+    const std::uint64_t cycle = below - offset(below);
+    // Pages past the hot part (and a margin, so that a cycle that runs a little
+    // past it does not fault the same pages in again every time).
+    const std::uint64_t first = cycle + h_->hot_bytes + keep_past_hot;
+    std::uint64_t from = h_->released.load(std::memory_order_relaxed);
+    if (from < first) from = first;  // an earlier cycle's mark: this cycle starts afresh
+    const std::uint64_t to = below & ~(page - 1);
+    if (to > from) {
+        os::shm_release(mem_.handle(), static_cast<std::size_t>(ring_offset + offset(from)),
+                        static_cast<std::size_t>(to - from));
+        from = to;
+    }
+    h_->released.store(from, std::memory_order_relaxed);
+}
+
+void QueueCore::release_consumed() noexcept {
+    const std::uint64_t head = h_->head.load(std::memory_order_relaxed);
+    const std::uint64_t released = h_->released.load(std::memory_order_relaxed);
+    if (head < released + release_batch && (head <= released || head != h_->tail.load(std::memory_order_acquire)))
+        return;
+    // The pages below the committed head are read by nobody; holding the put
+    // lock too, nobody writes them either while they are given back.
+    try {
+        auto r = os::robust_mutex_trylock(&h_->put_lock);
+        if (r == os::LockResult::busy) return;  // a producer is at work: next time
+        Held held(&h_->put_lock);
+        if (r == os::LockResult::owner_died) recover_put();
+        release_pages_below(head);
+    } catch (...) {
+    }
+}
+
+void QueueCore::set_limits() noexcept {
+    mask_ = power_of_two_mask(h_->capacity);
+    const std::uint64_t span = h_->hot_bytes ? h_->hot_bytes : h_->capacity;
+    whole_limit_ = span / 2;
+    chunk_bytes_ = span / 4;
+    wrap_from_ = h_->hot_bytes ? h_->hot_bytes : ~std::uint64_t(0);
+    release_from_ = h_->hot_bytes ? h_->hot_bytes + keep_past_hot : ~std::uint64_t(0);
+}
+
 QueueCore::Status QueueCore::make_room(std::uint64_t& tail, std::uint64_t bytes, os::Deadline deadline) {
+    if (should_wrap_early(tail)) {
+        // Past the hot part and nothing queued: the next cycle starts at the
+        // ring's start, on warm pages; the ones written past them go back.
+        release_pages_below(tail);
+        write_pad(tail, h_->capacity - offset(tail));
+        tail += h_->capacity - offset(tail);
+    }
     const std::uint64_t to_end = h_->capacity - offset(tail);
     if (to_end < bytes) {  // records never wrap: skip the ring's end
         if (!wait_for_room(tail, to_end, deadline, true)) return closed() ? Status::closed : Status::timeout;
@@ -9362,8 +10021,9 @@ QueueCore::Status QueueCore::make_room(std::uint64_t& tail, std::uint64_t bytes,
 
 QueueCore::Status QueueCore::put_chunked(const void* data, std::size_t size, os::Deadline deadline) {
     const std::uint64_t cap = h_->capacity;
-    // Chunks of a quarter ring: the consumer copies one out while we write the next.
-    const std::uint64_t chunk_bytes = cap / 4;
+    // Chunks of a quarter ring (of its hot part when unbounded): the consumer
+    // copies one out while we write the next.
+    const std::uint64_t chunk_bytes = chunk_bytes_;
     const auto* src = static_cast<const unsigned char*>(data);
     std::uint64_t remaining = size;
     std::uint64_t tail = h_->tail.load(std::memory_order_relaxed);
@@ -9380,6 +10040,12 @@ QueueCore::Status QueueCore::put_chunked(const void* data, std::size_t size, os:
     while (remaining) {
         const std::uint64_t header = first ? first_header : small_header;
         std::uint64_t piece = std::min<std::uint64_t>(remaining, chunk_bytes - header);
+        if (should_wrap_early(tail)) {
+            release_pages_below(tail);
+            write_pad(tail, cap - offset(tail));
+            tail += cap - offset(tail);
+            continue;
+        }
         const std::uint64_t to_end = cap - offset(tail);
         if (to_end < header + std::min<std::uint64_t>(align8(piece), 64)) {
             if (!wait_for_room(tail, to_end, deadline, first)) return give_up();
@@ -9421,16 +10087,46 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
     };
     // Look under the lock first: while items stream, a get then reads no line the
     // producers write, except the ring and (when its cached copy runs out) `tail`.
-    for (bool first = true;; first = false) {
-        if (!first && !wait_until(h_->data, deadline, something, [&] { probe_producers(); })) return Status::timeout;
+    for (bool look_now = true;; ) {
+        if (!look_now && !wait_until(h_->data, deadline, something, [&] { probe_producers(); })) return Status::timeout;
+        look_now = false;
         auto r = take_lock(&h_->get_lock, deadline);
         if (r == os::LockResult::timed_out) return Status::timeout;
         Held held(&h_->get_lock);
         if (r == os::LockResult::owner_died) recover_get();
 
+        // Hands a reassembled streamed item to `consume`, outside the lock.
+        auto deliver = [&](std::string& buffer, std::uint64_t total) {
+            release_consumed();
+            held.release();
+            struct Shrink {
+                std::string& b;
+                ~Shrink() {
+                    if (b.size() > keep_buffer_bytes) std::string().swap(b);
+                }
+            } shrink{buffer};
+            consume(context, reinterpret_cast<const unsigned char*>(buffer.data()), static_cast<std::size_t>(total));
+            return Status::ok;
+        };
+        bool wait_for_parker = false;
         for (;;) {
             const std::uint64_t head = h_->head.load(std::memory_order_relaxed);
             if (head == h_->tail_cache) h_->tail_cache = h_->tail.load(std::memory_order_acquire);
+            if (head != h_->tail_cache && h_->parked_item.load(std::memory_order_relaxed)) {
+                std::string& buffer = reassembly_buffer();
+                std::uint64_t total = 0;
+                Taken taken = Taken::discarded;
+                const ParkedAction action = handle_parked(buffer, total, deadline, taken);
+                if (action == ParkedAction::wait) {
+                    wait_for_parker = true;
+                    break;
+                }
+                if (action == ParkedAction::resumed) {
+                    if (taken == Taken::parked) return Status::timeout;
+                    if (taken == Taken::delivered) return deliver(buffer, total);
+                }
+                continue;  // dropped or discarded: what follows is read as usual
+            }
             if (head == h_->tail_cache) {
                 // Empty.  Reading `closed` first makes every put that finished
                 // before close() visible to the second look at the tail.
@@ -9445,7 +10141,7 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
             RecordHeader hdr;
             std::memcpy(&hdr, rec, sizeof hdr);
             if (hdr.kind < rec_whole || hdr.kind > rec_pad) corrupt("record kind");
-            const std::uint64_t bytes = (hdr.kind == rec_first ? first_header : small_header) + align8(hdr.len);
+            const std::uint64_t bytes = record_size(hdr, cap - offset(head));
             if (offset(head) + bytes > cap || head + bytes > h_->tail_cache) corrupt("record length");
             const std::uint64_t taken = h_->taken.load(std::memory_order_relaxed);
 
@@ -9480,31 +10176,61 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
                     }
                     commit_get(head + bytes, taken + 1);
                     notify_after_commit(h_->space);
+                    if (offset(head + bytes) >= release_from_) release_consumed();
                     return Status::ok;
                 }
                 default: {  // rec_first
                     std::string& buffer = reassembly_buffer();
                     std::uint64_t total = 0;
                     std::memcpy(&total, rec + small_header, sizeof total);
-                    if (read_chunked(head, buffer) == Taken::discarded) continue;
-                    held.release();
-                    struct Shrink {
-                        std::string& b;
-                        ~Shrink() {
-                            if (b.size() > keep_buffer_bytes) std::string().swap(b);
-                        }
-                    } shrink{buffer};
-                    consume(context, reinterpret_cast<const unsigned char*>(buffer.data()),
-                            static_cast<std::size_t>(total));
-                    return Status::ok;
+                    const Taken taken = read_chunked(head, buffer, deadline);
+                    if (taken == Taken::discarded) continue;
+                    if (taken == Taken::parked) return Status::timeout;
+                    return deliver(buffer, total);
                 }
             }
+        }
+        if (wait_for_parker) {
+            // The rest of another process's parked item is at the head: wait until
+            // that process has taken it (or ended), within our own deadline.
+            const std::uint64_t item = h_->parked_item.load(std::memory_order_relaxed);
+            const long parker = static_cast<long>(h_->parked_pid.load(std::memory_order_relaxed));
+            held.release();
+            bool parker_ended = false;
+            auto moved_on = [&] {
+                return parker_ended || h_->parked_item.load(std::memory_order_acquire) != item;
+            };
+            if (!wait_until(h_->data, deadline, moved_on, [&] { parker_ended = !os::process_running(parker); }))
+                return Status::timeout;
+            look_now = true;  // look again at once, under the lock
         }
     }
 }
 
-QueueCore::Taken QueueCore::read_chunked(std::uint64_t head, std::string& out) {
-    const std::uint64_t cap = h_->capacity;
+QueueCore::ParkedAction QueueCore::handle_parked(std::string& out, std::uint64_t& total, os::Deadline deadline,
+                                                 Taken& result) {
+    const std::uint64_t item = h_->parked_item.load(std::memory_order_relaxed);
+    const long parker = static_cast<long>(h_->parked_pid.load(std::memory_order_relaxed));
+    if (parker == os::current_pid()) {
+        ParkedPart part;
+        h_->parked_item.store(0, std::memory_order_release);
+        if (!parked_parts().take(h_->uid, item, part)) return ParkedAction::dropped;  // not ours after all
+        out = std::move(part.data);
+        total = part.total;
+        result = continue_chunked(h_->head.load(std::memory_order_relaxed), item, part.received, part.total, out,
+                                  deadline);
+        if (result != Taken::parked) notify(h_->data);  // gets of other processes wait for this
+        return ParkedAction::resumed;
+    }
+    if (os::process_running(parker)) return ParkedAction::wait;
+    // Its process ended with the part it had: the item is lost (as for a
+    // consumer killed mid-item); the rest is dropped as it comes.
+    h_->parked_item.store(0, std::memory_order_release);
+    notify(h_->data);
+    return ParkedAction::dropped;
+}
+
+QueueCore::Taken QueueCore::read_chunked(std::uint64_t head, std::string& out, os::Deadline deadline) {
     RecordHeader hdr;
     std::memcpy(&hdr, at(head), sizeof hdr);
     std::uint64_t total = 0;
@@ -9512,14 +10238,21 @@ QueueCore::Taken QueueCore::read_chunked(std::uint64_t head, std::string& out) {
     if (hdr.len > total) corrupt("first chunk longer than its item");
     if (out.size() < total) out.resize(static_cast<std::size_t>(total));
     std::memcpy(&out[0], at(head) + first_header, hdr.len);
-    std::uint64_t received = hdr.len;
+    const std::uint64_t received = hdr.len;
     const std::uint64_t id = head + 1;
     head += first_header + align8(hdr.len);
     std::uint64_t taken = h_->taken.load(std::memory_order_relaxed);
     if (received == total) ++taken;
     commit_get(head, taken);
     notify(h_->space);
+    return continue_chunked(head, id, received, total, out, deadline);
+}
 
+QueueCore::Taken QueueCore::continue_chunked(std::uint64_t head, std::uint64_t id, std::uint64_t received,
+                                             std::uint64_t total, std::string& out, os::Deadline deadline) {
+    const std::uint64_t cap = h_->capacity;
+    RecordHeader hdr;
+    std::uint64_t taken = h_->taken.load(std::memory_order_relaxed);
     // The producer holds the put lock until the item is complete, so its chunks
     // follow one another.  It gives up (timeout) or dies: `streaming` changes.
     auto next_or_abandoned = [&] {
@@ -9527,7 +10260,18 @@ QueueCore::Taken QueueCore::read_chunked(std::uint64_t head, std::string& out) {
                h_->tail.load(std::memory_order_acquire) != head;
     };
     while (received < total) {
-        wait_until(h_->data, os::no_deadline, next_or_abandoned, [&] { probe_producers(); });
+        if (!wait_until(h_->data, deadline, next_or_abandoned, [&] { probe_producers(); })) {
+            // Our timeout, with the producer stopped or slow mid-item: keep what
+            // we have for the next get of this process (see "Parked items").
+            try {
+                parked_parts().put(ParkedPart{h_->uid, id, received, total, std::move(out)});
+            } catch (...) {
+                return Taken::discarded;  // no memory to keep it: the item is lost
+            }
+            h_->parked_pid.store(os::current_pid(), std::memory_order_relaxed);
+            h_->parked_item.store(id, std::memory_order_release);
+            return Taken::parked;
+        }
         const std::uint64_t streaming = h_->streaming.load(std::memory_order_acquire);
         const std::uint64_t tail = h_->tail.load(std::memory_order_acquire);
         if (tail == head) {
@@ -9538,7 +10282,7 @@ QueueCore::Taken QueueCore::read_chunked(std::uint64_t head, std::string& out) {
         unsigned char* rec = at(head);
         std::memcpy(&hdr, rec, sizeof hdr);
         if (hdr.kind < rec_whole || hdr.kind > rec_pad) corrupt("record kind");
-        const std::uint64_t bytes = (hdr.kind == rec_first ? first_header : small_header) + align8(hdr.len);
+        const std::uint64_t bytes = record_size(hdr, cap - offset(head));
         if (offset(head) + bytes > cap || head + bytes > tail) corrupt("record length");
         if (hdr.kind == rec_pad) {
             head += bytes;

@@ -208,7 +208,7 @@ double ours_8b(long n) {
     return dt;
 }
 
-double ours_bytes(long n, std::size_t size, std::size_t capacity = mp::Queue<std::string>::default_capacity) {
+double ours_bytes(long n, std::size_t size, std::size_t capacity = mp::Queue<std::string>::unbounded) {
     mp::Queue<std::string> q(0, capacity);
     long bad = 0;
     double dt = timed_pair(

@@ -347,6 +347,22 @@ MPSERVICE_API CodeRef code_ref_of(const void* address);
 MPSERVICE_API const void* code_ref_resolve(const CodeRef& ref) noexcept;
 
 
+// ---------------------------------------------------------------- (synchronization fixes: fix-sync)
+/// Sleeps until `deadline` (steady clock); returns at once if it has passed.
+MPSERVICE_API void sleep_until(Deadline deadline) noexcept;
+/// Whether a thread of *this* process holds the robust mutex now: its owner,
+/// as the kernel's robust-futex protocol records it, is one of our threads.
+/// (A block of shared memory holding such a mutex must stay mapped until that
+/// thread ends, or the kernel cannot mark the mutex as its owner's death.)
+MPSERVICE_API bool robust_mutex_held_in_this_process(const RobustMutex* m) noexcept;
+
+/// Gives the pages of bytes [offset, offset + size) of shared memory `h` back
+/// to the system (they read as zeros afterwards, in every process that maps
+/// them); offset and size are multiples of page_size().  Best effort.
+MPSERVICE_API void shm_release(handle_t h, std::size_t offset, std::size_t size) noexcept;
+/// The size of a memory page.
+MPSERVICE_API std::size_t page_size() noexcept;
+
 // ---------------------------------------------------------------- (queue section)
 /// Populates the page tables of a shared mapping now (writable), so the first
 /// pass of data through it does not pay a page fault per 4 KiB.  Best effort.

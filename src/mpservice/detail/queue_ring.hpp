@@ -15,6 +15,24 @@
 // commit_get), so a process killed between two stores leaves a commit the next
 // holder of the lock finishes ("rolls forward").
 //
+// Unbounded in bytes (the default: no byte capacity given).  The ring is a sparse
+// reservation of unbounded_reserve bytes (a memfd of that size: pages exist only
+// once written), so a put never waits for room.  To keep the pages it touches few
+// and warm, a producer that finds the queue empty once it is past the first
+// hot_bytes of the ring starts the next cycle at the ring's start (a pad record),
+// and gives back the pages it wrote past them.  A consumer that falls behind
+// lets the producers run on into fresh pages, and gives those back as it
+// consumes them (in batches, holding both locks: the pages given back lie below
+// the committed head, so neither a crash nor a producer can be hurt by it).
+//
+// Parked items.  A get that reaches its timeout in the middle of a streamed
+// item (its producer is stopped, or slow) keeps the part it received in its
+// process and records the item in the header, then reports the timeout.  The
+// next get in that process continues the item where it stopped.  A get in
+// another process finds the rest of a parked item at the head: it waits (within
+// its own timeout) until the parking process has taken it - or, if that
+// process has ended, drops the rest, as for a consumer killed mid-item.
+//
 // Waiting: futex words with a "sleepers" flag.  A waiter spins briefly, then sets
 // the flag and sleeps; a notifier pays a system call only if the flag is set and
 // clears it when it wakes everyone, so a waiter killed while asleep does not leave
@@ -47,6 +65,11 @@ struct QueueHeader {
     std::uint64_t capacity = 0;   // ring bytes, a multiple of 64
     std::uint64_t maxsize = 0;    // item bound, 0 = none
     std::uint64_t ring_offset = 0;
+    std::uint64_t uid = 0;        // tells queues apart within a process (parked items)
+    // 0 for a ring bounded in bytes.  Otherwise the ring is a large sparse
+    // reservation (`capacity`) of which only the first `hot_bytes` are reused
+    // cycle after cycle; see "Unbounded in bytes" above.
+    std::uint64_t hot_bytes = 0;
 
     alignas(64) std::atomic<std::uint32_t> closed{0};
 
@@ -55,6 +78,9 @@ struct QueueHeader {
     std::uint64_t head_cache = 0;  // a lower bound of `head`, saves reading the consumers' line
     std::uint64_t j_tail = 0, j_completed = 0;
     std::atomic<std::uint32_t> j_put_active{0};
+    // Unbounded in bytes: pages of positions below this (in its ring cycle,
+    // beyond the hot part) were given back.  Changed only with the put lock held.
+    std::atomic<std::uint64_t> released{0};
 
     // ---- published by producers, read by consumers
     alignas(64) std::atomic<std::uint64_t> tail{0};       // bytes ever published
@@ -66,6 +92,10 @@ struct QueueHeader {
     std::uint64_t tail_cache = 0;  // a lower bound of `tail`
     std::uint64_t j_head = 0, j_taken = 0;
     std::atomic<std::uint32_t> j_get_active{0};
+    // A streamed item a get left half-received at its timeout (see "Parked
+    // items"): its id and the process that holds the part received.
+    std::atomic<std::uint64_t> parked_item{0};
+    std::atomic<std::int64_t> parked_pid{0};
 
     // ---- published by consumers, read by producers
     alignas(64) std::atomic<std::uint64_t> head{0};       // bytes ever consumed
@@ -106,6 +136,8 @@ public:
     MPSERVICE_API bool full() const noexcept;
     std::size_t maxsize() const noexcept { return static_cast<std::size_t>(h_->maxsize); }
     std::size_t capacity() const noexcept { return static_cast<std::size_t>(h_->capacity); }
+    /// The byte bound the queue was made with, 0 for none.
+    std::size_t byte_bound() const noexcept { return h_->hot_bytes ? 0 : static_cast<std::size_t>(h_->capacity); }
     MPSERVICE_API void close() noexcept;
     bool closed() const noexcept { return h_->closed.load(std::memory_order_acquire) != 0; }
 
@@ -128,7 +160,7 @@ public:
     }
 
 private:
-    enum class Taken { delivered, discarded };
+    enum class Taken { delivered, discarded, parked };
 
     /// Pads the ring's end if a record of `bytes` would cross it (advancing
     /// `tail`), then waits until the record fits.
@@ -142,7 +174,22 @@ private:
     void recover_get() noexcept;
     void probe_producers() noexcept;
     void probe_consumers() noexcept;
-    Taken read_chunked(std::uint64_t head, std::string& out);
+    /// Unbounded in bytes: true if a producer at `tail` should start the ring's
+    /// next cycle now (past the hot part, queue empty).
+    bool should_wrap_early(std::uint64_t tail) const noexcept;
+    /// Gives back the pages of this cycle, past the hot part, below `below`
+    /// (a position no process reads or writes any more); needs the put lock.
+    void release_pages_below(std::uint64_t below) noexcept;
+    /// A consumer's chance to give back what it consumed: with the put lock if free.
+    void release_consumed() noexcept;
+    Taken read_chunked(std::uint64_t head, std::string& out, os::Deadline deadline);
+    /// Receives the rest of item `id` (`received` of `total` bytes in `out`).
+    Taken continue_chunked(std::uint64_t head, std::uint64_t id, std::uint64_t received, std::uint64_t total,
+                           std::string& out, os::Deadline deadline);
+    /// A parked item at the head: resumes it (ours), waits for its process
+    /// (someone else's), or drops it (its process ended).  Holding the get lock.
+    enum class ParkedAction { none, resumed, dropped, wait };
+    ParkedAction handle_parked(std::string& out, std::uint64_t& total, os::Deadline deadline, Taken& result);
     /// Where `position` falls in the ring.  A 64-bit division costs ~25-40 cycles,
     /// as much as the rest of an uncontended put: a ring whose capacity is a power
     /// of two (the default) takes a mask instead.
@@ -150,11 +197,17 @@ private:
         return mask_ ? position & mask_ : position % h_->capacity;
     }
     unsigned char* at(std::uint64_t position) const noexcept { return ring_ + offset(position); }
+    /// The per-handle copies of the header's limits (see set_limits).
+    void set_limits() noexcept;
 
     SharedMemory mem_;
     QueueHeader* h_ = nullptr;
     unsigned char* ring_ = nullptr;
     std::uint64_t mask_ = 0;  // capacity - 1 when the capacity is a power of two, else 0
+    std::uint64_t whole_limit_ = 0;   // larger records are streamed in chunks...
+    std::uint64_t chunk_bytes_ = 0;   // ...of this size
+    std::uint64_t wrap_from_ = ~std::uint64_t(0);     // unbounded: offset past which a producer may wrap early
+    std::uint64_t release_from_ = ~std::uint64_t(0);  // unbounded: offset past which consumers give pages back
 };
 
 }  // namespace mpservice::detail

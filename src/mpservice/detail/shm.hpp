@@ -10,8 +10,10 @@
 
 #include <cstddef>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <type_traits>
+#include <vector>
 
 #include "../public/codec.hpp"
 #include "os.hpp"
@@ -34,11 +36,21 @@ public:
     /// Number of SharedMemory objects in *this process* sharing the mapping.
     long use_count() const noexcept { return m_.use_count(); }
 
+    /// Declares that a robust mutex lives at `m` inside this block.  While a
+    /// thread of this process holds it, the block stays mapped even after its
+    /// last handle here is gone: the kernel marks a robust mutex whose owner
+    /// ended by walking that thread's robust list *in the mapped memory*, so an
+    /// unmapped block would leave the mutex locked forever (and its list entry
+    /// pointing at nothing).  Costs nothing on lock or unlock.
+    MPSERVICE_API void keep_mapped_while_held(os::RobustMutex* m) const;
+
 private:
     struct Mapping {
         os::handle_t handle = os::invalid_handle;
         void* addr = nullptr;
         std::size_t size = 0;
+        std::mutex guard;                         // for `mutexes`
+        std::vector<os::RobustMutex*> mutexes;    // see keep_mapped_while_held
         Mapping() = default;
         Mapping(const Mapping&) = delete;
         Mapping& operator=(const Mapping&) = delete;

@@ -32,6 +32,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #if defined(__linux__)
+#include <linux/falloc.h>
 #include <linux/futex.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -998,6 +999,51 @@ const void* code_ref_resolve(const CodeRef& ref) noexcept {
     s.ref = ref;
     ::dl_iterate_phdr(&code_ref_find_module, &s);
     return s.resolved;
+}
+
+// ---------------------------------------------------------------- (synchronization fixes: fix-sync)
+
+void sleep_until(Deadline deadline) noexcept {
+    if (deadline == no_deadline) deadline = Clock::now() + std::chrono::hours(24 * 365);
+    timespec ts = to_timespec(deadline);
+    // steady_clock is CLOCK_MONOTONIC on Linux; an absolute deadline survives EINTR.
+    while (::clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, nullptr) == EINTR) {
+    }
+}
+
+bool robust_mutex_held_in_this_process(const RobustMutex* m) noexcept {
+#if defined(__linux__) && defined(__GLIBC__)
+    // A robust mutex's futex word holds its owner's thread id (FUTEX_TID_MASK
+    // bits): the kernel's robust-list protocol depends on it.
+    auto* mutex = reinterpret_cast<const pthread_mutex_t*>(m->storage);
+    const int word = __atomic_load_n(&mutex->__data.__lock, __ATOMIC_ACQUIRE);
+    const long tid = static_cast<long>(static_cast<unsigned>(word) & FUTEX_TID_MASK);
+    if (tid == 0) return false;
+    // tgkill with signal 0 only checks that `tid` is a thread of this process.
+    return ::syscall(SYS_tgkill, static_cast<long>(::getpid()), tid, 0) == 0;
+#else
+    (void)m;
+    return false;
+#endif
+}
+
+void shm_release(handle_t h, std::size_t offset, std::size_t size) noexcept {
+    if (size == 0) return;
+#if defined(__linux__)
+    // A memfd is a tmpfs file: punching a hole frees its pages for every mapping.
+    ::fallocate(h, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset), static_cast<off_t>(size));
+#else
+    (void)h;
+    (void)offset;
+#endif
+}
+
+std::size_t page_size() noexcept {
+    static const std::size_t size = [] {
+        long n = ::sysconf(_SC_PAGESIZE);
+        return n > 0 ? static_cast<std::size_t>(n) : std::size_t(4096);
+    }();
+    return size;
 }
 
 // ---------------------------------------------------------------- (queue section)

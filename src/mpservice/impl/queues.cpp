@@ -2,9 +2,11 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <mutex>
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace mpservice::detail {
 
@@ -17,6 +19,14 @@ constexpr std::uint64_t first_header = 16;  // + total u64
 constexpr std::uint64_t min_capacity = 256;
 constexpr std::uint64_t max_capacity = std::uint64_t(1) << 40;
 constexpr std::uint64_t ring_offset = 4096;  // the ring starts on its own page
+// Unbounded in bytes (see queue_ring.hpp): the sparse reservation, the part of it
+// reused cycle after cycle, how far past that part pages may stay, and how many
+// consumed bytes a consumer lets pile up before it gives their pages back.  The
+// reservation costs address space only (4 GiB per queue per process that maps it).
+constexpr std::uint64_t unbounded_reserve = std::uint64_t(4) << 30;
+constexpr std::uint64_t hot_default = std::uint64_t(1) << 20;
+constexpr std::uint64_t keep_past_hot = std::uint64_t(256) << 10;
+constexpr std::uint64_t release_batch = std::uint64_t(1) << 20;
 // A reassembly or encoding buffer larger than this is given back after use.
 constexpr std::size_t keep_buffer_bytes = std::size_t(64) << 20;
 
@@ -43,6 +53,13 @@ struct RecordHeader {
     std::uint32_t len;
     std::uint32_t kind;
 };
+
+/// A record's bytes in the ring, `to_end` bytes before the ring's end: a pad
+/// runs to the end.
+std::uint64_t record_size(const RecordHeader& hdr, std::uint64_t to_end) noexcept {
+    if (hdr.kind == rec_pad) return to_end;
+    return (hdr.kind == rec_first ? first_header : small_header) + align8(hdr.len);
+}
 
 [[noreturn]] void corrupt(const char* what) {
     throw Error(std::string("mpservice: queue memory is corrupt (") + what +
@@ -137,6 +154,49 @@ std::string& reassembly_buffer() {
     return buffer;
 }
 
+/// The parts of streamed items that gets of this process left half-received at
+/// their timeout (see "Parked items" in queue_ring.hpp).
+struct ParkedPart {
+    std::uint64_t queue = 0;  // QueueHeader::uid
+    std::uint64_t item = 0;
+    std::uint64_t received = 0;
+    std::uint64_t total = 0;
+    std::string data;
+};
+class ParkedParts {
+public:
+    void put(ParkedPart part) {
+        std::lock_guard<std::mutex> g(guard_);
+        parts_.push_back(std::move(part));
+    }
+    bool take(std::uint64_t queue, std::uint64_t item, ParkedPart& out) {
+        std::lock_guard<std::mutex> g(guard_);
+        for (std::size_t i = 0; i < parts_.size(); ++i) {
+            if (parts_[i].queue != queue || parts_[i].item != item) continue;
+            out = std::move(parts_[i]);
+            parts_.erase(parts_.begin() + static_cast<std::ptrdiff_t>(i));
+            return true;
+        }
+        return false;
+    }
+
+private:
+    std::mutex guard_;
+    std::vector<ParkedPart> parts_;
+};
+ParkedParts& parked_parts() {
+    static ParkedParts* parts = new ParkedParts();  // never destroyed: gets may run at exit
+    return *parts;
+}
+
+std::uint64_t new_queue_uid() noexcept {
+    static std::atomic<std::uint64_t> counter{0};
+    std::uint64_t x = static_cast<std::uint64_t>(os::current_pid()) << 40;
+    x ^= static_cast<std::uint64_t>(os::Clock::now().time_since_epoch().count());
+    x ^= counter.fetch_add(1, std::memory_order_relaxed) * 0x9e3779b97f4a7c15ull;
+    return x ? x : 1;
+}
+
 bool kind_accepts(QueueKind wanted, std::uint32_t actual) noexcept {
     // A JoinableQueue is a Queue: a function taking Queue<T> may receive one.
     return actual == static_cast<std::uint32_t>(wanted) ||
@@ -149,11 +209,11 @@ bool kind_accepts(QueueKind wanted, std::uint32_t actual) noexcept {
 
 QueueCore QueueCore::create(QueueKind kind, std::uint64_t type_tag, std::size_t maxsize,
                             std::size_t capacity_bytes) {
-    if (capacity_bytes == 0) throw std::invalid_argument("mpservice: a queue needs a capacity of at least 1 byte");
     if (capacity_bytes > max_capacity)
         throw std::invalid_argument("mpservice: queue capacity " + std::to_string(capacity_bytes) +
                                     " bytes is more than the 1 TiB supported");
-    std::uint64_t capacity = std::max<std::uint64_t>(capacity_bytes, min_capacity);
+    const bool unbounded = capacity_bytes == 0;  // no byte bound: a sparse reservation
+    std::uint64_t capacity = unbounded ? unbounded_reserve : std::max<std::uint64_t>(capacity_bytes, min_capacity);
     capacity = (capacity + 63) & ~std::uint64_t(63);
     static_assert(sizeof(QueueHeader) <= ring_offset, "queue header outgrew its page");
     static_assert(std::atomic<std::uint64_t>::is_always_lock_free, "queues need lock-free 64-bit atomics");
@@ -166,14 +226,19 @@ QueueCore QueueCore::create(QueueKind kind, std::uint64_t type_tag, std::size_t 
     h->capacity = capacity;
     h->maxsize = maxsize;
     h->ring_offset = ring_offset;
+    h->hot_bytes = unbounded ? hot_default : 0;
+    h->uid = new_queue_uid();
+    h->released.store(unbounded ? hot_default + keep_past_hot : 0, std::memory_order_relaxed);
     os::robust_mutex_init(&h->put_lock);
     os::robust_mutex_init(&h->get_lock);
     std::atomic_thread_fence(std::memory_order_release);
     h->magic = queue_magic;
     q.h_ = h;
     q.ring_ = static_cast<unsigned char*>(q.mem_.data()) + ring_offset;
-    q.mask_ = power_of_two_mask(capacity);
-    os::shm_prefault(q.ring_, static_cast<std::size_t>(capacity));
+    q.set_limits();
+    // A bounded ring is all used soon: map its pages now.  An unbounded one
+    // commits memory only as items fill it.
+    if (!unbounded) os::shm_prefault(q.ring_, static_cast<std::size_t>(capacity));
     return q;
 }
 
@@ -185,14 +250,14 @@ QueueCore QueueCore::attach(SharedMemory memory, QueueKind kind, std::uint64_t t
         throw DecodeError("decode: the queue is of another kind (Queue, SimpleQueue or JoinableQueue) than expected");
     if (h->type_tag != type_tag) throw DecodeError("decode: the queue carries items of another type than expected");
     if (h->ring_offset != ring_offset || h->capacity < min_capacity || h->capacity % 64 != 0 ||
-        h->capacity > memory.size() - ring_offset)
+        h->capacity > memory.size() - ring_offset || h->hot_bytes > h->capacity / 2 || h->hot_bytes % 64 != 0)
         throw DecodeError("decode: queue header does not match its shared block");
     QueueCore q;
     q.mem_ = std::move(memory);
     q.h_ = h;
     q.ring_ = static_cast<unsigned char*>(q.mem_.data()) + ring_offset;
-    q.mask_ = power_of_two_mask(h->capacity);
-    os::shm_prefault(q.ring_, static_cast<std::size_t>(h->capacity));
+    q.set_limits();
+    if (!h->hot_bytes) os::shm_prefault(q.ring_, static_cast<std::size_t>(h->capacity));
     return q;
 }
 
@@ -292,12 +357,14 @@ QueueCore::Status QueueCore::put(const void* data, std::size_t size, os::Deadlin
         if (closed()) return Status::closed;
     }
     const std::uint64_t bytes = small_header + align8(size);
-    if (bytes > h_->capacity / 2) return put_chunked(data, size, deadline);
+    if (bytes > whole_limit_) return put_chunked(data, size, deadline);
 
-    // A whole record.  Padding the ring's end and waiting for room are out of
-    // line: most puts need neither, and an extra call costs ~10% of a put.
+    // A whole record.  Padding the ring's end, starting the next cycle early
+    // and waiting for room are out of line: most puts need none of them, and an
+    // extra call costs ~10% of a put.
     std::uint64_t tail = h_->tail.load(std::memory_order_relaxed);
-    if (offset(tail) + bytes > h_->capacity || tail + bytes > h_->head_cache + h_->capacity) {
+    if (offset(tail) + bytes > h_->capacity || tail + bytes > h_->head_cache + h_->capacity ||
+        offset(tail) >= wrap_from_) {
         Status s = make_room(tail, bytes, deadline);
         if (s != Status::ok) return s;
     }
@@ -325,13 +392,70 @@ bool QueueCore::wait_for_room(std::uint64_t tail, std::uint64_t bytes, os::Deadl
 }
 
 void QueueCore::write_pad(std::uint64_t tail, std::uint64_t bytes) {
-    RecordHeader hdr{static_cast<std::uint32_t>(bytes - small_header), rec_pad};
+    // A pad always runs to the ring's end; readers take its length from there
+    // (an unbounded ring's pad can be longer than 32 bits can say).
+    RecordHeader hdr{static_cast<std::uint32_t>(std::min<std::uint64_t>(bytes - small_header, UINT32_MAX)), rec_pad};
     std::memcpy(at(tail), &hdr, sizeof hdr);
     commit_put(tail + bytes, h_->completed.load(std::memory_order_relaxed));
     notify_after_commit(h_->data);
 }
 
+bool QueueCore::should_wrap_early(std::uint64_t tail) const noexcept {
+    return offset(tail) >= wrap_from_ && h_->head.load(std::memory_order_acquire) == tail;
+}
+
+void QueueCore::release_pages_below(std::uint64_t below) noexcept {
+    if (!h_->hot_bytes) return;
+    const std::uint64_t page = os::page_size();
+    const std::uint64_t cycle = below - offset(below);
+    // Pages past the hot part (and a margin, so that a cycle that runs a little
+    // past it does not fault the same pages in again every time).
+    const std::uint64_t first = cycle + h_->hot_bytes + keep_past_hot;
+    std::uint64_t from = h_->released.load(std::memory_order_relaxed);
+    if (from < first) from = first;  // an earlier cycle's mark: this cycle starts afresh
+    const std::uint64_t to = below & ~(page - 1);
+    if (to > from) {
+        os::shm_release(mem_.handle(), static_cast<std::size_t>(ring_offset + offset(from)),
+                        static_cast<std::size_t>(to - from));
+        from = to;
+    }
+    h_->released.store(from, std::memory_order_relaxed);
+}
+
+void QueueCore::release_consumed() noexcept {
+    const std::uint64_t head = h_->head.load(std::memory_order_relaxed);
+    const std::uint64_t released = h_->released.load(std::memory_order_relaxed);
+    if (head < released + release_batch && (head <= released || head != h_->tail.load(std::memory_order_acquire)))
+        return;
+    // The pages below the committed head are read by nobody; holding the put
+    // lock too, nobody writes them either while they are given back.
+    try {
+        auto r = os::robust_mutex_trylock(&h_->put_lock);
+        if (r == os::LockResult::busy) return;  // a producer is at work: next time
+        Held held(&h_->put_lock);
+        if (r == os::LockResult::owner_died) recover_put();
+        release_pages_below(head);
+    } catch (...) {
+    }
+}
+
+void QueueCore::set_limits() noexcept {
+    mask_ = power_of_two_mask(h_->capacity);
+    const std::uint64_t span = h_->hot_bytes ? h_->hot_bytes : h_->capacity;
+    whole_limit_ = span / 2;
+    chunk_bytes_ = span / 4;
+    wrap_from_ = h_->hot_bytes ? h_->hot_bytes : ~std::uint64_t(0);
+    release_from_ = h_->hot_bytes ? h_->hot_bytes + keep_past_hot : ~std::uint64_t(0);
+}
+
 QueueCore::Status QueueCore::make_room(std::uint64_t& tail, std::uint64_t bytes, os::Deadline deadline) {
+    if (should_wrap_early(tail)) {
+        // Past the hot part and nothing queued: the next cycle starts at the
+        // ring's start, on warm pages; the ones written past them go back.
+        release_pages_below(tail);
+        write_pad(tail, h_->capacity - offset(tail));
+        tail += h_->capacity - offset(tail);
+    }
     const std::uint64_t to_end = h_->capacity - offset(tail);
     if (to_end < bytes) {  // records never wrap: skip the ring's end
         if (!wait_for_room(tail, to_end, deadline, true)) return closed() ? Status::closed : Status::timeout;
@@ -344,8 +468,9 @@ QueueCore::Status QueueCore::make_room(std::uint64_t& tail, std::uint64_t bytes,
 
 QueueCore::Status QueueCore::put_chunked(const void* data, std::size_t size, os::Deadline deadline) {
     const std::uint64_t cap = h_->capacity;
-    // Chunks of a quarter ring: the consumer copies one out while we write the next.
-    const std::uint64_t chunk_bytes = cap / 4;
+    // Chunks of a quarter ring (of its hot part when unbounded): the consumer
+    // copies one out while we write the next.
+    const std::uint64_t chunk_bytes = chunk_bytes_;
     const auto* src = static_cast<const unsigned char*>(data);
     std::uint64_t remaining = size;
     std::uint64_t tail = h_->tail.load(std::memory_order_relaxed);
@@ -362,6 +487,12 @@ QueueCore::Status QueueCore::put_chunked(const void* data, std::size_t size, os:
     while (remaining) {
         const std::uint64_t header = first ? first_header : small_header;
         std::uint64_t piece = std::min<std::uint64_t>(remaining, chunk_bytes - header);
+        if (should_wrap_early(tail)) {
+            release_pages_below(tail);
+            write_pad(tail, cap - offset(tail));
+            tail += cap - offset(tail);
+            continue;
+        }
         const std::uint64_t to_end = cap - offset(tail);
         if (to_end < header + std::min<std::uint64_t>(align8(piece), 64)) {
             if (!wait_for_room(tail, to_end, deadline, first)) return give_up();
@@ -403,16 +534,46 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
     };
     // Look under the lock first: while items stream, a get then reads no line the
     // producers write, except the ring and (when its cached copy runs out) `tail`.
-    for (bool first = true;; first = false) {
-        if (!first && !wait_until(h_->data, deadline, something, [&] { probe_producers(); })) return Status::timeout;
+    for (bool look_now = true;; ) {
+        if (!look_now && !wait_until(h_->data, deadline, something, [&] { probe_producers(); })) return Status::timeout;
+        look_now = false;
         auto r = take_lock(&h_->get_lock, deadline);
         if (r == os::LockResult::timed_out) return Status::timeout;
         Held held(&h_->get_lock);
         if (r == os::LockResult::owner_died) recover_get();
 
+        // Hands a reassembled streamed item to `consume`, outside the lock.
+        auto deliver = [&](std::string& buffer, std::uint64_t total) {
+            release_consumed();
+            held.release();
+            struct Shrink {
+                std::string& b;
+                ~Shrink() {
+                    if (b.size() > keep_buffer_bytes) std::string().swap(b);
+                }
+            } shrink{buffer};
+            consume(context, reinterpret_cast<const unsigned char*>(buffer.data()), static_cast<std::size_t>(total));
+            return Status::ok;
+        };
+        bool wait_for_parker = false;
         for (;;) {
             const std::uint64_t head = h_->head.load(std::memory_order_relaxed);
             if (head == h_->tail_cache) h_->tail_cache = h_->tail.load(std::memory_order_acquire);
+            if (head != h_->tail_cache && h_->parked_item.load(std::memory_order_relaxed)) {
+                std::string& buffer = reassembly_buffer();
+                std::uint64_t total = 0;
+                Taken taken = Taken::discarded;
+                const ParkedAction action = handle_parked(buffer, total, deadline, taken);
+                if (action == ParkedAction::wait) {
+                    wait_for_parker = true;
+                    break;
+                }
+                if (action == ParkedAction::resumed) {
+                    if (taken == Taken::parked) return Status::timeout;
+                    if (taken == Taken::delivered) return deliver(buffer, total);
+                }
+                continue;  // dropped or discarded: what follows is read as usual
+            }
             if (head == h_->tail_cache) {
                 // Empty.  Reading `closed` first makes every put that finished
                 // before close() visible to the second look at the tail.
@@ -427,7 +588,7 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
             RecordHeader hdr;
             std::memcpy(&hdr, rec, sizeof hdr);
             if (hdr.kind < rec_whole || hdr.kind > rec_pad) corrupt("record kind");
-            const std::uint64_t bytes = (hdr.kind == rec_first ? first_header : small_header) + align8(hdr.len);
+            const std::uint64_t bytes = record_size(hdr, cap - offset(head));
             if (offset(head) + bytes > cap || head + bytes > h_->tail_cache) corrupt("record length");
             const std::uint64_t taken = h_->taken.load(std::memory_order_relaxed);
 
@@ -462,31 +623,61 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
                     }
                     commit_get(head + bytes, taken + 1);
                     notify_after_commit(h_->space);
+                    if (offset(head + bytes) >= release_from_) release_consumed();
                     return Status::ok;
                 }
                 default: {  // rec_first
                     std::string& buffer = reassembly_buffer();
                     std::uint64_t total = 0;
                     std::memcpy(&total, rec + small_header, sizeof total);
-                    if (read_chunked(head, buffer) == Taken::discarded) continue;
-                    held.release();
-                    struct Shrink {
-                        std::string& b;
-                        ~Shrink() {
-                            if (b.size() > keep_buffer_bytes) std::string().swap(b);
-                        }
-                    } shrink{buffer};
-                    consume(context, reinterpret_cast<const unsigned char*>(buffer.data()),
-                            static_cast<std::size_t>(total));
-                    return Status::ok;
+                    const Taken taken = read_chunked(head, buffer, deadline);
+                    if (taken == Taken::discarded) continue;
+                    if (taken == Taken::parked) return Status::timeout;
+                    return deliver(buffer, total);
                 }
             }
+        }
+        if (wait_for_parker) {
+            // The rest of another process's parked item is at the head: wait until
+            // that process has taken it (or ended), within our own deadline.
+            const std::uint64_t item = h_->parked_item.load(std::memory_order_relaxed);
+            const long parker = static_cast<long>(h_->parked_pid.load(std::memory_order_relaxed));
+            held.release();
+            bool parker_ended = false;
+            auto moved_on = [&] {
+                return parker_ended || h_->parked_item.load(std::memory_order_acquire) != item;
+            };
+            if (!wait_until(h_->data, deadline, moved_on, [&] { parker_ended = !os::process_running(parker); }))
+                return Status::timeout;
+            look_now = true;  // look again at once, under the lock
         }
     }
 }
 
-QueueCore::Taken QueueCore::read_chunked(std::uint64_t head, std::string& out) {
-    const std::uint64_t cap = h_->capacity;
+QueueCore::ParkedAction QueueCore::handle_parked(std::string& out, std::uint64_t& total, os::Deadline deadline,
+                                                 Taken& result) {
+    const std::uint64_t item = h_->parked_item.load(std::memory_order_relaxed);
+    const long parker = static_cast<long>(h_->parked_pid.load(std::memory_order_relaxed));
+    if (parker == os::current_pid()) {
+        ParkedPart part;
+        h_->parked_item.store(0, std::memory_order_release);
+        if (!parked_parts().take(h_->uid, item, part)) return ParkedAction::dropped;  // not ours after all
+        out = std::move(part.data);
+        total = part.total;
+        result = continue_chunked(h_->head.load(std::memory_order_relaxed), item, part.received, part.total, out,
+                                  deadline);
+        if (result != Taken::parked) notify(h_->data);  // gets of other processes wait for this
+        return ParkedAction::resumed;
+    }
+    if (os::process_running(parker)) return ParkedAction::wait;
+    // Its process ended with the part it had: the item is lost (as for a
+    // consumer killed mid-item); the rest is dropped as it comes.
+    h_->parked_item.store(0, std::memory_order_release);
+    notify(h_->data);
+    return ParkedAction::dropped;
+}
+
+QueueCore::Taken QueueCore::read_chunked(std::uint64_t head, std::string& out, os::Deadline deadline) {
     RecordHeader hdr;
     std::memcpy(&hdr, at(head), sizeof hdr);
     std::uint64_t total = 0;
@@ -494,14 +685,21 @@ QueueCore::Taken QueueCore::read_chunked(std::uint64_t head, std::string& out) {
     if (hdr.len > total) corrupt("first chunk longer than its item");
     if (out.size() < total) out.resize(static_cast<std::size_t>(total));
     std::memcpy(&out[0], at(head) + first_header, hdr.len);
-    std::uint64_t received = hdr.len;
+    const std::uint64_t received = hdr.len;
     const std::uint64_t id = head + 1;
     head += first_header + align8(hdr.len);
     std::uint64_t taken = h_->taken.load(std::memory_order_relaxed);
     if (received == total) ++taken;
     commit_get(head, taken);
     notify(h_->space);
+    return continue_chunked(head, id, received, total, out, deadline);
+}
 
+QueueCore::Taken QueueCore::continue_chunked(std::uint64_t head, std::uint64_t id, std::uint64_t received,
+                                             std::uint64_t total, std::string& out, os::Deadline deadline) {
+    const std::uint64_t cap = h_->capacity;
+    RecordHeader hdr;
+    std::uint64_t taken = h_->taken.load(std::memory_order_relaxed);
     // The producer holds the put lock until the item is complete, so its chunks
     // follow one another.  It gives up (timeout) or dies: `streaming` changes.
     auto next_or_abandoned = [&] {
@@ -509,7 +707,18 @@ QueueCore::Taken QueueCore::read_chunked(std::uint64_t head, std::string& out) {
                h_->tail.load(std::memory_order_acquire) != head;
     };
     while (received < total) {
-        wait_until(h_->data, os::no_deadline, next_or_abandoned, [&] { probe_producers(); });
+        if (!wait_until(h_->data, deadline, next_or_abandoned, [&] { probe_producers(); })) {
+            // Our timeout, with the producer stopped or slow mid-item: keep what
+            // we have for the next get of this process (see "Parked items").
+            try {
+                parked_parts().put(ParkedPart{h_->uid, id, received, total, std::move(out)});
+            } catch (...) {
+                return Taken::discarded;  // no memory to keep it: the item is lost
+            }
+            h_->parked_pid.store(os::current_pid(), std::memory_order_relaxed);
+            h_->parked_item.store(id, std::memory_order_release);
+            return Taken::parked;
+        }
         const std::uint64_t streaming = h_->streaming.load(std::memory_order_acquire);
         const std::uint64_t tail = h_->tail.load(std::memory_order_acquire);
         if (tail == head) {
@@ -520,7 +729,7 @@ QueueCore::Taken QueueCore::read_chunked(std::uint64_t head, std::string& out) {
         unsigned char* rec = at(head);
         std::memcpy(&hdr, rec, sizeof hdr);
         if (hdr.kind < rec_whole || hdr.kind > rec_pad) corrupt("record kind");
-        const std::uint64_t bytes = (hdr.kind == rec_first ? first_header : small_header) + align8(hdr.len);
+        const std::uint64_t bytes = record_size(hdr, cap - offset(head));
         if (offset(head) + bytes > cap || head + bytes > tail) corrupt("record length");
         if (hdr.kind == rec_pad) {
             head += bytes;

@@ -2,9 +2,78 @@
 
 namespace mpservice::detail {
 
+namespace shm_impl {
+/// Mappings whose last handle is gone while a thread of this process held a
+/// robust mutex inside (see SharedMemory::keep_mapped_while_held).
+struct ParkedMapping {
+    void* addr;
+    std::size_t size;
+    std::vector<os::RobustMutex*> mutexes;
+};
+
+bool any_held(const std::vector<os::RobustMutex*>& mutexes) noexcept {
+    for (os::RobustMutex* m : mutexes)
+        if (os::robust_mutex_held_in_this_process(m)) return true;
+    return false;
+}
+
+class ParkedMappings {
+public:
+    /// Keeps the mapping; unmaps the parked ones whose mutexes are all free
+    /// now (their holders ended, so the kernel has marked them, or released).
+    void park(void* addr, std::size_t size, std::vector<os::RobustMutex*> mutexes) {
+        std::lock_guard<std::mutex> g(guard_);
+        parked_.push_back(ParkedMapping{addr, size, std::move(mutexes)});
+    }
+    void sweep() noexcept {
+        std::lock_guard<std::mutex> g(guard_);
+        for (std::size_t i = 0; i < parked_.size();) {
+            if (any_held(parked_[i].mutexes)) {
+                ++i;
+                continue;
+            }
+            os::shm_unmap(parked_[i].addr, parked_[i].size);
+            parked_[i] = std::move(parked_.back());
+            parked_.pop_back();
+        }
+    }
+    bool empty() noexcept {
+        std::lock_guard<std::mutex> g(guard_);
+        return parked_.empty();
+    }
+
+private:
+    std::mutex guard_;
+    std::vector<ParkedMapping> parked_;
+};
+
+/// Never destroyed: a mapping may be released during static destruction.
+ParkedMappings& parked_mappings() {
+    static ParkedMappings* p = new ParkedMappings();
+    return *p;
+}
+}  // namespace shm_impl
+
 SharedMemory::Mapping::~Mapping() {
+    os::close_handle(handle);  // the mapping, not the descriptor, keeps the memory
+    if (!mutexes.empty() && shm_impl::any_held(mutexes)) {
+        try {
+            shm_impl::parked_mappings().park(addr, size, std::move(mutexes));
+            return;
+        } catch (...) {
+            // Out of memory: unmapping is all that is left (the old behaviour).
+        }
+    }
     os::shm_unmap(addr, size);
-    os::close_handle(handle);
+    if (!mutexes.empty()) shm_impl::parked_mappings().sweep();
+}
+
+void SharedMemory::keep_mapped_while_held(os::RobustMutex* m) const {
+    if (!m_) return;
+    std::lock_guard<std::mutex> g(m_->guard);
+    for (os::RobustMutex* known : m_->mutexes)
+        if (known == m) return;
+    m_->mutexes.push_back(m);
 }
 
 SharedMemory SharedMemory::create(std::size_t size) {

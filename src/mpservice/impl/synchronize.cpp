@@ -190,10 +190,17 @@ LockStatus lock_acquire_slow(const LockRef& l, os::Deadline deadline) {
     LockState* s = l.state.get();
     const std::uint64_t me = this_thread_token();
     if (s->owner.load(std::memory_order_relaxed) == me) {
-        if (!l.recursive)
-            throw InvalidStateError(
-                "mpservice::Lock::acquire: the calling thread already holds this lock; a Lock is not "
-                "re-entrant (use an RLock), and waiting for it would wait forever");
+        if (!l.recursive) {
+            // Only a wait without end is a certain deadlock.  A bounded one gives
+            // up at its deadline, as Python's acquire(timeout) does: nobody else
+            // can release the lock meanwhile, so sleeping out the timeout is exact.
+            if (deadline == os::no_deadline)
+                throw InvalidStateError(
+                    "mpservice::Lock::acquire: the calling thread already holds this lock; a Lock is not "
+                    "re-entrant (use an RLock), and waiting for it would wait forever");
+            os::sleep_until(deadline);
+            return LockStatus::timed_out;
+        }
         s->depth.store(s->depth.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
         return LockStatus::acquired;
     }
@@ -255,39 +262,57 @@ void throw_owner_died(const LockRef& l) {
 
 // ---------------------------------------------------------------- Condition
 
+namespace sync_impl {
+/// Sleeps (after a spin) until the notification counter differs from `seen`
+/// or the deadline passes; false on the deadline.  Never longer than the
+/// recheck period at a time: a notifier that died before releasing the lock
+/// bumped the counter but will not wake us.
+bool await_notify(ConditionState* cs, std::uint32_t seen, os::Deadline deadline) {
+    auto bumped = [&] { return cs->sequence.load(std::memory_order_acquire) != seen; };
+    if (expired(deadline)) return bumped();
+    if (spin_until(bumped, cs->spin_ns)) return true;
+    for (;;) {
+        if (bumped()) return true;
+        auto step = os::Clock::now() +
+                    std::chrono::milliseconds(condition_recheck_ms.load(std::memory_order_relaxed));
+        if (deadline < step) step = deadline;
+        if (!os::futex_wait(&cs->sequence, seen, step) && step == deadline) return bumped();
+    }
+}
+}  // namespace sync_impl
+
 bool condition_wait(const SharedRef<ConditionState>& c, const LockRef& l, os::Deadline deadline) {
     using namespace sync_impl;
     if (!lock_is_mine(l))
         throw InvalidStateError("mpservice::Condition::wait: the calling thread must hold the condition's lock");
     ConditionState* cs = c.get();
-    // Read while still holding the lock: a notify can only come after our
-    // release, and every notify bumps the counter, so none can be missed.
-    const std::uint32_t seen = cs->sequence.load(std::memory_order_acquire);
-    const std::uint32_t depth = release_all(l);
-
-    auto notified = [&] { return cs->sequence.load(std::memory_order_acquire) != seen; };
-    bool woken = !expired(deadline) && spin_until(notified, cs->spin_ns);
-    if (!woken) {
-        cs->sleepers.fetch_add(1, std::memory_order_seq_cst);
-        for (;;) {
-            if (cs->sequence.load(std::memory_order_seq_cst) != seen) {
-                woken = true;
-                break;
-            }
-            // Never longer than the recheck period: a notifier that died before
-            // releasing the lock bumped the counter but will not wake us.
-            auto step = os::Clock::now() +
-                        std::chrono::milliseconds(condition_recheck_ms.load(std::memory_order_relaxed));
-            if (deadline < step) step = deadline;
-            if (!os::futex_wait(&cs->sequence, seen, step) && step == deadline) {
-                woken = notified();
-                break;
-            }
+    // Registered under the lock: a notify, which needs the lock too, either
+    // comes before (and is not ours) or sees us among the waiters.
+    const std::uint32_t entry = cs->sequence.load(std::memory_order_relaxed);
+    cs->sleepers.fetch_add(1, std::memory_order_seq_cst);
+    std::uint32_t seen = entry;
+    for (;;) {
+        const std::uint32_t depth = release_all(l);
+        await_notify(cs, seen, deadline);
+        const LockStatus taken = reacquire(l, depth);
+        // Decided under the lock.  A token is ours if a notify came after we began
+        // to wait (the counter moved since `entry`); any such token will do, since
+        // every token stands for one waiter of its notify, and all of its waiters
+        // that remain are eligible.  A waiter that times out while a token is there
+        // takes it: it was notified before it gave up.
+        const bool eligible = cs->sequence.load(std::memory_order_relaxed) != entry;
+        const std::uint32_t tokens = cs->tokens.load(std::memory_order_relaxed);
+        const bool notified = eligible && tokens > 0;
+        if (notified || expired(deadline) || taken == LockStatus::owner_died) {
+            if (notified) cs->tokens.store(tokens - 1, std::memory_order_relaxed);
+            cs->sleepers.fetch_sub(1, std::memory_order_relaxed);
+            if (taken == LockStatus::owner_died) condition_lock_owner_died(c, l);
+            return notified;
         }
-        cs->sleepers.fetch_sub(1, std::memory_order_relaxed);
+        // Woken (or a periodic recheck) but the tokens went to other waiters: wait
+        // for the next notify, still registered.
+        seen = cs->sequence.load(std::memory_order_relaxed);
     }
-    if (reacquire(l, depth) == LockStatus::owner_died) condition_lock_owner_died(c, l);
-    return woken;
 }
 
 void condition_notify(const SharedRef<ConditionState>& c, const LockRef& l, int n) {
@@ -296,16 +321,24 @@ void condition_notify(const SharedRef<ConditionState>& c, const LockRef& l, int 
         throw InvalidStateError("mpservice::Condition::notify: the calling thread must hold the condition's lock");
     if (n <= 0) return;
     ConditionState* cs = c.get();
+    // Waiters not yet notified.  A waiter that died while waiting stays counted
+    // and may be handed a token; its token goes to whichever live waiter wakes
+    // first, and the count stays exact for the rest, so a dead waiter costs a
+    // live one nothing.
+    const std::uint32_t waiters = cs->sleepers.load(std::memory_order_relaxed);
+    const std::uint32_t tokens = cs->tokens.load(std::memory_order_relaxed);
+    if (waiters <= tokens) return;  // nobody left to notify
+    const std::uint32_t k = std::min<std::uint32_t>(static_cast<std::uint32_t>(n), waiters - tokens);
+    cs->tokens.store(tokens + k, std::memory_order_relaxed);
     cs->sequence.fetch_add(1, std::memory_order_seq_cst);
-    if (cs->sleepers.load(std::memory_order_seq_cst) == 0) return;  // see wake_sleepers
     // The wake waits for the lock's release: a sleeper woken now would find
     // the lock held and only go to sleep again, on the lock.
     LockState* ls = l.state.get();
-    if (t_pending_wakes.add(ls, c, n)) {
+    if (t_pending_wakes.add(ls, c, static_cast<int>(k))) {
         ls->release_work.fetch_or(release_wake, std::memory_order_relaxed);
         return;
     }
-    os::futex_wake(&cs->sequence, n);
+    os::futex_wake(&cs->sequence, static_cast<int>(k));
 }
 
 void condition_lock_owner_died(const SharedRef<ConditionState>& c, const LockRef& l) {
@@ -456,6 +489,20 @@ void check_parties_locked(BarrierState* b, std::uint32_t generation) {
     }
 }
 
+/// Whether one of the first `n` arrivals of the current cycle - another
+/// process than ours - has ended.
+bool arrived_party_died_locked(BarrierState* b, std::uint32_t n) {
+    const std::int64_t me = os::current_pid();
+    std::int64_t checked = me;  // parties of one process often arrive in a row
+    for (std::uint32_t i = 0; i < n && i < b->parties; ++i) {
+        const std::int64_t pid = b->pids()[i];
+        if (pid == me || pid == checked) continue;
+        if (!os::process_running(static_cast<long>(pid))) return true;
+        checked = pid;
+    }
+    return false;
+}
+
 [[noreturn]] void throw_broken() {
     throw BrokenBarrierError(
         "mpservice::Barrier::wait: the barrier is broken (aborted, reset, timed out, its action failed, "
@@ -541,6 +588,13 @@ unsigned Barrier::wait_until(detail::os::Deadline deadline) {
         b->pids()[index] = os::current_pid();
         b->count.store(index + 1, std::memory_order_relaxed);
         if (index + 1 == b->parties) {
+            // The last arrival completes the cycle only with every party alive: one
+            // that died waiting must break it even if nobody slept long enough to
+            // notice (Python's barrier breaks when a waiter leaves abnormally).
+            if (arrived_party_died_locked(b, index)) {
+                break_locked(b);
+                throw_broken();
+            }
             if (!b->action.empty()) {
                 auto fn = reinterpret_cast<Action>(const_cast<void*>(os::code_ref_resolve(b->action)));
                 if (!fn) {

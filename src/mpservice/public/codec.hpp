@@ -18,11 +18,14 @@
 //     std::unordered_multimap, std::set, std::multiset, std::unordered_set,
 //     std::unordered_multiset, nested to any depth (up to codec_max_depth levels);
 //   - trivially copyable classes that have no serialize member: copied byte for byte, and
-//     containers of them in one block.  Such a struct is taken as it is: a struct that holds
-//     a pointer (or a pointer-like handle) means nothing in another process, and one whose
-//     fields are not valid for every byte pattern (bool, an enum without a fixed underlying
-//     type) is not checked against corrupt input.  Give such a struct serialize() instead:
-//     then every field is carried and checked by its own codec.
+//     containers of them in one block.  The rule: decoding never makes a value whose
+//     loading is undefined behaviour.  A bool may only hold 0 or 1, so an aggregate with a
+//     bool anywhere inside (in nested aggregates and arrays too) is checked field by field
+//     after the copy - a bad byte is a DecodeError - and containers of it decode element by
+//     element.  The codec finds an aggregate's fields itself (up to 24 direct members, no
+//     base classes); for other trivially copyable classes (private members, constructors,
+//     bases) it cannot, so they are copied unchecked: give such a class serialize() if it
+//     holds a bool.  A pointer field means nothing in another process.
 //   - Enums travel as their bytes.  An enum with a fixed underlying type (every enum class,
 //     `enum E : int`) can hold any value, so nothing can go wrong; for an unscoped enum
 //     without one, a corrupt value outside its enumerators' range is not detected.
@@ -448,13 +451,268 @@ struct EmptyCodec {
     }
 };
 
+// ---------------------------------------------------------------------------
+// Bytewise aggregates that hold bools: checked field by field.
+//
+// A bool may only hold 0 or 1; loading any other byte as a bool is undefined
+// behaviour.  So a trivially copyable aggregate is decoded from its bytes and
+// then each field is looked at through a structured binding - as raw bytes,
+// never loaded as the field's type - down through nested aggregates and arrays:
+// a bool byte other than 0 or 1 is a DecodeError.  Aggregates without a bool
+// anywhere stay a plain copy (and containers of them one block).  The members
+// are found with the standard C++17 means: the number of `{}` initializers the
+// aggregate accepts, then a structured binding of that many names (up to
+// codec_max_checked_fields).
+
+inline constexpr int codec_max_checked_fields = 24;
+
+template <class... T>
+struct FieldTypes {};
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
+#pragma GCC diagnostic ignored "-Wmissing-braces"
+#endif
+/// Whether T{{}, ..., {}} with N initializers is valid: N <= T's direct members
+/// (bases count as members in C++17 aggregate initialization).
+template <class T, int N, class = void>
+struct accepts_braces : std::false_type {};
+
+template <class T>
+struct accepts_braces<T, 1, std::void_t<decltype(T{{}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 2, std::void_t<decltype(T{{}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 3, std::void_t<decltype(T{{}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 4, std::void_t<decltype(T{{}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 5, std::void_t<decltype(T{{}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 6, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 7, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 8, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 9, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 10, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 11, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 12, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 13, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 14, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 15, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 16, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 17, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 18, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 19, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 20, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 21, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 22, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 23, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+template <class T>
+struct accepts_braces<T, 24, std::void_t<decltype(T{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}})>> : std::true_type {};
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+
+template <class T, int N = 1>
+constexpr int brace_count() {
+    if constexpr (N > codec_max_checked_fields || !accepts_braces<T, N>::value)
+        return N - 1;
+    else
+        return brace_count<T, N + 1>();
+}
+
+/// Converts only to a proper base of T: T{BaseProbe<T>{}} is valid iff T's
+/// first initializer is a base class (its fields then cannot be bound by name).
+template <class T>
+struct BaseProbe {
+    template <class U, class = std::enable_if_t<std::is_base_of_v<U, T> && !std::is_same_v<U, T>>>
+    operator U() const;
+};
+template <class T, class = void>
+struct has_aggregate_base : std::false_type {};
+template <class T>
+struct has_aggregate_base<T, std::void_t<decltype(T{BaseProbe<T>{}})>> : std::true_type {};
+
+template <class T>
+constexpr bool bindable_aggregate() {
+    if constexpr (std::is_class_v<T> && std::is_aggregate_v<T> && !std::is_empty_v<T> && !std::is_union_v<T>) {
+        if constexpr (has_aggregate_base<T>::value) {
+            return false;
+        } else {
+            constexpr int n = brace_count<T>();
+            return n >= 1 && n <= codec_max_checked_fields;
+        }
+    } else {
+        return false;
+    }
+}
+
+/// Calls f(field...) with references to T's members (T bindable_aggregate).
+template <class T, class F>
+decltype(auto) with_fields(T& v, F&& f) {
+    constexpr int n = brace_count<T>();
+    if constexpr (n == 1) {
+        auto& [m0] = v;
+        return f(m0);
+    } else if constexpr (n == 2) {
+        auto& [m0, m1] = v;
+        return f(m0, m1);
+    } else if constexpr (n == 3) {
+        auto& [m0, m1, m2] = v;
+        return f(m0, m1, m2);
+    } else if constexpr (n == 4) {
+        auto& [m0, m1, m2, m3] = v;
+        return f(m0, m1, m2, m3);
+    } else if constexpr (n == 5) {
+        auto& [m0, m1, m2, m3, m4] = v;
+        return f(m0, m1, m2, m3, m4);
+    } else if constexpr (n == 6) {
+        auto& [m0, m1, m2, m3, m4, m5] = v;
+        return f(m0, m1, m2, m3, m4, m5);
+    } else if constexpr (n == 7) {
+        auto& [m0, m1, m2, m3, m4, m5, m6] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6);
+    } else if constexpr (n == 8) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7);
+    } else if constexpr (n == 9) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8);
+    } else if constexpr (n == 10) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9);
+    } else if constexpr (n == 11) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10);
+    } else if constexpr (n == 12) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11);
+    } else if constexpr (n == 13) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12);
+    } else if constexpr (n == 14) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13);
+    } else if constexpr (n == 15) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14);
+    } else if constexpr (n == 16) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15);
+    } else if constexpr (n == 17) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16);
+    } else if constexpr (n == 18) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17);
+    } else if constexpr (n == 19) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18);
+    } else if constexpr (n == 20) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18, m19] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18, m19);
+    } else if constexpr (n == 21) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18, m19, m20] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18, m19, m20);
+    } else if constexpr (n == 22) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18, m19, m20, m21] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18, m19, m20, m21);
+    } else if constexpr (n == 23) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18, m19, m20, m21, m22] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18, m19, m20, m21, m22);
+    } else if constexpr (n == 24) {
+        auto& [m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18, m19, m20, m21, m22, m23] = v;
+        return f(m0, m1, m2, m3, m4, m5, m6, m7, m8, m9, m10, m11, m12, m13, m14, m15, m16, m17, m18, m19, m20, m21, m22, m23);
+    }
+}
+
+struct FieldTypesOf {
+    template <class... M>
+    FieldTypes<M...> operator()(M&...) const {
+        return {};
+    }
+};
+template <class T>
+using field_types_t = decltype(with_fields(std::declval<T&>(), FieldTypesOf{}));
+
+template <class T>
+constexpr bool holds_bool();
+template <class... T>
+constexpr bool any_holds_bool(FieldTypes<T...>) {
+    return (holds_bool<T>() || ...);
+}
+/// Whether a bool lies anywhere inside T's bytes (as far as the codec can see).
+template <class T>
+constexpr bool holds_bool() {
+    using U = std::remove_cv_t<T>;
+    if constexpr (std::is_same_v<U, bool>)
+        return true;
+    else if constexpr (std::is_array_v<U>)
+        return holds_bool<std::remove_extent_t<U>>();
+    else if constexpr (bindable_aggregate<U>())
+        return any_holds_bool(field_types_t<U>{});
+    else
+        return false;
+}
+
+/// Throws DecodeError if a bool inside `v` holds a byte other than 0 or 1.
+template <class T>
+void check_bool_bytes(const T& v) {
+    using U = std::remove_cv_t<T>;
+    if constexpr (std::is_same_v<U, bool>) {
+        unsigned char byte;
+        std::memcpy(&byte, static_cast<const void*>(&v), 1);
+        if (byte > 1)
+            throw DecodeError("decode: a bool field's byte is " + std::to_string(byte) + ", not 0 or 1");
+    } else if constexpr (std::is_array_v<U>) {
+        for (const auto& x : v) check_bool_bytes(x);
+    } else if constexpr (bindable_aggregate<U>() && holds_bool<U>()) {
+        with_fields(const_cast<U&>(v), [](auto&... m) { (check_bool_bytes(m), ...); });
+    }
+}
+
+/// A trivially copyable aggregate with a bool inside: its bytes, checked.
+/// Not `bitwise`, so containers decode it element by element.
+template <class T>
+struct CheckedBytesCodec {
+    static constexpr std::size_t min_encoded_size() { return sizeof(T); }
+    static void encode(Encoder& e, const T& v) { e.write_bytes(&v, sizeof v); }
+    static T decode(Decoder& d) {
+        T v = BitwiseCodec<T>::from_bytes(d.take(sizeof(T), "bytes"));
+        check_bool_bytes(v);
+        return v;
+    }
+};
+
+}  // namespace detail
+
+namespace detail {
 template <class T>
 using default_codec_t = std::conditional_t<
     has_serialize<T>::value, SerializeCodec<T>,
     std::conditional_t<
         std::is_empty_v<T> && std::is_trivially_copyable_v<T>, EmptyCodec<T>,
         std::conditional_t<(std::is_class_v<T> || std::is_union_v<T>)&&std::is_trivially_copyable_v<T>,
-                           BitwiseCodec<T>, mpservice_cannot_encode_this_type<T>>>>;
+                           std::conditional_t<holds_bool<T>(), CheckedBytesCodec<T>, BitwiseCodec<T>>,
+                           mpservice_cannot_encode_this_type<T>>>>;
 
 }  // namespace detail
 

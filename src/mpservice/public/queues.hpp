@@ -1,8 +1,8 @@
 // queues: Queue<T>, SimpleQueue<T> and JoinableQueue<T>, typed MPMC queues in
 // shared memory, usable from any number of threads and processes.
 //
-//     mp::Queue<std::string> q;              // unbounded in items, 1 MiB ring
-//     mp::Queue<Job> jobs(100, 8 << 20);     // at most 100 items, 8 MiB ring
+//     mp::Queue<std::string> q;              // unbounded, as in Python
+//     mp::Queue<Job> jobs(100, 8 << 20);     // at most 100 items and 8 MiB waiting
 //     q.put("hello");  std::string s = q.get();
 //     if (auto v = q.try_get()) use(*v);     // nothing there: std::nullopt
 //     q.get(std::chrono::milliseconds(50));  // nothing within 50 ms: throws mp::Empty
@@ -14,11 +14,16 @@
 // any type the codec handles; items holding OS handles (a Queue, a Lock, ...)
 // cannot be put into a queue - pass those as Process arguments.
 //
-// Bounds.  `maxsize` bounds the number of items (0: no bound, as in Python).  The
-// ring's byte capacity (default 1 MiB) bounds the bytes waiting: a put waits for
-// room when the ring is full even if maxsize is 0.  An item larger than half the
-// ring is streamed through it in chunks while a consumer copies them out, so items
-// of any size pass; producers stream one at a time, never interleaved.
+// Bounds.  `maxsize` bounds the number of items (0: no bound, as in Python).  By
+// default nothing bounds the bytes waiting: a put never waits for room, in one
+// process or many (the ring is a sparse 4 GiB reservation that commits memory only
+// as it fills, and gives it back as items are consumed; a default queue commits
+// one page at creation).  Only past 4 GiB of encoded items waiting would a put
+// wait, as on a bounded queue.  Given `capacity_bytes`, the ring is that big and
+// bounds the bytes waiting: a put waits for room when it is full.  An item larger
+// than half the ring (half of 1 MiB when unbounded) is streamed in chunks while a
+// consumer copies them out, so items of any size pass; producers stream one at a
+// time, never interleaved.
 //
 // Order.  Items from one producer (thread) arrive in the order it put them; items
 // from several producers interleave.
@@ -164,12 +169,16 @@ class Queue {
     using Status = detail::QueueCore::Status;
 
 public:
-    /// The ring's byte capacity when none is given.
+    /// `capacity_bytes` for a queue with no byte bound (the default, as in Python).
+    static constexpr std::size_t unbounded = 0;
+    /// A byte bound often used for a ring of fixed size (1 MiB).
     static constexpr std::size_t default_capacity = std::size_t(1) << 20;
 
-    /// A new queue holding at most `maxsize` items (0: no item bound) and at most
-    /// `capacity_bytes` bytes of encoded items at a time (larger items stream).
-    explicit Queue(std::size_t maxsize = 0, std::size_t capacity_bytes = default_capacity)
+    /// A new queue holding at most `maxsize` items (0: no item bound) and, if
+    /// `capacity_bytes` is given, at most that many bytes of encoded items at a
+    /// time (then larger items stream through it).  Without a byte bound a put
+    /// never waits for room.
+    explicit Queue(std::size_t maxsize = 0, std::size_t capacity_bytes = unbounded)
         : core_(detail::QueueCore::create(detail::QueueKind::queue, Items::type_tag(), maxsize, capacity_bytes)) {}
 
     /// Puts `item`, waiting for room as long as it takes.  Throws QueueClosed.
@@ -216,8 +225,8 @@ public:
     bool full() const noexcept { return core_.full(); }
     /// The item bound given at creation (0: none).
     std::size_t maxsize() const noexcept { return core_.maxsize(); }
-    /// The ring's byte capacity (the requested one rounded up to a multiple of 64).
-    std::size_t capacity() const noexcept { return core_.capacity(); }
+    /// The byte bound (the requested one rounded up to a multiple of 64); 0 for none.
+    std::size_t capacity() const noexcept { return core_.byte_bound(); }
     /// Closes the queue for every process: puts throw QueueClosed, gets drain.
     void close() noexcept { core_.close(); }
     bool closed() const noexcept { return core_.closed(); }
@@ -254,7 +263,7 @@ protected:
 template <class T>
 class JoinableQueue : public Queue<T> {
 public:
-    explicit JoinableQueue(std::size_t maxsize = 0, std::size_t capacity_bytes = Queue<T>::default_capacity)
+    explicit JoinableQueue(std::size_t maxsize = 0, std::size_t capacity_bytes = Queue<T>::unbounded)
         : Queue<T>(detail::QueueKind::joinable, maxsize, capacity_bytes) {}
 
     /// Marks one item taken from the queue as processed.  Throws
@@ -281,7 +290,7 @@ class SimpleQueue {
     using Status = detail::QueueCore::Status;
 
 public:
-    explicit SimpleQueue(std::size_t capacity_bytes = Queue<T>::default_capacity)
+    explicit SimpleQueue(std::size_t capacity_bytes = Queue<T>::unbounded)
         : core_(detail::QueueCore::create(detail::QueueKind::simple, Items::type_tag(), 0, capacity_bytes)) {}
 
     /// Puts `item`, waiting for room.  Throws QueueClosed after close().

@@ -27,10 +27,9 @@
 // Differences from Python worth knowing:
 // - A Lock is owned by the thread that acquired it; releasing it from another
 //   thread or process throws InvalidStateError (use a Semaphore for hand-offs).
-//   Acquiring a Lock the calling thread already holds throws InvalidStateError
-//   rather than deadlocking.
-// - Condition may wake more waiters than notify(n) asked for (spurious
-//   wake-ups, as with std::condition_variable); wait_for(predicate) is exact.
+//   Acquiring a Lock the calling thread already holds, without a timeout,
+//   throws InvalidStateError rather than deadlocking; try_lock() and a timed
+//   acquire return false (after the timeout), as in Python.
 // - Barrier's action is a plain function pointer; it runs in the process that
 //   arrives last (see Barrier).
 #pragma once
@@ -40,6 +39,7 @@
 #include <climits>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 #include "../detail/os.hpp"
@@ -125,6 +125,13 @@ bool spin_until(Ready&& ready, std::atomic<Budget>& budget_ns) {
 
 // ---------------------------------------------------------------- handles to shared state
 
+/// Whether T holds a robust mutex named `mutex` (LockState, BarrierState).
+template <class T, class = void>
+struct has_robust_mutex : std::false_type {};
+template <class T>
+struct has_robust_mutex<T, std::enable_if_t<std::is_same_v<decltype(T::mutex), os::RobustMutex>>>
+    : std::true_type {};
+
 /// A T that lives at some offset inside a SharedMemory block.  Copies, and
 /// decoded copies in other processes, refer to the same T.  The block stays
 /// mapped as long as a SharedRef (or anything else) holds it.
@@ -132,7 +139,11 @@ template <class T>
 class SharedRef {
 public:
     SharedRef() = default;
-    SharedRef(SharedMemory mem, T* p) : mem_(std::move(mem)), p_(p) {}
+    SharedRef(SharedMemory mem, T* p) : mem_(std::move(mem)), p_(p) {
+        // A lock held when the last handle goes must stay mapped (see there).
+        if constexpr (has_robust_mutex<T>::value)
+            if (p_) mem_.keep_mapped_while_held(&p_->mutex);
+    }
 
     /// A new zero-filled block of `size` bytes (at least sizeof(T)) with a T
     /// constructed at its start.
@@ -258,10 +269,16 @@ inline bool lock_status_to_bool(const LockRef& l, LockStatus s) {
 /// lost.  Per process; the tests raise it to tell real wake-ups from rechecks.
 inline std::atomic<std::int64_t> condition_recheck_ms{100};
 
+/// A Condition's waiters and notifications.  Every change but the spin
+/// budget's is made under the condition's lock, which wait(), notify() and a
+/// waiter's decision after waking all hold: so a notify(n) hands out exactly
+/// min(n, un-notified waiters) wake-up tokens, and a waiter returns true only
+/// with a token, taken from a notify that came after it began to wait.
 struct ConditionState {
-    std::atomic<std::uint32_t> sequence{0};  // futex word: bumped by every notify
-    std::atomic<std::uint32_t> sleepers{0};  // may over-count after a waiter died: only costs a syscall
+    std::atomic<std::uint32_t> sequence{0};  // futex word: bumped by every notify that hands out tokens
+    std::atomic<std::uint32_t> sleepers{0};  // waiters registered (a dead one stays counted, see condition_notify)
     std::atomic<std::uint32_t> spin_ns{0};   // spin_until's budget
+    std::atomic<std::uint32_t> tokens{0};    // notified waiters that have not yet taken their wake-up
 };
 
 struct SemaphoreState {
@@ -507,8 +524,9 @@ public:
         }
         return result;
     }
-    /// Wakes up to n waiters (at least n when that many wait; see the file
-    /// comment) as soon as the lock is released.  The caller must hold the lock.
+    /// Wakes up to n of the threads waiting now (as soon as the lock is
+    /// released): exactly min(n, waiters not yet notified) waits return true.
+    /// The caller must hold the lock.
     void notify(int n = 1) { detail::condition_notify(state_, lock_, n); }
     void notify_all() { detail::condition_notify(state_, lock_, INT_MAX); }
 
