@@ -553,7 +553,10 @@ struct has_aggregate_base<T, std::void_t<decltype(T{BaseProbe<T>{}})>> : std::tr
 
 template <class T>
 constexpr bool bindable_aggregate() {
-    if constexpr (std::is_class_v<T> && std::is_aggregate_v<T> && !std::is_empty_v<T> && !std::is_union_v<T>) {
+    // Only trivially copyable aggregates are copied bytewise (and so checked); asking
+    // more of other classes would count braces where default members refuse them.
+    if constexpr (std::is_class_v<T> && std::is_trivially_copyable_v<T> && std::is_aggregate_v<T> &&
+                  !std::is_empty_v<T> && !std::is_union_v<T>) {
         if constexpr (has_aggregate_base<T>::value) {
             return false;
         } else {
