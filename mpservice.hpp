@@ -1252,9 +1252,9 @@ MPSERVICE_API void at_fork_child(void (*fn)());
 /// child would have the lock held by a thread it does not have: a deadlock).
 /// Before every fork() of this process the registered locks are taken, lowest
 /// rank first (outer locks first), so that the state they guard is consistent
-/// in the copy; after it they are released in the parent and in the child.  A
-/// lock still busy after a bounded wait (its holder waits for the forking
-/// thread, say) is left alone and made afresh, unlocked, in the child.
+/// in the copy; after it they are released in the parent and made afresh,
+/// unlocked, in the child.  A lock still busy after a bounded wait (its holder
+/// waits for the forking thread, say) is left alone in the parent.
 struct ForkLock {
     bool (*try_lock)(void* lock);
     void (*unlock)(void* lock);
@@ -5147,11 +5147,11 @@ void fork_parent() noexcept {
     fork_locks_release_table();
 }
 void fork_child() noexcept {
-    for (int i = g_fork_lock_count - 1; i >= 0; --i) {
-        const ForkLock& l = g_fork_locks[i];
-        if (g_fork_lock_taken[i]) l.unlock(l.lock);
-        else l.reinit(l.lock);
-    }
+    // Made afresh rather than unlocked: the child's thread has a new id, and a
+    // recursive or error-checking mutex refuses an unlock by another id (the
+    // lock would stay held for good).  What they guard is consistent: held
+    // (taken in fork_prepare) by the thread that forked.
+    for (int i = g_fork_lock_count - 1; i >= 0; --i) g_fork_locks[i].reinit(g_fork_locks[i].lock);
     fork_locks_release_table();
 }
 }  // namespace
