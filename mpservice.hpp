@@ -6930,8 +6930,8 @@ struct Runtime {
     std::string identity;  // "" in the main process, "2" or "2:1" in children
     std::atomic<int> next_child{1};
     std::optional<ProcessInfo> parent;
-    // Heap-allocated so a forked child can replace it: the thread that starts
-    // a fork server forks while holding it.
+    // Made afresh in every forked child: the thread that starts a fork server
+    // forks while holding it.
     std::mutex* forkserver_mutex = new std::mutex;
     ForkServerLink forkserver;
     std::mutex* fingerprint_mutex = new std::mutex;  // a fork lock (os::at_fork_protect)
@@ -7327,15 +7327,19 @@ Reactor& Reactor::get() {
     return *r;
 }
 
-// The parent's objects a forked child stops using; kept reachable so that a
-// leak checker in a child that calls exit() does not report them.
-void* volatile g_abandoned_after_fork[8];
+// The reactors of the ancestors a forked child stops using (one per fork
+// generation that had one); kept reachable so that a leak checker in a child
+// that calls exit() does not report them.
+void* volatile g_abandoned_reactors[16];
+int g_abandoned_reactor_count = 0;
 
 void Reactor::forget_after_fork() noexcept {
-    if (Reactor* r = g_reactor.load()) os::leak_checker_root(r->stack_low_, r->stack_size_);
-    g_abandoned_after_fork[0] = g_reactor.exchange(nullptr);
-    g_abandoned_after_fork[1] = g_reactor_mutex;
-    g_reactor_mutex = new std::mutex;
+    Reactor* r = g_reactor.exchange(nullptr);
+    if (r) {
+        os::leak_checker_root(r->stack_low_, r->stack_size_);
+        if (g_abandoned_reactor_count < 16) g_abandoned_reactors[g_abandoned_reactor_count++] = r;
+    }
+    ::new (g_reactor_mutex) std::mutex();  // may have been copied held by another thread
 }
 
 Reactor::Reactor() : owner_pid_(os::current_pid()) {
@@ -7808,8 +7812,7 @@ void start_fork_server() {
 void reset_after_fork_in_child() {
     Runtime& r = rt();
     Reactor::forget_after_fork();
-    g_abandoned_after_fork[2] = r.forkserver_mutex;
-    r.forkserver_mutex = new std::mutex;
+    ::new (r.forkserver_mutex) std::mutex();  // the forking thread may hold it (it starts fork servers)
     os::close_handle(r.forkserver.control);
     r.forkserver = ForkServerLink{};
     ::new (&child_link().mutex) std::mutex();  // the channel is replaced by whoever uses it next

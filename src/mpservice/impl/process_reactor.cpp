@@ -119,15 +119,19 @@ Reactor& Reactor::get() {
     return *r;
 }
 
-// The parent's objects a forked child stops using; kept reachable so that a
-// leak checker in a child that calls exit() does not report them.
-void* volatile g_abandoned_after_fork[8];
+// The reactors of the ancestors a forked child stops using (one per fork
+// generation that had one); kept reachable so that a leak checker in a child
+// that calls exit() does not report them.
+void* volatile g_abandoned_reactors[16];
+int g_abandoned_reactor_count = 0;
 
 void Reactor::forget_after_fork() noexcept {
-    if (Reactor* r = g_reactor.load()) os::leak_checker_root(r->stack_low_, r->stack_size_);
-    g_abandoned_after_fork[0] = g_reactor.exchange(nullptr);
-    g_abandoned_after_fork[1] = g_reactor_mutex;
-    g_reactor_mutex = new std::mutex;
+    Reactor* r = g_reactor.exchange(nullptr);
+    if (r) {
+        os::leak_checker_root(r->stack_low_, r->stack_size_);
+        if (g_abandoned_reactor_count < 16) g_abandoned_reactors[g_abandoned_reactor_count++] = r;
+    }
+    ::new (g_reactor_mutex) std::mutex();  // may have been copied held by another thread
 }
 
 Reactor::Reactor() : owner_pid_(os::current_pid()) {
