@@ -8180,6 +8180,9 @@ void enter_child_mode_if_marked(int argc, char** argv) {
         refuse_child_mode("malformed marker '" + std::string(argv[1]) + "'");
     if (os::secure_execution())
         refuse_child_mode("the program runs in secure-execution mode (set-user-ID, set-group-ID or capabilities)");
+    // Our parent died before we got here (we were re-parented): nobody is left
+    // to serve, and nothing runs; leave quietly, as a child whose parent dies.
+    if (parent != os::parent_pid() && !os::pid_alive(parent)) os::exit_now(1);
     if (parent != os::parent_pid())
         refuse_child_mode("the marker names process " + std::to_string(parent) + " as the parent, but the parent is " +
                           std::to_string(os::parent_pid()));
