@@ -5151,7 +5151,13 @@ void fork_child() noexcept {
     // recursive or error-checking mutex refuses an unlock by another id (the
     // lock would stay held for good).  What they guard is consistent: held
     // (taken in fork_prepare) by the thread that forked.
-    for (int i = g_fork_lock_count - 1; i >= 0; --i) g_fork_locks[i].reinit(g_fork_locks[i].lock);
+    // The unlock first keeps a thread checker's view right (and releases a
+    // plain mutex); the re-initialization makes any kind free for certain.
+    for (int i = g_fork_lock_count - 1; i >= 0; --i) {
+        const ForkLock& l = g_fork_locks[i];
+        if (g_fork_lock_taken[i]) l.unlock(l.lock);
+        l.reinit(l.lock);
+    }
     fork_locks_release_table();
 }
 }  // namespace
@@ -7236,6 +7242,7 @@ struct ProcessCore::Io {
     wire::FrameReader reader;
     std::uint64_t id = 0;
     bool via_server = false;
+    std::uint64_t server_generation = 0;  // which fork server made it (fork-server workers)
     std::uint64_t serial = 0;            // fork-server workers: the server's number for it
     std::optional<int> end_code;         // the exit code the child announced in END
     int signal_sent = 0;                 // the last signal the parent sent (guarded by the core's mutex)
@@ -7259,6 +7266,10 @@ public:
     /// A fork-server worker that will not be registered: drop its status when it comes.
     void discard_worker(std::uint64_t serial);
     void watch_fork_server(os::handle_t control);
+    /// The fork server behind `control` was killed: stop watching it, close
+    /// `control` (on the reactor thread, which may be reading it) and resolve
+    /// its workers that have ended.
+    void retire_fork_server(os::handle_t control);
     /// Runs `fn` on a thread that lives as long as the process: the initial
     /// thread, or else the reactor's.  A child's parent-death signal fires when
     /// the *thread* that made it ends, so children are never made on a
@@ -7280,6 +7291,7 @@ private:
     /// status was collected by someone else (SIGCHLD ignored, a foreign waitpid).
     void on_exit(const std::shared_ptr<ProcessCore>& core, std::optional<int> status);
     void on_fork_server();
+    void fork_server_gone(os::handle_t control, std::uint64_t generation, bool close);
     void finish(const std::shared_ptr<ProcessCore>& core, std::optional<int> status);
     /// Collects the exit status of a direct child (not a fork-server worker).
     void reap(const std::shared_ptr<ProcessCore>& core, bool block);
@@ -7290,7 +7302,8 @@ private:
     os::handle_t poller_ = os::invalid_handle;
     os::handle_t wake_ = os::invalid_handle;
     os::handle_t server_ = os::invalid_handle;
-    bool server_gone_ = false;
+    std::uint64_t server_generation_ = 0;                  // counts the fork servers watched
+    std::unordered_set<std::uint64_t> dead_generations_;   // fork servers that are gone (reactor thread)
     std::mutex mutex_;
     std::uint64_t next_id_ = 1;
     std::unordered_map<std::uint64_t, std::shared_ptr<ProcessCore>> children_;
@@ -7389,6 +7402,7 @@ void Reactor::add(const std::shared_ptr<ProcessCore>& core) {
     {
         std::lock_guard<std::mutex> lk(mutex_);
         io.id = next_id_++;
+        io.server_generation = server_generation_;
         children_[io.id] = core;
         if (io.via_server) {
             auto it = early_exits_.find(io.serial);
@@ -7419,6 +7433,33 @@ void Reactor::add(const std::shared_ptr<ProcessCore>& core) {
     if (early) os::wake_event_signal(wake_);
 }
 
+void Reactor::retire_fork_server(os::handle_t control) {
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        std::uint64_t generation = server_generation_;
+        tasks_.push_back([this, control, generation] { fork_server_gone(control, generation, true); });
+    }
+    os::wake_event_signal(wake_);
+}
+
+void Reactor::fork_server_gone(os::handle_t control, std::uint64_t generation, bool close) {
+    // Its workers die with it (parent-death signal); those whose channel has
+    // ended already will hear no status from it.
+    std::vector<std::shared_ptr<ProcessCore>> eof_workers;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        os::poller_remove(poller_, control);
+        if (server_ == control) server_ = os::invalid_handle;
+        dead_generations_.insert(generation);
+        for (auto& kv : children_) {
+            auto& io = *kv.second->io_;
+            if (io.via_server && io.server_generation == generation && io.eof) eof_workers.push_back(kv.second);
+        }
+    }
+    if (close) os::close_handle(control);
+    for (auto& c : eof_workers) on_exit(c, std::optional<int>(-os::signal_kill()));
+}
+
 void Reactor::discard_worker(std::uint64_t serial) {
     std::lock_guard<std::mutex> lk(mutex_);
     if (!early_exits_.erase(serial)) finished_serials_.insert(serial);
@@ -7428,7 +7469,7 @@ void Reactor::watch_fork_server(os::handle_t control) {
     std::lock_guard<std::mutex> lk(mutex_);
     if (server_ == control) return;
     server_ = control;
-    server_gone_ = false;
+    ++server_generation_;
     os::poller_add(poller_, control, tag_server);
 }
 
@@ -7530,7 +7571,7 @@ void Reactor::on_channel(const std::shared_ptr<ProcessCore>& core) {
     // No pidfd (old kernel): the end of the channel means the child is exiting.
     if (!io.via_server && io.pidfd == os::invalid_handle) {
         reap(core, true);
-    } else if (io.via_server && server_gone_) {
+    } else if (io.via_server && dead_generations_.count(io.server_generation)) {
         on_exit(core, std::optional<int>(-os::signal_kill()));
     }
 }
@@ -7598,16 +7639,13 @@ void Reactor::on_fork_server() {
     for (;;) {
         long n = os::channel_read(server_, &st, sizeof st, nullptr, true);
         if (n < 0) return;
-        if (n == 0) {  // the server died: its workers die with it (parent-death signal)
-            std::vector<std::shared_ptr<ProcessCore>> eof_workers;
+        if (n == 0) {  // the server died (the runtime still owns `server_`: not closed here)
+            std::uint64_t generation;
             {
                 std::lock_guard<std::mutex> lk(mutex_);
-                os::poller_remove(poller_, server_);
-                server_gone_ = true;
-                for (auto& kv : children_)
-                    if (kv.second->io_->via_server && kv.second->io_->eof) eof_workers.push_back(kv.second);
+                generation = server_generation_;
             }
-            for (auto& c : eof_workers) on_exit(c, std::optional<int>(-os::signal_kill()));
+            fork_server_gone(server_, generation, false);
             return;
         }
         if (n != static_cast<long>(sizeof st)) continue;
@@ -7907,7 +7945,7 @@ std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::ve
 }
 /// Kills and reaps a fork server that is gone or does not answer, so that the
 /// next fork-server start makes a new one.  Caller holds forkserver_mutex.
-void drop_fork_server(Runtime& r) noexcept {
+void drop_fork_server(Runtime& r, Reactor& reactor) noexcept {
     if (r.forkserver.pid > 0) {
         os::send_signal(r.forkserver.pid, os::invalid_handle, os::signal_kill());  // its workers die with it
         int code;
@@ -7916,7 +7954,13 @@ void drop_fork_server(Runtime& r) noexcept {
         } catch (...) {
         }
     }
-    os::close_handle(r.forkserver.control);
+    if (r.forkserver.control != os::invalid_handle) {
+        try {
+            reactor.retire_fork_server(r.forkserver.control);  // closes it
+        } catch (...) {
+            // Out of memory for the task: keep the descriptor rather than race the reactor.
+        }
+    }
     r.forkserver = ForkServerLink{};
 }
 
@@ -8008,7 +8052,7 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
                 }
                 char request = 'S';
                 if (!os::channel_write(r.forkserver.control, &request, 1, nullptr, 0, &child_end, 1)) {
-                    drop_fork_server(r);  // the next start makes a new one
+                    drop_fork_server(r, reactor);  // the next start makes a new one
                     throw Error("mpservice: the fork server is gone (it is replaced at the next start)");
                 }
                 os::close_handle(child_end);
@@ -8016,7 +8060,7 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
                 Frame hello;
                 if (!read_hello(io.reader, parent_end, hello, r.forkserver_timeout_ms.load())) {
                     long server = r.forkserver.pid;
-                    drop_fork_server(r);
+                    drop_fork_server(r, reactor);
                     throw Error("mpservice: the fork server (pid " + std::to_string(server) +
                                 ") did not start a worker in time (stopped?); it was killed and is replaced at "
                                 "the next start");

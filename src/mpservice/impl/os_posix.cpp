@@ -899,7 +899,13 @@ void fork_child() noexcept {
     // recursive or error-checking mutex refuses an unlock by another id (the
     // lock would stay held for good).  What they guard is consistent: held
     // (taken in fork_prepare) by the thread that forked.
-    for (int i = g_fork_lock_count - 1; i >= 0; --i) g_fork_locks[i].reinit(g_fork_locks[i].lock);
+    // The unlock first keeps a thread checker's view right (and releases a
+    // plain mutex); the re-initialization makes any kind free for certain.
+    for (int i = g_fork_lock_count - 1; i >= 0; --i) {
+        const ForkLock& l = g_fork_locks[i];
+        if (g_fork_lock_taken[i]) l.unlock(l.lock);
+        l.reinit(l.lock);
+    }
     fork_locks_release_table();
 }
 }  // namespace
