@@ -1513,9 +1513,9 @@ MPSERVICE_API void at_fork_child(void (*fn)());
 /// child would have the lock held by a thread it does not have: a deadlock).
 /// Before every fork() of this process the registered locks are taken, lowest
 /// rank first (outer locks first), so that the state they guard is consistent
-/// in the copy; after it they are released in the parent and in the child.  A
-/// lock still busy after a bounded wait (its holder waits for the forking
-/// thread, say) is left alone and made afresh, unlocked, in the child.
+/// in the copy; after it they are released in the parent and made afresh,
+/// unlocked, in the child.  A lock still busy after a bounded wait (its holder
+/// waits for the forking thread, say) is left alone in the parent.
 struct ForkLock {
     bool (*try_lock)(void* lock);
     void (*unlock)(void* lock);
@@ -5517,10 +5517,16 @@ void fork_parent() noexcept {
     fork_locks_release_table();
 }
 void fork_child() noexcept {
+    // Made afresh rather than unlocked: the child's thread has a new id, and a
+    // recursive or error-checking mutex refuses an unlock by another id (the
+    // lock would stay held for good).  What they guard is consistent: held
+    // (taken in fork_prepare) by the thread that forked.
+    // The unlock first keeps a thread checker's view right (and releases a
+    // plain mutex); the re-initialization makes any kind free for certain.
     for (int i = g_fork_lock_count - 1; i >= 0; --i) {
         const ForkLock& l = g_fork_locks[i];
         if (g_fork_lock_taken[i]) l.unlock(l.lock);
-        else l.reinit(l.lock);
+        l.reinit(l.lock);
     }
     fork_locks_release_table();
 }
@@ -7414,8 +7420,8 @@ struct Runtime {
     std::string identity;  // "" in the main process, "2" or "2:1" in children
     std::atomic<int> next_child{1};
     std::optional<ProcessInfo> parent;
-    // Heap-allocated so a forked child can replace it: the thread that starts
-    // a fork server forks while holding it.
+    // Made afresh in every forked child: the thread that starts a fork server
+    // forks while holding it.
     std::mutex* forkserver_mutex = new std::mutex;
     ForkServerLink forkserver;
     std::mutex* fingerprint_mutex = new std::mutex;  // a fork lock (os::at_fork_protect)
@@ -7720,6 +7726,7 @@ struct ProcessCore::Io {
     wire::FrameReader reader;
     std::uint64_t id = 0;
     bool via_server = false;
+    std::uint64_t server_generation = 0;  // which fork server made it (fork-server workers)
     std::uint64_t serial = 0;            // fork-server workers: the server's number for it
     std::optional<int> end_code;         // the exit code the child announced in END
     int signal_sent = 0;                 // the last signal the parent sent (guarded by the core's mutex)
@@ -7743,6 +7750,10 @@ public:
     /// A fork-server worker that will not be registered: drop its status when it comes.
     void discard_worker(std::uint64_t serial);
     void watch_fork_server(os::handle_t control);
+    /// The fork server behind `control` was killed: stop watching it, close
+    /// `control` (on the reactor thread, which may be reading it) and resolve
+    /// its workers that have ended.
+    void retire_fork_server(os::handle_t control);
     /// Runs `fn` on a thread that lives as long as the process: the initial
     /// thread, or else the reactor's.  A child's parent-death signal fires when
     /// the *thread* that made it ends, so children are never made on a
@@ -7764,6 +7775,7 @@ private:
     /// status was collected by someone else (SIGCHLD ignored, a foreign waitpid).
     void on_exit(const std::shared_ptr<ProcessCore>& core, std::optional<int> status);
     void on_fork_server();
+    void fork_server_gone(os::handle_t control, std::uint64_t generation, bool close);
     void finish(const std::shared_ptr<ProcessCore>& core, std::optional<int> status);
     /// Collects the exit status of a direct child (not a fork-server worker).
     void reap(const std::shared_ptr<ProcessCore>& core, bool block);
@@ -7774,7 +7786,8 @@ private:
     os::handle_t poller_ = os::invalid_handle;
     os::handle_t wake_ = os::invalid_handle;
     os::handle_t server_ = os::invalid_handle;
-    bool server_gone_ = false;
+    std::uint64_t server_generation_ = 0;                  // counts the fork servers watched
+    std::unordered_set<std::uint64_t> dead_generations_;   // fork servers that are gone (reactor thread)
     std::mutex mutex_;
     std::uint64_t next_id_ = 1;
     std::unordered_map<std::uint64_t, std::shared_ptr<ProcessCore>> children_;
@@ -7811,15 +7824,19 @@ Reactor& Reactor::get() {
     return *r;
 }
 
-// The parent's objects a forked child stops using; kept reachable so that a
-// leak checker in a child that calls exit() does not report them.
-void* volatile g_abandoned_after_fork[8];
+// The reactors of the ancestors a forked child stops using (one per fork
+// generation that had one); kept reachable so that a leak checker in a child
+// that calls exit() does not report them.
+void* volatile g_abandoned_reactors[16];
+int g_abandoned_reactor_count = 0;
 
 void Reactor::forget_after_fork() noexcept {
-    if (Reactor* r = g_reactor.load()) os::leak_checker_root(r->stack_low_, r->stack_size_);
-    g_abandoned_after_fork[0] = g_reactor.exchange(nullptr);
-    g_abandoned_after_fork[1] = g_reactor_mutex;
-    g_reactor_mutex = new std::mutex;
+    Reactor* r = g_reactor.exchange(nullptr);
+    if (r) {
+        os::leak_checker_root(r->stack_low_, r->stack_size_);
+        if (g_abandoned_reactor_count < 16) g_abandoned_reactors[g_abandoned_reactor_count++] = r;
+    }
+    ::new (g_reactor_mutex) std::mutex();  // may have been copied held by another thread
 }
 
 Reactor::Reactor() : owner_pid_(os::current_pid()) {
@@ -7869,6 +7886,7 @@ void Reactor::add(const std::shared_ptr<ProcessCore>& core) {
     {
         std::lock_guard<std::mutex> lk(mutex_);
         io.id = next_id_++;
+        io.server_generation = server_generation_;
         children_[io.id] = core;
         if (io.via_server) {
             auto it = early_exits_.find(io.serial);
@@ -7899,6 +7917,33 @@ void Reactor::add(const std::shared_ptr<ProcessCore>& core) {
     if (early) os::wake_event_signal(wake_);
 }
 
+void Reactor::retire_fork_server(os::handle_t control) {
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        std::uint64_t generation = server_generation_;
+        tasks_.push_back([this, control, generation] { fork_server_gone(control, generation, true); });
+    }
+    os::wake_event_signal(wake_);
+}
+
+void Reactor::fork_server_gone(os::handle_t control, std::uint64_t generation, bool close) {
+    // Its workers die with it (parent-death signal); those whose channel has
+    // ended already will hear no status from it.
+    std::vector<std::shared_ptr<ProcessCore>> eof_workers;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        os::poller_remove(poller_, control);
+        if (server_ == control) server_ = os::invalid_handle;
+        dead_generations_.insert(generation);
+        for (auto& kv : children_) {
+            auto& io = *kv.second->io_;
+            if (io.via_server && io.server_generation == generation && io.eof) eof_workers.push_back(kv.second);
+        }
+    }
+    if (close) os::close_handle(control);
+    for (auto& c : eof_workers) on_exit(c, std::optional<int>(-os::signal_kill()));
+}
+
 void Reactor::discard_worker(std::uint64_t serial) {
     std::lock_guard<std::mutex> lk(mutex_);
     if (!early_exits_.erase(serial)) finished_serials_.insert(serial);
@@ -7908,7 +7953,7 @@ void Reactor::watch_fork_server(os::handle_t control) {
     std::lock_guard<std::mutex> lk(mutex_);
     if (server_ == control) return;
     server_ = control;
-    server_gone_ = false;
+    ++server_generation_;
     os::poller_add(poller_, control, tag_server);
 }
 
@@ -8010,7 +8055,7 @@ void Reactor::on_channel(const std::shared_ptr<ProcessCore>& core) {
     // No pidfd (old kernel): the end of the channel means the child is exiting.
     if (!io.via_server && io.pidfd == os::invalid_handle) {
         reap(core, true);
-    } else if (io.via_server && server_gone_) {
+    } else if (io.via_server && dead_generations_.count(io.server_generation)) {
         on_exit(core, std::optional<int>(-os::signal_kill()));
     }
 }
@@ -8078,16 +8123,13 @@ void Reactor::on_fork_server() {
     for (;;) {
         long n = os::channel_read(server_, &st, sizeof st, nullptr, true);
         if (n < 0) return;
-        if (n == 0) {  // the server died: its workers die with it (parent-death signal)
-            std::vector<std::shared_ptr<ProcessCore>> eof_workers;
+        if (n == 0) {  // the server died (the runtime still owns `server_`: not closed here)
+            std::uint64_t generation;
             {
                 std::lock_guard<std::mutex> lk(mutex_);
-                os::poller_remove(poller_, server_);
-                server_gone_ = true;
-                for (auto& kv : children_)
-                    if (kv.second->io_->via_server && kv.second->io_->eof) eof_workers.push_back(kv.second);
+                generation = server_generation_;
             }
-            for (auto& c : eof_workers) on_exit(c, std::optional<int>(-os::signal_kill()));
+            fork_server_gone(server_, generation, false);
             return;
         }
         if (n != static_cast<long>(sizeof st)) continue;
@@ -8292,8 +8334,7 @@ void start_fork_server() {
 void reset_after_fork_in_child() {
     Runtime& r = rt();
     Reactor::forget_after_fork();
-    g_abandoned_after_fork[2] = r.forkserver_mutex;
-    r.forkserver_mutex = new std::mutex;
+    ::new (r.forkserver_mutex) std::mutex();  // the forking thread may hold it (it starts fork servers)
     os::close_handle(r.forkserver.control);
     r.forkserver = ForkServerLink{};
     ::new (&child_link().mutex) std::mutex();  // the channel is replaced by whoever uses it next
@@ -8388,7 +8429,7 @@ std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::ve
 }
 /// Kills and reaps a fork server that is gone or does not answer, so that the
 /// next fork-server start makes a new one.  Caller holds forkserver_mutex.
-void drop_fork_server(Runtime& r) noexcept {
+void drop_fork_server(Runtime& r, Reactor& reactor) noexcept {
     if (r.forkserver.pid > 0) {
         os::send_signal(r.forkserver.pid, os::invalid_handle, os::signal_kill());  // its workers die with it
         int code;
@@ -8397,7 +8438,13 @@ void drop_fork_server(Runtime& r) noexcept {
         } catch (...) {
         }
     }
-    os::close_handle(r.forkserver.control);
+    if (r.forkserver.control != os::invalid_handle) {
+        try {
+            reactor.retire_fork_server(r.forkserver.control);  // closes it
+        } catch (...) {
+            // Out of memory for the task: keep the descriptor rather than race the reactor.
+        }
+    }
     r.forkserver = ForkServerLink{};
 }
 
@@ -8489,7 +8536,7 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
                 }
                 char request = 'S';
                 if (!os::channel_write(r.forkserver.control, &request, 1, nullptr, 0, &child_end, 1)) {
-                    drop_fork_server(r);  // the next start makes a new one
+                    drop_fork_server(r, reactor);  // the next start makes a new one
                     throw Error("mpservice: the fork server is gone (it is replaced at the next start)");
                 }
                 os::close_handle(child_end);
@@ -8497,7 +8544,7 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
                 Frame hello;
                 if (!read_hello(io.reader, parent_end, hello, r.forkserver_timeout_ms.load())) {
                     long server = r.forkserver.pid;
-                    drop_fork_server(r);
+                    drop_fork_server(r, reactor);
                     throw Error("mpservice: the fork server (pid " + std::to_string(server) +
                                 ") did not start a worker in time (stopped?); it was killed and is replaced at "
                                 "the next start");
@@ -8661,6 +8708,9 @@ void enter_child_mode_if_marked(int argc, char** argv) {
         refuse_child_mode("malformed marker '" + std::string(argv[1]) + "'");
     if (os::secure_execution())
         refuse_child_mode("the program runs in secure-execution mode (set-user-ID, set-group-ID or capabilities)");
+    // Our parent died before we got here (we were re-parented): nobody is left
+    // to serve, and nothing runs; leave quietly, as a child whose parent dies.
+    if (parent != os::parent_pid() && !os::pid_alive(parent)) os::exit_now(1);
     if (parent != os::parent_pid())
         refuse_child_mode("the marker names process " + std::to_string(parent) + " as the parent, but the parent is " +
                           std::to_string(os::parent_pid()));

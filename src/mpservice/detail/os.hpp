@@ -306,9 +306,9 @@ MPSERVICE_API void at_fork_child(void (*fn)());
 /// child would have the lock held by a thread it does not have: a deadlock).
 /// Before every fork() of this process the registered locks are taken, lowest
 /// rank first (outer locks first), so that the state they guard is consistent
-/// in the copy; after it they are released in the parent and in the child.  A
-/// lock still busy after a bounded wait (its holder waits for the forking
-/// thread, say) is left alone and made afresh, unlocked, in the child.
+/// in the copy; after it they are released in the parent and made afresh,
+/// unlocked, in the child.  A lock still busy after a bounded wait (its holder
+/// waits for the forking thread, say) is left alone in the parent.
 struct ForkLock {
     bool (*try_lock)(void* lock);
     void (*unlock)(void* lock);

@@ -896,10 +896,16 @@ void fork_parent() noexcept {
     fork_locks_release_table();
 }
 void fork_child() noexcept {
+    // Made afresh rather than unlocked: the child's thread has a new id, and a
+    // recursive or error-checking mutex refuses an unlock by another id (the
+    // lock would stay held for good).  What they guard is consistent: held
+    // (taken in fork_prepare) by the thread that forked.
+    // The unlock first keeps a thread checker's view right (and releases a
+    // plain mutex); the re-initialization makes any kind free for certain.
     for (int i = g_fork_lock_count - 1; i >= 0; --i) {
         const ForkLock& l = g_fork_locks[i];
         if (g_fork_lock_taken[i]) l.unlock(l.lock);
-        else l.reinit(l.lock);
+        l.reinit(l.lock);
     }
     fork_locks_release_table();
 }

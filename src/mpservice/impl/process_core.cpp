@@ -66,7 +66,7 @@ std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::ve
 }
 /// Kills and reaps a fork server that is gone or does not answer, so that the
 /// next fork-server start makes a new one.  Caller holds forkserver_mutex.
-void drop_fork_server(Runtime& r) noexcept {
+void drop_fork_server(Runtime& r, Reactor& reactor) noexcept {
     if (r.forkserver.pid > 0) {
         os::send_signal(r.forkserver.pid, os::invalid_handle, os::signal_kill());  // its workers die with it
         int code;
@@ -75,7 +75,13 @@ void drop_fork_server(Runtime& r) noexcept {
         } catch (...) {
         }
     }
-    os::close_handle(r.forkserver.control);
+    if (r.forkserver.control != os::invalid_handle) {
+        try {
+            reactor.retire_fork_server(r.forkserver.control);  // closes it
+        } catch (...) {
+            // Out of memory for the task: keep the descriptor rather than race the reactor.
+        }
+    }
     r.forkserver = ForkServerLink{};
 }
 
@@ -167,7 +173,7 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
                 }
                 char request = 'S';
                 if (!os::channel_write(r.forkserver.control, &request, 1, nullptr, 0, &child_end, 1)) {
-                    drop_fork_server(r);  // the next start makes a new one
+                    drop_fork_server(r, reactor);  // the next start makes a new one
                     throw Error("mpservice: the fork server is gone (it is replaced at the next start)");
                 }
                 os::close_handle(child_end);
@@ -175,7 +181,7 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
                 Frame hello;
                 if (!read_hello(io.reader, parent_end, hello, r.forkserver_timeout_ms.load())) {
                     long server = r.forkserver.pid;
-                    drop_fork_server(r);
+                    drop_fork_server(r, reactor);
                     throw Error("mpservice: the fork server (pid " + std::to_string(server) +
                                 ") did not start a worker in time (stopped?); it was killed and is replaced at "
                                 "the next start");
@@ -339,6 +345,9 @@ void enter_child_mode_if_marked(int argc, char** argv) {
         refuse_child_mode("malformed marker '" + std::string(argv[1]) + "'");
     if (os::secure_execution())
         refuse_child_mode("the program runs in secure-execution mode (set-user-ID, set-group-ID or capabilities)");
+    // Our parent died before we got here (we were re-parented): nobody is left
+    // to serve, and nothing runs; leave quietly, as a child whose parent dies.
+    if (parent != os::parent_pid() && !os::pid_alive(parent)) os::exit_now(1);
     if (parent != os::parent_pid())
         refuse_child_mode("the marker names process " + std::to_string(parent) + " as the parent, but the parent is " +
                           std::to_string(os::parent_pid()));

@@ -104,8 +104,7 @@ void start_fork_server() {
 void reset_after_fork_in_child() {
     Runtime& r = rt();
     Reactor::forget_after_fork();
-    g_abandoned_after_fork[2] = r.forkserver_mutex;
-    r.forkserver_mutex = new std::mutex;
+    ::new (r.forkserver_mutex) std::mutex();  // the forking thread may hold it (it starts fork servers)
     os::close_handle(r.forkserver.control);
     r.forkserver = ForkServerLink{};
     ::new (&child_link().mutex) std::mutex();  // the channel is replaced by whoever uses it next

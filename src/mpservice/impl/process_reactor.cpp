@@ -28,6 +28,7 @@ struct ProcessCore::Io {
     wire::FrameReader reader;
     std::uint64_t id = 0;
     bool via_server = false;
+    std::uint64_t server_generation = 0;  // which fork server made it (fork-server workers)
     std::uint64_t serial = 0;            // fork-server workers: the server's number for it
     std::optional<int> end_code;         // the exit code the child announced in END
     int signal_sent = 0;                 // the last signal the parent sent (guarded by the core's mutex)
@@ -51,6 +52,10 @@ public:
     /// A fork-server worker that will not be registered: drop its status when it comes.
     void discard_worker(std::uint64_t serial);
     void watch_fork_server(os::handle_t control);
+    /// The fork server behind `control` was killed: stop watching it, close
+    /// `control` (on the reactor thread, which may be reading it) and resolve
+    /// its workers that have ended.
+    void retire_fork_server(os::handle_t control);
     /// Runs `fn` on a thread that lives as long as the process: the initial
     /// thread, or else the reactor's.  A child's parent-death signal fires when
     /// the *thread* that made it ends, so children are never made on a
@@ -72,6 +77,7 @@ private:
     /// status was collected by someone else (SIGCHLD ignored, a foreign waitpid).
     void on_exit(const std::shared_ptr<ProcessCore>& core, std::optional<int> status);
     void on_fork_server();
+    void fork_server_gone(os::handle_t control, std::uint64_t generation, bool close);
     void finish(const std::shared_ptr<ProcessCore>& core, std::optional<int> status);
     /// Collects the exit status of a direct child (not a fork-server worker).
     void reap(const std::shared_ptr<ProcessCore>& core, bool block);
@@ -82,7 +88,8 @@ private:
     os::handle_t poller_ = os::invalid_handle;
     os::handle_t wake_ = os::invalid_handle;
     os::handle_t server_ = os::invalid_handle;
-    bool server_gone_ = false;
+    std::uint64_t server_generation_ = 0;                  // counts the fork servers watched
+    std::unordered_set<std::uint64_t> dead_generations_;   // fork servers that are gone (reactor thread)
     std::mutex mutex_;
     std::uint64_t next_id_ = 1;
     std::unordered_map<std::uint64_t, std::shared_ptr<ProcessCore>> children_;
@@ -119,15 +126,19 @@ Reactor& Reactor::get() {
     return *r;
 }
 
-// The parent's objects a forked child stops using; kept reachable so that a
-// leak checker in a child that calls exit() does not report them.
-void* volatile g_abandoned_after_fork[8];
+// The reactors of the ancestors a forked child stops using (one per fork
+// generation that had one); kept reachable so that a leak checker in a child
+// that calls exit() does not report them.
+void* volatile g_abandoned_reactors[16];
+int g_abandoned_reactor_count = 0;
 
 void Reactor::forget_after_fork() noexcept {
-    if (Reactor* r = g_reactor.load()) os::leak_checker_root(r->stack_low_, r->stack_size_);
-    g_abandoned_after_fork[0] = g_reactor.exchange(nullptr);
-    g_abandoned_after_fork[1] = g_reactor_mutex;
-    g_reactor_mutex = new std::mutex;
+    Reactor* r = g_reactor.exchange(nullptr);
+    if (r) {
+        os::leak_checker_root(r->stack_low_, r->stack_size_);
+        if (g_abandoned_reactor_count < 16) g_abandoned_reactors[g_abandoned_reactor_count++] = r;
+    }
+    ::new (g_reactor_mutex) std::mutex();  // may have been copied held by another thread
 }
 
 Reactor::Reactor() : owner_pid_(os::current_pid()) {
@@ -177,6 +188,7 @@ void Reactor::add(const std::shared_ptr<ProcessCore>& core) {
     {
         std::lock_guard<std::mutex> lk(mutex_);
         io.id = next_id_++;
+        io.server_generation = server_generation_;
         children_[io.id] = core;
         if (io.via_server) {
             auto it = early_exits_.find(io.serial);
@@ -207,6 +219,33 @@ void Reactor::add(const std::shared_ptr<ProcessCore>& core) {
     if (early) os::wake_event_signal(wake_);
 }
 
+void Reactor::retire_fork_server(os::handle_t control) {
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        std::uint64_t generation = server_generation_;
+        tasks_.push_back([this, control, generation] { fork_server_gone(control, generation, true); });
+    }
+    os::wake_event_signal(wake_);
+}
+
+void Reactor::fork_server_gone(os::handle_t control, std::uint64_t generation, bool close) {
+    // Its workers die with it (parent-death signal); those whose channel has
+    // ended already will hear no status from it.
+    std::vector<std::shared_ptr<ProcessCore>> eof_workers;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        os::poller_remove(poller_, control);
+        if (server_ == control) server_ = os::invalid_handle;
+        dead_generations_.insert(generation);
+        for (auto& kv : children_) {
+            auto& io = *kv.second->io_;
+            if (io.via_server && io.server_generation == generation && io.eof) eof_workers.push_back(kv.second);
+        }
+    }
+    if (close) os::close_handle(control);
+    for (auto& c : eof_workers) on_exit(c, std::optional<int>(-os::signal_kill()));
+}
+
 void Reactor::discard_worker(std::uint64_t serial) {
     std::lock_guard<std::mutex> lk(mutex_);
     if (!early_exits_.erase(serial)) finished_serials_.insert(serial);
@@ -216,7 +255,7 @@ void Reactor::watch_fork_server(os::handle_t control) {
     std::lock_guard<std::mutex> lk(mutex_);
     if (server_ == control) return;
     server_ = control;
-    server_gone_ = false;
+    ++server_generation_;
     os::poller_add(poller_, control, tag_server);
 }
 
@@ -318,7 +357,7 @@ void Reactor::on_channel(const std::shared_ptr<ProcessCore>& core) {
     // No pidfd (old kernel): the end of the channel means the child is exiting.
     if (!io.via_server && io.pidfd == os::invalid_handle) {
         reap(core, true);
-    } else if (io.via_server && server_gone_) {
+    } else if (io.via_server && dead_generations_.count(io.server_generation)) {
         on_exit(core, std::optional<int>(-os::signal_kill()));
     }
 }
@@ -386,16 +425,13 @@ void Reactor::on_fork_server() {
     for (;;) {
         long n = os::channel_read(server_, &st, sizeof st, nullptr, true);
         if (n < 0) return;
-        if (n == 0) {  // the server died: its workers die with it (parent-death signal)
-            std::vector<std::shared_ptr<ProcessCore>> eof_workers;
+        if (n == 0) {  // the server died (the runtime still owns `server_`: not closed here)
+            std::uint64_t generation;
             {
                 std::lock_guard<std::mutex> lk(mutex_);
-                os::poller_remove(poller_, server_);
-                server_gone_ = true;
-                for (auto& kv : children_)
-                    if (kv.second->io_->via_server && kv.second->io_->eof) eof_workers.push_back(kv.second);
+                generation = server_generation_;
             }
-            for (auto& c : eof_workers) on_exit(c, std::optional<int>(-os::signal_kill()));
+            fork_server_gone(server_, generation, false);
             return;
         }
         if (n != static_cast<long>(sizeof st)) continue;

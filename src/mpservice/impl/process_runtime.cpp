@@ -36,8 +36,8 @@ struct Runtime {
     std::string identity;  // "" in the main process, "2" or "2:1" in children
     std::atomic<int> next_child{1};
     std::optional<ProcessInfo> parent;
-    // Heap-allocated so a forked child can replace it: the thread that starts
-    // a fork server forks while holding it.
+    // Made afresh in every forked child: the thread that starts a fork server
+    // forks while holding it.
     std::mutex* forkserver_mutex = new std::mutex;
     ForkServerLink forkserver;
     std::mutex* fingerprint_mutex = new std::mutex;  // a fork lock (os::at_fork_protect)
