@@ -3403,9 +3403,12 @@ private:
 /// Condition is itself lockable: lock()/unlock()/acquire()/release() act on
 /// its lock, so `std::unique_lock g(cond)` works.
 ///
-/// Waiting: a futex on a notification counter.  A waiter that dies leaves no
-/// trace others depend on, so the condition keeps working; the lock under it
-/// follows the dead-owner protocol of Lock.
+/// Waiting: a futex on a notification counter, plus wake-up tokens.  notify(n)
+/// hands out min(n, waiters not yet notified) tokens; a waiter returns true only
+/// with a token from a notify that came after it began to wait, so exactly that
+/// many waits return true.  A waiter that dies stays counted, but its token is
+/// taken by whichever live waiter wakes first, so it costs the others nothing;
+/// the lock under the condition follows the dead-owner protocol of Lock.
 ///
 /// notify() bumps the counter at once but wakes the sleepers only when the
 /// lock is released: woken earlier, they would find the lock still held and
@@ -4092,9 +4095,13 @@ struct Codec<Array<T, L>> {
 // running when close() is called may still land.
 //
 // Timeouts.  A put or get gives up at its timeout while it waits for room, for an
-// item or for the queue's lock.  Once a get has started to receive a chunked item,
-// it finishes receiving it (its producer is writing it at that moment).  A put that
-// times out in the middle of a chunked item withdraws it: no consumer receives it.
+// item or for the queue's lock, whatever the other side does.  A get that times out
+// in the middle of a chunked item (its producer stopped or slow) keeps the part it
+// received: the next get in the same process continues that item, intact; a get in
+// another process waits (within its timeout) until that process has taken it, or
+// drops the rest if that process has ended (the item is then lost, as with a
+// consumer killed mid-item).  A put that times out in the middle of a chunked item
+// withdraws it: no consumer receives it.
 //
 // Crash safety (SIGKILL at any instant).  Producers are serialized by one robust
 // mutex and consumers by another; each side publishes its ring position with a

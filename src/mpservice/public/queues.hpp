@@ -33,9 +33,13 @@
 // running when close() is called may still land.
 //
 // Timeouts.  A put or get gives up at its timeout while it waits for room, for an
-// item or for the queue's lock.  Once a get has started to receive a chunked item,
-// it finishes receiving it (its producer is writing it at that moment).  A put that
-// times out in the middle of a chunked item withdraws it: no consumer receives it.
+// item or for the queue's lock, whatever the other side does.  A get that times out
+// in the middle of a chunked item (its producer stopped or slow) keeps the part it
+// received: the next get in the same process continues that item, intact; a get in
+// another process waits (within its timeout) until that process has taken it, or
+// drops the rest if that process has ended (the item is then lost, as with a
+// consumer killed mid-item).  A put that times out in the middle of a chunked item
+// withdraws it: no consumer receives it.
 //
 // Crash safety (SIGKILL at any instant).  Producers are serialized by one robust
 // mutex and consumers by another; each side publishes its ring position with a

@@ -480,9 +480,12 @@ private:
 /// Condition is itself lockable: lock()/unlock()/acquire()/release() act on
 /// its lock, so `std::unique_lock g(cond)` works.
 ///
-/// Waiting: a futex on a notification counter.  A waiter that dies leaves no
-/// trace others depend on, so the condition keeps working; the lock under it
-/// follows the dead-owner protocol of Lock.
+/// Waiting: a futex on a notification counter, plus wake-up tokens.  notify(n)
+/// hands out min(n, waiters not yet notified) tokens; a waiter returns true only
+/// with a token from a notify that came after it began to wait, so exactly that
+/// many waits return true.  A waiter that dies stays counted, but its token is
+/// taken by whichever live waiter wakes first, so it costs the others nothing;
+/// the lock under the condition follows the dead-owner protocol of Lock.
 ///
 /// notify() bumps the counter at once but wakes the sleepers only when the
 /// lock is released: woken earlier, they would find the lock still held and
