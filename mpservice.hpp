@@ -129,6 +129,22 @@ public:
     using Error::Error;
 };
 
+/// recv() on a Connection whose other end is closed (every copy of it, in
+/// every process) with nothing left to receive - as Python's EOFError.
+class EOFError : public Error {
+public:
+    EOFError() : Error("connection: the other end is closed and nothing is left to receive") {}
+    using Error::Error;
+};
+
+/// send() on a Connection whose other end is closed (every copy of it, in
+/// every process): nobody can receive the item - as Python's BrokenPipeError.
+class BrokenPipeError : public Error {
+public:
+    BrokenPipeError() : Error("connection: the other end is closed; nothing can be sent") {}
+    using Error::Error;
+};
+
 }  // namespace mpservice
 // ---- end part: mpservice/public/errors.hpp
 // ---- begin part: mpservice/public/codec.hpp ---------------------------------
@@ -1244,6 +1260,42 @@ MPSERVICE_API const void* code_ref_resolve(const CodeRef& ref) noexcept;
 /// Populates the page tables of a shared mapping now (writable), so the first
 /// pass of data through it does not pay a page fault per 4 KiB.  Best effort.
 MPSERVICE_API void shm_prefault(void* addr, std::size_t size) noexcept;
+
+// ---------------------------------------------------------------- (connection section)
+// Pipe/Connection (connection.hpp) use channel_pair's stream sockets with
+// non-blocking writes, so that a sender can also take in what its peer sends
+// while it waits for room, and a waiter can notice close() from another thread.
+
+/// Readiness bits of wait_io.
+inline constexpr unsigned io_readable = 1;  ///< data, end of stream or an error: a read will not block
+inline constexpr unsigned io_writable = 2;  ///< room, or the peer is gone: a write will not block
+/// Writes what the socket takes now of `a` then `b`, without waiting; `handles`
+/// ride on the first byte written (pass them only with a message's first
+/// bytes).  Returns the bytes written, 0 when there is no room (nothing was
+/// written, handles not sent), -1 when the peer is gone (no SIGPIPE is raised);
+/// throws std::system_error on other errors.
+MPSERVICE_API long channel_write_some(handle_t ch, const void* a, std::size_t na, const void* b, std::size_t nb,
+                                      const handle_t* handles = nullptr, std::size_t nhandles = 0);
+/// Waits until `h` is ready for one of `want` (io_readable | io_writable) or
+/// `timeout_ms` passes (-1 = forever); returns the ready bits (0 on timeout).
+MPSERVICE_API unsigned wait_io(handle_t h, unsigned want, int timeout_ms);
+/// Waits until one of the `n` handles (any number) is readable or `timeout_ms`
+/// passes; sets ready[i] to 1 for the readable ones and returns their number.
+MPSERVICE_API std::size_t wait_readable_any(const handle_t* hs, std::size_t n, int timeout_ms, unsigned char* ready);
+
+// ---------------------------------------------------------------- (output forwarding section)
+// A child's standard output and error can go through pipes that the parent's
+// reactor reads (Process::set_forward_output).
+
+/// A pipe: {read end (non-blocking), write end (blocking)}, both close-on-exec.
+MPSERVICE_API void output_pipe(handle_t& read_end, handle_t& write_end);
+/// Reads what is in a pipe without waiting: the byte count, 0 at end of
+/// stream (every write end closed), -1 if nothing is there now.
+MPSERVICE_API long pipe_read(handle_t h, void* buf, std::size_t cap) noexcept;
+/// Makes `out` this process's standard output and `err` its standard error
+/// (descriptors 1 and 2, inherited by programs it starts), closes the two
+/// handles, and makes stdout line-buffered as it would be on a terminal.
+MPSERVICE_API void redirect_standard_output(handle_t out, handle_t err);
 
 }  // namespace mpservice::detail::os
 // ---- end part: mpservice/detail/os.hpp
@@ -4164,6 +4216,351 @@ struct Codec<SimpleQueue<T>> {
 
 }  // namespace mpservice
 // ---- end part: mpservice/public/queues.hpp
+// ---- begin part: mpservice/public/connection.hpp ----------------------------
+// connection: Pipe<T>() and Connection<T>, Python's multiprocessing.Pipe with types.
+//
+//     auto [parent_end, child_end] = mp::Pipe<std::string>();
+//     mp::Process p(talk, child_end);          // the child gets the same end
+//     p.start();
+//     child_end.close();                        // the parent's copy: now the child's is the only one
+//     parent_end.send("ping");
+//     std::string reply = parent_end.recv();   // waits; EOFError once the child's end is closed
+//     if (parent_end.poll(50ms)) ...           // a recv() now would not block
+//
+// The two ends are the two sides of a Unix stream socket.  A message is a
+// length-prefixed frame (any size: a 4 MiB vector is one message); items are
+// any type the codec carries, including library handles (a Queue, a Lock, a
+// Connection), whose descriptors ride beside the bytes.  Pipe<T>(false) makes a
+// one-way pipe as Python does: the first end only receives, the second only
+// sends.
+//
+// An end is a handle: copies refer to the same end, and an end passed as a
+// Process argument reaches the child as the same socket (its descriptor
+// travels with the arguments, under every context).  The socket stays open
+// while any copy in any process holds it, so, as in Python, close the copy of
+// the child's end that the parent keeps after start() - otherwise the parent
+// never sees EOF when the child is done.  (Under the fork context the child
+// inherits every descriptor of the parent, the parent's ends too.)
+//
+// Ends of the pipe:
+//   - recv() waits for a message; EOFError once the other end is closed (in
+//     every process, including by the death of its process) and nothing is left.
+//     recv(timeout) throws TimeoutError; try_recv(timeout) returns
+//     std::nullopt instead (at end of stream it throws EOFError too: an ended
+//     stream is not an empty one).  A peer that dies in the middle of a message
+//     is an EOFError saying so.
+//   - A message that does not decode as T (garbage sent with send_bytes, a
+//     different T on the other side) throws DecodeError; that message is
+//     consumed and dropped, the connection stays usable.  Bytes that are not
+//     frames at all (written to fileno() by hand) break the framing: every
+//     later recv throws DecodeError.
+//   - send() waits until the socket has taken all the bytes, which may mean
+//     until the peer receives; BrokenPipeError when the peer is closed.  While
+//     a send waits for room it takes in whatever the peer sends meanwhile (kept
+//     for recv), so two sides sending large messages to each other at once both
+//     finish - in Python they deadlock.
+//   - Threads: sends from several threads are serialized (messages never
+//     interleave), receives too (each gets whole messages); a send and a recv
+//     run at the same time.  close() from another thread wakes a blocked
+//     recv/send/poll within 100 ms, which then throws InvalidStateError.
+//   - poll(timeout) is true when recv() would not block: a whole message has
+//     arrived, or the end of the stream (then recv throws EOFError).
+//
+// connection_wait (Python's multiprocessing.connection.wait) waits on several
+// ends and processes at once and returns the ready ones.
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace mpservice {
+
+template <class T>
+class Connection;
+
+namespace detail {
+
+/// The untyped end of a pipe: its socket, what has arrived of the next
+/// messages, and the locks that serialize senders and receivers.
+class ConnectionCore {
+public:
+    enum Mode : unsigned { receives = 1, sends = 2, duplex = 3 };
+
+    /// A connected pair; one-way: `a` receives, `b` sends.
+    MPSERVICE_API static void make_pair(bool duplex, std::shared_ptr<ConnectionCore>& a,
+                                        std::shared_ptr<ConnectionCore>& b);
+    /// Takes ownership of `h`.
+    MPSERVICE_API ConnectionCore(os::handle_t h, unsigned mode);
+    MPSERVICE_API ~ConnectionCore();
+    ConnectionCore(const ConnectionCore&) = delete;
+    ConnectionCore& operator=(const ConnectionCore&) = delete;
+
+    /// Sends one message: `data` plus `handles` (kept open by the caller until this returns).
+    MPSERVICE_API void send(const void* data, std::size_t n, const os::handle_t* handles, std::size_t nhandles);
+
+    /// What receive() hands a message to.  It may throw: the message is consumed anyway.
+    using Consume = void (*)(void* context, const unsigned char* data, std::size_t n,
+                             const std::vector<os::handle_t>* handles);
+    /// Receives one message by `deadline`; false if none came.  EOFError at end of stream.
+    MPSERVICE_API bool receive(Consume consume, void* context, os::Deadline deadline);
+    /// Whether a receive would not block (a whole message, or the end), waiting until `deadline`.
+    MPSERVICE_API bool poll(os::Deadline deadline);
+    /// poll() without waiting, or false when another thread is receiving
+    /// (`busy` is then set): for connection_wait.
+    MPSERVICE_API bool ready_now(bool* busy);
+
+    MPSERVICE_API void close() noexcept;
+    MPSERVICE_API bool closed() const noexcept;
+    MPSERVICE_API unsigned mode() const noexcept;
+    /// The socket (invalid_handle after close()).
+    MPSERVICE_API os::handle_t handle() const noexcept;
+    /// The socket, to pass this end to another process; refuses a closed end
+    /// and one holding received bytes not yet taken by recv (the other process
+    /// would never see them).
+    MPSERVICE_API os::handle_t handle_to_pass() const;
+
+    struct Impl;
+
+private:
+    std::unique_ptr<Impl> impl_;
+};
+
+/// InvalidStateError for an operation on an end that was never connected.
+[[noreturn]] MPSERVICE_API void throw_unconnected(const char* what);
+/// TimeoutError for recv(timeout).
+[[noreturn]] MPSERVICE_API void throw_recv_timeout();
+
+/// Decodes a message as T into a std::optional<T> (the context).
+template <class T>
+void decode_message(void* context, const unsigned char* data, std::size_t n, const std::vector<os::handle_t>* handles) {
+    Decoder d(data, n, handles);
+    static_cast<std::optional<T>*>(context)->emplace(d.read<T>());
+    d.expect_end("connection message");
+}
+MPSERVICE_API void copy_message(void* context, const unsigned char* data, std::size_t n,
+                                const std::vector<os::handle_t>* handles);
+
+/// One entry of connection_wait: an end, or a process.
+struct WaitTarget {
+    ConnectionCore* connection = nullptr;
+    const ProcessCore* process = nullptr;
+};
+/// Positions (in `targets`) of the ready ones, in order; empty at the deadline.
+MPSERVICE_API std::vector<std::size_t> connection_wait_until(const std::vector<WaitTarget>& targets,
+                                                             os::Deadline deadline);
+
+}  // namespace detail
+
+/// One end of a Pipe (see the top of this part).  Copies refer to the same end.
+template <class T>
+class Connection {
+public:
+    /// An end that is not connected to anything: every operation throws InvalidStateError.
+    Connection() = default;
+
+    /// Sends `item` as one message (waits for room; BrokenPipeError if the peer is closed).
+    void send(const T& item) {
+        Encoder e;
+        e.write(item);
+        core("send").send(e.bytes().data(), e.bytes().size(), e.handles().data(), e.handles().size());
+    }
+    /// The next item, waiting as long as it takes; EOFError at end of stream.
+    T recv() { return *take(detail::os::no_deadline); }
+    /// The next item, waiting at most `timeout`; TimeoutError if none came.
+    template <class Rep, class Period>
+    T recv(std::chrono::duration<Rep, Period> timeout) {
+        auto v = take(detail::os::deadline_after(timeout));
+        if (!v) detail::throw_recv_timeout();
+        return std::move(*v);
+    }
+    /// The next item if one is there now, else std::nullopt (EOFError at end of stream).
+    std::optional<T> try_recv() { return take(detail::os::Clock::now()); }
+    /// The next item if one comes within `timeout`, else std::nullopt (EOFError at end of stream).
+    template <class Rep, class Period>
+    std::optional<T> try_recv(std::chrono::duration<Rep, Period> timeout) {
+        return take(detail::os::deadline_after(timeout));
+    }
+
+    /// Whether recv() would not block now (a whole message arrived, or the end of the stream).
+    bool poll() { return core("poll").poll(detail::os::Clock::now()); }
+    /// Whether recv() would not block, waiting at most `timeout` for it.
+    template <class Rep, class Period>
+    bool poll(std::chrono::duration<Rep, Period> timeout) {
+        return core("poll").poll(detail::os::deadline_after(timeout));
+    }
+
+    /// Sends raw bytes as one message (recv_bytes on the other side; not encoded).
+    void send_bytes(std::string_view bytes) { core("send_bytes").send(bytes.data(), bytes.size(), nullptr, 0); }
+    void send_bytes(const void* data, std::size_t n) { core("send_bytes").send(data, n, nullptr, 0); }
+    /// The next message's bytes as they were sent, whatever sent them; EOFError at end.
+    std::string recv_bytes() { return *take_bytes(detail::os::no_deadline); }
+    /// As recv_bytes(), but TimeoutError if nothing came within `timeout`.
+    template <class Rep, class Period>
+    std::string recv_bytes(std::chrono::duration<Rep, Period> timeout) {
+        auto v = take_bytes(detail::os::deadline_after(timeout));
+        if (!v) detail::throw_recv_timeout();
+        return std::move(*v);
+    }
+
+    /// Closes this end for this process (every copy here); other processes'
+    /// copies stay open.  The peer sees EOF once no process holds this end.
+    void close() noexcept {
+        if (core_) core_->close();
+    }
+    /// Closed by close(), or never connected.
+    bool closed() const noexcept { return !core_ || core_->closed(); }
+    /// Whether this end receives / sends (a one-way pipe's ends do one each).
+    bool readable() const noexcept { return core_ && (core_->mode() & detail::ConnectionCore::receives); }
+    bool writable() const noexcept { return core_ && (core_->mode() & detail::ConnectionCore::sends); }
+    /// The socket's descriptor (as Python's fileno()); invalid_handle once closed.
+    detail::os::handle_t fileno() const noexcept { return core_ ? core_->handle() : detail::os::invalid_handle; }
+
+    /// Whether two handles refer to the same end.
+    friend bool operator==(const Connection& a, const Connection& b) noexcept { return a.core_ == b.core_; }
+    friend bool operator!=(const Connection& a, const Connection& b) noexcept { return a.core_ != b.core_; }
+
+    /// The untyped end (for connection_wait).
+    detail::ConnectionCore* core_ptr() const noexcept { return core_.get(); }
+
+private:
+    explicit Connection(std::shared_ptr<detail::ConnectionCore> core) : core_(std::move(core)) {}
+    detail::ConnectionCore& core(const char* what) const {
+        if (!core_) detail::throw_unconnected(what);
+        return *core_;
+    }
+    std::optional<T> take(detail::os::Deadline deadline) {
+        std::optional<T> out;
+        core("recv").receive(&detail::decode_message<T>, &out, deadline);
+        return out;
+    }
+    std::optional<std::string> take_bytes(detail::os::Deadline deadline) {
+        std::optional<std::string> out;
+        core("recv_bytes").receive(&detail::copy_message, &out, deadline);
+        return out;
+    }
+
+    std::shared_ptr<detail::ConnectionCore> core_;
+
+    template <class U>
+    friend std::pair<Connection<U>, Connection<U>> Pipe(bool duplex);
+    friend struct Codec<Connection<T>>;
+};
+
+/// A connected pair of ends (Python's Pipe(duplex)).  duplex: both ends send
+/// and receive; otherwise the first end only receives and the second only sends.
+template <class T>
+std::pair<Connection<T>, Connection<T>> Pipe(bool duplex = true) {
+    std::shared_ptr<detail::ConnectionCore> a, b;
+    detail::ConnectionCore::make_pair(duplex, a, b);
+    return {Connection<T>(std::move(a)), Connection<T>(std::move(b))};
+}
+
+/// An end travels as its socket (a descriptor beside the bytes) and its mode.
+template <class T>
+struct Codec<Connection<T>> {
+    static void encode(Encoder& e, const Connection<T>& c) {
+        if (!c.core_) throw std::invalid_argument("mpservice: cannot pass a Connection that is not connected");
+        std::uint8_t mode = static_cast<std::uint8_t>(c.core_->mode());
+        std::uint32_t index = e.attach(c.core_->handle_to_pass());
+        e(mode, index);
+    }
+    static Connection<T> decode(Decoder& d) {
+        std::uint8_t mode = 0;
+        std::uint32_t index = 0;
+        d(mode, index);
+        if (mode < 1 || mode > 3) throw DecodeError("decode: connection mode " + std::to_string(mode) + " is not 1, 2 or 3");
+        detail::os::handle_t h = detail::os::duplicate_handle(d.handle(index));  // the channel keeps its own
+        return Connection<T>(std::make_shared<detail::ConnectionCore>(h, mode));
+    }
+    static constexpr std::size_t min_encoded_size() { return 5; }
+};
+
+class Waitable;
+/// connection_wait with an absolute deadline (the other overloads call it).
+inline std::vector<Waitable> connection_wait_at(const std::vector<Waitable>& objects, detail::os::Deadline deadline);
+
+/// One thing connection_wait watches: a Connection end (ready when recv()
+/// would not block: a whole message has arrived, or the other end is closed)
+/// or a started Process (ready when it has ended, as done() says).
+class Waitable {
+public:
+    template <class T>
+    Waitable(const Connection<T>* c) : object_(c), target_{c ? c->core_ptr() : nullptr, nullptr} {
+        if (!c || !c->core_ptr()) detail::throw_unconnected("connection_wait");
+    }
+    template <class R>
+    Waitable(const Process<R>* p)
+        : object_(p), target_{nullptr, p ? &static_cast<const detail::ProcessCore&>(p->core()) : nullptr} {}
+
+    /// The position of this entry in the list given to connection_wait.
+    std::size_t index() const noexcept { return index_; }
+    /// Whether this entry is `object` (the Connection or Process passed).
+    bool is(const void* object) const noexcept { return object_ == object; }
+    const detail::WaitTarget& target() const noexcept { return target_; }
+
+private:
+    const void* object_;
+    detail::WaitTarget target_;
+    std::size_t index_ = 0;
+    friend std::vector<Waitable> connection_wait_at(const std::vector<Waitable>&, detail::os::Deadline);
+};
+
+inline std::vector<Waitable> connection_wait_at(const std::vector<Waitable>& objects, detail::os::Deadline deadline) {
+    std::vector<detail::WaitTarget> targets;
+    targets.reserve(objects.size());
+    for (const Waitable& w : objects) targets.push_back(w.target());
+    std::vector<Waitable> ready;
+    for (std::size_t i : detail::connection_wait_until(targets, deadline)) {
+        ready.push_back(objects[i]);
+        ready.back().index_ = i;
+    }
+    return ready;
+}
+
+/// Waits until at least one of `objects` is ready and returns the ready ones,
+/// in the order given (Python's multiprocessing.connection.wait):
+///     for (const mp::Waitable& w : mp::connection_wait({&a, &b, &proc})) ... w.index() / w.is(&a)
+/// A closed end, a send-only end or a process never started is an InvalidStateError.
+inline std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects) {
+    return connection_wait_at(objects, detail::os::no_deadline);
+}
+/// As above, waiting at most `timeout`; empty if nothing was ready by then.
+template <class Rep, class Period>
+std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects, std::chrono::duration<Rep, Period> timeout) {
+    return connection_wait_at(objects, detail::os::deadline_after(timeout));
+}
+
+namespace detail {
+template <class T>
+std::vector<Connection<T>*> connection_wait_typed(const std::vector<Connection<T>*>& connections,
+                                                  os::Deadline deadline) {
+    std::vector<Waitable> objects(connections.begin(), connections.end());
+    std::vector<Connection<T>*> ready;
+    for (const Waitable& w : connection_wait_at(objects, deadline)) ready.push_back(connections[w.index()]);
+    return ready;
+}
+}  // namespace detail
+
+/// The typed form for ends of one type: returns the ready ends themselves.
+///     for (mp::Connection<int>* c : mp::connection_wait(readers, 5s)) total += c->recv();
+template <class T>
+std::vector<Connection<T>*> connection_wait(const std::vector<Connection<T>*>& connections) {
+    return detail::connection_wait_typed(connections, detail::os::no_deadline);
+}
+template <class T, class Rep, class Period>
+std::vector<Connection<T>*> connection_wait(const std::vector<Connection<T>*>& connections,
+                                            std::chrono::duration<Rep, Period> timeout) {
+    return detail::connection_wait_typed(connections, detail::os::deadline_after(timeout));
+}
+
+}  // namespace mpservice
+// ---- end part: mpservice/public/connection.hpp
 
 #endif  // MPSERVICE_HPP_INCLUDED
 
@@ -5046,6 +5443,101 @@ void shm_prefault(void* addr, std::size_t size) noexcept {
     (void)addr;
     (void)size;
 #endif
+}
+
+// ---------------------------------------------------------------- (connection section)
+
+long channel_write_some(handle_t ch, const void* a, std::size_t na, const void* b, std::size_t nb,
+                        const handle_t* handles, std::size_t nhandles) {
+    if (nhandles > max_handles_per_message)
+        throw std::invalid_argument("mpservice: more than 253 OS handles in one message");
+    if (na + nb == 0) return 0;
+    iovec iov[2] = {{const_cast<void*>(a), na}, {const_cast<void*>(b), nb}};
+    msghdr msg{};
+    msg.msg_iov = na ? iov : iov + 1;
+    msg.msg_iovlen = na ? 2 : 1;
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * max_handles_per_message)];
+    if (nhandles > 0) {
+        std::memset(control, 0, sizeof control);
+        msg.msg_control = control;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * nhandles);
+        cmsghdr* c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * nhandles);
+        std::memcpy(CMSG_DATA(c), handles, sizeof(int) * nhandles);
+    }
+    for (;;) {
+        ssize_t n = ::sendmsg(ch, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n >= 0) return static_cast<long>(n);
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+        if (errno == EPIPE || errno == ECONNRESET) return -1;
+        throw_errno("mpservice: sendmsg");
+    }
+}
+
+unsigned wait_io(handle_t h, unsigned want, int timeout_ms) {
+    pollfd p{h, 0, 0};
+    if (want & io_readable) p.events |= POLLIN;
+    if (want & io_writable) p.events |= POLLOUT;
+    int rc;
+    do rc = ::poll(&p, 1, timeout_ms);
+    while (rc < 0 && errno == EINTR);
+    if (rc <= 0) return 0;
+    unsigned got = 0;
+    // An error or hang-up makes both a read and a write return at once.
+    bool failed = (p.revents & (POLLERR | POLLHUP | POLLNVAL)) != 0;
+    if ((want & io_readable) && ((p.revents & POLLIN) || failed)) got |= io_readable;
+    if ((want & io_writable) && ((p.revents & POLLOUT) || failed)) got |= io_writable;
+    return got;
+}
+
+std::size_t wait_readable_any(const handle_t* hs, std::size_t n, int timeout_ms, unsigned char* ready) {
+    std::vector<pollfd> p(n);
+    for (std::size_t i = 0; i < n; ++i) p[i] = pollfd{hs[i], POLLIN, 0};
+    int rc;
+    do rc = ::poll(p.data(), static_cast<nfds_t>(n), timeout_ms);
+    while (rc < 0 && errno == EINTR);
+    std::size_t count = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        ready[i] = rc > 0 && p[i].revents != 0;
+        count += ready[i];
+    }
+    return count;
+}
+
+// ---------------------------------------------------------------- (output forwarding section)
+
+void output_pipe(handle_t& read_end, handle_t& write_end) {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) throw_errno("mpservice: pipe2");
+    ::fcntl(fds[0], F_SETFL, ::fcntl(fds[0], F_GETFL) | O_NONBLOCK);
+    read_end = fds[0];
+    write_end = fds[1];
+}
+
+long pipe_read(handle_t h, void* buf, std::size_t cap) noexcept {
+    for (;;) {
+        ssize_t n = ::read(h, buf, cap);
+        if (n >= 0) return static_cast<long>(n);
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return -1;
+        return 0;  // a broken pipe reads as its end
+    }
+}
+
+void redirect_standard_output(handle_t out, handle_t err) {
+    std::fflush(stdout);
+    std::fflush(stderr);
+    // dup2 clears close-on-exec on the new descriptors: programs this process
+    // execs write into the same pipes.
+    if (::dup2(out, STDOUT_FILENO) < 0 || ::dup2(err, STDERR_FILENO) < 0) throw_errno("mpservice: dup2");
+    if (out != STDOUT_FILENO && out != STDERR_FILENO) ::close(out);
+    if (err != STDOUT_FILENO && err != STDERR_FILENO && err != out) ::close(err);
+    // A pipe would make stdout fully buffered: lines would reach the parent
+    // late, and be lost if the process is killed.
+    std::setvbuf(stdout, nullptr, _IOLBF, BUFSIZ);
 }
 
 }  // namespace mpservice::detail::os
@@ -9078,5 +9570,415 @@ bool QueueCore::join(os::Deadline deadline) {
 
 }  // namespace mpservice::detail
 // ---- end part: mpservice/impl/queues.cpp
+// ---- begin part: mpservice/impl/connection.cpp ------------------------------
+// connection: ConnectionCore (the frames of a Pipe end) and connection_wait.
+//
+// Wire format: frames of
+//     u32 magic | u32 handle count | u64 payload size | payload
+// with the frame's handles attached to its first byte.  The magic makes bytes
+// that are not frames (written to the descriptor by hand) an error instead of
+// a length of garbage to wait for.
+//
+// Every wait is a poll() of at most close_check_interval, after which the
+// waiter looks whether another thread has closed the end: a descriptor must
+// not be closed while another thread waits on it (it could be reused at once).
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <thread>
+
+namespace mpservice {
+namespace detail {
+
+namespace {
+
+constexpr std::uint32_t connection_magic = 0x4d50434eu;  // "MPCN"
+struct ConnectionHeader {
+    std::uint32_t magic;
+    std::uint32_t handles;
+    std::uint64_t size;
+};
+constexpr auto close_check_interval = std::chrono::milliseconds(100);
+// The inbox keeps at most this much room once it is empty again.
+constexpr std::size_t inbox_keep = std::size_t(1) << 20;
+constexpr std::size_t read_chunk = std::size_t(1) << 16;
+// A size beyond this is corrupt framing, not a message (and would overflow).
+constexpr std::uint64_t max_message_size = std::uint64_t(1) << 48;
+
+/// Milliseconds to wait: until `deadline`, but at most close_check_interval (rounded up, so no busy loop).
+int wait_slice_ms(os::Deadline deadline) {
+    auto slice = std::chrono::duration_cast<std::chrono::milliseconds>(close_check_interval).count();
+    if (deadline == os::no_deadline) return static_cast<int>(slice);
+    auto left = std::chrono::duration_cast<std::chrono::microseconds>(deadline - os::Clock::now()).count();
+    if (left <= 0) return 0;
+    return static_cast<int>(std::min<long long>((left + 999) / 1000, slice));
+}
+
+[[noreturn]] void throw_closed(const char* what) {
+    throw InvalidStateError(std::string("mpservice: Connection::") + what + " on a closed connection");
+}
+
+}  // namespace
+
+struct ConnectionCore::Impl {
+    std::atomic<os::handle_t> handle{os::invalid_handle};
+    unsigned mode = 0;
+    std::atomic<bool> closed{false};
+    std::mutex send_mutex;         // one sender at a time: messages never interleave
+    std::timed_mutex recv_mutex;   // one receiver at a time; guards everything below
+    std::mutex close_mutex;        // close() once
+
+    // What has arrived and not been taken yet.
+    std::unique_ptr<char[]> buf;
+    std::size_t cap = 0, pos = 0, len = 0;
+    std::deque<os::handle_t> handles;
+    bool eof = false;
+    bool broken = false;  // bytes that are not frames arrived: no later frame can be found
+
+    os::handle_t fd() const noexcept { return handle.load(std::memory_order_relaxed); }
+    void check_open(const char* what) const {
+        if (closed.load(std::memory_order_acquire)) throw_closed(what);
+    }
+
+    std::size_t buffered() const noexcept { return len - pos; }
+
+    /// The size of the whole frame at the front, or 0 if its header has not arrived.
+    std::size_t front_frame_size() {
+        if (buffered() < sizeof(ConnectionHeader)) return 0;
+        ConnectionHeader h;
+        std::memcpy(&h, buf.get() + pos, sizeof h);
+        if (h.magic != connection_magic || h.size > max_message_size) {
+            broken = true;
+            return 0;
+        }
+        return sizeof h + static_cast<std::size_t>(h.size);
+    }
+    bool frame_complete() {
+        std::size_t n = front_frame_size();
+        return n && buffered() >= n;
+    }
+    /// A receive would not block: a whole message, the end of the stream, or broken framing.
+    bool ready() { return frame_complete() || broken || eof; }
+
+    /// Reads what is there without waiting: >0 bytes, 0 at end (eof set), -1 if nothing is there.
+    long fill() {
+        std::size_t want = front_frame_size();
+        std::size_t missing = want > buffered() ? want - buffered() : 0;
+        std::size_t room_wanted = std::max(missing, read_chunk);
+        if (pos == len) pos = len = 0;
+        if (cap - len < room_wanted && pos > 0) {  // move the unread bytes to the front first
+            std::memmove(buf.get(), buf.get() + pos, len - pos);
+            len -= pos;
+            pos = 0;
+        }
+        if (cap - len < room_wanted) {
+            // Grow for the frame being received, but never by more than 64 MiB
+            // at a time: a corrupt size must not allocate what never arrives.
+            std::size_t grow = std::min(room_wanted, std::size_t(64) << 20);
+            std::size_t new_cap = std::max(len + grow, std::min(2 * cap, len + (std::size_t(64) << 20)));
+            std::unique_ptr<char[]> bigger(new char[new_cap]);
+            if (len) std::memcpy(bigger.get(), buf.get(), len);
+            buf = std::move(bigger);
+            cap = new_cap;
+        }
+        std::vector<os::handle_t> arrived;
+        long n = os::channel_read(fd(), buf.get() + len, cap - len, &arrived, true);
+        for (auto h : arrived) handles.push_back(h);
+        if (n > 0) len += static_cast<std::size_t>(n);
+        if (n == 0) eof = true;
+        return n;
+    }
+
+    /// Takes the frame at the front (complete) and hands it to `consume`.
+    void take_frame(Consume consume, void* context) {
+        ConnectionHeader h;
+        std::memcpy(&h, buf.get() + pos, sizeof h);
+        const unsigned char* data = reinterpret_cast<const unsigned char*>(buf.get() + pos + sizeof h);
+        std::size_t size = static_cast<std::size_t>(h.size);
+        pos += sizeof h + size;  // consumed whatever consume does: the stream stays in step
+        std::vector<os::handle_t> frame_handles;
+        for (std::uint32_t i = 0; i < h.handles && !handles.empty(); ++i) {
+            frame_handles.push_back(handles.front());
+            handles.pop_front();
+        }
+        struct CloseHandles {
+            std::vector<os::handle_t>& hs;
+            ~CloseHandles() {
+                for (auto x : hs) os::close_handle(x);  // decoded objects hold their own duplicates
+            }
+        } close_handles{frame_handles};
+        bool handles_missing = frame_handles.size() != h.handles;
+        struct Shrink {
+            Impl& s;
+            ~Shrink() {
+                if (s.pos == s.len && s.cap > inbox_keep) {
+                    s.buf.reset();
+                    s.cap = s.pos = s.len = 0;
+                }
+            }
+        } shrink{*this};
+        if (handles_missing)
+            throw DecodeError("decode: a connection message announced " + std::to_string(h.handles) +
+                              " OS handles but fewer arrived");
+        consume(context, data, size, &frame_handles);
+    }
+
+    [[noreturn]] void throw_end() {
+        if (broken)
+            throw DecodeError(
+                "decode: bytes that are not connection messages arrived (written to the descriptor by hand?); "
+                "the stream has lost its framing and this connection cannot receive any more");
+        if (buffered() > 0) {
+            std::size_t want = front_frame_size();
+            throw EOFError("connection: the other end closed in the middle of a message (" +
+                           std::to_string(buffered()) + " of " +
+                           (want ? std::to_string(want) : std::string("at least 16")) + " bytes arrived)");
+        }
+        throw EOFError();
+    }
+
+    /// Takes recv_mutex by `deadline`, looking every close_check_interval
+    /// whether the end was closed meanwhile.
+    bool lock_receiver(std::unique_lock<std::timed_mutex>& lk, os::Deadline deadline, const char* what) {
+        for (;;) {
+            if (lk.try_lock_until(std::min(deadline, os::Clock::now() + close_check_interval))) {
+                check_open(what);
+                return true;
+            }
+            check_open(what);
+            if (os::Clock::now() >= deadline) return false;
+        }
+    }
+
+    /// Waits (holding recv_mutex) until ready() or `deadline`; false on timeout.
+    bool wait_ready(os::Deadline deadline, const char* what) {
+        for (;;) {
+            if (ready()) return true;
+            long n = fill();
+            if (n != -1) continue;  // got bytes, or the end: look again
+            if (os::Clock::now() >= deadline) return false;
+            os::wait_io(fd(), os::io_readable, wait_slice_ms(deadline));
+            check_open(what);
+        }
+    }
+};
+
+void ConnectionCore::make_pair(bool duplex, std::shared_ptr<ConnectionCore>& a, std::shared_ptr<ConnectionCore>& b) {
+    os::handle_t x, y;
+    os::channel_pair(x, y);
+    try {
+        a = std::make_shared<ConnectionCore>(x, duplex ? Mode::duplex : Mode::receives);
+    } catch (...) {
+        os::close_handle(y);
+        throw;
+    }
+    b = std::make_shared<ConnectionCore>(y, duplex ? Mode::duplex : Mode::sends);
+}
+
+ConnectionCore::ConnectionCore(os::handle_t h, unsigned mode) {
+    try {
+        impl_ = std::make_unique<Impl>();
+    } catch (...) {
+        os::close_handle(h);
+        throw;
+    }
+    impl_->handle = h;
+    impl_->mode = mode;
+}
+
+ConnectionCore::~ConnectionCore() { close(); }
+
+void ConnectionCore::close() noexcept {
+    Impl& s = *impl_;
+    std::lock_guard<std::mutex> once(s.close_mutex);
+    if (s.closed.exchange(true, std::memory_order_acq_rel)) return;
+    // Threads inside send/recv notice `closed` within close_check_interval and
+    // leave; only then is the descriptor closed.
+    std::lock_guard<std::mutex> no_sender(s.send_mutex);
+    std::lock_guard<std::timed_mutex> no_receiver(s.recv_mutex);
+    os::close_handle(s.handle.exchange(os::invalid_handle));
+    for (auto h : s.handles) os::close_handle(h);
+    s.handles.clear();
+    s.buf.reset();
+    s.cap = s.pos = s.len = 0;
+}
+
+bool ConnectionCore::closed() const noexcept { return impl_->closed.load(std::memory_order_acquire); }
+unsigned ConnectionCore::mode() const noexcept { return impl_->mode; }
+os::handle_t ConnectionCore::handle() const noexcept { return impl_->fd(); }
+
+os::handle_t ConnectionCore::handle_to_pass() const {
+    Impl& s = *impl_;
+    if (closed()) throw std::invalid_argument("mpservice: cannot pass a closed Connection to another process");
+    std::lock_guard<std::timed_mutex> lk(s.recv_mutex);
+    if (s.buffered() > 0 || !s.handles.empty())
+        throw std::invalid_argument(
+            "mpservice: this Connection end holds received data that recv() has not taken yet (after poll or "
+            "connection_wait); the other process would never see it - receive it before passing the end on");
+    return s.fd();
+}
+
+void ConnectionCore::send(const void* data, std::size_t n, const os::handle_t* handles, std::size_t nhandles) {
+    Impl& s = *impl_;
+    s.check_open("send");
+    if (!(s.mode & sends)) throw InvalidStateError("mpservice: Connection::send on the receiving end of a one-way Pipe");
+    if (nhandles > 253) throw std::invalid_argument("mpservice: a connection message holds at most 253 OS handles");
+    std::lock_guard<std::mutex> lk(s.send_mutex);
+    s.check_open("send");
+    ConnectionHeader h{connection_magic, static_cast<std::uint32_t>(nhandles), static_cast<std::uint64_t>(n)};
+    const char* head = reinterpret_cast<const char*>(&h);
+    const char* body = static_cast<const char*>(data);
+    std::size_t head_left = sizeof h, body_left = n;
+    bool first = true;
+    while (head_left + body_left > 0) {
+        long k = os::channel_write_some(s.fd(), head, head_left, body, body_left, first ? handles : nullptr,
+                                        first ? nhandles : 0);
+        if (k < 0) throw BrokenPipeError();
+        if (k > 0) {
+            first = false;
+            auto done = static_cast<std::size_t>(k);
+            std::size_t from_head = std::min(done, head_left);
+            head += from_head;
+            head_left -= from_head;
+            body += done - from_head;
+            body_left -= done - from_head;
+            continue;
+        }
+        // No room.  Take in what the peer sends meanwhile, if nobody else is
+        // receiving: a peer that is itself stuck sending to us can go on.
+        std::unique_lock<std::timed_mutex> rl(s.recv_mutex, std::defer_lock);
+        if ((s.mode & receives) && rl.try_lock() && (s.eof || s.broken)) rl.unlock();
+        bool pull = rl.owns_lock();
+        unsigned got = os::wait_io(s.fd(), os::io_writable | (pull ? os::io_readable : 0u),
+                                   wait_slice_ms(os::no_deadline));
+        if (pull && (got & os::io_readable)) s.fill();
+        if (rl.owns_lock()) rl.unlock();
+        if (s.closed.load(std::memory_order_acquire))
+            throw InvalidStateError("mpservice: Connection::send: the connection was closed by another thread "
+                                    "while a message was being sent (the peer receives a torn message)");
+    }
+}
+
+bool ConnectionCore::receive(Consume consume, void* context, os::Deadline deadline) {
+    Impl& s = *impl_;
+    s.check_open("recv");
+    if (!(s.mode & receives)) throw InvalidStateError("mpservice: Connection::recv on the sending end of a one-way Pipe");
+    std::unique_lock<std::timed_mutex> lk(s.recv_mutex, std::defer_lock);
+    if (!s.lock_receiver(lk, deadline, "recv")) return false;
+    if (!s.wait_ready(deadline, "recv")) return false;
+    if (!s.frame_complete()) s.throw_end();
+    s.take_frame(consume, context);
+    return true;
+}
+
+bool ConnectionCore::poll(os::Deadline deadline) {
+    Impl& s = *impl_;
+    s.check_open("poll");
+    if (!(s.mode & receives)) throw InvalidStateError("mpservice: Connection::poll on the sending end of a one-way Pipe");
+    std::unique_lock<std::timed_mutex> lk(s.recv_mutex, std::defer_lock);
+    if (!s.lock_receiver(lk, deadline, "poll")) return false;
+    return s.wait_ready(deadline, "poll");
+}
+
+bool ConnectionCore::ready_now(bool* busy) {
+    Impl& s = *impl_;
+    *busy = false;
+    std::unique_lock<std::timed_mutex> lk(s.recv_mutex, std::try_to_lock);
+    if (!lk.owns_lock()) {
+        *busy = true;
+        return false;
+    }
+    if (s.closed.load(std::memory_order_acquire)) return false;
+    while (!s.ready() && s.fill() > 0) {
+    }
+    return s.ready();
+}
+
+void throw_unconnected(const char* what) {
+    throw InvalidStateError(std::string("mpservice: Connection::") + what +
+                            " on a Connection that is not connected (default-constructed); make ends with mp::Pipe<T>()");
+}
+
+void throw_recv_timeout() { throw TimeoutError("mpservice: Connection::recv: nothing arrived within the timeout"); }
+
+void copy_message(void* context, const unsigned char* data, std::size_t n, const std::vector<os::handle_t>*) {
+    static_cast<std::optional<std::string>*>(context)->emplace(reinterpret_cast<const char*>(data), n);
+}
+
+// ---------------------------------------------------------------- connection_wait
+
+namespace {
+
+/// The handle that becomes readable when the process ends, or invalid.
+os::handle_t exit_handle_of(const ProcessCore& p) {
+    std::lock_guard<std::mutex> lk(p.io_mutex());
+    return p.io_ ? p.io_->pidfd : os::invalid_handle;  // open until the core is destroyed
+}
+
+}  // namespace
+
+std::vector<std::size_t> connection_wait_until(const std::vector<WaitTarget>& targets, os::Deadline deadline) {
+    for (const WaitTarget& t : targets) {
+        if (t.connection) {
+            if (t.connection->closed()) throw InvalidStateError("mpservice: connection_wait on a closed Connection");
+            if (!(t.connection->mode() & ConnectionCore::receives))
+                throw InvalidStateError("mpservice: connection_wait on the sending end of a one-way Pipe");
+        } else if (t.process) {
+            if (!t.process->started()) throw_not_started("connection_wait", t.process->name);
+        } else {
+            throw std::invalid_argument("mpservice: connection_wait on a null pointer");
+        }
+    }
+    std::vector<std::size_t> ready;
+    std::vector<os::handle_t> watch;
+    std::vector<std::size_t> watch_owner;
+    std::vector<unsigned char> readable;
+    for (;;) {
+        ready.clear();
+        watch.clear();
+        watch_owner.clear();
+        for (std::size_t i = 0; i < targets.size(); ++i) {
+            const WaitTarget& t = targets[i];
+            if (t.connection) {
+                bool busy = false;
+                if (t.connection->closed())
+                    throw InvalidStateError("mpservice: connection_wait: a Connection was closed while waited on");
+                if (t.connection->ready_now(&busy)) {
+                    ready.push_back(i);
+                } else {
+                    // Another thread receiving on it sees its bytes first; we
+                    // only look again each slice.
+                    if (!busy) {
+                        watch.push_back(t.connection->handle());
+                        watch_owner.push_back(i);
+                    }
+                }
+            } else if (t.process->done()) {
+                ready.push_back(i);
+            } else {
+                os::handle_t h = exit_handle_of(*t.process);
+                if (h != os::invalid_handle) {
+                    watch.push_back(h);
+                    watch_owner.push_back(i);
+                }
+            }
+        }
+        if (!ready.empty() || os::Clock::now() >= deadline) return ready;
+        readable.assign(watch.size(), 0);
+        os::wait_readable_any(watch.data(), watch.size(), wait_slice_ms(deadline), readable.data());
+        for (std::size_t k = 0; k < watch.size(); ++k) {
+            const WaitTarget& t = targets[watch_owner[k]];
+            // The process has ended; the reactor is resolving it right now.
+            if (readable[k] && t.process) t.process->wait_until(deadline);
+        }
+    }
+}
+
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/connection.cpp
 
 #endif  // MPSERVICE_IMPLEMENTATION
