@@ -1293,8 +1293,9 @@ MPSERVICE_API void output_pipe(handle_t& read_end, handle_t& write_end);
 /// stream (every write end closed), -1 if nothing is there now.
 MPSERVICE_API long pipe_read(handle_t h, void* buf, std::size_t cap) noexcept;
 /// Makes `out` this process's standard output and `err` its standard error
-/// (descriptors 1 and 2, inherited by programs it starts), closes the two
-/// handles, and makes stdout line-buffered as it would be on a terminal.
+/// (descriptors 1 and 2, inherited by programs it starts; the two handles stay
+/// open for the caller to close), and makes stdout line-buffered as it would
+/// be on a terminal.
 MPSERVICE_API void redirect_standard_output(handle_t out, handle_t err);
 
 }  // namespace mpservice::detail::os
@@ -2141,6 +2142,12 @@ MPSERVICE_API const Context& get_context(const std::string& method = "spawn");
 /// quota (rounded up); at least 1.
 MPSERVICE_API int cpu_count();
 
+/// The default of Process::set_forward_output for processes this process
+/// starts from now on (initially false: a child writes to the parent's own
+/// standard output and error directly, as a plain fork/exec does).
+MPSERVICE_API void set_output_forwarding(bool forward) noexcept;
+MPSERVICE_API bool output_forwarding() noexcept;
+
 /// A process as current_process() and friends describe it.
 struct ProcessInfo {
     std::string name;  ///< "MainProcess", or the Process's name in a child
@@ -2279,6 +2286,7 @@ public:
     std::string value_bytes_;
     std::vector<os::handle_t> value_handles_;
     std::string identity_;  // "3", or "1:3" in a child: numbers the default name
+    bool forward_output_ = output_forwarding();  // Process::set_forward_output
     std::unique_ptr<Io> io_;
 };
 
@@ -2371,6 +2379,16 @@ public:
     /// Marks the child as a daemon (before start): it is terminated, not
     /// waited for, when its Process is destroyed or the parent exits.
     void set_daemon(bool daemon) { state().set_daemon(daemon); }
+    /// Sends the child's standard output and error through the parent's log
+    /// path (before start): each line becomes a record of logger "stdout"
+    /// (Level::info) or "stderr" (Level::warning) tagged with the child's name
+    /// and pid, so lines of many children never mix.  Default: output_forwarding()
+    /// at the time this Process was made.
+    void set_forward_output(bool forward) {
+        if (state().started()) throw InvalidStateError("mpservice: set_forward_output() after start()");
+        state().forward_output_ = forward;
+    }
+    bool forward_output() const { return state().forward_output_; }
 
 private:
     Core& state() const { return static_cast<Core&>(*core_); }
@@ -5533,11 +5551,12 @@ void redirect_standard_output(handle_t out, handle_t err) {
     // dup2 clears close-on-exec on the new descriptors: programs this process
     // execs write into the same pipes.
     if (::dup2(out, STDOUT_FILENO) < 0 || ::dup2(err, STDERR_FILENO) < 0) throw_errno("mpservice: dup2");
-    if (out != STDOUT_FILENO && out != STDERR_FILENO) ::close(out);
-    if (err != STDOUT_FILENO && err != STDERR_FILENO && err != out) ::close(err);
     // A pipe would make stdout fully buffered: lines would reach the parent
-    // late, and be lost if the process is killed.
-    std::setvbuf(stdout, nullptr, _IOLBF, BUFSIZ);
+    // late, and be lost if the process is killed.  The buffer is given
+    // explicitly: glibc ignores a mode change without one on a stream that was
+    // used already (a forked child's stdout).
+    static char line_buffer[BUFSIZ];
+    std::setvbuf(stdout, line_buffer, _IOLBF, sizeof line_buffer);
 }
 
 }  // namespace mpservice::detail::os
@@ -7190,6 +7209,314 @@ std::string describe(const std::string& name, long pid) {
 }  // namespace detail
 }  // namespace mpservice
 // ---- end part: mpservice/impl/process_runtime.cpp
+// ---- begin part: mpservice/impl/process_output.cpp --------------------------
+// process_output: a child's standard output and error forwarded through the
+// parent's log path (Process::set_forward_output, set_output_forwarding).
+//
+// The parent makes two pipes per forwarding child.  The child's descriptors 1
+// and 2 become their write ends (a spawn or fork-server child receives them
+// with BOOT, a forked child dup2s them right after fork), so the programs the
+// child execs write into them too.  The parent's reactor thread reads the read
+// ends - they sit in one epoll set of their own, which the reactor's poller
+// watches - splits the bytes into lines and hands each line to
+// handle_log_record as a record of logger "stdout" or "stderr" carrying the
+// child's name and pid.  One pipe per child and stream: lines of different
+// children cannot mix, and a line becomes a record only once its '\n' has
+// arrived (or its stream has ended).
+//
+// Nothing is lost at exit: when the child has ended, the reactor reads both
+// pipes dry before it resolves the Process (everything the child wrote is in
+// them by then), so join() returns after its lines were handled.  The read
+// ends stay watched until every writer is gone - a grandchild that inherited
+// descriptor 1 may write after the child has ended; its lines carry the
+// child's name - and are closed at end of stream.
+
+#include <atomic>
+#include <map>
+#include <mutex>
+
+namespace mpservice {
+
+namespace {
+std::atomic<bool> g_output_forwarding{false};
+}  // namespace
+
+void set_output_forwarding(bool forward) noexcept { g_output_forwarding.store(forward, std::memory_order_relaxed); }
+bool output_forwarding() noexcept { return g_output_forwarding.load(std::memory_order_relaxed); }
+
+namespace detail {
+namespace {
+
+/// The parent's readers of forwarded output (owned by the reactor).
+class OutputPump {
+public:
+    /// A line longer than this is passed on in pieces of this size.
+    static constexpr std::size_t max_line = std::size_t(1) << 20;
+
+    OutputPump() : poller_(os::poller_create()), buf_(1 << 16) {}
+    OutputPump(const OutputPump&) = delete;
+    OutputPump& operator=(const OutputPump&) = delete;
+    /// Readable when a pipe has data (the reactor's poller watches it).
+    os::handle_t poller() const noexcept { return poller_; }
+
+    /// Takes the read ends of a child about to start (not read until arm);
+    /// `key` names the child for drain_for.
+    std::uint64_t open(const void* key, const std::string& name, os::handle_t out_read, os::handle_t err_read) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        std::uint64_t id = next_id_++;
+        Entry& e = entries_[id];
+        e.key = key;
+        e.name = name;
+        e.streams[0].fd = out_read;
+        e.streams[1].fd = err_read;
+        return id;
+    }
+    /// The child runs as `pid`: start reading its pipes.
+    void arm(std::uint64_t id, long pid) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        auto it = entries_.find(id);
+        if (it == entries_.end()) return;
+        Entry& e = it->second;
+        if (!e.pid) e.pid = pid;
+        for (int s = 0; s < 2; ++s)
+            if (!e.streams[s].eof) os::poller_add(poller_, e.streams[s].fd, id << 1 | static_cast<unsigned>(s));
+        e.armed = true;
+    }
+    /// The start failed: close the read ends, forget the child.
+    void cancel(std::uint64_t id) noexcept {
+        std::lock_guard<std::mutex> lk(mutex_);
+        auto it = entries_.find(id);
+        if (it == entries_.end()) return;
+        close_entry(it->second);
+        entries_.erase(it);
+    }
+
+    /// On the reactor thread, when the child `key` has ended: hands on every
+    /// line it wrote (they are all in the pipes now).  Later writes (a
+    /// grandchild's) still come through on_ready.
+    void drain_for(const void* key, long pid) {
+        std::vector<Line> lines;
+        {
+            std::lock_guard<std::mutex> lk(mutex_);
+            for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+                Entry& e = it->second;
+                if (e.key != key) continue;
+                if (!e.pid) e.pid = pid;
+                for (int s = 0; s < 2; ++s) {
+                    read_stream(e, s, lines);
+                    // The child has ended: a last line without '\n' is complete too.
+                    Stream& st = e.streams[s];
+                    if (!st.partial.empty()) lines.push_back(Line{s, std::move(st.partial), e.name, e.pid});
+                    st.partial.clear();
+                }
+                e.key = nullptr;
+                if (e.streams[0].eof && e.streams[1].eof) entries_.erase(it);
+                break;
+            }
+        }
+        emit(lines);
+    }
+
+    /// On the reactor thread: some pipe is readable.
+    void on_ready() {
+        std::uint64_t tokens[64];
+        int n = os::poller_wait(poller_, tokens, 64, 0);
+        std::vector<Line> lines;
+        {
+            std::lock_guard<std::mutex> lk(mutex_);
+            for (int i = 0; i < n; ++i) {
+                std::uint64_t id = tokens[i] >> 1;
+                auto it = entries_.find(id);
+                if (it == entries_.end()) continue;
+                Entry& e = it->second;
+                read_stream(e, static_cast<int>(tokens[i] & 1), lines);
+                // Ended on both streams, and the child's own end was seen (or
+                // it will not be: drain_for finds no entry and has nothing to do).
+                if (e.streams[0].eof && e.streams[1].eof && !e.key) entries_.erase(it);
+            }
+        }
+        emit(lines);
+    }
+
+private:
+    struct Stream {
+        os::handle_t fd = os::invalid_handle;
+        std::string partial;       // bytes after the last '\n'
+        bool eof = false;
+    };
+    struct Entry {
+        const void* key = nullptr;  // the child's core until it has ended
+        std::string name;
+        long pid = 0;
+        bool armed = false;
+        Stream streams[2];  // stdout, stderr
+    };
+    struct Line {
+        int stream;
+        std::string text;
+        std::string name;
+        long pid;
+    };
+
+    void close_entry(Entry& e) noexcept {
+        for (auto& s : e.streams) {
+            if (e.armed && !s.eof) os::poller_remove(poller_, s.fd);
+            os::close_handle(s.fd);
+            s.fd = os::invalid_handle;
+            s.eof = true;
+        }
+    }
+
+    /// Reads stream `which` of `e` dry, appending its complete lines to `out`.
+    void read_stream(Entry& e, int which, std::vector<Line>& out) {
+        Stream& s = e.streams[which];
+        while (!s.eof) {
+            long n = os::pipe_read(s.fd, buf_.data(), buf_.size());
+            if (n < 0) return;  // nothing more now
+            if (n == 0) {
+                s.eof = true;
+                if (!s.partial.empty()) out.push_back(Line{which, std::move(s.partial), e.name, e.pid});
+                s.partial.clear();
+                if (e.armed) os::poller_remove(poller_, s.fd);
+                os::close_handle(s.fd);
+                s.fd = os::invalid_handle;
+                return;
+            }
+            split_lines(e, which, buf_.data(), static_cast<std::size_t>(n), out);
+        }
+    }
+
+    static void split_lines(Entry& e, int which, const char* data, std::size_t n, std::vector<Line>& out) {
+        std::string& partial = e.streams[which].partial;
+        std::size_t start = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+            if (data[i] != '\n') continue;
+            std::string text = std::move(partial);
+            partial.clear();
+            text.append(data + start, i - start);
+            out.push_back(Line{which, std::move(text), e.name, e.pid});
+            start = i + 1;
+        }
+        partial.append(data + start, n - start);
+        while (partial.size() >= max_line) {
+            out.push_back(Line{which, partial.substr(0, max_line), e.name, e.pid});
+            partial.erase(0, max_line);
+        }
+    }
+
+    /// Hands lines on as records (outside the lock: a handler may start processes).
+    static void emit(std::vector<Line>& lines) {
+        for (Line& l : lines) {
+            LogRecord r;
+            r.level = l.stream == 0 ? Level::info : Level::warning;
+            r.logger = l.stream == 0 ? "stdout" : "stderr";
+            r.message = std::move(l.text);
+            r.time = std::chrono::system_clock::now();
+            r.pid = l.pid;
+            r.process_name = std::move(l.name);
+            try {
+                handle_log_record(r);
+            } catch (...) {
+                // A failing handler must not cost the other lines or the child's outcome.
+            }
+        }
+    }
+
+    os::handle_t poller_;
+    std::vector<char> buf_;  // used on the reactor thread only
+    std::mutex mutex_;
+    std::uint64_t next_id_ = 1;
+    std::map<std::uint64_t, Entry> entries_;
+};
+
+/// The output pipes of one start(): made before the child, given to it, and
+/// handed to the pump once the child has them.  Destroyed uncommitted (the
+/// start failed), it closes everything.
+class OutputCapture {
+public:
+    OutputCapture(OutputPump& pump, const ProcessCore& core, bool forward) : pump_(pump) {
+        if (!forward) return;
+        try {
+            os::output_pipe(read_[0], write_[0]);
+            os::output_pipe(read_[1], write_[1]);
+        } catch (...) {
+            close_all_ends();
+            throw;
+        }
+        try {
+            id_ = pump_.open(&core, core.name, read_[0], read_[1]);  // the pump owns the read ends now
+        } catch (...) {
+            close_all_ends();
+            throw;
+        }
+    }
+    ~OutputCapture() {
+        if (!id_) return;
+        for (auto& w : write_) os::close_handle(w);
+        if (!committed_) pump_.cancel(id_);
+    }
+    OutputCapture(const OutputCapture&) = delete;
+    OutputCapture& operator=(const OutputCapture&) = delete;
+
+    /// BOOT's part: whether output is forwarded, and the two write ends.
+    void encode(Encoder& e) const {
+        e.write(id_ != 0);
+        if (id_) e(e.attach(write_[0]), e.attach(write_[1]));
+    }
+    /// In a forked child, right after fork: descriptors 1 and 2 become the pipes.
+    void redirect_in_forked_child() noexcept {
+        if (!id_) return;
+        try {
+            os::redirect_standard_output(write_[0], write_[1]);
+        } catch (...) {
+            os::exit_now(1);  // cannot happen short of a descriptor table in ruins
+        }
+        for (int s = 0; s < 2; ++s) {
+            os::close_handle(write_[s]);
+            os::close_handle(read_[s]);  // the parent's
+        }
+    }
+    /// The child holds the write ends (inherited, or sent with BOOT): close
+    /// ours, so the pipes end when the child's writers do; start reading.
+    void commit(long pid) {
+        if (!id_) return;
+        for (auto& w : write_) {
+            os::close_handle(w);
+            w = os::invalid_handle;
+        }
+        committed_ = true;
+        pump_.arm(id_, pid);
+    }
+
+private:
+    void close_all_ends() noexcept {
+        for (int s = 0; s < 2; ++s) {
+            os::close_handle(read_[s]);
+            os::close_handle(write_[s]);
+            read_[s] = write_[s] = os::invalid_handle;
+        }
+    }
+    OutputPump& pump_;
+    std::uint64_t id_ = 0;
+    os::handle_t read_[2] = {os::invalid_handle, os::invalid_handle};
+    os::handle_t write_[2] = {os::invalid_handle, os::invalid_handle};
+    bool committed_ = false;
+};
+
+/// In a spawn or fork-server child, reading BOOT: the counterpart of
+/// OutputCapture::encode.  The handles belong to BOOT (closed with it).
+void adopt_forwarded_output(Decoder& d) {
+    bool forward = d.read<bool>();
+    if (!forward) return;
+    std::uint32_t out = 0, err = 0;
+    d(out, err);
+    os::redirect_standard_output(d.handle(out), d.handle(err));
+}
+
+}  // namespace
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/process_output.cpp
 // ---- begin part: mpservice/impl/process_child.cpp ---------------------------
 // process_child: the child side - reads its BOOT frame, runs the target,
 // reports the outcome (VALUE or EXCEPTION, then END) and exits.
@@ -7335,6 +7662,7 @@ enum class ChildKind { spawned, forkserver_worker };
           parent_pid, daemon, log_level);
         (void)daemon;
         set_log_level_from_parent(static_cast<Level>(log_level));
+        adopt_forwarded_output(d);
         target.offset = static_cast<std::uintptr_t>(target_off);
         tramp.offset = static_cast<std::uintptr_t>(tramp_off);
         adopt_child_identity(name, identity, parent_name, static_cast<long>(parent_pid));
@@ -7426,6 +7754,8 @@ public:
     std::vector<std::shared_ptr<ProcessCore>> live();
     bool on_reactor_thread() const { return std::this_thread::get_id() == thread_id_; }
     bool owned_by_this_process() const { return owner_pid_ == os::current_pid(); }
+    /// The readers of children's forwarded output (process_output.cpp).
+    OutputPump& output() { return output_; }
 
 private:
     Reactor();
@@ -7440,6 +7770,8 @@ private:
     std::shared_ptr<ProcessCore> find(std::uint64_t id);
 
     static constexpr std::uint64_t tag_channel = 0, tag_pidfd = 1, tag_wake = 2, tag_server = 3;
+    static constexpr std::uint64_t token_output = 1 << 2 | tag_wake;  // output_'s poller (id 1 of tag_wake)
+    OutputPump output_;
 
     os::handle_t poller_ = os::invalid_handle;
     os::handle_t wake_ = os::invalid_handle;
@@ -7496,6 +7828,7 @@ Reactor::Reactor() : owner_pid_(os::current_pid()) {
     poller_ = os::poller_create();
     wake_ = os::wake_event_create();
     os::poller_add(poller_, wake_, tag_wake);
+    os::poller_add(poller_, output_.poller(), token_output);
     std::thread t([this] {
         os::current_thread_stack(&stack_low_, &stack_size_);
         loop();
@@ -7592,7 +7925,9 @@ void Reactor::loop() {
         for (int i = 0; i < n; ++i) {
             std::uint64_t tag = tokens[i] & 3, id = tokens[i] >> 2;
             try {
-                if (tag == tag_wake) {
+                if (tokens[i] == token_output) {
+                    output_.on_ready();
+                } else if (tag == tag_wake) {
                     os::wake_event_drain(wake_);
                     {
                         std::lock_guard<std::mutex> lk(mutex_);
@@ -7756,6 +8091,7 @@ void Reactor::on_exit(const std::shared_ptr<ProcessCore>& core, int code) {
 
 void Reactor::finish(const std::shared_ptr<ProcessCore>& core, int code) {
     auto& io = *core->io_;
+    output_.drain_for(core.get(), core->pid_);  // the child's last lines before its outcome
     io.finished = true;
     if (!io.eof) os::poller_remove(poller_, io.channel);
     {
@@ -7979,7 +8315,8 @@ void test_corrupt_next_fingerprint() noexcept { rt().corrupt_next_fingerprint = 
 void test_set_initialized(bool initialized) noexcept { rt().initialized = initialized; }
 
 namespace {
-std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::vector<os::handle_t>& handles) {
+std::string boot_payload(const ProcessCore& core, const ChildTask& task, const OutputCapture& output,
+                         std::vector<os::handle_t>& handles) {
     os::ModuleAddress target, tramp;
     if (!os::module_address(task.target, target) ||
         !os::module_address(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(task.trampoline)), tramp))
@@ -7990,6 +8327,7 @@ std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::ve
     e(protocol_version, target.module, static_cast<std::uint64_t>(target.offset), target_fp, tramp.module,
       static_cast<std::uint64_t>(tramp.offset), tramp_fp, core.name, core.identity_, process_name(),
       static_cast<std::int64_t>(os::current_pid()), core.daemon(), static_cast<std::int32_t>(log_level()));
+    output.encode(e);
     task.encode_args(e);
     handles = e.handles();
     return std::move(e.bytes());
@@ -8014,7 +8352,8 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
 
     std::vector<os::handle_t> boot_handles;
     std::string boot;
-    if (method_ != StartMethod::fork) boot = boot_payload(*this, *task, boot_handles);  // encode errors throw here
+    OutputCapture output(reactor.output(), *this, forward_output_);
+    if (method_ != StartMethod::fork) boot = boot_payload(*this, *task, output, boot_handles);  // encode errors throw here
 
     os::handle_t parent_end, child_end;
     os::channel_pair(parent_end, child_end);
@@ -8068,7 +8407,10 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
                 ChildTask& t = *task;
                 pid = reactor.on_long_lived_thread([&] {
                     long p = os::fork_process();
-                    if (p == 0) run_forked_child(child_end, parent_end, t, name, identity_, parent, level);
+                    if (p == 0) {
+                        output.redirect_in_forked_child();
+                        run_forked_child(child_end, parent_end, t, name, identity_, parent, level);
+                    }
                     return p;
                 });
                 os::close_handle(child_end);
@@ -8092,6 +8434,7 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     // A child that died before reading this shows up as its exit status.
     if (method_ != StartMethod::fork && !boot_sent) write_frame(parent_end, frame_boot, boot, boot_handles);
     if (method_ != StartMethod::forkserver) reactor.add(shared_from_this());
+    output.commit(pid);  // the child has the pipes' write ends now (BOOT was sent)
     io.task = std::move(task);  // the encoded arguments may still refer to it until here
 }
 

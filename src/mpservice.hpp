@@ -43,6 +43,7 @@
 #include "mpservice/impl/logging.cpp"
 #include "mpservice/impl/process_wire.cpp"
 #include "mpservice/impl/process_runtime.cpp"
+#include "mpservice/impl/process_output.cpp"
 #include "mpservice/impl/process_child.cpp"
 #include "mpservice/impl/process_reactor.cpp"
 #include "mpservice/impl/process_fork.cpp"

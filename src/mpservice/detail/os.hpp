@@ -332,8 +332,9 @@ MPSERVICE_API void output_pipe(handle_t& read_end, handle_t& write_end);
 /// stream (every write end closed), -1 if nothing is there now.
 MPSERVICE_API long pipe_read(handle_t h, void* buf, std::size_t cap) noexcept;
 /// Makes `out` this process's standard output and `err` its standard error
-/// (descriptors 1 and 2, inherited by programs it starts), closes the two
-/// handles, and makes stdout line-buffered as it would be on a terminal.
+/// (descriptors 1 and 2, inherited by programs it starts; the two handles stay
+/// open for the caller to close), and makes stdout line-buffered as it would
+/// be on a terminal.
 MPSERVICE_API void redirect_standard_output(handle_t out, handle_t err);
 
 }  // namespace mpservice::detail::os

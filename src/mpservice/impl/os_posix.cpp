@@ -960,11 +960,12 @@ void redirect_standard_output(handle_t out, handle_t err) {
     // dup2 clears close-on-exec on the new descriptors: programs this process
     // execs write into the same pipes.
     if (::dup2(out, STDOUT_FILENO) < 0 || ::dup2(err, STDERR_FILENO) < 0) throw_errno("mpservice: dup2");
-    if (out != STDOUT_FILENO && out != STDERR_FILENO) ::close(out);
-    if (err != STDOUT_FILENO && err != STDERR_FILENO && err != out) ::close(err);
     // A pipe would make stdout fully buffered: lines would reach the parent
-    // late, and be lost if the process is killed.
-    std::setvbuf(stdout, nullptr, _IOLBF, BUFSIZ);
+    // late, and be lost if the process is killed.  The buffer is given
+    // explicitly: glibc ignores a mode change without one on a stream that was
+    // used already (a forked child's stdout).
+    static char line_buffer[BUFSIZ];
+    std::setvbuf(stdout, line_buffer, _IOLBF, sizeof line_buffer);
 }
 
 }  // namespace mpservice::detail::os

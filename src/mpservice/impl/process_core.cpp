@@ -40,7 +40,8 @@ void test_corrupt_next_fingerprint() noexcept { rt().corrupt_next_fingerprint = 
 void test_set_initialized(bool initialized) noexcept { rt().initialized = initialized; }
 
 namespace {
-std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::vector<os::handle_t>& handles) {
+std::string boot_payload(const ProcessCore& core, const ChildTask& task, const OutputCapture& output,
+                         std::vector<os::handle_t>& handles) {
     os::ModuleAddress target, tramp;
     if (!os::module_address(task.target, target) ||
         !os::module_address(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(task.trampoline)), tramp))
@@ -51,6 +52,7 @@ std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::ve
     e(protocol_version, target.module, static_cast<std::uint64_t>(target.offset), target_fp, tramp.module,
       static_cast<std::uint64_t>(tramp.offset), tramp_fp, core.name, core.identity_, process_name(),
       static_cast<std::int64_t>(os::current_pid()), core.daemon(), static_cast<std::int32_t>(log_level()));
+    output.encode(e);
     task.encode_args(e);
     handles = e.handles();
     return std::move(e.bytes());
@@ -75,7 +77,8 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
 
     std::vector<os::handle_t> boot_handles;
     std::string boot;
-    if (method_ != StartMethod::fork) boot = boot_payload(*this, *task, boot_handles);  // encode errors throw here
+    OutputCapture output(reactor.output(), *this, forward_output_);
+    if (method_ != StartMethod::fork) boot = boot_payload(*this, *task, output, boot_handles);  // encode errors throw here
 
     os::handle_t parent_end, child_end;
     os::channel_pair(parent_end, child_end);
@@ -129,7 +132,10 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
                 ChildTask& t = *task;
                 pid = reactor.on_long_lived_thread([&] {
                     long p = os::fork_process();
-                    if (p == 0) run_forked_child(child_end, parent_end, t, name, identity_, parent, level);
+                    if (p == 0) {
+                        output.redirect_in_forked_child();
+                        run_forked_child(child_end, parent_end, t, name, identity_, parent, level);
+                    }
                     return p;
                 });
                 os::close_handle(child_end);
@@ -153,6 +159,7 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     // A child that died before reading this shows up as its exit status.
     if (method_ != StartMethod::fork && !boot_sent) write_frame(parent_end, frame_boot, boot, boot_handles);
     if (method_ != StartMethod::forkserver) reactor.add(shared_from_this());
+    output.commit(pid);  // the child has the pipes' write ends now (BOOT was sent)
     io.task = std::move(task);  // the encoded arguments may still refer to it until here
 }
 
