@@ -10156,7 +10156,10 @@ os::handle_t ConnectionCore::handle() const noexcept { return impl_->fd(); }
 os::handle_t ConnectionCore::handle_to_pass() const {
     Impl& s = *impl_;
     if (closed()) throw std::invalid_argument("mpservice: cannot pass a closed Connection to another process");
-    std::lock_guard<std::timed_mutex> lk(s.recv_mutex);
+    std::unique_lock<std::timed_mutex> lk(s.recv_mutex, std::defer_lock);
+    if (!lk.try_lock_for(std::chrono::seconds(1)))
+        throw std::invalid_argument(
+            "mpservice: cannot pass a Connection end to another process while a thread of this one receives on it");
     if (s.buffered() > 0 || !s.handles.empty())
         throw std::invalid_argument(
             "mpservice: this Connection end holds received data that recv() has not taken yet (after poll or "
