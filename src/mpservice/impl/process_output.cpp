@@ -59,16 +59,33 @@ public:
         e.streams[1].fd = err_read;
         return id;
     }
-    /// The child runs as `pid`: start reading its pipes.
+    /// The child runs as `pid` and the parent has closed its write ends:
+    /// start reading the pipes.
     void arm(std::uint64_t id, long pid) {
-        std::lock_guard<std::mutex> lk(mutex_);
-        auto it = entries_.find(id);
-        if (it == entries_.end()) return;
-        Entry& e = it->second;
-        if (!e.pid) e.pid = pid;
-        for (int s = 0; s < 2; ++s)
-            if (!e.streams[s].eof) os::poller_add(poller_, e.streams[s].fd, id << 1 | static_cast<unsigned>(s));
-        e.armed = true;
+        std::vector<Line> lines;
+        {
+            std::lock_guard<std::mutex> lk(mutex_);
+            auto it = entries_.find(id);
+            if (it == entries_.end()) return;
+            Entry& e = it->second;
+            if (!e.pid) e.pid = pid;
+            if (!e.key) {
+                // The child has ended already (drain_for ran before this): its
+                // pipes end now unless a grandchild holds them; close them here
+                // rather than later on the reactor thread.
+                for (int s = 0; s < 2; ++s) read_stream(e, s, lines);
+                if (e.streams[0].eof && e.streams[1].eof) {
+                    entries_.erase(it);
+                    it = entries_.end();
+                }
+            }
+            if (it != entries_.end()) {
+                for (int s = 0; s < 2; ++s)
+                    if (!e.streams[s].eof) os::poller_add(poller_, e.streams[s].fd, id << 1 | static_cast<unsigned>(s));
+                e.armed = true;
+            }
+        }
+        emit(lines);
     }
     /// The start failed: close the read ends, forget the child.
     void cancel(std::uint64_t id) noexcept {
