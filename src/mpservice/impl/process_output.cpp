@@ -228,7 +228,7 @@ private:
     }
 
     os::handle_t poller_;
-    std::vector<char> buf_;  // used on the reactor thread only
+    std::vector<char> buf_;  // read into under mutex_
     std::mutex mutex_;
     std::uint64_t next_id_ = 1;
     std::map<std::uint64_t, Entry> entries_;
