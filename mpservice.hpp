@@ -10104,7 +10104,12 @@ struct ConnectionCore::Impl {
     /// whether the end was closed meanwhile.
     bool lock_receiver(std::unique_lock<std::timed_mutex>& lk, os::Deadline deadline, const char* what) {
         for (;;) {
-            if (lk.try_lock_until(std::min(deadline, os::Clock::now() + close_check_interval))) {
+            // A slice on the system clock: the steady-clock form is made of
+            // pthread_mutex_clocklock, which ThreadSanitizer does not know;
+            // a clock jump can only lengthen or shorten one slice.
+            auto slice = std::min<os::Clock::duration>(deadline - os::Clock::now(), close_check_interval);
+            if (slice < slice.zero()) slice = slice.zero();
+            if (lk.try_lock_until(std::chrono::system_clock::now() + slice)) {
                 check_open(what);
                 return true;
             }
@@ -10174,7 +10179,7 @@ os::handle_t ConnectionCore::handle_to_pass() const {
     Impl& s = *impl_;
     if (closed()) throw std::invalid_argument("mpservice: cannot pass a closed Connection to another process");
     std::unique_lock<std::timed_mutex> lk(s.recv_mutex, std::defer_lock);
-    if (!lk.try_lock_for(std::chrono::seconds(1)))
+    if (!lk.try_lock_until(std::chrono::system_clock::now() + std::chrono::seconds(1)))
         throw std::invalid_argument(
             "mpservice: cannot pass a Connection end to another process while a thread of this one receives on it");
     if (s.buffered() > 0 || !s.handles.empty())
