@@ -2142,9 +2142,9 @@ MPSERVICE_API const Context& get_context(const std::string& method = "spawn");
 /// quota (rounded up); at least 1.
 MPSERVICE_API int cpu_count();
 
-/// The default of Process::set_forward_output for processes this process
-/// starts from now on (initially false: a child writes to the parent's own
-/// standard output and error directly, as a plain fork/exec does).
+/// The default of Process::set_forward_output for Process objects made from
+/// now on (initially false: a child writes to the parent's own standard output
+/// and error directly, as a plain fork/exec does).
 MPSERVICE_API void set_output_forwarding(bool forward) noexcept;
 MPSERVICE_API bool output_forwarding() noexcept;
 
