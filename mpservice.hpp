@@ -10035,10 +10035,11 @@ struct ConnectionCore::Impl {
             pos = 0;
         }
         if (cap - len < room_wanted) {
-            // Grow for the frame being received, but never by more than 64 MiB
-            // at a time: a corrupt size must not allocate what never arrives.
-            std::size_t grow = std::min(room_wanted, std::size_t(64) << 20);
-            std::size_t new_cap = std::max(len + grow, std::min(2 * cap, len + (std::size_t(64) << 20)));
+            // Grow for the frame being received, by at most 64 MiB or the bytes
+            // already here (so geometrically for a big message): a corrupt
+            // size must not allocate what never arrives.
+            std::size_t grow = std::min(room_wanted, std::max(std::size_t(64) << 20, len));
+            std::size_t new_cap = len + grow;
             std::unique_ptr<char[]> bigger(new char[new_cap]);
             if (len) std::memcpy(bigger.get(), buf.get(), len);
             buf = std::move(bigger);

@@ -175,6 +175,15 @@ TEST_CASE("round trips: numbers, strings, structs, vectors, 4 MiB, both directio
     echo.join();
 }
 
+TEST_CASE("a 96 MiB message is one message too") {
+    auto [a, b] = mp::Pipe<std::vector<std::uint32_t>>();
+    auto big = pattern(std::size_t(96) << 20, 3);
+    std::thread sender([&, &a = a] { a.send(big); });
+    auto got = b.recv(120s);
+    sender.join();
+    CHECK(got == big);
+}
+
 TEST_CASE("a one-way pipe: the first end receives, the second sends") {
     auto [r, w] = mp::Pipe<int>(false);
     CHECK(r.readable());
