@@ -129,6 +129,22 @@ public:
     using Error::Error;
 };
 
+/// recv() on a Connection whose other end is closed (every copy of it, in
+/// every process) with nothing left to receive - as Python's EOFError.
+class EOFError : public Error {
+public:
+    EOFError() : Error("connection: the other end is closed and nothing is left to receive") {}
+    using Error::Error;
+};
+
+/// send() on a Connection whose other end is closed (every copy of it, in
+/// every process): nobody can receive the item - as Python's BrokenPipeError.
+class BrokenPipeError : public Error {
+public:
+    BrokenPipeError() : Error("connection: the other end is closed; nothing can be sent") {}
+    using Error::Error;
+};
+
 }  // namespace mpservice
 // ---- end part: mpservice/public/errors.hpp
 // ---- begin part: mpservice/public/codec.hpp ---------------------------------
@@ -1574,6 +1590,43 @@ MPSERVICE_API std::size_t page_size() noexcept;
 /// pass of data through it does not pay a page fault per 4 KiB.  Best effort.
 MPSERVICE_API void shm_prefault(void* addr, std::size_t size) noexcept;
 
+// ---------------------------------------------------------------- (connection section)
+// Pipe/Connection (connection.hpp) use channel_pair's stream sockets with
+// non-blocking writes, so that a sender can also take in what its peer sends
+// while it waits for room, and a waiter can notice close() from another thread.
+
+/// Readiness bits of wait_io.
+inline constexpr unsigned io_readable = 1;  ///< data, end of stream or an error: a read will not block
+inline constexpr unsigned io_writable = 2;  ///< room, or the peer is gone: a write will not block
+/// Writes what the socket takes now of `a` then `b`, without waiting; `handles`
+/// ride on the first byte written (pass them only with a message's first
+/// bytes).  Returns the bytes written, 0 when there is no room (nothing was
+/// written, handles not sent), -1 when the peer is gone (no SIGPIPE is raised);
+/// throws std::system_error on other errors.
+MPSERVICE_API long channel_write_some(handle_t ch, const void* a, std::size_t na, const void* b, std::size_t nb,
+                                      const handle_t* handles = nullptr, std::size_t nhandles = 0);
+/// Waits until `h` is ready for one of `want` (io_readable | io_writable) or
+/// `timeout_ms` passes (-1 = forever); returns the ready bits (0 on timeout).
+MPSERVICE_API unsigned wait_io(handle_t h, unsigned want, int timeout_ms);
+/// Waits until one of the `n` handles (any number) is readable or `timeout_ms`
+/// passes; sets ready[i] to 1 for the readable ones and returns their number.
+MPSERVICE_API std::size_t wait_readable_any(const handle_t* hs, std::size_t n, int timeout_ms, unsigned char* ready);
+
+// ---------------------------------------------------------------- (output forwarding section)
+// A child's standard output and error can go through pipes that the parent's
+// reactor reads (Process::set_forward_output).
+
+/// A pipe: {read end (non-blocking), write end (blocking)}, both close-on-exec.
+MPSERVICE_API void output_pipe(handle_t& read_end, handle_t& write_end);
+/// Reads what is in a pipe without waiting: the byte count, 0 at end of
+/// stream (every write end closed), -1 if nothing is there now.
+MPSERVICE_API long pipe_read(handle_t h, void* buf, std::size_t cap) noexcept;
+/// Makes `out` this process's standard output and `err` its standard error
+/// (descriptors 1 and 2, inherited by programs it starts; the two handles stay
+/// open for the caller to close), and makes stdout line-buffered as it would
+/// be on a terminal.
+MPSERVICE_API void redirect_standard_output(handle_t out, handle_t err);
+
 }  // namespace mpservice::detail::os
 // ---- end part: mpservice/detail/os.hpp
 // ---- begin part: mpservice/detail/shm.hpp -----------------------------------
@@ -2430,6 +2483,12 @@ MPSERVICE_API const Context& get_context(const std::string& method = "spawn");
 /// quota (rounded up); at least 1.
 MPSERVICE_API int cpu_count();
 
+/// The default of Process::set_forward_output for Process objects made from
+/// now on (initially false: a child writes to the parent's own standard output
+/// and error directly, as a plain fork/exec does).
+MPSERVICE_API void set_output_forwarding(bool forward) noexcept;
+MPSERVICE_API bool output_forwarding() noexcept;
+
 /// A process as current_process() and friends describe it.
 struct ProcessInfo {
     std::string name;  ///< "MainProcess", or the Process's name in a child
@@ -2588,6 +2647,7 @@ public:
     std::string value_bytes_;
     std::vector<os::handle_t> value_handles_;
     std::string identity_;  // "3", or "1:3" in a child: numbers the default name
+    bool forward_output_ = output_forwarding();  // Process::set_forward_output
     std::unique_ptr<Io> io_;
 };
 
@@ -2684,6 +2744,16 @@ public:
     /// Marks the child as a daemon (before start): it is terminated, not
     /// waited for, when its Process is destroyed or the parent exits.
     void set_daemon(bool daemon) { state().set_daemon(daemon); }
+    /// Sends the child's standard output and error through the parent's log
+    /// path (before start): each line becomes a record of logger "stdout"
+    /// (Level::info) or "stderr" (Level::warning) tagged with the child's name
+    /// and pid, so lines of many children never mix.  Default: output_forwarding()
+    /// at the time this Process was made.
+    void set_forward_output(bool forward) {
+        if (state().started()) throw InvalidStateError("mpservice: set_forward_output() after start()");
+        state().forward_output_ = forward;
+    }
+    bool forward_output() const { return state().forward_output_; }
 
 private:
     Core& state() const { return static_cast<Core&>(*core_); }
@@ -4616,6 +4686,351 @@ struct Codec<SimpleQueue<T>> {
 
 }  // namespace mpservice
 // ---- end part: mpservice/public/queues.hpp
+// ---- begin part: mpservice/public/connection.hpp ----------------------------
+// connection: Pipe<T>() and Connection<T>, Python's multiprocessing.Pipe with types.
+//
+//     auto [parent_end, child_end] = mp::Pipe<std::string>();
+//     mp::Process p(talk, child_end);          // the child gets the same end
+//     p.start();
+//     child_end.close();                        // the parent's copy: now the child's is the only one
+//     parent_end.send("ping");
+//     std::string reply = parent_end.recv();   // waits; EOFError once the child's end is closed
+//     if (parent_end.poll(50ms)) ...           // a recv() now would not block
+//
+// The two ends are the two sides of a Unix stream socket.  A message is a
+// length-prefixed frame (any size: a 4 MiB vector is one message); items are
+// any type the codec carries, including library handles (a Queue, a Lock, a
+// Connection), whose descriptors ride beside the bytes.  Pipe<T>(false) makes a
+// one-way pipe as Python does: the first end only receives, the second only
+// sends.
+//
+// An end is a handle: copies refer to the same end, and an end passed as a
+// Process argument reaches the child as the same socket (its descriptor
+// travels with the arguments, under every context).  The socket stays open
+// while any copy in any process holds it, so, as in Python, close the copy of
+// the child's end that the parent keeps after start() - otherwise the parent
+// never sees EOF when the child is done.  (Under the fork context the child
+// inherits every descriptor of the parent, the parent's ends too.)
+//
+// Ends of the pipe:
+//   - recv() waits for a message; EOFError once the other end is closed (in
+//     every process, including by the death of its process) and nothing is left.
+//     recv(timeout) throws TimeoutError; try_recv(timeout) returns
+//     std::nullopt instead (at end of stream it throws EOFError too: an ended
+//     stream is not an empty one).  A peer that dies in the middle of a message
+//     is an EOFError saying so.
+//   - A message that does not decode as T (garbage sent with send_bytes, a
+//     different T on the other side) throws DecodeError; that message is
+//     consumed and dropped, the connection stays usable.  Bytes that are not
+//     frames at all (written to fileno() by hand) break the framing: every
+//     later recv throws DecodeError.
+//   - send() waits until the socket has taken all the bytes, which may mean
+//     until the peer receives; BrokenPipeError when the peer is closed.  While
+//     a send waits for room it takes in whatever the peer sends meanwhile (kept
+//     for recv), so two sides sending large messages to each other at once both
+//     finish - in Python they deadlock.
+//   - Threads: sends from several threads are serialized (messages never
+//     interleave), receives too (each gets whole messages); a send and a recv
+//     run at the same time.  close() from another thread wakes a blocked
+//     recv/send/poll within 100 ms, which then throws InvalidStateError.
+//   - poll(timeout) is true when recv() would not block: a whole message has
+//     arrived, or the end of the stream (then recv throws EOFError).
+//
+// connection_wait (Python's multiprocessing.connection.wait) waits on several
+// ends and processes at once and returns the ready ones.
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace mpservice {
+
+template <class T>
+class Connection;
+
+namespace detail {
+
+/// The untyped end of a pipe: its socket, what has arrived of the next
+/// messages, and the locks that serialize senders and receivers.
+class ConnectionCore {
+public:
+    enum Mode : unsigned { receives = 1, sends = 2, duplex = 3 };
+
+    /// A connected pair; one-way: `a` receives, `b` sends.
+    MPSERVICE_API static void make_pair(bool duplex, std::shared_ptr<ConnectionCore>& a,
+                                        std::shared_ptr<ConnectionCore>& b);
+    /// Takes ownership of `h`.
+    MPSERVICE_API ConnectionCore(os::handle_t h, unsigned mode);
+    MPSERVICE_API ~ConnectionCore();
+    ConnectionCore(const ConnectionCore&) = delete;
+    ConnectionCore& operator=(const ConnectionCore&) = delete;
+
+    /// Sends one message: `data` plus `handles` (kept open by the caller until this returns).
+    MPSERVICE_API void send(const void* data, std::size_t n, const os::handle_t* handles, std::size_t nhandles);
+
+    /// What receive() hands a message to.  It may throw: the message is consumed anyway.
+    using Consume = void (*)(void* context, const unsigned char* data, std::size_t n,
+                             const std::vector<os::handle_t>* handles);
+    /// Receives one message by `deadline`; false if none came.  EOFError at end of stream.
+    MPSERVICE_API bool receive(Consume consume, void* context, os::Deadline deadline);
+    /// Whether a receive would not block (a whole message, or the end), waiting until `deadline`.
+    MPSERVICE_API bool poll(os::Deadline deadline);
+    /// poll() without waiting, or false when another thread is receiving
+    /// (`busy` is then set): for connection_wait.
+    MPSERVICE_API bool ready_now(bool* busy);
+
+    MPSERVICE_API void close() noexcept;
+    MPSERVICE_API bool closed() const noexcept;
+    MPSERVICE_API unsigned mode() const noexcept;
+    /// The socket (invalid_handle after close()).
+    MPSERVICE_API os::handle_t handle() const noexcept;
+    /// The socket, to pass this end to another process; refuses a closed end
+    /// and one holding received bytes not yet taken by recv (the other process
+    /// would never see them).
+    MPSERVICE_API os::handle_t handle_to_pass() const;
+
+    struct Impl;
+
+private:
+    std::unique_ptr<Impl> impl_;
+};
+
+/// InvalidStateError for an operation on an end that was never connected.
+[[noreturn]] MPSERVICE_API void throw_unconnected(const char* what);
+/// TimeoutError for recv(timeout).
+[[noreturn]] MPSERVICE_API void throw_recv_timeout();
+
+/// Decodes a message as T into a std::optional<T> (the context).
+template <class T>
+void decode_message(void* context, const unsigned char* data, std::size_t n, const std::vector<os::handle_t>* handles) {
+    Decoder d(data, n, handles);
+    static_cast<std::optional<T>*>(context)->emplace(d.read<T>());
+    d.expect_end("connection message");
+}
+MPSERVICE_API void copy_message(void* context, const unsigned char* data, std::size_t n,
+                                const std::vector<os::handle_t>* handles);
+
+/// One entry of connection_wait: an end, or a process.
+struct WaitTarget {
+    ConnectionCore* connection = nullptr;
+    const ProcessCore* process = nullptr;
+};
+/// Positions (in `targets`) of the ready ones, in order; empty at the deadline.
+MPSERVICE_API std::vector<std::size_t> connection_wait_until(const std::vector<WaitTarget>& targets,
+                                                             os::Deadline deadline);
+
+}  // namespace detail
+
+/// One end of a Pipe (see the top of this part).  Copies refer to the same end.
+template <class T>
+class Connection {
+public:
+    /// An end that is not connected to anything: every operation throws InvalidStateError.
+    Connection() = default;
+
+    /// Sends `item` as one message (waits for room; BrokenPipeError if the peer is closed).
+    void send(const T& item) {
+        Encoder e;
+        e.write(item);
+        core("send").send(e.bytes().data(), e.bytes().size(), e.handles().data(), e.handles().size());
+    }
+    /// The next item, waiting as long as it takes; EOFError at end of stream.
+    T recv() { return *take(detail::os::no_deadline); }
+    /// The next item, waiting at most `timeout`; TimeoutError if none came.
+    template <class Rep, class Period>
+    T recv(std::chrono::duration<Rep, Period> timeout) {
+        auto v = take(detail::os::deadline_after(timeout));
+        if (!v) detail::throw_recv_timeout();
+        return std::move(*v);
+    }
+    /// The next item if one is there now, else std::nullopt (EOFError at end of stream).
+    std::optional<T> try_recv() { return take(detail::os::Clock::now()); }
+    /// The next item if one comes within `timeout`, else std::nullopt (EOFError at end of stream).
+    template <class Rep, class Period>
+    std::optional<T> try_recv(std::chrono::duration<Rep, Period> timeout) {
+        return take(detail::os::deadline_after(timeout));
+    }
+
+    /// Whether recv() would not block now (a whole message arrived, or the end of the stream).
+    bool poll() { return core("poll").poll(detail::os::Clock::now()); }
+    /// Whether recv() would not block, waiting at most `timeout` for it.
+    template <class Rep, class Period>
+    bool poll(std::chrono::duration<Rep, Period> timeout) {
+        return core("poll").poll(detail::os::deadline_after(timeout));
+    }
+
+    /// Sends raw bytes as one message (recv_bytes on the other side; not encoded).
+    void send_bytes(std::string_view bytes) { core("send_bytes").send(bytes.data(), bytes.size(), nullptr, 0); }
+    void send_bytes(const void* data, std::size_t n) { core("send_bytes").send(data, n, nullptr, 0); }
+    /// The next message's bytes as they were sent, whatever sent them; EOFError at end.
+    std::string recv_bytes() { return *take_bytes(detail::os::no_deadline); }
+    /// As recv_bytes(), but TimeoutError if nothing came within `timeout`.
+    template <class Rep, class Period>
+    std::string recv_bytes(std::chrono::duration<Rep, Period> timeout) {
+        auto v = take_bytes(detail::os::deadline_after(timeout));
+        if (!v) detail::throw_recv_timeout();
+        return std::move(*v);
+    }
+
+    /// Closes this end for this process (every copy here); other processes'
+    /// copies stay open.  The peer sees EOF once no process holds this end.
+    void close() noexcept {
+        if (core_) core_->close();
+    }
+    /// Closed by close(), or never connected.
+    bool closed() const noexcept { return !core_ || core_->closed(); }
+    /// Whether this end receives / sends (a one-way pipe's ends do one each).
+    bool readable() const noexcept { return core_ && (core_->mode() & detail::ConnectionCore::receives); }
+    bool writable() const noexcept { return core_ && (core_->mode() & detail::ConnectionCore::sends); }
+    /// The socket's descriptor (as Python's fileno()); invalid_handle once closed.
+    detail::os::handle_t fileno() const noexcept { return core_ ? core_->handle() : detail::os::invalid_handle; }
+
+    /// Whether two handles refer to the same end.
+    friend bool operator==(const Connection& a, const Connection& b) noexcept { return a.core_ == b.core_; }
+    friend bool operator!=(const Connection& a, const Connection& b) noexcept { return a.core_ != b.core_; }
+
+    /// The untyped end (for connection_wait).
+    detail::ConnectionCore* core_ptr() const noexcept { return core_.get(); }
+
+private:
+    explicit Connection(std::shared_ptr<detail::ConnectionCore> core) : core_(std::move(core)) {}
+    detail::ConnectionCore& core(const char* what) const {
+        if (!core_) detail::throw_unconnected(what);
+        return *core_;
+    }
+    std::optional<T> take(detail::os::Deadline deadline) {
+        std::optional<T> out;
+        core("recv").receive(&detail::decode_message<T>, &out, deadline);
+        return out;
+    }
+    std::optional<std::string> take_bytes(detail::os::Deadline deadline) {
+        std::optional<std::string> out;
+        core("recv_bytes").receive(&detail::copy_message, &out, deadline);
+        return out;
+    }
+
+    std::shared_ptr<detail::ConnectionCore> core_;
+
+    template <class U>
+    friend std::pair<Connection<U>, Connection<U>> Pipe(bool duplex);
+    friend struct Codec<Connection<T>>;
+};
+
+/// A connected pair of ends (Python's Pipe(duplex)).  duplex: both ends send
+/// and receive; otherwise the first end only receives and the second only sends.
+template <class T>
+std::pair<Connection<T>, Connection<T>> Pipe(bool duplex = true) {
+    std::shared_ptr<detail::ConnectionCore> a, b;
+    detail::ConnectionCore::make_pair(duplex, a, b);
+    return {Connection<T>(std::move(a)), Connection<T>(std::move(b))};
+}
+
+/// An end travels as its socket (a descriptor beside the bytes) and its mode.
+template <class T>
+struct Codec<Connection<T>> {
+    static void encode(Encoder& e, const Connection<T>& c) {
+        if (!c.core_) throw std::invalid_argument("mpservice: cannot pass a Connection that is not connected");
+        std::uint8_t mode = static_cast<std::uint8_t>(c.core_->mode());
+        std::uint32_t index = e.attach(c.core_->handle_to_pass());
+        e(mode, index);
+    }
+    static Connection<T> decode(Decoder& d) {
+        std::uint8_t mode = 0;
+        std::uint32_t index = 0;
+        d(mode, index);
+        if (mode < 1 || mode > 3) throw DecodeError("decode: connection mode " + std::to_string(mode) + " is not 1, 2 or 3");
+        detail::os::handle_t h = detail::os::duplicate_handle(d.handle(index));  // the channel keeps its own
+        return Connection<T>(std::make_shared<detail::ConnectionCore>(h, mode));
+    }
+    static constexpr std::size_t min_encoded_size() { return 5; }
+};
+
+class Waitable;
+/// connection_wait with an absolute deadline (the other overloads call it).
+inline std::vector<Waitable> connection_wait_at(const std::vector<Waitable>& objects, detail::os::Deadline deadline);
+
+/// One thing connection_wait watches: a Connection end (ready when recv()
+/// would not block: a whole message has arrived, or the other end is closed)
+/// or a started Process (ready when it has ended, as done() says).
+class Waitable {
+public:
+    template <class T>
+    Waitable(const Connection<T>* c) : object_(c), target_{c ? c->core_ptr() : nullptr, nullptr} {
+        if (!c || !c->core_ptr()) detail::throw_unconnected("connection_wait");
+    }
+    template <class R>
+    Waitable(const Process<R>* p)
+        : object_(p), target_{nullptr, p ? &static_cast<const detail::ProcessCore&>(p->core()) : nullptr} {}
+
+    /// The position of this entry in the list given to connection_wait.
+    std::size_t index() const noexcept { return index_; }
+    /// Whether this entry is `object` (the Connection or Process passed).
+    bool is(const void* object) const noexcept { return object_ == object; }
+    const detail::WaitTarget& target() const noexcept { return target_; }
+
+private:
+    const void* object_;
+    detail::WaitTarget target_;
+    std::size_t index_ = 0;
+    friend std::vector<Waitable> connection_wait_at(const std::vector<Waitable>&, detail::os::Deadline);
+};
+
+inline std::vector<Waitable> connection_wait_at(const std::vector<Waitable>& objects, detail::os::Deadline deadline) {
+    std::vector<detail::WaitTarget> targets;
+    targets.reserve(objects.size());
+    for (const Waitable& w : objects) targets.push_back(w.target());
+    std::vector<Waitable> ready;
+    for (std::size_t i : detail::connection_wait_until(targets, deadline)) {
+        ready.push_back(objects[i]);
+        ready.back().index_ = i;
+    }
+    return ready;
+}
+
+/// Waits until at least one of `objects` is ready and returns the ready ones,
+/// in the order given (Python's multiprocessing.connection.wait):
+///     for (const mp::Waitable& w : mp::connection_wait({&a, &b, &proc})) ... w.index() / w.is(&a)
+/// A closed end, a send-only end or a process never started is an InvalidStateError.
+inline std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects) {
+    return connection_wait_at(objects, detail::os::no_deadline);
+}
+/// As above, waiting at most `timeout`; empty if nothing was ready by then.
+template <class Rep, class Period>
+std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects, std::chrono::duration<Rep, Period> timeout) {
+    return connection_wait_at(objects, detail::os::deadline_after(timeout));
+}
+
+namespace detail {
+template <class T>
+std::vector<Connection<T>*> connection_wait_typed(const std::vector<Connection<T>*>& connections,
+                                                  os::Deadline deadline) {
+    std::vector<Waitable> objects(connections.begin(), connections.end());
+    std::vector<Connection<T>*> ready;
+    for (const Waitable& w : connection_wait_at(objects, deadline)) ready.push_back(connections[w.index()]);
+    return ready;
+}
+}  // namespace detail
+
+/// The typed form for ends of one type: returns the ready ends themselves.
+///     for (mp::Connection<int>* c : mp::connection_wait(readers, 5s)) total += c->recv();
+template <class T>
+std::vector<Connection<T>*> connection_wait(const std::vector<Connection<T>*>& connections) {
+    return detail::connection_wait_typed(connections, detail::os::no_deadline);
+}
+template <class T, class Rep, class Period>
+std::vector<Connection<T>*> connection_wait(const std::vector<Connection<T>*>& connections,
+                                            std::chrono::duration<Rep, Period> timeout) {
+    return detail::connection_wait_typed(connections, detail::os::deadline_after(timeout));
+}
+
+}  // namespace mpservice
+// ---- end part: mpservice/public/connection.hpp
 
 #endif  // MPSERVICE_HPP_INCLUDED
 
@@ -5693,6 +6108,102 @@ void shm_prefault(void* addr, std::size_t size) noexcept {
     (void)addr;
     (void)size;
 #endif
+}
+
+// ---------------------------------------------------------------- (connection section)
+
+long channel_write_some(handle_t ch, const void* a, std::size_t na, const void* b, std::size_t nb,
+                        const handle_t* handles, std::size_t nhandles) {
+    if (nhandles > max_handles_per_message)
+        throw std::invalid_argument("mpservice: more than 253 OS handles in one message");
+    if (na + nb == 0) return 0;
+    iovec iov[2] = {{const_cast<void*>(a), na}, {const_cast<void*>(b), nb}};
+    msghdr msg{};
+    msg.msg_iov = na ? iov : iov + 1;
+    msg.msg_iovlen = na ? 2 : 1;
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * max_handles_per_message)];
+    if (nhandles > 0) {
+        std::memset(control, 0, sizeof control);
+        msg.msg_control = control;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * nhandles);
+        cmsghdr* c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * nhandles);
+        std::memcpy(CMSG_DATA(c), handles, sizeof(int) * nhandles);
+    }
+    for (;;) {
+        ssize_t n = ::sendmsg(ch, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n >= 0) return static_cast<long>(n);
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+        if (errno == EPIPE || errno == ECONNRESET) return -1;
+        throw_errno("mpservice: sendmsg");
+    }
+}
+
+unsigned wait_io(handle_t h, unsigned want, int timeout_ms) {
+    pollfd p{h, 0, 0};
+    if (want & io_readable) p.events |= POLLIN;
+    if (want & io_writable) p.events |= POLLOUT;
+    int rc;
+    do rc = ::poll(&p, 1, timeout_ms);
+    while (rc < 0 && errno == EINTR);
+    if (rc <= 0) return 0;
+    unsigned got = 0;
+    // An error or hang-up makes both a read and a write return at once.
+    bool failed = (p.revents & (POLLERR | POLLHUP | POLLNVAL)) != 0;
+    if ((want & io_readable) && ((p.revents & POLLIN) || failed)) got |= io_readable;
+    if ((want & io_writable) && ((p.revents & POLLOUT) || failed)) got |= io_writable;
+    return got;
+}
+
+std::size_t wait_readable_any(const handle_t* hs, std::size_t n, int timeout_ms, unsigned char* ready) {
+    std::vector<pollfd> p(n);
+    for (std::size_t i = 0; i < n; ++i) p[i] = pollfd{hs[i], POLLIN, 0};
+    int rc;
+    do rc = ::poll(p.data(), static_cast<nfds_t>(n), timeout_ms);
+    while (rc < 0 && errno == EINTR);
+    std::size_t count = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        ready[i] = rc > 0 && p[i].revents != 0;
+        count += ready[i];
+    }
+    return count;
+}
+
+// ---------------------------------------------------------------- (output forwarding section)
+
+void output_pipe(handle_t& read_end, handle_t& write_end) {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) throw_errno("mpservice: pipe2");
+    ::fcntl(fds[0], F_SETFL, ::fcntl(fds[0], F_GETFL) | O_NONBLOCK);
+    read_end = fds[0];
+    write_end = fds[1];
+}
+
+long pipe_read(handle_t h, void* buf, std::size_t cap) noexcept {
+    for (;;) {
+        ssize_t n = ::read(h, buf, cap);
+        if (n >= 0) return static_cast<long>(n);
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return -1;
+        return 0;  // a broken pipe reads as its end
+    }
+}
+
+void redirect_standard_output(handle_t out, handle_t err) {
+    std::fflush(stdout);
+    std::fflush(stderr);
+    // dup2 clears close-on-exec on the new descriptors: programs this process
+    // execs write into the same pipes.
+    if (::dup2(out, STDOUT_FILENO) < 0 || ::dup2(err, STDERR_FILENO) < 0) throw_errno("mpservice: dup2");
+    // A pipe would make stdout fully buffered: lines would reach the parent
+    // late, and be lost if the process is killed.  The buffer is given
+    // explicitly: glibc ignores a mode change without one on a stream that was
+    // used already (a forked child's stdout).
+    static char line_buffer[BUFSIZ];
+    std::setvbuf(stdout, line_buffer, _IOLBF, sizeof line_buffer);
 }
 
 }  // namespace mpservice::detail::os
@@ -7474,6 +7985,331 @@ std::string describe(const std::string& name, long pid) {
 }  // namespace detail
 }  // namespace mpservice
 // ---- end part: mpservice/impl/process_runtime.cpp
+// ---- begin part: mpservice/impl/process_output.cpp --------------------------
+// process_output: a child's standard output and error forwarded through the
+// parent's log path (Process::set_forward_output, set_output_forwarding).
+//
+// The parent makes two pipes per forwarding child.  The child's descriptors 1
+// and 2 become their write ends (a spawn or fork-server child receives them
+// with BOOT, a forked child dup2s them right after fork), so the programs the
+// child execs write into them too.  The parent's reactor thread reads the read
+// ends - they sit in one epoll set of their own, which the reactor's poller
+// watches - splits the bytes into lines and hands each line to
+// handle_log_record as a record of logger "stdout" or "stderr" carrying the
+// child's name and pid.  One pipe per child and stream: lines of different
+// children cannot mix, and a line becomes a record only once its '\n' has
+// arrived (or its stream has ended).
+//
+// Nothing is lost at exit: when the child has ended, the reactor reads both
+// pipes dry before it resolves the Process (everything the child wrote is in
+// them by then), so join() returns after its lines were handled.  The read
+// ends stay watched until every writer is gone - a grandchild that inherited
+// descriptor 1 may write after the child has ended; its lines carry the
+// child's name - and are closed at end of stream.
+
+#include <atomic>
+#include <map>
+#include <mutex>
+
+namespace mpservice {
+
+namespace {
+std::atomic<bool> g_output_forwarding{false};
+}  // namespace
+
+void set_output_forwarding(bool forward) noexcept { g_output_forwarding.store(forward, std::memory_order_relaxed); }
+bool output_forwarding() noexcept { return g_output_forwarding.load(std::memory_order_relaxed); }
+
+namespace detail {
+namespace {
+
+/// The parent's readers of forwarded output (owned by the reactor).
+class OutputPump {
+public:
+    /// A line longer than this is passed on in pieces of this size.
+    static constexpr std::size_t max_line = std::size_t(1) << 20;
+
+    OutputPump() : poller_(os::poller_create()), buf_(1 << 16) {}
+    OutputPump(const OutputPump&) = delete;
+    OutputPump& operator=(const OutputPump&) = delete;
+    /// Readable when a pipe has data (the reactor's poller watches it).
+    os::handle_t poller() const noexcept { return poller_; }
+
+    /// Takes the read ends of a child about to start (not read until arm);
+    /// `key` names the child for drain_for.
+    std::uint64_t open(const void* key, const std::string& name, os::handle_t out_read, os::handle_t err_read) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        std::uint64_t id = next_id_++;
+        Entry& e = entries_[id];
+        e.key = key;
+        e.name = name;
+        e.streams[0].fd = out_read;
+        e.streams[1].fd = err_read;
+        return id;
+    }
+    /// The child runs as `pid` and the parent has closed its write ends:
+    /// start reading the pipes.
+    void arm(std::uint64_t id, long pid) {
+        std::vector<Line> lines;
+        {
+            std::lock_guard<std::mutex> lk(mutex_);
+            auto it = entries_.find(id);
+            if (it == entries_.end()) return;
+            Entry& e = it->second;
+            if (!e.pid) e.pid = pid;
+            if (!e.key) {
+                // The child has ended already (drain_for ran before this): its
+                // pipes end now unless a grandchild holds them; close them here
+                // rather than later on the reactor thread.
+                for (int s = 0; s < 2; ++s) read_stream(e, s, lines);
+                if (e.streams[0].eof && e.streams[1].eof) {
+                    entries_.erase(it);
+                    it = entries_.end();
+                }
+            }
+            if (it != entries_.end()) {
+                for (int s = 0; s < 2; ++s)
+                    if (!e.streams[s].eof) os::poller_add(poller_, e.streams[s].fd, id << 1 | static_cast<unsigned>(s));
+                e.armed = true;
+            }
+        }
+        emit(lines);
+    }
+    /// The start failed: close the read ends, forget the child.
+    void cancel(std::uint64_t id) noexcept {
+        std::lock_guard<std::mutex> lk(mutex_);
+        auto it = entries_.find(id);
+        if (it == entries_.end()) return;
+        close_entry(it->second);
+        entries_.erase(it);
+    }
+
+    /// On the reactor thread, when the child `key` has ended: hands on every
+    /// line it wrote (they are all in the pipes now).  Later writes (a
+    /// grandchild's) still come through on_ready.
+    void drain_for(const void* key, long pid) {
+        std::vector<Line> lines;
+        {
+            std::lock_guard<std::mutex> lk(mutex_);
+            for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+                Entry& e = it->second;
+                if (e.key != key) continue;
+                if (!e.pid) e.pid = pid;
+                for (int s = 0; s < 2; ++s) {
+                    read_stream(e, s, lines);
+                    // The child has ended: a last line without '\n' is complete too.
+                    Stream& st = e.streams[s];
+                    if (!st.partial.empty()) lines.push_back(Line{s, std::move(st.partial), e.name, e.pid});
+                    st.partial.clear();
+                }
+                e.key = nullptr;
+                if (e.streams[0].eof && e.streams[1].eof) entries_.erase(it);
+                break;
+            }
+        }
+        emit(lines);
+    }
+
+    /// On the reactor thread: some pipe is readable.
+    void on_ready() {
+        std::uint64_t tokens[64];
+        int n = os::poller_wait(poller_, tokens, 64, 0);
+        std::vector<Line> lines;
+        {
+            std::lock_guard<std::mutex> lk(mutex_);
+            for (int i = 0; i < n; ++i) {
+                std::uint64_t id = tokens[i] >> 1;
+                auto it = entries_.find(id);
+                if (it == entries_.end()) continue;
+                Entry& e = it->second;
+                read_stream(e, static_cast<int>(tokens[i] & 1), lines);
+                // Ended on both streams, and the child's own end was seen (or
+                // it will not be: drain_for finds no entry and has nothing to do).
+                if (e.streams[0].eof && e.streams[1].eof && !e.key) entries_.erase(it);
+            }
+        }
+        emit(lines);
+    }
+
+private:
+    struct Stream {
+        os::handle_t fd = os::invalid_handle;
+        std::string partial;       // bytes after the last '\n'
+        bool eof = false;
+    };
+    struct Entry {
+        const void* key = nullptr;  // the child's core until it has ended
+        std::string name;
+        long pid = 0;
+        bool armed = false;
+        Stream streams[2];  // stdout, stderr
+    };
+    struct Line {
+        int stream;
+        std::string text;
+        std::string name;
+        long pid;
+    };
+
+    void close_entry(Entry& e) noexcept {
+        for (auto& s : e.streams) {
+            if (e.armed && !s.eof) os::poller_remove(poller_, s.fd);
+            os::close_handle(s.fd);
+            s.fd = os::invalid_handle;
+            s.eof = true;
+        }
+    }
+
+    /// Reads stream `which` of `e` dry, appending its complete lines to `out`.
+    void read_stream(Entry& e, int which, std::vector<Line>& out) {
+        Stream& s = e.streams[which];
+        while (!s.eof) {
+            long n = os::pipe_read(s.fd, buf_.data(), buf_.size());
+            if (n < 0) return;  // nothing more now
+            if (n == 0) {
+                s.eof = true;
+                if (!s.partial.empty()) out.push_back(Line{which, std::move(s.partial), e.name, e.pid});
+                s.partial.clear();
+                if (e.armed) os::poller_remove(poller_, s.fd);
+                os::close_handle(s.fd);
+                s.fd = os::invalid_handle;
+                return;
+            }
+            split_lines(e, which, buf_.data(), static_cast<std::size_t>(n), out);
+        }
+    }
+
+    static void split_lines(Entry& e, int which, const char* data, std::size_t n, std::vector<Line>& out) {
+        std::string& partial = e.streams[which].partial;
+        std::size_t start = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+            if (data[i] != '\n') continue;
+            std::string text = std::move(partial);
+            partial.clear();
+            text.append(data + start, i - start);
+            out.push_back(Line{which, std::move(text), e.name, e.pid});
+            start = i + 1;
+        }
+        partial.append(data + start, n - start);
+        while (partial.size() >= max_line) {
+            out.push_back(Line{which, partial.substr(0, max_line), e.name, e.pid});
+            partial.erase(0, max_line);
+        }
+    }
+
+    /// Hands lines on as records (outside the lock: a handler may start processes).
+    static void emit(std::vector<Line>& lines) {
+        for (Line& l : lines) {
+            LogRecord r;
+            r.level = l.stream == 0 ? Level::info : Level::warning;
+            r.logger = l.stream == 0 ? "stdout" : "stderr";
+            r.message = std::move(l.text);
+            r.time = std::chrono::system_clock::now();
+            r.pid = l.pid;
+            r.process_name = std::move(l.name);
+            try {
+                handle_log_record(r);
+            } catch (...) {
+                // A failing handler must not cost the other lines or the child's outcome.
+            }
+        }
+    }
+
+    os::handle_t poller_;
+    std::vector<char> buf_;  // read into under mutex_
+    std::mutex mutex_;
+    std::uint64_t next_id_ = 1;
+    std::map<std::uint64_t, Entry> entries_;
+};
+
+/// The output pipes of one start(): made before the child, given to it, and
+/// handed to the pump once the child has them.  Destroyed uncommitted (the
+/// start failed), it closes everything.
+class OutputCapture {
+public:
+    OutputCapture(OutputPump& pump, const ProcessCore& core, bool forward) : pump_(pump) {
+        if (!forward) return;
+        try {
+            os::output_pipe(read_[0], write_[0]);
+            os::output_pipe(read_[1], write_[1]);
+        } catch (...) {
+            close_all_ends();
+            throw;
+        }
+        try {
+            id_ = pump_.open(&core, core.name, read_[0], read_[1]);  // the pump owns the read ends now
+        } catch (...) {
+            close_all_ends();
+            throw;
+        }
+    }
+    ~OutputCapture() {
+        if (!id_) return;
+        for (auto& w : write_) os::close_handle(w);
+        if (!committed_) pump_.cancel(id_);
+    }
+    OutputCapture(const OutputCapture&) = delete;
+    OutputCapture& operator=(const OutputCapture&) = delete;
+
+    /// BOOT's part: whether output is forwarded, and the two write ends.
+    void encode(Encoder& e) const {
+        e.write(id_ != 0);
+        if (id_) e(e.attach(write_[0]), e.attach(write_[1]));
+    }
+    /// In a forked child, right after fork: descriptors 1 and 2 become the pipes.
+    void redirect_in_forked_child() noexcept {
+        if (!id_) return;
+        try {
+            os::redirect_standard_output(write_[0], write_[1]);
+        } catch (...) {
+            os::exit_now(1);  // cannot happen short of a descriptor table in ruins
+        }
+        for (int s = 0; s < 2; ++s) {
+            os::close_handle(write_[s]);
+            os::close_handle(read_[s]);  // the parent's
+        }
+    }
+    /// The child holds the write ends (inherited, or sent with BOOT): close
+    /// ours, so the pipes end when the child's writers do; start reading.
+    void commit(long pid) {
+        if (!id_) return;
+        for (auto& w : write_) {
+            os::close_handle(w);
+            w = os::invalid_handle;
+        }
+        committed_ = true;
+        pump_.arm(id_, pid);
+    }
+
+private:
+    void close_all_ends() noexcept {
+        for (int s = 0; s < 2; ++s) {
+            os::close_handle(read_[s]);
+            os::close_handle(write_[s]);
+            read_[s] = write_[s] = os::invalid_handle;
+        }
+    }
+    OutputPump& pump_;
+    std::uint64_t id_ = 0;
+    os::handle_t read_[2] = {os::invalid_handle, os::invalid_handle};
+    os::handle_t write_[2] = {os::invalid_handle, os::invalid_handle};
+    bool committed_ = false;
+};
+
+/// In a spawn or fork-server child, reading BOOT: the counterpart of
+/// OutputCapture::encode.  The handles belong to BOOT (closed with it).
+void adopt_forwarded_output(Decoder& d) {
+    bool forward = d.read<bool>();
+    if (!forward) return;
+    std::uint32_t out = 0, err = 0;
+    d(out, err);
+    os::redirect_standard_output(d.handle(out), d.handle(err));
+}
+
+}  // namespace
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/process_output.cpp
 // ---- begin part: mpservice/impl/process_child.cpp ---------------------------
 // process_child: the child side - reads its BOOT frame, runs the target,
 // reports the outcome (VALUE or EXCEPTION, then END) and exits.
@@ -7668,6 +8504,7 @@ enum class ChildKind { spawned, forkserver_worker };
           parent_pid, daemon, log_level);
         (void)daemon;
         set_log_level_from_parent(static_cast<Level>(log_level));
+        adopt_forwarded_output(d);
         target.offset = static_cast<std::uintptr_t>(target_off);
         tramp.offset = static_cast<std::uintptr_t>(tramp_off);
         adopt_child_identity(name, identity, parent_name, static_cast<long>(parent_pid));
@@ -7770,6 +8607,8 @@ public:
     std::vector<std::shared_ptr<ProcessCore>> live();
     bool on_reactor_thread() const { return std::this_thread::get_id() == thread_id_; }
     bool owned_by_this_process() const { return owner_pid_ == os::current_pid(); }
+    /// The readers of children's forwarded output (process_output.cpp).
+    OutputPump& output() { return output_; }
 
 private:
     Reactor();
@@ -7789,6 +8628,8 @@ private:
     std::shared_ptr<ProcessCore> find(std::uint64_t id);
 
     static constexpr std::uint64_t tag_channel = 0, tag_pidfd = 1, tag_wake = 2, tag_server = 3;
+    static constexpr std::uint64_t token_output = 1 << 2 | tag_wake;  // output_'s poller (id 1 of tag_wake)
+    OutputPump output_;
 
     os::handle_t poller_ = os::invalid_handle;
     os::handle_t wake_ = os::invalid_handle;
@@ -7850,6 +8691,7 @@ Reactor::Reactor() : owner_pid_(os::current_pid()) {
     poller_ = os::poller_create();
     wake_ = os::wake_event_create();
     os::poller_add(poller_, wake_, tag_wake);
+    os::poller_add(poller_, output_.poller(), token_output);
     std::thread t([this] {
         os::current_thread_stack(&stack_low_, &stack_size_);
         loop();
@@ -7989,7 +8831,9 @@ void Reactor::loop() {
         for (int i = 0; i < n; ++i) {
             std::uint64_t tag = tokens[i] & 3, id = tokens[i] >> 2;
             try {
-                if (tag == tag_wake) {
+                if (tokens[i] == token_output) {
+                    output_.on_ready();
+                } else if (tag == tag_wake) {
                     os::wake_event_drain(wake_);
                     {
                         std::lock_guard<std::mutex> lk(mutex_);
@@ -8167,6 +9011,7 @@ void Reactor::on_exit(const std::shared_ptr<ProcessCore>& core, std::optional<in
 
 void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int> status) {
     auto& io = *core->io_;
+    output_.drain_for(core.get(), core->pid_);  // the child's last lines before its outcome
     int signal_sent;
     {
         std::lock_guard<std::mutex> lk(core->io_mutex());
@@ -8419,7 +9264,8 @@ void test_set_fork_server_timeout(std::chrono::milliseconds timeout) noexcept {
 }
 
 namespace {
-std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::vector<os::handle_t>& handles) {
+std::string boot_payload(const ProcessCore& core, const ChildTask& task, const OutputCapture& output,
+                         std::vector<os::handle_t>& handles) {
     os::ModuleAddress target, tramp;
     if (!os::module_address(task.target, target) ||
         !os::module_address(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(task.trampoline)), tramp))
@@ -8430,6 +9276,7 @@ std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::ve
     e(protocol_version, target.module, static_cast<std::uint64_t>(target.offset), target_fp, tramp.module,
       static_cast<std::uint64_t>(tramp.offset), tramp_fp, core.name, core.identity_, process_name(),
       static_cast<std::int64_t>(os::current_pid()), core.daemon(), static_cast<std::int32_t>(log_level()));
+    output.encode(e);
     task.encode_args(e);
     handles = e.handles();
     return std::move(e.bytes());
@@ -8510,7 +9357,8 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
 
     std::vector<os::handle_t> boot_handles;
     std::string boot;
-    if (method_ != StartMethod::fork) boot = boot_payload(*this, *task, boot_handles);  // encode errors throw here
+    OutputCapture output(reactor.output(), *this, forward_output_);
+    if (method_ != StartMethod::fork) boot = boot_payload(*this, *task, output, boot_handles);  // encode errors throw here
 
     os::handle_t parent_end, child_end;
     os::channel_pair(parent_end, child_end);
@@ -8572,7 +9420,10 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
                 ChildTask& t = *task;
                 pid = reactor.on_long_lived_thread([&] {
                     long p = os::fork_process();
-                    if (p == 0) run_forked_child(child_end, parent_end, t, name, identity_, parent, level);
+                    if (p == 0) {
+                        output.redirect_in_forked_child();
+                        run_forked_child(child_end, parent_end, t, name, identity_, parent, level);
+                    }
                     return p;
                 });
                 os::close_handle(child_end);
@@ -8606,6 +9457,7 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
         throw;
     }
     mark_started();
+    output.commit(pid);  // the child has the pipes' write ends now (BOOT was sent)
     io.task = std::move(task);  // the encoded arguments may still refer to it until here
 }
 
@@ -10403,5 +11255,424 @@ bool QueueCore::join(os::Deadline deadline) {
 
 }  // namespace mpservice::detail
 // ---- end part: mpservice/impl/queues.cpp
+// ---- begin part: mpservice/impl/connection.cpp ------------------------------
+// connection: ConnectionCore (the frames of a Pipe end) and connection_wait.
+//
+// Wire format: frames of
+//     u32 magic | u32 handle count | u64 payload size | payload
+// with the frame's handles attached to its first byte.  The magic makes bytes
+// that are not frames (written to the descriptor by hand) an error instead of
+// a length of garbage to wait for.
+//
+// Every wait is a poll() of at most close_check_interval, after which the
+// waiter looks whether another thread has closed the end: a descriptor must
+// not be closed while another thread waits on it (it could be reused at once).
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <thread>
+
+namespace mpservice {
+namespace detail {
+
+namespace {
+
+constexpr std::uint32_t connection_magic = 0x4d50434eu;  // "MPCN"
+struct ConnectionHeader {
+    std::uint32_t magic;
+    std::uint32_t handles;
+    std::uint64_t size;
+};
+constexpr auto close_check_interval = std::chrono::milliseconds(100);
+// The inbox keeps at most this much room once it is empty again.
+constexpr std::size_t inbox_keep = std::size_t(1) << 20;
+constexpr std::size_t read_chunk = std::size_t(1) << 16;
+// A size beyond this is corrupt framing, not a message (and would overflow).
+constexpr std::uint64_t max_message_size = std::uint64_t(1) << 48;
+
+/// Milliseconds to wait: until `deadline`, but at most close_check_interval (rounded up, so no busy loop).
+int wait_slice_ms(os::Deadline deadline) {
+    auto slice = std::chrono::duration_cast<std::chrono::milliseconds>(close_check_interval).count();
+    if (deadline == os::no_deadline) return static_cast<int>(slice);
+    auto left = std::chrono::duration_cast<std::chrono::microseconds>(deadline - os::Clock::now()).count();
+    if (left <= 0) return 0;
+    return static_cast<int>(std::min<long long>((left + 999) / 1000, slice));
+}
+
+[[noreturn]] void throw_closed(const char* what) {
+    throw InvalidStateError(std::string("mpservice: Connection::") + what + " on a closed connection");
+}
+
+}  // namespace
+
+struct ConnectionCore::Impl {
+    std::atomic<os::handle_t> handle{os::invalid_handle};
+    unsigned mode = 0;
+    std::atomic<bool> closed{false};
+    std::mutex send_mutex;         // one sender at a time: messages never interleave
+    std::timed_mutex recv_mutex;   // one receiver at a time; guards everything below
+    std::mutex close_mutex;        // close() once
+
+    // What has arrived and not been taken yet.
+    std::unique_ptr<char[]> buf;
+    std::size_t cap = 0, pos = 0, len = 0;
+    std::deque<os::handle_t> handles;
+    bool eof = false;
+    bool broken = false;  // bytes that are not frames arrived: no later frame can be found
+
+    os::handle_t fd() const noexcept { return handle.load(std::memory_order_relaxed); }
+    void check_open(const char* what) const {
+        if (closed.load(std::memory_order_acquire)) throw_closed(what);
+    }
+
+    std::size_t buffered() const noexcept { return len - pos; }
+
+    /// The size of the whole frame at the front, or 0 if its header has not arrived.
+    std::size_t front_frame_size() {
+        if (buffered() < sizeof(ConnectionHeader)) return 0;
+        ConnectionHeader h;
+        std::memcpy(&h, buf.get() + pos, sizeof h);
+        if (h.magic != connection_magic || h.size > max_message_size) {
+            broken = true;
+            return 0;
+        }
+        return sizeof h + static_cast<std::size_t>(h.size);
+    }
+    bool frame_complete() {
+        std::size_t n = front_frame_size();
+        return n && buffered() >= n;
+    }
+    /// A receive would not block: a whole message, the end of the stream, or broken framing.
+    bool ready() { return frame_complete() || broken || eof; }
+
+    /// Reads what is there without waiting: >0 bytes, 0 at end (eof set), -1 if nothing is there.
+    long fill() {
+        std::size_t want = front_frame_size();
+        std::size_t missing = want > buffered() ? want - buffered() : 0;
+        std::size_t room_wanted = std::max(missing, read_chunk);
+        if (pos == len) pos = len = 0;
+        if (cap - len < room_wanted && pos > 0) {  // move the unread bytes to the front first
+            std::memmove(buf.get(), buf.get() + pos, len - pos);
+            len -= pos;
+            pos = 0;
+        }
+        if (cap - len < room_wanted) {
+            // Grow for the frame being received, by at most 64 MiB or the bytes
+            // already here (so geometrically for a big message): a corrupt
+            // size must not allocate what never arrives.
+            std::size_t grow = std::min(room_wanted, std::max(std::size_t(64) << 20, len));
+            std::size_t new_cap = len + grow;
+            std::unique_ptr<char[]> bigger(new char[new_cap]);
+            if (len) std::memcpy(bigger.get(), buf.get(), len);
+            buf = std::move(bigger);
+            cap = new_cap;
+        }
+        std::vector<os::handle_t> arrived;
+        long n = os::channel_read(fd(), buf.get() + len, cap - len, &arrived, true);
+        for (auto h : arrived) handles.push_back(h);
+        if (n > 0) len += static_cast<std::size_t>(n);
+        if (n == 0) eof = true;
+        return n;
+    }
+
+    /// Takes the frame at the front (complete) and hands it to `consume`.
+    void take_frame(Consume consume, void* context) {
+        ConnectionHeader h;
+        std::memcpy(&h, buf.get() + pos, sizeof h);
+        const unsigned char* data = reinterpret_cast<const unsigned char*>(buf.get() + pos + sizeof h);
+        std::size_t size = static_cast<std::size_t>(h.size);
+        pos += sizeof h + size;  // consumed whatever consume does: the stream stays in step
+        std::vector<os::handle_t> frame_handles;
+        for (std::uint32_t i = 0; i < h.handles && !handles.empty(); ++i) {
+            frame_handles.push_back(handles.front());
+            handles.pop_front();
+        }
+        struct CloseHandles {
+            std::vector<os::handle_t>& hs;
+            ~CloseHandles() {
+                for (auto x : hs) os::close_handle(x);  // decoded objects hold their own duplicates
+            }
+        } close_handles{frame_handles};
+        bool handles_missing = frame_handles.size() != h.handles;
+        struct Shrink {
+            Impl& s;
+            ~Shrink() {
+                if (s.pos == s.len && s.cap > inbox_keep) {
+                    s.buf.reset();
+                    s.cap = s.pos = s.len = 0;
+                }
+            }
+        } shrink{*this};
+        if (handles_missing)
+            throw DecodeError("decode: a connection message announced " + std::to_string(h.handles) +
+                              " OS handles but fewer arrived");
+        consume(context, data, size, &frame_handles);
+    }
+
+    [[noreturn]] void throw_end() {
+        if (broken)
+            throw DecodeError(
+                "decode: bytes that are not connection messages arrived (written to the descriptor by hand?); "
+                "the stream has lost its framing and this connection cannot receive any more");
+        if (buffered() > 0) {
+            std::size_t want = front_frame_size();
+            throw EOFError("connection: the other end closed in the middle of a message (" +
+                           std::to_string(buffered()) + " of " +
+                           (want ? std::to_string(want) : std::string("at least 16")) + " bytes arrived)");
+        }
+        throw EOFError();
+    }
+
+    /// Takes recv_mutex by `deadline`, looking every close_check_interval
+    /// whether the end was closed meanwhile.
+    bool lock_receiver(std::unique_lock<std::timed_mutex>& lk, os::Deadline deadline, const char* what) {
+        for (;;) {
+            // A slice on the system clock: the steady-clock form is made of
+            // pthread_mutex_clocklock, which ThreadSanitizer does not know;
+            // a clock jump can only lengthen or shorten one slice.
+            auto slice = std::min<os::Clock::duration>(deadline - os::Clock::now(), close_check_interval);
+            if (slice < slice.zero()) slice = slice.zero();
+            if (lk.try_lock_until(std::chrono::system_clock::now() + slice)) {
+                check_open(what);
+                return true;
+            }
+            check_open(what);
+            if (os::Clock::now() >= deadline) return false;
+        }
+    }
+
+    /// Waits (holding recv_mutex) until ready() or `deadline`; false on timeout.
+    bool wait_ready(os::Deadline deadline, const char* what) {
+        for (;;) {
+            if (ready()) return true;
+            long n = fill();
+            if (n != -1) continue;  // got bytes, or the end: look again
+            if (os::Clock::now() >= deadline) return false;
+            os::wait_io(fd(), os::io_readable, wait_slice_ms(deadline));
+            check_open(what);
+        }
+    }
+};
+
+void ConnectionCore::make_pair(bool duplex, std::shared_ptr<ConnectionCore>& a, std::shared_ptr<ConnectionCore>& b) {
+    os::handle_t x, y;
+    os::channel_pair(x, y);
+    try {
+        a = std::make_shared<ConnectionCore>(x, duplex ? Mode::duplex : Mode::receives);
+    } catch (...) {
+        os::close_handle(y);
+        throw;
+    }
+    b = std::make_shared<ConnectionCore>(y, duplex ? Mode::duplex : Mode::sends);
+}
+
+ConnectionCore::ConnectionCore(os::handle_t h, unsigned mode) {
+    try {
+        impl_ = std::make_unique<Impl>();
+    } catch (...) {
+        os::close_handle(h);
+        throw;
+    }
+    impl_->handle = h;
+    impl_->mode = mode;
+}
+
+ConnectionCore::~ConnectionCore() { close(); }
+
+void ConnectionCore::close() noexcept {
+    Impl& s = *impl_;
+    std::lock_guard<std::mutex> once(s.close_mutex);
+    if (s.closed.exchange(true, std::memory_order_acq_rel)) return;
+    // Threads inside send/recv notice `closed` within close_check_interval and
+    // leave; only then is the descriptor closed.
+    std::lock_guard<std::mutex> no_sender(s.send_mutex);
+    std::lock_guard<std::timed_mutex> no_receiver(s.recv_mutex);
+    os::close_handle(s.handle.exchange(os::invalid_handle));
+    for (auto h : s.handles) os::close_handle(h);
+    s.handles.clear();
+    s.buf.reset();
+    s.cap = s.pos = s.len = 0;
+}
+
+bool ConnectionCore::closed() const noexcept { return impl_->closed.load(std::memory_order_acquire); }
+unsigned ConnectionCore::mode() const noexcept { return impl_->mode; }
+os::handle_t ConnectionCore::handle() const noexcept { return impl_->fd(); }
+
+os::handle_t ConnectionCore::handle_to_pass() const {
+    Impl& s = *impl_;
+    if (closed()) throw std::invalid_argument("mpservice: cannot pass a closed Connection to another process");
+    std::unique_lock<std::timed_mutex> lk(s.recv_mutex, std::defer_lock);
+    if (!lk.try_lock_until(std::chrono::system_clock::now() + std::chrono::seconds(1)))
+        throw std::invalid_argument(
+            "mpservice: cannot pass a Connection end to another process while a thread of this one receives on it");
+    if (s.buffered() > 0 || !s.handles.empty())
+        throw std::invalid_argument(
+            "mpservice: this Connection end holds received data that recv() has not taken yet (after poll or "
+            "connection_wait); the other process would never see it - receive it before passing the end on");
+    return s.fd();
+}
+
+void ConnectionCore::send(const void* data, std::size_t n, const os::handle_t* handles, std::size_t nhandles) {
+    Impl& s = *impl_;
+    s.check_open("send");
+    if (!(s.mode & sends)) throw InvalidStateError("mpservice: Connection::send on the receiving end of a one-way Pipe");
+    if (nhandles > 253) throw std::invalid_argument("mpservice: a connection message holds at most 253 OS handles");
+    std::lock_guard<std::mutex> lk(s.send_mutex);
+    s.check_open("send");
+    ConnectionHeader h{connection_magic, static_cast<std::uint32_t>(nhandles), static_cast<std::uint64_t>(n)};
+    const char* head = reinterpret_cast<const char*>(&h);
+    const char* body = static_cast<const char*>(data);
+    std::size_t head_left = sizeof h, body_left = n;
+    bool first = true;
+    while (head_left + body_left > 0) {
+        long k = os::channel_write_some(s.fd(), head, head_left, body, body_left, first ? handles : nullptr,
+                                        first ? nhandles : 0);
+        if (k < 0) throw BrokenPipeError();
+        if (k > 0) {
+            first = false;
+            auto done = static_cast<std::size_t>(k);
+            std::size_t from_head = std::min(done, head_left);
+            head += from_head;
+            head_left -= from_head;
+            body += done - from_head;
+            body_left -= done - from_head;
+            continue;
+        }
+        // No room.  Take in what the peer sends meanwhile, if nobody else is
+        // receiving: a peer that is itself stuck sending to us can go on.
+        std::unique_lock<std::timed_mutex> rl(s.recv_mutex, std::defer_lock);
+        if ((s.mode & receives) && rl.try_lock() && (s.eof || s.broken)) rl.unlock();
+        bool pull = rl.owns_lock();
+        unsigned got = os::wait_io(s.fd(), os::io_writable | (pull ? os::io_readable : 0u),
+                                   wait_slice_ms(os::no_deadline));
+        if (pull && (got & os::io_readable)) s.fill();
+        if (rl.owns_lock()) rl.unlock();
+        if (s.closed.load(std::memory_order_acquire))
+            throw InvalidStateError("mpservice: Connection::send: the connection was closed by another thread "
+                                    "while a message was being sent (the peer receives a torn message)");
+    }
+}
+
+bool ConnectionCore::receive(Consume consume, void* context, os::Deadline deadline) {
+    Impl& s = *impl_;
+    s.check_open("recv");
+    if (!(s.mode & receives)) throw InvalidStateError("mpservice: Connection::recv on the sending end of a one-way Pipe");
+    std::unique_lock<std::timed_mutex> lk(s.recv_mutex, std::defer_lock);
+    if (!s.lock_receiver(lk, deadline, "recv")) return false;
+    if (!s.wait_ready(deadline, "recv")) return false;
+    if (!s.frame_complete()) s.throw_end();
+    s.take_frame(consume, context);
+    return true;
+}
+
+bool ConnectionCore::poll(os::Deadline deadline) {
+    Impl& s = *impl_;
+    s.check_open("poll");
+    if (!(s.mode & receives)) throw InvalidStateError("mpservice: Connection::poll on the sending end of a one-way Pipe");
+    std::unique_lock<std::timed_mutex> lk(s.recv_mutex, std::defer_lock);
+    if (!s.lock_receiver(lk, deadline, "poll")) return false;
+    return s.wait_ready(deadline, "poll");
+}
+
+bool ConnectionCore::ready_now(bool* busy) {
+    Impl& s = *impl_;
+    *busy = false;
+    std::unique_lock<std::timed_mutex> lk(s.recv_mutex, std::try_to_lock);
+    if (!lk.owns_lock()) {
+        *busy = true;
+        return false;
+    }
+    if (s.closed.load(std::memory_order_acquire)) return false;
+    while (!s.ready() && s.fill() > 0) {
+    }
+    return s.ready();
+}
+
+void throw_unconnected(const char* what) {
+    throw InvalidStateError(std::string("mpservice: Connection::") + what +
+                            " on a Connection that is not connected (default-constructed); make ends with mp::Pipe<T>()");
+}
+
+void throw_recv_timeout() { throw TimeoutError("mpservice: Connection::recv: nothing arrived within the timeout"); }
+
+void copy_message(void* context, const unsigned char* data, std::size_t n, const std::vector<os::handle_t>*) {
+    static_cast<std::optional<std::string>*>(context)->emplace(reinterpret_cast<const char*>(data), n);
+}
+
+// ---------------------------------------------------------------- connection_wait
+
+namespace {
+
+/// The handle that becomes readable when the process ends, or invalid.
+os::handle_t exit_handle_of(const ProcessCore& p) {
+    std::lock_guard<std::mutex> lk(p.io_mutex());
+    return p.io_ ? p.io_->pidfd : os::invalid_handle;  // open until the core is destroyed
+}
+
+}  // namespace
+
+std::vector<std::size_t> connection_wait_until(const std::vector<WaitTarget>& targets, os::Deadline deadline) {
+    for (const WaitTarget& t : targets) {
+        if (t.connection) {
+            if (t.connection->closed()) throw InvalidStateError("mpservice: connection_wait on a closed Connection");
+            if (!(t.connection->mode() & ConnectionCore::receives))
+                throw InvalidStateError("mpservice: connection_wait on the sending end of a one-way Pipe");
+        } else if (t.process) {
+            if (!t.process->started()) throw_not_started("connection_wait", t.process->name);
+        } else {
+            throw std::invalid_argument("mpservice: connection_wait on a null pointer");
+        }
+    }
+    std::vector<std::size_t> ready;
+    std::vector<os::handle_t> watch;
+    std::vector<std::size_t> watch_owner;
+    std::vector<unsigned char> readable;
+    for (;;) {
+        ready.clear();
+        watch.clear();
+        watch_owner.clear();
+        for (std::size_t i = 0; i < targets.size(); ++i) {
+            const WaitTarget& t = targets[i];
+            if (t.connection) {
+                bool busy = false;
+                if (t.connection->closed())
+                    throw InvalidStateError("mpservice: connection_wait: a Connection was closed while waited on");
+                if (t.connection->ready_now(&busy)) {
+                    ready.push_back(i);
+                } else {
+                    // Another thread receiving on it sees its bytes first; we
+                    // only look again each slice.
+                    if (!busy) {
+                        watch.push_back(t.connection->handle());
+                        watch_owner.push_back(i);
+                    }
+                }
+            } else if (t.process->done()) {
+                ready.push_back(i);
+            } else {
+                os::handle_t h = exit_handle_of(*t.process);
+                if (h != os::invalid_handle) {
+                    watch.push_back(h);
+                    watch_owner.push_back(i);
+                }
+            }
+        }
+        if (!ready.empty() || os::Clock::now() >= deadline) return ready;
+        readable.assign(watch.size(), 0);
+        os::wait_readable_any(watch.data(), watch.size(), wait_slice_ms(deadline), readable.data());
+        for (std::size_t k = 0; k < watch.size(); ++k) {
+            const WaitTarget& t = targets[watch_owner[k]];
+            // The process has ended; the reactor is resolving it right now.
+            if (readable[k] && t.process) t.process->wait_until(deadline);
+        }
+    }
+}
+
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/connection.cpp
 
 #endif  // MPSERVICE_IMPLEMENTATION

@@ -24,6 +24,7 @@
 #include "mpservice/public/synchronize.hpp"
 #include "mpservice/public/sharedctypes.hpp"
 #include "mpservice/public/queues.hpp"
+#include "mpservice/public/connection.hpp"
 
 #endif  // MPSERVICE_HPP_INCLUDED
 
@@ -42,6 +43,7 @@
 #include "mpservice/impl/logging.cpp"
 #include "mpservice/impl/process_wire.cpp"
 #include "mpservice/impl/process_runtime.cpp"
+#include "mpservice/impl/process_output.cpp"
 #include "mpservice/impl/process_child.cpp"
 #include "mpservice/impl/process_reactor.cpp"
 #include "mpservice/impl/process_fork.cpp"
@@ -49,5 +51,6 @@
 #include "mpservice/impl/threading.cpp"
 #include "mpservice/impl/synchronize.cpp"
 #include "mpservice/impl/queues.cpp"
+#include "mpservice/impl/connection.cpp"
 
 #endif  // MPSERVICE_IMPLEMENTATION

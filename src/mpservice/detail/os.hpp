@@ -368,4 +368,41 @@ MPSERVICE_API std::size_t page_size() noexcept;
 /// pass of data through it does not pay a page fault per 4 KiB.  Best effort.
 MPSERVICE_API void shm_prefault(void* addr, std::size_t size) noexcept;
 
+// ---------------------------------------------------------------- (connection section)
+// Pipe/Connection (connection.hpp) use channel_pair's stream sockets with
+// non-blocking writes, so that a sender can also take in what its peer sends
+// while it waits for room, and a waiter can notice close() from another thread.
+
+/// Readiness bits of wait_io.
+inline constexpr unsigned io_readable = 1;  ///< data, end of stream or an error: a read will not block
+inline constexpr unsigned io_writable = 2;  ///< room, or the peer is gone: a write will not block
+/// Writes what the socket takes now of `a` then `b`, without waiting; `handles`
+/// ride on the first byte written (pass them only with a message's first
+/// bytes).  Returns the bytes written, 0 when there is no room (nothing was
+/// written, handles not sent), -1 when the peer is gone (no SIGPIPE is raised);
+/// throws std::system_error on other errors.
+MPSERVICE_API long channel_write_some(handle_t ch, const void* a, std::size_t na, const void* b, std::size_t nb,
+                                      const handle_t* handles = nullptr, std::size_t nhandles = 0);
+/// Waits until `h` is ready for one of `want` (io_readable | io_writable) or
+/// `timeout_ms` passes (-1 = forever); returns the ready bits (0 on timeout).
+MPSERVICE_API unsigned wait_io(handle_t h, unsigned want, int timeout_ms);
+/// Waits until one of the `n` handles (any number) is readable or `timeout_ms`
+/// passes; sets ready[i] to 1 for the readable ones and returns their number.
+MPSERVICE_API std::size_t wait_readable_any(const handle_t* hs, std::size_t n, int timeout_ms, unsigned char* ready);
+
+// ---------------------------------------------------------------- (output forwarding section)
+// A child's standard output and error can go through pipes that the parent's
+// reactor reads (Process::set_forward_output).
+
+/// A pipe: {read end (non-blocking), write end (blocking)}, both close-on-exec.
+MPSERVICE_API void output_pipe(handle_t& read_end, handle_t& write_end);
+/// Reads what is in a pipe without waiting: the byte count, 0 at end of
+/// stream (every write end closed), -1 if nothing is there now.
+MPSERVICE_API long pipe_read(handle_t h, void* buf, std::size_t cap) noexcept;
+/// Makes `out` this process's standard output and `err` its standard error
+/// (descriptors 1 and 2, inherited by programs it starts; the two handles stay
+/// open for the caller to close), and makes stdout line-buffered as it would
+/// be on a terminal.
+MPSERVICE_API void redirect_standard_output(handle_t out, handle_t err);
+
 }  // namespace mpservice::detail::os

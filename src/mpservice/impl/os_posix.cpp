@@ -1067,6 +1067,102 @@ void shm_prefault(void* addr, std::size_t size) noexcept {
 #endif
 }
 
+// ---------------------------------------------------------------- (connection section)
+
+long channel_write_some(handle_t ch, const void* a, std::size_t na, const void* b, std::size_t nb,
+                        const handle_t* handles, std::size_t nhandles) {
+    if (nhandles > max_handles_per_message)
+        throw std::invalid_argument("mpservice: more than 253 OS handles in one message");
+    if (na + nb == 0) return 0;
+    iovec iov[2] = {{const_cast<void*>(a), na}, {const_cast<void*>(b), nb}};
+    msghdr msg{};
+    msg.msg_iov = na ? iov : iov + 1;
+    msg.msg_iovlen = na ? 2 : 1;
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * max_handles_per_message)];
+    if (nhandles > 0) {
+        std::memset(control, 0, sizeof control);
+        msg.msg_control = control;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * nhandles);
+        cmsghdr* c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * nhandles);
+        std::memcpy(CMSG_DATA(c), handles, sizeof(int) * nhandles);
+    }
+    for (;;) {
+        ssize_t n = ::sendmsg(ch, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n >= 0) return static_cast<long>(n);
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+        if (errno == EPIPE || errno == ECONNRESET) return -1;
+        throw_errno("mpservice: sendmsg");
+    }
+}
+
+unsigned wait_io(handle_t h, unsigned want, int timeout_ms) {
+    pollfd p{h, 0, 0};
+    if (want & io_readable) p.events |= POLLIN;
+    if (want & io_writable) p.events |= POLLOUT;
+    int rc;
+    do rc = ::poll(&p, 1, timeout_ms);
+    while (rc < 0 && errno == EINTR);
+    if (rc <= 0) return 0;
+    unsigned got = 0;
+    // An error or hang-up makes both a read and a write return at once.
+    bool failed = (p.revents & (POLLERR | POLLHUP | POLLNVAL)) != 0;
+    if ((want & io_readable) && ((p.revents & POLLIN) || failed)) got |= io_readable;
+    if ((want & io_writable) && ((p.revents & POLLOUT) || failed)) got |= io_writable;
+    return got;
+}
+
+std::size_t wait_readable_any(const handle_t* hs, std::size_t n, int timeout_ms, unsigned char* ready) {
+    std::vector<pollfd> p(n);
+    for (std::size_t i = 0; i < n; ++i) p[i] = pollfd{hs[i], POLLIN, 0};
+    int rc;
+    do rc = ::poll(p.data(), static_cast<nfds_t>(n), timeout_ms);
+    while (rc < 0 && errno == EINTR);
+    std::size_t count = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        ready[i] = rc > 0 && p[i].revents != 0;
+        count += ready[i];
+    }
+    return count;
+}
+
+// ---------------------------------------------------------------- (output forwarding section)
+
+void output_pipe(handle_t& read_end, handle_t& write_end) {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) throw_errno("mpservice: pipe2");
+    ::fcntl(fds[0], F_SETFL, ::fcntl(fds[0], F_GETFL) | O_NONBLOCK);
+    read_end = fds[0];
+    write_end = fds[1];
+}
+
+long pipe_read(handle_t h, void* buf, std::size_t cap) noexcept {
+    for (;;) {
+        ssize_t n = ::read(h, buf, cap);
+        if (n >= 0) return static_cast<long>(n);
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return -1;
+        return 0;  // a broken pipe reads as its end
+    }
+}
+
+void redirect_standard_output(handle_t out, handle_t err) {
+    std::fflush(stdout);
+    std::fflush(stderr);
+    // dup2 clears close-on-exec on the new descriptors: programs this process
+    // execs write into the same pipes.
+    if (::dup2(out, STDOUT_FILENO) < 0 || ::dup2(err, STDERR_FILENO) < 0) throw_errno("mpservice: dup2");
+    // A pipe would make stdout fully buffered: lines would reach the parent
+    // late, and be lost if the process is killed.  The buffer is given
+    // explicitly: glibc ignores a mode change without one on a stream that was
+    // used already (a forked child's stdout).
+    static char line_buffer[BUFSIZ];
+    std::setvbuf(stdout, line_buffer, _IOLBF, sizeof line_buffer);
+}
+
 }  // namespace mpservice::detail::os
 
 #endif  // !_WIN32

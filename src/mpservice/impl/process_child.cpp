@@ -191,6 +191,7 @@ enum class ChildKind { spawned, forkserver_worker };
           parent_pid, daemon, log_level);
         (void)daemon;
         set_log_level_from_parent(static_cast<Level>(log_level));
+        adopt_forwarded_output(d);
         target.offset = static_cast<std::uintptr_t>(target_off);
         tramp.offset = static_cast<std::uintptr_t>(tramp_off);
         adopt_child_identity(name, identity, parent_name, static_cast<long>(parent_pid));

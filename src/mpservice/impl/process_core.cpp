@@ -49,7 +49,8 @@ void test_set_fork_server_timeout(std::chrono::milliseconds timeout) noexcept {
 }
 
 namespace {
-std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::vector<os::handle_t>& handles) {
+std::string boot_payload(const ProcessCore& core, const ChildTask& task, const OutputCapture& output,
+                         std::vector<os::handle_t>& handles) {
     os::ModuleAddress target, tramp;
     if (!os::module_address(task.target, target) ||
         !os::module_address(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(task.trampoline)), tramp))
@@ -60,6 +61,7 @@ std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::ve
     e(protocol_version, target.module, static_cast<std::uint64_t>(target.offset), target_fp, tramp.module,
       static_cast<std::uint64_t>(tramp.offset), tramp_fp, core.name, core.identity_, process_name(),
       static_cast<std::int64_t>(os::current_pid()), core.daemon(), static_cast<std::int32_t>(log_level()));
+    output.encode(e);
     task.encode_args(e);
     handles = e.handles();
     return std::move(e.bytes());
@@ -140,7 +142,8 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
 
     std::vector<os::handle_t> boot_handles;
     std::string boot;
-    if (method_ != StartMethod::fork) boot = boot_payload(*this, *task, boot_handles);  // encode errors throw here
+    OutputCapture output(reactor.output(), *this, forward_output_);
+    if (method_ != StartMethod::fork) boot = boot_payload(*this, *task, output, boot_handles);  // encode errors throw here
 
     os::handle_t parent_end, child_end;
     os::channel_pair(parent_end, child_end);
@@ -202,7 +205,10 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
                 ChildTask& t = *task;
                 pid = reactor.on_long_lived_thread([&] {
                     long p = os::fork_process();
-                    if (p == 0) run_forked_child(child_end, parent_end, t, name, identity_, parent, level);
+                    if (p == 0) {
+                        output.redirect_in_forked_child();
+                        run_forked_child(child_end, parent_end, t, name, identity_, parent, level);
+                    }
                     return p;
                 });
                 os::close_handle(child_end);
@@ -236,6 +242,7 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
         throw;
     }
     mark_started();
+    output.commit(pid);  // the child has the pipes' write ends now (BOOT was sent)
     io.task = std::move(task);  // the encoded arguments may still refer to it until here
 }
 

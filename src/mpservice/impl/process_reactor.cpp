@@ -65,6 +65,8 @@ public:
     std::vector<std::shared_ptr<ProcessCore>> live();
     bool on_reactor_thread() const { return std::this_thread::get_id() == thread_id_; }
     bool owned_by_this_process() const { return owner_pid_ == os::current_pid(); }
+    /// The readers of children's forwarded output (process_output.cpp).
+    OutputPump& output() { return output_; }
 
 private:
     Reactor();
@@ -84,6 +86,8 @@ private:
     std::shared_ptr<ProcessCore> find(std::uint64_t id);
 
     static constexpr std::uint64_t tag_channel = 0, tag_pidfd = 1, tag_wake = 2, tag_server = 3;
+    static constexpr std::uint64_t token_output = 1 << 2 | tag_wake;  // output_'s poller (id 1 of tag_wake)
+    OutputPump output_;
 
     os::handle_t poller_ = os::invalid_handle;
     os::handle_t wake_ = os::invalid_handle;
@@ -145,6 +149,7 @@ Reactor::Reactor() : owner_pid_(os::current_pid()) {
     poller_ = os::poller_create();
     wake_ = os::wake_event_create();
     os::poller_add(poller_, wake_, tag_wake);
+    os::poller_add(poller_, output_.poller(), token_output);
     std::thread t([this] {
         os::current_thread_stack(&stack_low_, &stack_size_);
         loop();
@@ -284,7 +289,9 @@ void Reactor::loop() {
         for (int i = 0; i < n; ++i) {
             std::uint64_t tag = tokens[i] & 3, id = tokens[i] >> 2;
             try {
-                if (tag == tag_wake) {
+                if (tokens[i] == token_output) {
+                    output_.on_ready();
+                } else if (tag == tag_wake) {
                     os::wake_event_drain(wake_);
                     {
                         std::lock_guard<std::mutex> lk(mutex_);
@@ -462,6 +469,7 @@ void Reactor::on_exit(const std::shared_ptr<ProcessCore>& core, std::optional<in
 
 void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int> status) {
     auto& io = *core->io_;
+    output_.drain_for(core.get(), core->pid_);  // the child's last lines before its outcome
     int signal_sent;
     {
         std::lock_guard<std::mutex> lk(core->io_mutex());

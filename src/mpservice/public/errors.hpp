@@ -83,4 +83,20 @@ public:
     using Error::Error;
 };
 
+/// recv() on a Connection whose other end is closed (every copy of it, in
+/// every process) with nothing left to receive - as Python's EOFError.
+class EOFError : public Error {
+public:
+    EOFError() : Error("connection: the other end is closed and nothing is left to receive") {}
+    using Error::Error;
+};
+
+/// send() on a Connection whose other end is closed (every copy of it, in
+/// every process): nobody can receive the item - as Python's BrokenPipeError.
+class BrokenPipeError : public Error {
+public:
+    BrokenPipeError() : Error("connection: the other end is closed; nothing can be sent") {}
+    using Error::Error;
+};
+
 }  // namespace mpservice

@@ -97,6 +97,12 @@ MPSERVICE_API const Context& get_context(const std::string& method = "spawn");
 /// quota (rounded up); at least 1.
 MPSERVICE_API int cpu_count();
 
+/// The default of Process::set_forward_output for Process objects made from
+/// now on (initially false: a child writes to the parent's own standard output
+/// and error directly, as a plain fork/exec does).
+MPSERVICE_API void set_output_forwarding(bool forward) noexcept;
+MPSERVICE_API bool output_forwarding() noexcept;
+
 /// A process as current_process() and friends describe it.
 struct ProcessInfo {
     std::string name;  ///< "MainProcess", or the Process's name in a child
@@ -255,6 +261,7 @@ public:
     std::string value_bytes_;
     std::vector<os::handle_t> value_handles_;
     std::string identity_;  // "3", or "1:3" in a child: numbers the default name
+    bool forward_output_ = output_forwarding();  // Process::set_forward_output
     std::unique_ptr<Io> io_;
 };
 
@@ -352,6 +359,16 @@ public:
     /// Marks the child as a daemon (before start): it is terminated, not
     /// waited for, when its Process is destroyed or the parent exits.
     void set_daemon(bool daemon) { state().set_daemon(daemon); }
+    /// Sends the child's standard output and error through the parent's log
+    /// path (before start): each line becomes a record of logger "stdout"
+    /// (Level::info) or "stderr" (Level::warning) tagged with the child's name
+    /// and pid, so lines of many children never mix.  Default: output_forwarding()
+    /// at the time this Process was made.
+    void set_forward_output(bool forward) {
+        if (state().started()) throw InvalidStateError("mpservice: set_forward_output() after start()");
+        state().forward_output_ = forward;
+    }
+    bool forward_output() const { return state().forward_output_; }
 
 private:
     Core& state() const { return static_cast<Core&>(*core_); }
