@@ -24,6 +24,8 @@
 #include "mpservice/public/synchronize.hpp"
 #include "mpservice/public/sharedctypes.hpp"
 #include "mpservice/public/queues.hpp"
+#include "mpservice/public/pool.hpp"
+#include "mpservice/public/runner.hpp"
 
 #endif  // MPSERVICE_HPP_INCLUDED
 
@@ -49,5 +51,6 @@
 #include "mpservice/impl/threading.cpp"
 #include "mpservice/impl/synchronize.cpp"
 #include "mpservice/impl/queues.cpp"
+#include "mpservice/impl/pool.cpp"
 
 #endif  // MPSERVICE_IMPLEMENTATION
