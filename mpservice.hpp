@@ -4413,7 +4413,8 @@ private:
     void maybe_finish_locked();
     void complete_locked(std::uint64_t chunk);
     void on_results(const unsigned char* p, std::size_t n);
-    void handle_deaths();
+    std::vector<const void*> dead_workers() const;
+    void handle_deaths(const std::vector<const void*>& dead);
     void reconcile_locked(std::size_t worker, Deliveries& out);
     void fail_all_locked(const std::exception_ptr& e, Deliveries& out);
     void result_loop();
@@ -10784,14 +10785,26 @@ void PoolCore::on_results(const unsigned char* p, std::size_t n) {
     deliver(out);
 }
 
-void PoolCore::handle_deaths() {
+std::vector<const void*> PoolCore::dead_workers() const {
+    State& s = *s_;
+    std::lock_guard<std::mutex> lk(s.mutex);
+    std::vector<const void*> dead;
+    for (auto& w : s.workers)
+        if (w.proc && !w.ended && w.dead->load(std::memory_order_acquire)) dead.push_back(w.dead.get());
+    return dead;
+}
+
+void PoolCore::handle_deaths(const std::vector<const void*>& dead) {
     State& s = *s_;
     Deliveries out;
     {
         std::lock_guard<std::mutex> lk(s.mutex);
         for (std::size_t i = 0; i < s.workers.size(); ++i) {
             State::WorkerRec& w = s.workers[i];
-            if (!w.proc || w.ended || !w.dead->load(std::memory_order_acquire)) continue;
+            // Only deaths seen before the ring was drained: a worker that died
+            // since may have sent outcomes that are not taken yet (its death
+            // rang the bell again, so it is handled next round).
+            if (!w.proc || w.ended || std::find(dead.begin(), dead.end(), w.dead.get()) == dead.end()) continue;
             w.ended = true;
             reconcile_locked(i, out);
         }
@@ -10890,10 +10903,11 @@ void PoolCore::result_loop() {
     for (;;) {
         try {
             if (bell.deaths.exchange(0, std::memory_order_acq_rel)) {
-                // Whatever the dead worker sent before it died is in the ring: take it first.
+                // Whatever the dead workers sent before they died is in the ring: take it first.
+                auto dead = dead_workers();
                 while (bell.results.get(&copy_item, &s.msg, os::Clock::now()) == QueueCore::Status::ok)
                     on_results(reinterpret_cast<const unsigned char*>(s.msg.data()), s.msg.size());
-                handle_deaths();
+                handle_deaths(dead);
             }
             if (s.stop.load(std::memory_order_acquire)) return;
             auto st = bell.results.get(&copy_item, &s.msg, os::Clock::now() + std::chrono::seconds(1));

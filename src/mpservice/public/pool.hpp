@@ -251,7 +251,8 @@ private:
     void maybe_finish_locked();
     void complete_locked(std::uint64_t chunk);
     void on_results(const unsigned char* p, std::size_t n);
-    void handle_deaths();
+    std::vector<const void*> dead_workers() const;
+    void handle_deaths(const std::vector<const void*>& dead);
     void reconcile_locked(std::size_t worker, Deliveries& out);
     void fail_all_locked(const std::exception_ptr& e, Deliveries& out);
     void result_loop();
