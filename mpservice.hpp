@@ -4218,6 +4218,7 @@ struct Codec<SimpleQueue<T>> {
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -4297,7 +4298,7 @@ void run_method_chunk(const void*, void* state, Decoder& in, std::uint32_t count
 
 /// What a worker process is handed at start: its task ring, the pool's result
 /// ring, its progress slot, its side channel for OS handles, the initializer.
-struct PoolWorkerBoot {
+struct PoolWorkerParts {
     QueueCore tasks;
     QueueCore results;
     SharedMemory slot;
@@ -4305,10 +4306,18 @@ struct PoolWorkerBoot {
     os::CodeRef initializer;
     std::uint64_t maxtasks = 0;  // 0: no limit
 
-    PoolWorkerBoot() = default;
-    MPSERVICE_API PoolWorkerBoot(const PoolWorkerBoot& o);
-    PoolWorkerBoot& operator=(const PoolWorkerBoot&) = delete;
-    MPSERVICE_API ~PoolWorkerBoot();
+    PoolWorkerParts() = default;
+    PoolWorkerParts(const PoolWorkerParts&) = delete;
+    PoolWorkerParts& operator=(const PoolWorkerParts&) = delete;
+    MPSERVICE_API ~PoolWorkerParts();
+};
+/// The worker's Process argument.  Copies share the parts, so that the parent
+/// can let go of them (release()) as soon as the worker has started, instead
+/// of when its Process is destroyed.
+struct PoolWorkerBoot {
+    std::shared_ptr<PoolWorkerParts> p = std::make_shared<PoolWorkerParts>();
+    /// Closes the parent's copies of the worker's descriptors and mappings.
+    void release() { p->~PoolWorkerParts(), new (p.get()) PoolWorkerParts(); }
 };
 
 /// The worker's loop: takes chunks off its ring and runs them until the ring
@@ -4320,7 +4329,7 @@ MPSERVICE_API const void* resolve_initializer(const PoolWorkerBoot& boot);
 /// A pool worker's process target: runs the initializer, then serves.
 template <class Fn, class... A>
 void pool_worker_entry(PoolWorkerBoot boot, A... args) {
-    if (!boot.initializer.empty()) {
+    if (!boot.p->initializer.empty()) {
         Fn init = reinterpret_cast<Fn>(reinterpret_cast<std::uintptr_t>(resolve_initializer(boot)));
         init(std::move(args)...);
     }
@@ -10330,19 +10339,12 @@ void ItemSink::commit_error(const std::exception_ptr& e) {
     ++l->next_local;
 }
 
-PoolWorkerBoot::PoolWorkerBoot(const PoolWorkerBoot& o)
-    : tasks(o.tasks),
-      results(o.results),
-      slot(o.slot),
-      lane(o.lane == os::invalid_handle ? os::invalid_handle : os::duplicate_handle(o.lane)),
-      initializer(o.initializer),
-      maxtasks(o.maxtasks) {}
+PoolWorkerParts::~PoolWorkerParts() { os::close_handle(lane); }
 
-PoolWorkerBoot::~PoolWorkerBoot() { os::close_handle(lane); }
+const void* resolve_initializer(const PoolWorkerBoot& b) { return resolve_code(b.p->initializer); }
 
-const void* resolve_initializer(const PoolWorkerBoot& boot) { return resolve_code(boot.initializer); }
-
-void serve_pool_tasks(const PoolWorkerBoot& boot, void* state) {
+void serve_pool_tasks(const PoolWorkerBoot& b, void* state) {
+    const PoolWorkerParts& boot = *b.p;
     WorkerLink link;
     link.results = boot.results;
     link.slot = static_cast<PoolSlot*>(boot.slot.data());
@@ -10596,12 +10598,12 @@ void PoolCore::start_worker(std::size_t i) {
     os::close_handle(w.lane);
     w.lane = mine;
     PoolWorkerBoot boot;
-    boot.tasks = w.tasks;
-    boot.results = s.bell->results;
-    boot.slot = w.slot;
-    boot.lane = theirs;  // closed with boot; the Process keeps its own copy
-    boot.initializer = settings_.initializer;
-    boot.maxtasks = settings_.maxtasks;
+    boot.p->tasks = w.tasks;
+    boot.p->results = s.bell->results;
+    boot.p->slot = w.slot;
+    boot.p->lane = theirs;
+    boot.p->initializer = settings_.initializer;
+    boot.p->maxtasks = settings_.maxtasks;
     w.outstanding.clear();
     w.sent = 0;
     w.ring_closed = false;
@@ -10609,6 +10611,8 @@ void PoolCore::start_worker(std::size_t i) {
     w.proc->set_name((settings_.kind == "runner" ? "ProcessRunner-" : "PoolWorker-") + std::to_string(i + 1));
     w.proc->set_daemon(true);
     w.proc->start();
+    // Sent (or, under fork, copied into the child): the parent needs none of it.
+    boot.release();
     w.ended = false;
     auto dead = std::make_shared<std::atomic<bool>>(false);
     w.dead = dead;
@@ -10984,7 +10988,8 @@ std::vector<long> PoolCore::worker_pids() const {
 
 }  // namespace detail
 
-void Codec<detail::PoolWorkerBoot>::encode(Encoder& e, const detail::PoolWorkerBoot& b) {
+void Codec<detail::PoolWorkerBoot>::encode(Encoder& e, const detail::PoolWorkerBoot& boot) {
+    const detail::PoolWorkerParts& b = *boot.p;
     e.write(b.tasks.memory());
     e.write(b.results.memory());
     e.write(b.slot);
@@ -10993,7 +10998,8 @@ void Codec<detail::PoolWorkerBoot>::encode(Encoder& e, const detail::PoolWorkerB
 }
 
 detail::PoolWorkerBoot Codec<detail::PoolWorkerBoot>::decode(Decoder& d) {
-    detail::PoolWorkerBoot b;
+    detail::PoolWorkerBoot boot;
+    detail::PoolWorkerParts& b = *boot.p;
     b.tasks = detail::QueueCore::attach(d.read<detail::SharedMemory>(), detail::QueueKind::simple, detail::task_tag);
     b.results =
         detail::QueueCore::attach(d.read<detail::SharedMemory>(), detail::QueueKind::simple, detail::result_tag);
@@ -11001,7 +11007,7 @@ detail::PoolWorkerBoot Codec<detail::PoolWorkerBoot>::decode(Decoder& d) {
     if (b.slot.size() < sizeof(detail::PoolSlot)) throw DecodeError("decode: pool slot too small");
     b.lane = detail::os::duplicate_handle(d.handle(d.read<std::uint32_t>()));
     d(b.initializer.module, b.initializer.offset, b.maxtasks);
-    return b;
+    return boot;
 }
 
 }  // namespace mpservice

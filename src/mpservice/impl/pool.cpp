@@ -179,19 +179,12 @@ void ItemSink::commit_error(const std::exception_ptr& e) {
     ++l->next_local;
 }
 
-PoolWorkerBoot::PoolWorkerBoot(const PoolWorkerBoot& o)
-    : tasks(o.tasks),
-      results(o.results),
-      slot(o.slot),
-      lane(o.lane == os::invalid_handle ? os::invalid_handle : os::duplicate_handle(o.lane)),
-      initializer(o.initializer),
-      maxtasks(o.maxtasks) {}
+PoolWorkerParts::~PoolWorkerParts() { os::close_handle(lane); }
 
-PoolWorkerBoot::~PoolWorkerBoot() { os::close_handle(lane); }
+const void* resolve_initializer(const PoolWorkerBoot& b) { return resolve_code(b.p->initializer); }
 
-const void* resolve_initializer(const PoolWorkerBoot& boot) { return resolve_code(boot.initializer); }
-
-void serve_pool_tasks(const PoolWorkerBoot& boot, void* state) {
+void serve_pool_tasks(const PoolWorkerBoot& b, void* state) {
+    const PoolWorkerParts& boot = *b.p;
     WorkerLink link;
     link.results = boot.results;
     link.slot = static_cast<PoolSlot*>(boot.slot.data());
@@ -445,12 +438,12 @@ void PoolCore::start_worker(std::size_t i) {
     os::close_handle(w.lane);
     w.lane = mine;
     PoolWorkerBoot boot;
-    boot.tasks = w.tasks;
-    boot.results = s.bell->results;
-    boot.slot = w.slot;
-    boot.lane = theirs;  // closed with boot; the Process keeps its own copy
-    boot.initializer = settings_.initializer;
-    boot.maxtasks = settings_.maxtasks;
+    boot.p->tasks = w.tasks;
+    boot.p->results = s.bell->results;
+    boot.p->slot = w.slot;
+    boot.p->lane = theirs;
+    boot.p->initializer = settings_.initializer;
+    boot.p->maxtasks = settings_.maxtasks;
     w.outstanding.clear();
     w.sent = 0;
     w.ring_closed = false;
@@ -458,6 +451,8 @@ void PoolCore::start_worker(std::size_t i) {
     w.proc->set_name((settings_.kind == "runner" ? "ProcessRunner-" : "PoolWorker-") + std::to_string(i + 1));
     w.proc->set_daemon(true);
     w.proc->start();
+    // Sent (or, under fork, copied into the child): the parent needs none of it.
+    boot.release();
     w.ended = false;
     auto dead = std::make_shared<std::atomic<bool>>(false);
     w.dead = dead;
@@ -833,7 +828,8 @@ std::vector<long> PoolCore::worker_pids() const {
 
 }  // namespace detail
 
-void Codec<detail::PoolWorkerBoot>::encode(Encoder& e, const detail::PoolWorkerBoot& b) {
+void Codec<detail::PoolWorkerBoot>::encode(Encoder& e, const detail::PoolWorkerBoot& boot) {
+    const detail::PoolWorkerParts& b = *boot.p;
     e.write(b.tasks.memory());
     e.write(b.results.memory());
     e.write(b.slot);
@@ -842,7 +838,8 @@ void Codec<detail::PoolWorkerBoot>::encode(Encoder& e, const detail::PoolWorkerB
 }
 
 detail::PoolWorkerBoot Codec<detail::PoolWorkerBoot>::decode(Decoder& d) {
-    detail::PoolWorkerBoot b;
+    detail::PoolWorkerBoot boot;
+    detail::PoolWorkerParts& b = *boot.p;
     b.tasks = detail::QueueCore::attach(d.read<detail::SharedMemory>(), detail::QueueKind::simple, detail::task_tag);
     b.results =
         detail::QueueCore::attach(d.read<detail::SharedMemory>(), detail::QueueKind::simple, detail::result_tag);
@@ -850,7 +847,7 @@ detail::PoolWorkerBoot Codec<detail::PoolWorkerBoot>::decode(Decoder& d) {
     if (b.slot.size() < sizeof(detail::PoolSlot)) throw DecodeError("decode: pool slot too small");
     b.lane = detail::os::duplicate_handle(d.handle(d.read<std::uint32_t>()));
     d(b.initializer.module, b.initializer.offset, b.maxtasks);
-    return b;
+    return boot;
 }
 
 }  // namespace mpservice

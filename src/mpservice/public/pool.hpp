@@ -47,6 +47,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -135,7 +136,7 @@ void run_method_chunk(const void*, void* state, Decoder& in, std::uint32_t count
 
 /// What a worker process is handed at start: its task ring, the pool's result
 /// ring, its progress slot, its side channel for OS handles, the initializer.
-struct PoolWorkerBoot {
+struct PoolWorkerParts {
     QueueCore tasks;
     QueueCore results;
     SharedMemory slot;
@@ -143,10 +144,18 @@ struct PoolWorkerBoot {
     os::CodeRef initializer;
     std::uint64_t maxtasks = 0;  // 0: no limit
 
-    PoolWorkerBoot() = default;
-    MPSERVICE_API PoolWorkerBoot(const PoolWorkerBoot& o);
-    PoolWorkerBoot& operator=(const PoolWorkerBoot&) = delete;
-    MPSERVICE_API ~PoolWorkerBoot();
+    PoolWorkerParts() = default;
+    PoolWorkerParts(const PoolWorkerParts&) = delete;
+    PoolWorkerParts& operator=(const PoolWorkerParts&) = delete;
+    MPSERVICE_API ~PoolWorkerParts();
+};
+/// The worker's Process argument.  Copies share the parts, so that the parent
+/// can let go of them (release()) as soon as the worker has started, instead
+/// of when its Process is destroyed.
+struct PoolWorkerBoot {
+    std::shared_ptr<PoolWorkerParts> p = std::make_shared<PoolWorkerParts>();
+    /// Closes the parent's copies of the worker's descriptors and mappings.
+    void release() { p->~PoolWorkerParts(), new (p.get()) PoolWorkerParts(); }
 };
 
 /// The worker's loop: takes chunks off its ring and runs them until the ring
@@ -158,7 +167,7 @@ MPSERVICE_API const void* resolve_initializer(const PoolWorkerBoot& boot);
 /// A pool worker's process target: runs the initializer, then serves.
 template <class Fn, class... A>
 void pool_worker_entry(PoolWorkerBoot boot, A... args) {
-    if (!boot.initializer.empty()) {
+    if (!boot.p->initializer.empty()) {
         Fn init = reinterpret_cast<Fn>(reinterpret_cast<std::uintptr_t>(resolve_initializer(boot)));
         init(std::move(args)...);
     }
