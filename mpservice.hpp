@@ -10870,19 +10870,24 @@ void PoolCore::reconcile_locked(std::size_t wi, Deliveries& out) {
     // Should the worker be replaced?
     bool init_failed = !was_ready && werr != nullptr;
     s.failed_starts = init_failed ? s.failed_starts + 1 : 0;
-    if (!s.broken && init_failed && (s.failed_starts >= 3 || is_remote_error(werr))) {
-        // The initializer raised (or the worker keeps dying before it is
-        // ready): starting more workers would fail the same way.
-        s.broken = werr;
-    } else if (!s.broken && !init_failed && !settings_.replace_dead_workers && s.phase != State::Phase::terminated) {
-        s.broken = std::make_exception_ptr(ProcessError(
-            "mpservice: the " + settings_.kind + "'s process has died (" + how + "); it serves no more calls", code));
+    if (!s.broken && s.phase != State::Phase::terminated) {
+        if (init_failed && is_remote_error(werr)) {
+            // The initializer (a runner's constructor) threw: every new
+            // worker would fail the same way.
+            s.broken = werr;
+        } else if (!settings_.replace_dead_workers && !(s.phase == State::Phase::closing && code == 0 && !werr)) {
+            s.broken = std::make_exception_ptr(ProcessError(
+                "mpservice: the " + settings_.kind + "'s process has died (" + how + "); it serves no more calls",
+                code));
+        } else if (init_failed && s.failed_starts >= 3) {
+            s.broken = werr;  // the workers keep dying before they are ready
+        }
     }
     if (s.broken) {
         fail_all_locked(s.broken, out);
         return;
     }
-    if (s.phase == State::Phase::terminated) return;
+    if (s.phase == State::Phase::terminated || !settings_.replace_dead_workers) return;
     if (s.phase == State::Phase::closing && s.pending.empty()) return;
     try {
         start_worker(wi);
