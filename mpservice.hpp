@@ -4346,6 +4346,16 @@ void runner_entry(PoolWorkerBoot boot, A... args) {
 
 // ---------------------------------------------------------------- parent side
 
+/// The outcome of one item: its encoded value or exception (kind 0 / 1), or
+/// an error made in the parent (a dead worker, terminate()).
+struct JobItem {
+    std::size_t index;
+    std::uint32_t kind;
+    const unsigned char* data;
+    std::size_t size;
+    std::exception_ptr error;
+};
+
 /// One submission (map, apply_async, imap, ...): receives the outcome of each
 /// of its items, by index, from the pool's result thread (or from terminate()).
 class JobBase {
@@ -4353,6 +4363,28 @@ public:
     virtual ~JobBase() = default;
     virtual void on_value(std::size_t index, Decoder& value) = 0;
     virtual void on_error(std::size_t index, std::exception_ptr error) = 0;
+    /// A batch of outcomes (one result message's); a job may take it at once.
+    virtual void on_items(const JobItem* items, std::size_t n) {
+        for (std::size_t i = 0; i < n; ++i) deliver_one(items[i]);
+    }
+
+protected:
+    void deliver_one(const JobItem& x) {
+        try {
+            if (x.error) {
+                on_error(x.index, x.error);
+                return;
+            }
+            Decoder d(x.data, x.size);
+            if (x.kind == 0) {
+                on_value(x.index, d);
+            } else {
+                on_error(x.index, decode_exception(d));
+            }
+        } catch (...) {
+            on_error(x.index, std::current_exception());  // a result that does not decode fails its item
+        }
+    }
 };
 
 /// A chunk on its way to a worker: the encoded task message and where each
@@ -4383,7 +4415,7 @@ struct PoolSettings {
     std::string kind = "pool";         // for messages: "pool" or "runner"
 };
 
-struct PoolDelivery;
+struct PoolDeliveries;
 
 /// The non-template part of a Pool: workers, dispatch, the result thread.
 class PoolCore : public std::enable_shared_from_this<PoolCore> {
@@ -4412,7 +4444,7 @@ public:
     }
 
     struct State;
-    using Deliveries = std::vector<std::pair<std::shared_ptr<JobBase>, PoolDelivery>>;
+    using Deliveries = PoolDeliveries;
     MPSERVICE_API PoolCore(PoolSettings settings, WorkerFactory factory);
 
 private:
@@ -4469,6 +4501,17 @@ public:
     }
     std::size_t items() const noexcept { return items_; }
     std::vector<ChunkDraft>& chunks() noexcept { return chunks_; }
+    /// Whether a chunk is complete (a later one has been opened).
+    bool has_full() const noexcept { return chunks_.size() > 1; }
+    /// Takes the complete chunks, leaving the one being filled.
+    std::vector<ChunkDraft> take_full() {
+        std::vector<ChunkDraft> full;
+        if (chunks_.size() < 2) return full;
+        full.reserve(chunks_.size() - 1);
+        for (std::size_t i = 0; i + 1 < chunks_.size(); ++i) full.push_back(std::move(chunks_[i]));
+        chunks_.erase(chunks_.begin(), chunks_.end() - 1);
+        return full;
+    }
 
 private:
     static bool carries_handles(const ChunkDraft& c) { return !c.args.handles().empty(); }
@@ -4517,6 +4560,18 @@ public:
 
     AsyncState(Success s, Failure f) : on_success_(std::move(s)), on_failure_(std::move(f)) { mark_started(); }
 
+    /// Spins briefly before it sleeps: a result that comes back within tens of
+    /// microseconds (an idle pool's round trip) then costs no wake-up.
+    bool wait_until(os::Deadline deadline) const override {
+        auto until = os::Clock::now() + std::chrono::microseconds(50);
+        if (deadline < until) until = deadline;
+        while (!done_relaxed()) {
+            if (os::Clock::now() >= until) return FutureCore::wait_until(deadline);
+            for (int i = 0; i < 64; ++i) os::cpu_relax();
+        }
+        return true;
+    }
+
     void succeed(Holder v) {
         value_.emplace(std::move(v));
         if (on_success_) run_callback([&] { on_success_(*value_); });
@@ -4559,24 +4614,52 @@ public:
     }
     void on_value(std::size_t index, Decoder& d) override {
         std::unique_lock<std::mutex> lk(mutex_);
-        if (index >= slots_.size() || slots_[index] || errors_.count(index)) return;
+        if (!take_value(index, d)) return;
+        settle(lk, 1);
+    }
+    void on_error(std::size_t index, std::exception_ptr e) override {
+        std::unique_lock<std::mutex> lk(mutex_);
+        if (!take_error(index, std::move(e))) return;
+        settle(lk, 1);
+    }
+    /// A whole result message under one lock: the fast path of map.
+    void on_items(const JobItem* items, std::size_t n) override {
+        std::unique_lock<std::mutex> lk(mutex_);
+        std::size_t settled = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+            const JobItem& x = items[i];
+            try {
+                if (x.error) {
+                    settled += take_error(x.index, x.error);
+                } else {
+                    Decoder d(x.data, x.size);
+                    settled += x.kind == 0 ? take_value(x.index, d) : take_error(x.index, decode_exception(d));
+                }
+            } catch (...) {
+                settled += take_error(x.index, std::current_exception());
+            }
+        }
+        if (settled) settle(lk, settled);
+    }
+
+private:
+    bool take_value(std::size_t index, Decoder& d) {
+        if (index >= slots_.size() || slots_[index] || errors_.count(index)) return false;
         if constexpr (std::is_void_v<R>) {
             slots_[index].emplace(true);
         } else {
             slots_[index].emplace(d.read<R>());
         }
-        settle(lk);
+        return true;
     }
-    void on_error(std::size_t index, std::exception_ptr e) override {
-        std::unique_lock<std::mutex> lk(mutex_);
-        if (index >= slots_.size() || slots_[index] || errors_.count(index)) return;
+    bool take_error(std::size_t index, std::exception_ptr e) {
+        if (index >= slots_.size() || slots_[index] || errors_.count(index)) return false;
         errors_.emplace(index, std::move(e));
-        settle(lk);
+        return true;
     }
-
-private:
-    void settle(std::unique_lock<std::mutex>& lk) {
-        if (--remaining_ != 0) return;
+    void settle(std::unique_lock<std::mutex>& lk, std::size_t n) {
+        remaining_ -= n;
+        if (remaining_ != 0) return;
         lk.unlock();
         finish();
     }
@@ -5072,13 +5155,30 @@ private:
         core_->check_accepting();
         detail::ChunkBuilder b(job, chunksize ? chunksize : detail::PoolCore::default_chunksize(n, processes()));
         ChunkAdder adder{b};
-        if (buffered.empty()) {
-            for (const auto& x : inputs) add_item(adder, x);
-        } else {
-            for (const auto& t : buffered) std::apply(adder, t);
-        }
         job->expect(n);
-        apply_tuple_submit<Fp>(f, b.chunks(), static_cast<Tuple*>(nullptr));
+        // Each chunk leaves as soon as it is complete: the workers start while
+        // the rest of the input is encoded.
+        auto flush = [&](bool all) {
+            if (all) {
+                apply_tuple_submit<Fp>(f, b.chunks(), static_cast<Tuple*>(nullptr));
+                b.chunks().clear();
+            } else if (b.has_full()) {
+                auto full = b.take_full();
+                apply_tuple_submit<Fp>(f, full, static_cast<Tuple*>(nullptr));
+            }
+        };
+        if (buffered.empty()) {
+            for (const auto& x : inputs) {
+                add_item(adder, x);
+                flush(false);
+            }
+        } else {
+            for (const auto& t : buffered) {
+                std::apply(adder, t);
+                flush(false);
+            }
+        }
+        flush(true);
         return AsyncResult<V>(st);
     }
     template <class Fp, class F, class... A>
@@ -10243,6 +10343,7 @@ struct WorkerLink {
     QueueCore results;
     PoolSlot* slot = nullptr;
     std::uint32_t next_local = 0;  // items of the current message with an outcome
+    std::uint32_t in_slot = 0;     // records in the slot now
 
     void append(std::uint32_t kind, const std::string& payload) {
         auto size = static_cast<std::uint32_t>(sizeof(PoolRecordHeader) + payload.size());
@@ -10267,6 +10368,7 @@ struct WorkerLink {
         std::memcpy(at, &rh, sizeof rh);
         if (!payload.empty()) std::memcpy(at + sizeof rh, payload.data(), payload.size());
         slot->used.store(used + size, std::memory_order_release);
+        ++in_slot;
     }
     /// Sends the slot's records, then empties it.
     void flush() {
@@ -10274,14 +10376,9 @@ struct WorkerLink {
         if (!used) return;
         slot->header.kind = pool_result_records;
         results.put(&slot->header, sizeof(PoolResultHeader) + used, os::no_deadline);
-        std::uint32_t n = 0;
-        for (std::uint32_t at = 0; at < used; ++n) {
-            PoolRecordHeader rh;
-            std::memcpy(&rh, slot->records() + at, sizeof rh);
-            at += static_cast<std::uint32_t>(sizeof rh) + rh.size;
-        }
         slot->used.store(0, std::memory_order_release);
-        slot->header.first += n;
+        slot->header.first += in_slot;
+        in_slot = 0;
     }
 };
 
@@ -10367,6 +10464,7 @@ void serve_pool_tasks(const PoolWorkerBoot& b, void* state) {
         slot.index.store(no_item, std::memory_order_relaxed);
         slot.chunk.store(th.chunk, std::memory_order_release);
         link.next_local = 0;
+        link.in_slot = 0;
 
         ItemSink sink;
         sink.link = &link;
@@ -10429,14 +10527,18 @@ struct PoolDoorbell {
     }
 };
 
-/// One outcome to hand to a job, outside the pool's lock.
-struct PoolDelivery {
-    std::size_t index;
-    std::uint32_t kind;
-    std::string bytes;         // value or exception, encoded
-    std::exception_ptr error;  // set instead, for a failure made in the parent
+/// Outcomes to hand to jobs outside the pool's lock, in batches per job.
+/// The bytes are the result message's (valid until delivered) or, for outcomes
+/// read from a dead worker's slot, copies kept here.
+struct PoolDeliveries {
+    std::deque<std::string> keep;  // a deque: strings never move (their data must not)
+    std::vector<std::pair<std::shared_ptr<JobBase>, std::vector<JobItem>>> batches;
+
+    void add(const std::shared_ptr<JobBase>& job, JobItem item) {
+        if (batches.empty() || batches.back().first != job) batches.emplace_back(job, std::vector<JobItem>());
+        batches.back().second.push_back(std::move(item));
+    }
 };
-using Delivery = PoolDelivery;
 
 struct PoolCore::State {
     enum class Phase { running, closing, terminated };
@@ -10512,30 +10614,13 @@ std::string error_text(const std::exception_ptr& e) {
 /// Deliveries for items [from, to) of `c`, all failing with `e`.
 void fail_items(State::Chunk& c, std::uint32_t from, std::uint32_t to, const std::exception_ptr& e,
                 PoolCore::Deliveries& out) {
-    for (std::uint32_t i = from; i < to; ++i) out.push_back({c.job, Delivery{c.job_first + i, record_error, {}, e}});
+    for (std::uint32_t i = from; i < to; ++i) out.add(c.job, JobItem{c.job_first + i, record_error, nullptr, 0, e});
 }
 
 void deliver(PoolCore::Deliveries& out) {
-    for (auto& [job, d] : out) {
-        try {
-            if (d.error) {
-                job->on_error(d.index, d.error);
-            } else if (d.kind == record_value) {
-                Decoder dec(d.bytes.data(), d.bytes.size());
-                job->on_value(d.index, dec);
-            } else {
-                Decoder dec(d.bytes.data(), d.bytes.size());
-                job->on_error(d.index, decode_exception(dec));
-            }
-        } catch (...) {
-            // A result that does not decode fails its item instead.
-            try {
-                job->on_error(d.index, std::current_exception());
-            } catch (...) {
-            }
-        }
-    }
-    out.clear();
+    for (auto& [job, items] : out.batches) job->on_items(items.data(), items.size());
+    out.batches.clear();
+    out.keep.clear();
 }
 
 /// Walks the records of a result message's body: fn(index, kind, data, size).
@@ -10771,12 +10856,12 @@ void PoolCore::on_results(const unsigned char* p, std::size_t n) {
         auto it = s.chunks.find(h.chunk);
         if (it == s.chunks.end()) return;  // terminated meanwhile
         State::Chunk& c = *it->second;
+        out.batches.emplace_back(c.job, std::vector<JobItem>());
+        out.batches.back().second.reserve(std::min<std::size_t>(c.count - c.next, (n - sizeof h) / sizeof(PoolRecordHeader)));
         for_each_record(p + sizeof h, n - sizeof h, h.first,
                         [&](std::uint32_t index, std::uint32_t kind, const unsigned char* data, std::size_t size) {
                             if (index < c.next || index >= c.count) return;  // already known
-                            out.push_back({c.job, Delivery{c.job_first + index, kind,
-                                                           std::string(reinterpret_cast<const char*>(data), size),
-                                                           nullptr}});
+                            out.add(c.job, JobItem{c.job_first + index, kind, data, size, nullptr});
                             c.next = index + 1;
                         });
         if (c.next >= c.count) {
@@ -10844,12 +10929,12 @@ void PoolCore::reconcile_locked(std::size_t wi, Deliveries& out) {
         c.worker = -1;
         if (id == running) {
             // The outcomes of the finished items still in the slot...
-            for_each_record(slot->records(), used, slot->header.first,
+            const std::string& kept =
+                out.keep.emplace_back(reinterpret_cast<const char*>(slot->records()), used);
+            for_each_record(reinterpret_cast<const unsigned char*>(kept.data()), kept.size(), slot->header.first,
                             [&](std::uint32_t i, std::uint32_t kind, const unsigned char* data, std::size_t size) {
                                 if (i < c.next || i >= c.count) return;
-                                out.push_back({c.job, Delivery{c.job_first + i, kind,
-                                                               std::string(reinterpret_cast<const char*>(data), size),
-                                                               nullptr}});
+                                out.add(c.job, JobItem{c.job_first + i, kind, data, size, nullptr});
                                 c.next = i + 1;
                             });
             // ...and the one that was running when the worker died fails, once.

@@ -83,6 +83,7 @@ struct WorkerLink {
     QueueCore results;
     PoolSlot* slot = nullptr;
     std::uint32_t next_local = 0;  // items of the current message with an outcome
+    std::uint32_t in_slot = 0;     // records in the slot now
 
     void append(std::uint32_t kind, const std::string& payload) {
         auto size = static_cast<std::uint32_t>(sizeof(PoolRecordHeader) + payload.size());
@@ -107,6 +108,7 @@ struct WorkerLink {
         std::memcpy(at, &rh, sizeof rh);
         if (!payload.empty()) std::memcpy(at + sizeof rh, payload.data(), payload.size());
         slot->used.store(used + size, std::memory_order_release);
+        ++in_slot;
     }
     /// Sends the slot's records, then empties it.
     void flush() {
@@ -114,14 +116,9 @@ struct WorkerLink {
         if (!used) return;
         slot->header.kind = pool_result_records;
         results.put(&slot->header, sizeof(PoolResultHeader) + used, os::no_deadline);
-        std::uint32_t n = 0;
-        for (std::uint32_t at = 0; at < used; ++n) {
-            PoolRecordHeader rh;
-            std::memcpy(&rh, slot->records() + at, sizeof rh);
-            at += static_cast<std::uint32_t>(sizeof rh) + rh.size;
-        }
         slot->used.store(0, std::memory_order_release);
-        slot->header.first += n;
+        slot->header.first += in_slot;
+        in_slot = 0;
     }
 };
 
@@ -207,6 +204,7 @@ void serve_pool_tasks(const PoolWorkerBoot& b, void* state) {
         slot.index.store(no_item, std::memory_order_relaxed);
         slot.chunk.store(th.chunk, std::memory_order_release);
         link.next_local = 0;
+        link.in_slot = 0;
 
         ItemSink sink;
         sink.link = &link;
@@ -269,14 +267,18 @@ struct PoolDoorbell {
     }
 };
 
-/// One outcome to hand to a job, outside the pool's lock.
-struct PoolDelivery {
-    std::size_t index;
-    std::uint32_t kind;
-    std::string bytes;         // value or exception, encoded
-    std::exception_ptr error;  // set instead, for a failure made in the parent
+/// Outcomes to hand to jobs outside the pool's lock, in batches per job.
+/// The bytes are the result message's (valid until delivered) or, for outcomes
+/// read from a dead worker's slot, copies kept here.
+struct PoolDeliveries {
+    std::deque<std::string> keep;  // a deque: strings never move (their data must not)
+    std::vector<std::pair<std::shared_ptr<JobBase>, std::vector<JobItem>>> batches;
+
+    void add(const std::shared_ptr<JobBase>& job, JobItem item) {
+        if (batches.empty() || batches.back().first != job) batches.emplace_back(job, std::vector<JobItem>());
+        batches.back().second.push_back(std::move(item));
+    }
 };
-using Delivery = PoolDelivery;
 
 struct PoolCore::State {
     enum class Phase { running, closing, terminated };
@@ -352,30 +354,13 @@ std::string error_text(const std::exception_ptr& e) {
 /// Deliveries for items [from, to) of `c`, all failing with `e`.
 void fail_items(State::Chunk& c, std::uint32_t from, std::uint32_t to, const std::exception_ptr& e,
                 PoolCore::Deliveries& out) {
-    for (std::uint32_t i = from; i < to; ++i) out.push_back({c.job, Delivery{c.job_first + i, record_error, {}, e}});
+    for (std::uint32_t i = from; i < to; ++i) out.add(c.job, JobItem{c.job_first + i, record_error, nullptr, 0, e});
 }
 
 void deliver(PoolCore::Deliveries& out) {
-    for (auto& [job, d] : out) {
-        try {
-            if (d.error) {
-                job->on_error(d.index, d.error);
-            } else if (d.kind == record_value) {
-                Decoder dec(d.bytes.data(), d.bytes.size());
-                job->on_value(d.index, dec);
-            } else {
-                Decoder dec(d.bytes.data(), d.bytes.size());
-                job->on_error(d.index, decode_exception(dec));
-            }
-        } catch (...) {
-            // A result that does not decode fails its item instead.
-            try {
-                job->on_error(d.index, std::current_exception());
-            } catch (...) {
-            }
-        }
-    }
-    out.clear();
+    for (auto& [job, items] : out.batches) job->on_items(items.data(), items.size());
+    out.batches.clear();
+    out.keep.clear();
 }
 
 /// Walks the records of a result message's body: fn(index, kind, data, size).
@@ -611,12 +596,12 @@ void PoolCore::on_results(const unsigned char* p, std::size_t n) {
         auto it = s.chunks.find(h.chunk);
         if (it == s.chunks.end()) return;  // terminated meanwhile
         State::Chunk& c = *it->second;
+        out.batches.emplace_back(c.job, std::vector<JobItem>());
+        out.batches.back().second.reserve(std::min<std::size_t>(c.count - c.next, (n - sizeof h) / sizeof(PoolRecordHeader)));
         for_each_record(p + sizeof h, n - sizeof h, h.first,
                         [&](std::uint32_t index, std::uint32_t kind, const unsigned char* data, std::size_t size) {
                             if (index < c.next || index >= c.count) return;  // already known
-                            out.push_back({c.job, Delivery{c.job_first + index, kind,
-                                                           std::string(reinterpret_cast<const char*>(data), size),
-                                                           nullptr}});
+                            out.add(c.job, JobItem{c.job_first + index, kind, data, size, nullptr});
                             c.next = index + 1;
                         });
         if (c.next >= c.count) {
@@ -684,12 +669,12 @@ void PoolCore::reconcile_locked(std::size_t wi, Deliveries& out) {
         c.worker = -1;
         if (id == running) {
             // The outcomes of the finished items still in the slot...
-            for_each_record(slot->records(), used, slot->header.first,
+            const std::string& kept =
+                out.keep.emplace_back(reinterpret_cast<const char*>(slot->records()), used);
+            for_each_record(reinterpret_cast<const unsigned char*>(kept.data()), kept.size(), slot->header.first,
                             [&](std::uint32_t i, std::uint32_t kind, const unsigned char* data, std::size_t size) {
                                 if (i < c.next || i >= c.count) return;
-                                out.push_back({c.job, Delivery{c.job_first + i, kind,
-                                                               std::string(reinterpret_cast<const char*>(data), size),
-                                                               nullptr}});
+                                out.add(c.job, JobItem{c.job_first + i, kind, data, size, nullptr});
                                 c.next = i + 1;
                             });
             // ...and the one that was running when the worker died fails, once.

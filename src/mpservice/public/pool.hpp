@@ -184,6 +184,16 @@ void runner_entry(PoolWorkerBoot boot, A... args) {
 
 // ---------------------------------------------------------------- parent side
 
+/// The outcome of one item: its encoded value or exception (kind 0 / 1), or
+/// an error made in the parent (a dead worker, terminate()).
+struct JobItem {
+    std::size_t index;
+    std::uint32_t kind;
+    const unsigned char* data;
+    std::size_t size;
+    std::exception_ptr error;
+};
+
 /// One submission (map, apply_async, imap, ...): receives the outcome of each
 /// of its items, by index, from the pool's result thread (or from terminate()).
 class JobBase {
@@ -191,6 +201,28 @@ public:
     virtual ~JobBase() = default;
     virtual void on_value(std::size_t index, Decoder& value) = 0;
     virtual void on_error(std::size_t index, std::exception_ptr error) = 0;
+    /// A batch of outcomes (one result message's); a job may take it at once.
+    virtual void on_items(const JobItem* items, std::size_t n) {
+        for (std::size_t i = 0; i < n; ++i) deliver_one(items[i]);
+    }
+
+protected:
+    void deliver_one(const JobItem& x) {
+        try {
+            if (x.error) {
+                on_error(x.index, x.error);
+                return;
+            }
+            Decoder d(x.data, x.size);
+            if (x.kind == 0) {
+                on_value(x.index, d);
+            } else {
+                on_error(x.index, decode_exception(d));
+            }
+        } catch (...) {
+            on_error(x.index, std::current_exception());  // a result that does not decode fails its item
+        }
+    }
 };
 
 /// A chunk on its way to a worker: the encoded task message and where each
@@ -221,7 +253,7 @@ struct PoolSettings {
     std::string kind = "pool";         // for messages: "pool" or "runner"
 };
 
-struct PoolDelivery;
+struct PoolDeliveries;
 
 /// The non-template part of a Pool: workers, dispatch, the result thread.
 class PoolCore : public std::enable_shared_from_this<PoolCore> {
@@ -250,7 +282,7 @@ public:
     }
 
     struct State;
-    using Deliveries = std::vector<std::pair<std::shared_ptr<JobBase>, PoolDelivery>>;
+    using Deliveries = PoolDeliveries;
     MPSERVICE_API PoolCore(PoolSettings settings, WorkerFactory factory);
 
 private:
@@ -307,6 +339,17 @@ public:
     }
     std::size_t items() const noexcept { return items_; }
     std::vector<ChunkDraft>& chunks() noexcept { return chunks_; }
+    /// Whether a chunk is complete (a later one has been opened).
+    bool has_full() const noexcept { return chunks_.size() > 1; }
+    /// Takes the complete chunks, leaving the one being filled.
+    std::vector<ChunkDraft> take_full() {
+        std::vector<ChunkDraft> full;
+        if (chunks_.size() < 2) return full;
+        full.reserve(chunks_.size() - 1);
+        for (std::size_t i = 0; i + 1 < chunks_.size(); ++i) full.push_back(std::move(chunks_[i]));
+        chunks_.erase(chunks_.begin(), chunks_.end() - 1);
+        return full;
+    }
 
 private:
     static bool carries_handles(const ChunkDraft& c) { return !c.args.handles().empty(); }
@@ -355,6 +398,18 @@ public:
 
     AsyncState(Success s, Failure f) : on_success_(std::move(s)), on_failure_(std::move(f)) { mark_started(); }
 
+    /// Spins briefly before it sleeps: a result that comes back within tens of
+    /// microseconds (an idle pool's round trip) then costs no wake-up.
+    bool wait_until(os::Deadline deadline) const override {
+        auto until = os::Clock::now() + std::chrono::microseconds(50);
+        if (deadline < until) until = deadline;
+        while (!done_relaxed()) {
+            if (os::Clock::now() >= until) return FutureCore::wait_until(deadline);
+            for (int i = 0; i < 64; ++i) os::cpu_relax();
+        }
+        return true;
+    }
+
     void succeed(Holder v) {
         value_.emplace(std::move(v));
         if (on_success_) run_callback([&] { on_success_(*value_); });
@@ -397,24 +452,52 @@ public:
     }
     void on_value(std::size_t index, Decoder& d) override {
         std::unique_lock<std::mutex> lk(mutex_);
-        if (index >= slots_.size() || slots_[index] || errors_.count(index)) return;
+        if (!take_value(index, d)) return;
+        settle(lk, 1);
+    }
+    void on_error(std::size_t index, std::exception_ptr e) override {
+        std::unique_lock<std::mutex> lk(mutex_);
+        if (!take_error(index, std::move(e))) return;
+        settle(lk, 1);
+    }
+    /// A whole result message under one lock: the fast path of map.
+    void on_items(const JobItem* items, std::size_t n) override {
+        std::unique_lock<std::mutex> lk(mutex_);
+        std::size_t settled = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+            const JobItem& x = items[i];
+            try {
+                if (x.error) {
+                    settled += take_error(x.index, x.error);
+                } else {
+                    Decoder d(x.data, x.size);
+                    settled += x.kind == 0 ? take_value(x.index, d) : take_error(x.index, decode_exception(d));
+                }
+            } catch (...) {
+                settled += take_error(x.index, std::current_exception());
+            }
+        }
+        if (settled) settle(lk, settled);
+    }
+
+private:
+    bool take_value(std::size_t index, Decoder& d) {
+        if (index >= slots_.size() || slots_[index] || errors_.count(index)) return false;
         if constexpr (std::is_void_v<R>) {
             slots_[index].emplace(true);
         } else {
             slots_[index].emplace(d.read<R>());
         }
-        settle(lk);
+        return true;
     }
-    void on_error(std::size_t index, std::exception_ptr e) override {
-        std::unique_lock<std::mutex> lk(mutex_);
-        if (index >= slots_.size() || slots_[index] || errors_.count(index)) return;
+    bool take_error(std::size_t index, std::exception_ptr e) {
+        if (index >= slots_.size() || slots_[index] || errors_.count(index)) return false;
         errors_.emplace(index, std::move(e));
-        settle(lk);
+        return true;
     }
-
-private:
-    void settle(std::unique_lock<std::mutex>& lk) {
-        if (--remaining_ != 0) return;
+    void settle(std::unique_lock<std::mutex>& lk, std::size_t n) {
+        remaining_ -= n;
+        if (remaining_ != 0) return;
         lk.unlock();
         finish();
     }
@@ -910,13 +993,30 @@ private:
         core_->check_accepting();
         detail::ChunkBuilder b(job, chunksize ? chunksize : detail::PoolCore::default_chunksize(n, processes()));
         ChunkAdder adder{b};
-        if (buffered.empty()) {
-            for (const auto& x : inputs) add_item(adder, x);
-        } else {
-            for (const auto& t : buffered) std::apply(adder, t);
-        }
         job->expect(n);
-        apply_tuple_submit<Fp>(f, b.chunks(), static_cast<Tuple*>(nullptr));
+        // Each chunk leaves as soon as it is complete: the workers start while
+        // the rest of the input is encoded.
+        auto flush = [&](bool all) {
+            if (all) {
+                apply_tuple_submit<Fp>(f, b.chunks(), static_cast<Tuple*>(nullptr));
+                b.chunks().clear();
+            } else if (b.has_full()) {
+                auto full = b.take_full();
+                apply_tuple_submit<Fp>(f, full, static_cast<Tuple*>(nullptr));
+            }
+        };
+        if (buffered.empty()) {
+            for (const auto& x : inputs) {
+                add_item(adder, x);
+                flush(false);
+            }
+        } else {
+            for (const auto& t : buffered) {
+                std::apply(adder, t);
+                flush(false);
+            }
+        }
+        flush(true);
         return AsyncResult<V>(st);
     }
     template <class Fp, class F, class... A>
