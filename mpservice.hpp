@@ -2289,6 +2289,10 @@ public:
     MPSERVICE_API std::exception_ptr result_error() const;
     /// Pushes this core onto `q` when it resolves (at once if it already has).
     MPSERVICE_API void subscribe(const std::shared_ptr<CompletionQueue>& q);
+    /// Runs `hook` once when this core resolves, in the resolving thread and
+    /// outside the core's lock (at once, here, if it already has).  The pool
+    /// uses it to hear of a worker's death without a thread per worker.
+    MPSERVICE_API void on_resolve(std::unique_ptr<Task> hook);
 
     std::string name;
 
@@ -2303,6 +2307,7 @@ private:
     std::exception_ptr error_;
     std::exception_ptr result_error_;
     std::vector<std::weak_ptr<CompletionQueue>> subscribers_;
+    std::vector<std::unique_ptr<Task>> hooks_;
 };
 
 /// Cores that have resolved, in the order they did.
@@ -5031,6 +5036,1166 @@ std::vector<Connection<T>*> connection_wait(const std::vector<Connection<T>*>& c
 
 }  // namespace mpservice
 // ---- end part: mpservice/public/connection.hpp
+// ---- begin part: mpservice/public/pool.hpp ----------------------------------
+// pool: Pool, a pool of worker processes, and AsyncResult<R>, the future of
+// one submission to it.
+//
+//     mp::Pool pool(4);                                   // or mp::Pool pool(ctx, 4, options)
+//     std::vector<double> a = pool.map(work, inputs);     // input order; optional chunksize
+//     for (double r : pool.imap(work, inputs)) ...        // input order, lazy, bounded
+//     for (double r : pool.imap_unordered(work, inputs)) ...
+//     auto b = pool.starmap(add, std::vector<std::tuple<int, int>>{{1, 2}, {3, 4}});
+//     double c = pool.apply(work, 21);
+//     mp::AsyncResult<double> d = pool.apply_async(work, 21);
+//     pool.close(); pool.join();                          // or pool.terminate()
+//
+// Workers are the library's processes (spawned by default): their log records
+// reach the parent's handler, a task's exception comes back typed with the
+// worker's throw-site stack, and library handles (Lock, Queue, Value, ...) can
+// be task arguments.  Targets are what Process accepts in the spawn context -
+// free functions, static member functions, capture-less lambdas - under every
+// context (a lambda with captures is refused at compile time... or at run time).
+//
+// The data path of a task: the caller encodes a chunk of arguments (codec),
+// the pool puts it on one worker's own task ring (shared memory, so the pool
+// knows which worker holds which task), the worker runs the items one by one,
+// recording each outcome in its own shared progress slot, and sends the
+// chunk's outcomes on the pool's result ring; one result thread in the parent
+// (the pool's only thread) decodes them into the AsyncResult / imap buffer and
+// runs the callbacks.
+//
+// A worker that dies in a task (signal, exit(n)) fails exactly that task with
+// ProcessError naming the signal or code: the outcomes of the items of its
+// chunk that had finished are read from its progress slot, the items after the
+// fatal one are sent to another worker, nothing runs twice.  The worker is
+// replaced and the pool keeps serving.
+//
+// Lifetime: destroying a Pool terminates it (as Python's `with Pool() as p:`
+// does); call close() and join() first to wait for the queued work.
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace mpservice {
+
+template <class R>
+class AsyncResult;
+class Pool;
+
+namespace detail {
+
+// ---------------------------------------------------------------- worker side
+
+/// Where a worker records the outcome of each item of the chunk it runs
+/// (impl/pool.cpp): in its shared progress slot first, so that a crash loses
+/// only the item in progress, then on the pool's result ring.
+class ItemSink {
+public:
+    /// Item `local` of the chunk (0-based) is about to run.
+    MPSERVICE_API void begin(std::uint32_t local);
+    /// The encoder for the item's result (empty at begin()).
+    Encoder& out() noexcept { return out_; }
+    /// The item returned (its value, if any, is in out()).
+    MPSERVICE_API void commit_value();
+    /// The item threw.
+    MPSERVICE_API void commit_error(const std::exception_ptr& e);
+
+    void* link = nullptr;  // the worker's slot and rings (impl/pool.cpp)
+    std::uint32_t base = 0;
+
+private:
+    Encoder out_;
+};
+
+/// Runs `count` items whose arguments are in `in`; `state` is a ProcessRunner's object.
+using ChunkRunner = void (*)(const void* fn, void* state, Decoder& in, std::uint32_t count, ItemSink& sink);
+
+template <class R, class... A, class Call>
+void run_items(Decoder& in, std::uint32_t count, ItemSink& sink, Call& call) {
+    for (std::uint32_t i = 0; i < count; ++i) {
+        std::tuple<A...> args{in.read<A>()...};  // braced: decoded left to right
+        sink.begin(i);
+        try {
+            if constexpr (std::is_void_v<R>) {
+                std::apply(call, std::move(args));
+            } else {
+                sink.out().write(std::apply(call, std::move(args)));
+            }
+        } catch (...) {
+            sink.commit_error(std::current_exception());
+            continue;
+        }
+        sink.commit_value();
+    }
+}
+
+/// The runner of a pool task: a plain function of arguments A...
+template <class Fn, class... A>
+void run_function_chunk(const void* fn, void*, Decoder& in, std::uint32_t count, ItemSink& sink) {
+    Fn f = reinterpret_cast<Fn>(reinterpret_cast<std::uintptr_t>(fn));
+    using R = std::invoke_result_t<Fn, A...>;
+    run_items<R, A...>(in, count, sink, f);
+}
+
+/// The runner of a ProcessRunner call: T::operator()(A...) on the worker's object.
+template <class T, class... A>
+void run_method_chunk(const void*, void* state, Decoder& in, std::uint32_t count, ItemSink& sink) {
+    T& obj = *static_cast<T*>(state);
+    using R = std::invoke_result_t<T&, A...>;
+    auto call = [&obj](A&&... a) -> R { return obj(std::move(a)...); };
+    run_items<R, A...>(in, count, sink, call);
+}
+
+/// What a worker process is handed at start: its task ring, the pool's result
+/// ring, its progress slot, its side channel for OS handles, the initializer.
+struct PoolWorkerParts {
+    QueueCore tasks;
+    QueueCore results;
+    SharedMemory slot;
+    os::handle_t lane = os::invalid_handle;  // owned; handles of task arguments travel here
+    os::CodeRef initializer;
+    std::uint64_t maxtasks = 0;  // 0: no limit
+
+    PoolWorkerParts() = default;
+    PoolWorkerParts(const PoolWorkerParts&) = delete;
+    PoolWorkerParts& operator=(const PoolWorkerParts&) = delete;
+    MPSERVICE_API ~PoolWorkerParts();
+};
+/// The worker's Process argument.  Copies share the parts, so that the parent
+/// can let go of them (release()) as soon as the worker has started, instead
+/// of when its Process is destroyed.
+struct PoolWorkerBoot {
+    std::shared_ptr<PoolWorkerParts> p = std::make_shared<PoolWorkerParts>();
+    /// Closes the parent's copies of the worker's descriptors and mappings.
+    void release() { p->~PoolWorkerParts(), new (p.get()) PoolWorkerParts(); }
+};
+
+/// The worker's loop: takes chunks off its ring and runs them until the ring
+/// is closed or maxtasks chunks are done.  `state`: a ProcessRunner's object.
+MPSERVICE_API void serve_pool_tasks(const PoolWorkerBoot& boot, void* state);
+/// The initializer named in `boot` (throws if it cannot be found).
+MPSERVICE_API const void* resolve_initializer(const PoolWorkerBoot& boot);
+
+/// A pool worker's process target: runs the initializer, then serves.
+template <class Fn, class... A>
+void pool_worker_entry(PoolWorkerBoot boot, A... args) {
+    if (!boot.p->initializer.empty()) {
+        Fn init = reinterpret_cast<Fn>(reinterpret_cast<std::uintptr_t>(resolve_initializer(boot)));
+        init(std::move(args)...);
+    }
+    serve_pool_tasks(boot, nullptr);
+}
+inline void pool_no_initializer() {}
+
+/// A ProcessRunner's process target: constructs the T, then serves its calls.
+template <class T, class... A>
+void runner_entry(PoolWorkerBoot boot, A... args) {
+    T obj(std::move(args)...);
+    serve_pool_tasks(boot, &obj);
+}
+
+// ---------------------------------------------------------------- parent side
+
+/// The outcome of one item: its encoded value or exception (kind 0 / 1), or
+/// an error made in the parent (a dead worker, terminate()).
+struct JobItem {
+    std::size_t index;
+    std::uint32_t kind;
+    const unsigned char* data;
+    std::size_t size;
+    std::exception_ptr error;
+};
+
+/// One submission (map, apply_async, imap, ...): receives the outcome of each
+/// of its items, by index, from the pool's result thread (or from terminate()).
+class JobBase {
+public:
+    virtual ~JobBase() = default;
+    virtual void on_value(std::size_t index, Decoder& value) = 0;
+    virtual void on_error(std::size_t index, std::exception_ptr error) = 0;
+    /// A batch of outcomes (one result message's); a job may take it at once.
+    virtual void on_items(const JobItem* items, std::size_t n) {
+        for (std::size_t i = 0; i < n; ++i) deliver_one(items[i]);
+    }
+
+protected:
+    void deliver_one(const JobItem& x) {
+        try {
+            if (x.error) {
+                on_error(x.index, x.error);
+                return;
+            }
+            Decoder d(x.data, x.size);
+            if (x.kind == 0) {
+                on_value(x.index, d);
+            } else {
+                on_error(x.index, decode_exception(d));
+            }
+        } catch (...) {
+            on_error(x.index, std::current_exception());  // a result that does not decode fails its item
+        }
+    }
+};
+
+/// A chunk on its way to a worker: the encoded task message and where each
+/// item's arguments start in it (so that the rest of a chunk can be sent again
+/// when its worker dies in the middle).
+struct ChunkDraft {
+    std::shared_ptr<JobBase> job;
+    std::size_t job_first = 0;
+    std::uint32_t count = 0;
+    Encoder args;                        // the items' arguments, back to back
+    std::vector<std::uint32_t> offsets;  // offsets[i]: start of item i in args
+};
+
+struct PoolTarget {
+    os::CodeRef fn;      // the user's function (empty for a ProcessRunner call)
+    os::CodeRef runner;  // the ChunkRunner instance that decodes and calls it
+};
+
+/// Starts one worker process for a boot (made by Pool / ProcessRunner, which
+/// know the initializer's types); returns its Process.
+using WorkerFactory = std::function<std::unique_ptr<Process<void>>(const PoolWorkerBoot& boot)>;
+
+struct PoolSettings {
+    int processes = 1;
+    std::uint64_t maxtasks = 0;
+    os::CodeRef initializer;
+    bool replace_dead_workers = true;  // false: a ProcessRunner (one death ends it)
+    std::string kind = "pool";         // for messages: "pool" or "runner"
+};
+
+struct PoolDeliveries;
+
+/// The non-template part of a Pool: workers, dispatch, the result thread.
+class PoolCore : public std::enable_shared_from_this<PoolCore> {
+public:
+    MPSERVICE_API static std::shared_ptr<PoolCore> create(PoolSettings settings, WorkerFactory factory);
+    MPSERVICE_API ~PoolCore();
+
+    /// Queues chunks of `target`; InvalidStateError after close()/terminate(),
+    /// the worker's error once a ProcessRunner has died.
+    MPSERVICE_API void submit(const PoolTarget& target, std::vector<ChunkDraft>& chunks);
+    MPSERVICE_API void close();
+    MPSERVICE_API void terminate();
+    /// Waits for the workers to end (after close or terminate).
+    MPSERVICE_API void join();
+    /// Throws what submit() would throw now (closed, terminated, broken).
+    MPSERVICE_API void check_accepting() const;
+    /// Pids of the live workers (for tests and diagnostics).
+    MPSERVICE_API std::vector<long> worker_pids() const;
+    int processes() const noexcept { return settings_.processes; }
+
+    /// Items per chunk when the caller gives none (Python's rule for map).
+    static std::size_t default_chunksize(std::size_t n, int processes) {
+        std::size_t per = static_cast<std::size_t>(processes) * 4;
+        std::size_t c = n / per + (n % per ? 1 : 0);
+        return c ? c : 1;
+    }
+
+    struct State;
+    using Deliveries = PoolDeliveries;
+    MPSERVICE_API PoolCore(PoolSettings settings, WorkerFactory factory);
+
+private:
+    void start_worker(std::size_t i);
+    bool send_locked(std::size_t worker, std::uint64_t chunk, bool may_block);
+    void dispatch_locked();
+    void maybe_finish_locked();
+    void complete_locked(std::uint64_t chunk);
+    void on_results(const unsigned char* p, std::size_t n);
+    std::vector<const void*> dead_workers() const;
+    void handle_deaths(const std::vector<const void*>& dead);
+    void reconcile_locked(std::size_t worker, Deliveries& out);
+    void fail_all_locked(const std::exception_ptr& e, Deliveries& out);
+    void result_loop();
+
+    std::unique_ptr<State> s_;
+    PoolSettings settings_;
+};
+
+/// The code reference of a function pointer (cached per function).
+MPSERVICE_API os::CodeRef pool_code_ref(const void* fn);
+template <class Fn>
+const void* fn_address(Fn fn) {
+    return reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(fn));
+}
+
+/// Appends one item's arguments to a chunk.  An item carrying OS handles
+/// (a Queue, a Lock, ...) travels alone in its chunk, since the handles go to
+/// the worker beside the chunk rather than inside it.
+class ChunkBuilder {
+public:
+    ChunkBuilder(std::shared_ptr<JobBase> job, std::size_t chunksize) : job_(std::move(job)), chunksize_(chunksize) {}
+
+    template <class... A>
+    void add(const A&... args) {
+        if (chunks_.empty() || chunks_.back().count >= chunksize_ || carries_handles(chunks_.back())) open();
+        ChunkDraft* c = &chunks_.back();
+        std::size_t at = c->args.bytes().size();
+        c->offsets.push_back(static_cast<std::uint32_t>(at));
+        (c->args.write(args), ...);
+        if (!c->args.handles().empty() && c->count > 0) {
+            // Handles in an item that has neighbours: move it to a chunk of its own.
+            c->args.bytes().resize(at);
+            c->offsets.pop_back();
+            c->args = rebuild_without_handles(*c);
+            open();
+            c = &chunks_.back();
+            c->offsets.push_back(0);
+            (c->args.write(args), ...);
+        }
+        check_size(*c);
+        ++c->count;
+        ++items_;
+    }
+    std::size_t items() const noexcept { return items_; }
+    std::vector<ChunkDraft>& chunks() noexcept { return chunks_; }
+    /// Whether a chunk is complete (a later one has been opened).
+    bool has_full() const noexcept { return chunks_.size() > 1; }
+    /// Takes the complete chunks, leaving the one being filled.
+    std::vector<ChunkDraft> take_full() {
+        std::vector<ChunkDraft> full;
+        if (chunks_.size() < 2) return full;
+        full.reserve(chunks_.size() - 1);
+        for (std::size_t i = 0; i + 1 < chunks_.size(); ++i) full.push_back(std::move(chunks_[i]));
+        chunks_.erase(chunks_.begin(), chunks_.end() - 1);
+        return full;
+    }
+
+private:
+    static bool carries_handles(const ChunkDraft& c) { return !c.args.handles().empty(); }
+    static Encoder rebuild_without_handles(ChunkDraft& c) {
+        Encoder e;
+        e.write_bytes(c.args.bytes().data(), c.args.bytes().size());
+        return e;
+    }
+    static void check_size(const ChunkDraft& c) {
+        if (c.args.bytes().size() > 0xFFFFFFF0u)
+            throw std::length_error("mpservice: a pool chunk's arguments exceed 4 GiB; use a smaller chunksize");
+    }
+    void open() {
+        chunks_.emplace_back();
+        chunks_.back().job = job_;
+        chunks_.back().job_first = items_;
+    }
+
+    std::shared_ptr<JobBase> job_;
+    std::size_t chunksize_;
+    std::size_t items_ = 0;
+    std::vector<ChunkDraft> chunks_;
+};
+
+template <class A>
+struct tuple_args;
+template <class... A>
+struct tuple_args<std::tuple<A...>> {
+    template <class Fn>
+    static constexpr ChunkRunner runner() {
+        return &run_function_chunk<Fn, A...>;
+    }
+};
+
+/// A callback threw: logged (as Python's pool does not stop for it either).
+MPSERVICE_API void log_callback_error(const std::exception_ptr& e);
+
+/// The outcome state of an AsyncResult: the value, and the callbacks that run
+/// (in the result thread) before it resolves.
+template <class R>
+class AsyncState : public FutureCore {
+public:
+    using Holder = std::conditional_t<std::is_void_v<R>, bool, R>;
+    using Success = std::function<void(const Holder&)>;
+    using Failure = std::function<void(const std::exception_ptr&)>;
+
+    AsyncState(Success s, Failure f) : on_success_(std::move(s)), on_failure_(std::move(f)) { mark_started(); }
+
+    /// Spins briefly before it sleeps: a result that comes back within tens of
+    /// microseconds (an idle pool's round trip) then costs no wake-up.
+    bool wait_until(os::Deadline deadline) const override {
+        auto until = os::Clock::now() + std::chrono::microseconds(50);
+        if (deadline < until) until = deadline;
+        while (!done_relaxed()) {
+            if (os::Clock::now() >= until) return FutureCore::wait_until(deadline);
+            for (int i = 0; i < 64; ++i) os::cpu_relax();
+        }
+        return true;
+    }
+
+    void succeed(Holder v) {
+        value_.emplace(std::move(v));
+        if (on_success_) run_callback([&] { on_success_(*value_); });
+        resolve(nullptr);
+    }
+    void fail(std::exception_ptr e) {
+        if (on_failure_) run_callback([&] { on_failure_(e); });
+        resolve(e);
+    }
+    const Holder& value() const { return *value_; }
+
+private:
+    template <class F>
+    void run_callback(F&& f) {
+        try {
+            f();
+        } catch (...) {
+            log_callback_error(std::current_exception());
+        }
+    }
+    std::optional<Holder> value_;
+    Success on_success_;
+    Failure on_failure_;
+};
+
+/// map / map_async / starmap: every item's outcome in input order; the
+/// first failure by position once all have finished.
+template <class R>
+class MapJob final : public JobBase {
+    using Slot = std::conditional_t<std::is_void_v<R>, bool, R>;
+
+public:
+    explicit MapJob(std::shared_ptr<AsyncState<std::conditional_t<std::is_void_v<R>, void, std::vector<Slot>>>> st)
+        : state_(std::move(st)) {}
+
+    void expect(std::size_t n) {
+        slots_.resize(n);
+        remaining_ = n;
+        if (n == 0) finish();
+    }
+    void on_value(std::size_t index, Decoder& d) override {
+        std::unique_lock<std::mutex> lk(mutex_);
+        if (!take_value(index, d)) return;
+        settle(lk, 1);
+    }
+    void on_error(std::size_t index, std::exception_ptr e) override {
+        std::unique_lock<std::mutex> lk(mutex_);
+        if (!take_error(index, std::move(e))) return;
+        settle(lk, 1);
+    }
+    /// A whole result message under one lock: the fast path of map.
+    void on_items(const JobItem* items, std::size_t n) override {
+        std::unique_lock<std::mutex> lk(mutex_);
+        std::size_t settled = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+            const JobItem& x = items[i];
+            try {
+                if (x.error) {
+                    settled += take_error(x.index, x.error);
+                } else {
+                    Decoder d(x.data, x.size);
+                    settled += x.kind == 0 ? take_value(x.index, d) : take_error(x.index, decode_exception(d));
+                }
+            } catch (...) {
+                settled += take_error(x.index, std::current_exception());
+            }
+        }
+        if (settled) settle(lk, settled);
+    }
+
+private:
+    bool take_value(std::size_t index, Decoder& d) {
+        if (index >= slots_.size() || slots_[index] || errors_.count(index)) return false;
+        if constexpr (std::is_void_v<R>) {
+            slots_[index].emplace(true);
+        } else {
+            slots_[index].emplace(d.read<R>());
+        }
+        return true;
+    }
+    bool take_error(std::size_t index, std::exception_ptr e) {
+        if (index >= slots_.size() || slots_[index] || errors_.count(index)) return false;
+        errors_.emplace(index, std::move(e));
+        return true;
+    }
+    void settle(std::unique_lock<std::mutex>& lk, std::size_t n) {
+        remaining_ -= n;
+        if (remaining_ != 0) return;
+        lk.unlock();
+        finish();
+    }
+    void finish() {
+        if (!errors_.empty()) {
+            state_->fail(errors_.begin()->second);
+            return;
+        }
+        if constexpr (std::is_void_v<R>) {
+            state_->succeed(true);
+        } else {
+            std::vector<Slot> out;
+            out.reserve(slots_.size());
+            for (auto& s : slots_) out.push_back(std::move(*s));
+            slots_.clear();
+            state_->succeed(std::move(out));
+        }
+    }
+
+    std::mutex mutex_;
+    std::vector<std::optional<Slot>> slots_;
+    std::map<std::size_t, std::exception_ptr> errors_;
+    std::size_t remaining_ = 0;
+    std::shared_ptr<AsyncState<std::conditional_t<std::is_void_v<R>, void, std::vector<Slot>>>> state_;
+};
+
+/// apply / apply_async: one item.
+template <class R>
+class SingleJob final : public JobBase {
+public:
+    explicit SingleJob(std::shared_ptr<AsyncState<R>> st) : state_(std::move(st)) {}
+    void on_value(std::size_t, Decoder& d) override {
+        if (settled_.exchange(true)) return;
+        if constexpr (std::is_void_v<R>) {
+            (void)d;
+            state_->succeed(true);
+        } else {
+            state_->succeed(d.read<R>());
+        }
+    }
+    void on_error(std::size_t, std::exception_ptr e) override {
+        if (settled_.exchange(true)) return;
+        state_->fail(std::move(e));
+    }
+
+private:
+    std::atomic<bool> settled_{false};
+    std::shared_ptr<AsyncState<R>> state_;
+};
+
+/// Pulls items from the caller's input range, lazily, into chunks.
+class InputFeed {
+public:
+    virtual ~InputFeed() = default;
+    /// Adds up to `n` items to `b`; false once the input is exhausted.  An
+    /// exception from the input range propagates.
+    virtual bool pull(ChunkBuilder& b, std::size_t n) = 0;
+};
+template <class Range, class Arg, bool Star>
+class InputFeedOf final : public InputFeed {
+public:
+    explicit InputFeedOf(Range&& r) : range_(std::forward<Range>(r)), it_(std::begin(range_)), end_(std::end(range_)) {}
+    bool pull(ChunkBuilder& b, std::size_t n) override {
+        for (std::size_t i = 0; i < n; ++i) {
+            if (!(it_ != end_)) return false;
+            if constexpr (Star) {
+                std::apply([&](const auto&... a) { b.add(a...); }, Arg(*it_));
+            } else {
+                b.add(Arg(*it_));
+            }
+            ++it_;
+        }
+        return true;
+    }
+
+private:
+    Range range_;  // a reference for an lvalue range, a copy of an rvalue one
+    decltype(std::begin(std::declval<std::remove_reference_t<Range>&>())) it_;
+    decltype(std::end(std::declval<std::remove_reference_t<Range>&>())) end_;
+};
+
+/// imap / imap_unordered: outcomes buffered until the consumer takes them.
+template <class R>
+class StreamJob final : public JobBase {
+public:
+    using Slot = std::conditional_t<std::is_void_v<R>, bool, R>;
+    struct Outcome {
+        std::optional<Slot> value;
+        std::exception_ptr error;
+    };
+    explicit StreamJob(bool ordered) : ordered_(ordered) {}
+
+    void on_value(std::size_t index, Decoder& d) override {
+        Outcome o;
+        if constexpr (std::is_void_v<R>) {
+            (void)d;
+            o.value.emplace(true);
+        } else {
+            o.value.emplace(d.read<R>());
+        }
+        put(index, std::move(o));
+    }
+    void on_error(std::size_t index, std::exception_ptr e) override {
+        Outcome o;
+        o.error = std::move(e);
+        put(index, std::move(o));
+    }
+    /// The next outcome in the consumer's order if one is there.
+    std::optional<Outcome> take() {
+        if (ordered_) {
+            auto it = ready_.find(next_);
+            if (it == ready_.end()) return std::nullopt;
+            Outcome o = std::move(it->second);
+            ready_.erase(it);
+            ++next_;
+            return o;
+        }
+        if (ready_.empty()) return std::nullopt;
+        auto it = ready_.begin();
+        Outcome o = std::move(it->second);
+        ready_.erase(it);
+        ++next_;
+        return o;
+    }
+    std::size_t taken() const noexcept { return next_; }
+
+    std::mutex mutex;
+    std::condition_variable cv;
+
+private:
+    void put(std::size_t index, Outcome o) {
+        std::lock_guard<std::mutex> lk(mutex);
+        ready_.emplace(index, std::move(o));
+        cv.notify_all();
+    }
+    bool ordered_;
+    std::map<std::size_t, Outcome> ready_;
+    std::size_t next_ = 0;
+};
+
+}  // namespace detail
+
+template <>
+struct Codec<detail::PoolWorkerBoot> {
+    MPSERVICE_API static void encode(Encoder& e, const detail::PoolWorkerBoot& b);
+    MPSERVICE_API static detail::PoolWorkerBoot decode(Decoder& d);
+};
+
+/// The future of one submission to a Pool (apply_async, map_async) or a
+/// ProcessRunner (submit).  It is a Worker, so mp::wait / mp::as_completed
+/// take it among Processes and Threads.  Movable, not copyable.
+template <class R>
+class AsyncResult : public Worker {
+    using State = detail::AsyncState<R>;
+
+public:
+    explicit AsyncResult(std::shared_ptr<State> st) : Worker(st) { core_->name = "AsyncResult"; }
+    AsyncResult(AsyncResult&&) noexcept = default;
+    AsyncResult& operator=(AsyncResult&&) noexcept = default;
+
+    /// The value (waits); re-throws the task's exception (typed, as from Process).
+    detail::result_ref_t<R> get() { return get_at(detail::os::no_deadline); }
+    /// As get(), but TimeoutError if the result is not there within `timeout`.
+    template <class Rep, class Period>
+    detail::result_ref_t<R> get(std::chrono::duration<Rep, Period> timeout) {
+        return get_at(detail::os::deadline_after(timeout));
+    }
+    /// Waits for the result; the callbacks have run when it returns.
+    void wait() { core_->wait_until(detail::os::no_deadline); }
+    /// Waits at most `timeout`; true if the result is there.
+    template <class Rep, class Period>
+    bool wait(std::chrono::duration<Rep, Period> timeout) {
+        return core_->wait_until(detail::os::deadline_after(timeout));
+    }
+    /// Whether the result is there (its callbacks have run).
+    bool ready() const { return core_->done(); }
+    /// Whether it ended with a value; InvalidStateError while not ready (Python: ValueError).
+    bool successful() const {
+        if (!ready()) throw InvalidStateError("mpservice: successful() called on an AsyncResult that is not ready");
+        return core_->error() == nullptr;
+    }
+
+private:
+    State& state() const { return static_cast<State&>(*core_); }
+    detail::result_ref_t<R> get_at(detail::os::Deadline deadline) {
+        if (!core_->wait_until(deadline)) throw TimeoutError("mpservice: the result was not ready within the timeout");
+        if (auto e = core_->error()) detail::rethrow_exception(e);
+        if constexpr (!std::is_void_v<R>) return state().value();
+    }
+};
+
+/// The lazy result of imap / imap_unordered: a single-pass input range.
+/// Iterating yields each result; a failed task throws its exception from
+/// next() (or the iterator's ++), and next() may be called again to go on.
+/// At most a bounded number of chunks are in flight or buffered, so an input
+/// of any length (read only as the results are consumed) uses bounded memory.
+template <class R>
+class ImapResult {
+    using Job = detail::StreamJob<R>;
+    using Slot = typename Job::Slot;
+
+public:
+    /// The next result in order (imap) or as it finished (imap_unordered);
+    /// std::nullopt at the end.  Re-throws the task's exception, or - after
+    /// every earlier result - the exception the input range threw.
+    std::optional<Slot> next() { return next_at(detail::os::no_deadline); }
+    /// As next(), but TimeoutError if no result comes within `timeout`.
+    template <class Rep, class Period>
+    std::optional<Slot> next(std::chrono::duration<Rep, Period> timeout) {
+        return next_at(detail::os::deadline_after(timeout));
+    }
+
+    class iterator {
+    public:
+        using value_type = Slot;
+        using reference = const Slot&;
+        using difference_type = std::ptrdiff_t;
+        using iterator_category = std::input_iterator_tag;
+        const Slot& operator*() const { return *current_; }
+        iterator& operator++() {
+            current_ = owner_->next();
+            return *this;
+        }
+        bool operator==(const iterator& o) const noexcept { return current_.has_value() == o.current_.has_value(); }
+        bool operator!=(const iterator& o) const noexcept { return !(*this == o); }
+
+    private:
+        friend class ImapResult;
+        iterator(ImapResult* owner, std::optional<Slot> c) : owner_(owner), current_(std::move(c)) {}
+        ImapResult* owner_;
+        std::optional<Slot> current_;
+    };
+    iterator begin() { return iterator(this, next()); }
+    iterator end() { return iterator(this, std::nullopt); }
+
+    ImapResult(std::shared_ptr<detail::PoolCore> pool, detail::PoolTarget target, std::unique_ptr<detail::InputFeed> feed,
+               std::size_t chunksize, bool ordered)
+        : pool_(std::move(pool)),
+          target_(target),
+          feed_(std::move(feed)),
+          job_(std::make_shared<Job>(ordered)),
+          chunksize_(chunksize ? chunksize : 1),
+          window_chunks_(static_cast<std::size_t>(pool_->processes()) * 4) {
+        top_up();
+    }
+
+private:
+    /// Submits chunks until `window_chunks_` worth of items are outstanding.
+    void top_up() {
+        while (!exhausted_ && submitted_ - consumed() < window_chunks_ * chunksize_) {
+            detail::ChunkBuilder b(job_, chunksize_);
+            b.chunks().reserve(1);
+            bool more;
+            try {
+                more = feed_->pull(b, chunksize_);
+            } catch (...) {
+                input_error_ = std::current_exception();
+                more = false;
+            }
+            // A builder's items are numbered from 0: shift them to this job's positions.
+            for (auto& c : b.chunks()) c.job_first += submitted_;
+            if (b.items()) pool_->submit(target_, b.chunks());
+            submitted_ += b.items();
+            if (!more) exhausted_ = true;
+        }
+    }
+    std::size_t consumed() {
+        std::lock_guard<std::mutex> lk(job_->mutex);
+        return job_->taken();
+    }
+    std::optional<Slot> next_at(detail::os::Deadline deadline) {
+        for (;;) {
+            top_up();
+            std::unique_lock<std::mutex> lk(job_->mutex);
+            if (auto o = job_->take()) {
+                lk.unlock();
+                if (o->error) detail::rethrow_exception(o->error);
+                return std::move(o->value);
+            }
+            if (exhausted_ && job_->taken() == submitted_) {
+                if (input_error_) {
+                    auto e = input_error_;
+                    input_error_ = nullptr;
+                    std::rethrow_exception(e);
+                }
+                return std::nullopt;
+            }
+            if (deadline == detail::os::no_deadline) {
+                job_->cv.wait(lk);
+            } else if (job_->cv.wait_until(lk, deadline) == std::cv_status::timeout) {
+                if (auto o = job_->take()) {
+                    lk.unlock();
+                    if (o->error) detail::rethrow_exception(o->error);
+                    return std::move(o->value);
+                }
+                throw TimeoutError("mpservice: no imap result within the timeout");
+            }
+        }
+    }
+
+    std::shared_ptr<detail::PoolCore> pool_;
+    detail::PoolTarget target_;
+    std::unique_ptr<detail::InputFeed> feed_;
+    std::shared_ptr<Job> job_;
+    std::size_t chunksize_;
+    std::size_t window_chunks_;
+    std::size_t submitted_ = 0;
+    bool exhausted_ = false;
+    std::exception_ptr input_error_;
+};
+
+/// Options of a Pool beyond the number of processes.
+struct PoolOptions {
+    /// A worker is replaced after this many tasks (a chunk counts as one, as
+    /// in Python); 0 = never.  Negative is std::invalid_argument.
+    long maxtasksperchild = 0;
+};
+
+/// A pool of worker processes (see the top of this part).
+class Pool {
+public:
+    /// cpu_count() workers in the spawn context.
+    Pool() : Pool(MP_SPAWN_CTX, cpu_count()) {}
+    /// `processes` workers (≤ 0 is std::invalid_argument) in the spawn context.
+    explicit Pool(int processes, PoolOptions options = {}) : Pool(MP_SPAWN_CTX, processes, options) {}
+    /// Workers made by `ctx`.
+    Pool(const Context& ctx, int processes, PoolOptions options = {})
+        : Pool(ctx, processes, options, &detail::pool_no_initializer) {}
+    /// Workers that each run initializer(initargs...) once before any task.
+    /// The initializer's arguments may be library handles (they travel with
+    /// the worker's start, as Process arguments do).
+    template <class Init, class... A>
+    Pool(const Context& ctx, int processes, PoolOptions options, Init initializer, A&&... initargs) {
+        if (processes <= 0)
+            throw std::invalid_argument("mpservice: Pool needs at least one process (got " +
+                                        std::to_string(processes) + ")");
+        if (options.maxtasksperchild < 0)
+            throw std::invalid_argument("mpservice: maxtasksperchild must be positive (or 0 for no limit)");
+        static_assert(detail::function_pointer_of<Init>::value,
+                      "mpservice: a Pool initializer must be a function, a static member function or a "
+                      "capture-less lambda");
+        auto fp = detail::function_pointer_of<Init>::get(initializer);
+        using Fp = decltype(fp);
+        detail::PoolSettings s;
+        s.processes = processes;
+        s.maxtasks = static_cast<std::uint64_t>(options.maxtasksperchild);
+        if (detail::fn_address(fp) != detail::fn_address(&detail::pool_no_initializer))
+            s.initializer = detail::pool_code_ref(detail::fn_address(fp));
+        Context c = ctx;  // a copy: the caller's context may be a temporary
+        auto entry = &detail::pool_worker_entry<Fp, std::decay_t<A>...>;
+        detail::WorkerFactory factory =
+            [c, entry, args = std::make_tuple(std::decay_t<A>(std::forward<A>(initargs))...)](
+                const detail::PoolWorkerBoot& boot) {
+                return std::apply(
+                    [&](const auto&... a) { return std::make_unique<Process<void>>(c, entry, boot, a...); }, args);
+            };
+        core_ = detail::PoolCore::create(std::move(s), std::move(factory));
+    }
+    Pool(const Pool&) = delete;
+    Pool& operator=(const Pool&) = delete;
+    /// Terminates the pool (as Python's context manager does): running tasks
+    /// are stopped and unfinished results fail with InvalidStateError.
+    ~Pool() {
+        try {
+            core_->terminate();
+            core_->join();
+        } catch (...) {
+        }
+    }
+
+    /// f(args...) in a worker; waits for the value, re-throws its exception.
+    template <class F, class... A>
+    auto apply(F f, A&&... args) {
+        return apply_async(f, std::forward<A>(args)...).get();
+    }
+    /// f(args...) in a worker, without waiting.
+    template <class F, class... A>
+    auto apply_async(F f, A&&... args) {
+        using R = detail::process_result_t<F, A...>;
+        return apply_async_with(typename detail::AsyncState<R>::Success(), typename detail::AsyncState<R>::Failure(), f,
+                                std::forward<A>(args)...);
+    }
+    /// As apply_async, with callbacks run in the parent (on the pool's result
+    /// thread) before the result becomes ready: on_success(value) or on_error(e).
+    template <class F, class S, class E, class... A>
+    auto apply_async_with(S on_success, E on_error, F f, A&&... args) {
+        using Fp = decltype(detail::function_pointer_of<F>::get(f));
+        using R = detail::process_result_t<F, A...>;
+        auto st = std::make_shared<detail::AsyncState<R>>(std::move(on_success), std::move(on_error));
+        auto job = std::make_shared<detail::SingleJob<R>>(st);
+        detail::ChunkBuilder b(job, 1);
+        b.add(std::decay_t<A>(args)...);
+        submit<Fp, std::decay_t<A>...>(f, b.chunks());
+        return AsyncResult<R>(st);
+    }
+
+    /// f(x) for each x of `inputs`, in input order.  Waits until every task has
+    /// finished, then re-throws the first failure by input position.
+    template <class F, class Range>
+    auto map(F f, const Range& inputs, std::size_t chunksize = 0) {
+        return map_async(f, inputs, chunksize).get();
+    }
+    template <class F, class Range>
+    auto map_async(F f, const Range& inputs, std::size_t chunksize = 0) {
+        using Arg = std::decay_t<decltype(*std::begin(inputs))>;
+        using R = detail::process_result_t<F, Arg>;
+        using V = std::conditional_t<std::is_void_v<R>, void, std::vector<R>>;
+        return map_async_with(typename detail::AsyncState<V>::Success(), typename detail::AsyncState<V>::Failure(), f,
+                              inputs, chunksize);
+    }
+    /// As map_async; on_success gets the whole vector once, on_error the first
+    /// failure once (and on_success is then never called).
+    template <class F, class Range, class S, class E>
+    auto map_async_with(S on_success, E on_error, F f, const Range& inputs, std::size_t chunksize = 0) {
+        using Arg = std::decay_t<decltype(*std::begin(inputs))>;
+        return map_like<F, std::tuple<Arg>>(std::move(on_success), std::move(on_error), f, inputs, chunksize,
+                                            [](ChunkAdder& add, const Arg& a) { add(a); });
+    }
+    /// f(a, b, ...) for each tuple of `inputs`, in input order.
+    template <class F, class Range>
+    auto starmap(F f, const Range& inputs, std::size_t chunksize = 0) {
+        return starmap_async(f, inputs, chunksize).get();
+    }
+    template <class F, class Range>
+    auto starmap_async(F f, const Range& inputs, std::size_t chunksize = 0) {
+        using Tuple = std::decay_t<decltype(*std::begin(inputs))>;
+        using R = decltype(std::apply(f, std::declval<Tuple>()));
+        using V = std::conditional_t<std::is_void_v<R>, void, std::vector<R>>;
+        return map_like<F, Tuple>(typename detail::AsyncState<V>::Success(), typename detail::AsyncState<V>::Failure(),
+                                  f, inputs, chunksize,
+                                  [](ChunkAdder& add, const Tuple& t) { std::apply(add, t); });
+    }
+
+    /// f(x) for each x, yielded in input order as a lazy range (chunksize 1 by
+    /// default, as in Python).  Range is held by reference if an lvalue.
+    template <class F, class Range>
+    auto imap(F f, Range&& inputs, std::size_t chunksize = 1) {
+        return imap_impl<false>(f, std::forward<Range>(inputs), chunksize, true);
+    }
+    /// As imap, in the order the tasks finish.
+    template <class F, class Range>
+    auto imap_unordered(F f, Range&& inputs, std::size_t chunksize = 1) {
+        return imap_impl<false>(f, std::forward<Range>(inputs), chunksize, false);
+    }
+
+    /// No more submissions; the workers exit once the queued work is done.
+    void close() { core_->close(); }
+    /// Stops the workers now (SIGTERM); unfinished results fail with InvalidStateError.
+    void terminate() { core_->terminate(); }
+    /// Waits for the workers to exit; InvalidStateError before close()/terminate().
+    void join() { core_->join(); }
+
+    /// The pids of the live workers (a snapshot).
+    std::vector<long> worker_pids() const { return core_->worker_pids(); }
+    int processes() const noexcept { return core_->processes(); }
+
+private:
+    struct ChunkAdder {
+        detail::ChunkBuilder& b;
+        template <class... A>
+        void operator()(const A&... a) {
+            b.add(a...);
+        }
+    };
+
+    template <class Fp, class... A, class F>
+    void submit(F f, std::vector<detail::ChunkDraft>& chunks) {
+        static_assert(detail::function_pointer_of<F>::value,
+                      "mpservice: a pool task must be a function, a static member function or a capture-less "
+                      "lambda (a lambda with captures cannot be named in another process)");
+        Fp fp = detail::function_pointer_of<F>::get(f);
+        detail::PoolTarget t{detail::pool_code_ref(detail::fn_address(fp)),
+                             detail::pool_code_ref(detail::fn_address(&detail::run_function_chunk<Fp, A...>))};
+        core_->submit(t, chunks);
+    }
+
+    template <class F, class Tuple, class S, class E, class Range, class Add>
+    auto map_like(S on_success, E on_error, F f, const Range& inputs, std::size_t chunksize, Add add_item) {
+        using Fp = decltype(detail::function_pointer_of<F>::get(f));
+        using R = decltype(std::apply(f, std::declval<Tuple>()));
+        using V = std::conditional_t<std::is_void_v<R>, void, std::vector<R>>;
+        auto st = std::make_shared<detail::AsyncState<V>>(std::move(on_success), std::move(on_error));
+        auto job = std::make_shared<detail::MapJob<R>>(st);
+        std::size_t n = 0;
+        if constexpr (std::is_base_of_v<std::forward_iterator_tag,
+                                        typename std::iterator_traits<decltype(std::begin(inputs))>::iterator_category>)
+            n = static_cast<std::size_t>(std::distance(std::begin(inputs), std::end(inputs)));
+        std::vector<Tuple> buffered;  // an input range of unknown length is read first
+        if (!n) {
+            for (const auto& x : inputs) buffered.emplace_back(x);
+            n = buffered.size();
+        }
+        core_->check_accepting();
+        detail::ChunkBuilder b(job, chunksize ? chunksize : detail::PoolCore::default_chunksize(n, processes()));
+        ChunkAdder adder{b};
+        job->expect(n);
+        // Each chunk leaves as soon as it is complete: the workers start while
+        // the rest of the input is encoded.
+        auto flush = [&](bool all) {
+            if (all) {
+                apply_tuple_submit<Fp>(f, b.chunks(), static_cast<Tuple*>(nullptr));
+                b.chunks().clear();
+            } else if (b.has_full()) {
+                auto full = b.take_full();
+                apply_tuple_submit<Fp>(f, full, static_cast<Tuple*>(nullptr));
+            }
+        };
+        if (buffered.empty()) {
+            for (const auto& x : inputs) {
+                add_item(adder, x);
+                flush(false);
+            }
+        } else {
+            for (const auto& t : buffered) {
+                std::apply(adder, t);
+                flush(false);
+            }
+        }
+        flush(true);
+        return AsyncResult<V>(st);
+    }
+    template <class Fp, class F, class... A>
+    void apply_tuple_submit(F f, std::vector<detail::ChunkDraft>& chunks, std::tuple<A...>*) {
+        if (chunks.empty()) return;
+        submit<Fp, A...>(f, chunks);
+    }
+
+    template <bool, class F, class Range>
+    auto imap_impl(F f, Range&& inputs, std::size_t chunksize, bool ordered) {
+        using Arg = std::decay_t<decltype(*std::begin(inputs))>;
+        using R = detail::process_result_t<F, Arg>;
+        using Fp = decltype(detail::function_pointer_of<F>::get(f));
+        static_assert(detail::function_pointer_of<F>::value,
+                      "mpservice: a pool task must be a function, a static member function or a capture-less "
+                      "lambda");
+        core_->check_accepting();
+        Fp fp = detail::function_pointer_of<F>::get(f);
+        detail::PoolTarget t{detail::pool_code_ref(detail::fn_address(fp)),
+                             detail::pool_code_ref(detail::fn_address(&detail::run_function_chunk<Fp, Arg>))};
+        auto feed = std::make_unique<detail::InputFeedOf<Range, Arg, false>>(std::forward<Range>(inputs));
+        return ImapResult<R>(core_, t, std::move(feed), chunksize, ordered);
+    }
+
+    std::shared_ptr<detail::PoolCore> core_;
+};
+
+}  // namespace mpservice
+// ---- end part: mpservice/public/pool.hpp
+// ---- begin part: mpservice/public/runner.hpp --------------------------------
+// runner: ProcessRunner<T>, one persistent process holding a T that is built
+// once and then called any number of times.
+//
+//     struct Scaler {
+//         Scaler(mp::Queue<int> out, int factor);          // runs once, in the child
+//         int operator()(int x);                           // each call runs in the child
+//     };
+//     mp::ProcessRunner<Scaler> r(out_queue, 3);           // starts the process
+//     int y = r(14);                                       // blocks for the result
+//     mp::AsyncResult<int> f = r.submit(15);               // or later: f.get()
+//     r.join();                                            // or let the destructor do it
+//
+// The constructor's arguments travel when the process starts, as Process
+// arguments do, so they may be library handles (Queue, Lock, Value, ...).
+// Calls run one at a time, in the order they were made.  An exception thrown
+// by a call comes back typed (as from a Process) and the runner keeps serving.
+// If the process dies (a signal, exit(n)), the call it was running fails with
+// ProcessError naming the signal or code, every queued call fails the same
+// way, and later calls fail at once: a runner is not restarted behind your
+// back, since its T's state is gone.
+//
+// It is a one-process Pool whose tasks are calls of T::operator(), so a call
+// takes the pool's fast path (shared-memory rings, no system call when both
+// sides are awake).
+
+#include <memory>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+namespace mpservice {
+
+template <class T>
+class ProcessRunner {
+public:
+    /// Starts the process (spawn context) and constructs T(args...) there.
+    template <class... A, std::enable_if_t<(sizeof...(A) == 0) ||
+                                               !std::is_base_of_v<Context, std::decay_t<std::tuple_element_t<
+                                                                                0, std::tuple<A..., int>>>>,
+                                           int> = 0>
+    explicit ProcessRunner(A&&... args) : ProcessRunner(MP_SPAWN_CTX, std::forward<A>(args)...) {}
+
+    /// Starts the process in `ctx` and constructs T(args...) there.
+    template <class... A>
+    explicit ProcessRunner(const Context& ctx, A&&... args) {
+        detail::PoolSettings s;
+        s.processes = 1;
+        s.replace_dead_workers = false;
+        s.kind = "runner";
+        Context c = ctx;
+        auto entry = &detail::runner_entry<T, std::decay_t<A>...>;
+        detail::WorkerFactory factory = [c, entry, tup = std::make_tuple(std::decay_t<A>(std::forward<A>(args))...)](
+                                            const detail::PoolWorkerBoot& boot) {
+            return std::apply(
+                [&](const auto&... a) { return std::make_unique<Process<void>>(c, entry, boot, a...); }, tup);
+        };
+        core_ = detail::PoolCore::create(std::move(s), std::move(factory));
+    }
+
+    ProcessRunner(const ProcessRunner&) = delete;
+    ProcessRunner& operator=(const ProcessRunner&) = delete;
+
+    /// Waits for the calls already made, then stops the process (join()).
+    ~ProcessRunner() {
+        try {
+            join();
+        } catch (...) {
+        }
+    }
+
+    /// Calls T::operator()(args...) in the process and waits for its result;
+    /// re-throws its exception, or ProcessError if the process died.
+    template <class... A>
+    auto operator()(A&&... args) {
+        return submit(std::forward<A>(args)...).get();
+    }
+
+    /// Sends the call and returns at once; the future is ready when it has run.
+    template <class... A>
+    auto submit(A&&... args) {
+        using R = std::invoke_result_t<T&, std::decay_t<A>...>;
+        auto st = std::make_shared<detail::AsyncState<R>>(typename detail::AsyncState<R>::Success(),
+                                                          typename detail::AsyncState<R>::Failure());
+        auto job = std::make_shared<detail::SingleJob<R>>(st);
+        detail::ChunkBuilder b(job, 1);
+        b.add(std::decay_t<A>(args)...);
+        detail::PoolTarget t{detail::os::CodeRef{},
+                             detail::pool_code_ref(detail::fn_address(&detail::run_method_chunk<T, std::decay_t<A>...>))};
+        core_->submit(t, b.chunks());
+        return AsyncResult<R>(st);
+    }
+
+    /// Lets the calls already made finish, then stops the process; further
+    /// calls are an InvalidStateError.  Returns quietly if the process died.
+    void join() {
+        if (joined_) return;
+        core_->close();
+        core_->join();
+        joined_ = true;
+    }
+    /// Stops the process now (SIGTERM); pending calls fail with InvalidStateError.
+    void terminate() {
+        core_->terminate();
+        core_->join();
+        joined_ = true;
+    }
+
+    /// The process's pid (0 once it has ended).
+    long pid() const {
+        auto p = core_->worker_pids();
+        return p.empty() ? 0 : p.front();
+    }
+
+private:
+    std::shared_ptr<detail::PoolCore> core_;
+    bool joined_ = false;
+};
+
+}  // namespace mpservice
+// ---- end part: mpservice/public/runner.hpp
 
 #endif  // MPSERVICE_HPP_INCLUDED
 
@@ -9664,6 +10829,7 @@ bool FutureCore::done() const {
 
 void FutureCore::resolve(std::exception_ptr error, std::exception_ptr result_error) {
     std::vector<std::weak_ptr<CompletionQueue>> subscribers;
+    std::vector<std::unique_ptr<Task>> hooks;
     {
         std::lock_guard<std::mutex> lk(mutex_);
         if (done_) return;
@@ -9672,11 +10838,24 @@ void FutureCore::resolve(std::exception_ptr error, std::exception_ptr result_err
         error_ = std::move(error);
         result_error_ = std::move(result_error);
         subscribers.swap(subscribers_);
+        hooks.swap(hooks_);
         cv_.notify_all();
     }
     // Outside our lock: subscribe() takes ours, then the queue's.
     for (auto& w : subscribers)
         if (auto q = w.lock()) q->push(this);
+    for (auto& h : hooks) h->run();
+}
+
+void FutureCore::on_resolve(std::unique_ptr<Task> hook) {
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        if (!done_) {
+            hooks_.push_back(std::move(hook));
+            return;
+        }
+    }
+    hook->run();
 }
 
 bool FutureCore::wait_until(os::Deadline deadline) const {
@@ -11674,5 +12853,850 @@ std::vector<std::size_t> connection_wait_until(const std::vector<WaitTarget>& ta
 }  // namespace detail
 }  // namespace mpservice
 // ---- end part: mpservice/impl/connection.cpp
+// ---- begin part: mpservice/impl/pool.cpp ------------------------------------
+// pool: the worker loop (child side) and PoolCore (parent side: workers,
+// dispatch, the result thread, what a dead worker costs).
+//
+// Shared memory of one worker:
+//   - its task ring (parent -> this worker): one message per chunk,
+//     [PoolTaskHeader | the items' arguments];
+//   - its progress slot: the chunk and item it runs, and the outcomes of the
+//     chunk's finished items not yet sent, laid out as a result message;
+// and of the pool: the result ring (every worker -> parent), messages
+// [PoolResultHeader | records], a record being [PoolRecordHeader | encoded value or exception].
+//
+// The parent keeps every chunk until all of its items have an outcome, so when
+// a worker dies it can tell, from the worker's slot, which item was running
+// (it fails, with ProcessError), which had finished (their outcomes are read
+// from the slot) and which had not started (they go to another worker).
+
+#include <algorithm>
+#include <cstring>
+#include <thread>
+#include <unordered_map>
+
+namespace mpservice {
+namespace detail {
+namespace {
+
+constexpr std::uint32_t pool_task_chunk = 1;
+constexpr std::uint32_t pool_result_records = 1;
+constexpr std::uint32_t pool_result_wake = 2;
+constexpr std::uint32_t record_value = 0;
+constexpr std::uint32_t record_error = 1;
+constexpr std::uint32_t no_item = 0xFFFFFFFFu;
+
+constexpr std::size_t task_ring_bytes = std::size_t(4) << 20;
+constexpr std::size_t result_ring_bytes = std::size_t(4) << 20;
+constexpr std::uint32_t slot_record_bytes = 256u << 10;
+/// Chunks a worker holds at once: the one it runs and the next, so that it
+/// never waits for the parent between two chunks.
+constexpr std::size_t chunks_per_worker = 2;
+
+struct PoolTaskHeader {
+    std::uint32_t kind;
+    std::uint32_t count;  // items in this message
+    std::uint64_t chunk;
+    std::uint32_t base;  // index (in the chunk) of the message's first item
+    std::uint32_t nhandles;
+    std::uint64_t fn_module, fn_offset, runner_module, runner_offset;
+};
+static_assert(sizeof(PoolTaskHeader) == 56, "task header layout");
+
+struct PoolResultHeader {
+    std::uint32_t kind;
+    std::uint32_t first;  // index (in the chunk) of the first record
+    std::uint64_t chunk;
+};
+struct PoolRecordHeader {
+    std::uint32_t size;
+    std::uint32_t kind;
+};
+
+/// A worker's progress, in shared memory.  `header` and the records after it
+/// form a result message that the worker sends as is.
+struct PoolSlot {
+    std::atomic<std::uint32_t> ready{0};        // the initializer has run
+    std::atomic<std::uint32_t> index{no_item};  // item (in the chunk) being run
+    std::atomic<std::uint64_t> chunk{0};        // chunk being run
+    std::atomic<std::uint32_t> used{0};         // record bytes committed after header
+    std::uint32_t pad = 0;
+    PoolResultHeader header{};
+    unsigned char* records() { return reinterpret_cast<unsigned char*>(this + 1); }
+};
+static_assert(sizeof(PoolSlot) == 40, "slot layout: records follow the header directly");
+
+const std::uint64_t task_tag = QueueCore::tag_of("mpservice.pool.tasks");
+const std::uint64_t result_tag = QueueCore::tag_of("mpservice.pool.results");
+
+void copy_item(void* context, const unsigned char* data, std::size_t size) {
+    static_cast<std::string*>(context)->assign(reinterpret_cast<const char*>(data), size);
+}
+
+// ---------------------------------------------------------------- worker side
+
+struct WorkerLink {
+    QueueCore results;
+    PoolSlot* slot = nullptr;
+    std::uint32_t next_local = 0;  // items of the current message with an outcome
+    std::uint32_t in_slot = 0;     // records in the slot now
+
+    void append(std::uint32_t kind, const std::string& payload) {
+        auto size = static_cast<std::uint32_t>(sizeof(PoolRecordHeader) + payload.size());
+        std::uint32_t used = slot->used.load(std::memory_order_relaxed);
+        if (used + size > slot_record_bytes) {
+            flush();
+            used = 0;
+        }
+        PoolRecordHeader rh{static_cast<std::uint32_t>(payload.size()), kind};
+        if (size > slot_record_bytes) {
+            // Too big for the slot: it travels alone (a crash while it is sent loses it).
+            std::string msg;
+            PoolResultHeader h{pool_result_records, slot->header.first, slot->header.chunk};
+            msg.append(reinterpret_cast<const char*>(&h), sizeof h);
+            msg.append(reinterpret_cast<const char*>(&rh), sizeof rh);
+            msg.append(payload);
+            results.put(msg.data(), msg.size(), os::no_deadline);
+            slot->header.first += 1;
+            return;
+        }
+        unsigned char* at = slot->records() + used;
+        std::memcpy(at, &rh, sizeof rh);
+        if (!payload.empty()) std::memcpy(at + sizeof rh, payload.data(), payload.size());
+        slot->used.store(used + size, std::memory_order_release);
+        ++in_slot;
+    }
+    /// Sends the slot's records, then empties it.
+    void flush() {
+        std::uint32_t used = slot->used.load(std::memory_order_relaxed);
+        if (!used) return;
+        slot->header.kind = pool_result_records;
+        results.put(&slot->header, sizeof(PoolResultHeader) + used, os::no_deadline);
+        slot->used.store(0, std::memory_order_release);
+        slot->header.first += in_slot;
+        in_slot = 0;
+    }
+};
+
+const void* resolve_code(const os::CodeRef& ref) {
+    static std::map<std::pair<std::uint64_t, std::uint64_t>, const void*> cache;
+    auto key = std::make_pair(ref.module, ref.offset);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+    const void* p = os::code_ref_resolve(ref);
+    if (!p)
+        throw Error("mpservice: the pool worker cannot find the task's function in its program (a different "
+                    "build, or a library loaded only in the parent?)");
+    cache.emplace(key, p);
+    return p;
+}
+
+void read_lane_handles(os::handle_t lane, std::uint32_t n, std::vector<os::handle_t>& out) {
+    while (out.size() < n) {
+        char byte;
+        long got = os::channel_read(lane, &byte, 1, &out, false);
+        if (got <= 0) throw Error("mpservice: the pool's handle channel closed");
+    }
+}
+
+}  // namespace
+
+void ItemSink::begin(std::uint32_t local) {
+    auto* l = static_cast<WorkerLink*>(link);
+    l->slot->index.store(base + local, std::memory_order_release);
+    if (!out_.handles().empty()) out_ = Encoder();
+    out_.bytes().clear();
+}
+
+void ItemSink::commit_value() {
+    auto* l = static_cast<WorkerLink*>(link);
+    if (!out_.handles().empty()) {
+        commit_error(std::make_exception_ptr(std::invalid_argument(
+            "mpservice: a pool task's result cannot hold OS handles (a Queue, Lock, Value, ...)")));
+        return;
+    }
+    l->append(record_value, out_.bytes());
+    ++l->next_local;
+}
+
+void ItemSink::commit_error(const std::exception_ptr& e) {
+    auto* l = static_cast<WorkerLink*>(link);
+    Encoder enc;
+    try {
+        encode_exception(enc, e);
+    } catch (...) {
+        enc = Encoder();
+        encode_exception(enc, std::make_exception_ptr(Error("mpservice: the task's exception could not be encoded")));
+    }
+    l->append(record_error, enc.bytes());
+    ++l->next_local;
+}
+
+PoolWorkerParts::~PoolWorkerParts() { os::close_handle(lane); }
+
+const void* resolve_initializer(const PoolWorkerBoot& b) { return resolve_code(b.p->initializer); }
+
+void serve_pool_tasks(const PoolWorkerBoot& b, void* state) {
+    const PoolWorkerParts& boot = *b.p;
+    WorkerLink link;
+    link.results = boot.results;
+    link.slot = static_cast<PoolSlot*>(boot.slot.data());
+    PoolSlot& slot = *link.slot;
+    slot.ready.store(1, std::memory_order_release);
+    QueueCore tasks = boot.tasks;
+    std::string msg;
+    for (std::uint64_t done = 0; boot.maxtasks == 0 || done < boot.maxtasks; ++done) {
+        if (tasks.get(&copy_item, &msg, os::no_deadline) != QueueCore::Status::ok) break;  // closed: the pool is done
+        if (msg.size() < sizeof(PoolTaskHeader)) throw Error("mpservice: a torn pool task");
+        PoolTaskHeader th;
+        std::memcpy(&th, msg.data(), sizeof th);
+        std::vector<os::handle_t> handles;
+        if (th.nhandles) read_lane_handles(boot.lane, th.nhandles, handles);
+
+        // Start of the chunk: the slot says which one, and that no item runs yet.
+        slot.used.store(0, std::memory_order_relaxed);
+        slot.header.chunk = th.chunk;
+        slot.header.first = th.base;
+        slot.index.store(no_item, std::memory_order_relaxed);
+        slot.chunk.store(th.chunk, std::memory_order_release);
+        link.next_local = 0;
+        link.in_slot = 0;
+
+        ItemSink sink;
+        sink.link = &link;
+        sink.base = th.base;
+        try {
+            const void* fn = th.fn_module ? resolve_code(os::CodeRef{th.fn_module, th.fn_offset}) : nullptr;
+            auto runner = reinterpret_cast<ChunkRunner>(
+                reinterpret_cast<std::uintptr_t>(resolve_code(os::CodeRef{th.runner_module, th.runner_offset})));
+            Decoder d(msg.data() + sizeof th, msg.size() - sizeof th, &handles);
+            runner(fn, state, d, th.count, sink);
+        } catch (...) {
+            // The arguments could not be decoded (or the function found): the
+            // items without an outcome fail with that error.
+            auto e = std::current_exception();
+            for (std::uint32_t i = link.next_local; i < th.count; ++i) {
+                sink.begin(i);
+                sink.commit_error(e);
+            }
+        }
+        link.flush();
+        close_all(handles);
+    }
+}
+
+void log_callback_error(const std::exception_ptr& e) {
+    std::string what = "unknown exception";
+    try {
+        std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+        what = x.what();
+    } catch (...) {
+    }
+    get_logger("mpservice.pool").error("a result callback threw: " + what);
+}
+
+os::CodeRef pool_code_ref(const void* fn) {
+    static std::mutex m;
+    static std::unordered_map<const void*, os::CodeRef> cache;
+    std::lock_guard<std::mutex> lk(m);
+    auto it = cache.find(fn);
+    if (it != cache.end()) return it->second;
+    os::CodeRef r = os::code_ref_of(fn);
+    cache.emplace(fn, r);
+    return r;
+}
+
+// ---------------------------------------------------------------- parent side
+
+/// What a worker's exit hook needs: no pointer to the pool itself (the hook
+/// runs on the reactor thread, which must never end up destroying a pool).
+struct PoolDoorbell {
+    QueueCore results;
+    std::atomic<int> deaths{0};
+    void ring() noexcept {
+        PoolResultHeader h{pool_result_wake, 0, 0};
+        try {
+            results.put(&h, sizeof h, os::Clock::now());  // a full ring wakes the thread anyway
+        } catch (...) {
+        }
+    }
+};
+
+/// Outcomes to hand to jobs outside the pool's lock, in batches per job.
+/// The bytes are the result message's (valid until delivered) or, for outcomes
+/// read from a dead worker's slot, copies kept here.
+struct PoolDeliveries {
+    std::deque<std::string> keep;  // a deque: strings never move (their data must not)
+    std::vector<std::pair<std::shared_ptr<JobBase>, std::vector<JobItem>>> batches;
+
+    void add(const std::shared_ptr<JobBase>& job, JobItem item) {
+        if (batches.empty() || batches.back().first != job) batches.emplace_back(job, std::vector<JobItem>());
+        batches.back().second.push_back(std::move(item));
+    }
+};
+
+struct PoolCore::State {
+    enum class Phase { running, closing, terminated };
+
+    struct Chunk {
+        std::shared_ptr<JobBase> job;
+        std::size_t job_first = 0;
+        std::uint32_t count = 0;
+        std::uint32_t next = 0;  // the items before it have an outcome
+        PoolTarget target;
+        std::string args;
+        std::vector<std::uint32_t> offsets;
+        std::vector<os::handle_t> handles;  // owned copies
+        int worker = -1;
+        ~Chunk() { close_all(handles); }
+        Chunk() = default;
+        Chunk(const Chunk&) = delete;
+        Chunk& operator=(const Chunk&) = delete;
+    };
+
+    struct WorkerRec {
+        std::unique_ptr<Process<void>> proc;
+        QueueCore tasks;
+        SharedMemory slot;
+        os::handle_t lane = os::invalid_handle;
+        std::deque<std::uint64_t> outstanding;
+        std::uint64_t sent = 0;
+        bool ended = true;
+        bool ring_closed = false;
+        std::shared_ptr<std::atomic<bool>> dead;
+        ~WorkerRec() { os::close_handle(lane); }
+    };
+
+    WorkerFactory factory;
+    std::shared_ptr<PoolDoorbell> bell;
+    mutable std::mutex mutex;
+    std::condition_variable changed;
+    Phase phase = Phase::running;
+    std::exception_ptr broken;
+    int failed_starts = 0;
+    std::unordered_map<std::uint64_t, std::unique_ptr<Chunk>> chunks;
+    std::deque<std::uint64_t> pending;
+    std::deque<WorkerRec> workers;  // a deque: records never move
+    std::uint64_t next_chunk = 1;
+    std::thread thread;
+    std::atomic<bool> stop{false};
+    std::string msg;  // the result thread's buffer
+};
+
+namespace {
+using State = PoolCore::State;
+
+bool is_remote_error(const std::exception_ptr& e) {
+    try {
+        std::rethrow_exception(e);
+    } catch (const RemoteError&) {
+        return true;
+    } catch (...) {
+    }
+    return false;
+}
+
+std::string error_text(const std::exception_ptr& e) {
+    try {
+        std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+        return x.what();
+    } catch (...) {
+    }
+    return "unknown error";
+}
+
+/// Deliveries for items [from, to) of `c`, all failing with `e`.
+void fail_items(State::Chunk& c, std::uint32_t from, std::uint32_t to, const std::exception_ptr& e,
+                PoolCore::Deliveries& out) {
+    for (std::uint32_t i = from; i < to; ++i) out.add(c.job, JobItem{c.job_first + i, record_error, nullptr, 0, e});
+}
+
+void deliver(PoolCore::Deliveries& out) {
+    for (auto& [job, items] : out.batches) job->on_items(items.data(), items.size());
+    out.batches.clear();
+    out.keep.clear();
+}
+
+/// Walks the records of a result message's body: fn(index, kind, data, size).
+template <class F>
+void for_each_record(const unsigned char* p, std::size_t n, std::uint32_t first, F&& fn) {
+    std::size_t at = 0;
+    for (std::uint32_t index = first; at + sizeof(PoolRecordHeader) <= n; ++index) {
+        PoolRecordHeader rh;
+        std::memcpy(&rh, p + at, sizeof rh);
+        at += sizeof rh;
+        if (rh.size > n - at) break;  // torn: cannot happen with a committed length
+        fn(index, rh.kind, p + at, rh.size);
+        at += rh.size;
+    }
+}
+
+}  // namespace
+
+std::shared_ptr<PoolCore> PoolCore::create(PoolSettings settings, WorkerFactory factory) {
+    auto core = std::make_shared<PoolCore>(std::move(settings), std::move(factory));
+    return core;
+}
+
+PoolCore::PoolCore(PoolSettings settings, WorkerFactory factory) : s_(std::make_unique<State>()), settings_(std::move(settings)) {
+    State& s = *s_;
+    s.factory = std::move(factory);
+    s.bell = std::make_shared<PoolDoorbell>();
+    s.bell->results = QueueCore::create(QueueKind::simple, result_tag, 0, result_ring_bytes);
+    for (int i = 0; i < settings_.processes; ++i) s.workers.emplace_back();
+    {
+        std::lock_guard<std::mutex> lk(s.mutex);
+        try {
+            for (std::size_t i = 0; i < s.workers.size(); ++i) start_worker(i);
+        } catch (...) {
+            s.phase = State::Phase::terminated;
+            for (auto& w : s.workers)
+                if (w.proc && !w.ended) w.proc->kill();
+            throw;  // ~State waits for the ones that started
+        }
+    }
+    s.thread = std::thread([this] { result_loop(); });
+}
+
+PoolCore::~PoolCore() {
+    try {
+        terminate();
+        join();
+    } catch (...) {
+    }
+}
+
+void PoolCore::start_worker(std::size_t i) {
+    State& s = *s_;
+    State::WorkerRec& w = s.workers[i];
+    w.tasks = QueueCore::create(QueueKind::simple, task_tag, 0, task_ring_bytes);
+    w.slot = SharedMemory::create(sizeof(PoolSlot) + slot_record_bytes);
+    ::new (w.slot.data()) PoolSlot();
+    os::handle_t mine, theirs;
+    os::channel_pair(mine, theirs);
+    os::close_handle(w.lane);
+    w.lane = mine;
+    PoolWorkerBoot boot;
+    boot.p->tasks = w.tasks;
+    boot.p->results = s.bell->results;
+    boot.p->slot = w.slot;
+    boot.p->lane = theirs;
+    boot.p->initializer = settings_.initializer;
+    boot.p->maxtasks = settings_.maxtasks;
+    w.outstanding.clear();
+    w.sent = 0;
+    w.ring_closed = false;
+    w.proc = s.factory(boot);
+    w.proc->set_name((settings_.kind == "runner" ? "ProcessRunner-" : "PoolWorker-") + std::to_string(i + 1));
+    w.proc->set_daemon(true);
+    w.proc->start();
+    // Sent (or, under fork, copied into the child): the parent needs none of it.
+    boot.release();
+    w.ended = false;
+    auto dead = std::make_shared<std::atomic<bool>>(false);
+    w.dead = dead;
+    auto bell = s.bell;
+    const_cast<FutureCore&>(w.proc->core()).on_resolve(make_task([dead, bell] {
+        dead->store(true, std::memory_order_release);
+        bell->deaths.fetch_add(1, std::memory_order_acq_rel);
+        bell->ring();
+    }));
+}
+
+void PoolCore::check_accepting() const {
+    State& s = *s_;
+    std::lock_guard<std::mutex> lk(s.mutex);
+    if (s.broken) std::rethrow_exception(s.broken);
+    if (s.phase == State::Phase::closing)
+        throw InvalidStateError("mpservice: the " + settings_.kind + " is closed (close() was called)");
+    if (s.phase == State::Phase::terminated)
+        throw InvalidStateError("mpservice: the " + settings_.kind + " was terminated");
+}
+
+void PoolCore::submit(const PoolTarget& target, std::vector<ChunkDraft>& drafts) {
+    State& s = *s_;
+    // Copy the handles first (outside the lock): the arguments' owners may go
+    // away before a chunk is sent again to a replacement worker.
+    std::vector<std::unique_ptr<State::Chunk>> made;
+    made.reserve(drafts.size());
+    for (auto& d : drafts) {
+        auto c = std::make_unique<State::Chunk>();
+        c->job = d.job;
+        c->job_first = d.job_first;
+        c->count = d.count;
+        c->target = target;
+        c->args = std::move(d.args.bytes());
+        c->offsets = std::move(d.offsets);
+        for (auto h : d.args.handles()) c->handles.push_back(os::duplicate_handle(h));
+        made.push_back(std::move(c));
+    }
+    check_accepting();
+    std::lock_guard<std::mutex> lk(s.mutex);
+    if (s.broken) std::rethrow_exception(s.broken);
+    if (s.phase != State::Phase::running)
+        throw InvalidStateError("mpservice: the " + settings_.kind + " is closed or terminated");
+    for (auto& c : made) {
+        std::uint64_t id = s.next_chunk++;
+        s.chunks.emplace(id, std::move(c));
+        s.pending.push_back(id);
+    }
+    dispatch_locked();
+}
+
+bool PoolCore::send_locked(std::size_t wi, std::uint64_t id, bool may_block) {
+    State& s = *s_;
+    State::WorkerRec& w = s.workers[wi];
+    State::Chunk& c = *s.chunks.at(id);
+    PoolTaskHeader th{pool_task_chunk,
+                  c.count - c.next,
+                  id,
+                  c.next,
+                  static_cast<std::uint32_t>(c.handles.size()),
+                  c.target.fn.module,
+                  c.target.fn.offset,
+                  c.target.runner.module,
+                  c.target.runner.offset};
+    std::size_t from = c.next < c.offsets.size() ? c.offsets[c.next] : c.args.size();
+    std::string msg;
+    msg.reserve(sizeof th + c.args.size() - from);
+    msg.append(reinterpret_cast<const char*>(&th), sizeof th);
+    msg.append(c.args, from, std::string::npos);
+    QueueCore::Status st;
+    if (!may_block) {
+        st = w.tasks.put(msg.data(), msg.size(), os::Clock::now());
+    } else {
+        // A chunk bigger than half the ring streams through it while the (idle)
+        // worker reads; give up only if the worker dies meanwhile.
+        while ((st = w.tasks.put(msg.data(), msg.size(), os::Clock::now() + std::chrono::milliseconds(200))) ==
+                   QueueCore::Status::timeout &&
+               !w.dead->load(std::memory_order_acquire)) {
+        }
+    }
+    if (st != QueueCore::Status::ok) return false;
+    if (!c.handles.empty()) {
+        char byte = 'h';
+        os::channel_write(w.lane, &byte, 1, nullptr, 0, c.handles.data(), c.handles.size());
+    }
+    c.worker = static_cast<int>(wi);
+    w.outstanding.push_back(id);
+    ++w.sent;
+    return true;
+}
+
+void PoolCore::dispatch_locked() {
+    State& s = *s_;
+    std::vector<bool> full(s.workers.size(), false);
+    while (!s.pending.empty()) {
+        std::uint64_t id = s.pending.front();
+        State::Chunk& c = *s.chunks.at(id);
+        std::size_t bytes = sizeof(PoolTaskHeader) + c.args.size();
+        int best = -1;
+        for (std::size_t i = 0; i < s.workers.size(); ++i) {
+            State::WorkerRec& w = s.workers[i];
+            if (full[i] || !w.proc || w.ended || w.ring_closed || w.dead->load(std::memory_order_acquire)) continue;
+            if (w.outstanding.size() >= chunks_per_worker) continue;
+            if (settings_.maxtasks && w.sent >= settings_.maxtasks) continue;
+            if (best < 0 || w.outstanding.size() < s.workers[static_cast<std::size_t>(best)].outstanding.size())
+                best = static_cast<int>(i);
+        }
+        if (best < 0) return;
+        auto bi = static_cast<std::size_t>(best);
+        bool big = bytes > s.workers[bi].tasks.capacity() / 2;
+        if (big && !s.workers[bi].outstanding.empty()) {
+            full[bi] = true;  // a big chunk goes only to an idle worker
+            continue;
+        }
+        if (!send_locked(bi, id, big)) {
+            full[bi] = true;
+            continue;
+        }
+        s.pending.pop_front();
+    }
+}
+
+void PoolCore::maybe_finish_locked() {
+    State& s = *s_;
+    if (s.phase != State::Phase::closing || !s.pending.empty()) return;
+    for (auto& w : s.workers)
+        if (!w.outstanding.empty()) return;
+    for (auto& w : s.workers)
+        if (w.proc && !w.ended && !w.ring_closed) {
+            w.tasks.close();  // the worker drains its ring, finds it closed and exits
+            w.ring_closed = true;
+        }
+}
+
+void PoolCore::complete_locked(std::uint64_t id) {
+    State& s = *s_;
+    auto it = s.chunks.find(id);
+    if (it == s.chunks.end()) return;
+    int wi = it->second->worker;
+    if (wi >= 0) {
+        auto& out = s.workers[static_cast<std::size_t>(wi)].outstanding;
+        out.erase(std::remove(out.begin(), out.end(), id), out.end());
+    }
+    s.chunks.erase(it);
+}
+
+void PoolCore::on_results(const unsigned char* p, std::size_t n) {
+    State& s = *s_;
+    if (n < sizeof(PoolResultHeader)) return;
+    PoolResultHeader h;
+    std::memcpy(&h, p, sizeof h);
+    if (h.kind != pool_result_records) return;
+    Deliveries out;
+    {
+        std::lock_guard<std::mutex> lk(s.mutex);
+        auto it = s.chunks.find(h.chunk);
+        if (it == s.chunks.end()) return;  // terminated meanwhile
+        State::Chunk& c = *it->second;
+        out.batches.emplace_back(c.job, std::vector<JobItem>());
+        out.batches.back().second.reserve(std::min<std::size_t>(c.count - c.next, (n - sizeof h) / sizeof(PoolRecordHeader)));
+        for_each_record(p + sizeof h, n - sizeof h, h.first,
+                        [&](std::uint32_t index, std::uint32_t kind, const unsigned char* data, std::size_t size) {
+                            if (index < c.next || index >= c.count) return;  // already known
+                            out.add(c.job, JobItem{c.job_first + index, kind, data, size, nullptr});
+                            c.next = index + 1;
+                        });
+        if (c.next >= c.count) {
+            complete_locked(h.chunk);
+            dispatch_locked();
+            maybe_finish_locked();
+            s.changed.notify_all();
+        }
+    }
+    deliver(out);
+}
+
+std::vector<const void*> PoolCore::dead_workers() const {
+    State& s = *s_;
+    std::lock_guard<std::mutex> lk(s.mutex);
+    std::vector<const void*> dead;
+    for (auto& w : s.workers)
+        if (w.proc && !w.ended && w.dead->load(std::memory_order_acquire)) dead.push_back(w.dead.get());
+    return dead;
+}
+
+void PoolCore::handle_deaths(const std::vector<const void*>& dead) {
+    State& s = *s_;
+    Deliveries out;
+    {
+        std::lock_guard<std::mutex> lk(s.mutex);
+        for (std::size_t i = 0; i < s.workers.size(); ++i) {
+            State::WorkerRec& w = s.workers[i];
+            // Only deaths seen before the ring was drained: a worker that died
+            // since may have sent outcomes that are not taken yet (its death
+            // rang the bell again, so it is handled next round).
+            if (!w.proc || w.ended || std::find(dead.begin(), dead.end(), w.dead.get()) == dead.end()) continue;
+            w.ended = true;
+            reconcile_locked(i, out);
+        }
+        dispatch_locked();
+        maybe_finish_locked();
+        s.changed.notify_all();
+    }
+    deliver(out);
+}
+
+void PoolCore::reconcile_locked(std::size_t wi, Deliveries& out) {
+    State& s = *s_;
+    State::WorkerRec& w = s.workers[wi];
+    int code = w.proc->exitcode().value_or(0);
+    std::exception_ptr werr = w.proc->core().error();
+    auto* slot = static_cast<PoolSlot*>(w.slot.data());
+    bool was_ready = slot->ready.load(std::memory_order_acquire) != 0;
+    std::uint64_t running = slot->chunk.load(std::memory_order_acquire);
+    std::uint32_t index = slot->index.load(std::memory_order_acquire);
+    std::uint32_t used = std::min(slot->used.load(std::memory_order_acquire), slot_record_bytes);
+
+    std::string how = werr ? error_text(werr)
+                           : (w.proc->name() + " (pid " + std::to_string(w.proc->pid()) + ") exited with code " +
+                              std::to_string(code));
+    auto task_error = std::make_exception_ptr(
+        ProcessError("mpservice: the " + settings_.kind + " worker died while running this task: " + how, code));
+
+    std::vector<std::uint64_t> resend;
+    for (std::uint64_t id : w.outstanding) {
+        auto it = s.chunks.find(id);
+        if (it == s.chunks.end()) continue;
+        State::Chunk& c = *it->second;
+        c.worker = -1;
+        if (id == running) {
+            // The outcomes of the finished items still in the slot...
+            const std::string& kept =
+                out.keep.emplace_back(reinterpret_cast<const char*>(slot->records()), used);
+            for_each_record(reinterpret_cast<const unsigned char*>(kept.data()), kept.size(), slot->header.first,
+                            [&](std::uint32_t i, std::uint32_t kind, const unsigned char* data, std::size_t size) {
+                                if (i < c.next || i >= c.count) return;
+                                out.add(c.job, JobItem{c.job_first + i, kind, data, size, nullptr});
+                                c.next = i + 1;
+                            });
+            // ...and the one that was running when the worker died fails, once.
+            if (index != no_item && index == c.next && c.next < c.count) {
+                fail_items(c, c.next, c.next + 1, task_error, out);
+                ++c.next;
+            }
+        }
+        if (c.next < c.count) {
+            resend.push_back(id);
+        } else {
+            s.chunks.erase(it);
+        }
+    }
+    w.outstanding.clear();
+    s.pending.insert(s.pending.begin(), resend.begin(), resend.end());
+
+    // Should the worker be replaced?
+    bool init_failed = !was_ready && werr != nullptr;
+    s.failed_starts = init_failed ? s.failed_starts + 1 : 0;
+    if (!s.broken && s.phase != State::Phase::terminated) {
+        if (init_failed && is_remote_error(werr)) {
+            // The initializer (a runner's constructor) threw: every new
+            // worker would fail the same way.
+            s.broken = werr;
+        } else if (!settings_.replace_dead_workers && !(s.phase == State::Phase::closing && code == 0 && !werr)) {
+            s.broken = std::make_exception_ptr(ProcessError(
+                "mpservice: the " + settings_.kind + "'s process has died (" + how + "); it serves no more calls",
+                code));
+        } else if (init_failed && s.failed_starts >= 3) {
+            s.broken = werr;  // the workers keep dying before they are ready
+        }
+    }
+    if (s.broken) {
+        fail_all_locked(s.broken, out);
+        return;
+    }
+    if (s.phase == State::Phase::terminated || !settings_.replace_dead_workers) return;
+    if (s.phase == State::Phase::closing && s.pending.empty()) return;
+    try {
+        start_worker(wi);
+    } catch (...) {
+        s.broken = std::current_exception();
+        fail_all_locked(s.broken, out);
+    }
+}
+
+void PoolCore::fail_all_locked(const std::exception_ptr& e,
+                               Deliveries& out) {
+    State& s = *s_;
+    for (auto& [id, c] : s.chunks) fail_items(*c, c->next, c->count, e, out);
+    s.chunks.clear();
+    s.pending.clear();
+    for (auto& w : s.workers) w.outstanding.clear();
+}
+
+void PoolCore::result_loop() {
+    State& s = *s_;
+    PoolDoorbell& bell = *s.bell;
+    for (;;) {
+        try {
+            if (bell.deaths.exchange(0, std::memory_order_acq_rel)) {
+                // Whatever the dead workers sent before they died is in the ring: take it first.
+                auto dead = dead_workers();
+                while (bell.results.get(&copy_item, &s.msg, os::Clock::now()) == QueueCore::Status::ok)
+                    on_results(reinterpret_cast<const unsigned char*>(s.msg.data()), s.msg.size());
+                handle_deaths(dead);
+            }
+            if (s.stop.load(std::memory_order_acquire)) return;
+            auto st = bell.results.get(&copy_item, &s.msg, os::Clock::now() + std::chrono::seconds(1));
+            if (st == QueueCore::Status::ok)
+                on_results(reinterpret_cast<const unsigned char*>(s.msg.data()), s.msg.size());
+        } catch (...) {
+            log_callback_error(std::current_exception());
+        }
+    }
+}
+
+void PoolCore::close() {
+    State& s = *s_;
+    std::lock_guard<std::mutex> lk(s.mutex);
+    if (s.phase == State::Phase::running) s.phase = State::Phase::closing;
+    maybe_finish_locked();
+}
+
+void PoolCore::terminate() {
+    State& s = *s_;
+    Deliveries out;
+    {
+        std::lock_guard<std::mutex> lk(s.mutex);
+        if (s.phase != State::Phase::terminated) {
+            s.phase = State::Phase::terminated;
+            fail_all_locked(std::make_exception_ptr(InvalidStateError(
+                                "mpservice: the " + settings_.kind + " was terminated before this task finished")),
+                            out);
+        }
+        for (auto& w : s.workers)
+            if (w.proc && !w.ended) w.proc->terminate();
+    }
+    deliver(out);
+    std::unique_lock<std::mutex> lk(s.mutex);
+    auto all_ended = [&] {
+        for (auto& w : s.workers)
+            if (w.proc && !w.ended) return false;
+        return true;
+    };
+    if (!s.changed.wait_for(lk, std::chrono::seconds(2), all_ended)) {
+        // A worker that ignores SIGTERM is killed.
+        for (auto& w : s.workers)
+            if (w.proc && !w.ended) w.proc->kill();
+    }
+}
+
+void PoolCore::join() {
+    State& s = *s_;
+    {
+        std::unique_lock<std::mutex> lk(s.mutex);
+        if (s.phase == State::Phase::running)
+            throw InvalidStateError("mpservice: join() on a " + settings_.kind + " that is neither closed nor terminated");
+        s.changed.wait(lk, [&] {
+            for (auto& w : s.workers)
+                if (w.proc && !w.ended) return false;
+            return true;
+        });
+    }
+    if (s.thread.joinable()) {
+        s.stop.store(true, std::memory_order_release);
+        s.bell->ring();
+        s.thread.join();
+    }
+}
+
+std::vector<long> PoolCore::worker_pids() const {
+    State& s = *s_;
+    std::lock_guard<std::mutex> lk(s.mutex);
+    std::vector<long> pids;
+    for (auto& w : s.workers)
+        if (w.proc && !w.ended) pids.push_back(w.proc->pid());
+    return pids;
+}
+
+}  // namespace detail
+
+void Codec<detail::PoolWorkerBoot>::encode(Encoder& e, const detail::PoolWorkerBoot& boot) {
+    const detail::PoolWorkerParts& b = *boot.p;
+    e.write(b.tasks.memory());
+    e.write(b.results.memory());
+    e.write(b.slot);
+    e.write(e.attach(b.lane));
+    e(b.initializer.module, b.initializer.offset, b.maxtasks);
+}
+
+detail::PoolWorkerBoot Codec<detail::PoolWorkerBoot>::decode(Decoder& d) {
+    detail::PoolWorkerBoot boot;
+    detail::PoolWorkerParts& b = *boot.p;
+    b.tasks = detail::QueueCore::attach(d.read<detail::SharedMemory>(), detail::QueueKind::simple, detail::task_tag);
+    b.results =
+        detail::QueueCore::attach(d.read<detail::SharedMemory>(), detail::QueueKind::simple, detail::result_tag);
+    b.slot = d.read<detail::SharedMemory>();
+    if (b.slot.size() < sizeof(detail::PoolSlot)) throw DecodeError("decode: pool slot too small");
+    b.lane = detail::os::duplicate_handle(d.handle(d.read<std::uint32_t>()));
+    d(b.initializer.module, b.initializer.offset, b.maxtasks);
+    return boot;
+}
+
+}  // namespace mpservice
+// ---- end part: mpservice/impl/pool.cpp
 
 #endif  // MPSERVICE_IMPLEMENTATION

@@ -25,6 +25,8 @@
 #include "mpservice/public/sharedctypes.hpp"
 #include "mpservice/public/queues.hpp"
 #include "mpservice/public/connection.hpp"
+#include "mpservice/public/pool.hpp"
+#include "mpservice/public/runner.hpp"
 
 #endif  // MPSERVICE_HPP_INCLUDED
 
@@ -52,5 +54,6 @@
 #include "mpservice/impl/synchronize.cpp"
 #include "mpservice/impl/queues.cpp"
 #include "mpservice/impl/connection.cpp"
+#include "mpservice/impl/pool.cpp"
 
 #endif  // MPSERVICE_IMPLEMENTATION

@@ -22,6 +22,7 @@ bool FutureCore::done() const {
 
 void FutureCore::resolve(std::exception_ptr error, std::exception_ptr result_error) {
     std::vector<std::weak_ptr<CompletionQueue>> subscribers;
+    std::vector<std::unique_ptr<Task>> hooks;
     {
         std::lock_guard<std::mutex> lk(mutex_);
         if (done_) return;
@@ -30,11 +31,24 @@ void FutureCore::resolve(std::exception_ptr error, std::exception_ptr result_err
         error_ = std::move(error);
         result_error_ = std::move(result_error);
         subscribers.swap(subscribers_);
+        hooks.swap(hooks_);
         cv_.notify_all();
     }
     // Outside our lock: subscribe() takes ours, then the queue's.
     for (auto& w : subscribers)
         if (auto q = w.lock()) q->push(this);
+    for (auto& h : hooks) h->run();
+}
+
+void FutureCore::on_resolve(std::unique_ptr<Task> hook) {
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        if (!done_) {
+            hooks_.push_back(std::move(hook));
+            return;
+        }
+    }
+    hook->run();
 }
 
 bool FutureCore::wait_until(os::Deadline deadline) const {

@@ -90,6 +90,10 @@ public:
     MPSERVICE_API std::exception_ptr result_error() const;
     /// Pushes this core onto `q` when it resolves (at once if it already has).
     MPSERVICE_API void subscribe(const std::shared_ptr<CompletionQueue>& q);
+    /// Runs `hook` once when this core resolves, in the resolving thread and
+    /// outside the core's lock (at once, here, if it already has).  The pool
+    /// uses it to hear of a worker's death without a thread per worker.
+    MPSERVICE_API void on_resolve(std::unique_ptr<Task> hook);
 
     std::string name;
 
@@ -104,6 +108,7 @@ private:
     std::exception_ptr error_;
     std::exception_ptr result_error_;
     std::vector<std::weak_ptr<CompletionQueue>> subscribers_;
+    std::vector<std::unique_ptr<Task>> hooks_;
 };
 
 /// Cores that have resolved, in the order they did.

@@ -1,0 +1,1047 @@
+// pool: Pool, a pool of worker processes, and AsyncResult<R>, the future of
+// one submission to it.
+//
+//     mp::Pool pool(4);                                   // or mp::Pool pool(ctx, 4, options)
+//     std::vector<double> a = pool.map(work, inputs);     // input order; optional chunksize
+//     for (double r : pool.imap(work, inputs)) ...        // input order, lazy, bounded
+//     for (double r : pool.imap_unordered(work, inputs)) ...
+//     auto b = pool.starmap(add, std::vector<std::tuple<int, int>>{{1, 2}, {3, 4}});
+//     double c = pool.apply(work, 21);
+//     mp::AsyncResult<double> d = pool.apply_async(work, 21);
+//     pool.close(); pool.join();                          // or pool.terminate()
+//
+// Workers are the library's processes (spawned by default): their log records
+// reach the parent's handler, a task's exception comes back typed with the
+// worker's throw-site stack, and library handles (Lock, Queue, Value, ...) can
+// be task arguments.  Targets are what Process accepts in the spawn context -
+// free functions, static member functions, capture-less lambdas - under every
+// context (a lambda with captures is refused at compile time... or at run time).
+//
+// The data path of a task: the caller encodes a chunk of arguments (codec),
+// the pool puts it on one worker's own task ring (shared memory, so the pool
+// knows which worker holds which task), the worker runs the items one by one,
+// recording each outcome in its own shared progress slot, and sends the
+// chunk's outcomes on the pool's result ring; one result thread in the parent
+// (the pool's only thread) decodes them into the AsyncResult / imap buffer and
+// runs the callbacks.
+//
+// A worker that dies in a task (signal, exit(n)) fails exactly that task with
+// ProcessError naming the signal or code: the outcomes of the items of its
+// chunk that had finished are read from its progress slot, the items after the
+// fatal one are sent to another worker, nothing runs twice.  The worker is
+// replaced and the pool keeps serving.
+//
+// Lifetime: destroying a Pool terminates it (as Python's `with Pool() as p:`
+// does); call close() and join() first to wait for the queued work.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../detail/os.hpp"
+#include "../detail/queue_ring.hpp"
+#include "../detail/shm.hpp"
+#include "codec.hpp"
+#include "errors.hpp"
+#include "futures.hpp"
+#include "process.hpp"
+#include "remote_exception.hpp"
+
+namespace mpservice {
+
+template <class R>
+class AsyncResult;
+class Pool;
+
+namespace detail {
+
+// ---------------------------------------------------------------- worker side
+
+/// Where a worker records the outcome of each item of the chunk it runs
+/// (impl/pool.cpp): in its shared progress slot first, so that a crash loses
+/// only the item in progress, then on the pool's result ring.
+class ItemSink {
+public:
+    /// Item `local` of the chunk (0-based) is about to run.
+    MPSERVICE_API void begin(std::uint32_t local);
+    /// The encoder for the item's result (empty at begin()).
+    Encoder& out() noexcept { return out_; }
+    /// The item returned (its value, if any, is in out()).
+    MPSERVICE_API void commit_value();
+    /// The item threw.
+    MPSERVICE_API void commit_error(const std::exception_ptr& e);
+
+    void* link = nullptr;  // the worker's slot and rings (impl/pool.cpp)
+    std::uint32_t base = 0;
+
+private:
+    Encoder out_;
+};
+
+/// Runs `count` items whose arguments are in `in`; `state` is a ProcessRunner's object.
+using ChunkRunner = void (*)(const void* fn, void* state, Decoder& in, std::uint32_t count, ItemSink& sink);
+
+template <class R, class... A, class Call>
+void run_items(Decoder& in, std::uint32_t count, ItemSink& sink, Call& call) {
+    for (std::uint32_t i = 0; i < count; ++i) {
+        std::tuple<A...> args{in.read<A>()...};  // braced: decoded left to right
+        sink.begin(i);
+        try {
+            if constexpr (std::is_void_v<R>) {
+                std::apply(call, std::move(args));
+            } else {
+                sink.out().write(std::apply(call, std::move(args)));
+            }
+        } catch (...) {
+            sink.commit_error(std::current_exception());
+            continue;
+        }
+        sink.commit_value();
+    }
+}
+
+/// The runner of a pool task: a plain function of arguments A...
+template <class Fn, class... A>
+void run_function_chunk(const void* fn, void*, Decoder& in, std::uint32_t count, ItemSink& sink) {
+    Fn f = reinterpret_cast<Fn>(reinterpret_cast<std::uintptr_t>(fn));
+    using R = std::invoke_result_t<Fn, A...>;
+    run_items<R, A...>(in, count, sink, f);
+}
+
+/// The runner of a ProcessRunner call: T::operator()(A...) on the worker's object.
+template <class T, class... A>
+void run_method_chunk(const void*, void* state, Decoder& in, std::uint32_t count, ItemSink& sink) {
+    T& obj = *static_cast<T*>(state);
+    using R = std::invoke_result_t<T&, A...>;
+    auto call = [&obj](A&&... a) -> R { return obj(std::move(a)...); };
+    run_items<R, A...>(in, count, sink, call);
+}
+
+/// What a worker process is handed at start: its task ring, the pool's result
+/// ring, its progress slot, its side channel for OS handles, the initializer.
+struct PoolWorkerParts {
+    QueueCore tasks;
+    QueueCore results;
+    SharedMemory slot;
+    os::handle_t lane = os::invalid_handle;  // owned; handles of task arguments travel here
+    os::CodeRef initializer;
+    std::uint64_t maxtasks = 0;  // 0: no limit
+
+    PoolWorkerParts() = default;
+    PoolWorkerParts(const PoolWorkerParts&) = delete;
+    PoolWorkerParts& operator=(const PoolWorkerParts&) = delete;
+    MPSERVICE_API ~PoolWorkerParts();
+};
+/// The worker's Process argument.  Copies share the parts, so that the parent
+/// can let go of them (release()) as soon as the worker has started, instead
+/// of when its Process is destroyed.
+struct PoolWorkerBoot {
+    std::shared_ptr<PoolWorkerParts> p = std::make_shared<PoolWorkerParts>();
+    /// Closes the parent's copies of the worker's descriptors and mappings.
+    void release() { p->~PoolWorkerParts(), new (p.get()) PoolWorkerParts(); }
+};
+
+/// The worker's loop: takes chunks off its ring and runs them until the ring
+/// is closed or maxtasks chunks are done.  `state`: a ProcessRunner's object.
+MPSERVICE_API void serve_pool_tasks(const PoolWorkerBoot& boot, void* state);
+/// The initializer named in `boot` (throws if it cannot be found).
+MPSERVICE_API const void* resolve_initializer(const PoolWorkerBoot& boot);
+
+/// A pool worker's process target: runs the initializer, then serves.
+template <class Fn, class... A>
+void pool_worker_entry(PoolWorkerBoot boot, A... args) {
+    if (!boot.p->initializer.empty()) {
+        Fn init = reinterpret_cast<Fn>(reinterpret_cast<std::uintptr_t>(resolve_initializer(boot)));
+        init(std::move(args)...);
+    }
+    serve_pool_tasks(boot, nullptr);
+}
+inline void pool_no_initializer() {}
+
+/// A ProcessRunner's process target: constructs the T, then serves its calls.
+template <class T, class... A>
+void runner_entry(PoolWorkerBoot boot, A... args) {
+    T obj(std::move(args)...);
+    serve_pool_tasks(boot, &obj);
+}
+
+// ---------------------------------------------------------------- parent side
+
+/// The outcome of one item: its encoded value or exception (kind 0 / 1), or
+/// an error made in the parent (a dead worker, terminate()).
+struct JobItem {
+    std::size_t index;
+    std::uint32_t kind;
+    const unsigned char* data;
+    std::size_t size;
+    std::exception_ptr error;
+};
+
+/// One submission (map, apply_async, imap, ...): receives the outcome of each
+/// of its items, by index, from the pool's result thread (or from terminate()).
+class JobBase {
+public:
+    virtual ~JobBase() = default;
+    virtual void on_value(std::size_t index, Decoder& value) = 0;
+    virtual void on_error(std::size_t index, std::exception_ptr error) = 0;
+    /// A batch of outcomes (one result message's); a job may take it at once.
+    virtual void on_items(const JobItem* items, std::size_t n) {
+        for (std::size_t i = 0; i < n; ++i) deliver_one(items[i]);
+    }
+
+protected:
+    void deliver_one(const JobItem& x) {
+        try {
+            if (x.error) {
+                on_error(x.index, x.error);
+                return;
+            }
+            Decoder d(x.data, x.size);
+            if (x.kind == 0) {
+                on_value(x.index, d);
+            } else {
+                on_error(x.index, decode_exception(d));
+            }
+        } catch (...) {
+            on_error(x.index, std::current_exception());  // a result that does not decode fails its item
+        }
+    }
+};
+
+/// A chunk on its way to a worker: the encoded task message and where each
+/// item's arguments start in it (so that the rest of a chunk can be sent again
+/// when its worker dies in the middle).
+struct ChunkDraft {
+    std::shared_ptr<JobBase> job;
+    std::size_t job_first = 0;
+    std::uint32_t count = 0;
+    Encoder args;                        // the items' arguments, back to back
+    std::vector<std::uint32_t> offsets;  // offsets[i]: start of item i in args
+};
+
+struct PoolTarget {
+    os::CodeRef fn;      // the user's function (empty for a ProcessRunner call)
+    os::CodeRef runner;  // the ChunkRunner instance that decodes and calls it
+};
+
+/// Starts one worker process for a boot (made by Pool / ProcessRunner, which
+/// know the initializer's types); returns its Process.
+using WorkerFactory = std::function<std::unique_ptr<Process<void>>(const PoolWorkerBoot& boot)>;
+
+struct PoolSettings {
+    int processes = 1;
+    std::uint64_t maxtasks = 0;
+    os::CodeRef initializer;
+    bool replace_dead_workers = true;  // false: a ProcessRunner (one death ends it)
+    std::string kind = "pool";         // for messages: "pool" or "runner"
+};
+
+struct PoolDeliveries;
+
+/// The non-template part of a Pool: workers, dispatch, the result thread.
+class PoolCore : public std::enable_shared_from_this<PoolCore> {
+public:
+    MPSERVICE_API static std::shared_ptr<PoolCore> create(PoolSettings settings, WorkerFactory factory);
+    MPSERVICE_API ~PoolCore();
+
+    /// Queues chunks of `target`; InvalidStateError after close()/terminate(),
+    /// the worker's error once a ProcessRunner has died.
+    MPSERVICE_API void submit(const PoolTarget& target, std::vector<ChunkDraft>& chunks);
+    MPSERVICE_API void close();
+    MPSERVICE_API void terminate();
+    /// Waits for the workers to end (after close or terminate).
+    MPSERVICE_API void join();
+    /// Throws what submit() would throw now (closed, terminated, broken).
+    MPSERVICE_API void check_accepting() const;
+    /// Pids of the live workers (for tests and diagnostics).
+    MPSERVICE_API std::vector<long> worker_pids() const;
+    int processes() const noexcept { return settings_.processes; }
+
+    /// Items per chunk when the caller gives none (Python's rule for map).
+    static std::size_t default_chunksize(std::size_t n, int processes) {
+        std::size_t per = static_cast<std::size_t>(processes) * 4;
+        std::size_t c = n / per + (n % per ? 1 : 0);
+        return c ? c : 1;
+    }
+
+    struct State;
+    using Deliveries = PoolDeliveries;
+    MPSERVICE_API PoolCore(PoolSettings settings, WorkerFactory factory);
+
+private:
+    void start_worker(std::size_t i);
+    bool send_locked(std::size_t worker, std::uint64_t chunk, bool may_block);
+    void dispatch_locked();
+    void maybe_finish_locked();
+    void complete_locked(std::uint64_t chunk);
+    void on_results(const unsigned char* p, std::size_t n);
+    std::vector<const void*> dead_workers() const;
+    void handle_deaths(const std::vector<const void*>& dead);
+    void reconcile_locked(std::size_t worker, Deliveries& out);
+    void fail_all_locked(const std::exception_ptr& e, Deliveries& out);
+    void result_loop();
+
+    std::unique_ptr<State> s_;
+    PoolSettings settings_;
+};
+
+/// The code reference of a function pointer (cached per function).
+MPSERVICE_API os::CodeRef pool_code_ref(const void* fn);
+template <class Fn>
+const void* fn_address(Fn fn) {
+    return reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(fn));
+}
+
+/// Appends one item's arguments to a chunk.  An item carrying OS handles
+/// (a Queue, a Lock, ...) travels alone in its chunk, since the handles go to
+/// the worker beside the chunk rather than inside it.
+class ChunkBuilder {
+public:
+    ChunkBuilder(std::shared_ptr<JobBase> job, std::size_t chunksize) : job_(std::move(job)), chunksize_(chunksize) {}
+
+    template <class... A>
+    void add(const A&... args) {
+        if (chunks_.empty() || chunks_.back().count >= chunksize_ || carries_handles(chunks_.back())) open();
+        ChunkDraft* c = &chunks_.back();
+        std::size_t at = c->args.bytes().size();
+        c->offsets.push_back(static_cast<std::uint32_t>(at));
+        (c->args.write(args), ...);
+        if (!c->args.handles().empty() && c->count > 0) {
+            // Handles in an item that has neighbours: move it to a chunk of its own.
+            c->args.bytes().resize(at);
+            c->offsets.pop_back();
+            c->args = rebuild_without_handles(*c);
+            open();
+            c = &chunks_.back();
+            c->offsets.push_back(0);
+            (c->args.write(args), ...);
+        }
+        check_size(*c);
+        ++c->count;
+        ++items_;
+    }
+    std::size_t items() const noexcept { return items_; }
+    std::vector<ChunkDraft>& chunks() noexcept { return chunks_; }
+    /// Whether a chunk is complete (a later one has been opened).
+    bool has_full() const noexcept { return chunks_.size() > 1; }
+    /// Takes the complete chunks, leaving the one being filled.
+    std::vector<ChunkDraft> take_full() {
+        std::vector<ChunkDraft> full;
+        if (chunks_.size() < 2) return full;
+        full.reserve(chunks_.size() - 1);
+        for (std::size_t i = 0; i + 1 < chunks_.size(); ++i) full.push_back(std::move(chunks_[i]));
+        chunks_.erase(chunks_.begin(), chunks_.end() - 1);
+        return full;
+    }
+
+private:
+    static bool carries_handles(const ChunkDraft& c) { return !c.args.handles().empty(); }
+    static Encoder rebuild_without_handles(ChunkDraft& c) {
+        Encoder e;
+        e.write_bytes(c.args.bytes().data(), c.args.bytes().size());
+        return e;
+    }
+    static void check_size(const ChunkDraft& c) {
+        if (c.args.bytes().size() > 0xFFFFFFF0u)
+            throw std::length_error("mpservice: a pool chunk's arguments exceed 4 GiB; use a smaller chunksize");
+    }
+    void open() {
+        chunks_.emplace_back();
+        chunks_.back().job = job_;
+        chunks_.back().job_first = items_;
+    }
+
+    std::shared_ptr<JobBase> job_;
+    std::size_t chunksize_;
+    std::size_t items_ = 0;
+    std::vector<ChunkDraft> chunks_;
+};
+
+template <class A>
+struct tuple_args;
+template <class... A>
+struct tuple_args<std::tuple<A...>> {
+    template <class Fn>
+    static constexpr ChunkRunner runner() {
+        return &run_function_chunk<Fn, A...>;
+    }
+};
+
+/// A callback threw: logged (as Python's pool does not stop for it either).
+MPSERVICE_API void log_callback_error(const std::exception_ptr& e);
+
+/// The outcome state of an AsyncResult: the value, and the callbacks that run
+/// (in the result thread) before it resolves.
+template <class R>
+class AsyncState : public FutureCore {
+public:
+    using Holder = std::conditional_t<std::is_void_v<R>, bool, R>;
+    using Success = std::function<void(const Holder&)>;
+    using Failure = std::function<void(const std::exception_ptr&)>;
+
+    AsyncState(Success s, Failure f) : on_success_(std::move(s)), on_failure_(std::move(f)) { mark_started(); }
+
+    /// Spins briefly before it sleeps: a result that comes back within tens of
+    /// microseconds (an idle pool's round trip) then costs no wake-up.
+    bool wait_until(os::Deadline deadline) const override {
+        auto until = os::Clock::now() + std::chrono::microseconds(50);
+        if (deadline < until) until = deadline;
+        while (!done_relaxed()) {
+            if (os::Clock::now() >= until) return FutureCore::wait_until(deadline);
+            for (int i = 0; i < 64; ++i) os::cpu_relax();
+        }
+        return true;
+    }
+
+    void succeed(Holder v) {
+        value_.emplace(std::move(v));
+        if (on_success_) run_callback([&] { on_success_(*value_); });
+        resolve(nullptr);
+    }
+    void fail(std::exception_ptr e) {
+        if (on_failure_) run_callback([&] { on_failure_(e); });
+        resolve(e);
+    }
+    const Holder& value() const { return *value_; }
+
+private:
+    template <class F>
+    void run_callback(F&& f) {
+        try {
+            f();
+        } catch (...) {
+            log_callback_error(std::current_exception());
+        }
+    }
+    std::optional<Holder> value_;
+    Success on_success_;
+    Failure on_failure_;
+};
+
+/// map / map_async / starmap: every item's outcome in input order; the
+/// first failure by position once all have finished.
+template <class R>
+class MapJob final : public JobBase {
+    using Slot = std::conditional_t<std::is_void_v<R>, bool, R>;
+
+public:
+    explicit MapJob(std::shared_ptr<AsyncState<std::conditional_t<std::is_void_v<R>, void, std::vector<Slot>>>> st)
+        : state_(std::move(st)) {}
+
+    void expect(std::size_t n) {
+        slots_.resize(n);
+        remaining_ = n;
+        if (n == 0) finish();
+    }
+    void on_value(std::size_t index, Decoder& d) override {
+        std::unique_lock<std::mutex> lk(mutex_);
+        if (!take_value(index, d)) return;
+        settle(lk, 1);
+    }
+    void on_error(std::size_t index, std::exception_ptr e) override {
+        std::unique_lock<std::mutex> lk(mutex_);
+        if (!take_error(index, std::move(e))) return;
+        settle(lk, 1);
+    }
+    /// A whole result message under one lock: the fast path of map.
+    void on_items(const JobItem* items, std::size_t n) override {
+        std::unique_lock<std::mutex> lk(mutex_);
+        std::size_t settled = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+            const JobItem& x = items[i];
+            try {
+                if (x.error) {
+                    settled += take_error(x.index, x.error);
+                } else {
+                    Decoder d(x.data, x.size);
+                    settled += x.kind == 0 ? take_value(x.index, d) : take_error(x.index, decode_exception(d));
+                }
+            } catch (...) {
+                settled += take_error(x.index, std::current_exception());
+            }
+        }
+        if (settled) settle(lk, settled);
+    }
+
+private:
+    bool take_value(std::size_t index, Decoder& d) {
+        if (index >= slots_.size() || slots_[index] || errors_.count(index)) return false;
+        if constexpr (std::is_void_v<R>) {
+            slots_[index].emplace(true);
+        } else {
+            slots_[index].emplace(d.read<R>());
+        }
+        return true;
+    }
+    bool take_error(std::size_t index, std::exception_ptr e) {
+        if (index >= slots_.size() || slots_[index] || errors_.count(index)) return false;
+        errors_.emplace(index, std::move(e));
+        return true;
+    }
+    void settle(std::unique_lock<std::mutex>& lk, std::size_t n) {
+        remaining_ -= n;
+        if (remaining_ != 0) return;
+        lk.unlock();
+        finish();
+    }
+    void finish() {
+        if (!errors_.empty()) {
+            state_->fail(errors_.begin()->second);
+            return;
+        }
+        if constexpr (std::is_void_v<R>) {
+            state_->succeed(true);
+        } else {
+            std::vector<Slot> out;
+            out.reserve(slots_.size());
+            for (auto& s : slots_) out.push_back(std::move(*s));
+            slots_.clear();
+            state_->succeed(std::move(out));
+        }
+    }
+
+    std::mutex mutex_;
+    std::vector<std::optional<Slot>> slots_;
+    std::map<std::size_t, std::exception_ptr> errors_;
+    std::size_t remaining_ = 0;
+    std::shared_ptr<AsyncState<std::conditional_t<std::is_void_v<R>, void, std::vector<Slot>>>> state_;
+};
+
+/// apply / apply_async: one item.
+template <class R>
+class SingleJob final : public JobBase {
+public:
+    explicit SingleJob(std::shared_ptr<AsyncState<R>> st) : state_(std::move(st)) {}
+    void on_value(std::size_t, Decoder& d) override {
+        if (settled_.exchange(true)) return;
+        if constexpr (std::is_void_v<R>) {
+            (void)d;
+            state_->succeed(true);
+        } else {
+            state_->succeed(d.read<R>());
+        }
+    }
+    void on_error(std::size_t, std::exception_ptr e) override {
+        if (settled_.exchange(true)) return;
+        state_->fail(std::move(e));
+    }
+
+private:
+    std::atomic<bool> settled_{false};
+    std::shared_ptr<AsyncState<R>> state_;
+};
+
+/// Pulls items from the caller's input range, lazily, into chunks.
+class InputFeed {
+public:
+    virtual ~InputFeed() = default;
+    /// Adds up to `n` items to `b`; false once the input is exhausted.  An
+    /// exception from the input range propagates.
+    virtual bool pull(ChunkBuilder& b, std::size_t n) = 0;
+};
+template <class Range, class Arg, bool Star>
+class InputFeedOf final : public InputFeed {
+public:
+    explicit InputFeedOf(Range&& r) : range_(std::forward<Range>(r)), it_(std::begin(range_)), end_(std::end(range_)) {}
+    bool pull(ChunkBuilder& b, std::size_t n) override {
+        for (std::size_t i = 0; i < n; ++i) {
+            if (!(it_ != end_)) return false;
+            if constexpr (Star) {
+                std::apply([&](const auto&... a) { b.add(a...); }, Arg(*it_));
+            } else {
+                b.add(Arg(*it_));
+            }
+            ++it_;
+        }
+        return true;
+    }
+
+private:
+    Range range_;  // a reference for an lvalue range, a copy of an rvalue one
+    decltype(std::begin(std::declval<std::remove_reference_t<Range>&>())) it_;
+    decltype(std::end(std::declval<std::remove_reference_t<Range>&>())) end_;
+};
+
+/// imap / imap_unordered: outcomes buffered until the consumer takes them.
+template <class R>
+class StreamJob final : public JobBase {
+public:
+    using Slot = std::conditional_t<std::is_void_v<R>, bool, R>;
+    struct Outcome {
+        std::optional<Slot> value;
+        std::exception_ptr error;
+    };
+    explicit StreamJob(bool ordered) : ordered_(ordered) {}
+
+    void on_value(std::size_t index, Decoder& d) override {
+        Outcome o;
+        if constexpr (std::is_void_v<R>) {
+            (void)d;
+            o.value.emplace(true);
+        } else {
+            o.value.emplace(d.read<R>());
+        }
+        put(index, std::move(o));
+    }
+    void on_error(std::size_t index, std::exception_ptr e) override {
+        Outcome o;
+        o.error = std::move(e);
+        put(index, std::move(o));
+    }
+    /// The next outcome in the consumer's order if one is there.
+    std::optional<Outcome> take() {
+        if (ordered_) {
+            auto it = ready_.find(next_);
+            if (it == ready_.end()) return std::nullopt;
+            Outcome o = std::move(it->second);
+            ready_.erase(it);
+            ++next_;
+            return o;
+        }
+        if (ready_.empty()) return std::nullopt;
+        auto it = ready_.begin();
+        Outcome o = std::move(it->second);
+        ready_.erase(it);
+        ++next_;
+        return o;
+    }
+    std::size_t taken() const noexcept { return next_; }
+
+    std::mutex mutex;
+    std::condition_variable cv;
+
+private:
+    void put(std::size_t index, Outcome o) {
+        std::lock_guard<std::mutex> lk(mutex);
+        ready_.emplace(index, std::move(o));
+        cv.notify_all();
+    }
+    bool ordered_;
+    std::map<std::size_t, Outcome> ready_;
+    std::size_t next_ = 0;
+};
+
+}  // namespace detail
+
+template <>
+struct Codec<detail::PoolWorkerBoot> {
+    MPSERVICE_API static void encode(Encoder& e, const detail::PoolWorkerBoot& b);
+    MPSERVICE_API static detail::PoolWorkerBoot decode(Decoder& d);
+};
+
+/// The future of one submission to a Pool (apply_async, map_async) or a
+/// ProcessRunner (submit).  It is a Worker, so mp::wait / mp::as_completed
+/// take it among Processes and Threads.  Movable, not copyable.
+template <class R>
+class AsyncResult : public Worker {
+    using State = detail::AsyncState<R>;
+
+public:
+    explicit AsyncResult(std::shared_ptr<State> st) : Worker(st) { core_->name = "AsyncResult"; }
+    AsyncResult(AsyncResult&&) noexcept = default;
+    AsyncResult& operator=(AsyncResult&&) noexcept = default;
+
+    /// The value (waits); re-throws the task's exception (typed, as from Process).
+    detail::result_ref_t<R> get() { return get_at(detail::os::no_deadline); }
+    /// As get(), but TimeoutError if the result is not there within `timeout`.
+    template <class Rep, class Period>
+    detail::result_ref_t<R> get(std::chrono::duration<Rep, Period> timeout) {
+        return get_at(detail::os::deadline_after(timeout));
+    }
+    /// Waits for the result; the callbacks have run when it returns.
+    void wait() { core_->wait_until(detail::os::no_deadline); }
+    /// Waits at most `timeout`; true if the result is there.
+    template <class Rep, class Period>
+    bool wait(std::chrono::duration<Rep, Period> timeout) {
+        return core_->wait_until(detail::os::deadline_after(timeout));
+    }
+    /// Whether the result is there (its callbacks have run).
+    bool ready() const { return core_->done(); }
+    /// Whether it ended with a value; InvalidStateError while not ready (Python: ValueError).
+    bool successful() const {
+        if (!ready()) throw InvalidStateError("mpservice: successful() called on an AsyncResult that is not ready");
+        return core_->error() == nullptr;
+    }
+
+private:
+    State& state() const { return static_cast<State&>(*core_); }
+    detail::result_ref_t<R> get_at(detail::os::Deadline deadline) {
+        if (!core_->wait_until(deadline)) throw TimeoutError("mpservice: the result was not ready within the timeout");
+        if (auto e = core_->error()) detail::rethrow_exception(e);
+        if constexpr (!std::is_void_v<R>) return state().value();
+    }
+};
+
+/// The lazy result of imap / imap_unordered: a single-pass input range.
+/// Iterating yields each result; a failed task throws its exception from
+/// next() (or the iterator's ++), and next() may be called again to go on.
+/// At most a bounded number of chunks are in flight or buffered, so an input
+/// of any length (read only as the results are consumed) uses bounded memory.
+template <class R>
+class ImapResult {
+    using Job = detail::StreamJob<R>;
+    using Slot = typename Job::Slot;
+
+public:
+    /// The next result in order (imap) or as it finished (imap_unordered);
+    /// std::nullopt at the end.  Re-throws the task's exception, or - after
+    /// every earlier result - the exception the input range threw.
+    std::optional<Slot> next() { return next_at(detail::os::no_deadline); }
+    /// As next(), but TimeoutError if no result comes within `timeout`.
+    template <class Rep, class Period>
+    std::optional<Slot> next(std::chrono::duration<Rep, Period> timeout) {
+        return next_at(detail::os::deadline_after(timeout));
+    }
+
+    class iterator {
+    public:
+        using value_type = Slot;
+        using reference = const Slot&;
+        using difference_type = std::ptrdiff_t;
+        using iterator_category = std::input_iterator_tag;
+        const Slot& operator*() const { return *current_; }
+        iterator& operator++() {
+            current_ = owner_->next();
+            return *this;
+        }
+        bool operator==(const iterator& o) const noexcept { return current_.has_value() == o.current_.has_value(); }
+        bool operator!=(const iterator& o) const noexcept { return !(*this == o); }
+
+    private:
+        friend class ImapResult;
+        iterator(ImapResult* owner, std::optional<Slot> c) : owner_(owner), current_(std::move(c)) {}
+        ImapResult* owner_;
+        std::optional<Slot> current_;
+    };
+    iterator begin() { return iterator(this, next()); }
+    iterator end() { return iterator(this, std::nullopt); }
+
+    ImapResult(std::shared_ptr<detail::PoolCore> pool, detail::PoolTarget target, std::unique_ptr<detail::InputFeed> feed,
+               std::size_t chunksize, bool ordered)
+        : pool_(std::move(pool)),
+          target_(target),
+          feed_(std::move(feed)),
+          job_(std::make_shared<Job>(ordered)),
+          chunksize_(chunksize ? chunksize : 1),
+          window_chunks_(static_cast<std::size_t>(pool_->processes()) * 4) {
+        top_up();
+    }
+
+private:
+    /// Submits chunks until `window_chunks_` worth of items are outstanding.
+    void top_up() {
+        while (!exhausted_ && submitted_ - consumed() < window_chunks_ * chunksize_) {
+            detail::ChunkBuilder b(job_, chunksize_);
+            b.chunks().reserve(1);
+            bool more;
+            try {
+                more = feed_->pull(b, chunksize_);
+            } catch (...) {
+                input_error_ = std::current_exception();
+                more = false;
+            }
+            // A builder's items are numbered from 0: shift them to this job's positions.
+            for (auto& c : b.chunks()) c.job_first += submitted_;
+            if (b.items()) pool_->submit(target_, b.chunks());
+            submitted_ += b.items();
+            if (!more) exhausted_ = true;
+        }
+    }
+    std::size_t consumed() {
+        std::lock_guard<std::mutex> lk(job_->mutex);
+        return job_->taken();
+    }
+    std::optional<Slot> next_at(detail::os::Deadline deadline) {
+        for (;;) {
+            top_up();
+            std::unique_lock<std::mutex> lk(job_->mutex);
+            if (auto o = job_->take()) {
+                lk.unlock();
+                if (o->error) detail::rethrow_exception(o->error);
+                return std::move(o->value);
+            }
+            if (exhausted_ && job_->taken() == submitted_) {
+                if (input_error_) {
+                    auto e = input_error_;
+                    input_error_ = nullptr;
+                    std::rethrow_exception(e);
+                }
+                return std::nullopt;
+            }
+            if (deadline == detail::os::no_deadline) {
+                job_->cv.wait(lk);
+            } else if (job_->cv.wait_until(lk, deadline) == std::cv_status::timeout) {
+                if (auto o = job_->take()) {
+                    lk.unlock();
+                    if (o->error) detail::rethrow_exception(o->error);
+                    return std::move(o->value);
+                }
+                throw TimeoutError("mpservice: no imap result within the timeout");
+            }
+        }
+    }
+
+    std::shared_ptr<detail::PoolCore> pool_;
+    detail::PoolTarget target_;
+    std::unique_ptr<detail::InputFeed> feed_;
+    std::shared_ptr<Job> job_;
+    std::size_t chunksize_;
+    std::size_t window_chunks_;
+    std::size_t submitted_ = 0;
+    bool exhausted_ = false;
+    std::exception_ptr input_error_;
+};
+
+/// Options of a Pool beyond the number of processes.
+struct PoolOptions {
+    /// A worker is replaced after this many tasks (a chunk counts as one, as
+    /// in Python); 0 = never.  Negative is std::invalid_argument.
+    long maxtasksperchild = 0;
+};
+
+/// A pool of worker processes (see the top of this part).
+class Pool {
+public:
+    /// cpu_count() workers in the spawn context.
+    Pool() : Pool(MP_SPAWN_CTX, cpu_count()) {}
+    /// `processes` workers (≤ 0 is std::invalid_argument) in the spawn context.
+    explicit Pool(int processes, PoolOptions options = {}) : Pool(MP_SPAWN_CTX, processes, options) {}
+    /// Workers made by `ctx`.
+    Pool(const Context& ctx, int processes, PoolOptions options = {})
+        : Pool(ctx, processes, options, &detail::pool_no_initializer) {}
+    /// Workers that each run initializer(initargs...) once before any task.
+    /// The initializer's arguments may be library handles (they travel with
+    /// the worker's start, as Process arguments do).
+    template <class Init, class... A>
+    Pool(const Context& ctx, int processes, PoolOptions options, Init initializer, A&&... initargs) {
+        if (processes <= 0)
+            throw std::invalid_argument("mpservice: Pool needs at least one process (got " +
+                                        std::to_string(processes) + ")");
+        if (options.maxtasksperchild < 0)
+            throw std::invalid_argument("mpservice: maxtasksperchild must be positive (or 0 for no limit)");
+        static_assert(detail::function_pointer_of<Init>::value,
+                      "mpservice: a Pool initializer must be a function, a static member function or a "
+                      "capture-less lambda");
+        auto fp = detail::function_pointer_of<Init>::get(initializer);
+        using Fp = decltype(fp);
+        detail::PoolSettings s;
+        s.processes = processes;
+        s.maxtasks = static_cast<std::uint64_t>(options.maxtasksperchild);
+        if (detail::fn_address(fp) != detail::fn_address(&detail::pool_no_initializer))
+            s.initializer = detail::pool_code_ref(detail::fn_address(fp));
+        Context c = ctx;  // a copy: the caller's context may be a temporary
+        auto entry = &detail::pool_worker_entry<Fp, std::decay_t<A>...>;
+        detail::WorkerFactory factory =
+            [c, entry, args = std::make_tuple(std::decay_t<A>(std::forward<A>(initargs))...)](
+                const detail::PoolWorkerBoot& boot) {
+                return std::apply(
+                    [&](const auto&... a) { return std::make_unique<Process<void>>(c, entry, boot, a...); }, args);
+            };
+        core_ = detail::PoolCore::create(std::move(s), std::move(factory));
+    }
+    Pool(const Pool&) = delete;
+    Pool& operator=(const Pool&) = delete;
+    /// Terminates the pool (as Python's context manager does): running tasks
+    /// are stopped and unfinished results fail with InvalidStateError.
+    ~Pool() {
+        try {
+            core_->terminate();
+            core_->join();
+        } catch (...) {
+        }
+    }
+
+    /// f(args...) in a worker; waits for the value, re-throws its exception.
+    template <class F, class... A>
+    auto apply(F f, A&&... args) {
+        return apply_async(f, std::forward<A>(args)...).get();
+    }
+    /// f(args...) in a worker, without waiting.
+    template <class F, class... A>
+    auto apply_async(F f, A&&... args) {
+        using R = detail::process_result_t<F, A...>;
+        return apply_async_with(typename detail::AsyncState<R>::Success(), typename detail::AsyncState<R>::Failure(), f,
+                                std::forward<A>(args)...);
+    }
+    /// As apply_async, with callbacks run in the parent (on the pool's result
+    /// thread) before the result becomes ready: on_success(value) or on_error(e).
+    template <class F, class S, class E, class... A>
+    auto apply_async_with(S on_success, E on_error, F f, A&&... args) {
+        using Fp = decltype(detail::function_pointer_of<F>::get(f));
+        using R = detail::process_result_t<F, A...>;
+        auto st = std::make_shared<detail::AsyncState<R>>(std::move(on_success), std::move(on_error));
+        auto job = std::make_shared<detail::SingleJob<R>>(st);
+        detail::ChunkBuilder b(job, 1);
+        b.add(std::decay_t<A>(args)...);
+        submit<Fp, std::decay_t<A>...>(f, b.chunks());
+        return AsyncResult<R>(st);
+    }
+
+    /// f(x) for each x of `inputs`, in input order.  Waits until every task has
+    /// finished, then re-throws the first failure by input position.
+    template <class F, class Range>
+    auto map(F f, const Range& inputs, std::size_t chunksize = 0) {
+        return map_async(f, inputs, chunksize).get();
+    }
+    template <class F, class Range>
+    auto map_async(F f, const Range& inputs, std::size_t chunksize = 0) {
+        using Arg = std::decay_t<decltype(*std::begin(inputs))>;
+        using R = detail::process_result_t<F, Arg>;
+        using V = std::conditional_t<std::is_void_v<R>, void, std::vector<R>>;
+        return map_async_with(typename detail::AsyncState<V>::Success(), typename detail::AsyncState<V>::Failure(), f,
+                              inputs, chunksize);
+    }
+    /// As map_async; on_success gets the whole vector once, on_error the first
+    /// failure once (and on_success is then never called).
+    template <class F, class Range, class S, class E>
+    auto map_async_with(S on_success, E on_error, F f, const Range& inputs, std::size_t chunksize = 0) {
+        using Arg = std::decay_t<decltype(*std::begin(inputs))>;
+        return map_like<F, std::tuple<Arg>>(std::move(on_success), std::move(on_error), f, inputs, chunksize,
+                                            [](ChunkAdder& add, const Arg& a) { add(a); });
+    }
+    /// f(a, b, ...) for each tuple of `inputs`, in input order.
+    template <class F, class Range>
+    auto starmap(F f, const Range& inputs, std::size_t chunksize = 0) {
+        return starmap_async(f, inputs, chunksize).get();
+    }
+    template <class F, class Range>
+    auto starmap_async(F f, const Range& inputs, std::size_t chunksize = 0) {
+        using Tuple = std::decay_t<decltype(*std::begin(inputs))>;
+        using R = decltype(std::apply(f, std::declval<Tuple>()));
+        using V = std::conditional_t<std::is_void_v<R>, void, std::vector<R>>;
+        return map_like<F, Tuple>(typename detail::AsyncState<V>::Success(), typename detail::AsyncState<V>::Failure(),
+                                  f, inputs, chunksize,
+                                  [](ChunkAdder& add, const Tuple& t) { std::apply(add, t); });
+    }
+
+    /// f(x) for each x, yielded in input order as a lazy range (chunksize 1 by
+    /// default, as in Python).  Range is held by reference if an lvalue.
+    template <class F, class Range>
+    auto imap(F f, Range&& inputs, std::size_t chunksize = 1) {
+        return imap_impl<false>(f, std::forward<Range>(inputs), chunksize, true);
+    }
+    /// As imap, in the order the tasks finish.
+    template <class F, class Range>
+    auto imap_unordered(F f, Range&& inputs, std::size_t chunksize = 1) {
+        return imap_impl<false>(f, std::forward<Range>(inputs), chunksize, false);
+    }
+
+    /// No more submissions; the workers exit once the queued work is done.
+    void close() { core_->close(); }
+    /// Stops the workers now (SIGTERM); unfinished results fail with InvalidStateError.
+    void terminate() { core_->terminate(); }
+    /// Waits for the workers to exit; InvalidStateError before close()/terminate().
+    void join() { core_->join(); }
+
+    /// The pids of the live workers (a snapshot).
+    std::vector<long> worker_pids() const { return core_->worker_pids(); }
+    int processes() const noexcept { return core_->processes(); }
+
+private:
+    struct ChunkAdder {
+        detail::ChunkBuilder& b;
+        template <class... A>
+        void operator()(const A&... a) {
+            b.add(a...);
+        }
+    };
+
+    template <class Fp, class... A, class F>
+    void submit(F f, std::vector<detail::ChunkDraft>& chunks) {
+        static_assert(detail::function_pointer_of<F>::value,
+                      "mpservice: a pool task must be a function, a static member function or a capture-less "
+                      "lambda (a lambda with captures cannot be named in another process)");
+        Fp fp = detail::function_pointer_of<F>::get(f);
+        detail::PoolTarget t{detail::pool_code_ref(detail::fn_address(fp)),
+                             detail::pool_code_ref(detail::fn_address(&detail::run_function_chunk<Fp, A...>))};
+        core_->submit(t, chunks);
+    }
+
+    template <class F, class Tuple, class S, class E, class Range, class Add>
+    auto map_like(S on_success, E on_error, F f, const Range& inputs, std::size_t chunksize, Add add_item) {
+        using Fp = decltype(detail::function_pointer_of<F>::get(f));
+        using R = decltype(std::apply(f, std::declval<Tuple>()));
+        using V = std::conditional_t<std::is_void_v<R>, void, std::vector<R>>;
+        auto st = std::make_shared<detail::AsyncState<V>>(std::move(on_success), std::move(on_error));
+        auto job = std::make_shared<detail::MapJob<R>>(st);
+        std::size_t n = 0;
+        if constexpr (std::is_base_of_v<std::forward_iterator_tag,
+                                        typename std::iterator_traits<decltype(std::begin(inputs))>::iterator_category>)
+            n = static_cast<std::size_t>(std::distance(std::begin(inputs), std::end(inputs)));
+        std::vector<Tuple> buffered;  // an input range of unknown length is read first
+        if (!n) {
+            for (const auto& x : inputs) buffered.emplace_back(x);
+            n = buffered.size();
+        }
+        core_->check_accepting();
+        detail::ChunkBuilder b(job, chunksize ? chunksize : detail::PoolCore::default_chunksize(n, processes()));
+        ChunkAdder adder{b};
+        job->expect(n);
+        // Each chunk leaves as soon as it is complete: the workers start while
+        // the rest of the input is encoded.
+        auto flush = [&](bool all) {
+            if (all) {
+                apply_tuple_submit<Fp>(f, b.chunks(), static_cast<Tuple*>(nullptr));
+                b.chunks().clear();
+            } else if (b.has_full()) {
+                auto full = b.take_full();
+                apply_tuple_submit<Fp>(f, full, static_cast<Tuple*>(nullptr));
+            }
+        };
+        if (buffered.empty()) {
+            for (const auto& x : inputs) {
+                add_item(adder, x);
+                flush(false);
+            }
+        } else {
+            for (const auto& t : buffered) {
+                std::apply(adder, t);
+                flush(false);
+            }
+        }
+        flush(true);
+        return AsyncResult<V>(st);
+    }
+    template <class Fp, class F, class... A>
+    void apply_tuple_submit(F f, std::vector<detail::ChunkDraft>& chunks, std::tuple<A...>*) {
+        if (chunks.empty()) return;
+        submit<Fp, A...>(f, chunks);
+    }
+
+    template <bool, class F, class Range>
+    auto imap_impl(F f, Range&& inputs, std::size_t chunksize, bool ordered) {
+        using Arg = std::decay_t<decltype(*std::begin(inputs))>;
+        using R = detail::process_result_t<F, Arg>;
+        using Fp = decltype(detail::function_pointer_of<F>::get(f));
+        static_assert(detail::function_pointer_of<F>::value,
+                      "mpservice: a pool task must be a function, a static member function or a capture-less "
+                      "lambda");
+        core_->check_accepting();
+        Fp fp = detail::function_pointer_of<F>::get(f);
+        detail::PoolTarget t{detail::pool_code_ref(detail::fn_address(fp)),
+                             detail::pool_code_ref(detail::fn_address(&detail::run_function_chunk<Fp, Arg>))};
+        auto feed = std::make_unique<detail::InputFeedOf<Range, Arg, false>>(std::forward<Range>(inputs));
+        return ImapResult<R>(core_, t, std::move(feed), chunksize, ordered);
+    }
+
+    std::shared_ptr<detail::PoolCore> core_;
+};
+
+}  // namespace mpservice
