@@ -24,6 +24,7 @@
 #include "mpservice/public/synchronize.hpp"
 #include "mpservice/public/sharedctypes.hpp"
 #include "mpservice/public/queues.hpp"
+#include "mpservice/public/server_process.hpp"
 
 #endif  // MPSERVICE_HPP_INCLUDED
 
@@ -49,5 +50,8 @@
 #include "mpservice/impl/threading.cpp"
 #include "mpservice/impl/synchronize.cpp"
 #include "mpservice/impl/queues.cpp"
+#include "mpservice/impl/server_wire.cpp"
+#include "mpservice/impl/server_host.cpp"
+#include "mpservice/impl/server_client.cpp"
 
 #endif  // MPSERVICE_IMPLEMENTATION

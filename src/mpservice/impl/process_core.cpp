@@ -153,7 +153,15 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     // A child that died before reading this shows up as its exit status.
     if (method_ != StartMethod::fork && !boot_sent) write_frame(parent_end, frame_boot, boot, boot_handles);
     if (method_ != StartMethod::forkserver) reactor.add(shared_from_this());
-    io.task = std::move(task);  // the encoded arguments may still refer to it until here
+    // Spawn and fork-server children got the arguments encoded: drop our copies
+    // now (a proxy argument must not keep its object alive after the child took
+    // it over).  A forked child's copies are its own memory; the parent keeps its
+    // own until the Process is destroyed, which also covers the forked child
+    // taking its own references to proxies it inherited.
+    if (method_ == StartMethod::fork)
+        io.task = std::move(task);
+    else
+        task.reset();
 }
 
 bool ProcessCore::wait_until(os::Deadline deadline) const {
