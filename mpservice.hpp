@@ -4319,6 +4319,9 @@ MPSERVICE_API const SharedMemory& block_mapping(Ref& ref);
 /// held by the returned Ref.  InvalidStateError in any other process.
 MPSERVICE_API RefPtr host_here(NewObject obj, std::uint64_t type);
 MPSERVICE_API bool in_server_process() noexcept;
+/// Benchmark hook: whether new thread connections use the shared-memory slot
+/// (default true; false measures the socket-only path).
+MPSERVICE_API void set_fast_path(bool enabled) noexcept;
 
 // ---- method traits: R (C::*)(P...) [const] [noexcept]
 template <class M>
@@ -4527,7 +4530,6 @@ public:
     unsigned char* data() const noexcept { return static_cast<unsigned char*>(mem_.data()); }
     /// (internal) the memory, for the proxies' mapping.
     const detail::SharedMemory& memory() const noexcept { return mem_; }
-    std::uint64_t block_size() const noexcept { return mem_.size(); }
 
 private:
     static std::size_t checked(std::size_t size) {
@@ -7759,7 +7761,7 @@ struct ProcessCore::Io {
     bool eof = false;
     bool finished = false;
     std::exception_ptr exception;
-    std::unique_ptr<ChildTask> task;  // kept until start() returns
+    std::unique_ptr<ChildTask> task;  // a forked child's arguments, kept until it ends
 };
 
 namespace {
@@ -8135,13 +8137,16 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, int code) {
             error = std::make_exception_ptr(ProcessError(text, code));
         }
     }
+    std::unique_ptr<ChildTask> task;
     {
         std::lock_guard<std::mutex> lk(core->io_mutex());
         core->exitcode_ = code;
         os::poller_remove(poller_, io.pidfd);  // kept open for waiters; closed with the core
         os::close_handle(io.channel);
         io.channel = os::invalid_handle;
+        task = std::move(io.task);
     }
+    task.reset();  // a forked child's argument copies: released before anyone learns it ended
     core->resolve(error, result_error);
 }
 
@@ -8439,6 +8444,10 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
         io.channel = os::invalid_handle;
         throw;
     }
+    // A forked child runs on its copy of the arguments; ours stay until it
+    // ends (the reactor drops them then), which covers the child taking its
+    // own references to the proxies it inherited.
+    if (method_ == StartMethod::fork) io.task = std::move(task);
     {
         std::lock_guard<std::mutex> lk(mutex_);
         pid_ = pid;
@@ -8450,13 +8459,8 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     if (method_ != StartMethod::forkserver) reactor.add(shared_from_this());
     // Spawn and fork-server children got the arguments encoded: drop our copies
     // now (a proxy argument must not keep its object alive after the child took
-    // it over).  A forked child's copies are its own memory; the parent keeps its
-    // own until the Process is destroyed, which also covers the forked child
-    // taking its own references to proxies it inherited.
-    if (method_ == StartMethod::fork)
-        io.task = std::move(task);
-    else
-        task.reset();
+    // it over).  (A forked child's task was kept above, until the child ends.)
+    task.reset();
 }
 
 bool ProcessCore::wait_until(os::Deadline deadline) const {
@@ -10018,28 +10022,22 @@ static_assert(sizeof(SlotHeader) <= slot_data_offset, "slot header too large");
 inline SlotHeader* slot_header(void* base) { return static_cast<SlotHeader*>(base); }
 inline char* slot_data(void* base) { return static_cast<char*>(base) + slot_data_offset; }
 
-/// How long each side spins on the slot before it sleeps on the socket.  A
-/// trivial call's round trip is ~1-2 us when both spin; a sleeping side costs a
-/// wake-up (~30 us on these machines) instead.
-constexpr std::chrono::microseconds server_spin{60};
-constexpr std::chrono::microseconds client_spin{60};
+/// Each side spins on the slot before it sleeps on the socket, with the
+/// adaptive budget of the synchronization primitives (detail::spin_until in
+/// synchronize.hpp): a trivial call's round trip is ~1-2 us when both sides
+/// run on their own CPUs, and when they cannot (a loaded machine) spinning
+/// turns itself off instead of delaying the partner.
 
-/// Spins until pred() or `budget` passes; yields now and then so that two
-/// spinning threads sharing a CPU do not starve the one that would answer.
+/// Waits, awake, for something the other side is about to do (it already
+/// wrote the rest of the answer): bounded, for a partner that died meanwhile.
 template <class Pred>
-bool spin_until(Pred pred, std::chrono::microseconds budget) {
-    if (pred()) return true;
-    auto until = os::Clock::now() + budget;
-    for (unsigned i = 1;; ++i) {
-        for (int k = 0; k < 16; ++k) {
-            if (pred()) return true;
-            os::cpu_relax();
-        }
-        if ((i & 15) == 0) {
-            if (os::Clock::now() >= until) return pred();
-            std::this_thread::yield();
-        }
+bool await_imminent(Pred pred) {
+    auto until = os::Clock::now() + std::chrono::milliseconds(200);
+    while (!pred()) {
+        if (os::Clock::now() >= until) return false;
+        std::this_thread::yield();
     }
+    return true;
 }
 
 // ---------------------------------------------------------------- reading frames
@@ -10633,7 +10631,7 @@ private:
     bool serve_slot() {
         SlotHeader* h = slot_header(slot_.data());
         bool any = false;
-        while (spin_until([&] { return h->request_seq.load(std::memory_order_acquire) != last_seq_; }, server_spin)) {
+        while (spin_until([&] { return h->request_seq.load(std::memory_order_acquire) != last_seq_; }, spin_ns_)) {
             if (host_.stopping.load()) return false;
             any = true;
             std::uint32_t seq = h->request_seq.load(std::memory_order_acquire);
@@ -10683,6 +10681,7 @@ private:
     SessionPtr session_;
     SharedMemory slot_;
     std::uint32_t last_seq_ = 0;
+    std::atomic<std::uint32_t> spin_ns_{0};  // how long to wait, awake, for the next request
 };
 
 // ---------------------------------------------------------------- the server's main loop
@@ -10904,13 +10903,21 @@ private:
 
 // ---------------------------------------------------------------- links over sockets
 
+std::atomic<bool>& fast_path_enabled() {
+    static std::atomic<bool> on{true};
+    return on;
+}
+void set_fast_path(bool enabled) noexcept { fast_path_enabled().store(enabled); }
+
 /// A thread's connection to one server.
 struct ThreadConn {
+    std::weak_ptr<Link> link;  // entries of links gone are pruned
     os::handle_t fd = os::invalid_handle;
     long pid = 0;  // the process that made it (a forked child must not use its parent's)
     wire::FrameReader reader;
     SharedMemory slot;
     std::uint32_t seq = 0;
+    std::atomic<std::uint32_t> spin_ns{0};  // how long to wait, awake, for a reply
     bool slot_refused = false;
     ~ThreadConn() { os::close_handle(fd); }
 };
@@ -11065,7 +11072,14 @@ private:
             c.reset();
         }
         if (!c) {
+            // A new connection: first drop this thread's connections to links that are gone.
+            for (auto it = conns.begin(); it != conns.end();)
+                if (it->second && it->second->link.expired() && it->first != serial_)
+                    it = conns.erase(it);
+                else
+                    ++it;
             auto fresh = std::make_unique<ThreadConn>();
+            fresh->link = weak_from_this();
             fresh->pid = me;
             fresh->fd = connect_and_hello(false);
             c = std::move(fresh);
@@ -11075,6 +11089,7 @@ private:
     }
 
     void offer_slot(ThreadConn& c) {
+        if (!fast_path_enabled().load(std::memory_order_relaxed)) return;
         try {
             SharedMemory m = SharedMemory::create(slot_bytes);
             new (m.data()) SlotHeader();
@@ -11120,7 +11135,7 @@ private:
         auto answered = [&] { return h->reply_seq.load(std::memory_order_acquire) == seq; };
         bool on_socket_read = false;
         std::string socket_reply;
-        if (!spin_until(answered, client_spin)) {
+        if (!spin_until(answered, c.spin_ns)) {
             h->client_sleeping.store(1, std::memory_order_seq_cst);
             while (!answered()) {
                 wire::Frame f;
@@ -11136,7 +11151,7 @@ private:
                 if (f.kind == reply_error) {
                     wire::close_all(reply_handles);
                     // Wait for reply_seq so the next call starts clean.
-                    spin_until(answered, std::chrono::microseconds(100000));
+                    await_imminent(answered);
                     throw_reply_error(f.payload);
                 }
                 socket_reply = std::move(f.payload);
@@ -11145,7 +11160,7 @@ private:
             h->client_sleeping.store(0, std::memory_order_relaxed);
         }
         if (on_socket_read) {
-            spin_until(answered, std::chrono::microseconds(100000));
+            await_imminent(answered);
             return socket_reply;
         }
         std::uint32_t kind = h->reply_kind;
@@ -11190,6 +11205,11 @@ std::shared_ptr<Link> link_for(const LinkInfo& info) {
     if (reg.local && reg.local->address == info.address) return reg.local;
     auto& slot = reg.links[info.address];
     if (auto l = slot.lock()) return l;
+    for (auto it = reg.links.begin(); it != reg.links.end();)  // forget links that are gone
+        if (it->second.expired() && it->first != info.address)
+            it = reg.links.erase(it);
+        else
+            ++it;
     auto l = std::make_shared<RemoteLink>();
     l->address = info.address;
     l->authkey = info.authkey;

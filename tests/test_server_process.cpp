@@ -46,6 +46,8 @@ public:
         return {cs, {{"block", block}}};
     }
     void log_something() { mp::get_logger("hosted").info("hello from the server"); }
+    /// Calls another hosted object from inside the server (no socket: the in-server path).
+    int absorb(mp::Proxy<Counter> other) { return add(other.call<&Counter::get>()); }
 
 private:
     mutable std::mutex m_;
@@ -78,6 +80,13 @@ struct Blocker {
 int child_adds(mp::Proxy<Counter> c, int times) {
     for (int i = 0; i < times; ++i) c.call<&Counter::add>(1);
     return c.call<&Counter::get>();
+}
+
+int child_forked_uses(mp::Proxy<Counter> c) {
+    // A forked child inherited the parent's proxy; its first call opens a session of its own.
+    int v = c.call<&Counter::add>(10);
+    mp::Proxy<Counter> extra = c;
+    return v + (extra.call<&Counter::get>() == v ? 0 : 1000);
 }
 
 int child_meets(mp::Proxy<Meeter> m) { return m.call<&Meeter::meet>() >= 0 ? 1 : 0; }
@@ -254,6 +263,22 @@ TEST_CASE("server: a proxy in a Queue keeps its object alive after the parent dr
     CHECK(forktest::await([&] { return count_of(server) == base; }, 30s));  // went with the child
 }
 
+TEST_CASE("server: a hosted method uses proxies inside the server; a forked child uses inherited ones") {
+    mp::ServerProcess server;
+    std::size_t base = count_of(server);
+    auto a = server.create<Counter>(1);
+    auto b = server.create<Counter>(41);
+    CHECK(a.call<&Counter::absorb>(b) == 42);
+    CHECK(count_of(server) == base + 2);  // the server's own proxy of b went after the call
+    mp::Process p(mp::ForkContext{}, child_forked_uses, a);
+    p.start();
+    CHECK(p.result() == 52);
+    CHECK(a.call<&Counter::get>() == 52);
+    a.reset();
+    b.reset();
+    CHECK(forktest::await([&] { return count_of(server) == base; }, 30s));
+}
+
 TEST_CASE("server: a Process argument does not keep the object alive after the child took it") {
     mp::ServerProcess server;
     std::size_t base = count_of(server);
@@ -417,26 +442,76 @@ TEST_CASE("server: bad input is an error to that client alone") {
     SUBCASE("truncated proxy bytes") {
         CHECK_THROWS_AS(mp::decode<mp::Proxy<Counter>>(bytes.substr(0, bytes.size() / 2)), mp::DecodeError);
     }
-    SUBCASE("garbage and truncated frames on raw connections") {
+    auto raw_connect = [&] {
+        int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+        sockaddr_un a{};
+        a.sun_family = AF_UNIX;
+        std::memcpy(a.sun_path + 1, server.address().data(), server.address().size());
+        socklen_t len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + server.address().size());
+        REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), len) == 0);
+        return fd;
+    };
+    auto drain = [](int fd) {
+        std::string got;
+        char buf[4096];
+        ssize_t n;
+        while ((n = ::read(fd, buf, sizeof buf)) > 0) got.append(buf, static_cast<std::size_t>(n));
+        ::close(fd);
+        return got;
+    };
+    auto frame = [](std::uint32_t kind, const std::string& payload) {
+        std::uint32_t h[4] = {kind, 0, static_cast<std::uint32_t>(payload.size()), 0};
+        return std::string(reinterpret_cast<const char*>(h), sizeof h) + payload;
+    };
+    SUBCASE("garbage and truncated frames before HELLO") {
         auto raw = [&](const std::string& junk) {
-            int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
-            sockaddr_un a{};
-            a.sun_family = AF_UNIX;
-            std::memcpy(a.sun_path + 1, server.address().data(), server.address().size());
-            socklen_t len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + server.address().size());
-            REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), len) == 0);
+            int fd = raw_connect();
             (void)!::write(fd, junk.data(), junk.size());
             ::shutdown(fd, SHUT_WR);
-            char buf[4096];
-            while (::read(fd, buf, sizeof buf) > 0) {
-            }
-            ::close(fd);
+            return drain(fd);
         };
-        raw("this is not a frame at all, just some bytes of garbage");
+        CHECK(raw("this is not a frame at all, just some bytes of garbage").find("HELLO") != std::string::npos);
         std::uint32_t header[4] = {101, 0, 1000, 0};  // a frame that promises 1000 bytes and stops
-        raw(std::string(reinterpret_cast<const char*>(header), sizeof header) + "abc");
+        CHECK(raw(std::string(reinterpret_cast<const char*>(header), sizeof header) + "abc").find("HELLO") !=
+              std::string::npos);
         std::uint32_t huge[4] = {100, 0, 0xffffffffu, 0xffffffffu};
-        raw(std::string(reinterpret_cast<const char*>(huge), sizeof huge));
+        CHECK(raw(std::string(reinterpret_cast<const char*>(huge), sizeof huge)).find("HELLO") != std::string::npos);
+        CHECK(raw(frame(100, "short hello")).find("malformed HELLO") != std::string::npos);
+    }
+    SUBCASE("garbage from an authenticated client") {
+        // The key and the build fingerprint are in any encoded proxy.
+        mp::Decoder d(bytes);
+        d.read<std::uint8_t>();
+        d.read<std::uint32_t>();
+        d.read<std::uint32_t>();
+        d.read<std::string>();
+        std::string key = d.read<std::string>();
+        d.read<std::string>();
+        d.read<std::int64_t>();
+        std::string fp = d.read<std::string>();
+        mp::Encoder hello;
+        hello(std::uint32_t(1), key, std::string(16, 'x'), std::int64_t(::getpid()), fp, true);
+        mp::Encoder bogus_call;  // object c, an invoker reference that is not one
+        bogus_call(c.id(), std::uint64_t(12345), std::uint64_t(678));
+        mp::Encoder bad_id;
+        bad_id(std::uint64_t(999999));
+        int fd = raw_connect();
+        std::string out = frame(100, hello.bytes()) + frame(102, bogus_call.bytes()) + frame(103, bad_id.bytes()) +
+                          frame(102, "xy") + frame(777, "");
+        (void)!::write(fd, out.data(), out.size());
+        ::shutdown(fd, SHUT_WR);
+        std::string got = drain(fd);
+        CHECK(got.find("does not know this constructor or method") != std::string::npos);
+        CHECK(got.find("has no object 999999") != std::string::npos);
+        CHECK(got.find("truncated") != std::string::npos);
+        CHECK(got.find("garbage") != std::string::npos);
+        mp::Encoder wrong_key;
+        wrong_key(std::uint32_t(1), std::string(16, 'k'), std::string(16, 'x'), std::int64_t(::getpid()), fp, true);
+        int fd2 = raw_connect();
+        std::string out2 = frame(100, wrong_key.bytes());
+        (void)!::write(fd2, out2.data(), out2.size());
+        ::shutdown(fd2, SHUT_WR);
+        CHECK(drain(fd2).find("authentication") != std::string::npos);
     }
     // Whatever happened above, the server still serves this client.
     CHECK(c.call<&Counter::add>(1) == 6);

@@ -144,6 +144,10 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
         io.channel = os::invalid_handle;
         throw;
     }
+    // A forked child runs on its copy of the arguments; ours stay until it
+    // ends (the reactor drops them then), which covers the child taking its
+    // own references to the proxies it inherited.
+    if (method_ == StartMethod::fork) io.task = std::move(task);
     {
         std::lock_guard<std::mutex> lk(mutex_);
         pid_ = pid;
@@ -155,13 +159,8 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     if (method_ != StartMethod::forkserver) reactor.add(shared_from_this());
     // Spawn and fork-server children got the arguments encoded: drop our copies
     // now (a proxy argument must not keep its object alive after the child took
-    // it over).  A forked child's copies are its own memory; the parent keeps its
-    // own until the Process is destroyed, which also covers the forked child
-    // taking its own references to proxies it inherited.
-    if (method_ == StartMethod::fork)
-        io.task = std::move(task);
-    else
-        task.reset();
+    // it over).  (A forked child's task was kept above, until the child ends.)
+    task.reset();
 }
 
 bool ProcessCore::wait_until(os::Deadline deadline) const {

@@ -155,13 +155,21 @@ private:
 
 // ---------------------------------------------------------------- links over sockets
 
+std::atomic<bool>& fast_path_enabled() {
+    static std::atomic<bool> on{true};
+    return on;
+}
+void set_fast_path(bool enabled) noexcept { fast_path_enabled().store(enabled); }
+
 /// A thread's connection to one server.
 struct ThreadConn {
+    std::weak_ptr<Link> link;  // entries of links gone are pruned
     os::handle_t fd = os::invalid_handle;
     long pid = 0;  // the process that made it (a forked child must not use its parent's)
     wire::FrameReader reader;
     SharedMemory slot;
     std::uint32_t seq = 0;
+    std::atomic<std::uint32_t> spin_ns{0};  // how long to wait, awake, for a reply
     bool slot_refused = false;
     ~ThreadConn() { os::close_handle(fd); }
 };
@@ -316,7 +324,14 @@ private:
             c.reset();
         }
         if (!c) {
+            // A new connection: first drop this thread's connections to links that are gone.
+            for (auto it = conns.begin(); it != conns.end();)
+                if (it->second && it->second->link.expired() && it->first != serial_)
+                    it = conns.erase(it);
+                else
+                    ++it;
             auto fresh = std::make_unique<ThreadConn>();
+            fresh->link = weak_from_this();
             fresh->pid = me;
             fresh->fd = connect_and_hello(false);
             c = std::move(fresh);
@@ -326,6 +341,7 @@ private:
     }
 
     void offer_slot(ThreadConn& c) {
+        if (!fast_path_enabled().load(std::memory_order_relaxed)) return;
         try {
             SharedMemory m = SharedMemory::create(slot_bytes);
             new (m.data()) SlotHeader();
@@ -371,7 +387,7 @@ private:
         auto answered = [&] { return h->reply_seq.load(std::memory_order_acquire) == seq; };
         bool on_socket_read = false;
         std::string socket_reply;
-        if (!spin_until(answered, client_spin)) {
+        if (!spin_until(answered, c.spin_ns)) {
             h->client_sleeping.store(1, std::memory_order_seq_cst);
             while (!answered()) {
                 wire::Frame f;
@@ -387,7 +403,7 @@ private:
                 if (f.kind == reply_error) {
                     wire::close_all(reply_handles);
                     // Wait for reply_seq so the next call starts clean.
-                    spin_until(answered, std::chrono::microseconds(100000));
+                    await_imminent(answered);
                     throw_reply_error(f.payload);
                 }
                 socket_reply = std::move(f.payload);
@@ -396,7 +412,7 @@ private:
             h->client_sleeping.store(0, std::memory_order_relaxed);
         }
         if (on_socket_read) {
-            spin_until(answered, std::chrono::microseconds(100000));
+            await_imminent(answered);
             return socket_reply;
         }
         std::uint32_t kind = h->reply_kind;
@@ -441,6 +457,11 @@ std::shared_ptr<Link> link_for(const LinkInfo& info) {
     if (reg.local && reg.local->address == info.address) return reg.local;
     auto& slot = reg.links[info.address];
     if (auto l = slot.lock()) return l;
+    for (auto it = reg.links.begin(); it != reg.links.end();)  // forget links that are gone
+        if (it->second.expired() && it->first != info.address)
+            it = reg.links.erase(it);
+        else
+            ++it;
     auto l = std::make_shared<RemoteLink>();
     l->address = info.address;
     l->authkey = info.authkey;

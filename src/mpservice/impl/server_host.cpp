@@ -461,7 +461,7 @@ private:
     bool serve_slot() {
         SlotHeader* h = slot_header(slot_.data());
         bool any = false;
-        while (spin_until([&] { return h->request_seq.load(std::memory_order_acquire) != last_seq_; }, server_spin)) {
+        while (spin_until([&] { return h->request_seq.load(std::memory_order_acquire) != last_seq_; }, spin_ns_)) {
             if (host_.stopping.load()) return false;
             any = true;
             std::uint32_t seq = h->request_seq.load(std::memory_order_acquire);
@@ -511,6 +511,7 @@ private:
     SessionPtr session_;
     SharedMemory slot_;
     std::uint32_t last_seq_ = 0;
+    std::atomic<std::uint32_t> spin_ns_{0};  // how long to wait, awake, for the next request
 };
 
 // ---------------------------------------------------------------- the server's main loop

@@ -81,28 +81,22 @@ static_assert(sizeof(SlotHeader) <= slot_data_offset, "slot header too large");
 inline SlotHeader* slot_header(void* base) { return static_cast<SlotHeader*>(base); }
 inline char* slot_data(void* base) { return static_cast<char*>(base) + slot_data_offset; }
 
-/// How long each side spins on the slot before it sleeps on the socket.  A
-/// trivial call's round trip is ~1-2 us when both spin; a sleeping side costs a
-/// wake-up (~30 us on these machines) instead.
-constexpr std::chrono::microseconds server_spin{60};
-constexpr std::chrono::microseconds client_spin{60};
+/// Each side spins on the slot before it sleeps on the socket, with the
+/// adaptive budget of the synchronization primitives (detail::spin_until in
+/// synchronize.hpp): a trivial call's round trip is ~1-2 us when both sides
+/// run on their own CPUs, and when they cannot (a loaded machine) spinning
+/// turns itself off instead of delaying the partner.
 
-/// Spins until pred() or `budget` passes; yields now and then so that two
-/// spinning threads sharing a CPU do not starve the one that would answer.
+/// Waits, awake, for something the other side is about to do (it already
+/// wrote the rest of the answer): bounded, for a partner that died meanwhile.
 template <class Pred>
-bool spin_until(Pred pred, std::chrono::microseconds budget) {
-    if (pred()) return true;
-    auto until = os::Clock::now() + budget;
-    for (unsigned i = 1;; ++i) {
-        for (int k = 0; k < 16; ++k) {
-            if (pred()) return true;
-            os::cpu_relax();
-        }
-        if ((i & 15) == 0) {
-            if (os::Clock::now() >= until) return pred();
-            std::this_thread::yield();
-        }
+bool await_imminent(Pred pred) {
+    auto until = os::Clock::now() + std::chrono::milliseconds(200);
+    while (!pred()) {
+        if (os::Clock::now() >= until) return false;
+        std::this_thread::yield();
     }
+    return true;
 }
 
 // ---------------------------------------------------------------- reading frames

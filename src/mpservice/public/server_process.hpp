@@ -135,6 +135,9 @@ MPSERVICE_API const SharedMemory& block_mapping(Ref& ref);
 /// held by the returned Ref.  InvalidStateError in any other process.
 MPSERVICE_API RefPtr host_here(NewObject obj, std::uint64_t type);
 MPSERVICE_API bool in_server_process() noexcept;
+/// Benchmark hook: whether new thread connections use the shared-memory slot
+/// (default true; false measures the socket-only path).
+MPSERVICE_API void set_fast_path(bool enabled) noexcept;
 
 // ---- method traits: R (C::*)(P...) [const] [noexcept]
 template <class M>
@@ -343,7 +346,6 @@ public:
     unsigned char* data() const noexcept { return static_cast<unsigned char*>(mem_.data()); }
     /// (internal) the memory, for the proxies' mapping.
     const detail::SharedMemory& memory() const noexcept { return mem_; }
-    std::uint64_t block_size() const noexcept { return mem_.size(); }
 
 private:
     static std::size_t checked(std::size_t size) {
