@@ -304,31 +304,35 @@ TEST_CASE("server: a client SIGKILLed holding 100 proxies releases them") {
 
 TEST_CASE("server: the server SIGKILLed makes every call fail at once, naming it") {
     auto shm_before = forktest::dev_shm_entries();
-    mp::ServerProcess server(mp::ServerOptions{"doomed", nullptr, true, 1000ms});
-    auto c = server.create<Counter>(1);
-    auto b = server.MemoryBlock(4096);
-    b[0] = 1;
-    mp::Event never;
-    auto blocker = server.create<Blocker>(never);
-    mp::Thread t([](mp::Proxy<Blocker> x) { return x.call<&Blocker::block>(); }, blocker);
-    t.start();
-    CHECK_FALSE(t.done());
-    server.process().kill();
-    auto t0 = std::chrono::steady_clock::now();
-    CHECK_THROWS_AS(t.result(30s), mp::ServerError);  // the call in flight
-    try {
-        c.call<&Counter::get>();
-        FAIL("no error");
-    } catch (const mp::ServerError& e) {
-        CHECK(std::string(e.what()).find("doomed") != std::string::npos);
+    std::size_t fds_before = forktest::fd_count();
+    {
+        mp::ServerProcess server(mp::ServerOptions{"doomed", nullptr, true, 1000ms});
+        auto c = server.create<Counter>(1);
+        auto b = server.MemoryBlock(4096);
+        b[0] = 1;
+        mp::Event never;
+        auto blocker = server.create<Blocker>(never);
+        mp::Thread t([](mp::Proxy<Blocker> x) { return x.call<&Blocker::block>(); }, blocker);
+        t.start();
+        CHECK_FALSE(t.done());
+        server.process().kill();
+        auto t0 = std::chrono::steady_clock::now();
+        CHECK_THROWS_AS(t.result(30s), mp::ServerError);  // the call in flight
+        try {
+            c.call<&Counter::get>();
+            FAIL("no error");
+        } catch (const mp::ServerError& e) {
+            CHECK(std::string(e.what()).find("doomed") != std::string::npos);
+        }
+        CHECK(std::chrono::steady_clock::now() - t0 < 10s);  // a hang guard: it takes milliseconds
+        CHECK(b[0] == 1);  // the mapping stays valid here
+        c.reset();
+        b.reset();
+        blocker.reset();
+        server.shutdown();
     }
-    CHECK(std::chrono::steady_clock::now() - t0 < 10s);  // a hang guard: it takes milliseconds
-    CHECK(b[0] == 1);  // the mapping stays valid here
-    c.reset();
-    b.reset();
-    blocker.reset();
-    server.shutdown();
     CHECK(forktest::dev_shm_entries() == shm_before);
+    CHECK(forktest::fd_count() == fds_before);  // connections, slots and mappings all closed
 }
 
 TEST_CASE("server: 1000 create/release cycles leave no objects, descriptors or mappings behind") {

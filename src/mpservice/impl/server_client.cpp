@@ -171,14 +171,29 @@ struct ThreadConn {
     std::uint32_t seq = 0;
     std::atomic<std::uint32_t> spin_ns{0};  // how long to wait, awake, for a reply
     bool slot_refused = false;
-    ~ThreadConn() { os::close_handle(fd); }
+    std::mutex close_mutex;
+    /// Closes the connection; by its thread at exit, or by its link when the
+    /// link goes first (no request can be running on it then).
+    void close() noexcept {
+        std::lock_guard<std::mutex> lk(close_mutex);
+        os::close_handle(fd);
+        fd = os::invalid_handle;
+        slot = SharedMemory();
+    }
+    ~ThreadConn() { close(); }
 };
 
 class RemoteLink final : public Link {
 public:
     using Link::request;
     RemoteLink() : serial_(next_serial().fetch_add(1)) {}
-    ~RemoteLink() override { os::close_handle(main_); }
+    ~RemoteLink() override {
+        os::close_handle(main_);
+        // Other threads' connections to this server: closed now, not at their exit.
+        std::lock_guard<std::mutex> lk(conns_mutex_);
+        for (auto& w : conns_)
+            if (auto c = w.lock()) c->close();
+    }
 
     /// Connects the process's main connection (opens the session).
     void open() {
@@ -316,7 +331,7 @@ private:
     }
 
     ThreadConn& conn() {
-        thread_local std::unordered_map<std::uint64_t, std::unique_ptr<ThreadConn>> conns;
+        thread_local std::unordered_map<std::uint64_t, std::shared_ptr<ThreadConn>> conns;
         auto& c = conns[serial_];
         long me = os::current_pid();
         if (c && c->pid != me) {
@@ -330,10 +345,17 @@ private:
                     it = conns.erase(it);
                 else
                     ++it;
-            auto fresh = std::make_unique<ThreadConn>();
+            auto fresh = std::make_shared<ThreadConn>();
             fresh->link = weak_from_this();
             fresh->pid = me;
             fresh->fd = connect_and_hello(false);
+            {
+                std::lock_guard<std::mutex> lk(conns_mutex_);
+                conns_.erase(std::remove_if(conns_.begin(), conns_.end(),
+                                            [](const std::weak_ptr<ThreadConn>& w) { return w.expired(); }),
+                             conns_.end());
+                conns_.push_back(fresh);
+            }
             c = std::move(fresh);
             offer_slot(*c);
         }
@@ -425,6 +447,8 @@ private:
     }
 
     const std::uint64_t serial_;
+    std::mutex conns_mutex_;
+    std::vector<std::weak_ptr<ThreadConn>> conns_;  // every thread's connection to this server
     std::mutex main_mutex_;
     os::handle_t main_ = os::invalid_handle;
     wire::FrameReader main_reader_;
