@@ -70,9 +70,12 @@ struct Meeter {
 
 /// Blocks in a method until released: a call in flight when the server dies.
 struct Blocker {
-    mp::Event go;
-    explicit Blocker(mp::Event e) : go(std::move(e)) {}
-    bool block() { return go.wait(60s); }
+    mp::Event entered, go;
+    Blocker(mp::Event in, mp::Event e) : entered(std::move(in)), go(std::move(e)) {}
+    bool block() {
+        entered.set();
+        return go.wait(60s);
+    }
 };
 
 // ---------------------------------------------------------------- child targets
@@ -310,11 +313,11 @@ TEST_CASE("server: the server SIGKILLed makes every call fail at once, naming it
         auto c = server.create<Counter>(1);
         auto b = server.MemoryBlock(4096);
         b[0] = 1;
-        mp::Event never;
-        auto blocker = server.create<Blocker>(never);
+        mp::Event entered, never;
+        auto blocker = server.create<Blocker>(entered, never);
         mp::Thread t([](mp::Proxy<Blocker> x) { return x.call<&Blocker::block>(); }, blocker);
         t.start();
-        CHECK_FALSE(t.done());
+        REQUIRE(entered.wait(30s));  // the call is running in the server
         server.process().kill();
         auto t0 = std::chrono::steady_clock::now();
         CHECK_THROWS_AS(t.result(30s), mp::ServerError);  // the call in flight
