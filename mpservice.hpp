@@ -4283,8 +4283,10 @@ struct TypeTag {
     static constexpr char tag = 0;
 };
 
-/// Announces an invoker of this build; the server runs only announced ones.
-MPSERVICE_API bool announce_invoker(const void* fn) noexcept;
+/// Announces an invoker of this build with its identity (the type that
+/// instantiated it); the server runs only announced invokers, and only when
+/// the identity the client sent matches.
+MPSERVICE_API bool announce_invoker(const void* fn, const std::type_info& identity) noexcept;
 /// FNV-1a hash of a type's name: the type check of a decoded proxy.
 MPSERVICE_API std::uint64_t type_hash(const char* mangled) noexcept;
 
@@ -4367,7 +4369,7 @@ struct Method {
             out.write<std::decay_t<R>>((obj.*M)(static_cast<std::tuple_element_t<I, Params>&&>(std::get<I>(args))...));
         }
     }
-    static inline const bool announced = announce_invoker(reinterpret_cast<const void*>(&invoke));
+    static inline const bool announced = announce_invoker(reinterpret_cast<const void*>(&invoke), typeid(Method*));
     static const void* address() {
         (void)announced;
         return reinterpret_cast<const void*>(&invoke);
@@ -4391,7 +4393,7 @@ struct Creator {
         in.expect_end("constructor arguments");
         return new_object(std::apply([](A&... a) { return new T(std::move(a)...); }, args));
     }
-    static inline const bool announced = announce_invoker(reinterpret_cast<const void*>(&invoke));
+    static inline const bool announced = announce_invoker(reinterpret_cast<const void*>(&invoke), typeid(Creator*));
     static const void* address() {
         (void)announced;
         return reinterpret_cast<const void*>(&invoke);
@@ -4403,6 +4405,12 @@ std::uint64_t type_hash_of() {
     static const std::uint64_t h = type_hash(typeid(T).name());
     return h;
 }
+
+/// What an argument of create<T>() travels as: its decayed type, except that a
+/// C string travels as std::string (a pointer means nothing in the server).
+template <class A>
+using arg_t = std::conditional_t<std::is_same_v<std::decay_t<A>, const char*> || std::is_same_v<std::decay_t<A>, char*>,
+                                 std::string, std::decay_t<A>>;
 
 template <class P, class A>
 void write_param(Encoder& e, A&& a) {
@@ -4809,9 +4817,9 @@ public:
     /// Constructs T(args...) in the server; the arguments travel by the codec.
     template <class T, class... A>
     Proxy<T> create(A&&... args) const {
-        using C = detail::server::Creator<T, std::decay_t<A>...>;
+        using C = detail::server::Creator<T, detail::server::arg_t<A>...>;
         Encoder e;
-        (e.write<std::decay_t<A>>(args), ...);
+        (detail::server::write_param<detail::server::arg_t<A>>(e, std::forward<A>(args)), ...);
         return Proxy<T>(detail::server::create_object(link(), C::address(), detail::server::type_hash_of<T>(), e));
     }
     /// A hosted std::vector<T>.
@@ -10108,19 +10116,24 @@ inline bool send_frame(os::handle_t fd, std::uint32_t kind, const std::string& p
     }
 }
 
-/// A CodeRef on the wire.
-inline void write_code(Encoder& e, const os::CodeRef& c) { e(c.module, c.offset); }
-inline os::CodeRef read_code(Decoder& d) {
-    os::CodeRef c;
-    d(c.module, c.offset);
-    return c;
+/// An invoker on the wire: where it is in its module, and its identity.
+struct InvokerRef {
+    os::CodeRef code;
+    std::uint64_t identity = 0;
+};
+inline void write_invoker(Encoder& e, const InvokerRef& r) { e(r.code.module, r.code.offset, r.identity); }
+inline InvokerRef read_invoker(Decoder& d) {
+    InvokerRef r;
+    d(r.code.module, r.code.offset, r.identity);
+    return r;
 }
 
 // ---------------------------------------------------------------- invokers
 
+/// Every invoker this build instantiated, with the hash of its identity.
 struct InvokerSet {
     std::mutex mutex;
-    std::unordered_set<const void*> fns;
+    std::unordered_map<const void*, std::uint64_t> fns;
 };
 InvokerSet& invokers() {
     static InvokerSet* s = new InvokerSet;  // never destroyed: static initializers of any order use it
@@ -10134,20 +10147,23 @@ InvokerSet& invokers() {
 
 namespace detail::server {
 
-bool announce_invoker(const void* fn) noexcept {
+bool announce_invoker(const void* fn, const std::type_info& identity) noexcept {
     try {
+        std::uint64_t h = type_hash(identity.name());
         InvokerSet& s = invokers();
         std::lock_guard<std::mutex> lk(s.mutex);
-        s.fns.insert(fn);
+        s.fns[fn] = h;
     } catch (...) {
     }
     return true;
 }
 
-bool is_announced(const void* fn) {
+/// The identity hash of an announced invoker; 0 if `fn` is not one.
+std::uint64_t invoker_identity(const void* fn) {
     InvokerSet& s = invokers();
     std::lock_guard<std::mutex> lk(s.mutex);
-    return s.fns.count(fn) != 0;
+    auto it = s.fns.find(fn);
+    return it == s.fns.end() ? 0 : it->second;
 }
 
 std::uint64_t type_hash(const char* mangled) noexcept {
@@ -10408,12 +10424,12 @@ struct Outcome {
 /// Resolves invokers sent as code references, once per connection.
 class CodeCache {
 public:
-    const void* resolve(const os::CodeRef& c) {
-        auto key = std::make_pair(c.module, c.offset);
+    const void* resolve(const InvokerRef& r) {
+        auto key = std::make_tuple(r.code.module, r.code.offset, r.identity);
         auto it = cache_.find(key);
         if (it != cache_.end()) return it->second;
-        const void* fn = os::code_ref_resolve(c);
-        if (!fn || !is_announced(fn))
+        const void* fn = os::code_ref_resolve(r.code);
+        if (!fn || r.identity == 0 || invoker_identity(fn) != r.identity)
             throw ServerError(
                 "mpservice: the server does not know this constructor or method (not one of this build's "
                 "invokers: a different build, or a corrupt request)");
@@ -10423,7 +10439,7 @@ public:
     }
 
 private:
-    std::map<std::pair<std::uint64_t, std::uint64_t>, const void*> cache_;
+    std::map<std::tuple<std::uint64_t, std::uint64_t, std::uint64_t>, const void*> cache_;
 };
 
 /// The current thread serves a request: proxies made while encoding its
@@ -10434,7 +10450,7 @@ void run_request(Host& host, Session& session, CodeCache& codes, std::uint32_t o
     Encoder e;
     switch (op) {
         case op_create: {
-            os::CodeRef c = read_code(d);
+            InvokerRef c = read_invoker(d);
             auto type = d.read<std::uint64_t>();
             auto fn = reinterpret_cast<CreateFn>(reinterpret_cast<std::uintptr_t>(codes.resolve(c)));
             NewObject obj = fn(d);
@@ -10443,7 +10459,7 @@ void run_request(Host& host, Session& session, CodeCache& codes, std::uint32_t o
         }
         case op_call: {
             auto id = d.read<std::uint64_t>();
-            os::CodeRef c = read_code(d);
+            InvokerRef c = read_invoker(d);
             auto fn = reinterpret_cast<MethodFn>(reinterpret_cast<std::uintptr_t>(codes.resolve(c)));
             ObjectPtr o = host.get(id);  // keeps it alive through the call
             fn(o->obj.type, o->obj.object, d, e);
@@ -11257,12 +11273,16 @@ void install_local_link(Host& host) {
     reg.local = l;
 }
 
-/// A code address as a CodeRef, cached per thread (finding the module is a walk of the loaded modules).
-os::CodeRef code_of(const void* fn) {
-    thread_local std::unordered_map<const void*, os::CodeRef> cache;
+/// An invoker as the server is told of it, cached per thread (finding the
+/// module is a walk of the loaded modules).
+InvokerRef invoker_of(const void* fn) {
+    thread_local std::unordered_map<const void*, InvokerRef> cache;
     auto it = cache.find(fn);
     if (it != cache.end()) return it->second;
-    return cache[fn] = os::code_ref_of(fn);
+    InvokerRef r;
+    r.code = os::code_ref_of(fn);
+    r.identity = invoker_identity(fn);
+    return cache[fn] = r;
 }
 
 // ---------------------------------------------------------------- the templates' entry points
@@ -11274,7 +11294,7 @@ Ref::~Ref() {
 RefPtr create_object(const std::shared_ptr<Link>& link, const void* creator, std::uint64_t type, const Encoder& args) {
     if (!link) throw InvalidStateError("mpservice: the server process was not started");
     Encoder e;
-    write_code(e, code_of(creator));
+    write_invoker(e, invoker_of(creator));
     e.write(type);
     e.write_bytes(args.bytes().data(), args.bytes().size());
     std::vector<os::handle_t> hs;
@@ -11288,7 +11308,7 @@ std::string call_method(const Ref& ref, const void* method, const Encoder& args,
     Encoder e;
     e.reserve(32 + args.bytes().size());
     e.write(ref.id);
-    write_code(e, code_of(method));
+    write_invoker(e, invoker_of(method));
     e.write_bytes(args.bytes().data(), args.bytes().size());
     return ref.link->request(op_call, e.bytes(), args.handles(), handles);
 }

@@ -130,7 +130,7 @@ TEST_CASE("server: create, call and results with several hosted classes") {
     mp::Proxy<Counter> c = server.create<Counter>(10);
     CHECK(c.call<&Counter::add>(5) == 15);
     CHECK(c.call<&Counter::get>() == 15);
-    auto g = server.create<Greeter>(std::string("hello"));
+    auto g = server.create<Greeter>("hello");  // a C string travels as std::string
     CHECK(g.call<&Greeter::greet>("world") == "hello, world");
     CHECK(g.call<&Greeter::length>(std::vector<int>{1, 2, 3}) == 3u);
     CHECK(count_of(server) == base + 2);
@@ -499,16 +499,42 @@ TEST_CASE("server: bad input is an error to that client alone") {
         mp::Encoder hello;
         hello(std::uint32_t(1), key, std::string(16, 'x'), std::int64_t(::getpid()), fp, true);
         mp::Encoder bogus_call;  // object c, an invoker reference that is not one
-        bogus_call(c.id(), std::uint64_t(12345), std::uint64_t(678));
+        bogus_call(c.id(), std::uint64_t(12345), std::uint64_t(678), std::uint64_t(9));
+        // A real invoker's place, with its identity and with a wrong one.
+        using GetInvoker = mp::detail::server::Method<Counter, &Counter::get>;
+        auto code = mp::detail::os::code_ref_of(GetInvoker::address());
+        std::uint64_t identity = mp::detail::server::type_hash(typeid(GetInvoker*).name());
+        mp::Encoder good_call, wrong_identity;
+        good_call(c.id(), code.module, code.offset, identity);
+        wrong_identity(c.id(), code.module, code.offset, identity ^ 1);
         mp::Encoder bad_id;
         bad_id(std::uint64_t(999999));
         int fd = raw_connect();
-        std::string out = frame(100, hello.bytes()) + frame(102, bogus_call.bytes()) + frame(103, bad_id.bytes()) +
-                          frame(102, "xy") + frame(777, "");
+        std::string out = frame(100, hello.bytes()) + frame(102, good_call.bytes()) + frame(102, bogus_call.bytes()) +
+                          frame(102, wrong_identity.bytes()) + frame(103, bad_id.bytes()) + frame(102, "xy") +
+                          frame(777, "");
         (void)!::write(fd, out.data(), out.size());
         ::shutdown(fd, SHUT_WR);
         std::string got = drain(fd);
-        CHECK(got.find("does not know this constructor or method") != std::string::npos);
+        // Replies: ok (HELLO), ok with the value 5 (the good call), then errors.
+        std::uint32_t kinds[2];
+        std::uint64_t sizes[2];
+        std::size_t at = 0;
+        for (int i = 0; i < 2; ++i) {
+            REQUIRE(got.size() >= at + 16);
+            std::memcpy(&kinds[i], got.data() + at, 4);
+            std::memcpy(&sizes[i], got.data() + at + 8, 8);
+            at += 16 + sizes[i];
+        }
+        CHECK(kinds[0] == 200);
+        CHECK(kinds[1] == 200);
+        REQUIRE(sizes[1] == sizeof(int));
+        int value = 0;
+        std::memcpy(&value, got.data() + 16 + sizes[0] + 16, sizeof value);
+        CHECK(value == 5);
+        std::size_t first = got.find("does not know this constructor or method");
+        CHECK(first != std::string::npos);
+        CHECK(got.find("does not know this constructor or method", first + 1) != std::string::npos);
         CHECK(got.find("has no object 999999") != std::string::npos);
         CHECK(got.find("truncated") != std::string::npos);
         CHECK(got.find("garbage") != std::string::npos);

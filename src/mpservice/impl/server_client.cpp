@@ -509,12 +509,16 @@ void install_local_link(Host& host) {
     reg.local = l;
 }
 
-/// A code address as a CodeRef, cached per thread (finding the module is a walk of the loaded modules).
-os::CodeRef code_of(const void* fn) {
-    thread_local std::unordered_map<const void*, os::CodeRef> cache;
+/// An invoker as the server is told of it, cached per thread (finding the
+/// module is a walk of the loaded modules).
+InvokerRef invoker_of(const void* fn) {
+    thread_local std::unordered_map<const void*, InvokerRef> cache;
     auto it = cache.find(fn);
     if (it != cache.end()) return it->second;
-    return cache[fn] = os::code_ref_of(fn);
+    InvokerRef r;
+    r.code = os::code_ref_of(fn);
+    r.identity = invoker_identity(fn);
+    return cache[fn] = r;
 }
 
 // ---------------------------------------------------------------- the templates' entry points
@@ -526,7 +530,7 @@ Ref::~Ref() {
 RefPtr create_object(const std::shared_ptr<Link>& link, const void* creator, std::uint64_t type, const Encoder& args) {
     if (!link) throw InvalidStateError("mpservice: the server process was not started");
     Encoder e;
-    write_code(e, code_of(creator));
+    write_invoker(e, invoker_of(creator));
     e.write(type);
     e.write_bytes(args.bytes().data(), args.bytes().size());
     std::vector<os::handle_t> hs;
@@ -540,7 +544,7 @@ std::string call_method(const Ref& ref, const void* method, const Encoder& args,
     Encoder e;
     e.reserve(32 + args.bytes().size());
     e.write(ref.id);
-    write_code(e, code_of(method));
+    write_invoker(e, invoker_of(method));
     e.write_bytes(args.bytes().data(), args.bytes().size());
     return ref.link->request(op_call, e.bytes(), args.handles(), handles);
 }

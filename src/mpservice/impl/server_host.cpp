@@ -238,12 +238,12 @@ struct Outcome {
 /// Resolves invokers sent as code references, once per connection.
 class CodeCache {
 public:
-    const void* resolve(const os::CodeRef& c) {
-        auto key = std::make_pair(c.module, c.offset);
+    const void* resolve(const InvokerRef& r) {
+        auto key = std::make_tuple(r.code.module, r.code.offset, r.identity);
         auto it = cache_.find(key);
         if (it != cache_.end()) return it->second;
-        const void* fn = os::code_ref_resolve(c);
-        if (!fn || !is_announced(fn))
+        const void* fn = os::code_ref_resolve(r.code);
+        if (!fn || r.identity == 0 || invoker_identity(fn) != r.identity)
             throw ServerError(
                 "mpservice: the server does not know this constructor or method (not one of this build's "
                 "invokers: a different build, or a corrupt request)");
@@ -253,7 +253,7 @@ public:
     }
 
 private:
-    std::map<std::pair<std::uint64_t, std::uint64_t>, const void*> cache_;
+    std::map<std::tuple<std::uint64_t, std::uint64_t, std::uint64_t>, const void*> cache_;
 };
 
 /// The current thread serves a request: proxies made while encoding its
@@ -264,7 +264,7 @@ void run_request(Host& host, Session& session, CodeCache& codes, std::uint32_t o
     Encoder e;
     switch (op) {
         case op_create: {
-            os::CodeRef c = read_code(d);
+            InvokerRef c = read_invoker(d);
             auto type = d.read<std::uint64_t>();
             auto fn = reinterpret_cast<CreateFn>(reinterpret_cast<std::uintptr_t>(codes.resolve(c)));
             NewObject obj = fn(d);
@@ -273,7 +273,7 @@ void run_request(Host& host, Session& session, CodeCache& codes, std::uint32_t o
         }
         case op_call: {
             auto id = d.read<std::uint64_t>();
-            os::CodeRef c = read_code(d);
+            InvokerRef c = read_invoker(d);
             auto fn = reinterpret_cast<MethodFn>(reinterpret_cast<std::uintptr_t>(codes.resolve(c)));
             ObjectPtr o = host.get(id);  // keeps it alive through the call
             fn(o->obj.type, o->obj.object, d, e);

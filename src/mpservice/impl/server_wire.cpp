@@ -167,19 +167,24 @@ inline bool send_frame(os::handle_t fd, std::uint32_t kind, const std::string& p
     }
 }
 
-/// A CodeRef on the wire.
-inline void write_code(Encoder& e, const os::CodeRef& c) { e(c.module, c.offset); }
-inline os::CodeRef read_code(Decoder& d) {
-    os::CodeRef c;
-    d(c.module, c.offset);
-    return c;
+/// An invoker on the wire: where it is in its module, and its identity.
+struct InvokerRef {
+    os::CodeRef code;
+    std::uint64_t identity = 0;
+};
+inline void write_invoker(Encoder& e, const InvokerRef& r) { e(r.code.module, r.code.offset, r.identity); }
+inline InvokerRef read_invoker(Decoder& d) {
+    InvokerRef r;
+    d(r.code.module, r.code.offset, r.identity);
+    return r;
 }
 
 // ---------------------------------------------------------------- invokers
 
+/// Every invoker this build instantiated, with the hash of its identity.
 struct InvokerSet {
     std::mutex mutex;
-    std::unordered_set<const void*> fns;
+    std::unordered_map<const void*, std::uint64_t> fns;
 };
 InvokerSet& invokers() {
     static InvokerSet* s = new InvokerSet;  // never destroyed: static initializers of any order use it
@@ -193,20 +198,23 @@ InvokerSet& invokers() {
 
 namespace detail::server {
 
-bool announce_invoker(const void* fn) noexcept {
+bool announce_invoker(const void* fn, const std::type_info& identity) noexcept {
     try {
+        std::uint64_t h = type_hash(identity.name());
         InvokerSet& s = invokers();
         std::lock_guard<std::mutex> lk(s.mutex);
-        s.fns.insert(fn);
+        s.fns[fn] = h;
     } catch (...) {
     }
     return true;
 }
 
-bool is_announced(const void* fn) {
+/// The identity hash of an announced invoker; 0 if `fn` is not one.
+std::uint64_t invoker_identity(const void* fn) {
     InvokerSet& s = invokers();
     std::lock_guard<std::mutex> lk(s.mutex);
-    return s.fns.count(fn) != 0;
+    auto it = s.fns.find(fn);
+    return it == s.fns.end() ? 0 : it->second;
 }
 
 std::uint64_t type_hash(const char* mangled) noexcept {

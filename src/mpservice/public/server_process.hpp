@@ -99,8 +99,10 @@ struct TypeTag {
     static constexpr char tag = 0;
 };
 
-/// Announces an invoker of this build; the server runs only announced ones.
-MPSERVICE_API bool announce_invoker(const void* fn) noexcept;
+/// Announces an invoker of this build with its identity (the type that
+/// instantiated it); the server runs only announced invokers, and only when
+/// the identity the client sent matches.
+MPSERVICE_API bool announce_invoker(const void* fn, const std::type_info& identity) noexcept;
 /// FNV-1a hash of a type's name: the type check of a decoded proxy.
 MPSERVICE_API std::uint64_t type_hash(const char* mangled) noexcept;
 
@@ -183,7 +185,7 @@ struct Method {
             out.write<std::decay_t<R>>((obj.*M)(static_cast<std::tuple_element_t<I, Params>&&>(std::get<I>(args))...));
         }
     }
-    static inline const bool announced = announce_invoker(reinterpret_cast<const void*>(&invoke));
+    static inline const bool announced = announce_invoker(reinterpret_cast<const void*>(&invoke), typeid(Method*));
     static const void* address() {
         (void)announced;
         return reinterpret_cast<const void*>(&invoke);
@@ -207,7 +209,7 @@ struct Creator {
         in.expect_end("constructor arguments");
         return new_object(std::apply([](A&... a) { return new T(std::move(a)...); }, args));
     }
-    static inline const bool announced = announce_invoker(reinterpret_cast<const void*>(&invoke));
+    static inline const bool announced = announce_invoker(reinterpret_cast<const void*>(&invoke), typeid(Creator*));
     static const void* address() {
         (void)announced;
         return reinterpret_cast<const void*>(&invoke);
@@ -219,6 +221,12 @@ std::uint64_t type_hash_of() {
     static const std::uint64_t h = type_hash(typeid(T).name());
     return h;
 }
+
+/// What an argument of create<T>() travels as: its decayed type, except that a
+/// C string travels as std::string (a pointer means nothing in the server).
+template <class A>
+using arg_t = std::conditional_t<std::is_same_v<std::decay_t<A>, const char*> || std::is_same_v<std::decay_t<A>, char*>,
+                                 std::string, std::decay_t<A>>;
 
 template <class P, class A>
 void write_param(Encoder& e, A&& a) {
@@ -625,9 +633,9 @@ public:
     /// Constructs T(args...) in the server; the arguments travel by the codec.
     template <class T, class... A>
     Proxy<T> create(A&&... args) const {
-        using C = detail::server::Creator<T, std::decay_t<A>...>;
+        using C = detail::server::Creator<T, detail::server::arg_t<A>...>;
         Encoder e;
-        (e.write<std::decay_t<A>>(args), ...);
+        (detail::server::write_param<detail::server::arg_t<A>>(e, std::forward<A>(args)), ...);
         return Proxy<T>(detail::server::create_object(link(), C::address(), detail::server::type_hash_of<T>(), e));
     }
     /// A hosted std::vector<T>.
