@@ -10919,6 +10919,24 @@ private:
 
 // ---------------------------------------------------------------- links over sockets
 
+/// This process's id without a system call per request (glibc no longer
+/// caches getpid); forgotten in a forked child, which must notice that it is
+/// not its parent.
+std::atomic<long> g_cached_pid{0};
+void forget_cached_pid() { g_cached_pid.store(0, std::memory_order_relaxed); }
+long cached_pid() {
+    long p = g_cached_pid.load(std::memory_order_relaxed);
+    if (p != 0) return p;
+    static const bool hooked = [] {
+        os::at_fork_child(&forget_cached_pid);
+        return true;
+    }();
+    (void)hooked;
+    p = os::current_pid();
+    g_cached_pid.store(p, std::memory_order_relaxed);
+    return p;
+}
+
 std::atomic<bool>& fast_path_enabled() {
     static std::atomic<bool> on{true};
     return on;
@@ -11067,18 +11085,18 @@ private:
         unsigned char token[16];
         os::random_bytes(token, sizeof token);
         session_.assign(reinterpret_cast<const char*>(token), sizeof token);
-        pid_ = os::current_pid();
+        pid_ = cached_pid();
         main_ = connect_and_hello(true);
     }
 
     /// In a forked child: the inherited connections are the parent's.  Open a
     /// session of our own and take a reference for each proxy we inherited.
     void ensure_this_process() {
-        if (pid_.load() == os::current_pid()) return;
+        if (pid_.load() == cached_pid()) return;
         std::vector<std::uint64_t> ids;
         {
             std::lock_guard<std::mutex> lk(main_mutex_);
-            if (pid_.load() == os::current_pid()) return;
+            if (pid_.load() == cached_pid()) return;
             os::close_handle(main_);  // our copy only; the parent's connection stays
             main_ = os::invalid_handle;
             dead_.store(false);
@@ -11097,7 +11115,7 @@ private:
     ThreadConn& conn() {
         thread_local std::unordered_map<std::uint64_t, std::shared_ptr<ThreadConn>> conns;
         auto& c = conns[serial_];
-        long me = os::current_pid();
+        long me = cached_pid();
         if (c && c->pid != me) {
             c->slot = SharedMemory();  // the parent's slot: never touched again here
             c.reset();
