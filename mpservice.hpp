@@ -9961,11 +9961,17 @@ bool QueueCore::join(os::Deadline deadline) {
 // The first frame is HELLO (protocol version, authentication key, session,
 // build fingerprint); a client of another build or without the key is refused.
 //
-// The fast path: a thread connection may hand the server a shared-memory slot
+// The fast path: a thread connection hands the server a shared-memory slot
 // (SLOT, the memfd attached).  Requests and replies without OS handles that fit
-// then go through the slot; each side spins briefly on the slot's sequence
-// words before it sleeps in a read of the socket, and the other side, seeing
-// it asleep, sends a WAKE frame.  The socket still carries what does not fit,
+// then go through the slot, and no socket message is made at all: each side
+// spins briefly (adaptively) on the slot's sequence words, then sleeps on a
+// futex in the slot - the server on the doorbell the client rings with every
+// request, the client on the reply word.  (A futex rather than a socket read
+// for sleeping: a socket write wakes its reader on the writer's CPU, which
+// leaves the partner nowhere to spin.)  Since neither futex sees the other
+// side die, both sleep in bounded slices and look at the socket in between: a
+// client sees its server's death within client_check, a server thread its
+// client's within server_check.  The socket still carries what does not fit,
 // what carries handles, and the end of either side.
 
 #include <algorithm>
@@ -10014,9 +10020,10 @@ constexpr std::uint64_t max_request = std::uint64_t(1) << 30;
 /// A thread connection's shared-memory request/response slot.
 struct SlotHeader {
     alignas(64) std::atomic<std::uint32_t> request_seq{0};  // the client's last request
+    std::atomic<std::uint32_t> doorbell{0};  // bumped for every request, slot or socket: the server's futex
     std::atomic<std::uint32_t> server_sleeping{0};
     alignas(64) std::atomic<std::uint32_t> reply_seq{0};  // the request the server answered last
-    std::atomic<std::uint32_t> client_sleeping{0};
+    std::atomic<std::uint32_t> client_sleeping{0};  // waiting on reply_seq's futex
     std::uint32_t request_op = 0;
     std::uint32_t request_size = 0;
     std::uint32_t reply_kind = 0;  // reply_ok / reply_error, or 0: the reply is on the socket
@@ -10036,17 +10043,9 @@ inline char* slot_data(void* base) { return static_cast<char*>(base) + slot_data
 /// run on their own CPUs, and when they cannot (a loaded machine) spinning
 /// turns itself off instead of delaying the partner.
 
-/// Waits, awake, for something the other side is about to do (it already
-/// wrote the rest of the answer): bounded, for a partner that died meanwhile.
-template <class Pred>
-bool await_imminent(Pred pred) {
-    auto until = os::Clock::now() + std::chrono::milliseconds(200);
-    while (!pred()) {
-        if (os::Clock::now() >= until) return false;
-        std::this_thread::yield();
-    }
-    return true;
-}
+/// How often a sleeping side looks at the socket (its partner's death).
+constexpr std::chrono::milliseconds client_check{20};
+constexpr std::chrono::milliseconds server_check{50};
 
 // ---------------------------------------------------------------- reading frames
 
@@ -10055,8 +10054,9 @@ bool await_imminent(Pred pred) {
 /// read.
 class BoundedReader {
 public:
-    enum Status { got, eof, too_big };
-    Status read(os::handle_t fd, wire::Frame& out, std::uint64_t limit) {
+    enum Status { got, eof, too_big, nothing };
+    /// The next frame; `nothing` only when `nonblocking` and no whole frame is there.
+    Status read(os::handle_t fd, wire::Frame& out, std::uint64_t limit, bool nonblocking = false) {
         for (;;) {
             if (len_ - pos_ >= sizeof(FrameHeader)) {
                 FrameHeader h;
@@ -10081,8 +10081,9 @@ public:
             }
             compact();
             if (buf_.size() - len_ < 4096) buf_.resize(std::max<std::size_t>(buf_.size() * 2, 8192));
-            long n = os::channel_read(fd, &buf_[len_], buf_.size() - len_, &fds_, false);
-            if (n <= 0) return eof;
+            long n = os::channel_read(fd, &buf_[len_], buf_.size() - len_, &fds_, nonblocking);
+            if (n < 0) return nothing;
+            if (n == 0) return eof;
             len_ += static_cast<std::size_t>(n);
         }
     }
@@ -10570,18 +10571,26 @@ private:
     void loop() {
         wire::Frame f;
         for (;;) {
-            if (slot_) {
-                if (serve_slot()) continue;
-                // Asleep: a WAKE (or any frame) on the socket gets us going again.
+            BoundedReader::Status status;
+            if (!slot_) {
+                status = reader_.read(fd_, f, max_request);
+            } else {
+                serve_slot();
+                // Nothing in the slot for a while: look at the socket, then sleep
+                // on the doorbell.  The bell is read first, so a request made
+                // after that rings a value we do not wait on.
                 SlotHeader* h = slot_header(slot_.data());
-                h->server_sleeping.store(1, std::memory_order_seq_cst);
-                if (h->request_seq.load(std::memory_order_seq_cst) != last_seq_) {
+                std::uint32_t bell = h->doorbell.load(std::memory_order_seq_cst);
+                status = reader_.read(fd_, f, max_request, true);
+                if (status == BoundedReader::nothing) {
+                    if (host_.stopping.load()) return;
+                    h->server_sleeping.store(1, std::memory_order_seq_cst);
+                    if (h->request_seq.load(std::memory_order_seq_cst) == last_seq_)
+                        os::futex_wait(&h->doorbell, bell, os::Clock::now() + server_check);
                     h->server_sleeping.store(0, std::memory_order_relaxed);
                     continue;
                 }
             }
-            auto status = reader_.read(fd_, f, max_request);
-            if (slot_) slot_header(slot_.data())->server_sleeping.store(0, std::memory_order_relaxed);
             if (status == BoundedReader::eof) return;
             if (status == BoundedReader::too_big) {
                 refuse("mpservice: the server refused a request larger than 1 GiB (a corrupt message?)");
@@ -10673,7 +10682,7 @@ private:
                 if (!send_frame(fd_, out.kind, out.bytes, out.handles)) return false;
             }
             h->reply_seq.store(seq, std::memory_order_seq_cst);
-            if (h->client_sleeping.load(std::memory_order_seq_cst)) send_frame(fd_, op_wake, std::string());
+            if (h->client_sleeping.load(std::memory_order_seq_cst)) os::futex_wake(&h->reply_seq, 1);
             if (out.shutdown_after) {
                 request_shutdown();
                 return false;
@@ -10990,6 +10999,7 @@ public:
         ThreadConn& c = conn();
         if (c.slot && handles.empty() && payload.size() <= slot_capacity) return slot_call(c, op, payload, reply_handles);
         if (!send_frame(c.fd, op, payload, handles)) gone(c);
+        if (c.slot) ring(slot_header(c.slot.data()));  // a server thread asleep on the slot looks at the socket
         return await_socket_reply(c, reply_handles);
     }
 
@@ -11178,6 +11188,11 @@ private:
         throw ServerError("mpservice: the " + describe() + " sent a reply of unknown kind");
     }
 
+    static void ring(SlotHeader* h) {
+        h->doorbell.fetch_add(1, std::memory_order_seq_cst);
+        if (h->server_sleeping.load(std::memory_order_seq_cst)) os::futex_wake(&h->doorbell, 1);
+    }
+
     std::string slot_call(ThreadConn& c, std::uint32_t op, const std::string& payload,
                           std::vector<os::handle_t>& reply_handles) {
         SlotHeader* h = slot_header(c.slot.data());
@@ -11186,41 +11201,26 @@ private:
         h->request_size = static_cast<std::uint32_t>(payload.size());
         const std::uint32_t seq = ++c.seq;
         h->request_seq.store(seq, std::memory_order_seq_cst);
-        if (h->server_sleeping.load(std::memory_order_seq_cst))
-            if (!send_frame(c.fd, op_wake, std::string())) gone(c);
+        ring(h);
         auto answered = [&] { return h->reply_seq.load(std::memory_order_acquire) == seq; };
-        bool on_socket_read = false;
-        std::string socket_reply;
         if (!spin_until(answered, c.spin_ns)) {
+            // Asleep on the reply word, in slices: between them, the socket
+            // tells whether the server is still there.
             h->client_sleeping.store(1, std::memory_order_seq_cst);
             while (!answered()) {
-                wire::Frame f;
-                if (!c.reader.read_blocking(c.fd, f)) {
+                std::uint32_t now = h->reply_seq.load(std::memory_order_seq_cst);
+                if (now != seq) os::futex_wait(&h->reply_seq, now, os::Clock::now() + client_check);
+                if (answered()) break;
+                long n = c.reader.fill(c.fd, true);  // a reply on the socket stays buffered for below
+                if (n == 0) {
                     h->client_sleeping.store(0, std::memory_order_relaxed);
                     gone(c);
                 }
-                if (f.kind == op_wake) continue;
-                // The reply came by the socket (written before reply_seq).
-                h->client_sleeping.store(0, std::memory_order_relaxed);
-                on_socket_read = true;
-                for (auto fd : f.handles) reply_handles.push_back(fd);
-                if (f.kind == reply_error) {
-                    wire::close_all(reply_handles);
-                    // Wait for reply_seq so the next call starts clean.
-                    await_imminent(answered);
-                    throw_reply_error(f.payload);
-                }
-                socket_reply = std::move(f.payload);
-                break;
             }
             h->client_sleeping.store(0, std::memory_order_relaxed);
         }
-        if (on_socket_read) {
-            await_imminent(answered);
-            return socket_reply;
-        }
         std::uint32_t kind = h->reply_kind;
-        if (kind == 0) return await_socket_reply(c, reply_handles);
+        if (kind == 0) return await_socket_reply(c, reply_handles);  // written before reply_seq
         std::uint32_t size = h->reply_size;
         if (size > slot_capacity) throw ServerError("mpservice: garbled reply in the slot");
         std::string reply(slot_data(c.slot.data()), size);

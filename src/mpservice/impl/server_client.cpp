@@ -226,6 +226,7 @@ public:
         ThreadConn& c = conn();
         if (c.slot && handles.empty() && payload.size() <= slot_capacity) return slot_call(c, op, payload, reply_handles);
         if (!send_frame(c.fd, op, payload, handles)) gone(c);
+        if (c.slot) ring(slot_header(c.slot.data()));  // a server thread asleep on the slot looks at the socket
         return await_socket_reply(c, reply_handles);
     }
 
@@ -414,6 +415,11 @@ private:
         throw ServerError("mpservice: the " + describe() + " sent a reply of unknown kind");
     }
 
+    static void ring(SlotHeader* h) {
+        h->doorbell.fetch_add(1, std::memory_order_seq_cst);
+        if (h->server_sleeping.load(std::memory_order_seq_cst)) os::futex_wake(&h->doorbell, 1);
+    }
+
     std::string slot_call(ThreadConn& c, std::uint32_t op, const std::string& payload,
                           std::vector<os::handle_t>& reply_handles) {
         SlotHeader* h = slot_header(c.slot.data());
@@ -422,41 +428,26 @@ private:
         h->request_size = static_cast<std::uint32_t>(payload.size());
         const std::uint32_t seq = ++c.seq;
         h->request_seq.store(seq, std::memory_order_seq_cst);
-        if (h->server_sleeping.load(std::memory_order_seq_cst))
-            if (!send_frame(c.fd, op_wake, std::string())) gone(c);
+        ring(h);
         auto answered = [&] { return h->reply_seq.load(std::memory_order_acquire) == seq; };
-        bool on_socket_read = false;
-        std::string socket_reply;
         if (!spin_until(answered, c.spin_ns)) {
+            // Asleep on the reply word, in slices: between them, the socket
+            // tells whether the server is still there.
             h->client_sleeping.store(1, std::memory_order_seq_cst);
             while (!answered()) {
-                wire::Frame f;
-                if (!c.reader.read_blocking(c.fd, f)) {
+                std::uint32_t now = h->reply_seq.load(std::memory_order_seq_cst);
+                if (now != seq) os::futex_wait(&h->reply_seq, now, os::Clock::now() + client_check);
+                if (answered()) break;
+                long n = c.reader.fill(c.fd, true);  // a reply on the socket stays buffered for below
+                if (n == 0) {
                     h->client_sleeping.store(0, std::memory_order_relaxed);
                     gone(c);
                 }
-                if (f.kind == op_wake) continue;
-                // The reply came by the socket (written before reply_seq).
-                h->client_sleeping.store(0, std::memory_order_relaxed);
-                on_socket_read = true;
-                for (auto fd : f.handles) reply_handles.push_back(fd);
-                if (f.kind == reply_error) {
-                    wire::close_all(reply_handles);
-                    // Wait for reply_seq so the next call starts clean.
-                    await_imminent(answered);
-                    throw_reply_error(f.payload);
-                }
-                socket_reply = std::move(f.payload);
-                break;
             }
             h->client_sleeping.store(0, std::memory_order_relaxed);
         }
-        if (on_socket_read) {
-            await_imminent(answered);
-            return socket_reply;
-        }
         std::uint32_t kind = h->reply_kind;
-        if (kind == 0) return await_socket_reply(c, reply_handles);
+        if (kind == 0) return await_socket_reply(c, reply_handles);  // written before reply_seq
         std::uint32_t size = h->reply_size;
         if (size > slot_capacity) throw ServerError("mpservice: garbled reply in the slot");
         std::string reply(slot_data(c.slot.data()), size);

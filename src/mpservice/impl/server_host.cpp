@@ -384,18 +384,26 @@ private:
     void loop() {
         wire::Frame f;
         for (;;) {
-            if (slot_) {
-                if (serve_slot()) continue;
-                // Asleep: a WAKE (or any frame) on the socket gets us going again.
+            BoundedReader::Status status;
+            if (!slot_) {
+                status = reader_.read(fd_, f, max_request);
+            } else {
+                serve_slot();
+                // Nothing in the slot for a while: look at the socket, then sleep
+                // on the doorbell.  The bell is read first, so a request made
+                // after that rings a value we do not wait on.
                 SlotHeader* h = slot_header(slot_.data());
-                h->server_sleeping.store(1, std::memory_order_seq_cst);
-                if (h->request_seq.load(std::memory_order_seq_cst) != last_seq_) {
+                std::uint32_t bell = h->doorbell.load(std::memory_order_seq_cst);
+                status = reader_.read(fd_, f, max_request, true);
+                if (status == BoundedReader::nothing) {
+                    if (host_.stopping.load()) return;
+                    h->server_sleeping.store(1, std::memory_order_seq_cst);
+                    if (h->request_seq.load(std::memory_order_seq_cst) == last_seq_)
+                        os::futex_wait(&h->doorbell, bell, os::Clock::now() + server_check);
                     h->server_sleeping.store(0, std::memory_order_relaxed);
                     continue;
                 }
             }
-            auto status = reader_.read(fd_, f, max_request);
-            if (slot_) slot_header(slot_.data())->server_sleeping.store(0, std::memory_order_relaxed);
             if (status == BoundedReader::eof) return;
             if (status == BoundedReader::too_big) {
                 refuse("mpservice: the server refused a request larger than 1 GiB (a corrupt message?)");
@@ -487,7 +495,7 @@ private:
                 if (!send_frame(fd_, out.kind, out.bytes, out.handles)) return false;
             }
             h->reply_seq.store(seq, std::memory_order_seq_cst);
-            if (h->client_sleeping.load(std::memory_order_seq_cst)) send_frame(fd_, op_wake, std::string());
+            if (h->client_sleeping.load(std::memory_order_seq_cst)) os::futex_wake(&h->reply_seq, 1);
             if (out.shutdown_after) {
                 request_shutdown();
                 return false;

@@ -12,11 +12,17 @@
 // The first frame is HELLO (protocol version, authentication key, session,
 // build fingerprint); a client of another build or without the key is refused.
 //
-// The fast path: a thread connection may hand the server a shared-memory slot
+// The fast path: a thread connection hands the server a shared-memory slot
 // (SLOT, the memfd attached).  Requests and replies without OS handles that fit
-// then go through the slot; each side spins briefly on the slot's sequence
-// words before it sleeps in a read of the socket, and the other side, seeing
-// it asleep, sends a WAKE frame.  The socket still carries what does not fit,
+// then go through the slot, and no socket message is made at all: each side
+// spins briefly (adaptively) on the slot's sequence words, then sleeps on a
+// futex in the slot - the server on the doorbell the client rings with every
+// request, the client on the reply word.  (A futex rather than a socket read
+// for sleeping: a socket write wakes its reader on the writer's CPU, which
+// leaves the partner nowhere to spin.)  Since neither futex sees the other
+// side die, both sleep in bounded slices and look at the socket in between: a
+// client sees its server's death within client_check, a server thread its
+// client's within server_check.  The socket still carries what does not fit,
 // what carries handles, and the end of either side.
 
 #include <algorithm>
@@ -65,9 +71,10 @@ constexpr std::uint64_t max_request = std::uint64_t(1) << 30;
 /// A thread connection's shared-memory request/response slot.
 struct SlotHeader {
     alignas(64) std::atomic<std::uint32_t> request_seq{0};  // the client's last request
+    std::atomic<std::uint32_t> doorbell{0};  // bumped for every request, slot or socket: the server's futex
     std::atomic<std::uint32_t> server_sleeping{0};
     alignas(64) std::atomic<std::uint32_t> reply_seq{0};  // the request the server answered last
-    std::atomic<std::uint32_t> client_sleeping{0};
+    std::atomic<std::uint32_t> client_sleeping{0};  // waiting on reply_seq's futex
     std::uint32_t request_op = 0;
     std::uint32_t request_size = 0;
     std::uint32_t reply_kind = 0;  // reply_ok / reply_error, or 0: the reply is on the socket
@@ -87,17 +94,9 @@ inline char* slot_data(void* base) { return static_cast<char*>(base) + slot_data
 /// run on their own CPUs, and when they cannot (a loaded machine) spinning
 /// turns itself off instead of delaying the partner.
 
-/// Waits, awake, for something the other side is about to do (it already
-/// wrote the rest of the answer): bounded, for a partner that died meanwhile.
-template <class Pred>
-bool await_imminent(Pred pred) {
-    auto until = os::Clock::now() + std::chrono::milliseconds(200);
-    while (!pred()) {
-        if (os::Clock::now() >= until) return false;
-        std::this_thread::yield();
-    }
-    return true;
-}
+/// How often a sleeping side looks at the socket (its partner's death).
+constexpr std::chrono::milliseconds client_check{20};
+constexpr std::chrono::milliseconds server_check{50};
 
 // ---------------------------------------------------------------- reading frames
 
@@ -106,8 +105,9 @@ bool await_imminent(Pred pred) {
 /// read.
 class BoundedReader {
 public:
-    enum Status { got, eof, too_big };
-    Status read(os::handle_t fd, wire::Frame& out, std::uint64_t limit) {
+    enum Status { got, eof, too_big, nothing };
+    /// The next frame; `nothing` only when `nonblocking` and no whole frame is there.
+    Status read(os::handle_t fd, wire::Frame& out, std::uint64_t limit, bool nonblocking = false) {
         for (;;) {
             if (len_ - pos_ >= sizeof(FrameHeader)) {
                 FrameHeader h;
@@ -132,8 +132,9 @@ public:
             }
             compact();
             if (buf_.size() - len_ < 4096) buf_.resize(std::max<std::size_t>(buf_.size() * 2, 8192));
-            long n = os::channel_read(fd, &buf_[len_], buf_.size() - len_, &fds_, false);
-            if (n <= 0) return eof;
+            long n = os::channel_read(fd, &buf_[len_], buf_.size() - len_, &fds_, nonblocking);
+            if (n < 0) return nothing;
+            if (n == 0) return eof;
             len_ += static_cast<std::size_t>(n);
         }
     }
