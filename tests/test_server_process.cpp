@@ -353,7 +353,9 @@ TEST_CASE("server: 1000 create/release cycles leave no objects, descriptors or m
     CHECK(count_of(server) == objects);
     auto after = server.resource_counts();
     CHECK(after.first == before.first);
-    CHECK(after.second == before.second);
+    // Mappings: a block leaked per cycle would be 1000 more; the allocator (or a
+    // sanitizer's runtime) may map a few regions of its own meanwhile.
+    CHECK(after.second <= before.second + 16);
     CHECK(static_cast<long>(forktest::fd_count()) == fds_here);
 }
 
