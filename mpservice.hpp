@@ -1627,6 +1627,30 @@ MPSERVICE_API long pipe_read(handle_t h, void* buf, std::size_t cap) noexcept;
 /// be on a terminal.
 MPSERVICE_API void redirect_standard_output(handle_t out, handle_t err);
 
+// ---------------------------------------------------------------- (server process section)
+/// A listening Unix stream socket at a fresh, unguessable address (Linux: the
+/// abstract namespace, so nothing appears in the file system and nothing is
+/// left behind); `address` receives the name to connect to.  Close-on-exec.
+MPSERVICE_API handle_t listener_create(std::string& address);
+/// Waits for the next connection; invalid_handle once the listener was shut
+/// down (listener_shutdown) or on an unrecoverable error.
+MPSERVICE_API handle_t listener_accept(handle_t listener);
+/// Makes a blocked listener_accept return invalid_handle.
+MPSERVICE_API void listener_shutdown(handle_t listener) noexcept;
+/// Connects to a listener_create address; throws std::system_error.
+MPSERVICE_API handle_t unix_connect(const std::string& address);
+/// The user id of the process at the other end of a connected socket, or -1.
+MPSERVICE_API long peer_user(handle_t socket) noexcept;
+/// This process's (real) user id.
+MPSERVICE_API long current_user() noexcept;
+/// Ends both directions of a socket: reads at either end return end-of-stream.
+MPSERVICE_API void socket_shutdown(handle_t socket) noexcept;
+/// Fills `out` with `n` random bytes from the system's generator.
+MPSERVICE_API void random_bytes(void* out, std::size_t n);
+/// Number of open descriptors and of memory mappings of this process (diagnostics; -1 if unknown).
+MPSERVICE_API long open_handle_count() noexcept;
+MPSERVICE_API long mapping_count() noexcept;
+
 }  // namespace mpservice::detail::os
 // ---- end part: mpservice/detail/os.hpp
 // ---- begin part: mpservice/detail/shm.hpp -----------------------------------
@@ -6196,6 +6220,727 @@ private:
 
 }  // namespace mpservice
 // ---- end part: mpservice/public/runner.hpp
+// ---- begin part: mpservice/public/server_process.hpp ------------------------
+// server_process: a server process that hosts C++ objects for other processes
+// (Python's managers, as mpservice reworked them), and shared memory blocks.
+//
+//     mp::ServerProcess server;                           // a child process, started
+//     mp::Proxy<Counter> c = server.create<Counter>(10);  // Counter(10) lives in the server
+//     c.call<&Counter::add>(5);                           // runs there; its result comes back
+//     int v = c.call<&Counter::get>();
+//     auto block = server.MemoryBlock(1 << 20);           // shared memory, zero-copy everywhere
+//     block.data()[0] = 42;
+//
+// Nothing is registered.  As a Process target is identified by its place in
+// the program, a constructor and a method are identified by the place of a
+// small function the templates here instantiate for them (their "invoker"):
+// the client sends the invoker's module offset, and the server - a run of the
+// same build, which refuses clients of another build - checks it against the
+// invokers its own static initializers announced, so a garbled request can
+// never make it jump somewhere else.
+//
+// Proxies are handles with reference counts: copy them freely (a copy costs no
+// message); pass them as Process arguments, inside Queue items or as method
+// arguments and results, nested in any data the codec carries.  An encoded
+// proxy is plain bytes - server address, object id, a one-use ticket - with no
+// OS handle, so every channel carries it.  The object lives while a proxy in
+// any process, or an encoded proxy not yet decoded, refers to it, and is
+// destroyed in the server when the last one goes.  A client process that dies,
+// even by SIGKILL, loses its references (the server sees its connection end).
+// A ticket that is never decoded keeps its object alive until the server shuts
+// down (as in Python); each encoding costs one such ticket, so the leak is
+// bounded by the encodings you make and drop unread.
+//
+// Concurrency: each client thread has its own connection, served by its own
+// server thread.  Calls from different threads or processes run concurrently in
+// the server - on the same object too - so a hosted class needs its own
+// locking (the hosted containers here have it).  One thread's calls run in
+// order.  A call from a thread of a *forked* child opens a connection of its own.
+//
+// Fast path: a thread's connection also has a small shared-memory slot for
+// requests and replies that carry no OS handle; both sides spin briefly on it
+// before they sleep on the socket, so back-to-back calls cost no system call.
+//
+// The server dying makes every call fail at once with mp::ServerError naming
+// it - never a hang.  A method's exception arrives as it does from a Process:
+// as Remote<E>, with the server's stack at the throw.
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <typeinfo>
+#include <utility>
+#include <vector>
+
+namespace mpservice {
+
+/// A server process is gone, refused a request, or does not know an object.
+class ServerError : public Error {
+public:
+    using Error::Error;
+};
+
+template <class T>
+class Proxy;
+class ServerProcess;
+
+// ---------------------------------------------------------------- internals shared by the templates
+
+namespace detail::server {
+
+/// Runs a method in the server: checks that `object` is of the invoker's class
+/// (`type` is the object's type tag), decodes the arguments, writes the result.
+using MethodFn = void (*)(const void* type, void* object, Decoder& args, Encoder& result);
+
+/// A newly constructed hosted object.
+struct NewObject {
+    void* object = nullptr;
+    void (*destroy)(void*) noexcept = nullptr;
+    const void* type = nullptr;   // the class's type tag (an address in this process)
+    const char* type_name = "";   // typeid name (mangled)
+};
+/// Runs a constructor in the server.
+using CreateFn = NewObject (*)(Decoder& args);
+
+/// One address per class in each process: the identity hosted objects are checked against.
+template <class T>
+struct TypeTag {
+    static constexpr char tag = 0;
+};
+
+/// Announces an invoker of this build with its identity (the type that
+/// instantiated it); the server runs only announced invokers, and only when
+/// the identity the client sent matches.
+MPSERVICE_API bool announce_invoker(const void* fn, const std::type_info& identity) noexcept;
+/// FNV-1a hash of a type's name: the type check of a decoded proxy.
+MPSERVICE_API std::uint64_t type_hash(const char* mangled) noexcept;
+
+class Link;
+
+/// What every Proxy copy in one process shares for one object: the link to its
+/// server, the object id and, for memory blocks, the mapping (made once).
+struct Ref {
+    std::shared_ptr<Link> link;
+    std::uint64_t id = 0;
+    std::uint64_t type = 0;  // type_hash of the class
+    std::mutex mapping_mutex;
+    SharedMemory mapping;
+    Ref() = default;
+    Ref(const Ref&) = delete;
+    Ref& operator=(const Ref&) = delete;
+    MPSERVICE_API ~Ref();  // drops this process's reference (one message)
+};
+using RefPtr = std::shared_ptr<Ref>;
+
+/// The client side of a server, as ServerProcess and ServerClient hold it.
+MPSERVICE_API RefPtr create_object(const std::shared_ptr<Link>& link, const void* creator, std::uint64_t type,
+                                   const Encoder& args);
+/// Calls `method` on the object; returns the encoded result (and its handles).
+MPSERVICE_API std::string call_method(const Ref& ref, const void* method, const Encoder& args,
+                                      std::vector<os::handle_t>& handles);
+MPSERVICE_API void encode_ref(Encoder& e, const RefPtr& ref);
+MPSERVICE_API RefPtr decode_ref(Decoder& d, std::uint64_t type, const char* type_name);
+/// The memory block behind a MemoryBlock proxy, mapped in this process (once).
+MPSERVICE_API const SharedMemory& block_mapping(Ref& ref);
+/// In a server process: a new object hosted by this server, with a reference
+/// held by the returned Ref.  InvalidStateError in any other process.
+MPSERVICE_API RefPtr host_here(NewObject obj, std::uint64_t type);
+MPSERVICE_API bool in_server_process() noexcept;
+/// Benchmark hook: whether new thread connections use the shared-memory slot
+/// (default true; false measures the socket-only path).
+MPSERVICE_API void set_fast_path(bool enabled) noexcept;
+
+// ---- method traits: R (C::*)(P...) [const] [noexcept]
+template <class M>
+struct method_traits;
+#define MPSERVICE_METHOD_TRAITS(QUAL)                                 \
+    template <class R, class C, class... P>                           \
+    struct method_traits<R (C::*)(P...) QUAL> {                       \
+        using result = R;                                             \
+        using cls = C;                                                \
+        using params = std::tuple<P...>;                              \
+        static constexpr std::size_t arity = sizeof...(P);            \
+    };
+MPSERVICE_METHOD_TRAITS()
+MPSERVICE_METHOD_TRAITS(const)
+MPSERVICE_METHOD_TRAITS(noexcept)
+MPSERVICE_METHOD_TRAITS(const noexcept)
+MPSERVICE_METHOD_TRAITS(&)
+MPSERVICE_METHOD_TRAITS(const&)
+#undef MPSERVICE_METHOD_TRAITS
+
+[[noreturn]] MPSERVICE_API void throw_wrong_type(const char* expected_mangled);
+
+/// The invoker of method M of class C.
+template <class C, auto M>
+struct Method {
+    using Traits = method_traits<decltype(M)>;
+    using R = typename Traits::result;
+    using Params = typename Traits::params;
+
+    static void invoke(const void* type, void* object, Decoder& in, Encoder& out) {
+        if (type != &TypeTag<C>::tag) throw_wrong_type(typeid(C).name());
+        run(*static_cast<C*>(object), in, out, std::make_index_sequence<Traits::arity>{});
+    }
+    template <std::size_t... I>
+    static void run(C& obj, Decoder& in, Encoder& out, std::index_sequence<I...>) {
+        std::tuple<std::decay_t<std::tuple_element_t<I, Params>>...> args{
+            in.read<std::decay_t<std::tuple_element_t<I, Params>>>()...};  // braced: left to right
+        in.expect_end("method arguments");
+        if constexpr (std::is_void_v<R>) {
+            (obj.*M)(static_cast<std::tuple_element_t<I, Params>&&>(std::get<I>(args))...);
+            (void)out;
+        } else {
+            out.write<std::decay_t<R>>((obj.*M)(static_cast<std::tuple_element_t<I, Params>&&>(std::get<I>(args))...));
+        }
+    }
+    static inline const bool announced = announce_invoker(reinterpret_cast<const void*>(&invoke), typeid(Method*));
+    static const void* address() {
+        (void)announced;
+        return reinterpret_cast<const void*>(&invoke);
+    }
+};
+
+template <class T>
+void destroy_object(void* p) noexcept {
+    delete static_cast<T*>(p);
+}
+template <class T>
+NewObject new_object(T* p) {
+    return NewObject{p, &destroy_object<T>, &TypeTag<T>::tag, typeid(T).name()};
+}
+
+/// The invoker of constructor T(A...).
+template <class T, class... A>
+struct Creator {
+    static NewObject invoke(Decoder& in) {
+        std::tuple<A...> args{in.read<A>()...};
+        in.expect_end("constructor arguments");
+        return new_object(std::apply([](A&... a) { return new T(std::move(a)...); }, args));
+    }
+    static inline const bool announced = announce_invoker(reinterpret_cast<const void*>(&invoke), typeid(Creator*));
+    static const void* address() {
+        (void)announced;
+        return reinterpret_cast<const void*>(&invoke);
+    }
+};
+
+template <class T>
+std::uint64_t type_hash_of() {
+    static const std::uint64_t h = type_hash(typeid(T).name());
+    return h;
+}
+
+/// What an argument of create<T>() travels as: its decayed type, except that a
+/// C string travels as std::string (a pointer means nothing in the server).
+template <class A>
+using arg_t = std::conditional_t<std::is_same_v<std::decay_t<A>, const char*> || std::is_same_v<std::decay_t<A>, char*>,
+                                 std::string, std::decay_t<A>>;
+
+template <class P, class A>
+void write_param(Encoder& e, A&& a) {
+    using D = std::decay_t<P>;
+    if constexpr (std::is_same_v<std::decay_t<A>, D>)
+        e.write<D>(a);
+    else
+        e.write<D>(D(std::forward<A>(a)));
+}
+
+}  // namespace detail::server
+
+// ---------------------------------------------------------------- proxies
+
+/// The common part of every Proxy<T>: the reference and call<>().
+template <class T>
+class ProxyBase {
+public:
+    ProxyBase() = default;
+
+    /// Runs method M (a member function of T) on the object in the server with
+    /// `args` (converted to M's parameter types, carried by the codec) and
+    /// returns its result, decoded.  Re-throws the method's exception as
+    /// Remote<E>; ServerError if the server is gone or the proxy is empty.
+    template <auto M, class... A>
+    auto call(A&&... args) const {
+        using Inv = detail::server::Method<T, M>;
+        using R = std::decay_t<typename Inv::R>;
+        static_assert(std::is_base_of_v<typename Inv::Traits::cls, T>,
+                      "mpservice: call<&C::method>: C must be the proxy's class (or its base)");
+        static_assert(sizeof...(A) == Inv::Traits::arity, "mpservice: call<&C::method>: wrong number of arguments");
+        Encoder e;
+        write_all<typename Inv::Params>(e, std::index_sequence_for<A...>{}, std::forward<A>(args)...);
+        std::vector<detail::os::handle_t> handles;
+        std::string bytes = detail::server::call_method(ref(), Inv::address(), e, handles);
+        struct Closer {
+            std::vector<detail::os::handle_t>& hs;
+            ~Closer() {
+                for (auto h : hs) detail::os::close_handle(h);
+            }
+        } closer{handles};
+        if constexpr (std::is_void_v<R>) {
+            return;
+        } else {
+            Decoder d(bytes.data(), bytes.size(), &handles);
+            R r = d.read<R>();
+            d.expect_end("method result");
+            return r;
+        }
+    }
+
+    /// Whether this proxy refers to an object.
+    explicit operator bool() const noexcept { return static_cast<bool>(ref_); }
+    /// The object's id in its server.
+    std::uint64_t id() const noexcept { return ref_ ? ref_->id : 0; }
+    /// Drops this handle's reference now (as destroying it would).
+    void reset() noexcept { ref_.reset(); }
+
+    /// (internal)
+    const detail::server::RefPtr& ref_ptr() const noexcept { return ref_; }
+    explicit ProxyBase(detail::server::RefPtr r) : ref_(std::move(r)) {}
+
+protected:
+    detail::server::Ref& ref() const {
+        if (!ref_) throw ServerError("mpservice: call on an empty proxy (released or default-constructed)");
+        return *ref_;
+    }
+
+private:
+    template <class Params, std::size_t... I, class... A>
+    static void write_all(Encoder& e, std::index_sequence<I...>, A&&... a) {
+        (detail::server::write_param<std::tuple_element_t<I, Params>>(e, std::forward<A>(a)), ...);
+    }
+    detail::server::RefPtr ref_;
+};
+
+/// A handle to an object of class T hosted by a server process.
+template <class T>
+class Proxy : public ProxyBase<T> {
+public:
+    using ProxyBase<T>::ProxyBase;
+};
+
+/// Proxies travel through the codec as plain bytes (see the top of this file).
+template <class T>
+struct Codec<Proxy<T>> {
+    static void encode(Encoder& e, const Proxy<T>& p) { detail::server::encode_ref(e, p.ref_ptr()); }
+    static Proxy<T> decode(Decoder& d) {
+        return Proxy<T>(detail::server::decode_ref(d, detail::server::type_hash_of<T>(), typeid(T).name()));
+    }
+};
+
+// ---------------------------------------------------------------- objects made inside the server
+
+/// Inside a server process (in a hosted object's method or constructor): hosts
+/// a new T(args...) in this server and returns a proxy to it, which the method
+/// can return - alone or nested in other data - to its caller (SPEC §4.4
+/// `managed`).  InvalidStateError in any other process.
+template <class T, class... A>
+Proxy<T> managed(A&&... args) {
+    if (!detail::server::in_server_process())
+        throw InvalidStateError("mpservice: managed<T>() works only inside a server process (in a hosted method)");
+    T* p = new T(std::forward<A>(args)...);
+    detail::server::NewObject obj;
+    try {
+        obj = detail::server::new_object(p);
+    } catch (...) {
+        delete p;
+        throw;
+    }
+    return Proxy<T>(detail::server::host_here(obj, detail::server::type_hash_of<T>()));
+}
+
+// ---------------------------------------------------------------- shared memory blocks
+
+/// A block of shared memory hosted by a server (anonymous memory: no name in
+/// /dev/shm, freed by the kernel when the server object and every mapping of
+/// it are gone, whoever dies).  Made by server.MemoryBlock(n) or, in a hosted
+/// method, by managed<MemoryBlock>(n); used through Proxy<MemoryBlock>.
+class MemoryBlock {
+public:
+    /// size > 0, else std::invalid_argument.
+    explicit MemoryBlock(std::size_t size) : mem_(detail::SharedMemory::create(checked(size))) {}
+    std::size_t size() const noexcept { return mem_.size(); }
+    unsigned char* data() const noexcept { return static_cast<unsigned char*>(mem_.data()); }
+    /// (internal) the memory, for the proxies' mapping.
+    const detail::SharedMemory& memory() const noexcept { return mem_; }
+
+private:
+    static std::size_t checked(std::size_t size) {
+        if (size == 0) throw std::invalid_argument("mpservice: MemoryBlock of size 0");
+        return size;
+    }
+    detail::SharedMemory mem_;
+};
+
+/// A view of bytes (C++17 has no std::span).
+struct ByteSpan {
+    unsigned char* ptr = nullptr;
+    std::size_t len = 0;
+    unsigned char* data() const noexcept { return ptr; }
+    std::size_t size() const noexcept { return len; }
+    unsigned char* begin() const noexcept { return ptr; }
+    unsigned char* end() const noexcept { return ptr + len; }
+    unsigned char& operator[](std::size_t i) const noexcept { return ptr[i]; }
+};
+
+/// A memory block, mapped in this process at first use (once per process,
+/// whatever the number of proxies); writes are visible to every process at once.
+template <>
+class Proxy<MemoryBlock> : public ProxyBase<MemoryBlock> {
+public:
+    using ProxyBase<MemoryBlock>::ProxyBase;
+    unsigned char* data() const { return static_cast<unsigned char*>(mapping().data()); }
+    std::size_t size() const { return mapping().size(); }
+    ByteSpan bytes() const { return ByteSpan{data(), size()}; }
+    unsigned char& operator[](std::size_t i) const { return data()[i]; }
+
+private:
+    const detail::SharedMemory& mapping() const { return detail::server::block_mapping(ref()); }
+};
+
+// ---------------------------------------------------------------- hosted standard containers
+
+/// A std::vector<T> hosted by a server, with its own lock (server.list<T>()).
+template <class T>
+class List {
+public:
+    List() = default;
+    explicit List(std::vector<T> items) : items_(std::move(items)) {}
+    void append(T v) {
+        std::lock_guard<std::mutex> g(m_);
+        items_.push_back(std::move(v));
+    }
+    void extend(std::vector<T> vs) {
+        std::lock_guard<std::mutex> g(m_);
+        for (auto& v : vs) items_.push_back(std::move(v));
+    }
+    void insert(std::int64_t i, T v) {
+        std::lock_guard<std::mutex> g(m_);
+        auto n = static_cast<std::int64_t>(items_.size());
+        if (i < 0) i = std::max<std::int64_t>(0, i + n);
+        if (i > n) i = n;
+        items_.insert(items_.begin() + i, std::move(v));
+    }
+    T get(std::int64_t i) const {
+        std::lock_guard<std::mutex> g(m_);
+        return items_[index(i)];
+    }
+    void set(std::int64_t i, T v) {
+        std::lock_guard<std::mutex> g(m_);
+        items_[index(i)] = std::move(v);
+    }
+    T pop(std::int64_t i) {
+        std::lock_guard<std::mutex> g(m_);
+        std::size_t k = index(i);
+        T v = std::move(items_[k]);
+        items_.erase(items_.begin() + static_cast<std::ptrdiff_t>(k));
+        return v;
+    }
+    std::size_t len() const {
+        std::lock_guard<std::mutex> g(m_);
+        return items_.size();
+    }
+    void clear() {
+        std::lock_guard<std::mutex> g(m_);
+        items_.clear();
+    }
+    std::vector<T> copy() const {
+        std::lock_guard<std::mutex> g(m_);
+        return items_;
+    }
+
+private:
+    std::size_t index(std::int64_t i) const {
+        auto n = static_cast<std::int64_t>(items_.size());
+        if (i < 0) i += n;
+        if (i < 0 || i >= n)
+            throw std::out_of_range("list index " + std::to_string(i) + " out of range (size " + std::to_string(n) + ")");
+        return static_cast<std::size_t>(i);
+    }
+    mutable std::mutex m_;
+    std::vector<T> items_;
+};
+
+/// A std::map<K, V> hosted by a server, with its own lock (server.dict<K, V>()).
+/// get() of a missing key throws std::out_of_range (Python's KeyError).
+template <class K, class V>
+class Dict {
+public:
+    Dict() = default;
+    explicit Dict(std::map<K, V> items) : items_(std::move(items)) {}
+    void set(K k, V v) {
+        std::lock_guard<std::mutex> g(m_);
+        items_[std::move(k)] = std::move(v);
+    }
+    V get(const K& k) const {
+        std::lock_guard<std::mutex> g(m_);
+        auto it = items_.find(k);
+        if (it == items_.end()) throw std::out_of_range("dict: key not found");
+        return it->second;
+    }
+    std::optional<V> find(const K& k) const {
+        std::lock_guard<std::mutex> g(m_);
+        auto it = items_.find(k);
+        if (it == items_.end()) return std::nullopt;
+        return it->second;
+    }
+    V get_or(const K& k, V fallback) const {
+        std::lock_guard<std::mutex> g(m_);
+        auto it = items_.find(k);
+        return it == items_.end() ? fallback : it->second;
+    }
+    bool contains(const K& k) const {
+        std::lock_guard<std::mutex> g(m_);
+        return items_.count(k) != 0;
+    }
+    V pop(const K& k) {
+        std::lock_guard<std::mutex> g(m_);
+        auto it = items_.find(k);
+        if (it == items_.end()) throw std::out_of_range("dict: key not found");
+        V v = std::move(it->second);
+        items_.erase(it);
+        return v;
+    }
+    V setdefault(K k, V v) {
+        std::lock_guard<std::mutex> g(m_);
+        return items_.emplace(std::move(k), std::move(v)).first->second;
+    }
+    void update(std::map<K, V> more) {
+        std::lock_guard<std::mutex> g(m_);
+        for (auto& kv : more) items_[kv.first] = std::move(kv.second);
+    }
+    std::size_t len() const {
+        std::lock_guard<std::mutex> g(m_);
+        return items_.size();
+    }
+    void clear() {
+        std::lock_guard<std::mutex> g(m_);
+        items_.clear();
+    }
+    std::vector<K> keys() const {
+        std::lock_guard<std::mutex> g(m_);
+        std::vector<K> out;
+        for (auto& kv : items_) out.push_back(kv.first);
+        return out;
+    }
+    std::vector<V> values() const {
+        std::lock_guard<std::mutex> g(m_);
+        std::vector<V> out;
+        for (auto& kv : items_) out.push_back(kv.second);
+        return out;
+    }
+    std::vector<std::pair<K, V>> items() const {
+        std::lock_guard<std::mutex> g(m_);
+        return std::vector<std::pair<K, V>>(items_.begin(), items_.end());
+    }
+    std::map<K, V> copy() const {
+        std::lock_guard<std::mutex> g(m_);
+        return items_;
+    }
+
+private:
+    mutable std::mutex m_;
+    std::map<K, V> items_;
+};
+
+/// One value hosted by a server, with its own lock (server.value<T>(v)).
+template <class T>
+class ValueBox {
+public:
+    ValueBox() = default;
+    explicit ValueBox(T v) : v_(std::move(v)) {}
+    T get() const {
+        std::lock_guard<std::mutex> g(m_);
+        return v_;
+    }
+    void set(T v) {
+        std::lock_guard<std::mutex> g(m_);
+        v_ = std::move(v);
+    }
+    /// Stores v and returns the previous value (one round trip).
+    T exchange(T v) {
+        std::lock_guard<std::mutex> g(m_);
+        std::swap(v, v_);
+        return v;
+    }
+
+private:
+    mutable std::mutex m_;
+    T v_{};
+};
+
+template <class T>
+class Proxy<List<T>> : public ProxyBase<List<T>> {
+    using L = List<T>;
+
+public:
+    using ProxyBase<L>::ProxyBase;
+    void append(const T& v) const { this->template call<&L::append>(v); }
+    void extend(const std::vector<T>& vs) const { this->template call<&L::extend>(vs); }
+    void insert(std::int64_t i, const T& v) const { this->template call<&L::insert>(i, v); }
+    /// Negative indices count from the end; std::out_of_range past it.
+    T get(std::int64_t i) const { return this->template call<&L::get>(i); }
+    T operator[](std::int64_t i) const { return get(i); }
+    void set(std::int64_t i, const T& v) const { this->template call<&L::set>(i, v); }
+    T pop(std::int64_t i = -1) const { return this->template call<&L::pop>(i); }
+    std::size_t len() const { return this->template call<&L::len>(); }
+    std::size_t size() const { return len(); }
+    void clear() const { this->template call<&L::clear>(); }
+    /// The whole list, copied here.
+    std::vector<T> copy() const { return this->template call<&L::copy>(); }
+};
+
+template <class K, class V>
+class Proxy<Dict<K, V>> : public ProxyBase<Dict<K, V>> {
+    using D = Dict<K, V>;
+
+public:
+    using ProxyBase<D>::ProxyBase;
+    void set(const K& k, const V& v) const { this->template call<&D::set>(k, v); }
+    /// std::out_of_range if the key is missing.
+    V get(const K& k) const { return this->template call<&D::get>(k); }
+    std::optional<V> find(const K& k) const { return this->template call<&D::find>(k); }
+    V get_or(const K& k, const V& fallback) const { return this->template call<&D::get_or>(k, fallback); }
+    bool contains(const K& k) const { return this->template call<&D::contains>(k); }
+    V pop(const K& k) const { return this->template call<&D::pop>(k); }
+    V setdefault(const K& k, const V& v) const { return this->template call<&D::setdefault>(k, v); }
+    void update(const std::map<K, V>& more) const { this->template call<&D::update>(more); }
+    std::size_t len() const { return this->template call<&D::len>(); }
+    std::size_t size() const { return len(); }
+    void clear() const { this->template call<&D::clear>(); }
+    std::vector<K> keys() const { return this->template call<&D::keys>(); }
+    std::vector<V> values() const { return this->template call<&D::values>(); }
+    std::vector<std::pair<K, V>> items() const { return this->template call<&D::items>(); }
+    std::map<K, V> copy() const { return this->template call<&D::copy>(); }
+};
+
+template <class T>
+class Proxy<ValueBox<T>> : public ProxyBase<ValueBox<T>> {
+    using B = ValueBox<T>;
+
+public:
+    using ProxyBase<B>::ProxyBase;
+    T get() const { return this->template call<&B::get>(); }
+    void set(const T& v) const { this->template call<&B::set>(v); }
+    T exchange(const T& v) const { return this->template call<&B::exchange>(v); }
+};
+
+// ---------------------------------------------------------------- the server process
+
+/// How a ServerProcess is made (all optional).
+struct ServerOptions {
+    std::string name;                     ///< default "ServerProcess-N"
+    const Context* context = nullptr;     ///< default: the spawn context
+    bool start = true;                    ///< start in the constructor
+    std::chrono::milliseconds shutdown_timeout{1000};  ///< per step of shutdown()
+};
+
+/// Creation of hosted objects, for a ServerProcess and for a ServerClient
+/// passed on to other processes.
+class ServerAccess {
+public:
+    /// Constructs T(args...) in the server; the arguments travel by the codec.
+    template <class T, class... A>
+    Proxy<T> create(A&&... args) const {
+        using C = detail::server::Creator<T, detail::server::arg_t<A>...>;
+        Encoder e;
+        (detail::server::write_param<detail::server::arg_t<A>>(e, std::forward<A>(args)), ...);
+        return Proxy<T>(detail::server::create_object(link(), C::address(), detail::server::type_hash_of<T>(), e));
+    }
+    /// A hosted std::vector<T>.
+    template <class T>
+    Proxy<List<T>> list(std::vector<T> items = {}) const {
+        return create<List<T>>(std::move(items));
+    }
+    /// A hosted std::map<K, V>.
+    template <class K, class V>
+    Proxy<Dict<K, V>> dict(std::map<K, V> items = {}) const {
+        return create<Dict<K, V>>(std::move(items));
+    }
+    /// A hosted value.
+    template <class T>
+    Proxy<ValueBox<T>> value(T v = T{}) const {
+        return create<ValueBox<T>>(std::move(v));
+    }
+    /// A shared memory block of `size` bytes (> 0), zero-filled.
+    Proxy<mpservice::MemoryBlock> MemoryBlock(std::size_t size) const {
+        if (size == 0) throw std::invalid_argument("mpservice: MemoryBlock of size 0");
+        return create<mpservice::MemoryBlock>(size);
+    }
+    /// Objects alive in the server (diagnostics; includes objects kept by tickets in flight).
+    MPSERVICE_API std::size_t object_count() const;
+    /// Open descriptors and memory mappings of the server process (diagnostics).
+    MPSERVICE_API std::pair<long, long> resource_counts() const;
+    /// The server's address (an abstract-namespace socket name).
+    MPSERVICE_API const std::string& address() const;
+
+    /// (internal)
+    MPSERVICE_API const std::shared_ptr<detail::server::Link>& link() const;
+
+protected:
+    ServerAccess() = default;
+    std::shared_ptr<detail::server::Link> link_;
+};
+
+/// A handle to a running server that can be passed to other processes (as a
+/// Process argument, in a queue item) to create objects there; it holds no
+/// process and must not outlive its ServerProcess's use.
+class ServerClient : public ServerAccess {
+public:
+    ServerClient() = default;
+    explicit ServerClient(std::shared_ptr<detail::server::Link> link) { link_ = std::move(link); }
+};
+
+/// A server process hosting objects (see the top of this file).  Started by
+/// its constructor unless options.start is false; destroyed -> shut down.
+class ServerProcess : public ServerAccess {
+public:
+    MPSERVICE_API ServerProcess();
+    MPSERVICE_API explicit ServerProcess(const Context& ctx);
+    MPSERVICE_API explicit ServerProcess(ServerOptions options);
+    ServerProcess(const ServerProcess&) = delete;
+    ServerProcess& operator=(const ServerProcess&) = delete;
+    /// shutdown().
+    MPSERVICE_API ~ServerProcess();
+
+    /// Starts the server; InvalidStateError if it was started already.
+    MPSERVICE_API void start();
+    /// Asks the server to end, waits up to shutdown_timeout, then terminates
+    /// it, waits again, then kills it.  Proxies fail with ServerError after it.
+    /// Idempotent.
+    MPSERVICE_API void shutdown() noexcept;
+    MPSERVICE_API bool is_alive() const;
+    MPSERVICE_API long pid() const;
+    MPSERVICE_API const std::string& name() const;
+    MPSERVICE_API std::optional<int> exitcode() const;
+    /// The server's process (to join, kill, or watch it).
+    Process<void>& process() { return *process_; }
+    /// A handle for other processes to create objects on this server.
+    ServerClient client() const { return ServerClient(link()); }
+
+private:
+    ServerOptions options_;
+    std::optional<Process<void>> process_;
+};
+
+/// The seed's name for it.
+using Manager = ServerProcess;
+
+template <>
+struct Codec<ServerClient> {
+    MPSERVICE_API static void encode(Encoder& e, const ServerClient& c);
+    MPSERVICE_API static ServerClient decode(Decoder& d);
+};
+
+}  // namespace mpservice
+// ---- end part: mpservice/public/server_process.hpp
 
 #endif  // MPSERVICE_HPP_INCLUDED
 
@@ -7369,6 +8114,117 @@ void redirect_standard_output(handle_t out, handle_t err) {
     // used already (a forked child's stdout).
     static char line_buffer[BUFSIZ];
     std::setvbuf(stdout, line_buffer, _IOLBF, sizeof line_buffer);
+// ---------------------------------------------------------------- (server process section)
+
+namespace {
+sockaddr_un abstract_address(const std::string& name, socklen_t& len) {
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    if (name.size() + 1 > sizeof a.sun_path) throw std::invalid_argument("mpservice: server address too long");
+    a.sun_path[0] = '\0';  // the abstract namespace: no file, gone with the last socket
+    std::memcpy(a.sun_path + 1, name.data(), name.size());
+    len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size());
+    return a;
+}
+long count_dir_entries(const char* path) noexcept {
+    DIR* d = ::opendir(path);
+    if (!d) return -1;
+    long n = 0;
+    while (dirent* e = ::readdir(d))
+        if (e->d_name[0] != '.') ++n;
+    ::closedir(d);
+    return n - 1;  // the descriptor opendir itself holds
+}
+}  // namespace
+
+handle_t listener_create(std::string& address) {
+    unsigned char token[12];
+    random_bytes(token, sizeof token);
+    char name[64];
+    int k = std::snprintf(name, sizeof name, "mpservice-%ld-", static_cast<long>(::getpid()));
+    for (unsigned char b : token) k += std::snprintf(name + k, sizeof name - static_cast<std::size_t>(k), "%02x", b);
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) throw_errno("mpservice: socket");
+    socklen_t len;
+    sockaddr_un a = abstract_address(name, len);
+    if (::bind(fd, reinterpret_cast<sockaddr*>(&a), len) != 0 || ::listen(fd, 128) != 0) {
+        int e = errno;
+        ::close(fd);
+        throw std::system_error(e, std::generic_category(), "mpservice: bind/listen of the server socket");
+    }
+    address = name;
+    return fd;
+}
+
+handle_t listener_accept(handle_t listener) {
+    for (;;) {
+        int fd = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
+        if (fd >= 0) return fd;
+        if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO) continue;
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+            ::poll(nullptr, 0, 10);  // out of descriptors: let others close some, keep serving
+            continue;
+        }
+        return invalid_handle;  // EINVAL after shutdown(), EBADF
+    }
+}
+
+void listener_shutdown(handle_t listener) noexcept { ::shutdown(listener, SHUT_RDWR); }
+
+handle_t unix_connect(const std::string& address) {
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) throw_errno("mpservice: socket");
+    socklen_t len;
+    sockaddr_un a = abstract_address(address, len);
+    int rc;
+    do rc = ::connect(fd, reinterpret_cast<sockaddr*>(&a), len);
+    while (rc != 0 && errno == EINTR);
+    if (rc != 0) {
+        int e = errno;
+        ::close(fd);
+        throw std::system_error(e, std::generic_category(), "mpservice: connect to the server process");
+    }
+    return fd;
+}
+
+long peer_user(handle_t socket) noexcept {
+    ucred cred{};
+    socklen_t len = sizeof cred;
+    if (::getsockopt(socket, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return -1;
+    return static_cast<long>(cred.uid);
+}
+
+long current_user() noexcept { return static_cast<long>(::getuid()); }
+
+void socket_shutdown(handle_t socket) noexcept {
+    if (socket >= 0) ::shutdown(socket, SHUT_RDWR);
+}
+
+void random_bytes(void* out, std::size_t n) {
+    auto* p = static_cast<unsigned char*>(out);
+    while (n > 0) {
+        long k = ::syscall(SYS_getrandom, p, n, 0);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            throw_errno("mpservice: getrandom");
+        }
+        p += k;
+        n -= static_cast<std::size_t>(k);
+    }
+}
+
+long open_handle_count() noexcept { return count_dir_entries("/proc/self/fd"); }
+
+long mapping_count() noexcept {
+    int fd = ::open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    long lines = 0;
+    char buf[4096];
+    ssize_t n;
+    while ((n = ::read(fd, buf, sizeof buf)) > 0)
+        for (ssize_t i = 0; i < n; ++i) lines += buf[i] == '\n';
+    ::close(fd);
+    return lines;
 }
 
 }  // namespace mpservice::detail::os
@@ -9742,7 +10598,7 @@ struct ProcessCore::Io {
     bool eof = false;
     bool finished = false;
     std::exception_ptr exception;
-    std::unique_ptr<ChildTask> task;  // kept until start() returns
+    std::unique_ptr<ChildTask> task;  // a forked child's arguments, kept until it ends
 };
 
 namespace {
@@ -10220,13 +11076,16 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int
             error = std::make_exception_ptr(ProcessError(text, code));
         }
     }
+    std::unique_ptr<ChildTask> task;
     {
         std::lock_guard<std::mutex> lk(core->io_mutex());
         core->exitcode_ = code;
         os::poller_remove(poller_, io.pidfd);  // kept open for waiters; closed with the core
         os::close_handle(io.channel);
         io.channel = os::invalid_handle;
+        task = std::move(io.task);
     }
+    task.reset();  // a forked child's argument copies: released before anyone learns it ended
     core->resolve(error, result_error);
 }
 
@@ -10603,6 +11462,10 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
         io.channel = os::invalid_handle;
         throw;
     }
+    // A forked child runs on its copy of the arguments; ours stay until it
+    // ends (the reactor drops them then), which covers the child taking its
+    // own references to the proxies it inherited.
+    if (method_ == StartMethod::fork) io.task = std::move(task);
     {
         std::lock_guard<std::mutex> lk(mutex_);
         pid_ = pid;
@@ -10623,7 +11486,10 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     }
     mark_started();
     output.commit(pid);  // the child has the pipes' write ends now (BOOT was sent)
-    io.task = std::move(task);  // the encoded arguments may still refer to it until here
+    // Spawn and fork-server children got the arguments encoded: drop our copies
+    // now (a proxy argument must not keep its object alive after the child took
+    // it over).  (A forked child's task was kept above, until the child ends.)
+    task.reset();
 }
 
 bool ProcessCore::wait_until(os::Deadline deadline) const {
@@ -13698,5 +14564,1599 @@ detail::PoolWorkerBoot Codec<detail::PoolWorkerBoot>::decode(Decoder& d) {
 
 }  // namespace mpservice
 // ---- end part: mpservice/impl/pool.cpp
+// ---- begin part: mpservice/impl/server_wire.cpp -----------------------------
+// server_wire: what a server process and its clients say to each other.
+//
+// Each client thread has one connection (a Unix stream socket) to the server,
+// served there by one thread; each client process has one more, its "main"
+// connection, which anchors its session: the references the process holds.
+// When the main connection ends - the process released its last proxy, or it
+// died, even by SIGKILL - the server drops the session's references.
+//
+// On a connection: frames as on a parent-child channel (process_wire: u32 kind,
+// u32 handle count, u64 size, payload), a request's kind being its operation
+// and a reply's kind reply_ok or reply_error (payload: an encoded exception).
+// The first frame is HELLO (protocol version, authentication key, session,
+// build fingerprint); a client of another build or without the key is refused.
+//
+// The fast path: a thread connection hands the server a shared-memory slot
+// (SLOT, the memfd attached).  Requests and replies without OS handles that fit
+// then go through the slot, and no socket message is made at all: each side
+// spins briefly (adaptively) on the slot's sequence words, then sleeps on a
+// futex in the slot - the server on the doorbell the client rings with every
+// request, the client on the reply word.  (A futex rather than a socket read
+// for sleeping: a socket write wakes its reader on the writer's CPU, which
+// leaves the partner nowhere to spin.)  Since neither futex sees the other
+// side die, both sleep in bounded slices and look at the socket in between: a
+// client sees its server's death within client_check, a server thread its
+// client's within server_check.  The socket still carries what does not fit,
+// what carries handles, and the end of either side.
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace mpservice {
+namespace detail {
+namespace server {
+
+using wire::FrameHeader;
+
+enum Op : std::uint32_t {
+    op_hello = 100,
+    op_create,
+    op_call,
+    op_mint,         // an encoded proxy's ticket: a reference in flight
+    op_adopt,        // a decoded proxy takes over its ticket's reference
+    op_incref,
+    op_decref,       // no reply
+    op_drop_ticket,  // no reply
+    op_block,        // the memfd of a memory block
+    op_count,
+    op_shutdown,
+    op_slot,
+    op_wake,  // no reply; also sent by the server to a sleeping client
+    op_last
+};
+enum Reply : std::uint32_t { reply_ok = 200, reply_error = 201 };
+
+constexpr std::uint32_t server_protocol = 1;
+constexpr std::uint32_t proxy_magic = 0x50524f58;  // "PROX"
+constexpr std::size_t authkey_size = 16;
+/// The largest frame a server accepts from a client (a garbled length is refused, not allocated).
+constexpr std::uint64_t max_request = std::uint64_t(1) << 30;
+
+// ---------------------------------------------------------------- the slot
+
+/// A thread connection's shared-memory request/response slot.
+struct SlotHeader {
+    alignas(64) std::atomic<std::uint32_t> request_seq{0};  // the client's last request
+    std::atomic<std::uint32_t> doorbell{0};  // bumped for every request, slot or socket: the server's futex
+    std::atomic<std::uint32_t> server_sleeping{0};
+    alignas(64) std::atomic<std::uint32_t> reply_seq{0};  // the request the server answered last
+    std::atomic<std::uint32_t> client_sleeping{0};  // waiting on reply_seq's futex
+    std::uint32_t request_op = 0;
+    std::uint32_t request_size = 0;
+    std::uint32_t reply_kind = 0;  // reply_ok / reply_error, or 0: the reply is on the socket
+    std::uint32_t reply_size = 0;
+};
+constexpr std::size_t slot_bytes = 64 * 1024;
+constexpr std::size_t slot_data_offset = 256;
+constexpr std::size_t slot_capacity = slot_bytes - slot_data_offset;
+static_assert(sizeof(SlotHeader) <= slot_data_offset, "slot header too large");
+
+inline SlotHeader* slot_header(void* base) { return static_cast<SlotHeader*>(base); }
+inline char* slot_data(void* base) { return static_cast<char*>(base) + slot_data_offset; }
+
+/// Each side spins on the slot before it sleeps on the socket, with the
+/// adaptive budget of the synchronization primitives (detail::spin_until in
+/// synchronize.hpp): a trivial call's round trip is ~1-2 us when both sides
+/// run on their own CPUs, and when they cannot (a loaded machine) spinning
+/// turns itself off instead of delaying the partner.
+
+/// How often a sleeping side looks at the socket (its partner's death).
+constexpr std::chrono::milliseconds client_check{20};
+constexpr std::chrono::milliseconds server_check{50};
+
+// ---------------------------------------------------------------- reading frames
+
+/// Reads frames from a socket with a bound on their size (the server must not
+/// trust a client's lengths).  Buffers what arrives, so a small frame costs one
+/// read.
+class BoundedReader {
+public:
+    enum Status { got, eof, too_big, nothing };
+    /// The next frame; `nothing` only when `nonblocking` and no whole frame is there.
+    Status read(os::handle_t fd, wire::Frame& out, std::uint64_t limit, bool nonblocking = false) {
+        for (;;) {
+            if (len_ - pos_ >= sizeof(FrameHeader)) {
+                FrameHeader h;
+                std::memcpy(&h, buf_.data() + pos_, sizeof h);
+                if (h.size > limit || h.handles > 253) return too_big;
+                std::size_t whole = sizeof h + static_cast<std::size_t>(h.size);
+                if (len_ - pos_ >= whole) {
+                    out.kind = h.kind;
+                    out.payload.assign(buf_.data() + pos_ + sizeof h, static_cast<std::size_t>(h.size));
+                    pos_ += whole;
+                    out.handles.clear();
+                    for (std::uint32_t i = 0; i < h.handles && !fds_.empty(); ++i) {
+                        out.handles.push_back(fds_.front());
+                        fds_.erase(fds_.begin());
+                    }
+                    return got;
+                }
+                if (buf_.size() < whole) {
+                    compact();
+                    buf_.resize(std::max(whole, buf_.size() * 2));
+                }
+            }
+            compact();
+            if (buf_.size() - len_ < 4096) buf_.resize(std::max<std::size_t>(buf_.size() * 2, 8192));
+            long n = os::channel_read(fd, &buf_[len_], buf_.size() - len_, &fds_, nonblocking);
+            if (n < 0) return nothing;
+            if (n == 0) return eof;
+            len_ += static_cast<std::size_t>(n);
+        }
+    }
+    /// Whether a whole frame or part of one is already buffered.
+    bool buffered() const noexcept { return len_ > pos_; }
+    BoundedReader() = default;
+    BoundedReader(const BoundedReader&) = delete;
+    BoundedReader& operator=(const BoundedReader&) = delete;
+    ~BoundedReader() {
+        for (auto fd : fds_) os::close_handle(fd);
+    }
+
+private:
+    void compact() {
+        if (pos_ == 0) return;
+        std::memmove(&buf_[0], buf_.data() + pos_, len_ - pos_);
+        len_ -= pos_;
+        pos_ = 0;
+    }
+    std::string buf_;
+    std::size_t pos_ = 0, len_ = 0;
+    std::vector<os::handle_t> fds_;
+};
+
+inline bool send_frame(os::handle_t fd, std::uint32_t kind, const std::string& payload,
+                       const std::vector<os::handle_t>& handles = {}) {
+    try {
+        return wire::write_frame(fd, kind, payload, handles);
+    } catch (...) {
+        return false;
+    }
+}
+
+/// An invoker on the wire: where it is in its module, and its identity.
+struct InvokerRef {
+    os::CodeRef code;
+    std::uint64_t identity = 0;
+};
+inline void write_invoker(Encoder& e, const InvokerRef& r) { e(r.code.module, r.code.offset, r.identity); }
+inline InvokerRef read_invoker(Decoder& d) {
+    InvokerRef r;
+    d(r.code.module, r.code.offset, r.identity);
+    return r;
+}
+
+// ---------------------------------------------------------------- invokers
+
+/// Every invoker this build instantiated, with the hash of its identity.
+struct InvokerSet {
+    std::mutex mutex;
+    std::unordered_map<const void*, std::uint64_t> fns;
+};
+InvokerSet& invokers() {
+    static InvokerSet* s = new InvokerSet;  // never destroyed: static initializers of any order use it
+    return *s;
+}
+
+}  // namespace server
+}  // namespace detail
+
+// ---------------------------------------------------------------- public helpers of the templates
+
+namespace detail::server {
+
+bool announce_invoker(const void* fn, const std::type_info& identity) noexcept {
+    try {
+        std::uint64_t h = type_hash(identity.name());
+        InvokerSet& s = invokers();
+        std::lock_guard<std::mutex> lk(s.mutex);
+        s.fns[fn] = h;
+    } catch (...) {
+    }
+    return true;
+}
+
+/// The identity hash of an announced invoker; 0 if `fn` is not one.
+std::uint64_t invoker_identity(const void* fn) {
+    InvokerSet& s = invokers();
+    std::lock_guard<std::mutex> lk(s.mutex);
+    auto it = s.fns.find(fn);
+    return it == s.fns.end() ? 0 : it->second;
+}
+
+std::uint64_t type_hash(const char* mangled) noexcept {
+    std::uint64_t h = 1469598103934665603ull;
+    for (const char* p = mangled; p && *p; ++p) h = (h ^ static_cast<unsigned char>(*p)) * 1099511628211ull;
+    return h;
+}
+
+void throw_wrong_type(const char* expected_mangled) {
+    throw ServerError("mpservice: the object is not a " + os::demangle(expected_mangled) +
+                      " (the proxy's class does not match the hosted object)");
+}
+
+}  // namespace detail::server
+
+MPSERVICE_REGISTER_EXCEPTION(ServerError);
+
+}  // namespace mpservice
+// ---- end part: mpservice/impl/server_wire.cpp
+// ---- begin part: mpservice/impl/server_host.cpp -----------------------------
+// server_host: the server side - the object table, sessions and tickets, one
+// thread per connection, the slot fast path, shutdown.
+
+namespace mpservice {
+namespace detail {
+namespace server {
+
+// ---------------------------------------------------------------- the boot argument
+
+/// What the parent hands the server process: its listening socket (made by the
+/// parent, so clients can connect before the server runs), address, key, name.
+struct ServerBoot {
+    struct Owned {
+        os::handle_t fd = os::invalid_handle;
+        ~Owned() { os::close_handle(fd); }
+    };
+    std::shared_ptr<Owned> listener = std::make_shared<Owned>();
+    std::string address, authkey, name;
+    /// Closes this process's copy of the listener (every copy of this boot shares it).
+    void close() {
+        os::close_handle(listener->fd);
+        listener->fd = os::invalid_handle;
+    }
+};
+
+}  // namespace server
+}  // namespace detail
+
+template <>
+struct Codec<detail::server::ServerBoot> {
+    static void encode(Encoder& e, const detail::server::ServerBoot& b) {
+        e.write(e.attach(b.listener->fd));
+        e(b.address, b.authkey, b.name);
+    }
+    static detail::server::ServerBoot decode(Decoder& d) {
+        detail::server::ServerBoot b;
+        auto index = d.read<std::uint32_t>();
+        b.listener->fd = detail::os::duplicate_handle(d.handle(index));
+        d(b.address, b.authkey, b.name);
+        return b;
+    }
+};
+
+namespace detail {
+namespace server {
+
+// ---------------------------------------------------------------- the object table
+
+struct HostedObject {
+    NewObject obj;
+    std::uint64_t id = 0;
+    std::uint64_t type = 0;
+    HostedObject() = default;
+    HostedObject(const HostedObject&) = delete;
+    HostedObject& operator=(const HostedObject&) = delete;
+    ~HostedObject() {
+        if (obj.object) obj.destroy(obj.object);
+    }
+};
+using ObjectPtr = std::shared_ptr<HostedObject>;
+
+/// The references one client process holds (count per object).
+struct Session {
+    std::unordered_map<std::uint64_t, long> refs;
+};
+using SessionPtr = std::shared_ptr<Session>;
+
+class Host {
+public:
+    std::string address, authkey, name, fingerprint;
+    os::handle_t listener = os::invalid_handle;
+    std::atomic<bool> stopping{false};
+    SessionPtr local = std::make_shared<Session>();  // proxies inside the server itself
+
+    // ---- objects and references; every function takes the lock itself.
+    // Objects whose last reference went are handed back, so the caller drops
+    // them (runs their destructors) with no lock held: a destructor may hold
+    // proxies and release them in turn.
+    std::uint64_t add(NewObject obj, std::uint64_t type, Session& s) {
+        auto h = std::make_shared<HostedObject>();
+        h->obj = obj;
+        h->type = type;
+        std::lock_guard<std::mutex> lk(mutex_);
+        h->id = next_id_++;
+        objects_[h->id] = Entry{h, 1};
+        s.refs[h->id] += 1;
+        return h->id;
+    }
+    ObjectPtr get(std::uint64_t id) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        return find(id).object;
+    }
+    void incref(Session& s, std::uint64_t id) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        find(id).refs += 1;
+        s.refs[id] += 1;
+    }
+    ObjectPtr decref(Session& s, std::uint64_t id, long n = 1) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        auto it = s.refs.find(id);
+        if (it == s.refs.end()) return nullptr;  // not this session's: ignored, as Python ignores decref errors
+        n = std::min(n, it->second);
+        if ((it->second -= n) == 0) s.refs.erase(it);
+        return drop(id, n);
+    }
+    std::uint64_t mint(std::uint64_t id) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        find(id).refs += 1;
+        std::uint64_t t = next_ticket_++;
+        tickets_[t] = id;
+        return t;
+    }
+    /// The ticket's reference becomes the session's.  A ticket already used
+    /// (the same bytes decoded twice) takes a new reference if the object lives.
+    void adopt(Session& s, std::uint64_t ticket, std::uint64_t id) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        auto t = tickets_.find(ticket);
+        if (t != tickets_.end() && t->second == id) {
+            tickets_.erase(t);
+        } else {
+            find(id).refs += 1;
+        }
+        s.refs[id] += 1;
+    }
+    ObjectPtr drop_ticket(std::uint64_t ticket) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        auto t = tickets_.find(ticket);
+        if (t == tickets_.end()) return nullptr;
+        std::uint64_t id = t->second;
+        tickets_.erase(t);
+        return drop(id, 1);
+    }
+    std::vector<ObjectPtr> end_session(Session& s) {
+        std::vector<ObjectPtr> gone;
+        std::lock_guard<std::mutex> lk(mutex_);
+        for (auto& r : s.refs)
+            if (auto o = drop(r.first, r.second)) gone.push_back(std::move(o));
+        s.refs.clear();
+        return gone;
+    }
+    std::size_t count() {
+        std::lock_guard<std::mutex> lk(mutex_);
+        return objects_.size();
+    }
+    std::vector<ObjectPtr> take_all() {
+        std::vector<ObjectPtr> all;
+        std::lock_guard<std::mutex> lk(mutex_);
+        for (auto& o : objects_) all.push_back(std::move(o.second.object));
+        objects_.clear();
+        tickets_.clear();
+        return all;
+    }
+
+    // ---- sessions
+    SessionPtr open_session(const std::string& key) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        auto& s = sessions_[key];
+        if (!s) s = std::make_shared<Session>();
+        return s;
+    }
+    SessionPtr find_session(const std::string& key) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        auto it = sessions_.find(key);
+        return it == sessions_.end() ? nullptr : it->second;
+    }
+    void close_session(const std::string& key) {
+        SessionPtr s;
+        {
+            std::lock_guard<std::mutex> lk(mutex_);
+            auto it = sessions_.find(key);
+            if (it == sessions_.end()) return;
+            s = it->second;
+            sessions_.erase(it);
+        }
+        auto gone = end_session(*s);
+        gone.clear();  // destructors run here, unlocked
+    }
+
+    // ---- connections (for shutdown)
+    void add_connection(os::handle_t fd) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        connections_.insert(fd);
+    }
+    void remove_connection(os::handle_t fd) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        connections_.erase(fd);
+    }
+    void shut_connections() {
+        std::lock_guard<std::mutex> lk(mutex_);
+        for (auto fd : connections_) os::socket_shutdown(fd);
+    }
+
+private:
+    struct Entry {
+        ObjectPtr object;
+        long refs = 0;
+    };
+    Entry& find(std::uint64_t id) {
+        auto it = objects_.find(id);
+        if (it == objects_.end())
+            throw ServerError("mpservice: server '" + name + "' has no object " + std::to_string(id) +
+                              " (it was released, or the id is not one of this server's)");
+        return it->second;
+    }
+    ObjectPtr drop(std::uint64_t id, long n) {
+        auto it = objects_.find(id);
+        if (it == objects_.end()) return nullptr;
+        if ((it->second.refs -= n) > 0) return nullptr;
+        ObjectPtr o = std::move(it->second.object);
+        objects_.erase(it);
+        return o;
+    }
+    std::mutex mutex_;
+    std::unordered_map<std::uint64_t, Entry> objects_;
+    std::unordered_map<std::uint64_t, std::uint64_t> tickets_;
+    std::map<std::string, SessionPtr> sessions_;
+    std::set<os::handle_t> connections_;
+    std::uint64_t next_id_ = 1, next_ticket_ = 1;
+};
+
+/// The server of this process, if it is one.
+std::atomic<Host*> g_host{nullptr};
+
+bool host_running() noexcept { return g_host.load() != nullptr; }
+
+// ---------------------------------------------------------------- requests
+
+/// A request's outcome: reply kind, bytes, handles to send (closed after).
+struct Outcome {
+    std::uint32_t kind = reply_ok;
+    std::string bytes;
+    std::vector<os::handle_t> handles;       // sent, not owned
+    std::vector<SharedMemory> keep;          // keeps sent handles open until sent
+    bool close_after = false;                // the stream is not trustworthy any more
+    bool shutdown_after = false;
+};
+
+/// Resolves invokers sent as code references, once per connection.
+class CodeCache {
+public:
+    const void* resolve(const InvokerRef& r) {
+        auto key = std::make_tuple(r.code.module, r.code.offset, r.identity);
+        auto it = cache_.find(key);
+        if (it != cache_.end()) return it->second;
+        const void* fn = os::code_ref_resolve(r.code);
+        if (!fn || r.identity == 0 || invoker_identity(fn) != r.identity)
+            throw ServerError(
+                "mpservice: the server does not know this constructor or method (not one of this build's "
+                "invokers: a different build, or a corrupt request)");
+        if (cache_.size() > 4096) cache_.clear();  // garbage should not grow it forever
+        cache_[key] = fn;
+        return fn;
+    }
+
+private:
+    std::map<std::tuple<std::uint64_t, std::uint64_t, std::uint64_t>, const void*> cache_;
+};
+
+/// The current thread serves a request: proxies made while encoding its
+/// result are minted by the host directly.
+void run_request(Host& host, Session& session, CodeCache& codes, std::uint32_t op, const std::string& payload,
+                 const std::vector<os::handle_t>& handles, Outcome& out) {
+    Decoder d(payload.data(), payload.size(), &handles);
+    Encoder e;
+    switch (op) {
+        case op_create: {
+            InvokerRef c = read_invoker(d);
+            auto type = d.read<std::uint64_t>();
+            auto fn = reinterpret_cast<CreateFn>(reinterpret_cast<std::uintptr_t>(codes.resolve(c)));
+            NewObject obj = fn(d);
+            e.write(host.add(obj, type, session));
+            break;
+        }
+        case op_call: {
+            auto id = d.read<std::uint64_t>();
+            InvokerRef c = read_invoker(d);
+            auto fn = reinterpret_cast<MethodFn>(reinterpret_cast<std::uintptr_t>(codes.resolve(c)));
+            ObjectPtr o = host.get(id);  // keeps it alive through the call
+            fn(o->obj.type, o->obj.object, d, e);
+            break;
+        }
+        case op_mint: e.write(host.mint(d.read<std::uint64_t>())); break;
+        case op_adopt: {
+            auto ticket = d.read<std::uint64_t>();
+            host.adopt(session, ticket, d.read<std::uint64_t>());
+            break;
+        }
+        case op_incref: host.incref(session, d.read<std::uint64_t>()); break;
+        case op_block: {
+            ObjectPtr o = host.get(d.read<std::uint64_t>());
+            if (o->obj.type != &TypeTag<MemoryBlock>::tag) throw_wrong_type(typeid(MemoryBlock).name());
+            const auto& mem = static_cast<MemoryBlock*>(o->obj.object)->memory();
+            e.write(static_cast<std::uint64_t>(mem.size()));
+            e.write(e.attach(mem.handle()));
+            out.keep.push_back(mem);
+            break;
+        }
+        case op_count:
+            e(static_cast<std::uint64_t>(host.count()), static_cast<std::int64_t>(os::open_handle_count()),
+              static_cast<std::int64_t>(os::mapping_count()));
+            break;
+        case op_shutdown: out.shutdown_after = true; break;
+        default: throw ServerError("mpservice: unknown request " + std::to_string(op) + " (a corrupt message?)");
+    }
+    out.bytes = std::move(e.bytes());
+    out.handles = e.handles();
+}
+
+/// Runs a request; any exception becomes an error reply.
+void serve_one(Host& host, Session& session, CodeCache& codes, std::uint32_t op, const std::string& payload,
+               const std::vector<os::handle_t>& handles, Outcome& out) {
+    try {
+        run_request(host, session, codes, op, payload, handles, out);
+    } catch (...) {
+        out = Outcome();
+        out.kind = reply_error;
+        Encoder e;
+        try {
+            encode_exception(e, std::current_exception());
+        } catch (...) {
+            e = Encoder();
+            encode_exception(e, std::make_exception_ptr(ServerError("mpservice: the server's exception could not be encoded")));
+        }
+        out.bytes = std::move(e.bytes());
+    }
+}
+
+// ---------------------------------------------------------------- one connection
+
+class Connection {
+public:
+    Connection(Host& host, os::handle_t fd) : host_(host), fd_(fd) {}
+
+    void run() {
+        try {
+            if (hello()) loop();
+        } catch (...) {
+            // A broken connection ends; the others go on.
+        }
+        if (main_) host_.close_session(session_key_);
+        host_.remove_connection(fd_);
+        os::close_handle(fd_);
+    }
+
+private:
+    bool refuse(const std::string& why) {
+        Encoder e;
+        encode_exception(e, std::make_exception_ptr(ServerError(why)));
+        send_frame(fd_, reply_error, e.bytes());
+        return false;
+    }
+
+    bool hello() {
+        if (os::peer_user(fd_) != os::current_user()) return false;  // another user: not a word
+        wire::Frame f;
+        if (reader_.read(fd_, f, 4096) != BoundedReader::got || f.kind != op_hello)
+            return refuse("mpservice: the server expected a HELLO first");
+        wire::close_all(f.handles);
+        try {
+            Decoder d(f.payload);
+            auto version = d.read<std::uint32_t>();
+            auto key = d.read<std::string>();
+            auto session = d.read<std::string>();
+            auto pid = d.read<std::int64_t>();
+            auto fingerprint = d.read<std::string>();
+            main_ = d.read<bool>();
+            (void)pid;
+            if (version != server_protocol)
+                return refuse("mpservice: the client speaks server protocol " + std::to_string(version) +
+                              ", this server " + std::to_string(server_protocol));
+            if (key != host_.authkey) return refuse("mpservice: authentication with the server failed");
+            if (fingerprint != host_.fingerprint)
+                return refuse("mpservice: server '" + host_.name +
+                              "' runs a different build of the program than this client (build fingerprints differ)");
+            session_key_ = session;
+            session_ = main_ ? host_.open_session(session) : host_.find_session(session);
+            if (!session_) return refuse("mpservice: the client's session with the server has ended");
+        } catch (const DecodeError& e) {
+            return refuse(std::string("mpservice: malformed HELLO: ") + e.what());
+        }
+        return send_frame(fd_, reply_ok, std::string());
+    }
+
+    void loop() {
+        wire::Frame f;
+        for (;;) {
+            BoundedReader::Status status;
+            if (!slot_) {
+                status = reader_.read(fd_, f, max_request);
+            } else {
+                serve_slot();
+                // Nothing in the slot for a while: look at the socket, then sleep
+                // on the doorbell.  The bell is read first, so a request made
+                // after that rings a value we do not wait on.
+                SlotHeader* h = slot_header(slot_.data());
+                std::uint32_t bell = h->doorbell.load(std::memory_order_seq_cst);
+                status = reader_.read(fd_, f, max_request, true);
+                if (status == BoundedReader::nothing) {
+                    if (host_.stopping.load()) return;
+                    h->server_sleeping.store(1, std::memory_order_seq_cst);
+                    if (h->request_seq.load(std::memory_order_seq_cst) == last_seq_)
+                        os::futex_wait(&h->doorbell, bell, os::Clock::now() + server_check);
+                    h->server_sleeping.store(0, std::memory_order_relaxed);
+                    continue;
+                }
+            }
+            if (status == BoundedReader::eof) return;
+            if (status == BoundedReader::too_big) {
+                refuse("mpservice: the server refused a request larger than 1 GiB (a corrupt message?)");
+                return;
+            }
+            if (!on_frame(f)) return;
+        }
+    }
+
+    /// A frame from the socket; false ends the connection.
+    bool on_frame(wire::Frame& f) {
+        struct Closer {
+            std::vector<os::handle_t>& hs;
+            ~Closer() { wire::close_all(hs); }
+        } closer{f.handles};
+        switch (f.kind) {
+            case op_wake: return true;
+            case op_decref: {
+                Decoder d(f.payload);
+                while (!d.at_end()) {
+                    auto id = d.read<std::uint64_t>();
+                    auto n = d.read<std::int64_t>();
+                    ObjectPtr gone = host_.decref(*session_, id, static_cast<long>(n));
+                }
+                return true;
+            }
+            case op_drop_ticket: {
+                Decoder d(f.payload);
+                ObjectPtr gone = host_.drop_ticket(d.read<std::uint64_t>());
+                return true;
+            }
+            case op_slot: {
+                Outcome out;
+                try {
+                    if (f.handles.size() != 1) throw ServerError("mpservice: SLOT without its memory");
+                    SharedMemory m = SharedMemory::adopt(os::duplicate_handle(f.handles[0]));
+                    if (m.size() != slot_bytes) throw ServerError("mpservice: SLOT of the wrong size");
+                    slot_ = m;
+                    last_seq_ = slot_header(slot_.data())->request_seq.load(std::memory_order_acquire);
+                } catch (...) {
+                    out.kind = reply_error;
+                    Encoder e;
+                    encode_exception(e, std::current_exception());
+                    out.bytes = e.bytes();
+                }
+                return send_frame(fd_, out.kind, out.bytes);
+            }
+            default: break;
+        }
+        if (f.kind < op_hello || f.kind >= op_last || f.kind == op_hello) {
+            refuse("mpservice: the server received garbage (unknown frame " + std::to_string(f.kind) + ")");
+            return false;
+        }
+        Outcome out;
+        serve_one(host_, *session_, codes_, f.kind, f.payload, f.handles, out);
+        if (!send_frame(fd_, out.kind, out.bytes, out.handles)) return false;
+        if (out.shutdown_after) request_shutdown();
+        return true;
+    }
+
+    /// Serves requests arriving in the slot while they keep coming; false once
+    /// none came for the spin budget.
+    bool serve_slot() {
+        SlotHeader* h = slot_header(slot_.data());
+        bool any = false;
+        while (spin_until([&] { return h->request_seq.load(std::memory_order_acquire) != last_seq_; }, spin_ns_)) {
+            if (host_.stopping.load()) return false;
+            any = true;
+            std::uint32_t seq = h->request_seq.load(std::memory_order_acquire);
+            last_seq_ = seq;
+            std::uint32_t size = h->request_size;
+            std::uint32_t op = h->request_op;
+            Outcome out;
+            if (size > slot_capacity || op == op_hello || op == op_slot || op == op_decref || op == op_drop_ticket) {
+                out.kind = reply_error;
+                Encoder e;
+                encode_exception(e, std::make_exception_ptr(ServerError("mpservice: the server received a garbled slot request")));
+                out.bytes = e.bytes();
+            } else {
+                std::string payload(slot_data(slot_.data()), size);
+                serve_one(host_, *session_, codes_, op, payload, {}, out);
+            }
+            if (out.handles.empty() && out.bytes.size() <= slot_capacity) {
+                std::memcpy(slot_data(slot_.data()), out.bytes.data(), out.bytes.size());
+                h->reply_size = static_cast<std::uint32_t>(out.bytes.size());
+                h->reply_kind = out.kind;
+            } else {
+                h->reply_kind = 0;  // on the socket, which is written first
+                if (!send_frame(fd_, out.kind, out.bytes, out.handles)) return false;
+            }
+            h->reply_seq.store(seq, std::memory_order_seq_cst);
+            if (h->client_sleeping.load(std::memory_order_seq_cst)) os::futex_wake(&h->reply_seq, 1);
+            if (out.shutdown_after) {
+                request_shutdown();
+                return false;
+            }
+        }
+        (void)any;
+        return false;
+    }
+
+    void request_shutdown() {
+        host_.stopping.store(true);
+        os::listener_shutdown(host_.listener);
+    }
+
+    Host& host_;
+    os::handle_t fd_;
+    BoundedReader reader_;
+    CodeCache codes_;
+    bool main_ = false;
+    std::string session_key_;
+    SessionPtr session_;
+    SharedMemory slot_;
+    std::uint32_t last_seq_ = 0;
+    std::atomic<std::uint32_t> spin_ns_{0};  // how long to wait, awake, for the next request
+};
+
+// ---------------------------------------------------------------- the server's main loop
+
+void install_local_link(Host& host);  // server_client.cpp
+
+/// The target of the server process.
+void server_main(ServerBoot boot) {
+    auto* host = new Host;  // never destroyed: connection threads may outlive this function's return
+    host->address = boot.address;
+    host->authkey = boot.authkey;
+    host->name = boot.name;
+    host->fingerprint = fingerprint_of("");
+    host->listener = boot.listener->fd;
+    install_local_link(*host);
+    g_host.store(host);
+
+    struct Worker {
+        std::thread thread;
+        std::shared_ptr<std::atomic<bool>> done;
+    };
+    std::vector<Worker> workers;
+    for (;;) {
+        os::handle_t fd = os::listener_accept(host->listener);
+        if (fd == os::invalid_handle || host->stopping.load()) {
+            os::close_handle(fd);
+            break;
+        }
+        // Reap the threads of connections that ended.
+        workers.erase(std::remove_if(workers.begin(), workers.end(),
+                                     [](Worker& w) {
+                                         if (!w.done->load()) return false;
+                                         w.thread.join();
+                                         return true;
+                                     }),
+                      workers.end());
+        host->add_connection(fd);
+        auto done = std::make_shared<std::atomic<bool>>(false);
+        try {
+            workers.push_back(Worker{std::thread([host, fd, done] {
+                                         Connection(*host, fd).run();
+                                         done->store(true);
+                                     }),
+                                     done});
+        } catch (...) {
+            host->remove_connection(fd);
+            os::close_handle(fd);
+        }
+    }
+    // Shutting down: end every connection, wait for their threads, then destroy
+    // what is left (its destructors run; memory blocks go with the process).
+    host->stopping.store(true);
+    host->shut_connections();
+    for (auto& w : workers) w.thread.join();
+    auto rest = host->take_all();
+    rest.clear();
+    host->local->refs.clear();
+}
+
+}  // namespace server
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/server_host.cpp
+// ---- begin part: mpservice/impl/server_client.cpp ---------------------------
+// server_client: the client side - links to servers (one per server per
+// process), per-thread connections with their slots, references and their
+// encoding, and ServerProcess itself.
+
+namespace mpservice {
+namespace detail {
+namespace server {
+
+// ---------------------------------------------------------------- links
+
+/// One process's side of one server: how requests reach it, and the table of
+/// this process's live references (one Ref per object, shared by its proxies).
+class Link : public std::enable_shared_from_this<Link> {
+public:
+    std::string address, authkey, server_name, fingerprint;
+    long server_pid = 0;
+
+    virtual ~Link() = default;
+    /// Sends a request and waits for its reply; re-throws the server's error.
+    virtual std::string request(std::uint32_t op, const std::string& payload, const std::vector<os::handle_t>& handles,
+                                std::vector<os::handle_t>& reply_handles) = 0;
+    /// Sends a message that has no reply (decref, drop ticket); never throws.
+    virtual void post(std::uint32_t op, const std::string& payload) noexcept = 0;
+    /// After this, every request fails with ServerError at once.
+    virtual void mark_gone(const std::string& why) noexcept = 0;
+    /// A request on the process's main connection, answered after every
+    /// release this process posted before it (object_count uses it).
+    virtual std::string ordered_request(std::uint32_t op, const std::string& payload) { return request(op, payload); }
+
+    std::string request(std::uint32_t op, const std::string& payload) {
+        std::vector<os::handle_t> hs;
+        std::string r = request(op, payload, {}, hs);
+        wire::close_all(hs);
+        return r;
+    }
+    std::string describe() const {
+        return "server process '" + server_name + "' (pid " + std::to_string(server_pid) + ")";
+    }
+
+    /// The Ref of a new reference this process now holds on `id`.
+    RefPtr make_ref(std::uint64_t id, std::uint64_t type) {
+        std::lock_guard<std::mutex> lk(refs_mutex_);
+        auto r = std::make_shared<Ref>();
+        r->link = shared_from_this();
+        r->id = id;
+        r->type = type;
+        refs_[id] = r;
+        return r;
+    }
+    /// The live Ref of `id` in this process, if there is one.
+    RefPtr existing(std::uint64_t id) {
+        std::lock_guard<std::mutex> lk(refs_mutex_);
+        auto it = refs_.find(id);
+        return it == refs_.end() ? nullptr : it->second.lock();
+    }
+    /// A decoded proxy: takes over its ticket's reference (or gives the ticket
+    /// back when this process holds the object already).
+    RefPtr adopt(std::uint64_t id, std::uint64_t ticket, std::uint64_t type) {
+        if (RefPtr r = existing(id)) {
+            post(op_drop_ticket, bytes_of(ticket));
+            return r;
+        }
+        Encoder e;
+        e(ticket, id);
+        request(op_adopt, e.bytes());
+        std::lock_guard<std::mutex> lk(refs_mutex_);
+        auto it = refs_.find(id);
+        if (it != refs_.end())
+            if (RefPtr r = it->second.lock()) {  // another thread decoded it meanwhile
+                post(op_decref, decref_bytes(id));
+                return r;
+            }
+        auto r = std::make_shared<Ref>();
+        r->link = shared_from_this();
+        r->id = id;
+        r->type = type;
+        refs_[id] = r;
+        return r;
+    }
+    /// A Ref's destructor: this process holds one reference less.
+    void release(std::uint64_t id) noexcept {
+        try {
+            {
+                std::lock_guard<std::mutex> lk(refs_mutex_);
+                auto it = refs_.find(id);
+                if (it != refs_.end() && it->second.expired()) refs_.erase(it);
+            }
+            post(op_decref, decref_bytes(id));
+        } catch (...) {
+        }
+    }
+    std::vector<std::uint64_t> live_ids() {
+        std::vector<std::uint64_t> ids;
+        std::lock_guard<std::mutex> lk(refs_mutex_);
+        for (auto& r : refs_)
+            if (!r.second.expired()) ids.push_back(r.first);
+        return ids;
+    }
+
+    static std::string bytes_of(std::uint64_t v) { return std::string(reinterpret_cast<const char*>(&v), sizeof v); }
+    static std::string decref_bytes(std::uint64_t id) {
+        Encoder e;
+        e(id, std::int64_t(1));
+        return std::move(e.bytes());
+    }
+
+private:
+    std::mutex refs_mutex_;
+    std::unordered_map<std::uint64_t, std::weak_ptr<Ref>> refs_;
+};
+
+[[noreturn]] void throw_reply_error(const std::string& payload) {
+    Decoder d(payload);
+    std::exception_ptr e = decode_exception(d);
+    detail::rethrow_exception(e);
+}
+
+// ---------------------------------------------------------------- the server's own link
+
+/// Proxies inside the server process reach the host directly: no socket.
+class LocalLink final : public Link {
+public:
+    using Link::request;
+    explicit LocalLink(Host& host) : host_(host) {}
+    std::string request(std::uint32_t op, const std::string& payload, const std::vector<os::handle_t>& handles,
+                        std::vector<os::handle_t>& reply_handles) override {
+        Outcome out;
+        serve_one(host_, *host_.local, codes(), op, payload, handles, out);
+        if (out.kind == reply_error) throw_reply_error(out.bytes);
+        for (auto h : out.handles) reply_handles.push_back(os::duplicate_handle(h));
+        return std::move(out.bytes);
+    }
+    void post(std::uint32_t op, const std::string& payload) noexcept override {
+        try {
+            Decoder d(payload);
+            ObjectPtr gone;
+            if (op == op_decref) {
+                auto id = d.read<std::uint64_t>();
+                gone = host_.decref(*host_.local, id, static_cast<long>(d.read<std::int64_t>()));
+            } else if (op == op_drop_ticket) {
+                gone = host_.drop_ticket(d.read<std::uint64_t>());
+            }
+        } catch (...) {
+        }
+    }
+    void mark_gone(const std::string&) noexcept override {}
+
+private:
+    CodeCache& codes() {
+        thread_local CodeCache cache;
+        return cache;
+    }
+    Host& host_;
+};
+
+// ---------------------------------------------------------------- links over sockets
+
+/// This process's id without a system call per request (glibc no longer
+/// caches getpid); forgotten in a forked child, which must notice that it is
+/// not its parent.
+std::atomic<long> g_cached_pid{0};
+void forget_cached_pid() { g_cached_pid.store(0, std::memory_order_relaxed); }
+long cached_pid() {
+    long p = g_cached_pid.load(std::memory_order_relaxed);
+    if (p != 0) return p;
+    static const bool hooked = [] {
+        os::at_fork_child(&forget_cached_pid);
+        return true;
+    }();
+    (void)hooked;
+    p = os::current_pid();
+    g_cached_pid.store(p, std::memory_order_relaxed);
+    return p;
+}
+
+std::atomic<bool>& fast_path_enabled() {
+    static std::atomic<bool> on{true};
+    return on;
+}
+void set_fast_path(bool enabled) noexcept { fast_path_enabled().store(enabled); }
+
+/// A thread's connection to one server.
+struct ThreadConn {
+    std::weak_ptr<Link> link;  // entries of links gone are pruned
+    os::handle_t fd = os::invalid_handle;
+    long pid = 0;  // the process that made it (a forked child must not use its parent's)
+    wire::FrameReader reader;
+    SharedMemory slot;
+    std::uint32_t seq = 0;
+    std::atomic<std::uint32_t> spin_ns{0};  // how long to wait, awake, for a reply
+    bool slot_refused = false;
+    std::mutex close_mutex;
+    /// Closes the connection; by its thread at exit, or by its link when the
+    /// link goes first (no request can be running on it then).
+    void close() noexcept {
+        std::lock_guard<std::mutex> lk(close_mutex);
+        os::close_handle(fd);
+        fd = os::invalid_handle;
+        slot = SharedMemory();
+    }
+    ~ThreadConn() { close(); }
+};
+
+class RemoteLink final : public Link {
+public:
+    using Link::request;
+    RemoteLink() : serial_(next_serial().fetch_add(1)) {}
+    ~RemoteLink() override {
+        os::close_handle(main_);
+        // Other threads' connections to this server: closed now, not at their exit.
+        std::lock_guard<std::mutex> lk(conns_mutex_);
+        for (auto& w : conns_)
+            if (auto c = w.lock()) c->close();
+    }
+
+    /// Connects the process's main connection (opens the session).
+    void open() {
+        std::lock_guard<std::mutex> lk(main_mutex_);
+        open_locked();
+    }
+
+    std::string request(std::uint32_t op, const std::string& payload, const std::vector<os::handle_t>& handles,
+                        std::vector<os::handle_t>& reply_handles) override {
+        ensure_this_process();
+        check_alive();
+        ThreadConn& c = conn();
+        if (c.slot && handles.empty() && payload.size() <= slot_capacity) return slot_call(c, op, payload, reply_handles);
+        if (!send_frame(c.fd, op, payload, handles)) gone(c);
+        if (c.slot) ring(slot_header(c.slot.data()));  // a server thread asleep on the slot looks at the socket
+        return await_socket_reply(c, reply_handles);
+    }
+
+    void post(std::uint32_t op, const std::string& payload) noexcept override {
+        try {
+            ensure_this_process();
+            std::lock_guard<std::mutex> lk(main_mutex_);
+            if (main_ == os::invalid_handle || dead_.load()) return;
+            send_frame(main_, op, payload);
+        } catch (...) {
+        }
+    }
+
+    std::string ordered_request(std::uint32_t op, const std::string& payload) override {
+        ensure_this_process();
+        check_alive();
+        std::lock_guard<std::mutex> lk(main_mutex_);
+        if (!send_frame(main_, op, payload)) {
+            dead_.store(true);
+            throw ServerError("mpservice: the " + describe() + " is gone; the request did not complete");
+        }
+        wire::Frame f;
+        if (!main_reader_.read_blocking(main_, f)) {
+            dead_.store(true);
+            throw ServerError("mpservice: the " + describe() + " is gone; the request did not complete");
+        }
+        wire::close_all(f.handles);
+        if (f.kind == reply_error) throw_reply_error(f.payload);
+        return std::move(f.payload);
+    }
+
+    void mark_gone(const std::string& why) noexcept override {
+        try {
+            std::lock_guard<std::mutex> lk(main_mutex_);
+            why_ = why;
+        } catch (...) {
+        }
+        dead_.store(true);
+    }
+
+private:
+    static std::atomic<std::uint64_t>& next_serial() {
+        static std::atomic<std::uint64_t> n{1};
+        return n;
+    }
+
+    [[noreturn]] void throw_gone() {
+        std::string why;
+        {
+            std::lock_guard<std::mutex> lk(main_mutex_);
+            why = why_;
+        }
+        throw ServerError("mpservice: the " + describe() + " is gone" + (why.empty() ? std::string() : " (" + why + ")") +
+                          "; the request did not complete");
+    }
+    void check_alive() {
+        if (dead_.load()) throw_gone();
+    }
+    [[noreturn]] void gone(ThreadConn& c) {
+        (void)c;
+        mark_gone("it exited or was killed");
+        throw_gone();
+    }
+
+    /// Opens a connection and says HELLO; the server's refusal is thrown.
+    os::handle_t connect_and_hello(bool main) {
+        os::handle_t fd;
+        try {
+            fd = os::unix_connect(address);
+        } catch (const std::system_error& e) {
+            mark_gone(std::string("cannot connect: ") + e.what());
+            throw_gone();
+        }
+        Encoder e;
+        e(server_protocol, authkey, session_, static_cast<std::int64_t>(os::current_pid()), fingerprint_of(""), main);
+        wire::FrameReader reader;
+        wire::Frame f;
+        if (!send_frame(fd, op_hello, e.bytes()) || !reader.read_blocking(fd, f)) {
+            os::close_handle(fd);
+            mark_gone("it closed the connection");
+            throw_gone();
+        }
+        wire::close_all(f.handles);
+        if (f.kind != reply_ok) {
+            os::close_handle(fd);
+            if (f.kind == reply_error) throw_reply_error(f.payload);
+            throw ServerError("mpservice: the " + describe() + " answered HELLO with garbage");
+        }
+        return fd;
+    }
+
+    void open_locked() {
+        unsigned char token[16];
+        os::random_bytes(token, sizeof token);
+        session_.assign(reinterpret_cast<const char*>(token), sizeof token);
+        pid_ = cached_pid();
+        main_ = connect_and_hello(true);
+    }
+
+    /// In a forked child: the inherited connections are the parent's.  Open a
+    /// session of our own and take a reference for each proxy we inherited.
+    void ensure_this_process() {
+        if (pid_.load() == cached_pid()) return;
+        std::vector<std::uint64_t> ids;
+        {
+            std::lock_guard<std::mutex> lk(main_mutex_);
+            if (pid_.load() == cached_pid()) return;
+            os::close_handle(main_);  // our copy only; the parent's connection stays
+            main_ = os::invalid_handle;
+            dead_.store(false);
+            open_locked();
+        }
+        for (auto id : live_ids()) {
+            try {
+                Encoder e;
+                e.write(id);
+                request(op_incref, e.bytes());
+            } catch (...) {
+            }
+        }
+    }
+
+    ThreadConn& conn() {
+        thread_local std::unordered_map<std::uint64_t, std::shared_ptr<ThreadConn>> conns;
+        auto& c = conns[serial_];
+        long me = cached_pid();
+        if (c && c->pid != me) {
+            c->slot = SharedMemory();  // the parent's slot: never touched again here
+            c.reset();
+        }
+        if (!c) {
+            // A new connection: first drop this thread's connections to links that are gone.
+            for (auto it = conns.begin(); it != conns.end();)
+                if (it->second && it->second->link.expired() && it->first != serial_)
+                    it = conns.erase(it);
+                else
+                    ++it;
+            auto fresh = std::make_shared<ThreadConn>();
+            fresh->link = weak_from_this();
+            fresh->pid = me;
+            fresh->fd = connect_and_hello(false);
+            {
+                std::lock_guard<std::mutex> lk(conns_mutex_);
+                conns_.erase(std::remove_if(conns_.begin(), conns_.end(),
+                                            [](const std::weak_ptr<ThreadConn>& w) { return w.expired(); }),
+                             conns_.end());
+                conns_.push_back(fresh);
+            }
+            c = std::move(fresh);
+            offer_slot(*c);
+        }
+        return *c;
+    }
+
+    void offer_slot(ThreadConn& c) {
+        if (!fast_path_enabled().load(std::memory_order_relaxed)) return;
+        try {
+            SharedMemory m = SharedMemory::create(slot_bytes);
+            new (m.data()) SlotHeader();
+            if (!send_frame(c.fd, op_slot, std::string(), {m.handle()})) gone(c);
+            std::vector<os::handle_t> hs;
+            await_socket_reply(c, hs);
+            wire::close_all(hs);
+            c.slot = m;
+        } catch (const ServerError&) {
+            throw;
+        } catch (...) {
+            c.slot_refused = true;  // the socket alone still works
+        }
+    }
+
+    /// The next reply frame on the socket (wake-ups skipped).
+    std::string await_socket_reply(ThreadConn& c, std::vector<os::handle_t>& reply_handles) {
+        wire::Frame f;
+        for (;;) {
+            if (!c.reader.read_blocking(c.fd, f)) gone(c);
+            if (f.kind == op_wake) continue;
+            break;
+        }
+        if (f.kind == reply_ok) {
+            for (auto h : f.handles) reply_handles.push_back(h);
+            return std::move(f.payload);
+        }
+        wire::close_all(f.handles);
+        if (f.kind == reply_error) throw_reply_error(f.payload);
+        throw ServerError("mpservice: the " + describe() + " sent a reply of unknown kind");
+    }
+
+    static void ring(SlotHeader* h) {
+        h->doorbell.fetch_add(1, std::memory_order_seq_cst);
+        if (h->server_sleeping.load(std::memory_order_seq_cst)) os::futex_wake(&h->doorbell, 1);
+    }
+
+    std::string slot_call(ThreadConn& c, std::uint32_t op, const std::string& payload,
+                          std::vector<os::handle_t>& reply_handles) {
+        SlotHeader* h = slot_header(c.slot.data());
+        std::memcpy(slot_data(c.slot.data()), payload.data(), payload.size());
+        h->request_op = op;
+        h->request_size = static_cast<std::uint32_t>(payload.size());
+        const std::uint32_t seq = ++c.seq;
+        h->request_seq.store(seq, std::memory_order_seq_cst);
+        ring(h);
+        auto answered = [&] { return h->reply_seq.load(std::memory_order_acquire) == seq; };
+        if (!spin_until(answered, c.spin_ns)) {
+            // Asleep on the reply word, in slices: between them, the socket
+            // tells whether the server is still there.
+            h->client_sleeping.store(1, std::memory_order_seq_cst);
+            while (!answered()) {
+                std::uint32_t now = h->reply_seq.load(std::memory_order_seq_cst);
+                if (now != seq) os::futex_wait(&h->reply_seq, now, os::Clock::now() + client_check);
+                if (answered()) break;
+                long n = c.reader.fill(c.fd, true);  // a reply on the socket stays buffered for below
+                if (n == 0) {
+                    h->client_sleeping.store(0, std::memory_order_relaxed);
+                    gone(c);
+                }
+            }
+            h->client_sleeping.store(0, std::memory_order_relaxed);
+        }
+        std::uint32_t kind = h->reply_kind;
+        if (kind == 0) return await_socket_reply(c, reply_handles);  // written before reply_seq
+        std::uint32_t size = h->reply_size;
+        if (size > slot_capacity) throw ServerError("mpservice: garbled reply in the slot");
+        std::string reply(slot_data(c.slot.data()), size);
+        if (kind == reply_error) throw_reply_error(reply);
+        return reply;
+    }
+
+    const std::uint64_t serial_;
+    std::mutex conns_mutex_;
+    std::vector<std::weak_ptr<ThreadConn>> conns_;  // every thread's connection to this server
+    std::mutex main_mutex_;
+    os::handle_t main_ = os::invalid_handle;
+    wire::FrameReader main_reader_;
+    std::string session_;
+    std::atomic<long> pid_{0};
+    std::atomic<bool> dead_{false};
+    std::string why_;
+};
+
+// ---------------------------------------------------------------- the registry of links
+
+struct Registry {
+    std::mutex mutex;
+    std::map<std::string, std::weak_ptr<Link>> links;
+    std::shared_ptr<Link> local;  // in a server process: its own
+};
+Registry& registry() {
+    static Registry* r = new Registry;  // never destroyed: proxies may be released during exit
+    return *r;
+}
+
+struct LinkInfo {
+    std::string address, authkey, name, fingerprint;
+    long pid = 0;
+};
+
+std::shared_ptr<Link> link_for(const LinkInfo& info) {
+    Registry& reg = registry();
+    std::lock_guard<std::mutex> lk(reg.mutex);
+    if (reg.local && reg.local->address == info.address) return reg.local;
+    auto& slot = reg.links[info.address];
+    if (auto l = slot.lock()) return l;
+    for (auto it = reg.links.begin(); it != reg.links.end();)  // forget links that are gone
+        if (it->second.expired() && it->first != info.address)
+            it = reg.links.erase(it);
+        else
+            ++it;
+    auto l = std::make_shared<RemoteLink>();
+    l->address = info.address;
+    l->authkey = info.authkey;
+    l->server_name = info.name;
+    l->server_pid = info.pid;
+    l->fingerprint = info.fingerprint;
+    l->open();
+    slot = l;
+    return l;
+}
+
+void install_local_link(Host& host) {
+    auto l = std::make_shared<LocalLink>(host);
+    l->address = host.address;
+    l->authkey = host.authkey;
+    l->server_name = host.name;
+    l->server_pid = os::current_pid();
+    l->fingerprint = host.fingerprint;
+    Registry& reg = registry();
+    std::lock_guard<std::mutex> lk(reg.mutex);
+    reg.local = l;
+}
+
+/// An invoker as the server is told of it, cached per thread (finding the
+/// module is a walk of the loaded modules).
+InvokerRef invoker_of(const void* fn) {
+    thread_local std::unordered_map<const void*, InvokerRef> cache;
+    auto it = cache.find(fn);
+    if (it != cache.end()) return it->second;
+    InvokerRef r;
+    r.code = os::code_ref_of(fn);
+    r.identity = invoker_identity(fn);
+    return cache[fn] = r;
+}
+
+// ---------------------------------------------------------------- the templates' entry points
+
+Ref::~Ref() {
+    if (link) link->release(id);
+}
+
+RefPtr create_object(const std::shared_ptr<Link>& link, const void* creator, std::uint64_t type, const Encoder& args) {
+    if (!link) throw InvalidStateError("mpservice: the server process was not started");
+    Encoder e;
+    write_invoker(e, invoker_of(creator));
+    e.write(type);
+    e.write_bytes(args.bytes().data(), args.bytes().size());
+    std::vector<os::handle_t> hs;
+    std::string reply = link->request(op_create, e.bytes(), args.handles(), hs);
+    wire::close_all(hs);
+    Decoder d(reply);
+    return link->make_ref(d.read<std::uint64_t>(), type);
+}
+
+std::string call_method(const Ref& ref, const void* method, const Encoder& args, std::vector<os::handle_t>& handles) {
+    Encoder e;
+    e.reserve(32 + args.bytes().size());
+    e.write(ref.id);
+    write_invoker(e, invoker_of(method));
+    e.write_bytes(args.bytes().data(), args.bytes().size());
+    return ref.link->request(op_call, e.bytes(), args.handles(), handles);
+}
+
+void encode_ref(Encoder& e, const RefPtr& ref) {
+    if (!ref) {
+        e.write(std::uint8_t(0));
+        return;
+    }
+    Encoder m;
+    m.write(ref->id);
+    std::string reply = ref->link->request(op_mint, m.bytes());
+    Decoder d(reply);
+    auto ticket = d.read<std::uint64_t>();
+    const Link& l = *ref->link;
+    e.write(std::uint8_t(1));
+    e(proxy_magic, server_protocol, l.address, l.authkey, l.server_name, static_cast<std::int64_t>(l.server_pid),
+      l.fingerprint, ref->id, ticket, ref->type);
+}
+
+RefPtr decode_ref(Decoder& d, std::uint64_t type, const char* type_name) {
+    auto present = d.read<std::uint8_t>();
+    if (present == 0) return nullptr;
+    if (present != 1) throw DecodeError("decode: bad proxy marker");
+    auto magic = d.read<std::uint32_t>();
+    auto version = d.read<std::uint32_t>();
+    if (magic != proxy_magic || version != server_protocol)
+        throw DecodeError("decode: not an encoded proxy (or one of another server protocol)");
+    LinkInfo info;
+    std::int64_t pid;
+    std::uint64_t id, ticket, sent_type;
+    d(info.address, info.authkey, info.name, pid, info.fingerprint, id, ticket, sent_type);
+    info.pid = static_cast<long>(pid);
+    if (info.fingerprint != fingerprint_of(""))
+        throw ServerError("mpservice: this proxy comes from a different build of the program than this process (build "
+                          "fingerprints differ); its server '" + info.name + "' would refuse it");
+    if (sent_type != type)
+        throw DecodeError("decode: the proxy refers to an object of another class than " + os::demangle(type_name));
+    if (info.address.empty() || info.address.size() > 100) throw DecodeError("decode: bad server address in a proxy");
+    return link_for(info)->adopt(id, ticket, type);
+}
+
+const SharedMemory& block_mapping(Ref& ref) {
+    std::lock_guard<std::mutex> lk(ref.mapping_mutex);
+    if (!ref.mapping) {
+        Encoder e;
+        e.write(ref.id);
+        std::vector<os::handle_t> hs;
+        std::string reply = ref.link->request(op_block, e.bytes(), {}, hs);
+        struct Closer {
+            std::vector<os::handle_t>& hs;
+            ~Closer() { wire::close_all(hs); }
+        } closer{hs};
+        Decoder d(reply.data(), reply.size(), &hs);
+        auto size = d.read<std::uint64_t>();
+        auto index = d.read<std::uint32_t>();
+        SharedMemory m = SharedMemory::adopt(os::duplicate_handle(d.handle(index)));
+        if (m.size() != size) throw ServerError("mpservice: the memory block's size does not match");
+        ref.mapping = std::move(m);
+    }
+    return ref.mapping;
+}
+
+bool in_server_process() noexcept { return host_running(); }
+
+RefPtr host_here(NewObject obj, std::uint64_t type) {
+    Host* host = g_host.load();
+    if (!host) {
+        obj.destroy(obj.object);
+        throw InvalidStateError("mpservice: managed<T>() works only inside a server process (in a hosted method)");
+    }
+    std::shared_ptr<Link> local;
+    {
+        Registry& reg = registry();
+        std::lock_guard<std::mutex> lk(reg.mutex);
+        local = reg.local;
+    }
+    std::uint64_t id = host->add(obj, type, *host->local);
+    return local->make_ref(id, type);
+}
+
+}  // namespace server
+}  // namespace detail
+
+// ---------------------------------------------------------------- ServerAccess, ServerProcess
+
+namespace {
+std::atomic<int>& server_counter() {
+    static std::atomic<int> n{1};
+    return n;
+}
+std::tuple<std::uint64_t, std::int64_t, std::int64_t> server_counts(const std::shared_ptr<detail::server::Link>& l) {
+    if (!l) throw InvalidStateError("mpservice: the server process was not started");
+    std::string reply = l->ordered_request(detail::server::op_count, std::string());
+    Decoder d(reply);
+    std::uint64_t n;
+    std::int64_t fds, maps;
+    d(n, fds, maps);
+    return {n, fds, maps};
+}
+}  // namespace
+
+std::size_t ServerAccess::object_count() const { return static_cast<std::size_t>(std::get<0>(server_counts(link_))); }
+
+std::pair<long, long> ServerAccess::resource_counts() const {
+    auto c = server_counts(link_);
+    return {static_cast<long>(std::get<1>(c)), static_cast<long>(std::get<2>(c))};
+}
+
+const std::string& ServerAccess::address() const {
+    static const std::string none;
+    return link_ ? link_->address : none;
+}
+
+const std::shared_ptr<detail::server::Link>& ServerAccess::link() const {
+    if (!link_) throw InvalidStateError("mpservice: the server process was not started");
+    return link_;
+}
+
+ServerProcess::ServerProcess() : ServerProcess(ServerOptions{}) {}
+ServerProcess::ServerProcess(const Context& ctx) : ServerProcess([&] {
+        ServerOptions o;
+        o.context = &ctx;
+        return o;
+    }()) {}
+ServerProcess::ServerProcess(ServerOptions options) : options_(std::move(options)) {
+    if (options_.name.empty()) options_.name = "ServerProcess-" + std::to_string(server_counter().fetch_add(1));
+    if (options_.start) start();
+}
+
+ServerProcess::~ServerProcess() { shutdown(); }
+
+void ServerProcess::start() {
+    using namespace detail::server;
+    if (process_) throw InvalidStateError("mpservice: " + options_.name + " was already started");
+    ServerBoot boot;
+    boot.listener->fd = detail::os::listener_create(boot.address);
+    unsigned char key[authkey_size];
+    detail::os::random_bytes(key, sizeof key);
+    boot.authkey.assign(reinterpret_cast<const char*>(key), sizeof key);
+    boot.name = options_.name;
+    const Context& ctx = options_.context ? *options_.context : static_cast<const Context&>(MP_SPAWN_CTX);
+    process_.emplace(ctx, &server_main, boot);
+    process_->set_name(options_.name);
+    try {
+        process_->start();
+    } catch (...) {
+        process_.reset();
+        throw;
+    }
+    // Only the server may hold the listener now: if it dies, connecting fails
+    // at once instead of waiting in the backlog of a socket nobody serves.
+    boot.close();
+    LinkInfo info;
+    info.address = boot.address;
+    info.authkey = boot.authkey;
+    info.name = options_.name;
+    info.pid = process_->pid();
+    info.fingerprint = detail::fingerprint_of("");
+    link_ = link_for(info);
+}
+
+void ServerProcess::shutdown() noexcept {
+    try {
+        if (!process_ || !process_->is_alive()) {
+            if (link_) link_->mark_gone("it was shut down");
+            return;
+        }
+        if (link_) link_->post(detail::server::op_shutdown, std::string());
+        auto wait = [&] {
+            try {
+                process_->join(options_.shutdown_timeout);
+            } catch (...) {
+            }
+            return !process_->is_alive();
+        };
+        if (!wait()) {
+            process_->terminate();
+            if (!wait()) {
+                process_->kill();
+                try {
+                    process_->join();
+                } catch (...) {
+                }
+            }
+        }
+        if (link_) link_->mark_gone("it was shut down");
+    } catch (...) {
+    }
+}
+
+bool ServerProcess::is_alive() const { return process_ && process_->is_alive(); }
+long ServerProcess::pid() const { return process_ ? process_->pid() : 0; }
+const std::string& ServerProcess::name() const { return options_.name; }
+std::optional<int> ServerProcess::exitcode() const { return process_ ? process_->exitcode() : std::nullopt; }
+
+void Codec<ServerClient>::encode(Encoder& e, const ServerClient& c) {
+    const auto& l = c.link();
+    e(l->address, l->authkey, l->server_name, static_cast<std::int64_t>(l->server_pid), l->fingerprint);
+}
+
+ServerClient Codec<ServerClient>::decode(Decoder& d) {
+    detail::server::LinkInfo info;
+    std::int64_t pid;
+    d(info.address, info.authkey, info.name, pid, info.fingerprint);
+    info.pid = static_cast<long>(pid);
+    if (info.fingerprint != detail::fingerprint_of(""))
+        throw ServerError("mpservice: this server handle comes from a different build of the program");
+    return ServerClient(detail::server::link_for(info));
+}
+
+}  // namespace mpservice
+// ---- end part: mpservice/impl/server_client.cpp
 
 #endif  // MPSERVICE_IMPLEMENTATION

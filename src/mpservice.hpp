@@ -27,6 +27,7 @@
 #include "mpservice/public/connection.hpp"
 #include "mpservice/public/pool.hpp"
 #include "mpservice/public/runner.hpp"
+#include "mpservice/public/server_process.hpp"
 
 #endif  // MPSERVICE_HPP_INCLUDED
 
@@ -55,5 +56,8 @@
 #include "mpservice/impl/queues.cpp"
 #include "mpservice/impl/connection.cpp"
 #include "mpservice/impl/pool.cpp"
+#include "mpservice/impl/server_wire.cpp"
+#include "mpservice/impl/server_host.cpp"
+#include "mpservice/impl/server_client.cpp"
 
 #endif  // MPSERVICE_IMPLEMENTATION

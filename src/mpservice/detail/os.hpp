@@ -405,4 +405,28 @@ MPSERVICE_API long pipe_read(handle_t h, void* buf, std::size_t cap) noexcept;
 /// be on a terminal.
 MPSERVICE_API void redirect_standard_output(handle_t out, handle_t err);
 
+// ---------------------------------------------------------------- (server process section)
+/// A listening Unix stream socket at a fresh, unguessable address (Linux: the
+/// abstract namespace, so nothing appears in the file system and nothing is
+/// left behind); `address` receives the name to connect to.  Close-on-exec.
+MPSERVICE_API handle_t listener_create(std::string& address);
+/// Waits for the next connection; invalid_handle once the listener was shut
+/// down (listener_shutdown) or on an unrecoverable error.
+MPSERVICE_API handle_t listener_accept(handle_t listener);
+/// Makes a blocked listener_accept return invalid_handle.
+MPSERVICE_API void listener_shutdown(handle_t listener) noexcept;
+/// Connects to a listener_create address; throws std::system_error.
+MPSERVICE_API handle_t unix_connect(const std::string& address);
+/// The user id of the process at the other end of a connected socket, or -1.
+MPSERVICE_API long peer_user(handle_t socket) noexcept;
+/// This process's (real) user id.
+MPSERVICE_API long current_user() noexcept;
+/// Ends both directions of a socket: reads at either end return end-of-stream.
+MPSERVICE_API void socket_shutdown(handle_t socket) noexcept;
+/// Fills `out` with `n` random bytes from the system's generator.
+MPSERVICE_API void random_bytes(void* out, std::size_t n);
+/// Number of open descriptors and of memory mappings of this process (diagnostics; -1 if unknown).
+MPSERVICE_API long open_handle_count() noexcept;
+MPSERVICE_API long mapping_count() noexcept;
+
 }  // namespace mpservice::detail::os

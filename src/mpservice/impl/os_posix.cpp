@@ -1161,6 +1161,117 @@ void redirect_standard_output(handle_t out, handle_t err) {
     // used already (a forked child's stdout).
     static char line_buffer[BUFSIZ];
     std::setvbuf(stdout, line_buffer, _IOLBF, sizeof line_buffer);
+// ---------------------------------------------------------------- (server process section)
+
+namespace {
+sockaddr_un abstract_address(const std::string& name, socklen_t& len) {
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    if (name.size() + 1 > sizeof a.sun_path) throw std::invalid_argument("mpservice: server address too long");
+    a.sun_path[0] = '\0';  // the abstract namespace: no file, gone with the last socket
+    std::memcpy(a.sun_path + 1, name.data(), name.size());
+    len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size());
+    return a;
+}
+long count_dir_entries(const char* path) noexcept {
+    DIR* d = ::opendir(path);
+    if (!d) return -1;
+    long n = 0;
+    while (dirent* e = ::readdir(d))
+        if (e->d_name[0] != '.') ++n;
+    ::closedir(d);
+    return n - 1;  // the descriptor opendir itself holds
+}
+}  // namespace
+
+handle_t listener_create(std::string& address) {
+    unsigned char token[12];
+    random_bytes(token, sizeof token);
+    char name[64];
+    int k = std::snprintf(name, sizeof name, "mpservice-%ld-", static_cast<long>(::getpid()));
+    for (unsigned char b : token) k += std::snprintf(name + k, sizeof name - static_cast<std::size_t>(k), "%02x", b);
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) throw_errno("mpservice: socket");
+    socklen_t len;
+    sockaddr_un a = abstract_address(name, len);
+    if (::bind(fd, reinterpret_cast<sockaddr*>(&a), len) != 0 || ::listen(fd, 128) != 0) {
+        int e = errno;
+        ::close(fd);
+        throw std::system_error(e, std::generic_category(), "mpservice: bind/listen of the server socket");
+    }
+    address = name;
+    return fd;
+}
+
+handle_t listener_accept(handle_t listener) {
+    for (;;) {
+        int fd = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
+        if (fd >= 0) return fd;
+        if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO) continue;
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+            ::poll(nullptr, 0, 10);  // out of descriptors: let others close some, keep serving
+            continue;
+        }
+        return invalid_handle;  // EINVAL after shutdown(), EBADF
+    }
+}
+
+void listener_shutdown(handle_t listener) noexcept { ::shutdown(listener, SHUT_RDWR); }
+
+handle_t unix_connect(const std::string& address) {
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) throw_errno("mpservice: socket");
+    socklen_t len;
+    sockaddr_un a = abstract_address(address, len);
+    int rc;
+    do rc = ::connect(fd, reinterpret_cast<sockaddr*>(&a), len);
+    while (rc != 0 && errno == EINTR);
+    if (rc != 0) {
+        int e = errno;
+        ::close(fd);
+        throw std::system_error(e, std::generic_category(), "mpservice: connect to the server process");
+    }
+    return fd;
+}
+
+long peer_user(handle_t socket) noexcept {
+    ucred cred{};
+    socklen_t len = sizeof cred;
+    if (::getsockopt(socket, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return -1;
+    return static_cast<long>(cred.uid);
+}
+
+long current_user() noexcept { return static_cast<long>(::getuid()); }
+
+void socket_shutdown(handle_t socket) noexcept {
+    if (socket >= 0) ::shutdown(socket, SHUT_RDWR);
+}
+
+void random_bytes(void* out, std::size_t n) {
+    auto* p = static_cast<unsigned char*>(out);
+    while (n > 0) {
+        long k = ::syscall(SYS_getrandom, p, n, 0);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            throw_errno("mpservice: getrandom");
+        }
+        p += k;
+        n -= static_cast<std::size_t>(k);
+    }
+}
+
+long open_handle_count() noexcept { return count_dir_entries("/proc/self/fd"); }
+
+long mapping_count() noexcept {
+    int fd = ::open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    long lines = 0;
+    char buf[4096];
+    ssize_t n;
+    while ((n = ::read(fd, buf, sizeof buf)) > 0)
+        for (ssize_t i = 0; i < n; ++i) lines += buf[i] == '\n';
+    ::close(fd);
+    return lines;
 }
 
 }  // namespace mpservice::detail::os

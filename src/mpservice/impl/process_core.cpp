@@ -223,6 +223,10 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
         io.channel = os::invalid_handle;
         throw;
     }
+    // A forked child runs on its copy of the arguments; ours stay until it
+    // ends (the reactor drops them then), which covers the child taking its
+    // own references to the proxies it inherited.
+    if (method_ == StartMethod::fork) io.task = std::move(task);
     {
         std::lock_guard<std::mutex> lk(mutex_);
         pid_ = pid;
@@ -243,7 +247,10 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     }
     mark_started();
     output.commit(pid);  // the child has the pipes' write ends now (BOOT was sent)
-    io.task = std::move(task);  // the encoded arguments may still refer to it until here
+    // Spawn and fork-server children got the arguments encoded: drop our copies
+    // now (a proxy argument must not keep its object alive after the child took
+    // it over).  (A forked child's task was kept above, until the child ends.)
+    task.reset();
 }
 
 bool ProcessCore::wait_until(os::Deadline deadline) const {

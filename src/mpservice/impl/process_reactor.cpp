@@ -35,7 +35,7 @@ struct ProcessCore::Io {
     bool eof = false;
     bool finished = false;
     std::exception_ptr exception;
-    std::unique_ptr<ChildTask> task;  // kept until start() returns
+    std::unique_ptr<ChildTask> task;  // a forked child's arguments, kept until it ends
 };
 
 namespace {
@@ -513,13 +513,16 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int
             error = std::make_exception_ptr(ProcessError(text, code));
         }
     }
+    std::unique_ptr<ChildTask> task;
     {
         std::lock_guard<std::mutex> lk(core->io_mutex());
         core->exitcode_ = code;
         os::poller_remove(poller_, io.pidfd);  // kept open for waiters; closed with the core
         os::close_handle(io.channel);
         io.channel = os::invalid_handle;
+        task = std::move(io.task);
     }
+    task.reset();  // a forked child's argument copies: released before anyone learns it ended
     core->resolve(error, result_error);
 }
 

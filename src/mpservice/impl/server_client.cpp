@@ -1,0 +1,768 @@
+// server_client: the client side - links to servers (one per server per
+// process), per-thread connections with their slots, references and their
+// encoding, and ServerProcess itself.
+
+namespace mpservice {
+namespace detail {
+namespace server {
+
+// ---------------------------------------------------------------- links
+
+/// One process's side of one server: how requests reach it, and the table of
+/// this process's live references (one Ref per object, shared by its proxies).
+class Link : public std::enable_shared_from_this<Link> {
+public:
+    std::string address, authkey, server_name, fingerprint;
+    long server_pid = 0;
+
+    virtual ~Link() = default;
+    /// Sends a request and waits for its reply; re-throws the server's error.
+    virtual std::string request(std::uint32_t op, const std::string& payload, const std::vector<os::handle_t>& handles,
+                                std::vector<os::handle_t>& reply_handles) = 0;
+    /// Sends a message that has no reply (decref, drop ticket); never throws.
+    virtual void post(std::uint32_t op, const std::string& payload) noexcept = 0;
+    /// After this, every request fails with ServerError at once.
+    virtual void mark_gone(const std::string& why) noexcept = 0;
+    /// A request on the process's main connection, answered after every
+    /// release this process posted before it (object_count uses it).
+    virtual std::string ordered_request(std::uint32_t op, const std::string& payload) { return request(op, payload); }
+
+    std::string request(std::uint32_t op, const std::string& payload) {
+        std::vector<os::handle_t> hs;
+        std::string r = request(op, payload, {}, hs);
+        wire::close_all(hs);
+        return r;
+    }
+    std::string describe() const {
+        return "server process '" + server_name + "' (pid " + std::to_string(server_pid) + ")";
+    }
+
+    /// The Ref of a new reference this process now holds on `id`.
+    RefPtr make_ref(std::uint64_t id, std::uint64_t type) {
+        std::lock_guard<std::mutex> lk(refs_mutex_);
+        auto r = std::make_shared<Ref>();
+        r->link = shared_from_this();
+        r->id = id;
+        r->type = type;
+        refs_[id] = r;
+        return r;
+    }
+    /// The live Ref of `id` in this process, if there is one.
+    RefPtr existing(std::uint64_t id) {
+        std::lock_guard<std::mutex> lk(refs_mutex_);
+        auto it = refs_.find(id);
+        return it == refs_.end() ? nullptr : it->second.lock();
+    }
+    /// A decoded proxy: takes over its ticket's reference (or gives the ticket
+    /// back when this process holds the object already).
+    RefPtr adopt(std::uint64_t id, std::uint64_t ticket, std::uint64_t type) {
+        if (RefPtr r = existing(id)) {
+            post(op_drop_ticket, bytes_of(ticket));
+            return r;
+        }
+        Encoder e;
+        e(ticket, id);
+        request(op_adopt, e.bytes());
+        std::lock_guard<std::mutex> lk(refs_mutex_);
+        auto it = refs_.find(id);
+        if (it != refs_.end())
+            if (RefPtr r = it->second.lock()) {  // another thread decoded it meanwhile
+                post(op_decref, decref_bytes(id));
+                return r;
+            }
+        auto r = std::make_shared<Ref>();
+        r->link = shared_from_this();
+        r->id = id;
+        r->type = type;
+        refs_[id] = r;
+        return r;
+    }
+    /// A Ref's destructor: this process holds one reference less.
+    void release(std::uint64_t id) noexcept {
+        try {
+            {
+                std::lock_guard<std::mutex> lk(refs_mutex_);
+                auto it = refs_.find(id);
+                if (it != refs_.end() && it->second.expired()) refs_.erase(it);
+            }
+            post(op_decref, decref_bytes(id));
+        } catch (...) {
+        }
+    }
+    std::vector<std::uint64_t> live_ids() {
+        std::vector<std::uint64_t> ids;
+        std::lock_guard<std::mutex> lk(refs_mutex_);
+        for (auto& r : refs_)
+            if (!r.second.expired()) ids.push_back(r.first);
+        return ids;
+    }
+
+    static std::string bytes_of(std::uint64_t v) { return std::string(reinterpret_cast<const char*>(&v), sizeof v); }
+    static std::string decref_bytes(std::uint64_t id) {
+        Encoder e;
+        e(id, std::int64_t(1));
+        return std::move(e.bytes());
+    }
+
+private:
+    std::mutex refs_mutex_;
+    std::unordered_map<std::uint64_t, std::weak_ptr<Ref>> refs_;
+};
+
+[[noreturn]] void throw_reply_error(const std::string& payload) {
+    Decoder d(payload);
+    std::exception_ptr e = decode_exception(d);
+    detail::rethrow_exception(e);
+}
+
+// ---------------------------------------------------------------- the server's own link
+
+/// Proxies inside the server process reach the host directly: no socket.
+class LocalLink final : public Link {
+public:
+    using Link::request;
+    explicit LocalLink(Host& host) : host_(host) {}
+    std::string request(std::uint32_t op, const std::string& payload, const std::vector<os::handle_t>& handles,
+                        std::vector<os::handle_t>& reply_handles) override {
+        Outcome out;
+        serve_one(host_, *host_.local, codes(), op, payload, handles, out);
+        if (out.kind == reply_error) throw_reply_error(out.bytes);
+        for (auto h : out.handles) reply_handles.push_back(os::duplicate_handle(h));
+        return std::move(out.bytes);
+    }
+    void post(std::uint32_t op, const std::string& payload) noexcept override {
+        try {
+            Decoder d(payload);
+            ObjectPtr gone;
+            if (op == op_decref) {
+                auto id = d.read<std::uint64_t>();
+                gone = host_.decref(*host_.local, id, static_cast<long>(d.read<std::int64_t>()));
+            } else if (op == op_drop_ticket) {
+                gone = host_.drop_ticket(d.read<std::uint64_t>());
+            }
+        } catch (...) {
+        }
+    }
+    void mark_gone(const std::string&) noexcept override {}
+
+private:
+    CodeCache& codes() {
+        thread_local CodeCache cache;
+        return cache;
+    }
+    Host& host_;
+};
+
+// ---------------------------------------------------------------- links over sockets
+
+/// This process's id without a system call per request (glibc no longer
+/// caches getpid); forgotten in a forked child, which must notice that it is
+/// not its parent.
+std::atomic<long> g_cached_pid{0};
+void forget_cached_pid() { g_cached_pid.store(0, std::memory_order_relaxed); }
+long cached_pid() {
+    long p = g_cached_pid.load(std::memory_order_relaxed);
+    if (p != 0) return p;
+    static const bool hooked = [] {
+        os::at_fork_child(&forget_cached_pid);
+        return true;
+    }();
+    (void)hooked;
+    p = os::current_pid();
+    g_cached_pid.store(p, std::memory_order_relaxed);
+    return p;
+}
+
+std::atomic<bool>& fast_path_enabled() {
+    static std::atomic<bool> on{true};
+    return on;
+}
+void set_fast_path(bool enabled) noexcept { fast_path_enabled().store(enabled); }
+
+/// A thread's connection to one server.
+struct ThreadConn {
+    std::weak_ptr<Link> link;  // entries of links gone are pruned
+    os::handle_t fd = os::invalid_handle;
+    long pid = 0;  // the process that made it (a forked child must not use its parent's)
+    wire::FrameReader reader;
+    SharedMemory slot;
+    std::uint32_t seq = 0;
+    std::atomic<std::uint32_t> spin_ns{0};  // how long to wait, awake, for a reply
+    bool slot_refused = false;
+    std::mutex close_mutex;
+    /// Closes the connection; by its thread at exit, or by its link when the
+    /// link goes first (no request can be running on it then).
+    void close() noexcept {
+        std::lock_guard<std::mutex> lk(close_mutex);
+        os::close_handle(fd);
+        fd = os::invalid_handle;
+        slot = SharedMemory();
+    }
+    ~ThreadConn() { close(); }
+};
+
+class RemoteLink final : public Link {
+public:
+    using Link::request;
+    RemoteLink() : serial_(next_serial().fetch_add(1)) {}
+    ~RemoteLink() override {
+        os::close_handle(main_);
+        // Other threads' connections to this server: closed now, not at their exit.
+        std::lock_guard<std::mutex> lk(conns_mutex_);
+        for (auto& w : conns_)
+            if (auto c = w.lock()) c->close();
+    }
+
+    /// Connects the process's main connection (opens the session).
+    void open() {
+        std::lock_guard<std::mutex> lk(main_mutex_);
+        open_locked();
+    }
+
+    std::string request(std::uint32_t op, const std::string& payload, const std::vector<os::handle_t>& handles,
+                        std::vector<os::handle_t>& reply_handles) override {
+        ensure_this_process();
+        check_alive();
+        ThreadConn& c = conn();
+        if (c.slot && handles.empty() && payload.size() <= slot_capacity) return slot_call(c, op, payload, reply_handles);
+        if (!send_frame(c.fd, op, payload, handles)) gone(c);
+        if (c.slot) ring(slot_header(c.slot.data()));  // a server thread asleep on the slot looks at the socket
+        return await_socket_reply(c, reply_handles);
+    }
+
+    void post(std::uint32_t op, const std::string& payload) noexcept override {
+        try {
+            ensure_this_process();
+            std::lock_guard<std::mutex> lk(main_mutex_);
+            if (main_ == os::invalid_handle || dead_.load()) return;
+            send_frame(main_, op, payload);
+        } catch (...) {
+        }
+    }
+
+    std::string ordered_request(std::uint32_t op, const std::string& payload) override {
+        ensure_this_process();
+        check_alive();
+        std::lock_guard<std::mutex> lk(main_mutex_);
+        if (!send_frame(main_, op, payload)) {
+            dead_.store(true);
+            throw ServerError("mpservice: the " + describe() + " is gone; the request did not complete");
+        }
+        wire::Frame f;
+        if (!main_reader_.read_blocking(main_, f)) {
+            dead_.store(true);
+            throw ServerError("mpservice: the " + describe() + " is gone; the request did not complete");
+        }
+        wire::close_all(f.handles);
+        if (f.kind == reply_error) throw_reply_error(f.payload);
+        return std::move(f.payload);
+    }
+
+    void mark_gone(const std::string& why) noexcept override {
+        try {
+            std::lock_guard<std::mutex> lk(main_mutex_);
+            why_ = why;
+        } catch (...) {
+        }
+        dead_.store(true);
+    }
+
+private:
+    static std::atomic<std::uint64_t>& next_serial() {
+        static std::atomic<std::uint64_t> n{1};
+        return n;
+    }
+
+    [[noreturn]] void throw_gone() {
+        std::string why;
+        {
+            std::lock_guard<std::mutex> lk(main_mutex_);
+            why = why_;
+        }
+        throw ServerError("mpservice: the " + describe() + " is gone" + (why.empty() ? std::string() : " (" + why + ")") +
+                          "; the request did not complete");
+    }
+    void check_alive() {
+        if (dead_.load()) throw_gone();
+    }
+    [[noreturn]] void gone(ThreadConn& c) {
+        (void)c;
+        mark_gone("it exited or was killed");
+        throw_gone();
+    }
+
+    /// Opens a connection and says HELLO; the server's refusal is thrown.
+    os::handle_t connect_and_hello(bool main) {
+        os::handle_t fd;
+        try {
+            fd = os::unix_connect(address);
+        } catch (const std::system_error& e) {
+            mark_gone(std::string("cannot connect: ") + e.what());
+            throw_gone();
+        }
+        Encoder e;
+        e(server_protocol, authkey, session_, static_cast<std::int64_t>(os::current_pid()), fingerprint_of(""), main);
+        wire::FrameReader reader;
+        wire::Frame f;
+        if (!send_frame(fd, op_hello, e.bytes()) || !reader.read_blocking(fd, f)) {
+            os::close_handle(fd);
+            mark_gone("it closed the connection");
+            throw_gone();
+        }
+        wire::close_all(f.handles);
+        if (f.kind != reply_ok) {
+            os::close_handle(fd);
+            if (f.kind == reply_error) throw_reply_error(f.payload);
+            throw ServerError("mpservice: the " + describe() + " answered HELLO with garbage");
+        }
+        return fd;
+    }
+
+    void open_locked() {
+        unsigned char token[16];
+        os::random_bytes(token, sizeof token);
+        session_.assign(reinterpret_cast<const char*>(token), sizeof token);
+        pid_ = cached_pid();
+        main_ = connect_and_hello(true);
+    }
+
+    /// In a forked child: the inherited connections are the parent's.  Open a
+    /// session of our own and take a reference for each proxy we inherited.
+    void ensure_this_process() {
+        if (pid_.load() == cached_pid()) return;
+        std::vector<std::uint64_t> ids;
+        {
+            std::lock_guard<std::mutex> lk(main_mutex_);
+            if (pid_.load() == cached_pid()) return;
+            os::close_handle(main_);  // our copy only; the parent's connection stays
+            main_ = os::invalid_handle;
+            dead_.store(false);
+            open_locked();
+        }
+        for (auto id : live_ids()) {
+            try {
+                Encoder e;
+                e.write(id);
+                request(op_incref, e.bytes());
+            } catch (...) {
+            }
+        }
+    }
+
+    ThreadConn& conn() {
+        thread_local std::unordered_map<std::uint64_t, std::shared_ptr<ThreadConn>> conns;
+        auto& c = conns[serial_];
+        long me = cached_pid();
+        if (c && c->pid != me) {
+            c->slot = SharedMemory();  // the parent's slot: never touched again here
+            c.reset();
+        }
+        if (!c) {
+            // A new connection: first drop this thread's connections to links that are gone.
+            for (auto it = conns.begin(); it != conns.end();)
+                if (it->second && it->second->link.expired() && it->first != serial_)
+                    it = conns.erase(it);
+                else
+                    ++it;
+            auto fresh = std::make_shared<ThreadConn>();
+            fresh->link = weak_from_this();
+            fresh->pid = me;
+            fresh->fd = connect_and_hello(false);
+            {
+                std::lock_guard<std::mutex> lk(conns_mutex_);
+                conns_.erase(std::remove_if(conns_.begin(), conns_.end(),
+                                            [](const std::weak_ptr<ThreadConn>& w) { return w.expired(); }),
+                             conns_.end());
+                conns_.push_back(fresh);
+            }
+            c = std::move(fresh);
+            offer_slot(*c);
+        }
+        return *c;
+    }
+
+    void offer_slot(ThreadConn& c) {
+        if (!fast_path_enabled().load(std::memory_order_relaxed)) return;
+        try {
+            SharedMemory m = SharedMemory::create(slot_bytes);
+            new (m.data()) SlotHeader();
+            if (!send_frame(c.fd, op_slot, std::string(), {m.handle()})) gone(c);
+            std::vector<os::handle_t> hs;
+            await_socket_reply(c, hs);
+            wire::close_all(hs);
+            c.slot = m;
+        } catch (const ServerError&) {
+            throw;
+        } catch (...) {
+            c.slot_refused = true;  // the socket alone still works
+        }
+    }
+
+    /// The next reply frame on the socket (wake-ups skipped).
+    std::string await_socket_reply(ThreadConn& c, std::vector<os::handle_t>& reply_handles) {
+        wire::Frame f;
+        for (;;) {
+            if (!c.reader.read_blocking(c.fd, f)) gone(c);
+            if (f.kind == op_wake) continue;
+            break;
+        }
+        if (f.kind == reply_ok) {
+            for (auto h : f.handles) reply_handles.push_back(h);
+            return std::move(f.payload);
+        }
+        wire::close_all(f.handles);
+        if (f.kind == reply_error) throw_reply_error(f.payload);
+        throw ServerError("mpservice: the " + describe() + " sent a reply of unknown kind");
+    }
+
+    static void ring(SlotHeader* h) {
+        h->doorbell.fetch_add(1, std::memory_order_seq_cst);
+        if (h->server_sleeping.load(std::memory_order_seq_cst)) os::futex_wake(&h->doorbell, 1);
+    }
+
+    std::string slot_call(ThreadConn& c, std::uint32_t op, const std::string& payload,
+                          std::vector<os::handle_t>& reply_handles) {
+        SlotHeader* h = slot_header(c.slot.data());
+        std::memcpy(slot_data(c.slot.data()), payload.data(), payload.size());
+        h->request_op = op;
+        h->request_size = static_cast<std::uint32_t>(payload.size());
+        const std::uint32_t seq = ++c.seq;
+        h->request_seq.store(seq, std::memory_order_seq_cst);
+        ring(h);
+        auto answered = [&] { return h->reply_seq.load(std::memory_order_acquire) == seq; };
+        if (!spin_until(answered, c.spin_ns)) {
+            // Asleep on the reply word, in slices: between them, the socket
+            // tells whether the server is still there.
+            h->client_sleeping.store(1, std::memory_order_seq_cst);
+            while (!answered()) {
+                std::uint32_t now = h->reply_seq.load(std::memory_order_seq_cst);
+                if (now != seq) os::futex_wait(&h->reply_seq, now, os::Clock::now() + client_check);
+                if (answered()) break;
+                long n = c.reader.fill(c.fd, true);  // a reply on the socket stays buffered for below
+                if (n == 0) {
+                    h->client_sleeping.store(0, std::memory_order_relaxed);
+                    gone(c);
+                }
+            }
+            h->client_sleeping.store(0, std::memory_order_relaxed);
+        }
+        std::uint32_t kind = h->reply_kind;
+        if (kind == 0) return await_socket_reply(c, reply_handles);  // written before reply_seq
+        std::uint32_t size = h->reply_size;
+        if (size > slot_capacity) throw ServerError("mpservice: garbled reply in the slot");
+        std::string reply(slot_data(c.slot.data()), size);
+        if (kind == reply_error) throw_reply_error(reply);
+        return reply;
+    }
+
+    const std::uint64_t serial_;
+    std::mutex conns_mutex_;
+    std::vector<std::weak_ptr<ThreadConn>> conns_;  // every thread's connection to this server
+    std::mutex main_mutex_;
+    os::handle_t main_ = os::invalid_handle;
+    wire::FrameReader main_reader_;
+    std::string session_;
+    std::atomic<long> pid_{0};
+    std::atomic<bool> dead_{false};
+    std::string why_;
+};
+
+// ---------------------------------------------------------------- the registry of links
+
+struct Registry {
+    std::mutex mutex;
+    std::map<std::string, std::weak_ptr<Link>> links;
+    std::shared_ptr<Link> local;  // in a server process: its own
+};
+Registry& registry() {
+    static Registry* r = new Registry;  // never destroyed: proxies may be released during exit
+    return *r;
+}
+
+struct LinkInfo {
+    std::string address, authkey, name, fingerprint;
+    long pid = 0;
+};
+
+std::shared_ptr<Link> link_for(const LinkInfo& info) {
+    Registry& reg = registry();
+    std::lock_guard<std::mutex> lk(reg.mutex);
+    if (reg.local && reg.local->address == info.address) return reg.local;
+    auto& slot = reg.links[info.address];
+    if (auto l = slot.lock()) return l;
+    for (auto it = reg.links.begin(); it != reg.links.end();)  // forget links that are gone
+        if (it->second.expired() && it->first != info.address)
+            it = reg.links.erase(it);
+        else
+            ++it;
+    auto l = std::make_shared<RemoteLink>();
+    l->address = info.address;
+    l->authkey = info.authkey;
+    l->server_name = info.name;
+    l->server_pid = info.pid;
+    l->fingerprint = info.fingerprint;
+    l->open();
+    slot = l;
+    return l;
+}
+
+void install_local_link(Host& host) {
+    auto l = std::make_shared<LocalLink>(host);
+    l->address = host.address;
+    l->authkey = host.authkey;
+    l->server_name = host.name;
+    l->server_pid = os::current_pid();
+    l->fingerprint = host.fingerprint;
+    Registry& reg = registry();
+    std::lock_guard<std::mutex> lk(reg.mutex);
+    reg.local = l;
+}
+
+/// An invoker as the server is told of it, cached per thread (finding the
+/// module is a walk of the loaded modules).
+InvokerRef invoker_of(const void* fn) {
+    thread_local std::unordered_map<const void*, InvokerRef> cache;
+    auto it = cache.find(fn);
+    if (it != cache.end()) return it->second;
+    InvokerRef r;
+    r.code = os::code_ref_of(fn);
+    r.identity = invoker_identity(fn);
+    return cache[fn] = r;
+}
+
+// ---------------------------------------------------------------- the templates' entry points
+
+Ref::~Ref() {
+    if (link) link->release(id);
+}
+
+RefPtr create_object(const std::shared_ptr<Link>& link, const void* creator, std::uint64_t type, const Encoder& args) {
+    if (!link) throw InvalidStateError("mpservice: the server process was not started");
+    Encoder e;
+    write_invoker(e, invoker_of(creator));
+    e.write(type);
+    e.write_bytes(args.bytes().data(), args.bytes().size());
+    std::vector<os::handle_t> hs;
+    std::string reply = link->request(op_create, e.bytes(), args.handles(), hs);
+    wire::close_all(hs);
+    Decoder d(reply);
+    return link->make_ref(d.read<std::uint64_t>(), type);
+}
+
+std::string call_method(const Ref& ref, const void* method, const Encoder& args, std::vector<os::handle_t>& handles) {
+    Encoder e;
+    e.reserve(32 + args.bytes().size());
+    e.write(ref.id);
+    write_invoker(e, invoker_of(method));
+    e.write_bytes(args.bytes().data(), args.bytes().size());
+    return ref.link->request(op_call, e.bytes(), args.handles(), handles);
+}
+
+void encode_ref(Encoder& e, const RefPtr& ref) {
+    if (!ref) {
+        e.write(std::uint8_t(0));
+        return;
+    }
+    Encoder m;
+    m.write(ref->id);
+    std::string reply = ref->link->request(op_mint, m.bytes());
+    Decoder d(reply);
+    auto ticket = d.read<std::uint64_t>();
+    const Link& l = *ref->link;
+    e.write(std::uint8_t(1));
+    e(proxy_magic, server_protocol, l.address, l.authkey, l.server_name, static_cast<std::int64_t>(l.server_pid),
+      l.fingerprint, ref->id, ticket, ref->type);
+}
+
+RefPtr decode_ref(Decoder& d, std::uint64_t type, const char* type_name) {
+    auto present = d.read<std::uint8_t>();
+    if (present == 0) return nullptr;
+    if (present != 1) throw DecodeError("decode: bad proxy marker");
+    auto magic = d.read<std::uint32_t>();
+    auto version = d.read<std::uint32_t>();
+    if (magic != proxy_magic || version != server_protocol)
+        throw DecodeError("decode: not an encoded proxy (or one of another server protocol)");
+    LinkInfo info;
+    std::int64_t pid;
+    std::uint64_t id, ticket, sent_type;
+    d(info.address, info.authkey, info.name, pid, info.fingerprint, id, ticket, sent_type);
+    info.pid = static_cast<long>(pid);
+    if (info.fingerprint != fingerprint_of(""))
+        throw ServerError("mpservice: this proxy comes from a different build of the program than this process (build "
+                          "fingerprints differ); its server '" + info.name + "' would refuse it");
+    if (sent_type != type)
+        throw DecodeError("decode: the proxy refers to an object of another class than " + os::demangle(type_name));
+    if (info.address.empty() || info.address.size() > 100) throw DecodeError("decode: bad server address in a proxy");
+    return link_for(info)->adopt(id, ticket, type);
+}
+
+const SharedMemory& block_mapping(Ref& ref) {
+    std::lock_guard<std::mutex> lk(ref.mapping_mutex);
+    if (!ref.mapping) {
+        Encoder e;
+        e.write(ref.id);
+        std::vector<os::handle_t> hs;
+        std::string reply = ref.link->request(op_block, e.bytes(), {}, hs);
+        struct Closer {
+            std::vector<os::handle_t>& hs;
+            ~Closer() { wire::close_all(hs); }
+        } closer{hs};
+        Decoder d(reply.data(), reply.size(), &hs);
+        auto size = d.read<std::uint64_t>();
+        auto index = d.read<std::uint32_t>();
+        SharedMemory m = SharedMemory::adopt(os::duplicate_handle(d.handle(index)));
+        if (m.size() != size) throw ServerError("mpservice: the memory block's size does not match");
+        ref.mapping = std::move(m);
+    }
+    return ref.mapping;
+}
+
+bool in_server_process() noexcept { return host_running(); }
+
+RefPtr host_here(NewObject obj, std::uint64_t type) {
+    Host* host = g_host.load();
+    if (!host) {
+        obj.destroy(obj.object);
+        throw InvalidStateError("mpservice: managed<T>() works only inside a server process (in a hosted method)");
+    }
+    std::shared_ptr<Link> local;
+    {
+        Registry& reg = registry();
+        std::lock_guard<std::mutex> lk(reg.mutex);
+        local = reg.local;
+    }
+    std::uint64_t id = host->add(obj, type, *host->local);
+    return local->make_ref(id, type);
+}
+
+}  // namespace server
+}  // namespace detail
+
+// ---------------------------------------------------------------- ServerAccess, ServerProcess
+
+namespace {
+std::atomic<int>& server_counter() {
+    static std::atomic<int> n{1};
+    return n;
+}
+std::tuple<std::uint64_t, std::int64_t, std::int64_t> server_counts(const std::shared_ptr<detail::server::Link>& l) {
+    if (!l) throw InvalidStateError("mpservice: the server process was not started");
+    std::string reply = l->ordered_request(detail::server::op_count, std::string());
+    Decoder d(reply);
+    std::uint64_t n;
+    std::int64_t fds, maps;
+    d(n, fds, maps);
+    return {n, fds, maps};
+}
+}  // namespace
+
+std::size_t ServerAccess::object_count() const { return static_cast<std::size_t>(std::get<0>(server_counts(link_))); }
+
+std::pair<long, long> ServerAccess::resource_counts() const {
+    auto c = server_counts(link_);
+    return {static_cast<long>(std::get<1>(c)), static_cast<long>(std::get<2>(c))};
+}
+
+const std::string& ServerAccess::address() const {
+    static const std::string none;
+    return link_ ? link_->address : none;
+}
+
+const std::shared_ptr<detail::server::Link>& ServerAccess::link() const {
+    if (!link_) throw InvalidStateError("mpservice: the server process was not started");
+    return link_;
+}
+
+ServerProcess::ServerProcess() : ServerProcess(ServerOptions{}) {}
+ServerProcess::ServerProcess(const Context& ctx) : ServerProcess([&] {
+        ServerOptions o;
+        o.context = &ctx;
+        return o;
+    }()) {}
+ServerProcess::ServerProcess(ServerOptions options) : options_(std::move(options)) {
+    if (options_.name.empty()) options_.name = "ServerProcess-" + std::to_string(server_counter().fetch_add(1));
+    if (options_.start) start();
+}
+
+ServerProcess::~ServerProcess() { shutdown(); }
+
+void ServerProcess::start() {
+    using namespace detail::server;
+    if (process_) throw InvalidStateError("mpservice: " + options_.name + " was already started");
+    ServerBoot boot;
+    boot.listener->fd = detail::os::listener_create(boot.address);
+    unsigned char key[authkey_size];
+    detail::os::random_bytes(key, sizeof key);
+    boot.authkey.assign(reinterpret_cast<const char*>(key), sizeof key);
+    boot.name = options_.name;
+    const Context& ctx = options_.context ? *options_.context : static_cast<const Context&>(MP_SPAWN_CTX);
+    process_.emplace(ctx, &server_main, boot);
+    process_->set_name(options_.name);
+    try {
+        process_->start();
+    } catch (...) {
+        process_.reset();
+        throw;
+    }
+    // Only the server may hold the listener now: if it dies, connecting fails
+    // at once instead of waiting in the backlog of a socket nobody serves.
+    boot.close();
+    LinkInfo info;
+    info.address = boot.address;
+    info.authkey = boot.authkey;
+    info.name = options_.name;
+    info.pid = process_->pid();
+    info.fingerprint = detail::fingerprint_of("");
+    link_ = link_for(info);
+}
+
+void ServerProcess::shutdown() noexcept {
+    try {
+        if (!process_ || !process_->is_alive()) {
+            if (link_) link_->mark_gone("it was shut down");
+            return;
+        }
+        if (link_) link_->post(detail::server::op_shutdown, std::string());
+        auto wait = [&] {
+            try {
+                process_->join(options_.shutdown_timeout);
+            } catch (...) {
+            }
+            return !process_->is_alive();
+        };
+        if (!wait()) {
+            process_->terminate();
+            if (!wait()) {
+                process_->kill();
+                try {
+                    process_->join();
+                } catch (...) {
+                }
+            }
+        }
+        if (link_) link_->mark_gone("it was shut down");
+    } catch (...) {
+    }
+}
+
+bool ServerProcess::is_alive() const { return process_ && process_->is_alive(); }
+long ServerProcess::pid() const { return process_ ? process_->pid() : 0; }
+const std::string& ServerProcess::name() const { return options_.name; }
+std::optional<int> ServerProcess::exitcode() const { return process_ ? process_->exitcode() : std::nullopt; }
+
+void Codec<ServerClient>::encode(Encoder& e, const ServerClient& c) {
+    const auto& l = c.link();
+    e(l->address, l->authkey, l->server_name, static_cast<std::int64_t>(l->server_pid), l->fingerprint);
+}
+
+ServerClient Codec<ServerClient>::decode(Decoder& d) {
+    detail::server::LinkInfo info;
+    std::int64_t pid;
+    d(info.address, info.authkey, info.name, pid, info.fingerprint);
+    info.pid = static_cast<long>(pid);
+    if (info.fingerprint != detail::fingerprint_of(""))
+        throw ServerError("mpservice: this server handle comes from a different build of the program");
+    return ServerClient(detail::server::link_for(info));
+}
+
+}  // namespace mpservice

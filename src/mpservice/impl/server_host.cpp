@@ -1,0 +1,584 @@
+// server_host: the server side - the object table, sessions and tickets, one
+// thread per connection, the slot fast path, shutdown.
+
+namespace mpservice {
+namespace detail {
+namespace server {
+
+// ---------------------------------------------------------------- the boot argument
+
+/// What the parent hands the server process: its listening socket (made by the
+/// parent, so clients can connect before the server runs), address, key, name.
+struct ServerBoot {
+    struct Owned {
+        os::handle_t fd = os::invalid_handle;
+        ~Owned() { os::close_handle(fd); }
+    };
+    std::shared_ptr<Owned> listener = std::make_shared<Owned>();
+    std::string address, authkey, name;
+    /// Closes this process's copy of the listener (every copy of this boot shares it).
+    void close() {
+        os::close_handle(listener->fd);
+        listener->fd = os::invalid_handle;
+    }
+};
+
+}  // namespace server
+}  // namespace detail
+
+template <>
+struct Codec<detail::server::ServerBoot> {
+    static void encode(Encoder& e, const detail::server::ServerBoot& b) {
+        e.write(e.attach(b.listener->fd));
+        e(b.address, b.authkey, b.name);
+    }
+    static detail::server::ServerBoot decode(Decoder& d) {
+        detail::server::ServerBoot b;
+        auto index = d.read<std::uint32_t>();
+        b.listener->fd = detail::os::duplicate_handle(d.handle(index));
+        d(b.address, b.authkey, b.name);
+        return b;
+    }
+};
+
+namespace detail {
+namespace server {
+
+// ---------------------------------------------------------------- the object table
+
+struct HostedObject {
+    NewObject obj;
+    std::uint64_t id = 0;
+    std::uint64_t type = 0;
+    HostedObject() = default;
+    HostedObject(const HostedObject&) = delete;
+    HostedObject& operator=(const HostedObject&) = delete;
+    ~HostedObject() {
+        if (obj.object) obj.destroy(obj.object);
+    }
+};
+using ObjectPtr = std::shared_ptr<HostedObject>;
+
+/// The references one client process holds (count per object).
+struct Session {
+    std::unordered_map<std::uint64_t, long> refs;
+};
+using SessionPtr = std::shared_ptr<Session>;
+
+class Host {
+public:
+    std::string address, authkey, name, fingerprint;
+    os::handle_t listener = os::invalid_handle;
+    std::atomic<bool> stopping{false};
+    SessionPtr local = std::make_shared<Session>();  // proxies inside the server itself
+
+    // ---- objects and references; every function takes the lock itself.
+    // Objects whose last reference went are handed back, so the caller drops
+    // them (runs their destructors) with no lock held: a destructor may hold
+    // proxies and release them in turn.
+    std::uint64_t add(NewObject obj, std::uint64_t type, Session& s) {
+        auto h = std::make_shared<HostedObject>();
+        h->obj = obj;
+        h->type = type;
+        std::lock_guard<std::mutex> lk(mutex_);
+        h->id = next_id_++;
+        objects_[h->id] = Entry{h, 1};
+        s.refs[h->id] += 1;
+        return h->id;
+    }
+    ObjectPtr get(std::uint64_t id) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        return find(id).object;
+    }
+    void incref(Session& s, std::uint64_t id) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        find(id).refs += 1;
+        s.refs[id] += 1;
+    }
+    ObjectPtr decref(Session& s, std::uint64_t id, long n = 1) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        auto it = s.refs.find(id);
+        if (it == s.refs.end()) return nullptr;  // not this session's: ignored, as Python ignores decref errors
+        n = std::min(n, it->second);
+        if ((it->second -= n) == 0) s.refs.erase(it);
+        return drop(id, n);
+    }
+    std::uint64_t mint(std::uint64_t id) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        find(id).refs += 1;
+        std::uint64_t t = next_ticket_++;
+        tickets_[t] = id;
+        return t;
+    }
+    /// The ticket's reference becomes the session's.  A ticket already used
+    /// (the same bytes decoded twice) takes a new reference if the object lives.
+    void adopt(Session& s, std::uint64_t ticket, std::uint64_t id) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        auto t = tickets_.find(ticket);
+        if (t != tickets_.end() && t->second == id) {
+            tickets_.erase(t);
+        } else {
+            find(id).refs += 1;
+        }
+        s.refs[id] += 1;
+    }
+    ObjectPtr drop_ticket(std::uint64_t ticket) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        auto t = tickets_.find(ticket);
+        if (t == tickets_.end()) return nullptr;
+        std::uint64_t id = t->second;
+        tickets_.erase(t);
+        return drop(id, 1);
+    }
+    std::vector<ObjectPtr> end_session(Session& s) {
+        std::vector<ObjectPtr> gone;
+        std::lock_guard<std::mutex> lk(mutex_);
+        for (auto& r : s.refs)
+            if (auto o = drop(r.first, r.second)) gone.push_back(std::move(o));
+        s.refs.clear();
+        return gone;
+    }
+    std::size_t count() {
+        std::lock_guard<std::mutex> lk(mutex_);
+        return objects_.size();
+    }
+    std::vector<ObjectPtr> take_all() {
+        std::vector<ObjectPtr> all;
+        std::lock_guard<std::mutex> lk(mutex_);
+        for (auto& o : objects_) all.push_back(std::move(o.second.object));
+        objects_.clear();
+        tickets_.clear();
+        return all;
+    }
+
+    // ---- sessions
+    SessionPtr open_session(const std::string& key) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        auto& s = sessions_[key];
+        if (!s) s = std::make_shared<Session>();
+        return s;
+    }
+    SessionPtr find_session(const std::string& key) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        auto it = sessions_.find(key);
+        return it == sessions_.end() ? nullptr : it->second;
+    }
+    void close_session(const std::string& key) {
+        SessionPtr s;
+        {
+            std::lock_guard<std::mutex> lk(mutex_);
+            auto it = sessions_.find(key);
+            if (it == sessions_.end()) return;
+            s = it->second;
+            sessions_.erase(it);
+        }
+        auto gone = end_session(*s);
+        gone.clear();  // destructors run here, unlocked
+    }
+
+    // ---- connections (for shutdown)
+    void add_connection(os::handle_t fd) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        connections_.insert(fd);
+    }
+    void remove_connection(os::handle_t fd) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        connections_.erase(fd);
+    }
+    void shut_connections() {
+        std::lock_guard<std::mutex> lk(mutex_);
+        for (auto fd : connections_) os::socket_shutdown(fd);
+    }
+
+private:
+    struct Entry {
+        ObjectPtr object;
+        long refs = 0;
+    };
+    Entry& find(std::uint64_t id) {
+        auto it = objects_.find(id);
+        if (it == objects_.end())
+            throw ServerError("mpservice: server '" + name + "' has no object " + std::to_string(id) +
+                              " (it was released, or the id is not one of this server's)");
+        return it->second;
+    }
+    ObjectPtr drop(std::uint64_t id, long n) {
+        auto it = objects_.find(id);
+        if (it == objects_.end()) return nullptr;
+        if ((it->second.refs -= n) > 0) return nullptr;
+        ObjectPtr o = std::move(it->second.object);
+        objects_.erase(it);
+        return o;
+    }
+    std::mutex mutex_;
+    std::unordered_map<std::uint64_t, Entry> objects_;
+    std::unordered_map<std::uint64_t, std::uint64_t> tickets_;
+    std::map<std::string, SessionPtr> sessions_;
+    std::set<os::handle_t> connections_;
+    std::uint64_t next_id_ = 1, next_ticket_ = 1;
+};
+
+/// The server of this process, if it is one.
+std::atomic<Host*> g_host{nullptr};
+
+bool host_running() noexcept { return g_host.load() != nullptr; }
+
+// ---------------------------------------------------------------- requests
+
+/// A request's outcome: reply kind, bytes, handles to send (closed after).
+struct Outcome {
+    std::uint32_t kind = reply_ok;
+    std::string bytes;
+    std::vector<os::handle_t> handles;       // sent, not owned
+    std::vector<SharedMemory> keep;          // keeps sent handles open until sent
+    bool close_after = false;                // the stream is not trustworthy any more
+    bool shutdown_after = false;
+};
+
+/// Resolves invokers sent as code references, once per connection.
+class CodeCache {
+public:
+    const void* resolve(const InvokerRef& r) {
+        auto key = std::make_tuple(r.code.module, r.code.offset, r.identity);
+        auto it = cache_.find(key);
+        if (it != cache_.end()) return it->second;
+        const void* fn = os::code_ref_resolve(r.code);
+        if (!fn || r.identity == 0 || invoker_identity(fn) != r.identity)
+            throw ServerError(
+                "mpservice: the server does not know this constructor or method (not one of this build's "
+                "invokers: a different build, or a corrupt request)");
+        if (cache_.size() > 4096) cache_.clear();  // garbage should not grow it forever
+        cache_[key] = fn;
+        return fn;
+    }
+
+private:
+    std::map<std::tuple<std::uint64_t, std::uint64_t, std::uint64_t>, const void*> cache_;
+};
+
+/// The current thread serves a request: proxies made while encoding its
+/// result are minted by the host directly.
+void run_request(Host& host, Session& session, CodeCache& codes, std::uint32_t op, const std::string& payload,
+                 const std::vector<os::handle_t>& handles, Outcome& out) {
+    Decoder d(payload.data(), payload.size(), &handles);
+    Encoder e;
+    switch (op) {
+        case op_create: {
+            InvokerRef c = read_invoker(d);
+            auto type = d.read<std::uint64_t>();
+            auto fn = reinterpret_cast<CreateFn>(reinterpret_cast<std::uintptr_t>(codes.resolve(c)));
+            NewObject obj = fn(d);
+            e.write(host.add(obj, type, session));
+            break;
+        }
+        case op_call: {
+            auto id = d.read<std::uint64_t>();
+            InvokerRef c = read_invoker(d);
+            auto fn = reinterpret_cast<MethodFn>(reinterpret_cast<std::uintptr_t>(codes.resolve(c)));
+            ObjectPtr o = host.get(id);  // keeps it alive through the call
+            fn(o->obj.type, o->obj.object, d, e);
+            break;
+        }
+        case op_mint: e.write(host.mint(d.read<std::uint64_t>())); break;
+        case op_adopt: {
+            auto ticket = d.read<std::uint64_t>();
+            host.adopt(session, ticket, d.read<std::uint64_t>());
+            break;
+        }
+        case op_incref: host.incref(session, d.read<std::uint64_t>()); break;
+        case op_block: {
+            ObjectPtr o = host.get(d.read<std::uint64_t>());
+            if (o->obj.type != &TypeTag<MemoryBlock>::tag) throw_wrong_type(typeid(MemoryBlock).name());
+            const auto& mem = static_cast<MemoryBlock*>(o->obj.object)->memory();
+            e.write(static_cast<std::uint64_t>(mem.size()));
+            e.write(e.attach(mem.handle()));
+            out.keep.push_back(mem);
+            break;
+        }
+        case op_count:
+            e(static_cast<std::uint64_t>(host.count()), static_cast<std::int64_t>(os::open_handle_count()),
+              static_cast<std::int64_t>(os::mapping_count()));
+            break;
+        case op_shutdown: out.shutdown_after = true; break;
+        default: throw ServerError("mpservice: unknown request " + std::to_string(op) + " (a corrupt message?)");
+    }
+    out.bytes = std::move(e.bytes());
+    out.handles = e.handles();
+}
+
+/// Runs a request; any exception becomes an error reply.
+void serve_one(Host& host, Session& session, CodeCache& codes, std::uint32_t op, const std::string& payload,
+               const std::vector<os::handle_t>& handles, Outcome& out) {
+    try {
+        run_request(host, session, codes, op, payload, handles, out);
+    } catch (...) {
+        out = Outcome();
+        out.kind = reply_error;
+        Encoder e;
+        try {
+            encode_exception(e, std::current_exception());
+        } catch (...) {
+            e = Encoder();
+            encode_exception(e, std::make_exception_ptr(ServerError("mpservice: the server's exception could not be encoded")));
+        }
+        out.bytes = std::move(e.bytes());
+    }
+}
+
+// ---------------------------------------------------------------- one connection
+
+class Connection {
+public:
+    Connection(Host& host, os::handle_t fd) : host_(host), fd_(fd) {}
+
+    void run() {
+        try {
+            if (hello()) loop();
+        } catch (...) {
+            // A broken connection ends; the others go on.
+        }
+        if (main_) host_.close_session(session_key_);
+        host_.remove_connection(fd_);
+        os::close_handle(fd_);
+    }
+
+private:
+    bool refuse(const std::string& why) {
+        Encoder e;
+        encode_exception(e, std::make_exception_ptr(ServerError(why)));
+        send_frame(fd_, reply_error, e.bytes());
+        return false;
+    }
+
+    bool hello() {
+        if (os::peer_user(fd_) != os::current_user()) return false;  // another user: not a word
+        wire::Frame f;
+        if (reader_.read(fd_, f, 4096) != BoundedReader::got || f.kind != op_hello)
+            return refuse("mpservice: the server expected a HELLO first");
+        wire::close_all(f.handles);
+        try {
+            Decoder d(f.payload);
+            auto version = d.read<std::uint32_t>();
+            auto key = d.read<std::string>();
+            auto session = d.read<std::string>();
+            auto pid = d.read<std::int64_t>();
+            auto fingerprint = d.read<std::string>();
+            main_ = d.read<bool>();
+            (void)pid;
+            if (version != server_protocol)
+                return refuse("mpservice: the client speaks server protocol " + std::to_string(version) +
+                              ", this server " + std::to_string(server_protocol));
+            if (key != host_.authkey) return refuse("mpservice: authentication with the server failed");
+            if (fingerprint != host_.fingerprint)
+                return refuse("mpservice: server '" + host_.name +
+                              "' runs a different build of the program than this client (build fingerprints differ)");
+            session_key_ = session;
+            session_ = main_ ? host_.open_session(session) : host_.find_session(session);
+            if (!session_) return refuse("mpservice: the client's session with the server has ended");
+        } catch (const DecodeError& e) {
+            return refuse(std::string("mpservice: malformed HELLO: ") + e.what());
+        }
+        return send_frame(fd_, reply_ok, std::string());
+    }
+
+    void loop() {
+        wire::Frame f;
+        for (;;) {
+            BoundedReader::Status status;
+            if (!slot_) {
+                status = reader_.read(fd_, f, max_request);
+            } else {
+                serve_slot();
+                // Nothing in the slot for a while: look at the socket, then sleep
+                // on the doorbell.  The bell is read first, so a request made
+                // after that rings a value we do not wait on.
+                SlotHeader* h = slot_header(slot_.data());
+                std::uint32_t bell = h->doorbell.load(std::memory_order_seq_cst);
+                status = reader_.read(fd_, f, max_request, true);
+                if (status == BoundedReader::nothing) {
+                    if (host_.stopping.load()) return;
+                    h->server_sleeping.store(1, std::memory_order_seq_cst);
+                    if (h->request_seq.load(std::memory_order_seq_cst) == last_seq_)
+                        os::futex_wait(&h->doorbell, bell, os::Clock::now() + server_check);
+                    h->server_sleeping.store(0, std::memory_order_relaxed);
+                    continue;
+                }
+            }
+            if (status == BoundedReader::eof) return;
+            if (status == BoundedReader::too_big) {
+                refuse("mpservice: the server refused a request larger than 1 GiB (a corrupt message?)");
+                return;
+            }
+            if (!on_frame(f)) return;
+        }
+    }
+
+    /// A frame from the socket; false ends the connection.
+    bool on_frame(wire::Frame& f) {
+        struct Closer {
+            std::vector<os::handle_t>& hs;
+            ~Closer() { wire::close_all(hs); }
+        } closer{f.handles};
+        switch (f.kind) {
+            case op_wake: return true;
+            case op_decref: {
+                Decoder d(f.payload);
+                while (!d.at_end()) {
+                    auto id = d.read<std::uint64_t>();
+                    auto n = d.read<std::int64_t>();
+                    ObjectPtr gone = host_.decref(*session_, id, static_cast<long>(n));
+                }
+                return true;
+            }
+            case op_drop_ticket: {
+                Decoder d(f.payload);
+                ObjectPtr gone = host_.drop_ticket(d.read<std::uint64_t>());
+                return true;
+            }
+            case op_slot: {
+                Outcome out;
+                try {
+                    if (f.handles.size() != 1) throw ServerError("mpservice: SLOT without its memory");
+                    SharedMemory m = SharedMemory::adopt(os::duplicate_handle(f.handles[0]));
+                    if (m.size() != slot_bytes) throw ServerError("mpservice: SLOT of the wrong size");
+                    slot_ = m;
+                    last_seq_ = slot_header(slot_.data())->request_seq.load(std::memory_order_acquire);
+                } catch (...) {
+                    out.kind = reply_error;
+                    Encoder e;
+                    encode_exception(e, std::current_exception());
+                    out.bytes = e.bytes();
+                }
+                return send_frame(fd_, out.kind, out.bytes);
+            }
+            default: break;
+        }
+        if (f.kind < op_hello || f.kind >= op_last || f.kind == op_hello) {
+            refuse("mpservice: the server received garbage (unknown frame " + std::to_string(f.kind) + ")");
+            return false;
+        }
+        Outcome out;
+        serve_one(host_, *session_, codes_, f.kind, f.payload, f.handles, out);
+        if (!send_frame(fd_, out.kind, out.bytes, out.handles)) return false;
+        if (out.shutdown_after) request_shutdown();
+        return true;
+    }
+
+    /// Serves requests arriving in the slot while they keep coming; false once
+    /// none came for the spin budget.
+    bool serve_slot() {
+        SlotHeader* h = slot_header(slot_.data());
+        bool any = false;
+        while (spin_until([&] { return h->request_seq.load(std::memory_order_acquire) != last_seq_; }, spin_ns_)) {
+            if (host_.stopping.load()) return false;
+            any = true;
+            std::uint32_t seq = h->request_seq.load(std::memory_order_acquire);
+            last_seq_ = seq;
+            std::uint32_t size = h->request_size;
+            std::uint32_t op = h->request_op;
+            Outcome out;
+            if (size > slot_capacity || op == op_hello || op == op_slot || op == op_decref || op == op_drop_ticket) {
+                out.kind = reply_error;
+                Encoder e;
+                encode_exception(e, std::make_exception_ptr(ServerError("mpservice: the server received a garbled slot request")));
+                out.bytes = e.bytes();
+            } else {
+                std::string payload(slot_data(slot_.data()), size);
+                serve_one(host_, *session_, codes_, op, payload, {}, out);
+            }
+            if (out.handles.empty() && out.bytes.size() <= slot_capacity) {
+                std::memcpy(slot_data(slot_.data()), out.bytes.data(), out.bytes.size());
+                h->reply_size = static_cast<std::uint32_t>(out.bytes.size());
+                h->reply_kind = out.kind;
+            } else {
+                h->reply_kind = 0;  // on the socket, which is written first
+                if (!send_frame(fd_, out.kind, out.bytes, out.handles)) return false;
+            }
+            h->reply_seq.store(seq, std::memory_order_seq_cst);
+            if (h->client_sleeping.load(std::memory_order_seq_cst)) os::futex_wake(&h->reply_seq, 1);
+            if (out.shutdown_after) {
+                request_shutdown();
+                return false;
+            }
+        }
+        (void)any;
+        return false;
+    }
+
+    void request_shutdown() {
+        host_.stopping.store(true);
+        os::listener_shutdown(host_.listener);
+    }
+
+    Host& host_;
+    os::handle_t fd_;
+    BoundedReader reader_;
+    CodeCache codes_;
+    bool main_ = false;
+    std::string session_key_;
+    SessionPtr session_;
+    SharedMemory slot_;
+    std::uint32_t last_seq_ = 0;
+    std::atomic<std::uint32_t> spin_ns_{0};  // how long to wait, awake, for the next request
+};
+
+// ---------------------------------------------------------------- the server's main loop
+
+void install_local_link(Host& host);  // server_client.cpp
+
+/// The target of the server process.
+void server_main(ServerBoot boot) {
+    auto* host = new Host;  // never destroyed: connection threads may outlive this function's return
+    host->address = boot.address;
+    host->authkey = boot.authkey;
+    host->name = boot.name;
+    host->fingerprint = fingerprint_of("");
+    host->listener = boot.listener->fd;
+    install_local_link(*host);
+    g_host.store(host);
+
+    struct Worker {
+        std::thread thread;
+        std::shared_ptr<std::atomic<bool>> done;
+    };
+    std::vector<Worker> workers;
+    for (;;) {
+        os::handle_t fd = os::listener_accept(host->listener);
+        if (fd == os::invalid_handle || host->stopping.load()) {
+            os::close_handle(fd);
+            break;
+        }
+        // Reap the threads of connections that ended.
+        workers.erase(std::remove_if(workers.begin(), workers.end(),
+                                     [](Worker& w) {
+                                         if (!w.done->load()) return false;
+                                         w.thread.join();
+                                         return true;
+                                     }),
+                      workers.end());
+        host->add_connection(fd);
+        auto done = std::make_shared<std::atomic<bool>>(false);
+        try {
+            workers.push_back(Worker{std::thread([host, fd, done] {
+                                         Connection(*host, fd).run();
+                                         done->store(true);
+                                     }),
+                                     done});
+        } catch (...) {
+            host->remove_connection(fd);
+            os::close_handle(fd);
+        }
+    }
+    // Shutting down: end every connection, wait for their threads, then destroy
+    // what is left (its destructors run; memory blocks go with the process).
+    host->stopping.store(true);
+    host->shut_connections();
+    for (auto& w : workers) w.thread.join();
+    auto rest = host->take_all();
+    rest.clear();
+    host->local->refs.clear();
+}
+
+}  // namespace server
+}  // namespace detail
+}  // namespace mpservice
