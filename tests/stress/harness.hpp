@@ -145,6 +145,36 @@ bool await(Pred pred, milliseconds limit = guard) {
     return true;
 }
 
+/// Runs `f` when the scope ends: rows declare one after their Processes to
+/// kill them on an early return (a Process's destructor waits for its child,
+/// and a stopped or blocked child would keep the round from ending).
+template <class F>
+class OnExit {
+public:
+    explicit OnExit(F f) : f_(std::move(f)) {}
+    ~OnExit() { f_(); }
+    OnExit(const OnExit&) = delete;
+    OnExit& operator=(const OnExit&) = delete;
+
+private:
+    F f_;
+};
+/// Kills the processes (SIGCONT first, for stopped ones) - a no-op for ended ones.
+void signal_process(long pid, int sig);
+template <class P>
+void kill_one(P& p) {
+    if (p.is_alive()) {
+        signal_process(p.pid(), SIGCONT);
+        p.kill();
+    }
+}
+template <class... P>
+void kill_all(P&... ps) {
+    (kill_one(ps), ...);
+}
+#define STRESS_KILL_ON_EXIT(...) \
+    ::stress::OnExit STRESS_CONCAT(stress_on_exit_, __LINE__)([&] { ::stress::kill_all(__VA_ARGS__); })
+
 /// Checks how a Process's future resolved against the way it was made to end
 /// (return: `expected`; throw: Remote<runtime_error>; exit(42); -6; -11; -9).
 /// Returns false (after recording why) if it did not resolve within the guard.

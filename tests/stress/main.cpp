@@ -379,6 +379,10 @@ struct Tally {
     }
 };
 
+std::string defect_label(const Known& k) {
+    return k.defect ? "issue 8 #" + std::to_string(k.defect) : std::string("new");
+}
+
 const Known* known_for(const Row& row) {
     const std::string name = row.name();
     for (auto& k : known_defects())
@@ -432,7 +436,7 @@ int driver_main(const Options& opt) {
         for (int i : selected) {
             const Row& row = all[static_cast<std::size_t>(i)];
             const Known* k = known_for(row);
-            std::cout << row.name() << (k ? "   [known: issue 8 #" + std::to_string(k->defect) + "]" : "") << "\n";
+            std::cout << row.name() << (k ? "   [known: " + defect_label(*k) + "]" : "") << "\n";
         }
         return 0;
     }
@@ -476,13 +480,13 @@ int driver_main(const Options& opt) {
             mark = "skipped";
             ++skipped_rows;
         } else if (t.failed()) {
-            mark = k ? "FAIL, known #" + std::to_string(k->defect) : "FAIL";
+            mark = k ? "FAIL, known " + defect_label(*k) : "FAIL";
             if (k)
                 ++known_failing;
             else
                 ++unexpected;
         } else if (k) {
-            mark = "passes: remove #" + std::to_string(k->defect);
+            mark = "passes (known " + defect_label(*k) + ")";
             ++known_passing;
         }
         std::string ending = ending_name(row.ending);
@@ -504,8 +508,10 @@ int driver_main(const Options& opt) {
         std::printf("\nfirst failure of each failing row:\n");
         for (auto& n : notes) std::printf("  %s\n", n.c_str());
     }
-    std::printf("\nexpected to fail until these issue-8 fixes land (harness.cpp known_defects()):\n");
-    for (auto& k : known_defects()) std::printf("  #%-2d %-40s %s\n", k.defect, k.row_prefix, k.what);
+    std::printf("\nexpected to fail until these fixes land (harness.cpp known_defects(); \"new\" = found here, "
+                "not in issue 8):\n");
+    for (auto& k : known_defects())
+        std::printf("  %-9s %-36s %s\n", defect_label(k).c_str(), k.row_prefix, k.what);
     std::printf("\n%d rows: %d unexpected failures, %d known failures, %d known rows passing, %d skipped\n",
                 static_cast<int>(selected.size()), unexpected, known_failing, known_passing, skipped_rows);
     if (unexpected) return 1;

@@ -136,7 +136,7 @@ void blocking_tour(Round& r, bool storm_child) {
 ROW("env: SIGCHLD ignored", Ending::none, [](Round& r) {
     ::signal(SIGCHLD, SIG_IGN);
     process_endings_tour(r, r.context());
-}, Setup::none, 15);
+}, Setup::none, 10);
 
 std::atomic<long> g_reaped{0};
 extern "C" void reap_everything(int) {
@@ -153,7 +153,7 @@ ROW("env: SIGCHLD reaper (waitpid(-1))", Ending::none, [](Round& r) {
     sigemptyset(&sa.sa_mask);
     ::sigaction(SIGCHLD, &sa, nullptr);
     process_endings_tour(r, r.context());
-}, Setup::none, 15);
+}, Setup::none, 10);
 
 ROW("env: a signal every 1 ms, no SA_RESTART", Ending::none, [](Round& r) {
     SignalStorm storm(::pthread_self());

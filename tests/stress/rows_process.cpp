@@ -37,6 +37,7 @@ void process_row(Round& r) {
     mp::Event release;
     mp::Process p(r.context(), process_child, static_cast<int>(e), progress, release);
     p.start();
+    STRESS_KILL_ON_EXIT(p);
     if (e == Ending::parent_killed) {
         if (!await([&] { return progress.get() > 0; })) return r.hang("the child never started");
         // The child is in (or about to enter) Event::wait; give it a moment to block.
@@ -119,7 +120,7 @@ ROW("Process with 300 handles in its arguments", Ending::ret, [](Round& r) {
     }
     for (auto& e : events)
         if (!e.is_set()) return r.wrong("an Event the child set is not set in the parent");
-});
+}, Setup::none, 10);
 
 // ---------------------------------------------------------------- issue 8 #12: fork while another thread symbolizes
 

@@ -123,12 +123,14 @@ void holder_row(Round& r) {
         mp::Process b(r.context(), holder_child<O>, obj, st, static_cast<int>(e));
         a.start();
         b.start();
+        STRESS_KILL_ON_EXIT(a, b);
         if (!await([&] { return st[progress] >= 2; })) return r.hang("the children never started");
         r.random_pause(2000);
         r.ready_to_be_killed();
     }
     mp::Process p(r.context(), holder_child<O>, obj, st, static_cast<int>(e));
     p.start();
+    STRESS_KILL_ON_EXIT(p);
     if (e == Ending::sigstop) {
         if (!await([&] { return st[holding] == 1; })) return r.hang("the child never took the lock");
         signal_process(p.pid(), SIGSTOP);
@@ -198,8 +200,7 @@ struct LockWait {
     static void free_one(T& t) { t.release(); }
     static void free_again(T&) {}  // the first waiter passes the lock on
     static void wait(T& t, Status&) {
-        t.acquire();
-        t.release();
+        if (t.acquire(2 * guard)) t.release();
     }
 };
 struct RLockWait : LockWait {
@@ -209,7 +210,7 @@ struct RLockWait : LockWait {
     static void free_one(T& t) { t.release(); }
     static void free_again(T&) {}
     static void wait(T& t, Status&) {
-        t.acquire();
+        if (!t.acquire(2 * guard)) return;
         t.acquire();
         t.release();
         t.release();
@@ -221,7 +222,7 @@ struct SemaphoreWait {
     static void block_others(T&) {}
     static void free_one(T& t) { t.release(); }
     static void free_again(T& t) { t.release(); }
-    static void wait(T& t, Status&) { t.acquire(); }
+    static void wait(T& t, Status&) { t.acquire(2 * guard); }
 };
 struct BoundedSemaphoreWait {
     using T = mp::BoundedSemaphore;
@@ -234,7 +235,7 @@ struct BoundedSemaphoreWait {
     static void block_others(T&) {}
     static void free_one(T& t) { t.release(); }
     static void free_again(T& t) { t.release(); }
-    static void wait(T& t, Status&) { t.acquire(); }
+    static void wait(T& t, Status&) { t.acquire(2 * guard); }
 };
 struct EventWait {
     using T = mp::Event;
@@ -242,7 +243,7 @@ struct EventWait {
     static void block_others(T&) {}
     static void free_one(T& t) { t.set(); }
     static void free_again(T&) {}
-    static void wait(T& t, Status&) { t.wait(); }
+    static void wait(T& t, Status&) { t.wait(2 * guard); }
 };
 struct ConditionWait {
     using T = mp::Condition;
@@ -256,7 +257,7 @@ struct ConditionWait {
     static void free_again(T& t) { free_one(t); }
     static void wait(T& t, Status& st) {
         t.acquire();
-        t.wait_for([&] { return st[flag] == 1; });
+        t.wait_for([&] { return st[flag] == 1; }, 2 * guard);
         t.release();
     }
 };
@@ -279,6 +280,7 @@ void waiter_row(Round& r) {
     mp::Process b(r.context(), waiter_child<W>, obj, st, static_cast<int>(slot_b));
     a.start();
     b.start();
+    STRESS_KILL_ON_EXIT(a, b);
     if (!await([&] { return st[slot_a] >= 1 && st[slot_b] >= 1; })) return r.hang("the waiters never started");
     r.random_pause(3000);  // both are (or are about to be) asleep in the wait
     if (e == Ending::parent_killed) r.ready_to_be_killed();
@@ -332,10 +334,11 @@ void notifier_row(Round& r) {
     const Ending e = r.ending();
     mp::Condition c;
     Status st(slots, 0L);
-    std::atomic<int> waiter_saw{0};  // 1 woke with the predicate, 2 owner died, 3 timed out
-    c.acquire();
+    std::atomic<int> waiter_saw{0};  // 1 woke with the predicate, 2 owner died, 3 timed out, 4 other
     std::thread waiter([&] {
         try {
+            c.acquire();
+            st[slot_a] = 1;  // under the lock: once the child has the lock, this thread is inside wait_for
             bool ok = c.wait_for([&] { return st[flag] == 1; }, guard);
             waiter_saw = ok ? 1 : 3;
         } catch (const mp::OwnerDiedError&) {
@@ -346,12 +349,16 @@ void notifier_row(Round& r) {
         }
         c.release();
     });
-    // The waiter holds the lock until it sleeps in wait_for: the child's
-    // acquire below then waits for it.
+    if (!await([&] { return st[slot_a] == 1; })) {
+        waiter.join();
+        return r.hang("the waiter never waited");
+    }
     mp::Process p(r.context(), notifier_child, c, st, static_cast<int>(e));
     p.start();
+    STRESS_KILL_ON_EXIT(p);
     if (e == Ending::sigkill) {
         if (!await([&] { return st[holding] == 1; })) {
+            p.kill();
             waiter.join();
             return r.hang("the notifier never took the lock");
         }
@@ -397,6 +404,7 @@ void semaphore_holder_row(Round& r) {
     Status st(slots, 0L);
     mp::Process p(r.context(), semaphore_holder, s, st, static_cast<int>(e));
     p.start();
+    STRESS_KILL_ON_EXIT(p);
     if (e == Ending::sigkill) {
         if (!await([&] { return st[progress] > 0; })) return r.hang("the child never started its loop");
         r.random_pause(5000);
@@ -437,6 +445,7 @@ ROW("Barrier waiter", Ending::sigkill, [](Round& r) {
     Status st(slots, 0L);
     mp::Process a(r.context(), barrier_party, b, st, static_cast<int>(slot_a));
     a.start();
+    STRESS_KILL_ON_EXIT(a);
     if (!await([&] { return st[slot_a] == 1 && b.n_waiting() == 1; })) return r.hang("the party never arrived");
     r.random_pause(2000);
     a.kill();
@@ -482,6 +491,7 @@ ROW("Barrier waiter", Ending::parent_killed, [](Round& r) {
     mp::Process c(r.context(), barrier_party, b, st, static_cast<int>(slot_b));
     a.start();
     c.start();
+    STRESS_KILL_ON_EXIT(a, c);
     if (!await([&] { return b.n_waiting() == 2; })) return r.hang("the parties never arrived");
     r.ready_to_be_killed();
 });
@@ -503,6 +513,7 @@ ROW("Condition notify(1) of 3 waiters", Ending::none, [](Round& r) {
     ps.reserve(3);
     for (std::size_t s : {slot_a, slot_b, slot_c}) ps.emplace_back(r.context(), counted_waiter, c, st, static_cast<int>(s));
     for (auto& p : ps) p.start();
+    STRESS_KILL_ON_EXIT(ps[0], ps[1], ps[2]);
     if (!await([&] { return st[slot_a] == 1 && st[slot_b] == 1 && st[slot_c] == 1; }))
         return r.hang("the waiters never started");
     c.acquire();  // all three set their slot under the lock: they are inside wait() now
