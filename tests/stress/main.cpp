@@ -495,7 +495,11 @@ int driver_main(const Options& opt) {
         std::printf("| %s | %s | %d | %d | %d | %d | %ld (%ld) | %ld | %ld | %ld | %ld | %ld | %ld | %ld | %s |\n",
                     row.object.c_str(), ending.c_str(), t.rounds, t.right, t.wrong, t.hang, t.lost, t.lost_bound,
                     t.dup, t.reordered, t.fds, t.maps, t.zombies, t.procs, t.dev_shm + t.sysv, mark.c_str());
-        if (!t.note.empty() && (t.failed() || mark == "skipped")) notes.push_back(row.name() + ": " + t.note);
+        if (!t.note.empty() && (t.failed() || mark == "skipped"))
+            notes.push_back((mark == "skipped" ? std::string("[skipped] ")
+                             : k            ? "[known " + defect_label(*k) + "] "
+                                            : std::string("[UNEXPECTED] ")) +
+                            row.name() + ": " + t.note);
     }
     std::printf("\nleak columns: descriptors / memfd mappings the parent had more after the round than before, "
                 "zombie children, processes left alive, new /dev/shm entries + SysV segments (%s)\n",
@@ -504,14 +508,14 @@ int driver_main(const Options& opt) {
                 "/dev/shm entries %ld -> %ld; SysV segments %ld -> %ld; %.1f s\n",
                 sys_before.shmem_kb, sys_after.shmem_kb, sys_before.dev_shm, sys_after.dev_shm, sys_before.sysv,
                 sys_after.sysv, secs);
-    if (!notes.empty()) {
-        std::printf("\nfirst failure of each failing row:\n");
-        for (auto& n : notes) std::printf("  %s\n", n.c_str());
-    }
     std::printf("\nexpected to fail until these fixes land (harness.cpp known_defects(); \"new\" = found here, "
                 "not in issue 8):\n");
     for (auto& k : known_defects())
         std::printf("  %-9s %-36s %s\n", defect_label(k).c_str(), k.row_prefix, k.what);
+    if (!notes.empty()) {
+        std::printf("\nfirst failure of each failing row:\n");
+        for (auto& n : notes) std::printf("  %s\n", n.c_str());
+    }
     std::printf("\n%d rows: %d unexpected failures, %d known failures, %d known rows passing, %d skipped\n",
                 static_cast<int>(selected.size()), unexpected, known_failing, known_passing, skipped_rows);
     if (unexpected) return 1;

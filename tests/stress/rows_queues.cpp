@@ -131,19 +131,24 @@ int consumer_child(Q q, Status log, int size_index) {
     }
 }
 
-/// Counts what arrived against 0..expected-1 (in order): lost, duplicated,
-/// reordered, torn.  `last_maybe`: the item after `expected` may arrive too
-/// (it was inside the put that was killed).
-void account(Round& r, const std::vector<long>& got, long expected, bool last_maybe) {
+/// Counts what arrived against 0..expected-1: lost, duplicated, torn, and
+/// reordered within each consumer's own stream (`streams`: what each
+/// consumer took, in the order it took it).  `last_maybe`: the item after
+/// `expected` may arrive too (it was inside the put that was killed).
+void account(Round& r, const std::vector<std::vector<long>>& streams, long expected, bool last_maybe) {
     std::map<long, int> seen;
     long reorders = 0, torn = 0;
-    for (std::size_t i = 0; i < got.size(); ++i) {
-        if (got[i] < 0) {
-            ++torn;
-            continue;
+    for (auto& got : streams) {
+        long prev = -1;
+        for (long seq : got) {
+            if (seq < 0) {
+                ++torn;
+                continue;
+            }
+            seen[seq]++;
+            if (seq < prev) ++reorders;
+            prev = seq;
         }
-        seen[got[i]]++;
-        if (i > 0 && got[i - 1] >= 0 && got[i] < got[i - 1]) ++reorders;
     }
     long dups = 0, lost = 0, extra = 0;
     for (auto& kv : seen) {
@@ -221,7 +226,7 @@ void producer_row(Round& r) {
         check_ending(r, p, Ending::sigkill, 0, "the producer");
         producer_dead = true;
         consumer.join();
-        account(r, got, st[acked], true);
+        account(r, {got}, st[acked], true);
         return;
     }
     if (e == Ending::sigstop) {
@@ -261,7 +266,7 @@ void producer_row(Round& r) {
     auto rest = drain(q, z, guard, z.count - static_cast<long>(got.size()));
     got.insert(got.end(), rest.begin(), rest.end());
     check_ending(r, p, e == Ending::sigstop ? Ending::ret : e, 0, "the producer");
-    account(r, got, z.count, false);
+    account(r, {got}, z.count, false);
 }
 
 // ---------------------------------------------------------------- consumer rows
@@ -337,8 +342,7 @@ void consumer_row(Round& r) {
     std::vector<long> got;
     const long taken = std::min<long>(log[0], total);
     for (long i = 0; i < taken; ++i) got.push_back(log[static_cast<std::size_t>(1 + i)]);
-    got.insert(got.end(), drained.begin(), drained.end());
-    account(r, got, total, false);
+    account(r, {got, drained}, total, false);
     if (r.lost_count() > r.lost_bound())
         r.wrong(std::to_string(r.lost_count()) + " items lost, more than the one the killed consumer held");
 }

@@ -374,12 +374,12 @@ void notifier_row(Round& r) {
     c.release();
 }
 
-ROW("Condition notifier", Ending::ret, notifier_row);
-ROW("Condition notifier", Ending::thrw, notifier_row);
-ROW("Condition notifier", Ending::exit_n, notifier_row);
-ROW("Condition notifier", Ending::abrt, notifier_row);
-ROW("Condition notifier", Ending::segv, notifier_row);
-ROW("Condition notifier", Ending::sigkill, notifier_row);
+ROW("Condition notifier", Ending::ret, notifier_row, Setup::none, 10);
+ROW("Condition notifier", Ending::thrw, notifier_row, Setup::none, 10);
+ROW("Condition notifier", Ending::exit_n, notifier_row, Setup::none, 10);
+ROW("Condition notifier", Ending::abrt, notifier_row, Setup::none, 10);
+ROW("Condition notifier", Ending::segv, notifier_row, Setup::none, 10);
+ROW("Condition notifier", Ending::sigkill, notifier_row, Setup::none, 10);
 
 // ---------------------------------------------------------------- Semaphore: holders that end with a token
 
