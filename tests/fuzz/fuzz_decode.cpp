@@ -63,6 +63,15 @@ struct Tree {
     }
 };
 
+// A trivially copyable struct with a bool: decoding must never produce a
+// bool that is neither true nor false (issue 8 #11).  The fuzzer reads the
+// field after a successful decode so that UBSan sees such a value.  Off until
+// the fix of #11 lands on main (it fails today); then make it unconditional.
+struct Flags {
+    std::int32_t n;
+    bool on;
+};
+
 struct Empty {
     template <class Archive>
     void serialize(Archive&) {}
@@ -151,6 +160,11 @@ template <class T>
 void fuzz_one(std::string_view bytes, bool canonical) {
     try {
         T value = mp::decode<T>(bytes);
+        if constexpr (std::is_same_v<T, std::vector<Flags>>) {
+            int on = 0;
+            for (const Flags& f : value) on += f.on ? 1 : 0;  // UBSan: a bool must be 0 or 1
+            if (on < 0) std::abort();
+        }
         if (canonical && mp::encode(value) != bytes) {
             std::fprintf(stderr, "fuzz_decode: decoded value re-encodes to different bytes\n");
             std::abort();
@@ -280,11 +294,18 @@ void for_kind(unsigned kind, Visit&& visit) {
         case 34: return visit(handles_of(handle_table().queue), false);
         case 35: return visit(handles_of(handle_table().joinable), false);
         case 36: return visit(handles_of(handle_table().simple), false);
+#ifdef MPSERVICE_FUZZ_BOOL_FIELDS
+        case 37: return visit(std::vector<Flags>{{1, true}, {2, false}}, false);
+#endif
         default:
             return;
     }
 }
+#ifdef MPSERVICE_FUZZ_BOOL_FIELDS
+constexpr unsigned kind_count = 38;
+#else
 constexpr unsigned kind_count = 37;
+#endif
 
 }  // namespace
 
