@@ -61,6 +61,21 @@ enum class Ending : int {
 };
 const char* ending_name(Ending e);
 
+/// How a segfaulting child ends: by SIGSEGV - or, under AddressSanitizer,
+/// which catches the fault, reports it and exits 1.
+#if defined(__SANITIZE_ADDRESS__)
+#define STRESS_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define STRESS_ASAN 1
+#endif
+#endif
+#ifdef STRESS_ASAN
+constexpr int segv_exitcode = 1;
+#else
+constexpr int segv_exitcode = -SIGSEGV;
+#endif
+
 /// Exit code a child uses for Ending::exit_n.
 constexpr int exit_code = 42;
 /// What a child throws for Ending::thrw.
@@ -241,7 +256,7 @@ bool check_ending(Round& r, mp::Process<R>& p, Ending e, const R& expected, cons
     } catch (const mp::ProcessError& err) {
         int want = e == Ending::exit_n ? exit_code
                    : e == Ending::abrt ? -SIGABRT
-                   : e == Ending::segv ? -SIGSEGV
+                   : e == Ending::segv ? segv_exitcode
                    : e == Ending::sigkill ? -SIGKILL
                                           : 9999;
         if (err.exitcode() != want)
