@@ -146,6 +146,24 @@ std::vector<long> living_descendants() {
     return out;
 }
 
+/// "pid 123 (state S, ppid 1, threads 2: /path/prog --mpservice-child=...)" for a note.
+std::string describe_process(long pid) {
+    std::string base = "/proc/" + std::to_string(pid);
+    std::ifstream stat_in(base + "/stat"), cmd_in(base + "/cmdline"), status_in(base + "/status");
+    std::string stat, cmd, line, threads = "?";
+    std::getline(stat_in, stat);
+    std::getline(cmd_in, cmd, '\0');
+    std::string arg1;
+    std::getline(cmd_in, arg1, '\0');
+    while (std::getline(status_in, line))
+        if (line.rfind("Threads:", 0) == 0) threads = line.substr(9);
+    auto close = stat.rfind(')');
+    std::string state = close != std::string::npos && close + 2 < stat.size() ? stat.substr(close + 2, 1) : "?";
+    long ppid = close != std::string::npos && close + 4 < stat.size() ? std::atol(stat.c_str() + close + 4) : -1;
+    return "[pid " + std::to_string(pid) + ", state " + state + ", ppid " + std::to_string(ppid) + ", threads " +
+           threads + ": " + cmd.substr(cmd.rfind('/') == std::string::npos ? 0 : cmd.rfind('/') + 1) + " " + arg1 + "]";
+}
+
 void reap_all() {
     while (::waitpid(-1, nullptr, WNOHANG) > 0) {
     }
@@ -283,13 +301,17 @@ RoundOutcome run_round(int row_index, const Row& row, int round_index, std::uint
     ::close(pipefd[0]);
 
     milliseconds took{0};
+    if (killed_by_us && std::getenv("STRESS_DEBUG_KILL"))
+        std::fprintf(stderr, "worker reaped %lld ms after its SIGKILL\n",
+                     static_cast<long long>(std::chrono::duration_cast<milliseconds>(Clock::now() - killed_at).count()));
     if (killed_by_us) {
         // Issue 13: every descendant gone within 1 s of the parent's death.
         long left = wait_descendants_gone(milliseconds(1000), took);
         out.gone_ms = std::chrono::duration_cast<milliseconds>(Clock::now() - killed_at).count();
         if (left > 0) {
             out.verdict = Verdict::wrong;
-            out.note = std::to_string(left) + " descendant(s) still alive 1 s after the parent was SIGKILLed";
+            out.note = std::to_string(left) + " descendant(s) still alive 1 s after the parent was SIGKILLed:";
+            for (long d : living_descendants()) out.note += " " + describe_process(d);
             out.procs = left;
         }
         kill_descendants();
