@@ -61,17 +61,23 @@ enum class Ending : int {
 };
 const char* ending_name(Ending e);
 
-/// How a segfaulting child ends: by SIGSEGV - or, under AddressSanitizer,
-/// which catches the fault, reports it and exits 1.
+/// How a segfaulting child ends: by SIGSEGV - or, under a sanitizer, which
+/// catches the fault, reports it and exits (ASan with 1, TSan with 66).
 #if defined(__SANITIZE_ADDRESS__)
 #define STRESS_ASAN 1
+#elif defined(__SANITIZE_THREAD__)
+#define STRESS_TSAN 1
 #elif defined(__has_feature)
 #if __has_feature(address_sanitizer)
 #define STRESS_ASAN 1
+#elif __has_feature(thread_sanitizer)
+#define STRESS_TSAN 1
 #endif
 #endif
 #ifdef STRESS_ASAN
 constexpr int segv_exitcode = 1;
+#elif defined(STRESS_TSAN)
+constexpr int segv_exitcode = 66;
 #else
 constexpr int segv_exitcode = -SIGSEGV;
 #endif
