@@ -5,8 +5,11 @@
 #   3. add_subdirectory  a consumer project vendoring the source tree
 #   4. pkg-config    compile and run the consumer with `pkg-config --cflags --libs mpservice`
 #   5. fuzz          tools/fuzz.sh ${FUZZ_SECONDS:-60} (libFuzzer, ASan+UBSan)
+#   6. stress        tools/stress --rounds ${STRESS_ROUNDS:-2} --known-rounds 1: the crash
+#                    matrix; fails on any wrong outcome, hang or leak outside the
+#                    known-defect list (tests/stress/harness.cpp)
 # Ends with a ctest-style summary line: "N% tests passed, F tests failed out of T".
-# Knobs: CXX (default g++), FUZZ_SECONDS, KEEP_TMP=1 to keep the temporary directory.
+# Knobs: CXX (default g++), FUZZ_SECONDS, STRESS_ROUNDS, KEEP_TMP=1 to keep the temporary directory.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -15,7 +18,7 @@ TMP=$(mktemp -d "${TMPDIR:-/tmp}/mpservice-ci-extra.XXXXXX")
 [ "${KEEP_TMP:-0}" = 1 ] || trap 'rm -rf "$TMP"' EXIT
 PREFIX=$TMP/prefix
 
-planned=5  # the check calls at the bottom
+planned=6  # the check calls at the bottom
 total=0
 failed=0
 failed_names=()
@@ -69,6 +72,7 @@ check find_package do_find_package
 check add_subdirectory do_add_subdirectory
 check pkg-config do_pkg_config
 check fuzz tools/fuzz.sh "${FUZZ_SECONDS:-60}"
+check stress env STRESS_BUILD_DIR="$TMP/build-stress" CXX="$CXX" tools/stress --rounds "${STRESS_ROUNDS:-2}" --known-rounds 1
 
 passed=$((total - failed))
 echo

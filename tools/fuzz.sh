@@ -23,8 +23,8 @@ mkdir -p "$OUT/corpus" "$OUT/seeds"
 common=(-std=c++17 -g -O1 -I. -Wall -Wextra -Werror)
 echo "fuzz: building $OUT/fuzz_decode with $CXX"
 "$CXX" "${common[@]}" -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
-  -fno-omit-frame-pointer "$SRC" -o "$OUT/fuzz_decode"
-"$CXX" "${common[@]}" -DMPSERVICE_FUZZ_WRITE_SEEDS "$SRC" -o "$OUT/write_seeds"
+  -fno-omit-frame-pointer "$SRC" -o "$OUT/fuzz_decode" -pthread -ldl
+"$CXX" "${common[@]}" -DMPSERVICE_FUZZ_WRITE_SEEDS "$SRC" -o "$OUT/write_seeds" -pthread -ldl
 "$OUT/write_seeds" "$OUT/seeds"
 
 if [ "$SECONDS_TO_RUN" = 0 ]; then
