@@ -300,4 +300,16 @@ MPSERVICE_API const void* code_ref_resolve(const CodeRef& ref) noexcept;
 /// pass of data through it does not pay a page fault per 4 KiB.  Best effort.
 MPSERVICE_API void shm_prefault(void* addr, std::size_t size) noexcept;
 
+// ---- the working directory and environment (fork-server workers adopt the parent's)
+
+/// This process's working directory ("" if it cannot be named, e.g. deleted).
+MPSERVICE_API std::string current_directory();
+/// chdir; false if it failed.
+MPSERVICE_API bool change_directory(const std::string& path) noexcept;
+/// Every "NAME=value" entry of this process's environment.
+MPSERVICE_API std::vector<std::string> environment_entries();
+/// Replaces the whole environment by `entries` ("NAME=value").  Single-threaded
+/// processes only (the environment is not thread-safe).
+MPSERVICE_API void replace_environment(const std::vector<std::string>& entries);
+
 }  // namespace mpservice::detail::os

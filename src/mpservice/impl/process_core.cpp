@@ -51,6 +51,7 @@ std::string boot_payload(const ProcessCore& core, const ChildTask& task, std::ve
     e(protocol_version, target.module, static_cast<std::uint64_t>(target.offset), target_fp, tramp.module,
       static_cast<std::uint64_t>(tramp.offset), tramp_fp, core.name, core.identity_, process_name(),
       static_cast<std::int64_t>(os::current_pid()), core.daemon(), static_cast<std::int32_t>(log_level()));
+    encode_parent_present(e, core.method_);
     task.encode_args(e);
     handles = e.handles();
     return std::move(e.bytes());
@@ -257,6 +258,44 @@ const Context& get_context(const std::string& method) {
     throw std::invalid_argument("mpservice: unknown start method '" + method +
                                 "' (expected \"spawn\", \"fork\" or \"forkserver\")");
 }
+
+namespace {
+/// The default start method: unset until set_start_method or its first use.
+struct StartMethodChoice {
+    std::mutex mutex;
+    bool fixed = false;
+    StartMethod method = StartMethod::spawn;
+};
+StartMethodChoice& start_method_choice() {
+    static StartMethodChoice* c = new StartMethodChoice;  // used by children's start-up and static destructors
+    return *c;
+}
+}  // namespace
+
+void set_start_method(const std::string& method, bool force) {
+    const Context& ctx = get_context(method);  // std::invalid_argument for an unknown name
+    StartMethodChoice& c = start_method_choice();
+    std::lock_guard<std::mutex> lk(c.mutex);
+    if (c.fixed && !force)
+        throw InvalidStateError("mpservice: the start method was already set (to \"" +
+                                std::string(Context(c.method).name()) + "\"); pass force = true to replace it");
+    c.method = ctx.start_method();
+    c.fixed = true;
+}
+
+std::string get_start_method(bool allow_none) {
+    StartMethodChoice& c = start_method_choice();
+    std::lock_guard<std::mutex> lk(c.mutex);
+    if (!c.fixed) {
+        if (allow_none) return std::string();
+        c.fixed = true;
+    }
+    return Context(c.method).name();
+}
+
+std::vector<std::string> get_all_start_methods() { return {"spawn", "fork", "forkserver"}; }
+
+const Context& default_context() { return get_context(get_start_method()); }
 
 int cpu_count() {
     int n = detail::os::affinity_cpu_count();

@@ -93,6 +93,11 @@ void throw_timeout(const std::string& name) {
     throw TimeoutError("mpservice: '" + name + "' is still running after the timeout");
 }
 
+void throw_result_taken(const std::string& name) {
+    throw InvalidStateError("mpservice: the result of '" + name +
+                            "' was moved out by take_result() (or std::move(worker).result()); it is gone");
+}
+
 std::string next_thread_name() {
     static std::atomic<int> counter{1};
     return "Thread-" + std::to_string(counter.fetch_add(1));

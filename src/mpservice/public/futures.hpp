@@ -151,6 +151,10 @@ template <class R>
 struct result_ref {
     using type = const R&;
 };
+template <class R>
+struct result_ref<R&> {  // a Thread whose target returns a reference (as std::async)
+    using type = R&;
+};
 template <>
 struct result_ref<void> {
     using type = void;
@@ -162,6 +166,8 @@ using result_ref_t = typename result_ref<R>::type;
 [[noreturn]] MPSERVICE_API void throw_not_started(const std::string& what, const std::string& name);
 /// TimeoutError for result()/exception() of a worker still running.
 [[noreturn]] MPSERVICE_API void throw_timeout(const std::string& name);
+/// InvalidStateError: result() after take_result() moved the value out.
+[[noreturn]] MPSERVICE_API void throw_result_taken(const std::string& name);
 MPSERVICE_API std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Deadline deadline,
                                                            ReturnWhen return_when);
 }
