@@ -1421,6 +1421,11 @@ struct RemoteInfo {
     std::string traceback;     // full text, cause chain included
     std::exception_ptr cause;  // the decoded cause, if the story has one
     std::string registry_key;  // which registered type rebuilt it (for re-encoding)
+    // How `cause` relates to the exception (the wire's cause marker): 1 = an
+    // earlier part of its story; 2 = its std::nested_exception; 3 = an earlier
+    // part of its story, whose own nested exception is this one's too.
+    std::uint8_t cause_kind = 0;
+    std::exception_ptr nested;  // what std::rethrow_if_nested throws, if anything
 };
 }  // namespace detail
 
@@ -1449,6 +1454,10 @@ public:
     /// (internal) everything above.
     const detail::RemoteInfo& remote_info() const noexcept { return info_; }
 
+    /// what() of the original exception, so that
+    /// `catch (const mp::RemoteError& e) { e.what(); }` works.
+    virtual const char* what() const noexcept { return info_.message.c_str(); }
+
 protected:
     explicit RemoteError(detail::RemoteInfo info) : info_(std::move(info)) {}
     RemoteError(const RemoteError&) = default;
@@ -1461,19 +1470,66 @@ private:
 /// The type a remote exception of type E (or of a type derived from E) is
 /// re-thrown as: catch clauses for E and for RemoteError both take it.
 template <class E>
-class Remote final : public E, public RemoteError {
+class Remote : public E, public RemoteError {
 public:
     Remote(E original, detail::RemoteInfo info) : E(std::move(original)), RemoteError(std::move(info)) {}
     const char* what() const noexcept override { return remote_what().c_str(); }
 };
 
-/// The remote traceback of `e`, or "" if `e` did not come from another process.
-inline std::string remote_traceback(const std::exception& e) {
-    auto* r = dynamic_cast<const RemoteError*>(&e);
+/// A remote exception that was thrown with std::throw_with_nested: also a
+/// std::nested_exception, so std::rethrow_if_nested throws the (rebuilt)
+/// nested exception.  Catch it as E, Remote<E> or RemoteError as any other.
+template <class E>
+class RemoteNested final : public Remote<E>, public std::nested_exception {
+public:
+    /// Call inside a catch clause of the nested exception (nested_exception
+    /// keeps the exception being handled).
+    RemoteNested(E original, detail::RemoteInfo info) : Remote<E>(std::move(original), std::move(info)) {}
+    const char* what() const noexcept override { return this->remote_what().c_str(); }
+};
+
+namespace detail {
+template <class E>
+const RemoteError* as_remote(const E& e) noexcept {
+    if constexpr (std::is_base_of_v<RemoteError, E>) return &e;
+    else if constexpr (std::is_polymorphic_v<E>) return dynamic_cast<const RemoteError*>(&e);
+    else return nullptr;
+}
+}  // namespace detail
+
+/// The remote traceback of `e` - a std::exception, a RemoteError, or any
+/// exception object - or "" if it did not come from another process.
+template <class E>
+std::string remote_traceback(const E& e) {
+    const RemoteError* r = detail::as_remote(e);
     return r ? r->traceback() : std::string();
 }
-/// Whether `e` came from another process.
-inline bool is_remote(const std::exception& e) noexcept { return dynamic_cast<const RemoteError*>(&e) != nullptr; }
+/// Whether `e` (a std::exception, a RemoteError, ...) came from another process.
+template <class E>
+bool is_remote(const E& e) noexcept {
+    return detail::as_remote(e) != nullptr;
+}
+/// The same for an exception kept as an exception_ptr ("" / false for null).
+inline std::string remote_traceback(const std::exception_ptr& p) {
+    if (!p) return std::string();
+    try {
+        std::rethrow_exception(p);
+    } catch (const RemoteError& r) {
+        return r.traceback();
+    } catch (...) {
+    }
+    return std::string();
+}
+inline bool is_remote(const std::exception_ptr& p) noexcept {
+    if (!p) return false;
+    try {
+        std::rethrow_exception(p);
+    } catch (const RemoteError&) {
+        return true;
+    } catch (...) {
+    }
+    return false;
+}
 
 /// Whether tracebacks made in this process show file:line.  They come from
 /// the `addr2line` program (binutils) when it is installed and the module has
@@ -1533,6 +1589,23 @@ template <class T>
 struct has_serialize_member<T, std::void_t<decltype(std::declval<T&>().serialize(std::declval<Encoder&>()))>>
     : std::true_type {};
 
+/// The rebuilt exception: Remote<T>, or RemoteNested<T> when the original was
+/// thrown with std::throw_with_nested.
+template <class T>
+std::exception_ptr make_remote(T original, RemoteInfo&& info) {
+    if constexpr (!std::is_base_of_v<std::nested_exception, T>) {
+        if (info.nested) {
+            std::exception_ptr nested = info.nested;
+            try {
+                std::rethrow_exception(nested);
+            } catch (...) {  // RemoteNested's nested_exception keeps the exception being handled
+                return std::make_exception_ptr(RemoteNested<T>(std::move(original), std::move(info)));
+            }
+        }
+    }
+    return std::make_exception_ptr(Remote<T>(std::move(original), std::move(info)));
+}
+
 template <class T>
 ExceptionType exception_type_of() {
     static_assert(std::is_base_of_v<std::exception, T>, "register_exception<T>: T must derive from std::exception");
@@ -1554,17 +1627,17 @@ ExceptionType exception_type_of() {
         if constexpr (has_serialize_member<T>::value && std::is_default_constructible_v<T>) {
             T original;
             original.serialize(fields);
-            return std::make_exception_ptr(Remote<T>(std::move(original), std::move(info)));
+            return make_remote<T>(std::move(original), std::move(info));
         } else if constexpr (std::is_constructible_v<T, std::string>) {
             (void)fields;
             T original(info.message);
-            return std::make_exception_ptr(Remote<T>(std::move(original), std::move(info)));
+            return make_remote<T>(std::move(original), std::move(info));
         } else {
             static_assert(std::is_default_constructible_v<T>,
                           "register_exception<T>: T needs a serialize() member and a default constructor, "
                           "a constructor from std::string, or a default constructor");
             (void)fields;
-            return std::make_exception_ptr(Remote<T>(T(), std::move(info)));
+            return make_remote<T>(T(), std::move(info));
         }
     };
     return t;
@@ -1830,7 +1903,11 @@ MPSERVICE_API void set_log_level_from_parent(Level level);
 //     for (mp::Worker* w : mp::as_completed({&p1, &p2, &t1})) std::cout << w->name() << " finished\n";
 //
 // Workers are passed by address (as Worker*), so Process<R> and Thread<R> of
-// different R mix freely in one braced list; the results are the same pointers.
+// different R mix freely in one braced list; the results are the same pointers
+// (as_completed also gives each one's position in the list).  Over a range of
+// one type - std::vector<mp::Process<int>>, say - wait() gives Process<int>*
+// and as_completed() yields Process<int>&, so result() needs no cast:
+//     for (mp::Process<int>& p : mp::as_completed(procs)) sum += p.result();
 
 #include <chrono>
 #include <condition_variable>
@@ -1994,6 +2071,8 @@ MPSERVICE_API std::pair<WorkerList, WorkerList> wait_until(const WorkerList& wor
 /// pair (done, not_done), each in the order given.  A worker that was never
 /// started is an InvalidStateError.  Without a timeout, waits as `return_when`
 /// says; with one, returns the split at the deadline (no error).
+/// Over a range of one worker type (see the typed overloads below) the lists
+/// hold that type, so result() needs no cast.
 inline std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, ReturnWhen return_when = ALL_COMPLETED) {
     return detail::wait_until(workers, detail::os::no_deadline, return_when);
 }
@@ -2003,43 +2082,58 @@ std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, std::chrono::d
     return detail::wait_until(workers, detail::os::deadline_after(timeout), return_when);
 }
 
+/// One finished worker from as_completed over a list: the worker and its
+/// position in the list, so the caller can reach its own typed object
+/// (`results[c.index] = std::get<...>(...)`) without a cast.  Converts to Worker*.
+struct Completed {
+    Worker* worker = nullptr;
+    std::size_t index = 0;
+    operator Worker*() const noexcept { return worker; }
+    Worker* operator->() const noexcept { return worker; }
+};
+
 /// Yields started workers in the order they finish:
 ///     for (mp::Worker* w : mp::as_completed({&p1, &t1}, 5s)) ...
-/// Advancing past the deadline throws TimeoutError.  Single pass.
+///     for (mp::Completed c : mp::as_completed({&p1, &t1})) ... c.index ...
+/// Advancing past the deadline throws TimeoutError.  Single pass.  A worker
+/// listed twice is yielded once, with its first position.
 class AsCompleted {
 public:
     class iterator {
     public:
-        using value_type = Worker*;
-        using reference = Worker*;
+        using value_type = Completed;
+        using reference = Completed;
         using difference_type = std::ptrdiff_t;
         using iterator_category = std::input_iterator_tag;
-        Worker* operator*() const noexcept { return current_; }
+        Completed operator*() const noexcept { return current_; }
         iterator& operator++() {
-            current_ = owner_->next();
+            current_ = owner_->next_completed();
             return *this;
         }
-        bool operator==(const iterator& o) const noexcept { return current_ == o.current_; }
-        bool operator!=(const iterator& o) const noexcept { return current_ != o.current_; }
+        bool operator==(const iterator& o) const noexcept { return current_.worker == o.current_.worker; }
+        bool operator!=(const iterator& o) const noexcept { return current_.worker != o.current_.worker; }
 
     private:
         friend class AsCompleted;
-        iterator(AsCompleted* owner, Worker* current) : owner_(owner), current_(current) {}
+        iterator(AsCompleted* owner, Completed current) : owner_(owner), current_(current) {}
         AsCompleted* owner_;
-        Worker* current_;
+        Completed current_;
     };
 
     /// Waits for the next worker to finish; nullptr once all have been yielded.
-    MPSERVICE_API Worker* next();
-    iterator begin() { return iterator(this, next()); }
-    iterator end() { return iterator(this, nullptr); }
+    Worker* next() { return next_completed().worker; }
+    /// As next(), with the worker's position in the list (worker null at the end).
+    MPSERVICE_API Completed next_completed();
+    iterator begin() { return iterator(this, next_completed()); }
+    iterator end() { return iterator(this, Completed{}); }
 
     /// Starts watching `workers` (every one must be started) until `deadline`.
     MPSERVICE_API AsCompleted(const WorkerList& workers, detail::os::Deadline deadline);
 
 private:
     std::shared_ptr<detail::CompletionQueue> queue_;
-    std::vector<Worker*> pending_;
+    WorkerList workers_;
+    std::vector<std::size_t> pending_;  // positions in workers_, one per distinct worker
     detail::os::Deadline deadline_;
 };
 
@@ -2052,6 +2146,128 @@ inline AsCompleted as_completed(const WorkerList& workers) {
 template <class Rep, class Period>
 AsCompleted as_completed(const WorkerList& workers, std::chrono::duration<Rep, Period> timeout) {
     return AsCompleted(workers, detail::os::deadline_after(timeout));
+}
+
+// ---- typed waits: over a range of one worker type (a std::vector<Process<int>>,
+// an array of Thread<std::string>*, ...) the answers keep that type.
+
+namespace detail {
+template <class E>
+struct worker_of_element {
+    using type = void;
+};
+template <class E>
+struct worker_of_element<E*> {
+    using type = E;
+};
+template <class E>
+using element_worker_t = std::conditional_t<std::is_base_of_v<Worker, E>, E, typename worker_of_element<E>::type>;
+/// The worker type of a range whose elements are workers (or pointers to
+/// them) of one type other than plain Worker (a WorkerList keeps the old form).
+template <class Range>
+using range_worker_t = element_worker_t<std::remove_reference_t<decltype(*std::begin(std::declval<Range&>()))>>;
+template <class Range, class = void>
+struct is_typed_worker_range : std::false_type {};
+template <class Range>
+struct is_typed_worker_range<Range, std::void_t<range_worker_t<Range>>>
+    : std::bool_constant<std::is_base_of_v<Worker, range_worker_t<Range>> &&
+                         !std::is_same_v<range_worker_t<Range>, Worker> &&
+                         !std::is_const_v<range_worker_t<Range>>> {};
+
+template <class W, class E>
+W* worker_address(E& e) {
+    if constexpr (std::is_pointer_v<E>) return e;
+    else return &e;
+}
+
+template <class Range>
+std::vector<range_worker_t<Range>*> typed_workers(Range& range) {
+    std::vector<range_worker_t<Range>*> out;
+    for (auto& e : range) out.push_back(worker_address<range_worker_t<Range>>(e));
+    return out;
+}
+
+template <class W>
+std::pair<std::vector<W*>, std::vector<W*>> typed_wait(const std::vector<W*>& typed, os::Deadline deadline,
+                                                       ReturnWhen return_when) {
+    WorkerList all(typed.begin(), typed.end());
+    auto [done, not_done] = wait_until(all, deadline, return_when);
+    std::pair<std::vector<W*>, std::vector<W*>> out;
+    // Every Worker* here was a W* a moment ago: the downcast is exact.
+    for (Worker* w : done) out.first.push_back(static_cast<W*>(w));
+    for (Worker* w : not_done) out.second.push_back(static_cast<W*>(w));
+    return out;
+}
+}  // namespace detail
+
+/// as_completed over a range of one worker type: yields W& (a reference to
+/// the worker in the range), on which result() works directly:
+///     std::vector<mp::Process<int>> ps = ...;
+///     for (mp::Process<int>& p : mp::as_completed(ps)) total += p.result();
+template <class W>
+class TypedAsCompleted {
+public:
+    class iterator {
+    public:
+        using value_type = W;
+        using reference = W&;
+        using difference_type = std::ptrdiff_t;
+        using iterator_category = std::input_iterator_tag;
+        W& operator*() const noexcept { return *owner_->workers_[current_.index]; }
+        W* operator->() const noexcept { return owner_->workers_[current_.index]; }
+        iterator& operator++() {
+            current_ = owner_->inner_.next_completed();
+            return *this;
+        }
+        bool operator==(const iterator& o) const noexcept { return current_.worker == o.current_.worker; }
+        bool operator!=(const iterator& o) const noexcept { return current_.worker != o.current_.worker; }
+        /// The position of the current worker in the range.
+        std::size_t index() const noexcept { return current_.index; }
+
+    private:
+        friend class TypedAsCompleted;
+        iterator(TypedAsCompleted* owner, Completed current) : owner_(owner), current_(current) {}
+        TypedAsCompleted* owner_;
+        Completed current_;
+    };
+
+    TypedAsCompleted(std::vector<W*> workers, detail::os::Deadline deadline)
+        : workers_(std::move(workers)), inner_(WorkerList(workers_.begin(), workers_.end()), deadline) {}
+    /// The next worker to finish, or nullptr once all have been yielded.
+    W* next() {
+        Completed c = inner_.next_completed();
+        return c.worker ? workers_[c.index] : nullptr;
+    }
+    iterator begin() { return iterator(this, inner_.next_completed()); }
+    iterator end() { return iterator(this, Completed{}); }
+
+private:
+    std::vector<W*> workers_;
+    AsCompleted inner_;
+};
+
+template <class Range, std::enable_if_t<detail::is_typed_worker_range<Range>::value, int> = 0>
+TypedAsCompleted<detail::range_worker_t<Range>> as_completed(Range& workers) {
+    return {detail::typed_workers(workers), detail::os::no_deadline};
+}
+template <class Range, class Rep, class Period,
+          std::enable_if_t<detail::is_typed_worker_range<Range>::value, int> = 0>
+TypedAsCompleted<detail::range_worker_t<Range>> as_completed(Range& workers,
+                                                             std::chrono::duration<Rep, Period> timeout) {
+    return {detail::typed_workers(workers), detail::os::deadline_after(timeout)};
+}
+
+/// wait over a range of one worker type: (done, not_done) as W*, in range order.
+template <class Range, std::enable_if_t<detail::is_typed_worker_range<Range>::value, int> = 0>
+std::pair<std::vector<detail::range_worker_t<Range>*>, std::vector<detail::range_worker_t<Range>*>> wait(
+    Range& workers, ReturnWhen return_when = ALL_COMPLETED) {
+    return detail::typed_wait(detail::typed_workers(workers), detail::os::no_deadline, return_when);
+}
+template <class Range, class Rep, class Period,
+          std::enable_if_t<detail::is_typed_worker_range<Range>::value, int> = 0>
+std::pair<std::vector<detail::range_worker_t<Range>*>, std::vector<detail::range_worker_t<Range>*>> wait(
+    Range& workers, std::chrono::duration<Rep, Period> timeout, ReturnWhen return_when = ALL_COMPLETED) {
+    return detail::typed_wait(detail::typed_workers(workers), detail::os::deadline_after(timeout), return_when);
 }
 
 }  // namespace mpservice
@@ -6141,7 +6357,9 @@ detail::SharedMemory Codec<detail::SharedMemory>::decode(Decoder& d) {
 //   str  traceback text (complete, causes first)
 //   str  registry key (mangled name of the registered type that rebuilds it; "" = none)
 //   str  that type's extra fields (bytes, so an unknown key can be skipped)
-//   u8   has cause; then the cause's record
+//   u8   cause marker: 0 none; 1 an earlier part of the story; 2 the nested
+//        exception (std::throw_with_nested); 3 an earlier part whose nested
+//        exception is also this one's - then the cause's record
 #include <cstdio>
 #include <functional>
 #include <future>
@@ -6211,7 +6429,7 @@ ExceptionType coded_type(Make) {
     t.encode_fields = [](Encoder& out, const std::exception& e) { write_code(out, dynamic_cast<const E&>(e).code()); };
     t.rebuild = [](Decoder& in, RemoteInfo&& info) -> std::exception_ptr {
         std::error_code ec = read_code(in);
-        return std::make_exception_ptr(Remote<E>(Make()(ec, info.message), std::move(info)));
+        return make_remote<E>(Make()(ec, info.message), std::move(info));
     };
     return t;
 }
@@ -6225,7 +6443,7 @@ ExceptionType process_error_type() {
     };
     t.rebuild = [](Decoder& in, RemoteInfo&& info) -> std::exception_ptr {
         auto code = in.read<std::int32_t>();
-        return std::make_exception_ptr(Remote<ProcessError>(ProcessError(info.message, code), std::move(info)));
+        return make_remote<ProcessError>(ProcessError(info.message, code), std::move(info));
     };
     return t;
 }
@@ -6352,7 +6570,36 @@ struct Record {
     RemoteInfo info;  // info.cause unused here: see `cause`
     std::string fields;
     std::unique_ptr<Record> cause;
+    std::uint8_t cause_kind = 1;  // the wire's cause marker when `cause` is set
 };
+
+/// The user's type inside the standard library's wrapper for
+/// std::throw_with_nested (libstdc++ std::_Nested_exception<T>, libc++
+/// std::__nested<T>): remote_type() names T, as the user wrote it.
+std::string without_nested_wrapper(const std::string& name) {
+    static const char* const wrappers[] = {"std::_Nested_exception<", "std::__1::__nested<", "std::__nested<"};
+    for (const char* w : wrappers) {
+        std::size_t n = std::char_traits<char>::length(w);
+        if (name.size() > n + 1 && name.compare(0, n, w) == 0 && name.back() == '>') {
+            std::string inner = name.substr(n, name.size() - n - 1);
+            while (!inner.empty() && inner.back() == ' ') inner.pop_back();
+            return inner;
+        }
+    }
+    return name;
+}
+
+/// The nested exception of a (decoded) exception, or null.
+std::exception_ptr nested_of(const std::exception_ptr& p) {
+    if (!p) return nullptr;
+    try {
+        std::rethrow_exception(p);
+    } catch (const std::nested_exception& n) {
+        return n.nested_ptr();
+    } catch (...) {
+    }
+    return nullptr;
+}
 
 /// What the thrown object is, found by re-throwing it inside a try block.
 struct Inspected {
@@ -6394,7 +6641,7 @@ Inspected inspect(const std::exception_ptr& p) {
         r.ex = &e;  // stays valid: `p` owns the object
         r.type = &typeid(e);
         r.remote = dynamic_cast<const RemoteError*>(&e);
-        r.type_name = r.remote ? r.remote->remote_type() : os::demangle(r.type->name());
+        r.type_name = r.remote ? r.remote->remote_type() : without_nested_wrapper(os::demangle(r.type->name()));
         r.message = e.what();
         if (auto* n = dynamic_cast<const std::nested_exception*>(&e)) r.nested = n->nested_ptr();
         return r;
@@ -6421,7 +6668,8 @@ std::string hex(std::uintptr_t v) {
 /// Whether a frame is the library calling a Process or Thread target.
 bool is_target_runner(const std::string& function) {
     static const char* const runners[] = {"mpservice::detail::trampoline<", "mpservice::detail::call_and_store<",
-                                          "mpservice::detail::ChildTaskOf<"};
+                                          "mpservice::detail::ChildTaskOf<", "::call_and_store<",
+                                          "::make_body<"};
     for (const char* r : runners)
         if (function.find(r) != std::string::npos) return true;
     return false;
@@ -6438,14 +6686,33 @@ bool is_call_forwarding(const std::string& function) {
     return false;
 }
 
+/// Whether a frame is the library's own code (or the standard library's
+/// re-throw under it).
+bool is_library_frame(const std::string& function) {
+    return function.rfind("mpservice::", 0) == 0 || function.rfind("std::rethrow_exception", 0) == 0;
+}
+
+/// Above the user's code there may be the library's frames that raised the
+/// exception again in this process (Process<R>::result_at, ...) or threw it
+/// (Queue::get throwing Empty): the user's call is the place to show first.
+/// A stack of library frames only is kept as it is.
+bool trim_innermost_library_frames(std::vector<os::StackFrame>& frames) {
+    std::size_t first_user = 0;
+    while (first_user < frames.size() && is_library_frame(frames[first_user].function)) ++first_user;
+    if (first_user == 0 || first_user == frames.size()) return false;
+    frames.erase(frames.begin(), frames.begin() + static_cast<std::ptrdiff_t>(first_user));
+    return true;
+}
+
 /// A traceback is about the user's code: below the frame that runs the
 /// target there is only the library's child start-up (and main), so cut the
 /// stack there, with the std::invoke plumbing just above it.  Returns whether
 /// anything was cut.
 bool trim_library_frames(std::vector<os::StackFrame>& frames) {
+    bool cut = trim_innermost_library_frames(frames);
     std::size_t runner = 0;
     while (runner < frames.size() && !is_target_runner(frames[runner].function)) ++runner;
-    if (runner == 0 || runner == frames.size()) return false;  // not thrown under a target
+    if (runner == 0 || runner == frames.size()) return cut;  // not thrown under a target
     std::size_t keep = runner;
     while (keep > 1 && is_call_forwarding(frames[keep - 1].function)) --keep;
     frames.resize(keep);
@@ -6475,7 +6742,7 @@ std::string format_part(const std::string& type_name, const std::string& message
         // Below main there is only the C runtime's start-up.
         if (!f.inlined && (f.function == "main" || f.function.rfind("main.", 0) == 0)) break;
     }
-    if (trimmed) s += "    (the library's frames that called the target are left out)\n";
+    if (trimmed) s += "    (the library's own frames are left out)\n";
     return s;
 }
 
@@ -6508,8 +6775,10 @@ Record make_record(const std::exception_ptr& p, bool being_handled, int depth) {
         rec.info.process_name = old.process_name;
         rec.info.pid = old.pid;
         rec.info.traceback = old.traceback;
-        if (old.cause && depth < kMaxCauseDepth)
+        if (old.cause && depth < kMaxCauseDepth) {
             rec.cause = std::make_unique<Record>(make_record(old.cause, false, depth + 1));
+            rec.cause_kind = old.cause_kind ? old.cause_kind : 1;
+        }
         return rec;
     }
 
@@ -6523,12 +6792,17 @@ Record make_record(const std::exception_ptr& p, bool being_handled, int depth) {
         // Raised again in this process: its old story becomes the cause.
         n = os::raise_site_stack(object, pcs, kMaxFrames);
         where = "re-raised at";
-        if (depth < kMaxCauseDepth) rec.cause = std::make_unique<Record>(make_record(p, false, depth + 1));
+        if (depth < kMaxCauseDepth) {
+            rec.cause = std::make_unique<Record>(make_record(p, false, depth + 1));
+            rec.cause_kind = x.nested ? 3 : 1;  // its nested exception stays reachable
+        }
     } else {
         n = os::throw_site_stack(object, x.type, pcs, kMaxFrames);
         where = "thrown at";
-        if (x.nested && depth < kMaxCauseDepth)
+        if (x.nested && depth < kMaxCauseDepth) {
             rec.cause = std::make_unique<Record>(make_record(x.nested, false, depth + 1));
+            rec.cause_kind = 2;
+        }
     }
     if (n == 0) {
         // No recorded site (no throw hook in this build, or a foreign thread):
@@ -6551,7 +6825,7 @@ void write_record(Encoder& out, const Record& rec) {
     out.write(rec.info.traceback);
     out.write(rec.info.registry_key);
     out.write(rec.fields);
-    out.write(static_cast<std::uint8_t>(rec.cause ? 1 : 0));
+    out.write(static_cast<std::uint8_t>(rec.cause ? rec.cause_kind : 0));
     if (rec.cause) write_record(out, *rec.cause);
 }
 
@@ -6567,8 +6841,11 @@ std::exception_ptr read_record(Decoder& in, int depth) {
     info.registry_key = in.read<std::string>();
     std::string fields = in.read<std::string>();
     auto has_cause = in.read<std::uint8_t>();
-    if (has_cause > 1) throw DecodeError("decode: bad exception cause marker");
+    if (has_cause > 3) throw DecodeError("decode: bad exception cause marker");
+    info.cause_kind = has_cause;
     if (has_cause) info.cause = read_record(in, depth + 1);
+    if (has_cause == 2) info.nested = info.cause;
+    if (has_cause == 3) info.nested = nested_of(info.cause);
 
     if (const ExceptionType* t = info.registry_key.empty() ? nullptr : find_entry_by_key(info.registry_key)) {
         Decoder fd(fields);
@@ -6580,7 +6857,7 @@ std::exception_ptr read_record(Decoder& in, int depth) {
     // process does not know): a library Error that says what it was.
     info.registry_key.clear();
     Error base(info.message);
-    return std::make_exception_ptr(Remote<Error>(std::move(base), std::move(info)));
+    return make_remote<Error>(std::move(base), std::move(info));
 }
 
 }  // namespace
@@ -8369,11 +8646,6 @@ void check_started(const WorkerList& workers) {
     }
 }
 
-Worker* owner_of(const FutureCore* core, const WorkerList& workers) {
-    for (Worker* w : workers)
-        if (&w->core() == core) return w;
-    return nullptr;
-}
 }  // namespace
 
 std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Deadline deadline, ReturnWhen return_when) {
@@ -8400,26 +8672,30 @@ std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Dead
 }  // namespace detail
 
 AsCompleted::AsCompleted(const WorkerList& workers, detail::os::Deadline deadline)
-    : queue_(std::make_shared<detail::CompletionQueue>()), deadline_(deadline) {
-    detail::check_started(workers);
-    for (Worker* w : workers)
-        if (std::find(pending_.begin(), pending_.end(), w) == pending_.end()) pending_.push_back(w);
-    for (Worker* w : pending_) const_cast<detail::FutureCore&>(w->core()).subscribe(queue_);
+    : queue_(std::make_shared<detail::CompletionQueue>()), workers_(workers), deadline_(deadline) {
+    detail::check_started(workers_);
+    for (std::size_t i = 0; i < workers_.size(); ++i)
+        if (std::find(workers_.begin(), workers_.begin() + static_cast<std::ptrdiff_t>(i), workers_[i]) ==
+            workers_.begin() + static_cast<std::ptrdiff_t>(i))
+            pending_.push_back(i);
+    for (std::size_t i : pending_) const_cast<detail::FutureCore&>(workers_[i]->core()).subscribe(queue_);
 }
 
-Worker* AsCompleted::next() {
+Completed AsCompleted::next_completed() {
     while (!pending_.empty()) {
         const detail::FutureCore* c = queue_->pop_until(deadline_);
         if (!c) {
             throw TimeoutError("mpservice: as_completed: " + std::to_string(pending_.size()) +
                                " worker(s) still running after the timeout");
         }
-        Worker* w = detail::owner_of(c, pending_);
-        if (!w) continue;
-        pending_.erase(std::find(pending_.begin(), pending_.end(), w));
-        return w;
+        auto it = std::find_if(pending_.begin(), pending_.end(),
+                               [&](std::size_t i) { return &workers_[i]->core() == c; });
+        if (it == pending_.end()) continue;
+        Completed done{workers_[*it], *it};
+        pending_.erase(it);
+        return done;
     }
-    return nullptr;
+    return Completed{};
 }
 
 }  // namespace mpservice
