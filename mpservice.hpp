@@ -1902,6 +1902,16 @@ MPSERVICE_API void set_log_level_from_parent(Level level);
 // checks that it runs the same build.  Under the fork context a callable with
 // captures works too (it simply runs in the forked copy).
 //
+// Arguments are converted to the target's parameter types when the Process is
+// made, as std::thread converts them (a literal for a std::string parameter,
+// an int for a double); the child receives that copy.  A target that cannot
+// work is one static_assert saying why and what to do: a T& parameter or a
+// reference result (the child cannot write into the parent's objects), and -
+// under SpawnContext, ForkServerContext or no context - a lambda with
+// captures, a generic lambda or a member function (use ForkContext).  Where
+// the type cannot tell (a std::function; a Context chosen at run time),
+// start() checks.
+//
 // The context is the optional first constructor argument,
 //     mp::Process p(mp::ForkServerContext{}, work, 21);
 //     mp::Process q(mp::get_context("fork"), work, 21);
@@ -2954,6 +2964,12 @@ Process(const Ctx&, F, A...) -> Process<detail::process_result_t<F, A...>>;
 //     mp::Thread t(work, 21);              // CTAD: Thread<double>
 //     t.start();
 //     double r = t.result();               // waits; re-throws the target's exception
+//
+// Arguments follow std::thread: each is copied (decayed) into the thread and
+// passed as an rvalue, so a T& parameter needs std::ref(x) (one static_assert
+// says so otherwise).  A target returning a reference gives Thread<T&>, whose
+// result() is that very object, as std::async's future<T&>.  take_result() (or
+// std::move(t).result()) moves the value out instead of copying it.
 //
 // Cancellation is cooperative, as with std::jthread (C++ cannot inject an
 // exception into a running thread the way Python's Thread.throw does): a

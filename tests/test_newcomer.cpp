@@ -324,7 +324,16 @@ TEST_CASE("typed wait over threads gives Thread<std::string>*; mixed lists give 
 
 // ---------------------------------------------------------------- 5. the default start method
 
+/// Puts the default start method back to spawn at the end of a test, whatever happens.
+struct SpawnAgain {
+    ~SpawnAgain() {
+        mp::set_start_method("spawn", true);
+        g_marker = 0;
+    }
+};
+
 TEST_CASE("set_start_method chooses the context of a Process without one; children inherit it") {
+    SpawnAgain restore;
     CHECK(mp::get_all_start_methods() == std::vector<std::string>{"spawn", "fork", "forkserver"});
     std::string before = mp::get_start_method();  // fixes it (to spawn, unless set)
     CHECK(before == "spawn");
@@ -361,8 +370,6 @@ TEST_CASE("set_start_method chooses the context of a Process without one; childr
         inherits.start();
         CHECK(inherits.result() == "forkserver");
     }
-    mp::set_start_method("spawn", true);
-    g_marker = 0;
 }
 
 // ---------------------------------------------------------------- 7. remote exceptions

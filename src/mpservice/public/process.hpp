@@ -13,6 +13,16 @@
 // checks that it runs the same build.  Under the fork context a callable with
 // captures works too (it simply runs in the forked copy).
 //
+// Arguments are converted to the target's parameter types when the Process is
+// made, as std::thread converts them (a literal for a std::string parameter,
+// an int for a double); the child receives that copy.  A target that cannot
+// work is one static_assert saying why and what to do: a T& parameter or a
+// reference result (the child cannot write into the parent's objects), and -
+// under SpawnContext, ForkServerContext or no context - a lambda with
+// captures, a generic lambda or a member function (use ForkContext).  Where
+// the type cannot tell (a std::function; a Context chosen at run time),
+// start() checks.
+//
 // The context is the optional first constructor argument,
 //     mp::Process p(mp::ForkServerContext{}, work, 21);
 //     mp::Process q(mp::get_context("fork"), work, 21);

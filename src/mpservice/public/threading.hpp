@@ -4,6 +4,12 @@
 //     t.start();
 //     double r = t.result();               // waits; re-throws the target's exception
 //
+// Arguments follow std::thread: each is copied (decayed) into the thread and
+// passed as an rvalue, so a T& parameter needs std::ref(x) (one static_assert
+// says so otherwise).  A target returning a reference gives Thread<T&>, whose
+// result() is that very object, as std::async's future<T&>.  take_result() (or
+// std::move(t).result()) moves the value out instead of copying it.
+//
 // Cancellation is cooperative, as with std::jthread (C++ cannot inject an
 // exception into a running thread the way Python's Thread.throw does): a
 // target whose first parameter is mp::StopToken receives one, and polls
