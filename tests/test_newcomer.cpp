@@ -349,6 +349,8 @@ TEST_CASE("set_start_method chooses the context of a Process without one; childr
     mp::set_start_method("fork", true);
     CHECK(mp::get_start_method() == "fork");
     CHECK(mp::default_context().start_method() == mp::StartMethod::fork);
+    CHECK(mp::get_context().start_method() == mp::StartMethod::fork);  // as Python's get_context(None)
+    CHECK(mp::get_context("spawn").start_method() == mp::StartMethod::spawn);
     {
         mp::Process forked(marker);
         forked.start();

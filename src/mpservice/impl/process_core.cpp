@@ -252,6 +252,7 @@ const Context& get_context(const std::string& method) {
     static const SpawnContext spawn;
     static const ForkContext fork;
     static const ForkServerContext forkserver;
+    if (method.empty()) return default_context();
     if (method == "spawn") return spawn;
     if (method == "fork") return fork;
     if (method == "forkserver") return forkserver;

@@ -101,8 +101,10 @@ public:
 /// The default context (as the seed's MP_SPAWN_CTX).
 inline constexpr SpawnContext MP_SPAWN_CTX{};
 
-/// The context for "spawn", "fork" or "forkserver"; std::invalid_argument otherwise.
-MPSERVICE_API const Context& get_context(const std::string& method = "spawn");
+/// The context for "spawn", "fork" or "forkserver"; for "" (no argument) the
+/// default context, as Python's get_context(None) (see set_start_method);
+/// std::invalid_argument for any other name.
+MPSERVICE_API const Context& get_context(const std::string& method = "");
 
 /// Chooses the process-wide default start method ("spawn", "fork" or
 /// "forkserver"), as Python's multiprocessing.set_start_method: a Process made
