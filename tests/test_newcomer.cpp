@@ -114,6 +114,14 @@ int nested_b() {
     return c.result();
 }
 
+/// A child whose target runs a Thread that throws, then re-raises it through result().
+int thread_thrower(int x) { throw std::length_error("thread failed with " + std::to_string(x)); }
+int via_thread(int x) {
+    mp::Thread t(thread_thrower, x);
+    t.start();
+    return t.result();
+}
+
 std::string where_am_i() {
     const char* v = std::getenv("MPSERVICE_NEWCOMER_VAR");
     const char* gone = std::getenv("MPSERVICE_NEWCOMER_GONE");
@@ -481,6 +489,25 @@ TEST_CASE_TEMPLATE("no part of a multi-process traceback shows the library's own
             CHECK(f.find("mpservice::") == std::string::npos);
             CHECK(f.find("result_at") == std::string::npos);
             CHECK(f.find("std::rethrow_exception") == std::string::npos);
+        }
+    }
+}
+
+TEST_CASE("a traceback through a Thread in a child shows the user's frames only") {
+    mp::Process p(via_thread, 3);
+    p.start();
+    try {
+        p.join();
+        FAIL("no throw");
+    } catch (const std::length_error& e) {
+        std::string tb = mp::remote_traceback(e);
+        CAPTURE(tb);
+        CHECK(tb.find("thread_thrower") != std::string::npos);
+        std::vector<std::string> frames = frame_lines(tb);
+        CHECK_FALSE(frames.empty());
+        for (const std::string& f : frames) {
+            CAPTURE(f);
+            CHECK(f.find("mpservice::") == std::string::npos);
         }
     }
 }

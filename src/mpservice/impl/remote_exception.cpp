@@ -9,7 +9,9 @@
 //   u8   cause marker: 0 none; 1 an earlier part of the story; 2 the nested
 //        exception (std::throw_with_nested); 3 an earlier part whose nested
 //        exception is also this one's - then the cause's record
+#include <algorithm>
 #include <cstdio>
+#include <deque>
 #include <functional>
 #include <future>
 #include <ios>
@@ -347,7 +349,9 @@ bool is_library_frame(const std::string& function) {
 /// A stack of library frames only is kept as it is.
 bool trim_innermost_library_frames(std::vector<os::StackFrame>& frames) {
     std::size_t first_user = 0;
-    while (first_user < frames.size() && is_library_frame(frames[first_user].function)) ++first_user;
+    while (first_user < frames.size() &&
+           (is_library_frame(frames[first_user].function) || frames[first_user].function.empty()))
+        ++first_user;
     if (first_user == 0 || first_user == frames.size()) return false;
     frames.erase(frames.begin(), frames.begin() + static_cast<std::ptrdiff_t>(first_user));
     return true;
@@ -396,6 +400,35 @@ std::string format_part(const std::string& type_name, const std::string& message
 }
 
 Record make_record(const std::exception_ptr& p, bool being_handled, int depth);
+
+// ---- throw sites kept across threads (the hook's table is per thread)
+
+struct KeptSite {
+    std::exception_ptr exception;  // keeps the object - and so its address - alive
+    int depth = 0;
+    void* pcs[kMaxFrames];
+};
+struct KeptSites {
+    std::mutex mutex;
+    std::deque<KeptSite> sites;
+};
+constexpr std::size_t kKeptSites = 16;
+KeptSites& kept_sites() {
+    static KeptSites* k = new KeptSites;  // never destroyed: threads may still use it at exit
+    return *k;
+}
+
+int kept_throw_site(const void* object, void** pcs, int max) {
+    KeptSites& k = kept_sites();
+    std::lock_guard<std::mutex> lk(k.mutex);
+    for (auto it = k.sites.rbegin(); it != k.sites.rend(); ++it) {
+        if (os::exception_object(it->exception) != object) continue;
+        int n = std::min(it->depth, max);
+        std::copy(it->pcs, it->pcs + n, pcs);
+        return n;
+    }
+    return 0;
+}
 
 /// Registry key and extra fields of an exception object.
 void fill_type(Record& rec, const Inspected& x) {
@@ -447,6 +480,7 @@ Record make_record(const std::exception_ptr& p, bool being_handled, int depth) {
         }
     } else {
         n = os::throw_site_stack(object, x.type, pcs, kMaxFrames);
+        if (n == 0) n = kept_throw_site(object, pcs, kMaxFrames);  // thrown by another thread
         where = "thrown at";
         if (x.nested && depth < kMaxCauseDepth) {
             rec.cause = std::make_unique<Record>(make_record(x.nested, false, depth + 1));
@@ -521,6 +555,22 @@ void encode_exception(Encoder& out, const std::exception_ptr& e) {
 }
 
 std::exception_ptr decode_exception(Decoder& in) { return read_record(in, 0); }
+
+void keep_throw_site(const std::exception_ptr& e) noexcept {
+    if (!e) return;
+    try {
+        KeptSite site;
+        site.depth = os::throw_site_stack(os::exception_object(e), nullptr, site.pcs, kMaxFrames);
+        if (site.depth == 0) return;
+        site.exception = e;
+        KeptSites& k = kept_sites();
+        std::lock_guard<std::mutex> lk(k.mutex);
+        k.sites.push_back(std::move(site));
+        if (k.sites.size() > kKeptSites) k.sites.pop_front();
+    } catch (...) {
+        // Out of memory: the traceback will show the sending stack instead.
+    }
+}
 
 }  // namespace mpservice::detail
 

@@ -206,6 +206,11 @@ MPSERVICE_API void encode_exception(Encoder& out, const std::exception_ptr& e);
 /// registered types) and always by `catch (const mpservice::RemoteError&)`.
 MPSERVICE_API std::exception_ptr decode_exception(Decoder& in);
 
+/// Keeps the throw-site stack that this thread recorded for `e`, so that `e`
+/// encoded later by another thread still shows where it was thrown (a
+/// Thread does this for its target's exception).  The last few are kept.
+MPSERVICE_API void keep_throw_site(const std::exception_ptr& e) noexcept;
+
 /// Re-throws `e` after noting the current stack as the place where this
 /// process raised it, so that a remote exception passed on from here (A -> B
 /// -> C) shows B's part of the story too.  Use instead of std::rethrow_exception

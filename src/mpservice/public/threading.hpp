@@ -31,6 +31,7 @@
 
 #include "errors.hpp"
 #include "futures.hpp"
+#include "remote_exception.hpp"
 
 namespace mpservice {
 
@@ -218,6 +219,7 @@ private:
                 }
             } catch (...) {
                 error = std::current_exception();
+                detail::keep_throw_site(error);  // the throw site is known in this thread only
             }
             core->resolve(error);
         });
