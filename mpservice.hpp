@@ -6761,9 +6761,13 @@ bool is_library_frame(const std::string& function) {
 /// A stack of library frames only is kept as it is.
 bool trim_innermost_library_frames(std::vector<os::StackFrame>& frames) {
     std::size_t first_user = 0;
-    while (first_user < frames.size() &&
-           (is_library_frame(frames[first_user].function) || frames[first_user].function.empty()))
-        ++first_user;
+    // An unnamed frame counts as the library's only inside a run of library
+    // frames (an inlined helper); alone it may be e.g. libstdc++ throwing.
+    auto in_library_run = [&](std::size_t i) {
+        if (is_library_frame(frames[i].function)) return true;
+        return frames[i].function.empty() && i + 1 < frames.size() && is_library_frame(frames[i + 1].function);
+    };
+    while (first_user < frames.size() && in_library_run(first_user)) ++first_user;
     if (first_user == 0 || first_user == frames.size()) return false;
     frames.erase(frames.begin(), frames.begin() + static_cast<std::ptrdiff_t>(first_user));
     return true;
