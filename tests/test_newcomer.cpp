@@ -371,7 +371,10 @@ TEST_CASE("set_start_method chooses the context of a Process without one; childr
         inherits.start();
         CHECK(inherits.result() == "fork");
     }
-    mp::set_start_method("forkserver", true);
+    mp::set_start_method("", true);  // unchosen again, as Python's set_start_method(None, force=True)
+    CHECK(mp::get_start_method(true).empty());
+    mp::set_start_method("forkserver");  // no force needed now
+    CHECK(mp::get_start_method(true) == "forkserver");
     {
         mp::Process served(marker);
         served.start();

@@ -261,37 +261,40 @@ const Context& get_context(const std::string& method) {
 }
 
 namespace {
-/// The default start method: unset until set_start_method or its first use.
-struct StartMethodChoice {
-    std::mutex mutex;
-    bool fixed = false;
-    StartMethod method = StartMethod::spawn;
-};
-StartMethodChoice& start_method_choice() {
-    static StartMethodChoice* c = new StartMethodChoice;  // used by children's start-up and static destructors
-    return *c;
-}
+/// The default start method: kUnset until set_start_method or its first use.
+/// An atomic rather than a lock: a fork child may read it while another
+/// thread of its parent was setting it at the moment of the fork.
+constexpr int kUnset = -1;
+std::atomic<int> g_start_method{kUnset};
 }  // namespace
 
 void set_start_method(const std::string& method, bool force) {
-    const Context& ctx = get_context(method);  // std::invalid_argument for an unknown name
-    StartMethodChoice& c = start_method_choice();
-    std::lock_guard<std::mutex> lk(c.mutex);
-    if (c.fixed && !force)
+    if (method.empty() && force) {  // as Python's set_start_method(None, force=True): not chosen again
+        g_start_method.store(kUnset);
+        return;
+    }
+    int wanted = static_cast<int>(get_context(method).start_method());  // std::invalid_argument if unknown
+    if (force) {
+        g_start_method.store(wanted);
+        return;
+    }
+    int expected = kUnset;
+    if (!g_start_method.compare_exchange_strong(expected, wanted))
         throw InvalidStateError("mpservice: the start method was already set (to \"" +
-                                std::string(Context(c.method).name()) + "\"); pass force = true to replace it");
-    c.method = ctx.start_method();
-    c.fixed = true;
+                                std::string(Context(static_cast<StartMethod>(expected)).name()) +
+                                "\"); pass force = true to replace it");
 }
 
 std::string get_start_method(bool allow_none) {
-    StartMethodChoice& c = start_method_choice();
-    std::lock_guard<std::mutex> lk(c.mutex);
-    if (!c.fixed) {
+    int m = g_start_method.load();
+    if (m == kUnset) {
         if (allow_none) return std::string();
-        c.fixed = true;
+        int expected = kUnset;
+        m = g_start_method.compare_exchange_strong(expected, static_cast<int>(StartMethod::spawn))
+                ? static_cast<int>(StartMethod::spawn)
+                : expected;
     }
-    return Context(c.method).name();
+    return Context(static_cast<StartMethod>(m)).name();
 }
 
 std::vector<std::string> get_all_start_methods() { return {"spawn", "fork", "forkserver"}; }

@@ -112,7 +112,7 @@ MPSERVICE_API const Context& get_context(const std::string& method = "");
 /// is fixed once: by the first call, or by its first use (a Process without a
 /// context, default_context(), get_start_method()).  Setting it again without
 /// `force` is an InvalidStateError, as Python's RuntimeError; `force = true`
-/// replaces it.  Children inherit it.  std::invalid_argument for an unknown name.
+/// replaces it, and ("", true) makes it unchosen again (Python: None, force=True).  Children inherit it.  std::invalid_argument for an unknown name.
 /// A target only the fork context can run (a lambda with captures, ...) is
 /// still refused at compile time by a Process without a context - name
 /// mp::ForkContext{}, or pass default_context() to check at start() instead.
