@@ -1,11 +1,48 @@
-// mpservice.hpp - Python-style multiprocessing for C++17, in one header.
+// mpservice.hpp - Python's multiprocessing for C++17, in one header (MIT license).
 //
 // GENERATED FILE - DO NOT EDIT.  Made by tools/amalgamate.py from src/mpservice.hpp
 // and the parts under src/mpservice/; edit those and run the tool again.
 //
-// Use: #include "mpservice.hpp" anywhere; in exactly one .cpp file write
+// What it is
+//   Child processes you use like futures (spawned by default: a fresh exec of
+//   the same program; fork and a fork server on request), shared-memory locks,
+//   events, queues and values that survive a crashed owner, child log records
+//   handled by the parent, and child exceptions re-thrown in the parent with
+//   their type and the child's stack.  Standard library and POSIX; Linux.
+//
+// How to include it
+//   #include "mpservice.hpp" anywhere.  In exactly ONE .cpp of the program write
+//       #define MPSERVICE_IMPLEMENTATION
+//       #include "mpservice.hpp"
+//   to compile the implementation there.  Link with -pthread -ldl.  Call
+//   mpservice::init(argc, argv) first in main(): a spawned child runs its task
+//   inside it and never returns.
+//
+// Configuration macros (define before the include)
+//   MPSERVICE_IMPLEMENTATION  emit the implementation in this translation unit
+//   MPSERVICE_NO_THROW_HOOK   leave out the __cxa_throw hook that records throw
+//                             sites (tracebacks then show where the exception
+//                             was sent from); only matters with the implementation
+//   MPSERVICE_API             linkage of the implementation's functions (default:
+//                             empty), e.g. for a shared library's export attribute
+//
+// Ten lines
 //   #define MPSERVICE_IMPLEMENTATION
-// before the include to compile the implementation there.
+//   #include "mpservice.hpp"
+//   #include <iostream>
+//   namespace mp = mpservice;
+//   double work(int n) { if (n < 0) throw std::invalid_argument("negative"); return n * 0.5; }
+//   int main(int argc, char** argv) {
+//       mp::init(argc, argv);
+//       mp::Process p(work, 21);            // spawned child; CTAD gives Process<double>
+//       p.start();
+//       std::cout << p.result() << "\n";   // 10.5; a child's exception is re-thrown here
+//   }
+//
+// Read more
+//   README.md of the project (the API table, semantics and deviations from
+//   Python), examples/*.cpp, and the comment at the top of each part below
+//   ("---- begin part: public/process.hpp" and so on).
 // SPDX-License-Identifier: MIT
 
 // mpservice - Python-style multiprocessing for C++17.
@@ -1650,6 +1687,17 @@ MPSERVICE_API void random_bytes(void* out, std::size_t n);
 /// Number of open descriptors and of memory mappings of this process (diagnostics; -1 if unknown).
 MPSERVICE_API long open_handle_count() noexcept;
 MPSERVICE_API long mapping_count() noexcept;
+// ---- the working directory and environment (fork-server workers adopt the parent's)
+
+/// This process's working directory ("" if it cannot be named, e.g. deleted).
+MPSERVICE_API std::string current_directory();
+/// chdir; false if it failed.
+MPSERVICE_API bool change_directory(const std::string& path) noexcept;
+/// Every "NAME=value" entry of this process's environment.
+MPSERVICE_API std::vector<std::string> environment_entries();
+/// Replaces the whole environment by `entries` ("NAME=value").  Single-threaded
+/// processes only (the environment is not thread-safe).
+MPSERVICE_API void replace_environment(const std::vector<std::string>& entries);
 
 }  // namespace mpservice::detail::os
 // ---- end part: mpservice/detail/os.hpp
@@ -1827,6 +1875,11 @@ struct RemoteInfo {
     std::string traceback;     // full text, cause chain included
     std::exception_ptr cause;  // the decoded cause, if the story has one
     std::string registry_key;  // which registered type rebuilt it (for re-encoding)
+    // How `cause` relates to the exception (the wire's cause marker): 1 = an
+    // earlier part of its story; 2 = its std::nested_exception; 3 = an earlier
+    // part of its story, whose own nested exception is this one's too.
+    std::uint8_t cause_kind = 0;
+    std::exception_ptr nested;  // what std::rethrow_if_nested throws, if anything
 };
 }  // namespace detail
 
@@ -1855,6 +1908,10 @@ public:
     /// (internal) everything above.
     const detail::RemoteInfo& remote_info() const noexcept { return info_; }
 
+    /// what() of the original exception, so that
+    /// `catch (const mp::RemoteError& e) { e.what(); }` works.
+    virtual const char* what() const noexcept { return info_.message.c_str(); }
+
 protected:
     explicit RemoteError(detail::RemoteInfo info) : info_(std::move(info)) {}
     RemoteError(const RemoteError&) = default;
@@ -1867,19 +1924,66 @@ private:
 /// The type a remote exception of type E (or of a type derived from E) is
 /// re-thrown as: catch clauses for E and for RemoteError both take it.
 template <class E>
-class Remote final : public E, public RemoteError {
+class Remote : public E, public RemoteError {
 public:
     Remote(E original, detail::RemoteInfo info) : E(std::move(original)), RemoteError(std::move(info)) {}
     const char* what() const noexcept override { return remote_what().c_str(); }
 };
 
-/// The remote traceback of `e`, or "" if `e` did not come from another process.
-inline std::string remote_traceback(const std::exception& e) {
-    auto* r = dynamic_cast<const RemoteError*>(&e);
+/// A remote exception that was thrown with std::throw_with_nested: also a
+/// std::nested_exception, so std::rethrow_if_nested throws the (rebuilt)
+/// nested exception.  Catch it as E, Remote<E> or RemoteError as any other.
+template <class E>
+class RemoteNested final : public Remote<E>, public std::nested_exception {
+public:
+    /// Call inside a catch clause of the nested exception (nested_exception
+    /// keeps the exception being handled).
+    RemoteNested(E original, detail::RemoteInfo info) : Remote<E>(std::move(original), std::move(info)) {}
+    const char* what() const noexcept override { return this->remote_what().c_str(); }
+};
+
+namespace detail {
+template <class E>
+const RemoteError* as_remote(const E& e) noexcept {
+    if constexpr (std::is_base_of_v<RemoteError, E>) return &e;
+    else if constexpr (std::is_polymorphic_v<E>) return dynamic_cast<const RemoteError*>(&e);
+    else return nullptr;
+}
+}  // namespace detail
+
+/// The remote traceback of `e` - a std::exception, a RemoteError, or any
+/// exception object - or "" if it did not come from another process.
+template <class E>
+std::string remote_traceback(const E& e) {
+    const RemoteError* r = detail::as_remote(e);
     return r ? r->traceback() : std::string();
 }
-/// Whether `e` came from another process.
-inline bool is_remote(const std::exception& e) noexcept { return dynamic_cast<const RemoteError*>(&e) != nullptr; }
+/// Whether `e` (a std::exception, a RemoteError, ...) came from another process.
+template <class E>
+bool is_remote(const E& e) noexcept {
+    return detail::as_remote(e) != nullptr;
+}
+/// The same for an exception kept as an exception_ptr ("" / false for null).
+inline std::string remote_traceback(const std::exception_ptr& p) {
+    if (!p) return std::string();
+    try {
+        std::rethrow_exception(p);
+    } catch (const RemoteError& r) {
+        return r.traceback();
+    } catch (...) {
+    }
+    return std::string();
+}
+inline bool is_remote(const std::exception_ptr& p) noexcept {
+    if (!p) return false;
+    try {
+        std::rethrow_exception(p);
+    } catch (const RemoteError&) {
+        return true;
+    } catch (...) {
+    }
+    return false;
+}
 
 /// Whether tracebacks made in this process show file:line.  They come from
 /// the `addr2line` program (binutils) when it is installed and the module has
@@ -1914,6 +2018,11 @@ MPSERVICE_API void encode_exception(Encoder& out, const std::exception_ptr& e);
 /// registered types) and always by `catch (const mpservice::RemoteError&)`.
 MPSERVICE_API std::exception_ptr decode_exception(Decoder& in);
 
+/// Keeps the throw-site stack that this thread recorded for `e`, so that `e`
+/// encoded later by another thread still shows where it was thrown (a
+/// Thread does this for its target's exception).  The last few are kept.
+MPSERVICE_API void keep_throw_site(const std::exception_ptr& e) noexcept;
+
 /// Re-throws `e` after noting the current stack as the place where this
 /// process raised it, so that a remote exception passed on from here (A -> B
 /// -> C) shows B's part of the story too.  Use instead of std::rethrow_exception
@@ -1939,6 +2048,23 @@ template <class T>
 struct has_serialize_member<T, std::void_t<decltype(std::declval<T&>().serialize(std::declval<Encoder&>()))>>
     : std::true_type {};
 
+/// The rebuilt exception: Remote<T>, or RemoteNested<T> when the original was
+/// thrown with std::throw_with_nested.
+template <class T>
+std::exception_ptr make_remote(T original, RemoteInfo&& info) {
+    if constexpr (!std::is_base_of_v<std::nested_exception, T>) {
+        if (info.nested) {
+            std::exception_ptr nested = info.nested;
+            try {
+                std::rethrow_exception(nested);
+            } catch (...) {  // RemoteNested's nested_exception keeps the exception being handled
+                return std::make_exception_ptr(RemoteNested<T>(std::move(original), std::move(info)));
+            }
+        }
+    }
+    return std::make_exception_ptr(Remote<T>(std::move(original), std::move(info)));
+}
+
 template <class T>
 ExceptionType exception_type_of() {
     static_assert(std::is_base_of_v<std::exception, T>, "register_exception<T>: T must derive from std::exception");
@@ -1960,17 +2086,17 @@ ExceptionType exception_type_of() {
         if constexpr (has_serialize_member<T>::value && std::is_default_constructible_v<T>) {
             T original;
             original.serialize(fields);
-            return std::make_exception_ptr(Remote<T>(std::move(original), std::move(info)));
+            return make_remote<T>(std::move(original), std::move(info));
         } else if constexpr (std::is_constructible_v<T, std::string>) {
             (void)fields;
             T original(info.message);
-            return std::make_exception_ptr(Remote<T>(std::move(original), std::move(info)));
+            return make_remote<T>(std::move(original), std::move(info));
         } else {
             static_assert(std::is_default_constructible_v<T>,
                           "register_exception<T>: T needs a serialize() member and a default constructor, "
                           "a constructor from std::string, or a default constructor");
             (void)fields;
-            return std::make_exception_ptr(Remote<T>(T(), std::move(info)));
+            return make_remote<T>(T(), std::move(info));
         }
     };
     return t;
@@ -2198,6 +2324,16 @@ MPSERVICE_API void set_log_level_from_parent(Level level);
 // checks that it runs the same build.  Under the fork context a callable with
 // captures works too (it simply runs in the forked copy).
 //
+// Arguments are converted to the target's parameter types when the Process is
+// made, as std::thread converts them (a literal for a std::string parameter,
+// an int for a double); the child receives that copy.  A target that cannot
+// work is one static_assert saying why and what to do: a T& parameter or a
+// reference result (the child cannot write into the parent's objects), and -
+// under SpawnContext, ForkServerContext or no context - a lambda with
+// captures, a generic lambda or a member function (use ForkContext).  Where
+// the type cannot tell (a std::function; a Context chosen at run time),
+// start() checks.
+//
 // The context is the optional first constructor argument,
 //     mp::Process p(mp::ForkServerContext{}, work, 21);
 //     mp::Process q(mp::get_context("fork"), work, 21);
@@ -2215,6 +2351,7 @@ MPSERVICE_API void set_log_level_from_parent(Level level);
 #include <chrono>
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -2235,7 +2372,11 @@ MPSERVICE_API void set_log_level_from_parent(Level level);
 //     for (mp::Worker* w : mp::as_completed({&p1, &p2, &t1})) std::cout << w->name() << " finished\n";
 //
 // Workers are passed by address (as Worker*), so Process<R> and Thread<R> of
-// different R mix freely in one braced list; the results are the same pointers.
+// different R mix freely in one braced list; the results are the same pointers
+// (as_completed also gives each one's position in the list).  Over a range of
+// one type - std::vector<mp::Process<int>>, say - wait() gives Process<int>*
+// and as_completed() yields Process<int>&, so result() needs no cast:
+//     for (mp::Process<int>& p : mp::as_completed(procs)) sum += p.result();
 
 #include <chrono>
 #include <condition_variable>
@@ -2379,6 +2520,10 @@ template <class R>
 struct result_ref {
     using type = const R&;
 };
+template <class R>
+struct result_ref<R&> {  // a Thread whose target returns a reference (as std::async)
+    using type = R&;
+};
 template <>
 struct result_ref<void> {
     using type = void;
@@ -2390,6 +2535,8 @@ using result_ref_t = typename result_ref<R>::type;
 [[noreturn]] MPSERVICE_API void throw_not_started(const std::string& what, const std::string& name);
 /// TimeoutError for result()/exception() of a worker still running.
 [[noreturn]] MPSERVICE_API void throw_timeout(const std::string& name);
+/// InvalidStateError: result() after take_result() moved the value out.
+[[noreturn]] MPSERVICE_API void throw_result_taken(const std::string& name);
 MPSERVICE_API std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Deadline deadline,
                                                            ReturnWhen return_when);
 }
@@ -2398,6 +2545,8 @@ MPSERVICE_API std::pair<WorkerList, WorkerList> wait_until(const WorkerList& wor
 /// pair (done, not_done), each in the order given.  A worker that was never
 /// started is an InvalidStateError.  Without a timeout, waits as `return_when`
 /// says; with one, returns the split at the deadline (no error).
+/// Over a range of one worker type (see the typed overloads below) the lists
+/// hold that type, so result() needs no cast.
 inline std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, ReturnWhen return_when = ALL_COMPLETED) {
     return detail::wait_until(workers, detail::os::no_deadline, return_when);
 }
@@ -2407,43 +2556,58 @@ std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, std::chrono::d
     return detail::wait_until(workers, detail::os::deadline_after(timeout), return_when);
 }
 
+/// One finished worker from as_completed over a list: the worker and its
+/// position in the list, so the caller can reach its own typed object
+/// (`results[c.index] = std::get<...>(...)`) without a cast.  Converts to Worker*.
+struct Completed {
+    Worker* worker = nullptr;
+    std::size_t index = 0;
+    operator Worker*() const noexcept { return worker; }
+    Worker* operator->() const noexcept { return worker; }
+};
+
 /// Yields started workers in the order they finish:
 ///     for (mp::Worker* w : mp::as_completed({&p1, &t1}, 5s)) ...
-/// Advancing past the deadline throws TimeoutError.  Single pass.
+///     for (mp::Completed c : mp::as_completed({&p1, &t1})) ... c.index ...
+/// Advancing past the deadline throws TimeoutError.  Single pass.  A worker
+/// listed twice is yielded once, with its first position.
 class AsCompleted {
 public:
     class iterator {
     public:
-        using value_type = Worker*;
-        using reference = Worker*;
+        using value_type = Completed;
+        using reference = Completed;
         using difference_type = std::ptrdiff_t;
         using iterator_category = std::input_iterator_tag;
-        Worker* operator*() const noexcept { return current_; }
+        Completed operator*() const noexcept { return current_; }
         iterator& operator++() {
-            current_ = owner_->next();
+            current_ = owner_->next_completed();
             return *this;
         }
-        bool operator==(const iterator& o) const noexcept { return current_ == o.current_; }
-        bool operator!=(const iterator& o) const noexcept { return current_ != o.current_; }
+        bool operator==(const iterator& o) const noexcept { return current_.worker == o.current_.worker; }
+        bool operator!=(const iterator& o) const noexcept { return current_.worker != o.current_.worker; }
 
     private:
         friend class AsCompleted;
-        iterator(AsCompleted* owner, Worker* current) : owner_(owner), current_(current) {}
+        iterator(AsCompleted* owner, Completed current) : owner_(owner), current_(current) {}
         AsCompleted* owner_;
-        Worker* current_;
+        Completed current_;
     };
 
     /// Waits for the next worker to finish; nullptr once all have been yielded.
-    MPSERVICE_API Worker* next();
-    iterator begin() { return iterator(this, next()); }
-    iterator end() { return iterator(this, nullptr); }
+    Worker* next() { return next_completed().worker; }
+    /// As next(), with the worker's position in the list (worker null at the end).
+    MPSERVICE_API Completed next_completed();
+    iterator begin() { return iterator(this, next_completed()); }
+    iterator end() { return iterator(this, Completed{}); }
 
     /// Starts watching `workers` (every one must be started) until `deadline`.
     MPSERVICE_API AsCompleted(const WorkerList& workers, detail::os::Deadline deadline);
 
 private:
     std::shared_ptr<detail::CompletionQueue> queue_;
-    std::vector<Worker*> pending_;
+    WorkerList workers_;
+    std::vector<std::size_t> pending_;  // positions in workers_, one per distinct worker
     detail::os::Deadline deadline_;
 };
 
@@ -2456,6 +2620,128 @@ inline AsCompleted as_completed(const WorkerList& workers) {
 template <class Rep, class Period>
 AsCompleted as_completed(const WorkerList& workers, std::chrono::duration<Rep, Period> timeout) {
     return AsCompleted(workers, detail::os::deadline_after(timeout));
+}
+
+// ---- typed waits: over a range of one worker type (a std::vector<Process<int>>,
+// an array of Thread<std::string>*, ...) the answers keep that type.
+
+namespace detail {
+template <class E>
+struct worker_of_element {
+    using type = void;
+};
+template <class E>
+struct worker_of_element<E*> {
+    using type = E;
+};
+template <class E>
+using element_worker_t = std::conditional_t<std::is_base_of_v<Worker, E>, E, typename worker_of_element<E>::type>;
+/// The worker type of a range whose elements are workers (or pointers to
+/// them) of one type other than plain Worker (a WorkerList keeps the old form).
+template <class Range>
+using range_worker_t = element_worker_t<std::remove_reference_t<decltype(*std::begin(std::declval<Range&>()))>>;
+template <class Range, class = void>
+struct is_typed_worker_range : std::false_type {};
+template <class Range>
+struct is_typed_worker_range<Range, std::void_t<range_worker_t<Range>>>
+    : std::bool_constant<std::is_base_of_v<Worker, range_worker_t<Range>> &&
+                         !std::is_same_v<range_worker_t<Range>, Worker> &&
+                         !std::is_const_v<range_worker_t<Range>>> {};
+
+template <class W, class E>
+W* worker_address(E& e) {
+    if constexpr (std::is_pointer_v<E>) return e;
+    else return &e;
+}
+
+template <class Range>
+std::vector<range_worker_t<Range>*> typed_workers(Range& range) {
+    std::vector<range_worker_t<Range>*> out;
+    for (auto& e : range) out.push_back(worker_address<range_worker_t<Range>>(e));
+    return out;
+}
+
+template <class W>
+std::pair<std::vector<W*>, std::vector<W*>> typed_wait(const std::vector<W*>& typed, os::Deadline deadline,
+                                                       ReturnWhen return_when) {
+    WorkerList all(typed.begin(), typed.end());
+    auto [done, not_done] = wait_until(all, deadline, return_when);
+    std::pair<std::vector<W*>, std::vector<W*>> out;
+    // Every Worker* here was a W* a moment ago: the downcast is exact.
+    for (Worker* w : done) out.first.push_back(static_cast<W*>(w));
+    for (Worker* w : not_done) out.second.push_back(static_cast<W*>(w));
+    return out;
+}
+}  // namespace detail
+
+/// as_completed over a range of one worker type: yields W& (a reference to
+/// the worker in the range), on which result() works directly:
+///     std::vector<mp::Process<int>> ps = ...;
+///     for (mp::Process<int>& p : mp::as_completed(ps)) total += p.result();
+template <class W>
+class TypedAsCompleted {
+public:
+    class iterator {
+    public:
+        using value_type = W;
+        using reference = W&;
+        using difference_type = std::ptrdiff_t;
+        using iterator_category = std::input_iterator_tag;
+        W& operator*() const noexcept { return *owner_->workers_[current_.index]; }
+        W* operator->() const noexcept { return owner_->workers_[current_.index]; }
+        iterator& operator++() {
+            current_ = owner_->inner_.next_completed();
+            return *this;
+        }
+        bool operator==(const iterator& o) const noexcept { return current_.worker == o.current_.worker; }
+        bool operator!=(const iterator& o) const noexcept { return current_.worker != o.current_.worker; }
+        /// The position of the current worker in the range.
+        std::size_t index() const noexcept { return current_.index; }
+
+    private:
+        friend class TypedAsCompleted;
+        iterator(TypedAsCompleted* owner, Completed current) : owner_(owner), current_(current) {}
+        TypedAsCompleted* owner_;
+        Completed current_;
+    };
+
+    TypedAsCompleted(std::vector<W*> workers, detail::os::Deadline deadline)
+        : workers_(std::move(workers)), inner_(WorkerList(workers_.begin(), workers_.end()), deadline) {}
+    /// The next worker to finish, or nullptr once all have been yielded.
+    W* next() {
+        Completed c = inner_.next_completed();
+        return c.worker ? workers_[c.index] : nullptr;
+    }
+    iterator begin() { return iterator(this, inner_.next_completed()); }
+    iterator end() { return iterator(this, Completed{}); }
+
+private:
+    std::vector<W*> workers_;
+    AsCompleted inner_;
+};
+
+template <class Range, std::enable_if_t<detail::is_typed_worker_range<Range>::value, int> = 0>
+TypedAsCompleted<detail::range_worker_t<Range>> as_completed(Range& workers) {
+    return {detail::typed_workers(workers), detail::os::no_deadline};
+}
+template <class Range, class Rep, class Period,
+          std::enable_if_t<detail::is_typed_worker_range<Range>::value, int> = 0>
+TypedAsCompleted<detail::range_worker_t<Range>> as_completed(Range& workers,
+                                                             std::chrono::duration<Rep, Period> timeout) {
+    return {detail::typed_workers(workers), detail::os::deadline_after(timeout)};
+}
+
+/// wait over a range of one worker type: (done, not_done) as W*, in range order.
+template <class Range, std::enable_if_t<detail::is_typed_worker_range<Range>::value, int> = 0>
+std::pair<std::vector<detail::range_worker_t<Range>*>, std::vector<detail::range_worker_t<Range>*>> wait(
+    Range& workers, ReturnWhen return_when = ALL_COMPLETED) {
+    return detail::typed_wait(detail::typed_workers(workers), detail::os::no_deadline, return_when);
+}
+template <class Range, class Rep, class Period,
+          std::enable_if_t<detail::is_typed_worker_range<Range>::value, int> = 0>
+std::pair<std::vector<detail::range_worker_t<Range>*>, std::vector<detail::range_worker_t<Range>*>> wait(
+    Range& workers, std::chrono::duration<Rep, Period> timeout, ReturnWhen return_when = ALL_COMPLETED) {
+    return detail::typed_wait(detail::typed_workers(workers), detail::os::deadline_after(timeout), return_when);
 }
 
 }  // namespace mpservice
@@ -2505,8 +2791,29 @@ public:
 /// The default context (as the seed's MP_SPAWN_CTX).
 inline constexpr SpawnContext MP_SPAWN_CTX{};
 
-/// The context for "spawn", "fork" or "forkserver"; std::invalid_argument otherwise.
-MPSERVICE_API const Context& get_context(const std::string& method = "spawn");
+/// The context for "spawn", "fork" or "forkserver"; for "" (no argument) the
+/// default context, as Python's get_context(None) (see set_start_method);
+/// std::invalid_argument for any other name.
+MPSERVICE_API const Context& get_context(const std::string& method = "");
+
+/// Chooses the process-wide default start method ("spawn", "fork" or
+/// "forkserver"), as Python's multiprocessing.set_start_method: a Process made
+/// without a context - and the Pool and server process - use it.  The default
+/// is fixed once: by the first call, or by its first use (a Process without a
+/// context, default_context(), get_start_method()).  Setting it again without
+/// `force` is an InvalidStateError, as Python's RuntimeError; `force = true`
+/// replaces it, and ("", true) makes it unchosen again (Python: None, force=True).  Children inherit it.  std::invalid_argument for an unknown name.
+/// A target only the fork context can run (a lambda with captures, ...) is
+/// still refused at compile time by a Process without a context - name
+/// mp::ForkContext{}, or pass default_context() to check at start() instead.
+MPSERVICE_API void set_start_method(const std::string& method, bool force = false);
+/// The default start method's name, fixing it to "spawn" if none was chosen;
+/// with `allow_none`, "" when none was chosen yet (and nothing is fixed).
+MPSERVICE_API std::string get_start_method(bool allow_none = false);
+/// Every start method this platform has: {"spawn", "fork", "forkserver"}.
+MPSERVICE_API std::vector<std::string> get_all_start_methods();
+/// The context of the default start method (fixing it, see set_start_method).
+MPSERVICE_API const Context& default_context();
 
 /// CPUs this process may use: the affinity mask, lowered by a cgroup CPU
 /// quota (rounded up); at least 1.
@@ -2552,21 +2859,76 @@ void write_kept(Encoder& out, std::shared_ptr<void>& keep, Call&& call) {
     }
 }
 
-template <class Fn, class... A>
+/// What the child stores and receives: the parameter type without cv-ref
+/// qualifiers (a `const std::string&` parameter travels as a std::string).
+template <class P>
+using stored_t = std::remove_cv_t<std::remove_reference_t<P>>;
+
+template <class R, class Fn, class... S>
 void trampoline(const void* target, Decoder& in, Encoder& out, std::shared_ptr<void>& keep) {
     Fn fn = reinterpret_cast<Fn>(reinterpret_cast<std::uintptr_t>(target));
-    std::tuple<A...> args{in.read<A>()...};  // braced: decoded left to right
+    std::tuple<S...> args{in.read<S>()...};  // braced: decoded left to right
     in.expect_end("process arguments");
-    if constexpr (std::is_void_v<std::invoke_result_t<Fn, A...>>) {
+    if constexpr (std::is_void_v<R>) {
         std::apply(fn, std::move(args));
         (void)out;
         (void)keep;
     } else {
-        write_kept(out, keep, [&]() -> decltype(auto) { return std::apply(fn, std::move(args)); });
+        write_kept(out, keep, [&]() -> R { return static_cast<R>(std::apply(fn, std::move(args))); });
     }
 }
 
-/// The plain function pointer behind a callable, when it has one: a function,
+// ---- what the type of a callable tells about it
+
+template <class... T>
+struct type_list {};
+
+/// The signature of a callable whose type shows it: a function pointer, or a
+/// class with exactly one, non-template operator() (a lambda with concrete
+/// parameter types, a std::function, a function object).
+template <class F, class = void>
+struct signature_of {
+    static constexpr bool known = false;
+};
+template <class R, class... P>
+struct signature_is {
+    static constexpr bool known = true;
+    static constexpr std::size_t arity = sizeof...(P);
+    using result = R;
+    using params = type_list<P...>;
+    using pointer = R (*)(P...);
+};
+template <class R, class... P>
+struct signature_of<R (*)(P...)> : signature_is<R, P...> {};
+template <class R, class... P>
+struct signature_of<R (*)(P...) noexcept> : signature_is<R, P...> {};
+
+template <class M>
+struct call_operator_signature {
+    static constexpr bool known = false;
+};
+#define MPSERVICE_CALL_OPERATOR_SIGNATURE(QUALIFIERS)                              \
+    template <class C, class R, class... P>                                        \
+    struct call_operator_signature<R (C::*)(P...) QUALIFIERS> : signature_is<R, P...> {}; \
+    template <class C, class R, class... P>                                        \
+    struct call_operator_signature<R (C::*)(P...) QUALIFIERS noexcept> : signature_is<R, P...> {};
+MPSERVICE_CALL_OPERATOR_SIGNATURE()
+MPSERVICE_CALL_OPERATOR_SIGNATURE(const)
+MPSERVICE_CALL_OPERATOR_SIGNATURE(&)
+MPSERVICE_CALL_OPERATOR_SIGNATURE(const&)
+MPSERVICE_CALL_OPERATOR_SIGNATURE(&&)
+MPSERVICE_CALL_OPERATOR_SIGNATURE(const&&)
+#undef MPSERVICE_CALL_OPERATOR_SIGNATURE
+template <class F>
+struct signature_of<F, std::enable_if_t<std::is_class_v<F>, std::void_t<decltype(&F::operator())>>>
+    : call_operator_signature<decltype(&F::operator())> {};
+
+template <class F>
+struct is_std_function : std::false_type {};
+template <class Sig>
+struct is_std_function<std::function<Sig>> : std::true_type {};
+
+/// The plain function pointer behind a callable, when its type guarantees one:
 /// a function pointer, a static member function or a capture-less lambda.
 template <class F, class = void>
 struct function_pointer_of {
@@ -2585,8 +2947,118 @@ struct function_pointer_of<
     static auto get(F& f) { return +f; }
 };
 
+/// How a callable can reach a spawned or fork-server child.
+enum class TargetKind {
+    plain,          ///< a function's address: runs under every context
+    maybe_plain,    ///< a std::function: only its content, at run time, tells
+    stateful,       ///< a lambda with captures or a function object: fork only
+    generic,        ///< a generic lambda or overloaded function object: fork only
+    member,         ///< a pointer to member (needs its object): fork only
+};
+template <class F>
+constexpr TargetKind target_kind() {
+    if constexpr (function_pointer_of<F>::value) return TargetKind::plain;
+    else if constexpr (is_std_function<F>::value) return TargetKind::maybe_plain;
+    else if constexpr (std::is_member_pointer_v<F>) return TargetKind::member;
+    else if constexpr (signature_of<F>::known) return TargetKind::stateful;
+    else return TargetKind::generic;
+}
+
+/// Which contexts a Process constructor may use, as far as its type shows.
+enum class ContextCheck {
+    spawn,     ///< SpawnContext, ForkServerContext, or none (the default is chosen at run time)
+    fork,      ///< ForkContext: any callable
+    run_time,  ///< a Context& of unknown kind: start() checks
+};
+
+/// The one problem (if any) of running F with arguments A under `check`;
+/// Process reports it with one static_assert.
+enum class TargetProblem {
+    none,
+    needs_fork_stateful,
+    needs_fork_generic,
+    needs_fork_member,
+    wrong_arity,
+    mutable_reference_parameter,
+    not_convertible,
+    not_invocable,
+    returns_reference,
+    result_not_convertible,
+};
+
+template <class P>
+constexpr bool is_mutable_lvalue_ref_v =
+    std::is_lvalue_reference_v<P> && !std::is_const_v<std::remove_reference_t<P>>;
+
+template <class Params, class... A>
+struct params_check;
+template <class... P, class... A>
+struct params_check<type_list<P...>, A...> {
+    static constexpr bool any_mutable_ref = (is_mutable_lvalue_ref_v<P> || ...);
+    static constexpr bool all_convert() {
+        if constexpr (sizeof...(P) != sizeof...(A)) return false;
+        else return (std::is_convertible_v<A&&, stored_t<P>> && ...);
+    }
+};
+
+/// Whether the target has a parameter list of its own (not a pointer to member).
+template <class F>
+constexpr bool has_own_signature_v = signature_of<F>::known && !std::is_member_pointer_v<F>;
+
+template <class R, class F, ContextCheck check, class... A>
+constexpr TargetProblem target_problem() {
+    constexpr TargetKind kind = target_kind<F>();
+    if constexpr (check == ContextCheck::spawn && kind == TargetKind::stateful) return TargetProblem::needs_fork_stateful;
+    else if constexpr (check == ContextCheck::spawn && kind == TargetKind::generic) return TargetProblem::needs_fork_generic;
+    else if constexpr (check == ContextCheck::spawn && kind == TargetKind::member) return TargetProblem::needs_fork_member;
+    else if constexpr (has_own_signature_v<F>) {
+        using sig = signature_of<F>;
+        using pc = params_check<typename sig::params, A...>;
+        if constexpr (sig::arity != sizeof...(A)) return TargetProblem::wrong_arity;
+        else if constexpr (pc::any_mutable_ref) return TargetProblem::mutable_reference_parameter;
+        else if constexpr (!pc::all_convert()) return TargetProblem::not_convertible;
+        else if constexpr (std::is_reference_v<typename sig::result>) return TargetProblem::returns_reference;
+        else if constexpr (!std::is_void_v<R> && !std::is_convertible_v<typename sig::result, R>)
+            return TargetProblem::result_not_convertible;
+        else return TargetProblem::none;
+    } else if constexpr (!std::is_invocable_v<F&, std::decay_t<A>...>) {
+        return TargetProblem::not_invocable;
+    } else {
+        using result = std::invoke_result_t<F&, std::decay_t<A>...>;
+        if constexpr (std::is_reference_v<result>) return TargetProblem::returns_reference;
+        else if constexpr (!std::is_void_v<R> && !std::is_convertible_v<result, R>)
+            return TargetProblem::result_not_convertible;
+        else return TargetProblem::none;
+    }
+}
+
+/// Stands for the result of a call that cannot be made, so that class template
+/// argument deduction succeeds and the constructor's static_assert explains.
+struct uncallable_target {};
+
 template <class F, class... A>
-using process_result_t = std::invoke_result_t<std::decay_t<F>, std::decay_t<A>...>;
+auto deduced_result() {
+    if constexpr (has_own_signature_v<F>) return type_list<stored_t<typename signature_of<F>::result>>{};
+    else if constexpr (std::is_invocable_v<F&, std::decay_t<A>...>)
+        return type_list<stored_t<std::invoke_result_t<F&, std::decay_t<A>...>>>{};
+    else return type_list<uncallable_target>{};
+}
+template <class L>
+struct first_of;
+template <class T>
+struct first_of<type_list<T>> {
+    using type = T;
+};
+
+template <class F, class... A>
+struct process_result_impl {
+    using type = typename first_of<decltype(deduced_result<F, A...>())>::type;
+};
+// No `type` for a Context or a worker in first place: those are other constructors.
+template <class F, class... A>
+using process_result_t = typename std::enable_if_t<
+    !std::is_base_of_v<mpservice::Context, std::decay_t<F>> && !std::is_base_of_v<Worker, std::decay_t<F>>,
+    process_result_impl<std::decay_t<F>, A...>>::type;
 
 /// What a child runs: the target as an address plus trampoline (spawn,
 /// fork-server) and, for fork, the callable itself.
@@ -2602,23 +3074,33 @@ public:
     virtual void run_here(Encoder& result, std::shared_ptr<void>& keep) = 0;
 };
 
-template <class R, class F, class... A>
+template <class Fp>
+const void* address_of_function(Fp fp) {
+    return reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(fp));
+}
+
+/// F called with stored arguments S (the target's parameter types, or the
+/// decayed arguments when the target's type does not show its parameters).
+template <class R, class F, class... S>
 class ChildTaskOf final : public ChildTask {
 public:
     template <class FF, class... AA>
     explicit ChildTaskOf(FF&& f, AA&&... args) : f_(std::forward<FF>(f)), args_(std::forward<AA>(args)...) {
         if constexpr (function_pointer_of<F>::value) {
             auto fp = function_pointer_of<F>::get(f_);
-            target = reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(fp));
-            trampoline = &detail::trampoline<decltype(fp), A...>;
+            target = address_of_function(fp);
+            trampoline = &detail::trampoline<R, decltype(fp), S...>;
+        } else if constexpr (is_std_function<F>::value) {
+            // Only its content tells: a plain function inside runs anywhere.
+            using Fp = typename signature_of<F>::pointer;
+            if (const Fp* fp = f_.template target<Fp>()) {
+                target = address_of_function(*fp);
+                trampoline = &detail::trampoline<R, Fp, S...>;
+            }
         }
     }
     void encode_args(Encoder& out) const override {
-        if constexpr (function_pointer_of<F>::value) {
-            std::apply([&](const auto&... a) { (out.write(a), ...); }, args_);
-        } else {
-            (void)out;
-        }
+        if (target) std::apply([&](const auto&... a) { (out.write(a), ...); }, args_);
     }
     void run_here(Encoder& result, std::shared_ptr<void>& keep) override {
         if constexpr (std::is_void_v<R>) {
@@ -2626,14 +3108,78 @@ public:
             (void)result;
             (void)keep;
         } else {
-            write_kept(result, keep, [&]() -> decltype(auto) { return std::apply(f_, std::move(args_)); });
+            write_kept(result, keep, [&]() -> R { return static_cast<R>(std::apply(f_, std::move(args_))); });
         }
     }
 
 private:
     F f_;
-    std::tuple<A...> args_;
+    std::tuple<S...> args_;
 };
+
+template <class R, class F, class Params, class... A>
+struct child_task_for;
+template <class R, class F, class... P, class... A>
+struct child_task_for<R, F, type_list<P...>, A...> {
+    using type = ChildTaskOf<R, F, stored_t<P>...>;
+};
+
+/// The task of a Process<R> over f(args...), or - after one static_assert
+/// that says what is wrong and what to do - nothing.
+template <class R, ContextCheck check, class FF, class... A>
+std::unique_ptr<ChildTask> make_child_task(FF&& f, A&&... args) {
+    using F = std::decay_t<FF>;
+    constexpr TargetProblem problem = target_problem<R, F, check, A...>();
+    static_assert(problem != TargetProblem::needs_fork_stateful,
+                  "mpservice::Process: this target carries state (a lambda with captures, or a function object). "
+                  "A spawned or fork-server child is a fresh program that is sent only a function's address and "
+                  "the arguments, so it cannot have that state. Use a free function, a static member function or "
+                  "a capture-less lambda and pass the state as arguments - or run it in a forked copy of this "
+                  "process: mp::Process p(mp::ForkContext{}, f, args...). (A Process without a context is checked "
+                  "as spawn, because the default start method is chosen at run time.)");
+    static_assert(problem != TargetProblem::needs_fork_generic,
+                  "mpservice::Process: this target is a generic lambda or an overloaded function object, so it is "
+                  "not one function the child could be told to run. Give its parameters concrete types (a "
+                  "capture-less lambda, a free or static member function) - or run it in a forked copy of this "
+                  "process: mp::Process p(mp::ForkContext{}, f, args...). (A Process without a context is checked "
+                  "as spawn, because the default start method is chosen at run time.)");
+    static_assert(problem != TargetProblem::needs_fork_member,
+                  "mpservice::Process: a member function needs its object, which lives in this process; a spawned "
+                  "or fork-server child cannot call it. Use a free or static member function that takes the "
+                  "object's data as arguments - or run it in a forked copy of this process: "
+                  "mp::Process p(mp::ForkContext{}, &T::method, object, args...). (A Process without a context is "
+                  "checked as spawn, because the default start method is chosen at run time.)");
+    static_assert(problem != TargetProblem::wrong_arity,
+                  "mpservice::Process: the number of arguments does not match the target's parameters (default "
+                  "arguments do not count: a function pointer has none).");
+    static_assert(problem != TargetProblem::mutable_reference_parameter,
+                  "mpservice::Process: the target has a non-const lvalue reference parameter (T&). The child "
+                  "works on its own copy of the argument, in another process: it cannot write into the parent's "
+                  "object. Return the value instead (the parent reads it with result()), or pass a shared "
+                  "mp::Value<T> / mp::Array<T> (by value: both processes then see the same memory).");
+    static_assert(problem != TargetProblem::not_convertible,
+                  "mpservice::Process: an argument does not convert to the target's parameter type. Arguments "
+                  "are converted to the parameter types when the Process is made (as std::thread converts them "
+                  "at the call), and that copy is what the child receives.");
+    static_assert(problem != TargetProblem::not_invocable,
+                  "mpservice::Process: the target cannot be called with copies of these arguments, passed as "
+                  "rvalues (as std::thread passes them).");
+    static_assert(problem != TargetProblem::returns_reference,
+                  "mpservice::Process: the target returns a reference. A reference into the child's memory means "
+                  "nothing in the parent: return the value (it is sent back; result() gives it), or write into a "
+                  "shared mp::Value<T> / mp::Array<T>.");
+    static_assert(problem != TargetProblem::result_not_convertible,
+                  "mpservice::Process<R>: the target's return type does not convert to R.");
+    if constexpr (problem != TargetProblem::none) {
+        return nullptr;
+    } else if constexpr (has_own_signature_v<F>) {
+        using Task = typename child_task_for<R, F, typename signature_of<F>::params, A...>::type;
+        return std::make_unique<Task>(std::forward<FF>(f), std::forward<A>(args)...);
+    } else {
+        return std::make_unique<ChildTaskOf<R, F, std::decay_t<A>...>>(std::forward<FF>(f),
+                                                                       std::forward<A>(args)...);
+    }
+}
 
 /// The non-template part of a Process: the child, its channel and its outcome.
 class ProcessCore : public FutureCore, public std::enable_shared_from_this<ProcessCore> {
@@ -2662,6 +3208,7 @@ public:
     /// The decoded value, cached by Process<R>::result.
     std::mutex value_mutex;
     std::shared_ptr<void> decoded;
+    bool value_taken = false;  ///< take_result() moved the value out
 
     /// The lock of this core's state (the implementation's reactor uses it).
     std::mutex& io_mutex() const { return mutex_; }
@@ -2699,19 +3246,28 @@ class Process : public Worker {
     using Core = detail::ProcessCore;
 
 public:
-    /// Prepares (does not start) a child in the default spawn context.
+    /// Prepares (does not start) a child in the default context
+    /// (default_context(): spawn unless set_start_method chose another).
+    /// Arguments are converted to the target's parameter types here, and the
+    /// child receives that copy.  Targets that only the fork context can run
+    /// are refused at compile time (the default is chosen at run time).
     template <class F, class... A,
               std::enable_if_t<!std::is_base_of_v<Context, std::decay_t<F>> &&
-                                   !std::is_same_v<std::decay_t<F>, Process>,
+                                   !std::is_base_of_v<Worker, std::decay_t<F>>,
                                int> = 0>
-    explicit Process(F&& f, A&&... args) : Process(MP_SPAWN_CTX, std::forward<F>(f), std::forward<A>(args)...) {}
+    explicit Process(F&& f, A&&... args)
+        : Worker(std::make_shared<Core>(default_context())),
+          task_(detail::make_child_task<R, detail::ContextCheck::spawn>(std::forward<F>(f),
+                                                                          std::forward<A>(args)...)) {}
 
-    /// Prepares a child made by `ctx` (SpawnContext, ForkContext, ForkServerContext).
-    template <class F, class... A>
-    Process(const Context& ctx, F&& f, A&&... args)
+    /// Prepares a child made by `ctx`.  With SpawnContext or ForkServerContext
+    /// a target that needs the fork context is a compile-time error; with
+    /// ForkContext any callable runs; with a Context of run-time kind
+    /// (get_context(...), default_context()) start() checks.
+    template <class Ctx, class F, class... A, std::enable_if_t<std::is_base_of_v<Context, Ctx>, int> = 0>
+    Process(const Ctx& ctx, F&& f, A&&... args)
         : Worker(std::make_shared<Core>(ctx)),
-          task_(std::make_unique<detail::ChildTaskOf<R, std::decay_t<F>, std::decay_t<A>...>>(
-              std::forward<F>(f), std::forward<A>(args)...)) {}
+          task_(detail::make_child_task<R, check_for<Ctx>()>(std::forward<F>(f), std::forward<A>(args)...)) {}
 
     Process(Process&&) noexcept = default;
     Process& operator=(Process&&) = delete;
@@ -2738,11 +3294,26 @@ public:
 
     /// The target's return value (waits).  Re-throws as join() does; a child
     /// that ended without a value (terminated, exit(0)) is a ProcessError.
-    detail::result_ref_t<R> result() { return result_at(detail::os::no_deadline); }
+    /// The value is decoded once and kept: every call returns the same object.
+    detail::result_ref_t<R> result() & { return result_at(detail::os::no_deadline); }
     /// As result(), but TimeoutError if the child is still running after `timeout`.
     template <class Rep, class Period>
-    detail::result_ref_t<R> result(std::chrono::duration<Rep, Period> timeout) {
+    detail::result_ref_t<R> result(std::chrono::duration<Rep, Period> timeout) & {
         return result_at(detail::os::deadline_after(timeout));
+    }
+    /// std::move(p).result(): the value moved out (see take_result).
+    R result() && { return take_result(); }
+    template <class Rep, class Period>
+    R result(std::chrono::duration<Rep, Period> timeout) && {
+        return take_result(timeout);
+    }
+    /// The target's return value, moved out of this Process rather than
+    /// copied (waits; re-throws as result()).  Afterwards result() and
+    /// take_result() are an InvalidStateError; join() and exception() still work.
+    R take_result() { return take_at(detail::os::no_deadline); }
+    template <class Rep, class Period>
+    R take_result(std::chrono::duration<Rep, Period> timeout) {
+        return take_at(detail::os::deadline_after(timeout));
     }
 
     /// The exception join() would throw, or nullptr (waits).
@@ -2785,6 +3356,13 @@ public:
     bool forward_output() const { return state().forward_output_; }
 
 private:
+    template <class Ctx>
+    static constexpr detail::ContextCheck check_for() {
+        if constexpr (std::is_same_v<Ctx, ForkContext>) return detail::ContextCheck::fork;
+        else if constexpr (std::is_same_v<Ctx, SpawnContext> || std::is_same_v<Ctx, ForkServerContext>)
+            return detail::ContextCheck::spawn;
+        else return detail::ContextCheck::run_time;
+    }
     Core& state() const { return static_cast<Core&>(*core_); }
 
     bool wait_at(detail::os::Deadline deadline, const char* what) {
@@ -2795,7 +3373,8 @@ private:
         if (!wait_at(deadline, "join")) return;
         if (auto e = core_->error()) detail::rethrow_exception(e);
     }
-    detail::result_ref_t<R> result_at(detail::os::Deadline deadline) {
+    /// Waits, then throws what result() throws instead of a value.
+    void check_value_at(detail::os::Deadline deadline) {
         if (!wait_at(deadline, "result")) detail::throw_timeout(name());
         if (auto e = core_->error()) detail::rethrow_exception(e);
         if constexpr (std::is_void_v<R>) {
@@ -2804,15 +3383,34 @@ private:
                 if (auto e = core_->result_error()) detail::rethrow_exception(e);
         } else {
             if (!state().has_value()) detail::rethrow_exception(core_->result_error());
+        }
+    }
+    R decode_value(Core& c) {
+        Decoder d(c.value_bytes().data(), c.value_bytes().size(), &c.value_handles());
+        R v = d.template read<R>();
+        d.expect_end("process result");
+        return v;
+    }
+    detail::result_ref_t<R> result_at(detail::os::Deadline deadline) {
+        check_value_at(deadline);
+        if constexpr (!std::is_void_v<R>) {
             Core& c = state();
             std::lock_guard<std::mutex> lk(c.value_mutex);
-            if (!c.decoded) {
-                Decoder d(c.value_bytes().data(), c.value_bytes().size(), &c.value_handles());
-                auto v = std::make_shared<R>(d.template read<R>());
-                d.expect_end("process result");
-                c.decoded = std::move(v);
-            }
+            if (c.value_taken) detail::throw_result_taken(name());
+            if (!c.decoded) c.decoded = std::make_shared<R>(decode_value(c));
             return *static_cast<const R*>(c.decoded.get());
+        }
+    }
+    R take_at(detail::os::Deadline deadline) {
+        check_value_at(deadline);
+        if constexpr (!std::is_void_v<R>) {
+            Core& c = state();
+            std::lock_guard<std::mutex> lk(c.value_mutex);
+            if (c.value_taken) detail::throw_result_taken(name());
+            c.value_taken = true;
+            if (!c.decoded) return decode_value(c);  // straight out: never kept, never copied
+            std::shared_ptr<void> kept = std::move(c.decoded);
+            return std::move(*static_cast<R*>(kept.get()));
         }
     }
     std::exception_ptr exception_at(detail::os::Deadline deadline) {
@@ -2825,8 +3423,8 @@ private:
 
 template <class F, class... A>
 Process(F, A...) -> Process<detail::process_result_t<F, A...>>;
-template <class F, class... A>
-Process(const Context&, F, A...) -> Process<detail::process_result_t<F, A...>>;
+template <class Ctx, class F, class... A, std::enable_if_t<std::is_base_of_v<Context, Ctx>, int> = 0>
+Process(const Ctx&, F, A...) -> Process<detail::process_result_t<F, A...>>;
 
 }  // namespace mpservice
 // ---- end part: mpservice/public/process.hpp
@@ -2836,6 +3434,12 @@ Process(const Context&, F, A...) -> Process<detail::process_result_t<F, A...>>;
 //     mp::Thread t(work, 21);              // CTAD: Thread<double>
 //     t.start();
 //     double r = t.result();               // waits; re-throws the target's exception
+//
+// Arguments follow std::thread: each is copied (decayed) into the thread and
+// passed as an rvalue, so a T& parameter needs std::ref(x) (one static_assert
+// says so otherwise).  A target returning a reference gives Thread<T&>, whose
+// result() is that very object, as std::async's future<T&>.  take_result() (or
+// std::move(t).result()) moves the value out instead of copying it.
 //
 // Cancellation is cooperative, as with std::jthread (C++ cannot inject an
 // exception into a running thread the way Python's Thread.throw does): a
@@ -2870,6 +3474,9 @@ private:
     std::shared_ptr<std::atomic<bool>> flag_;
 };
 
+template <class R>
+class Thread;
+
 namespace detail {
 
 /// "Thread-N", numbered from 1 in each process.
@@ -2878,21 +3485,56 @@ MPSERVICE_API std::string next_thread_name();
 template <class F, class... A>
 constexpr bool takes_stop_token_v = std::is_invocable_v<std::decay_t<F>, StopToken, std::decay_t<A>...>;
 
-// std::invoke_result has no `type` when the call is invalid, which keeps the
-// deduction guide SFINAE-friendly (Thread b(std::move(a)) must not trip on it).
+/// Stands for the result of a call that cannot be made, so that class template
+/// argument deduction succeeds and the constructor's static_assert explains.
+struct uncallable_thread_target {};
+
 template <class F, class... A>
-struct thread_result : std::invoke_result<std::decay_t<F>, std::decay_t<A>...> {};
+auto thread_result_of() {
+    if constexpr (takes_stop_token_v<F, A...>)
+        return std::invoke_result<std::decay_t<F>&, StopToken, std::decay_t<A>...>{};
+    else if constexpr (std::is_invocable_v<std::decay_t<F>&, std::decay_t<A>...>)
+        return std::invoke_result<std::decay_t<F>&, std::decay_t<A>...>{};
+    else
+        return std::enable_if<true, uncallable_thread_target>{};
+}
 template <class F, class... A>
-struct thread_result_with_token : std::invoke_result<std::decay_t<F>, StopToken, std::decay_t<A>...> {};
+struct thread_result_impl {
+    using type = typename decltype(thread_result_of<F, A...>())::type;
+};
+// No `type` for a Thread in first place: Thread b(std::move(a)) is the move
+// constructor, and the deduction guide must step aside for it.
 template <class F, class... A>
-using thread_result_t = typename std::conditional_t<takes_stop_token_v<F, A...>, thread_result_with_token<F, A...>,
-                                                    thread_result<F, A...>>::type;
+using thread_result_t =
+    typename std::enable_if_t<!std::is_base_of_v<Worker, std::decay_t<F>>, thread_result_impl<F, A...>>::type;
+
+/// Whether f(args...) - or f(stop_token, args...) - can be made from the
+/// copies a Thread keeps (passed as rvalues, as std::thread passes them).
+template <class F, class... A>
+constexpr bool thread_callable_v =
+    takes_stop_token_v<F, A...> || std::is_invocable_v<std::decay_t<F>&, std::decay_t<A>...>;
+
+/// What a Thread keeps of R: a value, a pointer for a reference, a flag for void.
+template <class R>
+struct thread_value {
+    using type = R;
+};
+template <class R>
+struct thread_value<R&> {
+    using type = R*;
+};
+template <>
+struct thread_value<void> {
+    using type = bool;
+};
 
 template <class R>
 class ThreadCore : public FutureCore {
 public:
-    std::optional<std::conditional_t<std::is_void_v<R>, bool, R>> value;
+    std::optional<typename thread_value<R>::type> value;
+    bool value_taken = false;  ///< take_result() moved the value out
     std::mutex join_mutex;
+    std::mutex value_mutex;
 };
 
 }  // namespace detail
@@ -2910,26 +3552,14 @@ public:
               std::enable_if_t<!std::is_same_v<std::decay_t<F>, Thread>, int> = 0>
     explicit Thread(F&& f, A&&... args)
         : Worker(std::make_shared<Core>()), stop_(std::make_shared<std::atomic<bool>>(false)) {
+        static_assert(detail::thread_callable_v<F, A...>,
+                      "mpservice::Thread: the target cannot be called with these arguments. As std::thread does, "
+                      "Thread keeps a copy of each argument and passes the copies as rvalues, so a non-const "
+                      "lvalue reference parameter (T&) cannot bind to one: pass std::ref(x) to let the thread use "
+                      "your object x itself, or take the parameter by value or by const reference.");
         core_->name = detail::next_thread_name();
-        auto token = StopToken(stop_);
-        auto core = state();
-        body_ = detail::make_task([core, token, fn = std::decay_t<F>(std::forward<F>(f)),
-                 tup = std::make_tuple(std::decay_t<A>(std::forward<A>(args))...)]() mutable {
-            std::exception_ptr error;
-            try {
-                if constexpr (detail::takes_stop_token_v<F, A...>) {
-                    call_and_store(*core, [&] {
-                        return std::apply([&](auto&&... a) { return std::invoke(fn, token, std::move(a)...); },
-                                          std::move(tup));
-                    });
-                } else {
-                    call_and_store(*core, [&] { return std::apply(fn, std::move(tup)); });
-                }
-            } catch (...) {
-                error = std::current_exception();
-            }
-            core->resolve(error);
-        });
+        if constexpr (detail::thread_callable_v<F, A...>)
+            body_ = make_body(std::forward<F>(f), std::forward<A>(args)...);
     }
     Thread(Thread&&) noexcept = default;
     Thread& operator=(Thread&&) = delete;
@@ -2961,13 +3591,25 @@ public:
     }
 
     /// The target's value (waits); re-throws its exception.
-    detail::result_ref_t<R> result() {
-        return result_at(detail::os::no_deadline);
-    }
+    detail::result_ref_t<R> result() & { return result_at(detail::os::no_deadline); }
     /// As result(), but TimeoutError if not finished within `timeout`.
     template <class Rep, class Period>
-    detail::result_ref_t<R> result(std::chrono::duration<Rep, Period> timeout) {
+    detail::result_ref_t<R> result(std::chrono::duration<Rep, Period> timeout) & {
         return result_at(detail::os::deadline_after(timeout));
+    }
+    /// std::move(t).result(): the value moved out (see take_result).
+    R result() && { return take_result(); }
+    template <class Rep, class Period>
+    R result(std::chrono::duration<Rep, Period> timeout) && {
+        return take_result(timeout);
+    }
+    /// The target's value moved out of this Thread rather than copied (waits;
+    /// re-throws as result()).  Afterwards result() and take_result() are an
+    /// InvalidStateError; join() and exception() still work.
+    R take_result() { return take_at(detail::os::no_deadline); }
+    template <class Rep, class Period>
+    R take_result(std::chrono::duration<Rep, Period> timeout) {
+        return take_at(detail::os::deadline_after(timeout));
     }
     /// The target's exception, or nullptr after a value (waits).
     std::exception_ptr exception() { return exception_at(detail::os::no_deadline); }
@@ -2985,11 +3627,37 @@ public:
     void set_name(std::string name) { core_->name = std::move(name); }
 
 private:
+    template <class F, class... A>
+    std::unique_ptr<detail::Task> make_body(F&& f, A&&... args) {
+        auto token = StopToken(stop_);
+        auto core = state();
+        return detail::make_task([core, token, fn = std::decay_t<F>(std::forward<F>(f)),
+                                  tup = std::make_tuple(std::decay_t<A>(std::forward<A>(args))...)]() mutable {
+            std::exception_ptr error;
+            try {
+                if constexpr (detail::takes_stop_token_v<F, A...>) {
+                    call_and_store(*core, [&]() -> decltype(auto) {
+                        return std::apply([&](auto&&... a) -> decltype(auto) { return std::invoke(fn, token, std::move(a)...); },
+                                          std::move(tup));
+                    });
+                } else {
+                    call_and_store(*core, [&]() -> decltype(auto) { return std::apply(fn, std::move(tup)); });
+                }
+            } catch (...) {
+                error = std::current_exception();
+                detail::keep_throw_site(error);  // the throw site is known in this thread only
+            }
+            core->resolve(error);
+        });
+    }
     template <class Call>
     static void call_and_store(Core& core, Call&& call) {
         if constexpr (std::is_void_v<R>) {
             call();
             core.value.emplace(true);
+        } else if constexpr (std::is_reference_v<R>) {
+            R r = call();
+            core.value.emplace(&r);
         } else {
             core.value.emplace(call());
         }
@@ -3008,7 +3676,30 @@ private:
     detail::result_ref_t<R> result_at(detail::os::Deadline deadline) {
         if (!wait_for_end(deadline, "result")) detail::throw_timeout(name());
         if (auto e = core_->error()) std::rethrow_exception(e);
-        if constexpr (!std::is_void_v<R>) return *state()->value;
+        if constexpr (!std::is_void_v<R>) {
+            Core& c = *state();
+            std::lock_guard<std::mutex> lk(c.value_mutex);
+            if (c.value_taken) detail::throw_result_taken(name());
+            if constexpr (std::is_reference_v<R>) return **c.value;
+            else return *c.value;
+        }
+    }
+    R take_at(detail::os::Deadline deadline) {
+        if (!wait_for_end(deadline, "result")) detail::throw_timeout(name());
+        if (auto e = core_->error()) std::rethrow_exception(e);
+        if constexpr (!std::is_void_v<R>) {
+            Core& c = *state();
+            std::lock_guard<std::mutex> lk(c.value_mutex);
+            if (c.value_taken) detail::throw_result_taken(name());
+            c.value_taken = true;
+            if constexpr (std::is_reference_v<R>) {
+                return **c.value;
+            } else {
+                R v = std::move(*c.value);
+                c.value.reset();
+                return v;
+            }
+        }
     }
     std::exception_ptr exception_at(detail::os::Deadline deadline) {
         if (!wait_for_end(deadline, "exception")) detail::throw_timeout(name());
@@ -8227,6 +8918,34 @@ long mapping_count() noexcept {
     return lines;
 }
 
+// ---------------------------------------------------------------- working directory and environment
+
+std::string current_directory() {
+    std::vector<char> buf(256);
+    for (;;) {
+        if (::getcwd(buf.data(), buf.size())) return std::string(buf.data());
+        if (errno != ERANGE || buf.size() > (1u << 20)) return std::string();
+        buf.resize(buf.size() * 2);
+    }
+}
+
+bool change_directory(const std::string& path) noexcept { return !path.empty() && ::chdir(path.c_str()) == 0; }
+
+std::vector<std::string> environment_entries() {
+    std::vector<std::string> out;
+    for (char** e = environ; e && *e; ++e) out.emplace_back(*e);
+    return out;
+}
+
+void replace_environment(const std::vector<std::string>& entries) {
+    ::clearenv();
+    for (const std::string& entry : entries) {
+        auto eq = entry.find('=');
+        if (eq == std::string::npos || eq == 0) continue;
+        ::setenv(entry.substr(0, eq).c_str(), entry.c_str() + eq + 1, 1);
+    }
+}
+
 }  // namespace mpservice::detail::os
 
 #endif  // !_WIN32
@@ -8960,8 +9679,12 @@ detail::SharedMemory Codec<detail::SharedMemory>::decode(Decoder& d) {
 //   str  traceback text (complete, causes first)
 //   str  registry key (mangled name of the registered type that rebuilds it; "" = none)
 //   str  that type's extra fields (bytes, so an unknown key can be skipped)
-//   u8   has cause; then the cause's record
+//   u8   cause marker: 0 none; 1 an earlier part of the story; 2 the nested
+//        exception (std::throw_with_nested); 3 an earlier part whose nested
+//        exception is also this one's - then the cause's record
+#include <algorithm>
 #include <cstdio>
+#include <deque>
 #include <functional>
 #include <future>
 #include <ios>
@@ -9030,7 +9753,7 @@ ExceptionType coded_type(Make) {
     t.encode_fields = [](Encoder& out, const std::exception& e) { write_code(out, dynamic_cast<const E&>(e).code()); };
     t.rebuild = [](Decoder& in, RemoteInfo&& info) -> std::exception_ptr {
         std::error_code ec = read_code(in);
-        return std::make_exception_ptr(Remote<E>(Make()(ec, info.message), std::move(info)));
+        return make_remote<E>(Make()(ec, info.message), std::move(info));
     };
     return t;
 }
@@ -9044,7 +9767,7 @@ ExceptionType process_error_type() {
     };
     t.rebuild = [](Decoder& in, RemoteInfo&& info) -> std::exception_ptr {
         auto code = in.read<std::int32_t>();
-        return std::make_exception_ptr(Remote<ProcessError>(ProcessError(info.message, code), std::move(info)));
+        return make_remote<ProcessError>(ProcessError(info.message, code), std::move(info));
     };
     return t;
 }
@@ -9176,7 +9899,36 @@ struct Record {
     RemoteInfo info;  // info.cause unused here: see `cause`
     std::string fields;
     std::unique_ptr<Record> cause;
+    std::uint8_t cause_kind = 1;  // the wire's cause marker when `cause` is set
 };
+
+/// The user's type inside the standard library's wrapper for
+/// std::throw_with_nested (libstdc++ std::_Nested_exception<T>, libc++
+/// std::__nested<T>): remote_type() names T, as the user wrote it.
+std::string without_nested_wrapper(const std::string& name) {
+    static const char* const wrappers[] = {"std::_Nested_exception<", "std::__1::__nested<", "std::__nested<"};
+    for (const char* w : wrappers) {
+        std::size_t n = std::char_traits<char>::length(w);
+        if (name.size() > n + 1 && name.compare(0, n, w) == 0 && name.back() == '>') {
+            std::string inner = name.substr(n, name.size() - n - 1);
+            while (!inner.empty() && inner.back() == ' ') inner.pop_back();
+            return inner;
+        }
+    }
+    return name;
+}
+
+/// The nested exception of a (decoded) exception, or null.
+std::exception_ptr nested_of(const std::exception_ptr& p) {
+    if (!p) return nullptr;
+    try {
+        std::rethrow_exception(p);
+    } catch (const std::nested_exception& n) {
+        return n.nested_ptr();
+    } catch (...) {
+    }
+    return nullptr;
+}
 
 /// What the thrown object is, found by re-throwing it inside a try block.
 struct Inspected {
@@ -9218,7 +9970,7 @@ Inspected inspect(const std::exception_ptr& p) {
         r.ex = &e;  // stays valid: `p` owns the object
         r.type = &typeid(e);
         r.remote = dynamic_cast<const RemoteError*>(&e);
-        r.type_name = r.remote ? r.remote->remote_type() : os::demangle(r.type->name());
+        r.type_name = r.remote ? r.remote->remote_type() : without_nested_wrapper(os::demangle(r.type->name()));
         r.message = e.what();
         if (auto* n = dynamic_cast<const std::nested_exception*>(&e)) r.nested = n->nested_ptr();
         return r;
@@ -9245,7 +9997,8 @@ std::string hex(std::uintptr_t v) {
 /// Whether a frame is the library calling a Process or Thread target.
 bool is_target_runner(const std::string& function) {
     static const char* const runners[] = {"mpservice::detail::trampoline<", "mpservice::detail::call_and_store<",
-                                          "mpservice::detail::ChildTaskOf<"};
+                                          "mpservice::detail::ChildTaskOf<", "::call_and_store<",
+                                          "::make_body<"};
     for (const char* r : runners)
         if (function.find(r) != std::string::npos) return true;
     return false;
@@ -9262,14 +10015,39 @@ bool is_call_forwarding(const std::string& function) {
     return false;
 }
 
+/// Whether a frame is the library's own code (or the standard library's
+/// re-throw under it).
+bool is_library_frame(const std::string& function) {
+    return function.rfind("mpservice::", 0) == 0 || function.rfind("std::rethrow_exception", 0) == 0;
+}
+
+/// Above the user's code there may be the library's frames that raised the
+/// exception again in this process (Process<R>::result_at, ...) or threw it
+/// (Queue::get throwing Empty): the user's call is the place to show first.
+/// A stack of library frames only is kept as it is.
+bool trim_innermost_library_frames(std::vector<os::StackFrame>& frames) {
+    std::size_t first_user = 0;
+    // An unnamed frame counts as the library's only inside a run of library
+    // frames (an inlined helper); alone it may be e.g. libstdc++ throwing.
+    auto in_library_run = [&](std::size_t i) {
+        if (is_library_frame(frames[i].function)) return true;
+        return frames[i].function.empty() && i + 1 < frames.size() && is_library_frame(frames[i + 1].function);
+    };
+    while (first_user < frames.size() && in_library_run(first_user)) ++first_user;
+    if (first_user == 0 || first_user == frames.size()) return false;
+    frames.erase(frames.begin(), frames.begin() + static_cast<std::ptrdiff_t>(first_user));
+    return true;
+}
+
 /// A traceback is about the user's code: below the frame that runs the
 /// target there is only the library's child start-up (and main), so cut the
 /// stack there, with the std::invoke plumbing just above it.  Returns whether
 /// anything was cut.
 bool trim_library_frames(std::vector<os::StackFrame>& frames) {
+    bool cut = trim_innermost_library_frames(frames);
     std::size_t runner = 0;
     while (runner < frames.size() && !is_target_runner(frames[runner].function)) ++runner;
-    if (runner == 0 || runner == frames.size()) return false;  // not thrown under a target
+    if (runner == 0 || runner == frames.size()) return cut;  // not thrown under a target
     std::size_t keep = runner;
     while (keep > 1 && is_call_forwarding(frames[keep - 1].function)) --keep;
     frames.resize(keep);
@@ -9299,11 +10077,40 @@ std::string format_part(const std::string& type_name, const std::string& message
         // Below main there is only the C runtime's start-up.
         if (!f.inlined && (f.function == "main" || f.function.rfind("main.", 0) == 0)) break;
     }
-    if (trimmed) s += "    (the library's frames that called the target are left out)\n";
+    if (trimmed) s += "    (the library's own frames are left out)\n";
     return s;
 }
 
 Record make_record(const std::exception_ptr& p, bool being_handled, int depth);
+
+// ---- throw sites kept across threads (the hook's table is per thread)
+
+struct KeptSite {
+    std::exception_ptr exception;  // keeps the object - and so its address - alive
+    int depth = 0;
+    void* pcs[kMaxFrames];
+};
+struct KeptSites {
+    std::mutex mutex;
+    std::deque<KeptSite> sites;
+};
+constexpr std::size_t kKeptSites = 16;
+KeptSites& kept_sites() {
+    static KeptSites* k = new KeptSites;  // never destroyed: threads may still use it at exit
+    return *k;
+}
+
+int kept_throw_site(const void* object, void** pcs, int max) {
+    KeptSites& k = kept_sites();
+    std::lock_guard<std::mutex> lk(k.mutex);
+    for (auto it = k.sites.rbegin(); it != k.sites.rend(); ++it) {
+        if (os::exception_object(it->exception) != object) continue;
+        int n = std::min(it->depth, max);
+        std::copy(it->pcs, it->pcs + n, pcs);
+        return n;
+    }
+    return 0;
+}
 
 /// Registry key and extra fields of an exception object.
 void fill_type(Record& rec, const Inspected& x) {
@@ -9332,8 +10139,10 @@ Record make_record(const std::exception_ptr& p, bool being_handled, int depth) {
         rec.info.process_name = old.process_name;
         rec.info.pid = old.pid;
         rec.info.traceback = old.traceback;
-        if (old.cause && depth < kMaxCauseDepth)
+        if (old.cause && depth < kMaxCauseDepth) {
             rec.cause = std::make_unique<Record>(make_record(old.cause, false, depth + 1));
+            rec.cause_kind = old.cause_kind ? old.cause_kind : 1;
+        }
         return rec;
     }
 
@@ -9347,12 +10156,18 @@ Record make_record(const std::exception_ptr& p, bool being_handled, int depth) {
         // Raised again in this process: its old story becomes the cause.
         n = os::raise_site_stack(object, pcs, kMaxFrames);
         where = "re-raised at";
-        if (depth < kMaxCauseDepth) rec.cause = std::make_unique<Record>(make_record(p, false, depth + 1));
+        if (depth < kMaxCauseDepth) {
+            rec.cause = std::make_unique<Record>(make_record(p, false, depth + 1));
+            rec.cause_kind = x.nested ? 3 : 1;  // its nested exception stays reachable
+        }
     } else {
         n = os::throw_site_stack(object, x.type, pcs, kMaxFrames);
+        if (n == 0) n = kept_throw_site(object, pcs, kMaxFrames);  // thrown by another thread
         where = "thrown at";
-        if (x.nested && depth < kMaxCauseDepth)
+        if (x.nested && depth < kMaxCauseDepth) {
             rec.cause = std::make_unique<Record>(make_record(x.nested, false, depth + 1));
+            rec.cause_kind = 2;
+        }
     }
     if (n == 0) {
         // No recorded site (no throw hook in this build, or a foreign thread):
@@ -9375,7 +10190,7 @@ void write_record(Encoder& out, const Record& rec) {
     out.write(rec.info.traceback);
     out.write(rec.info.registry_key);
     out.write(rec.fields);
-    out.write(static_cast<std::uint8_t>(rec.cause ? 1 : 0));
+    out.write(static_cast<std::uint8_t>(rec.cause ? rec.cause_kind : 0));
     if (rec.cause) write_record(out, *rec.cause);
 }
 
@@ -9391,8 +10206,11 @@ std::exception_ptr read_record(Decoder& in, int depth) {
     info.registry_key = in.read<std::string>();
     std::string fields = in.read<std::string>();
     auto has_cause = in.read<std::uint8_t>();
-    if (has_cause > 1) throw DecodeError("decode: bad exception cause marker");
+    if (has_cause > 3) throw DecodeError("decode: bad exception cause marker");
+    info.cause_kind = has_cause;
     if (has_cause) info.cause = read_record(in, depth + 1);
+    if (has_cause == 2) info.nested = info.cause;
+    if (has_cause == 3) info.nested = nested_of(info.cause);
 
     if (const ExceptionType* t = info.registry_key.empty() ? nullptr : find_entry_by_key(info.registry_key)) {
         Decoder fd(fields);
@@ -9404,7 +10222,7 @@ std::exception_ptr read_record(Decoder& in, int depth) {
     // process does not know): a library Error that says what it was.
     info.registry_key.clear();
     Error base(info.message);
-    return std::make_exception_ptr(Remote<Error>(std::move(base), std::move(info)));
+    return make_remote<Error>(std::move(base), std::move(info));
 }
 
 }  // namespace
@@ -9419,6 +10237,22 @@ void encode_exception(Encoder& out, const std::exception_ptr& e) {
 }
 
 std::exception_ptr decode_exception(Decoder& in) { return read_record(in, 0); }
+
+void keep_throw_site(const std::exception_ptr& e) noexcept {
+    if (!e) return;
+    try {
+        KeptSite site;
+        site.depth = os::throw_site_stack(os::exception_object(e), nullptr, site.pcs, kMaxFrames);
+        if (site.depth == 0) return;
+        site.exception = e;
+        KeptSites& k = kept_sites();
+        std::lock_guard<std::mutex> lk(k.mutex);
+        k.sites.push_back(std::move(site));
+        if (k.sites.size() > kKeptSites) k.sites.pop_front();
+    } catch (...) {
+        // Out of memory: the traceback will show the sending stack instead.
+    }
+}
 
 }  // namespace mpservice::detail
 
@@ -10487,6 +11321,50 @@ void adopt_child_identity(const std::string& name, const std::string& identity, 
     set_process_name(name);
 }
 
+// ---- the parent's present: what a child adopts that a fork-server worker,
+// forked from a server made at init(), would otherwise have from init() time
+
+/// The parent's state at start() that its child adopts: the default start
+/// method (every child) and - for a fork-server worker - the working directory
+/// and environment, which a spawned child has already (exec inherits them).
+struct ParentPresent {
+    std::int8_t start_method = -1;  // StartMethod, or -1: not chosen in the parent
+    bool has_environment = false;
+    std::string cwd;
+    std::vector<std::string> environment;
+};
+
+void encode_parent_present(Encoder& e, StartMethod child_method) {
+    ParentPresent p;
+    std::string method = get_start_method(true);
+    if (!method.empty()) p.start_method = static_cast<std::int8_t>(get_context(method).start_method());
+    p.has_environment = child_method == StartMethod::forkserver;
+    if (p.has_environment) {
+        p.cwd = os::current_directory();
+        p.environment = os::environment_entries();
+    }
+    e(p.start_method, p.has_environment);
+    if (p.has_environment) e(p.cwd, p.environment);
+}
+
+ParentPresent decode_parent_present(Decoder& d) {
+    ParentPresent p;
+    d(p.start_method, p.has_environment);
+    if (p.has_environment) d(p.cwd, p.environment);
+    return p;
+}
+
+/// In the child, before the target runs (after the module checks, which may
+/// use paths relative to the old working directory).
+void adopt_parent_present(const ParentPresent& p) {
+    if (p.start_method >= 0)
+        set_start_method(Context(static_cast<StartMethod>(p.start_method)).name(), true);
+    if (!p.has_environment) return;
+    os::replace_environment(p.environment);
+    if (!p.cwd.empty() && !os::change_directory(p.cwd))
+        throw Error("mpservice: the fork-server worker cannot enter the parent's working directory '" + p.cwd + "'");
+}
+
 enum class ChildKind { spawned, forkserver_worker };
 
 /// A spawned child or a fork-server worker: reads BOOT, runs the target, reports, exits.
@@ -10523,6 +11401,7 @@ enum class ChildKind { spawned, forkserver_worker };
         std::int32_t log_level;
         d(target.module, target_off, target_fp, tramp.module, tramp_off, tramp_fp, name, identity, parent_name,
           parent_pid, daemon, log_level);
+        ParentPresent present = decode_parent_present(d);
         (void)daemon;
         set_log_level_from_parent(static_cast<Level>(log_level));
         adopt_forwarded_output(d);
@@ -10543,6 +11422,7 @@ enum class ChildKind { spawned, forkserver_worker };
         if (!fn || !tr)
             throw Error("mpservice: the child cannot find the target's module '" + target.module + "'");
         auto trampoline = reinterpret_cast<Trampoline>(reinterpret_cast<std::uintptr_t>(tr));
+        adopt_parent_present(present);
         trampoline(fn, d, out, keep);
     });
     close_all(boot.handles);
@@ -11300,6 +12180,7 @@ std::string boot_payload(const ProcessCore& core, const ChildTask& task, const O
     e(protocol_version, target.module, static_cast<std::uint64_t>(target.offset), target_fp, tramp.module,
       static_cast<std::uint64_t>(tramp.offset), tramp_fp, core.name, core.identity_, process_name(),
       static_cast<std::int64_t>(os::current_pid()), core.daemon(), static_cast<std::int32_t>(log_level()));
+    encode_parent_present(e, core.method_);
     output.encode(e);
     task.encode_args(e);
     handles = e.handles();
@@ -11643,12 +12524,54 @@ const Context& get_context(const std::string& method) {
     static const SpawnContext spawn;
     static const ForkContext fork;
     static const ForkServerContext forkserver;
+    if (method.empty()) return default_context();
     if (method == "spawn") return spawn;
     if (method == "fork") return fork;
     if (method == "forkserver") return forkserver;
     throw std::invalid_argument("mpservice: unknown start method '" + method +
                                 "' (expected \"spawn\", \"fork\" or \"forkserver\")");
 }
+
+namespace {
+/// The default start method: kUnset until set_start_method or its first use.
+/// An atomic rather than a lock: a fork child may read it while another
+/// thread of its parent was setting it at the moment of the fork.
+constexpr int kUnset = -1;
+std::atomic<int> g_start_method{kUnset};
+}  // namespace
+
+void set_start_method(const std::string& method, bool force) {
+    if (method.empty() && force) {  // as Python's set_start_method(None, force=True): not chosen again
+        g_start_method.store(kUnset);
+        return;
+    }
+    int wanted = static_cast<int>(get_context(method).start_method());  // std::invalid_argument if unknown
+    if (force) {
+        g_start_method.store(wanted);
+        return;
+    }
+    int expected = kUnset;
+    if (!g_start_method.compare_exchange_strong(expected, wanted))
+        throw InvalidStateError("mpservice: the start method was already set (to \"" +
+                                std::string(Context(static_cast<StartMethod>(expected)).name()) +
+                                "\"); pass force = true to replace it");
+}
+
+std::string get_start_method(bool allow_none) {
+    int m = g_start_method.load();
+    if (m == kUnset) {
+        if (allow_none) return std::string();
+        int expected = kUnset;
+        m = g_start_method.compare_exchange_strong(expected, static_cast<int>(StartMethod::spawn))
+                ? static_cast<int>(StartMethod::spawn)
+                : expected;
+    }
+    return Context(static_cast<StartMethod>(m)).name();
+}
+
+std::vector<std::string> get_all_start_methods() { return {"spawn", "fork", "forkserver"}; }
+
+const Context& default_context() { return get_context(get_start_method()); }
 
 int cpu_count() {
     int n = detail::os::affinity_cpu_count();
@@ -11780,6 +12703,11 @@ void throw_timeout(const std::string& name) {
     throw TimeoutError("mpservice: '" + name + "' is still running after the timeout");
 }
 
+void throw_result_taken(const std::string& name) {
+    throw InvalidStateError("mpservice: the result of '" + name +
+                            "' was moved out by take_result() (or std::move(worker).result()); it is gone");
+}
+
 std::string next_thread_name() {
     static std::atomic<int> counter{1};
     return "Thread-" + std::to_string(counter.fetch_add(1));
@@ -11795,11 +12723,6 @@ void check_started(const WorkerList& workers) {
     }
 }
 
-Worker* owner_of(const FutureCore* core, const WorkerList& workers) {
-    for (Worker* w : workers)
-        if (&w->core() == core) return w;
-    return nullptr;
-}
 }  // namespace
 
 std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Deadline deadline, ReturnWhen return_when) {
@@ -11826,26 +12749,30 @@ std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Dead
 }  // namespace detail
 
 AsCompleted::AsCompleted(const WorkerList& workers, detail::os::Deadline deadline)
-    : queue_(std::make_shared<detail::CompletionQueue>()), deadline_(deadline) {
-    detail::check_started(workers);
-    for (Worker* w : workers)
-        if (std::find(pending_.begin(), pending_.end(), w) == pending_.end()) pending_.push_back(w);
-    for (Worker* w : pending_) const_cast<detail::FutureCore&>(w->core()).subscribe(queue_);
+    : queue_(std::make_shared<detail::CompletionQueue>()), workers_(workers), deadline_(deadline) {
+    detail::check_started(workers_);
+    for (std::size_t i = 0; i < workers_.size(); ++i)
+        if (std::find(workers_.begin(), workers_.begin() + static_cast<std::ptrdiff_t>(i), workers_[i]) ==
+            workers_.begin() + static_cast<std::ptrdiff_t>(i))
+            pending_.push_back(i);
+    for (std::size_t i : pending_) const_cast<detail::FutureCore&>(workers_[i]->core()).subscribe(queue_);
 }
 
-Worker* AsCompleted::next() {
+Completed AsCompleted::next_completed() {
     while (!pending_.empty()) {
         const detail::FutureCore* c = queue_->pop_until(deadline_);
         if (!c) {
             throw TimeoutError("mpservice: as_completed: " + std::to_string(pending_.size()) +
                                " worker(s) still running after the timeout");
         }
-        Worker* w = detail::owner_of(c, pending_);
-        if (!w) continue;
-        pending_.erase(std::find(pending_.begin(), pending_.end(), w));
-        return w;
+        auto it = std::find_if(pending_.begin(), pending_.end(),
+                               [&](std::size_t i) { return &workers_[i]->core() == c; });
+        if (it == pending_.end()) continue;
+        Completed done{workers_[*it], *it};
+        pending_.erase(it);
+        return done;
     }
-    return nullptr;
+    return Completed{};
 }
 
 }  // namespace mpservice

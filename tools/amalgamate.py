@@ -24,14 +24,51 @@ LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*(//.*)?$')
 PRAGMA_ONCE = re.compile(r'^\s*#\s*pragma\s+once\s*$')
 
 BANNER = """\
-// mpservice.hpp - Python-style multiprocessing for C++17, in one header.
+// mpservice.hpp - Python's multiprocessing for C++17, in one header (MIT license).
 //
 // GENERATED FILE - DO NOT EDIT.  Made by tools/amalgamate.py from src/mpservice.hpp
 // and the parts under src/mpservice/; edit those and run the tool again.
 //
-// Use: #include "mpservice.hpp" anywhere; in exactly one .cpp file write
+// What it is
+//   Child processes you use like futures (spawned by default: a fresh exec of
+//   the same program; fork and a fork server on request), shared-memory locks,
+//   events, queues and values that survive a crashed owner, child log records
+//   handled by the parent, and child exceptions re-thrown in the parent with
+//   their type and the child's stack.  Standard library and POSIX; Linux.
+//
+// How to include it
+//   #include "mpservice.hpp" anywhere.  In exactly ONE .cpp of the program write
+//       #define MPSERVICE_IMPLEMENTATION
+//       #include "mpservice.hpp"
+//   to compile the implementation there.  Link with -pthread -ldl.  Call
+//   mpservice::init(argc, argv) first in main(): a spawned child runs its task
+//   inside it and never returns.
+//
+// Configuration macros (define before the include)
+//   MPSERVICE_IMPLEMENTATION  emit the implementation in this translation unit
+//   MPSERVICE_NO_THROW_HOOK   leave out the __cxa_throw hook that records throw
+//                             sites (tracebacks then show where the exception
+//                             was sent from); only matters with the implementation
+//   MPSERVICE_API             linkage of the implementation's functions (default:
+//                             empty), e.g. for a shared library's export attribute
+//
+// Ten lines
 //   #define MPSERVICE_IMPLEMENTATION
-// before the include to compile the implementation there.
+//   #include "mpservice.hpp"
+//   #include <iostream>
+//   namespace mp = mpservice;
+//   double work(int n) { if (n < 0) throw std::invalid_argument("negative"); return n * 0.5; }
+//   int main(int argc, char** argv) {
+//       mp::init(argc, argv);
+//       mp::Process p(work, 21);            // spawned child; CTAD gives Process<double>
+//       p.start();
+//       std::cout << p.result() << "\\n";   // 10.5; a child's exception is re-thrown here
+//   }
+//
+// Read more
+//   README.md of the project (the API table, semantics and deviations from
+//   Python), examples/*.cpp, and the comment at the top of each part below
+//   ("---- begin part: public/process.hpp" and so on).
 // SPDX-License-Identifier: MIT
 """
 

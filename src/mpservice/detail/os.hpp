@@ -428,5 +428,16 @@ MPSERVICE_API void random_bytes(void* out, std::size_t n);
 /// Number of open descriptors and of memory mappings of this process (diagnostics; -1 if unknown).
 MPSERVICE_API long open_handle_count() noexcept;
 MPSERVICE_API long mapping_count() noexcept;
+// ---- the working directory and environment (fork-server workers adopt the parent's)
+
+/// This process's working directory ("" if it cannot be named, e.g. deleted).
+MPSERVICE_API std::string current_directory();
+/// chdir; false if it failed.
+MPSERVICE_API bool change_directory(const std::string& path) noexcept;
+/// Every "NAME=value" entry of this process's environment.
+MPSERVICE_API std::vector<std::string> environment_entries();
+/// Replaces the whole environment by `entries` ("NAME=value").  Single-threaded
+/// processes only (the environment is not thread-safe).
+MPSERVICE_API void replace_environment(const std::vector<std::string>& entries);
 
 }  // namespace mpservice::detail::os

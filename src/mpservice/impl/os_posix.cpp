@@ -1274,6 +1274,34 @@ long mapping_count() noexcept {
     return lines;
 }
 
+// ---------------------------------------------------------------- working directory and environment
+
+std::string current_directory() {
+    std::vector<char> buf(256);
+    for (;;) {
+        if (::getcwd(buf.data(), buf.size())) return std::string(buf.data());
+        if (errno != ERANGE || buf.size() > (1u << 20)) return std::string();
+        buf.resize(buf.size() * 2);
+    }
+}
+
+bool change_directory(const std::string& path) noexcept { return !path.empty() && ::chdir(path.c_str()) == 0; }
+
+std::vector<std::string> environment_entries() {
+    std::vector<std::string> out;
+    for (char** e = environ; e && *e; ++e) out.emplace_back(*e);
+    return out;
+}
+
+void replace_environment(const std::vector<std::string>& entries) {
+    ::clearenv();
+    for (const std::string& entry : entries) {
+        auto eq = entry.find('=');
+        if (eq == std::string::npos || eq == 0) continue;
+        ::setenv(entry.substr(0, eq).c_str(), entry.c_str() + eq + 1, 1);
+    }
+}
+
 }  // namespace mpservice::detail::os
 
 #endif  // !_WIN32

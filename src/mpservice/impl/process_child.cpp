@@ -153,6 +153,50 @@ void adopt_child_identity(const std::string& name, const std::string& identity, 
     set_process_name(name);
 }
 
+// ---- the parent's present: what a child adopts that a fork-server worker,
+// forked from a server made at init(), would otherwise have from init() time
+
+/// The parent's state at start() that its child adopts: the default start
+/// method (every child) and - for a fork-server worker - the working directory
+/// and environment, which a spawned child has already (exec inherits them).
+struct ParentPresent {
+    std::int8_t start_method = -1;  // StartMethod, or -1: not chosen in the parent
+    bool has_environment = false;
+    std::string cwd;
+    std::vector<std::string> environment;
+};
+
+void encode_parent_present(Encoder& e, StartMethod child_method) {
+    ParentPresent p;
+    std::string method = get_start_method(true);
+    if (!method.empty()) p.start_method = static_cast<std::int8_t>(get_context(method).start_method());
+    p.has_environment = child_method == StartMethod::forkserver;
+    if (p.has_environment) {
+        p.cwd = os::current_directory();
+        p.environment = os::environment_entries();
+    }
+    e(p.start_method, p.has_environment);
+    if (p.has_environment) e(p.cwd, p.environment);
+}
+
+ParentPresent decode_parent_present(Decoder& d) {
+    ParentPresent p;
+    d(p.start_method, p.has_environment);
+    if (p.has_environment) d(p.cwd, p.environment);
+    return p;
+}
+
+/// In the child, before the target runs (after the module checks, which may
+/// use paths relative to the old working directory).
+void adopt_parent_present(const ParentPresent& p) {
+    if (p.start_method >= 0)
+        set_start_method(Context(static_cast<StartMethod>(p.start_method)).name(), true);
+    if (!p.has_environment) return;
+    os::replace_environment(p.environment);
+    if (!p.cwd.empty() && !os::change_directory(p.cwd))
+        throw Error("mpservice: the fork-server worker cannot enter the parent's working directory '" + p.cwd + "'");
+}
+
 enum class ChildKind { spawned, forkserver_worker };
 
 /// A spawned child or a fork-server worker: reads BOOT, runs the target, reports, exits.
@@ -189,6 +233,7 @@ enum class ChildKind { spawned, forkserver_worker };
         std::int32_t log_level;
         d(target.module, target_off, target_fp, tramp.module, tramp_off, tramp_fp, name, identity, parent_name,
           parent_pid, daemon, log_level);
+        ParentPresent present = decode_parent_present(d);
         (void)daemon;
         set_log_level_from_parent(static_cast<Level>(log_level));
         adopt_forwarded_output(d);
@@ -209,6 +254,7 @@ enum class ChildKind { spawned, forkserver_worker };
         if (!fn || !tr)
             throw Error("mpservice: the child cannot find the target's module '" + target.module + "'");
         auto trampoline = reinterpret_cast<Trampoline>(reinterpret_cast<std::uintptr_t>(tr));
+        adopt_parent_present(present);
         trampoline(fn, d, out, keep);
     });
     close_all(boot.handles);

@@ -61,6 +61,7 @@ std::string boot_payload(const ProcessCore& core, const ChildTask& task, const O
     e(protocol_version, target.module, static_cast<std::uint64_t>(target.offset), target_fp, tramp.module,
       static_cast<std::uint64_t>(tramp.offset), tramp_fp, core.name, core.identity_, process_name(),
       static_cast<std::int64_t>(os::current_pid()), core.daemon(), static_cast<std::int32_t>(log_level()));
+    encode_parent_present(e, core.method_);
     output.encode(e);
     task.encode_args(e);
     handles = e.handles();
@@ -404,12 +405,54 @@ const Context& get_context(const std::string& method) {
     static const SpawnContext spawn;
     static const ForkContext fork;
     static const ForkServerContext forkserver;
+    if (method.empty()) return default_context();
     if (method == "spawn") return spawn;
     if (method == "fork") return fork;
     if (method == "forkserver") return forkserver;
     throw std::invalid_argument("mpservice: unknown start method '" + method +
                                 "' (expected \"spawn\", \"fork\" or \"forkserver\")");
 }
+
+namespace {
+/// The default start method: kUnset until set_start_method or its first use.
+/// An atomic rather than a lock: a fork child may read it while another
+/// thread of its parent was setting it at the moment of the fork.
+constexpr int kUnset = -1;
+std::atomic<int> g_start_method{kUnset};
+}  // namespace
+
+void set_start_method(const std::string& method, bool force) {
+    if (method.empty() && force) {  // as Python's set_start_method(None, force=True): not chosen again
+        g_start_method.store(kUnset);
+        return;
+    }
+    int wanted = static_cast<int>(get_context(method).start_method());  // std::invalid_argument if unknown
+    if (force) {
+        g_start_method.store(wanted);
+        return;
+    }
+    int expected = kUnset;
+    if (!g_start_method.compare_exchange_strong(expected, wanted))
+        throw InvalidStateError("mpservice: the start method was already set (to \"" +
+                                std::string(Context(static_cast<StartMethod>(expected)).name()) +
+                                "\"); pass force = true to replace it");
+}
+
+std::string get_start_method(bool allow_none) {
+    int m = g_start_method.load();
+    if (m == kUnset) {
+        if (allow_none) return std::string();
+        int expected = kUnset;
+        m = g_start_method.compare_exchange_strong(expected, static_cast<int>(StartMethod::spawn))
+                ? static_cast<int>(StartMethod::spawn)
+                : expected;
+    }
+    return Context(static_cast<StartMethod>(m)).name();
+}
+
+std::vector<std::string> get_all_start_methods() { return {"spawn", "fork", "forkserver"}; }
+
+const Context& default_context() { return get_context(get_start_method()); }
 
 int cpu_count() {
     int n = detail::os::affinity_cpu_count();

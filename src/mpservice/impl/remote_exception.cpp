@@ -6,8 +6,12 @@
 //   str  traceback text (complete, causes first)
 //   str  registry key (mangled name of the registered type that rebuilds it; "" = none)
 //   str  that type's extra fields (bytes, so an unknown key can be skipped)
-//   u8   has cause; then the cause's record
+//   u8   cause marker: 0 none; 1 an earlier part of the story; 2 the nested
+//        exception (std::throw_with_nested); 3 an earlier part whose nested
+//        exception is also this one's - then the cause's record
+#include <algorithm>
 #include <cstdio>
+#include <deque>
 #include <functional>
 #include <future>
 #include <ios>
@@ -76,7 +80,7 @@ ExceptionType coded_type(Make) {
     t.encode_fields = [](Encoder& out, const std::exception& e) { write_code(out, dynamic_cast<const E&>(e).code()); };
     t.rebuild = [](Decoder& in, RemoteInfo&& info) -> std::exception_ptr {
         std::error_code ec = read_code(in);
-        return std::make_exception_ptr(Remote<E>(Make()(ec, info.message), std::move(info)));
+        return make_remote<E>(Make()(ec, info.message), std::move(info));
     };
     return t;
 }
@@ -90,7 +94,7 @@ ExceptionType process_error_type() {
     };
     t.rebuild = [](Decoder& in, RemoteInfo&& info) -> std::exception_ptr {
         auto code = in.read<std::int32_t>();
-        return std::make_exception_ptr(Remote<ProcessError>(ProcessError(info.message, code), std::move(info)));
+        return make_remote<ProcessError>(ProcessError(info.message, code), std::move(info));
     };
     return t;
 }
@@ -222,7 +226,36 @@ struct Record {
     RemoteInfo info;  // info.cause unused here: see `cause`
     std::string fields;
     std::unique_ptr<Record> cause;
+    std::uint8_t cause_kind = 1;  // the wire's cause marker when `cause` is set
 };
+
+/// The user's type inside the standard library's wrapper for
+/// std::throw_with_nested (libstdc++ std::_Nested_exception<T>, libc++
+/// std::__nested<T>): remote_type() names T, as the user wrote it.
+std::string without_nested_wrapper(const std::string& name) {
+    static const char* const wrappers[] = {"std::_Nested_exception<", "std::__1::__nested<", "std::__nested<"};
+    for (const char* w : wrappers) {
+        std::size_t n = std::char_traits<char>::length(w);
+        if (name.size() > n + 1 && name.compare(0, n, w) == 0 && name.back() == '>') {
+            std::string inner = name.substr(n, name.size() - n - 1);
+            while (!inner.empty() && inner.back() == ' ') inner.pop_back();
+            return inner;
+        }
+    }
+    return name;
+}
+
+/// The nested exception of a (decoded) exception, or null.
+std::exception_ptr nested_of(const std::exception_ptr& p) {
+    if (!p) return nullptr;
+    try {
+        std::rethrow_exception(p);
+    } catch (const std::nested_exception& n) {
+        return n.nested_ptr();
+    } catch (...) {
+    }
+    return nullptr;
+}
 
 /// What the thrown object is, found by re-throwing it inside a try block.
 struct Inspected {
@@ -264,7 +297,7 @@ Inspected inspect(const std::exception_ptr& p) {
         r.ex = &e;  // stays valid: `p` owns the object
         r.type = &typeid(e);
         r.remote = dynamic_cast<const RemoteError*>(&e);
-        r.type_name = r.remote ? r.remote->remote_type() : os::demangle(r.type->name());
+        r.type_name = r.remote ? r.remote->remote_type() : without_nested_wrapper(os::demangle(r.type->name()));
         r.message = e.what();
         if (auto* n = dynamic_cast<const std::nested_exception*>(&e)) r.nested = n->nested_ptr();
         return r;
@@ -291,7 +324,8 @@ std::string hex(std::uintptr_t v) {
 /// Whether a frame is the library calling a Process or Thread target.
 bool is_target_runner(const std::string& function) {
     static const char* const runners[] = {"mpservice::detail::trampoline<", "mpservice::detail::call_and_store<",
-                                          "mpservice::detail::ChildTaskOf<"};
+                                          "mpservice::detail::ChildTaskOf<", "::call_and_store<",
+                                          "::make_body<"};
     for (const char* r : runners)
         if (function.find(r) != std::string::npos) return true;
     return false;
@@ -308,14 +342,39 @@ bool is_call_forwarding(const std::string& function) {
     return false;
 }
 
+/// Whether a frame is the library's own code (or the standard library's
+/// re-throw under it).
+bool is_library_frame(const std::string& function) {
+    return function.rfind("mpservice::", 0) == 0 || function.rfind("std::rethrow_exception", 0) == 0;
+}
+
+/// Above the user's code there may be the library's frames that raised the
+/// exception again in this process (Process<R>::result_at, ...) or threw it
+/// (Queue::get throwing Empty): the user's call is the place to show first.
+/// A stack of library frames only is kept as it is.
+bool trim_innermost_library_frames(std::vector<os::StackFrame>& frames) {
+    std::size_t first_user = 0;
+    // An unnamed frame counts as the library's only inside a run of library
+    // frames (an inlined helper); alone it may be e.g. libstdc++ throwing.
+    auto in_library_run = [&](std::size_t i) {
+        if (is_library_frame(frames[i].function)) return true;
+        return frames[i].function.empty() && i + 1 < frames.size() && is_library_frame(frames[i + 1].function);
+    };
+    while (first_user < frames.size() && in_library_run(first_user)) ++first_user;
+    if (first_user == 0 || first_user == frames.size()) return false;
+    frames.erase(frames.begin(), frames.begin() + static_cast<std::ptrdiff_t>(first_user));
+    return true;
+}
+
 /// A traceback is about the user's code: below the frame that runs the
 /// target there is only the library's child start-up (and main), so cut the
 /// stack there, with the std::invoke plumbing just above it.  Returns whether
 /// anything was cut.
 bool trim_library_frames(std::vector<os::StackFrame>& frames) {
+    bool cut = trim_innermost_library_frames(frames);
     std::size_t runner = 0;
     while (runner < frames.size() && !is_target_runner(frames[runner].function)) ++runner;
-    if (runner == 0 || runner == frames.size()) return false;  // not thrown under a target
+    if (runner == 0 || runner == frames.size()) return cut;  // not thrown under a target
     std::size_t keep = runner;
     while (keep > 1 && is_call_forwarding(frames[keep - 1].function)) --keep;
     frames.resize(keep);
@@ -345,11 +404,40 @@ std::string format_part(const std::string& type_name, const std::string& message
         // Below main there is only the C runtime's start-up.
         if (!f.inlined && (f.function == "main" || f.function.rfind("main.", 0) == 0)) break;
     }
-    if (trimmed) s += "    (the library's frames that called the target are left out)\n";
+    if (trimmed) s += "    (the library's own frames are left out)\n";
     return s;
 }
 
 Record make_record(const std::exception_ptr& p, bool being_handled, int depth);
+
+// ---- throw sites kept across threads (the hook's table is per thread)
+
+struct KeptSite {
+    std::exception_ptr exception;  // keeps the object - and so its address - alive
+    int depth = 0;
+    void* pcs[kMaxFrames];
+};
+struct KeptSites {
+    std::mutex mutex;
+    std::deque<KeptSite> sites;
+};
+constexpr std::size_t kKeptSites = 16;
+KeptSites& kept_sites() {
+    static KeptSites* k = new KeptSites;  // never destroyed: threads may still use it at exit
+    return *k;
+}
+
+int kept_throw_site(const void* object, void** pcs, int max) {
+    KeptSites& k = kept_sites();
+    std::lock_guard<std::mutex> lk(k.mutex);
+    for (auto it = k.sites.rbegin(); it != k.sites.rend(); ++it) {
+        if (os::exception_object(it->exception) != object) continue;
+        int n = std::min(it->depth, max);
+        std::copy(it->pcs, it->pcs + n, pcs);
+        return n;
+    }
+    return 0;
+}
 
 /// Registry key and extra fields of an exception object.
 void fill_type(Record& rec, const Inspected& x) {
@@ -378,8 +466,10 @@ Record make_record(const std::exception_ptr& p, bool being_handled, int depth) {
         rec.info.process_name = old.process_name;
         rec.info.pid = old.pid;
         rec.info.traceback = old.traceback;
-        if (old.cause && depth < kMaxCauseDepth)
+        if (old.cause && depth < kMaxCauseDepth) {
             rec.cause = std::make_unique<Record>(make_record(old.cause, false, depth + 1));
+            rec.cause_kind = old.cause_kind ? old.cause_kind : 1;
+        }
         return rec;
     }
 
@@ -393,12 +483,18 @@ Record make_record(const std::exception_ptr& p, bool being_handled, int depth) {
         // Raised again in this process: its old story becomes the cause.
         n = os::raise_site_stack(object, pcs, kMaxFrames);
         where = "re-raised at";
-        if (depth < kMaxCauseDepth) rec.cause = std::make_unique<Record>(make_record(p, false, depth + 1));
+        if (depth < kMaxCauseDepth) {
+            rec.cause = std::make_unique<Record>(make_record(p, false, depth + 1));
+            rec.cause_kind = x.nested ? 3 : 1;  // its nested exception stays reachable
+        }
     } else {
         n = os::throw_site_stack(object, x.type, pcs, kMaxFrames);
+        if (n == 0) n = kept_throw_site(object, pcs, kMaxFrames);  // thrown by another thread
         where = "thrown at";
-        if (x.nested && depth < kMaxCauseDepth)
+        if (x.nested && depth < kMaxCauseDepth) {
             rec.cause = std::make_unique<Record>(make_record(x.nested, false, depth + 1));
+            rec.cause_kind = 2;
+        }
     }
     if (n == 0) {
         // No recorded site (no throw hook in this build, or a foreign thread):
@@ -421,7 +517,7 @@ void write_record(Encoder& out, const Record& rec) {
     out.write(rec.info.traceback);
     out.write(rec.info.registry_key);
     out.write(rec.fields);
-    out.write(static_cast<std::uint8_t>(rec.cause ? 1 : 0));
+    out.write(static_cast<std::uint8_t>(rec.cause ? rec.cause_kind : 0));
     if (rec.cause) write_record(out, *rec.cause);
 }
 
@@ -437,8 +533,11 @@ std::exception_ptr read_record(Decoder& in, int depth) {
     info.registry_key = in.read<std::string>();
     std::string fields = in.read<std::string>();
     auto has_cause = in.read<std::uint8_t>();
-    if (has_cause > 1) throw DecodeError("decode: bad exception cause marker");
+    if (has_cause > 3) throw DecodeError("decode: bad exception cause marker");
+    info.cause_kind = has_cause;
     if (has_cause) info.cause = read_record(in, depth + 1);
+    if (has_cause == 2) info.nested = info.cause;
+    if (has_cause == 3) info.nested = nested_of(info.cause);
 
     if (const ExceptionType* t = info.registry_key.empty() ? nullptr : find_entry_by_key(info.registry_key)) {
         Decoder fd(fields);
@@ -450,7 +549,7 @@ std::exception_ptr read_record(Decoder& in, int depth) {
     // process does not know): a library Error that says what it was.
     info.registry_key.clear();
     Error base(info.message);
-    return std::make_exception_ptr(Remote<Error>(std::move(base), std::move(info)));
+    return make_remote<Error>(std::move(base), std::move(info));
 }
 
 }  // namespace
@@ -465,6 +564,22 @@ void encode_exception(Encoder& out, const std::exception_ptr& e) {
 }
 
 std::exception_ptr decode_exception(Decoder& in) { return read_record(in, 0); }
+
+void keep_throw_site(const std::exception_ptr& e) noexcept {
+    if (!e) return;
+    try {
+        KeptSite site;
+        site.depth = os::throw_site_stack(os::exception_object(e), nullptr, site.pcs, kMaxFrames);
+        if (site.depth == 0) return;
+        site.exception = e;
+        KeptSites& k = kept_sites();
+        std::lock_guard<std::mutex> lk(k.mutex);
+        k.sites.push_back(std::move(site));
+        if (k.sites.size() > kKeptSites) k.sites.pop_front();
+    } catch (...) {
+        // Out of memory: the traceback will show the sending stack instead.
+    }
+}
 
 }  // namespace mpservice::detail
 

@@ -107,6 +107,11 @@ void throw_timeout(const std::string& name) {
     throw TimeoutError("mpservice: '" + name + "' is still running after the timeout");
 }
 
+void throw_result_taken(const std::string& name) {
+    throw InvalidStateError("mpservice: the result of '" + name +
+                            "' was moved out by take_result() (or std::move(worker).result()); it is gone");
+}
+
 std::string next_thread_name() {
     static std::atomic<int> counter{1};
     return "Thread-" + std::to_string(counter.fetch_add(1));
@@ -122,11 +127,6 @@ void check_started(const WorkerList& workers) {
     }
 }
 
-Worker* owner_of(const FutureCore* core, const WorkerList& workers) {
-    for (Worker* w : workers)
-        if (&w->core() == core) return w;
-    return nullptr;
-}
 }  // namespace
 
 std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Deadline deadline, ReturnWhen return_when) {
@@ -153,26 +153,30 @@ std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Dead
 }  // namespace detail
 
 AsCompleted::AsCompleted(const WorkerList& workers, detail::os::Deadline deadline)
-    : queue_(std::make_shared<detail::CompletionQueue>()), deadline_(deadline) {
-    detail::check_started(workers);
-    for (Worker* w : workers)
-        if (std::find(pending_.begin(), pending_.end(), w) == pending_.end()) pending_.push_back(w);
-    for (Worker* w : pending_) const_cast<detail::FutureCore&>(w->core()).subscribe(queue_);
+    : queue_(std::make_shared<detail::CompletionQueue>()), workers_(workers), deadline_(deadline) {
+    detail::check_started(workers_);
+    for (std::size_t i = 0; i < workers_.size(); ++i)
+        if (std::find(workers_.begin(), workers_.begin() + static_cast<std::ptrdiff_t>(i), workers_[i]) ==
+            workers_.begin() + static_cast<std::ptrdiff_t>(i))
+            pending_.push_back(i);
+    for (std::size_t i : pending_) const_cast<detail::FutureCore&>(workers_[i]->core()).subscribe(queue_);
 }
 
-Worker* AsCompleted::next() {
+Completed AsCompleted::next_completed() {
     while (!pending_.empty()) {
         const detail::FutureCore* c = queue_->pop_until(deadline_);
         if (!c) {
             throw TimeoutError("mpservice: as_completed: " + std::to_string(pending_.size()) +
                                " worker(s) still running after the timeout");
         }
-        Worker* w = detail::owner_of(c, pending_);
-        if (!w) continue;
-        pending_.erase(std::find(pending_.begin(), pending_.end(), w));
-        return w;
+        auto it = std::find_if(pending_.begin(), pending_.end(),
+                               [&](std::size_t i) { return &workers_[i]->core() == c; });
+        if (it == pending_.end()) continue;
+        Completed done{workers_[*it], *it};
+        pending_.erase(it);
+        return done;
     }
-    return nullptr;
+    return Completed{};
 }
 
 }  // namespace mpservice

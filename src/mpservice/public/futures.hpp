@@ -8,7 +8,11 @@
 //     for (mp::Worker* w : mp::as_completed({&p1, &p2, &t1})) std::cout << w->name() << " finished\n";
 //
 // Workers are passed by address (as Worker*), so Process<R> and Thread<R> of
-// different R mix freely in one braced list; the results are the same pointers.
+// different R mix freely in one braced list; the results are the same pointers
+// (as_completed also gives each one's position in the list).  Over a range of
+// one type - std::vector<mp::Process<int>>, say - wait() gives Process<int>*
+// and as_completed() yields Process<int>&, so result() needs no cast:
+//     for (mp::Process<int>& p : mp::as_completed(procs)) sum += p.result();
 #pragma once
 
 #include <chrono>
@@ -156,6 +160,10 @@ template <class R>
 struct result_ref {
     using type = const R&;
 };
+template <class R>
+struct result_ref<R&> {  // a Thread whose target returns a reference (as std::async)
+    using type = R&;
+};
 template <>
 struct result_ref<void> {
     using type = void;
@@ -167,6 +175,8 @@ using result_ref_t = typename result_ref<R>::type;
 [[noreturn]] MPSERVICE_API void throw_not_started(const std::string& what, const std::string& name);
 /// TimeoutError for result()/exception() of a worker still running.
 [[noreturn]] MPSERVICE_API void throw_timeout(const std::string& name);
+/// InvalidStateError: result() after take_result() moved the value out.
+[[noreturn]] MPSERVICE_API void throw_result_taken(const std::string& name);
 MPSERVICE_API std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Deadline deadline,
                                                            ReturnWhen return_when);
 }
@@ -175,6 +185,8 @@ MPSERVICE_API std::pair<WorkerList, WorkerList> wait_until(const WorkerList& wor
 /// pair (done, not_done), each in the order given.  A worker that was never
 /// started is an InvalidStateError.  Without a timeout, waits as `return_when`
 /// says; with one, returns the split at the deadline (no error).
+/// Over a range of one worker type (see the typed overloads below) the lists
+/// hold that type, so result() needs no cast.
 inline std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, ReturnWhen return_when = ALL_COMPLETED) {
     return detail::wait_until(workers, detail::os::no_deadline, return_when);
 }
@@ -184,43 +196,58 @@ std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, std::chrono::d
     return detail::wait_until(workers, detail::os::deadline_after(timeout), return_when);
 }
 
+/// One finished worker from as_completed over a list: the worker and its
+/// position in the list, so the caller can reach its own typed object
+/// (`results[c.index] = std::get<...>(...)`) without a cast.  Converts to Worker*.
+struct Completed {
+    Worker* worker = nullptr;
+    std::size_t index = 0;
+    operator Worker*() const noexcept { return worker; }
+    Worker* operator->() const noexcept { return worker; }
+};
+
 /// Yields started workers in the order they finish:
 ///     for (mp::Worker* w : mp::as_completed({&p1, &t1}, 5s)) ...
-/// Advancing past the deadline throws TimeoutError.  Single pass.
+///     for (mp::Completed c : mp::as_completed({&p1, &t1})) ... c.index ...
+/// Advancing past the deadline throws TimeoutError.  Single pass.  A worker
+/// listed twice is yielded once, with its first position.
 class AsCompleted {
 public:
     class iterator {
     public:
-        using value_type = Worker*;
-        using reference = Worker*;
+        using value_type = Completed;
+        using reference = Completed;
         using difference_type = std::ptrdiff_t;
         using iterator_category = std::input_iterator_tag;
-        Worker* operator*() const noexcept { return current_; }
+        Completed operator*() const noexcept { return current_; }
         iterator& operator++() {
-            current_ = owner_->next();
+            current_ = owner_->next_completed();
             return *this;
         }
-        bool operator==(const iterator& o) const noexcept { return current_ == o.current_; }
-        bool operator!=(const iterator& o) const noexcept { return current_ != o.current_; }
+        bool operator==(const iterator& o) const noexcept { return current_.worker == o.current_.worker; }
+        bool operator!=(const iterator& o) const noexcept { return current_.worker != o.current_.worker; }
 
     private:
         friend class AsCompleted;
-        iterator(AsCompleted* owner, Worker* current) : owner_(owner), current_(current) {}
+        iterator(AsCompleted* owner, Completed current) : owner_(owner), current_(current) {}
         AsCompleted* owner_;
-        Worker* current_;
+        Completed current_;
     };
 
     /// Waits for the next worker to finish; nullptr once all have been yielded.
-    MPSERVICE_API Worker* next();
-    iterator begin() { return iterator(this, next()); }
-    iterator end() { return iterator(this, nullptr); }
+    Worker* next() { return next_completed().worker; }
+    /// As next(), with the worker's position in the list (worker null at the end).
+    MPSERVICE_API Completed next_completed();
+    iterator begin() { return iterator(this, next_completed()); }
+    iterator end() { return iterator(this, Completed{}); }
 
     /// Starts watching `workers` (every one must be started) until `deadline`.
     MPSERVICE_API AsCompleted(const WorkerList& workers, detail::os::Deadline deadline);
 
 private:
     std::shared_ptr<detail::CompletionQueue> queue_;
-    std::vector<Worker*> pending_;
+    WorkerList workers_;
+    std::vector<std::size_t> pending_;  // positions in workers_, one per distinct worker
     detail::os::Deadline deadline_;
 };
 
@@ -233,6 +260,128 @@ inline AsCompleted as_completed(const WorkerList& workers) {
 template <class Rep, class Period>
 AsCompleted as_completed(const WorkerList& workers, std::chrono::duration<Rep, Period> timeout) {
     return AsCompleted(workers, detail::os::deadline_after(timeout));
+}
+
+// ---- typed waits: over a range of one worker type (a std::vector<Process<int>>,
+// an array of Thread<std::string>*, ...) the answers keep that type.
+
+namespace detail {
+template <class E>
+struct worker_of_element {
+    using type = void;
+};
+template <class E>
+struct worker_of_element<E*> {
+    using type = E;
+};
+template <class E>
+using element_worker_t = std::conditional_t<std::is_base_of_v<Worker, E>, E, typename worker_of_element<E>::type>;
+/// The worker type of a range whose elements are workers (or pointers to
+/// them) of one type other than plain Worker (a WorkerList keeps the old form).
+template <class Range>
+using range_worker_t = element_worker_t<std::remove_reference_t<decltype(*std::begin(std::declval<Range&>()))>>;
+template <class Range, class = void>
+struct is_typed_worker_range : std::false_type {};
+template <class Range>
+struct is_typed_worker_range<Range, std::void_t<range_worker_t<Range>>>
+    : std::bool_constant<std::is_base_of_v<Worker, range_worker_t<Range>> &&
+                         !std::is_same_v<range_worker_t<Range>, Worker> &&
+                         !std::is_const_v<range_worker_t<Range>>> {};
+
+template <class W, class E>
+W* worker_address(E& e) {
+    if constexpr (std::is_pointer_v<E>) return e;
+    else return &e;
+}
+
+template <class Range>
+std::vector<range_worker_t<Range>*> typed_workers(Range& range) {
+    std::vector<range_worker_t<Range>*> out;
+    for (auto& e : range) out.push_back(worker_address<range_worker_t<Range>>(e));
+    return out;
+}
+
+template <class W>
+std::pair<std::vector<W*>, std::vector<W*>> typed_wait(const std::vector<W*>& typed, os::Deadline deadline,
+                                                       ReturnWhen return_when) {
+    WorkerList all(typed.begin(), typed.end());
+    auto [done, not_done] = wait_until(all, deadline, return_when);
+    std::pair<std::vector<W*>, std::vector<W*>> out;
+    // Every Worker* here was a W* a moment ago: the downcast is exact.
+    for (Worker* w : done) out.first.push_back(static_cast<W*>(w));
+    for (Worker* w : not_done) out.second.push_back(static_cast<W*>(w));
+    return out;
+}
+}  // namespace detail
+
+/// as_completed over a range of one worker type: yields W& (a reference to
+/// the worker in the range), on which result() works directly:
+///     std::vector<mp::Process<int>> ps = ...;
+///     for (mp::Process<int>& p : mp::as_completed(ps)) total += p.result();
+template <class W>
+class TypedAsCompleted {
+public:
+    class iterator {
+    public:
+        using value_type = W;
+        using reference = W&;
+        using difference_type = std::ptrdiff_t;
+        using iterator_category = std::input_iterator_tag;
+        W& operator*() const noexcept { return *owner_->workers_[current_.index]; }
+        W* operator->() const noexcept { return owner_->workers_[current_.index]; }
+        iterator& operator++() {
+            current_ = owner_->inner_.next_completed();
+            return *this;
+        }
+        bool operator==(const iterator& o) const noexcept { return current_.worker == o.current_.worker; }
+        bool operator!=(const iterator& o) const noexcept { return current_.worker != o.current_.worker; }
+        /// The position of the current worker in the range.
+        std::size_t index() const noexcept { return current_.index; }
+
+    private:
+        friend class TypedAsCompleted;
+        iterator(TypedAsCompleted* owner, Completed current) : owner_(owner), current_(current) {}
+        TypedAsCompleted* owner_;
+        Completed current_;
+    };
+
+    TypedAsCompleted(std::vector<W*> workers, detail::os::Deadline deadline)
+        : workers_(std::move(workers)), inner_(WorkerList(workers_.begin(), workers_.end()), deadline) {}
+    /// The next worker to finish, or nullptr once all have been yielded.
+    W* next() {
+        Completed c = inner_.next_completed();
+        return c.worker ? workers_[c.index] : nullptr;
+    }
+    iterator begin() { return iterator(this, inner_.next_completed()); }
+    iterator end() { return iterator(this, Completed{}); }
+
+private:
+    std::vector<W*> workers_;
+    AsCompleted inner_;
+};
+
+template <class Range, std::enable_if_t<detail::is_typed_worker_range<Range>::value, int> = 0>
+TypedAsCompleted<detail::range_worker_t<Range>> as_completed(Range& workers) {
+    return {detail::typed_workers(workers), detail::os::no_deadline};
+}
+template <class Range, class Rep, class Period,
+          std::enable_if_t<detail::is_typed_worker_range<Range>::value, int> = 0>
+TypedAsCompleted<detail::range_worker_t<Range>> as_completed(Range& workers,
+                                                             std::chrono::duration<Rep, Period> timeout) {
+    return {detail::typed_workers(workers), detail::os::deadline_after(timeout)};
+}
+
+/// wait over a range of one worker type: (done, not_done) as W*, in range order.
+template <class Range, std::enable_if_t<detail::is_typed_worker_range<Range>::value, int> = 0>
+std::pair<std::vector<detail::range_worker_t<Range>*>, std::vector<detail::range_worker_t<Range>*>> wait(
+    Range& workers, ReturnWhen return_when = ALL_COMPLETED) {
+    return detail::typed_wait(detail::typed_workers(workers), detail::os::no_deadline, return_when);
+}
+template <class Range, class Rep, class Period,
+          std::enable_if_t<detail::is_typed_worker_range<Range>::value, int> = 0>
+std::pair<std::vector<detail::range_worker_t<Range>*>, std::vector<detail::range_worker_t<Range>*>> wait(
+    Range& workers, std::chrono::duration<Rep, Period> timeout, ReturnWhen return_when = ALL_COMPLETED) {
+    return detail::typed_wait(detail::typed_workers(workers), detail::os::deadline_after(timeout), return_when);
 }
 
 }  // namespace mpservice

@@ -13,6 +13,16 @@
 // checks that it runs the same build.  Under the fork context a callable with
 // captures works too (it simply runs in the forked copy).
 //
+// Arguments are converted to the target's parameter types when the Process is
+// made, as std::thread converts them (a literal for a std::string parameter,
+// an int for a double); the child receives that copy.  A target that cannot
+// work is one static_assert saying why and what to do: a T& parameter or a
+// reference result (the child cannot write into the parent's objects), and -
+// under SpawnContext, ForkServerContext or no context - a lambda with
+// captures, a generic lambda or a member function (use ForkContext).  Where
+// the type cannot tell (a std::function; a Context chosen at run time),
+// start() checks.
+//
 // The context is the optional first constructor argument,
 //     mp::Process p(mp::ForkServerContext{}, work, 21);
 //     mp::Process q(mp::get_context("fork"), work, 21);
@@ -31,6 +41,7 @@
 #include <chrono>
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -90,8 +101,29 @@ public:
 /// The default context (as the seed's MP_SPAWN_CTX).
 inline constexpr SpawnContext MP_SPAWN_CTX{};
 
-/// The context for "spawn", "fork" or "forkserver"; std::invalid_argument otherwise.
-MPSERVICE_API const Context& get_context(const std::string& method = "spawn");
+/// The context for "spawn", "fork" or "forkserver"; for "" (no argument) the
+/// default context, as Python's get_context(None) (see set_start_method);
+/// std::invalid_argument for any other name.
+MPSERVICE_API const Context& get_context(const std::string& method = "");
+
+/// Chooses the process-wide default start method ("spawn", "fork" or
+/// "forkserver"), as Python's multiprocessing.set_start_method: a Process made
+/// without a context - and the Pool and server process - use it.  The default
+/// is fixed once: by the first call, or by its first use (a Process without a
+/// context, default_context(), get_start_method()).  Setting it again without
+/// `force` is an InvalidStateError, as Python's RuntimeError; `force = true`
+/// replaces it, and ("", true) makes it unchosen again (Python: None, force=True).  Children inherit it.  std::invalid_argument for an unknown name.
+/// A target only the fork context can run (a lambda with captures, ...) is
+/// still refused at compile time by a Process without a context - name
+/// mp::ForkContext{}, or pass default_context() to check at start() instead.
+MPSERVICE_API void set_start_method(const std::string& method, bool force = false);
+/// The default start method's name, fixing it to "spawn" if none was chosen;
+/// with `allow_none`, "" when none was chosen yet (and nothing is fixed).
+MPSERVICE_API std::string get_start_method(bool allow_none = false);
+/// Every start method this platform has: {"spawn", "fork", "forkserver"}.
+MPSERVICE_API std::vector<std::string> get_all_start_methods();
+/// The context of the default start method (fixing it, see set_start_method).
+MPSERVICE_API const Context& default_context();
 
 /// CPUs this process may use: the affinity mask, lowered by a cgroup CPU
 /// quota (rounded up); at least 1.
@@ -137,21 +169,76 @@ void write_kept(Encoder& out, std::shared_ptr<void>& keep, Call&& call) {
     }
 }
 
-template <class Fn, class... A>
+/// What the child stores and receives: the parameter type without cv-ref
+/// qualifiers (a `const std::string&` parameter travels as a std::string).
+template <class P>
+using stored_t = std::remove_cv_t<std::remove_reference_t<P>>;
+
+template <class R, class Fn, class... S>
 void trampoline(const void* target, Decoder& in, Encoder& out, std::shared_ptr<void>& keep) {
     Fn fn = reinterpret_cast<Fn>(reinterpret_cast<std::uintptr_t>(target));
-    std::tuple<A...> args{in.read<A>()...};  // braced: decoded left to right
+    std::tuple<S...> args{in.read<S>()...};  // braced: decoded left to right
     in.expect_end("process arguments");
-    if constexpr (std::is_void_v<std::invoke_result_t<Fn, A...>>) {
+    if constexpr (std::is_void_v<R>) {
         std::apply(fn, std::move(args));
         (void)out;
         (void)keep;
     } else {
-        write_kept(out, keep, [&]() -> decltype(auto) { return std::apply(fn, std::move(args)); });
+        write_kept(out, keep, [&]() -> R { return static_cast<R>(std::apply(fn, std::move(args))); });
     }
 }
 
-/// The plain function pointer behind a callable, when it has one: a function,
+// ---- what the type of a callable tells about it
+
+template <class... T>
+struct type_list {};
+
+/// The signature of a callable whose type shows it: a function pointer, or a
+/// class with exactly one, non-template operator() (a lambda with concrete
+/// parameter types, a std::function, a function object).
+template <class F, class = void>
+struct signature_of {
+    static constexpr bool known = false;
+};
+template <class R, class... P>
+struct signature_is {
+    static constexpr bool known = true;
+    static constexpr std::size_t arity = sizeof...(P);
+    using result = R;
+    using params = type_list<P...>;
+    using pointer = R (*)(P...);
+};
+template <class R, class... P>
+struct signature_of<R (*)(P...)> : signature_is<R, P...> {};
+template <class R, class... P>
+struct signature_of<R (*)(P...) noexcept> : signature_is<R, P...> {};
+
+template <class M>
+struct call_operator_signature {
+    static constexpr bool known = false;
+};
+#define MPSERVICE_CALL_OPERATOR_SIGNATURE(QUALIFIERS)                              \
+    template <class C, class R, class... P>                                        \
+    struct call_operator_signature<R (C::*)(P...) QUALIFIERS> : signature_is<R, P...> {}; \
+    template <class C, class R, class... P>                                        \
+    struct call_operator_signature<R (C::*)(P...) QUALIFIERS noexcept> : signature_is<R, P...> {};
+MPSERVICE_CALL_OPERATOR_SIGNATURE()
+MPSERVICE_CALL_OPERATOR_SIGNATURE(const)
+MPSERVICE_CALL_OPERATOR_SIGNATURE(&)
+MPSERVICE_CALL_OPERATOR_SIGNATURE(const&)
+MPSERVICE_CALL_OPERATOR_SIGNATURE(&&)
+MPSERVICE_CALL_OPERATOR_SIGNATURE(const&&)
+#undef MPSERVICE_CALL_OPERATOR_SIGNATURE
+template <class F>
+struct signature_of<F, std::enable_if_t<std::is_class_v<F>, std::void_t<decltype(&F::operator())>>>
+    : call_operator_signature<decltype(&F::operator())> {};
+
+template <class F>
+struct is_std_function : std::false_type {};
+template <class Sig>
+struct is_std_function<std::function<Sig>> : std::true_type {};
+
+/// The plain function pointer behind a callable, when its type guarantees one:
 /// a function pointer, a static member function or a capture-less lambda.
 template <class F, class = void>
 struct function_pointer_of {
@@ -170,8 +257,118 @@ struct function_pointer_of<
     static auto get(F& f) { return +f; }
 };
 
+/// How a callable can reach a spawned or fork-server child.
+enum class TargetKind {
+    plain,          ///< a function's address: runs under every context
+    maybe_plain,    ///< a std::function: only its content, at run time, tells
+    stateful,       ///< a lambda with captures or a function object: fork only
+    generic,        ///< a generic lambda or overloaded function object: fork only
+    member,         ///< a pointer to member (needs its object): fork only
+};
+template <class F>
+constexpr TargetKind target_kind() {
+    if constexpr (function_pointer_of<F>::value) return TargetKind::plain;
+    else if constexpr (is_std_function<F>::value) return TargetKind::maybe_plain;
+    else if constexpr (std::is_member_pointer_v<F>) return TargetKind::member;
+    else if constexpr (signature_of<F>::known) return TargetKind::stateful;
+    else return TargetKind::generic;
+}
+
+/// Which contexts a Process constructor may use, as far as its type shows.
+enum class ContextCheck {
+    spawn,     ///< SpawnContext, ForkServerContext, or none (the default is chosen at run time)
+    fork,      ///< ForkContext: any callable
+    run_time,  ///< a Context& of unknown kind: start() checks
+};
+
+/// The one problem (if any) of running F with arguments A under `check`;
+/// Process reports it with one static_assert.
+enum class TargetProblem {
+    none,
+    needs_fork_stateful,
+    needs_fork_generic,
+    needs_fork_member,
+    wrong_arity,
+    mutable_reference_parameter,
+    not_convertible,
+    not_invocable,
+    returns_reference,
+    result_not_convertible,
+};
+
+template <class P>
+constexpr bool is_mutable_lvalue_ref_v =
+    std::is_lvalue_reference_v<P> && !std::is_const_v<std::remove_reference_t<P>>;
+
+template <class Params, class... A>
+struct params_check;
+template <class... P, class... A>
+struct params_check<type_list<P...>, A...> {
+    static constexpr bool any_mutable_ref = (is_mutable_lvalue_ref_v<P> || ...);
+    static constexpr bool all_convert() {
+        if constexpr (sizeof...(P) != sizeof...(A)) return false;
+        else return (std::is_convertible_v<A&&, stored_t<P>> && ...);
+    }
+};
+
+/// Whether the target has a parameter list of its own (not a pointer to member).
+template <class F>
+constexpr bool has_own_signature_v = signature_of<F>::known && !std::is_member_pointer_v<F>;
+
+template <class R, class F, ContextCheck check, class... A>
+constexpr TargetProblem target_problem() {
+    constexpr TargetKind kind = target_kind<F>();
+    if constexpr (check == ContextCheck::spawn && kind == TargetKind::stateful) return TargetProblem::needs_fork_stateful;
+    else if constexpr (check == ContextCheck::spawn && kind == TargetKind::generic) return TargetProblem::needs_fork_generic;
+    else if constexpr (check == ContextCheck::spawn && kind == TargetKind::member) return TargetProblem::needs_fork_member;
+    else if constexpr (has_own_signature_v<F>) {
+        using sig = signature_of<F>;
+        using pc = params_check<typename sig::params, A...>;
+        if constexpr (sig::arity != sizeof...(A)) return TargetProblem::wrong_arity;
+        else if constexpr (pc::any_mutable_ref) return TargetProblem::mutable_reference_parameter;
+        else if constexpr (!pc::all_convert()) return TargetProblem::not_convertible;
+        else if constexpr (std::is_reference_v<typename sig::result>) return TargetProblem::returns_reference;
+        else if constexpr (!std::is_void_v<R> && !std::is_convertible_v<typename sig::result, R>)
+            return TargetProblem::result_not_convertible;
+        else return TargetProblem::none;
+    } else if constexpr (!std::is_invocable_v<F&, std::decay_t<A>...>) {
+        return TargetProblem::not_invocable;
+    } else {
+        using result = std::invoke_result_t<F&, std::decay_t<A>...>;
+        if constexpr (std::is_reference_v<result>) return TargetProblem::returns_reference;
+        else if constexpr (!std::is_void_v<R> && !std::is_convertible_v<result, R>)
+            return TargetProblem::result_not_convertible;
+        else return TargetProblem::none;
+    }
+}
+
+/// Stands for the result of a call that cannot be made, so that class template
+/// argument deduction succeeds and the constructor's static_assert explains.
+struct uncallable_target {};
+
 template <class F, class... A>
-using process_result_t = std::invoke_result_t<std::decay_t<F>, std::decay_t<A>...>;
+auto deduced_result() {
+    if constexpr (has_own_signature_v<F>) return type_list<stored_t<typename signature_of<F>::result>>{};
+    else if constexpr (std::is_invocable_v<F&, std::decay_t<A>...>)
+        return type_list<stored_t<std::invoke_result_t<F&, std::decay_t<A>...>>>{};
+    else return type_list<uncallable_target>{};
+}
+template <class L>
+struct first_of;
+template <class T>
+struct first_of<type_list<T>> {
+    using type = T;
+};
+
+template <class F, class... A>
+struct process_result_impl {
+    using type = typename first_of<decltype(deduced_result<F, A...>())>::type;
+};
+// No `type` for a Context or a worker in first place: those are other constructors.
+template <class F, class... A>
+using process_result_t = typename std::enable_if_t<
+    !std::is_base_of_v<mpservice::Context, std::decay_t<F>> && !std::is_base_of_v<Worker, std::decay_t<F>>,
+    process_result_impl<std::decay_t<F>, A...>>::type;
 
 /// What a child runs: the target as an address plus trampoline (spawn,
 /// fork-server) and, for fork, the callable itself.
@@ -187,23 +384,33 @@ public:
     virtual void run_here(Encoder& result, std::shared_ptr<void>& keep) = 0;
 };
 
-template <class R, class F, class... A>
+template <class Fp>
+const void* address_of_function(Fp fp) {
+    return reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(fp));
+}
+
+/// F called with stored arguments S (the target's parameter types, or the
+/// decayed arguments when the target's type does not show its parameters).
+template <class R, class F, class... S>
 class ChildTaskOf final : public ChildTask {
 public:
     template <class FF, class... AA>
     explicit ChildTaskOf(FF&& f, AA&&... args) : f_(std::forward<FF>(f)), args_(std::forward<AA>(args)...) {
         if constexpr (function_pointer_of<F>::value) {
             auto fp = function_pointer_of<F>::get(f_);
-            target = reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(fp));
-            trampoline = &detail::trampoline<decltype(fp), A...>;
+            target = address_of_function(fp);
+            trampoline = &detail::trampoline<R, decltype(fp), S...>;
+        } else if constexpr (is_std_function<F>::value) {
+            // Only its content tells: a plain function inside runs anywhere.
+            using Fp = typename signature_of<F>::pointer;
+            if (const Fp* fp = f_.template target<Fp>()) {
+                target = address_of_function(*fp);
+                trampoline = &detail::trampoline<R, Fp, S...>;
+            }
         }
     }
     void encode_args(Encoder& out) const override {
-        if constexpr (function_pointer_of<F>::value) {
-            std::apply([&](const auto&... a) { (out.write(a), ...); }, args_);
-        } else {
-            (void)out;
-        }
+        if (target) std::apply([&](const auto&... a) { (out.write(a), ...); }, args_);
     }
     void run_here(Encoder& result, std::shared_ptr<void>& keep) override {
         if constexpr (std::is_void_v<R>) {
@@ -211,14 +418,78 @@ public:
             (void)result;
             (void)keep;
         } else {
-            write_kept(result, keep, [&]() -> decltype(auto) { return std::apply(f_, std::move(args_)); });
+            write_kept(result, keep, [&]() -> R { return static_cast<R>(std::apply(f_, std::move(args_))); });
         }
     }
 
 private:
     F f_;
-    std::tuple<A...> args_;
+    std::tuple<S...> args_;
 };
+
+template <class R, class F, class Params, class... A>
+struct child_task_for;
+template <class R, class F, class... P, class... A>
+struct child_task_for<R, F, type_list<P...>, A...> {
+    using type = ChildTaskOf<R, F, stored_t<P>...>;
+};
+
+/// The task of a Process<R> over f(args...), or - after one static_assert
+/// that says what is wrong and what to do - nothing.
+template <class R, ContextCheck check, class FF, class... A>
+std::unique_ptr<ChildTask> make_child_task(FF&& f, A&&... args) {
+    using F = std::decay_t<FF>;
+    constexpr TargetProblem problem = target_problem<R, F, check, A...>();
+    static_assert(problem != TargetProblem::needs_fork_stateful,
+                  "mpservice::Process: this target carries state (a lambda with captures, or a function object). "
+                  "A spawned or fork-server child is a fresh program that is sent only a function's address and "
+                  "the arguments, so it cannot have that state. Use a free function, a static member function or "
+                  "a capture-less lambda and pass the state as arguments - or run it in a forked copy of this "
+                  "process: mp::Process p(mp::ForkContext{}, f, args...). (A Process without a context is checked "
+                  "as spawn, because the default start method is chosen at run time.)");
+    static_assert(problem != TargetProblem::needs_fork_generic,
+                  "mpservice::Process: this target is a generic lambda or an overloaded function object, so it is "
+                  "not one function the child could be told to run. Give its parameters concrete types (a "
+                  "capture-less lambda, a free or static member function) - or run it in a forked copy of this "
+                  "process: mp::Process p(mp::ForkContext{}, f, args...). (A Process without a context is checked "
+                  "as spawn, because the default start method is chosen at run time.)");
+    static_assert(problem != TargetProblem::needs_fork_member,
+                  "mpservice::Process: a member function needs its object, which lives in this process; a spawned "
+                  "or fork-server child cannot call it. Use a free or static member function that takes the "
+                  "object's data as arguments - or run it in a forked copy of this process: "
+                  "mp::Process p(mp::ForkContext{}, &T::method, object, args...). (A Process without a context is "
+                  "checked as spawn, because the default start method is chosen at run time.)");
+    static_assert(problem != TargetProblem::wrong_arity,
+                  "mpservice::Process: the number of arguments does not match the target's parameters (default "
+                  "arguments do not count: a function pointer has none).");
+    static_assert(problem != TargetProblem::mutable_reference_parameter,
+                  "mpservice::Process: the target has a non-const lvalue reference parameter (T&). The child "
+                  "works on its own copy of the argument, in another process: it cannot write into the parent's "
+                  "object. Return the value instead (the parent reads it with result()), or pass a shared "
+                  "mp::Value<T> / mp::Array<T> (by value: both processes then see the same memory).");
+    static_assert(problem != TargetProblem::not_convertible,
+                  "mpservice::Process: an argument does not convert to the target's parameter type. Arguments "
+                  "are converted to the parameter types when the Process is made (as std::thread converts them "
+                  "at the call), and that copy is what the child receives.");
+    static_assert(problem != TargetProblem::not_invocable,
+                  "mpservice::Process: the target cannot be called with copies of these arguments, passed as "
+                  "rvalues (as std::thread passes them).");
+    static_assert(problem != TargetProblem::returns_reference,
+                  "mpservice::Process: the target returns a reference. A reference into the child's memory means "
+                  "nothing in the parent: return the value (it is sent back; result() gives it), or write into a "
+                  "shared mp::Value<T> / mp::Array<T>.");
+    static_assert(problem != TargetProblem::result_not_convertible,
+                  "mpservice::Process<R>: the target's return type does not convert to R.");
+    if constexpr (problem != TargetProblem::none) {
+        return nullptr;
+    } else if constexpr (has_own_signature_v<F>) {
+        using Task = typename child_task_for<R, F, typename signature_of<F>::params, A...>::type;
+        return std::make_unique<Task>(std::forward<FF>(f), std::forward<A>(args)...);
+    } else {
+        return std::make_unique<ChildTaskOf<R, F, std::decay_t<A>...>>(std::forward<FF>(f),
+                                                                       std::forward<A>(args)...);
+    }
+}
 
 /// The non-template part of a Process: the child, its channel and its outcome.
 class ProcessCore : public FutureCore, public std::enable_shared_from_this<ProcessCore> {
@@ -247,6 +518,7 @@ public:
     /// The decoded value, cached by Process<R>::result.
     std::mutex value_mutex;
     std::shared_ptr<void> decoded;
+    bool value_taken = false;  ///< take_result() moved the value out
 
     /// The lock of this core's state (the implementation's reactor uses it).
     std::mutex& io_mutex() const { return mutex_; }
@@ -285,19 +557,28 @@ class Process : public Worker {
     using Core = detail::ProcessCore;
 
 public:
-    /// Prepares (does not start) a child in the default spawn context.
+    /// Prepares (does not start) a child in the default context
+    /// (default_context(): spawn unless set_start_method chose another).
+    /// Arguments are converted to the target's parameter types here, and the
+    /// child receives that copy.  Targets that only the fork context can run
+    /// are refused at compile time (the default is chosen at run time).
     template <class F, class... A,
               std::enable_if_t<!std::is_base_of_v<Context, std::decay_t<F>> &&
-                                   !std::is_same_v<std::decay_t<F>, Process>,
+                                   !std::is_base_of_v<Worker, std::decay_t<F>>,
                                int> = 0>
-    explicit Process(F&& f, A&&... args) : Process(MP_SPAWN_CTX, std::forward<F>(f), std::forward<A>(args)...) {}
+    explicit Process(F&& f, A&&... args)
+        : Worker(std::make_shared<Core>(default_context())),
+          task_(detail::make_child_task<R, detail::ContextCheck::spawn>(std::forward<F>(f),
+                                                                          std::forward<A>(args)...)) {}
 
-    /// Prepares a child made by `ctx` (SpawnContext, ForkContext, ForkServerContext).
-    template <class F, class... A>
-    Process(const Context& ctx, F&& f, A&&... args)
+    /// Prepares a child made by `ctx`.  With SpawnContext or ForkServerContext
+    /// a target that needs the fork context is a compile-time error; with
+    /// ForkContext any callable runs; with a Context of run-time kind
+    /// (get_context(...), default_context()) start() checks.
+    template <class Ctx, class F, class... A, std::enable_if_t<std::is_base_of_v<Context, Ctx>, int> = 0>
+    Process(const Ctx& ctx, F&& f, A&&... args)
         : Worker(std::make_shared<Core>(ctx)),
-          task_(std::make_unique<detail::ChildTaskOf<R, std::decay_t<F>, std::decay_t<A>...>>(
-              std::forward<F>(f), std::forward<A>(args)...)) {}
+          task_(detail::make_child_task<R, check_for<Ctx>()>(std::forward<F>(f), std::forward<A>(args)...)) {}
 
     Process(Process&&) noexcept = default;
     Process& operator=(Process&&) = delete;
@@ -324,11 +605,26 @@ public:
 
     /// The target's return value (waits).  Re-throws as join() does; a child
     /// that ended without a value (terminated, exit(0)) is a ProcessError.
-    detail::result_ref_t<R> result() { return result_at(detail::os::no_deadline); }
+    /// The value is decoded once and kept: every call returns the same object.
+    detail::result_ref_t<R> result() & { return result_at(detail::os::no_deadline); }
     /// As result(), but TimeoutError if the child is still running after `timeout`.
     template <class Rep, class Period>
-    detail::result_ref_t<R> result(std::chrono::duration<Rep, Period> timeout) {
+    detail::result_ref_t<R> result(std::chrono::duration<Rep, Period> timeout) & {
         return result_at(detail::os::deadline_after(timeout));
+    }
+    /// std::move(p).result(): the value moved out (see take_result).
+    R result() && { return take_result(); }
+    template <class Rep, class Period>
+    R result(std::chrono::duration<Rep, Period> timeout) && {
+        return take_result(timeout);
+    }
+    /// The target's return value, moved out of this Process rather than
+    /// copied (waits; re-throws as result()).  Afterwards result() and
+    /// take_result() are an InvalidStateError; join() and exception() still work.
+    R take_result() { return take_at(detail::os::no_deadline); }
+    template <class Rep, class Period>
+    R take_result(std::chrono::duration<Rep, Period> timeout) {
+        return take_at(detail::os::deadline_after(timeout));
     }
 
     /// The exception join() would throw, or nullptr (waits).
@@ -371,6 +667,13 @@ public:
     bool forward_output() const { return state().forward_output_; }
 
 private:
+    template <class Ctx>
+    static constexpr detail::ContextCheck check_for() {
+        if constexpr (std::is_same_v<Ctx, ForkContext>) return detail::ContextCheck::fork;
+        else if constexpr (std::is_same_v<Ctx, SpawnContext> || std::is_same_v<Ctx, ForkServerContext>)
+            return detail::ContextCheck::spawn;
+        else return detail::ContextCheck::run_time;
+    }
     Core& state() const { return static_cast<Core&>(*core_); }
 
     bool wait_at(detail::os::Deadline deadline, const char* what) {
@@ -381,7 +684,8 @@ private:
         if (!wait_at(deadline, "join")) return;
         if (auto e = core_->error()) detail::rethrow_exception(e);
     }
-    detail::result_ref_t<R> result_at(detail::os::Deadline deadline) {
+    /// Waits, then throws what result() throws instead of a value.
+    void check_value_at(detail::os::Deadline deadline) {
         if (!wait_at(deadline, "result")) detail::throw_timeout(name());
         if (auto e = core_->error()) detail::rethrow_exception(e);
         if constexpr (std::is_void_v<R>) {
@@ -390,15 +694,34 @@ private:
                 if (auto e = core_->result_error()) detail::rethrow_exception(e);
         } else {
             if (!state().has_value()) detail::rethrow_exception(core_->result_error());
+        }
+    }
+    R decode_value(Core& c) {
+        Decoder d(c.value_bytes().data(), c.value_bytes().size(), &c.value_handles());
+        R v = d.template read<R>();
+        d.expect_end("process result");
+        return v;
+    }
+    detail::result_ref_t<R> result_at(detail::os::Deadline deadline) {
+        check_value_at(deadline);
+        if constexpr (!std::is_void_v<R>) {
             Core& c = state();
             std::lock_guard<std::mutex> lk(c.value_mutex);
-            if (!c.decoded) {
-                Decoder d(c.value_bytes().data(), c.value_bytes().size(), &c.value_handles());
-                auto v = std::make_shared<R>(d.template read<R>());
-                d.expect_end("process result");
-                c.decoded = std::move(v);
-            }
+            if (c.value_taken) detail::throw_result_taken(name());
+            if (!c.decoded) c.decoded = std::make_shared<R>(decode_value(c));
             return *static_cast<const R*>(c.decoded.get());
+        }
+    }
+    R take_at(detail::os::Deadline deadline) {
+        check_value_at(deadline);
+        if constexpr (!std::is_void_v<R>) {
+            Core& c = state();
+            std::lock_guard<std::mutex> lk(c.value_mutex);
+            if (c.value_taken) detail::throw_result_taken(name());
+            c.value_taken = true;
+            if (!c.decoded) return decode_value(c);  // straight out: never kept, never copied
+            std::shared_ptr<void> kept = std::move(c.decoded);
+            return std::move(*static_cast<R*>(kept.get()));
         }
     }
     std::exception_ptr exception_at(detail::os::Deadline deadline) {
@@ -411,7 +734,7 @@ private:
 
 template <class F, class... A>
 Process(F, A...) -> Process<detail::process_result_t<F, A...>>;
-template <class F, class... A>
-Process(const Context&, F, A...) -> Process<detail::process_result_t<F, A...>>;
+template <class Ctx, class F, class... A, std::enable_if_t<std::is_base_of_v<Context, Ctx>, int> = 0>
+Process(const Ctx&, F, A...) -> Process<detail::process_result_t<F, A...>>;
 
 }  // namespace mpservice

@@ -63,6 +63,11 @@ struct RemoteInfo {
     std::string traceback;     // full text, cause chain included
     std::exception_ptr cause;  // the decoded cause, if the story has one
     std::string registry_key;  // which registered type rebuilt it (for re-encoding)
+    // How `cause` relates to the exception (the wire's cause marker): 1 = an
+    // earlier part of its story; 2 = its std::nested_exception; 3 = an earlier
+    // part of its story, whose own nested exception is this one's too.
+    std::uint8_t cause_kind = 0;
+    std::exception_ptr nested;  // what std::rethrow_if_nested throws, if anything
 };
 }  // namespace detail
 
@@ -91,6 +96,10 @@ public:
     /// (internal) everything above.
     const detail::RemoteInfo& remote_info() const noexcept { return info_; }
 
+    /// what() of the original exception, so that
+    /// `catch (const mp::RemoteError& e) { e.what(); }` works.
+    virtual const char* what() const noexcept { return info_.message.c_str(); }
+
 protected:
     explicit RemoteError(detail::RemoteInfo info) : info_(std::move(info)) {}
     RemoteError(const RemoteError&) = default;
@@ -103,19 +112,66 @@ private:
 /// The type a remote exception of type E (or of a type derived from E) is
 /// re-thrown as: catch clauses for E and for RemoteError both take it.
 template <class E>
-class Remote final : public E, public RemoteError {
+class Remote : public E, public RemoteError {
 public:
     Remote(E original, detail::RemoteInfo info) : E(std::move(original)), RemoteError(std::move(info)) {}
     const char* what() const noexcept override { return remote_what().c_str(); }
 };
 
-/// The remote traceback of `e`, or "" if `e` did not come from another process.
-inline std::string remote_traceback(const std::exception& e) {
-    auto* r = dynamic_cast<const RemoteError*>(&e);
+/// A remote exception that was thrown with std::throw_with_nested: also a
+/// std::nested_exception, so std::rethrow_if_nested throws the (rebuilt)
+/// nested exception.  Catch it as E, Remote<E> or RemoteError as any other.
+template <class E>
+class RemoteNested final : public Remote<E>, public std::nested_exception {
+public:
+    /// Call inside a catch clause of the nested exception (nested_exception
+    /// keeps the exception being handled).
+    RemoteNested(E original, detail::RemoteInfo info) : Remote<E>(std::move(original), std::move(info)) {}
+    const char* what() const noexcept override { return this->remote_what().c_str(); }
+};
+
+namespace detail {
+template <class E>
+const RemoteError* as_remote(const E& e) noexcept {
+    if constexpr (std::is_base_of_v<RemoteError, E>) return &e;
+    else if constexpr (std::is_polymorphic_v<E>) return dynamic_cast<const RemoteError*>(&e);
+    else return nullptr;
+}
+}  // namespace detail
+
+/// The remote traceback of `e` - a std::exception, a RemoteError, or any
+/// exception object - or "" if it did not come from another process.
+template <class E>
+std::string remote_traceback(const E& e) {
+    const RemoteError* r = detail::as_remote(e);
     return r ? r->traceback() : std::string();
 }
-/// Whether `e` came from another process.
-inline bool is_remote(const std::exception& e) noexcept { return dynamic_cast<const RemoteError*>(&e) != nullptr; }
+/// Whether `e` (a std::exception, a RemoteError, ...) came from another process.
+template <class E>
+bool is_remote(const E& e) noexcept {
+    return detail::as_remote(e) != nullptr;
+}
+/// The same for an exception kept as an exception_ptr ("" / false for null).
+inline std::string remote_traceback(const std::exception_ptr& p) {
+    if (!p) return std::string();
+    try {
+        std::rethrow_exception(p);
+    } catch (const RemoteError& r) {
+        return r.traceback();
+    } catch (...) {
+    }
+    return std::string();
+}
+inline bool is_remote(const std::exception_ptr& p) noexcept {
+    if (!p) return false;
+    try {
+        std::rethrow_exception(p);
+    } catch (const RemoteError&) {
+        return true;
+    } catch (...) {
+    }
+    return false;
+}
 
 /// Whether tracebacks made in this process show file:line.  They come from
 /// the `addr2line` program (binutils) when it is installed and the module has
@@ -150,6 +206,11 @@ MPSERVICE_API void encode_exception(Encoder& out, const std::exception_ptr& e);
 /// registered types) and always by `catch (const mpservice::RemoteError&)`.
 MPSERVICE_API std::exception_ptr decode_exception(Decoder& in);
 
+/// Keeps the throw-site stack that this thread recorded for `e`, so that `e`
+/// encoded later by another thread still shows where it was thrown (a
+/// Thread does this for its target's exception).  The last few are kept.
+MPSERVICE_API void keep_throw_site(const std::exception_ptr& e) noexcept;
+
 /// Re-throws `e` after noting the current stack as the place where this
 /// process raised it, so that a remote exception passed on from here (A -> B
 /// -> C) shows B's part of the story too.  Use instead of std::rethrow_exception
@@ -175,6 +236,23 @@ template <class T>
 struct has_serialize_member<T, std::void_t<decltype(std::declval<T&>().serialize(std::declval<Encoder&>()))>>
     : std::true_type {};
 
+/// The rebuilt exception: Remote<T>, or RemoteNested<T> when the original was
+/// thrown with std::throw_with_nested.
+template <class T>
+std::exception_ptr make_remote(T original, RemoteInfo&& info) {
+    if constexpr (!std::is_base_of_v<std::nested_exception, T>) {
+        if (info.nested) {
+            std::exception_ptr nested = info.nested;
+            try {
+                std::rethrow_exception(nested);
+            } catch (...) {  // RemoteNested's nested_exception keeps the exception being handled
+                return std::make_exception_ptr(RemoteNested<T>(std::move(original), std::move(info)));
+            }
+        }
+    }
+    return std::make_exception_ptr(Remote<T>(std::move(original), std::move(info)));
+}
+
 template <class T>
 ExceptionType exception_type_of() {
     static_assert(std::is_base_of_v<std::exception, T>, "register_exception<T>: T must derive from std::exception");
@@ -196,17 +274,17 @@ ExceptionType exception_type_of() {
         if constexpr (has_serialize_member<T>::value && std::is_default_constructible_v<T>) {
             T original;
             original.serialize(fields);
-            return std::make_exception_ptr(Remote<T>(std::move(original), std::move(info)));
+            return make_remote<T>(std::move(original), std::move(info));
         } else if constexpr (std::is_constructible_v<T, std::string>) {
             (void)fields;
             T original(info.message);
-            return std::make_exception_ptr(Remote<T>(std::move(original), std::move(info)));
+            return make_remote<T>(std::move(original), std::move(info));
         } else {
             static_assert(std::is_default_constructible_v<T>,
                           "register_exception<T>: T needs a serialize() member and a default constructor, "
                           "a constructor from std::string, or a default constructor");
             (void)fields;
-            return std::make_exception_ptr(Remote<T>(T(), std::move(info)));
+            return make_remote<T>(T(), std::move(info));
         }
     };
     return t;

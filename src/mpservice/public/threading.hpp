@@ -4,6 +4,12 @@
 //     t.start();
 //     double r = t.result();               // waits; re-throws the target's exception
 //
+// Arguments follow std::thread: each is copied (decayed) into the thread and
+// passed as an rvalue, so a T& parameter needs std::ref(x) (one static_assert
+// says so otherwise).  A target returning a reference gives Thread<T&>, whose
+// result() is that very object, as std::async's future<T&>.  take_result() (or
+// std::move(t).result()) moves the value out instead of copying it.
+//
 // Cancellation is cooperative, as with std::jthread (C++ cannot inject an
 // exception into a running thread the way Python's Thread.throw does): a
 // target whose first parameter is mp::StopToken receives one, and polls
@@ -25,6 +31,7 @@
 
 #include "errors.hpp"
 #include "futures.hpp"
+#include "remote_exception.hpp"
 
 namespace mpservice {
 
@@ -41,6 +48,9 @@ private:
     std::shared_ptr<std::atomic<bool>> flag_;
 };
 
+template <class R>
+class Thread;
+
 namespace detail {
 
 /// "Thread-N", numbered from 1 in each process.
@@ -49,21 +59,56 @@ MPSERVICE_API std::string next_thread_name();
 template <class F, class... A>
 constexpr bool takes_stop_token_v = std::is_invocable_v<std::decay_t<F>, StopToken, std::decay_t<A>...>;
 
-// std::invoke_result has no `type` when the call is invalid, which keeps the
-// deduction guide SFINAE-friendly (Thread b(std::move(a)) must not trip on it).
+/// Stands for the result of a call that cannot be made, so that class template
+/// argument deduction succeeds and the constructor's static_assert explains.
+struct uncallable_thread_target {};
+
 template <class F, class... A>
-struct thread_result : std::invoke_result<std::decay_t<F>, std::decay_t<A>...> {};
+auto thread_result_of() {
+    if constexpr (takes_stop_token_v<F, A...>)
+        return std::invoke_result<std::decay_t<F>&, StopToken, std::decay_t<A>...>{};
+    else if constexpr (std::is_invocable_v<std::decay_t<F>&, std::decay_t<A>...>)
+        return std::invoke_result<std::decay_t<F>&, std::decay_t<A>...>{};
+    else
+        return std::enable_if<true, uncallable_thread_target>{};
+}
 template <class F, class... A>
-struct thread_result_with_token : std::invoke_result<std::decay_t<F>, StopToken, std::decay_t<A>...> {};
+struct thread_result_impl {
+    using type = typename decltype(thread_result_of<F, A...>())::type;
+};
+// No `type` for a Thread in first place: Thread b(std::move(a)) is the move
+// constructor, and the deduction guide must step aside for it.
 template <class F, class... A>
-using thread_result_t = typename std::conditional_t<takes_stop_token_v<F, A...>, thread_result_with_token<F, A...>,
-                                                    thread_result<F, A...>>::type;
+using thread_result_t =
+    typename std::enable_if_t<!std::is_base_of_v<Worker, std::decay_t<F>>, thread_result_impl<F, A...>>::type;
+
+/// Whether f(args...) - or f(stop_token, args...) - can be made from the
+/// copies a Thread keeps (passed as rvalues, as std::thread passes them).
+template <class F, class... A>
+constexpr bool thread_callable_v =
+    takes_stop_token_v<F, A...> || std::is_invocable_v<std::decay_t<F>&, std::decay_t<A>...>;
+
+/// What a Thread keeps of R: a value, a pointer for a reference, a flag for void.
+template <class R>
+struct thread_value {
+    using type = R;
+};
+template <class R>
+struct thread_value<R&> {
+    using type = R*;
+};
+template <>
+struct thread_value<void> {
+    using type = bool;
+};
 
 template <class R>
 class ThreadCore : public FutureCore {
 public:
-    std::optional<std::conditional_t<std::is_void_v<R>, bool, R>> value;
+    std::optional<typename thread_value<R>::type> value;
+    bool value_taken = false;  ///< take_result() moved the value out
     std::mutex join_mutex;
+    std::mutex value_mutex;
 };
 
 }  // namespace detail
@@ -81,26 +126,14 @@ public:
               std::enable_if_t<!std::is_same_v<std::decay_t<F>, Thread>, int> = 0>
     explicit Thread(F&& f, A&&... args)
         : Worker(std::make_shared<Core>()), stop_(std::make_shared<std::atomic<bool>>(false)) {
+        static_assert(detail::thread_callable_v<F, A...>,
+                      "mpservice::Thread: the target cannot be called with these arguments. As std::thread does, "
+                      "Thread keeps a copy of each argument and passes the copies as rvalues, so a non-const "
+                      "lvalue reference parameter (T&) cannot bind to one: pass std::ref(x) to let the thread use "
+                      "your object x itself, or take the parameter by value or by const reference.");
         core_->name = detail::next_thread_name();
-        auto token = StopToken(stop_);
-        auto core = state();
-        body_ = detail::make_task([core, token, fn = std::decay_t<F>(std::forward<F>(f)),
-                 tup = std::make_tuple(std::decay_t<A>(std::forward<A>(args))...)]() mutable {
-            std::exception_ptr error;
-            try {
-                if constexpr (detail::takes_stop_token_v<F, A...>) {
-                    call_and_store(*core, [&] {
-                        return std::apply([&](auto&&... a) { return std::invoke(fn, token, std::move(a)...); },
-                                          std::move(tup));
-                    });
-                } else {
-                    call_and_store(*core, [&] { return std::apply(fn, std::move(tup)); });
-                }
-            } catch (...) {
-                error = std::current_exception();
-            }
-            core->resolve(error);
-        });
+        if constexpr (detail::thread_callable_v<F, A...>)
+            body_ = make_body(std::forward<F>(f), std::forward<A>(args)...);
     }
     Thread(Thread&&) noexcept = default;
     Thread& operator=(Thread&&) = delete;
@@ -132,13 +165,25 @@ public:
     }
 
     /// The target's value (waits); re-throws its exception.
-    detail::result_ref_t<R> result() {
-        return result_at(detail::os::no_deadline);
-    }
+    detail::result_ref_t<R> result() & { return result_at(detail::os::no_deadline); }
     /// As result(), but TimeoutError if not finished within `timeout`.
     template <class Rep, class Period>
-    detail::result_ref_t<R> result(std::chrono::duration<Rep, Period> timeout) {
+    detail::result_ref_t<R> result(std::chrono::duration<Rep, Period> timeout) & {
         return result_at(detail::os::deadline_after(timeout));
+    }
+    /// std::move(t).result(): the value moved out (see take_result).
+    R result() && { return take_result(); }
+    template <class Rep, class Period>
+    R result(std::chrono::duration<Rep, Period> timeout) && {
+        return take_result(timeout);
+    }
+    /// The target's value moved out of this Thread rather than copied (waits;
+    /// re-throws as result()).  Afterwards result() and take_result() are an
+    /// InvalidStateError; join() and exception() still work.
+    R take_result() { return take_at(detail::os::no_deadline); }
+    template <class Rep, class Period>
+    R take_result(std::chrono::duration<Rep, Period> timeout) {
+        return take_at(detail::os::deadline_after(timeout));
     }
     /// The target's exception, or nullptr after a value (waits).
     std::exception_ptr exception() { return exception_at(detail::os::no_deadline); }
@@ -156,11 +201,37 @@ public:
     void set_name(std::string name) { core_->name = std::move(name); }
 
 private:
+    template <class F, class... A>
+    std::unique_ptr<detail::Task> make_body(F&& f, A&&... args) {
+        auto token = StopToken(stop_);
+        auto core = state();
+        return detail::make_task([core, token, fn = std::decay_t<F>(std::forward<F>(f)),
+                                  tup = std::make_tuple(std::decay_t<A>(std::forward<A>(args))...)]() mutable {
+            std::exception_ptr error;
+            try {
+                if constexpr (detail::takes_stop_token_v<F, A...>) {
+                    call_and_store(*core, [&]() -> decltype(auto) {
+                        return std::apply([&](auto&&... a) -> decltype(auto) { return std::invoke(fn, token, std::move(a)...); },
+                                          std::move(tup));
+                    });
+                } else {
+                    call_and_store(*core, [&]() -> decltype(auto) { return std::apply(fn, std::move(tup)); });
+                }
+            } catch (...) {
+                error = std::current_exception();
+                detail::keep_throw_site(error);  // the throw site is known in this thread only
+            }
+            core->resolve(error);
+        });
+    }
     template <class Call>
     static void call_and_store(Core& core, Call&& call) {
         if constexpr (std::is_void_v<R>) {
             call();
             core.value.emplace(true);
+        } else if constexpr (std::is_reference_v<R>) {
+            R r = call();
+            core.value.emplace(&r);
         } else {
             core.value.emplace(call());
         }
@@ -179,7 +250,30 @@ private:
     detail::result_ref_t<R> result_at(detail::os::Deadline deadline) {
         if (!wait_for_end(deadline, "result")) detail::throw_timeout(name());
         if (auto e = core_->error()) std::rethrow_exception(e);
-        if constexpr (!std::is_void_v<R>) return *state()->value;
+        if constexpr (!std::is_void_v<R>) {
+            Core& c = *state();
+            std::lock_guard<std::mutex> lk(c.value_mutex);
+            if (c.value_taken) detail::throw_result_taken(name());
+            if constexpr (std::is_reference_v<R>) return **c.value;
+            else return *c.value;
+        }
+    }
+    R take_at(detail::os::Deadline deadline) {
+        if (!wait_for_end(deadline, "result")) detail::throw_timeout(name());
+        if (auto e = core_->error()) std::rethrow_exception(e);
+        if constexpr (!std::is_void_v<R>) {
+            Core& c = *state();
+            std::lock_guard<std::mutex> lk(c.value_mutex);
+            if (c.value_taken) detail::throw_result_taken(name());
+            c.value_taken = true;
+            if constexpr (std::is_reference_v<R>) {
+                return **c.value;
+            } else {
+                R v = std::move(*c.value);
+                c.value.reset();
+                return v;
+            }
+        }
     }
     std::exception_ptr exception_at(detail::os::Deadline deadline) {
         if (!wait_for_end(deadline, "exception")) detail::throw_timeout(name());
