@@ -8805,6 +8805,8 @@ void redirect_standard_output(handle_t out, handle_t err) {
     // used already (a forked child's stdout).
     static char line_buffer[BUFSIZ];
     std::setvbuf(stdout, line_buffer, _IOLBF, sizeof line_buffer);
+}
+
 // ---------------------------------------------------------------- (server process section)
 
 namespace {
