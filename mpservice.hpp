@@ -6563,10 +6563,10 @@ struct PoolOptions {
 /// A pool of worker processes (see the top of this part).
 class Pool {
 public:
-    /// cpu_count() workers in the spawn context.
-    Pool() : Pool(MP_SPAWN_CTX, cpu_count()) {}
-    /// `processes` workers (≤ 0 is std::invalid_argument) in the spawn context.
-    explicit Pool(int processes, PoolOptions options = {}) : Pool(MP_SPAWN_CTX, processes, options) {}
+    /// cpu_count() workers in the default context (spawn unless set_start_method chose another).
+    Pool() : Pool(default_context(), cpu_count()) {}
+    /// `processes` workers (≤ 0 is std::invalid_argument) in the default context.
+    explicit Pool(int processes, PoolOptions options = {}) : Pool(default_context(), processes, options) {}
     /// Workers made by `ctx`.
     Pool(const Context& ctx, int processes, PoolOptions options = {})
         : Pool(ctx, processes, options, &detail::pool_no_initializer) {}
@@ -6831,7 +6831,7 @@ public:
                                                !std::is_base_of_v<Context, std::decay_t<std::tuple_element_t<
                                                                                 0, std::tuple<A..., int>>>>,
                                            int> = 0>
-    explicit ProcessRunner(A&&... args) : ProcessRunner(MP_SPAWN_CTX, std::forward<A>(args)...) {}
+    explicit ProcessRunner(A&&... args) : ProcessRunner(default_context(), std::forward<A>(args)...) {}
 
     /// Starts the process in `ctx` and constructs T(args...) there.
     template <class... A>
@@ -17015,7 +17015,7 @@ void ServerProcess::start() {
     detail::os::random_bytes(key, sizeof key);
     boot.authkey.assign(reinterpret_cast<const char*>(key), sizeof key);
     boot.name = options_.name;
-    const Context& ctx = options_.context ? *options_.context : static_cast<const Context&>(MP_SPAWN_CTX);
+    const Context& ctx = options_.context ? *options_.context : default_context();
     process_.emplace(ctx, &server_main, boot);
     process_->set_name(options_.name);
     try {

@@ -595,3 +595,24 @@ TEST_CASE_TEMPLATE("100 pools created and destroyed leave no fd, zombie or mappi
     CHECK(count_zombie_children() == 0);
     CHECK(mp::active_children().empty());
 }
+
+namespace {
+long parent_of_worker(int) { return static_cast<long>(::getppid()); }
+}  // namespace
+
+TEST_CASE("a Pool made without a context uses the default start method (set_start_method)") {
+    struct SpawnAgain {
+        ~SpawnAgain() { mp::set_start_method("spawn", true); }
+    } again;
+    const long self = static_cast<long>(::getpid());
+    mp::set_start_method("spawn", true);
+    {
+        mp::Pool pool(1);
+        CHECK(pool.apply(parent_of_worker, 0) == self);  // spawned by us
+    }
+    mp::set_start_method("forkserver", true);
+    {
+        mp::Pool pool(1);
+        CHECK(pool.apply(parent_of_worker, 0) != self);  // forked by the fork server
+    }
+}

@@ -695,7 +695,7 @@ void ServerProcess::start() {
     detail::os::random_bytes(key, sizeof key);
     boot.authkey.assign(reinterpret_cast<const char*>(key), sizeof key);
     boot.name = options_.name;
-    const Context& ctx = options_.context ? *options_.context : static_cast<const Context&>(MP_SPAWN_CTX);
+    const Context& ctx = options_.context ? *options_.context : default_context();
     process_.emplace(ctx, &server_main, boot);
     process_->set_name(options_.name);
     try {

@@ -819,10 +819,10 @@ struct PoolOptions {
 /// A pool of worker processes (see the top of this part).
 class Pool {
 public:
-    /// cpu_count() workers in the spawn context.
-    Pool() : Pool(MP_SPAWN_CTX, cpu_count()) {}
-    /// `processes` workers (≤ 0 is std::invalid_argument) in the spawn context.
-    explicit Pool(int processes, PoolOptions options = {}) : Pool(MP_SPAWN_CTX, processes, options) {}
+    /// cpu_count() workers in the default context (spawn unless set_start_method chose another).
+    Pool() : Pool(default_context(), cpu_count()) {}
+    /// `processes` workers (≤ 0 is std::invalid_argument) in the default context.
+    explicit Pool(int processes, PoolOptions options = {}) : Pool(default_context(), processes, options) {}
     /// Workers made by `ctx`.
     Pool(const Context& ctx, int processes, PoolOptions options = {})
         : Pool(ctx, processes, options, &detail::pool_no_initializer) {}

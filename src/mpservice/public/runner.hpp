@@ -42,7 +42,7 @@ public:
                                                !std::is_base_of_v<Context, std::decay_t<std::tuple_element_t<
                                                                                 0, std::tuple<A..., int>>>>,
                                            int> = 0>
-    explicit ProcessRunner(A&&... args) : ProcessRunner(MP_SPAWN_CTX, std::forward<A>(args)...) {}
+    explicit ProcessRunner(A&&... args) : ProcessRunner(default_context(), std::forward<A>(args)...) {}
 
     /// Starts the process in `ctx` and constructs T(args...) there.
     template <class... A>
