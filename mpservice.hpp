@@ -1510,6 +1510,9 @@ MPSERVICE_API void leak_checker_root(const void* p, std::size_t size) noexcept;
 MPSERVICE_API void close_handles_except(handle_t keep) noexcept;
 /// Ends the process at once with `code`: no atexit handlers, no destructors.
 [[noreturn]] MPSERVICE_API void exit_now(int code) noexcept;
+/// Makes exit(n) in this process call hook(n) (after the handlers registered
+/// later, as atexit); false where the platform cannot tell the status.
+MPSERVICE_API bool on_exit_status(void (*hook)(int status) noexcept) noexcept;
 /// Whether the caller runs on the process's initial thread.
 MPSERVICE_API bool is_main_thread() noexcept;
 /// Blocks child-exit notifications for the calling (single-threaded) process
@@ -8284,6 +8287,28 @@ void close_handles_except(handle_t keep) noexcept {
 
 void exit_now(int code) noexcept { ::_exit(code); }
 
+namespace {
+void (*g_exit_status_hook)(int) noexcept = nullptr;
+#if defined(__GLIBC__)
+void run_exit_status_hook(int status, void*) {
+    if (g_exit_status_hook) g_exit_status_hook(status);
+}
+#endif
+}  // namespace
+
+bool on_exit_status(void (*hook)(int status) noexcept) noexcept {
+#if defined(__GLIBC__)
+    // on_exit (glibc) is atexit with the status exit() was given: the one way
+    // to learn it inside the process.  Registered once; the hook can change.
+    static bool registered = ::on_exit(run_exit_status_hook, nullptr) == 0;
+    g_exit_status_hook = hook;
+    return registered;
+#else
+    (void)hook;
+    return false;
+#endif
+}
+
 bool is_main_thread() noexcept { return static_cast<long>(::syscall(SYS_gettid)) == static_cast<long>(::getpid()); }
 
 handle_t child_exit_events() {
@@ -11226,12 +11251,49 @@ void install_log_forwarding() {
 // children (daemons are terminated, the others waited for).
 void at_exit_handler();
 
+// ---- a child that ends by exit(n) itself announces n
+// When SIGCHLD is ignored, or another waitpid() takes the status, the kernel
+// cannot tell the parent how a child ended.  A child that returns or throws
+// sends END with its code; one that calls exit(n) in its target sends END with
+// n on its way out, so the parent reports "exited with code n" all the same.
+
+std::atomic<bool> g_outcome_sent{false};
+std::atomic<long> g_link_owner{0};  // the process whose channel child_link() is
+
+void announce_exit_status(int status) noexcept {
+    if (g_outcome_sent.exchange(true) || os::current_pid() != g_link_owner.load()) return;
+    try {
+        Encoder end;
+        end.write(static_cast<std::int32_t>(status & 0xff));
+        FrameHeader h{frame_end, 0, end.bytes().size()};
+        std::string frame(reinterpret_cast<const char*>(&h), sizeof h);
+        frame.append(end.bytes());
+        ChildLink& link = child_link();
+        std::lock_guard<std::mutex> lk(link.mutex);
+        if (link.channel != os::invalid_handle) os::channel_write(link.channel, frame.data(), frame.size(), nullptr, 0);
+    } catch (...) {
+    }
+}
+
+/// Registers announce_exit_status with the C library (once per program).  The
+/// parent calls it before it forks: registering takes the C library's exit
+/// lock, which a forked child of a threaded parent must never need.
+void register_exit_announcement() noexcept { os::on_exit_status(&announce_exit_status); }
+
+/// Called once the channel to the parent is set up in this process.
+void watch_own_exit() noexcept {
+    g_outcome_sent = false;
+    g_link_owner = os::current_pid();
+    os::on_exit_status(&announce_exit_status);
+}
+
 enum class SendOutcome { sent, parent_gone, failed };
 
 /// Sends `kind` (VALUE or EXCEPTION) with `payload` and `handles`, then END
 /// carrying `code`, in one write: one system call, one wake-up of the parent.
 /// On failure `why` says what went wrong.
 SendOutcome send_outcome(std::uint32_t kind, const Encoder& payload, int code, std::string& why) {
+    g_outcome_sent = true;  // END goes now (or never): exit() need not announce one
     const auto& hs = payload.handles();
     // A closed descriptor would fail the write half-way through the frames;
     // find it first, while a clear report can still be sent instead.
@@ -11375,6 +11437,7 @@ enum class ChildKind { spawned, forkserver_worker };
     if (!os::die_with_parent(expected_parent)) os::exit_now(1);
     if (kind == ChildKind::spawned) os::close_handles_except(channel);
     child_link().channel = channel;
+    watch_own_exit();
     if (kind == ChildKind::forkserver_worker) {
         Encoder hello;
         hello(static_cast<std::int64_t>(os::current_pid()), serial);
@@ -12107,6 +12170,7 @@ void reset_after_fork_in_child() {
     if (!os::die_with_parent(parent)) os::exit_now(1);
     adopt_child_identity(name, identity, parent_name, parent);
     child_link().channel = channel;
+    watch_own_exit();
     set_log_level_from_parent(parent_log_level);
     install_log_forwarding();
     int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) { task.run_here(out, keep); });
@@ -12248,6 +12312,7 @@ void abandon_child(ProcessCore& core, Reactor& reactor) noexcept {
 
 void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     if (started() || !task) throw InvalidStateError("mpservice: " + describe(name, pid_) + " was already started");
+    register_exit_announcement();  // inherited by forked children (see process_child)
     Runtime& r = rt();
     if (method_ != StartMethod::fork) {
         if (!r.initialized)

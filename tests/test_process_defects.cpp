@@ -253,15 +253,12 @@ void every_ending_resolves(bool always_stolen) {
         REQUIRE(ends(p));
         std::string what = what_of<mp::ProcessError>([&] { p.join(); });
         INFO(what);
-        if (direct && always_stolen) {
-            CHECK(contains(what, "collected by someone else"));
-            CHECK(p.exitcode() == 255);
-        } else if (direct) {  // whoever reaped first
-            CHECK((contains(what, "exited with code 3") || contains(what, "collected by someone else")));
-        } else {
-            CHECK(contains(what, "exited with code 3"));  // the fork server reaps its own workers
-            CHECK(p.exitcode() == 3);
-        }
+        // exit(n) in the target announces n on the way out (END), so the code
+        // is known even when the kernel's exit status went elsewhere.
+        CHECK(contains(what, "exited with code 3"));
+        CHECK(p.exitcode() == 3);
+        (void)direct;
+        (void)always_stolen;
     }
     {
         mp::Process p(Ctx{}, sleep_then, 60000);
@@ -312,7 +309,7 @@ int nested_with_sigchld_ignored() {
     sum += a.result(30s) + b.result(30s) + c.result(30s);
     mp::Process d(mp::SpawnContext{}, exit_with, 4);
     d.start();
-    if (!ends(d) || d.exitcode() != 255) return -1;  // its status went nowhere: unknown, but resolved
+    if (!ends(d) || d.exitcode() != 4) return -1;  // its status went nowhere, but exit(4) announced 4
     return sum;
 }
 
@@ -576,15 +573,23 @@ TEST_CASE("issue 8.12: fork children never deadlock on a lock another parent thr
     // and the symbolizer's locks are taken and released all the time - while
     // children are forked that throw, so that they symbolize too.
     std::atomic<bool> stop{false};
+    // The exception is thrown once per thread, not in the loop: a thread that
+    // unwinds at the instant of fork holds glibc's loader lock (the unwinder's
+    // dl_iterate_phdr), which a forked child that throws then waits for - a
+    // hazard of fork() in threaded programs that no library can reset (README:
+    // the fork context is unsafe with threads).  Encoding the caught exception
+    // again and again takes the library's own locks (registry, symbolizer).
     auto churn = [&] {
+        std::exception_ptr caught;
+        try {
+            throw std::logic_error("churn");
+        } catch (...) {
+            caught = std::current_exception();
+        }
         while (!stop.load()) {
             mp::set_log_level("churn", mp::Level::debug);  // logging's lock, all the time too
-            try {
-                throw std::logic_error("churn");
-            } catch (...) {
-                mp::Encoder e;
-                mp::detail::encode_exception(e, std::current_exception());
-            }
+            mp::Encoder e;
+            mp::detail::encode_exception(e, caught);
         }
     };
     std::thread t1(churn), t2(churn);

@@ -294,18 +294,12 @@ void for_kind(unsigned kind, Visit&& visit) {
         case 34: return visit(handles_of(handle_table().queue), false);
         case 35: return visit(handles_of(handle_table().joinable), false);
         case 36: return visit(handles_of(handle_table().simple), false);
-#ifdef MPSERVICE_FUZZ_BOOL_FIELDS
-        case 37: return visit(std::vector<Flags>{{1, true}, {2, false}}, false);
-#endif
+        case 37: return visit(std::vector<Flags>{{1, true}, {2, false}}, false);  // bools checked (issue 8 #11)
         default:
             return;
     }
 }
-#ifdef MPSERVICE_FUZZ_BOOL_FIELDS
 constexpr unsigned kind_count = 38;
-#else
-constexpr unsigned kind_count = 37;
-#endif
 
 }  // namespace
 

@@ -172,32 +172,7 @@ void signal_process(long pid, int sig) {
 // prints "now passes" for an entry whose rows are all green.
 const std::vector<Known>& known_defects() {
     static const std::vector<Known> list = {
-        {"Process returning a Lock", 1, "a child cannot return a shared object"},
-        {"env: SIGCHLD ignored", 2, "children never resolve when SIGCHLD is ignored"},
-        {"env: SIGCHLD reaper", 2, "children never resolve when a user handler reaps with waitpid(-1)"},
-        // #3: the target's arguments (and the lock's mapping) are destroyed
-        // before the process exits, so the kernel cannot mark the robust
-        // mutex owner-dead; a throw takes the same path as a return.
-        {"Lock holder / return", 3, "a target that returns holding a Lock deadlocks everyone after it"},
-        {"Lock holder / throw", 3, "a target that throws holding a Lock deadlocks everyone after it"},
-        {"RLock holder / return", 3, "the same with an RLock"},
-        {"RLock holder / throw", 3, "the same with an RLock"},
-        {"Value lock holder / return", 3, "the same with a Value's lock"},
-        {"Value lock holder / throw", 3, "the same with a Value's lock"},
-        {"Array writer / return", 3, "the same with an Array's lock"},
-        {"Array writer / throw", 3, "the same with an Array's lock"},
-        {"Condition notifier / return", 3, "the same with a Condition's lock"},
-        {"Condition notifier / throw", 3, "the same with a Condition's lock"},
-        {"Barrier waiter / SIGKILL", 4, "a Barrier party that dies while waiting does not break the barrier"},
-        {"Queue unbounded, 2 MiB in one process", 5, "an unbounded Queue blocks put() once 1 MiB is buffered"},
-        {"Condition notify(1) of 3", 6, "Condition.notify() wakes more than one waiter"},
-        {"Lock try_lock of own lock", 7, "a non-blocking acquire of a Lock the thread holds throws"},
-        {"Process with 300 handles", 9, "more than 253 shared objects in a spawn child's arguments hang"},
-        {"forged marker", 10, "a forged child marker enters child mode (marker anywhere, no peer check)"},
-        {"security: setuid copy", 10, "a setuid copy accepts child mode (no AT_SECURE check)"},
-        {"decode: bool in a struct", 11, "decoding a trivially copyable struct with a bool accepts any byte"},
-        {"fork while symbolizing", 12, "a fork child can deadlock on the symbolizer's mutex (a race: not every round)"},
-        {"Queue >buffer producer / SIGSTOP", 13, "get(timeout) overruns while a chunked producer is stopped"},
+        // The issue-8 defects (1-13) are fixed: their rows must pass.
         // Found by this suite, not in issue 8 (defect 0 = "new"): a release
         // wakes one sleeper; when that sleeper is stopped, the others sleep on
         // although the lock / token is free, until it is continued.

@@ -249,6 +249,9 @@ MPSERVICE_API void leak_checker_root(const void* p, std::size_t size) noexcept;
 MPSERVICE_API void close_handles_except(handle_t keep) noexcept;
 /// Ends the process at once with `code`: no atexit handlers, no destructors.
 [[noreturn]] MPSERVICE_API void exit_now(int code) noexcept;
+/// Makes exit(n) in this process call hook(n) (after the handlers registered
+/// later, as atexit); false where the platform cannot tell the status.
+MPSERVICE_API bool on_exit_status(void (*hook)(int status) noexcept) noexcept;
 /// Whether the caller runs on the process's initial thread.
 MPSERVICE_API bool is_main_thread() noexcept;
 /// Blocks child-exit notifications for the calling (single-threaded) process

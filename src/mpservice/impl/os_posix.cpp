@@ -640,6 +640,28 @@ void close_handles_except(handle_t keep) noexcept {
 
 void exit_now(int code) noexcept { ::_exit(code); }
 
+namespace {
+void (*g_exit_status_hook)(int) noexcept = nullptr;
+#if defined(__GLIBC__)
+void run_exit_status_hook(int status, void*) {
+    if (g_exit_status_hook) g_exit_status_hook(status);
+}
+#endif
+}  // namespace
+
+bool on_exit_status(void (*hook)(int status) noexcept) noexcept {
+#if defined(__GLIBC__)
+    // on_exit (glibc) is atexit with the status exit() was given: the one way
+    // to learn it inside the process.  Registered once; the hook can change.
+    static bool registered = ::on_exit(run_exit_status_hook, nullptr) == 0;
+    g_exit_status_hook = hook;
+    return registered;
+#else
+    (void)hook;
+    return false;
+#endif
+}
+
 bool is_main_thread() noexcept { return static_cast<long>(::syscall(SYS_gettid)) == static_cast<long>(::getpid()); }
 
 handle_t child_exit_events() {

@@ -56,12 +56,49 @@ void install_log_forwarding() {
 // children (daemons are terminated, the others waited for).
 void at_exit_handler();
 
+// ---- a child that ends by exit(n) itself announces n
+// When SIGCHLD is ignored, or another waitpid() takes the status, the kernel
+// cannot tell the parent how a child ended.  A child that returns or throws
+// sends END with its code; one that calls exit(n) in its target sends END with
+// n on its way out, so the parent reports "exited with code n" all the same.
+
+std::atomic<bool> g_outcome_sent{false};
+std::atomic<long> g_link_owner{0};  // the process whose channel child_link() is
+
+void announce_exit_status(int status) noexcept {
+    if (g_outcome_sent.exchange(true) || os::current_pid() != g_link_owner.load()) return;
+    try {
+        Encoder end;
+        end.write(static_cast<std::int32_t>(status & 0xff));
+        FrameHeader h{frame_end, 0, end.bytes().size()};
+        std::string frame(reinterpret_cast<const char*>(&h), sizeof h);
+        frame.append(end.bytes());
+        ChildLink& link = child_link();
+        std::lock_guard<std::mutex> lk(link.mutex);
+        if (link.channel != os::invalid_handle) os::channel_write(link.channel, frame.data(), frame.size(), nullptr, 0);
+    } catch (...) {
+    }
+}
+
+/// Registers announce_exit_status with the C library (once per program).  The
+/// parent calls it before it forks: registering takes the C library's exit
+/// lock, which a forked child of a threaded parent must never need.
+void register_exit_announcement() noexcept { os::on_exit_status(&announce_exit_status); }
+
+/// Called once the channel to the parent is set up in this process.
+void watch_own_exit() noexcept {
+    g_outcome_sent = false;
+    g_link_owner = os::current_pid();
+    os::on_exit_status(&announce_exit_status);
+}
+
 enum class SendOutcome { sent, parent_gone, failed };
 
 /// Sends `kind` (VALUE or EXCEPTION) with `payload` and `handles`, then END
 /// carrying `code`, in one write: one system call, one wake-up of the parent.
 /// On failure `why` says what went wrong.
 SendOutcome send_outcome(std::uint32_t kind, const Encoder& payload, int code, std::string& why) {
+    g_outcome_sent = true;  // END goes now (or never): exit() need not announce one
     const auto& hs = payload.handles();
     // A closed descriptor would fail the write half-way through the frames;
     // find it first, while a clear report can still be sent instead.
@@ -205,6 +242,7 @@ enum class ChildKind { spawned, forkserver_worker };
     if (!os::die_with_parent(expected_parent)) os::exit_now(1);
     if (kind == ChildKind::spawned) os::close_handles_except(channel);
     child_link().channel = channel;
+    watch_own_exit();
     if (kind == ChildKind::forkserver_worker) {
         Encoder hello;
         hello(static_cast<std::int64_t>(os::current_pid()), serial);

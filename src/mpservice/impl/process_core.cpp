@@ -127,6 +127,7 @@ void abandon_child(ProcessCore& core, Reactor& reactor) noexcept {
 
 void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     if (started() || !task) throw InvalidStateError("mpservice: " + describe(name, pid_) + " was already started");
+    register_exit_announcement();  // inherited by forked children (see process_child)
     Runtime& r = rt();
     if (method_ != StartMethod::fork) {
         if (!r.initialized)

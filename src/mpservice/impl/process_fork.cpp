@@ -119,6 +119,7 @@ void reset_after_fork_in_child() {
     if (!os::die_with_parent(parent)) os::exit_now(1);
     adopt_child_identity(name, identity, parent_name, parent);
     child_link().channel = channel;
+    watch_own_exit();
     set_log_level_from_parent(parent_log_level);
     install_log_forwarding();
     int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) { task.run_here(out, keep); });
