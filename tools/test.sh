@@ -66,15 +66,19 @@ check_prerequisites() {
 }
 
 check_prerequisites
-if [ ${#missing[@]} -gt 0 ] || [ ${#optional[@]} -gt 0 ]; then
-  if [ "$INSTALL" = auto ] && [ "$(id -u)" = 0 ] && have apt-get; then
-    echo "tools/test.sh: installing with apt-get: ${missing[*]} ${optional[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" "${optional[@]}" >/dev/null
-    check_prerequisites
+# Two rounds: a compiler installed in the first is only then asked for its
+# headers and sanitizer runtime.
+for _round in 1 2; do
+  if [ ${#missing[@]} -gt 0 ] || [ ${#optional[@]} -gt 0 ]; then
+    if [ "$INSTALL" = auto ] && [ "$(id -u)" = 0 ] && have apt-get; then
+      echo "tools/test.sh: installing with apt-get: ${missing[*]} ${optional[*]}"
+      export DEBIAN_FRONTEND=noninteractive
+      [ "$_round" = 1 ] && apt-get update -qq
+      apt-get install -y -qq --no-install-recommends "${missing[@]}" "${optional[@]}" >/dev/null || true
+      check_prerequisites
+    fi
   fi
-fi
+done
 if [ ${#optional[@]} -gt 0 ]; then
   echo "tools/test.sh: note: without ${optional[*]} the benchmarks skip their Boost.Interprocess anchors"
 fi
