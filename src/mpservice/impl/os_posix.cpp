@@ -162,28 +162,60 @@ LockResult lock_result(int rc, const char* what) {
 #define MPSERVICE_TSAN 1
 #endif
 #endif
+#if defined(MPSERVICE_TSAN)
+#include <sanitizer/tsan_interface.h>
+#endif
 #if defined(__SANITIZE_THREAD__)
 #define MPSERVICE_TSAN 1
 #endif
 
 namespace {
-/// Blocks for the mutex until `deadline` (steady clock).
-LockResult lock_until(RobustMutex* m, Deadline deadline) {
-    if (deadline == no_deadline) return lock_result(pthread_mutex_lock(native(m)), "mpservice: mutex lock");
+/// One bounded sleep for the mutex, until `until` (steady clock).
+int lock_until_once(RobustMutex* m, Deadline until) {
 #if defined(MPSERVICE_TSAN)
     // ThreadSanitizer (LLVM 14) does not intercept pthread_mutex_clocklock and
     // then loses track of the mutex; under it, use timedlock, whose deadline is
     // on the wall clock (a clock step shifts the timeout - acceptable in tests).
-    auto left = deadline - Clock::now();
+    auto left = until - Clock::now();
     auto wall = std::chrono::system_clock::now() + std::chrono::duration_cast<std::chrono::system_clock::duration>(left);
     auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(wall.time_since_epoch()).count();
     timespec ts{static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
-    return lock_result(pthread_mutex_timedlock(native(m), &ts), "mpservice: mutex lock");
+    const int rc = pthread_mutex_timedlock(native(m), &ts);
+    // Its timedlock interceptor records only a plain success as taking the
+    // lock; a dead owner's lock is ours too (its pthread_mutex_lock knows).
+    if (rc == EOWNERDEAD) {
+        __tsan_mutex_pre_lock(native(m), __tsan_mutex_try_lock);
+        __tsan_mutex_post_lock(native(m), __tsan_mutex_try_lock, 1);
+    }
+    return rc;
 #else
     // An absolute deadline on the monotonic clock: immune to wall-clock steps.
-    timespec ts = to_timespec(deadline);
-    return lock_result(pthread_mutex_clocklock(native(m), CLOCK_MONOTONIC, &ts), "mpservice: mutex lock");
+    timespec ts = to_timespec(until);
+    return pthread_mutex_clocklock(native(m), CLOCK_MONOTONIC, &ts);
 #endif
+}
+
+/// How long one kernel sleep for a robust mutex lasts at most.  The robust
+/// futex protocol can lose a wake-up: the unlocker clears the word (and its
+/// waiters bit) and wakes one sleeper; if that sleeper is killed before it
+/// takes the lock and a third thread takes it first (a trylock, which does
+/// not set the waiters bit), the kernel's death handling sees an owner and
+/// wakes nobody, and the new owner's unlock sees no waiters.  The remaining
+/// sleepers would sleep forever (seen under ThreadSanitizer's timing).  A
+/// sleeper that wakes at the end of its slice re-marks the word as contended,
+/// so the next unlock wakes it: the cost of the race is one slice of latency,
+/// the cost of a long wait is a few wake-ups a second.
+constexpr auto kLockSleepSlice = std::chrono::milliseconds(200);
+
+/// Blocks for the mutex until `deadline` (steady clock), in bounded slices.
+LockResult lock_until(RobustMutex* m, Deadline deadline) {
+    for (;;) {
+        const Deadline now = Clock::now();
+        const Deadline until = deadline - now > kLockSleepSlice ? now + kLockSleepSlice : deadline;
+        const int rc = lock_until_once(m, until);
+        if (rc == ETIMEDOUT && until != deadline) continue;  // a slice ended, not the wait
+        return lock_result(rc, "mpservice: mutex lock");
+    }
 }
 }  // namespace
 
