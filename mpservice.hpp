@@ -13237,6 +13237,12 @@ bool semaphore_take(SemaphoreState* s) noexcept {
             return true;
     return false;
 }
+
+/// A release wakes as many sleepers as it adds tokens.  A woken sleeper that
+/// is stopped (SIGSTOP, a debugger) or killed before it takes its token
+/// keeps that wake-up from the others, who would sleep on although a token is
+/// free.  So nobody sleeps longer than this at a time before looking again.
+constexpr auto semaphore_recheck = std::chrono::milliseconds(200);
 }  // namespace sync_impl
 
 bool semaphore_acquire(SemaphoreState* s, os::Deadline deadline) {
@@ -13251,7 +13257,9 @@ bool semaphore_acquire(SemaphoreState* s, os::Deadline deadline) {
             taken = true;
             break;
         }
-        if (!os::futex_wait(&s->value, 0, deadline)) {
+        const auto now = os::Clock::now();
+        const os::Deadline step = deadline - now > semaphore_recheck ? now + semaphore_recheck : deadline;
+        if (!os::futex_wait(&s->value, 0, step) && step == deadline) {
             taken = semaphore_take(s);
             break;
         }

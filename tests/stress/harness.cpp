@@ -173,17 +173,14 @@ void signal_process(long pid, int sig) {
 const std::vector<Known>& known_defects() {
     static const std::vector<Known> list = {
         // The issue-8 defects (1-13) are fixed: their rows must pass.
-        // Found by this suite, not in issue 8 (defect 0 = "new"): a release
-        // wakes one sleeper; when that sleeper is stopped, the others sleep on
-        // although the lock / token is free, until it is continued.
-        {"Lock waiter / SIGSTOP", 0, "a stopped waiter swallows the wake-up of a release (pthread mutex)"},
-        {"RLock waiter / SIGSTOP", 0, "the same with an RLock"},
-        {"Semaphore waiter / SIGSTOP", 0, "the same with a Semaphore's release"},
-        {"BoundedSemaphore waiter / SIGSTOP", 0, "the same with a BoundedSemaphore's release"},
-        // Found here, cause not yet known: children blocked in a robust mutex
-        // (Lock / RLock / a Value's or Array's lock) are gone 0.4-0.6 s after
-        // the parent's SIGKILL (20-40 ms for every other primitive); on a
-        // loaded machine one round of ten took 1.1 s, over the 1 s bound.
+        // Found here, cause not pinned down: children blocked in a robust mutex
+        // (Lock / RLock / a Value's or Array's lock) were gone 0.4-0.6 s after
+        // the parent's SIGKILL (20-40 ms for every other primitive).  Since
+        // blocked acquires sleep in 200 ms slices, 10 rounds of each row gave
+        // 3-12 ms with one outlier of 196 ms (a slice); a plain program doing
+        // the same (tmp experiment: holder killed, two waiters) sees < 1 ms
+        // with and without the slices.  Kept as known until a long run shows
+        // no round over the 1 s bound on a loaded machine.
         {"Lock holder / parent", 0, "children blocked in a Lock take ~0.5 s to die with their parent"},
         {"RLock holder / parent", 0, "the same with an RLock"},
         {"Value lock holder / parent", 0, "the same with a Value's lock"},
