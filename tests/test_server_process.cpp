@@ -352,7 +352,10 @@ TEST_CASE("server: 1000 create/release cycles leave no objects, descriptors or m
     }
     CHECK(count_of(server) == objects);
     auto after = server.resource_counts();
-    CHECK(after.first == before.first);
+    // Descriptors: a leak per cycle would be 1000 more.  Not equality: the
+    // warm-up's last block may still have been open in the server when
+    // `before` was read (its release travels apart from the calls), seen in CI.
+    CHECK(after.first <= before.first);
     // Mappings: a block leaked per cycle would be 1000 more; the allocator (or a
     // sanitizer's runtime) may map a few regions of its own meanwhile.
     CHECK(after.second <= before.second + 16);
