@@ -6021,6 +6021,14 @@ public:
     MPSERVICE_API std::vector<long> worker_pids() const;
     int processes() const noexcept { return settings_.processes; }
 
+    /// Waits until done() or the deadline (false then) by reading the pool's
+    /// results in the calling thread: a waiting caller takes its own result
+    /// off the result ring, with no hand-off through the result thread.
+    /// While another thread holds the reader role (and delivers to everyone),
+    /// it sleeps in sleep(until) slices instead.  Safe from any thread.
+    MPSERVICE_API bool serve_until(const std::function<bool()>& done, os::Deadline deadline,
+                                   const std::function<void(os::Deadline)>& sleep);
+
     /// Items per chunk when the caller gives none (Python's rule for map).
     static std::size_t default_chunksize(std::size_t n, int processes) {
         std::size_t per = static_cast<std::size_t>(processes) * 4;
@@ -6038,9 +6046,11 @@ private:
     void dispatch_locked();
     void maybe_finish_locked();
     void complete_locked(std::uint64_t chunk);
-    void on_results(const unsigned char* p, std::size_t n);
+    void book_results(const unsigned char* p, std::size_t n, Deliveries& out);
+    bool read_results(os::Deadline deadline, Deliveries& out);
+    bool wait_workers_ended(os::Deadline deadline);
     std::vector<const void*> dead_workers() const;
-    void handle_deaths(const std::vector<const void*>& dead);
+    void handle_deaths(const std::vector<const void*>& dead, Deliveries& out);
     void reconcile_locked(std::size_t worker, Deliveries& out);
     void fail_all_locked(const std::exception_ptr& e, Deliveries& out);
     void result_loop();
@@ -6145,16 +6155,15 @@ public:
 
     AsyncState(Success s, Failure f) : on_success_(std::move(s)), on_failure_(std::move(f)) { mark_started(); }
 
-    /// Spins briefly before it sleeps: a result that comes back within tens of
-    /// microseconds (an idle pool's round trip) then costs no wake-up.
+    /// The pool or runner whose results resolve it: a waiter reads them itself.
+    void read_from(const std::shared_ptr<PoolCore>& pool) { pool_ = pool; }
+
     bool wait_until(os::Deadline deadline) const override {
-        auto until = os::Clock::now() + std::chrono::microseconds(50);
-        if (deadline < until) until = deadline;
-        while (!done_relaxed()) {
-            if (os::Clock::now() >= until) return FutureCore::wait_until(deadline);
-            for (int i = 0; i < 64; ++i) os::cpu_relax();
-        }
-        return true;
+        if (done_relaxed()) return true;
+        if (auto pool = pool_.lock())
+            return pool->serve_until([this] { return done_relaxed(); }, deadline,
+                                     [this](os::Deadline d) { FutureCore::wait_until(d); });
+        return FutureCore::wait_until(deadline);  // the pool is gone: it resolved every result first
     }
 
     void succeed(Holder v) {
@@ -6180,6 +6189,7 @@ private:
     std::optional<Holder> value_;
     Success on_success_;
     Failure on_failure_;
+    std::weak_ptr<PoolCore> pool_;
 };
 
 /// map / map_async / starmap: every item's outcome in input order; the
@@ -6370,6 +6380,10 @@ public:
         return o;
     }
     std::size_t taken() const noexcept { return next_; }
+    /// Whether take() would give an outcome.
+    bool has_next() const {
+        return ordered_ ? ready_.count(next_) != 0 : !ready_.empty();
+    }
 
     std::mutex mutex;
     std::condition_variable cv;
@@ -6532,9 +6546,21 @@ private:
                 }
                 return std::nullopt;
             }
-            if (deadline == detail::os::no_deadline) {
-                job_->cv.wait(lk);
-            } else if (job_->cv.wait_until(lk, deadline) == std::cv_status::timeout) {
+            lk.unlock();
+            // Read the pool's results here (no hand-off through its thread)
+            // until the next one of ours is there.
+            bool got = pool_->serve_until(
+                [this] {
+                    std::lock_guard<std::mutex> g(job_->mutex);
+                    return job_->has_next();
+                },
+                deadline,
+                [this](detail::os::Deadline d) {
+                    std::unique_lock<std::mutex> g(job_->mutex);
+                    job_->cv.wait_until(g, d, [this] { return job_->has_next(); });
+                });
+            if (!got) {
+                lk.lock();
                 if (auto o = job_->take()) {
                     lk.unlock();
                     if (o->error) detail::rethrow_exception(o->error);
@@ -6634,6 +6660,7 @@ public:
         using Fp = decltype(detail::function_pointer_of<F>::get(f));
         using R = detail::process_result_t<F, A...>;
         auto st = std::make_shared<detail::AsyncState<R>>(std::move(on_success), std::move(on_error));
+        st->read_from(core_);
         auto job = std::make_shared<detail::SingleJob<R>>(st);
         detail::ChunkBuilder b(job, 1);
         b.add(std::decay_t<A>(args)...);
@@ -6727,6 +6754,7 @@ private:
         using R = decltype(std::apply(f, std::declval<Tuple>()));
         using V = std::conditional_t<std::is_void_v<R>, void, std::vector<R>>;
         auto st = std::make_shared<detail::AsyncState<V>>(std::move(on_success), std::move(on_error));
+        st->read_from(core_);
         auto job = std::make_shared<detail::MapJob<R>>(st);
         std::size_t n = 0;
         if constexpr (std::is_base_of_v<std::forward_iterator_tag,
@@ -6877,6 +6905,7 @@ public:
         using R = std::invoke_result_t<T&, std::decay_t<A>...>;
         auto st = std::make_shared<detail::AsyncState<R>>(typename detail::AsyncState<R>::Success(),
                                                           typename detail::AsyncState<R>::Failure());
+        st->read_from(core_);
         auto job = std::make_shared<detail::SingleJob<R>>(st);
         detail::ChunkBuilder b(job, 1);
         b.add(std::decay_t<A>(args)...);
@@ -14784,6 +14813,14 @@ constexpr std::uint32_t slot_record_bytes = 256u << 10;
 /// Chunks a worker holds at once: the one it runs and the next, so that it
 /// never waits for the parent between two chunks.
 constexpr std::size_t chunks_per_worker = 2;
+/// A reading caller looks up from the ring this often (its result may come
+/// from terminate() in another thread); one that found the reader role taken
+/// looks again this often; the result thread looks at the ring this often
+/// while results are due and nobody waits, and when idle.
+constexpr auto reader_slice = std::chrono::milliseconds(20);
+constexpr auto follower_slice = std::chrono::milliseconds(2);
+constexpr auto busy_tick = std::chrono::milliseconds(1);
+constexpr auto idle_tick = std::chrono::milliseconds(20);
 
 struct PoolTaskHeader {
     std::uint32_t kind;
@@ -15006,7 +15043,15 @@ os::CodeRef pool_code_ref(const void* fn) {
 struct PoolDoorbell {
     QueueCore results;
     std::atomic<int> deaths{0};
+    // The result thread's tick: a death or stop() wakes it before its timeout.
+    std::mutex tick_mutex;
+    std::condition_variable tick;
+    /// Wakes a reader blocked on the ring (a waiting caller) and the result thread.
     void ring() noexcept {
+        {
+            std::lock_guard<std::mutex> lk(tick_mutex);
+        }
+        tick.notify_all();
         PoolResultHeader h{pool_result_wake, 0, 0};
         try {
             results.put(&h, sizeof h, os::Clock::now());  // a full ring wakes the thread anyway
@@ -15073,7 +15118,11 @@ struct PoolCore::State {
     std::uint64_t next_chunk = 1;
     std::thread thread;
     std::atomic<bool> stop{false};
-    std::string msg;  // the result thread's buffer
+    // The reader role: who holds it takes result messages off the ring and
+    // books them (in ring order, so a chunk's messages are booked in the order
+    // its worker sent them); deliveries happen after it is released.
+    std::mutex reader;
+    std::atomic<int> waiting{0};  // callers in serve_until
 };
 
 namespace {
@@ -15332,19 +15381,19 @@ void PoolCore::complete_locked(std::uint64_t id) {
     s.chunks.erase(it);
 }
 
-void PoolCore::on_results(const unsigned char* p, std::size_t n) {
+void PoolCore::book_results(const unsigned char* p, std::size_t n, Deliveries& out) {
     State& s = *s_;
     if (n < sizeof(PoolResultHeader)) return;
     PoolResultHeader h;
     std::memcpy(&h, p, sizeof h);
     if (h.kind != pool_result_records) return;
-    Deliveries out;
     {
         std::lock_guard<std::mutex> lk(s.mutex);
         auto it = s.chunks.find(h.chunk);
         if (it == s.chunks.end()) return;  // terminated meanwhile
         State::Chunk& c = *it->second;
-        out.batches.emplace_back(c.job, std::vector<JobItem>());
+        if (out.batches.empty() || out.batches.back().first != c.job)
+            out.batches.emplace_back(c.job, std::vector<JobItem>());
         out.batches.back().second.reserve(std::min<std::size_t>(c.count - c.next, (n - sizeof h) / sizeof(PoolRecordHeader)));
         for_each_record(p + sizeof h, n - sizeof h, h.first,
                         [&](std::uint32_t index, std::uint32_t kind, const unsigned char* data, std::size_t size) {
@@ -15359,7 +15408,6 @@ void PoolCore::on_results(const unsigned char* p, std::size_t n) {
             s.changed.notify_all();
         }
     }
-    deliver(out);
 }
 
 std::vector<const void*> PoolCore::dead_workers() const {
@@ -15371,9 +15419,8 @@ std::vector<const void*> PoolCore::dead_workers() const {
     return dead;
 }
 
-void PoolCore::handle_deaths(const std::vector<const void*>& dead) {
+void PoolCore::handle_deaths(const std::vector<const void*>& dead, Deliveries& out) {
     State& s = *s_;
-    Deliveries out;
     {
         std::lock_guard<std::mutex> lk(s.mutex);
         for (std::size_t i = 0; i < s.workers.size(); ++i) {
@@ -15389,7 +15436,6 @@ void PoolCore::handle_deaths(const std::vector<const void*>& dead) {
         maybe_finish_locked();
         s.changed.notify_all();
     }
-    deliver(out);
 }
 
 void PoolCore::reconcile_locked(std::size_t wi, Deliveries& out) {
@@ -15479,22 +15525,97 @@ void PoolCore::fail_all_locked(const std::exception_ptr& e,
     for (auto& w : s.workers) w.outstanding.clear();
 }
 
+bool PoolCore::read_results(os::Deadline deadline, Deliveries& out) {
+    State& s = *s_;
+    PoolDoorbell& bell = *s.bell;
+    auto take = [&](os::Deadline d) {
+        // Read into a string the deliveries keep: their items point into it.
+        std::string& msg = out.keep.emplace_back();
+        if (bell.results.get(&copy_item, &msg, d) != QueueCore::Status::ok) {
+            out.keep.pop_back();
+            return false;
+        }
+        book_results(reinterpret_cast<const unsigned char*>(msg.data()), msg.size(), out);
+        return true;
+    };
+    auto deaths = [&] {
+        if (!bell.deaths.exchange(0, std::memory_order_acq_rel)) return;
+        // Whatever the dead workers sent before they died is in the ring: book it first.
+        auto dead = dead_workers();
+        while (take(os::Clock::now())) {
+        }
+        handle_deaths(dead, out);
+    };
+    deaths();
+    bool got = take(deadline);
+    deaths();  // a death's bell may be what woke the get
+    return got;
+}
+
+bool PoolCore::serve_until(const std::function<bool()>& done, os::Deadline deadline,
+                           const std::function<void(os::Deadline)>& sleep) {
+    State& s = *s_;
+    struct Waiting {
+        std::atomic<int>& n;
+        explicit Waiting(std::atomic<int>& c) : n(c) { n.fetch_add(1, std::memory_order_acq_rel); }
+        ~Waiting() { n.fetch_sub(1, std::memory_order_acq_rel); }
+    } waiting{s.waiting};
+    while (!done()) {
+        auto now = os::Clock::now();
+        if (now >= deadline) return done();
+        if (s.reader.try_lock()) {
+            Deliveries out;
+            {
+                std::lock_guard<std::mutex> role(s.reader, std::adopt_lock);
+                try {
+                    // In slices: what we wait for may also be resolved by
+                    // terminate() in another thread.
+                    read_results(std::min(deadline, now + reader_slice), out);
+                } catch (...) {
+                    log_callback_error(std::current_exception());
+                }
+            }
+            deliver(out);
+        } else {
+            // Another thread reads and delivers (to us as well); look again soon.
+            sleep(std::min(deadline, now + follower_slice));
+        }
+    }
+    return true;
+}
+
 void PoolCore::result_loop() {
     State& s = *s_;
     PoolDoorbell& bell = *s.bell;
     for (;;) {
-        try {
-            if (bell.deaths.exchange(0, std::memory_order_acq_rel)) {
-                // Whatever the dead workers sent before they died is in the ring: take it first.
-                auto dead = dead_workers();
-                while (bell.results.get(&copy_item, &s.msg, os::Clock::now()) == QueueCore::Status::ok)
-                    on_results(reinterpret_cast<const unsigned char*>(s.msg.data()), s.msg.size());
-                handle_deaths(dead);
+        // Callers that wait read their own results; this thread takes what
+        // nobody waits for (callbacks, imap buffers, deaths) on a tick.
+        bool busy;
+        {
+            std::lock_guard<std::mutex> lk(s.mutex);
+            busy = !s.chunks.empty();
+        }
+        auto tick = busy && s.waiting.load(std::memory_order_acquire) == 0 ? busy_tick : idle_tick;
+        {
+            std::unique_lock<std::mutex> lk(bell.tick_mutex);
+            bell.tick.wait_for(lk, tick, [&] {
+                return s.stop.load(std::memory_order_acquire) || bell.deaths.load(std::memory_order_acquire) != 0;
+            });
+        }
+        if (s.stop.load(std::memory_order_acquire)) return;
+        if (!s.reader.try_lock()) continue;  // a caller reads
+        Deliveries out;
+        {
+            std::lock_guard<std::mutex> role(s.reader, std::adopt_lock);
+            try {
+                for (int i = 0; i < 256 && read_results(os::Clock::now(), out); ++i) {
+                }
+            } catch (...) {
+                log_callback_error(std::current_exception());
             }
-            if (s.stop.load(std::memory_order_acquire)) return;
-            auto st = bell.results.get(&copy_item, &s.msg, os::Clock::now() + std::chrono::seconds(1));
-            if (st == QueueCore::Status::ok)
-                on_results(reinterpret_cast<const unsigned char*>(s.msg.data()), s.msg.size());
+        }
+        try {
+            deliver(out);
         } catch (...) {
             log_callback_error(std::current_exception());
         }
@@ -15523,31 +15644,43 @@ void PoolCore::terminate() {
             if (w.proc && !w.ended) w.proc->terminate();
     }
     deliver(out);
-    std::unique_lock<std::mutex> lk(s.mutex);
-    auto all_ended = [&] {
-        for (auto& w : s.workers)
-            if (w.proc && !w.ended) return false;
-        return true;
-    };
-    if (!s.changed.wait_for(lk, std::chrono::seconds(2), all_ended)) {
+    s.bell->ring();  // a caller blocked on the ring looks at its (now failed) result
+    if (!wait_workers_ended(os::deadline_after(std::chrono::seconds(2)))) {
         // A worker that ignores SIGTERM is killed.
+        std::lock_guard<std::mutex> lk(s.mutex);
         for (auto& w : s.workers)
             if (w.proc && !w.ended) w.proc->kill();
     }
 }
 
+bool PoolCore::wait_workers_ended(os::Deadline deadline) {
+    State& s = *s_;
+    auto all_ended = [&] {
+        for (auto& w : s.workers)
+            if (w.proc && !w.ended) return false;
+        return true;
+    };
+    // Deaths are handled by whoever reads the ring: read it here too.
+    return serve_until(
+        [&] {
+            std::lock_guard<std::mutex> lk(s.mutex);
+            return all_ended();
+        },
+        deadline,
+        [&](os::Deadline d) {
+            std::unique_lock<std::mutex> lk(s.mutex);
+            s.changed.wait_until(lk, d, all_ended);
+        });
+}
+
 void PoolCore::join() {
     State& s = *s_;
     {
-        std::unique_lock<std::mutex> lk(s.mutex);
+        std::lock_guard<std::mutex> lk(s.mutex);
         if (s.phase == State::Phase::running)
             throw InvalidStateError("mpservice: join() on a " + settings_.kind + " that is neither closed nor terminated");
-        s.changed.wait(lk, [&] {
-            for (auto& w : s.workers)
-                if (w.proc && !w.ended) return false;
-            return true;
-        });
     }
+    wait_workers_ended(os::no_deadline);
     if (s.thread.joinable()) {
         s.stop.store(true, std::memory_order_release);
         s.bell->ring();

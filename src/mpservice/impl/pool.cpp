@@ -36,6 +36,14 @@ constexpr std::uint32_t slot_record_bytes = 256u << 10;
 /// Chunks a worker holds at once: the one it runs and the next, so that it
 /// never waits for the parent between two chunks.
 constexpr std::size_t chunks_per_worker = 2;
+/// A reading caller looks up from the ring this often (its result may come
+/// from terminate() in another thread); one that found the reader role taken
+/// looks again this often; the result thread looks at the ring this often
+/// while results are due and nobody waits, and when idle.
+constexpr auto reader_slice = std::chrono::milliseconds(20);
+constexpr auto follower_slice = std::chrono::milliseconds(2);
+constexpr auto busy_tick = std::chrono::milliseconds(1);
+constexpr auto idle_tick = std::chrono::milliseconds(20);
 
 struct PoolTaskHeader {
     std::uint32_t kind;
@@ -258,7 +266,15 @@ os::CodeRef pool_code_ref(const void* fn) {
 struct PoolDoorbell {
     QueueCore results;
     std::atomic<int> deaths{0};
+    // The result thread's tick: a death or stop() wakes it before its timeout.
+    std::mutex tick_mutex;
+    std::condition_variable tick;
+    /// Wakes a reader blocked on the ring (a waiting caller) and the result thread.
     void ring() noexcept {
+        {
+            std::lock_guard<std::mutex> lk(tick_mutex);
+        }
+        tick.notify_all();
         PoolResultHeader h{pool_result_wake, 0, 0};
         try {
             results.put(&h, sizeof h, os::Clock::now());  // a full ring wakes the thread anyway
@@ -325,7 +341,11 @@ struct PoolCore::State {
     std::uint64_t next_chunk = 1;
     std::thread thread;
     std::atomic<bool> stop{false};
-    std::string msg;  // the result thread's buffer
+    // The reader role: who holds it takes result messages off the ring and
+    // books them (in ring order, so a chunk's messages are booked in the order
+    // its worker sent them); deliveries happen after it is released.
+    std::mutex reader;
+    std::atomic<int> waiting{0};  // callers in serve_until
 };
 
 namespace {
@@ -584,19 +604,19 @@ void PoolCore::complete_locked(std::uint64_t id) {
     s.chunks.erase(it);
 }
 
-void PoolCore::on_results(const unsigned char* p, std::size_t n) {
+void PoolCore::book_results(const unsigned char* p, std::size_t n, Deliveries& out) {
     State& s = *s_;
     if (n < sizeof(PoolResultHeader)) return;
     PoolResultHeader h;
     std::memcpy(&h, p, sizeof h);
     if (h.kind != pool_result_records) return;
-    Deliveries out;
     {
         std::lock_guard<std::mutex> lk(s.mutex);
         auto it = s.chunks.find(h.chunk);
         if (it == s.chunks.end()) return;  // terminated meanwhile
         State::Chunk& c = *it->second;
-        out.batches.emplace_back(c.job, std::vector<JobItem>());
+        if (out.batches.empty() || out.batches.back().first != c.job)
+            out.batches.emplace_back(c.job, std::vector<JobItem>());
         out.batches.back().second.reserve(std::min<std::size_t>(c.count - c.next, (n - sizeof h) / sizeof(PoolRecordHeader)));
         for_each_record(p + sizeof h, n - sizeof h, h.first,
                         [&](std::uint32_t index, std::uint32_t kind, const unsigned char* data, std::size_t size) {
@@ -611,7 +631,6 @@ void PoolCore::on_results(const unsigned char* p, std::size_t n) {
             s.changed.notify_all();
         }
     }
-    deliver(out);
 }
 
 std::vector<const void*> PoolCore::dead_workers() const {
@@ -623,9 +642,8 @@ std::vector<const void*> PoolCore::dead_workers() const {
     return dead;
 }
 
-void PoolCore::handle_deaths(const std::vector<const void*>& dead) {
+void PoolCore::handle_deaths(const std::vector<const void*>& dead, Deliveries& out) {
     State& s = *s_;
-    Deliveries out;
     {
         std::lock_guard<std::mutex> lk(s.mutex);
         for (std::size_t i = 0; i < s.workers.size(); ++i) {
@@ -641,7 +659,6 @@ void PoolCore::handle_deaths(const std::vector<const void*>& dead) {
         maybe_finish_locked();
         s.changed.notify_all();
     }
-    deliver(out);
 }
 
 void PoolCore::reconcile_locked(std::size_t wi, Deliveries& out) {
@@ -731,22 +748,97 @@ void PoolCore::fail_all_locked(const std::exception_ptr& e,
     for (auto& w : s.workers) w.outstanding.clear();
 }
 
+bool PoolCore::read_results(os::Deadline deadline, Deliveries& out) {
+    State& s = *s_;
+    PoolDoorbell& bell = *s.bell;
+    auto take = [&](os::Deadline d) {
+        // Read into a string the deliveries keep: their items point into it.
+        std::string& msg = out.keep.emplace_back();
+        if (bell.results.get(&copy_item, &msg, d) != QueueCore::Status::ok) {
+            out.keep.pop_back();
+            return false;
+        }
+        book_results(reinterpret_cast<const unsigned char*>(msg.data()), msg.size(), out);
+        return true;
+    };
+    auto deaths = [&] {
+        if (!bell.deaths.exchange(0, std::memory_order_acq_rel)) return;
+        // Whatever the dead workers sent before they died is in the ring: book it first.
+        auto dead = dead_workers();
+        while (take(os::Clock::now())) {
+        }
+        handle_deaths(dead, out);
+    };
+    deaths();
+    bool got = take(deadline);
+    deaths();  // a death's bell may be what woke the get
+    return got;
+}
+
+bool PoolCore::serve_until(const std::function<bool()>& done, os::Deadline deadline,
+                           const std::function<void(os::Deadline)>& sleep) {
+    State& s = *s_;
+    struct Waiting {
+        std::atomic<int>& n;
+        explicit Waiting(std::atomic<int>& c) : n(c) { n.fetch_add(1, std::memory_order_acq_rel); }
+        ~Waiting() { n.fetch_sub(1, std::memory_order_acq_rel); }
+    } waiting{s.waiting};
+    while (!done()) {
+        auto now = os::Clock::now();
+        if (now >= deadline) return done();
+        if (s.reader.try_lock()) {
+            Deliveries out;
+            {
+                std::lock_guard<std::mutex> role(s.reader, std::adopt_lock);
+                try {
+                    // In slices: what we wait for may also be resolved by
+                    // terminate() in another thread.
+                    read_results(std::min(deadline, now + reader_slice), out);
+                } catch (...) {
+                    log_callback_error(std::current_exception());
+                }
+            }
+            deliver(out);
+        } else {
+            // Another thread reads and delivers (to us as well); look again soon.
+            sleep(std::min(deadline, now + follower_slice));
+        }
+    }
+    return true;
+}
+
 void PoolCore::result_loop() {
     State& s = *s_;
     PoolDoorbell& bell = *s.bell;
     for (;;) {
-        try {
-            if (bell.deaths.exchange(0, std::memory_order_acq_rel)) {
-                // Whatever the dead workers sent before they died is in the ring: take it first.
-                auto dead = dead_workers();
-                while (bell.results.get(&copy_item, &s.msg, os::Clock::now()) == QueueCore::Status::ok)
-                    on_results(reinterpret_cast<const unsigned char*>(s.msg.data()), s.msg.size());
-                handle_deaths(dead);
+        // Callers that wait read their own results; this thread takes what
+        // nobody waits for (callbacks, imap buffers, deaths) on a tick.
+        bool busy;
+        {
+            std::lock_guard<std::mutex> lk(s.mutex);
+            busy = !s.chunks.empty();
+        }
+        auto tick = busy && s.waiting.load(std::memory_order_acquire) == 0 ? busy_tick : idle_tick;
+        {
+            std::unique_lock<std::mutex> lk(bell.tick_mutex);
+            bell.tick.wait_for(lk, tick, [&] {
+                return s.stop.load(std::memory_order_acquire) || bell.deaths.load(std::memory_order_acquire) != 0;
+            });
+        }
+        if (s.stop.load(std::memory_order_acquire)) return;
+        if (!s.reader.try_lock()) continue;  // a caller reads
+        Deliveries out;
+        {
+            std::lock_guard<std::mutex> role(s.reader, std::adopt_lock);
+            try {
+                for (int i = 0; i < 256 && read_results(os::Clock::now(), out); ++i) {
+                }
+            } catch (...) {
+                log_callback_error(std::current_exception());
             }
-            if (s.stop.load(std::memory_order_acquire)) return;
-            auto st = bell.results.get(&copy_item, &s.msg, os::Clock::now() + std::chrono::seconds(1));
-            if (st == QueueCore::Status::ok)
-                on_results(reinterpret_cast<const unsigned char*>(s.msg.data()), s.msg.size());
+        }
+        try {
+            deliver(out);
         } catch (...) {
             log_callback_error(std::current_exception());
         }
@@ -775,31 +867,43 @@ void PoolCore::terminate() {
             if (w.proc && !w.ended) w.proc->terminate();
     }
     deliver(out);
-    std::unique_lock<std::mutex> lk(s.mutex);
-    auto all_ended = [&] {
-        for (auto& w : s.workers)
-            if (w.proc && !w.ended) return false;
-        return true;
-    };
-    if (!s.changed.wait_for(lk, std::chrono::seconds(2), all_ended)) {
+    s.bell->ring();  // a caller blocked on the ring looks at its (now failed) result
+    if (!wait_workers_ended(os::deadline_after(std::chrono::seconds(2)))) {
         // A worker that ignores SIGTERM is killed.
+        std::lock_guard<std::mutex> lk(s.mutex);
         for (auto& w : s.workers)
             if (w.proc && !w.ended) w.proc->kill();
     }
 }
 
+bool PoolCore::wait_workers_ended(os::Deadline deadline) {
+    State& s = *s_;
+    auto all_ended = [&] {
+        for (auto& w : s.workers)
+            if (w.proc && !w.ended) return false;
+        return true;
+    };
+    // Deaths are handled by whoever reads the ring: read it here too.
+    return serve_until(
+        [&] {
+            std::lock_guard<std::mutex> lk(s.mutex);
+            return all_ended();
+        },
+        deadline,
+        [&](os::Deadline d) {
+            std::unique_lock<std::mutex> lk(s.mutex);
+            s.changed.wait_until(lk, d, all_ended);
+        });
+}
+
 void PoolCore::join() {
     State& s = *s_;
     {
-        std::unique_lock<std::mutex> lk(s.mutex);
+        std::lock_guard<std::mutex> lk(s.mutex);
         if (s.phase == State::Phase::running)
             throw InvalidStateError("mpservice: join() on a " + settings_.kind + " that is neither closed nor terminated");
-        s.changed.wait(lk, [&] {
-            for (auto& w : s.workers)
-                if (w.proc && !w.ended) return false;
-            return true;
-        });
     }
+    wait_workers_ended(os::no_deadline);
     if (s.thread.joinable()) {
         s.stop.store(true, std::memory_order_release);
         s.bell->ring();

@@ -274,6 +274,14 @@ public:
     MPSERVICE_API std::vector<long> worker_pids() const;
     int processes() const noexcept { return settings_.processes; }
 
+    /// Waits until done() or the deadline (false then) by reading the pool's
+    /// results in the calling thread: a waiting caller takes its own result
+    /// off the result ring, with no hand-off through the result thread.
+    /// While another thread holds the reader role (and delivers to everyone),
+    /// it sleeps in sleep(until) slices instead.  Safe from any thread.
+    MPSERVICE_API bool serve_until(const std::function<bool()>& done, os::Deadline deadline,
+                                   const std::function<void(os::Deadline)>& sleep);
+
     /// Items per chunk when the caller gives none (Python's rule for map).
     static std::size_t default_chunksize(std::size_t n, int processes) {
         std::size_t per = static_cast<std::size_t>(processes) * 4;
@@ -291,9 +299,11 @@ private:
     void dispatch_locked();
     void maybe_finish_locked();
     void complete_locked(std::uint64_t chunk);
-    void on_results(const unsigned char* p, std::size_t n);
+    void book_results(const unsigned char* p, std::size_t n, Deliveries& out);
+    bool read_results(os::Deadline deadline, Deliveries& out);
+    bool wait_workers_ended(os::Deadline deadline);
     std::vector<const void*> dead_workers() const;
-    void handle_deaths(const std::vector<const void*>& dead);
+    void handle_deaths(const std::vector<const void*>& dead, Deliveries& out);
     void reconcile_locked(std::size_t worker, Deliveries& out);
     void fail_all_locked(const std::exception_ptr& e, Deliveries& out);
     void result_loop();
@@ -398,16 +408,15 @@ public:
 
     AsyncState(Success s, Failure f) : on_success_(std::move(s)), on_failure_(std::move(f)) { mark_started(); }
 
-    /// Spins briefly before it sleeps: a result that comes back within tens of
-    /// microseconds (an idle pool's round trip) then costs no wake-up.
+    /// The pool or runner whose results resolve it: a waiter reads them itself.
+    void read_from(const std::shared_ptr<PoolCore>& pool) { pool_ = pool; }
+
     bool wait_until(os::Deadline deadline) const override {
-        auto until = os::Clock::now() + std::chrono::microseconds(50);
-        if (deadline < until) until = deadline;
-        while (!done_relaxed()) {
-            if (os::Clock::now() >= until) return FutureCore::wait_until(deadline);
-            for (int i = 0; i < 64; ++i) os::cpu_relax();
-        }
-        return true;
+        if (done_relaxed()) return true;
+        if (auto pool = pool_.lock())
+            return pool->serve_until([this] { return done_relaxed(); }, deadline,
+                                     [this](os::Deadline d) { FutureCore::wait_until(d); });
+        return FutureCore::wait_until(deadline);  // the pool is gone: it resolved every result first
     }
 
     void succeed(Holder v) {
@@ -433,6 +442,7 @@ private:
     std::optional<Holder> value_;
     Success on_success_;
     Failure on_failure_;
+    std::weak_ptr<PoolCore> pool_;
 };
 
 /// map / map_async / starmap: every item's outcome in input order; the
@@ -623,6 +633,10 @@ public:
         return o;
     }
     std::size_t taken() const noexcept { return next_; }
+    /// Whether take() would give an outcome.
+    bool has_next() const {
+        return ordered_ ? ready_.count(next_) != 0 : !ready_.empty();
+    }
 
     std::mutex mutex;
     std::condition_variable cv;
@@ -785,9 +799,21 @@ private:
                 }
                 return std::nullopt;
             }
-            if (deadline == detail::os::no_deadline) {
-                job_->cv.wait(lk);
-            } else if (job_->cv.wait_until(lk, deadline) == std::cv_status::timeout) {
+            lk.unlock();
+            // Read the pool's results here (no hand-off through its thread)
+            // until the next one of ours is there.
+            bool got = pool_->serve_until(
+                [this] {
+                    std::lock_guard<std::mutex> g(job_->mutex);
+                    return job_->has_next();
+                },
+                deadline,
+                [this](detail::os::Deadline d) {
+                    std::unique_lock<std::mutex> g(job_->mutex);
+                    job_->cv.wait_until(g, d, [this] { return job_->has_next(); });
+                });
+            if (!got) {
+                lk.lock();
                 if (auto o = job_->take()) {
                     lk.unlock();
                     if (o->error) detail::rethrow_exception(o->error);
@@ -887,6 +913,7 @@ public:
         using Fp = decltype(detail::function_pointer_of<F>::get(f));
         using R = detail::process_result_t<F, A...>;
         auto st = std::make_shared<detail::AsyncState<R>>(std::move(on_success), std::move(on_error));
+        st->read_from(core_);
         auto job = std::make_shared<detail::SingleJob<R>>(st);
         detail::ChunkBuilder b(job, 1);
         b.add(std::decay_t<A>(args)...);
@@ -980,6 +1007,7 @@ private:
         using R = decltype(std::apply(f, std::declval<Tuple>()));
         using V = std::conditional_t<std::is_void_v<R>, void, std::vector<R>>;
         auto st = std::make_shared<detail::AsyncState<V>>(std::move(on_success), std::move(on_error));
+        st->read_from(core_);
         auto job = std::make_shared<detail::MapJob<R>>(st);
         std::size_t n = 0;
         if constexpr (std::is_base_of_v<std::forward_iterator_tag,
