@@ -81,6 +81,30 @@ static_assert(sizeof(PoolSlot) == 40, "slot layout: records follow the header di
 const std::uint64_t task_tag = QueueCore::tag_of("mpservice.pool.tasks");
 const std::uint64_t result_tag = QueueCore::tag_of("mpservice.pool.results");
 
+/// Polls `ring` for up to `budget` until it holds an item (true) or stop()
+/// (false).  A blocking get spins only briefly before it sleeps, and waking a
+/// sleeper on another CPU costs tens of microseconds on a VM - more than a
+/// whole task round trip - so both ends of a task look a little longer.
+template <class Stop>
+bool spin_for_item(const QueueCore& ring, std::chrono::microseconds budget, Stop&& stop) {
+    const auto until = os::Clock::now() + budget;
+    do {
+        for (int i = 0; i < 16; ++i) {
+            if (ring.qsize() != 0) return true;
+            if (stop()) return false;
+            os::cpu_relax();
+        }
+        // The other end may be waiting for this very CPU (the scheduler put
+        // both on it): let it run rather than spin it out.
+        std::this_thread::yield();
+    } while (os::Clock::now() < until);
+    return false;
+}
+/// How long a worker looks for its next task, and a waiting caller for its
+/// result, before the blocking get (see spin_for_item).
+constexpr auto worker_spin = std::chrono::microseconds(50);
+constexpr auto caller_spin = std::chrono::microseconds(100);
+
 void copy_item(void* context, const unsigned char* data, std::size_t size) {
     static_cast<std::string*>(context)->assign(reinterpret_cast<const char*>(data), size);
 }
@@ -198,6 +222,7 @@ void serve_pool_tasks(const PoolWorkerBoot& b, void* state) {
     QueueCore tasks = boot.tasks;
     std::string msg;
     for (std::uint64_t done = 0; boot.maxtasks == 0 || done < boot.maxtasks; ++done) {
+        spin_for_item(tasks, worker_spin, [&] { return tasks.closed(); });
         if (tasks.get(&copy_item, &msg, os::no_deadline) != QueueCore::Status::ok) break;  // closed: the pool is done
         if (msg.size() < sizeof(PoolTaskHeader)) throw Error("mpservice: a torn pool task");
         PoolTaskHeader th;
@@ -791,6 +816,9 @@ bool PoolCore::serve_until(const std::function<bool()>& done, os::Deadline deadl
             {
                 std::lock_guard<std::mutex> role(s.reader, std::adopt_lock);
                 try {
+                    spin_for_item(s.bell->results, caller_spin, [&] {
+                        return done() || s.bell->deaths.load(std::memory_order_relaxed) != 0;
+                    });
                     // In slices: what we wait for may also be resolved by
                     // terminate() in another thread.
                     read_results(std::min(deadline, now + reader_slice), out);
