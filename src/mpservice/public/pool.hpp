@@ -40,6 +40,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <deque>
 #include <exception>
 #include <functional>
@@ -194,16 +195,52 @@ struct JobItem {
     std::exception_ptr error;
 };
 
+/// A record of a result message: [PoolRecordHeader | encoded value or exception].
+struct PoolRecordHeader {
+    std::uint32_t size;
+    std::uint32_t kind;  // 0: a value, 1: an exception
+};
+
+/// The records of one result message, as its worker sent them: record k is
+/// the outcome of item first + k of a chunk whose item 0 is the job's item
+/// `job_first`; only items in [from, to) are new (the others are known).
+struct JobRecords {
+    std::size_t job_first;
+    std::uint32_t first, from, to;
+    const unsigned char* data;
+    std::size_t size;
+
+    /// fn(job index, kind, data, size) for each new record.
+    template <class F>
+    void for_each(F&& fn) const {
+        std::size_t at = 0;
+        for (std::uint32_t i = first; i < to && at + sizeof(PoolRecordHeader) <= size; ++i) {
+            PoolRecordHeader rh;
+            std::memcpy(&rh, data + at, sizeof rh);
+            at += sizeof rh;
+            if (rh.size > size - at) return;  // torn: cannot happen with a committed length
+            if (i >= from) fn(job_first + i, rh.kind, data + at, static_cast<std::size_t>(rh.size));
+            at += rh.size;
+        }
+    }
+};
+
 /// One submission (map, apply_async, imap, ...): receives the outcome of each
-/// of its items, by index, from the pool's result thread (or from terminate()).
+/// of its items, by index, from whoever reads the pool's results (or from terminate()).
 class JobBase {
 public:
     virtual ~JobBase() = default;
     virtual void on_value(std::size_t index, Decoder& value) = 0;
     virtual void on_error(std::size_t index, std::exception_ptr error) = 0;
-    /// A batch of outcomes (one result message's); a job may take it at once.
+    /// A batch of outcomes made in the parent; a job may take it at once.
     virtual void on_items(const JobItem* items, std::size_t n) {
         for (std::size_t i = 0; i < n; ++i) deliver_one(items[i]);
+    }
+    /// The new outcomes of one result message; a job may take them at once.
+    virtual void on_records(const JobRecords& r) {
+        r.for_each([&](std::size_t index, std::uint32_t kind, const unsigned char* data, std::size_t size) {
+            deliver_one(JobItem{index, kind, data, size, nullptr});
+        });
     }
 
 protected:
@@ -373,9 +410,14 @@ private:
             throw std::length_error("mpservice: a pool chunk's arguments exceed 4 GiB; use a smaller chunksize");
     }
     void open() {
+        // Room for a chunk like the last one, so that filling it never reallocates.
+        std::size_t last_bytes = chunks_.empty() ? 0 : chunks_.back().args.bytes().size();
         chunks_.emplace_back();
-        chunks_.back().job = job_;
-        chunks_.back().job_first = items_;
+        ChunkDraft& c = chunks_.back();
+        c.job = job_;
+        c.job_first = items_;
+        c.offsets.reserve(std::min<std::size_t>(chunksize_, std::size_t(1) << 20));
+        if (last_bytes) c.args.bytes().reserve(last_bytes);
     }
 
     std::shared_ptr<JobBase> job_;
@@ -450,6 +492,11 @@ private:
 template <class R>
 class MapJob final : public JobBase {
     using Slot = std::conditional_t<std::is_void_v<R>, bool, R>;
+    // Values in place when a Slot can be made empty, so that the finished
+    // vector is handed over without a copy; else each in an optional.
+    static constexpr bool in_place = std::is_default_constructible_v<Slot>;
+    using Stored = std::conditional_t<in_place, Slot, std::optional<Slot>>;
+    enum : unsigned char { empty = 0, value = 1, failed = 2 };
 
 public:
     explicit MapJob(std::shared_ptr<AsyncState<std::conditional_t<std::is_void_v<R>, void, std::vector<Slot>>>> st)
@@ -457,6 +504,7 @@ public:
 
     void expect(std::size_t n) {
         slots_.resize(n);
+        have_.assign(n, empty);
         remaining_ = n;
         if (n == 0) finish();
     }
@@ -470,38 +518,50 @@ public:
         if (!take_error(index, std::move(e))) return;
         settle(lk, 1);
     }
-    /// A whole result message under one lock: the fast path of map.
+    /// A batch under one lock.
     void on_items(const JobItem* items, std::size_t n) override {
         std::unique_lock<std::mutex> lk(mutex_);
         std::size_t settled = 0;
         for (std::size_t i = 0; i < n; ++i) {
             const JobItem& x = items[i];
-            try {
-                if (x.error) {
-                    settled += take_error(x.index, x.error);
-                } else {
-                    Decoder d(x.data, x.size);
-                    settled += x.kind == 0 ? take_value(x.index, d) : take_error(x.index, decode_exception(d));
-                }
-            } catch (...) {
-                settled += take_error(x.index, std::current_exception());
-            }
+            settled += x.error ? take_error(x.index, x.error) : take_record(x.index, x.kind, x.data, x.size);
         }
+        if (settled) settle(lk, settled);
+    }
+    /// A whole result message under one lock, decoded in place: the fast path of map.
+    void on_records(const JobRecords& r) override {
+        std::unique_lock<std::mutex> lk(mutex_);
+        std::size_t settled = 0;
+        r.for_each([&](std::size_t index, std::uint32_t kind, const unsigned char* data, std::size_t size) {
+            settled += take_record(index, kind, data, size);
+        });
         if (settled) settle(lk, settled);
     }
 
 private:
+    bool take_record(std::size_t index, std::uint32_t kind, const unsigned char* data, std::size_t size) {
+        try {
+            Decoder d(data, size);
+            return kind == 0 ? take_value(index, d) : take_error(index, decode_exception(d));
+        } catch (...) {
+            return take_error(index, std::current_exception());  // a result that does not decode fails its item
+        }
+    }
     bool take_value(std::size_t index, Decoder& d) {
-        if (index >= slots_.size() || slots_[index] || errors_.count(index)) return false;
+        if (index >= slots_.size() || have_[index] != empty) return false;
         if constexpr (std::is_void_v<R>) {
-            slots_[index].emplace(true);
+            slots_[index] = true;
+        } else if constexpr (in_place) {
+            slots_[index] = d.read<R>();
         } else {
             slots_[index].emplace(d.read<R>());
         }
+        have_[index] = value;
         return true;
     }
     bool take_error(std::size_t index, std::exception_ptr e) {
-        if (index >= slots_.size() || slots_[index] || errors_.count(index)) return false;
+        if (index >= slots_.size() || have_[index] != empty) return false;
+        have_[index] = failed;
         errors_.emplace(index, std::move(e));
         return true;
     }
@@ -518,6 +578,8 @@ private:
         }
         if constexpr (std::is_void_v<R>) {
             state_->succeed(true);
+        } else if constexpr (in_place) {
+            state_->succeed(std::move(slots_));
         } else {
             std::vector<Slot> out;
             out.reserve(slots_.size());
@@ -528,8 +590,9 @@ private:
     }
 
     std::mutex mutex_;
-    std::vector<std::optional<Slot>> slots_;
-    std::map<std::size_t, std::exception_ptr> errors_;
+    std::vector<Stored> slots_;
+    std::vector<unsigned char> have_;
+    std::map<std::size_t, std::exception_ptr> errors_;  // by position: begin() is the first failure
     std::size_t remaining_ = 0;
     std::shared_ptr<AsyncState<std::conditional_t<std::is_void_v<R>, void, std::vector<Slot>>>> state_;
 };
