@@ -653,6 +653,8 @@ private:
 };
 
 /// imap / imap_unordered: outcomes buffered until the consumer takes them.
+/// The buffer holds at most the pool's window of items (ImapResult bounds
+/// what is in flight), kept in deques: no allocation per item.
 template <class R>
 class StreamJob final : public JobBase {
 public:
@@ -664,6 +666,62 @@ public:
     explicit StreamJob(bool ordered) : ordered_(ordered) {}
 
     void on_value(std::size_t index, Decoder& d) override {
+        std::lock_guard<std::mutex> lk(mutex);
+        put(index, decode_value(d));
+        cv.notify_all();
+    }
+    void on_error(std::size_t index, std::exception_ptr e) override {
+        Outcome o;
+        o.error = std::move(e);
+        std::lock_guard<std::mutex> lk(mutex);
+        put(index, std::move(o));
+        cv.notify_all();
+    }
+    /// A whole result message under one lock, one wake-up.
+    void on_records(const JobRecords& r) override {
+        std::lock_guard<std::mutex> lk(mutex);
+        r.for_each([&](std::size_t index, std::uint32_t kind, const unsigned char* data, std::size_t size) {
+            Outcome o;
+            try {
+                Decoder d(data, size);
+                if (kind == 0) {
+                    o = decode_value(d);
+                } else {
+                    o.error = decode_exception(d);
+                }
+            } catch (...) {
+                o.value.reset();
+                o.error = std::current_exception();  // a result that does not decode fails its item
+            }
+            put(index, std::move(o));
+        });
+        cv.notify_all();
+    }
+    /// The next outcome in the consumer's order if one is there.
+    std::optional<Outcome> take() {
+        if (!has_next()) return std::nullopt;
+        Outcome o;
+        if (ordered_) {
+            o = std::move(*window_.front());
+            window_.pop_front();
+        } else {
+            o = std::move(arrived_.front());
+            arrived_.pop_front();
+        }
+        ++next_;
+        return o;
+    }
+    std::size_t taken() const noexcept { return next_; }
+    /// Whether take() would give an outcome.
+    bool has_next() const {
+        return ordered_ ? !window_.empty() && window_.front().has_value() : !arrived_.empty();
+    }
+
+    std::mutex mutex;
+    std::condition_variable cv;
+
+private:
+    static Outcome decode_value(Decoder& d) {
         Outcome o;
         if constexpr (std::is_void_v<R>) {
             (void)d;
@@ -671,47 +729,21 @@ public:
         } else {
             o.value.emplace(d.read<R>());
         }
-        put(index, std::move(o));
-    }
-    void on_error(std::size_t index, std::exception_ptr e) override {
-        Outcome o;
-        o.error = std::move(e);
-        put(index, std::move(o));
-    }
-    /// The next outcome in the consumer's order if one is there.
-    std::optional<Outcome> take() {
-        if (ordered_) {
-            auto it = ready_.find(next_);
-            if (it == ready_.end()) return std::nullopt;
-            Outcome o = std::move(it->second);
-            ready_.erase(it);
-            ++next_;
-            return o;
-        }
-        if (ready_.empty()) return std::nullopt;
-        auto it = ready_.begin();
-        Outcome o = std::move(it->second);
-        ready_.erase(it);
-        ++next_;
         return o;
     }
-    std::size_t taken() const noexcept { return next_; }
-    /// Whether take() would give an outcome.
-    bool has_next() const {
-        return ordered_ ? ready_.count(next_) != 0 : !ready_.empty();
-    }
-
-    std::mutex mutex;
-    std::condition_variable cv;
-
-private:
     void put(std::size_t index, Outcome o) {
-        std::lock_guard<std::mutex> lk(mutex);
-        ready_.emplace(index, std::move(o));
-        cv.notify_all();
+        if (!ordered_) {
+            arrived_.push_back(std::move(o));
+            return;
+        }
+        if (index < next_) return;  // cannot happen: every item has one outcome
+        std::size_t at = index - next_;
+        if (window_.size() <= at) window_.resize(at + 1);
+        window_[at].emplace(std::move(o));
     }
     bool ordered_;
-    std::map<std::size_t, Outcome> ready_;
+    std::deque<std::optional<Outcome>> window_;  // ordered: item next_ + i at i
+    std::deque<Outcome> arrived_;                // unordered: as they came
     std::size_t next_ = 0;
 };
 
