@@ -873,20 +873,30 @@ private:
             if (!more) exhausted_ = true;
         }
     }
-    std::size_t consumed() {
-        std::lock_guard<std::mutex> lk(job_->mutex);
-        return job_->taken();
+    /// Items the consumer has taken (only this thread takes them: no lock).
+    std::size_t consumed() const noexcept { return consumed_; }
+    /// Moves every outcome that is ready into taken_ (the job's lock held).
+    void take_ready() {
+        while (auto o = job_->take()) taken_.push_back(std::move(*o));
+    }
+    std::optional<Slot> pop_taken() {
+        typename Job::Outcome o = std::move(taken_.front());
+        taken_.pop_front();
+        ++consumed_;
+        if (o.error) detail::rethrow_exception(o.error);
+        return std::move(o.value);
     }
     std::optional<Slot> next_at(detail::os::Deadline deadline) {
         for (;;) {
+            if (!taken_.empty()) return pop_taken();
             top_up();
-            std::unique_lock<std::mutex> lk(job_->mutex);
-            if (auto o = job_->take()) {
-                lk.unlock();
-                if (o->error) detail::rethrow_exception(o->error);
-                return std::move(o->value);
+            {
+                // Everything that is ready at once, under one lock.
+                std::lock_guard<std::mutex> lk(job_->mutex);
+                take_ready();
             }
-            if (exhausted_ && job_->taken() == submitted_) {
+            if (!taken_.empty()) return pop_taken();
+            if (exhausted_ && consumed_ == submitted_) {
                 if (input_error_) {
                     auto e = input_error_;
                     input_error_ = nullptr;
@@ -894,7 +904,6 @@ private:
                 }
                 return std::nullopt;
             }
-            lk.unlock();
             // Read the pool's results here (no hand-off through its thread)
             // until the next one of ours is there.
             bool got = pool_->serve_until(
@@ -908,12 +917,11 @@ private:
                     job_->cv.wait_until(g, d, [this] { return job_->has_next(); });
                 });
             if (!got) {
-                lk.lock();
-                if (auto o = job_->take()) {
-                    lk.unlock();
-                    if (o->error) detail::rethrow_exception(o->error);
-                    return std::move(o->value);
+                {
+                    std::lock_guard<std::mutex> lk(job_->mutex);
+                    take_ready();
                 }
+                if (!taken_.empty()) return pop_taken();
                 throw TimeoutError("mpservice: no imap result within the timeout");
             }
         }
@@ -926,6 +934,8 @@ private:
     std::size_t chunksize_;
     std::size_t window_chunks_;
     std::size_t submitted_ = 0;
+    std::size_t consumed_ = 0;
+    std::deque<typename Job::Outcome> taken_;  // taken from the job, not yet returned
     bool exhausted_ = false;
     std::exception_ptr input_error_;
 };
