@@ -1,5 +1,6 @@
 // pool: the worker loop (child side) and PoolCore (parent side: workers,
-// dispatch, the result thread, what a dead worker costs).
+// dispatch, reading results - by a waiting caller or the result thread - and
+// what a dead worker costs).
 //
 // Shared memory of one worker:
 //   - its task ring (parent -> this worker): one message per chunk,

@@ -21,9 +21,10 @@
 // the pool puts it on one worker's own task ring (shared memory, so the pool
 // knows which worker holds which task), the worker runs the items one by one,
 // recording each outcome in its own shared progress slot, and sends the
-// chunk's outcomes on the pool's result ring; one result thread in the parent
-// (the pool's only thread) decodes them into the AsyncResult / imap buffer and
-// runs the callbacks.
+// chunk's outcomes on the pool's result ring; in the parent, the caller that
+// waits reads that ring itself (PoolCore::serve_until: one reader at a time)
+// and decodes what it finds into the AsyncResults / imap buffers, running the
+// callbacks; the pool's result thread takes what nobody waits for, on a tick.
 //
 // A worker that dies in a task (signal, exit(n)) fails exactly that task with
 // ProcessError naming the signal or code: the outcomes of the items of its
@@ -292,7 +293,7 @@ struct PoolSettings {
 
 struct PoolDeliveries;
 
-/// The non-template part of a Pool: workers, dispatch, the result thread.
+/// The non-template part of a Pool: workers, dispatch, reading results, the result thread.
 class PoolCore : public std::enable_shared_from_this<PoolCore> {
 public:
     MPSERVICE_API static std::shared_ptr<PoolCore> create(PoolSettings settings, WorkerFactory factory);
@@ -440,7 +441,7 @@ struct tuple_args<std::tuple<A...>> {
 MPSERVICE_API void log_callback_error(const std::exception_ptr& e);
 
 /// The outcome state of an AsyncResult: the value, and the callbacks that run
-/// (in the result thread) before it resolves.
+/// (in whichever thread read the result) before it resolves.
 template <class R>
 class AsyncState : public FutureCore {
 public:
@@ -1011,8 +1012,8 @@ public:
         return apply_async_with(typename detail::AsyncState<R>::Success(), typename detail::AsyncState<R>::Failure(), f,
                                 std::forward<A>(args)...);
     }
-    /// As apply_async, with callbacks run in the parent (on the pool's result
-    /// thread) before the result becomes ready: on_success(value) or on_error(e).
+    /// As apply_async, with callbacks run in the parent (on the thread that
+    /// read the result) before the result becomes ready: on_success(value) or on_error(e).
     template <class F, class S, class E, class... A>
     auto apply_async_with(S on_success, E on_error, F f, A&&... args) {
         using Fp = decltype(detail::function_pointer_of<F>::get(f));
