@@ -4,8 +4,8 @@
 //   pool: map 1M ints, Pool(2)               Pool(2).map(inc, 1M ints), default chunksize
 //   pool: apply_async().get() round trip     one small task on an idle Pool(2), per call
 //   pool: CPU-bound map 2k x ~1 ms, Pool(2)  vs the serial time of the same calls / 2 (the ideal)
-//   pool: imap 10M lazy ints (chunksize 1000)  items/s, and the parent's peak RSS (KiB),
-//                                              each measured in a fresh process
+//   pool: imap 10M lazy ints (chunksize 1000)  items/s, and the parent's peak RSS (KiB,
+//                                              VmHWM), each measured in a fresh process
 //   runner: call round trip                  ProcessRunner<T>::operator() vs an 8-byte
 //                                            write/read round trip over two pipes to a child
 #include <spawn.h>
@@ -64,7 +64,19 @@ struct Counting {
     iterator end() const { return {n}; }
 };
 
+/// This process's peak RSS since its exec: VmHWM belongs to the program's own
+/// memory map (ru_maxrss would also count the spawning bench process's peak,
+/// since posix_spawn runs the child in the parent's memory until the exec).
 long peak_rss_kib() {
+    std::FILE* f = std::fopen("/proc/self/status", "r");
+    long kib = -1;
+    if (f) {
+        char line[256];
+        while (std::fgets(line, sizeof line, f))
+            if (std::sscanf(line, "VmHWM: %ld kB", &kib) == 1) break;
+        std::fclose(f);
+    }
+    if (kib >= 0) return kib;
     rusage u{};
     ::getrusage(RUSAGE_SELF, &u);
     return u.ru_maxrss;

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
+#include <map>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -187,7 +188,7 @@ std::vector<int> iota(int n) {
 
 }  // namespace
 
-#define CONTEXTS mp::SpawnContext, mp::ForkServerContext
+#define CONTEXTS mp::SpawnContext, mp::ForkServerContext, mp::ForkContext
 
 TEST_CASE_TEMPLATE("apply, map, starmap, imap and imap_unordered give the right results in order", Ctx, CONTEXTS) {
     mp::Pool pool(Ctx{}, 3);
@@ -434,14 +435,20 @@ TEST_CASE_TEMPLATE("the initializer runs exactly once in each worker", Ctx, CONT
         auto runs = pool.map(init_runs_here, iota(8), 1);
         for (int r : runs) CHECK(r == 1);
         auto pids = pool.map(my_pid, iota(8), 1);
-        CHECK(std::set<long>(pids.begin(), pids.end()).size() == 4);  // 2 tasks per worker
+        // At most 2 tasks per worker, so at least 4 of them.  (Exactly 4 only
+        // if every worker got 2: which worker takes a chunk depends on timing.)
+        std::map<long, int> per_pid;
+        for (long p : pids) ++per_pid[p];
+        CHECK(per_pid.size() >= 4);
+        for (auto& kv : per_pid) CHECK(kv.second <= 2);
         pool.close();
         pool.join();
     }
-    // 8 workers served the 16 tasks; the pool also replaced the last ones
-    // (their initializer ran, though no task was left for them).
+    // At least 8 workers served the 16 tasks (at most 16, had each got one);
+    // the pool also replaced the last ones (their initializer ran, though no
+    // task was left for them).
     CHECK(counter2.get() >= 8);
-    CHECK(counter2.get() <= 10);
+    CHECK(counter2.get() <= 18);
 }
 
 template <int How>

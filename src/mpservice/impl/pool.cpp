@@ -1,5 +1,6 @@
 // pool: the worker loop (child side) and PoolCore (parent side: workers,
-// dispatch, the result thread, what a dead worker costs).
+// dispatch, reading results - by a waiting caller or the result thread - and
+// what a dead worker costs).
 //
 // Shared memory of one worker:
 //   - its task ring (parent -> this worker): one message per chunk,
@@ -33,9 +34,21 @@ constexpr std::uint32_t no_item = 0xFFFFFFFFu;
 constexpr std::size_t task_ring_bytes = std::size_t(4) << 20;
 constexpr std::size_t result_ring_bytes = std::size_t(4) << 20;
 constexpr std::uint32_t slot_record_bytes = 256u << 10;
+/// A worker sends its slot's records once they fill this much of it: small
+/// messages stay in the caches of both ends (a 256 KiB one is a cache miss
+/// per line on each side, and a fresh allocation in the parent).
+constexpr std::uint32_t slot_flush_bytes = 16u << 10;
 /// Chunks a worker holds at once: the one it runs and the next, so that it
 /// never waits for the parent between two chunks.
 constexpr std::size_t chunks_per_worker = 2;
+/// A reading caller looks up from the ring this often (its result may come
+/// from terminate() in another thread); one that found the reader role taken
+/// looks again this often; the result thread looks at the ring this often
+/// while results are due and nobody waits, and when idle.
+constexpr auto reader_slice = std::chrono::milliseconds(20);
+constexpr auto follower_slice = std::chrono::milliseconds(2);
+constexpr auto busy_tick = std::chrono::milliseconds(1);
+constexpr auto idle_tick = std::chrono::milliseconds(20);
 
 struct PoolTaskHeader {
     std::uint32_t kind;
@@ -51,10 +64,6 @@ struct PoolResultHeader {
     std::uint32_t kind;
     std::uint32_t first;  // index (in the chunk) of the first record
     std::uint64_t chunk;
-};
-struct PoolRecordHeader {
-    std::uint32_t size;
-    std::uint32_t kind;
 };
 
 /// A worker's progress, in shared memory.  `header` and the records after it
@@ -72,6 +81,30 @@ static_assert(sizeof(PoolSlot) == 40, "slot layout: records follow the header di
 
 const std::uint64_t task_tag = QueueCore::tag_of("mpservice.pool.tasks");
 const std::uint64_t result_tag = QueueCore::tag_of("mpservice.pool.results");
+
+/// Polls `ring` for up to `budget` until it holds an item (true) or stop()
+/// (false).  A blocking get spins only briefly before it sleeps, and waking a
+/// sleeper on another CPU costs tens of microseconds on a VM - more than a
+/// whole task round trip - so both ends of a task look a little longer.
+template <class Stop>
+bool spin_for_item(const QueueCore& ring, std::chrono::microseconds budget, Stop&& stop) {
+    const auto until = os::Clock::now() + budget;
+    do {
+        for (int i = 0; i < 16; ++i) {
+            if (ring.qsize() != 0) return true;
+            if (stop()) return false;
+            os::cpu_relax();
+        }
+        // The other end may be waiting for this very CPU (the scheduler put
+        // both on it): let it run rather than spin it out.
+        std::this_thread::yield();
+    } while (os::Clock::now() < until);
+    return false;
+}
+/// How long a worker looks for its next task, and a waiting caller for its
+/// result, before the blocking get (see spin_for_item).
+constexpr auto worker_spin = std::chrono::microseconds(50);
+constexpr auto caller_spin = std::chrono::microseconds(100);
 
 void copy_item(void* context, const unsigned char* data, std::size_t size) {
     static_cast<std::string*>(context)->assign(reinterpret_cast<const char*>(data), size);
@@ -109,6 +142,7 @@ struct WorkerLink {
         if (!payload.empty()) std::memcpy(at + sizeof rh, payload.data(), payload.size());
         slot->used.store(used + size, std::memory_order_release);
         ++in_slot;
+        if (used + size >= slot_flush_bytes) flush();
     }
     /// Sends the slot's records, then empties it.
     void flush() {
@@ -190,6 +224,7 @@ void serve_pool_tasks(const PoolWorkerBoot& b, void* state) {
     QueueCore tasks = boot.tasks;
     std::string msg;
     for (std::uint64_t done = 0; boot.maxtasks == 0 || done < boot.maxtasks; ++done) {
+        spin_for_item(tasks, worker_spin, [&] { return tasks.closed(); });
         if (tasks.get(&copy_item, &msg, os::no_deadline) != QueueCore::Status::ok) break;  // closed: the pool is done
         if (msg.size() < sizeof(PoolTaskHeader)) throw Error("mpservice: a torn pool task");
         PoolTaskHeader th;
@@ -258,7 +293,15 @@ os::CodeRef pool_code_ref(const void* fn) {
 struct PoolDoorbell {
     QueueCore results;
     std::atomic<int> deaths{0};
+    // The result thread's tick: a death or stop() wakes it before its timeout.
+    std::mutex tick_mutex;
+    std::condition_variable tick;
+    /// Wakes a reader blocked on the ring (a waiting caller) and the result thread.
     void ring() noexcept {
+        {
+            std::lock_guard<std::mutex> lk(tick_mutex);
+        }
+        tick.notify_all();
         PoolResultHeader h{pool_result_wake, 0, 0};
         try {
             results.put(&h, sizeof h, os::Clock::now());  // a full ring wakes the thread anyway
@@ -273,6 +316,7 @@ struct PoolDoorbell {
 struct PoolDeliveries {
     std::deque<std::string> keep;  // a deque: strings never move (their data must not)
     std::vector<std::pair<std::shared_ptr<JobBase>, std::vector<JobItem>>> batches;
+    std::vector<std::pair<std::shared_ptr<JobBase>, JobRecords>> runs;  // records in place, per message
 
     void add(const std::shared_ptr<JobBase>& job, JobItem item) {
         if (batches.empty() || batches.back().first != job) batches.emplace_back(job, std::vector<JobItem>());
@@ -325,7 +369,11 @@ struct PoolCore::State {
     std::uint64_t next_chunk = 1;
     std::thread thread;
     std::atomic<bool> stop{false};
-    std::string msg;  // the result thread's buffer
+    // The reader role: who holds it takes result messages off the ring and
+    // books them (in ring order, so a chunk's messages are booked in the order
+    // its worker sent them); deliveries happen after it is released.
+    std::mutex reader;
+    std::atomic<int> waiting{0};  // callers in serve_until
 };
 
 namespace {
@@ -358,6 +406,8 @@ void fail_items(State::Chunk& c, std::uint32_t from, std::uint32_t to, const std
 }
 
 void deliver(PoolCore::Deliveries& out) {
+    for (auto& [job, run] : out.runs) job->on_records(run);
+    out.runs.clear();
     for (auto& [job, items] : out.batches) job->on_items(items.data(), items.size());
     out.batches.clear();
     out.keep.clear();
@@ -584,26 +634,27 @@ void PoolCore::complete_locked(std::uint64_t id) {
     s.chunks.erase(it);
 }
 
-void PoolCore::on_results(const unsigned char* p, std::size_t n) {
+void PoolCore::book_results(const unsigned char* p, std::size_t n, Deliveries& out) {
     State& s = *s_;
     if (n < sizeof(PoolResultHeader)) return;
     PoolResultHeader h;
     std::memcpy(&h, p, sizeof h);
     if (h.kind != pool_result_records) return;
-    Deliveries out;
     {
         std::lock_guard<std::mutex> lk(s.mutex);
         auto it = s.chunks.find(h.chunk);
         if (it == s.chunks.end()) return;  // terminated meanwhile
         State::Chunk& c = *it->second;
-        out.batches.emplace_back(c.job, std::vector<JobItem>());
-        out.batches.back().second.reserve(std::min<std::size_t>(c.count - c.next, (n - sizeof h) / sizeof(PoolRecordHeader)));
+        // Count the records (their headers only); the job decodes them later,
+        // outside every lock, straight from the message.
+        std::uint32_t records = 0;
         for_each_record(p + sizeof h, n - sizeof h, h.first,
-                        [&](std::uint32_t index, std::uint32_t kind, const unsigned char* data, std::size_t size) {
-                            if (index < c.next || index >= c.count) return;  // already known
-                            out.add(c.job, JobItem{c.job_first + index, kind, data, size, nullptr});
-                            c.next = index + 1;
-                        });
+                        [&](std::uint32_t, std::uint32_t, const unsigned char*, std::size_t) { ++records; });
+        std::uint32_t end = std::min<std::uint32_t>(h.first + records, c.count);
+        if (end > c.next) {
+            out.runs.emplace_back(c.job, JobRecords{c.job_first, h.first, c.next, end, p + sizeof h, n - sizeof h});
+            c.next = end;
+        }
         if (c.next >= c.count) {
             complete_locked(h.chunk);
             dispatch_locked();
@@ -611,7 +662,6 @@ void PoolCore::on_results(const unsigned char* p, std::size_t n) {
             s.changed.notify_all();
         }
     }
-    deliver(out);
 }
 
 std::vector<const void*> PoolCore::dead_workers() const {
@@ -623,9 +673,8 @@ std::vector<const void*> PoolCore::dead_workers() const {
     return dead;
 }
 
-void PoolCore::handle_deaths(const std::vector<const void*>& dead) {
+void PoolCore::handle_deaths(const std::vector<const void*>& dead, Deliveries& out) {
     State& s = *s_;
-    Deliveries out;
     {
         std::lock_guard<std::mutex> lk(s.mutex);
         for (std::size_t i = 0; i < s.workers.size(); ++i) {
@@ -641,7 +690,6 @@ void PoolCore::handle_deaths(const std::vector<const void*>& dead) {
         maybe_finish_locked();
         s.changed.notify_all();
     }
-    deliver(out);
 }
 
 void PoolCore::reconcile_locked(std::size_t wi, Deliveries& out) {
@@ -731,22 +779,100 @@ void PoolCore::fail_all_locked(const std::exception_ptr& e,
     for (auto& w : s.workers) w.outstanding.clear();
 }
 
+bool PoolCore::read_results(os::Deadline deadline, Deliveries& out) {
+    State& s = *s_;
+    PoolDoorbell& bell = *s.bell;
+    auto take = [&](os::Deadline d) {
+        // Read into a string the deliveries keep: their items point into it.
+        std::string& msg = out.keep.emplace_back();
+        if (bell.results.get(&copy_item, &msg, d) != QueueCore::Status::ok) {
+            out.keep.pop_back();
+            return false;
+        }
+        book_results(reinterpret_cast<const unsigned char*>(msg.data()), msg.size(), out);
+        return true;
+    };
+    auto deaths = [&] {
+        if (!bell.deaths.exchange(0, std::memory_order_acq_rel)) return;
+        // Whatever the dead workers sent before they died is in the ring: book it first.
+        auto dead = dead_workers();
+        while (take(os::Clock::now())) {
+        }
+        handle_deaths(dead, out);
+    };
+    deaths();
+    bool got = take(deadline);
+    deaths();  // a death's bell may be what woke the get
+    return got;
+}
+
+bool PoolCore::serve_until(const std::function<bool()>& done, os::Deadline deadline,
+                           const std::function<void(os::Deadline)>& sleep) {
+    State& s = *s_;
+    struct Waiting {
+        std::atomic<int>& n;
+        explicit Waiting(std::atomic<int>& c) : n(c) { n.fetch_add(1, std::memory_order_acq_rel); }
+        ~Waiting() { n.fetch_sub(1, std::memory_order_acq_rel); }
+    } waiting{s.waiting};
+    while (!done()) {
+        auto now = os::Clock::now();
+        if (now >= deadline) return done();
+        if (s.reader.try_lock()) {
+            Deliveries out;
+            {
+                std::lock_guard<std::mutex> role(s.reader, std::adopt_lock);
+                try {
+                    spin_for_item(s.bell->results, caller_spin, [&] {
+                        return done() || s.bell->deaths.load(std::memory_order_relaxed) != 0;
+                    });
+                    // In slices: what we wait for may also be resolved by
+                    // terminate() in another thread.
+                    read_results(std::min(deadline, now + reader_slice), out);
+                } catch (...) {
+                    log_callback_error(std::current_exception());
+                }
+            }
+            deliver(out);
+        } else {
+            // Another thread reads and delivers (to us as well); look again soon.
+            sleep(std::min(deadline, now + follower_slice));
+        }
+    }
+    return true;
+}
+
 void PoolCore::result_loop() {
     State& s = *s_;
     PoolDoorbell& bell = *s.bell;
     for (;;) {
-        try {
-            if (bell.deaths.exchange(0, std::memory_order_acq_rel)) {
-                // Whatever the dead workers sent before they died is in the ring: take it first.
-                auto dead = dead_workers();
-                while (bell.results.get(&copy_item, &s.msg, os::Clock::now()) == QueueCore::Status::ok)
-                    on_results(reinterpret_cast<const unsigned char*>(s.msg.data()), s.msg.size());
-                handle_deaths(dead);
+        // Callers that wait read their own results; this thread takes what
+        // nobody waits for (callbacks, imap buffers, deaths) on a tick.
+        bool busy;
+        {
+            std::lock_guard<std::mutex> lk(s.mutex);
+            busy = !s.chunks.empty();
+        }
+        auto tick = busy && s.waiting.load(std::memory_order_acquire) == 0 ? busy_tick : idle_tick;
+        {
+            std::unique_lock<std::mutex> lk(bell.tick_mutex);
+            bell.tick.wait_for(lk, tick, [&] {
+                return s.stop.load(std::memory_order_acquire) || bell.deaths.load(std::memory_order_acquire) != 0;
+            });
+        }
+        if (s.stop.load(std::memory_order_acquire)) return;
+        if (!s.reader.try_lock()) continue;  // a caller reads
+        Deliveries out;
+        {
+            std::lock_guard<std::mutex> role(s.reader, std::adopt_lock);
+            try {
+                for (int i = 0; i < 256 && read_results(os::Clock::now(), out); ++i) {
+                }
+            } catch (...) {
+                log_callback_error(std::current_exception());
             }
-            if (s.stop.load(std::memory_order_acquire)) return;
-            auto st = bell.results.get(&copy_item, &s.msg, os::Clock::now() + std::chrono::seconds(1));
-            if (st == QueueCore::Status::ok)
-                on_results(reinterpret_cast<const unsigned char*>(s.msg.data()), s.msg.size());
+        }
+        try {
+            deliver(out);
         } catch (...) {
             log_callback_error(std::current_exception());
         }
@@ -775,31 +901,43 @@ void PoolCore::terminate() {
             if (w.proc && !w.ended) w.proc->terminate();
     }
     deliver(out);
-    std::unique_lock<std::mutex> lk(s.mutex);
-    auto all_ended = [&] {
-        for (auto& w : s.workers)
-            if (w.proc && !w.ended) return false;
-        return true;
-    };
-    if (!s.changed.wait_for(lk, std::chrono::seconds(2), all_ended)) {
+    s.bell->ring();  // a caller blocked on the ring looks at its (now failed) result
+    if (!wait_workers_ended(os::deadline_after(std::chrono::seconds(2)))) {
         // A worker that ignores SIGTERM is killed.
+        std::lock_guard<std::mutex> lk(s.mutex);
         for (auto& w : s.workers)
             if (w.proc && !w.ended) w.proc->kill();
     }
 }
 
+bool PoolCore::wait_workers_ended(os::Deadline deadline) {
+    State& s = *s_;
+    auto all_ended = [&] {
+        for (auto& w : s.workers)
+            if (w.proc && !w.ended) return false;
+        return true;
+    };
+    // Deaths are handled by whoever reads the ring: read it here too.
+    return serve_until(
+        [&] {
+            std::lock_guard<std::mutex> lk(s.mutex);
+            return all_ended();
+        },
+        deadline,
+        [&](os::Deadline d) {
+            std::unique_lock<std::mutex> lk(s.mutex);
+            s.changed.wait_until(lk, d, all_ended);
+        });
+}
+
 void PoolCore::join() {
     State& s = *s_;
     {
-        std::unique_lock<std::mutex> lk(s.mutex);
+        std::lock_guard<std::mutex> lk(s.mutex);
         if (s.phase == State::Phase::running)
             throw InvalidStateError("mpservice: join() on a " + settings_.kind + " that is neither closed nor terminated");
-        s.changed.wait(lk, [&] {
-            for (auto& w : s.workers)
-                if (w.proc && !w.ended) return false;
-            return true;
-        });
     }
+    wait_workers_ended(os::no_deadline);
     if (s.thread.joinable()) {
         s.stop.store(true, std::memory_order_release);
         s.bell->ring();

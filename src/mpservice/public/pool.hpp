@@ -21,9 +21,10 @@
 // the pool puts it on one worker's own task ring (shared memory, so the pool
 // knows which worker holds which task), the worker runs the items one by one,
 // recording each outcome in its own shared progress slot, and sends the
-// chunk's outcomes on the pool's result ring; one result thread in the parent
-// (the pool's only thread) decodes them into the AsyncResult / imap buffer and
-// runs the callbacks.
+// chunk's outcomes on the pool's result ring; in the parent, the caller that
+// waits reads that ring itself (PoolCore::serve_until: one reader at a time)
+// and decodes what it finds into the AsyncResults / imap buffers, running the
+// callbacks; the pool's result thread takes what nobody waits for, on a tick.
 //
 // A worker that dies in a task (signal, exit(n)) fails exactly that task with
 // ProcessError naming the signal or code: the outcomes of the items of its
@@ -40,6 +41,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <deque>
 #include <exception>
 #include <functional>
@@ -194,16 +196,52 @@ struct JobItem {
     std::exception_ptr error;
 };
 
+/// A record of a result message: [PoolRecordHeader | encoded value or exception].
+struct PoolRecordHeader {
+    std::uint32_t size;
+    std::uint32_t kind;  // 0: a value, 1: an exception
+};
+
+/// The records of one result message, as its worker sent them: record k is
+/// the outcome of item first + k of a chunk whose item 0 is the job's item
+/// `job_first`; only items in [from, to) are new (the others are known).
+struct JobRecords {
+    std::size_t job_first;
+    std::uint32_t first, from, to;
+    const unsigned char* data;
+    std::size_t size;
+
+    /// fn(job index, kind, data, size) for each new record.
+    template <class F>
+    void for_each(F&& fn) const {
+        std::size_t at = 0;
+        for (std::uint32_t i = first; i < to && at + sizeof(PoolRecordHeader) <= size; ++i) {
+            PoolRecordHeader rh;
+            std::memcpy(&rh, data + at, sizeof rh);
+            at += sizeof rh;
+            if (rh.size > size - at) return;  // torn: cannot happen with a committed length
+            if (i >= from) fn(job_first + i, rh.kind, data + at, static_cast<std::size_t>(rh.size));
+            at += rh.size;
+        }
+    }
+};
+
 /// One submission (map, apply_async, imap, ...): receives the outcome of each
-/// of its items, by index, from the pool's result thread (or from terminate()).
+/// of its items, by index, from whoever reads the pool's results (or from terminate()).
 class JobBase {
 public:
     virtual ~JobBase() = default;
     virtual void on_value(std::size_t index, Decoder& value) = 0;
     virtual void on_error(std::size_t index, std::exception_ptr error) = 0;
-    /// A batch of outcomes (one result message's); a job may take it at once.
+    /// A batch of outcomes made in the parent; a job may take it at once.
     virtual void on_items(const JobItem* items, std::size_t n) {
         for (std::size_t i = 0; i < n; ++i) deliver_one(items[i]);
+    }
+    /// The new outcomes of one result message; a job may take them at once.
+    virtual void on_records(const JobRecords& r) {
+        r.for_each([&](std::size_t index, std::uint32_t kind, const unsigned char* data, std::size_t size) {
+            deliver_one(JobItem{index, kind, data, size, nullptr});
+        });
     }
 
 protected:
@@ -255,7 +293,7 @@ struct PoolSettings {
 
 struct PoolDeliveries;
 
-/// The non-template part of a Pool: workers, dispatch, the result thread.
+/// The non-template part of a Pool: workers, dispatch, reading results, the result thread.
 class PoolCore : public std::enable_shared_from_this<PoolCore> {
 public:
     MPSERVICE_API static std::shared_ptr<PoolCore> create(PoolSettings settings, WorkerFactory factory);
@@ -274,6 +312,14 @@ public:
     MPSERVICE_API std::vector<long> worker_pids() const;
     int processes() const noexcept { return settings_.processes; }
 
+    /// Waits until done() or the deadline (false then) by reading the pool's
+    /// results in the calling thread: a waiting caller takes its own result
+    /// off the result ring, with no hand-off through the result thread.
+    /// While another thread holds the reader role (and delivers to everyone),
+    /// it sleeps in sleep(until) slices instead.  Safe from any thread.
+    MPSERVICE_API bool serve_until(const std::function<bool()>& done, os::Deadline deadline,
+                                   const std::function<void(os::Deadline)>& sleep);
+
     /// Items per chunk when the caller gives none (Python's rule for map).
     static std::size_t default_chunksize(std::size_t n, int processes) {
         std::size_t per = static_cast<std::size_t>(processes) * 4;
@@ -291,9 +337,11 @@ private:
     void dispatch_locked();
     void maybe_finish_locked();
     void complete_locked(std::uint64_t chunk);
-    void on_results(const unsigned char* p, std::size_t n);
+    void book_results(const unsigned char* p, std::size_t n, Deliveries& out);
+    bool read_results(os::Deadline deadline, Deliveries& out);
+    bool wait_workers_ended(os::Deadline deadline);
     std::vector<const void*> dead_workers() const;
-    void handle_deaths(const std::vector<const void*>& dead);
+    void handle_deaths(const std::vector<const void*>& dead, Deliveries& out);
     void reconcile_locked(std::size_t worker, Deliveries& out);
     void fail_all_locked(const std::exception_ptr& e, Deliveries& out);
     void result_loop();
@@ -363,9 +411,14 @@ private:
             throw std::length_error("mpservice: a pool chunk's arguments exceed 4 GiB; use a smaller chunksize");
     }
     void open() {
+        // Room for a chunk like the last one, so that filling it never reallocates.
+        std::size_t last_bytes = chunks_.empty() ? 0 : chunks_.back().args.bytes().size();
         chunks_.emplace_back();
-        chunks_.back().job = job_;
-        chunks_.back().job_first = items_;
+        ChunkDraft& c = chunks_.back();
+        c.job = job_;
+        c.job_first = items_;
+        c.offsets.reserve(std::min<std::size_t>(chunksize_, std::size_t(1) << 20));
+        if (last_bytes) c.args.bytes().reserve(last_bytes);
     }
 
     std::shared_ptr<JobBase> job_;
@@ -388,7 +441,7 @@ struct tuple_args<std::tuple<A...>> {
 MPSERVICE_API void log_callback_error(const std::exception_ptr& e);
 
 /// The outcome state of an AsyncResult: the value, and the callbacks that run
-/// (in the result thread) before it resolves.
+/// (in whichever thread read the result) before it resolves.
 template <class R>
 class AsyncState : public FutureCore {
 public:
@@ -398,16 +451,15 @@ public:
 
     AsyncState(Success s, Failure f) : on_success_(std::move(s)), on_failure_(std::move(f)) { mark_started(); }
 
-    /// Spins briefly before it sleeps: a result that comes back within tens of
-    /// microseconds (an idle pool's round trip) then costs no wake-up.
+    /// The pool or runner whose results resolve it: a waiter reads them itself.
+    void read_from(const std::shared_ptr<PoolCore>& pool) { pool_ = pool; }
+
     bool wait_until(os::Deadline deadline) const override {
-        auto until = os::Clock::now() + std::chrono::microseconds(50);
-        if (deadline < until) until = deadline;
-        while (!done_relaxed()) {
-            if (os::Clock::now() >= until) return FutureCore::wait_until(deadline);
-            for (int i = 0; i < 64; ++i) os::cpu_relax();
-        }
-        return true;
+        if (done_relaxed()) return true;
+        if (auto pool = pool_.lock())
+            return pool->serve_until([this] { return done_relaxed(); }, deadline,
+                                     [this](os::Deadline d) { FutureCore::wait_until(d); });
+        return FutureCore::wait_until(deadline);  // the pool is gone: it resolved every result first
     }
 
     void succeed(Holder v) {
@@ -433,6 +485,7 @@ private:
     std::optional<Holder> value_;
     Success on_success_;
     Failure on_failure_;
+    std::weak_ptr<PoolCore> pool_;
 };
 
 /// map / map_async / starmap: every item's outcome in input order; the
@@ -440,6 +493,11 @@ private:
 template <class R>
 class MapJob final : public JobBase {
     using Slot = std::conditional_t<std::is_void_v<R>, bool, R>;
+    // Values in place when a Slot can be made empty, so that the finished
+    // vector is handed over without a copy; else each in an optional.
+    static constexpr bool in_place = std::is_default_constructible_v<Slot>;
+    using Stored = std::conditional_t<in_place, Slot, std::optional<Slot>>;
+    enum : unsigned char { empty = 0, value = 1, failed = 2 };
 
 public:
     explicit MapJob(std::shared_ptr<AsyncState<std::conditional_t<std::is_void_v<R>, void, std::vector<Slot>>>> st)
@@ -447,6 +505,7 @@ public:
 
     void expect(std::size_t n) {
         slots_.resize(n);
+        have_.assign(n, empty);
         remaining_ = n;
         if (n == 0) finish();
     }
@@ -460,38 +519,50 @@ public:
         if (!take_error(index, std::move(e))) return;
         settle(lk, 1);
     }
-    /// A whole result message under one lock: the fast path of map.
+    /// A batch under one lock.
     void on_items(const JobItem* items, std::size_t n) override {
         std::unique_lock<std::mutex> lk(mutex_);
         std::size_t settled = 0;
         for (std::size_t i = 0; i < n; ++i) {
             const JobItem& x = items[i];
-            try {
-                if (x.error) {
-                    settled += take_error(x.index, x.error);
-                } else {
-                    Decoder d(x.data, x.size);
-                    settled += x.kind == 0 ? take_value(x.index, d) : take_error(x.index, decode_exception(d));
-                }
-            } catch (...) {
-                settled += take_error(x.index, std::current_exception());
-            }
+            settled += x.error ? take_error(x.index, x.error) : take_record(x.index, x.kind, x.data, x.size);
         }
+        if (settled) settle(lk, settled);
+    }
+    /// A whole result message under one lock, decoded in place: the fast path of map.
+    void on_records(const JobRecords& r) override {
+        std::unique_lock<std::mutex> lk(mutex_);
+        std::size_t settled = 0;
+        r.for_each([&](std::size_t index, std::uint32_t kind, const unsigned char* data, std::size_t size) {
+            settled += take_record(index, kind, data, size);
+        });
         if (settled) settle(lk, settled);
     }
 
 private:
+    bool take_record(std::size_t index, std::uint32_t kind, const unsigned char* data, std::size_t size) {
+        try {
+            Decoder d(data, size);
+            return kind == 0 ? take_value(index, d) : take_error(index, decode_exception(d));
+        } catch (...) {
+            return take_error(index, std::current_exception());  // a result that does not decode fails its item
+        }
+    }
     bool take_value(std::size_t index, Decoder& d) {
-        if (index >= slots_.size() || slots_[index] || errors_.count(index)) return false;
+        if (index >= slots_.size() || have_[index] != empty) return false;
         if constexpr (std::is_void_v<R>) {
-            slots_[index].emplace(true);
+            slots_[index] = true;
+        } else if constexpr (in_place) {
+            slots_[index] = d.read<R>();
         } else {
             slots_[index].emplace(d.read<R>());
         }
+        have_[index] = value;
         return true;
     }
     bool take_error(std::size_t index, std::exception_ptr e) {
-        if (index >= slots_.size() || slots_[index] || errors_.count(index)) return false;
+        if (index >= slots_.size() || have_[index] != empty) return false;
+        have_[index] = failed;
         errors_.emplace(index, std::move(e));
         return true;
     }
@@ -508,6 +579,8 @@ private:
         }
         if constexpr (std::is_void_v<R>) {
             state_->succeed(true);
+        } else if constexpr (in_place) {
+            state_->succeed(std::move(slots_));
         } else {
             std::vector<Slot> out;
             out.reserve(slots_.size());
@@ -518,8 +591,9 @@ private:
     }
 
     std::mutex mutex_;
-    std::vector<std::optional<Slot>> slots_;
-    std::map<std::size_t, std::exception_ptr> errors_;
+    std::vector<Stored> slots_;
+    std::vector<unsigned char> have_;
+    std::map<std::size_t, std::exception_ptr> errors_;  // by position: begin() is the first failure
     std::size_t remaining_ = 0;
     std::shared_ptr<AsyncState<std::conditional_t<std::is_void_v<R>, void, std::vector<Slot>>>> state_;
 };
@@ -580,6 +654,8 @@ private:
 };
 
 /// imap / imap_unordered: outcomes buffered until the consumer takes them.
+/// The buffer holds at most the pool's window of items (ImapResult bounds
+/// what is in flight), kept in deques: no allocation per item.
 template <class R>
 class StreamJob final : public JobBase {
 public:
@@ -591,6 +667,62 @@ public:
     explicit StreamJob(bool ordered) : ordered_(ordered) {}
 
     void on_value(std::size_t index, Decoder& d) override {
+        std::lock_guard<std::mutex> lk(mutex);
+        put(index, decode_value(d));
+        cv.notify_all();
+    }
+    void on_error(std::size_t index, std::exception_ptr e) override {
+        Outcome o;
+        o.error = std::move(e);
+        std::lock_guard<std::mutex> lk(mutex);
+        put(index, std::move(o));
+        cv.notify_all();
+    }
+    /// A whole result message under one lock, one wake-up.
+    void on_records(const JobRecords& r) override {
+        std::lock_guard<std::mutex> lk(mutex);
+        r.for_each([&](std::size_t index, std::uint32_t kind, const unsigned char* data, std::size_t size) {
+            Outcome o;
+            try {
+                Decoder d(data, size);
+                if (kind == 0) {
+                    o = decode_value(d);
+                } else {
+                    o.error = decode_exception(d);
+                }
+            } catch (...) {
+                o.value.reset();
+                o.error = std::current_exception();  // a result that does not decode fails its item
+            }
+            put(index, std::move(o));
+        });
+        cv.notify_all();
+    }
+    /// The next outcome in the consumer's order if one is there.
+    std::optional<Outcome> take() {
+        if (!has_next()) return std::nullopt;
+        Outcome o;
+        if (ordered_) {
+            o = std::move(*window_.front());
+            window_.pop_front();
+        } else {
+            o = std::move(arrived_.front());
+            arrived_.pop_front();
+        }
+        ++next_;
+        return o;
+    }
+    std::size_t taken() const noexcept { return next_; }
+    /// Whether take() would give an outcome.
+    bool has_next() const {
+        return ordered_ ? !window_.empty() && window_.front().has_value() : !arrived_.empty();
+    }
+
+    std::mutex mutex;
+    std::condition_variable cv;
+
+private:
+    static Outcome decode_value(Decoder& d) {
         Outcome o;
         if constexpr (std::is_void_v<R>) {
             (void)d;
@@ -598,43 +730,21 @@ public:
         } else {
             o.value.emplace(d.read<R>());
         }
-        put(index, std::move(o));
-    }
-    void on_error(std::size_t index, std::exception_ptr e) override {
-        Outcome o;
-        o.error = std::move(e);
-        put(index, std::move(o));
-    }
-    /// The next outcome in the consumer's order if one is there.
-    std::optional<Outcome> take() {
-        if (ordered_) {
-            auto it = ready_.find(next_);
-            if (it == ready_.end()) return std::nullopt;
-            Outcome o = std::move(it->second);
-            ready_.erase(it);
-            ++next_;
-            return o;
-        }
-        if (ready_.empty()) return std::nullopt;
-        auto it = ready_.begin();
-        Outcome o = std::move(it->second);
-        ready_.erase(it);
-        ++next_;
         return o;
     }
-    std::size_t taken() const noexcept { return next_; }
-
-    std::mutex mutex;
-    std::condition_variable cv;
-
-private:
     void put(std::size_t index, Outcome o) {
-        std::lock_guard<std::mutex> lk(mutex);
-        ready_.emplace(index, std::move(o));
-        cv.notify_all();
+        if (!ordered_) {
+            arrived_.push_back(std::move(o));
+            return;
+        }
+        if (index < next_) return;  // cannot happen: every item has one outcome
+        std::size_t at = index - next_;
+        if (window_.size() <= at) window_.resize(at + 1);
+        window_[at].emplace(std::move(o));
     }
     bool ordered_;
-    std::map<std::size_t, Outcome> ready_;
+    std::deque<std::optional<Outcome>> window_;  // ordered: item next_ + i at i
+    std::deque<Outcome> arrived_;                // unordered: as they came
     std::size_t next_ = 0;
 };
 
@@ -764,20 +874,30 @@ private:
             if (!more) exhausted_ = true;
         }
     }
-    std::size_t consumed() {
-        std::lock_guard<std::mutex> lk(job_->mutex);
-        return job_->taken();
+    /// Items the consumer has taken (only this thread takes them: no lock).
+    std::size_t consumed() const noexcept { return consumed_; }
+    /// Moves every outcome that is ready into taken_ (the job's lock held).
+    void take_ready() {
+        while (auto o = job_->take()) taken_.push_back(std::move(*o));
+    }
+    std::optional<Slot> pop_taken() {
+        typename Job::Outcome o = std::move(taken_.front());
+        taken_.pop_front();
+        ++consumed_;
+        if (o.error) detail::rethrow_exception(o.error);
+        return std::move(o.value);
     }
     std::optional<Slot> next_at(detail::os::Deadline deadline) {
         for (;;) {
+            if (!taken_.empty()) return pop_taken();
             top_up();
-            std::unique_lock<std::mutex> lk(job_->mutex);
-            if (auto o = job_->take()) {
-                lk.unlock();
-                if (o->error) detail::rethrow_exception(o->error);
-                return std::move(o->value);
+            {
+                // Everything that is ready at once, under one lock.
+                std::lock_guard<std::mutex> lk(job_->mutex);
+                take_ready();
             }
-            if (exhausted_ && job_->taken() == submitted_) {
+            if (!taken_.empty()) return pop_taken();
+            if (exhausted_ && consumed_ == submitted_) {
                 if (input_error_) {
                     auto e = input_error_;
                     input_error_ = nullptr;
@@ -785,14 +905,24 @@ private:
                 }
                 return std::nullopt;
             }
-            if (deadline == detail::os::no_deadline) {
-                job_->cv.wait(lk);
-            } else if (job_->cv.wait_until(lk, deadline) == std::cv_status::timeout) {
-                if (auto o = job_->take()) {
-                    lk.unlock();
-                    if (o->error) detail::rethrow_exception(o->error);
-                    return std::move(o->value);
+            // Read the pool's results here (no hand-off through its thread)
+            // until the next one of ours is there.
+            bool got = pool_->serve_until(
+                [this] {
+                    std::lock_guard<std::mutex> g(job_->mutex);
+                    return job_->has_next();
+                },
+                deadline,
+                [this](detail::os::Deadline d) {
+                    std::unique_lock<std::mutex> g(job_->mutex);
+                    job_->cv.wait_until(g, d, [this] { return job_->has_next(); });
+                });
+            if (!got) {
+                {
+                    std::lock_guard<std::mutex> lk(job_->mutex);
+                    take_ready();
                 }
+                if (!taken_.empty()) return pop_taken();
                 throw TimeoutError("mpservice: no imap result within the timeout");
             }
         }
@@ -805,6 +935,8 @@ private:
     std::size_t chunksize_;
     std::size_t window_chunks_;
     std::size_t submitted_ = 0;
+    std::size_t consumed_ = 0;
+    std::deque<typename Job::Outcome> taken_;  // taken from the job, not yet returned
     bool exhausted_ = false;
     std::exception_ptr input_error_;
 };
@@ -880,13 +1012,14 @@ public:
         return apply_async_with(typename detail::AsyncState<R>::Success(), typename detail::AsyncState<R>::Failure(), f,
                                 std::forward<A>(args)...);
     }
-    /// As apply_async, with callbacks run in the parent (on the pool's result
-    /// thread) before the result becomes ready: on_success(value) or on_error(e).
+    /// As apply_async, with callbacks run in the parent (on the thread that
+    /// read the result) before the result becomes ready: on_success(value) or on_error(e).
     template <class F, class S, class E, class... A>
     auto apply_async_with(S on_success, E on_error, F f, A&&... args) {
         using Fp = decltype(detail::function_pointer_of<F>::get(f));
         using R = detail::process_result_t<F, A...>;
         auto st = std::make_shared<detail::AsyncState<R>>(std::move(on_success), std::move(on_error));
+        st->read_from(core_);
         auto job = std::make_shared<detail::SingleJob<R>>(st);
         detail::ChunkBuilder b(job, 1);
         b.add(std::decay_t<A>(args)...);
@@ -980,6 +1113,7 @@ private:
         using R = decltype(std::apply(f, std::declval<Tuple>()));
         using V = std::conditional_t<std::is_void_v<R>, void, std::vector<R>>;
         auto st = std::make_shared<detail::AsyncState<V>>(std::move(on_success), std::move(on_error));
+        st->read_from(core_);
         auto job = std::make_shared<detail::MapJob<R>>(st);
         std::size_t n = 0;
         if constexpr (std::is_base_of_v<std::forward_iterator_tag,

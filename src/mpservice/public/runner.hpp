@@ -85,6 +85,7 @@ public:
         using R = std::invoke_result_t<T&, std::decay_t<A>...>;
         auto st = std::make_shared<detail::AsyncState<R>>(typename detail::AsyncState<R>::Success(),
                                                           typename detail::AsyncState<R>::Failure());
+        st->read_from(core_);
         auto job = std::make_shared<detail::SingleJob<R>>(st);
         detail::ChunkBuilder b(job, 1);
         b.add(std::decay_t<A>(args)...);
