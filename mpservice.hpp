@@ -15639,8 +15639,8 @@ enum Op : std::uint32_t {
     op_hello = 100,
     op_create,
     op_call,
-    op_mint,         // an encoded proxy's ticket: a reference in flight
-    op_adopt,        // a decoded proxy takes over its ticket's reference
+    op_mint,         // no reply: an encoded proxy's ticket (chosen by the client), a reference in flight
+    op_adopt,        // a decoded proxy takes over its ticket's reference (a memory block's memfd comes back)
     op_incref,
     op_decref,       // no reply
     op_drop_ticket,  // no reply
@@ -15934,29 +15934,43 @@ public:
         if ((it->second -= n) == 0) s.refs.erase(it);
         return drop(id, n);
     }
-    std::uint64_t mint(std::uint64_t id) {
+    /// An encoded proxy's ticket: a reference in flight.  The ticket is the
+    /// encoding client's choice, and the MINT that announces it is a message
+    /// without a reply on that client's main connection - ahead of its
+    /// releases, so the object is alive when it arrives.  A decoder in another
+    /// process may be quicker than the MINT: its ADOPT (or DROP) then leaves a
+    /// mark that cancels the MINT when it comes.
+    void mint(std::uint64_t id, std::uint64_t ticket) {
         std::lock_guard<std::mutex> lk(mutex_);
-        find(id).refs += 1;
-        std::uint64_t t = next_ticket_++;
-        tickets_[t] = id;
-        return t;
+        if (early_.erase(ticket) != 0) return;
+        auto it = objects_.find(id);
+        if (it == objects_.end() || tickets_.count(ticket) != 0) return;  // garbage: ignored
+        it->second.refs += 1;
+        tickets_[ticket] = id;
     }
     /// The ticket's reference becomes the session's.  A ticket already used
-    /// (the same bytes decoded twice) takes a new reference if the object lives.
-    void adopt(Session& s, std::uint64_t ticket, std::uint64_t id) {
+    /// (the same bytes decoded twice), or not minted yet, takes a new reference
+    /// if the object lives.  Returns the object (a memory block's memfd goes back).
+    ObjectPtr adopt(Session& s, std::uint64_t ticket, std::uint64_t id) {
         std::lock_guard<std::mutex> lk(mutex_);
         auto t = tickets_.find(ticket);
+        Entry& entry = find(id);
         if (t != tickets_.end() && t->second == id) {
             tickets_.erase(t);
         } else {
-            find(id).refs += 1;
+            entry.refs += 1;
+            mark_early(ticket);
         }
         s.refs[id] += 1;
+        return entry.object;
     }
     ObjectPtr drop_ticket(std::uint64_t ticket) {
         std::lock_guard<std::mutex> lk(mutex_);
         auto t = tickets_.find(ticket);
-        if (t == tickets_.end()) return nullptr;
+        if (t == tickets_.end()) {
+            mark_early(ticket);
+            return nullptr;
+        }
         std::uint64_t id = t->second;
         tickets_.erase(t);
         return drop(id, 1);
@@ -15979,6 +15993,7 @@ public:
         for (auto& o : objects_) all.push_back(std::move(o.second.object));
         objects_.clear();
         tickets_.clear();
+        early_.clear();
         return all;
     }
 
@@ -16033,6 +16048,13 @@ private:
                               " (it was released, or the id is not one of this server's)");
         return it->second;
     }
+    /// A ticket used before its MINT arrived.  A mark that is never cancelled
+    /// (bytes decoded twice, a forged ticket) costs 8 bytes; the set is bounded
+    /// so garbage cannot grow it for ever.
+    void mark_early(std::uint64_t ticket) {
+        if (early_.size() >= (1u << 16)) early_.clear();
+        early_.insert(ticket);
+    }
     ObjectPtr drop(std::uint64_t id, long n) {
         auto it = objects_.find(id);
         if (it == objects_.end()) return nullptr;
@@ -16044,6 +16066,7 @@ private:
     std::mutex mutex_;
     std::unordered_map<std::uint64_t, Entry> objects_;
     std::unordered_map<std::uint64_t, std::uint64_t> tickets_;
+    std::unordered_set<std::uint64_t> early_;  // tickets adopted or dropped before their MINT
     std::map<std::string, SessionPtr> sessions_;
     std::set<os::handle_t> connections_;
     std::uint64_t next_id_ = 1, next_ticket_ = 1;
@@ -16087,6 +16110,15 @@ private:
     std::map<std::tuple<std::uint64_t, std::uint64_t, std::uint64_t>, const void*> cache_;
 };
 
+/// A memory block's size and memfd, attached to a reply (create, adopt,
+/// block): whoever receives a block's proxy maps it without another round trip.
+void attach_block(Encoder& e, const HostedObject& o, Outcome& out) {
+    const auto& mem = static_cast<MemoryBlock*>(o.obj.object)->memory();
+    e.write(static_cast<std::uint64_t>(mem.size()));
+    e.write(e.attach(mem.handle()));
+    out.keep.push_back(mem);
+}
+
 /// The current thread serves a request: proxies made while encoding its
 /// result are minted by the host directly.
 void run_request(Host& host, Session& session, CodeCache& codes, std::uint32_t op, const std::string& payload,
@@ -16099,7 +16131,9 @@ void run_request(Host& host, Session& session, CodeCache& codes, std::uint32_t o
             auto type = d.read<std::uint64_t>();
             auto fn = reinterpret_cast<CreateFn>(reinterpret_cast<std::uintptr_t>(codes.resolve(c)));
             NewObject obj = fn(d);
-            e.write(host.add(obj, type, session));
+            std::uint64_t id = host.add(obj, type, session);
+            e.write(id);
+            if (obj.type == &TypeTag<MemoryBlock>::tag) attach_block(e, *host.get(id), out);
             break;
         }
         case op_call: {
@@ -16110,20 +16144,17 @@ void run_request(Host& host, Session& session, CodeCache& codes, std::uint32_t o
             fn(o->obj.type, o->obj.object, d, e);
             break;
         }
-        case op_mint: e.write(host.mint(d.read<std::uint64_t>())); break;
         case op_adopt: {
             auto ticket = d.read<std::uint64_t>();
-            host.adopt(session, ticket, d.read<std::uint64_t>());
+            ObjectPtr o = host.adopt(session, ticket, d.read<std::uint64_t>());
+            if (o->obj.type == &TypeTag<MemoryBlock>::tag) attach_block(e, *o, out);
             break;
         }
         case op_incref: host.incref(session, d.read<std::uint64_t>()); break;
         case op_block: {
             ObjectPtr o = host.get(d.read<std::uint64_t>());
             if (o->obj.type != &TypeTag<MemoryBlock>::tag) throw_wrong_type(typeid(MemoryBlock).name());
-            const auto& mem = static_cast<MemoryBlock*>(o->obj.object)->memory();
-            e.write(static_cast<std::uint64_t>(mem.size()));
-            e.write(e.attach(mem.handle()));
-            out.keep.push_back(mem);
+            attach_block(e, *o, out);
             break;
         }
         case op_count:
@@ -16266,6 +16297,12 @@ private:
                 ObjectPtr gone = host_.drop_ticket(d.read<std::uint64_t>());
                 return true;
             }
+            case op_mint: {
+                Decoder d(f.payload);
+                auto id = d.read<std::uint64_t>();
+                host_.mint(id, d.read<std::uint64_t>());
+                return true;
+            }
             case op_slot: {
                 Outcome out;
                 try {
@@ -16308,7 +16345,8 @@ private:
             std::uint32_t size = h->request_size;
             std::uint32_t op = h->request_op;
             Outcome out;
-            if (size > slot_capacity || op == op_hello || op == op_slot || op == op_decref || op == op_drop_ticket) {
+            if (size > slot_capacity || op == op_hello || op == op_slot || op == op_decref || op == op_drop_ticket ||
+                op == op_mint) {
                 out.kind = reply_error;
                 Encoder e;
                 encode_exception(e, std::make_exception_ptr(ServerError("mpservice: the server received a garbled slot request")));
@@ -16425,6 +16463,21 @@ namespace server {
 
 // ---------------------------------------------------------------- links
 
+/// Closes the handles a reply brought, whatever happens to the reply.
+struct HandleCloser {
+    std::vector<os::handle_t>& hs;
+    ~HandleCloser() { wire::close_all(hs); }
+};
+
+/// A memory block attached to a reply (server_host's attach_block), mapped.
+SharedMemory read_block(Decoder& d) {
+    auto size = d.read<std::uint64_t>();
+    auto index = d.read<std::uint32_t>();
+    SharedMemory m = SharedMemory::adopt(os::duplicate_handle(d.handle(index)));
+    if (m.size() != size) throw ServerError("mpservice: the memory block's size does not match");
+    return m;
+}
+
 /// One process's side of one server: how requests reach it, and the table of
 /// this process's live references (one Ref per object, shared by its proxies).
 class Link : public std::enable_shared_from_this<Link> {
@@ -16438,6 +16491,11 @@ public:
                                 std::vector<os::handle_t>& reply_handles) = 0;
     /// Sends a message that has no reply (decref, drop ticket); never throws.
     virtual void post(std::uint32_t op, const std::string& payload) noexcept = 0;
+    /// Sends a message that has no reply, in order with this process's releases;
+    /// ServerError if the server is known to be gone.
+    virtual void send_ordered(std::uint32_t op, const std::string& payload) {
+        post(op, payload);
+    }
     /// After this, every request fails with ServerError at once.
     virtual void mark_gone(const std::string& why) noexcept = 0;
     /// A request on the process's main connection, answered after every
@@ -16471,7 +16529,8 @@ public:
         return it == refs_.end() ? nullptr : it->second.lock();
     }
     /// A decoded proxy: takes over its ticket's reference (or gives the ticket
-    /// back when this process holds the object already).
+    /// back when this process holds the object already).  One round trip; a
+    /// memory block's memfd comes with the reply and is mapped at once.
     RefPtr adopt(std::uint64_t id, std::uint64_t ticket, std::uint64_t type) {
         if (RefPtr r = existing(id)) {
             post(op_drop_ticket, bytes_of(ticket));
@@ -16479,7 +16538,9 @@ public:
         }
         Encoder e;
         e(ticket, id);
-        request(op_adopt, e.bytes());
+        std::vector<os::handle_t> hs;
+        std::string reply = request(op_adopt, e.bytes(), {}, hs);
+        HandleCloser closer{hs};
         std::lock_guard<std::mutex> lk(refs_mutex_);
         auto it = refs_.find(id);
         if (it != refs_.end())
@@ -16491,6 +16552,8 @@ public:
         r->link = shared_from_this();
         r->id = id;
         r->type = type;
+        Decoder d(reply.data(), reply.size(), &hs);
+        if (!d.at_end()) r->mapping = read_block(d);
         refs_[id] = r;
         return r;
     }
@@ -16556,6 +16619,9 @@ public:
                 gone = host_.decref(*host_.local, id, static_cast<long>(d.read<std::int64_t>()));
             } else if (op == op_drop_ticket) {
                 gone = host_.drop_ticket(d.read<std::uint64_t>());
+            } else if (op == op_mint) {
+                auto id = d.read<std::uint64_t>();
+                host_.mint(id, d.read<std::uint64_t>());
             }
         } catch (...) {
         }
@@ -16654,6 +16720,16 @@ public:
             if (main_ == os::invalid_handle || dead_.load()) return;
             send_frame(main_, op, payload);
         } catch (...) {
+        }
+    }
+
+    void send_ordered(std::uint32_t op, const std::string& payload) override {
+        ensure_this_process();
+        check_alive();
+        std::lock_guard<std::mutex> lk(main_mutex_);
+        if (main_ == os::invalid_handle || !send_frame(main_, op, payload)) {
+            dead_.store(true);
+            throw ServerError("mpservice: the " + describe() + " is gone; the request did not complete");
         }
     }
 
@@ -16961,9 +17037,11 @@ RefPtr create_object(const std::shared_ptr<Link>& link, const void* creator, std
     e.write_bytes(args.bytes().data(), args.bytes().size());
     std::vector<os::handle_t> hs;
     std::string reply = link->request(op_create, e.bytes(), args.handles(), hs);
-    wire::close_all(hs);
-    Decoder d(reply);
-    return link->make_ref(d.read<std::uint64_t>(), type);
+    HandleCloser closer{hs};
+    Decoder d(reply.data(), reply.size(), &hs);
+    RefPtr r = link->make_ref(d.read<std::uint64_t>(), type);
+    if (!d.at_end()) r->mapping = read_block(d);  // a memory block: mapped here at once
+    return r;
 }
 
 std::string call_method(const Ref& ref, const void* method, const Encoder& args, std::vector<os::handle_t>& handles) {
@@ -16975,16 +17053,38 @@ std::string call_method(const Ref& ref, const void* method, const Encoder& args,
     return ref.link->request(op_call, e.bytes(), args.handles(), handles);
 }
 
+/// A ticket no other encoding, in any process, has: a per-process random
+/// start (drawn again in a forked child) and a counter.
+std::atomic<std::uint64_t> g_ticket{0};
+void forget_ticket_seed() { g_ticket.store(0, std::memory_order_relaxed); }
+std::uint64_t new_ticket() {
+    static const bool hooked = [] {
+        os::at_fork_child(&forget_ticket_seed);
+        return true;
+    }();
+    (void)hooked;
+    for (;;) {
+        std::uint64_t t = g_ticket.load(std::memory_order_relaxed);
+        if (t == 0) {
+            std::uint64_t seed = 0;
+            os::random_bytes(reinterpret_cast<unsigned char*>(&seed), sizeof seed);
+            seed |= 1;
+            if (!g_ticket.compare_exchange_strong(t, seed, std::memory_order_relaxed)) continue;
+            t = seed;
+        }
+        if (g_ticket.compare_exchange_weak(t, t + 2, std::memory_order_relaxed)) return t;
+    }
+}
+
 void encode_ref(Encoder& e, const RefPtr& ref) {
     if (!ref) {
         e.write(std::uint8_t(0));
         return;
     }
+    const std::uint64_t ticket = new_ticket();
     Encoder m;
-    m.write(ref->id);
-    std::string reply = ref->link->request(op_mint, m.bytes());
-    Decoder d(reply);
-    auto ticket = d.read<std::uint64_t>();
+    m(ref->id, ticket);
+    ref->link->send_ordered(op_mint, m.bytes());  // no reply: before this process's release of it
     const Link& l = *ref->link;
     e.write(std::uint8_t(1));
     e(proxy_magic, server_protocol, l.address, l.authkey, l.server_name, static_cast<std::int64_t>(l.server_pid),
@@ -17015,21 +17115,14 @@ RefPtr decode_ref(Decoder& d, std::uint64_t type, const char* type_name) {
 
 const SharedMemory& block_mapping(Ref& ref) {
     std::lock_guard<std::mutex> lk(ref.mapping_mutex);
-    if (!ref.mapping) {
+    if (!ref.mapping) {  // a Ref made by create/adopt has it already; this is the fallback
         Encoder e;
         e.write(ref.id);
         std::vector<os::handle_t> hs;
         std::string reply = ref.link->request(op_block, e.bytes(), {}, hs);
-        struct Closer {
-            std::vector<os::handle_t>& hs;
-            ~Closer() { wire::close_all(hs); }
-        } closer{hs};
+        HandleCloser closer{hs};
         Decoder d(reply.data(), reply.size(), &hs);
-        auto size = d.read<std::uint64_t>();
-        auto index = d.read<std::uint32_t>();
-        SharedMemory m = SharedMemory::adopt(os::duplicate_handle(d.handle(index)));
-        if (m.size() != size) throw ServerError("mpservice: the memory block's size does not match");
-        ref.mapping = std::move(m);
+        ref.mapping = read_block(d);
     }
     return ref.mapping;
 }

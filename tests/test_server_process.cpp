@@ -509,11 +509,11 @@ TEST_CASE("server: bad input is an error to that client alone") {
         mp::Encoder good_call, wrong_identity;
         good_call(c.id(), code.module, code.offset, identity);
         wrong_identity(c.id(), code.module, code.offset, identity ^ 1);
-        mp::Encoder bad_id;
+        mp::Encoder bad_id;  // INCREF (105) of an object that does not exist
         bad_id(std::uint64_t(999999));
         int fd = raw_connect();
         std::string out = frame(100, hello.bytes()) + frame(102, good_call.bytes()) + frame(102, bogus_call.bytes()) +
-                          frame(102, wrong_identity.bytes()) + frame(103, bad_id.bytes()) + frame(102, "xy") +
+                          frame(102, wrong_identity.bytes()) + frame(105, bad_id.bytes()) + frame(102, "xy") +
                           frame(777, "");
         (void)!::write(fd, out.data(), out.size());
         ::shutdown(fd, SHUT_WR);

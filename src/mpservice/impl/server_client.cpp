@@ -8,6 +8,22 @@ namespace server {
 
 // ---------------------------------------------------------------- links
 
+/// Closes the handles a reply brought, whatever happens to the reply.
+struct HandleCloser {
+    std::vector<os::handle_t>& hs;
+    ~HandleCloser() { wire::close_all(hs); }
+};
+
+/// A memory block attached to a reply (server_host's attach_block), mapped.
+SharedMemory read_block(Decoder& d) {
+    auto size = d.read<std::uint64_t>();
+    auto index = d.read<std::uint32_t>();
+    SharedMemory m = SharedMemory::adopt(os::duplicate_handle(d.handle(index)));
+    if (m.size() != size) throw ServerError("mpservice: the memory block's size does not match");
+    return m;
+}
+
+
 /// One process's side of one server: how requests reach it, and the table of
 /// this process's live references (one Ref per object, shared by its proxies).
 class Link : public std::enable_shared_from_this<Link> {
@@ -21,6 +37,11 @@ public:
                                 std::vector<os::handle_t>& reply_handles) = 0;
     /// Sends a message that has no reply (decref, drop ticket); never throws.
     virtual void post(std::uint32_t op, const std::string& payload) noexcept = 0;
+    /// Sends a message that has no reply, in order with this process's releases;
+    /// ServerError if the server is known to be gone.
+    virtual void send_ordered(std::uint32_t op, const std::string& payload) {
+        post(op, payload);
+    }
     /// After this, every request fails with ServerError at once.
     virtual void mark_gone(const std::string& why) noexcept = 0;
     /// A request on the process's main connection, answered after every
@@ -54,7 +75,8 @@ public:
         return it == refs_.end() ? nullptr : it->second.lock();
     }
     /// A decoded proxy: takes over its ticket's reference (or gives the ticket
-    /// back when this process holds the object already).
+    /// back when this process holds the object already).  One round trip; a
+    /// memory block's memfd comes with the reply and is mapped at once.
     RefPtr adopt(std::uint64_t id, std::uint64_t ticket, std::uint64_t type) {
         if (RefPtr r = existing(id)) {
             post(op_drop_ticket, bytes_of(ticket));
@@ -62,7 +84,9 @@ public:
         }
         Encoder e;
         e(ticket, id);
-        request(op_adopt, e.bytes());
+        std::vector<os::handle_t> hs;
+        std::string reply = request(op_adopt, e.bytes(), {}, hs);
+        HandleCloser closer{hs};
         std::lock_guard<std::mutex> lk(refs_mutex_);
         auto it = refs_.find(id);
         if (it != refs_.end())
@@ -74,6 +98,8 @@ public:
         r->link = shared_from_this();
         r->id = id;
         r->type = type;
+        Decoder d(reply.data(), reply.size(), &hs);
+        if (!d.at_end()) r->mapping = read_block(d);
         refs_[id] = r;
         return r;
     }
@@ -139,6 +165,9 @@ public:
                 gone = host_.decref(*host_.local, id, static_cast<long>(d.read<std::int64_t>()));
             } else if (op == op_drop_ticket) {
                 gone = host_.drop_ticket(d.read<std::uint64_t>());
+            } else if (op == op_mint) {
+                auto id = d.read<std::uint64_t>();
+                host_.mint(id, d.read<std::uint64_t>());
             }
         } catch (...) {
         }
@@ -237,6 +266,16 @@ public:
             if (main_ == os::invalid_handle || dead_.load()) return;
             send_frame(main_, op, payload);
         } catch (...) {
+        }
+    }
+
+    void send_ordered(std::uint32_t op, const std::string& payload) override {
+        ensure_this_process();
+        check_alive();
+        std::lock_guard<std::mutex> lk(main_mutex_);
+        if (main_ == os::invalid_handle || !send_frame(main_, op, payload)) {
+            dead_.store(true);
+            throw ServerError("mpservice: the " + describe() + " is gone; the request did not complete");
         }
     }
 
@@ -544,9 +583,11 @@ RefPtr create_object(const std::shared_ptr<Link>& link, const void* creator, std
     e.write_bytes(args.bytes().data(), args.bytes().size());
     std::vector<os::handle_t> hs;
     std::string reply = link->request(op_create, e.bytes(), args.handles(), hs);
-    wire::close_all(hs);
-    Decoder d(reply);
-    return link->make_ref(d.read<std::uint64_t>(), type);
+    HandleCloser closer{hs};
+    Decoder d(reply.data(), reply.size(), &hs);
+    RefPtr r = link->make_ref(d.read<std::uint64_t>(), type);
+    if (!d.at_end()) r->mapping = read_block(d);  // a memory block: mapped here at once
+    return r;
 }
 
 std::string call_method(const Ref& ref, const void* method, const Encoder& args, std::vector<os::handle_t>& handles) {
@@ -558,16 +599,38 @@ std::string call_method(const Ref& ref, const void* method, const Encoder& args,
     return ref.link->request(op_call, e.bytes(), args.handles(), handles);
 }
 
+/// A ticket no other encoding, in any process, has: a per-process random
+/// start (drawn again in a forked child) and a counter.
+std::atomic<std::uint64_t> g_ticket{0};
+void forget_ticket_seed() { g_ticket.store(0, std::memory_order_relaxed); }
+std::uint64_t new_ticket() {
+    static const bool hooked = [] {
+        os::at_fork_child(&forget_ticket_seed);
+        return true;
+    }();
+    (void)hooked;
+    for (;;) {
+        std::uint64_t t = g_ticket.load(std::memory_order_relaxed);
+        if (t == 0) {
+            std::uint64_t seed = 0;
+            os::random_bytes(reinterpret_cast<unsigned char*>(&seed), sizeof seed);
+            seed |= 1;
+            if (!g_ticket.compare_exchange_strong(t, seed, std::memory_order_relaxed)) continue;
+            t = seed;
+        }
+        if (g_ticket.compare_exchange_weak(t, t + 2, std::memory_order_relaxed)) return t;
+    }
+}
+
 void encode_ref(Encoder& e, const RefPtr& ref) {
     if (!ref) {
         e.write(std::uint8_t(0));
         return;
     }
+    const std::uint64_t ticket = new_ticket();
     Encoder m;
-    m.write(ref->id);
-    std::string reply = ref->link->request(op_mint, m.bytes());
-    Decoder d(reply);
-    auto ticket = d.read<std::uint64_t>();
+    m(ref->id, ticket);
+    ref->link->send_ordered(op_mint, m.bytes());  // no reply: before this process's release of it
     const Link& l = *ref->link;
     e.write(std::uint8_t(1));
     e(proxy_magic, server_protocol, l.address, l.authkey, l.server_name, static_cast<std::int64_t>(l.server_pid),
@@ -598,21 +661,14 @@ RefPtr decode_ref(Decoder& d, std::uint64_t type, const char* type_name) {
 
 const SharedMemory& block_mapping(Ref& ref) {
     std::lock_guard<std::mutex> lk(ref.mapping_mutex);
-    if (!ref.mapping) {
+    if (!ref.mapping) {  // a Ref made by create/adopt has it already; this is the fallback
         Encoder e;
         e.write(ref.id);
         std::vector<os::handle_t> hs;
         std::string reply = ref.link->request(op_block, e.bytes(), {}, hs);
-        struct Closer {
-            std::vector<os::handle_t>& hs;
-            ~Closer() { wire::close_all(hs); }
-        } closer{hs};
+        HandleCloser closer{hs};
         Decoder d(reply.data(), reply.size(), &hs);
-        auto size = d.read<std::uint64_t>();
-        auto index = d.read<std::uint32_t>();
-        SharedMemory m = SharedMemory::adopt(os::duplicate_handle(d.handle(index)));
-        if (m.size() != size) throw ServerError("mpservice: the memory block's size does not match");
-        ref.mapping = std::move(m);
+        ref.mapping = read_block(d);
     }
     return ref.mapping;
 }

@@ -103,29 +103,43 @@ public:
         if ((it->second -= n) == 0) s.refs.erase(it);
         return drop(id, n);
     }
-    std::uint64_t mint(std::uint64_t id) {
+    /// An encoded proxy's ticket: a reference in flight.  The ticket is the
+    /// encoding client's choice, and the MINT that announces it is a message
+    /// without a reply on that client's main connection - ahead of its
+    /// releases, so the object is alive when it arrives.  A decoder in another
+    /// process may be quicker than the MINT: its ADOPT (or DROP) then leaves a
+    /// mark that cancels the MINT when it comes.
+    void mint(std::uint64_t id, std::uint64_t ticket) {
         std::lock_guard<std::mutex> lk(mutex_);
-        find(id).refs += 1;
-        std::uint64_t t = next_ticket_++;
-        tickets_[t] = id;
-        return t;
+        if (early_.erase(ticket) != 0) return;
+        auto it = objects_.find(id);
+        if (it == objects_.end() || tickets_.count(ticket) != 0) return;  // garbage: ignored
+        it->second.refs += 1;
+        tickets_[ticket] = id;
     }
     /// The ticket's reference becomes the session's.  A ticket already used
-    /// (the same bytes decoded twice) takes a new reference if the object lives.
-    void adopt(Session& s, std::uint64_t ticket, std::uint64_t id) {
+    /// (the same bytes decoded twice), or not minted yet, takes a new reference
+    /// if the object lives.  Returns the object (a memory block's memfd goes back).
+    ObjectPtr adopt(Session& s, std::uint64_t ticket, std::uint64_t id) {
         std::lock_guard<std::mutex> lk(mutex_);
         auto t = tickets_.find(ticket);
+        Entry& entry = find(id);
         if (t != tickets_.end() && t->second == id) {
             tickets_.erase(t);
         } else {
-            find(id).refs += 1;
+            entry.refs += 1;
+            mark_early(ticket);
         }
         s.refs[id] += 1;
+        return entry.object;
     }
     ObjectPtr drop_ticket(std::uint64_t ticket) {
         std::lock_guard<std::mutex> lk(mutex_);
         auto t = tickets_.find(ticket);
-        if (t == tickets_.end()) return nullptr;
+        if (t == tickets_.end()) {
+            mark_early(ticket);
+            return nullptr;
+        }
         std::uint64_t id = t->second;
         tickets_.erase(t);
         return drop(id, 1);
@@ -148,6 +162,7 @@ public:
         for (auto& o : objects_) all.push_back(std::move(o.second.object));
         objects_.clear();
         tickets_.clear();
+        early_.clear();
         return all;
     }
 
@@ -202,6 +217,13 @@ private:
                               " (it was released, or the id is not one of this server's)");
         return it->second;
     }
+    /// A ticket used before its MINT arrived.  A mark that is never cancelled
+    /// (bytes decoded twice, a forged ticket) costs 8 bytes; the set is bounded
+    /// so garbage cannot grow it for ever.
+    void mark_early(std::uint64_t ticket) {
+        if (early_.size() >= (1u << 16)) early_.clear();
+        early_.insert(ticket);
+    }
     ObjectPtr drop(std::uint64_t id, long n) {
         auto it = objects_.find(id);
         if (it == objects_.end()) return nullptr;
@@ -213,6 +235,7 @@ private:
     std::mutex mutex_;
     std::unordered_map<std::uint64_t, Entry> objects_;
     std::unordered_map<std::uint64_t, std::uint64_t> tickets_;
+    std::unordered_set<std::uint64_t> early_;  // tickets adopted or dropped before their MINT
     std::map<std::string, SessionPtr> sessions_;
     std::set<os::handle_t> connections_;
     std::uint64_t next_id_ = 1, next_ticket_ = 1;
@@ -256,6 +279,15 @@ private:
     std::map<std::tuple<std::uint64_t, std::uint64_t, std::uint64_t>, const void*> cache_;
 };
 
+/// A memory block's size and memfd, attached to a reply (create, adopt,
+/// block): whoever receives a block's proxy maps it without another round trip.
+void attach_block(Encoder& e, const HostedObject& o, Outcome& out) {
+    const auto& mem = static_cast<MemoryBlock*>(o.obj.object)->memory();
+    e.write(static_cast<std::uint64_t>(mem.size()));
+    e.write(e.attach(mem.handle()));
+    out.keep.push_back(mem);
+}
+
 /// The current thread serves a request: proxies made while encoding its
 /// result are minted by the host directly.
 void run_request(Host& host, Session& session, CodeCache& codes, std::uint32_t op, const std::string& payload,
@@ -268,7 +300,9 @@ void run_request(Host& host, Session& session, CodeCache& codes, std::uint32_t o
             auto type = d.read<std::uint64_t>();
             auto fn = reinterpret_cast<CreateFn>(reinterpret_cast<std::uintptr_t>(codes.resolve(c)));
             NewObject obj = fn(d);
-            e.write(host.add(obj, type, session));
+            std::uint64_t id = host.add(obj, type, session);
+            e.write(id);
+            if (obj.type == &TypeTag<MemoryBlock>::tag) attach_block(e, *host.get(id), out);
             break;
         }
         case op_call: {
@@ -279,20 +313,17 @@ void run_request(Host& host, Session& session, CodeCache& codes, std::uint32_t o
             fn(o->obj.type, o->obj.object, d, e);
             break;
         }
-        case op_mint: e.write(host.mint(d.read<std::uint64_t>())); break;
         case op_adopt: {
             auto ticket = d.read<std::uint64_t>();
-            host.adopt(session, ticket, d.read<std::uint64_t>());
+            ObjectPtr o = host.adopt(session, ticket, d.read<std::uint64_t>());
+            if (o->obj.type == &TypeTag<MemoryBlock>::tag) attach_block(e, *o, out);
             break;
         }
         case op_incref: host.incref(session, d.read<std::uint64_t>()); break;
         case op_block: {
             ObjectPtr o = host.get(d.read<std::uint64_t>());
             if (o->obj.type != &TypeTag<MemoryBlock>::tag) throw_wrong_type(typeid(MemoryBlock).name());
-            const auto& mem = static_cast<MemoryBlock*>(o->obj.object)->memory();
-            e.write(static_cast<std::uint64_t>(mem.size()));
-            e.write(e.attach(mem.handle()));
-            out.keep.push_back(mem);
+            attach_block(e, *o, out);
             break;
         }
         case op_count:
@@ -435,6 +466,12 @@ private:
                 ObjectPtr gone = host_.drop_ticket(d.read<std::uint64_t>());
                 return true;
             }
+            case op_mint: {
+                Decoder d(f.payload);
+                auto id = d.read<std::uint64_t>();
+                host_.mint(id, d.read<std::uint64_t>());
+                return true;
+            }
             case op_slot: {
                 Outcome out;
                 try {
@@ -477,7 +514,8 @@ private:
             std::uint32_t size = h->request_size;
             std::uint32_t op = h->request_op;
             Outcome out;
-            if (size > slot_capacity || op == op_hello || op == op_slot || op == op_decref || op == op_drop_ticket) {
+            if (size > slot_capacity || op == op_hello || op == op_slot || op == op_decref || op == op_drop_ticket ||
+                op == op_mint) {
                 out.kind = reply_error;
                 Encoder e;
                 encode_exception(e, std::make_exception_ptr(ServerError("mpservice: the server received a garbled slot request")));

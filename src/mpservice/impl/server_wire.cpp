@@ -46,8 +46,8 @@ enum Op : std::uint32_t {
     op_hello = 100,
     op_create,
     op_call,
-    op_mint,         // an encoded proxy's ticket: a reference in flight
-    op_adopt,        // a decoded proxy takes over its ticket's reference
+    op_mint,         // no reply: an encoded proxy's ticket (chosen by the client), a reference in flight
+    op_adopt,        // a decoded proxy takes over its ticket's reference (a memory block's memfd comes back)
     op_incref,
     op_decref,       // no reply
     op_drop_ticket,  // no reply
