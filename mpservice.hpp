@@ -6959,6 +6959,7 @@ private:
 // it - never a hang.  A method's exception arrives as it does from a Process:
 // as Remote<E>, with the server's stack at the throw.
 
+#include <any>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -6966,6 +6967,7 @@ private:
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -7470,6 +7472,83 @@ private:
     T v_{};
 };
 
+/// Named values of any types the codec carries, hosted by a server, with its
+/// own lock (server.Namespace(); Python's Manager().Namespace()).  Python's
+/// NamespaceProxy forwards attribute get, set and delete; here they are typed:
+/// Proxy<Namespace>::set(name, v), get<T>(name), erase(name).  Values live in
+/// the server as the T that was set (decoded there: a stored proxy keeps its
+/// object alive, as one in a hosted list does); get<T> of another type than
+/// the one stored is std::invalid_argument naming both, a missing name
+/// std::out_of_range (Python's AttributeError).
+class Namespace {
+public:
+    template <class T>
+    void store(std::string name, T value) {
+        Held old;  // a replaced value is destroyed unlocked (it may hold proxies)
+        std::lock_guard<std::mutex> g(m_);
+        Held& slot = values_[std::move(name)];
+        old = std::move(slot);
+        slot.value = std::move(value);
+        slot.type_name = typeid(T).name();
+    }
+    template <class T>
+    T load(const std::string& name) const {
+        std::lock_guard<std::mutex> g(m_);
+        const Held& h = find(name);
+        const T* v = std::any_cast<T>(&h.value);
+        if (!v) throw_mismatch(name, h.type_name, typeid(T).name());
+        return *v;
+    }
+    bool contains(const std::string& name) const {
+        std::lock_guard<std::mutex> g(m_);
+        return values_.count(name) != 0;
+    }
+    /// Python's `del ns.name`: std::out_of_range if it is not there.
+    void erase(const std::string& name) {
+        Held old;
+        std::lock_guard<std::mutex> g(m_);
+        auto it = values_.find(name);
+        if (it == values_.end()) throw_missing(name);
+        old = std::move(it->second);
+        values_.erase(it);
+    }
+    std::vector<std::string> names() const {
+        std::lock_guard<std::mutex> g(m_);
+        std::vector<std::string> out;
+        for (auto& kv : values_) out.push_back(kv.first);
+        return out;
+    }
+    /// The (readable) type of the value stored under `name`.
+    std::string type_of(const std::string& name) const {
+        std::lock_guard<std::mutex> g(m_);
+        return detail::os::demangle(find(name).type_name);
+    }
+    std::size_t len() const {
+        std::lock_guard<std::mutex> g(m_);
+        return values_.size();
+    }
+
+private:
+    struct Held {
+        std::any value;
+        const char* type_name = "";
+    };
+    const Held& find(const std::string& name) const {
+        auto it = values_.find(name);
+        if (it == values_.end()) throw_missing(name);
+        return it->second;
+    }
+    [[noreturn]] static void throw_missing(const std::string& name) {
+        throw std::out_of_range("namespace has no attribute '" + name + "'");
+    }
+    [[noreturn]] static void throw_mismatch(const std::string& name, const char* held, const char* asked) {
+        throw std::invalid_argument("namespace attribute '" + name + "' holds a " + detail::os::demangle(held) +
+                                    ", not a " + detail::os::demangle(asked));
+    }
+    mutable std::mutex m_;
+    std::map<std::string, Held> values_;
+};
+
 template <class T>
 class Proxy<List<T>> : public ProxyBase<List<T>> {
     using L = List<T>;
@@ -7526,6 +7605,51 @@ public:
     T exchange(const T& v) const { return this->template call<&B::exchange>(v); }
 };
 
+/// A hosted Namespace.  Names starting with '_' are refused: Python keeps
+/// those on the proxy object itself, and a C++ proxy has no attributes of its own.
+template <>
+class Proxy<Namespace> : public ProxyBase<Namespace> {
+    using N = Namespace;
+
+public:
+    using ProxyBase<N>::ProxyBase;
+    /// ns.name = v (a C string is stored as std::string).
+    template <class T>
+    void set(const std::string& name, T&& v) const {
+        using V = detail::server::arg_t<T>;
+        this->template call<&N::template store<V>>(checked(name), V(std::forward<T>(v)));
+    }
+    /// ns.name, as the type it was stored as: std::invalid_argument if it is
+    /// another, std::out_of_range if there is no such name.
+    template <class T>
+    T get(const std::string& name) const {
+        return this->template call<&N::template load<T>>(checked(name));
+    }
+    /// ns.name, or `fallback` if there is no such name (one round trip).
+    template <class T>
+    T get_or(const std::string& name, T fallback) const {
+        try {
+            return get<T>(name);
+        } catch (const std::out_of_range&) {
+            return fallback;
+        }
+    }
+    bool contains(const std::string& name) const { return this->template call<&N::contains>(checked(name)); }
+    /// del ns.name: std::out_of_range if there is no such name.
+    void erase(const std::string& name) const { this->template call<&N::erase>(checked(name)); }
+    std::vector<std::string> names() const { return this->template call<&N::names>(); }
+    std::string type_of(const std::string& name) const { return this->template call<&N::type_of>(checked(name)); }
+    std::size_t len() const { return this->template call<&N::len>(); }
+
+private:
+    static const std::string& checked(const std::string& name) {
+        if (name.empty() || name[0] == '_')
+            throw std::invalid_argument("mpservice: namespace attribute names must not be empty or start with '_' ('" +
+                                        name + "')");
+        return name;
+    }
+};
+
 // ---------------------------------------------------------------- the server process
 
 /// How a ServerProcess is made (all optional).
@@ -7563,6 +7687,8 @@ public:
     Proxy<ValueBox<T>> value(T v = T{}) const {
         return create<ValueBox<T>>(std::move(v));
     }
+    /// A hosted Namespace (Python's Manager().Namespace()).
+    Proxy<mpservice::Namespace> Namespace() const { return create<mpservice::Namespace>(); }
     /// A shared memory block of `size` bytes (> 0), zero-filled.
     Proxy<mpservice::MemoryBlock> MemoryBlock(std::size_t size) const {
         if (size == 0) throw std::invalid_argument("mpservice: MemoryBlock of size 0");
@@ -16684,6 +16810,8 @@ struct ThreadConn {
     ~ThreadConn() { close(); }
 };
 
+void forget_link(const std::string& address, const Link* link) noexcept;  // below
+
 class RemoteLink final : public Link {
 public:
     using Link::request;
@@ -16758,6 +16886,7 @@ public:
         } catch (...) {
         }
         dead_.store(true);
+        forget_link(address, this);  // the caller holds the link: it is not destroyed here
     }
 
 private:
@@ -16965,6 +17094,11 @@ private:
 struct Registry {
     std::mutex mutex;
     std::map<std::string, std::weak_ptr<Link>> links;
+    /// Links kept open after their last proxy went, until their server is
+    /// found gone or shut down: a process that receives proxies one at a time
+    /// (from a Queue, say) would otherwise connect, say HELLO and hand over a
+    /// slot for each.  An idle link costs two sockets and a 64 KiB slot.
+    std::map<std::string, std::shared_ptr<Link>> kept;
     std::shared_ptr<Link> local;  // in a server process: its own
 };
 Registry& registry() {
@@ -16976,6 +17110,10 @@ struct LinkInfo {
     std::string address, authkey, name, fingerprint;
     long pid = 0;
 };
+
+/// Set while this thread holds the registry's lock in link_for (a link that
+/// fails to open marks itself gone, and must not take the lock again).
+thread_local bool t_in_link_for = false;
 
 std::shared_ptr<Link> link_for(const LinkInfo& info) {
     Registry& reg = registry();
@@ -16994,9 +17132,29 @@ std::shared_ptr<Link> link_for(const LinkInfo& info) {
     l->server_name = info.name;
     l->server_pid = info.pid;
     l->fingerprint = info.fingerprint;
+    struct Opening {
+        Opening() { t_in_link_for = true; }
+        ~Opening() { t_in_link_for = false; }
+    } opening;
     l->open();
     slot = l;
+    reg.kept[info.address] = l;
     return l;
+}
+
+void forget_link(const std::string& address, const Link* link) noexcept {
+    if (t_in_link_for) return;  // not kept yet
+    std::shared_ptr<Link> last;  // released after the registry's lock
+    try {
+        Registry& reg = registry();
+        std::lock_guard<std::mutex> lk(reg.mutex);
+        auto it = reg.kept.find(address);
+        if (it != reg.kept.end() && it->second.get() == link) {
+            last = std::move(it->second);
+            reg.kept.erase(it);
+        }
+    } catch (...) {
+    }
 }
 
 void install_local_link(Host& host) {

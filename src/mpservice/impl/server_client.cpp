@@ -230,6 +230,8 @@ struct ThreadConn {
     ~ThreadConn() { close(); }
 };
 
+void forget_link(const std::string& address, const Link* link) noexcept;  // below
+
 class RemoteLink final : public Link {
 public:
     using Link::request;
@@ -304,6 +306,7 @@ public:
         } catch (...) {
         }
         dead_.store(true);
+        forget_link(address, this);  // the caller holds the link: it is not destroyed here
     }
 
 private:
@@ -511,6 +514,11 @@ private:
 struct Registry {
     std::mutex mutex;
     std::map<std::string, std::weak_ptr<Link>> links;
+    /// Links kept open after their last proxy went, until their server is
+    /// found gone or shut down: a process that receives proxies one at a time
+    /// (from a Queue, say) would otherwise connect, say HELLO and hand over a
+    /// slot for each.  An idle link costs two sockets and a 64 KiB slot.
+    std::map<std::string, std::shared_ptr<Link>> kept;
     std::shared_ptr<Link> local;  // in a server process: its own
 };
 Registry& registry() {
@@ -522,6 +530,10 @@ struct LinkInfo {
     std::string address, authkey, name, fingerprint;
     long pid = 0;
 };
+
+/// Set while this thread holds the registry's lock in link_for (a link that
+/// fails to open marks itself gone, and must not take the lock again).
+thread_local bool t_in_link_for = false;
 
 std::shared_ptr<Link> link_for(const LinkInfo& info) {
     Registry& reg = registry();
@@ -540,9 +552,29 @@ std::shared_ptr<Link> link_for(const LinkInfo& info) {
     l->server_name = info.name;
     l->server_pid = info.pid;
     l->fingerprint = info.fingerprint;
+    struct Opening {
+        Opening() { t_in_link_for = true; }
+        ~Opening() { t_in_link_for = false; }
+    } opening;
     l->open();
     slot = l;
+    reg.kept[info.address] = l;
     return l;
+}
+
+void forget_link(const std::string& address, const Link* link) noexcept {
+    if (t_in_link_for) return;  // not kept yet
+    std::shared_ptr<Link> last;  // released after the registry's lock
+    try {
+        Registry& reg = registry();
+        std::lock_guard<std::mutex> lk(reg.mutex);
+        auto it = reg.kept.find(address);
+        if (it != reg.kept.end() && it->second.get() == link) {
+            last = std::move(it->second);
+            reg.kept.erase(it);
+        }
+    } catch (...) {
+    }
 }
 
 void install_local_link(Host& host) {
