@@ -7052,6 +7052,17 @@ MPSERVICE_API bool in_server_process() noexcept;
 /// Benchmark hook: whether new thread connections use the shared-memory slot
 /// (default true; false measures the socket-only path).
 MPSERVICE_API void set_fast_path(bool enabled) noexcept;
+/// Benchmark hook: what this process's calls through a slot did so far.
+struct SlotCounters {
+    std::uint64_t calls = 0;        ///< requests through a slot
+    std::uint64_t spun = 0;         ///< answered while the caller spun
+    std::uint64_t slept = 0;        ///< the caller slept for the answer
+    std::uint64_t slow = 0;         ///< ... and it came after more than 20 us (a cross-CPU wake-up)
+    std::uint64_t woke_server = 0;  ///< the request found the server's thread asleep
+    std::uint64_t resyncs = 0;      ///< long spins tried to leave the sleep-sleep pattern
+    std::uint64_t resynced = 0;     ///< ... after which both sides spun again
+};
+MPSERVICE_API SlotCounters slot_counters() noexcept;
 
 // ---- method traits: R (C::*)(P...) [const] [noexcept]
 template <class M>
@@ -15794,6 +15805,9 @@ struct SlotHeader {
     std::atomic<std::uint32_t> server_sleeping{0};
     alignas(64) std::atomic<std::uint32_t> reply_seq{0};  // the request the server answered last
     std::atomic<std::uint32_t> client_sleeping{0};  // waiting on reply_seq's futex
+    /// Set by the client with a request: after answering it, the server stays
+    /// awake this long for the next one (a resynchronization, see slot_call).
+    std::atomic<std::uint32_t> resync_ns{0};
     std::uint32_t request_op = 0;
     std::uint32_t request_size = 0;
     std::uint32_t reply_kind = 0;  // reply_ok / reply_error, or 0: the reply is on the socket
@@ -15812,6 +15826,48 @@ inline char* slot_data(void* base) { return static_cast<char*>(base) + slot_data
 /// synchronize.hpp): a trivial call's round trip is ~1-2 us when both sides
 /// run on their own CPUs, and when they cannot (a loaded machine) spinning
 /// turns itself off instead of delaying the partner.
+
+/// When both sides sleep between calls while running on different CPUs, each
+/// call costs two cross-CPU wake-ups (~30 us each on the KVM guests measured,
+/// bench-anchors/RESULTS.md) and the adaptive spins cannot recover: a spin
+/// short enough to be cheap ends before the sleeping partner is even awake,
+/// so both keep finding that spinning does not pay.  A client that sees a
+/// call answered that slowly after sleeping asks for one long spin on both
+/// sides ("resync"): it spins up to resync_ns for the next reply, and the
+/// server stays awake as long for the request after it.  If that meets, both
+/// sides spin again; if not (the other CPU is busy), the next attempt waits
+/// twice as many slow calls, up to resync_backoff_max.
+constexpr std::uint32_t slow_call_ns = 20000;
+constexpr std::uint32_t resync_ns = 80000;
+constexpr std::uint32_t resync_backoff_max = 4096;
+
+/// Counters of the slot path in this process (diagnostics, bench_server).
+struct SlotStats {
+    std::atomic<std::uint64_t> calls{0};       // requests through a slot
+    std::atomic<std::uint64_t> spun{0};        // answered while the client spun
+    std::atomic<std::uint64_t> slept{0};       // the client slept for the answer
+    std::atomic<std::uint64_t> slow{0};        // ... and it took longer than slow_call_ns
+    std::atomic<std::uint64_t> woke_server{0}; // the request found the server asleep
+    std::atomic<std::uint64_t> resyncs{0};     // resynchronizations tried
+    std::atomic<std::uint64_t> resynced{0};    // ... that met
+};
+inline SlotStats& slot_stats() {
+    static SlotStats s;
+    return s;
+}
+
+/// Spins until ready() or `ns` have passed (the fixed spin of a resync).
+template <class Ready>
+bool spin_for(Ready&& ready, std::uint32_t ns) {
+    auto until = os::Clock::now() + std::chrono::nanoseconds(ns);
+    for (;;) {
+        for (int i = 0; i < 32; ++i) {
+            os::cpu_relax();
+            if (ready()) return true;
+        }
+        if (os::Clock::now() >= until) return ready();
+    }
+}
 
 /// How often a sleeping side looks at the socket (its partner's death).
 constexpr std::chrono::milliseconds client_check{20};
@@ -15946,6 +16002,13 @@ std::uint64_t type_hash(const char* mangled) noexcept {
 void throw_wrong_type(const char* expected_mangled) {
     throw ServerError("mpservice: the object is not a " + os::demangle(expected_mangled) +
                       " (the proxy's class does not match the hosted object)");
+}
+
+SlotCounters slot_counters() noexcept {
+    SlotStats& s = slot_stats();
+    auto get = [](const std::atomic<std::uint64_t>& a) { return a.load(std::memory_order_relaxed); };
+    return SlotCounters{get(s.calls), get(s.spun), get(s.slept), get(s.slow), get(s.woke_server), get(s.resyncs),
+                        get(s.resynced)};
 }
 
 }  // namespace detail::server
@@ -16463,11 +16526,17 @@ private:
     bool serve_slot() {
         SlotHeader* h = slot_header(slot_.data());
         bool any = false;
-        while (spin_until([&] { return h->request_seq.load(std::memory_order_acquire) != last_seq_; }, spin_ns_)) {
+        std::uint32_t hold_ns = 0;  // a client's resync: stay awake this long for its next request
+        for (;;) {
+            auto requested = [&] { return h->request_seq.load(std::memory_order_acquire) != last_seq_; };
+            const bool got = hold_ns ? spin_for(requested, hold_ns) : spin_until(requested, spin_ns_);
+            if (hold_ns && got) spin_ns_.store(spin_max_ns, std::memory_order_relaxed);  // we meet again
+            if (!got) break;
             if (host_.stopping.load()) return false;
             any = true;
             std::uint32_t seq = h->request_seq.load(std::memory_order_acquire);
             last_seq_ = seq;
+            hold_ns = std::min(h->resync_ns.exchange(0, std::memory_order_relaxed), resync_ns);
             std::uint32_t size = h->request_size;
             std::uint32_t op = h->request_op;
             Outcome out;
@@ -16797,6 +16866,11 @@ struct ThreadConn {
     SharedMemory slot;
     std::uint32_t seq = 0;
     std::atomic<std::uint32_t> spin_ns{0};  // how long to wait, awake, for a reply
+    // Resynchronization (server_wire.cpp, slow_call_ns): the next call asks
+    // for one; the call after a resync tells whether it met; slow calls still
+    // to wait before the next attempt; that wait after a miss.
+    bool resync_next = false, resync_check = false;
+    std::uint32_t resync_wait = 0, resync_backoff = 1;
     bool slot_refused = false;
     std::mutex close_mutex;
     /// Closes the connection; by its thread at exit, or by its link when the
@@ -17039,22 +17113,42 @@ private:
 
     static void ring(SlotHeader* h) {
         h->doorbell.fetch_add(1, std::memory_order_seq_cst);
-        if (h->server_sleeping.load(std::memory_order_seq_cst)) os::futex_wake(&h->doorbell, 1);
+        if (h->server_sleeping.load(std::memory_order_seq_cst)) {
+            slot_stats().woke_server.fetch_add(1, std::memory_order_relaxed);
+            os::futex_wake(&h->doorbell, 1);
+        }
     }
 
     std::string slot_call(ThreadConn& c, std::uint32_t op, const std::string& payload,
                           std::vector<os::handle_t>& reply_handles) {
         SlotHeader* h = slot_header(c.slot.data());
+        SlotStats& stats = slot_stats();
+        stats.calls.fetch_add(1, std::memory_order_relaxed);
         std::memcpy(slot_data(c.slot.data()), payload.data(), payload.size());
         h->request_op = op;
         h->request_size = static_cast<std::uint32_t>(payload.size());
+        const bool resync = c.resync_next;
+        c.resync_next = false;
+        if (resync) {
+            stats.resyncs.fetch_add(1, std::memory_order_relaxed);
+            h->resync_ns.store(resync_ns, std::memory_order_relaxed);  // published by request_seq
+        }
         const std::uint32_t seq = ++c.seq;
         h->request_seq.store(seq, std::memory_order_seq_cst);
         ring(h);
         auto answered = [&] { return h->reply_seq.load(std::memory_order_acquire) == seq; };
-        if (!spin_until(answered, c.spin_ns)) {
+        const bool spun = resync ? spin_for(answered, resync_ns) : spin_until(answered, c.spin_ns);
+        if (spun) {
+            stats.spun.fetch_add(1, std::memory_order_relaxed);
+            if (resync) c.spin_ns.store(spin_max_ns, std::memory_order_relaxed);  // and see the next call
+            if (c.resync_check) {
+                stats.resynced.fetch_add(1, std::memory_order_relaxed);
+                c.resync_backoff = 1;
+            }
+        } else {
             // Asleep on the reply word, in slices: between them, the socket
             // tells whether the server is still there.
+            const auto asleep = os::Clock::now();
             h->client_sleeping.store(1, std::memory_order_seq_cst);
             while (!answered()) {
                 std::uint32_t now = h->reply_seq.load(std::memory_order_seq_cst);
@@ -17067,7 +17161,10 @@ private:
                 }
             }
             h->client_sleeping.store(0, std::memory_order_relaxed);
+            stats.slept.fetch_add(1, std::memory_order_relaxed);
+            if (os::Clock::now() - asleep > std::chrono::nanoseconds(slow_call_ns)) note_slow_call(c);
         }
+        c.resync_check = resync;
         std::uint32_t kind = h->reply_kind;
         if (kind == 0) return await_socket_reply(c, reply_handles);  // written before reply_seq
         std::uint32_t size = h->reply_size;
@@ -17075,6 +17172,19 @@ private:
         std::string reply(slot_data(c.slot.data()), size);
         if (kind == reply_error) throw_reply_error(reply);
         return reply;
+    }
+
+    /// A call answered only after a long sleep: maybe the sleep-sleep pattern
+    /// of two CPUs; try a resync now and then (exponential backoff on misses).
+    static void note_slow_call(ThreadConn& c) {
+        slot_stats().slow.fetch_add(1, std::memory_order_relaxed);
+        if (c.resync_check) c.resync_backoff = std::min(c.resync_backoff * 2, resync_backoff_max);  // it missed
+        if (c.resync_wait > 0) {
+            --c.resync_wait;
+            return;
+        }
+        c.resync_next = true;
+        c.resync_wait = c.resync_backoff;
     }
 
     const std::uint64_t serial_;

@@ -217,6 +217,11 @@ struct ThreadConn {
     SharedMemory slot;
     std::uint32_t seq = 0;
     std::atomic<std::uint32_t> spin_ns{0};  // how long to wait, awake, for a reply
+    // Resynchronization (server_wire.cpp, slow_call_ns): the next call asks
+    // for one; the call after a resync tells whether it met; slow calls still
+    // to wait before the next attempt; that wait after a miss.
+    bool resync_next = false, resync_check = false;
+    std::uint32_t resync_wait = 0, resync_backoff = 1;
     bool slot_refused = false;
     std::mutex close_mutex;
     /// Closes the connection; by its thread at exit, or by its link when the
@@ -459,22 +464,42 @@ private:
 
     static void ring(SlotHeader* h) {
         h->doorbell.fetch_add(1, std::memory_order_seq_cst);
-        if (h->server_sleeping.load(std::memory_order_seq_cst)) os::futex_wake(&h->doorbell, 1);
+        if (h->server_sleeping.load(std::memory_order_seq_cst)) {
+            slot_stats().woke_server.fetch_add(1, std::memory_order_relaxed);
+            os::futex_wake(&h->doorbell, 1);
+        }
     }
 
     std::string slot_call(ThreadConn& c, std::uint32_t op, const std::string& payload,
                           std::vector<os::handle_t>& reply_handles) {
         SlotHeader* h = slot_header(c.slot.data());
+        SlotStats& stats = slot_stats();
+        stats.calls.fetch_add(1, std::memory_order_relaxed);
         std::memcpy(slot_data(c.slot.data()), payload.data(), payload.size());
         h->request_op = op;
         h->request_size = static_cast<std::uint32_t>(payload.size());
+        const bool resync = c.resync_next;
+        c.resync_next = false;
+        if (resync) {
+            stats.resyncs.fetch_add(1, std::memory_order_relaxed);
+            h->resync_ns.store(resync_ns, std::memory_order_relaxed);  // published by request_seq
+        }
         const std::uint32_t seq = ++c.seq;
         h->request_seq.store(seq, std::memory_order_seq_cst);
         ring(h);
         auto answered = [&] { return h->reply_seq.load(std::memory_order_acquire) == seq; };
-        if (!spin_until(answered, c.spin_ns)) {
+        const bool spun = resync ? spin_for(answered, resync_ns) : spin_until(answered, c.spin_ns);
+        if (spun) {
+            stats.spun.fetch_add(1, std::memory_order_relaxed);
+            if (resync) c.spin_ns.store(spin_max_ns, std::memory_order_relaxed);  // and see the next call
+            if (c.resync_check) {
+                stats.resynced.fetch_add(1, std::memory_order_relaxed);
+                c.resync_backoff = 1;
+            }
+        } else {
             // Asleep on the reply word, in slices: between them, the socket
             // tells whether the server is still there.
+            const auto asleep = os::Clock::now();
             h->client_sleeping.store(1, std::memory_order_seq_cst);
             while (!answered()) {
                 std::uint32_t now = h->reply_seq.load(std::memory_order_seq_cst);
@@ -487,7 +512,10 @@ private:
                 }
             }
             h->client_sleeping.store(0, std::memory_order_relaxed);
+            stats.slept.fetch_add(1, std::memory_order_relaxed);
+            if (os::Clock::now() - asleep > std::chrono::nanoseconds(slow_call_ns)) note_slow_call(c);
         }
+        c.resync_check = resync;
         std::uint32_t kind = h->reply_kind;
         if (kind == 0) return await_socket_reply(c, reply_handles);  // written before reply_seq
         std::uint32_t size = h->reply_size;
@@ -495,6 +523,19 @@ private:
         std::string reply(slot_data(c.slot.data()), size);
         if (kind == reply_error) throw_reply_error(reply);
         return reply;
+    }
+
+    /// A call answered only after a long sleep: maybe the sleep-sleep pattern
+    /// of two CPUs; try a resync now and then (exponential backoff on misses).
+    static void note_slow_call(ThreadConn& c) {
+        slot_stats().slow.fetch_add(1, std::memory_order_relaxed);
+        if (c.resync_check) c.resync_backoff = std::min(c.resync_backoff * 2, resync_backoff_max);  // it missed
+        if (c.resync_wait > 0) {
+            --c.resync_wait;
+            return;
+        }
+        c.resync_next = true;
+        c.resync_wait = c.resync_backoff;
     }
 
     const std::uint64_t serial_;

@@ -506,11 +506,17 @@ private:
     bool serve_slot() {
         SlotHeader* h = slot_header(slot_.data());
         bool any = false;
-        while (spin_until([&] { return h->request_seq.load(std::memory_order_acquire) != last_seq_; }, spin_ns_)) {
+        std::uint32_t hold_ns = 0;  // a client's resync: stay awake this long for its next request
+        for (;;) {
+            auto requested = [&] { return h->request_seq.load(std::memory_order_acquire) != last_seq_; };
+            const bool got = hold_ns ? spin_for(requested, hold_ns) : spin_until(requested, spin_ns_);
+            if (hold_ns && got) spin_ns_.store(spin_max_ns, std::memory_order_relaxed);  // we meet again
+            if (!got) break;
             if (host_.stopping.load()) return false;
             any = true;
             std::uint32_t seq = h->request_seq.load(std::memory_order_acquire);
             last_seq_ = seq;
+            hold_ns = std::min(h->resync_ns.exchange(0, std::memory_order_relaxed), resync_ns);
             std::uint32_t size = h->request_size;
             std::uint32_t op = h->request_op;
             Outcome out;

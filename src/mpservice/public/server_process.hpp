@@ -142,6 +142,17 @@ MPSERVICE_API bool in_server_process() noexcept;
 /// Benchmark hook: whether new thread connections use the shared-memory slot
 /// (default true; false measures the socket-only path).
 MPSERVICE_API void set_fast_path(bool enabled) noexcept;
+/// Benchmark hook: what this process's calls through a slot did so far.
+struct SlotCounters {
+    std::uint64_t calls = 0;        ///< requests through a slot
+    std::uint64_t spun = 0;         ///< answered while the caller spun
+    std::uint64_t slept = 0;        ///< the caller slept for the answer
+    std::uint64_t slow = 0;         ///< ... and it came after more than 20 us (a cross-CPU wake-up)
+    std::uint64_t woke_server = 0;  ///< the request found the server's thread asleep
+    std::uint64_t resyncs = 0;      ///< long spins tried to leave the sleep-sleep pattern
+    std::uint64_t resynced = 0;     ///< ... after which both sides spun again
+};
+MPSERVICE_API SlotCounters slot_counters() noexcept;
 
 // ---- method traits: R (C::*)(P...) [const] [noexcept]
 template <class M>
