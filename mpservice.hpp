@@ -16082,6 +16082,15 @@ using ObjectPtr = std::shared_ptr<HostedObject>;
 /// The references one client process holds (count per object).
 struct Session {
     std::unordered_map<std::uint64_t, long> refs;
+    /// Objects this session took over from tickets and has neither called nor
+    /// released yet (object id -> ticket).  A consumer dies inside a Queue's
+    /// get after it decoded the item but before the queue took it out: the
+    /// item is delivered again, and its ticket must still be good.  So a
+    /// session that ends holding such a reference gives the ticket back
+    /// instead of dropping it.  (A process killed after it received a proxy
+    /// but before it used or dropped it thereby leaves the object in flight
+    /// until the server shuts down, as an encoding never decoded does.)
+    std::unordered_map<std::uint64_t, std::uint64_t> unused_adopted;
 };
 using SessionPtr = std::shared_ptr<Session>;
 
@@ -16110,6 +16119,12 @@ public:
         std::lock_guard<std::mutex> lk(mutex_);
         return find(id).object;
     }
+    /// The object of a call by session `s` (which has now used it).
+    ObjectPtr get_for_call(Session& s, std::uint64_t id) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        if (!s.unused_adopted.empty()) s.unused_adopted.erase(id);
+        return find(id).object;
+    }
     void incref(Session& s, std::uint64_t id) {
         std::lock_guard<std::mutex> lk(mutex_);
         find(id).refs += 1;
@@ -16119,6 +16134,7 @@ public:
         std::lock_guard<std::mutex> lk(mutex_);
         auto it = s.refs.find(id);
         if (it == s.refs.end()) return nullptr;  // not this session's: ignored, as Python ignores decref errors
+        if (!s.unused_adopted.empty()) s.unused_adopted.erase(id);
         n = std::min(n, it->second);
         if ((it->second -= n) == 0) s.refs.erase(it);
         return drop(id, n);
@@ -16151,6 +16167,7 @@ public:
             mark_early(ticket);
         }
         s.refs[id] += 1;
+        s.unused_adopted[id] = ticket;
         return entry.object;
     }
     ObjectPtr drop_ticket(std::uint64_t ticket) {
@@ -16167,8 +16184,17 @@ public:
     std::vector<ObjectPtr> end_session(Session& s) {
         std::vector<ObjectPtr> gone;
         std::lock_guard<std::mutex> lk(mutex_);
+        for (auto& u : s.unused_adopted) {  // back in flight (see Session)
+            auto r = s.refs.find(u.first);
+            if (r == s.refs.end() || r->second <= 0 || tickets_.count(u.second) != 0) continue;
+            if (early_.erase(u.second) != 0) continue;  // decoded again meanwhile: that took a reference of its own
+            r->second -= 1;
+            tickets_[u.second] = u.first;
+        }
+        s.unused_adopted.clear();
         for (auto& r : s.refs)
-            if (auto o = drop(r.first, r.second)) gone.push_back(std::move(o));
+            if (r.second > 0)
+                if (auto o = drop(r.first, r.second)) gone.push_back(std::move(o));
         s.refs.clear();
         return gone;
     }
@@ -16258,7 +16284,7 @@ private:
     std::unordered_set<std::uint64_t> early_;  // tickets adopted or dropped before their MINT
     std::map<std::string, SessionPtr> sessions_;
     std::set<os::handle_t> connections_;
-    std::uint64_t next_id_ = 1, next_ticket_ = 1;
+    std::uint64_t next_id_ = 1;
 };
 
 /// The server of this process, if it is one.
@@ -16329,7 +16355,7 @@ void run_request(Host& host, Session& session, CodeCache& codes, std::uint32_t o
             auto id = d.read<std::uint64_t>();
             InvokerRef c = read_invoker(d);
             auto fn = reinterpret_cast<MethodFn>(reinterpret_cast<std::uintptr_t>(codes.resolve(c)));
-            ObjectPtr o = host.get(id);  // keeps it alive through the call
+            ObjectPtr o = host.get_for_call(session, id);  // keeps it alive through the call
             fn(o->obj.type, o->obj.object, d, e);
             break;
         }
