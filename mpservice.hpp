@@ -7094,6 +7094,7 @@ private:
 // it - never a hang.  A method's exception arrives as it does from a Process:
 // as Remote<E>, with the server's stack at the throw.
 
+#include <any>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -7101,6 +7102,7 @@ private:
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -7185,6 +7187,17 @@ MPSERVICE_API bool in_server_process() noexcept;
 /// Benchmark hook: whether new thread connections use the shared-memory slot
 /// (default true; false measures the socket-only path).
 MPSERVICE_API void set_fast_path(bool enabled) noexcept;
+/// Benchmark hook: what this process's calls through a slot did so far.
+struct SlotCounters {
+    std::uint64_t calls = 0;        ///< requests through a slot
+    std::uint64_t spun = 0;         ///< answered while the caller spun
+    std::uint64_t slept = 0;        ///< the caller slept for the answer
+    std::uint64_t slow = 0;         ///< ... and it came after more than 20 us (a cross-CPU wake-up)
+    std::uint64_t woke_server = 0;  ///< the request found the server's thread asleep
+    std::uint64_t resyncs = 0;      ///< long spins tried to leave the sleep-sleep pattern
+    std::uint64_t resynced = 0;     ///< ... after which both sides spun again
+};
+MPSERVICE_API SlotCounters slot_counters() noexcept;
 
 // ---- method traits: R (C::*)(P...) [const] [noexcept]
 template <class M>
@@ -7605,6 +7618,83 @@ private:
     T v_{};
 };
 
+/// Named values of any types the codec carries, hosted by a server, with its
+/// own lock (server.Namespace(); Python's Manager().Namespace()).  Python's
+/// NamespaceProxy forwards attribute get, set and delete; here they are typed:
+/// Proxy<Namespace>::set(name, v), get<T>(name), erase(name).  Values live in
+/// the server as the T that was set (decoded there: a stored proxy keeps its
+/// object alive, as one in a hosted list does); get<T> of another type than
+/// the one stored is std::invalid_argument naming both, a missing name
+/// std::out_of_range (Python's AttributeError).
+class Namespace {
+public:
+    template <class T>
+    void store(std::string name, T value) {
+        Held old;  // a replaced value is destroyed unlocked (it may hold proxies)
+        std::lock_guard<std::mutex> g(m_);
+        Held& slot = values_[std::move(name)];
+        old = std::move(slot);
+        slot.value = std::move(value);
+        slot.type_name = typeid(T).name();
+    }
+    template <class T>
+    T load(const std::string& name) const {
+        std::lock_guard<std::mutex> g(m_);
+        const Held& h = find(name);
+        const T* v = std::any_cast<T>(&h.value);
+        if (!v) throw_mismatch(name, h.type_name, typeid(T).name());
+        return *v;
+    }
+    bool contains(const std::string& name) const {
+        std::lock_guard<std::mutex> g(m_);
+        return values_.count(name) != 0;
+    }
+    /// Python's `del ns.name`: std::out_of_range if it is not there.
+    void erase(const std::string& name) {
+        Held old;
+        std::lock_guard<std::mutex> g(m_);
+        auto it = values_.find(name);
+        if (it == values_.end()) throw_missing(name);
+        old = std::move(it->second);
+        values_.erase(it);
+    }
+    std::vector<std::string> names() const {
+        std::lock_guard<std::mutex> g(m_);
+        std::vector<std::string> out;
+        for (auto& kv : values_) out.push_back(kv.first);
+        return out;
+    }
+    /// The (readable) type of the value stored under `name`.
+    std::string type_of(const std::string& name) const {
+        std::lock_guard<std::mutex> g(m_);
+        return detail::os::demangle(find(name).type_name);
+    }
+    std::size_t len() const {
+        std::lock_guard<std::mutex> g(m_);
+        return values_.size();
+    }
+
+private:
+    struct Held {
+        std::any value;
+        const char* type_name = "";
+    };
+    const Held& find(const std::string& name) const {
+        auto it = values_.find(name);
+        if (it == values_.end()) throw_missing(name);
+        return it->second;
+    }
+    [[noreturn]] static void throw_missing(const std::string& name) {
+        throw std::out_of_range("namespace has no attribute '" + name + "'");
+    }
+    [[noreturn]] static void throw_mismatch(const std::string& name, const char* held, const char* asked) {
+        throw std::invalid_argument("namespace attribute '" + name + "' holds a " + detail::os::demangle(held) +
+                                    ", not a " + detail::os::demangle(asked));
+    }
+    mutable std::mutex m_;
+    std::map<std::string, Held> values_;
+};
+
 template <class T>
 class Proxy<List<T>> : public ProxyBase<List<T>> {
     using L = List<T>;
@@ -7661,6 +7751,51 @@ public:
     T exchange(const T& v) const { return this->template call<&B::exchange>(v); }
 };
 
+/// A hosted Namespace.  Names starting with '_' are refused: Python keeps
+/// those on the proxy object itself, and a C++ proxy has no attributes of its own.
+template <>
+class Proxy<Namespace> : public ProxyBase<Namespace> {
+    using N = Namespace;
+
+public:
+    using ProxyBase<N>::ProxyBase;
+    /// ns.name = v (a C string is stored as std::string).
+    template <class T>
+    void set(const std::string& name, T&& v) const {
+        using V = detail::server::arg_t<T>;
+        this->template call<&N::template store<V>>(checked(name), V(std::forward<T>(v)));
+    }
+    /// ns.name, as the type it was stored as: std::invalid_argument if it is
+    /// another, std::out_of_range if there is no such name.
+    template <class T>
+    T get(const std::string& name) const {
+        return this->template call<&N::template load<T>>(checked(name));
+    }
+    /// ns.name, or `fallback` if there is no such name (one round trip).
+    template <class T>
+    T get_or(const std::string& name, T fallback) const {
+        try {
+            return get<T>(name);
+        } catch (const std::out_of_range&) {
+            return fallback;
+        }
+    }
+    bool contains(const std::string& name) const { return this->template call<&N::contains>(checked(name)); }
+    /// del ns.name: std::out_of_range if there is no such name.
+    void erase(const std::string& name) const { this->template call<&N::erase>(checked(name)); }
+    std::vector<std::string> names() const { return this->template call<&N::names>(); }
+    std::string type_of(const std::string& name) const { return this->template call<&N::type_of>(checked(name)); }
+    std::size_t len() const { return this->template call<&N::len>(); }
+
+private:
+    static const std::string& checked(const std::string& name) {
+        if (name.empty() || name[0] == '_')
+            throw std::invalid_argument("mpservice: namespace attribute names must not be empty or start with '_' ('" +
+                                        name + "')");
+        return name;
+    }
+};
+
 // ---------------------------------------------------------------- the server process
 
 /// How a ServerProcess is made (all optional).
@@ -7698,6 +7833,8 @@ public:
     Proxy<ValueBox<T>> value(T v = T{}) const {
         return create<ValueBox<T>>(std::move(v));
     }
+    /// A hosted Namespace (Python's Manager().Namespace()).
+    Proxy<mpservice::Namespace> Namespace() const { return create<mpservice::Namespace>(); }
     /// A shared memory block of `size` bytes (> 0), zero-filled.
     Proxy<mpservice::MemoryBlock> MemoryBlock(std::size_t size) const {
         if (size == 0) throw std::invalid_argument("mpservice: MemoryBlock of size 0");
@@ -15920,8 +16057,8 @@ enum Op : std::uint32_t {
     op_hello = 100,
     op_create,
     op_call,
-    op_mint,         // an encoded proxy's ticket: a reference in flight
-    op_adopt,        // a decoded proxy takes over its ticket's reference
+    op_mint,         // no reply: an encoded proxy's ticket (chosen by the client), a reference in flight
+    op_adopt,        // a decoded proxy takes over its ticket's reference (a memory block's memfd comes back)
     op_incref,
     op_decref,       // no reply
     op_drop_ticket,  // no reply
@@ -15949,6 +16086,9 @@ struct SlotHeader {
     std::atomic<std::uint32_t> server_sleeping{0};
     alignas(64) std::atomic<std::uint32_t> reply_seq{0};  // the request the server answered last
     std::atomic<std::uint32_t> client_sleeping{0};  // waiting on reply_seq's futex
+    /// Set by the client with a request: after answering it, the server stays
+    /// awake this long for the next one (a resynchronization, see slot_call).
+    std::atomic<std::uint32_t> resync_ns{0};
     std::uint32_t request_op = 0;
     std::uint32_t request_size = 0;
     std::uint32_t reply_kind = 0;  // reply_ok / reply_error, or 0: the reply is on the socket
@@ -15967,6 +16107,48 @@ inline char* slot_data(void* base) { return static_cast<char*>(base) + slot_data
 /// synchronize.hpp): a trivial call's round trip is ~1-2 us when both sides
 /// run on their own CPUs, and when they cannot (a loaded machine) spinning
 /// turns itself off instead of delaying the partner.
+
+/// When both sides sleep between calls while running on different CPUs, each
+/// call costs two cross-CPU wake-ups (~30 us each on the KVM guests measured,
+/// bench-anchors/RESULTS.md) and the adaptive spins cannot recover: a spin
+/// short enough to be cheap ends before the sleeping partner is even awake,
+/// so both keep finding that spinning does not pay.  A client that sees a
+/// call answered that slowly after sleeping asks for one long spin on both
+/// sides ("resync"): it spins up to resync_ns for the next reply, and the
+/// server stays awake as long for the request after it.  If that meets, both
+/// sides spin again; if not (the other CPU is busy), the next attempt waits
+/// twice as many slow calls, up to resync_backoff_max.
+constexpr std::uint32_t slow_call_ns = 20000;
+constexpr std::uint32_t resync_ns = 80000;
+constexpr std::uint32_t resync_backoff_max = 4096;
+
+/// Counters of the slot path in this process (diagnostics, bench_server).
+struct SlotStats {
+    std::atomic<std::uint64_t> calls{0};       // requests through a slot
+    std::atomic<std::uint64_t> spun{0};        // answered while the client spun
+    std::atomic<std::uint64_t> slept{0};       // the client slept for the answer
+    std::atomic<std::uint64_t> slow{0};        // ... and it took longer than slow_call_ns
+    std::atomic<std::uint64_t> woke_server{0}; // the request found the server asleep
+    std::atomic<std::uint64_t> resyncs{0};     // resynchronizations tried
+    std::atomic<std::uint64_t> resynced{0};    // ... that met
+};
+inline SlotStats& slot_stats() {
+    static SlotStats s;
+    return s;
+}
+
+/// Spins until ready() or `ns` have passed (the fixed spin of a resync).
+template <class Ready>
+bool spin_for(Ready&& ready, std::uint32_t ns) {
+    auto until = os::Clock::now() + std::chrono::nanoseconds(ns);
+    for (;;) {
+        for (int i = 0; i < 32; ++i) {
+            os::cpu_relax();
+            if (ready()) return true;
+        }
+        if (os::Clock::now() >= until) return ready();
+    }
+}
 
 /// How often a sleeping side looks at the socket (its partner's death).
 constexpr std::chrono::milliseconds client_check{20};
@@ -16103,6 +16285,13 @@ void throw_wrong_type(const char* expected_mangled) {
                       " (the proxy's class does not match the hosted object)");
 }
 
+SlotCounters slot_counters() noexcept {
+    SlotStats& s = slot_stats();
+    auto get = [](const std::atomic<std::uint64_t>& a) { return a.load(std::memory_order_relaxed); };
+    return SlotCounters{get(s.calls), get(s.spun), get(s.slept), get(s.slow), get(s.woke_server), get(s.resyncs),
+                        get(s.resynced)};
+}
+
 }  // namespace detail::server
 
 MPSERVICE_REGISTER_EXCEPTION(ServerError);
@@ -16174,6 +16363,15 @@ using ObjectPtr = std::shared_ptr<HostedObject>;
 /// The references one client process holds (count per object).
 struct Session {
     std::unordered_map<std::uint64_t, long> refs;
+    /// Objects this session took over from tickets and has neither called nor
+    /// released yet (object id -> ticket).  A consumer dies inside a Queue's
+    /// get after it decoded the item but before the queue took it out: the
+    /// item is delivered again, and its ticket must still be good.  So a
+    /// session that ends holding such a reference gives the ticket back
+    /// instead of dropping it.  (A process killed after it received a proxy
+    /// but before it used or dropped it thereby leaves the object in flight
+    /// until the server shuts down, as an encoding never decoded does.)
+    std::unordered_map<std::uint64_t, std::uint64_t> unused_adopted;
 };
 using SessionPtr = std::shared_ptr<Session>;
 
@@ -16202,6 +16400,12 @@ public:
         std::lock_guard<std::mutex> lk(mutex_);
         return find(id).object;
     }
+    /// The object of a call by session `s` (which has now used it).
+    ObjectPtr get_for_call(Session& s, std::uint64_t id) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        if (!s.unused_adopted.empty()) s.unused_adopted.erase(id);
+        return find(id).object;
+    }
     void incref(Session& s, std::uint64_t id) {
         std::lock_guard<std::mutex> lk(mutex_);
         find(id).refs += 1;
@@ -16211,33 +16415,49 @@ public:
         std::lock_guard<std::mutex> lk(mutex_);
         auto it = s.refs.find(id);
         if (it == s.refs.end()) return nullptr;  // not this session's: ignored, as Python ignores decref errors
+        if (!s.unused_adopted.empty()) s.unused_adopted.erase(id);
         n = std::min(n, it->second);
         if ((it->second -= n) == 0) s.refs.erase(it);
         return drop(id, n);
     }
-    std::uint64_t mint(std::uint64_t id) {
+    /// An encoded proxy's ticket: a reference in flight.  The ticket is the
+    /// encoding client's choice, and the MINT that announces it is a message
+    /// without a reply on that client's main connection - ahead of its
+    /// releases, so the object is alive when it arrives.  A decoder in another
+    /// process may be quicker than the MINT: its ADOPT (or DROP) then leaves a
+    /// mark that cancels the MINT when it comes.
+    void mint(std::uint64_t id, std::uint64_t ticket) {
         std::lock_guard<std::mutex> lk(mutex_);
-        find(id).refs += 1;
-        std::uint64_t t = next_ticket_++;
-        tickets_[t] = id;
-        return t;
+        if (early_.erase(ticket) != 0) return;
+        auto it = objects_.find(id);
+        if (it == objects_.end() || tickets_.count(ticket) != 0) return;  // garbage: ignored
+        it->second.refs += 1;
+        tickets_[ticket] = id;
     }
     /// The ticket's reference becomes the session's.  A ticket already used
-    /// (the same bytes decoded twice) takes a new reference if the object lives.
-    void adopt(Session& s, std::uint64_t ticket, std::uint64_t id) {
+    /// (the same bytes decoded twice), or not minted yet, takes a new reference
+    /// if the object lives.  Returns the object (a memory block's memfd goes back).
+    ObjectPtr adopt(Session& s, std::uint64_t ticket, std::uint64_t id) {
         std::lock_guard<std::mutex> lk(mutex_);
         auto t = tickets_.find(ticket);
+        Entry& entry = find(id);
         if (t != tickets_.end() && t->second == id) {
             tickets_.erase(t);
         } else {
-            find(id).refs += 1;
+            entry.refs += 1;
+            mark_early(ticket);
         }
         s.refs[id] += 1;
+        s.unused_adopted[id] = ticket;
+        return entry.object;
     }
     ObjectPtr drop_ticket(std::uint64_t ticket) {
         std::lock_guard<std::mutex> lk(mutex_);
         auto t = tickets_.find(ticket);
-        if (t == tickets_.end()) return nullptr;
+        if (t == tickets_.end()) {
+            mark_early(ticket);
+            return nullptr;
+        }
         std::uint64_t id = t->second;
         tickets_.erase(t);
         return drop(id, 1);
@@ -16245,8 +16465,17 @@ public:
     std::vector<ObjectPtr> end_session(Session& s) {
         std::vector<ObjectPtr> gone;
         std::lock_guard<std::mutex> lk(mutex_);
+        for (auto& u : s.unused_adopted) {  // back in flight (see Session)
+            auto r = s.refs.find(u.first);
+            if (r == s.refs.end() || r->second <= 0 || tickets_.count(u.second) != 0) continue;
+            if (early_.erase(u.second) != 0) continue;  // decoded again meanwhile: that took a reference of its own
+            r->second -= 1;
+            tickets_[u.second] = u.first;
+        }
+        s.unused_adopted.clear();
         for (auto& r : s.refs)
-            if (auto o = drop(r.first, r.second)) gone.push_back(std::move(o));
+            if (r.second > 0)
+                if (auto o = drop(r.first, r.second)) gone.push_back(std::move(o));
         s.refs.clear();
         return gone;
     }
@@ -16260,6 +16489,7 @@ public:
         for (auto& o : objects_) all.push_back(std::move(o.second.object));
         objects_.clear();
         tickets_.clear();
+        early_.clear();
         return all;
     }
 
@@ -16314,6 +16544,13 @@ private:
                               " (it was released, or the id is not one of this server's)");
         return it->second;
     }
+    /// A ticket used before its MINT arrived.  A mark that is never cancelled
+    /// (bytes decoded twice, a forged ticket) costs 8 bytes; the set is bounded
+    /// so garbage cannot grow it for ever.
+    void mark_early(std::uint64_t ticket) {
+        if (early_.size() >= (1u << 16)) early_.clear();
+        early_.insert(ticket);
+    }
     ObjectPtr drop(std::uint64_t id, long n) {
         auto it = objects_.find(id);
         if (it == objects_.end()) return nullptr;
@@ -16325,9 +16562,10 @@ private:
     std::mutex mutex_;
     std::unordered_map<std::uint64_t, Entry> objects_;
     std::unordered_map<std::uint64_t, std::uint64_t> tickets_;
+    std::unordered_set<std::uint64_t> early_;  // tickets adopted or dropped before their MINT
     std::map<std::string, SessionPtr> sessions_;
     std::set<os::handle_t> connections_;
-    std::uint64_t next_id_ = 1, next_ticket_ = 1;
+    std::uint64_t next_id_ = 1;
 };
 
 /// The server of this process, if it is one.
@@ -16368,6 +16606,15 @@ private:
     std::map<std::tuple<std::uint64_t, std::uint64_t, std::uint64_t>, const void*> cache_;
 };
 
+/// A memory block's size and memfd, attached to a reply (create, adopt,
+/// block): whoever receives a block's proxy maps it without another round trip.
+void attach_block(Encoder& e, const HostedObject& o, Outcome& out) {
+    const auto& mem = static_cast<MemoryBlock*>(o.obj.object)->memory();
+    e.write(static_cast<std::uint64_t>(mem.size()));
+    e.write(e.attach(mem.handle()));
+    out.keep.push_back(mem);
+}
+
 /// The current thread serves a request: proxies made while encoding its
 /// result are minted by the host directly.
 void run_request(Host& host, Session& session, CodeCache& codes, std::uint32_t op, const std::string& payload,
@@ -16380,31 +16627,30 @@ void run_request(Host& host, Session& session, CodeCache& codes, std::uint32_t o
             auto type = d.read<std::uint64_t>();
             auto fn = reinterpret_cast<CreateFn>(reinterpret_cast<std::uintptr_t>(codes.resolve(c)));
             NewObject obj = fn(d);
-            e.write(host.add(obj, type, session));
+            std::uint64_t id = host.add(obj, type, session);
+            e.write(id);
+            if (obj.type == &TypeTag<MemoryBlock>::tag) attach_block(e, *host.get(id), out);
             break;
         }
         case op_call: {
             auto id = d.read<std::uint64_t>();
             InvokerRef c = read_invoker(d);
             auto fn = reinterpret_cast<MethodFn>(reinterpret_cast<std::uintptr_t>(codes.resolve(c)));
-            ObjectPtr o = host.get(id);  // keeps it alive through the call
+            ObjectPtr o = host.get_for_call(session, id);  // keeps it alive through the call
             fn(o->obj.type, o->obj.object, d, e);
             break;
         }
-        case op_mint: e.write(host.mint(d.read<std::uint64_t>())); break;
         case op_adopt: {
             auto ticket = d.read<std::uint64_t>();
-            host.adopt(session, ticket, d.read<std::uint64_t>());
+            ObjectPtr o = host.adopt(session, ticket, d.read<std::uint64_t>());
+            if (o->obj.type == &TypeTag<MemoryBlock>::tag) attach_block(e, *o, out);
             break;
         }
         case op_incref: host.incref(session, d.read<std::uint64_t>()); break;
         case op_block: {
             ObjectPtr o = host.get(d.read<std::uint64_t>());
             if (o->obj.type != &TypeTag<MemoryBlock>::tag) throw_wrong_type(typeid(MemoryBlock).name());
-            const auto& mem = static_cast<MemoryBlock*>(o->obj.object)->memory();
-            e.write(static_cast<std::uint64_t>(mem.size()));
-            e.write(e.attach(mem.handle()));
-            out.keep.push_back(mem);
+            attach_block(e, *o, out);
             break;
         }
         case op_count:
@@ -16547,6 +16793,12 @@ private:
                 ObjectPtr gone = host_.drop_ticket(d.read<std::uint64_t>());
                 return true;
             }
+            case op_mint: {
+                Decoder d(f.payload);
+                auto id = d.read<std::uint64_t>();
+                host_.mint(id, d.read<std::uint64_t>());
+                return true;
+            }
             case op_slot: {
                 Outcome out;
                 try {
@@ -16581,15 +16833,22 @@ private:
     bool serve_slot() {
         SlotHeader* h = slot_header(slot_.data());
         bool any = false;
-        while (spin_until([&] { return h->request_seq.load(std::memory_order_acquire) != last_seq_; }, spin_ns_)) {
+        std::uint32_t hold_ns = 0;  // a client's resync: stay awake this long for its next request
+        for (;;) {
+            auto requested = [&] { return h->request_seq.load(std::memory_order_acquire) != last_seq_; };
+            const bool got = hold_ns ? spin_for(requested, hold_ns) : spin_until(requested, spin_ns_);
+            if (hold_ns && got) spin_ns_.store(spin_max_ns, std::memory_order_relaxed);  // we meet again
+            if (!got) break;
             if (host_.stopping.load()) return false;
             any = true;
             std::uint32_t seq = h->request_seq.load(std::memory_order_acquire);
             last_seq_ = seq;
+            hold_ns = std::min(h->resync_ns.exchange(0, std::memory_order_relaxed), resync_ns);
             std::uint32_t size = h->request_size;
             std::uint32_t op = h->request_op;
             Outcome out;
-            if (size > slot_capacity || op == op_hello || op == op_slot || op == op_decref || op == op_drop_ticket) {
+            if (size > slot_capacity || op == op_hello || op == op_slot || op == op_decref || op == op_drop_ticket ||
+                op == op_mint) {
                 out.kind = reply_error;
                 Encoder e;
                 encode_exception(e, std::make_exception_ptr(ServerError("mpservice: the server received a garbled slot request")));
@@ -16706,6 +16965,21 @@ namespace server {
 
 // ---------------------------------------------------------------- links
 
+/// Closes the handles a reply brought, whatever happens to the reply.
+struct HandleCloser {
+    std::vector<os::handle_t>& hs;
+    ~HandleCloser() { wire::close_all(hs); }
+};
+
+/// A memory block attached to a reply (server_host's attach_block), mapped.
+SharedMemory read_block(Decoder& d) {
+    auto size = d.read<std::uint64_t>();
+    auto index = d.read<std::uint32_t>();
+    SharedMemory m = SharedMemory::adopt(os::duplicate_handle(d.handle(index)));
+    if (m.size() != size) throw ServerError("mpservice: the memory block's size does not match");
+    return m;
+}
+
 /// One process's side of one server: how requests reach it, and the table of
 /// this process's live references (one Ref per object, shared by its proxies).
 class Link : public std::enable_shared_from_this<Link> {
@@ -16719,6 +16993,11 @@ public:
                                 std::vector<os::handle_t>& reply_handles) = 0;
     /// Sends a message that has no reply (decref, drop ticket); never throws.
     virtual void post(std::uint32_t op, const std::string& payload) noexcept = 0;
+    /// Sends a message that has no reply, in order with this process's releases;
+    /// ServerError if the server is known to be gone.
+    virtual void send_ordered(std::uint32_t op, const std::string& payload) {
+        post(op, payload);
+    }
     /// After this, every request fails with ServerError at once.
     virtual void mark_gone(const std::string& why) noexcept = 0;
     /// A request on the process's main connection, answered after every
@@ -16752,7 +17031,8 @@ public:
         return it == refs_.end() ? nullptr : it->second.lock();
     }
     /// A decoded proxy: takes over its ticket's reference (or gives the ticket
-    /// back when this process holds the object already).
+    /// back when this process holds the object already).  One round trip; a
+    /// memory block's memfd comes with the reply and is mapped at once.
     RefPtr adopt(std::uint64_t id, std::uint64_t ticket, std::uint64_t type) {
         if (RefPtr r = existing(id)) {
             post(op_drop_ticket, bytes_of(ticket));
@@ -16760,7 +17040,9 @@ public:
         }
         Encoder e;
         e(ticket, id);
-        request(op_adopt, e.bytes());
+        std::vector<os::handle_t> hs;
+        std::string reply = request(op_adopt, e.bytes(), {}, hs);
+        HandleCloser closer{hs};
         std::lock_guard<std::mutex> lk(refs_mutex_);
         auto it = refs_.find(id);
         if (it != refs_.end())
@@ -16772,6 +17054,8 @@ public:
         r->link = shared_from_this();
         r->id = id;
         r->type = type;
+        Decoder d(reply.data(), reply.size(), &hs);
+        if (!d.at_end()) r->mapping = read_block(d);
         refs_[id] = r;
         return r;
     }
@@ -16837,6 +17121,9 @@ public:
                 gone = host_.decref(*host_.local, id, static_cast<long>(d.read<std::int64_t>()));
             } else if (op == op_drop_ticket) {
                 gone = host_.drop_ticket(d.read<std::uint64_t>());
+            } else if (op == op_mint) {
+                auto id = d.read<std::uint64_t>();
+                host_.mint(id, d.read<std::uint64_t>());
             }
         } catch (...) {
         }
@@ -16886,6 +17173,11 @@ struct ThreadConn {
     SharedMemory slot;
     std::uint32_t seq = 0;
     std::atomic<std::uint32_t> spin_ns{0};  // how long to wait, awake, for a reply
+    // Resynchronization (server_wire.cpp, slow_call_ns): the next call asks
+    // for one; the call after a resync tells whether it met; slow calls still
+    // to wait before the next attempt; that wait after a miss.
+    bool resync_next = false, resync_check = false;
+    std::uint32_t resync_wait = 0, resync_backoff = 1;
     bool slot_refused = false;
     std::mutex close_mutex;
     /// Closes the connection; by its thread at exit, or by its link when the
@@ -16898,6 +17190,8 @@ struct ThreadConn {
     }
     ~ThreadConn() { close(); }
 };
+
+void forget_link(const std::string& address, const Link* link) noexcept;  // below
 
 class RemoteLink final : public Link {
 public:
@@ -16938,6 +17232,16 @@ public:
         }
     }
 
+    void send_ordered(std::uint32_t op, const std::string& payload) override {
+        ensure_this_process();
+        check_alive();
+        std::lock_guard<std::mutex> lk(main_mutex_);
+        if (main_ == os::invalid_handle || !send_frame(main_, op, payload)) {
+            dead_.store(true);
+            throw ServerError("mpservice: the " + describe() + " is gone; the request did not complete");
+        }
+    }
+
     std::string ordered_request(std::uint32_t op, const std::string& payload) override {
         ensure_this_process();
         check_alive();
@@ -16963,6 +17267,7 @@ public:
         } catch (...) {
         }
         dead_.store(true);
+        forget_link(address, this);  // the caller holds the link: it is not destroyed here
     }
 
 private:
@@ -17115,22 +17420,42 @@ private:
 
     static void ring(SlotHeader* h) {
         h->doorbell.fetch_add(1, std::memory_order_seq_cst);
-        if (h->server_sleeping.load(std::memory_order_seq_cst)) os::futex_wake(&h->doorbell, 1);
+        if (h->server_sleeping.load(std::memory_order_seq_cst)) {
+            slot_stats().woke_server.fetch_add(1, std::memory_order_relaxed);
+            os::futex_wake(&h->doorbell, 1);
+        }
     }
 
     std::string slot_call(ThreadConn& c, std::uint32_t op, const std::string& payload,
                           std::vector<os::handle_t>& reply_handles) {
         SlotHeader* h = slot_header(c.slot.data());
+        SlotStats& stats = slot_stats();
+        stats.calls.fetch_add(1, std::memory_order_relaxed);
         std::memcpy(slot_data(c.slot.data()), payload.data(), payload.size());
         h->request_op = op;
         h->request_size = static_cast<std::uint32_t>(payload.size());
+        const bool resync = c.resync_next;
+        c.resync_next = false;
+        if (resync) {
+            stats.resyncs.fetch_add(1, std::memory_order_relaxed);
+            h->resync_ns.store(resync_ns, std::memory_order_relaxed);  // published by request_seq
+        }
         const std::uint32_t seq = ++c.seq;
         h->request_seq.store(seq, std::memory_order_seq_cst);
         ring(h);
         auto answered = [&] { return h->reply_seq.load(std::memory_order_acquire) == seq; };
-        if (!spin_until(answered, c.spin_ns)) {
+        const bool spun = resync ? spin_for(answered, resync_ns) : spin_until(answered, c.spin_ns);
+        if (spun) {
+            stats.spun.fetch_add(1, std::memory_order_relaxed);
+            if (resync) c.spin_ns.store(spin_max_ns, std::memory_order_relaxed);  // and see the next call
+            if (c.resync_check) {
+                stats.resynced.fetch_add(1, std::memory_order_relaxed);
+                c.resync_backoff = 1;
+            }
+        } else {
             // Asleep on the reply word, in slices: between them, the socket
             // tells whether the server is still there.
+            const auto asleep = os::Clock::now();
             h->client_sleeping.store(1, std::memory_order_seq_cst);
             while (!answered()) {
                 std::uint32_t now = h->reply_seq.load(std::memory_order_seq_cst);
@@ -17143,7 +17468,10 @@ private:
                 }
             }
             h->client_sleeping.store(0, std::memory_order_relaxed);
+            stats.slept.fetch_add(1, std::memory_order_relaxed);
+            if (os::Clock::now() - asleep > std::chrono::nanoseconds(slow_call_ns)) note_slow_call(c);
         }
+        c.resync_check = resync;
         std::uint32_t kind = h->reply_kind;
         if (kind == 0) return await_socket_reply(c, reply_handles);  // written before reply_seq
         std::uint32_t size = h->reply_size;
@@ -17151,6 +17479,19 @@ private:
         std::string reply(slot_data(c.slot.data()), size);
         if (kind == reply_error) throw_reply_error(reply);
         return reply;
+    }
+
+    /// A call answered only after a long sleep: maybe the sleep-sleep pattern
+    /// of two CPUs; try a resync now and then (exponential backoff on misses).
+    static void note_slow_call(ThreadConn& c) {
+        slot_stats().slow.fetch_add(1, std::memory_order_relaxed);
+        if (c.resync_check) c.resync_backoff = std::min(c.resync_backoff * 2, resync_backoff_max);  // it missed
+        if (c.resync_wait > 0) {
+            --c.resync_wait;
+            return;
+        }
+        c.resync_next = true;
+        c.resync_wait = c.resync_backoff;
     }
 
     const std::uint64_t serial_;
@@ -17170,6 +17511,11 @@ private:
 struct Registry {
     std::mutex mutex;
     std::map<std::string, std::weak_ptr<Link>> links;
+    /// Links kept open after their last proxy went, until their server is
+    /// found gone or shut down: a process that receives proxies one at a time
+    /// (from a Queue, say) would otherwise connect, say HELLO and hand over a
+    /// slot for each.  An idle link costs two sockets and a 64 KiB slot.
+    std::map<std::string, std::shared_ptr<Link>> kept;
     std::shared_ptr<Link> local;  // in a server process: its own
 };
 Registry& registry() {
@@ -17181,6 +17527,10 @@ struct LinkInfo {
     std::string address, authkey, name, fingerprint;
     long pid = 0;
 };
+
+/// Set while this thread holds the registry's lock in link_for (a link that
+/// fails to open marks itself gone, and must not take the lock again).
+thread_local bool t_in_link_for = false;
 
 std::shared_ptr<Link> link_for(const LinkInfo& info) {
     Registry& reg = registry();
@@ -17199,9 +17549,29 @@ std::shared_ptr<Link> link_for(const LinkInfo& info) {
     l->server_name = info.name;
     l->server_pid = info.pid;
     l->fingerprint = info.fingerprint;
+    struct Opening {
+        Opening() { t_in_link_for = true; }
+        ~Opening() { t_in_link_for = false; }
+    } opening;
     l->open();
     slot = l;
+    reg.kept[info.address] = l;
     return l;
+}
+
+void forget_link(const std::string& address, const Link* link) noexcept {
+    if (t_in_link_for) return;  // not kept yet
+    std::shared_ptr<Link> last;  // released after the registry's lock
+    try {
+        Registry& reg = registry();
+        std::lock_guard<std::mutex> lk(reg.mutex);
+        auto it = reg.kept.find(address);
+        if (it != reg.kept.end() && it->second.get() == link) {
+            last = std::move(it->second);
+            reg.kept.erase(it);
+        }
+    } catch (...) {
+    }
 }
 
 void install_local_link(Host& host) {
@@ -17242,9 +17612,11 @@ RefPtr create_object(const std::shared_ptr<Link>& link, const void* creator, std
     e.write_bytes(args.bytes().data(), args.bytes().size());
     std::vector<os::handle_t> hs;
     std::string reply = link->request(op_create, e.bytes(), args.handles(), hs);
-    wire::close_all(hs);
-    Decoder d(reply);
-    return link->make_ref(d.read<std::uint64_t>(), type);
+    HandleCloser closer{hs};
+    Decoder d(reply.data(), reply.size(), &hs);
+    RefPtr r = link->make_ref(d.read<std::uint64_t>(), type);
+    if (!d.at_end()) r->mapping = read_block(d);  // a memory block: mapped here at once
+    return r;
 }
 
 std::string call_method(const Ref& ref, const void* method, const Encoder& args, std::vector<os::handle_t>& handles) {
@@ -17256,16 +17628,38 @@ std::string call_method(const Ref& ref, const void* method, const Encoder& args,
     return ref.link->request(op_call, e.bytes(), args.handles(), handles);
 }
 
+/// A ticket no other encoding, in any process, has: a per-process random
+/// start (drawn again in a forked child) and a counter.
+std::atomic<std::uint64_t> g_ticket{0};
+void forget_ticket_seed() { g_ticket.store(0, std::memory_order_relaxed); }
+std::uint64_t new_ticket() {
+    static const bool hooked = [] {
+        os::at_fork_child(&forget_ticket_seed);
+        return true;
+    }();
+    (void)hooked;
+    for (;;) {
+        std::uint64_t t = g_ticket.load(std::memory_order_relaxed);
+        if (t == 0) {
+            std::uint64_t seed = 0;
+            os::random_bytes(reinterpret_cast<unsigned char*>(&seed), sizeof seed);
+            seed |= 1;
+            if (!g_ticket.compare_exchange_strong(t, seed, std::memory_order_relaxed)) continue;
+            t = seed;
+        }
+        if (g_ticket.compare_exchange_weak(t, t + 2, std::memory_order_relaxed)) return t;
+    }
+}
+
 void encode_ref(Encoder& e, const RefPtr& ref) {
     if (!ref) {
         e.write(std::uint8_t(0));
         return;
     }
+    const std::uint64_t ticket = new_ticket();
     Encoder m;
-    m.write(ref->id);
-    std::string reply = ref->link->request(op_mint, m.bytes());
-    Decoder d(reply);
-    auto ticket = d.read<std::uint64_t>();
+    m(ref->id, ticket);
+    ref->link->send_ordered(op_mint, m.bytes());  // no reply: before this process's release of it
     const Link& l = *ref->link;
     e.write(std::uint8_t(1));
     e(proxy_magic, server_protocol, l.address, l.authkey, l.server_name, static_cast<std::int64_t>(l.server_pid),
@@ -17296,21 +17690,14 @@ RefPtr decode_ref(Decoder& d, std::uint64_t type, const char* type_name) {
 
 const SharedMemory& block_mapping(Ref& ref) {
     std::lock_guard<std::mutex> lk(ref.mapping_mutex);
-    if (!ref.mapping) {
+    if (!ref.mapping) {  // a Ref made by create/adopt has it already; this is the fallback
         Encoder e;
         e.write(ref.id);
         std::vector<os::handle_t> hs;
         std::string reply = ref.link->request(op_block, e.bytes(), {}, hs);
-        struct Closer {
-            std::vector<os::handle_t>& hs;
-            ~Closer() { wire::close_all(hs); }
-        } closer{hs};
+        HandleCloser closer{hs};
         Decoder d(reply.data(), reply.size(), &hs);
-        auto size = d.read<std::uint64_t>();
-        auto index = d.read<std::uint32_t>();
-        SharedMemory m = SharedMemory::adopt(os::duplicate_handle(d.handle(index)));
-        if (m.size() != size) throw ServerError("mpservice: the memory block's size does not match");
-        ref.mapping = std::move(m);
+        ref.mapping = read_block(d);
     }
     return ref.mapping;
 }

@@ -5,6 +5,11 @@
 //   server: proxy call round trip       a trivial method (x + x) called back to back from one
 //                                       client thread, per call; anchors: the same calls over the
 //                                       socket alone (no shared-memory slot), Python SyncManager
+//   server: proxy call round trip, client and server pinned to two CPUs
+//                                       the same, with the server and a client thread each pinned
+//                                       to its own CPU: the placement where both sides sleeping
+//                                       costs two cross-CPU wake-ups per call (bench-anchors
+//                                       RESULTS.md: futex ping-pong on 2 CPUs ~60 us)
 //   server: calls/s, 2 clients          two client processes calling at once, total calls/s
 //   server: MemoryBlock create + first use in another process
 //                                       the parent creates a 1 MiB block and queues its proxy; a
@@ -13,8 +18,11 @@
 //   server: MemoryBlock write bandwidth from a child
 //                                       a child copies 64 MiB into a mapped block, GB/s; anchor:
 //                                       memcpy between two private buffers in one process
+#include <cstdio>
 #include <cstring>
 #include <string>
+
+#include <sched.h>
 #include <vector>
 
 #include "harness.hpp"
@@ -68,6 +76,24 @@ double block_writer(mp::Proxy<mp::MemoryBlock> b, int reps) {
     return best;
 }
 
+/// Pins the calling thread (pid 0) or process `pid`'s main thread to one CPU.
+bool pin(long pid, int cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return sched_setaffinity(static_cast<pid_t>(pid), sizeof set, &set) == 0;
+}
+
+/// What the slot calls of this process did (printed, not a figure: bench/run ignores it).
+void print_counters(const char* what) {
+    auto k = mp::detail::server::slot_counters();
+    std::printf("# %s: slot calls %llu, answered while spinning %llu, slept %llu (slow %llu), server woken %llu, "
+                "resyncs %llu (met %llu)\n",
+                what, (unsigned long long)k.calls, (unsigned long long)k.spun, (unsigned long long)k.slept,
+                (unsigned long long)k.slow, (unsigned long long)k.woke_server, (unsigned long long)k.resyncs,
+                (unsigned long long)k.resynced);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -98,6 +124,33 @@ int main(int argc, char** argv) {
         bench::report("server: proxy call round trip", "ours", "mp::Proxy call (slot)", "us", to_us(fast, calls));
         bench::report("server: proxy call round trip", "anchor", "mp::Proxy call, socket only", "us",
                       to_us(socket_only, calls / 4));
+        print_counters("proxy call round trip");
+    }
+    if (bench::wanted("server: proxy call round trip, pinned to two CPUs")) {
+        constexpr int calls = 20000;
+        // The server's accepting thread is pinned first: the thread it starts for
+        // the new client thread's connection inherits the CPU.
+        if (pin(server.pid(), 1)) {
+            auto e = server.create<Echo>();
+            std::vector<double> pinned;
+            mp::Thread t([&] {
+                pin(0, 0);
+                pinned = bench::time_ms(n, [&] {
+                    int sum = 0;
+                    for (int i = 0; i < calls; ++i) sum += e.call<&Echo::twice>(i & 1023);
+                    bench::keep(sum);
+                }, 1);
+            });
+            t.start();
+            t.join();
+            cpu_set_t all;
+            CPU_ZERO(&all);
+            for (int c = 0; c < CPU_SETSIZE; ++c) CPU_SET(c, &all);
+            sched_setaffinity(static_cast<pid_t>(server.pid()), sizeof all, &all);
+            bench::report("server: proxy call round trip, pinned to two CPUs", "ours", "mp::Proxy call (slot), pinned",
+                          "us", to_us(pinned, calls));
+            print_counters("after the pinned calls");
+        }
     }
     if (bench::wanted("server: calls/s, 2 clients")) {
         constexpr int calls = 20000;

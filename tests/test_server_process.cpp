@@ -120,6 +120,37 @@ int child_edits_nested(mp::Proxy<mp::List<int>> l, mp::Proxy<mp::MemoryBlock> b)
 
 std::size_t count_of(const mp::ServerProcess& s) { return s.object_count(); }
 
+int child_uses_namespace(mp::Proxy<mp::Namespace> ns) {
+    ns.set("count", ns.get<int>("count") + 1);
+    auto c = ns.get<mp::Proxy<Counter>>("counter");
+    c.call<&Counter::add>(5);
+    ns.get<mp::Proxy<mp::MemoryBlock>>("block")[1] = 77;
+    ns.set("from_child", "hello");
+    return ns.get<int>("count");
+}
+
+/// Stores a Counter of its own in the shared namespace and a namespace of its
+/// own full of objects, then waits to be killed.
+void child_fills_namespaces(mp::ServerClient server, mp::Proxy<mp::Namespace> shared, mp::Event ready) {
+    shared.set("orphan", server.create<Counter>(7));
+    auto mine = server.Namespace();
+    for (int i = 0; i < 10; ++i) mine.set("c" + std::to_string(i), server.create<Counter>(i));
+    ready.set();
+    std::this_thread::sleep_for(600s);  // until killed
+}
+
+/// Sets a value until a call fails; returns the error's text.
+std::string child_sets_until_error(mp::Proxy<mp::Namespace> ns, mp::Event started) {
+    for (long i = 0;; ++i) {
+        try {
+            ns.set("i", i);
+        } catch (const mp::ServerError& e) {
+            return e.what();
+        }
+        if (i == 10) started.set();
+    }
+}
+
 }  // namespace
 
 TEST_CASE("server: create, call and results with several hosted classes") {
@@ -400,6 +431,97 @@ TEST_CASE("server: hosted list, dict and value") {
     CHECK(count_of(server) == base + 1);
 }
 
+TEST_CASE("server: a hosted Namespace holds named values of any codec type") {
+    mp::ServerProcess server;
+    std::size_t base = count_of(server);
+    auto ns = server.Namespace();
+    ns.set("count", 1);
+    ns.set("name", "abc");  // a C string is stored as std::string
+    ns.set("list", std::vector<double>{1.5, 2.5});
+    ns.set("counter", server.create<Counter>(10));
+    auto block = server.MemoryBlock(16);
+    ns.set("block", block);
+    CHECK(ns.get<int>("count") == 1);
+    CHECK(ns.get<std::string>("name") == "abc");
+    CHECK(ns.get<std::vector<double>>("list") == std::vector<double>{1.5, 2.5});
+    CHECK(ns.names() == std::vector<std::string>{"block", "count", "counter", "list", "name"});
+    CHECK(ns.len() == 5);
+    CHECK(ns.contains("count"));
+    CHECK_FALSE(ns.contains("nothing"));
+    CHECK(ns.type_of("count") == "int");
+    CHECK(ns.get_or<int>("nothing", 9) == 9);
+
+    SUBCASE("a child sees and changes the same values") {
+        mp::Process<int> p(child_uses_namespace, ns);
+        p.start();
+        CHECK(p.result(60s) == 2);
+        CHECK(ns.get<int>("count") == 2);
+        CHECK(ns.get<std::string>("from_child") == "hello");
+        CHECK(ns.get<mp::Proxy<Counter>>("counter").call<&Counter::get>() == 15);
+        CHECK(block[1] == 77);
+    }
+    SUBCASE("errors: a missing name, another type, a reserved name; the namespace still serves") {
+        CHECK_THROWS_AS(ns.get<int>("nothing"), std::out_of_range);
+        CHECK_THROWS_AS(ns.erase("nothing"), std::out_of_range);
+        try {
+            ns.get<double>("count");
+            FAIL("no error");
+        } catch (const std::invalid_argument& e) {
+            CHECK(std::string(e.what()).find("'count' holds a int, not a double") != std::string::npos);
+        }
+        CHECK_THROWS_AS(ns.set("_private", 1), std::invalid_argument);
+        CHECK_THROWS_AS(ns.get<int>(""), std::invalid_argument);
+        CHECK(ns.get<int>("count") == 1);
+    }
+    SUBCASE("stored proxies keep their objects alive until replaced or erased") {
+        CHECK(count_of(server) == base + 3);  // the namespace, the counter, the block
+        block.reset();
+        CHECK(count_of(server) == base + 3);  // the namespace still holds the block
+        ns.erase("block");
+        CHECK(count_of(server) == base + 2);
+        ns.set("counter", 0);  // replaced by a plain value: the Counter goes
+        CHECK(count_of(server) == base + 1);
+        ns.reset();
+        CHECK(count_of(server) == base);
+    }
+}
+
+TEST_CASE("server: Namespace crash paths - a client SIGKILLed, the server SIGKILLed mid-call") {
+    SUBCASE("a SIGKILLed client's references go; what it stored in a shared namespace stays") {
+        mp::ServerProcess server;
+        auto shared = server.Namespace();
+        std::size_t base = count_of(server);
+        mp::Event ready;
+        mp::Process p(child_fills_namespaces, server.client(), shared, ready);
+        p.start();
+        REQUIRE(ready.wait(60s));
+        CHECK(count_of(server) == base + 12);  // orphan, the child's namespace and its 10 counters
+        p.kill();
+        CHECK_THROWS_AS(p.join(), mp::ProcessError);
+        CHECK(forktest::await([&] { return count_of(server) == base + 1; }, 30s));
+        CHECK(shared.get<mp::Proxy<Counter>>("orphan").call<&Counter::get>() == 7);
+        shared.erase("orphan");
+        CHECK(count_of(server) == base);
+    }
+    SUBCASE("the server SIGKILLed while a child calls in a loop: every side gets ServerError naming it") {
+        mp::ServerProcess server(mp::ServerOptions{"ns-server", nullptr, true, 1000ms});
+        auto ns = server.Namespace();
+        mp::Event started;
+        mp::Process<std::string> p(child_sets_until_error, ns, started);
+        p.start();
+        REQUIRE(started.wait(60s));
+        server.process().kill();
+        std::string why = p.result(30s);  // a hang would time out here
+        CHECK(why.find("ns-server") != std::string::npos);
+        try {
+            ns.get<long>("i");
+            FAIL("no error");
+        } catch (const mp::ServerError& e) {
+            CHECK(std::string(e.what()).find("ns-server") != std::string::npos);
+        }
+    }
+}
+
 TEST_CASE("server: its log records reach the parent's handler; shutdown ends it cleanly") {
     std::vector<std::string> seen;
     std::mutex m;
@@ -512,11 +634,11 @@ TEST_CASE("server: bad input is an error to that client alone") {
         mp::Encoder good_call, wrong_identity;
         good_call(c.id(), code.module, code.offset, identity);
         wrong_identity(c.id(), code.module, code.offset, identity ^ 1);
-        mp::Encoder bad_id;
+        mp::Encoder bad_id;  // INCREF (105) of an object that does not exist
         bad_id(std::uint64_t(999999));
         int fd = raw_connect();
         std::string out = frame(100, hello.bytes()) + frame(102, good_call.bytes()) + frame(102, bogus_call.bytes()) +
-                          frame(102, wrong_identity.bytes()) + frame(103, bad_id.bytes()) + frame(102, "xy") +
+                          frame(102, wrong_identity.bytes()) + frame(105, bad_id.bytes()) + frame(102, "xy") +
                           frame(777, "");
         (void)!::write(fd, out.data(), out.size());
         ::shutdown(fd, SHUT_WR);

@@ -8,6 +8,22 @@ namespace server {
 
 // ---------------------------------------------------------------- links
 
+/// Closes the handles a reply brought, whatever happens to the reply.
+struct HandleCloser {
+    std::vector<os::handle_t>& hs;
+    ~HandleCloser() { wire::close_all(hs); }
+};
+
+/// A memory block attached to a reply (server_host's attach_block), mapped.
+SharedMemory read_block(Decoder& d) {
+    auto size = d.read<std::uint64_t>();
+    auto index = d.read<std::uint32_t>();
+    SharedMemory m = SharedMemory::adopt(os::duplicate_handle(d.handle(index)));
+    if (m.size() != size) throw ServerError("mpservice: the memory block's size does not match");
+    return m;
+}
+
+
 /// One process's side of one server: how requests reach it, and the table of
 /// this process's live references (one Ref per object, shared by its proxies).
 class Link : public std::enable_shared_from_this<Link> {
@@ -21,6 +37,11 @@ public:
                                 std::vector<os::handle_t>& reply_handles) = 0;
     /// Sends a message that has no reply (decref, drop ticket); never throws.
     virtual void post(std::uint32_t op, const std::string& payload) noexcept = 0;
+    /// Sends a message that has no reply, in order with this process's releases;
+    /// ServerError if the server is known to be gone.
+    virtual void send_ordered(std::uint32_t op, const std::string& payload) {
+        post(op, payload);
+    }
     /// After this, every request fails with ServerError at once.
     virtual void mark_gone(const std::string& why) noexcept = 0;
     /// A request on the process's main connection, answered after every
@@ -54,7 +75,8 @@ public:
         return it == refs_.end() ? nullptr : it->second.lock();
     }
     /// A decoded proxy: takes over its ticket's reference (or gives the ticket
-    /// back when this process holds the object already).
+    /// back when this process holds the object already).  One round trip; a
+    /// memory block's memfd comes with the reply and is mapped at once.
     RefPtr adopt(std::uint64_t id, std::uint64_t ticket, std::uint64_t type) {
         if (RefPtr r = existing(id)) {
             post(op_drop_ticket, bytes_of(ticket));
@@ -62,7 +84,9 @@ public:
         }
         Encoder e;
         e(ticket, id);
-        request(op_adopt, e.bytes());
+        std::vector<os::handle_t> hs;
+        std::string reply = request(op_adopt, e.bytes(), {}, hs);
+        HandleCloser closer{hs};
         std::lock_guard<std::mutex> lk(refs_mutex_);
         auto it = refs_.find(id);
         if (it != refs_.end())
@@ -74,6 +98,8 @@ public:
         r->link = shared_from_this();
         r->id = id;
         r->type = type;
+        Decoder d(reply.data(), reply.size(), &hs);
+        if (!d.at_end()) r->mapping = read_block(d);
         refs_[id] = r;
         return r;
     }
@@ -139,6 +165,9 @@ public:
                 gone = host_.decref(*host_.local, id, static_cast<long>(d.read<std::int64_t>()));
             } else if (op == op_drop_ticket) {
                 gone = host_.drop_ticket(d.read<std::uint64_t>());
+            } else if (op == op_mint) {
+                auto id = d.read<std::uint64_t>();
+                host_.mint(id, d.read<std::uint64_t>());
             }
         } catch (...) {
         }
@@ -188,6 +217,11 @@ struct ThreadConn {
     SharedMemory slot;
     std::uint32_t seq = 0;
     std::atomic<std::uint32_t> spin_ns{0};  // how long to wait, awake, for a reply
+    // Resynchronization (server_wire.cpp, slow_call_ns): the next call asks
+    // for one; the call after a resync tells whether it met; slow calls still
+    // to wait before the next attempt; that wait after a miss.
+    bool resync_next = false, resync_check = false;
+    std::uint32_t resync_wait = 0, resync_backoff = 1;
     bool slot_refused = false;
     std::mutex close_mutex;
     /// Closes the connection; by its thread at exit, or by its link when the
@@ -200,6 +234,8 @@ struct ThreadConn {
     }
     ~ThreadConn() { close(); }
 };
+
+void forget_link(const std::string& address, const Link* link) noexcept;  // below
 
 class RemoteLink final : public Link {
 public:
@@ -240,6 +276,16 @@ public:
         }
     }
 
+    void send_ordered(std::uint32_t op, const std::string& payload) override {
+        ensure_this_process();
+        check_alive();
+        std::lock_guard<std::mutex> lk(main_mutex_);
+        if (main_ == os::invalid_handle || !send_frame(main_, op, payload)) {
+            dead_.store(true);
+            throw ServerError("mpservice: the " + describe() + " is gone; the request did not complete");
+        }
+    }
+
     std::string ordered_request(std::uint32_t op, const std::string& payload) override {
         ensure_this_process();
         check_alive();
@@ -265,6 +311,7 @@ public:
         } catch (...) {
         }
         dead_.store(true);
+        forget_link(address, this);  // the caller holds the link: it is not destroyed here
     }
 
 private:
@@ -417,22 +464,42 @@ private:
 
     static void ring(SlotHeader* h) {
         h->doorbell.fetch_add(1, std::memory_order_seq_cst);
-        if (h->server_sleeping.load(std::memory_order_seq_cst)) os::futex_wake(&h->doorbell, 1);
+        if (h->server_sleeping.load(std::memory_order_seq_cst)) {
+            slot_stats().woke_server.fetch_add(1, std::memory_order_relaxed);
+            os::futex_wake(&h->doorbell, 1);
+        }
     }
 
     std::string slot_call(ThreadConn& c, std::uint32_t op, const std::string& payload,
                           std::vector<os::handle_t>& reply_handles) {
         SlotHeader* h = slot_header(c.slot.data());
+        SlotStats& stats = slot_stats();
+        stats.calls.fetch_add(1, std::memory_order_relaxed);
         std::memcpy(slot_data(c.slot.data()), payload.data(), payload.size());
         h->request_op = op;
         h->request_size = static_cast<std::uint32_t>(payload.size());
+        const bool resync = c.resync_next;
+        c.resync_next = false;
+        if (resync) {
+            stats.resyncs.fetch_add(1, std::memory_order_relaxed);
+            h->resync_ns.store(resync_ns, std::memory_order_relaxed);  // published by request_seq
+        }
         const std::uint32_t seq = ++c.seq;
         h->request_seq.store(seq, std::memory_order_seq_cst);
         ring(h);
         auto answered = [&] { return h->reply_seq.load(std::memory_order_acquire) == seq; };
-        if (!spin_until(answered, c.spin_ns)) {
+        const bool spun = resync ? spin_for(answered, resync_ns) : spin_until(answered, c.spin_ns);
+        if (spun) {
+            stats.spun.fetch_add(1, std::memory_order_relaxed);
+            if (resync) c.spin_ns.store(spin_max_ns, std::memory_order_relaxed);  // and see the next call
+            if (c.resync_check) {
+                stats.resynced.fetch_add(1, std::memory_order_relaxed);
+                c.resync_backoff = 1;
+            }
+        } else {
             // Asleep on the reply word, in slices: between them, the socket
             // tells whether the server is still there.
+            const auto asleep = os::Clock::now();
             h->client_sleeping.store(1, std::memory_order_seq_cst);
             while (!answered()) {
                 std::uint32_t now = h->reply_seq.load(std::memory_order_seq_cst);
@@ -445,7 +512,10 @@ private:
                 }
             }
             h->client_sleeping.store(0, std::memory_order_relaxed);
+            stats.slept.fetch_add(1, std::memory_order_relaxed);
+            if (os::Clock::now() - asleep > std::chrono::nanoseconds(slow_call_ns)) note_slow_call(c);
         }
+        c.resync_check = resync;
         std::uint32_t kind = h->reply_kind;
         if (kind == 0) return await_socket_reply(c, reply_handles);  // written before reply_seq
         std::uint32_t size = h->reply_size;
@@ -453,6 +523,19 @@ private:
         std::string reply(slot_data(c.slot.data()), size);
         if (kind == reply_error) throw_reply_error(reply);
         return reply;
+    }
+
+    /// A call answered only after a long sleep: maybe the sleep-sleep pattern
+    /// of two CPUs; try a resync now and then (exponential backoff on misses).
+    static void note_slow_call(ThreadConn& c) {
+        slot_stats().slow.fetch_add(1, std::memory_order_relaxed);
+        if (c.resync_check) c.resync_backoff = std::min(c.resync_backoff * 2, resync_backoff_max);  // it missed
+        if (c.resync_wait > 0) {
+            --c.resync_wait;
+            return;
+        }
+        c.resync_next = true;
+        c.resync_wait = c.resync_backoff;
     }
 
     const std::uint64_t serial_;
@@ -472,6 +555,11 @@ private:
 struct Registry {
     std::mutex mutex;
     std::map<std::string, std::weak_ptr<Link>> links;
+    /// Links kept open after their last proxy went, until their server is
+    /// found gone or shut down: a process that receives proxies one at a time
+    /// (from a Queue, say) would otherwise connect, say HELLO and hand over a
+    /// slot for each.  An idle link costs two sockets and a 64 KiB slot.
+    std::map<std::string, std::shared_ptr<Link>> kept;
     std::shared_ptr<Link> local;  // in a server process: its own
 };
 Registry& registry() {
@@ -483,6 +571,10 @@ struct LinkInfo {
     std::string address, authkey, name, fingerprint;
     long pid = 0;
 };
+
+/// Set while this thread holds the registry's lock in link_for (a link that
+/// fails to open marks itself gone, and must not take the lock again).
+thread_local bool t_in_link_for = false;
 
 std::shared_ptr<Link> link_for(const LinkInfo& info) {
     Registry& reg = registry();
@@ -501,9 +593,29 @@ std::shared_ptr<Link> link_for(const LinkInfo& info) {
     l->server_name = info.name;
     l->server_pid = info.pid;
     l->fingerprint = info.fingerprint;
+    struct Opening {
+        Opening() { t_in_link_for = true; }
+        ~Opening() { t_in_link_for = false; }
+    } opening;
     l->open();
     slot = l;
+    reg.kept[info.address] = l;
     return l;
+}
+
+void forget_link(const std::string& address, const Link* link) noexcept {
+    if (t_in_link_for) return;  // not kept yet
+    std::shared_ptr<Link> last;  // released after the registry's lock
+    try {
+        Registry& reg = registry();
+        std::lock_guard<std::mutex> lk(reg.mutex);
+        auto it = reg.kept.find(address);
+        if (it != reg.kept.end() && it->second.get() == link) {
+            last = std::move(it->second);
+            reg.kept.erase(it);
+        }
+    } catch (...) {
+    }
 }
 
 void install_local_link(Host& host) {
@@ -544,9 +656,11 @@ RefPtr create_object(const std::shared_ptr<Link>& link, const void* creator, std
     e.write_bytes(args.bytes().data(), args.bytes().size());
     std::vector<os::handle_t> hs;
     std::string reply = link->request(op_create, e.bytes(), args.handles(), hs);
-    wire::close_all(hs);
-    Decoder d(reply);
-    return link->make_ref(d.read<std::uint64_t>(), type);
+    HandleCloser closer{hs};
+    Decoder d(reply.data(), reply.size(), &hs);
+    RefPtr r = link->make_ref(d.read<std::uint64_t>(), type);
+    if (!d.at_end()) r->mapping = read_block(d);  // a memory block: mapped here at once
+    return r;
 }
 
 std::string call_method(const Ref& ref, const void* method, const Encoder& args, std::vector<os::handle_t>& handles) {
@@ -558,16 +672,38 @@ std::string call_method(const Ref& ref, const void* method, const Encoder& args,
     return ref.link->request(op_call, e.bytes(), args.handles(), handles);
 }
 
+/// A ticket no other encoding, in any process, has: a per-process random
+/// start (drawn again in a forked child) and a counter.
+std::atomic<std::uint64_t> g_ticket{0};
+void forget_ticket_seed() { g_ticket.store(0, std::memory_order_relaxed); }
+std::uint64_t new_ticket() {
+    static const bool hooked = [] {
+        os::at_fork_child(&forget_ticket_seed);
+        return true;
+    }();
+    (void)hooked;
+    for (;;) {
+        std::uint64_t t = g_ticket.load(std::memory_order_relaxed);
+        if (t == 0) {
+            std::uint64_t seed = 0;
+            os::random_bytes(reinterpret_cast<unsigned char*>(&seed), sizeof seed);
+            seed |= 1;
+            if (!g_ticket.compare_exchange_strong(t, seed, std::memory_order_relaxed)) continue;
+            t = seed;
+        }
+        if (g_ticket.compare_exchange_weak(t, t + 2, std::memory_order_relaxed)) return t;
+    }
+}
+
 void encode_ref(Encoder& e, const RefPtr& ref) {
     if (!ref) {
         e.write(std::uint8_t(0));
         return;
     }
+    const std::uint64_t ticket = new_ticket();
     Encoder m;
-    m.write(ref->id);
-    std::string reply = ref->link->request(op_mint, m.bytes());
-    Decoder d(reply);
-    auto ticket = d.read<std::uint64_t>();
+    m(ref->id, ticket);
+    ref->link->send_ordered(op_mint, m.bytes());  // no reply: before this process's release of it
     const Link& l = *ref->link;
     e.write(std::uint8_t(1));
     e(proxy_magic, server_protocol, l.address, l.authkey, l.server_name, static_cast<std::int64_t>(l.server_pid),
@@ -598,21 +734,14 @@ RefPtr decode_ref(Decoder& d, std::uint64_t type, const char* type_name) {
 
 const SharedMemory& block_mapping(Ref& ref) {
     std::lock_guard<std::mutex> lk(ref.mapping_mutex);
-    if (!ref.mapping) {
+    if (!ref.mapping) {  // a Ref made by create/adopt has it already; this is the fallback
         Encoder e;
         e.write(ref.id);
         std::vector<os::handle_t> hs;
         std::string reply = ref.link->request(op_block, e.bytes(), {}, hs);
-        struct Closer {
-            std::vector<os::handle_t>& hs;
-            ~Closer() { wire::close_all(hs); }
-        } closer{hs};
+        HandleCloser closer{hs};
         Decoder d(reply.data(), reply.size(), &hs);
-        auto size = d.read<std::uint64_t>();
-        auto index = d.read<std::uint32_t>();
-        SharedMemory m = SharedMemory::adopt(os::duplicate_handle(d.handle(index)));
-        if (m.size() != size) throw ServerError("mpservice: the memory block's size does not match");
-        ref.mapping = std::move(m);
+        ref.mapping = read_block(d);
     }
     return ref.mapping;
 }

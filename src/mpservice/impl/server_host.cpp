@@ -62,6 +62,15 @@ using ObjectPtr = std::shared_ptr<HostedObject>;
 /// The references one client process holds (count per object).
 struct Session {
     std::unordered_map<std::uint64_t, long> refs;
+    /// Objects this session took over from tickets and has neither called nor
+    /// released yet (object id -> ticket).  A consumer dies inside a Queue's
+    /// get after it decoded the item but before the queue took it out: the
+    /// item is delivered again, and its ticket must still be good.  So a
+    /// session that ends holding such a reference gives the ticket back
+    /// instead of dropping it.  (A process killed after it received a proxy
+    /// but before it used or dropped it thereby leaves the object in flight
+    /// until the server shuts down, as an encoding never decoded does.)
+    std::unordered_map<std::uint64_t, std::uint64_t> unused_adopted;
 };
 using SessionPtr = std::shared_ptr<Session>;
 
@@ -90,6 +99,12 @@ public:
         std::lock_guard<std::mutex> lk(mutex_);
         return find(id).object;
     }
+    /// The object of a call by session `s` (which has now used it).
+    ObjectPtr get_for_call(Session& s, std::uint64_t id) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        if (!s.unused_adopted.empty()) s.unused_adopted.erase(id);
+        return find(id).object;
+    }
     void incref(Session& s, std::uint64_t id) {
         std::lock_guard<std::mutex> lk(mutex_);
         find(id).refs += 1;
@@ -99,33 +114,49 @@ public:
         std::lock_guard<std::mutex> lk(mutex_);
         auto it = s.refs.find(id);
         if (it == s.refs.end()) return nullptr;  // not this session's: ignored, as Python ignores decref errors
+        if (!s.unused_adopted.empty()) s.unused_adopted.erase(id);
         n = std::min(n, it->second);
         if ((it->second -= n) == 0) s.refs.erase(it);
         return drop(id, n);
     }
-    std::uint64_t mint(std::uint64_t id) {
+    /// An encoded proxy's ticket: a reference in flight.  The ticket is the
+    /// encoding client's choice, and the MINT that announces it is a message
+    /// without a reply on that client's main connection - ahead of its
+    /// releases, so the object is alive when it arrives.  A decoder in another
+    /// process may be quicker than the MINT: its ADOPT (or DROP) then leaves a
+    /// mark that cancels the MINT when it comes.
+    void mint(std::uint64_t id, std::uint64_t ticket) {
         std::lock_guard<std::mutex> lk(mutex_);
-        find(id).refs += 1;
-        std::uint64_t t = next_ticket_++;
-        tickets_[t] = id;
-        return t;
+        if (early_.erase(ticket) != 0) return;
+        auto it = objects_.find(id);
+        if (it == objects_.end() || tickets_.count(ticket) != 0) return;  // garbage: ignored
+        it->second.refs += 1;
+        tickets_[ticket] = id;
     }
     /// The ticket's reference becomes the session's.  A ticket already used
-    /// (the same bytes decoded twice) takes a new reference if the object lives.
-    void adopt(Session& s, std::uint64_t ticket, std::uint64_t id) {
+    /// (the same bytes decoded twice), or not minted yet, takes a new reference
+    /// if the object lives.  Returns the object (a memory block's memfd goes back).
+    ObjectPtr adopt(Session& s, std::uint64_t ticket, std::uint64_t id) {
         std::lock_guard<std::mutex> lk(mutex_);
         auto t = tickets_.find(ticket);
+        Entry& entry = find(id);
         if (t != tickets_.end() && t->second == id) {
             tickets_.erase(t);
         } else {
-            find(id).refs += 1;
+            entry.refs += 1;
+            mark_early(ticket);
         }
         s.refs[id] += 1;
+        s.unused_adopted[id] = ticket;
+        return entry.object;
     }
     ObjectPtr drop_ticket(std::uint64_t ticket) {
         std::lock_guard<std::mutex> lk(mutex_);
         auto t = tickets_.find(ticket);
-        if (t == tickets_.end()) return nullptr;
+        if (t == tickets_.end()) {
+            mark_early(ticket);
+            return nullptr;
+        }
         std::uint64_t id = t->second;
         tickets_.erase(t);
         return drop(id, 1);
@@ -133,8 +164,17 @@ public:
     std::vector<ObjectPtr> end_session(Session& s) {
         std::vector<ObjectPtr> gone;
         std::lock_guard<std::mutex> lk(mutex_);
+        for (auto& u : s.unused_adopted) {  // back in flight (see Session)
+            auto r = s.refs.find(u.first);
+            if (r == s.refs.end() || r->second <= 0 || tickets_.count(u.second) != 0) continue;
+            if (early_.erase(u.second) != 0) continue;  // decoded again meanwhile: that took a reference of its own
+            r->second -= 1;
+            tickets_[u.second] = u.first;
+        }
+        s.unused_adopted.clear();
         for (auto& r : s.refs)
-            if (auto o = drop(r.first, r.second)) gone.push_back(std::move(o));
+            if (r.second > 0)
+                if (auto o = drop(r.first, r.second)) gone.push_back(std::move(o));
         s.refs.clear();
         return gone;
     }
@@ -148,6 +188,7 @@ public:
         for (auto& o : objects_) all.push_back(std::move(o.second.object));
         objects_.clear();
         tickets_.clear();
+        early_.clear();
         return all;
     }
 
@@ -202,6 +243,13 @@ private:
                               " (it was released, or the id is not one of this server's)");
         return it->second;
     }
+    /// A ticket used before its MINT arrived.  A mark that is never cancelled
+    /// (bytes decoded twice, a forged ticket) costs 8 bytes; the set is bounded
+    /// so garbage cannot grow it for ever.
+    void mark_early(std::uint64_t ticket) {
+        if (early_.size() >= (1u << 16)) early_.clear();
+        early_.insert(ticket);
+    }
     ObjectPtr drop(std::uint64_t id, long n) {
         auto it = objects_.find(id);
         if (it == objects_.end()) return nullptr;
@@ -213,9 +261,10 @@ private:
     std::mutex mutex_;
     std::unordered_map<std::uint64_t, Entry> objects_;
     std::unordered_map<std::uint64_t, std::uint64_t> tickets_;
+    std::unordered_set<std::uint64_t> early_;  // tickets adopted or dropped before their MINT
     std::map<std::string, SessionPtr> sessions_;
     std::set<os::handle_t> connections_;
-    std::uint64_t next_id_ = 1, next_ticket_ = 1;
+    std::uint64_t next_id_ = 1;
 };
 
 /// The server of this process, if it is one.
@@ -256,6 +305,15 @@ private:
     std::map<std::tuple<std::uint64_t, std::uint64_t, std::uint64_t>, const void*> cache_;
 };
 
+/// A memory block's size and memfd, attached to a reply (create, adopt,
+/// block): whoever receives a block's proxy maps it without another round trip.
+void attach_block(Encoder& e, const HostedObject& o, Outcome& out) {
+    const auto& mem = static_cast<MemoryBlock*>(o.obj.object)->memory();
+    e.write(static_cast<std::uint64_t>(mem.size()));
+    e.write(e.attach(mem.handle()));
+    out.keep.push_back(mem);
+}
+
 /// The current thread serves a request: proxies made while encoding its
 /// result are minted by the host directly.
 void run_request(Host& host, Session& session, CodeCache& codes, std::uint32_t op, const std::string& payload,
@@ -268,31 +326,30 @@ void run_request(Host& host, Session& session, CodeCache& codes, std::uint32_t o
             auto type = d.read<std::uint64_t>();
             auto fn = reinterpret_cast<CreateFn>(reinterpret_cast<std::uintptr_t>(codes.resolve(c)));
             NewObject obj = fn(d);
-            e.write(host.add(obj, type, session));
+            std::uint64_t id = host.add(obj, type, session);
+            e.write(id);
+            if (obj.type == &TypeTag<MemoryBlock>::tag) attach_block(e, *host.get(id), out);
             break;
         }
         case op_call: {
             auto id = d.read<std::uint64_t>();
             InvokerRef c = read_invoker(d);
             auto fn = reinterpret_cast<MethodFn>(reinterpret_cast<std::uintptr_t>(codes.resolve(c)));
-            ObjectPtr o = host.get(id);  // keeps it alive through the call
+            ObjectPtr o = host.get_for_call(session, id);  // keeps it alive through the call
             fn(o->obj.type, o->obj.object, d, e);
             break;
         }
-        case op_mint: e.write(host.mint(d.read<std::uint64_t>())); break;
         case op_adopt: {
             auto ticket = d.read<std::uint64_t>();
-            host.adopt(session, ticket, d.read<std::uint64_t>());
+            ObjectPtr o = host.adopt(session, ticket, d.read<std::uint64_t>());
+            if (o->obj.type == &TypeTag<MemoryBlock>::tag) attach_block(e, *o, out);
             break;
         }
         case op_incref: host.incref(session, d.read<std::uint64_t>()); break;
         case op_block: {
             ObjectPtr o = host.get(d.read<std::uint64_t>());
             if (o->obj.type != &TypeTag<MemoryBlock>::tag) throw_wrong_type(typeid(MemoryBlock).name());
-            const auto& mem = static_cast<MemoryBlock*>(o->obj.object)->memory();
-            e.write(static_cast<std::uint64_t>(mem.size()));
-            e.write(e.attach(mem.handle()));
-            out.keep.push_back(mem);
+            attach_block(e, *o, out);
             break;
         }
         case op_count:
@@ -435,6 +492,12 @@ private:
                 ObjectPtr gone = host_.drop_ticket(d.read<std::uint64_t>());
                 return true;
             }
+            case op_mint: {
+                Decoder d(f.payload);
+                auto id = d.read<std::uint64_t>();
+                host_.mint(id, d.read<std::uint64_t>());
+                return true;
+            }
             case op_slot: {
                 Outcome out;
                 try {
@@ -469,15 +532,22 @@ private:
     bool serve_slot() {
         SlotHeader* h = slot_header(slot_.data());
         bool any = false;
-        while (spin_until([&] { return h->request_seq.load(std::memory_order_acquire) != last_seq_; }, spin_ns_)) {
+        std::uint32_t hold_ns = 0;  // a client's resync: stay awake this long for its next request
+        for (;;) {
+            auto requested = [&] { return h->request_seq.load(std::memory_order_acquire) != last_seq_; };
+            const bool got = hold_ns ? spin_for(requested, hold_ns) : spin_until(requested, spin_ns_);
+            if (hold_ns && got) spin_ns_.store(spin_max_ns, std::memory_order_relaxed);  // we meet again
+            if (!got) break;
             if (host_.stopping.load()) return false;
             any = true;
             std::uint32_t seq = h->request_seq.load(std::memory_order_acquire);
             last_seq_ = seq;
+            hold_ns = std::min(h->resync_ns.exchange(0, std::memory_order_relaxed), resync_ns);
             std::uint32_t size = h->request_size;
             std::uint32_t op = h->request_op;
             Outcome out;
-            if (size > slot_capacity || op == op_hello || op == op_slot || op == op_decref || op == op_drop_ticket) {
+            if (size > slot_capacity || op == op_hello || op == op_slot || op == op_decref || op == op_drop_ticket ||
+                op == op_mint) {
                 out.kind = reply_error;
                 Encoder e;
                 encode_exception(e, std::make_exception_ptr(ServerError("mpservice: the server received a garbled slot request")));

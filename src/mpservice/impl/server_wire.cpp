@@ -46,8 +46,8 @@ enum Op : std::uint32_t {
     op_hello = 100,
     op_create,
     op_call,
-    op_mint,         // an encoded proxy's ticket: a reference in flight
-    op_adopt,        // a decoded proxy takes over its ticket's reference
+    op_mint,         // no reply: an encoded proxy's ticket (chosen by the client), a reference in flight
+    op_adopt,        // a decoded proxy takes over its ticket's reference (a memory block's memfd comes back)
     op_incref,
     op_decref,       // no reply
     op_drop_ticket,  // no reply
@@ -75,6 +75,9 @@ struct SlotHeader {
     std::atomic<std::uint32_t> server_sleeping{0};
     alignas(64) std::atomic<std::uint32_t> reply_seq{0};  // the request the server answered last
     std::atomic<std::uint32_t> client_sleeping{0};  // waiting on reply_seq's futex
+    /// Set by the client with a request: after answering it, the server stays
+    /// awake this long for the next one (a resynchronization, see slot_call).
+    std::atomic<std::uint32_t> resync_ns{0};
     std::uint32_t request_op = 0;
     std::uint32_t request_size = 0;
     std::uint32_t reply_kind = 0;  // reply_ok / reply_error, or 0: the reply is on the socket
@@ -93,6 +96,48 @@ inline char* slot_data(void* base) { return static_cast<char*>(base) + slot_data
 /// synchronize.hpp): a trivial call's round trip is ~1-2 us when both sides
 /// run on their own CPUs, and when they cannot (a loaded machine) spinning
 /// turns itself off instead of delaying the partner.
+
+/// When both sides sleep between calls while running on different CPUs, each
+/// call costs two cross-CPU wake-ups (~30 us each on the KVM guests measured,
+/// bench-anchors/RESULTS.md) and the adaptive spins cannot recover: a spin
+/// short enough to be cheap ends before the sleeping partner is even awake,
+/// so both keep finding that spinning does not pay.  A client that sees a
+/// call answered that slowly after sleeping asks for one long spin on both
+/// sides ("resync"): it spins up to resync_ns for the next reply, and the
+/// server stays awake as long for the request after it.  If that meets, both
+/// sides spin again; if not (the other CPU is busy), the next attempt waits
+/// twice as many slow calls, up to resync_backoff_max.
+constexpr std::uint32_t slow_call_ns = 20000;
+constexpr std::uint32_t resync_ns = 80000;
+constexpr std::uint32_t resync_backoff_max = 4096;
+
+/// Counters of the slot path in this process (diagnostics, bench_server).
+struct SlotStats {
+    std::atomic<std::uint64_t> calls{0};       // requests through a slot
+    std::atomic<std::uint64_t> spun{0};        // answered while the client spun
+    std::atomic<std::uint64_t> slept{0};       // the client slept for the answer
+    std::atomic<std::uint64_t> slow{0};        // ... and it took longer than slow_call_ns
+    std::atomic<std::uint64_t> woke_server{0}; // the request found the server asleep
+    std::atomic<std::uint64_t> resyncs{0};     // resynchronizations tried
+    std::atomic<std::uint64_t> resynced{0};    // ... that met
+};
+inline SlotStats& slot_stats() {
+    static SlotStats s;
+    return s;
+}
+
+/// Spins until ready() or `ns` have passed (the fixed spin of a resync).
+template <class Ready>
+bool spin_for(Ready&& ready, std::uint32_t ns) {
+    auto until = os::Clock::now() + std::chrono::nanoseconds(ns);
+    for (;;) {
+        for (int i = 0; i < 32; ++i) {
+            os::cpu_relax();
+            if (ready()) return true;
+        }
+        if (os::Clock::now() >= until) return ready();
+    }
+}
 
 /// How often a sleeping side looks at the socket (its partner's death).
 constexpr std::chrono::milliseconds client_check{20};
@@ -227,6 +272,13 @@ std::uint64_t type_hash(const char* mangled) noexcept {
 void throw_wrong_type(const char* expected_mangled) {
     throw ServerError("mpservice: the object is not a " + os::demangle(expected_mangled) +
                       " (the proxy's class does not match the hosted object)");
+}
+
+SlotCounters slot_counters() noexcept {
+    SlotStats& s = slot_stats();
+    auto get = [](const std::atomic<std::uint64_t>& a) { return a.load(std::memory_order_relaxed); };
+    return SlotCounters{get(s.calls), get(s.spun), get(s.slept), get(s.slow), get(s.woke_server), get(s.resyncs),
+                        get(s.resynced)};
 }
 
 }  // namespace detail::server

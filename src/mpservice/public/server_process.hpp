@@ -43,6 +43,7 @@
 // as Remote<E>, with the server's stack at the throw.
 #pragma once
 
+#include <any>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -50,6 +51,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -140,6 +142,17 @@ MPSERVICE_API bool in_server_process() noexcept;
 /// Benchmark hook: whether new thread connections use the shared-memory slot
 /// (default true; false measures the socket-only path).
 MPSERVICE_API void set_fast_path(bool enabled) noexcept;
+/// Benchmark hook: what this process's calls through a slot did so far.
+struct SlotCounters {
+    std::uint64_t calls = 0;        ///< requests through a slot
+    std::uint64_t spun = 0;         ///< answered while the caller spun
+    std::uint64_t slept = 0;        ///< the caller slept for the answer
+    std::uint64_t slow = 0;         ///< ... and it came after more than 20 us (a cross-CPU wake-up)
+    std::uint64_t woke_server = 0;  ///< the request found the server's thread asleep
+    std::uint64_t resyncs = 0;      ///< long spins tried to leave the sleep-sleep pattern
+    std::uint64_t resynced = 0;     ///< ... after which both sides spun again
+};
+MPSERVICE_API SlotCounters slot_counters() noexcept;
 
 // ---- method traits: R (C::*)(P...) [const] [noexcept]
 template <class M>
@@ -560,6 +573,83 @@ private:
     T v_{};
 };
 
+/// Named values of any types the codec carries, hosted by a server, with its
+/// own lock (server.Namespace(); Python's Manager().Namespace()).  Python's
+/// NamespaceProxy forwards attribute get, set and delete; here they are typed:
+/// Proxy<Namespace>::set(name, v), get<T>(name), erase(name).  Values live in
+/// the server as the T that was set (decoded there: a stored proxy keeps its
+/// object alive, as one in a hosted list does); get<T> of another type than
+/// the one stored is std::invalid_argument naming both, a missing name
+/// std::out_of_range (Python's AttributeError).
+class Namespace {
+public:
+    template <class T>
+    void store(std::string name, T value) {
+        Held old;  // a replaced value is destroyed unlocked (it may hold proxies)
+        std::lock_guard<std::mutex> g(m_);
+        Held& slot = values_[std::move(name)];
+        old = std::move(slot);
+        slot.value = std::move(value);
+        slot.type_name = typeid(T).name();
+    }
+    template <class T>
+    T load(const std::string& name) const {
+        std::lock_guard<std::mutex> g(m_);
+        const Held& h = find(name);
+        const T* v = std::any_cast<T>(&h.value);
+        if (!v) throw_mismatch(name, h.type_name, typeid(T).name());
+        return *v;
+    }
+    bool contains(const std::string& name) const {
+        std::lock_guard<std::mutex> g(m_);
+        return values_.count(name) != 0;
+    }
+    /// Python's `del ns.name`: std::out_of_range if it is not there.
+    void erase(const std::string& name) {
+        Held old;
+        std::lock_guard<std::mutex> g(m_);
+        auto it = values_.find(name);
+        if (it == values_.end()) throw_missing(name);
+        old = std::move(it->second);
+        values_.erase(it);
+    }
+    std::vector<std::string> names() const {
+        std::lock_guard<std::mutex> g(m_);
+        std::vector<std::string> out;
+        for (auto& kv : values_) out.push_back(kv.first);
+        return out;
+    }
+    /// The (readable) type of the value stored under `name`.
+    std::string type_of(const std::string& name) const {
+        std::lock_guard<std::mutex> g(m_);
+        return detail::os::demangle(find(name).type_name);
+    }
+    std::size_t len() const {
+        std::lock_guard<std::mutex> g(m_);
+        return values_.size();
+    }
+
+private:
+    struct Held {
+        std::any value;
+        const char* type_name = "";
+    };
+    const Held& find(const std::string& name) const {
+        auto it = values_.find(name);
+        if (it == values_.end()) throw_missing(name);
+        return it->second;
+    }
+    [[noreturn]] static void throw_missing(const std::string& name) {
+        throw std::out_of_range("namespace has no attribute '" + name + "'");
+    }
+    [[noreturn]] static void throw_mismatch(const std::string& name, const char* held, const char* asked) {
+        throw std::invalid_argument("namespace attribute '" + name + "' holds a " + detail::os::demangle(held) +
+                                    ", not a " + detail::os::demangle(asked));
+    }
+    mutable std::mutex m_;
+    std::map<std::string, Held> values_;
+};
+
 template <class T>
 class Proxy<List<T>> : public ProxyBase<List<T>> {
     using L = List<T>;
@@ -616,6 +706,51 @@ public:
     T exchange(const T& v) const { return this->template call<&B::exchange>(v); }
 };
 
+/// A hosted Namespace.  Names starting with '_' are refused: Python keeps
+/// those on the proxy object itself, and a C++ proxy has no attributes of its own.
+template <>
+class Proxy<Namespace> : public ProxyBase<Namespace> {
+    using N = Namespace;
+
+public:
+    using ProxyBase<N>::ProxyBase;
+    /// ns.name = v (a C string is stored as std::string).
+    template <class T>
+    void set(const std::string& name, T&& v) const {
+        using V = detail::server::arg_t<T>;
+        this->template call<&N::template store<V>>(checked(name), V(std::forward<T>(v)));
+    }
+    /// ns.name, as the type it was stored as: std::invalid_argument if it is
+    /// another, std::out_of_range if there is no such name.
+    template <class T>
+    T get(const std::string& name) const {
+        return this->template call<&N::template load<T>>(checked(name));
+    }
+    /// ns.name, or `fallback` if there is no such name (one round trip).
+    template <class T>
+    T get_or(const std::string& name, T fallback) const {
+        try {
+            return get<T>(name);
+        } catch (const std::out_of_range&) {
+            return fallback;
+        }
+    }
+    bool contains(const std::string& name) const { return this->template call<&N::contains>(checked(name)); }
+    /// del ns.name: std::out_of_range if there is no such name.
+    void erase(const std::string& name) const { this->template call<&N::erase>(checked(name)); }
+    std::vector<std::string> names() const { return this->template call<&N::names>(); }
+    std::string type_of(const std::string& name) const { return this->template call<&N::type_of>(checked(name)); }
+    std::size_t len() const { return this->template call<&N::len>(); }
+
+private:
+    static const std::string& checked(const std::string& name) {
+        if (name.empty() || name[0] == '_')
+            throw std::invalid_argument("mpservice: namespace attribute names must not be empty or start with '_' ('" +
+                                        name + "')");
+        return name;
+    }
+};
+
 // ---------------------------------------------------------------- the server process
 
 /// How a ServerProcess is made (all optional).
@@ -653,6 +788,8 @@ public:
     Proxy<ValueBox<T>> value(T v = T{}) const {
         return create<ValueBox<T>>(std::move(v));
     }
+    /// A hosted Namespace (Python's Manager().Namespace()).
+    Proxy<mpservice::Namespace> Namespace() const { return create<mpservice::Namespace>(); }
     /// A shared memory block of `size` bytes (> 0), zero-filled.
     Proxy<mpservice::MemoryBlock> MemoryBlock(std::size_t size) const {
         if (size == 0) throw std::invalid_argument("mpservice: MemoryBlock of size 0");
