@@ -3240,6 +3240,29 @@ MPSERVICE_API void test_set_initialized(bool initialized) noexcept;
 MPSERVICE_API long test_fork_server_pid() noexcept;
 MPSERVICE_API void test_set_fork_server_timeout(std::chrono::milliseconds timeout) noexcept;
 
+/// The phases of a start that bench/bench_process.cpp times (see
+/// bench/PERFORMANCE-process.md).  Child phases are recorded by forked
+/// children only (they share the parent's slots); an exec'd child cannot.
+enum class StartPhase : int {
+    start_entered,    ///< parent: ProcessCore::start begins
+    child_made,       ///< parent: fork()/spawn returned the child
+    start_returned,   ///< parent: start() returns
+    child_running,    ///< child: first instruction after fork()
+    task_begins,      ///< child: bootstrap done, the target is called
+    outcome_sent,     ///< child: VALUE/EXCEPTION and END written
+    child_exiting,    ///< child: about to _exit
+    reactor_outcome,  ///< parent's reactor: END read
+    reactor_exit,     ///< parent's reactor: the child's exit seen (pidfd)
+    resolved,         ///< parent's reactor: the Process resolved
+    waiter_woke,      ///< the thread in result()/join(): its wait on the pidfd returned
+    count
+};
+/// Bench hook: every start from now on writes the steady-clock time (ns) of
+/// each StartPhase into slots[phase] (StartPhase::count slots, in memory a
+/// forked child shares, e.g. MAP_SHARED); nullptr stops.  One relaxed load per
+/// phase when off.
+MPSERVICE_API void test_trace_start_phases(std::int64_t* slots) noexcept;
+
 }  // namespace detail
 
 /// A child process running target(args...) and delivering its result like a
@@ -10891,11 +10914,23 @@ void flush_stdio() noexcept {
     std::fflush(nullptr);
 }
 
+std::atomic<std::int64_t*> g_phase_slots{nullptr};
+
+/// Records `phase` when a bench asked for it (test_trace_start_phases).
+inline void trace_phase(StartPhase phase) noexcept {
+    if (std::int64_t* slots = g_phase_slots.load(std::memory_order_relaxed))
+        slots[static_cast<int>(phase)] =
+            std::chrono::duration_cast<std::chrono::nanoseconds>(os::Clock::now().time_since_epoch()).count();
+}
+
 std::string describe(const std::string& name, long pid) {
     return "process '" + name + "' (pid " + std::to_string(pid) + ")";
 }
 
 }  // namespace
+
+void test_trace_start_phases(std::int64_t* slots) noexcept { g_phase_slots.store(slots, std::memory_order_relaxed); }
+
 }  // namespace detail
 }  // namespace mpservice
 // ---- end part: mpservice/impl/process_runtime.cpp
@@ -11390,6 +11425,7 @@ int run_and_report(Run&& run) {
     set_log_forwarder({});  // later records stay here: END is the last frame
     std::string why;
     SendOutcome sent = send_outcome(kind, out, code, why);
+    trace_phase(StartPhase::outcome_sent);
     if (sent == SendOutcome::failed) {
         // Never swallowed: the parent learns why it gets no result.
         encode_error(std::make_exception_ptr(
@@ -11875,6 +11911,7 @@ void Reactor::reap(const std::shared_ptr<ProcessCore>& core, bool block) {
 }
 
 void Reactor::on_pidfd(const std::shared_ptr<ProcessCore>& core) {
+    trace_phase(StartPhase::reactor_exit);
     auto& io = *core->io_;
     if (!io.via_server) {
         reap(core, false);
@@ -11958,6 +11995,7 @@ void Reactor::on_frame(ProcessCore& core, Frame& f) {
             try {
                 Decoder d(f.payload);
                 io.end_code = d.read<std::int32_t>();
+                trace_phase(StartPhase::reactor_outcome);
             } catch (...) {
             }
             break;
@@ -12064,6 +12102,7 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int
     }
     task.reset();  // a forked child's argument copies: released before anyone learns it ended
     core->resolve(error, result_error);
+    trace_phase(StartPhase::resolved);
 }
 
 void at_exit_handler() {
@@ -12205,8 +12244,12 @@ void reset_after_fork_in_child() {
     watch_own_exit();
     set_log_level_from_parent(parent_log_level);
     install_log_forwarding();
-    int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) { task.run_here(out, keep); });
+    int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) {
+        trace_phase(StartPhase::task_begins);
+        task.run_here(out, keep);
+    });
     flush_stdio();
+    trace_phase(StartPhase::child_exiting);
     os::exit_now(code);
 }
 
@@ -12344,6 +12387,7 @@ void abandon_child(ProcessCore& core, Reactor& reactor) noexcept {
 
 void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     if (started() || !task) throw InvalidStateError("mpservice: " + describe(name, pid_) + " was already started");
+    trace_phase(StartPhase::start_entered);
     register_exit_announcement();  // inherited by forked children (see process_child)
     Runtime& r = rt();
     if (method_ != StartMethod::fork) {
@@ -12425,6 +12469,7 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
                 pid = reactor.on_long_lived_thread([&] {
                     long p = os::fork_process();
                     if (p == 0) {
+                        trace_phase(StartPhase::child_running);
                         output.redirect_in_forked_child();
                         run_forked_child(child_end, parent_end, t, name, identity_, parent, level);
                     }
@@ -12442,6 +12487,7 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
         io.channel = os::invalid_handle;
         throw;
     }
+    trace_phase(StartPhase::child_made);
     // A forked child runs on its copy of the arguments; ours stay until it
     // ends (the reactor drops them then), which covers the child taking its
     // own references to the proxies it inherited.
@@ -12470,6 +12516,7 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     // now (a proxy argument must not keep its object alive after the child took
     // it over).  (A forked child's task was kept above, until the child ends.)
     task.reset();
+    trace_phase(StartPhase::start_returned);
 }
 
 bool ProcessCore::wait_until(os::Deadline deadline) const {
@@ -12486,6 +12533,7 @@ bool ProcessCore::wait_until(os::Deadline deadline) const {
             timeout_ms = left <= 0 ? 0 : static_cast<int>(std::min<long long>(left + 1, 1 << 30));
         }
         if (os::wait_readable(&exit_handle, 1, timeout_ms)) {
+            trace_phase(StartPhase::waiter_woke);
             // The child has ended; the reactor, woken by the same event, is
             // draining and resolving right now: wait for it briefly, awake.
             auto until = os::Clock::now() + std::chrono::microseconds(500);

@@ -163,6 +163,7 @@ int run_and_report(Run&& run) {
     set_log_forwarder({});  // later records stay here: END is the last frame
     std::string why;
     SendOutcome sent = send_outcome(kind, out, code, why);
+    trace_phase(StartPhase::outcome_sent);
     if (sent == SendOutcome::failed) {
         // Never swallowed: the parent learns why it gets no result.
         encode_error(std::make_exception_ptr(

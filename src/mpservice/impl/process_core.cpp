@@ -127,6 +127,7 @@ void abandon_child(ProcessCore& core, Reactor& reactor) noexcept {
 
 void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     if (started() || !task) throw InvalidStateError("mpservice: " + describe(name, pid_) + " was already started");
+    trace_phase(StartPhase::start_entered);
     register_exit_announcement();  // inherited by forked children (see process_child)
     Runtime& r = rt();
     if (method_ != StartMethod::fork) {
@@ -208,6 +209,7 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
                 pid = reactor.on_long_lived_thread([&] {
                     long p = os::fork_process();
                     if (p == 0) {
+                        trace_phase(StartPhase::child_running);
                         output.redirect_in_forked_child();
                         run_forked_child(child_end, parent_end, t, name, identity_, parent, level);
                     }
@@ -225,6 +227,7 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
         io.channel = os::invalid_handle;
         throw;
     }
+    trace_phase(StartPhase::child_made);
     // A forked child runs on its copy of the arguments; ours stay until it
     // ends (the reactor drops them then), which covers the child taking its
     // own references to the proxies it inherited.
@@ -253,6 +256,7 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     // now (a proxy argument must not keep its object alive after the child took
     // it over).  (A forked child's task was kept above, until the child ends.)
     task.reset();
+    trace_phase(StartPhase::start_returned);
 }
 
 bool ProcessCore::wait_until(os::Deadline deadline) const {
@@ -269,6 +273,7 @@ bool ProcessCore::wait_until(os::Deadline deadline) const {
             timeout_ms = left <= 0 ? 0 : static_cast<int>(std::min<long long>(left + 1, 1 << 30));
         }
         if (os::wait_readable(&exit_handle, 1, timeout_ms)) {
+            trace_phase(StartPhase::waiter_woke);
             // The child has ended; the reactor, woken by the same event, is
             // draining and resolving right now: wait for it briefly, awake.
             auto until = os::Clock::now() + std::chrono::microseconds(500);

@@ -122,8 +122,12 @@ void reset_after_fork_in_child() {
     watch_own_exit();
     set_log_level_from_parent(parent_log_level);
     install_log_forwarding();
-    int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) { task.run_here(out, keep); });
+    int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) {
+        trace_phase(StartPhase::task_begins);
+        task.run_here(out, keep);
+    });
     flush_stdio();
+    trace_phase(StartPhase::child_exiting);
     os::exit_now(code);
 }
 

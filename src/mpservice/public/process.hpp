@@ -547,6 +547,29 @@ MPSERVICE_API void test_set_initialized(bool initialized) noexcept;
 MPSERVICE_API long test_fork_server_pid() noexcept;
 MPSERVICE_API void test_set_fork_server_timeout(std::chrono::milliseconds timeout) noexcept;
 
+/// The phases of a start that bench/bench_process.cpp times (see
+/// bench/PERFORMANCE-process.md).  Child phases are recorded by forked
+/// children only (they share the parent's slots); an exec'd child cannot.
+enum class StartPhase : int {
+    start_entered,    ///< parent: ProcessCore::start begins
+    child_made,       ///< parent: fork()/spawn returned the child
+    start_returned,   ///< parent: start() returns
+    child_running,    ///< child: first instruction after fork()
+    task_begins,      ///< child: bootstrap done, the target is called
+    outcome_sent,     ///< child: VALUE/EXCEPTION and END written
+    child_exiting,    ///< child: about to _exit
+    reactor_outcome,  ///< parent's reactor: END read
+    reactor_exit,     ///< parent's reactor: the child's exit seen (pidfd)
+    resolved,         ///< parent's reactor: the Process resolved
+    waiter_woke,      ///< the thread in result()/join(): its wait on the pidfd returned
+    count
+};
+/// Bench hook: every start from now on writes the steady-clock time (ns) of
+/// each StartPhase into slots[phase] (StartPhase::count slots, in memory a
+/// forked child shares, e.g. MAP_SHARED); nullptr stops.  One relaxed load per
+/// phase when off.
+MPSERVICE_API void test_trace_start_phases(std::int64_t* slots) noexcept;
+
 
 }  // namespace detail
 
