@@ -11,6 +11,10 @@
 //                                       remote traceback vs the plain-result round trip
 //   process: 10k log records (fork)     records/s from start to join, every record
 //                                       handled (formatted) by the parent
+//   process: warm spawn start->result   mp::Process (spawn, set_warm_start) taking the child
+//                                       exec'd ahead of demand vs the raw re-exec; before
+//                                       each timed run the bench waits (untimed) until the
+//                                       replacement warm child is ready
 //   process: fork phases                where a fork start->result goes: the time of each
 //                                       StartPhase (detail::test_trace_start_phases) after
 //                                       start() was called, median over the runs (no anchor)
@@ -69,6 +73,26 @@ void raw_fork() {
     waitpid(pid, &st, 0);
 }
 
+/// Start->result->join of a spawned Process that takes a warm child; the wait
+/// for the warm child to be ready is outside the timed part.
+std::vector<double> warm_spawn_runs(int reps, int warmup) {
+    std::vector<double> out;
+    for (int i = 0; i < reps + warmup; ++i) {
+        if (i > 0 && !mp::detail::test_warm_child(std::chrono::seconds(10))) std::abort();
+        const auto t0 = std::chrono::steady_clock::now();
+        {
+            mp::Process p(mp::SpawnContext{}, plus_one, 41);
+            p.set_warm_start(true);
+            p.start();
+            if (p.result() != 42) std::abort();
+        }
+        const auto t1 = std::chrono::steady_clock::now();
+        if (i >= warmup) out.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+    }
+    mp::set_warm_spawn(false);  // the waiting child is discarded
+    return out;
+}
+
 /// Times `reps` fork start->result->join runs phase by phase; prints one
 /// figure per phase: microseconds after start() was called.
 void fork_phases(int reps) {
@@ -125,6 +149,15 @@ int main(int argc, char** argv) {
         auto raw = bench::time_ms(n, [&] { raw_reexec(argv[0]); }, 3);
         bench::report("process: spawn start->result", "ours", "mp::Process spawn", "us", to_us(ours));
         bench::report("process: spawn start->result", "anchor", "raw posix_spawn self + waitpid", "us", to_us(raw));
+    }
+    if (bench::wanted("process: warm spawn start->result")) {
+        auto ours = warm_spawn_runs(n, 3);
+        auto raw = bench::time_ms(n, [&] { raw_reexec(argv[0]); }, 3);
+        auto cold = bench::time_ms(n, [] { bench::keep(round_trip_once<mp::SpawnContext>()); }, 3);
+        bench::report("process: warm spawn start->result", "ours", "mp::Process spawn, warm child", "us", ours);
+        bench::report("process: warm spawn start->result", "anchor", "raw posix_spawn self + waitpid", "us",
+                      to_us(raw));
+        bench::report("process: warm spawn start->result", "anchor", "mp::Process spawn, cold", "us", to_us(cold));
     }
     if (bench::wanted("process: forkserver start->result")) {
         auto ours = bench::time_ms(n, [] { bench::keep(round_trip_once<mp::ForkServerContext>()); }, 3);
