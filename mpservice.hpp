@@ -1455,9 +1455,11 @@ MPSERVICE_API void wake_event_signal(handle_t ev) noexcept;
 MPSERVICE_API void wake_event_drain(handle_t ev) noexcept;
 
 /// Starts a fresh instance of this program (/proc/self/exe) with argv
-/// {argv0, marker}; `inherit` is the one handle it inherits (same number).
-/// Returns the child's pid.
-MPSERVICE_API long spawn_self(const std::string& argv0, const std::string& marker, handle_t inherit);
+/// {argv0, marker}; `inherit` is the one handle it inherits (same number);
+/// `environment` ("NAME=value" entries) replaces this process's environment
+/// when given.  Returns the child's pid.
+MPSERVICE_API long spawn_self(const std::string& argv0, const std::string& marker, handle_t inherit,
+                              const std::vector<std::string>* environment = nullptr);
 /// fork(): 0 in the child, the child's pid in the parent; throws on failure.
 /// The child starts with default signal handlers and no blocked signals.
 MPSERVICE_API long fork_process();
@@ -2828,6 +2830,18 @@ MPSERVICE_API int cpu_count();
 MPSERVICE_API void set_output_forwarding(bool forward) noexcept;
 MPSERVICE_API bool output_forwarding() noexcept;
 
+/// Warm spawn (off by default): the default of Process::set_warm_start for
+/// Process objects made from now on.  A spawn start that is warm takes a
+/// child exec'd ahead of demand - bootstrapped and waiting for a task - and
+/// has the next one made at once, so the exec is paid before the start rather
+/// than in it.  The child is used only if the working directory and the
+/// environment are still those it was made with (else the start spawns
+/// afresh); it dies with this process, even by SIGKILL.  false also discards
+/// the waiting child.  Costs nothing until a warm start happens; from then on
+/// one idle child process (and a thread that makes them) exist.
+MPSERVICE_API void set_warm_spawn(bool keep_warm);
+MPSERVICE_API bool warm_spawn() noexcept;
+
 /// A process as current_process() and friends describe it.
 struct ProcessInfo {
     std::string name;  ///< "MainProcess", or the Process's name in a child
@@ -3227,6 +3241,7 @@ public:
     std::vector<os::handle_t> value_handles_;
     std::string identity_;  // "3", or "1:3" in a child: numbers the default name
     bool forward_output_ = output_forwarding();  // Process::set_forward_output
+    bool warm_start_ = warm_spawn();              // Process::set_warm_start
     std::unique_ptr<Io> io_;
 };
 
@@ -3239,6 +3254,32 @@ MPSERVICE_API void test_set_initialized(bool initialized) noexcept;
 /// start() waits for it to make a worker before giving up on it (default 30 s).
 MPSERVICE_API long test_fork_server_pid() noexcept;
 MPSERVICE_API void test_set_fork_server_timeout(std::chrono::milliseconds timeout) noexcept;
+/// Test hook: the pid of the warm spawn child once it is ready (bootstrapped,
+/// waiting for a task), waiting at most `timeout`; 0 if there is none by then.
+MPSERVICE_API long test_warm_child(std::chrono::milliseconds timeout);
+
+/// The phases of a start that bench/bench_process.cpp times (see
+/// bench/PERFORMANCE-process.md).  Child phases are recorded by forked
+/// children only (they share the parent's slots); an exec'd child cannot.
+enum class StartPhase : int {
+    start_entered,    ///< parent: ProcessCore::start begins
+    child_made,       ///< parent: fork()/spawn returned the child
+    start_returned,   ///< parent: start() returns
+    child_running,    ///< child: first instruction after fork()
+    task_begins,      ///< child: bootstrap done, the target is called
+    outcome_sent,     ///< child: VALUE/EXCEPTION and END written
+    child_exiting,    ///< child: about to _exit
+    reactor_outcome,  ///< parent's reactor: END read
+    reactor_exit,     ///< parent's reactor: the child's exit seen (pidfd)
+    resolved,         ///< parent's reactor: the Process resolved
+    waiter_woke,      ///< the thread in result()/join(): its wait on the pidfd returned
+    count
+};
+/// Bench hook: every start from now on writes the steady-clock time (ns) of
+/// each StartPhase into slots[phase] (StartPhase::count slots, in memory a
+/// forked child shares, e.g. MAP_SHARED); nullptr stops.  One relaxed load per
+/// phase when off.
+MPSERVICE_API void test_trace_start_phases(std::int64_t* slots) noexcept;
 
 }  // namespace detail
 
@@ -3357,6 +3398,14 @@ public:
         state().forward_output_ = forward;
     }
     bool forward_output() const { return state().forward_output_; }
+    /// Under the spawn context (before start): take the child exec'd ahead of
+    /// demand if there is a current one, and have the next one made (see
+    /// set_warm_spawn, whose value is the default).  Other contexts ignore it.
+    void set_warm_start(bool warm) {
+        if (state().started()) throw InvalidStateError("mpservice: set_warm_start() after start()");
+        state().warm_start_ = warm;
+    }
+    bool warm_start() const { return state().warm_start_; }
 
 private:
     template <class Ctx>
@@ -8390,7 +8439,14 @@ void wake_event_drain(handle_t ev) noexcept {
     (void)rc;
 }
 
-long spawn_self(const std::string& argv0, const std::string& marker, handle_t inherit) {
+long spawn_self(const std::string& argv0, const std::string& marker, handle_t inherit,
+                const std::vector<std::string>* environment) {
+    std::vector<char*> envp;
+    if (environment) {
+        envp.reserve(environment->size() + 1);
+        for (const std::string& e : *environment) envp.push_back(const_cast<char*>(e.c_str()));
+        envp.push_back(nullptr);
+    }
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
     // dup2 onto itself clears close-on-exec for this one descriptor in the
@@ -8404,14 +8460,40 @@ long spawn_self(const std::string& argv0, const std::string& marker, handle_t in
     posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSIGMASK);
     char* argv[] = {const_cast<char*>(argv0.c_str()), const_cast<char*>(marker.c_str()), nullptr};
     pid_t pid = 0;
-    int rc = ::posix_spawn(&pid, "/proc/self/exe", &fa, &at, argv, environ);
+    int rc = ::posix_spawn(&pid, "/proc/self/exe", &fa, &at, argv, environment ? envp.data() : environ);
     posix_spawn_file_actions_destroy(&fa);
     posix_spawnattr_destroy(&at);
     if (rc != 0) throw std::system_error(rc, std::generic_category(), "mpservice: posix_spawn of /proc/self/exe");
     return static_cast<long>(pid);
 }
 
+namespace {
+/// Calls, once, with harmless arguments, the C library functions that only a
+/// forked child calls.  With lazy binding (the default without -z now) the
+/// first call of each resolves its PLT slot; made in the parent, that happens
+/// once, instead of in every child, where each resolution touches a dozen
+/// pages of symbol tables and writes the GOT: copy-on-write faults of ~3 us
+/// each in a VM (bench/PERFORMANCE-process.md).
+void bind_child_calls() noexcept {
+    struct sigaction old;
+    ::sigaction(SIGKILL, nullptr, &old);
+    sigset_t empty;
+    sigemptyset(&empty);
+#if defined(__linux__)
+    int sig = 0;
+    ::prctl(PR_GET_PDEATHSIG, &sig);
+#endif
+    (void)::getppid();
+    msghdr none{};
+    (void)::sendmsg(-1, &none, MSG_NOSIGNAL);
+    (void)::dup2(-1, -1);
+    (void)::fcntl(-1, F_GETFD);
+}
+}  // namespace
+
 long fork_process() {
+    static const bool bound = (bind_child_calls(), true);
+    (void)bound;
     // Signals are blocked across the fork, so none can reach the child while it
     // still has the parent's handlers (a parent's crash handler running in a
     // half-made child deadlocks it); the child resets them, then unblocks.
@@ -8589,7 +8671,17 @@ void close_handles_except(handle_t keep) noexcept {
         if (fd != keep) ::close(static_cast<int>(fd));
 }
 
-void exit_now(int code) noexcept { ::_exit(code); }
+namespace {
+// Called through a pointer the loader filled in at start-up (a GOT slot), not
+// through a lazily bound PLT slot: a forked child's first _exit() would
+// otherwise resolve the symbol, in every child (see bind_child_calls).
+void (*volatile g_exit_now)(int) = &::_exit;
+}  // namespace
+
+void exit_now(int code) noexcept {
+    g_exit_now(code);
+    __builtin_unreachable();
+}
 
 namespace {
 void (*g_exit_status_hook)(int) noexcept = nullptr;
@@ -10972,7 +11064,8 @@ namespace wire {
 
 enum FrameKind : std::uint32_t { frame_boot = 1, frame_hello, frame_log, frame_value, frame_exception, frame_end };
 constexpr std::uint32_t protocol_version = 1;
-constexpr const char child_marker[] = "--mpservice-child=";
+constexpr const char child_marker[] = "--mpservice-child=";  // then "<fd>:<parent pid>"
+constexpr const char warm_marker_suffix[] = ":w";              // after it: a warm spawn child
 constexpr std::size_t boot_early_limit = 32 * 1024;
 
 struct FrameHeader {
@@ -11163,11 +11256,23 @@ void flush_stdio() noexcept {
     std::fflush(nullptr);
 }
 
+std::atomic<std::int64_t*> g_phase_slots{nullptr};
+
+/// Records `phase` when a bench asked for it (test_trace_start_phases).
+inline void trace_phase(StartPhase phase) noexcept {
+    if (std::int64_t* slots = g_phase_slots.load(std::memory_order_relaxed))
+        slots[static_cast<int>(phase)] =
+            std::chrono::duration_cast<std::chrono::nanoseconds>(os::Clock::now().time_since_epoch()).count();
+}
+
 std::string describe(const std::string& name, long pid) {
     return "process '" + name + "' (pid " + std::to_string(pid) + ")";
 }
 
 }  // namespace
+
+void test_trace_start_phases(std::int64_t* slots) noexcept { g_phase_slots.store(slots, std::memory_order_relaxed); }
+
 }  // namespace detail
 }  // namespace mpservice
 // ---- end part: mpservice/impl/process_runtime.cpp
@@ -11662,6 +11767,7 @@ int run_and_report(Run&& run) {
     set_log_forwarder({});  // later records stay here: END is the last frame
     std::string why;
     SendOutcome sent = send_outcome(kind, out, code, why);
+    trace_phase(StartPhase::outcome_sent);
     if (sent == SendOutcome::failed) {
         // Never swallowed: the parent learns why it gets no result.
         encode_error(std::make_exception_ptr(
@@ -11733,15 +11839,31 @@ void adopt_parent_present(const ParentPresent& p) {
         throw Error("mpservice: the fork-server worker cannot enter the parent's working directory '" + p.cwd + "'");
 }
 
-enum class ChildKind { spawned, forkserver_worker };
+enum class ChildKind {
+    spawned,            ///< exec'd for one start: BOOT is on its way
+    warm_spawned,       ///< exec'd ahead of demand (process_warm.cpp): says HELLO, then waits for BOOT
+    forkserver_worker,  ///< forked by the fork server
+};
 
 /// A spawned child or a fork-server worker: reads BOOT, runs the target, reports, exits.
 [[noreturn]] void run_bootstrapped_child(os::handle_t channel, long expected_parent, ChildKind kind,
                                          std::uint64_t serial = 0) {
     if (!os::die_with_parent(expected_parent)) os::exit_now(1);
-    if (kind == ChildKind::spawned) os::close_handles_except(channel);
+    if (kind != ChildKind::forkserver_worker) os::close_handles_except(channel);
     child_link().channel = channel;
     watch_own_exit();
+    if (kind == ChildKind::warm_spawned) {
+        // The part of the task's checks that does not depend on the task: the
+        // build fingerprint of this executable (read from its file), cached
+        // for the comparison with the one BOOT carries.
+        try {
+            (void)fingerprint_of(std::string());
+        } catch (...) {
+        }
+        Encoder hello;
+        hello(static_cast<std::int64_t>(os::current_pid()), std::uint64_t(0));
+        if (!write_frame(channel, frame_hello, hello.bytes())) os::exit_now(1);
+    }
     if (kind == ChildKind::forkserver_worker) {
         Encoder hello;
         hello(static_cast<std::int64_t>(os::current_pid()), serial);
@@ -12147,6 +12269,7 @@ void Reactor::reap(const std::shared_ptr<ProcessCore>& core, bool block) {
 }
 
 void Reactor::on_pidfd(const std::shared_ptr<ProcessCore>& core) {
+    trace_phase(StartPhase::reactor_exit);
     auto& io = *core->io_;
     if (!io.via_server) {
         reap(core, false);
@@ -12230,6 +12353,7 @@ void Reactor::on_frame(ProcessCore& core, Frame& f) {
             try {
                 Decoder d(f.payload);
                 io.end_code = d.read<std::int32_t>();
+                trace_phase(StartPhase::reactor_outcome);
             } catch (...) {
             }
             break;
@@ -12336,6 +12460,7 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int
     }
     task.reset();  // a forked child's argument copies: released before anyone learns it ended
     core->resolve(error, result_error);
+    trace_phase(StartPhase::resolved);
 }
 
 void at_exit_handler() {
@@ -12467,18 +12592,21 @@ void reset_after_fork_in_child() {
 [[maybe_unused]] const bool g_reset_after_fork_registered = (os::at_fork_child(&reset_after_fork_in_child), true);
 
 [[noreturn]] void run_forked_child(os::handle_t channel, os::handle_t parent_end, ChildTask& task,
-                                   const std::string& name, const std::string& identity, long parent,
-                                   Level parent_log_level) {
+                                   const std::string& name, const std::string& identity,
+                                   const std::string& parent_name, long parent, Level parent_log_level) {
     os::close_handle(parent_end);
-    std::string parent_name = process_name();  // the reset after fork already ran (at_fork_child)
     if (!os::die_with_parent(parent)) os::exit_now(1);
     adopt_child_identity(name, identity, parent_name, parent);
     child_link().channel = channel;
     watch_own_exit();
     set_log_level_from_parent(parent_log_level);
     install_log_forwarding();
-    int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) { task.run_here(out, keep); });
+    int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) {
+        trace_phase(StartPhase::task_begins);
+        task.run_here(out, keep);
+    });
     flush_stdio();
+    trace_phase(StartPhase::child_exiting);
     os::exit_now(code);
 }
 
@@ -12486,6 +12614,332 @@ void reset_after_fork_in_child() {
 }  // namespace detail
 }  // namespace mpservice
 // ---- end part: mpservice/impl/process_fork.cpp
+// ---- begin part: mpservice/impl/process_warm.cpp ----------------------------
+// process_warm: warm spawn - the spawn context keeps one child exec'd ahead
+// of demand, so that a start pays for handing over the task instead of an exec.
+//
+// A warm child is a spawned child whose BOOT has not been written yet: it is
+// made exactly as a cold one (posix_spawn of /proc/self/exe, the marker, the
+// one inherited channel, PR_SET_PDEATHSIG tied to a thread that never ends),
+// runs the library's bootstrap only - the marker checks in init(), the
+// parent-death signal, every other descriptor closed, its own build
+// fingerprint read - says HELLO and blocks reading its channel.  What it is
+// to run arrives with BOOT like any spawned child's task, and goes through the
+// same checks (protocol version, build fingerprints of the target's module).
+//
+// It is used only when it would see what a fresh spawn sees now: the parent's
+// working directory and environment at start() are compared with those it
+// was made with; any difference (a setenv, a chdir since) discards it and the
+// start spawns afresh.  The "warm spawner" thread makes the children (it is
+// their parent thread: it never ends, so their parent-death signal fires only
+// when the process dies) and reaps a warm child that died unused (no zombie
+// stays behind).  A taken child is replaced once it has ended, or after
+// replace_after at the latest: an exec (about a millisecond of CPU) made at
+// the moment of the start would compete with the child just given its task,
+// and with the parent waiting for it, on a machine with few CPUs.  Three children in a row
+// that die before saying HELLO stop it (the starts are then cold).
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <optional>
+#include <thread>
+
+namespace mpservice {
+
+namespace {
+std::atomic<bool> g_warm_spawn{false};
+}  // namespace
+
+namespace detail {
+namespace {
+
+/// A child exec'd ahead of demand, waiting for its BOOT.
+struct WarmChild {
+    long pid = 0;
+    os::handle_t pidfd = os::invalid_handle;
+    os::handle_t channel = os::invalid_handle;  // the parent's end
+    std::string cwd;                            // what it was made with
+    std::vector<std::string> environment;
+    bool ready = false;  // its HELLO has arrived: bootstrapped, blocked on the channel
+};
+
+class WarmSpawner {
+public:
+    /// The spawner of this process, made (with its thread) on first use.
+    static WarmSpawner& get();
+    static WarmSpawner* existing() noexcept { return g_spawner.load(std::memory_order_acquire); }
+    /// In a forked child: the parent's warm child is not ours.
+    static void forget_after_fork() noexcept;
+
+    /// The warm child, if there is one that sees what a fresh spawn would
+    /// see now; asks for the next one either way.
+    std::optional<WarmChild> take();
+    /// Discards the warm child and makes no more until the next take().
+    void stop();
+    /// The warm child's pid once it is ready, waiting up to `timeout`; 0 if none.
+    long wait_ready(std::chrono::milliseconds timeout);
+
+private:
+    WarmSpawner();
+    void loop();
+    /// Spawns a warm child (outside the lock); false if it could not be made.
+    bool make_one(WarmChild& c);
+    /// Kills and reaps children that will not be used (spawner thread).
+    static void finish(std::vector<WarmChild>& dying) noexcept;
+
+    static constexpr int max_failures = 3;
+    static constexpr std::chrono::milliseconds replace_after{20};
+    static std::atomic<WarmSpawner*> g_spawner;
+
+    os::handle_t wake_ = os::invalid_handle;
+    std::mutex mutex_;
+    std::condition_variable ready_cv_;
+    std::optional<WarmChild> child_;
+    std::vector<WarmChild> dying_;  // taken off, to be killed and reaped
+    bool wanted_ = false;
+    int failures_ = 0;
+    // The last child taken (a duplicate of its pidfd): the replacement is
+    // made when it ends or at replace_at_, whichever comes first.
+    os::handle_t taken_ = os::invalid_handle;
+    os::Deadline replace_at_{};  // children in a row that died before HELLO, or spawns that failed
+};
+
+std::atomic<WarmSpawner*> WarmSpawner::g_spawner{nullptr};
+std::mutex* g_spawner_mutex = new std::mutex;
+void* volatile g_abandoned_spawner = nullptr;  // a forked child's copy: kept reachable for leak checkers
+
+WarmSpawner& WarmSpawner::get() {
+    if (WarmSpawner* s = existing()) return *s;
+    std::lock_guard<std::mutex> lk(*g_spawner_mutex);
+    WarmSpawner* s = g_spawner.load(std::memory_order_relaxed);
+    if (!s) {
+        static const bool fork_hook = (os::at_fork_child(&WarmSpawner::forget_after_fork), true);
+        (void)fork_hook;
+        s = new WarmSpawner;  // never deleted: its thread runs until the process ends
+        g_spawner.store(s, std::memory_order_release);
+    }
+    return *s;
+}
+
+void WarmSpawner::forget_after_fork() noexcept {
+    WarmSpawner* s = g_spawner.exchange(nullptr);
+    ::new (g_spawner_mutex) std::mutex();  // the forking thread may have held it
+    if (!s) return;
+    // Single-threaded here: the spawner thread does not exist in this copy.
+    // Its descriptors are closed; the children themselves are the parent's.
+    os::close_handle(s->wake_);
+    os::close_handle(s->taken_);
+    if (s->child_) {
+        os::close_handle(s->child_->pidfd);
+        os::close_handle(s->child_->channel);
+    }
+    for (auto& d : s->dying_) {
+        os::close_handle(d.pidfd);
+        os::close_handle(d.channel);
+    }
+    g_abandoned_spawner = s;
+}
+
+WarmSpawner::WarmSpawner() : wake_(os::wake_event_create()) {
+    // A thread that lives as long as the process: a child's parent-death
+    // signal fires when the thread that made it ends.
+    std::thread([this] { loop(); }).detach();
+}
+
+std::optional<WarmChild> WarmSpawner::take() {
+    std::optional<WarmChild> c;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        wanted_ = true;
+        c.swap(child_);
+        if (c && taken_ == os::invalid_handle) {
+            try {
+                taken_ = os::duplicate_handle(c->pidfd);
+                replace_at_ = os::Clock::now() + replace_after;
+            } catch (...) {
+                // No descriptor to spare: the replacement is made at once.
+            }
+        }
+    }
+    os::wake_event_signal(wake_);
+    if (!c) return std::nullopt;
+    const bool alive = os::wait_readable(&c->pidfd, 1, 0) == 0;
+    // The same working directory and environment as a fresh spawn would get
+    // (an unnameable directory - deleted - never matches).
+    const bool current = alive && !c->cwd.empty() && c->cwd == os::current_directory() &&
+                         c->environment == os::environment_entries();
+    if (current) return c;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        dying_.push_back(std::move(*c));
+    }
+    os::wake_event_signal(wake_);
+    return std::nullopt;
+}
+
+void WarmSpawner::stop() {
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        wanted_ = false;
+        failures_ = 0;
+        os::close_handle(taken_);
+        taken_ = os::invalid_handle;
+        if (child_) dying_.push_back(std::move(*child_));
+        child_.reset();
+    }
+    os::wake_event_signal(wake_);
+}
+
+long WarmSpawner::wait_ready(std::chrono::milliseconds timeout) {
+    std::unique_lock<std::mutex> lk(mutex_);
+    ready_cv_.wait_for(lk, timeout, [&] { return child_ && child_->ready; });
+    return child_ && child_->ready ? child_->pid : 0;
+}
+
+bool WarmSpawner::make_one(WarmChild& c) {
+    c.cwd = os::current_directory();
+    c.environment = os::environment_entries();  // given to the child as they are here
+    os::handle_t mine, theirs;
+    try {
+        os::channel_pair(mine, theirs);
+    } catch (...) {
+        return false;
+    }
+    try {
+        std::string marker = child_marker + std::to_string(theirs) + ":" + std::to_string(os::current_pid()) +
+                             warm_marker_suffix;
+        c.pid = os::spawn_self(rt().argv0, marker, theirs, &c.environment);
+    } catch (...) {
+        os::close_handle(mine);
+        os::close_handle(theirs);
+        return false;
+    }
+    os::close_handle(theirs);
+    c.channel = mine;
+    c.pidfd = os::process_handle(c.pid);
+    if (c.pidfd == os::invalid_handle) {
+        // No pidfd (an old kernel): a warm child could not be watched while it waits.
+        std::vector<WarmChild> one;
+        one.push_back(std::move(c));
+        finish(one);
+        return false;
+    }
+    return true;
+}
+
+void WarmSpawner::finish(std::vector<WarmChild>& dying) noexcept {
+    for (auto& d : dying) {
+        os::send_signal(d.pid, d.pidfd, os::signal_kill());
+        int code;
+        try {
+            os::reap_child(d.pid, d.pidfd, true, &code);  // SIGKILLed: short; ECHILD if SIGCHLD is ignored
+        } catch (...) {
+        }
+        os::close_handle(d.pidfd);
+        os::close_handle(d.channel);
+    }
+    dying.clear();
+}
+
+void WarmSpawner::loop() {
+    for (;;) {
+        try {
+            os::handle_t watch[4] = {wake_, os::invalid_handle, os::invalid_handle, os::invalid_handle};
+            int n = 1;
+            long watched = 0;
+            bool watching_hello = false;
+            int timeout_ms = -1;
+            os::handle_t taken = os::invalid_handle;
+            {
+                std::lock_guard<std::mutex> lk(mutex_);
+                if (taken_ != os::invalid_handle) {
+                    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(replace_at_ - os::Clock::now());
+                    if (left.count() > 0 && wanted_) {
+                        taken = taken_;
+                        timeout_ms = static_cast<int>(left.count()) + 1;
+                    } else {
+                        os::close_handle(taken_);  // due: the replacement is made below
+                        taken_ = os::invalid_handle;
+                    }
+                }
+                if (child_) {
+                    watched = child_->pid;
+                    watch[n++] = child_->pidfd;
+                    if (!child_->ready) {
+                        watch[n++] = child_->channel;
+                        watching_hello = true;
+                    }
+                }
+            }
+            const int taken_slot = taken != os::invalid_handle ? n : -1;
+            if (taken_slot >= 0) watch[n++] = taken;
+            const unsigned ready = os::wait_readable(watch, n, timeout_ms);
+            os::wake_event_drain(wake_);
+            std::vector<WarmChild> dying;
+            bool make = false;
+            {
+                std::lock_guard<std::mutex> lk(mutex_);
+                const bool same = child_ && child_->pid == watched;
+                if (same && (ready & 2u)) {  // died unused
+                    if (!child_->ready) ++failures_;
+                    dying_.push_back(std::move(*child_));
+                    child_.reset();
+                } else if (same && watching_hello && (ready & 4u)) {
+                    // HELLO is there (left unread: the reactor reads and skips it).
+                    child_->ready = true;
+                    failures_ = 0;
+                    ready_cv_.notify_all();
+                }
+                if (taken_slot >= 0 && taken_ == taken && (ready & (1u << taken_slot))) {
+                    os::close_handle(taken_);  // it has ended: replace it now
+                    taken_ = os::invalid_handle;
+                }
+                if (taken_ != os::invalid_handle && os::Clock::now() >= replace_at_) {
+                    os::close_handle(taken_);
+                    taken_ = os::invalid_handle;
+                }
+                dying.swap(dying_);
+                make = wanted_ && !child_ && taken_ == os::invalid_handle && failures_ < max_failures;
+            }
+            finish(dying);
+            if (!make) continue;
+            WarmChild c;
+            const bool made = make_one(c);
+            std::lock_guard<std::mutex> lk(mutex_);
+            if (!made) {
+                ++failures_;
+            } else if (wanted_ && !child_) {
+                child_ = std::move(c);
+            } else {
+                dying_.push_back(std::move(c));  // stopped meanwhile
+                os::wake_event_signal(wake_);
+            }
+        } catch (...) {
+            // Out of memory or descriptors: the starts are cold meanwhile.
+        }
+    }
+}
+
+}  // namespace
+
+long test_warm_child(std::chrono::milliseconds timeout) {
+    WarmSpawner* s = WarmSpawner::existing();
+    return s ? s->wait_ready(timeout) : 0;
+}
+
+}  // namespace detail
+
+void set_warm_spawn(bool keep_warm) {
+    g_warm_spawn.store(keep_warm, std::memory_order_relaxed);
+    if (!keep_warm)
+        if (detail::WarmSpawner* s = detail::WarmSpawner::existing()) s->stop();
+}
+
+bool warm_spawn() noexcept { return g_warm_spawn.load(std::memory_order_relaxed); }
+
+}  // namespace mpservice
+// ---- end part: mpservice/impl/process_warm.cpp
 // ---- begin part: mpservice/impl/process_core.cpp ----------------------------
 // process_core: ProcessCore (start, wait, signals) and the public process
 // functions (init, contexts, cpu_count, current/parent/active processes).
@@ -12616,6 +13070,7 @@ void abandon_child(ProcessCore& core, Reactor& reactor) noexcept {
 
 void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     if (started() || !task) throw InvalidStateError("mpservice: " + describe(name, pid_) + " was already started");
+    trace_phase(StartPhase::start_entered);
     register_exit_announcement();  // inherited by forked children (see process_child)
     Runtime& r = rt();
     if (method_ != StartMethod::fork) {
@@ -12636,14 +13091,23 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     OutputCapture output(reactor.output(), *this, forward_output_);
     if (method_ != StartMethod::fork) boot = boot_payload(*this, *task, output, boot_handles);  // encode errors throw here
 
-    os::handle_t parent_end, child_end;
-    os::channel_pair(parent_end, child_end);
+    // A warm child (process_warm.cpp) comes with its channel; any other start makes one.
+    std::optional<WarmChild> warm;
+    if (method_ == StartMethod::spawn && warm_start_) warm = WarmSpawner::get().take();
+    os::handle_t parent_end, child_end = os::invalid_handle;
+    if (warm) parent_end = warm->channel;
+    else os::channel_pair(parent_end, child_end);
     io.channel = parent_end;
     long pid = 0;
     bool boot_sent = false;
     try {
         switch (method_) {
             case StartMethod::spawn: {
+                if (warm) {
+                    pid = warm->pid;
+                    io.pidfd = warm->pidfd;
+                    break;
+                }
                 std::string marker = child_marker + std::to_string(child_end) + ":" + std::to_string(os::current_pid());
                 pid = reactor.on_long_lived_thread([&] { return os::spawn_self(r.argv0, marker, child_end); });
                 os::close_handle(child_end);
@@ -12691,14 +13155,17 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
             }
             case StartMethod::fork: {
                 flush_stdio();  // or the child would write the parent's buffered output again
+                child_link();   // made here, once: in the child its first use would allocate (page faults)
                 long parent = os::current_pid();
                 Level level = log_level();  // read here: the child must not take the logging lock
+                std::string parent_name = process_name();  // read here: in the child its first use allocates
                 ChildTask& t = *task;
                 pid = reactor.on_long_lived_thread([&] {
                     long p = os::fork_process();
                     if (p == 0) {
+                        trace_phase(StartPhase::child_running);
                         output.redirect_in_forked_child();
-                        run_forked_child(child_end, parent_end, t, name, identity_, parent, level);
+                        run_forked_child(child_end, parent_end, t, name, identity_, parent_name, parent, level);
                     }
                     return p;
                 });
@@ -12714,6 +13181,7 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
         io.channel = os::invalid_handle;
         throw;
     }
+    trace_phase(StartPhase::child_made);
     // A forked child runs on its copy of the arguments; ours stay until it
     // ends (the reactor drops them then), which covers the child taking its
     // own references to the proxies it inherited.
@@ -12742,6 +13210,7 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     // now (a proxy argument must not keep its object alive after the child took
     // it over).  (A forked child's task was kept above, until the child ends.)
     task.reset();
+    trace_phase(StartPhase::start_returned);
 }
 
 bool ProcessCore::wait_until(os::Deadline deadline) const {
@@ -12758,6 +13227,7 @@ bool ProcessCore::wait_until(os::Deadline deadline) const {
             timeout_ms = left <= 0 ? 0 : static_cast<int>(std::min<long long>(left + 1, 1 << 30));
         }
         if (os::wait_readable(&exit_handle, 1, timeout_ms)) {
+            trace_phase(StartPhase::waiter_woke);
             // The child has ended; the reactor, woken by the same event, is
             // draining and resolving right now: wait for it briefly, awake.
             auto until = os::Clock::now() + std::chrono::microseconds(500);
@@ -12846,8 +13316,14 @@ void enter_child_mode_if_marked(int argc, char** argv) {
     if (argc < 2 || !argv[1] || std::strncmp(argv[1], child_marker, marker_len) != 0) return;
     const char* p = argv[1] + marker_len;
     long fd = -1, parent = -1;
-    if (!parse_number(p, fd) || *p++ != ':' || !parse_number(p, parent) || *p != '\0')
+    bool warm = false;  // ":w": exec'd ahead of demand (a warm spawn child)
+    if (!parse_number(p, fd) || *p++ != ':' || !parse_number(p, parent))
         refuse_child_mode("malformed marker '" + std::string(argv[1]) + "'");
+    if (std::strcmp(p, warm_marker_suffix) == 0) {
+        warm = true;
+        p += sizeof warm_marker_suffix - 1;
+    }
+    if (*p != '\0') refuse_child_mode("malformed marker '" + std::string(argv[1]) + "'");
     if (os::secure_execution())
         refuse_child_mode("the program runs in secure-execution mode (set-user-ID, set-group-ID or capabilities)");
     // Our parent died before we got here (we were re-parented): nobody is left
@@ -12864,7 +13340,7 @@ void enter_child_mode_if_marked(int argc, char** argv) {
                           std::to_string(parent) + ")");
     if (!os::is_own_user(peer_uid))
         refuse_child_mode("the channel was made by user " + std::to_string(peer_uid) + ", not by this process's user");
-    run_bootstrapped_child(static_cast<os::handle_t>(fd), parent, ChildKind::spawned);
+    run_bootstrapped_child(static_cast<os::handle_t>(fd), parent, warm ? ChildKind::warm_spawned : ChildKind::spawned);
 }
 }  // namespace
 }  // namespace detail

@@ -11,7 +11,15 @@
 //                                       remote traceback vs the plain-result round trip
 //   process: 10k log records (fork)     records/s from start to join, every record
 //                                       handled (formatted) by the parent
+//   process: warm spawn start->result   mp::Process (spawn, set_warm_start) taking the child
+//                                       exec'd ahead of demand vs the raw re-exec; before
+//                                       each timed run the bench waits (untimed) until the
+//                                       replacement warm child is ready
+//   process: fork phases                where a fork start->result goes: the time of each
+//                                       StartPhase (detail::test_trace_start_phases) after
+//                                       start() was called, median over the runs (no anchor)
 #include <spawn.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -65,6 +73,70 @@ void raw_fork() {
     waitpid(pid, &st, 0);
 }
 
+/// Start->result->join of a spawned Process that takes a warm child; the wait
+/// for the warm child to be ready is outside the timed part.
+std::vector<double> warm_spawn_runs(int reps, int warmup) {
+    std::vector<double> out;
+    for (int i = 0; i < reps + warmup; ++i) {
+        if (i > 0 && !mp::detail::test_warm_child(std::chrono::seconds(10))) std::abort();
+        const auto t0 = std::chrono::steady_clock::now();
+        {
+            mp::Process p(mp::SpawnContext{}, plus_one, 41);
+            p.set_warm_start(true);
+            p.start();
+            if (p.result() != 42) std::abort();
+        }
+        const auto t1 = std::chrono::steady_clock::now();
+        if (i >= warmup) out.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+    }
+    mp::set_warm_spawn(false);  // the waiting child is discarded
+    return out;
+}
+
+/// Times `reps` fork start->result->join runs phase by phase; prints one
+/// figure per phase: microseconds after start() was called.
+void fork_phases(int reps) {
+    using Phase = mp::detail::StartPhase;
+    constexpr int count = static_cast<int>(Phase::count);
+    constexpr int result_returned = count, joined = count + 1;  // measured here, not in the library
+    static const char* const names[] = {"start entered", "fork returned (parent)", "start returned",
+                                        "child running", "child: task begins", "child: outcome sent",
+                                        "child: about to _exit", "reactor: END read", "reactor: exit seen",
+                                        "reactor: resolved", "waiter woke", "result() returned",
+                                        "joined (Process destroyed)"};
+    void* mem = mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) std::abort();
+    auto* slots = static_cast<std::int64_t*>(mem);
+    std::vector<std::vector<double>> at(count + 2);
+    auto now_ns = [] {
+        return std::chrono::duration_cast<std::chrono::nanoseconds>(
+                   std::chrono::steady_clock::now().time_since_epoch()).count();
+    };
+    for (int i = 0; i < reps + 3; ++i) {
+        std::fill(slots, slots + count, 0);
+        mp::detail::test_trace_start_phases(slots);
+        std::int64_t t0 = now_ns(), t_result = 0;
+        {
+            mp::Process p(mp::ForkContext{}, plus_one, 41);
+            p.start();
+            if (p.result() != 42) std::abort();
+            t_result = now_ns();
+        }
+        std::int64_t t_joined = now_ns();
+        mp::detail::test_trace_start_phases(nullptr);
+        if (i < 3) continue;  // warm-up
+        for (int k = 0; k < count; ++k)
+            if (slots[k]) at[k].push_back((slots[k] - t0) / 1e3);
+        at[result_returned].push_back((t_result - t0) / 1e3);
+        at[joined].push_back((t_joined - t0) / 1e3);
+    }
+    munmap(mem, 4096);
+    for (int k = 0; k < count + 2; ++k)
+        if (!at[k].empty())
+            bench::report(std::string("process: fork phases: ") + (k < 10 ? "0" : "") + std::to_string(k) + " " +
+                              names[k], "ours", "us after start()", "us", at[k]);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -78,6 +150,15 @@ int main(int argc, char** argv) {
         bench::report("process: spawn start->result", "ours", "mp::Process spawn", "us", to_us(ours));
         bench::report("process: spawn start->result", "anchor", "raw posix_spawn self + waitpid", "us", to_us(raw));
     }
+    if (bench::wanted("process: warm spawn start->result")) {
+        auto ours = warm_spawn_runs(n, 3);
+        auto raw = bench::time_ms(n, [&] { raw_reexec(argv[0]); }, 3);
+        auto cold = bench::time_ms(n, [] { bench::keep(round_trip_once<mp::SpawnContext>()); }, 3);
+        bench::report("process: warm spawn start->result", "ours", "mp::Process spawn, warm child", "us", ours);
+        bench::report("process: warm spawn start->result", "anchor", "raw posix_spawn self + waitpid", "us",
+                      to_us(raw));
+        bench::report("process: warm spawn start->result", "anchor", "mp::Process spawn, cold", "us", to_us(cold));
+    }
     if (bench::wanted("process: forkserver start->result")) {
         auto ours = bench::time_ms(n, [] { bench::keep(round_trip_once<mp::ForkServerContext>()); }, 3);
         auto raw = bench::time_ms(n, raw_fork, 3);
@@ -90,6 +171,7 @@ int main(int argc, char** argv) {
         bench::report("process: fork start->result", "ours", "mp::Process fork", "us", to_us(ours));
         bench::report("process: fork start->result", "anchor", "raw fork+_exit+waitpid", "us", to_us(raw));
     }
+    if (bench::wanted("process: fork phases")) fork_phases(n);
     if (bench::wanted("process: exception round trip")) {
         std::size_t tb_len = 0;
         auto thrown = bench::time_ms(n, [&] {

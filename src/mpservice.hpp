@@ -50,6 +50,7 @@
 #include "mpservice/impl/process_child.cpp"
 #include "mpservice/impl/process_reactor.cpp"
 #include "mpservice/impl/process_fork.cpp"
+#include "mpservice/impl/process_warm.cpp"
 #include "mpservice/impl/process_core.cpp"
 #include "mpservice/impl/threading.cpp"
 #include "mpservice/impl/synchronize.cpp"

@@ -194,9 +194,11 @@ MPSERVICE_API void wake_event_signal(handle_t ev) noexcept;
 MPSERVICE_API void wake_event_drain(handle_t ev) noexcept;
 
 /// Starts a fresh instance of this program (/proc/self/exe) with argv
-/// {argv0, marker}; `inherit` is the one handle it inherits (same number).
-/// Returns the child's pid.
-MPSERVICE_API long spawn_self(const std::string& argv0, const std::string& marker, handle_t inherit);
+/// {argv0, marker}; `inherit` is the one handle it inherits (same number);
+/// `environment` ("NAME=value" entries) replaces this process's environment
+/// when given.  Returns the child's pid.
+MPSERVICE_API long spawn_self(const std::string& argv0, const std::string& marker, handle_t inherit,
+                              const std::vector<std::string>* environment = nullptr);
 /// fork(): 0 in the child, the child's pid in the parent; throws on failure.
 /// The child starts with default signal handlers and no blocked signals.
 MPSERVICE_API long fork_process();

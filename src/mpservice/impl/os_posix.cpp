@@ -471,7 +471,14 @@ void wake_event_drain(handle_t ev) noexcept {
     (void)rc;
 }
 
-long spawn_self(const std::string& argv0, const std::string& marker, handle_t inherit) {
+long spawn_self(const std::string& argv0, const std::string& marker, handle_t inherit,
+                const std::vector<std::string>* environment) {
+    std::vector<char*> envp;
+    if (environment) {
+        envp.reserve(environment->size() + 1);
+        for (const std::string& e : *environment) envp.push_back(const_cast<char*>(e.c_str()));
+        envp.push_back(nullptr);
+    }
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
     // dup2 onto itself clears close-on-exec for this one descriptor in the
@@ -485,14 +492,40 @@ long spawn_self(const std::string& argv0, const std::string& marker, handle_t in
     posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSIGMASK);
     char* argv[] = {const_cast<char*>(argv0.c_str()), const_cast<char*>(marker.c_str()), nullptr};
     pid_t pid = 0;
-    int rc = ::posix_spawn(&pid, "/proc/self/exe", &fa, &at, argv, environ);
+    int rc = ::posix_spawn(&pid, "/proc/self/exe", &fa, &at, argv, environment ? envp.data() : environ);
     posix_spawn_file_actions_destroy(&fa);
     posix_spawnattr_destroy(&at);
     if (rc != 0) throw std::system_error(rc, std::generic_category(), "mpservice: posix_spawn of /proc/self/exe");
     return static_cast<long>(pid);
 }
 
+namespace {
+/// Calls, once, with harmless arguments, the C library functions that only a
+/// forked child calls.  With lazy binding (the default without -z now) the
+/// first call of each resolves its PLT slot; made in the parent, that happens
+/// once, instead of in every child, where each resolution touches a dozen
+/// pages of symbol tables and writes the GOT: copy-on-write faults of ~3 us
+/// each in a VM (bench/PERFORMANCE-process.md).
+void bind_child_calls() noexcept {
+    struct sigaction old;
+    ::sigaction(SIGKILL, nullptr, &old);
+    sigset_t empty;
+    sigemptyset(&empty);
+#if defined(__linux__)
+    int sig = 0;
+    ::prctl(PR_GET_PDEATHSIG, &sig);
+#endif
+    (void)::getppid();
+    msghdr none{};
+    (void)::sendmsg(-1, &none, MSG_NOSIGNAL);
+    (void)::dup2(-1, -1);
+    (void)::fcntl(-1, F_GETFD);
+}
+}  // namespace
+
 long fork_process() {
+    static const bool bound = (bind_child_calls(), true);
+    (void)bound;
     // Signals are blocked across the fork, so none can reach the child while it
     // still has the parent's handlers (a parent's crash handler running in a
     // half-made child deadlocks it); the child resets them, then unblocks.
@@ -670,7 +703,17 @@ void close_handles_except(handle_t keep) noexcept {
         if (fd != keep) ::close(static_cast<int>(fd));
 }
 
-void exit_now(int code) noexcept { ::_exit(code); }
+namespace {
+// Called through a pointer the loader filled in at start-up (a GOT slot), not
+// through a lazily bound PLT slot: a forked child's first _exit() would
+// otherwise resolve the symbol, in every child (see bind_child_calls).
+void (*volatile g_exit_now)(int) = &::_exit;
+}  // namespace
+
+void exit_now(int code) noexcept {
+    g_exit_now(code);
+    __builtin_unreachable();
+}
 
 namespace {
 void (*g_exit_status_hook)(int) noexcept = nullptr;

@@ -163,6 +163,7 @@ int run_and_report(Run&& run) {
     set_log_forwarder({});  // later records stay here: END is the last frame
     std::string why;
     SendOutcome sent = send_outcome(kind, out, code, why);
+    trace_phase(StartPhase::outcome_sent);
     if (sent == SendOutcome::failed) {
         // Never swallowed: the parent learns why it gets no result.
         encode_error(std::make_exception_ptr(
@@ -234,15 +235,31 @@ void adopt_parent_present(const ParentPresent& p) {
         throw Error("mpservice: the fork-server worker cannot enter the parent's working directory '" + p.cwd + "'");
 }
 
-enum class ChildKind { spawned, forkserver_worker };
+enum class ChildKind {
+    spawned,            ///< exec'd for one start: BOOT is on its way
+    warm_spawned,       ///< exec'd ahead of demand (process_warm.cpp): says HELLO, then waits for BOOT
+    forkserver_worker,  ///< forked by the fork server
+};
 
 /// A spawned child or a fork-server worker: reads BOOT, runs the target, reports, exits.
 [[noreturn]] void run_bootstrapped_child(os::handle_t channel, long expected_parent, ChildKind kind,
                                          std::uint64_t serial = 0) {
     if (!os::die_with_parent(expected_parent)) os::exit_now(1);
-    if (kind == ChildKind::spawned) os::close_handles_except(channel);
+    if (kind != ChildKind::forkserver_worker) os::close_handles_except(channel);
     child_link().channel = channel;
     watch_own_exit();
+    if (kind == ChildKind::warm_spawned) {
+        // The part of the task's checks that does not depend on the task: the
+        // build fingerprint of this executable (read from its file), cached
+        // for the comparison with the one BOOT carries.
+        try {
+            (void)fingerprint_of(std::string());
+        } catch (...) {
+        }
+        Encoder hello;
+        hello(static_cast<std::int64_t>(os::current_pid()), std::uint64_t(0));
+        if (!write_frame(channel, frame_hello, hello.bytes())) os::exit_now(1);
+    }
     if (kind == ChildKind::forkserver_worker) {
         Encoder hello;
         hello(static_cast<std::int64_t>(os::current_pid()), serial);

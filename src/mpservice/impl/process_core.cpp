@@ -127,6 +127,7 @@ void abandon_child(ProcessCore& core, Reactor& reactor) noexcept {
 
 void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     if (started() || !task) throw InvalidStateError("mpservice: " + describe(name, pid_) + " was already started");
+    trace_phase(StartPhase::start_entered);
     register_exit_announcement();  // inherited by forked children (see process_child)
     Runtime& r = rt();
     if (method_ != StartMethod::fork) {
@@ -147,14 +148,23 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     OutputCapture output(reactor.output(), *this, forward_output_);
     if (method_ != StartMethod::fork) boot = boot_payload(*this, *task, output, boot_handles);  // encode errors throw here
 
-    os::handle_t parent_end, child_end;
-    os::channel_pair(parent_end, child_end);
+    // A warm child (process_warm.cpp) comes with its channel; any other start makes one.
+    std::optional<WarmChild> warm;
+    if (method_ == StartMethod::spawn && warm_start_) warm = WarmSpawner::get().take();
+    os::handle_t parent_end, child_end = os::invalid_handle;
+    if (warm) parent_end = warm->channel;
+    else os::channel_pair(parent_end, child_end);
     io.channel = parent_end;
     long pid = 0;
     bool boot_sent = false;
     try {
         switch (method_) {
             case StartMethod::spawn: {
+                if (warm) {
+                    pid = warm->pid;
+                    io.pidfd = warm->pidfd;
+                    break;
+                }
                 std::string marker = child_marker + std::to_string(child_end) + ":" + std::to_string(os::current_pid());
                 pid = reactor.on_long_lived_thread([&] { return os::spawn_self(r.argv0, marker, child_end); });
                 os::close_handle(child_end);
@@ -202,14 +212,17 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
             }
             case StartMethod::fork: {
                 flush_stdio();  // or the child would write the parent's buffered output again
+                child_link();   // made here, once: in the child its first use would allocate (page faults)
                 long parent = os::current_pid();
                 Level level = log_level();  // read here: the child must not take the logging lock
+                std::string parent_name = process_name();  // read here: in the child its first use allocates
                 ChildTask& t = *task;
                 pid = reactor.on_long_lived_thread([&] {
                     long p = os::fork_process();
                     if (p == 0) {
+                        trace_phase(StartPhase::child_running);
                         output.redirect_in_forked_child();
-                        run_forked_child(child_end, parent_end, t, name, identity_, parent, level);
+                        run_forked_child(child_end, parent_end, t, name, identity_, parent_name, parent, level);
                     }
                     return p;
                 });
@@ -225,6 +238,7 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
         io.channel = os::invalid_handle;
         throw;
     }
+    trace_phase(StartPhase::child_made);
     // A forked child runs on its copy of the arguments; ours stay until it
     // ends (the reactor drops them then), which covers the child taking its
     // own references to the proxies it inherited.
@@ -253,6 +267,7 @@ void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
     // now (a proxy argument must not keep its object alive after the child took
     // it over).  (A forked child's task was kept above, until the child ends.)
     task.reset();
+    trace_phase(StartPhase::start_returned);
 }
 
 bool ProcessCore::wait_until(os::Deadline deadline) const {
@@ -269,6 +284,7 @@ bool ProcessCore::wait_until(os::Deadline deadline) const {
             timeout_ms = left <= 0 ? 0 : static_cast<int>(std::min<long long>(left + 1, 1 << 30));
         }
         if (os::wait_readable(&exit_handle, 1, timeout_ms)) {
+            trace_phase(StartPhase::waiter_woke);
             // The child has ended; the reactor, woken by the same event, is
             // draining and resolving right now: wait for it briefly, awake.
             auto until = os::Clock::now() + std::chrono::microseconds(500);
@@ -357,8 +373,14 @@ void enter_child_mode_if_marked(int argc, char** argv) {
     if (argc < 2 || !argv[1] || std::strncmp(argv[1], child_marker, marker_len) != 0) return;
     const char* p = argv[1] + marker_len;
     long fd = -1, parent = -1;
-    if (!parse_number(p, fd) || *p++ != ':' || !parse_number(p, parent) || *p != '\0')
+    bool warm = false;  // ":w": exec'd ahead of demand (a warm spawn child)
+    if (!parse_number(p, fd) || *p++ != ':' || !parse_number(p, parent))
         refuse_child_mode("malformed marker '" + std::string(argv[1]) + "'");
+    if (std::strcmp(p, warm_marker_suffix) == 0) {
+        warm = true;
+        p += sizeof warm_marker_suffix - 1;
+    }
+    if (*p != '\0') refuse_child_mode("malformed marker '" + std::string(argv[1]) + "'");
     if (os::secure_execution())
         refuse_child_mode("the program runs in secure-execution mode (set-user-ID, set-group-ID or capabilities)");
     // Our parent died before we got here (we were re-parented): nobody is left
@@ -375,7 +397,7 @@ void enter_child_mode_if_marked(int argc, char** argv) {
                           std::to_string(parent) + ")");
     if (!os::is_own_user(peer_uid))
         refuse_child_mode("the channel was made by user " + std::to_string(peer_uid) + ", not by this process's user");
-    run_bootstrapped_child(static_cast<os::handle_t>(fd), parent, ChildKind::spawned);
+    run_bootstrapped_child(static_cast<os::handle_t>(fd), parent, warm ? ChildKind::warm_spawned : ChildKind::spawned);
 }
 }  // namespace
 }  // namespace detail

@@ -112,18 +112,21 @@ void reset_after_fork_in_child() {
 [[maybe_unused]] const bool g_reset_after_fork_registered = (os::at_fork_child(&reset_after_fork_in_child), true);
 
 [[noreturn]] void run_forked_child(os::handle_t channel, os::handle_t parent_end, ChildTask& task,
-                                   const std::string& name, const std::string& identity, long parent,
-                                   Level parent_log_level) {
+                                   const std::string& name, const std::string& identity,
+                                   const std::string& parent_name, long parent, Level parent_log_level) {
     os::close_handle(parent_end);
-    std::string parent_name = process_name();  // the reset after fork already ran (at_fork_child)
     if (!os::die_with_parent(parent)) os::exit_now(1);
     adopt_child_identity(name, identity, parent_name, parent);
     child_link().channel = channel;
     watch_own_exit();
     set_log_level_from_parent(parent_log_level);
     install_log_forwarding();
-    int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) { task.run_here(out, keep); });
+    int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) {
+        trace_phase(StartPhase::task_begins);
+        task.run_here(out, keep);
+    });
     flush_stdio();
+    trace_phase(StartPhase::child_exiting);
     os::exit_now(code);
 }
 

@@ -335,6 +335,7 @@ void Reactor::reap(const std::shared_ptr<ProcessCore>& core, bool block) {
 }
 
 void Reactor::on_pidfd(const std::shared_ptr<ProcessCore>& core) {
+    trace_phase(StartPhase::reactor_exit);
     auto& io = *core->io_;
     if (!io.via_server) {
         reap(core, false);
@@ -418,6 +419,7 @@ void Reactor::on_frame(ProcessCore& core, Frame& f) {
             try {
                 Decoder d(f.payload);
                 io.end_code = d.read<std::int32_t>();
+                trace_phase(StartPhase::reactor_outcome);
             } catch (...) {
             }
             break;
@@ -524,6 +526,7 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int
     }
     task.reset();  // a forked child's argument copies: released before anyone learns it ended
     core->resolve(error, result_error);
+    trace_phase(StartPhase::resolved);
 }
 
 void at_exit_handler() {

@@ -75,10 +75,22 @@ void flush_stdio() noexcept {
     std::fflush(nullptr);
 }
 
+std::atomic<std::int64_t*> g_phase_slots{nullptr};
+
+/// Records `phase` when a bench asked for it (test_trace_start_phases).
+inline void trace_phase(StartPhase phase) noexcept {
+    if (std::int64_t* slots = g_phase_slots.load(std::memory_order_relaxed))
+        slots[static_cast<int>(phase)] =
+            std::chrono::duration_cast<std::chrono::nanoseconds>(os::Clock::now().time_since_epoch()).count();
+}
+
 std::string describe(const std::string& name, long pid) {
     return "process '" + name + "' (pid " + std::to_string(pid) + ")";
 }
 
 }  // namespace
+
+void test_trace_start_phases(std::int64_t* slots) noexcept { g_phase_slots.store(slots, std::memory_order_relaxed); }
+
 }  // namespace detail
 }  // namespace mpservice

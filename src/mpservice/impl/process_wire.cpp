@@ -35,7 +35,8 @@ namespace wire {
 
 enum FrameKind : std::uint32_t { frame_boot = 1, frame_hello, frame_log, frame_value, frame_exception, frame_end };
 constexpr std::uint32_t protocol_version = 1;
-constexpr const char child_marker[] = "--mpservice-child=";
+constexpr const char child_marker[] = "--mpservice-child=";  // then "<fd>:<parent pid>"
+constexpr const char warm_marker_suffix[] = ":w";              // after it: a warm spawn child
 constexpr std::size_t boot_early_limit = 32 * 1024;
 
 struct FrameHeader {

@@ -135,6 +135,18 @@ MPSERVICE_API int cpu_count();
 MPSERVICE_API void set_output_forwarding(bool forward) noexcept;
 MPSERVICE_API bool output_forwarding() noexcept;
 
+/// Warm spawn (off by default): the default of Process::set_warm_start for
+/// Process objects made from now on.  A spawn start that is warm takes a
+/// child exec'd ahead of demand - bootstrapped and waiting for a task - and
+/// has the next one made at once, so the exec is paid before the start rather
+/// than in it.  The child is used only if the working directory and the
+/// environment are still those it was made with (else the start spawns
+/// afresh); it dies with this process, even by SIGKILL.  false also discards
+/// the waiting child.  Costs nothing until a warm start happens; from then on
+/// one idle child process (and a thread that makes them) exist.
+MPSERVICE_API void set_warm_spawn(bool keep_warm);
+MPSERVICE_API bool warm_spawn() noexcept;
+
 /// A process as current_process() and friends describe it.
 struct ProcessInfo {
     std::string name;  ///< "MainProcess", or the Process's name in a child
@@ -534,6 +546,7 @@ public:
     std::vector<os::handle_t> value_handles_;
     std::string identity_;  // "3", or "1:3" in a child: numbers the default name
     bool forward_output_ = output_forwarding();  // Process::set_forward_output
+    bool warm_start_ = warm_spawn();              // Process::set_warm_start
     std::unique_ptr<Io> io_;
 };
 
@@ -546,6 +559,32 @@ MPSERVICE_API void test_set_initialized(bool initialized) noexcept;
 /// start() waits for it to make a worker before giving up on it (default 30 s).
 MPSERVICE_API long test_fork_server_pid() noexcept;
 MPSERVICE_API void test_set_fork_server_timeout(std::chrono::milliseconds timeout) noexcept;
+/// Test hook: the pid of the warm spawn child once it is ready (bootstrapped,
+/// waiting for a task), waiting at most `timeout`; 0 if there is none by then.
+MPSERVICE_API long test_warm_child(std::chrono::milliseconds timeout);
+
+/// The phases of a start that bench/bench_process.cpp times (see
+/// bench/PERFORMANCE-process.md).  Child phases are recorded by forked
+/// children only (they share the parent's slots); an exec'd child cannot.
+enum class StartPhase : int {
+    start_entered,    ///< parent: ProcessCore::start begins
+    child_made,       ///< parent: fork()/spawn returned the child
+    start_returned,   ///< parent: start() returns
+    child_running,    ///< child: first instruction after fork()
+    task_begins,      ///< child: bootstrap done, the target is called
+    outcome_sent,     ///< child: VALUE/EXCEPTION and END written
+    child_exiting,    ///< child: about to _exit
+    reactor_outcome,  ///< parent's reactor: END read
+    reactor_exit,     ///< parent's reactor: the child's exit seen (pidfd)
+    resolved,         ///< parent's reactor: the Process resolved
+    waiter_woke,      ///< the thread in result()/join(): its wait on the pidfd returned
+    count
+};
+/// Bench hook: every start from now on writes the steady-clock time (ns) of
+/// each StartPhase into slots[phase] (StartPhase::count slots, in memory a
+/// forked child shares, e.g. MAP_SHARED); nullptr stops.  One relaxed load per
+/// phase when off.
+MPSERVICE_API void test_trace_start_phases(std::int64_t* slots) noexcept;
 
 
 }  // namespace detail
@@ -665,6 +704,14 @@ public:
         state().forward_output_ = forward;
     }
     bool forward_output() const { return state().forward_output_; }
+    /// Under the spawn context (before start): take the child exec'd ahead of
+    /// demand if there is a current one, and have the next one made (see
+    /// set_warm_spawn, whose value is the default).  Other contexts ignore it.
+    void set_warm_start(bool warm) {
+        if (state().started()) throw InvalidStateError("mpservice: set_warm_start() after start()");
+        state().warm_start_ = warm;
+    }
+    bool warm_start() const { return state().warm_start_; }
 
 private:
     template <class Ctx>

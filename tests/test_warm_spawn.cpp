@@ -1,0 +1,364 @@
+// Warm spawn: a spawn start that takes the child exec'd ahead of demand -
+// used and replaced, stale environment or directory refused, the build check
+// kept, gone with its parent, nothing leaked, SIGCHLD ignored or reaped.
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+#include <thread>
+
+#include <dirent.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "mpservice.hpp"
+
+namespace mp = mpservice;
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+// The fork-context helper below spawns from a forked child of this threaded
+// program (documented as the caller's concern).
+extern "C" const char* __tsan_default_options() { return "die_after_fork=0"; }
+
+namespace {
+
+// ---------------------------------------------------------------- targets
+
+int add(int a, int b) { return a + b; }
+long parent_pid_seen() {
+    auto p = mp::parent_process();
+    return p ? p->pid : -1;
+}
+std::string name_seen() { return mp::current_process().name; }
+std::string env_seen(std::string name) {
+    const char* v = std::getenv(name.c_str());
+    return v ? v : "<unset>";
+}
+std::string cwd_seen() {
+    char buf[4096];
+    return ::getcwd(buf, sizeof buf) ? buf : "<unknown>";
+}
+int throws_range(int x) { throw std::out_of_range("warm " + std::to_string(x)); }
+void sleep_ms(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
+
+/// Lines of /proc/self/fdinfo naming process `pid` (a pidfd of it).
+int pidfds_of(long pid) {
+    int n = 0;
+    DIR* d = opendir("/proc/self/fdinfo");
+    while (dirent* e = readdir(d)) {
+        if (e->d_name[0] == '.') continue;
+        std::ifstream f(std::string("/proc/self/fdinfo/") + e->d_name);
+        std::string line;
+        while (std::getline(f, line))
+            if (line == "Pid:\t" + std::to_string(pid)) ++n;
+    }
+    closedir(d);
+    return n;
+}
+
+/// In a helper process: makes a warm child, reports its pid, then waits to be killed.
+int warm_helper(mp::detail::SharedMemory mem) {
+    {
+        mp::Process first(mp::SpawnContext{}, add, 1, 2);
+        first.set_warm_start(true);  // cold (none is waiting yet); asks for a warm child
+        first.start();
+        if (first.result() != 3) return 1;
+    }
+    long warm = mp::detail::test_warm_child(20s);
+    static_cast<std::atomic<long>*>(mem.data())->store(warm);
+    sleep_ms(30000);
+    return 0;
+}
+
+// ---------------------------------------------------------------- helpers (parent side)
+
+bool process_gone(long pid) {
+    std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+    if (!f) return true;
+    std::string line;
+    std::getline(f, line);
+    auto close = line.rfind(')');
+    if (close == std::string::npos || close + 2 >= line.size()) return true;
+    char state = line[close + 2];
+    return state == 'Z' || state == 'X';
+}
+
+int count_fds() {
+    int n = 0;
+    DIR* d = opendir("/proc/self/fd");
+    while (dirent* e = readdir(d))
+        if (e->d_name[0] != '.') ++n;
+    closedir(d);
+    return n;
+}
+
+int count_zombie_children() {
+    int n = 0;
+    long self = getpid();
+    DIR* d = opendir("/proc");
+    while (dirent* e = readdir(d)) {
+        if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+        std::ifstream f(std::string("/proc/") + e->d_name + "/stat");
+        std::string line;
+        std::getline(f, line);
+        auto close = line.rfind(')');
+        if (close == std::string::npos) continue;
+        char state = 0;
+        long ppid = 0;
+        if (std::sscanf(line.c_str() + close + 2, "%c %ld", &state, &ppid) == 2 && ppid == self && state == 'Z') ++n;
+    }
+    closedir(d);
+    return n;
+}
+
+/// A spawned Process that takes the warm child if there is a current one.
+template <class... A>
+auto warm_process(A&&... a) {
+    mp::Process p(mp::SpawnContext{}, std::forward<A>(a)...);
+    p.set_warm_start(true);
+    return p;
+}
+
+/// The pid of a ready warm child made with the present environment and
+/// directory: the next warm start takes it.  (One made while an earlier test
+/// had changed either would be refused.)  A warm start that used the waiting
+/// child has its replacement made afterwards, from what holds now.
+long ready_warm_child() {
+    for (int i = 0; i < 5; ++i) {
+        long waiting = mp::detail::test_warm_child(20s);
+        auto p = warm_process(add, 0, 0);
+        p.start();
+        p.join();
+        if (waiting && p.pid() == waiting) break;
+    }
+    return mp::detail::test_warm_child(20s);
+}
+
+/// Waits (bounded) until `pred` holds.
+template <class Pred>
+bool eventually(Pred pred, std::chrono::seconds guard = 20s) {
+    auto until = Clock::now() + guard;
+    while (!pred()) {
+        if (Clock::now() > until) return false;
+        sleep_ms(2);
+    }
+    return true;
+}
+
+void reap_everything(int) {
+    int saved = errno;
+    while (::waitpid(-1, nullptr, WNOHANG) > 0) {
+    }
+    errno = saved;
+}
+
+class SigchldAs {
+public:
+    explicit SigchldAs(void (*handler)(int)) {
+        struct sigaction sa {};
+        sa.sa_handler = handler;
+        sigemptyset(&sa.sa_mask);
+        sa.sa_flags = SA_RESTART;
+        ::sigaction(SIGCHLD, &sa, &old_);
+    }
+    ~SigchldAs() { ::sigaction(SIGCHLD, &old_, nullptr); }
+
+private:
+    struct sigaction old_ {};
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------- tests
+
+TEST_CASE("warm spawn: a start takes the waiting child, and a new one is made") {
+    long w1 = ready_warm_child();
+    REQUIRE(w1 > 0);
+    CHECK_FALSE(process_gone(w1));
+    {
+        auto p = warm_process(parent_pid_seen);
+        p.set_name("warm-one");
+        p.start();
+        CHECK(p.pid() == w1);
+        CHECK(p.result() == static_cast<long>(getpid()));
+        CHECK(p.exitcode() == 0);
+    }
+    long w2 = mp::detail::test_warm_child(20s);
+    REQUIRE(w2 > 0);
+    CHECK(w2 != w1);
+    {  // it runs the task it is given, under the name it is given
+        auto p = warm_process(name_seen);
+        p.set_name("warm-two");
+        p.start();
+        CHECK(p.pid() == w2);
+        CHECK(p.result() == "warm-two");
+    }
+    {  // an exception comes back typed, as from a cold child
+        long w3 = mp::detail::test_warm_child(20s);
+        auto p = warm_process(throws_range, 7);
+        p.start();
+        CHECK(p.pid() == w3);
+        CHECK_THROWS_AS(p.join(), std::out_of_range);
+        CHECK(p.exitcode() == 1);
+    }
+    {  // a start that did not ask for it leaves it waiting
+        long w4 = mp::detail::test_warm_child(20s);
+        mp::Process p(mp::SpawnContext{}, add, 2, 3);
+        p.set_warm_start(false);
+        p.start();
+        CHECK(p.pid() != w4);
+        CHECK(p.result() == 5);
+        CHECK(mp::detail::test_warm_child(0ms) == w4);
+    }
+    {
+        auto p = warm_process(add, 1, 1);
+        p.start();
+        CHECK_THROWS_AS(p.set_warm_start(false), mp::InvalidStateError);
+        p.join();
+    }
+}
+
+TEST_CASE("warm spawn: a child made before a setenv or chdir is not used") {
+    long w1 = ready_warm_child();
+    REQUIRE(w1 > 0);
+    ::setenv("MPSERVICE_WARM_PROBE", "after", 1);
+    {
+        auto p = warm_process(env_seen, std::string("MPSERVICE_WARM_PROBE"));
+        p.start();
+        CHECK(p.pid() != w1);  // its environment is stale: a fresh spawn instead
+        CHECK(p.result() == "after");
+    }
+    CHECK(eventually([&] { return process_gone(w1); }));  // discarded, and reaped
+    long w2 = mp::detail::test_warm_child(20s);            // made with the new environment
+    REQUIRE(w2 > 0);
+    {
+        auto p = warm_process(env_seen, std::string("MPSERVICE_WARM_PROBE"));
+        p.start();
+        CHECK(p.pid() == w2);
+        CHECK(p.result() == "after");
+    }
+    ::unsetenv("MPSERVICE_WARM_PROBE");
+
+    long w3 = mp::detail::test_warm_child(20s);
+    REQUIRE(w3 > 0);
+    const std::string before = cwd_seen();
+    REQUIRE(::chdir("/") == 0);
+    {
+        auto p = warm_process(cwd_seen);
+        p.start();
+        CHECK(p.pid() != w3);
+        CHECK(p.result() == "/");
+    }
+    REQUIRE(::chdir(before.c_str()) == 0);
+    {
+        auto p = warm_process(env_seen, std::string("MPSERVICE_WARM_PROBE"));
+        p.start();
+        CHECK(p.result() == "<unset>");
+    }
+    CHECK(count_zombie_children() == 0);
+}
+
+TEST_CASE("warm spawn: a warm child of a different build is refused") {
+    long w = ready_warm_child();
+    REQUIRE(w > 0);
+    mp::detail::test_corrupt_next_fingerprint();
+    auto p = warm_process(add, 1, 2);
+    p.start();
+    CHECK(p.pid() == w);
+    try {
+        p.result();
+        FAIL("no error");
+    } catch (const std::runtime_error& e) {
+        CHECK(std::string(e.what()).find("different build") != std::string::npos);
+    }
+    CHECK(p.exitcode() == 1);
+}
+
+TEST_CASE_TEMPLATE("warm spawn: the warm child dies with its parent's SIGKILL", Ctx, mp::ForkContext,
+                   mp::SpawnContext) {
+    auto mem = mp::detail::SharedMemory::create(64);
+    auto* reported = static_cast<std::atomic<long>*>(mem.data());
+    mp::Process helper(Ctx{}, warm_helper, mem);
+    helper.start();
+    REQUIRE(eventually([&] { return reported->load() != 0; }));
+    long warm = reported->load();
+    REQUIRE(warm > 0);
+    CHECK_FALSE(process_gone(warm));
+    helper.kill();
+    CHECK_THROWS_AS(helper.join(), mp::ProcessError);
+    auto t0 = Clock::now();
+    CHECK(eventually([&] { return process_gone(warm); }));
+    CHECK(Clock::now() - t0 < 1s);
+}
+
+TEST_CASE("warm spawn: no descriptor or zombie growth after many warm starts") {
+    REQUIRE(ready_warm_child() > 0);
+    const int fds = count_fds();  // the spawner's wake-up event and the waiting child's two
+    for (int i = 0; i < 60; ++i) {
+        // Every third start waits for a ready child; the others may find one
+        // still being made, or none (cold): every path runs.
+        if (i % 3 == 0) REQUIRE(mp::detail::test_warm_child(20s) > 0);
+        auto p = warm_process(add, i, 1);
+        p.start();
+        REQUIRE(p.result() == i + 1);
+    }
+    REQUIRE(mp::detail::test_warm_child(20s) > 0);
+    CHECK(count_fds() == fds);
+    CHECK(count_zombie_children() == 0);
+    CHECK(mp::active_children().empty());
+
+    long w = mp::detail::test_warm_child(0ms);
+    mp::set_warm_spawn(false);  // discards the waiting child
+    CHECK(eventually([&] { return process_gone(w); }));
+    CHECK(eventually([&] { return count_fds() == fds - 2; }));
+    CHECK(count_zombie_children() == 0);
+    CHECK(mp::detail::test_warm_child(0ms) == 0);
+}
+
+TEST_CASE("warm spawn: a fork child does not keep the warm child's descriptors") {
+    long w = ready_warm_child();
+    REQUIRE(w > 0);
+    REQUIRE(pidfds_of(w) == 1);  // ours
+    mp::Process p(mp::ForkContext{}, pidfds_of, w);
+    p.start();
+    CHECK(p.result() == 0);
+    CHECK(mp::detail::test_warm_child(0ms) == w);  // still waiting, for us
+}
+
+TEST_CASE("warm spawn: with SIGCHLD ignored or reaped by the program") {
+    for (void (*handler)(int) : {SIG_IGN, &reap_everything}) {
+        CAPTURE(handler == SIG_IGN);
+        long w = ready_warm_child();
+        REQUIRE(w > 0);
+        SigchldAs as(handler);
+        {
+            auto p = warm_process(add, 20, 22);
+            p.start();
+            CHECK(p.pid() == w);
+            CHECK(p.result() == 42);
+            CHECK(p.exitcode() == 0);  // announced in END when the status went elsewhere
+        }
+        // A warm child that dies unused is noticed and replaced.
+        long w2 = mp::detail::test_warm_child(20s);
+        REQUIRE(w2 > 0);
+        REQUIRE(::kill(static_cast<pid_t>(w2), SIGKILL) == 0);
+        CHECK(eventually([&] {
+            long now = mp::detail::test_warm_child(0ms);
+            return now != 0 && now != w2;
+        }));
+        CHECK(eventually([&] { return process_gone(w2); }));
+        {
+            auto p = warm_process(add, 1, 1);
+            p.start();
+            CHECK(p.result() == 2);
+        }
+    }
+    REQUIRE(mp::detail::test_warm_child(20s) > 0);
+    CHECK(count_zombie_children() == 0);
+}
