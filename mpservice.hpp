@@ -1619,6 +1619,10 @@ MPSERVICE_API void sleep_until(Deadline deadline) noexcept;
 /// (A block of shared memory holding such a mutex must stay mapped until that
 /// thread ends, or the kernel cannot mark the mutex as its owner's death.)
 MPSERVICE_API bool robust_mutex_held_in_this_process(const RobustMutex* m) noexcept;
+/// Whether some thread sleeps in the kernel waiting for the robust mutex (the
+/// waiters bit of its futex word; false where the word cannot be read).  A hint:
+/// it may change at once.
+MPSERVICE_API bool robust_mutex_has_sleepers(const RobustMutex* m) noexcept;
 
 /// Gives the pages of bytes [offset, offset + size) of shared memory `h` back
 /// to the system (they read as zeros afterwards, in every process that maps
@@ -3888,6 +3892,25 @@ bool spin_until(Ready&& ready, std::atomic<Budget>& budget_ns) {
     return ready();
 }
 
+/// Whether the calling thread's last wake-up call woke a thread that slept in
+/// the kernel (see partner_is_waking).
+inline thread_local bool t_woke_a_sleeper = false;
+
+/// Called by a wait before it spins: true if this thread has just woken a
+/// sleeper (and forgets it).  The thread it woke is most likely the one that
+/// will answer, and it is not running yet: the scheduler is placing it, often
+/// on this very CPU (a 2-CPU machine has no other to spare).  A spin then
+/// cannot succeed before the answerer runs and, holding the CPU, keeps it from
+/// running - the wait should sleep at once, as a plain futex wait does, which
+/// also lets the scheduler run the answerer here.  A partner that was not
+/// asleep (both spinning on their own CPUs) is not woken, so spinning goes on
+/// where it pays.
+inline bool partner_is_waking() noexcept {
+    const bool woke = t_woke_a_sleeper;
+    t_woke_a_sleeper = false;
+    return woke;
+}
+
 // ---------------------------------------------------------------- handles to shared state
 
 /// Whether T holds a robust mutex named `mutex` (LockState, BarrierState).
@@ -4971,6 +4994,8 @@ struct Codec<Array<T, L>> {
 #include <chrono>
 #include <cstddef>
 #include <cstring>
+#include <initializer_list>
+#include <iterator>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -5108,7 +5133,31 @@ public:
     /// Takes one item and hands its bytes to `consume`: ok, timeout (nothing
     /// before `deadline`) or closed (closed and drained).  An exception from
     /// `consume` propagates; the item is consumed all the same.
-    MPSERVICE_API Status get(Consume consume, void* context, os::Deadline deadline);
+    Status get(Consume consume, void* context, os::Deadline deadline) {
+        std::size_t taken = 0;
+        return get_many(consume, context, 1, taken, deadline);
+    }
+
+    /// Gives the bytes of item `index` of a batch being put: sets *data and
+    /// *size, valid until the next call.  May throw (the batch stops there).
+    using Source = void (*)(void* context, std::size_t index, const void** data, std::size_t* size);
+    /// Puts items [0, count) of a batch in order, holding the put lock once and
+    /// publishing them with one commit - more only where it must: before waiting
+    /// for room (so consumers can make it) and around an item streamed in chunks.
+    /// `done` is the number put, always a prefix of the batch: ok (all),
+    /// timeout or closed (the rest was not put).  An exception from `source`
+    /// propagates after the items before it are published.
+    MPSERVICE_API Status put_many(Source source, void* context, std::size_t count, std::size_t& done,
+                                  os::Deadline deadline);
+    /// Takes up to `max_items` items (at least 1 unless it returns timeout or
+    /// closed), waiting for the first until `deadline` but not for the others:
+    /// it takes whole items that are already there, in order, hands each to
+    /// `consume`, and takes them off the ring with one commit.  A streamed item
+    /// (larger than half the ring) comes alone.  `taken` is the number handed
+    /// over.  An exception from `consume` propagates; that item and the ones
+    /// before it are consumed.
+    MPSERVICE_API Status get_many(Consume consume, void* context, std::size_t max_items, std::size_t& taken,
+                                  os::Deadline deadline);
 
     MPSERVICE_API std::size_t qsize() const noexcept;
     MPSERVICE_API bool full() const noexcept;
@@ -5144,6 +5193,13 @@ private:
     /// `tail`), then waits until the record fits.
     Status make_room(std::uint64_t& tail, std::uint64_t bytes, os::Deadline deadline);
     Status put_chunked(const void* data, std::size_t size, os::Deadline deadline);
+    /// Waits (holding the put lock) until the item bound leaves room for one more
+    /// than `pending` uncommitted items: ok, timeout or closed.
+    Status wait_below_maxsize(std::uint64_t pending, os::Deadline deadline);
+    /// Takes, after the whole record just consumed at `head` (ending at `next`),
+    /// the whole records that follow, up to `max_items` in all; commits once.
+    std::size_t take_following(std::uint64_t next, std::uint64_t taken, std::size_t max_items, Consume consume,
+                               void* context);
     bool wait_for_room(std::uint64_t tail, std::uint64_t bytes, os::Deadline deadline, bool give_up_on_close);
     void write_pad(std::uint64_t tail, std::uint64_t bytes);
     void commit_put(std::uint64_t tail, std::uint64_t completed) noexcept;
@@ -5266,6 +5322,42 @@ struct QueueItems {
         }
     }
 
+    /// A batch appends its items to a std::vector<T>.
+    static void consume_into(void* context, const unsigned char* data, std::size_t size) {
+        std::optional<T> one;
+        consume(&one, data, size);
+        static_cast<std::vector<T>*>(context)->push_back(std::move(*one));
+    }
+
+    /// A batch being put: the items of [first, last) one by one, each item's
+    /// bytes valid until the next is asked for.
+    template <class It>
+    struct Batch {
+        It next;
+        std::size_t index = 0;
+        std::string encoded;  // an encoded item's bytes (with_bytes's own buffer is gone after it returns)
+        static void bytes_of(void* context, std::size_t i, const void** data, std::size_t* size) {
+            auto& b = *static_cast<Batch*>(context);
+            for (; b.index < i; ++b.index) ++b.next;  // the core asks in order
+            with_bytes(*b.next, [&](const void* d, std::size_t n) {
+                if constexpr (raw || contiguous) {
+                    *data = d;  // the caller's item itself, alive for the whole batch
+                } else {
+                    b.encoded.assign(static_cast<const char*>(d), n);
+                    *data = b.encoded.data();
+                }
+                *size = n;
+                return 0;
+            });
+        }
+    };
+    template <class It>
+    static QueueCore::Status put_many(QueueCore& core, It first, std::size_t count, std::size_t& done,
+                                      os::Deadline deadline) {
+        Batch<It> batch{first, 0, {}};
+        return core.put_many(&Batch<It>::bytes_of, &batch, count, done, deadline);
+    }
+
     static QueueCore::Status put(QueueCore& core, const T& item, os::Deadline deadline) {
         return with_bytes(item, [&](const void* data, std::size_t size) { return core.put(data, size, deadline); });
     }
@@ -5333,6 +5425,58 @@ public:
         return try_take(detail::os::deadline_after(timeout));
     }
 
+    /// Puts every item of `items` (a range: vector, array, initializer list...) in
+    /// order, as one batch: one hold of the producers' lock and one commit that
+    /// publishes them all (more commits only while it waits for room, or around
+    /// an item larger than half the ring).  Waits for room as long as it takes.
+    /// Throws QueueClosed (nothing put), or what encoding an item throws (the
+    /// items before it are put, it and the rest are not).  Items of one batch stay
+    /// together: no other producer's item lands between them, unless the batch
+    /// had to wait for room.
+    template <class Range>
+    void put_many(const Range& items) {
+        std::size_t done = 0;
+        check_put(Items::put_many(core_, std::begin(items), count_of(items), done, detail::os::no_deadline));
+    }
+    void put_many(std::initializer_list<T> items) { put_many<std::initializer_list<T>>(items); }
+    /// As put_many(items), waiting at most `timeout` for room; returns how many
+    /// items were put - always the first ones; the rest were not.
+    template <class Range, class Rep, class Period>
+    std::size_t put_many(const Range& items, std::chrono::duration<Rep, Period> timeout) {
+        std::size_t done = 0;
+        check_put(Items::put_many(core_, std::begin(items), count_of(items), done, detail::os::deadline_after(timeout)));
+        return done;
+    }
+
+    /// Takes up to `max_items` items as one batch and appends them to `out`:
+    /// waits for the first as long as it takes, then takes the whole items
+    /// already queued behind it without waiting, with one commit.  Returns the
+    /// number appended (1..max_items; 0 only for max_items == 0).  Throws
+    /// QueueClosed when closed and empty.  An item that fails to decode is
+    /// dropped (as get() drops it), the items before it are in `out`, and the
+    /// exception propagates.  A consumer killed inside get_many loses the whole
+    /// batch if it dies after the commit, none of it before (see the README).
+    std::size_t get_many(std::vector<T>& out, std::size_t max_items) {
+        return take_many(out, max_items, detail::os::no_deadline, true);
+    }
+    /// As get_many(out, max_items), waiting at most `timeout` for the first item;
+    /// throws Empty if none came.
+    template <class Rep, class Period>
+    std::size_t get_many(std::vector<T>& out, std::size_t max_items, std::chrono::duration<Rep, Period> timeout) {
+        return take_many(out, max_items, detail::os::deadline_after(timeout), true);
+    }
+    /// The batch as a new vector.
+    std::vector<T> get_many(std::size_t max_items) {
+        std::vector<T> out;
+        take_many(out, max_items, detail::os::no_deadline, true);
+        return out;
+    }
+    /// What get_many would take, without waiting: possibly nothing (also when
+    /// closed and empty).
+    std::size_t try_get_many(std::vector<T>& out, std::size_t max_items) {
+        return take_many(out, max_items, detail::os::Clock::now(), false);
+    }
+
     /// Number of complete items in the queue (a snapshot; others may change it).
     std::size_t qsize() const noexcept { return core_.qsize(); }
     bool empty() const noexcept { return core_.qsize() == 0; }
@@ -5366,6 +5510,17 @@ protected:
         std::optional<T> out;
         Items::get(core_, out, deadline);
         return out;
+    }
+    std::size_t take_many(std::vector<T>& out, std::size_t max_items, detail::os::Deadline deadline, bool throws) {
+        std::size_t taken = 0;
+        Status s = core_.get_many(&Items::consume_into, &out, max_items, taken, deadline);
+        if (throws && s == Status::closed) throw QueueClosed();
+        if (throws && s == Status::timeout) throw Empty();
+        return taken;
+    }
+    template <class Range>
+    static std::size_t count_of(const Range& items) {
+        return static_cast<std::size_t>(std::distance(std::begin(items), std::end(items)));
     }
 
     detail::QueueCore core_;
@@ -9092,6 +9247,18 @@ bool robust_mutex_held_in_this_process(const RobustMutex* m) noexcept {
     if (tid == 0) return false;
     // tgkill with signal 0 only checks that `tid` is a thread of this process.
     return ::syscall(SYS_tgkill, static_cast<long>(::getpid()), tid, 0) == 0;
+#else
+    (void)m;
+    return false;
+#endif
+}
+
+bool robust_mutex_has_sleepers(const RobustMutex* m) noexcept {
+#if defined(__linux__) && defined(__GLIBC__)
+    // glibc's robust mutex sets FUTEX_WAITERS in its word before a waiter sleeps
+    // and an unlock that finds it set makes a FUTEX_WAKE (the kernel's protocol).
+    auto* mutex = reinterpret_cast<const pthread_mutex_t*>(m->storage);
+    return (static_cast<unsigned>(__atomic_load_n(&mutex->__data.__lock, __ATOMIC_RELAXED)) & FUTEX_WAITERS) != 0;
 #else
     (void)m;
     return false;
@@ -13689,7 +13856,10 @@ void wake_sleepers(ConditionState* cs, int n) noexcept {
     // Pairs with the waiter's sleepers increment before its last look at the
     // counter: either it saw the bump, or we see it sleeping.  A sleeper that
     // left meanwhile (spurious or periodic wake-up) saw the bump on its way out.
-    if (cs->sleepers.load(std::memory_order_seq_cst) != 0) os::futex_wake(&cs->sequence, n);
+    if (cs->sleepers.load(std::memory_order_seq_cst) != 0) {
+        os::futex_wake(&cs->sequence, n);
+        t_woke_a_sleeper = true;
+    }
 }
 
 /// The wakes the calling thread owes: Conditions it notified under a lock it
@@ -13788,16 +13958,31 @@ std::uint32_t release_all(const LockRef& l) {
     return depth;
 }
 
-/// Waits for a lock that someone else holds: spins (adaptively, watching the
-/// owner field rather than hammering the mutex), then sleeps in the kernel.
+/// Waits for a lock that someone else holds.
+///
+/// Spinning pays only when it replaces a sleep: the holder is running a short
+/// critical section and will not want the lock back at once.  When two threads
+/// take the lock in a stream (release, re-take), a spinner that grabs it at each
+/// release turns every acquisition into a cache-line hand-off between CPUs
+/// (3-4x slower than letting the holder re-take it, measured), and a spinner
+/// that shares its CPU with the holder only delays it.  So:
+///   - no spin while a thread sleeps in the kernel for the lock (the mutex
+///     word's waiters bit): the lock is in such a stream already, and the
+///     sleepers are first in line - we join them, as the robust pthread mutex
+///     itself does for every waiter;
+///   - a spin waits for one release and tries once; losing that try means the
+///     holder (or another waiter) re-took it at once: sleep, do not spin again.
 LockStatus lock_contended(LockState* s, std::uint64_t me, os::Deadline deadline) {
     os::LockResult r = os::LockResult::busy;
-    auto free_and_taken = [&] {
-        if (s->owner.load(std::memory_order_relaxed) != 0) return false;
-        r = os::robust_mutex_trylock(&s->mutex);
-        return r != os::LockResult::busy;
-    };
-    if (!spin_until(free_and_taken, s->spin_ns)) r = os::robust_mutex_lock_blocking(&s->mutex, deadline);
+    if (!os::robust_mutex_has_sleepers(&s->mutex)) {
+        auto released_then_tried = [&] {
+            if (s->owner.load(std::memory_order_relaxed) != 0) return false;
+            r = os::robust_mutex_trylock(&s->mutex);
+            return true;
+        };
+        spin_until(released_then_tried, s->spin_ns);
+    }
+    if (r == os::LockResult::busy) r = os::robust_mutex_lock_blocking(&s->mutex, deadline);
     return took(s, r, me);
 }
 
@@ -13896,8 +14081,9 @@ namespace sync_impl {
 /// bumped the counter but will not wake us.
 bool await_notify(ConditionState* cs, std::uint32_t seen, os::Deadline deadline) {
     auto bumped = [&] { return cs->sequence.load(std::memory_order_acquire) != seen; };
+    const bool no_spin = partner_is_waking();
     if (expired(deadline)) return bumped();
-    if (spin_until(bumped, cs->spin_ns)) return true;
+    if (!no_spin && spin_until(bumped, cs->spin_ns)) return true;
     for (;;) {
         if (bumped()) return true;
         auto step = os::Clock::now() +
@@ -13966,6 +14152,7 @@ void condition_notify(const SharedRef<ConditionState>& c, const LockRef& l, int 
         return;
     }
     os::futex_wake(&cs->sequence, static_cast<int>(k));
+    t_woke_a_sleeper = true;
 }
 
 void condition_lock_owner_died(const SharedRef<ConditionState>& c, const LockRef& l) {
@@ -13995,9 +14182,10 @@ constexpr auto semaphore_recheck = std::chrono::milliseconds(200);
 
 bool semaphore_acquire(SemaphoreState* s, os::Deadline deadline) {
     using namespace sync_impl;
+    const bool no_spin = partner_is_waking();
     if (semaphore_take(s)) return true;
     if (expired(deadline)) return false;
-    if (spin_until([s] { return semaphore_take(s); }, s->spin_ns)) return true;
+    if (!no_spin && spin_until([s] { return semaphore_take(s); }, s->spin_ns)) return true;
     s->sleepers.fetch_add(1, std::memory_order_seq_cst);
     bool taken = false;
     for (;;) {
@@ -14031,8 +14219,10 @@ void semaphore_release(SemaphoreState* s, unsigned n) {
                                            std::memory_order_relaxed))
             break;
     }
-    if (s->sleepers.load(std::memory_order_seq_cst) != 0)
+    if (s->sleepers.load(std::memory_order_seq_cst) != 0) {
         os::futex_wake(&s->value, n > unsigned(INT_MAX) ? INT_MAX : static_cast<int>(n));
+        t_woke_a_sleeper = true;
+    }
 }
 
 // ---------------------------------------------------------------- Event
@@ -14043,18 +14233,22 @@ void event_set(EventState* e) {
         if (w & 1u) return;  // already set: whoever set it woke the sleepers
     } while (!e->word.compare_exchange_weak(w, (w + 2u) | 1u, std::memory_order_seq_cst,
                                             std::memory_order_relaxed));
-    if (e->sleepers.load(std::memory_order_seq_cst) != 0) os::futex_wake(&e->word, INT_MAX);
+    if (e->sleepers.load(std::memory_order_seq_cst) != 0) {
+        os::futex_wake(&e->word, INT_MAX);
+        t_woke_a_sleeper = true;
+    }
 }
 
 bool event_wait(EventState* e, os::Deadline deadline) {
     using namespace sync_impl;
+    const bool no_spin = partner_is_waking();
     const std::uint32_t seen = e->word.load(std::memory_order_acquire);
     if (seen & 1u) return true;
     // From a cleared state the word changes only by a set() (clearing a clear
     // flag leaves it as it is), so any change means the event was set.
     auto changed = [&] { return e->word.load(std::memory_order_acquire) != seen; };
     if (expired(deadline)) return changed();
-    if (spin_until(changed, e->spin_ns)) return true;
+    if (!no_spin && spin_until(changed, e->spin_ns)) return true;
     e->sleepers.fetch_add(1, std::memory_order_seq_cst);
     bool set = false;
     for (;;) {
@@ -14640,13 +14834,8 @@ QueueCore::Status QueueCore::put(const void* data, std::size_t size, os::Deadlin
     if (closed()) return Status::closed;
 
     if (h_->maxsize) {
-        auto below_maxsize = [&] {
-            return h_->completed.load(std::memory_order_relaxed) - h_->taken.load(std::memory_order_acquire) <
-                       h_->maxsize ||
-                   closed();
-        };
-        if (!wait_until(h_->space, deadline, below_maxsize, [&] { probe_consumers(); })) return Status::timeout;
-        if (closed()) return Status::closed;
+        const Status s = wait_below_maxsize(0, deadline);
+        if (s != Status::ok) return s;
     }
     const std::uint64_t bytes = small_header + align8(size);
     if (bytes > whole_limit_) return put_chunked(data, size, deadline);
@@ -14667,6 +14856,85 @@ QueueCore::Status QueueCore::put(const void* data, std::size_t size, os::Deadlin
     commit_put(tail + bytes, h_->completed.load(std::memory_order_relaxed) + 1);
     notify_after_commit(h_->data);
     return Status::ok;
+}
+
+QueueCore::Status QueueCore::wait_below_maxsize(std::uint64_t pending, os::Deadline deadline) {
+    auto below_maxsize = [&] {
+        return h_->completed.load(std::memory_order_relaxed) + pending - h_->taken.load(std::memory_order_acquire) <
+                   h_->maxsize ||
+               closed();
+    };
+    if (!wait_until(h_->space, deadline, below_maxsize, [&] { probe_consumers(); })) return Status::timeout;
+    return closed() ? Status::closed : Status::ok;
+}
+
+QueueCore::Status QueueCore::put_many(Source source, void* context, std::size_t count, std::size_t& done,
+                                      os::Deadline deadline) {
+    done = 0;
+    if (closed()) return Status::closed;
+    if (count == 0) return Status::ok;
+    auto r = take_lock(&h_->put_lock, deadline);
+    if (r == os::LockResult::timed_out) return Status::timeout;
+    Held held(&h_->put_lock);
+    if (r == os::LockResult::owner_died) recover_put();
+    if (closed()) return Status::closed;
+
+    // Records written but not yet published: [published, tail), `pending` items.
+    // A producer killed before the commit leaves them unpublished (the next put
+    // writes over them); the batch's items before them were published whole.
+    std::uint64_t tail = h_->tail.load(std::memory_order_relaxed);
+    std::uint64_t pending = 0;
+    auto publish = [&] {
+        if (!pending) return;
+        commit_put(tail, h_->completed.load(std::memory_order_relaxed) + pending);
+        notify_after_commit(h_->data);
+        done += static_cast<std::size_t>(pending);
+        pending = 0;
+    };
+    // What stops the batch early: the rest is not put.
+    auto stop = [&](Status s) {
+        publish();
+        return s;
+    };
+    try {
+        for (std::size_t i = 0; i < count; ++i) {
+            const void* data = nullptr;
+            std::size_t size = 0;
+            source(context, i, &data, &size);
+            if (h_->maxsize &&
+                h_->completed.load(std::memory_order_relaxed) + pending - h_->taken.load(std::memory_order_acquire) >=
+                    h_->maxsize) {
+                publish();  // consumers can only take what is published
+                const Status s = wait_below_maxsize(0, deadline);
+                if (s != Status::ok) return s;
+            }
+            const std::uint64_t bytes = small_header + align8(size);
+            if (bytes > whole_limit_) {  // streamed in chunks, published as it goes
+                publish();
+                const Status s = put_chunked(data, size, deadline);
+                if (s != Status::ok) return s;
+                ++done;
+                tail = h_->tail.load(std::memory_order_relaxed);
+                continue;
+            }
+            if (offset(tail) + bytes > h_->capacity || tail + bytes > h_->head_cache + h_->capacity ||
+                offset(tail) >= wrap_from_) {
+                publish();  // make_room pads and waits on published positions only
+                const Status s = make_room(tail, bytes, deadline);
+                if (s != Status::ok) return s;
+            }
+            unsigned char* rec = at(tail);
+            RecordHeader hdr{static_cast<std::uint32_t>(size), rec_whole};
+            std::memcpy(rec, &hdr, sizeof hdr);
+            if (size) std::memcpy(rec + small_header, data, size);
+            tail += bytes;
+            ++pending;
+        }
+    } catch (...) {
+        publish();
+        throw;
+    }
+    return stop(Status::ok);
 }
 
 bool QueueCore::wait_for_room(std::uint64_t tail, std::uint64_t bytes, os::Deadline deadline,
@@ -14820,7 +15088,10 @@ QueueCore::Status QueueCore::put_chunked(const void* data, std::size_t size, os:
 
 // ---------------------------------------------------------------- get
 
-QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline deadline) {
+QueueCore::Status QueueCore::get_many(Consume consume, void* context, std::size_t max_items, std::size_t& got,
+                                      os::Deadline deadline) {
+    got = 0;
+    if (max_items == 0) return Status::ok;
     auto something = [&] {
         return h_->tail.load(std::memory_order_acquire) != h_->head.load(std::memory_order_acquire) || closed();
     };
@@ -14844,6 +15115,7 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
                     if (b.size() > keep_buffer_bytes) std::string().swap(b);
                 }
             } shrink{buffer};
+            got = 1;
             consume(context, reinterpret_cast<const unsigned char*>(buffer.data()), static_cast<std::size_t>(total));
             return Status::ok;
         };
@@ -14913,6 +15185,11 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
                         notify(h_->space);
                         throw;
                     }
+                    if (max_items > 1) {
+                        got = take_following(head + bytes, taken, max_items, consume, context);
+                        return Status::ok;
+                    }
+                    got = 1;
                     commit_get(head + bytes, taken + 1);
                     notify_after_commit(h_->space);
                     if (offset(head + bytes) >= release_from_) release_consumed();
@@ -14944,6 +15221,46 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
             look_now = true;  // look again at once, under the lock
         }
     }
+}
+
+std::size_t QueueCore::take_following(std::uint64_t next, std::uint64_t taken, std::size_t max_items,
+                                      Consume consume, void* context) {
+    // Nothing is committed until the end: a consumer killed before it leaves
+    // every item of the batch on the ring for the next one.
+    const std::uint64_t cap = h_->capacity;
+    std::size_t n = 1;
+    auto commit = [&] {
+        commit_get(next, taken + n);
+        notify_after_commit(h_->space);
+        if (offset(next) >= release_from_) release_consumed();
+    };
+    try {
+        while (n < max_items) {
+            if (next == h_->tail_cache) {
+                h_->tail_cache = h_->tail.load(std::memory_order_acquire);
+                if (next == h_->tail_cache) break;
+            }
+            unsigned char* rec = at(next);
+            RecordHeader hdr;
+            std::memcpy(&hdr, rec, sizeof hdr);
+            if (hdr.kind < rec_whole || hdr.kind > rec_pad) corrupt("record kind");
+            const std::uint64_t bytes = record_size(hdr, cap - offset(next));
+            if (offset(next) + bytes > cap || next + bytes > h_->tail_cache) corrupt("record length");
+            if (hdr.kind == rec_pad) {
+                next += bytes;
+                continue;
+            }
+            if (hdr.kind != rec_whole) break;  // a streamed item (or the rest of one): the next get's
+            next += bytes;
+            ++n;  // counted before the call: an item whose decoding throws is consumed
+            consume(context, rec + small_header, hdr.len);
+        }
+    } catch (...) {
+        commit();
+        throw;
+    }
+    commit();
+    return n;
 }
 
 QueueCore::ParkedAction QueueCore::handle_parked(std::string& out, std::uint64_t& total, os::Deadline deadline,

@@ -5,9 +5,9 @@
 // Build (until the bench harness is wired in):
 //   g++ -std=c++17 -O2 -I. bench/bench_queues.cpp -o build/bench_queues -pthread -lrt
 // Run:  build/bench_queues [--no-python] [--reps N]
-// Output: tab-separated lines
-//   case  ours  anchor  unit  our_median  anchor_median  ratio
-// (median of the repetitions; ratio = ours / anchor, higher is better for rates).
+// Output: bench/run's FIG lines (median, min, max over the repetitions; the
+// 8 B, 1 KiB and batch cases) and ready-made rows (1 MiB and 2P2C cases).
+// BENCH_FILTER and BENCH_REPS are honoured.
 #define MPSERVICE_IMPLEMENTATION
 #include "../mpservice.hpp"
 
@@ -231,6 +231,71 @@ double ours_bytes(long n, std::size_t size, std::size_t capacity = mp::Queue<std
     return dt;
 }
 
+/// The same streams in batches: put_many of `batch` items, get_many of up to
+/// `batch` (a batch moves under one lock hold and one commit on each side).
+double ours_8b_batched(long n, std::size_t batch) {
+    mp::Queue<std::uint64_t> q;
+    std::uint64_t sum = 0;
+    long got = 0;
+    double dt = timed_pair(
+        [&] {
+            std::vector<std::uint64_t> items(batch);
+            for (long i = 0; i < n;) {
+                std::size_t k = std::min<std::size_t>(batch, static_cast<std::size_t>(n - i));
+                items.resize(k);
+                for (std::size_t j = 0; j < k; ++j) items[j] = static_cast<std::uint64_t>(i + long(j));
+                q.put_many(items);
+                i += long(k);
+            }
+        },
+        [&] {
+            std::vector<std::uint64_t> out;
+            out.reserve(batch);
+            while (got < n) {
+                out.clear();
+                got += long(q.get_many(out, batch));
+                for (std::uint64_t x : out) sum += x;
+            }
+        });
+    if (sum != static_cast<std::uint64_t>(n) * (n - 1) / 2) std::fprintf(stderr, "ours 8B batched: bad checksum\n");
+    return dt;
+}
+
+double ours_bytes_batched(long n, std::size_t size, std::size_t batch) {
+    mp::Queue<std::string> q;
+    long bad = 0, got = 0;
+    double dt = timed_pair(
+        [&] {
+            std::vector<std::string> items(batch, std::string(size, '\xab'));
+            for (long i = 0; i < n;) {
+                std::size_t k = std::min<std::size_t>(batch, static_cast<std::size_t>(n - i));
+                items.resize(k, std::string(size, '\xab'));
+                for (std::size_t j = 0; j < k; ++j) {
+                    long x = i + long(j);
+                    std::memcpy(&items[j][0], &x, sizeof x);
+                }
+                q.put_many(items);
+                i += long(k);
+            }
+        },
+        [&] {
+            std::vector<std::string> out;
+            out.reserve(batch);
+            while (got < n) {
+                out.clear();
+                q.get_many(out, batch);
+                for (const std::string& s : out) {
+                    long x;
+                    std::memcpy(&x, s.data(), sizeof x);
+                    bad += (x != got) || (s.size() != size);
+                    ++got;
+                }
+            }
+        });
+    if (bad) std::fprintf(stderr, "ours %zu B batched: %ld bad items\n", size, bad);
+    return dt;
+}
+
 /// producers x consumers processes, 8-byte items; seconds from go to all done.
 double ours_mpmc(int producers, int consumers, long per_producer) {
     mp::Queue<std::uint64_t> q;
@@ -281,6 +346,36 @@ std::vector<double> repeat(const std::function<double()>& f) {
     return v;
 }
 
+/// Runs ours and the anchors alternately (as interleaved) and returns every
+/// run's seconds of each.
+std::vector<std::vector<double>> interleaved_runs(const std::vector<std::function<double()>>& fs) {
+    for (auto& f : fs) f();  // warm-up
+    std::vector<std::vector<double>> secs(fs.size());
+    for (int i = 0; i < reps; ++i)
+        for (std::size_t k = 0; k < fs.size(); ++k) secs[k].push_back(fs[k]());
+    return secs;
+}
+
+/// One figure line of bench/run's protocol (median, min, max, n of `values`).
+void fig(const std::string& name, const char* side, const std::string& label, const char* unit,
+         std::vector<double> values) {
+    std::sort(values.begin(), values.end());
+    std::printf("FIG\t%s\t%s\t%s\t%s\t%.6g\t%.6g\t%.6g\t%zu\n", name.c_str(), side, label.c_str(), unit,
+                median(values), values.front(), values.back(), values.size());
+    std::fflush(stdout);
+}
+
+void fig_python(const std::string& name, const std::string& label, const char* unit, const PyFigure& f) {
+    std::printf("FIG\t%s\tanchor\t%s\t%s\t%.6g\t%.6g\t%.6g\t%d\n", name.c_str(), label.c_str(), unit, f.median,
+                f.min, f.max, f.n);
+    std::fflush(stdout);
+}
+
+bool wanted(const std::string& name) {
+    const char* f = std::getenv("BENCH_FILTER");
+    return !f || name.find(f) != std::string::npos;
+}
+
 /// Runs ours and the anchors alternately, so that a change in the machine's load
 /// (it is shared) hits all of them alike.  Returns the median seconds of each.
 std::vector<double> interleaved(const std::vector<std::function<double()>>& fs) {
@@ -301,8 +396,14 @@ std::vector<double> rates(const std::vector<double>& secs, double items) {
 
 // ---------------------------------------------------------------- Python
 
-std::map<std::string, double> run_python() {
-    std::map<std::string, double> out;
+/// A Python figure: median, min, max over n runs.
+struct PyFigure {
+    double median = 0, min = 0, max = 0;
+    int n = 0;
+};
+
+std::map<std::string, PyFigure> run_python() {
+    std::map<std::string, PyFigure> out;
     std::string script = __FILE__;
     script = script.substr(0, script.rfind('/') + 1) + "python/queues.py";
     std::string cmd = "python3 " + script + " --reps " + std::to_string(reps);
@@ -311,8 +412,8 @@ std::map<std::string, double> run_python() {
     char line[512];
     while (std::fgets(line, sizeof line, f)) {
         char key[128];
-        double value;
-        if (std::sscanf(line, "%127s %lf", key, &value) == 2) out[key] = value;
+        PyFigure f;
+        if (std::sscanf(line, "%127s %lf %*s %lf %lf %d", key, &f.median, &f.min, &f.max, &f.n) == 5) out[key] = f;
     }
     ::pclose(f);
     return out;
@@ -327,28 +428,44 @@ int main(int argc, char** argv) {
         if (a == "--no-python") python = false;
         else if (a == "--reps" && i + 1 < argc) reps = std::max(1, std::atoi(argv[++i]));
     }
-    std::map<std::string, double> py;
+    if (const char* r = std::getenv("BENCH_REPS")) reps = std::max(1, std::atoi(r));
+    std::map<std::string, PyFigure> py;
     if (python) py = run_python();
 
     const char* ours = "mp::Queue 1 producer proc -> 1 consumer";
-    {  // 1M x 8 B
+    const std::string c8 = "queue 1P1C 8 B x 1M", c1k = "queue 1P1C 1 KiB x 100k";
+    if (wanted(c8)) {  // 1M x 8 B
         const long n = 1000000;
-        auto m = interleaved({[&] { return ours_8b(n); }, [&] { return spsc_run<8, 16384>(n); },
-                              [&] { return boost_run<8>(n); }});
-        double q = n / m[0], spsc = n / m[1], boost = n / m[2];
-        emit("queue 1P1C 8 B x 1M", ours, "lock-free SPSC shm ring (spin, 16Ki slots)", "msg/s", q, spsc);
-        emit("queue 1P1C 8 B x 1M", ours, "Boost.Interprocess message_queue (cap 1024)", "msg/s", q, boost);
-        if (py.count("queue_8b")) emit("queue 1P1C 8 B x 1M", ours, "Python mp.Queue (ints, fork)", "msg/s", q, py["queue_8b"]);
+        auto m = interleaved_runs({[&] { return ours_8b(n); }, [&] { return spsc_run<8, 16384>(n); },
+                                   [&] { return boost_run<8>(n); }});
+        fig(c8, "ours", ours, "msg/s", rates(m[0], n));
+        fig(c8, "anchor", "lock-free SPSC shm ring (spin, 16Ki slots)", "msg/s", rates(m[1], n));
+        fig(c8, "anchor", "Boost.Interprocess message_queue (cap 1024)", "msg/s", rates(m[2], n));
+        if (py.count("queue_8b")) fig_python(c8, "Python mp.Queue (ints, fork)", "msg/s", py["queue_8b"]);
     }
-    {  // 100k x 1 KiB
+    if (wanted(c1k)) {  // 100k x 1 KiB
         const long n = 100000;
-        auto m = interleaved({[&] { return ours_bytes(n, 1024); }, [&] { return spsc_run<1024, 512>(n); },
-                              [&] { return boost_run<1024>(n); }});
-        double q = n / m[0], spsc = n / m[1], boost = n / m[2];
-        emit("queue 1P1C 1 KiB x 100k", ours, "lock-free SPSC shm ring (spin, 512 slots)", "msg/s", q, spsc);
-        emit("queue 1P1C 1 KiB x 100k", ours, "Boost.Interprocess message_queue (cap 1024)", "msg/s", q, boost);
-        if (py.count("queue_1k")) emit("queue 1P1C 1 KiB x 100k", ours, "Python mp.Queue (bytes, fork)", "msg/s", q, py["queue_1k"]);
+        auto m = interleaved_runs({[&] { return ours_bytes(n, 1024); }, [&] { return spsc_run<1024, 512>(n); },
+                                   [&] { return boost_run<1024>(n); }});
+        fig(c1k, "ours", ours, "msg/s", rates(m[0], n));
+        fig(c1k, "anchor", "lock-free SPSC shm ring (spin, 512 slots)", "msg/s", rates(m[1], n));
+        fig(c1k, "anchor", "Boost.Interprocess message_queue (cap 1024)", "msg/s", rates(m[2], n));
+        if (py.count("queue_1k")) fig_python(c1k, "Python mp.Queue (bytes, fork)", "msg/s", py["queue_1k"]);
     }
+    const std::string b8 = "queue 1P1C 8 B x 1M, put_many/get_many", b1k = "queue 1P1C 1 KiB x 100k, put_many/get_many";
+    if (wanted(b8) || wanted(b1k)) {  // batches of 256 items against the SPSC ring
+        const long n = 1000000, n1k = 100000;
+        const std::size_t batch = 256;
+        auto m = interleaved_runs({[&] { return ours_8b_batched(n, batch); }, [&] { return spsc_run<8, 16384>(n); },
+                                   [&] { return ours_bytes_batched(n1k, 1024, batch); },
+                                   [&] { return spsc_run<1024, 512>(n1k); }});
+        const char* ours_b = "mp::Queue put_many/get_many, batches of 256, 1P->1C";
+        fig(b8, "ours", ours_b, "msg/s", rates(m[0], n));
+        fig(b8, "anchor", "lock-free SPSC shm ring (spin, 16Ki slots)", "msg/s", rates(m[1], n));
+        fig(b1k, "ours", ours_b, "msg/s", rates(m[2], n1k));
+        fig(b1k, "anchor", "lock-free SPSC shm ring (spin, 512 slots)", "msg/s", rates(m[3], n1k));
+    }
+    if (!wanted("queue 1P1C 1 MiB x 1k") && !wanted("queue 2P2C 8 B x 1M")) return 0;
     {  // 1k x 1 MiB
         const long n = 1000;
         const std::size_t size = 1 << 20;
@@ -362,14 +479,15 @@ int main(int argc, char** argv) {
         emit("queue 1P1C 1 MiB x 1k", ours, "memcpy 256 MiB, one process", "MB/s", mb / m[0], median(cold));
         emit("queue 1P1C 1 MiB x 1k", ours4, "memcpy 1 MiB, cache-warm, one process", "MB/s", mb / m[1], median(hot));
         emit("queue 1P1C 1 MiB x 1k", ours4, "memcpy 256 MiB, one process", "MB/s", mb / m[1], median(cold));
-        if (py.count("queue_1m")) emit("queue 1P1C 1 MiB x 1k", ours, "Python mp.Queue (bytes, fork)", "MB/s", mb / m[0], py["queue_1m"]);
+        if (py.count("queue_1m"))
+            emit("queue 1P1C 1 MiB x 1k", ours, "Python mp.Queue (bytes, fork)", "MB/s", mb / m[0], py["queue_1m"].median);
     }
     {  // 2 producers x 2 consumers, 8 B
         const long per = 500000;
         double q = median(rates(repeat([&] { return ours_mpmc(2, 2, per); }), 2.0 * per));
         if (py.count("queue_2x2"))
             emit("queue 2P2C 8 B x 1M", "mp::Queue 2 producer procs -> 2 consumer procs",
-                 "Python mp.Queue 2P2C (ints, fork)", "items/s", q, py["queue_2x2"]);
+                 "Python mp.Queue 2P2C (ints, fork)", "items/s", q, py["queue_2x2"].median);
         else
             emit("queue 2P2C 8 B x 1M", "mp::Queue 2 producer procs -> 2 consumer procs", "-", "items/s", q, 0);
     }

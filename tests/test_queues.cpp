@@ -892,3 +892,279 @@ TEST_CASE_TEMPLATE("Process arguments: JoinableQueue workers and a result queue;
     CHECK(got.size() == 100000);
     CHECK(sender.result(60s) == "sent");
 }
+
+// ---------------------------------------------------------------- batches: put_many / get_many
+
+namespace {
+/// Decodes unless its value is 13 (to test a batch that meets a bad item).
+struct Picky {
+    int v = 0;
+    std::string note;  // not trivially copyable: the codec below is used
+};
+}  // namespace
+
+namespace mpservice {
+template <>
+struct Codec<Picky> {
+    static void encode(Encoder& e, const Picky& p) { e.write(p.v); }
+    static Picky decode(Decoder& d) {
+        Picky p{d.read<int>(), {}};
+        if (p.v == 13) throw DecodeError("thirteen");
+        return p;
+    }
+};
+}  // namespace mpservice
+
+TEST_CASE("put_many / get_many: order, batch sizes, ranges, mixed with put and get") {
+    mp::Queue<int> q;
+    std::vector<int> a(1000);
+    for (int i = 0; i < 1000; ++i) a[static_cast<std::size_t>(i)] = i;
+    q.put_many(a);
+    q.put(1000);
+    q.put_many({1001, 1002});
+    const int arr[] = {1003, 1004, 1005};
+    q.put_many(arr);
+    CHECK(q.qsize() == 1006);
+    std::vector<int> out;
+    CHECK(q.get_many(out, 0) == 0);
+    CHECK(q.get_many(out, 7) == 7);
+    CHECK(q.get() == 7);
+    while (out.size() < 1005) {
+        const std::size_t before = out.size();
+        const std::size_t n = q.get_many(out, 100);
+        CHECK(n >= 1);
+        CHECK(n <= 100);
+        CHECK(out.size() == before + n);
+    }
+    CHECK(q.empty());
+    // out holds 0..6, then 8..1005 (7 went to get())
+    for (std::size_t i = 0; i < out.size(); ++i) CHECK(out[i] == static_cast<int>(i < 7 ? i : i + 1));
+    CHECK(q.try_get_many(out, 10) == 0);
+    std::vector<int> none;
+    q.put_many(none);  // an empty batch is nothing
+    CHECK(q.empty());
+
+    // Strings of every size in one batch, streamed ones (over half a 4 KiB ring) among them.
+    mp::Queue<std::string> s(0, 4096);
+    std::vector<std::string> items;
+    for (std::uint32_t i = 0; i < 40; ++i) items.push_back(make_payload(3, i, i % 10 == 9 ? 9000 : 8 + i * 5));
+    pid_t c = fork_child([&] {
+        s.put_many(items);
+        return 0;
+    });
+    std::vector<std::string> got;
+    while (got.size() < items.size()) {
+        const std::size_t before = got.size();
+        const std::size_t n = s.get_many(got, 16, 30s);
+        CHECK(n >= 1);
+        for (std::size_t k = before; k < got.size(); ++k)
+            if (got[k].size() > 2048) CHECK(n == 1);  // a streamed item comes alone
+    }
+    CHECK(got == items);
+    CHECK(reap(c) == 0);
+    s.put_many(std::vector<std::string>{"x", "y"});
+    CHECK(s.get_many(5) == std::vector<std::string>{"x", "y"});
+}
+
+TEST_CASE("put_many / get_many across processes: exactly once, each batch's items together") {
+    // 2 producer processes put batches of 1..50 items, 2 consumer processes take
+    // batches of up to 64; every item arrives exactly once, and in each producer's order.
+    mp::Queue<std::uint64_t> q(0, 64 << 10);
+    constexpr std::uint32_t per_producer = 50000;
+    SharedCounters seen(2 * per_producer);
+    SharedCounters order_bad(1);
+    auto consumer = [&] {
+        std::vector<std::uint64_t> out;
+        std::uint64_t last[2] = {0, 0};
+        bool first[2] = {true, true};
+        try {
+            for (;;) {
+                out.clear();
+                q.get_many(out, 64);
+                for (std::uint64_t x : out) {
+                    const unsigned p = static_cast<unsigned>(x >> 32);
+                    const std::uint64_t i = x & 0xffffffffu;
+                    if (p > 1 || i >= per_producer) return 1;
+                    if (!first[p] && i <= last[p]) order_bad[0].fetch_add(1);
+                    first[p] = false;
+                    last[p] = i;
+                    seen[p * per_producer + i].fetch_add(1);
+                }
+            }
+        } catch (const mp::QueueClosed&) {
+        }
+        return 0;
+    };
+    pid_t c1 = fork_child(consumer), c2 = fork_child(consumer);
+    std::vector<pid_t> producers;
+    for (std::uint64_t p = 0; p < 2; ++p)
+        producers.push_back(fork_child([&, p] {
+            std::vector<std::uint64_t> batch;
+            for (std::uint32_t i = 0; i < per_producer;) {
+                batch.clear();
+                const std::uint32_t k = std::min<std::uint32_t>(1 + (i * 7) % 50, per_producer - i);
+                for (std::uint32_t j = 0; j < k; ++j) batch.push_back((p << 32) | (i + j));
+                q.put_many(batch);
+                i += k;
+            }
+            return 0;
+        }));
+    for (pid_t p : producers) CHECK(reap(p) == 0);
+    q.close();
+    CHECK(reap(c1) == 0);
+    CHECK(reap(c2) == 0);
+    std::size_t wrong = 0;
+    for (std::uint32_t i = 0; i < 2 * per_producer; ++i) wrong += seen[i].load() != 1;
+    CHECK(wrong == 0);
+    CHECK(order_bad[0].load() == 0);
+}
+
+TEST_CASE("put_many with bounds: waits for room, times out with a prefix put; maxsize counts the batch") {
+    mp::Queue<int> q(10);
+    std::vector<int> items(25);
+    for (int i = 0; i < 25; ++i) items[static_cast<std::size_t>(i)] = i;
+    CHECK(q.put_many(items, 50ms) == 10);  // no consumer: the first 10, then the timeout
+    CHECK(q.qsize() == 10);
+    CHECK(q.full());
+    std::vector<int> out;
+    CHECK(q.get_many(out, 100) == 10);
+    for (int i = 0; i < 10; ++i) CHECK(out[static_cast<std::size_t>(i)] == i);
+
+    // With a consumer in another process, the whole batch goes through the bound.
+    pid_t c = fork_child([&] {
+        std::vector<int> got;
+        while (got.size() < 25) q.get_many(got, 4, 30s);
+        for (int i = 0; i < 25; ++i)
+            if (got[static_cast<std::size_t>(i)] != i) return 1;
+        return 0;
+    });
+    q.put_many(items);
+    CHECK(reap(c) == 0);
+
+    // A byte bound: a batch larger than the ring waits for room as it goes.
+    mp::Queue<std::string> b(0, 1024);
+    std::vector<std::string> big(40, std::string(100, 'b'));
+    CHECK(b.put_many(big, 50ms) < 40);
+    CHECK(b.qsize() >= 1);
+}
+
+TEST_CASE("put_many / get_many errors: closed, Empty, unencodable and undecodable items") {
+    mp::Queue<int> q;
+    std::vector<int> out;
+    CHECK_THROWS_AS(q.get_many(out, 5, 20ms), mp::Empty);
+    CHECK(q.try_get_many(out, 5) == 0);
+    q.put_many({1, 2, 3});
+    q.close();
+    CHECK_THROWS_AS(q.put_many({4, 5}), mp::QueueClosed);
+    CHECK_THROWS_AS(q.put_many(std::vector<int>{4}, 10ms), mp::QueueClosed);
+    CHECK(q.get_many(out, 10) == 3);  // drains
+    CHECK_THROWS_AS(q.get_many(out, 10), mp::QueueClosed);
+    CHECK(q.try_get_many(out, 10) == 0);
+    CHECK(out == std::vector<int>{1, 2, 3});
+
+    // An item that cannot be encoded stops the batch: the ones before it are put.
+    mp::Queue<std::vector<mp::Queue<int>>> qq;
+    std::vector<std::vector<mp::Queue<int>>> handles{{}, {}, {mp::Queue<int>()}, {}};
+    CHECK_THROWS_AS(qq.put_many(handles), std::invalid_argument);
+    CHECK(qq.qsize() == 2);
+
+    // An item that cannot be decoded: dropped, the ones before it delivered, the rest stay.
+    mp::Queue<Picky> p;
+    p.put_many({Picky{1, ""}, Picky{2, ""}, Picky{13, ""}, Picky{4, ""}});
+    std::vector<Picky> got;
+    CHECK_THROWS_AS(p.get_many(got, 10), mp::DecodeError);
+    REQUIRE(got.size() == 2);
+    CHECK(got[1].v == 2);
+    CHECK(p.qsize() == 1);
+    CHECK(p.get().v == 4);
+}
+
+TEST_CASE("SIGKILL inside put_many / get_many: no duplicates, a producer's items a prefix, a consumer loses "
+          "at most one batch") {
+    constexpr std::size_t batch = 32;
+    for (unsigned round = 0; round < 12; ++round) {
+        const std::uint32_t items = 40000;
+        mp::Queue<std::uint64_t> q(0, 8192);
+        SharedCounters seen(items);
+        SharedCounters progress(1);
+        auto consume = [&] {
+            std::vector<std::uint64_t> out;
+            try {
+                for (;;) {
+                    out.clear();
+                    q.get_many(out, batch);
+                    for (std::uint64_t x : out) {
+                        if (x >= items) return 1;
+                        seen[static_cast<std::size_t>(x)].fetch_add(1);
+                    }
+                    progress[0].fetch_add(static_cast<std::uint32_t>(out.size()));
+                }
+            } catch (const mp::QueueClosed&) {
+            }
+            return 0;
+        };
+        pid_t victim = fork_child(consume);
+        pid_t survivor = fork_child(consume);
+        pid_t producer = fork_child([&] {
+            std::vector<std::uint64_t> b;
+            for (std::uint64_t i = 0; i < items;) {
+                b.clear();
+                for (std::size_t j = 0; j < batch && i < items; ++j) b.push_back(i++);
+                q.put_many(b);
+            }
+            return 0;
+        });
+        const std::uint32_t kill_at = items / 4 + (round * 997) % (items / 2);
+        const auto guard = std::chrono::steady_clock::now() + 60s;
+        while (progress[0].load() < kill_at) {
+            REQUIRE(std::chrono::steady_clock::now() < guard);
+            std::this_thread::yield();
+        }
+        ::kill(victim, SIGKILL);
+        CHECK(reap(victim) == -SIGKILL);
+        CHECK(reap(producer) == 0);
+        q.close();
+        CHECK(reap(survivor) == 0);
+        std::size_t missing = 0, dup = 0;
+        for (std::uint32_t i = 0; i < items; ++i) {
+            missing += seen[i].load() == 0;
+            dup += seen[i].load() > 1;
+        }
+        CHECK(dup == 0);
+        CHECK(missing <= batch);
+    }
+    // A producer killed inside put_many: what arrives of it is a gap-free prefix.
+    for (unsigned round = 0; round < 12; ++round) {
+        mp::Queue<std::uint64_t> q(0, 4096);
+        SharedCounters started(1);
+        pid_t producer = fork_child([&] {
+            std::vector<std::uint64_t> b;
+            for (std::uint64_t i = 0;;) {
+                b.clear();
+                for (std::size_t j = 0; j < batch; ++j) b.push_back(i++);
+                q.put_many(b);
+                started[0].store(1);
+            }
+            return 0;
+        });
+        std::uint64_t next = 0;
+        std::vector<std::uint64_t> out;
+        const std::uint64_t kill_after = 1000 + round * 321;
+        while (next < kill_after) {
+            out.clear();
+            REQUIRE(q.get_many(out, batch, 30s) >= 1);
+            for (std::uint64_t x : out) CHECK(x == next++);
+        }
+        ::kill(producer, SIGKILL);
+        CHECK(reap(producer) == -SIGKILL);
+        for (;;) {
+            out.clear();
+            if (q.try_get_many(out, batch) == 0) break;
+            for (std::uint64_t x : out) CHECK(x == next++);
+        }
+        q.put_many({7, 8});  // the queue still works
+        out.clear();
+        CHECK(q.get_many(out, 5, 10s) == 2);
+        CHECK(out == std::vector<std::uint64_t>{7, 8});
+    }
+}

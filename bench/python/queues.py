@@ -1,6 +1,6 @@
 """Python multiprocessing.Queue, the same workloads as bench/bench_queues.cpp.
 
-Prints one line per case:  key<TAB>median<TAB>unit   (median over --reps runs,
+Prints one line per case:  key<TAB>median<TAB>unit<TAB>min<TAB>max<TAB>n   (median over --reps runs,
 after a warm-up).  Steady state uses the fork start method; start-up is not timed.
 """
 import argparse
@@ -85,7 +85,9 @@ def main():
     def run(key, unit, fn, amount):
         fn()  # warm-up (smaller runs are not used: the figures are rates)
         times = [fn() for _ in range(reps)]
-        print("%s\t%.6g\t%s" % (key, statistics.median(amount / t for t in times), unit), flush=True)
+        r = [amount / t for t in times]
+        # key, median, unit, then min, max and n (bench_queues.cpp reports the spread)
+        print("%s\t%.6g\t%s\t%.6g\t%.6g\t%d" % (key, statistics.median(r), unit, min(r), max(r), len(r)), flush=True)
 
     # Fewer items than the C++ cases (Python is ~100x slower); rates are comparable.
     run("queue_8b", "msg/s", lambda: one_to_one(ctx, 200000, 0), 200000)

@@ -360,6 +360,10 @@ MPSERVICE_API void sleep_until(Deadline deadline) noexcept;
 /// (A block of shared memory holding such a mutex must stay mapped until that
 /// thread ends, or the kernel cannot mark the mutex as its owner's death.)
 MPSERVICE_API bool robust_mutex_held_in_this_process(const RobustMutex* m) noexcept;
+/// Whether some thread sleeps in the kernel waiting for the robust mutex (the
+/// waiters bit of its futex word; false where the word cannot be read).  A hint:
+/// it may change at once.
+MPSERVICE_API bool robust_mutex_has_sleepers(const RobustMutex* m) noexcept;
 
 /// Gives the pages of bytes [offset, offset + size) of shared memory `h` back
 /// to the system (they read as zeros afterwards, in every process that maps

@@ -130,7 +130,31 @@ public:
     /// Takes one item and hands its bytes to `consume`: ok, timeout (nothing
     /// before `deadline`) or closed (closed and drained).  An exception from
     /// `consume` propagates; the item is consumed all the same.
-    MPSERVICE_API Status get(Consume consume, void* context, os::Deadline deadline);
+    Status get(Consume consume, void* context, os::Deadline deadline) {
+        std::size_t taken = 0;
+        return get_many(consume, context, 1, taken, deadline);
+    }
+
+    /// Gives the bytes of item `index` of a batch being put: sets *data and
+    /// *size, valid until the next call.  May throw (the batch stops there).
+    using Source = void (*)(void* context, std::size_t index, const void** data, std::size_t* size);
+    /// Puts items [0, count) of a batch in order, holding the put lock once and
+    /// publishing them with one commit - more only where it must: before waiting
+    /// for room (so consumers can make it) and around an item streamed in chunks.
+    /// `done` is the number put, always a prefix of the batch: ok (all),
+    /// timeout or closed (the rest was not put).  An exception from `source`
+    /// propagates after the items before it are published.
+    MPSERVICE_API Status put_many(Source source, void* context, std::size_t count, std::size_t& done,
+                                  os::Deadline deadline);
+    /// Takes up to `max_items` items (at least 1 unless it returns timeout or
+    /// closed), waiting for the first until `deadline` but not for the others:
+    /// it takes whole items that are already there, in order, hands each to
+    /// `consume`, and takes them off the ring with one commit.  A streamed item
+    /// (larger than half the ring) comes alone.  `taken` is the number handed
+    /// over.  An exception from `consume` propagates; that item and the ones
+    /// before it are consumed.
+    MPSERVICE_API Status get_many(Consume consume, void* context, std::size_t max_items, std::size_t& taken,
+                                  os::Deadline deadline);
 
     MPSERVICE_API std::size_t qsize() const noexcept;
     MPSERVICE_API bool full() const noexcept;
@@ -166,6 +190,13 @@ private:
     /// `tail`), then waits until the record fits.
     Status make_room(std::uint64_t& tail, std::uint64_t bytes, os::Deadline deadline);
     Status put_chunked(const void* data, std::size_t size, os::Deadline deadline);
+    /// Waits (holding the put lock) until the item bound leaves room for one more
+    /// than `pending` uncommitted items: ok, timeout or closed.
+    Status wait_below_maxsize(std::uint64_t pending, os::Deadline deadline);
+    /// Takes, after the whole record just consumed at `head` (ending at `next`),
+    /// the whole records that follow, up to `max_items` in all; commits once.
+    std::size_t take_following(std::uint64_t next, std::uint64_t taken, std::size_t max_items, Consume consume,
+                               void* context);
     bool wait_for_room(std::uint64_t tail, std::uint64_t bytes, os::Deadline deadline, bool give_up_on_close);
     void write_pad(std::uint64_t tail, std::uint64_t bytes);
     void commit_put(std::uint64_t tail, std::uint64_t completed) noexcept;

@@ -1130,6 +1130,18 @@ bool robust_mutex_held_in_this_process(const RobustMutex* m) noexcept {
 #endif
 }
 
+bool robust_mutex_has_sleepers(const RobustMutex* m) noexcept {
+#if defined(__linux__) && defined(__GLIBC__)
+    // glibc's robust mutex sets FUTEX_WAITERS in its word before a waiter sleeps
+    // and an unlock that finds it set makes a FUTEX_WAKE (the kernel's protocol).
+    auto* mutex = reinterpret_cast<const pthread_mutex_t*>(m->storage);
+    return (static_cast<unsigned>(__atomic_load_n(&mutex->__data.__lock, __ATOMIC_RELAXED)) & FUTEX_WAITERS) != 0;
+#else
+    (void)m;
+    return false;
+#endif
+}
+
 void shm_release(handle_t h, std::size_t offset, std::size_t size) noexcept {
     if (size == 0) return;
 #if defined(__linux__)

@@ -348,13 +348,8 @@ QueueCore::Status QueueCore::put(const void* data, std::size_t size, os::Deadlin
     if (closed()) return Status::closed;
 
     if (h_->maxsize) {
-        auto below_maxsize = [&] {
-            return h_->completed.load(std::memory_order_relaxed) - h_->taken.load(std::memory_order_acquire) <
-                       h_->maxsize ||
-                   closed();
-        };
-        if (!wait_until(h_->space, deadline, below_maxsize, [&] { probe_consumers(); })) return Status::timeout;
-        if (closed()) return Status::closed;
+        const Status s = wait_below_maxsize(0, deadline);
+        if (s != Status::ok) return s;
     }
     const std::uint64_t bytes = small_header + align8(size);
     if (bytes > whole_limit_) return put_chunked(data, size, deadline);
@@ -375,6 +370,85 @@ QueueCore::Status QueueCore::put(const void* data, std::size_t size, os::Deadlin
     commit_put(tail + bytes, h_->completed.load(std::memory_order_relaxed) + 1);
     notify_after_commit(h_->data);
     return Status::ok;
+}
+
+QueueCore::Status QueueCore::wait_below_maxsize(std::uint64_t pending, os::Deadline deadline) {
+    auto below_maxsize = [&] {
+        return h_->completed.load(std::memory_order_relaxed) + pending - h_->taken.load(std::memory_order_acquire) <
+                   h_->maxsize ||
+               closed();
+    };
+    if (!wait_until(h_->space, deadline, below_maxsize, [&] { probe_consumers(); })) return Status::timeout;
+    return closed() ? Status::closed : Status::ok;
+}
+
+QueueCore::Status QueueCore::put_many(Source source, void* context, std::size_t count, std::size_t& done,
+                                      os::Deadline deadline) {
+    done = 0;
+    if (closed()) return Status::closed;
+    if (count == 0) return Status::ok;
+    auto r = take_lock(&h_->put_lock, deadline);
+    if (r == os::LockResult::timed_out) return Status::timeout;
+    Held held(&h_->put_lock);
+    if (r == os::LockResult::owner_died) recover_put();
+    if (closed()) return Status::closed;
+
+    // Records written but not yet published: [published, tail), `pending` items.
+    // A producer killed before the commit leaves them unpublished (the next put
+    // writes over them); the batch's items before them were published whole.
+    std::uint64_t tail = h_->tail.load(std::memory_order_relaxed);
+    std::uint64_t pending = 0;
+    auto publish = [&] {
+        if (!pending) return;
+        commit_put(tail, h_->completed.load(std::memory_order_relaxed) + pending);
+        notify_after_commit(h_->data);
+        done += static_cast<std::size_t>(pending);
+        pending = 0;
+    };
+    // What stops the batch early: the rest is not put.
+    auto stop = [&](Status s) {
+        publish();
+        return s;
+    };
+    try {
+        for (std::size_t i = 0; i < count; ++i) {
+            const void* data = nullptr;
+            std::size_t size = 0;
+            source(context, i, &data, &size);
+            if (h_->maxsize &&
+                h_->completed.load(std::memory_order_relaxed) + pending - h_->taken.load(std::memory_order_acquire) >=
+                    h_->maxsize) {
+                publish();  // consumers can only take what is published
+                const Status s = wait_below_maxsize(0, deadline);
+                if (s != Status::ok) return s;
+            }
+            const std::uint64_t bytes = small_header + align8(size);
+            if (bytes > whole_limit_) {  // streamed in chunks, published as it goes
+                publish();
+                const Status s = put_chunked(data, size, deadline);
+                if (s != Status::ok) return s;
+                ++done;
+                tail = h_->tail.load(std::memory_order_relaxed);
+                continue;
+            }
+            if (offset(tail) + bytes > h_->capacity || tail + bytes > h_->head_cache + h_->capacity ||
+                offset(tail) >= wrap_from_) {
+                publish();  // make_room pads and waits on published positions only
+                const Status s = make_room(tail, bytes, deadline);
+                if (s != Status::ok) return s;
+            }
+            unsigned char* rec = at(tail);
+            RecordHeader hdr{static_cast<std::uint32_t>(size), rec_whole};
+            std::memcpy(rec, &hdr, sizeof hdr);
+            if (size) std::memcpy(rec + small_header, data, size);
+            tail += bytes;
+            ++pending;
+        }
+    } catch (...) {
+        publish();
+        throw;
+    }
+    return stop(Status::ok);
 }
 
 bool QueueCore::wait_for_room(std::uint64_t tail, std::uint64_t bytes, os::Deadline deadline,
@@ -528,7 +602,10 @@ QueueCore::Status QueueCore::put_chunked(const void* data, std::size_t size, os:
 
 // ---------------------------------------------------------------- get
 
-QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline deadline) {
+QueueCore::Status QueueCore::get_many(Consume consume, void* context, std::size_t max_items, std::size_t& got,
+                                      os::Deadline deadline) {
+    got = 0;
+    if (max_items == 0) return Status::ok;
     auto something = [&] {
         return h_->tail.load(std::memory_order_acquire) != h_->head.load(std::memory_order_acquire) || closed();
     };
@@ -552,6 +629,7 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
                     if (b.size() > keep_buffer_bytes) std::string().swap(b);
                 }
             } shrink{buffer};
+            got = 1;
             consume(context, reinterpret_cast<const unsigned char*>(buffer.data()), static_cast<std::size_t>(total));
             return Status::ok;
         };
@@ -621,6 +699,11 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
                         notify(h_->space);
                         throw;
                     }
+                    if (max_items > 1) {
+                        got = take_following(head + bytes, taken, max_items, consume, context);
+                        return Status::ok;
+                    }
+                    got = 1;
                     commit_get(head + bytes, taken + 1);
                     notify_after_commit(h_->space);
                     if (offset(head + bytes) >= release_from_) release_consumed();
@@ -652,6 +735,46 @@ QueueCore::Status QueueCore::get(Consume consume, void* context, os::Deadline de
             look_now = true;  // look again at once, under the lock
         }
     }
+}
+
+std::size_t QueueCore::take_following(std::uint64_t next, std::uint64_t taken, std::size_t max_items,
+                                      Consume consume, void* context) {
+    // Nothing is committed until the end: a consumer killed before it leaves
+    // every item of the batch on the ring for the next one.
+    const std::uint64_t cap = h_->capacity;
+    std::size_t n = 1;
+    auto commit = [&] {
+        commit_get(next, taken + n);
+        notify_after_commit(h_->space);
+        if (offset(next) >= release_from_) release_consumed();
+    };
+    try {
+        while (n < max_items) {
+            if (next == h_->tail_cache) {
+                h_->tail_cache = h_->tail.load(std::memory_order_acquire);
+                if (next == h_->tail_cache) break;
+            }
+            unsigned char* rec = at(next);
+            RecordHeader hdr;
+            std::memcpy(&hdr, rec, sizeof hdr);
+            if (hdr.kind < rec_whole || hdr.kind > rec_pad) corrupt("record kind");
+            const std::uint64_t bytes = record_size(hdr, cap - offset(next));
+            if (offset(next) + bytes > cap || next + bytes > h_->tail_cache) corrupt("record length");
+            if (hdr.kind == rec_pad) {
+                next += bytes;
+                continue;
+            }
+            if (hdr.kind != rec_whole) break;  // a streamed item (or the rest of one): the next get's
+            next += bytes;
+            ++n;  // counted before the call: an item whose decoding throws is consumed
+            consume(context, rec + small_header, hdr.len);
+        }
+    } catch (...) {
+        commit();
+        throw;
+    }
+    commit();
+    return n;
 }
 
 QueueCore::ParkedAction QueueCore::handle_parked(std::string& out, std::uint64_t& total, os::Deadline deadline,

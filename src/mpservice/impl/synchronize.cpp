@@ -62,7 +62,10 @@ void wake_sleepers(ConditionState* cs, int n) noexcept {
     // Pairs with the waiter's sleepers increment before its last look at the
     // counter: either it saw the bump, or we see it sleeping.  A sleeper that
     // left meanwhile (spurious or periodic wake-up) saw the bump on its way out.
-    if (cs->sleepers.load(std::memory_order_seq_cst) != 0) os::futex_wake(&cs->sequence, n);
+    if (cs->sleepers.load(std::memory_order_seq_cst) != 0) {
+        os::futex_wake(&cs->sequence, n);
+        t_woke_a_sleeper = true;
+    }
 }
 
 /// The wakes the calling thread owes: Conditions it notified under a lock it
@@ -161,16 +164,31 @@ std::uint32_t release_all(const LockRef& l) {
     return depth;
 }
 
-/// Waits for a lock that someone else holds: spins (adaptively, watching the
-/// owner field rather than hammering the mutex), then sleeps in the kernel.
+/// Waits for a lock that someone else holds.
+///
+/// Spinning pays only when it replaces a sleep: the holder is running a short
+/// critical section and will not want the lock back at once.  When two threads
+/// take the lock in a stream (release, re-take), a spinner that grabs it at each
+/// release turns every acquisition into a cache-line hand-off between CPUs
+/// (3-4x slower than letting the holder re-take it, measured), and a spinner
+/// that shares its CPU with the holder only delays it.  So:
+///   - no spin while a thread sleeps in the kernel for the lock (the mutex
+///     word's waiters bit): the lock is in such a stream already, and the
+///     sleepers are first in line - we join them, as the robust pthread mutex
+///     itself does for every waiter;
+///   - a spin waits for one release and tries once; losing that try means the
+///     holder (or another waiter) re-took it at once: sleep, do not spin again.
 LockStatus lock_contended(LockState* s, std::uint64_t me, os::Deadline deadline) {
     os::LockResult r = os::LockResult::busy;
-    auto free_and_taken = [&] {
-        if (s->owner.load(std::memory_order_relaxed) != 0) return false;
-        r = os::robust_mutex_trylock(&s->mutex);
-        return r != os::LockResult::busy;
-    };
-    if (!spin_until(free_and_taken, s->spin_ns)) r = os::robust_mutex_lock_blocking(&s->mutex, deadline);
+    if (!os::robust_mutex_has_sleepers(&s->mutex)) {
+        auto released_then_tried = [&] {
+            if (s->owner.load(std::memory_order_relaxed) != 0) return false;
+            r = os::robust_mutex_trylock(&s->mutex);
+            return true;
+        };
+        spin_until(released_then_tried, s->spin_ns);
+    }
+    if (r == os::LockResult::busy) r = os::robust_mutex_lock_blocking(&s->mutex, deadline);
     return took(s, r, me);
 }
 
@@ -269,8 +287,9 @@ namespace sync_impl {
 /// bumped the counter but will not wake us.
 bool await_notify(ConditionState* cs, std::uint32_t seen, os::Deadline deadline) {
     auto bumped = [&] { return cs->sequence.load(std::memory_order_acquire) != seen; };
+    const bool no_spin = partner_is_waking();
     if (expired(deadline)) return bumped();
-    if (spin_until(bumped, cs->spin_ns)) return true;
+    if (!no_spin && spin_until(bumped, cs->spin_ns)) return true;
     for (;;) {
         if (bumped()) return true;
         auto step = os::Clock::now() +
@@ -339,6 +358,7 @@ void condition_notify(const SharedRef<ConditionState>& c, const LockRef& l, int 
         return;
     }
     os::futex_wake(&cs->sequence, static_cast<int>(k));
+    t_woke_a_sleeper = true;
 }
 
 void condition_lock_owner_died(const SharedRef<ConditionState>& c, const LockRef& l) {
@@ -368,9 +388,10 @@ constexpr auto semaphore_recheck = std::chrono::milliseconds(200);
 
 bool semaphore_acquire(SemaphoreState* s, os::Deadline deadline) {
     using namespace sync_impl;
+    const bool no_spin = partner_is_waking();
     if (semaphore_take(s)) return true;
     if (expired(deadline)) return false;
-    if (spin_until([s] { return semaphore_take(s); }, s->spin_ns)) return true;
+    if (!no_spin && spin_until([s] { return semaphore_take(s); }, s->spin_ns)) return true;
     s->sleepers.fetch_add(1, std::memory_order_seq_cst);
     bool taken = false;
     for (;;) {
@@ -404,8 +425,10 @@ void semaphore_release(SemaphoreState* s, unsigned n) {
                                            std::memory_order_relaxed))
             break;
     }
-    if (s->sleepers.load(std::memory_order_seq_cst) != 0)
+    if (s->sleepers.load(std::memory_order_seq_cst) != 0) {
         os::futex_wake(&s->value, n > unsigned(INT_MAX) ? INT_MAX : static_cast<int>(n));
+        t_woke_a_sleeper = true;
+    }
 }
 
 // ---------------------------------------------------------------- Event
@@ -416,18 +439,22 @@ void event_set(EventState* e) {
         if (w & 1u) return;  // already set: whoever set it woke the sleepers
     } while (!e->word.compare_exchange_weak(w, (w + 2u) | 1u, std::memory_order_seq_cst,
                                             std::memory_order_relaxed));
-    if (e->sleepers.load(std::memory_order_seq_cst) != 0) os::futex_wake(&e->word, INT_MAX);
+    if (e->sleepers.load(std::memory_order_seq_cst) != 0) {
+        os::futex_wake(&e->word, INT_MAX);
+        t_woke_a_sleeper = true;
+    }
 }
 
 bool event_wait(EventState* e, os::Deadline deadline) {
     using namespace sync_impl;
+    const bool no_spin = partner_is_waking();
     const std::uint32_t seen = e->word.load(std::memory_order_acquire);
     if (seen & 1u) return true;
     // From a cleared state the word changes only by a set() (clearing a clear
     // flag leaves it as it is), so any change means the event was set.
     auto changed = [&] { return e->word.load(std::memory_order_acquire) != seen; };
     if (expired(deadline)) return changed();
-    if (spin_until(changed, e->spin_ns)) return true;
+    if (!no_spin && spin_until(changed, e->spin_ns)) return true;
     e->sleepers.fetch_add(1, std::memory_order_seq_cst);
     bool set = false;
     for (;;) {

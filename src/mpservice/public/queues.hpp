@@ -68,6 +68,8 @@
 #include <chrono>
 #include <cstddef>
 #include <cstring>
+#include <initializer_list>
+#include <iterator>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -155,6 +157,42 @@ struct QueueItems {
         }
     }
 
+    /// A batch appends its items to a std::vector<T>.
+    static void consume_into(void* context, const unsigned char* data, std::size_t size) {
+        std::optional<T> one;
+        consume(&one, data, size);
+        static_cast<std::vector<T>*>(context)->push_back(std::move(*one));
+    }
+
+    /// A batch being put: the items of [first, last) one by one, each item's
+    /// bytes valid until the next is asked for.
+    template <class It>
+    struct Batch {
+        It next;
+        std::size_t index = 0;
+        std::string encoded;  // an encoded item's bytes (with_bytes's own buffer is gone after it returns)
+        static void bytes_of(void* context, std::size_t i, const void** data, std::size_t* size) {
+            auto& b = *static_cast<Batch*>(context);
+            for (; b.index < i; ++b.index) ++b.next;  // the core asks in order
+            with_bytes(*b.next, [&](const void* d, std::size_t n) {
+                if constexpr (raw || contiguous) {
+                    *data = d;  // the caller's item itself, alive for the whole batch
+                } else {
+                    b.encoded.assign(static_cast<const char*>(d), n);
+                    *data = b.encoded.data();
+                }
+                *size = n;
+                return 0;
+            });
+        }
+    };
+    template <class It>
+    static QueueCore::Status put_many(QueueCore& core, It first, std::size_t count, std::size_t& done,
+                                      os::Deadline deadline) {
+        Batch<It> batch{first, 0, {}};
+        return core.put_many(&Batch<It>::bytes_of, &batch, count, done, deadline);
+    }
+
     static QueueCore::Status put(QueueCore& core, const T& item, os::Deadline deadline) {
         return with_bytes(item, [&](const void* data, std::size_t size) { return core.put(data, size, deadline); });
     }
@@ -222,6 +260,58 @@ public:
         return try_take(detail::os::deadline_after(timeout));
     }
 
+    /// Puts every item of `items` (a range: vector, array, initializer list...) in
+    /// order, as one batch: one hold of the producers' lock and one commit that
+    /// publishes them all (more commits only while it waits for room, or around
+    /// an item larger than half the ring).  Waits for room as long as it takes.
+    /// Throws QueueClosed (nothing put), or what encoding an item throws (the
+    /// items before it are put, it and the rest are not).  Items of one batch stay
+    /// together: no other producer's item lands between them, unless the batch
+    /// had to wait for room.
+    template <class Range>
+    void put_many(const Range& items) {
+        std::size_t done = 0;
+        check_put(Items::put_many(core_, std::begin(items), count_of(items), done, detail::os::no_deadline));
+    }
+    void put_many(std::initializer_list<T> items) { put_many<std::initializer_list<T>>(items); }
+    /// As put_many(items), waiting at most `timeout` for room; returns how many
+    /// items were put - always the first ones; the rest were not.
+    template <class Range, class Rep, class Period>
+    std::size_t put_many(const Range& items, std::chrono::duration<Rep, Period> timeout) {
+        std::size_t done = 0;
+        check_put(Items::put_many(core_, std::begin(items), count_of(items), done, detail::os::deadline_after(timeout)));
+        return done;
+    }
+
+    /// Takes up to `max_items` items as one batch and appends them to `out`:
+    /// waits for the first as long as it takes, then takes the whole items
+    /// already queued behind it without waiting, with one commit.  Returns the
+    /// number appended (1..max_items; 0 only for max_items == 0).  Throws
+    /// QueueClosed when closed and empty.  An item that fails to decode is
+    /// dropped (as get() drops it), the items before it are in `out`, and the
+    /// exception propagates.  A consumer killed inside get_many loses the whole
+    /// batch if it dies after the commit, none of it before (see the README).
+    std::size_t get_many(std::vector<T>& out, std::size_t max_items) {
+        return take_many(out, max_items, detail::os::no_deadline, true);
+    }
+    /// As get_many(out, max_items), waiting at most `timeout` for the first item;
+    /// throws Empty if none came.
+    template <class Rep, class Period>
+    std::size_t get_many(std::vector<T>& out, std::size_t max_items, std::chrono::duration<Rep, Period> timeout) {
+        return take_many(out, max_items, detail::os::deadline_after(timeout), true);
+    }
+    /// The batch as a new vector.
+    std::vector<T> get_many(std::size_t max_items) {
+        std::vector<T> out;
+        take_many(out, max_items, detail::os::no_deadline, true);
+        return out;
+    }
+    /// What get_many would take, without waiting: possibly nothing (also when
+    /// closed and empty).
+    std::size_t try_get_many(std::vector<T>& out, std::size_t max_items) {
+        return take_many(out, max_items, detail::os::Clock::now(), false);
+    }
+
     /// Number of complete items in the queue (a snapshot; others may change it).
     std::size_t qsize() const noexcept { return core_.qsize(); }
     bool empty() const noexcept { return core_.qsize() == 0; }
@@ -255,6 +345,17 @@ protected:
         std::optional<T> out;
         Items::get(core_, out, deadline);
         return out;
+    }
+    std::size_t take_many(std::vector<T>& out, std::size_t max_items, detail::os::Deadline deadline, bool throws) {
+        std::size_t taken = 0;
+        Status s = core_.get_many(&Items::consume_into, &out, max_items, taken, deadline);
+        if (throws && s == Status::closed) throw QueueClosed();
+        if (throws && s == Status::timeout) throw Empty();
+        return taken;
+    }
+    template <class Range>
+    static std::size_t count_of(const Range& items) {
+        return static_cast<std::size_t>(std::distance(std::begin(items), std::end(items)));
     }
 
     detail::QueueCore core_;

@@ -123,6 +123,25 @@ bool spin_until(Ready&& ready, std::atomic<Budget>& budget_ns) {
     return ready();
 }
 
+/// Whether the calling thread's last wake-up call woke a thread that slept in
+/// the kernel (see partner_is_waking).
+inline thread_local bool t_woke_a_sleeper = false;
+
+/// Called by a wait before it spins: true if this thread has just woken a
+/// sleeper (and forgets it).  The thread it woke is most likely the one that
+/// will answer, and it is not running yet: the scheduler is placing it, often
+/// on this very CPU (a 2-CPU machine has no other to spare).  A spin then
+/// cannot succeed before the answerer runs and, holding the CPU, keeps it from
+/// running - the wait should sleep at once, as a plain futex wait does, which
+/// also lets the scheduler run the answerer here.  A partner that was not
+/// asleep (both spinning on their own CPUs) is not woken, so spinning goes on
+/// where it pays.
+inline bool partner_is_waking() noexcept {
+    const bool woke = t_woke_a_sleeper;
+    t_woke_a_sleeper = false;
+    return woke;
+}
+
 // ---------------------------------------------------------------- handles to shared state
 
 /// Whether T holds a robust mutex named `mutex` (LockState, BarrierState).
