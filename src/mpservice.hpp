@@ -38,6 +38,7 @@
 #define MPSERVICE_IMPLEMENTATION_INCLUDED
 
 #include "mpservice/impl/os_posix.cpp"
+#include "mpservice/impl/os_win32.cpp"
 #if defined(MPSERVICE_POSIX)
 #include "mpservice/impl/os_posix_stacktrace.cpp"
 #endif

@@ -234,6 +234,12 @@ MPSERVICE_API bool secure_execution() noexcept;
 /// The process and user at the other end of a local channel, as the system
 /// recorded them when the channel was made; false if `h` is not such a channel.
 MPSERVICE_API bool channel_peer(handle_t h, long* pid, long* uid) noexcept;
+/// The handle of the channel whose value `marked` the spawn marker carries, in
+/// this (child) process: `marked` itself where the system inherits it (POSIX);
+/// on Windows, where spawn_self lets the child take it from `parent` instead
+/// (Wine cannot use an inherited socket), a copy taken from the parent.
+/// invalid_handle if it cannot be had.
+MPSERVICE_API handle_t adopt_channel(handle_t marked, long parent) noexcept;
 /// Whether `uid` is this process's real and effective user.
 MPSERVICE_API bool is_own_user(long uid) noexcept;
 /// Arranges for this process to be killed when its parent dies, then checks

@@ -650,6 +650,8 @@ bool channel_peer(handle_t h, long* pid, long* uid) noexcept {
 #endif
 }
 
+handle_t adopt_channel(handle_t marked, long) noexcept { return marked; }
+
 bool is_own_user(long uid) noexcept {
     return uid == static_cast<long>(::getuid()) && uid == static_cast<long>(::geteuid());
 }

@@ -390,7 +390,8 @@ void enter_child_mode_if_marked(int argc, char** argv) {
         refuse_child_mode("the marker names process " + std::to_string(parent) + " as the parent, but the parent is " +
                           std::to_string(os::parent_pid()));
     long peer_pid = 0, peer_uid = 0;
-    if (fd > INT32_MAX || !os::channel_peer(static_cast<os::handle_t>(fd), &peer_pid, &peer_uid))
+    if (fd <= INT32_MAX) fd = static_cast<long>(os::adopt_channel(static_cast<os::handle_t>(fd), parent));
+    if (fd < 0 || fd > INT32_MAX || !os::channel_peer(static_cast<os::handle_t>(fd), &peer_pid, &peer_uid))
         refuse_child_mode("descriptor " + std::to_string(fd) + " is not a local stream channel");
     if (peer_pid != parent)
         refuse_child_mode("the channel was made by process " + std::to_string(peer_pid) + ", not by the parent (" +

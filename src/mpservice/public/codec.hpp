@@ -76,7 +76,9 @@ namespace mpservice {
 
 namespace detail::os {
 #if defined(_WIN32)
-using handle_t = void*;  // HANDLE
+// A HANDLE's value as an integer: a kernel handle is never negative, so -1
+// (INVALID_HANDLE_VALUE) means "none" as on POSIX and `h < 0` reads the same.
+using handle_t = std::intptr_t;  // HANDLE
 #else
 using handle_t = int;  // file descriptor
 #endif
