@@ -8293,11 +8293,12 @@ LockResult lock_result(int rc, const char* what) {
 #define MPSERVICE_TSAN 1
 #endif
 #endif
-#if defined(MPSERVICE_TSAN)
-#include <sanitizer/tsan_interface.h>
-#endif
 #if defined(__SANITIZE_THREAD__)
 #define MPSERVICE_TSAN 1
+#endif
+// Both compilers ship the annotation interface with their TSan runtime.
+#if defined(MPSERVICE_TSAN)
+#include <sanitizer/tsan_interface.h>
 #endif
 
 namespace {
