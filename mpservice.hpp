@@ -7300,7 +7300,9 @@ private:
 //
 // Fast path: a thread's connection also has a small shared-memory slot for
 // requests and replies that carry no OS handle; both sides spin briefly on it
-// before they sleep on the socket, so back-to-back calls cost no system call.
+// before they sleep on a futex in it, so back-to-back calls cost no system
+// call, and a client whose calls keep finding the server asleep asks for one
+// long spin on both sides to get out of paying two wake-ups per call.
 //
 // The server dying makes every call fail at once with mp::ServerError naming
 // it - never a hang.  A method's exception arrives as it does from a Process:
@@ -19092,6 +19094,11 @@ struct Session {
     /// but before it used or dropped it thereby leaves the object in flight
     /// until the server shuts down, as an encoding never decoded does.)
     std::unordered_map<std::uint64_t, std::uint64_t> unused_adopted;
+    /// The session ended (its process's main connection did).  A request that
+    /// its other connections still deliver - a killed process's last request,
+    /// read from its slot after the end - must not take references nobody
+    /// would release.
+    bool ended = false;
 };
 using SessionPtr = std::shared_ptr<Session>;
 
@@ -19111,6 +19118,7 @@ public:
         h->obj = obj;
         h->type = type;
         std::lock_guard<std::mutex> lk(mutex_);
+        check_open(s);  // (h, declared first, destroys the object after the lock)
         h->id = next_id_++;
         objects_[h->id] = Entry{h, 1};
         s.refs[h->id] += 1;
@@ -19128,6 +19136,7 @@ public:
     }
     void incref(Session& s, std::uint64_t id) {
         std::lock_guard<std::mutex> lk(mutex_);
+        check_open(s);
         find(id).refs += 1;
         s.refs[id] += 1;
     }
@@ -19159,6 +19168,7 @@ public:
     /// if the object lives.  Returns the object (a memory block's memfd goes back).
     ObjectPtr adopt(Session& s, std::uint64_t ticket, std::uint64_t id) {
         std::lock_guard<std::mutex> lk(mutex_);
+        check_open(s);
         auto t = tickets_.find(ticket);
         Entry& entry = find(id);
         if (t != tickets_.end() && t->second == id) {
@@ -19193,6 +19203,7 @@ public:
             tickets_[u.second] = u.first;
         }
         s.unused_adopted.clear();
+        s.ended = true;
         for (auto& r : s.refs)
             if (r.second > 0)
                 if (auto o = drop(r.first, r.second)) gone.push_back(std::move(o));
@@ -19263,6 +19274,9 @@ private:
             throw ServerError("mpservice: server '" + name + "' has no object " + std::to_string(id) +
                               " (it was released, or the id is not one of this server's)");
         return it->second;
+    }
+    void check_open(const Session& s) const {
+        if (s.ended) throw ServerError("mpservice: the client's session with server '" + name + "' has ended");
     }
     /// A ticket used before its MINT arrived.  A mark that is never cancelled
     /// (bytes decoded twice, a forged ticket) costs 8 bytes; the set is bounded

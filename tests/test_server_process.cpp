@@ -120,6 +120,14 @@ int child_edits_nested(mp::Proxy<mp::List<int>> l, mp::Proxy<mp::MemoryBlock> b)
 
 std::size_t count_of(const mp::ServerProcess& s) { return s.object_count(); }
 
+/// Decodes an encoded proxy (taking over its ticket), says so, and waits to be killed.
+void child_decodes_and_waits(std::string bytes, mp::Event decoded) {
+    mp::Decoder d(bytes);
+    auto c = d.read<mp::Proxy<Counter>>();
+    decoded.set();
+    std::this_thread::sleep_for(600s);  // until killed, the proxy unused
+}
+
 int child_uses_namespace(mp::Proxy<mp::Namespace> ns) {
     ns.set("count", ns.get<int>("count") + 1);
     auto c = ns.get<mp::Proxy<Counter>>("counter");
@@ -310,6 +318,33 @@ TEST_CASE("server: a hosted method uses proxies inside the server; a forked chil
     CHECK(a.call<&Counter::get>() == 52);
     a.reset();
     b.reset();
+    CHECK(forktest::await([&] { return count_of(server) == base; }, 30s));
+}
+
+TEST_CASE("server: a process killed after decoding a proxy, before using it, gives its ticket back") {
+    // As when a consumer dies inside a Queue's get after it decoded the item:
+    // the queue delivers the item again, and its proxy must still work.
+    mp::ServerProcess server;
+    std::size_t base = count_of(server);
+    std::string bytes;
+    {
+        auto c = server.create<Counter>(33);
+        mp::Encoder e;
+        e.write(c);
+        bytes = e.bytes();
+    }  // only the encoding's ticket keeps the Counter now
+    CHECK(count_of(server) == base + 1);
+    mp::Event decoded;
+    mp::Process p(child_decodes_and_waits, bytes, decoded);
+    p.start();
+    REQUIRE(decoded.wait(60s));
+    p.kill();
+    CHECK_THROWS_AS(p.join(), mp::ProcessError);
+    {
+        mp::Decoder d(bytes);  // the same bytes, decoded again here
+        auto again = d.read<mp::Proxy<Counter>>();
+        CHECK(again.call<&Counter::get>() == 33);
+    }
     CHECK(forktest::await([&] { return count_of(server) == base; }, 30s));
 }
 

@@ -419,7 +419,9 @@ void consumer_row(Round& r) {
     const std::size_t bound = base + static_cast<std::size_t>(missing < 0 ? 0 : missing);
     std::size_t now = 0;
     if (!await([&] { return (now = server.object_count()) <= bound; }))
-        r.wrong("the server holds " + std::to_string(now - base) + " objects after the queue was drained");
+        r.wrong("the server holds " + std::to_string(now - base) + " objects after the queue was drained (" +
+                std::to_string(consumed) + " used by the consumer, " + std::to_string(drained) + " drained, context " +
+                r.context().name() + ")");
 }
 
 ROW("server proxy in a Queue (consumer)", Ending::sigkill, consumer_row);

@@ -71,6 +71,11 @@ struct Session {
     /// but before it used or dropped it thereby leaves the object in flight
     /// until the server shuts down, as an encoding never decoded does.)
     std::unordered_map<std::uint64_t, std::uint64_t> unused_adopted;
+    /// The session ended (its process's main connection did).  A request that
+    /// its other connections still deliver - a killed process's last request,
+    /// read from its slot after the end - must not take references nobody
+    /// would release.
+    bool ended = false;
 };
 using SessionPtr = std::shared_ptr<Session>;
 
@@ -90,6 +95,7 @@ public:
         h->obj = obj;
         h->type = type;
         std::lock_guard<std::mutex> lk(mutex_);
+        check_open(s);  // (h, declared first, destroys the object after the lock)
         h->id = next_id_++;
         objects_[h->id] = Entry{h, 1};
         s.refs[h->id] += 1;
@@ -107,6 +113,7 @@ public:
     }
     void incref(Session& s, std::uint64_t id) {
         std::lock_guard<std::mutex> lk(mutex_);
+        check_open(s);
         find(id).refs += 1;
         s.refs[id] += 1;
     }
@@ -138,6 +145,7 @@ public:
     /// if the object lives.  Returns the object (a memory block's memfd goes back).
     ObjectPtr adopt(Session& s, std::uint64_t ticket, std::uint64_t id) {
         std::lock_guard<std::mutex> lk(mutex_);
+        check_open(s);
         auto t = tickets_.find(ticket);
         Entry& entry = find(id);
         if (t != tickets_.end() && t->second == id) {
@@ -172,6 +180,7 @@ public:
             tickets_[u.second] = u.first;
         }
         s.unused_adopted.clear();
+        s.ended = true;
         for (auto& r : s.refs)
             if (r.second > 0)
                 if (auto o = drop(r.first, r.second)) gone.push_back(std::move(o));
@@ -242,6 +251,9 @@ private:
             throw ServerError("mpservice: server '" + name + "' has no object " + std::to_string(id) +
                               " (it was released, or the id is not one of this server's)");
         return it->second;
+    }
+    void check_open(const Session& s) const {
+        if (s.ended) throw ServerError("mpservice: the client's session with server '" + name + "' has ended");
     }
     /// A ticket used before its MINT arrived.  A mark that is never cancelled
     /// (bytes decoded twice, a forged ticket) costs 8 bytes; the set is bounded

@@ -36,7 +36,9 @@
 //
 // Fast path: a thread's connection also has a small shared-memory slot for
 // requests and replies that carry no OS handle; both sides spin briefly on it
-// before they sleep on the socket, so back-to-back calls cost no system call.
+// before they sleep on a futex in it, so back-to-back calls cost no system
+// call, and a client whose calls keep finding the server asleep asks for one
+// long spin on both sides to get out of paying two wake-ups per call.
 //
 // The server dying makes every call fail at once with mp::ServerError naming
 // it - never a hang.  A method's exception arrives as it does from a Process:
