@@ -7,8 +7,11 @@
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
+#include <cstdio>
 #include <fstream>
+#include <mutex>
 #include <string>
+#include <vector>
 #include <thread>
 
 #include <dirent.h>
@@ -43,6 +46,10 @@ std::string env_seen(std::string name) {
 std::string cwd_seen() {
     char buf[4096];
     return ::getcwd(buf, sizeof buf) ? buf : "<unknown>";
+}
+void say_line() {
+    std::printf("warm line\n");
+    std::fflush(stdout);
 }
 int throws_range(int x) { throw std::out_of_range("warm " + std::to_string(x)); }
 void sleep_ms(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
@@ -361,4 +368,25 @@ TEST_CASE("warm spawn: with SIGCHLD ignored or reaped by the program") {
     }
     REQUIRE(mp::detail::test_warm_child(20s) > 0);
     CHECK(count_zombie_children() == 0);
+}
+
+TEST_CASE("warm spawn: a warm child's output is forwarded when that start asks for it") {
+    std::mutex m;
+    std::vector<std::string> lines;
+    mp::set_log_handler([&](const mp::LogRecord& r, const std::string&) {
+        std::lock_guard<std::mutex> g(m);
+        if (r.logger == "stdout") lines.push_back(r.message);
+    });
+    long w = ready_warm_child();
+    REQUIRE(w > 0);
+    {
+        auto p = warm_process(say_line);
+        p.set_forward_output(true);  // the pipes travel with BOOT, as for any spawned child
+        p.start();
+        CHECK(p.pid() == w);
+        p.join();
+    }
+    mp::set_log_handler(nullptr);
+    std::lock_guard<std::mutex> g(m);
+    CHECK(lines == std::vector<std::string>{"warm line"});
 }
