@@ -4991,6 +4991,9 @@ struct Codec<Array<T, L>> {
 //  - Nothing else is lost, duplicated or reordered, and the other processes carry
 //    on: a waiter never depends on a dead process (a put waiting for room whose
 //    consumers all died can still time out).
+//  - Batches: a producer killed inside put_many delivers a prefix of its batch
+//    (whole items, in order); a consumer killed inside get_many loses at most that
+//    batch - none of it before the batch's one commit, all of it after.
 // For JoinableQueue, an item lost by a dead consumer is counted as done only when
 // the consumers dropped part of it; one it had taken whole is waiting for its
 // task_done() like any other (as in Python).
@@ -5089,6 +5092,10 @@ struct QueueHeader {
     std::uint64_t head_cache = 0;  // a lower bound of `head`, saves reading the consumers' line
     std::uint64_t j_tail = 0, j_completed = 0;
     std::atomic<std::uint32_t> j_put_active{0};
+    // Unbounded in bytes: the next position at which a producer past the hot
+    // part looks whether the queue is empty (to start the next cycle early).
+    // Looking reads the consumers' line; once per page is enough.
+    std::uint64_t wrap_check_at = 0;
     // Unbounded in bytes: pages of positions below this (in its ring cycle,
     // beyond the hot part) were given back.  Changed only with the put lock held.
     std::atomic<std::uint64_t> released{0};
@@ -5103,6 +5110,10 @@ struct QueueHeader {
     std::uint64_t tail_cache = 0;  // a lower bound of `tail`
     std::uint64_t j_head = 0, j_taken = 0;
     std::atomic<std::uint32_t> j_get_active{0};
+    // Unbounded in bytes: the next position at which a consumer past the hot
+    // part looks whether pages can be given back (reading the producers' line:
+    // once per page is enough).
+    std::uint64_t release_check_at = 0;
     // A streamed item a get left half-received at its timeout (see "Parked
     // items"): its id and the process that holds the part received.
     std::atomic<std::uint64_t> parked_item{0};
@@ -5219,6 +5230,14 @@ private:
     /// Unbounded in bytes: true if a producer at `tail` should start the ring's
     /// next cycle now (past the hot part, queue empty).
     bool should_wrap_early(std::uint64_t tail) const noexcept;
+    /// Whether a producer at `tail` is due to look at should_wrap_early (put lock held).
+    bool wrap_check_due(std::uint64_t tail) const noexcept {
+        return offset(tail) >= wrap_from_ && tail >= h_->wrap_check_at;
+    }
+    /// Whether a consumer whose head moved to `head` is due to call release_consumed (get lock held).
+    bool release_check_due(std::uint64_t head) const noexcept {
+        return offset(head) >= release_from_ && head >= h_->release_check_at;
+    }
     /// Gives back the pages of this cycle, past the hot part, below `below`
     /// (a position no process reads or writes any more); needs the put lock.
     void release_pages_below(std::uint64_t below) noexcept;
@@ -16774,7 +16793,7 @@ QueueCore::Status QueueCore::put(const void* data, std::size_t size, os::Deadlin
     // extra call costs ~10% of a put.
     std::uint64_t tail = h_->tail.load(std::memory_order_relaxed);
     if (offset(tail) + bytes > h_->capacity || tail + bytes > h_->head_cache + h_->capacity ||
-        offset(tail) >= wrap_from_) {
+        wrap_check_due(tail)) {
         Status s = make_room(tail, bytes, deadline);
         if (s != Status::ok) return s;
     }
@@ -16847,7 +16866,7 @@ QueueCore::Status QueueCore::put_many(Source source, void* context, std::size_t 
                 continue;
             }
             if (offset(tail) + bytes > h_->capacity || tail + bytes > h_->head_cache + h_->capacity ||
-                offset(tail) >= wrap_from_) {
+                wrap_check_due(tail)) {
                 publish();  // make_room pads and waits on published positions only
                 const Status s = make_room(tail, bytes, deadline);
                 if (s != Status::ok) return s;
@@ -16890,7 +16909,13 @@ void QueueCore::write_pad(std::uint64_t tail, std::uint64_t bytes) {
 }
 
 bool QueueCore::should_wrap_early(std::uint64_t tail) const noexcept {
-    return offset(tail) >= wrap_from_ && h_->head.load(std::memory_order_acquire) == tail;
+    if (offset(tail) < wrap_from_) return false;
+    if (h_->head.load(std::memory_order_acquire) == tail) return true;
+    // Not empty: look again on the next page (the wrap comes at most a page
+    // later, within the pages kept past the hot part).
+    const std::uint64_t page = os::page_size();
+    h_->wrap_check_at = (tail + page) & ~(page - 1);
+    return false;
 }
 
 void QueueCore::release_pages_below(std::uint64_t below) noexcept {
@@ -16913,6 +16938,8 @@ void QueueCore::release_pages_below(std::uint64_t below) noexcept {
 
 void QueueCore::release_consumed() noexcept {
     const std::uint64_t head = h_->head.load(std::memory_order_relaxed);
+    const std::uint64_t page = os::page_size();
+    h_->release_check_at = (head + page) & ~(page - 1);  // the next look, unless it gives back now
     const std::uint64_t released = h_->released.load(std::memory_order_relaxed);
     if (head < released + release_batch && (head <= released || head != h_->tail.load(std::memory_order_acquire)))
         return;
@@ -17121,7 +17148,7 @@ QueueCore::Status QueueCore::get_many(Consume consume, void* context, std::size_
                     got = 1;
                     commit_get(head + bytes, taken + 1);
                     notify_after_commit(h_->space);
-                    if (offset(head + bytes) >= release_from_) release_consumed();
+                    if (release_check_due(head + bytes)) release_consumed();
                     return Status::ok;
                 }
                 default: {  // rec_first
@@ -17161,7 +17188,7 @@ std::size_t QueueCore::take_following(std::uint64_t next, std::uint64_t taken, s
     auto commit = [&] {
         commit_get(next, taken + n);
         notify_after_commit(h_->space);
-        if (offset(next) >= release_from_) release_consumed();
+        if (release_check_due(next)) release_consumed();
     };
     try {
         while (n < max_items) {

@@ -37,6 +37,13 @@ namespace {
 
 int reps = 5;
 
+/// A Python figure: median, min, max over n runs.
+struct PyFigure {
+    double median = 0, min = 0, max = 0;
+    int n = 0;
+};
+
+
 double now_s() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
@@ -395,12 +402,6 @@ std::vector<double> rates(const std::vector<double>& secs, double items) {
 }
 
 // ---------------------------------------------------------------- Python
-
-/// A Python figure: median, min, max over n runs.
-struct PyFigure {
-    double median = 0, min = 0, max = 0;
-    int n = 0;
-};
 
 std::map<std::string, PyFigure> run_python() {
     std::map<std::string, PyFigure> out;

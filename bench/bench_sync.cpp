@@ -164,16 +164,18 @@ void contended_increments(int reps) {
     constexpr int per_child = 1'000'000;
     constexpr double total = 2.0 * per_child;
 
+    // Each repetition runs ours and the anchors one after the other, so that a
+    // change in the machine's load (it is shared) hits all of them alike.
     mp::Value<long> value(0);
-    auto ours = bench::time_ms(reps, [&] {
+    auto ours_run = [&] {
         value.set(0);
         run_children(2, [&](int) {
             for (int i = 0; i < per_child; ++i) value.with_lock([](long& x) { ++x; });
         });
         if (value.get() != long(total)) std::fprintf(stderr, "Value total %ld\n", value.get());
-    });
+    };
     mp::Value<long, mp::Lock> plain(0);
-    auto ours_lock = bench::time_ms(reps, [&] {
+    auto ours_lock_run = [&] {
         plain.set(0);
         run_children(2, [&](int) {
             for (int i = 0; i < per_child; ++i) {
@@ -182,9 +184,9 @@ void contended_increments(int reps) {
             }
         });
         if (plain.get() != long(total)) std::fprintf(stderr, "Value<long, Lock> total %ld\n", plain.get());
-    });
+    };
     auto* robust = make_shared_anonymous<RobustPthread>();
-    auto robust_ms = bench::time_ms(reps, [&] {
+    auto robust_run = [&] {
         robust->counter = 0;
         run_children(2, [&](int) {
             for (int i = 0; i < per_child; ++i) {
@@ -194,9 +196,9 @@ void contended_increments(int reps) {
             }
         });
         if (robust->counter != long(total)) std::fprintf(stderr, "robust total %ld\n", robust->counter);
-    });
+    };
     auto* boost = make_shared_anonymous<BoostMutex>();
-    auto boost_ms = bench::time_ms(reps, [&] {
+    auto boost_run = [&] {
         boost->counter = 0;
         run_children(2, [&](int) {
             for (int i = 0; i < per_child; ++i) {
@@ -205,7 +207,18 @@ void contended_increments(int reps) {
             }
         });
         if (boost->counter != long(total)) std::fprintf(stderr, "boost total %ld\n", boost->counter);
-    });
+    };
+    std::vector<double> ours, ours_lock, robust_ms, boost_ms;
+    for (int r = 0; r < reps + 1; ++r) {  // the first round warms up
+        auto once = [&](auto& run, std::vector<double>& out) {
+            auto t = bench::time_ms(1, run, 0);
+            if (r) out.push_back(t[0]);
+        };
+        once(robust_run, robust_ms);
+        once(ours_run, ours);
+        once(boost_run, boost_ms);
+        once(ours_lock_run, ours_lock);
+    }
     for (const auto& [case_name, label, ms] :
          {std::tuple{name, std::string("mp::Value<long>::with_lock (RLock)"), ours},
           std::tuple{name_lock, std::string("mp::Value<long, mp::Lock>, std::lock_guard"), ours_lock}}) {
@@ -258,8 +271,8 @@ void pingpong(int reps) {
 
     // The physical anchor: one shared word, FUTEX_WAIT / FUTEX_WAKE, no spinning.
     auto* word = ::new (shared_anonymous(64)) std::atomic<std::uint32_t>(0);
-    auto futex_us = time_pingpong(
-        reps, rounds,
+    auto futex_rep = [&] { return time_pingpong(
+        1, rounds,
         [&] {
             word->store(1);
             futex(word, FUTEX_WAKE, 1);
@@ -269,11 +282,11 @@ void pingpong(int reps) {
             while (word->load() != 1) futex(word, FUTEX_WAIT, 0);
             word->store(0);
             futex(word, FUTEX_WAKE, 1);
-        });
+        })[0]; };
 
     auto* bp = make_shared_anonymous<BoostPingPong>();
-    auto boost_us = time_pingpong(
-        reps, rounds,
+    auto boost_rep = [&] { return time_pingpong(
+        1, rounds,
         [&] {
             bip::scoped_lock<bip::interprocess_mutex> g(bp->m);
             bp->turn = 1;
@@ -285,12 +298,11 @@ void pingpong(int reps) {
             while (bp->turn != 1) bp->c.wait(g);
             bp->turn = 0;
             bp->c.notify_one();
-        });
+        })[0]; };
 
-    if (bench::wanted(event_case)) {
-        mp::Event ping, pong;
-        auto ours = time_pingpong(
-            reps, rounds,
+    mp::Event ping, pong;
+    auto event_rep = [&] { return time_pingpong(
+            1, rounds,
             [&] {
                 ping.set();
                 pong.wait();
@@ -300,16 +312,11 @@ void pingpong(int reps) {
                 ping.wait();
                 ping.clear();
                 pong.set();
-            });
-        bench::report(event_case, "ours", "mp::Event x2 set/wait/clear", "us", ours);
-        bench::report(event_case, "anchor", "raw futex WAIT/WAKE on a shared word", "us", futex_us);
-        bench::report(event_case, "anchor", boost_label + " interprocess_condition", "us", boost_us);
-    }
-    if (bench::wanted(cond_case)) {
-        mp::Condition cond;
-        mp::RawValue<int> turn(0);
-        auto ours = time_pingpong(
-            reps, rounds,
+            })[0]; };
+    mp::Condition cond;
+    mp::RawValue<int> turn(0);
+    auto cond_rep = [&] { return time_pingpong(
+            1, rounds,
             [&] {
                 std::unique_lock<mp::Condition> g(cond);
                 turn = 1;
@@ -321,8 +328,24 @@ void pingpong(int reps) {
                 cond.wait_for([&] { return turn.get() == 1; });
                 turn = 0;
                 cond.notify();
-            });
-        bench::report(cond_case, "ours", "mp::Condition notify/wait_for + turn", "us", ours);
+            })[0]; };
+
+    // One repetition of each in turn, so that a change in the machine's load (it
+    // is shared) hits ours and the anchors alike.
+    std::vector<double> futex_us, boost_us, event_us, cond_us;
+    for (int r = 0; r < reps; ++r) {
+        futex_us.push_back(futex_rep());
+        if (bench::wanted(event_case)) event_us.push_back(event_rep());
+        boost_us.push_back(boost_rep());
+        if (bench::wanted(cond_case)) cond_us.push_back(cond_rep());
+    }
+    if (bench::wanted(event_case)) {
+        bench::report(event_case, "ours", "mp::Event x2 set/wait/clear", "us", event_us);
+        bench::report(event_case, "anchor", "raw futex WAIT/WAKE on a shared word", "us", futex_us);
+        bench::report(event_case, "anchor", boost_label + " interprocess_condition", "us", boost_us);
+    }
+    if (bench::wanted(cond_case)) {
+        bench::report(cond_case, "ours", "mp::Condition notify/wait_for + turn", "us", cond_us);
         bench::report(cond_case, "anchor", "raw futex WAIT/WAKE on a shared word", "us", futex_us);
         bench::report(cond_case, "anchor", boost_label + " interprocess_condition", "us", boost_us);
     }

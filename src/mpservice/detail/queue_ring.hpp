@@ -78,6 +78,10 @@ struct QueueHeader {
     std::uint64_t head_cache = 0;  // a lower bound of `head`, saves reading the consumers' line
     std::uint64_t j_tail = 0, j_completed = 0;
     std::atomic<std::uint32_t> j_put_active{0};
+    // Unbounded in bytes: the next position at which a producer past the hot
+    // part looks whether the queue is empty (to start the next cycle early).
+    // Looking reads the consumers' line; once per page is enough.
+    std::uint64_t wrap_check_at = 0;
     // Unbounded in bytes: pages of positions below this (in its ring cycle,
     // beyond the hot part) were given back.  Changed only with the put lock held.
     std::atomic<std::uint64_t> released{0};
@@ -92,6 +96,10 @@ struct QueueHeader {
     std::uint64_t tail_cache = 0;  // a lower bound of `tail`
     std::uint64_t j_head = 0, j_taken = 0;
     std::atomic<std::uint32_t> j_get_active{0};
+    // Unbounded in bytes: the next position at which a consumer past the hot
+    // part looks whether pages can be given back (reading the producers' line:
+    // once per page is enough).
+    std::uint64_t release_check_at = 0;
     // A streamed item a get left half-received at its timeout (see "Parked
     // items"): its id and the process that holds the part received.
     std::atomic<std::uint64_t> parked_item{0};
@@ -208,6 +216,14 @@ private:
     /// Unbounded in bytes: true if a producer at `tail` should start the ring's
     /// next cycle now (past the hot part, queue empty).
     bool should_wrap_early(std::uint64_t tail) const noexcept;
+    /// Whether a producer at `tail` is due to look at should_wrap_early (put lock held).
+    bool wrap_check_due(std::uint64_t tail) const noexcept {
+        return offset(tail) >= wrap_from_ && tail >= h_->wrap_check_at;
+    }
+    /// Whether a consumer whose head moved to `head` is due to call release_consumed (get lock held).
+    bool release_check_due(std::uint64_t head) const noexcept {
+        return offset(head) >= release_from_ && head >= h_->release_check_at;
+    }
     /// Gives back the pages of this cycle, past the hot part, below `below`
     /// (a position no process reads or writes any more); needs the put lock.
     void release_pages_below(std::uint64_t below) noexcept;

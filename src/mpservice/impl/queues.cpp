@@ -359,7 +359,7 @@ QueueCore::Status QueueCore::put(const void* data, std::size_t size, os::Deadlin
     // extra call costs ~10% of a put.
     std::uint64_t tail = h_->tail.load(std::memory_order_relaxed);
     if (offset(tail) + bytes > h_->capacity || tail + bytes > h_->head_cache + h_->capacity ||
-        offset(tail) >= wrap_from_) {
+        wrap_check_due(tail)) {
         Status s = make_room(tail, bytes, deadline);
         if (s != Status::ok) return s;
     }
@@ -432,7 +432,7 @@ QueueCore::Status QueueCore::put_many(Source source, void* context, std::size_t 
                 continue;
             }
             if (offset(tail) + bytes > h_->capacity || tail + bytes > h_->head_cache + h_->capacity ||
-                offset(tail) >= wrap_from_) {
+                wrap_check_due(tail)) {
                 publish();  // make_room pads and waits on published positions only
                 const Status s = make_room(tail, bytes, deadline);
                 if (s != Status::ok) return s;
@@ -475,7 +475,13 @@ void QueueCore::write_pad(std::uint64_t tail, std::uint64_t bytes) {
 }
 
 bool QueueCore::should_wrap_early(std::uint64_t tail) const noexcept {
-    return offset(tail) >= wrap_from_ && h_->head.load(std::memory_order_acquire) == tail;
+    if (offset(tail) < wrap_from_) return false;
+    if (h_->head.load(std::memory_order_acquire) == tail) return true;
+    // Not empty: look again on the next page (the wrap comes at most a page
+    // later, within the pages kept past the hot part).
+    const std::uint64_t page = os::page_size();
+    h_->wrap_check_at = (tail + page) & ~(page - 1);
+    return false;
 }
 
 void QueueCore::release_pages_below(std::uint64_t below) noexcept {
@@ -498,6 +504,8 @@ void QueueCore::release_pages_below(std::uint64_t below) noexcept {
 
 void QueueCore::release_consumed() noexcept {
     const std::uint64_t head = h_->head.load(std::memory_order_relaxed);
+    const std::uint64_t page = os::page_size();
+    h_->release_check_at = (head + page) & ~(page - 1);  // the next look, unless it gives back now
     const std::uint64_t released = h_->released.load(std::memory_order_relaxed);
     if (head < released + release_batch && (head <= released || head != h_->tail.load(std::memory_order_acquire)))
         return;
@@ -706,7 +714,7 @@ QueueCore::Status QueueCore::get_many(Consume consume, void* context, std::size_
                     got = 1;
                     commit_get(head + bytes, taken + 1);
                     notify_after_commit(h_->space);
-                    if (offset(head + bytes) >= release_from_) release_consumed();
+                    if (release_check_due(head + bytes)) release_consumed();
                     return Status::ok;
                 }
                 default: {  // rec_first
@@ -746,7 +754,7 @@ std::size_t QueueCore::take_following(std::uint64_t next, std::uint64_t taken, s
     auto commit = [&] {
         commit_get(next, taken + n);
         notify_after_commit(h_->space);
-        if (offset(next) >= release_from_) release_consumed();
+        if (release_check_due(next)) release_consumed();
     };
     try {
         while (n < max_items) {

@@ -56,6 +56,9 @@
 //  - Nothing else is lost, duplicated or reordered, and the other processes carry
 //    on: a waiter never depends on a dead process (a put waiting for room whose
 //    consumers all died can still time out).
+//  - Batches: a producer killed inside put_many delivers a prefix of its batch
+//    (whole items, in order); a consumer killed inside get_many loses at most that
+//    batch - none of it before the batch's one commit, all of it after.
 // For JoinableQueue, an item lost by a dead consumer is counted as done only when
 // the consumers dropped part of it; one it had taken whole is waiting for its
 // task_done() like any other (as in Python).
