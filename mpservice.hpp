@@ -9853,7 +9853,19 @@ void close_handle(handle_t h) noexcept {
     close_raw(h);
 }
 
+handle_t socket_from_info(WSAPROTOCOL_INFOW& info);
+
 handle_t duplicate_handle(handle_t h) {
+    if (is_socket(h)) {
+        // Winsock's own copy (a DuplicateHandle copy is no socket to Wine's ws2_32).
+        WSAPROTOCOL_INFOW info{};
+        if (WSADuplicateSocketW(as_socket(h), GetCurrentProcessId(), &info) != 0)
+            throw_wsa("mpservice: WSADuplicateSocket");
+        handle_t copy = socket_from_info(info);
+        std::lock_guard<std::mutex> g(reg().mu);
+        reg().channels[copy];
+        return copy;
+    }
     HANDLE out = nullptr;
     if (!DuplicateHandle(GetCurrentProcess(), as_handle(h), GetCurrentProcess(), &out, 0, FALSE, DUPLICATE_SAME_ACCESS))
         throw_win32("mpservice: DuplicateHandle");
@@ -10280,6 +10292,8 @@ constexpr std::size_t kMaxFramePayload = 1u << 20;
 // A handle value that says "a WSAPROTOCOL_INFOW record follows the values".
 constexpr std::uint64_t kSocketRecord = ~std::uint64_t(0);
 
+}  // namespace
+
 /// A socket that WSADuplicateSocket prepared for this process.
 handle_t socket_from_info(WSAPROTOCOL_INFOW& info) {
     if (!winsock_start()) throw_wsa("mpservice: WSAStartup");
@@ -10289,6 +10303,8 @@ handle_t socket_from_info(WSAPROTOCOL_INFOW& info) {
     set_nonblocking(s);
     return static_cast<handle_t>(s);
 }
+
+namespace {
 
 /// Copies of `handles` that stay valid in this process until the reader takes them.
 std::string frame_bytes(handle_t ch, const void* a, std::size_t na, const void* b, std::size_t nb,
