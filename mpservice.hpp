@@ -6310,7 +6310,9 @@ public:
     MPSERVICE_API PoolCore(PoolSettings settings, WorkerFactory factory);
 
 private:
-    void start_worker(std::size_t i);
+    /// `replacement`: a worker that takes the place of one that ended
+    /// (maxtasksperchild, a crash) - started from a warm child under spawn.
+    void start_worker(std::size_t i, bool replacement = false);
     bool send_locked(std::size_t worker, std::uint64_t chunk, bool may_block);
     void dispatch_locked();
     void maybe_finish_locked();
@@ -18255,7 +18257,7 @@ PoolCore::~PoolCore() {
     }
 }
 
-void PoolCore::start_worker(std::size_t i) {
+void PoolCore::start_worker(std::size_t i, bool replacement) {
     State& s = *s_;
     State::WorkerRec& w = s.workers[i];
     w.tasks = QueueCore::create(QueueKind::simple, task_tag, 0, task_ring_bytes);
@@ -18278,6 +18280,11 @@ void PoolCore::start_worker(std::size_t i) {
     w.proc = s.factory(boot);
     w.proc->set_name((settings_.kind == "runner" ? "ProcessRunner-" : "PoolWorker-") + std::to_string(i + 1));
     w.proc->set_daemon(true);
+    // A pool that replaces workers keeps doing so: the replacements come from a
+    // child exec'd ahead of demand (spawn context; others ignore it), so a
+    // worker's end does not stall the pool for a whole re-exec.  The first
+    // workers start cold: a pool that never loses one keeps no idle child.
+    if (replacement) w.proc->set_warm_start(true);
     w.proc->start();
     // Sent (or, under fork, copied into the child): the parent needs none of it.
     boot.release();
@@ -18556,7 +18563,7 @@ void PoolCore::reconcile_locked(std::size_t wi, Deliveries& out) {
     if (s.phase == State::Phase::terminated || !settings_.replace_dead_workers) return;
     if (s.phase == State::Phase::closing && s.pending.empty()) return;
     try {
-        start_worker(wi);
+        start_worker(wi, true);
     } catch (...) {
         s.broken = std::current_exception();
         fail_all_locked(s.broken, out);

@@ -462,7 +462,7 @@ PoolCore::~PoolCore() {
     }
 }
 
-void PoolCore::start_worker(std::size_t i) {
+void PoolCore::start_worker(std::size_t i, bool replacement) {
     State& s = *s_;
     State::WorkerRec& w = s.workers[i];
     w.tasks = QueueCore::create(QueueKind::simple, task_tag, 0, task_ring_bytes);
@@ -485,6 +485,11 @@ void PoolCore::start_worker(std::size_t i) {
     w.proc = s.factory(boot);
     w.proc->set_name((settings_.kind == "runner" ? "ProcessRunner-" : "PoolWorker-") + std::to_string(i + 1));
     w.proc->set_daemon(true);
+    // A pool that replaces workers keeps doing so: the replacements come from a
+    // child exec'd ahead of demand (spawn context; others ignore it), so a
+    // worker's end does not stall the pool for a whole re-exec.  The first
+    // workers start cold: a pool that never loses one keeps no idle child.
+    if (replacement) w.proc->set_warm_start(true);
     w.proc->start();
     // Sent (or, under fork, copied into the child): the parent needs none of it.
     boot.release();
@@ -763,7 +768,7 @@ void PoolCore::reconcile_locked(std::size_t wi, Deliveries& out) {
     if (s.phase == State::Phase::terminated || !settings_.replace_dead_workers) return;
     if (s.phase == State::Phase::closing && s.pending.empty()) return;
     try {
-        start_worker(wi);
+        start_worker(wi, true);
     } catch (...) {
         s.broken = std::current_exception();
         fail_all_locked(s.broken, out);

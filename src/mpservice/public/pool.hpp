@@ -332,7 +332,9 @@ public:
     MPSERVICE_API PoolCore(PoolSettings settings, WorkerFactory factory);
 
 private:
-    void start_worker(std::size_t i);
+    /// `replacement`: a worker that takes the place of one that ended
+    /// (maxtasksperchild, a crash) - started from a warm child under spawn.
+    void start_worker(std::size_t i, bool replacement = false);
     bool send_locked(std::size_t worker, std::uint64_t chunk, bool may_block);
     void dispatch_locked();
     void maybe_finish_locked();
