@@ -24,6 +24,18 @@
 namespace mp = mpservice;
 using namespace std::chrono_literals;
 
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kAddressSanitizer = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+constexpr bool kAddressSanitizer = true;
+#else
+constexpr bool kAddressSanitizer = false;
+#endif
+#else
+constexpr bool kAddressSanitizer = false;
+#endif
+
 extern "C" const char* __tsan_default_options() { return "die_after_fork=0"; }
 
 namespace {
@@ -151,6 +163,15 @@ TEST_CASE("forwarding is off by default, per process and program-wide") {
 TEST_CASE_TEMPLATE("4 children writing 10 KB lines at once: every line arrives whole, tagged, in order, none lost",
                    Ctx, CONTEXTS) {
     INFO(ctx_name<Ctx>());
+    if (kAddressSanitizer && Ctx{}.start_method() == mp::StartMethod::fork) {
+        // LLVM 14's ASan allocator is not fork-safe: forking 4 children while
+        // the parent's forwarding threads allocate, a child can inherit ASan's
+        // allocator lock held and wait for it forever in operator new (seen in
+        // CI, confirmed with gdb: __sanitizer::SizeClassAllocator64 in the
+        // child).  Not a library lock; spawn and fork server still run here.
+        MESSAGE("skipped under AddressSanitizer: fork of a threaded parent can inherit ASan's allocator lock held");
+        return;
+    }
     constexpr int children = 4, lines = 150, len = 10 * 1024;
     Collector got;
     std::vector<std::unique_ptr<mp::Process<int>>> ps;
