@@ -10767,8 +10767,20 @@ std::wstring own_executable() {
 }
 }  // namespace
 
-long spawn_self(const std::string& argv0, const std::string& marker, handle_t inherit) {
+long spawn_self(const std::string& argv0, const std::string& marker, handle_t inherit,
+                const std::vector<std::string>* environment) {
     std::wstring exe = own_executable();
+    // A given environment becomes the child's block: "NAME=value" entries, each
+    // ended by a NUL, the block by one more.
+    std::wstring env_block;
+    if (environment) {
+        for (const std::string& entry : *environment) {
+            env_block += widen(entry);
+            env_block.push_back(L'\0');
+        }
+        if (environment->empty()) env_block.push_back(L'\0');  // an empty block is two NULs
+        env_block.push_back(L'\0');
+    }
     // The child takes its channel from us (adopt_channel): an inherited socket
     // is not usable as one under Wine, and Winsock's own way to hand a socket
     // over is WSADuplicateSocket for a process id - known only once the child
@@ -10820,8 +10832,9 @@ long spawn_self(const std::string& argv0, const std::string& marker, handle_t in
     cmdline.push_back(L'\0');
     HANDLE job = children_job();
     BOOL ok = CreateProcessW(exe.c_str(), cmdline.data(), nullptr, nullptr, TRUE,
-                             CREATE_SUSPENDED | EXTENDED_STARTUPINFO_PRESENT | CREATE_UNICODE_ENVIRONMENT, nullptr,
-                             nullptr, &si.StartupInfo, &pi);
+                             CREATE_SUSPENDED | EXTENDED_STARTUPINFO_PRESENT | CREATE_UNICODE_ENVIRONMENT,
+                             environment ? static_cast<void*>(&env_block[0]) : nullptr, nullptr, &si.StartupInfo,
+                             &pi);
     DWORD err = GetLastError();
     DeleteProcThreadAttributeList(attrs);
     if (!ok) {
