@@ -589,6 +589,10 @@ void robust_mutex_unlock(RobustMutex* m) {
 
 void robust_mutex_consistent(RobustMutex*) {}
 
+// A Win32 mutex does not show whether anyone waits for it: "no sleeper known",
+// which leaves the lock's spin-before-sleep as it was before the hint existed.
+bool robust_mutex_has_sleepers(const RobustMutex*) noexcept { return false; }
+
 int robust_mutex_trylock_status(RobustMutex* m) noexcept {
     try {
         return acquire(win(m), 0);
