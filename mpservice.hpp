@@ -8165,6 +8165,7 @@ struct Codec<ServerClient> {
 #include <cstring>
 #include <ctime>
 #include <fstream>
+#include <mutex>
 #include <system_error>
 
 #include <dirent.h>
@@ -8926,6 +8927,28 @@ void child_exit_events_release(handle_t h) noexcept {
     ::sigprocmask(SIG_UNBLOCK, &set, nullptr);
 }
 
+// glibc's loader locks (taken by dl_iterate_phdr, dladdr and dlopen) are not
+// made afresh in a fork child: a child forked while another thread of the
+// parent is inside one of these calls waits for that lock forever.  So the
+// library makes its own loader calls under one fork lock: fork() waits for a
+// call in progress to finish, and none starts until the child has its copy
+// (issue 8, defect 12 - a symbolizing thread beside a ForkContext start; seen
+// in CI under ThreadSanitizer, whose interceptors widen the window).  The
+// lock is recursive because dlopen runs constructors, which may symbolize.
+// Highest rank: nothing is taken while it is held.  A user's own thread that
+// unwinds an exception at the instant of a fork still holds glibc's lock -
+// the README's caveat for the fork context in threaded programs.
+std::recursive_mutex& loader_calls_mutex() {
+    static auto* m = new std::recursive_mutex;  // never destroyed: used in static destruction too
+    return *m;
+}
+[[maybe_unused]] const bool g_loader_calls_fork_safe = (at_fork_protect(&loader_calls_mutex(), 40), true);
+
+int walk_loaded_modules(int (*visit)(dl_phdr_info*, std::size_t, void*), void* data) {
+    std::lock_guard<std::recursive_mutex> lock(loader_calls_mutex());
+    return ::dl_iterate_phdr(visit, data);
+}
+
 namespace {
 struct ModuleSearch {
     // in
@@ -8988,7 +9011,7 @@ int module_search_cb(dl_phdr_info* info, std::size_t, void* data) {
 bool module_address(const void* addr, ModuleAddress& out) {
     ModuleSearch s;
     s.addr = reinterpret_cast<std::uintptr_t>(addr);
-    ::dl_iterate_phdr(module_search_cb, &s);
+    walk_loaded_modules(module_search_cb, &s);
     if (!s.found) return false;
     out.module = s.module;
     out.offset = s.addr - s.base;
@@ -8998,13 +9021,16 @@ bool module_address(const void* addr, ModuleAddress& out) {
 const void* module_resolve(const ModuleAddress& where) {
     ModuleSearch s;
     s.name = &where.module;
-    ::dl_iterate_phdr(module_search_cb, &s);
+    walk_loaded_modules(module_search_cb, &s);
     if (!s.found && !where.module.empty()) {
         // Not loaded yet in this process: load it (and keep it loaded).
-        if (!::dlopen(where.module.c_str(), RTLD_NOW | RTLD_GLOBAL)) return nullptr;
+        {
+            std::lock_guard<std::recursive_mutex> lock(loader_calls_mutex());
+            if (!::dlopen(where.module.c_str(), RTLD_NOW | RTLD_GLOBAL)) return nullptr;
+        }
         s = ModuleSearch{};
         s.name = &where.module;
-        ::dl_iterate_phdr(module_search_cb, &s);
+        walk_loaded_modules(module_search_cb, &s);
     }
     if (!s.found) return nullptr;
     return reinterpret_cast<const void*>(s.base + where.offset);
@@ -9013,7 +9039,7 @@ const void* module_resolve(const ModuleAddress& where) {
 std::string module_fingerprint(const std::string& module) {
     ModuleSearch s;
     s.name = &module;
-    ::dl_iterate_phdr(module_search_cb, &s);
+    walk_loaded_modules(module_search_cb, &s);
     if (s.found && !s.build_id.empty()) return "build-id:" + s.build_id;
     // No build-id: the file's identity stands in for it (cheap, unlike hashing).
     struct stat st;
@@ -9248,7 +9274,7 @@ int code_ref_find_module(dl_phdr_info* info, std::size_t, void* data) {
 CodeRef code_ref_of(const void* address) {
     CodeRefSearch s;
     s.address = reinterpret_cast<std::uintptr_t>(address);
-    ::dl_iterate_phdr(&code_ref_find_address, &s);
+    walk_loaded_modules(&code_ref_find_address, &s);
     if (!s.found) throw std::invalid_argument("mpservice: the address is not inside any loaded module");
     return s.result;
 }
@@ -9257,7 +9283,7 @@ const void* code_ref_resolve(const CodeRef& ref) noexcept {
     if (ref.empty()) return nullptr;
     CodeRefSearch s;
     s.ref = ref;
-    ::dl_iterate_phdr(&code_ref_find_module, &s);
+    walk_loaded_modules(&code_ref_find_module, &s);
     return s.resolved;
 }
 
@@ -12006,7 +12032,7 @@ std::vector<StackFrame> symbolize(void* const* pcs, int n) {
         auto lookup = reinterpret_cast<std::uintptr_t>(pcs[i]) - 1;
         ModuleOf m;
         m.pc = lookup;
-        dl_iterate_phdr(find_module, &m);
+        walk_loaded_modules(find_module, &m);
         if (m.found) {
             f.module = m.path;
             f.offset = lookup + 1 - m.bias;
@@ -12017,8 +12043,12 @@ std::vector<StackFrame> symbolize(void* const* pcs, int n) {
         }
         if (f.function.empty()) {
             Dl_info info;
-            if (::dladdr(reinterpret_cast<void*>(lookup), &info) && info.dli_sname)
-                f.function = demangle(info.dli_sname);
+            bool named;
+            {
+                std::lock_guard<std::recursive_mutex> lock(loader_calls_mutex());  // dladdr takes the loader's lock
+                named = ::dladdr(reinterpret_cast<void*>(lookup), &info) && info.dli_sname;
+            }
+            if (named) f.function = demangle(info.dli_sname);
         }
     }
     if (want_lines.empty() || !line_lookup_enabled()) return frames;

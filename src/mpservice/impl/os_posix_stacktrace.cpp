@@ -480,7 +480,7 @@ std::vector<StackFrame> symbolize(void* const* pcs, int n) {
         auto lookup = reinterpret_cast<std::uintptr_t>(pcs[i]) - 1;
         ModuleOf m;
         m.pc = lookup;
-        dl_iterate_phdr(find_module, &m);
+        walk_loaded_modules(find_module, &m);
         if (m.found) {
             f.module = m.path;
             f.offset = lookup + 1 - m.bias;
@@ -491,8 +491,12 @@ std::vector<StackFrame> symbolize(void* const* pcs, int n) {
         }
         if (f.function.empty()) {
             Dl_info info;
-            if (::dladdr(reinterpret_cast<void*>(lookup), &info) && info.dli_sname)
-                f.function = demangle(info.dli_sname);
+            bool named;
+            {
+                std::lock_guard<std::recursive_mutex> lock(loader_calls_mutex());  // dladdr takes the loader's lock
+                named = ::dladdr(reinterpret_cast<void*>(lookup), &info) && info.dli_sname;
+            }
+            if (named) f.function = demangle(info.dli_sname);
         }
     }
     if (want_lines.empty() || !line_lookup_enabled()) return frames;
