@@ -1290,6 +1290,16 @@ using Deadline = Clock::time_point;
 /// A deadline that never comes (wait without a timeout).
 inline constexpr Deadline no_deadline = Deadline::max();
 
+/// The end of one bounded sleep of a wait that ends at `deadline`: `slice`
+/// from now, or the deadline if that comes first.  The library's blocking
+/// waits sleep in slices and look again after each, because a wake-up can be
+/// lost to a process that dies or stops at the wrong instant (each caller
+/// says how); the slice bounds what such a loss costs.
+inline Deadline sleep_slice_end(Deadline deadline, Clock::duration slice) noexcept {
+    const Deadline now = Clock::now();
+    return deadline - now > slice ? now + slice : deadline;
+}
+
 /// Deadline `timeout` from now; a negative timeout means "already expired",
 /// and a huge one saturates to no_deadline instead of overflowing.
 template <class Rep, class Period>
@@ -3821,6 +3831,7 @@ Thread(F, A...) -> Thread<detail::thread_result_t<F, A...>>;
 #include <climits>
 #include <cstddef>
 #include <cstdint>
+#include <thread>
 #include <type_traits>
 #include <utility>
 
@@ -3860,6 +3871,28 @@ inline constexpr std::uint32_t spin_min_ns = 500;
 inline constexpr std::uint32_t spin_probe_every = 8;
 static_assert(spin_probe_every < spin_min_ns, "the budget's 'off' values must not look like budgets");
 
+/// What a fixed spin does between batches of looks.
+enum class BetweenLooks {
+    relax,  // stay on the CPU (the partner runs on another one)
+    yield,  // give the CPU away: the partner may be waiting for this very CPU
+};
+
+/// Spins until ready() or `budget` has passed, without adapting (the spin of
+/// a partner known to answer soon); returns ready().  The one spin loop of
+/// the library: spin_until adapts its budget around it.
+template <class Ready>
+bool spin_for(Ready&& ready, std::chrono::nanoseconds budget, BetweenLooks between = BetweenLooks::relax) {
+    const auto until = os::Clock::now() + budget;
+    for (;;) {
+        for (int i = 0; i < 32; ++i) {  // reading the clock costs about as much as a pause
+            os::cpu_relax();
+            if (ready()) return true;
+        }
+        if (os::Clock::now() >= until) return ready();
+        if (between == BetweenLooks::yield) std::this_thread::yield();
+    }
+}
+
 /// Spins until ready() or the spin budget is spent; returns ready().
 ///
 /// The budget adapts, per object, in `budget_ns` (shared by every process
@@ -3882,17 +3915,10 @@ bool spin_until(Ready&& ready, std::atomic<Budget>& budget_ns) {
         return false;
     }
     if (budget < spin_min_ns) budget = spin_min_ns;  // a probe
-    auto until = os::Clock::now() + std::chrono::nanoseconds(budget);
-    for (;;) {
-        for (int i = 0; i < 32; ++i) {  // reading the clock costs about as much as a pause
-            os::cpu_relax();
-            if (ready()) {
-                const std::uint32_t grown = budget >= spin_max_ns / 2 ? spin_max_ns : budget * 2;
-                budget_ns.store(Budget(grown), std::memory_order_relaxed);
-                return true;
-            }
-        }
-        if (os::Clock::now() >= until) break;
+    if (spin_for(ready, std::chrono::nanoseconds(budget))) {
+        const std::uint32_t grown = budget >= spin_max_ns / 2 ? spin_max_ns : budget * 2;
+        budget_ns.store(Budget(grown), std::memory_order_relaxed);
+        return true;
     }
     std::uint32_t shrunk = budget / 2;
     if (budget <= 2 * spin_min_ns) shrunk = budget <= spin_min_ns ? 1 : spin_min_ns;  // 1: off, see above
@@ -8366,8 +8392,7 @@ constexpr auto kLockSleepSlice = std::chrono::milliseconds(200);
 /// Blocks for the mutex until `deadline` (steady clock), in bounded slices.
 LockResult lock_until(RobustMutex* m, Deadline deadline) {
     for (;;) {
-        const Deadline now = Clock::now();
-        const Deadline until = deadline - now > kLockSleepSlice ? now + kLockSleepSlice : deadline;
+        const Deadline until = sleep_slice_end(deadline, kLockSleepSlice);
         const int rc = lock_until_once(m, until);
         if (rc == ETIMEDOUT && until != deadline) continue;  // a slice ended, not the wait
         return lock_result(rc, "mpservice: mutex lock");
@@ -16099,9 +16124,8 @@ bool await_notify(ConditionState* cs, std::uint32_t seen, os::Deadline deadline)
     if (!no_spin && spin_until(bumped, cs->spin_ns)) return true;
     for (;;) {
         if (bumped()) return true;
-        auto step = os::Clock::now() +
-                    std::chrono::milliseconds(condition_recheck_ms.load(std::memory_order_relaxed));
-        if (deadline < step) step = deadline;
+        const auto step = os::sleep_slice_end(
+            deadline, std::chrono::milliseconds(condition_recheck_ms.load(std::memory_order_relaxed)));
         if (!os::futex_wait(&cs->sequence, seen, step) && step == deadline) return bumped();
     }
 }
@@ -16206,8 +16230,7 @@ bool semaphore_acquire(SemaphoreState* s, os::Deadline deadline) {
             taken = true;
             break;
         }
-        const auto now = os::Clock::now();
-        const os::Deadline step = deadline - now > semaphore_recheck ? now + semaphore_recheck : deadline;
+        const os::Deadline step = os::sleep_slice_end(deadline, semaphore_recheck);
         if (!os::futex_wait(&s->value, 0, step) && step == deadline) {
             taken = semaphore_take(s);
             break;
@@ -16466,7 +16489,7 @@ unsigned Barrier::wait_until(detail::os::Deadline deadline) {
                 if (b->generation.load(std::memory_order_relaxed) == generation) break_locked(b);
                 break;
             }
-            auto step = deadline - now > barrier_liveness_period ? now + barrier_liveness_period : deadline;
+            const auto step = os::sleep_slice_end(deadline, barrier_liveness_period);
             if (!os::futex_wait(&b->generation, generation, step) && step != deadline && !ended()) {
                 BarrierGuard guard(b);
                 check_parties_locked(b, generation);
@@ -17924,24 +17947,15 @@ static_assert(sizeof(PoolSlot) == 40, "slot layout: records follow the header di
 const std::uint64_t task_tag = QueueCore::tag_of("mpservice.pool.tasks");
 const std::uint64_t result_tag = QueueCore::tag_of("mpservice.pool.results");
 
-/// Polls `ring` for up to `budget` until it holds an item (true) or stop()
-/// (false).  A blocking get spins only briefly before it sleeps, and waking a
-/// sleeper on another CPU costs tens of microseconds on a VM - more than a
-/// whole task round trip - so both ends of a task look a little longer.
+/// Polls `ring` for up to `budget` until it holds an item or stop().  A
+/// blocking get spins only briefly before it sleeps, and waking a sleeper on
+/// another CPU costs tens of microseconds on a VM - more than a whole task
+/// round trip - so both ends of a task look a little longer, yielding between
+/// looks: the other end may be waiting for this very CPU (the scheduler put
+/// both on it).
 template <class Stop>
-bool spin_for_item(const QueueCore& ring, std::chrono::microseconds budget, Stop&& stop) {
-    const auto until = os::Clock::now() + budget;
-    do {
-        for (int i = 0; i < 16; ++i) {
-            if (ring.qsize() != 0) return true;
-            if (stop()) return false;
-            os::cpu_relax();
-        }
-        // The other end may be waiting for this very CPU (the scheduler put
-        // both on it): let it run rather than spin it out.
-        std::this_thread::yield();
-    } while (os::Clock::now() < until);
-    return false;
+void spin_for_item(const QueueCore& ring, std::chrono::microseconds budget, Stop&& stop) {
+    spin_for([&] { return ring.qsize() != 0 || stop(); }, budget, BetweenLooks::yield);
 }
 /// How long a worker looks for its next task, and a waiting caller for its
 /// result, before the blocking get (see spin_for_item).
@@ -18956,19 +18970,6 @@ inline SlotStats& slot_stats() {
     return s;
 }
 
-/// Spins until ready() or `ns` have passed (the fixed spin of a resync).
-template <class Ready>
-bool spin_for(Ready&& ready, std::uint32_t ns) {
-    auto until = os::Clock::now() + std::chrono::nanoseconds(ns);
-    for (;;) {
-        for (int i = 0; i < 32; ++i) {
-            os::cpu_relax();
-            if (ready()) return true;
-        }
-        if (os::Clock::now() >= until) return ready();
-    }
-}
-
 /// How often a sleeping side looks at the socket (its partner's death).
 constexpr std::chrono::milliseconds client_check{20};
 constexpr std::chrono::milliseconds server_check{50};
@@ -19667,7 +19668,7 @@ private:
         std::uint32_t hold_ns = 0;  // a client's resync: stay awake this long for its next request
         for (;;) {
             auto requested = [&] { return h->request_seq.load(std::memory_order_acquire) != last_seq_; };
-            const bool got = hold_ns ? spin_for(requested, hold_ns) : spin_until(requested, spin_ns_);
+            const bool got = hold_ns ? spin_for(requested, std::chrono::nanoseconds(hold_ns)) : spin_until(requested, spin_ns_);
             if (hold_ns && got) spin_ns_.store(spin_max_ns, std::memory_order_relaxed);  // we meet again
             if (!got) break;
             if (host_.stopping.load()) return false;
@@ -20275,7 +20276,7 @@ private:
         h->request_seq.store(seq, std::memory_order_seq_cst);
         ring(h);
         auto answered = [&] { return h->reply_seq.load(std::memory_order_acquire) == seq; };
-        const bool spun = resync ? spin_for(answered, resync_ns) : spin_until(answered, c.spin_ns);
+        const bool spun = resync ? spin_for(answered, std::chrono::nanoseconds(resync_ns)) : spin_until(answered, c.spin_ns);
         if (spun) {
             stats.spun.fetch_add(1, std::memory_order_relaxed);
             if (resync) c.spin_ns.store(spin_max_ns, std::memory_order_relaxed);  // and see the next call

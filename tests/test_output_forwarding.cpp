@@ -20,21 +20,11 @@
 #include <dirent.h>
 
 #include "mpservice.hpp"
+#include "sanitizers.hpp"
 
 namespace mp = mpservice;
 using namespace std::chrono_literals;
 
-#if defined(__SANITIZE_ADDRESS__)
-constexpr bool kAddressSanitizer = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-constexpr bool kAddressSanitizer = true;
-#else
-constexpr bool kAddressSanitizer = false;
-#endif
-#else
-constexpr bool kAddressSanitizer = false;
-#endif
 
 extern "C" const char* __tsan_default_options() { return "die_after_fork=0"; }
 

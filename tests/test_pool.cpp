@@ -23,6 +23,7 @@
 
 #include "fork_helpers.hpp"
 #include "mpservice.hpp"
+#include "sanitizers.hpp"
 
 namespace mp = mpservice;
 
@@ -494,21 +495,10 @@ void crash_scenario(const mp::Context& ctx, std::size_t chunksize, const char* e
     CHECK(pool.worker_pids().size() == 2);
 }
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define SANITIZED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define SANITIZED 1
-#endif
-#endif
-#ifndef SANITIZED
-#define SANITIZED 0
-#endif
-
 TEST_CASE_TEMPLATE("a worker that dies in a task fails exactly that task; the pool goes on", Ctx, CONTEXTS) {
     // Sanitizers catch SIGSEGV/SIGABRT themselves and exit with code 1.
-    const char* segv = SANITIZED ? "" : "SIGSEGV";
-    const char* abrt = SANITIZED ? "" : "SIGABRT";
+    const char* segv = kSanitized ? "" : "SIGSEGV";
+    const char* abrt = kSanitized ? "" : "SIGABRT";
     SUBCASE("SIGKILL from outside, one task per chunk") { crash_scenario<0>(Ctx{}, 1, "SIGKILL"); }
     SUBCASE("SIGKILL from outside, chunks of 50") { crash_scenario<0>(Ctx{}, 50, "SIGKILL"); }
     SUBCASE("segfault, chunks of 7") { crash_scenario<1>(Ctx{}, 7, segv); }

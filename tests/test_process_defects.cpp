@@ -31,20 +31,10 @@
 #include <unistd.h>
 
 #include "mpservice.hpp"
+#include "sanitizers.hpp"
 
 namespace mp = mpservice;
 
-#if defined(__SANITIZE_ADDRESS__)
-constexpr bool kAddressSanitizer = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-constexpr bool kAddressSanitizer = true;
-#else
-constexpr bool kAddressSanitizer = false;
-#endif
-#else
-constexpr bool kAddressSanitizer = false;
-#endif
 using namespace std::chrono_literals;
 
 // Fork-context children of this threaded program start threads of their own.

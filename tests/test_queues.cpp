@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include "mpservice.hpp"
+#include "sanitizers.hpp"
 
 #include <atomic>
 #include <chrono>
@@ -25,16 +26,7 @@ using namespace std::chrono_literals;
 // ThreadSanitizer follows threads of one process only: when threads and forked
 // processes work on the same shared memory, it misses the hand-offs made in the
 // other processes and reports races that are not there.
-#if defined(__SANITIZE_THREAD__)
-#define QUEUES_UNDER_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define QUEUES_UNDER_TSAN 1
-#endif
-#endif
-#ifndef QUEUES_UNDER_TSAN
-#define QUEUES_UNDER_TSAN 0
-#endif
+// (kThreadSanitizer, from sanitizers.hpp.)
 
 namespace {
 
@@ -307,7 +299,7 @@ TEST_CASE("exactly once: 4 producer processes x 4 consumer processes x 100k item
 }
 
 TEST_CASE("exactly once with threads and processes mixed, large and small items" *
-          doctest::skip(QUEUES_UNDER_TSAN)) {
+          doctest::skip(kThreadSanitizer)) {
     mp::Queue<std::string> q(0, 16 * 1024);
     constexpr std::uint32_t per_producer = 300;
     SharedCounters seen(4 * per_producer);

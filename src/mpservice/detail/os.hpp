@@ -27,6 +27,16 @@ using Deadline = Clock::time_point;
 /// A deadline that never comes (wait without a timeout).
 inline constexpr Deadline no_deadline = Deadline::max();
 
+/// The end of one bounded sleep of a wait that ends at `deadline`: `slice`
+/// from now, or the deadline if that comes first.  The library's blocking
+/// waits sleep in slices and look again after each, because a wake-up can be
+/// lost to a process that dies or stops at the wrong instant (each caller
+/// says how); the slice bounds what such a loss costs.
+inline Deadline sleep_slice_end(Deadline deadline, Clock::duration slice) noexcept {
+    const Deadline now = Clock::now();
+    return deadline - now > slice ? now + slice : deadline;
+}
+
 /// Deadline `timeout` from now; a negative timeout means "already expired",
 /// and a huge one saturates to no_deadline instead of overflowing.
 template <class Rep, class Period>

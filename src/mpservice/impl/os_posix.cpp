@@ -212,8 +212,7 @@ constexpr auto kLockSleepSlice = std::chrono::milliseconds(200);
 /// Blocks for the mutex until `deadline` (steady clock), in bounded slices.
 LockResult lock_until(RobustMutex* m, Deadline deadline) {
     for (;;) {
-        const Deadline now = Clock::now();
-        const Deadline until = deadline - now > kLockSleepSlice ? now + kLockSleepSlice : deadline;
+        const Deadline until = sleep_slice_end(deadline, kLockSleepSlice);
         const int rc = lock_until_once(m, until);
         if (rc == ETIMEDOUT && until != deadline) continue;  // a slice ended, not the wait
         return lock_result(rc, "mpservice: mutex lock");

@@ -82,24 +82,15 @@ static_assert(sizeof(PoolSlot) == 40, "slot layout: records follow the header di
 const std::uint64_t task_tag = QueueCore::tag_of("mpservice.pool.tasks");
 const std::uint64_t result_tag = QueueCore::tag_of("mpservice.pool.results");
 
-/// Polls `ring` for up to `budget` until it holds an item (true) or stop()
-/// (false).  A blocking get spins only briefly before it sleeps, and waking a
-/// sleeper on another CPU costs tens of microseconds on a VM - more than a
-/// whole task round trip - so both ends of a task look a little longer.
+/// Polls `ring` for up to `budget` until it holds an item or stop().  A
+/// blocking get spins only briefly before it sleeps, and waking a sleeper on
+/// another CPU costs tens of microseconds on a VM - more than a whole task
+/// round trip - so both ends of a task look a little longer, yielding between
+/// looks: the other end may be waiting for this very CPU (the scheduler put
+/// both on it).
 template <class Stop>
-bool spin_for_item(const QueueCore& ring, std::chrono::microseconds budget, Stop&& stop) {
-    const auto until = os::Clock::now() + budget;
-    do {
-        for (int i = 0; i < 16; ++i) {
-            if (ring.qsize() != 0) return true;
-            if (stop()) return false;
-            os::cpu_relax();
-        }
-        // The other end may be waiting for this very CPU (the scheduler put
-        // both on it): let it run rather than spin it out.
-        std::this_thread::yield();
-    } while (os::Clock::now() < until);
-    return false;
+void spin_for_item(const QueueCore& ring, std::chrono::microseconds budget, Stop&& stop) {
+    spin_for([&] { return ring.qsize() != 0 || stop(); }, budget, BetweenLooks::yield);
 }
 /// How long a worker looks for its next task, and a waiting caller for its
 /// result, before the blocking get (see spin_for_item).

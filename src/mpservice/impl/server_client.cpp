@@ -488,7 +488,7 @@ private:
         h->request_seq.store(seq, std::memory_order_seq_cst);
         ring(h);
         auto answered = [&] { return h->reply_seq.load(std::memory_order_acquire) == seq; };
-        const bool spun = resync ? spin_for(answered, resync_ns) : spin_until(answered, c.spin_ns);
+        const bool spun = resync ? spin_for(answered, std::chrono::nanoseconds(resync_ns)) : spin_until(answered, c.spin_ns);
         if (spun) {
             stats.spun.fetch_add(1, std::memory_order_relaxed);
             if (resync) c.spin_ns.store(spin_max_ns, std::memory_order_relaxed);  // and see the next call

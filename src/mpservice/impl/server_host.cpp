@@ -547,7 +547,7 @@ private:
         std::uint32_t hold_ns = 0;  // a client's resync: stay awake this long for its next request
         for (;;) {
             auto requested = [&] { return h->request_seq.load(std::memory_order_acquire) != last_seq_; };
-            const bool got = hold_ns ? spin_for(requested, hold_ns) : spin_until(requested, spin_ns_);
+            const bool got = hold_ns ? spin_for(requested, std::chrono::nanoseconds(hold_ns)) : spin_until(requested, spin_ns_);
             if (hold_ns && got) spin_ns_.store(spin_max_ns, std::memory_order_relaxed);  // we meet again
             if (!got) break;
             if (host_.stopping.load()) return false;

@@ -126,19 +126,6 @@ inline SlotStats& slot_stats() {
     return s;
 }
 
-/// Spins until ready() or `ns` have passed (the fixed spin of a resync).
-template <class Ready>
-bool spin_for(Ready&& ready, std::uint32_t ns) {
-    auto until = os::Clock::now() + std::chrono::nanoseconds(ns);
-    for (;;) {
-        for (int i = 0; i < 32; ++i) {
-            os::cpu_relax();
-            if (ready()) return true;
-        }
-        if (os::Clock::now() >= until) return ready();
-    }
-}
-
 /// How often a sleeping side looks at the socket (its partner's death).
 constexpr std::chrono::milliseconds client_check{20};
 constexpr std::chrono::milliseconds server_check{50};

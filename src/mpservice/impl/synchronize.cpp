@@ -292,9 +292,8 @@ bool await_notify(ConditionState* cs, std::uint32_t seen, os::Deadline deadline)
     if (!no_spin && spin_until(bumped, cs->spin_ns)) return true;
     for (;;) {
         if (bumped()) return true;
-        auto step = os::Clock::now() +
-                    std::chrono::milliseconds(condition_recheck_ms.load(std::memory_order_relaxed));
-        if (deadline < step) step = deadline;
+        const auto step = os::sleep_slice_end(
+            deadline, std::chrono::milliseconds(condition_recheck_ms.load(std::memory_order_relaxed)));
         if (!os::futex_wait(&cs->sequence, seen, step) && step == deadline) return bumped();
     }
 }
@@ -399,8 +398,7 @@ bool semaphore_acquire(SemaphoreState* s, os::Deadline deadline) {
             taken = true;
             break;
         }
-        const auto now = os::Clock::now();
-        const os::Deadline step = deadline - now > semaphore_recheck ? now + semaphore_recheck : deadline;
+        const os::Deadline step = os::sleep_slice_end(deadline, semaphore_recheck);
         if (!os::futex_wait(&s->value, 0, step) && step == deadline) {
             taken = semaphore_take(s);
             break;
@@ -659,7 +657,7 @@ unsigned Barrier::wait_until(detail::os::Deadline deadline) {
                 if (b->generation.load(std::memory_order_relaxed) == generation) break_locked(b);
                 break;
             }
-            auto step = deadline - now > barrier_liveness_period ? now + barrier_liveness_period : deadline;
+            const auto step = os::sleep_slice_end(deadline, barrier_liveness_period);
             if (!os::futex_wait(&b->generation, generation, step) && step != deadline && !ended()) {
                 BarrierGuard guard(b);
                 check_parties_locked(b, generation);

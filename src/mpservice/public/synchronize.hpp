@@ -39,6 +39,7 @@
 #include <climits>
 #include <cstddef>
 #include <cstdint>
+#include <thread>
 #include <type_traits>
 #include <utility>
 
@@ -83,6 +84,28 @@ inline constexpr std::uint32_t spin_min_ns = 500;
 inline constexpr std::uint32_t spin_probe_every = 8;
 static_assert(spin_probe_every < spin_min_ns, "the budget's 'off' values must not look like budgets");
 
+/// What a fixed spin does between batches of looks.
+enum class BetweenLooks {
+    relax,  // stay on the CPU (the partner runs on another one)
+    yield,  // give the CPU away: the partner may be waiting for this very CPU
+};
+
+/// Spins until ready() or `budget` has passed, without adapting (the spin of
+/// a partner known to answer soon); returns ready().  The one spin loop of
+/// the library: spin_until adapts its budget around it.
+template <class Ready>
+bool spin_for(Ready&& ready, std::chrono::nanoseconds budget, BetweenLooks between = BetweenLooks::relax) {
+    const auto until = os::Clock::now() + budget;
+    for (;;) {
+        for (int i = 0; i < 32; ++i) {  // reading the clock costs about as much as a pause
+            os::cpu_relax();
+            if (ready()) return true;
+        }
+        if (os::Clock::now() >= until) return ready();
+        if (between == BetweenLooks::yield) std::this_thread::yield();
+    }
+}
+
 /// Spins until ready() or the spin budget is spent; returns ready().
 ///
 /// The budget adapts, per object, in `budget_ns` (shared by every process
@@ -105,17 +128,10 @@ bool spin_until(Ready&& ready, std::atomic<Budget>& budget_ns) {
         return false;
     }
     if (budget < spin_min_ns) budget = spin_min_ns;  // a probe
-    auto until = os::Clock::now() + std::chrono::nanoseconds(budget);
-    for (;;) {
-        for (int i = 0; i < 32; ++i) {  // reading the clock costs about as much as a pause
-            os::cpu_relax();
-            if (ready()) {
-                const std::uint32_t grown = budget >= spin_max_ns / 2 ? spin_max_ns : budget * 2;
-                budget_ns.store(Budget(grown), std::memory_order_relaxed);
-                return true;
-            }
-        }
-        if (os::Clock::now() >= until) break;
+    if (spin_for(ready, std::chrono::nanoseconds(budget))) {
+        const std::uint32_t grown = budget >= spin_max_ns / 2 ? spin_max_ns : budget * 2;
+        budget_ns.store(Budget(grown), std::memory_order_relaxed);
+        return true;
     }
     std::uint32_t shrunk = budget / 2;
     if (budget <= 2 * spin_min_ns) shrunk = budget <= spin_min_ns ? 1 : spin_min_ns;  // 1: off, see above
