@@ -584,6 +584,10 @@ void keep_throw_site(const std::exception_ptr& e) noexcept {
 }  // namespace mpservice::detail
 
 namespace mpservice {
+// (noinline is on the declarations: the definitions come after the Remote<E> that use them.)
+RemoteError::~RemoteError() = default;
+RemoteError::RemoteError(detail::RemoteInfo info) : info_(std::move(info)) {}
+RemoteError::RemoteError(const RemoteError&) = default;
 void set_traceback_source_lines(bool enabled) noexcept { detail::os::set_line_lookup(enabled); }
 void set_throw_site_capture(bool enabled) noexcept { detail::os::set_throw_site_capture(enabled); }
 }  // namespace mpservice

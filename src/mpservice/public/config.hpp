@@ -20,3 +20,14 @@
 #ifndef MPSERVICE_API
 #define MPSERVICE_API
 #endif
+
+// Keeps a function out of its callers in the implementation TU, where its
+// definition is visible: for code every template instance would otherwise
+// copy (the footprint - bench/footprint_breakdown.py).
+#if defined(__GNUC__) || defined(__clang__)
+#define MPSERVICE_NOINLINE __attribute__((noinline))
+#elif defined(_MSC_VER)
+#define MPSERVICE_NOINLINE __declspec(noinline)
+#else
+#define MPSERVICE_NOINLINE
+#endif
