@@ -123,6 +123,11 @@ public:
     /// parent_killed rows: the children are blocked in their operation; the
     /// driver may now SIGKILL this process.  Does not return.
     [[noreturn]] void ready_to_be_killed();
+    /// A hang the row cannot clean up after (a thread stuck in a call that has
+    /// no timeout and that nothing wakes): reports the round as it stands -
+    /// record the hang first - and exits at once, leaving the rest to the
+    /// driver (which counts what outlives us).  Does not return.
+    [[noreturn]] void abandon();
 
     Verdict verdict() const { return verdict_; }
     const std::string& note() const { return note_; }
@@ -140,8 +145,12 @@ private:
     long lost_ = 0, lost_bound_ = 0, dup_ = 0, reordered_ = 0;
 };
 
-/// Environment a row's worker runs in, set up by the driver before exec().
-enum class Setup { none, ulimit64 };
+/// Environment a row's worker runs in, set up by the driver before exec()
+/// (ulimit64) or by the worker's warm-up (warm_spawn: under spawn, the warm
+/// spawner's thread and wake descriptor - program-lifetime, made by the first
+/// warm start, e.g. a Pool's replacement worker - exist before the leaks are
+/// counted, with no warm child waiting).
+enum class Setup { none, ulimit64, warm_spawn };
 
 struct Row {
     std::string object;  // first table column
