@@ -11,21 +11,12 @@
 // round.hang(...), round.lost(...) and friends.  Adding a row is one such
 // function and one ROW(...) line; see rows_*.cpp.
 //
-// Objects still to come get rows the same way, in a new rows_*.cpp listed in
-// CMakeLists.txt - e.g. a Pool task whose worker segfaults:
-//
-//     int pool_task(int ending) { end_child(static_cast<Ending>(ending)); return 1; }
-//     void pool_row(Round& r) {
-//         mp::Pool pool(2);
-//         auto f = pool.apply_async(pool_task, static_cast<int>(r.ending()));
-//         ... f.get(guard): the right error for r.ending(), else r.wrong / r.hang;
-//         ... then the pool still runs a task (a replaced worker)
-//     }
-//     ROW("Pool task", Ending::segv, pool_row);
-//
-// (likewise "ProcessRunner call", "server proxy", "MemoryBlock", "Pipe end":
-// the child ends its way inside the operation, the parent checks the outcome
-// and that the object still works; the driver checks leaks and descendants.)
+// New objects get rows the same way, in a new rows_*.cpp listed in
+// CMakeLists.txt - rows_pool.cpp (Pool tasks), rows_runner.cpp (ProcessRunner
+// calls), rows_pipe.cpp (Pipe ends) and rows_server.cpp (server proxies and
+// MemoryBlocks) are the examples: the child ends its way inside the
+// operation, the parent checks the outcome and that the object still works;
+// the driver checks leaks and descendants.
 // A row whose failure is a known, not yet fixed defect goes into
 // known_defects() in harness.cpp with the defect's number.
 #pragma once
