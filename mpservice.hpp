@@ -3294,6 +3294,10 @@ MPSERVICE_API void test_set_fork_server_timeout(std::chrono::milliseconds timeou
 /// Test hook: the pid of the warm spawn child once it is ready (bootstrapped,
 /// waiting for a task), waiting at most `timeout`; 0 if there is none by then.
 MPSERVICE_API long test_warm_child(std::chrono::milliseconds timeout);
+/// Discards the waiting warm spawn child, unless set_warm_spawn(true) keeps
+/// one for the whole program: a Pool whose replacement workers took warm
+/// starts calls it when it ends, so that no idle child outlives the pool.
+MPSERVICE_API void discard_unwanted_warm_child() noexcept;
 
 /// The phases of a start that bench/bench_process.cpp times (see
 /// bench/PERFORMANCE-process.md).  Child phases are recorded by forked
@@ -15151,6 +15155,11 @@ long test_warm_child(std::chrono::milliseconds timeout) {
     return s ? s->wait_ready(timeout) : 0;
 }
 
+void discard_unwanted_warm_child() noexcept {
+    if (g_warm_spawn.load(std::memory_order_relaxed)) return;  // the program keeps one anyway
+    if (WarmSpawner* s = WarmSpawner::existing()) s->stop();
+}
+
 }  // namespace detail
 
 void set_warm_spawn(bool keep_warm) {
@@ -18249,6 +18258,7 @@ struct PoolCore::State {
     // its worker sent them); deliveries happen after it is released.
     std::mutex reader;
     std::atomic<int> waiting{0};  // callers in serve_until
+    std::atomic<bool> warm_starts{false};  // a replacement took a warm start (its spawner keeps a child)
 };
 
 namespace {
@@ -18364,7 +18374,11 @@ void PoolCore::start_worker(std::size_t i, bool replacement) {
     // child exec'd ahead of demand (spawn context; others ignore it), so a
     // worker's end does not stall the pool for a whole re-exec.  The first
     // workers start cold: a pool that never loses one keeps no idle child.
-    if (replacement) w.proc->set_warm_start(true);
+    // When the pool ends, join() discards the warm child kept for the next replacement.
+    if (replacement) {
+        w.proc->set_warm_start(true);
+        s.warm_starts.store(true);
+    }
     w.proc->start();
     // Sent (or, under fork, copied into the child): the parent needs none of it.
     boot.release();
@@ -18823,6 +18837,9 @@ void PoolCore::join() {
         s.bell->ring();
         s.thread.join();
     }
+    // The warm child made for this pool's next replacement is nobody's now:
+    // it goes with the pool (unless the program keeps warm children anyway).
+    if (s.warm_starts.exchange(false)) discard_unwanted_warm_child();
 }
 
 std::vector<long> PoolCore::worker_pids() const {

@@ -613,3 +613,50 @@ TEST_CASE("a Pool made without a context uses the default start method (set_star
         CHECK(pool.apply(parent_of_worker, 0) != self);  // forked by the fork server
     }
 }
+
+namespace {
+/// Whether process `pid` is gone (or a zombie nobody has reaped yet: not running).
+bool process_gone(long pid) {
+    std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+    std::string stat;
+    if (!std::getline(in, stat)) return true;
+    auto close = stat.rfind(')');
+    return close != std::string::npos && close + 2 < stat.size() && (stat[close + 2] == 'Z' || stat[close + 2] == 'X');
+}
+}  // namespace
+
+// Found by the crash matrix (tools/stress, rows "Pool task"): under spawn a
+// replacement worker takes a warm start, which has the spawner keep a child
+// exec'd ahead for the next one - and that idle child (a process and two
+// descriptors) stayed for the rest of the program after the pool was gone.
+TEST_CASE("a pool that replaced a dead worker leaves no idle warm child behind once it ends") {
+    mp::set_warm_spawn(false);
+    long warm = 0;
+    {
+        mp::Pool pool(mp::SpawnContext{}, 1);
+        const long first = pool.worker_pids().at(0);
+        ::kill(static_cast<pid_t>(first), SIGKILL);
+        auto t0 = Clock::now();
+        while (!(pool.worker_pids().size() == 1 && pool.worker_pids()[0] != first) && Clock::now() - t0 < 20s)
+            std::this_thread::sleep_for(1ms);  // polling the pool's state: nothing to wait on
+        CHECK(pool.apply_async(square, 3).get(30s) == 9);
+        warm = mp::detail::test_warm_child(20s);  // kept for the pool's next replacement
+        REQUIRE(warm != 0);
+        pool.close();
+        pool.join();
+        CHECK(mp::detail::test_warm_child(0ms) == 0);
+    }
+    auto t0 = Clock::now();
+    while (!process_gone(warm) && Clock::now() - t0 < 10s) std::this_thread::sleep_for(1ms);
+    CHECK(process_gone(warm));
+    // With warm spawn on for the program, the waiting child is the program's: it stays.
+    mp::set_warm_spawn(true);
+    {
+        mp::Pool pool(mp::SpawnContext{}, 1);
+        ::kill(static_cast<pid_t>(pool.worker_pids().at(0)), SIGKILL);
+        CHECK(pool.apply_async(square, 4).get(30s) == 16);
+    }
+    CHECK(mp::detail::test_warm_child(20s) != 0);
+    mp::set_warm_spawn(false);
+    CHECK(mp::detail::test_warm_child(0ms) == 0);
+}

@@ -11,21 +11,12 @@
 // round.hang(...), round.lost(...) and friends.  Adding a row is one such
 // function and one ROW(...) line; see rows_*.cpp.
 //
-// Objects still to come get rows the same way, in a new rows_*.cpp listed in
-// CMakeLists.txt - e.g. a Pool task whose worker segfaults:
-//
-//     int pool_task(int ending) { end_child(static_cast<Ending>(ending)); return 1; }
-//     void pool_row(Round& r) {
-//         mp::Pool pool(2);
-//         auto f = pool.apply_async(pool_task, static_cast<int>(r.ending()));
-//         ... f.get(guard): the right error for r.ending(), else r.wrong / r.hang;
-//         ... then the pool still runs a task (a replaced worker)
-//     }
-//     ROW("Pool task", Ending::segv, pool_row);
-//
-// (likewise "ProcessRunner call", "server proxy", "MemoryBlock", "Pipe end":
-// the child ends its way inside the operation, the parent checks the outcome
-// and that the object still works; the driver checks leaks and descendants.)
+// New objects get rows the same way, in a new rows_*.cpp listed in
+// CMakeLists.txt - rows_pool.cpp (Pool tasks), rows_runner.cpp (ProcessRunner
+// calls), rows_pipe.cpp (Pipe ends) and rows_server.cpp (server proxies and
+// MemoryBlocks) are the examples: the child ends its way inside the
+// operation, the parent checks the outcome and that the object still works;
+// the driver checks leaks and descendants.
 // A row whose failure is a known, not yet fixed defect goes into
 // known_defects() in harness.cpp with the defect's number.
 #pragma once
@@ -123,6 +114,11 @@ public:
     /// parent_killed rows: the children are blocked in their operation; the
     /// driver may now SIGKILL this process.  Does not return.
     [[noreturn]] void ready_to_be_killed();
+    /// A hang the row cannot clean up after (a thread stuck in a call that has
+    /// no timeout and that nothing wakes): reports the round as it stands -
+    /// record the hang first - and exits at once, leaving the rest to the
+    /// driver (which counts what outlives us).  Does not return.
+    [[noreturn]] void abandon();
 
     Verdict verdict() const { return verdict_; }
     const std::string& note() const { return note_; }
@@ -140,8 +136,12 @@ private:
     long lost_ = 0, lost_bound_ = 0, dup_ = 0, reordered_ = 0;
 };
 
-/// Environment a row's worker runs in, set up by the driver before exec().
-enum class Setup { none, ulimit64 };
+/// Environment a row's worker runs in, set up by the driver before exec()
+/// (ulimit64) or by the worker's warm-up (warm_spawn: under spawn, the warm
+/// spawner's thread and wake descriptor - program-lifetime, made by the first
+/// warm start, e.g. a Pool's replacement worker - exist before the leaks are
+/// counted, with no warm child waiting).
+enum class Setup { none, ulimit64, warm_spawn };
 
 struct Row {
     std::string object;  // first table column

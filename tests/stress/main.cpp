@@ -53,6 +53,22 @@ namespace {
 
 // ---------------------------------------------------------------- the worker
 
+/// "fd -> target" of each open descriptor (STRESS_DEBUG_FDS=1: printed when a round leaks).
+std::map<int, std::string> open_fds() {
+    std::map<int, std::string> out;
+    if (DIR* d = ::opendir("/proc/self/fd")) {
+        while (dirent* e = ::readdir(d)) {
+            if (e->d_name[0] == '.') continue;
+            char target[512];
+            std::string link = std::string("/proc/self/fd/") + e->d_name;
+            ssize_t n = ::readlink(link.c_str(), target, sizeof target - 1);
+            out[std::atoi(e->d_name)] = n > 0 ? std::string(target, static_cast<std::size_t>(n)) : "?";
+        }
+        ::closedir(d);
+    }
+    return out;
+}
+
 int worker_main(int row_index, int round_index, std::uint64_t seed) {
     ::fcntl(3, F_SETFD, FD_CLOEXEC);  // children must not hold the result channel
     auto& all = rows();
@@ -68,7 +84,21 @@ int worker_main(int row_index, int round_index, std::uint64_t seed) {
         warm.start();
         warm.join();
     }
+    if (row.setup == Setup::warm_spawn && round.context().start_method() == mp::StartMethod::spawn) {
+        mp::Process<int> warm(round.context(), +[] { return 1; });
+        warm.set_warm_start(true);  // makes the spawner, which makes a warm child
+        warm.start();
+        warm.join();
+        if (mp::detail::test_warm_child(guard) != 0) {
+            const long with_child = measure_leaks().fds;
+            mp::set_warm_spawn(false);  // discards the child; the spawner stays
+            await([&] { return measure_leaks().fds <= with_child - 2 && measure_leaks().zombies == 0; },
+                  milliseconds(2000));
+        }
+    }
     const Leaks before = measure_leaks();
+    const bool debug_fds = std::getenv("STRESS_DEBUG_FDS") != nullptr;
+    const auto fds_before = debug_fds ? open_fds() : std::map<int, std::string>();
     try {
         row.run(round);
     } catch (const std::exception& e) {
@@ -88,6 +118,12 @@ int worker_main(int row_index, int round_index, std::uint64_t seed) {
             return after.zombies == 0 && after.fds <= before.fds && after.maps <= before.maps;
         },
         milliseconds(2000));
+    if (debug_fds && after.fds > before.fds) {
+        for (auto& kv : open_fds())
+            if (!fds_before.count(kv.first) || fds_before.at(kv.first) != kv.second)
+                std::fprintf(stderr, "stress: %s round %d: fd %d -> %s is new\n", row.name().c_str(), round_index,
+                             kv.first, kv.second.c_str());
+    }
     const char* verdict = round.verdict() == Verdict::right    ? "right"
                           : round.verdict() == Verdict::wrong  ? "wrong"
                           : round.verdict() == Verdict::hang   ? "hang"

@@ -365,6 +365,7 @@ struct PoolCore::State {
     // its worker sent them); deliveries happen after it is released.
     std::mutex reader;
     std::atomic<int> waiting{0};  // callers in serve_until
+    std::atomic<bool> warm_starts{false};  // a replacement took a warm start (its spawner keeps a child)
 };
 
 namespace {
@@ -480,7 +481,11 @@ void PoolCore::start_worker(std::size_t i, bool replacement) {
     // child exec'd ahead of demand (spawn context; others ignore it), so a
     // worker's end does not stall the pool for a whole re-exec.  The first
     // workers start cold: a pool that never loses one keeps no idle child.
-    if (replacement) w.proc->set_warm_start(true);
+    // When the pool ends, join() discards the warm child kept for the next replacement.
+    if (replacement) {
+        w.proc->set_warm_start(true);
+        s.warm_starts.store(true);
+    }
     w.proc->start();
     // Sent (or, under fork, copied into the child): the parent needs none of it.
     boot.release();
@@ -939,6 +944,9 @@ void PoolCore::join() {
         s.bell->ring();
         s.thread.join();
     }
+    // The warm child made for this pool's next replacement is nobody's now:
+    // it goes with the pool (unless the program keeps warm children anyway).
+    if (s.warm_starts.exchange(false)) discard_unwanted_warm_child();
 }
 
 std::vector<long> PoolCore::worker_pids() const {

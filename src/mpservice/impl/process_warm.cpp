@@ -311,6 +311,11 @@ long test_warm_child(std::chrono::milliseconds timeout) {
     return s ? s->wait_ready(timeout) : 0;
 }
 
+void discard_unwanted_warm_child() noexcept {
+    if (g_warm_spawn.load(std::memory_order_relaxed)) return;  // the program keeps one anyway
+    if (WarmSpawner* s = WarmSpawner::existing()) s->stop();
+}
+
 }  // namespace detail
 
 void set_warm_spawn(bool keep_warm) {

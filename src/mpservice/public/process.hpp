@@ -562,6 +562,10 @@ MPSERVICE_API void test_set_fork_server_timeout(std::chrono::milliseconds timeou
 /// Test hook: the pid of the warm spawn child once it is ready (bootstrapped,
 /// waiting for a task), waiting at most `timeout`; 0 if there is none by then.
 MPSERVICE_API long test_warm_child(std::chrono::milliseconds timeout);
+/// Discards the waiting warm spawn child, unless set_warm_spawn(true) keeps
+/// one for the whole program: a Pool whose replacement workers took warm
+/// starts calls it when it ends, so that no idle child outlives the pool.
+MPSERVICE_API void discard_unwanted_warm_child() noexcept;
 
 /// The phases of a start that bench/bench_process.cpp times (see
 /// bench/PERFORMANCE-process.md).  Child phases are recorded by forked
