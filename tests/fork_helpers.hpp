@@ -2,8 +2,17 @@
 // plain fork() (so they share the parent's mappings and inherit its
 // descriptors), plus the leak counters.  Children report through their exit
 // code: 0 = as expected, anything else names what went wrong.
+//
+// Windows has no fork(): there this header compiles to stubs that throw, so
+// that a suite builds for Windows unchanged, and every test case that makes
+// fork()ed children is marked `* forktest::fork_only` (doctest test suite
+// "fork"), which tools/windows_ci.sh excludes and counts through
+// tests/windows/skip.txt.  On POSIX the mark changes nothing.
 #pragma once
 
+#include <doctest/doctest.h>
+
+#if !defined(_WIN32)
 #include <dirent.h>
 #include <poll.h>
 #include <signal.h>
@@ -11,6 +20,9 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#else
+#include <sys/types.h>
+#endif
 
 #include "mpservice.hpp"
 
@@ -20,12 +32,17 @@
 #include <exception>
 #include <functional>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
 
 namespace forktest {
 
+/// The mark of a test case whose children are made by fork() (POSIX only).
+inline const doctest::test_suite fork_only("fork");
+
+#if !defined(_WIN32)
 /// Runs body() in a forked child; the child exits with body's return value
 /// (99 if it threw).  The child dies with the test if the test dies.
 inline pid_t spawn(const std::function<int()>& body) {
@@ -76,6 +93,37 @@ inline int kill_and_join(pid_t pid) {
     return join(pid);
 }
 
+/// SIGKILLs, without reaping.
+inline void kill_hard(pid_t pid) { ::kill(pid, SIGKILL); }
+
+/// The exit code join() reports for a child ended by kill_hard().
+inline constexpr int killed = -SIGKILL;
+
+/// Blocks this (child) process until it is killed.
+[[noreturn]] inline void pause_forever() {
+    for (;;) ::pause();
+}
+#else   // Windows: no fork().  Only the fork_only test cases call these.
+[[noreturn]] inline void no_fork() { throw std::logic_error("forktest: fork() does not exist on Windows"); }
+inline pid_t spawn(const std::function<int()>&) { no_fork(); }
+inline int join(pid_t, std::chrono::milliseconds = std::chrono::seconds(60)) { no_fork(); }
+inline int kill_and_join(pid_t) { no_fork(); }
+inline void kill_hard(pid_t) { no_fork(); }
+inline constexpr int killed = -9;
+[[noreturn]] inline void pause_forever() { no_fork(); }
+#endif
+
+/// Ends this process at once, as SIGKILL would (POSIX: raise(SIGKILL); Windows:
+/// TerminateProcess of itself, which a parent reads as -9).
+inline void die_hard() {
+#if !defined(_WIN32)
+    ::raise(SIGKILL);
+#else
+    namespace os = mpservice::detail::os;
+    os::send_signal(os::current_pid(), os::invalid_handle, os::signal_kill());
+#endif
+}
+
 /// Spins (yielding the CPU) until pred() or the hang guard expires.  For
 /// waiting on state another process changes - not a sleep.
 template <class Pred>
@@ -88,6 +136,7 @@ bool await(Pred pred, std::chrono::milliseconds limit = std::chrono::seconds(30)
     return true;
 }
 
+#if !defined(_WIN32)
 /// The open descriptors of this process.
 inline std::set<std::string> open_fds() {
     std::set<std::string> out;
@@ -123,6 +172,13 @@ inline std::size_t mapping_count() {
     std::fclose(f);
     return n;
 }
+#else
+// Only fork_only test cases read these on Windows (never: they are excluded).
+inline std::set<std::string> open_fds() { return {}; }
+inline std::size_t fd_count() { return 0; }
+inline std::set<std::string> dev_shm_entries() { return {}; }
+inline std::size_t mapping_count() { return 0; }
+#endif
 
 /// Encodes `v` in this process and decodes it in a forked child, which
 /// inherited the descriptors - as a child receiving it over a channel would -
@@ -132,7 +188,7 @@ int in_child_decoded(const T& v, Body body) {
     mpservice::Encoder e;
     e.write(v);
     std::string bytes = e.bytes();
-    std::vector<int> handles = e.handles();
+    std::vector<mpservice::detail::os::handle_t> handles = e.handles();
     pid_t child = spawn([&] {
         mpservice::Decoder d(bytes, &handles);
         T copy = d.read<T>();
