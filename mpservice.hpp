@@ -10213,7 +10213,9 @@ bool pid_alive(long pid) noexcept {
 }
 
 bool process_running(long pid) noexcept {
-    HANDLE h = OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION, FALSE, static_cast<DWORD>(pid));
+    // SYNCHRONIZE: the wait below needs it (without it the wait fails, and
+    // every process looked ended - a Barrier with parties in other processes broke).
+    HANDLE h = OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION | SYNCHRONIZE, FALSE, static_cast<DWORD>(pid));
     if (!h) return GetLastError() == ERROR_ACCESS_DENIED;
     DWORD code = 0;
     bool running = GetExitCodeProcess(h, &code) && code == STILL_ACTIVE &&
@@ -10970,11 +10972,13 @@ bool send_signal(long pid, handle_t, int sig) noexcept {
     if (sig == 0) return process_running(pid);
     HANDLE proc = child_process(pid);
     bool own = proc != nullptr;
-    if (!proc) proc = OpenProcess(PROCESS_TERMINATE, FALSE, static_cast<DWORD>(pid));
+    if (!proc) proc = OpenProcess(PROCESS_TERMINATE | SYNCHRONIZE, FALSE, static_cast<DWORD>(pid));
     if (!proc) return false;
     BOOL ok = TerminateProcess(proc, 0x10000u + static_cast<unsigned>(sig & 63));
-    if (!own) CloseHandle(proc);
-    return ok != 0 || WaitForSingleObject(proc, 0) == WAIT_OBJECT_0;
+    // A process that has ended already counts as signalled (as kill() on a zombie).
+    const bool ended = !ok && WaitForSingleObject(proc, 0) == WAIT_OBJECT_0;
+    if (!own) CloseHandle(proc);  // (only after the wait: it used the handle)
+    return ok != 0 || ended;
 }
 
 int signal_terminate() noexcept { return 15; }

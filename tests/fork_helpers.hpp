@@ -41,6 +41,9 @@ namespace forktest {
 
 /// The mark of a test case whose children are made by fork() (POSIX only).
 inline const doctest::test_suite fork_only("fork");
+/// The mark of a test case about a POSIX-only mechanism (SIGSTOP/SIGCONT,
+/// memfd's st_blocks...): it compiles on Windows, where it is excluded.
+inline const doctest::test_suite posix_only("posix");
 
 #if !defined(_WIN32)
 /// Runs body() in a forked child; the child exits with body's return value
@@ -113,6 +116,51 @@ inline constexpr int killed = -9;
 [[noreturn]] inline void pause_forever() { no_fork(); }
 #endif
 
+/// This process's id, its parent's, and "kill that process hard" (SIGKILL;
+/// on Windows TerminateProcess, read back as -9) for any process, not only
+/// fork()ed ones (a Pool's workers, a server process).
+inline long self_pid() {
+#if !defined(_WIN32)
+    return static_cast<long>(::getpid());
+#else
+    return mpservice::detail::os::current_pid();
+#endif
+}
+inline long parent_pid() {
+#if !defined(_WIN32)
+    return static_cast<long>(::getppid());
+#else
+    return mpservice::detail::os::parent_pid();
+#endif
+}
+inline bool kill_process(long pid) {
+#if !defined(_WIN32)
+    return ::kill(static_cast<pid_t>(pid), SIGKILL) == 0;
+#else
+    namespace os = mpservice::detail::os;
+    return os::send_signal(pid, os::invalid_handle, os::signal_kill());
+#endif
+}
+
+/// SIGSTOP / SIGCONT a process (POSIX only: on Windows, where posix_only test
+/// cases use them, they throw).
+inline bool stop_process(long pid) {
+#if !defined(_WIN32)
+    return ::kill(static_cast<pid_t>(pid), SIGSTOP) == 0;
+#else
+    (void)pid;
+    throw std::logic_error("forktest: no SIGSTOP on Windows");
+#endif
+}
+inline bool continue_process(long pid) {
+#if !defined(_WIN32)
+    return ::kill(static_cast<pid_t>(pid), SIGCONT) == 0;
+#else
+    (void)pid;
+    throw std::logic_error("forktest: no SIGCONT on Windows");
+#endif
+}
+
 /// Ends this process at once, as SIGKILL would (POSIX: raise(SIGKILL); Windows:
 /// TerminateProcess of itself, which a parent reads as -9).
 inline void die_hard() {
@@ -173,11 +221,12 @@ inline std::size_t mapping_count() {
     return n;
 }
 #else
-// Only fork_only test cases read these on Windows (never: they are excluded).
+// Windows: no descriptor names and no /dev/shm (only fork_only cases read
+// those); the counts are the process's handles and the library's mapped views.
 inline std::set<std::string> open_fds() { return {}; }
-inline std::size_t fd_count() { return 0; }
+inline std::size_t fd_count() { return static_cast<std::size_t>(mpservice::detail::os::open_handle_count()); }
 inline std::set<std::string> dev_shm_entries() { return {}; }
-inline std::size_t mapping_count() { return 0; }
+inline std::size_t mapping_count() { return static_cast<std::size_t>(mpservice::detail::os::mapping_count()); }
 #endif
 
 /// Encodes `v` in this process and decodes it in a forked child, which

@@ -1135,8 +1135,7 @@ TEST_CASE("No handle or mapping leak after 1,000 create/use/destroy cycles") {
     namespace os = mp::detail::os;
     const long handles = os::open_handle_count(), maps = os::mapping_count();
     {
-        mp::Lock probe;  // the counters do see the objects
-        CHECK(os::open_handle_count() > handles);
+        mp::Lock probe;  // the view count does see the objects (a Lock keeps no handle open: its view does)
         CHECK(os::mapping_count() == maps + 1);
     }
     CHECK(os::open_handle_count() == handles);
