@@ -89,7 +89,7 @@ int run_or_die(int x) {
         if (How == 1) ::raise(SIGSEGV);
 #else
         if (How == 1) {  // a real access violation (0xC0000005), which Windows reports as SIGSEGV
-            int* volatile nowhere = nullptr;
+            volatile int* volatile nowhere = nullptr;  // (both volatile: the store must happen)
             *nowhere = 1;
         }
 #endif

@@ -59,7 +59,7 @@ int do_segfault() {
     std::signal(SIGSEGV, SIG_DFL);  // past any sanitizer's handler: die of the signal itself
     std::raise(SIGSEGV);
 #else  // a real access violation (0xC0000005): Windows has no signals, it reports this one as SIGSEGV
-    int* volatile nowhere = nullptr;
+    volatile int* volatile nowhere = nullptr;  // (both volatile: the store must happen)
     *nowhere = 1;
 #endif
     return 0;
@@ -405,8 +405,10 @@ TEST_CASE_TEMPLATE("exception chain A -> B -> C through a grandchild", Ctx, CONT
         CAPTURE(tb);
         CHECK(tb.find(b.name()) != std::string::npos);          // B's part of the story
         CHECK(tb.find(b.name() + ":1") != std::string::npos);   // C, B's first child
+#if !defined(_WIN32)  // Windows (MinGW) tracebacks name no functions: module+offset (as for test_traceback, skip.txt)
         CHECK(tb.find("chain_c") != std::string::npos);          // C's throw site
         CHECK(tb.find("chain_b") != std::string::npos);          // where B re-raised it
+#endif
     }
     CHECK(b.exitcode() == 1);
 }

@@ -46,7 +46,7 @@ struct Accumulator {
         if (cmd == "segv") ::raise(SIGSEGV);
 #else
         if (cmd == "segv") {  // a real access violation: Windows reports it as SIGSEGV
-            long* volatile nowhere = nullptr;
+            volatile long* volatile nowhere = nullptr;  // (both volatile: the store must happen)
             *nowhere = 1;
         }
 #endif

@@ -1218,11 +1218,15 @@ long spawn_self(const std::string& argv0, const std::string& marker, handle_t in
     // reaped; the marker ends "<handle>:<pid>", and the handle is swapped.
     HANDLE keeper = CreateFileMappingW(INVALID_HANDLE_VALUE, nullptr, PAGE_READWRITE, 0, sizeof(WSAPROTOCOL_INFOW), nullptr);
     if (!keeper) throw_win32("mpservice: CreateFileMapping for a child's channel");
+    // The "<handle>:<pid>" part may be followed by a suffix (":w" for a warm
+    // spawn child): it is found where it is, not only at the very end.
     std::string marked = marker;
     const std::string old_value = std::to_string(inherit) + ":" + std::to_string(current_pid());
-    if (marked.size() >= old_value.size() && marked.compare(marked.size() - old_value.size(), old_value.size(), old_value) == 0)
-        marked = marked.substr(0, marked.size() - old_value.size()) +
-                 std::to_string(reinterpret_cast<std::uintptr_t>(keeper)) + ":" + std::to_string(current_pid());
+    const std::string new_value = std::to_string(reinterpret_cast<std::uintptr_t>(keeper)) + ":" + std::to_string(current_pid());
+    const std::size_t at = marked.rfind(old_value);
+    if (at != std::string::npos && at > 0 && (marked[at - 1] == '=' || marked[at - 1] == ':') &&
+        (at + old_value.size() == marked.size() || marked[at + old_value.size()] == ':'))
+        marked.replace(at, old_value.size(), new_value);
     std::wstring cmd = quote_argument(widen(argv0.empty() ? narrow(exe.c_str()) : argv0)) + L" " + quote_argument(widen(marked));
     // Only the standard handles are inherited: the handle list names them,
     // and no other thread's spawn can inherit them unasked (each lists its own).
