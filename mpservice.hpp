@@ -10340,6 +10340,17 @@ std::string frame_bytes(handle_t ch, const void* a, std::size_t na, const void* 
             std::memcpy(p, &v, sizeof v);
             p += sizeof v;
             socket_infos.append(reinterpret_cast<const char*>(&info), sizeof info);
+            // That end now lives in `peer`: the end paired with it here talks to
+            // `peer`, so sockets sent over it later travel the same way (a Pipe
+            // made here, one end sent to a child, then an end sent over the
+            // other: without this it went as a plain handle, unusable as a
+            // socket there, and nothing arrived).
+            std::lock_guard<std::mutex> g(reg().mu);
+            auto it = reg().channels.find(handles[i]);
+            if (it != reg().channels.end() && it->second.partner >= 0) {
+                auto other = reg().channels.find(it->second.partner);
+                if (other != reg().channels.end() && other->second.peer_pid == 0) other->second.peer_pid = peer;
+            }
             continue;
         }
         HANDLE copy = nullptr;

@@ -15,12 +15,6 @@
 #include <dirent.h>
 #include <poll.h>
 #include <unistd.h>
-#else  // a Connection's end is a loopback TCP socket there: raw bytes go in with Winsock's send
-#ifndef NOMINMAX
-#define NOMINMAX
-#endif
-#define WIN32_LEAN_AND_MEAN
-#include <winsock2.h>
 #endif
 
 #include "mpservice.hpp"
@@ -68,9 +62,10 @@ bool write_raw(mp::detail::os::handle_t h, const void* data, std::size_t n) {
 #else
 long count_fds() { return mp::detail::os::open_handle_count(); }  // the process's handles
 
+/// Windows: an end's byte stream is the seam's channel (its own frames carry
+/// the handles), so bytes "by hand" go in through it, past the Connection's framing.
 bool write_raw(mp::detail::os::handle_t h, const void* data, std::size_t n) {
-    return ::send(static_cast<SOCKET>(h), static_cast<const char*>(data), static_cast<int>(n), 0) ==
-           static_cast<int>(n);
+    return mp::detail::os::channel_write(h, data, n, nullptr, 0);
 }
 #endif
 

@@ -204,7 +204,9 @@ TEST_CASE("server: a method's exception arrives typed, with the server's traceba
         CHECK(mp::is_remote(e));
         std::string tb = mp::remote_traceback(e);
         CHECK(tb.find("the-server") != std::string::npos);
+#if !defined(_WIN32)  // Windows (MinGW) tracebacks name no functions: module+offset (as for test_traceback, skip.txt)
         CHECK(tb.find("fail") != std::string::npos);
+#endif
     }
     CHECK(c.call<&Counter::get>() == 0);  // the connection and the object are fine
 }
@@ -642,23 +644,22 @@ TEST_CASE("server: bad input is an error to that client alone") {
         (void)!::write(fd, out.data(), out.size());
         ::shutdown(fd, SHUT_WR);
     };
-#else  // Windows: the listener is loopback TCP ("127.0.0.1:port"); the library connects, Winsock talks
-    auto raw_connect = [&] { return static_cast<SOCKET>(mp::detail::os::unix_connect(server.address())); };
-    auto drain = [](SOCKET fd) {
+#else  // Windows: the listener is loopback TCP ("127.0.0.1:port") and the byte stream of a
+       // connection is the seam's channel (its own frames carry the handles): the bytes go
+       // through channel_write/channel_read, unframed as the server protocol sees them.
+    namespace os = mp::detail::os;
+    auto raw_connect = [&] { return os::unix_connect(server.address()); };
+    auto drain = [](os::handle_t fd) {
         std::string got;
         char buf[4096];
-        int n;
-        while ((n = ::recv(fd, buf, sizeof buf, 0)) > 0) got.append(buf, static_cast<std::size_t>(n));
-        ::closesocket(fd);
+        long n;
+        while ((n = os::channel_read(fd, buf, sizeof buf, nullptr, false)) > 0) got.append(buf, static_cast<std::size_t>(n));
+        os::close_handle(fd);
         return got;
     };
-    auto send_raw = [](SOCKET fd, const std::string& out) {
-        for (std::size_t at = 0; at < out.size();) {
-            int n = ::send(fd, out.data() + at, static_cast<int>(out.size() - at), 0);
-            if (n <= 0) break;  // the server may have closed already: what it answered is checked
-            at += static_cast<std::size_t>(n);
-        }
-        ::shutdown(fd, SD_SEND);
+    auto send_raw = [](os::handle_t fd, const std::string& out) {
+        os::channel_write(fd, out.data(), out.size(), nullptr, 0);  // false if the server closed already
+        ::shutdown(static_cast<SOCKET>(fd), SD_SEND);  // half-close: the server reads the end, then answers
     };
 #endif
     auto frame = [](std::uint32_t kind, const std::string& payload) {
