@@ -2,8 +2,17 @@
 // plain fork() (so they share the parent's mappings and inherit its
 // descriptors), plus the leak counters.  Children report through their exit
 // code: 0 = as expected, anything else names what went wrong.
+//
+// Windows has no fork(): there this header compiles to stubs that throw, so
+// that a suite builds for Windows unchanged, and every test case that makes
+// fork()ed children is marked `* forktest::fork_only` (doctest test suite
+// "fork"), which tools/windows_ci.sh excludes and counts through
+// tests/windows/skip.txt.  On POSIX the mark changes nothing.
 #pragma once
 
+#include <doctest/doctest.h>
+
+#if !defined(_WIN32)
 #include <dirent.h>
 #include <poll.h>
 #include <signal.h>
@@ -11,6 +20,9 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#else
+#include <sys/types.h>
+#endif
 
 #include "mpservice.hpp"
 
@@ -20,12 +32,20 @@
 #include <exception>
 #include <functional>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
 
 namespace forktest {
 
+/// The mark of a test case whose children are made by fork() (POSIX only).
+inline const doctest::test_suite fork_only("fork");
+/// The mark of a test case about a POSIX-only mechanism (SIGSTOP/SIGCONT,
+/// memfd's st_blocks...): it compiles on Windows, where it is excluded.
+inline const doctest::test_suite posix_only("posix");
+
+#if !defined(_WIN32)
 /// Runs body() in a forked child; the child exits with body's return value
 /// (99 if it threw).  The child dies with the test if the test dies.
 inline pid_t spawn(const std::function<int()>& body) {
@@ -76,6 +96,82 @@ inline int kill_and_join(pid_t pid) {
     return join(pid);
 }
 
+/// SIGKILLs, without reaping.
+inline void kill_hard(pid_t pid) { ::kill(pid, SIGKILL); }
+
+/// The exit code join() reports for a child ended by kill_hard().
+inline constexpr int killed = -SIGKILL;
+
+/// Blocks this (child) process until it is killed.
+[[noreturn]] inline void pause_forever() {
+    for (;;) ::pause();
+}
+#else   // Windows: no fork().  Only the fork_only test cases call these.
+[[noreturn]] inline void no_fork() { throw std::logic_error("forktest: fork() does not exist on Windows"); }
+inline pid_t spawn(const std::function<int()>&) { no_fork(); }
+inline int join(pid_t, std::chrono::milliseconds = std::chrono::seconds(60)) { no_fork(); }
+inline int kill_and_join(pid_t) { no_fork(); }
+inline void kill_hard(pid_t) { no_fork(); }
+inline constexpr int killed = -9;
+[[noreturn]] inline void pause_forever() { no_fork(); }
+#endif
+
+/// This process's id, its parent's, and "kill that process hard" (SIGKILL;
+/// on Windows TerminateProcess, read back as -9) for any process, not only
+/// fork()ed ones (a Pool's workers, a server process).
+inline long self_pid() {
+#if !defined(_WIN32)
+    return static_cast<long>(::getpid());
+#else
+    return mpservice::detail::os::current_pid();
+#endif
+}
+inline long parent_pid() {
+#if !defined(_WIN32)
+    return static_cast<long>(::getppid());
+#else
+    return mpservice::detail::os::parent_pid();
+#endif
+}
+inline bool kill_process(long pid) {
+#if !defined(_WIN32)
+    return ::kill(static_cast<pid_t>(pid), SIGKILL) == 0;
+#else
+    namespace os = mpservice::detail::os;
+    return os::send_signal(pid, os::invalid_handle, os::signal_kill());
+#endif
+}
+
+/// SIGSTOP / SIGCONT a process (POSIX only: on Windows, where posix_only test
+/// cases use them, they throw).
+inline bool stop_process(long pid) {
+#if !defined(_WIN32)
+    return ::kill(static_cast<pid_t>(pid), SIGSTOP) == 0;
+#else
+    (void)pid;
+    throw std::logic_error("forktest: no SIGSTOP on Windows");
+#endif
+}
+inline bool continue_process(long pid) {
+#if !defined(_WIN32)
+    return ::kill(static_cast<pid_t>(pid), SIGCONT) == 0;
+#else
+    (void)pid;
+    throw std::logic_error("forktest: no SIGCONT on Windows");
+#endif
+}
+
+/// Ends this process at once, as SIGKILL would (POSIX: raise(SIGKILL); Windows:
+/// TerminateProcess of itself, which a parent reads as -9).
+inline void die_hard() {
+#if !defined(_WIN32)
+    ::raise(SIGKILL);
+#else
+    namespace os = mpservice::detail::os;
+    os::send_signal(os::current_pid(), os::invalid_handle, os::signal_kill());
+#endif
+}
+
 /// Spins (yielding the CPU) until pred() or the hang guard expires.  For
 /// waiting on state another process changes - not a sleep.
 template <class Pred>
@@ -88,6 +184,7 @@ bool await(Pred pred, std::chrono::milliseconds limit = std::chrono::seconds(30)
     return true;
 }
 
+#if !defined(_WIN32)
 /// The open descriptors of this process.
 inline std::set<std::string> open_fds() {
     std::set<std::string> out;
@@ -123,6 +220,14 @@ inline std::size_t mapping_count() {
     std::fclose(f);
     return n;
 }
+#else
+// Windows: no descriptor names and no /dev/shm (only fork_only cases read
+// those); the counts are the process's handles and the library's mapped views.
+inline std::set<std::string> open_fds() { return {}; }
+inline std::size_t fd_count() { return static_cast<std::size_t>(mpservice::detail::os::open_handle_count()); }
+inline std::set<std::string> dev_shm_entries() { return {}; }
+inline std::size_t mapping_count() { return static_cast<std::size_t>(mpservice::detail::os::mapping_count()); }
+#endif
 
 /// Encodes `v` in this process and decodes it in a forked child, which
 /// inherited the descriptors - as a child receiving it over a channel would -
@@ -132,7 +237,7 @@ int in_child_decoded(const T& v, Body body) {
     mpservice::Encoder e;
     e.write(v);
     std::string bytes = e.bytes();
-    std::vector<int> handles = e.handles();
+    std::vector<mpservice::detail::os::handle_t> handles = e.handles();
     pid_t child = spawn([&] {
         mpservice::Decoder d(bytes, &handles);
         T copy = d.read<T>();

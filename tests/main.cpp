@@ -11,6 +11,7 @@
 #endif
 #define WIN32_LEAN_AND_MEAN
 #include <windows.h>
+#include <cstdint>
 #include <cstdio>
 // A crash must never pass as success: Wine's crash debugger can make a
 // crashed process exit 0.  This filter names the test and ends the process
@@ -19,9 +20,13 @@
 static LONG WINAPI on_unhandled_exception(EXCEPTION_POINTERS* ep) {
     const doctest::detail::TestCase* tc = doctest::detail::g_cs ? doctest::detail::g_cs->currentTest : nullptr;
     const DWORD code = ep->ExceptionRecord->ExceptionCode;
+    // The faulting address, as an offset into this executable's image (for addr2line).
+    const auto at = reinterpret_cast<std::uintptr_t>(ep->ExceptionRecord->ExceptionAddress);
+    const auto base = reinterpret_cast<std::uintptr_t>(GetModuleHandleW(nullptr));
     if (tc)  // in a test (not in a child process the test started)
-        std::fprintf(stderr, "FATAL: unhandled SEH exception 0x%08lx in test case \"%s\" (%s:%d)\n",
-                     static_cast<unsigned long>(code), tc->m_name, tc->m_file.c_str(), tc->m_line);
+        std::fprintf(stderr, "FATAL: unhandled SEH exception 0x%08lx at image offset 0x%llx in test case \"%s\" (%s:%d)\n",
+                     static_cast<unsigned long>(code), static_cast<unsigned long long>(at - base), tc->m_name,
+                     tc->m_file.c_str(), tc->m_line);
     std::fflush(nullptr);
     TerminateProcess(GetCurrentProcess(), code);
     return EXCEPTION_EXECUTE_HANDLER;

@@ -11,9 +11,11 @@
 #include <thread>
 #include <vector>
 
+#if !defined(_WIN32)
 #include <dirent.h>
 #include <poll.h>
 #include <unistd.h>
+#endif
 
 #include "mpservice.hpp"
 
@@ -43,6 +45,7 @@ std::vector<std::uint32_t> pattern(std::size_t bytes, std::uint32_t seed) {
     return v;
 }
 
+#if !defined(_WIN32)
 int count_fds() {
     int n = 0;
     DIR* d = opendir("/proc/self/fd");
@@ -51,6 +54,20 @@ int count_fds() {
     closedir(d);
     return n;
 }
+
+/// Writes raw bytes into an end, past the framing.
+bool write_raw(mp::detail::os::handle_t h, const void* data, std::size_t n) {
+    return ::write(h, data, n) == static_cast<ssize_t>(n);
+}
+#else
+long count_fds() { return mp::detail::os::open_handle_count(); }  // the process's handles
+
+/// Windows: an end's byte stream is the seam's channel (its own frames carry
+/// the handles), so bytes "by hand" go in through it, past the Connection's framing.
+bool write_raw(mp::detail::os::handle_t h, const void* data, std::size_t n) {
+    return mp::detail::os::channel_write(h, data, n, nullptr, 0);
+}
+#endif
 
 // ---------------------------------------------------------------- targets (run in children)
 
@@ -289,7 +306,7 @@ TEST_CASE("bad input: a message that does not decode is DecodeError, consumed; t
 TEST_CASE("bad input: bytes that are not frames break the framing: DecodeError from then on, never a hang") {
     auto [a, b] = mp::Pipe<int>();
     const char junk[] = "this is not a frame header at all";
-    REQUIRE(::write(a.fileno(), junk, sizeof junk) == static_cast<ssize_t>(sizeof junk));
+    REQUIRE(write_raw(a.fileno(), junk, sizeof junk));
     a.send(1);
     CHECK(b.poll(10s));
     CHECK_THROWS_AS(b.recv(10s), mp::DecodeError);
@@ -297,7 +314,7 @@ TEST_CASE("bad input: bytes that are not frames break the framing: DecodeError f
     // A frame header claiming an absurd size is the same (not an allocation, not a wait).
     auto [c, d] = mp::Pipe<int>();
     std::uint32_t header[4] = {0x4d50434eu, 0, 0xffffffffu, 0xffffffffu};
-    REQUIRE(::write(c.fileno(), header, sizeof header) == static_cast<ssize_t>(sizeof header));
+    REQUIRE(write_raw(c.fileno(), header, sizeof header));
     CHECK_THROWS_AS(d.recv(10s), mp::DecodeError);
 }
 
@@ -367,7 +384,7 @@ TEST_CASE("close() from another thread wakes a blocked recv, which throws Invali
 }
 
 TEST_CASE("no descriptor leak: 200 pipes made, used and dropped") {
-    int before = count_fds();
+    auto before = count_fds();
     for (int i = 0; i < 200; ++i) {
         auto [a, b] = mp::Pipe<int>();
         a.send(i);
@@ -457,8 +474,13 @@ TEST_CASE("a peer killed in the middle of a message: EOFError says so") {
     p.start();
     theirs.close();
     // Wait until the first bytes are there (the child is inside its send), without receiving.
+#if !defined(_WIN32)
     pollfd pfd{mine.fileno(), POLLIN, 0};
     REQUIRE(::poll(&pfd, 1, 60000) == 1);
+#else
+    const mp::detail::os::handle_t end = mine.fileno();
+    REQUIRE(mp::detail::os::wait_readable(&end, 1, 60000) == 1u);
+#endif
     p.kill();
     CHECK_THROWS_AS(p.join(), mp::ProcessError);
     std::string what;

@@ -9,8 +9,16 @@
 #include <thread>
 #include <vector>
 
+#if !defined(_WIN32)
 #include <fcntl.h>
 #include <unistd.h>
+#else  // the library writes to the Win32 standard error handle: the tests swap that one
+#ifndef NOMINMAX
+#define NOMINMAX
+#endif
+#define WIN32_LEAN_AND_MEAN
+#include <windows.h>
+#endif
 
 #include "mpservice.hpp"
 
@@ -161,6 +169,7 @@ TEST_CASE("the default handler writes one line to stderr") {
     Capture cap;
     mp::set_log_handler({});
     mp::set_log_format("{level} {logger}: {message}");
+#if !defined(_WIN32)
     int pipefd[2];
     REQUIRE(::pipe(pipefd) == 0);
     int saved = ::dup(STDERR_FILENO);
@@ -173,6 +182,19 @@ TEST_CASE("the default handler writes one line to stderr") {
     char buf[256];
     ssize_t n = ::read(pipefd[0], buf, sizeof buf);
     ::close(pipefd[0]);
+#else
+    HANDLE read_end = nullptr, write_end = nullptr;
+    REQUIRE(CreatePipe(&read_end, &write_end, nullptr, 0));
+    HANDLE saved = GetStdHandle(STD_ERROR_HANDLE);
+    SetStdHandle(STD_ERROR_HANDLE, write_end);
+    mp::get_logger("err").warning("to stderr");
+    SetStdHandle(STD_ERROR_HANDLE, saved);
+    CloseHandle(write_end);
+    char buf[256];
+    DWORD n = 0;
+    if (!ReadFile(read_end, buf, sizeof buf, &n, nullptr)) n = 0;
+    CloseHandle(read_end);
+#endif
     REQUIRE(n > 0);
     CHECK(std::string(buf, static_cast<std::size_t>(n)) == "WARNING err: to stderr\n");
 }
@@ -180,6 +202,7 @@ TEST_CASE("the default handler writes one line to stderr") {
 TEST_CASE("a handler that throws does not take the caller down") {
     Capture cap;
     mp::set_log_handler([](const mp::LogRecord&, const std::string&) { throw std::runtime_error("sink broke"); });
+#if !defined(_WIN32)
     int saved = ::dup(STDERR_FILENO);
     int devnull = ::open("/dev/null", O_WRONLY);
     ::dup2(devnull, STDERR_FILENO);
@@ -187,6 +210,14 @@ TEST_CASE("a handler that throws does not take the caller down") {
     ::dup2(saved, STDERR_FILENO);
     ::close(saved);
     ::close(devnull);
+#else
+    HANDLE saved = GetStdHandle(STD_ERROR_HANDLE);
+    HANDLE nul = CreateFileA("NUL", GENERIC_WRITE, FILE_SHARE_READ | FILE_SHARE_WRITE, nullptr, OPEN_EXISTING, 0, nullptr);
+    SetStdHandle(STD_ERROR_HANDLE, nul);
+    CHECK_NOTHROW(mp::get_logger().error("x"));
+    SetStdHandle(STD_ERROR_HANDLE, saved);
+    if (nul != INVALID_HANDLE_VALUE) CloseHandle(nul);
+#endif
 }
 
 TEST_CASE("logging from several threads: nothing lost, each thread's records in order") {

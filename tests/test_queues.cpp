@@ -9,16 +9,21 @@
 #include <chrono>
 #include <csignal>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
-#include <dirent.h>
 #include <map>
 #include <random>
 #include <string>
+#include <thread>
+#include <vector>
+#if !defined(_WIN32)
+#include <dirent.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
-#include <thread>
 #include <unistd.h>
-#include <vector>
+#endif
+
+#include "fork_helpers.hpp"  // forktest::fork_only, kill_hard, killed (and stubs for Windows)
 
 namespace mp = mpservice;
 using namespace std::chrono_literals;
@@ -32,6 +37,7 @@ namespace {
 
 // ---------------------------------------------------------------- helpers
 
+#if !defined(_WIN32)
 /// Runs f() in a forked child; its int result is the exit code (exceptions: 100).
 template <class F>
 pid_t fork_child(F f) {
@@ -58,7 +64,7 @@ int reap(pid_t pid, std::chrono::seconds guard = std::chrono::seconds(120)) {
         pid_t r = ::waitpid(pid, &status, WNOHANG);
         if (r == pid) break;
         if (std::chrono::steady_clock::now() > end) {
-            ::kill(pid, SIGKILL);
+            forktest::kill_hard(pid);
             ::waitpid(pid, &status, 0);
             FAIL("child " << pid << " hung");
         }
@@ -74,6 +80,13 @@ int count_fds() {
     ::closedir(d);
     return n;
 }
+#else  // Windows has no fork(): only the fork_only test cases call these (never, there).
+template <class F>
+pid_t fork_child(F f) {
+    return forktest::spawn(f);
+}
+int reap(pid_t pid, std::chrono::seconds = std::chrono::seconds(120)) { return forktest::join(pid); }
+#endif
 
 /// Shared counters, visible to forked children: one atomic per slot.
 struct SharedCounters {
@@ -183,7 +196,7 @@ TEST_CASE("put and get keep order in one thread, for several item types") {
     t.join();
 }
 
-TEST_CASE("items of 0 B, 1 B, capacity-1, capacity and 10x capacity go through, across processes") {
+TEST_CASE("items of 0 B, 1 B, capacity-1, capacity and 10x capacity go through, across processes" * forktest::fork_only) {
     constexpr std::size_t cap = 4096;
     mp::Queue<Nothing> nothing(0, cap);
     nothing.put(Nothing{});
@@ -223,7 +236,7 @@ TEST_CASE("items of 0 B, 1 B, capacity-1, capacity and 10x capacity go through, 
     CHECK(q.empty());
 }
 
-TEST_CASE("order within one producer process, and the other way round") {
+TEST_CASE("order within one producer process, and the other way round" * forktest::fork_only) {
     mp::Queue<long> to_parent(0, 8192);  // small ring: the producer blocks often
     mp::Queue<long> to_child(16);
     constexpr long n = 200000;
@@ -242,7 +255,7 @@ TEST_CASE("order within one producer process, and the other way round") {
 
 // ---------------------------------------------------------------- exactly once
 
-TEST_CASE("exactly once: 4 producer processes x 4 consumer processes x 100k items") {
+TEST_CASE("exactly once: 4 producer processes x 4 consumer processes x 100k items" * forktest::fork_only) {
     constexpr std::uint32_t producers = 4, consumers = 4, per_producer = 100000;
     mp::Queue<std::uint64_t> q(0, 64 * 1024);
     SharedCounters seen(producers * per_producer);
@@ -298,7 +311,7 @@ TEST_CASE("exactly once: 4 producer processes x 4 consumer processes x 100k item
     CHECK(q.empty());
 }
 
-TEST_CASE("exactly once with threads and processes mixed, large and small items" *
+TEST_CASE("exactly once with threads and processes mixed, large and small items" * forktest::fork_only *
           doctest::skip(kThreadSanitizer)) {
     mp::Queue<std::string> q(0, 16 * 1024);
     constexpr std::uint32_t per_producer = 300;
@@ -406,7 +419,7 @@ TEST_CASE("maxsize: Full, Empty, timeouts, try_ variants") {
     CHECK(q.try_get(1s) == std::optional<int>(4));
 }
 
-TEST_CASE("byte capacity bounds the bytes waiting; an item bigger than the free room waits for it") {
+TEST_CASE("byte capacity bounds the bytes waiting; an item bigger than the free room waits for it" * forktest::fork_only) {
     mp::Queue<std::string> q(0, 1024);
     const std::string item(100, 'a');  // record: 8 header + 100 -> 112 bytes with alignment
     int n = 0;
@@ -431,7 +444,7 @@ TEST_CASE("byte capacity bounds the bytes waiting; an item bigger than the free 
     CHECK(q.empty());
 }
 
-TEST_CASE("a blocked put in one process is released by a get in another") {
+TEST_CASE("a blocked put in one process is released by a get in another" * forktest::fork_only) {
     mp::Queue<int> q(1);
     q.put(1);
     pid_t child = fork_child([&] {
@@ -443,7 +456,7 @@ TEST_CASE("a blocked put in one process is released by a get in another") {
     CHECK(reap(child) == 0);
 }
 
-TEST_CASE("a put on a full queue whose consumer died times out") {
+TEST_CASE("a put on a full queue whose consumer died times out" * forktest::fork_only) {
     mp::Queue<std::string> q(0, 1024);
     SharedCounters progress(1);
     pid_t child = fork_child([&] {
@@ -454,8 +467,8 @@ TEST_CASE("a put on a full queue whose consumer died times out") {
     });
     q.put(std::string(100, 'x'));
     while (progress[0].load() == 0) std::this_thread::yield();
-    ::kill(child, SIGKILL);
-    CHECK(reap(child) == -SIGKILL);
+    forktest::kill_hard(child);
+    CHECK(reap(child) == forktest::killed);
     while (q.try_put(std::string(100, 'y'))) {
     }
     CHECK_THROWS_AS(q.put(std::string(100, 'z'), 30ms), mp::Full);
@@ -465,7 +478,7 @@ TEST_CASE("a put on a full queue whose consumer died times out") {
 
 // ---------------------------------------------------------------- close
 
-TEST_CASE("close: puts throw, gets drain then throw, blocked getters and putters wake up") {
+TEST_CASE("close: puts throw, gets drain then throw, blocked getters and putters wake up" * forktest::fork_only) {
     mp::Queue<int> q(1);
     q.put(1);
     q.close();
@@ -507,7 +520,7 @@ TEST_CASE("close: puts throw, gets drain then throw, blocked getters and putters
     CHECK(reap(putter) == 0);
 }
 
-TEST_CASE("SimpleQueue: put, get, empty, close, across processes") {
+TEST_CASE("SimpleQueue: put, get, empty, close, across processes" * forktest::fork_only) {
     mp::SimpleQueue<std::string> q;
     CHECK(q.empty());
     pid_t child = fork_child([&] {
@@ -522,7 +535,7 @@ TEST_CASE("SimpleQueue: put, get, empty, close, across processes") {
 
 // ---------------------------------------------------------------- JoinableQueue
 
-TEST_CASE("JoinableQueue: join waits for task_done from other processes") {
+TEST_CASE("JoinableQueue: join waits for task_done from other processes" * forktest::fork_only) {
     mp::JoinableQueue<int> q;
     CHECK(q.join(0ms));  // nothing put yet
     CHECK_THROWS_AS(q.task_done(), std::invalid_argument);
@@ -599,6 +612,7 @@ TEST_CASE("items holding OS handles are refused; bad items do not wedge the queu
 }
 
 TEST_CASE("no fd or mapping leaks after 1000 create/use/destroy cycles") {
+#if !defined(_WIN32)
     auto maps = [] {  // mappings of shared memory (memfd) in this process
         int n = 0;
         FILE* f = std::fopen("/proc/self/maps", "r");
@@ -607,8 +621,12 @@ TEST_CASE("no fd or mapping leaks after 1000 create/use/destroy cycles") {
         std::fclose(f);
         return n;
     };
+#else  // Windows: the process's handle count; the library's own count of mapped views
+    auto count_fds = [] { return mp::detail::os::open_handle_count(); };
+    auto maps = [] { return mp::detail::os::mapping_count(); };
+#endif
     { mp::Queue<int> warm; }
-    int fds = count_fds(), mappings = maps();
+    auto fds = count_fds(), mappings = maps();
     for (int i = 0; i < 1000; ++i) {
         mp::Queue<std::string> q(0, 4096);
         q.put("x");
@@ -657,19 +675,19 @@ void kill_producer_round(std::size_t capacity, std::size_t max_item, unsigned se
                                       << " seq " << i << " expected " << (p <= 1 ? next[p] : 0) << " killed "
                                       << killed);
             ++bad;
-            ::kill(b, SIGKILL);
+            forktest::kill_hard(b);
             break;
         }
         ++next[p];
         if (!killed && next[0] >= kill_after) {
             for (unsigned spin = rng() % 20000; spin; --spin) mp::detail::os::cpu_relax();
-            ::kill(a, SIGKILL);
+            forktest::kill_hard(a);
             killed = true;
         }
     }
     CHECK(bad == 0);
     CHECK(killed);
-    CHECK(reap(a) == -SIGKILL);
+    CHECK(reap(a) == forktest::killed);
     if (bad) {
         reap(b);
         return;
@@ -697,12 +715,12 @@ void kill_producer_round(std::size_t capacity, std::size_t max_item, unsigned se
 
 }  // namespace
 
-TEST_CASE("SIGKILL of a producer in mid-stream: no corruption, no hang, only its current item lost") {
+TEST_CASE("SIGKILL of a producer in mid-stream: no corruption, no hang, only its current item lost" * forktest::fork_only) {
     for (unsigned round = 0; round < 12; ++round) kill_producer_round(4096, 200, round);           // small items
     for (unsigned round = 0; round < 12; ++round) kill_producer_round(4096, 30000, 100 + round);   // streamed
 }
 
-TEST_CASE("SIGKILL of a consumer in mid-stream: the others carry on, at most one item lost") {
+TEST_CASE("SIGKILL of a consumer in mid-stream: the others carry on, at most one item lost" * forktest::fork_only) {
     for (unsigned round = 0; round < 16; ++round) {
         const bool large = round % 2;
         const std::uint32_t items = large ? 200 : 20000;
@@ -735,8 +753,8 @@ TEST_CASE("SIGKILL of a consumer in mid-stream: the others carry on, at most one
             REQUIRE(std::chrono::steady_clock::now() < guard);
             std::this_thread::yield();
         }
-        ::kill(victim, SIGKILL);
-        CHECK(reap(victim) == -SIGKILL);
+        forktest::kill_hard(victim);
+        CHECK(reap(victim) == forktest::killed);
         CHECK(reap(producer) == 0);
         q.close();
         CHECK(reap(survivor) == 0);
@@ -907,7 +925,7 @@ struct Codec<Picky> {
 };
 }  // namespace mpservice
 
-TEST_CASE("put_many / get_many: order, batch sizes, ranges, mixed with put and get") {
+TEST_CASE("put_many / get_many: order, batch sizes, ranges, mixed with put and get" * forktest::fork_only) {
     mp::Queue<int> q;
     std::vector<int> a(1000);
     for (int i = 0; i < 1000; ++i) a[static_cast<std::size_t>(i)] = i;
@@ -958,7 +976,7 @@ TEST_CASE("put_many / get_many: order, batch sizes, ranges, mixed with put and g
     CHECK(s.get_many(5) == std::vector<std::string>{"x", "y"});
 }
 
-TEST_CASE("put_many / get_many across processes: exactly once, each batch's items together") {
+TEST_CASE("put_many / get_many across processes: exactly once, each batch's items together" * forktest::fork_only) {
     // 2 producer processes put batches of 1..50 items, 2 consumer processes take
     // batches of up to 64; every item arrives exactly once, and in each producer's order.
     mp::Queue<std::uint64_t> q(0, 64 << 10);
@@ -1011,7 +1029,7 @@ TEST_CASE("put_many / get_many across processes: exactly once, each batch's item
     CHECK(order_bad[0].load() == 0);
 }
 
-TEST_CASE("put_many with bounds: waits for room, times out with a prefix put; maxsize counts the batch") {
+TEST_CASE("put_many with bounds: waits for room, times out with a prefix put; maxsize counts the batch" * forktest::fork_only) {
     mp::Queue<int> q(10);
     std::vector<int> items(25);
     for (int i = 0; i < 25; ++i) items[static_cast<std::size_t>(i)] = i;
@@ -1072,7 +1090,7 @@ TEST_CASE("put_many / get_many errors: closed, Empty, unencodable and undecodabl
 }
 
 TEST_CASE("SIGKILL inside put_many / get_many: no duplicates, a producer's items a prefix, a consumer loses "
-          "at most one batch") {
+          "at most one batch" * forktest::fork_only) {
     constexpr std::size_t batch = 32;
     for (unsigned round = 0; round < 12; ++round) {
         const std::uint32_t items = 40000;
@@ -1112,8 +1130,8 @@ TEST_CASE("SIGKILL inside put_many / get_many: no duplicates, a producer's items
             REQUIRE(std::chrono::steady_clock::now() < guard);
             std::this_thread::yield();
         }
-        ::kill(victim, SIGKILL);
-        CHECK(reap(victim) == -SIGKILL);
+        forktest::kill_hard(victim);
+        CHECK(reap(victim) == forktest::killed);
         CHECK(reap(producer) == 0);
         q.close();
         CHECK(reap(survivor) == 0);
@@ -1147,8 +1165,8 @@ TEST_CASE("SIGKILL inside put_many / get_many: no duplicates, a producer's items
             REQUIRE(q.get_many(out, batch, 30s) >= 1);
             for (std::uint64_t x : out) CHECK(x == next++);
         }
-        ::kill(producer, SIGKILL);
-        CHECK(reap(producer) == -SIGKILL);
+        forktest::kill_hard(producer);
+        CHECK(reap(producer) == forktest::killed);
         for (;;) {
             out.clear();
             if (q.try_get_many(out, batch) == 0) break;

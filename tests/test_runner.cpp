@@ -1,8 +1,10 @@
 // ProcessRunner: one persistent process holding a T, called many times.
 #include <doctest/doctest.h>
 
+#if !defined(_WIN32)
 #include <signal.h>
 #include <unistd.h>
+#endif
 
 #include <chrono>
 #include <cstdlib>
@@ -10,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "fork_helpers.hpp"  // forktest::self_pid, kill_process, killed (POSIX and Windows)
 #include "mpservice.hpp"
 
 namespace mp = mpservice;
@@ -38,8 +41,15 @@ struct Accumulator {
         return total;
     }
     long operator()(std::string cmd) {
-        if (cmd == "pid") return static_cast<long>(::getpid());
+        if (cmd == "pid") return forktest::self_pid();
+#if !defined(_WIN32)
         if (cmd == "segv") ::raise(SIGSEGV);
+#else
+        if (cmd == "segv") {  // a real access violation: Windows reports it as SIGSEGV
+            volatile long* volatile nowhere = nullptr;  // (both volatile: the store must happen)
+            *nowhere = 1;
+        }
+#endif
         if (cmd == "exit") std::exit(4);
         return -1;
     }
@@ -62,7 +72,7 @@ struct Blocker {
     explicit Blocker(mp::Event e) : go(std::move(e)) {}
     long operator()(int) {
         go.wait();
-        return static_cast<long>(::getpid());
+        return forktest::self_pid();
     }
 };
 
@@ -73,7 +83,7 @@ struct Blocker {
 TEST_CASE_TEMPLATE("state persists across 1,000 calls in one process", Ctx, CONTEXTS) {
     mp::ProcessRunner<Accumulator> r(Ctx{}, 100L);
     long pid = r(std::string("pid"));
-    CHECK(pid != static_cast<long>(::getpid()));
+    CHECK(pid != forktest::self_pid());
     CHECK(pid == r.pid());
     for (long i = 1; i <= 1000; ++i) REQUIRE(r(1L) == 100 + i);
     CHECK(r(std::string("pid")) == pid);  // the same process all along
@@ -119,13 +129,13 @@ TEST_CASE_TEMPLATE("a crash fails the pending call with ProcessError, later call
         auto queued = r.submit(2);
         // The first call has started once the worker is busy; kill it now or
         // while it waits for the event - either way that call is the one running.
-        ::kill(static_cast<pid_t>(pid), SIGKILL);
+        forktest::kill_process(pid);
         try {
             pending.get(60s);
             FAIL("should fail");
         } catch (const mp::ProcessError& e) {
             CHECK(std::string(e.what()).find("SIGKILL") != std::string::npos);
-            CHECK(e.exitcode() == -SIGKILL);
+            CHECK(e.exitcode() == forktest::killed);
         }
         CHECK_THROWS_AS(queued.get(60s), mp::ProcessError);
         CHECK_THROWS_AS(r(3), mp::ProcessError);

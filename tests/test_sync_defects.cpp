@@ -70,7 +70,7 @@ TEST_CASE("defect 3: a thread that ends holding a lock through its own handle; t
     mp::Encoder e;
     e.write(lock);
     const std::string bytes = e.bytes();
-    const std::vector<int> handles = e.handles();
+    const std::vector<mp::detail::os::handle_t> handles = e.handles();
     std::thread t([&] {
         // A handle of its own (its own mapping), gone before the thread ends.
         mp::Decoder d(bytes, &handles);

@@ -7,6 +7,7 @@
 #
 #   tools/windows_ci.sh                 # build dir ./build-win
 # Knobs (environment): BUILD_DIR, JOBS (parallel compiles, default 2),
+#   ONLY="test_a test_b" (just these suites, no examples: for iterating),
 #   INSTALL (auto|no): with auto, missing packages are installed with apt-get
 #   when this runs as root (g++-mingw-w64-x86-64-posix wine64 wine doctest-dev).
 #
@@ -34,6 +35,12 @@ start=$(date +%s)
 # The suites that build for Windows today (the others include POSIX headers
 # for their fork()-based helpers and signal checks: see README, Platforms).
 SUITES="test_amalgamation test_codec test_futures test_platform test_remote_exception test_thread test_traceback"
+SUITES="$SUITES test_synchronize test_queues test_sharedctypes test_pool test_connection test_runner test_process test_logging test_sync_defects test_queue_defects test_warm_spawn"
+# test_server_process builds for Windows and its cases pass one by one, but a
+# whole run under Wine ends now and then in an access violation in the parent
+# (inside a system DLL; issue 14 stays open for it): run it with ONLY=test_server_process.
+EXAMPLES=$(ls examples/*.cpp)
+if [ -n "${ONLY:-}" ]; then SUITES=$ONLY; EXAMPLES=; fi
 
 # ---------------------------------------------------------------- toolchain
 CXXW=x86_64-w64-mingw32-g++-posix
@@ -71,7 +78,7 @@ echo "windows_ci: compiling with $CXXW ($JOBS at a time)"
   echo "tools/mpservice_impl.cpp $B/obj/impl.o"
   echo "tests/main.cpp $B/obj/main.o"
   for s in $SUITES; do echo "tests/$s.cpp $B/obj/$s.o"; done
-  for e in examples/*.cpp; do echo "$e $B/obj/example_$(basename "$e" .cpp).o"; done
+  for e in $EXAMPLES; do echo "$e $B/obj/example_$(basename "$e" .cpp).o"; done
 } | nice -n 10 xargs -P "$JOBS" -L 1 bash -c 'compile "$0" "$1"'
 
 link() {  # link EXE OBJ...
@@ -83,7 +90,7 @@ for s in $SUITES; do
   [ -f "$B/obj/$s.o" ] && [ -f "$B/obj/main.o" ] && [ -f "$B/obj/impl.o" ] &&
     link "$B/$s.exe" "$B/obj/$s.o" "$B/obj/main.o" "$B/obj/impl.o" && built[$s]=1
 done
-for e in examples/*.cpp; do
+for e in $EXAMPLES; do
   n=example_$(basename "$e" .cpp)
   # An example that defines MPSERVICE_IMPLEMENTATION itself links alone.
   if grep -q '#define MPSERVICE_IMPLEMENTATION' "$e"; then objs=("$B/obj/$n.o"); else objs=("$B/obj/$n.o" "$B/obj/impl.o"); fi
@@ -120,7 +127,7 @@ run_exe() {  # run_exe NAME ARGS...: under Wine, bounded, CRLF stripped
   return $rc
 }
 
-for e in examples/*.cpp; do
+for e in $EXAMPLES; do
   n=example_$(basename "$e" .cpp)
   if [ -z "${built[$n]:-}" ]; then result "$n" 1; continue; fi
   run_exe "$n"; rc=$?
@@ -131,17 +138,22 @@ done
 for s in $SUITES; do
   if [ -z "${built[$s]:-}" ]; then result "$s" 1; continue; fi
   # The skip list's patterns for this suite, shown with their reasons.
-  patterns=()
+  # A pattern "suite:NAME" names a doctest test suite (a mark such as
+  # forktest::fork_only), excluded with -tse; a line for suite "*" applies to all.
+  patterns=() suites=()
   while IFS='|' read -r suite pattern reason; do
     suite=$(echo "$suite" | xargs); pattern=$(echo "$pattern" | sed 's/^ *//; s/ *$//')
-    [ "$suite" = "$s" ] || continue
-    patterns+=("$pattern")
+    [ "$suite" = "$s" ] || [ "$suite" = "*" ] || continue
+    case $pattern in
+      suite:*) suites+=("${pattern#suite:}") ;;
+      *) patterns+=("$pattern") ;;
+    esac
     echo "-- $s: skipping '$pattern':$reason"
   done < <(grep -v '^#' tests/windows/skip.txt | grep '|')
   args=()
-  if [ ${#patterns[@]} -gt 0 ]; then
-    tce=$(IFS=,; echo "${patterns[*]}")
-    args=("-tce=$tce")
+  if [ ${#patterns[@]} -gt 0 ] || [ ${#suites[@]} -gt 0 ]; then
+    if [ ${#patterns[@]} -gt 0 ]; then args+=("-tce=$(IFS=,; echo "${patterns[*]}")"); fi
+    if [ ${#suites[@]} -gt 0 ]; then args+=("-tse=$(IFS=,; echo "${suites[*]}")"); fi
     n=$(timeout 120 wine "$B/$s.exe" -ltc "${args[@]}" </dev/null 2>/dev/null | tr -d '\r' |
         sed -nE 's/.*unskipped test cases passing the current filters: ([0-9]+).*/\1/p')
     all=$(timeout 120 wine "$B/$s.exe" -ltc </dev/null 2>/dev/null | tr -d '\r' |

@@ -636,7 +636,9 @@ bool pid_alive(long pid) noexcept {
 }
 
 bool process_running(long pid) noexcept {
-    HANDLE h = OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION, FALSE, static_cast<DWORD>(pid));
+    // SYNCHRONIZE: the wait below needs it (without it the wait fails, and
+    // every process looked ended - a Barrier with parties in other processes broke).
+    HANDLE h = OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION | SYNCHRONIZE, FALSE, static_cast<DWORD>(pid));
     if (!h) return GetLastError() == ERROR_ACCESS_DENIED;
     DWORD code = 0;
     bool running = GetExitCodeProcess(h, &code) && code == STILL_ACTIVE &&
@@ -761,6 +763,17 @@ std::string frame_bytes(handle_t ch, const void* a, std::size_t na, const void* 
             std::memcpy(p, &v, sizeof v);
             p += sizeof v;
             socket_infos.append(reinterpret_cast<const char*>(&info), sizeof info);
+            // That end now lives in `peer`: the end paired with it here talks to
+            // `peer`, so sockets sent over it later travel the same way (a Pipe
+            // made here, one end sent to a child, then an end sent over the
+            // other: without this it went as a plain handle, unusable as a
+            // socket there, and nothing arrived).
+            std::lock_guard<std::mutex> g(reg().mu);
+            auto it = reg().channels.find(handles[i]);
+            if (it != reg().channels.end() && it->second.partner >= 0) {
+                auto other = reg().channels.find(it->second.partner);
+                if (other != reg().channels.end() && other->second.peer_pid == 0) other->second.peer_pid = peer;
+            }
             continue;
         }
         HANDLE copy = nullptr;
@@ -1216,11 +1229,15 @@ long spawn_self(const std::string& argv0, const std::string& marker, handle_t in
     // reaped; the marker ends "<handle>:<pid>", and the handle is swapped.
     HANDLE keeper = CreateFileMappingW(INVALID_HANDLE_VALUE, nullptr, PAGE_READWRITE, 0, sizeof(WSAPROTOCOL_INFOW), nullptr);
     if (!keeper) throw_win32("mpservice: CreateFileMapping for a child's channel");
+    // The "<handle>:<pid>" part may be followed by a suffix (":w" for a warm
+    // spawn child): it is found where it is, not only at the very end.
     std::string marked = marker;
     const std::string old_value = std::to_string(inherit) + ":" + std::to_string(current_pid());
-    if (marked.size() >= old_value.size() && marked.compare(marked.size() - old_value.size(), old_value.size(), old_value) == 0)
-        marked = marked.substr(0, marked.size() - old_value.size()) +
-                 std::to_string(reinterpret_cast<std::uintptr_t>(keeper)) + ":" + std::to_string(current_pid());
+    const std::string new_value = std::to_string(reinterpret_cast<std::uintptr_t>(keeper)) + ":" + std::to_string(current_pid());
+    const std::size_t at = marked.rfind(old_value);
+    if (at != std::string::npos && at > 0 && (marked[at - 1] == '=' || marked[at - 1] == ':') &&
+        (at + old_value.size() == marked.size() || marked[at + old_value.size()] == ':'))
+        marked.replace(at, old_value.size(), new_value);
     std::wstring cmd = quote_argument(widen(argv0.empty() ? narrow(exe.c_str()) : argv0)) + L" " + quote_argument(widen(marked));
     // Only the standard handles are inherited: the handle list names them,
     // and no other thread's spawn can inherit them unasked (each lists its own).
@@ -1393,11 +1410,13 @@ bool send_signal(long pid, handle_t, int sig) noexcept {
     if (sig == 0) return process_running(pid);
     HANDLE proc = child_process(pid);
     bool own = proc != nullptr;
-    if (!proc) proc = OpenProcess(PROCESS_TERMINATE, FALSE, static_cast<DWORD>(pid));
+    if (!proc) proc = OpenProcess(PROCESS_TERMINATE | SYNCHRONIZE, FALSE, static_cast<DWORD>(pid));
     if (!proc) return false;
     BOOL ok = TerminateProcess(proc, 0x10000u + static_cast<unsigned>(sig & 63));
-    if (!own) CloseHandle(proc);
-    return ok != 0 || WaitForSingleObject(proc, 0) == WAIT_OBJECT_0;
+    // A process that has ended already counts as signalled (as kill() on a zombie).
+    const bool ended = !ok && WaitForSingleObject(proc, 0) == WAIT_OBJECT_0;
+    if (!own) CloseHandle(proc);  // (only after the wait: it used the handle)
+    return ok != 0 || ended;
 }
 
 int signal_terminate() noexcept { return 15; }
