@@ -654,7 +654,7 @@ TEST_CASE("a pool that replaced a dead worker leaves no idle warm child behind o
     {
         mp::Pool pool(mp::SpawnContext{}, 1);
         const long first = pool.worker_pids().at(0);
-        ::kill(static_cast<pid_t>(first), SIGKILL);
+        forktest::kill_process(first);
         auto t0 = Clock::now();
         while (!(pool.worker_pids().size() == 1 && pool.worker_pids()[0] != first) && Clock::now() - t0 < 20s)
             std::this_thread::sleep_for(1ms);  // polling the pool's state: nothing to wait on
@@ -672,7 +672,7 @@ TEST_CASE("a pool that replaced a dead worker leaves no idle warm child behind o
     mp::set_warm_spawn(true);
     {
         mp::Pool pool(mp::SpawnContext{}, 1);
-        ::kill(static_cast<pid_t>(pool.worker_pids().at(0)), SIGKILL);
+        forktest::kill_process(pool.worker_pids().at(0));
         CHECK(pool.apply_async(square, 4).get(30s) == 16);
     }
     CHECK(mp::detail::test_warm_child(20s) != 0);
