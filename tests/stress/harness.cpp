@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <iostream>
 #include <stdexcept>
 
@@ -203,6 +204,36 @@ const std::vector<Known>& known_defects() {
         {"RLock waiter / parent", 0, "the same (waiters of an RLock)"},
     };
     return list;
+}
+
+void account_sequences(Round& r, const std::vector<std::vector<long>>& streams, long expected, bool one_more_ok,
+                       const char* verb) {
+    std::map<long, int> seen;
+    long reorders = 0, torn = 0;
+    for (const auto& got : streams) {
+        long prev = -1;
+        for (long seq : got) {
+            if (seq < 0) {
+                ++torn;
+                continue;
+            }
+            seen[seq]++;
+            if (seq < prev) ++reorders;
+            prev = seq;
+        }
+    }
+    long dups = 0, lost = 0, extra = 0;
+    for (const auto& kv : seen) {
+        if (kv.second > 1) dups += kv.second - 1;
+        if (kv.first >= expected + (one_more_ok ? 1 : 0)) ++extra;
+    }
+    for (long s = 0; s < expected; ++s)
+        if (!seen.count(s)) ++lost;
+    r.lost(lost);
+    r.duplicated(dups);
+    r.reordered(reorders);
+    if (torn) r.wrong(std::to_string(torn) + " torn item(s)");
+    if (extra) r.wrong(std::to_string(extra) + " item(s) that were never " + verb);
 }
 
 }  // namespace stress

@@ -78,6 +78,16 @@ constexpr int exit_code = 42;
 /// What a child throws for Ending::thrw.
 constexpr const char* thrown_message = "stress: thrown by the child";
 
+/// The exit code a child that ended in way `e` reports (9999: none - the
+/// ending is not a death).
+inline int exitcode_of(Ending e) {
+    return e == Ending::exit_n ? exit_code
+           : e == Ending::abrt ? -SIGABRT
+           : e == Ending::segv ? segv_exitcode
+           : e == Ending::sigkill ? -SIGKILL
+                                  : 9999;
+}
+
 /// In a child: ends the way `e` says.  For ret it returns; for the others it
 /// does not (sigkill/sigstop/parent_killed are done *to* the child, so the
 /// child's loop never calls this for them).
@@ -240,6 +250,14 @@ struct Known {
 };
 const std::vector<Known>& known_defects();
 
+/// Counts what arrived against the items 0..expected-1: lost, duplicated,
+/// torn (a negative sequence number) and reordered within each stream
+/// (`streams`: what each consumer took, in the order it took it).
+/// `one_more_ok`: item `expected` may arrive too (it was inside the send or
+/// put that was killed).  `verb`: what the producer did ("sent", "put").
+void account_sequences(Round& r, const std::vector<std::vector<long>>& streams, long expected, bool one_more_ok,
+                       const char* verb);
+
 }  // namespace stress
 
 // ---------------------------------------------------------------- template definitions
@@ -260,11 +278,7 @@ bool check_ending(Round& r, mp::Process<R>& p, Ending e, const R& expected, cons
         p.kill();
         return false;
     } catch (const mp::ProcessError& err) {
-        int want = e == Ending::exit_n ? exit_code
-                   : e == Ending::abrt ? -SIGABRT
-                   : e == Ending::segv ? segv_exitcode
-                   : e == Ending::sigkill ? -SIGKILL
-                                          : 9999;
+        const int want = exitcode_of(e);
         if (err.exitcode() != want)
             r.wrong(what + ": ProcessError with exit code " + std::to_string(err.exitcode()) + " (" + err.what() +
                     "), expected " + std::to_string(want));

@@ -97,33 +97,6 @@ int receiver_child(Conn c, Status st, int ending, int size_index, long stop_afte
 
 // ---------------------------------------------------------------- accounting
 
-/// Counts what arrived against 0..expected-1 (`extra_ok`: the item after may
-/// arrive too - it was inside the send that was killed).
-void account(Round& r, const std::vector<long>& got, long expected, bool extra_ok) {
-    std::map<long, int> seen;
-    long reorders = 0, torn_items = 0, prev = -1;
-    for (long seq : got) {
-        if (seq < 0) {
-            ++torn_items;
-            continue;
-        }
-        seen[seq]++;
-        if (seq < prev) ++reorders;
-        prev = seq;
-    }
-    long dups = 0, lost = 0, extra = 0;
-    for (auto& kv : seen) {
-        if (kv.second > 1) dups += kv.second - 1;
-        if (kv.first >= expected + (extra_ok ? 1 : 0)) ++extra;
-    }
-    for (long s = 0; s < expected; ++s)
-        if (!seen.count(s)) ++lost;
-    r.lost(lost);
-    r.duplicated(dups);
-    r.reordered(reorders);
-    if (torn_items) r.wrong(std::to_string(torn_items) + " torn item(s)");
-    if (extra) r.wrong(std::to_string(extra) + " item(s) that were never sent");
-}
 
 /// Receives until EOFError (the right end), each recv within `each`.  Returns
 /// false on a hang (recorded); other errors are recorded as wrong.
@@ -193,7 +166,7 @@ void peer_sends_row(Round& r) {
         check_ending(r, p, Ending::sigkill, 0, "the sender");
         consumer.join();
         if (!ok) return;
-        account(r, got, st[acked], true);
+        account_sequences(r, {got}, st[acked], true, "sent");
         return;
     }
     if (e == Ending::sigstop) {
@@ -232,7 +205,7 @@ void peer_sends_row(Round& r) {
     // The sender sends z.count items, then ends its way: all of them arrive, then EOF.
     if (!recv_to_eof(r, mine, z, got, guard, z.count + 2)) return;
     check_ending(r, p, e == Ending::sigstop ? Ending::ret : e, 0, "the sender");
-    account(r, got, z.count, false);
+    account_sequences(r, {got}, z.count, false, "sent");
     // EOF again, at once.
     try {
         mine.recv(milliseconds(500));

@@ -85,14 +85,6 @@ std::vector<long> iota(long n) {
     return v;
 }
 
-int want_exitcode(Ending e) {
-    return e == Ending::exit_n ? exit_code
-           : e == Ending::abrt ? -SIGABRT
-           : e == Ending::segv ? segv_exitcode
-           : e == Ending::sigkill ? -SIGKILL
-                                  : 9999;
-}
-
 /// What the consumer of imap saw, item by item.
 struct Seen {
     std::vector<int> outcome;  // 0 none yet, 1 value, 2 failed
@@ -276,7 +268,7 @@ void pool_row(Round& r) {
     if (!s.note.empty()) r.wrong(s.note);
     const std::string want = e == Ending::ret    ? ""
                              : e == Ending::thrw ? "thrown"
-                                                 : "ProcessError " + std::to_string(want_exitcode(e)) + ":";
+                                                 : "ProcessError " + std::to_string(exitcode_of(e)) + ":";
     if (e == Ending::ret && s.failures) r.wrong(std::to_string(s.failures) + " items failed, none should");
     account(r, s, runs, fatal, e == Ending::sigkill, want);
     if ((e == Ending::ret || e == Ending::thrw) && pool.worker_pids() != before)

@@ -131,38 +131,6 @@ int consumer_child(Q q, Status log, int size_index) {
     }
 }
 
-/// Counts what arrived against 0..expected-1: lost, duplicated, torn, and
-/// reordered within each consumer's own stream (`streams`: what each
-/// consumer took, in the order it took it).  `last_maybe`: the item after
-/// `expected` may arrive too (it was inside the put that was killed).
-void account(Round& r, const std::vector<std::vector<long>>& streams, long expected, bool last_maybe) {
-    std::map<long, int> seen;
-    long reorders = 0, torn = 0;
-    for (auto& got : streams) {
-        long prev = -1;
-        for (long seq : got) {
-            if (seq < 0) {
-                ++torn;
-                continue;
-            }
-            seen[seq]++;
-            if (seq < prev) ++reorders;
-            prev = seq;
-        }
-    }
-    long dups = 0, lost = 0, extra = 0;
-    for (auto& kv : seen) {
-        if (kv.second > 1) dups += kv.second - 1;
-        if (kv.first >= expected + (last_maybe ? 1 : 0)) ++extra;
-    }
-    for (long s = 0; s < expected; ++s)
-        if (!seen.count(s)) ++lost;
-    r.lost(lost);
-    r.duplicated(dups);
-    r.reordered(reorders);
-    if (torn) r.wrong(std::to_string(torn) + " torn item(s)");
-    if (extra) r.wrong(std::to_string(extra) + " item(s) that were never put");
-}
 
 template <class Q>
 std::vector<long> drain(Q& q, const Size& z, milliseconds quiet, long at_most = -1) {
@@ -226,7 +194,7 @@ void producer_row(Round& r) {
         check_ending(r, p, Ending::sigkill, 0, "the producer");
         producer_dead = true;
         consumer.join();
-        account(r, {got}, st[acked], true);
+        account_sequences(r, {got}, st[acked], true, "put");
         return;
     }
     if (e == Ending::sigstop) {
@@ -266,7 +234,7 @@ void producer_row(Round& r) {
     auto rest = drain(q, z, guard, z.count - static_cast<long>(got.size()));
     got.insert(got.end(), rest.begin(), rest.end());
     check_ending(r, p, e == Ending::sigstop ? Ending::ret : e, 0, "the producer");
-    account(r, {got}, z.count, false);
+    account_sequences(r, {got}, z.count, false, "put");
 }
 
 // ---------------------------------------------------------------- consumer rows
@@ -342,7 +310,7 @@ void consumer_row(Round& r) {
     std::vector<long> got;
     const long taken = std::min<long>(log[0], total);
     for (long i = 0; i < taken; ++i) got.push_back(log[static_cast<std::size_t>(1 + i)]);
-    account(r, {got, drained}, total, false);
+    account_sequences(r, {got, drained}, total, false, "put");
     if (r.lost_count() > r.lost_bound())
         r.wrong(std::to_string(r.lost_count()) + " items lost, more than the one the killed consumer held");
 }

@@ -48,14 +48,6 @@ struct Callee {
     }
 };
 
-int want_exitcode(Ending e) {
-    return e == Ending::exit_n ? exit_code
-           : e == Ending::abrt ? -SIGABRT
-           : e == Ending::segv ? segv_exitcode
-           : e == Ending::sigkill ? -SIGKILL
-                                  : 9999;
-}
-
 /// 0: a value v, 1: ProcessError with exit code `code`, 2: the thrown exception,
 /// 3: another error (`what`), 4: not resolved within the guard.
 struct Outcome {
@@ -182,9 +174,9 @@ void runner_row(Round& r) {
             total += 1000;
         } else if (e == Ending::thrw) {
             if (o.kind != 2) r.wrong("a call that threw failed with '" + o.what + "'");
-        } else if (o.kind != 1 || o.code != want_exitcode(e)) {
+        } else if (o.kind != 1 || o.code != exitcode_of(e)) {
             r.wrong("the call failed with '" + o.what + "' (exit code " + std::to_string(o.code) + "), expected " +
-                    std::to_string(want_exitcode(e)));
+                    std::to_string(exitcode_of(e)));
         }
         for (auto* q : {&queued1, &queued2}) {
             Outcome qo = take(*q);
@@ -192,9 +184,9 @@ void runner_row(Round& r) {
             if (!dies) {
                 if (qo.kind != 0 || qo.value != total + 1) r.wrong("a queued call after the ending: '" + qo.what + "'");
                 total += 1;
-            } else if (qo.kind != 1 || qo.code != want_exitcode(e)) {
+            } else if (qo.kind != 1 || qo.code != exitcode_of(e)) {
                 r.wrong("a queued call failed with '" + qo.what + "', expected ProcessError " +
-                        std::to_string(want_exitcode(e)));
+                        std::to_string(exitcode_of(e)));
             }
         }
         // Later calls: served (the state intact), or failing at once with ProcessError.
