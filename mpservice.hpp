@@ -6068,6 +6068,7 @@ std::vector<Connection<T>*> connection_wait(const std::vector<Connection<T>*>& c
 // Lifetime: destroying a Pool terminates it (as Python's `with Pool() as p:`
 // does); call close() and join() first to wait for the queued work.
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -6097,7 +6098,84 @@ class Pool;
 
 namespace detail {
 
+// ---------------------------------------------------------------- result records
+
+/// A record of a result message: [PoolRecordHeader | payload].  Its kind is
+/// record_value (one encoded value), record_error (one encoded exception) or
+/// dense_record_kind(e): the values of consecutive items, e bytes each, back to
+/// back - the form of bitwise results (numbers, trivially copyable structs),
+/// which a worker appends in place with no header per item.
+struct PoolRecordHeader {
+    std::uint32_t size;
+    std::uint32_t kind;
+};
+constexpr std::uint32_t record_value = 0;
+constexpr std::uint32_t record_error = 1;
+constexpr std::uint32_t record_dense = 2;  // the low byte of a dense record's kind
+/// Results of at most this size travel densely.
+constexpr std::uint32_t dense_max_elem = 4096;
+constexpr std::uint32_t dense_record_kind(std::uint32_t elem) { return record_dense | (elem << 8); }
+
+/// Walks the records of a result message's body (records of items first,
+/// first + 1, ...): item(index, kind, data, size) for each encoded one,
+/// run(index, count, elem, data) for the `count` values of a dense record.
+/// Stops at a torn record; a dense record longer than the bytes there (a
+/// dead worker's slot: it had grown the record's size, not yet the slot's
+/// length) gives the whole values it holds.  Returns the index after the last.
+template <class Item, class Run>
+std::uint32_t walk_record_runs(const unsigned char* p, std::size_t n, std::uint32_t first, Item&& item, Run&& run) {
+    std::size_t at = 0;
+    std::uint32_t index = first;
+    while (at + sizeof(PoolRecordHeader) <= n) {
+        PoolRecordHeader rh;
+        std::memcpy(&rh, p + at, sizeof rh);
+        at += sizeof rh;
+        const std::size_t avail = n - at;
+        if ((rh.kind & 0xFFu) == record_dense) {
+            const std::size_t elem = rh.kind >> 8;
+            if (elem == 0) break;
+            const auto count = static_cast<std::uint32_t>(std::min<std::size_t>(rh.size, avail) / elem);
+            if (count) run(index, count, elem, p + at);
+            index += count;
+            if (rh.size > avail) break;
+        } else {
+            if (rh.size > avail) break;  // torn: cannot happen with a committed length
+            item(index++, rh.kind, p + at, static_cast<std::size_t>(rh.size));
+        }
+        at += rh.size;
+    }
+    return index;
+}
+/// As walk_record_runs, with a dense record's values given one by one:
+/// fn(index, kind, data, size) for every item.
+template <class F>
+std::uint32_t walk_records(const unsigned char* p, std::size_t n, std::uint32_t first, F&& fn) {
+    return walk_record_runs(p, n, first, fn,
+                            [&](std::uint32_t index, std::uint32_t count, std::size_t elem, const unsigned char* d) {
+                                for (std::uint32_t k = 0; k < count; ++k) fn(index + k, record_value, d + k * elem, elem);
+                            });
+}
+
 // ---------------------------------------------------------------- worker side
+
+/// A worker's write position in its progress slot (impl/pool.cpp), shared
+/// with the inline fast path of bitwise results (ItemSink::commit_bitwise).
+struct SlotCursor {
+    static constexpr std::uint32_t no_dense = 0xFFFFFFFFu;
+    std::atomic<std::uint32_t>* index = nullptr;  // the slot's "item being run"
+    std::atomic<std::uint32_t>* used = nullptr;   // the slot's committed record bytes
+    unsigned char* records = nullptr;             // the slot's records
+    std::uint32_t base = 0;             // the message's first item (in the chunk)
+    std::uint32_t next_local = 0;       // items of the message with an outcome
+    std::uint32_t in_slot = 0;          // items with a record in the slot now
+    std::uint32_t end = 0;              // == *used (this worker is its only writer)
+    std::uint32_t dense_at = no_dense;  // the open dense record's header, or none
+    std::uint32_t dense_elem = 0;
+};
+/// A worker sends its slot's records once they fill this much of it: small
+/// messages stay in the caches of both ends (a 256 KiB one is a cache miss
+/// per line on each side, and a fresh allocation in the parent).
+constexpr std::uint32_t pool_slot_flush_bytes = 16u << 10;
 
 /// Where a worker records the outcome of each item of the chunk it runs
 /// (impl/pool.cpp): in its shared progress slot first, so that a crash loses
@@ -6112,9 +6190,35 @@ public:
     MPSERVICE_API void commit_value();
     /// The item threw.
     MPSERVICE_API void commit_error(const std::exception_ptr& e);
+    /// The item returned a bitwise value of `size` bytes (<= dense_max_elem):
+    /// appended to the slot's dense record (opened, or the slot sent, first if need be).
+    MPSERVICE_API void commit_dense(const void* value, std::uint32_t size);
 
-    void* link = nullptr;  // the worker's slot and rings (impl/pool.cpp)
-    std::uint32_t base = 0;
+    /// begin() for an item whose result is bitwise (out() is not used).
+    void begin_bitwise(std::uint32_t local) { cur->index->store(cur->base + local, std::memory_order_release); }
+    /// commit_dense() of a value, inline while the open dense record has room:
+    /// the value's bytes, the record's size, then the slot's length are
+    /// stored, in that order, so a parent reading a dead worker's slot sees
+    /// every value the length covers.
+    template <class R>
+    void commit_bitwise(const R& v) {
+        SlotCursor& c = *cur;
+        if (c.dense_elem == sizeof(R) && c.dense_at != SlotCursor::no_dense &&
+            c.end + sizeof(R) < pool_slot_flush_bytes) {
+            std::memcpy(c.records + c.end, &v, sizeof(R));
+            c.end += static_cast<std::uint32_t>(sizeof(R));
+            const std::uint32_t size = c.end - c.dense_at - static_cast<std::uint32_t>(sizeof(PoolRecordHeader));
+            std::memcpy(c.records + c.dense_at, &size, sizeof size);
+            c.used->store(c.end, std::memory_order_release);
+            ++c.in_slot;
+            ++c.next_local;
+        } else {
+            commit_dense(&v, static_cast<std::uint32_t>(sizeof(R)));
+        }
+    }
+
+    void* link = nullptr;         // the worker's slot and rings (impl/pool.cpp)
+    SlotCursor* cur = nullptr;    // its write position (in *link)
 
 private:
     Encoder out_;
@@ -6123,14 +6227,30 @@ private:
 /// Runs `count` items whose arguments are in `in`; `state` is a ProcessRunner's object.
 using ChunkRunner = void (*)(const void* fn, void* state, Decoder& in, std::uint32_t count, ItemSink& sink);
 
+/// Results that travel densely (dense_record_kind): the codec copies them byte for byte.
+template <class R, class = void>
+struct dense_result_t : std::false_type {};
+template <class R>
+struct dense_result_t<R, std::enable_if_t<!std::is_void_v<R>>>
+    : std::bool_constant<is_bitwise_v<R> && sizeof(R) <= dense_max_elem> {};
+template <class R>
+inline constexpr bool dense_result = dense_result_t<R>::value;
+
 template <class R, class... A, class Call>
 void run_items(Decoder& in, std::uint32_t count, ItemSink& sink, Call& call) {
     for (std::uint32_t i = 0; i < count; ++i) {
         std::tuple<A...> args{in.read<A>()...};  // braced: decoded left to right
-        sink.begin(i);
+        if constexpr (dense_result<R>) {
+            sink.begin_bitwise(i);
+        } else {
+            sink.begin(i);
+        }
         try {
             if constexpr (std::is_void_v<R>) {
                 std::apply(call, std::move(args));
+            } else if constexpr (dense_result<R>) {
+                sink.commit_bitwise(static_cast<const R&>(std::apply(call, std::move(args))));
+                continue;
             } else {
                 sink.out().write(std::apply(call, std::move(args)));
             }
@@ -6219,12 +6339,6 @@ struct JobItem {
     std::exception_ptr error;
 };
 
-/// A record of a result message: [PoolRecordHeader | encoded value or exception].
-struct PoolRecordHeader {
-    std::uint32_t size;
-    std::uint32_t kind;  // 0: a value, 1: an exception
-};
-
 /// The records of one result message, as its worker sent them: record k is
 /// the outcome of item first + k of a chunk whose item 0 is the job's item
 /// `job_first`; only items in [from, to) are new (the others are known).
@@ -6237,15 +6351,23 @@ struct JobRecords {
     /// fn(job index, kind, data, size) for each new record.
     template <class F>
     void for_each(F&& fn) const {
-        std::size_t at = 0;
-        for (std::uint32_t i = first; i < to && at + sizeof(PoolRecordHeader) <= size; ++i) {
-            PoolRecordHeader rh;
-            std::memcpy(&rh, data + at, sizeof rh);
-            at += sizeof rh;
-            if (rh.size > size - at) return;  // torn: cannot happen with a committed length
-            if (i >= from) fn(job_first + i, rh.kind, data + at, static_cast<std::size_t>(rh.size));
-            at += rh.size;
-        }
+        walk_records(data, size, first, [&](std::uint32_t i, std::uint32_t kind, const unsigned char* p, std::size_t n) {
+            if (i >= from && i < to) fn(job_first + i, kind, p, n);
+        });
+    }
+    /// As for_each, with the new values of a dense record as runs:
+    /// run(job index, count, elem, data).
+    template <class Item, class Run>
+    void for_each_run(Item&& item, Run&& run) const {
+        walk_record_runs(
+            data, size, first,
+            [&](std::uint32_t i, std::uint32_t kind, const unsigned char* p, std::size_t n) {
+                if (i >= from && i < to) item(job_first + i, kind, p, n);
+            },
+            [&](std::uint32_t i, std::uint32_t count, std::size_t elem, const unsigned char* p) {
+                const std::uint32_t lo = std::max(i, from), hi = std::min(i + count, to);
+                if (lo < hi) run(job_first + lo, hi - lo, elem, p + (lo - i) * elem);
+            });
     }
 };
 
@@ -6286,6 +6408,9 @@ protected:
     }
 };
 
+/// The size of a task message's header (impl/pool.cpp: PoolTaskHeader).
+constexpr std::size_t pool_task_room = 56;
+
 /// A chunk on its way to a worker: the encoded task message and where each
 /// item's arguments start in it (so that the rest of a chunk can be sent again
 /// when its worker dies in the middle).
@@ -6293,8 +6418,15 @@ struct ChunkDraft {
     std::shared_ptr<JobBase> job;
     std::size_t job_first = 0;
     std::uint32_t count = 0;
-    Encoder args;                        // the items' arguments, back to back
+    /// pool_task_room bytes for the task header (so that a chunk's first
+    /// sending needs no copy), then the items' arguments, back to back.
+    Encoder args;
     std::vector<std::uint32_t> offsets;  // offsets[i]: start of item i in args
+    std::uint32_t stride = 0;            // nonzero: item i starts at pool_task_room + i * stride (no offsets)
+
+    std::size_t item_offset(std::uint32_t i) const noexcept {
+        return stride ? pool_task_room + std::size_t(i) * stride : offsets[i];
+    }
 };
 
 struct PoolTarget {
@@ -6391,7 +6523,9 @@ public:
 
     template <class... A>
     void add(const A&... args) {
-        if (chunks_.empty() || chunks_.back().count >= chunksize_ || carries_handles(chunks_.back())) open();
+        if (chunks_.empty() || chunks_.back().count >= chunksize_ || carries_handles(chunks_.back()) ||
+            chunks_.back().stride)
+            open();
         ChunkDraft* c = &chunks_.back();
         std::size_t at = c->args.bytes().size();
         c->offsets.push_back(static_cast<std::uint32_t>(at));
@@ -6403,14 +6537,36 @@ public:
             c->args = rebuild_without_handles(*c);
             open();
             c = &chunks_.back();
-            c->offsets.push_back(0);
+            c->offsets.push_back(static_cast<std::uint32_t>(c->args.bytes().size()));
             (c->args.write(args), ...);
         }
         check_size(*c);
         ++c->count;
         ++items_;
     }
+    /// Appends the `n` items at `p`, one bitwise argument each, a block per
+    /// chunk (the fast path of map over a contiguous range of numbers).
+    template <class T>
+    void add_bitwise(const T* p, std::size_t n) {
+        static_assert(is_bitwise_v<T>, "add_bitwise: the codec must copy T byte for byte");
+        while (n) {
+            if (chunks_.empty() || chunks_.back().count >= chunksize_ || carries_handles(chunks_.back()) ||
+                (chunks_.back().count && chunks_.back().stride != sizeof(T)))
+                open();
+            ChunkDraft& c = chunks_.back();
+            c.stride = static_cast<std::uint32_t>(sizeof(T));  // items side by side: no offsets kept
+            const std::size_t k = std::min<std::size_t>(n, chunksize_ - c.count);
+            if (c.args.bytes().size() + k * sizeof(T) > 0xFFFFFFF0u)
+                throw std::length_error("mpservice: a pool chunk's arguments exceed 4 GiB; use a smaller chunksize");
+            c.args.write_bytes(p, k * sizeof(T));
+            c.count += static_cast<std::uint32_t>(k);
+            items_ += k;
+            p += k;
+            n -= k;
+        }
+    }
     std::size_t items() const noexcept { return items_; }
+    std::size_t chunksize() const noexcept { return chunksize_; }
     std::vector<ChunkDraft>& chunks() noexcept { return chunks_; }
     /// Whether a chunk is complete (a later one has been opened).
     bool has_full() const noexcept { return chunks_.size() > 1; }
@@ -6444,6 +6600,7 @@ private:
         c.job_first = items_;
         c.offsets.reserve(std::min<std::size_t>(chunksize_, std::size_t(1) << 20));
         if (last_bytes) c.args.bytes().reserve(last_bytes);
+        c.args.bytes().resize(pool_task_room);  // the task header goes here
     }
 
     std::shared_ptr<JobBase> job_;
@@ -6451,6 +6608,16 @@ private:
     std::size_t items_ = 0;
     std::vector<ChunkDraft> chunks_;
 };
+
+/// Whether `Range` is contiguous storage of T (std::vector<T>, std::array, a
+/// C array, ...): map then encodes a chunk's arguments as one block.
+template <class Range, class T, class = void>
+struct contiguous_range_of : std::false_type {};
+template <class Range, class T>
+struct contiguous_range_of<Range, T,
+                           std::void_t<decltype(std::data(std::declval<const Range&>())),
+                                       decltype(std::size(std::declval<const Range&>()))>>
+    : std::is_same<std::remove_cv_t<std::remove_pointer_t<decltype(std::data(std::declval<const Range&>()))>>, T> {};
 
 template <class A>
 struct tuple_args;
@@ -6497,6 +6664,8 @@ public:
         resolve(e);
     }
     const Holder& value() const { return *value_; }
+    /// Moves the value out (for the pool's blocking calls, which own their AsyncResult).
+    Holder take_value() { return std::move(*value_); }
 
 private:
     template <class F>
@@ -6558,9 +6727,25 @@ public:
     void on_records(const JobRecords& r) override {
         std::unique_lock<std::mutex> lk(mutex_);
         std::size_t settled = 0;
-        r.for_each([&](std::size_t index, std::uint32_t kind, const unsigned char* data, std::size_t size) {
+        auto item = [&](std::size_t index, std::uint32_t kind, const unsigned char* data, std::size_t size) {
             settled += take_record(index, kind, data, size);
-        });
+        };
+        if constexpr (dense_result<R> && in_place) {
+            r.for_each_run(item, [&](std::size_t index, std::uint32_t count, std::size_t elem, const unsigned char* data) {
+                if (elem != sizeof(R) || index + count > slots_.size()) {
+                    for (std::uint32_t k = 0; k < count; ++k) item(index + k, record_value, data + k * elem, elem);
+                    return;
+                }
+                for (std::uint32_t k = 0; k < count; ++k) {
+                    if (have_[index + k] != empty) continue;
+                    std::memcpy(static_cast<void*>(&slots_[index + k]), data + k * sizeof(R), sizeof(R));
+                    have_[index + k] = value;
+                    ++settled;
+                }
+            });
+        } else {
+            r.for_each(item);
+        }
         if (settled) settle(lk, settled);
     }
 
@@ -6815,6 +7000,14 @@ public:
         return core_->error() == nullptr;
     }
 
+    /// As get(), moving the value out of the (temporary) AsyncResult: what
+    /// the blocking calls (Pool::map, apply, ProcessRunner's call) return, so
+    /// that a map's vector is handed over, not copied.
+    R take() && {
+        get_at(detail::os::no_deadline);
+        if constexpr (!std::is_void_v<R>) return state().take_value();
+    }
+
 private:
     State& state() const { return static_cast<State&>(*core_); }
     detail::result_ref_t<R> get_at(detail::os::Deadline deadline) {
@@ -7028,7 +7221,7 @@ public:
     /// f(args...) in a worker; waits for the value, re-throws its exception.
     template <class F, class... A>
     auto apply(F f, A&&... args) {
-        return apply_async(f, std::forward<A>(args)...).get();
+        return apply_async(f, std::forward<A>(args)...).take();
     }
     /// f(args...) in a worker, without waiting.
     template <class F, class... A>
@@ -7056,7 +7249,7 @@ public:
     /// finished, then re-throws the first failure by input position.
     template <class F, class Range>
     auto map(F f, const Range& inputs, std::size_t chunksize = 0) {
-        return map_async(f, inputs, chunksize).get();
+        return map_async(f, inputs, chunksize).take();
     }
     template <class F, class Range>
     auto map_async(F f, const Range& inputs, std::size_t chunksize = 0) {
@@ -7077,7 +7270,7 @@ public:
     /// f(a, b, ...) for each tuple of `inputs`, in input order.
     template <class F, class Range>
     auto starmap(F f, const Range& inputs, std::size_t chunksize = 0) {
-        return starmap_async(f, inputs, chunksize).get();
+        return starmap_async(f, inputs, chunksize).take();
     }
     template <class F, class Range>
     auto starmap_async(F f, const Range& inputs, std::size_t chunksize = 0) {
@@ -7164,7 +7357,19 @@ private:
                 apply_tuple_submit<Fp>(f, full, static_cast<Tuple*>(nullptr));
             }
         };
-        if (buffered.empty()) {
+        using First = std::tuple_element_t<0, Tuple>;
+        if constexpr (std::tuple_size_v<Tuple> == 1 && detail::is_bitwise_v<First> &&
+                      detail::contiguous_range_of<Range, First>::value) {
+            // Numbers (or trivially copyable structs) side by side: a block per chunk.
+            const First* p = std::data(inputs);
+            for (std::size_t left = n, step = b.chunksize(); left;) {
+                const std::size_t k = std::min(left, step);
+                b.add_bitwise(p, k);
+                flush(false);
+                p += k;
+                left -= k;
+            }
+        } else if (buffered.empty()) {
             for (const auto& x : inputs) {
                 add_item(adder, x);
                 flush(false);
@@ -7280,7 +7485,7 @@ public:
     /// re-throws its exception, or ProcessError if the process died.
     template <class... A>
     auto operator()(A&&... args) {
-        return submit(std::forward<A>(args)...).get();
+        return submit(std::forward<A>(args)...).take();
     }
 
     /// Sends the call and returns at once; the future is ready when it has run.
@@ -17939,17 +18144,12 @@ namespace {
 constexpr std::uint32_t pool_task_chunk = 1;
 constexpr std::uint32_t pool_result_records = 1;
 constexpr std::uint32_t pool_result_wake = 2;
-constexpr std::uint32_t record_value = 0;
-constexpr std::uint32_t record_error = 1;
 constexpr std::uint32_t no_item = 0xFFFFFFFFu;
 
 constexpr std::size_t task_ring_bytes = std::size_t(4) << 20;
 constexpr std::size_t result_ring_bytes = std::size_t(4) << 20;
 constexpr std::uint32_t slot_record_bytes = 256u << 10;
-/// A worker sends its slot's records once they fill this much of it: small
-/// messages stay in the caches of both ends (a 256 KiB one is a cache miss
-/// per line on each side, and a fresh allocation in the parent).
-constexpr std::uint32_t slot_flush_bytes = 16u << 10;
+constexpr std::uint32_t slot_flush_bytes = pool_slot_flush_bytes;  // see there
 /// Chunks a worker holds at once: the one it runs and the next, so that it
 /// never waits for the parent between two chunks.
 constexpr std::size_t chunks_per_worker = 2;
@@ -17970,7 +18170,8 @@ struct PoolTaskHeader {
     std::uint32_t nhandles;
     std::uint64_t fn_module, fn_offset, runner_module, runner_offset;
 };
-static_assert(sizeof(PoolTaskHeader) == 56, "task header layout");
+static_assert(sizeof(PoolTaskHeader) == 56 && sizeof(PoolTaskHeader) == pool_task_room,
+              "task header layout (ChunkDraft leaves room for it)");
 
 struct PoolResultHeader {
     std::uint32_t kind;
@@ -18015,19 +18216,59 @@ void copy_item(void* context, const unsigned char* data, std::size_t size) {
 
 // ---------------------------------------------------------------- worker side
 
+/// The worker's end of its slot and of the result ring.  `cur` is the write
+/// position (ItemSink's inline path appends bitwise values through it too).
 struct WorkerLink {
     QueueCore results;
     PoolSlot* slot = nullptr;
-    std::uint32_t next_local = 0;  // items of the current message with an outcome
-    std::uint32_t in_slot = 0;     // records in the slot now
+    SlotCursor cur;
+
+    void attach(PoolSlot* s) {
+        slot = s;
+        cur.index = &s->index;
+        cur.used = &s->used;
+        cur.records = s->records();
+    }
+    /// A new message (chunk part) whose first item is `base`; the slot is empty.
+    void start_message(std::uint32_t base) {
+        cur.base = base;
+        cur.next_local = 0;
+        cur.in_slot = 0;
+        cur.end = 0;
+        cur.dense_at = SlotCursor::no_dense;
+    }
+    void commit_length() { slot->used.store(cur.end, std::memory_order_release); }
+
+    /// One bitwise value, appended to the dense record at the end of the slot
+    /// (opened if there is none of this size; the slot sent first if it is
+    /// full).  Order of stores as in ItemSink::commit_bitwise.
+    void append_dense(const void* value, std::uint32_t elem) {
+        unsigned char* records = cur.records;
+        if (cur.dense_at != SlotCursor::no_dense && cur.dense_elem == elem && cur.end + elem <= slot_record_bytes) {
+            std::memcpy(records + cur.end, value, elem);
+            PoolRecordHeader rh;
+            std::memcpy(&rh, records + cur.dense_at, sizeof rh);
+            rh.size += elem;
+            std::memcpy(records + cur.dense_at, &rh, sizeof rh);
+            cur.end += elem;
+        } else {
+            if (cur.end + sizeof(PoolRecordHeader) + elem > slot_record_bytes) flush();
+            PoolRecordHeader rh{elem, dense_record_kind(elem)};
+            std::memcpy(records + cur.end + sizeof rh, value, elem);
+            std::memcpy(records + cur.end, &rh, sizeof rh);
+            cur.dense_at = cur.end;
+            cur.dense_elem = elem;
+            cur.end += static_cast<std::uint32_t>(sizeof rh) + elem;
+        }
+        commit_length();
+        ++cur.in_slot;
+        if (cur.end >= slot_flush_bytes) flush();
+    }
 
     void append(std::uint32_t kind, const std::string& payload) {
+        cur.dense_at = SlotCursor::no_dense;  // a dense record after this one is a new one
         auto size = static_cast<std::uint32_t>(sizeof(PoolRecordHeader) + payload.size());
-        std::uint32_t used = slot->used.load(std::memory_order_relaxed);
-        if (used + size > slot_record_bytes) {
-            flush();
-            used = 0;
-        }
+        if (cur.end + size > slot_record_bytes) flush();
         PoolRecordHeader rh{static_cast<std::uint32_t>(payload.size()), kind};
         if (size > slot_record_bytes) {
             // Too big for the slot: it travels alone (a crash while it is sent loses it).
@@ -18040,22 +18281,24 @@ struct WorkerLink {
             slot->header.first += 1;
             return;
         }
-        unsigned char* at = slot->records() + used;
+        unsigned char* at = cur.records + cur.end;
         std::memcpy(at, &rh, sizeof rh);
         if (!payload.empty()) std::memcpy(at + sizeof rh, payload.data(), payload.size());
-        slot->used.store(used + size, std::memory_order_release);
-        ++in_slot;
-        if (used + size >= slot_flush_bytes) flush();
+        cur.end += size;
+        commit_length();
+        ++cur.in_slot;
+        if (cur.end >= slot_flush_bytes) flush();
     }
     /// Sends the slot's records, then empties it.
     void flush() {
-        std::uint32_t used = slot->used.load(std::memory_order_relaxed);
-        if (!used) return;
+        if (!cur.end) return;
         slot->header.kind = pool_result_records;
-        results.put(&slot->header, sizeof(PoolResultHeader) + used, os::no_deadline);
-        slot->used.store(0, std::memory_order_release);
-        slot->header.first += in_slot;
-        in_slot = 0;
+        results.put(&slot->header, sizeof(PoolResultHeader) + cur.end, os::no_deadline);
+        cur.end = 0;
+        commit_length();
+        slot->header.first += cur.in_slot;
+        cur.in_slot = 0;
+        cur.dense_at = SlotCursor::no_dense;
     }
 };
 
@@ -18084,7 +18327,7 @@ void read_lane_handles(os::handle_t lane, std::uint32_t n, std::vector<os::handl
 
 void ItemSink::begin(std::uint32_t local) {
     auto* l = static_cast<WorkerLink*>(link);
-    l->slot->index.store(base + local, std::memory_order_release);
+    l->slot->index.store(l->cur.base + local, std::memory_order_release);
     if (!out_.handles().empty()) out_ = Encoder();
     out_.bytes().clear();
 }
@@ -18097,7 +18340,13 @@ void ItemSink::commit_value() {
         return;
     }
     l->append(record_value, out_.bytes());
-    ++l->next_local;
+    ++l->cur.next_local;
+}
+
+void ItemSink::commit_dense(const void* value, std::uint32_t size) {
+    auto* l = static_cast<WorkerLink*>(link);
+    l->append_dense(value, size);
+    ++l->cur.next_local;
 }
 
 void ItemSink::commit_error(const std::exception_ptr& e) {
@@ -18110,7 +18359,7 @@ void ItemSink::commit_error(const std::exception_ptr& e) {
         encode_exception(enc, std::make_exception_ptr(Error("mpservice: the task's exception could not be encoded")));
     }
     l->append(record_error, enc.bytes());
-    ++l->next_local;
+    ++l->cur.next_local;
 }
 
 PoolWorkerParts::~PoolWorkerParts() { os::close_handle(lane); }
@@ -18121,7 +18370,7 @@ void serve_pool_tasks(const PoolWorkerBoot& b, void* state) {
     const PoolWorkerParts& boot = *b.p;
     WorkerLink link;
     link.results = boot.results;
-    link.slot = static_cast<PoolSlot*>(boot.slot.data());
+    link.attach(static_cast<PoolSlot*>(boot.slot.data()));
     PoolSlot& slot = *link.slot;
     slot.ready.store(1, std::memory_order_release);
     QueueCore tasks = boot.tasks;
@@ -18141,12 +18390,11 @@ void serve_pool_tasks(const PoolWorkerBoot& b, void* state) {
         slot.header.first = th.base;
         slot.index.store(no_item, std::memory_order_relaxed);
         slot.chunk.store(th.chunk, std::memory_order_release);
-        link.next_local = 0;
-        link.in_slot = 0;
+        link.start_message(th.base);
 
         ItemSink sink;
         sink.link = &link;
-        sink.base = th.base;
+        sink.cur = &link.cur;
         try {
             const void* fn = th.fn_module ? resolve_code(os::CodeRef{th.fn_module, th.fn_offset}) : nullptr;
             auto runner = reinterpret_cast<ChunkRunner>(
@@ -18157,7 +18405,7 @@ void serve_pool_tasks(const PoolWorkerBoot& b, void* state) {
             // The arguments could not be decoded (or the function found): the
             // items without an outcome fail with that error.
             auto e = std::current_exception();
-            for (std::uint32_t i = link.next_local; i < th.count; ++i) {
+            for (std::uint32_t i = link.cur.next_local; i < th.count; ++i) {
                 sink.begin(i);
                 sink.commit_error(e);
             }
@@ -18238,6 +18486,12 @@ struct PoolCore::State {
         PoolTarget target;
         std::string args;
         std::vector<std::uint32_t> offsets;
+        std::uint32_t stride = 0;
+        /// Where item i's arguments start in args (see ChunkDraft).
+        std::size_t item_offset(std::uint32_t i) const noexcept {
+            if (i >= count) return args.size();
+            return stride ? pool_task_room + std::size_t(i) * stride : offsets[i];
+        }
         std::vector<os::handle_t> handles;  // owned copies
         int worker = -1;
         ~Chunk() { close_all(handles); }
@@ -18315,20 +18569,6 @@ void deliver(PoolCore::Deliveries& out) {
     for (auto& [job, items] : out.batches) job->on_items(items.data(), items.size());
     out.batches.clear();
     out.keep.clear();
-}
-
-/// Walks the records of a result message's body: fn(index, kind, data, size).
-template <class F>
-void for_each_record(const unsigned char* p, std::size_t n, std::uint32_t first, F&& fn) {
-    std::size_t at = 0;
-    for (std::uint32_t index = first; at + sizeof(PoolRecordHeader) <= n; ++index) {
-        PoolRecordHeader rh;
-        std::memcpy(&rh, p + at, sizeof rh);
-        at += sizeof rh;
-        if (rh.size > n - at) break;  // torn: cannot happen with a committed length
-        fn(index, rh.kind, p + at, rh.size);
-        at += rh.size;
-    }
 }
 
 }  // namespace
@@ -18436,6 +18676,7 @@ void PoolCore::submit(const PoolTarget& target, std::vector<ChunkDraft>& drafts)
         c->target = target;
         c->args = std::move(d.args.bytes());
         c->offsets = std::move(d.offsets);
+        c->stride = d.stride;
         for (auto h : d.args.handles()) c->handles.push_back(os::duplicate_handle(h));
         made.push_back(std::move(c));
     }
@@ -18465,18 +18706,28 @@ bool PoolCore::send_locked(std::size_t wi, std::uint64_t id, bool may_block) {
                   c.target.fn.offset,
                   c.target.runner.module,
                   c.target.runner.offset};
-    std::size_t from = c.next < c.offsets.size() ? c.offsets[c.next] : c.args.size();
-    std::string msg;
-    msg.reserve(sizeof th + c.args.size() - from);
-    msg.append(reinterpret_cast<const char*>(&th), sizeof th);
-    msg.append(c.args, from, std::string::npos);
+    // The whole chunk goes as it is, its header in the room left for it; the
+    // rest of one whose worker died is copied behind a new header.
+    std::string rest;
+    const char* msg = c.args.data();
+    std::size_t size = c.args.size();
+    if (c.next == 0) {
+        std::memcpy(&c.args[0], &th, sizeof th);
+    } else {
+        std::size_t from = c.item_offset(c.next);
+        rest.reserve(sizeof th + c.args.size() - from);
+        rest.append(reinterpret_cast<const char*>(&th), sizeof th);
+        rest.append(c.args, from, std::string::npos);
+        msg = rest.data();
+        size = rest.size();
+    }
     QueueCore::Status st;
     if (!may_block) {
-        st = w.tasks.put(msg.data(), msg.size(), os::Clock::now());
+        st = w.tasks.put(msg, size, os::Clock::now());
     } else {
         // A chunk bigger than half the ring streams through it while the (idle)
         // worker reads; give up only if the worker dies meanwhile.
-        while ((st = w.tasks.put(msg.data(), msg.size(), os::Clock::now() + std::chrono::milliseconds(200))) ==
+        while ((st = w.tasks.put(msg, size, os::Clock::now() + std::chrono::milliseconds(200))) ==
                    QueueCore::Status::timeout &&
                !w.dead->load(std::memory_order_acquire)) {
         }
@@ -18498,7 +18749,7 @@ void PoolCore::dispatch_locked() {
     while (!s.pending.empty()) {
         std::uint64_t id = s.pending.front();
         State::Chunk& c = *s.chunks.at(id);
-        std::size_t bytes = sizeof(PoolTaskHeader) + c.args.size();
+        std::size_t bytes = c.args.size();  // the header's room included
         int best = -1;
         for (std::size_t i = 0; i < s.workers.size(); ++i) {
             State::WorkerRec& w = s.workers[i];
@@ -18560,10 +18811,9 @@ void PoolCore::book_results(const unsigned char* p, std::size_t n, Deliveries& o
         State::Chunk& c = *it->second;
         // Count the records (their headers only); the job decodes them later,
         // outside every lock, straight from the message.
-        std::uint32_t records = 0;
-        for_each_record(p + sizeof h, n - sizeof h, h.first,
-                        [&](std::uint32_t, std::uint32_t, const unsigned char*, std::size_t) { ++records; });
-        std::uint32_t end = std::min<std::uint32_t>(h.first + records, c.count);
+        std::uint32_t after = walk_records(p + sizeof h, n - sizeof h, h.first,
+                                           [](std::uint32_t, std::uint32_t, const unsigned char*, std::size_t) {});
+        std::uint32_t end = std::min<std::uint32_t>(after, c.count);
         if (end > c.next) {
             out.runs.emplace_back(c.job, JobRecords{c.job_first, h.first, c.next, end, p + sizeof h, n - sizeof h});
             c.next = end;
@@ -18632,8 +18882,8 @@ void PoolCore::reconcile_locked(std::size_t wi, Deliveries& out) {
             // The outcomes of the finished items still in the slot...
             const std::string& kept =
                 out.keep.emplace_back(reinterpret_cast<const char*>(slot->records()), used);
-            for_each_record(reinterpret_cast<const unsigned char*>(kept.data()), kept.size(), slot->header.first,
-                            [&](std::uint32_t i, std::uint32_t kind, const unsigned char* data, std::size_t size) {
+            walk_records(reinterpret_cast<const unsigned char*>(kept.data()), kept.size(), slot->header.first,
+                         [&](std::uint32_t i, std::uint32_t kind, const unsigned char* data, std::size_t size) {
                                 if (i < c.next || i >= c.count) return;
                                 out.add(c.job, JobItem{c.job_first + i, kind, data, size, nullptr});
                                 c.next = i + 1;

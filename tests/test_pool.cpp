@@ -10,6 +10,8 @@
 #endif
 
 #include <algorithm>
+#include <array>
+#include <cstdint>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -200,6 +202,22 @@ std::vector<int> iota(int n) {
     return v;
 }
 
+// Bitwise arguments and results (a block per chunk, dense result records)
+// next to encoded ones, and a result that throws in between.
+struct Point {
+    double x;
+    std::int32_t id;
+};
+Point shifted(Point p) {
+    if (p.id % 97 == 13) throw std::domain_error("point " + std::to_string(p.id));
+    return Point{p.x + 0.5, p.id * 2};
+}
+std::string spelled(int x) { return std::to_string(x); }
+int tripled_or_exit_at_15000(int x) {
+    if (x == 15000) std::exit(3);
+    return 3 * x;
+}
+
 }  // namespace
 
 #define CONTEXTS mp::SpawnContext, mp::ForkServerContext, mp::ForkContext
@@ -231,6 +249,76 @@ TEST_CASE_TEMPLATE("apply, map, starmap, imap and imap_unordered give the right 
     CHECK(m.get() == std::vector<int>{16, 25});
     CHECK(m.successful());
     pool.map(nothing, in);  // void tasks
+}
+
+TEST_CASE_TEMPLATE("numbers and trivially copyable structs travel in blocks, mixed with failures", Ctx, CONTEXTS) {
+    mp::Pool pool(Ctx{}, 2);
+    std::vector<Point> points;
+    for (int i = 0; i < 5000; ++i) points.push_back(Point{i * 0.25, i});
+    for (std::size_t chunk : {0, 1, 7, 4999, 100000}) {
+        CAPTURE(chunk);
+        std::vector<Point> got;
+        int failures = 0;
+        auto it = pool.imap(shifted, points, chunk ? chunk : 1000);
+        for (int k = 0; k < 5000; ++k) {
+            try {
+                auto v = it.next(60s);
+                REQUIRE(v);
+                CHECK(v->id == 2 * k);
+                CHECK(v->x == k * 0.25 + 0.5);
+            } catch (const std::domain_error& e) {
+                CHECK(k % 97 == 13);
+                CHECK(std::string(e.what()) == "point " + std::to_string(k));
+                ++failures;
+            }
+        }
+        CHECK(failures == 52);
+        try {
+            pool.map(shifted, points, chunk);
+            FAIL("map should re-throw the first failure");
+        } catch (const std::domain_error& e) {
+            CHECK(std::string(e.what()) == "point 13");
+        }
+    }
+    // Without failures: every value in place, from a vector, an array and a C array.
+    std::vector<Point> ok(points.begin(), points.begin() + 13);
+    auto shifted_ok = pool.map(shifted, ok, 3);
+    REQUIRE(shifted_ok.size() == 13);
+    for (int i = 0; i < 13; ++i) CHECK(shifted_ok[static_cast<std::size_t>(i)].id == 2 * i);
+    std::array<int, 5> arr{1, 2, 3, 4, 5};
+    CHECK(pool.map(square, arr, 2) == std::vector<int>{1, 4, 9, 16, 25});
+    const int carr[4] = {6, 7, 8, 9};
+    CHECK(pool.map(square, carr) == std::vector<int>{36, 49, 64, 81});
+    // Encoded results between blocks of numbers.
+    CHECK(pool.map(spelled, std::vector<int>{1, 22, 333}) == std::vector<std::string>{"1", "22", "333"});
+    auto big = iota(200000);
+    auto sq = pool.map(square, big);
+    REQUIRE(sq.size() == big.size());
+    bool all = true;
+    for (std::size_t i = 0; i < big.size(); ++i) all = all && sq[i] == big[i] * big[i];
+    CHECK(all);
+}
+
+TEST_CASE("a worker that dies after sending part of a chunk's numbers loses none of them") {
+    // Chunks of 10,000 int results: a worker sends its slot every 16 KiB
+    // (about 4,000 results), so item 15,000 dies with part of its chunk sent
+    // and part still in the slot.
+    mp::Pool pool(mp::SpawnContext{}, 2);
+    auto it = pool.imap(tripled_or_exit_at_15000, iota(20000), 10000);
+    int values = 0;
+    for (int k = 0; k < 20000; ++k) {
+        try {
+            auto v = it.next(120s);
+            REQUIRE(v);
+            if (*v != 3 * k) CHECK(*v == 3 * k);
+            ++values;
+        } catch (const mp::ProcessError& e) {
+            CHECK(k == 15000);
+            CHECK(e.exitcode() == 3);
+        }
+    }
+    CHECK(values == 19999);
+    CHECK(pool.apply(square, 9) == 81);
 }
 
 TEST_CASE_TEMPLATE("empty inputs give empty results", Ctx, CONTEXTS) {

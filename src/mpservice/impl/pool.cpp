@@ -27,17 +27,12 @@ namespace {
 constexpr std::uint32_t pool_task_chunk = 1;
 constexpr std::uint32_t pool_result_records = 1;
 constexpr std::uint32_t pool_result_wake = 2;
-constexpr std::uint32_t record_value = 0;
-constexpr std::uint32_t record_error = 1;
 constexpr std::uint32_t no_item = 0xFFFFFFFFu;
 
 constexpr std::size_t task_ring_bytes = std::size_t(4) << 20;
 constexpr std::size_t result_ring_bytes = std::size_t(4) << 20;
 constexpr std::uint32_t slot_record_bytes = 256u << 10;
-/// A worker sends its slot's records once they fill this much of it: small
-/// messages stay in the caches of both ends (a 256 KiB one is a cache miss
-/// per line on each side, and a fresh allocation in the parent).
-constexpr std::uint32_t slot_flush_bytes = 16u << 10;
+constexpr std::uint32_t slot_flush_bytes = pool_slot_flush_bytes;  // see there
 /// Chunks a worker holds at once: the one it runs and the next, so that it
 /// never waits for the parent between two chunks.
 constexpr std::size_t chunks_per_worker = 2;
@@ -58,7 +53,8 @@ struct PoolTaskHeader {
     std::uint32_t nhandles;
     std::uint64_t fn_module, fn_offset, runner_module, runner_offset;
 };
-static_assert(sizeof(PoolTaskHeader) == 56, "task header layout");
+static_assert(sizeof(PoolTaskHeader) == 56 && sizeof(PoolTaskHeader) == pool_task_room,
+              "task header layout (ChunkDraft leaves room for it)");
 
 struct PoolResultHeader {
     std::uint32_t kind;
@@ -103,19 +99,59 @@ void copy_item(void* context, const unsigned char* data, std::size_t size) {
 
 // ---------------------------------------------------------------- worker side
 
+/// The worker's end of its slot and of the result ring.  `cur` is the write
+/// position (ItemSink's inline path appends bitwise values through it too).
 struct WorkerLink {
     QueueCore results;
     PoolSlot* slot = nullptr;
-    std::uint32_t next_local = 0;  // items of the current message with an outcome
-    std::uint32_t in_slot = 0;     // records in the slot now
+    SlotCursor cur;
+
+    void attach(PoolSlot* s) {
+        slot = s;
+        cur.index = &s->index;
+        cur.used = &s->used;
+        cur.records = s->records();
+    }
+    /// A new message (chunk part) whose first item is `base`; the slot is empty.
+    void start_message(std::uint32_t base) {
+        cur.base = base;
+        cur.next_local = 0;
+        cur.in_slot = 0;
+        cur.end = 0;
+        cur.dense_at = SlotCursor::no_dense;
+    }
+    void commit_length() { slot->used.store(cur.end, std::memory_order_release); }
+
+    /// One bitwise value, appended to the dense record at the end of the slot
+    /// (opened if there is none of this size; the slot sent first if it is
+    /// full).  Order of stores as in ItemSink::commit_bitwise.
+    void append_dense(const void* value, std::uint32_t elem) {
+        unsigned char* records = cur.records;
+        if (cur.dense_at != SlotCursor::no_dense && cur.dense_elem == elem && cur.end + elem <= slot_record_bytes) {
+            std::memcpy(records + cur.end, value, elem);
+            PoolRecordHeader rh;
+            std::memcpy(&rh, records + cur.dense_at, sizeof rh);
+            rh.size += elem;
+            std::memcpy(records + cur.dense_at, &rh, sizeof rh);
+            cur.end += elem;
+        } else {
+            if (cur.end + sizeof(PoolRecordHeader) + elem > slot_record_bytes) flush();
+            PoolRecordHeader rh{elem, dense_record_kind(elem)};
+            std::memcpy(records + cur.end + sizeof rh, value, elem);
+            std::memcpy(records + cur.end, &rh, sizeof rh);
+            cur.dense_at = cur.end;
+            cur.dense_elem = elem;
+            cur.end += static_cast<std::uint32_t>(sizeof rh) + elem;
+        }
+        commit_length();
+        ++cur.in_slot;
+        if (cur.end >= slot_flush_bytes) flush();
+    }
 
     void append(std::uint32_t kind, const std::string& payload) {
+        cur.dense_at = SlotCursor::no_dense;  // a dense record after this one is a new one
         auto size = static_cast<std::uint32_t>(sizeof(PoolRecordHeader) + payload.size());
-        std::uint32_t used = slot->used.load(std::memory_order_relaxed);
-        if (used + size > slot_record_bytes) {
-            flush();
-            used = 0;
-        }
+        if (cur.end + size > slot_record_bytes) flush();
         PoolRecordHeader rh{static_cast<std::uint32_t>(payload.size()), kind};
         if (size > slot_record_bytes) {
             // Too big for the slot: it travels alone (a crash while it is sent loses it).
@@ -128,22 +164,24 @@ struct WorkerLink {
             slot->header.first += 1;
             return;
         }
-        unsigned char* at = slot->records() + used;
+        unsigned char* at = cur.records + cur.end;
         std::memcpy(at, &rh, sizeof rh);
         if (!payload.empty()) std::memcpy(at + sizeof rh, payload.data(), payload.size());
-        slot->used.store(used + size, std::memory_order_release);
-        ++in_slot;
-        if (used + size >= slot_flush_bytes) flush();
+        cur.end += size;
+        commit_length();
+        ++cur.in_slot;
+        if (cur.end >= slot_flush_bytes) flush();
     }
     /// Sends the slot's records, then empties it.
     void flush() {
-        std::uint32_t used = slot->used.load(std::memory_order_relaxed);
-        if (!used) return;
+        if (!cur.end) return;
         slot->header.kind = pool_result_records;
-        results.put(&slot->header, sizeof(PoolResultHeader) + used, os::no_deadline);
-        slot->used.store(0, std::memory_order_release);
-        slot->header.first += in_slot;
-        in_slot = 0;
+        results.put(&slot->header, sizeof(PoolResultHeader) + cur.end, os::no_deadline);
+        cur.end = 0;
+        commit_length();
+        slot->header.first += cur.in_slot;
+        cur.in_slot = 0;
+        cur.dense_at = SlotCursor::no_dense;
     }
 };
 
@@ -172,7 +210,7 @@ void read_lane_handles(os::handle_t lane, std::uint32_t n, std::vector<os::handl
 
 void ItemSink::begin(std::uint32_t local) {
     auto* l = static_cast<WorkerLink*>(link);
-    l->slot->index.store(base + local, std::memory_order_release);
+    l->slot->index.store(l->cur.base + local, std::memory_order_release);
     if (!out_.handles().empty()) out_ = Encoder();
     out_.bytes().clear();
 }
@@ -185,7 +223,13 @@ void ItemSink::commit_value() {
         return;
     }
     l->append(record_value, out_.bytes());
-    ++l->next_local;
+    ++l->cur.next_local;
+}
+
+void ItemSink::commit_dense(const void* value, std::uint32_t size) {
+    auto* l = static_cast<WorkerLink*>(link);
+    l->append_dense(value, size);
+    ++l->cur.next_local;
 }
 
 void ItemSink::commit_error(const std::exception_ptr& e) {
@@ -198,7 +242,7 @@ void ItemSink::commit_error(const std::exception_ptr& e) {
         encode_exception(enc, std::make_exception_ptr(Error("mpservice: the task's exception could not be encoded")));
     }
     l->append(record_error, enc.bytes());
-    ++l->next_local;
+    ++l->cur.next_local;
 }
 
 PoolWorkerParts::~PoolWorkerParts() { os::close_handle(lane); }
@@ -209,7 +253,7 @@ void serve_pool_tasks(const PoolWorkerBoot& b, void* state) {
     const PoolWorkerParts& boot = *b.p;
     WorkerLink link;
     link.results = boot.results;
-    link.slot = static_cast<PoolSlot*>(boot.slot.data());
+    link.attach(static_cast<PoolSlot*>(boot.slot.data()));
     PoolSlot& slot = *link.slot;
     slot.ready.store(1, std::memory_order_release);
     QueueCore tasks = boot.tasks;
@@ -229,12 +273,11 @@ void serve_pool_tasks(const PoolWorkerBoot& b, void* state) {
         slot.header.first = th.base;
         slot.index.store(no_item, std::memory_order_relaxed);
         slot.chunk.store(th.chunk, std::memory_order_release);
-        link.next_local = 0;
-        link.in_slot = 0;
+        link.start_message(th.base);
 
         ItemSink sink;
         sink.link = &link;
-        sink.base = th.base;
+        sink.cur = &link.cur;
         try {
             const void* fn = th.fn_module ? resolve_code(os::CodeRef{th.fn_module, th.fn_offset}) : nullptr;
             auto runner = reinterpret_cast<ChunkRunner>(
@@ -245,7 +288,7 @@ void serve_pool_tasks(const PoolWorkerBoot& b, void* state) {
             // The arguments could not be decoded (or the function found): the
             // items without an outcome fail with that error.
             auto e = std::current_exception();
-            for (std::uint32_t i = link.next_local; i < th.count; ++i) {
+            for (std::uint32_t i = link.cur.next_local; i < th.count; ++i) {
                 sink.begin(i);
                 sink.commit_error(e);
             }
@@ -326,6 +369,12 @@ struct PoolCore::State {
         PoolTarget target;
         std::string args;
         std::vector<std::uint32_t> offsets;
+        std::uint32_t stride = 0;
+        /// Where item i's arguments start in args (see ChunkDraft).
+        std::size_t item_offset(std::uint32_t i) const noexcept {
+            if (i >= count) return args.size();
+            return stride ? pool_task_room + std::size_t(i) * stride : offsets[i];
+        }
         std::vector<os::handle_t> handles;  // owned copies
         int worker = -1;
         ~Chunk() { close_all(handles); }
@@ -403,20 +452,6 @@ void deliver(PoolCore::Deliveries& out) {
     for (auto& [job, items] : out.batches) job->on_items(items.data(), items.size());
     out.batches.clear();
     out.keep.clear();
-}
-
-/// Walks the records of a result message's body: fn(index, kind, data, size).
-template <class F>
-void for_each_record(const unsigned char* p, std::size_t n, std::uint32_t first, F&& fn) {
-    std::size_t at = 0;
-    for (std::uint32_t index = first; at + sizeof(PoolRecordHeader) <= n; ++index) {
-        PoolRecordHeader rh;
-        std::memcpy(&rh, p + at, sizeof rh);
-        at += sizeof rh;
-        if (rh.size > n - at) break;  // torn: cannot happen with a committed length
-        fn(index, rh.kind, p + at, rh.size);
-        at += rh.size;
-    }
 }
 
 }  // namespace
@@ -524,6 +559,7 @@ void PoolCore::submit(const PoolTarget& target, std::vector<ChunkDraft>& drafts)
         c->target = target;
         c->args = std::move(d.args.bytes());
         c->offsets = std::move(d.offsets);
+        c->stride = d.stride;
         for (auto h : d.args.handles()) c->handles.push_back(os::duplicate_handle(h));
         made.push_back(std::move(c));
     }
@@ -553,18 +589,28 @@ bool PoolCore::send_locked(std::size_t wi, std::uint64_t id, bool may_block) {
                   c.target.fn.offset,
                   c.target.runner.module,
                   c.target.runner.offset};
-    std::size_t from = c.next < c.offsets.size() ? c.offsets[c.next] : c.args.size();
-    std::string msg;
-    msg.reserve(sizeof th + c.args.size() - from);
-    msg.append(reinterpret_cast<const char*>(&th), sizeof th);
-    msg.append(c.args, from, std::string::npos);
+    // The whole chunk goes as it is, its header in the room left for it; the
+    // rest of one whose worker died is copied behind a new header.
+    std::string rest;
+    const char* msg = c.args.data();
+    std::size_t size = c.args.size();
+    if (c.next == 0) {
+        std::memcpy(&c.args[0], &th, sizeof th);
+    } else {
+        std::size_t from = c.item_offset(c.next);
+        rest.reserve(sizeof th + c.args.size() - from);
+        rest.append(reinterpret_cast<const char*>(&th), sizeof th);
+        rest.append(c.args, from, std::string::npos);
+        msg = rest.data();
+        size = rest.size();
+    }
     QueueCore::Status st;
     if (!may_block) {
-        st = w.tasks.put(msg.data(), msg.size(), os::Clock::now());
+        st = w.tasks.put(msg, size, os::Clock::now());
     } else {
         // A chunk bigger than half the ring streams through it while the (idle)
         // worker reads; give up only if the worker dies meanwhile.
-        while ((st = w.tasks.put(msg.data(), msg.size(), os::Clock::now() + std::chrono::milliseconds(200))) ==
+        while ((st = w.tasks.put(msg, size, os::Clock::now() + std::chrono::milliseconds(200))) ==
                    QueueCore::Status::timeout &&
                !w.dead->load(std::memory_order_acquire)) {
         }
@@ -586,7 +632,7 @@ void PoolCore::dispatch_locked() {
     while (!s.pending.empty()) {
         std::uint64_t id = s.pending.front();
         State::Chunk& c = *s.chunks.at(id);
-        std::size_t bytes = sizeof(PoolTaskHeader) + c.args.size();
+        std::size_t bytes = c.args.size();  // the header's room included
         int best = -1;
         for (std::size_t i = 0; i < s.workers.size(); ++i) {
             State::WorkerRec& w = s.workers[i];
@@ -648,10 +694,9 @@ void PoolCore::book_results(const unsigned char* p, std::size_t n, Deliveries& o
         State::Chunk& c = *it->second;
         // Count the records (their headers only); the job decodes them later,
         // outside every lock, straight from the message.
-        std::uint32_t records = 0;
-        for_each_record(p + sizeof h, n - sizeof h, h.first,
-                        [&](std::uint32_t, std::uint32_t, const unsigned char*, std::size_t) { ++records; });
-        std::uint32_t end = std::min<std::uint32_t>(h.first + records, c.count);
+        std::uint32_t after = walk_records(p + sizeof h, n - sizeof h, h.first,
+                                           [](std::uint32_t, std::uint32_t, const unsigned char*, std::size_t) {});
+        std::uint32_t end = std::min<std::uint32_t>(after, c.count);
         if (end > c.next) {
             out.runs.emplace_back(c.job, JobRecords{c.job_first, h.first, c.next, end, p + sizeof h, n - sizeof h});
             c.next = end;
@@ -720,8 +765,8 @@ void PoolCore::reconcile_locked(std::size_t wi, Deliveries& out) {
             // The outcomes of the finished items still in the slot...
             const std::string& kept =
                 out.keep.emplace_back(reinterpret_cast<const char*>(slot->records()), used);
-            for_each_record(reinterpret_cast<const unsigned char*>(kept.data()), kept.size(), slot->header.first,
-                            [&](std::uint32_t i, std::uint32_t kind, const unsigned char* data, std::size_t size) {
+            walk_records(reinterpret_cast<const unsigned char*>(kept.data()), kept.size(), slot->header.first,
+                         [&](std::uint32_t i, std::uint32_t kind, const unsigned char* data, std::size_t size) {
                                 if (i < c.next || i >= c.count) return;
                                 out.add(c.job, JobItem{c.job_first + i, kind, data, size, nullptr});
                                 c.next = i + 1;

@@ -36,6 +36,7 @@
 // does); call close() and join() first to wait for the queued work.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -74,7 +75,84 @@ class Pool;
 
 namespace detail {
 
+// ---------------------------------------------------------------- result records
+
+/// A record of a result message: [PoolRecordHeader | payload].  Its kind is
+/// record_value (one encoded value), record_error (one encoded exception) or
+/// dense_record_kind(e): the values of consecutive items, e bytes each, back to
+/// back - the form of bitwise results (numbers, trivially copyable structs),
+/// which a worker appends in place with no header per item.
+struct PoolRecordHeader {
+    std::uint32_t size;
+    std::uint32_t kind;
+};
+constexpr std::uint32_t record_value = 0;
+constexpr std::uint32_t record_error = 1;
+constexpr std::uint32_t record_dense = 2;  // the low byte of a dense record's kind
+/// Results of at most this size travel densely.
+constexpr std::uint32_t dense_max_elem = 4096;
+constexpr std::uint32_t dense_record_kind(std::uint32_t elem) { return record_dense | (elem << 8); }
+
+/// Walks the records of a result message's body (records of items first,
+/// first + 1, ...): item(index, kind, data, size) for each encoded one,
+/// run(index, count, elem, data) for the `count` values of a dense record.
+/// Stops at a torn record; a dense record longer than the bytes there (a
+/// dead worker's slot: it had grown the record's size, not yet the slot's
+/// length) gives the whole values it holds.  Returns the index after the last.
+template <class Item, class Run>
+std::uint32_t walk_record_runs(const unsigned char* p, std::size_t n, std::uint32_t first, Item&& item, Run&& run) {
+    std::size_t at = 0;
+    std::uint32_t index = first;
+    while (at + sizeof(PoolRecordHeader) <= n) {
+        PoolRecordHeader rh;
+        std::memcpy(&rh, p + at, sizeof rh);
+        at += sizeof rh;
+        const std::size_t avail = n - at;
+        if ((rh.kind & 0xFFu) == record_dense) {
+            const std::size_t elem = rh.kind >> 8;
+            if (elem == 0) break;
+            const auto count = static_cast<std::uint32_t>(std::min<std::size_t>(rh.size, avail) / elem);
+            if (count) run(index, count, elem, p + at);
+            index += count;
+            if (rh.size > avail) break;
+        } else {
+            if (rh.size > avail) break;  // torn: cannot happen with a committed length
+            item(index++, rh.kind, p + at, static_cast<std::size_t>(rh.size));
+        }
+        at += rh.size;
+    }
+    return index;
+}
+/// As walk_record_runs, with a dense record's values given one by one:
+/// fn(index, kind, data, size) for every item.
+template <class F>
+std::uint32_t walk_records(const unsigned char* p, std::size_t n, std::uint32_t first, F&& fn) {
+    return walk_record_runs(p, n, first, fn,
+                            [&](std::uint32_t index, std::uint32_t count, std::size_t elem, const unsigned char* d) {
+                                for (std::uint32_t k = 0; k < count; ++k) fn(index + k, record_value, d + k * elem, elem);
+                            });
+}
+
 // ---------------------------------------------------------------- worker side
+
+/// A worker's write position in its progress slot (impl/pool.cpp), shared
+/// with the inline fast path of bitwise results (ItemSink::commit_bitwise).
+struct SlotCursor {
+    static constexpr std::uint32_t no_dense = 0xFFFFFFFFu;
+    std::atomic<std::uint32_t>* index = nullptr;  // the slot's "item being run"
+    std::atomic<std::uint32_t>* used = nullptr;   // the slot's committed record bytes
+    unsigned char* records = nullptr;             // the slot's records
+    std::uint32_t base = 0;             // the message's first item (in the chunk)
+    std::uint32_t next_local = 0;       // items of the message with an outcome
+    std::uint32_t in_slot = 0;          // items with a record in the slot now
+    std::uint32_t end = 0;              // == *used (this worker is its only writer)
+    std::uint32_t dense_at = no_dense;  // the open dense record's header, or none
+    std::uint32_t dense_elem = 0;
+};
+/// A worker sends its slot's records once they fill this much of it: small
+/// messages stay in the caches of both ends (a 256 KiB one is a cache miss
+/// per line on each side, and a fresh allocation in the parent).
+constexpr std::uint32_t pool_slot_flush_bytes = 16u << 10;
 
 /// Where a worker records the outcome of each item of the chunk it runs
 /// (impl/pool.cpp): in its shared progress slot first, so that a crash loses
@@ -89,9 +167,35 @@ public:
     MPSERVICE_API void commit_value();
     /// The item threw.
     MPSERVICE_API void commit_error(const std::exception_ptr& e);
+    /// The item returned a bitwise value of `size` bytes (<= dense_max_elem):
+    /// appended to the slot's dense record (opened, or the slot sent, first if need be).
+    MPSERVICE_API void commit_dense(const void* value, std::uint32_t size);
 
-    void* link = nullptr;  // the worker's slot and rings (impl/pool.cpp)
-    std::uint32_t base = 0;
+    /// begin() for an item whose result is bitwise (out() is not used).
+    void begin_bitwise(std::uint32_t local) { cur->index->store(cur->base + local, std::memory_order_release); }
+    /// commit_dense() of a value, inline while the open dense record has room:
+    /// the value's bytes, the record's size, then the slot's length are
+    /// stored, in that order, so a parent reading a dead worker's slot sees
+    /// every value the length covers.
+    template <class R>
+    void commit_bitwise(const R& v) {
+        SlotCursor& c = *cur;
+        if (c.dense_elem == sizeof(R) && c.dense_at != SlotCursor::no_dense &&
+            c.end + sizeof(R) < pool_slot_flush_bytes) {
+            std::memcpy(c.records + c.end, &v, sizeof(R));
+            c.end += static_cast<std::uint32_t>(sizeof(R));
+            const std::uint32_t size = c.end - c.dense_at - static_cast<std::uint32_t>(sizeof(PoolRecordHeader));
+            std::memcpy(c.records + c.dense_at, &size, sizeof size);
+            c.used->store(c.end, std::memory_order_release);
+            ++c.in_slot;
+            ++c.next_local;
+        } else {
+            commit_dense(&v, static_cast<std::uint32_t>(sizeof(R)));
+        }
+    }
+
+    void* link = nullptr;         // the worker's slot and rings (impl/pool.cpp)
+    SlotCursor* cur = nullptr;    // its write position (in *link)
 
 private:
     Encoder out_;
@@ -100,14 +204,30 @@ private:
 /// Runs `count` items whose arguments are in `in`; `state` is a ProcessRunner's object.
 using ChunkRunner = void (*)(const void* fn, void* state, Decoder& in, std::uint32_t count, ItemSink& sink);
 
+/// Results that travel densely (dense_record_kind): the codec copies them byte for byte.
+template <class R, class = void>
+struct dense_result_t : std::false_type {};
+template <class R>
+struct dense_result_t<R, std::enable_if_t<!std::is_void_v<R>>>
+    : std::bool_constant<is_bitwise_v<R> && sizeof(R) <= dense_max_elem> {};
+template <class R>
+inline constexpr bool dense_result = dense_result_t<R>::value;
+
 template <class R, class... A, class Call>
 void run_items(Decoder& in, std::uint32_t count, ItemSink& sink, Call& call) {
     for (std::uint32_t i = 0; i < count; ++i) {
         std::tuple<A...> args{in.read<A>()...};  // braced: decoded left to right
-        sink.begin(i);
+        if constexpr (dense_result<R>) {
+            sink.begin_bitwise(i);
+        } else {
+            sink.begin(i);
+        }
         try {
             if constexpr (std::is_void_v<R>) {
                 std::apply(call, std::move(args));
+            } else if constexpr (dense_result<R>) {
+                sink.commit_bitwise(static_cast<const R&>(std::apply(call, std::move(args))));
+                continue;
             } else {
                 sink.out().write(std::apply(call, std::move(args)));
             }
@@ -196,12 +316,6 @@ struct JobItem {
     std::exception_ptr error;
 };
 
-/// A record of a result message: [PoolRecordHeader | encoded value or exception].
-struct PoolRecordHeader {
-    std::uint32_t size;
-    std::uint32_t kind;  // 0: a value, 1: an exception
-};
-
 /// The records of one result message, as its worker sent them: record k is
 /// the outcome of item first + k of a chunk whose item 0 is the job's item
 /// `job_first`; only items in [from, to) are new (the others are known).
@@ -214,15 +328,23 @@ struct JobRecords {
     /// fn(job index, kind, data, size) for each new record.
     template <class F>
     void for_each(F&& fn) const {
-        std::size_t at = 0;
-        for (std::uint32_t i = first; i < to && at + sizeof(PoolRecordHeader) <= size; ++i) {
-            PoolRecordHeader rh;
-            std::memcpy(&rh, data + at, sizeof rh);
-            at += sizeof rh;
-            if (rh.size > size - at) return;  // torn: cannot happen with a committed length
-            if (i >= from) fn(job_first + i, rh.kind, data + at, static_cast<std::size_t>(rh.size));
-            at += rh.size;
-        }
+        walk_records(data, size, first, [&](std::uint32_t i, std::uint32_t kind, const unsigned char* p, std::size_t n) {
+            if (i >= from && i < to) fn(job_first + i, kind, p, n);
+        });
+    }
+    /// As for_each, with the new values of a dense record as runs:
+    /// run(job index, count, elem, data).
+    template <class Item, class Run>
+    void for_each_run(Item&& item, Run&& run) const {
+        walk_record_runs(
+            data, size, first,
+            [&](std::uint32_t i, std::uint32_t kind, const unsigned char* p, std::size_t n) {
+                if (i >= from && i < to) item(job_first + i, kind, p, n);
+            },
+            [&](std::uint32_t i, std::uint32_t count, std::size_t elem, const unsigned char* p) {
+                const std::uint32_t lo = std::max(i, from), hi = std::min(i + count, to);
+                if (lo < hi) run(job_first + lo, hi - lo, elem, p + (lo - i) * elem);
+            });
     }
 };
 
@@ -263,6 +385,9 @@ protected:
     }
 };
 
+/// The size of a task message's header (impl/pool.cpp: PoolTaskHeader).
+constexpr std::size_t pool_task_room = 56;
+
 /// A chunk on its way to a worker: the encoded task message and where each
 /// item's arguments start in it (so that the rest of a chunk can be sent again
 /// when its worker dies in the middle).
@@ -270,8 +395,15 @@ struct ChunkDraft {
     std::shared_ptr<JobBase> job;
     std::size_t job_first = 0;
     std::uint32_t count = 0;
-    Encoder args;                        // the items' arguments, back to back
+    /// pool_task_room bytes for the task header (so that a chunk's first
+    /// sending needs no copy), then the items' arguments, back to back.
+    Encoder args;
     std::vector<std::uint32_t> offsets;  // offsets[i]: start of item i in args
+    std::uint32_t stride = 0;            // nonzero: item i starts at pool_task_room + i * stride (no offsets)
+
+    std::size_t item_offset(std::uint32_t i) const noexcept {
+        return stride ? pool_task_room + std::size_t(i) * stride : offsets[i];
+    }
 };
 
 struct PoolTarget {
@@ -368,7 +500,9 @@ public:
 
     template <class... A>
     void add(const A&... args) {
-        if (chunks_.empty() || chunks_.back().count >= chunksize_ || carries_handles(chunks_.back())) open();
+        if (chunks_.empty() || chunks_.back().count >= chunksize_ || carries_handles(chunks_.back()) ||
+            chunks_.back().stride)
+            open();
         ChunkDraft* c = &chunks_.back();
         std::size_t at = c->args.bytes().size();
         c->offsets.push_back(static_cast<std::uint32_t>(at));
@@ -380,14 +514,36 @@ public:
             c->args = rebuild_without_handles(*c);
             open();
             c = &chunks_.back();
-            c->offsets.push_back(0);
+            c->offsets.push_back(static_cast<std::uint32_t>(c->args.bytes().size()));
             (c->args.write(args), ...);
         }
         check_size(*c);
         ++c->count;
         ++items_;
     }
+    /// Appends the `n` items at `p`, one bitwise argument each, a block per
+    /// chunk (the fast path of map over a contiguous range of numbers).
+    template <class T>
+    void add_bitwise(const T* p, std::size_t n) {
+        static_assert(is_bitwise_v<T>, "add_bitwise: the codec must copy T byte for byte");
+        while (n) {
+            if (chunks_.empty() || chunks_.back().count >= chunksize_ || carries_handles(chunks_.back()) ||
+                (chunks_.back().count && chunks_.back().stride != sizeof(T)))
+                open();
+            ChunkDraft& c = chunks_.back();
+            c.stride = static_cast<std::uint32_t>(sizeof(T));  // items side by side: no offsets kept
+            const std::size_t k = std::min<std::size_t>(n, chunksize_ - c.count);
+            if (c.args.bytes().size() + k * sizeof(T) > 0xFFFFFFF0u)
+                throw std::length_error("mpservice: a pool chunk's arguments exceed 4 GiB; use a smaller chunksize");
+            c.args.write_bytes(p, k * sizeof(T));
+            c.count += static_cast<std::uint32_t>(k);
+            items_ += k;
+            p += k;
+            n -= k;
+        }
+    }
     std::size_t items() const noexcept { return items_; }
+    std::size_t chunksize() const noexcept { return chunksize_; }
     std::vector<ChunkDraft>& chunks() noexcept { return chunks_; }
     /// Whether a chunk is complete (a later one has been opened).
     bool has_full() const noexcept { return chunks_.size() > 1; }
@@ -421,6 +577,7 @@ private:
         c.job_first = items_;
         c.offsets.reserve(std::min<std::size_t>(chunksize_, std::size_t(1) << 20));
         if (last_bytes) c.args.bytes().reserve(last_bytes);
+        c.args.bytes().resize(pool_task_room);  // the task header goes here
     }
 
     std::shared_ptr<JobBase> job_;
@@ -428,6 +585,16 @@ private:
     std::size_t items_ = 0;
     std::vector<ChunkDraft> chunks_;
 };
+
+/// Whether `Range` is contiguous storage of T (std::vector<T>, std::array, a
+/// C array, ...): map then encodes a chunk's arguments as one block.
+template <class Range, class T, class = void>
+struct contiguous_range_of : std::false_type {};
+template <class Range, class T>
+struct contiguous_range_of<Range, T,
+                           std::void_t<decltype(std::data(std::declval<const Range&>())),
+                                       decltype(std::size(std::declval<const Range&>()))>>
+    : std::is_same<std::remove_cv_t<std::remove_pointer_t<decltype(std::data(std::declval<const Range&>()))>>, T> {};
 
 template <class A>
 struct tuple_args;
@@ -474,6 +641,8 @@ public:
         resolve(e);
     }
     const Holder& value() const { return *value_; }
+    /// Moves the value out (for the pool's blocking calls, which own their AsyncResult).
+    Holder take_value() { return std::move(*value_); }
 
 private:
     template <class F>
@@ -535,9 +704,25 @@ public:
     void on_records(const JobRecords& r) override {
         std::unique_lock<std::mutex> lk(mutex_);
         std::size_t settled = 0;
-        r.for_each([&](std::size_t index, std::uint32_t kind, const unsigned char* data, std::size_t size) {
+        auto item = [&](std::size_t index, std::uint32_t kind, const unsigned char* data, std::size_t size) {
             settled += take_record(index, kind, data, size);
-        });
+        };
+        if constexpr (dense_result<R> && in_place) {
+            r.for_each_run(item, [&](std::size_t index, std::uint32_t count, std::size_t elem, const unsigned char* data) {
+                if (elem != sizeof(R) || index + count > slots_.size()) {
+                    for (std::uint32_t k = 0; k < count; ++k) item(index + k, record_value, data + k * elem, elem);
+                    return;
+                }
+                for (std::uint32_t k = 0; k < count; ++k) {
+                    if (have_[index + k] != empty) continue;
+                    std::memcpy(static_cast<void*>(&slots_[index + k]), data + k * sizeof(R), sizeof(R));
+                    have_[index + k] = value;
+                    ++settled;
+                }
+            });
+        } else {
+            r.for_each(item);
+        }
         if (settled) settle(lk, settled);
     }
 
@@ -792,6 +977,14 @@ public:
         return core_->error() == nullptr;
     }
 
+    /// As get(), moving the value out of the (temporary) AsyncResult: what
+    /// the blocking calls (Pool::map, apply, ProcessRunner's call) return, so
+    /// that a map's vector is handed over, not copied.
+    R take() && {
+        get_at(detail::os::no_deadline);
+        if constexpr (!std::is_void_v<R>) return state().take_value();
+    }
+
 private:
     State& state() const { return static_cast<State&>(*core_); }
     detail::result_ref_t<R> get_at(detail::os::Deadline deadline) {
@@ -1005,7 +1198,7 @@ public:
     /// f(args...) in a worker; waits for the value, re-throws its exception.
     template <class F, class... A>
     auto apply(F f, A&&... args) {
-        return apply_async(f, std::forward<A>(args)...).get();
+        return apply_async(f, std::forward<A>(args)...).take();
     }
     /// f(args...) in a worker, without waiting.
     template <class F, class... A>
@@ -1033,7 +1226,7 @@ public:
     /// finished, then re-throws the first failure by input position.
     template <class F, class Range>
     auto map(F f, const Range& inputs, std::size_t chunksize = 0) {
-        return map_async(f, inputs, chunksize).get();
+        return map_async(f, inputs, chunksize).take();
     }
     template <class F, class Range>
     auto map_async(F f, const Range& inputs, std::size_t chunksize = 0) {
@@ -1054,7 +1247,7 @@ public:
     /// f(a, b, ...) for each tuple of `inputs`, in input order.
     template <class F, class Range>
     auto starmap(F f, const Range& inputs, std::size_t chunksize = 0) {
-        return starmap_async(f, inputs, chunksize).get();
+        return starmap_async(f, inputs, chunksize).take();
     }
     template <class F, class Range>
     auto starmap_async(F f, const Range& inputs, std::size_t chunksize = 0) {
@@ -1141,7 +1334,19 @@ private:
                 apply_tuple_submit<Fp>(f, full, static_cast<Tuple*>(nullptr));
             }
         };
-        if (buffered.empty()) {
+        using First = std::tuple_element_t<0, Tuple>;
+        if constexpr (std::tuple_size_v<Tuple> == 1 && detail::is_bitwise_v<First> &&
+                      detail::contiguous_range_of<Range, First>::value) {
+            // Numbers (or trivially copyable structs) side by side: a block per chunk.
+            const First* p = std::data(inputs);
+            for (std::size_t left = n, step = b.chunksize(); left;) {
+                const std::size_t k = std::min(left, step);
+                b.add_bitwise(p, k);
+                flush(false);
+                p += k;
+                left -= k;
+            }
+        } else if (buffered.empty()) {
             for (const auto& x : inputs) {
                 add_item(adder, x);
                 flush(false);

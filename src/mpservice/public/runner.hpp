@@ -76,7 +76,7 @@ public:
     /// re-throws its exception, or ProcessError if the process died.
     template <class... A>
     auto operator()(A&&... args) {
-        return submit(std::forward<A>(args)...).get();
+        return submit(std::forward<A>(args)...).take();
     }
 
     /// Sends the call and returns at once; the future is ready when it has run.
