@@ -1661,9 +1661,10 @@ MPSERVICE_API void shm_release(handle_t h, std::size_t offset, std::size_t size)
 MPSERVICE_API std::size_t page_size() noexcept;
 
 // ---------------------------------------------------------------- (queue section)
-/// Populates the page tables of a shared mapping now (writable), so the first
-/// pass of data through it does not pay a page fault per 4 KiB.  Best effort.
-MPSERVICE_API void shm_prefault(void* addr, std::size_t size) noexcept;
+/// Populates the page tables of a shared mapping now (writable, or readable
+/// only), so the first pass of data through it does not pay a page fault per
+/// 4 KiB.  Best effort; never changes the bytes.
+MPSERVICE_API void shm_prefault(void* addr, std::size_t size, bool for_write = true) noexcept;
 
 // ---------------------------------------------------------------- (connection section)
 // Pipe/Connection (connection.hpp) use channel_pair's stream sockets with
@@ -5273,8 +5274,23 @@ private:
     void probe_producers() noexcept;
     void probe_consumers() noexcept;
     /// Unbounded in bytes: true if a producer at `tail` should start the ring's
-    /// next cycle now (past the hot part, queue empty).
-    bool should_wrap_early(std::uint64_t tail) const noexcept;
+    /// next cycle now (past the hot part, queue empty - or emptied by
+    /// consumers that were taking the items, see wait_for_drain).
+    bool should_wrap_early(std::uint64_t tail, os::Deadline deadline) noexcept;
+    /// Past the hot part with items queued (`head` < `tail`): waits, spinning
+    /// and yielding, while the consumers keep taking items, for the ring to
+    /// empty (true), so that the next cycle reuses the warm pages at the
+    /// ring's start.  Running on instead writes fresh pages - an allocation,
+    /// zeroing and a later release per 4 KiB, about 5 us on the VMs measured,
+    /// more than the copy of the four 1 KiB items a page holds - and a
+    /// consumer slower than its producer would keep it doing so.  Consumers
+    /// that stall (stopped, dead, or this very thread) end the wait within
+    /// drain_stall, and this handle waits again only drain_retry_bytes later;
+    /// the wait never exceeds drain_wait_limit nor the put's deadline.  Put lock held.
+    bool wait_for_drain(std::uint64_t tail, std::uint64_t head, os::Deadline deadline) noexcept;
+    /// Starts the next cycle at `tail` (a pad to the ring's end; the pages past
+    /// the hot part given back); advances `tail`.  Put lock held.
+    void wrap_early(std::uint64_t& tail) noexcept;
     /// Whether a producer at `tail` is due to look at should_wrap_early (put lock held).
     bool wrap_check_due(std::uint64_t tail) const noexcept {
         return offset(tail) >= wrap_from_ && tail >= h_->wrap_check_at;
@@ -5288,6 +5304,14 @@ private:
     void release_pages_below(std::uint64_t below) noexcept;
     /// A consumer's chance to give back what it consumed: with the put lock if free.
     void release_consumed() noexcept;
+    /// Unbounded in bytes: maps, in this process, the pages from `tail` on
+    /// that a producer is about to write - a batch per system call.  A
+    /// producer running ahead of its consumers writes fresh pages all the
+    /// time, and a fault per 4 KiB cost more than the copy of a 1 KiB item.
+    void map_ahead_for_write(std::uint64_t tail, std::uint64_t bytes) noexcept;
+    /// The same for a consumer at `head`: the committed pages it is about to read.
+    void map_ahead_for_read(std::uint64_t head) noexcept;
+    bool read_map_due(std::uint64_t head) const noexcept { return head + 64 > read_mapped_to_; }
     Taken read_chunked(std::uint64_t head, std::string& out, os::Deadline deadline);
     /// Receives the rest of item `id` (`received` of `total` bytes in `out`).
     Taken continue_chunked(std::uint64_t head, std::uint64_t id, std::uint64_t received, std::uint64_t total,
@@ -5314,6 +5338,13 @@ private:
     std::uint64_t chunk_bytes_ = 0;   // ...of this size
     std::uint64_t wrap_from_ = ~std::uint64_t(0);     // unbounded: offset past which a producer may wrap early
     std::uint64_t release_from_ = ~std::uint64_t(0);  // unbounded: offset past which consumers give pages back
+    // Unbounded: positions up to which this process has mapped the ring's pages
+    // ahead of its writes / reads (bounded rings are mapped whole at attach).
+    std::uint64_t write_mapped_to_ = ~std::uint64_t(0);
+    std::uint64_t read_mapped_to_ = ~std::uint64_t(0);
+    bool kept_mapped_for_write_ = false;  // this process has mapped the kept pages (see map_ahead_for_write)
+    bool kept_mapped_for_read_ = false;
+    std::uint64_t drain_retry_at_ = 0;  // wait_for_drain gave up: not before this position again
 };
 
 }  // namespace mpservice::detail
@@ -9595,16 +9626,20 @@ std::size_t page_size() noexcept {
 
 // ---------------------------------------------------------------- (queue section)
 
-void shm_prefault(void* addr, std::size_t size) noexcept {
+void shm_prefault(void* addr, std::size_t size, bool for_write) noexcept {
 #if defined(__linux__)
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22  // Linux 5.14; older kernels answer EINVAL and we skip it
+#endif
 #ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23  // Linux 5.14; older kernels answer EINVAL and we skip it
+#define MADV_POPULATE_WRITE 23
 #endif
     // Never touch the bytes ourselves: another process may be writing them.
-    ::madvise(addr, size, MADV_POPULATE_WRITE);
+    ::madvise(addr, size, for_write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
 #else
     (void)addr;
     (void)size;
+    (void)for_write;
 #endif
 }
 
@@ -10283,7 +10318,7 @@ std::size_t page_size() noexcept {
     return si.dwPageSize ? si.dwPageSize : 4096;
 }
 
-void shm_prefault(void* addr, std::size_t size) noexcept {
+void shm_prefault(void* addr, std::size_t size, bool) noexcept {
     WIN32_MEMORY_RANGE_ENTRY range{addr, size};
     PrefetchVirtualMemory(GetCurrentProcess(), 1, &range, 0);
 }
@@ -16801,6 +16836,17 @@ constexpr std::uint64_t unbounded_reserve = std::uint64_t(4) << 30;
 constexpr std::uint64_t hot_default = std::uint64_t(1) << 20;
 constexpr std::uint64_t keep_past_hot = std::uint64_t(256) << 10;
 constexpr std::uint64_t release_batch = std::uint64_t(1) << 20;
+// How far ahead a producer or consumer of an unbounded ring maps its pages, in
+// one system call (see map_ahead_for_write): pages mapped ahead of the tail
+// stay committed until written, so this is also what a queue may hold past its backlog.
+constexpr std::uint64_t map_ahead_bytes = std::uint64_t(256) << 10;
+// A producer past the hot part with items queued waits for the consumers to
+// drain them while they keep taking them (see wait_for_drain): at most this
+// long without one being taken (a consumer asleep takes 30-60 us to wake on
+// the VMs measured), this long in all, and again only after this many bytes.
+constexpr auto drain_stall = std::chrono::microseconds(100);
+constexpr auto drain_wait_limit = std::chrono::milliseconds(1);
+constexpr std::uint64_t drain_retry_bytes = std::uint64_t(1) << 20;
 // A reassembly or encoding buffer larger than this is given back after use.
 constexpr std::size_t keep_buffer_bytes = std::size_t(64) << 20;
 
@@ -17133,7 +17179,7 @@ QueueCore::Status QueueCore::put(const void* data, std::size_t size, os::Deadlin
     // extra call costs ~10% of a put.
     std::uint64_t tail = h_->tail.load(std::memory_order_relaxed);
     if (offset(tail) + bytes > h_->capacity || tail + bytes > h_->head_cache + h_->capacity ||
-        wrap_check_due(tail)) {
+        wrap_check_due(tail) || tail + bytes > write_mapped_to_) {
         Status s = make_room(tail, bytes, deadline);
         if (s != Status::ok) return s;
     }
@@ -17211,6 +17257,7 @@ QueueCore::Status QueueCore::put_many(Source source, void* context, std::size_t 
                 const Status s = make_room(tail, bytes, deadline);
                 if (s != Status::ok) return s;
             }
+            if (tail + bytes > write_mapped_to_) map_ahead_for_write(tail, bytes);
             unsigned char* rec = at(tail);
             RecordHeader hdr{static_cast<std::uint32_t>(size), rec_whole};
             std::memcpy(rec, &hdr, sizeof hdr);
@@ -17248,13 +17295,33 @@ void QueueCore::write_pad(std::uint64_t tail, std::uint64_t bytes) {
     notify_after_commit(h_->data);
 }
 
-bool QueueCore::should_wrap_early(std::uint64_t tail) const noexcept {
+bool QueueCore::should_wrap_early(std::uint64_t tail, os::Deadline deadline) noexcept {
     if (offset(tail) < wrap_from_) return false;
-    if (h_->head.load(std::memory_order_acquire) == tail) return true;
+    const std::uint64_t head = h_->head.load(std::memory_order_acquire);
+    if (head == tail) return true;
+    if (tail >= drain_retry_at_ && wait_for_drain(tail, head, deadline)) return true;
     // Not empty: look again on the next page (the wrap comes at most a page
     // later, within the pages kept past the hot part).
     const std::uint64_t page = os::page_size();
     h_->wrap_check_at = (tail + page) & ~(page - 1);
+    return false;
+}
+
+bool QueueCore::wait_for_drain(std::uint64_t tail, std::uint64_t head, os::Deadline deadline) noexcept {
+    const auto give_up_at = std::min(deadline, os::Clock::now() + drain_wait_limit);
+    if (os::Clock::now() >= give_up_at) return false;  // put_nowait and friends do not wait
+    for (;;) {
+        const std::uint64_t seen = head;
+        const bool moved = spin_for(
+            [&] {
+                head = h_->head.load(std::memory_order_acquire);
+                return head != seen;
+            },
+            drain_stall, BetweenLooks::yield);
+        if (head == tail) return true;
+        if (!moved || os::Clock::now() >= give_up_at) break;
+    }
+    drain_retry_at_ = tail + drain_retry_bytes;  // the consumers stalled: run on for a while
     return false;
 }
 
@@ -17302,16 +17369,56 @@ void QueueCore::set_limits() noexcept {
     chunk_bytes_ = span / 4;
     wrap_from_ = h_->hot_bytes ? h_->hot_bytes : ~std::uint64_t(0);
     release_from_ = h_->hot_bytes ? h_->hot_bytes + keep_past_hot : ~std::uint64_t(0);
+    write_mapped_to_ = read_mapped_to_ = h_->hot_bytes ? 0 : ~std::uint64_t(0);
+}
+
+void QueueCore::map_ahead_for_write(std::uint64_t tail, std::uint64_t bytes) noexcept {
+    if (tail + bytes <= write_mapped_to_) return;
+    const std::uint64_t page = os::page_size();
+    const std::uint64_t cycle = tail - offset(tail);
+    const std::uint64_t kept_end = cycle + release_from_;  // the hot part and the pages kept past it
+    if (tail + bytes <= kept_end && kept_mapped_for_write_) {
+        write_mapped_to_ = kept_end;  // mapped in an earlier cycle, and never given back
+        return;
+    }
+    // Within the kept pages, no further than their end: the next cycle usually
+    // starts there, and pages mapped past it would be fresh ones, given back
+    // at the wrap.
+    const std::uint64_t want = (std::max(tail + bytes, tail + map_ahead_bytes) + page - 1) & ~(page - 1);
+    const std::uint64_t to = std::min(want, tail + bytes <= kept_end ? kept_end : cycle + h_->capacity);
+    const std::uint64_t from = std::max(write_mapped_to_, tail & ~(page - 1));
+    if (to > from) os::shm_prefault(at(from), static_cast<std::size_t>(to - from), true);
+    if (to == kept_end) kept_mapped_for_write_ = true;
+    write_mapped_to_ = to;
+}
+
+void QueueCore::map_ahead_for_read(std::uint64_t head) noexcept {
+    if (!h_->hot_bytes) return;
+    const std::uint64_t page = os::page_size();
+    const std::uint64_t cycle = head - offset(head);
+    const std::uint64_t kept_end = cycle + release_from_;
+    if (head + 64 <= kept_end && kept_mapped_for_read_) {
+        read_mapped_to_ = kept_end;
+        return;
+    }
+    // Only committed bytes: mapping the holes past the tail would allocate them.
+    const std::uint64_t written = (h_->tail.load(std::memory_order_acquire) + page - 1) & ~(page - 1);
+    const std::uint64_t bound = head + 64 <= kept_end ? kept_end : cycle + h_->capacity;
+    const std::uint64_t from = std::max(read_mapped_to_, head & ~(page - 1));
+    const std::uint64_t to = std::min({bound, written, (head + map_ahead_bytes) & ~(page - 1)});
+    if (to >= from + 16 * page || (to == kept_end && to > from)) {
+        os::shm_prefault(at(from), static_cast<std::size_t>(to - from), false);
+        if (to == kept_end) kept_mapped_for_read_ = true;
+        read_mapped_to_ = to;
+    } else {
+        // Close behind the producers: a fault per page costs what a call would;
+        // look again on the next page.
+        read_mapped_to_ = std::max(read_mapped_to_, (head & ~(page - 1)) + page);
+    }
 }
 
 QueueCore::Status QueueCore::make_room(std::uint64_t& tail, std::uint64_t bytes, os::Deadline deadline) {
-    if (should_wrap_early(tail)) {
-        // Past the hot part and nothing queued: the next cycle starts at the
-        // ring's start, on warm pages; the ones written past them go back.
-        release_pages_below(tail);
-        write_pad(tail, h_->capacity - offset(tail));
-        tail += h_->capacity - offset(tail);
-    }
+    if (should_wrap_early(tail, deadline)) wrap_early(tail);
     const std::uint64_t to_end = h_->capacity - offset(tail);
     if (to_end < bytes) {  // records never wrap: skip the ring's end
         if (!wait_for_room(tail, to_end, deadline, true)) return closed() ? Status::closed : Status::timeout;
@@ -17319,7 +17426,26 @@ QueueCore::Status QueueCore::make_room(std::uint64_t& tail, std::uint64_t bytes,
         tail += to_end;
     }
     if (!wait_for_room(tail, bytes, deadline, true)) return closed() ? Status::closed : Status::timeout;
+    map_ahead_for_write(tail, bytes);
     return Status::ok;
+}
+
+void QueueCore::wrap_early(std::uint64_t& tail) noexcept {
+    // Past the hot part and nothing queued: the next cycle starts at the
+    // ring's start, on warm pages; the ones written past them go back, and so
+    // do the ones mapped ahead past the pad (nobody reads under a pad).
+    release_pages_below(tail);
+    write_pad(tail, h_->capacity - offset(tail));
+    const std::uint64_t page = os::page_size();
+    const std::uint64_t cycle = tail - offset(tail);
+    // (Only past the pages kept past the hot part: those stay, warm, for the next cycles.)
+    const std::uint64_t above = std::max((tail + small_header + page - 1) & ~(page - 1), cycle + release_from_);
+    const std::uint64_t cycle_end = cycle + h_->capacity;
+    const std::uint64_t mapped = std::min(write_mapped_to_, cycle_end);
+    if (mapped > above)
+        os::shm_release(mem_.handle(), static_cast<std::size_t>(ring_offset + offset(above)),
+                        static_cast<std::size_t>(mapped - above));
+    tail = cycle_end;
 }
 
 QueueCore::Status QueueCore::put_chunked(const void* data, std::size_t size, os::Deadline deadline) {
@@ -17343,10 +17469,8 @@ QueueCore::Status QueueCore::put_chunked(const void* data, std::size_t size, os:
     while (remaining) {
         const std::uint64_t header = first ? first_header : small_header;
         std::uint64_t piece = std::min<std::uint64_t>(remaining, chunk_bytes - header);
-        if (should_wrap_early(tail)) {
-            release_pages_below(tail);
-            write_pad(tail, cap - offset(tail));
-            tail += cap - offset(tail);
+        if (should_wrap_early(tail, deadline)) {
+            wrap_early(tail);
             continue;
         }
         const std::uint64_t to_end = cap - offset(tail);
@@ -17359,6 +17483,7 @@ QueueCore::Status QueueCore::put_chunked(const void* data, std::size_t size, os:
         piece = std::min(piece, to_end - header);
         const std::uint64_t bytes = header + align8(piece);
         if (!wait_for_room(tail, bytes, deadline, first)) return give_up();
+        map_ahead_for_write(tail, bytes);
 
         unsigned char* rec = at(tail);
         const bool done = piece == remaining;
@@ -17444,6 +17569,7 @@ QueueCore::Status QueueCore::get_many(Consume consume, void* context, std::size_
                 break;  // unlock and wait again
             }
             const std::uint64_t cap = h_->capacity;
+            if (read_map_due(head)) map_ahead_for_read(head);
             unsigned char* rec = at(head);
             RecordHeader hdr;
             std::memcpy(&hdr, rec, sizeof hdr);
@@ -17536,6 +17662,7 @@ std::size_t QueueCore::take_following(std::uint64_t next, std::uint64_t taken, s
                 h_->tail_cache = h_->tail.load(std::memory_order_acquire);
                 if (next == h_->tail_cache) break;
             }
+            if (read_map_due(next)) map_ahead_for_read(next);
             unsigned char* rec = at(next);
             RecordHeader hdr;
             std::memcpy(&hdr, rec, sizeof hdr);
@@ -17631,6 +17758,7 @@ QueueCore::Taken QueueCore::continue_chunked(std::uint64_t head, std::uint64_t i
             continue;
         }
         h_->tail_cache = tail;
+        if (read_map_due(head)) map_ahead_for_read(head);
         unsigned char* rec = at(head);
         std::memcpy(&hdr, rec, sizeof hdr);
         if (hdr.kind < rec_whole || hdr.kind > rec_pad) corrupt("record kind");

@@ -389,9 +389,10 @@ MPSERVICE_API void shm_release(handle_t h, std::size_t offset, std::size_t size)
 MPSERVICE_API std::size_t page_size() noexcept;
 
 // ---------------------------------------------------------------- (queue section)
-/// Populates the page tables of a shared mapping now (writable), so the first
-/// pass of data through it does not pay a page fault per 4 KiB.  Best effort.
-MPSERVICE_API void shm_prefault(void* addr, std::size_t size) noexcept;
+/// Populates the page tables of a shared mapping now (writable, or readable
+/// only), so the first pass of data through it does not pay a page fault per
+/// 4 KiB.  Best effort; never changes the bytes.
+MPSERVICE_API void shm_prefault(void* addr, std::size_t size, bool for_write = true) noexcept;
 
 // ---------------------------------------------------------------- (connection section)
 // Pipe/Connection (connection.hpp) use channel_pair's stream sockets with

@@ -1191,16 +1191,20 @@ std::size_t page_size() noexcept {
 
 // ---------------------------------------------------------------- (queue section)
 
-void shm_prefault(void* addr, std::size_t size) noexcept {
+void shm_prefault(void* addr, std::size_t size, bool for_write) noexcept {
 #if defined(__linux__)
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22  // Linux 5.14; older kernels answer EINVAL and we skip it
+#endif
 #ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23  // Linux 5.14; older kernels answer EINVAL and we skip it
+#define MADV_POPULATE_WRITE 23
 #endif
     // Never touch the bytes ourselves: another process may be writing them.
-    ::madvise(addr, size, MADV_POPULATE_WRITE);
+    ::madvise(addr, size, for_write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ);
 #else
     (void)addr;
     (void)size;
+    (void)for_write;
 #endif
 }
 

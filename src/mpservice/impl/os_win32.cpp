@@ -431,7 +431,7 @@ std::size_t page_size() noexcept {
     return si.dwPageSize ? si.dwPageSize : 4096;
 }
 
-void shm_prefault(void* addr, std::size_t size) noexcept {
+void shm_prefault(void* addr, std::size_t size, bool) noexcept {
     WIN32_MEMORY_RANGE_ENTRY range{addr, size};
     PrefetchVirtualMemory(GetCurrentProcess(), 1, &range, 0);
 }

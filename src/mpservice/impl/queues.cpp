@@ -27,6 +27,17 @@ constexpr std::uint64_t unbounded_reserve = std::uint64_t(4) << 30;
 constexpr std::uint64_t hot_default = std::uint64_t(1) << 20;
 constexpr std::uint64_t keep_past_hot = std::uint64_t(256) << 10;
 constexpr std::uint64_t release_batch = std::uint64_t(1) << 20;
+// How far ahead a producer or consumer of an unbounded ring maps its pages, in
+// one system call (see map_ahead_for_write): pages mapped ahead of the tail
+// stay committed until written, so this is also what a queue may hold past its backlog.
+constexpr std::uint64_t map_ahead_bytes = std::uint64_t(256) << 10;
+// A producer past the hot part with items queued waits for the consumers to
+// drain them while they keep taking them (see wait_for_drain): at most this
+// long without one being taken (a consumer asleep takes 30-60 us to wake on
+// the VMs measured), this long in all, and again only after this many bytes.
+constexpr auto drain_stall = std::chrono::microseconds(100);
+constexpr auto drain_wait_limit = std::chrono::milliseconds(1);
+constexpr std::uint64_t drain_retry_bytes = std::uint64_t(1) << 20;
 // A reassembly or encoding buffer larger than this is given back after use.
 constexpr std::size_t keep_buffer_bytes = std::size_t(64) << 20;
 
@@ -359,7 +370,7 @@ QueueCore::Status QueueCore::put(const void* data, std::size_t size, os::Deadlin
     // extra call costs ~10% of a put.
     std::uint64_t tail = h_->tail.load(std::memory_order_relaxed);
     if (offset(tail) + bytes > h_->capacity || tail + bytes > h_->head_cache + h_->capacity ||
-        wrap_check_due(tail)) {
+        wrap_check_due(tail) || tail + bytes > write_mapped_to_) {
         Status s = make_room(tail, bytes, deadline);
         if (s != Status::ok) return s;
     }
@@ -437,6 +448,7 @@ QueueCore::Status QueueCore::put_many(Source source, void* context, std::size_t 
                 const Status s = make_room(tail, bytes, deadline);
                 if (s != Status::ok) return s;
             }
+            if (tail + bytes > write_mapped_to_) map_ahead_for_write(tail, bytes);
             unsigned char* rec = at(tail);
             RecordHeader hdr{static_cast<std::uint32_t>(size), rec_whole};
             std::memcpy(rec, &hdr, sizeof hdr);
@@ -474,13 +486,33 @@ void QueueCore::write_pad(std::uint64_t tail, std::uint64_t bytes) {
     notify_after_commit(h_->data);
 }
 
-bool QueueCore::should_wrap_early(std::uint64_t tail) const noexcept {
+bool QueueCore::should_wrap_early(std::uint64_t tail, os::Deadline deadline) noexcept {
     if (offset(tail) < wrap_from_) return false;
-    if (h_->head.load(std::memory_order_acquire) == tail) return true;
+    const std::uint64_t head = h_->head.load(std::memory_order_acquire);
+    if (head == tail) return true;
+    if (tail >= drain_retry_at_ && wait_for_drain(tail, head, deadline)) return true;
     // Not empty: look again on the next page (the wrap comes at most a page
     // later, within the pages kept past the hot part).
     const std::uint64_t page = os::page_size();
     h_->wrap_check_at = (tail + page) & ~(page - 1);
+    return false;
+}
+
+bool QueueCore::wait_for_drain(std::uint64_t tail, std::uint64_t head, os::Deadline deadline) noexcept {
+    const auto give_up_at = std::min(deadline, os::Clock::now() + drain_wait_limit);
+    if (os::Clock::now() >= give_up_at) return false;  // put_nowait and friends do not wait
+    for (;;) {
+        const std::uint64_t seen = head;
+        const bool moved = spin_for(
+            [&] {
+                head = h_->head.load(std::memory_order_acquire);
+                return head != seen;
+            },
+            drain_stall, BetweenLooks::yield);
+        if (head == tail) return true;
+        if (!moved || os::Clock::now() >= give_up_at) break;
+    }
+    drain_retry_at_ = tail + drain_retry_bytes;  // the consumers stalled: run on for a while
     return false;
 }
 
@@ -528,16 +560,56 @@ void QueueCore::set_limits() noexcept {
     chunk_bytes_ = span / 4;
     wrap_from_ = h_->hot_bytes ? h_->hot_bytes : ~std::uint64_t(0);
     release_from_ = h_->hot_bytes ? h_->hot_bytes + keep_past_hot : ~std::uint64_t(0);
+    write_mapped_to_ = read_mapped_to_ = h_->hot_bytes ? 0 : ~std::uint64_t(0);
+}
+
+void QueueCore::map_ahead_for_write(std::uint64_t tail, std::uint64_t bytes) noexcept {
+    if (tail + bytes <= write_mapped_to_) return;
+    const std::uint64_t page = os::page_size();
+    const std::uint64_t cycle = tail - offset(tail);
+    const std::uint64_t kept_end = cycle + release_from_;  // the hot part and the pages kept past it
+    if (tail + bytes <= kept_end && kept_mapped_for_write_) {
+        write_mapped_to_ = kept_end;  // mapped in an earlier cycle, and never given back
+        return;
+    }
+    // Within the kept pages, no further than their end: the next cycle usually
+    // starts there, and pages mapped past it would be fresh ones, given back
+    // at the wrap.
+    const std::uint64_t want = (std::max(tail + bytes, tail + map_ahead_bytes) + page - 1) & ~(page - 1);
+    const std::uint64_t to = std::min(want, tail + bytes <= kept_end ? kept_end : cycle + h_->capacity);
+    const std::uint64_t from = std::max(write_mapped_to_, tail & ~(page - 1));
+    if (to > from) os::shm_prefault(at(from), static_cast<std::size_t>(to - from), true);
+    if (to == kept_end) kept_mapped_for_write_ = true;
+    write_mapped_to_ = to;
+}
+
+void QueueCore::map_ahead_for_read(std::uint64_t head) noexcept {
+    if (!h_->hot_bytes) return;
+    const std::uint64_t page = os::page_size();
+    const std::uint64_t cycle = head - offset(head);
+    const std::uint64_t kept_end = cycle + release_from_;
+    if (head + 64 <= kept_end && kept_mapped_for_read_) {
+        read_mapped_to_ = kept_end;
+        return;
+    }
+    // Only committed bytes: mapping the holes past the tail would allocate them.
+    const std::uint64_t written = (h_->tail.load(std::memory_order_acquire) + page - 1) & ~(page - 1);
+    const std::uint64_t bound = head + 64 <= kept_end ? kept_end : cycle + h_->capacity;
+    const std::uint64_t from = std::max(read_mapped_to_, head & ~(page - 1));
+    const std::uint64_t to = std::min({bound, written, (head + map_ahead_bytes) & ~(page - 1)});
+    if (to >= from + 16 * page || (to == kept_end && to > from)) {
+        os::shm_prefault(at(from), static_cast<std::size_t>(to - from), false);
+        if (to == kept_end) kept_mapped_for_read_ = true;
+        read_mapped_to_ = to;
+    } else {
+        // Close behind the producers: a fault per page costs what a call would;
+        // look again on the next page.
+        read_mapped_to_ = std::max(read_mapped_to_, (head & ~(page - 1)) + page);
+    }
 }
 
 QueueCore::Status QueueCore::make_room(std::uint64_t& tail, std::uint64_t bytes, os::Deadline deadline) {
-    if (should_wrap_early(tail)) {
-        // Past the hot part and nothing queued: the next cycle starts at the
-        // ring's start, on warm pages; the ones written past them go back.
-        release_pages_below(tail);
-        write_pad(tail, h_->capacity - offset(tail));
-        tail += h_->capacity - offset(tail);
-    }
+    if (should_wrap_early(tail, deadline)) wrap_early(tail);
     const std::uint64_t to_end = h_->capacity - offset(tail);
     if (to_end < bytes) {  // records never wrap: skip the ring's end
         if (!wait_for_room(tail, to_end, deadline, true)) return closed() ? Status::closed : Status::timeout;
@@ -545,7 +617,26 @@ QueueCore::Status QueueCore::make_room(std::uint64_t& tail, std::uint64_t bytes,
         tail += to_end;
     }
     if (!wait_for_room(tail, bytes, deadline, true)) return closed() ? Status::closed : Status::timeout;
+    map_ahead_for_write(tail, bytes);
     return Status::ok;
+}
+
+void QueueCore::wrap_early(std::uint64_t& tail) noexcept {
+    // Past the hot part and nothing queued: the next cycle starts at the
+    // ring's start, on warm pages; the ones written past them go back, and so
+    // do the ones mapped ahead past the pad (nobody reads under a pad).
+    release_pages_below(tail);
+    write_pad(tail, h_->capacity - offset(tail));
+    const std::uint64_t page = os::page_size();
+    const std::uint64_t cycle = tail - offset(tail);
+    // (Only past the pages kept past the hot part: those stay, warm, for the next cycles.)
+    const std::uint64_t above = std::max((tail + small_header + page - 1) & ~(page - 1), cycle + release_from_);
+    const std::uint64_t cycle_end = cycle + h_->capacity;
+    const std::uint64_t mapped = std::min(write_mapped_to_, cycle_end);
+    if (mapped > above)
+        os::shm_release(mem_.handle(), static_cast<std::size_t>(ring_offset + offset(above)),
+                        static_cast<std::size_t>(mapped - above));
+    tail = cycle_end;
 }
 
 QueueCore::Status QueueCore::put_chunked(const void* data, std::size_t size, os::Deadline deadline) {
@@ -569,10 +660,8 @@ QueueCore::Status QueueCore::put_chunked(const void* data, std::size_t size, os:
     while (remaining) {
         const std::uint64_t header = first ? first_header : small_header;
         std::uint64_t piece = std::min<std::uint64_t>(remaining, chunk_bytes - header);
-        if (should_wrap_early(tail)) {
-            release_pages_below(tail);
-            write_pad(tail, cap - offset(tail));
-            tail += cap - offset(tail);
+        if (should_wrap_early(tail, deadline)) {
+            wrap_early(tail);
             continue;
         }
         const std::uint64_t to_end = cap - offset(tail);
@@ -585,6 +674,7 @@ QueueCore::Status QueueCore::put_chunked(const void* data, std::size_t size, os:
         piece = std::min(piece, to_end - header);
         const std::uint64_t bytes = header + align8(piece);
         if (!wait_for_room(tail, bytes, deadline, first)) return give_up();
+        map_ahead_for_write(tail, bytes);
 
         unsigned char* rec = at(tail);
         const bool done = piece == remaining;
@@ -670,6 +760,7 @@ QueueCore::Status QueueCore::get_many(Consume consume, void* context, std::size_
                 break;  // unlock and wait again
             }
             const std::uint64_t cap = h_->capacity;
+            if (read_map_due(head)) map_ahead_for_read(head);
             unsigned char* rec = at(head);
             RecordHeader hdr;
             std::memcpy(&hdr, rec, sizeof hdr);
@@ -762,6 +853,7 @@ std::size_t QueueCore::take_following(std::uint64_t next, std::uint64_t taken, s
                 h_->tail_cache = h_->tail.load(std::memory_order_acquire);
                 if (next == h_->tail_cache) break;
             }
+            if (read_map_due(next)) map_ahead_for_read(next);
             unsigned char* rec = at(next);
             RecordHeader hdr;
             std::memcpy(&hdr, rec, sizeof hdr);
@@ -857,6 +949,7 @@ QueueCore::Taken QueueCore::continue_chunked(std::uint64_t head, std::uint64_t i
             continue;
         }
         h_->tail_cache = tail;
+        if (read_map_due(head)) map_ahead_for_read(head);
         unsigned char* rec = at(head);
         std::memcpy(&hdr, rec, sizeof hdr);
         if (hdr.kind < rec_whole || hdr.kind > rec_pad) corrupt("record kind");
