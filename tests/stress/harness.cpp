@@ -187,21 +187,11 @@ void signal_process(long pid, int sig) {
 // prints "now passes" for an entry whose rows are all green.
 const std::vector<Known>& known_defects() {
     static const std::vector<Known> list = {
-        // The issue-8 defects (1-13) are fixed: their rows must pass.
-        // Found here, cause not pinned down: children blocked in a robust mutex
-        // (Lock / RLock / a Value's or Array's lock) were gone 0.4-0.6 s after
-        // the parent's SIGKILL (20-40 ms for every other primitive).  Since
-        // blocked acquires sleep in 200 ms slices, 10 rounds of each row gave
-        // 3-12 ms with one outlier of 196 ms (a slice); a plain program doing
-        // the same (tmp experiment: holder killed, two waiters) sees < 1 ms
-        // with and without the slices.  Kept as known until a long run shows
-        // no round over the 1 s bound on a loaded machine.
-        {"Lock holder / parent", 0, "children blocked in a Lock take ~0.5 s to die with their parent"},
-        {"RLock holder / parent", 0, "the same with an RLock"},
-        {"Value lock holder / parent", 0, "the same with a Value's lock"},
-        {"Array writer / parent", 0, "the same with an Array's lock"},
-        {"Lock waiter / parent", 0, "the same (waiters of a Lock)"},
-        {"RLock waiter / parent", 0, "the same (waiters of an RLock)"},
+        // The issue-8 defects (1-13) are fixed: their rows must pass.  The
+        // "children blocked in a robust mutex die slowly with their parent"
+        // rows (Lock/RLock/Value/Array holders and waiters, "/ parent") were
+        // kept here until a long run on a loaded machine showed no round over
+        // the 1 s bound: the 30-round run quoted in the README did (30/30 each).
     };
     return list;
 }
