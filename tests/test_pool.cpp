@@ -351,6 +351,12 @@ TEST_CASE_TEMPLATE("get with a timeout, wait, ready, successful", Ctx, CONTEXTS)
     CHECK_FALSE(bad.successful());
     CHECK_THROWS_AS(bad.get(), std::invalid_argument);
     CHECK_THROWS_AS(bad.get(), std::invalid_argument);  // every time
+    // take(): waits, then moves the value out (or re-throws).
+    auto big = pool.map_async(square, iota(1000));
+    std::vector<int> taken = std::move(big).take();
+    REQUIRE(taken.size() == 1000);
+    CHECK(taken[999] == 999 * 999);
+    CHECK_THROWS_AS(std::move(bad).take(), std::invalid_argument);
 }
 
 TEST_CASE_TEMPLATE("callbacks: success once with the whole list; error once and success never", Ctx, CONTEXTS) {
