@@ -6981,8 +6981,9 @@ public:
     /// `processes` workers (≤ 0 is std::invalid_argument) in the default context.
     explicit Pool(int processes, PoolOptions options = {}) : Pool(default_context(), processes, options) {}
     /// Workers made by `ctx`.
-    Pool(const Context& ctx, int processes, PoolOptions options = {})
-        : Pool(ctx, processes, options, &detail::pool_no_initializer) {}
+    /// (Out of line: it instantiates the worker's start for "no initializer"
+    /// once, in the implementation, not in every includer.)
+    MPSERVICE_API Pool(const Context& ctx, int processes, PoolOptions options = {});
     /// Workers that each run initializer(initargs...) once before any task.
     /// The initializer's arguments may be library handles (they travel with
     /// the worker's start, as Process arguments do).
@@ -7925,52 +7926,21 @@ public:
         if (!v) throw_mismatch(name, h.type_name, typeid(T).name());
         return *v;
     }
-    bool contains(const std::string& name) const {
-        std::lock_guard<std::mutex> g(m_);
-        return values_.count(name) != 0;
-    }
+    MPSERVICE_API bool contains(const std::string& name) const;
     /// Python's `del ns.name`: std::out_of_range if it is not there.
-    void erase(const std::string& name) {
-        Held old;
-        std::lock_guard<std::mutex> g(m_);
-        auto it = values_.find(name);
-        if (it == values_.end()) throw_missing(name);
-        old = std::move(it->second);
-        values_.erase(it);
-    }
-    std::vector<std::string> names() const {
-        std::lock_guard<std::mutex> g(m_);
-        std::vector<std::string> out;
-        for (auto& kv : values_) out.push_back(kv.first);
-        return out;
-    }
+    MPSERVICE_API void erase(const std::string& name);
+    MPSERVICE_API std::vector<std::string> names() const;
     /// The (readable) type of the value stored under `name`.
-    std::string type_of(const std::string& name) const {
-        std::lock_guard<std::mutex> g(m_);
-        return detail::os::demangle(find(name).type_name);
-    }
-    std::size_t len() const {
-        std::lock_guard<std::mutex> g(m_);
-        return values_.size();
-    }
+    MPSERVICE_API std::string type_of(const std::string& name) const;
+    MPSERVICE_API std::size_t len() const;
 
 private:
     struct Held {
         std::any value;
         const char* type_name = "";
     };
-    const Held& find(const std::string& name) const {
-        auto it = values_.find(name);
-        if (it == values_.end()) throw_missing(name);
-        return it->second;
-    }
-    [[noreturn]] static void throw_missing(const std::string& name) {
-        throw std::out_of_range("namespace has no attribute '" + name + "'");
-    }
-    [[noreturn]] static void throw_mismatch(const std::string& name, const char* held, const char* asked) {
-        throw std::invalid_argument("namespace attribute '" + name + "' holds a " + detail::os::demangle(held) +
-                                    ", not a " + detail::os::demangle(asked));
-    }
+    MPSERVICE_API const Held& find(const std::string& name) const;
+    [[noreturn]] MPSERVICE_API static void throw_mismatch(const std::string& name, const char* held, const char* asked);
     mutable std::mutex m_;
     std::map<std::string, Held> values_;
 };
@@ -8060,20 +8030,16 @@ public:
             return fallback;
         }
     }
-    bool contains(const std::string& name) const { return this->template call<&N::contains>(checked(name)); }
+    MPSERVICE_API bool contains(const std::string& name) const;
     /// del ns.name: std::out_of_range if there is no such name.
-    void erase(const std::string& name) const { this->template call<&N::erase>(checked(name)); }
-    std::vector<std::string> names() const { return this->template call<&N::names>(); }
-    std::string type_of(const std::string& name) const { return this->template call<&N::type_of>(checked(name)); }
-    std::size_t len() const { return this->template call<&N::len>(); }
+    MPSERVICE_API void erase(const std::string& name) const;
+    MPSERVICE_API std::vector<std::string> names() const;
+    MPSERVICE_API std::string type_of(const std::string& name) const;
+    MPSERVICE_API std::size_t len() const;
 
 private:
-    static const std::string& checked(const std::string& name) {
-        if (name.empty() || name[0] == '_')
-            throw std::invalid_argument("mpservice: namespace attribute names must not be empty or start with '_' ('" +
-                                        name + "')");
-        return name;
-    }
+    /// `name`, or std::invalid_argument if it is empty or starts with '_'.
+    MPSERVICE_API static const std::string& checked(const std::string& name);
 };
 
 // ---------------------------------------------------------------- the server process
@@ -8114,12 +8080,9 @@ public:
         return create<ValueBox<T>>(std::move(v));
     }
     /// A hosted Namespace (Python's Manager().Namespace()).
-    Proxy<mpservice::Namespace> Namespace() const { return create<mpservice::Namespace>(); }
+    MPSERVICE_API Proxy<mpservice::Namespace> Namespace() const;
     /// A shared memory block of `size` bytes (> 0), zero-filled.
-    Proxy<mpservice::MemoryBlock> MemoryBlock(std::size_t size) const {
-        if (size == 0) throw std::invalid_argument("mpservice: MemoryBlock of size 0");
-        return create<mpservice::MemoryBlock>(size);
-    }
+    MPSERVICE_API Proxy<mpservice::MemoryBlock> MemoryBlock(std::size_t size) const;
     /// Objects alive in the server (diagnostics; includes objects kept by tickets in flight).
     MPSERVICE_API std::size_t object_count() const;
     /// Open descriptors and memory mappings of the server process (diagnostics).
@@ -18896,6 +18859,18 @@ detail::PoolWorkerBoot Codec<detail::PoolWorkerBoot>::decode(Decoder& d) {
 
 }  // namespace mpservice
 // ---- end part: mpservice/impl/pool.cpp
+// ---- begin part: mpservice/impl/pool_public.cpp -----------------------------
+// pool_public: the out-of-line members of the public Pool (no initializer's
+// constructor: its worker start instantiated once, here, and not in every
+// translation unit that includes the header).
+
+namespace mpservice {
+
+Pool::Pool(const Context& ctx, int processes, PoolOptions options)
+    : Pool(ctx, processes, options, &detail::pool_no_initializer) {}
+
+}  // namespace mpservice
+// ---- end part: mpservice/impl/pool_public.cpp
 // ---- begin part: mpservice/impl/server_wire.cpp -----------------------------
 // server_wire: what a server process and its clients say to each other.
 //
@@ -20627,6 +20602,71 @@ std::tuple<std::uint64_t, std::int64_t, std::int64_t> server_counts(const std::s
     return {n, fds, maps};
 }
 }  // namespace
+
+// Out of line, here: their invokers (Creator<Namespace>, Method<Namespace, ...>,
+// Creator<MemoryBlock, std::size_t>) are instantiated and announced once, in the
+// implementation, instead of by a static initializer in every includer.
+Proxy<Namespace> ServerAccess::Namespace() const { return create<mpservice::Namespace>(); }
+
+Proxy<MemoryBlock> ServerAccess::MemoryBlock(std::size_t size) const {
+    if (size == 0) throw std::invalid_argument("mpservice: MemoryBlock of size 0");
+    return create<mpservice::MemoryBlock>(size);
+}
+
+bool Namespace::contains(const std::string& name) const {
+    std::lock_guard<std::mutex> g(m_);
+    return values_.count(name) != 0;
+}
+
+void Namespace::erase(const std::string& name) {
+    Held old;
+    std::lock_guard<std::mutex> g(m_);
+    auto it = values_.find(name);
+    if (it == values_.end()) throw std::out_of_range("namespace has no attribute '" + name + "'");
+    old = std::move(it->second);
+    values_.erase(it);
+}
+
+std::vector<std::string> Namespace::names() const {
+    std::lock_guard<std::mutex> g(m_);
+    std::vector<std::string> out;
+    for (auto& kv : values_) out.push_back(kv.first);
+    return out;
+}
+
+std::string Namespace::type_of(const std::string& name) const {
+    std::lock_guard<std::mutex> g(m_);
+    return detail::os::demangle(find(name).type_name);
+}
+
+std::size_t Namespace::len() const {
+    std::lock_guard<std::mutex> g(m_);
+    return values_.size();
+}
+
+const Namespace::Held& Namespace::find(const std::string& name) const {
+    auto it = values_.find(name);
+    if (it == values_.end()) throw std::out_of_range("namespace has no attribute '" + name + "'");
+    return it->second;
+}
+
+void Namespace::throw_mismatch(const std::string& name, const char* held, const char* asked) {
+    throw std::invalid_argument("namespace attribute '" + name + "' holds a " + detail::os::demangle(held) +
+                                ", not a " + detail::os::demangle(asked));
+}
+
+bool Proxy<Namespace>::contains(const std::string& name) const { return call<&N::contains>(checked(name)); }
+void Proxy<Namespace>::erase(const std::string& name) const { call<&N::erase>(checked(name)); }
+std::vector<std::string> Proxy<Namespace>::names() const { return call<&N::names>(); }
+std::string Proxy<Namespace>::type_of(const std::string& name) const { return call<&N::type_of>(checked(name)); }
+std::size_t Proxy<Namespace>::len() const { return call<&N::len>(); }
+
+const std::string& Proxy<Namespace>::checked(const std::string& name) {
+    if (name.empty() || name[0] == '_')
+        throw std::invalid_argument("mpservice: namespace attribute names must not be empty or start with '_' ('" +
+                                    name + "')");
+    return name;
+}
 
 std::size_t ServerAccess::object_count() const { return static_cast<std::size_t>(std::get<0>(server_counts(link_))); }
 

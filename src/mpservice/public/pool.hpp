@@ -958,8 +958,9 @@ public:
     /// `processes` workers (≤ 0 is std::invalid_argument) in the default context.
     explicit Pool(int processes, PoolOptions options = {}) : Pool(default_context(), processes, options) {}
     /// Workers made by `ctx`.
-    Pool(const Context& ctx, int processes, PoolOptions options = {})
-        : Pool(ctx, processes, options, &detail::pool_no_initializer) {}
+    /// (Out of line: it instantiates the worker's start for "no initializer"
+    /// once, in the implementation, not in every includer.)
+    MPSERVICE_API Pool(const Context& ctx, int processes, PoolOptions options = {});
     /// Workers that each run initializer(initargs...) once before any task.
     /// The initializer's arguments may be library handles (they travel with
     /// the worker's start, as Process arguments do).
