@@ -2255,12 +2255,8 @@ struct LogRecord {
 
 template <>
 struct Codec<LogRecord> {
-    static void encode(Encoder& e, const LogRecord& r) { const_cast<LogRecord&>(r).serialize(e); }
-    static LogRecord decode(Decoder& d) {
-        LogRecord r;
-        r.serialize(d);
-        return r;
-    }
+    MPSERVICE_API static void encode(Encoder& e, const LogRecord& r);
+    MPSERVICE_API static LogRecord decode(Decoder& d);
 };
 
 /// A named source of records.  Cheap to copy; get_logger("a") twice gives
@@ -4540,55 +4536,42 @@ private:
 
 // ============================================================================ codecs
 
+// (Defined in the implementation: the shared-state references they read and
+// write are instantiated there once, not in every includer.)
 template <>
 struct Codec<Lock> {
-    static void encode(Encoder& e, const Lock& l) { detail::encode_ref(e, l.lock_ref().state); }
-    static Lock decode(Decoder& d) { return Lock(detail::decode_ref<detail::LockState>(d)); }
+    MPSERVICE_API static void encode(Encoder& e, const Lock& l);
+    MPSERVICE_API static Lock decode(Decoder& d);
 };
 template <>
 struct Codec<RLock> {
-    static void encode(Encoder& e, const RLock& l) { detail::encode_ref(e, l.lock_ref().state); }
-    static RLock decode(Decoder& d) { return RLock(detail::decode_ref<detail::LockState>(d)); }
+    MPSERVICE_API static void encode(Encoder& e, const RLock& l);
+    MPSERVICE_API static RLock decode(Decoder& d);
 };
 template <>
 struct Codec<Condition> {
-    static void encode(Encoder& e, const Condition& c) {
-        detail::encode_ref(e, c.state_ref());
-        detail::encode_lock_beside(e, c.state_ref().memory(), c.lock_ref());
-    }
-    static Condition decode(Decoder& d) {
-        auto state = detail::decode_ref<detail::ConditionState>(d);
-        auto lock = detail::decode_lock_beside(d, state.memory());
-        return Condition(std::move(state), std::move(lock));
-    }
+    MPSERVICE_API static void encode(Encoder& e, const Condition& c);
+    MPSERVICE_API static Condition decode(Decoder& d);
 };
 template <>
 struct Codec<Semaphore> {
-    static void encode(Encoder& e, const Semaphore& s) { detail::encode_ref(e, s.state_ref()); }
-    static Semaphore decode(Decoder& d) { return Semaphore(detail::decode_ref<detail::SemaphoreState>(d)); }
+    MPSERVICE_API static void encode(Encoder& e, const Semaphore& s);
+    MPSERVICE_API static Semaphore decode(Decoder& d);
 };
 template <>
 struct Codec<BoundedSemaphore> {
-    static void encode(Encoder& e, const BoundedSemaphore& s) { detail::encode_ref(e, s.state_ref()); }
-    static BoundedSemaphore decode(Decoder& d) {
-        return BoundedSemaphore(detail::decode_ref<detail::SemaphoreState>(d));
-    }
+    MPSERVICE_API static void encode(Encoder& e, const BoundedSemaphore& s);
+    MPSERVICE_API static BoundedSemaphore decode(Decoder& d);
 };
 template <>
 struct Codec<Event> {
-    static void encode(Encoder& e, const Event& ev) { detail::encode_ref(e, ev.state_ref()); }
-    static Event decode(Decoder& d) { return Event(detail::decode_ref<detail::EventState>(d)); }
+    MPSERVICE_API static void encode(Encoder& e, const Event& ev);
+    MPSERVICE_API static Event decode(Decoder& d);
 };
 template <>
 struct Codec<Barrier> {
-    static void encode(Encoder& e, const Barrier& b) { detail::encode_ref(e, b.state_ref()); }
-    static Barrier decode(Decoder& d) {
-        auto ref = detail::decode_ref<detail::BarrierState>(d);
-        std::uint32_t parties = ref->parties;
-        if (parties == 0 || ref.bytes_available() < detail::BarrierState::size_for(parties))
-            throw DecodeError("decode: barrier state does not fit its shared memory block");
-        return Barrier(std::move(ref));
-    }
+    MPSERVICE_API static void encode(Encoder& e, const Barrier& b);
+    MPSERVICE_API static Barrier decode(Decoder& d);
 };
 
 }  // namespace mpservice
@@ -5952,7 +5935,7 @@ struct Codec<Connection<T>> {
 
 class Waitable;
 /// connection_wait with an absolute deadline (the other overloads call it).
-inline std::vector<Waitable> connection_wait_at(const std::vector<Waitable>& objects, detail::os::Deadline deadline);
+MPSERVICE_API std::vector<Waitable> connection_wait_at(const std::vector<Waitable>& objects, detail::os::Deadline deadline);
 
 /// One thing connection_wait watches: a Connection end (ready when recv()
 /// would not block: a whole message has arrived, or the other end is closed)
@@ -5980,25 +5963,11 @@ private:
     friend std::vector<Waitable> connection_wait_at(const std::vector<Waitable>&, detail::os::Deadline);
 };
 
-inline std::vector<Waitable> connection_wait_at(const std::vector<Waitable>& objects, detail::os::Deadline deadline) {
-    std::vector<detail::WaitTarget> targets;
-    targets.reserve(objects.size());
-    for (const Waitable& w : objects) targets.push_back(w.target());
-    std::vector<Waitable> ready;
-    for (std::size_t i : detail::connection_wait_until(targets, deadline)) {
-        ready.push_back(objects[i]);
-        ready.back().index_ = i;
-    }
-    return ready;
-}
-
 /// Waits until at least one of `objects` is ready and returns the ready ones,
 /// in the order given (Python's multiprocessing.connection.wait):
 ///     for (const mp::Waitable& w : mp::connection_wait({&a, &b, &proc})) ... w.index() / w.is(&a)
 /// A closed end, a send-only end or a process never started is an InvalidStateError.
-inline std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects) {
-    return connection_wait_at(objects, detail::os::no_deadline);
-}
+MPSERVICE_API std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects);
 /// As above, waiting at most `timeout`; empty if nothing was ready by then.
 template <class Rep, class Period>
 std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects, std::chrono::duration<Rep, Period> timeout) {
@@ -8104,7 +8073,7 @@ protected:
 class ServerClient : public ServerAccess {
 public:
     ServerClient() = default;
-    explicit ServerClient(std::shared_ptr<detail::server::Link> link) { link_ = std::move(link); }
+    MPSERVICE_API explicit ServerClient(std::shared_ptr<detail::server::Link> link);
 };
 
 /// A server process hosting objects (see the top of this file).  Started by
@@ -13233,6 +13202,15 @@ void set_log_level_from_parent(Level level) {
 }
 
 }  // namespace detail
+// Out of line: LogRecord::serialize is instantiated here, not in every includer.
+void Codec<LogRecord>::encode(Encoder& e, const LogRecord& r) { const_cast<LogRecord&>(r).serialize(e); }
+
+LogRecord Codec<LogRecord>::decode(Decoder& d) {
+    LogRecord r;
+    r.serialize(d);
+    return r;
+}
+
 }  // namespace mpservice
 // ---- end part: mpservice/impl/logging.cpp
 // ---- begin part: mpservice/impl/process_wire.cpp ----------------------------
@@ -16527,6 +16505,44 @@ void Barrier::abort() {
     break_locked(state_.get());
 }
 
+// ---------------------------------------------------------------- codecs of the primitives
+
+void Codec<Lock>::encode(Encoder& e, const Lock& l) { detail::encode_ref(e, l.lock_ref().state); }
+Lock Codec<Lock>::decode(Decoder& d) { return Lock(detail::decode_ref<detail::LockState>(d)); }
+
+void Codec<RLock>::encode(Encoder& e, const RLock& l) { detail::encode_ref(e, l.lock_ref().state); }
+RLock Codec<RLock>::decode(Decoder& d) { return RLock(detail::decode_ref<detail::LockState>(d)); }
+
+void Codec<Condition>::encode(Encoder& e, const Condition& c) {
+    detail::encode_ref(e, c.state_ref());
+    detail::encode_lock_beside(e, c.state_ref().memory(), c.lock_ref());
+}
+Condition Codec<Condition>::decode(Decoder& d) {
+    auto state = detail::decode_ref<detail::ConditionState>(d);
+    auto lock = detail::decode_lock_beside(d, state.memory());
+    return Condition(std::move(state), std::move(lock));
+}
+
+void Codec<Semaphore>::encode(Encoder& e, const Semaphore& s) { detail::encode_ref(e, s.state_ref()); }
+Semaphore Codec<Semaphore>::decode(Decoder& d) { return Semaphore(detail::decode_ref<detail::SemaphoreState>(d)); }
+
+void Codec<BoundedSemaphore>::encode(Encoder& e, const BoundedSemaphore& s) { detail::encode_ref(e, s.state_ref()); }
+BoundedSemaphore Codec<BoundedSemaphore>::decode(Decoder& d) {
+    return BoundedSemaphore(detail::decode_ref<detail::SemaphoreState>(d));
+}
+
+void Codec<Event>::encode(Encoder& e, const Event& ev) { detail::encode_ref(e, ev.state_ref()); }
+Event Codec<Event>::decode(Decoder& d) { return Event(detail::decode_ref<detail::EventState>(d)); }
+
+void Codec<Barrier>::encode(Encoder& e, const Barrier& b) { detail::encode_ref(e, b.state_ref()); }
+Barrier Codec<Barrier>::decode(Decoder& d) {
+    auto ref = detail::decode_ref<detail::BarrierState>(d);
+    std::uint32_t parties = ref->parties;
+    if (parties == 0 || ref.bytes_available() < detail::BarrierState::size_for(parties))
+        throw DecodeError("decode: barrier state does not fit its shared memory block");
+    return Barrier(std::move(ref));
+}
+
 }  // namespace mpservice
 // ---- end part: mpservice/impl/synchronize.cpp
 // ---- begin part: mpservice/impl/queues.cpp ----------------------------------
@@ -17870,6 +17886,25 @@ std::vector<std::size_t> connection_wait_until(const std::vector<WaitTarget>& ta
 }
 
 }  // namespace detail
+// ---------------------------------------------------------------- connection_wait (out of line: the
+// vectors it fills are instantiated here once, not in every includer)
+
+std::vector<Waitable> connection_wait_at(const std::vector<Waitable>& objects, detail::os::Deadline deadline) {
+    std::vector<detail::WaitTarget> targets;
+    targets.reserve(objects.size());
+    for (const Waitable& w : objects) targets.push_back(w.target());
+    std::vector<Waitable> ready;
+    for (std::size_t i : detail::connection_wait_until(targets, deadline)) {
+        ready.push_back(objects[i]);
+        ready.back().index_ = i;
+    }
+    return ready;
+}
+
+std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects) {
+    return connection_wait_at(objects, detail::os::no_deadline);
+}
+
 }  // namespace mpservice
 // ---- end part: mpservice/impl/connection.cpp
 // ---- begin part: mpservice/impl/pool.cpp ------------------------------------
@@ -20667,6 +20702,8 @@ const std::string& Proxy<Namespace>::checked(const std::string& name) {
                                     name + "')");
     return name;
 }
+
+ServerClient::ServerClient(std::shared_ptr<detail::server::Link> link) { link_ = std::move(link); }
 
 std::size_t ServerAccess::object_count() const { return static_cast<std::size_t>(std::get<0>(server_counts(link_))); }
 

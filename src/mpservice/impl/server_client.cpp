@@ -850,6 +850,8 @@ const std::string& Proxy<Namespace>::checked(const std::string& name) {
     return name;
 }
 
+ServerClient::ServerClient(std::shared_ptr<detail::server::Link> link) { link_ = std::move(link); }
+
 std::size_t ServerAccess::object_count() const { return static_cast<std::size_t>(std::get<0>(server_counts(link_))); }
 
 std::pair<long, long> ServerAccess::resource_counts() const {

@@ -780,7 +780,7 @@ protected:
 class ServerClient : public ServerAccess {
 public:
     ServerClient() = default;
-    explicit ServerClient(std::shared_ptr<detail::server::Link> link) { link_ = std::move(link); }
+    MPSERVICE_API explicit ServerClient(std::shared_ptr<detail::server::Link> link);
 };
 
 /// A server process hosting objects (see the top of this file).  Started by
