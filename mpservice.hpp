@@ -91,6 +91,48 @@
 #else
 #define MPSERVICE_NOINLINE
 #endif
+
+namespace mpservice::detail {
+
+/// The owning pointer of a pimpl (a class defined in the implementation part):
+/// std::unique_ptr<T>'s job, without its cost to every includer - each
+/// unique_ptr<T> member instantiates some 150 class templates where the owner
+/// is declared (bench/footprint_breakdown.py, includer).  Move-only; deletes
+/// its object, so the owner's destructor must be out of line (as it must be
+/// with unique_ptr).
+template <class T>
+class Owned {
+public:
+    Owned() noexcept = default;
+    explicit Owned(T* p) noexcept : p_(p) {}
+    Owned(Owned&& o) noexcept : p_(o.p_) { o.p_ = nullptr; }
+    Owned& operator=(Owned&& o) noexcept {
+        if (this != &o) {
+            delete p_;
+            p_ = o.p_;
+            o.p_ = nullptr;
+        }
+        return *this;
+    }
+    Owned(const Owned&) = delete;
+    Owned& operator=(const Owned&) = delete;
+    ~Owned() { delete p_; }
+    T* get() const noexcept { return p_; }
+    T& operator*() const noexcept { return *p_; }
+    T* operator->() const noexcept { return p_; }
+    explicit operator bool() const noexcept { return p_ != nullptr; }
+    /// Deletes the object now.
+    void reset() noexcept {
+        T* old = p_;
+        p_ = nullptr;
+        delete old;
+    }
+
+private:
+    T* p_ = nullptr;
+};
+
+}  // namespace mpservice::detail
 // ---- end part: mpservice/public/config.hpp
 // ---- begin part: mpservice/public/errors.hpp --------------------------------
 // errors: the exception types every part throws.
@@ -2462,8 +2504,8 @@ private:
     L l_;
 };
 template <class L>
-std::unique_ptr<Task> make_task(L&& l) {
-    return std::make_unique<TaskOf<std::decay_t<L>>>(std::forward<L>(l));
+Owned<Task> make_task(L&& l) {
+    return Owned<Task>(new TaskOf<std::decay_t<L>>(std::forward<L>(l)));
 }
 
 /// The shared completion state of one worker: started, then resolved exactly
@@ -2495,7 +2537,7 @@ public:
     /// Runs `hook` once when this core resolves, in the resolving thread and
     /// outside the core's lock (at once, here, if it already has).  The pool
     /// uses it to hear of a worker's death without a thread per worker.
-    MPSERVICE_API void on_resolve(std::unique_ptr<Task> hook);
+    MPSERVICE_API void on_resolve(Owned<Task> hook);
 
     std::string name;
 
@@ -2510,7 +2552,7 @@ private:
     std::exception_ptr error_;
     std::exception_ptr result_error_;
     std::vector<std::weak_ptr<CompletionQueue>> subscribers_;
-    std::vector<std::unique_ptr<Task>> hooks_;
+    std::vector<Owned<Task>> hooks_;
 };
 
 /// Cores that have resolved, in the order they did.
@@ -3177,7 +3219,7 @@ struct child_task_for<R, F, type_list<P...>, A...> {
 /// The task of a Process<R> over f(args...), or - after one static_assert
 /// that says what is wrong and what to do - nothing.
 template <class R, ContextCheck check, class FF, class... A>
-std::unique_ptr<ChildTask> make_child_task(FF&& f, A&&... args) {
+Owned<ChildTask> make_child_task(FF&& f, A&&... args) {
     using F = std::decay_t<FF>;
     constexpr TargetProblem problem = target_problem<R, F, check, A...>();
     static_assert(problem != TargetProblem::needs_fork_stateful,
@@ -3221,13 +3263,13 @@ std::unique_ptr<ChildTask> make_child_task(FF&& f, A&&... args) {
     static_assert(problem != TargetProblem::result_not_convertible,
                   "mpservice::Process<R>: the target's return type does not convert to R.");
     if constexpr (problem != TargetProblem::none) {
-        return nullptr;
+        return Owned<ChildTask>();
     } else if constexpr (has_own_signature_v<F>) {
         using Task = typename child_task_for<R, F, typename signature_of<F>::params, A...>::type;
-        return std::make_unique<Task>(std::forward<FF>(f), std::forward<A>(args)...);
+        return Owned<ChildTask>(new Task(std::forward<FF>(f), std::forward<A>(args)...));
     } else {
-        return std::make_unique<ChildTaskOf<R, F, std::decay_t<A>...>>(std::forward<FF>(f),
-                                                                       std::forward<A>(args)...);
+        return Owned<ChildTask>(
+            new ChildTaskOf<R, F, std::decay_t<A>...>(std::forward<FF>(f), std::forward<A>(args)...));
     }
 }
 
@@ -3238,7 +3280,7 @@ public:
     MPSERVICE_API ~ProcessCore() override;
 
     /// Starts the child; takes `task` only if it succeeds (a failed start can be retried).
-    MPSERVICE_API void start(std::unique_ptr<ChildTask>& task);
+    MPSERVICE_API void start(Owned<ChildTask>& task);
     /// Also watches the child's exit itself, so the waiting thread wakes with
     /// the reactor rather than after it (one cross-CPU wake-up less).
     MPSERVICE_API bool wait_until(os::Deadline deadline) const override;
@@ -3275,7 +3317,7 @@ public:
     std::string identity_;  // "3", or "1:3" in a child: numbers the default name
     bool forward_output_ = output_forwarding();  // Process::set_forward_output
     bool warm_start_ = warm_spawn();              // Process::set_warm_start
-    std::unique_ptr<Io> io_;
+    Owned<Io> io_;
 };
 
 /// Test hook: the next spawn/fork-server child is told a wrong build
@@ -3507,7 +3549,7 @@ private:
         return core_->error();
     }
 
-    std::unique_ptr<detail::ChildTask> task_;
+    detail::Owned<detail::ChildTask> task_;
 };
 
 template <class F, class... A>
@@ -3717,7 +3759,7 @@ public:
 
 private:
     template <class F, class... A>
-    std::unique_ptr<detail::Task> make_body(F&& f, A&&... args) {
+    detail::Owned<detail::Task> make_body(F&& f, A&&... args) {
         auto token = StopToken(stop_);
         auto core = state();
         return detail::make_task([core, token, fn = std::decay_t<F>(std::forward<F>(f)),
@@ -3796,7 +3838,7 @@ private:
     }
 
     std::shared_ptr<std::atomic<bool>> stop_;
-    std::unique_ptr<detail::Task> body_;
+    detail::Owned<detail::Task> body_;
     std::thread thread_;
 };
 
@@ -5780,7 +5822,7 @@ public:
     struct Impl;
 
 private:
-    std::unique_ptr<Impl> impl_;
+    Owned<Impl> impl_;
 };
 
 /// InvalidStateError for an operation on an end that was never connected.
@@ -14156,7 +14198,7 @@ struct ProcessCore::Io {
     bool eof = false;
     bool finished = false;
     std::exception_ptr exception;
-    std::unique_ptr<ChildTask> task;  // a forked child's arguments, kept until it ends
+    Owned<ChildTask> task;  // a forked child's arguments, kept until it ends
 };
 
 namespace {
@@ -14636,7 +14678,7 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int
             error = std::make_exception_ptr(ProcessError(text, code));
         }
     }
-    std::unique_ptr<ChildTask> task;
+    Owned<ChildTask> task;
     {
         std::lock_guard<std::mutex> lk(core->io_mutex());
         core->exitcode_ = code;
@@ -15158,7 +15200,7 @@ namespace detail {
 
 // ---------------------------------------------------------------- ProcessCore
 
-ProcessCore::ProcessCore(const Context& ctx) : method_(ctx.start_method()), io_(std::make_unique<Io>()) {
+ProcessCore::ProcessCore(const Context& ctx) : method_(ctx.start_method()), io_(new Io()) {
     Runtime& r = rt();
     int n = r.next_child.fetch_add(1);
     identity_ = r.identity.empty() ? std::to_string(n) : r.identity + ":" + std::to_string(n);
@@ -15260,7 +15302,7 @@ void abandon_child(ProcessCore& core, Reactor& reactor) noexcept {
 }
 }  // namespace
 
-void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
+void ProcessCore::start(Owned<ChildTask>& task) {
     if (started() || !task) throw InvalidStateError("mpservice: " + describe(name, pid_) + " was already started");
     trace_phase(StartPhase::start_entered);
     register_exit_announcement();  // inherited by forked children (see process_child)
@@ -15658,7 +15700,7 @@ bool FutureCore::done() const {
 
 void FutureCore::resolve(std::exception_ptr error, std::exception_ptr result_error) {
     std::vector<std::weak_ptr<CompletionQueue>> subscribers;
-    std::vector<std::unique_ptr<Task>> hooks;
+    std::vector<Owned<Task>> hooks;
     {
         std::lock_guard<std::mutex> lk(mutex_);
         if (done_) return;
@@ -15676,7 +15718,7 @@ void FutureCore::resolve(std::exception_ptr error, std::exception_ptr result_err
     for (auto& h : hooks) h->run();
 }
 
-void FutureCore::on_resolve(std::unique_ptr<Task> hook) {
+void FutureCore::on_resolve(Owned<Task> hook) {
     {
         std::lock_guard<std::mutex> lk(mutex_);
         if (!done_) {
@@ -17685,7 +17727,7 @@ void ConnectionCore::make_pair(bool duplex, std::shared_ptr<ConnectionCore>& a, 
 
 ConnectionCore::ConnectionCore(os::handle_t h, unsigned mode) {
     try {
-        impl_ = std::make_unique<Impl>();
+        impl_ = Owned<Impl>(new Impl());
     } catch (...) {
         os::close_handle(h);
         throw;

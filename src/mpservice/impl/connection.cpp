@@ -213,7 +213,7 @@ void ConnectionCore::make_pair(bool duplex, std::shared_ptr<ConnectionCore>& a, 
 
 ConnectionCore::ConnectionCore(os::handle_t h, unsigned mode) {
     try {
-        impl_ = std::make_unique<Impl>();
+        impl_ = Owned<Impl>(new Impl());
     } catch (...) {
         os::close_handle(h);
         throw;

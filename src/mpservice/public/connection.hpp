@@ -115,7 +115,7 @@ public:
     struct Impl;
 
 private:
-    std::unique_ptr<Impl> impl_;
+    Owned<Impl> impl_;
 };
 
 /// InvalidStateError for an operation on an end that was never connected.
