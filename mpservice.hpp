@@ -6987,14 +6987,21 @@ struct PoolOptions {
 /// A pool of worker processes (see the top of this part).
 class Pool {
 public:
+    // The constructors without initializer are templates only so that the
+    // worker start they instantiate (a Process over the pool's entry) is
+    // compiled, and linked, only where such a Pool is made - not in every
+    // translation unit that includes the header.
+
     /// cpu_count() workers in the default context (spawn unless set_start_method chose another).
+    template <class NoInitializer = void>
     Pool() : Pool(default_context(), cpu_count()) {}
     /// `processes` workers (≤ 0 is std::invalid_argument) in the default context.
+    template <class NoInitializer = void>
     explicit Pool(int processes, PoolOptions options = {}) : Pool(default_context(), processes, options) {}
     /// Workers made by `ctx`.
-    /// (Out of line: it instantiates the worker's start for "no initializer"
-    /// once, in the implementation, not in every includer.)
-    MPSERVICE_API Pool(const Context& ctx, int processes, PoolOptions options = {});
+    template <class NoInitializer = void>
+    Pool(const Context& ctx, int processes, PoolOptions options = {})
+        : Pool(ctx, processes, options, &detail::pool_no_initializer) {}
     /// Workers that each run initializer(initargs...) once before any task.
     /// The initializer's arguments may be library handles (they travel with
     /// the worker's start, as Process arguments do).
@@ -8091,9 +8098,18 @@ public:
         return create<ValueBox<T>>(std::move(v));
     }
     /// A hosted Namespace (Python's Manager().Namespace()).
-    MPSERVICE_API Proxy<mpservice::Namespace> Namespace() const;
+    /// (Templates only so that their invokers are compiled, announced and
+    /// linked only where they are called, not in every includer.)
+    template <class N = mpservice::Namespace>
+    Proxy<N> Namespace() const {
+        return create<N>();
+    }
     /// A shared memory block of `size` bytes (> 0), zero-filled.
-    MPSERVICE_API Proxy<mpservice::MemoryBlock> MemoryBlock(std::size_t size) const;
+    template <class B = mpservice::MemoryBlock>
+    Proxy<B> MemoryBlock(std::size_t size) const {
+        if (size == 0) throw std::invalid_argument("mpservice: MemoryBlock of size 0");
+        return create<B>(size);
+    }
     /// Objects alive in the server (diagnostics; includes objects kept by tickets in flight).
     MPSERVICE_API std::size_t object_count() const;
     /// Open descriptors and memory mappings of the server process (diagnostics).
@@ -18936,18 +18952,6 @@ detail::PoolWorkerBoot Codec<detail::PoolWorkerBoot>::decode(Decoder& d) {
 
 }  // namespace mpservice
 // ---- end part: mpservice/impl/pool.cpp
-// ---- begin part: mpservice/impl/pool_public.cpp -----------------------------
-// pool_public: the out-of-line members of the public Pool (no initializer's
-// constructor: its worker start instantiated once, here, and not in every
-// translation unit that includes the header).
-
-namespace mpservice {
-
-Pool::Pool(const Context& ctx, int processes, PoolOptions options)
-    : Pool(ctx, processes, options, &detail::pool_no_initializer) {}
-
-}  // namespace mpservice
-// ---- end part: mpservice/impl/pool_public.cpp
 // ---- begin part: mpservice/impl/server_wire.cpp -----------------------------
 // server_wire: what a server process and its clients say to each other.
 //
@@ -20680,16 +20684,9 @@ std::tuple<std::uint64_t, std::int64_t, std::int64_t> server_counts(const std::s
 }
 }  // namespace
 
-// Out of line, here: their invokers (Creator<Namespace>, Method<Namespace, ...>,
-// Creator<MemoryBlock, std::size_t>) are instantiated and announced once, in the
-// implementation, instead of by a static initializer in every includer.
-Proxy<Namespace> ServerAccess::Namespace() const { return create<mpservice::Namespace>(); }
-
-Proxy<MemoryBlock> ServerAccess::MemoryBlock(std::size_t size) const {
-    if (size == 0) throw std::invalid_argument("mpservice: MemoryBlock of size 0");
-    return create<mpservice::MemoryBlock>(size);
-}
-
+// Out of line, here: the Method<Namespace, ...> invokers they use are
+// instantiated and announced once, in the implementation, instead of by a
+// static initializer in every includer.
 bool Namespace::contains(const std::string& name) const {
     std::lock_guard<std::mutex> g(m_);
     return values_.count(name) != 0;

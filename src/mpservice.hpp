@@ -58,7 +58,6 @@
 #include "mpservice/impl/queues.cpp"
 #include "mpservice/impl/connection.cpp"
 #include "mpservice/impl/pool.cpp"
-#include "mpservice/impl/pool_public.cpp"
 #include "mpservice/impl/server_wire.cpp"
 #include "mpservice/impl/server_host.cpp"
 #include "mpservice/impl/server_client.cpp"

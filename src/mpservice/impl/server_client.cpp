@@ -785,16 +785,9 @@ std::tuple<std::uint64_t, std::int64_t, std::int64_t> server_counts(const std::s
 }
 }  // namespace
 
-// Out of line, here: their invokers (Creator<Namespace>, Method<Namespace, ...>,
-// Creator<MemoryBlock, std::size_t>) are instantiated and announced once, in the
-// implementation, instead of by a static initializer in every includer.
-Proxy<Namespace> ServerAccess::Namespace() const { return create<mpservice::Namespace>(); }
-
-Proxy<MemoryBlock> ServerAccess::MemoryBlock(std::size_t size) const {
-    if (size == 0) throw std::invalid_argument("mpservice: MemoryBlock of size 0");
-    return create<mpservice::MemoryBlock>(size);
-}
-
+// Out of line, here: the Method<Namespace, ...> invokers they use are
+// instantiated and announced once, in the implementation, instead of by a
+// static initializer in every includer.
 bool Namespace::contains(const std::string& name) const {
     std::lock_guard<std::mutex> g(m_);
     return values_.count(name) != 0;

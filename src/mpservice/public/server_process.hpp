@@ -756,9 +756,18 @@ public:
         return create<ValueBox<T>>(std::move(v));
     }
     /// A hosted Namespace (Python's Manager().Namespace()).
-    MPSERVICE_API Proxy<mpservice::Namespace> Namespace() const;
+    /// (Templates only so that their invokers are compiled, announced and
+    /// linked only where they are called, not in every includer.)
+    template <class N = mpservice::Namespace>
+    Proxy<N> Namespace() const {
+        return create<N>();
+    }
     /// A shared memory block of `size` bytes (> 0), zero-filled.
-    MPSERVICE_API Proxy<mpservice::MemoryBlock> MemoryBlock(std::size_t size) const;
+    template <class B = mpservice::MemoryBlock>
+    Proxy<B> MemoryBlock(std::size_t size) const {
+        if (size == 0) throw std::invalid_argument("mpservice: MemoryBlock of size 0");
+        return create<B>(size);
+    }
     /// Objects alive in the server (diagnostics; includes objects kept by tickets in flight).
     MPSERVICE_API std::size_t object_count() const;
     /// Open descriptors and memory mappings of the server process (diagnostics).
