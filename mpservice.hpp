@@ -91,6 +91,48 @@
 #else
 #define MPSERVICE_NOINLINE
 #endif
+
+namespace mpservice::detail {
+
+/// The owning pointer of a pimpl (a class defined in the implementation part):
+/// std::unique_ptr<T>'s job, without its cost to every includer - each
+/// unique_ptr<T> member instantiates some 150 class templates where the owner
+/// is declared (bench/footprint_breakdown.py, includer).  Move-only; deletes
+/// its object, so the owner's destructor must be out of line (as it must be
+/// with unique_ptr).
+template <class T>
+class Owned {
+public:
+    Owned() noexcept = default;
+    explicit Owned(T* p) noexcept : p_(p) {}
+    Owned(Owned&& o) noexcept : p_(o.p_) { o.p_ = nullptr; }
+    Owned& operator=(Owned&& o) noexcept {
+        if (this != &o) {
+            delete p_;
+            p_ = o.p_;
+            o.p_ = nullptr;
+        }
+        return *this;
+    }
+    Owned(const Owned&) = delete;
+    Owned& operator=(const Owned&) = delete;
+    ~Owned() { delete p_; }
+    T* get() const noexcept { return p_; }
+    T& operator*() const noexcept { return *p_; }
+    T* operator->() const noexcept { return p_; }
+    explicit operator bool() const noexcept { return p_ != nullptr; }
+    /// Deletes the object now.
+    void reset() noexcept {
+        T* old = p_;
+        p_ = nullptr;
+        delete old;
+    }
+
+private:
+    T* p_ = nullptr;
+};
+
+}  // namespace mpservice::detail
 // ---- end part: mpservice/public/config.hpp
 // ---- begin part: mpservice/public/errors.hpp --------------------------------
 // errors: the exception types every part throws.
@@ -2256,12 +2298,8 @@ struct LogRecord {
 
 template <>
 struct Codec<LogRecord> {
-    static void encode(Encoder& e, const LogRecord& r) { const_cast<LogRecord&>(r).serialize(e); }
-    static LogRecord decode(Decoder& d) {
-        LogRecord r;
-        r.serialize(d);
-        return r;
-    }
+    MPSERVICE_API static void encode(Encoder& e, const LogRecord& r);
+    MPSERVICE_API static LogRecord decode(Decoder& d);
 };
 
 /// A named source of records.  Cheap to copy; get_logger("a") twice gives
@@ -2467,8 +2505,8 @@ private:
     L l_;
 };
 template <class L>
-std::unique_ptr<Task> make_task(L&& l) {
-    return std::make_unique<TaskOf<std::decay_t<L>>>(std::forward<L>(l));
+Owned<Task> make_task(L&& l) {
+    return Owned<Task>(new TaskOf<std::decay_t<L>>(std::forward<L>(l)));
 }
 
 /// The shared completion state of one worker: started, then resolved exactly
@@ -2500,7 +2538,7 @@ public:
     /// Runs `hook` once when this core resolves, in the resolving thread and
     /// outside the core's lock (at once, here, if it already has).  The pool
     /// uses it to hear of a worker's death without a thread per worker.
-    MPSERVICE_API void on_resolve(std::unique_ptr<Task> hook);
+    MPSERVICE_API void on_resolve(Owned<Task> hook);
 
     std::string name;
 
@@ -2515,7 +2553,7 @@ private:
     std::exception_ptr error_;
     std::exception_ptr result_error_;
     std::vector<std::weak_ptr<CompletionQueue>> subscribers_;
-    std::vector<std::unique_ptr<Task>> hooks_;
+    std::vector<Owned<Task>> hooks_;
 };
 
 /// Cores that have resolved, in the order they did.
@@ -3182,7 +3220,7 @@ struct child_task_for<R, F, type_list<P...>, A...> {
 /// The task of a Process<R> over f(args...), or - after one static_assert
 /// that says what is wrong and what to do - nothing.
 template <class R, ContextCheck check, class FF, class... A>
-std::unique_ptr<ChildTask> make_child_task(FF&& f, A&&... args) {
+Owned<ChildTask> make_child_task(FF&& f, A&&... args) {
     using F = std::decay_t<FF>;
     constexpr TargetProblem problem = target_problem<R, F, check, A...>();
     static_assert(problem != TargetProblem::needs_fork_stateful,
@@ -3226,13 +3264,13 @@ std::unique_ptr<ChildTask> make_child_task(FF&& f, A&&... args) {
     static_assert(problem != TargetProblem::result_not_convertible,
                   "mpservice::Process<R>: the target's return type does not convert to R.");
     if constexpr (problem != TargetProblem::none) {
-        return nullptr;
+        return Owned<ChildTask>();
     } else if constexpr (has_own_signature_v<F>) {
         using Task = typename child_task_for<R, F, typename signature_of<F>::params, A...>::type;
-        return std::make_unique<Task>(std::forward<FF>(f), std::forward<A>(args)...);
+        return Owned<ChildTask>(new Task(std::forward<FF>(f), std::forward<A>(args)...));
     } else {
-        return std::make_unique<ChildTaskOf<R, F, std::decay_t<A>...>>(std::forward<FF>(f),
-                                                                       std::forward<A>(args)...);
+        return Owned<ChildTask>(
+            new ChildTaskOf<R, F, std::decay_t<A>...>(std::forward<FF>(f), std::forward<A>(args)...));
     }
 }
 
@@ -3243,7 +3281,7 @@ public:
     MPSERVICE_API ~ProcessCore() override;
 
     /// Starts the child; takes `task` only if it succeeds (a failed start can be retried).
-    MPSERVICE_API void start(std::unique_ptr<ChildTask>& task);
+    MPSERVICE_API void start(Owned<ChildTask>& task);
     /// Also watches the child's exit itself, so the waiting thread wakes with
     /// the reactor rather than after it (one cross-CPU wake-up less).
     MPSERVICE_API bool wait_until(os::Deadline deadline) const override;
@@ -3280,7 +3318,7 @@ public:
     std::string identity_;  // "3", or "1:3" in a child: numbers the default name
     bool forward_output_ = output_forwarding();  // Process::set_forward_output
     bool warm_start_ = warm_spawn();              // Process::set_warm_start
-    std::unique_ptr<Io> io_;
+    Owned<Io> io_;
 };
 
 /// Test hook: the next spawn/fork-server child is told a wrong build
@@ -3512,7 +3550,7 @@ private:
         return core_->error();
     }
 
-    std::unique_ptr<detail::ChildTask> task_;
+    detail::Owned<detail::ChildTask> task_;
 };
 
 template <class F, class... A>
@@ -3722,7 +3760,7 @@ public:
 
 private:
     template <class F, class... A>
-    std::unique_ptr<detail::Task> make_body(F&& f, A&&... args) {
+    detail::Owned<detail::Task> make_body(F&& f, A&&... args) {
         auto token = StopToken(stop_);
         auto core = state();
         return detail::make_task([core, token, fn = std::decay_t<F>(std::forward<F>(f)),
@@ -3801,7 +3839,7 @@ private:
     }
 
     std::shared_ptr<std::atomic<bool>> stop_;
-    std::unique_ptr<detail::Task> body_;
+    detail::Owned<detail::Task> body_;
     std::thread thread_;
 };
 
@@ -4541,55 +4579,42 @@ private:
 
 // ============================================================================ codecs
 
+// (Defined in the implementation: the shared-state references they read and
+// write are instantiated there once, not in every includer.)
 template <>
 struct Codec<Lock> {
-    static void encode(Encoder& e, const Lock& l) { detail::encode_ref(e, l.lock_ref().state); }
-    static Lock decode(Decoder& d) { return Lock(detail::decode_ref<detail::LockState>(d)); }
+    MPSERVICE_API static void encode(Encoder& e, const Lock& l);
+    MPSERVICE_API static Lock decode(Decoder& d);
 };
 template <>
 struct Codec<RLock> {
-    static void encode(Encoder& e, const RLock& l) { detail::encode_ref(e, l.lock_ref().state); }
-    static RLock decode(Decoder& d) { return RLock(detail::decode_ref<detail::LockState>(d)); }
+    MPSERVICE_API static void encode(Encoder& e, const RLock& l);
+    MPSERVICE_API static RLock decode(Decoder& d);
 };
 template <>
 struct Codec<Condition> {
-    static void encode(Encoder& e, const Condition& c) {
-        detail::encode_ref(e, c.state_ref());
-        detail::encode_lock_beside(e, c.state_ref().memory(), c.lock_ref());
-    }
-    static Condition decode(Decoder& d) {
-        auto state = detail::decode_ref<detail::ConditionState>(d);
-        auto lock = detail::decode_lock_beside(d, state.memory());
-        return Condition(std::move(state), std::move(lock));
-    }
+    MPSERVICE_API static void encode(Encoder& e, const Condition& c);
+    MPSERVICE_API static Condition decode(Decoder& d);
 };
 template <>
 struct Codec<Semaphore> {
-    static void encode(Encoder& e, const Semaphore& s) { detail::encode_ref(e, s.state_ref()); }
-    static Semaphore decode(Decoder& d) { return Semaphore(detail::decode_ref<detail::SemaphoreState>(d)); }
+    MPSERVICE_API static void encode(Encoder& e, const Semaphore& s);
+    MPSERVICE_API static Semaphore decode(Decoder& d);
 };
 template <>
 struct Codec<BoundedSemaphore> {
-    static void encode(Encoder& e, const BoundedSemaphore& s) { detail::encode_ref(e, s.state_ref()); }
-    static BoundedSemaphore decode(Decoder& d) {
-        return BoundedSemaphore(detail::decode_ref<detail::SemaphoreState>(d));
-    }
+    MPSERVICE_API static void encode(Encoder& e, const BoundedSemaphore& s);
+    MPSERVICE_API static BoundedSemaphore decode(Decoder& d);
 };
 template <>
 struct Codec<Event> {
-    static void encode(Encoder& e, const Event& ev) { detail::encode_ref(e, ev.state_ref()); }
-    static Event decode(Decoder& d) { return Event(detail::decode_ref<detail::EventState>(d)); }
+    MPSERVICE_API static void encode(Encoder& e, const Event& ev);
+    MPSERVICE_API static Event decode(Decoder& d);
 };
 template <>
 struct Codec<Barrier> {
-    static void encode(Encoder& e, const Barrier& b) { detail::encode_ref(e, b.state_ref()); }
-    static Barrier decode(Decoder& d) {
-        auto ref = detail::decode_ref<detail::BarrierState>(d);
-        std::uint32_t parties = ref->parties;
-        if (parties == 0 || ref.bytes_available() < detail::BarrierState::size_for(parties))
-            throw DecodeError("decode: barrier state does not fit its shared memory block");
-        return Barrier(std::move(ref));
-    }
+    MPSERVICE_API static void encode(Encoder& e, const Barrier& b);
+    MPSERVICE_API static Barrier decode(Decoder& d);
 };
 
 }  // namespace mpservice
@@ -5828,7 +5853,7 @@ public:
     struct Impl;
 
 private:
-    std::unique_ptr<Impl> impl_;
+    Owned<Impl> impl_;
 };
 
 /// InvalidStateError for an operation on an end that was never connected.
@@ -5983,7 +6008,7 @@ struct Codec<Connection<T>> {
 
 class Waitable;
 /// connection_wait with an absolute deadline (the other overloads call it).
-inline std::vector<Waitable> connection_wait_at(const std::vector<Waitable>& objects, detail::os::Deadline deadline);
+MPSERVICE_API std::vector<Waitable> connection_wait_at(const std::vector<Waitable>& objects, detail::os::Deadline deadline);
 
 /// One thing connection_wait watches: a Connection end (ready when recv()
 /// would not block: a whole message has arrived, or the other end is closed)
@@ -6011,25 +6036,11 @@ private:
     friend std::vector<Waitable> connection_wait_at(const std::vector<Waitable>&, detail::os::Deadline);
 };
 
-inline std::vector<Waitable> connection_wait_at(const std::vector<Waitable>& objects, detail::os::Deadline deadline) {
-    std::vector<detail::WaitTarget> targets;
-    targets.reserve(objects.size());
-    for (const Waitable& w : objects) targets.push_back(w.target());
-    std::vector<Waitable> ready;
-    for (std::size_t i : detail::connection_wait_until(targets, deadline)) {
-        ready.push_back(objects[i]);
-        ready.back().index_ = i;
-    }
-    return ready;
-}
-
 /// Waits until at least one of `objects` is ready and returns the ready ones,
 /// in the order given (Python's multiprocessing.connection.wait):
 ///     for (const mp::Waitable& w : mp::connection_wait({&a, &b, &proc})) ... w.index() / w.is(&a)
 /// A closed end, a send-only end or a process never started is an InvalidStateError.
-inline std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects) {
-    return connection_wait_at(objects, detail::os::no_deadline);
-}
+MPSERVICE_API std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects);
 /// As above, waiting at most `timeout`; empty if nothing was ready by then.
 template <class Rep, class Period>
 std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects, std::chrono::duration<Rep, Period> timeout) {
@@ -7200,11 +7211,19 @@ struct PoolOptions {
 /// A pool of worker processes (see the top of this part).
 class Pool {
 public:
+    // The constructors without initializer are templates only so that the
+    // worker start they instantiate (a Process over the pool's entry) is
+    // compiled, and linked, only where such a Pool is made - not in every
+    // translation unit that includes the header.
+
     /// cpu_count() workers in the default context (spawn unless set_start_method chose another).
+    template <class NoInitializer = void>
     Pool() : Pool(default_context(), cpu_count()) {}
     /// `processes` workers (≤ 0 is std::invalid_argument) in the default context.
+    template <class NoInitializer = void>
     explicit Pool(int processes, PoolOptions options = {}) : Pool(default_context(), processes, options) {}
     /// Workers made by `ctx`.
+    template <class NoInitializer = void>
     Pool(const Context& ctx, int processes, PoolOptions options = {})
         : Pool(ctx, processes, options, &detail::pool_no_initializer) {}
     /// Workers that each run initializer(initargs...) once before any task.
@@ -8161,52 +8180,21 @@ public:
         if (!v) throw_mismatch(name, h.type_name, typeid(T).name());
         return *v;
     }
-    bool contains(const std::string& name) const {
-        std::lock_guard<std::mutex> g(m_);
-        return values_.count(name) != 0;
-    }
+    MPSERVICE_API bool contains(const std::string& name) const;
     /// Python's `del ns.name`: std::out_of_range if it is not there.
-    void erase(const std::string& name) {
-        Held old;
-        std::lock_guard<std::mutex> g(m_);
-        auto it = values_.find(name);
-        if (it == values_.end()) throw_missing(name);
-        old = std::move(it->second);
-        values_.erase(it);
-    }
-    std::vector<std::string> names() const {
-        std::lock_guard<std::mutex> g(m_);
-        std::vector<std::string> out;
-        for (auto& kv : values_) out.push_back(kv.first);
-        return out;
-    }
+    MPSERVICE_API void erase(const std::string& name);
+    MPSERVICE_API std::vector<std::string> names() const;
     /// The (readable) type of the value stored under `name`.
-    std::string type_of(const std::string& name) const {
-        std::lock_guard<std::mutex> g(m_);
-        return detail::os::demangle(find(name).type_name);
-    }
-    std::size_t len() const {
-        std::lock_guard<std::mutex> g(m_);
-        return values_.size();
-    }
+    MPSERVICE_API std::string type_of(const std::string& name) const;
+    MPSERVICE_API std::size_t len() const;
 
 private:
     struct Held {
         std::any value;
         const char* type_name = "";
     };
-    const Held& find(const std::string& name) const {
-        auto it = values_.find(name);
-        if (it == values_.end()) throw_missing(name);
-        return it->second;
-    }
-    [[noreturn]] static void throw_missing(const std::string& name) {
-        throw std::out_of_range("namespace has no attribute '" + name + "'");
-    }
-    [[noreturn]] static void throw_mismatch(const std::string& name, const char* held, const char* asked) {
-        throw std::invalid_argument("namespace attribute '" + name + "' holds a " + detail::os::demangle(held) +
-                                    ", not a " + detail::os::demangle(asked));
-    }
+    MPSERVICE_API const Held& find(const std::string& name) const;
+    [[noreturn]] MPSERVICE_API static void throw_mismatch(const std::string& name, const char* held, const char* asked);
     mutable std::mutex m_;
     std::map<std::string, Held> values_;
 };
@@ -8296,20 +8284,16 @@ public:
             return fallback;
         }
     }
-    bool contains(const std::string& name) const { return this->template call<&N::contains>(checked(name)); }
+    MPSERVICE_API bool contains(const std::string& name) const;
     /// del ns.name: std::out_of_range if there is no such name.
-    void erase(const std::string& name) const { this->template call<&N::erase>(checked(name)); }
-    std::vector<std::string> names() const { return this->template call<&N::names>(); }
-    std::string type_of(const std::string& name) const { return this->template call<&N::type_of>(checked(name)); }
-    std::size_t len() const { return this->template call<&N::len>(); }
+    MPSERVICE_API void erase(const std::string& name) const;
+    MPSERVICE_API std::vector<std::string> names() const;
+    MPSERVICE_API std::string type_of(const std::string& name) const;
+    MPSERVICE_API std::size_t len() const;
 
 private:
-    static const std::string& checked(const std::string& name) {
-        if (name.empty() || name[0] == '_')
-            throw std::invalid_argument("mpservice: namespace attribute names must not be empty or start with '_' ('" +
-                                        name + "')");
-        return name;
-    }
+    /// `name`, or std::invalid_argument if it is empty or starts with '_'.
+    MPSERVICE_API static const std::string& checked(const std::string& name);
 };
 
 // ---------------------------------------------------------------- the server process
@@ -8350,11 +8334,17 @@ public:
         return create<ValueBox<T>>(std::move(v));
     }
     /// A hosted Namespace (Python's Manager().Namespace()).
-    Proxy<mpservice::Namespace> Namespace() const { return create<mpservice::Namespace>(); }
+    /// (Templates only so that their invokers are compiled, announced and
+    /// linked only where they are called, not in every includer.)
+    template <class N = mpservice::Namespace>
+    Proxy<N> Namespace() const {
+        return create<N>();
+    }
     /// A shared memory block of `size` bytes (> 0), zero-filled.
-    Proxy<mpservice::MemoryBlock> MemoryBlock(std::size_t size) const {
+    template <class B = mpservice::MemoryBlock>
+    Proxy<B> MemoryBlock(std::size_t size) const {
         if (size == 0) throw std::invalid_argument("mpservice: MemoryBlock of size 0");
-        return create<mpservice::MemoryBlock>(size);
+        return create<B>(size);
     }
     /// Objects alive in the server (diagnostics; includes objects kept by tickets in flight).
     MPSERVICE_API std::size_t object_count() const;
@@ -8377,7 +8367,7 @@ protected:
 class ServerClient : public ServerAccess {
 public:
     ServerClient() = default;
-    explicit ServerClient(std::shared_ptr<detail::server::Link> link) { link_ = std::move(link); }
+    MPSERVICE_API explicit ServerClient(std::shared_ptr<detail::server::Link> link);
 };
 
 /// A server process hosting objects (see the top of this file).  Started by
@@ -13510,6 +13500,15 @@ void set_log_level_from_parent(Level level) {
 }
 
 }  // namespace detail
+// Out of line: LogRecord::serialize is instantiated here, not in every includer.
+void Codec<LogRecord>::encode(Encoder& e, const LogRecord& r) { const_cast<LogRecord&>(r).serialize(e); }
+
+LogRecord Codec<LogRecord>::decode(Decoder& d) {
+    LogRecord r;
+    r.serialize(d);
+    return r;
+}
+
 }  // namespace mpservice
 // ---- end part: mpservice/impl/logging.cpp
 // ---- begin part: mpservice/impl/process_wire.cpp ----------------------------
@@ -14455,7 +14454,7 @@ struct ProcessCore::Io {
     bool eof = false;
     bool finished = false;
     std::exception_ptr exception;
-    std::unique_ptr<ChildTask> task;  // a forked child's arguments, kept until it ends
+    Owned<ChildTask> task;  // a forked child's arguments, kept until it ends
 };
 
 namespace {
@@ -14935,7 +14934,7 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int
             error = std::make_exception_ptr(ProcessError(text, code));
         }
     }
-    std::unique_ptr<ChildTask> task;
+    Owned<ChildTask> task;
     {
         std::lock_guard<std::mutex> lk(core->io_mutex());
         core->exitcode_ = code;
@@ -15457,7 +15456,7 @@ namespace detail {
 
 // ---------------------------------------------------------------- ProcessCore
 
-ProcessCore::ProcessCore(const Context& ctx) : method_(ctx.start_method()), io_(std::make_unique<Io>()) {
+ProcessCore::ProcessCore(const Context& ctx) : method_(ctx.start_method()), io_(new Io()) {
     Runtime& r = rt();
     int n = r.next_child.fetch_add(1);
     identity_ = r.identity.empty() ? std::to_string(n) : r.identity + ":" + std::to_string(n);
@@ -15559,7 +15558,7 @@ void abandon_child(ProcessCore& core, Reactor& reactor) noexcept {
 }
 }  // namespace
 
-void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
+void ProcessCore::start(Owned<ChildTask>& task) {
     if (started() || !task) throw InvalidStateError("mpservice: " + describe(name, pid_) + " was already started");
     trace_phase(StartPhase::start_entered);
     register_exit_announcement();  // inherited by forked children (see process_child)
@@ -15957,7 +15956,7 @@ bool FutureCore::done() const {
 
 void FutureCore::resolve(std::exception_ptr error, std::exception_ptr result_error) {
     std::vector<std::weak_ptr<CompletionQueue>> subscribers;
-    std::vector<std::unique_ptr<Task>> hooks;
+    std::vector<Owned<Task>> hooks;
     {
         std::lock_guard<std::mutex> lk(mutex_);
         if (done_) return;
@@ -15975,7 +15974,7 @@ void FutureCore::resolve(std::exception_ptr error, std::exception_ptr result_err
     for (auto& h : hooks) h->run();
 }
 
-void FutureCore::on_resolve(std::unique_ptr<Task> hook) {
+void FutureCore::on_resolve(Owned<Task> hook) {
     {
         std::lock_guard<std::mutex> lk(mutex_);
         if (!done_) {
@@ -16802,6 +16801,44 @@ void Barrier::abort() {
     using namespace detail::sync_impl;
     BarrierGuard guard(state_.get());
     break_locked(state_.get());
+}
+
+// ---------------------------------------------------------------- codecs of the primitives
+
+void Codec<Lock>::encode(Encoder& e, const Lock& l) { detail::encode_ref(e, l.lock_ref().state); }
+Lock Codec<Lock>::decode(Decoder& d) { return Lock(detail::decode_ref<detail::LockState>(d)); }
+
+void Codec<RLock>::encode(Encoder& e, const RLock& l) { detail::encode_ref(e, l.lock_ref().state); }
+RLock Codec<RLock>::decode(Decoder& d) { return RLock(detail::decode_ref<detail::LockState>(d)); }
+
+void Codec<Condition>::encode(Encoder& e, const Condition& c) {
+    detail::encode_ref(e, c.state_ref());
+    detail::encode_lock_beside(e, c.state_ref().memory(), c.lock_ref());
+}
+Condition Codec<Condition>::decode(Decoder& d) {
+    auto state = detail::decode_ref<detail::ConditionState>(d);
+    auto lock = detail::decode_lock_beside(d, state.memory());
+    return Condition(std::move(state), std::move(lock));
+}
+
+void Codec<Semaphore>::encode(Encoder& e, const Semaphore& s) { detail::encode_ref(e, s.state_ref()); }
+Semaphore Codec<Semaphore>::decode(Decoder& d) { return Semaphore(detail::decode_ref<detail::SemaphoreState>(d)); }
+
+void Codec<BoundedSemaphore>::encode(Encoder& e, const BoundedSemaphore& s) { detail::encode_ref(e, s.state_ref()); }
+BoundedSemaphore Codec<BoundedSemaphore>::decode(Decoder& d) {
+    return BoundedSemaphore(detail::decode_ref<detail::SemaphoreState>(d));
+}
+
+void Codec<Event>::encode(Encoder& e, const Event& ev) { detail::encode_ref(e, ev.state_ref()); }
+Event Codec<Event>::decode(Decoder& d) { return Event(detail::decode_ref<detail::EventState>(d)); }
+
+void Codec<Barrier>::encode(Encoder& e, const Barrier& b) { detail::encode_ref(e, b.state_ref()); }
+Barrier Codec<Barrier>::decode(Decoder& d) {
+    auto ref = detail::decode_ref<detail::BarrierState>(d);
+    std::uint32_t parties = ref->parties;
+    if (parties == 0 || ref.bytes_available() < detail::BarrierState::size_for(parties))
+        throw DecodeError("decode: barrier state does not fit its shared memory block");
+    return Barrier(std::move(ref));
 }
 
 }  // namespace mpservice
@@ -18039,7 +18076,7 @@ void ConnectionCore::make_pair(bool duplex, std::shared_ptr<ConnectionCore>& a, 
 
 ConnectionCore::ConnectionCore(os::handle_t h, unsigned mode) {
     try {
-        impl_ = std::make_unique<Impl>();
+        impl_ = Owned<Impl>(new Impl());
     } catch (...) {
         os::close_handle(h);
         throw;
@@ -18240,6 +18277,25 @@ std::vector<std::size_t> connection_wait_until(const std::vector<WaitTarget>& ta
 }
 
 }  // namespace detail
+// ---------------------------------------------------------------- connection_wait (out of line: the
+// vectors it fills are instantiated here once, not in every includer)
+
+std::vector<Waitable> connection_wait_at(const std::vector<Waitable>& objects, detail::os::Deadline deadline) {
+    std::vector<detail::WaitTarget> targets;
+    targets.reserve(objects.size());
+    for (const Waitable& w : objects) targets.push_back(w.target());
+    std::vector<Waitable> ready;
+    for (std::size_t i : detail::connection_wait_until(targets, deadline)) {
+        ready.push_back(objects[i]);
+        ready.back().index_ = i;
+    }
+    return ready;
+}
+
+std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects) {
+    return connection_wait_at(objects, detail::os::no_deadline);
+}
+
 }  // namespace mpservice
 // ---- end part: mpservice/impl/connection.cpp
 // ---- begin part: mpservice/impl/pool.cpp ------------------------------------
@@ -21005,6 +21061,66 @@ std::tuple<std::uint64_t, std::int64_t, std::int64_t> server_counts(const std::s
     return {n, fds, maps};
 }
 }  // namespace
+
+// Out of line, here: the Method<Namespace, ...> invokers they use are
+// instantiated and announced once, in the implementation, instead of by a
+// static initializer in every includer.
+bool Namespace::contains(const std::string& name) const {
+    std::lock_guard<std::mutex> g(m_);
+    return values_.count(name) != 0;
+}
+
+void Namespace::erase(const std::string& name) {
+    Held old;
+    std::lock_guard<std::mutex> g(m_);
+    auto it = values_.find(name);
+    if (it == values_.end()) throw std::out_of_range("namespace has no attribute '" + name + "'");
+    old = std::move(it->second);
+    values_.erase(it);
+}
+
+std::vector<std::string> Namespace::names() const {
+    std::lock_guard<std::mutex> g(m_);
+    std::vector<std::string> out;
+    for (auto& kv : values_) out.push_back(kv.first);
+    return out;
+}
+
+std::string Namespace::type_of(const std::string& name) const {
+    std::lock_guard<std::mutex> g(m_);
+    return detail::os::demangle(find(name).type_name);
+}
+
+std::size_t Namespace::len() const {
+    std::lock_guard<std::mutex> g(m_);
+    return values_.size();
+}
+
+const Namespace::Held& Namespace::find(const std::string& name) const {
+    auto it = values_.find(name);
+    if (it == values_.end()) throw std::out_of_range("namespace has no attribute '" + name + "'");
+    return it->second;
+}
+
+void Namespace::throw_mismatch(const std::string& name, const char* held, const char* asked) {
+    throw std::invalid_argument("namespace attribute '" + name + "' holds a " + detail::os::demangle(held) +
+                                ", not a " + detail::os::demangle(asked));
+}
+
+bool Proxy<Namespace>::contains(const std::string& name) const { return call<&N::contains>(checked(name)); }
+void Proxy<Namespace>::erase(const std::string& name) const { call<&N::erase>(checked(name)); }
+std::vector<std::string> Proxy<Namespace>::names() const { return call<&N::names>(); }
+std::string Proxy<Namespace>::type_of(const std::string& name) const { return call<&N::type_of>(checked(name)); }
+std::size_t Proxy<Namespace>::len() const { return call<&N::len>(); }
+
+const std::string& Proxy<Namespace>::checked(const std::string& name) {
+    if (name.empty() || name[0] == '_')
+        throw std::invalid_argument("mpservice: namespace attribute names must not be empty or start with '_' ('" +
+                                    name + "')");
+    return name;
+}
+
+ServerClient::ServerClient(std::shared_ptr<detail::server::Link> link) { link_ = std::move(link); }
 
 std::size_t ServerAccess::object_count() const { return static_cast<std::size_t>(std::get<0>(server_counts(link_))); }
 

@@ -13,7 +13,13 @@ MPSERVICE_IMPLEMENTATION, one with the example, no special flags), then prints
      -ffunction-sections -Wl,--gc-sections), against the same program without the library;
   2. the binary's sections (code, unwind tables, read-only data);
   3. its code by library area (symbols grouped by the part of the library they belong to);
-  4. the implementation TU's compile time by compiler phase (g++'s -ftime-report).
+  4. the implementation TU's compile time by compiler phase (g++'s -ftime-report);
+  5. what a TU that only includes the header costs (what every includer pays): the code it
+     emits (should be none - an inline function of the public part that instantiates a
+     template with a static initializer, or a non-template constructor that instantiates a
+     Process, puts code in every includer) and, with g++, its front-end time, template
+     instantiation and memory against a TU with only the standard headers the public part
+     includes (bench/run's includer row).
 
 Compile times are CPU seconds (user), which a busy machine inflates less than wall time.
 Standard library and binutils (nm, strip, readelf) only.  Builds into build-footprint/.
@@ -134,6 +140,45 @@ def phases():
     return rows
 
 
+def includer():
+    """(code the includer emits, [(label, cpu s, instantiation s, GGC MiB)] for includer and std only)."""
+    headers = []
+    for line in (ROOT / "mpservice.hpp").read_text().splitlines():
+        if line.startswith("#if defined(MPSERVICE_IMPLEMENTATION)"):
+            break
+        if line.strip().startswith("#include <"):
+            h = line.strip()[len("#include "):].split()[0]
+            if h not in headers:
+                headers.append(h)
+    srcs = {"includes mpservice.hpp": '#include "mpservice.hpp"\nint main() { return 0; }\n',
+            "only its %d std headers" % len(headers): "".join("#include %s\n" % h for h in headers) +
+            "int main() { return 0; }\n"}
+    rows, emitted = [], []
+    with tempfile.TemporaryDirectory() as t:
+        for i, (label, text) in enumerate(srcs.items()):
+            src, obj = os.path.join(t, "i%d.cpp" % i), os.path.join(t, "i%d.o" % i)
+            Path(src).write_text(text)
+            args = ["-std=c++17", "-O2", "-I", str(ROOT), "-c", src, "-o", obj]
+            r = subprocess.run([CXX] + args + (["-ftime-report"] if "g++" in os.path.basename(CXX) else []),
+                               capture_output=True, text=True, check=True)
+            cpu = inst = mem = None
+            for line in r.stderr.splitlines():
+                m = re.match(r"\s*template instantiation\s*:\s*([\d.]+)", line)
+                if m:
+                    inst = float(m.group(1))
+                m = re.match(r"\s*TOTAL\s*:\s*([\d.]+)\s+([\d.]+)\s+[\d.]+\s+(\d+)([kM])", line)
+                if m:
+                    cpu = float(m.group(1)) + float(m.group(2))
+                    mem = int(m.group(3)) / (1024 if m.group(4) == "k" else 1)
+            rows.append((label, cpu, inst, mem))
+            if i == 0:
+                for line in run(["nm", "-C", "--defined-only", obj]).stdout.splitlines():
+                    parts = line.split(" ", 2)
+                    if len(parts) == 3 and parts[1] not in ("r", "n", "N") and parts[2] != "main":
+                        emitted.append(parts[1] + " " + parts[2])
+    return emitted, rows
+
+
 def main():
     OUT.mkdir(exist_ok=True)
     kib = lambda b: b / 1024
@@ -162,6 +207,14 @@ def main():
         print("\n4. implementation TU at -O2 by compiler phase (-ftime-report, CPU s)")
         for name, secs, pct in phases():
             print("   %-28s %6.1f s %3d%%" % (name, secs, pct))
+    emitted, rows = includer()
+    print("\n5. a TU that only includes the header (-O2): %d symbols emitted besides main" % len(emitted))
+    for name in emitted[:20]:
+        print("   " + name[:150])
+    for label, cpu, inst, mem in rows:
+        if cpu is not None:
+            print("   %-26s %5.2f s CPU (user+sys)  template instantiation %4.2f s  memory %4.0f MiB" %
+                  (label, cpu, inst or 0.0, mem or 0))
     return 0
 
 

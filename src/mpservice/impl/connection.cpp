@@ -213,7 +213,7 @@ void ConnectionCore::make_pair(bool duplex, std::shared_ptr<ConnectionCore>& a, 
 
 ConnectionCore::ConnectionCore(os::handle_t h, unsigned mode) {
     try {
-        impl_ = std::make_unique<Impl>();
+        impl_ = Owned<Impl>(new Impl());
     } catch (...) {
         os::close_handle(h);
         throw;
@@ -414,4 +414,23 @@ std::vector<std::size_t> connection_wait_until(const std::vector<WaitTarget>& ta
 }
 
 }  // namespace detail
+// ---------------------------------------------------------------- connection_wait (out of line: the
+// vectors it fills are instantiated here once, not in every includer)
+
+std::vector<Waitable> connection_wait_at(const std::vector<Waitable>& objects, detail::os::Deadline deadline) {
+    std::vector<detail::WaitTarget> targets;
+    targets.reserve(objects.size());
+    for (const Waitable& w : objects) targets.push_back(w.target());
+    std::vector<Waitable> ready;
+    for (std::size_t i : detail::connection_wait_until(targets, deadline)) {
+        ready.push_back(objects[i]);
+        ready.back().index_ = i;
+    }
+    return ready;
+}
+
+std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects) {
+    return connection_wait_at(objects, detail::os::no_deadline);
+}
+
 }  // namespace mpservice

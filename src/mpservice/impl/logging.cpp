@@ -323,4 +323,13 @@ void set_log_level_from_parent(Level level) {
 }
 
 }  // namespace detail
+// Out of line: LogRecord::serialize is instantiated here, not in every includer.
+void Codec<LogRecord>::encode(Encoder& e, const LogRecord& r) { const_cast<LogRecord&>(r).serialize(e); }
+
+LogRecord Codec<LogRecord>::decode(Decoder& d) {
+    LogRecord r;
+    r.serialize(d);
+    return r;
+}
+
 }  // namespace mpservice

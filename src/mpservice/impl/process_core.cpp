@@ -23,7 +23,7 @@ namespace detail {
 
 // ---------------------------------------------------------------- ProcessCore
 
-ProcessCore::ProcessCore(const Context& ctx) : method_(ctx.start_method()), io_(std::make_unique<Io>()) {
+ProcessCore::ProcessCore(const Context& ctx) : method_(ctx.start_method()), io_(new Io()) {
     Runtime& r = rt();
     int n = r.next_child.fetch_add(1);
     identity_ = r.identity.empty() ? std::to_string(n) : r.identity + ":" + std::to_string(n);
@@ -125,7 +125,7 @@ void abandon_child(ProcessCore& core, Reactor& reactor) noexcept {
 }
 }  // namespace
 
-void ProcessCore::start(std::unique_ptr<ChildTask>& task) {
+void ProcessCore::start(Owned<ChildTask>& task) {
     if (started() || !task) throw InvalidStateError("mpservice: " + describe(name, pid_) + " was already started");
     trace_phase(StartPhase::start_entered);
     register_exit_announcement();  // inherited by forked children (see process_child)

@@ -35,7 +35,7 @@ struct ProcessCore::Io {
     bool eof = false;
     bool finished = false;
     std::exception_ptr exception;
-    std::unique_ptr<ChildTask> task;  // a forked child's arguments, kept until it ends
+    Owned<ChildTask> task;  // a forked child's arguments, kept until it ends
 };
 
 namespace {
@@ -515,7 +515,7 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int
             error = std::make_exception_ptr(ProcessError(text, code));
         }
     }
-    std::unique_ptr<ChildTask> task;
+    Owned<ChildTask> task;
     {
         std::lock_guard<std::mutex> lk(core->io_mutex());
         core->exitcode_ = code;

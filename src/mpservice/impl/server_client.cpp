@@ -785,6 +785,66 @@ std::tuple<std::uint64_t, std::int64_t, std::int64_t> server_counts(const std::s
 }
 }  // namespace
 
+// Out of line, here: the Method<Namespace, ...> invokers they use are
+// instantiated and announced once, in the implementation, instead of by a
+// static initializer in every includer.
+bool Namespace::contains(const std::string& name) const {
+    std::lock_guard<std::mutex> g(m_);
+    return values_.count(name) != 0;
+}
+
+void Namespace::erase(const std::string& name) {
+    Held old;
+    std::lock_guard<std::mutex> g(m_);
+    auto it = values_.find(name);
+    if (it == values_.end()) throw std::out_of_range("namespace has no attribute '" + name + "'");
+    old = std::move(it->second);
+    values_.erase(it);
+}
+
+std::vector<std::string> Namespace::names() const {
+    std::lock_guard<std::mutex> g(m_);
+    std::vector<std::string> out;
+    for (auto& kv : values_) out.push_back(kv.first);
+    return out;
+}
+
+std::string Namespace::type_of(const std::string& name) const {
+    std::lock_guard<std::mutex> g(m_);
+    return detail::os::demangle(find(name).type_name);
+}
+
+std::size_t Namespace::len() const {
+    std::lock_guard<std::mutex> g(m_);
+    return values_.size();
+}
+
+const Namespace::Held& Namespace::find(const std::string& name) const {
+    auto it = values_.find(name);
+    if (it == values_.end()) throw std::out_of_range("namespace has no attribute '" + name + "'");
+    return it->second;
+}
+
+void Namespace::throw_mismatch(const std::string& name, const char* held, const char* asked) {
+    throw std::invalid_argument("namespace attribute '" + name + "' holds a " + detail::os::demangle(held) +
+                                ", not a " + detail::os::demangle(asked));
+}
+
+bool Proxy<Namespace>::contains(const std::string& name) const { return call<&N::contains>(checked(name)); }
+void Proxy<Namespace>::erase(const std::string& name) const { call<&N::erase>(checked(name)); }
+std::vector<std::string> Proxy<Namespace>::names() const { return call<&N::names>(); }
+std::string Proxy<Namespace>::type_of(const std::string& name) const { return call<&N::type_of>(checked(name)); }
+std::size_t Proxy<Namespace>::len() const { return call<&N::len>(); }
+
+const std::string& Proxy<Namespace>::checked(const std::string& name) {
+    if (name.empty() || name[0] == '_')
+        throw std::invalid_argument("mpservice: namespace attribute names must not be empty or start with '_' ('" +
+                                    name + "')");
+    return name;
+}
+
+ServerClient::ServerClient(std::shared_ptr<detail::server::Link> link) { link_ = std::move(link); }
+
 std::size_t ServerAccess::object_count() const { return static_cast<std::size_t>(std::get<0>(server_counts(link_))); }
 
 std::pair<long, long> ServerAccess::resource_counts() const {

@@ -685,4 +685,42 @@ void Barrier::abort() {
     break_locked(state_.get());
 }
 
+// ---------------------------------------------------------------- codecs of the primitives
+
+void Codec<Lock>::encode(Encoder& e, const Lock& l) { detail::encode_ref(e, l.lock_ref().state); }
+Lock Codec<Lock>::decode(Decoder& d) { return Lock(detail::decode_ref<detail::LockState>(d)); }
+
+void Codec<RLock>::encode(Encoder& e, const RLock& l) { detail::encode_ref(e, l.lock_ref().state); }
+RLock Codec<RLock>::decode(Decoder& d) { return RLock(detail::decode_ref<detail::LockState>(d)); }
+
+void Codec<Condition>::encode(Encoder& e, const Condition& c) {
+    detail::encode_ref(e, c.state_ref());
+    detail::encode_lock_beside(e, c.state_ref().memory(), c.lock_ref());
+}
+Condition Codec<Condition>::decode(Decoder& d) {
+    auto state = detail::decode_ref<detail::ConditionState>(d);
+    auto lock = detail::decode_lock_beside(d, state.memory());
+    return Condition(std::move(state), std::move(lock));
+}
+
+void Codec<Semaphore>::encode(Encoder& e, const Semaphore& s) { detail::encode_ref(e, s.state_ref()); }
+Semaphore Codec<Semaphore>::decode(Decoder& d) { return Semaphore(detail::decode_ref<detail::SemaphoreState>(d)); }
+
+void Codec<BoundedSemaphore>::encode(Encoder& e, const BoundedSemaphore& s) { detail::encode_ref(e, s.state_ref()); }
+BoundedSemaphore Codec<BoundedSemaphore>::decode(Decoder& d) {
+    return BoundedSemaphore(detail::decode_ref<detail::SemaphoreState>(d));
+}
+
+void Codec<Event>::encode(Encoder& e, const Event& ev) { detail::encode_ref(e, ev.state_ref()); }
+Event Codec<Event>::decode(Decoder& d) { return Event(detail::decode_ref<detail::EventState>(d)); }
+
+void Codec<Barrier>::encode(Encoder& e, const Barrier& b) { detail::encode_ref(e, b.state_ref()); }
+Barrier Codec<Barrier>::decode(Decoder& d) {
+    auto ref = detail::decode_ref<detail::BarrierState>(d);
+    std::uint32_t parties = ref->parties;
+    if (parties == 0 || ref.bytes_available() < detail::BarrierState::size_for(parties))
+        throw DecodeError("decode: barrier state does not fit its shared memory block");
+    return Barrier(std::move(ref));
+}
+
 }  // namespace mpservice

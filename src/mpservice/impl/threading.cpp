@@ -22,7 +22,7 @@ bool FutureCore::done() const {
 
 void FutureCore::resolve(std::exception_ptr error, std::exception_ptr result_error) {
     std::vector<std::weak_ptr<CompletionQueue>> subscribers;
-    std::vector<std::unique_ptr<Task>> hooks;
+    std::vector<Owned<Task>> hooks;
     {
         std::lock_guard<std::mutex> lk(mutex_);
         if (done_) return;
@@ -40,7 +40,7 @@ void FutureCore::resolve(std::exception_ptr error, std::exception_ptr result_err
     for (auto& h : hooks) h->run();
 }
 
-void FutureCore::on_resolve(std::unique_ptr<Task> hook) {
+void FutureCore::on_resolve(Owned<Task> hook) {
     {
         std::lock_guard<std::mutex> lk(mutex_);
         if (!done_) {

@@ -31,3 +31,45 @@
 #else
 #define MPSERVICE_NOINLINE
 #endif
+
+namespace mpservice::detail {
+
+/// The owning pointer of a pimpl (a class defined in the implementation part):
+/// std::unique_ptr<T>'s job, without its cost to every includer - each
+/// unique_ptr<T> member instantiates some 150 class templates where the owner
+/// is declared (bench/footprint_breakdown.py, includer).  Move-only; deletes
+/// its object, so the owner's destructor must be out of line (as it must be
+/// with unique_ptr).
+template <class T>
+class Owned {
+public:
+    Owned() noexcept = default;
+    explicit Owned(T* p) noexcept : p_(p) {}
+    Owned(Owned&& o) noexcept : p_(o.p_) { o.p_ = nullptr; }
+    Owned& operator=(Owned&& o) noexcept {
+        if (this != &o) {
+            delete p_;
+            p_ = o.p_;
+            o.p_ = nullptr;
+        }
+        return *this;
+    }
+    Owned(const Owned&) = delete;
+    Owned& operator=(const Owned&) = delete;
+    ~Owned() { delete p_; }
+    T* get() const noexcept { return p_; }
+    T& operator*() const noexcept { return *p_; }
+    T* operator->() const noexcept { return p_; }
+    explicit operator bool() const noexcept { return p_ != nullptr; }
+    /// Deletes the object now.
+    void reset() noexcept {
+        T* old = p_;
+        p_ = nullptr;
+        delete old;
+    }
+
+private:
+    T* p_ = nullptr;
+};
+
+}  // namespace mpservice::detail

@@ -115,7 +115,7 @@ public:
     struct Impl;
 
 private:
-    std::unique_ptr<Impl> impl_;
+    Owned<Impl> impl_;
 };
 
 /// InvalidStateError for an operation on an end that was never connected.
@@ -270,7 +270,7 @@ struct Codec<Connection<T>> {
 
 class Waitable;
 /// connection_wait with an absolute deadline (the other overloads call it).
-inline std::vector<Waitable> connection_wait_at(const std::vector<Waitable>& objects, detail::os::Deadline deadline);
+MPSERVICE_API std::vector<Waitable> connection_wait_at(const std::vector<Waitable>& objects, detail::os::Deadline deadline);
 
 /// One thing connection_wait watches: a Connection end (ready when recv()
 /// would not block: a whole message has arrived, or the other end is closed)
@@ -298,25 +298,11 @@ private:
     friend std::vector<Waitable> connection_wait_at(const std::vector<Waitable>&, detail::os::Deadline);
 };
 
-inline std::vector<Waitable> connection_wait_at(const std::vector<Waitable>& objects, detail::os::Deadline deadline) {
-    std::vector<detail::WaitTarget> targets;
-    targets.reserve(objects.size());
-    for (const Waitable& w : objects) targets.push_back(w.target());
-    std::vector<Waitable> ready;
-    for (std::size_t i : detail::connection_wait_until(targets, deadline)) {
-        ready.push_back(objects[i]);
-        ready.back().index_ = i;
-    }
-    return ready;
-}
-
 /// Waits until at least one of `objects` is ready and returns the ready ones,
 /// in the order given (Python's multiprocessing.connection.wait):
 ///     for (const mp::Waitable& w : mp::connection_wait({&a, &b, &proc})) ... w.index() / w.is(&a)
 /// A closed end, a send-only end or a process never started is an InvalidStateError.
-inline std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects) {
-    return connection_wait_at(objects, detail::os::no_deadline);
-}
+MPSERVICE_API std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects);
 /// As above, waiting at most `timeout`; empty if nothing was ready by then.
 template <class Rep, class Period>
 std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects, std::chrono::duration<Rep, Period> timeout) {

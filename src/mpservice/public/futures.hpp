@@ -64,8 +64,8 @@ private:
     L l_;
 };
 template <class L>
-std::unique_ptr<Task> make_task(L&& l) {
-    return std::make_unique<TaskOf<std::decay_t<L>>>(std::forward<L>(l));
+Owned<Task> make_task(L&& l) {
+    return Owned<Task>(new TaskOf<std::decay_t<L>>(std::forward<L>(l)));
 }
 
 /// The shared completion state of one worker: started, then resolved exactly
@@ -97,7 +97,7 @@ public:
     /// Runs `hook` once when this core resolves, in the resolving thread and
     /// outside the core's lock (at once, here, if it already has).  The pool
     /// uses it to hear of a worker's death without a thread per worker.
-    MPSERVICE_API void on_resolve(std::unique_ptr<Task> hook);
+    MPSERVICE_API void on_resolve(Owned<Task> hook);
 
     std::string name;
 
@@ -112,7 +112,7 @@ private:
     std::exception_ptr error_;
     std::exception_ptr result_error_;
     std::vector<std::weak_ptr<CompletionQueue>> subscribers_;
-    std::vector<std::unique_ptr<Task>> hooks_;
+    std::vector<Owned<Task>> hooks_;
 };
 
 /// Cores that have resolved, in the order they did.

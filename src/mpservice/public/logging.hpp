@@ -75,12 +75,8 @@ struct LogRecord {
 
 template <>
 struct Codec<LogRecord> {
-    static void encode(Encoder& e, const LogRecord& r) { const_cast<LogRecord&>(r).serialize(e); }
-    static LogRecord decode(Decoder& d) {
-        LogRecord r;
-        r.serialize(d);
-        return r;
-    }
+    MPSERVICE_API static void encode(Encoder& e, const LogRecord& r);
+    MPSERVICE_API static LogRecord decode(Decoder& d);
 };
 
 /// A named source of records.  Cheap to copy; get_logger("a") twice gives

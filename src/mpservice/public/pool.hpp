@@ -1146,11 +1146,19 @@ struct PoolOptions {
 /// A pool of worker processes (see the top of this part).
 class Pool {
 public:
+    // The constructors without initializer are templates only so that the
+    // worker start they instantiate (a Process over the pool's entry) is
+    // compiled, and linked, only where such a Pool is made - not in every
+    // translation unit that includes the header.
+
     /// cpu_count() workers in the default context (spawn unless set_start_method chose another).
+    template <class NoInitializer = void>
     Pool() : Pool(default_context(), cpu_count()) {}
     /// `processes` workers (≤ 0 is std::invalid_argument) in the default context.
+    template <class NoInitializer = void>
     explicit Pool(int processes, PoolOptions options = {}) : Pool(default_context(), processes, options) {}
     /// Workers made by `ctx`.
+    template <class NoInitializer = void>
     Pool(const Context& ctx, int processes, PoolOptions options = {})
         : Pool(ctx, processes, options, &detail::pool_no_initializer) {}
     /// Workers that each run initializer(initargs...) once before any task.

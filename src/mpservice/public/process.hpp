@@ -449,7 +449,7 @@ struct child_task_for<R, F, type_list<P...>, A...> {
 /// The task of a Process<R> over f(args...), or - after one static_assert
 /// that says what is wrong and what to do - nothing.
 template <class R, ContextCheck check, class FF, class... A>
-std::unique_ptr<ChildTask> make_child_task(FF&& f, A&&... args) {
+Owned<ChildTask> make_child_task(FF&& f, A&&... args) {
     using F = std::decay_t<FF>;
     constexpr TargetProblem problem = target_problem<R, F, check, A...>();
     static_assert(problem != TargetProblem::needs_fork_stateful,
@@ -493,13 +493,13 @@ std::unique_ptr<ChildTask> make_child_task(FF&& f, A&&... args) {
     static_assert(problem != TargetProblem::result_not_convertible,
                   "mpservice::Process<R>: the target's return type does not convert to R.");
     if constexpr (problem != TargetProblem::none) {
-        return nullptr;
+        return Owned<ChildTask>();
     } else if constexpr (has_own_signature_v<F>) {
         using Task = typename child_task_for<R, F, typename signature_of<F>::params, A...>::type;
-        return std::make_unique<Task>(std::forward<FF>(f), std::forward<A>(args)...);
+        return Owned<ChildTask>(new Task(std::forward<FF>(f), std::forward<A>(args)...));
     } else {
-        return std::make_unique<ChildTaskOf<R, F, std::decay_t<A>...>>(std::forward<FF>(f),
-                                                                       std::forward<A>(args)...);
+        return Owned<ChildTask>(
+            new ChildTaskOf<R, F, std::decay_t<A>...>(std::forward<FF>(f), std::forward<A>(args)...));
     }
 }
 
@@ -510,7 +510,7 @@ public:
     MPSERVICE_API ~ProcessCore() override;
 
     /// Starts the child; takes `task` only if it succeeds (a failed start can be retried).
-    MPSERVICE_API void start(std::unique_ptr<ChildTask>& task);
+    MPSERVICE_API void start(Owned<ChildTask>& task);
     /// Also watches the child's exit itself, so the waiting thread wakes with
     /// the reactor rather than after it (one cross-CPU wake-up less).
     MPSERVICE_API bool wait_until(os::Deadline deadline) const override;
@@ -547,7 +547,7 @@ public:
     std::string identity_;  // "3", or "1:3" in a child: numbers the default name
     bool forward_output_ = output_forwarding();  // Process::set_forward_output
     bool warm_start_ = warm_spawn();              // Process::set_warm_start
-    std::unique_ptr<Io> io_;
+    Owned<Io> io_;
 };
 
 /// Test hook: the next spawn/fork-server child is told a wrong build
@@ -780,7 +780,7 @@ private:
         return core_->error();
     }
 
-    std::unique_ptr<detail::ChildTask> task_;
+    detail::Owned<detail::ChildTask> task_;
 };
 
 template <class F, class... A>

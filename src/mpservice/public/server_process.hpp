@@ -602,52 +602,21 @@ public:
         if (!v) throw_mismatch(name, h.type_name, typeid(T).name());
         return *v;
     }
-    bool contains(const std::string& name) const {
-        std::lock_guard<std::mutex> g(m_);
-        return values_.count(name) != 0;
-    }
+    MPSERVICE_API bool contains(const std::string& name) const;
     /// Python's `del ns.name`: std::out_of_range if it is not there.
-    void erase(const std::string& name) {
-        Held old;
-        std::lock_guard<std::mutex> g(m_);
-        auto it = values_.find(name);
-        if (it == values_.end()) throw_missing(name);
-        old = std::move(it->second);
-        values_.erase(it);
-    }
-    std::vector<std::string> names() const {
-        std::lock_guard<std::mutex> g(m_);
-        std::vector<std::string> out;
-        for (auto& kv : values_) out.push_back(kv.first);
-        return out;
-    }
+    MPSERVICE_API void erase(const std::string& name);
+    MPSERVICE_API std::vector<std::string> names() const;
     /// The (readable) type of the value stored under `name`.
-    std::string type_of(const std::string& name) const {
-        std::lock_guard<std::mutex> g(m_);
-        return detail::os::demangle(find(name).type_name);
-    }
-    std::size_t len() const {
-        std::lock_guard<std::mutex> g(m_);
-        return values_.size();
-    }
+    MPSERVICE_API std::string type_of(const std::string& name) const;
+    MPSERVICE_API std::size_t len() const;
 
 private:
     struct Held {
         std::any value;
         const char* type_name = "";
     };
-    const Held& find(const std::string& name) const {
-        auto it = values_.find(name);
-        if (it == values_.end()) throw_missing(name);
-        return it->second;
-    }
-    [[noreturn]] static void throw_missing(const std::string& name) {
-        throw std::out_of_range("namespace has no attribute '" + name + "'");
-    }
-    [[noreturn]] static void throw_mismatch(const std::string& name, const char* held, const char* asked) {
-        throw std::invalid_argument("namespace attribute '" + name + "' holds a " + detail::os::demangle(held) +
-                                    ", not a " + detail::os::demangle(asked));
-    }
+    MPSERVICE_API const Held& find(const std::string& name) const;
+    [[noreturn]] MPSERVICE_API static void throw_mismatch(const std::string& name, const char* held, const char* asked);
     mutable std::mutex m_;
     std::map<std::string, Held> values_;
 };
@@ -737,20 +706,16 @@ public:
             return fallback;
         }
     }
-    bool contains(const std::string& name) const { return this->template call<&N::contains>(checked(name)); }
+    MPSERVICE_API bool contains(const std::string& name) const;
     /// del ns.name: std::out_of_range if there is no such name.
-    void erase(const std::string& name) const { this->template call<&N::erase>(checked(name)); }
-    std::vector<std::string> names() const { return this->template call<&N::names>(); }
-    std::string type_of(const std::string& name) const { return this->template call<&N::type_of>(checked(name)); }
-    std::size_t len() const { return this->template call<&N::len>(); }
+    MPSERVICE_API void erase(const std::string& name) const;
+    MPSERVICE_API std::vector<std::string> names() const;
+    MPSERVICE_API std::string type_of(const std::string& name) const;
+    MPSERVICE_API std::size_t len() const;
 
 private:
-    static const std::string& checked(const std::string& name) {
-        if (name.empty() || name[0] == '_')
-            throw std::invalid_argument("mpservice: namespace attribute names must not be empty or start with '_' ('" +
-                                        name + "')");
-        return name;
-    }
+    /// `name`, or std::invalid_argument if it is empty or starts with '_'.
+    MPSERVICE_API static const std::string& checked(const std::string& name);
 };
 
 // ---------------------------------------------------------------- the server process
@@ -791,11 +756,17 @@ public:
         return create<ValueBox<T>>(std::move(v));
     }
     /// A hosted Namespace (Python's Manager().Namespace()).
-    Proxy<mpservice::Namespace> Namespace() const { return create<mpservice::Namespace>(); }
+    /// (Templates only so that their invokers are compiled, announced and
+    /// linked only where they are called, not in every includer.)
+    template <class N = mpservice::Namespace>
+    Proxy<N> Namespace() const {
+        return create<N>();
+    }
     /// A shared memory block of `size` bytes (> 0), zero-filled.
-    Proxy<mpservice::MemoryBlock> MemoryBlock(std::size_t size) const {
+    template <class B = mpservice::MemoryBlock>
+    Proxy<B> MemoryBlock(std::size_t size) const {
         if (size == 0) throw std::invalid_argument("mpservice: MemoryBlock of size 0");
-        return create<mpservice::MemoryBlock>(size);
+        return create<B>(size);
     }
     /// Objects alive in the server (diagnostics; includes objects kept by tickets in flight).
     MPSERVICE_API std::size_t object_count() const;
@@ -818,7 +789,7 @@ protected:
 class ServerClient : public ServerAccess {
 public:
     ServerClient() = default;
-    explicit ServerClient(std::shared_ptr<detail::server::Link> link) { link_ = std::move(link); }
+    MPSERVICE_API explicit ServerClient(std::shared_ptr<detail::server::Link> link);
 };
 
 /// A server process hosting objects (see the top of this file).  Started by

@@ -734,55 +734,42 @@ private:
 
 // ============================================================================ codecs
 
+// (Defined in the implementation: the shared-state references they read and
+// write are instantiated there once, not in every includer.)
 template <>
 struct Codec<Lock> {
-    static void encode(Encoder& e, const Lock& l) { detail::encode_ref(e, l.lock_ref().state); }
-    static Lock decode(Decoder& d) { return Lock(detail::decode_ref<detail::LockState>(d)); }
+    MPSERVICE_API static void encode(Encoder& e, const Lock& l);
+    MPSERVICE_API static Lock decode(Decoder& d);
 };
 template <>
 struct Codec<RLock> {
-    static void encode(Encoder& e, const RLock& l) { detail::encode_ref(e, l.lock_ref().state); }
-    static RLock decode(Decoder& d) { return RLock(detail::decode_ref<detail::LockState>(d)); }
+    MPSERVICE_API static void encode(Encoder& e, const RLock& l);
+    MPSERVICE_API static RLock decode(Decoder& d);
 };
 template <>
 struct Codec<Condition> {
-    static void encode(Encoder& e, const Condition& c) {
-        detail::encode_ref(e, c.state_ref());
-        detail::encode_lock_beside(e, c.state_ref().memory(), c.lock_ref());
-    }
-    static Condition decode(Decoder& d) {
-        auto state = detail::decode_ref<detail::ConditionState>(d);
-        auto lock = detail::decode_lock_beside(d, state.memory());
-        return Condition(std::move(state), std::move(lock));
-    }
+    MPSERVICE_API static void encode(Encoder& e, const Condition& c);
+    MPSERVICE_API static Condition decode(Decoder& d);
 };
 template <>
 struct Codec<Semaphore> {
-    static void encode(Encoder& e, const Semaphore& s) { detail::encode_ref(e, s.state_ref()); }
-    static Semaphore decode(Decoder& d) { return Semaphore(detail::decode_ref<detail::SemaphoreState>(d)); }
+    MPSERVICE_API static void encode(Encoder& e, const Semaphore& s);
+    MPSERVICE_API static Semaphore decode(Decoder& d);
 };
 template <>
 struct Codec<BoundedSemaphore> {
-    static void encode(Encoder& e, const BoundedSemaphore& s) { detail::encode_ref(e, s.state_ref()); }
-    static BoundedSemaphore decode(Decoder& d) {
-        return BoundedSemaphore(detail::decode_ref<detail::SemaphoreState>(d));
-    }
+    MPSERVICE_API static void encode(Encoder& e, const BoundedSemaphore& s);
+    MPSERVICE_API static BoundedSemaphore decode(Decoder& d);
 };
 template <>
 struct Codec<Event> {
-    static void encode(Encoder& e, const Event& ev) { detail::encode_ref(e, ev.state_ref()); }
-    static Event decode(Decoder& d) { return Event(detail::decode_ref<detail::EventState>(d)); }
+    MPSERVICE_API static void encode(Encoder& e, const Event& ev);
+    MPSERVICE_API static Event decode(Decoder& d);
 };
 template <>
 struct Codec<Barrier> {
-    static void encode(Encoder& e, const Barrier& b) { detail::encode_ref(e, b.state_ref()); }
-    static Barrier decode(Decoder& d) {
-        auto ref = detail::decode_ref<detail::BarrierState>(d);
-        std::uint32_t parties = ref->parties;
-        if (parties == 0 || ref.bytes_available() < detail::BarrierState::size_for(parties))
-            throw DecodeError("decode: barrier state does not fit its shared memory block");
-        return Barrier(std::move(ref));
-    }
+    MPSERVICE_API static void encode(Encoder& e, const Barrier& b);
+    MPSERVICE_API static Barrier decode(Decoder& d);
 };
 
 }  // namespace mpservice

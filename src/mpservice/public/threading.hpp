@@ -202,7 +202,7 @@ public:
 
 private:
     template <class F, class... A>
-    std::unique_ptr<detail::Task> make_body(F&& f, A&&... args) {
+    detail::Owned<detail::Task> make_body(F&& f, A&&... args) {
         auto token = StopToken(stop_);
         auto core = state();
         return detail::make_task([core, token, fn = std::decay_t<F>(std::forward<F>(f)),
@@ -281,7 +281,7 @@ private:
     }
 
     std::shared_ptr<std::atomic<bool>> stop_;
-    std::unique_ptr<detail::Task> body_;
+    detail::Owned<detail::Task> body_;
     std::thread thread_;
 };
 
