@@ -2628,9 +2628,7 @@ MPSERVICE_API std::pair<WorkerList, WorkerList> wait_until(const WorkerList& wor
 /// says; with one, returns the split at the deadline (no error).
 /// Over a range of one worker type (see the typed overloads below) the lists
 /// hold that type, so result() needs no cast.
-inline std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, ReturnWhen return_when = ALL_COMPLETED) {
-    return detail::wait_until(workers, detail::os::no_deadline, return_when);
-}
+MPSERVICE_API std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, ReturnWhen return_when = ALL_COMPLETED);
 template <class Rep, class Period>
 std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, std::chrono::duration<Rep, Period> timeout,
                                        ReturnWhen return_when = ALL_COMPLETED) {
@@ -2693,9 +2691,7 @@ private:
 };
 
 /// Workers in the order they finish (see AsCompleted); no time limit.
-inline AsCompleted as_completed(const WorkerList& workers) {
-    return AsCompleted(workers, detail::os::no_deadline);
-}
+MPSERVICE_API AsCompleted as_completed(const WorkerList& workers);
 /// Workers in the order they finish; TimeoutError if they have not all
 /// finished `timeout` after this call.
 template <class Rep, class Period>
@@ -6340,7 +6336,8 @@ struct PoolWorkerParts {
 /// can let go of them (release()) as soon as the worker has started, instead
 /// of when its Process is destroyed.
 struct PoolWorkerBoot {
-    std::shared_ptr<PoolWorkerParts> p = std::make_shared<PoolWorkerParts>();
+    MPSERVICE_API PoolWorkerBoot();  // fresh parts (defined in the implementation)
+    std::shared_ptr<PoolWorkerParts> p;
     /// Closes the parent's copies of the worker's descriptors and mappings.
     void release() { p->~PoolWorkerParts(), new (p.get()) PoolWorkerParts(); }
 };
@@ -6545,7 +6542,7 @@ private:
     void fail_all_locked(const std::exception_ptr& e, Deliveries& out);
     void result_loop();
 
-    std::unique_ptr<State> s_;
+    Owned<State> s_;
     PoolSettings settings_;
 };
 
@@ -6598,8 +6595,7 @@ public:
             ChunkDraft& c = chunks_.back();
             c.stride = static_cast<std::uint32_t>(sizeof(T));  // items side by side: no offsets kept
             const std::size_t k = std::min<std::size_t>(n, chunksize_ - c.count);
-            if (c.args.bytes().size() + k * sizeof(T) > 0xFFFFFFF0u)
-                throw std::length_error("mpservice: a pool chunk's arguments exceed 4 GiB; use a smaller chunksize");
+            if (c.args.bytes().size() + k * sizeof(T) > 0xFFFFFFF0u) throw_too_big();
             c.args.write_bytes(p, k * sizeof(T));
             c.count += static_cast<std::uint32_t>(k);
             items_ += k;
@@ -6613,37 +6609,19 @@ public:
     /// Whether a chunk is complete (a later one has been opened).
     bool has_full() const noexcept { return chunks_.size() > 1; }
     /// Takes the complete chunks, leaving the one being filled.
-    std::vector<ChunkDraft> take_full() {
-        std::vector<ChunkDraft> full;
-        if (chunks_.size() < 2) return full;
-        full.reserve(chunks_.size() - 1);
-        for (std::size_t i = 0; i + 1 < chunks_.size(); ++i) full.push_back(std::move(chunks_[i]));
-        chunks_.erase(chunks_.begin(), chunks_.end() - 1);
-        return full;
-    }
+    MPSERVICE_API std::vector<ChunkDraft> take_full();
 
 private:
+    // The non-template parts are defined in the implementation (impl/pool.cpp):
+    // what an includer compiles stays small, and none of them runs per item.
     static bool carries_handles(const ChunkDraft& c) { return !c.args.handles().empty(); }
-    static Encoder rebuild_without_handles(ChunkDraft& c) {
-        Encoder e;
-        e.write_bytes(c.args.bytes().data(), c.args.bytes().size());
-        return e;
-    }
+    MPSERVICE_API static Encoder rebuild_without_handles(ChunkDraft& c);
+    [[noreturn]] MPSERVICE_API static void throw_too_big();
     static void check_size(const ChunkDraft& c) {
-        if (c.args.bytes().size() > 0xFFFFFFF0u)
-            throw std::length_error("mpservice: a pool chunk's arguments exceed 4 GiB; use a smaller chunksize");
+        if (c.args.bytes().size() > 0xFFFFFFF0u) throw_too_big();
     }
-    void open() {
-        // Room for a chunk like the last one, so that filling it never reallocates.
-        std::size_t last_bytes = chunks_.empty() ? 0 : chunks_.back().args.bytes().size();
-        chunks_.emplace_back();
-        ChunkDraft& c = chunks_.back();
-        c.job = job_;
-        c.job_first = items_;
-        c.offsets.reserve(std::min<std::size_t>(chunksize_, std::size_t(1) << 20));
-        if (last_bytes) c.args.bytes().reserve(last_bytes);
-        c.args.bytes().resize(pool_task_room);  // the task header goes here
-    }
+    /// Opens the next chunk (once per chunk, not per item).
+    MPSERVICE_API void open();
 
     std::shared_ptr<JobBase> job_;
     std::size_t chunksize_;
@@ -7103,7 +7081,7 @@ public:
     iterator begin() { return iterator(this, next()); }
     iterator end() { return iterator(this, std::nullopt); }
 
-    ImapResult(std::shared_ptr<detail::PoolCore> pool, detail::PoolTarget target, std::unique_ptr<detail::InputFeed> feed,
+    ImapResult(std::shared_ptr<detail::PoolCore> pool, detail::PoolTarget target, detail::Owned<detail::InputFeed> feed,
                std::size_t chunksize, bool ordered)
         : pool_(std::move(pool)),
           target_(target),
@@ -7190,7 +7168,7 @@ private:
 
     std::shared_ptr<detail::PoolCore> pool_;
     detail::PoolTarget target_;
-    std::unique_ptr<detail::InputFeed> feed_;
+    detail::Owned<detail::InputFeed> feed_;
     std::shared_ptr<Job> job_;
     std::size_t chunksize_;
     std::size_t window_chunks_;
@@ -7451,7 +7429,7 @@ private:
         Fp fp = detail::function_pointer_of<F>::get(f);
         detail::PoolTarget t{detail::pool_code_ref(detail::fn_address(fp)),
                              detail::pool_code_ref(detail::fn_address(&detail::run_function_chunk<Fp, Arg>))};
-        auto feed = std::make_unique<detail::InputFeedOf<Range, Arg, false>>(std::forward<Range>(inputs));
+        detail::Owned<detail::InputFeed> feed(new detail::InputFeedOf<Range, Arg, false>(std::forward<Range>(inputs)));
         return ImapResult<R>(core_, t, std::move(feed), chunksize, ordered);
     }
 
@@ -8399,7 +8377,7 @@ public:
 
 private:
     ServerOptions options_;
-    std::optional<Process<void>> process_;
+    detail::Owned<Process<void>> process_;  // empty until start()
 };
 
 /// The seed's name for it.
@@ -16086,6 +16064,12 @@ std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Dead
 
 }  // namespace detail
 
+std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, ReturnWhen return_when) {
+    return detail::wait_until(workers, detail::os::no_deadline, return_when);
+}
+
+AsCompleted as_completed(const WorkerList& workers) { return AsCompleted(workers, detail::os::no_deadline); }
+
 AsCompleted::AsCompleted(const WorkerList& workers, detail::os::Deadline deadline)
     : queue_(std::make_shared<detail::CompletionQueue>()), workers_(workers), deadline_(deadline) {
     detail::check_started(workers_);
@@ -18757,12 +18741,45 @@ void deliver(PoolCore::Deliveries& out) {
 
 }  // namespace
 
+PoolWorkerBoot::PoolWorkerBoot() : p(std::make_shared<PoolWorkerParts>()) {}
+
+std::vector<ChunkDraft> ChunkBuilder::take_full() {
+    std::vector<ChunkDraft> full;
+    if (chunks_.size() < 2) return full;
+    full.reserve(chunks_.size() - 1);
+    for (std::size_t i = 0; i + 1 < chunks_.size(); ++i) full.push_back(std::move(chunks_[i]));
+    chunks_.erase(chunks_.begin(), chunks_.end() - 1);
+    return full;
+}
+
+Encoder ChunkBuilder::rebuild_without_handles(ChunkDraft& c) {
+    Encoder e;
+    e.write_bytes(c.args.bytes().data(), c.args.bytes().size());
+    return e;
+}
+
+void ChunkBuilder::throw_too_big() {
+    throw std::length_error("mpservice: a pool chunk's arguments exceed 4 GiB; use a smaller chunksize");
+}
+
+void ChunkBuilder::open() {
+    // Room for a chunk like the last one, so that filling it never reallocates.
+    std::size_t last_bytes = chunks_.empty() ? 0 : chunks_.back().args.bytes().size();
+    chunks_.emplace_back();
+    ChunkDraft& c = chunks_.back();
+    c.job = job_;
+    c.job_first = items_;
+    c.offsets.reserve(std::min<std::size_t>(chunksize_, std::size_t(1) << 20));
+    if (last_bytes) c.args.bytes().reserve(last_bytes);
+    c.args.bytes().resize(pool_task_room);  // the task header goes here
+}
+
 std::shared_ptr<PoolCore> PoolCore::create(PoolSettings settings, WorkerFactory factory) {
     auto core = std::make_shared<PoolCore>(std::move(settings), std::move(factory));
     return core;
 }
 
-PoolCore::PoolCore(PoolSettings settings, WorkerFactory factory) : s_(std::make_unique<State>()), settings_(std::move(settings)) {
+PoolCore::PoolCore(PoolSettings settings, WorkerFactory factory) : s_(new State()), settings_(std::move(settings)) {
     State& s = *s_;
     s.factory = std::move(factory);
     s.bell = std::make_shared<PoolDoorbell>();
@@ -21162,7 +21179,7 @@ void ServerProcess::start() {
     boot.authkey.assign(reinterpret_cast<const char*>(key), sizeof key);
     boot.name = options_.name;
     const Context& ctx = options_.context ? *options_.context : default_context();
-    process_.emplace(ctx, &server_main, boot);
+    process_ = detail::Owned<Process<void>>(new Process<void>(ctx, &server_main, boot));
     process_->set_name(options_.name);
     try {
         process_->start();

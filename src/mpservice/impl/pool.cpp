@@ -456,12 +456,45 @@ void deliver(PoolCore::Deliveries& out) {
 
 }  // namespace
 
+PoolWorkerBoot::PoolWorkerBoot() : p(std::make_shared<PoolWorkerParts>()) {}
+
+std::vector<ChunkDraft> ChunkBuilder::take_full() {
+    std::vector<ChunkDraft> full;
+    if (chunks_.size() < 2) return full;
+    full.reserve(chunks_.size() - 1);
+    for (std::size_t i = 0; i + 1 < chunks_.size(); ++i) full.push_back(std::move(chunks_[i]));
+    chunks_.erase(chunks_.begin(), chunks_.end() - 1);
+    return full;
+}
+
+Encoder ChunkBuilder::rebuild_without_handles(ChunkDraft& c) {
+    Encoder e;
+    e.write_bytes(c.args.bytes().data(), c.args.bytes().size());
+    return e;
+}
+
+void ChunkBuilder::throw_too_big() {
+    throw std::length_error("mpservice: a pool chunk's arguments exceed 4 GiB; use a smaller chunksize");
+}
+
+void ChunkBuilder::open() {
+    // Room for a chunk like the last one, so that filling it never reallocates.
+    std::size_t last_bytes = chunks_.empty() ? 0 : chunks_.back().args.bytes().size();
+    chunks_.emplace_back();
+    ChunkDraft& c = chunks_.back();
+    c.job = job_;
+    c.job_first = items_;
+    c.offsets.reserve(std::min<std::size_t>(chunksize_, std::size_t(1) << 20));
+    if (last_bytes) c.args.bytes().reserve(last_bytes);
+    c.args.bytes().resize(pool_task_room);  // the task header goes here
+}
+
 std::shared_ptr<PoolCore> PoolCore::create(PoolSettings settings, WorkerFactory factory) {
     auto core = std::make_shared<PoolCore>(std::move(settings), std::move(factory));
     return core;
 }
 
-PoolCore::PoolCore(PoolSettings settings, WorkerFactory factory) : s_(std::make_unique<State>()), settings_(std::move(settings)) {
+PoolCore::PoolCore(PoolSettings settings, WorkerFactory factory) : s_(new State()), settings_(std::move(settings)) {
     State& s = *s_;
     s.factory = std::move(factory);
     s.bell = std::make_shared<PoolDoorbell>();

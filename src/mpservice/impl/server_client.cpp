@@ -885,7 +885,7 @@ void ServerProcess::start() {
     boot.authkey.assign(reinterpret_cast<const char*>(key), sizeof key);
     boot.name = options_.name;
     const Context& ctx = options_.context ? *options_.context : default_context();
-    process_.emplace(ctx, &server_main, boot);
+    process_ = detail::Owned<Process<void>>(new Process<void>(ctx, &server_main, boot));
     process_->set_name(options_.name);
     try {
         process_->start();

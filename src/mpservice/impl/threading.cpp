@@ -152,6 +152,12 @@ std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Dead
 
 }  // namespace detail
 
+std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, ReturnWhen return_when) {
+    return detail::wait_until(workers, detail::os::no_deadline, return_when);
+}
+
+AsCompleted as_completed(const WorkerList& workers) { return AsCompleted(workers, detail::os::no_deadline); }
+
 AsCompleted::AsCompleted(const WorkerList& workers, detail::os::Deadline deadline)
     : queue_(std::make_shared<detail::CompletionQueue>()), workers_(workers), deadline_(deadline) {
     detail::check_started(workers_);

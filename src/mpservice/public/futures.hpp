@@ -187,9 +187,7 @@ MPSERVICE_API std::pair<WorkerList, WorkerList> wait_until(const WorkerList& wor
 /// says; with one, returns the split at the deadline (no error).
 /// Over a range of one worker type (see the typed overloads below) the lists
 /// hold that type, so result() needs no cast.
-inline std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, ReturnWhen return_when = ALL_COMPLETED) {
-    return detail::wait_until(workers, detail::os::no_deadline, return_when);
-}
+MPSERVICE_API std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, ReturnWhen return_when = ALL_COMPLETED);
 template <class Rep, class Period>
 std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, std::chrono::duration<Rep, Period> timeout,
                                        ReturnWhen return_when = ALL_COMPLETED) {
@@ -252,9 +250,7 @@ private:
 };
 
 /// Workers in the order they finish (see AsCompleted); no time limit.
-inline AsCompleted as_completed(const WorkerList& workers) {
-    return AsCompleted(workers, detail::os::no_deadline);
-}
+MPSERVICE_API AsCompleted as_completed(const WorkerList& workers);
 /// Workers in the order they finish; TimeoutError if they have not all
 /// finished `timeout` after this call.
 template <class Rep, class Period>

@@ -275,7 +275,8 @@ struct PoolWorkerParts {
 /// can let go of them (release()) as soon as the worker has started, instead
 /// of when its Process is destroyed.
 struct PoolWorkerBoot {
-    std::shared_ptr<PoolWorkerParts> p = std::make_shared<PoolWorkerParts>();
+    MPSERVICE_API PoolWorkerBoot();  // fresh parts (defined in the implementation)
+    std::shared_ptr<PoolWorkerParts> p;
     /// Closes the parent's copies of the worker's descriptors and mappings.
     void release() { p->~PoolWorkerParts(), new (p.get()) PoolWorkerParts(); }
 };
@@ -480,7 +481,7 @@ private:
     void fail_all_locked(const std::exception_ptr& e, Deliveries& out);
     void result_loop();
 
-    std::unique_ptr<State> s_;
+    Owned<State> s_;
     PoolSettings settings_;
 };
 
@@ -533,8 +534,7 @@ public:
             ChunkDraft& c = chunks_.back();
             c.stride = static_cast<std::uint32_t>(sizeof(T));  // items side by side: no offsets kept
             const std::size_t k = std::min<std::size_t>(n, chunksize_ - c.count);
-            if (c.args.bytes().size() + k * sizeof(T) > 0xFFFFFFF0u)
-                throw std::length_error("mpservice: a pool chunk's arguments exceed 4 GiB; use a smaller chunksize");
+            if (c.args.bytes().size() + k * sizeof(T) > 0xFFFFFFF0u) throw_too_big();
             c.args.write_bytes(p, k * sizeof(T));
             c.count += static_cast<std::uint32_t>(k);
             items_ += k;
@@ -548,37 +548,19 @@ public:
     /// Whether a chunk is complete (a later one has been opened).
     bool has_full() const noexcept { return chunks_.size() > 1; }
     /// Takes the complete chunks, leaving the one being filled.
-    std::vector<ChunkDraft> take_full() {
-        std::vector<ChunkDraft> full;
-        if (chunks_.size() < 2) return full;
-        full.reserve(chunks_.size() - 1);
-        for (std::size_t i = 0; i + 1 < chunks_.size(); ++i) full.push_back(std::move(chunks_[i]));
-        chunks_.erase(chunks_.begin(), chunks_.end() - 1);
-        return full;
-    }
+    MPSERVICE_API std::vector<ChunkDraft> take_full();
 
 private:
+    // The non-template parts are defined in the implementation (impl/pool.cpp):
+    // what an includer compiles stays small, and none of them runs per item.
     static bool carries_handles(const ChunkDraft& c) { return !c.args.handles().empty(); }
-    static Encoder rebuild_without_handles(ChunkDraft& c) {
-        Encoder e;
-        e.write_bytes(c.args.bytes().data(), c.args.bytes().size());
-        return e;
-    }
+    MPSERVICE_API static Encoder rebuild_without_handles(ChunkDraft& c);
+    [[noreturn]] MPSERVICE_API static void throw_too_big();
     static void check_size(const ChunkDraft& c) {
-        if (c.args.bytes().size() > 0xFFFFFFF0u)
-            throw std::length_error("mpservice: a pool chunk's arguments exceed 4 GiB; use a smaller chunksize");
+        if (c.args.bytes().size() > 0xFFFFFFF0u) throw_too_big();
     }
-    void open() {
-        // Room for a chunk like the last one, so that filling it never reallocates.
-        std::size_t last_bytes = chunks_.empty() ? 0 : chunks_.back().args.bytes().size();
-        chunks_.emplace_back();
-        ChunkDraft& c = chunks_.back();
-        c.job = job_;
-        c.job_first = items_;
-        c.offsets.reserve(std::min<std::size_t>(chunksize_, std::size_t(1) << 20));
-        if (last_bytes) c.args.bytes().reserve(last_bytes);
-        c.args.bytes().resize(pool_task_room);  // the task header goes here
-    }
+    /// Opens the next chunk (once per chunk, not per item).
+    MPSERVICE_API void open();
 
     std::shared_ptr<JobBase> job_;
     std::size_t chunksize_;
@@ -1038,7 +1020,7 @@ public:
     iterator begin() { return iterator(this, next()); }
     iterator end() { return iterator(this, std::nullopt); }
 
-    ImapResult(std::shared_ptr<detail::PoolCore> pool, detail::PoolTarget target, std::unique_ptr<detail::InputFeed> feed,
+    ImapResult(std::shared_ptr<detail::PoolCore> pool, detail::PoolTarget target, detail::Owned<detail::InputFeed> feed,
                std::size_t chunksize, bool ordered)
         : pool_(std::move(pool)),
           target_(target),
@@ -1125,7 +1107,7 @@ private:
 
     std::shared_ptr<detail::PoolCore> pool_;
     detail::PoolTarget target_;
-    std::unique_ptr<detail::InputFeed> feed_;
+    detail::Owned<detail::InputFeed> feed_;
     std::shared_ptr<Job> job_;
     std::size_t chunksize_;
     std::size_t window_chunks_;
@@ -1386,7 +1368,7 @@ private:
         Fp fp = detail::function_pointer_of<F>::get(f);
         detail::PoolTarget t{detail::pool_code_ref(detail::fn_address(fp)),
                              detail::pool_code_ref(detail::fn_address(&detail::run_function_chunk<Fp, Arg>))};
-        auto feed = std::make_unique<detail::InputFeedOf<Range, Arg, false>>(std::forward<Range>(inputs));
+        detail::Owned<detail::InputFeed> feed(new detail::InputFeedOf<Range, Arg, false>(std::forward<Range>(inputs)));
         return ImapResult<R>(core_, t, std::move(feed), chunksize, ordered);
     }
 

@@ -821,7 +821,7 @@ public:
 
 private:
     ServerOptions options_;
-    std::optional<Process<void>> process_;
+    detail::Owned<Process<void>> process_;  // empty until start()
 };
 
 /// The seed's name for it.
