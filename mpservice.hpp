@@ -414,10 +414,7 @@ public:
     }
     /// Attaches an OS handle (kept open by the caller until the message is
     /// sent) to travel with the bytes; returns its index for Decoder::handle.
-    std::uint32_t attach(detail::os::handle_t h) {
-        handles_.push_back(h);
-        return static_cast<std::uint32_t>(handles_.size() - 1);
-    }
+    MPSERVICE_API std::uint32_t attach(detail::os::handle_t h);
     /// Reserves room for n more bytes (an optimization only).
     void reserve(std::size_t n) { buf_.reserve(buf_.size() + n); }
 
@@ -6117,7 +6114,6 @@ std::vector<Connection<T>*> connection_wait(const std::vector<Connection<T>*>& c
 #include <exception>
 #include <functional>
 #include <iterator>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -6558,7 +6554,7 @@ const void* fn_address(Fn fn) {
 /// the worker beside the chunk rather than inside it.
 class ChunkBuilder {
 public:
-    ChunkBuilder(std::shared_ptr<JobBase> job, std::size_t chunksize) : job_(std::move(job)), chunksize_(chunksize) {}
+    MPSERVICE_API ChunkBuilder(std::shared_ptr<JobBase> job, std::size_t chunksize);
 
     template <class... A>
     void add(const A&... args) {
@@ -6793,7 +6789,10 @@ private:
     bool take_error(std::size_t index, std::exception_ptr e) {
         if (index >= slots_.size() || have_[index] != empty) return false;
         have_[index] = failed;
-        errors_.emplace(index, std::move(e));
+        if (index < first_error_index_) {  // the failure at the lowest position is the one reported
+            first_error_index_ = index;
+            first_error_ = std::move(e);
+        }
         return true;
     }
     void settle(std::unique_lock<std::mutex>& lk, std::size_t n) {
@@ -6803,8 +6802,8 @@ private:
         finish();
     }
     void finish() {
-        if (!errors_.empty()) {
-            state_->fail(errors_.begin()->second);
+        if (first_error_index_ != no_error) {
+            state_->fail(first_error_);
             return;
         }
         if constexpr (std::is_void_v<R>) {
@@ -6823,7 +6822,9 @@ private:
     std::mutex mutex_;
     std::vector<Stored> slots_;
     std::vector<unsigned char> have_;
-    std::map<std::size_t, std::exception_ptr> errors_;  // by position: begin() is the first failure
+    static constexpr std::size_t no_error = ~std::size_t(0);
+    std::size_t first_error_index_ = no_error;  // the lowest position that failed (no_error: none)
+    std::exception_ptr first_error_;
     std::size_t remaining_ = 0;
     std::shared_ptr<AsyncState<std::conditional_t<std::is_void_v<R>, void, std::vector<Slot>>>> state_;
 };
@@ -7330,7 +7331,7 @@ public:
     void join() { core_->join(); }
 
     /// The pids of the live workers (a snapshot).
-    std::vector<long> worker_pids() const { return core_->worker_pids(); }
+    MPSERVICE_API std::vector<long> worker_pids() const;
     int processes() const noexcept { return core_->processes(); }
 
 private:
@@ -18280,6 +18281,11 @@ std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects) {
     return connection_wait_at(objects, detail::os::no_deadline);
 }
 
+std::uint32_t Encoder::attach(detail::os::handle_t h) {
+    handles_.push_back(h);
+    return static_cast<std::uint32_t>(handles_.size() - 1);
+}
+
 }  // namespace mpservice
 // ---- end part: mpservice/impl/connection.cpp
 // ---- begin part: mpservice/impl/pool.cpp ------------------------------------
@@ -18742,6 +18748,8 @@ void deliver(PoolCore::Deliveries& out) {
 }  // namespace
 
 PoolWorkerBoot::PoolWorkerBoot() : p(std::make_shared<PoolWorkerParts>()) {}
+
+ChunkBuilder::ChunkBuilder(std::shared_ptr<JobBase> job, std::size_t chunksize) : job_(std::move(job)), chunksize_(chunksize) {}
 
 std::vector<ChunkDraft> ChunkBuilder::take_full() {
     std::vector<ChunkDraft> full;
@@ -19322,6 +19330,8 @@ std::vector<long> PoolCore::worker_pids() const {
 }
 
 }  // namespace detail
+
+std::vector<long> Pool::worker_pids() const { return core_->worker_pids(); }
 
 void Codec<detail::PoolWorkerBoot>::encode(Encoder& e, const detail::PoolWorkerBoot& boot) {
     const detail::PoolWorkerParts& b = *boot.p;

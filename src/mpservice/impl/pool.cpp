@@ -458,6 +458,8 @@ void deliver(PoolCore::Deliveries& out) {
 
 PoolWorkerBoot::PoolWorkerBoot() : p(std::make_shared<PoolWorkerParts>()) {}
 
+ChunkBuilder::ChunkBuilder(std::shared_ptr<JobBase> job, std::size_t chunksize) : job_(std::move(job)), chunksize_(chunksize) {}
+
 std::vector<ChunkDraft> ChunkBuilder::take_full() {
     std::vector<ChunkDraft> full;
     if (chunks_.size() < 2) return full;
@@ -1037,6 +1039,8 @@ std::vector<long> PoolCore::worker_pids() const {
 }
 
 }  // namespace detail
+
+std::vector<long> Pool::worker_pids() const { return core_->worker_pids(); }
 
 void Codec<detail::PoolWorkerBoot>::encode(Encoder& e, const detail::PoolWorkerBoot& boot) {
     const detail::PoolWorkerParts& b = *boot.p;

@@ -177,10 +177,7 @@ public:
     }
     /// Attaches an OS handle (kept open by the caller until the message is
     /// sent) to travel with the bytes; returns its index for Decoder::handle.
-    std::uint32_t attach(detail::os::handle_t h) {
-        handles_.push_back(h);
-        return static_cast<std::uint32_t>(handles_.size() - 1);
-    }
+    MPSERVICE_API std::uint32_t attach(detail::os::handle_t h);
     /// Reserves room for n more bytes (an optimization only).
     void reserve(std::size_t n) { buf_.reserve(buf_.size() + n); }
 

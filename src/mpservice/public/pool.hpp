@@ -47,7 +47,6 @@
 #include <exception>
 #include <functional>
 #include <iterator>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -497,7 +496,7 @@ const void* fn_address(Fn fn) {
 /// the worker beside the chunk rather than inside it.
 class ChunkBuilder {
 public:
-    ChunkBuilder(std::shared_ptr<JobBase> job, std::size_t chunksize) : job_(std::move(job)), chunksize_(chunksize) {}
+    MPSERVICE_API ChunkBuilder(std::shared_ptr<JobBase> job, std::size_t chunksize);
 
     template <class... A>
     void add(const A&... args) {
@@ -732,7 +731,10 @@ private:
     bool take_error(std::size_t index, std::exception_ptr e) {
         if (index >= slots_.size() || have_[index] != empty) return false;
         have_[index] = failed;
-        errors_.emplace(index, std::move(e));
+        if (index < first_error_index_) {  // the failure at the lowest position is the one reported
+            first_error_index_ = index;
+            first_error_ = std::move(e);
+        }
         return true;
     }
     void settle(std::unique_lock<std::mutex>& lk, std::size_t n) {
@@ -742,8 +744,8 @@ private:
         finish();
     }
     void finish() {
-        if (!errors_.empty()) {
-            state_->fail(errors_.begin()->second);
+        if (first_error_index_ != no_error) {
+            state_->fail(first_error_);
             return;
         }
         if constexpr (std::is_void_v<R>) {
@@ -762,7 +764,9 @@ private:
     std::mutex mutex_;
     std::vector<Stored> slots_;
     std::vector<unsigned char> have_;
-    std::map<std::size_t, std::exception_ptr> errors_;  // by position: begin() is the first failure
+    static constexpr std::size_t no_error = ~std::size_t(0);
+    std::size_t first_error_index_ = no_error;  // the lowest position that failed (no_error: none)
+    std::exception_ptr first_error_;
     std::size_t remaining_ = 0;
     std::shared_ptr<AsyncState<std::conditional_t<std::is_void_v<R>, void, std::vector<Slot>>>> state_;
 };
@@ -1269,7 +1273,7 @@ public:
     void join() { core_->join(); }
 
     /// The pids of the live workers (a snapshot).
-    std::vector<long> worker_pids() const { return core_->worker_pids(); }
+    MPSERVICE_API std::vector<long> worker_pids() const;
     int processes() const noexcept { return core_->processes(); }
 
 private:
