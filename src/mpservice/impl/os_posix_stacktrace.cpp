@@ -52,10 +52,12 @@
 #include <link.h>
 #include <poll.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#if defined(__linux__)
+#include <sys/prctl.h>
+#endif
 
 extern char** environ;
 
@@ -362,6 +364,42 @@ struct SourcePlace {
 };
 using InlineChain = std::vector<SourcePlace>;
 
+/// Starts `tool` with `argv`, its stdout on `out` (stdin and stderr on
+/// /dev/null), killed by the kernel if the calling thread ends first: the
+/// tool must not outlive a process that is SIGKILLed while symbolizing (a
+/// parent SIGKILLed with its children gone in 1 s left addr2line running).
+/// posix_spawn cannot ask for PR_SET_PDEATHSIG, so this is its vfork form:
+/// signals blocked around it; in the child, only system calls, default signal
+/// dispositions, then exec.  -1 on failure.
+pid_t spawn_dying_with_caller(const char* tool, char* const* argv, int out) {
+    const pid_t caller = ::getpid();
+    const int devnull = ::open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (devnull < 0) return -1;
+    sigset_t all, old;
+    sigfillset(&all);
+    ::pthread_sigmask(SIG_SETMASK, &all, &old);
+    const pid_t pid = ::vfork();
+    if (pid == 0) {
+#if defined(__linux__)
+        ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+#endif
+        if (::getppid() != caller) ::_exit(127);  // the caller died already
+        struct sigaction dfl {};
+        dfl.sa_handler = SIG_DFL;
+        for (int sig = 1; sig < NSIG; ++sig)
+            if (sig != SIGKILL && sig != SIGSTOP) ::sigaction(sig, &dfl, nullptr);
+        ::sigprocmask(SIG_SETMASK, &old, nullptr);
+        if (::dup2(out, STDOUT_FILENO) < 0 || ::dup2(devnull, STDIN_FILENO) < 0 ||
+            ::dup2(devnull, STDERR_FILENO) < 0)
+            ::_exit(127);
+        ::execve(tool, argv, environ);
+        ::_exit(127);
+    }
+    ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    ::close(devnull);
+    return pid;
+}
+
 /// Runs `addr2line -a -f -i -C -e module addr...` (bounded in time) and returns
 /// one chain per address (empty where nothing was found).  Best effort.
 std::vector<InlineChain> run_addr2line(const std::string& module, const std::vector<std::uintptr_t>& offsets) {
@@ -386,16 +424,9 @@ std::vector<InlineChain> run_addr2line(const std::string& module, const std::vec
 
     int out[2];
     if (::pipe2(out, O_CLOEXEC) != 0) return result;
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, out[1], STDOUT_FILENO);
-    posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
-    posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
-    pid_t pid = -1;
-    int rc = ::posix_spawn(&pid, tool, &fa, nullptr, argv.data(), environ);
-    posix_spawn_file_actions_destroy(&fa);
+    pid_t pid = spawn_dying_with_caller(tool, argv.data(), out[1]);
     ::close(out[1]);
-    if (rc != 0) {
+    if (pid < 0) {
         ::close(out[0]);
         return result;
     }
