@@ -576,9 +576,14 @@ TEST_CASE("server: its log records reach the parent's handler; shutdown ends it 
         seen.push_back(r.message);
     });
     {
-        mp::ServerProcess server;
+        // A clean end is asked for, not a quick one: the default 1 s per step is
+        // short for a spawned process's exit on a loaded machine under Wine.
+        mp::ServerOptions options;
+        options.shutdown_timeout = std::chrono::seconds(60);
+        mp::ServerProcess server(options);
         server.create<Counter>(0).call<&Counter::log_something>();
         server.shutdown();
+        CAPTURE(server.exitcode().value_or(-1000));  // (-1000: none)
         CHECK(server.exitcode() == 0);
         CHECK_FALSE(server.is_alive());
         server.shutdown();  // idempotent
