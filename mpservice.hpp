@@ -11582,7 +11582,13 @@ long peer_user(handle_t socket) noexcept {
 
 long current_user() noexcept { return 0; }
 
-void socket_shutdown(handle_t socket) noexcept { shutdown(as_socket(socket), SD_BOTH); }
+void socket_shutdown(handle_t socket) noexcept {
+    shutdown(as_socket(socket), SD_BOTH);
+    // A thread of ours blocked in WSAPoll on it is not woken by that under
+    // Wine (the server's connection threads stayed blocked, so it never
+    // ended): its pending poll is cancelled, and its next recv sees the end.
+    CancelIoEx(reinterpret_cast<HANDLE>(as_socket(socket)), nullptr);
+}
 
 void random_bytes(void* out, std::size_t n) {
     if (BCryptGenRandom(nullptr, static_cast<PUCHAR>(out), static_cast<ULONG>(n), BCRYPT_USE_SYSTEM_PREFERRED_RNG) != 0)

@@ -432,7 +432,13 @@ TEST_CASE("server: 1000 create/release cycles leave no objects, descriptors or m
     // Descriptors: a leak per cycle would be 1000 more.  Not equality: the
     // warm-up's last block may still have been open in the server when
     // `before` was read (its release travels apart from the calls), seen in CI.
+#if defined(_WIN32)
+    // (Windows: the system's thread pool may keep a few handles of its own
+    // from the calls - 2 seen under Wine.)
+    CHECK(after.first <= before.first + 4);
+#else
     CHECK(after.first <= before.first);
+#endif
     // Mappings: a block leaked per cycle would be 1000 more; the allocator (or a
     // sanitizer's runtime) may map a few regions of its own meanwhile.
     CHECK(after.second <= before.second + 16);
