@@ -27,6 +27,31 @@ static LONG WINAPI on_unhandled_exception(EXCEPTION_POINTERS* ep) {
         std::fprintf(stderr, "FATAL: unhandled SEH exception 0x%08lx at image offset 0x%llx in test case \"%s\" (%s:%d)\n",
                      static_cast<unsigned long>(code), static_cast<unsigned long long>(at - base), tc->m_name,
                      tc->m_file.c_str(), tc->m_line);
+    if (tc) {
+        // Where it happened: the faulting module, and the stack through the
+        // exception dispatcher to the faulting frame and its callers, each
+        // frame as module+offset (for addr2line on our image; a system DLL's
+        // name tells at least whose code it was).
+        auto where = [](const void* a) {
+            HMODULE mod = nullptr;
+            wchar_t path[MAX_PATH] = L"?";
+            if (GetModuleHandleExW(GET_MODULE_HANDLE_EX_FLAG_FROM_ADDRESS | GET_MODULE_HANDLE_EX_FLAG_UNCHANGED_REFCOUNT,
+                                   static_cast<LPCWSTR>(a), &mod))
+                GetModuleFileNameW(mod, path, MAX_PATH);
+            const wchar_t* name = path;
+            for (const wchar_t* c = path; *c; ++c)
+                if (*c == L'\\' || *c == L'/') name = c + 1;
+            std::fprintf(stderr, "  %ls+0x%llx\n", name,
+                         static_cast<unsigned long long>(reinterpret_cast<std::uintptr_t>(a) -
+                                                         reinterpret_cast<std::uintptr_t>(mod)));
+        };
+        std::fprintf(stderr, "FATAL: faulting address in:\n");
+        where(ep->ExceptionRecord->ExceptionAddress);
+        void* frames[48];
+        const USHORT n = RtlCaptureStackBackTrace(0, 48, frames, nullptr);
+        std::fprintf(stderr, "FATAL: stack (from this filter):\n");
+        for (USHORT i = 0; i < n; ++i) where(frames[i]);
+    }
     std::fflush(nullptr);
     TerminateProcess(GetCurrentProcess(), code);
     return EXCEPTION_EXECUTE_HANDLER;

@@ -432,7 +432,13 @@ TEST_CASE("server: 1000 create/release cycles leave no objects, descriptors or m
     // Descriptors: a leak per cycle would be 1000 more.  Not equality: the
     // warm-up's last block may still have been open in the server when
     // `before` was read (its release travels apart from the calls), seen in CI.
+#if defined(_WIN32)
+    // (Windows: the system's thread pool may keep a few handles of its own
+    // from the calls - 2 seen under Wine.)
+    CHECK(after.first <= before.first + 4);
+#else
     CHECK(after.first <= before.first);
+#endif
     // Mappings: a block leaked per cycle would be 1000 more; the allocator (or a
     // sanitizer's runtime) may map a few regions of its own meanwhile.
     CHECK(after.second <= before.second + 16);
@@ -576,9 +582,14 @@ TEST_CASE("server: its log records reach the parent's handler; shutdown ends it 
         seen.push_back(r.message);
     });
     {
-        mp::ServerProcess server;
+        // A clean end is asked for, not a quick one: the default 1 s per step is
+        // short for a spawned process's exit on a loaded machine under Wine.
+        mp::ServerOptions options;
+        options.shutdown_timeout = std::chrono::seconds(60);
+        mp::ServerProcess server(options);
         server.create<Counter>(0).call<&Counter::log_something>();
         server.shutdown();
+        CAPTURE(server.exitcode().value_or(-1000));  // (-1000: none)
         CHECK(server.exitcode() == 0);
         CHECK_FALSE(server.is_alive());
         server.shutdown();  // idempotent

@@ -116,6 +116,13 @@ int warm_helper(mp::detail::SharedMemory mem) {
 bool process_gone(long pid) { return !mp::detail::os::process_running(pid); }
 int count_fds() { return static_cast<int>(mp::detail::os::open_handle_count()); }
 int count_zombie_children() { return 0; }
+// What the parent holds for a waiting warm child: its channel, the read and
+// write ends of its exit notice, its process handle and the section that
+// carried its channel.
+constexpr int warm_child_handles = 5;
+// Handles the system's thread pool may keep from the starts (its wait and
+// worker threads' objects, under Wine): a leak per start would show 60.
+constexpr int pool_slack = 3;
 #else
 bool process_gone(long pid) {
     std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
@@ -127,6 +134,10 @@ bool process_gone(long pid) {
     char state = line[close + 2];
     return state == 'Z' || state == 'X';
 }
+
+// What the parent holds for a waiting warm child: its channel and its pidfd.
+constexpr int warm_child_handles = 2;
+constexpr int pool_slack = 0;
 
 int count_fds() {
     int n = 0;
@@ -356,20 +367,23 @@ TEST_CASE("warm spawn: no descriptor or zombie growth after many warm starts") {
         REQUIRE(p.result() == i + 1);
     }
     REQUIRE(mp::detail::test_warm_child(20s) > 0);
-    CHECK(count_fds() == fds);
+    // (The last child's handles go once the reactor has reaped it.)
+    CAPTURE(fds);
+    CAPTURE(count_fds());  // (evaluated when a failure is reported)
+    CHECK(eventually([&] { return count_fds() >= fds && count_fds() <= fds + pool_slack; }));
     CHECK(count_zombie_children() == 0);
     CHECK(mp::active_children().empty());
 
     long w = mp::detail::test_warm_child(0ms);
+    const int before = count_fds();
+    CAPTURE(before);
     mp::set_warm_spawn(false);  // discards the waiting child
     CHECK(eventually([&] { return process_gone(w); }));
-#if !defined(_WIN32)
-    CHECK(eventually([&] { return count_fds() == fds - 2; }));
-#else
-    // Windows: not checked - the Win32 back-end keeps the process handles it
-    // caches until the parent ends (issue 14, open), so the count does not
-    // fall when the waiting child goes.  That it is gone is checked above.
-#endif
+    // What the parent held for the waiting child is closed once it is gone.
+    CHECK(eventually([&] {
+        const int n = count_fds();
+        return n <= before - warm_child_handles && n >= before - warm_child_handles - pool_slack;
+    }));
     CHECK(count_zombie_children() == 0);
     CHECK(mp::detail::test_warm_child(0ms) == 0);
 }

@@ -44,6 +44,7 @@
 #include <io.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <climits>
 #include <cstdio>
@@ -57,6 +58,7 @@
 #include <stdexcept>
 #include <system_error>
 #include <unordered_map>
+#include <vector>
 
 #if defined(__GNUC__)
 #include <cxxabi.h>
@@ -141,6 +143,29 @@ struct ChannelState {
     std::string pending;             // bytes of a frame the socket did not take yet
     handle_t partner = invalid_handle;  // the other end, while both are in this process
     DWORD peer_pid = 0;              // the process at the other end, when known (spawn)
+    bool peer_is_child = false;      // peer_pid is a child we spawned with this channel (its only reader)
+};
+
+/// What a thread-pool wait needs to announce a child's end.
+struct ExitNotice {
+    HANDLE wait = nullptr;
+    handle_t write_end = invalid_handle;
+    std::atomic<bool> closed{false};  // write_end closed (by the callback, or by reap_child after unregistering)
+    void close_write_end() noexcept {
+        if (!closed.exchange(true)) closesocket(as_socket(write_end));
+    }
+};
+
+/// What the parent holds for a child it started, until the child is reaped:
+/// its process handle (from CreateProcess), the section that carried its
+/// channel (the keeper), and the thread-pool waits that announce its end
+/// (process_handle).  The process handle is used only under the registry's
+/// lock or through a duplicate (child_process), so it is never used after
+/// reap_child closed it; the waits are unregistered before it is closed.
+struct Child {
+    HANDLE process = nullptr;
+    HANDLE keeper = nullptr;
+    std::vector<ExitNotice*> notices;
 };
 
 struct Registry {
@@ -149,8 +174,7 @@ struct Registry {
     std::map<handle_t, handle_t> paired_write_ends;  // wake events, exit notifiers: read end -> write end
     std::map<handle_t, ChannelState> channels;
     std::map<handle_t, handle_t> listener_wakes;      // listener -> its shutdown wake event
-    std::map<long, HANDLE> children;                  // pid -> process handle (from CreateProcess)
-    std::map<long, HANDLE> channel_keepers;           // pid -> our copy of its channel, until it is reaped
+    std::map<long, struct Child> children;            // pid -> what we hold for it until it is reaped
 };
 Registry& reg() {
     static Registry* r = new Registry;  // never destroyed: used by threads until the very end
@@ -330,27 +354,63 @@ struct View {
     std::size_t length;  // the whole view, tail page included
     ShmTail* tail;
 };
+/// A named kernel object that lives in a section (a word's wait semaphore, a
+/// robust mutex), opened on first use and kept while a view of ours holds it:
+/// the views (by base) it was used through.  The last of them unmapped closes
+/// it (shm_unmap), so a program that makes and drops many Queues or Locks does
+/// not keep their objects.  One used from memory that is not a view of ours
+/// (base 0) is kept until the process ends.
+struct CachedObject {
+    HANDLE handle = nullptr;
+    std::set<std::uintptr_t> bases;
+};
 struct Views {
     std::mutex mu;
     std::map<std::uintptr_t, View> by_base;
-    std::map<std::string, HANDLE> semaphores;  // wait objects by name, opened on first use
+    std::map<std::string, CachedObject> objects;  // wait semaphores and mutexes, by name
 };
 Views& views() {
     static Views* v = new Views;
     return *v;
 }
 
+/// The view holding `a` (the lock held), or null.
+const View* view_at(Views& v, std::uintptr_t a) {
+    auto it = v.by_base.upper_bound(a);
+    if (it == v.by_base.begin()) return nullptr;
+    --it;
+    if (a >= it->second.base + it->second.length) return nullptr;
+    return &it->second;
+}
+
 /// The view holding `addr`, if it is one of ours.
 bool find_view(const void* addr, View& out) {
-    auto a = reinterpret_cast<std::uintptr_t>(addr);
     auto& v = views();
     std::lock_guard<std::mutex> g(v.mu);
-    auto it = v.by_base.upper_bound(a);
-    if (it == v.by_base.begin()) return false;
-    --it;
-    if (a >= it->second.base + it->second.length) return false;
-    out = it->second;
+    const View* found = view_at(v, reinterpret_cast<std::uintptr_t>(addr));
+    if (!found) return false;
+    out = *found;
     return true;
+}
+
+/// The object named `name`, used from `addr` (see CachedObject); `create` opens it.
+template <class Create>
+HANDLE cached_object(const std::string& name, const void* addr, Create create) {
+    auto& v = views();
+    std::lock_guard<std::mutex> g(v.mu);
+    const View* view = view_at(v, reinterpret_cast<std::uintptr_t>(addr));
+    CachedObject& o = v.objects[name];
+    if (!o.handle) {
+        o.handle = create(name.c_str());
+        if (!o.handle) {
+            const DWORD err = GetLastError();
+            v.objects.erase(name);
+            SetLastError(err);
+            return nullptr;
+        }
+    }
+    o.bases.insert(view ? view->base : 0);
+    return o.handle;
 }
 
 /// Maps the whole section and tells its length (the view's region size).
@@ -412,11 +472,22 @@ void* shm_map(handle_t h, std::size_t size) {
 
 void shm_unmap(void* addr, std::size_t) noexcept {
     if (!addr) return;
+    std::vector<HANDLE> unused;  // the objects no other view of ours holds
     {
         auto& v = views();
+        const auto base = reinterpret_cast<std::uintptr_t>(addr);
         std::lock_guard<std::mutex> g(v.mu);
-        v.by_base.erase(reinterpret_cast<std::uintptr_t>(addr));
+        v.by_base.erase(base);
+        for (auto it = v.objects.begin(); it != v.objects.end();) {
+            if (it->second.bases.erase(base) && it->second.bases.empty()) {
+                unused.push_back(it->second.handle);
+                it = v.objects.erase(it);
+            } else {
+                ++it;
+            }
+        }
     }
+    for (HANDLE h : unused) CloseHandle(h);
     UnmapViewOfFile(addr);
 }
 
@@ -445,13 +516,8 @@ HANDLE word_semaphore(const ShmTail* tail, std::size_t offset) {
     char name[96];
     std::snprintf(name, sizeof name, "Local\\mpservice-w-%016llx%016llx-%llx", (unsigned long long)tail->id[0],
                   (unsigned long long)tail->id[1], (unsigned long long)offset);
-    auto& v = views();
-    std::lock_guard<std::mutex> g(v.mu);
-    auto it = v.semaphores.find(name);
-    if (it != v.semaphores.end()) return it->second;
-    HANDLE s = CreateSemaphoreA(nullptr, 0, LONG_MAX, name);
+    HANDLE s = cached_object(name, tail, [](const char* n) { return CreateSemaphoreA(nullptr, 0, LONG_MAX, n); });
     if (!s) throw_win32("mpservice: CreateSemaphore");
-    v.semaphores.emplace(name, s);
     return s;
 }
 
@@ -519,14 +585,8 @@ HANDLE mutex_object(const WinMutex* w) {
     char name[80];
     std::snprintf(name, sizeof name, "Local\\mpservice-m-%016llx%016llx", (unsigned long long)w->id[0],
                   (unsigned long long)w->id[1]);
-    static std::mutex mu;
-    static auto* cache = new std::unordered_map<std::string, HANDLE>;
-    std::lock_guard<std::mutex> g(mu);
-    auto it = cache->find(name);
-    if (it != cache->end()) return it->second;
-    HANDLE h = CreateMutexA(nullptr, FALSE, name);
+    HANDLE h = cached_object(name, w, [](const char* n) { return CreateMutexA(nullptr, FALSE, n); });
     if (!h) throw_win32("mpservice: CreateMutex");
-    cache->emplace(name, h);
     return h;
 }
 
@@ -741,13 +801,45 @@ namespace {
 std::string frame_bytes(handle_t ch, const void* a, std::size_t na, const void* b, std::size_t nb,
                         const handle_t* handles, std::size_t nhandles) {
     DWORD peer = 0;
+    bool to_child = false;
     {
         std::lock_guard<std::mutex> g(reg().mu);
         auto it = reg().channels.find(ch);
-        if (it != reg().channels.end()) peer = it->second.peer_pid;
+        if (it != reg().channels.end()) peer = it->second.peer_pid, to_child = it->second.peer_is_child;
+    }
+    // To a child of ours, the handles are put straight into its handle table
+    // (the values are its own): a frame it never reads - it was killed first -
+    // leaves nothing behind here.  Otherwise copies of ours wait for the reader
+    // to take them (pull_handle, DUPLICATE_CLOSE_SOURCE).
+    std::vector<HANDLE> pushed;
+    if (to_child && nhandles > 0) {
+        std::lock_guard<std::mutex> g(reg().mu);
+        auto child = reg().children.find(static_cast<long>(peer));
+        bool ok = child != reg().children.end();
+        for (std::size_t i = 0; ok && i < nhandles; ++i) {
+            HANDLE remote = nullptr;
+            if (is_socket(handles[i])) {
+                pushed.push_back(nullptr);  // (a socket travels by its record, below)
+            } else if (DuplicateHandle(GetCurrentProcess(), as_handle(handles[i]), child->second.process, &remote, 0,
+                                       FALSE, DUPLICATE_SAME_ACCESS)) {
+                pushed.push_back(remote);
+            } else {
+                ok = false;
+            }
+        }
+        if (!ok) {
+            // (It has ended: nobody will read the frame.)  The copies made go with it.
+            if (child != reg().children.end())
+                for (HANDLE r : pushed)
+                    if (r) DuplicateHandle(child->second.process, r, nullptr, nullptr, 0, FALSE, DUPLICATE_CLOSE_SOURCE);
+            pushed.clear();
+            to_child = false;
+        }
+    } else {
+        to_child = false;
     }
     FrameHeader hdr{static_cast<std::uint32_t>(na + nb), static_cast<std::uint32_t>(nhandles),
-                    static_cast<std::uint32_t>(GetCurrentProcessId()), 0};
+                    static_cast<std::uint32_t>(to_child ? peer : GetCurrentProcessId()), 0};
     hdr.check = kFrameCheck ^ hdr.payload;
     std::string out(sizeof hdr + nhandles * sizeof(std::uint64_t) + na + nb, '\0');
     char* p = &out[0];
@@ -777,9 +869,14 @@ std::string frame_bytes(handle_t ch, const void* a, std::size_t na, const void* 
             continue;
         }
         HANDLE copy = nullptr;
-        if (!DuplicateHandle(GetCurrentProcess(), as_handle(handles[i]), GetCurrentProcess(), &copy, 0, FALSE,
-                             DUPLICATE_SAME_ACCESS))
+        if (to_child) {
+            copy = pushed[i];
+            if (!copy)  // a socket WSADuplicateSocket refused for the child
+                throw std::system_error(EIO, std::generic_category(), "mpservice: a socket for a child could not be prepared");
+        } else if (!DuplicateHandle(GetCurrentProcess(), as_handle(handles[i]), GetCurrentProcess(), &copy, 0, FALSE,
+                                    DUPLICATE_SAME_ACCESS)) {
             throw_win32("mpservice: DuplicateHandle for a channel");
+        }
         std::uint64_t v = reinterpret_cast<std::uintptr_t>(copy);
         std::memcpy(p, &v, sizeof v);
         p += sizeof v;
@@ -1310,11 +1407,13 @@ long spawn_self(const std::string& argv0, const std::string& marker, handle_t in
     ResumeThread(pi.hThread);
     CloseHandle(pi.hThread);
     std::lock_guard<std::mutex> g(reg().mu);
-    reg().children[static_cast<long>(pi.dwProcessId)] = pi.hProcess;
-    reg().channel_keepers[static_cast<long>(pi.dwProcessId)] = keeper;
+    Child& child = reg().children[static_cast<long>(pi.dwProcessId)];
+    child.process = pi.hProcess;
+    child.keeper = keeper;
     // Frames on the parent's end may carry sockets: they are prepared for the child.
     if (auto it = reg().channels.find(inherit); it != reg().channels.end() && it->second.partner >= 0)
-        reg().channels[it->second.partner].peer_pid = pi.dwProcessId;
+        reg().channels[it->second.partner].peer_pid = pi.dwProcessId,
+        reg().channels[it->second.partner].peer_is_child = true;
     return static_cast<long>(pi.dwProcessId);
 }
 
@@ -1324,23 +1423,24 @@ long fork_process() {
 }
 
 namespace {
-/// What a thread-pool wait needs to announce a child's end.
-struct ExitNotice {
-    HANDLE wait = nullptr;
-    handle_t write_end = invalid_handle;
-};
-
 void CALLBACK on_child_exit(void* param, BOOLEAN) {
-    auto* n = static_cast<ExitNotice*>(param);
-    closesocket(as_socket(n->write_end));  // the read end becomes readable: end of stream
-    // The wait cannot be unregistered from its own callback without waiting
-    // for itself; it ran once (WT_EXECUTEONLYONCE), so the notice may stay.
+    // The read end becomes readable: end of stream.  The wait ran once
+    // (WT_EXECUTEONLYONCE); reap_child unregisters it and frees the notice.
+    static_cast<ExitNotice*>(param)->close_write_end();
 }
 
+/// A duplicate of child `pid`'s process handle (the caller closes it), or
+/// null if it is not one of ours or was reaped: the registry's own handle is
+/// closed by reap_child while another thread may still want to use it.
 HANDLE child_process(long pid) {
     std::lock_guard<std::mutex> g(reg().mu);
     auto it = reg().children.find(pid);
-    return it == reg().children.end() ? nullptr : it->second;
+    if (it == reg().children.end()) return nullptr;
+    HANDLE copy = nullptr;
+    if (!DuplicateHandle(GetCurrentProcess(), it->second.process, GetCurrentProcess(), &copy, 0, FALSE,
+                         DUPLICATE_SAME_ACCESS))
+        return nullptr;
+    return copy;
 }
 
 /// The Python-style exit code of a Win32 exit status (see README, platforms).
@@ -1361,44 +1461,67 @@ int python_exitcode(DWORD status) {
 }  // namespace
 
 handle_t process_handle(long pid) noexcept {
-    HANDLE proc = child_process(pid);
-    if (!proc) return invalid_handle;
     try {
         handle_t r, w;
         tcp_pair(r, w);
-        auto* notice = new ExitNotice{nullptr, w};  // lives until the process ends (one per child)
-        if (!RegisterWaitForSingleObject(&notice->wait, proc, on_child_exit, notice, INFINITE,
-                                         WT_EXECUTEONLYONCE | WT_EXECUTEINWAITTHREAD)) {
-            close_raw(r), close_raw(w);
-            delete notice;
-            return invalid_handle;
+        auto* notice = new ExitNotice;
+        notice->write_end = w;
+        {
+            // Under the lock: reap_child cannot close the process handle meanwhile.
+            std::lock_guard<std::mutex> g(reg().mu);
+            auto it = reg().children.find(pid);
+            if (it != reg().children.end() &&
+                RegisterWaitForSingleObject(&notice->wait, it->second.process, on_child_exit, notice, INFINITE,
+                                            WT_EXECUTEONLYONCE | WT_EXECUTEINWAITTHREAD)) {
+                it->second.notices.push_back(notice);  // freed by reap_child
+                return r;
+            }
         }
-        return r;
+        close_raw(r), close_raw(w);
+        delete notice;
+        return invalid_handle;
     } catch (...) {
         return invalid_handle;
     }
 }
 
 ReapResult reap_child(long pid, handle_t, bool block, int* exitcode) {
-    HANDLE proc = child_process(pid);
+    HANDLE proc = child_process(pid);  // (our own duplicate: waited on outside the lock)
     if (!proc) {
         // Not one of ours (any more): it was collected already.
         return ReapResult::reaped_elsewhere;
     }
     DWORD rc = WaitForSingleObject(proc, block ? INFINITE : 0);
-    if (rc == WAIT_TIMEOUT) return ReapResult::running;
+    if (rc == WAIT_TIMEOUT) {
+        CloseHandle(proc);
+        return ReapResult::running;
+    }
     DWORD status = 0;
-    if (!GetExitCodeProcess(proc, &status)) throw_win32("mpservice: GetExitCodeProcess");
+    const BOOL got = GetExitCodeProcess(proc, &status);
+    const DWORD err = GetLastError();
+    CloseHandle(proc);
+    if (!got) throw_win32("mpservice: GetExitCodeProcess", err);
     *exitcode = python_exitcode(status);
-    HANDLE keeper = nullptr;
+    // The child's end: what we held for it goes (once, by whichever thread
+    // gets here first; another one reaping it at the same time has its status too).
+    Child child;
     {
         std::lock_guard<std::mutex> g(reg().mu);
-        reg().children.erase(pid);
-        if (auto it = reg().channel_keepers.find(pid); it != reg().channel_keepers.end())
-            keeper = it->second, reg().channel_keepers.erase(it);
+        auto it = reg().children.find(pid);
+        if (it != reg().children.end()) {
+            child = std::move(it->second);
+            reg().children.erase(it);
+        }
     }
-    if (keeper) CloseHandle(keeper);
-    CloseHandle(proc);
+    for (ExitNotice* n : child.notices) {
+        // Waits until a running callback has returned; a wait that had not
+        // fired yet is cancelled, and its end of stream is given here.
+        UnregisterWaitEx(n->wait, INVALID_HANDLE_VALUE);
+        n->close_write_end();
+        delete n;
+    }
+    if (child.keeper) CloseHandle(child.keeper);
+    if (child.process) CloseHandle(child.process);
     return ReapResult::reaped;
 }
 
@@ -1408,14 +1531,13 @@ bool send_signal(long pid, handle_t, int sig) noexcept {
     // Windows has no signals: every signal ends the process (as Python's
     // terminate() and kill() on Windows), with an exit status that names it.
     if (sig == 0) return process_running(pid);
-    HANDLE proc = child_process(pid);
-    bool own = proc != nullptr;
+    HANDLE proc = child_process(pid);  // (a duplicate, or a handle of our own)
     if (!proc) proc = OpenProcess(PROCESS_TERMINATE | SYNCHRONIZE, FALSE, static_cast<DWORD>(pid));
     if (!proc) return false;
     BOOL ok = TerminateProcess(proc, 0x10000u + static_cast<unsigned>(sig & 63));
     // A process that has ended already counts as signalled (as kill() on a zombie).
     const bool ended = !ok && WaitForSingleObject(proc, 0) == WAIT_OBJECT_0;
-    if (!own) CloseHandle(proc);  // (only after the wait: it used the handle)
+    CloseHandle(proc);  // (only after the wait: it used the handle)
     return ok != 0 || ended;
 }
 
@@ -1731,13 +1853,37 @@ handle_t listener_create(std::string& address) {
     return static_cast<handle_t>(s);
 }
 
-handle_t listener_accept(handle_t listener) {
-    handle_t wake = invalid_handle;
+namespace {
+/// The wake event that ends a listener_accept on `listener`, made on first use
+/// for a listener this process did not create: one received from the parent
+/// (the server process's) has none in this process's registry, so its
+/// shutdown woke nobody and the server ran on until it was terminated.
+handle_t listener_wake(handle_t listener) noexcept {
     {
         std::lock_guard<std::mutex> g(reg().mu);
         auto it = reg().listener_wakes.find(listener);
-        if (it != reg().listener_wakes.end()) wake = it->second;
+        if (it != reg().listener_wakes.end()) return it->second;
     }
+    handle_t made = invalid_handle;
+    try {
+        made = wake_event_create();
+    } catch (...) {
+        return invalid_handle;
+    }
+    handle_t existing = invalid_handle;
+    {
+        std::lock_guard<std::mutex> g(reg().mu);
+        auto ins = reg().listener_wakes.emplace(listener, made);
+        if (ins.second) return made;
+        existing = ins.first->second;  // another thread made one meanwhile
+    }
+    close_handle(made);
+    return existing;
+}
+}  // namespace
+
+handle_t listener_accept(handle_t listener) {
+    const handle_t wake = listener_wake(listener);
     for (;;) {
         WSAPOLLFD p[2] = {{as_socket(listener), POLLRDNORM, 0}, {as_socket(wake), POLLRDNORM, 0}};
         int rc = WSAPoll(p, wake >= 0 ? 2 : 1, -1);
@@ -1759,12 +1905,7 @@ handle_t listener_accept(handle_t listener) {
 }
 
 void listener_shutdown(handle_t listener) noexcept {
-    handle_t wake = invalid_handle;
-    {
-        std::lock_guard<std::mutex> g(reg().mu);
-        auto it = reg().listener_wakes.find(listener);
-        if (it != reg().listener_wakes.end()) wake = it->second;
-    }
+    const handle_t wake = listener_wake(listener);
     if (wake >= 0) wake_event_signal(wake);
 }
 
@@ -1794,16 +1935,64 @@ long peer_user(handle_t socket) noexcept {
 
 long current_user() noexcept { return 0; }
 
-void socket_shutdown(handle_t socket) noexcept { shutdown(as_socket(socket), SD_BOTH); }
+void socket_shutdown(handle_t socket) noexcept {
+    shutdown(as_socket(socket), SD_BOTH);
+    // A thread of ours blocked in WSAPoll on it is not woken by that under
+    // Wine (the server's connection threads stayed blocked, so it never
+    // ended): its pending poll is cancelled, and its next recv sees the end.
+    CancelIoEx(reinterpret_cast<HANDLE>(as_socket(socket)), nullptr);
+}
 
 void random_bytes(void* out, std::size_t n) {
     if (BCryptGenRandom(nullptr, static_cast<PUCHAR>(out), static_cast<ULONG>(n), BCRYPT_USE_SYSTEM_PREFERRED_RNG) != 0)
         throw std::system_error(EIO, std::generic_category(), "mpservice: BCryptGenRandom");
 }
 
+namespace {
+/// This process's entries in the system's handle table (SystemHandleInformation):
+/// what Wine gives where its GetProcessHandleCount answers 0 for every process.
+long handle_table_count() noexcept {
+    struct Entry {
+        ULONG pid;
+        UCHAR type, flags;
+        USHORT value;
+        void* object;
+        ACCESS_MASK access;
+    };
+    struct Table {
+        ULONG count;
+        Entry entries[1];
+    };
+    constexpr auto system_handle_information = static_cast<SYSTEM_INFORMATION_CLASS>(16);
+    constexpr NTSTATUS length_mismatch = static_cast<NTSTATUS>(0xC0000004L);
+    try {
+        std::vector<ULONG_PTR> buf(1 << 14);  // (pointer-aligned)
+        for (int i = 0; i < 12; ++i) {
+            ULONG got = 0;
+            const auto bytes = static_cast<ULONG>(buf.size() * sizeof(ULONG_PTR));
+            NTSTATUS st = NtQuerySystemInformation(system_handle_information, buf.data(), bytes, &got);
+            if (st == length_mismatch) {
+                buf.resize(buf.size() * 2);
+                continue;
+            }
+            if (st != 0) return -1;
+            const auto* table = reinterpret_cast<const Table*>(buf.data());
+            const ULONG self = GetCurrentProcessId();
+            long n = 0;
+            for (ULONG k = 0; k < table->count; ++k)
+                if (table->entries[k].pid == self) ++n;
+            return n;
+        }
+    } catch (...) {
+    }
+    return -1;
+}
+}  // namespace
+
 long open_handle_count() noexcept {
     DWORD n = 0;
-    return GetProcessHandleCount(GetCurrentProcess(), &n) ? static_cast<long>(n) : -1;
+    if (GetProcessHandleCount(GetCurrentProcess(), &n) && n > 0) return static_cast<long>(n);
+    return handle_table_count();  // (a live process always has handles: 0 is no answer)
 }
 
 long mapping_count() noexcept {
