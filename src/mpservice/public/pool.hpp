@@ -400,10 +400,6 @@ struct ChunkDraft {
     Encoder args;
     std::vector<std::uint32_t> offsets;  // offsets[i]: start of item i in args
     std::uint32_t stride = 0;            // nonzero: item i starts at pool_task_room + i * stride (no offsets)
-
-    std::size_t item_offset(std::uint32_t i) const noexcept {
-        return stride ? pool_task_room + std::size_t(i) * stride : offsets[i];
-    }
 };
 
 struct PoolTarget {
