@@ -115,7 +115,7 @@ wine reg add 'HKLM\Software\Microsoft\Windows NT\CurrentVersion\AeDebug' /v Debu
 
 # ---------------------------------------------------------------- run
 passed=0 failed=0 skipped=0
-failures=()
+failures=() flaky=()
 result() {  # result NAME RC
   if [ "$2" -eq 0 ]; then passed=$((passed + 1)); echo "== $1: ok"
   else failed=$((failed + 1)); failures+=("$1"); echo "== $1: FAILED (rc=$2)"; fi
@@ -164,6 +164,20 @@ for s in $SUITES; do
   fi
   run_exe "$s" "${args[@]}"; rc=$?
   grep -E '^\[doctest\] test cases:' "$B/log/$s.txt" | sed "s/^/   $s: /"
+  if [ $rc -ne 0 ]; then
+    # Under Wine a suite that passes run after run here once failed on a CI
+    # machine with nothing to show for it: a failed suite runs a second time,
+    # and a pass then is reported as flaky (with the first run's errors and
+    # end kept in $s.first.txt and printed) instead of failing the whole run.
+    # Only here: the Linux suites get no second chance.
+    cp "$B/log/$s.txt" "$B/log/$s.first.txt"
+    echo "-- $s: failed (rc=$rc); its errors, then a second run:"
+    grep -n -B2 -A8 -E 'ERROR|FATAL|THREW' "$B/log/$s.first.txt" | head -n 60
+    tail -n 15 "$B/log/$s.first.txt"
+    run_exe "$s" "${args[@]}"; rc=$?
+    grep -E '^\[doctest\] test cases:' "$B/log/$s.txt" | sed "s/^/   $s (second run): /"
+    [ $rc -eq 0 ] && flaky+=("$s")
+  fi
   result "$s" $rc
   [ $rc -eq 0 ] || grep -E 'ERROR|FATAL|THREW' "$B/log/$s.txt" | head -n 20
 done
@@ -173,6 +187,7 @@ total=$((passed + failed))
 pct=0; [ "$total" -gt 0 ] && pct=$((100 * passed / total))
 echo
 echo "windows_ci: build $((build_done - start)) s, run $((end - build_done)) s; $skipped test cases skipped (tests/windows/skip.txt)"
+[ ${#flaky[@]} -eq 0 ] || echo "windows_ci: flaky (failed, then passed on a second run): ${flaky[*]}"
 [ ${#failures[@]} -eq 0 ] || echo "windows_ci: failed: ${failures[*]}"
 echo "$pct% tests passed, $failed tests failed out of $total"
 [ "$failed" -eq 0 ]
