@@ -268,7 +268,10 @@ double ours_8b_batched(long n, std::size_t batch) {
     return dt;
 }
 
-double ours_bytes_batched(long n, std::size_t size, std::size_t batch) {
+/// `reuse`: the consumer takes each batch with get_many_reusing into one vector
+/// (its strings keep their storage); otherwise with get_many after clear(),
+/// which allocates every item anew.
+double ours_bytes_batched(long n, std::size_t size, std::size_t batch, bool reuse) {
     mp::Queue<std::string> q;
     long bad = 0, got = 0;
     double dt = timed_pair(
@@ -289,8 +292,12 @@ double ours_bytes_batched(long n, std::size_t size, std::size_t batch) {
             std::vector<std::string> out;
             out.reserve(batch);
             while (got < n) {
-                out.clear();
-                q.get_many(out, batch);
+                if (reuse) {
+                    q.get_many_reusing(out, batch);
+                } else {
+                    out.clear();
+                    q.get_many(out, batch);
+                }
                 for (const std::string& s : out) {
                     long x;
                     std::memcpy(&x, s.data(), sizeof x);
@@ -453,18 +460,24 @@ int main(int argc, char** argv) {
         fig(c1k, "anchor", "Boost.Interprocess message_queue (cap 1024)", "msg/s", rates(m[2], n));
         if (py.count("queue_1k")) fig_python(c1k, "Python mp.Queue (bytes, fork)", "msg/s", py["queue_1k"]);
     }
-    const std::string b8 = "queue 1P1C 8 B x 1M, put_many/get_many", b1k = "queue 1P1C 1 KiB x 100k, put_many/get_many";
-    if (wanted(b8) || wanted(b1k)) {  // batches of 256 items against the SPSC ring
+    const std::string b8 = "queue 1P1C 8 B x 1M, put_many/get_many", b1k = "queue 1P1C 1 KiB x 100k, put_many/get_many",
+                      b1k_new = "queue 1P1C 1 KiB x 100k, put_many/get_many after clear()";
+    if (wanted(b8) || wanted(b1k) || wanted(b1k_new)) {  // batches of 256 items against the SPSC ring
         const long n = 1000000, n1k = 100000;
         const std::size_t batch = 256;
         auto m = interleaved_runs({[&] { return ours_8b_batched(n, batch); }, [&] { return spsc_run<8, 16384>(n); },
-                                   [&] { return ours_bytes_batched(n1k, 1024, batch); },
-                                   [&] { return spsc_run<1024, 512>(n1k); }});
+                                   [&] { return ours_bytes_batched(n1k, 1024, batch, true); },
+                                   [&] { return spsc_run<1024, 512>(n1k); },
+                                   [&] { return ours_bytes_batched(n1k, 1024, batch, false); }});
         const char* ours_b = "mp::Queue put_many/get_many, batches of 256, 1P->1C";
         fig(b8, "ours", ours_b, "msg/s", rates(m[0], n));
         fig(b8, "anchor", "lock-free SPSC shm ring (spin, 16Ki slots)", "msg/s", rates(m[1], n));
-        fig(b1k, "ours", ours_b, "msg/s", rates(m[2], n1k));
+        fig(b1k, "ours", "mp::Queue put_many/get_many_reusing, batches of 256, 1P->1C", "msg/s", rates(m[2], n1k));
         fig(b1k, "anchor", "lock-free SPSC shm ring (spin, 512 slots)", "msg/s", rates(m[3], n1k));
+        // The same stream with a consumer that allocates every item anew: what
+        // malloc's handling of a freed 256 KiB batch costs (see PERFORMANCE.md).
+        fig(b1k_new, "ours", "mp::Queue put_many/get_many after out.clear(), batches of 256", "msg/s", rates(m[4], n1k));
+        fig(b1k_new, "anchor", "lock-free SPSC shm ring (spin, 512 slots)", "msg/s", rates(m[3], n1k));
     }
     if (!wanted("queue 1P1C 1 MiB x 1k") && !wanted("queue 2P2C 8 B x 1M")) return 0;
     {  // 1k x 1 MiB

@@ -1089,6 +1089,99 @@ TEST_CASE("put_many / get_many errors: closed, Empty, unencodable and undecodabl
     CHECK(p.get().v == 4);
 }
 
+namespace {
+int put_strings(mp::Queue<std::string> q, int n, int size) {
+    std::vector<std::string> batch;
+    for (int i = 0; i < n; ++i) {
+        std::string item(static_cast<std::size_t>(size), static_cast<char>('a' + i % 26));
+        std::memcpy(&item[0], &i, sizeof i);
+        batch.push_back(std::move(item));
+        if (batch.size() == 32 || i == n - 1) {
+            q.put_many(batch);
+            batch.clear();
+        }
+    }
+    return n;
+}
+}  // namespace
+
+TEST_CASE("get_many_reusing replaces the vector's contents and keeps its elements' storage") {
+    mp::Queue<std::string> q;
+    std::vector<std::string> out(3, std::string(2000, 'z'));
+    const char* first = out[0].data();
+    const char* second = out[1].data();
+    q.put_many({std::string("one"), std::string(1500, 'x')});
+    CHECK(q.get_many_reusing(out, 10) == 2);
+    REQUIRE(out.size() == 2);  // replaced, not appended: the third element went
+    CHECK(out[0] == "one");
+    CHECK(out[1] == std::string(1500, 'x'));
+    CHECK(out[0].data() == first);  // assigned in place: no new allocation
+    CHECK(out[1].data() == second);
+    // More items than elements: the rest are appended.
+    q.put_many({std::string("a"), std::string("b"), std::string("c"), std::string("d")});
+    CHECK(q.get_many_reusing(out, 3) == 3);
+    CHECK(out == std::vector<std::string>{"a", "b", "c"});
+    CHECK(q.get_many_reusing(out, 3) == 1);
+    CHECK(out == std::vector<std::string>{"d"});
+    // Numbers and vectors of numbers are reused as well.
+    mp::Queue<std::vector<double>> v;
+    std::vector<std::vector<double>> vs(1, std::vector<double>(64, 0.0));
+    const double* vdata = vs[0].data();
+    v.put_many({std::vector<double>{1.5, 2.5}, std::vector<double>{}});
+    CHECK(v.get_many_reusing(vs, 8) == 2);
+    CHECK(vs[0] == std::vector<double>{1.5, 2.5});
+    CHECK(vs[0].data() == vdata);
+    CHECK(vs[1].empty());
+    mp::Queue<int> n;
+    std::vector<int> ns{9, 9, 9, 9};
+    n.put_many({1, 2});
+    CHECK(n.get_many_reusing(ns, 4) == 2);
+    CHECK(ns == std::vector<int>{1, 2});
+
+    // Empty and closed: the exceptions get_many throws, and `out` is left empty.
+    CHECK_THROWS_AS(n.get_many_reusing(ns, 4, 20ms), mp::Empty);
+    CHECK(ns.empty());
+    ns = {7, 7};
+    n.put(5);
+    n.close();
+    CHECK(n.get_many_reusing(ns, 4) == 1);
+    CHECK(ns == std::vector<int>{5});
+    CHECK_THROWS_AS(n.get_many_reusing(ns, 4), mp::QueueClosed);
+    CHECK(ns.empty());
+
+    // An item that cannot be decoded: dropped; the vector holds the items before it.
+    mp::Queue<Picky> p;
+    p.put_many({Picky{1, ""}, Picky{13, ""}, Picky{4, ""}});
+    std::vector<Picky> got(5);
+    CHECK_THROWS_AS(p.get_many_reusing(got, 10), mp::DecodeError);
+    REQUIRE(got.size() == 1);
+    CHECK(got[0].v == 1);
+    CHECK(p.get().v == 4);
+}
+
+TEST_CASE_TEMPLATE("get_many_reusing takes every item of a producer process exactly once, in order", Ctx,
+                   mp::SpawnContext, mp::ForkContext) {
+    mp::Queue<std::string> q;
+    mp::Process producer(Ctx{}, put_strings, q, 3000, 1024);
+    producer.start();
+    std::vector<std::string> out;
+    int next = 0;
+    bool in_order = true;
+    while (next < 3000) {
+        q.get_many_reusing(out, 256, 60s);
+        for (const std::string& item : out) {
+            int i = -1;
+            std::memcpy(&i, item.data(), sizeof i);
+            in_order = in_order && i == next && item.size() == 1024 && item[1023] == static_cast<char>('a' + i % 26);
+            ++next;
+        }
+    }
+    CHECK(in_order);
+    CHECK(next == 3000);
+    CHECK(producer.result(60s) == 3000);
+    CHECK(q.empty());
+}
+
 TEST_CASE("SIGKILL inside put_many / get_many: no duplicates, a producer's items a prefix, a consumer loses "
           "at most one batch" * forktest::fork_only) {
     constexpr std::size_t batch = 32;

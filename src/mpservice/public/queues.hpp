@@ -167,6 +167,42 @@ struct QueueItems {
         static_cast<std::vector<T>*>(context)->push_back(std::move(*one));
     }
 
+    /// A batch that overwrites a vector's elements from the start, keeping
+    /// their storage: a string or a vector of numbers is assigned in place (no
+    /// allocation once it is large enough); past the vector's end, items are
+    /// appended.  The caller trims the vector to `next` afterwards.
+    struct Refill {
+        std::vector<T>* out;
+        std::size_t next = 0;
+    };
+    static void consume_reusing(void* context, const unsigned char* data, std::size_t size) {
+        auto& r = *static_cast<Refill*>(context);
+        if (r.next >= r.out->size()) {
+            consume_into(r.out, data, size);
+            ++r.next;
+            return;
+        }
+        T& slot = (*r.out)[r.next];
+        if constexpr (raw) {
+            if (size != sizeof(T)) throw DecodeError("decode: queue item has the wrong size for its type");
+            std::memcpy(static_cast<void*>(&slot), data, sizeof(T));
+        } else if constexpr (contiguous) {
+            using E = typename T::value_type;
+            if constexpr (std::is_same_v<T, std::string>) {
+                slot.assign(reinterpret_cast<const char*>(data), size);
+            } else {
+                if (size % sizeof(E)) throw DecodeError("decode: queue item has the wrong size for its type");
+                slot.resize(size / sizeof(E));
+                if (size) std::memcpy(static_cast<void*>(slot.data()), data, size);
+            }
+        } else {
+            std::optional<T> one;
+            consume(&one, data, size);
+            slot = std::move(*one);
+        }
+        ++r.next;
+    }
+
     /// A batch being put: the items of [first, last) one by one, each item's
     /// bytes valid until the next is asked for.
     template <class It>
@@ -314,6 +350,22 @@ public:
     std::size_t try_get_many(std::vector<T>& out, std::size_t max_items) {
         return take_many(out, max_items, detail::os::Clock::now(), false);
     }
+    /// As get_many(out, max_items), but `out` is *replaced* by the batch, and
+    /// the elements it already holds are reused: a std::string or a vector of
+    /// numbers is assigned in place, keeping its storage.  A consumer that
+    /// loops on one vector then allocates nothing once it is warm - where
+    /// get_many after out.clear() allocates every item anew (and a batch of
+    /// large items freed at once can make malloc hand its pages back to the
+    /// system and fault them in again, batch after batch).  Returns out.size().
+    std::size_t get_many_reusing(std::vector<T>& out, std::size_t max_items) {
+        return refill(out, max_items, detail::os::no_deadline);
+    }
+    /// As get_many_reusing(out, max_items), waiting at most `timeout` for the
+    /// first item; throws Empty if none came (`out` is then empty).
+    template <class Rep, class Period>
+    std::size_t get_many_reusing(std::vector<T>& out, std::size_t max_items, std::chrono::duration<Rep, Period> timeout) {
+        return refill(out, max_items, detail::os::deadline_after(timeout));
+    }
 
     /// Number of complete items in the queue (a snapshot; others may change it).
     std::size_t qsize() const noexcept { return core_.qsize(); }
@@ -354,6 +406,22 @@ protected:
         Status s = core_.get_many(&Items::consume_into, &out, max_items, taken, deadline);
         if (throws && s == Status::closed) throw QueueClosed();
         if (throws && s == Status::timeout) throw Empty();
+        return taken;
+    }
+    std::size_t refill(std::vector<T>& out, std::size_t max_items, detail::os::Deadline deadline) {
+        typename Items::Refill r{&out};
+        std::size_t taken = 0;
+        Status s = Status::ok;
+        struct Trim {  // also when a decode throws: out holds the items before it
+            std::vector<T>& out;
+            typename Items::Refill& r;
+            ~Trim() {
+                if (out.size() > r.next) out.erase(out.begin() + static_cast<std::ptrdiff_t>(r.next), out.end());
+            }
+        } trim{out, r};
+        s = core_.get_many(&Items::consume_reusing, &r, max_items, taken, deadline);
+        if (s == Status::closed) throw QueueClosed();
+        if (s == Status::timeout) throw Empty();
         return taken;
     }
     template <class Range>
