@@ -521,6 +521,8 @@ void bind_child_calls() noexcept {
     (void)::sendmsg(-1, &none, MSG_NOSIGNAL);
     (void)::dup2(-1, -1);
     (void)::fcntl(-1, F_GETFD);
+    (void)::close(-1);
+    (void)::syscall(SYS_getppid);
 }
 }  // namespace
 
