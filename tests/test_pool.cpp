@@ -2,6 +2,15 @@
 // lifecycle, and a pool that survives its workers - with real worker processes.
 #include <doctest/doctest.h>
 
+#if defined(_WIN32)
+#ifndef NOMINMAX
+#define NOMINMAX
+#endif
+#ifndef WIN32_LEAN_AND_MEAN
+#define WIN32_LEAN_AND_MEAN
+#endif
+#include <windows.h>  // OpenProcess: whether a warm child has gone (process_gone)
+#endif
 #if !defined(_WIN32)
 #include <dirent.h>
 #include <signal.h>
@@ -730,11 +739,19 @@ TEST_CASE("a Pool made without a context uses the default start method (set_star
 namespace {
 /// Whether process `pid` is gone (or a zombie nobody has reaped yet: not running).
 bool process_gone(long pid) {
+#if defined(_WIN32)
+    HANDLE h = OpenProcess(SYNCHRONIZE, FALSE, static_cast<DWORD>(pid));
+    if (!h) return true;  // no such process (any more)
+    const bool ended = WaitForSingleObject(h, 0) != WAIT_TIMEOUT;
+    CloseHandle(h);
+    return ended;
+#else
     std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
     std::string stat;
     if (!std::getline(in, stat)) return true;
     auto close = stat.rfind(')');
     return close != std::string::npos && close + 2 < stat.size() && (stat[close + 2] == 'Z' || stat[close + 2] == 'X');
+#endif
 }
 }  // namespace
 
