@@ -1634,6 +1634,34 @@ MPSERVICE_API LockResult robust_mutex_trylock_result(int status);
 MPSERVICE_API long current_tid() noexcept;
 /// Registers fn to run in the child after every fork() (not after exec).
 MPSERVICE_API void at_fork_child(void (*fn)());
+/// Runs fn(arg) when the calling thread ends, after its thread_local objects
+/// are gone (fn must not use any).  The process's initial thread runs them at
+/// exit on POSIX, never on Windows (the process's end frees what they hold).
+MPSERVICE_API void at_thread_exit(void (*fn)(void*), void* arg);
+
+/// The calling thread's T, made on first use and destroyed by at_thread_exit:
+/// for per-thread state with a destructor that matters (one per type: give
+/// each use a struct of its own).  Not a thread_local T,
+/// because with MinGW-w64 (GCC's emulated TLS over winpthreads) a thread's
+/// thread_local objects are destroyed after their storage was freed: emutls
+/// frees it in a pthread key destructor that runs before the key destructor
+/// that runs the thread_local destructors (issue 14).  Not to be used from
+/// code that runs at thread exit itself.
+template <class T>
+T& thread_object() {
+    thread_local T* p = nullptr;  // trivially destructible: nothing runs on its freed storage
+    if (!p) {
+        T* fresh = new T();
+        try {
+            at_thread_exit([](void* q) { delete static_cast<T*>(q); }, fresh);
+        } catch (...) {
+            delete fresh;
+            throw;
+        }
+        p = fresh;
+    }
+    return *p;
+}
 
 /// A library lock that fork() must not copy while another thread holds it (the
 /// child would have the lock held by a thread it does not have: a deadlock).
@@ -9455,6 +9483,26 @@ void at_fork_child(void (*fn)()) {
 }
 
 namespace {
+/// A thread's at_thread_exit functions, run newest first when its
+/// thread_local objects are destroyed (native TLS: the storage is still there).
+struct ThreadExitList {
+    std::vector<std::pair<void (*)(void*), void*>> fns;
+    ~ThreadExitList() {
+        while (!fns.empty()) {
+            auto f = fns.back();
+            fns.pop_back();
+            f.first(f.second);
+        }
+    }
+};
+}  // namespace
+
+void at_thread_exit(void (*fn)(void*), void* arg) {
+    thread_local ThreadExitList list;
+    list.fns.emplace_back(fn, arg);
+}
+
+namespace {
 // The registered fork locks.  Plain data, constant-initialized: usable from
 // any static initializer.  `g_fork_locks_busy` guards the table (and is held
 // across a fork, so a registration cannot slip in between).
@@ -11712,6 +11760,48 @@ double cgroup_cpu_quota() noexcept {
 // ---------------------------------------------------------------- fork protection: nothing forks here
 
 void at_fork_child(void (*)()) {}
+
+namespace {
+/// A thread's at_thread_exit functions, in a fiber-local slot whose callback
+/// runs them (newest first) when the thread ends.  Not a thread_local object:
+/// with MinGW's emulated TLS, those are destroyed after winpthreads freed
+/// their storage.  The FLS callback runs later still (at ExitThread, after
+/// winpthreads' key destructors), on the list, which is not TLS storage.
+struct ThreadExitList {
+    std::vector<std::pair<void (*)(void*), void*>> fns;
+};
+VOID NTAPI run_thread_exit(PVOID p) {
+    auto* list = static_cast<ThreadExitList*>(p);
+    if (!list) return;
+    while (!list->fns.empty()) {
+        auto f = list->fns.back();
+        list->fns.pop_back();
+        f.first(f.second);
+    }
+    delete list;
+}
+DWORD thread_exit_slot() {
+    static const DWORD slot = FlsAlloc(&run_thread_exit);
+    return slot;
+}
+}  // namespace
+
+void at_thread_exit(void (*fn)(void*), void* arg) {
+    // The initial thread: nothing at exit (whether Windows runs FLS callbacks
+    // at process exit, when other threads were ended holding locks, is not
+    // something to rely on); the process's end frees what the objects hold.
+    if (is_main_thread()) return;
+    const DWORD slot = thread_exit_slot();
+    if (slot == FLS_OUT_OF_INDEXES) throw std::system_error(static_cast<int>(GetLastError()), std::system_category(), "mpservice: FlsAlloc");
+    auto* list = static_cast<ThreadExitList*>(FlsGetValue(slot));
+    if (!list) {
+        auto fresh = std::make_unique<ThreadExitList>();
+        if (!FlsSetValue(slot, fresh.get()))
+            throw std::system_error(static_cast<int>(GetLastError()), std::system_category(), "mpservice: FlsSetValue");
+        list = fresh.release();
+    }
+    list->fns.emplace_back(fn, arg);
+}
 void at_fork_protect(const ForkLock&) noexcept {}
 
 void sleep_until(Deadline deadline) noexcept {
@@ -16517,8 +16607,13 @@ public:
     /// A thread that ends holding the lock wakes the sleepers now: the lock
     /// passes to the next acquirer as a dead owner's, which the sleepers can
     /// then take and learn about.
+    /// (At thread exit, after the thread's thread_local storage is gone on
+    /// some platforms: only the futex wake of wake_sleepers, not its note.)
     ~PendingWakes() {
-        for (int i = 0; i < size_; ++i) wake_sleepers(entries_[i].condition.get(), entries_[i].count);
+        for (int i = 0; i < size_; ++i) {
+            ConditionState* cs = entries_[i].condition.get();
+            if (cs->sleepers.load(std::memory_order_seq_cst) != 0) os::futex_wake(&cs->sequence, entries_[i].count);
+        }
     }
 
 private:
@@ -16533,8 +16628,15 @@ private:
     int size_ = 0;
 };
 
-thread_local PendingWakes t_pending_wakes;
-void drop_pending_wakes() noexcept { t_pending_wakes.drop(); }
+/// The calling thread's (os::thread_object, not thread_local: its destructor
+/// must run on live storage, see there).
+PendingWakes& pending_wakes() { return os::thread_object<PendingWakes>(); }
+void drop_pending_wakes() noexcept {
+    try {
+        pending_wakes().drop();
+    } catch (...) {  // none made: nothing to drop
+    }
+}
 }  // namespace sync_impl
 
 // ---------------------------------------------------------------- Lock and RLock
@@ -16667,7 +16769,7 @@ void lock_release_slow(const LockRef& l) {
     if (work & release_repair) os::robust_mutex_consistent(&s->mutex);
     os::robust_mutex_unlock(&s->mutex);
     // After the unlock: the woken waiters' first move is to take the lock.
-    if (work & release_wake) t_pending_wakes.flush(s);
+    if (work & release_wake) pending_wakes().flush(s);
 }
 
 void lock_make_consistent(const LockRef& l) {
@@ -16762,7 +16864,7 @@ void condition_notify(const SharedRef<ConditionState>& c, const LockRef& l, int 
     // The wake waits for the lock's release: a sleeper woken now would find
     // the lock held and only go to sleep again, on the lock.
     LockState* ls = l.state.get();
-    if (t_pending_wakes.add(ls, c, static_cast<int>(k))) {
+    if (pending_wakes().add(ls, c, static_cast<int>(k))) {
         ls->release_work.fetch_or(release_wake, std::memory_order_relaxed);
         return;
     }
@@ -17298,10 +17400,14 @@ private:
     os::RobustMutex* m_;
 };
 
-std::string& reassembly_buffer() {
-    thread_local std::string buffer;
-    return buffer;
-}
+/// Per-thread buffers (os::thread_object, not thread_local: see there).
+struct ReassemblyBuffer {
+    std::string bytes;
+};
+struct EncodeBuffer {
+    std::string bytes;
+};
+std::string& reassembly_buffer() { return os::thread_object<ReassemblyBuffer>().bytes; }
 
 /// The parts of streamed items that gets of this process left half-received at
 /// their timeout (see "Parked items" in queue_ring.hpp).
@@ -17411,7 +17517,7 @@ QueueCore QueueCore::attach(SharedMemory memory, QueueKind kind, std::uint64_t t
 }
 
 std::string& QueueCore::encode_buffer() {
-    thread_local std::string buffer;
+    std::string& buffer = os::thread_object<EncodeBuffer>().bytes;
     if (buffer.capacity() > keep_buffer_bytes) std::string().swap(buffer);
     return buffer;
 }
@@ -20786,10 +20892,11 @@ public:
     void mark_gone(const std::string&) noexcept override {}
 
 private:
-    CodeCache& codes() {
-        thread_local CodeCache cache;
-        return cache;
-    }
+    /// Per thread (a server's threads each have one).
+    struct ThreadCodes {
+        CodeCache cache;
+    };
+    CodeCache& codes() { return os::thread_object<ThreadCodes>().cache; }
     Host& host_;
 };
 
@@ -21007,8 +21114,12 @@ private:
         }
     }
 
+    /// This thread's connections, by link serial: closed when the thread ends.
+    struct ThreadConns {
+        std::unordered_map<std::uint64_t, std::shared_ptr<ThreadConn>> by_serial;
+    };
     ThreadConn& conn() {
-        thread_local std::unordered_map<std::uint64_t, std::shared_ptr<ThreadConn>> conns;
+        auto& conns = os::thread_object<ThreadConns>().by_serial;
         auto& c = conns[serial_];
         long me = cached_pid();
         if (c && c->pid != me) {
@@ -21243,8 +21354,11 @@ void install_local_link(Host& host) {
 
 /// An invoker as the server is told of it, cached per thread (finding the
 /// module is a walk of the loaded modules).
+struct ThreadInvokers {
+    std::unordered_map<const void*, InvokerRef> by_function;
+};
 InvokerRef invoker_of(const void* fn) {
-    thread_local std::unordered_map<const void*, InvokerRef> cache;
+    auto& cache = os::thread_object<ThreadInvokers>().by_function;
     auto it = cache.find(fn);
     if (it != cache.end()) return it->second;
     InvokerRef r;

@@ -36,10 +36,7 @@ start=$(date +%s)
 # for their fork()-based helpers and signal checks: see README, Platforms).
 SUITES="test_amalgamation test_codec test_futures test_platform test_remote_exception test_thread test_traceback"
 SUITES="$SUITES test_synchronize test_queues test_sharedctypes test_pool test_connection test_runner test_process test_logging test_sync_defects test_queue_defects test_warm_spawn"
-# test_server_process builds for Windows and its cases pass one by one, but a
-# whole run under Wine ends in an access violation in the parent (free() from
-# winpthreads' pthread_mutex_destroy, where a second parent thread calls the
-# server; issue 14 stays open for it): run it with ONLY=test_server_process.
+SUITES="$SUITES test_server_process test_newcomer"
 EXAMPLES=$(ls examples/*.cpp)
 if [ -n "${ONLY:-}" ]; then SUITES=$ONLY; EXAMPLES=; fi
 

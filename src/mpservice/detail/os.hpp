@@ -322,6 +322,34 @@ MPSERVICE_API LockResult robust_mutex_trylock_result(int status);
 MPSERVICE_API long current_tid() noexcept;
 /// Registers fn to run in the child after every fork() (not after exec).
 MPSERVICE_API void at_fork_child(void (*fn)());
+/// Runs fn(arg) when the calling thread ends, after its thread_local objects
+/// are gone (fn must not use any).  The process's initial thread runs them at
+/// exit on POSIX, never on Windows (the process's end frees what they hold).
+MPSERVICE_API void at_thread_exit(void (*fn)(void*), void* arg);
+
+/// The calling thread's T, made on first use and destroyed by at_thread_exit:
+/// for per-thread state with a destructor that matters (one per type: give
+/// each use a struct of its own).  Not a thread_local T,
+/// because with MinGW-w64 (GCC's emulated TLS over winpthreads) a thread's
+/// thread_local objects are destroyed after their storage was freed: emutls
+/// frees it in a pthread key destructor that runs before the key destructor
+/// that runs the thread_local destructors (issue 14).  Not to be used from
+/// code that runs at thread exit itself.
+template <class T>
+T& thread_object() {
+    thread_local T* p = nullptr;  // trivially destructible: nothing runs on its freed storage
+    if (!p) {
+        T* fresh = new T();
+        try {
+            at_thread_exit([](void* q) { delete static_cast<T*>(q); }, fresh);
+        } catch (...) {
+            delete fresh;
+            throw;
+        }
+        p = fresh;
+    }
+    return *p;
+}
 
 /// A library lock that fork() must not copy while another thread holds it (the
 /// child would have the lock held by a thread it does not have: a deadlock).

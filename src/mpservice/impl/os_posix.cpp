@@ -987,6 +987,26 @@ void at_fork_child(void (*fn)()) {
 }
 
 namespace {
+/// A thread's at_thread_exit functions, run newest first when its
+/// thread_local objects are destroyed (native TLS: the storage is still there).
+struct ThreadExitList {
+    std::vector<std::pair<void (*)(void*), void*>> fns;
+    ~ThreadExitList() {
+        while (!fns.empty()) {
+            auto f = fns.back();
+            fns.pop_back();
+            f.first(f.second);
+        }
+    }
+};
+}  // namespace
+
+void at_thread_exit(void (*fn)(void*), void* arg) {
+    thread_local ThreadExitList list;
+    list.fns.emplace_back(fn, arg);
+}
+
+namespace {
 // The registered fork locks.  Plain data, constant-initialized: usable from
 // any static initializer.  `g_fork_locks_busy` guards the table (and is held
 // across a fork, so a registration cannot slip in between).

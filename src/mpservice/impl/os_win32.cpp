@@ -1790,6 +1790,48 @@ double cgroup_cpu_quota() noexcept {
 // ---------------------------------------------------------------- fork protection: nothing forks here
 
 void at_fork_child(void (*)()) {}
+
+namespace {
+/// A thread's at_thread_exit functions, in a fiber-local slot whose callback
+/// runs them (newest first) when the thread ends.  Not a thread_local object:
+/// with MinGW's emulated TLS, those are destroyed after winpthreads freed
+/// their storage.  The FLS callback runs later still (at ExitThread, after
+/// winpthreads' key destructors), on the list, which is not TLS storage.
+struct ThreadExitList {
+    std::vector<std::pair<void (*)(void*), void*>> fns;
+};
+VOID NTAPI run_thread_exit(PVOID p) {
+    auto* list = static_cast<ThreadExitList*>(p);
+    if (!list) return;
+    while (!list->fns.empty()) {
+        auto f = list->fns.back();
+        list->fns.pop_back();
+        f.first(f.second);
+    }
+    delete list;
+}
+DWORD thread_exit_slot() {
+    static const DWORD slot = FlsAlloc(&run_thread_exit);
+    return slot;
+}
+}  // namespace
+
+void at_thread_exit(void (*fn)(void*), void* arg) {
+    // The initial thread: nothing at exit (whether Windows runs FLS callbacks
+    // at process exit, when other threads were ended holding locks, is not
+    // something to rely on); the process's end frees what the objects hold.
+    if (is_main_thread()) return;
+    const DWORD slot = thread_exit_slot();
+    if (slot == FLS_OUT_OF_INDEXES) throw std::system_error(static_cast<int>(GetLastError()), std::system_category(), "mpservice: FlsAlloc");
+    auto* list = static_cast<ThreadExitList*>(FlsGetValue(slot));
+    if (!list) {
+        auto fresh = std::make_unique<ThreadExitList>();
+        if (!FlsSetValue(slot, fresh.get()))
+            throw std::system_error(static_cast<int>(GetLastError()), std::system_category(), "mpservice: FlsSetValue");
+        list = fresh.release();
+    }
+    list->fns.emplace_back(fn, arg);
+}
 void at_fork_protect(const ForkLock&) noexcept {}
 
 void sleep_until(Deadline deadline) noexcept {

@@ -160,10 +160,14 @@ private:
     os::RobustMutex* m_;
 };
 
-std::string& reassembly_buffer() {
-    thread_local std::string buffer;
-    return buffer;
-}
+/// Per-thread buffers (os::thread_object, not thread_local: see there).
+struct ReassemblyBuffer {
+    std::string bytes;
+};
+struct EncodeBuffer {
+    std::string bytes;
+};
+std::string& reassembly_buffer() { return os::thread_object<ReassemblyBuffer>().bytes; }
 
 /// The parts of streamed items that gets of this process left half-received at
 /// their timeout (see "Parked items" in queue_ring.hpp).
@@ -273,7 +277,7 @@ QueueCore QueueCore::attach(SharedMemory memory, QueueKind kind, std::uint64_t t
 }
 
 std::string& QueueCore::encode_buffer() {
-    thread_local std::string buffer;
+    std::string& buffer = os::thread_object<EncodeBuffer>().bytes;
     if (buffer.capacity() > keep_buffer_bytes) std::string().swap(buffer);
     return buffer;
 }

@@ -175,10 +175,11 @@ public:
     void mark_gone(const std::string&) noexcept override {}
 
 private:
-    CodeCache& codes() {
-        thread_local CodeCache cache;
-        return cache;
-    }
+    /// Per thread (a server's threads each have one).
+    struct ThreadCodes {
+        CodeCache cache;
+    };
+    CodeCache& codes() { return os::thread_object<ThreadCodes>().cache; }
     Host& host_;
 };
 
@@ -396,8 +397,12 @@ private:
         }
     }
 
+    /// This thread's connections, by link serial: closed when the thread ends.
+    struct ThreadConns {
+        std::unordered_map<std::uint64_t, std::shared_ptr<ThreadConn>> by_serial;
+    };
     ThreadConn& conn() {
-        thread_local std::unordered_map<std::uint64_t, std::shared_ptr<ThreadConn>> conns;
+        auto& conns = os::thread_object<ThreadConns>().by_serial;
         auto& c = conns[serial_];
         long me = cached_pid();
         if (c && c->pid != me) {
@@ -632,8 +637,11 @@ void install_local_link(Host& host) {
 
 /// An invoker as the server is told of it, cached per thread (finding the
 /// module is a walk of the loaded modules).
+struct ThreadInvokers {
+    std::unordered_map<const void*, InvokerRef> by_function;
+};
 InvokerRef invoker_of(const void* fn) {
-    thread_local std::unordered_map<const void*, InvokerRef> cache;
+    auto& cache = os::thread_object<ThreadInvokers>().by_function;
     auto it = cache.find(fn);
     if (it != cache.end()) return it->second;
     InvokerRef r;

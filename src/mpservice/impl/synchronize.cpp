@@ -107,8 +107,13 @@ public:
     /// A thread that ends holding the lock wakes the sleepers now: the lock
     /// passes to the next acquirer as a dead owner's, which the sleepers can
     /// then take and learn about.
+    /// (At thread exit, after the thread's thread_local storage is gone on
+    /// some platforms: only the futex wake of wake_sleepers, not its note.)
     ~PendingWakes() {
-        for (int i = 0; i < size_; ++i) wake_sleepers(entries_[i].condition.get(), entries_[i].count);
+        for (int i = 0; i < size_; ++i) {
+            ConditionState* cs = entries_[i].condition.get();
+            if (cs->sleepers.load(std::memory_order_seq_cst) != 0) os::futex_wake(&cs->sequence, entries_[i].count);
+        }
     }
 
 private:
@@ -123,8 +128,15 @@ private:
     int size_ = 0;
 };
 
-thread_local PendingWakes t_pending_wakes;
-void drop_pending_wakes() noexcept { t_pending_wakes.drop(); }
+/// The calling thread's (os::thread_object, not thread_local: its destructor
+/// must run on live storage, see there).
+PendingWakes& pending_wakes() { return os::thread_object<PendingWakes>(); }
+void drop_pending_wakes() noexcept {
+    try {
+        pending_wakes().drop();
+    } catch (...) {  // none made: nothing to drop
+    }
+}
 }  // namespace sync_impl
 
 // ---------------------------------------------------------------- Lock and RLock
@@ -257,7 +269,7 @@ void lock_release_slow(const LockRef& l) {
     if (work & release_repair) os::robust_mutex_consistent(&s->mutex);
     os::robust_mutex_unlock(&s->mutex);
     // After the unlock: the woken waiters' first move is to take the lock.
-    if (work & release_wake) t_pending_wakes.flush(s);
+    if (work & release_wake) pending_wakes().flush(s);
 }
 
 void lock_make_consistent(const LockRef& l) {
@@ -352,7 +364,7 @@ void condition_notify(const SharedRef<ConditionState>& c, const LockRef& l, int 
     // The wake waits for the lock's release: a sleeper woken now would find
     // the lock held and only go to sleep again, on the lock.
     LockState* ls = l.state.get();
-    if (t_pending_wakes.add(ls, c, static_cast<int>(k))) {
+    if (pending_wakes().add(ls, c, static_cast<int>(k))) {
         ls->release_work.fetch_or(release_wake, std::memory_order_relaxed);
         return;
     }
