@@ -18,8 +18,20 @@
 //   process: fork phases                where a fork start->result goes: the time of each
 //                                       StartPhase (detail::test_trace_start_phases) after
 //                                       start() was called, median over the runs (no anchor)
+//   process: warm spawn phases          the same for a start that takes a warm child (the
+//                                       parent's phases only: an exec'd child cannot write
+//                                       the traced page)
+//   process: child exit after its outcome
+//                                       from the child's sending its outcome (a fork child's
+//                                       traced phase) to the parent's reactor seeing it exit,
+//                                       vs a raw fork child that writes a reply and _exits:
+//                                       its stamp after the write -> the parent's pidfd
+//                                       readable.  Nearly all of it is the kernel's exit.
+#include <poll.h>
 #include <spawn.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -66,6 +78,40 @@ void raw_reexec(const char* self) {
     waitpid(pid, &st, 0);
 }
 
+std::int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+/// A raw fork child blocked on a socket: the parent writes a byte, the child
+/// answers, stamps the time in a shared page and _exits; returns the
+/// microseconds from that stamp to the parent's pidfd becoming readable.
+double raw_exit_after_reply(std::int64_t* stamp) {
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) std::abort();
+    pid_t pid = fork();
+    if (pid == 0) {
+        char c;
+        if (read(sv[1], &c, 1) != 1) _exit(2);
+        if (write(sv[1], &c, 1) != 1) _exit(2);
+        *stamp = now_ns();
+        _exit(0);
+    }
+    close(sv[1]);
+    int pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+    if (pidfd < 0) std::abort();
+    char c = 'x';
+    if (write(sv[0], &c, 1) != 1 || read(sv[0], &c, 1) != 1) std::abort();
+    pollfd p{pidfd, POLLIN, 0};
+    poll(&p, 1, -1);
+    const std::int64_t seen = now_ns();
+    int st;
+    waitpid(pid, &st, 0);
+    close(pidfd);
+    close(sv[0]);
+    return (seen - *stamp) / 1e3;
+}
+
 void raw_fork() {
     pid_t pid = fork();
     if (pid == 0) _exit(0);
@@ -93,9 +139,11 @@ std::vector<double> warm_spawn_runs(int reps, int warmup) {
     return out;
 }
 
-/// Times `reps` fork start->result->join runs phase by phase; prints one
-/// figure per phase: microseconds after start() was called.
-void fork_phases(int reps) {
+/// Times `reps` start->result->join runs phase by phase; prints one figure
+/// per phase: microseconds after start() was called.  `warm`: spawn starts
+/// that take a warm child (an exec'd child cannot write the shared page, so
+/// only the parent's phases are printed then), else fork starts.
+void start_phases(int reps, bool warm) {
     using Phase = mp::detail::StartPhase;
     constexpr int count = static_cast<int>(Phase::count);
     constexpr int result_returned = count, joined = count + 1;  // measured here, not in the library
@@ -108,16 +156,16 @@ void fork_phases(int reps) {
     if (mem == MAP_FAILED) std::abort();
     auto* slots = static_cast<std::int64_t*>(mem);
     std::vector<std::vector<double>> at(count + 2);
-    auto now_ns = [] {
-        return std::chrono::duration_cast<std::chrono::nanoseconds>(
-                   std::chrono::steady_clock::now().time_since_epoch()).count();
-    };
+    std::vector<double> exit_after_outcome;
     for (int i = 0; i < reps + 3; ++i) {
+        if (warm && i > 0 && !mp::detail::test_warm_child(std::chrono::seconds(10))) std::abort();
         std::fill(slots, slots + count, 0);
         mp::detail::test_trace_start_phases(slots);
         std::int64_t t0 = now_ns(), t_result = 0;
         {
-            mp::Process p(mp::ForkContext{}, plus_one, 41);
+            mp::Process p = warm ? mp::Process(mp::SpawnContext{}, plus_one, 41)
+                                 : mp::Process(mp::ForkContext{}, plus_one, 41);
+            if (warm) p.set_warm_start(true);
             p.start();
             if (p.result() != 42) std::abort();
             t_result = now_ns();
@@ -128,12 +176,27 @@ void fork_phases(int reps) {
         for (int k = 0; k < count; ++k)
             if (slots[k]) at[k].push_back((slots[k] - t0) / 1e3);
         at[result_returned].push_back((t_result - t0) / 1e3);
+        const std::int64_t sent = slots[static_cast<int>(Phase::outcome_sent)];
+        const std::int64_t exit_seen = slots[static_cast<int>(Phase::reactor_exit)];
+        if (sent && exit_seen) exit_after_outcome.push_back((exit_seen - sent) / 1e3);
         at[joined].push_back((t_joined - t0) / 1e3);
     }
+    if (!warm) {
+        std::vector<double> raw;
+        for (int i = 0; i < reps + 3; ++i) {
+            double us = raw_exit_after_reply(slots);
+            if (i >= 3) raw.push_back(us);
+        }
+        bench::report("process: child exit after its outcome", "ours", "fork child: outcome sent -> reactor sees exit",
+                      "us", exit_after_outcome);
+        bench::report("process: child exit after its outcome", "anchor", "raw fork child: reply -> pidfd readable",
+                      "us", raw);
+    }
     munmap(mem, 4096);
+    if (warm) mp::set_warm_spawn(false);
     for (int k = 0; k < count + 2; ++k)
         if (!at[k].empty())
-            bench::report(std::string("process: fork phases: ") + (k < 10 ? "0" : "") + std::to_string(k) + " " +
+            bench::report(std::string(warm ? "process: warm spawn phases: " : "process: fork phases: ") + (k < 10 ? "0" : "") + std::to_string(k) + " " +
                               names[k], "ours", "us after start()", "us", at[k]);
 }
 
@@ -171,7 +234,8 @@ int main(int argc, char** argv) {
         bench::report("process: fork start->result", "ours", "mp::Process fork", "us", to_us(ours));
         bench::report("process: fork start->result", "anchor", "raw fork+_exit+waitpid", "us", to_us(raw));
     }
-    if (bench::wanted("process: fork phases")) fork_phases(n);
+    if (bench::wanted("process: fork phases")) start_phases(n, false);
+    if (bench::wanted("process: warm spawn phases")) start_phases(n, true);
     if (bench::wanted("process: exception round trip")) {
         std::size_t tb_len = 0;
         auto thrown = bench::time_ms(n, [&] {
