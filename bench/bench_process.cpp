@@ -78,11 +78,6 @@ void raw_reexec(const char* self) {
     waitpid(pid, &st, 0);
 }
 
-std::int64_t now_ns() {
-    return std::chrono::duration_cast<std::chrono::nanoseconds>(
-               std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
 /// A raw fork child blocked on a socket: the parent writes a byte, the child
 /// answers, stamps the time in a shared page and _exits; returns the
 /// microseconds from that stamp to the parent's pidfd becoming readable.
@@ -94,7 +89,7 @@ double raw_exit_after_reply(std::int64_t* stamp) {
         char c;
         if (read(sv[1], &c, 1) != 1) _exit(2);
         if (write(sv[1], &c, 1) != 1) _exit(2);
-        *stamp = now_ns();
+        *stamp = bench::now_ns();
         _exit(0);
     }
     close(sv[1]);
@@ -104,7 +99,7 @@ double raw_exit_after_reply(std::int64_t* stamp) {
     if (write(sv[0], &c, 1) != 1 || read(sv[0], &c, 1) != 1) std::abort();
     pollfd p{pidfd, POLLIN, 0};
     poll(&p, 1, -1);
-    const std::int64_t seen = now_ns();
+    const std::int64_t seen = bench::now_ns();
     int st;
     waitpid(pid, &st, 0);
     close(pidfd);
@@ -140,10 +135,11 @@ std::vector<double> warm_spawn_runs(int reps, int warmup) {
 }
 
 /// Times `reps` start->result->join runs phase by phase; prints one figure
-/// per phase: microseconds after start() was called.  `warm`: spawn starts
-/// that take a warm child (an exec'd child cannot write the shared page, so
-/// only the parent's phases are printed then), else fork starts.
-void start_phases(int reps, bool warm) {
+/// per phase (microseconds after start() was called) if `print`.  `warm`:
+/// spawn starts that take a warm child (an exec'd child cannot write the
+/// shared page, so only the parent's phases are known then), else fork
+/// starts.  Returns each run's time from outcome sent to exit seen (fork only).
+std::vector<double> start_phases(int reps, bool warm, bool print) {
     using Phase = mp::detail::StartPhase;
     constexpr int count = static_cast<int>(Phase::count);
     constexpr int result_returned = count, joined = count + 1;  // measured here, not in the library
@@ -161,16 +157,16 @@ void start_phases(int reps, bool warm) {
         if (warm && i > 0 && !mp::detail::test_warm_child(std::chrono::seconds(10))) std::abort();
         std::fill(slots, slots + count, 0);
         mp::detail::test_trace_start_phases(slots);
-        std::int64_t t0 = now_ns(), t_result = 0;
+        std::int64_t t0 = bench::now_ns(), t_result = 0;
         {
             mp::Process p = warm ? mp::Process(mp::SpawnContext{}, plus_one, 41)
                                  : mp::Process(mp::ForkContext{}, plus_one, 41);
             if (warm) p.set_warm_start(true);
             p.start();
             if (p.result() != 42) std::abort();
-            t_result = now_ns();
+            t_result = bench::now_ns();
         }
-        std::int64_t t_joined = now_ns();
+        std::int64_t t_joined = bench::now_ns();
         mp::detail::test_trace_start_phases(nullptr);
         if (i < 3) continue;  // warm-up
         for (int k = 0; k < count; ++k)
@@ -181,23 +177,30 @@ void start_phases(int reps, bool warm) {
         if (sent && exit_seen) exit_after_outcome.push_back((exit_seen - sent) / 1e3);
         at[joined].push_back((t_joined - t0) / 1e3);
     }
-    if (!warm) {
-        std::vector<double> raw;
-        for (int i = 0; i < reps + 3; ++i) {
-            double us = raw_exit_after_reply(slots);
-            if (i >= 3) raw.push_back(us);
-        }
-        bench::report("process: child exit after its outcome", "ours", "fork child: outcome sent -> reactor sees exit",
-                      "us", exit_after_outcome);
-        bench::report("process: child exit after its outcome", "anchor", "raw fork child: reply -> pidfd readable",
-                      "us", raw);
-    }
     munmap(mem, 4096);
     if (warm) mp::set_warm_spawn(false);
-    for (int k = 0; k < count + 2; ++k)
+    const std::string prefix = warm ? "process: warm spawn phases: " : "process: fork phases: ";
+    for (int k = 0; print && k < count + 2; ++k)
         if (!at[k].empty())
-            bench::report(std::string(warm ? "process: warm spawn phases: " : "process: fork phases: ") + (k < 10 ? "0" : "") + std::to_string(k) + " " +
-                              names[k], "ours", "us after start()", "us", at[k]);
+            bench::report(prefix + (k < 10 ? "0" : "") + std::to_string(k) + " " + names[k], "ours",
+                          "us after start()", "us", at[k]);
+    return exit_after_outcome;
+}
+
+/// Our fork child's outcome sent -> exit seen against a raw fork child's.
+void child_exit_after_outcome(int reps, const std::vector<double>& ours) {
+    void* mem = mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) std::abort();
+    std::vector<double> raw;
+    for (int i = 0; i < reps + 3; ++i) {
+        double us = raw_exit_after_reply(static_cast<std::int64_t*>(mem));
+        if (i >= 3) raw.push_back(us);
+    }
+    munmap(mem, 4096);
+    bench::report("process: child exit after its outcome", "ours", "fork child: outcome sent -> reactor sees exit", "us",
+                  ours);
+    bench::report("process: child exit after its outcome", "anchor", "raw fork child: reply -> pidfd readable", "us",
+                  raw);
 }
 
 }  // namespace
@@ -234,8 +237,13 @@ int main(int argc, char** argv) {
         bench::report("process: fork start->result", "ours", "mp::Process fork", "us", to_us(ours));
         bench::report("process: fork start->result", "anchor", "raw fork+_exit+waitpid", "us", to_us(raw));
     }
-    if (bench::wanted("process: fork phases")) start_phases(n, false);
-    if (bench::wanted("process: warm spawn phases")) start_phases(n, true);
+    const bool fork_phases = bench::wanted("process: fork phases");
+    const bool child_exit = bench::wanted("process: child exit after its outcome");
+    if (fork_phases || child_exit) {
+        auto exits = start_phases(n, false, fork_phases);
+        if (child_exit) child_exit_after_outcome(n, exits);
+    }
+    if (bench::wanted("process: warm spawn phases")) start_phases(n, true, true);
     if (bench::wanted("process: exception round trip")) {
         std::size_t tb_len = 0;
         auto thrown = bench::time_ms(n, [&] {

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -56,6 +57,14 @@ std::vector<double> time_ms(int reps, Fn&& fn, int warmup = 1) {
         out.push_back(std::chrono::duration<double, std::milli>(clock::now() - t0).count());
     }
     return out;
+}
+
+/// The steady clock in nanoseconds: one clock for every process of the machine
+/// (CLOCK_MONOTONIC, QueryPerformanceCounter), so stamps taken in a child compare
+/// with the parent's.
+inline std::int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 /// Converts per-run durations (ms) to a rate: `amount` units per second.

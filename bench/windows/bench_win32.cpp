@@ -44,11 +44,6 @@ namespace {
 
 constexpr const char raw_child_flag[] = "--bench-raw-child";
 
-std::int64_t now_ns() {
-    return std::chrono::duration_cast<std::chrono::nanoseconds>(
-               std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
 std::wstring widen(const std::string& s) { return std::wstring(s.begin(), s.end()); }
 
 /// A name no other run uses (kernel object names are machine-wide).
@@ -163,7 +158,7 @@ std::int64_t increment_ours(mp::Value<long> value, mp::Value<int> ready, mp::Eve
     ready.with_lock([](int& r) { ++r; });
     go.wait();
     for (int i = 0; i < per_child; ++i) value.with_lock([](long& x) { ++x; });
-    return now_ns();
+    return bench::now_ns();
 }
 
 std::int64_t increment_win32(std::string mutex_name, std::string mapping_name, mp::Value<int> ready, mp::Event go) {
@@ -179,7 +174,7 @@ std::int64_t increment_win32(std::string mutex_name, std::string mapping_name, m
         *counter = *counter + 1;
         ReleaseMutex(mutex);
     }
-    std::int64_t end = now_ns();
+    std::int64_t end = bench::now_ns();
     UnmapViewOfFile(const_cast<long*>(counter));
     CloseHandle(mapping);
     CloseHandle(mutex);
@@ -197,7 +192,7 @@ double contended_run(Make make) {
     a.start();
     b.start();
     while (ready.get() < 2) std::this_thread::yield();  // a bench, not a test: bounded by the children
-    const std::int64_t t0 = now_ns();
+    const std::int64_t t0 = bench::now_ns();
     go.set();
     const std::int64_t end = std::max(a.result(), b.result());
     return double(end - t0) / (2.0 * per_child);
