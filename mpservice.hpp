@@ -14129,7 +14129,7 @@ void test_trace_start_phases(std::int64_t* slots) noexcept { g_phase_slots.store
 // handle_log_record as a record of logger "stdout" or "stderr" carrying the
 // child's name and pid.  One pipe per child and stream: lines of different
 // children cannot mix, and a line becomes a record only once its '\n' has
-// arrived (or its stream has ended).
+// arrived (or its stream has ended); a '\r' before the '\n' is dropped.
 //
 // Nothing is lost at exit: when the child has ended, the reactor reads both
 // pipes dry before it resolves the Process (everything the child wrote is in
@@ -14318,6 +14318,9 @@ private:
             std::string text = std::move(partial);
             partial.clear();
             text.append(data + start, i - start);
+            // "\r\n" ends a line too (as Python's universal newlines read it):
+            // Windows programs a child runs (cmd's echo) write it.
+            if (!text.empty() && text.back() == '\r') text.pop_back();
             out.push_back(Line{which, std::move(text), e.name, e.pid});
             start = i + 1;
         }
