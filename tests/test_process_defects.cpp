@@ -3,6 +3,11 @@
 // ignored or reaped by someone else, many handles in the arguments, forged
 // child markers, grandchildren's log records, library locks across fork, and
 // how a child ends after reporting.
+//
+// On Windows (tools/windows_ci.sh) the cases about SIGCHLD and SIGSTOP are
+// marked forktest::posix_only and the fork-only one forktest::fork_only
+// (excluded and counted there); the forged markers are tried with
+// CreateProcessW, the children counted with a Toolhelp snapshot.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -19,6 +24,14 @@
 #include <thread>
 #include <vector>
 
+#if defined(_WIN32)
+#ifndef NOMINMAX
+#define NOMINMAX
+#endif
+#define WIN32_LEAN_AND_MEAN
+#include <windows.h>
+#include <tlhelp32.h>
+#else
 #include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -29,7 +42,10 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
+extern char** environ;
+#endif
 
+#include "fork_helpers.hpp"  // forktest::posix_only, fork_only, self_pid, killed
 #include "mpservice.hpp"
 #include "sanitizers.hpp"
 
@@ -40,8 +56,6 @@ using namespace std::chrono_literals;
 // Fork-context children of this threaded program start threads of their own.
 extern "C" const char* __tsan_default_options() { return "die_after_fork=0"; }
 
-extern char** environ;
-
 namespace {
 
 // A value whose codec attaches a descriptor that is not open: its message
@@ -49,7 +63,7 @@ namespace {
 struct ClosedHandle {
     int tag = 0;
 };
-constexpr int kNeverOpen = 999999;  // above any descriptor limit used here
+constexpr int kNeverOpen = 999999;  // above any descriptor limit used here (Windows: no handle of ours)
 
 }  // namespace
 
@@ -195,6 +209,7 @@ int sleep_then(int ms) {
     return ms;
 }
 
+#if !defined(_WIN32)
 void reap_everything(int) {
     int saved = errno;
     while (::waitpid(-1, nullptr, WNOHANG) > 0) {
@@ -225,6 +240,21 @@ std::chrono::microseconds cpu_time() {
     return std::chrono::seconds(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
            std::chrono::microseconds(u.ru_utime.tv_usec + u.ru_stime.tv_usec);
 }
+#else
+// Windows has no SIGCHLD: the cases below are posix_only (excluded there);
+// these let them compile unchanged.
+void reap_everything(int) {}
+struct SigchldAs {
+    explicit SigchldAs(void (*)(int)) {}
+};
+#ifndef SIGCHLD
+#define SIGCHLD 0
+#endif
+#ifndef SIGKILL
+#define SIGKILL 9
+#endif
+std::chrono::microseconds cpu_time() { return {}; }
+#endif
 
 /// Whether `p` resolves within the hang guard (its outcome stays to be looked at).
 template <class P>
@@ -287,20 +317,25 @@ void every_ending_resolves(bool always_stolen) {
     CHECK(cpu < wall / 4);
 }
 
-TEST_CASE_TEMPLATE("issue 8.2: with SIGCHLD ignored every ending resolves and the reactor does not spin", Ctx,
-                   CONTEXTS) {
+TEST_CASE_TEMPLATE("issue 8.2: with SIGCHLD ignored every ending resolves and the reactor does not spin" *
+                       forktest::posix_only,
+                   Ctx, CONTEXTS) {
     SigchldAs ignored(SIG_IGN);
     every_ending_resolves<Ctx>(true);
 }
 
-TEST_CASE_TEMPLATE("issue 8.2: with a SIGCHLD handler reaping waitpid(-1) every ending resolves", Ctx, CONTEXTS) {
+TEST_CASE_TEMPLATE("issue 8.2: with a SIGCHLD handler reaping waitpid(-1) every ending resolves" *
+                       forktest::posix_only,
+                   Ctx, CONTEXTS) {
     SigchldAs reaper(reap_everything);
     every_ending_resolves<Ctx>(false);
 }
 
 /// A child that itself ignores SIGCHLD and starts children of every context.
 int nested_with_sigchld_ignored() {
+#if !defined(_WIN32)
     ::signal(SIGCHLD, SIG_IGN);
+#endif
     int sum = 0;
     mp::Process a(mp::SpawnContext{}, add, 1, 2);
     mp::Process b(mp::ForkContext{}, add, 3, 4);
@@ -315,7 +350,8 @@ int nested_with_sigchld_ignored() {
     return sum;
 }
 
-TEST_CASE_TEMPLATE("issue 8.2: a child that ignores SIGCHLD still sees its own children end", Ctx, CONTEXTS) {
+TEST_CASE_TEMPLATE("issue 8.2: a child that ignores SIGCHLD still sees its own children end" * forktest::posix_only, Ctx,
+                   CONTEXTS) {
     mp::Process p(Ctx{}, nested_with_sigchld_ignored);
     p.start();
     CHECK(p.result(120s) == 21);
@@ -344,6 +380,20 @@ long number_values(std::vector<mp::Value<long>> values) {
 int take_unsendable(ClosedHandle c) { return c.tag; }
 
 /// This process's direct children (running or zombie).
+#if defined(_WIN32)
+int count_children() {
+    int n = 0;
+    const DWORD self = GetCurrentProcessId();
+    HANDLE snap = CreateToolhelp32Snapshot(TH32CS_SNAPPROCESS, 0);
+    REQUIRE(snap != INVALID_HANDLE_VALUE);
+    PROCESSENTRY32W e{};
+    e.dwSize = sizeof e;
+    for (BOOL more = Process32FirstW(snap, &e); more; more = Process32NextW(snap, &e))
+        if (e.th32ParentProcessID == self && e.th32ProcessID != self) ++n;
+    CloseHandle(snap);
+    return n;
+}
+#else
 int count_children() {
     int n = 0;
     long self = ::getpid();
@@ -362,6 +412,14 @@ int count_children() {
     ::closedir(d);
     return n;
 }
+#endif
+
+/// What the system says of a handle that is not open.
+#if defined(_WIN32)
+constexpr const char* kNotOpenText = "handle";  // "The handle is invalid."
+#else
+constexpr const char* kNotOpenText = "Bad file descriptor";
+#endif
 
 TEST_CASE_TEMPLATE("issue 8.9: 1000 Locks and 1000 Values as arguments arrive, the same objects", Ctx, CONTEXTS) {
     std::vector<mp::Lock> locks(1000);
@@ -388,7 +446,7 @@ TEST_CASE_TEMPLATE("issue 8.9: a start() that fails leaves no child behind and c
         mp::Process p(Ctx{}, take_unsendable, ClosedHandle{2});
         std::string what = what_of<std::system_error>([&] { p.start(); });
         INFO(what);
-        CHECK(contains(what, "Bad file descriptor"));
+        CHECK(contains(what, kNotOpenText));
         CHECK(p.pid() == 0);
         CHECK_FALSE(p.is_alive());
     }  // ~Process must not wait for anything
@@ -408,6 +466,65 @@ struct Ran {
 /// Runs this test binary with `args` (argv[1]...) and `inherit` kept open in it,
 /// from a process whose pid is in `*parent_pid` (this one, or a forked
 /// intermediate when `via_intermediate`).  Collects its exit code and stderr.
+/// On Windows the marker names a handle in the parent's table (the child
+/// duplicates it from there): nothing is inherited, and there is no forked
+/// intermediate.
+#if defined(_WIN32)
+Ran run_self(std::vector<std::string> args, std::intptr_t, bool via_intermediate,
+             const std::function<void(std::vector<std::string>&, long parent)>& fill = {}) {
+    REQUIRE_FALSE(via_intermediate);
+    if (fill) fill(args, static_cast<long>(GetCurrentProcessId()));
+    wchar_t exe[MAX_PATH];
+    REQUIRE(GetModuleFileNameW(nullptr, exe, MAX_PATH) > 0);
+    std::wstring line = L"\"" + std::wstring(exe) + L"\"";
+    for (auto& a : args) line += L" \"" + std::wstring(a.begin(), a.end()) + L"\"";  // (ASCII arguments)
+    SECURITY_ATTRIBUTES inheritable{sizeof(SECURITY_ATTRIBUTES), nullptr, TRUE};
+    HANDLE err_read = nullptr, err_write = nullptr;
+    REQUIRE(CreatePipe(&err_read, &err_write, &inheritable, 1 << 16));
+    SetHandleInformation(err_read, HANDLE_FLAG_INHERIT, 0);
+    STARTUPINFOW si{};
+    si.cb = sizeof si;
+    si.dwFlags = STARTF_USESTDHANDLES;
+    si.hStdInput = GetStdHandle(STD_INPUT_HANDLE);
+    si.hStdOutput = err_write;
+    si.hStdError = err_write;
+    PROCESS_INFORMATION pi{};
+    const BOOL started = CreateProcessW(exe, &line[0], nullptr, nullptr, TRUE, 0, nullptr, nullptr, &si, &pi);
+    CloseHandle(err_write);
+    Ran ran;
+    if (started) {
+        std::string text;  // read while it runs: it could fill the pipe
+        char buf[4096];
+        DWORD n = 0;
+        while (ReadFile(err_read, buf, sizeof buf, &n, nullptr) && n > 0) text.append(buf, n);
+        WaitForSingleObject(pi.hProcess, 60000);
+        DWORD code = 0;
+        GetExitCodeProcess(pi.hProcess, &code);
+        ran.code = static_cast<int>(code);
+        for (char c : text)
+            if (c != '\r') ran.err += c;
+        CloseHandle(pi.hThread);
+        CloseHandle(pi.hProcess);
+    } else {
+        ran.code = -2000;
+    }
+    CloseHandle(err_read);
+    return ran;
+}
+
+/// A handle of this process that names no channel (Windows: an event object).
+struct NotAChannel {
+    HANDLE h = CreateEventW(nullptr, TRUE, FALSE, nullptr);
+    ~NotAChannel() { CloseHandle(h); }
+    std::intptr_t value() const { return reinterpret_cast<std::intptr_t>(h); }
+};
+/// The two ends of a channel the parent made, as the marker names them.
+struct ParentsChannel {
+    mp::Connection<int> mine, theirs;
+    ParentsChannel() { std::tie(mine, theirs) = mp::Pipe<int>(); }
+    std::intptr_t value() const { return 1; }  // never read: the marker is refused before
+};
+#else
 Ran run_self(std::vector<std::string> args, int inherit, bool via_intermediate,
              const std::function<void(std::vector<std::string>&, long parent)>& fill = {}) {
     int errpipe[2];
@@ -453,44 +570,54 @@ Ran run_self(std::vector<std::string> args, int inherit, bool via_intermediate,
     return ran;
 }
 
+/// A descriptor of this process that is no channel.
+struct NotAChannel {
+    int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    ~NotAChannel() { ::close(fd); }
+    int value() const { return fd; }
+};
+/// A channel (a socket pair) of this process; the marker names the second end.
+struct ParentsChannel {
+    int sv[2] = {-1, -1};
+    ParentsChannel() { REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0); }
+    ~ParentsChannel() { ::close(sv[0]), ::close(sv[1]); }
+    int value() const { return sv[1]; }
+};
+#endif
+
 std::string marker(long fd, long parent) {
     return "--mpservice-child=" + std::to_string(fd) + ":" + std::to_string(parent);
 }
 
 TEST_CASE("issue 8.10: a forged or misplaced child marker is refused with a message and exit code 77") {
-    int sv[2];
-    REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
+    ParentsChannel channel;
     const std::string no_tests = "--test-case=no such test";  // if main() ran, doctest would exit 0
 
     SUBCASE("the marker anywhere but argv[1]") {
-        Ran r = run_self({no_tests, ""}, sv[1], false,
-                         [&](std::vector<std::string>& a, long parent) { a[1] = marker(sv[1], parent); });
+        Ran r = run_self({no_tests, ""}, channel.value(), false,
+                         [&](std::vector<std::string>& a, long parent) { a[1] = marker(channel.value(), parent); });
         INFO(r.err);
         CHECK(r.code == 77);
         CHECK(contains(r.err, "only as the first argument"));
     }
-    SUBCASE("a channel made by another process than the parent") {
-        // The socket pair is ours; the program's parent is a forked intermediate.
-        Ran r = run_self({""}, sv[1], true,
-                         [&](std::vector<std::string>& a, long parent) { a[0] = marker(sv[1], parent); });
-        INFO(r.err);
-        CHECK(r.code == 77);
-        CHECK(contains(r.err, "not by the parent"));
-    }
     SUBCASE("a descriptor that is not a channel") {
-        int devnull = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
-        Ran r = run_self({""}, devnull, false,
-                         [&](std::vector<std::string>& a, long parent) { a[0] = marker(devnull, parent); });
-        ::close(devnull);
+        NotAChannel other;
+        Ran r = run_self({""}, other.value(), false,
+                         [&](std::vector<std::string>& a, long parent) { a[0] = marker(other.value(), parent); });
         INFO(r.err);
         CHECK(r.code == 77);
         CHECK(contains(r.err, "not a local stream channel"));
     }
     SUBCASE("a parent that is not the parent") {
-        Ran r = run_self({marker(sv[1], 1)}, sv[1], false);
+        // A live process that is not the program's parent: a sibling.
+        mp::Process sibling(sleep_then, 60000);
+        sibling.start();
+        Ran r = run_self({marker(channel.value(), sibling.pid())}, channel.value(), false);
+        sibling.kill();
         INFO(r.err);
         CHECK(r.code == 77);
         CHECK(contains(r.err, "as the parent"));
+        CHECK_THROWS_AS(sibling.join(), mp::ProcessError);
     }
     SUBCASE("a malformed marker") {
         Ran r = run_self({"--mpservice-child=3x:1"}, -1, false);
@@ -498,8 +625,19 @@ TEST_CASE("issue 8.10: a forged or misplaced child marker is refused with a mess
         CHECK(r.code == 77);
         CHECK(contains(r.err, "malformed"));
     }
-    ::close(sv[0]);
-    ::close(sv[1]);
+}
+
+// Windows has no forked intermediate to make the channel; and there the
+// marker's handle is duplicated from the named parent's own table, so a
+// channel of another process cannot be named at all.
+TEST_CASE("issue 8.10: a channel made by another process than the parent is refused" * forktest::posix_only) {
+    ParentsChannel channel;
+    // The socket pair is ours; the program's parent is a forked intermediate.
+    Ran r = run_self({""}, channel.value(), true,
+                     [&](std::vector<std::string>& a, long parent) { a[0] = marker(channel.value(), parent); });
+    INFO(r.err);
+    CHECK(r.code == 77);
+    CHECK(contains(r.err, "not by the parent"));
 }
 
 
@@ -510,7 +648,7 @@ TEST_CASE("issue 8.10: a forged or misplaced child marker is refused with a mess
 template <class Ctx>
 std::vector<long> log_down(int depth) {
     mp::get_logger("descendant").debug("debug from depth " + std::to_string(depth));
-    std::vector<long> pids{static_cast<long>(::getpid())};
+    std::vector<long> pids{forktest::self_pid()};
     if (depth > 0) {
         mp::Process p(Ctx{}, log_down<Ctx>, depth - 1);
         p.start();
@@ -578,7 +716,8 @@ int throw_here(int i) {
     throw std::runtime_error("thrown in forked child " + std::to_string(i));
 }
 
-TEST_CASE("issue 8.12: fork children never deadlock on a lock another parent thread held (symbolizer, registry)") {
+TEST_CASE("issue 8.12: fork children never deadlock on a lock another parent thread held (symbolizer, registry)" *
+          forktest::fork_only) {
     if (kAddressSanitizer) {
         // Parent threads allocate all the time while children are forked:
         // LLVM 14's ASan allocator is not fork-safe, so a child can inherit its
@@ -686,10 +825,11 @@ TEST_CASE_TEMPLATE("issue 8.13b: every context ends a child the same way once it
 
 // ---------------------------------------------------------------- 13a, process side: start() ends whatever the fork server does
 
-TEST_CASE("issue 8.13: a stopped fork server makes start() fail in bounded time; the next start gets a new server") {
+TEST_CASE("issue 8.13: a stopped fork server makes start() fail in bounded time; the next start gets a new server" *
+          forktest::posix_only) {
     long server = mp::detail::test_fork_server_pid();
     REQUIRE(server > 0);
-    REQUIRE(::kill(static_cast<pid_t>(server), SIGSTOP) == 0);
+    REQUIRE(forktest::stop_process(server));
     mp::detail::test_set_fork_server_timeout(500ms);
     {
         mp::Process p(mp::ForkServerContext{}, add, 1, 2);
@@ -699,7 +839,7 @@ TEST_CASE("issue 8.13: a stopped fork server makes start() fail in bounded time;
         CHECK_FALSE(p.is_alive());
     }
     mp::detail::test_set_fork_server_timeout(30000ms);
-    CHECK(::kill(static_cast<pid_t>(server), 0) != 0);  // killed and reaped
+    CHECK_FALSE(mp::detail::os::pid_alive(server));  // killed and reaped
     long replacement = 0;
     {
         mp::Process p(mp::ForkServerContext{}, add, 1, 2);

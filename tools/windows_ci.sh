@@ -36,7 +36,7 @@ start=$(date +%s)
 # for their fork()-based helpers and signal checks: see README, Platforms).
 SUITES="test_amalgamation test_codec test_futures test_platform test_remote_exception test_thread test_traceback"
 SUITES="$SUITES test_synchronize test_queues test_sharedctypes test_pool test_connection test_runner test_process test_logging test_sync_defects test_queue_defects test_warm_spawn"
-SUITES="$SUITES test_server_process test_newcomer test_output_forwarding"
+SUITES="$SUITES test_server_process test_newcomer test_output_forwarding test_process_defects"
 EXAMPLES=$(ls examples/*.cpp)
 if [ -n "${ONLY:-}" ]; then SUITES=$ONLY; EXAMPLES=; fi
 

@@ -797,7 +797,40 @@ handle_t socket_from_info(WSAPROTOCOL_INFOW& info) {
 
 namespace {
 
-/// Copies of `handles` that stay valid in this process until the reader takes them.
+/// This process's parent, opened to put handles into its table (once: a
+/// child dies with its parent, so the pid cannot be another process's).
+HANDLE parent_for_handles() {
+    static const HANDLE parent = [] {
+        const long pid = parent_pid();
+        return pid > 0 ? OpenProcess(PROCESS_DUP_HANDLE, FALSE, static_cast<DWORD>(pid)) : nullptr;
+    }();
+    return parent;
+}
+
+/// Puts copies of `handles` into `target`'s table; false (and nothing left
+/// there) if one cannot be copied.  Sockets are skipped (nullptr): they travel
+/// by their WSADuplicateSocket record.
+bool push_handles(HANDLE target, const handle_t* handles, std::size_t nhandles, std::vector<HANDLE>& pushed) {
+    for (std::size_t i = 0; i < nhandles; ++i) {
+        HANDLE remote = nullptr;
+        if (is_socket(handles[i])) {
+            pushed.push_back(nullptr);
+        } else if (DuplicateHandle(GetCurrentProcess(), as_handle(handles[i]), target, &remote, 0, FALSE,
+                                   DUPLICATE_SAME_ACCESS)) {
+            pushed.push_back(remote);
+        } else {
+            for (HANDLE r : pushed)
+                if (r) DuplicateHandle(target, r, nullptr, nullptr, 0, FALSE, DUPLICATE_CLOSE_SOURCE);
+            pushed.clear();
+            return false;
+        }
+    }
+    return true;
+}
+
+/// The frame carrying `a`, `b` and `handles`.  The handles are put straight
+/// into the reader's table when the reader is a child of ours or our parent;
+/// otherwise copies stay valid in this process until the reader takes them.
 std::string frame_bytes(handle_t ch, const void* a, std::size_t na, const void* b, std::size_t nb,
                         const handle_t* handles, std::size_t nhandles) {
     DWORD peer = 0;
@@ -809,37 +842,23 @@ std::string frame_bytes(handle_t ch, const void* a, std::size_t na, const void* 
     }
     // To a child of ours, the handles are put straight into its handle table
     // (the values are its own): a frame it never reads - it was killed first -
-    // leaves nothing behind here.  Otherwise copies of ours wait for the reader
-    // to take them (pull_handle, DUPLICATE_CLOSE_SOURCE).
+    // leaves nothing behind here.  To our parent too: a child ends right after
+    // it has sent its outcome, and its own table goes with it - copies left
+    // there for the parent to pull would be gone before the parent read the
+    // frame.  Otherwise copies of ours wait for the reader to take them
+    // (pull_handle, DUPLICATE_CLOSE_SOURCE).
     std::vector<HANDLE> pushed;
+    bool pushed_to_peer = false;
     if (to_child && nhandles > 0) {
         std::lock_guard<std::mutex> g(reg().mu);
         auto child = reg().children.find(static_cast<long>(peer));
-        bool ok = child != reg().children.end();
-        for (std::size_t i = 0; ok && i < nhandles; ++i) {
-            HANDLE remote = nullptr;
-            if (is_socket(handles[i])) {
-                pushed.push_back(nullptr);  // (a socket travels by its record, below)
-            } else if (DuplicateHandle(GetCurrentProcess(), as_handle(handles[i]), child->second.process, &remote, 0,
-                                       FALSE, DUPLICATE_SAME_ACCESS)) {
-                pushed.push_back(remote);
-            } else {
-                ok = false;
-            }
-        }
-        if (!ok) {
-            // (It has ended: nobody will read the frame.)  The copies made go with it.
-            if (child != reg().children.end())
-                for (HANDLE r : pushed)
-                    if (r) DuplicateHandle(child->second.process, r, nullptr, nullptr, 0, FALSE, DUPLICATE_CLOSE_SOURCE);
-            pushed.clear();
-            to_child = false;
-        }
-    } else {
-        to_child = false;
+        // (Not found, or a copy refused: it has ended, nobody will read the frame.)
+        pushed_to_peer = child != reg().children.end() && push_handles(child->second.process, handles, nhandles, pushed);
+    } else if (nhandles > 0 && peer != 0 && static_cast<long>(peer) == parent_pid() && parent_for_handles()) {
+        pushed_to_peer = push_handles(parent_for_handles(), handles, nhandles, pushed);
     }
     FrameHeader hdr{static_cast<std::uint32_t>(na + nb), static_cast<std::uint32_t>(nhandles),
-                    static_cast<std::uint32_t>(to_child ? peer : GetCurrentProcessId()), 0};
+                    static_cast<std::uint32_t>(pushed_to_peer ? peer : GetCurrentProcessId()), 0};
     hdr.check = kFrameCheck ^ hdr.payload;
     std::string out(sizeof hdr + nhandles * sizeof(std::uint64_t) + na + nb, '\0');
     char* p = &out[0];
@@ -869,10 +888,10 @@ std::string frame_bytes(handle_t ch, const void* a, std::size_t na, const void* 
             continue;
         }
         HANDLE copy = nullptr;
-        if (to_child) {
+        if (pushed_to_peer) {
             copy = pushed[i];
-            if (!copy)  // a socket WSADuplicateSocket refused for the child
-                throw std::system_error(EIO, std::generic_category(), "mpservice: a socket for a child could not be prepared");
+            if (!copy)  // a socket WSADuplicateSocket refused for the peer
+                throw std::system_error(EIO, std::generic_category(), "mpservice: a socket for a peer could not be prepared");
         } else if (!DuplicateHandle(GetCurrentProcess(), as_handle(handles[i]), GetCurrentProcess(), &copy, 0, FALSE,
                                     DUPLICATE_SAME_ACCESS)) {
             throw_win32("mpservice: DuplicateHandle for a channel");
