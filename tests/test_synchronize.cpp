@@ -1309,6 +1309,58 @@ TEST_CASE_TEMPLATE("Process arguments: a child SIGKILLed holding a Lock; the par
     lock.release();
 }
 
+int take_and_wait(mp::Lock lock, mp::Event held) {
+    lock.acquire();
+    held.set();
+    std::this_thread::sleep_for(120s);  // until it is killed
+    return 0;
+}
+int take_and_return(mp::Lock lock) {
+    lock.acquire();
+    return 0;  // ends holding it
+}
+
+TEST_CASE_TEMPLATE("Process arguments: waiters blocked on a Lock wake with OwnerDiedError when its holder is killed",
+                   Ctx, SYNC_CONTEXTS) {
+    mp::Lock lock;
+    mp::Event held;
+    mp::Process p(Ctx{}, take_and_wait, lock, held);
+    p.start();
+    REQUIRE(held.wait(30s));
+    // Two threads wait (asleep, or about to be: either way the holder's end
+    // must reach them); exactly one of them is told, the other then gets the lock.
+    std::atomic<int> told{0}, acquired{0}, other{0};
+    auto waiter = [&] {
+        switch (lock.acquire_checked(60s)) {
+            case mp::LockStatus::owner_died: ++told; break;
+            case mp::LockStatus::acquired: ++acquired; break;
+            default: ++other; return;
+        }
+        lock.release();
+    };
+    std::thread a(waiter), b(waiter);
+    p.kill();
+    a.join();
+    b.join();
+    CHECK_THROWS_AS(p.join(), mp::ProcessError);
+    CHECK(told == 1);
+    CHECK(acquired == 1);
+    CHECK(other == 0);
+}
+
+TEST_CASE_TEMPLATE("Process arguments: a child that returns holding a Lock counts as dead; try_lock() is told", Ctx,
+                   SYNC_CONTEXTS) {
+    mp::Lock lock;
+    mp::Process p(Ctx{}, take_and_return, lock);
+    p.start();
+    CHECK(p.result(30s) == 0);
+    CHECK_THROWS_AS(lock.try_lock(), mp::OwnerDiedError);
+    CHECK(lock.is_mine());
+    lock.release();
+    CHECK(lock.try_lock());
+    lock.release();
+}
+
 TEST_CASE_TEMPLATE("Process arguments: Condition producer/consumer", Ctx, SYNC_CONTEXTS) {
     constexpr int items = 500;
     mp::Condition cond;

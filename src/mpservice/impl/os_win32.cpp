@@ -568,45 +568,120 @@ void futex_wake(const std::atomic<std::uint32_t>* word, int count) {
 }
 
 // ---------------------------------------------------------------- robust mutex
+//
+// A word in the shared memory, taken and given back by compare-exchange: an
+// uncontended acquire+release is two atomic instructions, no system call (a
+// Win32 mutex object costs a kernel call for each, a wineserver round trip
+// under Wine).  The kernel is met only by a thread that must wait: it sleeps
+// on the word's semaphore *and* on the owner thread's handle, so it wakes when
+// the lock is given back or when its owner ends - a dead owner is found at
+// once, with no polling.  The word holds the owner's process and thread ids
+// together: a waiter that finds that thread gone (or its id reused by a thread
+// of another process) takes the word over by one compare-exchange from exactly
+// the value it judged dead, and is told owner_died - the story of a robust
+// pthread mutex, and of WAIT_ABANDONED.
 
 namespace {
 struct WinMutex {
-    std::uint64_t id[2];                  // names the Win32 mutex
-    std::atomic<std::uint32_t> owner_pid;  // 0 when free
-    std::atomic<std::uint32_t> owner_tid;
+    std::atomic<std::uint64_t> owner;     // 0 free, else owner process id << 32 | owner thread id
+    std::atomic<std::uint32_t> sleepers;  // threads in (or entering) the kernel wait for it
 };
 static_assert(sizeof(WinMutex) <= sizeof(RobustMutex::storage), "RobustMutex storage too small");
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free, "the lock word must be a plain atomic in shared memory");
 WinMutex* win(RobustMutex* m) noexcept { return reinterpret_cast<WinMutex*>(m->storage); }
 const WinMutex* win(const RobustMutex* m) noexcept { return reinterpret_cast<const WinMutex*>(m->storage); }
 
 constexpr int kStatusBusy = 1, kStatusOwnerDied = 2, kStatusNotOwner = 3, kStatusTimedOut = 4, kStatusDeadlock = 5;
+// A sleeper that has no owner handle to wait on (memory of this process only,
+// or an owner it may not open) looks at the owner again this often.
+constexpr DWORD kOwnerRecheckMs = 100;
 
-HANDLE mutex_object(const WinMutex* w) {
-    char name[80];
-    std::snprintf(name, sizeof name, "Local\\mpservice-m-%016llx%016llx", (unsigned long long)w->id[0],
-                  (unsigned long long)w->id[1]);
-    HANDLE h = cached_object(name, w, [](const char* n) { return CreateMutexA(nullptr, FALSE, n); });
-    if (!h) throw_win32("mpservice: CreateMutex");
-    return h;
+std::uint64_t caller_token() noexcept {
+    return (static_cast<std::uint64_t>(GetCurrentProcessId()) << 32) | GetCurrentThreadId();
 }
 
-bool held_by_caller(const WinMutex* w) noexcept {
-    return w->owner_tid.load(std::memory_order_acquire) == GetCurrentThreadId() &&
-           w->owner_pid.load(std::memory_order_acquire) == GetCurrentProcessId();
+/// Whether the owner `token` has ended.  If it runs, *thread is a handle to
+/// wait on for its end (null if it may not be opened: then it counts as running).
+bool owner_ended(std::uint64_t token, HANDLE* thread) noexcept {
+    *thread = nullptr;
+    const DWORD tid = static_cast<DWORD>(token), pid = static_cast<DWORD>(token >> 32);
+    HANDLE t = OpenThread(SYNCHRONIZE | THREAD_QUERY_LIMITED_INFORMATION, FALSE, tid);
+    if (!t) return GetLastError() != ERROR_ACCESS_DENIED;  // no such thread any more
+    if (WaitForSingleObject(t, 0) == WAIT_OBJECT_0 || GetProcessIdOfThread(t) != pid) {
+        CloseHandle(t);  // ended (a handle kept it), or its id now names another process's thread
+        return true;
+    }
+    *thread = t;
+    return false;
 }
 
-/// Waits for the Win32 mutex; 0 acquired, or a kStatus code.
-int acquire(WinMutex* w, DWORD ms) {
-    if (held_by_caller(w)) return ms == 0 ? kStatusBusy : kStatusDeadlock;  // Win32 mutexes are recursive; ours not
-    DWORD rc = WaitForSingleObject(mutex_object(w), ms);
-    if (rc == WAIT_TIMEOUT) return ms == 0 ? kStatusBusy : kStatusTimedOut;
-    if (rc != WAIT_OBJECT_0 && rc != WAIT_ABANDONED) throw_win32("mpservice: mutex wait");
-    // An owner recorded although the mutex was free: the owner died and its
-    // handle was the last one, so the abandonment went with the object.
-    bool died = rc == WAIT_ABANDONED || w->owner_pid.load(std::memory_order_acquire) != 0;
-    w->owner_pid.store(GetCurrentProcessId(), std::memory_order_release);
-    w->owner_tid.store(GetCurrentThreadId(), std::memory_order_release);
-    return died ? kStatusOwnerDied : 0;
+/// Counts the caller among the sleepers for its scope.
+struct Sleeping {
+    explicit Sleeping(WinMutex* w) : w_(w) { w_->sleepers.fetch_add(1, std::memory_order_seq_cst); }
+    ~Sleeping() { w_->sleepers.fetch_sub(1, std::memory_order_seq_cst); }
+    WinMutex* w_;
+};
+
+/// Sleeps (at most `ms`) while `token` holds the lock and its thread runs.
+void sleep_while_held(WinMutex* w, std::uint64_t token, HANDLE owner_thread, DWORD ms) {
+    View view{};
+    const bool shared = find_view(w, view);
+    // Counted before the last look at the word: a release after it sees us
+    // and wakes us (the semaphore keeps the wake-up if we are not asleep yet).
+    Sleeping counted(w);
+    if (w->owner.load(std::memory_order_seq_cst) != token) return;
+    if (!shared) {
+        // Memory of this process: the system's address wait (which cannot also
+        // wait for a thread, hence the bounded sleep).
+        std::uint64_t seen = token;
+        WaitOnAddress(&w->owner, &seen, sizeof seen, std::min(ms, kOwnerRecheckMs));
+        return;
+    }
+    const std::size_t offset = reinterpret_cast<std::uintptr_t>(&w->owner) - view.base;
+    HANDLE objects[2] = {word_semaphore(view.tail, offset), owner_thread};
+    WaitForMultipleObjects(owner_thread ? 2 : 1, objects, FALSE, owner_thread ? ms : std::min(ms, kOwnerRecheckMs));
+}
+
+/// Wakes one sleeper of a lock just given back.
+void wake_one(WinMutex* w) noexcept {
+    try {
+        View view{};
+        if (!find_view(w, view)) {
+            WakeByAddressAll(&w->owner);
+            return;
+        }
+        const std::size_t offset = reinterpret_cast<std::uintptr_t>(&w->owner) - view.base;
+        ReleaseSemaphore(word_semaphore(view.tail, offset), 1, nullptr);
+    } catch (...) {
+        // (A sleeper also looks again when its owner's thread ends.)
+    }
+}
+
+/// Takes the lock: 0, or a kStatus code.  `try_only`: never waits.
+int acquire(WinMutex* w, Deadline deadline, bool try_only) {
+    const std::uint64_t me = caller_token();
+    for (;;) {
+        std::uint64_t seen = 0;
+        if (w->owner.compare_exchange_strong(seen, me, std::memory_order_acquire, std::memory_order_relaxed)) return 0;
+        if (seen == me) return try_only ? kStatusBusy : kStatusDeadlock;  // not recursive
+        HANDLE owner_thread = nullptr;
+        if (owner_ended(seen, &owner_thread)) {
+            if (w->owner.compare_exchange_strong(seen, me, std::memory_order_acquire, std::memory_order_relaxed))
+                return kStatusOwnerDied;
+            continue;  // another waiter took it over first: look again
+        }
+        const DWORD ms = try_only ? 0 : wait_ms(deadline);
+        if (ms != 0) {
+            try {
+                sleep_while_held(w, seen, owner_thread, ms);
+            } catch (...) {
+                if (owner_thread) CloseHandle(owner_thread);
+                throw;
+            }
+        }
+        if (owner_thread) CloseHandle(owner_thread);
+        if (ms == 0) return try_only ? kStatusBusy : kStatusTimedOut;
+    }
 }
 
 LockResult lock_result(int status) {
@@ -622,24 +697,14 @@ LockResult lock_result(int status) {
 }
 }  // namespace
 
-void robust_mutex_init(RobustMutex* m) {
-    std::memset(m->storage, 0, sizeof m->storage);
-    WinMutex* w = win(m);
-    random_bytes(w->id, sizeof w->id);
-}
+void robust_mutex_init(RobustMutex* m) { std::memset(m->storage, 0, sizeof m->storage); }
 
-LockResult robust_mutex_trylock(RobustMutex* m) { return lock_result(acquire(win(m), 0)); }
+LockResult robust_mutex_trylock(RobustMutex* m) { return lock_result(acquire(win(m), no_deadline, true)); }
 
 LockResult robust_mutex_lock(RobustMutex* m, Deadline deadline) { return robust_mutex_lock_blocking(m, deadline); }
 
 LockResult robust_mutex_lock_blocking(RobustMutex* m, Deadline deadline) {
-    for (;;) {
-        DWORD ms = wait_ms(deadline);
-        int status = acquire(win(m), ms);
-        if (status == kStatusTimedOut && deadline != no_deadline && Clock::now() < deadline) continue;
-        if (status == kStatusBusy && ms == 0) return LockResult::timed_out;  // an expired deadline
-        return lock_result(status);
-    }
+    return lock_result(acquire(win(m), deadline, false));
 }
 
 void robust_mutex_unlock(RobustMutex* m) {
@@ -649,28 +714,30 @@ void robust_mutex_unlock(RobustMutex* m) {
 
 void robust_mutex_consistent(RobustMutex*) {}
 
-// A Win32 mutex does not show whether anyone waits for it: "no sleeper known",
-// which leaves the lock's spin-before-sleep as it was before the hint existed.
-bool robust_mutex_has_sleepers(const RobustMutex*) noexcept { return false; }
+bool robust_mutex_has_sleepers(const RobustMutex* m) noexcept {
+    return win(m)->sleepers.load(std::memory_order_relaxed) != 0;
+}
 
 int robust_mutex_trylock_status(RobustMutex* m) noexcept {
+    // The free word first (the uncontended case); a held one is judged as
+    // robust_mutex_trylock does (its owner may have ended: owner_died).
+    std::uint64_t expected = 0;
+    if (win(m)->owner.compare_exchange_strong(expected, caller_token(), std::memory_order_acquire,
+                                              std::memory_order_relaxed))
+        return 0;
     try {
-        return acquire(win(m), 0);
+        return acquire(win(m), no_deadline, true);
     } catch (...) {
-        return kStatusNotOwner;
+        return kStatusBusy;  // (only a wait can throw, and a try never waits)
     }
 }
 
 int robust_mutex_unlock_status(RobustMutex* m) noexcept {
     WinMutex* w = win(m);
-    if (!held_by_caller(w)) return kStatusNotOwner;
-    w->owner_tid.store(0, std::memory_order_release);
-    w->owner_pid.store(0, std::memory_order_release);
-    try {
-        ReleaseMutex(mutex_object(w));
-    } catch (...) {
+    std::uint64_t me = caller_token();
+    if (!w->owner.compare_exchange_strong(me, 0, std::memory_order_seq_cst, std::memory_order_relaxed))
         return kStatusNotOwner;
-    }
+    if (w->sleepers.load(std::memory_order_seq_cst) != 0) wake_one(w);
     return 0;
 }
 
@@ -681,7 +748,7 @@ void robust_mutex_unlock_failed(int) {
 }
 
 bool robust_mutex_held_in_this_process(const RobustMutex* m) noexcept {
-    return win(m)->owner_pid.load(std::memory_order_acquire) == GetCurrentProcessId();
+    return static_cast<DWORD>(win(m)->owner.load(std::memory_order_acquire) >> 32) == GetCurrentProcessId();
 }
 
 // ---------------------------------------------------------------- processes
