@@ -13136,6 +13136,7 @@ std::vector<ExceptionType> standard_types() {
         exception_type_of<Empty>(),
         exception_type_of<Full>(),
         exception_type_of<QueueClosed>(),
+        exception_type_of<ServerError>(),
         exception_type_of<Error>(),
         // runtime_error family (ios_base::failure is a system_error in the C++11 ABI)
         coded_type<std::ios_base::failure>(MakeIosFailure()),
@@ -13164,10 +13165,18 @@ std::vector<ExceptionType> standard_types() {
     };
 }
 
+/// The standard types' table, built at its first use (an exception encoded or
+/// decoded): a program that never sends one - or links with --gc-sections and
+/// never starts a process - does not carry the 32 types' codecs.
+const std::vector<ExceptionType>& standard_table() {
+    static const auto* t = new std::vector<ExceptionType>(standard_types());  // never destroyed
+    return *t;
+}
+
 struct Registry {
     std::mutex mu;
     std::vector<ExceptionType> user;  // in registration order
-    const std::vector<ExceptionType> standard = standard_types();
+    const std::vector<ExceptionType>& standard() const { return standard_table(); }
 };
 
 Registry& registry() {
@@ -13187,7 +13196,7 @@ const ExceptionType* find_entry_by_key(const std::string& key) {
         for (auto it = r.user.rbegin(); it != r.user.rend(); ++it)
             if (key == it->type->name()) return &*it;
     }
-    for (const auto& t : r.standard)
+    for (const auto& t : r.standard())
         if (key == t.type->name()) return &t;
     return nullptr;
 }
@@ -13207,9 +13216,9 @@ const ExceptionType* find_entry_for(const std::exception& e) {
             if (it->matches(e)) found = &*it;
     }
     if (found) return found;
-    for (const auto& t : r.standard)
+    for (const auto& t : r.standard())
         if (*t.type == dynamic) return &t;
-    for (const auto& t : r.standard)
+    for (const auto& t : r.standard())
         if (t.matches(e)) return &t;
     return nullptr;
 }
@@ -13221,6 +13230,8 @@ void register_exception_type(const ExceptionType& t) {
     std::lock_guard<std::mutex> lock(r.mu);
     r.user.push_back(t);
 }
+
+void prepare_exception_types_for_fork() { (void)standard_table(); }
 
 // ---------------------------------------------------------------- building records
 
@@ -13695,36 +13706,42 @@ std::vector<Token> parse_format(const std::string& f) {
     return out;
 }
 
+// The logging locks exist, and are fork locks, from before main() (before any
+// thread can hold them); the state they guard is built at its first use, so a
+// program that never logs (linked with --gc-sections) does not carry the
+// formatter.  The outermost locks of the library (a handler may call
+// anything), so they are taken first at a fork.
+std::recursive_mutex& log_mutex() {
+    static auto* m = new std::recursive_mutex;  // never destroyed: used by exiting threads
+    return *m;
+}
+std::mutex& log_forward_mutex() {
+    static auto* m = new std::mutex;
+    return *m;
+}
+[[maybe_unused]] const bool g_logging_fork_safe =
+    (detail::os::at_fork_protect(&log_mutex(), 10), detail::os::at_fork_protect(&log_forward_mutex(), 11), true);
+
 struct LogState {
     // Parent side (and a process without a parent).
     std::atomic<int> global_level{static_cast<int>(Level::info)};
     std::atomic<bool> has_overrides{false};
-    std::recursive_mutex mu;              // guards everything below, and serializes handlers
+    std::recursive_mutex& mu = log_mutex();  // guards everything below, and serializes handlers
     std::map<std::string, Level> levels;  // per-logger overrides
     std::vector<Token> format = parse_format(kDefaultFormat);
     LogHandler handler;
 
     // Child side.
-    std::mutex forward_mu;
+    std::mutex& forward_mu = log_forward_mutex();
     std::shared_ptr<const std::function<void(const LogRecord&)>> forward;
     std::atomic<bool> forwarding{false};
     std::atomic<int> parent_level{static_cast<int>(Level::notset)};
 };
 
 LogState& state() {
-    static LogState* s = [] {
-        auto* p = new LogState;  // usable from static destructors and exiting threads
-        // A fork while another thread formats a record must not leave the
-        // child with these held; the outermost locks of the library (a
-        // handler may call anything), so they are taken first.
-        detail::os::at_fork_protect(&p->mu, 10);
-        detail::os::at_fork_protect(&p->forward_mu, 11);
-        return p;
-    }();
+    static LogState* s = new LogState;  // usable from static destructors and exiting threads
     return *s;
 }
-// Registered before main(), before any thread can hold them.
-[[maybe_unused]] const bool g_logging_fork_safe = (state(), true);
 
 /// The threshold for logger `name`: the override of the longest dotted prefix,
 /// else the global one.  Caller holds the mutex when overrides exist.
@@ -14136,6 +14153,11 @@ struct ForkServerLink {
     long pid = 0;
 };
 
+std::mutex& fingerprints_mutex() {
+    static auto* m = new std::mutex;  // never destroyed, like the runtime
+    return *m;
+}
+
 struct Runtime {
     bool initialized = false;
     bool is_child = false;
@@ -14147,7 +14169,7 @@ struct Runtime {
     // forks while holding it.
     std::mutex* forkserver_mutex = new std::mutex;
     ForkServerLink forkserver;
-    std::mutex* fingerprint_mutex = new std::mutex;  // a fork lock (os::at_fork_protect)
+    std::mutex* fingerprint_mutex = &fingerprints_mutex();  // a fork lock (os::at_fork_protect)
     std::map<std::string, std::string> fingerprints;
     std::atomic<bool> corrupt_next_fingerprint{false};
     // How long start() waits for the fork server to make a worker: a stopped
@@ -14155,14 +14177,30 @@ struct Runtime {
     std::atomic<long long> forkserver_timeout_ms{30000};
 };
 
+void reset_after_fork_in_child();  // process_fork.cpp
+
+/// Registers, once, the at-fork hook that makes a forked child forget its
+/// parent's reactor, fork server and child link.  Called by whatever makes
+/// one of them: a program that never does (a codec-only program, linked with
+/// --gc-sections) then carries none of that code.  Registered at any time, the
+/// hook still runs after the fork locks' own (registered before main).
+void register_after_fork_reset() {
+    static const bool registered = (os::at_fork_child(&reset_after_fork_in_child), true);
+    (void)registered;
+}
+
 Runtime& rt() {
-    static Runtime* r = new Runtime;  // never destroyed: the reactor thread outlives static destruction
+    static Runtime* r = [] {
+        register_after_fork_reset();
+        return new Runtime;  // never destroyed: the reactor thread outlives static destruction
+    }();
     return *r;
 }
 
 // Before main(), before any thread exists: a fork while another thread fills
-// the fingerprint cache must not copy its lock held.
-[[maybe_unused]] const bool g_fingerprints_fork_safe = (os::at_fork_protect(rt().fingerprint_mutex, 25), true);
+// the fingerprint cache must not copy its lock held.  (Only the lock: the
+// runtime itself is made at first use, by a program that uses processes.)
+[[maybe_unused]] const bool g_fingerprints_fork_safe = (os::at_fork_protect(&fingerprints_mutex(), 25), true);
 
 std::string fingerprint_of(const std::string& module) {
     Runtime& r = rt();
@@ -14573,7 +14611,10 @@ struct ChildLink {
 };
 
 ChildLink& child_link() {
-    static ChildLink* l = new ChildLink;
+    static ChildLink* l = [] {
+        register_after_fork_reset();  // its mutex is made afresh in a forked child
+        return new ChildLink;
+    }();
     return *l;
 }
 
@@ -14986,6 +15027,7 @@ Reactor& Reactor::get() {
     std::lock_guard<std::mutex> lk(*g_reactor_mutex);
     r = g_reactor.load(std::memory_order_relaxed);
     if (!r) {
+        register_after_fork_reset();  // a forked child must not take our reactor for its own
         r = new Reactor;  // never deleted: its thread runs until the process ends
         g_reactor.store(r, std::memory_order_release);
         std::atexit(at_exit_handler);
@@ -15518,7 +15560,6 @@ void reset_after_fork_in_child() {
     r.forkserver = ForkServerLink{};
     ::new (&child_link().mutex) std::mutex();  // the channel is replaced by whoever uses it next
 }
-[[maybe_unused]] const bool g_reset_after_fork_registered = (os::at_fork_child(&reset_after_fork_in_child), true);
 
 [[noreturn]] void run_forked_child(os::handle_t channel, os::handle_t parent_end, ChildTask& task,
                                    const std::string& name, const std::string& identity,
@@ -16109,6 +16150,9 @@ void ProcessCore::start(Owned<ChildTask>& task) {
             case StartMethod::fork: {
                 static const bool bound = (bind_forked_child_string_calls(), true);
                 (void)bound;
+                // Built here, not in the child: a table another thread was
+                // building at the fork would stay locked in the child.
+                prepare_exception_types_for_fork();
                 flush_stdio();  // or the child would write the parent's buffered output again
                 child_link();   // made here, once: in the child its first use would allocate (page faults)
                 long parent = os::current_pid();
@@ -20132,7 +20176,7 @@ SlotCounters slot_counters() noexcept {
 
 }  // namespace detail::server
 
-MPSERVICE_REGISTER_EXCEPTION(ServerError);
+// (ServerError is one of the library's own types: in remote_exception.cpp's standard table.)
 
 }  // namespace mpservice
 // ---- end part: mpservice/impl/server_wire.cpp

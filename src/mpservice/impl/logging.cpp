@@ -77,36 +77,42 @@ std::vector<Token> parse_format(const std::string& f) {
     return out;
 }
 
+// The logging locks exist, and are fork locks, from before main() (before any
+// thread can hold them); the state they guard is built at its first use, so a
+// program that never logs (linked with --gc-sections) does not carry the
+// formatter.  The outermost locks of the library (a handler may call
+// anything), so they are taken first at a fork.
+std::recursive_mutex& log_mutex() {
+    static auto* m = new std::recursive_mutex;  // never destroyed: used by exiting threads
+    return *m;
+}
+std::mutex& log_forward_mutex() {
+    static auto* m = new std::mutex;
+    return *m;
+}
+[[maybe_unused]] const bool g_logging_fork_safe =
+    (detail::os::at_fork_protect(&log_mutex(), 10), detail::os::at_fork_protect(&log_forward_mutex(), 11), true);
+
 struct LogState {
     // Parent side (and a process without a parent).
     std::atomic<int> global_level{static_cast<int>(Level::info)};
     std::atomic<bool> has_overrides{false};
-    std::recursive_mutex mu;              // guards everything below, and serializes handlers
+    std::recursive_mutex& mu = log_mutex();  // guards everything below, and serializes handlers
     std::map<std::string, Level> levels;  // per-logger overrides
     std::vector<Token> format = parse_format(kDefaultFormat);
     LogHandler handler;
 
     // Child side.
-    std::mutex forward_mu;
+    std::mutex& forward_mu = log_forward_mutex();
     std::shared_ptr<const std::function<void(const LogRecord&)>> forward;
     std::atomic<bool> forwarding{false};
     std::atomic<int> parent_level{static_cast<int>(Level::notset)};
 };
 
 LogState& state() {
-    static LogState* s = [] {
-        auto* p = new LogState;  // usable from static destructors and exiting threads
-        // A fork while another thread formats a record must not leave the
-        // child with these held; the outermost locks of the library (a
-        // handler may call anything), so they are taken first.
-        detail::os::at_fork_protect(&p->mu, 10);
-        detail::os::at_fork_protect(&p->forward_mu, 11);
-        return p;
-    }();
+    static LogState* s = new LogState;  // usable from static destructors and exiting threads
     return *s;
 }
-// Registered before main(), before any thread can hold them.
-[[maybe_unused]] const bool g_logging_fork_safe = (state(), true);
 
 /// The threshold for logger `name`: the override of the longest dotted prefix,
 /// else the global one.  Caller holds the mutex when overrides exist.

@@ -40,7 +40,10 @@ struct ChildLink {
 };
 
 ChildLink& child_link() {
-    static ChildLink* l = new ChildLink;
+    static ChildLink* l = [] {
+        register_after_fork_reset();  // its mutex is made afresh in a forked child
+        return new ChildLink;
+    }();
     return *l;
 }
 

@@ -232,6 +232,9 @@ void ProcessCore::start(Owned<ChildTask>& task) {
             case StartMethod::fork: {
                 static const bool bound = (bind_forked_child_string_calls(), true);
                 (void)bound;
+                // Built here, not in the child: a table another thread was
+                // building at the fork would stay locked in the child.
+                prepare_exception_types_for_fork();
                 flush_stdio();  // or the child would write the parent's buffered output again
                 child_link();   // made here, once: in the child its first use would allocate (page faults)
                 long parent = os::current_pid();

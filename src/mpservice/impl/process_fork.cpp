@@ -109,7 +109,6 @@ void reset_after_fork_in_child() {
     r.forkserver = ForkServerLink{};
     ::new (&child_link().mutex) std::mutex();  // the channel is replaced by whoever uses it next
 }
-[[maybe_unused]] const bool g_reset_after_fork_registered = (os::at_fork_child(&reset_after_fork_in_child), true);
 
 [[noreturn]] void run_forked_child(os::handle_t channel, os::handle_t parent_end, ChildTask& task,
                                    const std::string& name, const std::string& identity,

@@ -123,6 +123,7 @@ Reactor& Reactor::get() {
     std::lock_guard<std::mutex> lk(*g_reactor_mutex);
     r = g_reactor.load(std::memory_order_relaxed);
     if (!r) {
+        register_after_fork_reset();  // a forked child must not take our reactor for its own
         r = new Reactor;  // never deleted: its thread runs until the process ends
         g_reactor.store(r, std::memory_order_release);
         std::atexit(at_exit_handler);

@@ -29,6 +29,11 @@ struct ForkServerLink {
     long pid = 0;
 };
 
+std::mutex& fingerprints_mutex() {
+    static auto* m = new std::mutex;  // never destroyed, like the runtime
+    return *m;
+}
+
 struct Runtime {
     bool initialized = false;
     bool is_child = false;
@@ -40,7 +45,7 @@ struct Runtime {
     // forks while holding it.
     std::mutex* forkserver_mutex = new std::mutex;
     ForkServerLink forkserver;
-    std::mutex* fingerprint_mutex = new std::mutex;  // a fork lock (os::at_fork_protect)
+    std::mutex* fingerprint_mutex = &fingerprints_mutex();  // a fork lock (os::at_fork_protect)
     std::map<std::string, std::string> fingerprints;
     std::atomic<bool> corrupt_next_fingerprint{false};
     // How long start() waits for the fork server to make a worker: a stopped
@@ -48,14 +53,30 @@ struct Runtime {
     std::atomic<long long> forkserver_timeout_ms{30000};
 };
 
+void reset_after_fork_in_child();  // process_fork.cpp
+
+/// Registers, once, the at-fork hook that makes a forked child forget its
+/// parent's reactor, fork server and child link.  Called by whatever makes
+/// one of them: a program that never does (a codec-only program, linked with
+/// --gc-sections) then carries none of that code.  Registered at any time, the
+/// hook still runs after the fork locks' own (registered before main).
+void register_after_fork_reset() {
+    static const bool registered = (os::at_fork_child(&reset_after_fork_in_child), true);
+    (void)registered;
+}
+
 Runtime& rt() {
-    static Runtime* r = new Runtime;  // never destroyed: the reactor thread outlives static destruction
+    static Runtime* r = [] {
+        register_after_fork_reset();
+        return new Runtime;  // never destroyed: the reactor thread outlives static destruction
+    }();
     return *r;
 }
 
 // Before main(), before any thread exists: a fork while another thread fills
-// the fingerprint cache must not copy its lock held.
-[[maybe_unused]] const bool g_fingerprints_fork_safe = (os::at_fork_protect(rt().fingerprint_mutex, 25), true);
+// the fingerprint cache must not copy its lock held.  (Only the lock: the
+// runtime itself is made at first use, by a program that uses processes.)
+[[maybe_unused]] const bool g_fingerprints_fork_safe = (os::at_fork_protect(&fingerprints_mutex(), 25), true);
 
 std::string fingerprint_of(const std::string& module) {
     Runtime& r = rt();

@@ -127,6 +127,7 @@ std::vector<ExceptionType> standard_types() {
         exception_type_of<Empty>(),
         exception_type_of<Full>(),
         exception_type_of<QueueClosed>(),
+        exception_type_of<ServerError>(),
         exception_type_of<Error>(),
         // runtime_error family (ios_base::failure is a system_error in the C++11 ABI)
         coded_type<std::ios_base::failure>(MakeIosFailure()),
@@ -155,10 +156,18 @@ std::vector<ExceptionType> standard_types() {
     };
 }
 
+/// The standard types' table, built at its first use (an exception encoded or
+/// decoded): a program that never sends one - or links with --gc-sections and
+/// never starts a process - does not carry the 32 types' codecs.
+const std::vector<ExceptionType>& standard_table() {
+    static const auto* t = new std::vector<ExceptionType>(standard_types());  // never destroyed
+    return *t;
+}
+
 struct Registry {
     std::mutex mu;
     std::vector<ExceptionType> user;  // in registration order
-    const std::vector<ExceptionType> standard = standard_types();
+    const std::vector<ExceptionType>& standard() const { return standard_table(); }
 };
 
 Registry& registry() {
@@ -178,7 +187,7 @@ const ExceptionType* find_entry_by_key(const std::string& key) {
         for (auto it = r.user.rbegin(); it != r.user.rend(); ++it)
             if (key == it->type->name()) return &*it;
     }
-    for (const auto& t : r.standard)
+    for (const auto& t : r.standard())
         if (key == t.type->name()) return &t;
     return nullptr;
 }
@@ -198,9 +207,9 @@ const ExceptionType* find_entry_for(const std::exception& e) {
             if (it->matches(e)) found = &*it;
     }
     if (found) return found;
-    for (const auto& t : r.standard)
+    for (const auto& t : r.standard())
         if (*t.type == dynamic) return &t;
-    for (const auto& t : r.standard)
+    for (const auto& t : r.standard())
         if (t.matches(e)) return &t;
     return nullptr;
 }
@@ -212,6 +221,8 @@ void register_exception_type(const ExceptionType& t) {
     std::lock_guard<std::mutex> lock(r.mu);
     r.user.push_back(t);
 }
+
+void prepare_exception_types_for_fork() { (void)standard_table(); }
 
 // ---------------------------------------------------------------- building records
 

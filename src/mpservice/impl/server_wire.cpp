@@ -270,6 +270,6 @@ SlotCounters slot_counters() noexcept {
 
 }  // namespace detail::server
 
-MPSERVICE_REGISTER_EXCEPTION(ServerError);
+// (ServerError is one of the library's own types: in remote_exception.cpp's standard table.)
 
 }  // namespace mpservice
