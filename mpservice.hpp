@@ -1627,6 +1627,9 @@ MPSERVICE_API LockResult robust_mutex_lock_blocking(RobustMutex* m, Deadline dea
 MPSERVICE_API int robust_mutex_trylock_status(RobustMutex* m) noexcept;
 MPSERVICE_API int robust_mutex_unlock_status(RobustMutex* m) noexcept;
 /// busy (EBUSY, or held by the caller) or owner_died; throws std::system_error otherwise.
+/// A busy status need not have looked at the holder (Win32 only compares the
+/// word): a caller that gives up on busy asks robust_mutex_trylock, which
+/// reports a holder that ended as owner_died.
 MPSERVICE_API LockResult robust_mutex_trylock_result(int status);
 /// Throws the std::system_error of a failed unlock.
 [[noreturn]] MPSERVICE_API void robust_mutex_unlock_failed(int status);
@@ -10689,17 +10692,15 @@ bool robust_mutex_has_sleepers(const RobustMutex* m) noexcept {
 }
 
 int robust_mutex_trylock_status(RobustMutex* m) noexcept {
-    // The free word first (the uncontended case); a held one is judged as
-    // robust_mutex_trylock does (its owner may have ended: owner_died).
+    // The free word only: judging a holder costs three kernel calls (under
+    // Wine, three wineserver round trips), and a contended acquire judges it
+    // once where it waits.  So busy here does not say the holder lives; a
+    // caller that gives up on busy asks robust_mutex_trylock (os.hpp).
     std::uint64_t expected = 0;
     if (win(m)->owner.compare_exchange_strong(expected, caller_token(), std::memory_order_acquire,
                                               std::memory_order_relaxed))
         return 0;
-    try {
-        return acquire(win(m), no_deadline, true);
-    } catch (...) {
-        return kStatusBusy;  // (only a wait can throw, and a try never waits)
-    }
+    return kStatusBusy;
 }
 
 int robust_mutex_unlock_status(RobustMutex* m) noexcept {
@@ -16877,6 +16878,9 @@ LockStatus lock_acquire_after_try(const LockRef& l, os::Deadline deadline, int s
     LockState* s = l.state.get();
     const std::uint64_t me = this_thread_token();
     os::LockResult first = os::robust_mutex_trylock_result(status);
+    // A try that gives up asks the full trylock, which judges the holder (the
+    // status path may not have): a holder that died is owner_died, not busy.
+    if (first == os::LockResult::busy && expired(deadline)) first = os::robust_mutex_trylock(&s->mutex);
     if (first != os::LockResult::busy || expired(deadline)) return took(s, first, me);
     return lock_contended(s, me, deadline);
 }

@@ -315,6 +315,9 @@ MPSERVICE_API LockResult robust_mutex_lock_blocking(RobustMutex* m, Deadline dea
 MPSERVICE_API int robust_mutex_trylock_status(RobustMutex* m) noexcept;
 MPSERVICE_API int robust_mutex_unlock_status(RobustMutex* m) noexcept;
 /// busy (EBUSY, or held by the caller) or owner_died; throws std::system_error otherwise.
+/// A busy status need not have looked at the holder (Win32 only compares the
+/// word): a caller that gives up on busy asks robust_mutex_trylock, which
+/// reports a holder that ended as owner_died.
 MPSERVICE_API LockResult robust_mutex_trylock_result(int status);
 /// Throws the std::system_error of a failed unlock.
 [[noreturn]] MPSERVICE_API void robust_mutex_unlock_failed(int status);

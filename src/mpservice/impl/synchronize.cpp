@@ -244,6 +244,9 @@ LockStatus lock_acquire_after_try(const LockRef& l, os::Deadline deadline, int s
     LockState* s = l.state.get();
     const std::uint64_t me = this_thread_token();
     os::LockResult first = os::robust_mutex_trylock_result(status);
+    // A try that gives up asks the full trylock, which judges the holder (the
+    // status path may not have): a holder that died is owner_died, not busy.
+    if (first == os::LockResult::busy && expired(deadline)) first = os::robust_mutex_trylock(&s->mutex);
     if (first != os::LockResult::busy || expired(deadline)) return took(s, first, me);
     return lock_contended(s, me, deadline);
 }
