@@ -6,11 +6,7 @@
 #include "mpservice.hpp"
 
 #if defined(_WIN32)
-#ifndef NOMINMAX
-#define NOMINMAX
-#endif
-#define WIN32_LEAN_AND_MEAN
-#include <windows.h>
+#include "win32_api.hpp"
 #include <cstdint>
 #include <cstdio>
 // A crash must never pass as success: Wine's crash debugger can make a

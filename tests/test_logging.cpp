@@ -13,11 +13,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 #else  // the library writes to the Win32 standard error handle: the tests swap that one
-#ifndef NOMINMAX
-#define NOMINMAX
-#endif
-#define WIN32_LEAN_AND_MEAN
-#include <windows.h>
+#include "win32_api.hpp"
 #endif
 
 #include "mpservice.hpp"

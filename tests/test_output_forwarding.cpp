@@ -15,11 +15,7 @@
 #include <vector>
 
 #if defined(_WIN32)
-#ifndef NOMINMAX
-#define NOMINMAX
-#endif
-#define WIN32_LEAN_AND_MEAN
-#include <windows.h>
+#include "win32_api.hpp"
 #else
 #include <fcntl.h>
 #include <sys/stat.h>

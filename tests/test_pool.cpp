@@ -3,13 +3,7 @@
 #include <doctest/doctest.h>
 
 #if defined(_WIN32)
-#ifndef NOMINMAX
-#define NOMINMAX
-#endif
-#ifndef WIN32_LEAN_AND_MEAN
-#define WIN32_LEAN_AND_MEAN
-#endif
-#include <windows.h>  // OpenProcess: whether a warm child has gone (process_gone)
+#include "win32_api.hpp"  // OpenProcess: whether a warm child has gone (process_gone)
 #endif
 #if !defined(_WIN32)
 #include <dirent.h>
