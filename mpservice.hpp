@@ -3359,6 +3359,11 @@ MPSERVICE_API void test_set_initialized(bool initialized) noexcept;
 /// start() waits for it to make a worker before giving up on it (default 30 s).
 MPSERVICE_API long test_fork_server_pid() noexcept;
 MPSERVICE_API void test_set_fork_server_timeout(std::chrono::milliseconds timeout) noexcept;
+/// Test hook: returns once the reactor thread has finished handling every
+/// event it was handling when called.  A joined child's core (its pidfd) is
+/// released by the reactor just after it resolves the child; descriptor
+/// counts taken after this call are exact.
+MPSERVICE_API void test_reactor_barrier();
 /// Test hook: the pid of the warm spawn child once it is ready (bootstrapped,
 /// waiting for a task), waiting at most `timeout`; 0 if there is none by then.
 MPSERVICE_API long test_warm_child(std::chrono::milliseconds timeout);
@@ -14966,6 +14971,9 @@ public:
     /// `control` (on the reactor thread, which may be reading it) and resolve
     /// its workers that have ended.
     void retire_fork_server(os::handle_t control);
+    /// Returns once the reactor thread has run a task posted now: every event
+    /// it was handling before (and the references it held for it) is done.
+    void barrier();
     /// Runs `fn` on a thread that lives as long as the process: the initial
     /// thread, or else the reactor's.  A child's parent-death signal fires when
     /// the *thread* that made it ends, so children are never made on a
@@ -15096,6 +15104,24 @@ auto Reactor::on_long_lived_thread(Fn&& fn) -> decltype(fn()) {
     cv.wait(lk, [&] { return ready; });
     if (error) std::rethrow_exception(error);
     return std::move(*value);
+}
+
+void Reactor::barrier() {
+    if (on_reactor_thread()) return;
+    std::mutex m;
+    std::condition_variable cv;
+    bool done = false;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        tasks_.push_back([&] {
+            std::lock_guard<std::mutex> l2(m);
+            done = true;
+            cv.notify_one();
+        });
+    }
+    os::wake_event_signal(wake_);
+    std::unique_lock<std::mutex> lk(m);
+    cv.wait(lk, [&] { return done; });
 }
 
 void Reactor::add(const std::shared_ptr<ProcessCore>& core) {
@@ -15451,6 +15477,11 @@ void at_exit_handler() {
 }
 
 }  // namespace
+
+void test_reactor_barrier() {
+    if (g_reactor.load(std::memory_order_acquire)) Reactor::get().barrier();
+}
+
 }  // namespace detail
 }  // namespace mpservice
 // ---- end part: mpservice/impl/process_reactor.cpp

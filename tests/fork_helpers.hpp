@@ -184,10 +184,16 @@ bool await(Pred pred, std::chrono::milliseconds limit = std::chrono::seconds(30)
     return true;
 }
 
+/// The reactor thread releases a resolved child's core (its pidfd or process
+/// handle) just after resolving it, so just after a join() returns the count
+/// may still include it: every count below first waits for the reactor.
+inline void settle_reactor() { mpservice::detail::test_reactor_barrier(); }
+
 #if !defined(_WIN32)
 constexpr long handle_slack = 0;  // descriptors are exact (see the Windows one below)
 /// The open descriptors of this process.
 inline std::set<std::string> open_fds() {
+    settle_reactor();
     std::set<std::string> out;
     if (DIR* d = ::opendir("/proc/self/fd")) {
         while (dirent* e = ::readdir(d))
@@ -212,6 +218,7 @@ inline std::set<std::string> dev_shm_entries() {
 /// Number of this process's mappings of the library's shared memory (memfd
 /// blocks show up in /proc/self/maps as "/memfd:mpservice (deleted)").
 inline std::size_t mapping_count() {
+    settle_reactor();
     std::FILE* f = std::fopen("/proc/self/maps", "r");
     if (!f) return 0;
     std::size_t n = 0;
@@ -225,12 +232,18 @@ inline std::size_t mapping_count() {
 // Windows: no descriptor names and no /dev/shm (only fork_only cases read
 // those); the counts are the process's handles and the library's mapped views.
 inline std::set<std::string> open_fds() { return {}; }
-inline std::size_t fd_count() { return static_cast<std::size_t>(mpservice::detail::os::open_handle_count()); }
+inline std::size_t fd_count() {
+    settle_reactor();
+    return static_cast<std::size_t>(mpservice::detail::os::open_handle_count());
+}
 inline std::set<std::string> dev_shm_entries() { return {}; }
 // Handles the system keeps or drops on its own (under Wine its thread pool's:
 // one up or down between two counts was seen); a leak per cycle shows far more.
 constexpr long handle_slack = 3;
-inline std::size_t mapping_count() { return static_cast<std::size_t>(mpservice::detail::os::mapping_count()); }
+inline std::size_t mapping_count() {
+    settle_reactor();
+    return static_cast<std::size_t>(mpservice::detail::os::mapping_count());
+}
 #endif
 
 /// Encodes `v` in this process and decodes it in a forked child, which

@@ -131,7 +131,10 @@ private:
 };
 
 /// The open descriptors (Windows: handles) of this process.
-long count_fds() { return mp::detail::os::open_handle_count(); }
+long count_fds() {
+    mp::detail::test_reactor_barrier();  // the reactor releases a joined child's handle just after resolving it
+    return mp::detail::os::open_handle_count();
+}
 
 /// The one writer of a FIFO the late grandchild reads (Windows: the server end
 /// of a named pipe).  open_for_writing waits for the reader, as open(2) of a

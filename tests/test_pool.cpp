@@ -675,21 +675,11 @@ TEST_CASE("worker log records reach the parent's handler") {
     for (int i = 0; i < 5; ++i) CHECK(got.count("task " + std::to_string(i)) == 1);
 }
 
-/// The reactor thread drops its last references to ended children (their
-/// pidfds, their arguments) just after resolving them; a child started and
-/// joined after that has been handled after those, so counting is exact.
-static void quiesce() {
-    mp::Process p(square, 1);
-    p.start();
-    p.join();
-}
-
 TEST_CASE_TEMPLATE("100 pools created and destroyed leave no fd, zombie or mapping behind", Ctx, CONTEXTS) {
     {
         mp::Pool warm(Ctx{}, 2);
         CHECK(warm.apply(square, 2) == 4);
     }
-    quiesce();
     auto fds = forktest::fd_count();
     auto maps = forktest::mapping_count();
     for (int i = 0; i < 100; ++i) {
@@ -700,7 +690,6 @@ TEST_CASE_TEMPLATE("100 pools created and destroyed leave no fd, zombie or mappi
             pool.join();
         }
     }
-    quiesce();
     CHECK(std::labs(static_cast<long>(forktest::fd_count()) - static_cast<long>(fds)) <= forktest::handle_slack);
     CHECK(forktest::mapping_count() == maps);
     CHECK(count_zombie_children() == 0);

@@ -122,7 +122,10 @@ const char* ctx_name() {
 // Windows: a process is gone once it stopped running (no zombies); descriptors
 // are the process's handles.
 bool process_gone(long pid) { return !mp::detail::os::process_running(pid); }
-long count_fds() { return mp::detail::os::open_handle_count(); }
+long count_fds() {
+    mp::detail::test_reactor_barrier();  // the reactor releases a joined child's handle just after resolving it
+    return mp::detail::os::open_handle_count();
+}
 int count_zombie_children() { return 0; }
 #else
 bool process_gone(long pid) {
@@ -137,6 +140,7 @@ bool process_gone(long pid) {
 }
 
 int count_fds() {
+    mp::detail::test_reactor_barrier();  // the reactor releases a joined child's pidfd just after resolving it
     int n = 0;
     DIR* d = opendir("/proc/self/fd");
     while (dirent* e = readdir(d))

@@ -56,6 +56,9 @@ public:
     /// `control` (on the reactor thread, which may be reading it) and resolve
     /// its workers that have ended.
     void retire_fork_server(os::handle_t control);
+    /// Returns once the reactor thread has run a task posted now: every event
+    /// it was handling before (and the references it held for it) is done.
+    void barrier();
     /// Runs `fn` on a thread that lives as long as the process: the initial
     /// thread, or else the reactor's.  A child's parent-death signal fires when
     /// the *thread* that made it ends, so children are never made on a
@@ -186,6 +189,24 @@ auto Reactor::on_long_lived_thread(Fn&& fn) -> decltype(fn()) {
     cv.wait(lk, [&] { return ready; });
     if (error) std::rethrow_exception(error);
     return std::move(*value);
+}
+
+void Reactor::barrier() {
+    if (on_reactor_thread()) return;
+    std::mutex m;
+    std::condition_variable cv;
+    bool done = false;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        tasks_.push_back([&] {
+            std::lock_guard<std::mutex> l2(m);
+            done = true;
+            cv.notify_one();
+        });
+    }
+    os::wake_event_signal(wake_);
+    std::unique_lock<std::mutex> lk(m);
+    cv.wait(lk, [&] { return done; });
 }
 
 void Reactor::add(const std::shared_ptr<ProcessCore>& core) {
@@ -541,5 +562,10 @@ void at_exit_handler() {
 }
 
 }  // namespace
+
+void test_reactor_barrier() {
+    if (g_reactor.load(std::memory_order_acquire)) Reactor::get().barrier();
+}
+
 }  // namespace detail
 }  // namespace mpservice

@@ -559,6 +559,11 @@ MPSERVICE_API void test_set_initialized(bool initialized) noexcept;
 /// start() waits for it to make a worker before giving up on it (default 30 s).
 MPSERVICE_API long test_fork_server_pid() noexcept;
 MPSERVICE_API void test_set_fork_server_timeout(std::chrono::milliseconds timeout) noexcept;
+/// Test hook: returns once the reactor thread has finished handling every
+/// event it was handling when called.  A joined child's core (its pidfd) is
+/// released by the reactor just after it resolves the child; descriptor
+/// counts taken after this call are exact.
+MPSERVICE_API void test_reactor_barrier();
 /// Test hook: the pid of the warm spawn child once it is ready (bootstrapped,
 /// waiting for a task), waiting at most `timeout`; 0 if there is none by then.
 MPSERVICE_API long test_warm_child(std::chrono::milliseconds timeout);
