@@ -1458,8 +1458,11 @@ struct StackFrame {
 };
 /// Names the functions at `pcs` (return addresses): dynamic symbols, the ELF
 /// .symtab of each module (so static functions of an executable built without
-/// -rdynamic are named), and file:line when line information is available.
-MPSERVICE_API std::vector<StackFrame> symbolize(void* const* pcs, int n);
+/// -rdynamic are named), and file:line when line information is available:
+/// for every frame, or, given `last_line_frame`, for the frames up to the
+/// first whose function it accepts (the caller shows none beyond it).
+MPSERVICE_API std::vector<StackFrame> symbolize(void* const* pcs, int n,
+                                                bool (*last_line_frame)(const std::string& function) = nullptr);
 /// Whether symbolize looks up file:line (by running addr2line); default true.
 MPSERVICE_API void set_line_lookup(bool enabled) noexcept;
 /// Demangles a C++ type or symbol name; returns it unchanged if it is not mangled.
@@ -12200,7 +12203,7 @@ int raise_site_stack(const void* object, void** pcs, int max) noexcept {
     return 0;
 }
 
-std::vector<StackFrame> symbolize(void* const* pcs, int n) {
+std::vector<StackFrame> symbolize(void* const* pcs, int n, bool (*)(const std::string&)) {
     // Module and offset for every frame.  MinGW writes DWARF, which the Win32
     // symbol engine (DbgHelp) does not read, and no PDB: function names and
     // lines are not shown here; addr2line on the offsets gives them offline.
@@ -12767,9 +12770,10 @@ bool line_lookup_enabled() { return g_line_lookup.load(std::memory_order_relaxed
 
 void set_line_lookup(bool enabled) noexcept { g_line_lookup.store(enabled, std::memory_order_relaxed); }
 
-std::vector<StackFrame> symbolize(void* const* pcs, int n) {
+std::vector<StackFrame> symbolize(void* const* pcs, int n, bool (*last_line_frame)(const std::string& function)) {
     std::vector<StackFrame> frames(static_cast<std::size_t>(std::max(n, 0)));
     std::map<std::string, std::vector<int>> want_lines;  // module -> frames to ask addr2line about
+    bool past_last_line_frame = false;
     for (int i = 0; i < n; ++i) {
         StackFrame& f = frames[i];
         f.pc = pcs[i];
@@ -12778,13 +12782,14 @@ std::vector<StackFrame> symbolize(void* const* pcs, int n) {
         ModuleOf m;
         m.pc = lookup;
         walk_loaded_modules(find_module, &m);
+        bool has_line_info = false;
         if (m.found) {
             f.module = m.path;
             f.offset = lookup + 1 - m.bias;
             const ModuleSymbols& syms = module_symbols(m.path);
             std::uintptr_t start = 0;
             if (const char* name = syms.find(lookup - m.bias, &start)) f.function = demangle(name);
-            if (syms.has_line_info) want_lines[m.path].push_back(i);
+            has_line_info = syms.has_line_info;
         }
         if (f.function.empty()) {
             Dl_info info;
@@ -12795,6 +12800,11 @@ std::vector<StackFrame> symbolize(void* const* pcs, int n) {
             }
             if (named) f.function = demangle(info.dli_sname);
         }
+        // addr2line's time grows with the compile units it reads: frames the
+        // caller will not show (below the target's runner, below main) cost
+        // most of it (the library's own big unit) and are not asked about.
+        if (has_line_info && !past_last_line_frame) want_lines[f.module].push_back(i);
+        if (last_line_frame && last_line_frame(f.function)) past_last_line_frame = true;
     }
     if (want_lines.empty() || !line_lookup_enabled()) return frames;
 
@@ -13412,6 +13422,12 @@ bool trim_library_frames(std::vector<os::StackFrame>& frames) {
     return true;
 }
 
+/// Whether nothing below a frame is shown: a target's runner (the trim cuts
+/// there) or main (the listing stops there).
+bool ends_shown_stack(const std::string& function) {
+    return is_target_runner(function) || function == "main" || function.rfind("main.", 0) == 0;
+}
+
 /// "[name:pid] type: what" then the frames, innermost first, stopping at main.
 std::string format_part(const std::string& type_name, const std::string& message, const char* where,
                         void* const* pcs, int n) {
@@ -13419,7 +13435,7 @@ std::string format_part(const std::string& type_name, const std::string& message
                     message + "\n";
     if (n == 0) return s + "  (no stack available)\n";
     s += std::string("  ") + where + " (innermost call first):\n";
-    std::vector<os::StackFrame> frames = os::symbolize(pcs, n);
+    std::vector<os::StackFrame> frames = os::symbolize(pcs, n, ends_shown_stack);
     bool trimmed = trim_library_frames(frames);
     for (std::size_t i = 0; i < frames.size(); ++i) {
         const os::StackFrame& f = frames[i];

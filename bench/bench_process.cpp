@@ -9,6 +9,10 @@
 //   process: fork start->result         mp::Process (fork) vs fork + _exit + waitpid
 //   process: exception round trip       child throws, parent catches it and reads the
 //                                       remote traceback vs the plain-result round trip
+//   process: 10 throwing children, line lookup (fork)
+//                                       10 fork children that throw at once, start -> every
+//                                       exception caught with its traceback, file:line looked
+//                                       up (bench/run builds with -g) vs 10 returning a value
 //   process: 10k log records (fork)     records/s from start to join, every record
 //                                       handled (formatted) by the parent
 //   process: warm spawn start->result   mp::Process (spawn, set_warm_start) taking the child
@@ -245,6 +249,7 @@ int main(int argc, char** argv) {
     }
     if (bench::wanted("process: warm spawn phases")) start_phases(n, true, true);
     if (bench::wanted("process: exception round trip")) {
+        mp::set_traceback_source_lines(false);  // the cost of the round trip itself (see the next case)
         std::size_t tb_len = 0;
         auto thrown = bench::time_ms(n, [&] {
             mp::Process p(thrower, 7);
@@ -262,6 +267,42 @@ int main(int argc, char** argv) {
                       to_us(thrown));
         bench::report("process: exception round trip (spawn)", "anchor", "mp::Process plain result", "us",
                       to_us(plain));
+        mp::set_traceback_source_lines(true);
+    }
+    if (bench::wanted("process: 10 throwing children, line lookup")) {
+        // What a -g build pays when children fail together: each child
+        // symbolizes its own stack (addr2line, for the frames it shows).
+        constexpr int kids = 10;
+        std::size_t tb_len = 0;
+        auto thrown = bench::time_ms(std::max(5, n / 4), [&] {
+            std::vector<std::unique_ptr<mp::Process<int>>> ps;
+            for (int i = 0; i < kids; ++i) {
+                ps.push_back(std::make_unique<mp::Process<int>>(mp::ForkContext{}, thrower, i));
+                ps.back()->start();
+            }
+            for (auto& p : ps) {
+                try {
+                    p->join();
+                    std::abort();
+                } catch (const std::invalid_argument& e) {
+                    tb_len += mp::remote_traceback(e).size();
+                }
+            }
+        }, 2);
+        auto plain = bench::time_ms(std::max(5, n / 4), [&] {
+            std::vector<std::unique_ptr<mp::Process<int>>> ps;
+            for (int i = 0; i < kids; ++i) {
+                ps.push_back(std::make_unique<mp::Process<int>>(mp::ForkContext{}, plus_one, 41));
+                ps.back()->start();
+            }
+            for (auto& p : ps)
+                if (p->result() != 42) std::abort();
+        }, 2);
+        bench::keep(tb_len);
+        bench::report("process: 10 throwing children, line lookup (fork)", "ours", "10 children throw, parent catches",
+                      "ms", thrown);
+        bench::report("process: 10 throwing children, line lookup (fork)", "anchor", "10 children return a value",
+                      "ms", plain);
     }
     if (bench::wanted("process: 10k log records")) {
         constexpr int records = 10000;

@@ -145,8 +145,11 @@ struct StackFrame {
 };
 /// Names the functions at `pcs` (return addresses): dynamic symbols, the ELF
 /// .symtab of each module (so static functions of an executable built without
-/// -rdynamic are named), and file:line when line information is available.
-MPSERVICE_API std::vector<StackFrame> symbolize(void* const* pcs, int n);
+/// -rdynamic are named), and file:line when line information is available:
+/// for every frame, or, given `last_line_frame`, for the frames up to the
+/// first whose function it accepts (the caller shows none beyond it).
+MPSERVICE_API std::vector<StackFrame> symbolize(void* const* pcs, int n,
+                                                bool (*last_line_frame)(const std::string& function) = nullptr);
 /// Whether symbolize looks up file:line (by running addr2line); default true.
 MPSERVICE_API void set_line_lookup(bool enabled) noexcept;
 /// Demangles a C++ type or symbol name; returns it unchanged if it is not mangled.

@@ -501,9 +501,10 @@ bool line_lookup_enabled() { return g_line_lookup.load(std::memory_order_relaxed
 
 void set_line_lookup(bool enabled) noexcept { g_line_lookup.store(enabled, std::memory_order_relaxed); }
 
-std::vector<StackFrame> symbolize(void* const* pcs, int n) {
+std::vector<StackFrame> symbolize(void* const* pcs, int n, bool (*last_line_frame)(const std::string& function)) {
     std::vector<StackFrame> frames(static_cast<std::size_t>(std::max(n, 0)));
     std::map<std::string, std::vector<int>> want_lines;  // module -> frames to ask addr2line about
+    bool past_last_line_frame = false;
     for (int i = 0; i < n; ++i) {
         StackFrame& f = frames[i];
         f.pc = pcs[i];
@@ -512,13 +513,14 @@ std::vector<StackFrame> symbolize(void* const* pcs, int n) {
         ModuleOf m;
         m.pc = lookup;
         walk_loaded_modules(find_module, &m);
+        bool has_line_info = false;
         if (m.found) {
             f.module = m.path;
             f.offset = lookup + 1 - m.bias;
             const ModuleSymbols& syms = module_symbols(m.path);
             std::uintptr_t start = 0;
             if (const char* name = syms.find(lookup - m.bias, &start)) f.function = demangle(name);
-            if (syms.has_line_info) want_lines[m.path].push_back(i);
+            has_line_info = syms.has_line_info;
         }
         if (f.function.empty()) {
             Dl_info info;
@@ -529,6 +531,11 @@ std::vector<StackFrame> symbolize(void* const* pcs, int n) {
             }
             if (named) f.function = demangle(info.dli_sname);
         }
+        // addr2line's time grows with the compile units it reads: frames the
+        // caller will not show (below the target's runner, below main) cost
+        // most of it (the library's own big unit) and are not asked about.
+        if (has_line_info && !past_last_line_frame) want_lines[f.module].push_back(i);
+        if (last_line_frame && last_line_frame(f.function)) past_last_line_frame = true;
     }
     if (want_lines.empty() || !line_lookup_enabled()) return frames;
 

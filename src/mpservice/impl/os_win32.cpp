@@ -2217,7 +2217,7 @@ int raise_site_stack(const void* object, void** pcs, int max) noexcept {
     return 0;
 }
 
-std::vector<StackFrame> symbolize(void* const* pcs, int n) {
+std::vector<StackFrame> symbolize(void* const* pcs, int n, bool (*)(const std::string&)) {
     // Module and offset for every frame.  MinGW writes DWARF, which the Win32
     // symbol engine (DbgHelp) does not read, and no PDB: function names and
     // lines are not shown here; addr2line on the offsets gives them offline.

@@ -392,6 +392,12 @@ bool trim_library_frames(std::vector<os::StackFrame>& frames) {
     return true;
 }
 
+/// Whether nothing below a frame is shown: a target's runner (the trim cuts
+/// there) or main (the listing stops there).
+bool ends_shown_stack(const std::string& function) {
+    return is_target_runner(function) || function == "main" || function.rfind("main.", 0) == 0;
+}
+
 /// "[name:pid] type: what" then the frames, innermost first, stopping at main.
 std::string format_part(const std::string& type_name, const std::string& message, const char* where,
                         void* const* pcs, int n) {
@@ -399,7 +405,7 @@ std::string format_part(const std::string& type_name, const std::string& message
                     message + "\n";
     if (n == 0) return s + "  (no stack available)\n";
     s += std::string("  ") + where + " (innermost call first):\n";
-    std::vector<os::StackFrame> frames = os::symbolize(pcs, n);
+    std::vector<os::StackFrame> frames = os::symbolize(pcs, n, ends_shown_stack);
     bool trimmed = trim_library_frames(frames);
     for (std::size_t i = 0; i < frames.size(); ++i) {
         const os::StackFrame& f = frames[i];
