@@ -21239,6 +21239,7 @@ private:
     void check_alive() {
         if (dead_.load()) throw_gone();
     }
+    bool server_exited() const { return server_pid > 0 && !os::process_running(server_pid); }
     [[noreturn]] void gone(ThreadConn& c) {
         (void)c;
         mark_gone("it exited or was killed");
@@ -21417,8 +21418,12 @@ private:
                 if (now != seq) os::futex_wait(&h->reply_seq, now, os::Clock::now() + client_check);
                 if (answered()) break;
                 long n = c.reader.fill(c.fd, true);  // a reply on the socket stays buffered for below
-                if (n == 0) {
+                // The socket's end is the usual sign of the server's death; the
+                // process itself is the sure one (under Wine a killed server's
+                // socket was seen never to report its end: the call slept on).
+                if (n == 0 || server_exited()) {
                     h->client_sleeping.store(0, std::memory_order_relaxed);
+                    if (answered()) break;  // it replied just before it went
                     gone(c);
                 }
             }

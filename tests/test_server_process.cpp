@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <string>
@@ -415,7 +416,9 @@ TEST_CASE("server: the server SIGKILLed makes every call fail at once, naming it
         server.shutdown();
     }
     CHECK(forktest::dev_shm_entries() == shm_before);
-    CHECK(forktest::fd_count() == fds_before);  // connections, slots and mappings all closed
+    // Connections, slots and mappings all closed (exact on POSIX; Windows: the
+    // system's own thread-pool handles come and go, forktest::handle_slack).
+    CHECK(std::labs(static_cast<long>(forktest::fd_count()) - static_cast<long>(fds_before)) <= forktest::handle_slack);
 }
 
 TEST_CASE("server: 1000 create/release cycles leave no objects, descriptors or mappings behind") {
@@ -445,7 +448,7 @@ TEST_CASE("server: 1000 create/release cycles leave no objects, descriptors or m
     // Mappings: a block leaked per cycle would be 1000 more; the allocator (or a
     // sanitizer's runtime) may map a few regions of its own meanwhile.
     CHECK(after.second <= before.second + 16);
-    CHECK(static_cast<long>(forktest::fd_count()) == fds_here);
+    CHECK(std::labs(static_cast<long>(forktest::fd_count()) - fds_here) <= forktest::handle_slack);
 }
 
 TEST_CASE("server: hosted list, dict and value") {
