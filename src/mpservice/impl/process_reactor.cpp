@@ -73,6 +73,9 @@ public:
 
 private:
     Reactor();
+    /// Posts `task` (which must not throw) to the reactor thread and returns
+    /// once it has run there; never called on the reactor thread itself.
+    void run_posted_and_wait(std::function<void()> task);
     void loop();
     void on_channel(const std::shared_ptr<ProcessCore>& core);
     void on_pidfd(const std::shared_ptr<ProcessCore>& core);
@@ -162,43 +165,14 @@ Reactor::Reactor() : owner_pid_(os::current_pid()) {
     t.detach();
 }
 
-template <class Fn>
-auto Reactor::on_long_lived_thread(Fn&& fn) -> decltype(fn()) {
-    if (os::is_main_thread() || on_reactor_thread()) return fn();
-    using T = decltype(fn());
-    std::mutex m;
-    std::condition_variable cv;
-    bool ready = false;
-    std::optional<T> value;
-    std::exception_ptr error;
-    {
-        std::lock_guard<std::mutex> lk(mutex_);
-        tasks_.push_back([&] {
-            try {
-                value.emplace(fn());
-            } catch (...) {
-                error = std::current_exception();
-            }
-            std::lock_guard<std::mutex> l2(m);
-            ready = true;
-            cv.notify_one();
-        });
-    }
-    os::wake_event_signal(wake_);
-    std::unique_lock<std::mutex> lk(m);
-    cv.wait(lk, [&] { return ready; });
-    if (error) std::rethrow_exception(error);
-    return std::move(*value);
-}
-
-void Reactor::barrier() {
-    if (on_reactor_thread()) return;
+void Reactor::run_posted_and_wait(std::function<void()> task) {
     std::mutex m;
     std::condition_variable cv;
     bool done = false;
     {
         std::lock_guard<std::mutex> lk(mutex_);
         tasks_.push_back([&] {
+            task();
             std::lock_guard<std::mutex> l2(m);
             done = true;
             cv.notify_one();
@@ -207,6 +181,26 @@ void Reactor::barrier() {
     os::wake_event_signal(wake_);
     std::unique_lock<std::mutex> lk(m);
     cv.wait(lk, [&] { return done; });
+}
+
+template <class Fn>
+auto Reactor::on_long_lived_thread(Fn&& fn) -> decltype(fn()) {
+    if (os::is_main_thread() || on_reactor_thread()) return fn();
+    std::optional<decltype(fn())> value;
+    std::exception_ptr error;
+    run_posted_and_wait([&] {
+        try {
+            value.emplace(fn());
+        } catch (...) {
+            error = std::current_exception();
+        }
+    });
+    if (error) std::rethrow_exception(error);
+    return std::move(*value);
+}
+
+void Reactor::barrier() {
+    if (!on_reactor_thread()) run_posted_and_wait([] {});
 }
 
 void Reactor::add(const std::shared_ptr<ProcessCore>& core) {
