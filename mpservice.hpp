@@ -17,9 +17,15 @@
 //   to compile the implementation there.  Link with -pthread -ldl.  Call
 //   mpservice::init(argc, argv) first in main(): a spawned child runs its task
 //   inside it and never returns.
+//   Or compile it in parts: seven .cpp files, the n-th with
+//       #define MPSERVICE_IMPLEMENTATION_PART n    (n = 1..7)
+//       #include "mpservice.hpp"
+//   made into a static library (CMake: link mpservice::parts).  The linker then
+//   keeps only the parts the program uses, and the parts compile in parallel.
 //
 // Configuration macros (define before the include)
 //   MPSERVICE_IMPLEMENTATION  emit the implementation in this translation unit
+//   MPSERVICE_IMPLEMENTATION_PART  1..7: emit only that part of it
 //   MPSERVICE_NO_THROW_HOOK   leave out the __cxa_throw hook that records throw
 //                             sites (tracebacks then show where the exception
 //                             was sent from); only matters with the implementation
@@ -8506,9 +8512,207 @@ struct Codec<ServerClient> {
 // The implementation is outside the include guard so that a second inclusion
 // with MPSERVICE_IMPLEMENTATION defined still emits it, and its own guard makes
 // sure it is emitted only once per translation unit.
-#if defined(MPSERVICE_IMPLEMENTATION) && !defined(MPSERVICE_IMPLEMENTATION_INCLUDED)
+//
+// It comes whole (MPSERVICE_IMPLEMENTATION) or in parts: a translation unit
+// that defines MPSERVICE_IMPLEMENTATION_PART=n (1 <= n <= 7) compiles part n
+// only.  A static library of the seven parts gives the same program, and its
+// link keeps only the parts a program uses (and each part compiles alone, in
+// parallel with the others):
+//   1 platform layer, shared memory    2 remote exceptions
+//   3 logging, threads                 4 locks, queues (shared state)
+//   5 processes, connections           6 Pool
+//   7 server process, proxies, memory blocks
+#if defined(MPSERVICE_IMPLEMENTATION) && !defined(MPSERVICE_IMPLEMENTATION_PART)
+#define MPSERVICE_IMPLEMENTATION_PART 0  // 0: every part
+#endif
+#if defined(MPSERVICE_IMPLEMENTATION_PART) && !defined(MPSERVICE_IMPLEMENTATION_INCLUDED)
 #define MPSERVICE_IMPLEMENTATION_INCLUDED
+#if MPSERVICE_IMPLEMENTATION_PART < 0 || MPSERVICE_IMPLEMENTATION_PART > 7
+#error "MPSERVICE_IMPLEMENTATION_PART must be 1..7 (or undefined, with MPSERVICE_IMPLEMENTATION: every part)"
+#endif
+#define MPSERVICE_PART_(n) (MPSERVICE_IMPLEMENTATION_PART == 0 || MPSERVICE_IMPLEMENTATION_PART == n)
 
+// ---- begin part: mpservice/impl/parts.hpp -----------------------------------
+// parts: what one part of the implementation uses of another.
+//
+// The implementation is compiled either whole (MPSERVICE_IMPLEMENTATION, one
+// translation unit) or part by part (MPSERVICE_IMPLEMENTATION_PART=1..N, one
+// translation unit each, see mpservice.hpp).  Within a part, its files share
+// unnamed-namespace helpers freely; what crosses a part's border is declared
+// here, with external linkage, so that both ways build the same program.  This
+// file comes first in every part.
+
+#include <string>
+
+// ---- begin part: mpservice/impl/process_wire.cpp ----------------------------
+// process_wire: the frames of a parent-child channel.
+//
+// Wire format of a channel (a Unix stream socket per child): frames of
+//     u32 kind | u32 handle count | u64 payload size | payload
+// with the frame's OS handles attached to its first byte.  The parent sends
+// one BOOT frame; the child sends HELLO (fork-server workers only), any number
+// of LOG frames, then VALUE or EXCEPTION, then END.  The parent resolves a
+// Process when the child has exited, after reading everything it sent: a dead
+// child's writes are all queued in the socket already, so a non-blocking
+// drain at exit sees every record (join() therefore returns only after all of
+// the child's log records were handled, in order).
+//
+// Included by impl/parts.hpp, ahead of every part: the process part and the
+// server part both speak it, so its functions are inline.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace mpservice {
+
+namespace detail {
+// Named (not anonymous) because ProcessCore::Io holds a FrameReader.
+namespace wire {
+
+// ---------------------------------------------------------------- frames
+
+enum FrameKind : std::uint32_t { frame_boot = 1, frame_hello, frame_log, frame_value, frame_exception, frame_end };
+constexpr std::uint32_t protocol_version = 1;
+constexpr const char child_marker[] = "--mpservice-child=";  // then "<fd>:<parent pid>"
+constexpr const char warm_marker_suffix[] = ":w";              // after it: a warm spawn child
+constexpr std::size_t boot_early_limit = 32 * 1024;
+
+struct FrameHeader {
+    std::uint32_t kind;
+    std::uint32_t handles;
+    std::uint64_t size;
+};
+
+/// What the fork server tells its parent when a worker has ended.
+struct ServerStatus {
+    std::uint64_t serial;  // the worker's number (pids may be reused; serials are not)
+    std::int32_t code;     // Python-style exit code
+    std::int32_t pad;
+};
+
+struct Frame {
+    std::uint32_t kind = 0;
+    std::string payload;
+    std::vector<os::handle_t> handles;
+};
+
+inline void close_all(std::vector<os::handle_t>& hs) noexcept {
+    for (auto h : hs) os::close_handle(h);
+    hs.clear();
+}
+
+inline bool write_frame(os::handle_t ch, std::uint32_t kind, const std::string& payload,
+                 const std::vector<os::handle_t>& handles = {}) {
+    FrameHeader h{kind, static_cast<std::uint32_t>(handles.size()), payload.size()};
+    return os::channel_write(ch, &h, sizeof h, payload.data(), payload.size(), handles.data(), handles.size());
+}
+
+/// Splits the byte stream of a channel into frames.  The buffer starts small
+/// and grows while reads fill it (a chatty child): every page written costs a
+/// copy-on-write fault in a process that forks, so no page is touched in vain.
+class FrameReader {
+public:
+    /// Reads once from `ch`: >0 bytes, 0 at end, -1 if nothing is ready (nonblocking).
+    long fill(os::handle_t ch, bool nonblocking) {
+        if (pos_ == len_) {
+            pos_ = len_ = 0;
+        } else if (pos_ > 0 && cap_ - len_ < want_) {
+            std::memmove(buf_.get(), buf_.get() + pos_, len_ - pos_);
+            len_ -= pos_;
+            pos_ = 0;
+        }
+        if (cap_ - len_ < want_) {
+            std::size_t cap = std::max(len_ + want_, 2 * cap_);
+            std::unique_ptr<char[]> bigger(new char[cap]);  // uninitialized: untouched pages stay free
+            if (len_) std::memcpy(bigger.get(), buf_.get(), len_);
+            buf_ = std::move(bigger);
+            cap_ = cap;
+        }
+        std::vector<os::handle_t> fds;
+        std::size_t room = cap_ - len_;
+        long n = os::channel_read(ch, buf_.get() + len_, room, &fds, nonblocking);
+        if (n > 0) len_ += static_cast<std::size_t>(n);
+        if (n > 0 && static_cast<std::size_t>(n) == room && want_ < max_read) want_ *= 2;
+        for (auto fd : fds) fds_.push_back(fd);
+        return n;
+    }
+    /// The next complete frame, if there is one.
+    bool next(Frame& out) {
+        if (len_ - pos_ < sizeof(FrameHeader)) return false;
+        FrameHeader h;
+        std::memcpy(&h, buf_.get() + pos_, sizeof h);
+        if (len_ - pos_ - sizeof h < h.size) {
+            // Make room for the whole frame at once rather than doubling step by step.
+            if (sizeof h + h.size > want_) want_ = std::min<std::size_t>(sizeof h + h.size, std::size_t(1) << 30);
+            return false;
+        }
+        out.kind = h.kind;
+        out.payload.assign(buf_.get() + pos_ + sizeof h, h.size);
+        pos_ += sizeof h + h.size;
+        out.handles.clear();
+        for (std::uint32_t i = 0; i < h.handles && !fds_.empty(); ++i) {
+            out.handles.push_back(fds_.front());
+            fds_.pop_front();
+        }
+        return true;
+    }
+    /// Reads (blocking) until a whole frame is there; false at end of stream.
+    bool read_blocking(os::handle_t ch, Frame& out) {
+        while (!next(out))
+            if (fill(ch, false) <= 0) return false;
+        return true;
+    }
+    /// Forgets everything read so far (closing the handles that came with it).
+    void reset() noexcept {
+        for (auto fd : fds_) os::close_handle(fd);
+        fds_.clear();
+        pos_ = len_ = 0;
+    }
+    FrameReader() = default;
+    FrameReader(const FrameReader&) = delete;
+    FrameReader& operator=(const FrameReader&) = delete;
+    ~FrameReader() {
+        for (auto fd : fds_) os::close_handle(fd);
+    }
+
+private:
+    static constexpr std::size_t max_read = 1 << 18;
+    std::unique_ptr<char[]> buf_;
+    std::size_t cap_ = 0, pos_ = 0, len_ = 0;
+    std::size_t want_ = 2048;  // room wanted for the next read
+    std::deque<os::handle_t> fds_;
+};
+
+}  // namespace wire
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/process_wire.cpp
+
+namespace mpservice {
+namespace detail {
+
+/// The build fingerprint of `module` ("" = the main program), cached (process_runtime.cpp).
+std::string fingerprint_of(const std::string& module);
+/// Builds the table of standard exception types before a fork (remote_exception.cpp).
+void prepare_exception_types_for_fork();
+
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/parts.hpp
+
+#if MPSERVICE_PART_(1)
 // ---- begin part: mpservice/impl/os_posix.cpp --------------------------------
 // os_posix: the POSIX (Linux first) back-end of detail/os.hpp.  This file is
 // the only place that includes POSIX headers or makes system calls.
@@ -12265,7 +12469,6 @@ const void* exception_object(const std::exception_ptr& e) noexcept {
 
 #endif  // _WIN32
 // ---- end part: mpservice/impl/os_win32.cpp
-#if defined(MPSERVICE_POSIX)
 // ---- begin part: mpservice/impl/os_posix_stacktrace.cpp ---------------------
 // os_posix_stacktrace: throw-site stacks and their symbolization (POSIX, ELF,
 // Itanium C++ ABI: Linux with g++ or clang).  The "remote exception /
@@ -12908,7 +13111,25 @@ extern "C" void __cxa_rethrow() {
 
 #endif  // !_WIN32
 // ---- end part: mpservice/impl/os_posix_stacktrace.cpp
-#endif
+// ---- begin part: mpservice/impl/codec.cpp -----------------------------------
+// codec: the out-of-line part of the encoder (public/codec.hpp).
+//
+// In the platform part of the implementation: shared memory (shm.cpp) is the
+// first user of handle attachment, and a program that encodes values without
+// starting a process must not link the process part for it.
+
+#include <cstdint>
+#include <vector>
+
+namespace mpservice {
+
+std::uint32_t Encoder::attach(detail::os::handle_t h) {
+    handles_.push_back(h);
+    return static_cast<std::uint32_t>(handles_.size() - 1);
+}
+
+}  // namespace mpservice
+// ---- end part: mpservice/impl/codec.cpp
 // ---- begin part: mpservice/impl/shm.cpp -------------------------------------
 // shm: SharedMemory and its codec.
 
@@ -13027,6 +13248,8 @@ detail::SharedMemory Codec<detail::SharedMemory>::decode(Decoder& d) {
 
 }  // namespace mpservice
 // ---- end part: mpservice/impl/shm.cpp
+#endif
+#if MPSERVICE_PART_(2)
 // ---- begin part: mpservice/impl/remote_exception.cpp ------------------------
 // remote_exception: implementation.
 //
@@ -13653,6 +13876,8 @@ void rethrow_exception(const std::exception_ptr& e) {
 
 }  // namespace mpservice::detail
 // ---- end part: mpservice/impl/remote_exception.cpp
+#endif
+#if MPSERVICE_PART_(3)
 // ---- begin part: mpservice/impl/logging.cpp ---------------------------------
 // logging: implementation.
 //
@@ -13996,2503 +14221,6 @@ LogRecord Codec<LogRecord>::decode(Decoder& d) {
 
 }  // namespace mpservice
 // ---- end part: mpservice/impl/logging.cpp
-// ---- begin part: mpservice/impl/process_wire.cpp ----------------------------
-// process_wire: the frames of a parent-child channel.
-//
-// Wire format of a channel (a Unix stream socket per child): frames of
-//     u32 kind | u32 handle count | u64 payload size | payload
-// with the frame's OS handles attached to its first byte.  The parent sends
-// one BOOT frame; the child sends HELLO (fork-server workers only), any number
-// of LOG frames, then VALUE or EXCEPTION, then END.  The parent resolves a
-// Process when the child has exited, after reading everything it sent: a dead
-// child's writes are all queued in the socket already, so a non-blocking
-// drain at exit sees every record (join() therefore returns only after all of
-// the child's log records were handled, in order).
-
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <condition_variable>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <deque>
-#include <functional>
-#include <iostream>
-#include <map>
-#include <thread>
-#include <unordered_map>
-#include <unordered_set>
-
-namespace mpservice {
-
-namespace detail {
-// Named (not anonymous) because ProcessCore::Io holds a FrameReader.
-namespace wire {
-
-// ---------------------------------------------------------------- frames
-
-enum FrameKind : std::uint32_t { frame_boot = 1, frame_hello, frame_log, frame_value, frame_exception, frame_end };
-constexpr std::uint32_t protocol_version = 1;
-constexpr const char child_marker[] = "--mpservice-child=";  // then "<fd>:<parent pid>"
-constexpr const char warm_marker_suffix[] = ":w";              // after it: a warm spawn child
-constexpr std::size_t boot_early_limit = 32 * 1024;
-
-struct FrameHeader {
-    std::uint32_t kind;
-    std::uint32_t handles;
-    std::uint64_t size;
-};
-
-/// What the fork server tells its parent when a worker has ended.
-struct ServerStatus {
-    std::uint64_t serial;  // the worker's number (pids may be reused; serials are not)
-    std::int32_t code;     // Python-style exit code
-    std::int32_t pad;
-};
-
-struct Frame {
-    std::uint32_t kind = 0;
-    std::string payload;
-    std::vector<os::handle_t> handles;
-};
-
-void close_all(std::vector<os::handle_t>& hs) noexcept {
-    for (auto h : hs) os::close_handle(h);
-    hs.clear();
-}
-
-bool write_frame(os::handle_t ch, std::uint32_t kind, const std::string& payload,
-                 const std::vector<os::handle_t>& handles = {}) {
-    FrameHeader h{kind, static_cast<std::uint32_t>(handles.size()), payload.size()};
-    return os::channel_write(ch, &h, sizeof h, payload.data(), payload.size(), handles.data(), handles.size());
-}
-
-/// Splits the byte stream of a channel into frames.  The buffer starts small
-/// and grows while reads fill it (a chatty child): every page written costs a
-/// copy-on-write fault in a process that forks, so no page is touched in vain.
-class FrameReader {
-public:
-    /// Reads once from `ch`: >0 bytes, 0 at end, -1 if nothing is ready (nonblocking).
-    long fill(os::handle_t ch, bool nonblocking) {
-        if (pos_ == len_) {
-            pos_ = len_ = 0;
-        } else if (pos_ > 0 && cap_ - len_ < want_) {
-            std::memmove(buf_.get(), buf_.get() + pos_, len_ - pos_);
-            len_ -= pos_;
-            pos_ = 0;
-        }
-        if (cap_ - len_ < want_) {
-            std::size_t cap = std::max(len_ + want_, 2 * cap_);
-            std::unique_ptr<char[]> bigger(new char[cap]);  // uninitialized: untouched pages stay free
-            if (len_) std::memcpy(bigger.get(), buf_.get(), len_);
-            buf_ = std::move(bigger);
-            cap_ = cap;
-        }
-        std::vector<os::handle_t> fds;
-        std::size_t room = cap_ - len_;
-        long n = os::channel_read(ch, buf_.get() + len_, room, &fds, nonblocking);
-        if (n > 0) len_ += static_cast<std::size_t>(n);
-        if (n > 0 && static_cast<std::size_t>(n) == room && want_ < max_read) want_ *= 2;
-        for (auto fd : fds) fds_.push_back(fd);
-        return n;
-    }
-    /// The next complete frame, if there is one.
-    bool next(Frame& out) {
-        if (len_ - pos_ < sizeof(FrameHeader)) return false;
-        FrameHeader h;
-        std::memcpy(&h, buf_.get() + pos_, sizeof h);
-        if (len_ - pos_ - sizeof h < h.size) {
-            // Make room for the whole frame at once rather than doubling step by step.
-            if (sizeof h + h.size > want_) want_ = std::min<std::size_t>(sizeof h + h.size, std::size_t(1) << 30);
-            return false;
-        }
-        out.kind = h.kind;
-        out.payload.assign(buf_.get() + pos_ + sizeof h, h.size);
-        pos_ += sizeof h + h.size;
-        out.handles.clear();
-        for (std::uint32_t i = 0; i < h.handles && !fds_.empty(); ++i) {
-            out.handles.push_back(fds_.front());
-            fds_.pop_front();
-        }
-        return true;
-    }
-    /// Reads (blocking) until a whole frame is there; false at end of stream.
-    bool read_blocking(os::handle_t ch, Frame& out) {
-        while (!next(out))
-            if (fill(ch, false) <= 0) return false;
-        return true;
-    }
-    /// Forgets everything read so far (closing the handles that came with it).
-    void reset() noexcept {
-        for (auto fd : fds_) os::close_handle(fd);
-        fds_.clear();
-        pos_ = len_ = 0;
-    }
-    FrameReader() = default;
-    FrameReader(const FrameReader&) = delete;
-    FrameReader& operator=(const FrameReader&) = delete;
-    ~FrameReader() {
-        for (auto fd : fds_) os::close_handle(fd);
-    }
-
-private:
-    static constexpr std::size_t max_read = 1 << 18;
-    std::unique_ptr<char[]> buf_;
-    std::size_t cap_ = 0, pos_ = 0, len_ = 0;
-    std::size_t want_ = 2048;  // room wanted for the next read
-    std::deque<os::handle_t> fds_;
-};
-
-}  // namespace wire
-}  // namespace detail
-}  // namespace mpservice
-// ---- end part: mpservice/impl/process_wire.cpp
-// ---- begin part: mpservice/impl/process_runtime.cpp -------------------------
-// process_runtime: process-wide state of the process machinery (who we are,
-// the fork server link, build fingerprints) and small shared helpers.
-
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <condition_variable>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <deque>
-#include <functional>
-#include <iostream>
-#include <map>
-#include <thread>
-#include <unordered_map>
-#include <unordered_set>
-
-namespace mpservice {
-namespace detail {
-namespace {
-using namespace wire;
-
-// ---------------------------------------------------------------- process-wide state
-
-/// The fork server as seen from its parent.
-struct ForkServerLink {
-    os::handle_t control = os::invalid_handle;
-    long pid = 0;
-};
-
-std::mutex& fingerprints_mutex() {
-    static auto* m = new std::mutex;  // never destroyed, like the runtime
-    return *m;
-}
-
-struct Runtime {
-    bool initialized = false;
-    bool is_child = false;
-    std::string argv0 = "/proc/self/exe";
-    std::string identity;  // "" in the main process, "2" or "2:1" in children
-    std::atomic<int> next_child{1};
-    std::optional<ProcessInfo> parent;
-    // Made afresh in every forked child: the thread that starts a fork server
-    // forks while holding it.
-    std::mutex* forkserver_mutex = new std::mutex;
-    ForkServerLink forkserver;
-    std::mutex* fingerprint_mutex = &fingerprints_mutex();  // a fork lock (os::at_fork_protect)
-    std::map<std::string, std::string> fingerprints;
-    std::atomic<bool> corrupt_next_fingerprint{false};
-    // How long start() waits for the fork server to make a worker: a stopped
-    // or wedged server must not block start() for ever.
-    std::atomic<long long> forkserver_timeout_ms{30000};
-};
-
-void reset_after_fork_in_child();  // process_fork.cpp
-
-/// Registers, once, the at-fork hook that makes a forked child forget its
-/// parent's reactor, fork server and child link.  Called by whatever makes
-/// one of them: a program that never does (a codec-only program, linked with
-/// --gc-sections) then carries none of that code.  Registered at any time, the
-/// hook still runs after the fork locks' own (registered before main).
-void register_after_fork_reset() {
-    static const bool registered = (os::at_fork_child(&reset_after_fork_in_child), true);
-    (void)registered;
-}
-
-Runtime& rt() {
-    static Runtime* r = [] {
-        register_after_fork_reset();
-        return new Runtime;  // never destroyed: the reactor thread outlives static destruction
-    }();
-    return *r;
-}
-
-// Before main(), before any thread exists: a fork while another thread fills
-// the fingerprint cache must not copy its lock held.  (Only the lock: the
-// runtime itself is made at first use, by a program that uses processes.)
-[[maybe_unused]] const bool g_fingerprints_fork_safe = (os::at_fork_protect(&fingerprints_mutex(), 25), true);
-
-std::string fingerprint_of(const std::string& module) {
-    Runtime& r = rt();
-    std::lock_guard<std::mutex> lk(*r.fingerprint_mutex);
-    auto it = r.fingerprints.find(module);
-    if (it != r.fingerprints.end()) return it->second;
-    return r.fingerprints[module] = os::module_fingerprint(module);
-}
-
-void flush_stdio() noexcept {
-    try {
-        std::cout.flush();
-        std::cerr.flush();
-        std::clog.flush();
-    } catch (...) {
-    }
-    std::fflush(nullptr);
-}
-
-std::atomic<std::int64_t*> g_phase_slots{nullptr};
-
-/// Records `phase` when a bench asked for it (test_trace_start_phases).
-inline void trace_phase(StartPhase phase) noexcept {
-    if (std::int64_t* slots = g_phase_slots.load(std::memory_order_relaxed))
-        slots[static_cast<int>(phase)] =
-            std::chrono::duration_cast<std::chrono::nanoseconds>(os::Clock::now().time_since_epoch()).count();
-}
-
-std::string describe(const std::string& name, long pid) {
-    return "process '" + name + "' (pid " + std::to_string(pid) + ")";
-}
-
-}  // namespace
-
-void test_trace_start_phases(std::int64_t* slots) noexcept { g_phase_slots.store(slots, std::memory_order_relaxed); }
-
-}  // namespace detail
-}  // namespace mpservice
-// ---- end part: mpservice/impl/process_runtime.cpp
-// ---- begin part: mpservice/impl/process_output.cpp --------------------------
-// process_output: a child's standard output and error forwarded through the
-// parent's log path (Process::set_forward_output, set_output_forwarding).
-//
-// The parent makes two pipes per forwarding child.  The child's descriptors 1
-// and 2 become their write ends (a spawn or fork-server child receives them
-// with BOOT, a forked child dup2s them right after fork), so the programs the
-// child execs write into them too.  The parent's reactor thread reads the read
-// ends - they sit in one epoll set of their own, which the reactor's poller
-// watches - splits the bytes into lines and hands each line to
-// handle_log_record as a record of logger "stdout" or "stderr" carrying the
-// child's name and pid.  One pipe per child and stream: lines of different
-// children cannot mix, and a line becomes a record only once its '\n' has
-// arrived (or its stream has ended); a '\r' before the '\n' is dropped.
-//
-// Nothing is lost at exit: when the child has ended, the reactor reads both
-// pipes dry before it resolves the Process (everything the child wrote is in
-// them by then), so join() returns after its lines were handled.  The read
-// ends stay watched until every writer is gone - a grandchild that inherited
-// descriptor 1 may write after the child has ended; its lines carry the
-// child's name - and are closed at end of stream.
-
-#include <atomic>
-#include <map>
-#include <mutex>
-
-namespace mpservice {
-
-namespace {
-std::atomic<bool> g_output_forwarding{false};
-}  // namespace
-
-void set_output_forwarding(bool forward) noexcept { g_output_forwarding.store(forward, std::memory_order_relaxed); }
-bool output_forwarding() noexcept { return g_output_forwarding.load(std::memory_order_relaxed); }
-
-namespace detail {
-namespace {
-
-/// The parent's readers of forwarded output (owned by the reactor).
-class OutputPump {
-public:
-    /// A line longer than this is passed on in pieces of this size.
-    static constexpr std::size_t max_line = std::size_t(1) << 20;
-
-    OutputPump() : poller_(os::poller_create()), buf_(1 << 16) {}
-    OutputPump(const OutputPump&) = delete;
-    OutputPump& operator=(const OutputPump&) = delete;
-    /// Readable when a pipe has data (the reactor's poller watches it).
-    os::handle_t poller() const noexcept { return poller_; }
-
-    /// Takes the read ends of a child about to start (not read until arm);
-    /// `key` names the child for drain_for.
-    std::uint64_t open(const void* key, const std::string& name, os::handle_t out_read, os::handle_t err_read) {
-        std::lock_guard<std::mutex> lk(mutex_);
-        std::uint64_t id = next_id_++;
-        Entry& e = entries_[id];
-        e.key = key;
-        e.name = name;
-        e.streams[0].fd = out_read;
-        e.streams[1].fd = err_read;
-        return id;
-    }
-    /// The child runs as `pid` and the parent has closed its write ends:
-    /// start reading the pipes.
-    void arm(std::uint64_t id, long pid) {
-        std::vector<Line> lines;
-        {
-            std::lock_guard<std::mutex> lk(mutex_);
-            auto it = entries_.find(id);
-            if (it == entries_.end()) return;
-            Entry& e = it->second;
-            if (!e.pid) e.pid = pid;
-            if (!e.key) {
-                // The child has ended already (drain_for ran before this): its
-                // pipes end now unless a grandchild holds them; close them here
-                // rather than later on the reactor thread.
-                for (int s = 0; s < 2; ++s) read_stream(e, s, lines);
-                if (e.streams[0].eof && e.streams[1].eof) {
-                    entries_.erase(it);
-                    it = entries_.end();
-                }
-            }
-            if (it != entries_.end()) {
-                for (int s = 0; s < 2; ++s)
-                    if (!e.streams[s].eof) os::poller_add(poller_, e.streams[s].fd, id << 1 | static_cast<unsigned>(s));
-                e.armed = true;
-            }
-        }
-        emit(lines);
-    }
-    /// The start failed: close the read ends, forget the child.
-    void cancel(std::uint64_t id) noexcept {
-        std::lock_guard<std::mutex> lk(mutex_);
-        auto it = entries_.find(id);
-        if (it == entries_.end()) return;
-        close_entry(it->second);
-        entries_.erase(it);
-    }
-
-    /// On the reactor thread, when the child `key` has ended: hands on every
-    /// line it wrote (they are all in the pipes now).  Later writes (a
-    /// grandchild's) still come through on_ready.
-    void drain_for(const void* key, long pid) {
-        std::vector<Line> lines;
-        {
-            std::lock_guard<std::mutex> lk(mutex_);
-            for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-                Entry& e = it->second;
-                if (e.key != key) continue;
-                if (!e.pid) e.pid = pid;
-                for (int s = 0; s < 2; ++s) {
-                    read_stream(e, s, lines);
-                    // The child has ended: a last line without '\n' is complete too.
-                    Stream& st = e.streams[s];
-                    if (!st.partial.empty()) lines.push_back(Line{s, std::move(st.partial), e.name, e.pid});
-                    st.partial.clear();
-                }
-                e.key = nullptr;
-                if (e.streams[0].eof && e.streams[1].eof) entries_.erase(it);
-                break;
-            }
-        }
-        emit(lines);
-    }
-
-    /// On the reactor thread: some pipe is readable.
-    void on_ready() {
-        std::uint64_t tokens[64];
-        int n = os::poller_wait(poller_, tokens, 64, 0);
-        std::vector<Line> lines;
-        {
-            std::lock_guard<std::mutex> lk(mutex_);
-            for (int i = 0; i < n; ++i) {
-                std::uint64_t id = tokens[i] >> 1;
-                auto it = entries_.find(id);
-                if (it == entries_.end()) continue;
-                Entry& e = it->second;
-                read_stream(e, static_cast<int>(tokens[i] & 1), lines);
-                // Ended on both streams, and the child's own end was seen (or
-                // it will not be: drain_for finds no entry and has nothing to do).
-                if (e.streams[0].eof && e.streams[1].eof && !e.key) entries_.erase(it);
-            }
-        }
-        emit(lines);
-    }
-
-private:
-    struct Stream {
-        os::handle_t fd = os::invalid_handle;
-        std::string partial;       // bytes after the last '\n'
-        bool eof = false;
-    };
-    struct Entry {
-        const void* key = nullptr;  // the child's core until it has ended
-        std::string name;
-        long pid = 0;
-        bool armed = false;
-        Stream streams[2];  // stdout, stderr
-    };
-    struct Line {
-        int stream;
-        std::string text;
-        std::string name;
-        long pid;
-    };
-
-    void close_entry(Entry& e) noexcept {
-        for (auto& s : e.streams) {
-            if (e.armed && !s.eof) os::poller_remove(poller_, s.fd);
-            os::close_handle(s.fd);
-            s.fd = os::invalid_handle;
-            s.eof = true;
-        }
-    }
-
-    /// Reads stream `which` of `e` dry, appending its complete lines to `out`.
-    void read_stream(Entry& e, int which, std::vector<Line>& out) {
-        Stream& s = e.streams[which];
-        while (!s.eof) {
-            long n = os::pipe_read(s.fd, buf_.data(), buf_.size());
-            if (n < 0) return;  // nothing more now
-            if (n == 0) {
-                s.eof = true;
-                if (!s.partial.empty()) out.push_back(Line{which, std::move(s.partial), e.name, e.pid});
-                s.partial.clear();
-                if (e.armed) os::poller_remove(poller_, s.fd);
-                os::close_handle(s.fd);
-                s.fd = os::invalid_handle;
-                return;
-            }
-            split_lines(e, which, buf_.data(), static_cast<std::size_t>(n), out);
-        }
-    }
-
-    static void split_lines(Entry& e, int which, const char* data, std::size_t n, std::vector<Line>& out) {
-        std::string& partial = e.streams[which].partial;
-        std::size_t start = 0;
-        for (std::size_t i = 0; i < n; ++i) {
-            if (data[i] != '\n') continue;
-            std::string text = std::move(partial);
-            partial.clear();
-            text.append(data + start, i - start);
-            // "\r\n" ends a line too (as Python's universal newlines read it):
-            // Windows programs a child runs (cmd's echo) write it.
-            if (!text.empty() && text.back() == '\r') text.pop_back();
-            out.push_back(Line{which, std::move(text), e.name, e.pid});
-            start = i + 1;
-        }
-        partial.append(data + start, n - start);
-        while (partial.size() >= max_line) {
-            out.push_back(Line{which, partial.substr(0, max_line), e.name, e.pid});
-            partial.erase(0, max_line);
-        }
-    }
-
-    /// Hands lines on as records (outside the lock: a handler may start processes).
-    static void emit(std::vector<Line>& lines) {
-        for (Line& l : lines) {
-            LogRecord r;
-            r.level = l.stream == 0 ? Level::info : Level::warning;
-            r.logger = l.stream == 0 ? "stdout" : "stderr";
-            r.message = std::move(l.text);
-            r.time = std::chrono::system_clock::now();
-            r.pid = l.pid;
-            r.process_name = std::move(l.name);
-            try {
-                handle_log_record(r);
-            } catch (...) {
-                // A failing handler must not cost the other lines or the child's outcome.
-            }
-        }
-    }
-
-    os::handle_t poller_;
-    std::vector<char> buf_;  // read into under mutex_
-    std::mutex mutex_;
-    std::uint64_t next_id_ = 1;
-    std::map<std::uint64_t, Entry> entries_;
-};
-
-/// The output pipes of one start(): made before the child, given to it, and
-/// handed to the pump once the child has them.  Destroyed uncommitted (the
-/// start failed), it closes everything.
-class OutputCapture {
-public:
-    OutputCapture(OutputPump& pump, const ProcessCore& core, bool forward) : pump_(pump) {
-        if (!forward) return;
-        try {
-            os::output_pipe(read_[0], write_[0]);
-            os::output_pipe(read_[1], write_[1]);
-        } catch (...) {
-            close_all_ends();
-            throw;
-        }
-        try {
-            id_ = pump_.open(&core, core.name, read_[0], read_[1]);  // the pump owns the read ends now
-        } catch (...) {
-            close_all_ends();
-            throw;
-        }
-    }
-    ~OutputCapture() {
-        if (!id_) return;
-        for (auto& w : write_) os::close_handle(w);
-        if (!committed_) pump_.cancel(id_);
-    }
-    OutputCapture(const OutputCapture&) = delete;
-    OutputCapture& operator=(const OutputCapture&) = delete;
-
-    /// BOOT's part: whether output is forwarded, and the two write ends.
-    void encode(Encoder& e) const {
-        e.write(id_ != 0);
-        if (id_) e(e.attach(write_[0]), e.attach(write_[1]));
-    }
-    /// In a forked child, right after fork: descriptors 1 and 2 become the pipes.
-    void redirect_in_forked_child() noexcept {
-        if (!id_) return;
-        try {
-            os::redirect_standard_output(write_[0], write_[1]);
-        } catch (...) {
-            os::exit_now(1);  // cannot happen short of a descriptor table in ruins
-        }
-        for (int s = 0; s < 2; ++s) {
-            os::close_handle(write_[s]);
-            os::close_handle(read_[s]);  // the parent's
-        }
-    }
-    /// The child holds the write ends (inherited, or sent with BOOT): close
-    /// ours, so the pipes end when the child's writers do; start reading.
-    void commit(long pid) {
-        if (!id_) return;
-        for (auto& w : write_) {
-            os::close_handle(w);
-            w = os::invalid_handle;
-        }
-        committed_ = true;
-        pump_.arm(id_, pid);
-    }
-
-private:
-    void close_all_ends() noexcept {
-        for (int s = 0; s < 2; ++s) {
-            os::close_handle(read_[s]);
-            os::close_handle(write_[s]);
-            read_[s] = write_[s] = os::invalid_handle;
-        }
-    }
-    OutputPump& pump_;
-    std::uint64_t id_ = 0;
-    os::handle_t read_[2] = {os::invalid_handle, os::invalid_handle};
-    os::handle_t write_[2] = {os::invalid_handle, os::invalid_handle};
-    bool committed_ = false;
-};
-
-/// In a spawn or fork-server child, reading BOOT: the counterpart of
-/// OutputCapture::encode.  The handles belong to BOOT (closed with it).
-void adopt_forwarded_output(Decoder& d) {
-    bool forward = d.read<bool>();
-    if (!forward) return;
-    std::uint32_t out = 0, err = 0;
-    d(out, err);
-    os::redirect_standard_output(d.handle(out), d.handle(err));
-}
-
-}  // namespace
-}  // namespace detail
-}  // namespace mpservice
-// ---- end part: mpservice/impl/process_output.cpp
-// ---- begin part: mpservice/impl/process_child.cpp ---------------------------
-// process_child: the child side - reads its BOOT frame, runs the target,
-// reports the outcome (VALUE or EXCEPTION, then END) and exits.
-
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <condition_variable>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <deque>
-#include <functional>
-#include <iostream>
-#include <map>
-#include <thread>
-#include <unordered_map>
-#include <unordered_set>
-
-namespace mpservice {
-namespace detail {
-namespace {
-
-// ---------------------------------------------------------------- the child side
-
-/// The child's end of its channel; frames from several threads are serialized.
-struct ChildLink {
-    os::handle_t channel = os::invalid_handle;
-    std::mutex mutex;
-    bool send(std::uint32_t kind, const std::string& payload, const std::vector<os::handle_t>& handles = {}) {
-        std::lock_guard<std::mutex> lk(mutex);
-        try {
-            return write_frame(channel, kind, payload, handles);
-        } catch (const std::exception& e) {
-            // Not swallowed: the parent cannot hear of it, so this process's stderr does.
-            std::string text = "mpservice: " + process_name() + " could not send a frame to its parent: " + e.what() + "\n";
-            os::write_stderr(text.data(), text.size());
-            return false;
-        }
-    }
-};
-
-ChildLink& child_link() {
-    static ChildLink* l = [] {
-        register_after_fork_reset();  // its mutex is made afresh in a forked child
-        return new ChildLink;
-    }();
-    return *l;
-}
-
-void install_log_forwarding() {
-    set_log_forwarder([](const LogRecord& record) {
-        Encoder e;
-        e.write(record);
-        child_link().send(frame_log, e.bytes());
-    });
-}
-
-// Defined with the reactor: what a normal exit does for this process's own
-// children (daemons are terminated, the others waited for).
-void at_exit_handler();
-
-// ---- a child that ends by exit(n) itself announces n
-// When SIGCHLD is ignored, or another waitpid() takes the status, the kernel
-// cannot tell the parent how a child ended.  A child that returns or throws
-// sends END with its code; one that calls exit(n) in its target sends END with
-// n on its way out, so the parent reports "exited with code n" all the same.
-
-std::atomic<bool> g_outcome_sent{false};
-std::atomic<long> g_link_owner{0};  // the process whose channel child_link() is
-
-void announce_exit_status(int status) noexcept {
-    if (g_outcome_sent.exchange(true) || os::current_pid() != g_link_owner.load()) return;
-    try {
-        Encoder end;
-        end.write(static_cast<std::int32_t>(status & 0xff));
-        FrameHeader h{frame_end, 0, end.bytes().size()};
-        std::string frame(reinterpret_cast<const char*>(&h), sizeof h);
-        frame.append(end.bytes());
-        ChildLink& link = child_link();
-        std::lock_guard<std::mutex> lk(link.mutex);
-        if (link.channel != os::invalid_handle) os::channel_write(link.channel, frame.data(), frame.size(), nullptr, 0);
-    } catch (...) {
-    }
-}
-
-/// Registers announce_exit_status with the C library (once per program).  The
-/// parent calls it before it forks: registering takes the C library's exit
-/// lock, which a forked child of a threaded parent must never need.
-void register_exit_announcement() noexcept { os::on_exit_status(&announce_exit_status); }
-
-/// Called once the channel to the parent is set up in this process.
-void watch_own_exit() noexcept {
-    g_outcome_sent = false;
-    g_link_owner = os::current_pid();
-    os::on_exit_status(&announce_exit_status);
-}
-
-enum class SendOutcome { sent, parent_gone, failed };
-
-/// Sends `kind` (VALUE or EXCEPTION) with `payload` and `handles`, then END
-/// carrying `code`, in one write: one system call, one wake-up of the parent.
-/// On failure `why` says what went wrong.
-SendOutcome send_outcome(std::uint32_t kind, const Encoder& payload, int code, std::string& why) {
-    g_outcome_sent = true;  // END goes now (or never): exit() need not announce one
-    const auto& hs = payload.handles();
-    // A closed descriptor would fail the write half-way through the frames;
-    // find it first, while a clear report can still be sent instead.
-    for (auto h : hs) {
-        if (!os::handle_valid(h)) {
-            why = "the result holds OS handle " + std::to_string(h) +
-                  ", which is not open (a shared object destroyed before the result was sent?)";
-            return SendOutcome::failed;
-        }
-    }
-    std::string frames;
-    auto append = [&](std::uint32_t k, const std::string& bytes, std::size_t nhandles) {
-        FrameHeader h{k, static_cast<std::uint32_t>(nhandles), bytes.size()};
-        frames.append(reinterpret_cast<const char*>(&h), sizeof h);
-        frames.append(bytes);
-    };
-    append(kind, payload.bytes(), hs.size());
-    Encoder end;
-    end.write(static_cast<std::int32_t>(code));
-    append(frame_end, end.bytes(), 0);
-    ChildLink& link = child_link();
-    std::lock_guard<std::mutex> lk(link.mutex);
-    try {
-        if (os::channel_write(link.channel, frames.data(), frames.size(), nullptr, 0, hs.data(), hs.size()))
-            return SendOutcome::sent;
-        return SendOutcome::parent_gone;
-    } catch (const std::exception& e) {
-        why = e.what();
-        return SendOutcome::failed;
-    }
-}
-
-/// Sends the outcome of `run` (VALUE or EXCEPTION), then END; returns the exit
-/// code.  Before reporting, the child's own children are finished as a normal
-/// exit would (the child then ends with exit_now: see run_bootstrapped_child).
-template <class Run>
-int run_and_report(Run&& run) {
-    int code = 0;
-    Encoder out;
-    std::shared_ptr<void> keep;  // the result: its handles must stay open until it is sent
-    std::uint32_t kind = frame_value;
-    auto encode_error = [&](std::exception_ptr e) {
-        out = Encoder();
-        kind = frame_exception;
-        code = 1;
-        try {
-            encode_exception(out, e);
-        } catch (...) {
-            out = Encoder();
-            encode_exception(out, std::make_exception_ptr(Error("mpservice: the child's exception could not be encoded")));
-        }
-    };
-    try {
-        run(out, keep);
-    } catch (...) {
-        encode_error(std::current_exception());
-    }
-    try {
-        at_exit_handler();  // grandchildren's log records still travel up through us
-    } catch (...) {
-    }
-    set_log_forwarder({});  // later records stay here: END is the last frame
-    std::string why;
-    SendOutcome sent = send_outcome(kind, out, code, why);
-    trace_phase(StartPhase::outcome_sent);
-    if (sent == SendOutcome::failed) {
-        // Never swallowed: the parent learns why it gets no result.
-        encode_error(std::make_exception_ptr(
-            Error("mpservice: " + process_name() + " could not deliver its " +
-                  (kind == frame_value ? std::string("result") : std::string("exception")) + ": " + why)));
-        std::string ignored;
-        sent = send_outcome(kind, out, code, ignored);
-        if (sent != SendOutcome::sent) {
-            std::string text = "mpservice: " + process_name() + " could not deliver its outcome: " + why + "\n";
-            os::write_stderr(text.data(), text.size());
-        }
-    }
-    keep.reset();
-    return code;
-}
-
-void adopt_child_identity(const std::string& name, const std::string& identity, const std::string& parent_name,
-                          long parent_pid) {
-    Runtime& r = rt();
-    r.is_child = true;
-    r.initialized = true;
-    r.identity = identity;
-    r.next_child = 1;
-    r.parent = ProcessInfo{parent_name, parent_pid};
-    set_process_name(name);
-}
-
-// ---- the parent's present: what a child adopts that a fork-server worker,
-// forked from a server made at init(), would otherwise have from init() time
-
-/// The parent's state at start() that its child adopts: the default start
-/// method (every child) and - for a fork-server worker - the working directory
-/// and environment, which a spawned child has already (exec inherits them).
-struct ParentPresent {
-    std::int8_t start_method = -1;  // StartMethod, or -1: not chosen in the parent
-    bool has_environment = false;
-    std::string cwd;
-    std::vector<std::string> environment;
-};
-
-void encode_parent_present(Encoder& e, StartMethod child_method) {
-    ParentPresent p;
-    std::string method = get_start_method(true);
-    if (!method.empty()) p.start_method = static_cast<std::int8_t>(get_context(method).start_method());
-    p.has_environment = child_method == StartMethod::forkserver;
-    if (p.has_environment) {
-        p.cwd = os::current_directory();
-        p.environment = os::environment_entries();
-    }
-    e(p.start_method, p.has_environment);
-    if (p.has_environment) e(p.cwd, p.environment);
-}
-
-ParentPresent decode_parent_present(Decoder& d) {
-    ParentPresent p;
-    d(p.start_method, p.has_environment);
-    if (p.has_environment) d(p.cwd, p.environment);
-    return p;
-}
-
-/// In the child, before the target runs (after the module checks, which may
-/// use paths relative to the old working directory).
-void adopt_parent_present(const ParentPresent& p) {
-    if (p.start_method >= 0)
-        set_start_method(Context(static_cast<StartMethod>(p.start_method)).name(), true);
-    if (!p.has_environment) return;
-    os::replace_environment(p.environment);
-    if (!p.cwd.empty() && !os::change_directory(p.cwd))
-        throw Error("mpservice: the fork-server worker cannot enter the parent's working directory '" + p.cwd + "'");
-}
-
-enum class ChildKind {
-    spawned,            ///< exec'd for one start: BOOT is on its way
-    warm_spawned,       ///< exec'd ahead of demand (process_warm.cpp): says HELLO, then waits for BOOT
-    forkserver_worker,  ///< forked by the fork server
-};
-
-/// A spawned child or a fork-server worker: reads BOOT, runs the target, reports, exits.
-[[noreturn]] void run_bootstrapped_child(os::handle_t channel, long expected_parent, ChildKind kind,
-                                         std::uint64_t serial = 0) {
-    if (!os::die_with_parent(expected_parent)) os::exit_now(1);
-    if (kind != ChildKind::forkserver_worker) os::close_handles_except(channel);
-    child_link().channel = channel;
-    watch_own_exit();
-    if (kind == ChildKind::warm_spawned) {
-        // The part of the task's checks that does not depend on the task: the
-        // build fingerprint of this executable (read from its file), cached
-        // for the comparison with the one BOOT carries.
-        try {
-            (void)fingerprint_of(std::string());
-        } catch (...) {
-        }
-        Encoder hello;
-        hello(static_cast<std::int64_t>(os::current_pid()), std::uint64_t(0));
-        if (!write_frame(channel, frame_hello, hello.bytes())) os::exit_now(1);
-    }
-    if (kind == ChildKind::forkserver_worker) {
-        Encoder hello;
-        hello(static_cast<std::int64_t>(os::current_pid()), serial);
-        if (!write_frame(channel, frame_hello, hello.bytes())) os::exit_now(1);
-    }
-    Frame boot;
-    FrameReader reader;
-    bool got = false;
-    try {
-        got = reader.read_blocking(channel, boot) && boot.kind == frame_boot;
-    } catch (...) {
-    }
-    if (!got) os::exit_now(1);  // the parent went away before telling us what to run
-
-    int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) {
-        Decoder d(boot.payload.data(), boot.payload.size(), &boot.handles);
-        auto version = d.read<std::uint32_t>();
-        if (version != protocol_version)
-            throw Error("mpservice: the parent speaks protocol " + std::to_string(version) + ", this child " +
-                        std::to_string(protocol_version) + ": it is a different build of the program");
-        os::ModuleAddress target, tramp;
-        std::string target_fp, tramp_fp, name, identity, parent_name;
-        std::uint64_t target_off, tramp_off;
-        std::int64_t parent_pid;
-        bool daemon;
-        std::int32_t log_level;
-        d(target.module, target_off, target_fp, tramp.module, tramp_off, tramp_fp, name, identity, parent_name,
-          parent_pid, daemon, log_level);
-        ParentPresent present = decode_parent_present(d);
-        (void)daemon;
-        set_log_level_from_parent(static_cast<Level>(log_level));
-        adopt_forwarded_output(d);
-        target.offset = static_cast<std::uintptr_t>(target_off);
-        tramp.offset = static_cast<std::uintptr_t>(tramp_off);
-        adopt_child_identity(name, identity, parent_name, static_cast<long>(parent_pid));
-        install_log_forwarding();
-        for (auto* m : {&target, &tramp}) {
-            const std::string& want = m == &target ? target_fp : tramp_fp;
-            std::string have = fingerprint_of(m->module);
-            if (have != want)
-                throw Error("mpservice: refusing to run the task: this child runs a different build of " +
-                            (m->module.empty() ? std::string("the program") : m->module) +
-                            " than its parent (build fingerprints differ); rebuild and restart the parent");
-        }
-        const void* fn = os::module_resolve(target);
-        const void* tr = os::module_resolve(tramp);
-        if (!fn || !tr)
-            throw Error("mpservice: the child cannot find the target's module '" + target.module + "'");
-        auto trampoline = reinterpret_cast<Trampoline>(reinterpret_cast<std::uintptr_t>(tr));
-        adopt_parent_present(present);
-        trampoline(fn, d, out, keep);
-    });
-    close_all(boot.handles);
-    // Every context ends its child the same way once the outcome is reported:
-    // streams flushed, no static destructors or atexit handlers.  A forked
-    // child must not run them (they are its parent's), and a spawned child
-    // follows suit so that the contexts agree: a crash in teardown after the
-    // answer was sent cannot happen, and exitcode() is the code reported
-    // (README, "How a child ends").
-    flush_stdio();
-    os::exit_now(code);
-}
-
-}  // namespace
-}  // namespace detail
-}  // namespace mpservice
-// ---- end part: mpservice/impl/process_child.cpp
-// ---- begin part: mpservice/impl/process_reactor.cpp -------------------------
-// process_reactor: the parent's reactor thread - one thread watches every
-// child's channel and pidfd (and the fork server's control socket) and
-// resolves each ProcessCore when its child has ended.
-
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <condition_variable>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <deque>
-#include <functional>
-#include <iostream>
-#include <map>
-#include <thread>
-#include <unordered_map>
-#include <unordered_set>
-
-namespace mpservice {
-namespace detail {
-
-// ---------------------------------------------------------------- the reactor
-
-struct ProcessCore::Io {
-    os::handle_t channel = os::invalid_handle;
-    os::handle_t pidfd = os::invalid_handle;  // guarded by the core's mutex once registered
-    wire::FrameReader reader;
-    std::uint64_t id = 0;
-    bool via_server = false;
-    std::uint64_t server_generation = 0;  // which fork server made it (fork-server workers)
-    std::uint64_t serial = 0;            // fork-server workers: the server's number for it
-    std::optional<int> end_code;         // the exit code the child announced in END
-    int signal_sent = 0;                 // the last signal the parent sent (guarded by the core's mutex)
-    bool eof = false;
-    bool finished = false;
-    std::exception_ptr exception;
-    Owned<ChildTask> task;  // a forked child's arguments, kept until it ends
-};
-
-namespace {
-
-class Reactor {
-public:
-    /// The reactor of this process (started on first use).
-    static Reactor& get();
-    /// Called in a forked child: the parent's reactor thread does not exist here.
-    static void forget_after_fork() noexcept;
-
-    /// Starts watching a started child; on failure (std::system_error) nothing is registered.
-    void add(const std::shared_ptr<ProcessCore>& core);
-    /// A fork-server worker that will not be registered: drop its status when it comes.
-    void discard_worker(std::uint64_t serial);
-    void watch_fork_server(os::handle_t control);
-    /// The fork server behind `control` was killed: stop watching it, close
-    /// `control` (on the reactor thread, which may be reading it) and resolve
-    /// its workers that have ended.
-    void retire_fork_server(os::handle_t control);
-    /// Returns once the reactor thread has run a task posted now: every event
-    /// it was handling before (and the references it held for it) is done.
-    void barrier();
-    /// Runs `fn` on a thread that lives as long as the process: the initial
-    /// thread, or else the reactor's.  A child's parent-death signal fires when
-    /// the *thread* that made it ends, so children are never made on a
-    /// short-lived thread.
-    template <class Fn>
-    auto on_long_lived_thread(Fn&& fn) -> decltype(fn());
-    std::vector<std::shared_ptr<ProcessCore>> live();
-    bool on_reactor_thread() const { return std::this_thread::get_id() == thread_id_; }
-    bool owned_by_this_process() const { return owner_pid_ == os::current_pid(); }
-    /// The readers of children's forwarded output (process_output.cpp).
-    OutputPump& output() { return output_; }
-
-private:
-    Reactor();
-    void loop();
-    void on_channel(const std::shared_ptr<ProcessCore>& core);
-    void on_pidfd(const std::shared_ptr<ProcessCore>& core);
-    void drain(ProcessCore& core);
-    void on_frame(ProcessCore& core, Frame& f);
-    /// The child has ended; `status` is its exit code, or empty when its
-    /// status was collected by someone else (SIGCHLD ignored, a foreign waitpid).
-    void on_exit(const std::shared_ptr<ProcessCore>& core, std::optional<int> status);
-    void on_fork_server();
-    void fork_server_gone(os::handle_t control, std::uint64_t generation, bool close);
-    void finish(const std::shared_ptr<ProcessCore>& core, std::optional<int> status);
-    /// Collects the exit status of a direct child (not a fork-server worker).
-    void reap(const std::shared_ptr<ProcessCore>& core, bool block);
-    std::shared_ptr<ProcessCore> find(std::uint64_t id);
-
-    static constexpr std::uint64_t tag_channel = 0, tag_pidfd = 1, tag_wake = 2, tag_server = 3;
-    static constexpr std::uint64_t token_output = 1 << 2 | tag_wake;  // output_'s poller (id 1 of tag_wake)
-    OutputPump output_;
-
-    os::handle_t poller_ = os::invalid_handle;
-    os::handle_t wake_ = os::invalid_handle;
-    os::handle_t server_ = os::invalid_handle;
-    std::uint64_t server_generation_ = 0;                  // counts the fork servers watched
-    std::unordered_set<std::uint64_t> dead_generations_;   // fork servers that are gone (reactor thread)
-    std::mutex mutex_;
-    std::uint64_t next_id_ = 1;
-    std::unordered_map<std::uint64_t, std::shared_ptr<ProcessCore>> children_;
-    std::unordered_map<std::uint64_t, std::uint64_t> server_serials_;  // fork-server serial -> id
-    std::unordered_map<std::uint64_t, int> early_exits_;               // statuses before registration
-    std::unordered_set<std::uint64_t> finished_serials_;               // ended before their status came
-    std::deque<std::function<void()>> tasks_;
-    // What the reactor works on lives here rather than on its stack: a child
-    // forked meanwhile has no reactor thread, and its leak checker scans
-    // reachable memory only (this object stays reachable there).
-    std::deque<std::function<void()>> running_tasks_;
-    std::shared_ptr<ProcessCore> current_;
-    void* stack_low_ = nullptr;  // the reactor thread's stack: a forked child's leak checker must scan it
-    std::size_t stack_size_ = 0;
-    std::thread::id thread_id_;
-    long owner_pid_ = 0;
-};
-
-std::atomic<Reactor*> g_reactor{nullptr};
-std::mutex* g_reactor_mutex = new std::mutex;
-
-void at_exit_handler();
-
-Reactor& Reactor::get() {
-    Reactor* r = g_reactor.load(std::memory_order_acquire);
-    if (r) return *r;
-    std::lock_guard<std::mutex> lk(*g_reactor_mutex);
-    r = g_reactor.load(std::memory_order_relaxed);
-    if (!r) {
-        register_after_fork_reset();  // a forked child must not take our reactor for its own
-        r = new Reactor;  // never deleted: its thread runs until the process ends
-        g_reactor.store(r, std::memory_order_release);
-        std::atexit(at_exit_handler);
-    }
-    return *r;
-}
-
-// The reactors of the ancestors a forked child stops using (one per fork
-// generation that had one); kept reachable so that a leak checker in a child
-// that calls exit() does not report them.
-void* volatile g_abandoned_reactors[16];
-int g_abandoned_reactor_count = 0;
-
-void Reactor::forget_after_fork() noexcept {
-    Reactor* r = g_reactor.exchange(nullptr);
-    if (r) {
-        os::leak_checker_root(r->stack_low_, r->stack_size_);
-        if (g_abandoned_reactor_count < 16) g_abandoned_reactors[g_abandoned_reactor_count++] = r;
-    }
-    ::new (g_reactor_mutex) std::mutex();  // may have been copied held by another thread
-}
-
-Reactor::Reactor() : owner_pid_(os::current_pid()) {
-    poller_ = os::poller_create();
-    wake_ = os::wake_event_create();
-    os::poller_add(poller_, wake_, tag_wake);
-    os::poller_add(poller_, output_.poller(), token_output);
-    std::thread t([this] {
-        os::current_thread_stack(&stack_low_, &stack_size_);
-        loop();
-    });
-    thread_id_ = t.get_id();
-    t.detach();
-}
-
-template <class Fn>
-auto Reactor::on_long_lived_thread(Fn&& fn) -> decltype(fn()) {
-    if (os::is_main_thread() || on_reactor_thread()) return fn();
-    using T = decltype(fn());
-    std::mutex m;
-    std::condition_variable cv;
-    bool ready = false;
-    std::optional<T> value;
-    std::exception_ptr error;
-    {
-        std::lock_guard<std::mutex> lk(mutex_);
-        tasks_.push_back([&] {
-            try {
-                value.emplace(fn());
-            } catch (...) {
-                error = std::current_exception();
-            }
-            std::lock_guard<std::mutex> l2(m);
-            ready = true;
-            cv.notify_one();
-        });
-    }
-    os::wake_event_signal(wake_);
-    std::unique_lock<std::mutex> lk(m);
-    cv.wait(lk, [&] { return ready; });
-    if (error) std::rethrow_exception(error);
-    return std::move(*value);
-}
-
-void Reactor::barrier() {
-    if (on_reactor_thread()) return;
-    std::mutex m;
-    std::condition_variable cv;
-    bool done = false;
-    {
-        std::lock_guard<std::mutex> lk(mutex_);
-        tasks_.push_back([&] {
-            std::lock_guard<std::mutex> l2(m);
-            done = true;
-            cv.notify_one();
-        });
-    }
-    os::wake_event_signal(wake_);
-    std::unique_lock<std::mutex> lk(m);
-    cv.wait(lk, [&] { return done; });
-}
-
-void Reactor::add(const std::shared_ptr<ProcessCore>& core) {
-    auto& io = *core->io_;
-    std::optional<int> early;
-    {
-        std::lock_guard<std::mutex> lk(mutex_);
-        io.id = next_id_++;
-        io.server_generation = server_generation_;
-        children_[io.id] = core;
-        if (io.via_server) {
-            auto it = early_exits_.find(io.serial);
-            if (it != early_exits_.end()) {
-                early = it->second;
-                early_exits_.erase(it);
-            } else {
-                server_serials_[io.serial] = io.id;
-            }
-        }
-        try {
-            os::poller_add(poller_, io.channel, io.id << 2 | tag_channel);
-            if (io.pidfd != os::invalid_handle) os::poller_add(poller_, io.pidfd, io.id << 2 | tag_pidfd);
-        } catch (...) {
-            os::poller_remove(poller_, io.channel);
-            children_.erase(io.id);
-            if (io.via_server) {
-                server_serials_.erase(io.serial);
-                if (early) early_exits_[io.serial] = *early;
-            }
-            throw;
-        }
-        if (early) {
-            int code = *early;
-            tasks_.push_back([this, core, code] { on_exit(core, code); });
-        }
-    }
-    if (early) os::wake_event_signal(wake_);
-}
-
-void Reactor::retire_fork_server(os::handle_t control) {
-    {
-        std::lock_guard<std::mutex> lk(mutex_);
-        std::uint64_t generation = server_generation_;
-        tasks_.push_back([this, control, generation] { fork_server_gone(control, generation, true); });
-    }
-    os::wake_event_signal(wake_);
-}
-
-void Reactor::fork_server_gone(os::handle_t control, std::uint64_t generation, bool close) {
-    // Its workers die with it (parent-death signal); those whose channel has
-    // ended already will hear no status from it.
-    std::vector<std::shared_ptr<ProcessCore>> eof_workers;
-    {
-        std::lock_guard<std::mutex> lk(mutex_);
-        os::poller_remove(poller_, control);
-        if (server_ == control) server_ = os::invalid_handle;
-        dead_generations_.insert(generation);
-        for (auto& kv : children_) {
-            auto& io = *kv.second->io_;
-            if (io.via_server && io.server_generation == generation && io.eof) eof_workers.push_back(kv.second);
-        }
-    }
-    if (close) os::close_handle(control);
-    for (auto& c : eof_workers) on_exit(c, std::optional<int>(-os::signal_kill()));
-}
-
-void Reactor::discard_worker(std::uint64_t serial) {
-    std::lock_guard<std::mutex> lk(mutex_);
-    if (!early_exits_.erase(serial)) finished_serials_.insert(serial);
-}
-
-void Reactor::watch_fork_server(os::handle_t control) {
-    std::lock_guard<std::mutex> lk(mutex_);
-    if (server_ == control) return;
-    server_ = control;
-    ++server_generation_;
-    os::poller_add(poller_, control, tag_server);
-}
-
-std::vector<std::shared_ptr<ProcessCore>> Reactor::live() {
-    std::lock_guard<std::mutex> lk(mutex_);
-    std::vector<std::shared_ptr<ProcessCore>> out;
-    for (auto& kv : children_) out.push_back(kv.second);
-    return out;
-}
-
-std::shared_ptr<ProcessCore> Reactor::find(std::uint64_t id) {
-    std::lock_guard<std::mutex> lk(mutex_);
-    auto it = children_.find(id);
-    return it == children_.end() ? nullptr : it->second;
-}
-
-void Reactor::loop() {
-    std::uint64_t tokens[64];
-    for (;;) {
-        int n;
-        try {
-            n = os::poller_wait(poller_, tokens, 64, -1);
-        } catch (...) {
-            continue;
-        }
-        for (int i = 0; i < n; ++i) {
-            std::uint64_t tag = tokens[i] & 3, id = tokens[i] >> 2;
-            try {
-                if (tokens[i] == token_output) {
-                    output_.on_ready();
-                } else if (tag == tag_wake) {
-                    os::wake_event_drain(wake_);
-                    {
-                        std::lock_guard<std::mutex> lk(mutex_);
-                        running_tasks_.swap(tasks_);
-                    }
-                    for (auto& t : running_tasks_) t();
-                    running_tasks_.clear();
-                } else if (tag == tag_server) {
-                    on_fork_server();
-                } else if ((current_ = find(id))) {
-                    if (tag == tag_channel) on_channel(current_);
-                    else on_pidfd(current_);
-                }
-            } catch (...) {
-                // The reactor must survive anything; a broken child resolves at
-                // its exit.  An exit event that could not be handled would stay
-                // ready and spin this loop: resolve that child with the error.
-                if (current_ && tag == tag_pidfd && !current_->io_->finished) {
-                    if (!current_->io_->exception) current_->io_->exception = std::current_exception();
-                    try {
-                        finish(current_, std::nullopt);
-                    } catch (...) {
-                        std::lock_guard<std::mutex> lk(current_->io_mutex());
-                        os::poller_remove(poller_, current_->io_->pidfd);
-                    }
-                }
-            }
-            running_tasks_.clear();
-            current_.reset();
-        }
-    }
-}
-
-void Reactor::reap(const std::shared_ptr<ProcessCore>& core, bool block) {
-    int code = 0;
-    switch (os::reap_child(core->pid_, core->io_->pidfd, block, &code)) {
-        case os::ReapResult::running: return;  // not ended (a spurious wake-up)
-        case os::ReapResult::reaped: on_exit(core, code); return;
-        case os::ReapResult::reaped_elsewhere: on_exit(core, std::nullopt); return;
-    }
-}
-
-void Reactor::on_pidfd(const std::shared_ptr<ProcessCore>& core) {
-    trace_phase(StartPhase::reactor_exit);
-    auto& io = *core->io_;
-    if (!io.via_server) {
-        reap(core, false);
-        return;
-    }
-    // A fork-server worker has ended (the server reaps it).  If it said how it
-    // would exit (END), we know all there is: finish now, without waiting for
-    // the server's report.  Otherwise the server's status tells.
-    {
-        std::lock_guard<std::mutex> lk(core->io_mutex());
-        os::poller_remove(poller_, io.pidfd);
-    }
-    drain(*core);
-    if (io.end_code) {
-        {
-            std::lock_guard<std::mutex> lk(mutex_);
-            if (server_serials_.erase(io.serial)) finished_serials_.insert(io.serial);
-        }
-        finish(core, *io.end_code);
-    }
-}
-
-void Reactor::on_channel(const std::shared_ptr<ProcessCore>& core) {
-    auto& io = *core->io_;
-    drain(*core);
-    if (!io.eof || io.finished) return;
-    // No pidfd (old kernel): the end of the channel means the child is exiting.
-    if (!io.via_server && io.pidfd == os::invalid_handle) {
-        reap(core, true);
-    } else if (io.via_server && dead_generations_.count(io.server_generation)) {
-        on_exit(core, std::optional<int>(-os::signal_kill()));
-    }
-}
-
-void Reactor::drain(ProcessCore& core) {
-    auto& io = *core.io_;
-    if (io.eof) return;
-    Frame f;
-    for (;;) {
-        long n = io.reader.fill(io.channel, true);
-        while (io.reader.next(f)) on_frame(core, f);
-        if (n == 0) {
-            io.eof = true;
-            os::poller_remove(poller_, io.channel);
-            return;
-        }
-        if (n < 0) return;
-    }
-}
-
-void Reactor::on_frame(ProcessCore& core, Frame& f) {
-    auto& io = *core.io_;
-    switch (f.kind) {
-        case frame_log: {
-            close_all(f.handles);
-            try {
-                Decoder d(f.payload);
-                LogRecord record = d.read<LogRecord>();
-                handle_log_record(record);
-            } catch (...) {
-                // A failing handler or a torn record must not lose the child's outcome.
-            }
-            break;
-        }
-        case frame_value:
-            core.value_bytes_ = std::move(f.payload);
-            core.value_handles_ = std::move(f.handles);
-            core.has_value_ = true;
-            break;
-        case frame_exception:
-            close_all(f.handles);
-            try {
-                Decoder d(f.payload);
-                io.exception = decode_exception(d);
-            } catch (...) {
-                io.exception = std::current_exception();
-            }
-            break;
-        case frame_end:
-            close_all(f.handles);
-            try {
-                Decoder d(f.payload);
-                io.end_code = d.read<std::int32_t>();
-                trace_phase(StartPhase::reactor_outcome);
-            } catch (...) {
-            }
-            break;
-        default:  // HELLO: nothing to keep
-            close_all(f.handles);
-            break;
-    }
-}
-
-void Reactor::on_fork_server() {
-    ServerStatus st;
-    for (;;) {
-        long n = os::channel_read(server_, &st, sizeof st, nullptr, true);
-        if (n < 0) return;
-        if (n == 0) {  // the server died (the runtime still owns `server_`: not closed here)
-            std::uint64_t generation;
-            {
-                std::lock_guard<std::mutex> lk(mutex_);
-                generation = server_generation_;
-            }
-            fork_server_gone(server_, generation, false);
-            return;
-        }
-        if (n != static_cast<long>(sizeof st)) continue;
-        std::shared_ptr<ProcessCore>& core = current_;
-        core.reset();
-        {
-            std::lock_guard<std::mutex> lk(mutex_);
-            auto it = server_serials_.find(st.serial);
-            if (it == server_serials_.end()) {
-                // Finished already (through its pidfd), or not registered yet.
-                if (!finished_serials_.erase(st.serial)) early_exits_[st.serial] = st.code;
-                continue;
-            }
-            auto c = children_.find(it->second);
-            server_serials_.erase(it);
-            if (c != children_.end()) core = c->second;
-        }
-        if (core) on_exit(core, st.code);
-        core.reset();
-    }
-}
-
-void Reactor::on_exit(const std::shared_ptr<ProcessCore>& core, std::optional<int> status) {
-    if (core->io_->finished) return;
-    drain(*core);  // the child is gone: everything it wrote is already queued
-    finish(core, status);
-}
-
-void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int> status) {
-    auto& io = *core->io_;
-    output_.drain_for(core.get(), core->pid_);  // the child's last lines before its outcome
-    int signal_sent;
-    {
-        std::lock_guard<std::mutex> lk(core->io_mutex());
-        signal_sent = io.signal_sent;
-    }
-    // Without the exit status, say what is known: the code the child announced
-    // in END (it exits with exactly that code once END is sent), else the
-    // signal we sent it, else nothing - an error that says so.
-    bool status_lost = false;
-    if (!status) {
-        if (io.end_code) status = io.end_code;
-        else if (signal_sent) status = -signal_sent;
-        else status_lost = true;
-    }
-    const int code = status.value_or(255);
-    io.finished = true;
-    if (!io.eof) os::poller_remove(poller_, io.channel);
-    {
-        std::lock_guard<std::mutex> lk(mutex_);
-        children_.erase(io.id);
-        if (io.via_server) server_serials_.erase(io.serial);
-    }
-    std::exception_ptr error = io.exception, result_error;
-    std::string who = describe(core->name, core->pid_);
-    if (status_lost && !error && !core->has_value_) {
-        error = std::make_exception_ptr(ProcessError(
-            who + " ended without reporting an outcome, and its exit status was collected by someone else "
-                  "(SIGCHLD is ignored, or another waitpid() took it): how it ended is unknown",
-            code));
-    } else if (!error && !core->has_value_) {
-        if (code == 0) {
-            result_error = std::make_exception_ptr(ProcessError(who + " exited with code 0 before returning a value", 0));
-        } else if (code == -os::signal_terminate()) {
-            result_error = std::make_exception_ptr(ProcessError(who + " was terminated by SIGTERM", code));
-        } else if (code > 0) {
-            error = std::make_exception_ptr(ProcessError(who + " exited with code " + std::to_string(code), code));
-        } else {
-            std::string text = who + " was killed by signal " + os::signal_name(-code) + " (" +
-                               std::to_string(-code) + ")";
-            if (-code == os::signal_kill()) text += " - possibly out of memory";
-            error = std::make_exception_ptr(ProcessError(text, code));
-        }
-    }
-    Owned<ChildTask> task;
-    {
-        std::lock_guard<std::mutex> lk(core->io_mutex());
-        core->exitcode_ = code;
-        os::poller_remove(poller_, io.pidfd);  // kept open for waiters; closed with the core
-        os::close_handle(io.channel);
-        io.channel = os::invalid_handle;
-        task = std::move(io.task);
-    }
-    task.reset();  // a forked child's argument copies: released before anyone learns it ended
-    core->resolve(error, result_error);
-    trace_phase(StartPhase::resolved);
-}
-
-void at_exit_handler() {
-    Reactor* r = g_reactor.load();
-    if (!r || !r->owned_by_this_process()) return;
-    // Like Python: daemon children are terminated, the others are waited for.
-    auto children = r->live();
-    for (auto& c : children)
-        if (c->daemon()) c->send_signal(os::signal_terminate());
-    for (auto& c : children) c->wait_until(os::no_deadline);
-}
-
-}  // namespace
-
-void test_reactor_barrier() {
-    if (g_reactor.load(std::memory_order_acquire)) Reactor::get().barrier();
-}
-
-}  // namespace detail
-}  // namespace mpservice
-// ---- end part: mpservice/impl/process_reactor.cpp
-// ---- begin part: mpservice/impl/process_fork.cpp ----------------------------
-// process_fork: the fork server (a clean process forked at init() that forks
-// the fork-server workers) and the start-up of fork-context children.
-
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <condition_variable>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <deque>
-#include <functional>
-#include <iostream>
-#include <map>
-#include <thread>
-#include <unordered_map>
-#include <unordered_set>
-
-namespace mpservice {
-namespace detail {
-namespace {
-
-// ---------------------------------------------------------------- the fork server
-
-[[noreturn]] void fork_server_main(os::handle_t control, long parent) {
-    if (!os::die_with_parent(parent)) os::exit_now(0);
-    os::close_handles_except(control);
-    const long self = os::current_pid();
-    os::handle_t exits = os::child_exit_events();
-    ServerStatus st{};
-    std::uint64_t next_serial = 1;
-    std::unordered_map<long, std::uint64_t> serial_of;  // worker pid -> serial
-    const os::handle_t watch[2] = {control, exits};
-    for (;;) {
-        unsigned ready = os::wait_readable(watch, 2, -1);
-        if (ready & 2u) {
-            os::child_exit_events_drain(exits);
-            long pid;
-            int code;
-            while (os::reap_any_child(&pid, &code)) {
-                auto it = serial_of.find(pid);
-                if (it == serial_of.end()) continue;
-                st.serial = it->second;
-                st.code = code;
-                serial_of.erase(it);
-                if (!os::channel_write(control, &st, sizeof st, nullptr, 0)) os::exit_now(0);
-            }
-        }
-        if (ready & 1u) {
-            std::vector<os::handle_t> fds;
-            char request = 0;
-            long n = 0;
-            try {
-                n = os::channel_read(control, &request, 1, &fds, false);
-            } catch (...) {
-                n = 0;
-            }
-            if (n <= 0) os::exit_now(0);  // the parent is gone: so are we (and our workers with us)
-            for (auto fd : fds) {
-                long pid = -1;
-                std::uint64_t serial = next_serial++;
-                try {
-                    pid = os::fork_process();
-                } catch (...) {
-                }
-                if (pid == 0) {
-                    os::close_handle(control);
-                    os::child_exit_events_release(exits);
-                    run_bootstrapped_child(fd, self, ChildKind::forkserver_worker, serial);
-                }
-                if (pid > 0) serial_of[pid] = serial;
-                os::close_handle(fd);  // the worker has it (or, if the fork failed, the parent sees EOF)
-            }
-        }
-    }
-}
-
-void start_fork_server() {
-    Runtime& r = rt();
-    os::handle_t mine, theirs;
-    os::packet_pair(mine, theirs);
-    flush_stdio();
-    long parent = os::current_pid();
-    long pid;
-    try {
-        pid = os::fork_process();
-    } catch (...) {
-        os::close_handle(mine);
-        os::close_handle(theirs);
-        throw;
-    }
-    if (pid == 0) {
-        os::close_handle(mine);
-        fork_server_main(theirs, parent);
-    }
-    os::close_handle(theirs);
-    r.forkserver.control = mine;
-    r.forkserver.pid = pid;
-}
-
-/// In the child of every fork() of this process (ours, the fork server's, the
-/// user's): the parent's helpers are not ours, and the locks of per-process
-/// state may have been copied held by threads that do not exist here.
-void reset_after_fork_in_child() {
-    Runtime& r = rt();
-    Reactor::forget_after_fork();
-    ::new (r.forkserver_mutex) std::mutex();  // the forking thread may hold it (it starts fork servers)
-    os::close_handle(r.forkserver.control);
-    r.forkserver = ForkServerLink{};
-    ::new (&child_link().mutex) std::mutex();  // the channel is replaced by whoever uses it next
-}
-
-[[noreturn]] void run_forked_child(os::handle_t channel, os::handle_t parent_end, ChildTask& task,
-                                   const std::string& name, const std::string& identity,
-                                   const std::string& parent_name, long parent, Level parent_log_level) {
-    os::close_handle(parent_end);
-    if (!os::die_with_parent(parent)) os::exit_now(1);
-    adopt_child_identity(name, identity, parent_name, parent);
-    child_link().channel = channel;
-    watch_own_exit();
-    set_log_level_from_parent(parent_log_level);
-    install_log_forwarding();
-    int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) {
-        trace_phase(StartPhase::task_begins);
-        task.run_here(out, keep);
-    });
-    flush_stdio();
-    trace_phase(StartPhase::child_exiting);
-    os::exit_now(code);
-}
-
-}  // namespace
-}  // namespace detail
-}  // namespace mpservice
-// ---- end part: mpservice/impl/process_fork.cpp
-// ---- begin part: mpservice/impl/process_warm.cpp ----------------------------
-// process_warm: warm spawn - the spawn context keeps one child exec'd ahead
-// of demand, so that a start pays for handing over the task instead of an exec.
-//
-// A warm child is a spawned child whose BOOT has not been written yet: it is
-// made exactly as a cold one (posix_spawn of /proc/self/exe, the marker, the
-// one inherited channel, PR_SET_PDEATHSIG tied to a thread that never ends),
-// runs the library's bootstrap only - the marker checks in init(), the
-// parent-death signal, every other descriptor closed, its own build
-// fingerprint read - says HELLO and blocks reading its channel.  What it is
-// to run arrives with BOOT like any spawned child's task, and goes through the
-// same checks (protocol version, build fingerprints of the target's module).
-//
-// It is used only when it would see what a fresh spawn sees now: the parent's
-// working directory and environment at start() are compared with those it
-// was made with; any difference (a setenv, a chdir since) discards it and the
-// start spawns afresh.  The "warm spawner" thread makes the children (it is
-// their parent thread: it never ends, so their parent-death signal fires only
-// when the process dies) and reaps a warm child that died unused (no zombie
-// stays behind).  A taken child is replaced once it has ended, or after
-// replace_after at the latest: an exec (about a millisecond of CPU) made at
-// the moment of the start would compete with the child just given its task,
-// and with the parent waiting for it, on a machine with few CPUs.  Three children in a row
-// that die before saying HELLO stop it (the starts are then cold).
-
-#include <algorithm>
-#include <atomic>
-#include <condition_variable>
-#include <optional>
-#include <thread>
-
-namespace mpservice {
-
-namespace {
-std::atomic<bool> g_warm_spawn{false};
-}  // namespace
-
-namespace detail {
-namespace {
-
-/// A child exec'd ahead of demand, waiting for its BOOT.
-struct WarmChild {
-    long pid = 0;
-    os::handle_t pidfd = os::invalid_handle;
-    os::handle_t channel = os::invalid_handle;  // the parent's end
-    std::string cwd;                            // what it was made with
-    std::vector<std::string> environment;
-    bool ready = false;  // its HELLO has arrived: bootstrapped, blocked on the channel
-};
-
-class WarmSpawner {
-public:
-    /// The spawner of this process, made (with its thread) on first use.
-    static WarmSpawner& get();
-    static WarmSpawner* existing() noexcept { return g_spawner.load(std::memory_order_acquire); }
-    /// In a forked child: the parent's warm child is not ours.
-    static void forget_after_fork() noexcept;
-
-    /// The warm child, if there is one that sees what a fresh spawn would
-    /// see now; asks for the next one either way.
-    std::optional<WarmChild> take();
-    /// Discards the warm child and makes no more until the next take().
-    void stop();
-    /// The warm child's pid once it is ready, waiting up to `timeout`; 0 if none.
-    long wait_ready(std::chrono::milliseconds timeout);
-
-private:
-    WarmSpawner();
-    void loop();
-    /// Spawns a warm child (outside the lock); false if it could not be made.
-    bool make_one(WarmChild& c);
-    /// Kills and reaps children that will not be used (spawner thread).
-    static void finish(std::vector<WarmChild>& dying) noexcept;
-
-    static constexpr int max_failures = 3;
-    static constexpr std::chrono::milliseconds replace_after{20};
-    static std::atomic<WarmSpawner*> g_spawner;
-
-    os::handle_t wake_ = os::invalid_handle;
-    std::mutex mutex_;
-    std::condition_variable ready_cv_;
-    std::optional<WarmChild> child_;
-    std::vector<WarmChild> dying_;  // taken off, to be killed and reaped
-    bool wanted_ = false;
-    int failures_ = 0;
-    // The last child taken (a duplicate of its pidfd): the replacement is
-    // made when it ends or at replace_at_, whichever comes first.
-    os::handle_t taken_ = os::invalid_handle;
-    os::Deadline replace_at_{};  // children in a row that died before HELLO, or spawns that failed
-};
-
-std::atomic<WarmSpawner*> WarmSpawner::g_spawner{nullptr};
-std::mutex* g_spawner_mutex = new std::mutex;
-void* volatile g_abandoned_spawner = nullptr;  // a forked child's copy: kept reachable for leak checkers
-
-WarmSpawner& WarmSpawner::get() {
-    if (WarmSpawner* s = existing()) return *s;
-    std::lock_guard<std::mutex> lk(*g_spawner_mutex);
-    WarmSpawner* s = g_spawner.load(std::memory_order_relaxed);
-    if (!s) {
-        static const bool fork_hook = (os::at_fork_child(&WarmSpawner::forget_after_fork), true);
-        (void)fork_hook;
-        s = new WarmSpawner;  // never deleted: its thread runs until the process ends
-        g_spawner.store(s, std::memory_order_release);
-    }
-    return *s;
-}
-
-void WarmSpawner::forget_after_fork() noexcept {
-    WarmSpawner* s = g_spawner.exchange(nullptr);
-    ::new (g_spawner_mutex) std::mutex();  // the forking thread may have held it
-    if (!s) return;
-    // Single-threaded here: the spawner thread does not exist in this copy.
-    // Its descriptors are closed; the children themselves are the parent's.
-    os::close_handle(s->wake_);
-    os::close_handle(s->taken_);
-    if (s->child_) {
-        os::close_handle(s->child_->pidfd);
-        os::close_handle(s->child_->channel);
-    }
-    for (auto& d : s->dying_) {
-        os::close_handle(d.pidfd);
-        os::close_handle(d.channel);
-    }
-    g_abandoned_spawner = s;
-}
-
-WarmSpawner::WarmSpawner() : wake_(os::wake_event_create()) {
-    // A thread that lives as long as the process: a child's parent-death
-    // signal fires when the thread that made it ends.
-    std::thread([this] { loop(); }).detach();
-}
-
-std::optional<WarmChild> WarmSpawner::take() {
-    std::optional<WarmChild> c;
-    {
-        std::lock_guard<std::mutex> lk(mutex_);
-        wanted_ = true;
-        c.swap(child_);
-        if (c && taken_ == os::invalid_handle) {
-            try {
-                taken_ = os::duplicate_handle(c->pidfd);
-                replace_at_ = os::Clock::now() + replace_after;
-            } catch (...) {
-                // No descriptor to spare: the replacement is made at once.
-            }
-        }
-    }
-    os::wake_event_signal(wake_);
-    if (!c) return std::nullopt;
-    const bool alive = os::wait_readable(&c->pidfd, 1, 0) == 0;
-    // The same working directory and environment as a fresh spawn would get
-    // (an unnameable directory - deleted - never matches).
-    const bool current = alive && !c->cwd.empty() && c->cwd == os::current_directory() &&
-                         c->environment == os::environment_entries();
-    if (current) return c;
-    {
-        std::lock_guard<std::mutex> lk(mutex_);
-        dying_.push_back(std::move(*c));
-    }
-    os::wake_event_signal(wake_);
-    return std::nullopt;
-}
-
-void WarmSpawner::stop() {
-    {
-        std::lock_guard<std::mutex> lk(mutex_);
-        wanted_ = false;
-        failures_ = 0;
-        os::close_handle(taken_);
-        taken_ = os::invalid_handle;
-        if (child_) dying_.push_back(std::move(*child_));
-        child_.reset();
-    }
-    os::wake_event_signal(wake_);
-}
-
-long WarmSpawner::wait_ready(std::chrono::milliseconds timeout) {
-    std::unique_lock<std::mutex> lk(mutex_);
-    ready_cv_.wait_for(lk, timeout, [&] { return child_ && child_->ready; });
-    return child_ && child_->ready ? child_->pid : 0;
-}
-
-bool WarmSpawner::make_one(WarmChild& c) {
-    c.cwd = os::current_directory();
-    c.environment = os::environment_entries();  // given to the child as they are here
-    os::handle_t mine, theirs;
-    try {
-        os::channel_pair(mine, theirs);
-    } catch (...) {
-        return false;
-    }
-    try {
-        std::string marker = child_marker + std::to_string(theirs) + ":" + std::to_string(os::current_pid()) +
-                             warm_marker_suffix;
-        c.pid = os::spawn_self(rt().argv0, marker, theirs, &c.environment);
-    } catch (...) {
-        os::close_handle(mine);
-        os::close_handle(theirs);
-        return false;
-    }
-    os::close_handle(theirs);
-    c.channel = mine;
-    c.pidfd = os::process_handle(c.pid);
-    if (c.pidfd == os::invalid_handle) {
-        // No pidfd (an old kernel): a warm child could not be watched while it waits.
-        std::vector<WarmChild> one;
-        one.push_back(std::move(c));
-        finish(one);
-        return false;
-    }
-    return true;
-}
-
-void WarmSpawner::finish(std::vector<WarmChild>& dying) noexcept {
-    for (auto& d : dying) {
-        os::send_signal(d.pid, d.pidfd, os::signal_kill());
-        int code;
-        try {
-            os::reap_child(d.pid, d.pidfd, true, &code);  // SIGKILLed: short; ECHILD if SIGCHLD is ignored
-        } catch (...) {
-        }
-        os::close_handle(d.pidfd);
-        os::close_handle(d.channel);
-    }
-    dying.clear();
-}
-
-void WarmSpawner::loop() {
-    for (;;) {
-        try {
-            os::handle_t watch[4] = {wake_, os::invalid_handle, os::invalid_handle, os::invalid_handle};
-            int n = 1;
-            long watched = 0;
-            bool watching_hello = false;
-            int timeout_ms = -1;
-            os::handle_t taken = os::invalid_handle;
-            {
-                std::lock_guard<std::mutex> lk(mutex_);
-                if (taken_ != os::invalid_handle) {
-                    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(replace_at_ - os::Clock::now());
-                    if (left.count() > 0 && wanted_) {
-                        taken = taken_;
-                        timeout_ms = static_cast<int>(left.count()) + 1;
-                    } else {
-                        os::close_handle(taken_);  // due: the replacement is made below
-                        taken_ = os::invalid_handle;
-                    }
-                }
-                if (child_) {
-                    watched = child_->pid;
-                    watch[n++] = child_->pidfd;
-                    if (!child_->ready) {
-                        watch[n++] = child_->channel;
-                        watching_hello = true;
-                    }
-                }
-            }
-            const int taken_slot = taken != os::invalid_handle ? n : -1;
-            if (taken_slot >= 0) watch[n++] = taken;
-            const unsigned ready = os::wait_readable(watch, n, timeout_ms);
-            os::wake_event_drain(wake_);
-            std::vector<WarmChild> dying;
-            bool make = false;
-            {
-                std::lock_guard<std::mutex> lk(mutex_);
-                const bool same = child_ && child_->pid == watched;
-                if (same && (ready & 2u)) {  // died unused
-                    if (!child_->ready) ++failures_;
-                    dying_.push_back(std::move(*child_));
-                    child_.reset();
-                } else if (same && watching_hello && (ready & 4u)) {
-                    // HELLO is there (left unread: the reactor reads and skips it).
-                    child_->ready = true;
-                    failures_ = 0;
-                    ready_cv_.notify_all();
-                }
-                if (taken_slot >= 0 && taken_ == taken && (ready & (1u << taken_slot))) {
-                    os::close_handle(taken_);  // it has ended: replace it now
-                    taken_ = os::invalid_handle;
-                }
-                if (taken_ != os::invalid_handle && os::Clock::now() >= replace_at_) {
-                    os::close_handle(taken_);
-                    taken_ = os::invalid_handle;
-                }
-                dying.swap(dying_);
-                make = wanted_ && !child_ && taken_ == os::invalid_handle && failures_ < max_failures;
-            }
-            finish(dying);
-            if (!make) continue;
-            WarmChild c;
-            const bool made = make_one(c);
-            std::lock_guard<std::mutex> lk(mutex_);
-            if (!made) {
-                ++failures_;
-            } else if (wanted_ && !child_) {
-                child_ = std::move(c);
-            } else {
-                dying_.push_back(std::move(c));  // stopped meanwhile
-                os::wake_event_signal(wake_);
-            }
-        } catch (...) {
-            // Out of memory or descriptors: the starts are cold meanwhile.
-        }
-    }
-}
-
-}  // namespace
-
-long test_warm_child(std::chrono::milliseconds timeout) {
-    WarmSpawner* s = WarmSpawner::existing();
-    return s ? s->wait_ready(timeout) : 0;
-}
-
-void discard_unwanted_warm_child() noexcept {
-    if (g_warm_spawn.load(std::memory_order_relaxed)) return;  // the program keeps one anyway
-    if (WarmSpawner* s = WarmSpawner::existing()) s->stop();
-}
-
-}  // namespace detail
-
-void set_warm_spawn(bool keep_warm) {
-    g_warm_spawn.store(keep_warm, std::memory_order_relaxed);
-    if (!keep_warm)
-        if (detail::WarmSpawner* s = detail::WarmSpawner::existing()) s->stop();
-}
-
-bool warm_spawn() noexcept { return g_warm_spawn.load(std::memory_order_relaxed); }
-
-}  // namespace mpservice
-// ---- end part: mpservice/impl/process_warm.cpp
-// ---- begin part: mpservice/impl/process_core.cpp ----------------------------
-// process_core: ProcessCore (start, wait, signals) and the public process
-// functions (init, contexts, cpu_count, current/parent/active processes).
-
-#include <algorithm>
-#include <cerrno>
-#include <cstdint>
-#include <atomic>
-#include <cmath>
-#include <condition_variable>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <deque>
-#include <functional>
-#include <iostream>
-#include <map>
-#include <thread>
-#include <unordered_map>
-#include <unordered_set>
-
-namespace mpservice {
-namespace detail {
-
-// ---------------------------------------------------------------- ProcessCore
-
-ProcessCore::ProcessCore(const Context& ctx) : method_(ctx.start_method()), io_(new Io()) {
-    Runtime& r = rt();
-    int n = r.next_child.fetch_add(1);
-    identity_ = r.identity.empty() ? std::to_string(n) : r.identity + ":" + std::to_string(n);
-    name = "Process-" + identity_;
-}
-
-ProcessCore::~ProcessCore() {
-    for (auto h : value_handles_) os::close_handle(h);
-    if (io_) {
-        os::close_handle(io_->channel);
-        os::close_handle(io_->pidfd);
-    }
-}
-
-void test_corrupt_next_fingerprint() noexcept { rt().corrupt_next_fingerprint = true; }
-void test_set_initialized(bool initialized) noexcept { rt().initialized = initialized; }
-long test_fork_server_pid() noexcept {
-    std::lock_guard<std::mutex> lk(*rt().forkserver_mutex);
-    return rt().forkserver.pid;
-}
-void test_set_fork_server_timeout(std::chrono::milliseconds timeout) noexcept {
-    rt().forkserver_timeout_ms = timeout.count();
-}
-
-namespace {
-/// Calls, once in the parent before its first fork, the std::string members a
-/// forked child calls only there (adopting its name and identity, building
-/// its outcome): the C++ library's functions are bound lazily, so each one
-/// would otherwise be looked up anew in every child - a walk of the
-/// libraries' symbol tables and a write to the child's copy of the GOT, page
-/// faults costing ~3 us each (LD_DEBUG=bindings showed the move constructor,
-/// _M_assign, append and _M_append resolved in every forked child).
-void bind_forked_child_string_calls() {
-    static volatile std::size_t sink = 0;
-    std::string source(sink + 40, 'x');  // longer than the in-place buffer: the heap paths
-    std::string copy;
-    copy = source;
-    copy.append(source.data(), 3);
-    copy.append(source);
-    std::string moved(std::move(copy));
-    copy = moved;
-    sink = moved.size() + copy.size();
-}
-
-std::string boot_payload(const ProcessCore& core, const ChildTask& task, const OutputCapture& output,
-                         std::vector<os::handle_t>& handles) {
-    os::ModuleAddress target, tramp;
-    if (!os::module_address(task.target, target) ||
-        !os::module_address(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(task.trampoline)), tramp))
-        throw std::invalid_argument("mpservice: the target is not in any loaded module");
-    std::string target_fp = fingerprint_of(target.module), tramp_fp = fingerprint_of(tramp.module);
-    if (rt().corrupt_next_fingerprint.exchange(false)) target_fp += "-corrupted";
-    Encoder e;
-    e(protocol_version, target.module, static_cast<std::uint64_t>(target.offset), target_fp, tramp.module,
-      static_cast<std::uint64_t>(tramp.offset), tramp_fp, core.name, core.identity_, process_name(),
-      static_cast<std::int64_t>(os::current_pid()), core.daemon(), static_cast<std::int32_t>(log_level()));
-    encode_parent_present(e, core.method_);
-    output.encode(e);
-    task.encode_args(e);
-    handles = e.handles();
-    return std::move(e.bytes());
-}
-/// Kills and reaps a fork server that is gone or does not answer, so that the
-/// next fork-server start makes a new one.  Caller holds forkserver_mutex.
-void drop_fork_server(Runtime& r, Reactor& reactor) noexcept {
-    if (r.forkserver.pid > 0) {
-        os::send_signal(r.forkserver.pid, os::invalid_handle, os::signal_kill());  // its workers die with it
-        int code;
-        try {
-            os::reap_child(r.forkserver.pid, os::invalid_handle, true, &code);
-        } catch (...) {
-        }
-    }
-    if (r.forkserver.control != os::invalid_handle) {
-        try {
-            reactor.retire_fork_server(r.forkserver.control);  // closes it
-        } catch (...) {
-            // Out of memory for the task: keep the descriptor rather than race the reactor.
-        }
-    }
-    r.forkserver = ForkServerLink{};
-}
-
-/// Reads the worker's HELLO, waiting at most the fork-server timeout.
-bool read_hello(wire::FrameReader& reader, os::handle_t channel, Frame& hello, long long timeout_ms) {
-    const auto until = os::Clock::now() + std::chrono::milliseconds(timeout_ms);
-    while (!reader.next(hello)) {
-        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - os::Clock::now()).count();
-        if (left <= 0 || !os::wait_readable(&channel, 1, static_cast<int>(std::min<long long>(left + 1, 1 << 30))))
-            return false;
-        if (reader.fill(channel, true) == 0) throw Error("mpservice: the fork server failed to start a worker");
-    }
-    return true;
-}
-
-/// Undoes a start that failed after the child was made: kills and reaps the
-/// child (a fork-server worker is reaped by the server) and forgets it, so that
-/// nothing is left behind and start() can be tried again.
-void abandon_child(ProcessCore& core, Reactor& reactor) noexcept {
-    auto& io = *core.io_;
-    os::send_signal(core.pid_, io.pidfd, os::signal_kill());
-    if (io.via_server) {
-        reactor.discard_worker(io.serial);  // its status, when the server reports it, is not wanted
-    } else {
-        int code;
-        try {
-            os::reap_child(core.pid_, io.pidfd, true, &code);  // SIGKILLed: the wait is short
-        } catch (...) {
-        }
-    }
-    os::close_handle(io.channel);
-    os::close_handle(io.pidfd);
-    io.channel = io.pidfd = os::invalid_handle;
-    io.via_server = false;
-    io.reader.reset();
-    std::lock_guard<std::mutex> lk(core.io_mutex());
-    core.pid_ = 0;
-}
-}  // namespace
-
-void ProcessCore::start(Owned<ChildTask>& task) {
-    if (started() || !task) throw InvalidStateError("mpservice: " + describe(name, pid_) + " was already started");
-    trace_phase(StartPhase::start_entered);
-    register_exit_announcement();  // inherited by forked children (see process_child)
-    Runtime& r = rt();
-    if (method_ != StartMethod::fork) {
-        if (!r.initialized)
-            throw InvalidStateError(
-                "mpservice: call mpservice::init(argc, argv) as the first line of main() before starting a "
-                "process with the spawn or forkserver context (the child runs its task inside init)");
-        if (!task->target)
-            throw std::invalid_argument(
-                "mpservice: this target has no plain-function form (a lambda with captures, a functor?); use "
-                "a free function, a static member function or a capture-less lambda - or the fork context");
-    }
-    Reactor& reactor = Reactor::get();
-    auto& io = *io_;
-
-    std::vector<os::handle_t> boot_handles;
-    std::string boot;
-    OutputCapture output(reactor.output(), *this, forward_output_);
-    if (method_ != StartMethod::fork) boot = boot_payload(*this, *task, output, boot_handles);  // encode errors throw here
-
-    // A warm child (process_warm.cpp) comes with its channel; any other start makes one.
-    std::optional<WarmChild> warm;
-    if (method_ == StartMethod::spawn && warm_start_) warm = WarmSpawner::get().take();
-    os::handle_t parent_end, child_end = os::invalid_handle;
-    if (warm) parent_end = warm->channel;
-    else os::channel_pair(parent_end, child_end);
-    io.channel = parent_end;
-    long pid = 0;
-    bool boot_sent = false;
-    try {
-        switch (method_) {
-            case StartMethod::spawn: {
-                if (warm) {
-                    pid = warm->pid;
-                    io.pidfd = warm->pidfd;
-                    break;
-                }
-                std::string marker = child_marker + std::to_string(child_end) + ":" + std::to_string(os::current_pid());
-                pid = reactor.on_long_lived_thread([&] { return os::spawn_self(r.argv0, marker, child_end); });
-                os::close_handle(child_end);
-                child_end = os::invalid_handle;
-                io.pidfd = os::process_handle(pid);
-                break;
-            }
-            case StartMethod::forkserver: {
-                std::lock_guard<std::mutex> lk(*r.forkserver_mutex);
-                if (r.forkserver.control == os::invalid_handle)
-                    reactor.on_long_lived_thread([] {
-                        start_fork_server();  // not made at init (we are a child): make one now
-                        return 0;
-                    });
-                reactor.watch_fork_server(r.forkserver.control);
-                // A small BOOT waits in the socket, so the worker starts at once;
-                // a big one would block us before the worker exists: it goes later.
-                if (boot.size() <= boot_early_limit) {
-                    write_frame(parent_end, frame_boot, boot, boot_handles);
-                    boot_sent = true;
-                }
-                char request = 'S';
-                if (!os::channel_write(r.forkserver.control, &request, 1, nullptr, 0, &child_end, 1)) {
-                    drop_fork_server(r, reactor);  // the next start makes a new one
-                    throw Error("mpservice: the fork server is gone (it is replaced at the next start)");
-                }
-                os::close_handle(child_end);
-                child_end = os::invalid_handle;
-                Frame hello;
-                if (!read_hello(io.reader, parent_end, hello, r.forkserver_timeout_ms.load())) {
-                    long server = r.forkserver.pid;
-                    drop_fork_server(r, reactor);
-                    throw Error("mpservice: the fork server (pid " + std::to_string(server) +
-                                ") did not start a worker in time (stopped?); it was killed and is replaced at "
-                                "the next start");
-                }
-                if (hello.kind != frame_hello) throw Error("mpservice: the fork server failed to start a worker");
-                Decoder d(hello.payload);
-                std::int64_t worker_pid;
-                d(worker_pid, io.serial);
-                pid = static_cast<long>(worker_pid);
-                io.pidfd = os::process_handle(pid);  // for signals; the exit status comes from the server
-                io.via_server = true;
-                break;
-            }
-            case StartMethod::fork: {
-                static const bool bound = (bind_forked_child_string_calls(), true);
-                (void)bound;
-                // Built here, not in the child: a table another thread was
-                // building at the fork would stay locked in the child.
-                prepare_exception_types_for_fork();
-                flush_stdio();  // or the child would write the parent's buffered output again
-                child_link();   // made here, once: in the child its first use would allocate (page faults)
-                long parent = os::current_pid();
-                Level level = log_level();  // read here: the child must not take the logging lock
-                std::string parent_name = process_name();  // read here: in the child its first use allocates
-                ChildTask& t = *task;
-                pid = reactor.on_long_lived_thread([&] {
-                    long p = os::fork_process();
-                    if (p == 0) {
-                        trace_phase(StartPhase::child_running);
-                        output.redirect_in_forked_child();
-                        run_forked_child(child_end, parent_end, t, name, identity_, parent_name, parent, level);
-                    }
-                    return p;
-                });
-                os::close_handle(child_end);
-                child_end = os::invalid_handle;
-                io.pidfd = os::process_handle(pid);
-                break;
-            }
-        }
-    } catch (...) {
-        os::close_handle(child_end);
-        os::close_handle(parent_end);
-        io.channel = os::invalid_handle;
-        throw;
-    }
-    trace_phase(StartPhase::child_made);
-    // A forked child runs on its copy of the arguments; ours stay until it
-    // ends (the reactor drops them then), which covers the child taking its
-    // own references to the proxies it inherited.
-    if (method_ == StartMethod::fork) io.task = std::move(task);
-    {
-        std::lock_guard<std::mutex> lk(mutex_);
-        pid_ = pid;
-    }
-    try {
-        // A child that died before reading BOOT shows up as its exit status
-        // (the write returns false); any other failure means the child cannot
-        // run: it is killed and reaped here, so no child is left behind.
-        if (method_ != StartMethod::fork && !boot_sent) write_frame(parent_end, frame_boot, boot, boot_handles);
-        reactor.add(shared_from_this());
-    } catch (const std::system_error& e) {
-        abandon_child(*this, reactor);
-        throw std::system_error(e.code(), "mpservice: could not start " + describe(name, pid) +
-                                              " (sending its task failed; the child was killed): " + e.what());
-    } catch (...) {
-        abandon_child(*this, reactor);
-        throw;
-    }
-    mark_started();
-    output.commit(pid);  // the child has the pipes' write ends now (BOOT was sent)
-    // Spawn and fork-server children got the arguments encoded: drop our copies
-    // now (a proxy argument must not keep its object alive after the child took
-    // it over).  (A forked child's task was kept above, until the child ends.)
-    task.reset();
-    trace_phase(StartPhase::start_returned);
-}
-
-bool ProcessCore::wait_until(os::Deadline deadline) const {
-    if (done_relaxed()) return true;
-    os::handle_t exit_handle;
-    {
-        std::lock_guard<std::mutex> lk(mutex_);
-        exit_handle = io_->pidfd;  // stays open until this core is destroyed
-    }
-    if (exit_handle != os::invalid_handle) {
-        int timeout_ms = -1;
-        if (deadline != os::no_deadline) {
-            auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - os::Clock::now()).count();
-            timeout_ms = left <= 0 ? 0 : static_cast<int>(std::min<long long>(left + 1, 1 << 30));
-        }
-        if (os::wait_readable(&exit_handle, 1, timeout_ms)) {
-            trace_phase(StartPhase::waiter_woke);
-            // The child has ended; the reactor, woken by the same event, is
-            // draining and resolving right now: wait for it briefly, awake.
-            auto until = os::Clock::now() + std::chrono::microseconds(500);
-            while (!done_relaxed() && os::Clock::now() < until) std::this_thread::yield();
-        }
-    }
-    return FutureCore::wait_until(deadline);
-}
-
-long ProcessCore::pid() const {
-    std::lock_guard<std::mutex> lk(mutex_);
-    return pid_;
-}
-
-std::optional<int> ProcessCore::exitcode() const {
-    std::lock_guard<std::mutex> lk(mutex_);
-    return exitcode_;
-}
-
-bool ProcessCore::is_alive() const { return started() && !exitcode().has_value(); }
-
-bool ProcessCore::has_value() const { return has_value_; }
-
-void ProcessCore::send_signal(int sig) {
-    std::lock_guard<std::mutex> lk(mutex_);
-    if (pid_ == 0 || exitcode_) return;
-    // Remembered: if someone else collects the exit status, this is what is known of the end.
-    if (os::send_signal(pid_, io_->pidfd, sig)) io_->signal_sent = sig;
-}
-
-void ProcessCore::set_daemon(bool daemon) {
-    if (started()) throw InvalidStateError("mpservice: set_daemon() after start()");
-    daemon_ = daemon;
-}
-
-void ProcessCore::release() noexcept {
-    try {
-        if (!started() || done()) return;
-        if (daemon_) send_signal(os::signal_terminate());
-        wait_until(os::no_deadline);
-    } catch (...) {
-    }
-}
-
-}  // namespace detail
-
-// ---------------------------------------------------------------- public functions
-
-namespace detail {
-namespace {
-/// The exit code of a program that refuses to act as a child (a forged or
-/// misplaced marker): EX_NOPERM of <sysexits.h>.
-constexpr int child_refused_exit_code = 77;
-
-[[noreturn]] void refuse_child_mode(const std::string& why) {
-    std::string text = "mpservice: refusing to run as a child process: " + why +
-                       " (the child marker is meant only for processes started by mpservice)\n";
-    os::write_stderr(text.data(), text.size());
-    os::exit_now(child_refused_exit_code);
-}
-
-/// Parses "<digits>" into `out`; false on anything else.
-bool parse_number(const char*& p, long& out) {
-    if (*p < '0' || *p > '9') return false;
-    char* end = nullptr;
-    errno = 0;
-    out = std::strtol(p, &end, 10);
-    if (errno != 0 || end == p) return false;
-    p = end;
-    return true;
-}
-
-/// Child mode, if this process was started by mpservice as a spawn child:
-/// the marker is argv[1], the process is not in secure-execution mode (a
-/// caller of a set-user-ID program must not make it run code of its choice),
-/// and the channel named by the marker was made by our parent, of our user.
-/// Anything else carrying the marker is refused with a message and exit code
-/// 77 - never a silent run of main() or of the frame.
-void enter_child_mode_if_marked(int argc, char** argv) {
-    if (argc <= 0 || !argv) return;
-    const std::size_t marker_len = sizeof child_marker - 1;
-    for (int i = 2; i < argc && argv[i]; ++i)
-        if (std::strncmp(argv[i], child_marker, marker_len) == 0)
-            refuse_child_mode("the marker argument is accepted only as the first argument (found at argv[" +
-                              std::to_string(i) + "])");
-    if (argc < 2 || !argv[1] || std::strncmp(argv[1], child_marker, marker_len) != 0) return;
-    const char* p = argv[1] + marker_len;
-    long fd = -1, parent = -1;
-    bool warm = false;  // ":w": exec'd ahead of demand (a warm spawn child)
-    if (!parse_number(p, fd) || *p++ != ':' || !parse_number(p, parent))
-        refuse_child_mode("malformed marker '" + std::string(argv[1]) + "'");
-    if (std::strcmp(p, warm_marker_suffix) == 0) {
-        warm = true;
-        p += sizeof warm_marker_suffix - 1;
-    }
-    if (*p != '\0') refuse_child_mode("malformed marker '" + std::string(argv[1]) + "'");
-    if (os::secure_execution())
-        refuse_child_mode("the program runs in secure-execution mode (set-user-ID, set-group-ID or capabilities)");
-    // Our parent died before we got here (we were re-parented): nobody is left
-    // to serve, and nothing runs; leave quietly, as a child whose parent dies.
-    if (parent != os::parent_pid() && !os::pid_alive(parent)) os::exit_now(1);
-    if (parent != os::parent_pid())
-        refuse_child_mode("the marker names process " + std::to_string(parent) + " as the parent, but the parent is " +
-                          std::to_string(os::parent_pid()));
-    long peer_pid = 0, peer_uid = 0;
-    if (fd <= INT32_MAX) fd = static_cast<long>(os::adopt_channel(static_cast<os::handle_t>(fd), parent));
-    if (fd < 0 || fd > INT32_MAX || !os::channel_peer(static_cast<os::handle_t>(fd), &peer_pid, &peer_uid))
-        refuse_child_mode("descriptor " + std::to_string(fd) + " is not a local stream channel");
-    if (peer_pid != parent)
-        refuse_child_mode("the channel was made by process " + std::to_string(peer_pid) + ", not by the parent (" +
-                          std::to_string(parent) + ")");
-    if (!os::is_own_user(peer_uid))
-        refuse_child_mode("the channel was made by user " + std::to_string(peer_uid) + ", not by this process's user");
-    run_bootstrapped_child(static_cast<os::handle_t>(fd), parent, warm ? ChildKind::warm_spawned : ChildKind::spawned);
-}
-}  // namespace
-}  // namespace detail
-
-void init(int argc, char** argv) {
-    auto& r = detail::rt();
-    detail::enter_child_mode_if_marked(argc, argv);  // a child never returns from here
-    if (r.initialized) return;
-    r.initialized = true;
-    if (argc > 0 && argv && argv[0]) r.argv0 = argv[0];
-    try {
-        detail::start_fork_server();
-    } catch (...) {
-        // No fork server now; the fork-server context makes one at first use.
-    }
-}
-
-const char* Context::name() const noexcept {
-    switch (method_) {
-        case StartMethod::spawn: return "spawn";
-        case StartMethod::fork: return "fork";
-        case StartMethod::forkserver: return "forkserver";
-    }
-    return "spawn";
-}
-
-const Context& get_context(const std::string& method) {
-    static const SpawnContext spawn;
-    static const ForkContext fork;
-    static const ForkServerContext forkserver;
-    if (method.empty()) return default_context();
-    if (method == "spawn") return spawn;
-    if (method == "fork") return fork;
-    if (method == "forkserver") return forkserver;
-    throw std::invalid_argument("mpservice: unknown start method '" + method +
-                                "' (expected \"spawn\", \"fork\" or \"forkserver\")");
-}
-
-namespace {
-/// The default start method: kUnset until set_start_method or its first use.
-/// An atomic rather than a lock: a fork child may read it while another
-/// thread of its parent was setting it at the moment of the fork.
-constexpr int kUnset = -1;
-std::atomic<int> g_start_method{kUnset};
-}  // namespace
-
-void set_start_method(const std::string& method, bool force) {
-    if (method.empty() && force) {  // as Python's set_start_method(None, force=True): not chosen again
-        g_start_method.store(kUnset);
-        return;
-    }
-    int wanted = static_cast<int>(get_context(method).start_method());  // std::invalid_argument if unknown
-    if (force) {
-        g_start_method.store(wanted);
-        return;
-    }
-    int expected = kUnset;
-    if (!g_start_method.compare_exchange_strong(expected, wanted))
-        throw InvalidStateError("mpservice: the start method was already set (to \"" +
-                                std::string(Context(static_cast<StartMethod>(expected)).name()) +
-                                "\"); pass force = true to replace it");
-}
-
-std::string get_start_method(bool allow_none) {
-    int m = g_start_method.load();
-    if (m == kUnset) {
-        if (allow_none) return std::string();
-        int expected = kUnset;
-        m = g_start_method.compare_exchange_strong(expected, static_cast<int>(StartMethod::spawn))
-                ? static_cast<int>(StartMethod::spawn)
-                : expected;
-    }
-    return Context(static_cast<StartMethod>(m)).name();
-}
-
-std::vector<std::string> get_all_start_methods() { return {"spawn", "fork", "forkserver"}; }
-
-const Context& default_context() { return get_context(get_start_method()); }
-
-int cpu_count() {
-    int n = detail::os::affinity_cpu_count();
-    double quota = detail::os::cgroup_cpu_quota();
-    if (quota > 0) n = std::min(n, static_cast<int>(std::ceil(quota)));
-    return std::max(n, 1);
-}
-
-ProcessInfo current_process() { return ProcessInfo{detail::process_name(), detail::os::current_pid()}; }
-
-std::optional<ProcessInfo> parent_process() { return detail::rt().parent; }
-
-std::vector<ProcessInfo> active_children() {
-    std::vector<ProcessInfo> out;
-    if (!detail::g_reactor.load()) return out;
-    for (auto& c : detail::Reactor::get().live()) out.push_back(ProcessInfo{c->name, c->pid()});
-    return out;
-}
-
-}  // namespace mpservice
-// ---- end part: mpservice/impl/process_core.cpp
 // ---- begin part: mpservice/impl/threading.cpp -------------------------------
 // threading: implementation - the future core shared by Process and Thread,
 // wait() and as_completed().
@@ -16683,6 +14411,8 @@ Completed AsCompleted::next_completed() {
 
 }  // namespace mpservice
 // ---- end part: mpservice/impl/threading.cpp
+#endif
+#if MPSERVICE_PART_(4)
 // ---- begin part: mpservice/impl/synchronize.cpp -----------------------------
 // synchronize: Lock, RLock, Condition, Semaphore, Event, Barrier.
 #include <algorithm>
@@ -18447,6 +16177,2347 @@ bool QueueCore::join(os::Deadline deadline) {
 
 }  // namespace mpservice::detail
 // ---- end part: mpservice/impl/queues.cpp
+#endif
+#if MPSERVICE_PART_(5)
+// ---- begin part: mpservice/impl/process_runtime.cpp -------------------------
+// process_runtime: process-wide state of the process machinery (who we are,
+// the fork server link, build fingerprints) and small shared helpers.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace mpservice {
+namespace detail {
+namespace {
+using namespace wire;
+
+// ---------------------------------------------------------------- process-wide state
+
+/// The fork server as seen from its parent.
+struct ForkServerLink {
+    os::handle_t control = os::invalid_handle;
+    long pid = 0;
+};
+
+std::mutex& fingerprints_mutex() {
+    static auto* m = new std::mutex;  // never destroyed, like the runtime
+    return *m;
+}
+
+struct Runtime {
+    bool initialized = false;
+    bool is_child = false;
+    std::string argv0 = "/proc/self/exe";
+    std::string identity;  // "" in the main process, "2" or "2:1" in children
+    std::atomic<int> next_child{1};
+    std::optional<ProcessInfo> parent;
+    // Made afresh in every forked child: the thread that starts a fork server
+    // forks while holding it.
+    std::mutex* forkserver_mutex = new std::mutex;
+    ForkServerLink forkserver;
+    std::mutex* fingerprint_mutex = &fingerprints_mutex();  // a fork lock (os::at_fork_protect)
+    std::map<std::string, std::string> fingerprints;
+    std::atomic<bool> corrupt_next_fingerprint{false};
+    // How long start() waits for the fork server to make a worker: a stopped
+    // or wedged server must not block start() for ever.
+    std::atomic<long long> forkserver_timeout_ms{30000};
+};
+
+void reset_after_fork_in_child();  // process_fork.cpp
+
+/// Registers, once, the at-fork hook that makes a forked child forget its
+/// parent's reactor, fork server and child link.  Called by whatever makes
+/// one of them: a program that never does (a codec-only program, linked with
+/// --gc-sections) then carries none of that code.  Registered at any time, the
+/// hook still runs after the fork locks' own (registered before main).
+void register_after_fork_reset() {
+    static const bool registered = (os::at_fork_child(&reset_after_fork_in_child), true);
+    (void)registered;
+}
+
+Runtime& rt() {
+    static Runtime* r = [] {
+        register_after_fork_reset();
+        return new Runtime;  // never destroyed: the reactor thread outlives static destruction
+    }();
+    return *r;
+}
+
+// Before main(), before any thread exists: a fork while another thread fills
+// the fingerprint cache must not copy its lock held.  (Only the lock: the
+// runtime itself is made at first use, by a program that uses processes.)
+[[maybe_unused]] const bool g_fingerprints_fork_safe = (os::at_fork_protect(&fingerprints_mutex(), 25), true);
+
+void flush_stdio() noexcept {
+    try {
+        std::cout.flush();
+        std::cerr.flush();
+        std::clog.flush();
+    } catch (...) {
+    }
+    std::fflush(nullptr);
+}
+
+std::atomic<std::int64_t*> g_phase_slots{nullptr};
+
+/// Records `phase` when a bench asked for it (test_trace_start_phases).
+inline void trace_phase(StartPhase phase) noexcept {
+    if (std::int64_t* slots = g_phase_slots.load(std::memory_order_relaxed))
+        slots[static_cast<int>(phase)] =
+            std::chrono::duration_cast<std::chrono::nanoseconds>(os::Clock::now().time_since_epoch()).count();
+}
+
+std::string describe(const std::string& name, long pid) {
+    return "process '" + name + "' (pid " + std::to_string(pid) + ")";
+}
+
+}  // namespace
+
+std::string fingerprint_of(const std::string& module) {
+    Runtime& r = rt();
+    std::lock_guard<std::mutex> lk(*r.fingerprint_mutex);
+    auto it = r.fingerprints.find(module);
+    if (it != r.fingerprints.end()) return it->second;
+    return r.fingerprints[module] = os::module_fingerprint(module);
+}
+
+void test_trace_start_phases(std::int64_t* slots) noexcept { g_phase_slots.store(slots, std::memory_order_relaxed); }
+
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/process_runtime.cpp
+// ---- begin part: mpservice/impl/process_output.cpp --------------------------
+// process_output: a child's standard output and error forwarded through the
+// parent's log path (Process::set_forward_output, set_output_forwarding).
+//
+// The parent makes two pipes per forwarding child.  The child's descriptors 1
+// and 2 become their write ends (a spawn or fork-server child receives them
+// with BOOT, a forked child dup2s them right after fork), so the programs the
+// child execs write into them too.  The parent's reactor thread reads the read
+// ends - they sit in one epoll set of their own, which the reactor's poller
+// watches - splits the bytes into lines and hands each line to
+// handle_log_record as a record of logger "stdout" or "stderr" carrying the
+// child's name and pid.  One pipe per child and stream: lines of different
+// children cannot mix, and a line becomes a record only once its '\n' has
+// arrived (or its stream has ended); a '\r' before the '\n' is dropped.
+//
+// Nothing is lost at exit: when the child has ended, the reactor reads both
+// pipes dry before it resolves the Process (everything the child wrote is in
+// them by then), so join() returns after its lines were handled.  The read
+// ends stay watched until every writer is gone - a grandchild that inherited
+// descriptor 1 may write after the child has ended; its lines carry the
+// child's name - and are closed at end of stream.
+
+#include <atomic>
+#include <map>
+#include <mutex>
+
+namespace mpservice {
+
+namespace {
+std::atomic<bool> g_output_forwarding{false};
+}  // namespace
+
+void set_output_forwarding(bool forward) noexcept { g_output_forwarding.store(forward, std::memory_order_relaxed); }
+bool output_forwarding() noexcept { return g_output_forwarding.load(std::memory_order_relaxed); }
+
+namespace detail {
+namespace {
+
+/// The parent's readers of forwarded output (owned by the reactor).
+class OutputPump {
+public:
+    /// A line longer than this is passed on in pieces of this size.
+    static constexpr std::size_t max_line = std::size_t(1) << 20;
+
+    OutputPump() : poller_(os::poller_create()), buf_(1 << 16) {}
+    OutputPump(const OutputPump&) = delete;
+    OutputPump& operator=(const OutputPump&) = delete;
+    /// Readable when a pipe has data (the reactor's poller watches it).
+    os::handle_t poller() const noexcept { return poller_; }
+
+    /// Takes the read ends of a child about to start (not read until arm);
+    /// `key` names the child for drain_for.
+    std::uint64_t open(const void* key, const std::string& name, os::handle_t out_read, os::handle_t err_read) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        std::uint64_t id = next_id_++;
+        Entry& e = entries_[id];
+        e.key = key;
+        e.name = name;
+        e.streams[0].fd = out_read;
+        e.streams[1].fd = err_read;
+        return id;
+    }
+    /// The child runs as `pid` and the parent has closed its write ends:
+    /// start reading the pipes.
+    void arm(std::uint64_t id, long pid) {
+        std::vector<Line> lines;
+        {
+            std::lock_guard<std::mutex> lk(mutex_);
+            auto it = entries_.find(id);
+            if (it == entries_.end()) return;
+            Entry& e = it->second;
+            if (!e.pid) e.pid = pid;
+            if (!e.key) {
+                // The child has ended already (drain_for ran before this): its
+                // pipes end now unless a grandchild holds them; close them here
+                // rather than later on the reactor thread.
+                for (int s = 0; s < 2; ++s) read_stream(e, s, lines);
+                if (e.streams[0].eof && e.streams[1].eof) {
+                    entries_.erase(it);
+                    it = entries_.end();
+                }
+            }
+            if (it != entries_.end()) {
+                for (int s = 0; s < 2; ++s)
+                    if (!e.streams[s].eof) os::poller_add(poller_, e.streams[s].fd, id << 1 | static_cast<unsigned>(s));
+                e.armed = true;
+            }
+        }
+        emit(lines);
+    }
+    /// The start failed: close the read ends, forget the child.
+    void cancel(std::uint64_t id) noexcept {
+        std::lock_guard<std::mutex> lk(mutex_);
+        auto it = entries_.find(id);
+        if (it == entries_.end()) return;
+        close_entry(it->second);
+        entries_.erase(it);
+    }
+
+    /// On the reactor thread, when the child `key` has ended: hands on every
+    /// line it wrote (they are all in the pipes now).  Later writes (a
+    /// grandchild's) still come through on_ready.
+    void drain_for(const void* key, long pid) {
+        std::vector<Line> lines;
+        {
+            std::lock_guard<std::mutex> lk(mutex_);
+            for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+                Entry& e = it->second;
+                if (e.key != key) continue;
+                if (!e.pid) e.pid = pid;
+                for (int s = 0; s < 2; ++s) {
+                    read_stream(e, s, lines);
+                    // The child has ended: a last line without '\n' is complete too.
+                    Stream& st = e.streams[s];
+                    if (!st.partial.empty()) lines.push_back(Line{s, std::move(st.partial), e.name, e.pid});
+                    st.partial.clear();
+                }
+                e.key = nullptr;
+                if (e.streams[0].eof && e.streams[1].eof) entries_.erase(it);
+                break;
+            }
+        }
+        emit(lines);
+    }
+
+    /// On the reactor thread: some pipe is readable.
+    void on_ready() {
+        std::uint64_t tokens[64];
+        int n = os::poller_wait(poller_, tokens, 64, 0);
+        std::vector<Line> lines;
+        {
+            std::lock_guard<std::mutex> lk(mutex_);
+            for (int i = 0; i < n; ++i) {
+                std::uint64_t id = tokens[i] >> 1;
+                auto it = entries_.find(id);
+                if (it == entries_.end()) continue;
+                Entry& e = it->second;
+                read_stream(e, static_cast<int>(tokens[i] & 1), lines);
+                // Ended on both streams, and the child's own end was seen (or
+                // it will not be: drain_for finds no entry and has nothing to do).
+                if (e.streams[0].eof && e.streams[1].eof && !e.key) entries_.erase(it);
+            }
+        }
+        emit(lines);
+    }
+
+private:
+    struct Stream {
+        os::handle_t fd = os::invalid_handle;
+        std::string partial;       // bytes after the last '\n'
+        bool eof = false;
+    };
+    struct Entry {
+        const void* key = nullptr;  // the child's core until it has ended
+        std::string name;
+        long pid = 0;
+        bool armed = false;
+        Stream streams[2];  // stdout, stderr
+    };
+    struct Line {
+        int stream;
+        std::string text;
+        std::string name;
+        long pid;
+    };
+
+    void close_entry(Entry& e) noexcept {
+        for (auto& s : e.streams) {
+            if (e.armed && !s.eof) os::poller_remove(poller_, s.fd);
+            os::close_handle(s.fd);
+            s.fd = os::invalid_handle;
+            s.eof = true;
+        }
+    }
+
+    /// Reads stream `which` of `e` dry, appending its complete lines to `out`.
+    void read_stream(Entry& e, int which, std::vector<Line>& out) {
+        Stream& s = e.streams[which];
+        while (!s.eof) {
+            long n = os::pipe_read(s.fd, buf_.data(), buf_.size());
+            if (n < 0) return;  // nothing more now
+            if (n == 0) {
+                s.eof = true;
+                if (!s.partial.empty()) out.push_back(Line{which, std::move(s.partial), e.name, e.pid});
+                s.partial.clear();
+                if (e.armed) os::poller_remove(poller_, s.fd);
+                os::close_handle(s.fd);
+                s.fd = os::invalid_handle;
+                return;
+            }
+            split_lines(e, which, buf_.data(), static_cast<std::size_t>(n), out);
+        }
+    }
+
+    static void split_lines(Entry& e, int which, const char* data, std::size_t n, std::vector<Line>& out) {
+        std::string& partial = e.streams[which].partial;
+        std::size_t start = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+            if (data[i] != '\n') continue;
+            std::string text = std::move(partial);
+            partial.clear();
+            text.append(data + start, i - start);
+            // "\r\n" ends a line too (as Python's universal newlines read it):
+            // Windows programs a child runs (cmd's echo) write it.
+            if (!text.empty() && text.back() == '\r') text.pop_back();
+            out.push_back(Line{which, std::move(text), e.name, e.pid});
+            start = i + 1;
+        }
+        partial.append(data + start, n - start);
+        while (partial.size() >= max_line) {
+            out.push_back(Line{which, partial.substr(0, max_line), e.name, e.pid});
+            partial.erase(0, max_line);
+        }
+    }
+
+    /// Hands lines on as records (outside the lock: a handler may start processes).
+    static void emit(std::vector<Line>& lines) {
+        for (Line& l : lines) {
+            LogRecord r;
+            r.level = l.stream == 0 ? Level::info : Level::warning;
+            r.logger = l.stream == 0 ? "stdout" : "stderr";
+            r.message = std::move(l.text);
+            r.time = std::chrono::system_clock::now();
+            r.pid = l.pid;
+            r.process_name = std::move(l.name);
+            try {
+                handle_log_record(r);
+            } catch (...) {
+                // A failing handler must not cost the other lines or the child's outcome.
+            }
+        }
+    }
+
+    os::handle_t poller_;
+    std::vector<char> buf_;  // read into under mutex_
+    std::mutex mutex_;
+    std::uint64_t next_id_ = 1;
+    std::map<std::uint64_t, Entry> entries_;
+};
+
+/// The output pipes of one start(): made before the child, given to it, and
+/// handed to the pump once the child has them.  Destroyed uncommitted (the
+/// start failed), it closes everything.
+class OutputCapture {
+public:
+    OutputCapture(OutputPump& pump, const ProcessCore& core, bool forward) : pump_(pump) {
+        if (!forward) return;
+        try {
+            os::output_pipe(read_[0], write_[0]);
+            os::output_pipe(read_[1], write_[1]);
+        } catch (...) {
+            close_all_ends();
+            throw;
+        }
+        try {
+            id_ = pump_.open(&core, core.name, read_[0], read_[1]);  // the pump owns the read ends now
+        } catch (...) {
+            close_all_ends();
+            throw;
+        }
+    }
+    ~OutputCapture() {
+        if (!id_) return;
+        for (auto& w : write_) os::close_handle(w);
+        if (!committed_) pump_.cancel(id_);
+    }
+    OutputCapture(const OutputCapture&) = delete;
+    OutputCapture& operator=(const OutputCapture&) = delete;
+
+    /// BOOT's part: whether output is forwarded, and the two write ends.
+    void encode(Encoder& e) const {
+        e.write(id_ != 0);
+        if (id_) e(e.attach(write_[0]), e.attach(write_[1]));
+    }
+    /// In a forked child, right after fork: descriptors 1 and 2 become the pipes.
+    void redirect_in_forked_child() noexcept {
+        if (!id_) return;
+        try {
+            os::redirect_standard_output(write_[0], write_[1]);
+        } catch (...) {
+            os::exit_now(1);  // cannot happen short of a descriptor table in ruins
+        }
+        for (int s = 0; s < 2; ++s) {
+            os::close_handle(write_[s]);
+            os::close_handle(read_[s]);  // the parent's
+        }
+    }
+    /// The child holds the write ends (inherited, or sent with BOOT): close
+    /// ours, so the pipes end when the child's writers do; start reading.
+    void commit(long pid) {
+        if (!id_) return;
+        for (auto& w : write_) {
+            os::close_handle(w);
+            w = os::invalid_handle;
+        }
+        committed_ = true;
+        pump_.arm(id_, pid);
+    }
+
+private:
+    void close_all_ends() noexcept {
+        for (int s = 0; s < 2; ++s) {
+            os::close_handle(read_[s]);
+            os::close_handle(write_[s]);
+            read_[s] = write_[s] = os::invalid_handle;
+        }
+    }
+    OutputPump& pump_;
+    std::uint64_t id_ = 0;
+    os::handle_t read_[2] = {os::invalid_handle, os::invalid_handle};
+    os::handle_t write_[2] = {os::invalid_handle, os::invalid_handle};
+    bool committed_ = false;
+};
+
+/// In a spawn or fork-server child, reading BOOT: the counterpart of
+/// OutputCapture::encode.  The handles belong to BOOT (closed with it).
+void adopt_forwarded_output(Decoder& d) {
+    bool forward = d.read<bool>();
+    if (!forward) return;
+    std::uint32_t out = 0, err = 0;
+    d(out, err);
+    os::redirect_standard_output(d.handle(out), d.handle(err));
+}
+
+}  // namespace
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/process_output.cpp
+// ---- begin part: mpservice/impl/process_child.cpp ---------------------------
+// process_child: the child side - reads its BOOT frame, runs the target,
+// reports the outcome (VALUE or EXCEPTION, then END) and exits.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace mpservice {
+namespace detail {
+namespace {
+
+// ---------------------------------------------------------------- the child side
+
+/// The child's end of its channel; frames from several threads are serialized.
+struct ChildLink {
+    os::handle_t channel = os::invalid_handle;
+    std::mutex mutex;
+    bool send(std::uint32_t kind, const std::string& payload, const std::vector<os::handle_t>& handles = {}) {
+        std::lock_guard<std::mutex> lk(mutex);
+        try {
+            return write_frame(channel, kind, payload, handles);
+        } catch (const std::exception& e) {
+            // Not swallowed: the parent cannot hear of it, so this process's stderr does.
+            std::string text = "mpservice: " + process_name() + " could not send a frame to its parent: " + e.what() + "\n";
+            os::write_stderr(text.data(), text.size());
+            return false;
+        }
+    }
+};
+
+ChildLink& child_link() {
+    static ChildLink* l = [] {
+        register_after_fork_reset();  // its mutex is made afresh in a forked child
+        return new ChildLink;
+    }();
+    return *l;
+}
+
+void install_log_forwarding() {
+    set_log_forwarder([](const LogRecord& record) {
+        Encoder e;
+        e.write(record);
+        child_link().send(frame_log, e.bytes());
+    });
+}
+
+// Defined with the reactor: what a normal exit does for this process's own
+// children (daemons are terminated, the others waited for).
+void at_exit_handler();
+
+// ---- a child that ends by exit(n) itself announces n
+// When SIGCHLD is ignored, or another waitpid() takes the status, the kernel
+// cannot tell the parent how a child ended.  A child that returns or throws
+// sends END with its code; one that calls exit(n) in its target sends END with
+// n on its way out, so the parent reports "exited with code n" all the same.
+
+std::atomic<bool> g_outcome_sent{false};
+std::atomic<long> g_link_owner{0};  // the process whose channel child_link() is
+
+void announce_exit_status(int status) noexcept {
+    if (g_outcome_sent.exchange(true) || os::current_pid() != g_link_owner.load()) return;
+    try {
+        Encoder end;
+        end.write(static_cast<std::int32_t>(status & 0xff));
+        FrameHeader h{frame_end, 0, end.bytes().size()};
+        std::string frame(reinterpret_cast<const char*>(&h), sizeof h);
+        frame.append(end.bytes());
+        ChildLink& link = child_link();
+        std::lock_guard<std::mutex> lk(link.mutex);
+        if (link.channel != os::invalid_handle) os::channel_write(link.channel, frame.data(), frame.size(), nullptr, 0);
+    } catch (...) {
+    }
+}
+
+/// Registers announce_exit_status with the C library (once per program).  The
+/// parent calls it before it forks: registering takes the C library's exit
+/// lock, which a forked child of a threaded parent must never need.
+void register_exit_announcement() noexcept { os::on_exit_status(&announce_exit_status); }
+
+/// Called once the channel to the parent is set up in this process.
+void watch_own_exit() noexcept {
+    g_outcome_sent = false;
+    g_link_owner = os::current_pid();
+    os::on_exit_status(&announce_exit_status);
+}
+
+enum class SendOutcome { sent, parent_gone, failed };
+
+/// Sends `kind` (VALUE or EXCEPTION) with `payload` and `handles`, then END
+/// carrying `code`, in one write: one system call, one wake-up of the parent.
+/// On failure `why` says what went wrong.
+SendOutcome send_outcome(std::uint32_t kind, const Encoder& payload, int code, std::string& why) {
+    g_outcome_sent = true;  // END goes now (or never): exit() need not announce one
+    const auto& hs = payload.handles();
+    // A closed descriptor would fail the write half-way through the frames;
+    // find it first, while a clear report can still be sent instead.
+    for (auto h : hs) {
+        if (!os::handle_valid(h)) {
+            why = "the result holds OS handle " + std::to_string(h) +
+                  ", which is not open (a shared object destroyed before the result was sent?)";
+            return SendOutcome::failed;
+        }
+    }
+    std::string frames;
+    auto append = [&](std::uint32_t k, const std::string& bytes, std::size_t nhandles) {
+        FrameHeader h{k, static_cast<std::uint32_t>(nhandles), bytes.size()};
+        frames.append(reinterpret_cast<const char*>(&h), sizeof h);
+        frames.append(bytes);
+    };
+    append(kind, payload.bytes(), hs.size());
+    Encoder end;
+    end.write(static_cast<std::int32_t>(code));
+    append(frame_end, end.bytes(), 0);
+    ChildLink& link = child_link();
+    std::lock_guard<std::mutex> lk(link.mutex);
+    try {
+        if (os::channel_write(link.channel, frames.data(), frames.size(), nullptr, 0, hs.data(), hs.size()))
+            return SendOutcome::sent;
+        return SendOutcome::parent_gone;
+    } catch (const std::exception& e) {
+        why = e.what();
+        return SendOutcome::failed;
+    }
+}
+
+/// Sends the outcome of `run` (VALUE or EXCEPTION), then END; returns the exit
+/// code.  Before reporting, the child's own children are finished as a normal
+/// exit would (the child then ends with exit_now: see run_bootstrapped_child).
+template <class Run>
+int run_and_report(Run&& run) {
+    int code = 0;
+    Encoder out;
+    std::shared_ptr<void> keep;  // the result: its handles must stay open until it is sent
+    std::uint32_t kind = frame_value;
+    auto encode_error = [&](std::exception_ptr e) {
+        out = Encoder();
+        kind = frame_exception;
+        code = 1;
+        try {
+            encode_exception(out, e);
+        } catch (...) {
+            out = Encoder();
+            encode_exception(out, std::make_exception_ptr(Error("mpservice: the child's exception could not be encoded")));
+        }
+    };
+    try {
+        run(out, keep);
+    } catch (...) {
+        encode_error(std::current_exception());
+    }
+    try {
+        at_exit_handler();  // grandchildren's log records still travel up through us
+    } catch (...) {
+    }
+    set_log_forwarder({});  // later records stay here: END is the last frame
+    std::string why;
+    SendOutcome sent = send_outcome(kind, out, code, why);
+    trace_phase(StartPhase::outcome_sent);
+    if (sent == SendOutcome::failed) {
+        // Never swallowed: the parent learns why it gets no result.
+        encode_error(std::make_exception_ptr(
+            Error("mpservice: " + process_name() + " could not deliver its " +
+                  (kind == frame_value ? std::string("result") : std::string("exception")) + ": " + why)));
+        std::string ignored;
+        sent = send_outcome(kind, out, code, ignored);
+        if (sent != SendOutcome::sent) {
+            std::string text = "mpservice: " + process_name() + " could not deliver its outcome: " + why + "\n";
+            os::write_stderr(text.data(), text.size());
+        }
+    }
+    keep.reset();
+    return code;
+}
+
+void adopt_child_identity(const std::string& name, const std::string& identity, const std::string& parent_name,
+                          long parent_pid) {
+    Runtime& r = rt();
+    r.is_child = true;
+    r.initialized = true;
+    r.identity = identity;
+    r.next_child = 1;
+    r.parent = ProcessInfo{parent_name, parent_pid};
+    set_process_name(name);
+}
+
+// ---- the parent's present: what a child adopts that a fork-server worker,
+// forked from a server made at init(), would otherwise have from init() time
+
+/// The parent's state at start() that its child adopts: the default start
+/// method (every child) and - for a fork-server worker - the working directory
+/// and environment, which a spawned child has already (exec inherits them).
+struct ParentPresent {
+    std::int8_t start_method = -1;  // StartMethod, or -1: not chosen in the parent
+    bool has_environment = false;
+    std::string cwd;
+    std::vector<std::string> environment;
+};
+
+void encode_parent_present(Encoder& e, StartMethod child_method) {
+    ParentPresent p;
+    std::string method = get_start_method(true);
+    if (!method.empty()) p.start_method = static_cast<std::int8_t>(get_context(method).start_method());
+    p.has_environment = child_method == StartMethod::forkserver;
+    if (p.has_environment) {
+        p.cwd = os::current_directory();
+        p.environment = os::environment_entries();
+    }
+    e(p.start_method, p.has_environment);
+    if (p.has_environment) e(p.cwd, p.environment);
+}
+
+ParentPresent decode_parent_present(Decoder& d) {
+    ParentPresent p;
+    d(p.start_method, p.has_environment);
+    if (p.has_environment) d(p.cwd, p.environment);
+    return p;
+}
+
+/// In the child, before the target runs (after the module checks, which may
+/// use paths relative to the old working directory).
+void adopt_parent_present(const ParentPresent& p) {
+    if (p.start_method >= 0)
+        set_start_method(Context(static_cast<StartMethod>(p.start_method)).name(), true);
+    if (!p.has_environment) return;
+    os::replace_environment(p.environment);
+    if (!p.cwd.empty() && !os::change_directory(p.cwd))
+        throw Error("mpservice: the fork-server worker cannot enter the parent's working directory '" + p.cwd + "'");
+}
+
+enum class ChildKind {
+    spawned,            ///< exec'd for one start: BOOT is on its way
+    warm_spawned,       ///< exec'd ahead of demand (process_warm.cpp): says HELLO, then waits for BOOT
+    forkserver_worker,  ///< forked by the fork server
+};
+
+/// A spawned child or a fork-server worker: reads BOOT, runs the target, reports, exits.
+[[noreturn]] void run_bootstrapped_child(os::handle_t channel, long expected_parent, ChildKind kind,
+                                         std::uint64_t serial = 0) {
+    if (!os::die_with_parent(expected_parent)) os::exit_now(1);
+    if (kind != ChildKind::forkserver_worker) os::close_handles_except(channel);
+    child_link().channel = channel;
+    watch_own_exit();
+    if (kind == ChildKind::warm_spawned) {
+        // The part of the task's checks that does not depend on the task: the
+        // build fingerprint of this executable (read from its file), cached
+        // for the comparison with the one BOOT carries.
+        try {
+            (void)fingerprint_of(std::string());
+        } catch (...) {
+        }
+        Encoder hello;
+        hello(static_cast<std::int64_t>(os::current_pid()), std::uint64_t(0));
+        if (!write_frame(channel, frame_hello, hello.bytes())) os::exit_now(1);
+    }
+    if (kind == ChildKind::forkserver_worker) {
+        Encoder hello;
+        hello(static_cast<std::int64_t>(os::current_pid()), serial);
+        if (!write_frame(channel, frame_hello, hello.bytes())) os::exit_now(1);
+    }
+    Frame boot;
+    FrameReader reader;
+    bool got = false;
+    try {
+        got = reader.read_blocking(channel, boot) && boot.kind == frame_boot;
+    } catch (...) {
+    }
+    if (!got) os::exit_now(1);  // the parent went away before telling us what to run
+
+    int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) {
+        Decoder d(boot.payload.data(), boot.payload.size(), &boot.handles);
+        auto version = d.read<std::uint32_t>();
+        if (version != protocol_version)
+            throw Error("mpservice: the parent speaks protocol " + std::to_string(version) + ", this child " +
+                        std::to_string(protocol_version) + ": it is a different build of the program");
+        os::ModuleAddress target, tramp;
+        std::string target_fp, tramp_fp, name, identity, parent_name;
+        std::uint64_t target_off, tramp_off;
+        std::int64_t parent_pid;
+        bool daemon;
+        std::int32_t log_level;
+        d(target.module, target_off, target_fp, tramp.module, tramp_off, tramp_fp, name, identity, parent_name,
+          parent_pid, daemon, log_level);
+        ParentPresent present = decode_parent_present(d);
+        (void)daemon;
+        set_log_level_from_parent(static_cast<Level>(log_level));
+        adopt_forwarded_output(d);
+        target.offset = static_cast<std::uintptr_t>(target_off);
+        tramp.offset = static_cast<std::uintptr_t>(tramp_off);
+        adopt_child_identity(name, identity, parent_name, static_cast<long>(parent_pid));
+        install_log_forwarding();
+        for (auto* m : {&target, &tramp}) {
+            const std::string& want = m == &target ? target_fp : tramp_fp;
+            std::string have = fingerprint_of(m->module);
+            if (have != want)
+                throw Error("mpservice: refusing to run the task: this child runs a different build of " +
+                            (m->module.empty() ? std::string("the program") : m->module) +
+                            " than its parent (build fingerprints differ); rebuild and restart the parent");
+        }
+        const void* fn = os::module_resolve(target);
+        const void* tr = os::module_resolve(tramp);
+        if (!fn || !tr)
+            throw Error("mpservice: the child cannot find the target's module '" + target.module + "'");
+        auto trampoline = reinterpret_cast<Trampoline>(reinterpret_cast<std::uintptr_t>(tr));
+        adopt_parent_present(present);
+        trampoline(fn, d, out, keep);
+    });
+    close_all(boot.handles);
+    // Every context ends its child the same way once the outcome is reported:
+    // streams flushed, no static destructors or atexit handlers.  A forked
+    // child must not run them (they are its parent's), and a spawned child
+    // follows suit so that the contexts agree: a crash in teardown after the
+    // answer was sent cannot happen, and exitcode() is the code reported
+    // (README, "How a child ends").
+    flush_stdio();
+    os::exit_now(code);
+}
+
+}  // namespace
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/process_child.cpp
+// ---- begin part: mpservice/impl/process_reactor.cpp -------------------------
+// process_reactor: the parent's reactor thread - one thread watches every
+// child's channel and pidfd (and the fork server's control socket) and
+// resolves each ProcessCore when its child has ended.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace mpservice {
+namespace detail {
+
+// ---------------------------------------------------------------- the reactor
+
+struct ProcessCore::Io {
+    os::handle_t channel = os::invalid_handle;
+    os::handle_t pidfd = os::invalid_handle;  // guarded by the core's mutex once registered
+    wire::FrameReader reader;
+    std::uint64_t id = 0;
+    bool via_server = false;
+    std::uint64_t server_generation = 0;  // which fork server made it (fork-server workers)
+    std::uint64_t serial = 0;            // fork-server workers: the server's number for it
+    std::optional<int> end_code;         // the exit code the child announced in END
+    int signal_sent = 0;                 // the last signal the parent sent (guarded by the core's mutex)
+    bool eof = false;
+    bool finished = false;
+    std::exception_ptr exception;
+    Owned<ChildTask> task;  // a forked child's arguments, kept until it ends
+};
+
+namespace {
+
+class Reactor {
+public:
+    /// The reactor of this process (started on first use).
+    static Reactor& get();
+    /// Called in a forked child: the parent's reactor thread does not exist here.
+    static void forget_after_fork() noexcept;
+
+    /// Starts watching a started child; on failure (std::system_error) nothing is registered.
+    void add(const std::shared_ptr<ProcessCore>& core);
+    /// A fork-server worker that will not be registered: drop its status when it comes.
+    void discard_worker(std::uint64_t serial);
+    void watch_fork_server(os::handle_t control);
+    /// The fork server behind `control` was killed: stop watching it, close
+    /// `control` (on the reactor thread, which may be reading it) and resolve
+    /// its workers that have ended.
+    void retire_fork_server(os::handle_t control);
+    /// Returns once the reactor thread has run a task posted now: every event
+    /// it was handling before (and the references it held for it) is done.
+    void barrier();
+    /// Runs `fn` on a thread that lives as long as the process: the initial
+    /// thread, or else the reactor's.  A child's parent-death signal fires when
+    /// the *thread* that made it ends, so children are never made on a
+    /// short-lived thread.
+    template <class Fn>
+    auto on_long_lived_thread(Fn&& fn) -> decltype(fn());
+    std::vector<std::shared_ptr<ProcessCore>> live();
+    bool on_reactor_thread() const { return std::this_thread::get_id() == thread_id_; }
+    bool owned_by_this_process() const { return owner_pid_ == os::current_pid(); }
+    /// The readers of children's forwarded output (process_output.cpp).
+    OutputPump& output() { return output_; }
+
+private:
+    Reactor();
+    /// Posts `task` (which must not throw) to the reactor thread and returns
+    /// once it has run there; never called on the reactor thread itself.
+    void run_posted_and_wait(std::function<void()> task);
+    void loop();
+    void on_channel(const std::shared_ptr<ProcessCore>& core);
+    void on_pidfd(const std::shared_ptr<ProcessCore>& core);
+    void drain(ProcessCore& core);
+    void on_frame(ProcessCore& core, Frame& f);
+    /// The child has ended; `status` is its exit code, or empty when its
+    /// status was collected by someone else (SIGCHLD ignored, a foreign waitpid).
+    void on_exit(const std::shared_ptr<ProcessCore>& core, std::optional<int> status);
+    void on_fork_server();
+    void fork_server_gone(os::handle_t control, std::uint64_t generation, bool close);
+    void finish(const std::shared_ptr<ProcessCore>& core, std::optional<int> status);
+    /// Collects the exit status of a direct child (not a fork-server worker).
+    void reap(const std::shared_ptr<ProcessCore>& core, bool block);
+    std::shared_ptr<ProcessCore> find(std::uint64_t id);
+
+    static constexpr std::uint64_t tag_channel = 0, tag_pidfd = 1, tag_wake = 2, tag_server = 3;
+    static constexpr std::uint64_t token_output = 1 << 2 | tag_wake;  // output_'s poller (id 1 of tag_wake)
+    OutputPump output_;
+
+    os::handle_t poller_ = os::invalid_handle;
+    os::handle_t wake_ = os::invalid_handle;
+    os::handle_t server_ = os::invalid_handle;
+    std::uint64_t server_generation_ = 0;                  // counts the fork servers watched
+    std::unordered_set<std::uint64_t> dead_generations_;   // fork servers that are gone (reactor thread)
+    std::mutex mutex_;
+    std::uint64_t next_id_ = 1;
+    std::unordered_map<std::uint64_t, std::shared_ptr<ProcessCore>> children_;
+    std::unordered_map<std::uint64_t, std::uint64_t> server_serials_;  // fork-server serial -> id
+    std::unordered_map<std::uint64_t, int> early_exits_;               // statuses before registration
+    std::unordered_set<std::uint64_t> finished_serials_;               // ended before their status came
+    std::deque<std::function<void()>> tasks_;
+    // What the reactor works on lives here rather than on its stack: a child
+    // forked meanwhile has no reactor thread, and its leak checker scans
+    // reachable memory only (this object stays reachable there).
+    std::deque<std::function<void()>> running_tasks_;
+    std::shared_ptr<ProcessCore> current_;
+    void* stack_low_ = nullptr;  // the reactor thread's stack: a forked child's leak checker must scan it
+    std::size_t stack_size_ = 0;
+    std::thread::id thread_id_;
+    long owner_pid_ = 0;
+};
+
+std::atomic<Reactor*> g_reactor{nullptr};
+std::mutex* g_reactor_mutex = new std::mutex;
+
+void at_exit_handler();
+
+Reactor& Reactor::get() {
+    Reactor* r = g_reactor.load(std::memory_order_acquire);
+    if (r) return *r;
+    std::lock_guard<std::mutex> lk(*g_reactor_mutex);
+    r = g_reactor.load(std::memory_order_relaxed);
+    if (!r) {
+        register_after_fork_reset();  // a forked child must not take our reactor for its own
+        r = new Reactor;  // never deleted: its thread runs until the process ends
+        g_reactor.store(r, std::memory_order_release);
+        std::atexit(at_exit_handler);
+    }
+    return *r;
+}
+
+// The reactors of the ancestors a forked child stops using (one per fork
+// generation that had one); kept reachable so that a leak checker in a child
+// that calls exit() does not report them.
+void* volatile g_abandoned_reactors[16];
+int g_abandoned_reactor_count = 0;
+
+void Reactor::forget_after_fork() noexcept {
+    Reactor* r = g_reactor.exchange(nullptr);
+    if (r) {
+        os::leak_checker_root(r->stack_low_, r->stack_size_);
+        if (g_abandoned_reactor_count < 16) g_abandoned_reactors[g_abandoned_reactor_count++] = r;
+    }
+    ::new (g_reactor_mutex) std::mutex();  // may have been copied held by another thread
+}
+
+Reactor::Reactor() : owner_pid_(os::current_pid()) {
+    poller_ = os::poller_create();
+    wake_ = os::wake_event_create();
+    os::poller_add(poller_, wake_, tag_wake);
+    os::poller_add(poller_, output_.poller(), token_output);
+    std::thread t([this] {
+        os::current_thread_stack(&stack_low_, &stack_size_);
+        loop();
+    });
+    thread_id_ = t.get_id();
+    t.detach();
+}
+
+void Reactor::run_posted_and_wait(std::function<void()> task) {
+    std::mutex m;
+    std::condition_variable cv;
+    bool done = false;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        tasks_.push_back([&] {
+            task();
+            std::lock_guard<std::mutex> l2(m);
+            done = true;
+            cv.notify_one();
+        });
+    }
+    os::wake_event_signal(wake_);
+    std::unique_lock<std::mutex> lk(m);
+    cv.wait(lk, [&] { return done; });
+}
+
+template <class Fn>
+auto Reactor::on_long_lived_thread(Fn&& fn) -> decltype(fn()) {
+    if (os::is_main_thread() || on_reactor_thread()) return fn();
+    std::optional<decltype(fn())> value;
+    std::exception_ptr error;
+    run_posted_and_wait([&] {
+        try {
+            value.emplace(fn());
+        } catch (...) {
+            error = std::current_exception();
+        }
+    });
+    if (error) std::rethrow_exception(error);
+    return std::move(*value);
+}
+
+void Reactor::barrier() {
+    if (!on_reactor_thread()) run_posted_and_wait([] {});
+}
+
+void Reactor::add(const std::shared_ptr<ProcessCore>& core) {
+    auto& io = *core->io_;
+    std::optional<int> early;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        io.id = next_id_++;
+        io.server_generation = server_generation_;
+        children_[io.id] = core;
+        if (io.via_server) {
+            auto it = early_exits_.find(io.serial);
+            if (it != early_exits_.end()) {
+                early = it->second;
+                early_exits_.erase(it);
+            } else {
+                server_serials_[io.serial] = io.id;
+            }
+        }
+        try {
+            os::poller_add(poller_, io.channel, io.id << 2 | tag_channel);
+            if (io.pidfd != os::invalid_handle) os::poller_add(poller_, io.pidfd, io.id << 2 | tag_pidfd);
+        } catch (...) {
+            os::poller_remove(poller_, io.channel);
+            children_.erase(io.id);
+            if (io.via_server) {
+                server_serials_.erase(io.serial);
+                if (early) early_exits_[io.serial] = *early;
+            }
+            throw;
+        }
+        if (early) {
+            int code = *early;
+            tasks_.push_back([this, core, code] { on_exit(core, code); });
+        }
+    }
+    if (early) os::wake_event_signal(wake_);
+}
+
+void Reactor::retire_fork_server(os::handle_t control) {
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        std::uint64_t generation = server_generation_;
+        tasks_.push_back([this, control, generation] { fork_server_gone(control, generation, true); });
+    }
+    os::wake_event_signal(wake_);
+}
+
+void Reactor::fork_server_gone(os::handle_t control, std::uint64_t generation, bool close) {
+    // Its workers die with it (parent-death signal); those whose channel has
+    // ended already will hear no status from it.
+    std::vector<std::shared_ptr<ProcessCore>> eof_workers;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        os::poller_remove(poller_, control);
+        if (server_ == control) server_ = os::invalid_handle;
+        dead_generations_.insert(generation);
+        for (auto& kv : children_) {
+            auto& io = *kv.second->io_;
+            if (io.via_server && io.server_generation == generation && io.eof) eof_workers.push_back(kv.second);
+        }
+    }
+    if (close) os::close_handle(control);
+    for (auto& c : eof_workers) on_exit(c, std::optional<int>(-os::signal_kill()));
+}
+
+void Reactor::discard_worker(std::uint64_t serial) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    if (!early_exits_.erase(serial)) finished_serials_.insert(serial);
+}
+
+void Reactor::watch_fork_server(os::handle_t control) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    if (server_ == control) return;
+    server_ = control;
+    ++server_generation_;
+    os::poller_add(poller_, control, tag_server);
+}
+
+std::vector<std::shared_ptr<ProcessCore>> Reactor::live() {
+    std::lock_guard<std::mutex> lk(mutex_);
+    std::vector<std::shared_ptr<ProcessCore>> out;
+    for (auto& kv : children_) out.push_back(kv.second);
+    return out;
+}
+
+std::shared_ptr<ProcessCore> Reactor::find(std::uint64_t id) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    auto it = children_.find(id);
+    return it == children_.end() ? nullptr : it->second;
+}
+
+void Reactor::loop() {
+    std::uint64_t tokens[64];
+    for (;;) {
+        int n;
+        try {
+            n = os::poller_wait(poller_, tokens, 64, -1);
+        } catch (...) {
+            continue;
+        }
+        for (int i = 0; i < n; ++i) {
+            std::uint64_t tag = tokens[i] & 3, id = tokens[i] >> 2;
+            try {
+                if (tokens[i] == token_output) {
+                    output_.on_ready();
+                } else if (tag == tag_wake) {
+                    os::wake_event_drain(wake_);
+                    {
+                        std::lock_guard<std::mutex> lk(mutex_);
+                        running_tasks_.swap(tasks_);
+                    }
+                    for (auto& t : running_tasks_) t();
+                    running_tasks_.clear();
+                } else if (tag == tag_server) {
+                    on_fork_server();
+                } else if ((current_ = find(id))) {
+                    if (tag == tag_channel) on_channel(current_);
+                    else on_pidfd(current_);
+                }
+            } catch (...) {
+                // The reactor must survive anything; a broken child resolves at
+                // its exit.  An exit event that could not be handled would stay
+                // ready and spin this loop: resolve that child with the error.
+                if (current_ && tag == tag_pidfd && !current_->io_->finished) {
+                    if (!current_->io_->exception) current_->io_->exception = std::current_exception();
+                    try {
+                        finish(current_, std::nullopt);
+                    } catch (...) {
+                        std::lock_guard<std::mutex> lk(current_->io_mutex());
+                        os::poller_remove(poller_, current_->io_->pidfd);
+                    }
+                }
+            }
+            running_tasks_.clear();
+            current_.reset();
+        }
+    }
+}
+
+void Reactor::reap(const std::shared_ptr<ProcessCore>& core, bool block) {
+    int code = 0;
+    switch (os::reap_child(core->pid_, core->io_->pidfd, block, &code)) {
+        case os::ReapResult::running: return;  // not ended (a spurious wake-up)
+        case os::ReapResult::reaped: on_exit(core, code); return;
+        case os::ReapResult::reaped_elsewhere: on_exit(core, std::nullopt); return;
+    }
+}
+
+void Reactor::on_pidfd(const std::shared_ptr<ProcessCore>& core) {
+    trace_phase(StartPhase::reactor_exit);
+    auto& io = *core->io_;
+    if (!io.via_server) {
+        reap(core, false);
+        return;
+    }
+    // A fork-server worker has ended (the server reaps it).  If it said how it
+    // would exit (END), we know all there is: finish now, without waiting for
+    // the server's report.  Otherwise the server's status tells.
+    {
+        std::lock_guard<std::mutex> lk(core->io_mutex());
+        os::poller_remove(poller_, io.pidfd);
+    }
+    drain(*core);
+    if (io.end_code) {
+        {
+            std::lock_guard<std::mutex> lk(mutex_);
+            if (server_serials_.erase(io.serial)) finished_serials_.insert(io.serial);
+        }
+        finish(core, *io.end_code);
+    }
+}
+
+void Reactor::on_channel(const std::shared_ptr<ProcessCore>& core) {
+    auto& io = *core->io_;
+    drain(*core);
+    if (!io.eof || io.finished) return;
+    // No pidfd (old kernel): the end of the channel means the child is exiting.
+    if (!io.via_server && io.pidfd == os::invalid_handle) {
+        reap(core, true);
+    } else if (io.via_server && dead_generations_.count(io.server_generation)) {
+        on_exit(core, std::optional<int>(-os::signal_kill()));
+    }
+}
+
+void Reactor::drain(ProcessCore& core) {
+    auto& io = *core.io_;
+    if (io.eof) return;
+    Frame f;
+    for (;;) {
+        long n = io.reader.fill(io.channel, true);
+        while (io.reader.next(f)) on_frame(core, f);
+        if (n == 0) {
+            io.eof = true;
+            os::poller_remove(poller_, io.channel);
+            return;
+        }
+        if (n < 0) return;
+    }
+}
+
+void Reactor::on_frame(ProcessCore& core, Frame& f) {
+    auto& io = *core.io_;
+    switch (f.kind) {
+        case frame_log: {
+            close_all(f.handles);
+            try {
+                Decoder d(f.payload);
+                LogRecord record = d.read<LogRecord>();
+                handle_log_record(record);
+            } catch (...) {
+                // A failing handler or a torn record must not lose the child's outcome.
+            }
+            break;
+        }
+        case frame_value:
+            core.value_bytes_ = std::move(f.payload);
+            core.value_handles_ = std::move(f.handles);
+            core.has_value_ = true;
+            break;
+        case frame_exception:
+            close_all(f.handles);
+            try {
+                Decoder d(f.payload);
+                io.exception = decode_exception(d);
+            } catch (...) {
+                io.exception = std::current_exception();
+            }
+            break;
+        case frame_end:
+            close_all(f.handles);
+            try {
+                Decoder d(f.payload);
+                io.end_code = d.read<std::int32_t>();
+                trace_phase(StartPhase::reactor_outcome);
+            } catch (...) {
+            }
+            break;
+        default:  // HELLO: nothing to keep
+            close_all(f.handles);
+            break;
+    }
+}
+
+void Reactor::on_fork_server() {
+    ServerStatus st;
+    for (;;) {
+        long n = os::channel_read(server_, &st, sizeof st, nullptr, true);
+        if (n < 0) return;
+        if (n == 0) {  // the server died (the runtime still owns `server_`: not closed here)
+            std::uint64_t generation;
+            {
+                std::lock_guard<std::mutex> lk(mutex_);
+                generation = server_generation_;
+            }
+            fork_server_gone(server_, generation, false);
+            return;
+        }
+        if (n != static_cast<long>(sizeof st)) continue;
+        std::shared_ptr<ProcessCore>& core = current_;
+        core.reset();
+        {
+            std::lock_guard<std::mutex> lk(mutex_);
+            auto it = server_serials_.find(st.serial);
+            if (it == server_serials_.end()) {
+                // Finished already (through its pidfd), or not registered yet.
+                if (!finished_serials_.erase(st.serial)) early_exits_[st.serial] = st.code;
+                continue;
+            }
+            auto c = children_.find(it->second);
+            server_serials_.erase(it);
+            if (c != children_.end()) core = c->second;
+        }
+        if (core) on_exit(core, st.code);
+        core.reset();
+    }
+}
+
+void Reactor::on_exit(const std::shared_ptr<ProcessCore>& core, std::optional<int> status) {
+    if (core->io_->finished) return;
+    drain(*core);  // the child is gone: everything it wrote is already queued
+    finish(core, status);
+}
+
+void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int> status) {
+    auto& io = *core->io_;
+    output_.drain_for(core.get(), core->pid_);  // the child's last lines before its outcome
+    int signal_sent;
+    {
+        std::lock_guard<std::mutex> lk(core->io_mutex());
+        signal_sent = io.signal_sent;
+    }
+    // Without the exit status, say what is known: the code the child announced
+    // in END (it exits with exactly that code once END is sent), else the
+    // signal we sent it, else nothing - an error that says so.
+    bool status_lost = false;
+    if (!status) {
+        if (io.end_code) status = io.end_code;
+        else if (signal_sent) status = -signal_sent;
+        else status_lost = true;
+    }
+    const int code = status.value_or(255);
+    io.finished = true;
+    if (!io.eof) os::poller_remove(poller_, io.channel);
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        children_.erase(io.id);
+        if (io.via_server) server_serials_.erase(io.serial);
+    }
+    std::exception_ptr error = io.exception, result_error;
+    std::string who = describe(core->name, core->pid_);
+    if (status_lost && !error && !core->has_value_) {
+        error = std::make_exception_ptr(ProcessError(
+            who + " ended without reporting an outcome, and its exit status was collected by someone else "
+                  "(SIGCHLD is ignored, or another waitpid() took it): how it ended is unknown",
+            code));
+    } else if (!error && !core->has_value_) {
+        if (code == 0) {
+            result_error = std::make_exception_ptr(ProcessError(who + " exited with code 0 before returning a value", 0));
+        } else if (code == -os::signal_terminate()) {
+            result_error = std::make_exception_ptr(ProcessError(who + " was terminated by SIGTERM", code));
+        } else if (code > 0) {
+            error = std::make_exception_ptr(ProcessError(who + " exited with code " + std::to_string(code), code));
+        } else {
+            std::string text = who + " was killed by signal " + os::signal_name(-code) + " (" +
+                               std::to_string(-code) + ")";
+            if (-code == os::signal_kill()) text += " - possibly out of memory";
+            error = std::make_exception_ptr(ProcessError(text, code));
+        }
+    }
+    Owned<ChildTask> task;
+    {
+        std::lock_guard<std::mutex> lk(core->io_mutex());
+        core->exitcode_ = code;
+        os::poller_remove(poller_, io.pidfd);  // kept open for waiters; closed with the core
+        os::close_handle(io.channel);
+        io.channel = os::invalid_handle;
+        task = std::move(io.task);
+    }
+    task.reset();  // a forked child's argument copies: released before anyone learns it ended
+    core->resolve(error, result_error);
+    trace_phase(StartPhase::resolved);
+}
+
+void at_exit_handler() {
+    Reactor* r = g_reactor.load();
+    if (!r || !r->owned_by_this_process()) return;
+    // Like Python: daemon children are terminated, the others are waited for.
+    auto children = r->live();
+    for (auto& c : children)
+        if (c->daemon()) c->send_signal(os::signal_terminate());
+    for (auto& c : children) c->wait_until(os::no_deadline);
+}
+
+}  // namespace
+
+void test_reactor_barrier() {
+    if (g_reactor.load(std::memory_order_acquire)) Reactor::get().barrier();
+}
+
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/process_reactor.cpp
+// ---- begin part: mpservice/impl/process_fork.cpp ----------------------------
+// process_fork: the fork server (a clean process forked at init() that forks
+// the fork-server workers) and the start-up of fork-context children.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace mpservice {
+namespace detail {
+namespace {
+
+// ---------------------------------------------------------------- the fork server
+
+[[noreturn]] void fork_server_main(os::handle_t control, long parent) {
+    if (!os::die_with_parent(parent)) os::exit_now(0);
+    os::close_handles_except(control);
+    const long self = os::current_pid();
+    os::handle_t exits = os::child_exit_events();
+    ServerStatus st{};
+    std::uint64_t next_serial = 1;
+    std::unordered_map<long, std::uint64_t> serial_of;  // worker pid -> serial
+    const os::handle_t watch[2] = {control, exits};
+    for (;;) {
+        unsigned ready = os::wait_readable(watch, 2, -1);
+        if (ready & 2u) {
+            os::child_exit_events_drain(exits);
+            long pid;
+            int code;
+            while (os::reap_any_child(&pid, &code)) {
+                auto it = serial_of.find(pid);
+                if (it == serial_of.end()) continue;
+                st.serial = it->second;
+                st.code = code;
+                serial_of.erase(it);
+                if (!os::channel_write(control, &st, sizeof st, nullptr, 0)) os::exit_now(0);
+            }
+        }
+        if (ready & 1u) {
+            std::vector<os::handle_t> fds;
+            char request = 0;
+            long n = 0;
+            try {
+                n = os::channel_read(control, &request, 1, &fds, false);
+            } catch (...) {
+                n = 0;
+            }
+            if (n <= 0) os::exit_now(0);  // the parent is gone: so are we (and our workers with us)
+            for (auto fd : fds) {
+                long pid = -1;
+                std::uint64_t serial = next_serial++;
+                try {
+                    pid = os::fork_process();
+                } catch (...) {
+                }
+                if (pid == 0) {
+                    os::close_handle(control);
+                    os::child_exit_events_release(exits);
+                    run_bootstrapped_child(fd, self, ChildKind::forkserver_worker, serial);
+                }
+                if (pid > 0) serial_of[pid] = serial;
+                os::close_handle(fd);  // the worker has it (or, if the fork failed, the parent sees EOF)
+            }
+        }
+    }
+}
+
+void start_fork_server() {
+    Runtime& r = rt();
+    os::handle_t mine, theirs;
+    os::packet_pair(mine, theirs);
+    flush_stdio();
+    long parent = os::current_pid();
+    long pid;
+    try {
+        pid = os::fork_process();
+    } catch (...) {
+        os::close_handle(mine);
+        os::close_handle(theirs);
+        throw;
+    }
+    if (pid == 0) {
+        os::close_handle(mine);
+        fork_server_main(theirs, parent);
+    }
+    os::close_handle(theirs);
+    r.forkserver.control = mine;
+    r.forkserver.pid = pid;
+}
+
+/// In the child of every fork() of this process (ours, the fork server's, the
+/// user's): the parent's helpers are not ours, and the locks of per-process
+/// state may have been copied held by threads that do not exist here.
+void reset_after_fork_in_child() {
+    Runtime& r = rt();
+    Reactor::forget_after_fork();
+    ::new (r.forkserver_mutex) std::mutex();  // the forking thread may hold it (it starts fork servers)
+    os::close_handle(r.forkserver.control);
+    r.forkserver = ForkServerLink{};
+    ::new (&child_link().mutex) std::mutex();  // the channel is replaced by whoever uses it next
+}
+
+[[noreturn]] void run_forked_child(os::handle_t channel, os::handle_t parent_end, ChildTask& task,
+                                   const std::string& name, const std::string& identity,
+                                   const std::string& parent_name, long parent, Level parent_log_level) {
+    os::close_handle(parent_end);
+    if (!os::die_with_parent(parent)) os::exit_now(1);
+    adopt_child_identity(name, identity, parent_name, parent);
+    child_link().channel = channel;
+    watch_own_exit();
+    set_log_level_from_parent(parent_log_level);
+    install_log_forwarding();
+    int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) {
+        trace_phase(StartPhase::task_begins);
+        task.run_here(out, keep);
+    });
+    flush_stdio();
+    trace_phase(StartPhase::child_exiting);
+    os::exit_now(code);
+}
+
+}  // namespace
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/process_fork.cpp
+// ---- begin part: mpservice/impl/process_warm.cpp ----------------------------
+// process_warm: warm spawn - the spawn context keeps one child exec'd ahead
+// of demand, so that a start pays for handing over the task instead of an exec.
+//
+// A warm child is a spawned child whose BOOT has not been written yet: it is
+// made exactly as a cold one (posix_spawn of /proc/self/exe, the marker, the
+// one inherited channel, PR_SET_PDEATHSIG tied to a thread that never ends),
+// runs the library's bootstrap only - the marker checks in init(), the
+// parent-death signal, every other descriptor closed, its own build
+// fingerprint read - says HELLO and blocks reading its channel.  What it is
+// to run arrives with BOOT like any spawned child's task, and goes through the
+// same checks (protocol version, build fingerprints of the target's module).
+//
+// It is used only when it would see what a fresh spawn sees now: the parent's
+// working directory and environment at start() are compared with those it
+// was made with; any difference (a setenv, a chdir since) discards it and the
+// start spawns afresh.  The "warm spawner" thread makes the children (it is
+// their parent thread: it never ends, so their parent-death signal fires only
+// when the process dies) and reaps a warm child that died unused (no zombie
+// stays behind).  A taken child is replaced once it has ended, or after
+// replace_after at the latest: an exec (about a millisecond of CPU) made at
+// the moment of the start would compete with the child just given its task,
+// and with the parent waiting for it, on a machine with few CPUs.  Three children in a row
+// that die before saying HELLO stop it (the starts are then cold).
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <optional>
+#include <thread>
+
+namespace mpservice {
+
+namespace {
+std::atomic<bool> g_warm_spawn{false};
+}  // namespace
+
+namespace detail {
+namespace {
+
+/// A child exec'd ahead of demand, waiting for its BOOT.
+struct WarmChild {
+    long pid = 0;
+    os::handle_t pidfd = os::invalid_handle;
+    os::handle_t channel = os::invalid_handle;  // the parent's end
+    std::string cwd;                            // what it was made with
+    std::vector<std::string> environment;
+    bool ready = false;  // its HELLO has arrived: bootstrapped, blocked on the channel
+};
+
+class WarmSpawner {
+public:
+    /// The spawner of this process, made (with its thread) on first use.
+    static WarmSpawner& get();
+    static WarmSpawner* existing() noexcept { return g_spawner.load(std::memory_order_acquire); }
+    /// In a forked child: the parent's warm child is not ours.
+    static void forget_after_fork() noexcept;
+
+    /// The warm child, if there is one that sees what a fresh spawn would
+    /// see now; asks for the next one either way.
+    std::optional<WarmChild> take();
+    /// Discards the warm child and makes no more until the next take().
+    void stop();
+    /// The warm child's pid once it is ready, waiting up to `timeout`; 0 if none.
+    long wait_ready(std::chrono::milliseconds timeout);
+
+private:
+    WarmSpawner();
+    void loop();
+    /// Spawns a warm child (outside the lock); false if it could not be made.
+    bool make_one(WarmChild& c);
+    /// Kills and reaps children that will not be used (spawner thread).
+    static void finish(std::vector<WarmChild>& dying) noexcept;
+
+    static constexpr int max_failures = 3;
+    static constexpr std::chrono::milliseconds replace_after{20};
+    static std::atomic<WarmSpawner*> g_spawner;
+
+    os::handle_t wake_ = os::invalid_handle;
+    std::mutex mutex_;
+    std::condition_variable ready_cv_;
+    std::optional<WarmChild> child_;
+    std::vector<WarmChild> dying_;  // taken off, to be killed and reaped
+    bool wanted_ = false;
+    int failures_ = 0;
+    // The last child taken (a duplicate of its pidfd): the replacement is
+    // made when it ends or at replace_at_, whichever comes first.
+    os::handle_t taken_ = os::invalid_handle;
+    os::Deadline replace_at_{};  // children in a row that died before HELLO, or spawns that failed
+};
+
+std::atomic<WarmSpawner*> WarmSpawner::g_spawner{nullptr};
+std::mutex* g_spawner_mutex = new std::mutex;
+void* volatile g_abandoned_spawner = nullptr;  // a forked child's copy: kept reachable for leak checkers
+
+WarmSpawner& WarmSpawner::get() {
+    if (WarmSpawner* s = existing()) return *s;
+    std::lock_guard<std::mutex> lk(*g_spawner_mutex);
+    WarmSpawner* s = g_spawner.load(std::memory_order_relaxed);
+    if (!s) {
+        static const bool fork_hook = (os::at_fork_child(&WarmSpawner::forget_after_fork), true);
+        (void)fork_hook;
+        s = new WarmSpawner;  // never deleted: its thread runs until the process ends
+        g_spawner.store(s, std::memory_order_release);
+    }
+    return *s;
+}
+
+void WarmSpawner::forget_after_fork() noexcept {
+    WarmSpawner* s = g_spawner.exchange(nullptr);
+    ::new (g_spawner_mutex) std::mutex();  // the forking thread may have held it
+    if (!s) return;
+    // Single-threaded here: the spawner thread does not exist in this copy.
+    // Its descriptors are closed; the children themselves are the parent's.
+    os::close_handle(s->wake_);
+    os::close_handle(s->taken_);
+    if (s->child_) {
+        os::close_handle(s->child_->pidfd);
+        os::close_handle(s->child_->channel);
+    }
+    for (auto& d : s->dying_) {
+        os::close_handle(d.pidfd);
+        os::close_handle(d.channel);
+    }
+    g_abandoned_spawner = s;
+}
+
+WarmSpawner::WarmSpawner() : wake_(os::wake_event_create()) {
+    // A thread that lives as long as the process: a child's parent-death
+    // signal fires when the thread that made it ends.
+    std::thread([this] { loop(); }).detach();
+}
+
+std::optional<WarmChild> WarmSpawner::take() {
+    std::optional<WarmChild> c;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        wanted_ = true;
+        c.swap(child_);
+        if (c && taken_ == os::invalid_handle) {
+            try {
+                taken_ = os::duplicate_handle(c->pidfd);
+                replace_at_ = os::Clock::now() + replace_after;
+            } catch (...) {
+                // No descriptor to spare: the replacement is made at once.
+            }
+        }
+    }
+    os::wake_event_signal(wake_);
+    if (!c) return std::nullopt;
+    const bool alive = os::wait_readable(&c->pidfd, 1, 0) == 0;
+    // The same working directory and environment as a fresh spawn would get
+    // (an unnameable directory - deleted - never matches).
+    const bool current = alive && !c->cwd.empty() && c->cwd == os::current_directory() &&
+                         c->environment == os::environment_entries();
+    if (current) return c;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        dying_.push_back(std::move(*c));
+    }
+    os::wake_event_signal(wake_);
+    return std::nullopt;
+}
+
+void WarmSpawner::stop() {
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        wanted_ = false;
+        failures_ = 0;
+        os::close_handle(taken_);
+        taken_ = os::invalid_handle;
+        if (child_) dying_.push_back(std::move(*child_));
+        child_.reset();
+    }
+    os::wake_event_signal(wake_);
+}
+
+long WarmSpawner::wait_ready(std::chrono::milliseconds timeout) {
+    std::unique_lock<std::mutex> lk(mutex_);
+    ready_cv_.wait_for(lk, timeout, [&] { return child_ && child_->ready; });
+    return child_ && child_->ready ? child_->pid : 0;
+}
+
+bool WarmSpawner::make_one(WarmChild& c) {
+    c.cwd = os::current_directory();
+    c.environment = os::environment_entries();  // given to the child as they are here
+    os::handle_t mine, theirs;
+    try {
+        os::channel_pair(mine, theirs);
+    } catch (...) {
+        return false;
+    }
+    try {
+        std::string marker = child_marker + std::to_string(theirs) + ":" + std::to_string(os::current_pid()) +
+                             warm_marker_suffix;
+        c.pid = os::spawn_self(rt().argv0, marker, theirs, &c.environment);
+    } catch (...) {
+        os::close_handle(mine);
+        os::close_handle(theirs);
+        return false;
+    }
+    os::close_handle(theirs);
+    c.channel = mine;
+    c.pidfd = os::process_handle(c.pid);
+    if (c.pidfd == os::invalid_handle) {
+        // No pidfd (an old kernel): a warm child could not be watched while it waits.
+        std::vector<WarmChild> one;
+        one.push_back(std::move(c));
+        finish(one);
+        return false;
+    }
+    return true;
+}
+
+void WarmSpawner::finish(std::vector<WarmChild>& dying) noexcept {
+    for (auto& d : dying) {
+        os::send_signal(d.pid, d.pidfd, os::signal_kill());
+        int code;
+        try {
+            os::reap_child(d.pid, d.pidfd, true, &code);  // SIGKILLed: short; ECHILD if SIGCHLD is ignored
+        } catch (...) {
+        }
+        os::close_handle(d.pidfd);
+        os::close_handle(d.channel);
+    }
+    dying.clear();
+}
+
+void WarmSpawner::loop() {
+    for (;;) {
+        try {
+            os::handle_t watch[4] = {wake_, os::invalid_handle, os::invalid_handle, os::invalid_handle};
+            int n = 1;
+            long watched = 0;
+            bool watching_hello = false;
+            int timeout_ms = -1;
+            os::handle_t taken = os::invalid_handle;
+            {
+                std::lock_guard<std::mutex> lk(mutex_);
+                if (taken_ != os::invalid_handle) {
+                    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(replace_at_ - os::Clock::now());
+                    if (left.count() > 0 && wanted_) {
+                        taken = taken_;
+                        timeout_ms = static_cast<int>(left.count()) + 1;
+                    } else {
+                        os::close_handle(taken_);  // due: the replacement is made below
+                        taken_ = os::invalid_handle;
+                    }
+                }
+                if (child_) {
+                    watched = child_->pid;
+                    watch[n++] = child_->pidfd;
+                    if (!child_->ready) {
+                        watch[n++] = child_->channel;
+                        watching_hello = true;
+                    }
+                }
+            }
+            const int taken_slot = taken != os::invalid_handle ? n : -1;
+            if (taken_slot >= 0) watch[n++] = taken;
+            const unsigned ready = os::wait_readable(watch, n, timeout_ms);
+            os::wake_event_drain(wake_);
+            std::vector<WarmChild> dying;
+            bool make = false;
+            {
+                std::lock_guard<std::mutex> lk(mutex_);
+                const bool same = child_ && child_->pid == watched;
+                if (same && (ready & 2u)) {  // died unused
+                    if (!child_->ready) ++failures_;
+                    dying_.push_back(std::move(*child_));
+                    child_.reset();
+                } else if (same && watching_hello && (ready & 4u)) {
+                    // HELLO is there (left unread: the reactor reads and skips it).
+                    child_->ready = true;
+                    failures_ = 0;
+                    ready_cv_.notify_all();
+                }
+                if (taken_slot >= 0 && taken_ == taken && (ready & (1u << taken_slot))) {
+                    os::close_handle(taken_);  // it has ended: replace it now
+                    taken_ = os::invalid_handle;
+                }
+                if (taken_ != os::invalid_handle && os::Clock::now() >= replace_at_) {
+                    os::close_handle(taken_);
+                    taken_ = os::invalid_handle;
+                }
+                dying.swap(dying_);
+                make = wanted_ && !child_ && taken_ == os::invalid_handle && failures_ < max_failures;
+            }
+            finish(dying);
+            if (!make) continue;
+            WarmChild c;
+            const bool made = make_one(c);
+            std::lock_guard<std::mutex> lk(mutex_);
+            if (!made) {
+                ++failures_;
+            } else if (wanted_ && !child_) {
+                child_ = std::move(c);
+            } else {
+                dying_.push_back(std::move(c));  // stopped meanwhile
+                os::wake_event_signal(wake_);
+            }
+        } catch (...) {
+            // Out of memory or descriptors: the starts are cold meanwhile.
+        }
+    }
+}
+
+}  // namespace
+
+long test_warm_child(std::chrono::milliseconds timeout) {
+    WarmSpawner* s = WarmSpawner::existing();
+    return s ? s->wait_ready(timeout) : 0;
+}
+
+void discard_unwanted_warm_child() noexcept {
+    if (g_warm_spawn.load(std::memory_order_relaxed)) return;  // the program keeps one anyway
+    if (WarmSpawner* s = WarmSpawner::existing()) s->stop();
+}
+
+}  // namespace detail
+
+void set_warm_spawn(bool keep_warm) {
+    g_warm_spawn.store(keep_warm, std::memory_order_relaxed);
+    if (!keep_warm)
+        if (detail::WarmSpawner* s = detail::WarmSpawner::existing()) s->stop();
+}
+
+bool warm_spawn() noexcept { return g_warm_spawn.load(std::memory_order_relaxed); }
+
+}  // namespace mpservice
+// ---- end part: mpservice/impl/process_warm.cpp
+// ---- begin part: mpservice/impl/process_core.cpp ----------------------------
+// process_core: ProcessCore (start, wait, signals) and the public process
+// functions (init, contexts, cpu_count, current/parent/active processes).
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdint>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace mpservice {
+namespace detail {
+
+// ---------------------------------------------------------------- ProcessCore
+
+ProcessCore::ProcessCore(const Context& ctx) : method_(ctx.start_method()), io_(new Io()) {
+    Runtime& r = rt();
+    int n = r.next_child.fetch_add(1);
+    identity_ = r.identity.empty() ? std::to_string(n) : r.identity + ":" + std::to_string(n);
+    name = "Process-" + identity_;
+}
+
+ProcessCore::~ProcessCore() {
+    for (auto h : value_handles_) os::close_handle(h);
+    if (io_) {
+        os::close_handle(io_->channel);
+        os::close_handle(io_->pidfd);
+    }
+}
+
+void test_corrupt_next_fingerprint() noexcept { rt().corrupt_next_fingerprint = true; }
+void test_set_initialized(bool initialized) noexcept { rt().initialized = initialized; }
+long test_fork_server_pid() noexcept {
+    std::lock_guard<std::mutex> lk(*rt().forkserver_mutex);
+    return rt().forkserver.pid;
+}
+void test_set_fork_server_timeout(std::chrono::milliseconds timeout) noexcept {
+    rt().forkserver_timeout_ms = timeout.count();
+}
+
+namespace {
+/// Calls, once in the parent before its first fork, the std::string members a
+/// forked child calls only there (adopting its name and identity, building
+/// its outcome): the C++ library's functions are bound lazily, so each one
+/// would otherwise be looked up anew in every child - a walk of the
+/// libraries' symbol tables and a write to the child's copy of the GOT, page
+/// faults costing ~3 us each (LD_DEBUG=bindings showed the move constructor,
+/// _M_assign, append and _M_append resolved in every forked child).
+void bind_forked_child_string_calls() {
+    static volatile std::size_t sink = 0;
+    std::string source(sink + 40, 'x');  // longer than the in-place buffer: the heap paths
+    std::string copy;
+    copy = source;
+    copy.append(source.data(), 3);
+    copy.append(source);
+    std::string moved(std::move(copy));
+    copy = moved;
+    sink = moved.size() + copy.size();
+}
+
+std::string boot_payload(const ProcessCore& core, const ChildTask& task, const OutputCapture& output,
+                         std::vector<os::handle_t>& handles) {
+    os::ModuleAddress target, tramp;
+    if (!os::module_address(task.target, target) ||
+        !os::module_address(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(task.trampoline)), tramp))
+        throw std::invalid_argument("mpservice: the target is not in any loaded module");
+    std::string target_fp = fingerprint_of(target.module), tramp_fp = fingerprint_of(tramp.module);
+    if (rt().corrupt_next_fingerprint.exchange(false)) target_fp += "-corrupted";
+    Encoder e;
+    e(protocol_version, target.module, static_cast<std::uint64_t>(target.offset), target_fp, tramp.module,
+      static_cast<std::uint64_t>(tramp.offset), tramp_fp, core.name, core.identity_, process_name(),
+      static_cast<std::int64_t>(os::current_pid()), core.daemon(), static_cast<std::int32_t>(log_level()));
+    encode_parent_present(e, core.method_);
+    output.encode(e);
+    task.encode_args(e);
+    handles = e.handles();
+    return std::move(e.bytes());
+}
+/// Kills and reaps a fork server that is gone or does not answer, so that the
+/// next fork-server start makes a new one.  Caller holds forkserver_mutex.
+void drop_fork_server(Runtime& r, Reactor& reactor) noexcept {
+    if (r.forkserver.pid > 0) {
+        os::send_signal(r.forkserver.pid, os::invalid_handle, os::signal_kill());  // its workers die with it
+        int code;
+        try {
+            os::reap_child(r.forkserver.pid, os::invalid_handle, true, &code);
+        } catch (...) {
+        }
+    }
+    if (r.forkserver.control != os::invalid_handle) {
+        try {
+            reactor.retire_fork_server(r.forkserver.control);  // closes it
+        } catch (...) {
+            // Out of memory for the task: keep the descriptor rather than race the reactor.
+        }
+    }
+    r.forkserver = ForkServerLink{};
+}
+
+/// Reads the worker's HELLO, waiting at most the fork-server timeout.
+bool read_hello(wire::FrameReader& reader, os::handle_t channel, Frame& hello, long long timeout_ms) {
+    const auto until = os::Clock::now() + std::chrono::milliseconds(timeout_ms);
+    while (!reader.next(hello)) {
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - os::Clock::now()).count();
+        if (left <= 0 || !os::wait_readable(&channel, 1, static_cast<int>(std::min<long long>(left + 1, 1 << 30))))
+            return false;
+        if (reader.fill(channel, true) == 0) throw Error("mpservice: the fork server failed to start a worker");
+    }
+    return true;
+}
+
+/// Undoes a start that failed after the child was made: kills and reaps the
+/// child (a fork-server worker is reaped by the server) and forgets it, so that
+/// nothing is left behind and start() can be tried again.
+void abandon_child(ProcessCore& core, Reactor& reactor) noexcept {
+    auto& io = *core.io_;
+    os::send_signal(core.pid_, io.pidfd, os::signal_kill());
+    if (io.via_server) {
+        reactor.discard_worker(io.serial);  // its status, when the server reports it, is not wanted
+    } else {
+        int code;
+        try {
+            os::reap_child(core.pid_, io.pidfd, true, &code);  // SIGKILLed: the wait is short
+        } catch (...) {
+        }
+    }
+    os::close_handle(io.channel);
+    os::close_handle(io.pidfd);
+    io.channel = io.pidfd = os::invalid_handle;
+    io.via_server = false;
+    io.reader.reset();
+    std::lock_guard<std::mutex> lk(core.io_mutex());
+    core.pid_ = 0;
+}
+}  // namespace
+
+void ProcessCore::start(Owned<ChildTask>& task) {
+    if (started() || !task) throw InvalidStateError("mpservice: " + describe(name, pid_) + " was already started");
+    trace_phase(StartPhase::start_entered);
+    register_exit_announcement();  // inherited by forked children (see process_child)
+    Runtime& r = rt();
+    if (method_ != StartMethod::fork) {
+        if (!r.initialized)
+            throw InvalidStateError(
+                "mpservice: call mpservice::init(argc, argv) as the first line of main() before starting a "
+                "process with the spawn or forkserver context (the child runs its task inside init)");
+        if (!task->target)
+            throw std::invalid_argument(
+                "mpservice: this target has no plain-function form (a lambda with captures, a functor?); use "
+                "a free function, a static member function or a capture-less lambda - or the fork context");
+    }
+    Reactor& reactor = Reactor::get();
+    auto& io = *io_;
+
+    std::vector<os::handle_t> boot_handles;
+    std::string boot;
+    OutputCapture output(reactor.output(), *this, forward_output_);
+    if (method_ != StartMethod::fork) boot = boot_payload(*this, *task, output, boot_handles);  // encode errors throw here
+
+    // A warm child (process_warm.cpp) comes with its channel; any other start makes one.
+    std::optional<WarmChild> warm;
+    if (method_ == StartMethod::spawn && warm_start_) warm = WarmSpawner::get().take();
+    os::handle_t parent_end, child_end = os::invalid_handle;
+    if (warm) parent_end = warm->channel;
+    else os::channel_pair(parent_end, child_end);
+    io.channel = parent_end;
+    long pid = 0;
+    bool boot_sent = false;
+    try {
+        switch (method_) {
+            case StartMethod::spawn: {
+                if (warm) {
+                    pid = warm->pid;
+                    io.pidfd = warm->pidfd;
+                    break;
+                }
+                std::string marker = child_marker + std::to_string(child_end) + ":" + std::to_string(os::current_pid());
+                pid = reactor.on_long_lived_thread([&] { return os::spawn_self(r.argv0, marker, child_end); });
+                os::close_handle(child_end);
+                child_end = os::invalid_handle;
+                io.pidfd = os::process_handle(pid);
+                break;
+            }
+            case StartMethod::forkserver: {
+                std::lock_guard<std::mutex> lk(*r.forkserver_mutex);
+                if (r.forkserver.control == os::invalid_handle)
+                    reactor.on_long_lived_thread([] {
+                        start_fork_server();  // not made at init (we are a child): make one now
+                        return 0;
+                    });
+                reactor.watch_fork_server(r.forkserver.control);
+                // A small BOOT waits in the socket, so the worker starts at once;
+                // a big one would block us before the worker exists: it goes later.
+                if (boot.size() <= boot_early_limit) {
+                    write_frame(parent_end, frame_boot, boot, boot_handles);
+                    boot_sent = true;
+                }
+                char request = 'S';
+                if (!os::channel_write(r.forkserver.control, &request, 1, nullptr, 0, &child_end, 1)) {
+                    drop_fork_server(r, reactor);  // the next start makes a new one
+                    throw Error("mpservice: the fork server is gone (it is replaced at the next start)");
+                }
+                os::close_handle(child_end);
+                child_end = os::invalid_handle;
+                Frame hello;
+                if (!read_hello(io.reader, parent_end, hello, r.forkserver_timeout_ms.load())) {
+                    long server = r.forkserver.pid;
+                    drop_fork_server(r, reactor);
+                    throw Error("mpservice: the fork server (pid " + std::to_string(server) +
+                                ") did not start a worker in time (stopped?); it was killed and is replaced at "
+                                "the next start");
+                }
+                if (hello.kind != frame_hello) throw Error("mpservice: the fork server failed to start a worker");
+                Decoder d(hello.payload);
+                std::int64_t worker_pid;
+                d(worker_pid, io.serial);
+                pid = static_cast<long>(worker_pid);
+                io.pidfd = os::process_handle(pid);  // for signals; the exit status comes from the server
+                io.via_server = true;
+                break;
+            }
+            case StartMethod::fork: {
+                static const bool bound = (bind_forked_child_string_calls(), true);
+                (void)bound;
+                // Built here, not in the child: a table another thread was
+                // building at the fork would stay locked in the child.
+                prepare_exception_types_for_fork();
+                flush_stdio();  // or the child would write the parent's buffered output again
+                child_link();   // made here, once: in the child its first use would allocate (page faults)
+                long parent = os::current_pid();
+                Level level = log_level();  // read here: the child must not take the logging lock
+                std::string parent_name = process_name();  // read here: in the child its first use allocates
+                ChildTask& t = *task;
+                pid = reactor.on_long_lived_thread([&] {
+                    long p = os::fork_process();
+                    if (p == 0) {
+                        trace_phase(StartPhase::child_running);
+                        output.redirect_in_forked_child();
+                        run_forked_child(child_end, parent_end, t, name, identity_, parent_name, parent, level);
+                    }
+                    return p;
+                });
+                os::close_handle(child_end);
+                child_end = os::invalid_handle;
+                io.pidfd = os::process_handle(pid);
+                break;
+            }
+        }
+    } catch (...) {
+        os::close_handle(child_end);
+        os::close_handle(parent_end);
+        io.channel = os::invalid_handle;
+        throw;
+    }
+    trace_phase(StartPhase::child_made);
+    // A forked child runs on its copy of the arguments; ours stay until it
+    // ends (the reactor drops them then), which covers the child taking its
+    // own references to the proxies it inherited.
+    if (method_ == StartMethod::fork) io.task = std::move(task);
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        pid_ = pid;
+    }
+    try {
+        // A child that died before reading BOOT shows up as its exit status
+        // (the write returns false); any other failure means the child cannot
+        // run: it is killed and reaped here, so no child is left behind.
+        if (method_ != StartMethod::fork && !boot_sent) write_frame(parent_end, frame_boot, boot, boot_handles);
+        reactor.add(shared_from_this());
+    } catch (const std::system_error& e) {
+        abandon_child(*this, reactor);
+        throw std::system_error(e.code(), "mpservice: could not start " + describe(name, pid) +
+                                              " (sending its task failed; the child was killed): " + e.what());
+    } catch (...) {
+        abandon_child(*this, reactor);
+        throw;
+    }
+    mark_started();
+    output.commit(pid);  // the child has the pipes' write ends now (BOOT was sent)
+    // Spawn and fork-server children got the arguments encoded: drop our copies
+    // now (a proxy argument must not keep its object alive after the child took
+    // it over).  (A forked child's task was kept above, until the child ends.)
+    task.reset();
+    trace_phase(StartPhase::start_returned);
+}
+
+bool ProcessCore::wait_until(os::Deadline deadline) const {
+    if (done_relaxed()) return true;
+    os::handle_t exit_handle;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        exit_handle = io_->pidfd;  // stays open until this core is destroyed
+    }
+    if (exit_handle != os::invalid_handle) {
+        int timeout_ms = -1;
+        if (deadline != os::no_deadline) {
+            auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - os::Clock::now()).count();
+            timeout_ms = left <= 0 ? 0 : static_cast<int>(std::min<long long>(left + 1, 1 << 30));
+        }
+        if (os::wait_readable(&exit_handle, 1, timeout_ms)) {
+            trace_phase(StartPhase::waiter_woke);
+            // The child has ended; the reactor, woken by the same event, is
+            // draining and resolving right now: wait for it briefly, awake.
+            auto until = os::Clock::now() + std::chrono::microseconds(500);
+            while (!done_relaxed() && os::Clock::now() < until) std::this_thread::yield();
+        }
+    }
+    return FutureCore::wait_until(deadline);
+}
+
+long ProcessCore::pid() const {
+    std::lock_guard<std::mutex> lk(mutex_);
+    return pid_;
+}
+
+std::optional<int> ProcessCore::exitcode() const {
+    std::lock_guard<std::mutex> lk(mutex_);
+    return exitcode_;
+}
+
+bool ProcessCore::is_alive() const { return started() && !exitcode().has_value(); }
+
+bool ProcessCore::has_value() const { return has_value_; }
+
+void ProcessCore::send_signal(int sig) {
+    std::lock_guard<std::mutex> lk(mutex_);
+    if (pid_ == 0 || exitcode_) return;
+    // Remembered: if someone else collects the exit status, this is what is known of the end.
+    if (os::send_signal(pid_, io_->pidfd, sig)) io_->signal_sent = sig;
+}
+
+void ProcessCore::set_daemon(bool daemon) {
+    if (started()) throw InvalidStateError("mpservice: set_daemon() after start()");
+    daemon_ = daemon;
+}
+
+void ProcessCore::release() noexcept {
+    try {
+        if (!started() || done()) return;
+        if (daemon_) send_signal(os::signal_terminate());
+        wait_until(os::no_deadline);
+    } catch (...) {
+    }
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------- public functions
+
+namespace detail {
+namespace {
+/// The exit code of a program that refuses to act as a child (a forged or
+/// misplaced marker): EX_NOPERM of <sysexits.h>.
+constexpr int child_refused_exit_code = 77;
+
+[[noreturn]] void refuse_child_mode(const std::string& why) {
+    std::string text = "mpservice: refusing to run as a child process: " + why +
+                       " (the child marker is meant only for processes started by mpservice)\n";
+    os::write_stderr(text.data(), text.size());
+    os::exit_now(child_refused_exit_code);
+}
+
+/// Parses "<digits>" into `out`; false on anything else.
+bool parse_number(const char*& p, long& out) {
+    if (*p < '0' || *p > '9') return false;
+    char* end = nullptr;
+    errno = 0;
+    out = std::strtol(p, &end, 10);
+    if (errno != 0 || end == p) return false;
+    p = end;
+    return true;
+}
+
+/// Child mode, if this process was started by mpservice as a spawn child:
+/// the marker is argv[1], the process is not in secure-execution mode (a
+/// caller of a set-user-ID program must not make it run code of its choice),
+/// and the channel named by the marker was made by our parent, of our user.
+/// Anything else carrying the marker is refused with a message and exit code
+/// 77 - never a silent run of main() or of the frame.
+void enter_child_mode_if_marked(int argc, char** argv) {
+    if (argc <= 0 || !argv) return;
+    const std::size_t marker_len = sizeof child_marker - 1;
+    for (int i = 2; i < argc && argv[i]; ++i)
+        if (std::strncmp(argv[i], child_marker, marker_len) == 0)
+            refuse_child_mode("the marker argument is accepted only as the first argument (found at argv[" +
+                              std::to_string(i) + "])");
+    if (argc < 2 || !argv[1] || std::strncmp(argv[1], child_marker, marker_len) != 0) return;
+    const char* p = argv[1] + marker_len;
+    long fd = -1, parent = -1;
+    bool warm = false;  // ":w": exec'd ahead of demand (a warm spawn child)
+    if (!parse_number(p, fd) || *p++ != ':' || !parse_number(p, parent))
+        refuse_child_mode("malformed marker '" + std::string(argv[1]) + "'");
+    if (std::strcmp(p, warm_marker_suffix) == 0) {
+        warm = true;
+        p += sizeof warm_marker_suffix - 1;
+    }
+    if (*p != '\0') refuse_child_mode("malformed marker '" + std::string(argv[1]) + "'");
+    if (os::secure_execution())
+        refuse_child_mode("the program runs in secure-execution mode (set-user-ID, set-group-ID or capabilities)");
+    // Our parent died before we got here (we were re-parented): nobody is left
+    // to serve, and nothing runs; leave quietly, as a child whose parent dies.
+    if (parent != os::parent_pid() && !os::pid_alive(parent)) os::exit_now(1);
+    if (parent != os::parent_pid())
+        refuse_child_mode("the marker names process " + std::to_string(parent) + " as the parent, but the parent is " +
+                          std::to_string(os::parent_pid()));
+    long peer_pid = 0, peer_uid = 0;
+    if (fd <= INT32_MAX) fd = static_cast<long>(os::adopt_channel(static_cast<os::handle_t>(fd), parent));
+    if (fd < 0 || fd > INT32_MAX || !os::channel_peer(static_cast<os::handle_t>(fd), &peer_pid, &peer_uid))
+        refuse_child_mode("descriptor " + std::to_string(fd) + " is not a local stream channel");
+    if (peer_pid != parent)
+        refuse_child_mode("the channel was made by process " + std::to_string(peer_pid) + ", not by the parent (" +
+                          std::to_string(parent) + ")");
+    if (!os::is_own_user(peer_uid))
+        refuse_child_mode("the channel was made by user " + std::to_string(peer_uid) + ", not by this process's user");
+    run_bootstrapped_child(static_cast<os::handle_t>(fd), parent, warm ? ChildKind::warm_spawned : ChildKind::spawned);
+}
+}  // namespace
+}  // namespace detail
+
+void init(int argc, char** argv) {
+    auto& r = detail::rt();
+    detail::enter_child_mode_if_marked(argc, argv);  // a child never returns from here
+    if (r.initialized) return;
+    r.initialized = true;
+    if (argc > 0 && argv && argv[0]) r.argv0 = argv[0];
+    try {
+        detail::start_fork_server();
+    } catch (...) {
+        // No fork server now; the fork-server context makes one at first use.
+    }
+}
+
+const char* Context::name() const noexcept {
+    switch (method_) {
+        case StartMethod::spawn: return "spawn";
+        case StartMethod::fork: return "fork";
+        case StartMethod::forkserver: return "forkserver";
+    }
+    return "spawn";
+}
+
+const Context& get_context(const std::string& method) {
+    static const SpawnContext spawn;
+    static const ForkContext fork;
+    static const ForkServerContext forkserver;
+    if (method.empty()) return default_context();
+    if (method == "spawn") return spawn;
+    if (method == "fork") return fork;
+    if (method == "forkserver") return forkserver;
+    throw std::invalid_argument("mpservice: unknown start method '" + method +
+                                "' (expected \"spawn\", \"fork\" or \"forkserver\")");
+}
+
+namespace {
+/// The default start method: kUnset until set_start_method or its first use.
+/// An atomic rather than a lock: a fork child may read it while another
+/// thread of its parent was setting it at the moment of the fork.
+constexpr int kUnset = -1;
+std::atomic<int> g_start_method{kUnset};
+}  // namespace
+
+void set_start_method(const std::string& method, bool force) {
+    if (method.empty() && force) {  // as Python's set_start_method(None, force=True): not chosen again
+        g_start_method.store(kUnset);
+        return;
+    }
+    int wanted = static_cast<int>(get_context(method).start_method());  // std::invalid_argument if unknown
+    if (force) {
+        g_start_method.store(wanted);
+        return;
+    }
+    int expected = kUnset;
+    if (!g_start_method.compare_exchange_strong(expected, wanted))
+        throw InvalidStateError("mpservice: the start method was already set (to \"" +
+                                std::string(Context(static_cast<StartMethod>(expected)).name()) +
+                                "\"); pass force = true to replace it");
+}
+
+std::string get_start_method(bool allow_none) {
+    int m = g_start_method.load();
+    if (m == kUnset) {
+        if (allow_none) return std::string();
+        int expected = kUnset;
+        m = g_start_method.compare_exchange_strong(expected, static_cast<int>(StartMethod::spawn))
+                ? static_cast<int>(StartMethod::spawn)
+                : expected;
+    }
+    return Context(static_cast<StartMethod>(m)).name();
+}
+
+std::vector<std::string> get_all_start_methods() { return {"spawn", "fork", "forkserver"}; }
+
+const Context& default_context() { return get_context(get_start_method()); }
+
+int cpu_count() {
+    int n = detail::os::affinity_cpu_count();
+    double quota = detail::os::cgroup_cpu_quota();
+    if (quota > 0) n = std::min(n, static_cast<int>(std::ceil(quota)));
+    return std::max(n, 1);
+}
+
+ProcessInfo current_process() { return ProcessInfo{detail::process_name(), detail::os::current_pid()}; }
+
+std::optional<ProcessInfo> parent_process() { return detail::rt().parent; }
+
+std::vector<ProcessInfo> active_children() {
+    std::vector<ProcessInfo> out;
+    if (!detail::g_reactor.load()) return out;
+    for (auto& c : detail::Reactor::get().live()) out.push_back(ProcessInfo{c->name, c->pid()});
+    return out;
+}
+
+}  // namespace mpservice
+// ---- end part: mpservice/impl/process_core.cpp
 // ---- begin part: mpservice/impl/connection.cpp ------------------------------
 // connection: ConnectionCore (the frames of a Pipe end) and connection_wait.
 //
@@ -18883,13 +18954,10 @@ std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects) {
     return connection_wait_at(objects, detail::os::no_deadline);
 }
 
-std::uint32_t Encoder::attach(detail::os::handle_t h) {
-    handles_.push_back(h);
-    return static_cast<std::uint32_t>(handles_.size() - 1);
-}
-
 }  // namespace mpservice
 // ---- end part: mpservice/impl/connection.cpp
+#endif
+#if MPSERVICE_PART_(6)
 // ---- begin part: mpservice/impl/pool.cpp ------------------------------------
 // pool: the worker loop (child side) and PoolCore (parent side: workers,
 // dispatch, reading results - by a waiting caller or the result thread - and
@@ -19187,7 +19255,7 @@ void serve_pool_tasks(const PoolWorkerBoot& b, void* state) {
             }
         }
         link.flush();
-        close_all(handles);
+        wire::close_all(handles);
     }
 }
 
@@ -19270,7 +19338,7 @@ struct PoolCore::State {
         }
         std::vector<os::handle_t> handles;  // owned copies
         int worker = -1;
-        ~Chunk() { close_all(handles); }
+        ~Chunk() { wire::close_all(handles); }
         Chunk() = default;
         Chunk(const Chunk&) = delete;
         Chunk& operator=(const Chunk&) = delete;
@@ -19959,6 +20027,8 @@ detail::PoolWorkerBoot Codec<detail::PoolWorkerBoot>::decode(Decoder& d) {
 
 }  // namespace mpservice
 // ---- end part: mpservice/impl/pool.cpp
+#endif
+#if MPSERVICE_PART_(7)
 // ---- begin part: mpservice/impl/server_wire.cpp -----------------------------
 // server_wire: what a server process and its clients say to each other.
 //
@@ -21875,5 +21945,7 @@ ServerClient Codec<ServerClient>::decode(Decoder& d) {
 
 }  // namespace mpservice
 // ---- end part: mpservice/impl/server_client.cpp
+#endif
 
+#undef MPSERVICE_PART_
 #endif  // MPSERVICE_IMPLEMENTATION

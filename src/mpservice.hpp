@@ -34,18 +34,47 @@
 // The implementation is outside the include guard so that a second inclusion
 // with MPSERVICE_IMPLEMENTATION defined still emits it, and its own guard makes
 // sure it is emitted only once per translation unit.
-#if defined(MPSERVICE_IMPLEMENTATION) && !defined(MPSERVICE_IMPLEMENTATION_INCLUDED)
+//
+// It comes whole (MPSERVICE_IMPLEMENTATION) or in parts: a translation unit
+// that defines MPSERVICE_IMPLEMENTATION_PART=n (1 <= n <= 7) compiles part n
+// only.  A static library of the seven parts gives the same program, and its
+// link keeps only the parts a program uses (and each part compiles alone, in
+// parallel with the others):
+//   1 platform layer, shared memory    2 remote exceptions
+//   3 logging, threads                 4 locks, queues (shared state)
+//   5 processes, connections           6 Pool
+//   7 server process, proxies, memory blocks
+#if defined(MPSERVICE_IMPLEMENTATION) && !defined(MPSERVICE_IMPLEMENTATION_PART)
+#define MPSERVICE_IMPLEMENTATION_PART 0  // 0: every part
+#endif
+#if defined(MPSERVICE_IMPLEMENTATION_PART) && !defined(MPSERVICE_IMPLEMENTATION_INCLUDED)
 #define MPSERVICE_IMPLEMENTATION_INCLUDED
+#if MPSERVICE_IMPLEMENTATION_PART < 0 || MPSERVICE_IMPLEMENTATION_PART > 7
+#error "MPSERVICE_IMPLEMENTATION_PART must be 1..7 (or undefined, with MPSERVICE_IMPLEMENTATION: every part)"
+#endif
+#define MPSERVICE_PART_(n) (MPSERVICE_IMPLEMENTATION_PART == 0 || MPSERVICE_IMPLEMENTATION_PART == n)
 
+#include "mpservice/impl/parts.hpp"
+
+#if MPSERVICE_PART_(1)
 #include "mpservice/impl/os_posix.cpp"
 #include "mpservice/impl/os_win32.cpp"
-#if defined(MPSERVICE_POSIX)
 #include "mpservice/impl/os_posix_stacktrace.cpp"
-#endif
+#include "mpservice/impl/codec.cpp"
 #include "mpservice/impl/shm.cpp"
+#endif
+#if MPSERVICE_PART_(2)
 #include "mpservice/impl/remote_exception.cpp"
+#endif
+#if MPSERVICE_PART_(3)
 #include "mpservice/impl/logging.cpp"
-#include "mpservice/impl/process_wire.cpp"
+#include "mpservice/impl/threading.cpp"
+#endif
+#if MPSERVICE_PART_(4)
+#include "mpservice/impl/synchronize.cpp"
+#include "mpservice/impl/queues.cpp"
+#endif
+#if MPSERVICE_PART_(5)
 #include "mpservice/impl/process_runtime.cpp"
 #include "mpservice/impl/process_output.cpp"
 #include "mpservice/impl/process_child.cpp"
@@ -53,13 +82,16 @@
 #include "mpservice/impl/process_fork.cpp"
 #include "mpservice/impl/process_warm.cpp"
 #include "mpservice/impl/process_core.cpp"
-#include "mpservice/impl/threading.cpp"
-#include "mpservice/impl/synchronize.cpp"
-#include "mpservice/impl/queues.cpp"
 #include "mpservice/impl/connection.cpp"
+#endif
+#if MPSERVICE_PART_(6)
 #include "mpservice/impl/pool.cpp"
+#endif
+#if MPSERVICE_PART_(7)
 #include "mpservice/impl/server_wire.cpp"
 #include "mpservice/impl/server_host.cpp"
 #include "mpservice/impl/server_client.cpp"
+#endif
 
+#undef MPSERVICE_PART_
 #endif  // MPSERVICE_IMPLEMENTATION

@@ -2,7 +2,8 @@
 """A program links only the parts of the library it reaches (issue 12, footprint).
 
     unused_parts_dropped.py CXX REPO_ROOT WORK_DIR [NM]
-Builds examples/hello_codec.cpp (the codec, nothing else) with the implementation
+Two ways to leave unused code out, both checked:
+1. Builds examples/hello_codec.cpp (the codec, nothing else) with the implementation
 TU, every function and object in its own section, linked with --gc-sections, and
 lists the symbols the program keeps.  None of the process machinery, the Pool, the
 server process, the logging state or the exception registry's standard table may
@@ -10,6 +11,12 @@ be among them: the implementation's static initializers only make locks, so they
 reach nothing else.  A static initializer that names a subsystem (an at-fork hook
 registered before main, a table built eagerly) pulls that subsystem into every
 program - this test names it.  The program must still run and exit 0.
+
+2. Builds the implementation in its seven parts (MPSERVICE_IMPLEMENTATION_PART)
+as a static library and links hello_codec against it plainly: it must take only
+the platform part, and keep none of the same symbols; examples/quickstart.cpp
+(a Process, its MPSERVICE_IMPLEMENTATION line left out) must take neither the
+Pool part nor the server part, and run.
 
 -O0 keeps the compile short; the references, and so what the linker keeps, do
 not depend on the optimization level.
@@ -40,18 +47,77 @@ UNREACHED = [
     (r"(\(anonymous namespace\)::|detail::)Runtime\b", "the process runtime"),
     (r"\breset_after_fork_in_child\b", "the forked child's reset hook"),
 ]
-symbols = subprocess.run([nm_tool, "-C", str(program)], check=True, capture_output=True, text=True).stdout
-kept = []
-for pattern, part in UNREACHED:
-    hits = [line for line in symbols.splitlines() if re.search(pattern, line)]
-    if hits:
-        kept.append("%s (%d symbols, e.g. %s)" % (part, len(hits), hits[0].split(" ", 2)[-1][:120]))
+POOL_AND_SERVER = UNREACHED[3:5]
+
+
+def carried(program, unreached):
+    symbols = subprocess.run([nm_tool, "-C", str(program)], check=True, capture_output=True, text=True).stdout
+    kept = []
+    for pattern, part in unreached:
+        hits = [line for line in symbols.splitlines() if re.search(pattern, line)]
+        if hits:
+            kept.append("%s (%d symbols, e.g. %s)" % (part, len(hits), hits[0].split(" ", 2)[-1][:120]))
+    return kept
+
+
+def runs(program, what):
+    run = subprocess.run([str(program)], capture_output=True, text=True, timeout=120)
+    if run.returncode != 0:
+        sys.exit("unused_parts_dropped: %s failed (%d):\n%s%s" % (what, run.returncode, run.stdout, run.stderr))
+
+
+def parts_taken(link_map):
+    """The archive members a link took, from its -Map file: {'part1.o', ...}."""
+    return sorted(set(re.findall(r"libparts\.a\((part\d)\.o\)", link_map.read_text())))
+
+
+failures = []
+kept = carried(program, UNREACHED)
 if kept:
-    sys.exit("unused_parts_dropped: a codec-only program linked with --gc-sections still carries:\n  " +
-             "\n  ".join(kept))
-run = subprocess.run([str(program)], capture_output=True, text=True, timeout=60)
-if run.returncode != 0:
-    sys.exit("unused_parts_dropped: the program failed (%d):\n%s%s" % (run.returncode, run.stdout, run.stderr))
+    failures.append("a codec-only program linked with --gc-sections still carries:\n  " + "\n  ".join(kept))
+runs(program, "hello_codec (--gc-sections)")
 size = program.stat().st_size
+
+# 2. The parts, as a static library, and plain links.
+plain = [cxx, "-std=c++17", "-O0", f"-I{root}"]
+objects = []
+for n in range(1, 8):
+    obj = work / ("part%d.o" % n)
+    subprocess.run(plain + ["-DMPSERVICE_IMPLEMENTATION_PART=%d" % n, "-x", "c++", "-c", str(root / "mpservice.hpp"),
+                            "-o", str(obj)], check=True)
+    objects.append(str(obj))
+library = work / "libparts.a"
+library.unlink(missing_ok=True)
+subprocess.run(["ar", "rcs", str(library)] + objects, check=True)
+
+codec_only = work / "hello_codec_parts"
+subprocess.run(plain + [str(root / "examples" / "hello_codec.cpp"), str(library), "-pthread",
+                        "-Wl,-Map," + str(work / "hello_codec_parts.map"), "-o", str(codec_only)], check=True)
+taken = parts_taken(work / "hello_codec_parts.map")
+if taken != ["part1"]:
+    failures.append("hello_codec linked against the parts took %s (expected only part1, the platform layer)" % taken)
+kept = carried(codec_only, UNREACHED)
+if kept:
+    failures.append("hello_codec linked against the parts carries:\n  " + "\n  ".join(kept))
+runs(codec_only, "hello_codec (parts)")
+
+quickstart = work / "quickstart_parts.cpp"
+quickstart.write_text("".join(line for line in (root / "examples" / "quickstart.cpp").read_text().splitlines(True)
+                              if not line.startswith("#define MPSERVICE_IMPLEMENTATION")))
+process_program = work / "quickstart_parts"
+subprocess.run(plain + [str(quickstart), str(library), "-pthread", "-Wl,-Map," + str(work / "quickstart_parts.map"),
+                        "-o", str(process_program)], check=True)
+taken = parts_taken(work / "quickstart_parts.map")
+if "part6" in taken or "part7" in taken or "part5" not in taken:
+    failures.append("quickstart linked against the parts took %s (expected the process part 5, "
+                    "neither the Pool's 6 nor the server's 7)" % taken)
+kept = carried(process_program, POOL_AND_SERVER)
+if kept:
+    failures.append("quickstart linked against the parts carries:\n  " + "\n  ".join(kept))
+runs(process_program, "quickstart (parts)")
+
+if failures:
+    sys.exit("unused_parts_dropped:\n" + "\n".join(failures))
 print("unused_parts_dropped: hello_codec with --gc-sections keeps none of the unused parts "
-      "(%d KiB unstripped, -O0)" % (size // 1024))
+      "(%d KiB unstripped, -O0); linked against the parts it takes only part1 (%d KiB), "
+      "quickstart takes %s" % (size // 1024, codec_only.stat().st_size // 1024, " ".join(taken)))

@@ -433,9 +433,4 @@ std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects) {
     return connection_wait_at(objects, detail::os::no_deadline);
 }
 
-std::uint32_t Encoder::attach(detail::os::handle_t h) {
-    handles_.push_back(h);
-    return static_cast<std::uint32_t>(handles_.size() - 1);
-}
-
 }  // namespace mpservice

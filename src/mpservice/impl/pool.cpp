@@ -294,7 +294,7 @@ void serve_pool_tasks(const PoolWorkerBoot& b, void* state) {
             }
         }
         link.flush();
-        close_all(handles);
+        wire::close_all(handles);
     }
 }
 
@@ -377,7 +377,7 @@ struct PoolCore::State {
         }
         std::vector<os::handle_t> handles;  // owned copies
         int worker = -1;
-        ~Chunk() { close_all(handles); }
+        ~Chunk() { wire::close_all(handles); }
         Chunk() = default;
         Chunk(const Chunk&) = delete;
         Chunk& operator=(const Chunk&) = delete;

@@ -78,14 +78,6 @@ Runtime& rt() {
 // runtime itself is made at first use, by a program that uses processes.)
 [[maybe_unused]] const bool g_fingerprints_fork_safe = (os::at_fork_protect(&fingerprints_mutex(), 25), true);
 
-std::string fingerprint_of(const std::string& module) {
-    Runtime& r = rt();
-    std::lock_guard<std::mutex> lk(*r.fingerprint_mutex);
-    auto it = r.fingerprints.find(module);
-    if (it != r.fingerprints.end()) return it->second;
-    return r.fingerprints[module] = os::module_fingerprint(module);
-}
-
 void flush_stdio() noexcept {
     try {
         std::cout.flush();
@@ -110,6 +102,14 @@ std::string describe(const std::string& name, long pid) {
 }
 
 }  // namespace
+
+std::string fingerprint_of(const std::string& module) {
+    Runtime& r = rt();
+    std::lock_guard<std::mutex> lk(*r.fingerprint_mutex);
+    auto it = r.fingerprints.find(module);
+    if (it != r.fingerprints.end()) return it->second;
+    return r.fingerprints[module] = os::module_fingerprint(module);
+}
 
 void test_trace_start_phases(std::int64_t* slots) noexcept { g_phase_slots.store(slots, std::memory_order_relaxed); }
 

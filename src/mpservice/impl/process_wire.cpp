@@ -9,6 +9,9 @@
 // child's writes are all queued in the socket already, so a non-blocking
 // drain at exit sees every record (join() therefore returns only after all of
 // the child's log records were handled, in order).
+//
+// Included by impl/parts.hpp, ahead of every part: the process part and the
+// server part both speak it, so its functions are inline.
 
 #include <algorithm>
 #include <atomic>
@@ -58,12 +61,12 @@ struct Frame {
     std::vector<os::handle_t> handles;
 };
 
-void close_all(std::vector<os::handle_t>& hs) noexcept {
+inline void close_all(std::vector<os::handle_t>& hs) noexcept {
     for (auto h : hs) os::close_handle(h);
     hs.clear();
 }
 
-bool write_frame(os::handle_t ch, std::uint32_t kind, const std::string& payload,
+inline bool write_frame(os::handle_t ch, std::uint32_t kind, const std::string& payload,
                  const std::vector<os::handle_t>& handles = {}) {
     FrameHeader h{kind, static_cast<std::uint32_t>(handles.size()), payload.size()};
     return os::channel_write(ch, &h, sizeof h, payload.data(), payload.size(), handles.data(), handles.size());
