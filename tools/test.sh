@@ -3,6 +3,7 @@
 #   tools/test.sh                       # g++, C++17, build dir ./build
 # Knobs (environment): CXX, CXX_STANDARD (17|20), WERROR (ON|OFF),
 #   SANITIZE (e.g. address,undefined or thread), BENCHMARKS (ON: also build bench/), BUILD_DIR, JOBS,
+#   PARTS (ON: the suites link the implementation built in its seven parts, mpservice::parts),
 #   INSTALL (auto|no): with auto (the default), missing prerequisites are installed with apt-get when
 #   this runs as root on a machine that has it; otherwise - or with INSTALL=no - the script names
 #   what to install and stops before CMake does.
@@ -103,6 +104,7 @@ trap 'rm -f "$configure_log"' EXIT
 if ! cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=${BUILD_TYPE:-RelWithDebInfo} \
   -DCMAKE_CXX_COMPILER="$CXX" -DCMAKE_CXX_STANDARD="${CXX_STANDARD:-17}" \
   -DMPSERVICE_WERROR="${WERROR:-OFF}" -DMPSERVICE_SANITIZE="$SANITIZE" \
+  -DMPSERVICE_TEST_PARTS="${PARTS:-OFF}" \
   -DMPSERVICE_BUILD_BENCHMARKS="$BENCHMARKS" >"$configure_log" 2>&1; then
   cat "$configure_log" >&2
   if grep -q 'doctest' "$configure_log"; then

@@ -71,12 +71,18 @@ compile() {  # compile SRC OBJ: one translation unit (unless up to date); its er
   $CXXW $FLAGS_STR -c "$1" -o "$2" 2>"$2.err" || { echo "windows_ci: compile FAILED: $1"; return 1; }
 }
 export -f compile
+for n in 1 2 3 4 5 6 7; do
+  printf '#define MPSERVICE_IMPLEMENTATION_PART %d\n#include "mpservice.hpp"\n' $n >"$B/obj/part$n.cpp.new"
+  cmp -s "$B/obj/part$n.cpp.new" "$B/obj/part$n.cpp" && rm "$B/obj/part$n.cpp.new" || mv "$B/obj/part$n.cpp.new" "$B/obj/part$n.cpp"
+done
 echo "windows_ci: compiling with $CXXW ($JOBS at a time)"
 {
   echo "tools/mpservice_impl.cpp $B/obj/impl.o"
   echo "tests/main.cpp $B/obj/main.o"
   for s in $SUITES; do echo "tests/$s.cpp $B/obj/$s.o"; done
   for e in $EXAMPLES; do echo "$e $B/obj/example_$(basename "$e" .cpp).o"; done
+  # The implementation's seven parts (MPSERVICE_IMPLEMENTATION_PART), for the examples.
+  [ -n "$EXAMPLES" ] && for n in 1 2 3 4 5 6 7; do echo "$B/obj/part$n.cpp $B/obj/part$n.o"; done
 } | nice -n 10 xargs -P "$JOBS" -L 1 bash -c 'compile "$0" "$1"'
 
 link() {  # link EXE OBJ...
@@ -88,10 +94,15 @@ for s in $SUITES; do
   [ -f "$B/obj/$s.o" ] && [ -f "$B/obj/main.o" ] && [ -f "$B/obj/impl.o" ] &&
     link "$B/$s.exe" "$B/obj/$s.o" "$B/obj/main.o" "$B/obj/impl.o" && built[$s]=1
 done
+if [ -n "$EXAMPLES" ]; then
+  rm -f "$B/obj/libparts.a"
+  x86_64-w64-mingw32-ar rcs "$B/obj/libparts.a" "$B"/obj/part[1-7].o
+fi
 for e in $EXAMPLES; do
   n=example_$(basename "$e" .cpp)
-  # An example that defines MPSERVICE_IMPLEMENTATION itself links alone.
-  if grep -q '#define MPSERVICE_IMPLEMENTATION' "$e"; then objs=("$B/obj/$n.o"); else objs=("$B/obj/$n.o" "$B/obj/impl.o"); fi
+  # An example that defines MPSERVICE_IMPLEMENTATION itself links alone; the
+  # others link the parts, from which the linker takes what they use.
+  if grep -q '#define MPSERVICE_IMPLEMENTATION' "$e"; then objs=("$B/obj/$n.o"); else objs=("$B/obj/$n.o" "$B/obj/libparts.a"); fi
   [ -f "$B/obj/$n.o" ] && link "$B/$n.exe" "${objs[@]}" && built[$n]=1
 done
 build_done=$(date +%s)
