@@ -21272,7 +21272,7 @@ public:
             throw ServerError("mpservice: the " + describe() + " is gone; the request did not complete");
         }
         wire::Frame f;
-        if (!main_reader_.read_blocking(main_, f)) {
+        if (!read_frame_while_server_lives(main_reader_, main_, f)) {
             dead_.store(true);
             throw ServerError("mpservice: the " + describe() + " is gone; the request did not complete");
         }
@@ -21283,7 +21283,7 @@ public:
 
     void mark_gone(const std::string& why) noexcept override {
         try {
-            std::lock_guard<std::mutex> lk(main_mutex_);
+            std::lock_guard<std::mutex> lk(why_mutex_);
             why_ = why;
         } catch (...) {
         }
@@ -21300,7 +21300,7 @@ private:
     [[noreturn]] void throw_gone() {
         std::string why;
         {
-            std::lock_guard<std::mutex> lk(main_mutex_);
+            std::lock_guard<std::mutex> lk(why_mutex_);
             why = why_;
         }
         throw ServerError("mpservice: the " + describe() + " is gone" + (why.empty() ? std::string() : " (" + why + ")") +
@@ -21310,6 +21310,25 @@ private:
         if (dead_.load()) throw_gone();
     }
     bool server_exited() const { return server_pid > 0 && !os::process_running(server_pid); }
+
+    /// Reads the next frame from the server on `fd`; false when the stream
+    /// ended or the server process is gone.  It waits in slices, and between
+    /// them asks whether the server process is still there: its death closes
+    /// its end of a socket only when no other process holds a copy (a process
+    /// it forked inherits every descriptor, its listener too, which then
+    /// queues new connections that no one accepts), and under Wine a killed
+    /// server's socket was seen never to report its end.
+    bool read_frame_while_server_lives(wire::FrameReader& reader, os::handle_t fd, wire::Frame& f) {
+        const int slice_ms = static_cast<int>(client_check.count());
+        while (!reader.next(f)) {
+            if (os::wait_io(fd, os::io_readable, slice_ms) == 0) {
+                if (server_exited()) return false;
+                continue;
+            }
+            if (reader.fill(fd, true) == 0) return false;  // the end of the stream
+        }
+        return true;
+    }
     [[noreturn]] void gone(ThreadConn& c) {
         (void)c;
         mark_gone("it exited or was killed");
@@ -21329,7 +21348,7 @@ private:
         e(server_protocol, authkey, session_, static_cast<std::int64_t>(os::current_pid()), fingerprint_of(""), main);
         wire::FrameReader reader;
         wire::Frame f;
-        if (!send_frame(fd, op_hello, e.bytes()) || !reader.read_blocking(fd, f)) {
+        if (!send_frame(fd, op_hello, e.bytes()) || !read_frame_while_server_lives(reader, fd, f)) {
             os::close_handle(fd);
             mark_gone("it closed the connection");
             throw_gone();
@@ -21431,7 +21450,7 @@ private:
     std::string await_socket_reply(ThreadConn& c, std::vector<os::handle_t>& reply_handles) {
         wire::Frame f;
         for (;;) {
-            if (!c.reader.read_blocking(c.fd, f)) gone(c);
+            if (!read_frame_while_server_lives(c.reader, c.fd, f)) gone(c);
             if (f.kind == op_wake) continue;
             break;
         }
@@ -21533,6 +21552,9 @@ private:
     std::string session_;
     std::atomic<long> pid_{0};
     std::atomic<bool> dead_{false};
+    // Why the server is gone; its own lock, because opening the main
+    // connection (under main_mutex_) marks the link gone when it fails.
+    std::mutex why_mutex_;
     std::string why_;
 };
 

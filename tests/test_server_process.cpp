@@ -13,6 +13,7 @@
 #include <vector>
 
 #if !defined(_WIN32)
+#include <csignal>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -85,6 +86,29 @@ struct Blocker {
         entered.set();
         return go.wait(60s);
     }
+};
+
+/// A call too big for the shared-memory slot travels on the socket; it blocks
+/// until released, like Blocker::block.
+struct BigBlocker {
+    mp::Event entered, go;
+    BigBlocker(mp::Event in, mp::Event e) : entered(std::move(in)), go(std::move(e)) {}
+    bool block(const std::string& pad) {
+        entered.set();
+        return go.wait(60s) && !pad.empty();
+    }
+    bool block_not() { return true; }
+#if !defined(_WIN32)
+    /// Forks a process that holds every descriptor of the server (its client
+    /// sockets too) until killed: the server's death then closes no socket.
+    long fork_holder() {
+        pid_t pid = ::fork();
+        if (pid == 0) {
+            for (;;) ::pause();
+        }
+        return static_cast<long>(pid);
+    }
+#endif
 };
 
 // ---------------------------------------------------------------- child targets
@@ -165,6 +189,18 @@ std::string child_sets_until_error(mp::Proxy<mp::Namespace> ns, mp::Event starte
             return e.what();
         }
         if (i == 10) started.set();
+    }
+}
+/// Waits for `go`, then decodes an encoded proxy (which connects to the
+/// server) and calls: the text of what happened.
+std::string child_decodes_and_calls_after(std::string bytes, mp::Event go) {
+    if (!go.wait(60s)) return "no go";
+    try {
+        mp::Decoder d(bytes);
+        d.read<mp::Proxy<Counter>>().call<&Counter::get>();
+        return "no error";
+    } catch (const mp::ServerError&) {
+        return "ServerError";
     }
 }
 
@@ -420,6 +456,72 @@ TEST_CASE("server: the server SIGKILLed makes every call fail at once, naming it
     // system's own thread-pool handles come and go, forktest::handle_slack).
     CHECK(std::labs(static_cast<long>(forktest::fd_count()) - static_cast<long>(fds_before)) <= forktest::handle_slack);
 }
+
+TEST_CASE("server: a proxy decoded after the server was SIGKILLed: its first call fails, naming the server") {
+    mp::ServerProcess server(mp::ServerOptions{"doomed-before", nullptr, true, 1000ms});
+    std::string bytes;
+    {
+        mp::Encoder e;
+        e.write(server.create<Counter>(1));
+        bytes = e.bytes();
+    }
+    mp::Event go;
+    mp::Process late(child_decodes_and_calls_after, bytes, go);
+    late.start();
+    server.process().kill();
+    CHECK(server.process().exception(30s) != nullptr);  // it has ended, killed
+    REQUIRE_FALSE(server.process().is_alive());
+    go.set();  // the child's connection is refused: opening the link fails
+    CHECK(late.result(30s) == "ServerError");
+    server.shutdown();
+}
+
+#if !defined(_WIN32)
+TEST_CASE("server: the server SIGKILLed while a process it forked keeps its sockets open: a call on the socket "
+          "fails, it does not wait for that process") {
+    mp::ServerProcess server(mp::ServerOptions{"doomed-socket", nullptr, true, 1000ms});
+    mp::Event entered, never, connected, forked;
+    auto blocker = server.create<BigBlocker>(entered, never);
+    // The thread's connection exists before the fork, so the holder has its server end.
+    mp::Thread t(
+        [](mp::Proxy<BigBlocker> x, mp::Event connected, mp::Event forked) {
+            x.call<&BigBlocker::block_not>();
+            connected.set();
+            if (!forked.wait(30s)) return false;
+            return x.call<&BigBlocker::block>(std::string(256 * 1024, 'x'));
+        },
+        blocker, connected, forked);
+    t.start();
+    REQUIRE(connected.wait(30s));
+    const long holder = blocker.call<&BigBlocker::fork_holder>();
+    REQUIRE(holder > 0);
+    struct KillHolder {  // whatever happens below, the holder goes
+        long pid;
+        ~KillHolder() { ::kill(static_cast<pid_t>(pid), SIGKILL); }
+    } kill_holder{holder};
+    // A child that connects after the server's death: its connection lands in
+    // the listener's queue, which the holder keeps open.
+    std::string bytes;
+    {
+        mp::Encoder e;
+        e.write(server.create<Counter>(1));
+        bytes = e.bytes();
+    }
+    mp::Event go;
+    mp::Process late(child_decodes_and_calls_after, bytes, go);
+    late.start();
+    forked.set();
+    REQUIRE(entered.wait(30s));  // the call is running in the server; its socket is also the holder's
+    server.process().kill();
+    auto t0 = std::chrono::steady_clock::now();
+    CHECK_THROWS_AS(t.result(30s), mp::ServerError);
+    go.set();
+    CHECK(late.result(30s) == "ServerError");
+    CHECK(std::chrono::steady_clock::now() - t0 < 10s);  // a hang guard: it takes milliseconds
+    blocker.reset();
+    server.shutdown();
+}
+#endif
 
 TEST_CASE("server: 1000 create/release cycles leave no objects, descriptors or mappings behind") {
     mp::ServerProcess server;
