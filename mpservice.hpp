@@ -12469,6 +12469,7 @@ const void* exception_object(const std::exception_ptr& e) noexcept {
 
 #endif  // _WIN32
 // ---- end part: mpservice/impl/os_win32.cpp
+#if defined(MPSERVICE_POSIX)
 // ---- begin part: mpservice/impl/os_posix_stacktrace.cpp ---------------------
 // os_posix_stacktrace: throw-site stacks and their symbolization (POSIX, ELF,
 // Itanium C++ ABI: Linux with g++ or clang).  The "remote exception /
@@ -13111,6 +13112,7 @@ extern "C" void __cxa_rethrow() {
 
 #endif  // !_WIN32
 // ---- end part: mpservice/impl/os_posix_stacktrace.cpp
+#endif
 // ---- begin part: mpservice/impl/codec.cpp -----------------------------------
 // codec: the out-of-line part of the encoder (public/codec.hpp).
 //

@@ -59,7 +59,9 @@
 #if MPSERVICE_PART_(1)
 #include "mpservice/impl/os_posix.cpp"
 #include "mpservice/impl/os_win32.cpp"
+#if defined(MPSERVICE_POSIX)
 #include "mpservice/impl/os_posix_stacktrace.cpp"
+#endif
 #include "mpservice/impl/codec.cpp"
 #include "mpservice/impl/shm.cpp"
 #endif

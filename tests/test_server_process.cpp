@@ -191,6 +191,13 @@ std::string child_sets_until_error(mp::Proxy<mp::Namespace> ns, mp::Event starte
         if (i == 10) started.set();
     }
 }
+/// The bytes of a proxy to a new Counter: its ticket keeps the Counter alive
+/// until a process decodes them.
+std::string encoded_counter(mp::ServerProcess& server) {
+    mp::Encoder e;
+    e.write(server.create<Counter>(1));
+    return e.bytes();
+}
 /// Waits for `go`, then decodes an encoded proxy (which connects to the
 /// server) and calls: the text of what happened.
 std::string child_decodes_and_calls_after(std::string bytes, mp::Event go) {
@@ -459,14 +466,8 @@ TEST_CASE("server: the server SIGKILLed makes every call fail at once, naming it
 
 TEST_CASE("server: a proxy decoded after the server was SIGKILLed: its first call fails, naming the server") {
     mp::ServerProcess server(mp::ServerOptions{"doomed-before", nullptr, true, 1000ms});
-    std::string bytes;
-    {
-        mp::Encoder e;
-        e.write(server.create<Counter>(1));
-        bytes = e.bytes();
-    }
     mp::Event go;
-    mp::Process late(child_decodes_and_calls_after, bytes, go);
+    mp::Process late(child_decodes_and_calls_after, encoded_counter(server), go);
     late.start();
     server.process().kill();
     CHECK(server.process().exception(30s) != nullptr);  // it has ended, killed
@@ -501,14 +502,8 @@ TEST_CASE("server: the server SIGKILLed while a process it forked keeps its sock
     } kill_holder{holder};
     // A child that connects after the server's death: its connection lands in
     // the listener's queue, which the holder keeps open.
-    std::string bytes;
-    {
-        mp::Encoder e;
-        e.write(server.create<Counter>(1));
-        bytes = e.bytes();
-    }
     mp::Event go;
-    mp::Process late(child_decodes_and_calls_after, bytes, go);
+    mp::Process late(child_decodes_and_calls_after, encoded_counter(server), go);
     late.start();
     forked.set();
     REQUIRE(entered.wait(30s));  // the call is running in the server; its socket is also the holder's

@@ -71,8 +71,8 @@ compile() {  # compile SRC OBJ: one translation unit (unless up to date); its er
   $CXXW $FLAGS_STR -c "$1" -o "$2" 2>"$2.err" || { echo "windows_ci: compile FAILED: $1"; return 1; }
 }
 export -f compile
-for n in 1 2 3 4 5 6 7; do
-  printf '#define MPSERVICE_IMPLEMENTATION_PART %d\n#include "mpservice.hpp"\n' $n >"$B/obj/part$n.cpp.new"
+for n in 1 2 3 4 5 6 7; do  # the parts' sources, from CMake's template (rewritten only when changed)
+  sed "s/@part@/$n/g" cmake/mpservice_part.cpp.in >"$B/obj/part$n.cpp.new"
   cmp -s "$B/obj/part$n.cpp.new" "$B/obj/part$n.cpp" && rm "$B/obj/part$n.cpp.new" || mv "$B/obj/part$n.cpp.new" "$B/obj/part$n.cpp"
 done
 echo "windows_ci: compiling with $CXXW ($JOBS at a time)"
@@ -82,7 +82,7 @@ echo "windows_ci: compiling with $CXXW ($JOBS at a time)"
   for s in $SUITES; do echo "tests/$s.cpp $B/obj/$s.o"; done
   for e in $EXAMPLES; do echo "$e $B/obj/example_$(basename "$e" .cpp).o"; done
   # The implementation's seven parts (MPSERVICE_IMPLEMENTATION_PART), for the examples.
-  [ -n "$EXAMPLES" ] && for n in 1 2 3 4 5 6 7; do echo "$B/obj/part$n.cpp $B/obj/part$n.o"; done
+  if [ -n "$EXAMPLES" ]; then for n in 1 2 3 4 5 6 7; do echo "$B/obj/part$n.cpp $B/obj/part$n.o"; done; fi
 } | nice -n 10 xargs -P "$JOBS" -L 1 bash -c 'compile "$0" "$1"'
 
 link() {  # link EXE OBJ...
