@@ -178,27 +178,27 @@ std::uint32_t release_all(const LockRef& l) {
 
 /// Waits for a lock that someone else holds.
 ///
-/// Spinning pays only when it replaces a sleep: the holder is running a short
-/// critical section and will not want the lock back at once.  When two threads
-/// take the lock in a stream (release, re-take), a spinner that grabs it at each
-/// release turns every acquisition into a cache-line hand-off between CPUs
-/// (3-4x slower than letting the holder re-take it, measured), and a spinner
-/// that shares its CPU with the holder only delays it.  So:
+/// Spinning pays only when it replaces a sleep, and only when it does not slow
+/// the holder.  When two threads take the lock in a stream (release, re-take),
+/// a spinner that looks at the lock at every pause pulls its line away from the
+/// holder at each re-take and grabs it at each release, so every acquisition
+/// becomes a cross-CPU hand-off (3-4x slower than letting the holder re-take
+/// it, measured).  So:
+///   - the spin looks at doubling intervals (Looks::backing_off): between looks
+///     the holder runs at its uncontended speed; a look that finds the lock
+///     free tries it, and a lost try (the holder re-took it) spins on;
 ///   - no spin while a thread sleeps in the kernel for the lock (the mutex
-///     word's waiters bit): the lock is in such a stream already, and the
-///     sleepers are first in line - we join them, as the robust pthread mutex
-///     itself does for every waiter;
-///   - a spin waits for one release and tries once; losing that try means the
-///     holder (or another waiter) re-took it at once: sleep, do not spin again.
+///     word's waiters bit): the sleepers are first in line - we join them, as
+///     the robust pthread mutex itself does for every waiter.
 LockStatus lock_contended(LockState* s, std::uint64_t me, os::Deadline deadline) {
     os::LockResult r = os::LockResult::busy;
     if (!os::robust_mutex_has_sleepers(&s->mutex)) {
-        auto released_then_tried = [&] {
+        auto free_and_taken = [&] {
             if (s->owner.load(std::memory_order_relaxed) != 0) return false;
             r = os::robust_mutex_trylock(&s->mutex);
-            return true;
+            return r != os::LockResult::busy;
         };
-        spin_until(released_then_tried, s->spin_ns);
+        spin_until(free_and_taken, s->spin_ns, Looks::backing_off);
     }
     if (r == os::LockResult::busy) r = os::robust_mutex_lock_blocking(&s->mutex, deadline);
     return took(s, r, me);
