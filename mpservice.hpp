@@ -3967,8 +3967,8 @@ inline constexpr std::uint32_t spin_max_ns = 10000;
 /// ...and at least, so that a partner that answers at once is still caught.
 inline constexpr std::uint32_t spin_min_ns = 500;
 
-/// A failed spin of spin_min_ns turns spinning off for the next
-/// spin_probe_every - 1 waits; the one after probes again with spin_min_ns.
+/// A failed spin of the least budget turns spinning off for the next
+/// spin_probe_every - 1 waits; the one after probes again with the least budget.
 inline constexpr std::uint32_t spin_probe_every = 8;
 static_assert(spin_probe_every < spin_min_ns, "the budget's 'off' values must not look like budgets");
 
@@ -4023,41 +4023,65 @@ enum class Looks {
     backing_off,  // state the other side keeps writing: spin_backing_off_for
 };
 
+/// The bounds and pace of an adaptive spin (spin_until).
+struct SpinStyle {
+    std::uint32_t least_ns;  // a probe's budget, and the least before spinning turns off
+    std::uint32_t most_ns;   // where a budget that keeps succeeding stops growing
+    Looks looks;
+    BetweenLooks between;
+};
+
+/// A wait for a partner that runs on another CPU and answers soon.
+inline constexpr SpinStyle answer_spin{spin_min_ns, spin_max_ns, Looks::every_pause, BetweenLooks::relax};
+/// A wait for a lock that someone holds (see lock_contended).
+inline constexpr SpinStyle lock_spin{spin_min_ns, spin_max_ns, Looks::backing_off, BetweenLooks::relax};
+/// A wait right after waking the partner that will answer it (see
+/// partner_is_waking).  The partner must first wake up: a cross-CPU futex
+/// wake-up took 8-30 us on the guests measured, longer than answer_spin lasts,
+/// so that spin cannot succeed and both sides would sleep on every exchange.
+/// One that outlasts the wake-up catches the answer, and the waiter, still
+/// awake, needs no wake-up for the next one: the pair leaves the sleep-and-wake
+/// cycle for exchanges answered from a spin (20-40x faster, measured).  It
+/// yields between looks, because the woken partner may have been placed on
+/// this very CPU; it then runs at once, as if the waiter had gone to sleep.
+inline constexpr SpinStyle after_wake_spin{25000, 100000, Looks::every_pause, BetweenLooks::yield};
+
 /// Spins until ready() or the spin budget is spent; returns ready().
 ///
 /// The budget adapts, per object, in `budget_ns` (shared by every process
 /// that waits on the object): it doubles after a spin that succeeded and
-/// halves after one that failed.  Spinning pays only while the other side
-/// runs on another CPU; when both share one CPU (the scheduler likes to put
-/// two processes that keep waking each other there), a spin cannot succeed
-/// and only delays the partner.  So once even a spin of spin_min_ns fails,
-/// spinning stops: the budget then holds a count of skipped waits
-/// (1..spin_probe_every), and every spin_probe_every-th wait probes with
-/// spin_min_ns to notice when spinning pays again.
+/// halves after one that failed, within the style's bounds.  Spinning pays
+/// only while the other side answers within the budget; when it does not
+/// (it is busy, or both share one CPU), a spin only burns the CPU.  So once
+/// even a spin of the least budget fails, spinning stops: the budget then
+/// holds a count of skipped waits (1..spin_probe_every), and every
+/// spin_probe_every-th wait probes with the least budget to notice when
+/// spinning pays again.
 template <class Ready, class Budget>
-bool spin_until(Ready&& ready, std::atomic<Budget>& budget_ns, Looks looks = Looks::every_pause) {
-    static_assert(spin_max_ns <= Budget(~Budget(0)), "the spin budget's type is too small");
+bool spin_until(Ready&& ready, std::atomic<Budget>& budget_ns, const SpinStyle& style = answer_spin) {
     if (ready()) return true;
     const std::uint32_t stored = budget_ns.load(std::memory_order_relaxed);
     std::uint32_t budget = stored;
-    if (budget == 0) budget = spin_max_ns;  // a new object: optimistic
-    if (budget < spin_probe_every) {        // spinning is off: skip it, count the skips
+    if (budget == 0) budget = style.most_ns;  // a new object: optimistic
+    if (budget < spin_probe_every) {          // spinning is off: skip it, count the skips
         budget_ns.store(Budget(budget + 1), std::memory_order_relaxed);
         return false;
     }
-    if (budget < spin_min_ns) budget = spin_min_ns;  // a probe
+    if (budget < style.least_ns) budget = style.least_ns;  // a probe
     // The budget lives on the object's (shared) line: it is stored only when
     // it changes, so a steady budget costs the other side no transfer.
     auto keep = [&](std::uint32_t b) {
         if (b != stored) budget_ns.store(Budget(b), std::memory_order_relaxed);
     };
     const std::chrono::nanoseconds span(budget);
-    if (looks == Looks::backing_off ? spin_backing_off_for(ready, span) : spin_for(ready, span)) {
-        keep(budget >= spin_max_ns / 2 ? spin_max_ns : budget * 2);
+    const bool ok = style.looks == Looks::backing_off ? spin_backing_off_for(ready, span)
+                                                       : spin_for(ready, span, style.between);
+    if (ok) {
+        keep(budget >= style.most_ns / 2 ? style.most_ns : budget * 2);
         return true;
     }
     std::uint32_t shrunk = budget / 2;
-    if (budget <= 2 * spin_min_ns) shrunk = budget <= spin_min_ns ? 1 : spin_min_ns;  // 1: off, see above
+    if (budget <= 2 * style.least_ns) shrunk = budget <= style.least_ns ? 1 : style.least_ns;  // 1: off, see above
     keep(shrunk);
     return ready();
 }
@@ -4068,17 +4092,23 @@ inline thread_local bool t_woke_a_sleeper = false;
 
 /// Called by a wait before it spins: true if this thread has just woken a
 /// sleeper (and forgets it).  The thread it woke is most likely the one that
-/// will answer, and it is not running yet: the scheduler is placing it, often
-/// on this very CPU (a 2-CPU machine has no other to spare).  A spin then
-/// cannot succeed before the answerer runs and, holding the CPU, keeps it from
-/// running - the wait should sleep at once, as a plain futex wait does, which
-/// also lets the scheduler run the answerer here.  A partner that was not
-/// asleep (both spinning on their own CPUs) is not woken, so spinning goes on
-/// where it pays.
+/// will answer, and it is not running yet: the scheduler is placing it, on
+/// another CPU or on this very one (a 2-CPU machine has no other to spare).
+/// The wait then spins in after_wake_spin's style, with its own budget.  A
+/// partner that was not asleep (both spinning on their own CPUs) is not
+/// woken, so the ordinary spin goes on where it pays.
 inline bool partner_is_waking() noexcept {
     const bool woke = t_woke_a_sleeper;
     t_woke_a_sleeper = false;
     return woke;
+}
+
+/// A wait's spin: after_wake_spin (budget `after_wake_ns`) if this thread has
+/// just woken its partner, answer_spin (budget `answer_ns`) otherwise.
+template <class Ready, class Budget>
+bool spin_for_answer(Ready&& ready, std::atomic<Budget>& answer_ns, std::atomic<Budget>& after_wake_ns) {
+    static_assert(after_wake_spin.most_ns <= Budget(~Budget(0)), "the spin budget's type is too small");
+    return partner_is_waking() ? spin_until(ready, after_wake_ns, after_wake_spin) : spin_until(ready, answer_ns);
 }
 
 // ---------------------------------------------------------------- handles to shared state
@@ -4151,6 +4181,7 @@ struct alignas(64) LockState {
     LockState() { os::robust_mutex_init(&mutex); }
 };
 static_assert(sizeof(LockState) == 64, "LockState should fill exactly one cache line");
+static_assert(lock_spin.most_ns <= UINT16_MAX, "LockState::spin_ns is too small for lock_spin's budget");
 static_assert(std::atomic<std::uint64_t>::is_always_lock_free &&
                   std::atomic<std::uint32_t>::is_always_lock_free &&
                   std::atomic<std::uint16_t>::is_always_lock_free,
@@ -4235,14 +4266,16 @@ inline std::atomic<std::int64_t> condition_recheck_ms{100};
 struct ConditionState {
     std::atomic<std::uint32_t> sequence{0};  // futex word: bumped by every notify that hands out tokens
     std::atomic<std::uint32_t> sleepers{0};  // waiters registered (a dead one stays counted, see condition_notify)
-    std::atomic<std::uint32_t> spin_ns{0};   // spin_until's budget
+    std::atomic<std::uint32_t> spin_ns{0};   // spin_until's budget (answer_spin)
     std::atomic<std::uint32_t> tokens{0};    // notified waiters that have not yet taken their wake-up
+    std::atomic<std::uint32_t> after_wake_spin_ns{0};  // spin_until's budget (after_wake_spin)
 };
 
 struct SemaphoreState {
     std::atomic<std::uint32_t> value{0};     // futex word
     std::atomic<std::uint32_t> sleepers{0};  // as in ConditionState
     std::atomic<std::uint32_t> spin_ns{0};
+    std::atomic<std::uint32_t> after_wake_spin_ns{0};
     std::uint32_t bounded = 0;               // BoundedSemaphore: value may not exceed limit
     std::uint32_t limit = 0;
 };
@@ -4251,6 +4284,7 @@ struct EventState {
     std::atomic<std::uint32_t> word{0};      // futex word: bit 0 = flag, bits 1.. = number of set()s
     std::atomic<std::uint32_t> sleepers{0};  // as in ConditionState
     std::atomic<std::uint32_t> spin_ns{0};
+    std::atomic<std::uint32_t> after_wake_spin_ns{0};
 };
 
 struct BarrierState {
@@ -14651,7 +14685,7 @@ LockStatus lock_contended(LockState* s, std::uint64_t me, os::Deadline deadline)
             r = os::robust_mutex_trylock(&s->mutex);
             return r != os::LockResult::busy;
         };
-        spin_until(free_and_taken, s->spin_ns, Looks::backing_off);
+        spin_until(free_and_taken, s->spin_ns, lock_spin);
     }
     if (r == os::LockResult::busy) r = os::robust_mutex_lock_blocking(&s->mutex, deadline);
     return took(s, r, me);
@@ -14755,9 +14789,8 @@ namespace sync_impl {
 /// bumped the counter but will not wake us.
 bool await_notify(ConditionState* cs, std::uint32_t seen, os::Deadline deadline) {
     auto bumped = [&] { return cs->sequence.load(std::memory_order_acquire) != seen; };
-    const bool no_spin = partner_is_waking();
     if (expired(deadline)) return bumped();
-    if (!no_spin && spin_until(bumped, cs->spin_ns)) return true;
+    if (spin_for_answer(bumped, cs->spin_ns, cs->after_wake_spin_ns)) return true;
     for (;;) {
         if (bumped()) return true;
         const auto step = os::sleep_slice_end(
@@ -14855,10 +14888,9 @@ constexpr auto semaphore_recheck = std::chrono::milliseconds(200);
 
 bool semaphore_acquire(SemaphoreState* s, os::Deadline deadline) {
     using namespace sync_impl;
-    const bool no_spin = partner_is_waking();
     if (semaphore_take(s)) return true;
     if (expired(deadline)) return false;
-    if (!no_spin && spin_until([s] { return semaphore_take(s); }, s->spin_ns)) return true;
+    if (spin_for_answer([s] { return semaphore_take(s); }, s->spin_ns, s->after_wake_spin_ns)) return true;
     s->sleepers.fetch_add(1, std::memory_order_seq_cst);
     bool taken = false;
     for (;;) {
@@ -14913,14 +14945,13 @@ void event_set(EventState* e) {
 
 bool event_wait(EventState* e, os::Deadline deadline) {
     using namespace sync_impl;
-    const bool no_spin = partner_is_waking();
     const std::uint32_t seen = e->word.load(std::memory_order_acquire);
     if (seen & 1u) return true;
     // From a cleared state the word changes only by a set() (clearing a clear
     // flag leaves it as it is), so any change means the event was set.
     auto changed = [&] { return e->word.load(std::memory_order_acquire) != seen; };
     if (expired(deadline)) return changed();
-    if (!no_spin && spin_until(changed, e->spin_ns)) return true;
+    if (spin_for_answer(changed, e->spin_ns, e->after_wake_spin_ns)) return true;
     e->sleepers.fetch_add(1, std::memory_order_seq_cst);
     bool set = false;
     for (;;) {

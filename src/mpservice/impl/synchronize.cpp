@@ -198,7 +198,7 @@ LockStatus lock_contended(LockState* s, std::uint64_t me, os::Deadline deadline)
             r = os::robust_mutex_trylock(&s->mutex);
             return r != os::LockResult::busy;
         };
-        spin_until(free_and_taken, s->spin_ns, Looks::backing_off);
+        spin_until(free_and_taken, s->spin_ns, lock_spin);
     }
     if (r == os::LockResult::busy) r = os::robust_mutex_lock_blocking(&s->mutex, deadline);
     return took(s, r, me);
@@ -302,9 +302,8 @@ namespace sync_impl {
 /// bumped the counter but will not wake us.
 bool await_notify(ConditionState* cs, std::uint32_t seen, os::Deadline deadline) {
     auto bumped = [&] { return cs->sequence.load(std::memory_order_acquire) != seen; };
-    const bool no_spin = partner_is_waking();
     if (expired(deadline)) return bumped();
-    if (!no_spin && spin_until(bumped, cs->spin_ns)) return true;
+    if (spin_for_answer(bumped, cs->spin_ns, cs->after_wake_spin_ns)) return true;
     for (;;) {
         if (bumped()) return true;
         const auto step = os::sleep_slice_end(
@@ -402,10 +401,9 @@ constexpr auto semaphore_recheck = std::chrono::milliseconds(200);
 
 bool semaphore_acquire(SemaphoreState* s, os::Deadline deadline) {
     using namespace sync_impl;
-    const bool no_spin = partner_is_waking();
     if (semaphore_take(s)) return true;
     if (expired(deadline)) return false;
-    if (!no_spin && spin_until([s] { return semaphore_take(s); }, s->spin_ns)) return true;
+    if (spin_for_answer([s] { return semaphore_take(s); }, s->spin_ns, s->after_wake_spin_ns)) return true;
     s->sleepers.fetch_add(1, std::memory_order_seq_cst);
     bool taken = false;
     for (;;) {
@@ -460,14 +458,13 @@ void event_set(EventState* e) {
 
 bool event_wait(EventState* e, os::Deadline deadline) {
     using namespace sync_impl;
-    const bool no_spin = partner_is_waking();
     const std::uint32_t seen = e->word.load(std::memory_order_acquire);
     if (seen & 1u) return true;
     // From a cleared state the word changes only by a set() (clearing a clear
     // flag leaves it as it is), so any change means the event was set.
     auto changed = [&] { return e->word.load(std::memory_order_acquire) != seen; };
     if (expired(deadline)) return changed();
-    if (!no_spin && spin_until(changed, e->spin_ns)) return true;
+    if (spin_for_answer(changed, e->spin_ns, e->after_wake_spin_ns)) return true;
     e->sleepers.fetch_add(1, std::memory_order_seq_cst);
     bool set = false;
     for (;;) {
