@@ -5,6 +5,7 @@
 //
 //   sync: Lock acquire+release, uncontended          ns per pair
 //   sync: 2 procs x 1M increments under the lock     ns per increment
+//   sync: 4 procs x 500k increments under the lock   ns per increment (more procs than CPUs)
 //   sync: Event ping-pong round trip, 2 procs        us per round trip
 //   sync: Condition ping-pong round trip, 2 procs    us per round trip
 //
@@ -228,6 +229,61 @@ void contended_increments(int reps) {
     }
 }
 
+/// More processes than this guest's 2 CPUs: holders are preempted inside the
+/// critical section and waiters share CPUs with holders, the case where a
+/// spinning waiter can only delay the holder.
+void oversubscribed_increments(int reps) {
+    const std::string name = "sync: 4 procs x 500k increments under the lock";
+    if (!bench::wanted(name)) return;
+    constexpr int procs = 4, per_child = 500'000;
+    constexpr double total = double(procs) * per_child;
+    mp::Value<long, mp::Lock> value(0);
+    auto ours_run = [&] {
+        value.set(0);
+        run_children(procs, [&](int) {
+            for (int i = 0; i < per_child; ++i) {
+                std::lock_guard<mp::Lock> g(value.get_lock());
+                ++value.get_obj();
+            }
+        });
+        if (value.get() != long(total)) std::fprintf(stderr, "4 procs: Value total %ld\n", value.get());
+    };
+    auto* robust = make_shared_anonymous<RobustPthread>();
+    auto robust_run = [&] {
+        robust->counter = 0;
+        run_children(procs, [&](int) {
+            for (int i = 0; i < per_child; ++i) {
+                robust->lock();
+                ++robust->counter;
+                robust->unlock();
+            }
+        });
+        if (robust->counter != long(total)) std::fprintf(stderr, "4 procs: robust total %ld\n", robust->counter);
+    };
+    auto* boost = make_shared_anonymous<BoostMutex>();
+    auto boost_run = [&] {
+        boost->counter = 0;
+        run_children(procs, [&](int) {
+            for (int i = 0; i < per_child; ++i) {
+                bip::scoped_lock<bip::interprocess_mutex> g(boost->m);
+                ++boost->counter;
+            }
+        });
+        if (boost->counter != long(total)) std::fprintf(stderr, "4 procs: boost total %ld\n", boost->counter);
+    };
+    std::vector<double> ours, robust_ms, boost_ms;
+    for (int r = 0; r < reps + 1; ++r) {  // alternated, the first round warms up
+        for (auto& [run, out] : {std::pair<std::function<void()>, std::vector<double>*>{robust_run, &robust_ms},
+                                 {ours_run, &ours}, {boost_run, &boost_ms}}) {
+            auto t = bench::time_ms(1, run, 0);
+            if (r) out->push_back(t[0]);
+        }
+    }
+    bench::report(name, "ours", "mp::Value<long, mp::Lock>, std::lock_guard", "ns", per_op_ns(ours, total));
+    bench::report(name, "anchor", "pthread mutex pshared+robust", "ns", per_op_ns(robust_ms, total));
+    bench::report(name, "anchor", boost_label + " interprocess_mutex", "ns", per_op_ns(boost_ms, total));
+}
+
 // ---------------------------------------------------------------- ping-pong
 
 constexpr int pingpong_warmup = 500;
@@ -356,5 +412,6 @@ void pingpong(int reps) {
 int main() {
     uncontended_lock(bench::reps(7));
     contended_increments(bench::reps(5));
+    oversubscribed_increments(bench::reps(5));
     pingpong(bench::reps(7));
 }
