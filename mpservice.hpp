@@ -4057,8 +4057,13 @@ inline constexpr SpinStyle after_wake_spin{25000, 100000, Looks::every_pause, Be
 /// holds a count of skipped waits (1..spin_probe_every), and every
 /// spin_probe_every-th wait probes with the least budget to notice when
 /// spinning pays again.
+///
+/// A spin never outlasts `deadline` (a wait with a timeout shorter than the
+/// budget spins only until then, and such a cut-short spin that fails leaves
+/// the budget as it was: it says nothing about the partner).
 template <class Ready, class Budget>
-bool spin_until(Ready&& ready, std::atomic<Budget>& budget_ns, const SpinStyle& style = answer_spin) {
+bool spin_until(Ready&& ready, std::atomic<Budget>& budget_ns, const SpinStyle& style = answer_spin,
+                os::Deadline deadline = os::no_deadline) {
     if (ready()) return true;
     const std::uint32_t stored = budget_ns.load(std::memory_order_relaxed);
     std::uint32_t budget = stored;
@@ -4073,13 +4078,22 @@ bool spin_until(Ready&& ready, std::atomic<Budget>& budget_ns, const SpinStyle& 
     auto keep = [&](std::uint32_t b) {
         if (b != stored) budget_ns.store(Budget(b), std::memory_order_relaxed);
     };
-    const std::chrono::nanoseconds span(budget);
+    std::chrono::nanoseconds span(budget);
+    bool cut_short = false;
+    if (deadline != os::no_deadline) {
+        const auto left = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - os::Clock::now());
+        if (left < span) {
+            span = left.count() > 0 ? left : std::chrono::nanoseconds(0);
+            cut_short = true;
+        }
+    }
     const bool ok = style.looks == Looks::backing_off ? spin_backing_off_for(ready, span)
                                                        : spin_for(ready, span, style.between);
     if (ok) {
         keep(budget >= style.most_ns / 2 ? style.most_ns : budget * 2);
         return true;
     }
+    if (cut_short) return ready();
     std::uint32_t shrunk = budget / 2;
     if (budget <= 2 * style.least_ns) shrunk = budget <= style.least_ns ? 1 : style.least_ns;  // 1: off, see above
     keep(shrunk);
@@ -4103,12 +4117,15 @@ inline bool partner_is_waking() noexcept {
     return woke;
 }
 
-/// A wait's spin: after_wake_spin (budget `after_wake_ns`) if this thread has
-/// just woken its partner, answer_spin (budget `answer_ns`) otherwise.
+/// A wait's spin, bounded by `deadline`: after_wake_spin (budget
+/// `after_wake_ns`) if `partner_waking` (partner_is_waking(), asked when the
+/// wait began), answer_spin (budget `answer_ns`) otherwise.
 template <class Ready, class Budget>
-bool spin_for_answer(Ready&& ready, std::atomic<Budget>& answer_ns, std::atomic<Budget>& after_wake_ns) {
+bool spin_for_answer(bool partner_waking, Ready&& ready, std::atomic<Budget>& answer_ns,
+                     std::atomic<Budget>& after_wake_ns, os::Deadline deadline) {
     static_assert(after_wake_spin.most_ns <= Budget(~Budget(0)), "the spin budget's type is too small");
-    return partner_is_waking() ? spin_until(ready, after_wake_ns, after_wake_spin) : spin_until(ready, answer_ns);
+    return partner_waking ? spin_until(ready, after_wake_ns, after_wake_spin, deadline)
+                          : spin_until(ready, answer_ns, answer_spin, deadline);
 }
 
 // ---------------------------------------------------------------- handles to shared state
@@ -14685,7 +14702,7 @@ LockStatus lock_contended(LockState* s, std::uint64_t me, os::Deadline deadline)
             r = os::robust_mutex_trylock(&s->mutex);
             return r != os::LockResult::busy;
         };
-        spin_until(free_and_taken, s->spin_ns, lock_spin);
+        spin_until(free_and_taken, s->spin_ns, lock_spin, deadline);
     }
     if (r == os::LockResult::busy) r = os::robust_mutex_lock_blocking(&s->mutex, deadline);
     return took(s, r, me);
@@ -14789,8 +14806,9 @@ namespace sync_impl {
 /// bumped the counter but will not wake us.
 bool await_notify(ConditionState* cs, std::uint32_t seen, os::Deadline deadline) {
     auto bumped = [&] { return cs->sequence.load(std::memory_order_acquire) != seen; };
+    const bool partner_waking = partner_is_waking();
     if (expired(deadline)) return bumped();
-    if (spin_for_answer(bumped, cs->spin_ns, cs->after_wake_spin_ns)) return true;
+    if (spin_for_answer(partner_waking, bumped, cs->spin_ns, cs->after_wake_spin_ns, deadline)) return true;
     for (;;) {
         if (bumped()) return true;
         const auto step = os::sleep_slice_end(
@@ -14888,9 +14906,11 @@ constexpr auto semaphore_recheck = std::chrono::milliseconds(200);
 
 bool semaphore_acquire(SemaphoreState* s, os::Deadline deadline) {
     using namespace sync_impl;
+    const bool partner_waking = partner_is_waking();
     if (semaphore_take(s)) return true;
     if (expired(deadline)) return false;
-    if (spin_for_answer([s] { return semaphore_take(s); }, s->spin_ns, s->after_wake_spin_ns)) return true;
+    auto taken_now = [s] { return semaphore_take(s); };
+    if (spin_for_answer(partner_waking, taken_now, s->spin_ns, s->after_wake_spin_ns, deadline)) return true;
     s->sleepers.fetch_add(1, std::memory_order_seq_cst);
     bool taken = false;
     for (;;) {
@@ -14945,13 +14965,14 @@ void event_set(EventState* e) {
 
 bool event_wait(EventState* e, os::Deadline deadline) {
     using namespace sync_impl;
+    const bool partner_waking = partner_is_waking();
     const std::uint32_t seen = e->word.load(std::memory_order_acquire);
     if (seen & 1u) return true;
     // From a cleared state the word changes only by a set() (clearing a clear
     // flag leaves it as it is), so any change means the event was set.
     auto changed = [&] { return e->word.load(std::memory_order_acquire) != seen; };
     if (expired(deadline)) return changed();
-    if (spin_for_answer(changed, e->spin_ns, e->after_wake_spin_ns)) return true;
+    if (spin_for_answer(partner_waking, changed, e->spin_ns, e->after_wake_spin_ns, deadline)) return true;
     e->sleepers.fetch_add(1, std::memory_order_seq_cst);
     bool set = false;
     for (;;) {

@@ -198,7 +198,7 @@ LockStatus lock_contended(LockState* s, std::uint64_t me, os::Deadline deadline)
             r = os::robust_mutex_trylock(&s->mutex);
             return r != os::LockResult::busy;
         };
-        spin_until(free_and_taken, s->spin_ns, lock_spin);
+        spin_until(free_and_taken, s->spin_ns, lock_spin, deadline);
     }
     if (r == os::LockResult::busy) r = os::robust_mutex_lock_blocking(&s->mutex, deadline);
     return took(s, r, me);
@@ -302,8 +302,9 @@ namespace sync_impl {
 /// bumped the counter but will not wake us.
 bool await_notify(ConditionState* cs, std::uint32_t seen, os::Deadline deadline) {
     auto bumped = [&] { return cs->sequence.load(std::memory_order_acquire) != seen; };
+    const bool partner_waking = partner_is_waking();
     if (expired(deadline)) return bumped();
-    if (spin_for_answer(bumped, cs->spin_ns, cs->after_wake_spin_ns)) return true;
+    if (spin_for_answer(partner_waking, bumped, cs->spin_ns, cs->after_wake_spin_ns, deadline)) return true;
     for (;;) {
         if (bumped()) return true;
         const auto step = os::sleep_slice_end(
@@ -401,9 +402,11 @@ constexpr auto semaphore_recheck = std::chrono::milliseconds(200);
 
 bool semaphore_acquire(SemaphoreState* s, os::Deadline deadline) {
     using namespace sync_impl;
+    const bool partner_waking = partner_is_waking();
     if (semaphore_take(s)) return true;
     if (expired(deadline)) return false;
-    if (spin_for_answer([s] { return semaphore_take(s); }, s->spin_ns, s->after_wake_spin_ns)) return true;
+    auto taken_now = [s] { return semaphore_take(s); };
+    if (spin_for_answer(partner_waking, taken_now, s->spin_ns, s->after_wake_spin_ns, deadline)) return true;
     s->sleepers.fetch_add(1, std::memory_order_seq_cst);
     bool taken = false;
     for (;;) {
@@ -458,13 +461,14 @@ void event_set(EventState* e) {
 
 bool event_wait(EventState* e, os::Deadline deadline) {
     using namespace sync_impl;
+    const bool partner_waking = partner_is_waking();
     const std::uint32_t seen = e->word.load(std::memory_order_acquire);
     if (seen & 1u) return true;
     // From a cleared state the word changes only by a set() (clearing a clear
     // flag leaves it as it is), so any change means the event was set.
     auto changed = [&] { return e->word.load(std::memory_order_acquire) != seen; };
     if (expired(deadline)) return changed();
-    if (spin_for_answer(changed, e->spin_ns, e->after_wake_spin_ns)) return true;
+    if (spin_for_answer(partner_waking, changed, e->spin_ns, e->after_wake_spin_ns, deadline)) return true;
     e->sleepers.fetch_add(1, std::memory_order_seq_cst);
     bool set = false;
     for (;;) {

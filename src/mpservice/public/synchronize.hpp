@@ -169,8 +169,13 @@ inline constexpr SpinStyle after_wake_spin{25000, 100000, Looks::every_pause, Be
 /// holds a count of skipped waits (1..spin_probe_every), and every
 /// spin_probe_every-th wait probes with the least budget to notice when
 /// spinning pays again.
+///
+/// A spin never outlasts `deadline` (a wait with a timeout shorter than the
+/// budget spins only until then, and such a cut-short spin that fails leaves
+/// the budget as it was: it says nothing about the partner).
 template <class Ready, class Budget>
-bool spin_until(Ready&& ready, std::atomic<Budget>& budget_ns, const SpinStyle& style = answer_spin) {
+bool spin_until(Ready&& ready, std::atomic<Budget>& budget_ns, const SpinStyle& style = answer_spin,
+                os::Deadline deadline = os::no_deadline) {
     if (ready()) return true;
     const std::uint32_t stored = budget_ns.load(std::memory_order_relaxed);
     std::uint32_t budget = stored;
@@ -185,13 +190,22 @@ bool spin_until(Ready&& ready, std::atomic<Budget>& budget_ns, const SpinStyle& 
     auto keep = [&](std::uint32_t b) {
         if (b != stored) budget_ns.store(Budget(b), std::memory_order_relaxed);
     };
-    const std::chrono::nanoseconds span(budget);
+    std::chrono::nanoseconds span(budget);
+    bool cut_short = false;
+    if (deadline != os::no_deadline) {
+        const auto left = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - os::Clock::now());
+        if (left < span) {
+            span = left.count() > 0 ? left : std::chrono::nanoseconds(0);
+            cut_short = true;
+        }
+    }
     const bool ok = style.looks == Looks::backing_off ? spin_backing_off_for(ready, span)
                                                        : spin_for(ready, span, style.between);
     if (ok) {
         keep(budget >= style.most_ns / 2 ? style.most_ns : budget * 2);
         return true;
     }
+    if (cut_short) return ready();
     std::uint32_t shrunk = budget / 2;
     if (budget <= 2 * style.least_ns) shrunk = budget <= style.least_ns ? 1 : style.least_ns;  // 1: off, see above
     keep(shrunk);
@@ -215,12 +229,15 @@ inline bool partner_is_waking() noexcept {
     return woke;
 }
 
-/// A wait's spin: after_wake_spin (budget `after_wake_ns`) if this thread has
-/// just woken its partner, answer_spin (budget `answer_ns`) otherwise.
+/// A wait's spin, bounded by `deadline`: after_wake_spin (budget
+/// `after_wake_ns`) if `partner_waking` (partner_is_waking(), asked when the
+/// wait began), answer_spin (budget `answer_ns`) otherwise.
 template <class Ready, class Budget>
-bool spin_for_answer(Ready&& ready, std::atomic<Budget>& answer_ns, std::atomic<Budget>& after_wake_ns) {
+bool spin_for_answer(bool partner_waking, Ready&& ready, std::atomic<Budget>& answer_ns,
+                     std::atomic<Budget>& after_wake_ns, os::Deadline deadline) {
     static_assert(after_wake_spin.most_ns <= Budget(~Budget(0)), "the spin budget's type is too small");
-    return partner_is_waking() ? spin_until(ready, after_wake_ns, after_wake_spin) : spin_until(ready, answer_ns);
+    return partner_waking ? spin_until(ready, after_wake_ns, after_wake_spin, deadline)
+                          : spin_until(ready, answer_ns, answer_spin, deadline);
 }
 
 // ---------------------------------------------------------------- handles to shared state
