@@ -134,12 +134,28 @@ bool wait_until(QueueWaitWord& w, os::Deadline deadline, Pred&& pred, Probe&& pr
 
 /// Takes a side's lock.  The uncontended case is one call straight into the
 /// system: robust_mutex_lock's extra frame and result mapping cost ~10% of an
-/// uncontended put.
+/// uncontended put.  A busy lock (another producer, or consumer, on this side)
+/// is waited for as a busy Lock is (lock_contended): tried at doubling
+/// intervals, so that the holder's stream of puts keeps the line in its own
+/// cache, and not at all while someone sleeps for it - then we sleep too.
 os::LockResult take_lock(os::RobustMutex* m, os::Deadline deadline) {
     int status = os::robust_mutex_trylock_status(m);
     if (status == 0) return os::LockResult::acquired;
-    if (os::robust_mutex_trylock_result(status) == os::LockResult::owner_died) return os::LockResult::owner_died;
-    return os::robust_mutex_lock(m, deadline);
+    os::LockResult r = os::robust_mutex_trylock_result(status);
+    if (r == os::LockResult::owner_died) return r;
+    if (!os::robust_mutex_has_sleepers(m)) {
+        auto taken = [&] {
+            r = os::robust_mutex_trylock(m);
+            return r != os::LockResult::busy;
+        };
+        std::chrono::nanoseconds budget(spin_max_ns);
+        if (deadline != os::no_deadline) {
+            const auto left = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - os::Clock::now());
+            budget = std::max(std::chrono::nanoseconds(0), std::min(budget, left));
+        }
+        if (spin_backing_off_for(taken, budget)) return r;
+    }
+    return os::robust_mutex_lock_blocking(m, deadline);
 }
 
 /// Unlocks a robust mutex at scope exit.
