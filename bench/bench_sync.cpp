@@ -158,75 +158,94 @@ void uncontended_lock(int reps) {
 
 // ---------------------------------------------------------------- contended increments
 
+/// An increment loop under a lock: what it is, and how to run and check it.
+struct Increments {
+    std::string label;
+    std::function<void(int per_child)> body;  // one child's increments
+    std::function<long()> total;              // the counter afterwards
+    std::function<void()> reset;
+};
+
+/// One of our loops and the case it reports under.
+struct OurIncrements {
+    std::string case_name;
+    Increments run;
+};
+
+/// Runs `procs` children x `per_child` increments of each of ours and of the
+/// anchors (the robust pthread mutex, Boost's interprocess_mutex), and reports
+/// ns per increment.  Each repetition runs them all one after the other, so
+/// that a change in the machine's load (it is shared) hits all of them alike.
+void increments_under_lock(int reps, int procs, int per_child, const std::vector<OurIncrements>& ours) {
+    const double total = double(procs) * per_child;
+    auto* robust = make_shared_anonymous<RobustPthread>();
+    auto* boost = make_shared_anonymous<BoostMutex>();
+    const Increments robust_run{"pthread mutex pshared+robust",
+                                [&](int n) {
+                                    for (int i = 0; i < n; ++i) {
+                                        robust->lock();
+                                        ++robust->counter;
+                                        robust->unlock();
+                                    }
+                                },
+                                [&] { return robust->counter; }, [&] { robust->counter = 0; }};
+    const Increments boost_run{boost_label + " interprocess_mutex",
+                               [&](int n) {
+                                   for (int i = 0; i < n; ++i) {
+                                       bip::scoped_lock<bip::interprocess_mutex> g(boost->m);
+                                       ++boost->counter;
+                                   }
+                               },
+                               [&] { return boost->counter; }, [&] { boost->counter = 0; }};
+    std::vector<const Increments*> runs{&robust_run};  // ours between the anchors
+    for (const auto& o : ours) runs.push_back(&o.run);
+    runs.push_back(&boost_run);
+
+    std::vector<std::vector<double>> ms(runs.size());
+    for (int r = 0; r < reps + 1; ++r) {  // the first round warms up
+        for (std::size_t k = 0; k < runs.size(); ++k) {
+            const Increments& run = *runs[k];
+            run.reset();
+            auto t = bench::time_ms(1, [&] { run_children(procs, [&](int) { run.body(per_child); }); }, 0);
+            if (run.total() != long(total)) std::fprintf(stderr, "%s: total %ld\n", run.label.c_str(), run.total());
+            if (r) ms[k].push_back(t[0]);
+        }
+    }
+    for (std::size_t k = 0; k < ours.size(); ++k) {
+        const std::string& name = ours[k].case_name;
+        bench::report(name, "ours", ours[k].run.label, "ns", per_op_ns(ms[k + 1], total));
+        bench::report(name, "anchor", robust_run.label, "ns", per_op_ns(ms.front(), total));
+        bench::report(name, "anchor", boost_run.label, "ns", per_op_ns(ms.back(), total));
+    }
+}
+
+/// `Value<long, Lock>` incremented under `std::lock_guard`.
+OurIncrements lock_guard_increments(const std::string& case_name, mp::Value<long, mp::Lock>& v) {
+    return {case_name,
+            {"mp::Value<long, mp::Lock>, std::lock_guard",
+             [&v](int n) {
+                 for (int i = 0; i < n; ++i) {
+                     std::lock_guard<mp::Lock> g(v.get_lock());
+                     ++v.get_obj();
+                 }
+             },
+             [&v] { return v.get(); }, [&v] { v.set(0); }}};
+}
+
 void contended_increments(int reps) {
     const std::string name = "sync: 2 procs x 1M increments under the lock";
     const std::string name_lock = "sync: 2 procs x 1M increments, Value<long, Lock> + lock_guard";
     if (!bench::wanted(name) && !bench::wanted(name_lock)) return;
-    constexpr int per_child = 1'000'000;
-    constexpr double total = 2.0 * per_child;
-
-    // Each repetition runs ours and the anchors one after the other, so that a
-    // change in the machine's load (it is shared) hits all of them alike.
     mp::Value<long> value(0);
-    auto ours_run = [&] {
-        value.set(0);
-        run_children(2, [&](int) {
-            for (int i = 0; i < per_child; ++i) value.with_lock([](long& x) { ++x; });
-        });
-        if (value.get() != long(total)) std::fprintf(stderr, "Value total %ld\n", value.get());
-    };
     mp::Value<long, mp::Lock> plain(0);
-    auto ours_lock_run = [&] {
-        plain.set(0);
-        run_children(2, [&](int) {
-            for (int i = 0; i < per_child; ++i) {
-                std::lock_guard<mp::Lock> g(plain.get_lock());
-                ++plain.get_obj();
-            }
-        });
-        if (plain.get() != long(total)) std::fprintf(stderr, "Value<long, Lock> total %ld\n", plain.get());
-    };
-    auto* robust = make_shared_anonymous<RobustPthread>();
-    auto robust_run = [&] {
-        robust->counter = 0;
-        run_children(2, [&](int) {
-            for (int i = 0; i < per_child; ++i) {
-                robust->lock();
-                ++robust->counter;
-                robust->unlock();
-            }
-        });
-        if (robust->counter != long(total)) std::fprintf(stderr, "robust total %ld\n", robust->counter);
-    };
-    auto* boost = make_shared_anonymous<BoostMutex>();
-    auto boost_run = [&] {
-        boost->counter = 0;
-        run_children(2, [&](int) {
-            for (int i = 0; i < per_child; ++i) {
-                bip::scoped_lock<bip::interprocess_mutex> g(boost->m);
-                ++boost->counter;
-            }
-        });
-        if (boost->counter != long(total)) std::fprintf(stderr, "boost total %ld\n", boost->counter);
-    };
-    std::vector<double> ours, ours_lock, robust_ms, boost_ms;
-    for (int r = 0; r < reps + 1; ++r) {  // the first round warms up
-        auto once = [&](auto& run, std::vector<double>& out) {
-            auto t = bench::time_ms(1, run, 0);
-            if (r) out.push_back(t[0]);
-        };
-        once(robust_run, robust_ms);
-        once(ours_run, ours);
-        once(boost_run, boost_ms);
-        once(ours_lock_run, ours_lock);
-    }
-    for (const auto& [case_name, label, ms] :
-         {std::tuple{name, std::string("mp::Value<long>::with_lock (RLock)"), ours},
-          std::tuple{name_lock, std::string("mp::Value<long, mp::Lock>, std::lock_guard"), ours_lock}}) {
-        bench::report(case_name, "ours", label, "ns", per_op_ns(ms, total));
-        bench::report(case_name, "anchor", "pthread mutex pshared+robust", "ns", per_op_ns(robust_ms, total));
-        bench::report(case_name, "anchor", boost_label + " interprocess_mutex", "ns", per_op_ns(boost_ms, total));
-    }
+    increments_under_lock(reps, 2, 1'000'000,
+                          {{name,
+                            {"mp::Value<long>::with_lock (RLock)",
+                             [&](int n) {
+                                 for (int i = 0; i < n; ++i) value.with_lock([](long& x) { ++x; });
+                             },
+                             [&] { return value.get(); }, [&] { value.set(0); }}},
+                           lock_guard_increments(name_lock, plain)});
 }
 
 /// More processes than this guest's 2 CPUs: holders are preempted inside the
@@ -235,53 +254,8 @@ void contended_increments(int reps) {
 void oversubscribed_increments(int reps) {
     const std::string name = "sync: 4 procs x 500k increments under the lock";
     if (!bench::wanted(name)) return;
-    constexpr int procs = 4, per_child = 500'000;
-    constexpr double total = double(procs) * per_child;
     mp::Value<long, mp::Lock> value(0);
-    auto ours_run = [&] {
-        value.set(0);
-        run_children(procs, [&](int) {
-            for (int i = 0; i < per_child; ++i) {
-                std::lock_guard<mp::Lock> g(value.get_lock());
-                ++value.get_obj();
-            }
-        });
-        if (value.get() != long(total)) std::fprintf(stderr, "4 procs: Value total %ld\n", value.get());
-    };
-    auto* robust = make_shared_anonymous<RobustPthread>();
-    auto robust_run = [&] {
-        robust->counter = 0;
-        run_children(procs, [&](int) {
-            for (int i = 0; i < per_child; ++i) {
-                robust->lock();
-                ++robust->counter;
-                robust->unlock();
-            }
-        });
-        if (robust->counter != long(total)) std::fprintf(stderr, "4 procs: robust total %ld\n", robust->counter);
-    };
-    auto* boost = make_shared_anonymous<BoostMutex>();
-    auto boost_run = [&] {
-        boost->counter = 0;
-        run_children(procs, [&](int) {
-            for (int i = 0; i < per_child; ++i) {
-                bip::scoped_lock<bip::interprocess_mutex> g(boost->m);
-                ++boost->counter;
-            }
-        });
-        if (boost->counter != long(total)) std::fprintf(stderr, "4 procs: boost total %ld\n", boost->counter);
-    };
-    std::vector<double> ours, robust_ms, boost_ms;
-    for (int r = 0; r < reps + 1; ++r) {  // alternated, the first round warms up
-        for (auto& [run, out] : {std::pair<std::function<void()>, std::vector<double>*>{robust_run, &robust_ms},
-                                 {ours_run, &ours}, {boost_run, &boost_ms}}) {
-            auto t = bench::time_ms(1, run, 0);
-            if (r) out->push_back(t[0]);
-        }
-    }
-    bench::report(name, "ours", "mp::Value<long, mp::Lock>, std::lock_guard", "ns", per_op_ns(ours, total));
-    bench::report(name, "anchor", "pthread mutex pshared+robust", "ns", per_op_ns(robust_ms, total));
-    bench::report(name, "anchor", boost_label + " interprocess_mutex", "ns", per_op_ns(boost_ms, total));
+    increments_under_lock(reps, 4, 500'000, {lock_guard_increments(name, value)});
 }
 
 // ---------------------------------------------------------------- ping-pong
