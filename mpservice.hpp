@@ -3927,6 +3927,7 @@ Thread(F, A...) -> Thread<detail::thread_result_t<F, A...>>;
 // - Barrier's action is a plain function pointer; it runs in the process that
 //   arrives last (see Barrier).
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <climits>
@@ -4017,6 +4018,13 @@ bool spin_backing_off_for(Ready&& ready, std::chrono::nanoseconds budget) {
     }
 }
 
+/// `budget`, or what is left until `deadline` if that is less (never negative).
+inline std::chrono::nanoseconds spin_budget_within(std::chrono::nanoseconds budget, os::Deadline deadline) {
+    if (deadline == os::no_deadline) return budget;
+    const auto left = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - os::Clock::now());
+    return std::max(std::chrono::nanoseconds(0), std::min(budget, left));
+}
+
 /// How a spin paces its looks at the state it waits for.
 enum class Looks {
     every_pause,  // state that changes once (a notify, a put): see it at once
@@ -4078,15 +4086,8 @@ bool spin_until(Ready&& ready, std::atomic<Budget>& budget_ns, const SpinStyle& 
     auto keep = [&](std::uint32_t b) {
         if (b != stored) budget_ns.store(Budget(b), std::memory_order_relaxed);
     };
-    std::chrono::nanoseconds span(budget);
-    bool cut_short = false;
-    if (deadline != os::no_deadline) {
-        const auto left = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - os::Clock::now());
-        if (left < span) {
-            span = left.count() > 0 ? left : std::chrono::nanoseconds(0);
-            cut_short = true;
-        }
-    }
+    const auto span = spin_budget_within(std::chrono::nanoseconds(budget), deadline);
+    const bool cut_short = span < std::chrono::nanoseconds(budget);
     const bool ok = style.looks == Looks::backing_off ? spin_backing_off_for(ready, span)
                                                        : spin_for(ready, span, style.between);
     if (ok) {
@@ -15396,12 +15397,7 @@ os::LockResult take_lock(os::RobustMutex* m, os::Deadline deadline) {
             r = os::robust_mutex_trylock(m);
             return r != os::LockResult::busy;
         };
-        std::chrono::nanoseconds budget(spin_max_ns);
-        if (deadline != os::no_deadline) {
-            const auto left = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - os::Clock::now());
-            budget = std::max(std::chrono::nanoseconds(0), std::min(budget, left));
-        }
-        if (spin_backing_off_for(taken, budget)) return r;
+        if (spin_backing_off_for(taken, spin_budget_within(std::chrono::nanoseconds(spin_max_ns), deadline))) return r;
     }
     return os::robust_mutex_lock_blocking(m, deadline);
 }

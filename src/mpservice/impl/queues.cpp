@@ -148,12 +148,7 @@ os::LockResult take_lock(os::RobustMutex* m, os::Deadline deadline) {
             r = os::robust_mutex_trylock(m);
             return r != os::LockResult::busy;
         };
-        std::chrono::nanoseconds budget(spin_max_ns);
-        if (deadline != os::no_deadline) {
-            const auto left = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - os::Clock::now());
-            budget = std::max(std::chrono::nanoseconds(0), std::min(budget, left));
-        }
-        if (spin_backing_off_for(taken, budget)) return r;
+        if (spin_backing_off_for(taken, spin_budget_within(std::chrono::nanoseconds(spin_max_ns), deadline))) return r;
     }
     return os::robust_mutex_lock_blocking(m, deadline);
 }

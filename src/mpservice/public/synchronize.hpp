@@ -34,6 +34,7 @@
 //   arrives last (see Barrier).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <climits>
@@ -129,6 +130,13 @@ bool spin_backing_off_for(Ready&& ready, std::chrono::nanoseconds budget) {
     }
 }
 
+/// `budget`, or what is left until `deadline` if that is less (never negative).
+inline std::chrono::nanoseconds spin_budget_within(std::chrono::nanoseconds budget, os::Deadline deadline) {
+    if (deadline == os::no_deadline) return budget;
+    const auto left = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - os::Clock::now());
+    return std::max(std::chrono::nanoseconds(0), std::min(budget, left));
+}
+
 /// How a spin paces its looks at the state it waits for.
 enum class Looks {
     every_pause,  // state that changes once (a notify, a put): see it at once
@@ -190,15 +198,8 @@ bool spin_until(Ready&& ready, std::atomic<Budget>& budget_ns, const SpinStyle& 
     auto keep = [&](std::uint32_t b) {
         if (b != stored) budget_ns.store(Budget(b), std::memory_order_relaxed);
     };
-    std::chrono::nanoseconds span(budget);
-    bool cut_short = false;
-    if (deadline != os::no_deadline) {
-        const auto left = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - os::Clock::now());
-        if (left < span) {
-            span = left.count() > 0 ? left : std::chrono::nanoseconds(0);
-            cut_short = true;
-        }
-    }
+    const auto span = spin_budget_within(std::chrono::nanoseconds(budget), deadline);
+    const bool cut_short = span < std::chrono::nanoseconds(budget);
     const bool ok = style.looks == Looks::backing_off ? spin_backing_off_for(ready, span)
                                                        : spin_for(ready, span, style.between);
     if (ok) {
