@@ -13782,9 +13782,16 @@ struct KeptSites {
 };
 constexpr std::size_t kKeptSites = 16;
 KeptSites& kept_sites() {
-    static KeptSites* k = new KeptSites;  // never destroyed: threads may still use it at exit
+    static KeptSites* k = [] {
+        auto* p = new KeptSites;  // never destroyed: threads may still use it at exit
+        // A fork child that sends an exception another thread threw looks here
+        // too: the lock must not be copied held by a thread the child lacks.
+        os::at_fork_protect(&p->mutex, 21);
+        return p;
+    }();
     return *k;
 }
+[[maybe_unused]] const bool g_kept_sites_fork_safe = (kept_sites(), true);  // before any thread exists
 
 int kept_throw_site(const void* object, void** pcs, int max) {
     KeptSites& k = kept_sites();
