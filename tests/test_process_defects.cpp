@@ -767,18 +767,22 @@ TEST_CASE("issue 8.12: fork children never deadlock on a lock another parent thr
             std::make_unique<mp::Process<int>>(mp::ForkContext{}, i % 2 ? rethrow_from_another_thread : throw_here, i));
         children.back()->start();
     }
+    // A child is stuck when it has not answered 60 s after the one before it
+    // did: a machine-wide overload (80 children symbolizing at once beside
+    // another suite) slows every child but keeps them answering; a child that
+    // waits on a lock copied held never answers.
     const auto started = std::chrono::steady_clock::now();
-    const auto until = started + 60s;
+    auto last_progress = started;
     int stuck = 0, threw = 0, kept_site_shown = 0;
     std::chrono::steady_clock::duration last_answer{};  // when the last child that did answer was seen to
     for (auto& c : children) {
-        auto left = until - std::chrono::steady_clock::now();
+        auto left = last_progress + 60s - std::chrono::steady_clock::now();
         try {
             c->result(left > 0s ? std::chrono::duration_cast<std::chrono::milliseconds>(left) : 0ms);
         } catch (const mp::TimeoutError&) {
             // Stuck (a lock copied held) or starved (a machine-wide overload):
             // the log says which, for the first few.
-            if (++stuck <= 3) MESSAGE("not done after 60 s: " << forktest::describe_stuck_process(c->pid()));
+            if (++stuck <= 3) MESSAGE("not done 60 s after the child before it: " << forktest::describe_stuck_process(c->pid()));
             c->kill();
             continue;
         } catch (const std::runtime_error& e) {
@@ -787,7 +791,8 @@ TEST_CASE("issue 8.12: fork children never deadlock on a lock another parent thr
             if (contains(e.what(), "by another thread") && contains(mp::remote_traceback(e), "thrown at"))
                 ++kept_site_shown;
         }
-        last_answer = std::chrono::steady_clock::now() - started;
+        last_progress = std::chrono::steady_clock::now();
+        last_answer = last_progress - started;
     }
     if (stuck > 0)
         MESSAGE("the children that answered did so within "
