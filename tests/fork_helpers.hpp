@@ -230,48 +230,19 @@ inline std::size_t mapping_count() {
 }
 
 /// What a process that should have finished is doing, for a failing test's
-/// log: its state and system call (from /proc), its children (an addr2line it
-/// runs, say), and - where gdb is installed - the stacks of its threads.  A
-/// test that finds a child stuck prints this before it kills the child, so a
-/// rare hang on a CI machine names its cause.
+/// log (tools/process_stacks.sh: its state, its children, and its threads'
+/// stacks where gdb is installed).  A test that finds a child stuck prints
+/// this before it kills the child, so a rare hang on a CI machine names its cause.
 inline std::string describe_stuck_process(long pid) {
-    auto first_line = [](const std::string& path) {
-        std::string text;
-        if (std::FILE* f = std::fopen(path.c_str(), "r")) {
-            char buf[512];
-            if (std::fgets(buf, sizeof buf, f)) text = buf;
-            std::fclose(f);
-        }
-        while (!text.empty() && (text.back() == '\n' || text.back() == '\0')) text.pop_back();
-        return text.empty() ? std::string("(unreadable)") : text;
-    };
-    const std::string proc = "/proc/" + std::to_string(pid);
-    std::string out = "process " + std::to_string(pid) + "\n  stat: " + first_line(proc + "/stat") +
-                      "\n  wchan: " + first_line(proc + "/wchan") + "\n  syscall: " + first_line(proc + "/syscall");
-    std::string children = first_line(proc + "/task/" + std::to_string(pid) + "/children");
-    out += "\n  children: " + children;
-    for (std::size_t pos = 0; children != "(unreadable)" && pos < children.size();) {
-        std::size_t end = children.find(' ', pos);
-        std::string child = children.substr(pos, end == std::string::npos ? std::string::npos : end - pos);
-        if (!child.empty()) out += "\n    " + child + ": " + first_line("/proc/" + child + "/stat");
-        if (end == std::string::npos) break;
-        pos = end + 1;
+    std::string out = "process " + std::to_string(pid) + "\n";
+#if defined(MPSERVICE_TEST_TOOLS_DIR)
+    std::string command = std::string(MPSERVICE_TEST_TOOLS_DIR) + "/process_stacks.sh " + std::to_string(pid) + " 2>&1";
+    if (std::FILE* p = ::popen(command.c_str(), "r")) {
+        char line[1024];
+        while (std::fgets(line, sizeof line, p)) out += line;
+        ::pclose(p);
     }
-    if (::access("/usr/bin/gdb", X_OK) == 0) {
-        std::string command = "timeout 60 /usr/bin/gdb -nx -p " + std::to_string(pid) +
-                              " -batch -ex 'thread apply all bt 30' 2>&1";
-        if (std::FILE* p = ::popen(command.c_str(), "r")) {
-            out += "\n  gdb:\n";
-            char line[1024];
-            while (std::fgets(line, sizeof line, p))
-                if (line[0] == '#' || std::strncmp(line, "Thread", 6) == 0 || std::strstr(line, "ptrace") ||
-                    std::strstr(line, "No such process"))
-                    out += std::string("    ") + line;
-            ::pclose(p);
-        }
-    } else {
-        out += "\n  (no /usr/bin/gdb: no stacks)";
-    }
+#endif
     return out;
 }
 #else

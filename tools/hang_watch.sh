@@ -4,18 +4,14 @@
 # 300 s TIMEOUT) gets its threads' stacks, and those of its children, written
 # to LOG by gdb, once.  CI starts it beside the suites, so that a suite that
 # hangs on a CI machine - which ctest then kills without a word - leaves in
-# the log where it waited.  Does nothing where gdb is missing.
+# the log where it waited (tools/process_stacks.sh).  Does nothing where gdb is
+# missing.
 set -u
+here=$(cd "$(dirname "$0")" && pwd)
 log=$1
 limit=${2:-240}
 command -v gdb >/dev/null 2>&1 || exit 0
 declare -A seen=()
-
-stacks() {  # stacks PID: one process's threads, innermost 30 frames each
-  echo "=== pid $1 ($(cat "/proc/$1/comm" 2>/dev/null)): $(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | cut -c1-200)"
-  echo "    state: $(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)  wchan: $(cat "/proc/$1/wchan" 2>/dev/null)"
-  timeout 60 gdb -nx -p "$1" -batch -ex 'thread apply all bt 30' 2>&1 | grep -E '^(#|Thread )' | head -n 400
-}
 
 while :; do
   # pid, seconds running, command name of every process
@@ -26,8 +22,7 @@ while :; do
     seen[$pid]=1
     {
       echo "--- hang_watch: $comm (pid $pid) has run for ${secs} s; its stacks and its children's:"
-      stacks "$pid"
-      for child in $(pgrep -P "$pid" 2>/dev/null); do stacks "$child"; done
+      "$here/process_stacks.sh" "$pid"
     } >>"$log" 2>&1
   done < <(ps -eo pid=,etimes=,comm= 2>/dev/null)
   sleep 10
