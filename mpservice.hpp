@@ -17,15 +17,15 @@
 //   to compile the implementation there.  Link with -pthread -ldl.  Call
 //   mpservice::init(argc, argv) first in main(): a spawned child runs its task
 //   inside it and never returns.
-//   Or compile it in parts: seven .cpp files, the n-th with
-//       #define MPSERVICE_IMPLEMENTATION_PART n    (n = 1..7)
+//   Or compile it in parts: 9 .cpp files, the n-th with
+//       #define MPSERVICE_IMPLEMENTATION_PART n    (n = 1..9)
 //       #include "mpservice.hpp"
 //   made into a static library (CMake: link mpservice::parts).  The linker then
 //   keeps only the parts the program uses, and the parts compile in parallel.
 //
 // Configuration macros (define before the include)
 //   MPSERVICE_IMPLEMENTATION  emit the implementation in this translation unit
-//   MPSERVICE_IMPLEMENTATION_PART  1..7: emit only that part of it
+//   MPSERVICE_IMPLEMENTATION_PART  1..9: emit only that part of it
 //   MPSERVICE_NO_THROW_HOOK   leave out the __cxa_throw hook that records throw
 //                             sites (tracebacks then show where the exception
 //                             was sent from); only matters with the implementation
@@ -8601,21 +8601,27 @@ struct Codec<ServerClient> {
 // sure it is emitted only once per translation unit.
 //
 // It comes whole (MPSERVICE_IMPLEMENTATION) or in parts: a translation unit
-// that defines MPSERVICE_IMPLEMENTATION_PART=n (1 <= n <= 7) compiles part n
-// only.  A static library of the seven parts gives the same program, and its
-// link keeps only the parts a program uses (and each part compiles alone, in
-// parallel with the others):
-//   1 platform layer, shared memory    2 remote exceptions
-//   3 logging, threads                 4 locks, queues (shared state)
-//   5 processes, connections           6 Pool
-//   7 server process, proxies, memory blocks
+// that defines MPSERVICE_IMPLEMENTATION_PART=n (1 <= n <= MPSERVICE_IMPLEMENTATION_PARTS)
+// compiles part n only.  A static library of the parts gives the same program,
+// and its link keeps only the parts a program uses (and each part compiles
+// alone, in parallel with the others):
+//   1 platform layer, shared memory     2 remote exceptions
+//   3 logging, threads                  4 locks, queues (shared state)
+//   5 processes: the runtime, the       6 processes: the parent's side
+//     child's side, the fork server,      (output capture, the reactor,
+//     the warm spawner                    Process objects), connections
+//   7 Pool                              8 server process: the host
+//   9 server process: clients, proxies, memory blocks
+// Parts are cut so that each compiles in a few seconds.  The count is here,
+// once: the CMake build, the tools and the benches read it.
+#define MPSERVICE_IMPLEMENTATION_PARTS 9
 #if defined(MPSERVICE_IMPLEMENTATION) && !defined(MPSERVICE_IMPLEMENTATION_PART)
 #define MPSERVICE_IMPLEMENTATION_PART 0  // 0: every part
 #endif
 #if defined(MPSERVICE_IMPLEMENTATION_PART) && !defined(MPSERVICE_IMPLEMENTATION_INCLUDED)
 #define MPSERVICE_IMPLEMENTATION_INCLUDED
-#if MPSERVICE_IMPLEMENTATION_PART < 0 || MPSERVICE_IMPLEMENTATION_PART > 7
-#error "MPSERVICE_IMPLEMENTATION_PART must be 1..7 (or undefined, with MPSERVICE_IMPLEMENTATION: every part)"
+#if MPSERVICE_IMPLEMENTATION_PART < 0 || MPSERVICE_IMPLEMENTATION_PART > MPSERVICE_IMPLEMENTATION_PARTS
+#error "MPSERVICE_IMPLEMENTATION_PART must be 1..MPSERVICE_IMPLEMENTATION_PARTS (or undefined, with MPSERVICE_IMPLEMENTATION: every part)"
 #endif
 #define MPSERVICE_PART_(n) (MPSERVICE_IMPLEMENTATION_PART == 0 || MPSERVICE_IMPLEMENTATION_PART == n)
 
@@ -16286,6 +16292,151 @@ bool QueueCore::join(os::Deadline deadline) {
 }  // namespace mpservice::detail
 // ---- end part: mpservice/impl/queues.cpp
 #endif
+#if MPSERVICE_PART_(5) || MPSERVICE_PART_(6)
+// ---- begin part: mpservice/impl/process_internal.hpp ------------------------
+// process_internal.hpp: what the two process parts share.
+//
+//   part 5 - the process-wide runtime (process_runtime.cpp), the child's side
+//            (process_child.cpp), the fork server and the after-fork reset
+//            (process_fork.cpp), the warm spawner (process_warm.cpp);
+//   part 6 - the parent's side: output capture (process_output.cpp), the
+//            reactor (process_reactor.cpp), ProcessCore::start and the public
+//            process functions (process_core.cpp), connections (connection.cpp).
+//
+// Everything else the files of a part share stays in their unnamed namespace.
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace mpservice {
+namespace detail {
+
+// ---------------------------------------------------------------- process-wide state (process_runtime.cpp)
+
+/// The fork server as seen from its parent.
+struct ForkServerLink {
+    os::handle_t control = os::invalid_handle;
+    long pid = 0;
+};
+
+/// The lock of the build-fingerprint cache: a fork lock, made before main().
+std::mutex& fingerprints_mutex();
+
+struct Runtime {
+    bool initialized = false;
+    bool is_child = false;
+    std::string argv0 = "/proc/self/exe";
+    std::string identity;  // "" in the main process, "2" or "2:1" in children
+    std::atomic<int> next_child{1};
+    std::optional<ProcessInfo> parent;
+    // Made afresh in every forked child: the thread that starts a fork server
+    // forks while holding it.
+    std::mutex* forkserver_mutex = new std::mutex;
+    ForkServerLink forkserver;
+    std::mutex* fingerprint_mutex = &fingerprints_mutex();  // a fork lock (os::at_fork_protect)
+    std::map<std::string, std::string> fingerprints;
+    std::atomic<bool> corrupt_next_fingerprint{false};
+    // How long start() waits for the fork server to make a worker: a stopped
+    // or wedged server must not block start() for ever.
+    std::atomic<long long> forkserver_timeout_ms{30000};
+};
+
+/// The runtime of this process, made on first use and never destroyed (the
+/// reactor thread outlives static destruction).
+Runtime& rt();
+
+/// Registers, once, the at-fork hook that makes a forked child forget its
+/// parent's reactor, fork server and child link (process_fork.cpp).
+void register_after_fork_reset();
+
+/// Flushes C++ and C standard streams (before a fork, before an exit).
+void flush_stdio() noexcept;
+
+/// "process 'name' (pid 12)", for messages.
+std::string describe_process(const std::string& name, long pid);
+
+/// Where trace_phase writes, when a bench asked for it (test_trace_start_phases).
+inline std::atomic<std::int64_t*> g_phase_slots{nullptr};
+
+/// Records `phase` when a bench asked for it.
+inline void trace_phase(StartPhase phase) noexcept {
+    if (std::int64_t* slots = g_phase_slots.load(std::memory_order_relaxed))
+        slots[static_cast<int>(phase)] =
+            std::chrono::duration_cast<std::chrono::nanoseconds>(os::Clock::now().time_since_epoch()).count();
+}
+
+// ---------------------------------------------------------------- the child's side (process_child.cpp)
+
+enum class ChildKind {
+    spawned,            ///< exec'd for one start: BOOT is on its way
+    warm_spawned,       ///< exec'd ahead of demand (process_warm.cpp): says HELLO, then waits for BOOT
+    forkserver_worker,  ///< forked by the fork server
+};
+
+/// Makes the child's link to its parent now, in the parent before a fork:
+/// made at its first use in the child, it would allocate there (page faults
+/// on the child's way to running the task).
+void prepare_child_link();
+
+/// Writes what a child needs to know of its parent being alive (part of BOOT).
+void encode_parent_present(Encoder& e, StartMethod child_method);
+
+/// Makes a normal exit of this process announce its status to its parent.
+void register_exit_announcement() noexcept;
+
+/// A spawned child or a fork-server worker: reads BOOT, runs the target, reports, exits.
+[[noreturn]] void run_bootstrapped_child(os::handle_t channel, long expected_parent, ChildKind kind,
+                                         std::uint64_t serial = 0);
+
+/// A forked child, right after fork (process_fork.cpp): runs the task, reports, exits.
+[[noreturn]] void run_forked_child(os::handle_t channel, os::handle_t parent_end, ChildTask& task,
+                                   const std::string& name, const std::string& identity,
+                                   const std::string& parent_name, long parent, Level parent_log_level);
+
+/// Starts this process's fork server (process_fork.cpp); caller holds rt().forkserver_mutex.
+void start_fork_server();
+
+/// In a spawn or fork-server child, reading BOOT (process_output.cpp): the
+/// counterpart of OutputCapture::encode.
+void adopt_forwarded_output(Decoder& d);
+
+// ---------------------------------------------------------------- the warm spawner (process_warm.cpp)
+
+/// A child exec'd ahead of demand, waiting for its BOOT.
+struct WarmChild {
+    long pid = 0;
+    os::handle_t pidfd = os::invalid_handle;
+    os::handle_t channel = os::invalid_handle;  // the parent's end
+    std::string cwd;                            // what it was made with
+    std::vector<std::string> environment;
+    bool ready = false;  // its HELLO has arrived: bootstrapped, blocked on the channel
+};
+
+/// The warm child, if there is one that sees what a fresh spawn would see
+/// now; asks for the next one either way.
+std::optional<WarmChild> take_warm_child();
+
+// ---------------------------------------------------------------- the parent's side (process_reactor.cpp, process_core.cpp)
+
+/// In a forked child: the parent's reactor is not ours.
+void forget_reactor_after_fork() noexcept;
+
+/// What a normal exit does for this process's own children (daemons are
+/// terminated, the others waited for).
+void at_exit_handler();
+
+/// The handle that becomes readable when the process ends, or invalid.
+os::handle_t exit_handle_of(const ProcessCore& p);
+
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/process_internal.hpp
+#endif
 #if MPSERVICE_PART_(5)
 // ---- begin part: mpservice/impl/process_runtime.cpp -------------------------
 // process_runtime: process-wide state of the process machinery (who we are,
@@ -16308,48 +16459,29 @@ bool QueueCore::join(os::Deadline deadline) {
 
 namespace mpservice {
 namespace detail {
-namespace {
-using namespace wire;
 
 // ---------------------------------------------------------------- process-wide state
-
-/// The fork server as seen from its parent.
-struct ForkServerLink {
-    os::handle_t control = os::invalid_handle;
-    long pid = 0;
-};
 
 std::mutex& fingerprints_mutex() {
     static auto* m = new std::mutex;  // never destroyed, like the runtime
     return *m;
 }
 
-struct Runtime {
-    bool initialized = false;
-    bool is_child = false;
-    std::string argv0 = "/proc/self/exe";
-    std::string identity;  // "" in the main process, "2" or "2:1" in children
-    std::atomic<int> next_child{1};
-    std::optional<ProcessInfo> parent;
-    // Made afresh in every forked child: the thread that starts a fork server
-    // forks while holding it.
-    std::mutex* forkserver_mutex = new std::mutex;
-    ForkServerLink forkserver;
-    std::mutex* fingerprint_mutex = &fingerprints_mutex();  // a fork lock (os::at_fork_protect)
-    std::map<std::string, std::string> fingerprints;
-    std::atomic<bool> corrupt_next_fingerprint{false};
-    // How long start() waits for the fork server to make a worker: a stopped
-    // or wedged server must not block start() for ever.
-    std::atomic<long long> forkserver_timeout_ms{30000};
-};
+namespace {
 
 void reset_after_fork_in_child();  // process_fork.cpp
 
-/// Registers, once, the at-fork hook that makes a forked child forget its
-/// parent's reactor, fork server and child link.  Called by whatever makes
-/// one of them: a program that never does (a codec-only program, linked with
-/// --gc-sections) then carries none of that code.  Registered at any time, the
-/// hook still runs after the fork locks' own (registered before main).
+// Before main(), before any thread exists: a fork while another thread fills
+// the fingerprint cache must not copy its lock held.  (Only the lock: the
+// runtime itself is made at first use, by a program that uses processes.)
+[[maybe_unused]] const bool g_fingerprints_fork_safe = (os::at_fork_protect(&fingerprints_mutex(), 25), true);
+
+}  // namespace
+
+// Called by whatever makes one of the things the hook resets: a program that
+// never does (a codec-only program, linked with --gc-sections) then carries
+// none of that code.  Registered at any time, the hook still runs after the
+// fork locks' own (registered before main).
 void register_after_fork_reset() {
     static const bool registered = (os::at_fork_child(&reset_after_fork_in_child), true);
     (void)registered;
@@ -16363,11 +16495,6 @@ Runtime& rt() {
     return *r;
 }
 
-// Before main(), before any thread exists: a fork while another thread fills
-// the fingerprint cache must not copy its lock held.  (Only the lock: the
-// runtime itself is made at first use, by a program that uses processes.)
-[[maybe_unused]] const bool g_fingerprints_fork_safe = (os::at_fork_protect(&fingerprints_mutex(), 25), true);
-
 void flush_stdio() noexcept {
     try {
         std::cout.flush();
@@ -16378,20 +16505,9 @@ void flush_stdio() noexcept {
     std::fflush(nullptr);
 }
 
-std::atomic<std::int64_t*> g_phase_slots{nullptr};
-
-/// Records `phase` when a bench asked for it (test_trace_start_phases).
-inline void trace_phase(StartPhase phase) noexcept {
-    if (std::int64_t* slots = g_phase_slots.load(std::memory_order_relaxed))
-        slots[static_cast<int>(phase)] =
-            std::chrono::duration_cast<std::chrono::nanoseconds>(os::Clock::now().time_since_epoch()).count();
-}
-
-std::string describe(const std::string& name, long pid) {
+std::string describe_process(const std::string& name, long pid) {
     return "process '" + name + "' (pid " + std::to_string(pid) + ")";
 }
-
-}  // namespace
 
 std::string fingerprint_of(const std::string& module) {
     Runtime& r = rt();
@@ -16406,6 +16522,808 @@ void test_trace_start_phases(std::int64_t* slots) noexcept { g_phase_slots.store
 }  // namespace detail
 }  // namespace mpservice
 // ---- end part: mpservice/impl/process_runtime.cpp
+// ---- begin part: mpservice/impl/process_child.cpp ---------------------------
+// process_child: the child side - reads its BOOT frame, runs the target,
+// reports the outcome (VALUE or EXCEPTION, then END) and exits.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace mpservice {
+namespace detail {
+namespace {
+using namespace wire;
+
+// ---------------------------------------------------------------- the child side
+
+/// The child's end of its channel; frames from several threads are serialized.
+struct ChildLink {
+    os::handle_t channel = os::invalid_handle;
+    std::mutex mutex;
+    bool send(std::uint32_t kind, const std::string& payload, const std::vector<os::handle_t>& handles = {}) {
+        std::lock_guard<std::mutex> lk(mutex);
+        try {
+            return write_frame(channel, kind, payload, handles);
+        } catch (const std::exception& e) {
+            // Not swallowed: the parent cannot hear of it, so this process's stderr does.
+            std::string text = "mpservice: " + process_name() + " could not send a frame to its parent: " + e.what() + "\n";
+            os::write_stderr(text.data(), text.size());
+            return false;
+        }
+    }
+};
+
+ChildLink& child_link() {
+    static ChildLink* l = [] {
+        register_after_fork_reset();  // its mutex is made afresh in a forked child
+        return new ChildLink;
+    }();
+    return *l;
+}
+
+void install_log_forwarding() {
+    set_log_forwarder([](const LogRecord& record) {
+        Encoder e;
+        e.write(record);
+        child_link().send(frame_log, e.bytes());
+    });
+}
+
+// ---- a child that ends by exit(n) itself announces n
+// When SIGCHLD is ignored, or another waitpid() takes the status, the kernel
+// cannot tell the parent how a child ended.  A child that returns or throws
+// sends END with its code; one that calls exit(n) in its target sends END with
+// n on its way out, so the parent reports "exited with code n" all the same.
+
+std::atomic<bool> g_outcome_sent{false};
+std::atomic<long> g_link_owner{0};  // the process whose channel child_link() is
+
+void announce_exit_status(int status) noexcept {
+    if (g_outcome_sent.exchange(true) || os::current_pid() != g_link_owner.load()) return;
+    try {
+        Encoder end;
+        end.write(static_cast<std::int32_t>(status & 0xff));
+        FrameHeader h{frame_end, 0, end.bytes().size()};
+        std::string frame(reinterpret_cast<const char*>(&h), sizeof h);
+        frame.append(end.bytes());
+        ChildLink& link = child_link();
+        std::lock_guard<std::mutex> lk(link.mutex);
+        if (link.channel != os::invalid_handle) os::channel_write(link.channel, frame.data(), frame.size(), nullptr, 0);
+    } catch (...) {
+    }
+}
+
+}  // namespace
+
+// Registers announce_exit_status with the C library (once per program).  The
+// parent calls it before it forks: registering takes the C library's exit
+// lock, which a forked child of a threaded parent must never need.
+void register_exit_announcement() noexcept { os::on_exit_status(&announce_exit_status); }
+
+namespace {
+
+/// Called once the channel to the parent is set up in this process.
+void watch_own_exit() noexcept {
+    g_outcome_sent = false;
+    g_link_owner = os::current_pid();
+    os::on_exit_status(&announce_exit_status);
+}
+
+enum class SendOutcome { sent, parent_gone, failed };
+
+/// Sends `kind` (VALUE or EXCEPTION) with `payload` and `handles`, then END
+/// carrying `code`, in one write: one system call, one wake-up of the parent.
+/// On failure `why` says what went wrong.
+SendOutcome send_outcome(std::uint32_t kind, const Encoder& payload, int code, std::string& why) {
+    g_outcome_sent = true;  // END goes now (or never): exit() need not announce one
+    const auto& hs = payload.handles();
+    // A closed descriptor would fail the write half-way through the frames;
+    // find it first, while a clear report can still be sent instead.
+    for (auto h : hs) {
+        if (!os::handle_valid(h)) {
+            why = "the result holds OS handle " + std::to_string(h) +
+                  ", which is not open (a shared object destroyed before the result was sent?)";
+            return SendOutcome::failed;
+        }
+    }
+    std::string frames;
+    auto append = [&](std::uint32_t k, const std::string& bytes, std::size_t nhandles) {
+        FrameHeader h{k, static_cast<std::uint32_t>(nhandles), bytes.size()};
+        frames.append(reinterpret_cast<const char*>(&h), sizeof h);
+        frames.append(bytes);
+    };
+    append(kind, payload.bytes(), hs.size());
+    Encoder end;
+    end.write(static_cast<std::int32_t>(code));
+    append(frame_end, end.bytes(), 0);
+    ChildLink& link = child_link();
+    std::lock_guard<std::mutex> lk(link.mutex);
+    try {
+        if (os::channel_write(link.channel, frames.data(), frames.size(), nullptr, 0, hs.data(), hs.size()))
+            return SendOutcome::sent;
+        return SendOutcome::parent_gone;
+    } catch (const std::exception& e) {
+        why = e.what();
+        return SendOutcome::failed;
+    }
+}
+
+/// Sends the outcome of `run` (VALUE or EXCEPTION), then END; returns the exit
+/// code.  Before reporting, the child's own children are finished as a normal
+/// exit would (the child then ends with exit_now: see run_bootstrapped_child).
+template <class Run>
+int run_and_report(Run&& run) {
+    int code = 0;
+    Encoder out;
+    std::shared_ptr<void> keep;  // the result: its handles must stay open until it is sent
+    std::uint32_t kind = frame_value;
+    auto encode_error = [&](std::exception_ptr e) {
+        out = Encoder();
+        kind = frame_exception;
+        code = 1;
+        try {
+            encode_exception(out, e);
+        } catch (...) {
+            out = Encoder();
+            encode_exception(out, std::make_exception_ptr(Error("mpservice: the child's exception could not be encoded")));
+        }
+    };
+    try {
+        run(out, keep);
+    } catch (...) {
+        encode_error(std::current_exception());
+    }
+    try {
+        at_exit_handler();  // grandchildren's log records still travel up through us
+    } catch (...) {
+    }
+    set_log_forwarder({});  // later records stay here: END is the last frame
+    std::string why;
+    SendOutcome sent = send_outcome(kind, out, code, why);
+    trace_phase(StartPhase::outcome_sent);
+    if (sent == SendOutcome::failed) {
+        // Never swallowed: the parent learns why it gets no result.
+        encode_error(std::make_exception_ptr(
+            Error("mpservice: " + process_name() + " could not deliver its " +
+                  (kind == frame_value ? std::string("result") : std::string("exception")) + ": " + why)));
+        std::string ignored;
+        sent = send_outcome(kind, out, code, ignored);
+        if (sent != SendOutcome::sent) {
+            std::string text = "mpservice: " + process_name() + " could not deliver its outcome: " + why + "\n";
+            os::write_stderr(text.data(), text.size());
+        }
+    }
+    keep.reset();
+    return code;
+}
+
+void adopt_child_identity(const std::string& name, const std::string& identity, const std::string& parent_name,
+                          long parent_pid) {
+    Runtime& r = rt();
+    r.is_child = true;
+    r.initialized = true;
+    r.identity = identity;
+    r.next_child = 1;
+    r.parent = ProcessInfo{parent_name, parent_pid};
+    set_process_name(name);
+}
+
+// ---- the parent's present: what a child adopts that a fork-server worker,
+// forked from a server made at init(), would otherwise have from init() time
+
+/// The parent's state at start() that its child adopts: the default start
+/// method (every child) and - for a fork-server worker - the working directory
+/// and environment, which a spawned child has already (exec inherits them).
+struct ParentPresent {
+    std::int8_t start_method = -1;  // StartMethod, or -1: not chosen in the parent
+    bool has_environment = false;
+    std::string cwd;
+    std::vector<std::string> environment;
+};
+
+}  // namespace
+
+void encode_parent_present(Encoder& e, StartMethod child_method) {
+    ParentPresent p;
+    std::string method = get_start_method(true);
+    if (!method.empty()) p.start_method = static_cast<std::int8_t>(get_context(method).start_method());
+    p.has_environment = child_method == StartMethod::forkserver;
+    if (p.has_environment) {
+        p.cwd = os::current_directory();
+        p.environment = os::environment_entries();
+    }
+    e(p.start_method, p.has_environment);
+    if (p.has_environment) e(p.cwd, p.environment);
+}
+
+namespace {
+
+ParentPresent decode_parent_present(Decoder& d) {
+    ParentPresent p;
+    d(p.start_method, p.has_environment);
+    if (p.has_environment) d(p.cwd, p.environment);
+    return p;
+}
+
+/// In the child, before the target runs (after the module checks, which may
+/// use paths relative to the old working directory).
+void adopt_parent_present(const ParentPresent& p) {
+    if (p.start_method >= 0)
+        set_start_method(Context(static_cast<StartMethod>(p.start_method)).name(), true);
+    if (!p.has_environment) return;
+    os::replace_environment(p.environment);
+    if (!p.cwd.empty() && !os::change_directory(p.cwd))
+        throw Error("mpservice: the fork-server worker cannot enter the parent's working directory '" + p.cwd + "'");
+}
+
+}  // namespace
+
+void prepare_child_link() { (void)child_link(); }
+
+[[noreturn]] void run_bootstrapped_child(os::handle_t channel, long expected_parent, ChildKind kind,
+                                         std::uint64_t serial) {
+    if (!os::die_with_parent(expected_parent)) os::exit_now(1);
+    if (kind != ChildKind::forkserver_worker) os::close_handles_except(channel);
+    child_link().channel = channel;
+    watch_own_exit();
+    if (kind == ChildKind::warm_spawned) {
+        // The part of the task's checks that does not depend on the task: the
+        // build fingerprint of this executable (read from its file), cached
+        // for the comparison with the one BOOT carries.
+        try {
+            (void)fingerprint_of(std::string());
+        } catch (...) {
+        }
+        Encoder hello;
+        hello(static_cast<std::int64_t>(os::current_pid()), std::uint64_t(0));
+        if (!write_frame(channel, frame_hello, hello.bytes())) os::exit_now(1);
+    }
+    if (kind == ChildKind::forkserver_worker) {
+        Encoder hello;
+        hello(static_cast<std::int64_t>(os::current_pid()), serial);
+        if (!write_frame(channel, frame_hello, hello.bytes())) os::exit_now(1);
+    }
+    Frame boot;
+    FrameReader reader;
+    bool got = false;
+    try {
+        got = reader.read_blocking(channel, boot) && boot.kind == frame_boot;
+    } catch (...) {
+    }
+    if (!got) os::exit_now(1);  // the parent went away before telling us what to run
+
+    int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) {
+        Decoder d(boot.payload.data(), boot.payload.size(), &boot.handles);
+        auto version = d.read<std::uint32_t>();
+        if (version != protocol_version)
+            throw Error("mpservice: the parent speaks protocol " + std::to_string(version) + ", this child " +
+                        std::to_string(protocol_version) + ": it is a different build of the program");
+        os::ModuleAddress target, tramp;
+        std::string target_fp, tramp_fp, name, identity, parent_name;
+        std::uint64_t target_off, tramp_off;
+        std::int64_t parent_pid;
+        bool daemon;
+        std::int32_t log_level;
+        d(target.module, target_off, target_fp, tramp.module, tramp_off, tramp_fp, name, identity, parent_name,
+          parent_pid, daemon, log_level);
+        ParentPresent present = decode_parent_present(d);
+        (void)daemon;
+        set_log_level_from_parent(static_cast<Level>(log_level));
+        adopt_forwarded_output(d);
+        target.offset = static_cast<std::uintptr_t>(target_off);
+        tramp.offset = static_cast<std::uintptr_t>(tramp_off);
+        adopt_child_identity(name, identity, parent_name, static_cast<long>(parent_pid));
+        install_log_forwarding();
+        for (auto* m : {&target, &tramp}) {
+            const std::string& want = m == &target ? target_fp : tramp_fp;
+            std::string have = fingerprint_of(m->module);
+            if (have != want)
+                throw Error("mpservice: refusing to run the task: this child runs a different build of " +
+                            (m->module.empty() ? std::string("the program") : m->module) +
+                            " than its parent (build fingerprints differ); rebuild and restart the parent");
+        }
+        const void* fn = os::module_resolve(target);
+        const void* tr = os::module_resolve(tramp);
+        if (!fn || !tr)
+            throw Error("mpservice: the child cannot find the target's module '" + target.module + "'");
+        auto trampoline = reinterpret_cast<Trampoline>(reinterpret_cast<std::uintptr_t>(tr));
+        adopt_parent_present(present);
+        trampoline(fn, d, out, keep);
+    });
+    close_all(boot.handles);
+    // Every context ends its child the same way once the outcome is reported:
+    // streams flushed, no static destructors or atexit handlers.  A forked
+    // child must not run them (they are its parent's), and a spawned child
+    // follows suit so that the contexts agree: a crash in teardown after the
+    // answer was sent cannot happen, and exitcode() is the code reported
+    // (README, "How a child ends").
+    flush_stdio();
+    os::exit_now(code);
+}
+
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/process_child.cpp
+// ---- begin part: mpservice/impl/process_fork.cpp ----------------------------
+// process_fork: the fork server (a clean process forked at init() that forks
+// the fork-server workers) and the start-up of fork-context children.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace mpservice {
+namespace detail {
+namespace {
+using namespace wire;
+
+// ---------------------------------------------------------------- the fork server
+
+[[noreturn]] void fork_server_main(os::handle_t control, long parent) {
+    if (!os::die_with_parent(parent)) os::exit_now(0);
+    os::close_handles_except(control);
+    const long self = os::current_pid();
+    os::handle_t exits = os::child_exit_events();
+    ServerStatus st{};
+    std::uint64_t next_serial = 1;
+    std::unordered_map<long, std::uint64_t> serial_of;  // worker pid -> serial
+    const os::handle_t watch[2] = {control, exits};
+    for (;;) {
+        unsigned ready = os::wait_readable(watch, 2, -1);
+        if (ready & 2u) {
+            os::child_exit_events_drain(exits);
+            long pid;
+            int code;
+            while (os::reap_any_child(&pid, &code)) {
+                auto it = serial_of.find(pid);
+                if (it == serial_of.end()) continue;
+                st.serial = it->second;
+                st.code = code;
+                serial_of.erase(it);
+                if (!os::channel_write(control, &st, sizeof st, nullptr, 0)) os::exit_now(0);
+            }
+        }
+        if (ready & 1u) {
+            std::vector<os::handle_t> fds;
+            char request = 0;
+            long n = 0;
+            try {
+                n = os::channel_read(control, &request, 1, &fds, false);
+            } catch (...) {
+                n = 0;
+            }
+            if (n <= 0) os::exit_now(0);  // the parent is gone: so are we (and our workers with us)
+            for (auto fd : fds) {
+                long pid = -1;
+                std::uint64_t serial = next_serial++;
+                try {
+                    pid = os::fork_process();
+                } catch (...) {
+                }
+                if (pid == 0) {
+                    os::close_handle(control);
+                    os::child_exit_events_release(exits);
+                    run_bootstrapped_child(fd, self, ChildKind::forkserver_worker, serial);
+                }
+                if (pid > 0) serial_of[pid] = serial;
+                os::close_handle(fd);  // the worker has it (or, if the fork failed, the parent sees EOF)
+            }
+        }
+    }
+}
+
+}  // namespace
+
+void start_fork_server() {
+    Runtime& r = rt();
+    os::handle_t mine, theirs;
+    os::packet_pair(mine, theirs);
+    flush_stdio();
+    long parent = os::current_pid();
+    long pid;
+    try {
+        pid = os::fork_process();
+    } catch (...) {
+        os::close_handle(mine);
+        os::close_handle(theirs);
+        throw;
+    }
+    if (pid == 0) {
+        os::close_handle(mine);
+        fork_server_main(theirs, parent);
+    }
+    os::close_handle(theirs);
+    r.forkserver.control = mine;
+    r.forkserver.pid = pid;
+}
+
+namespace {
+
+/// In the child of every fork() of this process (ours, the fork server's, the
+/// user's): the parent's helpers are not ours, and the locks of per-process
+/// state may have been copied held by threads that do not exist here.
+void reset_after_fork_in_child() {
+    Runtime& r = rt();
+    forget_reactor_after_fork();
+    ::new (r.forkserver_mutex) std::mutex();  // the forking thread may hold it (it starts fork servers)
+    os::close_handle(r.forkserver.control);
+    r.forkserver = ForkServerLink{};
+    ::new (&child_link().mutex) std::mutex();  // the channel is replaced by whoever uses it next
+}
+
+}  // namespace
+
+[[noreturn]] void run_forked_child(os::handle_t channel, os::handle_t parent_end, ChildTask& task,
+                                   const std::string& name, const std::string& identity,
+                                   const std::string& parent_name, long parent, Level parent_log_level) {
+    os::close_handle(parent_end);
+    if (!os::die_with_parent(parent)) os::exit_now(1);
+    adopt_child_identity(name, identity, parent_name, parent);
+    child_link().channel = channel;
+    watch_own_exit();
+    set_log_level_from_parent(parent_log_level);
+    install_log_forwarding();
+    int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) {
+        trace_phase(StartPhase::task_begins);
+        task.run_here(out, keep);
+    });
+    flush_stdio();
+    trace_phase(StartPhase::child_exiting);
+    os::exit_now(code);
+}
+
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/process_fork.cpp
+// ---- begin part: mpservice/impl/process_warm.cpp ----------------------------
+// process_warm: warm spawn - the spawn context keeps one child exec'd ahead
+// of demand, so that a start pays for handing over the task instead of an exec.
+//
+// A warm child is a spawned child whose BOOT has not been written yet: it is
+// made exactly as a cold one (posix_spawn of /proc/self/exe, the marker, the
+// one inherited channel, PR_SET_PDEATHSIG tied to a thread that never ends),
+// runs the library's bootstrap only - the marker checks in init(), the
+// parent-death signal, every other descriptor closed, its own build
+// fingerprint read - says HELLO and blocks reading its channel.  What it is
+// to run arrives with BOOT like any spawned child's task, and goes through the
+// same checks (protocol version, build fingerprints of the target's module).
+//
+// It is used only when it would see what a fresh spawn sees now: the parent's
+// working directory and environment at start() are compared with those it
+// was made with; any difference (a setenv, a chdir since) discards it and the
+// start spawns afresh.  The "warm spawner" thread makes the children (it is
+// their parent thread: it never ends, so their parent-death signal fires only
+// when the process dies) and reaps a warm child that died unused (no zombie
+// stays behind).  A taken child is replaced once it has ended, or after
+// replace_after at the latest: an exec (about a millisecond of CPU) made at
+// the moment of the start would compete with the child just given its task,
+// and with the parent waiting for it, on a machine with few CPUs.  Three children in a row
+// that die before saying HELLO stop it (the starts are then cold).
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <optional>
+#include <thread>
+
+namespace mpservice {
+
+namespace {
+std::atomic<bool> g_warm_spawn{false};
+}  // namespace
+
+namespace detail {
+namespace {
+using namespace wire;
+
+class WarmSpawner {
+public:
+    /// The spawner of this process, made (with its thread) on first use.
+    static WarmSpawner& get();
+    static WarmSpawner* existing() noexcept { return g_spawner.load(std::memory_order_acquire); }
+    /// In a forked child: the parent's warm child is not ours.
+    static void forget_after_fork() noexcept;
+
+    /// The warm child, if there is one that sees what a fresh spawn would
+    /// see now; asks for the next one either way.
+    std::optional<WarmChild> take();
+    /// Discards the warm child and makes no more until the next take().
+    void stop();
+    /// The warm child's pid once it is ready, waiting up to `timeout`; 0 if none.
+    long wait_ready(std::chrono::milliseconds timeout);
+
+private:
+    WarmSpawner();
+    void loop();
+    /// Spawns a warm child (outside the lock); false if it could not be made.
+    bool make_one(WarmChild& c);
+    /// Kills and reaps children that will not be used (spawner thread).
+    static void finish(std::vector<WarmChild>& dying) noexcept;
+
+    static constexpr int max_failures = 3;
+    static constexpr std::chrono::milliseconds replace_after{20};
+    static std::atomic<WarmSpawner*> g_spawner;
+
+    os::handle_t wake_ = os::invalid_handle;
+    std::mutex mutex_;
+    std::condition_variable ready_cv_;
+    std::optional<WarmChild> child_;
+    std::vector<WarmChild> dying_;  // taken off, to be killed and reaped
+    bool wanted_ = false;
+    int failures_ = 0;
+    // The last child taken (a duplicate of its pidfd): the replacement is
+    // made when it ends or at replace_at_, whichever comes first.
+    os::handle_t taken_ = os::invalid_handle;
+    os::Deadline replace_at_{};  // children in a row that died before HELLO, or spawns that failed
+};
+
+std::atomic<WarmSpawner*> WarmSpawner::g_spawner{nullptr};
+std::mutex* g_spawner_mutex = new std::mutex;
+void* volatile g_abandoned_spawner = nullptr;  // a forked child's copy: kept reachable for leak checkers
+
+WarmSpawner& WarmSpawner::get() {
+    if (WarmSpawner* s = existing()) return *s;
+    std::lock_guard<std::mutex> lk(*g_spawner_mutex);
+    WarmSpawner* s = g_spawner.load(std::memory_order_relaxed);
+    if (!s) {
+        static const bool fork_hook = (os::at_fork_child(&WarmSpawner::forget_after_fork), true);
+        (void)fork_hook;
+        s = new WarmSpawner;  // never deleted: its thread runs until the process ends
+        g_spawner.store(s, std::memory_order_release);
+    }
+    return *s;
+}
+
+void WarmSpawner::forget_after_fork() noexcept {
+    WarmSpawner* s = g_spawner.exchange(nullptr);
+    ::new (g_spawner_mutex) std::mutex();  // the forking thread may have held it
+    if (!s) return;
+    // Single-threaded here: the spawner thread does not exist in this copy.
+    // Its descriptors are closed; the children themselves are the parent's.
+    os::close_handle(s->wake_);
+    os::close_handle(s->taken_);
+    if (s->child_) {
+        os::close_handle(s->child_->pidfd);
+        os::close_handle(s->child_->channel);
+    }
+    for (auto& d : s->dying_) {
+        os::close_handle(d.pidfd);
+        os::close_handle(d.channel);
+    }
+    g_abandoned_spawner = s;
+}
+
+WarmSpawner::WarmSpawner() : wake_(os::wake_event_create()) {
+    // A thread that lives as long as the process: a child's parent-death
+    // signal fires when the thread that made it ends.
+    std::thread([this] { loop(); }).detach();
+}
+
+std::optional<WarmChild> WarmSpawner::take() {
+    std::optional<WarmChild> c;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        wanted_ = true;
+        c.swap(child_);
+        if (c && taken_ == os::invalid_handle) {
+            try {
+                taken_ = os::duplicate_handle(c->pidfd);
+                replace_at_ = os::Clock::now() + replace_after;
+            } catch (...) {
+                // No descriptor to spare: the replacement is made at once.
+            }
+        }
+    }
+    os::wake_event_signal(wake_);
+    if (!c) return std::nullopt;
+    const bool alive = os::wait_readable(&c->pidfd, 1, 0) == 0;
+    // The same working directory and environment as a fresh spawn would get
+    // (an unnameable directory - deleted - never matches).
+    const bool current = alive && !c->cwd.empty() && c->cwd == os::current_directory() &&
+                         c->environment == os::environment_entries();
+    if (current) return c;
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        dying_.push_back(std::move(*c));
+    }
+    os::wake_event_signal(wake_);
+    return std::nullopt;
+}
+
+void WarmSpawner::stop() {
+    {
+        std::lock_guard<std::mutex> lk(mutex_);
+        wanted_ = false;
+        failures_ = 0;
+        os::close_handle(taken_);
+        taken_ = os::invalid_handle;
+        if (child_) dying_.push_back(std::move(*child_));
+        child_.reset();
+    }
+    os::wake_event_signal(wake_);
+}
+
+long WarmSpawner::wait_ready(std::chrono::milliseconds timeout) {
+    std::unique_lock<std::mutex> lk(mutex_);
+    ready_cv_.wait_for(lk, timeout, [&] { return child_ && child_->ready; });
+    return child_ && child_->ready ? child_->pid : 0;
+}
+
+bool WarmSpawner::make_one(WarmChild& c) {
+    c.cwd = os::current_directory();
+    c.environment = os::environment_entries();  // given to the child as they are here
+    os::handle_t mine, theirs;
+    try {
+        os::channel_pair(mine, theirs);
+    } catch (...) {
+        return false;
+    }
+    try {
+        std::string marker = child_marker + std::to_string(theirs) + ":" + std::to_string(os::current_pid()) +
+                             warm_marker_suffix;
+        c.pid = os::spawn_self(rt().argv0, marker, theirs, &c.environment);
+    } catch (...) {
+        os::close_handle(mine);
+        os::close_handle(theirs);
+        return false;
+    }
+    os::close_handle(theirs);
+    c.channel = mine;
+    c.pidfd = os::process_handle(c.pid);
+    if (c.pidfd == os::invalid_handle) {
+        // No pidfd (an old kernel): a warm child could not be watched while it waits.
+        std::vector<WarmChild> one;
+        one.push_back(std::move(c));
+        finish(one);
+        return false;
+    }
+    return true;
+}
+
+void WarmSpawner::finish(std::vector<WarmChild>& dying) noexcept {
+    for (auto& d : dying) {
+        os::send_signal(d.pid, d.pidfd, os::signal_kill());
+        int code;
+        try {
+            os::reap_child(d.pid, d.pidfd, true, &code);  // SIGKILLed: short; ECHILD if SIGCHLD is ignored
+        } catch (...) {
+        }
+        os::close_handle(d.pidfd);
+        os::close_handle(d.channel);
+    }
+    dying.clear();
+}
+
+void WarmSpawner::loop() {
+    for (;;) {
+        try {
+            os::handle_t watch[4] = {wake_, os::invalid_handle, os::invalid_handle, os::invalid_handle};
+            int n = 1;
+            long watched = 0;
+            bool watching_hello = false;
+            int timeout_ms = -1;
+            os::handle_t taken = os::invalid_handle;
+            {
+                std::lock_guard<std::mutex> lk(mutex_);
+                if (taken_ != os::invalid_handle) {
+                    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(replace_at_ - os::Clock::now());
+                    if (left.count() > 0 && wanted_) {
+                        taken = taken_;
+                        timeout_ms = static_cast<int>(left.count()) + 1;
+                    } else {
+                        os::close_handle(taken_);  // due: the replacement is made below
+                        taken_ = os::invalid_handle;
+                    }
+                }
+                if (child_) {
+                    watched = child_->pid;
+                    watch[n++] = child_->pidfd;
+                    if (!child_->ready) {
+                        watch[n++] = child_->channel;
+                        watching_hello = true;
+                    }
+                }
+            }
+            const int taken_slot = taken != os::invalid_handle ? n : -1;
+            if (taken_slot >= 0) watch[n++] = taken;
+            const unsigned ready = os::wait_readable(watch, n, timeout_ms);
+            os::wake_event_drain(wake_);
+            std::vector<WarmChild> dying;
+            bool make = false;
+            {
+                std::lock_guard<std::mutex> lk(mutex_);
+                const bool same = child_ && child_->pid == watched;
+                if (same && (ready & 2u)) {  // died unused
+                    if (!child_->ready) ++failures_;
+                    dying_.push_back(std::move(*child_));
+                    child_.reset();
+                } else if (same && watching_hello && (ready & 4u)) {
+                    // HELLO is there (left unread: the reactor reads and skips it).
+                    child_->ready = true;
+                    failures_ = 0;
+                    ready_cv_.notify_all();
+                }
+                if (taken_slot >= 0 && taken_ == taken && (ready & (1u << taken_slot))) {
+                    os::close_handle(taken_);  // it has ended: replace it now
+                    taken_ = os::invalid_handle;
+                }
+                if (taken_ != os::invalid_handle && os::Clock::now() >= replace_at_) {
+                    os::close_handle(taken_);
+                    taken_ = os::invalid_handle;
+                }
+                dying.swap(dying_);
+                make = wanted_ && !child_ && taken_ == os::invalid_handle && failures_ < max_failures;
+            }
+            finish(dying);
+            if (!make) continue;
+            WarmChild c;
+            const bool made = make_one(c);
+            std::lock_guard<std::mutex> lk(mutex_);
+            if (!made) {
+                ++failures_;
+            } else if (wanted_ && !child_) {
+                child_ = std::move(c);
+            } else {
+                dying_.push_back(std::move(c));  // stopped meanwhile
+                os::wake_event_signal(wake_);
+            }
+        } catch (...) {
+            // Out of memory or descriptors: the starts are cold meanwhile.
+        }
+    }
+}
+
+}  // namespace
+
+std::optional<WarmChild> take_warm_child() { return WarmSpawner::get().take(); }
+
+long test_warm_child(std::chrono::milliseconds timeout) {
+    WarmSpawner* s = WarmSpawner::existing();
+    return s ? s->wait_ready(timeout) : 0;
+}
+
+void discard_unwanted_warm_child() noexcept {
+    if (g_warm_spawn.load(std::memory_order_relaxed)) return;  // the program keeps one anyway
+    if (WarmSpawner* s = WarmSpawner::existing()) s->stop();
+}
+
+}  // namespace detail
+
+void set_warm_spawn(bool keep_warm) {
+    g_warm_spawn.store(keep_warm, std::memory_order_relaxed);
+    if (!keep_warm)
+        if (detail::WarmSpawner* s = detail::WarmSpawner::existing()) s->stop();
+}
+
+bool warm_spawn() noexcept { return g_warm_spawn.load(std::memory_order_relaxed); }
+
+}  // namespace mpservice
+// ---- end part: mpservice/impl/process_warm.cpp
+#endif
+#if MPSERVICE_PART_(6)
 // ---- begin part: mpservice/impl/process_output.cpp --------------------------
 // process_output: a child's standard output and error forwarded through the
 // parent's log path (Process::set_forward_output, set_output_forwarding).
@@ -16720,8 +17638,9 @@ private:
     bool committed_ = false;
 };
 
-/// In a spawn or fork-server child, reading BOOT: the counterpart of
-/// OutputCapture::encode.  The handles belong to BOOT (closed with it).
+}  // namespace
+
+// The handles belong to BOOT (closed with it).
 void adopt_forwarded_output(Decoder& d) {
     bool forward = d.read<bool>();
     if (!forward) return;
@@ -16730,343 +17649,9 @@ void adopt_forwarded_output(Decoder& d) {
     os::redirect_standard_output(d.handle(out), d.handle(err));
 }
 
-}  // namespace
 }  // namespace detail
 }  // namespace mpservice
 // ---- end part: mpservice/impl/process_output.cpp
-// ---- begin part: mpservice/impl/process_child.cpp ---------------------------
-// process_child: the child side - reads its BOOT frame, runs the target,
-// reports the outcome (VALUE or EXCEPTION, then END) and exits.
-
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <condition_variable>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <deque>
-#include <functional>
-#include <iostream>
-#include <map>
-#include <thread>
-#include <unordered_map>
-#include <unordered_set>
-
-namespace mpservice {
-namespace detail {
-namespace {
-
-// ---------------------------------------------------------------- the child side
-
-/// The child's end of its channel; frames from several threads are serialized.
-struct ChildLink {
-    os::handle_t channel = os::invalid_handle;
-    std::mutex mutex;
-    bool send(std::uint32_t kind, const std::string& payload, const std::vector<os::handle_t>& handles = {}) {
-        std::lock_guard<std::mutex> lk(mutex);
-        try {
-            return write_frame(channel, kind, payload, handles);
-        } catch (const std::exception& e) {
-            // Not swallowed: the parent cannot hear of it, so this process's stderr does.
-            std::string text = "mpservice: " + process_name() + " could not send a frame to its parent: " + e.what() + "\n";
-            os::write_stderr(text.data(), text.size());
-            return false;
-        }
-    }
-};
-
-ChildLink& child_link() {
-    static ChildLink* l = [] {
-        register_after_fork_reset();  // its mutex is made afresh in a forked child
-        return new ChildLink;
-    }();
-    return *l;
-}
-
-void install_log_forwarding() {
-    set_log_forwarder([](const LogRecord& record) {
-        Encoder e;
-        e.write(record);
-        child_link().send(frame_log, e.bytes());
-    });
-}
-
-// Defined with the reactor: what a normal exit does for this process's own
-// children (daemons are terminated, the others waited for).
-void at_exit_handler();
-
-// ---- a child that ends by exit(n) itself announces n
-// When SIGCHLD is ignored, or another waitpid() takes the status, the kernel
-// cannot tell the parent how a child ended.  A child that returns or throws
-// sends END with its code; one that calls exit(n) in its target sends END with
-// n on its way out, so the parent reports "exited with code n" all the same.
-
-std::atomic<bool> g_outcome_sent{false};
-std::atomic<long> g_link_owner{0};  // the process whose channel child_link() is
-
-void announce_exit_status(int status) noexcept {
-    if (g_outcome_sent.exchange(true) || os::current_pid() != g_link_owner.load()) return;
-    try {
-        Encoder end;
-        end.write(static_cast<std::int32_t>(status & 0xff));
-        FrameHeader h{frame_end, 0, end.bytes().size()};
-        std::string frame(reinterpret_cast<const char*>(&h), sizeof h);
-        frame.append(end.bytes());
-        ChildLink& link = child_link();
-        std::lock_guard<std::mutex> lk(link.mutex);
-        if (link.channel != os::invalid_handle) os::channel_write(link.channel, frame.data(), frame.size(), nullptr, 0);
-    } catch (...) {
-    }
-}
-
-/// Registers announce_exit_status with the C library (once per program).  The
-/// parent calls it before it forks: registering takes the C library's exit
-/// lock, which a forked child of a threaded parent must never need.
-void register_exit_announcement() noexcept { os::on_exit_status(&announce_exit_status); }
-
-/// Called once the channel to the parent is set up in this process.
-void watch_own_exit() noexcept {
-    g_outcome_sent = false;
-    g_link_owner = os::current_pid();
-    os::on_exit_status(&announce_exit_status);
-}
-
-enum class SendOutcome { sent, parent_gone, failed };
-
-/// Sends `kind` (VALUE or EXCEPTION) with `payload` and `handles`, then END
-/// carrying `code`, in one write: one system call, one wake-up of the parent.
-/// On failure `why` says what went wrong.
-SendOutcome send_outcome(std::uint32_t kind, const Encoder& payload, int code, std::string& why) {
-    g_outcome_sent = true;  // END goes now (or never): exit() need not announce one
-    const auto& hs = payload.handles();
-    // A closed descriptor would fail the write half-way through the frames;
-    // find it first, while a clear report can still be sent instead.
-    for (auto h : hs) {
-        if (!os::handle_valid(h)) {
-            why = "the result holds OS handle " + std::to_string(h) +
-                  ", which is not open (a shared object destroyed before the result was sent?)";
-            return SendOutcome::failed;
-        }
-    }
-    std::string frames;
-    auto append = [&](std::uint32_t k, const std::string& bytes, std::size_t nhandles) {
-        FrameHeader h{k, static_cast<std::uint32_t>(nhandles), bytes.size()};
-        frames.append(reinterpret_cast<const char*>(&h), sizeof h);
-        frames.append(bytes);
-    };
-    append(kind, payload.bytes(), hs.size());
-    Encoder end;
-    end.write(static_cast<std::int32_t>(code));
-    append(frame_end, end.bytes(), 0);
-    ChildLink& link = child_link();
-    std::lock_guard<std::mutex> lk(link.mutex);
-    try {
-        if (os::channel_write(link.channel, frames.data(), frames.size(), nullptr, 0, hs.data(), hs.size()))
-            return SendOutcome::sent;
-        return SendOutcome::parent_gone;
-    } catch (const std::exception& e) {
-        why = e.what();
-        return SendOutcome::failed;
-    }
-}
-
-/// Sends the outcome of `run` (VALUE or EXCEPTION), then END; returns the exit
-/// code.  Before reporting, the child's own children are finished as a normal
-/// exit would (the child then ends with exit_now: see run_bootstrapped_child).
-template <class Run>
-int run_and_report(Run&& run) {
-    int code = 0;
-    Encoder out;
-    std::shared_ptr<void> keep;  // the result: its handles must stay open until it is sent
-    std::uint32_t kind = frame_value;
-    auto encode_error = [&](std::exception_ptr e) {
-        out = Encoder();
-        kind = frame_exception;
-        code = 1;
-        try {
-            encode_exception(out, e);
-        } catch (...) {
-            out = Encoder();
-            encode_exception(out, std::make_exception_ptr(Error("mpservice: the child's exception could not be encoded")));
-        }
-    };
-    try {
-        run(out, keep);
-    } catch (...) {
-        encode_error(std::current_exception());
-    }
-    try {
-        at_exit_handler();  // grandchildren's log records still travel up through us
-    } catch (...) {
-    }
-    set_log_forwarder({});  // later records stay here: END is the last frame
-    std::string why;
-    SendOutcome sent = send_outcome(kind, out, code, why);
-    trace_phase(StartPhase::outcome_sent);
-    if (sent == SendOutcome::failed) {
-        // Never swallowed: the parent learns why it gets no result.
-        encode_error(std::make_exception_ptr(
-            Error("mpservice: " + process_name() + " could not deliver its " +
-                  (kind == frame_value ? std::string("result") : std::string("exception")) + ": " + why)));
-        std::string ignored;
-        sent = send_outcome(kind, out, code, ignored);
-        if (sent != SendOutcome::sent) {
-            std::string text = "mpservice: " + process_name() + " could not deliver its outcome: " + why + "\n";
-            os::write_stderr(text.data(), text.size());
-        }
-    }
-    keep.reset();
-    return code;
-}
-
-void adopt_child_identity(const std::string& name, const std::string& identity, const std::string& parent_name,
-                          long parent_pid) {
-    Runtime& r = rt();
-    r.is_child = true;
-    r.initialized = true;
-    r.identity = identity;
-    r.next_child = 1;
-    r.parent = ProcessInfo{parent_name, parent_pid};
-    set_process_name(name);
-}
-
-// ---- the parent's present: what a child adopts that a fork-server worker,
-// forked from a server made at init(), would otherwise have from init() time
-
-/// The parent's state at start() that its child adopts: the default start
-/// method (every child) and - for a fork-server worker - the working directory
-/// and environment, which a spawned child has already (exec inherits them).
-struct ParentPresent {
-    std::int8_t start_method = -1;  // StartMethod, or -1: not chosen in the parent
-    bool has_environment = false;
-    std::string cwd;
-    std::vector<std::string> environment;
-};
-
-void encode_parent_present(Encoder& e, StartMethod child_method) {
-    ParentPresent p;
-    std::string method = get_start_method(true);
-    if (!method.empty()) p.start_method = static_cast<std::int8_t>(get_context(method).start_method());
-    p.has_environment = child_method == StartMethod::forkserver;
-    if (p.has_environment) {
-        p.cwd = os::current_directory();
-        p.environment = os::environment_entries();
-    }
-    e(p.start_method, p.has_environment);
-    if (p.has_environment) e(p.cwd, p.environment);
-}
-
-ParentPresent decode_parent_present(Decoder& d) {
-    ParentPresent p;
-    d(p.start_method, p.has_environment);
-    if (p.has_environment) d(p.cwd, p.environment);
-    return p;
-}
-
-/// In the child, before the target runs (after the module checks, which may
-/// use paths relative to the old working directory).
-void adopt_parent_present(const ParentPresent& p) {
-    if (p.start_method >= 0)
-        set_start_method(Context(static_cast<StartMethod>(p.start_method)).name(), true);
-    if (!p.has_environment) return;
-    os::replace_environment(p.environment);
-    if (!p.cwd.empty() && !os::change_directory(p.cwd))
-        throw Error("mpservice: the fork-server worker cannot enter the parent's working directory '" + p.cwd + "'");
-}
-
-enum class ChildKind {
-    spawned,            ///< exec'd for one start: BOOT is on its way
-    warm_spawned,       ///< exec'd ahead of demand (process_warm.cpp): says HELLO, then waits for BOOT
-    forkserver_worker,  ///< forked by the fork server
-};
-
-/// A spawned child or a fork-server worker: reads BOOT, runs the target, reports, exits.
-[[noreturn]] void run_bootstrapped_child(os::handle_t channel, long expected_parent, ChildKind kind,
-                                         std::uint64_t serial = 0) {
-    if (!os::die_with_parent(expected_parent)) os::exit_now(1);
-    if (kind != ChildKind::forkserver_worker) os::close_handles_except(channel);
-    child_link().channel = channel;
-    watch_own_exit();
-    if (kind == ChildKind::warm_spawned) {
-        // The part of the task's checks that does not depend on the task: the
-        // build fingerprint of this executable (read from its file), cached
-        // for the comparison with the one BOOT carries.
-        try {
-            (void)fingerprint_of(std::string());
-        } catch (...) {
-        }
-        Encoder hello;
-        hello(static_cast<std::int64_t>(os::current_pid()), std::uint64_t(0));
-        if (!write_frame(channel, frame_hello, hello.bytes())) os::exit_now(1);
-    }
-    if (kind == ChildKind::forkserver_worker) {
-        Encoder hello;
-        hello(static_cast<std::int64_t>(os::current_pid()), serial);
-        if (!write_frame(channel, frame_hello, hello.bytes())) os::exit_now(1);
-    }
-    Frame boot;
-    FrameReader reader;
-    bool got = false;
-    try {
-        got = reader.read_blocking(channel, boot) && boot.kind == frame_boot;
-    } catch (...) {
-    }
-    if (!got) os::exit_now(1);  // the parent went away before telling us what to run
-
-    int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) {
-        Decoder d(boot.payload.data(), boot.payload.size(), &boot.handles);
-        auto version = d.read<std::uint32_t>();
-        if (version != protocol_version)
-            throw Error("mpservice: the parent speaks protocol " + std::to_string(version) + ", this child " +
-                        std::to_string(protocol_version) + ": it is a different build of the program");
-        os::ModuleAddress target, tramp;
-        std::string target_fp, tramp_fp, name, identity, parent_name;
-        std::uint64_t target_off, tramp_off;
-        std::int64_t parent_pid;
-        bool daemon;
-        std::int32_t log_level;
-        d(target.module, target_off, target_fp, tramp.module, tramp_off, tramp_fp, name, identity, parent_name,
-          parent_pid, daemon, log_level);
-        ParentPresent present = decode_parent_present(d);
-        (void)daemon;
-        set_log_level_from_parent(static_cast<Level>(log_level));
-        adopt_forwarded_output(d);
-        target.offset = static_cast<std::uintptr_t>(target_off);
-        tramp.offset = static_cast<std::uintptr_t>(tramp_off);
-        adopt_child_identity(name, identity, parent_name, static_cast<long>(parent_pid));
-        install_log_forwarding();
-        for (auto* m : {&target, &tramp}) {
-            const std::string& want = m == &target ? target_fp : tramp_fp;
-            std::string have = fingerprint_of(m->module);
-            if (have != want)
-                throw Error("mpservice: refusing to run the task: this child runs a different build of " +
-                            (m->module.empty() ? std::string("the program") : m->module) +
-                            " than its parent (build fingerprints differ); rebuild and restart the parent");
-        }
-        const void* fn = os::module_resolve(target);
-        const void* tr = os::module_resolve(tramp);
-        if (!fn || !tr)
-            throw Error("mpservice: the child cannot find the target's module '" + target.module + "'");
-        auto trampoline = reinterpret_cast<Trampoline>(reinterpret_cast<std::uintptr_t>(tr));
-        adopt_parent_present(present);
-        trampoline(fn, d, out, keep);
-    });
-    close_all(boot.handles);
-    // Every context ends its child the same way once the outcome is reported:
-    // streams flushed, no static destructors or atexit handlers.  A forked
-    // child must not run them (they are its parent's), and a spawned child
-    // follows suit so that the contexts agree: a crash in teardown after the
-    // answer was sent cannot happen, and exitcode() is the code reported
-    // (README, "How a child ends").
-    flush_stdio();
-    os::exit_now(code);
-}
-
-}  // namespace
-}  // namespace detail
-}  // namespace mpservice
-// ---- end part: mpservice/impl/process_child.cpp
 // ---- begin part: mpservice/impl/process_reactor.cpp -------------------------
 // process_reactor: the parent's reactor thread - one thread watches every
 // child's channel and pidfd (and the fork server's control socket) and
@@ -17109,6 +17694,7 @@ struct ProcessCore::Io {
 };
 
 namespace {
+using namespace wire;
 
 class Reactor {
 public:
@@ -17190,8 +17776,6 @@ private:
 
 std::atomic<Reactor*> g_reactor{nullptr};
 std::mutex* g_reactor_mutex = new std::mutex;
-
-void at_exit_handler();
 
 Reactor& Reactor::get() {
     Reactor* r = g_reactor.load(std::memory_order_acquire);
@@ -17581,7 +18165,7 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int
         if (io.via_server) server_serials_.erase(io.serial);
     }
     std::exception_ptr error = io.exception, result_error;
-    std::string who = describe(core->name, core->pid_);
+    std::string who = describe_process(core->name, core->pid_);
     if (status_lost && !error && !core->has_value_) {
         error = std::make_exception_ptr(ProcessError(
             who + " ended without reporting an outcome, and its exit status was collected by someone else "
@@ -17615,6 +18199,8 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int
     trace_phase(StartPhase::resolved);
 }
 
+}  // namespace
+
 void at_exit_handler() {
     Reactor* r = g_reactor.load();
     if (!r || !r->owned_by_this_process()) return;
@@ -17625,7 +18211,7 @@ void at_exit_handler() {
     for (auto& c : children) c->wait_until(os::no_deadline);
 }
 
-}  // namespace
+void forget_reactor_after_fork() noexcept { Reactor::forget_after_fork(); }
 
 void test_reactor_barrier() {
     if (g_reactor.load(std::memory_order_acquire)) Reactor::get().barrier();
@@ -17634,473 +18220,6 @@ void test_reactor_barrier() {
 }  // namespace detail
 }  // namespace mpservice
 // ---- end part: mpservice/impl/process_reactor.cpp
-// ---- begin part: mpservice/impl/process_fork.cpp ----------------------------
-// process_fork: the fork server (a clean process forked at init() that forks
-// the fork-server workers) and the start-up of fork-context children.
-
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <condition_variable>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <deque>
-#include <functional>
-#include <iostream>
-#include <map>
-#include <thread>
-#include <unordered_map>
-#include <unordered_set>
-
-namespace mpservice {
-namespace detail {
-namespace {
-
-// ---------------------------------------------------------------- the fork server
-
-[[noreturn]] void fork_server_main(os::handle_t control, long parent) {
-    if (!os::die_with_parent(parent)) os::exit_now(0);
-    os::close_handles_except(control);
-    const long self = os::current_pid();
-    os::handle_t exits = os::child_exit_events();
-    ServerStatus st{};
-    std::uint64_t next_serial = 1;
-    std::unordered_map<long, std::uint64_t> serial_of;  // worker pid -> serial
-    const os::handle_t watch[2] = {control, exits};
-    for (;;) {
-        unsigned ready = os::wait_readable(watch, 2, -1);
-        if (ready & 2u) {
-            os::child_exit_events_drain(exits);
-            long pid;
-            int code;
-            while (os::reap_any_child(&pid, &code)) {
-                auto it = serial_of.find(pid);
-                if (it == serial_of.end()) continue;
-                st.serial = it->second;
-                st.code = code;
-                serial_of.erase(it);
-                if (!os::channel_write(control, &st, sizeof st, nullptr, 0)) os::exit_now(0);
-            }
-        }
-        if (ready & 1u) {
-            std::vector<os::handle_t> fds;
-            char request = 0;
-            long n = 0;
-            try {
-                n = os::channel_read(control, &request, 1, &fds, false);
-            } catch (...) {
-                n = 0;
-            }
-            if (n <= 0) os::exit_now(0);  // the parent is gone: so are we (and our workers with us)
-            for (auto fd : fds) {
-                long pid = -1;
-                std::uint64_t serial = next_serial++;
-                try {
-                    pid = os::fork_process();
-                } catch (...) {
-                }
-                if (pid == 0) {
-                    os::close_handle(control);
-                    os::child_exit_events_release(exits);
-                    run_bootstrapped_child(fd, self, ChildKind::forkserver_worker, serial);
-                }
-                if (pid > 0) serial_of[pid] = serial;
-                os::close_handle(fd);  // the worker has it (or, if the fork failed, the parent sees EOF)
-            }
-        }
-    }
-}
-
-void start_fork_server() {
-    Runtime& r = rt();
-    os::handle_t mine, theirs;
-    os::packet_pair(mine, theirs);
-    flush_stdio();
-    long parent = os::current_pid();
-    long pid;
-    try {
-        pid = os::fork_process();
-    } catch (...) {
-        os::close_handle(mine);
-        os::close_handle(theirs);
-        throw;
-    }
-    if (pid == 0) {
-        os::close_handle(mine);
-        fork_server_main(theirs, parent);
-    }
-    os::close_handle(theirs);
-    r.forkserver.control = mine;
-    r.forkserver.pid = pid;
-}
-
-/// In the child of every fork() of this process (ours, the fork server's, the
-/// user's): the parent's helpers are not ours, and the locks of per-process
-/// state may have been copied held by threads that do not exist here.
-void reset_after_fork_in_child() {
-    Runtime& r = rt();
-    Reactor::forget_after_fork();
-    ::new (r.forkserver_mutex) std::mutex();  // the forking thread may hold it (it starts fork servers)
-    os::close_handle(r.forkserver.control);
-    r.forkserver = ForkServerLink{};
-    ::new (&child_link().mutex) std::mutex();  // the channel is replaced by whoever uses it next
-}
-
-[[noreturn]] void run_forked_child(os::handle_t channel, os::handle_t parent_end, ChildTask& task,
-                                   const std::string& name, const std::string& identity,
-                                   const std::string& parent_name, long parent, Level parent_log_level) {
-    os::close_handle(parent_end);
-    if (!os::die_with_parent(parent)) os::exit_now(1);
-    adopt_child_identity(name, identity, parent_name, parent);
-    child_link().channel = channel;
-    watch_own_exit();
-    set_log_level_from_parent(parent_log_level);
-    install_log_forwarding();
-    int code = run_and_report([&](Encoder& out, std::shared_ptr<void>& keep) {
-        trace_phase(StartPhase::task_begins);
-        task.run_here(out, keep);
-    });
-    flush_stdio();
-    trace_phase(StartPhase::child_exiting);
-    os::exit_now(code);
-}
-
-}  // namespace
-}  // namespace detail
-}  // namespace mpservice
-// ---- end part: mpservice/impl/process_fork.cpp
-// ---- begin part: mpservice/impl/process_warm.cpp ----------------------------
-// process_warm: warm spawn - the spawn context keeps one child exec'd ahead
-// of demand, so that a start pays for handing over the task instead of an exec.
-//
-// A warm child is a spawned child whose BOOT has not been written yet: it is
-// made exactly as a cold one (posix_spawn of /proc/self/exe, the marker, the
-// one inherited channel, PR_SET_PDEATHSIG tied to a thread that never ends),
-// runs the library's bootstrap only - the marker checks in init(), the
-// parent-death signal, every other descriptor closed, its own build
-// fingerprint read - says HELLO and blocks reading its channel.  What it is
-// to run arrives with BOOT like any spawned child's task, and goes through the
-// same checks (protocol version, build fingerprints of the target's module).
-//
-// It is used only when it would see what a fresh spawn sees now: the parent's
-// working directory and environment at start() are compared with those it
-// was made with; any difference (a setenv, a chdir since) discards it and the
-// start spawns afresh.  The "warm spawner" thread makes the children (it is
-// their parent thread: it never ends, so their parent-death signal fires only
-// when the process dies) and reaps a warm child that died unused (no zombie
-// stays behind).  A taken child is replaced once it has ended, or after
-// replace_after at the latest: an exec (about a millisecond of CPU) made at
-// the moment of the start would compete with the child just given its task,
-// and with the parent waiting for it, on a machine with few CPUs.  Three children in a row
-// that die before saying HELLO stop it (the starts are then cold).
-
-#include <algorithm>
-#include <atomic>
-#include <condition_variable>
-#include <optional>
-#include <thread>
-
-namespace mpservice {
-
-namespace {
-std::atomic<bool> g_warm_spawn{false};
-}  // namespace
-
-namespace detail {
-namespace {
-
-/// A child exec'd ahead of demand, waiting for its BOOT.
-struct WarmChild {
-    long pid = 0;
-    os::handle_t pidfd = os::invalid_handle;
-    os::handle_t channel = os::invalid_handle;  // the parent's end
-    std::string cwd;                            // what it was made with
-    std::vector<std::string> environment;
-    bool ready = false;  // its HELLO has arrived: bootstrapped, blocked on the channel
-};
-
-class WarmSpawner {
-public:
-    /// The spawner of this process, made (with its thread) on first use.
-    static WarmSpawner& get();
-    static WarmSpawner* existing() noexcept { return g_spawner.load(std::memory_order_acquire); }
-    /// In a forked child: the parent's warm child is not ours.
-    static void forget_after_fork() noexcept;
-
-    /// The warm child, if there is one that sees what a fresh spawn would
-    /// see now; asks for the next one either way.
-    std::optional<WarmChild> take();
-    /// Discards the warm child and makes no more until the next take().
-    void stop();
-    /// The warm child's pid once it is ready, waiting up to `timeout`; 0 if none.
-    long wait_ready(std::chrono::milliseconds timeout);
-
-private:
-    WarmSpawner();
-    void loop();
-    /// Spawns a warm child (outside the lock); false if it could not be made.
-    bool make_one(WarmChild& c);
-    /// Kills and reaps children that will not be used (spawner thread).
-    static void finish(std::vector<WarmChild>& dying) noexcept;
-
-    static constexpr int max_failures = 3;
-    static constexpr std::chrono::milliseconds replace_after{20};
-    static std::atomic<WarmSpawner*> g_spawner;
-
-    os::handle_t wake_ = os::invalid_handle;
-    std::mutex mutex_;
-    std::condition_variable ready_cv_;
-    std::optional<WarmChild> child_;
-    std::vector<WarmChild> dying_;  // taken off, to be killed and reaped
-    bool wanted_ = false;
-    int failures_ = 0;
-    // The last child taken (a duplicate of its pidfd): the replacement is
-    // made when it ends or at replace_at_, whichever comes first.
-    os::handle_t taken_ = os::invalid_handle;
-    os::Deadline replace_at_{};  // children in a row that died before HELLO, or spawns that failed
-};
-
-std::atomic<WarmSpawner*> WarmSpawner::g_spawner{nullptr};
-std::mutex* g_spawner_mutex = new std::mutex;
-void* volatile g_abandoned_spawner = nullptr;  // a forked child's copy: kept reachable for leak checkers
-
-WarmSpawner& WarmSpawner::get() {
-    if (WarmSpawner* s = existing()) return *s;
-    std::lock_guard<std::mutex> lk(*g_spawner_mutex);
-    WarmSpawner* s = g_spawner.load(std::memory_order_relaxed);
-    if (!s) {
-        static const bool fork_hook = (os::at_fork_child(&WarmSpawner::forget_after_fork), true);
-        (void)fork_hook;
-        s = new WarmSpawner;  // never deleted: its thread runs until the process ends
-        g_spawner.store(s, std::memory_order_release);
-    }
-    return *s;
-}
-
-void WarmSpawner::forget_after_fork() noexcept {
-    WarmSpawner* s = g_spawner.exchange(nullptr);
-    ::new (g_spawner_mutex) std::mutex();  // the forking thread may have held it
-    if (!s) return;
-    // Single-threaded here: the spawner thread does not exist in this copy.
-    // Its descriptors are closed; the children themselves are the parent's.
-    os::close_handle(s->wake_);
-    os::close_handle(s->taken_);
-    if (s->child_) {
-        os::close_handle(s->child_->pidfd);
-        os::close_handle(s->child_->channel);
-    }
-    for (auto& d : s->dying_) {
-        os::close_handle(d.pidfd);
-        os::close_handle(d.channel);
-    }
-    g_abandoned_spawner = s;
-}
-
-WarmSpawner::WarmSpawner() : wake_(os::wake_event_create()) {
-    // A thread that lives as long as the process: a child's parent-death
-    // signal fires when the thread that made it ends.
-    std::thread([this] { loop(); }).detach();
-}
-
-std::optional<WarmChild> WarmSpawner::take() {
-    std::optional<WarmChild> c;
-    {
-        std::lock_guard<std::mutex> lk(mutex_);
-        wanted_ = true;
-        c.swap(child_);
-        if (c && taken_ == os::invalid_handle) {
-            try {
-                taken_ = os::duplicate_handle(c->pidfd);
-                replace_at_ = os::Clock::now() + replace_after;
-            } catch (...) {
-                // No descriptor to spare: the replacement is made at once.
-            }
-        }
-    }
-    os::wake_event_signal(wake_);
-    if (!c) return std::nullopt;
-    const bool alive = os::wait_readable(&c->pidfd, 1, 0) == 0;
-    // The same working directory and environment as a fresh spawn would get
-    // (an unnameable directory - deleted - never matches).
-    const bool current = alive && !c->cwd.empty() && c->cwd == os::current_directory() &&
-                         c->environment == os::environment_entries();
-    if (current) return c;
-    {
-        std::lock_guard<std::mutex> lk(mutex_);
-        dying_.push_back(std::move(*c));
-    }
-    os::wake_event_signal(wake_);
-    return std::nullopt;
-}
-
-void WarmSpawner::stop() {
-    {
-        std::lock_guard<std::mutex> lk(mutex_);
-        wanted_ = false;
-        failures_ = 0;
-        os::close_handle(taken_);
-        taken_ = os::invalid_handle;
-        if (child_) dying_.push_back(std::move(*child_));
-        child_.reset();
-    }
-    os::wake_event_signal(wake_);
-}
-
-long WarmSpawner::wait_ready(std::chrono::milliseconds timeout) {
-    std::unique_lock<std::mutex> lk(mutex_);
-    ready_cv_.wait_for(lk, timeout, [&] { return child_ && child_->ready; });
-    return child_ && child_->ready ? child_->pid : 0;
-}
-
-bool WarmSpawner::make_one(WarmChild& c) {
-    c.cwd = os::current_directory();
-    c.environment = os::environment_entries();  // given to the child as they are here
-    os::handle_t mine, theirs;
-    try {
-        os::channel_pair(mine, theirs);
-    } catch (...) {
-        return false;
-    }
-    try {
-        std::string marker = child_marker + std::to_string(theirs) + ":" + std::to_string(os::current_pid()) +
-                             warm_marker_suffix;
-        c.pid = os::spawn_self(rt().argv0, marker, theirs, &c.environment);
-    } catch (...) {
-        os::close_handle(mine);
-        os::close_handle(theirs);
-        return false;
-    }
-    os::close_handle(theirs);
-    c.channel = mine;
-    c.pidfd = os::process_handle(c.pid);
-    if (c.pidfd == os::invalid_handle) {
-        // No pidfd (an old kernel): a warm child could not be watched while it waits.
-        std::vector<WarmChild> one;
-        one.push_back(std::move(c));
-        finish(one);
-        return false;
-    }
-    return true;
-}
-
-void WarmSpawner::finish(std::vector<WarmChild>& dying) noexcept {
-    for (auto& d : dying) {
-        os::send_signal(d.pid, d.pidfd, os::signal_kill());
-        int code;
-        try {
-            os::reap_child(d.pid, d.pidfd, true, &code);  // SIGKILLed: short; ECHILD if SIGCHLD is ignored
-        } catch (...) {
-        }
-        os::close_handle(d.pidfd);
-        os::close_handle(d.channel);
-    }
-    dying.clear();
-}
-
-void WarmSpawner::loop() {
-    for (;;) {
-        try {
-            os::handle_t watch[4] = {wake_, os::invalid_handle, os::invalid_handle, os::invalid_handle};
-            int n = 1;
-            long watched = 0;
-            bool watching_hello = false;
-            int timeout_ms = -1;
-            os::handle_t taken = os::invalid_handle;
-            {
-                std::lock_guard<std::mutex> lk(mutex_);
-                if (taken_ != os::invalid_handle) {
-                    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(replace_at_ - os::Clock::now());
-                    if (left.count() > 0 && wanted_) {
-                        taken = taken_;
-                        timeout_ms = static_cast<int>(left.count()) + 1;
-                    } else {
-                        os::close_handle(taken_);  // due: the replacement is made below
-                        taken_ = os::invalid_handle;
-                    }
-                }
-                if (child_) {
-                    watched = child_->pid;
-                    watch[n++] = child_->pidfd;
-                    if (!child_->ready) {
-                        watch[n++] = child_->channel;
-                        watching_hello = true;
-                    }
-                }
-            }
-            const int taken_slot = taken != os::invalid_handle ? n : -1;
-            if (taken_slot >= 0) watch[n++] = taken;
-            const unsigned ready = os::wait_readable(watch, n, timeout_ms);
-            os::wake_event_drain(wake_);
-            std::vector<WarmChild> dying;
-            bool make = false;
-            {
-                std::lock_guard<std::mutex> lk(mutex_);
-                const bool same = child_ && child_->pid == watched;
-                if (same && (ready & 2u)) {  // died unused
-                    if (!child_->ready) ++failures_;
-                    dying_.push_back(std::move(*child_));
-                    child_.reset();
-                } else if (same && watching_hello && (ready & 4u)) {
-                    // HELLO is there (left unread: the reactor reads and skips it).
-                    child_->ready = true;
-                    failures_ = 0;
-                    ready_cv_.notify_all();
-                }
-                if (taken_slot >= 0 && taken_ == taken && (ready & (1u << taken_slot))) {
-                    os::close_handle(taken_);  // it has ended: replace it now
-                    taken_ = os::invalid_handle;
-                }
-                if (taken_ != os::invalid_handle && os::Clock::now() >= replace_at_) {
-                    os::close_handle(taken_);
-                    taken_ = os::invalid_handle;
-                }
-                dying.swap(dying_);
-                make = wanted_ && !child_ && taken_ == os::invalid_handle && failures_ < max_failures;
-            }
-            finish(dying);
-            if (!make) continue;
-            WarmChild c;
-            const bool made = make_one(c);
-            std::lock_guard<std::mutex> lk(mutex_);
-            if (!made) {
-                ++failures_;
-            } else if (wanted_ && !child_) {
-                child_ = std::move(c);
-            } else {
-                dying_.push_back(std::move(c));  // stopped meanwhile
-                os::wake_event_signal(wake_);
-            }
-        } catch (...) {
-            // Out of memory or descriptors: the starts are cold meanwhile.
-        }
-    }
-}
-
-}  // namespace
-
-long test_warm_child(std::chrono::milliseconds timeout) {
-    WarmSpawner* s = WarmSpawner::existing();
-    return s ? s->wait_ready(timeout) : 0;
-}
-
-void discard_unwanted_warm_child() noexcept {
-    if (g_warm_spawn.load(std::memory_order_relaxed)) return;  // the program keeps one anyway
-    if (WarmSpawner* s = WarmSpawner::existing()) s->stop();
-}
-
-}  // namespace detail
-
-void set_warm_spawn(bool keep_warm) {
-    g_warm_spawn.store(keep_warm, std::memory_order_relaxed);
-    if (!keep_warm)
-        if (detail::WarmSpawner* s = detail::WarmSpawner::existing()) s->stop();
-}
-
-bool warm_spawn() noexcept { return g_warm_spawn.load(std::memory_order_relaxed); }
-
-}  // namespace mpservice
-// ---- end part: mpservice/impl/process_warm.cpp
 // ---- begin part: mpservice/impl/process_core.cpp ----------------------------
 // process_core: ProcessCore (start, wait, signals) and the public process
 // functions (init, contexts, cpu_count, current/parent/active processes).
@@ -18153,6 +18272,8 @@ void test_set_fork_server_timeout(std::chrono::milliseconds timeout) noexcept {
 }
 
 namespace {
+using namespace wire;
+
 /// Calls, once in the parent before its first fork, the std::string members a
 /// forked child calls only there (adopting its name and identity, building
 /// its outcome): the C++ library's functions are bound lazily, so each one
@@ -18249,7 +18370,7 @@ void abandon_child(ProcessCore& core, Reactor& reactor) noexcept {
 }  // namespace
 
 void ProcessCore::start(Owned<ChildTask>& task) {
-    if (started() || !task) throw InvalidStateError("mpservice: " + describe(name, pid_) + " was already started");
+    if (started() || !task) throw InvalidStateError("mpservice: " + describe_process(name, pid_) + " was already started");
     trace_phase(StartPhase::start_entered);
     register_exit_announcement();  // inherited by forked children (see process_child)
     Runtime& r = rt();
@@ -18273,7 +18394,7 @@ void ProcessCore::start(Owned<ChildTask>& task) {
 
     // A warm child (process_warm.cpp) comes with its channel; any other start makes one.
     std::optional<WarmChild> warm;
-    if (method_ == StartMethod::spawn && warm_start_) warm = WarmSpawner::get().take();
+    if (method_ == StartMethod::spawn && warm_start_) warm = take_warm_child();
     os::handle_t parent_end, child_end = os::invalid_handle;
     if (warm) parent_end = warm->channel;
     else os::channel_pair(parent_end, child_end);
@@ -18340,7 +18461,7 @@ void ProcessCore::start(Owned<ChildTask>& task) {
                 // building at the fork would stay locked in the child.
                 prepare_exception_types_for_fork();
                 flush_stdio();  // or the child would write the parent's buffered output again
-                child_link();   // made here, once: in the child its first use would allocate (page faults)
+                prepare_child_link();  // made here, once: in the child its first use would allocate (page faults)
                 long parent = os::current_pid();
                 Level level = log_level();  // read here: the child must not take the logging lock
                 std::string parent_name = process_name();  // read here: in the child its first use allocates
@@ -18383,7 +18504,7 @@ void ProcessCore::start(Owned<ChildTask>& task) {
         reactor.add(shared_from_this());
     } catch (const std::system_error& e) {
         abandon_child(*this, reactor);
-        throw std::system_error(e.code(), "mpservice: could not start " + describe(name, pid) +
+        throw std::system_error(e.code(), "mpservice: could not start " + describe_process(name, pid) +
                                               " (sending its task failed; the child was killed): " + e.what());
     } catch (...) {
         abandon_child(*this, reactor);
@@ -18455,6 +18576,11 @@ void ProcessCore::release() noexcept {
         wait_until(os::no_deadline);
     } catch (...) {
     }
+}
+
+os::handle_t exit_handle_of(const ProcessCore& p) {
+    std::lock_guard<std::mutex> lk(p.io_mutex());
+    return p.io_ ? p.io_->pidfd : os::invalid_handle;  // open until the core is destroyed
 }
 
 }  // namespace detail
@@ -18975,16 +19101,6 @@ void copy_message(void* context, const unsigned char* data, std::size_t n, const
 
 // ---------------------------------------------------------------- connection_wait
 
-namespace {
-
-/// The handle that becomes readable when the process ends, or invalid.
-os::handle_t exit_handle_of(const ProcessCore& p) {
-    std::lock_guard<std::mutex> lk(p.io_mutex());
-    return p.io_ ? p.io_->pidfd : os::invalid_handle;  // open until the core is destroyed
-}
-
-}  // namespace
-
 std::vector<std::size_t> connection_wait_until(const std::vector<WaitTarget>& targets, os::Deadline deadline) {
     for (const WaitTarget& t : targets) {
         if (t.connection) {
@@ -19065,7 +19181,7 @@ std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects) {
 }  // namespace mpservice
 // ---- end part: mpservice/impl/connection.cpp
 #endif
-#if MPSERVICE_PART_(6)
+#if MPSERVICE_PART_(7)
 // ---- begin part: mpservice/impl/pool.cpp ------------------------------------
 // pool: the worker loop (child side) and PoolCore (parent side: workers,
 // dispatch, reading results - by a waiting caller or the result thread - and
@@ -20136,9 +20252,10 @@ detail::PoolWorkerBoot Codec<detail::PoolWorkerBoot>::decode(Decoder& d) {
 }  // namespace mpservice
 // ---- end part: mpservice/impl/pool.cpp
 #endif
-#if MPSERVICE_PART_(7)
-// ---- begin part: mpservice/impl/server_wire.cpp -----------------------------
-// server_wire: what a server process and its clients say to each other.
+#if MPSERVICE_PART_(8) || MPSERVICE_PART_(9)
+// ---- begin part: mpservice/impl/server_wire.hpp -----------------------------
+// server_wire.hpp: what a server process and its clients say to each other
+// (the server part and the client part both include it).
 //
 // Each client thread has one connection (a Unix stream socket) to the server,
 // served there by one thread; each client process has one more, its "main"
@@ -20359,7 +20476,9 @@ struct InvokerSet {
     std::mutex mutex;
     std::unordered_map<const void*, std::uint64_t> fns;
 };
-InvokerSet& invokers() {
+/// The identity hash of an announced invoker; 0 if `fn` is not one (server_wire.cpp).
+std::uint64_t invoker_identity(const void* fn);
+inline InvokerSet& invokers() {
     static InvokerSet* s = new InvokerSet;  // never destroyed: static initializers of any order use it
     return *s;
 }
@@ -20367,56 +20486,13 @@ InvokerSet& invokers() {
 }  // namespace server
 }  // namespace detail
 
-// ---------------------------------------------------------------- public helpers of the templates
-
-namespace detail::server {
-
-bool announce_invoker(const void* fn, const std::type_info& identity) noexcept {
-    try {
-        std::uint64_t h = type_hash(identity.name());
-        InvokerSet& s = invokers();
-        std::lock_guard<std::mutex> lk(s.mutex);
-        s.fns[fn] = h;
-    } catch (...) {
-    }
-    return true;
-}
-
-/// The identity hash of an announced invoker; 0 if `fn` is not one.
-std::uint64_t invoker_identity(const void* fn) {
-    InvokerSet& s = invokers();
-    std::lock_guard<std::mutex> lk(s.mutex);
-    auto it = s.fns.find(fn);
-    return it == s.fns.end() ? 0 : it->second;
-}
-
-std::uint64_t type_hash(const char* mangled) noexcept {
-    std::uint64_t h = 1469598103934665603ull;
-    for (const char* p = mangled; p && *p; ++p) h = (h ^ static_cast<unsigned char>(*p)) * 1099511628211ull;
-    return h;
-}
-
-void throw_wrong_type(const char* expected_mangled) {
-    throw ServerError("mpservice: the object is not a " + os::demangle(expected_mangled) +
-                      " (the proxy's class does not match the hosted object)");
-}
-
-SlotCounters slot_counters() noexcept {
-    SlotStats& s = slot_stats();
-    auto get = [](const std::atomic<std::uint64_t>& a) { return a.load(std::memory_order_relaxed); };
-    return SlotCounters{get(s.calls), get(s.spun), get(s.slept), get(s.slow), get(s.woke_server), get(s.resyncs),
-                        get(s.resynced)};
-}
-
-}  // namespace detail::server
-
-// (ServerError is one of the library's own types: in remote_exception.cpp's standard table.)
-
 }  // namespace mpservice
-// ---- end part: mpservice/impl/server_wire.cpp
-// ---- begin part: mpservice/impl/server_host.cpp -----------------------------
-// server_host: the server side - the object table, sessions and tickets, one
-// thread per connection, the slot fast path, shutdown.
+// ---- end part: mpservice/impl/server_wire.hpp
+// ---- begin part: mpservice/impl/server_host.hpp -----------------------------
+// server_host.hpp: the server side's state - the boot argument, the object
+// table, sessions and tickets - which the server part (server_host.cpp) and the
+// client part (server_client.cpp: the server's own proxies call it directly)
+// both use.
 
 namespace mpservice {
 namespace detail {
@@ -20697,9 +20773,7 @@ private:
 };
 
 /// The server of this process, if it is one.
-std::atomic<Host*> g_host{nullptr};
-
-bool host_running() noexcept { return g_host.load() != nullptr; }
+inline std::atomic<Host*> g_host{nullptr};
 
 // ---------------------------------------------------------------- requests
 
@@ -20733,6 +20807,86 @@ public:
 private:
     std::map<std::tuple<std::uint64_t, std::uint64_t, std::uint64_t>, const void*> cache_;
 };
+
+/// Whether this process is a server process, with its host running (server_host.cpp).
+bool host_running() noexcept;
+/// Runs a request; any exception becomes an error reply (server_host.cpp).
+void serve_one(Host& host, Session& session, CodeCache& codes, std::uint32_t op, const std::string& payload,
+               const std::vector<os::handle_t>& handles, Outcome& out);
+/// The target of the server process (server_host.cpp).
+void server_main(ServerBoot boot);
+/// Lets the server's own proxies call it directly (server_client.cpp).
+void install_local_link(Host& host);
+
+}  // namespace server
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/server_host.hpp
+#endif
+#if MPSERVICE_PART_(8)
+// ---- begin part: mpservice/impl/server_wire.cpp -----------------------------
+// server_wire: the out-of-line helpers the proxy templates call (announcing
+// invokers, type hashes, the wrong-type error, slot counters); the protocol
+// itself is in server_wire.hpp.
+
+namespace mpservice {
+
+// ---------------------------------------------------------------- public helpers of the templates
+
+namespace detail::server {
+
+bool announce_invoker(const void* fn, const std::type_info& identity) noexcept {
+    try {
+        std::uint64_t h = type_hash(identity.name());
+        InvokerSet& s = invokers();
+        std::lock_guard<std::mutex> lk(s.mutex);
+        s.fns[fn] = h;
+    } catch (...) {
+    }
+    return true;
+}
+
+/// The identity hash of an announced invoker; 0 if `fn` is not one.
+std::uint64_t invoker_identity(const void* fn) {
+    InvokerSet& s = invokers();
+    std::lock_guard<std::mutex> lk(s.mutex);
+    auto it = s.fns.find(fn);
+    return it == s.fns.end() ? 0 : it->second;
+}
+
+std::uint64_t type_hash(const char* mangled) noexcept {
+    std::uint64_t h = 1469598103934665603ull;
+    for (const char* p = mangled; p && *p; ++p) h = (h ^ static_cast<unsigned char>(*p)) * 1099511628211ull;
+    return h;
+}
+
+void throw_wrong_type(const char* expected_mangled) {
+    throw ServerError("mpservice: the object is not a " + os::demangle(expected_mangled) +
+                      " (the proxy's class does not match the hosted object)");
+}
+
+SlotCounters slot_counters() noexcept {
+    SlotStats& s = slot_stats();
+    auto get = [](const std::atomic<std::uint64_t>& a) { return a.load(std::memory_order_relaxed); };
+    return SlotCounters{get(s.calls), get(s.spun), get(s.slept), get(s.slow), get(s.woke_server), get(s.resyncs),
+                        get(s.resynced)};
+}
+
+}  // namespace detail::server
+
+// (ServerError is one of the library's own types: in remote_exception.cpp's standard table.)
+
+}  // namespace mpservice
+// ---- end part: mpservice/impl/server_wire.cpp
+// ---- begin part: mpservice/impl/server_host.cpp -----------------------------
+// server_host: the server side - the object table, sessions and tickets, one
+// thread per connection, the slot fast path, shutdown.
+
+namespace mpservice {
+namespace detail {
+namespace server {
+
+bool host_running() noexcept { return g_host.load() != nullptr; }
 
 /// A memory block's size and memfd, attached to a reply (create, adopt,
 /// block): whoever receives a block's proxy maps it without another round trip.
@@ -21023,8 +21177,6 @@ private:
 
 // ---------------------------------------------------------------- the server's main loop
 
-void install_local_link(Host& host);  // server_client.cpp
-
 /// The target of the server process.
 void server_main(ServerBoot boot) {
     auto* host = new Host;  // never destroyed: connection threads may outlive this function's return
@@ -21082,6 +21234,8 @@ void server_main(ServerBoot boot) {
 }  // namespace detail
 }  // namespace mpservice
 // ---- end part: mpservice/impl/server_host.cpp
+#endif
+#if MPSERVICE_PART_(9)
 // ---- begin part: mpservice/impl/server_client.cpp ---------------------------
 // server_client: the client side - links to servers (one per server per
 // process), per-thread connections with their slots, references and their

@@ -36,21 +36,27 @@
 // sure it is emitted only once per translation unit.
 //
 // It comes whole (MPSERVICE_IMPLEMENTATION) or in parts: a translation unit
-// that defines MPSERVICE_IMPLEMENTATION_PART=n (1 <= n <= 7) compiles part n
-// only.  A static library of the seven parts gives the same program, and its
-// link keeps only the parts a program uses (and each part compiles alone, in
-// parallel with the others):
-//   1 platform layer, shared memory    2 remote exceptions
-//   3 logging, threads                 4 locks, queues (shared state)
-//   5 processes, connections           6 Pool
-//   7 server process, proxies, memory blocks
+// that defines MPSERVICE_IMPLEMENTATION_PART=n (1 <= n <= MPSERVICE_IMPLEMENTATION_PARTS)
+// compiles part n only.  A static library of the parts gives the same program,
+// and its link keeps only the parts a program uses (and each part compiles
+// alone, in parallel with the others):
+//   1 platform layer, shared memory     2 remote exceptions
+//   3 logging, threads                  4 locks, queues (shared state)
+//   5 processes: the runtime, the       6 processes: the parent's side
+//     child's side, the fork server,      (output capture, the reactor,
+//     the warm spawner                    Process objects), connections
+//   7 Pool                              8 server process: the host
+//   9 server process: clients, proxies, memory blocks
+// Parts are cut so that each compiles in a few seconds.  The count is here,
+// once: the CMake build, the tools and the benches read it.
+#define MPSERVICE_IMPLEMENTATION_PARTS 9
 #if defined(MPSERVICE_IMPLEMENTATION) && !defined(MPSERVICE_IMPLEMENTATION_PART)
 #define MPSERVICE_IMPLEMENTATION_PART 0  // 0: every part
 #endif
 #if defined(MPSERVICE_IMPLEMENTATION_PART) && !defined(MPSERVICE_IMPLEMENTATION_INCLUDED)
 #define MPSERVICE_IMPLEMENTATION_INCLUDED
-#if MPSERVICE_IMPLEMENTATION_PART < 0 || MPSERVICE_IMPLEMENTATION_PART > 7
-#error "MPSERVICE_IMPLEMENTATION_PART must be 1..7 (or undefined, with MPSERVICE_IMPLEMENTATION: every part)"
+#if MPSERVICE_IMPLEMENTATION_PART < 0 || MPSERVICE_IMPLEMENTATION_PART > MPSERVICE_IMPLEMENTATION_PARTS
+#error "MPSERVICE_IMPLEMENTATION_PART must be 1..MPSERVICE_IMPLEMENTATION_PARTS (or undefined, with MPSERVICE_IMPLEMENTATION: every part)"
 #endif
 #define MPSERVICE_PART_(n) (MPSERVICE_IMPLEMENTATION_PART == 0 || MPSERVICE_IMPLEMENTATION_PART == n)
 
@@ -76,22 +82,33 @@
 #include "mpservice/impl/synchronize.cpp"
 #include "mpservice/impl/queues.cpp"
 #endif
+#if MPSERVICE_PART_(5) || MPSERVICE_PART_(6)
+#include "mpservice/impl/process_internal.hpp"  // what parts 5 and 6 share
+#endif
 #if MPSERVICE_PART_(5)
 #include "mpservice/impl/process_runtime.cpp"
-#include "mpservice/impl/process_output.cpp"
 #include "mpservice/impl/process_child.cpp"
-#include "mpservice/impl/process_reactor.cpp"
 #include "mpservice/impl/process_fork.cpp"
 #include "mpservice/impl/process_warm.cpp"
+#endif
+#if MPSERVICE_PART_(6)
+#include "mpservice/impl/process_output.cpp"
+#include "mpservice/impl/process_reactor.cpp"
 #include "mpservice/impl/process_core.cpp"
 #include "mpservice/impl/connection.cpp"
 #endif
-#if MPSERVICE_PART_(6)
+#if MPSERVICE_PART_(7)
 #include "mpservice/impl/pool.cpp"
 #endif
-#if MPSERVICE_PART_(7)
+#if MPSERVICE_PART_(8) || MPSERVICE_PART_(9)
+#include "mpservice/impl/server_wire.hpp"  // what parts 8 and 9 share
+#include "mpservice/impl/server_host.hpp"
+#endif
+#if MPSERVICE_PART_(8)
 #include "mpservice/impl/server_wire.cpp"
 #include "mpservice/impl/server_host.cpp"
+#endif
+#if MPSERVICE_PART_(9)
 #include "mpservice/impl/server_client.cpp"
 #endif
 

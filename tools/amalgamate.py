@@ -43,15 +43,15 @@ BANNER = """\
 //   to compile the implementation there.  Link with -pthread -ldl.  Call
 //   mpservice::init(argc, argv) first in main(): a spawned child runs its task
 //   inside it and never returns.
-//   Or compile it in parts: seven .cpp files, the n-th with
-//       #define MPSERVICE_IMPLEMENTATION_PART n    (n = 1..7)
+//   Or compile it in parts: PARTS .cpp files, the n-th with
+//       #define MPSERVICE_IMPLEMENTATION_PART n    (n = 1..PARTS)
 //       #include "mpservice.hpp"
 //   made into a static library (CMake: link mpservice::parts).  The linker then
 //   keeps only the parts the program uses, and the parts compile in parallel.
 //
 // Configuration macros (define before the include)
 //   MPSERVICE_IMPLEMENTATION  emit the implementation in this translation unit
-//   MPSERVICE_IMPLEMENTATION_PART  1..7: emit only that part of it
+//   MPSERVICE_IMPLEMENTATION_PART  1..PARTS: emit only that part of it
 //   MPSERVICE_NO_THROW_HOOK   leave out the __cxa_throw hook that records throw
 //                             sites (tracebacks then show where the exception
 //                             was sent from); only matters with the implementation
@@ -112,7 +112,11 @@ def render() -> str:
     Amalgamator().expand(UMBRELLA, out)
     text = "\n".join(out)
     text = re.sub(r"\n{3,}", "\n\n", text)  # parts joined: no long runs of blank lines
-    return BANNER + "\n" + text.strip("\n") + "\n"
+    parts = re.search(r"^#define MPSERVICE_IMPLEMENTATION_PARTS (\d+)$", text, re.M)
+    if not parts:
+        sys.exit("amalgamate: the umbrella header does not define MPSERVICE_IMPLEMENTATION_PARTS")
+    banner = BANNER.replace("PARTS", parts.group(1))  # the count is written once, in the umbrella
+    return banner + "\n" + text.strip("\n") + "\n"
 
 
 def main():

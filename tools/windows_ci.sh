@@ -71,7 +71,9 @@ compile() {  # compile SRC OBJ: one translation unit (unless up to date); its er
   $CXXW $FLAGS_STR -c "$1" -o "$2" 2>"$2.err" || { echo "windows_ci: compile FAILED: $1"; return 1; }
 }
 export -f compile
-for n in 1 2 3 4 5 6 7; do  # the parts' sources, from CMake's template (rewritten only when changed)
+PARTS=$(sed -n 's/^#define MPSERVICE_IMPLEMENTATION_PARTS \([0-9]*\)$/\1/p' "$ROOT/mpservice.hpp")
+[ -n "$PARTS" ] || { echo "windows_ci: mpservice.hpp does not define MPSERVICE_IMPLEMENTATION_PARTS"; exit 1; }
+for n in $(seq 1 "$PARTS"); do  # the parts' sources, from CMake's template (rewritten only when changed)
   sed "s/@part@/$n/g" cmake/mpservice_part.cpp.in >"$B/obj/part$n.cpp.new"
   cmp -s "$B/obj/part$n.cpp.new" "$B/obj/part$n.cpp" && rm "$B/obj/part$n.cpp.new" || mv "$B/obj/part$n.cpp.new" "$B/obj/part$n.cpp"
 done
@@ -81,8 +83,8 @@ echo "windows_ci: compiling with $CXXW ($JOBS at a time)"
   echo "tests/main.cpp $B/obj/main.o"
   for s in $SUITES; do echo "tests/$s.cpp $B/obj/$s.o"; done
   for e in $EXAMPLES; do echo "$e $B/obj/example_$(basename "$e" .cpp).o"; done
-  # The implementation's seven parts (MPSERVICE_IMPLEMENTATION_PART), for the examples.
-  if [ -n "$EXAMPLES" ]; then for n in 1 2 3 4 5 6 7; do echo "$B/obj/part$n.cpp $B/obj/part$n.o"; done; fi
+  # The implementation's parts (MPSERVICE_IMPLEMENTATION_PART), for the examples.
+  if [ -n "$EXAMPLES" ]; then for n in $(seq 1 "$PARTS"); do echo "$B/obj/part$n.cpp $B/obj/part$n.o"; done; fi
 } | nice -n 10 xargs -P "$JOBS" -L 1 bash -c 'compile "$0" "$1"'
 
 link() {  # link EXE OBJ...
@@ -96,7 +98,7 @@ for s in $SUITES; do
 done
 if [ -n "$EXAMPLES" ]; then
   rm -f "$B/obj/libparts.a"
-  x86_64-w64-mingw32-ar rcs "$B/obj/libparts.a" "$B"/obj/part[1-7].o
+  x86_64-w64-mingw32-ar rcs "$B/obj/libparts.a" $(for n in $(seq 1 "$PARTS"); do echo "$B/obj/part$n.o"; done)
 fi
 for e in $EXAMPLES; do
   n=example_$(basename "$e" .cpp)

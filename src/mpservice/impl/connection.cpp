@@ -346,16 +346,6 @@ void copy_message(void* context, const unsigned char* data, std::size_t n, const
 
 // ---------------------------------------------------------------- connection_wait
 
-namespace {
-
-/// The handle that becomes readable when the process ends, or invalid.
-os::handle_t exit_handle_of(const ProcessCore& p) {
-    std::lock_guard<std::mutex> lk(p.io_mutex());
-    return p.io_ ? p.io_->pidfd : os::invalid_handle;  // open until the core is destroyed
-}
-
-}  // namespace
-
 std::vector<std::size_t> connection_wait_until(const std::vector<WaitTarget>& targets, os::Deadline deadline) {
     for (const WaitTarget& t : targets) {
         if (t.connection) {

@@ -19,6 +19,7 @@
 namespace mpservice {
 namespace detail {
 namespace {
+using namespace wire;
 
 // ---------------------------------------------------------------- the child side
 
@@ -55,10 +56,6 @@ void install_log_forwarding() {
     });
 }
 
-// Defined with the reactor: what a normal exit does for this process's own
-// children (daemons are terminated, the others waited for).
-void at_exit_handler();
-
 // ---- a child that ends by exit(n) itself announces n
 // When SIGCHLD is ignored, or another waitpid() takes the status, the kernel
 // cannot tell the parent how a child ended.  A child that returns or throws
@@ -83,10 +80,14 @@ void announce_exit_status(int status) noexcept {
     }
 }
 
-/// Registers announce_exit_status with the C library (once per program).  The
-/// parent calls it before it forks: registering takes the C library's exit
-/// lock, which a forked child of a threaded parent must never need.
+}  // namespace
+
+// Registers announce_exit_status with the C library (once per program).  The
+// parent calls it before it forks: registering takes the C library's exit
+// lock, which a forked child of a threaded parent must never need.
 void register_exit_announcement() noexcept { os::on_exit_status(&announce_exit_status); }
+
+namespace {
 
 /// Called once the channel to the parent is set up in this process.
 void watch_own_exit() noexcept {
@@ -207,6 +208,8 @@ struct ParentPresent {
     std::vector<std::string> environment;
 };
 
+}  // namespace
+
 void encode_parent_present(Encoder& e, StartMethod child_method) {
     ParentPresent p;
     std::string method = get_start_method(true);
@@ -219,6 +222,8 @@ void encode_parent_present(Encoder& e, StartMethod child_method) {
     e(p.start_method, p.has_environment);
     if (p.has_environment) e(p.cwd, p.environment);
 }
+
+namespace {
 
 ParentPresent decode_parent_present(Decoder& d) {
     ParentPresent p;
@@ -238,15 +243,12 @@ void adopt_parent_present(const ParentPresent& p) {
         throw Error("mpservice: the fork-server worker cannot enter the parent's working directory '" + p.cwd + "'");
 }
 
-enum class ChildKind {
-    spawned,            ///< exec'd for one start: BOOT is on its way
-    warm_spawned,       ///< exec'd ahead of demand (process_warm.cpp): says HELLO, then waits for BOOT
-    forkserver_worker,  ///< forked by the fork server
-};
+}  // namespace
 
-/// A spawned child or a fork-server worker: reads BOOT, runs the target, reports, exits.
+void prepare_child_link() { (void)child_link(); }
+
 [[noreturn]] void run_bootstrapped_child(os::handle_t channel, long expected_parent, ChildKind kind,
-                                         std::uint64_t serial = 0) {
+                                         std::uint64_t serial) {
     if (!os::die_with_parent(expected_parent)) os::exit_now(1);
     if (kind != ChildKind::forkserver_worker) os::close_handles_except(channel);
     child_link().channel = channel;
@@ -326,6 +328,5 @@ enum class ChildKind {
     os::exit_now(code);
 }
 
-}  // namespace
 }  // namespace detail
 }  // namespace mpservice

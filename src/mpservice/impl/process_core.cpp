@@ -49,6 +49,8 @@ void test_set_fork_server_timeout(std::chrono::milliseconds timeout) noexcept {
 }
 
 namespace {
+using namespace wire;
+
 /// Calls, once in the parent before its first fork, the std::string members a
 /// forked child calls only there (adopting its name and identity, building
 /// its outcome): the C++ library's functions are bound lazily, so each one
@@ -145,7 +147,7 @@ void abandon_child(ProcessCore& core, Reactor& reactor) noexcept {
 }  // namespace
 
 void ProcessCore::start(Owned<ChildTask>& task) {
-    if (started() || !task) throw InvalidStateError("mpservice: " + describe(name, pid_) + " was already started");
+    if (started() || !task) throw InvalidStateError("mpservice: " + describe_process(name, pid_) + " was already started");
     trace_phase(StartPhase::start_entered);
     register_exit_announcement();  // inherited by forked children (see process_child)
     Runtime& r = rt();
@@ -169,7 +171,7 @@ void ProcessCore::start(Owned<ChildTask>& task) {
 
     // A warm child (process_warm.cpp) comes with its channel; any other start makes one.
     std::optional<WarmChild> warm;
-    if (method_ == StartMethod::spawn && warm_start_) warm = WarmSpawner::get().take();
+    if (method_ == StartMethod::spawn && warm_start_) warm = take_warm_child();
     os::handle_t parent_end, child_end = os::invalid_handle;
     if (warm) parent_end = warm->channel;
     else os::channel_pair(parent_end, child_end);
@@ -236,7 +238,7 @@ void ProcessCore::start(Owned<ChildTask>& task) {
                 // building at the fork would stay locked in the child.
                 prepare_exception_types_for_fork();
                 flush_stdio();  // or the child would write the parent's buffered output again
-                child_link();   // made here, once: in the child its first use would allocate (page faults)
+                prepare_child_link();  // made here, once: in the child its first use would allocate (page faults)
                 long parent = os::current_pid();
                 Level level = log_level();  // read here: the child must not take the logging lock
                 std::string parent_name = process_name();  // read here: in the child its first use allocates
@@ -279,7 +281,7 @@ void ProcessCore::start(Owned<ChildTask>& task) {
         reactor.add(shared_from_this());
     } catch (const std::system_error& e) {
         abandon_child(*this, reactor);
-        throw std::system_error(e.code(), "mpservice: could not start " + describe(name, pid) +
+        throw std::system_error(e.code(), "mpservice: could not start " + describe_process(name, pid) +
                                               " (sending its task failed; the child was killed): " + e.what());
     } catch (...) {
         abandon_child(*this, reactor);
@@ -351,6 +353,11 @@ void ProcessCore::release() noexcept {
         wait_until(os::no_deadline);
     } catch (...) {
     }
+}
+
+os::handle_t exit_handle_of(const ProcessCore& p) {
+    std::lock_guard<std::mutex> lk(p.io_mutex());
+    return p.io_ ? p.io_->pidfd : os::invalid_handle;  // open until the core is destroyed
 }
 
 }  // namespace detail

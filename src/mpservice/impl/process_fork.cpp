@@ -19,6 +19,7 @@
 namespace mpservice {
 namespace detail {
 namespace {
+using namespace wire;
 
 // ---------------------------------------------------------------- the fork server
 
@@ -75,6 +76,8 @@ namespace {
     }
 }
 
+}  // namespace
+
 void start_fork_server() {
     Runtime& r = rt();
     os::handle_t mine, theirs;
@@ -98,17 +101,21 @@ void start_fork_server() {
     r.forkserver.pid = pid;
 }
 
+namespace {
+
 /// In the child of every fork() of this process (ours, the fork server's, the
 /// user's): the parent's helpers are not ours, and the locks of per-process
 /// state may have been copied held by threads that do not exist here.
 void reset_after_fork_in_child() {
     Runtime& r = rt();
-    Reactor::forget_after_fork();
+    forget_reactor_after_fork();
     ::new (r.forkserver_mutex) std::mutex();  // the forking thread may hold it (it starts fork servers)
     os::close_handle(r.forkserver.control);
     r.forkserver = ForkServerLink{};
     ::new (&child_link().mutex) std::mutex();  // the channel is replaced by whoever uses it next
 }
+
+}  // namespace
 
 [[noreturn]] void run_forked_child(os::handle_t channel, os::handle_t parent_end, ChildTask& task,
                                    const std::string& name, const std::string& identity,
@@ -129,6 +136,5 @@ void reset_after_fork_in_child() {
     os::exit_now(code);
 }
 
-}  // namespace
 }  // namespace detail
 }  // namespace mpservice

@@ -311,8 +311,9 @@ private:
     bool committed_ = false;
 };
 
-/// In a spawn or fork-server child, reading BOOT: the counterpart of
-/// OutputCapture::encode.  The handles belong to BOOT (closed with it).
+}  // namespace
+
+// The handles belong to BOOT (closed with it).
 void adopt_forwarded_output(Decoder& d) {
     bool forward = d.read<bool>();
     if (!forward) return;
@@ -321,6 +322,5 @@ void adopt_forwarded_output(Decoder& d) {
     os::redirect_standard_output(d.handle(out), d.handle(err));
 }
 
-}  // namespace
 }  // namespace detail
 }  // namespace mpservice

@@ -39,6 +39,7 @@ struct ProcessCore::Io {
 };
 
 namespace {
+using namespace wire;
 
 class Reactor {
 public:
@@ -120,8 +121,6 @@ private:
 
 std::atomic<Reactor*> g_reactor{nullptr};
 std::mutex* g_reactor_mutex = new std::mutex;
-
-void at_exit_handler();
 
 Reactor& Reactor::get() {
     Reactor* r = g_reactor.load(std::memory_order_acquire);
@@ -511,7 +510,7 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int
         if (io.via_server) server_serials_.erase(io.serial);
     }
     std::exception_ptr error = io.exception, result_error;
-    std::string who = describe(core->name, core->pid_);
+    std::string who = describe_process(core->name, core->pid_);
     if (status_lost && !error && !core->has_value_) {
         error = std::make_exception_ptr(ProcessError(
             who + " ended without reporting an outcome, and its exit status was collected by someone else "
@@ -545,6 +544,8 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int
     trace_phase(StartPhase::resolved);
 }
 
+}  // namespace
+
 void at_exit_handler() {
     Reactor* r = g_reactor.load();
     if (!r || !r->owned_by_this_process()) return;
@@ -555,7 +556,7 @@ void at_exit_handler() {
     for (auto& c : children) c->wait_until(os::no_deadline);
 }
 
-}  // namespace
+void forget_reactor_after_fork() noexcept { Reactor::forget_after_fork(); }
 
 void test_reactor_barrier() {
     if (g_reactor.load(std::memory_order_acquire)) Reactor::get().barrier();

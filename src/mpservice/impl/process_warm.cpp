@@ -36,16 +36,7 @@ std::atomic<bool> g_warm_spawn{false};
 
 namespace detail {
 namespace {
-
-/// A child exec'd ahead of demand, waiting for its BOOT.
-struct WarmChild {
-    long pid = 0;
-    os::handle_t pidfd = os::invalid_handle;
-    os::handle_t channel = os::invalid_handle;  // the parent's end
-    std::string cwd;                            // what it was made with
-    std::vector<std::string> environment;
-    bool ready = false;  // its HELLO has arrived: bootstrapped, blocked on the channel
-};
+using namespace wire;
 
 class WarmSpawner {
 public:
@@ -305,6 +296,8 @@ void WarmSpawner::loop() {
 }
 
 }  // namespace
+
+std::optional<WarmChild> take_warm_child() { return WarmSpawner::get().take(); }
 
 long test_warm_child(std::chrono::milliseconds timeout) {
     WarmSpawner* s = WarmSpawner::existing();
