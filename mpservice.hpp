@@ -1690,6 +1690,11 @@ struct ForkLock {
     int rank;
 };
 MPSERVICE_API void at_fork_protect(const ForkLock& lock) noexcept;
+/// Whether the C++ allocator can be used in a fork child whose parent had other
+/// threads allocating: false only under an AddressSanitizer runtime that keeps
+/// its allocator's locks across fork() unguarded and whose locks this library
+/// cannot reach (os_posix.cpp: before LLVM 18, linked as a shared library).
+MPSERVICE_API bool allocator_fork_safe() noexcept;
 /// at_fork_protect for a std::mutex or std::recursive_mutex that lives for
 /// the rest of the process.  Register a lock before any thread can take it
 /// (at static initialization): a registration racing a fork cannot protect.
@@ -8971,9 +8976,15 @@ LockResult lock_result(int rc, const char* what) {
 #if __has_feature(thread_sanitizer)
 #define MPSERVICE_TSAN 1
 #endif
+#if __has_feature(address_sanitizer)
+#define MPSERVICE_DETAIL_ASAN 1
+#endif
 #endif
 #if defined(__SANITIZE_THREAD__)
 #define MPSERVICE_TSAN 1
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+#define MPSERVICE_DETAIL_ASAN 1
 #endif
 // Both compilers ship the annotation interface with their TSan runtime.
 #if defined(MPSERVICE_TSAN)
@@ -9867,9 +9878,66 @@ void fork_child() noexcept {
 }
 }  // namespace
 
+// ---- AddressSanitizer's allocator across fork()
+// AddressSanitizer before LLVM 18 takes none of its own locks around fork(): a
+// child forked while another thread of the parent was inside malloc (refilling
+// its cache of one size class) finds that size class's lock copied held, and
+// its own first malloc of that size waits for ever (llvm-project issue 63224,
+// fixed by the runtime's own fork handlers in LLVM 18).  A parent with a
+// reactor thread hits it.  Where clang linked the runtime into the program
+// (its default), the runtime's lock functions are reachable, and a fork is
+// bracketed with them as LLVM 18's handlers do: the thread registry (a child
+// makes threads) and the allocator.  (Not the stack depot's million bucket
+// locks, which LLVM 18 takes too: 5 ms a fork, for a lock a child meets only if
+// its first new stack lands in the one bucket a parent thread was filling.)
+// With a shared runtime the weak references stay null and nothing changes.
+// Registered before the fork locks' handlers, so its prepare runs last
+// (nothing allocates after it) and its parent and child handlers first.
+#if defined(MPSERVICE_DETAIL_ASAN) && defined(__clang__) && defined(__linux__) && __clang_major__ < 18
+}  // namespace mpservice::detail::os
+namespace __lsan {  // the runtime's own names (hidden: reachable only from a static link)
+[[gnu::weak]] void LockThreadRegistry();
+[[gnu::weak]] void UnlockThreadRegistry();
+[[gnu::weak]] void LockAllocator();
+[[gnu::weak]] void UnlockAllocator();
+}  // namespace __lsan
+namespace mpservice::detail::os {
+namespace {
+bool sanitizer_fork_locks_reachable() noexcept {
+    return &__lsan::LockThreadRegistry && &__lsan::UnlockThreadRegistry && &__lsan::LockAllocator &&
+           &__lsan::UnlockAllocator;
+}
+void sanitizer_before_fork() noexcept {
+    __lsan::LockThreadRegistry();
+    __lsan::LockAllocator();
+}
+void sanitizer_after_fork() noexcept {
+    __lsan::UnlockAllocator();
+    __lsan::UnlockThreadRegistry();
+}
+void register_sanitizer_fork_handlers() noexcept {
+    if (sanitizer_fork_locks_reachable())
+        ::pthread_atfork(&sanitizer_before_fork, &sanitizer_after_fork, &sanitizer_after_fork);
+}
+}  // namespace
+bool allocator_fork_safe() noexcept { return sanitizer_fork_locks_reachable(); }
+#else
+namespace {
+void register_sanitizer_fork_handlers() noexcept {}
+}  // namespace
+#if defined(MPSERVICE_DETAIL_ASAN) && (!defined(__clang__) || __clang_major__ < 18)
+bool allocator_fork_safe() noexcept { return false; }  // g++'s libasan (a shared library: its locks are hidden)
+#else
+bool allocator_fork_safe() noexcept { return true; }
+#endif
+#endif
+
 void at_fork_protect(const ForkLock& lock) noexcept {
     fork_locks_acquire_table();
-    if (g_fork_lock_count == 0) ::pthread_atfork(&fork_prepare, &fork_parent, &fork_child);
+    if (g_fork_lock_count == 0) {
+        register_sanitizer_fork_handlers();
+        ::pthread_atfork(&fork_prepare, &fork_parent, &fork_child);
+    }
     if (g_fork_lock_count < kMaxForkLocks) {
         // Kept sorted by rank: the outer locks are taken first.
         int i = g_fork_lock_count++;
@@ -12460,6 +12528,7 @@ std::atomic<bool> g_line_lookup{true};
 }  // namespace
 
 bool throw_hook_active() noexcept { return false; }
+bool allocator_fork_safe() noexcept { return true; }  // no fork() here
 void set_throw_site_capture(bool) noexcept {}
 int throw_site_stack(const void*, const std::type_info*, void**, int) noexcept { return 0; }
 
@@ -12627,16 +12696,11 @@ const void* exception_object(const std::exception_ptr& e) noexcept {
 
 extern char** environ;
 
+// MPSERVICE_DETAIL_ASAN: defined by os_posix.cpp, which comes first.
 #if defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define MPSERVICE_DETAIL_ASAN 1
-#endif
 #if __has_feature(memory_sanitizer)
 #define MPSERVICE_DETAIL_MSAN 1
 #endif
-#endif
-#if defined(__SANITIZE_ADDRESS__)
-#define MPSERVICE_DETAIL_ASAN 1
 #endif
 #if !defined(MPSERVICE_NO_THROW_HOOK) && !defined(MPSERVICE_DETAIL_MSAN) && defined(__GLIBC__)
 #define MPSERVICE_DETAIL_THROW_HOOK 1

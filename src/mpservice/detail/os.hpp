@@ -372,6 +372,11 @@ struct ForkLock {
     int rank;
 };
 MPSERVICE_API void at_fork_protect(const ForkLock& lock) noexcept;
+/// Whether the C++ allocator can be used in a fork child whose parent had other
+/// threads allocating: false only under an AddressSanitizer runtime that keeps
+/// its allocator's locks across fork() unguarded and whose locks this library
+/// cannot reach (os_posix.cpp: before LLVM 18, linked as a shared library).
+MPSERVICE_API bool allocator_fork_safe() noexcept;
 /// at_fork_protect for a std::mutex or std::recursive_mutex that lives for
 /// the rest of the process.  Register a lock before any thread can take it
 /// (at static initialization): a registration racing a fork cannot protect.

@@ -162,9 +162,15 @@ LockResult lock_result(int rc, const char* what) {
 #if __has_feature(thread_sanitizer)
 #define MPSERVICE_TSAN 1
 #endif
+#if __has_feature(address_sanitizer)
+#define MPSERVICE_DETAIL_ASAN 1
+#endif
 #endif
 #if defined(__SANITIZE_THREAD__)
 #define MPSERVICE_TSAN 1
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+#define MPSERVICE_DETAIL_ASAN 1
 #endif
 // Both compilers ship the annotation interface with their TSan runtime.
 #if defined(MPSERVICE_TSAN)
@@ -1058,9 +1064,66 @@ void fork_child() noexcept {
 }
 }  // namespace
 
+// ---- AddressSanitizer's allocator across fork()
+// AddressSanitizer before LLVM 18 takes none of its own locks around fork(): a
+// child forked while another thread of the parent was inside malloc (refilling
+// its cache of one size class) finds that size class's lock copied held, and
+// its own first malloc of that size waits for ever (llvm-project issue 63224,
+// fixed by the runtime's own fork handlers in LLVM 18).  A parent with a
+// reactor thread hits it.  Where clang linked the runtime into the program
+// (its default), the runtime's lock functions are reachable, and a fork is
+// bracketed with them as LLVM 18's handlers do: the thread registry (a child
+// makes threads) and the allocator.  (Not the stack depot's million bucket
+// locks, which LLVM 18 takes too: 5 ms a fork, for a lock a child meets only if
+// its first new stack lands in the one bucket a parent thread was filling.)
+// With a shared runtime the weak references stay null and nothing changes.
+// Registered before the fork locks' handlers, so its prepare runs last
+// (nothing allocates after it) and its parent and child handlers first.
+#if defined(MPSERVICE_DETAIL_ASAN) && defined(__clang__) && defined(__linux__) && __clang_major__ < 18
+}  // namespace mpservice::detail::os
+namespace __lsan {  // the runtime's own names (hidden: reachable only from a static link)
+[[gnu::weak]] void LockThreadRegistry();
+[[gnu::weak]] void UnlockThreadRegistry();
+[[gnu::weak]] void LockAllocator();
+[[gnu::weak]] void UnlockAllocator();
+}  // namespace __lsan
+namespace mpservice::detail::os {
+namespace {
+bool sanitizer_fork_locks_reachable() noexcept {
+    return &__lsan::LockThreadRegistry && &__lsan::UnlockThreadRegistry && &__lsan::LockAllocator &&
+           &__lsan::UnlockAllocator;
+}
+void sanitizer_before_fork() noexcept {
+    __lsan::LockThreadRegistry();
+    __lsan::LockAllocator();
+}
+void sanitizer_after_fork() noexcept {
+    __lsan::UnlockAllocator();
+    __lsan::UnlockThreadRegistry();
+}
+void register_sanitizer_fork_handlers() noexcept {
+    if (sanitizer_fork_locks_reachable())
+        ::pthread_atfork(&sanitizer_before_fork, &sanitizer_after_fork, &sanitizer_after_fork);
+}
+}  // namespace
+bool allocator_fork_safe() noexcept { return sanitizer_fork_locks_reachable(); }
+#else
+namespace {
+void register_sanitizer_fork_handlers() noexcept {}
+}  // namespace
+#if defined(MPSERVICE_DETAIL_ASAN) && (!defined(__clang__) || __clang_major__ < 18)
+bool allocator_fork_safe() noexcept { return false; }  // g++'s libasan (a shared library: its locks are hidden)
+#else
+bool allocator_fork_safe() noexcept { return true; }
+#endif
+#endif
+
 void at_fork_protect(const ForkLock& lock) noexcept {
     fork_locks_acquire_table();
-    if (g_fork_lock_count == 0) ::pthread_atfork(&fork_prepare, &fork_parent, &fork_child);
+    if (g_fork_lock_count == 0) {
+        register_sanitizer_fork_handlers();
+        ::pthread_atfork(&fork_prepare, &fork_parent, &fork_child);
+    }
     if (g_fork_lock_count < kMaxForkLocks) {
         // Kept sorted by rank: the outer locks are taken first.
         int i = g_fork_lock_count++;

@@ -61,16 +61,11 @@
 
 extern char** environ;
 
+// MPSERVICE_DETAIL_ASAN: defined by os_posix.cpp, which comes first.
 #if defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define MPSERVICE_DETAIL_ASAN 1
-#endif
 #if __has_feature(memory_sanitizer)
 #define MPSERVICE_DETAIL_MSAN 1
 #endif
-#endif
-#if defined(__SANITIZE_ADDRESS__)
-#define MPSERVICE_DETAIL_ASAN 1
 #endif
 #if !defined(MPSERVICE_NO_THROW_HOOK) && !defined(MPSERVICE_DETAIL_MSAN) && defined(__GLIBC__)
 #define MPSERVICE_DETAIL_THROW_HOOK 1

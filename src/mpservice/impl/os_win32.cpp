@@ -2177,6 +2177,7 @@ std::atomic<bool> g_line_lookup{true};
 }  // namespace
 
 bool throw_hook_active() noexcept { return false; }
+bool allocator_fork_safe() noexcept { return true; }  // no fork() here
 void set_throw_site_capture(bool) noexcept {}
 int throw_site_stack(const void*, const std::type_info*, void**, int) noexcept { return 0; }
 
