@@ -24,7 +24,6 @@
 
 #include "fork_helpers.hpp"
 #include "mpservice.hpp"
-#include "sanitizers.hpp"
 
 namespace mp = mpservice;
 using namespace std::chrono_literals;
@@ -232,16 +231,8 @@ TEST_CASE("forwarding is off by default, per process and program-wide") {
 TEST_CASE_TEMPLATE("4 children writing 10 KB lines at once: every line arrives whole, tagged, in order, none lost",
                    Ctx, CONTEXTS) {
     INFO(ctx_name<Ctx>());
-    if (!mp::detail::os::allocator_fork_safe() && Ctx{}.start_method() == mp::StartMethod::fork) {
-        // An ASan allocator that is not fork-safe (before LLVM 18, its locks
-        // out of the library's reach): forking 4 children while the parent's
-        // forwarding threads allocate, a child can inherit ASan's allocator
-        // lock held and wait for it forever in operator new (seen in CI,
-        // confirmed with gdb: __sanitizer::SizeClassAllocator64 in the child).
-        // Spawn and fork server still run here.
-        MESSAGE("skipped under AddressSanitizer: fork of a threaded parent can inherit ASan's allocator lock held");
-        return;
-    }
+    // The parent's forwarding threads allocate while the 4 children are forked.
+    if (forktest::skip_fork_of_threaded_parent(Ctx{}.start_method() == mp::StartMethod::fork)) return;
     constexpr int children = 4, lines = 150, len = 10 * 1024;
     Collector got;
     std::vector<std::unique_ptr<mp::Process<int>>> ps;

@@ -43,7 +43,6 @@ extern char** environ;
 
 #include "fork_helpers.hpp"  // forktest::posix_only, fork_only, self_pid, killed
 #include "mpservice.hpp"
-#include "sanitizers.hpp"
 
 namespace mp = mpservice;
 
@@ -660,15 +659,8 @@ struct SeenRecord {
 
 TEST_CASE_TEMPLATE("issue 8.8: records of every descendant go through the top parent's level, format and handler", Ctx,
                    CONTEXTS) {
-    if (!mp::detail::os::allocator_fork_safe() && Ctx{}.start_method() == mp::StartMethod::fork) {
-        // An ASan allocator that is not fork-safe (before LLVM 18, its locks
-        // out of the library's reach): a fork child of a threaded process can
-        // inherit its lock held by another thread, and the child's own reactor
-        // thread then waits forever for it (seen in CI).  The spawn and
-        // fork-server variants still run here.
-        MESSAGE("skipped under AddressSanitizer: fork of a threaded parent can inherit ASan's allocator lock held");
-        return;
-    }
+    // Each forked descendant has a reactor thread when it forks the next.
+    if (forktest::skip_fork_of_threaded_parent(Ctx{}.start_method() == mp::StartMethod::fork)) return;
     std::mutex m;
     std::vector<SeenRecord> seen;
     mp::set_log_level(mp::Level::debug);
@@ -721,13 +713,7 @@ int rethrow_from_another_thread(int) { std::rethrow_exception(g_thrown_by_anothe
 
 TEST_CASE("issue 8.12: fork children never deadlock on a lock another parent thread held (symbolizer, registry)" *
           forktest::fork_only) {
-    if (!mp::detail::os::allocator_fork_safe()) {
-        // Parent threads allocate all the time while children are forked: an
-        // ASan allocator that is not fork-safe and out of the library's reach
-        // lets a child inherit its lock held and hang in malloc.
-        MESSAGE("skipped under AddressSanitizer: its allocator's lock is not reset in a fork child");
-        return;
-    }
+    if (forktest::skip_fork_of_threaded_parent()) return;  // the churning threads allocate all the time
     // Two threads encode exceptions in a loop - the exception registry's lock
     // and the symbolizer's locks are taken and released all the time - while
     // children are forked that throw, so that they symbolize too.
@@ -824,10 +810,7 @@ TEST_CASE("issue 8.12: fork children of a parent whose other thread allocates wi
     // them around fork(), and so does the library for AddressSanitizer's
     // allocator before LLVM 18 (os_posix.cpp), which does not.  Without that,
     // under clang 14's ASan, one of the first few children hung in operator new.
-    if (!mp::detail::os::allocator_fork_safe()) {
-        MESSAGE("skipped: this AddressSanitizer runtime's allocator locks are out of the library's reach");
-        return;
-    }
+    if (forktest::skip_fork_of_threaded_parent()) return;
     std::atomic<bool> stop{false};
     std::thread churn([&] {
         std::vector<std::string> keep(64);

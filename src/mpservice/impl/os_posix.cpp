@@ -1112,7 +1112,9 @@ namespace {
 void register_sanitizer_fork_handlers() noexcept {}
 }  // namespace
 #if defined(MPSERVICE_DETAIL_ASAN) && (!defined(__clang__) || __clang_major__ < 18)
-bool allocator_fork_safe() noexcept { return false; }  // g++'s libasan (a shared library: its locks are hidden)
+// Another runtime without the fix, whose locks are out of reach: g++'s libasan
+// (a shared library, the locks hidden in it), clang's before 18 off Linux.
+bool allocator_fork_safe() noexcept { return false; }
 #else
 bool allocator_fork_safe() noexcept { return true; }
 #endif
