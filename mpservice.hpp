@@ -76,6 +76,8 @@
 #error "mpservice.hpp needs C++17 or later"
 #endif
 
+#include <memory>
+
 #if defined(_WIN32)
 #define MPSERVICE_WIN32 1
 #else
@@ -136,6 +138,37 @@ public:
 
 private:
     T* p_ = nullptr;
+};
+
+/// A shared owning pointer to a T, held as a std::shared_ptr<void>: the
+/// library's classes keep their internal state this way.  Why: each distinct
+/// std::shared_ptr<T> a class holds costs every includer some 60-150 class
+/// instantiations (its converting constructors' constraints, __shared_ptr,
+/// the traits) where the class is declared, while shared_ptr<void> is
+/// instantiated once for all.  The conversions from and to std::shared_ptr<T>
+/// instantiate shared_ptr<T> only where they are used - in the
+/// implementation.  The stored pointer is the T* of the shared_ptr<T> it was
+/// made from, so get() is a plain cast; ownership is the shared_ptr's.
+template <class T>
+class Shared {
+public:
+    Shared() noexcept = default;
+    Shared(std::nullptr_t) noexcept {}
+    template <class U>
+    Shared(std::shared_ptr<U> p) noexcept : p_(std::shared_ptr<T>(std::move(p))) {}
+    T* get() const noexcept { return static_cast<T*>(p_.get()); }
+    T& operator*() const noexcept { return *get(); }
+    T* operator->() const noexcept { return get(); }
+    explicit operator bool() const noexcept { return p_ != nullptr; }
+    /// As the std::shared_ptr<T> it is (sharing the ownership).
+    std::shared_ptr<T> shared() const noexcept { return std::static_pointer_cast<T>(p_); }
+    void reset() noexcept { p_.reset(); }
+    long use_count() const noexcept { return p_.use_count(); }
+    friend bool operator==(const Shared& a, const Shared& b) noexcept { return a.p_ == b.p_; }
+    friend bool operator!=(const Shared& a, const Shared& b) noexcept { return a.p_ != b.p_; }
+
+private:
+    std::shared_ptr<void> p_;
 };
 
 }  // namespace mpservice::detail
@@ -472,31 +505,15 @@ public:
     /// writes nothing) are limited to max_empty_elements per container.
     std::size_t read_length(std::size_t min_bytes_each, const char* what) {
         std::uint64_t n = read<std::uint64_t>();
-        if (min_bytes_each == 0) {
-            if (n > max_empty_elements)
-                throw DecodeError(std::string("decode: ") + what + " length " + std::to_string(n) +
-                                  " of elements that take no bytes exceeds the limit of " +
-                                  std::to_string(max_empty_elements));
-        } else if (n > remaining() / min_bytes_each) {
-            throw DecodeError(std::string("decode: ") + what + " length " + std::to_string(n) +
-                              " cannot fit in the " + std::to_string(remaining()) +
-                              " bytes left (each element takes at least " + std::to_string(min_bytes_each) +
-                              ")");
-        }
+        if (min_bytes_each == 0 ? n > max_empty_elements : n > remaining() / min_bytes_each)
+            throw_bad_length(n, min_bytes_each, what);
         return static_cast<std::size_t>(n);
     }
     static constexpr std::size_t max_empty_elements = std::size_t(1) << 20;
 
     /// The OS handle attached at `index` by Encoder::attach.
     detail::os::handle_t handle(std::uint32_t index) const {
-        if (!handles_)
-            throw DecodeError(
-                "decode: this value holds an OS handle (a Lock, Queue, Value, ...) but "
-                "it arrived over a channel that carries no handles; pass such objects "
-                "as Process arguments");
-        if (index >= handles_->size())
-            throw DecodeError("decode: handle index " + std::to_string(index) + " out of range (" +
-                              std::to_string(handles_->size()) + " handles arrived)");
+        if (!handles_ || index >= handles_->size()) throw_bad_handle(index);
         return (*handles_)[index];
     }
 
@@ -504,21 +521,21 @@ public:
     bool at_end() const noexcept { return p_ == end_; }
     /// Throws unless every byte was consumed (trailing garbage is an error).
     void expect_end(const char* what = "value") const {
-        if (!at_end())
-            throw DecodeError(std::string("decode: ") + std::to_string(remaining()) +
-                              " unexpected trailing bytes after " + what);
+        if (!at_end()) throw_trailing(what);
     }
 
 private:
     void require(std::size_t n, const char* what) const {
         if (n > remaining()) throw_truncated(n, what);
     }
-    // Out of line and cold: keeps the fast path small (and g++ 12's -Warray-bounds
-    // from reasoning about the bytes past a failed check).
-    [[noreturn]] void throw_truncated(std::size_t n, const char* what) const {
-        throw DecodeError(std::string("decode: truncated input: needed ") + std::to_string(n) + " " + what +
-                          ", " + std::to_string(remaining()) + " left");
-    }
+    // The failures, out of line (the implementation) and cold: they keep the
+    // fast paths small (and g++ 12's -Warray-bounds from reasoning about the
+    // bytes past a failed check), and every includer from compiling the
+    // messages' string code.
+    [[noreturn]] MPSERVICE_API void throw_truncated(std::size_t n, const char* what) const;
+    [[noreturn]] MPSERVICE_API void throw_bad_length(std::uint64_t n, std::size_t min_bytes_each, const char* what) const;
+    [[noreturn]] MPSERVICE_API void throw_bad_handle(std::uint32_t index) const;
+    [[noreturn]] MPSERVICE_API void throw_trailing(const char* what) const;
     const unsigned char* p_;
     const unsigned char* end_;
     const std::vector<detail::os::handle_t>* handles_;
@@ -1362,9 +1379,11 @@ template <class Rep, class Period>
 Deadline deadline_after(std::chrono::duration<Rep, Period> timeout) {
     auto now = Clock::now();
     if (timeout <= timeout.zero()) return now;
-    if (std::chrono::duration<double>(timeout).count() >
-        std::chrono::duration<double>(no_deadline - now).count())
-        return no_deadline;
+    // In plain arithmetic where it does not depend on the timeout's type: a
+    // chrono conversion here would be instantiated in every includer.
+    const double seconds_left =
+        static_cast<double>((no_deadline - now).count()) * Clock::period::num / Clock::period::den;
+    if (static_cast<double>(timeout.count()) * Period::num / Period::den > seconds_left) return no_deadline;
     return now + std::chrono::duration_cast<Clock::duration>(timeout);
 }
 
@@ -1868,18 +1887,16 @@ public:
     MPSERVICE_API void keep_mapped_while_held(os::RobustMutex* m) const;
 
 private:
-    struct Mapping {
+    /// What the inline accessors read.  The rest of the mapping (the mutexes
+    /// of keep_mapped_while_held, and unmapping) is the implementation's
+    /// Mapping, which derives from it - out of every includer's sight.
+    struct View {
         os::handle_t handle = os::invalid_handle;
         void* addr = nullptr;
         std::size_t size = 0;
-        std::mutex guard;                         // for `mutexes`
-        std::vector<os::RobustMutex*> mutexes;    // see keep_mapped_while_held
-        Mapping() = default;
-        Mapping(const Mapping&) = delete;
-        Mapping& operator=(const Mapping&) = delete;
-        ~Mapping();
     };
-    std::shared_ptr<Mapping> m_;
+    struct Mapping;
+    Shared<View> m_;
 };
 
 /// A T constructed in its own block of shared memory, reached through a
@@ -2510,7 +2527,6 @@ MPSERVICE_API void set_log_level_from_parent(Level level);
 #include <condition_variable>
 #include <cstddef>
 #include <atomic>
-#include <deque>
 #include <exception>
 #include <iterator>
 #include <memory>
@@ -2560,10 +2576,10 @@ Owned<Task> make_task(L&& l) {
 /// once with an outcome.  Waiters block on it; wait()/as_completed() subscribe.
 class FutureCore {
 public:
-    FutureCore() = default;
+    MPSERVICE_API FutureCore();  // out of line, as the destructor: Listeners is the implementation's
     FutureCore(const FutureCore&) = delete;
     FutureCore& operator=(const FutureCore&) = delete;
-    virtual ~FutureCore() = default;
+    MPSERVICE_API virtual ~FutureCore();
 
     MPSERVICE_API void mark_started();
     MPSERVICE_API bool started() const;
@@ -2599,21 +2615,11 @@ private:
     std::atomic<bool> done_flag_{false};
     std::exception_ptr error_;
     std::exception_ptr result_error_;
-    std::vector<std::weak_ptr<CompletionQueue>> subscribers_;
-    std::vector<Owned<Task>> hooks_;
-};
-
-/// Cores that have resolved, in the order they did.
-class CompletionQueue {
-public:
-    MPSERVICE_API void push(const FutureCore* core);
-    /// The next resolved core, or nullptr if `deadline` passes first.
-    MPSERVICE_API const FutureCore* pop_until(os::Deadline deadline);
-
-private:
-    std::mutex mutex_;
-    std::condition_variable cv_;
-    std::deque<const FutureCore*> ready_;
+    /// Who hears of the resolution (wait/as_completed queues, on_resolve
+    /// hooks): made on the first subscription, so a worker that no one waits
+    /// on this way allocates nothing for it.  Defined in the implementation.
+    struct Listeners;
+    Owned<Listeners> listeners_;
 };
 
 }  // namespace detail
@@ -2634,10 +2640,10 @@ public:
     const detail::FutureCore& core() const noexcept { return *core_; }
 
 protected:
-    explicit Worker(std::shared_ptr<detail::FutureCore> core) : core_(std::move(core)) {}
+    explicit Worker(detail::Shared<detail::FutureCore> core) : core_(std::move(core)) {}
     Worker(Worker&&) noexcept = default;
     Worker& operator=(Worker&&) noexcept = default;
-    std::shared_ptr<detail::FutureCore> core_;
+    detail::Shared<detail::FutureCore> core_;
 };
 
 using WorkerList = std::vector<Worker*>;
@@ -2667,6 +2673,11 @@ using result_ref_t = typename result_ref<R>::type;
 [[noreturn]] MPSERVICE_API void throw_result_taken(const std::string& name);
 MPSERVICE_API std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Deadline deadline,
                                                            ReturnWhen return_when);
+/// wait_until's answer in one list, the done workers first (`done_count` of
+/// them), each part in the order given: the typed waits' form (a pair of
+/// WorkerLists in a template would be instantiated in every includer).
+MPSERVICE_API WorkerList wait_until_split(const WorkerList& workers, os::Deadline deadline, ReturnWhen return_when,
+                                          std::size_t& done_count);
 }
 
 /// Waits for started workers (any mix of Process and Thread) and returns the
@@ -2676,9 +2687,11 @@ MPSERVICE_API std::pair<WorkerList, WorkerList> wait_until(const WorkerList& wor
 /// Over a range of one worker type (see the typed overloads below) the lists
 /// hold that type, so result() needs no cast.
 MPSERVICE_API std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, ReturnWhen return_when = ALL_COMPLETED);
+/// (The same std::pair<WorkerList, WorkerList>, spelled through the call so
+/// that only a caller instantiates it.)
 template <class Rep, class Period>
-std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, std::chrono::duration<Rep, Period> timeout,
-                                       ReturnWhen return_when = ALL_COMPLETED) {
+auto wait(const WorkerList& workers, std::chrono::duration<Rep, Period> timeout, ReturnWhen return_when = ALL_COMPLETED)
+    -> decltype(detail::wait_until(workers, detail::os::deadline_after(timeout), return_when)) {
     return detail::wait_until(workers, detail::os::deadline_after(timeout), return_when);
 }
 
@@ -2729,12 +2742,13 @@ public:
 
     /// Starts watching `workers` (every one must be started) until `deadline`.
     MPSERVICE_API AsCompleted(const WorkerList& workers, detail::os::Deadline deadline);
+    MPSERVICE_API ~AsCompleted();
+    AsCompleted(AsCompleted&&) noexcept = default;
+    MPSERVICE_API AsCompleted& operator=(AsCompleted&&) noexcept;
 
 private:
-    std::shared_ptr<detail::CompletionQueue> queue_;
-    WorkerList workers_;
-    std::vector<std::size_t> pending_;  // positions in workers_, one per distinct worker
-    detail::os::Deadline deadline_;
+    struct State;  // the queue the workers report to, the list, the ones pending (the implementation's)
+    detail::Owned<State> state_;
 };
 
 /// Workers in the order they finish (see AsCompleted); no time limit.
@@ -2789,11 +2803,12 @@ template <class W>
 std::pair<std::vector<W*>, std::vector<W*>> typed_wait(const std::vector<W*>& typed, os::Deadline deadline,
                                                        ReturnWhen return_when) {
     WorkerList all(typed.begin(), typed.end());
-    auto [done, not_done] = wait_until(all, deadline, return_when);
+    std::size_t done_count = 0;
+    WorkerList split = wait_until_split(all, deadline, return_when, done_count);
     std::pair<std::vector<W*>, std::vector<W*>> out;
     // Every Worker* here was a W* a moment ago: the downcast is exact.
-    for (Worker* w : done) out.first.push_back(static_cast<W*>(w));
-    for (Worker* w : not_done) out.second.push_back(static_cast<W*>(w));
+    for (std::size_t i = 0; i < split.size(); ++i)
+        (i < done_count ? out.first : out.second).push_back(static_cast<W*>(split[i]));
     return out;
 }
 }  // namespace detail
@@ -3354,7 +3369,8 @@ public:
     StartMethod method_;
     bool daemon_ = false;
     long pid_ = 0;
-    std::optional<int> exitcode_;
+    int exitcode_ = 0;
+    bool exited_ = false;  // exitcode_ is known (a std::optional<int> here would cost every includer its instantiation)
     bool has_value_ = false;
     std::string value_bytes_;
     std::vector<os::handle_t> value_handles_;
@@ -3409,12 +3425,25 @@ enum class StartPhase : int {
 /// phase when off.
 MPSERVICE_API void test_trace_start_phases(std::int64_t* slots) noexcept;
 
+/// What every Process<R> has that does not depend on R and is defined in the
+/// implementation: a function of the template returning std::optional<int>
+/// would instantiate it in every includer.
+class ProcessBase : public Worker {
+public:
+    /// Empty while running; 0 after success, n after exit(n), 1 after an
+    /// exception, -N after signal N.
+    MPSERVICE_API std::optional<int> exitcode() const;
+
+protected:
+    using Worker::Worker;
+};
+
 }  // namespace detail
 
 /// A child process running target(args...) and delivering its result like a
 /// future.  See the top of this file for targets, contexts and lifetime.
 template <class R>
-class Process : public Worker {
+class Process : public detail::ProcessBase {
     using Core = detail::ProcessCore;
 
 public:
@@ -3428,7 +3457,7 @@ public:
                                    !std::is_base_of_v<Worker, std::decay_t<F>>,
                                int> = 0>
     explicit Process(F&& f, A&&... args)
-        : Worker(std::make_shared<Core>(default_context())),
+        : ProcessBase(std::make_shared<Core>(default_context())),
           task_(detail::make_child_task<R, detail::ContextCheck::spawn>(std::forward<F>(f),
                                                                           std::forward<A>(args)...)) {}
 
@@ -3438,7 +3467,7 @@ public:
     /// (get_context(...), default_context()) start() checks.
     template <class Ctx, class F, class... A, std::enable_if_t<std::is_base_of_v<Context, Ctx>, int> = 0>
     Process(const Ctx& ctx, F&& f, A&&... args)
-        : Worker(std::make_shared<Core>(ctx)),
+        : ProcessBase(std::make_shared<Core>(ctx)),
           task_(detail::make_child_task<R, check_for<Ctx>()>(std::forward<F>(f), std::forward<A>(args)...)) {}
 
     Process(Process&&) noexcept = default;
@@ -3504,9 +3533,6 @@ public:
     void kill() { state().send_signal(detail::os::signal_kill()); }
     /// The child's pid; 0 before start().
     long pid() const { return state().pid(); }
-    /// Empty while running; 0 after success, n after exit(n), 1 after an
-    /// exception, -N after signal N.
-    std::optional<int> exitcode() const { return state().exitcode(); }
     /// Renames the process (before start); the child sees it as current_process().name.
     void set_name(std::string name) {
         if (state().started()) throw InvalidStateError("mpservice: cannot rename a started process");
@@ -3559,7 +3585,7 @@ private:
         if (auto e = core_->error()) detail::rethrow_exception(e);
         if constexpr (std::is_void_v<R>) {
             // exit(0) from a void target is a success; a SIGTERM is not.
-            if (!state().has_value() && state().exitcode() != 0)
+            if (!state().has_value() && this->exitcode() != 0)  // `this->`: checked where used
                 if (auto e = core_->result_error()) detail::rethrow_exception(e);
         } else {
             if (!state().has_value()) detail::rethrow_exception(core_->result_error());
@@ -3650,8 +3676,8 @@ public:
 private:
     template <class>
     friend class Thread;
-    explicit StopToken(std::shared_ptr<std::atomic<bool>> flag) : flag_(std::move(flag)) {}
-    std::shared_ptr<std::atomic<bool>> flag_;
+    explicit StopToken(detail::Shared<std::atomic<bool>> flag) : flag_(std::move(flag)) {}
+    detail::Shared<std::atomic<bool>> flag_;
 };
 
 template <class R>
@@ -3661,6 +3687,8 @@ namespace detail {
 
 /// "Thread-N", numbered from 1 in each process.
 MPSERVICE_API std::string next_thread_name();
+/// A Thread's stop flag, not set.
+MPSERVICE_API Shared<std::atomic<bool>> make_stop_flag();
 
 template <class F, class... A>
 constexpr bool takes_stop_token_v = std::is_invocable_v<std::decay_t<F>, StopToken, std::decay_t<A>...>;
@@ -3731,7 +3759,7 @@ public:
     template <class F, class... A,
               std::enable_if_t<!std::is_same_v<std::decay_t<F>, Thread>, int> = 0>
     explicit Thread(F&& f, A&&... args)
-        : Worker(std::make_shared<Core>()), stop_(std::make_shared<std::atomic<bool>>(false)) {
+        : Worker(std::make_shared<Core>()), stop_(detail::make_stop_flag()) {
         static_assert(detail::thread_callable_v<F, A...>,
                       "mpservice::Thread: the target cannot be called with these arguments. As std::thread does, "
                       "Thread keeps a copy of each argument and passes the copies as rvalues, so a non-const "
@@ -3810,7 +3838,7 @@ private:
     template <class F, class... A>
     detail::Owned<detail::Task> make_body(F&& f, A&&... args) {
         auto token = StopToken(stop_);
-        auto core = state();
+        auto core = std::static_pointer_cast<Core>(core_.shared());  // the thread's own reference
         return detail::make_task([core, token, fn = std::decay_t<F>(std::forward<F>(f)),
                                   tup = std::make_tuple(std::decay_t<A>(std::forward<A>(args))...)]() mutable {
             std::exception_ptr error;
@@ -3842,13 +3870,13 @@ private:
             core.value.emplace(call());
         }
     }
-    std::shared_ptr<Core> state() const { return std::static_pointer_cast<Core>(core_); }
+    Core& state() const { return static_cast<Core&>(*core_); }
 
     bool wait_for_end(detail::os::Deadline deadline, const char* what) {
         if (!core_->started()) detail::throw_not_started(what, name());
         if (!core_->wait_until(deadline)) return false;
         if (thread_.joinable()) {
-            std::lock_guard<std::mutex> lk(state()->join_mutex);
+            std::lock_guard<std::mutex> lk(state().join_mutex);
             if (thread_.joinable()) thread_.join();
         }
         return true;
@@ -3857,7 +3885,7 @@ private:
         if (!wait_for_end(deadline, "result")) detail::throw_timeout(name());
         if (auto e = core_->error()) std::rethrow_exception(e);
         if constexpr (!std::is_void_v<R>) {
-            Core& c = *state();
+            Core& c = state();
             std::lock_guard<std::mutex> lk(c.value_mutex);
             if (c.value_taken) detail::throw_result_taken(name());
             if constexpr (std::is_reference_v<R>) return **c.value;
@@ -3868,7 +3896,7 @@ private:
         if (!wait_for_end(deadline, "result")) detail::throw_timeout(name());
         if (auto e = core_->error()) std::rethrow_exception(e);
         if constexpr (!std::is_void_v<R>) {
-            Core& c = *state();
+            Core& c = state();
             std::lock_guard<std::mutex> lk(c.value_mutex);
             if (c.value_taken) detail::throw_result_taken(name());
             c.value_taken = true;
@@ -3886,7 +3914,7 @@ private:
         return core_->error();
     }
 
-    std::shared_ptr<std::atomic<bool>> stop_;
+    detail::Shared<std::atomic<bool>> stop_;
     detail::Owned<detail::Task> body_;
     std::thread thread_;
 };
@@ -4705,8 +4733,8 @@ private:
     template <class Rep, class Period>
     static std::int64_t timeout_ns(std::chrono::duration<Rep, Period> t) {
         if (t < t.zero()) return 0;
-        auto limit = std::chrono::duration<double>(std::chrono::hours(24 * 365 * 100));
-        if (std::chrono::duration<double>(t) > limit) return -1;  // practically forever
+        constexpr double limit_s = 100.0 * 365 * 24 * 3600;  // practically forever
+        if (static_cast<double>(t.count()) * Period::num / Period::den > limit_s) return -1;
         return std::chrono::duration_cast<std::chrono::nanoseconds>(t).count();
     }
     detail::SharedRef<detail::BarrierState> state_;
@@ -6021,8 +6049,9 @@ public:
     enum Mode : unsigned { receives = 1, sends = 2, duplex = 3 };
 
     /// A connected pair; one-way: `a` receives, `b` sends.
-    MPSERVICE_API static void make_pair(bool duplex, std::shared_ptr<ConnectionCore>& a,
-                                        std::shared_ptr<ConnectionCore>& b);
+    MPSERVICE_API static void make_pair(bool duplex, Shared<ConnectionCore>& a, Shared<ConnectionCore>& b);
+    /// An end over `h` (taking ownership of it), as a decoded Connection is.
+    MPSERVICE_API static Shared<ConnectionCore> adopt(os::handle_t h, unsigned mode);
     /// Takes ownership of `h`.
     MPSERVICE_API ConnectionCore(os::handle_t h, unsigned mode);
     MPSERVICE_API ~ConnectionCore();
@@ -6037,6 +6066,8 @@ public:
                              const std::vector<os::handle_t>* handles);
     /// Receives one message by `deadline`; false if none came.  EOFError at end of stream.
     MPSERVICE_API bool receive(Consume consume, void* context, os::Deadline deadline);
+    /// receive() of the message's bytes as they are, into `out`.
+    MPSERVICE_API bool receive_bytes(std::string& out, os::Deadline deadline);
     /// Whether a receive would not block (a whole message, or the end), waiting until `deadline`.
     MPSERVICE_API bool poll(os::Deadline deadline);
     /// poll() without waiting, or false when another thread is receiving
@@ -6071,8 +6102,6 @@ void decode_message(void* context, const unsigned char* data, std::size_t n, con
     static_cast<std::optional<T>*>(context)->emplace(d.read<T>());
     d.expect_end("connection message");
 }
-MPSERVICE_API void copy_message(void* context, const unsigned char* data, std::size_t n,
-                                const std::vector<os::handle_t>* handles);
 
 /// One entry of connection_wait: an end, or a process.
 struct WaitTarget {
@@ -6127,13 +6156,17 @@ public:
     void send_bytes(std::string_view bytes) { core("send_bytes").send(bytes.data(), bytes.size(), nullptr, 0); }
     void send_bytes(const void* data, std::size_t n) { core("send_bytes").send(data, n, nullptr, 0); }
     /// The next message's bytes as they were sent, whatever sent them; EOFError at end.
-    std::string recv_bytes() { return *take_bytes(detail::os::no_deadline); }
+    std::string recv_bytes() {
+        std::string out;
+        core("recv_bytes").receive_bytes(out, detail::os::no_deadline);
+        return out;
+    }
     /// As recv_bytes(), but TimeoutError if nothing came within `timeout`.
     template <class Rep, class Period>
     std::string recv_bytes(std::chrono::duration<Rep, Period> timeout) {
-        auto v = take_bytes(detail::os::deadline_after(timeout));
-        if (!v) detail::throw_recv_timeout();
-        return std::move(*v);
+        std::string out;
+        if (!core("recv_bytes").receive_bytes(out, detail::os::deadline_after(timeout))) detail::throw_recv_timeout();
+        return out;
     }
 
     /// Closes this end for this process (every copy here); other processes'
@@ -6157,7 +6190,7 @@ public:
     detail::ConnectionCore* core_ptr() const noexcept { return core_.get(); }
 
 private:
-    explicit Connection(std::shared_ptr<detail::ConnectionCore> core) : core_(std::move(core)) {}
+    explicit Connection(detail::Shared<detail::ConnectionCore> core) : core_(std::move(core)) {}
     detail::ConnectionCore& core(const char* what) const {
         if (!core_) detail::throw_unconnected(what);
         return *core_;
@@ -6167,13 +6200,8 @@ private:
         core("recv").receive(&detail::decode_message<T>, &out, deadline);
         return out;
     }
-    std::optional<std::string> take_bytes(detail::os::Deadline deadline) {
-        std::optional<std::string> out;
-        core("recv_bytes").receive(&detail::copy_message, &out, deadline);
-        return out;
-    }
 
-    std::shared_ptr<detail::ConnectionCore> core_;
+    detail::Shared<detail::ConnectionCore> core_;
 
     template <class U>
     friend std::pair<Connection<U>, Connection<U>> Pipe(bool duplex);
@@ -6184,7 +6212,7 @@ private:
 /// and receive; otherwise the first end only receives and the second only sends.
 template <class T>
 std::pair<Connection<T>, Connection<T>> Pipe(bool duplex = true) {
-    std::shared_ptr<detail::ConnectionCore> a, b;
+    detail::Shared<detail::ConnectionCore> a, b;
     detail::ConnectionCore::make_pair(duplex, a, b);
     return {Connection<T>(std::move(a)), Connection<T>(std::move(b))};
 }
@@ -6204,7 +6232,7 @@ struct Codec<Connection<T>> {
         d(mode, index);
         if (mode < 1 || mode > 3) throw DecodeError("decode: connection mode " + std::to_string(mode) + " is not 1, 2 or 3");
         detail::os::handle_t h = detail::os::duplicate_handle(d.handle(index));  // the channel keeps its own
-        return Connection<T>(std::make_shared<detail::ConnectionCore>(h, mode));
+        return Connection<T>(detail::ConnectionCore::adopt(h, mode));
     }
     static constexpr std::size_t min_encoded_size() { return 5; }
 };
@@ -6543,7 +6571,7 @@ struct PoolWorkerParts {
 /// of when its Process is destroyed.
 struct PoolWorkerBoot {
     MPSERVICE_API PoolWorkerBoot();  // fresh parts (defined in the implementation)
-    std::shared_ptr<PoolWorkerParts> p;
+    Shared<PoolWorkerParts> p;
     /// Closes the parent's copies of the worker's descriptors and mappings.
     void release() { p->~PoolWorkerParts(), new (p.get()) PoolWorkerParts(); }
 };
@@ -6660,7 +6688,7 @@ constexpr std::size_t pool_task_room = 56;
 /// item's arguments start in it (so that the rest of a chunk can be sent again
 /// when its worker dies in the middle).
 struct ChunkDraft {
-    std::shared_ptr<JobBase> job;
+    Shared<JobBase> job;
     std::size_t job_first = 0;
     std::uint32_t count = 0;
     /// pool_task_room bytes for the task header (so that a chunk's first
@@ -6825,7 +6853,7 @@ private:
     /// Opens the next chunk (once per chunk, not per item).
     MPSERVICE_API void open();
 
-    std::shared_ptr<JobBase> job_;
+    Shared<JobBase> job_;
     std::size_t chunksize_;
     std::size_t items_ = 0;
     std::vector<ChunkDraft> chunks_;
@@ -6854,27 +6882,28 @@ struct tuple_args<std::tuple<A...>> {
 /// A callback threw: logged (as Python's pool does not stop for it either).
 MPSERVICE_API void log_callback_error(const std::exception_ptr& e);
 
+/// What an AsyncState's waiter does, whatever its R (in the implementation):
+/// it serves the results of the pool or runner that resolves it itself.
+class PoolResultState : public FutureCore {
+public:
+    /// The pool or runner whose results resolve it: a waiter reads them itself.
+    MPSERVICE_API void read_from(const Shared<PoolCore>& pool);
+    MPSERVICE_API bool wait_until(os::Deadline deadline) const override;
+
+private:
+    std::weak_ptr<PoolCore> pool_;
+};
+
 /// The outcome state of an AsyncResult: the value, and the callbacks that run
 /// (in whichever thread read the result) before it resolves.
 template <class R>
-class AsyncState : public FutureCore {
+class AsyncState : public PoolResultState {
 public:
     using Holder = std::conditional_t<std::is_void_v<R>, bool, R>;
     using Success = std::function<void(const Holder&)>;
     using Failure = std::function<void(const std::exception_ptr&)>;
 
     AsyncState(Success s, Failure f) : on_success_(std::move(s)), on_failure_(std::move(f)) { mark_started(); }
-
-    /// The pool or runner whose results resolve it: a waiter reads them itself.
-    void read_from(const std::shared_ptr<PoolCore>& pool) { pool_ = pool; }
-
-    bool wait_until(os::Deadline deadline) const override {
-        if (done_relaxed()) return true;
-        if (auto pool = pool_.lock())
-            return pool->serve_until([this] { return done_relaxed(); }, deadline,
-                                     [this](os::Deadline d) { FutureCore::wait_until(d); });
-        return FutureCore::wait_until(deadline);  // the pool is gone: it resolved every result first
-    }
 
     void succeed(Holder v) {
         value_.emplace(std::move(v));
@@ -6901,7 +6930,6 @@ private:
     std::optional<Holder> value_;
     Success on_success_;
     Failure on_failure_;
-    std::weak_ptr<PoolCore> pool_;
 };
 
 /// map / map_async / starmap: every item's outcome in input order; the
@@ -7288,7 +7316,7 @@ public:
     iterator begin() { return iterator(this, next()); }
     iterator end() { return iterator(this, std::nullopt); }
 
-    ImapResult(std::shared_ptr<detail::PoolCore> pool, detail::PoolTarget target, detail::Owned<detail::InputFeed> feed,
+    ImapResult(detail::Shared<detail::PoolCore> pool, detail::PoolTarget target, detail::Owned<detail::InputFeed> feed,
                std::size_t chunksize, bool ordered)
         : pool_(std::move(pool)),
           target_(target),
@@ -7373,7 +7401,7 @@ private:
         }
     }
 
-    std::shared_ptr<detail::PoolCore> pool_;
+    detail::Shared<detail::PoolCore> pool_;
     detail::PoolTarget target_;
     detail::Owned<detail::InputFeed> feed_;
     std::shared_ptr<Job> job_;
@@ -7640,7 +7668,7 @@ private:
         return ImapResult<R>(core_, t, std::move(feed), chunksize, ordered);
     }
 
-    std::shared_ptr<detail::PoolCore> core_;
+    detail::Shared<detail::PoolCore> core_;
 };
 
 }  // namespace mpservice
@@ -7761,7 +7789,7 @@ public:
     }
 
 private:
-    std::shared_ptr<detail::PoolCore> core_;
+    detail::Shared<detail::PoolCore> core_;
     bool joined_ = false;
 };
 
@@ -7878,7 +7906,7 @@ class Link;
 /// What every Proxy copy in one process shares for one object: the link to its
 /// server, the object id and, for memory blocks, the mapping (made once).
 struct Ref {
-    std::shared_ptr<Link> link;
+    Shared<Link> link;
     std::uint64_t id = 0;
     std::uint64_t type = 0;  // type_hash of the class
     std::mutex mapping_mutex;
@@ -7888,10 +7916,10 @@ struct Ref {
     Ref& operator=(const Ref&) = delete;
     MPSERVICE_API ~Ref();  // drops this process's reference (one message)
 };
-using RefPtr = std::shared_ptr<Ref>;
+using RefPtr = Shared<Ref>;
 
 /// The client side of a server, as ServerProcess and ServerClient hold it.
-MPSERVICE_API RefPtr create_object(const std::shared_ptr<Link>& link, const void* creator, std::uint64_t type,
+MPSERVICE_API RefPtr create_object(const Shared<Link>& link, const void* creator, std::uint64_t type,
                                    const Encoder& args);
 /// Calls `method` on the object; returns the encoded result (and its handles).
 MPSERVICE_API std::string call_method(const Ref& ref, const void* method, const Encoder& args,
@@ -8348,11 +8376,16 @@ private:
 /// std::out_of_range (Python's AttributeError).
 class Namespace {
 public:
+    MPSERVICE_API Namespace();
+    MPSERVICE_API ~Namespace();
+    Namespace(const Namespace&) = delete;
+    Namespace& operator=(const Namespace&) = delete;
+
     template <class T>
     void store(std::string name, T value) {
         Held old;  // a replaced value is destroyed unlocked (it may hold proxies)
         std::lock_guard<std::mutex> g(m_);
-        Held& slot = values_[std::move(name)];
+        Held& slot = slot_for(std::move(name));
         old = std::move(slot);
         slot.value = std::move(value);
         slot.type_name = typeid(T).name();
@@ -8379,9 +8412,12 @@ private:
         const char* type_name = "";
     };
     MPSERVICE_API const Held& find(const std::string& name) const;
+    /// The slot of `name`, made empty if there is none (under m_).
+    MPSERVICE_API Held& slot_for(std::string name);
     [[noreturn]] MPSERVICE_API static void throw_mismatch(const std::string& name, const char* held, const char* asked);
     mutable std::mutex m_;
-    std::map<std::string, Held> values_;
+    struct Values;  // the implementation's std::map<std::string, Held>
+    detail::Owned<Values> values_;
 };
 
 template <class T>
@@ -8539,11 +8575,11 @@ public:
     MPSERVICE_API const std::string& address() const;
 
     /// (internal)
-    MPSERVICE_API const std::shared_ptr<detail::server::Link>& link() const;
+    MPSERVICE_API const detail::Shared<detail::server::Link>& link() const;
 
 protected:
     ServerAccess() = default;
-    std::shared_ptr<detail::server::Link> link_;
+    detail::Shared<detail::server::Link> link_;
 };
 
 /// A handle to a running server that can be passed to other processes (as a
@@ -8552,7 +8588,7 @@ protected:
 class ServerClient : public ServerAccess {
 public:
     ServerClient() = default;
-    MPSERVICE_API explicit ServerClient(std::shared_ptr<detail::server::Link> link);
+    MPSERVICE_API explicit ServerClient(detail::Shared<detail::server::Link> link);
 };
 
 /// A server process hosting objects (see the top of this file).  Started by
@@ -13280,6 +13316,7 @@ extern "C" void __cxa_rethrow() {
 // starting a process must not link the process part for it.
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace mpservice {
@@ -13287,6 +13324,37 @@ namespace mpservice {
 std::uint32_t Encoder::attach(detail::os::handle_t h) {
     handles_.push_back(h);
     return static_cast<std::uint32_t>(handles_.size() - 1);
+}
+
+// ---- Decoder's failures
+
+void Decoder::throw_truncated(std::size_t n, const char* what) const {
+    throw DecodeError(std::string("decode: truncated input: needed ") + std::to_string(n) + " " + what + ", " +
+                      std::to_string(remaining()) + " left");
+}
+
+void Decoder::throw_bad_length(std::uint64_t n, std::size_t min_bytes_each, const char* what) const {
+    if (min_bytes_each == 0)
+        throw DecodeError(std::string("decode: ") + what + " length " + std::to_string(n) +
+                          " of elements that take no bytes exceeds the limit of " +
+                          std::to_string(max_empty_elements));
+    throw DecodeError(std::string("decode: ") + what + " length " + std::to_string(n) + " cannot fit in the " +
+                      std::to_string(remaining()) + " bytes left (each element takes at least " +
+                      std::to_string(min_bytes_each) + ")");
+}
+
+void Decoder::throw_bad_handle(std::uint32_t index) const {
+    if (!handles_)
+        throw DecodeError(
+            "decode: this value holds an OS handle (a Lock, Queue, Value, ...) but it arrived over a channel "
+            "that carries no handles; pass such objects as Process arguments");
+    throw DecodeError("decode: handle index " + std::to_string(index) + " out of range (" +
+                      std::to_string(handles_->size()) + " handles arrived)");
+}
+
+void Decoder::throw_trailing(const char* what) const {
+    throw DecodeError(std::string("decode: ") + std::to_string(remaining()) + " unexpected trailing bytes after " +
+                      what);
 }
 
 }  // namespace mpservice
@@ -13348,6 +13416,17 @@ ParkedMappings& parked_mappings() {
 }
 }  // namespace shm_impl
 
+/// The block mapped in this process, unmapped when its last SharedMemory here
+/// is gone (or parked, while a thread here holds a robust mutex inside it).
+struct SharedMemory::Mapping : SharedMemory::View {
+    std::mutex guard;                       // for `mutexes`
+    std::vector<os::RobustMutex*> mutexes;  // see keep_mapped_while_held
+    Mapping() = default;
+    Mapping(const Mapping&) = delete;
+    Mapping& operator=(const Mapping&) = delete;
+    ~Mapping();
+};
+
 SharedMemory::Mapping::~Mapping() {
     os::close_handle(handle);  // the mapping, not the descriptor, keeps the memory
     if (!mutexes.empty() && shm_impl::any_held(mutexes)) {
@@ -13364,10 +13443,11 @@ SharedMemory::Mapping::~Mapping() {
 
 void SharedMemory::keep_mapped_while_held(os::RobustMutex* m) const {
     if (!m_) return;
-    std::lock_guard<std::mutex> g(m_->guard);
-    for (os::RobustMutex* known : m_->mutexes)
+    Mapping& mapping = *static_cast<Mapping*>(m_.get());  // every View here is a Mapping
+    std::lock_guard<std::mutex> g(mapping.guard);
+    for (os::RobustMutex* known : mapping.mutexes)
         if (known == m) return;
-    m_->mutexes.push_back(m);
+    mapping.mutexes.push_back(m);
 }
 
 SharedMemory SharedMemory::create(std::size_t size) {
@@ -14393,9 +14473,31 @@ LogRecord Codec<LogRecord>::decode(Decoder& d) {
 // threading: implementation - the future core shared by Process and Thread,
 // wait() and as_completed().
 #include <algorithm>
+#include <deque>
 
 namespace mpservice {
 namespace detail {
+
+/// Cores that have resolved, in the order they did (wait, as_completed).
+class CompletionQueue {
+public:
+    void push(const FutureCore* core);
+    /// The next resolved core, or nullptr if `deadline` passes first.
+    const FutureCore* pop_until(os::Deadline deadline);
+
+private:
+    std::mutex mutex_;
+    std::condition_variable cv_;
+    std::deque<const FutureCore*> ready_;
+};
+
+struct FutureCore::Listeners {
+    std::vector<std::weak_ptr<CompletionQueue>> queues;
+    std::vector<Owned<Task>> hooks;
+};
+
+FutureCore::FutureCore() = default;
+FutureCore::~FutureCore() = default;
 
 void FutureCore::mark_started() {
     std::lock_guard<std::mutex> lk(mutex_);
@@ -14413,8 +14515,7 @@ bool FutureCore::done() const {
 }
 
 void FutureCore::resolve(std::exception_ptr error, std::exception_ptr result_error) {
-    std::vector<std::weak_ptr<CompletionQueue>> subscribers;
-    std::vector<Owned<Task>> hooks;
+    Owned<Listeners> listeners;
     {
         std::lock_guard<std::mutex> lk(mutex_);
         if (done_) return;
@@ -14422,21 +14523,22 @@ void FutureCore::resolve(std::exception_ptr error, std::exception_ptr result_err
         done_flag_.store(true, std::memory_order_release);
         error_ = std::move(error);
         result_error_ = std::move(result_error);
-        subscribers.swap(subscribers_);
-        hooks.swap(hooks_);
+        listeners = std::move(listeners_);
         cv_.notify_all();
     }
     // Outside our lock: subscribe() takes ours, then the queue's.
-    for (auto& w : subscribers)
+    if (!listeners) return;
+    for (auto& w : listeners->queues)
         if (auto q = w.lock()) q->push(this);
-    for (auto& h : hooks) h->run();
+    for (auto& h : listeners->hooks) h->run();
 }
 
 void FutureCore::on_resolve(Owned<Task> hook) {
     {
         std::lock_guard<std::mutex> lk(mutex_);
         if (!done_) {
-            hooks_.push_back(std::move(hook));
+            if (!listeners_) listeners_ = Owned<Listeners>(new Listeners);
+            listeners_->hooks.push_back(std::move(hook));
             return;
         }
     }
@@ -14468,11 +14570,13 @@ void FutureCore::subscribe(const std::shared_ptr<CompletionQueue>& q) {
         q->push(this);
         return;
     }
+    if (!listeners_) listeners_ = Owned<Listeners>(new Listeners);
     // Drop queues of finished waits so a long-lived worker's list stays short.
-    subscribers_.erase(std::remove_if(subscribers_.begin(), subscribers_.end(),
-                                      [](const std::weak_ptr<CompletionQueue>& w) { return w.expired(); }),
-                       subscribers_.end());
-    subscribers_.push_back(q);
+    auto& queues = listeners_->queues;
+    queues.erase(std::remove_if(queues.begin(), queues.end(),
+                                [](const std::weak_ptr<CompletionQueue>& w) { return w.expired(); }),
+                 queues.end());
+    queues.push_back(q);
 }
 
 void CompletionQueue::push(const FutureCore* core) {
@@ -14503,6 +14607,8 @@ void throw_result_taken(const std::string& name) {
     throw InvalidStateError("mpservice: the result of '" + name +
                             "' was moved out by take_result() (or std::move(worker).result()); it is gone");
 }
+
+Shared<std::atomic<bool>> make_stop_flag() { return std::make_shared<std::atomic<bool>>(false); }
 
 std::string next_thread_name() {
     static std::atomic<int> counter{1};
@@ -14542,6 +14648,14 @@ std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Dead
     return out;
 }
 
+WorkerList wait_until_split(const WorkerList& workers, os::Deadline deadline, ReturnWhen return_when,
+                            std::size_t& done_count) {
+    auto [done, not_done] = wait_until(workers, deadline, return_when);
+    done_count = done.size();
+    done.insert(done.end(), not_done.begin(), not_done.end());
+    return done;
+}
+
 }  // namespace detail
 
 std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, ReturnWhen return_when) {
@@ -14550,8 +14664,19 @@ std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, ReturnWhen ret
 
 AsCompleted as_completed(const WorkerList& workers) { return AsCompleted(workers, detail::os::no_deadline); }
 
-AsCompleted::AsCompleted(const WorkerList& workers, detail::os::Deadline deadline)
-    : queue_(std::make_shared<detail::CompletionQueue>()), workers_(workers), deadline_(deadline) {
+struct AsCompleted::State {
+    std::shared_ptr<detail::CompletionQueue> queue = std::make_shared<detail::CompletionQueue>();
+    WorkerList workers;
+    std::vector<std::size_t> pending;  // positions in workers, one per distinct worker
+    detail::os::Deadline deadline;
+};
+
+AsCompleted::AsCompleted(const WorkerList& workers, detail::os::Deadline deadline) : state_(new State) {
+    auto& queue_ = state_->queue;
+    auto& workers_ = state_->workers;
+    auto& pending_ = state_->pending;
+    workers_ = workers;
+    state_->deadline = deadline;
     detail::check_started(workers_);
     for (std::size_t i = 0; i < workers_.size(); ++i)
         if (std::find(workers_.begin(), workers_.begin() + static_cast<std::ptrdiff_t>(i), workers_[i]) ==
@@ -14560,7 +14685,15 @@ AsCompleted::AsCompleted(const WorkerList& workers, detail::os::Deadline deadlin
     for (std::size_t i : pending_) const_cast<detail::FutureCore&>(workers_[i]->core()).subscribe(queue_);
 }
 
+AsCompleted::~AsCompleted() = default;
+AsCompleted& AsCompleted::operator=(AsCompleted&&) noexcept = default;
+
 Completed AsCompleted::next_completed() {
+    if (!state_) return Completed{};  // moved from
+    auto& queue_ = state_->queue;
+    auto& workers_ = state_->workers;
+    auto& pending_ = state_->pending;
+    const auto deadline_ = state_->deadline;
     while (!pending_.empty()) {
         const detail::FutureCore* c = queue_->pop_until(deadline_);
         if (!c) {
@@ -18255,6 +18388,7 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int
     {
         std::lock_guard<std::mutex> lk(core->io_mutex());
         core->exitcode_ = code;
+        core->exited_ = true;
         os::poller_remove(poller_, io.pidfd);  // kept open for waiters; closed with the core
         os::close_handle(io.channel);
         io.channel = os::invalid_handle;
@@ -18616,8 +18750,11 @@ long ProcessCore::pid() const {
 
 std::optional<int> ProcessCore::exitcode() const {
     std::lock_guard<std::mutex> lk(mutex_);
+    if (!exited_) return std::nullopt;
     return exitcode_;
 }
+
+std::optional<int> ProcessBase::exitcode() const { return static_cast<const ProcessCore&>(core()).exitcode(); }
 
 bool ProcessCore::is_alive() const { return started() && !exitcode().has_value(); }
 
@@ -18625,7 +18762,7 @@ bool ProcessCore::has_value() const { return has_value_; }
 
 void ProcessCore::send_signal(int sig) {
     std::lock_guard<std::mutex> lk(mutex_);
-    if (pid_ == 0 || exitcode_) return;
+    if (pid_ == 0 || exited_) return;
     // Remembered: if someone else collects the exit status, this is what is known of the end.
     if (os::send_signal(pid_, io_->pidfd, sig)) io_->signal_sent = sig;
 }
@@ -19020,7 +19157,7 @@ struct ConnectionCore::Impl {
     }
 };
 
-void ConnectionCore::make_pair(bool duplex, std::shared_ptr<ConnectionCore>& a, std::shared_ptr<ConnectionCore>& b) {
+void ConnectionCore::make_pair(bool duplex, Shared<ConnectionCore>& a, Shared<ConnectionCore>& b) {
     os::handle_t x, y;
     os::channel_pair(x, y);
     try {
@@ -19030,6 +19167,10 @@ void ConnectionCore::make_pair(bool duplex, std::shared_ptr<ConnectionCore>& a, 
         throw;
     }
     b = std::make_shared<ConnectionCore>(y, duplex ? Mode::duplex : Mode::sends);
+}
+
+Shared<ConnectionCore> ConnectionCore::adopt(os::handle_t h, unsigned mode) {
+    return std::make_shared<ConnectionCore>(h, mode);
 }
 
 ConnectionCore::ConnectionCore(os::handle_t h, unsigned mode) {
@@ -19161,8 +19302,14 @@ void throw_unconnected(const char* what) {
 
 void throw_recv_timeout() { throw TimeoutError("mpservice: Connection::recv: nothing arrived within the timeout"); }
 
+namespace {
 void copy_message(void* context, const unsigned char* data, std::size_t n, const std::vector<os::handle_t>*) {
-    static_cast<std::optional<std::string>*>(context)->emplace(reinterpret_cast<const char*>(data), n);
+    static_cast<std::string*>(context)->assign(reinterpret_cast<const char*>(data), n);
+}
+}  // namespace
+
+bool ConnectionCore::receive_bytes(std::string& out, os::Deadline deadline) {
+    return receive(&copy_message, &out, deadline);
 }
 
 // ---------------------------------------------------------------- connection_wait
@@ -19549,6 +19696,16 @@ void serve_pool_tasks(const PoolWorkerBoot& b, void* state) {
     }
 }
 
+void PoolResultState::read_from(const Shared<PoolCore>& pool) { pool_ = pool.shared(); }
+
+bool PoolResultState::wait_until(os::Deadline deadline) const {
+    if (done_relaxed()) return true;
+    if (auto pool = pool_.lock())
+        return pool->serve_until([this] { return done_relaxed(); }, deadline,
+                                 [this](os::Deadline d) { FutureCore::wait_until(d); });
+    return FutureCore::wait_until(deadline);  // the pool is gone: it resolved every result first
+}
+
 void log_callback_error(const std::exception_ptr& e) {
     std::string what = "unknown exception";
     try {
@@ -19839,7 +19996,7 @@ void PoolCore::submit(const PoolTarget& target, std::vector<ChunkDraft>& drafts)
     made.reserve(drafts.size());
     for (auto& d : drafts) {
         auto c = std::make_unique<State::Chunk>();
-        c->job = d.job;
+        c->job = d.job.shared();
         c->job_first = d.job_first;
         c->count = d.count;
         c->target = target;
@@ -21987,7 +22144,7 @@ Ref::~Ref() {
     if (link) link->release(id);
 }
 
-RefPtr create_object(const std::shared_ptr<Link>& link, const void* creator, std::uint64_t type, const Encoder& args) {
+RefPtr create_object(const Shared<Link>& link, const void* creator, std::uint64_t type, const Encoder& args) {
     if (!link) throw InvalidStateError("mpservice: the server process was not started");
     Encoder e;
     write_invoker(e, invoker_of(creator));
@@ -22124,27 +22281,36 @@ std::tuple<std::uint64_t, std::int64_t, std::int64_t> server_counts(const std::s
 }
 }  // namespace
 
+struct Namespace::Values {
+    std::map<std::string, Held> map;
+};
+
+Namespace::Namespace() : values_(new Values) {}
+Namespace::~Namespace() = default;
+
+Namespace::Held& Namespace::slot_for(std::string name) { return values_->map[std::move(name)]; }
+
 // Out of line, here: the Method<Namespace, ...> invokers they use are
 // instantiated and announced once, in the implementation, instead of by a
 // static initializer in every includer.
 bool Namespace::contains(const std::string& name) const {
     std::lock_guard<std::mutex> g(m_);
-    return values_.count(name) != 0;
+    return values_->map.count(name) != 0;
 }
 
 void Namespace::erase(const std::string& name) {
     Held old;
     std::lock_guard<std::mutex> g(m_);
-    auto it = values_.find(name);
-    if (it == values_.end()) throw std::out_of_range("namespace has no attribute '" + name + "'");
+    auto it = values_->map.find(name);
+    if (it == values_->map.end()) throw std::out_of_range("namespace has no attribute '" + name + "'");
     old = std::move(it->second);
-    values_.erase(it);
+    values_->map.erase(it);
 }
 
 std::vector<std::string> Namespace::names() const {
     std::lock_guard<std::mutex> g(m_);
     std::vector<std::string> out;
-    for (auto& kv : values_) out.push_back(kv.first);
+    for (auto& kv : values_->map) out.push_back(kv.first);
     return out;
 }
 
@@ -22155,12 +22321,12 @@ std::string Namespace::type_of(const std::string& name) const {
 
 std::size_t Namespace::len() const {
     std::lock_guard<std::mutex> g(m_);
-    return values_.size();
+    return values_->map.size();
 }
 
 const Namespace::Held& Namespace::find(const std::string& name) const {
-    auto it = values_.find(name);
-    if (it == values_.end()) throw std::out_of_range("namespace has no attribute '" + name + "'");
+    auto it = values_->map.find(name);
+    if (it == values_->map.end()) throw std::out_of_range("namespace has no attribute '" + name + "'");
     return it->second;
 }
 
@@ -22182,12 +22348,12 @@ const std::string& Proxy<Namespace>::checked(const std::string& name) {
     return name;
 }
 
-ServerClient::ServerClient(std::shared_ptr<detail::server::Link> link) { link_ = std::move(link); }
+ServerClient::ServerClient(detail::Shared<detail::server::Link> link) { link_ = std::move(link); }
 
-std::size_t ServerAccess::object_count() const { return static_cast<std::size_t>(std::get<0>(server_counts(link_))); }
+std::size_t ServerAccess::object_count() const { return static_cast<std::size_t>(std::get<0>(server_counts(link_.shared()))); }
 
 std::pair<long, long> ServerAccess::resource_counts() const {
-    auto c = server_counts(link_);
+    auto c = server_counts(link_.shared());
     return {static_cast<long>(std::get<1>(c)), static_cast<long>(std::get<2>(c))};
 }
 
@@ -22196,7 +22362,7 @@ const std::string& ServerAccess::address() const {
     return link_ ? link_->address : none;
 }
 
-const std::shared_ptr<detail::server::Link>& ServerAccess::link() const {
+const detail::Shared<detail::server::Link>& ServerAccess::link() const {
     if (!link_) throw InvalidStateError("mpservice: the server process was not started");
     return link_;
 }

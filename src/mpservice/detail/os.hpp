@@ -43,9 +43,11 @@ template <class Rep, class Period>
 Deadline deadline_after(std::chrono::duration<Rep, Period> timeout) {
     auto now = Clock::now();
     if (timeout <= timeout.zero()) return now;
-    if (std::chrono::duration<double>(timeout).count() >
-        std::chrono::duration<double>(no_deadline - now).count())
-        return no_deadline;
+    // In plain arithmetic where it does not depend on the timeout's type: a
+    // chrono conversion here would be instantiated in every includer.
+    const double seconds_left =
+        static_cast<double>((no_deadline - now).count()) * Clock::period::num / Clock::period::den;
+    if (static_cast<double>(timeout.count()) * Period::num / Period::den > seconds_left) return no_deadline;
     return now + std::chrono::duration_cast<Clock::duration>(timeout);
 }
 

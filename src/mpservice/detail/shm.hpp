@@ -45,18 +45,16 @@ public:
     MPSERVICE_API void keep_mapped_while_held(os::RobustMutex* m) const;
 
 private:
-    struct Mapping {
+    /// What the inline accessors read.  The rest of the mapping (the mutexes
+    /// of keep_mapped_while_held, and unmapping) is the implementation's
+    /// Mapping, which derives from it - out of every includer's sight.
+    struct View {
         os::handle_t handle = os::invalid_handle;
         void* addr = nullptr;
         std::size_t size = 0;
-        std::mutex guard;                         // for `mutexes`
-        std::vector<os::RobustMutex*> mutexes;    // see keep_mapped_while_held
-        Mapping() = default;
-        Mapping(const Mapping&) = delete;
-        Mapping& operator=(const Mapping&) = delete;
-        ~Mapping();
     };
-    std::shared_ptr<Mapping> m_;
+    struct Mapping;
+    Shared<View> m_;
 };
 
 /// A T constructed in its own block of shared memory, reached through a

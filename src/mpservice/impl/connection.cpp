@@ -199,7 +199,7 @@ struct ConnectionCore::Impl {
     }
 };
 
-void ConnectionCore::make_pair(bool duplex, std::shared_ptr<ConnectionCore>& a, std::shared_ptr<ConnectionCore>& b) {
+void ConnectionCore::make_pair(bool duplex, Shared<ConnectionCore>& a, Shared<ConnectionCore>& b) {
     os::handle_t x, y;
     os::channel_pair(x, y);
     try {
@@ -209,6 +209,10 @@ void ConnectionCore::make_pair(bool duplex, std::shared_ptr<ConnectionCore>& a, 
         throw;
     }
     b = std::make_shared<ConnectionCore>(y, duplex ? Mode::duplex : Mode::sends);
+}
+
+Shared<ConnectionCore> ConnectionCore::adopt(os::handle_t h, unsigned mode) {
+    return std::make_shared<ConnectionCore>(h, mode);
 }
 
 ConnectionCore::ConnectionCore(os::handle_t h, unsigned mode) {
@@ -340,8 +344,14 @@ void throw_unconnected(const char* what) {
 
 void throw_recv_timeout() { throw TimeoutError("mpservice: Connection::recv: nothing arrived within the timeout"); }
 
+namespace {
 void copy_message(void* context, const unsigned char* data, std::size_t n, const std::vector<os::handle_t>*) {
-    static_cast<std::optional<std::string>*>(context)->emplace(reinterpret_cast<const char*>(data), n);
+    static_cast<std::string*>(context)->assign(reinterpret_cast<const char*>(data), n);
+}
+}  // namespace
+
+bool ConnectionCore::receive_bytes(std::string& out, os::Deadline deadline) {
+    return receive(&copy_message, &out, deadline);
 }
 
 // ---------------------------------------------------------------- connection_wait

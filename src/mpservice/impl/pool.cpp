@@ -298,6 +298,16 @@ void serve_pool_tasks(const PoolWorkerBoot& b, void* state) {
     }
 }
 
+void PoolResultState::read_from(const Shared<PoolCore>& pool) { pool_ = pool.shared(); }
+
+bool PoolResultState::wait_until(os::Deadline deadline) const {
+    if (done_relaxed()) return true;
+    if (auto pool = pool_.lock())
+        return pool->serve_until([this] { return done_relaxed(); }, deadline,
+                                 [this](os::Deadline d) { FutureCore::wait_until(d); });
+    return FutureCore::wait_until(deadline);  // the pool is gone: it resolved every result first
+}
+
 void log_callback_error(const std::exception_ptr& e) {
     std::string what = "unknown exception";
     try {
@@ -588,7 +598,7 @@ void PoolCore::submit(const PoolTarget& target, std::vector<ChunkDraft>& drafts)
     made.reserve(drafts.size());
     for (auto& d : drafts) {
         auto c = std::make_unique<State::Chunk>();
-        c->job = d.job;
+        c->job = d.job.shared();
         c->job_first = d.job_first;
         c->count = d.count;
         c->target = target;

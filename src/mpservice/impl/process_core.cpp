@@ -327,8 +327,11 @@ long ProcessCore::pid() const {
 
 std::optional<int> ProcessCore::exitcode() const {
     std::lock_guard<std::mutex> lk(mutex_);
+    if (!exited_) return std::nullopt;
     return exitcode_;
 }
+
+std::optional<int> ProcessBase::exitcode() const { return static_cast<const ProcessCore&>(core()).exitcode(); }
 
 bool ProcessCore::is_alive() const { return started() && !exitcode().has_value(); }
 
@@ -336,7 +339,7 @@ bool ProcessCore::has_value() const { return has_value_; }
 
 void ProcessCore::send_signal(int sig) {
     std::lock_guard<std::mutex> lk(mutex_);
-    if (pid_ == 0 || exitcode_) return;
+    if (pid_ == 0 || exited_) return;
     // Remembered: if someone else collects the exit status, this is what is known of the end.
     if (os::send_signal(pid_, io_->pidfd, sig)) io_->signal_sent = sig;
 }

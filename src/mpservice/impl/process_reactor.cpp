@@ -534,6 +534,7 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int
     {
         std::lock_guard<std::mutex> lk(core->io_mutex());
         core->exitcode_ = code;
+        core->exited_ = true;
         os::poller_remove(poller_, io.pidfd);  // kept open for waiters; closed with the core
         os::close_handle(io.channel);
         io.channel = os::invalid_handle;

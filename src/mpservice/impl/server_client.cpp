@@ -683,7 +683,7 @@ Ref::~Ref() {
     if (link) link->release(id);
 }
 
-RefPtr create_object(const std::shared_ptr<Link>& link, const void* creator, std::uint64_t type, const Encoder& args) {
+RefPtr create_object(const Shared<Link>& link, const void* creator, std::uint64_t type, const Encoder& args) {
     if (!link) throw InvalidStateError("mpservice: the server process was not started");
     Encoder e;
     write_invoker(e, invoker_of(creator));
@@ -820,27 +820,36 @@ std::tuple<std::uint64_t, std::int64_t, std::int64_t> server_counts(const std::s
 }
 }  // namespace
 
+struct Namespace::Values {
+    std::map<std::string, Held> map;
+};
+
+Namespace::Namespace() : values_(new Values) {}
+Namespace::~Namespace() = default;
+
+Namespace::Held& Namespace::slot_for(std::string name) { return values_->map[std::move(name)]; }
+
 // Out of line, here: the Method<Namespace, ...> invokers they use are
 // instantiated and announced once, in the implementation, instead of by a
 // static initializer in every includer.
 bool Namespace::contains(const std::string& name) const {
     std::lock_guard<std::mutex> g(m_);
-    return values_.count(name) != 0;
+    return values_->map.count(name) != 0;
 }
 
 void Namespace::erase(const std::string& name) {
     Held old;
     std::lock_guard<std::mutex> g(m_);
-    auto it = values_.find(name);
-    if (it == values_.end()) throw std::out_of_range("namespace has no attribute '" + name + "'");
+    auto it = values_->map.find(name);
+    if (it == values_->map.end()) throw std::out_of_range("namespace has no attribute '" + name + "'");
     old = std::move(it->second);
-    values_.erase(it);
+    values_->map.erase(it);
 }
 
 std::vector<std::string> Namespace::names() const {
     std::lock_guard<std::mutex> g(m_);
     std::vector<std::string> out;
-    for (auto& kv : values_) out.push_back(kv.first);
+    for (auto& kv : values_->map) out.push_back(kv.first);
     return out;
 }
 
@@ -851,12 +860,12 @@ std::string Namespace::type_of(const std::string& name) const {
 
 std::size_t Namespace::len() const {
     std::lock_guard<std::mutex> g(m_);
-    return values_.size();
+    return values_->map.size();
 }
 
 const Namespace::Held& Namespace::find(const std::string& name) const {
-    auto it = values_.find(name);
-    if (it == values_.end()) throw std::out_of_range("namespace has no attribute '" + name + "'");
+    auto it = values_->map.find(name);
+    if (it == values_->map.end()) throw std::out_of_range("namespace has no attribute '" + name + "'");
     return it->second;
 }
 
@@ -878,12 +887,12 @@ const std::string& Proxy<Namespace>::checked(const std::string& name) {
     return name;
 }
 
-ServerClient::ServerClient(std::shared_ptr<detail::server::Link> link) { link_ = std::move(link); }
+ServerClient::ServerClient(detail::Shared<detail::server::Link> link) { link_ = std::move(link); }
 
-std::size_t ServerAccess::object_count() const { return static_cast<std::size_t>(std::get<0>(server_counts(link_))); }
+std::size_t ServerAccess::object_count() const { return static_cast<std::size_t>(std::get<0>(server_counts(link_.shared()))); }
 
 std::pair<long, long> ServerAccess::resource_counts() const {
-    auto c = server_counts(link_);
+    auto c = server_counts(link_.shared());
     return {static_cast<long>(std::get<1>(c)), static_cast<long>(std::get<2>(c))};
 }
 
@@ -892,7 +901,7 @@ const std::string& ServerAccess::address() const {
     return link_ ? link_->address : none;
 }
 
-const std::shared_ptr<detail::server::Link>& ServerAccess::link() const {
+const detail::Shared<detail::server::Link>& ServerAccess::link() const {
     if (!link_) throw InvalidStateError("mpservice: the server process was not started");
     return link_;
 }

@@ -54,6 +54,17 @@ ParkedMappings& parked_mappings() {
 }
 }  // namespace shm_impl
 
+/// The block mapped in this process, unmapped when its last SharedMemory here
+/// is gone (or parked, while a thread here holds a robust mutex inside it).
+struct SharedMemory::Mapping : SharedMemory::View {
+    std::mutex guard;                       // for `mutexes`
+    std::vector<os::RobustMutex*> mutexes;  // see keep_mapped_while_held
+    Mapping() = default;
+    Mapping(const Mapping&) = delete;
+    Mapping& operator=(const Mapping&) = delete;
+    ~Mapping();
+};
+
 SharedMemory::Mapping::~Mapping() {
     os::close_handle(handle);  // the mapping, not the descriptor, keeps the memory
     if (!mutexes.empty() && shm_impl::any_held(mutexes)) {
@@ -70,10 +81,11 @@ SharedMemory::Mapping::~Mapping() {
 
 void SharedMemory::keep_mapped_while_held(os::RobustMutex* m) const {
     if (!m_) return;
-    std::lock_guard<std::mutex> g(m_->guard);
-    for (os::RobustMutex* known : m_->mutexes)
+    Mapping& mapping = *static_cast<Mapping*>(m_.get());  // every View here is a Mapping
+    std::lock_guard<std::mutex> g(mapping.guard);
+    for (os::RobustMutex* known : mapping.mutexes)
         if (known == m) return;
-    m_->mutexes.push_back(m);
+    mapping.mutexes.push_back(m);
 }
 
 SharedMemory SharedMemory::create(std::size_t size) {

@@ -1,9 +1,31 @@
 // threading: implementation - the future core shared by Process and Thread,
 // wait() and as_completed().
 #include <algorithm>
+#include <deque>
 
 namespace mpservice {
 namespace detail {
+
+/// Cores that have resolved, in the order they did (wait, as_completed).
+class CompletionQueue {
+public:
+    void push(const FutureCore* core);
+    /// The next resolved core, or nullptr if `deadline` passes first.
+    const FutureCore* pop_until(os::Deadline deadline);
+
+private:
+    std::mutex mutex_;
+    std::condition_variable cv_;
+    std::deque<const FutureCore*> ready_;
+};
+
+struct FutureCore::Listeners {
+    std::vector<std::weak_ptr<CompletionQueue>> queues;
+    std::vector<Owned<Task>> hooks;
+};
+
+FutureCore::FutureCore() = default;
+FutureCore::~FutureCore() = default;
 
 void FutureCore::mark_started() {
     std::lock_guard<std::mutex> lk(mutex_);
@@ -21,8 +43,7 @@ bool FutureCore::done() const {
 }
 
 void FutureCore::resolve(std::exception_ptr error, std::exception_ptr result_error) {
-    std::vector<std::weak_ptr<CompletionQueue>> subscribers;
-    std::vector<Owned<Task>> hooks;
+    Owned<Listeners> listeners;
     {
         std::lock_guard<std::mutex> lk(mutex_);
         if (done_) return;
@@ -30,21 +51,22 @@ void FutureCore::resolve(std::exception_ptr error, std::exception_ptr result_err
         done_flag_.store(true, std::memory_order_release);
         error_ = std::move(error);
         result_error_ = std::move(result_error);
-        subscribers.swap(subscribers_);
-        hooks.swap(hooks_);
+        listeners = std::move(listeners_);
         cv_.notify_all();
     }
     // Outside our lock: subscribe() takes ours, then the queue's.
-    for (auto& w : subscribers)
+    if (!listeners) return;
+    for (auto& w : listeners->queues)
         if (auto q = w.lock()) q->push(this);
-    for (auto& h : hooks) h->run();
+    for (auto& h : listeners->hooks) h->run();
 }
 
 void FutureCore::on_resolve(Owned<Task> hook) {
     {
         std::lock_guard<std::mutex> lk(mutex_);
         if (!done_) {
-            hooks_.push_back(std::move(hook));
+            if (!listeners_) listeners_ = Owned<Listeners>(new Listeners);
+            listeners_->hooks.push_back(std::move(hook));
             return;
         }
     }
@@ -76,11 +98,13 @@ void FutureCore::subscribe(const std::shared_ptr<CompletionQueue>& q) {
         q->push(this);
         return;
     }
+    if (!listeners_) listeners_ = Owned<Listeners>(new Listeners);
     // Drop queues of finished waits so a long-lived worker's list stays short.
-    subscribers_.erase(std::remove_if(subscribers_.begin(), subscribers_.end(),
-                                      [](const std::weak_ptr<CompletionQueue>& w) { return w.expired(); }),
-                       subscribers_.end());
-    subscribers_.push_back(q);
+    auto& queues = listeners_->queues;
+    queues.erase(std::remove_if(queues.begin(), queues.end(),
+                                [](const std::weak_ptr<CompletionQueue>& w) { return w.expired(); }),
+                 queues.end());
+    queues.push_back(q);
 }
 
 void CompletionQueue::push(const FutureCore* core) {
@@ -111,6 +135,8 @@ void throw_result_taken(const std::string& name) {
     throw InvalidStateError("mpservice: the result of '" + name +
                             "' was moved out by take_result() (or std::move(worker).result()); it is gone");
 }
+
+Shared<std::atomic<bool>> make_stop_flag() { return std::make_shared<std::atomic<bool>>(false); }
 
 std::string next_thread_name() {
     static std::atomic<int> counter{1};
@@ -150,6 +176,14 @@ std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Dead
     return out;
 }
 
+WorkerList wait_until_split(const WorkerList& workers, os::Deadline deadline, ReturnWhen return_when,
+                            std::size_t& done_count) {
+    auto [done, not_done] = wait_until(workers, deadline, return_when);
+    done_count = done.size();
+    done.insert(done.end(), not_done.begin(), not_done.end());
+    return done;
+}
+
 }  // namespace detail
 
 std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, ReturnWhen return_when) {
@@ -158,8 +192,19 @@ std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, ReturnWhen ret
 
 AsCompleted as_completed(const WorkerList& workers) { return AsCompleted(workers, detail::os::no_deadline); }
 
-AsCompleted::AsCompleted(const WorkerList& workers, detail::os::Deadline deadline)
-    : queue_(std::make_shared<detail::CompletionQueue>()), workers_(workers), deadline_(deadline) {
+struct AsCompleted::State {
+    std::shared_ptr<detail::CompletionQueue> queue = std::make_shared<detail::CompletionQueue>();
+    WorkerList workers;
+    std::vector<std::size_t> pending;  // positions in workers, one per distinct worker
+    detail::os::Deadline deadline;
+};
+
+AsCompleted::AsCompleted(const WorkerList& workers, detail::os::Deadline deadline) : state_(new State) {
+    auto& queue_ = state_->queue;
+    auto& workers_ = state_->workers;
+    auto& pending_ = state_->pending;
+    workers_ = workers;
+    state_->deadline = deadline;
     detail::check_started(workers_);
     for (std::size_t i = 0; i < workers_.size(); ++i)
         if (std::find(workers_.begin(), workers_.begin() + static_cast<std::ptrdiff_t>(i), workers_[i]) ==
@@ -168,7 +213,15 @@ AsCompleted::AsCompleted(const WorkerList& workers, detail::os::Deadline deadlin
     for (std::size_t i : pending_) const_cast<detail::FutureCore&>(workers_[i]->core()).subscribe(queue_);
 }
 
+AsCompleted::~AsCompleted() = default;
+AsCompleted& AsCompleted::operator=(AsCompleted&&) noexcept = default;
+
 Completed AsCompleted::next_completed() {
+    if (!state_) return Completed{};  // moved from
+    auto& queue_ = state_->queue;
+    auto& workers_ = state_->workers;
+    auto& pending_ = state_->pending;
+    const auto deadline_ = state_->deadline;
     while (!pending_.empty()) {
         const detail::FutureCore* c = queue_->pop_until(deadline_);
         if (!c) {

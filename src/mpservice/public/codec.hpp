@@ -229,31 +229,15 @@ public:
     /// writes nothing) are limited to max_empty_elements per container.
     std::size_t read_length(std::size_t min_bytes_each, const char* what) {
         std::uint64_t n = read<std::uint64_t>();
-        if (min_bytes_each == 0) {
-            if (n > max_empty_elements)
-                throw DecodeError(std::string("decode: ") + what + " length " + std::to_string(n) +
-                                  " of elements that take no bytes exceeds the limit of " +
-                                  std::to_string(max_empty_elements));
-        } else if (n > remaining() / min_bytes_each) {
-            throw DecodeError(std::string("decode: ") + what + " length " + std::to_string(n) +
-                              " cannot fit in the " + std::to_string(remaining()) +
-                              " bytes left (each element takes at least " + std::to_string(min_bytes_each) +
-                              ")");
-        }
+        if (min_bytes_each == 0 ? n > max_empty_elements : n > remaining() / min_bytes_each)
+            throw_bad_length(n, min_bytes_each, what);
         return static_cast<std::size_t>(n);
     }
     static constexpr std::size_t max_empty_elements = std::size_t(1) << 20;
 
     /// The OS handle attached at `index` by Encoder::attach.
     detail::os::handle_t handle(std::uint32_t index) const {
-        if (!handles_)
-            throw DecodeError(
-                "decode: this value holds an OS handle (a Lock, Queue, Value, ...) but "
-                "it arrived over a channel that carries no handles; pass such objects "
-                "as Process arguments");
-        if (index >= handles_->size())
-            throw DecodeError("decode: handle index " + std::to_string(index) + " out of range (" +
-                              std::to_string(handles_->size()) + " handles arrived)");
+        if (!handles_ || index >= handles_->size()) throw_bad_handle(index);
         return (*handles_)[index];
     }
 
@@ -261,21 +245,21 @@ public:
     bool at_end() const noexcept { return p_ == end_; }
     /// Throws unless every byte was consumed (trailing garbage is an error).
     void expect_end(const char* what = "value") const {
-        if (!at_end())
-            throw DecodeError(std::string("decode: ") + std::to_string(remaining()) +
-                              " unexpected trailing bytes after " + what);
+        if (!at_end()) throw_trailing(what);
     }
 
 private:
     void require(std::size_t n, const char* what) const {
         if (n > remaining()) throw_truncated(n, what);
     }
-    // Out of line and cold: keeps the fast path small (and g++ 12's -Warray-bounds
-    // from reasoning about the bytes past a failed check).
-    [[noreturn]] void throw_truncated(std::size_t n, const char* what) const {
-        throw DecodeError(std::string("decode: truncated input: needed ") + std::to_string(n) + " " + what +
-                          ", " + std::to_string(remaining()) + " left");
-    }
+    // The failures, out of line (the implementation) and cold: they keep the
+    // fast paths small (and g++ 12's -Warray-bounds from reasoning about the
+    // bytes past a failed check), and every includer from compiling the
+    // messages' string code.
+    [[noreturn]] MPSERVICE_API void throw_truncated(std::size_t n, const char* what) const;
+    [[noreturn]] MPSERVICE_API void throw_bad_length(std::uint64_t n, std::size_t min_bytes_each, const char* what) const;
+    [[noreturn]] MPSERVICE_API void throw_bad_handle(std::uint32_t index) const;
+    [[noreturn]] MPSERVICE_API void throw_trailing(const char* what) const;
     const unsigned char* p_;
     const unsigned char* end_;
     const std::vector<detail::os::handle_t>* handles_;

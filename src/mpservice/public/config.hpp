@@ -10,6 +10,8 @@
 #error "mpservice.hpp needs C++17 or later"
 #endif
 
+#include <memory>
+
 #if defined(_WIN32)
 #define MPSERVICE_WIN32 1
 #else
@@ -70,6 +72,37 @@ public:
 
 private:
     T* p_ = nullptr;
+};
+
+/// A shared owning pointer to a T, held as a std::shared_ptr<void>: the
+/// library's classes keep their internal state this way.  Why: each distinct
+/// std::shared_ptr<T> a class holds costs every includer some 60-150 class
+/// instantiations (its converting constructors' constraints, __shared_ptr,
+/// the traits) where the class is declared, while shared_ptr<void> is
+/// instantiated once for all.  The conversions from and to std::shared_ptr<T>
+/// instantiate shared_ptr<T> only where they are used - in the
+/// implementation.  The stored pointer is the T* of the shared_ptr<T> it was
+/// made from, so get() is a plain cast; ownership is the shared_ptr's.
+template <class T>
+class Shared {
+public:
+    Shared() noexcept = default;
+    Shared(std::nullptr_t) noexcept {}
+    template <class U>
+    Shared(std::shared_ptr<U> p) noexcept : p_(std::shared_ptr<T>(std::move(p))) {}
+    T* get() const noexcept { return static_cast<T*>(p_.get()); }
+    T& operator*() const noexcept { return *get(); }
+    T* operator->() const noexcept { return get(); }
+    explicit operator bool() const noexcept { return p_ != nullptr; }
+    /// As the std::shared_ptr<T> it is (sharing the ownership).
+    std::shared_ptr<T> shared() const noexcept { return std::static_pointer_cast<T>(p_); }
+    void reset() noexcept { p_.reset(); }
+    long use_count() const noexcept { return p_.use_count(); }
+    friend bool operator==(const Shared& a, const Shared& b) noexcept { return a.p_ == b.p_; }
+    friend bool operator!=(const Shared& a, const Shared& b) noexcept { return a.p_ != b.p_; }
+
+private:
+    std::shared_ptr<void> p_;
 };
 
 }  // namespace mpservice::detail

@@ -80,8 +80,9 @@ public:
     enum Mode : unsigned { receives = 1, sends = 2, duplex = 3 };
 
     /// A connected pair; one-way: `a` receives, `b` sends.
-    MPSERVICE_API static void make_pair(bool duplex, std::shared_ptr<ConnectionCore>& a,
-                                        std::shared_ptr<ConnectionCore>& b);
+    MPSERVICE_API static void make_pair(bool duplex, Shared<ConnectionCore>& a, Shared<ConnectionCore>& b);
+    /// An end over `h` (taking ownership of it), as a decoded Connection is.
+    MPSERVICE_API static Shared<ConnectionCore> adopt(os::handle_t h, unsigned mode);
     /// Takes ownership of `h`.
     MPSERVICE_API ConnectionCore(os::handle_t h, unsigned mode);
     MPSERVICE_API ~ConnectionCore();
@@ -96,6 +97,8 @@ public:
                              const std::vector<os::handle_t>* handles);
     /// Receives one message by `deadline`; false if none came.  EOFError at end of stream.
     MPSERVICE_API bool receive(Consume consume, void* context, os::Deadline deadline);
+    /// receive() of the message's bytes as they are, into `out`.
+    MPSERVICE_API bool receive_bytes(std::string& out, os::Deadline deadline);
     /// Whether a receive would not block (a whole message, or the end), waiting until `deadline`.
     MPSERVICE_API bool poll(os::Deadline deadline);
     /// poll() without waiting, or false when another thread is receiving
@@ -130,8 +133,6 @@ void decode_message(void* context, const unsigned char* data, std::size_t n, con
     static_cast<std::optional<T>*>(context)->emplace(d.read<T>());
     d.expect_end("connection message");
 }
-MPSERVICE_API void copy_message(void* context, const unsigned char* data, std::size_t n,
-                                const std::vector<os::handle_t>* handles);
 
 /// One entry of connection_wait: an end, or a process.
 struct WaitTarget {
@@ -186,13 +187,17 @@ public:
     void send_bytes(std::string_view bytes) { core("send_bytes").send(bytes.data(), bytes.size(), nullptr, 0); }
     void send_bytes(const void* data, std::size_t n) { core("send_bytes").send(data, n, nullptr, 0); }
     /// The next message's bytes as they were sent, whatever sent them; EOFError at end.
-    std::string recv_bytes() { return *take_bytes(detail::os::no_deadline); }
+    std::string recv_bytes() {
+        std::string out;
+        core("recv_bytes").receive_bytes(out, detail::os::no_deadline);
+        return out;
+    }
     /// As recv_bytes(), but TimeoutError if nothing came within `timeout`.
     template <class Rep, class Period>
     std::string recv_bytes(std::chrono::duration<Rep, Period> timeout) {
-        auto v = take_bytes(detail::os::deadline_after(timeout));
-        if (!v) detail::throw_recv_timeout();
-        return std::move(*v);
+        std::string out;
+        if (!core("recv_bytes").receive_bytes(out, detail::os::deadline_after(timeout))) detail::throw_recv_timeout();
+        return out;
     }
 
     /// Closes this end for this process (every copy here); other processes'
@@ -216,7 +221,7 @@ public:
     detail::ConnectionCore* core_ptr() const noexcept { return core_.get(); }
 
 private:
-    explicit Connection(std::shared_ptr<detail::ConnectionCore> core) : core_(std::move(core)) {}
+    explicit Connection(detail::Shared<detail::ConnectionCore> core) : core_(std::move(core)) {}
     detail::ConnectionCore& core(const char* what) const {
         if (!core_) detail::throw_unconnected(what);
         return *core_;
@@ -226,13 +231,8 @@ private:
         core("recv").receive(&detail::decode_message<T>, &out, deadline);
         return out;
     }
-    std::optional<std::string> take_bytes(detail::os::Deadline deadline) {
-        std::optional<std::string> out;
-        core("recv_bytes").receive(&detail::copy_message, &out, deadline);
-        return out;
-    }
 
-    std::shared_ptr<detail::ConnectionCore> core_;
+    detail::Shared<detail::ConnectionCore> core_;
 
     template <class U>
     friend std::pair<Connection<U>, Connection<U>> Pipe(bool duplex);
@@ -243,7 +243,7 @@ private:
 /// and receive; otherwise the first end only receives and the second only sends.
 template <class T>
 std::pair<Connection<T>, Connection<T>> Pipe(bool duplex = true) {
-    std::shared_ptr<detail::ConnectionCore> a, b;
+    detail::Shared<detail::ConnectionCore> a, b;
     detail::ConnectionCore::make_pair(duplex, a, b);
     return {Connection<T>(std::move(a)), Connection<T>(std::move(b))};
 }
@@ -263,7 +263,7 @@ struct Codec<Connection<T>> {
         d(mode, index);
         if (mode < 1 || mode > 3) throw DecodeError("decode: connection mode " + std::to_string(mode) + " is not 1, 2 or 3");
         detail::os::handle_t h = detail::os::duplicate_handle(d.handle(index));  // the channel keeps its own
-        return Connection<T>(std::make_shared<detail::ConnectionCore>(h, mode));
+        return Connection<T>(detail::ConnectionCore::adopt(h, mode));
     }
     static constexpr std::size_t min_encoded_size() { return 5; }
 };

@@ -19,7 +19,6 @@
 #include <condition_variable>
 #include <cstddef>
 #include <atomic>
-#include <deque>
 #include <exception>
 #include <iterator>
 #include <memory>
@@ -72,10 +71,10 @@ Owned<Task> make_task(L&& l) {
 /// once with an outcome.  Waiters block on it; wait()/as_completed() subscribe.
 class FutureCore {
 public:
-    FutureCore() = default;
+    MPSERVICE_API FutureCore();  // out of line, as the destructor: Listeners is the implementation's
     FutureCore(const FutureCore&) = delete;
     FutureCore& operator=(const FutureCore&) = delete;
-    virtual ~FutureCore() = default;
+    MPSERVICE_API virtual ~FutureCore();
 
     MPSERVICE_API void mark_started();
     MPSERVICE_API bool started() const;
@@ -111,21 +110,11 @@ private:
     std::atomic<bool> done_flag_{false};
     std::exception_ptr error_;
     std::exception_ptr result_error_;
-    std::vector<std::weak_ptr<CompletionQueue>> subscribers_;
-    std::vector<Owned<Task>> hooks_;
-};
-
-/// Cores that have resolved, in the order they did.
-class CompletionQueue {
-public:
-    MPSERVICE_API void push(const FutureCore* core);
-    /// The next resolved core, or nullptr if `deadline` passes first.
-    MPSERVICE_API const FutureCore* pop_until(os::Deadline deadline);
-
-private:
-    std::mutex mutex_;
-    std::condition_variable cv_;
-    std::deque<const FutureCore*> ready_;
+    /// Who hears of the resolution (wait/as_completed queues, on_resolve
+    /// hooks): made on the first subscription, so a worker that no one waits
+    /// on this way allocates nothing for it.  Defined in the implementation.
+    struct Listeners;
+    Owned<Listeners> listeners_;
 };
 
 }  // namespace detail
@@ -146,10 +135,10 @@ public:
     const detail::FutureCore& core() const noexcept { return *core_; }
 
 protected:
-    explicit Worker(std::shared_ptr<detail::FutureCore> core) : core_(std::move(core)) {}
+    explicit Worker(detail::Shared<detail::FutureCore> core) : core_(std::move(core)) {}
     Worker(Worker&&) noexcept = default;
     Worker& operator=(Worker&&) noexcept = default;
-    std::shared_ptr<detail::FutureCore> core_;
+    detail::Shared<detail::FutureCore> core_;
 };
 
 using WorkerList = std::vector<Worker*>;
@@ -179,6 +168,11 @@ using result_ref_t = typename result_ref<R>::type;
 [[noreturn]] MPSERVICE_API void throw_result_taken(const std::string& name);
 MPSERVICE_API std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Deadline deadline,
                                                            ReturnWhen return_when);
+/// wait_until's answer in one list, the done workers first (`done_count` of
+/// them), each part in the order given: the typed waits' form (a pair of
+/// WorkerLists in a template would be instantiated in every includer).
+MPSERVICE_API WorkerList wait_until_split(const WorkerList& workers, os::Deadline deadline, ReturnWhen return_when,
+                                          std::size_t& done_count);
 }
 
 /// Waits for started workers (any mix of Process and Thread) and returns the
@@ -188,9 +182,11 @@ MPSERVICE_API std::pair<WorkerList, WorkerList> wait_until(const WorkerList& wor
 /// Over a range of one worker type (see the typed overloads below) the lists
 /// hold that type, so result() needs no cast.
 MPSERVICE_API std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, ReturnWhen return_when = ALL_COMPLETED);
+/// (The same std::pair<WorkerList, WorkerList>, spelled through the call so
+/// that only a caller instantiates it.)
 template <class Rep, class Period>
-std::pair<WorkerList, WorkerList> wait(const WorkerList& workers, std::chrono::duration<Rep, Period> timeout,
-                                       ReturnWhen return_when = ALL_COMPLETED) {
+auto wait(const WorkerList& workers, std::chrono::duration<Rep, Period> timeout, ReturnWhen return_when = ALL_COMPLETED)
+    -> decltype(detail::wait_until(workers, detail::os::deadline_after(timeout), return_when)) {
     return detail::wait_until(workers, detail::os::deadline_after(timeout), return_when);
 }
 
@@ -241,12 +237,13 @@ public:
 
     /// Starts watching `workers` (every one must be started) until `deadline`.
     MPSERVICE_API AsCompleted(const WorkerList& workers, detail::os::Deadline deadline);
+    MPSERVICE_API ~AsCompleted();
+    AsCompleted(AsCompleted&&) noexcept = default;
+    MPSERVICE_API AsCompleted& operator=(AsCompleted&&) noexcept;
 
 private:
-    std::shared_ptr<detail::CompletionQueue> queue_;
-    WorkerList workers_;
-    std::vector<std::size_t> pending_;  // positions in workers_, one per distinct worker
-    detail::os::Deadline deadline_;
+    struct State;  // the queue the workers report to, the list, the ones pending (the implementation's)
+    detail::Owned<State> state_;
 };
 
 /// Workers in the order they finish (see AsCompleted); no time limit.
@@ -301,11 +298,12 @@ template <class W>
 std::pair<std::vector<W*>, std::vector<W*>> typed_wait(const std::vector<W*>& typed, os::Deadline deadline,
                                                        ReturnWhen return_when) {
     WorkerList all(typed.begin(), typed.end());
-    auto [done, not_done] = wait_until(all, deadline, return_when);
+    std::size_t done_count = 0;
+    WorkerList split = wait_until_split(all, deadline, return_when, done_count);
     std::pair<std::vector<W*>, std::vector<W*>> out;
     // Every Worker* here was a W* a moment ago: the downcast is exact.
-    for (Worker* w : done) out.first.push_back(static_cast<W*>(w));
-    for (Worker* w : not_done) out.second.push_back(static_cast<W*>(w));
+    for (std::size_t i = 0; i < split.size(); ++i)
+        (i < done_count ? out.first : out.second).push_back(static_cast<W*>(split[i]));
     return out;
 }
 }  // namespace detail

@@ -275,7 +275,7 @@ struct PoolWorkerParts {
 /// of when its Process is destroyed.
 struct PoolWorkerBoot {
     MPSERVICE_API PoolWorkerBoot();  // fresh parts (defined in the implementation)
-    std::shared_ptr<PoolWorkerParts> p;
+    Shared<PoolWorkerParts> p;
     /// Closes the parent's copies of the worker's descriptors and mappings.
     void release() { p->~PoolWorkerParts(), new (p.get()) PoolWorkerParts(); }
 };
@@ -392,7 +392,7 @@ constexpr std::size_t pool_task_room = 56;
 /// item's arguments start in it (so that the rest of a chunk can be sent again
 /// when its worker dies in the middle).
 struct ChunkDraft {
-    std::shared_ptr<JobBase> job;
+    Shared<JobBase> job;
     std::size_t job_first = 0;
     std::uint32_t count = 0;
     /// pool_task_room bytes for the task header (so that a chunk's first
@@ -557,7 +557,7 @@ private:
     /// Opens the next chunk (once per chunk, not per item).
     MPSERVICE_API void open();
 
-    std::shared_ptr<JobBase> job_;
+    Shared<JobBase> job_;
     std::size_t chunksize_;
     std::size_t items_ = 0;
     std::vector<ChunkDraft> chunks_;
@@ -586,27 +586,28 @@ struct tuple_args<std::tuple<A...>> {
 /// A callback threw: logged (as Python's pool does not stop for it either).
 MPSERVICE_API void log_callback_error(const std::exception_ptr& e);
 
+/// What an AsyncState's waiter does, whatever its R (in the implementation):
+/// it serves the results of the pool or runner that resolves it itself.
+class PoolResultState : public FutureCore {
+public:
+    /// The pool or runner whose results resolve it: a waiter reads them itself.
+    MPSERVICE_API void read_from(const Shared<PoolCore>& pool);
+    MPSERVICE_API bool wait_until(os::Deadline deadline) const override;
+
+private:
+    std::weak_ptr<PoolCore> pool_;
+};
+
 /// The outcome state of an AsyncResult: the value, and the callbacks that run
 /// (in whichever thread read the result) before it resolves.
 template <class R>
-class AsyncState : public FutureCore {
+class AsyncState : public PoolResultState {
 public:
     using Holder = std::conditional_t<std::is_void_v<R>, bool, R>;
     using Success = std::function<void(const Holder&)>;
     using Failure = std::function<void(const std::exception_ptr&)>;
 
     AsyncState(Success s, Failure f) : on_success_(std::move(s)), on_failure_(std::move(f)) { mark_started(); }
-
-    /// The pool or runner whose results resolve it: a waiter reads them itself.
-    void read_from(const std::shared_ptr<PoolCore>& pool) { pool_ = pool; }
-
-    bool wait_until(os::Deadline deadline) const override {
-        if (done_relaxed()) return true;
-        if (auto pool = pool_.lock())
-            return pool->serve_until([this] { return done_relaxed(); }, deadline,
-                                     [this](os::Deadline d) { FutureCore::wait_until(d); });
-        return FutureCore::wait_until(deadline);  // the pool is gone: it resolved every result first
-    }
 
     void succeed(Holder v) {
         value_.emplace(std::move(v));
@@ -633,7 +634,6 @@ private:
     std::optional<Holder> value_;
     Success on_success_;
     Failure on_failure_;
-    std::weak_ptr<PoolCore> pool_;
 };
 
 /// map / map_async / starmap: every item's outcome in input order; the
@@ -1020,7 +1020,7 @@ public:
     iterator begin() { return iterator(this, next()); }
     iterator end() { return iterator(this, std::nullopt); }
 
-    ImapResult(std::shared_ptr<detail::PoolCore> pool, detail::PoolTarget target, detail::Owned<detail::InputFeed> feed,
+    ImapResult(detail::Shared<detail::PoolCore> pool, detail::PoolTarget target, detail::Owned<detail::InputFeed> feed,
                std::size_t chunksize, bool ordered)
         : pool_(std::move(pool)),
           target_(target),
@@ -1105,7 +1105,7 @@ private:
         }
     }
 
-    std::shared_ptr<detail::PoolCore> pool_;
+    detail::Shared<detail::PoolCore> pool_;
     detail::PoolTarget target_;
     detail::Owned<detail::InputFeed> feed_;
     std::shared_ptr<Job> job_;
@@ -1372,7 +1372,7 @@ private:
         return ImapResult<R>(core_, t, std::move(feed), chunksize, ordered);
     }
 
-    std::shared_ptr<detail::PoolCore> core_;
+    detail::Shared<detail::PoolCore> core_;
 };
 
 }  // namespace mpservice

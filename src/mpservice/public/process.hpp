@@ -540,7 +540,8 @@ public:
     StartMethod method_;
     bool daemon_ = false;
     long pid_ = 0;
-    std::optional<int> exitcode_;
+    int exitcode_ = 0;
+    bool exited_ = false;  // exitcode_ is known (a std::optional<int> here would cost every includer its instantiation)
     bool has_value_ = false;
     std::string value_bytes_;
     std::vector<os::handle_t> value_handles_;
@@ -595,13 +596,25 @@ enum class StartPhase : int {
 /// phase when off.
 MPSERVICE_API void test_trace_start_phases(std::int64_t* slots) noexcept;
 
+/// What every Process<R> has that does not depend on R and is defined in the
+/// implementation: a function of the template returning std::optional<int>
+/// would instantiate it in every includer.
+class ProcessBase : public Worker {
+public:
+    /// Empty while running; 0 after success, n after exit(n), 1 after an
+    /// exception, -N after signal N.
+    MPSERVICE_API std::optional<int> exitcode() const;
+
+protected:
+    using Worker::Worker;
+};
 
 }  // namespace detail
 
 /// A child process running target(args...) and delivering its result like a
 /// future.  See the top of this file for targets, contexts and lifetime.
 template <class R>
-class Process : public Worker {
+class Process : public detail::ProcessBase {
     using Core = detail::ProcessCore;
 
 public:
@@ -615,7 +628,7 @@ public:
                                    !std::is_base_of_v<Worker, std::decay_t<F>>,
                                int> = 0>
     explicit Process(F&& f, A&&... args)
-        : Worker(std::make_shared<Core>(default_context())),
+        : ProcessBase(std::make_shared<Core>(default_context())),
           task_(detail::make_child_task<R, detail::ContextCheck::spawn>(std::forward<F>(f),
                                                                           std::forward<A>(args)...)) {}
 
@@ -625,7 +638,7 @@ public:
     /// (get_context(...), default_context()) start() checks.
     template <class Ctx, class F, class... A, std::enable_if_t<std::is_base_of_v<Context, Ctx>, int> = 0>
     Process(const Ctx& ctx, F&& f, A&&... args)
-        : Worker(std::make_shared<Core>(ctx)),
+        : ProcessBase(std::make_shared<Core>(ctx)),
           task_(detail::make_child_task<R, check_for<Ctx>()>(std::forward<F>(f), std::forward<A>(args)...)) {}
 
     Process(Process&&) noexcept = default;
@@ -691,9 +704,6 @@ public:
     void kill() { state().send_signal(detail::os::signal_kill()); }
     /// The child's pid; 0 before start().
     long pid() const { return state().pid(); }
-    /// Empty while running; 0 after success, n after exit(n), 1 after an
-    /// exception, -N after signal N.
-    std::optional<int> exitcode() const { return state().exitcode(); }
     /// Renames the process (before start); the child sees it as current_process().name.
     void set_name(std::string name) {
         if (state().started()) throw InvalidStateError("mpservice: cannot rename a started process");
@@ -746,7 +756,7 @@ private:
         if (auto e = core_->error()) detail::rethrow_exception(e);
         if constexpr (std::is_void_v<R>) {
             // exit(0) from a void target is a success; a SIGTERM is not.
-            if (!state().has_value() && state().exitcode() != 0)
+            if (!state().has_value() && this->exitcode() != 0)  // `this->`: checked where used
                 if (auto e = core_->result_error()) detail::rethrow_exception(e);
         } else {
             if (!state().has_value()) detail::rethrow_exception(core_->result_error());

@@ -117,7 +117,7 @@ public:
     }
 
 private:
-    std::shared_ptr<detail::PoolCore> core_;
+    detail::Shared<detail::PoolCore> core_;
     bool joined_ = false;
 };
 

@@ -115,7 +115,7 @@ class Link;
 /// What every Proxy copy in one process shares for one object: the link to its
 /// server, the object id and, for memory blocks, the mapping (made once).
 struct Ref {
-    std::shared_ptr<Link> link;
+    Shared<Link> link;
     std::uint64_t id = 0;
     std::uint64_t type = 0;  // type_hash of the class
     std::mutex mapping_mutex;
@@ -125,10 +125,10 @@ struct Ref {
     Ref& operator=(const Ref&) = delete;
     MPSERVICE_API ~Ref();  // drops this process's reference (one message)
 };
-using RefPtr = std::shared_ptr<Ref>;
+using RefPtr = Shared<Ref>;
 
 /// The client side of a server, as ServerProcess and ServerClient hold it.
-MPSERVICE_API RefPtr create_object(const std::shared_ptr<Link>& link, const void* creator, std::uint64_t type,
+MPSERVICE_API RefPtr create_object(const Shared<Link>& link, const void* creator, std::uint64_t type,
                                    const Encoder& args);
 /// Calls `method` on the object; returns the encoded result (and its handles).
 MPSERVICE_API std::string call_method(const Ref& ref, const void* method, const Encoder& args,
@@ -585,11 +585,16 @@ private:
 /// std::out_of_range (Python's AttributeError).
 class Namespace {
 public:
+    MPSERVICE_API Namespace();
+    MPSERVICE_API ~Namespace();
+    Namespace(const Namespace&) = delete;
+    Namespace& operator=(const Namespace&) = delete;
+
     template <class T>
     void store(std::string name, T value) {
         Held old;  // a replaced value is destroyed unlocked (it may hold proxies)
         std::lock_guard<std::mutex> g(m_);
-        Held& slot = values_[std::move(name)];
+        Held& slot = slot_for(std::move(name));
         old = std::move(slot);
         slot.value = std::move(value);
         slot.type_name = typeid(T).name();
@@ -616,9 +621,12 @@ private:
         const char* type_name = "";
     };
     MPSERVICE_API const Held& find(const std::string& name) const;
+    /// The slot of `name`, made empty if there is none (under m_).
+    MPSERVICE_API Held& slot_for(std::string name);
     [[noreturn]] MPSERVICE_API static void throw_mismatch(const std::string& name, const char* held, const char* asked);
     mutable std::mutex m_;
-    std::map<std::string, Held> values_;
+    struct Values;  // the implementation's std::map<std::string, Held>
+    detail::Owned<Values> values_;
 };
 
 template <class T>
@@ -776,11 +784,11 @@ public:
     MPSERVICE_API const std::string& address() const;
 
     /// (internal)
-    MPSERVICE_API const std::shared_ptr<detail::server::Link>& link() const;
+    MPSERVICE_API const detail::Shared<detail::server::Link>& link() const;
 
 protected:
     ServerAccess() = default;
-    std::shared_ptr<detail::server::Link> link_;
+    detail::Shared<detail::server::Link> link_;
 };
 
 /// A handle to a running server that can be passed to other processes (as a
@@ -789,7 +797,7 @@ protected:
 class ServerClient : public ServerAccess {
 public:
     ServerClient() = default;
-    MPSERVICE_API explicit ServerClient(std::shared_ptr<detail::server::Link> link);
+    MPSERVICE_API explicit ServerClient(detail::Shared<detail::server::Link> link);
 };
 
 /// A server process hosting objects (see the top of this file).  Started by

@@ -812,8 +812,8 @@ private:
     template <class Rep, class Period>
     static std::int64_t timeout_ns(std::chrono::duration<Rep, Period> t) {
         if (t < t.zero()) return 0;
-        auto limit = std::chrono::duration<double>(std::chrono::hours(24 * 365 * 100));
-        if (std::chrono::duration<double>(t) > limit) return -1;  // practically forever
+        constexpr double limit_s = 100.0 * 365 * 24 * 3600;  // practically forever
+        if (static_cast<double>(t.count()) * Period::num / Period::den > limit_s) return -1;
         return std::chrono::duration_cast<std::chrono::nanoseconds>(t).count();
     }
     detail::SharedRef<detail::BarrierState> state_;

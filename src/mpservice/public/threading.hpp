@@ -44,8 +44,8 @@ public:
 private:
     template <class>
     friend class Thread;
-    explicit StopToken(std::shared_ptr<std::atomic<bool>> flag) : flag_(std::move(flag)) {}
-    std::shared_ptr<std::atomic<bool>> flag_;
+    explicit StopToken(detail::Shared<std::atomic<bool>> flag) : flag_(std::move(flag)) {}
+    detail::Shared<std::atomic<bool>> flag_;
 };
 
 template <class R>
@@ -55,6 +55,8 @@ namespace detail {
 
 /// "Thread-N", numbered from 1 in each process.
 MPSERVICE_API std::string next_thread_name();
+/// A Thread's stop flag, not set.
+MPSERVICE_API Shared<std::atomic<bool>> make_stop_flag();
 
 template <class F, class... A>
 constexpr bool takes_stop_token_v = std::is_invocable_v<std::decay_t<F>, StopToken, std::decay_t<A>...>;
@@ -125,7 +127,7 @@ public:
     template <class F, class... A,
               std::enable_if_t<!std::is_same_v<std::decay_t<F>, Thread>, int> = 0>
     explicit Thread(F&& f, A&&... args)
-        : Worker(std::make_shared<Core>()), stop_(std::make_shared<std::atomic<bool>>(false)) {
+        : Worker(std::make_shared<Core>()), stop_(detail::make_stop_flag()) {
         static_assert(detail::thread_callable_v<F, A...>,
                       "mpservice::Thread: the target cannot be called with these arguments. As std::thread does, "
                       "Thread keeps a copy of each argument and passes the copies as rvalues, so a non-const "
@@ -204,7 +206,7 @@ private:
     template <class F, class... A>
     detail::Owned<detail::Task> make_body(F&& f, A&&... args) {
         auto token = StopToken(stop_);
-        auto core = state();
+        auto core = std::static_pointer_cast<Core>(core_.shared());  // the thread's own reference
         return detail::make_task([core, token, fn = std::decay_t<F>(std::forward<F>(f)),
                                   tup = std::make_tuple(std::decay_t<A>(std::forward<A>(args))...)]() mutable {
             std::exception_ptr error;
@@ -236,13 +238,13 @@ private:
             core.value.emplace(call());
         }
     }
-    std::shared_ptr<Core> state() const { return std::static_pointer_cast<Core>(core_); }
+    Core& state() const { return static_cast<Core&>(*core_); }
 
     bool wait_for_end(detail::os::Deadline deadline, const char* what) {
         if (!core_->started()) detail::throw_not_started(what, name());
         if (!core_->wait_until(deadline)) return false;
         if (thread_.joinable()) {
-            std::lock_guard<std::mutex> lk(state()->join_mutex);
+            std::lock_guard<std::mutex> lk(state().join_mutex);
             if (thread_.joinable()) thread_.join();
         }
         return true;
@@ -251,7 +253,7 @@ private:
         if (!wait_for_end(deadline, "result")) detail::throw_timeout(name());
         if (auto e = core_->error()) std::rethrow_exception(e);
         if constexpr (!std::is_void_v<R>) {
-            Core& c = *state();
+            Core& c = state();
             std::lock_guard<std::mutex> lk(c.value_mutex);
             if (c.value_taken) detail::throw_result_taken(name());
             if constexpr (std::is_reference_v<R>) return **c.value;
@@ -262,7 +264,7 @@ private:
         if (!wait_for_end(deadline, "result")) detail::throw_timeout(name());
         if (auto e = core_->error()) std::rethrow_exception(e);
         if constexpr (!std::is_void_v<R>) {
-            Core& c = *state();
+            Core& c = state();
             std::lock_guard<std::mutex> lk(c.value_mutex);
             if (c.value_taken) detail::throw_result_taken(name());
             c.value_taken = true;
@@ -280,7 +282,7 @@ private:
         return core_->error();
     }
 
-    std::shared_ptr<std::atomic<bool>> stop_;
+    detail::Shared<std::atomic<bool>> stop_;
     detail::Owned<detail::Task> body_;
     std::thread thread_;
 };
