@@ -544,6 +544,9 @@ private:
 
 namespace detail {
 
+/// DecodeError for a map or set whose bytes repeat a key (out of line: cold).
+[[noreturn]] MPSERVICE_API void throw_duplicate_key(bool is_map);
+
 // Counts one nesting level for the lifetime of a compound value being read or
 // written; past codec_max_depth it throws instead of recursing further.
 class NestingGuard {
@@ -1286,7 +1289,7 @@ struct AssociativeCodec {
                 insert(m, d.read<K>());
             }
             if (Unique && m.size() == before)
-                throw DecodeError(std::string("decode: duplicate key in ") + (is_map ? "map" : "set"));
+                throw_duplicate_key(is_map);
         }
         return m;
     }
@@ -6707,12 +6710,16 @@ struct PoolTarget {
 /// know the initializer's types); returns its Process.
 using WorkerFactory = std::function<std::unique_ptr<Process<void>>(const PoolWorkerBoot& boot)>;
 
+/// PoolSettings::kind of a ProcessRunner (a pointer, not a literal: each
+/// length of literal assigned to a std::string costs an includer its checks).
+inline constexpr const char* runner_kind = "runner";
+
 struct PoolSettings {
     int processes = 1;
     std::uint64_t maxtasks = 0;
     os::CodeRef initializer;
     bool replace_dead_workers = true;  // false: a ProcessRunner (one death ends it)
-    std::string kind = "pool";         // for messages: "pool" or "runner"
+    std::string kind = "pool";         // for messages: "pool" or runner_kind
 };
 
 struct PoolDeliveries;
@@ -6886,6 +6893,7 @@ MPSERVICE_API void log_callback_error(const std::exception_ptr& e);
 /// it serves the results of the pool or runner that resolves it itself.
 class PoolResultState : public FutureCore {
 public:
+    MPSERVICE_API PoolResultState();
     /// The pool or runner whose results resolve it: a waiter reads them itself.
     MPSERVICE_API void read_from(const Shared<PoolCore>& pool);
     MPSERVICE_API bool wait_until(os::Deadline deadline) const override;
@@ -7229,7 +7237,7 @@ class AsyncResult : public Worker {
     using State = detail::AsyncState<R>;
 
 public:
-    explicit AsyncResult(std::shared_ptr<State> st) : Worker(st) { core_->name = "AsyncResult"; }
+    explicit AsyncResult(std::shared_ptr<State> st) : Worker(st) {}  // named "AsyncResult" by PoolResultState
     AsyncResult(AsyncResult&&) noexcept = default;
     AsyncResult& operator=(AsyncResult&&) noexcept = default;
 
@@ -7722,7 +7730,7 @@ public:
         detail::PoolSettings s;
         s.processes = 1;
         s.replace_dead_workers = false;
-        s.kind = "runner";
+        s.kind = detail::runner_kind;
         Context c = ctx;
         auto entry = &detail::runner_entry<T, std::decay_t<A>...>;
         detail::WorkerFactory factory = [c, entry, tup = std::make_tuple(std::decay_t<A>(std::forward<A>(args))...)](
@@ -13327,6 +13335,12 @@ std::uint32_t Encoder::attach(detail::os::handle_t h) {
 }
 
 // ---- Decoder's failures
+
+namespace detail {
+void throw_duplicate_key(bool is_map) {
+    throw DecodeError(std::string("decode: duplicate key in ") + (is_map ? "map" : "set"));
+}
+}  // namespace detail
 
 void Decoder::throw_truncated(std::size_t n, const char* what) const {
     throw DecodeError(std::string("decode: truncated input: needed ") + std::to_string(n) + " " + what + ", " +
@@ -19695,6 +19709,8 @@ void serve_pool_tasks(const PoolWorkerBoot& b, void* state) {
         wire::close_all(handles);
     }
 }
+
+PoolResultState::PoolResultState() { name = "AsyncResult"; }
 
 void PoolResultState::read_from(const Shared<PoolCore>& pool) { pool_ = pool.shared(); }
 

@@ -17,6 +17,12 @@ std::uint32_t Encoder::attach(detail::os::handle_t h) {
 
 // ---- Decoder's failures
 
+namespace detail {
+void throw_duplicate_key(bool is_map) {
+    throw DecodeError(std::string("decode: duplicate key in ") + (is_map ? "map" : "set"));
+}
+}  // namespace detail
+
 void Decoder::throw_truncated(std::size_t n, const char* what) const {
     throw DecodeError(std::string("decode: truncated input: needed ") + std::to_string(n) + " " + what + ", " +
                       std::to_string(remaining()) + " left");

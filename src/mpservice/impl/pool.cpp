@@ -298,6 +298,8 @@ void serve_pool_tasks(const PoolWorkerBoot& b, void* state) {
     }
 }
 
+PoolResultState::PoolResultState() { name = "AsyncResult"; }
+
 void PoolResultState::read_from(const Shared<PoolCore>& pool) { pool_ = pool.shared(); }
 
 bool PoolResultState::wait_until(os::Deadline deadline) const {

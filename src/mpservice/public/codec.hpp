@@ -268,6 +268,9 @@ private:
 
 namespace detail {
 
+/// DecodeError for a map or set whose bytes repeat a key (out of line: cold).
+[[noreturn]] MPSERVICE_API void throw_duplicate_key(bool is_map);
+
 // Counts one nesting level for the lifetime of a compound value being read or
 // written; past codec_max_depth it throws instead of recursing further.
 class NestingGuard {
@@ -1010,7 +1013,7 @@ struct AssociativeCodec {
                 insert(m, d.read<K>());
             }
             if (Unique && m.size() == before)
-                throw DecodeError(std::string("decode: duplicate key in ") + (is_map ? "map" : "set"));
+                throw_duplicate_key(is_map);
         }
         return m;
     }

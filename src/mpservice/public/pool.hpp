@@ -411,12 +411,16 @@ struct PoolTarget {
 /// know the initializer's types); returns its Process.
 using WorkerFactory = std::function<std::unique_ptr<Process<void>>(const PoolWorkerBoot& boot)>;
 
+/// PoolSettings::kind of a ProcessRunner (a pointer, not a literal: each
+/// length of literal assigned to a std::string costs an includer its checks).
+inline constexpr const char* runner_kind = "runner";
+
 struct PoolSettings {
     int processes = 1;
     std::uint64_t maxtasks = 0;
     os::CodeRef initializer;
     bool replace_dead_workers = true;  // false: a ProcessRunner (one death ends it)
-    std::string kind = "pool";         // for messages: "pool" or "runner"
+    std::string kind = "pool";         // for messages: "pool" or runner_kind
 };
 
 struct PoolDeliveries;
@@ -590,6 +594,7 @@ MPSERVICE_API void log_callback_error(const std::exception_ptr& e);
 /// it serves the results of the pool or runner that resolves it itself.
 class PoolResultState : public FutureCore {
 public:
+    MPSERVICE_API PoolResultState();
     /// The pool or runner whose results resolve it: a waiter reads them itself.
     MPSERVICE_API void read_from(const Shared<PoolCore>& pool);
     MPSERVICE_API bool wait_until(os::Deadline deadline) const override;
@@ -933,7 +938,7 @@ class AsyncResult : public Worker {
     using State = detail::AsyncState<R>;
 
 public:
-    explicit AsyncResult(std::shared_ptr<State> st) : Worker(st) { core_->name = "AsyncResult"; }
+    explicit AsyncResult(std::shared_ptr<State> st) : Worker(st) {}  // named "AsyncResult" by PoolResultState
     AsyncResult(AsyncResult&&) noexcept = default;
     AsyncResult& operator=(AsyncResult&&) noexcept = default;
 

@@ -50,7 +50,7 @@ public:
         detail::PoolSettings s;
         s.processes = 1;
         s.replace_dead_workers = false;
-        s.kind = "runner";
+        s.kind = detail::runner_kind;
         Context c = ctx;
         auto entry = &detail::runner_entry<T, std::decay_t<A>...>;
         detail::WorkerFactory factory = [c, entry, tup = std::make_tuple(std::decay_t<A>(std::forward<A>(args))...)](
