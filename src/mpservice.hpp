@@ -44,12 +44,13 @@
 //   3 logging, threads                  4 locks, queues (shared state)
 //   5 processes: the runtime, the       6 processes: the parent's side
 //     child's side, the fork server,      (output capture, the reactor,
-//     the warm spawner                    Process objects), connections
+//     the warm spawner                    Process objects)
 //   7 Pool                              8 server process: the host
 //   9 server process: clients, proxies, memory blocks
+//  10 connections (Pipe, connection_wait)
 // Parts are cut so that each compiles in a few seconds.  The count is here,
 // once: the CMake build, the tools and the benches read it.
-#define MPSERVICE_IMPLEMENTATION_PARTS 9
+#define MPSERVICE_IMPLEMENTATION_PARTS 10
 #if defined(MPSERVICE_IMPLEMENTATION) && !defined(MPSERVICE_IMPLEMENTATION_PART)
 #define MPSERVICE_IMPLEMENTATION_PART 0  // 0: every part
 #endif
@@ -82,8 +83,8 @@
 #include "mpservice/impl/synchronize.cpp"
 #include "mpservice/impl/queues.cpp"
 #endif
-#if MPSERVICE_PART_(5) || MPSERVICE_PART_(6)
-#include "mpservice/impl/process_internal.hpp"  // what parts 5 and 6 share
+#if MPSERVICE_PART_(5) || MPSERVICE_PART_(6) || MPSERVICE_PART_(10)
+#include "mpservice/impl/process_internal.hpp"  // what parts 5, 6 and 10 share
 #endif
 #if MPSERVICE_PART_(5)
 #include "mpservice/impl/process_runtime.cpp"
@@ -95,7 +96,6 @@
 #include "mpservice/impl/process_output.cpp"
 #include "mpservice/impl/process_reactor.cpp"
 #include "mpservice/impl/process_core.cpp"
-#include "mpservice/impl/connection.cpp"
 #endif
 #if MPSERVICE_PART_(7)
 #include "mpservice/impl/pool.cpp"
@@ -110,6 +110,9 @@
 #endif
 #if MPSERVICE_PART_(9)
 #include "mpservice/impl/server_client.cpp"
+#endif
+#if MPSERVICE_PART_(10)
+#include "mpservice/impl/connection.cpp"
 #endif
 
 #undef MPSERVICE_PART_
