@@ -1378,15 +1378,19 @@ inline Deadline sleep_slice_end(Deadline deadline, Clock::duration slice) noexce
 
 /// Deadline `timeout` from now; a negative timeout means "already expired",
 /// and a huge one saturates to no_deadline instead of overflowing.
+/// `d` in seconds, in plain arithmetic on its count: a conversion to
+/// std::chrono::duration<double> in a header template would be instantiated
+/// in every includer.
+template <class Rep, class Period>
+double seconds_of(std::chrono::duration<Rep, Period> d) {
+    return static_cast<double>(d.count()) * Period::num / Period::den;
+}
+
 template <class Rep, class Period>
 Deadline deadline_after(std::chrono::duration<Rep, Period> timeout) {
     auto now = Clock::now();
     if (timeout <= timeout.zero()) return now;
-    // In plain arithmetic where it does not depend on the timeout's type: a
-    // chrono conversion here would be instantiated in every includer.
-    const double seconds_left =
-        static_cast<double>((no_deadline - now).count()) * Clock::period::num / Clock::period::den;
-    if (static_cast<double>(timeout.count()) * Period::num / Period::den > seconds_left) return no_deadline;
+    if (seconds_of(timeout) > seconds_of(no_deadline - now)) return no_deadline;
     return now + std::chrono::duration_cast<Clock::duration>(timeout);
 }
 
@@ -4737,7 +4741,7 @@ private:
     static std::int64_t timeout_ns(std::chrono::duration<Rep, Period> t) {
         if (t < t.zero()) return 0;
         constexpr double limit_s = 100.0 * 365 * 24 * 3600;  // practically forever
-        if (static_cast<double>(t.count()) * Period::num / Period::den > limit_s) return -1;
+        if (detail::os::seconds_of(t) > limit_s) return -1;
         return std::chrono::duration_cast<std::chrono::nanoseconds>(t).count();
     }
     detail::SharedRef<detail::BarrierState> state_;
@@ -14642,7 +14646,9 @@ void check_started(const WorkerList& workers) {
 
 }  // namespace
 
-std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Deadline deadline, ReturnWhen return_when) {
+namespace {
+/// Blocks until `return_when` holds for `workers` or `deadline` passes.
+void wait_for(const WorkerList& workers, os::Deadline deadline, ReturnWhen return_when) {
     check_started(workers);
     auto queue = std::make_shared<CompletionQueue>();
     for (Worker* w : workers) const_cast<FutureCore&>(w->core()).subscribe(queue);
@@ -14658,6 +14664,11 @@ std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Dead
         if (return_when == ReturnWhen::first_completed) break;
         if (return_when == ReturnWhen::first_exception && c->error()) break;
     }
+}
+}  // namespace
+
+std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Deadline deadline, ReturnWhen return_when) {
+    wait_for(workers, deadline, return_when);
     std::pair<WorkerList, WorkerList> out;
     for (Worker* w : workers) (w->done() ? out.first : out.second).push_back(w);
     return out;
@@ -14665,10 +14676,11 @@ std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Dead
 
 WorkerList wait_until_split(const WorkerList& workers, os::Deadline deadline, ReturnWhen return_when,
                             std::size_t& done_count) {
-    auto [done, not_done] = wait_until(workers, deadline, return_when);
-    done_count = done.size();
-    done.insert(done.end(), not_done.begin(), not_done.end());
-    return done;
+    wait_for(workers, deadline, return_when);
+    WorkerList split = workers;
+    auto first_running = std::stable_partition(split.begin(), split.end(), [](Worker* w) { return w->done(); });
+    done_count = static_cast<std::size_t>(first_running - split.begin());
+    return split;
 }
 
 }  // namespace detail
@@ -14687,17 +14699,15 @@ struct AsCompleted::State {
 };
 
 AsCompleted::AsCompleted(const WorkerList& workers, detail::os::Deadline deadline) : state_(new State) {
-    auto& queue_ = state_->queue;
-    auto& workers_ = state_->workers;
-    auto& pending_ = state_->pending;
-    workers_ = workers;
-    state_->deadline = deadline;
-    detail::check_started(workers_);
-    for (std::size_t i = 0; i < workers_.size(); ++i)
-        if (std::find(workers_.begin(), workers_.begin() + static_cast<std::ptrdiff_t>(i), workers_[i]) ==
-            workers_.begin() + static_cast<std::ptrdiff_t>(i))
-            pending_.push_back(i);
-    for (std::size_t i : pending_) const_cast<detail::FutureCore&>(workers_[i]->core()).subscribe(queue_);
+    State& s = *state_;
+    s.workers = workers;
+    s.deadline = deadline;
+    detail::check_started(s.workers);
+    for (std::size_t i = 0; i < s.workers.size(); ++i)
+        if (std::find(s.workers.begin(), s.workers.begin() + static_cast<std::ptrdiff_t>(i), s.workers[i]) ==
+            s.workers.begin() + static_cast<std::ptrdiff_t>(i))
+            s.pending.push_back(i);
+    for (std::size_t i : s.pending) const_cast<detail::FutureCore&>(s.workers[i]->core()).subscribe(s.queue);
 }
 
 AsCompleted::~AsCompleted() = default;
@@ -14705,21 +14715,18 @@ AsCompleted& AsCompleted::operator=(AsCompleted&&) noexcept = default;
 
 Completed AsCompleted::next_completed() {
     if (!state_) return Completed{};  // moved from
-    auto& queue_ = state_->queue;
-    auto& workers_ = state_->workers;
-    auto& pending_ = state_->pending;
-    const auto deadline_ = state_->deadline;
-    while (!pending_.empty()) {
-        const detail::FutureCore* c = queue_->pop_until(deadline_);
+    State& s = *state_;
+    while (!s.pending.empty()) {
+        const detail::FutureCore* c = s.queue->pop_until(s.deadline);
         if (!c) {
-            throw TimeoutError("mpservice: as_completed: " + std::to_string(pending_.size()) +
+            throw TimeoutError("mpservice: as_completed: " + std::to_string(s.pending.size()) +
                                " worker(s) still running after the timeout");
         }
-        auto it = std::find_if(pending_.begin(), pending_.end(),
-                               [&](std::size_t i) { return &workers_[i]->core() == c; });
-        if (it == pending_.end()) continue;
-        Completed done{workers_[*it], *it};
-        pending_.erase(it);
+        auto it = std::find_if(s.pending.begin(), s.pending.end(),
+                               [&](std::size_t i) { return &s.workers[i]->core() == c; });
+        if (it == s.pending.end()) continue;
+        Completed done{s.workers[*it], *it};
+        s.pending.erase(it);
         return done;
     }
     return Completed{};
@@ -19532,7 +19539,7 @@ void PoolCore::start_worker(std::size_t i, bool replacement) {
     w.sent = 0;
     w.ring_closed = false;
     w.proc = s.factory(boot);
-    w.proc->set_name((settings_.kind == "runner" ? "ProcessRunner-" : "PoolWorker-") + std::to_string(i + 1));
+    w.proc->set_name((settings_.kind == runner_kind ? "ProcessRunner-" : "PoolWorker-") + std::to_string(i + 1));
     w.proc->set_daemon(true);
     // A pool that replaces workers keeps doing so: the replacements come from a
     // child exec'd ahead of demand (spawn context; others ignore it), so a

@@ -39,15 +39,19 @@ inline Deadline sleep_slice_end(Deadline deadline, Clock::duration slice) noexce
 
 /// Deadline `timeout` from now; a negative timeout means "already expired",
 /// and a huge one saturates to no_deadline instead of overflowing.
+/// `d` in seconds, in plain arithmetic on its count: a conversion to
+/// std::chrono::duration<double> in a header template would be instantiated
+/// in every includer.
+template <class Rep, class Period>
+double seconds_of(std::chrono::duration<Rep, Period> d) {
+    return static_cast<double>(d.count()) * Period::num / Period::den;
+}
+
 template <class Rep, class Period>
 Deadline deadline_after(std::chrono::duration<Rep, Period> timeout) {
     auto now = Clock::now();
     if (timeout <= timeout.zero()) return now;
-    // In plain arithmetic where it does not depend on the timeout's type: a
-    // chrono conversion here would be instantiated in every includer.
-    const double seconds_left =
-        static_cast<double>((no_deadline - now).count()) * Clock::period::num / Clock::period::den;
-    if (static_cast<double>(timeout.count()) * Period::num / Period::den > seconds_left) return no_deadline;
+    if (seconds_of(timeout) > seconds_of(no_deadline - now)) return no_deadline;
     return now + std::chrono::duration_cast<Clock::duration>(timeout);
 }
 

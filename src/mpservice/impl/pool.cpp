@@ -557,7 +557,7 @@ void PoolCore::start_worker(std::size_t i, bool replacement) {
     w.sent = 0;
     w.ring_closed = false;
     w.proc = s.factory(boot);
-    w.proc->set_name((settings_.kind == "runner" ? "ProcessRunner-" : "PoolWorker-") + std::to_string(i + 1));
+    w.proc->set_name((settings_.kind == runner_kind ? "ProcessRunner-" : "PoolWorker-") + std::to_string(i + 1));
     w.proc->set_daemon(true);
     // A pool that replaces workers keeps doing so: the replacements come from a
     // child exec'd ahead of demand (spawn context; others ignore it), so a

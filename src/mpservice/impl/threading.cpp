@@ -155,7 +155,9 @@ void check_started(const WorkerList& workers) {
 
 }  // namespace
 
-std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Deadline deadline, ReturnWhen return_when) {
+namespace {
+/// Blocks until `return_when` holds for `workers` or `deadline` passes.
+void wait_for(const WorkerList& workers, os::Deadline deadline, ReturnWhen return_when) {
     check_started(workers);
     auto queue = std::make_shared<CompletionQueue>();
     for (Worker* w : workers) const_cast<FutureCore&>(w->core()).subscribe(queue);
@@ -171,6 +173,11 @@ std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Dead
         if (return_when == ReturnWhen::first_completed) break;
         if (return_when == ReturnWhen::first_exception && c->error()) break;
     }
+}
+}  // namespace
+
+std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Deadline deadline, ReturnWhen return_when) {
+    wait_for(workers, deadline, return_when);
     std::pair<WorkerList, WorkerList> out;
     for (Worker* w : workers) (w->done() ? out.first : out.second).push_back(w);
     return out;
@@ -178,10 +185,11 @@ std::pair<WorkerList, WorkerList> wait_until(const WorkerList& workers, os::Dead
 
 WorkerList wait_until_split(const WorkerList& workers, os::Deadline deadline, ReturnWhen return_when,
                             std::size_t& done_count) {
-    auto [done, not_done] = wait_until(workers, deadline, return_when);
-    done_count = done.size();
-    done.insert(done.end(), not_done.begin(), not_done.end());
-    return done;
+    wait_for(workers, deadline, return_when);
+    WorkerList split = workers;
+    auto first_running = std::stable_partition(split.begin(), split.end(), [](Worker* w) { return w->done(); });
+    done_count = static_cast<std::size_t>(first_running - split.begin());
+    return split;
 }
 
 }  // namespace detail
@@ -200,17 +208,15 @@ struct AsCompleted::State {
 };
 
 AsCompleted::AsCompleted(const WorkerList& workers, detail::os::Deadline deadline) : state_(new State) {
-    auto& queue_ = state_->queue;
-    auto& workers_ = state_->workers;
-    auto& pending_ = state_->pending;
-    workers_ = workers;
-    state_->deadline = deadline;
-    detail::check_started(workers_);
-    for (std::size_t i = 0; i < workers_.size(); ++i)
-        if (std::find(workers_.begin(), workers_.begin() + static_cast<std::ptrdiff_t>(i), workers_[i]) ==
-            workers_.begin() + static_cast<std::ptrdiff_t>(i))
-            pending_.push_back(i);
-    for (std::size_t i : pending_) const_cast<detail::FutureCore&>(workers_[i]->core()).subscribe(queue_);
+    State& s = *state_;
+    s.workers = workers;
+    s.deadline = deadline;
+    detail::check_started(s.workers);
+    for (std::size_t i = 0; i < s.workers.size(); ++i)
+        if (std::find(s.workers.begin(), s.workers.begin() + static_cast<std::ptrdiff_t>(i), s.workers[i]) ==
+            s.workers.begin() + static_cast<std::ptrdiff_t>(i))
+            s.pending.push_back(i);
+    for (std::size_t i : s.pending) const_cast<detail::FutureCore&>(s.workers[i]->core()).subscribe(s.queue);
 }
 
 AsCompleted::~AsCompleted() = default;
@@ -218,21 +224,18 @@ AsCompleted& AsCompleted::operator=(AsCompleted&&) noexcept = default;
 
 Completed AsCompleted::next_completed() {
     if (!state_) return Completed{};  // moved from
-    auto& queue_ = state_->queue;
-    auto& workers_ = state_->workers;
-    auto& pending_ = state_->pending;
-    const auto deadline_ = state_->deadline;
-    while (!pending_.empty()) {
-        const detail::FutureCore* c = queue_->pop_until(deadline_);
+    State& s = *state_;
+    while (!s.pending.empty()) {
+        const detail::FutureCore* c = s.queue->pop_until(s.deadline);
         if (!c) {
-            throw TimeoutError("mpservice: as_completed: " + std::to_string(pending_.size()) +
+            throw TimeoutError("mpservice: as_completed: " + std::to_string(s.pending.size()) +
                                " worker(s) still running after the timeout");
         }
-        auto it = std::find_if(pending_.begin(), pending_.end(),
-                               [&](std::size_t i) { return &workers_[i]->core() == c; });
-        if (it == pending_.end()) continue;
-        Completed done{workers_[*it], *it};
-        pending_.erase(it);
+        auto it = std::find_if(s.pending.begin(), s.pending.end(),
+                               [&](std::size_t i) { return &s.workers[i]->core() == c; });
+        if (it == s.pending.end()) continue;
+        Completed done{s.workers[*it], *it};
+        s.pending.erase(it);
         return done;
     }
     return Completed{};

@@ -813,7 +813,7 @@ private:
     static std::int64_t timeout_ns(std::chrono::duration<Rep, Period> t) {
         if (t < t.zero()) return 0;
         constexpr double limit_s = 100.0 * 365 * 24 * 3600;  // practically forever
-        if (static_cast<double>(t.count()) * Period::num / Period::den > limit_s) return -1;
+        if (detail::os::seconds_of(t) > limit_s) return -1;
         return std::chrono::duration_cast<std::chrono::nanoseconds>(t).count();
     }
     detail::SharedRef<detail::BarrierState> state_;
