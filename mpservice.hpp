@@ -17,15 +17,15 @@
 //   to compile the implementation there.  Link with -pthread -ldl.  Call
 //   mpservice::init(argc, argv) first in main(): a spawned child runs its task
 //   inside it and never returns.
-//   Or compile it in parts: 10 .cpp files, the n-th with
-//       #define MPSERVICE_IMPLEMENTATION_PART n    (n = 1..10)
+//   Or compile it in parts: 13 .cpp files, the n-th with
+//       #define MPSERVICE_IMPLEMENTATION_PART n    (n = 1..13)
 //       #include "mpservice.hpp"
 //   made into a static library (CMake: link mpservice::parts).  The linker then
 //   keeps only the parts the program uses, and the parts compile in parallel.
 //
 // Configuration macros (define before the include)
 //   MPSERVICE_IMPLEMENTATION  emit the implementation in this translation unit
-//   MPSERVICE_IMPLEMENTATION_PART  1..10: emit only that part of it
+//   MPSERVICE_IMPLEMENTATION_PART  1..13: emit only that part of it
 //   MPSERVICE_NO_THROW_HOOK   leave out the __cxa_throw hook that records throw
 //                             sites (tracebacks then show where the exception
 //                             was sent from); only matters with the implementation
@@ -1603,6 +1603,14 @@ MPSERVICE_API bool is_own_user(long uid) noexcept;
 /// Arranges for this process to be killed when its parent dies, then checks
 /// that the parent is still `expected_parent` (closing the race); false if not.
 MPSERVICE_API bool die_with_parent(long expected_parent) noexcept;
+/// Starts a process that shares this process's address space and holds it
+/// until this process has ended: this process's exit then skips the address
+/// space's teardown (hundreds of microseconds for an exec'd program, all of
+/// it before its parent can see the exit), which the holder does afterwards,
+/// off the parent's path.  The holder is a child of this process's *parent*
+/// (which must reap it), runs no library code and only waits.  Its pid, or 0
+/// where there is none (not Linux, no pidfd).  Called once per process.
+MPSERVICE_API long hold_address_space_past_exit() noexcept;
 /// Puts every caught signal back to its default action and unblocks all
 /// signals (a forked child starts like an exec'd one; ignored signals stay ignored).
 MPSERVICE_API void reset_signal_handlers() noexcept;
@@ -8658,17 +8666,22 @@ struct Codec<ServerClient> {
 // compiles part n only.  A static library of the parts gives the same program,
 // and its link keeps only the parts a program uses (and each part compiles
 // alone, in parallel with the others):
-//   1 platform layer, shared memory     2 remote exceptions
-//   3 logging, threads                  4 locks, queues (shared state)
-//   5 processes: the runtime, the       6 processes: the parent's side
-//     child's side, the fork server,      (output capture, the reactor,
-//     the warm spawner                    Process objects)
-//   7 Pool                              8 server process: the host
-//   9 server process: clients, proxies, memory blocks
-//  10 connections (Pipe, connection_wait)
+//    1 the platform layer, the codec,     8 server process: the host, and
+//      shared memory                        the server's own link
+//    2 remote exceptions
+//    3 logging, threads                   9 server process: the clients' links
+//    4 locks, queues (shared state)      10 connections (Pipe, connection_wait)
+//    5 processes: the runtime, the       11 Pool: reading results, dead
+//      child's side, the fork server,       workers
+//      the warm spawner                  12 server process: references,
+//    6 processes: the parent's side         ServerProcess, Namespace
+//      (output capture, the reactor,     13 throw-site stacks and their
+//      Process objects)                     symbols (POSIX; empty on Windows,
+//    7 Pool: the workers' loop, starting    where part 1 has them)
+//      and feeding the workers
 // Parts are cut so that each compiles in a few seconds.  The count is here,
 // once: the CMake build, the tools and the benches read it.
-#define MPSERVICE_IMPLEMENTATION_PARTS 10
+#define MPSERVICE_IMPLEMENTATION_PARTS 13
 #if defined(MPSERVICE_IMPLEMENTATION) && !defined(MPSERVICE_IMPLEMENTATION_PART)
 #define MPSERVICE_IMPLEMENTATION_PART 0  // 0: every part
 #endif
@@ -8689,6 +8702,8 @@ struct Codec<ServerClient> {
 // here, with external linkage, so that both ways build the same program.  This
 // file comes first in every part.
 
+#include <cstddef>
+#include <mutex>
 #include <string>
 
 // ---- begin part: mpservice/impl/process_wire.cpp ----------------------------
@@ -8842,6 +8857,21 @@ private:
     std::deque<os::handle_t> fds_;
 };
 
+/// HELLO: (pid, serial[, holder]).  The address-space holder a warm child's
+/// HELLO names (os::hold_address_space_past_exit), 0 if none.
+inline long holder_named_in_hello(const std::string& payload) noexcept {
+    try {
+        Decoder d(payload);
+        std::int64_t pid, holder = 0;
+        std::uint64_t serial;
+        d(pid, serial);
+        if (!d.at_end()) d(holder);
+        return static_cast<long>(holder);
+    } catch (...) {
+        return 0;
+    }
+}
+
 }  // namespace wire
 }  // namespace detail
 }  // namespace mpservice
@@ -8857,6 +8887,16 @@ void prepare_exception_types_for_fork();
 
 }  // namespace detail
 }  // namespace mpservice
+
+#if defined(MPSERVICE_POSIX)
+struct dl_phdr_info;  // <link.h>
+namespace mpservice::detail::os {
+/// The lock of the library's loader calls, taken around fork (os_posix.cpp).
+std::recursive_mutex& loader_calls_mutex();
+/// dl_iterate_phdr under that lock (os_posix.cpp).
+int walk_loaded_modules(int (*visit)(dl_phdr_info*, std::size_t, void*), void* data);
+}  // namespace mpservice::detail::os
+#endif
 // ---- end part: mpservice/impl/parts.hpp
 
 #if MPSERVICE_PART_(1)
@@ -9535,6 +9575,81 @@ bool die_with_parent(long expected_parent) noexcept {
     // The parent may have died before prctl took effect: then we were re-parented.
     return static_cast<long>(::getppid()) == expected_parent;
 }
+
+#if defined(__linux__) && defined(SYS_pidfd_open) && (defined(__x86_64__) || defined(__aarch64__))
+namespace {
+// The holder shares the address space and - no CLONE_SETTLS - the thread
+// pointer of the thread that made it, so it must not touch the C library's
+// per-thread state (errno: even syscall() writes it on failure) nor any
+// sanitizer's: system calls made directly, on a stack of its own.
+alignas(64) unsigned char g_holder_stack[16 * 1024];
+int g_holder_watch = -1;  // a pidfd of the process whose address space it holds
+
+#if defined(__clang__) || defined(__GNUC__)
+#define MPSERVICE_HOLDER_CODE __attribute__((no_sanitize("address", "thread", "undefined"), noinline))
+#else
+#define MPSERVICE_HOLDER_CODE
+#endif
+
+MPSERVICE_HOLDER_CODE long direct_syscall(long n, long a, long b, long c, long d) {
+#if defined(__x86_64__)
+    long ret;
+    register long r10 __asm__("r10") = d;
+    __asm__ volatile("syscall" : "=a"(ret) : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10) : "rcx", "r11", "memory");
+    return ret;
+#else
+    register long x8 __asm__("x8") = n;
+    register long x0 __asm__("x0") = a;
+    register long x1 __asm__("x1") = b;
+    register long x2 __asm__("x2") = c;
+    register long x3 __asm__("x3") = d;
+    __asm__ volatile("svc 0" : "+r"(x0) : "r"(x8), "r"(x1), "r"(x2), "r"(x3) : "memory");
+    return x0;
+#endif
+}
+
+MPSERVICE_HOLDER_CODE int hold_until_exit(void*) {
+    const int watch = g_holder_watch;
+    // Its copy of the maker's descriptors goes (the channel to the parent
+    // among them: the parent must see it close when the maker ends).
+#if defined(SYS_close_range)
+    long a = watch > 0 ? direct_syscall(SYS_close_range, 0, watch - 1, 0, 0) : 0;
+    long b = direct_syscall(SYS_close_range, watch + 1, ~0u, 0, 0);
+#else
+    long a = -1, b = -1;
+#endif
+    if (a < 0 || b < 0)  // before Linux 5.9: the maker has closed all but a few
+        for (int fd = 0; fd < watch + 64; ++fd)
+            if (fd != watch) direct_syscall(SYS_close, fd, 0, 0, 0);
+    // Every signal is blocked (the maker blocked them around clone): only
+    // SIGKILL ends it early, which is harmless (the teardown happens then).
+    struct pollfd ready{watch, POLLIN, 0};
+    while (direct_syscall(SYS_ppoll, reinterpret_cast<long>(&ready), 1, 0, 0) != 1) {
+    }
+    direct_syscall(SYS_exit, 0, 0, 0, 0);
+    return 0;
+}
+}  // namespace
+
+long hold_address_space_past_exit() noexcept {
+    long self = ::syscall(SYS_pidfd_open, static_cast<pid_t>(::getpid()), 0);
+    if (self < 0) return 0;
+    g_holder_watch = static_cast<int>(self);
+    sigset_t all, old;
+    sigfillset(&all);
+    ::pthread_sigmask(SIG_SETMASK, &all, &old);
+    // CLONE_PARENT: the parent reaps the holder, as it reaps this process (an
+    // orphan would be left to init, which a container may not have).  No
+    // CLONE_FILES: the holder has its own copy of the pidfd.
+    int pid = ::clone(&hold_until_exit, g_holder_stack + sizeof g_holder_stack, CLONE_VM | CLONE_PARENT | SIGCHLD,
+                      nullptr);
+    ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    ::close(g_holder_watch);
+    return pid > 0 ? pid : 0;
+}
+#else
+long hold_address_space_past_exit() noexcept { return 0; }
+#endif
 
 void reset_signal_handlers() noexcept {
     for (int sig = 1; sig < NSIG; ++sig) {
@@ -12092,6 +12207,8 @@ namespace {
 void CALLBACK on_parent_exit(void*, BOOLEAN) { TerminateProcess(GetCurrentProcess(), 0x10000u + 9); }
 }  // namespace
 
+long hold_address_space_past_exit() noexcept { return 0; }  // a Windows exit has no such teardown to skip
+
 bool die_with_parent(long expected_parent) noexcept {
     // The parent's job ends us when it dies; this wait covers a process whose
     // job could not be set (and ends us within the same instant otherwise).
@@ -12682,645 +12799,6 @@ const void* exception_object(const std::exception_ptr& e) noexcept {
 
 #endif  // _WIN32
 // ---- end part: mpservice/impl/os_win32.cpp
-#if defined(MPSERVICE_POSIX)
-// ---- begin part: mpservice/impl/os_posix_stacktrace.cpp ---------------------
-// os_posix_stacktrace: throw-site stacks and their symbolization (POSIX, ELF,
-// Itanium C++ ABI: Linux with g++ or clang).  The "remote exception /
-// symbolization" section of detail/os.hpp.
-//
-// Throw sites.  This file defines __cxa_throw, the C++ runtime function every
-// `throw` expression calls - including those inside libstdc++, such as
-// vector::at, because the linker exports the executable's definition when the
-// C++ runtime references it.  The definition records the return addresses of
-// the throwing stack (backtrace(): cheap, no symbol lookup) in a small
-// per-thread table keyed by the thrown object's address, then forwards to the
-// real __cxa_throw found with dlsym(RTLD_NEXT).  Names are looked up only when
-// an exception is encoded to cross a process boundary.
-//
-// The interposition is left out when MPSERVICE_NO_THROW_HOOK is defined (e.g.
-// with -static-libstdc++, where the runtime's own __cxa_throw would be a
-// duplicate definition) and under MemorySanitizer (untested).  Under the
-// other sanitizers it stays, checked with clang 14 and g++ 12:
-//   * ThreadSanitizer does not intercept __cxa_throw;
-//   * AddressSanitizer does, to un-poison the stack that the throw unwinds.
-//     With clang's static runtime our definition replaces its interceptor
-//     (a weak alias), so the hook calls __asan_handle_no_return() itself, as
-//     the interceptor would; with g++'s shared libasan, RTLD_NEXT finds the
-//     interceptor and the call is made twice, which is harmless.
-// Without the hook, the traceback shows the stack where the exception was
-// encoded (the catch site), and says so.
-//
-// Symbols.  dladdr names only exported (dynamic) symbols, so an executable
-// linked without -rdynamic would show no names for its own functions.  The
-// reader below loads the ELF .symtab of each module (the executable through
-// /proc/self/exe), which names static and internal functions too; dladdr is
-// the fallback for stripped modules.  File and line come from the
-// `addr2line` program when it is installed and the module has DWARF line
-// information (.debug_line), run once per module per traceback, bounded in
-// time; without it frames show function+offset and module.
-#if !defined(_WIN32)
-
-#include <algorithm>
-#include <atomic>
-#include <cerrno>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <map>
-#include <memory>
-#include <mutex>
-
-#include <cxxabi.h>
-#include <dlfcn.h>
-#include <elf.h>
-#include <execinfo.h>
-#include <fcntl.h>
-#include <link.h>
-#include <poll.h>
-#include <signal.h>
-#include <sys/stat.h>
-#include <sys/wait.h>
-#include <unistd.h>
-#if defined(__linux__)
-#include <sys/prctl.h>
-#endif
-
-extern char** environ;
-
-// MPSERVICE_DETAIL_ASAN: defined by os_posix.cpp, which comes first.
-#if defined(__has_feature)
-#if __has_feature(memory_sanitizer)
-#define MPSERVICE_DETAIL_MSAN 1
-#endif
-#endif
-#if !defined(MPSERVICE_NO_THROW_HOOK) && !defined(MPSERVICE_DETAIL_MSAN) && defined(__GLIBC__)
-#define MPSERVICE_DETAIL_THROW_HOOK 1
-#endif
-#if defined(MPSERVICE_DETAIL_THROW_HOOK) && defined(MPSERVICE_DETAIL_ASAN)
-extern "C" void __asan_handle_no_return();
-#endif
-
-namespace mpservice::detail::os {
-
-namespace {
-
-// ---- per-thread table of recent throw (and re-raise) sites
-constexpr int kSiteFrames = 48;
-constexpr int kSiteSlots = 8;
-
-struct Site {
-    const void* object;
-    const std::type_info* type;
-    int depth;
-    void* pcs[kSiteFrames];
-};
-struct SiteTable {
-    Site slots[kSiteSlots];
-    unsigned next;
-};
-// Plain data, zero-initialized: no per-thread constructor or destructor.
-thread_local SiteTable t_throw_sites;
-thread_local SiteTable t_raise_sites;
-
-/// Records the current stack in `table` for `object`, starting at the frame
-/// whose return address is `caller` (the throw site, as seen from the hook):
-/// frames of the hook itself - however many inlining and sanitizer
-/// interceptors make them - are left out.
-void record_site(SiteTable& table, const void* object, const std::type_info* type, const void* caller) noexcept {
-    // A second throw of the same object (e.g. after a catch by reference and a
-    // `throw` of a copy at the same address) replaces the old entry.
-    Site* slot = nullptr;
-    for (Site& s : table.slots)
-        if (s.object == object) slot = &s;
-    if (!slot) slot = &table.slots[table.next++ % kSiteSlots];
-    slot->object = object;
-    slot->type = type;
-    slot->depth = capture_stack(slot->pcs, kSiteFrames, 0, caller);
-}
-
-int read_site(const SiteTable& table, const void* object, const std::type_info* type, void** pcs,
-              int max) noexcept {
-    for (const Site& s : table.slots) {
-        if (s.object != object || !object) continue;
-        if (type && s.type && *s.type != *type) continue;  // a stale entry for a reused address
-        int n = std::min(s.depth, max);
-        std::copy(s.pcs, s.pcs + n, pcs);
-        return n;
-    }
-    return 0;
-}
-
-}  // namespace
-
-namespace {
-std::atomic<bool> g_capture_throw_sites{true};
-}
-
-bool throw_hook_active() noexcept {
-#if defined(MPSERVICE_DETAIL_THROW_HOOK)
-    return g_capture_throw_sites.load(std::memory_order_relaxed);
-#else
-    return false;
-#endif
-}
-
-void set_throw_site_capture(bool enabled) noexcept {
-    g_capture_throw_sites.store(enabled, std::memory_order_relaxed);
-}
-
-int capture_stack(void** pcs, int max, int skip, const void* from) noexcept {
-    // backtrace() walks with the unwinder's tables, so it works without frame pointers.
-    void* buf[kSiteFrames + 16];
-    int want = std::min(max + skip + 8, static_cast<int>(sizeof buf / sizeof buf[0]));
-    int n = ::backtrace(buf, want);
-    int first = std::min(n, skip + 1);  // +1: this function's own frame
-    if (from) {
-        for (int i = 0; i < n; ++i)
-            if (buf[i] == from) {
-                first = i;
-                break;
-            }
-    }
-    int count = std::min(n - first, max);
-    std::copy(buf + first, buf + first + count, pcs);
-    return count;
-}
-
-int throw_site_stack(const void* object, const std::type_info* type, void** pcs, int max) noexcept {
-    return read_site(t_throw_sites, object, type, pcs, max);
-}
-
-void note_raise_site(const void* object, const void* caller) noexcept {
-    record_site(t_raise_sites, object, nullptr, caller);
-}
-
-int raise_site_stack(const void* object, void** pcs, int max) noexcept {
-    return read_site(t_raise_sites, object, nullptr, pcs, max);
-}
-
-std::string demangle(const char* mangled) {
-    if (!mangled) return std::string();
-    int status = 0;
-    char* out = abi::__cxa_demangle(mangled, nullptr, nullptr, &status);
-    if (status != 0 || !out) return mangled;
-    std::string s(out);
-    std::free(out);
-    return s;
-}
-
-const std::type_info* current_exception_type() noexcept { return abi::__cxa_current_exception_type(); }
-
-const void* exception_object(const std::exception_ptr& e) noexcept {
-    // Itanium C++ ABI fact, true of libstdc++ and libc++: an exception_ptr is
-    // one pointer, to the thrown object (the address __cxa_throw received).
-    static_assert(sizeof(std::exception_ptr) == sizeof(void*), "exception_ptr is not a single pointer here");
-    const void* p = nullptr;
-    std::memcpy(&p, static_cast<const void*>(&e), sizeof p);
-    return p;
-}
-
-// ---------------------------------------------------------------- ELF symbol tables
-
-namespace {
-
-/// The function symbols of one module, from its .symtab (or nothing).
-struct ModuleSymbols {
-    struct Sym {
-        std::uintptr_t value;
-        std::uintptr_t size;
-        std::uint32_t name;
-    };
-    std::vector<Sym> syms;  // sorted by value
-    std::string strtab;
-    bool has_line_info = false;
-
-    const char* find(std::uintptr_t addr, std::uintptr_t* start) const {
-        auto it = std::upper_bound(syms.begin(), syms.end(), addr,
-                                   [](std::uintptr_t a, const Sym& s) { return a < s.value; });
-        if (it == syms.begin()) return nullptr;
-        --it;
-        if (it->size != 0 && addr >= it->value + it->size) return nullptr;
-        if (it->name >= strtab.size()) return nullptr;
-        *start = it->value;
-        return strtab.c_str() + it->name;
-    }
-};
-
-/// Reads exactly n bytes at `offset`, refusing anything outside the file.
-bool read_at(int fd, std::uint64_t file_size, std::uint64_t offset, std::uint64_t n, void* out) {
-    if (offset > file_size || n > file_size - offset) return false;
-    auto* p = static_cast<char*>(out);
-    while (n > 0) {
-        ssize_t k = ::pread(fd, p, n, static_cast<off_t>(offset));
-        if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) return false;
-        p += k;
-        offset += static_cast<std::uint64_t>(k);
-        n -= static_cast<std::uint64_t>(k);
-    }
-    return true;
-}
-
-/// A short, bounds-checked reader of an ELF file's section headers, .symtab and
-/// its string table (native class and byte order only: it reads modules of
-/// this very process).
-void load_symbols(const char* path, ModuleSymbols& out) {
-    constexpr std::uint64_t kMaxTable = 256u << 20;  // refuse absurd sizes (corrupt file)
-    int fd = ::open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return;
-    struct Closer {
-        int fd;
-        ~Closer() { ::close(fd); }
-    } closer{fd};
-    struct stat st;
-    if (::fstat(fd, &st) != 0) return;
-    auto size = static_cast<std::uint64_t>(st.st_size);
-
-    ElfW(Ehdr) eh;
-    if (!read_at(fd, size, 0, sizeof eh, &eh)) return;
-    if (std::memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0) return;
-#if __SIZEOF_POINTER__ == 8
-    if (eh.e_ident[EI_CLASS] != ELFCLASS64) return;
-#else
-    if (eh.e_ident[EI_CLASS] != ELFCLASS32) return;
-#endif
-    if (eh.e_shentsize != sizeof(ElfW(Shdr)) || eh.e_shnum == 0 || eh.e_shstrndx >= eh.e_shnum) return;
-    std::vector<ElfW(Shdr)> sh(eh.e_shnum);
-    if (!read_at(fd, size, eh.e_shoff, std::uint64_t(eh.e_shnum) * sizeof(ElfW(Shdr)), sh.data())) return;
-
-    // Section names, to see whether DWARF line information is there.
-    const ElfW(Shdr)& names = sh[eh.e_shstrndx];
-    if (names.sh_size < kMaxTable) {
-        std::string shstr(names.sh_size, '\0');
-        if (read_at(fd, size, names.sh_offset, names.sh_size, shstr.data())) {
-            for (const auto& s : sh)
-                if (s.sh_name < shstr.size() && std::strcmp(shstr.c_str() + s.sh_name, ".debug_line") == 0)
-                    out.has_line_info = true;
-        }
-    }
-
-    for (const auto& s : sh) {
-        if (s.sh_type != SHT_SYMTAB) continue;
-        if (s.sh_entsize != sizeof(ElfW(Sym)) || s.sh_link >= sh.size()) return;
-        const ElfW(Shdr)& str = sh[s.sh_link];
-        if (s.sh_size > kMaxTable || str.sh_size > kMaxTable) return;
-        std::vector<ElfW(Sym)> raw(s.sh_size / sizeof(ElfW(Sym)));
-        out.strtab.assign(str.sh_size, '\0');
-        if (!read_at(fd, size, s.sh_offset, raw.size() * sizeof(ElfW(Sym)), raw.data()) ||
-            !read_at(fd, size, str.sh_offset, str.sh_size, out.strtab.data())) {
-            out.strtab.clear();
-            return;
-        }
-        for (const auto& y : raw) {
-            if (ELF64_ST_TYPE(y.st_info) != STT_FUNC || y.st_value == 0 || y.st_shndx == SHN_UNDEF) continue;
-            out.syms.push_back({static_cast<std::uintptr_t>(y.st_value), static_cast<std::uintptr_t>(y.st_size),
-                                y.st_name});
-        }
-        std::sort(out.syms.begin(), out.syms.end(),
-                  [](const ModuleSymbols::Sym& a, const ModuleSymbols::Sym& b) { return a.value < b.value; });
-        return;
-    }
-}
-
-// The symbolizer's caches.  Their locks are never destroyed (exceptions are
-// symbolized during static destruction too) and are registered as fork locks
-// before main(): a thread symbolizing while another forks must not leave the
-// child with a held lock (issue 8, defect 12).
-std::mutex& symbols_mutex() {
-    static auto* m = new std::mutex;
-    return *m;
-}
-std::mutex& line_cache_mutex() {
-    static auto* m = new std::mutex;
-    return *m;
-}
-[[maybe_unused]] const bool g_symbolizer_fork_safe =
-    (at_fork_protect(&symbols_mutex(), 30), at_fork_protect(&line_cache_mutex(), 31), true);
-
-const ModuleSymbols& module_symbols(const std::string& path) {
-    static auto* cache = new std::map<std::string, std::unique_ptr<ModuleSymbols>>;  // lives to the end
-    std::lock_guard<std::mutex> lock(symbols_mutex());
-    auto& slot = (*cache)[path];
-    if (!slot) {
-        slot = std::make_unique<ModuleSymbols>();
-        load_symbols(path.c_str(), *slot);
-    }
-    return *slot;
-}
-
-/// The module (loaded object) holding `pc`: its file path and load bias.
-struct ModuleOf {
-    std::uintptr_t pc;
-    std::string path;
-    std::uintptr_t bias = 0;
-    bool found = false;
-};
-
-int find_module(struct dl_phdr_info* info, size_t, void* data) {
-    auto* m = static_cast<ModuleOf*>(data);
-    for (int i = 0; i < info->dlpi_phnum; ++i) {
-        const auto& ph = info->dlpi_phdr[i];
-        if (ph.p_type != PT_LOAD) continue;
-        std::uintptr_t start = info->dlpi_addr + ph.p_vaddr;
-        if (m->pc >= start && m->pc < start + ph.p_memsz) {
-            m->found = true;
-            m->bias = info->dlpi_addr;
-            // The main program has an empty name; its file is /proc/self/exe
-            // (right even if argv[0] was relative and the directory changed).
-            m->path = (info->dlpi_name && info->dlpi_name[0]) ? info->dlpi_name : "/proc/self/exe";
-            return 1;
-        }
-    }
-    return 0;
-}
-
-// ---------------------------------------------------------------- file:line through addr2line
-
-/// Source position of one address, with the functions inlined at it:
-/// innermost first, the last one being the function the code belongs to.
-struct SourcePlace {
-    std::string function;
-    std::string file;
-    int line = 0;
-};
-using InlineChain = std::vector<SourcePlace>;
-
-/// Starts `tool` with `argv`, its stdout on `out` (stdin and stderr on
-/// /dev/null), killed by the kernel if the calling thread ends first: the
-/// tool must not outlive a process that is SIGKILLed while symbolizing (a
-/// parent SIGKILLed with its children gone in 1 s left addr2line running).
-/// posix_spawn cannot ask for PR_SET_PDEATHSIG, so this is its vfork form:
-/// signals blocked around it; in the child, only system calls, default signal
-/// dispositions, then exec.  -1 on failure.
-pid_t spawn_dying_with_caller(const char* tool, char* const* argv, int out) {
-    const pid_t caller = ::getpid();
-    const int devnull = ::open("/dev/null", O_RDWR | O_CLOEXEC);
-    if (devnull < 0) return -1;
-    sigset_t all, old;
-    sigfillset(&all);
-    ::pthread_sigmask(SIG_SETMASK, &all, &old);
-    const pid_t pid = ::vfork();
-    if (pid == 0) {
-#if defined(__linux__)
-        ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-#endif
-        if (::getppid() != caller) ::_exit(127);  // the caller died already
-        struct sigaction dfl {};
-        dfl.sa_handler = SIG_DFL;
-        for (int sig = 1; sig < NSIG; ++sig)
-            if (sig != SIGKILL && sig != SIGSTOP) ::sigaction(sig, &dfl, nullptr);
-        ::sigprocmask(SIG_SETMASK, &old, nullptr);
-        if (::dup2(out, STDOUT_FILENO) < 0 || ::dup2(devnull, STDIN_FILENO) < 0 ||
-            ::dup2(devnull, STDERR_FILENO) < 0)
-            ::_exit(127);
-        ::execve(tool, argv, environ);
-        ::_exit(127);
-    }
-    ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
-    ::close(devnull);
-    return pid;
-}
-
-/// Runs `addr2line -a -f -i -C -e module addr...` (bounded in time) and returns
-/// one chain per address (empty where nothing was found).  Best effort.
-std::vector<InlineChain> run_addr2line(const std::string& module, const std::vector<std::uintptr_t>& offsets) {
-    std::vector<InlineChain> result(offsets.size());
-    static const char* const candidates[] = {"/usr/bin/addr2line", "/bin/addr2line", "/usr/local/bin/addr2line"};
-    const char* tool = nullptr;
-    for (const char* c : candidates)
-        if (!tool && ::access(c, X_OK) == 0) tool = c;
-    if (!tool || offsets.empty()) return result;
-
-    // "/proc/self/exe" would name addr2line itself in the child: name our pid.
-    std::string file = module == "/proc/self/exe" ? "/proc/" + std::to_string(::getpid()) + "/exe" : module;
-    std::vector<std::string> args = {tool, "-a", "-f", "-i", "-C", "-e", file};
-    for (std::uintptr_t off : offsets) {
-        char buf[32];
-        std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(off));
-        args.push_back(buf);
-    }
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-
-    int out[2];
-    if (::pipe2(out, O_CLOEXEC) != 0) return result;
-    pid_t pid = spawn_dying_with_caller(tool, argv.data(), out[1]);
-    ::close(out[1]);
-    if (pid < 0) {
-        ::close(out[0]);
-        return result;
-    }
-    // Read everything, giving up after 5 s in all (a huge binary, a hung tool).
-    std::string text;
-    auto deadline = Clock::now() + std::chrono::seconds(5);
-    bool complete = false;
-    for (;;) {
-        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
-        if (left <= 0) break;
-        pollfd p{out[0], POLLIN, 0};
-        int k = ::poll(&p, 1, static_cast<int>(left));
-        if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) break;
-        char buf[4096];
-        ssize_t r = ::read(out[0], buf, sizeof buf);
-        if (r < 0 && errno == EINTR) continue;
-        if (r < 0) break;
-        if (r == 0) {
-            complete = true;
-            break;
-        }
-        text.append(buf, static_cast<std::size_t>(r));
-    }
-    ::close(out[0]);
-    if (!complete) ::kill(pid, SIGKILL);
-    int status = 0;
-    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-    }
-    if (!complete) return result;
-
-    // Output: per address a line "0x<addr>", then pairs "function" / "file:line"
-    // (possibly followed by " (discriminator n)"; "??" where unknown).
-    std::vector<std::string> lines;
-    for (std::size_t pos = 0; pos < text.size();) {
-        std::size_t end = text.find('\n', pos);
-        if (end == std::string::npos) end = text.size();
-        lines.push_back(text.substr(pos, end - pos));
-        pos = end + 1;
-    }
-    int index = -1;
-    for (std::size_t i = 0; i < lines.size(); ++i) {
-        if (lines[i].compare(0, 2, "0x") == 0) {
-            ++index;
-            continue;
-        }
-        if (index < 0 || index >= static_cast<int>(result.size()) || i + 1 >= lines.size()) break;
-        SourcePlace place;
-        place.function = lines[i] == "??" ? std::string() : lines[i];
-        std::string where = lines[++i];
-        std::size_t paren = where.find(" (");
-        if (paren != std::string::npos) where.resize(paren);
-        std::size_t colon = where.rfind(':');
-        if (colon != std::string::npos && where.compare(0, 2, "??") != 0) {
-            int n = std::atoi(where.c_str() + colon + 1);
-            if (n > 0) {
-                place.file = where.substr(0, colon);
-                place.line = n;
-            }
-        }
-        result[index].push_back(std::move(place));
-    }
-    return result;
-}
-
-}  // namespace
-
-namespace {
-std::atomic<bool> g_line_lookup{true};
-bool line_lookup_enabled() { return g_line_lookup.load(std::memory_order_relaxed); }
-}  // namespace
-
-void set_line_lookup(bool enabled) noexcept { g_line_lookup.store(enabled, std::memory_order_relaxed); }
-
-std::vector<StackFrame> symbolize(void* const* pcs, int n, bool (*last_line_frame)(const std::string& function)) {
-    std::vector<StackFrame> frames(static_cast<std::size_t>(std::max(n, 0)));
-    std::map<std::string, std::vector<int>> want_lines;  // module -> frames to ask addr2line about
-    bool past_last_line_frame = false;
-    for (int i = 0; i < n; ++i) {
-        StackFrame& f = frames[i];
-        f.pc = pcs[i];
-        // A return address points after the call; look up the call itself.
-        auto lookup = reinterpret_cast<std::uintptr_t>(pcs[i]) - 1;
-        ModuleOf m;
-        m.pc = lookup;
-        walk_loaded_modules(find_module, &m);
-        bool has_line_info = false;
-        if (m.found) {
-            f.module = m.path;
-            f.offset = lookup + 1 - m.bias;
-            const ModuleSymbols& syms = module_symbols(m.path);
-            std::uintptr_t start = 0;
-            if (const char* name = syms.find(lookup - m.bias, &start)) f.function = demangle(name);
-            has_line_info = syms.has_line_info;
-        }
-        if (f.function.empty()) {
-            Dl_info info;
-            bool named;
-            {
-                std::lock_guard<std::recursive_mutex> lock(loader_calls_mutex());  // dladdr takes the loader's lock
-                named = ::dladdr(reinterpret_cast<void*>(lookup), &info) && info.dli_sname;
-            }
-            if (named) f.function = demangle(info.dli_sname);
-        }
-        // addr2line's time grows with the compile units it reads: frames the
-        // caller will not show (below the target's runner, below main) cost
-        // most of it (the library's own big unit) and are not asked about.
-        if (has_line_info && !past_last_line_frame) want_lines[f.module].push_back(i);
-        if (last_line_frame && last_line_frame(f.function)) past_last_line_frame = true;
-    }
-    if (want_lines.empty() || !line_lookup_enabled()) return frames;
-
-    // Add file:line, and the functions inlined at each address as frames of
-    // their own (marked inlined), innermost first.  Answers are cached, so an
-    // exception thrown again from the same place costs no second addr2line run.
-    std::mutex& cache_mu = line_cache_mutex();
-    static auto* cache = new std::map<std::pair<std::string, std::uintptr_t>, InlineChain>;
-    std::vector<InlineChain> chains(frames.size());
-    for (auto& [module, which] : want_lines) {
-        std::vector<std::uintptr_t> offsets;
-        std::vector<int> asked;
-        {
-            std::lock_guard<std::mutex> lock(cache_mu);
-            for (int i : which) {
-                auto it = cache->find({module, frames[i].offset});
-                if (it != cache->end()) {
-                    chains[i] = it->second;
-                } else {
-                    offsets.push_back(frames[i].offset - 1);
-                    asked.push_back(i);
-                }
-            }
-        }
-        if (asked.empty()) continue;
-        std::vector<InlineChain> found = run_addr2line(module, offsets);
-        std::lock_guard<std::mutex> lock(cache_mu);
-        if (cache->size() > 8192) cache->clear();
-        for (std::size_t k = 0; k < asked.size(); ++k) {
-            chains[asked[k]] = found[k];
-            (*cache)[{module, frames[asked[k]].offset}] = std::move(found[k]);
-        }
-    }
-    std::vector<StackFrame> out;
-    for (std::size_t i = 0; i < frames.size(); ++i) {
-        const InlineChain& chain = chains[i];
-        for (std::size_t j = 0; j + 1 < chain.size(); ++j) {
-            StackFrame inl;
-            inl.pc = frames[i].pc;
-            // addr2line names the innermost inlined function of a split-off
-            // ".cold" part after the containing symbol: that name is wrong.
-            inl.function = chain[j].function == frames[i].function ? std::string() : chain[j].function;
-            inl.file = chain[j].file;
-            inl.line = chain[j].line;
-            inl.inlined = true;
-            out.push_back(std::move(inl));
-        }
-        StackFrame f = std::move(frames[i]);
-        if (!chain.empty()) {
-            f.file = chain.back().file;
-            f.line = chain.back().line;
-            if (f.function.empty()) f.function = chain.back().function;
-        }
-        out.push_back(std::move(f));
-    }
-    return out;
-}
-
-}  // namespace mpservice::detail::os
-
-#if defined(MPSERVICE_DETAIL_THROW_HOOK)
-// The interposed C++ runtime entry point (see the top of this file).  Its
-// signature is the one <cxxabi.h> declares.
-namespace __cxxabiv1 {
-extern "C" void __cxa_throw(void* object, std::type_info* type, void (*destroy)(void*)) {
-    using Real = void (*)(void*, std::type_info*, void (*)(void*));
-    static Real real = reinterpret_cast<Real>(::dlsym(RTLD_NEXT, "__cxa_throw"));
-    if (!real) {
-        static const char msg[] = "mpservice: cannot find the C++ runtime's __cxa_throw; "
-                                  "build with -DMPSERVICE_NO_THROW_HOOK\n";
-        mpservice::detail::os::write_stderr(msg, sizeof msg - 1);
-        std::abort();
-    }
-    if (mpservice::detail::os::g_capture_throw_sites.load(std::memory_order_relaxed))
-        mpservice::detail::os::record_site(mpservice::detail::os::t_throw_sites, object, type,
-                                           __builtin_return_address(0));
-#if defined(MPSERVICE_DETAIL_ASAN)
-    __asan_handle_no_return();
-#endif
-    real(object, type, destroy);
-    __builtin_unreachable();
-}
-
-// `throw;` inside a catch clause: noted as a re-raise site (used for remote
-// exceptions passed on from this process, A -> B -> C).
-extern "C" void __cxa_rethrow() {
-    using Real = void (*)();
-    static Real real = reinterpret_cast<Real>(::dlsym(RTLD_NEXT, "__cxa_rethrow"));
-    if (!real) std::abort();
-    if (mpservice::detail::os::g_capture_throw_sites.load(std::memory_order_relaxed)) {
-        std::exception_ptr current = std::current_exception();
-        mpservice::detail::os::record_site(mpservice::detail::os::t_raise_sites,
-                                           mpservice::detail::os::exception_object(current), nullptr,
-                                           __builtin_return_address(0));
-    }
-    real();
-    __builtin_unreachable();
-}
-}  // namespace __cxxabiv1
-#endif
-
-#endif  // !_WIN32
-// ---- end part: mpservice/impl/os_posix_stacktrace.cpp
-#endif
 // ---- begin part: mpservice/impl/codec.cpp -----------------------------------
 // codec: the out-of-line part of the encoder (public/codec.hpp).
 //
@@ -17007,8 +16485,13 @@ void prepare_child_link() { (void)child_link(); }
             (void)fingerprint_of(std::string());
         } catch (...) {
         }
+        // Its exit then skips the teardown of its address space (the parent
+        // waits for that exit before the task's result is final); the holder
+        // goes right after it, reaped by the parent's reactor, which learns
+        // of it here.
+        const long holder = os::hold_address_space_past_exit();
         Encoder hello;
-        hello(static_cast<std::int64_t>(os::current_pid()), std::uint64_t(0));
+        hello(static_cast<std::int64_t>(os::current_pid()), std::uint64_t(0), static_cast<std::int64_t>(holder));
         if (!write_frame(channel, frame_hello, hello.bytes())) os::exit_now(1);
     }
     if (kind == ChildKind::forkserver_worker) {
@@ -17424,13 +16907,48 @@ bool WarmSpawner::make_one(WarmChild& c) {
     return true;
 }
 
+namespace {
+/// The address-space holder a warm child's HELLO names (0: none, or no HELLO).
+/// The child has ended: what it wrote is there, or the channel is at its end.
+long holder_named_by(os::handle_t channel) noexcept {
+    try {
+        FrameReader reader;
+        Frame hello;
+        if (!reader.read_blocking(channel, hello) || hello.kind != frame_hello) return 0;
+        close_all(hello.handles);
+        return holder_named_in_hello(hello.payload);
+    } catch (...) {
+        return 0;
+    }
+}
+}  // namespace
+
 void WarmSpawner::finish(std::vector<WarmChild>& dying) noexcept {
     for (auto& d : dying) {
+        // A child killed before its HELLO could leave a holder no one knows
+        // of: one still booting is given the time to say HELLO (or to die).
+        if (!d.ready) {
+            os::handle_t either[2] = {d.channel, d.pidfd};
+            (void)os::wait_readable(either, 2, 5000);
+        }
         os::send_signal(d.pid, d.pidfd, os::signal_kill());
         int code;
         try {
             os::reap_child(d.pid, d.pidfd, true, &code);  // SIGKILLed: short; ECHILD if SIGCHLD is ignored
         } catch (...) {
+        }
+        if (long holder = holder_named_by(d.channel)) {
+            // It ends by itself now that the child has; SIGKILL makes that
+            // certain.  Unreaped, its pid cannot have been reused.
+            os::handle_t h = os::process_handle(holder);
+            if (h != os::invalid_handle) {
+                os::send_signal(holder, h, os::signal_kill());
+                try {
+                    os::reap_child(holder, h, true, &code);
+                } catch (...) {
+                }
+                os::close_handle(h);
+            }
         }
         os::close_handle(d.pidfd);
         os::close_handle(d.channel);
@@ -17908,6 +17426,7 @@ struct ProcessCore::Io {
     std::uint64_t serial = 0;            // fork-server workers: the server's number for it
     std::optional<int> end_code;         // the exit code the child announced in END
     int signal_sent = 0;                 // the last signal the parent sent (guarded by the core's mutex)
+    long holder = 0;                     // a warm child's address-space holder (its HELLO names it)
     bool eof = false;
     bool finished = false;
     std::exception_ptr exception;
@@ -17966,10 +17485,15 @@ private:
     void finish(const std::shared_ptr<ProcessCore>& core, std::optional<int> status);
     /// Collects the exit status of a direct child (not a fork-server worker).
     void reap(const std::shared_ptr<ProcessCore>& core, bool block);
+    /// A warm child's address-space holder (os::hold_address_space_past_exit),
+    /// which ends right after the child: reaped when its pidfd says so.
+    void watch_holder(long pid) noexcept;
+    void on_holder(std::uint64_t key) noexcept;
     std::shared_ptr<ProcessCore> find(std::uint64_t id);
 
     static constexpr std::uint64_t tag_channel = 0, tag_pidfd = 1, tag_wake = 2, tag_server = 3;
     static constexpr std::uint64_t token_output = 1 << 2 | tag_wake;  // output_'s poller (id 1 of tag_wake)
+    static constexpr std::uint64_t first_holder_id = 2;                // holders: ids 2, 3, ... of tag_wake
     OutputPump output_;
 
     os::handle_t poller_ = os::invalid_handle;
@@ -17983,6 +17507,12 @@ private:
     std::unordered_map<std::uint64_t, std::uint64_t> server_serials_;  // fork-server serial -> id
     std::unordered_map<std::uint64_t, int> early_exits_;               // statuses before registration
     std::unordered_set<std::uint64_t> finished_serials_;               // ended before their status came
+    struct Holder {
+        long pid;
+        os::handle_t pidfd;
+    };
+    std::unordered_map<std::uint64_t, Holder> holders_;  // reactor thread only
+    std::uint64_t next_holder_ = first_holder_id;
     std::deque<std::function<void()>> tasks_;
     // What the reactor works on lives here rather than on its stack: a child
     // forked meanwhile has no reactor thread, and its leak checker scans
@@ -18182,6 +17712,8 @@ void Reactor::loop() {
             try {
                 if (tokens[i] == token_output) {
                     output_.on_ready();
+                } else if (tag == tag_wake && id >= first_holder_id) {
+                    on_holder(id);
                 } else if (tag == tag_wake) {
                     os::wake_event_drain(wake_);
                     {
@@ -18223,6 +17755,41 @@ void Reactor::reap(const std::shared_ptr<ProcessCore>& core, bool block) {
         case os::ReapResult::reaped: on_exit(core, code); return;
         case os::ReapResult::reaped_elsewhere: on_exit(core, std::nullopt); return;
     }
+}
+
+void Reactor::watch_holder(long pid) noexcept {
+    os::handle_t pidfd = os::process_handle(pid);
+    if (pidfd == os::invalid_handle) return;  // reaped already (SIGCHLD ignored, a foreign waitpid)
+    const std::uint64_t key = next_holder_++;
+    try {
+        holders_.emplace(key, Holder{pid, pidfd});
+        os::poller_add(poller_, pidfd, key << 2 | tag_wake);
+    } catch (...) {
+        holders_.erase(key);
+        int code;
+        os::send_signal(pid, pidfd, os::signal_kill());  // out of memory: reap it here instead
+        try {
+            os::reap_child(pid, pidfd, true, &code);
+        } catch (...) {
+        }
+        os::close_handle(pidfd);
+    }
+}
+
+void Reactor::on_holder(std::uint64_t key) noexcept {
+    auto it = holders_.find(key);
+    if (it == holders_.end()) return;
+    int code;
+    try {
+        if (os::reap_child(it->second.pid, it->second.pidfd, false, &code) == os::ReapResult::running) return;
+    } catch (...) {
+    }
+    try {
+        os::poller_remove(poller_, it->second.pidfd);
+    } catch (...) {
+    }
+    os::close_handle(it->second.pidfd);
+    holders_.erase(it);
 }
 
 void Reactor::on_pidfd(const std::shared_ptr<ProcessCore>& core) {
@@ -18314,8 +17881,9 @@ void Reactor::on_frame(ProcessCore& core, Frame& f) {
             } catch (...) {
             }
             break;
-        default:  // HELLO: nothing to keep
+        default:  // HELLO: a warm child's names its address-space holder
             close_all(f.handles);
+            if (f.kind == frame_hello) io.holder = holder_named_in_hello(f.payload);
             break;
     }
 }
@@ -18417,6 +17985,7 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int
         task = std::move(io.task);
     }
     task.reset();  // a forked child's argument copies: released before anyone learns it ended
+    if (io.holder > 0) watch_holder(io.holder);
     core->resolve(error, result_error);
     trace_phase(StartPhase::resolved);
 }
@@ -18978,11 +18547,10 @@ std::vector<ProcessInfo> active_children() {
 }  // namespace mpservice
 // ---- end part: mpservice/impl/process_core.cpp
 #endif
-#if MPSERVICE_PART_(7)
-// ---- begin part: mpservice/impl/pool.cpp ------------------------------------
-// pool: the worker loop (child side) and PoolCore (parent side: workers,
-// dispatch, reading results - by a waiting caller or the result thread - and
-// what a dead worker costs).
+#if MPSERVICE_PART_(7) || MPSERVICE_PART_(11)
+// ---- begin part: mpservice/impl/pool_internal.hpp ---------------------------
+// pool_internal: what the Pool's parts share - the layout of the shared memory
+// between a pool and its workers, and the parent's state of a pool.
 //
 // Shared memory of one worker:
 //   - its task ring (parent -> this worker): one message per chunk,
@@ -18996,6 +18564,10 @@ std::vector<ProcessInfo> active_children() {
 // a worker dies it can tell, from the worker's slot, which item was running
 // (it fails, with ProcessError), which had finished (their outcomes are read
 // from the slot) and which had not started (they go to another worker).
+//
+// pool_worker.cpp is the worker loop (child side); pool.cpp starts, feeds and
+// stops the workers; pool_results.cpp reads the results and reckons with dead
+// workers.
 
 #include <algorithm>
 #include <cstring>
@@ -19075,11 +18647,130 @@ void spin_for_item(const QueueCore& ring, std::chrono::microseconds budget, Stop
 constexpr auto worker_spin = std::chrono::microseconds(50);
 constexpr auto caller_spin = std::chrono::microseconds(100);
 
-void copy_item(void* context, const unsigned char* data, std::size_t size) {
+inline void copy_item(void* context, const unsigned char* data, std::size_t size) {
     static_cast<std::string*>(context)->assign(reinterpret_cast<const char*>(data), size);
 }
 
-// ---------------------------------------------------------------- worker side
+}  // namespace
+
+// ---------------------------------------------------------------- the parent's state of a pool
+
+/// What a worker's exit hook needs: no pointer to the pool itself (the hook
+/// runs on the reactor thread, which must never end up destroying a pool).
+struct PoolDoorbell {
+    QueueCore results;
+    std::atomic<int> deaths{0};
+    // The result thread's tick: a death or stop() wakes it before its timeout.
+    std::mutex tick_mutex;
+    std::condition_variable tick;
+    /// Wakes a reader blocked on the ring (a waiting caller) and the result thread.
+    void ring() noexcept {
+        {
+            std::lock_guard<std::mutex> lk(tick_mutex);
+        }
+        tick.notify_all();
+        PoolResultHeader h{pool_result_wake, 0, 0};
+        try {
+            results.put(&h, sizeof h, os::Clock::now());  // a full ring wakes the thread anyway
+        } catch (...) {
+        }
+    }
+};
+
+/// Outcomes to hand to jobs outside the pool's lock, in batches per job.
+/// The bytes are the result message's (valid until delivered) or, for outcomes
+/// read from a dead worker's slot, copies kept here.
+struct PoolDeliveries {
+    std::deque<std::string> keep;  // a deque: strings never move (their data must not)
+    std::vector<std::pair<std::shared_ptr<JobBase>, std::vector<JobItem>>> batches;
+    std::vector<std::pair<std::shared_ptr<JobBase>, JobRecords>> runs;  // records in place, per message
+
+    void add(const std::shared_ptr<JobBase>& job, JobItem item) {
+        if (batches.empty() || batches.back().first != job) batches.emplace_back(job, std::vector<JobItem>());
+        batches.back().second.push_back(std::move(item));
+    }
+};
+
+struct PoolCore::State {
+    enum class Phase { running, closing, terminated };
+
+    struct Chunk {
+        std::shared_ptr<JobBase> job;
+        std::size_t job_first = 0;
+        std::uint32_t count = 0;
+        std::uint32_t next = 0;  // the items before it have an outcome
+        PoolTarget target;
+        std::string args;
+        std::vector<std::uint32_t> offsets;
+        std::uint32_t stride = 0;
+        /// Where item i's arguments start in args (see ChunkDraft).
+        std::size_t item_offset(std::uint32_t i) const noexcept {
+            if (i >= count) return args.size();
+            return stride ? pool_task_room + std::size_t(i) * stride : offsets[i];
+        }
+        std::vector<os::handle_t> handles;  // owned copies
+        int worker = -1;
+        ~Chunk() { wire::close_all(handles); }
+        Chunk() = default;
+        Chunk(const Chunk&) = delete;
+        Chunk& operator=(const Chunk&) = delete;
+    };
+
+    struct WorkerRec {
+        std::unique_ptr<Process<void>> proc;
+        QueueCore tasks;
+        SharedMemory slot;
+        os::handle_t lane = os::invalid_handle;
+        std::deque<std::uint64_t> outstanding;
+        std::uint64_t sent = 0;
+        bool ended = true;
+        bool ring_closed = false;
+        std::shared_ptr<std::atomic<bool>> dead;
+        ~WorkerRec() { os::close_handle(lane); }
+    };
+
+    WorkerFactory factory;
+    std::shared_ptr<PoolDoorbell> bell;
+    mutable std::mutex mutex;
+    std::condition_variable changed;
+    Phase phase = Phase::running;
+    std::exception_ptr broken;
+    int failed_starts = 0;
+    std::unordered_map<std::uint64_t, std::unique_ptr<Chunk>> chunks;
+    std::deque<std::uint64_t> pending;
+    std::deque<WorkerRec> workers;  // a deque: records never move
+    std::uint64_t next_chunk = 1;
+    std::thread thread;
+    std::atomic<bool> stop{false};
+    // The reader role: who holds it takes result messages off the ring and
+    // books them (in ring order, so a chunk's messages are booked in the order
+    // its worker sent them); deliveries happen after it is released.
+    std::mutex reader;
+    std::atomic<int> waiting{0};  // callers in serve_until
+    std::atomic<bool> warm_starts{false};  // a replacement took a warm start (its spawner keeps a child)
+};
+
+/// Hands the collected outcomes to their jobs (outside the pool's lock).
+inline void deliver(PoolCore::Deliveries& out) {
+    for (auto& [job, run] : out.runs) job->on_records(run);
+    out.runs.clear();
+    for (auto& [job, items] : out.batches) job->on_items(items.data(), items.size());
+    out.batches.clear();
+    out.keep.clear();
+}
+
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/pool_internal.hpp
+#endif
+#if MPSERVICE_PART_(7)
+// ---- begin part: mpservice/impl/pool_worker.cpp -----------------------------
+// pool_worker: the worker loop (child side) - takes chunks off its task ring,
+// runs their items and writes the outcomes to its slot and the result ring.
+
+namespace mpservice {
+namespace detail {
+namespace {
 
 /// The worker's end of its slot and of the result ring.  `cur` is the write
 /// position (ItemSink's inline path appends bitwise values through it too).
@@ -19280,28 +18971,38 @@ void serve_pool_tasks(const PoolWorkerBoot& b, void* state) {
     }
 }
 
-PoolResultState::PoolResultState() { name = "AsyncResult"; }
+}  // namespace detail
 
-void PoolResultState::read_from(const Shared<PoolCore>& pool) { pool_ = pool.shared(); }
-
-bool PoolResultState::wait_until(os::Deadline deadline) const {
-    if (done_relaxed()) return true;
-    if (auto pool = pool_.lock())
-        return pool->serve_until([this] { return done_relaxed(); }, deadline,
-                                 [this](os::Deadline d) { FutureCore::wait_until(d); });
-    return FutureCore::wait_until(deadline);  // the pool is gone: it resolved every result first
+void Codec<detail::PoolWorkerBoot>::encode(Encoder& e, const detail::PoolWorkerBoot& boot) {
+    const detail::PoolWorkerParts& b = *boot.p;
+    e.write(b.tasks.memory());
+    e.write(b.results.memory());
+    e.write(b.slot);
+    e.write(e.attach(b.lane));
+    e(b.initializer.module, b.initializer.offset, b.maxtasks);
 }
 
-void log_callback_error(const std::exception_ptr& e) {
-    std::string what = "unknown exception";
-    try {
-        std::rethrow_exception(e);
-    } catch (const std::exception& x) {
-        what = x.what();
-    } catch (...) {
-    }
-    get_logger("mpservice.pool").error("a result callback threw: " + what);
+detail::PoolWorkerBoot Codec<detail::PoolWorkerBoot>::decode(Decoder& d) {
+    detail::PoolWorkerBoot boot;
+    detail::PoolWorkerParts& b = *boot.p;
+    b.tasks = detail::QueueCore::attach(d.read<detail::SharedMemory>(), detail::QueueKind::simple, detail::task_tag);
+    b.results =
+        detail::QueueCore::attach(d.read<detail::SharedMemory>(), detail::QueueKind::simple, detail::result_tag);
+    b.slot = d.read<detail::SharedMemory>();
+    if (b.slot.size() < sizeof(detail::PoolSlot)) throw DecodeError("decode: pool slot too small");
+    b.lane = detail::os::duplicate_handle(d.handle(d.read<std::uint32_t>()));
+    d(b.initializer.module, b.initializer.offset, b.maxtasks);
+    return boot;
 }
+
+}  // namespace mpservice
+// ---- end part: mpservice/impl/pool_worker.cpp
+// ---- begin part: mpservice/impl/pool.cpp ------------------------------------
+// pool: PoolCore's life - starting its workers (and their replacements),
+// chunking and dispatching tasks to them, closing and stopping them.
+
+namespace mpservice {
+namespace detail {
 
 os::CodeRef pool_code_ref(const void* fn) {
     static std::mutex m;
@@ -19313,142 +19014,6 @@ os::CodeRef pool_code_ref(const void* fn) {
     cache.emplace(fn, r);
     return r;
 }
-
-// ---------------------------------------------------------------- parent side
-
-/// What a worker's exit hook needs: no pointer to the pool itself (the hook
-/// runs on the reactor thread, which must never end up destroying a pool).
-struct PoolDoorbell {
-    QueueCore results;
-    std::atomic<int> deaths{0};
-    // The result thread's tick: a death or stop() wakes it before its timeout.
-    std::mutex tick_mutex;
-    std::condition_variable tick;
-    /// Wakes a reader blocked on the ring (a waiting caller) and the result thread.
-    void ring() noexcept {
-        {
-            std::lock_guard<std::mutex> lk(tick_mutex);
-        }
-        tick.notify_all();
-        PoolResultHeader h{pool_result_wake, 0, 0};
-        try {
-            results.put(&h, sizeof h, os::Clock::now());  // a full ring wakes the thread anyway
-        } catch (...) {
-        }
-    }
-};
-
-/// Outcomes to hand to jobs outside the pool's lock, in batches per job.
-/// The bytes are the result message's (valid until delivered) or, for outcomes
-/// read from a dead worker's slot, copies kept here.
-struct PoolDeliveries {
-    std::deque<std::string> keep;  // a deque: strings never move (their data must not)
-    std::vector<std::pair<std::shared_ptr<JobBase>, std::vector<JobItem>>> batches;
-    std::vector<std::pair<std::shared_ptr<JobBase>, JobRecords>> runs;  // records in place, per message
-
-    void add(const std::shared_ptr<JobBase>& job, JobItem item) {
-        if (batches.empty() || batches.back().first != job) batches.emplace_back(job, std::vector<JobItem>());
-        batches.back().second.push_back(std::move(item));
-    }
-};
-
-struct PoolCore::State {
-    enum class Phase { running, closing, terminated };
-
-    struct Chunk {
-        std::shared_ptr<JobBase> job;
-        std::size_t job_first = 0;
-        std::uint32_t count = 0;
-        std::uint32_t next = 0;  // the items before it have an outcome
-        PoolTarget target;
-        std::string args;
-        std::vector<std::uint32_t> offsets;
-        std::uint32_t stride = 0;
-        /// Where item i's arguments start in args (see ChunkDraft).
-        std::size_t item_offset(std::uint32_t i) const noexcept {
-            if (i >= count) return args.size();
-            return stride ? pool_task_room + std::size_t(i) * stride : offsets[i];
-        }
-        std::vector<os::handle_t> handles;  // owned copies
-        int worker = -1;
-        ~Chunk() { wire::close_all(handles); }
-        Chunk() = default;
-        Chunk(const Chunk&) = delete;
-        Chunk& operator=(const Chunk&) = delete;
-    };
-
-    struct WorkerRec {
-        std::unique_ptr<Process<void>> proc;
-        QueueCore tasks;
-        SharedMemory slot;
-        os::handle_t lane = os::invalid_handle;
-        std::deque<std::uint64_t> outstanding;
-        std::uint64_t sent = 0;
-        bool ended = true;
-        bool ring_closed = false;
-        std::shared_ptr<std::atomic<bool>> dead;
-        ~WorkerRec() { os::close_handle(lane); }
-    };
-
-    WorkerFactory factory;
-    std::shared_ptr<PoolDoorbell> bell;
-    mutable std::mutex mutex;
-    std::condition_variable changed;
-    Phase phase = Phase::running;
-    std::exception_ptr broken;
-    int failed_starts = 0;
-    std::unordered_map<std::uint64_t, std::unique_ptr<Chunk>> chunks;
-    std::deque<std::uint64_t> pending;
-    std::deque<WorkerRec> workers;  // a deque: records never move
-    std::uint64_t next_chunk = 1;
-    std::thread thread;
-    std::atomic<bool> stop{false};
-    // The reader role: who holds it takes result messages off the ring and
-    // books them (in ring order, so a chunk's messages are booked in the order
-    // its worker sent them); deliveries happen after it is released.
-    std::mutex reader;
-    std::atomic<int> waiting{0};  // callers in serve_until
-    std::atomic<bool> warm_starts{false};  // a replacement took a warm start (its spawner keeps a child)
-};
-
-namespace {
-using State = PoolCore::State;
-
-bool is_remote_error(const std::exception_ptr& e) {
-    try {
-        std::rethrow_exception(e);
-    } catch (const RemoteError&) {
-        return true;
-    } catch (...) {
-    }
-    return false;
-}
-
-std::string error_text(const std::exception_ptr& e) {
-    try {
-        std::rethrow_exception(e);
-    } catch (const std::exception& x) {
-        return x.what();
-    } catch (...) {
-    }
-    return "unknown error";
-}
-
-/// Deliveries for items [from, to) of `c`, all failing with `e`.
-void fail_items(State::Chunk& c, std::uint32_t from, std::uint32_t to, const std::exception_ptr& e,
-                PoolCore::Deliveries& out) {
-    for (std::uint32_t i = from; i < to; ++i) out.add(c.job, JobItem{c.job_first + i, record_error, nullptr, 0, e});
-}
-
-void deliver(PoolCore::Deliveries& out) {
-    for (auto& [job, run] : out.runs) job->on_records(run);
-    out.runs.clear();
-    for (auto& [job, items] : out.batches) job->on_items(items.data(), items.size());
-    out.batches.clear();
-    out.keep.clear();
-}
-
-}  // namespace
 
 PoolWorkerBoot::PoolWorkerBoot() : p(std::make_shared<PoolWorkerParts>()) {}
 
@@ -19686,274 +19251,6 @@ void PoolCore::dispatch_locked() {
     }
 }
 
-void PoolCore::maybe_finish_locked() {
-    State& s = *s_;
-    if (s.phase != State::Phase::closing || !s.pending.empty()) return;
-    for (auto& w : s.workers)
-        if (!w.outstanding.empty()) return;
-    for (auto& w : s.workers)
-        if (w.proc && !w.ended && !w.ring_closed) {
-            w.tasks.close();  // the worker drains its ring, finds it closed and exits
-            w.ring_closed = true;
-        }
-}
-
-void PoolCore::complete_locked(std::uint64_t id) {
-    State& s = *s_;
-    auto it = s.chunks.find(id);
-    if (it == s.chunks.end()) return;
-    int wi = it->second->worker;
-    if (wi >= 0) {
-        auto& out = s.workers[static_cast<std::size_t>(wi)].outstanding;
-        out.erase(std::remove(out.begin(), out.end(), id), out.end());
-    }
-    s.chunks.erase(it);
-}
-
-void PoolCore::book_results(const unsigned char* p, std::size_t n, Deliveries& out) {
-    State& s = *s_;
-    if (n < sizeof(PoolResultHeader)) return;
-    PoolResultHeader h;
-    std::memcpy(&h, p, sizeof h);
-    if (h.kind != pool_result_records) return;
-    {
-        std::lock_guard<std::mutex> lk(s.mutex);
-        auto it = s.chunks.find(h.chunk);
-        if (it == s.chunks.end()) return;  // terminated meanwhile
-        State::Chunk& c = *it->second;
-        // Count the records (their headers only); the job decodes them later,
-        // outside every lock, straight from the message.
-        std::uint32_t after = walk_records(p + sizeof h, n - sizeof h, h.first,
-                                           [](std::uint32_t, std::uint32_t, const unsigned char*, std::size_t) {});
-        std::uint32_t end = std::min<std::uint32_t>(after, c.count);
-        if (end > c.next) {
-            out.runs.emplace_back(c.job, JobRecords{c.job_first, h.first, c.next, end, p + sizeof h, n - sizeof h});
-            c.next = end;
-        }
-        if (c.next >= c.count) {
-            complete_locked(h.chunk);
-            dispatch_locked();
-            maybe_finish_locked();
-            s.changed.notify_all();
-        }
-    }
-}
-
-std::vector<const void*> PoolCore::dead_workers() const {
-    State& s = *s_;
-    std::lock_guard<std::mutex> lk(s.mutex);
-    std::vector<const void*> dead;
-    for (auto& w : s.workers)
-        if (w.proc && !w.ended && w.dead->load(std::memory_order_acquire)) dead.push_back(w.dead.get());
-    return dead;
-}
-
-void PoolCore::handle_deaths(const std::vector<const void*>& dead, Deliveries& out) {
-    State& s = *s_;
-    {
-        std::lock_guard<std::mutex> lk(s.mutex);
-        for (std::size_t i = 0; i < s.workers.size(); ++i) {
-            State::WorkerRec& w = s.workers[i];
-            // Only deaths seen before the ring was drained: a worker that died
-            // since may have sent outcomes that are not taken yet (its death
-            // rang the bell again, so it is handled next round).
-            if (!w.proc || w.ended || std::find(dead.begin(), dead.end(), w.dead.get()) == dead.end()) continue;
-            w.ended = true;
-            reconcile_locked(i, out);
-        }
-        dispatch_locked();
-        maybe_finish_locked();
-        s.changed.notify_all();
-    }
-}
-
-void PoolCore::reconcile_locked(std::size_t wi, Deliveries& out) {
-    State& s = *s_;
-    State::WorkerRec& w = s.workers[wi];
-    int code = w.proc->exitcode().value_or(0);
-    std::exception_ptr werr = w.proc->core().error();
-    auto* slot = static_cast<PoolSlot*>(w.slot.data());
-    bool was_ready = slot->ready.load(std::memory_order_acquire) != 0;
-    std::uint64_t running = slot->chunk.load(std::memory_order_acquire);
-    std::uint32_t index = slot->index.load(std::memory_order_acquire);
-    std::uint32_t used = std::min(slot->used.load(std::memory_order_acquire), slot_record_bytes);
-
-    std::string how = werr ? error_text(werr)
-                           : (w.proc->name() + " (pid " + std::to_string(w.proc->pid()) + ") exited with code " +
-                              std::to_string(code));
-    auto task_error = std::make_exception_ptr(
-        ProcessError("mpservice: the " + settings_.kind + " worker died while running this task: " + how, code));
-
-    std::vector<std::uint64_t> resend;
-    for (std::uint64_t id : w.outstanding) {
-        auto it = s.chunks.find(id);
-        if (it == s.chunks.end()) continue;
-        State::Chunk& c = *it->second;
-        c.worker = -1;
-        if (id == running) {
-            // The outcomes of the finished items still in the slot...
-            const std::string& kept =
-                out.keep.emplace_back(reinterpret_cast<const char*>(slot->records()), used);
-            walk_records(reinterpret_cast<const unsigned char*>(kept.data()), kept.size(), slot->header.first,
-                         [&](std::uint32_t i, std::uint32_t kind, const unsigned char* data, std::size_t size) {
-                                if (i < c.next || i >= c.count) return;
-                                out.add(c.job, JobItem{c.job_first + i, kind, data, size, nullptr});
-                                c.next = i + 1;
-                            });
-            // ...and the one that was running when the worker died fails, once.
-            if (index != no_item && index == c.next && c.next < c.count) {
-                fail_items(c, c.next, c.next + 1, task_error, out);
-                ++c.next;
-            }
-        }
-        if (c.next < c.count) {
-            resend.push_back(id);
-        } else {
-            s.chunks.erase(it);
-        }
-    }
-    w.outstanding.clear();
-    s.pending.insert(s.pending.begin(), resend.begin(), resend.end());
-
-    // Should the worker be replaced?
-    bool init_failed = !was_ready && werr != nullptr;
-    s.failed_starts = init_failed ? s.failed_starts + 1 : 0;
-    if (!s.broken && s.phase != State::Phase::terminated) {
-        if (init_failed && is_remote_error(werr)) {
-            // The initializer (a runner's constructor) threw: every new
-            // worker would fail the same way.
-            s.broken = werr;
-        } else if (!settings_.replace_dead_workers && !(s.phase == State::Phase::closing && code == 0 && !werr)) {
-            s.broken = std::make_exception_ptr(ProcessError(
-                "mpservice: the " + settings_.kind + "'s process has died (" + how + "); it serves no more calls",
-                code));
-        } else if (init_failed && s.failed_starts >= 3) {
-            s.broken = werr;  // the workers keep dying before they are ready
-        }
-    }
-    if (s.broken) {
-        fail_all_locked(s.broken, out);
-        return;
-    }
-    if (s.phase == State::Phase::terminated || !settings_.replace_dead_workers) return;
-    if (s.phase == State::Phase::closing && s.pending.empty()) return;
-    try {
-        start_worker(wi, true);
-    } catch (...) {
-        s.broken = std::current_exception();
-        fail_all_locked(s.broken, out);
-    }
-}
-
-void PoolCore::fail_all_locked(const std::exception_ptr& e,
-                               Deliveries& out) {
-    State& s = *s_;
-    for (auto& [id, c] : s.chunks) fail_items(*c, c->next, c->count, e, out);
-    s.chunks.clear();
-    s.pending.clear();
-    for (auto& w : s.workers) w.outstanding.clear();
-}
-
-bool PoolCore::read_results(os::Deadline deadline, Deliveries& out) {
-    State& s = *s_;
-    PoolDoorbell& bell = *s.bell;
-    auto take = [&](os::Deadline d) {
-        // Read into a string the deliveries keep: their items point into it.
-        std::string& msg = out.keep.emplace_back();
-        if (bell.results.get(&copy_item, &msg, d) != QueueCore::Status::ok) {
-            out.keep.pop_back();
-            return false;
-        }
-        book_results(reinterpret_cast<const unsigned char*>(msg.data()), msg.size(), out);
-        return true;
-    };
-    auto deaths = [&] {
-        if (!bell.deaths.exchange(0, std::memory_order_acq_rel)) return;
-        // Whatever the dead workers sent before they died is in the ring: book it first.
-        auto dead = dead_workers();
-        while (take(os::Clock::now())) {
-        }
-        handle_deaths(dead, out);
-    };
-    deaths();
-    bool got = take(deadline);
-    deaths();  // a death's bell may be what woke the get
-    return got;
-}
-
-bool PoolCore::serve_until(const std::function<bool()>& done, os::Deadline deadline,
-                           const std::function<void(os::Deadline)>& sleep) {
-    State& s = *s_;
-    struct Waiting {
-        std::atomic<int>& n;
-        explicit Waiting(std::atomic<int>& c) : n(c) { n.fetch_add(1, std::memory_order_acq_rel); }
-        ~Waiting() { n.fetch_sub(1, std::memory_order_acq_rel); }
-    } waiting{s.waiting};
-    while (!done()) {
-        auto now = os::Clock::now();
-        if (now >= deadline) return done();
-        if (s.reader.try_lock()) {
-            Deliveries out;
-            {
-                std::lock_guard<std::mutex> role(s.reader, std::adopt_lock);
-                try {
-                    spin_for_item(s.bell->results, caller_spin, [&] {
-                        return done() || s.bell->deaths.load(std::memory_order_relaxed) != 0;
-                    });
-                    // In slices: what we wait for may also be resolved by
-                    // terminate() in another thread.
-                    read_results(std::min(deadline, now + reader_slice), out);
-                } catch (...) {
-                    log_callback_error(std::current_exception());
-                }
-            }
-            deliver(out);
-        } else {
-            // Another thread reads and delivers (to us as well); look again soon.
-            sleep(std::min(deadline, now + follower_slice));
-        }
-    }
-    return true;
-}
-
-void PoolCore::result_loop() {
-    State& s = *s_;
-    PoolDoorbell& bell = *s.bell;
-    for (;;) {
-        // Callers that wait read their own results; this thread takes what
-        // nobody waits for (callbacks, imap buffers, deaths) on a tick.
-        bool busy;
-        {
-            std::lock_guard<std::mutex> lk(s.mutex);
-            busy = !s.chunks.empty();
-        }
-        auto tick = busy && s.waiting.load(std::memory_order_acquire) == 0 ? busy_tick : idle_tick;
-        {
-            std::unique_lock<std::mutex> lk(bell.tick_mutex);
-            bell.tick.wait_for(lk, tick, [&] {
-                return s.stop.load(std::memory_order_acquire) || bell.deaths.load(std::memory_order_acquire) != 0;
-            });
-        }
-        if (s.stop.load(std::memory_order_acquire)) return;
-        if (!s.reader.try_lock()) continue;  // a caller reads
-        Deliveries out;
-        {
-            std::lock_guard<std::mutex> role(s.reader, std::adopt_lock);
-            try {
-                for (int i = 0; i < 256 && read_results(os::Clock::now(), out); ++i) {
-                }
-            } catch (...) {
-                log_callback_error(std::current_exception());
-            }
-        }
-        try {
-            deliver(out);
-        } catch (...) {
-            log_callback_error(std::current_exception());
-        }
-    }
-}
-
 void PoolCore::close() {
     State& s = *s_;
     std::lock_guard<std::mutex> lk(s.mutex);
@@ -20031,37 +19328,14 @@ std::vector<long> PoolCore::worker_pids() const {
         if (w.proc && !w.ended) pids.push_back(w.proc->pid());
     return pids;
 }
-
 }  // namespace detail
 
 std::vector<long> Pool::worker_pids() const { return core_->worker_pids(); }
 
-void Codec<detail::PoolWorkerBoot>::encode(Encoder& e, const detail::PoolWorkerBoot& boot) {
-    const detail::PoolWorkerParts& b = *boot.p;
-    e.write(b.tasks.memory());
-    e.write(b.results.memory());
-    e.write(b.slot);
-    e.write(e.attach(b.lane));
-    e(b.initializer.module, b.initializer.offset, b.maxtasks);
-}
-
-detail::PoolWorkerBoot Codec<detail::PoolWorkerBoot>::decode(Decoder& d) {
-    detail::PoolWorkerBoot boot;
-    detail::PoolWorkerParts& b = *boot.p;
-    b.tasks = detail::QueueCore::attach(d.read<detail::SharedMemory>(), detail::QueueKind::simple, detail::task_tag);
-    b.results =
-        detail::QueueCore::attach(d.read<detail::SharedMemory>(), detail::QueueKind::simple, detail::result_tag);
-    b.slot = d.read<detail::SharedMemory>();
-    if (b.slot.size() < sizeof(detail::PoolSlot)) throw DecodeError("decode: pool slot too small");
-    b.lane = detail::os::duplicate_handle(d.handle(d.read<std::uint32_t>()));
-    d(b.initializer.module, b.initializer.offset, b.maxtasks);
-    return boot;
-}
-
 }  // namespace mpservice
 // ---- end part: mpservice/impl/pool.cpp
 #endif
-#if MPSERVICE_PART_(8) || MPSERVICE_PART_(9)
+#if MPSERVICE_PART_(8) || MPSERVICE_PART_(9) || MPSERVICE_PART_(12)
 // ---- begin part: mpservice/impl/server_wire.hpp -----------------------------
 // server_wire.hpp: what a server process and its clients say to each other
 // (the server part and the client part both include it).
@@ -20297,6 +19571,106 @@ inline InvokerSet& invokers() {
 
 }  // namespace mpservice
 // ---- end part: mpservice/impl/server_wire.hpp
+// ---- begin part: mpservice/impl/server_link.hpp -----------------------------
+// server_link: a process's link to one server, as the client side's two
+// parts see it - server_client.cpp (the links themselves: the server's own,
+// and over sockets) and server_process.cpp (the templates' entry points,
+// references, ServerProcess).
+
+namespace mpservice {
+namespace detail {
+namespace server {
+
+/// Closes the handles a reply brought, whatever happens to the reply.
+struct HandleCloser {
+    std::vector<os::handle_t>& hs;
+    ~HandleCloser() { wire::close_all(hs); }
+};
+
+/// A memory block attached to a reply (server_host's attach_block), mapped.
+SharedMemory read_block(Decoder& d);
+
+/// One process's side of one server: how requests reach it, and the table of
+/// this process's live references (one Ref per object, shared by its proxies).
+class Link : public std::enable_shared_from_this<Link> {
+public:
+    std::string address, authkey, server_name, fingerprint;
+    long server_pid = 0;
+
+    virtual ~Link() = default;
+    /// Sends a request and waits for its reply; re-throws the server's error.
+    virtual std::string request(std::uint32_t op, const std::string& payload, const std::vector<os::handle_t>& handles,
+                                std::vector<os::handle_t>& reply_handles) = 0;
+    /// Sends a message that has no reply (decref, drop ticket); never throws.
+    virtual void post(std::uint32_t op, const std::string& payload) noexcept = 0;
+    /// Sends a message that has no reply, in order with this process's releases;
+    /// ServerError if the server is known to be gone.
+    virtual void send_ordered(std::uint32_t op, const std::string& payload) {
+        post(op, payload);
+    }
+    /// After this, every request fails with ServerError at once.
+    virtual void mark_gone(const std::string& why) noexcept = 0;
+    /// A request on the process's main connection, answered after every
+    /// release this process posted before it (object_count uses it).
+    virtual std::string ordered_request(std::uint32_t op, const std::string& payload) { return request(op, payload); }
+
+    std::string request(std::uint32_t op, const std::string& payload) {
+        std::vector<os::handle_t> hs;
+        std::string r = request(op, payload, {}, hs);
+        wire::close_all(hs);
+        return r;
+    }
+    std::string describe() const {
+        return "server process '" + server_name + "' (pid " + std::to_string(server_pid) + ")";
+    }
+
+    /// The Ref of a new reference this process now holds on `id`.
+    RefPtr make_ref(std::uint64_t id, std::uint64_t type);
+    /// The live Ref of `id` in this process, if there is one.
+    RefPtr existing(std::uint64_t id);
+    /// A decoded proxy: takes over its ticket's reference (or gives the ticket
+    /// back when this process holds the object already).  One round trip; a
+    /// memory block's memfd comes with the reply and is mapped at once.
+    RefPtr adopt(std::uint64_t id, std::uint64_t ticket, std::uint64_t type);
+    /// A Ref's destructor: this process holds one reference less.
+    void release(std::uint64_t id) noexcept;
+    std::vector<std::uint64_t> live_ids();
+
+    static std::string bytes_of(std::uint64_t v) { return std::string(reinterpret_cast<const char*>(&v), sizeof v); }
+    static std::string decref_bytes(std::uint64_t id) {
+        Encoder e;
+        e(id, std::int64_t(1));
+        return std::move(e.bytes());
+    }
+
+private:
+    std::mutex refs_mutex_;
+    std::unordered_map<std::uint64_t, std::weak_ptr<Ref>> refs_;
+};
+
+/// Re-throws the server's error carried by a reply.
+[[noreturn]] void throw_reply_error(const std::string& payload);
+
+/// What a link to a server is made from: a proxy's or a server handle's encoding.
+struct LinkInfo {
+    std::string address, authkey, name, fingerprint;
+    long pid = 0;
+};
+/// The link of this process to the server at `info.address`: the open one, or a new one.
+std::shared_ptr<Link> link_for(const LinkInfo& info);
+/// The server process's own link (LocalLink, server_host.cpp), kept in the
+/// registry of links (server_client.cpp) beside those over sockets.
+void set_local_link(std::shared_ptr<Link> link);
+std::shared_ptr<Link> local_link();
+/// An invoker as the server is told of it (cached per thread).
+InvokerRef invoker_of(const void* fn);
+
+}  // namespace server
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/server_link.hpp
+#endif
+#if MPSERVICE_PART_(8) || MPSERVICE_PART_(12)
 // ---- begin part: mpservice/impl/server_host.hpp -----------------------------
 // server_host.hpp: the server side's state - the boot argument, the object
 // table, sessions and tickets - which the server part (server_host.cpp) and the
@@ -21039,156 +20413,7 @@ void server_main(ServerBoot boot) {
     host->local->refs.clear();
 }
 
-}  // namespace server
-}  // namespace detail
-}  // namespace mpservice
-// ---- end part: mpservice/impl/server_host.cpp
-#endif
-#if MPSERVICE_PART_(9)
-// ---- begin part: mpservice/impl/server_client.cpp ---------------------------
-// server_client: the client side - links to servers (one per server per
-// process), per-thread connections with their slots, references and their
-// encoding, and ServerProcess itself.
-
-namespace mpservice {
-namespace detail {
-namespace server {
-
-// ---------------------------------------------------------------- links
-
-/// Closes the handles a reply brought, whatever happens to the reply.
-struct HandleCloser {
-    std::vector<os::handle_t>& hs;
-    ~HandleCloser() { wire::close_all(hs); }
-};
-
-/// A memory block attached to a reply (server_host's attach_block), mapped.
-SharedMemory read_block(Decoder& d) {
-    auto size = d.read<std::uint64_t>();
-    auto index = d.read<std::uint32_t>();
-    SharedMemory m = SharedMemory::adopt(os::duplicate_handle(d.handle(index)));
-    if (m.size() != size) throw ServerError("mpservice: the memory block's size does not match");
-    return m;
-}
-
-/// One process's side of one server: how requests reach it, and the table of
-/// this process's live references (one Ref per object, shared by its proxies).
-class Link : public std::enable_shared_from_this<Link> {
-public:
-    std::string address, authkey, server_name, fingerprint;
-    long server_pid = 0;
-
-    virtual ~Link() = default;
-    /// Sends a request and waits for its reply; re-throws the server's error.
-    virtual std::string request(std::uint32_t op, const std::string& payload, const std::vector<os::handle_t>& handles,
-                                std::vector<os::handle_t>& reply_handles) = 0;
-    /// Sends a message that has no reply (decref, drop ticket); never throws.
-    virtual void post(std::uint32_t op, const std::string& payload) noexcept = 0;
-    /// Sends a message that has no reply, in order with this process's releases;
-    /// ServerError if the server is known to be gone.
-    virtual void send_ordered(std::uint32_t op, const std::string& payload) {
-        post(op, payload);
-    }
-    /// After this, every request fails with ServerError at once.
-    virtual void mark_gone(const std::string& why) noexcept = 0;
-    /// A request on the process's main connection, answered after every
-    /// release this process posted before it (object_count uses it).
-    virtual std::string ordered_request(std::uint32_t op, const std::string& payload) { return request(op, payload); }
-
-    std::string request(std::uint32_t op, const std::string& payload) {
-        std::vector<os::handle_t> hs;
-        std::string r = request(op, payload, {}, hs);
-        wire::close_all(hs);
-        return r;
-    }
-    std::string describe() const {
-        return "server process '" + server_name + "' (pid " + std::to_string(server_pid) + ")";
-    }
-
-    /// The Ref of a new reference this process now holds on `id`.
-    RefPtr make_ref(std::uint64_t id, std::uint64_t type) {
-        std::lock_guard<std::mutex> lk(refs_mutex_);
-        auto r = std::make_shared<Ref>();
-        r->link = shared_from_this();
-        r->id = id;
-        r->type = type;
-        refs_[id] = r;
-        return r;
-    }
-    /// The live Ref of `id` in this process, if there is one.
-    RefPtr existing(std::uint64_t id) {
-        std::lock_guard<std::mutex> lk(refs_mutex_);
-        auto it = refs_.find(id);
-        return it == refs_.end() ? nullptr : it->second.lock();
-    }
-    /// A decoded proxy: takes over its ticket's reference (or gives the ticket
-    /// back when this process holds the object already).  One round trip; a
-    /// memory block's memfd comes with the reply and is mapped at once.
-    RefPtr adopt(std::uint64_t id, std::uint64_t ticket, std::uint64_t type) {
-        if (RefPtr r = existing(id)) {
-            post(op_drop_ticket, bytes_of(ticket));
-            return r;
-        }
-        Encoder e;
-        e(ticket, id);
-        std::vector<os::handle_t> hs;
-        std::string reply = request(op_adopt, e.bytes(), {}, hs);
-        HandleCloser closer{hs};
-        std::lock_guard<std::mutex> lk(refs_mutex_);
-        auto it = refs_.find(id);
-        if (it != refs_.end())
-            if (RefPtr r = it->second.lock()) {  // another thread decoded it meanwhile
-                post(op_decref, decref_bytes(id));
-                return r;
-            }
-        auto r = std::make_shared<Ref>();
-        r->link = shared_from_this();
-        r->id = id;
-        r->type = type;
-        Decoder d(reply.data(), reply.size(), &hs);
-        if (!d.at_end()) r->mapping = read_block(d);
-        refs_[id] = r;
-        return r;
-    }
-    /// A Ref's destructor: this process holds one reference less.
-    void release(std::uint64_t id) noexcept {
-        try {
-            {
-                std::lock_guard<std::mutex> lk(refs_mutex_);
-                auto it = refs_.find(id);
-                if (it != refs_.end() && it->second.expired()) refs_.erase(it);
-            }
-            post(op_decref, decref_bytes(id));
-        } catch (...) {
-        }
-    }
-    std::vector<std::uint64_t> live_ids() {
-        std::vector<std::uint64_t> ids;
-        std::lock_guard<std::mutex> lk(refs_mutex_);
-        for (auto& r : refs_)
-            if (!r.second.expired()) ids.push_back(r.first);
-        return ids;
-    }
-
-    static std::string bytes_of(std::uint64_t v) { return std::string(reinterpret_cast<const char*>(&v), sizeof v); }
-    static std::string decref_bytes(std::uint64_t id) {
-        Encoder e;
-        e(id, std::int64_t(1));
-        return std::move(e.bytes());
-    }
-
-private:
-    std::mutex refs_mutex_;
-    std::unordered_map<std::uint64_t, std::weak_ptr<Ref>> refs_;
-};
-
-[[noreturn]] void throw_reply_error(const std::string& payload) {
-    Decoder d(payload);
-    std::exception_ptr e = decode_exception(d);
-    detail::rethrow_exception(e);
-}
-
-// ---------------------------------------------------------------- the server's own link
+// ---------------------------------------------------------------- the server's own link (server_link.hpp)
 
 /// Proxies inside the server process reach the host directly: no socket.
 class LocalLink final : public Link {
@@ -21229,6 +20454,124 @@ private:
     CodeCache& codes() { return os::thread_object<ThreadCodes>().cache; }
     Host& host_;
 };
+
+void install_local_link(Host& host) {
+    auto l = std::make_shared<LocalLink>(host);
+    l->address = host.address;
+    l->authkey = host.authkey;
+    l->server_name = host.name;
+    l->server_pid = os::current_pid();
+    l->fingerprint = host.fingerprint;
+    set_local_link(std::move(l));
+}
+
+bool in_server_process() noexcept { return host_running(); }
+
+RefPtr host_here(NewObject obj, std::uint64_t type) {
+    Host* host = g_host.load();
+    if (!host) {
+        obj.destroy(obj.object);
+        throw InvalidStateError("mpservice: managed<T>() works only inside a server process (in a hosted method)");
+    }
+    std::shared_ptr<Link> local = local_link();
+    std::uint64_t id = host->add(obj, type, *host->local);
+    return local->make_ref(id, type);
+}
+
+}  // namespace server
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/server_host.cpp
+#endif
+#if MPSERVICE_PART_(9)
+// ---- begin part: mpservice/impl/server_client.cpp ---------------------------
+// server_client: the client side's links to servers (one per server per
+// process: the server's own, in the server process, and over sockets), the
+// per-thread connections with their slots, and the registry of links.  What
+// uses the links - references, ServerProcess - is in server_process.cpp.
+
+namespace mpservice {
+namespace detail {
+namespace server {
+
+// ---------------------------------------------------------------- links
+
+SharedMemory read_block(Decoder& d) {
+    auto size = d.read<std::uint64_t>();
+    auto index = d.read<std::uint32_t>();
+    SharedMemory m = SharedMemory::adopt(os::duplicate_handle(d.handle(index)));
+    if (m.size() != size) throw ServerError("mpservice: the memory block's size does not match");
+    return m;
+}
+
+[[noreturn]] void throw_reply_error(const std::string& payload) {
+    Decoder d(payload);
+    std::exception_ptr e = decode_exception(d);
+    detail::rethrow_exception(e);
+}
+
+RefPtr Link::make_ref(std::uint64_t id, std::uint64_t type) {
+    std::lock_guard<std::mutex> lk(refs_mutex_);
+    auto r = std::make_shared<Ref>();
+    r->link = shared_from_this();
+    r->id = id;
+    r->type = type;
+    refs_[id] = r;
+    return r;
+}
+
+RefPtr Link::existing(std::uint64_t id) {
+    std::lock_guard<std::mutex> lk(refs_mutex_);
+    auto it = refs_.find(id);
+    return it == refs_.end() ? nullptr : it->second.lock();
+}
+
+RefPtr Link::adopt(std::uint64_t id, std::uint64_t ticket, std::uint64_t type) {
+    if (RefPtr r = existing(id)) {
+        post(op_drop_ticket, bytes_of(ticket));
+        return r;
+    }
+    Encoder e;
+    e(ticket, id);
+    std::vector<os::handle_t> hs;
+    std::string reply = request(op_adopt, e.bytes(), {}, hs);
+    HandleCloser closer{hs};
+    std::lock_guard<std::mutex> lk(refs_mutex_);
+    auto it = refs_.find(id);
+    if (it != refs_.end())
+        if (RefPtr r = it->second.lock()) {  // another thread decoded it meanwhile
+            post(op_decref, decref_bytes(id));
+            return r;
+        }
+    auto r = std::make_shared<Ref>();
+    r->link = shared_from_this();
+    r->id = id;
+    r->type = type;
+    Decoder d(reply.data(), reply.size(), &hs);
+    if (!d.at_end()) r->mapping = read_block(d);
+    refs_[id] = r;
+    return r;
+}
+
+void Link::release(std::uint64_t id) noexcept {
+    try {
+        {
+            std::lock_guard<std::mutex> lk(refs_mutex_);
+            auto it = refs_.find(id);
+            if (it != refs_.end() && it->second.expired()) refs_.erase(it);
+        }
+        post(op_decref, decref_bytes(id));
+    } catch (...) {
+    }
+}
+
+std::vector<std::uint64_t> Link::live_ids() {
+    std::vector<std::uint64_t> ids;
+    std::lock_guard<std::mutex> lk(refs_mutex_);
+    for (auto& r : refs_)
+        if (!r.second.expired()) ids.push_back(r.first);
+    return ids;
+}
 
 // ---------------------------------------------------------------- links over sockets
 
@@ -21646,11 +20989,6 @@ Registry& registry() {
     return *r;
 }
 
-struct LinkInfo {
-    std::string address, authkey, name, fingerprint;
-    long pid = 0;
-};
-
 /// Set while this thread holds the registry's lock in link_for (a link that
 /// fails to open marks itself gone, and must not take the lock again).
 thread_local bool t_in_link_for = false;
@@ -21697,16 +21035,16 @@ void forget_link(const std::string& address, const Link* link) noexcept {
     }
 }
 
-void install_local_link(Host& host) {
-    auto l = std::make_shared<LocalLink>(host);
-    l->address = host.address;
-    l->authkey = host.authkey;
-    l->server_name = host.name;
-    l->server_pid = os::current_pid();
-    l->fingerprint = host.fingerprint;
+void set_local_link(std::shared_ptr<Link> link) {
     Registry& reg = registry();
     std::lock_guard<std::mutex> lk(reg.mutex);
-    reg.local = l;
+    reg.local = std::move(link);
+}
+
+std::shared_ptr<Link> local_link() {
+    Registry& reg = registry();
+    std::lock_guard<std::mutex> lk(reg.mutex);
+    return reg.local;
 }
 
 /// An invoker as the server is told of it, cached per thread (finding the
@@ -21724,327 +21062,12 @@ InvokerRef invoker_of(const void* fn) {
     return cache[fn] = r;
 }
 
-// ---------------------------------------------------------------- the templates' entry points
-
 Ref::~Ref() {
     if (link) link->release(id);
 }
 
-RefPtr create_object(const Shared<Link>& link, const void* creator, std::uint64_t type, const Encoder& args) {
-    if (!link) throw InvalidStateError("mpservice: the server process was not started");
-    Encoder e;
-    write_invoker(e, invoker_of(creator));
-    e.write(type);
-    e.write_bytes(args.bytes().data(), args.bytes().size());
-    std::vector<os::handle_t> hs;
-    std::string reply = link->request(op_create, e.bytes(), args.handles(), hs);
-    HandleCloser closer{hs};
-    Decoder d(reply.data(), reply.size(), &hs);
-    RefPtr r = link->make_ref(d.read<std::uint64_t>(), type);
-    if (!d.at_end()) r->mapping = read_block(d);  // a memory block: mapped here at once
-    return r;
-}
-
-std::string call_method(const Ref& ref, const void* method, const Encoder& args, std::vector<os::handle_t>& handles) {
-    Encoder e;
-    e.reserve(32 + args.bytes().size());
-    e.write(ref.id);
-    write_invoker(e, invoker_of(method));
-    e.write_bytes(args.bytes().data(), args.bytes().size());
-    return ref.link->request(op_call, e.bytes(), args.handles(), handles);
-}
-
-/// A ticket no other encoding, in any process, has: a per-process random
-/// start (drawn again in a forked child) and a counter.
-std::atomic<std::uint64_t> g_ticket{0};
-void forget_ticket_seed() { g_ticket.store(0, std::memory_order_relaxed); }
-std::uint64_t new_ticket() {
-    static const bool hooked = [] {
-        os::at_fork_child(&forget_ticket_seed);
-        return true;
-    }();
-    (void)hooked;
-    for (;;) {
-        std::uint64_t t = g_ticket.load(std::memory_order_relaxed);
-        if (t == 0) {
-            std::uint64_t seed = 0;
-            os::random_bytes(reinterpret_cast<unsigned char*>(&seed), sizeof seed);
-            seed |= 1;
-            if (!g_ticket.compare_exchange_strong(t, seed, std::memory_order_relaxed)) continue;
-            t = seed;
-        }
-        if (g_ticket.compare_exchange_weak(t, t + 2, std::memory_order_relaxed)) return t;
-    }
-}
-
-void encode_ref(Encoder& e, const RefPtr& ref) {
-    if (!ref) {
-        e.write(std::uint8_t(0));
-        return;
-    }
-    const std::uint64_t ticket = new_ticket();
-    Encoder m;
-    m(ref->id, ticket);
-    ref->link->send_ordered(op_mint, m.bytes());  // no reply: before this process's release of it
-    const Link& l = *ref->link;
-    e.write(std::uint8_t(1));
-    e(proxy_magic, server_protocol, l.address, l.authkey, l.server_name, static_cast<std::int64_t>(l.server_pid),
-      l.fingerprint, ref->id, ticket, ref->type);
-}
-
-RefPtr decode_ref(Decoder& d, std::uint64_t type, const char* type_name) {
-    auto present = d.read<std::uint8_t>();
-    if (present == 0) return nullptr;
-    if (present != 1) throw DecodeError("decode: bad proxy marker");
-    auto magic = d.read<std::uint32_t>();
-    auto version = d.read<std::uint32_t>();
-    if (magic != proxy_magic || version != server_protocol)
-        throw DecodeError("decode: not an encoded proxy (or one of another server protocol)");
-    LinkInfo info;
-    std::int64_t pid;
-    std::uint64_t id, ticket, sent_type;
-    d(info.address, info.authkey, info.name, pid, info.fingerprint, id, ticket, sent_type);
-    info.pid = static_cast<long>(pid);
-    if (info.fingerprint != fingerprint_of(""))
-        throw ServerError("mpservice: this proxy comes from a different build of the program than this process (build "
-                          "fingerprints differ); its server '" + info.name + "' would refuse it");
-    if (sent_type != type)
-        throw DecodeError("decode: the proxy refers to an object of another class than " + os::demangle(type_name));
-    if (info.address.empty() || info.address.size() > 100) throw DecodeError("decode: bad server address in a proxy");
-    return link_for(info)->adopt(id, ticket, type);
-}
-
-const SharedMemory& block_mapping(Ref& ref) {
-    std::lock_guard<std::mutex> lk(ref.mapping_mutex);
-    if (!ref.mapping) {  // a Ref made by create/adopt has it already; this is the fallback
-        Encoder e;
-        e.write(ref.id);
-        std::vector<os::handle_t> hs;
-        std::string reply = ref.link->request(op_block, e.bytes(), {}, hs);
-        HandleCloser closer{hs};
-        Decoder d(reply.data(), reply.size(), &hs);
-        ref.mapping = read_block(d);
-    }
-    return ref.mapping;
-}
-
-bool in_server_process() noexcept { return host_running(); }
-
-RefPtr host_here(NewObject obj, std::uint64_t type) {
-    Host* host = g_host.load();
-    if (!host) {
-        obj.destroy(obj.object);
-        throw InvalidStateError("mpservice: managed<T>() works only inside a server process (in a hosted method)");
-    }
-    std::shared_ptr<Link> local;
-    {
-        Registry& reg = registry();
-        std::lock_guard<std::mutex> lk(reg.mutex);
-        local = reg.local;
-    }
-    std::uint64_t id = host->add(obj, type, *host->local);
-    return local->make_ref(id, type);
-}
-
 }  // namespace server
 }  // namespace detail
-
-// ---------------------------------------------------------------- ServerAccess, ServerProcess
-
-namespace {
-std::atomic<int>& server_counter() {
-    static std::atomic<int> n{1};
-    return n;
-}
-std::tuple<std::uint64_t, std::int64_t, std::int64_t> server_counts(const std::shared_ptr<detail::server::Link>& l) {
-    if (!l) throw InvalidStateError("mpservice: the server process was not started");
-    std::string reply = l->ordered_request(detail::server::op_count, std::string());
-    Decoder d(reply);
-    std::uint64_t n;
-    std::int64_t fds, maps;
-    d(n, fds, maps);
-    return {n, fds, maps};
-}
-}  // namespace
-
-struct Namespace::Values {
-    std::map<std::string, Held> map;
-};
-
-Namespace::Namespace() : values_(new Values) {}
-Namespace::~Namespace() = default;
-
-Namespace::Held& Namespace::slot_for(std::string name) { return values_->map[std::move(name)]; }
-
-// Out of line, here: the Method<Namespace, ...> invokers they use are
-// instantiated and announced once, in the implementation, instead of by a
-// static initializer in every includer.
-bool Namespace::contains(const std::string& name) const {
-    std::lock_guard<std::mutex> g(m_);
-    return values_->map.count(name) != 0;
-}
-
-void Namespace::erase(const std::string& name) {
-    Held old;
-    std::lock_guard<std::mutex> g(m_);
-    auto it = values_->map.find(name);
-    if (it == values_->map.end()) throw std::out_of_range("namespace has no attribute '" + name + "'");
-    old = std::move(it->second);
-    values_->map.erase(it);
-}
-
-std::vector<std::string> Namespace::names() const {
-    std::lock_guard<std::mutex> g(m_);
-    std::vector<std::string> out;
-    for (auto& kv : values_->map) out.push_back(kv.first);
-    return out;
-}
-
-std::string Namespace::type_of(const std::string& name) const {
-    std::lock_guard<std::mutex> g(m_);
-    return detail::os::demangle(find(name).type_name);
-}
-
-std::size_t Namespace::len() const {
-    std::lock_guard<std::mutex> g(m_);
-    return values_->map.size();
-}
-
-const Namespace::Held& Namespace::find(const std::string& name) const {
-    auto it = values_->map.find(name);
-    if (it == values_->map.end()) throw std::out_of_range("namespace has no attribute '" + name + "'");
-    return it->second;
-}
-
-void Namespace::throw_mismatch(const std::string& name, const char* held, const char* asked) {
-    throw std::invalid_argument("namespace attribute '" + name + "' holds a " + detail::os::demangle(held) +
-                                ", not a " + detail::os::demangle(asked));
-}
-
-bool Proxy<Namespace>::contains(const std::string& name) const { return call<&N::contains>(checked(name)); }
-void Proxy<Namespace>::erase(const std::string& name) const { call<&N::erase>(checked(name)); }
-std::vector<std::string> Proxy<Namespace>::names() const { return call<&N::names>(); }
-std::string Proxy<Namespace>::type_of(const std::string& name) const { return call<&N::type_of>(checked(name)); }
-std::size_t Proxy<Namespace>::len() const { return call<&N::len>(); }
-
-const std::string& Proxy<Namespace>::checked(const std::string& name) {
-    if (name.empty() || name[0] == '_')
-        throw std::invalid_argument("mpservice: namespace attribute names must not be empty or start with '_' ('" +
-                                    name + "')");
-    return name;
-}
-
-ServerClient::ServerClient(detail::Shared<detail::server::Link> link) { link_ = std::move(link); }
-
-std::size_t ServerAccess::object_count() const { return static_cast<std::size_t>(std::get<0>(server_counts(link_.shared()))); }
-
-std::pair<long, long> ServerAccess::resource_counts() const {
-    auto c = server_counts(link_.shared());
-    return {static_cast<long>(std::get<1>(c)), static_cast<long>(std::get<2>(c))};
-}
-
-const std::string& ServerAccess::address() const {
-    static const std::string none;
-    return link_ ? link_->address : none;
-}
-
-const detail::Shared<detail::server::Link>& ServerAccess::link() const {
-    if (!link_) throw InvalidStateError("mpservice: the server process was not started");
-    return link_;
-}
-
-ServerProcess::ServerProcess() : ServerProcess(ServerOptions{}) {}
-ServerProcess::ServerProcess(const Context& ctx) : ServerProcess([&] {
-        ServerOptions o;
-        o.context = &ctx;
-        return o;
-    }()) {}
-ServerProcess::ServerProcess(ServerOptions options) : options_(std::move(options)) {
-    if (options_.name.empty()) options_.name = "ServerProcess-" + std::to_string(server_counter().fetch_add(1));
-    if (options_.start) start();
-}
-
-ServerProcess::~ServerProcess() { shutdown(); }
-
-void ServerProcess::start() {
-    using namespace detail::server;
-    if (process_) throw InvalidStateError("mpservice: " + options_.name + " was already started");
-    ServerBoot boot;
-    boot.listener->fd = detail::os::listener_create(boot.address);
-    unsigned char key[authkey_size];
-    detail::os::random_bytes(key, sizeof key);
-    boot.authkey.assign(reinterpret_cast<const char*>(key), sizeof key);
-    boot.name = options_.name;
-    const Context& ctx = options_.context ? *options_.context : default_context();
-    process_ = detail::Owned<Process<void>>(new Process<void>(ctx, &server_main, boot));
-    process_->set_name(options_.name);
-    try {
-        process_->start();
-    } catch (...) {
-        process_.reset();
-        throw;
-    }
-    // Only the server may hold the listener now: if it dies, connecting fails
-    // at once instead of waiting in the backlog of a socket nobody serves.
-    boot.close();
-    LinkInfo info;
-    info.address = boot.address;
-    info.authkey = boot.authkey;
-    info.name = options_.name;
-    info.pid = process_->pid();
-    info.fingerprint = detail::fingerprint_of("");
-    link_ = link_for(info);
-}
-
-void ServerProcess::shutdown() noexcept {
-    try {
-        if (!process_ || !process_->is_alive()) {
-            if (link_) link_->mark_gone("it was shut down");
-            return;
-        }
-        if (link_) link_->post(detail::server::op_shutdown, std::string());
-        auto wait = [&] {
-            try {
-                process_->join(options_.shutdown_timeout);
-            } catch (...) {
-            }
-            return !process_->is_alive();
-        };
-        if (!wait()) {
-            process_->terminate();
-            if (!wait()) {
-                process_->kill();
-                try {
-                    process_->join();
-                } catch (...) {
-                }
-            }
-        }
-        if (link_) link_->mark_gone("it was shut down");
-    } catch (...) {
-    }
-}
-
-bool ServerProcess::is_alive() const { return process_ && process_->is_alive(); }
-long ServerProcess::pid() const { return process_ ? process_->pid() : 0; }
-const std::string& ServerProcess::name() const { return options_.name; }
-std::optional<int> ServerProcess::exitcode() const { return process_ ? process_->exitcode() : std::nullopt; }
-
-void Codec<ServerClient>::encode(Encoder& e, const ServerClient& c) {
-    const auto& l = c.link();
-    e(l->address, l->authkey, l->server_name, static_cast<std::int64_t>(l->server_pid), l->fingerprint);
-}
-
-ServerClient Codec<ServerClient>::decode(Decoder& d) {
-    detail::server::LinkInfo info;
-    std::int64_t pid;
-    d(info.address, info.authkey, info.name, pid, info.fingerprint);
-    info.pid = static_cast<long>(pid);
-    if (info.fingerprint != detail::fingerprint_of(""))
-        throw ServerError("mpservice: this server handle comes from a different build of the program");
-    return ServerClient(detail::server::link_for(info));
-}
-
 }  // namespace mpservice
 // ---- end part: mpservice/impl/server_client.cpp
 #endif
@@ -22487,6 +21510,1290 @@ std::vector<Waitable> connection_wait(const std::vector<Waitable>& objects) {
 
 }  // namespace mpservice
 // ---- end part: mpservice/impl/connection.cpp
+#endif
+#if MPSERVICE_PART_(11)
+// ---- begin part: mpservice/impl/pool_results.cpp ----------------------------
+// pool_results: reading a pool's results - by a waiting caller or the result
+// thread - and what a dead worker costs (from its slot: which item failed,
+// which finished, which go to another worker).
+
+namespace mpservice {
+namespace detail {
+
+PoolResultState::PoolResultState() { name = "AsyncResult"; }
+
+void PoolResultState::read_from(const Shared<PoolCore>& pool) { pool_ = pool.shared(); }
+
+bool PoolResultState::wait_until(os::Deadline deadline) const {
+    if (done_relaxed()) return true;
+    if (auto pool = pool_.lock())
+        return pool->serve_until([this] { return done_relaxed(); }, deadline,
+                                 [this](os::Deadline d) { FutureCore::wait_until(d); });
+    return FutureCore::wait_until(deadline);  // the pool is gone: it resolved every result first
+}
+
+void log_callback_error(const std::exception_ptr& e) {
+    std::string what = "unknown exception";
+    try {
+        std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+        what = x.what();
+    } catch (...) {
+    }
+    get_logger("mpservice.pool").error("a result callback threw: " + what);
+}
+
+namespace {
+using State = PoolCore::State;
+
+bool is_remote_error(const std::exception_ptr& e) {
+    try {
+        std::rethrow_exception(e);
+    } catch (const RemoteError&) {
+        return true;
+    } catch (...) {
+    }
+    return false;
+}
+
+std::string error_text(const std::exception_ptr& e) {
+    try {
+        std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+        return x.what();
+    } catch (...) {
+    }
+    return "unknown error";
+}
+
+/// Deliveries for items [from, to) of `c`, all failing with `e`.
+void fail_items(State::Chunk& c, std::uint32_t from, std::uint32_t to, const std::exception_ptr& e,
+                PoolCore::Deliveries& out) {
+    for (std::uint32_t i = from; i < to; ++i) out.add(c.job, JobItem{c.job_first + i, record_error, nullptr, 0, e});
+}
+
+}  // namespace
+
+void PoolCore::maybe_finish_locked() {
+    State& s = *s_;
+    if (s.phase != State::Phase::closing || !s.pending.empty()) return;
+    for (auto& w : s.workers)
+        if (!w.outstanding.empty()) return;
+    for (auto& w : s.workers)
+        if (w.proc && !w.ended && !w.ring_closed) {
+            w.tasks.close();  // the worker drains its ring, finds it closed and exits
+            w.ring_closed = true;
+        }
+}
+
+void PoolCore::complete_locked(std::uint64_t id) {
+    State& s = *s_;
+    auto it = s.chunks.find(id);
+    if (it == s.chunks.end()) return;
+    int wi = it->second->worker;
+    if (wi >= 0) {
+        auto& out = s.workers[static_cast<std::size_t>(wi)].outstanding;
+        out.erase(std::remove(out.begin(), out.end(), id), out.end());
+    }
+    s.chunks.erase(it);
+}
+
+void PoolCore::book_results(const unsigned char* p, std::size_t n, Deliveries& out) {
+    State& s = *s_;
+    if (n < sizeof(PoolResultHeader)) return;
+    PoolResultHeader h;
+    std::memcpy(&h, p, sizeof h);
+    if (h.kind != pool_result_records) return;
+    {
+        std::lock_guard<std::mutex> lk(s.mutex);
+        auto it = s.chunks.find(h.chunk);
+        if (it == s.chunks.end()) return;  // terminated meanwhile
+        State::Chunk& c = *it->second;
+        // Count the records (their headers only); the job decodes them later,
+        // outside every lock, straight from the message.
+        std::uint32_t after = walk_records(p + sizeof h, n - sizeof h, h.first,
+                                           [](std::uint32_t, std::uint32_t, const unsigned char*, std::size_t) {});
+        std::uint32_t end = std::min<std::uint32_t>(after, c.count);
+        if (end > c.next) {
+            out.runs.emplace_back(c.job, JobRecords{c.job_first, h.first, c.next, end, p + sizeof h, n - sizeof h});
+            c.next = end;
+        }
+        if (c.next >= c.count) {
+            complete_locked(h.chunk);
+            dispatch_locked();
+            maybe_finish_locked();
+            s.changed.notify_all();
+        }
+    }
+}
+
+std::vector<const void*> PoolCore::dead_workers() const {
+    State& s = *s_;
+    std::lock_guard<std::mutex> lk(s.mutex);
+    std::vector<const void*> dead;
+    for (auto& w : s.workers)
+        if (w.proc && !w.ended && w.dead->load(std::memory_order_acquire)) dead.push_back(w.dead.get());
+    return dead;
+}
+
+void PoolCore::handle_deaths(const std::vector<const void*>& dead, Deliveries& out) {
+    State& s = *s_;
+    {
+        std::lock_guard<std::mutex> lk(s.mutex);
+        for (std::size_t i = 0; i < s.workers.size(); ++i) {
+            State::WorkerRec& w = s.workers[i];
+            // Only deaths seen before the ring was drained: a worker that died
+            // since may have sent outcomes that are not taken yet (its death
+            // rang the bell again, so it is handled next round).
+            if (!w.proc || w.ended || std::find(dead.begin(), dead.end(), w.dead.get()) == dead.end()) continue;
+            w.ended = true;
+            reconcile_locked(i, out);
+        }
+        dispatch_locked();
+        maybe_finish_locked();
+        s.changed.notify_all();
+    }
+}
+
+void PoolCore::reconcile_locked(std::size_t wi, Deliveries& out) {
+    State& s = *s_;
+    State::WorkerRec& w = s.workers[wi];
+    int code = w.proc->exitcode().value_or(0);
+    std::exception_ptr werr = w.proc->core().error();
+    auto* slot = static_cast<PoolSlot*>(w.slot.data());
+    bool was_ready = slot->ready.load(std::memory_order_acquire) != 0;
+    std::uint64_t running = slot->chunk.load(std::memory_order_acquire);
+    std::uint32_t index = slot->index.load(std::memory_order_acquire);
+    std::uint32_t used = std::min(slot->used.load(std::memory_order_acquire), slot_record_bytes);
+
+    std::string how = werr ? error_text(werr)
+                           : (w.proc->name() + " (pid " + std::to_string(w.proc->pid()) + ") exited with code " +
+                              std::to_string(code));
+    auto task_error = std::make_exception_ptr(
+        ProcessError("mpservice: the " + settings_.kind + " worker died while running this task: " + how, code));
+
+    std::vector<std::uint64_t> resend;
+    for (std::uint64_t id : w.outstanding) {
+        auto it = s.chunks.find(id);
+        if (it == s.chunks.end()) continue;
+        State::Chunk& c = *it->second;
+        c.worker = -1;
+        if (id == running) {
+            // The outcomes of the finished items still in the slot...
+            const std::string& kept =
+                out.keep.emplace_back(reinterpret_cast<const char*>(slot->records()), used);
+            walk_records(reinterpret_cast<const unsigned char*>(kept.data()), kept.size(), slot->header.first,
+                         [&](std::uint32_t i, std::uint32_t kind, const unsigned char* data, std::size_t size) {
+                                if (i < c.next || i >= c.count) return;
+                                out.add(c.job, JobItem{c.job_first + i, kind, data, size, nullptr});
+                                c.next = i + 1;
+                            });
+            // ...and the one that was running when the worker died fails, once.
+            if (index != no_item && index == c.next && c.next < c.count) {
+                fail_items(c, c.next, c.next + 1, task_error, out);
+                ++c.next;
+            }
+        }
+        if (c.next < c.count) {
+            resend.push_back(id);
+        } else {
+            s.chunks.erase(it);
+        }
+    }
+    w.outstanding.clear();
+    s.pending.insert(s.pending.begin(), resend.begin(), resend.end());
+
+    // Should the worker be replaced?
+    bool init_failed = !was_ready && werr != nullptr;
+    s.failed_starts = init_failed ? s.failed_starts + 1 : 0;
+    if (!s.broken && s.phase != State::Phase::terminated) {
+        if (init_failed && is_remote_error(werr)) {
+            // The initializer (a runner's constructor) threw: every new
+            // worker would fail the same way.
+            s.broken = werr;
+        } else if (!settings_.replace_dead_workers && !(s.phase == State::Phase::closing && code == 0 && !werr)) {
+            s.broken = std::make_exception_ptr(ProcessError(
+                "mpservice: the " + settings_.kind + "'s process has died (" + how + "); it serves no more calls",
+                code));
+        } else if (init_failed && s.failed_starts >= 3) {
+            s.broken = werr;  // the workers keep dying before they are ready
+        }
+    }
+    if (s.broken) {
+        fail_all_locked(s.broken, out);
+        return;
+    }
+    if (s.phase == State::Phase::terminated || !settings_.replace_dead_workers) return;
+    if (s.phase == State::Phase::closing && s.pending.empty()) return;
+    try {
+        start_worker(wi, true);
+    } catch (...) {
+        s.broken = std::current_exception();
+        fail_all_locked(s.broken, out);
+    }
+}
+
+void PoolCore::fail_all_locked(const std::exception_ptr& e,
+                               Deliveries& out) {
+    State& s = *s_;
+    for (auto& [id, c] : s.chunks) fail_items(*c, c->next, c->count, e, out);
+    s.chunks.clear();
+    s.pending.clear();
+    for (auto& w : s.workers) w.outstanding.clear();
+}
+
+bool PoolCore::read_results(os::Deadline deadline, Deliveries& out) {
+    State& s = *s_;
+    PoolDoorbell& bell = *s.bell;
+    auto take = [&](os::Deadline d) {
+        // Read into a string the deliveries keep: their items point into it.
+        std::string& msg = out.keep.emplace_back();
+        if (bell.results.get(&copy_item, &msg, d) != QueueCore::Status::ok) {
+            out.keep.pop_back();
+            return false;
+        }
+        book_results(reinterpret_cast<const unsigned char*>(msg.data()), msg.size(), out);
+        return true;
+    };
+    auto deaths = [&] {
+        if (!bell.deaths.exchange(0, std::memory_order_acq_rel)) return;
+        // Whatever the dead workers sent before they died is in the ring: book it first.
+        auto dead = dead_workers();
+        while (take(os::Clock::now())) {
+        }
+        handle_deaths(dead, out);
+    };
+    deaths();
+    bool got = take(deadline);
+    deaths();  // a death's bell may be what woke the get
+    return got;
+}
+
+bool PoolCore::serve_until(const std::function<bool()>& done, os::Deadline deadline,
+                           const std::function<void(os::Deadline)>& sleep) {
+    State& s = *s_;
+    struct Waiting {
+        std::atomic<int>& n;
+        explicit Waiting(std::atomic<int>& c) : n(c) { n.fetch_add(1, std::memory_order_acq_rel); }
+        ~Waiting() { n.fetch_sub(1, std::memory_order_acq_rel); }
+    } waiting{s.waiting};
+    while (!done()) {
+        auto now = os::Clock::now();
+        if (now >= deadline) return done();
+        if (s.reader.try_lock()) {
+            Deliveries out;
+            {
+                std::lock_guard<std::mutex> role(s.reader, std::adopt_lock);
+                try {
+                    spin_for_item(s.bell->results, caller_spin, [&] {
+                        return done() || s.bell->deaths.load(std::memory_order_relaxed) != 0;
+                    });
+                    // In slices: what we wait for may also be resolved by
+                    // terminate() in another thread.
+                    read_results(std::min(deadline, now + reader_slice), out);
+                } catch (...) {
+                    log_callback_error(std::current_exception());
+                }
+            }
+            deliver(out);
+        } else {
+            // Another thread reads and delivers (to us as well); look again soon.
+            sleep(std::min(deadline, now + follower_slice));
+        }
+    }
+    return true;
+}
+
+void PoolCore::result_loop() {
+    State& s = *s_;
+    PoolDoorbell& bell = *s.bell;
+    for (;;) {
+        // Callers that wait read their own results; this thread takes what
+        // nobody waits for (callbacks, imap buffers, deaths) on a tick.
+        bool busy;
+        {
+            std::lock_guard<std::mutex> lk(s.mutex);
+            busy = !s.chunks.empty();
+        }
+        auto tick = busy && s.waiting.load(std::memory_order_acquire) == 0 ? busy_tick : idle_tick;
+        {
+            std::unique_lock<std::mutex> lk(bell.tick_mutex);
+            bell.tick.wait_for(lk, tick, [&] {
+                return s.stop.load(std::memory_order_acquire) || bell.deaths.load(std::memory_order_acquire) != 0;
+            });
+        }
+        if (s.stop.load(std::memory_order_acquire)) return;
+        if (!s.reader.try_lock()) continue;  // a caller reads
+        Deliveries out;
+        {
+            std::lock_guard<std::mutex> role(s.reader, std::adopt_lock);
+            try {
+                for (int i = 0; i < 256 && read_results(os::Clock::now(), out); ++i) {
+                }
+            } catch (...) {
+                log_callback_error(std::current_exception());
+            }
+        }
+        try {
+            deliver(out);
+        } catch (...) {
+            log_callback_error(std::current_exception());
+        }
+    }
+}
+
+}  // namespace detail
+}  // namespace mpservice
+// ---- end part: mpservice/impl/pool_results.cpp
+#endif
+#if MPSERVICE_PART_(12)
+// ---- begin part: mpservice/impl/server_process.cpp --------------------------
+// server_process: the client side's entry points for the public templates
+// (create an object, call a method, encode and decode a reference, map a
+// memory block) and the ServerProcess, ServerClient and Namespace objects.
+
+namespace mpservice {
+namespace detail {
+namespace server {
+
+RefPtr create_object(const Shared<Link>& link, const void* creator, std::uint64_t type, const Encoder& args) {
+    if (!link) throw InvalidStateError("mpservice: the server process was not started");
+    Encoder e;
+    write_invoker(e, invoker_of(creator));
+    e.write(type);
+    e.write_bytes(args.bytes().data(), args.bytes().size());
+    std::vector<os::handle_t> hs;
+    std::string reply = link->request(op_create, e.bytes(), args.handles(), hs);
+    HandleCloser closer{hs};
+    Decoder d(reply.data(), reply.size(), &hs);
+    RefPtr r = link->make_ref(d.read<std::uint64_t>(), type);
+    if (!d.at_end()) r->mapping = read_block(d);  // a memory block: mapped here at once
+    return r;
+}
+
+std::string call_method(const Ref& ref, const void* method, const Encoder& args, std::vector<os::handle_t>& handles) {
+    Encoder e;
+    e.reserve(32 + args.bytes().size());
+    e.write(ref.id);
+    write_invoker(e, invoker_of(method));
+    e.write_bytes(args.bytes().data(), args.bytes().size());
+    return ref.link->request(op_call, e.bytes(), args.handles(), handles);
+}
+
+/// A ticket no other encoding, in any process, has: a per-process random
+/// start (drawn again in a forked child) and a counter.
+std::atomic<std::uint64_t> g_ticket{0};
+void forget_ticket_seed() { g_ticket.store(0, std::memory_order_relaxed); }
+std::uint64_t new_ticket() {
+    static const bool hooked = [] {
+        os::at_fork_child(&forget_ticket_seed);
+        return true;
+    }();
+    (void)hooked;
+    for (;;) {
+        std::uint64_t t = g_ticket.load(std::memory_order_relaxed);
+        if (t == 0) {
+            std::uint64_t seed = 0;
+            os::random_bytes(reinterpret_cast<unsigned char*>(&seed), sizeof seed);
+            seed |= 1;
+            if (!g_ticket.compare_exchange_strong(t, seed, std::memory_order_relaxed)) continue;
+            t = seed;
+        }
+        if (g_ticket.compare_exchange_weak(t, t + 2, std::memory_order_relaxed)) return t;
+    }
+}
+
+void encode_ref(Encoder& e, const RefPtr& ref) {
+    if (!ref) {
+        e.write(std::uint8_t(0));
+        return;
+    }
+    const std::uint64_t ticket = new_ticket();
+    Encoder m;
+    m(ref->id, ticket);
+    ref->link->send_ordered(op_mint, m.bytes());  // no reply: before this process's release of it
+    const Link& l = *ref->link;
+    e.write(std::uint8_t(1));
+    e(proxy_magic, server_protocol, l.address, l.authkey, l.server_name, static_cast<std::int64_t>(l.server_pid),
+      l.fingerprint, ref->id, ticket, ref->type);
+}
+
+RefPtr decode_ref(Decoder& d, std::uint64_t type, const char* type_name) {
+    auto present = d.read<std::uint8_t>();
+    if (present == 0) return nullptr;
+    if (present != 1) throw DecodeError("decode: bad proxy marker");
+    auto magic = d.read<std::uint32_t>();
+    auto version = d.read<std::uint32_t>();
+    if (magic != proxy_magic || version != server_protocol)
+        throw DecodeError("decode: not an encoded proxy (or one of another server protocol)");
+    LinkInfo info;
+    std::int64_t pid;
+    std::uint64_t id, ticket, sent_type;
+    d(info.address, info.authkey, info.name, pid, info.fingerprint, id, ticket, sent_type);
+    info.pid = static_cast<long>(pid);
+    if (info.fingerprint != fingerprint_of(""))
+        throw ServerError("mpservice: this proxy comes from a different build of the program than this process (build "
+                          "fingerprints differ); its server '" + info.name + "' would refuse it");
+    if (sent_type != type)
+        throw DecodeError("decode: the proxy refers to an object of another class than " + os::demangle(type_name));
+    if (info.address.empty() || info.address.size() > 100) throw DecodeError("decode: bad server address in a proxy");
+    return link_for(info)->adopt(id, ticket, type);
+}
+
+const SharedMemory& block_mapping(Ref& ref) {
+    std::lock_guard<std::mutex> lk(ref.mapping_mutex);
+    if (!ref.mapping) {  // a Ref made by create/adopt has it already; this is the fallback
+        Encoder e;
+        e.write(ref.id);
+        std::vector<os::handle_t> hs;
+        std::string reply = ref.link->request(op_block, e.bytes(), {}, hs);
+        HandleCloser closer{hs};
+        Decoder d(reply.data(), reply.size(), &hs);
+        ref.mapping = read_block(d);
+    }
+    return ref.mapping;
+}
+
+}  // namespace server
+}  // namespace detail
+
+// ---------------------------------------------------------------- ServerAccess, ServerProcess
+
+namespace {
+std::atomic<int>& server_counter() {
+    static std::atomic<int> n{1};
+    return n;
+}
+std::tuple<std::uint64_t, std::int64_t, std::int64_t> server_counts(const std::shared_ptr<detail::server::Link>& l) {
+    if (!l) throw InvalidStateError("mpservice: the server process was not started");
+    std::string reply = l->ordered_request(detail::server::op_count, std::string());
+    Decoder d(reply);
+    std::uint64_t n;
+    std::int64_t fds, maps;
+    d(n, fds, maps);
+    return {n, fds, maps};
+}
+}  // namespace
+
+struct Namespace::Values {
+    std::map<std::string, Held> map;
+};
+
+Namespace::Namespace() : values_(new Values) {}
+Namespace::~Namespace() = default;
+
+Namespace::Held& Namespace::slot_for(std::string name) { return values_->map[std::move(name)]; }
+
+// Out of line, here: the Method<Namespace, ...> invokers they use are
+// instantiated and announced once, in the implementation, instead of by a
+// static initializer in every includer.
+bool Namespace::contains(const std::string& name) const {
+    std::lock_guard<std::mutex> g(m_);
+    return values_->map.count(name) != 0;
+}
+
+void Namespace::erase(const std::string& name) {
+    Held old;
+    std::lock_guard<std::mutex> g(m_);
+    auto it = values_->map.find(name);
+    if (it == values_->map.end()) throw std::out_of_range("namespace has no attribute '" + name + "'");
+    old = std::move(it->second);
+    values_->map.erase(it);
+}
+
+std::vector<std::string> Namespace::names() const {
+    std::lock_guard<std::mutex> g(m_);
+    std::vector<std::string> out;
+    for (auto& kv : values_->map) out.push_back(kv.first);
+    return out;
+}
+
+std::string Namespace::type_of(const std::string& name) const {
+    std::lock_guard<std::mutex> g(m_);
+    return detail::os::demangle(find(name).type_name);
+}
+
+std::size_t Namespace::len() const {
+    std::lock_guard<std::mutex> g(m_);
+    return values_->map.size();
+}
+
+const Namespace::Held& Namespace::find(const std::string& name) const {
+    auto it = values_->map.find(name);
+    if (it == values_->map.end()) throw std::out_of_range("namespace has no attribute '" + name + "'");
+    return it->second;
+}
+
+void Namespace::throw_mismatch(const std::string& name, const char* held, const char* asked) {
+    throw std::invalid_argument("namespace attribute '" + name + "' holds a " + detail::os::demangle(held) +
+                                ", not a " + detail::os::demangle(asked));
+}
+
+bool Proxy<Namespace>::contains(const std::string& name) const { return call<&N::contains>(checked(name)); }
+void Proxy<Namespace>::erase(const std::string& name) const { call<&N::erase>(checked(name)); }
+std::vector<std::string> Proxy<Namespace>::names() const { return call<&N::names>(); }
+std::string Proxy<Namespace>::type_of(const std::string& name) const { return call<&N::type_of>(checked(name)); }
+std::size_t Proxy<Namespace>::len() const { return call<&N::len>(); }
+
+const std::string& Proxy<Namespace>::checked(const std::string& name) {
+    if (name.empty() || name[0] == '_')
+        throw std::invalid_argument("mpservice: namespace attribute names must not be empty or start with '_' ('" +
+                                    name + "')");
+    return name;
+}
+
+ServerClient::ServerClient(detail::Shared<detail::server::Link> link) { link_ = std::move(link); }
+
+std::size_t ServerAccess::object_count() const { return static_cast<std::size_t>(std::get<0>(server_counts(link_.shared()))); }
+
+std::pair<long, long> ServerAccess::resource_counts() const {
+    auto c = server_counts(link_.shared());
+    return {static_cast<long>(std::get<1>(c)), static_cast<long>(std::get<2>(c))};
+}
+
+const std::string& ServerAccess::address() const {
+    static const std::string none;
+    return link_ ? link_->address : none;
+}
+
+const detail::Shared<detail::server::Link>& ServerAccess::link() const {
+    if (!link_) throw InvalidStateError("mpservice: the server process was not started");
+    return link_;
+}
+
+ServerProcess::ServerProcess() : ServerProcess(ServerOptions{}) {}
+ServerProcess::ServerProcess(const Context& ctx) : ServerProcess([&] {
+        ServerOptions o;
+        o.context = &ctx;
+        return o;
+    }()) {}
+ServerProcess::ServerProcess(ServerOptions options) : options_(std::move(options)) {
+    if (options_.name.empty()) options_.name = "ServerProcess-" + std::to_string(server_counter().fetch_add(1));
+    if (options_.start) start();
+}
+
+ServerProcess::~ServerProcess() { shutdown(); }
+
+void ServerProcess::start() {
+    using namespace detail::server;
+    if (process_) throw InvalidStateError("mpservice: " + options_.name + " was already started");
+    ServerBoot boot;
+    boot.listener->fd = detail::os::listener_create(boot.address);
+    unsigned char key[authkey_size];
+    detail::os::random_bytes(key, sizeof key);
+    boot.authkey.assign(reinterpret_cast<const char*>(key), sizeof key);
+    boot.name = options_.name;
+    const Context& ctx = options_.context ? *options_.context : default_context();
+    process_ = detail::Owned<Process<void>>(new Process<void>(ctx, &server_main, boot));
+    process_->set_name(options_.name);
+    try {
+        process_->start();
+    } catch (...) {
+        process_.reset();
+        throw;
+    }
+    // Only the server may hold the listener now: if it dies, connecting fails
+    // at once instead of waiting in the backlog of a socket nobody serves.
+    boot.close();
+    LinkInfo info;
+    info.address = boot.address;
+    info.authkey = boot.authkey;
+    info.name = options_.name;
+    info.pid = process_->pid();
+    info.fingerprint = detail::fingerprint_of("");
+    link_ = link_for(info);
+}
+
+void ServerProcess::shutdown() noexcept {
+    try {
+        if (!process_ || !process_->is_alive()) {
+            if (link_) link_->mark_gone("it was shut down");
+            return;
+        }
+        if (link_) link_->post(detail::server::op_shutdown, std::string());
+        auto wait = [&] {
+            try {
+                process_->join(options_.shutdown_timeout);
+            } catch (...) {
+            }
+            return !process_->is_alive();
+        };
+        if (!wait()) {
+            process_->terminate();
+            if (!wait()) {
+                process_->kill();
+                try {
+                    process_->join();
+                } catch (...) {
+                }
+            }
+        }
+        if (link_) link_->mark_gone("it was shut down");
+    } catch (...) {
+    }
+}
+
+bool ServerProcess::is_alive() const { return process_ && process_->is_alive(); }
+long ServerProcess::pid() const { return process_ ? process_->pid() : 0; }
+const std::string& ServerProcess::name() const { return options_.name; }
+std::optional<int> ServerProcess::exitcode() const { return process_ ? process_->exitcode() : std::nullopt; }
+
+void Codec<ServerClient>::encode(Encoder& e, const ServerClient& c) {
+    const auto& l = c.link();
+    e(l->address, l->authkey, l->server_name, static_cast<std::int64_t>(l->server_pid), l->fingerprint);
+}
+
+ServerClient Codec<ServerClient>::decode(Decoder& d) {
+    detail::server::LinkInfo info;
+    std::int64_t pid;
+    d(info.address, info.authkey, info.name, pid, info.fingerprint);
+    info.pid = static_cast<long>(pid);
+    if (info.fingerprint != detail::fingerprint_of(""))
+        throw ServerError("mpservice: this server handle comes from a different build of the program");
+    return ServerClient(detail::server::link_for(info));
+}
+
+}  // namespace mpservice
+// ---- end part: mpservice/impl/server_process.cpp
+#endif
+#if MPSERVICE_PART_(13) && defined(MPSERVICE_POSIX)
+// ---- begin part: mpservice/impl/os_posix_stacktrace.cpp ---------------------
+// os_posix_stacktrace: throw-site stacks and their symbolization (POSIX, ELF,
+// Itanium C++ ABI: Linux with g++ or clang).  The "remote exception /
+// symbolization" section of detail/os.hpp.
+//
+// Throw sites.  This file defines __cxa_throw, the C++ runtime function every
+// `throw` expression calls - including those inside libstdc++, such as
+// vector::at, because the linker exports the executable's definition when the
+// C++ runtime references it.  The definition records the return addresses of
+// the throwing stack (backtrace(): cheap, no symbol lookup) in a small
+// per-thread table keyed by the thrown object's address, then forwards to the
+// real __cxa_throw found with dlsym(RTLD_NEXT).  Names are looked up only when
+// an exception is encoded to cross a process boundary.
+//
+// The interposition is left out when MPSERVICE_NO_THROW_HOOK is defined (e.g.
+// with -static-libstdc++, where the runtime's own __cxa_throw would be a
+// duplicate definition) and under MemorySanitizer (untested).  Under the
+// other sanitizers it stays, checked with clang 14 and g++ 12:
+//   * ThreadSanitizer does not intercept __cxa_throw;
+//   * AddressSanitizer does, to un-poison the stack that the throw unwinds.
+//     With clang's static runtime our definition replaces its interceptor
+//     (a weak alias), so the hook calls __asan_handle_no_return() itself, as
+//     the interceptor would; with g++'s shared libasan, RTLD_NEXT finds the
+//     interceptor and the call is made twice, which is harmless.
+// Without the hook, the traceback shows the stack where the exception was
+// encoded (the catch site), and says so.
+//
+// Symbols.  dladdr names only exported (dynamic) symbols, so an executable
+// linked without -rdynamic would show no names for its own functions.  The
+// reader below loads the ELF .symtab of each module (the executable through
+// /proc/self/exe), which names static and internal functions too; dladdr is
+// the fallback for stripped modules.  File and line come from the
+// `addr2line` program when it is installed and the module has DWARF line
+// information (.debug_line), run once per module per traceback, bounded in
+// time; without it frames show function+offset and module.
+#if !defined(_WIN32)
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+
+#include <cxxabi.h>
+#include <dlfcn.h>
+#include <elf.h>
+#include <execinfo.h>
+#include <fcntl.h>
+#include <link.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#if defined(__linux__)
+#include <sys/prctl.h>
+#endif
+
+extern char** environ;
+
+// MPSERVICE_DETAIL_ASAN: defined by os_posix.cpp, which comes first.
+#if defined(__has_feature)
+#if __has_feature(memory_sanitizer)
+#define MPSERVICE_DETAIL_MSAN 1
+#endif
+#endif
+#if !defined(MPSERVICE_NO_THROW_HOOK) && !defined(MPSERVICE_DETAIL_MSAN) && defined(__GLIBC__)
+#define MPSERVICE_DETAIL_THROW_HOOK 1
+#endif
+#if defined(MPSERVICE_DETAIL_THROW_HOOK) && defined(MPSERVICE_DETAIL_ASAN)
+extern "C" void __asan_handle_no_return();
+#endif
+
+namespace mpservice::detail::os {
+
+namespace {
+
+// ---- per-thread table of recent throw (and re-raise) sites
+constexpr int kSiteFrames = 48;
+constexpr int kSiteSlots = 8;
+
+struct Site {
+    const void* object;
+    const std::type_info* type;
+    int depth;
+    void* pcs[kSiteFrames];
+};
+struct SiteTable {
+    Site slots[kSiteSlots];
+    unsigned next;
+};
+// Plain data, zero-initialized: no per-thread constructor or destructor.
+thread_local SiteTable t_throw_sites;
+thread_local SiteTable t_raise_sites;
+
+/// Records the current stack in `table` for `object`, starting at the frame
+/// whose return address is `caller` (the throw site, as seen from the hook):
+/// frames of the hook itself - however many inlining and sanitizer
+/// interceptors make them - are left out.
+void record_site(SiteTable& table, const void* object, const std::type_info* type, const void* caller) noexcept {
+    // A second throw of the same object (e.g. after a catch by reference and a
+    // `throw` of a copy at the same address) replaces the old entry.
+    Site* slot = nullptr;
+    for (Site& s : table.slots)
+        if (s.object == object) slot = &s;
+    if (!slot) slot = &table.slots[table.next++ % kSiteSlots];
+    slot->object = object;
+    slot->type = type;
+    slot->depth = capture_stack(slot->pcs, kSiteFrames, 0, caller);
+}
+
+int read_site(const SiteTable& table, const void* object, const std::type_info* type, void** pcs,
+              int max) noexcept {
+    for (const Site& s : table.slots) {
+        if (s.object != object || !object) continue;
+        if (type && s.type && *s.type != *type) continue;  // a stale entry for a reused address
+        int n = std::min(s.depth, max);
+        std::copy(s.pcs, s.pcs + n, pcs);
+        return n;
+    }
+    return 0;
+}
+
+}  // namespace
+
+namespace {
+std::atomic<bool> g_capture_throw_sites{true};
+}
+
+bool throw_hook_active() noexcept {
+#if defined(MPSERVICE_DETAIL_THROW_HOOK)
+    return g_capture_throw_sites.load(std::memory_order_relaxed);
+#else
+    return false;
+#endif
+}
+
+void set_throw_site_capture(bool enabled) noexcept {
+    g_capture_throw_sites.store(enabled, std::memory_order_relaxed);
+}
+
+int capture_stack(void** pcs, int max, int skip, const void* from) noexcept {
+    // backtrace() walks with the unwinder's tables, so it works without frame pointers.
+    void* buf[kSiteFrames + 16];
+    int want = std::min(max + skip + 8, static_cast<int>(sizeof buf / sizeof buf[0]));
+    int n = ::backtrace(buf, want);
+    int first = std::min(n, skip + 1);  // +1: this function's own frame
+    if (from) {
+        for (int i = 0; i < n; ++i)
+            if (buf[i] == from) {
+                first = i;
+                break;
+            }
+    }
+    int count = std::min(n - first, max);
+    std::copy(buf + first, buf + first + count, pcs);
+    return count;
+}
+
+int throw_site_stack(const void* object, const std::type_info* type, void** pcs, int max) noexcept {
+    return read_site(t_throw_sites, object, type, pcs, max);
+}
+
+void note_raise_site(const void* object, const void* caller) noexcept {
+    record_site(t_raise_sites, object, nullptr, caller);
+}
+
+int raise_site_stack(const void* object, void** pcs, int max) noexcept {
+    return read_site(t_raise_sites, object, nullptr, pcs, max);
+}
+
+std::string demangle(const char* mangled) {
+    if (!mangled) return std::string();
+    int status = 0;
+    char* out = abi::__cxa_demangle(mangled, nullptr, nullptr, &status);
+    if (status != 0 || !out) return mangled;
+    std::string s(out);
+    std::free(out);
+    return s;
+}
+
+const std::type_info* current_exception_type() noexcept { return abi::__cxa_current_exception_type(); }
+
+const void* exception_object(const std::exception_ptr& e) noexcept {
+    // Itanium C++ ABI fact, true of libstdc++ and libc++: an exception_ptr is
+    // one pointer, to the thrown object (the address __cxa_throw received).
+    static_assert(sizeof(std::exception_ptr) == sizeof(void*), "exception_ptr is not a single pointer here");
+    const void* p = nullptr;
+    std::memcpy(&p, static_cast<const void*>(&e), sizeof p);
+    return p;
+}
+
+// ---------------------------------------------------------------- ELF symbol tables
+
+namespace {
+
+/// The function symbols of one module, from its .symtab (or nothing).
+struct ModuleSymbols {
+    struct Sym {
+        std::uintptr_t value;
+        std::uintptr_t size;
+        std::uint32_t name;
+    };
+    std::vector<Sym> syms;  // sorted by value
+    std::string strtab;
+    bool has_line_info = false;
+
+    const char* find(std::uintptr_t addr, std::uintptr_t* start) const {
+        auto it = std::upper_bound(syms.begin(), syms.end(), addr,
+                                   [](std::uintptr_t a, const Sym& s) { return a < s.value; });
+        if (it == syms.begin()) return nullptr;
+        --it;
+        if (it->size != 0 && addr >= it->value + it->size) return nullptr;
+        if (it->name >= strtab.size()) return nullptr;
+        *start = it->value;
+        return strtab.c_str() + it->name;
+    }
+};
+
+/// Reads exactly n bytes at `offset`, refusing anything outside the file.
+bool read_at(int fd, std::uint64_t file_size, std::uint64_t offset, std::uint64_t n, void* out) {
+    if (offset > file_size || n > file_size - offset) return false;
+    auto* p = static_cast<char*>(out);
+    while (n > 0) {
+        ssize_t k = ::pread(fd, p, n, static_cast<off_t>(offset));
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) return false;
+        p += k;
+        offset += static_cast<std::uint64_t>(k);
+        n -= static_cast<std::uint64_t>(k);
+    }
+    return true;
+}
+
+/// A short, bounds-checked reader of an ELF file's section headers, .symtab and
+/// its string table (native class and byte order only: it reads modules of
+/// this very process).
+void load_symbols(const char* path, ModuleSymbols& out) {
+    constexpr std::uint64_t kMaxTable = 256u << 20;  // refuse absurd sizes (corrupt file)
+    int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    struct Closer {
+        int fd;
+        ~Closer() { ::close(fd); }
+    } closer{fd};
+    struct stat st;
+    if (::fstat(fd, &st) != 0) return;
+    auto size = static_cast<std::uint64_t>(st.st_size);
+
+    ElfW(Ehdr) eh;
+    if (!read_at(fd, size, 0, sizeof eh, &eh)) return;
+    if (std::memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0) return;
+#if __SIZEOF_POINTER__ == 8
+    if (eh.e_ident[EI_CLASS] != ELFCLASS64) return;
+#else
+    if (eh.e_ident[EI_CLASS] != ELFCLASS32) return;
+#endif
+    if (eh.e_shentsize != sizeof(ElfW(Shdr)) || eh.e_shnum == 0 || eh.e_shstrndx >= eh.e_shnum) return;
+    std::vector<ElfW(Shdr)> sh(eh.e_shnum);
+    if (!read_at(fd, size, eh.e_shoff, std::uint64_t(eh.e_shnum) * sizeof(ElfW(Shdr)), sh.data())) return;
+
+    // Section names, to see whether DWARF line information is there.
+    const ElfW(Shdr)& names = sh[eh.e_shstrndx];
+    if (names.sh_size < kMaxTable) {
+        std::string shstr(names.sh_size, '\0');
+        if (read_at(fd, size, names.sh_offset, names.sh_size, shstr.data())) {
+            for (const auto& s : sh)
+                if (s.sh_name < shstr.size() && std::strcmp(shstr.c_str() + s.sh_name, ".debug_line") == 0)
+                    out.has_line_info = true;
+        }
+    }
+
+    for (const auto& s : sh) {
+        if (s.sh_type != SHT_SYMTAB) continue;
+        if (s.sh_entsize != sizeof(ElfW(Sym)) || s.sh_link >= sh.size()) return;
+        const ElfW(Shdr)& str = sh[s.sh_link];
+        if (s.sh_size > kMaxTable || str.sh_size > kMaxTable) return;
+        std::vector<ElfW(Sym)> raw(s.sh_size / sizeof(ElfW(Sym)));
+        out.strtab.assign(str.sh_size, '\0');
+        if (!read_at(fd, size, s.sh_offset, raw.size() * sizeof(ElfW(Sym)), raw.data()) ||
+            !read_at(fd, size, str.sh_offset, str.sh_size, out.strtab.data())) {
+            out.strtab.clear();
+            return;
+        }
+        for (const auto& y : raw) {
+            if (ELF64_ST_TYPE(y.st_info) != STT_FUNC || y.st_value == 0 || y.st_shndx == SHN_UNDEF) continue;
+            out.syms.push_back({static_cast<std::uintptr_t>(y.st_value), static_cast<std::uintptr_t>(y.st_size),
+                                y.st_name});
+        }
+        std::sort(out.syms.begin(), out.syms.end(),
+                  [](const ModuleSymbols::Sym& a, const ModuleSymbols::Sym& b) { return a.value < b.value; });
+        return;
+    }
+}
+
+// The symbolizer's caches.  Their locks are never destroyed (exceptions are
+// symbolized during static destruction too) and are registered as fork locks
+// before main(): a thread symbolizing while another forks must not leave the
+// child with a held lock (issue 8, defect 12).
+std::mutex& symbols_mutex() {
+    static auto* m = new std::mutex;
+    return *m;
+}
+std::mutex& line_cache_mutex() {
+    static auto* m = new std::mutex;
+    return *m;
+}
+[[maybe_unused]] const bool g_symbolizer_fork_safe =
+    (at_fork_protect(&symbols_mutex(), 30), at_fork_protect(&line_cache_mutex(), 31), true);
+
+const ModuleSymbols& module_symbols(const std::string& path) {
+    static auto* cache = new std::map<std::string, std::unique_ptr<ModuleSymbols>>;  // lives to the end
+    std::lock_guard<std::mutex> lock(symbols_mutex());
+    auto& slot = (*cache)[path];
+    if (!slot) {
+        slot = std::make_unique<ModuleSymbols>();
+        load_symbols(path.c_str(), *slot);
+    }
+    return *slot;
+}
+
+/// The module (loaded object) holding `pc`: its file path and load bias.
+struct ModuleOf {
+    std::uintptr_t pc;
+    std::string path;
+    std::uintptr_t bias = 0;
+    bool found = false;
+};
+
+int find_module(struct dl_phdr_info* info, size_t, void* data) {
+    auto* m = static_cast<ModuleOf*>(data);
+    for (int i = 0; i < info->dlpi_phnum; ++i) {
+        const auto& ph = info->dlpi_phdr[i];
+        if (ph.p_type != PT_LOAD) continue;
+        std::uintptr_t start = info->dlpi_addr + ph.p_vaddr;
+        if (m->pc >= start && m->pc < start + ph.p_memsz) {
+            m->found = true;
+            m->bias = info->dlpi_addr;
+            // The main program has an empty name; its file is /proc/self/exe
+            // (right even if argv[0] was relative and the directory changed).
+            m->path = (info->dlpi_name && info->dlpi_name[0]) ? info->dlpi_name : "/proc/self/exe";
+            return 1;
+        }
+    }
+    return 0;
+}
+
+// ---------------------------------------------------------------- file:line through addr2line
+
+/// Source position of one address, with the functions inlined at it:
+/// innermost first, the last one being the function the code belongs to.
+struct SourcePlace {
+    std::string function;
+    std::string file;
+    int line = 0;
+};
+using InlineChain = std::vector<SourcePlace>;
+
+/// Starts `tool` with `argv`, its stdout on `out` (stdin and stderr on
+/// /dev/null), killed by the kernel if the calling thread ends first: the
+/// tool must not outlive a process that is SIGKILLed while symbolizing (a
+/// parent SIGKILLed with its children gone in 1 s left addr2line running).
+/// posix_spawn cannot ask for PR_SET_PDEATHSIG, so this is its vfork form:
+/// signals blocked around it; in the child, only system calls, default signal
+/// dispositions, then exec.  -1 on failure.
+pid_t spawn_dying_with_caller(const char* tool, char* const* argv, int out) {
+    const pid_t caller = ::getpid();
+    const int devnull = ::open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (devnull < 0) return -1;
+    sigset_t all, old;
+    sigfillset(&all);
+    ::pthread_sigmask(SIG_SETMASK, &all, &old);
+    const pid_t pid = ::vfork();
+    if (pid == 0) {
+#if defined(__linux__)
+        ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+#endif
+        if (::getppid() != caller) ::_exit(127);  // the caller died already
+        struct sigaction dfl {};
+        dfl.sa_handler = SIG_DFL;
+        for (int sig = 1; sig < NSIG; ++sig)
+            if (sig != SIGKILL && sig != SIGSTOP) ::sigaction(sig, &dfl, nullptr);
+        ::sigprocmask(SIG_SETMASK, &old, nullptr);
+        if (::dup2(out, STDOUT_FILENO) < 0 || ::dup2(devnull, STDIN_FILENO) < 0 ||
+            ::dup2(devnull, STDERR_FILENO) < 0)
+            ::_exit(127);
+        ::execve(tool, argv, environ);
+        ::_exit(127);
+    }
+    ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    ::close(devnull);
+    return pid;
+}
+
+/// Runs `addr2line -a -f -i -C -e module addr...` (bounded in time) and returns
+/// one chain per address (empty where nothing was found).  Best effort.
+std::vector<InlineChain> run_addr2line(const std::string& module, const std::vector<std::uintptr_t>& offsets) {
+    std::vector<InlineChain> result(offsets.size());
+    static const char* const candidates[] = {"/usr/bin/addr2line", "/bin/addr2line", "/usr/local/bin/addr2line"};
+    const char* tool = nullptr;
+    for (const char* c : candidates)
+        if (!tool && ::access(c, X_OK) == 0) tool = c;
+    if (!tool || offsets.empty()) return result;
+
+    // "/proc/self/exe" would name addr2line itself in the child: name our pid.
+    std::string file = module == "/proc/self/exe" ? "/proc/" + std::to_string(::getpid()) + "/exe" : module;
+    std::vector<std::string> args = {tool, "-a", "-f", "-i", "-C", "-e", file};
+    for (std::uintptr_t off : offsets) {
+        char buf[32];
+        std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(off));
+        args.push_back(buf);
+    }
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+
+    int out[2];
+    if (::pipe2(out, O_CLOEXEC) != 0) return result;
+    pid_t pid = spawn_dying_with_caller(tool, argv.data(), out[1]);
+    ::close(out[1]);
+    if (pid < 0) {
+        ::close(out[0]);
+        return result;
+    }
+    // Read everything, giving up after 5 s in all (a huge binary, a hung tool).
+    std::string text;
+    auto deadline = Clock::now() + std::chrono::seconds(5);
+    bool complete = false;
+    for (;;) {
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+        if (left <= 0) break;
+        pollfd p{out[0], POLLIN, 0};
+        int k = ::poll(&p, 1, static_cast<int>(left));
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) break;
+        char buf[4096];
+        ssize_t r = ::read(out[0], buf, sizeof buf);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) break;
+        if (r == 0) {
+            complete = true;
+            break;
+        }
+        text.append(buf, static_cast<std::size_t>(r));
+    }
+    ::close(out[0]);
+    if (!complete) ::kill(pid, SIGKILL);
+    int status = 0;
+    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    if (!complete) return result;
+
+    // Output: per address a line "0x<addr>", then pairs "function" / "file:line"
+    // (possibly followed by " (discriminator n)"; "??" where unknown).
+    std::vector<std::string> lines;
+    for (std::size_t pos = 0; pos < text.size();) {
+        std::size_t end = text.find('\n', pos);
+        if (end == std::string::npos) end = text.size();
+        lines.push_back(text.substr(pos, end - pos));
+        pos = end + 1;
+    }
+    int index = -1;
+    for (std::size_t i = 0; i < lines.size(); ++i) {
+        if (lines[i].compare(0, 2, "0x") == 0) {
+            ++index;
+            continue;
+        }
+        if (index < 0 || index >= static_cast<int>(result.size()) || i + 1 >= lines.size()) break;
+        SourcePlace place;
+        place.function = lines[i] == "??" ? std::string() : lines[i];
+        std::string where = lines[++i];
+        std::size_t paren = where.find(" (");
+        if (paren != std::string::npos) where.resize(paren);
+        std::size_t colon = where.rfind(':');
+        if (colon != std::string::npos && where.compare(0, 2, "??") != 0) {
+            int n = std::atoi(where.c_str() + colon + 1);
+            if (n > 0) {
+                place.file = where.substr(0, colon);
+                place.line = n;
+            }
+        }
+        result[index].push_back(std::move(place));
+    }
+    return result;
+}
+
+}  // namespace
+
+namespace {
+std::atomic<bool> g_line_lookup{true};
+bool line_lookup_enabled() { return g_line_lookup.load(std::memory_order_relaxed); }
+}  // namespace
+
+void set_line_lookup(bool enabled) noexcept { g_line_lookup.store(enabled, std::memory_order_relaxed); }
+
+std::vector<StackFrame> symbolize(void* const* pcs, int n, bool (*last_line_frame)(const std::string& function)) {
+    std::vector<StackFrame> frames(static_cast<std::size_t>(std::max(n, 0)));
+    std::map<std::string, std::vector<int>> want_lines;  // module -> frames to ask addr2line about
+    bool past_last_line_frame = false;
+    for (int i = 0; i < n; ++i) {
+        StackFrame& f = frames[i];
+        f.pc = pcs[i];
+        // A return address points after the call; look up the call itself.
+        auto lookup = reinterpret_cast<std::uintptr_t>(pcs[i]) - 1;
+        ModuleOf m;
+        m.pc = lookup;
+        walk_loaded_modules(find_module, &m);
+        bool has_line_info = false;
+        if (m.found) {
+            f.module = m.path;
+            f.offset = lookup + 1 - m.bias;
+            const ModuleSymbols& syms = module_symbols(m.path);
+            std::uintptr_t start = 0;
+            if (const char* name = syms.find(lookup - m.bias, &start)) f.function = demangle(name);
+            has_line_info = syms.has_line_info;
+        }
+        if (f.function.empty()) {
+            Dl_info info;
+            bool named;
+            {
+                std::lock_guard<std::recursive_mutex> lock(loader_calls_mutex());  // dladdr takes the loader's lock
+                named = ::dladdr(reinterpret_cast<void*>(lookup), &info) && info.dli_sname;
+            }
+            if (named) f.function = demangle(info.dli_sname);
+        }
+        // addr2line's time grows with the compile units it reads: frames the
+        // caller will not show (below the target's runner, below main) cost
+        // most of it (the library's own big unit) and are not asked about.
+        if (has_line_info && !past_last_line_frame) want_lines[f.module].push_back(i);
+        if (last_line_frame && last_line_frame(f.function)) past_last_line_frame = true;
+    }
+    if (want_lines.empty() || !line_lookup_enabled()) return frames;
+
+    // Add file:line, and the functions inlined at each address as frames of
+    // their own (marked inlined), innermost first.  Answers are cached, so an
+    // exception thrown again from the same place costs no second addr2line run.
+    std::mutex& cache_mu = line_cache_mutex();
+    static auto* cache = new std::map<std::pair<std::string, std::uintptr_t>, InlineChain>;
+    std::vector<InlineChain> chains(frames.size());
+    for (auto& [module, which] : want_lines) {
+        std::vector<std::uintptr_t> offsets;
+        std::vector<int> asked;
+        {
+            std::lock_guard<std::mutex> lock(cache_mu);
+            for (int i : which) {
+                auto it = cache->find({module, frames[i].offset});
+                if (it != cache->end()) {
+                    chains[i] = it->second;
+                } else {
+                    offsets.push_back(frames[i].offset - 1);
+                    asked.push_back(i);
+                }
+            }
+        }
+        if (asked.empty()) continue;
+        std::vector<InlineChain> found = run_addr2line(module, offsets);
+        std::lock_guard<std::mutex> lock(cache_mu);
+        if (cache->size() > 8192) cache->clear();
+        for (std::size_t k = 0; k < asked.size(); ++k) {
+            chains[asked[k]] = found[k];
+            (*cache)[{module, frames[asked[k]].offset}] = std::move(found[k]);
+        }
+    }
+    std::vector<StackFrame> out;
+    for (std::size_t i = 0; i < frames.size(); ++i) {
+        const InlineChain& chain = chains[i];
+        for (std::size_t j = 0; j + 1 < chain.size(); ++j) {
+            StackFrame inl;
+            inl.pc = frames[i].pc;
+            // addr2line names the innermost inlined function of a split-off
+            // ".cold" part after the containing symbol: that name is wrong.
+            inl.function = chain[j].function == frames[i].function ? std::string() : chain[j].function;
+            inl.file = chain[j].file;
+            inl.line = chain[j].line;
+            inl.inlined = true;
+            out.push_back(std::move(inl));
+        }
+        StackFrame f = std::move(frames[i]);
+        if (!chain.empty()) {
+            f.file = chain.back().file;
+            f.line = chain.back().line;
+            if (f.function.empty()) f.function = chain.back().function;
+        }
+        out.push_back(std::move(f));
+    }
+    return out;
+}
+
+}  // namespace mpservice::detail::os
+
+#if defined(MPSERVICE_DETAIL_THROW_HOOK)
+// The interposed C++ runtime entry point (see the top of this file).  Its
+// signature is the one <cxxabi.h> declares.
+namespace __cxxabiv1 {
+extern "C" void __cxa_throw(void* object, std::type_info* type, void (*destroy)(void*)) {
+    using Real = void (*)(void*, std::type_info*, void (*)(void*));
+    static Real real = reinterpret_cast<Real>(::dlsym(RTLD_NEXT, "__cxa_throw"));
+    if (!real) {
+        static const char msg[] = "mpservice: cannot find the C++ runtime's __cxa_throw; "
+                                  "build with -DMPSERVICE_NO_THROW_HOOK\n";
+        mpservice::detail::os::write_stderr(msg, sizeof msg - 1);
+        std::abort();
+    }
+    if (mpservice::detail::os::g_capture_throw_sites.load(std::memory_order_relaxed))
+        mpservice::detail::os::record_site(mpservice::detail::os::t_throw_sites, object, type,
+                                           __builtin_return_address(0));
+#if defined(MPSERVICE_DETAIL_ASAN)
+    __asan_handle_no_return();
+#endif
+    real(object, type, destroy);
+    __builtin_unreachable();
+}
+
+// `throw;` inside a catch clause: noted as a re-raise site (used for remote
+// exceptions passed on from this process, A -> B -> C).
+extern "C" void __cxa_rethrow() {
+    using Real = void (*)();
+    static Real real = reinterpret_cast<Real>(::dlsym(RTLD_NEXT, "__cxa_rethrow"));
+    if (!real) std::abort();
+    if (mpservice::detail::os::g_capture_throw_sites.load(std::memory_order_relaxed)) {
+        std::exception_ptr current = std::current_exception();
+        mpservice::detail::os::record_site(mpservice::detail::os::t_raise_sites,
+                                           mpservice::detail::os::exception_object(current), nullptr,
+                                           __builtin_return_address(0));
+    }
+    real();
+    __builtin_unreachable();
+}
+}  // namespace __cxxabiv1
+#endif
+
+#endif  // !_WIN32
+// ---- end part: mpservice/impl/os_posix_stacktrace.cpp
 #endif
 
 #undef MPSERVICE_PART_

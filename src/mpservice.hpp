@@ -40,17 +40,22 @@
 // compiles part n only.  A static library of the parts gives the same program,
 // and its link keeps only the parts a program uses (and each part compiles
 // alone, in parallel with the others):
-//   1 platform layer, shared memory     2 remote exceptions
-//   3 logging, threads                  4 locks, queues (shared state)
-//   5 processes: the runtime, the       6 processes: the parent's side
-//     child's side, the fork server,      (output capture, the reactor,
-//     the warm spawner                    Process objects)
-//   7 Pool                              8 server process: the host
-//   9 server process: clients, proxies, memory blocks
-//  10 connections (Pipe, connection_wait)
+//    1 the platform layer, the codec,     8 server process: the host, and
+//      shared memory                        the server's own link
+//    2 remote exceptions
+//    3 logging, threads                   9 server process: the clients' links
+//    4 locks, queues (shared state)      10 connections (Pipe, connection_wait)
+//    5 processes: the runtime, the       11 Pool: reading results, dead
+//      child's side, the fork server,       workers
+//      the warm spawner                  12 server process: references,
+//    6 processes: the parent's side         ServerProcess, Namespace
+//      (output capture, the reactor,     13 throw-site stacks and their
+//      Process objects)                     symbols (POSIX; empty on Windows,
+//    7 Pool: the workers' loop, starting    where part 1 has them)
+//      and feeding the workers
 // Parts are cut so that each compiles in a few seconds.  The count is here,
 // once: the CMake build, the tools and the benches read it.
-#define MPSERVICE_IMPLEMENTATION_PARTS 10
+#define MPSERVICE_IMPLEMENTATION_PARTS 13
 #if defined(MPSERVICE_IMPLEMENTATION) && !defined(MPSERVICE_IMPLEMENTATION_PART)
 #define MPSERVICE_IMPLEMENTATION_PART 0  // 0: every part
 #endif
@@ -66,9 +71,6 @@
 #if MPSERVICE_PART_(1)
 #include "mpservice/impl/os_posix.cpp"
 #include "mpservice/impl/os_win32.cpp"
-#if defined(MPSERVICE_POSIX)
-#include "mpservice/impl/os_posix_stacktrace.cpp"
-#endif
 #include "mpservice/impl/codec.cpp"
 #include "mpservice/impl/shm.cpp"
 #endif
@@ -97,12 +99,19 @@
 #include "mpservice/impl/process_reactor.cpp"
 #include "mpservice/impl/process_core.cpp"
 #endif
+#if MPSERVICE_PART_(7) || MPSERVICE_PART_(11)
+#include "mpservice/impl/pool_internal.hpp"  // what parts 7 and 11 share
+#endif
 #if MPSERVICE_PART_(7)
+#include "mpservice/impl/pool_worker.cpp"
 #include "mpservice/impl/pool.cpp"
 #endif
-#if MPSERVICE_PART_(8) || MPSERVICE_PART_(9)
-#include "mpservice/impl/server_wire.hpp"  // what parts 8 and 9 share
-#include "mpservice/impl/server_host.hpp"
+#if MPSERVICE_PART_(8) || MPSERVICE_PART_(9) || MPSERVICE_PART_(12)
+#include "mpservice/impl/server_wire.hpp"  // what parts 8, 9 and 12 share
+#include "mpservice/impl/server_link.hpp"
+#endif
+#if MPSERVICE_PART_(8) || MPSERVICE_PART_(12)
+#include "mpservice/impl/server_host.hpp"  // what parts 8 and 12 share
 #endif
 #if MPSERVICE_PART_(8)
 #include "mpservice/impl/server_wire.cpp"
@@ -113,6 +122,15 @@
 #endif
 #if MPSERVICE_PART_(10)
 #include "mpservice/impl/connection.cpp"
+#endif
+#if MPSERVICE_PART_(11)
+#include "mpservice/impl/pool_results.cpp"
+#endif
+#if MPSERVICE_PART_(12)
+#include "mpservice/impl/server_process.cpp"
+#endif
+#if MPSERVICE_PART_(13) && defined(MPSERVICE_POSIX)
+#include "mpservice/impl/os_posix_stacktrace.cpp"
 #endif
 
 #undef MPSERVICE_PART_

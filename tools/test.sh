@@ -3,7 +3,7 @@
 #   tools/test.sh                       # g++, C++17, build dir ./build
 # Knobs (environment): CXX, CXX_STANDARD (17|20), WERROR (ON|OFF),
 #   SANITIZE (e.g. address,undefined or thread), BENCHMARKS (ON: also build bench/), BUILD_DIR, JOBS,
-#   PARTS (ON: the suites link the implementation built in its seven parts, mpservice::parts),
+#   PARTS (ON: the suites link the implementation built in its parts, mpservice::parts),
 #   INSTALL (auto|no): with auto (the default), missing prerequisites are installed with apt-get when
 #   this runs as root on a machine that has it; otherwise - or with INSTALL=no - the script names
 #   what to install and stops before CMake does.

@@ -14,7 +14,8 @@ program - this test names it.  The program must still run and exit 0.
 
 2. Builds the implementation in its parts (MPSERVICE_IMPLEMENTATION_PART, as
 many as mpservice.hpp's MPSERVICE_IMPLEMENTATION_PARTS) as a static library and
-links hello_codec against it plainly: it must take only the platform part, and
+links hello_codec against it plainly: it must take only the platform part (and
+the throw hook's), and
 keep none of the same symbols; examples/quickstart.cpp (a Process, its
 MPSERVICE_IMPLEMENTATION line left out) must take the process parts and neither
 the Pool part nor the server parts, and run.
@@ -54,7 +55,11 @@ POOL_AND_SERVER = UNREACHED[3:5]
 PART_COUNT = int(re.search(r"^#define MPSERVICE_IMPLEMENTATION_PARTS (\d+)$",
                            (root / "mpservice.hpp").read_text(), re.M).group(1))
 PROCESS_PARTS = ["part5", "part6"]
-POOL_AND_SERVER_PARTS = ["part7", "part8", "part9"]
+POOL_AND_SERVER_PARTS = ["part7", "part8", "part9", "part11", "part12"]
+# A codec-only program: the platform layer, and the throw hook (part 13, which
+# defines __cxa_throw: any program whose code throws resolves it there, so that
+# its exceptions carry their throw site - the codec throws DecodeError).
+CODEC_PARTS = ["part1", "part13"]
 
 
 def carried(program, unreached):
@@ -75,7 +80,7 @@ def runs(program, what):
 
 def parts_taken(link_map):
     """The archive members a link took, from its -Map file: {'part1.o', ...}."""
-    return sorted(set(re.findall(r"libparts\.a\((part\d)\.o\)", link_map.read_text())))
+    return sorted(set(re.findall(r"libparts\.a\((part\d+)\.o\)", link_map.read_text())), key=lambda p: int(p[4:]))
 
 
 failures = []
@@ -101,8 +106,9 @@ codec_only = work / "hello_codec_parts"
 subprocess.run(plain + [str(root / "examples" / "hello_codec.cpp"), str(library), "-pthread",
                         "-Wl,-Map," + str(work / "hello_codec_parts.map"), "-o", str(codec_only)], check=True)
 taken = parts_taken(work / "hello_codec_parts.map")
-if taken != ["part1"]:
-    failures.append("hello_codec linked against the parts took %s (expected only part1, the platform layer)" % taken)
+if taken != CODEC_PARTS:
+    failures.append("hello_codec linked against the parts took %s (expected only %s, the platform layer and the "
+                    "throw hook)" % (taken, CODEC_PARTS))
 kept = carried(codec_only, UNREACHED)
 if kept:
     failures.append("hello_codec linked against the parts carries:\n  " + "\n  ".join(kept))
@@ -126,5 +132,5 @@ runs(process_program, "quickstart (parts)")
 if failures:
     sys.exit("unused_parts_dropped:\n" + "\n".join(failures))
 print("unused_parts_dropped: hello_codec with --gc-sections keeps none of the unused parts "
-      "(%d KiB unstripped, -O0); linked against the parts it takes only part1 (%d KiB), "
+      "(%d KiB unstripped, -O0); linked against the parts it takes only part1 and part13 (%d KiB), "
       "quickstart takes %s" % (size // 1024, codec_only.stat().st_size // 1024, " ".join(taken)))

@@ -264,6 +264,14 @@ MPSERVICE_API bool is_own_user(long uid) noexcept;
 /// Arranges for this process to be killed when its parent dies, then checks
 /// that the parent is still `expected_parent` (closing the race); false if not.
 MPSERVICE_API bool die_with_parent(long expected_parent) noexcept;
+/// Starts a process that shares this process's address space and holds it
+/// until this process has ended: this process's exit then skips the address
+/// space's teardown (hundreds of microseconds for an exec'd program, all of
+/// it before its parent can see the exit), which the holder does afterwards,
+/// off the parent's path.  The holder is a child of this process's *parent*
+/// (which must reap it), runs no library code and only waits.  Its pid, or 0
+/// where there is none (not Linux, no pidfd).  Called once per process.
+MPSERVICE_API long hold_address_space_past_exit() noexcept;
 /// Puts every caught signal back to its default action and unblocks all
 /// signals (a forked child starts like an exec'd one; ignored signals stay ignored).
 MPSERVICE_API void reset_signal_handlers() noexcept;

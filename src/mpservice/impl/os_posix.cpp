@@ -673,6 +673,81 @@ bool die_with_parent(long expected_parent) noexcept {
     return static_cast<long>(::getppid()) == expected_parent;
 }
 
+#if defined(__linux__) && defined(SYS_pidfd_open) && (defined(__x86_64__) || defined(__aarch64__))
+namespace {
+// The holder shares the address space and - no CLONE_SETTLS - the thread
+// pointer of the thread that made it, so it must not touch the C library's
+// per-thread state (errno: even syscall() writes it on failure) nor any
+// sanitizer's: system calls made directly, on a stack of its own.
+alignas(64) unsigned char g_holder_stack[16 * 1024];
+int g_holder_watch = -1;  // a pidfd of the process whose address space it holds
+
+#if defined(__clang__) || defined(__GNUC__)
+#define MPSERVICE_HOLDER_CODE __attribute__((no_sanitize("address", "thread", "undefined"), noinline))
+#else
+#define MPSERVICE_HOLDER_CODE
+#endif
+
+MPSERVICE_HOLDER_CODE long direct_syscall(long n, long a, long b, long c, long d) {
+#if defined(__x86_64__)
+    long ret;
+    register long r10 __asm__("r10") = d;
+    __asm__ volatile("syscall" : "=a"(ret) : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10) : "rcx", "r11", "memory");
+    return ret;
+#else
+    register long x8 __asm__("x8") = n;
+    register long x0 __asm__("x0") = a;
+    register long x1 __asm__("x1") = b;
+    register long x2 __asm__("x2") = c;
+    register long x3 __asm__("x3") = d;
+    __asm__ volatile("svc 0" : "+r"(x0) : "r"(x8), "r"(x1), "r"(x2), "r"(x3) : "memory");
+    return x0;
+#endif
+}
+
+MPSERVICE_HOLDER_CODE int hold_until_exit(void*) {
+    const int watch = g_holder_watch;
+    // Its copy of the maker's descriptors goes (the channel to the parent
+    // among them: the parent must see it close when the maker ends).
+#if defined(SYS_close_range)
+    long a = watch > 0 ? direct_syscall(SYS_close_range, 0, watch - 1, 0, 0) : 0;
+    long b = direct_syscall(SYS_close_range, watch + 1, ~0u, 0, 0);
+#else
+    long a = -1, b = -1;
+#endif
+    if (a < 0 || b < 0)  // before Linux 5.9: the maker has closed all but a few
+        for (int fd = 0; fd < watch + 64; ++fd)
+            if (fd != watch) direct_syscall(SYS_close, fd, 0, 0, 0);
+    // Every signal is blocked (the maker blocked them around clone): only
+    // SIGKILL ends it early, which is harmless (the teardown happens then).
+    struct pollfd ready{watch, POLLIN, 0};
+    while (direct_syscall(SYS_ppoll, reinterpret_cast<long>(&ready), 1, 0, 0) != 1) {
+    }
+    direct_syscall(SYS_exit, 0, 0, 0, 0);
+    return 0;
+}
+}  // namespace
+
+long hold_address_space_past_exit() noexcept {
+    long self = ::syscall(SYS_pidfd_open, static_cast<pid_t>(::getpid()), 0);
+    if (self < 0) return 0;
+    g_holder_watch = static_cast<int>(self);
+    sigset_t all, old;
+    sigfillset(&all);
+    ::pthread_sigmask(SIG_SETMASK, &all, &old);
+    // CLONE_PARENT: the parent reaps the holder, as it reaps this process (an
+    // orphan would be left to init, which a container may not have).  No
+    // CLONE_FILES: the holder has its own copy of the pidfd.
+    int pid = ::clone(&hold_until_exit, g_holder_stack + sizeof g_holder_stack, CLONE_VM | CLONE_PARENT | SIGCHLD,
+                      nullptr);
+    ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    ::close(g_holder_watch);
+    return pid > 0 ? pid : 0;
+}
+#else
+long hold_address_space_past_exit() noexcept { return 0; }
+#endif
+
 void reset_signal_handlers() noexcept {
     for (int sig = 1; sig < NSIG; ++sig) {
         if (sig == SIGKILL || sig == SIGSTOP) continue;

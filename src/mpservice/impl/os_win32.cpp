@@ -1690,6 +1690,8 @@ namespace {
 void CALLBACK on_parent_exit(void*, BOOLEAN) { TerminateProcess(GetCurrentProcess(), 0x10000u + 9); }
 }  // namespace
 
+long hold_address_space_past_exit() noexcept { return 0; }  // a Windows exit has no such teardown to skip
+
 bool die_with_parent(long expected_parent) noexcept {
     // The parent's job ends us when it dies; this wait covers a process whose
     // job could not be set (and ends us within the same instant otherwise).

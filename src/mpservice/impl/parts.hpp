@@ -7,6 +7,8 @@
 // here, with external linkage, so that both ways build the same program.  This
 // file comes first in every part.
 
+#include <cstddef>
+#include <mutex>
 #include <string>
 
 #include "process_wire.cpp"  // the channel frames: spoken by the process part and the server part
@@ -21,3 +23,13 @@ void prepare_exception_types_for_fork();
 
 }  // namespace detail
 }  // namespace mpservice
+
+#if defined(MPSERVICE_POSIX)
+struct dl_phdr_info;  // <link.h>
+namespace mpservice::detail::os {
+/// The lock of the library's loader calls, taken around fork (os_posix.cpp).
+std::recursive_mutex& loader_calls_mutex();
+/// dl_iterate_phdr under that lock (os_posix.cpp).
+int walk_loaded_modules(int (*visit)(dl_phdr_info*, std::size_t, void*), void* data);
+}  // namespace mpservice::detail::os
+#endif

@@ -261,8 +261,13 @@ void prepare_child_link() { (void)child_link(); }
             (void)fingerprint_of(std::string());
         } catch (...) {
         }
+        // Its exit then skips the teardown of its address space (the parent
+        // waits for that exit before the task's result is final); the holder
+        // goes right after it, reaped by the parent's reactor, which learns
+        // of it here.
+        const long holder = os::hold_address_space_past_exit();
         Encoder hello;
-        hello(static_cast<std::int64_t>(os::current_pid()), std::uint64_t(0));
+        hello(static_cast<std::int64_t>(os::current_pid()), std::uint64_t(0), static_cast<std::int64_t>(holder));
         if (!write_frame(channel, frame_hello, hello.bytes())) os::exit_now(1);
     }
     if (kind == ChildKind::forkserver_worker) {

@@ -32,6 +32,7 @@ struct ProcessCore::Io {
     std::uint64_t serial = 0;            // fork-server workers: the server's number for it
     std::optional<int> end_code;         // the exit code the child announced in END
     int signal_sent = 0;                 // the last signal the parent sent (guarded by the core's mutex)
+    long holder = 0;                     // a warm child's address-space holder (its HELLO names it)
     bool eof = false;
     bool finished = false;
     std::exception_ptr exception;
@@ -90,10 +91,15 @@ private:
     void finish(const std::shared_ptr<ProcessCore>& core, std::optional<int> status);
     /// Collects the exit status of a direct child (not a fork-server worker).
     void reap(const std::shared_ptr<ProcessCore>& core, bool block);
+    /// A warm child's address-space holder (os::hold_address_space_past_exit),
+    /// which ends right after the child: reaped when its pidfd says so.
+    void watch_holder(long pid) noexcept;
+    void on_holder(std::uint64_t key) noexcept;
     std::shared_ptr<ProcessCore> find(std::uint64_t id);
 
     static constexpr std::uint64_t tag_channel = 0, tag_pidfd = 1, tag_wake = 2, tag_server = 3;
     static constexpr std::uint64_t token_output = 1 << 2 | tag_wake;  // output_'s poller (id 1 of tag_wake)
+    static constexpr std::uint64_t first_holder_id = 2;                // holders: ids 2, 3, ... of tag_wake
     OutputPump output_;
 
     os::handle_t poller_ = os::invalid_handle;
@@ -107,6 +113,12 @@ private:
     std::unordered_map<std::uint64_t, std::uint64_t> server_serials_;  // fork-server serial -> id
     std::unordered_map<std::uint64_t, int> early_exits_;               // statuses before registration
     std::unordered_set<std::uint64_t> finished_serials_;               // ended before their status came
+    struct Holder {
+        long pid;
+        os::handle_t pidfd;
+    };
+    std::unordered_map<std::uint64_t, Holder> holders_;  // reactor thread only
+    std::uint64_t next_holder_ = first_holder_id;
     std::deque<std::function<void()>> tasks_;
     // What the reactor works on lives here rather than on its stack: a child
     // forked meanwhile has no reactor thread, and its leak checker scans
@@ -306,6 +318,8 @@ void Reactor::loop() {
             try {
                 if (tokens[i] == token_output) {
                     output_.on_ready();
+                } else if (tag == tag_wake && id >= first_holder_id) {
+                    on_holder(id);
                 } else if (tag == tag_wake) {
                     os::wake_event_drain(wake_);
                     {
@@ -347,6 +361,41 @@ void Reactor::reap(const std::shared_ptr<ProcessCore>& core, bool block) {
         case os::ReapResult::reaped: on_exit(core, code); return;
         case os::ReapResult::reaped_elsewhere: on_exit(core, std::nullopt); return;
     }
+}
+
+void Reactor::watch_holder(long pid) noexcept {
+    os::handle_t pidfd = os::process_handle(pid);
+    if (pidfd == os::invalid_handle) return;  // reaped already (SIGCHLD ignored, a foreign waitpid)
+    const std::uint64_t key = next_holder_++;
+    try {
+        holders_.emplace(key, Holder{pid, pidfd});
+        os::poller_add(poller_, pidfd, key << 2 | tag_wake);
+    } catch (...) {
+        holders_.erase(key);
+        int code;
+        os::send_signal(pid, pidfd, os::signal_kill());  // out of memory: reap it here instead
+        try {
+            os::reap_child(pid, pidfd, true, &code);
+        } catch (...) {
+        }
+        os::close_handle(pidfd);
+    }
+}
+
+void Reactor::on_holder(std::uint64_t key) noexcept {
+    auto it = holders_.find(key);
+    if (it == holders_.end()) return;
+    int code;
+    try {
+        if (os::reap_child(it->second.pid, it->second.pidfd, false, &code) == os::ReapResult::running) return;
+    } catch (...) {
+    }
+    try {
+        os::poller_remove(poller_, it->second.pidfd);
+    } catch (...) {
+    }
+    os::close_handle(it->second.pidfd);
+    holders_.erase(it);
 }
 
 void Reactor::on_pidfd(const std::shared_ptr<ProcessCore>& core) {
@@ -438,8 +487,9 @@ void Reactor::on_frame(ProcessCore& core, Frame& f) {
             } catch (...) {
             }
             break;
-        default:  // HELLO: nothing to keep
+        default:  // HELLO: a warm child's names its address-space holder
             close_all(f.handles);
+            if (f.kind == frame_hello) io.holder = holder_named_in_hello(f.payload);
             break;
     }
 }
@@ -541,6 +591,7 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int
         task = std::move(io.task);
     }
     task.reset();  // a forked child's argument copies: released before anyone learns it ended
+    if (io.holder > 0) watch_holder(io.holder);
     core->resolve(error, result_error);
     trace_phase(StartPhase::resolved);
 }

@@ -202,13 +202,48 @@ bool WarmSpawner::make_one(WarmChild& c) {
     return true;
 }
 
+namespace {
+/// The address-space holder a warm child's HELLO names (0: none, or no HELLO).
+/// The child has ended: what it wrote is there, or the channel is at its end.
+long holder_named_by(os::handle_t channel) noexcept {
+    try {
+        FrameReader reader;
+        Frame hello;
+        if (!reader.read_blocking(channel, hello) || hello.kind != frame_hello) return 0;
+        close_all(hello.handles);
+        return holder_named_in_hello(hello.payload);
+    } catch (...) {
+        return 0;
+    }
+}
+}  // namespace
+
 void WarmSpawner::finish(std::vector<WarmChild>& dying) noexcept {
     for (auto& d : dying) {
+        // A child killed before its HELLO could leave a holder no one knows
+        // of: one still booting is given the time to say HELLO (or to die).
+        if (!d.ready) {
+            os::handle_t either[2] = {d.channel, d.pidfd};
+            (void)os::wait_readable(either, 2, 5000);
+        }
         os::send_signal(d.pid, d.pidfd, os::signal_kill());
         int code;
         try {
             os::reap_child(d.pid, d.pidfd, true, &code);  // SIGKILLed: short; ECHILD if SIGCHLD is ignored
         } catch (...) {
+        }
+        if (long holder = holder_named_by(d.channel)) {
+            // It ends by itself now that the child has; SIGKILL makes that
+            // certain.  Unreaped, its pid cannot have been reused.
+            os::handle_t h = os::process_handle(holder);
+            if (h != os::invalid_handle) {
+                os::send_signal(holder, h, os::signal_kill());
+                try {
+                    os::reap_child(holder, h, true, &code);
+                } catch (...) {
+                }
+                os::close_handle(h);
+            }
         }
         os::close_handle(d.pidfd);
         os::close_handle(d.channel);

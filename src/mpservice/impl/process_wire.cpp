@@ -148,6 +148,21 @@ private:
     std::deque<os::handle_t> fds_;
 };
 
+/// HELLO: (pid, serial[, holder]).  The address-space holder a warm child's
+/// HELLO names (os::hold_address_space_past_exit), 0 if none.
+inline long holder_named_in_hello(const std::string& payload) noexcept {
+    try {
+        Decoder d(payload);
+        std::int64_t pid, holder = 0;
+        std::uint64_t serial;
+        d(pid, serial);
+        if (!d.at_end()) d(holder);
+        return static_cast<long>(holder);
+    } catch (...) {
+        return 0;
+    }
+}
+
 }  // namespace wire
 }  // namespace detail
 }  // namespace mpservice

@@ -349,6 +349,71 @@ void server_main(ServerBoot boot) {
     host->local->refs.clear();
 }
 
+// ---------------------------------------------------------------- the server's own link (server_link.hpp)
+
+/// Proxies inside the server process reach the host directly: no socket.
+class LocalLink final : public Link {
+public:
+    using Link::request;
+    explicit LocalLink(Host& host) : host_(host) {}
+    std::string request(std::uint32_t op, const std::string& payload, const std::vector<os::handle_t>& handles,
+                        std::vector<os::handle_t>& reply_handles) override {
+        Outcome out;
+        serve_one(host_, *host_.local, codes(), op, payload, handles, out);
+        if (out.kind == reply_error) throw_reply_error(out.bytes);
+        for (auto h : out.handles) reply_handles.push_back(os::duplicate_handle(h));
+        return std::move(out.bytes);
+    }
+    void post(std::uint32_t op, const std::string& payload) noexcept override {
+        try {
+            Decoder d(payload);
+            ObjectPtr gone;
+            if (op == op_decref) {
+                auto id = d.read<std::uint64_t>();
+                gone = host_.decref(*host_.local, id, static_cast<long>(d.read<std::int64_t>()));
+            } else if (op == op_drop_ticket) {
+                gone = host_.drop_ticket(d.read<std::uint64_t>());
+            } else if (op == op_mint) {
+                auto id = d.read<std::uint64_t>();
+                host_.mint(id, d.read<std::uint64_t>());
+            }
+        } catch (...) {
+        }
+    }
+    void mark_gone(const std::string&) noexcept override {}
+
+private:
+    /// Per thread (a server's threads each have one).
+    struct ThreadCodes {
+        CodeCache cache;
+    };
+    CodeCache& codes() { return os::thread_object<ThreadCodes>().cache; }
+    Host& host_;
+};
+
+void install_local_link(Host& host) {
+    auto l = std::make_shared<LocalLink>(host);
+    l->address = host.address;
+    l->authkey = host.authkey;
+    l->server_name = host.name;
+    l->server_pid = os::current_pid();
+    l->fingerprint = host.fingerprint;
+    set_local_link(std::move(l));
+}
+
+bool in_server_process() noexcept { return host_running(); }
+
+RefPtr host_here(NewObject obj, std::uint64_t type) {
+    Host* host = g_host.load();
+    if (!host) {
+        obj.destroy(obj.object);
+        throw InvalidStateError("mpservice: managed<T>() works only inside a server process (in a hosted method)");
+    }
+    std::shared_ptr<Link> local = local_link();
+    std::uint64_t id = host->add(obj, type, *host->local);
+    return local->make_ref(id, type);
+}
+
 }  // namespace server
 }  // namespace detail
 }  // namespace mpservice
