@@ -3409,6 +3409,10 @@ MPSERVICE_API void test_set_fork_server_timeout(std::chrono::milliseconds timeou
 /// released by the reactor just after it resolves the child; descriptor
 /// counts taken after this call are exact.
 MPSERVICE_API void test_reactor_barrier();
+/// Test hook: the address-space holders of ended warm children that the
+/// reactor has not reaped yet (each ends just after its child, when it gets
+/// a CPU: it runs at idle priority).
+MPSERVICE_API int test_unreaped_holders() noexcept;
 /// Test hook: the pid of the warm spawn child once it is ready (bootstrapped,
 /// waiting for a task), waiting at most `timeout`; 0 if there is none by then.
 MPSERVICE_API long test_warm_child(std::chrono::milliseconds timeout);
@@ -9584,6 +9588,7 @@ namespace {
 // sanitizer's: system calls made directly, on a stack of its own.
 alignas(64) unsigned char g_holder_stack[16 * 1024];
 int g_holder_watch = -1;  // a pidfd of the process whose address space it holds
+long g_holder_owner = 0;  // that process's pid
 
 #if defined(__clang__) || defined(__GNUC__)
 #define MPSERVICE_HOLDER_CODE __attribute__((no_sanitize("address", "thread", "undefined"), noinline))
@@ -9621,10 +9626,25 @@ MPSERVICE_HOLDER_CODE int hold_until_exit(void*) {
     if (a < 0 || b < 0)  // before Linux 5.9: the maker has closed all but a few
         for (int fd = 0; fd < watch + 64; ++fd)
             if (fd != watch) direct_syscall(SYS_close, fd, 0, 0, 0);
+    // The teardown it is there for waits for an idle CPU: the parent, which
+    // is busy with the child's result just then, comes first (SCHED_IDLE).
+    struct sched_param idle{};
+    direct_syscall(SYS_sched_setscheduler, 0, SCHED_IDLE, reinterpret_cast<long>(&idle), 0);
     // Every signal is blocked (the maker blocked them around clone): only
     // SIGKILL ends it early, which is harmless (the teardown happens then).
+    // It also goes if the maker exec()s (its old address space, the one held,
+    // is then no one's): looked at every few seconds (kcmp; where that is
+    // not allowed, it stays until the maker ends).
     struct pollfd ready{watch, POLLIN, 0};
-    while (direct_syscall(SYS_ppoll, reinterpret_cast<long>(&ready), 1, 0, 0) != 1) {
+    const long self = direct_syscall(SYS_getpid, 0, 0, 0, 0);
+    for (;;) {
+        struct timespec look_again{2, 0};  // (the system call counts it down)
+        long n = direct_syscall(SYS_ppoll, reinterpret_cast<long>(&ready), 1, reinterpret_cast<long>(&look_again), 0);
+        if (n == 1) break;
+#if defined(SYS_kcmp)
+        constexpr long kcmp_vm = 1;  // <linux/kcmp.h> KCMP_VM
+        if (n == 0 && direct_syscall(SYS_kcmp, self, g_holder_owner, kcmp_vm, 0) > 0) break;
+#endif
     }
     direct_syscall(SYS_exit, 0, 0, 0, 0);
     return 0;
@@ -9635,6 +9655,7 @@ long hold_address_space_past_exit() noexcept {
     long self = ::syscall(SYS_pidfd_open, static_cast<pid_t>(::getpid()), 0);
     if (self < 0) return 0;
     g_holder_watch = static_cast<int>(self);
+    g_holder_owner = static_cast<long>(::getpid());
     sigset_t all, old;
     sigfillset(&all);
     ::pthread_sigmask(SIG_SETMASK, &all, &old);
@@ -16119,6 +16140,9 @@ struct WarmChild {
 /// The warm child, if there is one that sees what a fresh spawn would see
 /// now; asks for the next one either way.
 std::optional<WarmChild> take_warm_child();
+/// A warm child has ended before its HELLO was read: reads it from `channel`
+/// and kills and reaps the address-space holder it names (process_warm.cpp).
+void end_holder_named_on(os::handle_t channel) noexcept;
 
 // ---------------------------------------------------------------- the parent's side (process_reactor.cpp, process_core.cpp)
 
@@ -16907,22 +16931,6 @@ bool WarmSpawner::make_one(WarmChild& c) {
     return true;
 }
 
-namespace {
-/// The address-space holder a warm child's HELLO names (0: none, or no HELLO).
-/// The child has ended: what it wrote is there, or the channel is at its end.
-long holder_named_by(os::handle_t channel) noexcept {
-    try {
-        FrameReader reader;
-        Frame hello;
-        if (!reader.read_blocking(channel, hello) || hello.kind != frame_hello) return 0;
-        close_all(hello.handles);
-        return holder_named_in_hello(hello.payload);
-    } catch (...) {
-        return 0;
-    }
-}
-}  // namespace
-
 void WarmSpawner::finish(std::vector<WarmChild>& dying) noexcept {
     for (auto& d : dying) {
         // A child killed before its HELLO could leave a holder no one knows
@@ -16937,19 +16945,7 @@ void WarmSpawner::finish(std::vector<WarmChild>& dying) noexcept {
             os::reap_child(d.pid, d.pidfd, true, &code);  // SIGKILLed: short; ECHILD if SIGCHLD is ignored
         } catch (...) {
         }
-        if (long holder = holder_named_by(d.channel)) {
-            // It ends by itself now that the child has; SIGKILL makes that
-            // certain.  Unreaped, its pid cannot have been reused.
-            os::handle_t h = os::process_handle(holder);
-            if (h != os::invalid_handle) {
-                os::send_signal(holder, h, os::signal_kill());
-                try {
-                    os::reap_child(holder, h, true, &code);
-                } catch (...) {
-                }
-                os::close_handle(h);
-            }
-        }
+        end_holder_named_on(d.channel);
         os::close_handle(d.pidfd);
         os::close_handle(d.channel);
     }
@@ -17038,6 +17034,33 @@ void WarmSpawner::loop() {
 }  // namespace
 
 std::optional<WarmChild> take_warm_child() { return WarmSpawner::get().take(); }
+
+void end_holder_named_on(os::handle_t channel) noexcept {
+    long holder = 0;
+    try {
+        // The child has ended: its HELLO is there, or the channel's end comes.
+        if (os::wait_readable(&channel, 1, 5000) == 0) return;
+        FrameReader reader;
+        Frame hello;
+        if (!reader.read_blocking(channel, hello) || hello.kind != frame_hello) return;
+        close_all(hello.handles);
+        holder = holder_named_in_hello(hello.payload);
+    } catch (...) {
+        return;
+    }
+    if (holder <= 0) return;
+    // It ends by itself now that the child has; SIGKILL makes that certain.
+    // Unreaped, its pid cannot have been reused.
+    os::handle_t h = os::process_handle(holder);
+    if (h == os::invalid_handle) return;  // reaped already (SIGCHLD ignored, a foreign waitpid)
+    os::send_signal(holder, h, os::signal_kill());
+    int code;
+    try {
+        os::reap_child(holder, h, true, &code);
+    } catch (...) {
+    }
+    os::close_handle(h);
+}
 
 long test_warm_child(std::chrono::milliseconds timeout) {
     WarmSpawner* s = WarmSpawner::existing();
@@ -17426,7 +17449,9 @@ struct ProcessCore::Io {
     std::uint64_t serial = 0;            // fork-server workers: the server's number for it
     std::optional<int> end_code;         // the exit code the child announced in END
     int signal_sent = 0;                 // the last signal the parent sent (guarded by the core's mutex)
-    long holder = 0;                     // a warm child's address-space holder (its HELLO names it)
+    bool warm = false;                   // a warm child (its HELLO is read by the reactor)
+    long holder = 0;                     // a warm child's address-space holder (its HELLO names it),
+    os::handle_t holder_pidfd = os::invalid_handle;  // opened at HELLO, while it is certainly ours
     bool eof = false;
     bool finished = false;
     std::exception_ptr exception;
@@ -17464,6 +17489,7 @@ public:
     std::vector<std::shared_ptr<ProcessCore>> live();
     bool on_reactor_thread() const { return std::this_thread::get_id() == thread_id_; }
     bool owned_by_this_process() const { return owner_pid_ == os::current_pid(); }
+    int unreaped_holders() const noexcept { return unreaped_holders_.load(); }
     /// The readers of children's forwarded output (process_output.cpp).
     OutputPump& output() { return output_; }
 
@@ -17487,7 +17513,7 @@ private:
     void reap(const std::shared_ptr<ProcessCore>& core, bool block);
     /// A warm child's address-space holder (os::hold_address_space_past_exit),
     /// which ends right after the child: reaped when its pidfd says so.
-    void watch_holder(long pid) noexcept;
+    void watch_holder(long pid, os::handle_t pidfd) noexcept;
     void on_holder(std::uint64_t key) noexcept;
     std::shared_ptr<ProcessCore> find(std::uint64_t id);
 
@@ -17512,6 +17538,7 @@ private:
         os::handle_t pidfd;
     };
     std::unordered_map<std::uint64_t, Holder> holders_;  // reactor thread only
+    std::atomic<int> unreaped_holders_{0};               // its size, for test_unreaped_holders
     std::uint64_t next_holder_ = first_holder_id;
     std::deque<std::function<void()>> tasks_;
     // What the reactor works on lives here rather than on its stack: a child
@@ -17757,13 +17784,13 @@ void Reactor::reap(const std::shared_ptr<ProcessCore>& core, bool block) {
     }
 }
 
-void Reactor::watch_holder(long pid) noexcept {
-    os::handle_t pidfd = os::process_handle(pid);
+void Reactor::watch_holder(long pid, os::handle_t pidfd) noexcept {
     if (pidfd == os::invalid_handle) return;  // reaped already (SIGCHLD ignored, a foreign waitpid)
     const std::uint64_t key = next_holder_++;
     try {
         holders_.emplace(key, Holder{pid, pidfd});
         os::poller_add(poller_, pidfd, key << 2 | tag_wake);
+        ++unreaped_holders_;
     } catch (...) {
         holders_.erase(key);
         int code;
@@ -17790,6 +17817,7 @@ void Reactor::on_holder(std::uint64_t key) noexcept {
     }
     os::close_handle(it->second.pidfd);
     holders_.erase(it);
+    --unreaped_holders_;
 }
 
 void Reactor::on_pidfd(const std::shared_ptr<ProcessCore>& core) {
@@ -17883,7 +17911,8 @@ void Reactor::on_frame(ProcessCore& core, Frame& f) {
             break;
         default:  // HELLO: a warm child's names its address-space holder
             close_all(f.handles);
-            if (f.kind == frame_hello) io.holder = holder_named_in_hello(f.payload);
+            if (f.kind == frame_hello && io.holder == 0 && (io.holder = holder_named_in_hello(f.payload)) > 0)
+                io.holder_pidfd = os::process_handle(io.holder);
             break;
     }
 }
@@ -17985,7 +18014,10 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int
         task = std::move(io.task);
     }
     task.reset();  // a forked child's argument copies: released before anyone learns it ended
-    if (io.holder > 0) watch_holder(io.holder);
+    if (io.holder_pidfd != os::invalid_handle) {
+        watch_holder(io.holder, io.holder_pidfd);
+        io.holder_pidfd = os::invalid_handle;
+    }
     core->resolve(error, result_error);
     trace_phase(StartPhase::resolved);
 }
@@ -18006,6 +18038,11 @@ void forget_reactor_after_fork() noexcept { Reactor::forget_after_fork(); }
 
 void test_reactor_barrier() {
     if (g_reactor.load(std::memory_order_acquire)) Reactor::get().barrier();
+}
+
+int test_unreaped_holders() noexcept {
+    Reactor* r = g_reactor.load(std::memory_order_acquire);
+    return r ? r->unreaped_holders() : 0;
 }
 
 }  // namespace detail
@@ -18049,6 +18086,7 @@ ProcessCore::~ProcessCore() {
     if (io_) {
         os::close_handle(io_->channel);
         os::close_handle(io_->pidfd);
+        os::close_handle(io_->holder_pidfd);  // (not moved to the reactor's watch: it is gone already)
     }
 }
 
@@ -18149,6 +18187,7 @@ void abandon_child(ProcessCore& core, Reactor& reactor) noexcept {
             os::reap_child(core.pid_, io.pidfd, true, &code);  // SIGKILLed: the wait is short
         } catch (...) {
         }
+        if (io.warm) end_holder_named_on(io.channel);  // never registered: its HELLO is unread
     }
     os::close_handle(io.channel);
     os::close_handle(io.pidfd);
@@ -18198,6 +18237,7 @@ void ProcessCore::start(Owned<ChildTask>& task) {
                 if (warm) {
                     pid = warm->pid;
                     io.pidfd = warm->pidfd;
+                    io.warm = true;
                     break;
                 }
                 std::string marker = child_marker + std::to_string(child_end) + ":" + std::to_string(os::current_pid());

@@ -681,6 +681,7 @@ namespace {
 // sanitizer's: system calls made directly, on a stack of its own.
 alignas(64) unsigned char g_holder_stack[16 * 1024];
 int g_holder_watch = -1;  // a pidfd of the process whose address space it holds
+long g_holder_owner = 0;  // that process's pid
 
 #if defined(__clang__) || defined(__GNUC__)
 #define MPSERVICE_HOLDER_CODE __attribute__((no_sanitize("address", "thread", "undefined"), noinline))
@@ -718,10 +719,25 @@ MPSERVICE_HOLDER_CODE int hold_until_exit(void*) {
     if (a < 0 || b < 0)  // before Linux 5.9: the maker has closed all but a few
         for (int fd = 0; fd < watch + 64; ++fd)
             if (fd != watch) direct_syscall(SYS_close, fd, 0, 0, 0);
+    // The teardown it is there for waits for an idle CPU: the parent, which
+    // is busy with the child's result just then, comes first (SCHED_IDLE).
+    struct sched_param idle{};
+    direct_syscall(SYS_sched_setscheduler, 0, SCHED_IDLE, reinterpret_cast<long>(&idle), 0);
     // Every signal is blocked (the maker blocked them around clone): only
     // SIGKILL ends it early, which is harmless (the teardown happens then).
+    // It also goes if the maker exec()s (its old address space, the one held,
+    // is then no one's): looked at every few seconds (kcmp; where that is
+    // not allowed, it stays until the maker ends).
     struct pollfd ready{watch, POLLIN, 0};
-    while (direct_syscall(SYS_ppoll, reinterpret_cast<long>(&ready), 1, 0, 0) != 1) {
+    const long self = direct_syscall(SYS_getpid, 0, 0, 0, 0);
+    for (;;) {
+        struct timespec look_again{2, 0};  // (the system call counts it down)
+        long n = direct_syscall(SYS_ppoll, reinterpret_cast<long>(&ready), 1, reinterpret_cast<long>(&look_again), 0);
+        if (n == 1) break;
+#if defined(SYS_kcmp)
+        constexpr long kcmp_vm = 1;  // <linux/kcmp.h> KCMP_VM
+        if (n == 0 && direct_syscall(SYS_kcmp, self, g_holder_owner, kcmp_vm, 0) > 0) break;
+#endif
     }
     direct_syscall(SYS_exit, 0, 0, 0, 0);
     return 0;
@@ -732,6 +748,7 @@ long hold_address_space_past_exit() noexcept {
     long self = ::syscall(SYS_pidfd_open, static_cast<pid_t>(::getpid()), 0);
     if (self < 0) return 0;
     g_holder_watch = static_cast<int>(self);
+    g_holder_owner = static_cast<long>(::getpid());
     sigset_t all, old;
     sigfillset(&all);
     ::pthread_sigmask(SIG_SETMASK, &all, &old);

@@ -35,6 +35,7 @@ ProcessCore::~ProcessCore() {
     if (io_) {
         os::close_handle(io_->channel);
         os::close_handle(io_->pidfd);
+        os::close_handle(io_->holder_pidfd);  // (not moved to the reactor's watch: it is gone already)
     }
 }
 
@@ -135,6 +136,7 @@ void abandon_child(ProcessCore& core, Reactor& reactor) noexcept {
             os::reap_child(core.pid_, io.pidfd, true, &code);  // SIGKILLed: the wait is short
         } catch (...) {
         }
+        if (io.warm) end_holder_named_on(io.channel);  // never registered: its HELLO is unread
     }
     os::close_handle(io.channel);
     os::close_handle(io.pidfd);
@@ -184,6 +186,7 @@ void ProcessCore::start(Owned<ChildTask>& task) {
                 if (warm) {
                     pid = warm->pid;
                     io.pidfd = warm->pidfd;
+                    io.warm = true;
                     break;
                 }
                 std::string marker = child_marker + std::to_string(child_end) + ":" + std::to_string(os::current_pid());

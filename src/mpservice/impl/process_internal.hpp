@@ -124,6 +124,9 @@ struct WarmChild {
 /// The warm child, if there is one that sees what a fresh spawn would see
 /// now; asks for the next one either way.
 std::optional<WarmChild> take_warm_child();
+/// A warm child has ended before its HELLO was read: reads it from `channel`
+/// and kills and reaps the address-space holder it names (process_warm.cpp).
+void end_holder_named_on(os::handle_t channel) noexcept;
 
 // ---------------------------------------------------------------- the parent's side (process_reactor.cpp, process_core.cpp)
 

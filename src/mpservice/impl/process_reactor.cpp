@@ -32,7 +32,9 @@ struct ProcessCore::Io {
     std::uint64_t serial = 0;            // fork-server workers: the server's number for it
     std::optional<int> end_code;         // the exit code the child announced in END
     int signal_sent = 0;                 // the last signal the parent sent (guarded by the core's mutex)
-    long holder = 0;                     // a warm child's address-space holder (its HELLO names it)
+    bool warm = false;                   // a warm child (its HELLO is read by the reactor)
+    long holder = 0;                     // a warm child's address-space holder (its HELLO names it),
+    os::handle_t holder_pidfd = os::invalid_handle;  // opened at HELLO, while it is certainly ours
     bool eof = false;
     bool finished = false;
     std::exception_ptr exception;
@@ -70,6 +72,7 @@ public:
     std::vector<std::shared_ptr<ProcessCore>> live();
     bool on_reactor_thread() const { return std::this_thread::get_id() == thread_id_; }
     bool owned_by_this_process() const { return owner_pid_ == os::current_pid(); }
+    int unreaped_holders() const noexcept { return unreaped_holders_.load(); }
     /// The readers of children's forwarded output (process_output.cpp).
     OutputPump& output() { return output_; }
 
@@ -93,7 +96,7 @@ private:
     void reap(const std::shared_ptr<ProcessCore>& core, bool block);
     /// A warm child's address-space holder (os::hold_address_space_past_exit),
     /// which ends right after the child: reaped when its pidfd says so.
-    void watch_holder(long pid) noexcept;
+    void watch_holder(long pid, os::handle_t pidfd) noexcept;
     void on_holder(std::uint64_t key) noexcept;
     std::shared_ptr<ProcessCore> find(std::uint64_t id);
 
@@ -118,6 +121,7 @@ private:
         os::handle_t pidfd;
     };
     std::unordered_map<std::uint64_t, Holder> holders_;  // reactor thread only
+    std::atomic<int> unreaped_holders_{0};               // its size, for test_unreaped_holders
     std::uint64_t next_holder_ = first_holder_id;
     std::deque<std::function<void()>> tasks_;
     // What the reactor works on lives here rather than on its stack: a child
@@ -363,13 +367,13 @@ void Reactor::reap(const std::shared_ptr<ProcessCore>& core, bool block) {
     }
 }
 
-void Reactor::watch_holder(long pid) noexcept {
-    os::handle_t pidfd = os::process_handle(pid);
+void Reactor::watch_holder(long pid, os::handle_t pidfd) noexcept {
     if (pidfd == os::invalid_handle) return;  // reaped already (SIGCHLD ignored, a foreign waitpid)
     const std::uint64_t key = next_holder_++;
     try {
         holders_.emplace(key, Holder{pid, pidfd});
         os::poller_add(poller_, pidfd, key << 2 | tag_wake);
+        ++unreaped_holders_;
     } catch (...) {
         holders_.erase(key);
         int code;
@@ -396,6 +400,7 @@ void Reactor::on_holder(std::uint64_t key) noexcept {
     }
     os::close_handle(it->second.pidfd);
     holders_.erase(it);
+    --unreaped_holders_;
 }
 
 void Reactor::on_pidfd(const std::shared_ptr<ProcessCore>& core) {
@@ -489,7 +494,8 @@ void Reactor::on_frame(ProcessCore& core, Frame& f) {
             break;
         default:  // HELLO: a warm child's names its address-space holder
             close_all(f.handles);
-            if (f.kind == frame_hello) io.holder = holder_named_in_hello(f.payload);
+            if (f.kind == frame_hello && io.holder == 0 && (io.holder = holder_named_in_hello(f.payload)) > 0)
+                io.holder_pidfd = os::process_handle(io.holder);
             break;
     }
 }
@@ -591,7 +597,10 @@ void Reactor::finish(const std::shared_ptr<ProcessCore>& core, std::optional<int
         task = std::move(io.task);
     }
     task.reset();  // a forked child's argument copies: released before anyone learns it ended
-    if (io.holder > 0) watch_holder(io.holder);
+    if (io.holder_pidfd != os::invalid_handle) {
+        watch_holder(io.holder, io.holder_pidfd);
+        io.holder_pidfd = os::invalid_handle;
+    }
     core->resolve(error, result_error);
     trace_phase(StartPhase::resolved);
 }
@@ -612,6 +621,11 @@ void forget_reactor_after_fork() noexcept { Reactor::forget_after_fork(); }
 
 void test_reactor_barrier() {
     if (g_reactor.load(std::memory_order_acquire)) Reactor::get().barrier();
+}
+
+int test_unreaped_holders() noexcept {
+    Reactor* r = g_reactor.load(std::memory_order_acquire);
+    return r ? r->unreaped_holders() : 0;
 }
 
 }  // namespace detail

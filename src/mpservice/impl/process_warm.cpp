@@ -202,22 +202,6 @@ bool WarmSpawner::make_one(WarmChild& c) {
     return true;
 }
 
-namespace {
-/// The address-space holder a warm child's HELLO names (0: none, or no HELLO).
-/// The child has ended: what it wrote is there, or the channel is at its end.
-long holder_named_by(os::handle_t channel) noexcept {
-    try {
-        FrameReader reader;
-        Frame hello;
-        if (!reader.read_blocking(channel, hello) || hello.kind != frame_hello) return 0;
-        close_all(hello.handles);
-        return holder_named_in_hello(hello.payload);
-    } catch (...) {
-        return 0;
-    }
-}
-}  // namespace
-
 void WarmSpawner::finish(std::vector<WarmChild>& dying) noexcept {
     for (auto& d : dying) {
         // A child killed before its HELLO could leave a holder no one knows
@@ -232,19 +216,7 @@ void WarmSpawner::finish(std::vector<WarmChild>& dying) noexcept {
             os::reap_child(d.pid, d.pidfd, true, &code);  // SIGKILLed: short; ECHILD if SIGCHLD is ignored
         } catch (...) {
         }
-        if (long holder = holder_named_by(d.channel)) {
-            // It ends by itself now that the child has; SIGKILL makes that
-            // certain.  Unreaped, its pid cannot have been reused.
-            os::handle_t h = os::process_handle(holder);
-            if (h != os::invalid_handle) {
-                os::send_signal(holder, h, os::signal_kill());
-                try {
-                    os::reap_child(holder, h, true, &code);
-                } catch (...) {
-                }
-                os::close_handle(h);
-            }
-        }
+        end_holder_named_on(d.channel);
         os::close_handle(d.pidfd);
         os::close_handle(d.channel);
     }
@@ -333,6 +305,33 @@ void WarmSpawner::loop() {
 }  // namespace
 
 std::optional<WarmChild> take_warm_child() { return WarmSpawner::get().take(); }
+
+void end_holder_named_on(os::handle_t channel) noexcept {
+    long holder = 0;
+    try {
+        // The child has ended: its HELLO is there, or the channel's end comes.
+        if (os::wait_readable(&channel, 1, 5000) == 0) return;
+        FrameReader reader;
+        Frame hello;
+        if (!reader.read_blocking(channel, hello) || hello.kind != frame_hello) return;
+        close_all(hello.handles);
+        holder = holder_named_in_hello(hello.payload);
+    } catch (...) {
+        return;
+    }
+    if (holder <= 0) return;
+    // It ends by itself now that the child has; SIGKILL makes that certain.
+    // Unreaped, its pid cannot have been reused.
+    os::handle_t h = os::process_handle(holder);
+    if (h == os::invalid_handle) return;  // reaped already (SIGCHLD ignored, a foreign waitpid)
+    os::send_signal(holder, h, os::signal_kill());
+    int code;
+    try {
+        os::reap_child(holder, h, true, &code);
+    } catch (...) {
+    }
+    os::close_handle(h);
+}
 
 long test_warm_child(std::chrono::milliseconds timeout) {
     WarmSpawner* s = WarmSpawner::existing();

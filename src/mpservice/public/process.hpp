@@ -565,6 +565,10 @@ MPSERVICE_API void test_set_fork_server_timeout(std::chrono::milliseconds timeou
 /// released by the reactor just after it resolves the child; descriptor
 /// counts taken after this call are exact.
 MPSERVICE_API void test_reactor_barrier();
+/// Test hook: the address-space holders of ended warm children that the
+/// reactor has not reaped yet (each ends just after its child, when it gets
+/// a CPU: it runs at idle priority).
+MPSERVICE_API int test_unreaped_holders() noexcept;
 /// Test hook: the pid of the warm spawn child once it is ready (bootstrapped,
 /// waiting for a task), waiting at most `timeout`; 0 if there is none by then.
 MPSERVICE_API long test_warm_child(std::chrono::milliseconds timeout);
