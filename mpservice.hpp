@@ -9628,6 +9628,8 @@ MPSERVICE_HOLDER_CODE long direct_syscall(long n, long a, long b, long c, long d
 
 MPSERVICE_HOLDER_CODE int hold_until_exit(void*) {
     const int watch = g_holder_watch;
+    // Its parent is the maker's (CLONE_PARENT): it dies with that one too.
+    direct_syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0);
     // Its copy of the maker's descriptors goes (the channel to the parent
     // among them: the parent must see it close when the maker ends).
 #if defined(SYS_close_range)
