@@ -454,7 +454,8 @@ TEST_CASE("warm spawn: no descriptor or zombie growth after many warm starts") {
         return n <= before - warm_child_handles && n >= before - warm_child_handles - pool_slack;
     }));
     CHECK(eventually([] { return count_zombie_children() == 0; }));
-    CHECK(eventually([&] { return count_children() == children - 1 - its_holders; }));  // its holder too
+    if (children > 0)  // (children are counted where zombies can be: not on Windows)
+        CHECK(eventually([&] { return count_children() == children - 1 - its_holders; }));  // its holder too
     CHECK(mp::detail::test_warm_child(0ms) == 0);
 }
 
